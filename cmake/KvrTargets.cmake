@@ -1,0 +1,33 @@
+# Helpers that keep every target's settings target-scoped.
+#
+#   kvr_library(NAME SOURCES ... [PUBLIC_DEPS ...] [PRIVATE_DEPS ...])
+#     builds static library kvr_NAME with alias kvr::NAME.
+#   kvr_test(NAME SOURCES ... [DEPS ...] [LABELS ...] [TIMEOUT s])
+#     builds a GoogleTest executable and registers it with ctest.
+
+set(KVR_WARNINGS -Wall -Wextra -Wno-unused-parameter -Wno-sign-compare)
+
+function(kvr_library name)
+  cmake_parse_arguments(ARG "" "" "SOURCES;PUBLIC_DEPS;PRIVATE_DEPS" ${ARGN})
+  add_library(kvr_${name} STATIC ${ARG_SOURCES})
+  add_library(kvr::${name} ALIAS kvr_${name})
+  target_include_directories(kvr_${name} PUBLIC ${PROJECT_SOURCE_DIR})
+  target_compile_options(kvr_${name} PRIVATE $<$<COMPILE_LANGUAGE:CXX>:${KVR_WARNINGS}>)
+  target_link_libraries(kvr_${name} PUBLIC ${ARG_PUBLIC_DEPS} PRIVATE ${ARG_PRIVATE_DEPS})
+endfunction()
+
+function(kvr_test name)
+  cmake_parse_arguments(ARG "" "TIMEOUT" "SOURCES;DEPS;LABELS" ${ARGN})
+  add_executable(${name} ${ARG_SOURCES})
+  target_compile_options(${name} PRIVATE ${KVR_WARNINGS})
+  target_link_libraries(${name} PRIVATE ${ARG_DEPS} GTest::gtest GTest::gtest_main)
+  add_test(NAME ${name} COMMAND ${name})
+  if(NOT ARG_LABELS)
+    set(ARG_LABELS unit)
+  endif()
+  if(NOT ARG_TIMEOUT)
+    set(ARG_TIMEOUT 300)
+  endif()
+  set_tests_properties(${name} PROPERTIES LABELS "${ARG_LABELS}" TIMEOUT ${ARG_TIMEOUT}
+    ENVIRONMENT "KVR_SHARED_MODELS=${PROJECT_SOURCE_DIR}/../shared/models")
+endfunction()

@@ -1,0 +1,69 @@
+// Chooses the kernel table at run time from CPU features (and KVR_SIMD).
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <initializer_list>
+
+#include "common/simd/kernels.h"
+
+namespace kvr::simd {
+namespace {
+
+bool CpuSupports(Isa isa) {
+  switch (isa) {
+    case Isa::kScalar:
+      return true;
+    case Isa::kAvx2:
+      return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+             __builtin_cpu_supports("f16c");
+    case Isa::kAvx512:
+      return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+             __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+  }
+  return false;
+}
+
+const Kernels* Compiled(Isa isa) {
+  switch (isa) {
+    case Isa::kScalar:
+      return &ScalarKernels();
+    case Isa::kAvx2:
+      return Avx2KernelsOrNull();
+    case Isa::kAvx512:
+      return Avx512KernelsOrNull();
+  }
+  return nullptr;
+}
+
+const Kernels& Choose() {
+  const Kernels* best = &ScalarKernels();
+  for (Isa isa : {Isa::kAvx2, Isa::kAvx512}) {
+    if (const Kernels* k = ForIsa(isa)) best = k;
+  }
+  const char* want = std::getenv("KVR_SIMD");
+  if (want == nullptr || *want == '\0') return *best;
+  for (Isa isa : {Isa::kScalar, Isa::kAvx2, Isa::kAvx512}) {
+    const Kernels* k = Compiled(isa);
+    if (k != nullptr && std::strcmp(k->name, want) == 0) {
+      if (CpuSupports(isa)) return *k;
+      break;
+    }
+  }
+  std::fprintf(stderr, "kvr: KVR_SIMD=%s is not available on this CPU; using %s\n", want,
+               best->name);
+  return *best;
+}
+
+}  // namespace
+
+const Kernels* ForIsa(Isa isa) {
+  const Kernels* k = Compiled(isa);
+  return (k != nullptr && CpuSupports(isa)) ? k : nullptr;
+}
+
+const Kernels& Active() {
+  static const Kernels& active = Choose();
+  return active;
+}
+
+}  // namespace kvr::simd

@@ -1,0 +1,65 @@
+// SIMD kernels with runtime ISA dispatch.
+//
+// One translation unit per ISA (kernels_scalar.cc, kernels_avx2.cc,
+// kernels_avx512.cc), each compiled with its own flags; Active() picks the best
+// one the CPU supports on first use. The scalar table always exists and is
+// the test oracle. Set KVR_SIMD=scalar|avx2|avx512 to force a table (an
+// unsupported choice falls back to the best supported one, with a warning).
+//
+// All kernels are thread-safe and allocation-free. Lengths are element counts.
+// "bf16"/"fp16" storage is uint16_t bit patterns (see common/half.h).
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+namespace kvr::simd {
+
+enum class Isa { kScalar = 0, kAvx2 = 1, kAvx512 = 2 };
+
+struct Kernels {
+  Isa isa;
+  const char* name;
+
+  // Inner product / squared L2 distance of two length-d vectors.
+  float (*dot)(const float* a, const float* b, size_t d);
+  float (*l2sqr)(const float* a, const float* b, size_t d);
+  // out[i] = q . rows[i] for i < n; row i starts at rows + i * stride.
+  void (*dot_batch)(const float* q, const float* rows, size_t n, size_t d, size_t stride,
+                    float* out);
+  // The same with bf16 rows.
+  float (*dot_bf16)(const float* a, const uint16_t* b, size_t d);
+  void (*dot_batch_bf16)(const float* q, const uint16_t* rows, size_t n, size_t d,
+                         size_t stride, float* out);
+  // y[i] += a * x[i], x in fp32 / bf16 / fp16.
+  void (*axpy)(float a, const float* x, float* y, size_t d);
+  void (*axpy_bf16)(float a, const uint16_t* x, float* y, size_t d);
+  void (*axpy_fp16)(float a, const uint16_t* x, float* y, size_t d);
+  // out[i] = exp(x[i] - shift); returns the sum of out. Relative error of each
+  // term <= 2e-7 for arguments in [-87, 0]; exp of anything below -87 is 0.
+  float (*exp_shift_sum)(const float* x, float shift, float* out, size_t n);
+  // max over x[0..n); -inf for n == 0.
+  float (*max)(const float* x, size_t n);
+  // Conversions; fp32 -> half rounds to nearest even, bit-identical to common/half.h.
+  void (*fp32_to_bf16)(const float* in, uint16_t* out, size_t n);
+  void (*bf16_to_fp32)(const uint16_t* in, float* out, size_t n);
+  void (*fp32_to_fp16)(const float* in, uint16_t* out, size_t n);
+  void (*fp16_to_fp32)(const uint16_t* in, float* out, size_t n);
+};
+
+// The kernel table for the best ISA this CPU supports (or KVR_SIMD's choice).
+const Kernels& Active();
+// The table for `isa`, or nullptr when it was not compiled in or the CPU lacks it.
+const Kernels* ForIsa(Isa isa);
+
+// Per-ISA tables, defined in their own translation units. The AVX tables must
+// only be called on CPUs that support them (ForIsa checks).
+const Kernels& ScalarKernels();
+const Kernels* Avx2KernelsOrNull();    // nullptr when not compiled in
+const Kernels* Avx512KernelsOrNull();  // nullptr when not compiled in
+
+// Convenience wrappers over Active().
+inline float Dot(const float* a, const float* b, size_t d) { return Active().dot(a, b, d); }
+inline float L2Sqr(const float* a, const float* b, size_t d) { return Active().l2sqr(a, b, d); }
+
+}  // namespace kvr::simd

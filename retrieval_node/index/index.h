@@ -1,0 +1,86 @@
+// The key-index interface every retrieval index implements.
+//
+// An index holds the keys of one (sequence, layer, kv head, chunk) shard and
+// answers top-k maximum-inner-product queries in batches. Ids are the key's
+// position in insertion order (0 .. size()-1). Search is const and
+// thread-safe (any number of concurrent callers; each takes scratch from the
+// index's pool, so the steady-state search path does not allocate). Add and
+// Build are not thread-safe with respect to Search: the owner serialises them.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <span>
+#include <string_view>
+
+#include "common/serialize.h"
+#include "common/status.h"
+#include "common/tensor.h"
+
+namespace kvr::index {
+
+enum class IndexKind : uint32_t {
+  kFlat = 1,
+  kIvf = 2,
+  kAttentionGraph = 3,
+};
+std::string_view IndexKindName(IndexKind kind);
+
+// Knobs for one Search call. Each index reads the ones it understands.
+struct SearchParams {
+  int k = 100;     // results per query; 1 <= k <= size()
+  int beam = 0;    // graph: beam width L (0: the index's default; raised to k if smaller)
+  int nprobe = 0;  // IVF: clusters probed (0: the index's default)
+};
+
+// Work counters, summed over the queries of a call. Callers may pass one
+// SearchStats to many calls to accumulate.
+struct SearchStats {
+  int64_t queries = 0;
+  int64_t distance_computations = 0;  // keys whose inner product with a query was computed
+};
+
+class KeyIndex {
+ public:
+  virtual ~KeyIndex() = default;
+
+  virtual IndexKind kind() const = 0;
+  virtual size_t dim() const = 0;
+  virtual size_t size() const = 0;
+
+  // For each row i of `queries` (n x dim()), writes the k keys with the largest
+  // inner product, best first, to ids[i*k .. i*k+k) and their inner products
+  // to scores[...]. Approximate indexes may return fewer than k distinct keys;
+  // the rest of the row is padded with id -1 and score -inf.
+  // Errors (InvalidArgument): dim mismatch, empty index, k outside [1, size()],
+  // non-finite query values, output spans smaller than n*k.
+  virtual absl::Status Search(ConstMatrixView queries, const SearchParams& params,
+                              std::span<int64_t> ids, std::span<float> scores,
+                              SearchStats* stats = nullptr) const = 0;
+
+  // Appends keys (n x dim(), finite); they get ids size() .. size()+n-1 and are
+  // searchable when Add returns.
+  virtual absl::Status Add(ConstMatrixView keys) = 0;
+
+  // Bytes of memory the index holds (keys, graph, centroids, scratch pools).
+  virtual size_t MemoryBytes() const = 0;
+
+  // Appends the index (keys included) as a sealed blob (common/serialize.h).
+  virtual absl::Status Serialize(std::vector<uint8_t>* out) const = 0;
+
+  // The keys, as stored (n x dim()).
+  virtual ConstMatrixView keys() const = 0;
+};
+
+// Restores any index written by KeyIndex::Serialize. Corrupt or truncated
+// blobs return DataLoss; an unknown kind or version returns InvalidArgument.
+absl::StatusOr<std::unique_ptr<KeyIndex>> LoadIndex(std::span<const uint8_t> blob);
+
+// Shared argument checks for Search implementations.
+absl::Status ValidateSearch(const KeyIndex& index, ConstMatrixView queries,
+                            const SearchParams& params, std::span<int64_t> ids,
+                            std::span<float> scores);
+// Checks that `m` has `dim` columns and only finite values; `what` names it.
+absl::Status ValidateFinite(ConstMatrixView m, size_t dim, std::string_view what);
+
+}  // namespace kvr::index
