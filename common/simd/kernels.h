@@ -27,10 +27,16 @@ struct Kernels {
   // out[i] = q . rows[i] for i < n; row i starts at rows + i * stride.
   void (*dot_batch)(const float* q, const float* rows, size_t n, size_t d, size_t stride,
                     float* out);
+  // out[i] = q . (base + ids[i] * stride) for i < n: scattered rows (graph
+  // neighbours), with the next rows prefetched while the current ones compute.
+  void (*dot_gather)(const float* q, const float* base, const uint32_t* ids, size_t n, size_t d,
+                     size_t stride, float* out);
   // The same with bf16 rows.
   float (*dot_bf16)(const float* a, const uint16_t* b, size_t d);
   void (*dot_batch_bf16)(const float* q, const uint16_t* rows, size_t n, size_t d,
                          size_t stride, float* out);
+  void (*dot_gather_bf16)(const float* q, const uint16_t* base, const uint32_t* ids, size_t n,
+                          size_t d, size_t stride, float* out);
   // y[i] += a * x[i], x in fp32 / bf16 / fp16.
   void (*axpy)(float a, const float* x, float* y, size_t d);
   void (*axpy_bf16)(float a, const uint16_t* x, float* y, size_t d);

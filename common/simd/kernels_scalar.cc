@@ -36,6 +36,11 @@ void DotBatch(const float* q, const float* rows, size_t n, size_t d, size_t stri
   for (size_t i = 0; i < n; ++i) out[i] = Dot(q, rows + i * stride, d);
 }
 
+void DotGather(const float* q, const float* base, const uint32_t* ids, size_t n, size_t d,
+               size_t stride, float* out) {
+  for (size_t i = 0; i < n; ++i) out[i] = Dot(q, base + static_cast<size_t>(ids[i]) * stride, d);
+}
+
 float DotBf16(const float* a, const uint16_t* b, size_t d) {
   float s = 0;
   for (size_t i = 0; i < d; ++i) s += a[i] * Bf16ToFloat(b[i]);
@@ -45,6 +50,13 @@ float DotBf16(const float* a, const uint16_t* b, size_t d) {
 void DotBatchBf16(const float* q, const uint16_t* rows, size_t n, size_t d, size_t stride,
                   float* out) {
   for (size_t i = 0; i < n; ++i) out[i] = DotBf16(q, rows + i * stride, d);
+}
+
+void DotGatherBf16(const float* q, const uint16_t* base, const uint32_t* ids, size_t n, size_t d,
+                   size_t stride, float* out) {
+  for (size_t i = 0; i < n; ++i) {
+    out[i] = DotBf16(q, base + static_cast<size_t>(ids[i]) * stride, d);
+  }
 }
 
 void Axpy(float a, const float* x, float* y, size_t d) {
@@ -87,9 +99,24 @@ void Fp16ToFp32(const uint16_t* in, float* out, size_t n) {
 }
 
 constexpr Kernels kScalar = {
-    Isa::kScalar, "scalar",   Dot,        L2Sqr,      DotBatch,   DotBf16,    DotBatchBf16,
-    Axpy,         AxpyBf16,   AxpyFp16,   ExpShiftSum, Max,       Fp32ToBf16, Bf16ToFp32,
-    Fp32ToFp16,   Fp16ToFp32,
+    .isa = Isa::kScalar,
+    .name = "scalar",
+    .dot = Dot,
+    .l2sqr = L2Sqr,
+    .dot_batch = DotBatch,
+    .dot_gather = DotGather,
+    .dot_bf16 = DotBf16,
+    .dot_batch_bf16 = DotBatchBf16,
+    .dot_gather_bf16 = DotGatherBf16,
+    .axpy = Axpy,
+    .axpy_bf16 = AxpyBf16,
+    .axpy_fp16 = AxpyFp16,
+    .exp_shift_sum = ExpShiftSum,
+    .max = Max,
+    .fp32_to_bf16 = Fp32ToBf16,
+    .bf16_to_fp32 = Bf16ToFp32,
+    .fp32_to_fp16 = Fp32ToFp16,
+    .fp16_to_fp32 = Fp16ToFp32,
 };
 
 }  // namespace
