@@ -32,7 +32,11 @@ inline float Fp16ToFloat(uint16_t h) {
   const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
   const uint32_t exp = (h >> 10) & 0x1fu;
   uint32_t mant = h & 0x3ffu;
-  if (exp == 0x1f) return BitsToFloat(sign | 0x7f800000u | (mant << 13));  // Inf / NaN
+  if (exp == 0x1f) {
+    // Inf, or NaN with its payload kept and the quiet bit set: IEEE 754 requires
+    // a conversion to deliver a quiet NaN, and F16C's vcvtph2ps does the same.
+    return BitsToFloat(sign | 0x7f800000u | (mant << 13) | (mant != 0 ? 0x400000u : 0u));
+  }
   if (exp == 0) {
     if (mant == 0) return BitsToFloat(sign);
     // Subnormal: value = mant * 2^-24.
