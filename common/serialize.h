@@ -11,7 +11,7 @@
 #include <cstring>
 #include <span>
 #include <string>
-#include <string_view>
+#include "absl/strings/string_view.h"
 #include <type_traits>
 #include <vector>
 
@@ -39,7 +39,7 @@ class BinaryWriter {
     const auto* p = reinterpret_cast<const uint8_t*>(v.data());
     buf_.insert(buf_.end(), p, p + v.size_bytes());
   }
-  void PutString(std::string_view s) {
+  void PutString(absl::string_view s) {
     PutArray(std::span<const char>(s.data(), s.size()));
   }
   const std::vector<uint8_t>& bytes() const { return buf_; }
@@ -54,12 +54,12 @@ class BinaryWriter {
 // error messages ("attention graph index").
 class BinaryReader {
  public:
-  BinaryReader(std::span<const uint8_t> data, std::string_view what)
+  BinaryReader(std::span<const uint8_t> data, absl::string_view what)
       : data_(data), what_(what) {}
 
   template <typename T>
     requires std::is_trivially_copyable_v<T>
-  absl::Status Get(T* v, std::string_view field) {
+  absl::Status Get(T* v, absl::string_view field) {
     if (remaining() < sizeof(T)) return Truncated(field, sizeof(T));
     std::memcpy(v, data_.data() + pos_, sizeof(T));
     pos_ += sizeof(T);
@@ -69,11 +69,11 @@ class BinaryReader {
   // `max_count` or the bytes that remain.
   template <typename T>
     requires std::is_trivially_copyable_v<T>
-  absl::Status GetArray(std::vector<T>* v, std::string_view field, uint64_t max_count) {
+  absl::Status GetArray(std::vector<T>* v, absl::string_view field, uint64_t max_count) {
     uint64_t n = 0;
     KVR_RETURN_IF_ERROR(Get(&n, field));
     if (n > max_count) {
-      return absl::DataLossError(absl::StrCat(what_, ": field '", field, "' has ", n,
+      return absl::DataLossError(absl::StrCat(what_, ": field '", std::string(field), "' has ", n,
                                               " elements, limit ", max_count));
     }
     if (n > remaining() / sizeof(T)) return Truncated(field, n * sizeof(T));
@@ -82,7 +82,7 @@ class BinaryReader {
     pos_ += n * sizeof(T);
     return absl::OkStatus();
   }
-  absl::Status GetString(std::string* s, std::string_view field, uint64_t max_len) {
+  absl::Status GetString(std::string* s, absl::string_view field, uint64_t max_len) {
     std::vector<char> tmp;
     KVR_RETURN_IF_ERROR(GetArray(&tmp, field, max_len));
     s->assign(tmp.begin(), tmp.end());
@@ -93,7 +93,7 @@ class BinaryReader {
   absl::Status ExpectEnd() const;
 
  private:
-  absl::Status Truncated(std::string_view field, uint64_t need) const;
+  absl::Status Truncated(absl::string_view field, uint64_t need) const;
 
   std::span<const uint8_t> data_;
   size_t pos_ = 0;

@@ -11,7 +11,7 @@
 #include <cstdint>
 #include <memory>
 #include <span>
-#include <string_view>
+
 
 #include "common/serialize.h"
 #include "common/status.h"
@@ -24,11 +24,16 @@ enum class IndexKind : uint32_t {
   kIvf = 2,
   kAttentionGraph = 3,
 };
-std::string_view IndexKindName(IndexKind kind);
+absl::string_view IndexKindName(IndexKind kind);
+
+// Limits every index enforces on its inputs (ValidateSearch / Add / loaders).
+inline constexpr int kMaxSearchK = 4096;         // SearchParams::k upper bound
+inline constexpr size_t kMaxDim = 4096;          // key/query dimension
+inline constexpr uint64_t kMaxKeys = 1ull << 31;  // keys per index (ids fit uint32)
 
 // Knobs for one Search call. Each index reads the ones it understands.
 struct SearchParams {
-  int k = 100;     // results per query; 1 <= k <= size()
+  int k = 100;     // results per query; 1 <= k <= min(size(), kMaxSearchK)
   int beam = 0;    // graph: beam width L (0: the index's default; raised to k if smaller)
   int nprobe = 0;  // IVF: clusters probed (0: the index's default)
 };
@@ -80,7 +85,12 @@ absl::StatusOr<std::unique_ptr<KeyIndex>> LoadIndex(std::span<const uint8_t> blo
 absl::Status ValidateSearch(const KeyIndex& index, ConstMatrixView queries,
                             const SearchParams& params, std::span<int64_t> ids,
                             std::span<float> scores);
+// The same checks without a KeyIndex (dim/size given): for free functions
+// such as ExactTopK. `what` names the searched object in messages.
+absl::Status ValidateSearchArgs(size_t dim, size_t size, ConstMatrixView queries, int k,
+                                std::span<int64_t> ids, std::span<float> scores,
+                                absl::string_view what);
 // Checks that `m` has `dim` columns and only finite values; `what` names it.
-absl::Status ValidateFinite(ConstMatrixView m, size_t dim, std::string_view what);
+absl::Status ValidateFinite(ConstMatrixView m, size_t dim, absl::string_view what);
 
 }  // namespace kvr::index

@@ -1,0 +1,81 @@
+// FlatIndex: exact top-k maximum-inner-product search by a full scan.
+//
+// The oracle for every approximate index, the exact-scan baseline, and the
+// flat-scanned tail buffer for recently appended tokens. Keys are stored
+// contiguously (n x dim fp32).
+//
+// Search runs on the calling thread (a retrieval node already parallelises
+// across shards). SearchParallel additionally splits the work (blocks of
+// queries, and for few queries also ranges of keys) over a ThreadPool; both
+// return identical results. Ties are broken deterministically: larger score
+// first, then smaller id, so results equal a std::sort oracle with that order.
+//
+// The scan is blocked: a tile of keys that fits in L2 is scored against a
+// block of queries (simd dot_batch) before moving on, and each query keeps a
+// bounded candidate buffer filtered by its current k-th best score. Scratch
+// comes from a per-index pool: the steady-state search path does not allocate.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <span>
+#include <vector>
+
+#include "common/thread_pool.h"
+#include "retrieval_node/index/index.h"
+
+namespace kvr::index {
+
+namespace internal {
+class FlatScratchPool;  // flat_index.cc
+}  // namespace internal
+
+class FlatIndex final : public KeyIndex {
+ public:
+  // An empty index over dim-dimensional keys; InvalidArgument when dim == 0
+  // or dim > kMaxDim.
+  static absl::StatusOr<std::unique_ptr<FlatIndex>> Create(size_t dim);
+  // Restores an index written by Serialize (blob.kind must be kFlat).
+  static absl::StatusOr<std::unique_ptr<FlatIndex>> Deserialize(const OpenedBlob& blob);
+  ~FlatIndex() override;
+
+  IndexKind kind() const override { return IndexKind::kFlat; }
+  size_t dim() const override { return dim_; }
+  size_t size() const override { return n_; }
+  absl::Status Search(ConstMatrixView queries, const SearchParams& params,
+                      std::span<int64_t> ids, std::span<float> scores,
+                      SearchStats* stats = nullptr) const override;
+  absl::Status Add(ConstMatrixView keys) override;
+  size_t MemoryBytes() const override;
+  absl::Status Serialize(std::vector<uint8_t>* out) const override;
+  ConstMatrixView keys() const override { return ConstMatrixView(keys_.data(), n_, dim_); }
+
+  // Search with the work spread over `pool` (null: same as Search).
+  absl::Status SearchParallel(ConstMatrixView queries, const SearchParams& params,
+                              std::span<int64_t> ids, std::span<float> scores, ThreadPool* pool,
+                              SearchStats* stats = nullptr) const;
+
+  // Reserves storage for `n` keys in total.
+  void Reserve(size_t n);
+  // Removes every key (ids restart at 0); keeps the capacity.
+  void Clear();
+
+ private:
+  explicit FlatIndex(size_t dim);
+
+  size_t dim_;
+  size_t n_ = 0;
+  std::vector<float> keys_;  // n x dim
+  std::unique_ptr<internal::FlatScratchPool> scratch_;
+};
+
+// Exact top-k of `queries` over `keys` without copying the keys into an
+// index (training-query top-k for graph builds, benchmark ground truth).
+// Same contract, tie order and output layout as KeyIndex::Search, except that
+// k may not exceed keys.rows(). Allocates its scratch per call; `pool` may be
+// null.
+absl::Status ExactTopK(ConstMatrixView keys, ConstMatrixView queries, int k,
+                       std::span<int64_t> ids, std::span<float> scores, ThreadPool* pool,
+                       SearchStats* stats = nullptr);
+
+}  // namespace kvr::index
