@@ -1,0 +1,222 @@
+// Synthetic attention data for one KV head: keys, values, training (prefill)
+// queries and decode queries with the out-of-distribution geometry of real LLM
+// attention (DESIGN.md §1, §4), plus diagnostics that measure that geometry.
+//
+// Generative model (all vectors length d; "content" vectors before means):
+//
+//   pairs i = 0..d/2-1 rotate at ω_i = rope_theta^(-2i/d); i = 0 is the fastest.
+//   key scale s_k[c]    power law (1 + rank)^(-spectrum_decay) over pairs, the
+//                       rank following frequency (low frequency = large scale,
+//                       as in trained models) up to `spectrum_jitter`.
+//   query scale s_q[c]  s_k[c]^(1 - query_spectrum_tilt) * exp(jitter * N(0,1)):
+//                       queries weight the channels differently from keys.
+//   topics              T_j ~ N(0, I), j < topics; popularity ∝ (j+1)^-topic_skew.
+//                       Key positions form runs (mean `segment_length`) that
+//                       share one topic, like passages of a document.
+//   key k_t  = μ_k + key_norm/√d · s_k ⊙ (√key_topic_share T_z(t) + √(1-·) g)
+//              + outliers (a few low-frequency channels with large magnitude
+//              of a fixed sign), then RoPE at position t.
+//   query q  = μ_q + u_q · s_q ⊙ (√concentration T_z + √(1-concentration) h),
+//              then RoPE at its position; u_q is set so that the content
+//              logits q·k/√d have std `logit_std` over keys.
+//   μ_k      ∝ s_k (rides on the high-variance channels; random signs).
+//   μ_q      ∝ 1/s_k (lies where keys barely vary: moves queries far from the
+//              key distribution in Mahalanobis distance without changing
+//              which keys they prefer much).
+//   value v_t = √value_topic_share V_z(t) + √(1-·) N(0, I)  (no RoPE).
+//
+// Training queries sit at prefill positions (a sorted random sample of
+// [0, n_keys), or every position when n_train == n_keys) and take the topic of
+// their own position; decode (test) queries sit at positions n_keys +
+// test_position_offset + j, take the topic of a random earlier position and
+// carry an extra `decode_shift`. So test queries are out of distribution for
+// the keys (different mean, spectrum and norm) and, more mildly, for the
+// training queries (later RoPE angles, decode shift).
+//
+// Everything is a pure function of the options (seed included): the thread
+// pool only changes speed, never bytes.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
+#include "common/dataset_io.h"
+#include "common/tensor.h"
+#include "common/thread_pool.h"
+
+namespace kvr {
+
+struct AttentionDataOptions {
+  // --- sizes ---------------------------------------------------------------
+  size_t n_keys = 131072;  // keys and values, at positions 0..n_keys-1. [1, 2^31)
+  size_t n_train = 16384;  // prefill queries, <= n_keys (n_keys = one per position)
+  size_t n_test = 1000;    // decode queries, at positions after the keys
+  size_t dim = 128;        // head dim d (keys, queries and values); even, [2, 1024]
+  uint64_t seed = 1;       // same options + seed => identical bytes
+
+  // --- positions and RoPE --------------------------------------------------
+  bool apply_rope = true;       // rotate keys and queries by position
+  double rope_theta = 500000;   // RoPE base θ (Llama 3); > 1
+  size_t test_position_offset = 0;  // first decode position = n_keys + offset
+
+  // --- spectrum ------------------------------------------------------------
+  // Power-law exponent of the per-pair scales (0 = isotropic). Larger values
+  // concentrate energy on a few low-frequency pairs. [0, 4]
+  double spectrum_decay = 1.0;
+  // How far the scale ranking departs from the frequency ranking, as a
+  // fraction of the number of pairs (0 = strictly by frequency). [0, 4]
+  double spectrum_jitter = 0.25;
+  // Shape of the query scales relative to the key scales:
+  // s_q ∝ s_k^(1 - query_spectrum_tilt). 0 = queries weight channels like keys
+  // do; 1 = isotropic queries; 2 = queries weight most the channels where keys
+  // vary least. Tilting spreads a query's top-k across the key cloud (the
+  // geometry that defeats key-key graphs). [0, 2]
+  double query_spectrum_tilt = 1.0;
+  // Log-normal std of the query scales on top of the tilt. [0, 4]
+  double query_spectrum_jitter = 0.5;
+  // RMS norm of the key content part (sets absolute key magnitudes). > 0
+  double key_norm = 12.0;
+  // Expected std over keys of a query's content logit q·k/√d: the softmax
+  // temperature, i.e. how peaked attention is. The query content norm is
+  // derived from it (so tilting the spectrum does not flatten attention). > 0
+  double logit_std = 3.0;
+
+  // --- means ---------------------------------------------------------------
+  double key_mean = 0.5;    // |μ_k| / key_norm. >= 0
+  // |μ_q| / RMS norm of the query content. Moves queries away from the keys
+  // in Mahalanobis distance (μ_q lies where keys barely vary) while leaving
+  // their ranking of keys nearly unchanged. >= 0
+  double query_mean = 1.0;
+
+  // --- key outlier channels --------------------------------------------------
+  // Outlier channels, drawn among the lowest-frequency quarter of the pairs;
+  // <= 2 * max(1, d/8) (32 for d = 128).
+  size_t outlier_channels = 4;
+  double outlier_scale = 8.0;   // their magnitude / RMS key channel (key_norm/√d). >= 0
+  double outlier_spread = 0.3;  // relative std of an outlier's magnitude. >= 0
+
+  // --- topics (low-rank shared structure) ------------------------------------
+  size_t topics = 256;           // number of latent topics. [1, 2^20]
+  double topic_skew = 1.0;       // Zipf exponent of topic popularity. >= 0
+  double segment_length = 64;    // mean run of consecutive key positions per topic. >= 1
+  double key_topic_share = 0.3;  // fraction of key content variance along its topic. [0, 1]
+  // Fraction of query content variance along its topic: how strongly a query's
+  // attention concentrates on one topic's keys (1 = every query of a topic
+  // wants the same keys; 0 = queries are unstructured). [0, 1]
+  double concentration = 0.5;
+  // Extra mean shift of decode queries (vs training queries) / RMS query
+  // content norm. >= 0
+  double decode_shift = 0.2;
+  double value_topic_share = 0.5;  // fraction of value variance along its topic. [0, 1]
+};
+
+// Named difficulty presets; sizes and seed keep their defaults, unknown names
+// are InvalidArgument.
+//                 spectrum_decay  query_spectrum_tilt  outlier_scale  concentration  query_mean
+//   "easy"             0.5              0.5                 4             0.7           0.5
+//   "default"          1.0              1.0                 8             0.5           1.0
+//   "hard"             1.5              1.5                16             0.35          1.5
+absl::StatusOr<AttentionDataOptions> AttentionDataPreset(absl::string_view name);
+// "easy", "default", "hard".
+std::vector<std::string> AttentionDataPresetNames();
+
+// OK, or InvalidArgument naming the first bad field (by its option/flag name)
+// and its allowed range.
+absl::Status ValidateAttentionDataOptions(const AttentionDataOptions& options);
+
+struct AttentionData {
+  Matrix keys;           // n_keys x dim, RoPE at positions 0..n_keys-1
+  Matrix values;         // n_keys x dim
+  Matrix train_queries;  // n_train x dim
+  Matrix test_queries;   // n_test x dim
+  std::vector<int64_t> train_positions;  // ascending, in [0, n_keys)
+  std::vector<int64_t> test_positions;   // n_keys + test_position_offset + j
+  std::vector<uint32_t> key_topics;      // topic of each key position
+};
+
+// Generates a data set; InvalidArgument for bad options. Work is spread over
+// `pool` (nullptr = ThreadPool::Default()); output does not depend on it.
+// Cost: O((n_keys + n_train + n_test) * dim); ~1 s per million keys per core.
+absl::StatusOr<AttentionData> GenerateAttentionData(const AttentionDataOptions& options,
+                                                    ThreadPool* pool = nullptr);
+
+// Rotates rows of `x` in place: row r at positions[r], pairs (2i, 2i+1) by the
+// angle positions[r] * theta^(-2i/d). x.cols() must be even,
+// positions.size() == x.rows(), positions >= 0. Angles are computed in double.
+void ApplyRope(MatrixView x, std::span<const int64_t> positions, double theta);
+
+// ---------------------------------------------------------------------------
+// Out-of-distribution diagnostics
+// ---------------------------------------------------------------------------
+
+struct OodStatsOptions {
+  size_t covariance_sample = 20000;  // reference rows used for the mean / covariance
+  size_t eval_sample = 2000;         // held-out reference rows and query rows averaged
+  // Added to the covariance diagonal, relative to trace/d, before Cholesky
+  // (multiplied by 10 until it factors).
+  double ridge = 1e-6;
+  size_t topk = 100;           // k of the top-k diagnostics
+  size_t topk_queries = 64;    // queries (and reference rows) scanned exactly; 0 = skip
+  uint64_t seed = 1;           // which rows are sampled
+};
+
+struct OodStats {
+  size_t n_reference = 0;  // rows of the reference set (keys)
+  size_t n_queries = 0;
+  size_t dim = 0;
+  double ridge_used = 0;   // relative ridge that made the covariance factor
+
+  // Mean Mahalanobis distance sqrt((x-μ)ᵀ Σ⁻¹ (x-μ)) to the reference
+  // distribution (μ, Σ estimated on a sample of reference rows), over held-out
+  // reference rows ("key→key") and over query rows ("query→key").
+  double mahalanobis_key_to_key = 0;
+  double mahalanobis_query_to_key = 0;
+  double mahalanobis_ratio = 0;  // query→key / key→key
+  double mean_key_norm = 0;
+  double mean_query_norm = 0;
+  double mean_cosine = 0;  // cosine of the key mean and the query mean
+
+  // Exact top-k by inner product over all reference rows, for a sample of
+  // queries; zero when topk_queries == 0 or the reference has < topk rows.
+  size_t topk = 0;
+  // Mean softmax mass (scores q·k/√d) captured by the top-k: how concentrated
+  // attention is.
+  double topk_attention_mass = 0;
+  // Mean fraction of a query's top-k inside the k L2-nearest keys of its top-1
+  // key: how well key-key neighbourhoods (what HNSW-style graphs link) cover
+  // what the query wants.
+  double topk_in_l2_neighbourhood = 0;
+  // The same with held-out keys used as queries (the in-distribution baseline).
+  double key_topk_in_l2_neighbourhood = 0;
+  // Mean fraction of a query's top-k among the k largest-norm keys (high =
+  // the top-k is just "big keys").
+  double topk_overlap_with_norm_topk = 0;
+  // Mean top-k overlap fraction between two different queries (high = every
+  // query wants the same keys).
+  double topk_pairwise_overlap = 0;
+
+  // Multi-line human-readable summary.
+  std::string ToString() const;
+};
+
+// Measures how far `queries` lie from the distribution of `reference` (keys).
+// InvalidArgument when dims differ, a set is empty, or the reference has
+// fewer than dim + 2 rows. Thread-safe; uses `pool` (nullptr = Default()).
+absl::StatusOr<OodStats> ComputeOodStats(ConstMatrixView reference, ConstMatrixView queries,
+                                         const OodStatsOptions& options = {},
+                                         ThreadPool* pool = nullptr);
+
+// Exact top-k by inner product: row i of the result holds the ids of query i's
+// k highest-scoring reference rows, best first (ties by lower id). k must be
+// in [1, reference.rows()] and reference.rows() < 2^31. For ground-truth files
+// (WriteIdMatrixFile).
+absl::StatusOr<IdMatrix> ExactTopK(ConstMatrixView reference, ConstMatrixView queries, size_t k,
+                                   ThreadPool* pool = nullptr);
+
+}  // namespace kvr
