@@ -1,1 +1,658 @@
-// (being written)
+#include "retrieval_node/index/attention_graph_index.h"
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <numeric>
+
+#include "common/simd/kernels.h"
+#include "retrieval_node/index/beam.h"
+#include "retrieval_node/index/flat_index.h"
+
+namespace kvr::index {
+namespace {
+
+constexpr uint32_t kNone = std::numeric_limits<uint32_t>::max();
+constexpr uint32_t kFormatVersion = 1;
+constexpr int kMaxDegree = 256;
+constexpr int kMaxBeam = 1 << 16;
+
+}  // namespace
+
+// Per-search working memory, reused across calls (allocation happens only
+// when the index grew or a larger beam is asked for than ever before).
+struct AttentionGraphIndex::Scratch {
+  std::vector<uint32_t> visited;  // epoch tag per key
+  uint32_t epoch = 0;
+  Beam beam;
+  std::vector<uint32_t> fresh;  // unvisited neighbours of the node being expanded
+  std::vector<float> fresh_scores;
+
+  // Starts a new search over `n` keys: every key becomes unvisited.
+  void Reset(size_t n) {
+    if (visited.size() < n) {
+      visited.assign(n, 0);
+      epoch = 0;
+    }
+    if (++epoch == 0) {  // wrapped: clear tags once every 2^32 searches
+      std::fill(visited.begin(), visited.end(), 0);
+      epoch = 1;
+    }
+  }
+  bool Visit(uint32_t id) {
+    if (visited[id] == epoch) return false;
+    visited[id] = epoch;
+    return true;
+  }
+  size_t MemoryBytes() const {
+    return visited.capacity() * sizeof(uint32_t) + beam.MemoryBytes() +
+           fresh.capacity() * sizeof(uint32_t) + fresh_scores.capacity() * sizeof(float);
+  }
+};
+
+// Holds a scratch for the duration of a scope.
+class AttentionGraphIndex::ScratchLease {
+ public:
+  explicit ScratchLease(ScratchPool<Scratch>* pool) : pool_(pool), s_(pool->Acquire()) {}
+  ~ScratchLease() { pool_->Release(std::move(s_)); }
+  Scratch* operator->() { return s_.get(); }
+  Scratch& operator*() { return *s_; }
+
+ private:
+  ScratchPool<Scratch>* pool_;
+  std::unique_ptr<Scratch> s_;
+};
+
+AttentionGraphIndex::AttentionGraphIndex(size_t dim, const AttentionGraphOptions& options)
+    : dim_(dim),
+      options_(options),
+      stride_(static_cast<size_t>(options.degree) + 1),
+      scratch_(std::make_unique<ScratchPool<Scratch>>()) {}
+
+AttentionGraphIndex::~AttentionGraphIndex() = default;
+
+absl::Status ValidateGraphOptions(const AttentionGraphOptions& o) {
+  if (o.degree < 2 || o.degree > kMaxDegree) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("attention graph degree=", o.degree, " outside [2, ", kMaxDegree, "]"));
+  }
+  if (o.build_beam < 1 || o.build_beam > kMaxBeam) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("attention graph build_beam=", o.build_beam, " outside [1, ", kMaxBeam, "]"));
+  }
+  if (o.default_beam < 1 || o.default_beam > kMaxBeam) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "attention graph default_beam=", o.default_beam, " outside [1, ", kMaxBeam, "]"));
+  }
+  if (o.entry_points < 1 || o.entry_points > 1024) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("attention graph entry_points=", o.entry_points, " outside [1, 1024]"));
+  }
+  if (!(o.prune_alpha >= 1.0f && o.prune_alpha <= 2.0f)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("attention graph prune_alpha=", o.prune_alpha, " outside [1, 2]"));
+  }
+  return absl::OkStatus();
+}
+
+std::span<const uint32_t> AttentionGraphIndex::RegularNeighbors(uint32_t id) const {
+  const uint32_t* r = row(id);
+  const size_t degree = stride_ - 1;
+  size_t count = 0;
+  while (count < degree && r[count] != kNone) ++count;
+  return {r, count};
+}
+
+std::vector<uint32_t> AttentionGraphIndex::neighbors(uint32_t id) const {
+  KVR_CHECK(id < n_);
+  const auto regular = RegularNeighbors(id);
+  std::vector<uint32_t> out(regular.begin(), regular.end());
+  if (row(id)[stride_ - 1] != kNone) out.push_back(row(id)[stride_ - 1]);
+  return out;
+}
+
+bool AttentionGraphIndex::AllReachable() const {
+  const auto seen = Reachable();
+  return std::all_of(seen.begin(), seen.end(), [](uint8_t v) { return v != 0; });
+}
+
+float AttentionGraphIndex::L2(uint32_t a, uint32_t b) const {
+  return simd::Active().l2sqr(key(a), key(b), dim_);
+}
+
+// Occlusion (relative-neighbourhood) pruning around `source`: scan candidates
+// nearest first and keep one unless a kept neighbour s is much closer to it
+// than the source is (alpha * d(s, c) < d(source, c)). When fewer than
+// `degree` survive and `fill` is set, the nearest pruned candidates fill the
+// remaining slots (a saturated graph navigates better at small degree).
+void AttentionGraphIndex::Prune(uint32_t source, std::vector<Cand>* cands,
+                                std::vector<uint32_t>* out) const {
+  const size_t degree = static_cast<size_t>(options_.degree);
+  std::sort(cands->begin(), cands->end());
+  cands->erase(std::unique(cands->begin(), cands->end(),
+                           [](const Cand& a, const Cand& b) { return a.id == b.id; }),
+               cands->end());
+  out->clear();
+  std::vector<uint32_t> pruned;
+  for (const Cand& c : *cands) {
+    if (c.id == source) continue;
+    if (out->size() == degree) break;
+    bool occluded = false;
+    for (uint32_t s : *out) {
+      if (options_.prune_alpha * L2(s, c.id) < c.dist) {
+        occluded = true;
+        break;
+      }
+    }
+    if (occluded) {
+      pruned.push_back(c.id);
+    } else {
+      out->push_back(c.id);
+    }
+  }
+  if (options_.saturate) {
+    for (size_t i = 0; i < pruned.size() && out->size() < degree; ++i) out->push_back(pruned[i]);
+  }
+}
+
+// Replaces the regular edges of `id`; the connectivity slot is kept.
+void AttentionGraphIndex::SetNeighbors(uint32_t id, std::span<const uint32_t> nbrs) {
+  uint32_t* r = row(id);
+  const size_t degree = stride_ - 1;
+  KVR_CHECK(nbrs.size() <= degree);
+  std::copy(nbrs.begin(), nbrs.end(), r);
+  std::fill(r + nbrs.size(), r + degree, kNone);
+}
+
+// Best-first search from the entry points. Scores are q.k (kIp) or
+// -||q - k||^2 (kL2, used to link keys in). Leaves the beam sorted best first.
+template <AttentionGraphIndex::Metric kMetric>
+void AttentionGraphIndex::SearchOne(const float* q, size_t beam_width, Scratch* s,
+                                    int64_t* distance_computations) const {
+  const simd::Kernels& kern = simd::Active();
+  s->Reset(n_);
+  s->beam.Reset(beam_width);
+  if (s->fresh.size() < stride_) {
+    s->fresh.resize(stride_);
+    s->fresh_scores.resize(stride_);
+  }
+  auto score_ids = [&](const uint32_t* ids, size_t count, float* out) {
+    if constexpr (kMetric == Metric::kIp) {
+      kern.dot_gather(q, keys_.data(), ids, count, dim_, dim_, out);
+    } else {
+      for (size_t i = 0; i < count; ++i) out[i] = -kern.l2sqr(q, key(ids[i]), dim_);
+    }
+    *distance_computations += static_cast<int64_t>(count);
+  };
+
+  // Entry points: score all, seed the beam.
+  {
+    size_t m = 0;
+    for (uint32_t e : entries_) {
+      if (s->Visit(e)) s->fresh[m++] = e;
+    }
+    score_ids(s->fresh.data(), m, s->fresh_scores.data());
+    for (size_t i = 0; i < m; ++i) s->beam.Insert(s->fresh[i], s->fresh_scores[i]);
+  }
+
+  while (s->beam.HasUnexpanded()) {
+    const uint32_t* r = row(s->beam.PopUnexpanded());
+    size_t m = 0;
+    for (size_t j = 0; j < stride_; ++j) {
+      if (r[j] != kNone && s->Visit(r[j])) s->fresh[m++] = r[j];
+    }
+    if (m == 0) continue;
+    score_ids(s->fresh.data(), m, s->fresh_scores.data());
+    for (size_t i = 0; i < m; ++i) s->beam.Insert(s->fresh[i], s->fresh_scores[i]);
+  }
+}
+
+absl::Status AttentionGraphIndex::Search(ConstMatrixView queries, const SearchParams& params,
+                                         std::span<int64_t> ids, std::span<float> scores,
+                                         SearchStats* stats) const {
+  KVR_RETURN_IF_ERROR(ValidateSearch(*this, queries, params, ids, scores));
+  if (params.beam < 0 || params.beam > kMaxBeam) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("beam=", params.beam, " outside [0, ", kMaxBeam, "]"));
+  }
+  const size_t k = static_cast<size_t>(params.k);
+  const size_t beam_width =
+      std::max<size_t>(k, params.beam > 0 ? params.beam : options_.default_beam);
+  ScratchLease s(scratch_.get());
+  int64_t dc = 0;
+  for (size_t i = 0; i < queries.rows(); ++i) {
+    SearchOne<Metric::kIp>(queries.row(i), beam_width, &*s, &dc);
+    const size_t found = std::min(k, s->beam.size());
+    for (size_t j = 0; j < k; ++j) {
+      if (j < found) {
+        ids[i * k + j] = s->beam.id(j);
+        scores[i * k + j] = s->beam.score(j);
+      } else {
+        ids[i * k + j] = -1;
+        scores[i * k + j] = -std::numeric_limits<float>::infinity();
+      }
+    }
+  }
+  if (stats != nullptr) {
+    stats->queries += static_cast<int64_t>(queries.rows());
+    stats->distance_computations += dc;
+  }
+  return absl::OkStatus();
+}
+
+// Chooses the entry points: the keys that appear most often in the training
+// queries' top-k lists (the "heavy hitters" most queries attend to), or key 0
+// when there is no training data.
+void AttentionGraphIndex::ChooseEntries(std::span<const uint32_t> in_topk_count) {
+  entries_.clear();
+  const size_t want = std::min<size_t>(static_cast<size_t>(options_.entry_points), n_);
+  std::vector<uint32_t> order(n_);
+  std::iota(order.begin(), order.end(), 0);
+  std::partial_sort(order.begin(), order.begin() + want, order.end(),
+                    [&](uint32_t a, uint32_t b) {
+                      return in_topk_count[a] > in_topk_count[b] ||
+                             (in_topk_count[a] == in_topk_count[b] && a < b);
+                    });
+  entries_.assign(order.begin(), order.begin() + want);
+}
+
+absl::StatusOr<std::unique_ptr<AttentionGraphIndex>> AttentionGraphIndex::Build(
+    ConstMatrixView keys, std::span<const int64_t> train_topk, size_t topk_width,
+    const AttentionGraphOptions& options, ThreadPool* pool) {
+  KVR_RETURN_IF_ERROR(ValidateGraphOptions(options));
+  if (keys.cols() == 0 || keys.cols() > kMaxDim) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("attention graph keys dim=", keys.cols(), " outside [1, ", kMaxDim, "]"));
+  }
+  if (keys.rows() >= kMaxKeys) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("attention graph keys rows=", keys.rows(), " exceeds ", kMaxKeys - 1));
+  }
+  KVR_RETURN_IF_ERROR(ValidateFinite(keys, keys.cols(), "keys"));
+  if (topk_width == 0 && !train_topk.empty()) {
+    return absl::InvalidArgumentError("train_topk is non-empty but topk_width is 0");
+  }
+  if (topk_width != 0 && train_topk.size() % topk_width != 0) {
+    return absl::InvalidArgumentError(absl::StrCat("train_topk size ", train_topk.size(),
+                                                   " is not a multiple of topk_width ",
+                                                   topk_width));
+  }
+  for (size_t i = 0; i < train_topk.size(); ++i) {
+    const int64_t id = train_topk[i];
+    if (id < -1 || id >= static_cast<int64_t>(keys.rows())) {
+      return absl::InvalidArgumentError(absl::StrCat("train_topk[", i, "]=", id,
+                                                     " outside [-1, ", keys.rows(), ")"));
+    }
+  }
+
+  auto index = std::unique_ptr<AttentionGraphIndex>(new AttentionGraphIndex(keys.cols(), options));
+  index->n_ = keys.rows();
+  index->keys_.resize(keys.rows() * keys.cols());
+  for (size_t i = 0; i < keys.rows(); ++i) {
+    std::copy(keys.row(i), keys.row(i) + keys.cols(), index->keys_.data() + i * keys.cols());
+  }
+  index->adjacency_.assign(index->n_ * index->stride_, kNone);
+  if (index->n_ == 0) return index;
+  index->BuildGraph(train_topk, topk_width, pool);
+  return index;
+}
+
+void AttentionGraphIndex::BuildGraph(std::span<const int64_t> train_topk, size_t topk_width,
+                                     ThreadPool* pool) {
+  ThreadPool inline_pool(0);
+  if (pool == nullptr) pool = &inline_pool;
+  const size_t n = n_;
+  const size_t n_train = topk_width == 0 ? 0 : train_topk.size() / topk_width;
+
+  // 1. Bucket training queries by their pivot (best key); count how often each
+  //    key is in some query's top-k (entry-point choice).
+  std::vector<uint32_t> in_topk(n, 0);
+  std::vector<uint32_t> pivot_start(n + 1, 0);
+  std::vector<uint32_t> pivot_of(n_train, kNone);
+  for (size_t q = 0; q < n_train; ++q) {
+    const int64_t* row = train_topk.data() + q * topk_width;
+    for (size_t j = 0; j < topk_width; ++j) {
+      if (row[j] < 0) continue;
+      if (pivot_of[q] == kNone) pivot_of[q] = static_cast<uint32_t>(row[j]);
+      ++in_topk[row[j]];
+    }
+    if (pivot_of[q] != kNone) ++pivot_start[pivot_of[q] + 1];
+  }
+  for (size_t i = 0; i < n; ++i) pivot_start[i + 1] += pivot_start[i];
+  std::vector<uint32_t> by_pivot(pivot_start[n]);
+  {
+    std::vector<uint32_t> fill(pivot_start.begin(), pivot_start.end() - 1);
+    for (size_t q = 0; q < n_train; ++q) {
+      if (pivot_of[q] != kNone) by_pivot[fill[pivot_of[q]]++] = static_cast<uint32_t>(q);
+    }
+  }
+  ChooseEntries(in_topk);
+
+  // 2. Projection: each pivot links to the pruned union of its queries'
+  //    other neighbours.
+  pool->ParallelFor(n, 256, [&](size_t begin, size_t end) {
+    std::vector<Cand> cands;
+    std::vector<uint32_t> out;
+    for (size_t p = begin; p < end; ++p) {
+      if (pivot_start[p] == pivot_start[p + 1]) continue;
+      cands.clear();
+      for (uint32_t t = pivot_start[p]; t < pivot_start[p + 1]; ++t) {
+        const int64_t* row = train_topk.data() + static_cast<size_t>(by_pivot[t]) * topk_width;
+        for (size_t j = 0; j < topk_width; ++j) {
+          if (row[j] < 0 || static_cast<size_t>(row[j]) == p) continue;
+          const uint32_t c = static_cast<uint32_t>(row[j]);
+          cands.push_back({L2(static_cast<uint32_t>(p), c), c});
+        }
+      }
+      Prune(static_cast<uint32_t>(p), &cands, &out);
+      SetNeighbors(static_cast<uint32_t>(p), out);
+    }
+  });
+
+  // 3. Reverse edges: every projected edge p->c also offers c->p; merged per
+  //    target and re-pruned, so each row stays within the degree.
+  AddReverseEdges(pool);
+
+  // 4. Link in every key the training queries did not reach, so that every
+  //    key is reachable from the entry points.
+  LinkUnreachable(pool);
+}
+
+void AttentionGraphIndex::AddReverseEdges(ThreadPool* pool) {
+  const size_t n = n_;
+  const size_t degree = static_cast<size_t>(options_.degree);
+  std::vector<uint32_t> rev_start(n + 1, 0);
+  for (size_t p = 0; p < n; ++p) {
+    for (uint32_t c : RegularNeighbors(static_cast<uint32_t>(p))) ++rev_start[c + 1];
+  }
+  for (size_t i = 0; i < n; ++i) rev_start[i + 1] += rev_start[i];
+  std::vector<uint32_t> rev(rev_start[n]);
+  {
+    std::vector<uint32_t> fill(rev_start.begin(), rev_start.end() - 1);
+    for (size_t p = 0; p < n; ++p) {
+      for (uint32_t c : RegularNeighbors(static_cast<uint32_t>(p))) rev[fill[c]++] = static_cast<uint32_t>(p);
+    }
+  }
+  // New rows are computed from the old ones and written afterwards, so the
+  // result does not depend on thread scheduling.
+  std::vector<uint32_t> next(n * degree, kNone);
+  pool->ParallelFor(n, 256, [&](size_t begin, size_t end) {
+    std::vector<Cand> cands;
+    std::vector<uint32_t> out;
+    for (size_t c = begin; c < end; ++c) {
+      const auto own = RegularNeighbors(static_cast<uint32_t>(c));
+      if (rev_start[c] == rev_start[c + 1]) {
+        std::copy(own.begin(), own.end(), next.begin() + c * degree);
+        continue;
+      }
+      cands.clear();
+      for (uint32_t x : own) cands.push_back({L2(static_cast<uint32_t>(c), x), x});
+      for (uint32_t t = rev_start[c]; t < rev_start[c + 1]; ++t) {
+        cands.push_back({L2(static_cast<uint32_t>(c), rev[t]), rev[t]});
+      }
+      Prune(static_cast<uint32_t>(c), &cands, &out);
+      std::copy(out.begin(), out.end(), next.begin() + c * degree);
+    }
+  });
+  for (size_t c = 0; c < n; ++c) {
+    size_t count = 0;
+    while (count < degree && next[c * degree + count] != kNone) ++count;
+    SetNeighbors(static_cast<uint32_t>(c), {next.data() + c * degree, count});
+  }
+}
+
+// Marks every key reachable from the entry points.
+std::vector<uint8_t> AttentionGraphIndex::Reachable() const {
+  std::vector<uint8_t> seen(n_, 0);
+  std::vector<uint32_t> stack;
+  for (uint32_t e : entries_) {
+    if (!seen[e]) {
+      seen[e] = 1;
+      stack.push_back(e);
+    }
+  }
+  while (!stack.empty()) {
+    const uint32_t v = stack.back();
+    stack.pop_back();
+    const uint32_t* r = row(v);
+    for (size_t j = 0; j < stride_; ++j) {
+      const uint32_t w = r[j];
+      if (w != kNone && !seen[w]) {
+        seen[w] = 1;
+        stack.push_back(w);
+      }
+    }
+  }
+  return seen;
+}
+
+// Links key `id` into the graph given candidate neighbours found by a search:
+// sets its out-edges (pruned), offers each kept neighbour the reverse edge,
+// and if no neighbour kept the reverse edge, uses a free connectivity slot so
+// the key is reachable.
+void AttentionGraphIndex::LinkKey(uint32_t id, std::vector<Cand>* cands) {
+  std::vector<uint32_t> out;
+  // Keep whatever out-edges the key already has (from projection).
+  for (uint32_t x : RegularNeighbors(id)) cands->push_back({L2(id, x), x});
+  Prune(id, cands, &out);
+  SetNeighbors(id, out);
+  bool linked = false;
+  std::vector<Cand> back;
+  std::vector<uint32_t> back_out;
+  for (uint32_t c : out) {
+    back.clear();
+    for (uint32_t x : RegularNeighbors(c)) {
+      if (x != id) back.push_back({L2(c, x), x});
+    }
+    back.push_back({L2(c, id), id});
+    Prune(c, &back, &back_out);
+    if (std::find(back_out.begin(), back_out.end(), id) != back_out.end()) linked = true;
+    SetNeighbors(c, back_out);
+  }
+  if (linked) return;
+  // No neighbour kept the edge: use the connectivity slot of the nearest
+  // candidate that has it free. Candidates come from a search, so they are
+  // reachable (or will be once their own turn comes).
+  for (uint32_t c : out) {
+    if (TrySetRepairEdge(c, id)) return;
+  }
+  for (const Cand& c : *cands) {
+    if (c.id != id && TrySetRepairEdge(c.id, id)) return;
+  }
+  // Every candidate's slot is used: take an entry point's chain. LinkUnreachable
+  // re-checks reachability, so a later round fixes what this cannot.
+  for (uint32_t c = 0; c < n_; ++c) {
+    if (c != id && TrySetRepairEdge(c, id)) return;
+  }
+}
+
+// Makes `target` the connectivity edge of `source` if that slot is free.
+bool AttentionGraphIndex::TrySetRepairEdge(uint32_t source, uint32_t target) {
+  uint32_t& slot = row(source)[stride_ - 1];
+  if (slot == target) return true;
+  if (slot != kNone) return false;
+  slot = target;
+  return true;
+}
+
+void AttentionGraphIndex::LinkUnreachable(ThreadPool* pool) {
+  ThreadPool inline_pool(0);
+  if (pool == nullptr) pool = &inline_pool;
+  // Search (by L2, with the key as query) in parallel batches against the
+  // current graph, then link sequentially. Keys in a batch cannot find each
+  // other, so batches grow with the reachable part (at most half of it): the
+  // graph a batch searches is always at least twice the batch.
+  for (int round = 0; round < 64; ++round) {
+    const std::vector<uint8_t> seen = Reachable();
+    std::vector<uint32_t> todo;
+    for (uint32_t i = 0; i < n_; ++i) {
+      if (!seen[i]) todo.push_back(i);
+    }
+    if (todo.empty()) return;
+    size_t reachable = n_ - todo.size();
+    for (size_t b = 0; b < todo.size();) {
+      const size_t batch = std::max<size_t>(32, reachable / 2);
+      const size_t e = std::min(todo.size(), b + batch);
+      std::vector<std::vector<Cand>> found(e - b);
+      pool->ParallelFor(e - b, 16, [&](size_t begin, size_t end) {
+        ScratchLease s(scratch_.get());
+        int64_t dc = 0;
+        for (size_t i = begin; i < end; ++i) {
+          const uint32_t id = todo[b + i];
+          SearchOne<Metric::kL2>(key(id), static_cast<size_t>(options_.build_beam), &*s, &dc);
+          for (size_t j = 0; j < s->beam.size(); ++j) {
+            if (s->beam.id(j) != id) found[i].push_back({-s->beam.score(j), s->beam.id(j)});
+          }
+        }
+      });
+      for (size_t i = 0; i < e - b; ++i) LinkKey(todo[b + i], &found[i]);
+      reachable += e - b;
+      b = e;
+    }
+  }
+  KVR_CHECK_MSG(false, "attention graph: keys still unreachable after 64 link rounds");
+}
+
+absl::Status AttentionGraphIndex::Add(ConstMatrixView keys) {
+  KVR_RETURN_IF_ERROR(ValidateFinite(keys, dim_, "keys"));
+  if (n_ + keys.rows() >= kMaxKeys) {
+    return absl::InvalidArgumentError(absl::StrCat("attention graph would hold ",
+                                                   n_ + keys.rows(), " keys, limit ",
+                                                   kMaxKeys - 1));
+  }
+  if (keys.rows() == 0) return absl::OkStatus();
+  const size_t old_n = n_;
+  keys_.resize((n_ + keys.rows()) * dim_);
+  adjacency_.resize((n_ + keys.rows()) * stride_, kNone);
+  for (size_t i = 0; i < keys.rows(); ++i) {
+    std::copy(keys.row(i), keys.row(i) + dim_, keys_.data() + (old_n + i) * dim_);
+  }
+  if (old_n == 0) {
+    // An index built empty: the first key is the entry; link the rest.
+    n_ = keys.rows();
+    entries_.assign(1, 0);
+    LinkUnreachable(nullptr);
+    return absl::OkStatus();
+  }
+  // Insert one by one; each new key is searchable before the next is linked.
+  ScratchLease s(scratch_.get());
+  std::vector<Cand> cands;
+  int64_t dc = 0;
+  for (size_t i = 0; i < keys.rows(); ++i) {
+    const uint32_t id = static_cast<uint32_t>(old_n + i);
+    SearchOne<Metric::kL2>(key(id), static_cast<size_t>(options_.build_beam), &*s, &dc);
+    cands.clear();
+    for (size_t j = 0; j < s->beam.size(); ++j) cands.push_back({-s->beam.score(j), s->beam.id(j)});
+    n_ = id + 1;
+    LinkKey(id, &cands);
+  }
+  // Re-pruning a neighbour's row can drop the last edge into an older key;
+  // relink any key that became unreachable.
+  LinkUnreachable(nullptr);
+  return absl::OkStatus();
+}
+
+size_t AttentionGraphIndex::MemoryBytes() const {
+  return sizeof(*this) + keys_.capacity() * sizeof(float) +
+         adjacency_.capacity() * sizeof(uint32_t) + entries_.capacity() * sizeof(uint32_t) +
+         scratch_->MemoryBytes();
+}
+
+absl::Status AttentionGraphIndex::Serialize(std::vector<uint8_t>* out) const {
+  BinaryWriter w;
+  w.Put<uint64_t>(dim_);
+  w.Put<uint64_t>(n_);
+  w.Put<int32_t>(options_.degree);
+  w.Put<int32_t>(options_.build_beam);
+  w.Put<int32_t>(options_.default_beam);
+  w.Put<int32_t>(options_.entry_points);
+  w.Put<float>(options_.prune_alpha);
+  w.Put<uint8_t>(options_.saturate ? 1 : 0);
+  w.PutArray(std::span<const uint32_t>(entries_));
+  w.PutArray(std::span<const float>(keys_.data(), n_ * dim_));
+  w.PutArray(std::span<const uint32_t>(adjacency_.data(), n_ * stride_));
+  const auto blob = SealBlob(static_cast<uint32_t>(IndexKind::kAttentionGraph), kFormatVersion,
+                             w.bytes());
+  out->insert(out->end(), blob.begin(), blob.end());
+  return absl::OkStatus();
+}
+
+absl::StatusOr<std::unique_ptr<AttentionGraphIndex>> AttentionGraphIndex::Deserialize(
+    const OpenedBlob& blob) {
+  if (blob.kind != static_cast<uint32_t>(IndexKind::kAttentionGraph)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("blob kind ", blob.kind, " is not an attention graph index"));
+  }
+  if (blob.version != kFormatVersion) {
+    return absl::InvalidArgumentError(absl::StrCat("attention graph format version ",
+                                                   blob.version, " unsupported (want ",
+                                                   kFormatVersion, ")"));
+  }
+  BinaryReader r(blob.payload, "attention graph index");
+  uint64_t dim = 0, n = 0;
+  AttentionGraphOptions o;
+  uint8_t saturate = 0;
+  KVR_RETURN_IF_ERROR(r.Get(&dim, "dim"));
+  KVR_RETURN_IF_ERROR(r.Get(&n, "n"));
+  KVR_RETURN_IF_ERROR(r.Get(&o.degree, "degree"));
+  KVR_RETURN_IF_ERROR(r.Get(&o.build_beam, "build_beam"));
+  KVR_RETURN_IF_ERROR(r.Get(&o.default_beam, "default_beam"));
+  KVR_RETURN_IF_ERROR(r.Get(&o.entry_points, "entry_points"));
+  KVR_RETURN_IF_ERROR(r.Get(&o.prune_alpha, "prune_alpha"));
+  KVR_RETURN_IF_ERROR(r.Get(&saturate, "saturate"));
+  o.saturate = saturate != 0;
+  if (dim == 0 || dim > kMaxDim || n >= kMaxKeys) {
+    return absl::DataLossError(
+        absl::StrCat("attention graph index: dim=", dim, " n=", n, " out of range"));
+  }
+  if (absl::Status st = ValidateGraphOptions(o); !st.ok()) {
+    return absl::DataLossError(absl::StrCat("attention graph index: ", st.message()));
+  }
+  auto index = std::unique_ptr<AttentionGraphIndex>(new AttentionGraphIndex(dim, o));
+  index->n_ = n;
+  KVR_RETURN_IF_ERROR(r.GetArray(&index->entries_, "entries", 1024));
+  KVR_RETURN_IF_ERROR(r.GetArray(&index->keys_, "keys", n * dim));
+  KVR_RETURN_IF_ERROR(r.GetArray(&index->adjacency_, "adjacency", n * index->stride_));
+  KVR_RETURN_IF_ERROR(r.ExpectEnd());
+  if (index->keys_.size() != n * dim || index->adjacency_.size() != n * index->stride_) {
+    return absl::DataLossError("attention graph index: keys/adjacency sizes disagree with n");
+  }
+  if (n > 0 && index->entries_.empty()) {
+    return absl::DataLossError("attention graph index: no entry points");
+  }
+  for (uint32_t e : index->entries_) {
+    if (e >= n) return absl::DataLossError("attention graph index: entry point out of range");
+  }
+  for (size_t i = 0; i < index->adjacency_.size(); ++i) {
+    const uint32_t v = index->adjacency_[i];
+    if (v != kNone && v >= n) {
+      return absl::DataLossError(
+          absl::StrCat("attention graph index: adjacency[", i, "]=", v, " >= n=", n));
+    }
+  }
+  for (float x : index->keys_) {
+    if (!std::isfinite(x)) return absl::DataLossError("attention graph index: non-finite key");
+  }
+  return index;
+}
+
+absl::StatusOr<std::unique_ptr<AttentionGraphIndex>> AttentionGraphIndex::BuildFromQueries(
+    ConstMatrixView keys, ConstMatrixView train_queries, int train_k,
+    const AttentionGraphOptions& options, ThreadPool* pool) {
+  if (train_k < 1) {
+    return absl::InvalidArgumentError(absl::StrCat("train_k=", train_k, " must be >= 1"));
+  }
+  KVR_ASSIGN_OR_RETURN(auto flat, FlatIndex::Create(keys.cols()));
+  KVR_RETURN_IF_ERROR(flat->Add(keys));
+  const size_t k = std::min<size_t>(static_cast<size_t>(train_k), keys.rows());
+  std::vector<int64_t> topk(train_queries.rows() * k);
+  std::vector<float> scores(train_queries.rows() * k);
+  if (k > 0 && train_queries.rows() > 0) {
+    SearchParams p;
+    p.k = static_cast<int>(k);
+    KVR_RETURN_IF_ERROR(flat->SearchParallel(train_queries, p, topk, scores, pool));
+  }
+  return Build(keys, topk, k, options, pool);
+}
+
+}  // namespace kvr::index

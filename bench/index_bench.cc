@@ -1,0 +1,599 @@
+// index_bench: recall@k vs % of keys scanned vs µs/query for Flat, IVF, the
+// attention-aware graph, faiss HNSW (inner product) and hnswlib, on
+// out-of-distribution attention data (tools/attention_data) or on the user's
+// own captured keys/queries; plus the OOD gap (HNSW recall on key queries vs
+// attention queries at equal budget) and single-head decode attention
+// (retrieve + partial attention) vs the exact scan. Prints tables; --json
+// writes the same rows machine-readably.
+//
+//   index_bench --sizes=131072,1048576            # synthetic, default preset
+//   index_bench --keys=k.npy --queries=q.npy --train=t.fbin [--values=v.npy]
+#include <faiss/IndexHNSW.h>
+#include <faiss/impl/HNSW.h>
+#include <hnswlib/hnswlib.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <fstream>
+#include <memory>
+#include <set>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "absl/flags/flag.h"
+#include "absl/flags/parse.h"
+#include "absl/flags/usage.h"
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_format.h"
+#include "absl/strings/str_split.h"
+#include "common/attention.h"
+#include "common/dataset_io.h"
+#include "common/simd/kernels.h"
+#include "common/thread_pool.h"
+#include "common/value_matrix.h"
+#include "retrieval_node/index/attend.h"
+#include "retrieval_node/index/attention_graph_index.h"
+#include "retrieval_node/index/flat_index.h"
+#include "retrieval_node/index/ivf_index.h"
+#include "tools/attention_data.h"
+
+ABSL_FLAG(std::string, sizes, "131072", "comma-separated key counts N (synthetic data)");
+ABSL_FLAG(int, dim, 128, "head dimension d (synthetic data)");
+ABSL_FLAG(int, k, 100, "top-k");
+ABSL_FLAG(int64_t, n_train, -1,
+          "training (prefill) queries per data set; -1: min(N, 65536) (synthetic data)");
+ABSL_FLAG(int, train_k, 100, "top-k per training query given to the graph build");
+ABSL_FLAG(int, n_test, 500, "decode queries evaluated (synthetic data)");
+ABSL_FLAG(std::string, preset, "default", "synthetic difficulty preset: easy, default, hard");
+ABSL_FLAG(uint64_t, seed, 1, "synthetic data seed");
+ABSL_FLAG(std::string, keys, "", "keys file (.npy float32 2-D C order, or .fbin)");
+ABSL_FLAG(std::string, queries, "", "decode queries file (.npy or .fbin)");
+ABSL_FLAG(std::string, train, "", "training queries file (.npy or .fbin)");
+ABSL_FLAG(std::string, values, "", "values file (.npy or .fbin); default: random values");
+ABSL_FLAG(std::string, methods, "flat,ivf,graph,faiss_hnsw,hnswlib",
+          "methods to run: flat, ivf, graph, faiss_hnsw, hnswlib");
+ABSL_FLAG(int, threads, 0, "build threads (0: all cores); searches are single-threaded");
+ABSL_FLAG(int, graph_degree, 32, "attention graph out-degree M");
+ABSL_FLAG(int, graph_entry_points, 16, "attention graph entry points");
+ABSL_FLAG(std::string, graph_beams, "100,120,150,200,250,300,400,500,700,1000",
+          "attention graph beam widths to sweep");
+ABSL_FLAG(int, hnsw_m, 32, "HNSW M (faiss and hnswlib)");
+ABSL_FLAG(int, hnsw_ef_construction, 128, "HNSW efConstruction");
+ABSL_FLAG(std::string, hnsw_efs, "100,200,400,800,1600,3200,6400",
+          "HNSW efSearch values to sweep");
+ABSL_FLAG(std::string, ivf_nprobes, "1,2,4,8,16,32,64,128,256,512",
+          "IVF nprobe values to sweep");
+ABSL_FLAG(int, ivf_nlist, 0, "IVF lists (0: 4 * sqrt(N))");
+ABSL_FLAG(bool, ood_gap, true, "measure HNSW recall on key queries vs attention queries");
+ABSL_FLAG(bool, attention, true, "measure single-head decode attention vs the exact scan");
+ABSL_FLAG(double, target_recall, 0.95, "recall the summary reports the cheapest setting for");
+ABSL_FLAG(std::string, json, "", "write every row as JSON to this file");
+
+namespace kvr::bench {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+double Seconds(Clock::time_point a, Clock::time_point b) {
+  return std::chrono::duration<double>(b - a).count();
+}
+
+struct Row {
+  std::string dataset;
+  size_t n = 0;
+  std::string method;
+  std::string param;
+  double recall = 0;
+  double scanned_pct = 0;
+  double us_per_query = 0;
+  double build_s = 0;
+};
+
+struct DataSet {
+  std::string name;
+  Matrix keys, train, test, values;
+  Matrix key_queries;  // held-out keys used as in-distribution queries (may be empty)
+};
+
+void Fail(const absl::Status& s) {
+  std::fprintf(stderr, "index_bench: %s\n", std::string(s.message()).c_str());
+  std::exit(2);
+}
+
+std::vector<int> ParseInts(const std::string& csv, const char* flag) {
+  std::vector<int> out;
+  for (absl::string_view part : absl::StrSplit(csv, ',', absl::SkipEmpty())) {
+    int v = 0;
+    if (!absl::SimpleAtoi(part, &v) || v <= 0) {
+      Fail(absl::InvalidArgumentError(
+          absl::StrCat("--", flag, ": '", part, "' is not a positive integer")));
+    }
+    out.push_back(v);
+  }
+  return out;
+}
+
+Matrix Rows(const Matrix& m, size_t begin, size_t count) {
+  Matrix out(count, m.cols);
+  std::copy(m.row(begin), m.row(begin) + count * m.cols, out.data.begin());
+  return out;
+}
+
+double Recall(const std::vector<int64_t>& truth, const std::vector<int64_t>& got, size_t rows,
+              size_t k) {
+  size_t hit = 0;
+  std::vector<int64_t> t;
+  for (size_t i = 0; i < rows; ++i) {
+    t.assign(truth.begin() + i * k, truth.begin() + (i + 1) * k);
+    std::sort(t.begin(), t.end());
+    for (size_t j = 0; j < k; ++j) hit += std::binary_search(t.begin(), t.end(), got[i * k + j]);
+  }
+  return static_cast<double>(hit) / static_cast<double>(rows * k);
+}
+
+std::vector<int64_t> Truth(const Matrix& keys, const Matrix& q, int k, ThreadPool* pool) {
+  std::vector<int64_t> ids(q.rows * k);
+  std::vector<float> scores(q.rows * k);
+  if (auto s = index::ExactTopK(keys.view(), q.view(), k, ids, scores, pool); !s.ok()) Fail(s);
+  return ids;
+}
+
+// Runs every query on this thread; returns recall, % scanned, µs/query.
+template <typename SearchFn>
+Row Measure(const Matrix& q, const std::vector<int64_t>& truth, size_t n, int k,
+            SearchFn&& search) {
+  std::vector<int64_t> ids(q.rows * k);
+  const auto t0 = Clock::now();
+  const int64_t dist = search(ids);
+  const auto t1 = Clock::now();
+  Row r;
+  r.recall = Recall(truth, ids, q.rows, k);
+  r.scanned_pct = 100.0 * static_cast<double>(dist) / static_cast<double>(q.rows * n);
+  r.us_per_query = 1e6 * Seconds(t0, t1) / static_cast<double>(q.rows);
+  return r;
+}
+
+Row MeasureKvr(const index::KeyIndex& idx, const Matrix& q, const std::vector<int64_t>& truth,
+               int k, const index::SearchParams& p) {
+  std::vector<float> scores(q.rows * k);
+  return Measure(q, truth, idx.size(), k, [&](std::vector<int64_t>& ids) {
+    index::SearchStats st;
+    if (auto s = idx.Search(q.view(), p, ids, scores, &st); !s.ok()) Fail(s);
+    return st.distance_computations;
+  });
+}
+
+class Runner {
+ public:
+  Runner(ThreadPool* pool) : pool_(pool) {}
+
+  void Run(const DataSet& ds) {
+    const int k = std::min<int>(absl::GetFlag(FLAGS_k), static_cast<int>(ds.keys.rows));
+    const size_t n = ds.keys.rows;
+    std::printf("\n=== %s: N=%zu d=%zu train=%zu test=%zu k=%d ===\n", ds.name.c_str(), n,
+                ds.keys.cols, ds.train.rows, ds.test.rows, k);
+    const auto t0 = Clock::now();
+    const auto truth = Truth(ds.keys, ds.test, k, pool_);
+    std::printf("ground truth: %.2f s\n", Seconds(t0, Clock::now()));
+    const std::string methods = absl::GetFlag(FLAGS_methods);
+    auto want = [&](const char* m) {
+      for (absl::string_view part : absl::StrSplit(methods, ',')) {
+        if (part == m) return true;
+      }
+      return false;
+    };
+    std::vector<Row> rows;
+    auto add = [&](Row r, const std::string& method, const std::string& param, double build) {
+      r.dataset = ds.name;
+      r.n = n;
+      r.method = method;
+      r.param = param;
+      r.build_s = build;
+      std::printf("  %-11s %-14s recall@%d=%.4f scanned=%7.3f%% %9.1f us/q build=%.2fs\n",
+                  method.c_str(), param.c_str(), k, r.recall, r.scanned_pct, r.us_per_query,
+                  build);
+      std::fflush(stdout);
+      rows.push_back(r);
+    };
+
+    if (want("flat")) RunFlat(ds, truth, k, add);
+    if (want("ivf")) RunIvf(ds, truth, k, add);
+    std::unique_ptr<index::AttentionGraphIndex> graph;
+    if (want("graph")) graph = RunGraph(ds, truth, k, add);
+    if (want("faiss_hnsw")) RunFaiss(ds, truth, k, add);
+    if (want("hnswlib")) RunHnswlib(ds, truth, k, add);
+
+    PrintTable(rows, k);
+    if (absl::GetFlag(FLAGS_attention) && graph != nullptr) RunAttention(ds, *graph, rows, k);
+    all_rows_.insert(all_rows_.end(), rows.begin(), rows.end());
+  }
+
+  const std::vector<Row>& rows() const { return all_rows_; }
+
+ private:
+  template <typename Add>
+  void RunFlat(const DataSet& ds, const std::vector<int64_t>& truth, int k, Add&& add) {
+    const auto t0 = Clock::now();
+    auto flat = index::FlatIndex::Create(ds.keys.cols);
+    if (!flat.ok()) Fail(flat.status());
+    if (auto s = (*flat)->Add(ds.keys.view()); !s.ok()) Fail(s);
+    const double build = Seconds(t0, Clock::now());
+    index::SearchParams p;
+    p.k = k;
+    add(MeasureKvr(**flat, ds.test, truth, k, p), "flat", "exact", build);
+  }
+
+  template <typename Add>
+  void RunIvf(const DataSet& ds, const std::vector<int64_t>& truth, int k, Add&& add) {
+    index::IvfOptions o;
+    const int nlist_flag = absl::GetFlag(FLAGS_ivf_nlist);
+    o.nlist = nlist_flag > 0 ? static_cast<size_t>(nlist_flag)
+                             : static_cast<size_t>(4.0 * std::sqrt(ds.keys.rows));
+    const auto t0 = Clock::now();
+    auto ivf = index::IvfIndex::Build(ds.keys.view(), o, pool_);
+    if (!ivf.ok()) Fail(ivf.status());
+    const double build = Seconds(t0, Clock::now());
+    for (int nprobe : ParseInts(absl::GetFlag(FLAGS_ivf_nprobes), "ivf_nprobes")) {
+      if (static_cast<size_t>(nprobe) > (*ivf)->nlist()) break;
+      index::SearchParams p;
+      p.k = k;
+      p.nprobe = nprobe;
+      Row r = MeasureKvr(**ivf, ds.test, truth, k, p);
+      add(r, "ivf", absl::StrFormat("nlist=%zu,np=%d", (*ivf)->nlist(), nprobe), build);
+      if (r.recall > 0.995) break;
+    }
+  }
+
+  template <typename Add>
+  std::unique_ptr<index::AttentionGraphIndex> RunGraph(const DataSet& ds,
+                                                       const std::vector<int64_t>& truth, int k,
+                                                       Add&& add) {
+    const int train_k = std::min<int>(absl::GetFlag(FLAGS_train_k), static_cast<int>(ds.keys.rows));
+    // The training top-k is what the decode worker computes on the GPU during
+    // prefill; it is timed separately from the graph build.
+    auto t0 = Clock::now();
+    std::vector<int64_t> topk(ds.train.rows * train_k);
+    std::vector<float> scores(topk.size());
+    if (auto s = index::ExactTopK(ds.keys.view(), ds.train.view(), train_k, topk, scores, pool_);
+        !s.ok()) {
+      Fail(s);
+    }
+    const double knn_s = Seconds(t0, Clock::now());
+    index::AttentionGraphOptions o;
+    o.degree = absl::GetFlag(FLAGS_graph_degree);
+    o.entry_points = absl::GetFlag(FLAGS_graph_entry_points);
+    t0 = Clock::now();
+    auto graph = index::AttentionGraphIndex::Build(ds.keys.view(), topk,
+                                                   static_cast<size_t>(train_k), o, pool_);
+    if (!graph.ok()) Fail(graph.status());
+    const double build = Seconds(t0, Clock::now());
+    std::printf("  graph: training top-%d of %zu queries %.2f s (GPU work in production), "
+                "build %.2f s with %zu threads\n",
+                train_k, ds.train.rows, knn_s, build, pool_->size() + 1);
+    for (int beam : ParseInts(absl::GetFlag(FLAGS_graph_beams), "graph_beams")) {
+      if (beam < k) continue;
+      index::SearchParams p;
+      p.k = k;
+      p.beam = beam;
+      Row r = MeasureKvr(**graph, ds.test, truth, k, p);
+      add(r, "graph", absl::StrFormat("M=%d,L=%d", o.degree, beam), build);
+      if (r.recall > 0.995) break;
+    }
+    return std::move(*graph);
+  }
+
+  template <typename Add>
+  void RunFaiss(const DataSet& ds, const std::vector<int64_t>& truth, int k, Add&& add) {
+    const int m = absl::GetFlag(FLAGS_hnsw_m);
+    faiss::IndexHNSWFlat hnsw(static_cast<int>(ds.keys.cols), m, faiss::METRIC_INNER_PRODUCT);
+    hnsw.hnsw.efConstruction = absl::GetFlag(FLAGS_hnsw_ef_construction);
+    const auto t0 = Clock::now();
+    hnsw.add(static_cast<faiss::Index::idx_t>(ds.keys.rows), ds.keys.data.data());
+    const double build = Seconds(t0, Clock::now());
+    for (int ef : ParseInts(absl::GetFlag(FLAGS_hnsw_efs), "hnsw_efs")) {
+      if (ef < k) continue;
+      faiss::SearchParametersHNSW sp;
+      sp.efSearch = ef;
+      std::vector<faiss::Index::idx_t> labels(ds.test.rows * k);
+      std::vector<float> dist(ds.test.rows * k);
+      Row r = Measure(ds.test, truth, ds.keys.rows, k, [&](std::vector<int64_t>& ids) {
+        faiss::hnsw_stats.reset();
+        // One query per call keeps faiss single-threaded (its OpenMP loop is
+        // over queries).
+        for (size_t i = 0; i < ds.test.rows; ++i) {
+          hnsw.search(1, ds.test.row(i), k, dist.data() + i * k, labels.data() + i * k, &sp);
+        }
+        for (size_t i = 0; i < labels.size(); ++i) ids[i] = labels[i];
+        return static_cast<int64_t>(faiss::hnsw_stats.ndis);
+      });
+      add(r, "faiss_hnsw", absl::StrFormat("M=%d,ef=%d", m, ef), build);
+      if (r.recall > 0.995) break;
+    }
+  }
+
+  template <typename Add>
+  void RunHnswlib(const DataSet& ds, const std::vector<int64_t>& truth, int k, Add&& add) {
+    auto index = BuildHnswlib(ds.keys);
+    for (int ef : ParseInts(absl::GetFlag(FLAGS_hnsw_efs), "hnsw_efs")) {
+      if (ef < k) continue;
+      Row r = MeasureHnswlib(*index.second, ds.test, truth, k, ef);
+      add(r, "hnswlib", absl::StrFormat("M=%d,ef=%d", absl::GetFlag(FLAGS_hnsw_m), ef),
+          index.first);
+      if (r.recall > 0.995) break;
+    }
+    if (absl::GetFlag(FLAGS_ood_gap) && ds.key_queries.rows > 0) {
+      // The same graph, the same budget: key queries (in distribution) vs
+      // attention queries (out of distribution).
+      const auto key_truth = Truth(ds.keys, ds.key_queries, k, pool_);
+      std::printf("\n  OOD gap, hnswlib M=%d (recall@%d at equal ef):\n", absl::GetFlag(FLAGS_hnsw_m),
+                  k);
+      std::printf("  %8s %14s %14s %16s %16s\n", "ef", "key queries", "attn queries",
+                  "key scanned %", "attn scanned %");
+      for (int ef : {k, 2 * k, 4 * k}) {
+        Row key_r = MeasureHnswlib(*index.second, ds.key_queries, key_truth, k, ef);
+        Row attn_r = MeasureHnswlib(*index.second, ds.test, truth, k, ef);
+        std::printf("  %8d %14.4f %14.4f %16.3f %16.3f\n", ef, key_r.recall, attn_r.recall,
+                    key_r.scanned_pct, attn_r.scanned_pct);
+        key_r.dataset = attn_r.dataset = ds.name;
+        key_r.n = attn_r.n = ds.keys.rows;
+        key_r.method = "hnswlib_key_queries";
+        attn_r.method = "hnswlib_attn_queries";
+        key_r.param = attn_r.param = absl::StrFormat("ef=%d", ef);
+        gap_rows_.push_back(key_r);
+        gap_rows_.push_back(attn_r);
+      }
+    }
+  }
+
+  using Hnsw = hnswlib::HierarchicalNSW<float>;
+  std::pair<double, std::unique_ptr<Hnsw>> BuildHnswlib(const Matrix& keys) {
+    space_ = std::make_unique<hnswlib::InnerProductSpace>(keys.cols);
+    auto index = std::make_unique<Hnsw>(space_.get(), keys.rows, absl::GetFlag(FLAGS_hnsw_m),
+                                        absl::GetFlag(FLAGS_hnsw_ef_construction));
+    const auto t0 = Clock::now();
+    index->addPoint(keys.row(0), 0);
+    pool_->ParallelFor(keys.rows - 1, 256, [&](size_t b, size_t e) {
+      for (size_t i = b; i < e; ++i) index->addPoint(keys.row(i + 1), i + 1);
+    });
+    return {Seconds(t0, Clock::now()), std::move(index)};
+  }
+
+  Row MeasureHnswlib(Hnsw& index, const Matrix& q, const std::vector<int64_t>& truth, int k,
+                     int ef) {
+    index.setEf(static_cast<size_t>(ef));
+    return Measure(q, truth, index.cur_element_count, k, [&](std::vector<int64_t>& ids) {
+      index.metric_distance_computations = 0;
+      for (size_t i = 0; i < q.rows; ++i) {
+        auto result = index.searchKnn(q.row(i), static_cast<size_t>(k));
+        // The priority queue pops worst first.
+        for (int j = k - 1; j >= 0; --j) {
+          ids[i * k + j] = result.empty() ? -1 : static_cast<int64_t>(result.top().second);
+          if (!result.empty()) result.pop();
+        }
+      }
+      return static_cast<int64_t>(index.metric_distance_computations.load());
+    });
+  }
+
+  // Single-head decode attention: Attend (graph top-k + partial attention)
+  // vs the exact scan over every key, at the cheapest beam that reached the
+  // target recall.
+  void RunAttention(const DataSet& ds, const index::AttentionGraphIndex& graph,
+                    const std::vector<Row>& rows, int k) {
+    int beam = 0;
+    for (const Row& r : rows) {
+      if (r.method == "graph" && r.recall >= absl::GetFlag(FLAGS_target_recall)) {
+        beam = std::stoi(r.param.substr(r.param.find("L=") + 2));
+        break;
+      }
+    }
+    if (beam == 0) beam = std::max(k, 1000);
+    const ValueMatrix values = ValueMatrix::FromFloat(DType::kBf16, ds.values.view());
+    const float scale = 1.0f / std::sqrt(static_cast<float>(ds.keys.cols));
+    const size_t nq = ds.test.rows;
+    Partials exact(nq, ds.values.cols), approx(nq, ds.values.cols);
+    auto t0 = Clock::now();
+    for (size_t i = 0; i < nq; ++i) {
+      if (auto s = ExactAttention(ds.test.view().rows_slice(i, 1), ds.keys.view(), values, scale,
+                                  exact.view().slice(i, 1));
+          !s.ok()) {
+        Fail(s);
+      }
+    }
+    const double exact_us = 1e6 * Seconds(t0, Clock::now()) / static_cast<double>(nq);
+    index::AttendParams ap;
+    ap.search.k = k;
+    ap.search.beam = beam;
+    ap.scale = scale;
+    index::AttendScratch scratch;
+    t0 = Clock::now();
+    for (size_t i = 0; i < nq; ++i) {
+      if (auto s = index::Attend(ds.test.view().rows_slice(i, 1), graph, values, ap,
+                                 approx.view().slice(i, 1), &scratch);
+          !s.ok()) {
+        Fail(s);
+      }
+    }
+    const double graph_us = 1e6 * Seconds(t0, Clock::now()) / static_cast<double>(nq);
+    double err_sum = 0, err_max = 0;
+    for (size_t i = 0; i < nq; ++i) {
+      double num = 0, den = 0;
+      for (size_t j = 0; j < ds.values.cols; ++j) {
+        const double e = exact.o.row(i)[j], a = approx.o.row(i)[j];
+        num += (a - e) * (a - e);
+        den += e * e;
+      }
+      const double rel = std::sqrt(num / std::max(den, 1e-30));
+      err_sum += rel;
+      err_max = std::max(err_max, rel);
+    }
+    std::printf("\n  single-head decode attention, N=%zu, values bf16, one thread:\n", ds.keys.rows);
+    std::printf("  %-34s %12s %10s %14s %14s\n", "method", "us/query", "speedup", "mean rel err",
+                "max rel err");
+    std::printf("  %-34s %12.1f %10s %14s %14s\n", "exact scan (all keys)", exact_us, "1.0x", "0",
+                "0");
+    std::printf("  %-34s %12.1f %9.1fx %14.5f %14.5f\n",
+                absl::StrFormat("graph top-%d, L=%d + partial attn", k, beam).c_str(), graph_us,
+                exact_us / graph_us, err_sum / nq, err_max);
+    Row ex;
+    ex.dataset = ds.name;
+    ex.n = ds.keys.rows;
+    ex.method = "attention_exact_scan";
+    ex.us_per_query = exact_us;
+    ex.scanned_pct = 100;
+    ex.recall = 1;
+    Row gr = ex;
+    gr.method = "attention_graph";
+    gr.param = absl::StrFormat("L=%d,mean_rel_err=%.5f,max_rel_err=%.5f", beam, err_sum / nq,
+                               err_max);
+    gr.us_per_query = graph_us;
+    gap_rows_.push_back(ex);
+    gap_rows_.push_back(gr);
+  }
+
+  void PrintTable(const std::vector<Row>& rows, int k) {
+    const double target = absl::GetFlag(FLAGS_target_recall);
+    std::printf("\n  cheapest setting per method reaching recall@%d >= %.2f:\n", k, target);
+    std::printf("  %-11s %-16s %10s %11s %11s %9s\n", "method", "param", "recall", "scanned %",
+                "us/query", "build s");
+    std::vector<std::string> seen;
+    for (const Row& r : rows) {
+      if (std::find(seen.begin(), seen.end(), r.method) != seen.end()) continue;
+      const Row* best = nullptr;
+      for (const Row& c : rows) {
+        if (c.method == r.method && c.recall >= target &&
+            (best == nullptr || c.scanned_pct < best->scanned_pct)) {
+          best = &c;
+        }
+      }
+      seen.push_back(r.method);
+      if (best == nullptr) {
+        std::printf("  %-11s %-16s %10s\n", r.method.c_str(), "(not reached)", "-");
+      } else {
+        std::printf("  %-11s %-16s %10.4f %11.3f %11.1f %9.2f\n", best->method.c_str(),
+                    best->param.c_str(), best->recall, best->scanned_pct, best->us_per_query,
+                    best->build_s);
+      }
+    }
+  }
+
+ public:
+  void WriteJson(const std::string& path) const {
+    std::ofstream f(path);
+    f << "[\n";
+    std::vector<Row> all = all_rows_;
+    all.insert(all.end(), gap_rows_.begin(), gap_rows_.end());
+    for (size_t i = 0; i < all.size(); ++i) {
+      const Row& r = all[i];
+      f << absl::StrFormat(
+          "  {\"dataset\": \"%s\", \"n\": %zu, \"method\": \"%s\", \"param\": \"%s\", "
+          "\"recall\": %.6f, \"scanned_pct\": %.6f, \"us_per_query\": %.3f, \"build_s\": %.3f}%s\n",
+          r.dataset, r.n, r.method, r.param, r.recall, r.scanned_pct, r.us_per_query, r.build_s,
+          i + 1 < all.size() ? "," : "");
+    }
+    f << "]\n";
+  }
+
+ private:
+  ThreadPool* pool_;
+  std::unique_ptr<hnswlib::InnerProductSpace> space_;
+  std::vector<Row> all_rows_;
+  std::vector<Row> gap_rows_;
+};
+
+DataSet Synthetic(size_t n, ThreadPool* pool) {
+  auto opts = AttentionDataPreset(absl::GetFlag(FLAGS_preset));
+  if (!opts.ok()) Fail(opts.status());
+  opts->n_keys = n + static_cast<size_t>(absl::GetFlag(FLAGS_n_test));  // tail: key queries
+  const int64_t n_train = absl::GetFlag(FLAGS_n_train);
+  opts->n_train = n_train < 0 ? std::min<size_t>(n, 65536) : static_cast<size_t>(n_train);
+  opts->n_test = static_cast<size_t>(absl::GetFlag(FLAGS_n_test));
+  opts->dim = static_cast<size_t>(absl::GetFlag(FLAGS_dim));
+  opts->seed = absl::GetFlag(FLAGS_seed);
+  const auto t0 = Clock::now();
+  auto data = GenerateAttentionData(*opts, pool);
+  if (!data.ok()) Fail(data.status());
+  DataSet ds;
+  ds.name = absl::StrFormat("synthetic-%s", absl::GetFlag(FLAGS_preset));
+  ds.keys = Rows(data->keys, 0, n);
+  ds.values = Rows(data->values, 0, n);
+  ds.key_queries = Rows(data->keys, n, opts->n_test);
+  // Training queries must come from positions of the kept keys.
+  size_t kept = 0;
+  while (kept < data->train_positions.size() &&
+         data->train_positions[kept] < static_cast<int64_t>(n)) {
+    ++kept;
+  }
+  ds.train = Rows(data->train_queries, 0, kept);
+  ds.test = std::move(data->test_queries);
+  std::printf("generated %s N=%zu in %.2f s\n", ds.name.c_str(), n, Seconds(t0, Clock::now()));
+  if (auto st = ComputeOodStats(ds.keys.view(), ds.test.view(), {}, pool); st.ok()) {
+    std::printf("%s\n", st->ToString().c_str());
+  }
+  return ds;
+}
+
+DataSet External(ThreadPool* pool) {
+  DataSet ds;
+  ds.name = "external";
+  auto load = [](const std::string& path, const char* flag) {
+    auto m = ReadMatrixFile(path);
+    if (!m.ok()) Fail(absl::InvalidArgumentError(absl::StrCat("--", flag, ": ", m.status().message())));
+    return std::move(*m);
+  };
+  ds.keys = load(absl::GetFlag(FLAGS_keys), "keys");
+  if (absl::GetFlag(FLAGS_queries).empty()) Fail(absl::InvalidArgumentError("--queries is required with --keys"));
+  ds.test = load(absl::GetFlag(FLAGS_queries), "queries");
+  if (!absl::GetFlag(FLAGS_train).empty()) ds.train = load(absl::GetFlag(FLAGS_train), "train");
+  if (ds.test.cols != ds.keys.cols || (ds.train.rows > 0 && ds.train.cols != ds.keys.cols)) {
+    Fail(absl::InvalidArgumentError(absl::StrFormat(
+        "dimension mismatch: keys d=%zu, queries d=%zu, train d=%zu", ds.keys.cols, ds.test.cols,
+        ds.train.cols)));
+  }
+  if (!absl::GetFlag(FLAGS_values).empty()) {
+    ds.values = load(absl::GetFlag(FLAGS_values), "values");
+    if (ds.values.rows != ds.keys.rows) {
+      Fail(absl::InvalidArgumentError(absl::StrFormat("--values has %zu rows, --keys has %zu",
+                                                      ds.values.rows, ds.keys.rows)));
+    }
+  } else {
+    ds.values = Matrix(ds.keys.rows, ds.keys.cols);
+    std::mt19937 rng(1);
+    std::normal_distribution<float> g;
+    for (float& v : ds.values.data) v = g(rng);
+  }
+  if (auto st = ComputeOodStats(ds.keys.view(), ds.test.view(), {}, pool); st.ok()) {
+    std::printf("%s\n", st->ToString().c_str());
+  }
+  return ds;
+}
+
+}  // namespace
+}  // namespace kvr::bench
+
+int main(int argc, char** argv) {
+  absl::SetProgramUsageMessage(
+      "Index benchmark: recall vs keys scanned vs latency on attention (OOD) queries.\n"
+      "  index_bench --sizes=131072,1048576\n"
+      "  index_bench --keys=keys.npy --queries=queries.npy --train=train.npy");
+  absl::ParseCommandLine(argc, argv);
+  using namespace kvr;
+  const int threads_flag = absl::GetFlag(FLAGS_threads);
+  const size_t threads = threads_flag > 0 ? static_cast<size_t>(threads_flag)
+                                          : std::max(1u, std::thread::hardware_concurrency());
+  ThreadPool pool(threads - 1);
+  std::printf("kvr index_bench: simd=%s, build threads=%zu, search threads=1\n",
+              simd::Active().name, threads);
+  bench::Runner runner(&pool);
+  if (!absl::GetFlag(FLAGS_keys).empty()) {
+    runner.Run(bench::External(&pool));
+  } else {
+    for (int n : bench::ParseInts(absl::GetFlag(FLAGS_sizes), "sizes")) {
+      runner.Run(bench::Synthetic(static_cast<size_t>(n), &pool));
+    }
+  }
+  if (!absl::GetFlag(FLAGS_json).empty()) runner.WriteJson(absl::GetFlag(FLAGS_json));
+  return 0;
+}

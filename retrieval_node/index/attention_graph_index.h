@@ -1,0 +1,124 @@
+// AttentionGraphIndex: the RetrievalAttention / RoarGraph-style index for
+// out-of-distribution (attention) queries.
+//
+// Build input: the keys plus, for a set of training queries (the prefill
+// queries, which the decode worker holds anyway), each query's exact top-t key
+// ids. The query->key bipartite neighbourhoods are projected onto key->key
+// edges (each query's best key links to the query's other neighbours),
+// occlusion-pruned to out-degree `degree`, completed with reverse edges, and
+// every key is linked in (searched from the entry point and connected) so all
+// keys are reachable. Search is best-first from the entry point with beam L.
+//
+// Keys appended after build (Add) are linked in incrementally the same way.
+// Search is const and thread-safe; Build uses the given pool.
+#pragma once
+
+#include <atomic>
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <span>
+#include <vector>
+
+#include "common/thread_pool.h"
+#include "retrieval_node/index/index.h"
+#include "retrieval_node/index/scratch_pool.h"
+
+namespace kvr::index {
+
+struct AttentionGraphOptions {
+  int degree = 32;           // M: maximum out-degree of a key (plus one connectivity edge)
+  int build_beam = 64;       // beam when linking keys in (coverage pass and Add)
+  int default_beam = 128;    // L used by Search when SearchParams::beam == 0
+  int entry_points = 16;     // keys every search starts from (most frequent in training top-k)
+  float prune_alpha = 1.0f;  // occlusion: drop c if alpha * d(s, c) < d(p, c) for a kept s
+  bool saturate = true;      // fill rows up to `degree` with the nearest pruned candidates
+};
+
+// Checks option ranges; InvalidArgument names the field and its limits.
+absl::Status ValidateGraphOptions(const AttentionGraphOptions& options);
+
+class AttentionGraphIndex final : public KeyIndex {
+ public:
+  // Builds over `keys` (n x d, finite). `train_topk` is row-major
+  // (train_topk.size() / topk_width rows of topk_width key ids, best first;
+  // id -1 pads short rows). `pool` may be null (single thread).
+  static absl::StatusOr<std::unique_ptr<AttentionGraphIndex>> Build(
+      ConstMatrixView keys, std::span<const int64_t> train_topk, size_t topk_width,
+      const AttentionGraphOptions& options, ThreadPool* pool);
+
+  // Builds after computing each training query's exact top-`train_k` keys by a
+  // flat scan (what the worker does on the GPU during prefill).
+  static absl::StatusOr<std::unique_ptr<AttentionGraphIndex>> BuildFromQueries(
+      ConstMatrixView keys, ConstMatrixView train_queries, int train_k,
+      const AttentionGraphOptions& options, ThreadPool* pool);
+
+  static absl::StatusOr<std::unique_ptr<AttentionGraphIndex>> Deserialize(const OpenedBlob& blob);
+
+  IndexKind kind() const override { return IndexKind::kAttentionGraph; }
+  size_t dim() const override { return dim_; }
+  size_t size() const override { return n_; }
+  absl::Status Search(ConstMatrixView queries, const SearchParams& params,
+                      std::span<int64_t> ids, std::span<float> scores,
+                      SearchStats* stats = nullptr) const override;
+  absl::Status Add(ConstMatrixView keys) override;
+  size_t MemoryBytes() const override;
+  absl::Status Serialize(std::vector<uint8_t>* out) const override;
+  ConstMatrixView keys() const override { return ConstMatrixView(keys_.data(), n_, dim_); }
+
+  ~AttentionGraphIndex() override;
+
+  const AttentionGraphOptions& options() const { return options_; }
+  // Out-neighbours of key `id`, the connectivity edge included (diagnostics).
+  std::vector<uint32_t> neighbors(uint32_t id) const;
+  std::span<const uint32_t> entry_points() const { return entries_; }
+  // Whether every key is reachable from the entry points (an invariant that
+  // Build and Add keep; tests check it).
+  bool AllReachable() const;
+
+ private:
+  struct Scratch;
+  class ScratchLease;
+  // A candidate edge target and its squared L2 distance to the edge's source.
+  struct Cand {
+    float dist;
+    uint32_t id;
+    bool operator<(const Cand& o) const { return dist < o.dist || (dist == o.dist && id < o.id); }
+  };
+  enum class Metric { kIp, kL2 };
+
+  AttentionGraphIndex(size_t dim, const AttentionGraphOptions& options);
+
+  const float* key(uint32_t id) const { return keys_.data() + static_cast<size_t>(id) * dim_; }
+  uint32_t* row(uint32_t id) { return adjacency_.data() + static_cast<size_t>(id) * stride_; }
+  const uint32_t* row(uint32_t id) const {
+    return adjacency_.data() + static_cast<size_t>(id) * stride_;
+  }
+  std::span<const uint32_t> RegularNeighbors(uint32_t id) const;
+  float L2(uint32_t a, uint32_t b) const;
+
+  template <Metric kMetric>
+  void SearchOne(const float* q, size_t beam_width, Scratch* s,
+                 int64_t* distance_computations) const;
+
+  void BuildGraph(std::span<const int64_t> train_topk, size_t topk_width, ThreadPool* pool);
+  void ChooseEntries(std::span<const uint32_t> in_topk_count);
+  void Prune(uint32_t source, std::vector<Cand>* cands, std::vector<uint32_t>* out) const;
+  void SetNeighbors(uint32_t id, std::span<const uint32_t> nbrs);
+  void AddReverseEdges(ThreadPool* pool);
+  std::vector<uint8_t> Reachable() const;
+  void LinkKey(uint32_t id, std::vector<Cand>* cands);
+  bool TrySetRepairEdge(uint32_t source, uint32_t target);
+  void LinkUnreachable(ThreadPool* pool);
+
+  size_t dim_;
+  size_t n_ = 0;
+  AttentionGraphOptions options_;
+  size_t stride_;                    // degree + 1: regular edges, then the connectivity edge
+  std::vector<float> keys_;          // n x dim
+  std::vector<uint32_t> adjacency_;  // n x stride_; regular edges kNone-terminated
+  std::vector<uint32_t> entries_;    // entry points, best first
+  std::unique_ptr<ScratchPool<Scratch>> scratch_;
+};
+
+}  // namespace kvr::index

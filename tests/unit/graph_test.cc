@@ -1,0 +1,248 @@
+// AttentionGraphIndex: recall floors against the exact oracle on
+// out-of-distribution queries, reachability, appends, determinism,
+// serialization and bad input.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <random>
+#include <set>
+
+#include "common/tensor.h"
+#include "common/thread_pool.h"
+#include "retrieval_node/index/attention_graph_index.h"
+#include "retrieval_node/index/flat_index.h"
+#include "tools/attention_data.h"
+
+namespace kvr::index {
+namespace {
+
+// Keys, prefill (training) queries and decode queries of one attention head
+// from the out-of-distribution generator (different means, outlier channels,
+// anisotropic spectrum, RoPE; decode queries at later positions).
+struct Data {
+  Matrix keys, train, test;
+};
+
+Data MakeData(size_t n, size_t n_train, size_t n_test, size_t d, uint32_t seed) {
+  AttentionDataOptions o;
+  o.n_keys = n;
+  o.n_train = n_train;
+  o.n_test = n_test;
+  o.dim = d;
+  o.seed = seed;
+  auto gen = GenerateAttentionData(o);
+  KVR_CHECK(gen.ok());
+  return {std::move(gen->keys), std::move(gen->train_queries), std::move(gen->test_queries)};
+}
+
+std::vector<int64_t> ExactIds(const Matrix& keys, const Matrix& q, int k) {
+  std::vector<int64_t> ids(q.rows * k);
+  std::vector<float> scores(q.rows * k);
+  EXPECT_TRUE(ExactTopK(keys.view(), q.view(), k, ids, scores, nullptr).ok());
+  return ids;
+}
+
+double Recall(const std::vector<int64_t>& truth, const std::vector<int64_t>& got, size_t rows,
+              size_t k) {
+  size_t hit = 0;
+  for (size_t i = 0; i < rows; ++i) {
+    std::set<int64_t> t(truth.begin() + i * k, truth.begin() + (i + 1) * k);
+    for (size_t j = 0; j < k; ++j) hit += t.count(got[i * k + j]);
+  }
+  return static_cast<double>(hit) / static_cast<double>(rows * k);
+}
+
+struct Result {
+  double recall;
+  double scanned_fraction;
+};
+
+Result Evaluate(const AttentionGraphIndex& index, const Matrix& test,
+                const std::vector<int64_t>& truth, int k, int beam) {
+  std::vector<int64_t> ids(test.rows * k);
+  std::vector<float> scores(test.rows * k);
+  SearchParams p;
+  p.k = k;
+  p.beam = beam;
+  SearchStats stats;
+  EXPECT_TRUE(index.Search(test.view(), p, ids, scores, &stats).ok());
+  return {Recall(truth, ids, test.rows, k),
+          static_cast<double>(stats.distance_computations) /
+              static_cast<double>(stats.queries * index.size())};
+}
+
+class GraphTest : public ::testing::Test {
+ protected:
+  static void SetUpTestSuite() {
+    data_ = new Data(MakeData(16384, 4096, 200, 64, 7));
+    pool_ = new ThreadPool(2);
+  }
+  static void TearDownTestSuite() {
+    delete data_;
+    delete pool_;
+  }
+  static Data* data_;
+  static ThreadPool* pool_;
+};
+Data* GraphTest::data_ = nullptr;
+ThreadPool* GraphTest::pool_ = nullptr;
+
+TEST_F(GraphTest, RecallFloorAtSmallBeamWhileScanningFewKeys) {
+  AttentionGraphOptions o;
+  auto index = AttentionGraphIndex::BuildFromQueries(data_->keys.view(), data_->train.view(), 32,
+                                                     o, pool_);
+  ASSERT_TRUE(index.ok()) << index.status();
+  EXPECT_TRUE((*index)->AllReachable());
+  const auto truth = ExactIds(data_->keys, data_->test, 10);
+  const Result r = Evaluate(**index, data_->test, truth, 10, 32);
+  // A random graph of the same degree cannot reach 0.9 recall@10 while
+  // touching under 15% of the keys; the attention graph must.
+  EXPECT_GE(r.recall, 0.9) << "scanned " << r.scanned_fraction;
+  EXPECT_LE(r.scanned_fraction, 0.15) << "recall " << r.recall;
+  // Wider beams never lose recall here.
+  const Result wide = Evaluate(**index, data_->test, truth, 10, 128);
+  EXPECT_GE(wide.recall, r.recall - 1e-9);
+  EXPECT_GE(wide.recall, 0.97);
+}
+
+TEST_F(GraphTest, BuildIsIndependentOfThreadCount) {
+  AttentionGraphOptions o;
+  o.degree = 16;
+  const auto truth_topk = ExactIds(data_->keys, data_->train, 16);
+  auto a = AttentionGraphIndex::Build(data_->keys.view(), truth_topk, 16, o, nullptr);
+  auto b = AttentionGraphIndex::Build(data_->keys.view(), truth_topk, 16, o, pool_);
+  ASSERT_TRUE(a.ok() && b.ok());
+  for (uint32_t i = 0; i < (*a)->size(); ++i) ASSERT_EQ((*a)->neighbors(i), (*b)->neighbors(i));
+}
+
+TEST_F(GraphTest, AppendedKeysAreReachableAndRetrievable) {
+  const size_t base = 12288;
+  Matrix head(base, data_->keys.cols);
+  std::copy(data_->keys.data.begin(), data_->keys.data.begin() + base * head.cols,
+            head.data.begin());
+  Matrix tail(data_->keys.rows - base, data_->keys.cols);
+  std::copy(data_->keys.data.begin() + base * head.cols, data_->keys.data.end(),
+            tail.data.begin());
+  // Training queries only know the head: the tail is linked in by Add.
+  auto index = AttentionGraphIndex::BuildFromQueries(head.view(), data_->train.view(), 32,
+                                                     AttentionGraphOptions{}, pool_);
+  ASSERT_TRUE(index.ok());
+  ASSERT_TRUE((*index)->Add(tail.view()).ok());
+  ASSERT_EQ((*index)->size(), data_->keys.rows);
+  EXPECT_TRUE((*index)->AllReachable());
+  const auto truth = ExactIds(data_->keys, data_->test, 10);
+  size_t truth_in_tail = 0;
+  for (int64_t id : truth) truth_in_tail += id >= static_cast<int64_t>(base);
+  ASSERT_GT(truth_in_tail, truth.size() / 10) << "the test must exercise appended keys";
+  const Result r = Evaluate(**index, data_->test, truth, 10, 64);
+  EXPECT_GE(r.recall, 0.9);
+}
+
+TEST_F(GraphTest, WithoutTrainingQueriesStillReachesEveryKey) {
+  auto index = AttentionGraphIndex::Build(data_->keys.view().rows_slice(0, 4096), {}, 0,
+                                          AttentionGraphOptions{}, pool_);
+  ASSERT_TRUE(index.ok());
+  EXPECT_TRUE((*index)->AllReachable());
+  Matrix keys(4096, data_->keys.cols);
+  std::copy(data_->keys.data.begin(), data_->keys.data.begin() + keys.data.size(),
+            keys.data.begin());
+  const auto truth = ExactIds(keys, data_->test, 10);
+  EXPECT_GE(Evaluate(**index, data_->test, truth, 10, 128).recall, 0.8);
+}
+
+TEST_F(GraphTest, SerializeRoundTripGivesIdenticalResults) {
+  auto index = AttentionGraphIndex::BuildFromQueries(
+      data_->keys.view().rows_slice(0, 2048), data_->train.view().rows_slice(0, 512), 16,
+      AttentionGraphOptions{}, pool_);
+  ASSERT_TRUE(index.ok());
+  std::vector<uint8_t> blob;
+  ASSERT_TRUE((*index)->Serialize(&blob).ok());
+  auto loaded = LoadIndex(blob);
+  ASSERT_TRUE(loaded.ok()) << loaded.status();
+  ASSERT_EQ((*loaded)->kind(), IndexKind::kAttentionGraph);
+  const int k = 10;
+  std::vector<int64_t> ids_a(data_->test.rows * k), ids_b(ids_a.size());
+  std::vector<float> sc_a(ids_a.size()), sc_b(ids_a.size());
+  SearchParams p;
+  p.k = k;
+  ASSERT_TRUE((*index)->Search(data_->test.view(), p, ids_a, sc_a).ok());
+  ASSERT_TRUE((*loaded)->Search(data_->test.view(), p, ids_b, sc_b).ok());
+  EXPECT_EQ(ids_a, ids_b);
+  EXPECT_EQ(sc_a, sc_b);
+
+  // Flipping any byte of the payload is caught by the checksum; truncation
+  // at any length is rejected.
+  for (size_t pos = 0; pos < blob.size(); pos += 97) {
+    auto bad = blob;
+    bad[pos] ^= 0x5a;
+    EXPECT_FALSE(LoadIndex(bad).ok()) << "byte " << pos;
+  }
+  for (size_t len = 0; len < blob.size(); len += 131) {
+    EXPECT_FALSE(LoadIndex(std::span<const uint8_t>(blob.data(), len)).ok()) << "len " << len;
+  }
+}
+
+TEST_F(GraphTest, BadInputIsInvalidArgument) {
+  const auto keys = data_->keys.view().rows_slice(0, 256);
+  std::vector<int64_t> topk = {0, 1, 256};  // 256 is out of range
+  auto bad_ids = AttentionGraphIndex::Build(keys, topk, 3, AttentionGraphOptions{}, nullptr);
+  EXPECT_EQ(bad_ids.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(bad_ids.status().message().find("train_topk[2]=256"), std::string::npos)
+      << bad_ids.status();
+
+  auto ragged = AttentionGraphIndex::Build(keys, std::vector<int64_t>{0, 1, 2}, 2,
+                                           AttentionGraphOptions{}, nullptr);
+  EXPECT_EQ(ragged.status().code(), absl::StatusCode::kInvalidArgument);
+
+  AttentionGraphOptions o;
+  o.degree = 1;
+  auto bad_degree = AttentionGraphIndex::Build(keys, {}, 0, o, nullptr);
+  EXPECT_EQ(bad_degree.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(bad_degree.status().message().find("degree=1"), std::string::npos);
+
+  Matrix nan_keys(4, keys.cols());
+  nan_keys.row(2)[3] = std::nanf("");
+  EXPECT_EQ(AttentionGraphIndex::Build(nan_keys.view(), {}, 0, AttentionGraphOptions{}, nullptr)
+                .status()
+                .code(),
+            absl::StatusCode::kInvalidArgument);
+
+  auto index = AttentionGraphIndex::Build(keys, {}, 0, AttentionGraphOptions{}, nullptr);
+  ASSERT_TRUE(index.ok());
+  std::vector<int64_t> ids(300);
+  std::vector<float> scores(300);
+  SearchParams p;
+  Matrix q(1, keys.cols());
+  p.k = 257;  // > n
+  EXPECT_EQ((*index)->Search(q.view(), p, ids, scores).code(), absl::StatusCode::kInvalidArgument);
+  p.k = 0;
+  EXPECT_EQ((*index)->Search(q.view(), p, ids, scores).code(), absl::StatusCode::kInvalidArgument);
+  p.k = 5;
+  Matrix wrong_dim(1, keys.cols() + 1);
+  EXPECT_EQ((*index)->Search(wrong_dim.view(), p, ids, scores).code(),
+            absl::StatusCode::kInvalidArgument);
+  q.row(0)[0] = std::numeric_limits<float>::infinity();
+  EXPECT_EQ((*index)->Search(q.view(), p, ids, scores).code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ((*index)->Add(wrong_dim.view()).code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ((*index)->size(), 256u) << "a rejected Add must not change the index";
+
+  auto empty = AttentionGraphIndex::Build(Matrix(0, 8).view(), {}, 0, AttentionGraphOptions{},
+                                          nullptr);
+  ASSERT_TRUE(empty.ok());
+  Matrix q8(1, 8);
+  p.k = 1;
+  EXPECT_EQ((*empty)->Search(q8.view(), p, ids, scores).code(),
+            absl::StatusCode::kInvalidArgument);
+  // An empty index accepts keys later.
+  Matrix some(100, 8);
+  std::mt19937 rng(3);
+  std::normal_distribution<float> g;
+  for (float& x : some.data) x = g(rng);
+  ASSERT_TRUE((*empty)->Add(some.view()).ok());
+  EXPECT_TRUE((*empty)->AllReachable());
+  EXPECT_TRUE((*empty)->Search(q8.view(), p, ids, scores).ok());
+}
+
+}  // namespace
+}  // namespace kvr::index
