@@ -1,0 +1,463 @@
+#include "gpu_worker/backend/cpu/cpu_backend.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+#include <thread>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "common/simd/kernels.h"
+#include "common/status.h"
+#include "common/thread_pool.h"
+
+namespace kvr::worker {
+namespace {
+
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+std::string ShapeStr(const Tensor& t) {
+  return absl::StrCat("[", t.rows(), " x ", t.cols(), " ", DTypeName(t.dtype()), "]");
+}
+
+// Grows a thread-local scratch vector to at least n floats; steady state
+// reuses it.
+float* Scratch(std::vector<float>& v, size_t n) {
+  if (v.size() < n) v.resize(n);
+  return v.data();
+}
+
+class CpuBackend final : public Backend {
+ public:
+  explicit CpuBackend(int threads)
+      : threads_(threads), pool_(static_cast<size_t>(threads - 1)), k_(simd::Active()) {}
+
+  std::string_view name() const override { return "cpu"; }
+
+  absl::StatusOr<Tensor> Allocate(DType dtype, int64_t rows, int64_t cols) override {
+    if (rows < 0 || cols < 0) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("Allocate: negative shape [", rows, " x ", cols, "]"));
+    }
+    size_t bytes = 0;
+    if (__builtin_mul_overflow(static_cast<size_t>(rows), static_cast<size_t>(cols), &bytes) ||
+        __builtin_mul_overflow(bytes, DTypeSize(dtype), &bytes) ||
+        bytes > std::numeric_limits<size_t>::max() - 64) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("Allocate: [", rows, " x ", cols, "] overflows size_t"));
+    }
+    const size_t padded = std::max<size_t>(64, (bytes + 63) / 64 * 64);
+    void* p = std::aligned_alloc(64, padded);
+    if (p == nullptr) {
+      return absl::ResourceExhaustedError(
+          absl::StrCat("Allocate: cannot allocate ", padded, " bytes"));
+    }
+    std::memset(p, 0, padded);
+    std::shared_ptr<void> storage(p, [](void* q) { std::free(q); });
+    return Tensor(this, std::move(storage), p, dtype, rows, cols);
+  }
+
+  absl::StatusOr<Tensor> ImportHost(const HostTensor& host,
+                                    std::shared_ptr<const void> keepalive) override {
+    if (host.rows < 0 || host.cols < 0 || (host.data == nullptr && host.numel() != 0)) {
+      return absl::InvalidArgumentError("ImportHost: bad host tensor");
+    }
+    return Tensor(this, std::const_pointer_cast<void>(std::move(keepalive)),
+                  const_cast<void*>(host.data), host.dtype, host.rows, host.cols);
+  }
+
+  absl::Status Upload(std::span<const std::byte> src, const Tensor& dst) override {
+    KVR_RETURN_IF_ERROR(Mine(dst, "Upload dst"));
+    if (src.size() != dst.bytes()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("Upload: ", src.size(), " bytes into tensor of ", dst.bytes()));
+    }
+    if (!src.empty()) std::memcpy(dst.data(), src.data(), src.size());
+    return absl::OkStatus();
+  }
+
+  absl::Status Download(const Tensor& src, std::span<std::byte> dst) override {
+    KVR_RETURN_IF_ERROR(Mine(src, "Download src"));
+    if (dst.size() != src.bytes()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("Download: tensor of ", src.bytes(), " bytes into ", dst.size()));
+    }
+    if (!dst.empty()) std::memcpy(dst.data(), src.data(), dst.size());
+    return absl::OkStatus();
+  }
+
+  absl::Status Synchronize() override { return absl::OkStatus(); }
+
+  absl::Status Embedding(const Tensor& table, std::span<const int32_t> tokens,
+                         const Tensor& out) override {
+    KVR_RETURN_IF_ERROR(Mine(table, "Embedding table"));
+    KVR_RETURN_IF_ERROR(
+        F32(out, "Embedding out", static_cast<int64_t>(tokens.size()), table.cols()));
+    const size_t d = static_cast<size_t>(table.cols());
+    for (size_t i = 0; i < tokens.size(); ++i) {
+      const int32_t t = tokens[i];
+      if (t < 0 || t >= table.rows()) {
+        return absl::InvalidArgumentError(absl::StrCat("Embedding: token ", t, " at index ", i,
+                                                       " outside vocab [0, ", table.rows(), ")"));
+      }
+      float* dst = out.data_as<float>() + i * d;
+      switch (table.dtype()) {
+        case DType::kF32:
+          std::memcpy(dst, table.data_as<const float>() + t * d, d * sizeof(float));
+          break;
+        case DType::kBF16:
+          k_.bf16_to_fp32(table.data_as<const uint16_t>() + t * d, dst, d);
+          break;
+        case DType::kF16:
+          k_.fp16_to_fp32(table.data_as<const uint16_t>() + t * d, dst, d);
+          break;
+      }
+    }
+    return absl::OkStatus();
+  }
+
+  absl::Status RmsNorm(const Tensor& x, const Tensor& weight, float eps,
+                       const Tensor& out) override {
+    KVR_RETURN_IF_ERROR(F32(x, "RmsNorm x", -1, -1));
+    KVR_RETURN_IF_ERROR(F32(weight, "RmsNorm weight", 1, x.cols()));
+    KVR_RETURN_IF_ERROR(F32(out, "RmsNorm out", x.rows(), x.cols()));
+    const size_t d = static_cast<size_t>(x.cols());
+    const float* w = weight.data_as<const float>();
+    For(static_cast<size_t>(x.rows()), 1, [&](size_t b, size_t e) {
+      for (size_t i = b; i < e; ++i) {
+        const float* xi = x.data_as<const float>() + i * d;
+        float* oi = out.data_as<float>() + i * d;
+        const float ss = k_.dot(xi, xi, d) / static_cast<float>(d) + eps;
+        const float inv = 1.0f / std::sqrt(ss);
+        for (size_t j = 0; j < d; ++j) oi[j] = w[j] * (inv * xi[j]);
+      }
+    });
+    return absl::OkStatus();
+  }
+
+  absl::Status MatMul(const Tensor& x, const Tensor& w, const Tensor& y) override {
+    KVR_RETURN_IF_ERROR(F32(x, "MatMul x", -1, -1));
+    KVR_RETURN_IF_ERROR(Mine(w, "MatMul w"));
+    if (w.cols() != x.cols()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("MatMul: x ", ShapeStr(x), " vs w ", ShapeStr(w), ": inner dims differ"));
+    }
+    if (w.dtype() == DType::kF16) {
+      return absl::UnimplementedError("MatMul: f16 weights are not supported on cpu yet");
+    }
+    KVR_RETURN_IF_ERROR(F32(y, "MatMul y", x.rows(), w.rows()));
+    if (y.data() == x.data() && y.numel() != 0) {
+      return absl::InvalidArgumentError("MatMul: y aliases x");
+    }
+    const size_t n = static_cast<size_t>(x.rows());
+    const size_t in = static_cast<size_t>(x.cols());
+    const size_t out = static_cast<size_t>(w.rows());
+    const float* xd = x.data_as<const float>();
+    float* yd = y.data_as<float>();
+    const bool bf16 = w.dtype() == DType::kBF16;
+    // Split the output features across threads; every W row is read once and
+    // reused for all n tokens.
+    const size_t grain = std::max<size_t>(1, out / (static_cast<size_t>(threads_) * 4));
+    For(out, grain, [&](size_t b, size_t e) {
+      for (size_t o = b; o < e; ++o) {
+        if (bf16) {
+          const uint16_t* wr = w.data_as<const uint16_t>() + o * in;
+          for (size_t i = 0; i < n; ++i) yd[i * out + o] = k_.dot_bf16(xd + i * in, wr, in);
+        } else {
+          const float* wr = w.data_as<const float>() + o * in;
+          for (size_t i = 0; i < n; ++i) yd[i * out + o] = k_.dot(xd + i * in, wr, in);
+        }
+      }
+    });
+    return absl::OkStatus();
+  }
+
+  absl::Status Rope(const Tensor& x, int n_heads, int head_dim, std::span<const int32_t> positions,
+                    const Tensor& inv_freq, RopeStyle style) override {
+    if (n_heads <= 0 || head_dim <= 0 || head_dim % 2 != 0) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("Rope: bad head layout n_heads=", n_heads, " head_dim=", head_dim));
+    }
+    KVR_RETURN_IF_ERROR(
+        F32(x, "Rope x", static_cast<int64_t>(positions.size()), int64_t{n_heads} * head_dim));
+    KVR_RETURN_IF_ERROR(F32(inv_freq, "Rope inv_freq", 1, head_dim / 2));
+    const size_t half = static_cast<size_t>(head_dim / 2);
+    const size_t cols = static_cast<size_t>(x.cols());
+    const float* freq = inv_freq.data_as<const float>();
+    For(positions.size(), 1, [&](size_t b, size_t e) {
+      thread_local std::vector<float> scratch;
+      float* cs = Scratch(scratch, 2 * half);
+      for (size_t i = b; i < e; ++i) {
+        const float pos = static_cast<float>(positions[i]);
+        for (size_t k = 0; k < half; ++k) {
+          const float angle = pos * freq[k];
+          cs[2 * k] = std::cos(angle);
+          cs[2 * k + 1] = std::sin(angle);
+        }
+        float* row = x.data_as<float>() + i * cols;
+        for (int h = 0; h < n_heads; ++h) {
+          float* v = row + static_cast<size_t>(h) * head_dim;
+          for (size_t k = 0; k < half; ++k) {
+            const size_t a = style == RopeStyle::kInterleaved ? 2 * k : k;
+            const size_t c = style == RopeStyle::kInterleaved ? 2 * k + 1 : k + half;
+            const float v0 = v[a], v1 = v[c];
+            v[a] = v0 * cs[2 * k] - v1 * cs[2 * k + 1];
+            v[c] = v0 * cs[2 * k + 1] + v1 * cs[2 * k];
+          }
+        }
+      }
+    });
+    return absl::OkStatus();
+  }
+
+  absl::Status SwiGlu(const Tensor& gate, const Tensor& up, const Tensor& out) override {
+    KVR_RETURN_IF_ERROR(F32(gate, "SwiGlu gate", -1, -1));
+    KVR_RETURN_IF_ERROR(F32(up, "SwiGlu up", gate.rows(), gate.cols()));
+    KVR_RETURN_IF_ERROR(F32(out, "SwiGlu out", gate.rows(), gate.cols()));
+    const float* g = gate.data_as<const float>();
+    const float* u = up.data_as<const float>();
+    float* o = out.data_as<float>();
+    For(gate.numel(), 4096, [&](size_t b, size_t e) {
+      for (size_t i = b; i < e; ++i) {
+        float v = g[i];
+        v *= 1.0f / (1.0f + std::exp(-v));
+        o[i] = v * u[i];
+      }
+    });
+    return absl::OkStatus();
+  }
+
+  absl::Status Add(const Tensor& x, const Tensor& y) override {
+    KVR_RETURN_IF_ERROR(F32(x, "Add x", -1, -1));
+    KVR_RETURN_IF_ERROR(F32(y, "Add y", x.rows(), x.cols()));
+    float* a = x.data_as<float>();
+    const float* b = y.data_as<const float>();
+    for (size_t i = 0, n = x.numel(); i < n; ++i) a[i] += b[i];
+    return absl::OkStatus();
+  }
+
+  absl::Status Attention(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache,
+                         const AttentionShape& shape, int64_t first_pos,
+                         const Tensor& out) override {
+    KVR_RETURN_IF_ERROR(CheckAttention(q, k_cache, v_cache, shape, "Attention"));
+    KVR_RETURN_IF_ERROR(F32(out, "Attention out", q.rows(), q.cols()));
+    if (out.data() == q.data() && out.numel() != 0) {
+      return absl::InvalidArgumentError("Attention: out aliases q");
+    }
+    if (first_pos < 0 || first_pos + q.rows() > k_cache.rows()) {
+      return absl::InvalidArgumentError(absl::StrCat("Attention: positions [", first_pos, ", ",
+                                                     first_pos + q.rows(), ") exceed the cache's ",
+                                                     k_cache.rows(), " rows"));
+    }
+    Attend(q, k_cache, v_cache, shape, first_pos, 0, first_pos + q.rows(), out.data_as<float>(),
+           nullptr, nullptr);
+    return absl::OkStatus();
+  }
+
+  absl::Status PartialAttention(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache,
+                                const AttentionShape& shape, int64_t first_pos, int64_t key_begin,
+                                int64_t key_end, const Tensor& o, const Tensor& m,
+                                const Tensor& l) override {
+    KVR_RETURN_IF_ERROR(CheckAttention(q, k_cache, v_cache, shape, "PartialAttention"));
+    KVR_RETURN_IF_ERROR(F32(o, "PartialAttention o", q.rows(), q.cols()));
+    KVR_RETURN_IF_ERROR(F32(m, "PartialAttention m", q.rows(), shape.n_heads));
+    KVR_RETURN_IF_ERROR(F32(l, "PartialAttention l", q.rows(), shape.n_heads));
+    if (key_begin < 0 || key_begin > key_end || key_end > k_cache.rows()) {
+      return absl::InvalidArgumentError(absl::StrCat("PartialAttention: key range [", key_begin,
+                                                     ", ", key_end, ") outside the cache's ",
+                                                     k_cache.rows(), " rows"));
+    }
+    if (first_pos < 0) {
+      return absl::InvalidArgumentError("PartialAttention: negative first_pos");
+    }
+    Attend(q, k_cache, v_cache, shape, first_pos, key_begin, key_end, o.data_as<float>(),
+           m.data_as<float>(), l.data_as<float>());
+    return absl::OkStatus();
+  }
+
+  absl::Status MergeAttention(const Tensor& o, const Tensor& m, const Tensor& l, const Tensor& o2,
+                              const Tensor& m2, const Tensor& l2, int head_dim) override {
+    KVR_RETURN_IF_ERROR(F32(m, "MergeAttention m", -1, -1));
+    const int64_t n = m.rows(), heads = m.cols();
+    if (head_dim <= 0) return absl::InvalidArgumentError("MergeAttention: head_dim <= 0");
+    KVR_RETURN_IF_ERROR(F32(l, "MergeAttention l", n, heads));
+    KVR_RETURN_IF_ERROR(F32(m2, "MergeAttention m2", n, heads));
+    KVR_RETURN_IF_ERROR(F32(l2, "MergeAttention l2", n, heads));
+    KVR_RETURN_IF_ERROR(F32(o, "MergeAttention o", n, heads * head_dim));
+    KVR_RETURN_IF_ERROR(F32(o2, "MergeAttention o2", n, heads * head_dim));
+    const size_t hd = static_cast<size_t>(head_dim);
+    for (size_t r = 0; r < static_cast<size_t>(n * heads); ++r) {
+      float& ma = m.data_as<float>()[r];
+      float& la = l.data_as<float>()[r];
+      const float mb = m2.data_as<const float>()[r];
+      const float lb = l2.data_as<const float>()[r];
+      float* oa = o.data_as<float>() + r * hd;
+      const float* ob = o2.data_as<const float>() + r * hd;
+      if (lb == 0.0f) continue;
+      if (la == 0.0f) {
+        std::memcpy(oa, ob, hd * sizeof(float));
+        ma = mb;
+        la = lb;
+        continue;
+      }
+      const float mx = std::max(ma, mb);
+      const float wa = la * std::exp(ma - mx);
+      const float wb = lb * std::exp(mb - mx);
+      const float total = wa + wb;
+      const float ca = wa / total, cb = wb / total;
+      for (size_t j = 0; j < hd; ++j) oa[j] = oa[j] * ca + ob[j] * cb;
+      ma = mx;
+      la = total;
+    }
+    return absl::OkStatus();
+  }
+
+  absl::Status Softmax(const Tensor& x, float temperature) override {
+    KVR_RETURN_IF_ERROR(F32(x, "Softmax x", -1, -1));
+    if (!(temperature > 0.0f)) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("Softmax: temperature ", temperature, " must be > 0"));
+    }
+    const size_t v = static_cast<size_t>(x.cols());
+    const float inv_t = 1.0f / temperature;
+    for (int64_t i = 0; i < x.rows(); ++i) {
+      float* row = x.data_as<float>() + i * v;
+      if (inv_t != 1.0f) {
+        for (size_t j = 0; j < v; ++j) row[j] *= inv_t;
+      }
+      const float mx = k_.max(row, v);
+      const float sum = k_.exp_shift_sum(row, mx, row, v);
+      const float inv = 1.0f / sum;
+      for (size_t j = 0; j < v; ++j) row[j] *= inv;
+    }
+    return absl::OkStatus();
+  }
+
+  absl::Status Argmax(const Tensor& x, std::span<int32_t> out) override {
+    KVR_RETURN_IF_ERROR(F32(x, "Argmax x", static_cast<int64_t>(out.size()), -1));
+    if (x.cols() == 0) return absl::InvalidArgumentError("Argmax: empty rows");
+    const size_t v = static_cast<size_t>(x.cols());
+    for (size_t i = 0; i < out.size(); ++i) {
+      const float* row = x.data_as<const float>() + i * v;
+      size_t best = 0;
+      for (size_t j = 1; j < v; ++j) {
+        if (row[j] > row[best]) best = j;
+      }
+      out[i] = static_cast<int32_t>(best);
+    }
+    return absl::OkStatus();
+  }
+
+ private:
+  template <typename Fn>
+  void For(size_t n, size_t grain, const Fn& fn) {
+    if (threads_ <= 1 || n <= grain) {
+      fn(size_t{0}, n);
+      return;
+    }
+    pool_.ParallelFor(n, grain, fn);
+  }
+
+  absl::Status Mine(const Tensor& t, absl::string_view what) const {
+    if (t.owner() != this) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(what, ": tensor does not belong to this cpu backend"));
+    }
+    return absl::OkStatus();
+  }
+
+  // An f32 tensor of this backend; rows/cols < 0 accept any.
+  absl::Status F32(const Tensor& t, absl::string_view what, int64_t rows, int64_t cols) const {
+    KVR_RETURN_IF_ERROR(Mine(t, what));
+    if (t.dtype() != DType::kF32 || (rows >= 0 && t.rows() != rows) ||
+        (cols >= 0 && t.cols() != cols)) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          what, ": got ", ShapeStr(t), ", want [", rows < 0 ? std::string("*") : absl::StrCat(rows),
+          " x ", cols < 0 ? std::string("*") : absl::StrCat(cols), " f32]"));
+    }
+    return absl::OkStatus();
+  }
+
+  absl::Status CheckAttention(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache,
+                              const AttentionShape& shape, absl::string_view op) const {
+    if (shape.n_heads <= 0 || shape.n_kv_heads <= 0 || shape.head_dim <= 0 ||
+        shape.n_heads % shape.n_kv_heads != 0) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(op, ": bad head layout n_heads=", shape.n_heads,
+                       " n_kv_heads=", shape.n_kv_heads, " head_dim=", shape.head_dim));
+    }
+    KVR_RETURN_IF_ERROR(F32(q, absl::StrCat(op, " q"), -1, shape.q_cols()));
+    KVR_RETURN_IF_ERROR(F32(k_cache, absl::StrCat(op, " k_cache"), -1, shape.kv_cols()));
+    KVR_RETURN_IF_ERROR(
+        F32(v_cache, absl::StrCat(op, " v_cache"), k_cache.rows(), shape.kv_cols()));
+    return absl::OkStatus();
+  }
+
+  // Softmax attention of every (query, head) over keys [key_begin, key_end)
+  // that are also <= first_pos + query index. Writes normalized o; m and l
+  // when non-null.
+  void Attend(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache,
+              const AttentionShape& shape, int64_t first_pos, int64_t key_begin, int64_t key_end,
+              float* o, float* m, float* l) {
+    const size_t n = static_cast<size_t>(q.rows());
+    const size_t heads = static_cast<size_t>(shape.n_heads);
+    const size_t hd = static_cast<size_t>(shape.head_dim);
+    const size_t group = heads / static_cast<size_t>(shape.n_kv_heads);
+    const size_t q_cols = static_cast<size_t>(shape.q_cols());
+    const size_t kv_cols = static_cast<size_t>(shape.kv_cols());
+    const float scale =
+        shape.scale != 0.0f ? shape.scale : 1.0f / std::sqrt(static_cast<float>(hd));
+    const float* qd = q.data_as<const float>();
+    const float* kd = k_cache.data_as<const float>();
+    const float* vd = v_cache.data_as<const float>();
+    For(n * heads, 1, [&](size_t b, size_t e) {
+      thread_local std::vector<float> scratch;
+      for (size_t item = b; item < e; ++item) {
+        const size_t i = item / heads, h = item % heads;
+        const size_t kvh = h / group;
+        const int64_t visible_end =
+            std::min<int64_t>(key_end, first_pos + static_cast<int64_t>(i) + 1);
+        const size_t count =
+            visible_end > key_begin ? static_cast<size_t>(visible_end - key_begin) : 0;
+        float* oh = o + i * q_cols + h * hd;
+        std::memset(oh, 0, hd * sizeof(float));
+        if (count == 0) {
+          if (m != nullptr) m[i * heads + h] = kNegInf;
+          if (l != nullptr) l[i * heads + h] = 0.0f;
+          continue;
+        }
+        float* s = Scratch(scratch, count);
+        const float* kbase = kd + static_cast<size_t>(key_begin) * kv_cols + kvh * hd;
+        const float* vbase = vd + static_cast<size_t>(key_begin) * kv_cols + kvh * hd;
+        k_.dot_batch(qd + i * q_cols + h * hd, kbase, count, hd, kv_cols, s);
+        for (size_t j = 0; j < count; ++j) s[j] *= scale;
+        const float mx = k_.max(s, count);
+        const float sum = k_.exp_shift_sum(s, mx, s, count);
+        const float inv = 1.0f / sum;
+        for (size_t j = 0; j < count; ++j) k_.axpy(s[j] * inv, vbase + j * kv_cols, oh, hd);
+        if (m != nullptr) m[i * heads + h] = mx;
+        if (l != nullptr) l[i * heads + h] = sum;
+      }
+    });
+  }
+
+  const int threads_;
+  ThreadPool pool_;
+  const simd::Kernels& k_;
+};
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<Backend>> NewCpuBackend(const BackendOptions& options) {
+  if (options.num_threads < 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("cpu backend: num_threads ", options.num_threads, " < 0"));
+  }
+  int threads = options.num_threads;
+  if (threads == 0) threads = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+  return std::unique_ptr<Backend>(new CpuBackend(threads));
+}
+
+}  // namespace kvr::worker

@@ -1,0 +1,19 @@
+// The CPU backend: host memory, fp32 compute with the runtime-dispatched SIMD
+// kernels (common/simd) and a private ThreadPool of num_threads - 1 workers
+// (the calling thread takes part). Synchronous: every op has finished when it
+// returns. Weights for MatMul may be f32 or bf16; Embedding tables f32, bf16
+// or f16. Per-op scratch is thread-local and grows once to the largest size
+// seen, so steady-state decode does not allocate.
+#pragma once
+
+#include <memory>
+
+#include "absl/status/statusor.h"
+#include "gpu_worker/backend/backend.h"
+
+namespace kvr::worker {
+
+// Also reachable as BackendRegistry::Create("cpu", options).
+absl::StatusOr<std::unique_ptr<Backend>> NewCpuBackend(const BackendOptions& options);
+
+}  // namespace kvr::worker
