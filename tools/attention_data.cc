@@ -221,8 +221,18 @@ HeadModel BuildModel(const AttentionDataOptions& o) {
   std::vector<double> dir(d);
   for (size_t c = 0; c < d; ++c) dir[c] = key_scale[c] * (rng.Uniform() < 0.5 ? -1 : 1);
   m.key_mean = WithNorm(dir, o.key_mean * o.key_norm);
-  for (size_t c = 0; c < d; ++c) dir[c] = (rng.Uniform() < 0.5 ? -1 : 1) / key_scale[c];
-  m.query_mean = WithNorm(dir, o.query_mean * query_unit * sqrt_d);
+  // μ_q ∝ 1/s_k, sized so that its Mahalanobis norm under the key content
+  // covariance is query_mean * √d (a key's own is ≈ √d). Its logit
+  // contribution stays small: keys barely vary along it.
+  double whitened = 0;
+  for (size_t c = 0; c < d; ++c) {
+    dir[c] = (rng.Uniform() < 0.5 ? -1 : 1) / key_scale[c];
+    whitened += dir[c] * dir[c] / (key_unit * key_unit * key_scale[c] * key_scale[c]);
+  }
+  m.query_mean.resize(d);
+  for (size_t c = 0; c < d; ++c) {
+    m.query_mean[c] = static_cast<float>(dir[c] * o.query_mean * sqrt_d / std::sqrt(whitened));
+  }
   for (size_t c = 0; c < d; ++c) dir[c] = query_scale[c] * rng.Normal();
   const std::vector<float> shift = WithNorm(dir, o.decode_shift * query_unit * sqrt_d);
   m.decode_mean.resize(d);
@@ -315,20 +325,24 @@ std::vector<std::string> AttentionDataPresetNames() { return {"easy", "default",
 absl::StatusOr<AttentionDataOptions> AttentionDataPreset(absl::string_view name) {
   AttentionDataOptions o;
   if (name == "default") return o;
+  // Difficulty for key-key indexes grows with the intrinsic dimension of the
+  // keys (smaller spectrum_decay), with how differently queries weight the
+  // channels (query_spectrum_tilt) and with less topical queries
+  // (concentration); outliers distort key-key L2 neighbourhoods.
   if (name == "easy") {
-    o.spectrum_decay = 0.5;
+    o.spectrum_decay = 1.5;
     o.query_spectrum_tilt = 0.5;
     o.outlier_scale = 4.0;
     o.concentration = 0.7;
-    o.query_mean = 0.5;
+    o.logit_std = 4.0;
     return o;
   }
   if (name == "hard") {
-    o.spectrum_decay = 1.5;
+    o.spectrum_decay = 0.75;
     o.query_spectrum_tilt = 1.5;
     o.outlier_scale = 16.0;
     o.concentration = 0.35;
-    o.query_mean = 1.5;
+    o.logit_std = 2.5;
     return o;
   }
   return absl::InvalidArgumentError(

@@ -20,9 +20,9 @@
 //              then RoPE at its position; u_q is set so that the content
 //              logits q·k/√d have std `logit_std` over keys.
 //   μ_k      ∝ s_k (rides on the high-variance channels; random signs).
-//   μ_q      ∝ 1/s_k (lies where keys barely vary: moves queries far from the
-//              key distribution in Mahalanobis distance without changing
-//              which keys they prefer much).
+//   μ_q      ∝ 1/s_k with Mahalanobis norm query_mean·√d (lies where keys
+//              barely vary: moves queries away from the key distribution
+//              without changing which keys they prefer much).
 //   value v_t = √value_topic_share V_z(t) + √(1-·) N(0, I)  (no RoPE).
 //
 // Training queries sit at prefill positions (a sorted random sample of
@@ -89,9 +89,10 @@ struct AttentionDataOptions {
 
   // --- means ---------------------------------------------------------------
   double key_mean = 0.5;    // |μ_k| / key_norm. >= 0
-  // |μ_q| / RMS norm of the query content. Moves queries away from the keys
-  // in Mahalanobis distance (μ_q lies where keys barely vary) while leaving
-  // their ranking of keys nearly unchanged. >= 0
+  // Size of the query mean μ_q as a Mahalanobis norm under the key content
+  // covariance, in units of √d (a typical key is ≈ √d from the key mean).
+  // μ_q lies where keys barely vary, so it moves queries away from the keys
+  // without changing which keys they prefer. >= 0
   double query_mean = 1.0;
 
   // --- key outlier channels --------------------------------------------------
@@ -118,10 +119,16 @@ struct AttentionDataOptions {
 
 // Named difficulty presets; sizes and seed keep their defaults, unknown names
 // are InvalidArgument.
-//                 spectrum_decay  query_spectrum_tilt  outlier_scale  concentration  query_mean
-//   "easy"             0.5              0.5                 4             0.7           0.5
-//   "default"          1.0              1.0                 8             0.5           1.0
-//   "hard"             1.5              1.5                16             0.35          1.5
+//              spectrum_decay  query_spectrum_tilt  outlier_scale  concentration  logit_std
+//   "easy"          1.5              0.5                 4             0.7           4.0
+//   "default"       1.0              1.0                 8             0.5           3.0
+//   "hard"          0.75             1.5                16             0.35          2.5
+// Harder = higher intrinsic key dimension, queries weighting channels unlike
+// keys, less topical queries, stronger outliers (logit_std is separate: at
+// 131072 keys the top-100 softmax mass is about 0.55 / 0.73 / 0.88). Measured with a key-key L2
+// kNN graph (degree 16 + reverse edges) searched by inner product, 16384
+// keys, beam 100: recall@100 easy 0.96 / default 0.82 / hard 0.77 for decode
+// queries vs 0.97 / 0.89 / 0.93 for held-out keys used as queries.
 absl::StatusOr<AttentionDataOptions> AttentionDataPreset(absl::string_view name);
 // "easy", "default", "hard".
 std::vector<std::string> AttentionDataPresetNames();
@@ -142,7 +149,8 @@ struct AttentionData {
 
 // Generates a data set; InvalidArgument for bad options. Work is spread over
 // `pool` (nullptr = ThreadPool::Default()); output does not depend on it.
-// Cost: O((n_keys + n_train + n_test) * dim); ~1 s per million keys per core.
+// Cost: O((n_keys + n_train + n_test) * dim): 1M keys + values + 131K
+// queries at d = 128 take ~4 s on 2 cores.
 absl::StatusOr<AttentionData> GenerateAttentionData(const AttentionDataOptions& options,
                                                     ThreadPool* pool = nullptr);
 

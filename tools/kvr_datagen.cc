@@ -26,7 +26,7 @@
 
 ABSL_FLAG(std::string, preset, "default",
           "difficulty preset: easy | default | hard (sets spectrum_decay, query_spectrum_tilt, "
-          "outlier_scale, concentration, query_mean; explicit flags below override it)");
+          "outlier_scale, concentration, logit_std; explicit flags below override it)");
 ABSL_FLAG(uint64_t, n_keys, 131072, "keys (and values), at positions 0..n_keys-1; [1, 2^31)");
 ABSL_FLAG(uint64_t, n_train, 16384, "prefill (training) queries, <= n_keys");
 ABSL_FLAG(uint64_t, n_test, 1000, "decode (test) queries, at positions n_keys + j");
@@ -64,7 +64,7 @@ ABSL_FLAG(std::optional<double>, logit_std, std::nullopt,
           "std over keys of a query's content logit q·k/√d (softmax temperature)");
 ABSL_FLAG(std::optional<double>, key_mean, std::nullopt, "|key mean| / key_norm");
 ABSL_FLAG(std::optional<double>, query_mean, std::nullopt,
-          "|query mean| / RMS query content norm (Mahalanobis OOD knob)");
+          "query mean as a Mahalanobis norm under the key covariance, in units of sqrt(dim)");
 ABSL_FLAG(std::optional<uint64_t>, outlier_channels, std::nullopt,
           "key outlier channels, <= 2*max(1, dim/8)");
 ABSL_FLAG(std::optional<double>, outlier_scale, std::nullopt,

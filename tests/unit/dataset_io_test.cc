@@ -70,7 +70,7 @@ void ExpectSameBits(const Matrix& a, const Matrix& b) {
 const char kNumpyHeaderV1[] =
     "\x93NUMPY\x01\x00\x76\x00"
     "{'descr': '<f4', 'fortran_order': False, 'shape': (2, 3), }"
-    "                                                         \n";
+    "                                                          \n";
 const char kNumpyData[] =
     "\x00\x00\x80\x3f\x00\x00\x00\x40\x00\x00\x40\x40"
     "\x00\x00\x80\x40\x00\x00\xa0\x40\x00\x00\xc0\x40";
