@@ -46,7 +46,7 @@ struct Kernels {
   // [-87, 0] (SIMD tables: worst 8.4e-8 over every float in that range);
   // exp of anything below -87 is exactly +0, NaN stays NaN.
   float (*exp_shift_sum)(const float* x, float shift, float* out, size_t n);
-  // max over x[0..n); -inf for n == 0.
+  // max over x[0..n), ignoring NaNs; -inf for n == 0 or all-NaN input.
   float (*max)(const float* x, size_t n);
   // Conversions; fp32 -> half rounds to nearest even, bit-identical to common/half.h.
   void (*fp32_to_bf16)(const float* in, uint16_t* out, size_t n);
