@@ -8,8 +8,9 @@
 //
 //   index_bench --sizes=131072,1048576            # synthetic, default preset
 //   index_bench --keys=k.npy --queries=q.npy --train=t.fbin [--values=v.npy]
+#include <faiss/IndexFlat.h>
 #include <faiss/IndexHNSW.h>
-#include <faiss/impl/HNSW.h>
+#include <faiss/impl/DistanceComputer.h>
 #include <hnswlib/hnswlib.h>
 
 #include <algorithm>
@@ -58,6 +59,12 @@ ABSL_FLAG(std::string, methods, "flat,ivf,graph,faiss_hnsw,hnswlib",
 ABSL_FLAG(int, threads, 0, "build threads (0: all cores); searches are single-threaded");
 ABSL_FLAG(int, graph_degree, 32, "attention graph out-degree M");
 ABSL_FLAG(int, graph_entry_points, 16, "attention graph entry points");
+ABSL_FLAG(double, graph_prune_alpha, 1.0, "attention graph occlusion-pruning alpha");
+ABSL_FLAG(int, graph_pivots, 1, "attention graph pivots per training query");
+ABSL_FLAG(bool, graph_saturate, true, "fill graph rows up to the degree with pruned candidates");
+ABSL_FLAG(std::string, train_topk_cache, "",
+          "if set: read the training top-k from this .ibin when it exists, else write it "
+          "there (saves recomputing it between runs on the same data)");
 ABSL_FLAG(std::string, graph_beams, "100,120,150,200,250,300,400,500,700,1000",
           "attention graph beam widths to sweep");
 ABSL_FLAG(int, hnsw_m, 32, "HNSW M (faiss and hnswlib)");
@@ -165,6 +172,53 @@ Row MeasureKvr(const index::KeyIndex& idx, const Matrix& q, const std::vector<in
   });
 }
 
+// hnswlib's own counter adds whole neighbour lists, visited or not; this
+// space counts the distance computations it really makes.
+class CountingIpSpace : public hnswlib::SpaceInterface<float> {
+ public:
+  explicit CountingIpSpace(size_t dim) : inner_(dim) { base_ = inner_.get_dist_func(); }
+  size_t get_data_size() override { return inner_.get_data_size(); }
+  hnswlib::DISTFUNC<float> get_dist_func() override { return &Dist; }
+  void* get_dist_func_param() override { return inner_.get_dist_func_param(); }
+  static thread_local int64_t count;
+
+ private:
+  static float Dist(const void* a, const void* b, const void* param) {
+    ++count;
+    return base_(a, b, param);
+  }
+  static hnswlib::DISTFUNC<float> base_;
+  hnswlib::InnerProductSpace inner_;
+};
+thread_local int64_t CountingIpSpace::count = 0;
+hnswlib::DISTFUNC<float> CountingIpSpace::base_ = nullptr;
+
+// Flat inner-product storage for faiss HNSW that counts the distances the
+// search computes (faiss's own counters are not filled in this version).
+class CountingFlatIp : public faiss::IndexFlatIP {
+ public:
+  using faiss::IndexFlatIP::IndexFlatIP;
+  static thread_local int64_t count;
+  faiss::DistanceComputer* get_distance_computer() const override {
+    return new Counter(faiss::IndexFlatIP::get_distance_computer());
+  }
+
+ private:
+  struct Counter : faiss::DistanceComputer {
+    explicit Counter(faiss::DistanceComputer* inner) : inner(inner) {}
+    void set_query(const float* x) override { inner->set_query(x); }
+    float operator()(faiss::Index::idx_t i) override {
+      ++count;
+      return (*inner)(i);
+    }
+    float symmetric_dis(faiss::Index::idx_t i, faiss::Index::idx_t j) override {
+      return inner->symmetric_dis(i, j);
+    }
+    std::unique_ptr<faiss::DistanceComputer> inner;
+  };
+};
+thread_local int64_t CountingFlatIp::count = 0;
+
 class Runner {
  public:
   Runner(ThreadPool* pool) : pool_(pool) {}
@@ -255,23 +309,47 @@ class Runner {
     // prefill; it is timed separately from the graph build.
     auto t0 = Clock::now();
     std::vector<int64_t> topk(ds.train.rows * train_k);
-    std::vector<float> scores(topk.size());
-    if (auto s = index::ExactTopK(ds.keys.view(), ds.train.view(), train_k, topk, scores, pool_);
-        !s.ok()) {
-      Fail(s);
+    const std::string cache = absl::GetFlag(FLAGS_train_topk_cache);
+    bool cached = false;
+    if (!cache.empty()) {
+      if (auto ids = ReadIdMatrixFile(cache);
+          ids.ok() && ids->rows == ds.train.rows && ids->cols == static_cast<size_t>(train_k)) {
+        std::copy(ids->data.begin(), ids->data.end(), topk.begin());
+        cached = true;
+      }
+    }
+    if (!cached) {
+      std::vector<float> scores(topk.size());
+      if (auto s = index::ExactTopK(ds.keys.view(), ds.train.view(), train_k, topk, scores, pool_);
+          !s.ok()) {
+        Fail(s);
+      }
+      if (!cache.empty()) {
+        IdMatrix ids;
+        ids.rows = ds.train.rows;
+        ids.cols = static_cast<size_t>(train_k);
+        ids.data.assign(topk.begin(), topk.end());
+        if (auto s = WriteIdMatrixFile(cache, ids); !s.ok()) Fail(s);
+      }
     }
     const double knn_s = Seconds(t0, Clock::now());
     index::AttentionGraphOptions o;
     o.degree = absl::GetFlag(FLAGS_graph_degree);
     o.entry_points = absl::GetFlag(FLAGS_graph_entry_points);
+    o.prune_alpha = static_cast<float>(absl::GetFlag(FLAGS_graph_prune_alpha));
+    o.saturate = absl::GetFlag(FLAGS_graph_saturate);
+    o.pivots_per_query = absl::GetFlag(FLAGS_graph_pivots);
     t0 = Clock::now();
     auto graph = index::AttentionGraphIndex::Build(ds.keys.view(), topk,
                                                    static_cast<size_t>(train_k), o, pool_);
     if (!graph.ok()) Fail(graph.status());
     const double build = Seconds(t0, Clock::now());
+    const auto& bs = (*graph)->build_stats();
     std::printf("  graph: training top-%d of %zu queries %.2f s (GPU work in production), "
-                "build %.2f s with %zu threads\n",
-                train_k, ds.train.rows, knn_s, build, pool_->size() + 1);
+                "build %.2f s with %zu threads (projection %.2f, reverse %.2f, link %.2f s; "
+                "%zu keys covered by projection, %zu linked)\n",
+                train_k, ds.train.rows, knn_s, build, pool_->size() + 1, bs.projection_seconds,
+                bs.reverse_seconds, bs.link_seconds, bs.keys_covered, bs.keys_linked);
     for (int beam : ParseInts(absl::GetFlag(FLAGS_graph_beams), "graph_beams")) {
       if (beam < k) continue;
       index::SearchParams p;
@@ -287,26 +365,26 @@ class Runner {
   template <typename Add>
   void RunFaiss(const DataSet& ds, const std::vector<int64_t>& truth, int k, Add&& add) {
     const int m = absl::GetFlag(FLAGS_hnsw_m);
-    faiss::IndexHNSWFlat hnsw(static_cast<int>(ds.keys.cols), m, faiss::METRIC_INNER_PRODUCT);
+    faiss::IndexHNSW hnsw(new CountingFlatIp(static_cast<faiss::Index::idx_t>(ds.keys.cols)), m);
+    hnsw.own_fields = true;
     hnsw.hnsw.efConstruction = absl::GetFlag(FLAGS_hnsw_ef_construction);
     const auto t0 = Clock::now();
     hnsw.add(static_cast<faiss::Index::idx_t>(ds.keys.rows), ds.keys.data.data());
     const double build = Seconds(t0, Clock::now());
     for (int ef : ParseInts(absl::GetFlag(FLAGS_hnsw_efs), "hnsw_efs")) {
       if (ef < k) continue;
-      faiss::SearchParametersHNSW sp;
-      sp.efSearch = ef;
+      hnsw.hnsw.efSearch = ef;
       std::vector<faiss::Index::idx_t> labels(ds.test.rows * k);
       std::vector<float> dist(ds.test.rows * k);
       Row r = Measure(ds.test, truth, ds.keys.rows, k, [&](std::vector<int64_t>& ids) {
-        faiss::hnsw_stats.reset();
-        // One query per call keeps faiss single-threaded (its OpenMP loop is
+        CountingFlatIp::count = 0;
+        // One query per call keeps faiss on this thread (its OpenMP loop is
         // over queries).
         for (size_t i = 0; i < ds.test.rows; ++i) {
-          hnsw.search(1, ds.test.row(i), k, dist.data() + i * k, labels.data() + i * k, &sp);
+          hnsw.search(1, ds.test.row(i), k, dist.data() + i * k, labels.data() + i * k);
         }
         for (size_t i = 0; i < labels.size(); ++i) ids[i] = labels[i];
-        return static_cast<int64_t>(faiss::hnsw_stats.ndis);
+        return CountingFlatIp::count;
       });
       add(r, "faiss_hnsw", absl::StrFormat("M=%d,ef=%d", m, ef), build);
       if (r.recall > 0.995) break;
@@ -349,7 +427,7 @@ class Runner {
 
   using Hnsw = hnswlib::HierarchicalNSW<float>;
   std::pair<double, std::unique_ptr<Hnsw>> BuildHnswlib(const Matrix& keys) {
-    space_ = std::make_unique<hnswlib::InnerProductSpace>(keys.cols);
+    space_ = std::make_unique<CountingIpSpace>(keys.cols);
     auto index = std::make_unique<Hnsw>(space_.get(), keys.rows, absl::GetFlag(FLAGS_hnsw_m),
                                         absl::GetFlag(FLAGS_hnsw_ef_construction));
     const auto t0 = Clock::now();
@@ -364,7 +442,7 @@ class Runner {
                      int ef) {
     index.setEf(static_cast<size_t>(ef));
     return Measure(q, truth, index.cur_element_count, k, [&](std::vector<int64_t>& ids) {
-      index.metric_distance_computations = 0;
+      CountingIpSpace::count = 0;
       for (size_t i = 0; i < q.rows; ++i) {
         auto result = index.searchKnn(q.row(i), static_cast<size_t>(k));
         // The priority queue pops worst first.
@@ -373,7 +451,7 @@ class Runner {
           if (!result.empty()) result.pop();
         }
       }
-      return static_cast<int64_t>(index.metric_distance_computations.load());
+      return CountingIpSpace::count;
     });
   }
 
@@ -498,7 +576,7 @@ class Runner {
 
  private:
   ThreadPool* pool_;
-  std::unique_ptr<hnswlib::InnerProductSpace> space_;
+  std::unique_ptr<CountingIpSpace> space_;
   std::vector<Row> all_rows_;
   std::vector<Row> gap_rows_;
 };

@@ -1,6 +1,7 @@
 #include "retrieval_node/index/attention_graph_index.h"
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <limits>
 #include <numeric>
@@ -87,6 +88,10 @@ absl::Status ValidateGraphOptions(const AttentionGraphOptions& o) {
   if (o.entry_points < 1 || o.entry_points > 1024) {
     return absl::InvalidArgumentError(
         absl::StrCat("attention graph entry_points=", o.entry_points, " outside [1, 1024]"));
+  }
+  if (o.pivots_per_query < 1 || o.pivots_per_query > 1024) {
+    return absl::InvalidArgumentError(absl::StrCat("attention graph pivots_per_query=",
+                                                   o.pivots_per_query, " outside [1, 1024]"));
   }
   if (!(o.prune_alpha >= 1.0f && o.prune_alpha <= 2.0f)) {
     return absl::InvalidArgumentError(
@@ -304,58 +309,83 @@ void AttentionGraphIndex::BuildGraph(std::span<const int64_t> train_topk, size_t
   const size_t n = n_;
   const size_t n_train = topk_width == 0 ? 0 : train_topk.size() / topk_width;
 
-  // 1. Bucket training queries by their pivot (best key); count how often each
-  //    key is in some query's top-k (entry-point choice).
+  // 1. Bucket training queries by their pivots (their best `pivots_per_query`
+  //    keys); count how often each key is in some query's top-k (entry
+  //    points).
+  const size_t pivots = static_cast<size_t>(options_.pivots_per_query);
   std::vector<uint32_t> in_topk(n, 0);
   std::vector<uint32_t> pivot_start(n + 1, 0);
-  std::vector<uint32_t> pivot_of(n_train, kNone);
   for (size_t q = 0; q < n_train; ++q) {
     const int64_t* row = train_topk.data() + q * topk_width;
+    size_t seen = 0;
     for (size_t j = 0; j < topk_width; ++j) {
       if (row[j] < 0) continue;
-      if (pivot_of[q] == kNone) pivot_of[q] = static_cast<uint32_t>(row[j]);
       ++in_topk[row[j]];
+      if (seen++ < pivots) ++pivot_start[row[j] + 1];
     }
-    if (pivot_of[q] != kNone) ++pivot_start[pivot_of[q] + 1];
   }
   for (size_t i = 0; i < n; ++i) pivot_start[i + 1] += pivot_start[i];
   std::vector<uint32_t> by_pivot(pivot_start[n]);
   {
     std::vector<uint32_t> fill(pivot_start.begin(), pivot_start.end() - 1);
     for (size_t q = 0; q < n_train; ++q) {
-      if (pivot_of[q] != kNone) by_pivot[fill[pivot_of[q]]++] = static_cast<uint32_t>(q);
+      const int64_t* row = train_topk.data() + q * topk_width;
+      size_t seen = 0;
+      for (size_t j = 0; j < topk_width && seen < pivots; ++j) {
+        if (row[j] < 0) continue;
+        by_pivot[fill[row[j]]++] = static_cast<uint32_t>(q);
+        ++seen;
+      }
     }
   }
   ChooseEntries(in_topk);
+
+  using Clock = std::chrono::steady_clock;
+  auto t0 = Clock::now();
+  auto lap = [&t0] {
+    const auto t1 = Clock::now();
+    const double s = std::chrono::duration<double>(t1 - t0).count();
+    t0 = t1;
+    return s;
+  };
 
   // 2. Projection: each pivot links to the pruned union of its queries'
   //    other neighbours.
   pool->ParallelFor(n, 256, [&](size_t begin, size_t end) {
     std::vector<Cand> cands;
+    std::vector<uint32_t> ids;
     std::vector<uint32_t> out;
     for (size_t p = begin; p < end; ++p) {
       if (pivot_start[p] == pivot_start[p + 1]) continue;
-      cands.clear();
+      ids.clear();
       for (uint32_t t = pivot_start[p]; t < pivot_start[p + 1]; ++t) {
         const int64_t* row = train_topk.data() + static_cast<size_t>(by_pivot[t]) * topk_width;
         for (size_t j = 0; j < topk_width; ++j) {
-          if (row[j] < 0 || static_cast<size_t>(row[j]) == p) continue;
-          const uint32_t c = static_cast<uint32_t>(row[j]);
-          cands.push_back({L2(static_cast<uint32_t>(p), c), c});
+          if (row[j] >= 0 && static_cast<size_t>(row[j]) != p) ids.push_back(row[j]);
         }
       }
+      std::sort(ids.begin(), ids.end());
+      ids.erase(std::unique(ids.begin(), ids.end()), ids.end());
+      cands.clear();
+      for (uint32_t c : ids) cands.push_back({L2(static_cast<uint32_t>(p), c), c});
       Prune(static_cast<uint32_t>(p), &cands, &out);
       SetNeighbors(static_cast<uint32_t>(p), out);
     }
   });
 
+  build_stats_.projection_seconds = lap();
+
   // 3. Reverse edges: every projected edge p->c also offers c->p; merged per
   //    target and re-pruned, so each row stays within the degree.
   AddReverseEdges(pool);
+  build_stats_.reverse_seconds = lap();
+  build_stats_.keys_covered = 0;
+  for (uint32_t i = 0; i < n; ++i) build_stats_.keys_covered += RegularNeighbors(i).empty() ? 0 : 1;
 
   // 4. Link in every key the training queries did not reach, so that every
   //    key is reachable from the entry points.
-  LinkUnreachable(pool);
+  build_stats_.keys_linked = LinkUnreachable(pool);
+  build_stats_.link_seconds = lap();
 }
 
 void AttentionGraphIndex::AddReverseEdges(ThreadPool* pool) {
@@ -475,20 +505,22 @@ bool AttentionGraphIndex::TrySetRepairEdge(uint32_t source, uint32_t target) {
   return true;
 }
 
-void AttentionGraphIndex::LinkUnreachable(ThreadPool* pool) {
+size_t AttentionGraphIndex::LinkUnreachable(ThreadPool* pool) {
   ThreadPool inline_pool(0);
   if (pool == nullptr) pool = &inline_pool;
   // Search (by L2, with the key as query) in parallel batches against the
   // current graph, then link sequentially. Keys in a batch cannot find each
   // other, so batches grow with the reachable part (at most half of it): the
   // graph a batch searches is always at least twice the batch.
+  size_t linked = 0;
   for (int round = 0; round < 64; ++round) {
     const std::vector<uint8_t> seen = Reachable();
     std::vector<uint32_t> todo;
     for (uint32_t i = 0; i < n_; ++i) {
       if (!seen[i]) todo.push_back(i);
     }
-    if (todo.empty()) return;
+    if (todo.empty()) return linked;
+    linked += todo.size();
     size_t reachable = n_ - todo.size();
     for (size_t b = 0; b < todo.size();) {
       const size_t batch = std::max<size_t>(32, reachable / 2);
@@ -568,6 +600,7 @@ absl::Status AttentionGraphIndex::Serialize(std::vector<uint8_t>* out) const {
   w.Put<int32_t>(options_.entry_points);
   w.Put<float>(options_.prune_alpha);
   w.Put<uint8_t>(options_.saturate ? 1 : 0);
+  w.Put<int32_t>(options_.pivots_per_query);
   w.PutArray(std::span<const uint32_t>(entries_));
   w.PutArray(std::span<const float>(keys_.data(), n_ * dim_));
   w.PutArray(std::span<const uint32_t>(adjacency_.data(), n_ * stride_));
@@ -600,6 +633,7 @@ absl::StatusOr<std::unique_ptr<AttentionGraphIndex>> AttentionGraphIndex::Deseri
   KVR_RETURN_IF_ERROR(r.Get(&o.entry_points, "entry_points"));
   KVR_RETURN_IF_ERROR(r.Get(&o.prune_alpha, "prune_alpha"));
   KVR_RETURN_IF_ERROR(r.Get(&saturate, "saturate"));
+  KVR_RETURN_IF_ERROR(r.Get(&o.pivots_per_query, "pivots_per_query"));
   o.saturate = saturate != 0;
   if (dim == 0 || dim > kMaxDim || n >= kMaxKeys) {
     return absl::DataLossError(

@@ -33,6 +33,9 @@ struct AttentionGraphOptions {
   int entry_points = 16;     // keys every search starts from (most frequent in training top-k)
   float prune_alpha = 1.0f;  // occlusion: drop c if alpha * d(s, c) < d(p, c) for a kept s
   bool saturate = true;      // fill rows up to `degree` with the nearest pruned candidates
+  // Each training query's best `pivots_per_query` keys each link to the
+  // query's other top-k keys (RoarGraph uses 1: only the best key).
+  int pivots_per_query = 1;
 };
 
 // Checks option ranges; InvalidArgument names the field and its limits.
@@ -72,6 +75,16 @@ class AttentionGraphIndex final : public KeyIndex {
   // Out-neighbours of key `id`, the connectivity edge included (diagnostics).
   std::vector<uint32_t> neighbors(uint32_t id) const;
   std::span<const uint32_t> entry_points() const { return entries_; }
+  // What the last Build did, for benchmarks and diagnostics.
+  struct BuildStats {
+    double projection_seconds = 0;  // query->key neighbourhoods projected and pruned
+    double reverse_seconds = 0;     // reverse edges merged and re-pruned
+    double link_seconds = 0;        // keys no training query reached, linked in
+    size_t keys_covered = 0;        // keys with projected edges (pivots or their targets)
+    size_t keys_linked = 0;         // keys the connectivity pass had to link in
+  };
+  const BuildStats& build_stats() const { return build_stats_; }
+
   // Whether every key is reachable from the entry points (an invariant that
   // Build and Add keep; tests check it).
   bool AllReachable() const;
@@ -109,7 +122,7 @@ class AttentionGraphIndex final : public KeyIndex {
   std::vector<uint8_t> Reachable() const;
   void LinkKey(uint32_t id, std::vector<Cand>* cands);
   bool TrySetRepairEdge(uint32_t source, uint32_t target);
-  void LinkUnreachable(ThreadPool* pool);
+  size_t LinkUnreachable(ThreadPool* pool);  // returns how many keys it linked
 
   size_t dim_;
   size_t n_ = 0;
@@ -119,6 +132,7 @@ class AttentionGraphIndex final : public KeyIndex {
   std::vector<uint32_t> adjacency_;  // n x stride_; regular edges kNone-terminated
   std::vector<uint32_t> entries_;    // entry points, best first
   std::unique_ptr<ScratchPool<Scratch>> scratch_;
+  BuildStats build_stats_;
 };
 
 }  // namespace kvr::index
