@@ -1,0 +1,109 @@
+#include "gpu_worker/engine/sampler.h"
+
+#include <algorithm>
+#include <cmath>
+#include <numeric>
+
+#include "absl/strings/str_cat.h"
+#include "common/status.h"
+
+namespace kvr::worker {
+
+absl::Status ValidateSampling(const SamplingParams& p) {
+  if (!std::isfinite(p.temperature) || p.temperature < 0.0f) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("temperature ", p.temperature, " must be finite and >= 0"));
+  }
+  if (p.top_k < 0) {
+    return absl::InvalidArgumentError(absl::StrCat("top_k ", p.top_k, " must be >= 0"));
+  }
+  if (!(p.top_p > 0.0f && p.top_p <= 1.0f)) {
+    return absl::InvalidArgumentError(absl::StrCat("top_p ", p.top_p, " outside (0, 1]"));
+  }
+  if (!std::isfinite(p.repetition_penalty) || !(p.repetition_penalty > 0.0f)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "repetition_penalty ", p.repetition_penalty, " must be finite and > 0"));
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<Sampler> Sampler::Create(const SamplingParams& params, int vocab_size) {
+  KVR_RETURN_IF_ERROR(ValidateSampling(params));
+  if (vocab_size <= 0) {
+    return absl::InvalidArgumentError(absl::StrCat("vocab_size ", vocab_size, " must be > 0"));
+  }
+  return Sampler(params, vocab_size);
+}
+
+Sampler::Sampler(const SamplingParams& params, int vocab_size)
+    : params_(params),
+      state_(params.seed),
+      work_(static_cast<size_t>(vocab_size)),
+      order_(static_cast<size_t>(vocab_size)),
+      seen_(static_cast<size_t>(vocab_size)) {}
+
+double Sampler::NextUniform() {
+  uint64_t z = (state_ += 0x9E3779B97F4A7C15ull);
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+  z ^= z >> 31;
+  return static_cast<double>(z >> 11) * 0x1.0p-53;
+}
+
+int32_t Sampler::Sample(std::span<const float> logits, std::span<const int32_t> context) {
+  const size_t v = std::min(logits.size(), work_.size());
+  KVR_CHECK(v > 0);
+  std::copy_n(logits.begin(), v, work_.begin());
+  if (params_.repetition_penalty != 1.0f) {
+    std::fill(seen_.begin(), seen_.end(), 0);
+    for (int32_t t : context) {
+      if (t < 0 || static_cast<size_t>(t) >= v || seen_[t]) continue;
+      seen_[t] = 1;
+      float& x = work_[t];
+      x = x > 0.0f ? x / params_.repetition_penalty : x * params_.repetition_penalty;
+    }
+  }
+  if (params_.greedy()) {
+    return static_cast<int32_t>(std::max_element(work_.begin(), work_.begin() + v) -
+                                work_.begin());
+  }
+  // Candidates sorted by logit (descending; lower id first on ties), cut to top_k.
+  std::iota(order_.begin(), order_.begin() + v, 0);
+  const size_t keep = params_.top_k > 0 ? std::min(v, static_cast<size_t>(params_.top_k)) : v;
+  auto better = [&](int32_t a, int32_t b) {
+    return work_[a] > work_[b] || (work_[a] == work_[b] && a < b);
+  };
+  std::partial_sort(order_.begin(), order_.begin() + keep, order_.begin() + v, better);
+  // Softmax over the kept candidates at `temperature`, in double.
+  const double inv_t = 1.0 / params_.temperature;
+  const double mx = work_[order_[0]];
+  double total = 0.0;
+  std::vector<double>& probs = probs_;
+  probs.resize(keep);
+  for (size_t i = 0; i < keep; ++i) {
+    probs[i] = std::exp((work_[order_[i]] - mx) * inv_t);
+    total += probs[i];
+  }
+  // Nucleus: the shortest prefix whose mass reaches top_p.
+  size_t n = keep;
+  if (params_.top_p < 1.0f) {
+    double mass = 0.0;
+    for (size_t i = 0; i < keep; ++i) {
+      mass += probs[i] / total;
+      if (mass >= params_.top_p) {
+        n = i + 1;
+        break;
+      }
+    }
+  }
+  double kept = 0.0;
+  for (size_t i = 0; i < n; ++i) kept += probs[i];
+  double r = NextUniform() * kept;
+  for (size_t i = 0; i < n; ++i) {
+    r -= probs[i];
+    if (r < 0.0) return order_[i];
+  }
+  return order_[n - 1];
+}
+
+}  // namespace kvr::worker

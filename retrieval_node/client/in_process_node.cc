@@ -1,0 +1,494 @@
+#include "retrieval_node/client/in_process_node.h"
+
+#include <algorithm>
+#include <cmath>
+#include <shared_mutex>
+
+#include "retrieval_node/index/attend.h"
+#include "retrieval_node/index/flat_index.h"
+
+namespace kvr::retrieval {
+
+struct InProcessRetrievalNode::Chunk {
+  int32_t chunk = 0;
+  std::unique_ptr<index::KeyIndex> index;  // null until the first build
+  ValueMatrix values;                      // row i belongs to index id i
+  std::vector<int64_t> positions;          // absolute position of index id i
+};
+
+struct InProcessRetrievalNode::HeadState {
+  std::vector<Chunk> chunks;  // ascending chunk index
+  std::unique_ptr<index::FlatIndex> tail;
+  ValueMatrix tail_values;
+  std::vector<int64_t> tail_positions;
+  int64_t last_position = -1;  // highest position held (-1: none)
+
+  // Recent decode queries (ring of `recent_capacity` rows), training data for
+  // seals that build an index. Written by Attend under the shared sequence
+  // lock, hence its own mutex.
+  std::mutex query_mu;
+  std::vector<float> recent;
+  size_t recent_next = 0;
+  size_t recent_count = 0;
+};
+
+struct InProcessRetrievalNode::Sequence {
+  SequenceSpec spec;
+  std::shared_mutex mu;  // shared: Attend; exclusive: Upload / Append
+  std::vector<std::unique_ptr<HeadState>> heads;  // [layer * n_kv_heads + kv_head]
+
+  HeadState& head(int32_t layer, int32_t kv_head) const {
+    return *heads[static_cast<size_t>(layer) * spec.n_kv_heads + kv_head];
+  }
+};
+
+namespace {
+
+absl::Status CheckRange(int64_t value, int64_t limit, absl::string_view field) {
+  if (value < 0 || value >= limit) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(field, " ", value, " outside [0, ", limit, ")"));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status CheckHead(const SequenceSpec& spec, int32_t layer, int32_t kv_head) {
+  KVR_RETURN_IF_ERROR(CheckRange(layer, spec.n_layers, "layer"));
+  return CheckRange(kv_head, spec.n_kv_heads, "kv_head");
+}
+
+// Rows x head_dim, with `rows` rows when rows >= 0.
+absl::Status CheckMatrix(ConstMatrixView m, const SequenceSpec& spec, int64_t rows,
+                         absl::string_view field, absl::string_view where) {
+  if (m.cols() != static_cast<size_t>(spec.head_dim)) {
+    return absl::InvalidArgumentError(absl::StrCat(field, " dim ", m.cols(), " != head_dim ",
+                                                   spec.head_dim, " for ", where));
+  }
+  if (rows >= 0 && m.rows() != static_cast<size_t>(rows)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(field, " rows ", m.rows(), " != ", rows, " for ", where));
+  }
+  if (m.rows() > 0 && m.data() == nullptr) {
+    return absl::InvalidArgumentError(absl::StrCat(field, " has no data for ", where));
+  }
+  return absl::OkStatus();
+}
+
+size_t Sqrt(size_t n) { return static_cast<size_t>(std::sqrt(static_cast<double>(n))); }
+
+// Rows [0, n) of `values` as fp32 into `out` (n x cols).
+Matrix ToFloat(const ValueMatrix& values) {
+  Matrix out(values.rows(), values.cols());
+  for (size_t i = 0; i < values.rows(); ++i) values.RowToFloat(i, out.row(i));
+  return out;
+}
+
+}  // namespace
+
+InProcessRetrievalNode::InProcessRetrievalNode(const InProcessNodeOptions& options)
+    : options_(options) {
+  if (options_.threads > 0) pool_ = std::make_unique<ThreadPool>(options_.threads);
+}
+
+InProcessRetrievalNode::~InProcessRetrievalNode() {
+  pool_.reset();  // joins workers: pending Attends finish before shards go away
+}
+
+absl::StatusOr<std::unique_ptr<InProcessRetrievalNode>> InProcessRetrievalNode::Create(
+    const InProcessNodeOptions& options) {
+  if (options.tail_capacity < 1 || options.tail_capacity > (size_t{1} << 24)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("tail_capacity ", options.tail_capacity, " outside [1, 2^24]"));
+  }
+  if (options.train_k < 1 || options.train_k > index::kMaxSearchK) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("train_k ", options.train_k, " outside [1, ", index::kMaxSearchK, "]"));
+  }
+  if (options.threads > 256) {
+    return absl::InvalidArgumentError(absl::StrCat("threads ", options.threads, " > 256"));
+  }
+  KVR_RETURN_IF_ERROR(index::ValidateGraphOptions(options.graph));
+  return std::unique_ptr<InProcessRetrievalNode>(new InProcessRetrievalNode(options));
+}
+
+std::shared_ptr<InProcessRetrievalNode::Sequence> InProcessRetrievalNode::Find(
+    uint64_t sequence_id) {
+  std::lock_guard<std::mutex> lock(mu_);
+  auto it = sequences_.find(sequence_id);
+  return it == sequences_.end() ? nullptr : it->second;
+}
+
+absl::Status InProcessRetrievalNode::CreateSequence(const SequenceSpec& spec) {
+  constexpr int32_t kMaxLayers = 1 << 12, kMaxHeads = 1 << 12;
+  if (spec.n_layers < 1 || spec.n_layers > kMaxLayers) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("n_layers ", spec.n_layers, " outside [1, ", kMaxLayers, "]"));
+  }
+  if (spec.n_kv_heads < 1 || spec.n_kv_heads > kMaxHeads) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("n_kv_heads ", spec.n_kv_heads, " outside [1, ", kMaxHeads, "]"));
+  }
+  if (spec.n_heads < 1 || spec.n_heads > kMaxHeads || spec.n_heads % spec.n_kv_heads != 0) {
+    return absl::InvalidArgumentError(absl::StrCat("n_heads ", spec.n_heads,
+                                                   " must be in [1, ", kMaxHeads,
+                                                   "] and a multiple of n_kv_heads ",
+                                                   spec.n_kv_heads));
+  }
+  if (spec.head_dim < 1 || static_cast<size_t>(spec.head_dim) > index::kMaxDim) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("head_dim ", spec.head_dim, " outside [1, ", index::kMaxDim, "]"));
+  }
+  KVR_RETURN_IF_ERROR(DTypeFromTag(static_cast<uint32_t>(spec.value_dtype)).status());
+  if (spec.index_type != IndexType::kGraph && spec.index_type != IndexType::kFlat &&
+      spec.index_type != IndexType::kIvf) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("index_type ", static_cast<int>(spec.index_type), " unknown"));
+  }
+  auto seq = std::make_shared<Sequence>();
+  seq->spec = spec;
+  const size_t heads = static_cast<size_t>(spec.n_layers) * spec.n_kv_heads;
+  seq->heads.reserve(heads);
+  for (size_t i = 0; i < heads; ++i) {
+    auto h = std::make_unique<HeadState>();
+    h->tail_values = ValueMatrix(spec.value_dtype, static_cast<size_t>(spec.head_dim));
+    seq->heads.push_back(std::move(h));
+  }
+  std::lock_guard<std::mutex> lock(mu_);
+  if (!sequences_.emplace(spec.sequence_id, std::move(seq)).second) {
+    return absl::AlreadyExistsError(absl::StrCat("sequence ", spec.sequence_id, " exists"));
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<std::unique_ptr<index::KeyIndex>> InProcessRetrievalNode::BuildIndex(
+    IndexType type, ConstMatrixView keys, std::span<const int64_t> train_topk, size_t topk_width,
+    ConstMatrixView train_queries, int train_k) {
+  const size_t n = keys.rows();
+  if (type == IndexType::kFlat || n < options_.min_index_keys) {
+    KVR_ASSIGN_OR_RETURN(std::unique_ptr<index::FlatIndex> flat, index::FlatIndex::Create(keys.cols()));
+    flat->Reserve(n);
+    KVR_RETURN_IF_ERROR(flat->Add(keys));
+    return std::unique_ptr<index::KeyIndex>(std::move(flat));
+  }
+  if (type == IndexType::kIvf) {
+    index::IvfOptions o = options_.ivf;
+    o.nlist = std::clamp<size_t>(Sqrt(n), 1, o.nlist);
+    KVR_ASSIGN_OR_RETURN(std::unique_ptr<index::IvfIndex> ivf,
+                         index::IvfIndex::Build(keys, o, pool_.get()));
+    return std::unique_ptr<index::KeyIndex>(std::move(ivf));
+  }
+  std::unique_ptr<index::AttentionGraphIndex> graph;
+  if (!train_topk.empty()) {
+    KVR_ASSIGN_OR_RETURN(graph, index::AttentionGraphIndex::Build(keys, train_topk, topk_width,
+                                                                  options_.graph, pool_.get()));
+  } else {
+    const ConstMatrixView queries = train_queries.rows() > 0 ? train_queries : keys;
+    const int k = static_cast<int>(std::min<size_t>(static_cast<size_t>(train_k), n));
+    KVR_ASSIGN_OR_RETURN(graph, index::AttentionGraphIndex::BuildFromQueries(
+                                    keys, queries, k, options_.graph, pool_.get()));
+  }
+  return std::unique_ptr<index::KeyIndex>(std::move(graph));
+}
+
+absl::Status InProcessRetrievalNode::UploadShard(const ShardUpload& upload) {
+  const ShardKey& key = upload.key;
+  std::shared_ptr<Sequence> seq = Find(key.sequence_id);
+  if (seq == nullptr) {
+    return absl::NotFoundError(absl::StrCat("UploadShard: unknown sequence ", key.sequence_id));
+  }
+  std::unique_lock<std::shared_mutex> lock(seq->mu);
+  const SequenceSpec& spec = seq->spec;
+  const std::string where = absl::StrCat("shard ", key.DebugString());
+  KVR_RETURN_IF_ERROR(CheckHead(spec, key.layer, key.kv_head));
+  if (key.chunk < 0) {
+    return absl::InvalidArgumentError(absl::StrCat("chunk ", key.chunk, " < 0 for ", where));
+  }
+  const size_t n = upload.keys.rows();
+  if (n == 0) return absl::InvalidArgumentError(absl::StrCat("no keys for ", where));
+  if (n > index::kMaxKeys) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("keys rows ", n, " > ", index::kMaxKeys, " for ", where));
+  }
+  KVR_RETURN_IF_ERROR(CheckMatrix(upload.keys, spec, -1, "keys", where));
+  KVR_RETURN_IF_ERROR(CheckMatrix(upload.values, spec, static_cast<int64_t>(n), "values", where));
+  HeadState& head = seq->head(key.layer, key.kv_head);
+  if (upload.first_position <= head.last_position) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "first_position ", upload.first_position, " must be > ", head.last_position,
+        " (the last position held) for ", where));
+  }
+  if (!head.chunks.empty() && key.chunk <= head.chunks.back().chunk) {
+    return absl::AlreadyExistsError(absl::StrCat(where, ": chunk ", key.chunk,
+                                                 " is not after the last chunk ",
+                                                 head.chunks.back().chunk));
+  }
+  if (!upload.train_topk.empty()) {
+    const size_t w = upload.train_topk_width;
+    if (w == 0 || upload.train_topk.size() % w != 0) {
+      return absl::InvalidArgumentError(absl::StrCat("train_topk size ", upload.train_topk.size(),
+                                                     " is not a multiple of train_topk_width ",
+                                                     w, " for ", where));
+    }
+    for (int64_t id : upload.train_topk) {
+      if (id < -1 || id >= static_cast<int64_t>(n)) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("train_topk id ", id, " outside [-1, ", n, ") for ", where));
+      }
+    }
+  }
+  if (upload.train_queries.rows() > 0) {
+    KVR_RETURN_IF_ERROR(CheckMatrix(upload.train_queries, spec, -1, "train_queries", where));
+    if (upload.train_k < 1 || upload.train_k > index::kMaxSearchK) {
+      return absl::InvalidArgumentError(absl::StrCat("train_k ", upload.train_k, " outside [1, ",
+                                                     index::kMaxSearchK, "] for ", where));
+    }
+  }
+  // The tail belongs to the current last chunk: fold it in first.
+  if (head.tail != nullptr && head.tail->size() > 0) KVR_RETURN_IF_ERROR(Seal(*seq, &head));
+
+  Chunk chunk;
+  chunk.chunk = key.chunk;
+  KVR_ASSIGN_OR_RETURN(chunk.index,
+                       BuildIndex(spec.index_type, upload.keys, upload.train_topk,
+                                  upload.train_topk_width, upload.train_queries, upload.train_k));
+  chunk.values = ValueMatrix::FromFloat(spec.value_dtype, upload.values);
+  chunk.positions.resize(n);
+  for (size_t i = 0; i < n; ++i) chunk.positions[i] = upload.first_position + int64_t(i);
+  head.chunks.push_back(std::move(chunk));
+  head.last_position = upload.first_position + static_cast<int64_t>(n) - 1;
+  return absl::OkStatus();
+}
+
+absl::Status InProcessRetrievalNode::Append(const AppendRequest& request) {
+  std::shared_ptr<Sequence> seq = Find(request.sequence_id);
+  if (seq == nullptr) {
+    return absl::NotFoundError(absl::StrCat("Append: unknown sequence ", request.sequence_id));
+  }
+  std::unique_lock<std::shared_mutex> lock(seq->mu);
+  const SequenceSpec& spec = seq->spec;
+  const std::string where = absl::StrCat("append to (seq ", request.sequence_id, ", layer ",
+                                         request.layer, ", kv head ", request.kv_head, ")");
+  KVR_RETURN_IF_ERROR(CheckHead(spec, request.layer, request.kv_head));
+  const size_t n = request.keys.rows();
+  KVR_RETURN_IF_ERROR(CheckMatrix(request.keys, spec, -1, "keys", where));
+  KVR_RETURN_IF_ERROR(CheckMatrix(request.values, spec, static_cast<int64_t>(n), "values", where));
+  if (n == 0) return absl::OkStatus();
+  HeadState& head = seq->head(request.layer, request.kv_head);
+  if (request.first_position <= head.last_position) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "first_position ", request.first_position, " must be > ", head.last_position,
+        " (the last position held) for ", where));
+  }
+  KVR_RETURN_IF_ERROR(index::ValidateFinite(request.keys, spec.head_dim, "keys"));
+  if (head.chunks.empty()) head.chunks.push_back(Chunk{});
+  if (head.tail == nullptr) {
+    KVR_ASSIGN_OR_RETURN(head.tail, index::FlatIndex::Create(static_cast<size_t>(spec.head_dim)));
+    head.tail->Reserve(options_.tail_capacity);
+  }
+  KVR_RETURN_IF_ERROR(head.tail->Add(request.keys));
+  KVR_RETURN_IF_ERROR(head.tail_values.Append(request.values));
+  for (size_t i = 0; i < n; ++i) head.tail_positions.push_back(request.first_position + int64_t(i));
+  head.last_position = request.first_position + static_cast<int64_t>(n) - 1;
+  if (head.tail->size() >= options_.tail_capacity) KVR_RETURN_IF_ERROR(Seal(*seq, &head));
+  return absl::OkStatus();
+}
+
+absl::Status InProcessRetrievalNode::Seal(const Sequence& seq, HeadState* head) {
+  KVR_CHECK(!head->chunks.empty() && head->tail != nullptr);
+  Chunk& chunk = head->chunks.back();
+  const ConstMatrixView tail_keys = head->tail->keys();
+  const size_t total = (chunk.index ? chunk.index->size() : 0) + tail_keys.rows();
+  const IndexType want = seq.spec.index_type;
+  const bool rebuild =
+      chunk.index == nullptr || (chunk.index->kind() == index::IndexKind::kFlat &&
+                                 want != IndexType::kFlat && total >= options_.min_index_keys);
+  if (!rebuild) {
+    KVR_RETURN_IF_ERROR(chunk.index->Add(tail_keys));
+  } else {
+    Matrix all(total, tail_keys.cols());
+    size_t r = 0;
+    if (chunk.index != nullptr) {
+      const ConstMatrixView old = chunk.index->keys();
+      for (size_t i = 0; i < old.rows(); ++i, ++r) std::copy_n(old.row(i), old.cols(), all.row(r));
+    }
+    for (size_t i = 0; i < tail_keys.rows(); ++i, ++r) {
+      std::copy_n(tail_keys.row(i), tail_keys.cols(), all.row(r));
+    }
+    Matrix queries;
+    {
+      std::lock_guard<std::mutex> lock(head->query_mu);
+      queries = Matrix(head->recent_count, tail_keys.cols());
+      std::copy_n(head->recent.begin(), queries.data.size(), queries.data.begin());
+    }
+    KVR_ASSIGN_OR_RETURN(chunk.index, BuildIndex(want, all.view(), {}, 0, queries.view(),
+                                                 options_.train_k));
+  }
+  if (chunk.values.cols() == 0) {
+    chunk.values = ValueMatrix(seq.spec.value_dtype, static_cast<size_t>(seq.spec.head_dim));
+  }
+  const Matrix tail_values = ToFloat(head->tail_values);
+  KVR_RETURN_IF_ERROR(chunk.values.Append(tail_values.view()));
+  chunk.positions.insert(chunk.positions.end(), head->tail_positions.begin(),
+                         head->tail_positions.end());
+  KVR_CHECK(chunk.values.rows() == chunk.index->size() &&
+            chunk.positions.size() == chunk.index->size());
+  head->tail->Clear();
+  head->tail_values.Clear();
+  head->tail_positions.clear();
+  seals_.fetch_add(1, std::memory_order_relaxed);
+  return absl::OkStatus();
+}
+
+void InProcessRetrievalNode::AttendAsync(const AttendRequest& request, PartialsView out,
+                                         AttendStats* stats, StatusCallback done) {
+  if (pool_ == nullptr) {
+    done(AttendNow(request, out, stats));
+    return;
+  }
+  pool_->Schedule([this, request, out, stats, done = std::move(done)]() mutable {
+    done(AttendNow(request, out, stats));
+  });
+}
+
+absl::Status InProcessRetrievalNode::AttendNow(const AttendRequest& request, PartialsView out,
+                                               AttendStats* stats) {
+  std::shared_ptr<Sequence> seq = Find(request.sequence_id);
+  if (seq == nullptr) {
+    return absl::NotFoundError(absl::StrCat("Attend: unknown sequence ", request.sequence_id));
+  }
+  std::shared_lock<std::shared_mutex> lock(seq->mu);
+  const SequenceSpec& spec = seq->spec;
+  const absl::string_view where = "Attend";
+  KVR_RETURN_IF_ERROR(CheckRange(request.layer, spec.n_layers, "layer"));
+  KVR_RETURN_IF_ERROR(CheckMatrix(request.queries, spec, spec.n_heads, "queries", where));
+  if (out.size() != static_cast<size_t>(spec.n_heads) || out.o.rows() != out.size() ||
+      out.l.size() != out.size() || out.dim() != static_cast<size_t>(spec.head_dim)) {
+    return absl::InvalidArgumentError(absl::StrCat("Attend: output holds ", out.size(), " x ",
+                                                   out.dim(), " partials, need ", spec.n_heads,
+                                                   " x ", spec.head_dim));
+  }
+  if (request.k < 1 || request.k > index::kMaxSearchK) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("k ", request.k, " outside [1, ", index::kMaxSearchK, "]"));
+  }
+  if (request.beam < 0 || request.nprobe < 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("beam ", request.beam, " / nprobe ", request.nprobe, " must be >= 0"));
+  }
+  if (!std::isfinite(request.scale) || request.scale < 0.0f) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("scale ", request.scale, " must be finite and >= 0"));
+  }
+  index::AttendParams params;
+  params.search.k = request.k;
+  params.search.beam = request.beam;
+  params.search.nprobe = request.nprobe;
+  params.scale = request.scale > 0.0f ? request.scale
+                                      : 1.0f / std::sqrt(static_cast<float>(spec.head_dim));
+
+  const size_t group = static_cast<size_t>(spec.n_heads / spec.n_kv_heads);
+  const size_t d = static_cast<size_t>(spec.head_dim);
+  thread_local index::AttendScratch scratch;
+  thread_local Partials tmp;
+  if (tmp.m.size() != group || tmp.o.cols != d) tmp = Partials(group, d);
+  SetEmpty(out);
+  AttendStats local;
+  index::SearchStats search_stats;
+  for (int32_t g = 0; g < spec.n_kv_heads; ++g) {
+    HeadState& head = seq->head(request.layer, g);
+    const ConstMatrixView q = request.queries.rows_slice(g * group, group);
+    const PartialsView dst = out.slice(g * group, group);
+    if (options_.recent_queries > 0) {
+      std::lock_guard<std::mutex> qlock(head.query_mu);
+      if (head.recent.empty()) head.recent.resize(options_.recent_queries * d);
+      for (size_t i = 0; i < group; ++i) {
+        std::copy_n(q.row(i), d, head.recent.begin() + head.recent_next * d);
+        head.recent_next = (head.recent_next + 1) % options_.recent_queries;
+        head.recent_count = std::min(head.recent_count + 1, options_.recent_queries);
+      }
+    }
+    auto search = [&](const index::KeyIndex& idx, const ValueMatrix& values) -> absl::Status {
+      if (idx.size() == 0) return absl::OkStatus();
+      KVR_RETURN_IF_ERROR(index::Attend(q, idx, values, params, tmp.view(), &scratch,
+                                        &search_stats));
+      MergeInto(dst, tmp.view());
+      local.shards_searched += 1;
+      local.keys_held += static_cast<int64_t>(idx.size() * group);
+      local.keys_attended +=
+          static_cast<int64_t>(std::min<size_t>(idx.size(), size_t(request.k)) * group);
+      return absl::OkStatus();
+    };
+    for (const Chunk& c : head.chunks) {
+      if (c.index != nullptr) KVR_RETURN_IF_ERROR(search(*c.index, c.values));
+    }
+    if (head.tail != nullptr) KVR_RETURN_IF_ERROR(search(*head.tail, head.tail_values));
+  }
+  local.distance_computations = search_stats.distance_computations;
+  if (stats != nullptr) *stats = local;
+  return absl::OkStatus();
+}
+
+absl::Status InProcessRetrievalNode::DropSequence(uint64_t sequence_id) {
+  std::shared_ptr<Sequence> seq;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    auto it = sequences_.find(sequence_id);
+    if (it == sequences_.end()) {
+      return absl::NotFoundError(absl::StrCat("DropSequence: unknown sequence ", sequence_id));
+    }
+    seq = std::move(it->second);
+    sequences_.erase(it);
+  }
+  // In-flight Attends hold their own reference; memory goes when they finish.
+  return absl::OkStatus();
+}
+
+absl::StatusOr<NodeStats> InProcessRetrievalNode::Stats() {
+  std::vector<std::shared_ptr<Sequence>> seqs;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    for (auto& [id, s] : sequences_) seqs.push_back(s);
+  }
+  NodeStats st;
+  st.sequences = static_cast<int64_t>(seqs.size());
+  st.seals = seals_.load(std::memory_order_relaxed);
+  for (const auto& s : seqs) {
+    std::shared_lock<std::shared_mutex> lock(s->mu);
+    for (const auto& h : s->heads) {
+      for (const Chunk& c : h->chunks) {
+        st.shards += 1;
+        if (c.index != nullptr) {
+          st.indexed_keys += static_cast<int64_t>(c.index->size());
+          st.memory_bytes += static_cast<int64_t>(c.index->MemoryBytes());
+        }
+        st.memory_bytes += static_cast<int64_t>(c.values.MemoryBytes() +
+                                                c.positions.capacity() * sizeof(int64_t));
+      }
+      if (h->tail != nullptr) {
+        st.tail_keys += static_cast<int64_t>(h->tail->size());
+        st.memory_bytes += static_cast<int64_t>(h->tail->MemoryBytes() +
+                                                h->tail_values.MemoryBytes());
+      }
+    }
+  }
+  return st;
+}
+
+absl::StatusOr<std::vector<int64_t>> InProcessRetrievalNode::HeldPositions(uint64_t sequence_id,
+                                                                           int32_t layer,
+                                                                           int32_t kv_head) {
+  std::shared_ptr<Sequence> seq = Find(sequence_id);
+  if (seq == nullptr) {
+    return absl::NotFoundError(absl::StrCat("HeldPositions: unknown sequence ", sequence_id));
+  }
+  std::shared_lock<std::shared_mutex> lock(seq->mu);
+  KVR_RETURN_IF_ERROR(CheckHead(seq->spec, layer, kv_head));
+  const HeadState& head = seq->head(layer, kv_head);
+  std::vector<int64_t> out;
+  for (const Chunk& c : head.chunks) out.insert(out.end(), c.positions.begin(), c.positions.end());
+  out.insert(out.end(), head.tail_positions.begin(), head.tail_positions.end());
+  std::sort(out.begin(), out.end());
+  return out;
+}
+
+}  // namespace kvr::retrieval

@@ -1,0 +1,92 @@
+// InProcessRetrievalNode: a retrieval node living in the worker's process
+// (embedded mode, tests). No sockets; AttendAsync runs on the node's own
+// thread pool so the worker can overlap it with its window attention.
+//
+// Per (sequence, layer, kv head) the node holds a list of chunks (shards),
+// each an index (attention graph, IVF, or flat when small or asked) over its
+// keys with the values alongside, plus one flat-scanned tail buffer for
+// appended tokens. When the tail reaches `tail_capacity` keys it is sealed
+// into the last chunk: added to its index (AttentionGraphIndex::Add links new
+// keys incrementally), or, when the chunk has no index yet or only a flat one
+// because it was small, the chunk's index is (re)built over all its keys with
+// the most recent decode queries of that kv head as training queries.
+// Attend searches every chunk and the tail and merges the partials by LSE.
+#pragma once
+
+#include <atomic>
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <vector>
+
+#include "common/thread_pool.h"
+#include "retrieval_node/client/retrieval_client.h"
+#include "retrieval_node/index/attention_graph_index.h"
+#include "retrieval_node/index/ivf_index.h"
+
+namespace kvr::retrieval {
+
+struct InProcessNodeOptions {
+  // Appended keys per (sequence, layer, kv head) kept flat before sealing.
+  size_t tail_capacity = 64;
+  // Chunks with fewer keys use a flat index whatever the sequence asks for.
+  size_t min_index_keys = 32;
+  // Recent decode queries per (sequence, layer, kv head) kept as training
+  // queries for tail seals that (re)build an index.
+  size_t recent_queries = 256;
+  // Exact top-k per training query when the node computes training data.
+  int train_k = 32;
+  index::AttentionGraphOptions graph;
+  index::IvfOptions ivf;
+  // Threads running AttendAsync and index builds (0: Attend runs inline on
+  // the caller's thread before AttendAsync returns).
+  size_t threads = 1;
+};
+
+class InProcessRetrievalNode final : public RetrievalClient {
+ public:
+  // InvalidArgument for bad options (naming the field).
+  static absl::StatusOr<std::unique_ptr<InProcessRetrievalNode>> Create(
+      const InProcessNodeOptions& options = {});
+  ~InProcessRetrievalNode() override;
+
+  absl::Status CreateSequence(const SequenceSpec& spec) override;
+  absl::Status UploadShard(const ShardUpload& upload) override;
+  absl::Status Append(const AppendRequest& request) override;
+  void AttendAsync(const AttendRequest& request, PartialsView out, AttendStats* stats,
+                   StatusCallback done) override;
+  absl::Status DropSequence(uint64_t sequence_id) override;
+  absl::StatusOr<NodeStats> Stats() override;
+
+  // Debugging / tests: the absolute positions held for (sequence, layer, kv
+  // head), ascending (indexed chunks and tail). NotFound / InvalidArgument
+  // as for Append.
+  absl::StatusOr<std::vector<int64_t>> HeldPositions(uint64_t sequence_id, int32_t layer,
+                                                     int32_t kv_head);
+
+  const InProcessNodeOptions& options() const { return options_; }
+
+ private:
+  struct Chunk;
+  struct HeadState;
+  struct Sequence;
+
+  explicit InProcessRetrievalNode(const InProcessNodeOptions& options);
+  std::shared_ptr<Sequence> Find(uint64_t sequence_id);
+  absl::Status AttendNow(const AttendRequest& request, PartialsView out, AttendStats* stats);
+  // Folds `head`'s tail into its last chunk. Caller holds the sequence lock.
+  absl::Status Seal(const Sequence& seq, HeadState* head);
+  // Builds the index a chunk of `n` keys should have.
+  absl::StatusOr<std::unique_ptr<index::KeyIndex>> BuildIndex(
+      IndexType type, ConstMatrixView keys, std::span<const int64_t> train_topk,
+      size_t topk_width, ConstMatrixView train_queries, int train_k);
+
+  InProcessNodeOptions options_;
+  std::unique_ptr<ThreadPool> pool_;
+  std::mutex mu_;  // guards sequences_
+  std::map<uint64_t, std::shared_ptr<Sequence>> sequences_;
+  std::atomic<int64_t> seals_{0};
+};
+
+}  // namespace kvr::retrieval

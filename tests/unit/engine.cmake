@@ -1,0 +1,4 @@
+# gpu_worker/engine + retrieval_node/client: retrieval attention vs full
+# attention on stories260K, coverage, sampling, the in-process node.
+kvr_test(engine_test SOURCES unit/engine_test.cc DEPS kvr::engine kvr::retrieval_client
+  TIMEOUT 120)

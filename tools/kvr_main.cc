@@ -1,0 +1,356 @@
+// kvr: the embedded command-line front end.
+//
+//   kvr generate --prompt "Once upon a time" --max_tokens 120
+//
+// runs the decode worker (CPU backend) with an in-process retrieval node on
+// the bundled stories260K model, streams the text to stdout and prints a
+// one-line summary to stderr. See `kvr generate --help`.
+#include <unistd.h>
+
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <filesystem>
+#include <functional>
+#include <map>
+#include <type_traits>
+#include <memory>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "gpu_worker/backend/backend.h"
+#include "gpu_worker/engine/generation.h"
+#include "gpu_worker/model/llama2c_loader.h"
+#include "gpu_worker/model/llama2c_tokenizer.h"
+#include "retrieval_node/client/in_process_node.h"
+
+#ifndef KVR_DEFAULT_MODEL_DIR
+#define KVR_DEFAULT_MODEL_DIR ""
+#endif
+
+namespace kvr {
+namespace {
+
+namespace fs = std::filesystem;
+using worker::AttentionMode;
+
+constexpr char kUsage[] = R"(kvr — RetrievalAttention LLM serving (embedded mode)
+
+Usage:
+  kvr generate [flags]     generate text from a prompt (worker + in-process
+                           retrieval node + CPU backend, one process)
+  kvr --help               this text
+  kvr generate --help      the generate flags
+
+Run `kvr generate --help` for the flags.
+)";
+
+constexpr char kGenerateUsage[] = R"(Usage: kvr generate [flags]
+
+Streams the prompt and its continuation to stdout; prints a one-line summary
+(tokens, tok/s, tokens attended locally vs retrieved) to stderr.
+
+Model:
+  --model PATH            llama2.c checkpoint (default: stories260K.bin in the
+                          model dir: $KVR_SHARED_MODELS, else ../shared/models
+                          next to the repository)
+  --tokenizer PATH        llama2.c tokenizer (default: tok512.bin in the model dir)
+Request:
+  --prompt TEXT           prompt (default "Once upon a time")
+  --max_tokens N          tokens to generate, [0, 1048576] (default 128)
+  --stop TEXT             stop string (repeatable); the text is cut before it
+Attention:
+  --mode retrieval|full   retrieval attention or the full-attention baseline
+                          (default retrieval)
+  --sinks N               attention-sink tokens kept on the worker, >= 0 (default 4)
+  --window N              recent tokens kept on the worker, >= 1 (default 16)
+  --top_k N               keys retrieved per query head, [1, 4096] (default 16)
+  --index graph|flat|ivf  retrieval index (default graph)
+  --beam N                graph search beam, 0 = index default (default 0)
+  --train_k N             exact top-k per prefill query for the graph build,
+                          [1, 4096] (default 32)
+  --tail_capacity N       appended tokens kept flat before sealing into the
+                          index, >= 1 (default 64)
+  --value_dtype f32|bf16|f16  how the node stores values (default f32)
+Sampling:
+  --temperature T         0 = greedy (default 0)
+  --sample_top_k N        sample among the N most likely tokens, 0 = all (default 0)
+  --top_p P               nucleus mass in (0, 1] (default 1)
+  --repetition_penalty R  > 0, 1 = off (default 1)
+  --seed N                sampling seed (default 1)
+Runtime:
+  --threads N             CPU backend threads, 0 = all cores (default 1)
+)";
+
+struct Flags {
+  std::string model, tokenizer;
+  worker::GenerateRequest request;
+  int64_t tail_capacity = 64;
+  int64_t threads = 1;
+};
+
+absl::Status ParseInt(std::string_view flag, const std::string& value, int64_t lo, int64_t hi,
+                      int64_t* out) {
+  int64_t v = 0;
+  if (!absl::SimpleAtoi(value, &v)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--", std::string(flag), ": \"", value, "\" is not an integer"));
+  }
+  if (v < lo || v > hi) {
+    return absl::InvalidArgumentError(absl::StrCat("--", std::string(flag), ": ", v,
+                                                   " outside [", lo, ", ", hi, "]"));
+  }
+  *out = v;
+  return absl::OkStatus();
+}
+
+absl::Status ParseFloat(std::string_view flag, const std::string& value, float* out) {
+  if (!absl::SimpleAtof(value, out)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--", std::string(flag), ": \"", value, "\" is not a number"));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status ParseGenerateFlags(const std::vector<std::string>& args, Flags* f, bool* help) {
+  worker::GenerateRequest& r = f->request;
+  r.prompt = "Once upon a time";
+  r.max_tokens = 128;
+  auto int_flag = [&](int64_t lo, int64_t hi, auto* field) {
+    return [=](std::string_view name, const std::string& v) -> absl::Status {
+      int64_t x = 0;
+      KVR_RETURN_IF_ERROR(ParseInt(name, v, lo, hi, &x));
+      *field = static_cast<std::remove_pointer_t<decltype(field)>>(x);
+      return absl::OkStatus();
+    };
+  };
+  auto float_flag = [&](float* field) {
+    return [=](std::string_view name, const std::string& v) { return ParseFloat(name, v, field); };
+  };
+  auto string_flag = [&](std::string* field) {
+    return [=](std::string_view, const std::string& v) {
+      *field = v;
+      return absl::OkStatus();
+    };
+  };
+  constexpr int64_t kMaxTokens = int64_t{1} << 24;
+  using Handler = std::function<absl::Status(std::string_view, const std::string&)>;
+  const std::map<std::string, Handler, std::less<>> handlers = {
+      {"model", string_flag(&f->model)},
+      {"tokenizer", string_flag(&f->tokenizer)},
+      {"prompt", string_flag(&r.prompt)},
+      {"max_tokens", int_flag(0, 1 << 20, &r.max_tokens)},
+      {"stop",
+       [&](std::string_view name, const std::string& v) -> absl::Status {
+         if (v.empty()) return absl::InvalidArgumentError("--stop: empty stop string");
+         r.stop.push_back(v);
+         return absl::OkStatus();
+       }},
+      {"mode",
+       [&](std::string_view, const std::string& v) -> absl::Status {
+         absl::StatusOr<AttentionMode> m = worker::ParseAttentionMode(v);
+         if (!m.ok()) return absl::InvalidArgumentError(absl::StrCat("--mode: ", m.status().message()));
+         r.attention.mode = *m;
+         return absl::OkStatus();
+       }},
+      {"sinks", int_flag(0, kMaxTokens, &r.attention.sinks)},
+      {"window", int_flag(1, kMaxTokens, &r.attention.window)},
+      {"top_k", int_flag(1, 4096, &r.attention.top_k)},
+      {"beam", int_flag(0, 65536, &r.attention.beam)},
+      {"train_k", int_flag(1, 4096, &r.attention.train_k)},
+      {"index",
+       [&](std::string_view, const std::string& v) -> absl::Status {
+         absl::StatusOr<retrieval::IndexType> t = retrieval::ParseIndexType(v);
+         if (!t.ok()) return absl::InvalidArgumentError(absl::StrCat("--index: ", t.status().message()));
+         r.attention.index = *t;
+         return absl::OkStatus();
+       }},
+      {"value_dtype",
+       [&](std::string_view, const std::string& v) -> absl::Status {
+         absl::StatusOr<DType> t = ParseDType(v);
+         if (!t.ok()) {
+           return absl::InvalidArgumentError(absl::StrCat("--value_dtype: ", t.status().message()));
+         }
+         r.attention.value_dtype = *t;
+         return absl::OkStatus();
+       }},
+      {"tail_capacity", int_flag(1, kMaxTokens, &f->tail_capacity)},
+      {"temperature", float_flag(&r.sampling.temperature)},
+      {"sample_top_k", int_flag(0, 1 << 24, &r.sampling.top_k)},
+      {"top_p", float_flag(&r.sampling.top_p)},
+      {"repetition_penalty", float_flag(&r.sampling.repetition_penalty)},
+      {"seed",
+       [&](std::string_view name, const std::string& v) -> absl::Status {
+         if (!absl::SimpleAtoi(v, &r.sampling.seed)) {
+           return absl::InvalidArgumentError(
+               absl::StrCat("--seed: \"", v, "\" is not an unsigned integer"));
+         }
+         return absl::OkStatus();
+       }},
+      {"threads", int_flag(0, 1024, &f->threads)},
+  };
+  for (size_t i = 0; i < args.size(); ++i) {
+    std::string_view a = args[i];
+    if (a == "--help" || a == "-h" || a == "--helpfull") {
+      *help = true;
+      return absl::OkStatus();
+    }
+    if (a.substr(0, 2) != "--") {
+      return absl::InvalidArgumentError(absl::StrCat("unexpected argument \"", std::string(a),
+                                                     "\" (flags start with --)"));
+    }
+    a.remove_prefix(2);
+    std::string name(a), value;
+    bool has_value = false;
+    if (const size_t eq = a.find('='); eq != std::string_view::npos) {
+      name = std::string(a.substr(0, eq));
+      value = std::string(a.substr(eq + 1));
+      has_value = true;
+    }
+    auto it = handlers.find(name);
+    if (it == handlers.end()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("unknown flag --", name, " (see kvr generate --help)"));
+    }
+    if (!has_value) {
+      if (i + 1 >= args.size()) {
+        return absl::InvalidArgumentError(absl::StrCat("--", name, " needs a value"));
+      }
+      value = args[++i];
+    }
+    KVR_RETURN_IF_ERROR(it->second(name, value));
+  }
+  // Float and cross-field checks. Their messages start with the field name,
+  // which is the flag's: "temperature nan must be ..." -> "--temperature: nan ...".
+  auto as_flag = [](const absl::Status& s) {
+    std::string m(s.message());
+    if (const size_t sp = m.find(' '); sp != std::string::npos) m.insert(sp, ":");
+    return absl::InvalidArgumentError(absl::StrCat("--", m));
+  };
+  if (absl::Status s = worker::ValidateSampling(r.sampling); !s.ok()) return as_flag(s);
+  if (absl::Status s = worker::ValidateAttentionOptions(r.attention); !s.ok()) return as_flag(s);
+  return absl::OkStatus();
+}
+
+// The first directory holding the bundled model.
+std::string DefaultModelDir() {
+  std::vector<fs::path> candidates;
+  if (const char* env = std::getenv("KVR_SHARED_MODELS"); env != nullptr && *env != '\0') {
+    candidates.emplace_back(env);
+  }
+  std::error_code ec;
+  const fs::path exe = fs::read_symlink("/proc/self/exe", ec);
+  if (!ec) {
+    // <repo>/build*/tools/kvr -> <repo>/../shared/models
+    candidates.push_back(exe.parent_path() / "../../../shared/models");
+    candidates.push_back(exe.parent_path() / "../../shared/models");
+  }
+  candidates.emplace_back("../shared/models");
+  candidates.emplace_back("shared/models");
+  if (*KVR_DEFAULT_MODEL_DIR != '\0') candidates.emplace_back(KVR_DEFAULT_MODEL_DIR);
+  for (const fs::path& dir : candidates) {
+    if (fs::exists(dir / "stories260K.bin", ec)) return fs::weakly_canonical(dir, ec).string();
+  }
+  return {};
+}
+
+absl::Status RunGenerate(const Flags& f) {
+  std::string model = f.model, tokenizer = f.tokenizer;
+  if (model.empty() || tokenizer.empty()) {
+    const std::string dir = DefaultModelDir();
+    if (dir.empty()) {
+      return absl::NotFoundError(
+          "no model: pass --model and --tokenizer, or set KVR_SHARED_MODELS to the directory "
+          "holding stories260K.bin and tok512.bin");
+    }
+    if (model.empty()) model = dir + "/stories260K.bin";
+    if (tokenizer.empty()) tokenizer = dir + "/tok512.bin";
+  }
+  KVR_ASSIGN_OR_RETURN(std::shared_ptr<const worker::LlamaWeights> weights,
+                       worker::LoadLlama2c(model));
+  KVR_ASSIGN_OR_RETURN(std::unique_ptr<worker::Llama2cTokenizer> tok,
+                       worker::Llama2cTokenizer::Load(tokenizer, weights->config.vocab_size));
+  worker::BackendOptions bo;
+  bo.num_threads = static_cast<int>(f.threads);
+  KVR_ASSIGN_OR_RETURN(std::unique_ptr<worker::Backend> backend,
+                       worker::BackendRegistry::Create("cpu", bo));
+  retrieval::InProcessNodeOptions no;
+  no.tail_capacity = static_cast<size_t>(f.tail_capacity);
+  no.train_k = f.request.attention.train_k;
+  KVR_ASSIGN_OR_RETURN(std::unique_ptr<retrieval::InProcessRetrievalNode> node,
+                       retrieval::InProcessRetrievalNode::Create(no));
+  KVR_ASSIGN_OR_RETURN(std::unique_ptr<worker::RetrievalEngine> engine,
+                       worker::RetrievalEngine::Create(backend.get(), weights, node.get()));
+
+  std::fwrite(f.request.prompt.data(), 1, f.request.prompt.size(), stdout);
+  std::fflush(stdout);
+  const auto start = std::chrono::steady_clock::now();
+  KVR_ASSIGN_OR_RETURN(worker::GenerateResult result,
+                       worker::Generate(*engine, *tok, f.request, [](std::string_view piece) {
+                         std::fwrite(piece.data(), 1, piece.size(), stdout);
+                         std::fflush(stdout);
+                       }));
+  const double seconds =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  std::fputc('\n', stdout);
+  std::fflush(stdout);
+
+  const worker::EngineStats& s = result.stats;
+  const double steps = s.decode_steps > 0 ? static_cast<double>(s.decode_steps) : 1.0;
+  const size_t n = result.tokens.size();
+  const worker::AttentionOptions& a = f.request.attention;
+  std::string attention =
+      a.mode == AttentionMode::kFull
+          ? absl::StrFormat("full attention: %.1f tokens/step attended locally",
+                            s.local_tokens / steps)
+          : absl::StrFormat(
+                "retrieval (sinks %d, window %d, top_k %d, index %s): per step and head "
+                "%.1f tokens local + %.1f retrieved of %.1f offloaded",
+                a.sinks, a.window, a.top_k, std::string(retrieval::IndexTypeName(a.index)),
+                s.local_tokens / steps, s.retrieved_tokens / steps, s.node_held_tokens / steps);
+  std::fprintf(stderr,
+               "kvr: %zu tokens in %.3f s (%.1f tok/s; prompt %lld tokens, prefill %.1f ms); "
+               "%s; finish %s\n",
+               n, seconds, seconds > 0 ? static_cast<double>(n) / seconds : 0.0,
+               static_cast<long long>(result.prompt_tokens), s.prefill_seconds * 1e3,
+               attention.c_str(), std::string(worker::FinishReasonName(result.finish)).c_str());
+  return absl::OkStatus();
+}
+
+int Main(int argc, char** argv) {
+  std::vector<std::string> args(argv + 1, argv + argc);
+  if (args.empty() || args[0] == "--help" || args[0] == "-h" || args[0] == "help") {
+    std::fputs(kUsage, args.empty() ? stderr : stdout);
+    return args.empty() ? 2 : 0;
+  }
+  if (args[0] != "generate") {
+    std::fprintf(stderr, "kvr: unknown command \"%s\" (commands: generate; see kvr --help)\n",
+                 args[0].c_str());
+    return 2;
+  }
+  args.erase(args.begin());
+  Flags flags;
+  bool help = false;
+  if (absl::Status s = ParseGenerateFlags(args, &flags, &help); !s.ok()) {
+    std::fprintf(stderr, "kvr generate: %s\n", std::string(s.message()).c_str());
+    return 2;
+  }
+  if (help) {
+    std::fputs(kGenerateUsage, stdout);
+    return 0;
+  }
+  if (absl::Status s = RunGenerate(flags); !s.ok()) {
+    std::fprintf(stderr, "\nkvr generate: %s\n", s.ToString().c_str());
+    return 1;
+  }
+  return 0;
+}
+
+}  // namespace
+}  // namespace kvr
+
+int main(int argc, char** argv) { return kvr::Main(argc, argv); }
