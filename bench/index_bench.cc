@@ -61,6 +61,9 @@ ABSL_FLAG(int, graph_degree, 32, "attention graph out-degree M");
 ABSL_FLAG(int, graph_entry_points, 16, "attention graph entry points");
 ABSL_FLAG(double, graph_prune_alpha, 1.0, "attention graph occlusion-pruning alpha");
 ABSL_FLAG(int, graph_pivots, 1, "attention graph pivots per training query");
+ABSL_FLAG(int, graph_routers, 0, "attention graph query routers (0: off)");
+ABSL_FLAG(int, graph_router_probe, 4, "routers whose keys seed each search");
+ABSL_FLAG(int, graph_router_entries, 8, "keys remembered per router");
 ABSL_FLAG(bool, graph_saturate, true, "fill graph rows up to the degree with pruned candidates");
 ABSL_FLAG(std::string, train_topk_cache, "",
           "if set: read the training top-k from this .ibin when it exists, else write it "
@@ -333,16 +336,34 @@ class Runner {
       }
     }
     const double knn_s = Seconds(t0, Clock::now());
+    {
+      // How much of what decode queries want did some training query want?
+      std::vector<uint8_t> seen(ds.keys.rows, 0);
+      for (int64_t id : topk) {
+        if (id >= 0) seen[id] = 1;
+      }
+      size_t hit = 0;
+      for (int64_t id : truth) hit += (id >= 0 && seen[id]) ? 1 : 0;
+      std::printf("  graph: %.1f%% of decode queries' top-%d keys are in some training query's "
+                  "top-%d\n",
+                  100.0 * static_cast<double>(hit) / static_cast<double>(truth.size()), k, train_k);
+    }
     index::AttentionGraphOptions o;
     o.degree = absl::GetFlag(FLAGS_graph_degree);
     o.entry_points = absl::GetFlag(FLAGS_graph_entry_points);
     o.prune_alpha = static_cast<float>(absl::GetFlag(FLAGS_graph_prune_alpha));
     o.saturate = absl::GetFlag(FLAGS_graph_saturate);
     o.pivots_per_query = absl::GetFlag(FLAGS_graph_pivots);
+    o.routers = absl::GetFlag(FLAGS_graph_routers);
+    o.router_probe = absl::GetFlag(FLAGS_graph_router_probe);
+    o.router_entries = absl::GetFlag(FLAGS_graph_router_entries);
     t0 = Clock::now();
     auto graph = index::AttentionGraphIndex::Build(ds.keys.view(), topk,
                                                    static_cast<size_t>(train_k), o, pool_);
     if (!graph.ok()) Fail(graph.status());
+    if (auto s = (*graph)->SetRouters(ds.train.view(), topk, static_cast<size_t>(train_k)); !s.ok()) {
+      Fail(s);
+    }
     const double build = Seconds(t0, Clock::now());
     const auto& bs = (*graph)->build_stats();
     std::printf("  graph: training top-%d of %zu queries %.2f s (GPU work in production), "

@@ -16,6 +16,7 @@ namespace {
 constexpr uint32_t kNone = std::numeric_limits<uint32_t>::max();
 constexpr uint32_t kFormatVersion = 1;
 constexpr int kMaxDegree = 256;
+constexpr size_t kMaxCandidatesPerDegree = 8;
 constexpr int kMaxBeam = 1 << 16;
 
 }  // namespace
@@ -28,6 +29,8 @@ struct AttentionGraphIndex::Scratch {
   Beam beam;
   std::vector<uint32_t> fresh;  // unvisited neighbours of the node being expanded
   std::vector<float> fresh_scores;
+  std::vector<float> router_scores;
+  std::vector<uint32_t> router_order;
 
   // Starts a new search over `n` keys: every key becomes unvisited.
   void Reset(size_t n) {
@@ -47,7 +50,8 @@ struct AttentionGraphIndex::Scratch {
   }
   size_t MemoryBytes() const {
     return visited.capacity() * sizeof(uint32_t) + beam.MemoryBytes() +
-           fresh.capacity() * sizeof(uint32_t) + fresh_scores.capacity() * sizeof(float);
+           fresh.capacity() * sizeof(uint32_t) + fresh_scores.capacity() * sizeof(float) +
+           router_scores.capacity() * sizeof(float) + router_order.capacity() * sizeof(uint32_t);
   }
 };
 
@@ -88,6 +92,13 @@ absl::Status ValidateGraphOptions(const AttentionGraphOptions& o) {
   if (o.entry_points < 1 || o.entry_points > 1024) {
     return absl::InvalidArgumentError(
         absl::StrCat("attention graph entry_points=", o.entry_points, " outside [1, 1024]"));
+  }
+  if (o.routers < 0 || o.routers > 65536 || o.router_probe < 1 || o.router_probe > 1024 ||
+      o.router_entries < 1 || o.router_entries > 1024) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "attention graph routers=", o.routers, " router_probe=", o.router_probe,
+        " router_entries=", o.router_entries,
+        " outside routers [0, 65536], probe [1, 1024], entries [1, 1024]"));
   }
   if (o.pivots_per_query < 1 || o.pivots_per_query > 1024) {
     return absl::InvalidArgumentError(absl::StrCat("attention graph pivots_per_query=",
@@ -133,6 +144,13 @@ float AttentionGraphIndex::L2(uint32_t a, uint32_t b) const {
 void AttentionGraphIndex::Prune(uint32_t source, std::vector<Cand>* cands,
                                 std::vector<uint32_t>* out) const {
   const size_t degree = static_cast<size_t>(options_.degree);
+  // Only the nearest kMaxCandidatesPerDegree * degree candidates compete: the
+  // occlusion test costs O(degree) distances per candidate.
+  const size_t cap = kMaxCandidatesPerDegree * degree;
+  if (cands->size() > cap) {
+    std::nth_element(cands->begin(), cands->begin() + cap, cands->end());
+    cands->resize(cap);
+  }
   std::sort(cands->begin(), cands->end());
   cands->erase(std::unique(cands->begin(), cands->end(),
                            [](const Cand& a, const Cand& b) { return a.id == b.id; }),
@@ -191,13 +209,41 @@ void AttentionGraphIndex::SearchOne(const float* q, size_t beam_width, Scratch* 
   };
 
   // Entry points: score all, seed the beam.
-  {
+  auto seed = [&](std::span<const uint32_t> ids) {
     size_t m = 0;
-    for (uint32_t e : entries_) {
-      if (s->Visit(e)) s->fresh[m++] = e;
+    for (uint32_t e : ids) {
+      if (e != kNone && s->Visit(e)) {
+        if (m == s->fresh.size()) {
+          s->fresh.resize(2 * m);
+          s->fresh_scores.resize(2 * m);
+        }
+        s->fresh[m++] = e;
+      }
     }
     score_ids(s->fresh.data(), m, s->fresh_scores.data());
     for (size_t i = 0; i < m; ++i) s->beam.Insert(s->fresh[i], s->fresh_scores[i]);
+  };
+  seed(entries_);
+  if constexpr (kMetric == Metric::kIp) {
+    const size_t routers = router_vecs_.size() / dim_;
+    if (routers > 0) {
+      // Route among training queries (in distribution for decode queries,
+      // unlike keys), then start from the keys the nearest ones wanted.
+      const size_t e = static_cast<size_t>(options_.router_entries);
+      const size_t probe = std::min<size_t>(static_cast<size_t>(options_.router_probe), routers);
+      s->router_scores.resize(routers);
+      kern.dot_batch(q, router_vecs_.data(), routers, dim_, dim_, s->router_scores.data());
+      *distance_computations += static_cast<int64_t>(routers);
+      s->router_order.resize(routers);
+      std::iota(s->router_order.begin(), s->router_order.end(), 0);
+      std::partial_sort(s->router_order.begin(), s->router_order.begin() + probe,
+                        s->router_order.end(), [&](uint32_t a, uint32_t b) {
+                          return s->router_scores[a] > s->router_scores[b];
+                        });
+      for (size_t r = 0; r < probe; ++r) {
+        seed({router_keys_.data() + static_cast<size_t>(s->router_order[r]) * e, e});
+      }
+    }
   }
 
   while (s->beam.HasUnexpanded()) {
@@ -466,18 +512,32 @@ void AttentionGraphIndex::LinkKey(uint32_t id, std::vector<Cand>* cands) {
   for (uint32_t x : RegularNeighbors(id)) cands->push_back({L2(id, x), x});
   Prune(id, cands, &out);
   SetNeighbors(id, out);
+  // Offer each kept neighbour the reverse edge: taken when it has a free slot
+  // or when the new key is nearer than its farthest neighbour (which it
+  // replaces; LinkUnreachable re-checks that the replaced key stays reachable).
   bool linked = false;
-  std::vector<Cand> back;
-  std::vector<uint32_t> back_out;
+  const size_t degree = stride_ - 1;
   for (uint32_t c : out) {
-    back.clear();
-    for (uint32_t x : RegularNeighbors(c)) {
-      if (x != id) back.push_back({L2(c, x), x});
+    uint32_t* r = row(c);
+    const auto current = RegularNeighbors(c);
+    if (current.size() < degree) {
+      r[current.size()] = id;
+      linked = true;
+      continue;
     }
-    back.push_back({L2(c, id), id});
-    Prune(c, &back, &back_out);
-    if (std::find(back_out.begin(), back_out.end(), id) != back_out.end()) linked = true;
-    SetNeighbors(c, back_out);
+    size_t far = 0;
+    float far_dist = -1.0f;
+    for (size_t j = 0; j < current.size(); ++j) {
+      const float d = L2(c, current[j]);
+      if (d > far_dist) {
+        far_dist = d;
+        far = j;
+      }
+    }
+    if (L2(c, id) < far_dist) {
+      r[far] = id;
+      linked = true;
+    }
   }
   if (linked) return;
   // No neighbour kept the edge: use the connectivity slot of the nearest
@@ -586,6 +646,7 @@ absl::Status AttentionGraphIndex::Add(ConstMatrixView keys) {
 
 size_t AttentionGraphIndex::MemoryBytes() const {
   return sizeof(*this) + keys_.capacity() * sizeof(float) +
+         router_vecs_.capacity() * sizeof(float) + router_keys_.capacity() * sizeof(uint32_t) +
          adjacency_.capacity() * sizeof(uint32_t) + entries_.capacity() * sizeof(uint32_t) +
          scratch_->MemoryBytes();
 }
@@ -601,9 +662,14 @@ absl::Status AttentionGraphIndex::Serialize(std::vector<uint8_t>* out) const {
   w.Put<float>(options_.prune_alpha);
   w.Put<uint8_t>(options_.saturate ? 1 : 0);
   w.Put<int32_t>(options_.pivots_per_query);
+  w.Put<int32_t>(options_.routers);
+  w.Put<int32_t>(options_.router_probe);
+  w.Put<int32_t>(options_.router_entries);
   w.PutArray(std::span<const uint32_t>(entries_));
   w.PutArray(std::span<const float>(keys_.data(), n_ * dim_));
   w.PutArray(std::span<const uint32_t>(adjacency_.data(), n_ * stride_));
+  w.PutArray(std::span<const float>(router_vecs_));
+  w.PutArray(std::span<const uint32_t>(router_keys_));
   const auto blob = SealBlob(static_cast<uint32_t>(IndexKind::kAttentionGraph), kFormatVersion,
                              w.bytes());
   out->insert(out->end(), blob.begin(), blob.end());
@@ -634,6 +700,9 @@ absl::StatusOr<std::unique_ptr<AttentionGraphIndex>> AttentionGraphIndex::Deseri
   KVR_RETURN_IF_ERROR(r.Get(&o.prune_alpha, "prune_alpha"));
   KVR_RETURN_IF_ERROR(r.Get(&saturate, "saturate"));
   KVR_RETURN_IF_ERROR(r.Get(&o.pivots_per_query, "pivots_per_query"));
+  KVR_RETURN_IF_ERROR(r.Get(&o.routers, "routers"));
+  KVR_RETURN_IF_ERROR(r.Get(&o.router_probe, "router_probe"));
+  KVR_RETURN_IF_ERROR(r.Get(&o.router_entries, "router_entries"));
   o.saturate = saturate != 0;
   if (dim == 0 || dim > kMaxDim || n >= kMaxKeys) {
     return absl::DataLossError(
@@ -647,6 +716,10 @@ absl::StatusOr<std::unique_ptr<AttentionGraphIndex>> AttentionGraphIndex::Deseri
   KVR_RETURN_IF_ERROR(r.GetArray(&index->entries_, "entries", 1024));
   KVR_RETURN_IF_ERROR(r.GetArray(&index->keys_, "keys", n * dim));
   KVR_RETURN_IF_ERROR(r.GetArray(&index->adjacency_, "adjacency", n * index->stride_));
+  KVR_RETURN_IF_ERROR(r.GetArray(&index->router_vecs_, "router_vecs",
+                                 static_cast<uint64_t>(o.routers) * dim));
+  KVR_RETURN_IF_ERROR(r.GetArray(&index->router_keys_, "router_keys",
+                                 static_cast<uint64_t>(o.routers) * o.router_entries));
   KVR_RETURN_IF_ERROR(r.ExpectEnd());
   if (index->keys_.size() != n * dim || index->adjacency_.size() != n * index->stride_) {
     return absl::DataLossError("attention graph index: keys/adjacency sizes disagree with n");
@@ -664,10 +737,60 @@ absl::StatusOr<std::unique_ptr<AttentionGraphIndex>> AttentionGraphIndex::Deseri
           absl::StrCat("attention graph index: adjacency[", i, "]=", v, " >= n=", n));
     }
   }
+  const size_t n_routers = index->router_vecs_.size() / dim;
+  if (index->router_vecs_.size() != n_routers * dim ||
+      index->router_keys_.size() != n_routers * static_cast<size_t>(o.router_entries)) {
+    return absl::DataLossError("attention graph index: router arrays disagree");
+  }
+  for (uint32_t v : index->router_keys_) {
+    if (v != kNone && v >= n) return absl::DataLossError("attention graph index: router key >= n");
+  }
+  for (float x : index->router_vecs_) {
+    if (!std::isfinite(x)) return absl::DataLossError("attention graph index: non-finite router");
+  }
   for (float x : index->keys_) {
     if (!std::isfinite(x)) return absl::DataLossError("attention graph index: non-finite key");
   }
   return index;
+}
+
+absl::Status AttentionGraphIndex::SetRouters(ConstMatrixView train_queries,
+                                             std::span<const int64_t> train_topk,
+                                             size_t topk_width) {
+  router_vecs_.clear();
+  router_keys_.clear();
+  const size_t n_train = train_queries.rows();
+  if (options_.routers == 0 || n_train == 0) return absl::OkStatus();
+  KVR_RETURN_IF_ERROR(ValidateFinite(train_queries, dim_, "train_queries"));
+  if (topk_width == 0 || train_topk.size() != n_train * topk_width) {
+    return absl::InvalidArgumentError(absl::StrCat("train_topk has ", train_topk.size(),
+                                                   " ids, want train_queries rows ", n_train,
+                                                   " x topk_width ", topk_width));
+  }
+  const size_t routers = std::min<size_t>(static_cast<size_t>(options_.routers), n_train);
+  const size_t e = static_cast<size_t>(options_.router_entries);
+  router_vecs_.resize(routers * dim_);
+  router_keys_.assign(routers * e, kNone);
+  for (size_t r = 0; r < routers; ++r) {
+    // Evenly spaced over the training queries (prefill positions).
+    const size_t q = r * n_train / routers;
+    const float* src = train_queries.row(q);
+    float norm = 0;
+    for (size_t j = 0; j < dim_; ++j) norm += src[j] * src[j];
+    const float inv = norm > 0 ? 1.0f / std::sqrt(norm) : 0.0f;
+    for (size_t j = 0; j < dim_; ++j) router_vecs_[r * dim_ + j] = src[j] * inv;
+    const int64_t* row = train_topk.data() + q * topk_width;
+    size_t m = 0;
+    for (size_t j = 0; j < topk_width && m < e; ++j) {
+      if (row[j] < 0) continue;
+      if (row[j] >= static_cast<int64_t>(n_)) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("train_topk id ", row[j], " >= index size ", n_));
+      }
+      router_keys_[r * e + m++] = static_cast<uint32_t>(row[j]);
+    }
+  }
+  return absl::OkStatus();
 }
 
 absl::StatusOr<std::unique_ptr<AttentionGraphIndex>> AttentionGraphIndex::BuildFromQueries(
@@ -686,7 +809,9 @@ absl::StatusOr<std::unique_ptr<AttentionGraphIndex>> AttentionGraphIndex::BuildF
     p.k = static_cast<int>(k);
     KVR_RETURN_IF_ERROR(flat->SearchParallel(train_queries, p, topk, scores, pool));
   }
-  return Build(keys, topk, k, options, pool);
+  KVR_ASSIGN_OR_RETURN(auto index, Build(keys, topk, k, options, pool));
+  KVR_RETURN_IF_ERROR(index->SetRouters(train_queries, topk, k));
+  return index;
 }
 
 }  // namespace kvr::index

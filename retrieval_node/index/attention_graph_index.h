@@ -36,6 +36,13 @@ struct AttentionGraphOptions {
   // Each training query's best `pivots_per_query` keys each link to the
   // query's other top-k keys (RoarGraph uses 1: only the best key).
   int pivots_per_query = 1;
+  // Query routing (SetRouters): `routers` training queries, each remembering
+  // its best `router_entries` keys; a search scores every router and starts
+  // from the keys of the best `router_probe` routers as well as the fixed
+  // entry points. 0 routers: fixed entry points only.
+  int routers = 0;
+  int router_probe = 4;
+  int router_entries = 8;
 };
 
 // Checks option ranges; InvalidArgument names the field and its limits.
@@ -57,6 +64,12 @@ class AttentionGraphIndex final : public KeyIndex {
       const AttentionGraphOptions& options, ThreadPool* pool);
 
   static absl::StatusOr<std::unique_ptr<AttentionGraphIndex>> Deserialize(const OpenedBlob& blob);
+
+  // Installs query routers (see AttentionGraphOptions::routers) from training
+  // queries (rows x dim) and their top-k rows (as given to Build). A no-op
+  // when options().routers == 0 or there are no training queries.
+  absl::Status SetRouters(ConstMatrixView train_queries, std::span<const int64_t> train_topk,
+                          size_t topk_width);
 
   IndexKind kind() const override { return IndexKind::kAttentionGraph; }
   size_t dim() const override { return dim_; }
@@ -131,6 +144,8 @@ class AttentionGraphIndex final : public KeyIndex {
   std::vector<float> keys_;          // n x dim
   std::vector<uint32_t> adjacency_;  // n x stride_; regular edges kNone-terminated
   std::vector<uint32_t> entries_;    // entry points, best first
+  std::vector<float> router_vecs_;   // routers x dim, unit norm
+  std::vector<uint32_t> router_keys_;  // routers x router_entries, kNone-padded
   std::unique_ptr<ScratchPool<Scratch>> scratch_;
   BuildStats build_stats_;
 };

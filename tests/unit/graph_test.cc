@@ -183,6 +183,32 @@ TEST_F(GraphTest, SerializeRoundTripGivesIdenticalResults) {
   }
 }
 
+TEST_F(GraphTest, MultiPivotProjectionAndRoutersKeepRecallAndSurviveSerialization) {
+  AttentionGraphOptions o;
+  o.pivots_per_query = 4;
+  o.routers = 64;
+  auto index = AttentionGraphIndex::BuildFromQueries(data_->keys.view(), data_->train.view(), 32,
+                                                     o, pool_);
+  ASSERT_TRUE(index.ok()) << index.status();
+  EXPECT_TRUE((*index)->AllReachable());
+  const auto truth = ExactIds(data_->keys, data_->test, 10);
+  const Result r = Evaluate(**index, data_->test, truth, 10, 32);
+  EXPECT_GE(r.recall, 0.9);
+  EXPECT_LE(r.scanned_fraction, 0.15);
+
+  std::vector<uint8_t> blob;
+  ASSERT_TRUE((*index)->Serialize(&blob).ok());
+  auto loaded = LoadIndex(blob);
+  ASSERT_TRUE(loaded.ok()) << loaded.status();
+  const auto* graph = dynamic_cast<const AttentionGraphIndex*>(loaded->get());
+  ASSERT_NE(graph, nullptr);
+  EXPECT_EQ(graph->options().pivots_per_query, 4);
+  EXPECT_EQ(graph->options().routers, 64);
+  const Result again = Evaluate(*graph, data_->test, truth, 10, 32);
+  EXPECT_EQ(again.recall, r.recall);
+  EXPECT_EQ(again.scanned_fraction, r.scanned_fraction) << "routers must be restored too";
+}
+
 TEST_F(GraphTest, BadInputIsInvalidArgument) {
   const auto keys = data_->keys.view().rows_slice(0, 256);
   std::vector<int64_t> topk = {0, 1, 256};  // 256 is out of range
