@@ -64,6 +64,9 @@ ABSL_FLAG(int, graph_pivots, 1, "attention graph pivots per training query");
 ABSL_FLAG(int, graph_routers, 0, "attention graph query routers (0: off)");
 ABSL_FLAG(int, graph_router_probe, 4, "routers whose keys seed each search");
 ABSL_FLAG(int, graph_router_entries, 8, "keys remembered per router");
+ABSL_FLAG(bool, graph_frequency_order, false,
+          "attention graph: consider projection candidates most frequent first");
+ABSL_FLAG(bool, graph_scan_bf16, false, "attention graph: walk the graph on bf16 keys");
 ABSL_FLAG(bool, graph_saturate, true, "fill graph rows up to the degree with pruned candidates");
 ABSL_FLAG(std::string, train_topk_cache, "",
           "if set: read the training top-k from this .ibin when it exists, else write it "
@@ -355,6 +358,8 @@ class Runner {
     o.saturate = absl::GetFlag(FLAGS_graph_saturate);
     o.pivots_per_query = absl::GetFlag(FLAGS_graph_pivots);
     o.routers = absl::GetFlag(FLAGS_graph_routers);
+    o.frequency_order = absl::GetFlag(FLAGS_graph_frequency_order);
+    o.scan_bf16 = absl::GetFlag(FLAGS_graph_scan_bf16);
     o.router_probe = absl::GetFlag(FLAGS_graph_router_probe);
     o.router_entries = absl::GetFlag(FLAGS_graph_router_entries);
     t0 = Clock::now();

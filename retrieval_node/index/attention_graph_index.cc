@@ -31,6 +31,7 @@ struct AttentionGraphIndex::Scratch {
   std::vector<float> fresh_scores;
   std::vector<float> router_scores;
   std::vector<uint32_t> router_order;
+  std::vector<std::pair<float, uint32_t>> rescored;
 
   // Starts a new search over `n` keys: every key becomes unvisited.
   void Reset(size_t n) {
@@ -51,7 +52,8 @@ struct AttentionGraphIndex::Scratch {
   size_t MemoryBytes() const {
     return visited.capacity() * sizeof(uint32_t) + beam.MemoryBytes() +
            fresh.capacity() * sizeof(uint32_t) + fresh_scores.capacity() * sizeof(float) +
-           router_scores.capacity() * sizeof(float) + router_order.capacity() * sizeof(uint32_t);
+           router_scores.capacity() * sizeof(float) + router_order.capacity() * sizeof(uint32_t) +
+           rescored.capacity() * sizeof(std::pair<float, uint32_t>);
   }
 };
 
@@ -111,6 +113,16 @@ absl::Status ValidateGraphOptions(const AttentionGraphOptions& o) {
   return absl::OkStatus();
 }
 
+void AttentionGraphIndex::RefreshBf16(size_t from, size_t to) {
+  if (!options_.scan_bf16) {
+    keys_bf16_.clear();
+    return;
+  }
+  keys_bf16_.resize(to * dim_);
+  simd::Active().fp32_to_bf16(keys_.data() + from * dim_, keys_bf16_.data() + from * dim_,
+                              (to - from) * dim_);
+}
+
 std::span<const uint32_t> AttentionGraphIndex::RegularNeighbors(uint32_t id) const {
   const uint32_t* r = row(id);
   const size_t degree = stride_ - 1;
@@ -152,6 +164,7 @@ void AttentionGraphIndex::Prune(uint32_t source, std::vector<Cand>* cands,
     cands->resize(cap);
   }
   std::sort(cands->begin(), cands->end());
+  // Duplicates (same id) have the same rank, so they are adjacent.
   cands->erase(std::unique(cands->begin(), cands->end(),
                            [](const Cand& a, const Cand& b) { return a.id == b.id; }),
                cands->end());
@@ -201,7 +214,11 @@ void AttentionGraphIndex::SearchOne(const float* q, size_t beam_width, Scratch* 
   }
   auto score_ids = [&](const uint32_t* ids, size_t count, float* out) {
     if constexpr (kMetric == Metric::kIp) {
-      kern.dot_gather(q, keys_.data(), ids, count, dim_, dim_, out);
+      if (keys_bf16_.empty()) {
+        kern.dot_gather(q, keys_.data(), ids, count, dim_, dim_, out);
+      } else {
+        kern.dot_gather_bf16(q, keys_bf16_.data(), ids, count, dim_, dim_, out);
+      }
     } else {
       for (size_t i = 0; i < count; ++i) out[i] = -kern.l2sqr(q, key(ids[i]), dim_);
     }
@@ -274,8 +291,25 @@ absl::Status AttentionGraphIndex::Search(ConstMatrixView queries, const SearchPa
   for (size_t i = 0; i < queries.rows(); ++i) {
     SearchOne<Metric::kIp>(queries.row(i), beam_width, &*s, &dc);
     const size_t found = std::min(k, s->beam.size());
+    if (!keys_bf16_.empty() && found > 0) {
+      // Exact fp32 scores for the results, re-sorted (best first, then id).
+      s->fresh.resize(std::max(s->fresh.size(), found));
+      s->fresh_scores.resize(std::max(s->fresh_scores.size(), found));
+      for (size_t j = 0; j < found; ++j) s->fresh[j] = s->beam.id(j);
+      simd::Active().dot_gather(queries.row(i), keys_.data(), s->fresh.data(), found, dim_, dim_,
+                                s->fresh_scores.data());
+      dc += static_cast<int64_t>(found);
+      s->rescored.resize(found);
+      for (size_t j = 0; j < found; ++j) s->rescored[j] = {s->fresh_scores[j], s->fresh[j]};
+      std::sort(s->rescored.begin(), s->rescored.end(), [](const auto& a, const auto& b) {
+        return a.first > b.first || (a.first == b.first && a.second < b.second);
+      });
+    }
     for (size_t j = 0; j < k; ++j) {
-      if (j < found) {
+      if (j < found && !keys_bf16_.empty()) {
+        ids[i * k + j] = s->rescored[j].second;
+        scores[i * k + j] = s->rescored[j].first;
+      } else if (j < found) {
         ids[i * k + j] = s->beam.id(j);
         scores[i * k + j] = s->beam.score(j);
       } else {
@@ -343,6 +377,7 @@ absl::StatusOr<std::unique_ptr<AttentionGraphIndex>> AttentionGraphIndex::Build(
     std::copy(keys.row(i), keys.row(i) + keys.cols(), index->keys_.data() + i * keys.cols());
   }
   index->adjacency_.assign(index->n_ * index->stride_, kNone);
+  index->RefreshBf16(0, index->n_);
   if (index->n_ == 0) return index;
   index->BuildGraph(train_topk, topk_width, pool);
   return index;
@@ -411,9 +446,18 @@ void AttentionGraphIndex::BuildGraph(std::span<const int64_t> train_topk, size_t
         }
       }
       std::sort(ids.begin(), ids.end());
-      ids.erase(std::unique(ids.begin(), ids.end()), ids.end());
       cands.clear();
-      for (uint32_t c : ids) cands.push_back({L2(static_cast<uint32_t>(p), c), c});
+      for (size_t i = 0; i < ids.size();) {
+        size_t j = i;
+        while (j < ids.size() && ids[j] == ids[i]) ++j;
+        const float d = L2(static_cast<uint32_t>(p), ids[i]);
+        // Counts are small integers; d / (1 + d) < 1 orders equal counts by distance.
+        const float rank = options_.frequency_order
+                               ? -static_cast<float>(j - i) + d / (1.0f + d)
+                               : d;
+        cands.push_back({d, ids[i], rank});
+        i = j;
+      }
       Prune(static_cast<uint32_t>(p), &cands, &out);
       SetNeighbors(static_cast<uint32_t>(p), out);
     }
@@ -462,9 +506,9 @@ void AttentionGraphIndex::AddReverseEdges(ThreadPool* pool) {
         continue;
       }
       cands.clear();
-      for (uint32_t x : own) cands.push_back({L2(static_cast<uint32_t>(c), x), x});
+      for (uint32_t x : own) cands.push_back(MakeCand(L2(static_cast<uint32_t>(c), x), x));
       for (uint32_t t = rev_start[c]; t < rev_start[c + 1]; ++t) {
-        cands.push_back({L2(static_cast<uint32_t>(c), rev[t]), rev[t]});
+        cands.push_back(MakeCand(L2(static_cast<uint32_t>(c), rev[t]), rev[t]));
       }
       Prune(static_cast<uint32_t>(c), &cands, &out);
       std::copy(out.begin(), out.end(), next.begin() + c * degree);
@@ -509,7 +553,7 @@ std::vector<uint8_t> AttentionGraphIndex::Reachable() const {
 void AttentionGraphIndex::LinkKey(uint32_t id, std::vector<Cand>* cands) {
   std::vector<uint32_t> out;
   // Keep whatever out-edges the key already has (from projection).
-  for (uint32_t x : RegularNeighbors(id)) cands->push_back({L2(id, x), x});
+  for (uint32_t x : RegularNeighbors(id)) cands->push_back(MakeCand(L2(id, x), x));
   Prune(id, cands, &out);
   SetNeighbors(id, out);
   // Offer each kept neighbour the reverse edge: taken when it has a free slot
@@ -593,7 +637,9 @@ size_t AttentionGraphIndex::LinkUnreachable(ThreadPool* pool) {
           const uint32_t id = todo[b + i];
           SearchOne<Metric::kL2>(key(id), static_cast<size_t>(options_.build_beam), &*s, &dc);
           for (size_t j = 0; j < s->beam.size(); ++j) {
-            if (s->beam.id(j) != id) found[i].push_back({-s->beam.score(j), s->beam.id(j)});
+            if (s->beam.id(j) != id) {
+              found[i].push_back(MakeCand(-s->beam.score(j), s->beam.id(j)));
+            }
           }
         }
       });
@@ -619,6 +665,7 @@ absl::Status AttentionGraphIndex::Add(ConstMatrixView keys) {
   for (size_t i = 0; i < keys.rows(); ++i) {
     std::copy(keys.row(i), keys.row(i) + dim_, keys_.data() + (old_n + i) * dim_);
   }
+  RefreshBf16(old_n, old_n + keys.rows());
   if (old_n == 0) {
     // An index built empty: the first key is the entry; link the rest.
     n_ = keys.rows();
@@ -634,7 +681,9 @@ absl::Status AttentionGraphIndex::Add(ConstMatrixView keys) {
     const uint32_t id = static_cast<uint32_t>(old_n + i);
     SearchOne<Metric::kL2>(key(id), static_cast<size_t>(options_.build_beam), &*s, &dc);
     cands.clear();
-    for (size_t j = 0; j < s->beam.size(); ++j) cands.push_back({-s->beam.score(j), s->beam.id(j)});
+    for (size_t j = 0; j < s->beam.size(); ++j) {
+      cands.push_back(MakeCand(-s->beam.score(j), s->beam.id(j)));
+    }
     n_ = id + 1;
     LinkKey(id, &cands);
   }
@@ -646,6 +695,7 @@ absl::Status AttentionGraphIndex::Add(ConstMatrixView keys) {
 
 size_t AttentionGraphIndex::MemoryBytes() const {
   return sizeof(*this) + keys_.capacity() * sizeof(float) +
+         keys_bf16_.capacity() * sizeof(uint16_t) +
          router_vecs_.capacity() * sizeof(float) + router_keys_.capacity() * sizeof(uint32_t) +
          adjacency_.capacity() * sizeof(uint32_t) + entries_.capacity() * sizeof(uint32_t) +
          scratch_->MemoryBytes();
@@ -665,6 +715,8 @@ absl::Status AttentionGraphIndex::Serialize(std::vector<uint8_t>* out) const {
   w.Put<int32_t>(options_.routers);
   w.Put<int32_t>(options_.router_probe);
   w.Put<int32_t>(options_.router_entries);
+  w.Put<uint8_t>(options_.frequency_order ? 1 : 0);
+  w.Put<uint8_t>(options_.scan_bf16 ? 1 : 0);
   w.PutArray(std::span<const uint32_t>(entries_));
   w.PutArray(std::span<const float>(keys_.data(), n_ * dim_));
   w.PutArray(std::span<const uint32_t>(adjacency_.data(), n_ * stride_));
@@ -703,6 +755,11 @@ absl::StatusOr<std::unique_ptr<AttentionGraphIndex>> AttentionGraphIndex::Deseri
   KVR_RETURN_IF_ERROR(r.Get(&o.routers, "routers"));
   KVR_RETURN_IF_ERROR(r.Get(&o.router_probe, "router_probe"));
   KVR_RETURN_IF_ERROR(r.Get(&o.router_entries, "router_entries"));
+  uint8_t frequency_order = 0, scan_bf16 = 0;
+  KVR_RETURN_IF_ERROR(r.Get(&frequency_order, "frequency_order"));
+  KVR_RETURN_IF_ERROR(r.Get(&scan_bf16, "scan_bf16"));
+  o.frequency_order = frequency_order != 0;
+  o.scan_bf16 = scan_bf16 != 0;
   o.saturate = saturate != 0;
   if (dim == 0 || dim > kMaxDim || n >= kMaxKeys) {
     return absl::DataLossError(
@@ -751,6 +808,7 @@ absl::StatusOr<std::unique_ptr<AttentionGraphIndex>> AttentionGraphIndex::Deseri
   for (float x : index->keys_) {
     if (!std::isfinite(x)) return absl::DataLossError("attention graph index: non-finite key");
   }
+  index->RefreshBf16(0, index->n_);
   return index;
 }
 

@@ -36,6 +36,14 @@ struct AttentionGraphOptions {
   // Each training query's best `pivots_per_query` keys each link to the
   // query's other top-k keys (RoarGraph uses 1: only the best key).
   int pivots_per_query = 1;
+  // Projection candidates are considered most frequent first (how many of
+  // the pivot's training queries want them), nearest first among equals;
+  // false: nearest first (RoarGraph).
+  bool frequency_order = false;
+  // Score keys from a bf16 copy during the graph walk (half the memory
+  // traffic); the returned top-k are re-scored exactly in fp32 (those k
+  // products count as distance computations too). Costs 2 bytes/key/dim.
+  bool scan_bf16 = false;
   // Query routing (SetRouters): `routers` training queries, each remembering
   // its best `router_entries` keys; a search scores every router and starts
   // from the keys of the best `router_probe` routers as well as the fixed
@@ -107,10 +115,12 @@ class AttentionGraphIndex final : public KeyIndex {
   class ScratchLease;
   // A candidate edge target and its squared L2 distance to the edge's source.
   struct Cand {
-    float dist;
+    float dist;  // squared L2 to the row's source key
     uint32_t id;
-    bool operator<(const Cand& o) const { return dist < o.dist || (dist == o.dist && id < o.id); }
+    float rank = 0;  // consideration order, ascending (defaults to dist)
+    bool operator<(const Cand& o) const { return rank < o.rank || (rank == o.rank && id < o.id); }
   };
+  static Cand MakeCand(float dist, uint32_t id) { return {dist, id, dist}; }
   enum class Metric { kIp, kL2 };
 
   AttentionGraphIndex(size_t dim, const AttentionGraphOptions& options);
@@ -123,6 +133,7 @@ class AttentionGraphIndex final : public KeyIndex {
   std::span<const uint32_t> RegularNeighbors(uint32_t id) const;
   float L2(uint32_t a, uint32_t b) const;
 
+  void RefreshBf16(size_t from, size_t to);  // (re)converts keys_bf16_ rows [from, to)
   template <Metric kMetric>
   void SearchOne(const float* q, size_t beam_width, Scratch* s,
                  int64_t* distance_computations) const;
@@ -142,6 +153,7 @@ class AttentionGraphIndex final : public KeyIndex {
   AttentionGraphOptions options_;
   size_t stride_;                    // degree + 1: regular edges, then the connectivity edge
   std::vector<float> keys_;          // n x dim
+  std::vector<uint16_t> keys_bf16_;  // n x dim when options_.scan_bf16, else empty
   std::vector<uint32_t> adjacency_;  // n x stride_; regular edges kNone-terminated
   std::vector<uint32_t> entries_;    // entry points, best first
   std::vector<float> router_vecs_;   // routers x dim, unit norm

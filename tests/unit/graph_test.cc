@@ -116,7 +116,9 @@ TEST_F(GraphTest, BuildIsIndependentOfThreadCount) {
   for (uint32_t i = 0; i < (*a)->size(); ++i) ASSERT_EQ((*a)->neighbors(i), (*b)->neighbors(i));
 }
 
-TEST_F(GraphTest, AppendedKeysAreReachableAndRetrievable) {
+class GraphAppendTest : public GraphTest, public ::testing::WithParamInterface<bool> {};
+
+TEST_P(GraphAppendTest, AppendedKeysAreReachableAndRetrievable) {
   const size_t base = 12288;
   Matrix head(base, data_->keys.cols);
   std::copy(data_->keys.data.begin(), data_->keys.data.begin() + base * head.cols,
@@ -125,8 +127,10 @@ TEST_F(GraphTest, AppendedKeysAreReachableAndRetrievable) {
   std::copy(data_->keys.data.begin() + base * head.cols, data_->keys.data.end(),
             tail.data.begin());
   // Training queries only know the head: the tail is linked in by Add.
-  auto index = AttentionGraphIndex::BuildFromQueries(head.view(), data_->train.view(), 32,
-                                                     AttentionGraphOptions{}, pool_);
+  AttentionGraphOptions o;
+  o.scan_bf16 = GetParam();
+  auto index = AttentionGraphIndex::BuildFromQueries(head.view(), data_->train.view(), 32, o,
+                                                     pool_);
   ASSERT_TRUE(index.ok());
   ASSERT_TRUE((*index)->Add(tail.view()).ok());
   ASSERT_EQ((*index)->size(), data_->keys.rows);
@@ -137,7 +141,23 @@ TEST_F(GraphTest, AppendedKeysAreReachableAndRetrievable) {
   ASSERT_GT(truth_in_tail, truth.size() / 10) << "the test must exercise appended keys";
   const Result r = Evaluate(**index, data_->test, truth, 10, 64);
   EXPECT_GE(r.recall, 0.9);
+  // Scores returned are exact inner products even when the walk used bf16.
+  std::vector<int64_t> ids(10);
+  std::vector<float> scores(10);
+  SearchParams p;
+  p.k = 10;
+  ASSERT_TRUE((*index)->Search(data_->test.view().rows_slice(0, 1), p, ids, scores).ok());
+  for (size_t j = 0; j < 10; ++j) {
+    float exact = 0;
+    for (size_t c = 0; c < data_->keys.cols; ++c) {
+      exact += data_->test.row(0)[c] * data_->keys.row(ids[j])[c];
+    }
+    EXPECT_NEAR(scores[j], exact, 1e-3f * std::abs(exact) + 1e-3f);
+    if (j > 0) EXPECT_GE(scores[j - 1], scores[j]);
+  }
 }
+
+INSTANTIATE_TEST_SUITE_P(Fp32AndBf16Walk, GraphAppendTest, ::testing::Bool());
 
 TEST_F(GraphTest, WithoutTrainingQueriesStillReachesEveryKey) {
   auto index = AttentionGraphIndex::Build(data_->keys.view().rows_slice(0, 4096), {}, 0,
@@ -173,7 +193,9 @@ TEST_F(GraphTest, SerializeRoundTripGivesIdenticalResults) {
 
   // Flipping any byte of the payload is caught by the checksum; truncation
   // at any length is rejected.
-  for (size_t pos = 0; pos < blob.size(); pos += 97) {
+  // Every byte of the envelope and payload header, then ~400 spread over the rest.
+  const size_t stride = blob.size() / 400 + 1;
+  for (size_t pos = 0; pos < blob.size(); pos += (pos < 128 ? 1 : stride)) {
     auto bad = blob;
     bad[pos] ^= 0x5a;
     EXPECT_FALSE(LoadIndex(bad).ok()) << "byte " << pos;
@@ -187,6 +209,8 @@ TEST_F(GraphTest, MultiPivotProjectionAndRoutersKeepRecallAndSurviveSerializatio
   AttentionGraphOptions o;
   o.pivots_per_query = 4;
   o.routers = 64;
+  o.frequency_order = true;
+  o.scan_bf16 = true;
   auto index = AttentionGraphIndex::BuildFromQueries(data_->keys.view(), data_->train.view(), 32,
                                                      o, pool_);
   ASSERT_TRUE(index.ok()) << index.status();
@@ -204,6 +228,8 @@ TEST_F(GraphTest, MultiPivotProjectionAndRoutersKeepRecallAndSurviveSerializatio
   ASSERT_NE(graph, nullptr);
   EXPECT_EQ(graph->options().pivots_per_query, 4);
   EXPECT_EQ(graph->options().routers, 64);
+  EXPECT_TRUE(graph->options().frequency_order);
+  EXPECT_TRUE(graph->options().scan_bf16);
   const Result again = Evaluate(*graph, data_->test, truth, 10, 32);
   EXPECT_EQ(again.recall, r.recall);
   EXPECT_EQ(again.scanned_fraction, r.scanned_fraction) << "routers must be restored too";
