@@ -86,7 +86,9 @@ TEST(FlatIndexTest, RandomFloatsMatchOracleWithinRounding) {
     std::vector<int64_t> got(ids.begin() + i * k, ids.begin() + (i + 1) * k);
     for (int j = 0; j < k; ++j) {
       EXPECT_NEAR(scores[i * k + j], want[j].first, 1e-4) << "query " << i << " rank " << j;
-      if (j > 0) EXPECT_GE(scores[i * k + j - 1], scores[i * k + j]);
+      if (j > 0) {
+        EXPECT_GE(scores[i * k + j - 1], scores[i * k + j]);
+      }
     }
     std::sort(got.begin(), got.end());
     EXPECT_TRUE(std::adjacent_find(got.begin(), got.end()) == got.end()) << "duplicate ids";

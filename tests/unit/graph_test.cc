@@ -153,7 +153,9 @@ TEST_P(GraphAppendTest, AppendedKeysAreReachableAndRetrievable) {
       exact += data_->test.row(0)[c] * data_->keys.row(ids[j])[c];
     }
     EXPECT_NEAR(scores[j], exact, 1e-3f * std::abs(exact) + 1e-3f);
-    if (j > 0) EXPECT_GE(scores[j - 1], scores[j]);
+    if (j > 0) {
+      EXPECT_GE(scores[j - 1], scores[j]);
+    }
   }
 }
 
