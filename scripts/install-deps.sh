@@ -8,7 +8,7 @@ packages=(
   # toolchain
   build-essential cmake ninja-build ccache pkg-config git
   # core libraries
-  libabsl-dev
+  libabsl-dev nlohmann-json3-dev libsentencepiece-dev
   # services: RPC, persistence, data plane, metrics
   libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler
   librocksdb-dev libucx-dev prometheus-cpp-dev
