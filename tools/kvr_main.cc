@@ -27,6 +27,11 @@
 #include "gpu_worker/model/llama2c_loader.h"
 #include "gpu_worker/model/llama2c_tokenizer.h"
 #include "retrieval_node/client/in_process_node.h"
+#ifdef KVR_WITH_NODE_CLIENT
+#include "retrieval_node/server/grpc_retrieval_client.h"
+#include "retrieval_node/server/multi_node_client.h"
+#include "services/placement/placement.h"
+#endif
 
 #ifndef KVR_DEFAULT_MODEL_DIR
 #define KVR_DEFAULT_MODEL_DIR ""
@@ -84,6 +89,10 @@ Sampling:
   --seed N                sampling seed (default 1)
 Runtime:
   --threads N             CPU backend threads, 0 = all cores (default 1)
+  --nodes HOST:PORT,...   use these kvr_node retrieval nodes over gRPC (shards
+                          placed by rendezvous hashing) instead of the
+                          in-process node (--tail_capacity is then set on
+                          each kvr_node)
 )";
 
 struct Flags {
@@ -91,6 +100,7 @@ struct Flags {
   worker::GenerateRequest request;
   int64_t tail_capacity = 64;
   int64_t threads = 1;
+  std::string nodes;  // empty: in-process node
 };
 
 absl::Status ParseInt(std::string_view flag, const std::string& value, int64_t lo, int64_t hi,
@@ -192,6 +202,7 @@ absl::Status ParseGenerateFlags(const std::vector<std::string>& args, Flags* f, 
          return absl::OkStatus();
        }},
       {"threads", int_flag(0, 1024, &f->threads)},
+      {"nodes", string_flag(&f->nodes)},
   };
   for (size_t i = 0; i < args.size(); ++i) {
     std::string_view a = args[i];
@@ -258,6 +269,30 @@ std::string DefaultModelDir() {
   return {};
 }
 
+// A client for the kvr_node servers in `spec` ("host:port,..." or
+// "id=host:port,..."), waiting up to 5 s for each to accept a connection.
+absl::StatusOr<std::unique_ptr<retrieval::RetrievalClient>> ConnectNodes(const std::string& spec) {
+#ifdef KVR_WITH_NODE_CLIENT
+  auto parsed = placement::ParseNodeList(spec);
+  if (!parsed.ok()) {
+    return absl::InvalidArgumentError(absl::StrCat("--nodes: ", parsed.status().message()));
+  }
+  std::vector<std::unique_ptr<retrieval::RetrievalClient>> clients;
+  for (const placement::NodeInfo& n : *parsed) {
+    KVR_ASSIGN_OR_RETURN(std::unique_ptr<retrieval::GrpcRetrievalClient> c,
+                         retrieval::GrpcRetrievalClient::Create(n.address));
+    KVR_RETURN_IF_ERROR(c->WaitForReady(absl::Seconds(5)));
+    clients.push_back(std::move(c));
+  }
+  KVR_ASSIGN_OR_RETURN(std::unique_ptr<retrieval::MultiNodeClient> multi,
+                       retrieval::MultiNodeClient::Create(*std::move(parsed), std::move(clients)));
+  return std::unique_ptr<retrieval::RetrievalClient>(std::move(multi));
+#else
+  return absl::UnimplementedError(
+      absl::StrCat("--nodes ", spec, ": this kvr was built without KVR_WITH_SERVICES"));
+#endif
+}
+
 absl::Status RunGenerate(const Flags& f) {
   std::string model = f.model, tokenizer = f.tokenizer;
   if (model.empty() || tokenizer.empty()) {
@@ -278,11 +313,15 @@ absl::Status RunGenerate(const Flags& f) {
   bo.num_threads = static_cast<int>(f.threads);
   KVR_ASSIGN_OR_RETURN(std::unique_ptr<worker::Backend> backend,
                        worker::BackendRegistry::Create("cpu", bo));
-  retrieval::InProcessNodeOptions no;
-  no.tail_capacity = static_cast<size_t>(f.tail_capacity);
-  no.train_k = f.request.attention.train_k;
-  KVR_ASSIGN_OR_RETURN(std::unique_ptr<retrieval::InProcessRetrievalNode> node,
-                       retrieval::InProcessRetrievalNode::Create(no));
+  std::unique_ptr<retrieval::RetrievalClient> node;
+  if (!f.nodes.empty()) {
+    KVR_ASSIGN_OR_RETURN(node, ConnectNodes(f.nodes));
+  } else {
+    retrieval::InProcessNodeOptions no;
+    no.tail_capacity = static_cast<size_t>(f.tail_capacity);
+    no.train_k = f.request.attention.train_k;
+    KVR_ASSIGN_OR_RETURN(node, retrieval::InProcessRetrievalNode::Create(no));
+  }
   KVR_ASSIGN_OR_RETURN(std::unique_ptr<worker::RetrievalEngine> engine,
                        worker::RetrievalEngine::Create(backend.get(), weights, node.get()));
 

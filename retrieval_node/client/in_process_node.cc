@@ -22,6 +22,7 @@ struct InProcessRetrievalNode::HeadState {
   ValueMatrix tail_values;
   std::vector<int64_t> tail_positions;
   int64_t last_position = -1;  // highest position held (-1: none)
+  int64_t accounted_bytes = 0;  // counted in memory_used_ (under the sequence lock)
 
   // Recent decode queries (ring of `recent_capacity` rows), training data for
   // seals that build an index. Written by Attend under the shared sequence
@@ -35,6 +36,7 @@ struct InProcessRetrievalNode::HeadState {
 struct InProcessRetrievalNode::Sequence {
   SequenceSpec spec;
   std::shared_mutex mu;  // shared: Attend; exclusive: Upload / Append
+  bool dropped = false;  // set by DropSequence under `mu`: later writers get NotFound
   std::vector<std::unique_ptr<HeadState>> heads;  // [layer * n_kv_heads + kv_head]
 
   HeadState& head(int32_t layer, int32_t kv_head) const {
@@ -104,6 +106,10 @@ absl::StatusOr<std::unique_ptr<InProcessRetrievalNode>> InProcessRetrievalNode::
     return absl::InvalidArgumentError(
         absl::StrCat("train_k ", options.train_k, " outside [1, ", index::kMaxSearchK, "]"));
   }
+  if (options.memory_budget_bytes < 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("memory_budget_bytes ", options.memory_budget_bytes, " < 0"));
+  }
   if (options.threads > 256) {
     return absl::InvalidArgumentError(absl::StrCat("threads ", options.threads, " > 256"));
   }
@@ -160,6 +166,69 @@ absl::Status InProcessRetrievalNode::CreateSequence(const SequenceSpec& spec) {
   return absl::OkStatus();
 }
 
+int64_t InProcessRetrievalNode::HeadBytes(const HeadState& head) {
+  int64_t bytes = 0;
+  for (const Chunk& c : head.chunks) {
+    if (c.index != nullptr) bytes += static_cast<int64_t>(c.index->MemoryBytes());
+    bytes += static_cast<int64_t>(c.values.MemoryBytes() + c.positions.capacity() * sizeof(int64_t));
+  }
+  if (head.tail != nullptr) {
+    bytes += static_cast<int64_t>(head.tail->MemoryBytes() + head.tail_values.MemoryBytes() +
+                                  head.tail_positions.capacity() * sizeof(int64_t));
+  }
+  return bytes;
+}
+
+int64_t InProcessRetrievalNode::EstimateBytes(const SequenceSpec& spec, size_t n) const {
+  const int64_t d = spec.head_dim;
+  int64_t per_key = d * int64_t(sizeof(float)) + d * int64_t(DTypeSize(spec.value_dtype)) +
+                    int64_t(sizeof(int64_t));
+  if (spec.index_type == IndexType::kGraph) {
+    per_key += int64_t(options_.graph.degree + 1) * int64_t(sizeof(uint32_t));
+  }
+  return per_key * static_cast<int64_t>(n);
+}
+
+absl::Status InProcessRetrievalNode::ReserveMemory(int64_t bytes, absl::string_view where) {
+  const int64_t budget = options_.memory_budget_bytes;
+  if (budget <= 0) {
+    memory_used_.fetch_add(bytes, std::memory_order_relaxed);
+    return absl::OkStatus();
+  }
+  int64_t used = memory_used_.load(std::memory_order_relaxed);
+  do {
+    if (used + bytes > budget) {
+      return absl::ResourceExhaustedError(absl::StrCat(
+          where, " needs ~", bytes, " bytes but memory_budget_bytes ", budget, " has ",
+          std::max<int64_t>(0, budget - used), " left (", used, " in use)"));
+    }
+  } while (!memory_used_.compare_exchange_weak(used, used + bytes, std::memory_order_relaxed));
+  return absl::OkStatus();
+}
+
+void InProcessRetrievalNode::SettleMemory(HeadState* head, int64_t reserved) {
+  const int64_t now = HeadBytes(*head);
+  memory_used_.fetch_add(now - head->accounted_bytes - reserved, std::memory_order_relaxed);
+  head->accounted_bytes = now;
+}
+
+absl::Status InProcessRetrievalNode::CheckUploadAdmission(uint64_t sequence_id, size_t n_keys) {
+  std::shared_ptr<Sequence> seq = Find(sequence_id);
+  if (seq == nullptr) {
+    return absl::NotFoundError(absl::StrCat("UploadShard: unknown sequence ", sequence_id));
+  }
+  const int64_t budget = options_.memory_budget_bytes;
+  const int64_t need = EstimateBytes(seq->spec, n_keys);
+  const int64_t used = MemoryUsedBytes();
+  if (budget > 0 && used + need > budget) {
+    return absl::ResourceExhaustedError(absl::StrCat(
+        "UploadShard of ", n_keys, " keys to sequence ", sequence_id, " needs ~", need,
+        " bytes but memory_budget_bytes ", budget, " has ", std::max<int64_t>(0, budget - used),
+        " left (", used, " in use)"));
+  }
+  return absl::OkStatus();
+}
+
 absl::StatusOr<std::unique_ptr<index::KeyIndex>> InProcessRetrievalNode::BuildIndex(
     IndexType type, ConstMatrixView keys, std::span<const int64_t> train_topk, size_t topk_width,
     ConstMatrixView train_queries, int train_k) {
@@ -197,6 +266,9 @@ absl::Status InProcessRetrievalNode::UploadShard(const ShardUpload& upload) {
     return absl::NotFoundError(absl::StrCat("UploadShard: unknown sequence ", key.sequence_id));
   }
   std::unique_lock<std::shared_mutex> lock(seq->mu);
+  if (seq->dropped) {
+    return absl::NotFoundError(absl::StrCat("UploadShard: unknown sequence ", key.sequence_id));
+  }
   const SequenceSpec& spec = seq->spec;
   const std::string where = absl::StrCat("shard ", key.DebugString());
   KVR_RETURN_IF_ERROR(CheckHead(spec, key.layer, key.kv_head));
@@ -212,15 +284,15 @@ absl::Status InProcessRetrievalNode::UploadShard(const ShardUpload& upload) {
   KVR_RETURN_IF_ERROR(CheckMatrix(upload.keys, spec, -1, "keys", where));
   KVR_RETURN_IF_ERROR(CheckMatrix(upload.values, spec, static_cast<int64_t>(n), "values", where));
   HeadState& head = seq->head(key.layer, key.kv_head);
-  if (upload.first_position <= head.last_position) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "first_position ", upload.first_position, " must be > ", head.last_position,
-        " (the last position held) for ", where));
-  }
   if (!head.chunks.empty() && key.chunk <= head.chunks.back().chunk) {
     return absl::AlreadyExistsError(absl::StrCat(where, ": chunk ", key.chunk,
                                                  " is not after the last chunk ",
                                                  head.chunks.back().chunk));
+  }
+  if (upload.first_position <= head.last_position) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "first_position ", upload.first_position, " must be > ", head.last_position,
+        " (the last position held) for ", where));
   }
   if (!upload.train_topk.empty()) {
     const size_t w = upload.train_topk_width;
@@ -243,20 +315,27 @@ absl::Status InProcessRetrievalNode::UploadShard(const ShardUpload& upload) {
                                                      index::kMaxSearchK, "] for ", where));
     }
   }
-  // The tail belongs to the current last chunk: fold it in first.
-  if (head.tail != nullptr && head.tail->size() > 0) KVR_RETURN_IF_ERROR(Seal(*seq, &head));
+  const int64_t reserved = EstimateBytes(spec, n);
+  KVR_RETURN_IF_ERROR(ReserveMemory(reserved, absl::StrCat("UploadShard ", where)));
+  const absl::Status status = [&]() -> absl::Status {
+    // The tail belongs to the current last chunk: fold it in first.
+    if (head.tail != nullptr && head.tail->size() > 0) KVR_RETURN_IF_ERROR(Seal(*seq, &head));
 
-  Chunk chunk;
-  chunk.chunk = key.chunk;
-  KVR_ASSIGN_OR_RETURN(chunk.index,
-                       BuildIndex(spec.index_type, upload.keys, upload.train_topk,
-                                  upload.train_topk_width, upload.train_queries, upload.train_k));
-  chunk.values = ValueMatrix::FromFloat(spec.value_dtype, upload.values);
-  chunk.positions.resize(n);
-  for (size_t i = 0; i < n; ++i) chunk.positions[i] = upload.first_position + int64_t(i);
-  head.chunks.push_back(std::move(chunk));
-  head.last_position = upload.first_position + static_cast<int64_t>(n) - 1;
-  return absl::OkStatus();
+    Chunk chunk;
+    chunk.chunk = key.chunk;
+    KVR_ASSIGN_OR_RETURN(chunk.index,
+                         BuildIndex(spec.index_type, upload.keys, upload.train_topk,
+                                    upload.train_topk_width, upload.train_queries,
+                                    upload.train_k));
+    chunk.values = ValueMatrix::FromFloat(spec.value_dtype, upload.values);
+    chunk.positions.resize(n);
+    for (size_t i = 0; i < n; ++i) chunk.positions[i] = upload.first_position + int64_t(i);
+    head.chunks.push_back(std::move(chunk));
+    head.last_position = upload.first_position + static_cast<int64_t>(n) - 1;
+    return absl::OkStatus();
+  }();
+  SettleMemory(&head, reserved);
+  return status;
 }
 
 absl::Status InProcessRetrievalNode::Append(const AppendRequest& request) {
@@ -265,6 +344,9 @@ absl::Status InProcessRetrievalNode::Append(const AppendRequest& request) {
     return absl::NotFoundError(absl::StrCat("Append: unknown sequence ", request.sequence_id));
   }
   std::unique_lock<std::shared_mutex> lock(seq->mu);
+  if (seq->dropped) {
+    return absl::NotFoundError(absl::StrCat("Append: unknown sequence ", request.sequence_id));
+  }
   const SequenceSpec& spec = seq->spec;
   const std::string where = absl::StrCat("append to (seq ", request.sequence_id, ", layer ",
                                          request.layer, ", kv head ", request.kv_head, ")");
@@ -280,17 +362,26 @@ absl::Status InProcessRetrievalNode::Append(const AppendRequest& request) {
         " (the last position held) for ", where));
   }
   KVR_RETURN_IF_ERROR(index::ValidateFinite(request.keys, spec.head_dim, "keys"));
-  if (head.chunks.empty()) head.chunks.push_back(Chunk{});
-  if (head.tail == nullptr) {
-    KVR_ASSIGN_OR_RETURN(head.tail, index::FlatIndex::Create(static_cast<size_t>(spec.head_dim)));
-    head.tail->Reserve(options_.tail_capacity);
-  }
-  KVR_RETURN_IF_ERROR(head.tail->Add(request.keys));
-  KVR_RETURN_IF_ERROR(head.tail_values.Append(request.values));
-  for (size_t i = 0; i < n; ++i) head.tail_positions.push_back(request.first_position + int64_t(i));
-  head.last_position = request.first_position + static_cast<int64_t>(n) - 1;
-  if (head.tail->size() >= options_.tail_capacity) KVR_RETURN_IF_ERROR(Seal(*seq, &head));
-  return absl::OkStatus();
+  const int64_t reserved = EstimateBytes(spec, n);
+  KVR_RETURN_IF_ERROR(ReserveMemory(reserved, where));
+  const absl::Status status = [&]() -> absl::Status {
+    if (head.chunks.empty()) head.chunks.push_back(Chunk{});
+    if (head.tail == nullptr) {
+      KVR_ASSIGN_OR_RETURN(head.tail,
+                           index::FlatIndex::Create(static_cast<size_t>(spec.head_dim)));
+      head.tail->Reserve(options_.tail_capacity);
+    }
+    KVR_RETURN_IF_ERROR(head.tail->Add(request.keys));
+    KVR_RETURN_IF_ERROR(head.tail_values.Append(request.values));
+    for (size_t i = 0; i < n; ++i) {
+      head.tail_positions.push_back(request.first_position + int64_t(i));
+    }
+    head.last_position = request.first_position + static_cast<int64_t>(n) - 1;
+    if (head.tail->size() >= options_.tail_capacity) KVR_RETURN_IF_ERROR(Seal(*seq, &head));
+    return absl::OkStatus();
+  }();
+  SettleMemory(&head, reserved);
+  return status;
 }
 
 absl::Status InProcessRetrievalNode::Seal(const Sequence& seq, HeadState* head) {
@@ -439,6 +530,13 @@ absl::Status InProcessRetrievalNode::DropSequence(uint64_t sequence_id) {
     seq = std::move(it->second);
     sequences_.erase(it);
   }
+  // Waits for a writer that found the sequence before it left the map; writers
+  // that lock it later see `dropped`.
+  std::unique_lock<std::shared_mutex> lock(seq->mu);
+  seq->dropped = true;
+  int64_t bytes = 0;
+  for (const auto& h : seq->heads) bytes += h->accounted_bytes;
+  memory_used_.fetch_sub(bytes, std::memory_order_relaxed);
   // In-flight Attends hold their own reference; memory goes when they finish.
   return absl::OkStatus();
 }
@@ -472,6 +570,69 @@ absl::StatusOr<NodeStats> InProcessRetrievalNode::Stats() {
     }
   }
   return st;
+}
+
+absl::StatusOr<std::vector<ShardInfo>> InProcessRetrievalNode::ListShards(
+    std::optional<uint64_t> sequence_id) {
+  std::vector<std::shared_ptr<Sequence>> seqs;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (sequence_id.has_value()) {
+      auto it = sequences_.find(*sequence_id);
+      if (it == sequences_.end()) {
+        return absl::NotFoundError(absl::StrCat("ListShards: unknown sequence ", *sequence_id));
+      }
+      seqs.push_back(it->second);
+    } else {
+      for (auto& [id, s] : sequences_) seqs.push_back(s);
+    }
+  }
+  std::vector<ShardInfo> out;
+  for (const auto& s : seqs) {
+    std::shared_lock<std::shared_mutex> lock(s->mu);
+    for (int32_t layer = 0; layer < s->spec.n_layers; ++layer) {
+      for (int32_t g = 0; g < s->spec.n_kv_heads; ++g) {
+        const HeadState& h = s->head(layer, g);
+        for (size_t ci = 0; ci < h.chunks.size(); ++ci) {
+          const Chunk& c = h.chunks[ci];
+          ShardInfo info;
+          info.key = ShardKey{s->spec.sequence_id, layer, g, c.chunk};
+          if (c.index != nullptr) {
+            info.n_keys = static_cast<int64_t>(c.index->size());
+            info.memory_bytes += static_cast<int64_t>(c.index->MemoryBytes());
+            switch (c.index->kind()) {
+              case index::IndexKind::kFlat:
+                info.index_type = IndexType::kFlat;
+                break;
+              case index::IndexKind::kIvf:
+                info.index_type = IndexType::kIvf;
+                break;
+              case index::IndexKind::kAttentionGraph:
+                info.index_type = IndexType::kGraph;
+                break;
+            }
+          }
+          info.memory_bytes += static_cast<int64_t>(c.values.MemoryBytes() +
+                                                    c.positions.capacity() * sizeof(int64_t));
+          if (!c.positions.empty()) {
+            info.first_position = c.positions.front();
+            info.last_position = c.positions.back();
+          }
+          if (ci + 1 == h.chunks.size() && !h.tail_positions.empty()) {
+            info.tail_keys = static_cast<int64_t>(h.tail_positions.size());
+            if (info.first_position < 0) info.first_position = h.tail_positions.front();
+            info.last_position = h.tail_positions.back();
+          }
+          if (ci + 1 == h.chunks.size() && h.tail != nullptr) {
+            info.memory_bytes += static_cast<int64_t>(h.tail->MemoryBytes() +
+                                                      h.tail_values.MemoryBytes());
+          }
+          out.push_back(info);
+        }
+      }
+    }
+  }
+  return out;
 }
 
 absl::StatusOr<std::vector<int64_t>> InProcessRetrievalNode::HeldPositions(uint64_t sequence_id,

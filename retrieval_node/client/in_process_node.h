@@ -18,6 +18,7 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <vector>
 
 #include "common/thread_pool.h"
@@ -42,6 +43,24 @@ struct InProcessNodeOptions {
   // Threads running AttendAsync and index builds (0: Attend runs inline on
   // the caller's thread before AttendAsync returns).
   size_t threads = 1;
+  // Shard memory (keys, values, indexes, positions, tails) the node admits, in
+  // bytes; 0 = unlimited. UploadShard / Append reserve an estimate of what
+  // they add before doing any work and fail with ResourceExhausted naming the
+  // budget when it does not fit; the reservation is then reconciled with the
+  // bytes actually held (vector growth and tail seals can overshoot the
+  // estimate slightly). DropSequence returns a sequence's bytes.
+  int64_t memory_budget_bytes = 0;
+};
+
+// One chunk of one (sequence, layer, kv head), as ListShards reports it.
+struct ShardInfo {
+  ShardKey key;
+  int64_t n_keys = 0;           // keys in the chunk's index
+  int64_t tail_keys = 0;        // appended keys not yet sealed (last chunk only)
+  int64_t first_position = -1;  // lowest position in the chunk and its tail (-1: none)
+  int64_t last_position = -1;   // highest (-1: none)
+  IndexType index_type = IndexType::kFlat;  // the index the chunk has now
+  int64_t memory_bytes = 0;     // chunk (and, for the last chunk, tail) bytes
 };
 
 class InProcessRetrievalNode final : public RetrievalClient {
@@ -65,6 +84,20 @@ class InProcessRetrievalNode final : public RetrievalClient {
   absl::StatusOr<std::vector<int64_t>> HeldPositions(uint64_t sequence_id, int32_t layer,
                                                      int32_t kv_head);
 
+  // Shards of one sequence (NotFound when unknown) or of every sequence,
+  // ordered by (sequence, layer, kv head, chunk).
+  absl::StatusOr<std::vector<ShardInfo>> ListShards(std::optional<uint64_t> sequence_id);
+
+  // Shard bytes currently accounted against memory_budget_bytes (reservations
+  // of in-flight uploads and appends included). Thread-safe.
+  int64_t MemoryUsedBytes() const { return memory_used_.load(std::memory_order_relaxed); }
+
+  // Cheap early admission check for an upload of `n_keys` keys to
+  // `sequence_id` (e.g. before a client streams its payload): NotFound for an
+  // unknown sequence, ResourceExhausted when the estimate does not fit the
+  // budget now. Reserves nothing; UploadShard checks again.
+  absl::Status CheckUploadAdmission(uint64_t sequence_id, size_t n_keys);
+
   const InProcessNodeOptions& options() const { return options_; }
 
  private:
@@ -81,12 +114,24 @@ class InProcessRetrievalNode final : public RetrievalClient {
   absl::StatusOr<std::unique_ptr<index::KeyIndex>> BuildIndex(
       IndexType type, ConstMatrixView keys, std::span<const int64_t> train_topk,
       size_t topk_width, ConstMatrixView train_queries, int train_k);
+  // Estimated bytes `n` more keys of `spec` take (keys, values, positions,
+  // graph edges).
+  int64_t EstimateBytes(const SequenceSpec& spec, size_t n) const;
+  // Adds `bytes` to memory_used_ if it fits the budget; ResourceExhausted
+  // naming the budget and `where` otherwise.
+  absl::Status ReserveMemory(int64_t bytes, absl::string_view where);
+  // Replaces `reserved` bytes with the change in `head`'s actual bytes.
+  // Caller holds the sequence lock exclusively.
+  void SettleMemory(HeadState* head, int64_t reserved);
+  // Bytes `head` holds now (chunks, indexes, values, positions, tail).
+  static int64_t HeadBytes(const HeadState& head);
 
   InProcessNodeOptions options_;
   std::unique_ptr<ThreadPool> pool_;
   std::mutex mu_;  // guards sequences_
   std::map<uint64_t, std::shared_ptr<Sequence>> sequences_;
   std::atomic<int64_t> seals_{0};
+  std::atomic<int64_t> memory_used_{0};
 };
 
 }  // namespace kvr::retrieval

@@ -1,0 +1,265 @@
+#include "retrieval_node/server/grpc_retrieval_client.h"
+
+#include <chrono>
+#include <cstring>
+#include <limits>
+
+#include "grpcpp/client_context.h"
+#include "grpcpp/create_channel.h"
+#include "grpcpp/security/credentials.h"
+#include "grpcpp/support/channel_arguments.h"
+#include "retrieval_node/server/proto_convert.h"
+
+namespace kvr::retrieval {
+namespace {
+
+void SetDeadline(grpc::ClientContext* context, absl::Duration timeout) {
+  context->set_deadline(std::chrono::system_clock::now() + absl::ToChronoNanoseconds(timeout));
+}
+
+// Copies a reply's partials into `out`, checking every size.
+absl::Status UnpackPartials(const v1::Partials& p, PartialsView out) {
+  const size_t n = out.size(), d = out.dim();
+  if (p.n() != static_cast<int64_t>(n) || p.dim() != static_cast<int64_t>(d) ||
+      p.o().size() != n * d * sizeof(float) || p.m().size() != n * sizeof(float) ||
+      p.l().size() != n * sizeof(float)) {
+    return absl::InternalError(absl::StrCat(
+        "Attend reply holds ", p.n(), " x ", p.dim(), " partials (o ", p.o().size(), " bytes, m ",
+        p.m().size(), ", l ", p.l().size(), "), expected ", n, " x ", d));
+  }
+  for (size_t i = 0; i < n; ++i) {
+    std::memcpy(out.o.row(i), p.o().data() + i * d * sizeof(float), d * sizeof(float));
+  }
+  if (n > 0) {
+    std::memcpy(out.m.data(), p.m().data(), n * sizeof(float));
+    std::memcpy(out.l.data(), p.l().data(), n * sizeof(float));
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+GrpcRetrievalClient::GrpcRetrievalClient(const std::string& target,
+                                         const GrpcClientOptions& options)
+    : target_(target), options_(options) {
+  grpc::ChannelArguments args;
+  args.SetMaxReceiveMessageSize(options.max_message_bytes);
+  args.SetMaxSendMessageSize(options.max_message_bytes);
+  channel_ = grpc::CreateCustomChannel(target, grpc::InsecureChannelCredentials(), args);
+  stub_ = v1::RetrievalNode::NewStub(channel_);
+}
+
+GrpcRetrievalClient::~GrpcRetrievalClient() = default;
+
+absl::StatusOr<std::unique_ptr<GrpcRetrievalClient>> GrpcRetrievalClient::Create(
+    const std::string& target, const GrpcClientOptions& options) {
+  if (target.empty()) return absl::InvalidArgumentError("gRPC target is empty");
+  if (options.upload_chunk_bytes < 4096 ||
+      options.upload_chunk_bytes + 4096 > static_cast<size_t>(options.max_message_bytes)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "upload_chunk_bytes ", options.upload_chunk_bytes, " outside [4096, max_message_bytes ",
+        options.max_message_bytes, " - 4096]"));
+  }
+  for (absl::Duration t :
+       {options.attend_timeout, options.upload_timeout, options.control_timeout}) {
+    if (t <= absl::ZeroDuration()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("timeouts must be > 0, got ", absl::FormatDuration(t)));
+    }
+  }
+  return std::unique_ptr<GrpcRetrievalClient>(new GrpcRetrievalClient(target, options));
+}
+
+absl::Status GrpcRetrievalClient::WaitForReady(absl::Duration timeout) {
+  const auto deadline = std::chrono::system_clock::now() + absl::ToChronoNanoseconds(timeout);
+  if (!channel_->WaitForConnected(deadline)) {
+    return absl::DeadlineExceededError(absl::StrCat("no connection to ", target_, " within ",
+                                                    absl::FormatDuration(timeout)));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status GrpcRetrievalClient::CreateSequence(const SequenceSpec& spec) {
+  grpc::ClientContext context;
+  SetDeadline(&context, options_.control_timeout);
+  v1::CreateSequenceRequest request;
+  SequenceSpecToProto(spec, request.mutable_spec());
+  v1::CreateSequenceResponse response;
+  return FromGrpcStatus(stub_->CreateSequence(&context, request, &response));
+}
+
+absl::Status GrpcRetrievalClient::UploadShard(const ShardUpload& upload) {
+  const size_t n = upload.keys.rows(), d = upload.keys.cols();
+  if (upload.values.rows() != n || upload.values.cols() != d) {
+    return absl::InvalidArgumentError(absl::StrCat("values ", upload.values.rows(), " x ",
+                                                   upload.values.cols(), " != keys ", n, " x ", d));
+  }
+  if (upload.train_queries.rows() > 0 && upload.train_queries.cols() != d) {
+    return absl::InvalidArgumentError(absl::StrCat("train_queries dim ",
+                                                   upload.train_queries.cols(), " != ", d));
+  }
+  size_t topk_rows = 0;
+  if (!upload.train_topk.empty()) {
+    const size_t w = upload.train_topk_width;
+    if (w == 0 || upload.train_topk.size() % w != 0) {
+      return absl::InvalidArgumentError(absl::StrCat("train_topk size ", upload.train_topk.size(),
+                                                     " is not a multiple of train_topk_width ",
+                                                     w));
+    }
+    topk_rows = upload.train_topk.size() / w;
+  }
+
+  grpc::ClientContext context;
+  SetDeadline(&context, options_.upload_timeout);
+  v1::UploadShardResponse response;
+  std::unique_ptr<grpc::ClientWriter<v1::UploadShardRequest>> writer =
+      stub_->UploadShard(&context, &response);
+
+  v1::UploadShardRequest message;
+  v1::ShardHeader* h = message.mutable_header();
+  ShardKeyToProto(upload.key, h->mutable_key());
+  h->set_first_position(upload.first_position);
+  h->set_n_keys(static_cast<int64_t>(n));
+  h->set_head_dim(static_cast<int32_t>(d));
+  h->set_key_dtype(v1::DTYPE_F32);
+  h->set_value_dtype(v1::DTYPE_F32);
+  h->set_train_topk_rows(static_cast<int64_t>(topk_rows));
+  h->set_train_topk_width(topk_rows > 0 ? static_cast<int32_t>(upload.train_topk_width) : 0);
+  h->set_train_query_rows(static_cast<int64_t>(upload.train_queries.rows()));
+  h->set_train_k(upload.train_queries.rows() > 0 ? upload.train_k : 0);
+
+  // Header first, then each tensor in row batches of about upload_chunk_bytes.
+  bool open = writer->Write(message);
+  auto send_rows = [&](ConstMatrixView m, std::string* (v1::ShardData::*field)()) {
+    if (m.rows() == 0 || m.cols() == 0 || !open) return;
+    const size_t rows_per = std::max<size_t>(1, options_.upload_chunk_bytes / (m.cols() * 4));
+    for (size_t b = 0; b < m.rows() && open; b += rows_per) {
+      message.Clear();
+      AppendRows(m, b, std::min(m.rows(), b + rows_per), (message.mutable_data()->*field)());
+      open = writer->Write(message);
+    }
+  };
+  send_rows(upload.keys, &v1::ShardData::mutable_keys);
+  send_rows(upload.values, &v1::ShardData::mutable_values);
+  if (topk_rows > 0 && open) {
+    const size_t per = std::max<size_t>(1, options_.upload_chunk_bytes / sizeof(int32_t));
+    for (size_t b = 0; b < upload.train_topk.size() && open; b += per) {
+      message.Clear();
+      std::string* out = message.mutable_data()->mutable_train_topk();
+      const size_t e = std::min(upload.train_topk.size(), b + per);
+      out->resize((e - b) * sizeof(int32_t));
+      for (size_t i = b; i < e; ++i) {
+        const int64_t id = upload.train_topk[i];
+        // Out-of-range ids become an id the node rejects with a clear message.
+        const int32_t v = id < -1 || id > std::numeric_limits<int32_t>::max()
+                              ? std::numeric_limits<int32_t>::min()
+                              : static_cast<int32_t>(id);
+        std::memcpy(out->data() + (i - b) * sizeof(int32_t), &v, sizeof(int32_t));
+      }
+      open = writer->Write(message);
+    }
+  }
+  send_rows(upload.train_queries, &v1::ShardData::mutable_train_queries);
+  if (open) writer->WritesDone();
+  return FromGrpcStatus(writer->Finish());
+}
+
+absl::Status GrpcRetrievalClient::Append(const AppendRequest& request) {
+  grpc::ClientContext context;
+  SetDeadline(&context, options_.control_timeout);
+  v1::AppendRequest message;
+  message.set_sequence_id(request.sequence_id);
+  message.set_layer(request.layer);
+  message.set_kv_head(request.kv_head);
+  message.set_first_position(request.first_position);
+  PackMatrix(request.keys, message.mutable_keys());
+  PackMatrix(request.values, message.mutable_values());
+  v1::AppendResponse response;
+  return FromGrpcStatus(stub_->Append(&context, message, &response));
+}
+
+void GrpcRetrievalClient::AttendAsync(const AttendRequest& request, PartialsView out,
+                                      AttendStats* stats, StatusCallback done) {
+  struct Call {
+    grpc::ClientContext context;
+    v1::AttendRequest request;
+    v1::AttendResponse response;
+    PartialsView out;
+    AttendStats* stats = nullptr;
+    StatusCallback done;
+  };
+  auto call = std::make_unique<Call>();
+  SetDeadline(&call->context, options_.attend_timeout);
+  call->request.set_sequence_id(request.sequence_id);
+  call->request.set_layer(request.layer);
+  PackMatrix(request.queries, call->request.mutable_queries());
+  call->request.set_k(request.k);
+  call->request.set_beam(request.beam);
+  call->request.set_nprobe(request.nprobe);
+  call->request.set_scale(request.scale);
+  call->out = out;
+  call->stats = stats;
+  call->done = std::move(done);
+  Call* raw = call.release();
+  stub_->async()->Attend(&raw->context, &raw->request, &raw->response,
+                         [raw](grpc::Status grpc_status) {
+                           std::unique_ptr<Call> owned(raw);
+                           absl::Status status = FromGrpcStatus(grpc_status);
+                           if (status.ok()) {
+                             status = UnpackPartials(owned->response.partials(), owned->out);
+                           }
+                           if (status.ok() && owned->stats != nullptr) {
+                             const v1::AttendStats& s = owned->response.stats();
+                             owned->stats->shards_searched = s.shards_searched();
+                             owned->stats->keys_held = s.keys_held();
+                             owned->stats->keys_attended = s.keys_attended();
+                             owned->stats->distance_computations = s.distance_computations();
+                           }
+                           StatusCallback done = std::move(owned->done);
+                           owned.reset();
+                           done(std::move(status));
+                         });
+}
+
+absl::Status GrpcRetrievalClient::DropSequence(uint64_t sequence_id) {
+  grpc::ClientContext context;
+  SetDeadline(&context, options_.control_timeout);
+  v1::DropSequenceRequest request;
+  request.set_sequence_id(sequence_id);
+  v1::DropSequenceResponse response;
+  return FromGrpcStatus(stub_->DropSequence(&context, request, &response));
+}
+
+absl::StatusOr<NodeStats> GrpcRetrievalClient::Stats() {
+  grpc::ClientContext context;
+  SetDeadline(&context, options_.control_timeout);
+  v1::StatsResponse response;
+  KVR_RETURN_IF_ERROR(FromGrpcStatus(stub_->Stats(&context, v1::StatsRequest(), &response)));
+  NodeStats st;
+  st.sequences = response.sequences();
+  st.shards = response.shards();
+  st.indexed_keys = response.indexed_keys();
+  st.tail_keys = response.tail_keys();
+  st.seals = response.seals();
+  st.memory_bytes = response.memory_bytes();
+  return st;
+}
+
+absl::StatusOr<std::vector<ShardInfo>> GrpcRetrievalClient::ListShards(
+    std::optional<uint64_t> sequence_id) {
+  grpc::ClientContext context;
+  SetDeadline(&context, options_.control_timeout);
+  v1::ListShardsRequest request;
+  if (sequence_id.has_value()) request.set_sequence_id(*sequence_id);
+  v1::ListShardsResponse response;
+  KVR_RETURN_IF_ERROR(FromGrpcStatus(stub_->ListShards(&context, request, &response)));
+  std::vector<ShardInfo> out;
+  out.reserve(static_cast<size_t>(response.shards_size()));
+  for (const v1::ShardInfo& s : response.shards()) {
+    KVR_ASSIGN_OR_RETURN(ShardInfo info, ShardInfoFromProto(s));
+    out.push_back(info);
+  }
+  return out;
+}
+
+}  // namespace kvr::retrieval

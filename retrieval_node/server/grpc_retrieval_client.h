@@ -1,0 +1,74 @@
+// GrpcRetrievalClient: RetrievalClient over gRPC to one kvr_node
+// (kvr.v1.RetrievalNode). Converts the plain structs to kvr.v1 messages
+// (packed fp32 tensors), puts a deadline on every call and maps gRPC status
+// codes back to absl::Status (same codes; DEADLINE_EXCEEDED / UNAVAILABLE
+// when the node is slow or gone).
+//
+// This client never cancels a call itself: CANCELLED or UNAVAILABLE mean the
+// node went away (e.g. shutting down) and the call may be retried elsewhere.
+//
+// AttendAsync uses gRPC's callback client API: `done` runs on a gRPC thread
+// when the reply arrives; keep it short (hand heavy work elsewhere).
+//
+// Thread-safety: thread-safe (one channel, many concurrent calls).
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "absl/time/time.h"
+#include "grpcpp/channel.h"
+#include "kvr/v1/retrieval.grpc.pb.h"
+#include "retrieval_node/client/in_process_node.h"
+#include "retrieval_node/client/retrieval_client.h"
+
+namespace kvr::retrieval {
+
+struct GrpcClientOptions {
+  absl::Duration attend_timeout = absl::Seconds(2);
+  absl::Duration upload_timeout = absl::Seconds(60);   // one UploadShard stream, build included
+  absl::Duration control_timeout = absl::Seconds(10);  // CreateSequence, Append, Drop, admin
+  // Payload bytes per UploadShard stream message.
+  size_t upload_chunk_bytes = size_t{1} << 20;
+  // Channel limits; keep <= the server's --max_message_bytes.
+  int max_message_bytes = 64 << 20;
+};
+
+class GrpcRetrievalClient final : public RetrievalClient {
+ public:
+  // `target`: a gRPC target such as "127.0.0.1:7000". Does not connect yet
+  // (the first call does; see WaitForReady). InvalidArgument for bad options.
+  static absl::StatusOr<std::unique_ptr<GrpcRetrievalClient>> Create(
+      const std::string& target, const GrpcClientOptions& options = {});
+  ~GrpcRetrievalClient() override;
+
+  absl::Status CreateSequence(const SequenceSpec& spec) override;
+  absl::Status UploadShard(const ShardUpload& upload) override;
+  absl::Status Append(const AppendRequest& request) override;
+  void AttendAsync(const AttendRequest& request, PartialsView out, AttendStats* stats,
+                   StatusCallback done) override;
+  absl::Status DropSequence(uint64_t sequence_id) override;
+  absl::StatusOr<NodeStats> Stats() override;
+
+  // Shards of one sequence or of every sequence (ListShards RPC).
+  absl::StatusOr<std::vector<ShardInfo>> ListShards(std::optional<uint64_t> sequence_id);
+
+  // Blocks until the channel is connected; DeadlineExceeded after `timeout`.
+  absl::Status WaitForReady(absl::Duration timeout);
+
+  const std::string& target() const { return target_; }
+  const std::shared_ptr<grpc::Channel>& channel() const { return channel_; }
+
+ private:
+  GrpcRetrievalClient(const std::string& target, const GrpcClientOptions& options);
+
+  std::string target_;
+  GrpcClientOptions options_;
+  std::shared_ptr<grpc::Channel> channel_;
+  std::unique_ptr<v1::RetrievalNode::Stub> stub_;
+};
+
+}  // namespace kvr::retrieval

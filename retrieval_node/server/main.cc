@@ -1,0 +1,150 @@
+// kvr_node: a retrieval node server (kvr.v1.RetrievalNode over gRPC, with
+// grpc.health.v1 and server reflection).
+//
+//   kvr_node --listen 127.0.0.1:0 --threads 8 --memory_budget_bytes 8000000000
+//
+// Prints "kvr_node listening on HOST:PORT" on stdout once serving (port 0
+// picks a free port). SIGTERM / SIGINT: health goes NOT_SERVING, in-flight
+// calls drain (up to --drain_seconds), exit 0. Flags may also come from a
+// file (--flagfile).
+#include <csignal>
+#include <cstdio>
+#include <memory>
+#include <string>
+#include <thread>
+
+#include <pthread.h>
+
+#include "absl/flags/flag.h"
+#include "absl/flags/parse.h"
+#include "absl/flags/usage.h"
+#include "absl/flags/usage_config.h"
+#include "absl/strings/match.h"
+#include "grpcpp/ext/proto_server_reflection_plugin.h"
+#include "grpcpp/health_check_service_interface.h"
+#include "grpcpp/security/server_credentials.h"
+#include "grpcpp/server.h"
+#include "grpcpp/server_builder.h"
+#include "retrieval_node/client/in_process_node.h"
+#include "retrieval_node/server/node_service.h"
+
+ABSL_FLAG(std::string, listen, "127.0.0.1:0",
+          "host:port to serve on; port 0 picks a free port (printed on stdout)");
+ABSL_FLAG(int, threads, 0,
+          "threads for Attend and index builds (0: hardware concurrency)");
+ABSL_FLAG(int, control_threads, 2, "threads for uploads, appends and admin calls");
+ABSL_FLAG(int64_t, memory_budget_bytes, 0,
+          "shard memory the node admits (keys, values, indexes); 0 = unlimited. Uploads and "
+          "appends beyond it get RESOURCE_EXHAUSTED");
+ABSL_FLAG(int, max_message_bytes, 64 << 20, "largest gRPC message received or sent, bytes");
+ABSL_FLAG(int64_t, max_upload_bytes, int64_t{4} << 30,
+          "largest payload one UploadShard stream may declare, bytes");
+ABSL_FLAG(int, tail_capacity, 64,
+          "appended keys per (sequence, layer, kv head) kept flat before sealing into the index");
+ABSL_FLAG(int, train_k, 32, "exact top-k per training query when the node computes it");
+ABSL_FLAG(double, drain_seconds, 10.0,
+          "on SIGTERM / SIGINT, how long in-flight calls may take before they are cancelled");
+
+namespace kvr::retrieval {
+namespace {
+
+constexpr char kServiceName[] = "kvr.v1.RetrievalNode";
+
+int Fail(const std::string& message) {
+  std::fprintf(stderr, "kvr_node: %s\n", message.c_str());
+  return 2;
+}
+
+int Main(int argc, char** argv) {
+  absl::SetProgramUsageMessage(
+      "retrieval node (kvr.v1.RetrievalNode over gRPC, grpc.health.v1, reflection).\n"
+      "  kvr_node --listen 127.0.0.1:0 [--threads N] [--memory_budget_bytes B]\n"
+      "Flags may also be read from a file with --flagfile=PATH.");
+  absl::FlagsUsageConfig usage;
+  // --help lists the flags of this file (absl matches files named after the
+  // binary by default, and this one is main.cc).
+  usage.contains_help_flags = [](absl::string_view file) {
+    return absl::EndsWith(file, "retrieval_node/server/main.cc");
+  };
+  usage.contains_helpshort_flags = usage.contains_help_flags;
+  absl::SetFlagsUsageConfig(usage);
+  absl::ParseCommandLine(argc, argv);
+
+  // Block the stop signals in every thread (gRPC's and ours inherit the
+  // mask); the main thread takes them with sigwait.
+  sigset_t stop_signals;
+  sigemptyset(&stop_signals);
+  sigaddset(&stop_signals, SIGTERM);
+  sigaddset(&stop_signals, SIGINT);
+  pthread_sigmask(SIG_BLOCK, &stop_signals, nullptr);
+
+  const int threads_flag = absl::GetFlag(FLAGS_threads);
+  const int control_threads = absl::GetFlag(FLAGS_control_threads);
+  const int max_message_bytes = absl::GetFlag(FLAGS_max_message_bytes);
+  if (threads_flag < 0 || threads_flag > 256) return Fail("--threads outside [0, 256]");
+  if (control_threads < 1 || control_threads > 256) {
+    return Fail("--control_threads outside [1, 256]");
+  }
+  if (max_message_bytes < (1 << 16)) return Fail("--max_message_bytes must be >= 65536");
+  if (absl::GetFlag(FLAGS_memory_budget_bytes) < 0) {
+    return Fail("--memory_budget_bytes must be >= 0");
+  }
+  if (absl::GetFlag(FLAGS_tail_capacity) < 1) return Fail("--tail_capacity must be >= 1");
+
+  InProcessNodeOptions core_options;
+  core_options.threads = threads_flag > 0
+                             ? static_cast<size_t>(threads_flag)
+                             : std::max<size_t>(1, std::thread::hardware_concurrency());
+  core_options.memory_budget_bytes = absl::GetFlag(FLAGS_memory_budget_bytes);
+  core_options.tail_capacity = static_cast<size_t>(absl::GetFlag(FLAGS_tail_capacity));
+  core_options.train_k = absl::GetFlag(FLAGS_train_k);
+  absl::StatusOr<std::unique_ptr<InProcessRetrievalNode>> core =
+      InProcessRetrievalNode::Create(core_options);
+  if (!core.ok()) return Fail(core.status().ToString());
+
+  NodeServiceOptions service_options;
+  service_options.control_threads = static_cast<size_t>(control_threads);
+  service_options.max_upload_bytes = absl::GetFlag(FLAGS_max_upload_bytes);
+  auto service = std::make_unique<NodeService>(core->get(), service_options);
+
+  grpc::EnableDefaultHealthCheckService(true);
+  grpc::reflection::InitProtoReflectionServerBuilderPlugin();
+  const std::string listen = absl::GetFlag(FLAGS_listen);
+  int port = 0;
+  grpc::ServerBuilder builder;
+  builder.AddListeningPort(listen, grpc::InsecureServerCredentials(), &port);
+  builder.SetMaxReceiveMessageSize(max_message_bytes);
+  builder.SetMaxSendMessageSize(max_message_bytes);
+  builder.RegisterService(service.get());
+  std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
+  if (server == nullptr || port == 0) return Fail("cannot listen on " + listen);
+  grpc::HealthCheckServiceInterface* health = server->GetHealthCheckService();
+  health->SetServingStatus(kServiceName, true);
+  health->SetServingStatus(true);
+
+  const size_t colon = listen.rfind(':');
+  const std::string host = colon == std::string::npos ? listen : listen.substr(0, colon);
+  std::printf("kvr_node listening on %s:%d\n", host.c_str(), port);
+  std::fflush(stdout);
+
+  int signal = 0;
+  sigwait(&stop_signals, &signal);
+  std::fprintf(stderr, "kvr_node: signal %d, draining\n", signal);
+  health->SetServingStatus(false);
+  const auto drain = std::chrono::duration_cast<std::chrono::system_clock::duration>(
+      std::chrono::duration<double>(absl::GetFlag(FLAGS_drain_seconds)));
+  // Shutdown returns once every call finished (calls still running at the
+  // deadline are cancelled; their reactors still finish from our pools).
+  server->Shutdown(std::chrono::system_clock::now() + drain);
+  server->Wait();
+  server.reset();
+  service.reset();  // control pool: drained and joined
+  core->reset();    // Attend pool: joined
+  std::fprintf(stderr, "kvr_node: stopped\n");
+  return 0;
+}
+
+}  // namespace
+}  // namespace kvr::retrieval
+
+int main(int argc, char** argv) { return kvr::retrieval::Main(argc, argv); }

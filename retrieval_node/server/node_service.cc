@@ -1,0 +1,436 @@
+#include "retrieval_node/server/node_service.h"
+
+#include <chrono>
+#include <cmath>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "retrieval_node/index/index.h"
+#include "retrieval_node/server/proto_convert.h"
+
+namespace kvr::retrieval {
+namespace {
+
+// Appended rows per Append call.
+constexpr int64_t kMaxAppendRows = int64_t{1} << 20;
+// Query heads per Attend.
+constexpr int64_t kMaxQueryHeads = 1 << 12;
+
+grpc::ServerUnaryReactor* FinishNow(grpc::CallbackServerContext* context,
+                                    const absl::Status& status) {
+  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  reactor->Finish(ToGrpcStatus(status));
+  return reactor;
+}
+
+absl::Status CheckAttendRequest(const v1::AttendRequest& r) {
+  if (r.queries().dtype() != v1::DTYPE_F32) {
+    return absl::InvalidArgumentError(absl::StrCat("queries.dtype ", r.queries().dtype(),
+                                                   " must be DTYPE_F32 (1)"));
+  }
+  KVR_ASSIGN_OR_RETURN(const int64_t bytes,
+                       PackedBytes(r.queries().rows(), r.queries().cols(), DType::kF32,
+                                   kMaxQueryHeads, static_cast<int64_t>(index::kMaxDim),
+                                   "queries"));
+  if (r.queries().rows() < 1) {
+    return absl::InvalidArgumentError("queries rows 0: need one row per query head");
+  }
+  if (static_cast<int64_t>(r.queries().data().size()) != bytes) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "queries.data has ", r.queries().data().size(), " bytes, expected rows ",
+        r.queries().rows(), " x cols ", r.queries().cols(), " x 4 (f32) = ", bytes));
+  }
+  if (r.k() < 1 || r.k() > index::kMaxSearchK) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("k ", r.k(), " outside [1, ", index::kMaxSearchK, "]"));
+  }
+  if (r.beam() < 0 || r.beam() > NodeService::kMaxBeam) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("beam ", r.beam(), " outside [0, ", NodeService::kMaxBeam, "]"));
+  }
+  if (r.nprobe() < 0 || r.nprobe() > NodeService::kMaxNprobe) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("nprobe ", r.nprobe(), " outside [0, ", NodeService::kMaxNprobe, "]"));
+  }
+  if (!std::isfinite(r.scale()) || r.scale() < 0.0f) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("scale ", r.scale(), " must be finite and >= 0"));
+  }
+  if (r.layer() < 0) {
+    return absl::InvalidArgumentError(absl::StrCat("layer ", r.layer(), " < 0"));
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+NodeService::NodeService(InProcessRetrievalNode* core, const NodeServiceOptions& options)
+    : core_(core),
+      options_(options),
+      control_(std::make_unique<ThreadPool>(std::max<size_t>(1, options.control_threads))) {}
+
+NodeService::~NodeService() {
+  control_.reset();  // runs what is queued, then joins
+}
+
+// --- CreateSequence ------------------------------------------------------------
+
+grpc::ServerUnaryReactor* NodeService::CreateSequence(grpc::CallbackServerContext* context,
+                                                      const v1::CreateSequenceRequest* request,
+                                                      v1::CreateSequenceResponse* response) {
+  if (!request->has_spec()) return FinishNow(context, absl::InvalidArgumentError("spec missing"));
+  absl::StatusOr<SequenceSpec> spec = SequenceSpecFromProto(request->spec());
+  if (!spec.ok()) return FinishNow(context, spec.status());
+  return FinishNow(context, core_->CreateSequence(*spec));
+}
+
+// --- UploadShard -----------------------------------------------------------------
+
+class NodeService::UploadReactor final : public grpc::ServerReadReactor<v1::UploadShardRequest> {
+ public:
+  UploadReactor(NodeService* service, grpc::CallbackServerContext* context,
+                v1::UploadShardResponse* response)
+      : service_(service), context_(context), response_(response) {
+    StartRead(&message_);
+  }
+
+  void OnReadDone(bool ok) override {
+    if (!ok) {  // the client half-closed, or the call is over
+      if (context_->IsCancelled()) {
+        Finish(grpc::Status(grpc::StatusCode::CANCELLED, "UploadShard cancelled"));
+        return;
+      }
+      service_->control_->Schedule([this] { Finish(ToGrpcStatus(Build())); });
+      return;
+    }
+    absl::Status status;
+    switch (message_.part_case()) {
+      case v1::UploadShardRequest::kHeader:
+        status = OnHeader(message_.header());
+        break;
+      case v1::UploadShardRequest::kData:
+        status = OnData(message_.data());
+        break;
+      default:
+        status = absl::InvalidArgumentError("UploadShard message sets neither header nor data");
+    }
+    if (!status.ok()) {
+      Finish(ToGrpcStatus(status));
+      return;
+    }
+    message_.Clear();
+    StartRead(&message_);
+  }
+
+  void OnDone() override { delete this; }
+
+ private:
+  absl::Status OnHeader(const v1::ShardHeader& h) {
+    if (have_header_) {
+      return absl::FailedPreconditionError("UploadShard: a second header (send it once, first)");
+    }
+    have_header_ = true;
+    header_ = h;
+    const int64_t max_keys = static_cast<int64_t>(index::kMaxKeys);
+    const int64_t max_dim = static_cast<int64_t>(index::kMaxDim);
+    if (h.n_keys() < 1 || h.n_keys() > max_keys) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("header.n_keys ", h.n_keys(), " outside [1, ", max_keys, "]"));
+    }
+    KVR_ASSIGN_OR_RETURN(key_dtype_, DTypeFromProto(h.key_dtype(), "header.key_dtype"));
+    KVR_ASSIGN_OR_RETURN(value_dtype_, DTypeFromProto(h.value_dtype(), "header.value_dtype"));
+    KVR_ASSIGN_OR_RETURN(keys_bytes_, PackedBytes(h.n_keys(), h.head_dim(), key_dtype_, max_keys,
+                                                  max_dim, "header keys (n_keys x head_dim)"));
+    KVR_ASSIGN_OR_RETURN(values_bytes_,
+                         PackedBytes(h.n_keys(), h.head_dim(), value_dtype_, max_keys, max_dim,
+                                     "header values (n_keys x head_dim)"));
+    if (h.train_topk_rows() > 0 && h.train_query_rows() > 0) {
+      return absl::InvalidArgumentError(
+          "header sets both train_topk_rows and train_query_rows (at most one)");
+    }
+    topk_bytes_ = 0;
+    if (h.train_topk_rows() != 0) {
+      KVR_ASSIGN_OR_RETURN(topk_bytes_,
+                           PackedBytes(h.train_topk_rows(), h.train_topk_width(), DType::kF32,
+                                       max_keys, index::kMaxSearchK,
+                                       "header train_topk (train_topk_rows x train_topk_width)"));
+    }
+    queries_bytes_ = 0;
+    if (h.train_query_rows() != 0) {
+      KVR_ASSIGN_OR_RETURN(queries_bytes_,
+                           PackedBytes(h.train_query_rows(), h.head_dim(), key_dtype_, max_keys,
+                                       max_dim, "header train_queries (train_query_rows x head_dim)"));
+    }
+    if (h.train_k() < 0 || h.train_k() > index::kMaxSearchK) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("header.train_k ", h.train_k(), " outside [0, ", index::kMaxSearchK, "]"));
+    }
+    const int64_t total = keys_bytes_ + values_bytes_ + topk_bytes_ + queries_bytes_;
+    if (total > service_->options_.max_upload_bytes) {
+      return absl::ResourceExhaustedError(
+          absl::StrCat("UploadShard payload of ", total, " bytes exceeds max_upload_bytes ",
+                       service_->options_.max_upload_bytes));
+    }
+    KVR_RETURN_IF_ERROR(service_->core_->CheckUploadAdmission(
+        h.key().sequence_id(), static_cast<size_t>(h.n_keys())));
+    keys_.reserve(static_cast<size_t>(keys_bytes_));
+    values_.reserve(static_cast<size_t>(values_bytes_));
+    topk_.reserve(static_cast<size_t>(topk_bytes_));
+    queries_.reserve(static_cast<size_t>(queries_bytes_));
+    return absl::OkStatus();
+  }
+
+  static absl::Status AppendPart(const std::string& part, int64_t declared,
+                                 absl::string_view field, std::string* buffer) {
+    if (static_cast<int64_t>(buffer->size() + part.size()) > declared) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("data.", field, ": more than the ", declared, " bytes the header declares"));
+    }
+    buffer->append(part);
+    return absl::OkStatus();
+  }
+
+  absl::Status OnData(const v1::ShardData& d) {
+    if (!have_header_) {
+      return absl::FailedPreconditionError("UploadShard: data before the header");
+    }
+    KVR_RETURN_IF_ERROR(AppendPart(d.keys(), keys_bytes_, "keys", &keys_));
+    KVR_RETURN_IF_ERROR(AppendPart(d.values(), values_bytes_, "values", &values_));
+    KVR_RETURN_IF_ERROR(AppendPart(d.train_topk(), topk_bytes_, "train_topk", &topk_));
+    return AppendPart(d.train_queries(), queries_bytes_, "train_queries", &queries_);
+  }
+
+  static absl::Status CheckComplete(const std::string& buffer, int64_t declared,
+                                    absl::string_view field) {
+    if (static_cast<int64_t>(buffer.size()) != declared) {
+      return absl::InvalidArgumentError(absl::StrCat("data.", field, ": received ",
+                                                     buffer.size(), " bytes, the header declares ",
+                                                     declared));
+    }
+    return absl::OkStatus();
+  }
+
+  static std::span<const uint8_t> Bytes(const std::string& s) {
+    return {reinterpret_cast<const uint8_t*>(s.data()), s.size()};
+  }
+
+  // Runs on the control pool once the stream is complete.
+  absl::Status Build() {
+    if (!have_header_) return absl::InvalidArgumentError("UploadShard: stream without a header");
+    KVR_RETURN_IF_ERROR(CheckComplete(keys_, keys_bytes_, "keys"));
+    KVR_RETURN_IF_ERROR(CheckComplete(values_, values_bytes_, "values"));
+    KVR_RETURN_IF_ERROR(CheckComplete(topk_, topk_bytes_, "train_topk"));
+    KVR_RETURN_IF_ERROR(CheckComplete(queries_, queries_bytes_, "train_queries"));
+    const auto n = static_cast<size_t>(header_.n_keys());
+    const auto d = static_cast<size_t>(header_.head_dim());
+
+    Matrix keys(0, d), values(0, d), queries(0, d);
+    KVR_RETURN_IF_ERROR(UnpackFloats(Bytes(keys_), key_dtype_, "data.keys", &keys.data));
+    keys.rows = n;
+    std::string().swap(keys_);
+    KVR_RETURN_IF_ERROR(CheckFinite(keys.data, "keys"));
+    KVR_RETURN_IF_ERROR(UnpackFloats(Bytes(values_), value_dtype_, "data.values", &values.data));
+    values.rows = n;
+    std::string().swap(values_);
+    KVR_RETURN_IF_ERROR(CheckFinite(values.data, "values"));
+    std::vector<int64_t> topk(topk_.size() / sizeof(int32_t));
+    for (size_t i = 0; i < topk.size(); ++i) {
+      int32_t id;
+      std::memcpy(&id, topk_.data() + i * sizeof(int32_t), sizeof(int32_t));
+      topk[i] = id;
+    }
+    if (!queries_.empty()) {
+      KVR_RETURN_IF_ERROR(
+          UnpackFloats(Bytes(queries_), key_dtype_, "data.train_queries", &queries.data));
+      queries.rows = static_cast<size_t>(header_.train_query_rows());
+      KVR_RETURN_IF_ERROR(CheckFinite(queries.data, "train_queries"));
+    }
+
+    ShardUpload upload;
+    upload.key = ShardKeyFromProto(header_.key());
+    upload.first_position = header_.first_position();
+    upload.keys = keys.view();
+    upload.values = values.view();
+    upload.train_topk = topk;
+    upload.train_topk_width = topk.empty() ? 0 : static_cast<size_t>(header_.train_topk_width());
+    upload.train_queries = queries.view();
+    if (header_.train_k() > 0) upload.train_k = header_.train_k();
+
+    const auto start = std::chrono::steady_clock::now();
+    KVR_RETURN_IF_ERROR(service_->core_->UploadShard(upload));
+    response_->set_build_seconds(
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
+
+    // Describe the new shard (best effort: the sequence may be gone already).
+    v1::ShardInfo* info = response_->mutable_shard();
+    *info->mutable_key() = header_.key();
+    info->set_n_keys(header_.n_keys());
+    info->set_first_position(header_.first_position());
+    info->set_last_position(header_.first_position() + header_.n_keys() - 1);
+    absl::StatusOr<std::vector<ShardInfo>> shards =
+        service_->core_->ListShards(upload.key.sequence_id);
+    if (shards.ok()) {
+      for (const ShardInfo& s : *shards) {
+        if (s.key == upload.key) ShardInfoToProto(s, info);
+      }
+    }
+    return absl::OkStatus();
+  }
+
+  NodeService* const service_;
+  grpc::CallbackServerContext* const context_;
+  v1::UploadShardResponse* const response_;
+  v1::UploadShardRequest message_;
+
+  bool have_header_ = false;
+  v1::ShardHeader header_;
+  DType key_dtype_ = DType::kF32;
+  DType value_dtype_ = DType::kF32;
+  int64_t keys_bytes_ = 0, values_bytes_ = 0, topk_bytes_ = 0, queries_bytes_ = 0;
+  std::string keys_, values_, topk_, queries_;
+};
+
+grpc::ServerReadReactor<v1::UploadShardRequest>* NodeService::UploadShard(
+    grpc::CallbackServerContext* context, v1::UploadShardResponse* response) {
+  return new UploadReactor(this, context, response);
+}
+
+// --- Append ------------------------------------------------------------------------
+
+grpc::ServerUnaryReactor* NodeService::Append(grpc::CallbackServerContext* context,
+                                              const v1::AppendRequest* request,
+                                              v1::AppendResponse* response) {
+  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  control_->Schedule([this, reactor, request, response] {
+    auto run = [&]() -> absl::Status {
+      Matrix keys, values;
+      KVR_RETURN_IF_ERROR(UnpackMatrix(request->keys(), kMaxAppendRows, 0, true, "keys", &keys));
+      KVR_RETURN_IF_ERROR(UnpackMatrix(request->values(), kMaxAppendRows,
+                                       static_cast<int64_t>(keys.cols), true, "values", &values));
+      if (values.rows != keys.rows) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("values.rows ", values.rows, " != keys.rows ", keys.rows));
+      }
+      AppendRequest a;
+      a.sequence_id = request->sequence_id();
+      a.layer = request->layer();
+      a.kv_head = request->kv_head();
+      a.first_position = request->first_position();
+      a.keys = keys.view();
+      a.values = values.view();
+      KVR_RETURN_IF_ERROR(core_->Append(a));
+      response->set_last_position(
+          keys.rows > 0 ? a.first_position + static_cast<int64_t>(keys.rows) - 1 : -1);
+      return absl::OkStatus();
+    };
+    reactor->Finish(ToGrpcStatus(run()));
+  });
+  return reactor;
+}
+
+// --- Attend ------------------------------------------------------------------------
+
+grpc::ServerUnaryReactor* NodeService::Attend(grpc::CallbackServerContext* context,
+                                              const v1::AttendRequest* request,
+                                              v1::AttendResponse* response) {
+  if (absl::Status s = CheckAttendRequest(*request); !s.ok()) return FinishNow(context, s);
+  const auto n = static_cast<size_t>(request->queries().rows());
+  const auto d = static_cast<size_t>(request->queries().cols());
+
+  // Per-call buffers; the partials are copied into the reply at completion
+  // (n x d floats: a few µs at Llama-3 shapes, and no alignment assumptions
+  // about protobuf's string storage).
+  struct Call {
+    Matrix queries;
+    Partials out;
+    AttendStats stats;
+  };
+  auto call = std::make_shared<Call>();
+  const std::string& qbytes = request->queries().data();
+  call->queries = Matrix(n, d);
+  std::memcpy(call->queries.data.data(), qbytes.data(), qbytes.size());
+  if (absl::Status s = CheckFinite(call->queries.data, "queries"); !s.ok()) {
+    return FinishNow(context, s);
+  }
+  call->out = Partials(n, d);
+
+  AttendRequest a;
+  a.sequence_id = request->sequence_id();
+  a.layer = request->layer();
+  a.queries = call->queries.view();
+  a.k = request->k();
+  a.beam = request->beam();
+  a.nprobe = request->nprobe();
+  a.scale = request->scale();
+
+  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  core_->AttendAsync(a, call->out.view(), &call->stats,
+                     [reactor, response, call, n, d](absl::Status status) {
+                       if (status.ok()) {
+                         v1::Partials* p = response->mutable_partials();
+                         p->set_n(static_cast<int32_t>(n));
+                         p->set_dim(static_cast<int32_t>(d));
+                         p->set_o(call->out.o.data.data(), n * d * sizeof(float));
+                         p->set_m(call->out.m.data(), n * sizeof(float));
+                         p->set_l(call->out.l.data(), n * sizeof(float));
+                         v1::AttendStats* st = response->mutable_stats();
+                         st->set_shards_searched(call->stats.shards_searched);
+                         st->set_keys_held(call->stats.keys_held);
+                         st->set_keys_attended(call->stats.keys_attended);
+                         st->set_distance_computations(call->stats.distance_computations);
+                       }
+                       reactor->Finish(ToGrpcStatus(status));
+                     });
+  return reactor;
+}
+
+// --- Admin -------------------------------------------------------------------------
+
+grpc::ServerUnaryReactor* NodeService::DropSequence(grpc::CallbackServerContext* context,
+                                                    const v1::DropSequenceRequest* request,
+                                                    v1::DropSequenceResponse* response) {
+  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  control_->Schedule([this, reactor, request] {
+    reactor->Finish(ToGrpcStatus(core_->DropSequence(request->sequence_id())));
+  });
+  return reactor;
+}
+
+grpc::ServerUnaryReactor* NodeService::ListShards(grpc::CallbackServerContext* context,
+                                                  const v1::ListShardsRequest* request,
+                                                  v1::ListShardsResponse* response) {
+  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  control_->Schedule([this, reactor, request, response] {
+    std::optional<uint64_t> id;
+    if (request->has_sequence_id()) id = request->sequence_id();
+    absl::StatusOr<std::vector<ShardInfo>> shards = core_->ListShards(id);
+    if (shards.ok()) {
+      for (const ShardInfo& s : *shards) ShardInfoToProto(s, response->add_shards());
+    }
+    reactor->Finish(ToGrpcStatus(shards.status()));
+  });
+  return reactor;
+}
+
+grpc::ServerUnaryReactor* NodeService::Stats(grpc::CallbackServerContext* context,
+                                             const v1::StatsRequest* request,
+                                             v1::StatsResponse* response) {
+  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  control_->Schedule([this, reactor, response] {
+    absl::StatusOr<NodeStats> st = core_->Stats();
+    if (st.ok()) {
+      response->set_sequences(st->sequences);
+      response->set_shards(st->shards);
+      response->set_indexed_keys(st->indexed_keys);
+      response->set_tail_keys(st->tail_keys);
+      response->set_seals(st->seals);
+      response->set_memory_bytes(st->memory_bytes);
+      response->set_memory_budget_bytes(core_->options().memory_budget_bytes);
+    }
+    reactor->Finish(ToGrpcStatus(st.status()));
+  });
+  return reactor;
+}
+
+}  // namespace kvr::retrieval

@@ -1,0 +1,79 @@
+// NodeService: the kvr.v1.RetrievalNode gRPC service (callback API).
+//
+// Thin layer: every handler validates the request (dtype enums, shapes vs
+// packed byte sizes, NaN/Inf, k / beam / nprobe / scale ranges, upload
+// stream order and declared sizes), converts it to the plain structs of
+// retrieval_node/client/retrieval_client.h and calls the core
+// (InProcessRetrievalNode, which holds no gRPC types). No handler blocks a
+// gRPC thread on an index search or build:
+//   * Attend goes to the core's AttendAsync (its own thread pool) and the
+//     reactor is finished from the completion;
+//   * UploadShard / Append / DropSequence / ListShards / Stats run on this
+//     service's control pool (they take sequence locks that an index build
+//     may hold for a while);
+//   * CreateSequence runs inline (a map insert).
+// A rejected request changes nothing in the core.
+//
+// Thread-safety: gRPC calls the handlers concurrently; the core is
+// thread-safe. Lifetime: the core must outlive the service, and the server
+// must be shut down (Server::Shutdown, which waits for every reactor) before
+// the service is destroyed.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+
+#include "common/thread_pool.h"
+#include "kvr/v1/retrieval.grpc.pb.h"
+#include "retrieval_node/client/in_process_node.h"
+
+namespace kvr::retrieval {
+
+struct NodeServiceOptions {
+  // Threads running uploads, appends and admin calls off the gRPC threads.
+  size_t control_threads = 2;
+  // Largest payload (keys + values + training data bytes) one UploadShard
+  // stream may declare; larger → RESOURCE_EXHAUSTED naming this limit.
+  int64_t max_upload_bytes = int64_t{4} << 30;
+};
+
+class NodeService final : public v1::RetrievalNode::CallbackService {
+ public:
+  // `core` is not owned and must outlive the service.
+  NodeService(InProcessRetrievalNode* core, const NodeServiceOptions& options);
+  ~NodeService() override;
+
+  grpc::ServerUnaryReactor* CreateSequence(grpc::CallbackServerContext* context,
+                                           const v1::CreateSequenceRequest* request,
+                                           v1::CreateSequenceResponse* response) override;
+  grpc::ServerReadReactor<v1::UploadShardRequest>* UploadShard(
+      grpc::CallbackServerContext* context, v1::UploadShardResponse* response) override;
+  grpc::ServerUnaryReactor* Append(grpc::CallbackServerContext* context,
+                                   const v1::AppendRequest* request,
+                                   v1::AppendResponse* response) override;
+  grpc::ServerUnaryReactor* Attend(grpc::CallbackServerContext* context,
+                                   const v1::AttendRequest* request,
+                                   v1::AttendResponse* response) override;
+  grpc::ServerUnaryReactor* DropSequence(grpc::CallbackServerContext* context,
+                                         const v1::DropSequenceRequest* request,
+                                         v1::DropSequenceResponse* response) override;
+  grpc::ServerUnaryReactor* ListShards(grpc::CallbackServerContext* context,
+                                       const v1::ListShardsRequest* request,
+                                       v1::ListShardsResponse* response) override;
+  grpc::ServerUnaryReactor* Stats(grpc::CallbackServerContext* context,
+                                  const v1::StatsRequest* request,
+                                  v1::StatsResponse* response) override;
+
+  // Limits the handlers enforce on Attend.
+  static constexpr int32_t kMaxBeam = 1 << 16;
+  static constexpr int32_t kMaxNprobe = 1 << 16;
+
+ private:
+  class UploadReactor;
+
+  InProcessRetrievalNode* const core_;
+  const NodeServiceOptions options_;
+  std::unique_ptr<ThreadPool> control_;
+};
+
+}  // namespace kvr::retrieval
