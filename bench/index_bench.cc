@@ -67,6 +67,7 @@ ABSL_FLAG(int, graph_router_entries, 8, "keys remembered per router");
 ABSL_FLAG(bool, graph_frequency_order, true,
           "attention graph: consider projection candidates most frequent first");
 ABSL_FLAG(bool, graph_scan_bf16, false, "attention graph: walk the graph on bf16 keys");
+ABSL_FLAG(int, graph_build_beam, 64, "attention graph beam when linking keys in");
 ABSL_FLAG(bool, graph_saturate, true, "fill graph rows up to the degree with pruned candidates");
 ABSL_FLAG(std::string, train_topk_cache, "",
           "if set: read the training top-k from this .ibin when it exists, else write it "
@@ -360,6 +361,7 @@ class Runner {
     o.routers = absl::GetFlag(FLAGS_graph_routers);
     o.frequency_order = absl::GetFlag(FLAGS_graph_frequency_order);
     o.scan_bf16 = absl::GetFlag(FLAGS_graph_scan_bf16);
+    o.build_beam = absl::GetFlag(FLAGS_graph_build_beam);
     o.router_probe = absl::GetFlag(FLAGS_graph_router_probe);
     o.router_entries = absl::GetFlag(FLAGS_graph_router_entries);
     t0 = Clock::now();

@@ -546,15 +546,15 @@ std::vector<uint8_t> AttentionGraphIndex::Reachable() const {
   return seen;
 }
 
-// Links key `id` into the graph given candidate neighbours found by a search:
-// sets its out-edges (pruned), offers each kept neighbour the reverse edge,
-// and if no neighbour kept the reverse edge, uses a free connectivity slot so
-// the key is reachable.
-void AttentionGraphIndex::LinkKey(uint32_t id, std::vector<Cand>* cands) {
-  std::vector<uint32_t> out;
+void AttentionGraphIndex::ChooseLinks(uint32_t id, std::vector<Cand>* cands,
+                                      std::vector<uint32_t>* out) const {
   // Keep whatever out-edges the key already has (from projection).
   for (uint32_t x : RegularNeighbors(id)) cands->push_back(MakeCand(L2(id, x), x));
-  Prune(id, cands, &out);
+  Prune(id, cands, out);
+}
+
+void AttentionGraphIndex::ApplyLinks(uint32_t id, std::span<const uint32_t> out,
+                                     std::span<const Cand> cands) {
   SetNeighbors(id, out);
   // Offer each kept neighbour the reverse edge: taken when it has a free slot
   // or when the new key is nearer than its farthest neighbour (which it
@@ -590,12 +590,14 @@ void AttentionGraphIndex::LinkKey(uint32_t id, std::vector<Cand>* cands) {
   for (uint32_t c : out) {
     if (TrySetRepairEdge(c, id)) return;
   }
-  for (const Cand& c : *cands) {
+  for (const Cand& c : cands) {
     if (c.id != id && TrySetRepairEdge(c.id, id)) return;
   }
-  // Every candidate's slot is used: take an entry point's chain. LinkUnreachable
-  // re-checks reachability, so a later round fixes what this cannot.
-  for (uint32_t c = 0; c < n_; ++c) {
+  // Every candidate's slot is used: take the next free slot anywhere (a
+  // rotating cursor keeps this linear overall). LinkUnreachable re-checks
+  // reachability, so a later round fixes what this cannot.
+  for (size_t tried = 0; tried < n_; ++tried) {
+    const uint32_t c = static_cast<uint32_t>(repair_cursor_++ % n_);
     if (c != id && TrySetRepairEdge(c, id)) return;
   }
 }
@@ -629,7 +631,10 @@ size_t AttentionGraphIndex::LinkUnreachable(ThreadPool* pool) {
     for (size_t b = 0; b < todo.size();) {
       const size_t batch = std::max<size_t>(32, reachable / 2);
       const size_t e = std::min(todo.size(), b + batch);
+      // Parallel: search and choose each key's out-edges (reads only).
+      // Sequential: write them and the reverse edges.
       std::vector<std::vector<Cand>> found(e - b);
+      std::vector<std::vector<uint32_t>> outs(e - b);
       pool->ParallelFor(e - b, 16, [&](size_t begin, size_t end) {
         ScratchLease s(scratch_.get());
         int64_t dc = 0;
@@ -641,9 +646,10 @@ size_t AttentionGraphIndex::LinkUnreachable(ThreadPool* pool) {
               found[i].push_back(MakeCand(-s->beam.score(j), s->beam.id(j)));
             }
           }
+          ChooseLinks(id, &found[i], &outs[i]);
         }
       });
-      for (size_t i = 0; i < e - b; ++i) LinkKey(todo[b + i], &found[i]);
+      for (size_t i = 0; i < e - b; ++i) ApplyLinks(todo[b + i], outs[i], found[i]);
       reachable += e - b;
       b = e;
     }
@@ -676,6 +682,7 @@ absl::Status AttentionGraphIndex::Add(ConstMatrixView keys) {
   // Insert one by one; each new key is searchable before the next is linked.
   ScratchLease s(scratch_.get());
   std::vector<Cand> cands;
+  std::vector<uint32_t> out;
   int64_t dc = 0;
   for (size_t i = 0; i < keys.rows(); ++i) {
     const uint32_t id = static_cast<uint32_t>(old_n + i);
@@ -685,7 +692,8 @@ absl::Status AttentionGraphIndex::Add(ConstMatrixView keys) {
       cands.push_back(MakeCand(-s->beam.score(j), s->beam.id(j)));
     }
     n_ = id + 1;
-    LinkKey(id, &cands);
+    ChooseLinks(id, &cands, &out);
+    ApplyLinks(id, out, cands);
   }
   // Re-pruning a neighbour's row can drop the last edge into an older key;
   // relink any key that became unreachable.

@@ -145,7 +145,12 @@ class AttentionGraphIndex final : public KeyIndex {
   void SetNeighbors(uint32_t id, std::span<const uint32_t> nbrs);
   void AddReverseEdges(ThreadPool* pool);
   std::vector<uint8_t> Reachable() const;
-  void LinkKey(uint32_t id, std::vector<Cand>* cands);
+  // Links key `id` in, given candidate neighbours from a search: ChooseLinks
+  // picks its out-edges (const; safe in parallel), ApplyLinks writes them and
+  // offers each neighbour the reverse edge; if none keeps it, a free
+  // connectivity slot of a candidate takes it so the key is reachable.
+  void ChooseLinks(uint32_t id, std::vector<Cand>* cands, std::vector<uint32_t>* out) const;
+  void ApplyLinks(uint32_t id, std::span<const uint32_t> out, std::span<const Cand> cands);
   bool TrySetRepairEdge(uint32_t source, uint32_t target);
   size_t LinkUnreachable(ThreadPool* pool);  // returns how many keys it linked
 
@@ -157,6 +162,7 @@ class AttentionGraphIndex final : public KeyIndex {
   std::vector<uint16_t> keys_bf16_;  // n x dim when options_.scan_bf16, else empty
   std::vector<uint32_t> adjacency_;  // n x stride_; regular edges kNone-terminated
   std::vector<uint32_t> entries_;    // entry points, best first
+  size_t repair_cursor_ = 0;         // where ApplyLinks' last-resort slot scan resumes
   std::vector<float> router_vecs_;   // routers x dim, unit norm
   std::vector<uint32_t> router_keys_;  // routers x router_entries, kNone-padded
   std::unique_ptr<ScratchPool<Scratch>> scratch_;
