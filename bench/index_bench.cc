@@ -12,6 +12,7 @@
 #include <faiss/IndexHNSW.h>
 #include <faiss/impl/DistanceComputer.h>
 #include <hnswlib/hnswlib.h>
+#include <omp.h>
 
 #include <algorithm>
 #include <chrono>
@@ -397,8 +398,12 @@ class Runner {
     hnsw.own_fields = true;
     hnsw.hnsw.efConstruction = absl::GetFlag(FLAGS_hnsw_ef_construction);
     const auto t0 = Clock::now();
+    omp_set_num_threads(static_cast<int>(pool_->size() + 1));
     hnsw.add(static_cast<faiss::Index::idx_t>(ds.keys.rows), ds.keys.data.data());
     const double build = Seconds(t0, Clock::now());
+    // Searches are single-threaded like every other method's (an OpenMP team
+    // spinning beside a one-query search only adds noise).
+    omp_set_num_threads(1);
     for (int ef : ParseInts(absl::GetFlag(FLAGS_hnsw_efs), "hnsw_efs")) {
       if (ef < k) continue;
       hnsw.hnsw.efSearch = ef;
