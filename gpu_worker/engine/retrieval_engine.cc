@@ -4,8 +4,14 @@
 #include <atomic>
 #include <chrono>
 #include <cmath>
+#include <utility>
 
 #include "absl/strings/str_cat.h"
+#ifdef __linux__
+#include <sys/resource.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 #include "retrieval_node/index/flat_index.h"
 
 namespace kvr::worker {
@@ -18,6 +24,34 @@ double Seconds(Clock::time_point since) {
 }
 
 std::atomic<uint64_t> next_sequence_id{1};
+
+// A future already holding `status`.
+std::shared_future<absl::Status> Ready(absl::Status status) {
+  std::promise<absl::Status> p;
+  p.set_value(std::move(status));
+  return p.get_future().share();
+}
+
+// Raises the calling thread's nice value to `nice` (once per thread; Linux
+// applies PRIO_PROCESS with a thread id to that thread only).
+void LowerThreadPriority(int nice) {
+  thread_local bool done = false;
+  if (done || nice <= 0) return;
+  done = true;
+#ifdef __linux__
+  setpriority(PRIO_PROCESS, static_cast<id_t>(syscall(SYS_gettid)), nice);
+#endif
+}
+
+int64_t NanosSince(Clock::time_point since) {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(Clock::now() - since).count();
+}
+
+void StoreMax(std::atomic<int64_t>& a, int64_t v) {
+  int64_t cur = a.load(std::memory_order_relaxed);
+  while (cur < v && !a.compare_exchange_weak(cur, v, std::memory_order_relaxed)) {
+  }
+}
 
 }  // namespace
 
@@ -60,6 +94,31 @@ absl::Status ValidateAttentionOptions(const AttentionOptions& o) {
   return DTypeFromTag(static_cast<uint32_t>(o.value_dtype)).status();
 }
 
+// ---- EngineSequence ----------------------------------------------------------
+
+EngineSequence::~EngineSequence() {
+  if (engine_ == nullptr) return;
+  RetrievalEngine* engine = engine_;
+  std::lock_guard<std::mutex> lock(engine->mu_);
+  engine->EndLocked(*this, State::kEnded).IgnoreError();
+  engine->live_.erase(this);
+}
+
+int64_t EngineSequence::Slot(int64_t pos) const {
+  if (attention_.mode == AttentionMode::kFull) return pos;
+  const int64_t s = attention_.sinks;
+  return pos < s ? pos : s + (pos - s) % attention_.window;
+}
+
+bool EngineSequence::HasPending() const {
+  for (const auto& f : pending_) {
+    if (f.valid()) return true;
+  }
+  return false;
+}
+
+// ---- RetrievalEngine -------------------------------------------------------
+
 absl::StatusOr<std::unique_ptr<RetrievalEngine>> RetrievalEngine::Create(
     Backend* backend, std::shared_ptr<const LlamaWeights> weights,
     retrieval::RetrievalClient* client, const EngineOptions& options) {
@@ -71,7 +130,14 @@ absl::StatusOr<std::unique_ptr<RetrievalEngine>> RetrievalEngine::Create(
   return e;
 }
 
-RetrievalEngine::~RetrievalEngine() { EndSequence().IgnoreError(); }
+RetrievalEngine::~RetrievalEngine() {
+  std::lock_guard<std::mutex> lock(mu_);
+  for (EngineSequence* seq : live_) {
+    EndLocked(*seq, EngineSequence::State::kEnded).IgnoreError();
+    seq->engine_ = nullptr;
+  }
+  live_.clear();
+}
 
 absl::Status RetrievalEngine::Init(Backend* backend, std::shared_ptr<const LlamaWeights> weights,
                                    retrieval::RetrievalClient* client,
@@ -90,6 +156,19 @@ absl::Status RetrievalEngine::Init(Backend* backend, std::shared_ptr<const Llama
     return absl::InvalidArgumentError(
         absl::StrCat("max_batch_tokens ", options.max_batch_tokens, " must be > 0"));
   }
+  if (options.handoff_threads < 0 || options.handoff_threads > 256) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("handoff_threads ", options.handoff_threads, " outside [0, 256]"));
+  }
+  if (options.handoff_depth < 0 || options.handoff_depth > 4096) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("handoff_depth ", options.handoff_depth, " outside [0, 4096]"));
+  }
+  if (options.handoff_nice < 0 || options.handoff_nice > 19) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("handoff_nice ", options.handoff_nice, " outside [0, 19]"));
+  }
+  handoff_nice_ = options.handoff_nice;
   max_batch_ = std::min(options.max_batch_tokens, max_seq_len_);
 
   const std::shared_ptr<const void>& keep = weights_->storage;
@@ -118,55 +197,130 @@ absl::Status RetrievalEngine::Init(Backend* backend, std::shared_ptr<const Llama
   const std::vector<float> inv_freq = c.RopeInvFreq();
   KVR_ASSIGN_OR_RETURN(inv_freq_, backend_->Allocate(DType::kF32, 1, c.head_dim / 2));
   KVR_RETURN_IF_ERROR(backend_->UploadF32(inv_freq, inv_freq_));
-
-  auto row = [&](int64_t cols) { return backend_->Allocate(DType::kF32, 1, cols); };
-  KVR_ASSIGN_OR_RETURN(x1_, row(c.dim));
-  KVR_ASSIGN_OR_RETURN(xb1_, row(c.dim));
-  KVR_ASSIGN_OR_RETURN(xb2_1_, row(c.dim));
-  KVR_ASSIGN_OR_RETURN(q1_, row(c.q_dim()));
-  KVR_ASSIGN_OR_RETURN(o1_, row(c.q_dim()));
-  KVR_ASSIGN_OR_RETURN(o2_, row(c.q_dim()));
-  KVR_ASSIGN_OR_RETURN(m1_, row(c.n_heads));
-  KVR_ASSIGN_OR_RETURN(l1_, row(c.n_heads));
-  KVR_ASSIGN_OR_RETURN(m2_, row(c.n_heads));
-  KVR_ASSIGN_OR_RETURN(l2_, row(c.n_heads));
-  KVR_ASSIGN_OR_RETURN(hb1_, row(c.hidden_dim));
-  KVR_ASSIGN_OR_RETURN(hb2_1_, row(c.hidden_dim));
-  KVR_ASSIGN_OR_RETURN(logits_, row(c.vocab_size));
-  logits_host_.resize(static_cast<size_t>(c.vocab_size));
-  q_host_.resize(static_cast<size_t>(c.q_dim()));
+  KVR_RETURN_IF_ERROR(EnsureBatchCapacity(1));
   k_row_host_.resize(static_cast<size_t>(c.kv_dim()));
   v_row_host_.resize(static_cast<size_t>(c.kv_dim()));
-  node_partials_ = Partials(static_cast<size_t>(c.n_heads), static_cast<size_t>(c.head_dim));
-  return absl::OkStatus();
-}
 
-absl::Status RetrievalEngine::EndSequence() {
-  active_ = false;
-  if (!on_node_) return absl::OkStatus();
-  on_node_ = false;
-  return client_->DropSequence(sequence_id_);
-}
-
-int64_t RetrievalEngine::Slot(int64_t pos) const {
-  const int64_t s = attention_.sinks;
-  return pos < s ? pos : s + (pos - s) % attention_.window;
-}
-
-absl::Status RetrievalEngine::PrepareStatic() {
-  const int64_t rows = int64_t{attention_.sinks} + attention_.window;
-  if (rows == static_rows_) return absl::OkStatus();
-  const LlamaConfig& c = weights_->config;
-  for (Layer& layer : layers_) {
-    KVR_ASSIGN_OR_RETURN(layer.k_static, backend_->Allocate(DType::kF32, rows, c.kv_dim()));
-    KVR_ASSIGN_OR_RETURN(layer.v_static, backend_->Allocate(DType::kF32, rows, c.kv_dim()));
+  const int depth = options.handoff_depth > 0 ? options.handoff_depth : c.n_layers;
+  for (int i = 0; i < depth; ++i) staging_.push_back(std::make_unique<Staging>());
+  if (options.handoff_threads > 0) {
+    handoff_pool_ = std::make_unique<ThreadPool>(static_cast<size_t>(options.handoff_threads));
   }
-  static_rows_ = rows;
+  own_.reset(new EngineSequence(this));
+  live_.insert(own_.get());
   return absl::OkStatus();
+}
+
+absl::Status RetrievalEngine::EnsureBatchCapacity(int64_t n) {
+  if (n <= batch_capacity_) return absl::OkStatus();
+  const LlamaConfig& c = weights_->config;
+  auto rows = [&](int64_t cols) { return backend_->Allocate(DType::kF32, n, cols); };
+  KVR_ASSIGN_OR_RETURN(x1_, rows(c.dim));
+  KVR_ASSIGN_OR_RETURN(xb1_, rows(c.dim));
+  KVR_ASSIGN_OR_RETURN(xb2_1_, rows(c.dim));
+  KVR_ASSIGN_OR_RETURN(q1_, rows(c.q_dim()));
+  KVR_ASSIGN_OR_RETURN(o1_, rows(c.q_dim()));
+  KVR_ASSIGN_OR_RETURN(o2_, rows(c.q_dim()));
+  KVR_ASSIGN_OR_RETURN(m1_, rows(c.n_heads));
+  KVR_ASSIGN_OR_RETURN(l1_, rows(c.n_heads));
+  KVR_ASSIGN_OR_RETURN(m2_, rows(c.n_heads));
+  KVR_ASSIGN_OR_RETURN(l2_, rows(c.n_heads));
+  KVR_ASSIGN_OR_RETURN(hb1_, rows(c.hidden_dim));
+  KVR_ASSIGN_OR_RETURN(hb2_1_, rows(c.hidden_dim));
+  KVR_ASSIGN_OR_RETURN(logits_, rows(c.vocab_size));
+  logits_host_.resize(static_cast<size_t>(n * c.vocab_size));
+  q_host_.resize(static_cast<size_t>(n * c.q_dim()));
+  step_slots_.resize(static_cast<size_t>(n));
+  for (StepSlot& slot : step_slots_) {
+    if (slot.partials.m.empty()) {
+      slot.partials = Partials(static_cast<size_t>(c.n_heads), static_cast<size_t>(c.head_dim));
+    }
+  }
+  step_positions_.resize(static_cast<size_t>(n));
+  batch_capacity_ = n;
+  return absl::OkStatus();
+}
+
+absl::Status RetrievalEngine::EnsurePrefillCapacity(int64_t n) {
+  if (n <= prefill_capacity_) return absl::OkStatus();
+  const LlamaConfig& c = weights_->config;
+  auto act = [&](int64_t rows, int64_t cols) {
+    return backend_->Allocate(DType::kF32, rows, cols);
+  };
+  KVR_ASSIGN_OR_RETURN(px_, act(n, c.dim));
+  KVR_ASSIGN_OR_RETURN(pxb_, act(n, c.dim));
+  KVR_ASSIGN_OR_RETURN(pxb2_, act(n, c.dim));
+  KVR_ASSIGN_OR_RETURN(pq_, act(n, c.q_dim()));
+  KVR_ASSIGN_OR_RETURN(patt_, act(n, c.q_dim()));
+  KVR_ASSIGN_OR_RETURN(pk_, act(n, c.kv_dim()));
+  KVR_ASSIGN_OR_RETURN(pv_, act(n, c.kv_dim()));
+  KVR_ASSIGN_OR_RETURN(phb_, act(max_batch_, c.hidden_dim));
+  KVR_ASSIGN_OR_RETURN(phb2_, act(max_batch_, c.hidden_dim));
+  prefill_capacity_ = n;
+  return absl::OkStatus();
+}
+
+absl::Status RetrievalEngine::PrepareCaches(EngineSequence& seq) {
+  const AttentionMode mode = seq.attention_.mode;
+  const int64_t rows = mode == AttentionMode::kFull
+                           ? max_seq_len_
+                           : int64_t{seq.attention_.sinks} + seq.attention_.window;
+  const LlamaConfig& c = weights_->config;
+  if (rows == seq.cache_rows_ && mode == seq.cache_mode_ &&
+      seq.caches_.size() == static_cast<size_t>(c.n_layers)) {
+    return absl::OkStatus();
+  }
+  seq.caches_.clear();
+  seq.cache_rows_ = 0;
+  seq.caches_.resize(static_cast<size_t>(c.n_layers));
+  for (EngineSequence::Cache& cache : seq.caches_) {
+    KVR_ASSIGN_OR_RETURN(cache.k, backend_->Allocate(DType::kF32, rows, c.kv_dim()));
+    KVR_ASSIGN_OR_RETURN(cache.v, backend_->Allocate(DType::kF32, rows, c.kv_dim()));
+  }
+  seq.cache_rows_ = rows;
+  seq.cache_mode_ = mode;
+  return absl::OkStatus();
+}
+
+absl::Status RetrievalEngine::EndLocked(EngineSequence& seq, EngineSequence::State state) {
+  if (seq.state_ == EngineSequence::State::kActive || state != EngineSequence::State::kEnded) {
+    seq.state_ = state;
+  }
+  // Uploads in flight read the engine's staging and write to the node.
+  for (auto& f : seq.pending_) {
+    if (f.valid()) f.wait();
+    f = {};
+  }
+  if (!seq.on_node_) return absl::OkStatus();
+  seq.on_node_ = false;
+  return client_->DropSequence(seq.id_);
+}
+
+absl::StatusOr<std::unique_ptr<EngineSequence>> RetrievalEngine::StartSequence(
+    std::span<const int32_t> tokens, const AttentionOptions& options, const CancelToken& cancel) {
+  std::unique_ptr<EngineSequence> seq;
+  absl::Status st;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    seq.reset(new EngineSequence(this));
+    live_.insert(seq.get());
+    st = StartLocked(*seq, tokens, options, cancel);
+  }
+  if (!st.ok()) return st;  // `seq` ends itself outside the lock
+  return seq;
 }
 
 absl::StatusOr<std::span<const float>> RetrievalEngine::Prefill(std::span<const int32_t> tokens,
-                                                                const AttentionOptions& options) {
+                                                                const AttentionOptions& options,
+                                                                const CancelToken& cancel) {
+  std::lock_guard<std::mutex> lock(mu_);
+  KVR_RETURN_IF_ERROR(StartLocked(*own_, tokens, options, cancel));
+  return own_->logits();
+}
+
+absl::Status RetrievalEngine::StartLocked(EngineSequence& seq, std::span<const int32_t> tokens,
+                                          const AttentionOptions& options,
+                                          const CancelToken& cancel) {
   KVR_RETURN_IF_ERROR(ValidateAttentionOptions(options));
   if (tokens.empty()) return absl::InvalidArgumentError("Prefill: empty prompt");
   if (static_cast<int64_t>(tokens.size()) > max_seq_len_) {
@@ -176,77 +330,80 @@ absl::StatusOr<std::span<const float>> RetrievalEngine::Prefill(std::span<const 
   if (options.mode == AttentionMode::kRetrieval && client_ == nullptr) {
     return absl::FailedPreconditionError("Prefill: retrieval mode needs a RetrievalClient");
   }
-  KVR_RETURN_IF_ERROR(EndSequence());
-  attention_ = options;
-  stats_ = EngineStats{};
-  coverage_ = StepCoverage{};
-  stats_.prompt_tokens = static_cast<int64_t>(tokens.size());
-  const Clock::time_point start = Clock::now();
-  if (options.mode == AttentionMode::kFull) {
-    if (full_ == nullptr) {
-      LlamaModelOptions mo;
-      mo.max_seq_len = max_seq_len_;
-      mo.max_batch_tokens = max_batch_;
-      KVR_ASSIGN_OR_RETURN(full_, LlamaModel::Create(backend_, weights_, mo));
-    }
-    KVR_ASSIGN_OR_RETURN(std::span<const float> logits, full_->Prefill(tokens));
-    std::copy(logits.begin(), logits.end(), logits_host_.begin());
-  } else {
-    KVR_RETURN_IF_ERROR(PrefillRetrieval(tokens));
+  KVR_RETURN_IF_ERROR(EndLocked(seq, EngineSequence::State::kEnded));
+  seq.state_ = EngineSequence::State::kIdle;
+  seq.attention_ = options;
+  seq.cancel_ = cancel;
+  seq.stats_ = EngineStats{};
+  seq.coverage_ = StepCoverage{};
+  seq.position_ = 0;
+  seq.stats_.prompt_tokens = static_cast<int64_t>(tokens.size());
+  seq.prefill_start_ = Clock::now();
+  seq.handoff_done_ns_ = std::make_shared<std::atomic<int64_t>>(0);
+  const absl::Status st = PrefillLocked(seq, tokens);
+  if (!st.ok()) {
+    EndLocked(seq, absl::IsCancelled(st) ? EngineSequence::State::kCancelled
+                                         : EngineSequence::State::kFailed)
+        .IgnoreError();
+    return st;
   }
-  position_ = static_cast<int64_t>(tokens.size());
-  active_ = true;
-  stats_.prefill_seconds = Seconds(start);
-  return std::span<const float>(logits_host_);
+  seq.position_ = static_cast<int64_t>(tokens.size());
+  seq.state_ = EngineSequence::State::kActive;
+  seq.stats_.prefill_seconds = Seconds(seq.prefill_start_);
+  return absl::OkStatus();
 }
 
-absl::Status RetrievalEngine::PrefillRetrieval(std::span<const int32_t> tokens) {
+absl::Status RetrievalEngine::PrefillLocked(EngineSequence& seq, std::span<const int32_t> tokens) {
   const LlamaConfig& c = weights_->config;
   Backend& b = *backend_;
   const int64_t n = static_cast<int64_t>(tokens.size());
-  const int64_t s = attention_.sinks, w = attention_.window;
-  KVR_RETURN_IF_ERROR(PrepareStatic());
+  const bool full = seq.attention_.mode == AttentionMode::kFull;
+  const int64_t s = seq.attention_.sinks, w = seq.attention_.window;
+  KVR_RETURN_IF_ERROR(PrepareCaches(seq));
+  KVR_RETURN_IF_ERROR(EnsurePrefillCapacity(n));
+  seq.logits_.resize(static_cast<size_t>(c.vocab_size));
+  seq.pending_.assign(static_cast<size_t>(c.n_layers), {});
 
-  sequence_id_ = next_sequence_id.fetch_add(1);
-  retrieval::SequenceSpec spec;
-  spec.sequence_id = sequence_id_;
-  spec.n_layers = c.n_layers;
-  spec.n_heads = c.n_heads;
-  spec.n_kv_heads = c.n_kv_heads;
-  spec.head_dim = c.head_dim;
-  spec.value_dtype = attention_.value_dtype;
-  spec.index_type = attention_.index;
-  KVR_RETURN_IF_ERROR(client_->CreateSequence(spec));
-  on_node_ = true;
-  node_end_ = s;
-
-  if (n > prefill_capacity_) {
-    auto act = [&](int64_t rows, int64_t cols) { return b.Allocate(DType::kF32, rows, cols); };
-    KVR_ASSIGN_OR_RETURN(px_, act(n, c.dim));
-    KVR_ASSIGN_OR_RETURN(pxb_, act(n, c.dim));
-    KVR_ASSIGN_OR_RETURN(pxb2_, act(n, c.dim));
-    KVR_ASSIGN_OR_RETURN(pq_, act(n, c.q_dim()));
-    KVR_ASSIGN_OR_RETURN(patt_, act(n, c.q_dim()));
-    KVR_ASSIGN_OR_RETURN(pk_, act(n, c.kv_dim()));
-    KVR_ASSIGN_OR_RETURN(pv_, act(n, c.kv_dim()));
-    KVR_ASSIGN_OR_RETURN(phb_, act(max_batch_, c.hidden_dim));
-    KVR_ASSIGN_OR_RETURN(phb2_, act(max_batch_, c.hidden_dim));
-    prefill_capacity_ = n;
+  seq.id_ = next_sequence_id.fetch_add(1);
+  if (!full) {
+    retrieval::SequenceSpec spec;
+    spec.n_layers = c.n_layers;
+    spec.n_heads = c.n_heads;
+    spec.n_kv_heads = c.n_kv_heads;
+    spec.head_dim = c.head_dim;
+    spec.value_dtype = seq.attention_.value_dtype;
+    spec.index_type = seq.attention_.index;
+    // Ids are unique per process; another worker sharing the node may hold
+    // one already: take the next.
+    for (int attempt = 0;; ++attempt) {
+      spec.sequence_id = seq.id_;
+      const absl::Status st = client_->CreateSequence(spec);
+      if (st.ok()) break;
+      if (!absl::IsAlreadyExists(st) || attempt == 15) return st;
+      seq.id_ = next_sequence_id.fetch_add(1);
+    }
+    seq.on_node_ = true;
+    seq.node_end_ = s;
   }
+
   positions_.resize(static_cast<size_t>(n));
   for (int64_t i = 0; i < n; ++i) positions_[i] = static_cast<int32_t>(i);
   const AttentionShape shape = c.attention_shape();
   const Tensor x = px_.Rows(0, n), xb = pxb_.Rows(0, n), xb2 = pxb2_.Rows(0, n),
-               q = pq_.Rows(0, n), att = patt_.Rows(0, n), k = pk_.Rows(0, n),
-               v = pv_.Rows(0, n);
-  const bool offload = n > s + w;
-  pk_host_.resize(static_cast<size_t>(n * c.kv_dim()));
-  pv_host_.resize(static_cast<size_t>(n * c.kv_dim()));
-  if (offload) pq_host_.resize(static_cast<size_t>(n * c.q_dim()));
+               q = pq_.Rows(0, n), att = patt_.Rows(0, n);
+  const bool offload = !full && n > s + w;
+  const size_t kv = static_cast<size_t>(c.kv_dim());
 
   KVR_RETURN_IF_ERROR(b.Embedding(token_embedding_, tokens, x));
   for (int l = 0; l < c.n_layers; ++l) {
+    if (seq.cancel_.cancelled()) {
+      return absl::CancelledError(absl::StrCat("sequence ", seq.id_, " cancelled in prefill"));
+    }
     const Layer& layer = layers_[l];
+    const EngineSequence::Cache& cache = seq.caches_[l];
+    // Full mode computes K/V straight into the sequence's cache.
+    const Tensor k = full ? cache.k.Rows(0, n) : pk_.Rows(0, n);
+    const Tensor v = full ? cache.v.Rows(0, n) : pv_.Rows(0, n);
     KVR_RETURN_IF_ERROR(b.RmsNorm(x, layer.attn_norm, c.rms_eps, xb));
     KVR_RETURN_IF_ERROR(b.MatMul(xb, layer.wq, q));
     KVR_RETURN_IF_ERROR(b.MatMul(xb, layer.wk, k));
@@ -258,19 +415,29 @@ absl::Status RetrievalEngine::PrefillRetrieval(std::span<const int32_t> tokens) 
       KVR_RETURN_IF_ERROR(b.Attention(q.Rows(begin, rows), k, v, shape, begin,
                                       att.Rows(begin, rows)));
     }
-    // Hand-off: sinks and window to the static cache, the middle to the node.
-    KVR_RETURN_IF_ERROR(b.DownloadF32(k, pk_host_));
-    KVR_RETURN_IF_ERROR(b.DownloadF32(v, pv_host_));
-    const size_t kv = static_cast<size_t>(c.kv_dim());
-    for (int64_t p = 0; p < n; ++p) {
-      if (p >= s && p < n - w) continue;
-      const int64_t slot = Slot(p);
-      KVR_RETURN_IF_ERROR(b.UploadF32({pk_host_.data() + p * kv, kv}, layer.k_static.Rows(slot, 1)));
-      KVR_RETURN_IF_ERROR(b.UploadF32({pv_host_.data() + p * kv, kv}, layer.v_static.Rows(slot, 1)));
-    }
-    if (offload) {
-      KVR_RETURN_IF_ERROR(b.DownloadF32(q, pq_host_));
-      KVR_RETURN_IF_ERROR(OffloadPrefill(l, n));
+    if (!full) {
+      // Hand-off: sinks and window to the static cache, the middle to the node.
+      Staging* staging = staging_[next_staging_].get();
+      next_staging_ = (next_staging_ + 1) % staging_.size();
+      if (staging->busy.valid()) staging->busy.wait();  // an earlier layer's upload
+      staging->busy = {};
+      staging->k.resize(static_cast<size_t>(n) * kv);
+      staging->v.resize(static_cast<size_t>(n) * kv);
+      KVR_RETURN_IF_ERROR(b.DownloadF32(k, staging->k));
+      KVR_RETURN_IF_ERROR(b.DownloadF32(v, staging->v));
+      for (int64_t p = 0; p < n; ++p) {
+        if (p >= s && p < n - w) continue;
+        const int64_t slot = seq.Slot(p);
+        KVR_RETURN_IF_ERROR(b.UploadF32({staging->k.data() + p * kv, kv}, cache.k.Rows(slot, 1)));
+        KVR_RETURN_IF_ERROR(b.UploadF32({staging->v.data() + p * kv, kv}, cache.v.Rows(slot, 1)));
+      }
+      if (offload) {
+        staging->q.resize(static_cast<size_t>(n * c.q_dim()));
+        KVR_RETURN_IF_ERROR(b.DownloadF32(q, staging->q));
+        HandOff(seq, l, n, staging);
+        // Synchronous mode: this layer's uploads are done; surface errors now.
+        if (handoff_pool_ == nullptr) KVR_RETURN_IF_ERROR(WaitHandOff(seq, l));
+      }
     }
     KVR_RETURN_IF_ERROR(b.MatMul(att, layer.wo, xb2));
     KVR_RETURN_IF_ERROR(b.Add(x, xb2));
@@ -285,184 +452,389 @@ absl::Status RetrievalEngine::PrefillRetrieval(std::span<const int32_t> tokens) 
     }
     KVR_RETURN_IF_ERROR(b.Add(x, xb2));
   }
-  if (offload) node_end_ = n - w;
-  stats_.offloaded_tokens = node_end_ - s;
-  return Logits(x.Rows(n - 1, 1), xb.Rows(0, 1));
+  if (offload) seq.node_end_ = n - w;
+  seq.stats_.offloaded_tokens = full ? 0 : seq.node_end_ - s;
+  const Tensor last = x.Rows(n - 1, 1), normed = xb.Rows(0, 1), logits = logits_.Rows(0, 1);
+  KVR_RETURN_IF_ERROR(b.RmsNorm(last, final_norm_, c.rms_eps, normed));
+  KVR_RETURN_IF_ERROR(b.MatMul(normed, classifier_, logits));
+  return b.DownloadF32(logits, seq.logits_);
 }
 
-absl::Status RetrievalEngine::OffloadPrefill(int layer, int64_t prompt_len) {
-  const LlamaConfig& c = weights_->config;
-  const int64_t s = attention_.sinks, w = attention_.window;
+void RetrievalEngine::HandOff(EngineSequence& seq, int layer, int64_t prompt_len,
+                              Staging* staging) {
+  if (handoff_pool_ == nullptr) {
+    absl::Status st = UploadLayer(client_, weights_->config, seq.attention_, seq.id_, layer,
+                                  prompt_len, staging);
+    StoreMax(*seq.handoff_done_ns_, NanosSince(seq.prefill_start_));
+    seq.pending_[layer] = Ready(std::move(st));
+    return;
+  }
+  auto promise = std::make_shared<std::promise<absl::Status>>();
+  std::shared_future<absl::Status> done = promise->get_future().share();
+  staging->busy = done;
+  seq.pending_[layer] = done;
+  handoff_pool_->Schedule([promise, client = client_, weights = weights_,
+                           attention = seq.attention_, id = seq.id_, layer, prompt_len, staging,
+                           cancel = seq.cancel_, done_ns = seq.handoff_done_ns_,
+                           start = seq.prefill_start_, nice = handoff_nice_] {
+    LowerThreadPriority(nice);
+    absl::Status st =
+        cancel.cancelled()
+            ? absl::CancelledError(absl::StrCat("sequence ", id, " cancelled"))
+            : UploadLayer(client, weights->config, attention, id, layer, prompt_len, staging);
+    StoreMax(*done_ns, NanosSince(start));
+    promise->set_value(std::move(st));
+  });
+}
+
+absl::Status RetrievalEngine::UploadLayer(retrieval::RetrievalClient* client, const LlamaConfig& c,
+                                          const AttentionOptions& attention,
+                                          uint64_t sequence_id, int layer, int64_t prompt_len,
+                                          Staging* staging) {
+  const int64_t s = attention.sinks, w = attention.window;
   const size_t d = static_cast<size_t>(c.head_dim);
   const size_t kv = static_cast<size_t>(c.kv_dim()), qd = static_cast<size_t>(c.q_dim());
   const size_t mid = static_cast<size_t>(prompt_len - w - s);
   const size_t group = static_cast<size_t>(c.n_heads / c.n_kv_heads);
   const size_t train_rows = static_cast<size_t>(prompt_len) * group;
-  const int topk = static_cast<int>(std::min<size_t>(static_cast<size_t>(attention_.train_k), mid));
-  train_queries_.resize(train_rows * d);
-  train_ids_.resize(train_rows * static_cast<size_t>(topk));
-  train_scores_.resize(train_ids_.size());
+  const int topk = static_cast<int>(std::min<size_t>(static_cast<size_t>(attention.train_k), mid));
+  // Only the graph index trains on the queries' top-k (flat and IVF ignore it).
+  const bool train = attention.index == retrieval::IndexType::kGraph;
+  if (train) {
+    staging->train_queries.resize(train_rows * d);
+    staging->train_ids.resize(train_rows * static_cast<size_t>(topk));
+    staging->train_scores.resize(staging->train_ids.size());
+  }
   for (int g = 0; g < c.n_kv_heads; ++g) {
-    const ConstMatrixView keys(pk_host_.data() + static_cast<size_t>(s) * kv + g * d, mid, d, kv);
-    const ConstMatrixView values(pv_host_.data() + static_cast<size_t>(s) * kv + g * d, mid, d, kv);
-    // Every prefill query of the kv head's query heads trains its index.
-    for (size_t p = 0; p < static_cast<size_t>(prompt_len); ++p) {
-      for (size_t j = 0; j < group; ++j) {
-        const float* src = pq_host_.data() + p * qd + (g * group + j) * d;
-        std::copy_n(src, d, train_queries_.data() + (p * group + j) * d);
-      }
-    }
-    const ConstMatrixView queries(train_queries_.data(), train_rows, d);
-    KVR_RETURN_IF_ERROR(index::ExactTopK(keys, queries, topk, train_ids_, train_scores_,
-                                         /*pool=*/nullptr));
+    const ConstMatrixView keys(staging->k.data() + static_cast<size_t>(s) * kv + g * d, mid, d,
+                               kv);
+    const ConstMatrixView values(staging->v.data() + static_cast<size_t>(s) * kv + g * d, mid, d,
+                                 kv);
     retrieval::ShardUpload up;
-    up.key = {sequence_id_, layer, g, 0};
+    up.key = {sequence_id, layer, g, 0};
     up.first_position = s;
     up.keys = keys;
     up.values = values;
-    up.train_topk = train_ids_;
-    up.train_topk_width = static_cast<size_t>(topk);
-    KVR_RETURN_IF_ERROR(client_->UploadShard(up));
+    if (train) {
+      // Every prefill query of the kv head's query heads trains its index.
+      for (size_t p = 0; p < static_cast<size_t>(prompt_len); ++p) {
+        for (size_t j = 0; j < group; ++j) {
+          const float* src = staging->q.data() + p * qd + (g * group + j) * d;
+          std::copy_n(src, d, staging->train_queries.data() + (p * group + j) * d);
+        }
+      }
+      const ConstMatrixView queries(staging->train_queries.data(), train_rows, d);
+      KVR_RETURN_IF_ERROR(index::ExactTopK(keys, queries, topk, staging->train_ids,
+                                           staging->train_scores, /*pool=*/nullptr));
+      up.train_topk = staging->train_ids;
+      up.train_topk_width = static_cast<size_t>(topk);
+    }
+    KVR_RETURN_IF_ERROR(client->UploadShard(up));
   }
   return absl::OkStatus();
 }
 
-absl::Status RetrievalEngine::Logits(const Tensor& last_row, const Tensor& scratch_row) {
-  const LlamaConfig& c = weights_->config;
-  KVR_RETURN_IF_ERROR(backend_->RmsNorm(last_row, final_norm_, c.rms_eps, scratch_row));
-  KVR_RETURN_IF_ERROR(backend_->MatMul(scratch_row, classifier_, logits_));
-  return backend_->DownloadF32(logits_, logits_host_);
+absl::Status RetrievalEngine::WaitHandOff(EngineSequence& seq, int layer) {
+  const int begin = layer < 0 ? 0 : layer;
+  const int end = layer < 0 ? static_cast<int>(seq.pending_.size()) : layer + 1;
+  for (int l = begin; l < end; ++l) {
+    std::shared_future<absl::Status>& f = seq.pending_[l];
+    if (!f.valid()) continue;
+    const Clock::time_point start = Clock::now();
+    const absl::Status st = f.get();
+    f = {};
+    seq.stats_.handoff_wait_seconds += Seconds(start);
+    seq.stats_.handoff_seconds =
+        static_cast<double>(seq.handoff_done_ns_->load(std::memory_order_relaxed)) * 1e-9;
+    KVR_RETURN_IF_ERROR(st);
+  }
+  return absl::OkStatus();
 }
 
-absl::StatusOr<std::span<const float>> RetrievalEngine::DecodeStep(int32_t token) {
-  if (!active_) return absl::FailedPreconditionError("DecodeStep: no sequence (call Prefill)");
-  if (position_ >= max_seq_len_) {
+absl::Status RetrievalEngine::EndSequence(EngineSequence& seq) {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (seq.engine_ != this) return absl::InvalidArgumentError("EndSequence: foreign sequence");
+  return EndLocked(seq, EngineSequence::State::kEnded);
+}
+
+absl::Status RetrievalEngine::EndSequence() { return EndSequence(*own_); }
+
+absl::Status RetrievalEngine::Cancel(EngineSequence& seq) {
+  seq.Cancel();
+  std::lock_guard<std::mutex> lock(mu_);
+  if (seq.engine_ != this) return absl::InvalidArgumentError("Cancel: foreign sequence");
+  return EndLocked(seq, EngineSequence::State::kCancelled);
+}
+
+absl::Status RetrievalEngine::CheckStep(EngineSequence& seq) {
+  using State = EngineSequence::State;
+  if (seq.state_ == State::kActive && seq.cancel_.cancelled()) {
+    KVR_RETURN_IF_ERROR(EndLocked(seq, State::kCancelled));
+  }
+  if (seq.state_ == State::kCancelled) {
+    return absl::CancelledError(absl::StrCat("sequence ", seq.id_, " was cancelled"));
+  }
+  if (seq.state_ != State::kActive) {
+    return absl::FailedPreconditionError("DecodeStep: no sequence (call Prefill)");
+  }
+  if (seq.position_ >= max_seq_len_) {
     return absl::OutOfRangeError(
         absl::StrCat("DecodeStep: sequence full at max_seq_len ", max_seq_len_));
   }
-  const Clock::time_point start = Clock::now();
-  if (attention_.mode == AttentionMode::kFull) {
-    KVR_ASSIGN_OR_RETURN(std::span<const float> logits, full_->DecodeStep(token, position_));
-    std::copy(logits.begin(), logits.end(), logits_host_.begin());
-    coverage_ = StepCoverage{position_, 0, 0, 0, 0, position_ + 1};
-    stats_.local_tokens += position_ + 1;
-  } else {
-    const absl::Status st = DecodeRetrieval(token).status();
-    if (!st.ok()) {
-      // Some layers may have appended to the node: the sequence cannot go on.
-      active_ = false;
-      return st;
-    }
-  }
-  ++position_;
-  ++stats_.decode_steps;
-  stats_.decode_seconds += Seconds(start);
-  return std::span<const float>(logits_host_);
+  return absl::OkStatus();
 }
 
-absl::StatusOr<std::span<const float>> RetrievalEngine::DecodeRetrieval(int32_t token) {
-  const LlamaConfig& c = weights_->config;
-  Backend& b = *backend_;
-  const int64_t pos = position_;
-  const int64_t s = attention_.sinks, w = attention_.window;
-  const int32_t pos32 = static_cast<int32_t>(pos);
-  const std::span<const int32_t> positions(&pos32, 1);
-  const AttentionShape shape = c.attention_shape();
-  const size_t d = static_cast<size_t>(c.head_dim);
-  const int64_t slot = Slot(pos);
-  // The token leaving the window this step (it shares the new token's slot).
-  const int64_t leaving = pos - w;
-  const bool evict = leaving >= s;
-  if (evict) KVR_CHECK_MSG(leaving == node_end_, "window eviction out of order");
-  const int64_t node_end = evict ? leaving + 1 : node_end_;
-  const int64_t local_rows = std::min(pos + 1, static_rows_);
+absl::StatusOr<std::span<const float>> RetrievalEngine::DecodeStep(int32_t token) {
+  return Step(*own_, token);
+}
 
-  coverage_.pos = pos;
-  coverage_.sink_end = std::min(pos + 1, s);
-  coverage_.node_begin = s;
-  coverage_.node_end = std::max(s, node_end);
-  coverage_.window_begin = std::max(s, node_end);
-  coverage_.window_end = pos + 1;
-  KVR_CHECK_MSG(coverage_.attended() == pos + 1 &&
-                    local_rows == coverage_.sink_end + (coverage_.window_end -
-                                                        coverage_.window_begin),
-                "attention coverage: sinks + node + window != [0, pos]");
-  const bool ask_node = node_end > s;
+absl::StatusOr<std::span<const float>> RetrievalEngine::Step(EngineSequence& seq, int32_t token) {
+  EngineSequence* seqs[1] = {&seq};
+  absl::Status status;
+  KVR_RETURN_IF_ERROR(StepBatch(seqs, std::span<const int32_t>(&token, 1),
+                                std::span<absl::Status>(&status, 1)));
+  KVR_RETURN_IF_ERROR(status);
+  return seq.logits();
+}
 
-  KVR_RETURN_IF_ERROR(b.Embedding(token_embedding_, std::span<const int32_t>(&token, 1), x1_));
-  for (int l = 0; l < c.n_layers; ++l) {
-    const Layer& layer = layers_[l];
-    const Tensor k_row = layer.k_static.Rows(slot, 1), v_row = layer.v_static.Rows(slot, 1);
-    KVR_RETURN_IF_ERROR(b.RmsNorm(x1_, layer.attn_norm, c.rms_eps, xb1_));
-    if (evict) {
-      KVR_RETURN_IF_ERROR(b.DownloadF32(k_row, k_row_host_));
-      KVR_RETURN_IF_ERROR(b.DownloadF32(v_row, v_row_host_));
-      for (int g = 0; g < c.n_kv_heads; ++g) {
-        retrieval::AppendRequest req;
-        req.sequence_id = sequence_id_;
-        req.layer = l;
-        req.kv_head = g;
-        req.first_position = leaving;
-        req.keys = ConstMatrixView(k_row_host_.data() + g * d, 1, d);
-        req.values = ConstMatrixView(v_row_host_.data() + g * d, 1, d);
-        KVR_RETURN_IF_ERROR(client_->Append(req));
+absl::Status RetrievalEngine::StepBatch(std::span<EngineSequence* const> seqs,
+                                        std::span<const int32_t> tokens,
+                                        std::span<absl::Status> statuses) {
+  if (seqs.size() != tokens.size() || seqs.size() != statuses.size()) {
+    return absl::InvalidArgumentError(absl::StrCat("StepBatch: ", seqs.size(), " sequences, ",
+                                                   tokens.size(), " tokens, ", statuses.size(),
+                                                   " statuses"));
+  }
+  std::lock_guard<std::mutex> lock(mu_);
+  for (size_t i = 0; i < seqs.size(); ++i) {
+    if (seqs[i] == nullptr || seqs[i]->engine_ != this) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("StepBatch: sequence ", i, " is null or belongs to another engine"));
+    }
+    for (size_t j = 0; j < i; ++j) {
+      if (seqs[j] == seqs[i]) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("StepBatch: sequence ", i, " repeats sequence ", j));
       }
     }
-    KVR_RETURN_IF_ERROR(b.MatMul(xb1_, layer.wq, q1_));
-    KVR_RETURN_IF_ERROR(b.MatMul(xb1_, layer.wk, k_row));
-    KVR_RETURN_IF_ERROR(b.MatMul(xb1_, layer.wv, v_row));
-    KVR_RETURN_IF_ERROR(b.Rope(q1_, c.n_heads, c.head_dim, positions, inv_freq_, c.rope_style));
-    KVR_RETURN_IF_ERROR(
-        b.Rope(k_row, c.n_kv_heads, c.head_dim, positions, inv_freq_, c.rope_style));
-
-    retrieval::StatusWaiter waiter;
-    retrieval::AttendStats attend_stats;
-    if (ask_node) {
-      KVR_RETURN_IF_ERROR(b.DownloadF32(q1_, q_host_));
-      retrieval::AttendRequest req;
-      req.sequence_id = sequence_id_;
-      req.layer = l;
-      req.queries = ConstMatrixView(q_host_.data(), static_cast<size_t>(c.n_heads), d);
-      req.k = attention_.top_k;
-      req.beam = attention_.beam;
-      client_->AttendAsync(req, node_partials_.view(), &attend_stats, waiter.callback());
-    }
-    // The static pattern (sinks + window, in slot order: no mask needed).
-    const absl::Status local =
-        b.PartialAttention(q1_, layer.k_static, layer.v_static, shape,
-                           /*first_pos=*/local_rows, 0, local_rows, o1_, m1_, l1_);
-    if (ask_node) {
-      // Always wait: the node writes into node_partials_ and attend_stats.
-      const Clock::time_point wait = Clock::now();
-      const absl::Status remote = waiter.Wait();
-      stats_.node_wait_seconds += Seconds(wait);
-      KVR_RETURN_IF_ERROR(local);
-      KVR_RETURN_IF_ERROR(remote);
-      ++stats_.attend_calls;
-      stats_.retrieved_tokens += static_cast<double>(attend_stats.keys_attended) /
-                                 (static_cast<double>(c.n_heads) * c.n_layers);
-      KVR_RETURN_IF_ERROR(b.UploadF32(node_partials_.o.data, o2_));
-      KVR_RETURN_IF_ERROR(b.UploadF32(node_partials_.m, m2_));
-      KVR_RETURN_IF_ERROR(b.UploadF32(node_partials_.l, l2_));
-      KVR_RETURN_IF_ERROR(b.MergeAttention(o1_, m1_, l1_, o2_, m2_, l2_, c.head_dim));
-    } else {
-      KVR_RETURN_IF_ERROR(local);
-    }
-    KVR_RETURN_IF_ERROR(b.MatMul(o1_, layer.wo, xb2_1_));
-    KVR_RETURN_IF_ERROR(b.Add(x1_, xb2_1_));
-    KVR_RETURN_IF_ERROR(b.RmsNorm(x1_, layer.ffn_norm, c.rms_eps, xb1_));
-    KVR_RETURN_IF_ERROR(b.MatMul(xb1_, layer.w1, hb1_));
-    KVR_RETURN_IF_ERROR(b.MatMul(xb1_, layer.w3, hb2_1_));
-    KVR_RETURN_IF_ERROR(b.SwiGlu(hb1_, hb2_1_, hb1_));
-    KVR_RETURN_IF_ERROR(b.MatMul(hb1_, layer.w2, xb2_1_));
-    KVR_RETURN_IF_ERROR(b.Add(x1_, xb2_1_));
   }
-  node_end_ = node_end;
-  stats_.offloaded_tokens = node_end_ - s;
-  stats_.local_tokens += local_rows;
-  stats_.node_held_tokens += node_end_ - s;
-  KVR_RETURN_IF_ERROR(Logits(x1_, xb1_));
-  return std::span<const float>(logits_host_);
+  return StepBatchLocked(seqs, tokens, statuses);
+}
+
+absl::Status RetrievalEngine::StepBatchLocked(std::span<EngineSequence* const> all,
+                                              std::span<const int32_t> all_tokens,
+                                              std::span<absl::Status> all_statuses) {
+  const LlamaConfig& c = weights_->config;
+  Backend& b = *backend_;
+  const Clock::time_point start = Clock::now();
+  // The sequences that can step, with their step geometry.
+  struct Item {
+    EngineSequence* seq;
+    absl::Status* status;
+    int32_t token;
+    int64_t pos, slot, leaving, node_end, local_rows;
+    bool full, evict, ask_node;
+  };
+  std::vector<Item> items;
+  items.reserve(all.size());
+  for (size_t i = 0; i < all.size(); ++i) {
+    all_statuses[i] = CheckStep(*all[i]);
+    if (!all_statuses[i].ok()) continue;
+    EngineSequence& seq = *all[i];
+    Item it{&seq, &all_statuses[i], all_tokens[i], seq.position_, seq.Slot(seq.position_),
+            -1, 0, 0, seq.attention_.mode == AttentionMode::kFull, false, false};
+    StepCoverage& cov = seq.coverage_;
+    if (it.full) {
+      it.local_rows = it.pos + 1;
+      cov = StepCoverage{it.pos, 0, 0, 0, 0, it.pos + 1};
+    } else {
+      const int64_t s = seq.attention_.sinks, w = seq.attention_.window;
+      // The token leaving the window this step (it shares the new token's slot).
+      it.leaving = it.pos - w;
+      it.evict = it.leaving >= s;
+      if (it.evict) KVR_CHECK_MSG(it.leaving == seq.node_end_, "window eviction out of order");
+      it.node_end = it.evict ? it.leaving + 1 : seq.node_end_;
+      it.local_rows = std::min(it.pos + 1, seq.cache_rows_);
+      cov.pos = it.pos;
+      cov.sink_end = std::min(it.pos + 1, s);
+      cov.node_begin = s;
+      cov.node_end = std::max(s, it.node_end);
+      cov.window_begin = std::max(s, it.node_end);
+      cov.window_end = it.pos + 1;
+      KVR_CHECK_MSG(cov.attended() == it.pos + 1 &&
+                        it.local_rows ==
+                            cov.sink_end + (cov.window_end - cov.window_begin),
+                    "attention coverage: sinks + node + window != [0, pos]");
+      it.ask_node = it.node_end > s;
+    }
+    items.push_back(it);
+  }
+  if (items.empty()) return absl::OkStatus();
+  const int64_t n = static_cast<int64_t>(items.size());
+  KVR_RETURN_IF_ERROR(EnsureBatchCapacity(n));
+  // A backend failure in a batched op fails every sequence of the batch.
+  auto fail_all = [&](absl::Status st) {
+    for (Item& it : items) {
+      if (it.status->ok()) *it.status = st;
+      EndLocked(*it.seq, EngineSequence::State::kFailed).IgnoreError();
+    }
+    return st;
+  };
+#define KVR_BATCH_OP(expr)                                         \
+  do {                                                             \
+    if (absl::Status _st = (expr); !_st.ok()) return fail_all(_st); \
+  } while (0)
+
+  const AttentionShape shape = c.attention_shape();
+  const size_t d = static_cast<size_t>(c.head_dim);
+  const size_t qd = static_cast<size_t>(c.q_dim());
+  std::vector<int32_t> tokens(static_cast<size_t>(n));
+  for (int64_t i = 0; i < n; ++i) {
+    tokens[i] = items[i].token;
+    step_positions_[i] = static_cast<int32_t>(items[i].pos);
+  }
+  const std::span<const int32_t> positions(step_positions_.data(), static_cast<size_t>(n));
+  const Tensor x = x1_.Rows(0, n), xb = xb1_.Rows(0, n), xb2 = xb2_1_.Rows(0, n),
+               q = q1_.Rows(0, n), o = o1_.Rows(0, n), hb = hb1_.Rows(0, n),
+               hb2 = hb2_1_.Rows(0, n), logits = logits_.Rows(0, n);
+  KVR_BATCH_OP(b.Embedding(token_embedding_, tokens, x));
+  for (int l = 0; l < c.n_layers; ++l) {
+    const Layer& layer = layers_[l];
+    // Per-sequence work; an error fails that sequence only.
+    auto seq_op = [](Item& it, absl::Status st) {
+      if (it.status->ok() && !st.ok()) *it.status = std::move(st);
+      return it.status->ok();
+    };
+    for (Item& it : items) {
+      // This layer's prefill uploads must be on the node before Append / Attend.
+      if (it.status->ok() && !it.full) seq_op(it, WaitHandOff(*it.seq, l));
+    }
+    KVR_BATCH_OP(b.RmsNorm(x, layer.attn_norm, c.rms_eps, xb));
+    for (int64_t i = 0; i < n; ++i) {
+      Item& it = items[i];
+      if (!it.status->ok()) continue;
+      const EngineSequence::Cache& cache = it.seq->caches_[l];
+      const Tensor k_row = cache.k.Rows(it.slot, 1), v_row = cache.v.Rows(it.slot, 1);
+      if (it.evict) {
+        if (!seq_op(it, b.DownloadF32(k_row, k_row_host_)) ||
+            !seq_op(it, b.DownloadF32(v_row, v_row_host_))) {
+          continue;
+        }
+        for (int g = 0; g < c.n_kv_heads && it.status->ok(); ++g) {
+          retrieval::AppendRequest req;
+          req.sequence_id = it.seq->id_;
+          req.layer = l;
+          req.kv_head = g;
+          req.first_position = it.leaving;
+          req.keys = ConstMatrixView(k_row_host_.data() + g * d, 1, d);
+          req.values = ConstMatrixView(v_row_host_.data() + g * d, 1, d);
+          seq_op(it, client_->Append(req));
+        }
+      }
+      const std::span<const int32_t> pos1(&step_positions_[i], 1);
+      if (seq_op(it, b.MatMul(xb.Rows(i, 1), layer.wk, k_row)) &&
+          seq_op(it, b.MatMul(xb.Rows(i, 1), layer.wv, v_row))) {
+        seq_op(it, b.Rope(k_row, c.n_kv_heads, c.head_dim, pos1, inv_freq_, c.rope_style));
+      }
+    }
+    KVR_BATCH_OP(b.MatMul(xb, layer.wq, q));
+    KVR_BATCH_OP(b.Rope(q, c.n_heads, c.head_dim, positions, inv_freq_, c.rope_style));
+
+    // Start every sequence's node call, then the local attention meanwhile.
+    bool downloaded = false;
+    for (int64_t i = 0; i < n; ++i) {
+      Item& it = items[i];
+      if (!it.ask_node || !it.status->ok()) continue;
+      if (!downloaded) {
+        KVR_BATCH_OP(b.DownloadF32(q, std::span<float>(q_host_.data(), n * qd)));
+        downloaded = true;
+      }
+      StepSlot& slot = step_slots_[i];
+      slot.waiter = std::make_unique<retrieval::StatusWaiter>();
+      slot.attend_stats = {};
+      retrieval::AttendRequest req;
+      req.sequence_id = it.seq->id_;
+      req.layer = l;
+      req.queries = ConstMatrixView(q_host_.data() + i * qd, static_cast<size_t>(c.n_heads), d);
+      req.k = it.seq->attention_.top_k;
+      req.beam = it.seq->attention_.beam;
+      client_->AttendAsync(req, slot.partials.view(), &slot.attend_stats,
+                           slot.waiter->callback());
+    }
+    for (int64_t i = 0; i < n; ++i) {
+      Item& it = items[i];
+      if (!it.status->ok()) continue;
+      const EngineSequence::Cache& cache = it.seq->caches_[l];
+      if (it.full) {
+        seq_op(it, b.Attention(q.Rows(i, 1), cache.k.Rows(0, it.pos + 1),
+                               cache.v.Rows(0, it.pos + 1), shape, it.pos, o.Rows(i, 1)));
+      } else {
+        // The static pattern (sinks + window, in slot order: no mask needed).
+        seq_op(it, b.PartialAttention(q.Rows(i, 1), cache.k, cache.v, shape,
+                                      /*first_pos=*/it.local_rows, 0, it.local_rows,
+                                      o.Rows(i, 1), m1_.Rows(i, 1), l1_.Rows(i, 1)));
+      }
+    }
+    for (int64_t i = 0; i < n; ++i) {
+      Item& it = items[i];
+      StepSlot& slot = step_slots_[i];
+      if (slot.waiter == nullptr) continue;
+      // Always wait: the node writes into the slot's partials and stats.
+      const Clock::time_point wait = Clock::now();
+      const absl::Status remote = slot.waiter->Wait();
+      slot.waiter.reset();
+      EngineStats& stats = it.seq->stats_;
+      stats.node_wait_seconds += Seconds(wait);
+      if (!seq_op(it, remote)) continue;
+      ++stats.attend_calls;
+      stats.retrieved_tokens += static_cast<double>(slot.attend_stats.keys_attended) /
+                                (static_cast<double>(c.n_heads) * c.n_layers);
+      if (seq_op(it, b.UploadF32(slot.partials.o.data, o2_.Rows(i, 1))) &&
+          seq_op(it, b.UploadF32(slot.partials.m, m2_.Rows(i, 1))) &&
+          seq_op(it, b.UploadF32(slot.partials.l, l2_.Rows(i, 1)))) {
+        seq_op(it, b.MergeAttention(o.Rows(i, 1), m1_.Rows(i, 1), l1_.Rows(i, 1),
+                                    o2_.Rows(i, 1), m2_.Rows(i, 1), l2_.Rows(i, 1),
+                                    c.head_dim));
+      }
+    }
+    KVR_BATCH_OP(b.MatMul(o, layer.wo, xb2));
+    KVR_BATCH_OP(b.Add(x, xb2));
+    KVR_BATCH_OP(b.RmsNorm(x, layer.ffn_norm, c.rms_eps, xb));
+    KVR_BATCH_OP(b.MatMul(xb, layer.w1, hb));
+    KVR_BATCH_OP(b.MatMul(xb, layer.w3, hb2));
+    KVR_BATCH_OP(b.SwiGlu(hb, hb2, hb));
+    KVR_BATCH_OP(b.MatMul(hb, layer.w2, xb2));
+    KVR_BATCH_OP(b.Add(x, xb2));
+  }
+  KVR_BATCH_OP(b.RmsNorm(x, final_norm_, c.rms_eps, xb));
+  KVR_BATCH_OP(b.MatMul(xb, classifier_, logits));
+  const size_t vocab = static_cast<size_t>(c.vocab_size);
+  KVR_BATCH_OP(b.DownloadF32(logits, std::span<float>(logits_host_.data(), n * vocab)));
+#undef KVR_BATCH_OP
+  const double seconds = Seconds(start);
+  for (int64_t i = 0; i < n; ++i) {
+    Item& it = items[i];
+    EngineSequence& seq = *it.seq;
+    if (!it.status->ok()) {
+      // Some layers may have appended to the node: the sequence cannot go on.
+      EndLocked(seq, EngineSequence::State::kFailed).IgnoreError();
+      continue;
+    }
+    std::copy_n(logits_host_.data() + i * vocab, vocab, seq.logits_.begin());
+    EngineStats& stats = seq.stats_;
+    if (it.full) {
+      stats.local_tokens += it.pos + 1;
+    } else {
+      seq.node_end_ = it.node_end;
+      stats.offloaded_tokens = seq.node_end_ - seq.attention_.sinks;
+      stats.local_tokens += it.local_rows;
+      stats.node_held_tokens += stats.offloaded_tokens;
+    }
+    ++seq.position_;
+    ++stats.decode_steps;
+    stats.decode_seconds += seconds;
+  }
+  return absl::OkStatus();
 }
 
 }  // namespace kvr::worker

@@ -1,5 +1,10 @@
-// RetrievalEngine: runs one sequence at a time on a Backend with either full
-// attention (the baseline, = LlamaModel) or RetrievalAttention.
+// RetrievalEngine: runs any number of sequences (EngineSequence) on one
+// Backend and one set of weights, each with either full attention (the
+// baseline, numerically = LlamaModel) or RetrievalAttention. Decode steps of
+// different sequences interleave freely; StepBatch runs one step of several
+// sequences as one batch (projections, FFN and classifier over all rows at
+// once; attention and node calls per sequence, the node calls of all of them
+// in flight together).
 //
 // Retrieval mode (DESIGN §1). The worker keeps a static pattern per layer:
 // S sink tokens (positions 0 .. S-1) and the W most recent tokens (the
@@ -19,20 +24,36 @@
 // chunked over queries). When the prompt is longer than S + W, after each
 // layer the middle tokens [S, P - W) of every kv head are uploaded as chunk 0
 // with training data: each prefill query's exact top-train_k keys among them
-// (queries of all the kv head's query heads), so the node builds the
-// attention-aware index while later layers run.
+// (queries of all the kv head's query heads). The hand-off is pipelined
+// (DESIGN §4: index build hides behind prefill): layer l's K/V/Q are staged
+// on the host and its training top-k + UploadShard (which builds the index)
+// run on the engine's hand-off threads while layers l+1.. compute; Prefill
+// returns the logits without waiting, and the first decode step waits for
+// layer l's uploads just before layer l needs the node. Staging buffers are
+// a ring of EngineOptions::handoff_depth slots (bounded host memory).
 //
-// Not thread-safe: one caller at a time.
+// Thread-safety: every RetrievalEngine method may be called from any thread;
+// calls are serialized on an internal mutex (the Backend takes one caller at
+// a time), so threads may each drive their own sequences. The accessors of
+// an EngineSequence must not race with a step of that sequence, except
+// Cancel(), which any thread may call at any time.
 #pragma once
 
+#include <atomic>
+#include <chrono>
 #include <cstdint>
+#include <future>
 #include <memory>
+#include <mutex>
+#include <set>
 #include <span>
 #include <string_view>
 #include <vector>
 
 #include "absl/status/statusor.h"
 #include "common/attention.h"
+#include "common/thread_pool.h"
+#include "gpu_worker/engine/cancel_token.h"
 #include "gpu_worker/backend/backend.h"
 #include "gpu_worker/model/llama_model.h"
 #include "gpu_worker/model/weights.h"
@@ -65,6 +86,18 @@ struct EngineOptions {
   int64_t max_seq_len = 0;
   // Prefill query rows per attention / FFN chunk.
   int64_t max_batch_tokens = 64;
+  // Threads running the prefill hand-off (training top-k + UploadShard, i.e.
+  // the node's index build) while later layers compute. 0 = synchronous:
+  // each layer's uploads finish before the next layer starts (the reference
+  // path for tests).
+  int handoff_threads = 1;
+  // Layers whose host staging (K, V, Q of the prompt and training data) may
+  // be in flight at once; a layer waits for the slot it reuses. 0 = n_layers.
+  int handoff_depth = 0;
+  // Nice value of the hand-off threads (0 .. 19; Linux). Index building is
+  // background work: when prefill compute and hand-off share CPU cores (the
+  // CPU backend on a busy host), prefill — the time to first token — wins.
+  int handoff_nice = 10;
 };
 
 // Which positions one decode step attended (retrieval mode). Sinks
@@ -92,9 +125,82 @@ struct EngineStats {
   int64_t node_held_tokens = 0;   // held by the node
   double retrieved_tokens = 0.0;  // attended by the node (top-k)
   int64_t attend_calls = 0;
+  // Prefill until its logits are ready (= time to first token, less sampling).
   double prefill_seconds = 0.0;
+  // Prefill start until the last hand-off upload finished (the node's indexes
+  // are built); 0 when nothing was offloaded.
+  double handoff_seconds = 0.0;
+  // Decode steps blocked on pending hand-off uploads.
+  double handoff_wait_seconds = 0.0;
   double decode_seconds = 0.0;
   double node_wait_seconds = 0.0;  // blocked on the node after local attention
+};
+
+class RetrievalEngine;
+
+// One sequence's state: attention options, the K/V kept on the worker (the
+// static pattern in retrieval mode, the whole cache in full mode), the node
+// sequence id (unique per sequence), position, logits of the last step,
+// coverage and stats. Created by RetrievalEngine::StartSequence; must be
+// destroyed before its engine (destruction ends it: pending uploads are
+// awaited and its shards dropped from the node).
+class EngineSequence {
+ public:
+  ~EngineSequence();
+  EngineSequence(const EngineSequence&) = delete;
+  EngineSequence& operator=(const EngineSequence&) = delete;
+
+  // Node sequence id (unique per sequence; registered on the node only in
+  // retrieval mode).
+  uint64_t id() const { return id_; }
+  // Tokens in the sequence (the next step's position).
+  int64_t position() const { return position_; }
+  // True between a successful prefill and the end (EndSequence, Cancel, an
+  // error in a step, or destruction).
+  bool active() const { return state_ == State::kActive; }
+  bool cancelled() const { return state_ == State::kCancelled || cancel_.cancelled(); }
+  const AttentionOptions& attention() const { return attention_; }
+  const StepCoverage& last_coverage() const { return coverage_; }
+  const EngineStats& stats() const { return stats_; }
+  // Logits [vocab] of the last prefill / step.
+  std::span<const float> logits() const { return logits_; }
+
+  // Thread-safe, from any thread: the sequence stops at its next step (or
+  // the next prefill layer), which returns Cancelled after dropping its
+  // shards from the node. RetrievalEngine::Cancel also drops them at once.
+  void Cancel() const { cancel_.Cancel(); }
+  const CancelToken& cancel_token() const { return cancel_; }
+
+ private:
+  friend class RetrievalEngine;
+  enum class State : uint8_t { kIdle, kActive, kEnded, kCancelled, kFailed };
+  struct Cache {
+    Tensor k, v;  // retrieval: [S + W x kv_dim] static pattern; full: [max_seq_len x kv_dim]
+  };
+
+  explicit EngineSequence(RetrievalEngine* engine) : engine_(engine) {}
+  // Cache row of position `pos` (retrieval mode: sinks, then the window ring).
+  int64_t Slot(int64_t pos) const;
+  bool HasPending() const;
+
+  RetrievalEngine* engine_;  // null once the engine is gone
+  CancelToken cancel_;
+  State state_ = State::kIdle;
+  AttentionOptions attention_;
+  uint64_t id_ = 0;
+  bool on_node_ = false;  // id_ registered on the node
+  int64_t position_ = 0;
+  int64_t node_end_ = 0;  // node holds [sinks, node_end_)
+  int64_t cache_rows_ = 0;
+  AttentionMode cache_mode_ = AttentionMode::kRetrieval;
+  std::vector<Cache> caches_;  // per layer
+  // Per layer: the hand-off uploads of that layer (invalid when none pending).
+  std::vector<std::shared_future<absl::Status>> pending_;
+  std::chrono::steady_clock::time_point prefill_start_;
+  std::shared_ptr<std::atomic<int64_t>> handoff_done_ns_;  // latest upload finish
+  StepCoverage coverage_;
+  EngineStats stats_;
+  std::vector<float> logits_;
 };
 
 class RetrievalEngine {
@@ -106,83 +212,133 @@ class RetrievalEngine {
       retrieval::RetrievalClient* client, const EngineOptions& options = {});
   ~RetrievalEngine();
 
-  // Starts a new sequence (dropping the previous one from the node): runs
-  // `tokens` at positions 0 .. n-1 and returns the logits [vocab] of the last.
-  // The span stays valid until the next call. InvalidArgument for an empty
-  // or too long prompt, bad options or tokens; FailedPrecondition for
-  // retrieval mode without a client; node errors pass through.
+  // ---- Many sequences ------------------------------------------------------
+  // Starts a sequence: runs `tokens` at positions 0 .. n-1; its logits are
+  // then in logits(). In retrieval mode the hand-off uploads may still be
+  // running when this returns (see the file comment). `cancel` (optional)
+  // is the sequence's token: cancelling it stops the sequence.
+  // InvalidArgument for an empty or too long prompt, bad options or tokens;
+  // FailedPrecondition for retrieval mode without a client; Cancelled when
+  // cancelled during prefill; node errors pass through.
+  absl::StatusOr<std::unique_ptr<EngineSequence>> StartSequence(
+      std::span<const int32_t> tokens, const AttentionOptions& options,
+      const CancelToken& cancel = CancelToken());
+
+  // One decode step of `seq` (token at position seq.position()); returns its
+  // logits (valid until its next step). FailedPrecondition when the sequence
+  // is not active (never started, ended, failed); Cancelled when it was
+  // cancelled (its shards are dropped first); OutOfRange when full. After any
+  // other error the sequence has failed (its node state may be partial).
+  absl::StatusOr<std::span<const float>> Step(EngineSequence& seq, int32_t token);
+
+  // One decode step for each of `seqs` (distinct sequences of this engine)
+  // with input tokens[i], as one batch; the logits of seqs[i] are then in
+  // seqs[i]->logits(). Per-sequence outcomes (as for Step) go to
+  // statuses[i]; a sequence's failure does not affect the others. Returns
+  // InvalidArgument when the spans' sizes differ, a sequence appears twice or
+  // belongs to another engine; a backend error in a batched op fails every
+  // sequence in the batch and is returned. Results equal Step's bit for bit
+  // on a backend whose matmul rows are independent (the CPU backend).
+  absl::Status StepBatch(std::span<EngineSequence* const> seqs, std::span<const int32_t> tokens,
+                         std::span<absl::Status> statuses);
+
+  // Ends `seq`: waits for its pending uploads and drops it from the node.
+  // No-op when it holds nothing.
+  absl::Status EndSequence(EngineSequence& seq);
+  // Cancels `seq` (its token too) and drops it from the node now.
+  absl::Status Cancel(EngineSequence& seq);
+
+  // ---- One sequence (the engine's own; kept for single-stream callers) -----
+  // Starts the engine's own sequence (ending the previous one): see
+  // StartSequence. The span stays valid until the next call.
   absl::StatusOr<std::span<const float>> Prefill(std::span<const int32_t> tokens,
-                                                 const AttentionOptions& options);
-
-  // Runs `token` at position position() and returns its logits.
-  // FailedPrecondition before Prefill; OutOfRange when the sequence is full.
+                                                 const AttentionOptions& options,
+                                                 const CancelToken& cancel = CancelToken());
+  // Runs `token` at position position() of the engine's own sequence: see Step.
   absl::StatusOr<std::span<const float>> DecodeStep(int32_t token);
-
-  // Drops the current sequence from the node (no-op when none).
+  // Ends the engine's own sequence (no-op when none).
   absl::Status EndSequence();
 
   const LlamaConfig& config() const { return weights_->config; }
   int64_t max_seq_len() const { return max_seq_len_; }
-  // Tokens in the current sequence (the next DecodeStep's position).
-  int64_t position() const { return position_; }
-  uint64_t sequence_id() const { return sequence_id_; }
-  const AttentionOptions& attention() const { return attention_; }
-  const StepCoverage& last_coverage() const { return coverage_; }
-  const EngineStats& stats() const { return stats_; }
+  // The engine's own sequence:
+  int64_t position() const { return own_->position(); }
+  uint64_t sequence_id() const { return own_->id(); }
+  const AttentionOptions& attention() const { return own_->attention(); }
+  const StepCoverage& last_coverage() const { return own_->last_coverage(); }
+  const EngineStats& stats() const { return own_->stats(); }
+  EngineSequence& own_sequence() { return *own_; }
 
  private:
+  friend class EngineSequence;
   struct Layer {
     Tensor attn_norm, wq, wk, wv, wo, ffn_norm, w1, w2, w3;
-    Tensor k_static, v_static;  // [S + W x kv_dim]
+  };
+  // Host staging of one layer's hand-off.
+  struct Staging {
+    std::vector<float> k, v, q;  // [n x kv_dim], [n x kv_dim], [n x q_dim]
+    std::vector<float> train_queries, train_scores;
+    std::vector<int64_t> train_ids;
+    std::shared_future<absl::Status> busy;  // the upload using it, if any
+  };
+  // Per-sequence scratch of a batched step.
+  struct StepSlot {
+    Partials partials;
+    retrieval::AttendStats attend_stats;
+    std::unique_ptr<retrieval::StatusWaiter> waiter;
   };
 
   RetrievalEngine() = default;
   absl::Status Init(Backend* backend, std::shared_ptr<const LlamaWeights> weights,
                     retrieval::RetrievalClient* client, const EngineOptions& options);
-  absl::Status PrepareStatic();
-  absl::Status PrefillRetrieval(std::span<const int32_t> tokens);
-  // Uploads layer `layer`'s middle tokens [S, P - W) from host K/V/Q of the
-  // whole prompt.
-  absl::Status OffloadPrefill(int layer, int64_t prompt_len);
-  absl::StatusOr<std::span<const float>> DecodeRetrieval(int32_t token);
-  absl::Status Logits(const Tensor& last_row, const Tensor& scratch_row);
-  int64_t Slot(int64_t pos) const;
+  absl::Status StartLocked(EngineSequence& seq, std::span<const int32_t> tokens,
+                           const AttentionOptions& options, const CancelToken& cancel);
+  absl::Status PrefillLocked(EngineSequence& seq, std::span<const int32_t> tokens);
+  absl::Status PrepareCaches(EngineSequence& seq);
+  absl::Status EnsurePrefillCapacity(int64_t n);
+  absl::Status EnsureBatchCapacity(int64_t n);
+  // Starts (or runs, when synchronous) layer `layer`'s uploads from `staging`.
+  void HandOff(EngineSequence& seq, int layer, int64_t prompt_len, Staging* staging);
+  // Runs one layer's uploads: training top-k and UploadShard per kv head.
+  static absl::Status UploadLayer(retrieval::RetrievalClient* client, const LlamaConfig& c,
+                                  const AttentionOptions& attention, uint64_t sequence_id,
+                                  int layer, int64_t prompt_len, Staging* staging);
+  // Waits for `seq`'s pending uploads of `layer` (all layers when < 0).
+  absl::Status WaitHandOff(EngineSequence& seq, int layer);
+  absl::Status EndLocked(EngineSequence& seq, EngineSequence::State state);
+  // Checks that `seq` can step; ends it when cancelled.
+  absl::Status CheckStep(EngineSequence& seq);
+  absl::Status StepBatchLocked(std::span<EngineSequence* const> seqs,
+                               std::span<const int32_t> tokens, std::span<absl::Status> statuses);
 
+  std::mutex mu_;
   Backend* backend_ = nullptr;
   retrieval::RetrievalClient* client_ = nullptr;
   std::shared_ptr<const LlamaWeights> weights_;
   int64_t max_seq_len_ = 0;
   int64_t max_batch_ = 0;
-  std::unique_ptr<LlamaModel> full_;  // full mode, created on first use
-
-  AttentionOptions attention_;
-  bool active_ = false;
-  bool on_node_ = false;  // sequence_id_ registered on the node
-  uint64_t sequence_id_ = 0;
-  int64_t position_ = 0;
-  int64_t node_end_ = 0;  // node holds [sinks, node_end_)
-  int64_t static_rows_ = 0;
-  StepCoverage coverage_;
-  EngineStats stats_;
+  std::set<EngineSequence*> live_;
+  std::unique_ptr<EngineSequence> own_;
 
   Tensor token_embedding_, final_norm_, classifier_, inv_freq_;
   std::vector<Layer> layers_;
-  // Decode activations [1 x ...].
-  Tensor x1_, xb1_, xb2_1_, q1_, o1_, m1_, l1_, o2_, m2_, l2_, hb1_, hb2_1_;
-  Tensor logits_;
-  std::vector<float> logits_host_;
+  // Batched decode activations, sized for batch_capacity_ rows.
+  int64_t batch_capacity_ = 0;
+  Tensor x1_, xb1_, xb2_1_, q1_, o1_, m1_, l1_, o2_, m2_, l2_, hb1_, hb2_1_, logits_;
+  std::vector<float> logits_host_;  // [batch x vocab]
+  std::vector<float> q_host_;       // [batch x q_dim]
+  std::vector<float> k_row_host_, v_row_host_;  // kv_dim
+  std::vector<StepSlot> step_slots_;
+  std::vector<int32_t> step_positions_;
   // Prefill activations, sized for prefill_capacity_ rows.
   int64_t prefill_capacity_ = 0;
   Tensor px_, pxb_, pxb2_, pq_, patt_, pk_, pv_, phb_, phb2_;
-  // Host staging.
-  std::vector<float> q_host_;                 // n_heads * head_dim
-  std::vector<float> k_row_host_, v_row_host_;  // kv_dim
-  std::vector<float> pk_host_, pv_host_, pq_host_;  // prefill K/V/Q of one layer
-  std::vector<float> train_queries_;
-  std::vector<int64_t> train_ids_;
-  std::vector<float> train_scores_;
-  Partials node_partials_;
   std::vector<int32_t> positions_;
+  std::vector<std::unique_ptr<Staging>> staging_;
+  size_t next_staging_ = 0;
+  int handoff_nice_ = 0;
+  // Declared last: destroyed first, running every queued upload.
+  std::unique_ptr<ThreadPool> handoff_pool_;
 };
 
 }  // namespace kvr::worker

@@ -2,3 +2,7 @@
 # attention on stories260K, coverage, sampling, the in-process node.
 kvr_test(engine_test SOURCES unit/engine_test.cc DEPS kvr::engine kvr::retrieval_client
   TIMEOUT 120)
+# Many sequences on one engine (interleaved / batched steps equal solo runs),
+# cancellation, and the pipelined prefill hand-off.
+kvr_test(engine_multi_test SOURCES unit/engine_multi_test.cc
+  DEPS kvr::engine kvr::retrieval_client TIMEOUT 300)
