@@ -76,6 +76,41 @@ absl::Status CheckMatrix(ConstMatrixView m, const SequenceSpec& spec, int64_t ro
   return absl::OkStatus();
 }
 
+absl::Status ValidateSpec(const SequenceSpec& spec) {
+  constexpr int32_t kMaxLayers = 1 << 12, kMaxHeads = 1 << 12;
+  if (spec.n_layers < 1 || spec.n_layers > kMaxLayers) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("n_layers ", spec.n_layers, " outside [1, ", kMaxLayers, "]"));
+  }
+  if (spec.n_kv_heads < 1 || spec.n_kv_heads > kMaxHeads) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("n_kv_heads ", spec.n_kv_heads, " outside [1, ", kMaxHeads, "]"));
+  }
+  if (spec.n_heads < 1 || spec.n_heads > kMaxHeads || spec.n_heads % spec.n_kv_heads != 0) {
+    return absl::InvalidArgumentError(absl::StrCat("n_heads ", spec.n_heads,
+                                                   " must be in [1, ", kMaxHeads,
+                                                   "] and a multiple of n_kv_heads ",
+                                                   spec.n_kv_heads));
+  }
+  if (spec.head_dim < 1 || static_cast<size_t>(spec.head_dim) > index::kMaxDim) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("head_dim ", spec.head_dim, " outside [1, ", index::kMaxDim, "]"));
+  }
+  KVR_RETURN_IF_ERROR(DTypeFromTag(static_cast<uint32_t>(spec.value_dtype)).status());
+  if (spec.index_type != IndexType::kGraph && spec.index_type != IndexType::kFlat &&
+      spec.index_type != IndexType::kIvf) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("index_type ", static_cast<int>(spec.index_type), " unknown"));
+  }
+  return absl::OkStatus();
+}
+
+// Rows [first, first + rows) of `values`' element storage.
+std::span<const uint8_t> RawRows(const ValueMatrix& values, size_t first, size_t rows) {
+  const size_t row_bytes = values.cols() * DTypeSize(values.dtype());
+  return values.raw_bytes().subspan(first * row_bytes, rows * row_bytes);
+}
+
 size_t Sqrt(size_t n) { return static_cast<size_t>(std::sqrt(static_cast<double>(n))); }
 
 // Rows [0, n) of `values` as fp32 into `out` (n x cols).
@@ -124,32 +159,8 @@ std::shared_ptr<InProcessRetrievalNode::Sequence> InProcessRetrievalNode::Find(
   return it == sequences_.end() ? nullptr : it->second;
 }
 
-absl::Status InProcessRetrievalNode::CreateSequence(const SequenceSpec& spec) {
-  constexpr int32_t kMaxLayers = 1 << 12, kMaxHeads = 1 << 12;
-  if (spec.n_layers < 1 || spec.n_layers > kMaxLayers) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("n_layers ", spec.n_layers, " outside [1, ", kMaxLayers, "]"));
-  }
-  if (spec.n_kv_heads < 1 || spec.n_kv_heads > kMaxHeads) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("n_kv_heads ", spec.n_kv_heads, " outside [1, ", kMaxHeads, "]"));
-  }
-  if (spec.n_heads < 1 || spec.n_heads > kMaxHeads || spec.n_heads % spec.n_kv_heads != 0) {
-    return absl::InvalidArgumentError(absl::StrCat("n_heads ", spec.n_heads,
-                                                   " must be in [1, ", kMaxHeads,
-                                                   "] and a multiple of n_kv_heads ",
-                                                   spec.n_kv_heads));
-  }
-  if (spec.head_dim < 1 || static_cast<size_t>(spec.head_dim) > index::kMaxDim) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("head_dim ", spec.head_dim, " outside [1, ", index::kMaxDim, "]"));
-  }
-  KVR_RETURN_IF_ERROR(DTypeFromTag(static_cast<uint32_t>(spec.value_dtype)).status());
-  if (spec.index_type != IndexType::kGraph && spec.index_type != IndexType::kFlat &&
-      spec.index_type != IndexType::kIvf) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("index_type ", static_cast<int>(spec.index_type), " unknown"));
-  }
+std::shared_ptr<InProcessRetrievalNode::Sequence> InProcessRetrievalNode::NewSequence(
+    const SequenceSpec& spec) {
   auto seq = std::make_shared<Sequence>();
   seq->spec = spec;
   const size_t heads = static_cast<size_t>(spec.n_layers) * spec.n_kv_heads;
@@ -159,10 +170,54 @@ absl::Status InProcessRetrievalNode::CreateSequence(const SequenceSpec& spec) {
     h->tail_values = ValueMatrix(spec.value_dtype, static_cast<size_t>(spec.head_dim));
     seq->heads.push_back(std::move(h));
   }
-  std::lock_guard<std::mutex> lock(mu_);
-  if (!sequences_.emplace(spec.sequence_id, std::move(seq)).second) {
+  return seq;
+}
+
+absl::Status InProcessRetrievalNode::CreateSequence(const SequenceSpec& spec) {
+  KVR_RETURN_IF_ERROR(ValidateSpec(spec));
+  std::shared_ptr<Sequence> seq = NewSequence(spec);
+  const auto exists = [&] {
     return absl::AlreadyExistsError(absl::StrCat("sequence ", spec.sequence_id, " exists"));
+  };
+  std::unique_lock<std::mutex> lifecycle(lifecycle_mu_, std::defer_lock);
+  if (options_.persistence != nullptr) {
+    lifecycle.lock();  // no other Create / Drop until the spec is durable and visible
+    KVR_RETURN_IF_ERROR(PersistenceError());
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (sequences_.contains(spec.sequence_id)) return exists();
+    }
+    const absl::Status st = options_.persistence->PutSequence(spec);
+    if (!st.ok()) {
+      return FailPersistence(st, absl::StrCat("CreateSequence ", spec.sequence_id));
+    }
   }
+  std::lock_guard<std::mutex> lock(mu_);
+  if (!sequences_.emplace(spec.sequence_id, std::move(seq)).second) return exists();
+  return absl::OkStatus();
+}
+
+absl::Status InProcessRetrievalNode::PersistenceError() {
+  if (!persistence_failed_.load(std::memory_order_acquire)) return absl::OkStatus();
+  std::lock_guard<std::mutex> lock(persistence_error_mu_);
+  return persistence_error_;
+}
+
+absl::Status InProcessRetrievalNode::FailPersistence(const absl::Status& cause,
+                                                     absl::string_view where) {
+  const absl::Status status = absl::UnavailableError(absl::StrCat(
+      "persistence failed in ", where, ": ", cause.ToString(),
+      "; the node accepts no more writes (restart it to recover from its data dir)"));
+  std::lock_guard<std::mutex> lock(persistence_error_mu_);
+  if (persistence_error_.ok()) persistence_error_ = status;
+  persistence_failed_.store(true, std::memory_order_release);
+  return status;
+}
+
+absl::Status InProcessRetrievalNode::Persist(const HeadWrite& write, absl::string_view where) {
+  if (options_.persistence == nullptr) return absl::OkStatus();
+  const absl::Status st = options_.persistence->CommitHead(write);
+  if (!st.ok()) return FailPersistence(st, where);
   return absl::OkStatus();
 }
 
@@ -269,6 +324,7 @@ absl::Status InProcessRetrievalNode::UploadShard(const ShardUpload& upload) {
   if (seq->dropped) {
     return absl::NotFoundError(absl::StrCat("UploadShard: unknown sequence ", key.sequence_id));
   }
+  KVR_RETURN_IF_ERROR(PersistenceError());
   const SequenceSpec& spec = seq->spec;
   const std::string where = absl::StrCat("shard ", key.DebugString());
   KVR_RETURN_IF_ERROR(CheckHead(spec, key.layer, key.kv_head));
@@ -317,9 +373,18 @@ absl::Status InProcessRetrievalNode::UploadShard(const ShardUpload& upload) {
   }
   const int64_t reserved = EstimateBytes(spec, n);
   KVR_RETURN_IF_ERROR(ReserveMemory(reserved, absl::StrCat("UploadShard ", where)));
+  // With persistence, `write` describes every change made to `head`;
+  // `diverged` marks a failure that left a change it does not describe.
+  HeadWrite write;
+  HeadWrite* const w = options_.persistence != nullptr ? &write : nullptr;
+  bool diverged = false;
   const absl::Status status = [&]() -> absl::Status {
     // The tail belongs to the current last chunk: fold it in first.
-    if (head.tail != nullptr && head.tail->size() > 0) KVR_RETURN_IF_ERROR(Seal(*seq, &head));
+    if (head.tail != nullptr && head.tail->size() > 0) {
+      diverged = true;
+      KVR_RETURN_IF_ERROR(Seal(*seq, &head, w));
+      diverged = false;
+    }
 
     Chunk chunk;
     chunk.chunk = key.chunk;
@@ -332,9 +397,33 @@ absl::Status InProcessRetrievalNode::UploadShard(const ShardUpload& upload) {
     for (size_t i = 0; i < n; ++i) chunk.positions[i] = upload.first_position + int64_t(i);
     head.chunks.push_back(std::move(chunk));
     head.last_position = upload.first_position + static_cast<int64_t>(n) - 1;
+    if (w != nullptr) {
+      diverged = true;
+      const Chunk& c = head.chunks.back();
+      ChunkWrite cw;
+      cw.chunk = c.chunk;
+      cw.rows = static_cast<int64_t>(n);
+      KVR_RETURN_IF_ERROR(c.index->Serialize(&cw.index_blob));
+      cw.segment = ValueSegment{0, static_cast<int64_t>(n), c.values.raw_bytes(), c.positions};
+      w->chunks.push_back(std::move(cw));
+      diverged = false;
+    }
     return absl::OkStatus();
   }();
   SettleMemory(&head, reserved);
+  if (w != nullptr) {
+    if (diverged) return FailPersistence(status, absl::StrCat("UploadShard ", where));
+    if (!write.chunks.empty()) {
+      write.sequence_id = key.sequence_id;
+      write.layer = key.layer;
+      write.kv_head = key.kv_head;
+      write.head_dim = spec.head_dim;
+      write.value_dtype = spec.value_dtype;
+      write.last_position = head.last_position;
+      write.tail_rows = head.tail != nullptr ? static_cast<int64_t>(head.tail->size()) : 0;
+      KVR_RETURN_IF_ERROR(Persist(write, absl::StrCat("UploadShard ", where)));
+    }
+  }
   return status;
 }
 
@@ -347,6 +436,7 @@ absl::Status InProcessRetrievalNode::Append(const AppendRequest& request) {
   if (seq->dropped) {
     return absl::NotFoundError(absl::StrCat("Append: unknown sequence ", request.sequence_id));
   }
+  KVR_RETURN_IF_ERROR(PersistenceError());
   const SequenceSpec& spec = seq->spec;
   const std::string where = absl::StrCat("append to (seq ", request.sequence_id, ", layer ",
                                          request.layer, ", kv head ", request.kv_head, ")");
@@ -364,27 +454,60 @@ absl::Status InProcessRetrievalNode::Append(const AppendRequest& request) {
   KVR_RETURN_IF_ERROR(index::ValidateFinite(request.keys, spec.head_dim, "keys"));
   const int64_t reserved = EstimateBytes(spec, n);
   KVR_RETURN_IF_ERROR(ReserveMemory(reserved, where));
+  // With persistence, `write` describes every change made to `head` (one
+  // atomic commit: the tail rows, or the seal they triggered, plus the
+  // head's summary); `diverged` marks a failure that left a change it does
+  // not describe.
+  HeadWrite write;
+  HeadWrite* const w = options_.persistence != nullptr ? &write : nullptr;
+  bool diverged = false;
   const absl::Status status = [&]() -> absl::Status {
-    if (head.chunks.empty()) head.chunks.push_back(Chunk{});
+    if (head.chunks.empty()) {
+      head.chunks.push_back(Chunk{});
+      if (w != nullptr) w->chunks.push_back(ChunkWrite{});  // chunk 0, no keys yet
+    }
     if (head.tail == nullptr) {
       KVR_ASSIGN_OR_RETURN(head.tail,
                            index::FlatIndex::Create(static_cast<size_t>(spec.head_dim)));
       head.tail->Reserve(options_.tail_capacity);
     }
+    const size_t old_rows = head.tail->size();
+    diverged = true;
     KVR_RETURN_IF_ERROR(head.tail->Add(request.keys));
     KVR_RETURN_IF_ERROR(head.tail_values.Append(request.values));
     for (size_t i = 0; i < n; ++i) {
       head.tail_positions.push_back(request.first_position + int64_t(i));
     }
     head.last_position = request.first_position + static_cast<int64_t>(n) - 1;
-    if (head.tail->size() >= options_.tail_capacity) KVR_RETURN_IF_ERROR(Seal(*seq, &head));
+    if (head.tail->size() >= options_.tail_capacity) {
+      KVR_RETURN_IF_ERROR(Seal(*seq, &head, w));
+    } else if (w != nullptr) {
+      w->tail = TailWrite{head.tail->keys().rows_slice(old_rows, n),
+                          RawRows(head.tail_values, old_rows, n),
+                          std::span<const int64_t>(head.tail_positions).subspan(old_rows, n)};
+    }
+    diverged = false;
     return absl::OkStatus();
   }();
   SettleMemory(&head, reserved);
+  if (w != nullptr) {
+    if (diverged) return FailPersistence(status, where);
+    if (!write.chunks.empty() || write.clear_tail || write.tail.has_value()) {
+      write.sequence_id = request.sequence_id;
+      write.layer = request.layer;
+      write.kv_head = request.kv_head;
+      write.head_dim = spec.head_dim;
+      write.value_dtype = spec.value_dtype;
+      write.last_position = head.last_position;
+      write.tail_rows = head.tail != nullptr ? static_cast<int64_t>(head.tail->size()) : 0;
+      KVR_RETURN_IF_ERROR(Persist(write, where));
+    }
+  }
   return status;
 }
 
-absl::Status InProcessRetrievalNode::Seal(const Sequence& seq, HeadState* head) {
+absl::Status InProcessRetrievalNode::Seal(const Sequence& seq, HeadState* head,
+                                          HeadWrite* write) {
   KVR_CHECK(!head->chunks.empty() && head->tail != nullptr);
   Chunk& chunk = head->chunks.back();
   const ConstMatrixView tail_keys = head->tail->keys();
@@ -417,6 +540,7 @@ absl::Status InProcessRetrievalNode::Seal(const Sequence& seq, HeadState* head) 
   if (chunk.values.cols() == 0) {
     chunk.values = ValueMatrix(seq.spec.value_dtype, static_cast<size_t>(seq.spec.head_dim));
   }
+  const size_t first_row = chunk.positions.size();
   const Matrix tail_values = ToFloat(head->tail_values);
   KVR_RETURN_IF_ERROR(chunk.values.Append(tail_values.view()));
   chunk.positions.insert(chunk.positions.end(), head->tail_positions.begin(),
@@ -427,6 +551,19 @@ absl::Status InProcessRetrievalNode::Seal(const Sequence& seq, HeadState* head) 
   head->tail_values.Clear();
   head->tail_positions.clear();
   seals_.fetch_add(1, std::memory_order_relaxed);
+  if (write != nullptr) {
+    const size_t rows = chunk.positions.size() - first_row;
+    ChunkWrite cw;
+    cw.chunk = chunk.chunk;
+    cw.rows = static_cast<int64_t>(chunk.index->size());
+    KVR_RETURN_IF_ERROR(chunk.index->Serialize(&cw.index_blob));
+    cw.segment = ValueSegment{static_cast<int64_t>(first_row), static_cast<int64_t>(rows),
+                              RawRows(chunk.values, first_row, rows),
+                              std::span<const int64_t>(chunk.positions).subspan(first_row, rows)};
+    write->chunks.push_back(std::move(cw));
+    write->clear_tail = true;
+    write->tail.reset();
+  }
   return absl::OkStatus();
 }
 
@@ -520,6 +657,11 @@ absl::Status InProcessRetrievalNode::AttendNow(const AttendRequest& request, Par
 }
 
 absl::Status InProcessRetrievalNode::DropSequence(uint64_t sequence_id) {
+  std::unique_lock<std::mutex> lifecycle(lifecycle_mu_, std::defer_lock);
+  if (options_.persistence != nullptr) {
+    lifecycle.lock();  // the store forgets the sequence before it can be created again
+    KVR_RETURN_IF_ERROR(PersistenceError());
+  }
   std::shared_ptr<Sequence> seq;
   {
     std::lock_guard<std::mutex> lock(mu_);
@@ -538,6 +680,10 @@ absl::Status InProcessRetrievalNode::DropSequence(uint64_t sequence_id) {
   for (const auto& h : seq->heads) bytes += h->accounted_bytes;
   memory_used_.fetch_sub(bytes, std::memory_order_relaxed);
   // In-flight Attends hold their own reference; memory goes when they finish.
+  if (options_.persistence != nullptr) {
+    const absl::Status st = options_.persistence->DropSequence(sequence_id);
+    if (!st.ok()) return FailPersistence(st, absl::StrCat("DropSequence ", sequence_id));
+  }
   return absl::OkStatus();
 }
 
@@ -633,6 +779,126 @@ absl::StatusOr<std::vector<ShardInfo>> InProcessRetrievalNode::ListShards(
     }
   }
   return out;
+}
+
+absl::Status InProcessRetrievalNode::Recover() {
+  if (options_.persistence == nullptr) {
+    return absl::FailedPreconditionError("Recover: the node has no persistence");
+  }
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (!sequences_.empty()) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "Recover: the node already holds ", sequences_.size(), " sequences"));
+    }
+  }
+  std::shared_ptr<Sequence> current;
+  const auto on_sequence = [&](const SequenceSpec& spec) -> absl::Status {
+    const absl::Status valid = ValidateSpec(spec);
+    if (!valid.ok()) {
+      return absl::DataLossError(absl::StrCat("recovery: sequence ", spec.sequence_id,
+                                              ": stored spec is invalid: ", valid.message()));
+    }
+    current = NewSequence(spec);
+    std::lock_guard<std::mutex> lock(mu_);
+    if (!sequences_.emplace(spec.sequence_id, current).second) {
+      return absl::DataLossError(
+          absl::StrCat("recovery: sequence ", spec.sequence_id, " stored twice"));
+    }
+    return absl::OkStatus();
+  };
+  const auto on_head = [&](uint64_t sequence_id, RecoveredHead head) -> absl::Status {
+    if (current == nullptr || current->spec.sequence_id != sequence_id) {
+      return absl::DataLossError(absl::StrCat("recovery: sequence ", sequence_id,
+                                              ": shards without a stored spec"));
+    }
+    std::unique_lock<std::shared_mutex> lock(current->mu);
+    return InstallHead(current.get(), std::move(head));
+  };
+  return options_.persistence->Recover(on_sequence, on_head);
+}
+
+absl::Status InProcessRetrievalNode::InstallHead(Sequence* seq, RecoveredHead recovered) {
+  const SequenceSpec& spec = seq->spec;
+  const size_t d = static_cast<size_t>(spec.head_dim);
+  const std::string where =
+      absl::StrCat("(seq ", spec.sequence_id, ", layer ", recovered.layer, ", kv head ",
+                   recovered.kv_head, ")");
+  const auto loss = [&](const std::string& what, absl::string_view message) {
+    return absl::DataLossError(absl::StrCat("recovery: ", what, ": ", message));
+  };
+  const absl::Status in_range = CheckHead(spec, recovered.layer, recovered.kv_head);
+  if (!in_range.ok()) return loss(where, in_range.message());
+  HeadState& head = seq->head(recovered.layer, recovered.kv_head);
+  if (!head.chunks.empty() || head.tail != nullptr) return loss(where, "stored twice");
+  int64_t last = -1;
+  const auto check_positions = [&](std::span<const int64_t> positions,
+                                   const std::string& what) -> absl::Status {
+    for (int64_t p : positions) {
+      if (p <= last) {
+        return loss(what, absl::StrCat("position ", p, " not after ", last));
+      }
+      last = p;
+    }
+    return absl::OkStatus();
+  };
+  for (RecoveredChunk& rc : recovered.chunks) {
+    const std::string shard =
+        absl::StrCat("shard ", ShardKey{spec.sequence_id, recovered.layer, recovered.kv_head,
+                                        rc.chunk}.DebugString());
+    if (!head.chunks.empty() && rc.chunk <= head.chunks.back().chunk) {
+      return loss(shard, absl::StrCat("chunk not after chunk ", head.chunks.back().chunk));
+    }
+    Chunk chunk;
+    chunk.chunk = rc.chunk;
+    if (rc.index != nullptr) {
+      const size_t n = rc.index->size();
+      if (rc.index->dim() != d) {
+        return loss(shard, absl::StrCat("index dim ", rc.index->dim(), " != head_dim ", d));
+      }
+      if (rc.values.rows() != n || rc.values.cols() != d ||
+          rc.values.dtype() != spec.value_dtype || rc.positions.size() != n) {
+        return loss(shard, absl::StrCat("index holds ", n, " keys but the values are ",
+                                        rc.values.rows(), " x ", rc.values.cols(), " ",
+                                        std::string(DTypeName(rc.values.dtype())), " with ",
+                                        rc.positions.size(), " positions"));
+      }
+      KVR_RETURN_IF_ERROR(check_positions(rc.positions, shard));
+      chunk.index = std::move(rc.index);
+      chunk.values = std::move(rc.values);
+      chunk.positions = std::move(rc.positions);
+    } else if (rc.values.rows() != 0 || !rc.positions.empty()) {
+      return loss(shard, "values without an index");
+    }
+    head.chunks.push_back(std::move(chunk));
+  }
+  const size_t tail_rows = recovered.tail_positions.size();
+  if (tail_rows > 0) {
+    const std::string tail = absl::StrCat("tail of ", where);
+    if (head.chunks.empty()) return loss(tail, "tail without a chunk");
+    if (recovered.tail_keys.rows != tail_rows || recovered.tail_keys.cols != d ||
+        recovered.tail_values.rows() != tail_rows || recovered.tail_values.cols() != d ||
+        recovered.tail_values.dtype() != spec.value_dtype) {
+      return loss(tail, absl::StrCat(tail_rows, " positions but keys ", recovered.tail_keys.rows,
+                                     " x ", recovered.tail_keys.cols, " and values ",
+                                     recovered.tail_values.rows(), " x ",
+                                     recovered.tail_values.cols()));
+    }
+    KVR_RETURN_IF_ERROR(check_positions(recovered.tail_positions, tail));
+    KVR_ASSIGN_OR_RETURN(head.tail, index::FlatIndex::Create(d));
+    head.tail->Reserve(std::max(options_.tail_capacity, tail_rows));
+    const absl::Status added = head.tail->Add(recovered.tail_keys.view());
+    if (!added.ok()) return loss(tail, added.message());
+    head.tail_values = std::move(recovered.tail_values);
+    head.tail_positions = std::move(recovered.tail_positions);
+  }
+  if (recovered.last_position != last) {
+    return loss(where, absl::StrCat("stored last position ", recovered.last_position,
+                                    " but the highest position held is ", last));
+  }
+  head.last_position = last;
+  SettleMemory(&head, 0);
+  return absl::OkStatus();
 }
 
 absl::StatusOr<std::vector<int64_t>> InProcessRetrievalNode::HeldPositions(uint64_t sequence_id,

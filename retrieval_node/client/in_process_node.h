@@ -11,6 +11,12 @@
 // because it was small, the chunk's index is (re)built over all its keys with
 // the most recent decode queries of that kv head as training queries.
 // Attend searches every chunk and the tail and merges the partials by LSE.
+//
+// Persistence (optional, `InProcessNodeOptions::persistence`): every
+// acknowledged CreateSequence / UploadShard / Append / DropSequence is
+// committed to the ShardPersistence before the call returns, one atomic
+// HeadWrite per mutated (sequence, layer, kv head); Recover() rebuilds the
+// node from it at startup. See shard_persistence.h.
 #pragma once
 
 #include <atomic>
@@ -23,6 +29,7 @@
 
 #include "common/thread_pool.h"
 #include "retrieval_node/client/retrieval_client.h"
+#include "retrieval_node/client/shard_persistence.h"
 #include "retrieval_node/index/attention_graph_index.h"
 #include "retrieval_node/index/ivf_index.h"
 
@@ -50,6 +57,11 @@ struct InProcessNodeOptions {
   // bytes actually held (vector growth and tail seals can overshoot the
   // estimate slightly). DropSequence returns a sequence's bytes.
   int64_t memory_budget_bytes = 0;
+  // Where acknowledged changes are made durable (not owned; must outlive the
+  // node). Null: the node is memory-only. When a commit fails the node
+  // refuses every later write with Unavailable (its memory may then be ahead
+  // of the store); restarting it recovers the acknowledged state.
+  ShardPersistence* persistence = nullptr;
 };
 
 // One chunk of one (sequence, layer, kv head), as ListShards reports it.
@@ -98,6 +110,14 @@ class InProcessRetrievalNode final : public RetrievalClient {
   // budget now. Reserves nothing; UploadShard checks again.
   absl::Status CheckUploadAdmission(uint64_t sequence_id, size_t n_keys);
 
+  // Rebuilds the node from `options().persistence` (call once, before the
+  // node is used; FailedPrecondition without persistence or on a node that
+  // already holds sequences). Everything recovered is admitted even beyond
+  // memory_budget_bytes (later writes are then refused). Corrupt or
+  // inconsistent data: DataLoss naming the shard; the node must not serve.
+  // Recent decode queries and the seal counter are not persisted.
+  absl::Status Recover();
+
   const InProcessNodeOptions& options() const { return options_; }
 
  private:
@@ -106,10 +126,22 @@ class InProcessRetrievalNode final : public RetrievalClient {
   struct Sequence;
 
   explicit InProcessRetrievalNode(const InProcessNodeOptions& options);
+  // A sequence with empty heads for a validated spec.
+  static std::shared_ptr<Sequence> NewSequence(const SequenceSpec& spec);
   std::shared_ptr<Sequence> Find(uint64_t sequence_id);
   absl::Status AttendNow(const AttendRequest& request, PartialsView out, AttendStats* stats);
-  // Folds `head`'s tail into its last chunk. Caller holds the sequence lock.
-  absl::Status Seal(const Sequence& seq, HeadState* head);
+  // Folds `head`'s tail into its last chunk and, when `write` is not null,
+  // records the change there. Caller holds the sequence lock.
+  absl::Status Seal(const Sequence& seq, HeadState* head, HeadWrite* write);
+  // Installs one recovered head into `seq` (Recover). DataLoss naming the
+  // shard when it disagrees with the spec.
+  absl::Status InstallHead(Sequence* seq, RecoveredHead recovered);
+  // The sticky persistence failure (OK while none).
+  absl::Status PersistenceError();
+  // Makes every later write fail; returns the status the failing call gets.
+  absl::Status FailPersistence(const absl::Status& cause, absl::string_view where);
+  // Commits `write` to the persistence (OK without one); a failure is sticky.
+  absl::Status Persist(const HeadWrite& write, absl::string_view where);
   // Builds the index a chunk of `n` keys should have.
   absl::StatusOr<std::unique_ptr<index::KeyIndex>> BuildIndex(
       IndexType type, ConstMatrixView keys, std::span<const int64_t> train_topk,
@@ -130,6 +162,12 @@ class InProcessRetrievalNode final : public RetrievalClient {
   std::unique_ptr<ThreadPool> pool_;
   std::mutex mu_;  // guards sequences_
   std::map<uint64_t, std::shared_ptr<Sequence>> sequences_;
+  // With persistence: serialises CreateSequence / DropSequence so their
+  // store writes land in the order their effects became visible.
+  std::mutex lifecycle_mu_;
+  std::atomic<bool> persistence_failed_{false};
+  std::mutex persistence_error_mu_;  // guards persistence_error_
+  absl::Status persistence_error_;
   std::atomic<int64_t> seals_{0};
   std::atomic<int64_t> memory_used_{0};
 };

@@ -6,7 +6,8 @@
 // Prints "kvr_node listening on HOST:PORT" on stdout once serving (port 0
 // picks a free port). SIGTERM / SIGINT: health goes NOT_SERVING, in-flight
 // calls drain (up to --drain_seconds), exit 0. Flags may also come from a
-// file (--flagfile).
+// file (--flagfile). Prometheus metrics are served at GET /metrics on
+// --metrics_listen, announced before that as "kvr_node metrics on HOST:PORT".
 #include <csignal>
 #include <cstdio>
 #include <memory>
@@ -26,7 +27,9 @@
 #include "grpcpp/server.h"
 #include "grpcpp/server_builder.h"
 #include "retrieval_node/client/in_process_node.h"
+#include "retrieval_node/server/metrics.h"
 #include "retrieval_node/server/node_service.h"
+#include "retrieval_node/store/shard_store.h"
 
 ABSL_FLAG(std::string, listen, "127.0.0.1:0",
           "host:port to serve on; port 0 picks a free port (printed on stdout)");
@@ -42,6 +45,12 @@ ABSL_FLAG(int64_t, max_upload_bytes, int64_t{4} << 30,
 ABSL_FLAG(int, tail_capacity, 64,
           "appended keys per (sequence, layer, kv head) kept flat before sealing into the index");
 ABSL_FLAG(int, train_k, 32, "exact top-k per training query when the node computes it");
+ABSL_FLAG(std::string, data_dir, "",
+          "RocksDB directory where shards persist (appends are acknowledged once synced) and "
+          "from which they are recovered at startup, before serving; empty = memory only");
+ABSL_FLAG(std::string, metrics_listen, "127.0.0.1:0",
+          "host:port serving Prometheus metrics at GET /metrics; port 0 picks a free port "
+          "(printed on stdout as \"kvr_node metrics on HOST:PORT\"); empty disables metrics");
 ABSL_FLAG(double, drain_seconds, 10.0,
           "on SIGTERM / SIGINT, how long in-flight calls may take before they are cancelled");
 
@@ -98,13 +107,51 @@ int Main(int argc, char** argv) {
   core_options.memory_budget_bytes = absl::GetFlag(FLAGS_memory_budget_bytes);
   core_options.tail_capacity = static_cast<size_t>(absl::GetFlag(FLAGS_tail_capacity));
   core_options.train_k = absl::GetFlag(FLAGS_train_k);
+  std::unique_ptr<ShardStore> store;  // outlives the core (declared first)
+  if (const std::string data_dir = absl::GetFlag(FLAGS_data_dir); !data_dir.empty()) {
+    absl::StatusOr<std::unique_ptr<ShardStore>> opened = ShardStore::Open(data_dir);
+    if (!opened.ok()) return Fail(opened.status().ToString());
+    store = std::move(opened).value();
+    core_options.persistence = store.get();
+  }
   absl::StatusOr<std::unique_ptr<InProcessRetrievalNode>> core =
       InProcessRetrievalNode::Create(core_options);
   if (!core.ok()) return Fail(core.status().ToString());
+  if (store != nullptr) {
+    if (absl::Status st = (*core)->Recover(); !st.ok()) {
+      return Fail("recovery from --data_dir " + store->dir() + " failed: " + st.ToString());
+    }
+  }
 
   NodeServiceOptions service_options;
   service_options.control_threads = static_cast<size_t>(control_threads);
   service_options.max_upload_bytes = absl::GetFlag(FLAGS_max_upload_bytes);
+  // Metrics: served before the RPC port opens, so the first request is counted.
+  std::unique_ptr<NodeMetrics> metrics;
+  if (const std::string metrics_listen = absl::GetFlag(FLAGS_metrics_listen);
+      !metrics_listen.empty()) {
+    metrics = std::make_unique<NodeMetrics>();
+    InProcessRetrievalNode* const node = core->get();
+    metrics->SetHoldingsSource([node] {
+      NodeHoldings h;
+      if (absl::StatusOr<NodeStats> st = node->Stats(); st.ok()) {
+        h.sequences = st->sequences;
+        h.shards = st->shards;
+        h.indexed_keys = st->indexed_keys;
+        h.tail_keys = st->tail_keys;
+      }
+      h.memory_used_bytes = node->MemoryUsedBytes();
+      h.memory_budget_bytes = node->options().memory_budget_bytes;
+      return h;
+    });
+    absl::StatusOr<int> metrics_port = metrics->Serve(metrics_listen);
+    if (!metrics_port.ok()) return Fail(metrics_port.status().ToString());
+    const size_t colon = metrics_listen.rfind(':');
+    std::printf("kvr_node metrics on %s:%d\n", metrics_listen.substr(0, colon).c_str(),
+                *metrics_port);
+    std::fflush(stdout);
+    service_options.metrics = metrics.get();
+  }
   auto service = std::make_unique<NodeService>(core->get(), service_options);
 
   grpc::EnableDefaultHealthCheckService(true);
@@ -139,6 +186,7 @@ int Main(int argc, char** argv) {
   server->Wait();
   server.reset();
   service.reset();  // control pool: drained and joined
+  metrics.reset();  // exposer stopped: no scrape reads the core any more
   core->reset();    // Attend pool: joined
   std::fprintf(stderr, "kvr_node: stopped\n");
   return 0;

@@ -17,10 +17,29 @@ constexpr int64_t kMaxAppendRows = int64_t{1} << 20;
 // Query heads per Attend.
 constexpr int64_t kMaxQueryHeads = 1 << 12;
 
-grpc::ServerUnaryReactor* FinishNow(grpc::CallbackServerContext* context,
-                                    const absl::Status& status) {
-  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+using Clock = std::chrono::steady_clock;
+
+// Counts the finished call (kvr_node_requests_total / _duration_seconds) when
+// the node has metrics. Runs before Finish, so a client that sees the reply
+// also sees it counted.
+void Record(NodeMetrics* metrics, NodeMethod method, Clock::time_point start,
+            const absl::Status& status) {
+  if (metrics == nullptr) return;
+  metrics->RecordRequest(method, status.code(),
+                         std::chrono::duration<double>(Clock::now() - start).count());
+}
+
+void FinishAndRecord(grpc::ServerUnaryReactor* reactor, const absl::Status& status,
+                     NodeMetrics* metrics, NodeMethod method, Clock::time_point start) {
+  Record(metrics, method, start, status);
   reactor->Finish(ToGrpcStatus(status));
+}
+
+grpc::ServerUnaryReactor* FinishNow(grpc::CallbackServerContext* context,
+                                    const absl::Status& status, NodeMetrics* metrics,
+                                    NodeMethod method, Clock::time_point start) {
+  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  FinishAndRecord(reactor, status, metrics, method, start);
   return reactor;
 }
 
@@ -79,10 +98,15 @@ NodeService::~NodeService() {
 grpc::ServerUnaryReactor* NodeService::CreateSequence(grpc::CallbackServerContext* context,
                                                       const v1::CreateSequenceRequest* request,
                                                       v1::CreateSequenceResponse* response) {
-  if (!request->has_spec()) return FinishNow(context, absl::InvalidArgumentError("spec missing"));
+  const Clock::time_point start = Clock::now();
+  NodeMetrics* const metrics = options_.metrics;
+  constexpr NodeMethod kMethod = NodeMethod::kCreateSequence;
+  if (!request->has_spec()) {
+    return FinishNow(context, absl::InvalidArgumentError("spec missing"), metrics, kMethod, start);
+  }
   absl::StatusOr<SequenceSpec> spec = SequenceSpecFromProto(request->spec());
-  if (!spec.ok()) return FinishNow(context, spec.status());
-  return FinishNow(context, core_->CreateSequence(*spec));
+  if (!spec.ok()) return FinishNow(context, spec.status(), metrics, kMethod, start);
+  return FinishNow(context, core_->CreateSequence(*spec), metrics, kMethod, start);
 }
 
 // --- UploadShard -----------------------------------------------------------------
@@ -91,17 +115,17 @@ class NodeService::UploadReactor final : public grpc::ServerReadReactor<v1::Uplo
  public:
   UploadReactor(NodeService* service, grpc::CallbackServerContext* context,
                 v1::UploadShardResponse* response)
-      : service_(service), context_(context), response_(response) {
+      : service_(service), context_(context), response_(response), start_(Clock::now()) {
     StartRead(&message_);
   }
 
   void OnReadDone(bool ok) override {
     if (!ok) {  // the client half-closed, or the call is over
       if (context_->IsCancelled()) {
-        Finish(grpc::Status(grpc::StatusCode::CANCELLED, "UploadShard cancelled"));
+        Done(absl::CancelledError("UploadShard cancelled"));
         return;
       }
-      service_->control_->Schedule([this] { Finish(ToGrpcStatus(Build())); });
+      service_->control_->Schedule([this] { Done(Build()); });
       return;
     }
     absl::Status status;
@@ -116,7 +140,7 @@ class NodeService::UploadReactor final : public grpc::ServerReadReactor<v1::Uplo
         status = absl::InvalidArgumentError("UploadShard message sets neither header nor data");
     }
     if (!status.ok()) {
-      Finish(ToGrpcStatus(status));
+      Done(status);
       return;
     }
     message_.Clear();
@@ -126,6 +150,11 @@ class NodeService::UploadReactor final : public grpc::ServerReadReactor<v1::Uplo
   void OnDone() override { delete this; }
 
  private:
+  void Done(const absl::Status& status) {
+    Record(service_->options_.metrics, NodeMethod::kUploadShard, start_, status);
+    Finish(ToGrpcStatus(status));
+  }
+
   absl::Status OnHeader(const v1::ShardHeader& h) {
     if (have_header_) {
       return absl::FailedPreconditionError("UploadShard: a second header (send it once, first)");
@@ -259,8 +288,9 @@ class NodeService::UploadReactor final : public grpc::ServerReadReactor<v1::Uplo
 
     const auto start = std::chrono::steady_clock::now();
     KVR_RETURN_IF_ERROR(service_->core_->UploadShard(upload));
-    response_->set_build_seconds(
-        std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
+    const double build_seconds =
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    response_->set_build_seconds(build_seconds);
 
     // Describe the new shard (best effort: the sequence may be gone already).
     v1::ShardInfo* info = response_->mutable_shard();
@@ -272,7 +302,11 @@ class NodeService::UploadReactor final : public grpc::ServerReadReactor<v1::Uplo
         service_->core_->ListShards(upload.key.sequence_id);
     if (shards.ok()) {
       for (const ShardInfo& s : *shards) {
-        if (s.key == upload.key) ShardInfoToProto(s, info);
+        if (s.key != upload.key) continue;
+        ShardInfoToProto(s, info);
+        if (service_->options_.metrics != nullptr) {
+          service_->options_.metrics->RecordIndexBuild(s.index_type, build_seconds);
+        }
       }
     }
     return absl::OkStatus();
@@ -282,6 +316,7 @@ class NodeService::UploadReactor final : public grpc::ServerReadReactor<v1::Uplo
   grpc::CallbackServerContext* const context_;
   v1::UploadShardResponse* const response_;
   v1::UploadShardRequest message_;
+  const Clock::time_point start_;
 
   bool have_header_ = false;
   v1::ShardHeader header_;
@@ -301,8 +336,9 @@ grpc::ServerReadReactor<v1::UploadShardRequest>* NodeService::UploadShard(
 grpc::ServerUnaryReactor* NodeService::Append(grpc::CallbackServerContext* context,
                                               const v1::AppendRequest* request,
                                               v1::AppendResponse* response) {
+  const Clock::time_point start = Clock::now();
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
-  control_->Schedule([this, reactor, request, response] {
+  control_->Schedule([this, reactor, request, response, start] {
     auto run = [&]() -> absl::Status {
       Matrix keys, values;
       KVR_RETURN_IF_ERROR(UnpackMatrix(request->keys(), kMaxAppendRows, 0, true, "keys", &keys));
@@ -320,11 +356,14 @@ grpc::ServerUnaryReactor* NodeService::Append(grpc::CallbackServerContext* conte
       a.keys = keys.view();
       a.values = values.view();
       KVR_RETURN_IF_ERROR(core_->Append(a));
+      if (options_.metrics != nullptr) {
+        options_.metrics->RecordAppendedTokens(static_cast<int64_t>(keys.rows));
+      }
       response->set_last_position(
           keys.rows > 0 ? a.first_position + static_cast<int64_t>(keys.rows) - 1 : -1);
       return absl::OkStatus();
     };
-    reactor->Finish(ToGrpcStatus(run()));
+    FinishAndRecord(reactor, run(), options_.metrics, NodeMethod::kAppend, start);
   });
   return reactor;
 }
@@ -334,7 +373,12 @@ grpc::ServerUnaryReactor* NodeService::Append(grpc::CallbackServerContext* conte
 grpc::ServerUnaryReactor* NodeService::Attend(grpc::CallbackServerContext* context,
                                               const v1::AttendRequest* request,
                                               v1::AttendResponse* response) {
-  if (absl::Status s = CheckAttendRequest(*request); !s.ok()) return FinishNow(context, s);
+  const Clock::time_point start = Clock::now();
+  NodeMetrics* const metrics = options_.metrics;
+  constexpr NodeMethod kMethod = NodeMethod::kAttend;
+  if (absl::Status s = CheckAttendRequest(*request); !s.ok()) {
+    return FinishNow(context, s, metrics, kMethod, start);
+  }
   const auto n = static_cast<size_t>(request->queries().rows());
   const auto d = static_cast<size_t>(request->queries().cols());
 
@@ -351,7 +395,7 @@ grpc::ServerUnaryReactor* NodeService::Attend(grpc::CallbackServerContext* conte
   call->queries = Matrix(n, d);
   std::memcpy(call->queries.data.data(), qbytes.data(), qbytes.size());
   if (absl::Status s = CheckFinite(call->queries.data, "queries"); !s.ok()) {
-    return FinishNow(context, s);
+    return FinishNow(context, s, metrics, kMethod, start);
   }
   call->out = Partials(n, d);
 
@@ -366,7 +410,7 @@ grpc::ServerUnaryReactor* NodeService::Attend(grpc::CallbackServerContext* conte
 
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
   core_->AttendAsync(a, call->out.view(), &call->stats,
-                     [reactor, response, call, n, d](absl::Status status) {
+                     [reactor, response, call, n, d, metrics, start](absl::Status status) {
                        if (status.ok()) {
                          v1::Partials* p = response->mutable_partials();
                          p->set_n(static_cast<int32_t>(n));
@@ -379,8 +423,12 @@ grpc::ServerUnaryReactor* NodeService::Attend(grpc::CallbackServerContext* conte
                          st->set_keys_held(call->stats.keys_held);
                          st->set_keys_attended(call->stats.keys_attended);
                          st->set_distance_computations(call->stats.distance_computations);
+                         if (metrics != nullptr) {
+                           metrics->RecordAttendScan(static_cast<int64_t>(n),
+                                                     call->stats.distance_computations);
+                         }
                        }
-                       reactor->Finish(ToGrpcStatus(status));
+                       FinishAndRecord(reactor, status, metrics, kMethod, start);
                      });
   return reactor;
 }
@@ -390,9 +438,11 @@ grpc::ServerUnaryReactor* NodeService::Attend(grpc::CallbackServerContext* conte
 grpc::ServerUnaryReactor* NodeService::DropSequence(grpc::CallbackServerContext* context,
                                                     const v1::DropSequenceRequest* request,
                                                     v1::DropSequenceResponse* response) {
+  const Clock::time_point start = Clock::now();
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
-  control_->Schedule([this, reactor, request] {
-    reactor->Finish(ToGrpcStatus(core_->DropSequence(request->sequence_id())));
+  control_->Schedule([this, reactor, request, start] {
+    FinishAndRecord(reactor, core_->DropSequence(request->sequence_id()), options_.metrics,
+                    NodeMethod::kDropSequence, start);
   });
   return reactor;
 }
@@ -400,15 +450,16 @@ grpc::ServerUnaryReactor* NodeService::DropSequence(grpc::CallbackServerContext*
 grpc::ServerUnaryReactor* NodeService::ListShards(grpc::CallbackServerContext* context,
                                                   const v1::ListShardsRequest* request,
                                                   v1::ListShardsResponse* response) {
+  const Clock::time_point start = Clock::now();
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
-  control_->Schedule([this, reactor, request, response] {
+  control_->Schedule([this, reactor, request, response, start] {
     std::optional<uint64_t> id;
     if (request->has_sequence_id()) id = request->sequence_id();
     absl::StatusOr<std::vector<ShardInfo>> shards = core_->ListShards(id);
     if (shards.ok()) {
       for (const ShardInfo& s : *shards) ShardInfoToProto(s, response->add_shards());
     }
-    reactor->Finish(ToGrpcStatus(shards.status()));
+    FinishAndRecord(reactor, shards.status(), options_.metrics, NodeMethod::kListShards, start);
   });
   return reactor;
 }
@@ -416,8 +467,9 @@ grpc::ServerUnaryReactor* NodeService::ListShards(grpc::CallbackServerContext* c
 grpc::ServerUnaryReactor* NodeService::Stats(grpc::CallbackServerContext* context,
                                              const v1::StatsRequest* request,
                                              v1::StatsResponse* response) {
+  const Clock::time_point start = Clock::now();
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
-  control_->Schedule([this, reactor, response] {
+  control_->Schedule([this, reactor, response, start] {
     absl::StatusOr<NodeStats> st = core_->Stats();
     if (st.ok()) {
       response->set_sequences(st->sequences);
@@ -428,7 +480,7 @@ grpc::ServerUnaryReactor* NodeService::Stats(grpc::CallbackServerContext* contex
       response->set_memory_bytes(st->memory_bytes);
       response->set_memory_budget_bytes(core_->options().memory_budget_bytes);
     }
-    reactor->Finish(ToGrpcStatus(st.status()));
+    FinishAndRecord(reactor, st.status(), options_.metrics, NodeMethod::kStats, start);
   });
   return reactor;
 }

@@ -26,6 +26,7 @@
 #include "common/thread_pool.h"
 #include "kvr/v1/retrieval.grpc.pb.h"
 #include "retrieval_node/client/in_process_node.h"
+#include "retrieval_node/server/metrics.h"
 
 namespace kvr::retrieval {
 
@@ -35,6 +36,9 @@ struct NodeServiceOptions {
   // Largest payload (keys + values + training data bytes) one UploadShard
   // stream may declare; larger → RESOURCE_EXHAUSTED naming this limit.
   int64_t max_upload_bytes = int64_t{4} << 30;
+  // Where handlers record requests, latencies, scans, builds and appends
+  // (metrics.h); not owned, must outlive the service. Null: no metrics.
+  NodeMetrics* metrics = nullptr;
 };
 
 class NodeService final : public v1::RetrievalNode::CallbackService {

@@ -1,0 +1,120 @@
+// ShardPersistence: where InProcessRetrievalNode writes what it acknowledges,
+// and where it reads it back at startup. The core sees only this interface
+// (no storage types); retrieval_node/store/ implements it over RocksDB. With
+// no persistence configured the node is purely in memory (embedded mode).
+//
+// The unit of durability is one (sequence, layer, kv head) — a "head" — per
+// call: every mutation of a head (an append, an append that seals the tail
+// into the chunk index, an upload that first seals the previous tail) is
+// described by ONE HeadWrite, and CommitHead applies it atomically and
+// durably before returning. A crash leaves each head as it was after some
+// acknowledged CommitHead, never between two.
+//
+// Thread-safety: implementations are thread-safe. The core calls CommitHead
+// for one sequence under that sequence's exclusive lock (so writes of one
+// head reach the store in the order they were applied) and serialises
+// PutSequence / DropSequence of any sequence against each other.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <optional>
+#include <span>
+#include <vector>
+
+#include "common/status.h"
+#include "common/tensor.h"
+#include "common/value_matrix.h"
+#include "retrieval_node/client/retrieval_client.h"
+#include "retrieval_node/index/index.h"
+
+namespace kvr::retrieval {
+
+// Rows added to a chunk's values and positions (the chunk's keys travel in
+// its index blob). Spans point into the caller's memory for the call only.
+struct ValueSegment {
+  int64_t first_row = 0;               // chunk row the segment starts at
+  int64_t rows = 0;
+  std::span<const uint8_t> values;     // rows x head_dim of the sequence's value dtype, raw
+  std::span<const int64_t> positions;  // rows absolute positions
+};
+
+// A chunk created or changed by a write.
+struct ChunkWrite {
+  int32_t chunk = 0;
+  int64_t rows = 0;  // keys in the chunk's index after the write
+  // KeyIndex::Serialize of the chunk's index after the write; empty only
+  // when rows == 0 (a chunk created by an append, indexed at its first seal).
+  std::vector<uint8_t> index_blob;
+  std::optional<ValueSegment> segment;  // rows [first_row, first_row + rows) of the chunk
+};
+
+// Rows appended to a head's tail (the flat buffer not yet in an index).
+struct TailWrite {
+  ConstMatrixView keys;                // rows x head_dim fp32
+  std::span<const uint8_t> values;     // rows x head_dim of the value dtype, raw
+  std::span<const int64_t> positions;  // rows
+};
+
+// Everything one call changed in one head. Applied in this order: the tail
+// is cleared (when `clear_tail`), the chunks are written in order (a later
+// entry for the same chunk replaces its index and row count), the tail rows
+// are appended, the head's summary is replaced.
+struct HeadWrite {
+  uint64_t sequence_id = 0;
+  int32_t layer = 0;
+  int32_t kv_head = 0;
+  int32_t head_dim = 0;             // the sequence's (width of every row below)
+  DType value_dtype = DType::kF32;  // the sequence's (element type of `values` below)
+  int64_t last_position = -1;  // highest position the head holds after the write
+  int64_t tail_rows = 0;       // rows in the tail after the write
+  bool clear_tail = false;     // the tail was folded into a chunk
+  std::vector<ChunkWrite> chunks;
+  std::optional<TailWrite> tail;
+};
+
+// One chunk as recovered.
+struct RecoveredChunk {
+  int32_t chunk = 0;
+  std::unique_ptr<index::KeyIndex> index;  // null when the chunk has no keys yet
+  ValueMatrix values;                      // row i belongs to index id i
+  std::vector<int64_t> positions;
+};
+
+// One head as recovered: chunks ascending, then the tail.
+struct RecoveredHead {
+  int32_t layer = 0;
+  int32_t kv_head = 0;
+  int64_t last_position = -1;
+  std::vector<RecoveredChunk> chunks;
+  Matrix tail_keys;  // tail rows x head_dim
+  ValueMatrix tail_values;
+  std::vector<int64_t> tail_positions;
+};
+
+class ShardPersistence {
+ public:
+  virtual ~ShardPersistence() = default;
+
+  // Durably records a new sequence (its spec). The id is not in the store.
+  virtual absl::Status PutSequence(const SequenceSpec& spec) = 0;
+
+  // Durably deletes the sequence and everything of its heads.
+  virtual absl::Status DropSequence(uint64_t sequence_id) = 0;
+
+  // Applies `write` atomically and durably (see the file comment).
+  virtual absl::Status CommitHead(const HeadWrite& write) = 0;
+
+  // Reads the whole store back, in order of sequence id: `on_sequence` for a
+  // sequence's spec, then `on_head` for each of its heads that holds
+  // anything. Every blob is checked (checksums, sizes, dims, contiguity);
+  // corrupt or inconsistent data is a DataLoss status naming the shard or
+  // sequence, and recovery stops there. Errors returned by a callback stop
+  // the walk and are returned as they are.
+  virtual absl::Status Recover(
+      const std::function<absl::Status(const SequenceSpec&)>& on_sequence,
+      const std::function<absl::Status(uint64_t sequence_id, RecoveredHead head)>& on_head) = 0;
+};
+
+}  // namespace kvr::retrieval
