@@ -15,7 +15,7 @@ packages=(
   # tests and benchmarks
   libgtest-dev libgmock-dev libbenchmark-dev prometheus
   # benchmark peers (only the benchmarks link them)
-  libfaiss-dev libhnswlib-dev
+  libfaiss-dev libhnswlib-dev libopenblas-dev
 )
 
 missing=()
