@@ -2,9 +2,9 @@
 
 #include <algorithm>
 #include <cstring>
-#include <mutex>
 
 #include "common/simd/kernels.h"
+#include "retrieval_node/index/scratch_pool.h"
 #include "retrieval_node/index/topk.h"
 
 namespace kvr::index {
@@ -42,34 +42,7 @@ struct FlatScratch {
 };
 
 // A free list of scratch objects; grows to the peak number of concurrent tasks.
-class FlatScratchPool {
- public:
-  std::unique_ptr<FlatScratch> Acquire() {
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      if (!free_.empty()) {
-        auto s = std::move(free_.back());
-        free_.pop_back();
-        return s;
-      }
-    }
-    return std::make_unique<FlatScratch>();
-  }
-  void Release(std::unique_ptr<FlatScratch> s) {
-    std::lock_guard<std::mutex> lock(mu_);
-    free_.push_back(std::move(s));
-  }
-  size_t MemoryBytes() const {
-    std::lock_guard<std::mutex> lock(mu_);
-    size_t b = 0;
-    for (const auto& s : free_) b += s->MemoryBytes();
-    return b;
-  }
-
- private:
-  mutable std::mutex mu_;
-  std::vector<std::unique_ptr<FlatScratch>> free_;
-};
+class FlatScratchPool : public ScratchPool<FlatScratch> {};
 
 }  // namespace internal
 
