@@ -28,7 +28,6 @@
 #include <fcntl.h>
 #include <poll.h>
 #include <signal.h>
-#include <sys/prctl.h>
 #include <sys/utsname.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -46,6 +45,7 @@
 #include <thread>
 #include <vector>
 
+#include "common/subprocess.h"
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
 #include "absl/flags/usage.h"
@@ -108,59 +108,22 @@ class NodeProcess {
  public:
   // Starts `binary --listen=127.0.0.1:0 args...`; returns once it listens.
   NodeProcess(const std::string& binary, const std::vector<std::string>& args) {
-    std::vector<std::string> argv_s = {binary, "--listen=127.0.0.1:0"};
-    argv_s.insert(argv_s.end(), args.begin(), args.end());
-    std::vector<char*> argv;
-    for (std::string& a : argv_s) argv.push_back(a.data());
-    argv.push_back(nullptr);
-    int fds[2];
-    if (pipe2(fds, O_CLOEXEC) != 0) Die(std::string("pipe2: ") + std::strerror(errno));
-    const pid_t parent = getpid();
-    pid_ = fork();
-    if (pid_ < 0) Die(std::string("fork: ") + std::strerror(errno));
-    if (pid_ == 0) {
-      prctl(PR_SET_PDEATHSIG, SIGKILL);
-      if (getppid() != parent) _exit(127);
-      dup2(fds[1], STDOUT_FILENO);
-      execv(argv[0], argv.data());
-      _exit(127);
-    }
-    close(fds[1]);
-    const std::string prefix = "kvr_node listening on ";
-    std::string buffer;
-    const auto deadline = Clock::now() + std::chrono::seconds(30);
-    while (address_.empty()) {
-      const size_t nl = buffer.find('\n');
-      if (nl != std::string::npos) {
-        const std::string line = buffer.substr(0, nl);
-        buffer.erase(0, nl + 1);
-        if (line.rfind(prefix, 0) == 0) address_ = line.substr(prefix.size());
-        continue;
-      }
-      const auto left =
-          std::chrono::duration_cast<std::chrono::milliseconds>(deadline - Clock::now()).count();
-      if (left <= 0) Die("kvr_node printed no listening line within 30 s");
-      pollfd pfd{fds[0], POLLIN, 0};
-      if (poll(&pfd, 1, static_cast<int>(left)) <= 0) continue;
-      char chunk[256];
-      const ssize_t n = read(fds[0], chunk, sizeof(chunk));
-      if (n <= 0) Die("kvr_node exited before listening (" + binary + ")");
-      buffer.append(chunk, static_cast<size_t>(n));
-    }
-    close(fds[0]);
+    std::vector<std::string> argv = {binary, "--listen=127.0.0.1:0"};
+    argv.insert(argv.end(), args.begin(), args.end());
+    auto proc = Subprocess::Start(std::move(argv));
+    if (!proc.ok()) Die(std::string(proc.status().message()));
+    proc_ = std::move(*proc);
+    auto address = proc_->WaitForLine("kvr_node listening on ", absl::Seconds(30));
+    if (!address.ok()) Die(binary + ": " + std::string(address.status().message()));
+    address_ = *address;
   }
 
-  ~NodeProcess() {
-    if (pid_ <= 0) return;
-    kill(pid_, SIGTERM);
-    int status = 0;
-    waitpid(pid_, &status, 0);
-  }
+  ~NodeProcess() { (void)proc_->Stop(SIGTERM, absl::Seconds(30)); }
 
   const std::string& address() const { return address_; }
 
  private:
-  pid_t pid_ = -1;
+  std::unique_ptr<Subprocess> proc_;
   std::string address_;
 };
 

@@ -19,7 +19,6 @@
 #include <netinet/in.h>
 #include <poll.h>
 #include <signal.h>
-#include <sys/prctl.h>
 #include <sys/socket.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -39,6 +38,7 @@
 #include <utility>
 #include <vector>
 
+#include "tests/integration/node_process.h"
 #include "common/attention.h"
 #include "common/tensor.h"
 #include "gtest/gtest.h"
@@ -47,116 +47,10 @@
 namespace kvr::retrieval {
 namespace {
 
-std::string g_node_binary;  // --kvr_node
 
-constexpr auto kStartTimeout = std::chrono::seconds(30);
 constexpr int64_t kBudgetBytes = int64_t{1} << 30;
 
-// One kvr_node child process; SIGKILLed by the destructor, and by the kernel
-// when the test dies (PR_SET_PDEATHSIG).
-class NodeProcess {
- public:
-  // Starts `g_node_binary --listen=127.0.0.1:0 <args>` and reads its stdout
-  // up to the "kvr_node listening on" line, remembering the "kvr_node metrics
-  // on" line before it. Null (with a failure recorded) when the process exits
-  // first; exit_status() then holds its wait status.
-  static std::unique_ptr<NodeProcess> Start(const std::vector<std::string>& args,
-                                            bool expect_failure = false) {
-    std::vector<std::string> argv_s = {g_node_binary, "--listen=127.0.0.1:0"};
-    argv_s.insert(argv_s.end(), args.begin(), args.end());
-    std::vector<char*> argv;
-    for (std::string& a : argv_s) argv.push_back(a.data());
-    argv.push_back(nullptr);
-    int fds[2];
-    if (pipe2(fds, O_CLOEXEC) != 0) {
-      ADD_FAILURE() << "pipe2: " << std::strerror(errno);
-      return nullptr;
-    }
-    const pid_t parent = getpid();
-    const pid_t pid = fork();
-    if (pid < 0) {
-      ADD_FAILURE() << "fork: " << std::strerror(errno);
-      return nullptr;
-    }
-    if (pid == 0) {
-      // Child: async-signal-safe calls only.
-      prctl(PR_SET_PDEATHSIG, SIGKILL);
-      if (getppid() != parent) _exit(127);
-      dup2(fds[1], STDOUT_FILENO);
-      execv(argv[0], argv.data());
-      _exit(127);
-    }
-    close(fds[1]);
-    auto p = std::unique_ptr<NodeProcess>(new NodeProcess(pid, fds[0]));
-    p->ReadLines(expect_failure);
-    return p;
-  }
-
-  ~NodeProcess() {
-    if (pid_ > 0) {
-      kill(pid_, SIGKILL);
-      waitpid(pid_, nullptr, 0);
-    }
-    if (out_fd_ >= 0) close(out_fd_);
-  }
-
-  bool listening() const { return !address_.empty(); }
-  const std::string& address() const { return address_; }
-  // HOST:PORT of /metrics; empty when the node printed no metrics line.
-  const std::string& metrics_address() const { return metrics_address_; }
-  // Wait status once the process exited before listening.
-  std::optional<int> exit_status() const { return exit_status_; }
-
- private:
-  NodeProcess(pid_t pid, int out_fd) : pid_(pid), out_fd_(out_fd) {}
-
-  void ReadLines(bool expect_failure) {
-    const std::string listen_prefix = "kvr_node listening on ";
-    const std::string metrics_prefix = "kvr_node metrics on ";
-    std::string buffer;
-    const auto deadline = std::chrono::steady_clock::now() + kStartTimeout;
-    for (;;) {
-      const size_t nl = buffer.find('\n');
-      if (nl != std::string::npos) {
-        const std::string line = buffer.substr(0, nl);
-        buffer.erase(0, nl + 1);
-        if (line.rfind(metrics_prefix, 0) == 0) metrics_address_ = line.substr(metrics_prefix.size());
-        if (line.rfind(listen_prefix, 0) == 0) {
-          address_ = line.substr(listen_prefix.size());
-          return;
-        }
-        continue;
-      }
-      const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(
-          deadline - std::chrono::steady_clock::now());
-      if (left.count() <= 0) {
-        ADD_FAILURE() << "kvr_node printed no listening line within " << kStartTimeout.count()
-                      << " s";
-        return;
-      }
-      pollfd pfd{out_fd_, POLLIN, 0};
-      if (poll(&pfd, 1, static_cast<int>(left.count())) <= 0) continue;
-      char chunk[256];
-      const ssize_t n = read(out_fd_, chunk, sizeof(chunk));
-      if (n <= 0) {  // stdout closed: the process is exiting
-        int status = 0;
-        if (waitpid(pid_, &status, 0) == pid_) {
-          exit_status_ = status;
-          pid_ = -1;
-        }
-        if (!expect_failure) ADD_FAILURE() << "kvr_node exited before listening";
-        return;
-      }
-      buffer.append(chunk, static_cast<size_t>(n));
-    }
-  }
-
-  pid_t pid_;
-  int out_fd_;
-  std::string address_;
-  std::string metrics_address_;
-  std::optional<int> exit_status_;
-};
+using kvr::test_support::NodeProcess;
 
 // --- scraping ------------------------------------------------------------------------
 
@@ -621,18 +515,7 @@ TEST(NodeMetrics, UnbindableAddressStopsStartup) {
 
 int main(int argc, char** argv) {
   ::testing::InitGoogleTest(&argc, argv);
-  for (int i = 1; i < argc; ++i) {
-    const std::string a = argv[i];
-    if (a == "--kvr_node" && i + 1 < argc) {
-      kvr::retrieval::g_node_binary = argv[++i];
-    } else if (a.rfind("--kvr_node=", 0) == 0) {
-      kvr::retrieval::g_node_binary = a.substr(11);
-    }
-  }
-  if (kvr::retrieval::g_node_binary.empty()) {
-    std::fprintf(stderr, "usage: %s --kvr_node PATH [gtest flags]\n", argv[0]);
-    return 2;
-  }
+  if (!kvr::test_support::ParseNodeBinaryFlag(argc, argv)) return 2;
   signal(SIGPIPE, SIG_IGN);
   return RUN_ALL_TESTS();
 }

@@ -18,9 +18,7 @@
 #include <netinet/in.h>
 #include <poll.h>
 #include <signal.h>
-#include <sys/prctl.h>
 #include <sys/socket.h>
-#include <sys/syscall.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -35,6 +33,7 @@
 #include <string>
 #include <vector>
 
+#include "tests/integration/node_process.h"
 #include "common/attention.h"
 #include "common/tensor.h"
 #include "grpc/health/v1/health.grpc.pb.h"
@@ -53,116 +52,9 @@
 namespace kvr::retrieval {
 namespace {
 
-std::string g_node_binary;  // --kvr_node
 
-constexpr auto kStartTimeout = std::chrono::seconds(30);
-constexpr auto kStopTimeout = std::chrono::seconds(30);
 
-// One kvr_node child process.
-class NodeProcess {
- public:
-  // Starts `g_node_binary --listen 127.0.0.1:0 <args>` and waits for its
-  // listening line (no sleeps: poll() on its stdout).
-  static std::unique_ptr<NodeProcess> Start(const std::vector<std::string>& args) {
-    std::vector<std::string> argv_s = {g_node_binary, "--listen=127.0.0.1:0"};
-    argv_s.insert(argv_s.end(), args.begin(), args.end());
-    std::vector<char*> argv;
-    for (std::string& a : argv_s) argv.push_back(a.data());
-    argv.push_back(nullptr);
-    int fds[2];
-    if (pipe2(fds, O_CLOEXEC) != 0) {
-      ADD_FAILURE() << "pipe2: " << std::strerror(errno);
-      return nullptr;
-    }
-    const pid_t parent = getpid();
-    const pid_t pid = fork();
-    if (pid < 0) {
-      ADD_FAILURE() << "fork: " << std::strerror(errno);
-      return nullptr;
-    }
-    if (pid == 0) {
-      // Child: async-signal-safe calls only.
-      prctl(PR_SET_PDEATHSIG, SIGKILL);
-      if (getppid() != parent) _exit(127);
-      dup2(fds[1], STDOUT_FILENO);
-      execv(argv[0], argv.data());
-      _exit(127);
-    }
-    close(fds[1]);
-    auto p = std::unique_ptr<NodeProcess>(new NodeProcess(pid, fds[0]));
-    if (!p->ReadAddress()) return nullptr;
-    return p;
-  }
-
-  ~NodeProcess() {
-    if (pid_ > 0) {
-      kill(pid_, SIGKILL);
-      waitpid(pid_, nullptr, 0);
-    }
-    if (pidfd_ >= 0) close(pidfd_);
-    if (out_fd_ >= 0) close(out_fd_);
-  }
-
-  const std::string& address() const { return address_; }
-  pid_t pid() const { return pid_; }
-
-  // Sends `sig` and waits for the process to exit; returns its wait status
-  // (nullopt on timeout, after which the destructor SIGKILLs it).
-  std::optional<int> Stop(int sig = SIGTERM) {
-    if (pid_ <= 0) return std::nullopt;
-    kill(pid_, sig);
-    pollfd pfd{pidfd_, POLLIN, 0};
-    const int ready = poll(&pfd, 1, static_cast<int>(std::chrono::milliseconds(kStopTimeout).count()));
-    if (ready != 1) return std::nullopt;
-    int status = 0;
-    if (waitpid(pid_, &status, 0) != pid_) return std::nullopt;
-    pid_ = -1;
-    return status;
-  }
-
- private:
-  NodeProcess(pid_t pid, int out_fd)
-      : pid_(pid), out_fd_(out_fd), pidfd_(static_cast<int>(syscall(SYS_pidfd_open, pid, 0))) {}
-
-  bool ReadAddress() {
-    const std::string prefix = "kvr_node listening on ";
-    std::string buffer;
-    const auto deadline = std::chrono::steady_clock::now() + kStartTimeout;
-    for (;;) {
-      const size_t nl = buffer.find('\n');
-      if (nl != std::string::npos) {
-        const std::string line = buffer.substr(0, nl);
-        buffer.erase(0, nl + 1);
-        if (line.rfind(prefix, 0) == 0) {
-          address_ = line.substr(prefix.size());
-          return true;
-        }
-        continue;
-      }
-      const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(
-          deadline - std::chrono::steady_clock::now());
-      if (left.count() <= 0) {
-        ADD_FAILURE() << "kvr_node printed no listening line within " << kStartTimeout.count()
-                      << " s";
-        return false;
-      }
-      pollfd pfd{out_fd_, POLLIN, 0};
-      if (poll(&pfd, 1, static_cast<int>(left.count())) <= 0) continue;
-      char chunk[256];
-      const ssize_t n = read(out_fd_, chunk, sizeof(chunk));
-      if (n <= 0) {
-        ADD_FAILURE() << "kvr_node exited before listening (stdout closed)";
-        return false;
-      }
-      buffer.append(chunk, static_cast<size_t>(n));
-    }
-  }
-
-  pid_t pid_;
-  int out_fd_;
-  int pidfd_;
-  std::string address_;
-};
+using kvr::test_support::NodeProcess;
 
 // --- data --------------------------------------------------------------------------
 
@@ -989,18 +881,7 @@ TEST(NodeLifecycleTest, SigtermDrainsAndExitsZero) {
 
 int main(int argc, char** argv) {
   ::testing::InitGoogleTest(&argc, argv);
-  for (int i = 1; i < argc; ++i) {
-    const std::string a = argv[i];
-    if (a == "--kvr_node" && i + 1 < argc) {
-      kvr::retrieval::g_node_binary = argv[++i];
-    } else if (a.rfind("--kvr_node=", 0) == 0) {
-      kvr::retrieval::g_node_binary = a.substr(11);
-    }
-  }
-  if (kvr::retrieval::g_node_binary.empty()) {
-    std::fprintf(stderr, "usage: %s --kvr_node PATH [gtest flags]\n", argv[0]);
-    return 2;
-  }
+  if (!kvr::test_support::ParseNodeBinaryFlag(argc, argv)) return 2;
   signal(SIGPIPE, SIG_IGN);
   return RUN_ALL_TESTS();
 }

@@ -20,8 +20,6 @@
 #include <poll.h>
 #include <signal.h>
 #include <stdlib.h>
-#include <sys/prctl.h>
-#include <sys/syscall.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -39,6 +37,7 @@
 #include <thread>
 #include <vector>
 
+#include "tests/integration/node_process.h"
 #include "common/attention.h"
 #include "common/tensor.h"
 #include "gtest/gtest.h"
@@ -51,10 +50,7 @@
 namespace kvr::retrieval {
 namespace {
 
-std::string g_node_binary;  // --kvr_node
 
-constexpr auto kStartTimeout = std::chrono::seconds(60);
-constexpr auto kStopTimeout = std::chrono::seconds(30);
 
 // A fresh directory under $TMPDIR, removed with its contents.
 class TempDir {
@@ -74,114 +70,7 @@ class TempDir {
   std::string path_;
 };
 
-// Forks `g_node_binary --listen=127.0.0.1:0 <args>` with stdout (and, when
-// `merge_stderr`, stderr) on a pipe. Returns (pid, read end).
-std::pair<pid_t, int> Spawn(const std::vector<std::string>& args, bool merge_stderr) {
-  std::vector<std::string> argv_s = {g_node_binary, "--listen=127.0.0.1:0"};
-  argv_s.insert(argv_s.end(), args.begin(), args.end());
-  std::vector<char*> argv;
-  for (std::string& a : argv_s) argv.push_back(a.data());
-  argv.push_back(nullptr);
-  int fds[2];
-  if (pipe2(fds, O_CLOEXEC) != 0) return {-1, -1};
-  const pid_t parent = getpid();
-  const pid_t pid = fork();
-  if (pid < 0) return {-1, -1};
-  if (pid == 0) {  // async-signal-safe calls only
-    prctl(PR_SET_PDEATHSIG, SIGKILL);
-    if (getppid() != parent) _exit(127);
-    dup2(fds[1], STDOUT_FILENO);
-    if (merge_stderr) dup2(fds[1], STDERR_FILENO);
-    execv(argv[0], argv.data());
-    _exit(127);
-  }
-  close(fds[1]);
-  return {pid, fds[0]};
-}
-
-// One serving kvr_node child process.
-class NodeProcess {
- public:
-  // Starts the node and waits for its "kvr_node listening on" line.
-  static std::unique_ptr<NodeProcess> Start(const std::vector<std::string>& args) {
-    const auto [pid, fd] = Spawn(args, /*merge_stderr=*/false);
-    if (pid < 0) {
-      ADD_FAILURE() << "spawn: " << std::strerror(errno);
-      return nullptr;
-    }
-    auto p = std::unique_ptr<NodeProcess>(new NodeProcess(pid, fd));
-    if (!p->ReadAddress()) return nullptr;
-    return p;
-  }
-
-  ~NodeProcess() {
-    if (pid_ > 0) {
-      kill(pid_, SIGKILL);
-      waitpid(pid_, nullptr, 0);
-    }
-    if (pidfd_ >= 0) close(pidfd_);
-    if (out_fd_ >= 0) close(out_fd_);
-  }
-
-  const std::string& address() const { return address_; }
-
-  // Sends `sig` and waits for the exit; its wait status (nullopt on timeout).
-  std::optional<int> Stop(int sig) {
-    if (pid_ <= 0) return std::nullopt;
-    kill(pid_, sig);
-    pollfd pfd{pidfd_, POLLIN, 0};
-    if (poll(&pfd, 1, static_cast<int>(std::chrono::milliseconds(kStopTimeout).count())) != 1) {
-      return std::nullopt;
-    }
-    int status = 0;
-    if (waitpid(pid_, &status, 0) != pid_) return std::nullopt;
-    pid_ = -1;
-    return status;
-  }
-
- private:
-  NodeProcess(pid_t pid, int out_fd)
-      : pid_(pid), out_fd_(out_fd), pidfd_(static_cast<int>(syscall(SYS_pidfd_open, pid, 0))) {}
-
-  bool ReadAddress() {
-    const std::string prefix = "kvr_node listening on ";
-    std::string buffer;
-    const auto deadline = std::chrono::steady_clock::now() + kStartTimeout;
-    for (;;) {
-      const size_t nl = buffer.find('\n');
-      if (nl != std::string::npos) {
-        const std::string line = buffer.substr(0, nl);
-        buffer.erase(0, nl + 1);
-        if (line.rfind(prefix, 0) == 0) {
-          address_ = line.substr(prefix.size());
-          return true;
-        }
-        continue;
-      }
-      const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(
-          deadline - std::chrono::steady_clock::now());
-      if (left.count() <= 0) {
-        ADD_FAILURE() << "kvr_node printed no listening line within " << kStartTimeout.count()
-                      << " s";
-        return false;
-      }
-      pollfd pfd{out_fd_, POLLIN, 0};
-      if (poll(&pfd, 1, static_cast<int>(left.count())) <= 0) continue;
-      char chunk[256];
-      const ssize_t n = read(out_fd_, chunk, sizeof(chunk));
-      if (n <= 0) {
-        ADD_FAILURE() << "kvr_node exited before listening (stdout closed)";
-        return false;
-      }
-      buffer.append(chunk, static_cast<size_t>(n));
-    }
-  }
-
-  pid_t pid_;
-  int out_fd_;
-  int pidfd_;
-  std::string address_;
-};
+using kvr::test_support::NodeProcess;
 
 struct FailedStart {
   int wait_status = 0;
@@ -191,36 +80,28 @@ struct FailedStart {
 // Runs a node that must fail at startup; nullopt (with a test failure) when
 // it starts serving or does not exit in time.
 std::optional<FailedStart> RunExpectingStartupFailure(const std::vector<std::string>& args) {
-  const auto [pid, fd] = Spawn(args, /*merge_stderr=*/true);
-  if (pid < 0) {
-    ADD_FAILURE() << "spawn: " << std::strerror(errno);
+  std::vector<std::string> argv = {kvr::test_support::NodeBinary(), "--listen=127.0.0.1:0"};
+  argv.insert(argv.end(), args.begin(), args.end());
+  auto proc = Subprocess::Start(std::move(argv), /*merge_stderr=*/true);
+  if (!proc.ok()) {
+    ADD_FAILURE() << proc.status();
+    return std::nullopt;
+  }
+  const auto listening = (*proc)->WaitForLine("kvr_node listening on ", absl::Seconds(60));
+  if (listening.ok() || !absl::IsFailedPrecondition(listening.status())) {
+    ADD_FAILURE() << "kvr_node did not fail at startup (" << listening.status()
+                  << "); output:\n"
+                  << (*proc)->Output();
+    return std::nullopt;
+  }
+  auto status = (*proc)->Stop(0, absl::Seconds(30));
+  if (!status.ok()) {
+    ADD_FAILURE() << status.status();
     return std::nullopt;
   }
   FailedStart result;
-  const auto deadline = std::chrono::steady_clock::now() + kStartTimeout;
-  bool eof = false;
-  while (!eof) {
-    const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(
-        deadline - std::chrono::steady_clock::now());
-    if (left.count() <= 0 || result.output.find("listening on") != std::string::npos) break;
-    pollfd pfd{fd, POLLIN, 0};
-    if (poll(&pfd, 1, static_cast<int>(left.count())) <= 0) continue;
-    char chunk[512];
-    const ssize_t n = read(fd, chunk, sizeof(chunk));
-    if (n <= 0) {
-      eof = true;
-    } else {
-      result.output.append(chunk, static_cast<size_t>(n));
-    }
-  }
-  close(fd);
-  if (!eof) {
-    kill(pid, SIGKILL);
-    waitpid(pid, nullptr, 0);
-    ADD_FAILURE() << "kvr_node did not fail at startup; output:\n" << result.output;
-    return std::nullopt;
-  }
-  waitpid(pid, &result.wait_status, 0);
+  result.output = (*proc)->Output();
+  result.wait_status = *status;
   return result;
 }
 
@@ -864,18 +745,7 @@ TEST(NodePersistenceTest, CorruptBlobFailsStartupNamingTheShard) {
 
 int main(int argc, char** argv) {
   ::testing::InitGoogleTest(&argc, argv);
-  for (int i = 1; i < argc; ++i) {
-    const std::string a = argv[i];
-    if (a == "--kvr_node" && i + 1 < argc) {
-      kvr::retrieval::g_node_binary = argv[++i];
-    } else if (a.rfind("--kvr_node=", 0) == 0) {
-      kvr::retrieval::g_node_binary = a.substr(11);
-    }
-  }
-  if (kvr::retrieval::g_node_binary.empty()) {
-    std::fprintf(stderr, "usage: %s --kvr_node PATH [gtest flags]\n", argv[0]);
-    return 2;
-  }
+  if (!kvr::test_support::ParseNodeBinaryFlag(argc, argv)) return 2;
   signal(SIGPIPE, SIG_IGN);
   return RUN_ALL_TESTS();
 }
