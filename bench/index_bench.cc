@@ -322,8 +322,22 @@ class Runner {
     if (!cache.empty()) {
       if (auto ids = ReadIdMatrixFile(cache);
           ids.ok() && ids->rows == ds.train.rows && ids->cols == static_cast<size_t>(train_k)) {
-        std::copy(ids->data.begin(), ids->data.end(), topk.begin());
+        // The cache must belong to this data: spot-check rows against the
+        // exact top-1 before trusting it.
         cached = true;
+        for (size_t r = 0; r < ds.train.rows && cached; r += std::max<size_t>(1, ds.train.rows / 16)) {
+          std::vector<float> s(ds.keys.rows);
+          simd::Active().dot_batch(ds.train.row(r), ds.keys.data.data(), ds.keys.rows,
+                                   ds.keys.cols, ds.keys.cols, s.data());
+          const size_t best = std::max_element(s.begin(), s.end()) - s.begin();
+          cached = s[best] == s[ids->row(r)[0]];
+        }
+        if (cached) {
+          std::copy(ids->data.begin(), ids->data.end(), topk.begin());
+        } else {
+          std::printf("  graph: --train_topk_cache %s does not match this data; recomputing\n",
+                      cache.c_str());
+        }
       }
     }
     if (!cached) {
