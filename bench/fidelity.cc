@@ -37,6 +37,7 @@
 #include <string_view>
 #include <vector>
 
+#include "gpu_worker/model/bundled_model.h"
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
 #include "absl/flags/usage.h"
@@ -51,9 +52,6 @@
 #include "gpu_worker/model/llama2c_tokenizer.h"
 #include "retrieval_node/client/in_process_node.h"
 
-#ifndef KVR_DEFAULT_MODEL_DIR
-#define KVR_DEFAULT_MODEL_DIR ""
-#endif
 
 ABSL_FLAG(std::string, model, "",
           "llama2.c checkpoint (default: stories260K.bin in $KVR_SHARED_MODELS, else "
@@ -77,7 +75,6 @@ ABSL_FLAG(std::string, json, "", "write the rows as JSON to this file");
 namespace kvr {
 namespace {
 
-namespace fs = std::filesystem;
 using Clock = std::chrono::steady_clock;
 using retrieval::IndexType;
 using worker::AttentionMode;
@@ -189,27 +186,6 @@ double KlDivergence(std::span<const float> p, std::span<const float> q) {
   return std::max(0.0, kl);
 }
 
-// The first directory holding the bundled model (as the kvr CLI looks).
-std::string DefaultModelDir() {
-  std::vector<fs::path> candidates;
-  if (const char* env = std::getenv("KVR_SHARED_MODELS"); env != nullptr && *env != '\0') {
-    candidates.emplace_back(env);
-  }
-  std::error_code ec;
-  const fs::path exe = fs::read_symlink("/proc/self/exe", ec);
-  if (!ec) {
-    // <repo>/build*/bench/fidelity -> <repo>/../shared/models
-    candidates.push_back(exe.parent_path() / "../../../shared/models");
-    candidates.push_back(exe.parent_path() / "../../shared/models");
-  }
-  candidates.emplace_back("../shared/models");
-  candidates.emplace_back("shared/models");
-  if (*KVR_DEFAULT_MODEL_DIR != '\0') candidates.emplace_back(KVR_DEFAULT_MODEL_DIR);
-  for (const fs::path& dir : candidates) {
-    if (fs::exists(dir / "stories260K.bin", ec)) return fs::weakly_canonical(dir, ec).string();
-  }
-  return {};
-}
 
 // One prompt's full-attention reference: the greedy continuation and the
 // logits that chose each of its tokens.
@@ -254,7 +230,7 @@ class Bench {
   absl::Status Init() {
     std::string model = absl::GetFlag(FLAGS_model), tokenizer = absl::GetFlag(FLAGS_tokenizer);
     if (model.empty() || tokenizer.empty()) {
-      const std::string dir = DefaultModelDir();
+      const std::string dir = worker::FindBundledModelDir();
       if (dir.empty()) {
         return absl::NotFoundError(
             "no model: pass --model and --tokenizer, or set KVR_SHARED_MODELS to the directory "

@@ -19,6 +19,7 @@
 #include <string_view>
 #include <vector>
 
+#include "gpu_worker/model/bundled_model.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
@@ -33,14 +34,9 @@
 #include "services/placement/placement.h"
 #endif
 
-#ifndef KVR_DEFAULT_MODEL_DIR
-#define KVR_DEFAULT_MODEL_DIR ""
-#endif
-
 namespace kvr {
 namespace {
 
-namespace fs = std::filesystem;
 using worker::AttentionMode;
 
 constexpr char kUsage[] = R"(kvr — RetrievalAttention LLM serving (embedded mode)
@@ -247,27 +243,6 @@ absl::Status ParseGenerateFlags(const std::vector<std::string>& args, Flags* f, 
   return absl::OkStatus();
 }
 
-// The first directory holding the bundled model.
-std::string DefaultModelDir() {
-  std::vector<fs::path> candidates;
-  if (const char* env = std::getenv("KVR_SHARED_MODELS"); env != nullptr && *env != '\0') {
-    candidates.emplace_back(env);
-  }
-  std::error_code ec;
-  const fs::path exe = fs::read_symlink("/proc/self/exe", ec);
-  if (!ec) {
-    // <repo>/build*/tools/kvr -> <repo>/../shared/models
-    candidates.push_back(exe.parent_path() / "../../../shared/models");
-    candidates.push_back(exe.parent_path() / "../../shared/models");
-  }
-  candidates.emplace_back("../shared/models");
-  candidates.emplace_back("shared/models");
-  if (*KVR_DEFAULT_MODEL_DIR != '\0') candidates.emplace_back(KVR_DEFAULT_MODEL_DIR);
-  for (const fs::path& dir : candidates) {
-    if (fs::exists(dir / "stories260K.bin", ec)) return fs::weakly_canonical(dir, ec).string();
-  }
-  return {};
-}
 
 // A client for the kvr_node servers in `spec` ("host:port,..." or
 // "id=host:port,..."), waiting up to 5 s for each to accept a connection.
@@ -296,7 +271,7 @@ absl::StatusOr<std::unique_ptr<retrieval::RetrievalClient>> ConnectNodes(const s
 absl::Status RunGenerate(const Flags& f) {
   std::string model = f.model, tokenizer = f.tokenizer;
   if (model.empty() || tokenizer.empty()) {
-    const std::string dir = DefaultModelDir();
+    const std::string dir = worker::FindBundledModelDir();
     if (dir.empty()) {
       return absl::NotFoundError(
           "no model: pass --model and --tokenizer, or set KVR_SHARED_MODELS to the directory "

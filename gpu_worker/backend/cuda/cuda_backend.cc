@@ -1,0 +1,641 @@
+#include "gpu_worker/backend/cuda/cuda_backend.h"
+
+#include <cublas_v2.h>
+#include <cuda_runtime_api.h>
+
+#include <algorithm>
+#include <array>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <mutex>
+
+#include "absl/strings/str_cat.h"
+#include "common/status.h"
+#include "gpu_worker/backend/cuda/attention.cuh"
+#include "gpu_worker/backend/cuda/cuda_status.h"
+#include "gpu_worker/backend/cuda/elementwise.cuh"
+#include "gpu_worker/backend/cuda/gemm.h"
+#include "gpu_worker/backend/cuda/sampling.cuh"
+#include "gpu_worker/backend/cuda/topk.cuh"
+
+namespace kvr::worker {
+namespace {
+
+using cuda::CudaAllocStatus;
+using cuda::CudaStatus;
+
+// Uploads/Downloads up to this size go through pinned staging.
+constexpr size_t kPinnedStagingMax = size_t{4} << 20;
+// Pinned slots for host-span op arguments (tokens, positions): a slot is
+// rewritten only after the copy issued kArgSlots stagings ago has run.
+constexpr int kArgSlots = 4;
+
+std::string ShapeStr(const Tensor& t) {
+  return absl::StrCat("[", t.rows(), " x ", t.cols(), " ", DTypeName(t.dtype()), "]");
+}
+
+// A device allocation that grows (never shrinks); growth is rare (largest
+// size seen) so steady-state ops do not allocate.
+class DeviceScratch {
+ public:
+  DeviceScratch() = default;
+  DeviceScratch(const DeviceScratch&) = delete;
+  DeviceScratch& operator=(const DeviceScratch&) = delete;
+  ~DeviceScratch() {
+    if (ptr_ != nullptr) (void)cudaFree(ptr_);
+  }
+  absl::StatusOr<void*> Ensure(size_t bytes, absl::string_view what) {
+    if (bytes <= size_) return ptr_;
+    if (ptr_ != nullptr) {
+      (void)cudaFree(ptr_);  // implicitly waits for work that may use it
+      ptr_ = nullptr;
+      size_ = 0;
+    }
+    const size_t want = std::max<size_t>(bytes, 256);
+    KVR_RETURN_IF_ERROR(CudaAllocStatus(cudaMalloc(&ptr_, want), what, want));
+    size_ = want;
+    return ptr_;
+  }
+
+ private:
+  void* ptr_ = nullptr;
+  size_t size_ = 0;
+};
+
+// A pinned host buffer that grows.
+class PinnedBuffer {
+ public:
+  PinnedBuffer() = default;
+  PinnedBuffer(const PinnedBuffer&) = delete;
+  PinnedBuffer& operator=(const PinnedBuffer&) = delete;
+  ~PinnedBuffer() {
+    if (ptr_ != nullptr) (void)cudaFreeHost(ptr_);
+  }
+  absl::StatusOr<void*> Ensure(size_t bytes, absl::string_view what) {
+    if (bytes <= size_) return ptr_;
+    if (ptr_ != nullptr) {
+      (void)cudaFreeHost(ptr_);
+      ptr_ = nullptr;
+      size_ = 0;
+    }
+    const size_t want = std::max<size_t>(bytes, 4096);
+    KVR_RETURN_IF_ERROR(CudaAllocStatus(cudaMallocHost(&ptr_, want), what, want));
+    size_ = want;
+    return ptr_;
+  }
+
+ private:
+  void* ptr_ = nullptr;
+  size_t size_ = 0;
+};
+
+class CudaBackend final : public Backend {
+ public:
+  explicit CudaBackend(int device) : device_(device) {}
+
+  ~CudaBackend() override {
+    (void)cudaSetDevice(device_);
+    if (stream_ != nullptr) (void)cudaStreamSynchronize(stream_);
+    if (cublas_ != nullptr) (void)cublasDestroy(cublas_);
+    if (upload_done_ != nullptr) (void)cudaEventDestroy(upload_done_);
+    for (ArgSlot& s : arg_slots_) {
+      if (s.done != nullptr) (void)cudaEventDestroy(s.done);
+    }
+    // The pinned and device buffers free themselves after this body; cudaFree
+    // does not need the stream.
+    if (stream_ != nullptr) (void)cudaStreamDestroy(stream_);
+  }
+
+  absl::Status Init() {
+    KVR_RETURN_IF_ERROR(CudaStatus(cudaSetDevice(device_), absl::StrCat("cudaSetDevice(", device_, ")")));
+    KVR_RETURN_IF_ERROR(CudaStatus(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking),
+                                   "cudaStreamCreateWithFlags"));
+    KVR_RETURN_IF_ERROR(CudaStatus(
+        cudaDeviceGetAttribute(&num_sms_, cudaDevAttrMultiProcessorCount, device_),
+        "cudaDeviceGetAttribute(MultiProcessorCount)"));
+    KVR_CUBLAS_RETURN_IF_ERROR(cublasCreate(&cublas_));
+    KVR_CUBLAS_RETURN_IF_ERROR(cublasSetStream(cublas_, stream_));
+    KVR_CUDA_RETURN_IF_ERROR(cudaEventCreateWithFlags(&upload_done_, cudaEventDisableTiming));
+    for (ArgSlot& s : arg_slots_) {
+      KVR_CUDA_RETURN_IF_ERROR(cudaEventCreateWithFlags(&s.done, cudaEventDisableTiming));
+    }
+    return absl::OkStatus();
+  }
+
+  std::string_view name() const override { return "cuda"; }
+
+  // ---- Memory --------------------------------------------------------------
+
+  absl::StatusOr<Tensor> Allocate(DType dtype, int64_t rows, int64_t cols) override {
+    KVR_ASSIGN_OR_RETURN(Tensor t, AllocateUninit(dtype, rows, cols, "Allocate"));
+    if (t.bytes() != 0) {
+      KVR_RETURN_IF_ERROR(
+          CudaStatus(cudaMemsetAsync(t.data(), 0, t.bytes(), stream_), "cudaMemsetAsync(Allocate)"));
+    }
+    return t;
+  }
+
+  absl::StatusOr<Tensor> ImportHost(const HostTensor& host,
+                                    std::shared_ptr<const void> keepalive) override {
+    if (host.rows < 0 || host.cols < 0 || (host.data == nullptr && host.numel() != 0)) {
+      return absl::InvalidArgumentError("ImportHost: bad host tensor");
+    }
+    KVR_ASSIGN_OR_RETURN(Tensor t, AllocateUninit(host.dtype, host.rows, host.cols, "ImportHost"));
+    KVR_RETURN_IF_ERROR(Upload(std::span<const std::byte>(
+                                   static_cast<const std::byte*>(host.data), host.bytes()),
+                               t));
+    return t;  // the device copy does not need `keepalive`
+  }
+
+  absl::Status Upload(std::span<const std::byte> src, const Tensor& dst) override {
+    KVR_RETURN_IF_ERROR(Mine(dst, "Upload dst"));
+    if (src.size() != dst.bytes()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("Upload: ", src.size(), " bytes into tensor of ", dst.bytes()));
+    }
+    if (src.empty()) return absl::OkStatus();
+    KVR_RETURN_IF_ERROR(Activate());
+    if (src.size() <= kPinnedStagingMax) {
+      // The previous staged upload must have left the pinned buffer.
+      KVR_CUDA_RETURN_IF_ERROR(cudaEventSynchronize(upload_done_));
+      KVR_ASSIGN_OR_RETURN(void* pinned, upload_stage_.Ensure(src.size(), "cudaMallocHost(upload)"));
+      std::memcpy(pinned, src.data(), src.size());
+      KVR_RETURN_IF_ERROR(CudaStatus(
+          cudaMemcpyAsync(dst.data(), pinned, src.size(), cudaMemcpyHostToDevice, stream_),
+          "cudaMemcpyAsync(Upload, pinned)"));
+      return CudaStatus(cudaEventRecord(upload_done_, stream_), "cudaEventRecord(upload)");
+    }
+    // Pageable source: the call returns once the bytes have been taken.
+    return CudaStatus(
+        cudaMemcpyAsync(dst.data(), src.data(), src.size(), cudaMemcpyHostToDevice, stream_),
+        "cudaMemcpyAsync(Upload, pageable)");
+  }
+
+  absl::Status Download(const Tensor& src, std::span<std::byte> dst) override {
+    KVR_RETURN_IF_ERROR(Mine(src, "Download src"));
+    if (dst.size() != src.bytes()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("Download: tensor of ", src.bytes(), " bytes into ", dst.size()));
+    }
+    KVR_RETURN_IF_ERROR(Activate());
+    if (dst.empty()) return Synchronize();
+    return CopyToHost(src.data(), dst.data(), dst.size());
+  }
+
+  absl::Status Synchronize() override {
+    KVR_RETURN_IF_ERROR(Activate());
+    return CudaStatus(cudaStreamSynchronize(stream_), "cudaStreamSynchronize");
+  }
+
+  // ---- Ops -----------------------------------------------------------------
+
+  absl::Status Embedding(const Tensor& table, std::span<const int32_t> tokens,
+                         const Tensor& out) override {
+    KVR_RETURN_IF_ERROR(Mine(table, "Embedding table"));
+    KVR_RETURN_IF_ERROR(
+        F32(out, "Embedding out", static_cast<int64_t>(tokens.size()), table.cols()));
+    for (size_t i = 0; i < tokens.size(); ++i) {
+      const int32_t t = tokens[i];
+      if (t < 0 || t >= table.rows()) {
+        return absl::InvalidArgumentError(absl::StrCat("Embedding: token ", t, " at index ", i,
+                                                       " outside vocab [0, ", table.rows(), ")"));
+      }
+    }
+    if (tokens.empty() || table.cols() == 0) return absl::OkStatus();
+    KVR_RETURN_IF_ERROR(Activate());
+    KVR_ASSIGN_OR_RETURN(const int32_t* dev_tokens, StageInts(tokens));
+    return CudaStatus(cuda::LaunchEmbedding(table.data(),
+                                            static_cast<cuda::TableType>(table.dtype()), dev_tokens,
+                                            static_cast<int64_t>(tokens.size()), table.cols(),
+                                            out.data_as<float>(), stream_),
+                      "LaunchEmbedding");
+  }
+
+  absl::Status RmsNorm(const Tensor& x, const Tensor& weight, float eps,
+                       const Tensor& out) override {
+    KVR_RETURN_IF_ERROR(F32(x, "RmsNorm x", -1, -1));
+    KVR_RETURN_IF_ERROR(F32(weight, "RmsNorm weight", 1, x.cols()));
+    KVR_RETURN_IF_ERROR(F32(out, "RmsNorm out", x.rows(), x.cols()));
+    KVR_RETURN_IF_ERROR(Activate());
+    return CudaStatus(cuda::LaunchRmsNorm(x.data_as<const float>(), weight.data_as<const float>(),
+                                          eps, x.rows(), x.cols(), out.data_as<float>(), stream_),
+                      "LaunchRmsNorm");
+  }
+
+  absl::Status MatMul(const Tensor& x, const Tensor& w, const Tensor& y) override {
+    KVR_RETURN_IF_ERROR(F32(x, "MatMul x", -1, -1));
+    KVR_RETURN_IF_ERROR(Mine(w, "MatMul w"));
+    if (w.cols() != x.cols()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("MatMul: x ", ShapeStr(x), " vs w ", ShapeStr(w), ": inner dims differ"));
+    }
+    KVR_RETURN_IF_ERROR(F32(y, "MatMul y", x.rows(), w.rows()));
+    if (y.data() == x.data() && y.numel() != 0) {
+      return absl::InvalidArgumentError("MatMul: y aliases x");
+    }
+    KVR_RETURN_IF_ERROR(Activate());
+    const size_t scratch_bytes = cuda::MatMulScratchBytes(w.dtype(), x.rows(), x.cols());
+    void* scratch = nullptr;
+    if (scratch_bytes != 0) {
+      KVR_ASSIGN_OR_RETURN(scratch, matmul_scratch_.Ensure(scratch_bytes, "cudaMalloc(MatMul scratch)"));
+    }
+    return cuda::CublasMatMul(cublas_, stream_, x.data_as<const float>(), w.data(), w.dtype(),
+                              y.data_as<float>(), x.rows(), x.cols(), w.rows(), scratch);
+  }
+
+  absl::Status Rope(const Tensor& x, int n_heads, int head_dim, std::span<const int32_t> positions,
+                    const Tensor& inv_freq, RopeStyle style) override {
+    if (n_heads <= 0 || head_dim <= 0 || head_dim % 2 != 0) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("Rope: bad head layout n_heads=", n_heads, " head_dim=", head_dim));
+    }
+    KVR_RETURN_IF_ERROR(
+        F32(x, "Rope x", static_cast<int64_t>(positions.size()), int64_t{n_heads} * head_dim));
+    KVR_RETURN_IF_ERROR(F32(inv_freq, "Rope inv_freq", 1, head_dim / 2));
+    if (positions.empty()) return absl::OkStatus();
+    KVR_RETURN_IF_ERROR(Activate());
+    KVR_ASSIGN_OR_RETURN(const int32_t* dev_pos, StageInts(positions));
+    return CudaStatus(cuda::LaunchRope(x.data_as<float>(), x.rows(), n_heads, head_dim, dev_pos,
+                                       inv_freq.data_as<const float>(),
+                                       style == RopeStyle::kInterleaved, stream_),
+                      "LaunchRope");
+  }
+
+  absl::Status SwiGlu(const Tensor& gate, const Tensor& up, const Tensor& out) override {
+    KVR_RETURN_IF_ERROR(F32(gate, "SwiGlu gate", -1, -1));
+    KVR_RETURN_IF_ERROR(F32(up, "SwiGlu up", gate.rows(), gate.cols()));
+    KVR_RETURN_IF_ERROR(F32(out, "SwiGlu out", gate.rows(), gate.cols()));
+    KVR_RETURN_IF_ERROR(Activate());
+    return CudaStatus(cuda::LaunchSwiGlu(gate.data_as<const float>(), up.data_as<const float>(),
+                                         out.data_as<float>(), static_cast<int64_t>(gate.numel()),
+                                         stream_),
+                      "LaunchSwiGlu");
+  }
+
+  absl::Status Add(const Tensor& x, const Tensor& y) override {
+    KVR_RETURN_IF_ERROR(F32(x, "Add x", -1, -1));
+    KVR_RETURN_IF_ERROR(F32(y, "Add y", x.rows(), x.cols()));
+    KVR_RETURN_IF_ERROR(Activate());
+    return CudaStatus(cuda::LaunchAdd(x.data_as<float>(), y.data_as<const float>(),
+                                      static_cast<int64_t>(x.numel()), stream_),
+                      "LaunchAdd");
+  }
+
+  absl::Status Attention(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache,
+                         const AttentionShape& shape, int64_t first_pos,
+                         const Tensor& out) override {
+    KVR_RETURN_IF_ERROR(CheckAttention(q, k_cache, v_cache, shape, "Attention"));
+    KVR_RETURN_IF_ERROR(F32(out, "Attention out", q.rows(), q.cols()));
+    if (out.data() == q.data() && out.numel() != 0) {
+      return absl::InvalidArgumentError("Attention: out aliases q");
+    }
+    if (first_pos < 0 || first_pos + q.rows() > k_cache.rows()) {
+      return absl::InvalidArgumentError(absl::StrCat("Attention: positions [", first_pos, ", ",
+                                                     first_pos + q.rows(), ") exceed the cache's ",
+                                                     k_cache.rows(), " rows"));
+    }
+    return Attend(q, k_cache, v_cache, shape, first_pos, 0, first_pos + q.rows(),
+                  out.data_as<float>(), nullptr, nullptr);
+  }
+
+  absl::Status PartialAttention(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache,
+                                const AttentionShape& shape, int64_t first_pos, int64_t key_begin,
+                                int64_t key_end, const Tensor& o, const Tensor& m,
+                                const Tensor& l) override {
+    KVR_RETURN_IF_ERROR(CheckAttention(q, k_cache, v_cache, shape, "PartialAttention"));
+    KVR_RETURN_IF_ERROR(F32(o, "PartialAttention o", q.rows(), q.cols()));
+    KVR_RETURN_IF_ERROR(F32(m, "PartialAttention m", q.rows(), shape.n_heads));
+    KVR_RETURN_IF_ERROR(F32(l, "PartialAttention l", q.rows(), shape.n_heads));
+    if (key_begin < 0 || key_begin > key_end || key_end > k_cache.rows()) {
+      return absl::InvalidArgumentError(absl::StrCat("PartialAttention: key range [", key_begin,
+                                                     ", ", key_end, ") outside the cache's ",
+                                                     k_cache.rows(), " rows"));
+    }
+    if (first_pos < 0) {
+      return absl::InvalidArgumentError("PartialAttention: negative first_pos");
+    }
+    return Attend(q, k_cache, v_cache, shape, first_pos, key_begin, key_end, o.data_as<float>(),
+                  m.data_as<float>(), l.data_as<float>());
+  }
+
+  absl::Status MergeAttention(const Tensor& o, const Tensor& m, const Tensor& l, const Tensor& o2,
+                              const Tensor& m2, const Tensor& l2, int head_dim) override {
+    KVR_RETURN_IF_ERROR(F32(m, "MergeAttention m", -1, -1));
+    const int64_t n = m.rows(), heads = m.cols();
+    if (head_dim <= 0) return absl::InvalidArgumentError("MergeAttention: head_dim <= 0");
+    KVR_RETURN_IF_ERROR(F32(l, "MergeAttention l", n, heads));
+    KVR_RETURN_IF_ERROR(F32(m2, "MergeAttention m2", n, heads));
+    KVR_RETURN_IF_ERROR(F32(l2, "MergeAttention l2", n, heads));
+    KVR_RETURN_IF_ERROR(F32(o, "MergeAttention o", n, heads * head_dim));
+    KVR_RETURN_IF_ERROR(F32(o2, "MergeAttention o2", n, heads * head_dim));
+    KVR_RETURN_IF_ERROR(Activate());
+    return CudaStatus(
+        cuda::LaunchMergeAttention(o.data_as<float>(), m.data_as<float>(), l.data_as<float>(),
+                                   o2.data_as<const float>(), m2.data_as<const float>(),
+                                   l2.data_as<const float>(), n * heads, head_dim, stream_),
+        "LaunchMergeAttention");
+  }
+
+  absl::Status Softmax(const Tensor& x, float temperature) override {
+    KVR_RETURN_IF_ERROR(F32(x, "Softmax x", -1, -1));
+    if (!(temperature > 0.0f)) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("Softmax: temperature ", temperature, " must be > 0"));
+    }
+    KVR_RETURN_IF_ERROR(Activate());
+    return CudaStatus(
+        cuda::LaunchSoftmax(x.data_as<float>(), x.rows(), x.cols(), temperature, stream_),
+        "LaunchSoftmax");
+  }
+
+  absl::Status Argmax(const Tensor& x, std::span<int32_t> out) override {
+    KVR_RETURN_IF_ERROR(F32(x, "Argmax x", static_cast<int64_t>(out.size()), -1));
+    if (x.cols() == 0) return absl::InvalidArgumentError("Argmax: empty rows");
+    KVR_RETURN_IF_ERROR(Activate());
+    if (out.empty()) return Synchronize();
+    const size_t bytes = out.size() * sizeof(int32_t);
+    KVR_ASSIGN_OR_RETURN(void* dev, argmax_out_.Ensure(bytes, "cudaMalloc(Argmax out)"));
+    KVR_RETURN_IF_ERROR(CudaStatus(cuda::LaunchArgmax(x.data_as<const float>(), x.rows(), x.cols(),
+                                                      static_cast<int32_t*>(dev), stream_),
+                                   "LaunchArgmax"));
+    return CopyToHost(dev, out.data(), bytes);
+  }
+
+  // ---- CUDA-only -----------------------------------------------------------
+
+  absl::Status TopK(const Tensor& q, const Tensor& k_cache, const AttentionShape& shape,
+                    int64_t key_begin, int64_t key_end, int top_k, std::span<int64_t> ids,
+                    std::span<float> scores) {
+    if (shape.n_heads <= 0 || shape.n_kv_heads <= 0 || shape.head_dim <= 0 ||
+        shape.n_heads % shape.n_kv_heads != 0) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("TopK: bad head layout n_heads=", shape.n_heads,
+                       " n_kv_heads=", shape.n_kv_heads, " head_dim=", shape.head_dim));
+    }
+    KVR_RETURN_IF_ERROR(F32(q, "TopK q", -1, shape.q_cols()));
+    KVR_RETURN_IF_ERROR(F32(k_cache, "TopK k_cache", -1, shape.kv_cols()));
+    if (key_begin < 0 || key_begin > key_end || key_end > k_cache.rows()) {
+      return absl::InvalidArgumentError(absl::StrCat("TopK: key range [", key_begin, ", ", key_end,
+                                                     ") outside the cache's ", k_cache.rows(),
+                                                     " rows"));
+    }
+    if (top_k < 1 || top_k > key_end - key_begin) {
+      return absl::InvalidArgumentError(absl::StrCat("TopK: k ", top_k, " outside [1, ",
+                                                     key_end - key_begin, "]"));
+    }
+    if (top_k > cuda::kMaxGpuTopK) {
+      return absl::UnimplementedError(absl::StrCat("TopK: k ", top_k, " > ", cuda::kMaxGpuTopK,
+                                                   " is not implemented on the GPU"));
+    }
+    const size_t count = static_cast<size_t>(q.rows()) * shape.n_heads * top_k;
+    if (ids.size() != count || scores.size() != count) {
+      return absl::InvalidArgumentError(absl::StrCat("TopK: outputs of ", ids.size(), " ids and ",
+                                                     scores.size(), " scores, want ", count));
+    }
+    KVR_RETURN_IF_ERROR(Activate());
+    if (count == 0) return Synchronize();
+    const size_t id_bytes = count * sizeof(int64_t), score_bytes = count * sizeof(float);
+    KVR_ASSIGN_OR_RETURN(void* dev, topk_out_.Ensure(id_bytes + score_bytes, "cudaMalloc(TopK out)"));
+    cuda::TopKArgs a;
+    a.q = q.data_as<const float>();
+    a.k = k_cache.data_as<const float>();
+    a.n = q.rows();
+    a.n_heads = shape.n_heads;
+    a.n_kv_heads = shape.n_kv_heads;
+    a.head_dim = shape.head_dim;
+    a.key_begin = key_begin;
+    a.key_end = key_end;
+    a.top_k = top_k;
+    a.ids = static_cast<int64_t*>(dev);
+    a.scores = reinterpret_cast<float*>(static_cast<std::byte*>(dev) + id_bytes);
+    KVR_RETURN_IF_ERROR(CudaStatus(cuda::LaunchTopK(a, stream_), "LaunchTopK"));
+    KVR_RETURN_IF_ERROR(CopyToHost(a.ids, ids.data(), id_bytes));
+    return CopyToHost(a.scores, scores.data(), score_bytes);
+  }
+
+ private:
+  struct ArgSlot {
+    PinnedBuffer host;
+    cudaEvent_t done = nullptr;
+    void* host_ptr = nullptr;
+    size_t size = 0;  // int32 values staged last
+  };
+
+  absl::Status Activate() const {
+    return CudaStatus(cudaSetDevice(device_), "cudaSetDevice");
+  }
+
+  absl::StatusOr<Tensor> AllocateUninit(DType dtype, int64_t rows, int64_t cols,
+                                        absl::string_view what) {
+    if (rows < 0 || cols < 0) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(what, ": negative shape [", rows, " x ", cols, "]"));
+    }
+    size_t bytes = 0;
+    if (__builtin_mul_overflow(static_cast<size_t>(rows), static_cast<size_t>(cols), &bytes) ||
+        __builtin_mul_overflow(bytes, DTypeSize(dtype), &bytes)) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(what, ": [", rows, " x ", cols, "] overflows size_t"));
+    }
+    KVR_RETURN_IF_ERROR(Activate());
+    void* p = nullptr;
+    if (bytes != 0) {
+      KVR_RETURN_IF_ERROR(CudaAllocStatus(
+          cudaMalloc(&p, bytes),
+          absl::StrCat(what, " [", rows, " x ", cols, " ", DTypeName(dtype), "]: cudaMalloc"),
+          bytes));
+    }
+    std::shared_ptr<void> storage(p, [](void* q) {
+      if (q != nullptr) (void)cudaFree(q);
+    });
+    return Tensor(this, std::move(storage), p, dtype, rows, cols);
+  }
+
+  // Device -> host through pinned staging when small; waits for the stream.
+  absl::Status CopyToHost(const void* dev, void* host, size_t bytes) {
+    if (bytes <= kPinnedStagingMax) {
+      KVR_ASSIGN_OR_RETURN(void* pinned, download_stage_.Ensure(bytes, "cudaMallocHost(download)"));
+      KVR_RETURN_IF_ERROR(CudaStatus(
+          cudaMemcpyAsync(pinned, dev, bytes, cudaMemcpyDeviceToHost, stream_),
+          "cudaMemcpyAsync(Download, pinned)"));
+      KVR_RETURN_IF_ERROR(CudaStatus(cudaStreamSynchronize(stream_), "cudaStreamSynchronize"));
+      std::memcpy(host, pinned, bytes);
+      return absl::OkStatus();
+    }
+    KVR_RETURN_IF_ERROR(
+        CudaStatus(cudaMemcpyAsync(host, dev, bytes, cudaMemcpyDeviceToHost, stream_),
+                   "cudaMemcpyAsync(Download, pageable)"));
+    return CudaStatus(cudaStreamSynchronize(stream_), "cudaStreamSynchronize");
+  }
+
+  // Copies host int32 arguments to device memory ordered on the stream and
+  // returns the device address, valid for ops enqueued before the next
+  // kArgSlots stagings. Repeating the last staged values (Rope of q and k at
+  // the same positions, every layer) reuses them without a copy.
+  absl::StatusOr<const int32_t*> StageInts(std::span<const int32_t> v) {
+    const size_t bytes = v.size_bytes();
+    if (last_slot_ >= 0) {
+      ArgSlot& last = arg_slots_[last_slot_];
+      if (last.size == v.size() && std::memcmp(last.host_ptr, v.data(), bytes) == 0) {
+        return static_cast<const int32_t*>(arg_dev_ptr_[last_slot_]);
+      }
+    }
+    const int slot_index = (last_slot_ + 1) % kArgSlots;
+    ArgSlot& slot = arg_slots_[slot_index];
+    // Its previous copy (kArgSlots stagings ago) must have left the buffers.
+    KVR_CUDA_RETURN_IF_ERROR(cudaEventSynchronize(slot.done));
+    KVR_ASSIGN_OR_RETURN(void* host, slot.host.Ensure(bytes, "cudaMallocHost(op arguments)"));
+    KVR_ASSIGN_OR_RETURN(void* dev,
+                         arg_dev_[slot_index].Ensure(bytes, "cudaMalloc(op arguments)"));
+    std::memcpy(host, v.data(), bytes);
+    KVR_RETURN_IF_ERROR(
+        CudaStatus(cudaMemcpyAsync(dev, host, bytes, cudaMemcpyHostToDevice, stream_),
+                   "cudaMemcpyAsync(op arguments)"));
+    KVR_CUDA_RETURN_IF_ERROR(cudaEventRecord(slot.done, stream_));
+    slot.host_ptr = host;
+    slot.size = v.size();
+    arg_dev_ptr_[slot_index] = dev;
+    last_slot_ = slot_index;
+    return static_cast<const int32_t*>(dev);
+  }
+
+  absl::Status Attend(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache,
+                      const AttentionShape& shape, int64_t first_pos, int64_t key_begin,
+                      int64_t key_end, float* o, float* m, float* l) {
+    cuda::AttendArgs a;
+    a.q = q.data_as<const float>();
+    a.k = k_cache.data_as<const float>();
+    a.v = v_cache.data_as<const float>();
+    a.n = q.rows();
+    a.n_heads = shape.n_heads;
+    a.n_kv_heads = shape.n_kv_heads;
+    a.head_dim = shape.head_dim;
+    a.scale = shape.scale != 0.0f ? shape.scale
+                                  : 1.0f / std::sqrt(static_cast<float>(shape.head_dim));
+    a.first_pos = first_pos;
+    a.key_begin = key_begin;
+    a.key_end = key_end;
+    a.o = o;
+    a.m = m;
+    a.l = l;
+    if (a.n == 0) return absl::OkStatus();
+    KVR_RETURN_IF_ERROR(Activate());
+    const cuda::AttendPlan plan = cuda::PlanAttend(a, num_sms_);
+    float* ws = nullptr;
+    if (plan.workspace_floats != 0) {
+      KVR_ASSIGN_OR_RETURN(void* p, attend_ws_.Ensure(plan.workspace_floats * sizeof(float),
+                                                      "cudaMalloc(attention split workspace)"));
+      ws = static_cast<float*>(p);
+    }
+    return CudaStatus(cuda::LaunchAttend(a, plan, ws, stream_), "LaunchAttend");
+  }
+
+  absl::Status Mine(const Tensor& t, absl::string_view what) const {
+    if (t.owner() != this) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(what, ": tensor does not belong to this cuda backend"));
+    }
+    return absl::OkStatus();
+  }
+
+  absl::Status F32(const Tensor& t, absl::string_view what, int64_t rows, int64_t cols) const {
+    KVR_RETURN_IF_ERROR(Mine(t, what));
+    if (t.dtype() != DType::kF32 || (rows >= 0 && t.rows() != rows) ||
+        (cols >= 0 && t.cols() != cols)) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          what, ": got ", ShapeStr(t), ", want [", rows < 0 ? std::string("*") : absl::StrCat(rows),
+          " x ", cols < 0 ? std::string("*") : absl::StrCat(cols), " f32]"));
+    }
+    return absl::OkStatus();
+  }
+
+  absl::Status CheckAttention(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache,
+                              const AttentionShape& shape, absl::string_view op) const {
+    if (shape.n_heads <= 0 || shape.n_kv_heads <= 0 || shape.head_dim <= 0 ||
+        shape.n_heads % shape.n_kv_heads != 0) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(op, ": bad head layout n_heads=", shape.n_heads,
+                       " n_kv_heads=", shape.n_kv_heads, " head_dim=", shape.head_dim));
+    }
+    if (shape.head_dim > cuda::kMaxAttendHeadDim) {
+      return absl::UnimplementedError(absl::StrCat(op, ": head_dim ", shape.head_dim, " > ",
+                                                   cuda::kMaxAttendHeadDim,
+                                                   " is not supported by the cuda backend"));
+    }
+    KVR_RETURN_IF_ERROR(F32(q, absl::StrCat(op, " q"), -1, shape.q_cols()));
+    KVR_RETURN_IF_ERROR(F32(k_cache, absl::StrCat(op, " k_cache"), -1, shape.kv_cols()));
+    KVR_RETURN_IF_ERROR(
+        F32(v_cache, absl::StrCat(op, " v_cache"), k_cache.rows(), shape.kv_cols()));
+    return absl::OkStatus();
+  }
+
+  const int device_;
+  int num_sms_ = 1;
+  cudaStream_t stream_ = nullptr;
+  cublasHandle_t cublas_ = nullptr;
+  PinnedBuffer upload_stage_, download_stage_;
+  cudaEvent_t upload_done_ = nullptr;
+  std::array<ArgSlot, kArgSlots> arg_slots_;
+  std::array<DeviceScratch, kArgSlots> arg_dev_;
+  std::array<void*, kArgSlots> arg_dev_ptr_{};
+  int last_slot_ = -1;
+  DeviceScratch matmul_scratch_, attend_ws_, argmax_out_, topk_out_;
+};
+
+}  // namespace
+
+int CudaDeviceCount(std::string* why) {
+  int count = 0;
+  const cudaError_t err = cudaGetDeviceCount(&count);
+  if (err != cudaSuccess) {
+    (void)cudaGetLastError();
+    if (why != nullptr) {
+      *why = absl::StrCat("cudaGetDeviceCount returned ", cudaGetErrorName(err), " (",
+                          cudaGetErrorString(err), ")");
+    }
+    return 0;
+  }
+  if (count == 0 && why != nullptr) *why = "cudaGetDeviceCount returned 0 devices";
+  return count;
+}
+
+absl::StatusOr<std::unique_ptr<Backend>> NewCudaBackend(const BackendOptions& options) {
+  std::string why;
+  const int count = CudaDeviceCount(&why);
+  if (count == 0) return absl::FailedPreconditionError(absl::StrCat("no CUDA device: ", why));
+  if (options.device < 0 || options.device >= count) {
+    return absl::InvalidArgumentError(absl::StrCat("cuda backend: device ", options.device,
+                                                   " outside [0, ", count, ")"));
+  }
+  auto backend = std::make_unique<CudaBackend>(options.device);
+  KVR_RETURN_IF_ERROR(backend->Init());
+  return std::unique_ptr<Backend>(std::move(backend));
+}
+
+absl::Status RegisterCudaBackend() {
+  static std::once_flag once;
+  static absl::Status status;
+  std::call_once(once, [] {
+    status = BackendRegistry::Register(
+        "cuda", [](const BackendOptions& options) { return NewCudaBackend(options); });
+  });
+  return status;
+}
+
+namespace {
+[[maybe_unused]] const bool kCudaRegistered = RegisterCudaBackend().ok();
+}  // namespace
+
+absl::Status CudaTopK(Backend& backend, const Tensor& q, const Tensor& k_cache,
+                      const AttentionShape& shape, int64_t key_begin, int64_t key_end, int top_k,
+                      std::span<int64_t> ids, std::span<float> scores) {
+  auto* cuda = dynamic_cast<CudaBackend*>(&backend);
+  if (cuda == nullptr) {
+    return absl::InvalidArgumentError(absl::StrCat("CudaTopK: backend '", std::string(backend.name()),
+                                                   "' is not the cuda backend"));
+  }
+  return cuda->TopK(q, k_cache, shape, key_begin, key_end, top_k, ids, scores);
+}
+
+}  // namespace kvr::worker

@@ -1,0 +1,36 @@
+// Exact top-k of inner products on the GPU, for the prefill training kNN:
+// for every query row i and query head h of q [n x n_heads*head_dim], the k
+// keys of KV head h / (n_heads / n_kv_heads) among cache rows
+// [key_begin, key_end) with the largest q . k (unscaled), best first, ties
+// to the smaller id (the order of retrieval_node's ExactTopK). Ids are
+// relative to key_begin. Rows of the output are (i, h) in that order:
+// ids/scores[(i * n_heads + h) * k + r]. Slots beyond the key count hold
+// id -1 and score -inf.
+//
+// One block per (query, head): every thread keeps a sorted list of its best
+// k over a strided share of the keys, then the block merges the lists k
+// times by a (score, id) argmax. Simple and exact; fine for k <= 64.
+#pragma once
+
+#include <cstdint>
+
+#include <cuda_runtime_api.h>
+
+namespace kvr::worker::cuda {
+
+inline constexpr int kMaxGpuTopK = 64;
+
+struct TopKArgs {
+  const float* q = nullptr;  // [n x n_heads*head_dim]
+  const float* k = nullptr;  // [S x n_kv_heads*head_dim]
+  int64_t n = 0;
+  int n_heads = 0, n_kv_heads = 0, head_dim = 0;
+  int64_t key_begin = 0, key_end = 0;
+  int top_k = 0;             // 1 .. kMaxGpuTopK
+  int64_t* ids = nullptr;    // [n * n_heads * top_k]
+  float* scores = nullptr;   // same
+};
+
+cudaError_t LaunchTopK(const TopKArgs& args, cudaStream_t stream);
+
+}  // namespace kvr::worker::cuda

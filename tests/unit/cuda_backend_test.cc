@@ -1,0 +1,345 @@
+// The CUDA backend against the CPU backend (the oracle), op by op on random
+// inputs of Llama-3-8B slices (hidden 4096, heads 32/8, head_dim 128), with
+// normalised MSE <= 1e-6 for fp32 paths and <= 5e-4 where bf16 rounding is
+// involved; and stories260K greedy generation token-identical to the CPU.
+// Every test that needs a device skips with the cudaGetDeviceCount result
+// when there is none.
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <filesystem>
+#include <limits>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "common/half.h"
+#include "gpu_worker/backend/backend.h"
+#include "gpu_worker/backend/cuda/cuda_backend.h"
+#include "gpu_worker/model/generate.h"
+#include "gpu_worker/model/llama2c_loader.h"
+#include "gpu_worker/model/llama2c_tokenizer.h"
+#include "gpu_worker/model/llama_model.h"
+#include "gpu_worker/model/model_config.h"
+#include "gtest/gtest.h"
+
+namespace kvr::worker {
+namespace {
+
+constexpr double kF32Nmse = 1e-6;
+constexpr double kBf16Nmse = 5e-4;
+
+std::vector<float> Random(size_t n, uint32_t seed, float scale = 1.0f) {
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> dist(0.0f, scale);
+  std::vector<float> v(n);
+  for (float& x : v) x = dist(rng);
+  return v;
+}
+
+// sum (a - b)^2 / sum b^2 (b the reference); 0 for two all-zero vectors.
+double Nmse(const std::vector<float>& a, const std::vector<float>& b) {
+  KVR_CHECK(a.size() == b.size());
+  double num = 0, den = 0;
+  for (size_t i = 0; i < a.size(); ++i) {
+    const double d = double(a[i]) - double(b[i]);
+    num += d * d;
+    den += double(b[i]) * b[i];
+  }
+  return den == 0 ? num : num / den;
+}
+
+TEST(CudaRegistryTest, RegistersCudaAndExplainsMissingDevice) {
+  ASSERT_TRUE(RegisterCudaBackend().ok());
+  ASSERT_TRUE(RegisterCudaBackend().ok());  // idempotent
+  const auto names = BackendRegistry::Names();
+  EXPECT_NE(std::find(names.begin(), names.end(), "cuda"), names.end());
+  std::string why;
+  if (CudaDeviceCount(&why) == 0) {
+    auto b = BackendRegistry::Create("cuda");
+    ASSERT_FALSE(b.ok());
+    EXPECT_EQ(b.status().code(), absl::StatusCode::kFailedPrecondition) << b.status();
+    EXPECT_NE(b.status().message().find("no CUDA device"), std::string::npos) << b.status();
+    GTEST_SKIP() << "no CUDA device: " << why;
+  }
+}
+
+class CudaBackendTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    std::string why;
+    if (CudaDeviceCount(&why) == 0) GTEST_SKIP() << "no CUDA device: " << why;
+    auto g = NewCudaBackend({});
+    ASSERT_TRUE(g.ok()) << g.status();
+    gpu_ = *std::move(g);
+    auto c = BackendRegistry::Create("cpu", {});
+    ASSERT_TRUE(c.ok()) << c.status();
+    cpu_ = *std::move(c);
+  }
+
+  // The same host values as an f32 tensor on both backends.
+  struct Pair {
+    Tensor cpu, gpu;
+  };
+  Pair Make(const std::vector<float>& v, int64_t rows, int64_t cols) {
+    Pair p{*cpu_->Allocate(DType::kF32, rows, cols), *gpu_->Allocate(DType::kF32, rows, cols)};
+    KVR_CHECK(cpu_->UploadF32(v, p.cpu).ok());
+    KVR_CHECK(gpu_->UploadF32(v, p.gpu).ok());
+    return p;
+  }
+  Pair Zeros(int64_t rows, int64_t cols) {
+    return {*cpu_->Allocate(DType::kF32, rows, cols), *gpu_->Allocate(DType::kF32, rows, cols)};
+  }
+  // bf16 (or f16) weights imported into both backends.
+  Pair MakeHalf(const std::vector<float>& v, int64_t rows, int64_t cols, DType dtype) {
+    half_store_.emplace_back(v.size());
+    std::vector<uint16_t>& h = half_store_.back();
+    for (size_t i = 0; i < v.size(); ++i) {
+      h[i] = dtype == DType::kBF16 ? FloatToBf16(v[i]) : FloatToFp16(v[i]);
+    }
+    HostTensor ht{dtype, rows, cols, h.data()};
+    return {*cpu_->ImportHost(ht, nullptr), *gpu_->ImportHost(ht, nullptr)};
+  }
+  std::vector<float> GetCpu(const Tensor& t) {
+    std::vector<float> v(t.numel());
+    KVR_CHECK(cpu_->DownloadF32(t, v).ok());
+    return v;
+  }
+  std::vector<float> GetGpu(const Tensor& t) {
+    std::vector<float> v(t.numel());
+    const absl::Status s = gpu_->DownloadF32(t, v);
+    KVR_CHECK_MSG(s.ok(), s.ToString().c_str());
+    return v;
+  }
+  double PairNmse(const Pair& p) { return Nmse(GetGpu(p.gpu), GetCpu(p.cpu)); }
+
+  std::unique_ptr<Backend> gpu_, cpu_;
+  std::vector<std::vector<uint16_t>> half_store_;
+};
+
+TEST_F(CudaBackendTest, EmbeddingF32AndBf16) {
+  const int64_t vocab = 1000, d = 4096;
+  const std::vector<int32_t> tokens = {0, 999, 17, 17, 512};
+  const auto table = Random(vocab * d, 1);
+  Pair t32 = Make(table, vocab, d);
+  Pair t16 = MakeHalf(table, vocab, d, DType::kBF16);
+  for (Pair* t : {&t32, &t16}) {
+    Pair out = Zeros(tokens.size(), d);
+    ASSERT_TRUE(cpu_->Embedding(t->cpu, tokens, out.cpu).ok());
+    ASSERT_TRUE(gpu_->Embedding(t->gpu, tokens, out.gpu).ok());
+    EXPECT_EQ(PairNmse(out), 0.0);
+  }
+  Pair out = Zeros(1, d);
+  const std::vector<int32_t> bad = {int32_t(vocab)};
+  EXPECT_EQ(gpu_->Embedding(t32.gpu, bad, out.gpu).code(), absl::StatusCode::kInvalidArgument);
+}
+
+TEST_F(CudaBackendTest, RmsNormSwiGluAdd) {
+  const int64_t n = 7, d = 4096, h = 14336;
+  Pair x = Make(Random(n * d, 2), n, d);
+  Pair w = Make(Random(d, 3, 0.1f), 1, d);
+  Pair out = Zeros(n, d);
+  ASSERT_TRUE(cpu_->RmsNorm(x.cpu, w.cpu, 1e-5f, out.cpu).ok());
+  ASSERT_TRUE(gpu_->RmsNorm(x.gpu, w.gpu, 1e-5f, out.gpu).ok());
+  EXPECT_LE(PairNmse(out), kF32Nmse);
+  // In place (out aliases x).
+  ASSERT_TRUE(cpu_->RmsNorm(x.cpu, w.cpu, 1e-5f, x.cpu).ok());
+  ASSERT_TRUE(gpu_->RmsNorm(x.gpu, w.gpu, 1e-5f, x.gpu).ok());
+  EXPECT_LE(PairNmse(x), kF32Nmse);
+
+  Pair g = Make(Random(n * h, 4, 3.0f), n, h);
+  Pair u = Make(Random(n * h, 5), n, h);
+  Pair s = Zeros(n, h);
+  ASSERT_TRUE(cpu_->SwiGlu(g.cpu, u.cpu, s.cpu).ok());
+  ASSERT_TRUE(gpu_->SwiGlu(g.gpu, u.gpu, s.gpu).ok());
+  EXPECT_LE(PairNmse(s), kF32Nmse);
+  ASSERT_TRUE(cpu_->Add(s.cpu, u.cpu).ok());
+  ASSERT_TRUE(gpu_->Add(s.gpu, u.gpu).ok());
+  EXPECT_LE(PairNmse(s), kF32Nmse);
+}
+
+TEST_F(CudaBackendTest, MatMulF32AndHalfWeights) {
+  const int64_t in = 4096, out = 1024;
+  const auto wv = Random(out * in, 6, 0.02f);
+  Pair w32 = Make(wv, out, in);
+  Pair wbf = MakeHalf(wv, out, in, DType::kBF16);
+  for (int64_t n : {1, 5, 8, 9, 33}) {
+    Pair x = Make(Random(n * in, 7 + n), n, in);
+    Pair y = Zeros(n, out);
+    ASSERT_TRUE(cpu_->MatMul(x.cpu, w32.cpu, y.cpu).ok());
+    ASSERT_TRUE(gpu_->MatMul(x.gpu, w32.gpu, y.gpu).ok());
+    EXPECT_LE(PairNmse(y), kF32Nmse) << "f32 n=" << n;
+    ASSERT_TRUE(cpu_->MatMul(x.cpu, wbf.cpu, y.cpu).ok());
+    ASSERT_TRUE(gpu_->MatMul(x.gpu, wbf.gpu, y.gpu).ok());
+    // GEMV (n <= 8) multiplies in fp32 like the CPU; cuBLAS rounds x to bf16.
+    EXPECT_LE(PairNmse(y), n <= 8 ? kF32Nmse : kBf16Nmse) << "bf16 n=" << n;
+  }
+}
+
+TEST_F(CudaBackendTest, RopeLlama31ScalingBothStyles) {
+  const LlamaConfig c = Llama31_8BConfig();
+  const std::vector<float> inv = c.RopeInvFreq();
+  ASSERT_EQ(static_cast<int>(inv.size()), c.head_dim / 2);
+  const int64_t n = 6;
+  const std::vector<int32_t> pos = {0, 1, 77, 4095, 8191, 131071};
+  Pair f = Make(inv, 1, c.head_dim / 2);
+  for (RopeStyle style : {RopeStyle::kInterleaved, RopeStyle::kHalfSplit}) {
+    Pair x = Make(Random(n * c.n_heads * c.head_dim, 8), n, c.n_heads * c.head_dim);
+    ASSERT_TRUE(cpu_->Rope(x.cpu, c.n_heads, c.head_dim, pos, f.cpu, style).ok());
+    ASSERT_TRUE(gpu_->Rope(x.gpu, c.n_heads, c.head_dim, pos, f.gpu, style).ok());
+    EXPECT_LE(PairNmse(x), kF32Nmse);
+  }
+}
+
+AttentionShape Llama3Shape() { return {32, 8, 128, 0.0f}; }
+
+TEST_F(CudaBackendTest, CausalPrefillAttention) {
+  const AttentionShape s = Llama3Shape();
+  for (auto [n, first_pos] : {std::pair<int64_t, int64_t>{300, 0}, {65, 1000}, {1, 4095}}) {
+    const int64_t cache = first_pos + n;
+    Pair q = Make(Random(n * s.q_cols(), 9), n, s.q_cols());
+    Pair k = Make(Random(cache * s.kv_cols(), 10), cache, s.kv_cols());
+    Pair v = Make(Random(cache * s.kv_cols(), 11), cache, s.kv_cols());
+    Pair o = Zeros(n, s.q_cols());
+    ASSERT_TRUE(cpu_->Attention(q.cpu, k.cpu, v.cpu, s, first_pos, o.cpu).ok());
+    ASSERT_TRUE(gpu_->Attention(q.gpu, k.gpu, v.gpu, s, first_pos, o.gpu).ok());
+    EXPECT_LE(PairNmse(o), kF32Nmse) << "n=" << n << " first_pos=" << first_pos;
+  }
+}
+
+// Decode-style partial over the static pattern (sinks + window, split-K on
+// the GPU) merged with a "retrieved" partial equals full attention.
+TEST_F(CudaBackendTest, PartialAttentionAndMerge) {
+  const AttentionShape s = Llama3Shape();
+  const int64_t cache = 20000, n = 1, pos = cache - 1;
+  Pair q = Make(Random(n * s.q_cols(), 12), n, s.q_cols());
+  Pair k = Make(Random(cache * s.kv_cols(), 13), cache, s.kv_cols());
+  Pair v = Make(Random(cache * s.kv_cols(), 14), cache, s.kv_cols());
+  struct Part {
+    Pair o, m, l;
+  };
+  auto partial = [&](int64_t b, int64_t e) {
+    Part p{Zeros(n, s.q_cols()), Zeros(n, s.n_heads), Zeros(n, s.n_heads)};
+    KVR_CHECK(cpu_->PartialAttention(q.cpu, k.cpu, v.cpu, s, pos, b, e, p.o.cpu, p.m.cpu, p.l.cpu)
+                  .ok());
+    KVR_CHECK(gpu_->PartialAttention(q.gpu, k.gpu, v.gpu, s, pos, b, e, p.o.gpu, p.m.gpu, p.l.gpu)
+                  .ok());
+    return p;
+  };
+  Part window = partial(cache - 2048, cache);
+  Part mid = partial(4, cache - 2048);
+  Part sinks = partial(0, 4);
+  Part empty = partial(7, 7);
+  for (Part* p : {&window, &mid, &sinks}) {
+    EXPECT_LE(PairNmse(p->o), kF32Nmse);
+    EXPECT_LE(PairNmse(p->m), kF32Nmse);
+    EXPECT_LE(PairNmse(p->l), kF32Nmse);
+  }
+  EXPECT_EQ(GetGpu(empty.l.gpu), std::vector<float>(s.n_heads, 0.0f));
+  for (Part* p : {&mid, &sinks, &empty}) {
+    ASSERT_TRUE(cpu_->MergeAttention(window.o.cpu, window.m.cpu, window.l.cpu, p->o.cpu, p->m.cpu,
+                                     p->l.cpu, s.head_dim)
+                    .ok());
+    ASSERT_TRUE(gpu_->MergeAttention(window.o.gpu, window.m.gpu, window.l.gpu, p->o.gpu, p->m.gpu,
+                                     p->l.gpu, s.head_dim)
+                    .ok());
+  }
+  EXPECT_LE(PairNmse(window.o), kF32Nmse);
+  Pair full = Zeros(n, s.q_cols());
+  ASSERT_TRUE(gpu_->Attention(q.gpu, k.gpu, v.gpu, s, pos, full.gpu).ok());
+  EXPECT_LE(Nmse(GetGpu(window.o.gpu), GetGpu(full.gpu)), kF32Nmse);
+}
+
+TEST_F(CudaBackendTest, SoftmaxArgmax) {
+  const int64_t n = 3, vocab = 128256;
+  auto logits = Random(n * vocab, 15, 4.0f);
+  logits[vocab + 5] = logits[vocab + 9] = 1000.0f;  // tie: the lower index wins
+  Pair x = Make(logits, n, vocab);
+  std::vector<int32_t> a(n), b(n);
+  ASSERT_TRUE(cpu_->Argmax(x.cpu, a).ok());
+  ASSERT_TRUE(gpu_->Argmax(x.gpu, b).ok());
+  EXPECT_EQ(a, b);
+  EXPECT_EQ(b[1], 5);
+  ASSERT_TRUE(cpu_->Softmax(x.cpu, 0.7f).ok());
+  ASSERT_TRUE(gpu_->Softmax(x.gpu, 0.7f).ok());
+  EXPECT_LE(PairNmse(x), kF32Nmse);
+}
+
+TEST_F(CudaBackendTest, TopKMatchesBruteForce) {
+  const AttentionShape s = Llama3Shape();
+  const int64_t n = 9, cache = 3000, kb = 100, ke = 2900;
+  const int top_k = 32;
+  const auto qv = Random(n * s.q_cols(), 16), kv = Random(cache * s.kv_cols(), 17);
+  Pair q = Make(qv, n, s.q_cols());
+  Pair k = Make(kv, cache, s.kv_cols());
+  std::vector<int64_t> ids(n * s.n_heads * top_k);
+  std::vector<float> scores(ids.size());
+  ASSERT_TRUE(CudaTopK(*gpu_, q.gpu, k.gpu, s, kb, ke, top_k, ids, scores).ok());
+  const int group = s.n_heads / s.n_kv_heads;
+  for (int64_t i = 0; i < n; ++i) {
+    for (int h = 0; h < s.n_heads; ++h) {
+      std::vector<std::pair<float, int64_t>> all;
+      for (int64_t j = kb; j < ke; ++j) {
+        float d = 0;
+        for (int t = 0; t < s.head_dim; ++t) {
+          d += qv[i * s.q_cols() + h * s.head_dim + t] *
+               kv[j * s.kv_cols() + (h / group) * s.head_dim + t];
+        }
+        all.push_back({d, j - kb});
+      }
+      std::sort(all.begin(), all.end(), [](auto& a, auto& b) {
+        return a.first > b.first || (a.first == b.first && a.second < b.second);
+      });
+      // Scores may differ by summation order; compare the score sets.
+      const size_t row = (i * s.n_heads + h) * top_k;
+      for (int r = 0; r < top_k; ++r) {
+        EXPECT_NEAR(scores[row + r], all[r].first, 1e-3f * (1 + std::fabs(all[r].first)));
+      }
+      EXPECT_EQ(ids[row], all[0].second) << "i=" << i << " h=" << h;
+    }
+  }
+  EXPECT_EQ(CudaTopK(*cpu_, q.cpu, k.cpu, s, kb, ke, top_k, ids, scores).code(),
+            absl::StatusCode::kInvalidArgument);
+}
+
+TEST_F(CudaBackendTest, OutOfMemoryIsResourceExhausted) {
+  auto t = gpu_->Allocate(DType::kF32, int64_t{1} << 20, int64_t{1} << 20);  // 4 TiB
+  ASSERT_FALSE(t.ok());
+  EXPECT_EQ(t.status().code(), absl::StatusCode::kResourceExhausted) << t.status();
+  EXPECT_NE(t.status().message().find("4398046511104 bytes"), std::string::npos) << t.status();
+  // The backend still works afterwards.
+  Pair x = Make(Random(16, 18), 4, 4);
+  EXPECT_EQ(PairNmse(x), 0.0);
+}
+
+TEST_F(CudaBackendTest, Stories260KGreedyEqualsCpu) {
+  const char* dir = std::getenv("KVR_SHARED_MODELS");
+  const std::string model = dir ? std::string(dir) + "/stories260K.bin" : "";
+  const std::string tok = dir ? std::string(dir) + "/tok512.bin" : "";
+  if (model.empty() || !std::filesystem::exists(model) || !std::filesystem::exists(tok)) {
+    GTEST_SKIP() << "KVR_SHARED_MODELS not set or stories260K.bin / tok512.bin missing";
+  }
+  auto weights = LoadLlama2c(model);
+  ASSERT_TRUE(weights.ok()) << weights.status();
+  auto tokenizer = Llama2cTokenizer::Load(tok, (*weights)->config.vocab_size);
+  ASSERT_TRUE(tokenizer.ok()) << tokenizer.status();
+  auto cpu_model = LlamaModel::Create(cpu_.get(), *weights);
+  auto gpu_model = LlamaModel::Create(gpu_.get(), *weights);
+  ASSERT_TRUE(cpu_model.ok()) << cpu_model.status();
+  ASSERT_TRUE(gpu_model.ok()) << gpu_model.status();
+  const char* kPrompts[] = {"Once upon a time", "The little dog", "Lily and Ben", "One day",
+                            "Tom had a red ball", "The sun was", "Sara wanted to", "In the park",
+                            "A big bird", "Mom said", "The cat", "There was a girl",
+                            "He ran to the", "They played", "The boy was sad", "Spot",
+                            "At night", "The tree", "She found a", "Timmy"};
+  for (const char* prompt : kPrompts) {
+    auto a = GenerateGreedy(**cpu_model, **tokenizer, prompt, 128);
+    auto b = GenerateGreedy(**gpu_model, **tokenizer, prompt, 128);
+    ASSERT_TRUE(a.ok()) << a.status();
+    ASSERT_TRUE(b.ok()) << b.status();
+    EXPECT_EQ(*a, *b) << "prompt: " << prompt;
+  }
+}
+
+}  // namespace
+}  // namespace kvr::worker
