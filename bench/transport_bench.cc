@@ -25,6 +25,10 @@
 // one index build per kv head). gRPC clients are separate GrpcRetrievalClient
 // objects (gRPC may share one HTTP/2 connection among channels to the same
 // target).
+// UCX (--ucx, on by default): the node also listens with --ucx_listen and
+// UcxRetrievalClient objects (one UCP worker each) carry Attend; transports
+// from UCX_TLS (default here tcp on lo). Skipped, with the reason, when UCX
+// cannot run.
 #include <fcntl.h>
 #include <poll.h>
 #include <signal.h>
@@ -36,6 +40,7 @@
 #include <atomic>
 #include <chrono>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <fstream>
 #include <functional>
@@ -59,6 +64,7 @@
 #include "grpcpp/client_context.h"
 #include "retrieval_node/client/in_process_node.h"
 #include "retrieval_node/server/grpc_retrieval_client.h"
+#include "retrieval_node/server/ucx_retrieval_client.h"
 #include "tools/attention_data.h"
 
 #ifndef KVR_NODE_BINARY
@@ -83,6 +89,12 @@ ABSL_FLAG(int, node_threads, 0,
           "Attend threads of both nodes (kvr_node --threads and the in-process pool); 0: all "
           "cores");
 ABSL_FLAG(bool, node_metrics, true, "kvr_node serves /metrics, as deployed (false: disabled)");
+ABSL_FLAG(bool, ucx, true,
+          "also measure Attend over UCX (kvr_node --ucx_listen; UCX_TLS from the environment, "
+          "default tcp on lo)");
+ABSL_FLAG(int64_t, ucx_busy_poll_us, 0,
+          "UCX progress threads (node and clients) poll this long after activity before "
+          "sleeping");
 ABSL_FLAG(std::string, json, "", "also write the results to this JSON file");
 
 namespace kvr::retrieval {
@@ -360,6 +372,15 @@ int Main(int argc, char** argv) {
 
   std::vector<std::string> node_args = {absl::StrCat("--threads=", node_threads)};
   if (!absl::GetFlag(FLAGS_node_metrics)) node_args.push_back("--metrics_listen=");
+  const bool want_ucx = absl::GetFlag(FLAGS_ucx);
+  const int64_t busy_poll_us = absl::GetFlag(FLAGS_ucx_busy_poll_us);
+  if (want_ucx) {
+    setenv("UCX_TLS", "tcp", /*overwrite=*/0);  // the node inherits these
+    setenv("UCX_NET_DEVICES", "lo", 0);
+    setenv("UCX_WARN_UNUSED_ENV_VARS", "n", 0);
+    node_args.push_back("--ucx_listen=127.0.0.1:0");
+    node_args.push_back(absl::StrCat("--ucx_busy_poll_us=", busy_poll_us));
+  }
   NodeProcess node(binary, node_args);
   std::vector<std::unique_ptr<GrpcRetrievalClient>> grpc;
   for (int c = 0; c < max_clients; ++c) {
@@ -368,6 +389,24 @@ int Main(int argc, char** argv) {
     CheckOk(client.status(), "GrpcRetrievalClient");
     CheckOk((*client)->WaitForReady(absl::Seconds(10)), "connect");
     grpc.push_back(*std::move(client));
+  }
+  std::vector<std::unique_ptr<UcxRetrievalClient>> ucx;
+  for (int c = 0; want_ucx && c < max_clients; ++c) {
+    absl::StatusOr<std::unique_ptr<GrpcRetrievalClient>> inner =
+        GrpcRetrievalClient::Create(node.address());
+    CheckOk(inner.status(), "GrpcRetrievalClient");
+    UcxClientOptions ucx_options;
+    ucx_options.busy_poll_us = busy_poll_us;
+    absl::StatusOr<std::unique_ptr<UcxRetrievalClient>> client =
+        UcxRetrievalClient::Create(*std::move(inner), ucx_options);
+    CheckOk(client.status(), "UcxRetrievalClient");
+    if (!(*client)->using_ucx()) {
+      std::fprintf(stderr, "transport_bench: UCX skipped: %s\n",
+                   (*client)->fallback_reason().ToString().c_str());
+      ucx.clear();
+      break;
+    }
+    ucx.push_back(*std::move(client));
   }
   InProcessNodeOptions in_options;
   in_options.threads = node_threads;
@@ -386,10 +425,14 @@ int Main(int argc, char** argv) {
     std::string name;
     std::function<RetrievalClient&(int)> client;
   };
-  const std::vector<Transport> transports = {
+  std::vector<Transport> transports = {
       {"in-process", [&](int) -> RetrievalClient& { return **in_process; }},
       {"grpc", [&](int c) -> RetrievalClient& { return *grpc[static_cast<size_t>(c)]; }},
   };
+  if (!ucx.empty()) {
+    transports.push_back(
+        {"ucx", [&](int c) -> RetrievalClient& { return *ucx[static_cast<size_t>(c)]; }});
+  }
   struct Mode {
     std::string name;
     int iters;
@@ -452,6 +495,14 @@ int Main(int argc, char** argv) {
   std::printf("gRPC - in-process p50: %.1f us excluding search, %.1f us including search\n",
               overhead - p50("excluding search", "in-process"),
               p50("including search", "grpc") - p50("including search", "in-process"));
+  if (!ucx.empty()) {
+    const double ucx_overhead = p50("excluding search", "ucx");
+    std::printf("UCX transport overhead (p50, excluding search): %.1f us (target <= 25 us): %s\n",
+                ucx_overhead, ucx_overhead <= 25.0 ? "met" : "NOT met");
+    std::printf("UCX - in-process p50: %.1f us excluding search, %.1f us including search\n",
+                ucx_overhead - p50("excluding search", "in-process"),
+                p50("including search", "ucx") - p50("including search", "in-process"));
+  }
   std::printf("gRPC Attend (excluding search) - health Check p50: %.1f us (kvr's share of the "
               "overhead: payload copies, validation, pool hops)\n",
               overhead - p50("health Check", "grpc"));

@@ -29,6 +29,7 @@
 #include "retrieval_node/client/in_process_node.h"
 #include "retrieval_node/server/metrics.h"
 #include "retrieval_node/server/node_service.h"
+#include "retrieval_node/server/ucx_endpoint.h"
 #include "retrieval_node/store/shard_store.h"
 
 ABSL_FLAG(std::string, listen, "127.0.0.1:0",
@@ -51,6 +52,13 @@ ABSL_FLAG(std::string, data_dir, "",
 ABSL_FLAG(std::string, metrics_listen, "127.0.0.1:0",
           "host:port serving Prometheus metrics at GET /metrics; port 0 picks a free port "
           "(printed on stdout as \"kvr_node metrics on HOST:PORT\"); empty disables metrics");
+ABSL_FLAG(std::string, ucx_listen, "",
+          "IPV4:PORT of the UCX data plane for Attend (UCP active messages; transports from "
+          "UCX_TLS); port 0 picks a free port (printed as \"kvr_node ucx on HOST:PORT\" and "
+          "advertised by the GetEndpoints RPC); empty = UCX off");
+ABSL_FLAG(int64_t, ucx_busy_poll_us, 0,
+          "after UCX activity, poll this many microseconds before sleeping (lower latency, "
+          "one busy core); 0 = sleep at once");
 ABSL_FLAG(double, drain_seconds, 10.0,
           "on SIGTERM / SIGINT, how long in-flight calls may take before they are cancelled");
 
@@ -154,6 +162,27 @@ int Main(int argc, char** argv) {
   }
   auto service = std::make_unique<NodeService>(core->get(), service_options);
 
+  // UCX data plane: Attend over UCP, served by the same handler and pools as
+  // the gRPC Attend; stopped before the service and the core go away.
+  std::unique_ptr<UcxEndpoint> ucx;
+  if (const std::string ucx_listen = absl::GetFlag(FLAGS_ucx_listen); !ucx_listen.empty()) {
+    UcxEndpointOptions ucx_options;
+    ucx_options.listen = ucx_listen;
+    ucx_options.max_message_bytes = static_cast<size_t>(max_message_bytes);
+    ucx_options.busy_poll_us = absl::GetFlag(FLAGS_ucx_busy_poll_us);
+    NodeService* const svc = service.get();
+    absl::StatusOr<std::unique_ptr<UcxEndpoint>> started = UcxEndpoint::Start(
+        ucx_options, [svc](const v1::AttendRequest& request, v1::AttendResponse* response,
+                           std::function<void(absl::Status)> done) {
+          svc->HandleAttend(request, response, std::move(done));
+        });
+    if (!started.ok()) return Fail(started.status().ToString());
+    ucx = std::move(started).value();
+    service->SetUcxAddress(ucx->address());
+    std::printf("kvr_node ucx on %s\n", ucx->address().c_str());
+    std::fflush(stdout);
+  }
+
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
   const std::string listen = absl::GetFlag(FLAGS_listen);
@@ -185,6 +214,7 @@ int Main(int argc, char** argv) {
   server->Shutdown(std::chrono::system_clock::now() + drain);
   server->Wait();
   server.reset();
+  ucx.reset();      // no new UCX Attend; late completions are dropped safely
   service.reset();  // control pool: drained and joined
   metrics.reset();  // exposer stopped: no scrape reads the core any more
   core->reset();    // Attend pool: joined

@@ -373,14 +373,28 @@ grpc::ServerUnaryReactor* NodeService::Append(grpc::CallbackServerContext* conte
 grpc::ServerUnaryReactor* NodeService::Attend(grpc::CallbackServerContext* context,
                                               const v1::AttendRequest* request,
                                               v1::AttendResponse* response) {
+  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  HandleAttend(*request, response,
+               [reactor](absl::Status status) { reactor->Finish(ToGrpcStatus(status)); });
+  return reactor;
+}
+
+void NodeService::HandleAttend(const v1::AttendRequest& request, v1::AttendResponse* response,
+                               std::function<void(absl::Status)> done) {
   const Clock::time_point start = Clock::now();
   NodeMetrics* const metrics = options_.metrics;
   constexpr NodeMethod kMethod = NodeMethod::kAttend;
-  if (absl::Status s = CheckAttendRequest(*request); !s.ok()) {
-    return FinishNow(context, s, metrics, kMethod, start);
+  auto finish = [metrics, start](const std::function<void(absl::Status)>& done,
+                                 absl::Status status) {
+    Record(metrics, kMethod, start, status);
+    done(std::move(status));
+  };
+  if (absl::Status s = CheckAttendRequest(request); !s.ok()) {
+    finish(done, std::move(s));
+    return;
   }
-  const auto n = static_cast<size_t>(request->queries().rows());
-  const auto d = static_cast<size_t>(request->queries().cols());
+  const auto n = static_cast<size_t>(request.queries().rows());
+  const auto d = static_cast<size_t>(request.queries().cols());
 
   // Per-call buffers; the partials are copied into the reply at completion
   // (n x d floats: a few µs at Llama-3 shapes, and no alignment assumptions
@@ -391,26 +405,27 @@ grpc::ServerUnaryReactor* NodeService::Attend(grpc::CallbackServerContext* conte
     AttendStats stats;
   };
   auto call = std::make_shared<Call>();
-  const std::string& qbytes = request->queries().data();
+  const std::string& qbytes = request.queries().data();
   call->queries = Matrix(n, d);
   std::memcpy(call->queries.data.data(), qbytes.data(), qbytes.size());
   if (absl::Status s = CheckFinite(call->queries.data, "queries"); !s.ok()) {
-    return FinishNow(context, s, metrics, kMethod, start);
+    finish(done, std::move(s));
+    return;
   }
   call->out = Partials(n, d);
 
   AttendRequest a;
-  a.sequence_id = request->sequence_id();
-  a.layer = request->layer();
+  a.sequence_id = request.sequence_id();
+  a.layer = request.layer();
   a.queries = call->queries.view();
-  a.k = request->k();
-  a.beam = request->beam();
-  a.nprobe = request->nprobe();
-  a.scale = request->scale();
+  a.k = request.k();
+  a.beam = request.beam();
+  a.nprobe = request.nprobe();
+  a.scale = request.scale();
 
-  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
   core_->AttendAsync(a, call->out.view(), &call->stats,
-                     [reactor, response, call, n, d, metrics, start](absl::Status status) {
+                     [response, call, n, d, metrics, finish,
+                      done = std::move(done)](absl::Status status) {
                        if (status.ok()) {
                          v1::Partials* p = response->mutable_partials();
                          p->set_n(static_cast<int32_t>(n));
@@ -428,9 +443,8 @@ grpc::ServerUnaryReactor* NodeService::Attend(grpc::CallbackServerContext* conte
                                                      call->stats.distance_computations);
                          }
                        }
-                       FinishAndRecord(reactor, status, metrics, kMethod, start);
+                       finish(done, std::move(status));
                      });
-  return reactor;
 }
 
 // --- Admin -------------------------------------------------------------------------
@@ -483,6 +497,23 @@ grpc::ServerUnaryReactor* NodeService::Stats(grpc::CallbackServerContext* contex
     FinishAndRecord(reactor, st.status(), options_.metrics, NodeMethod::kStats, start);
   });
   return reactor;
+}
+
+grpc::ServerUnaryReactor* NodeService::GetEndpoints(grpc::CallbackServerContext* context,
+                                                    const v1::GetEndpointsRequest* /*request*/,
+                                                    v1::GetEndpointsResponse* response) {
+  {
+    std::lock_guard<std::mutex> lock(endpoints_mu_);
+    response->set_ucx_address(ucx_address_);
+  }
+  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  reactor->Finish(grpc::Status::OK);
+  return reactor;
+}
+
+void NodeService::SetUcxAddress(const std::string& address) {
+  std::lock_guard<std::mutex> lock(endpoints_mu_);
+  ucx_address_ = address;
 }
 
 }  // namespace kvr::retrieval

@@ -21,7 +21,10 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <memory>
+#include <mutex>
+#include <string>
 
 #include "common/thread_pool.h"
 #include "kvr/v1/retrieval.grpc.pb.h"
@@ -67,6 +70,21 @@ class NodeService final : public v1::RetrievalNode::CallbackService {
   grpc::ServerUnaryReactor* Stats(grpc::CallbackServerContext* context,
                                   const v1::StatsRequest* request,
                                   v1::StatsResponse* response) override;
+  // Answers with the address set by SetUcxAddress (empty: UCX off).
+  grpc::ServerUnaryReactor* GetEndpoints(grpc::CallbackServerContext* context,
+                                         const v1::GetEndpointsRequest* request,
+                                         v1::GetEndpointsResponse* response) override;
+
+  // Attend with no gRPC types around it, shared by the gRPC handler and the
+  // UCX data plane (ucx_endpoint.h): validates `request`, runs the search on
+  // the core's pool, fills `response` and calls `done` once (on any thread;
+  // also counted in the Attend metrics). `request` is read only before this
+  // returns; `response` must stay valid until `done` runs.
+  void HandleAttend(const v1::AttendRequest& request, v1::AttendResponse* response,
+                    std::function<void(absl::Status)> done);
+
+  // The UCX listener address GetEndpoints advertises ("IPV4:PORT").
+  void SetUcxAddress(const std::string& address);
 
   // Limits the handlers enforce on Attend.
   static constexpr int32_t kMaxBeam = 1 << 16;
@@ -78,6 +96,8 @@ class NodeService final : public v1::RetrievalNode::CallbackService {
   InProcessRetrievalNode* const core_;
   const NodeServiceOptions options_;
   std::unique_ptr<ThreadPool> control_;
+  std::mutex endpoints_mu_;
+  std::string ucx_address_;
 };
 
 }  // namespace kvr::retrieval

@@ -1,0 +1,373 @@
+#include "retrieval_node/server/ucx_endpoint.h"
+
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <poll.h>
+#include <sys/socket.h>
+
+#include <atomic>
+#include <chrono>
+#include <cstring>
+#include <mutex>
+#include <thread>
+#include <unordered_set>
+#include <utility>
+#include <vector>
+
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "ucp/api/ucp.h"
+
+namespace kvr::retrieval {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+// One reply on its way out: header and data stay alive until the send completes.
+struct Outgoing {
+  ucp_ep_h ep = nullptr;
+  UcxReplyHeader header;
+  std::string data;
+};
+
+// Replies queued by handler completions (any thread) for the progress thread.
+struct ReplyQueue {
+  std::mutex mu;
+  bool closed = false;  // set when the endpoint stops; later pushes are dropped
+  ucp_worker_h worker = nullptr;
+  std::vector<std::unique_ptr<Outgoing>> items;
+
+  void Push(std::unique_ptr<Outgoing> out) {
+    std::lock_guard<std::mutex> lock(mu);
+    if (closed) return;
+    items.push_back(std::move(out));
+    ucp_worker_signal(worker);  // thread-safe per the UCP docs
+  }
+};
+
+void SendDone(void* request, ucs_status_t /*status*/, void* user_data) {
+  delete static_cast<Outgoing*>(user_data);
+  ucp_request_free(request);
+}
+
+}  // namespace
+
+absl::Status ParseUcxAddress(const std::string& address, std::string* host, uint16_t* port,
+                             const char* field) {
+  const size_t colon = address.rfind(':');
+  uint32_t p = 0;
+  in_addr a{};
+  if (colon == std::string::npos || !absl::SimpleAtoi(address.substr(colon + 1), &p) ||
+      p > 65535 || inet_pton(AF_INET, address.substr(0, colon).c_str(), &a) != 1) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(field, " \"", address, "\" is not IPV4:PORT (e.g. 127.0.0.1:0)"));
+  }
+  *host = address.substr(0, colon);
+  *port = static_cast<uint16_t>(p);
+  return absl::OkStatus();
+}
+
+struct UcxEndpoint::Impl {
+  UcxEndpointOptions options;
+  UcxAttendHandler handler;
+  ucp_context_h context = nullptr;
+  ucp_worker_h worker = nullptr;
+  ucp_listener_h listener = nullptr;
+  std::string address;
+  int port = 0;
+  std::shared_ptr<ReplyQueue> replies = std::make_shared<ReplyQueue>();
+  std::unordered_set<ucp_ep_h> eps;  // progress thread only
+  std::vector<void*> closing;        // ep close requests in flight
+  std::atomic<bool> stop{false};
+  std::thread thread;
+
+  ~Impl() {
+    if (thread.joinable()) {
+      stop.store(true);
+      ucp_worker_signal(worker);
+      thread.join();
+    }
+    {
+      std::lock_guard<std::mutex> lock(replies->mu);
+      replies->closed = true;
+      replies->items.clear();
+    }
+    if (listener != nullptr) ucp_listener_destroy(listener);
+    if (worker != nullptr) {
+      for (ucp_ep_h ep : eps) CloseEp(ep);
+      eps.clear();
+      const auto deadline = Clock::now() + std::chrono::seconds(1);
+      while (!closing.empty() && Clock::now() < deadline) {
+        ucp_worker_progress(worker);
+        ReapClosing();
+      }
+      ucp_worker_destroy(worker);
+    }
+    if (context != nullptr) ucp_cleanup(context);
+  }
+
+  void CloseEp(ucp_ep_h ep) {
+    ucp_request_param_t param{};
+    param.op_attr_mask = UCP_OP_ATTR_FIELD_FLAGS;
+    param.flags = UCP_EP_CLOSE_FLAG_FORCE;
+    void* req = ucp_ep_close_nbx(ep, &param);
+    if (UCS_PTR_IS_PTR(req)) closing.push_back(req);
+  }
+
+  void ReapClosing() {
+    for (size_t i = 0; i < closing.size();) {
+      if (ucp_request_check_status(closing[i]) != UCS_INPROGRESS) {
+        ucp_request_free(closing[i]);
+        closing[i] = closing.back();
+        closing.pop_back();
+      } else {
+        ++i;
+      }
+    }
+  }
+
+  static void OnEpError(void* arg, ucp_ep_h ep, ucs_status_t /*status*/) {
+    auto* self = static_cast<Impl*>(arg);
+    if (self->eps.erase(ep) > 0) self->CloseEp(ep);
+  }
+
+  static void OnConnRequest(ucp_conn_request_h conn_request, void* arg) {
+    auto* self = static_cast<Impl*>(arg);
+    ucp_ep_params_t params{};
+    params.field_mask = UCP_EP_PARAM_FIELD_CONN_REQUEST | UCP_EP_PARAM_FIELD_ERR_HANDLER |
+                        UCP_EP_PARAM_FIELD_ERR_HANDLING_MODE;
+    params.conn_request = conn_request;
+    params.err_mode = UCP_ERR_HANDLING_MODE_PEER;
+    params.err_handler.cb = &Impl::OnEpError;
+    params.err_handler.arg = self;
+    ucp_ep_h ep = nullptr;
+    if (ucp_ep_create(self->worker, &params, &ep) == UCS_OK) self->eps.insert(ep);
+  }
+
+  // Queues a reply with no data: an error, or OK for a ping (any thread).
+  void ReplyError(ucp_ep_h ep, uint64_t call_id, const absl::Status& status) {
+    auto out = std::make_unique<Outgoing>();
+    out->ep = ep;
+    out->header.call_id = call_id;
+    out->header.code = static_cast<int32_t>(status.code());
+    out->data = std::string(status.message());
+    replies->Push(std::move(out));
+  }
+
+  // A whole request is here: parse it and hand it to the handler.
+  void Dispatch(ucp_ep_h ep, uint64_t call_id, std::string bytes) {
+    struct Call {
+      v1::AttendRequest request;
+      v1::AttendResponse response;
+    };
+    auto call = std::make_shared<Call>();
+    if (!call->request.ParseFromString(bytes)) {
+      ReplyError(ep, call_id,
+                 absl::InvalidArgumentError("UCX Attend request is not a kvr.v1.AttendRequest"));
+      return;
+    }
+    std::shared_ptr<ReplyQueue> queue = replies;
+    handler(call->request, &call->response, [queue, call, ep, call_id](absl::Status status) {
+      auto out = std::make_unique<Outgoing>();
+      out->ep = ep;
+      out->header.call_id = call_id;
+      out->header.code = static_cast<int32_t>(status.code());
+      if (status.ok()) {
+        call->response.SerializeToString(&out->data);
+      } else {
+        out->data = std::string(status.message());
+      }
+      queue->Push(std::move(out));
+    });
+  }
+
+  struct RndvRecv {
+    Impl* self;
+    ucp_ep_h ep;
+    uint64_t call_id;
+    std::string bytes;
+  };
+
+  static void RndvDone(void* request, ucs_status_t status, size_t /*length*/, void* user_data) {
+    std::unique_ptr<RndvRecv> r(static_cast<RndvRecv*>(user_data));
+    if (status == UCS_OK) {
+      r->self->Dispatch(r->ep, r->call_id, std::move(r->bytes));
+    } else {
+      r->self->ReplyError(r->ep, r->call_id,
+                          absl::UnavailableError(absl::StrCat("UCX receive of the request failed: ",
+                                                              ucs_status_string(status))));
+    }
+    ucp_request_free(request);
+  }
+
+  static ucs_status_t OnRequest(void* arg, const void* header, size_t header_length, void* data,
+                                size_t length, const ucp_am_recv_param_t* param) {
+    auto* self = static_cast<Impl*>(arg);
+    if ((param->recv_attr & UCP_AM_RECV_ATTR_FIELD_REPLY_EP) == 0 || param->reply_ep == nullptr ||
+        header_length != sizeof(UcxRequestHeader)) {
+      return UCS_OK;  // nowhere to answer / not our protocol: drop
+    }
+    UcxRequestHeader h;
+    std::memcpy(&h, header, sizeof(h));
+    ucp_ep_h ep = param->reply_ep;
+    if (h.version != kUcxWireVersion) {
+      self->ReplyError(ep, h.call_id,
+                       absl::FailedPreconditionError(absl::StrCat(
+                           "UCX wire version ", h.version, " != node's ", kUcxWireVersion)));
+      return UCS_OK;
+    }
+    if ((h.flags & kUcxFlagPing) != 0) {
+      self->ReplyError(ep, h.call_id, absl::OkStatus());
+      return UCS_OK;
+    }
+    if (length > self->options.max_message_bytes) {
+      self->ReplyError(ep, h.call_id,
+                       absl::ResourceExhaustedError(absl::StrCat(
+                           "UCX Attend request of ", length, " bytes exceeds max_message_bytes ",
+                           self->options.max_message_bytes)));
+      return UCS_OK;
+    }
+    if ((param->recv_attr & UCP_AM_RECV_ATTR_FLAG_RNDV) == 0) {
+      self->Dispatch(ep, h.call_id, std::string(static_cast<const char*>(data), length));
+      return UCS_OK;
+    }
+    auto r = std::make_unique<RndvRecv>();
+    r->self = self;
+    r->ep = ep;
+    r->call_id = h.call_id;
+    r->bytes.resize(length);
+    ucp_request_param_t rp{};
+    rp.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA;
+    rp.cb.recv_am = &Impl::RndvDone;
+    RndvRecv* raw = r.get();
+    rp.user_data = raw;
+    void* req = ucp_am_recv_data_nbx(self->worker, data, raw->bytes.data(), length, &rp);
+    if (req == nullptr) {
+      self->Dispatch(ep, h.call_id, std::move(raw->bytes));
+    } else if (UCS_PTR_IS_ERR(req)) {
+      self->ReplyError(ep, h.call_id,
+                       absl::UnavailableError(absl::StrCat("UCX receive of the request failed: ",
+                                                           ucs_status_string(UCS_PTR_STATUS(req)))));
+    } else {
+      r.release();  // RndvDone owns it
+    }
+    return UCS_INPROGRESS;
+  }
+
+  void SendReplies() {
+    std::vector<std::unique_ptr<Outgoing>> items;
+    {
+      std::lock_guard<std::mutex> lock(replies->mu);
+      items.swap(replies->items);
+    }
+    for (std::unique_ptr<Outgoing>& out : items) {
+      if (!eps.contains(out->ep)) continue;  // the client went away
+      ucp_request_param_t param{};
+      param.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA;
+      param.cb.send = &SendDone;
+      Outgoing* raw = out.get();
+      param.user_data = raw;
+      void* req = ucp_am_send_nbx(raw->ep, kUcxAttendReplyAm, &raw->header, sizeof(raw->header),
+                                  raw->data.data(), raw->data.size(), &param);
+      if (UCS_PTR_IS_PTR(req)) out.release();  // SendDone deletes it
+    }
+  }
+
+  void Run() {
+    const auto busy = std::chrono::microseconds(options.busy_poll_us);
+    int efd = -1;
+    ucp_worker_get_efd(worker, &efd);
+    Clock::time_point last_activity = Clock::now();
+    while (!stop.load(std::memory_order_relaxed)) {
+      bool active = false;
+      while (ucp_worker_progress(worker) != 0) active = true;
+      SendReplies();
+      ReapClosing();
+      if (active) last_activity = Clock::now();
+      if (busy.count() > 0 && Clock::now() - last_activity < busy) continue;
+      if (ucp_worker_arm(worker) == UCS_ERR_BUSY) continue;
+      {
+        std::lock_guard<std::mutex> lock(replies->mu);
+        if (!replies->items.empty()) continue;
+      }
+      pollfd pfd{efd, POLLIN, 0};
+      poll(&pfd, 1, 100);
+    }
+  }
+};
+
+UcxEndpoint::UcxEndpoint(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+UcxEndpoint::~UcxEndpoint() = default;
+
+const std::string& UcxEndpoint::address() const { return impl_->address; }
+int UcxEndpoint::port() const { return impl_->port; }
+
+absl::StatusOr<std::unique_ptr<UcxEndpoint>> UcxEndpoint::Start(const UcxEndpointOptions& options,
+                                                                 UcxAttendHandler handler) {
+  std::string host;
+  uint16_t port = 0;
+  KVR_RETURN_IF_ERROR(ParseUcxAddress(options.listen, &host, &port, "UCX listen address"));
+  auto impl = std::make_unique<Impl>();
+  impl->options = options;
+  impl->handler = std::move(handler);
+  auto fail = [](const char* what, ucs_status_t st) {
+    return absl::UnavailableError(absl::StrCat("UCX ", what, ": ", ucs_status_string(st)));
+  };
+
+  ucp_config_t* config = nullptr;
+  if (ucs_status_t st = ucp_config_read(nullptr, nullptr, &config); st != UCS_OK) {
+    return fail("ucp_config_read", st);
+  }
+  ucp_params_t params{};
+  params.field_mask = UCP_PARAM_FIELD_FEATURES;
+  params.features = UCP_FEATURE_AM | UCP_FEATURE_WAKEUP;
+  ucs_status_t st = ucp_init(&params, config, &impl->context);
+  ucp_config_release(config);
+  if (st != UCS_OK) return fail("ucp_init", st);
+
+  ucp_worker_params_t wp{};
+  wp.field_mask = UCP_WORKER_PARAM_FIELD_THREAD_MODE;
+  wp.thread_mode = UCS_THREAD_MODE_SINGLE;
+  if (st = ucp_worker_create(impl->context, &wp, &impl->worker); st != UCS_OK) {
+    return fail("ucp_worker_create", st);
+  }
+  impl->replies->worker = impl->worker;
+
+  ucp_am_handler_param_t hp{};
+  hp.field_mask = UCP_AM_HANDLER_PARAM_FIELD_ID | UCP_AM_HANDLER_PARAM_FIELD_FLAGS |
+                  UCP_AM_HANDLER_PARAM_FIELD_CB | UCP_AM_HANDLER_PARAM_FIELD_ARG;
+  hp.id = kUcxAttendRequestAm;
+  hp.flags = UCP_AM_FLAG_WHOLE_MSG;
+  hp.cb = &Impl::OnRequest;
+  hp.arg = impl.get();
+  if (st = ucp_worker_set_am_recv_handler(impl->worker, &hp); st != UCS_OK) {
+    return fail("ucp_worker_set_am_recv_handler", st);
+  }
+
+  sockaddr_in sa{};
+  sa.sin_family = AF_INET;
+  sa.sin_port = htons(port);
+  inet_pton(AF_INET, host.c_str(), &sa.sin_addr);
+  ucp_listener_params_t lp{};
+  lp.field_mask = UCP_LISTENER_PARAM_FIELD_SOCK_ADDR | UCP_LISTENER_PARAM_FIELD_CONN_HANDLER;
+  lp.sockaddr.addr = reinterpret_cast<const sockaddr*>(&sa);
+  lp.sockaddr.addrlen = sizeof(sa);
+  lp.conn_handler.cb = &Impl::OnConnRequest;
+  lp.conn_handler.arg = impl.get();
+  if (st = ucp_listener_create(impl->worker, &lp, &impl->listener); st != UCS_OK) {
+    return fail(absl::StrCat("listen on ", options.listen).c_str(), st);
+  }
+  ucp_listener_attr_t la{};
+  la.field_mask = UCP_LISTENER_ATTR_FIELD_SOCKADDR;
+  if (st = ucp_listener_query(impl->listener, &la); st != UCS_OK) {
+    return fail("ucp_listener_query", st);
+  }
+  impl->port = ntohs(reinterpret_cast<const sockaddr_in*>(&la.sockaddr)->sin_port);
+  impl->address = absl::StrCat(host, ":", impl->port);
+
+  Impl* raw = impl.get();
+  impl->thread = std::thread([raw] { raw->Run(); });
+  return std::unique_ptr<UcxEndpoint>(new UcxEndpoint(std::move(impl)));
+}
+
+}  // namespace kvr::retrieval

@@ -1,0 +1,101 @@
+// UcxEndpoint: the node side of the UCX data plane for Attend.
+//
+// A UCP context + worker (whatever transports UCX_TLS allows: tcp, shm,
+// rdma) with a listener on a host:port (port 0 picks a free one). Clients
+// (UcxRetrievalClient) connect with a socket address and send Attend calls
+// as UCP active messages carrying the same bytes as the gRPC call:
+//
+//   request  AM id kUcxAttendRequestAm  header UcxRequestHeader   data: serialized kvr.v1.AttendRequest
+//   reply    AM id kUcxAttendReplyAm    header UcxReplyHeader     data: serialized kvr.v1.AttendResponse
+//                                                                  (code == 0) or the error message
+//
+// Requests are sent with UCP_AM_SEND_FLAG_REPLY; the reply goes back on the
+// endpoint the request came from. `call_id` is the client's and is echoed.
+// Large messages use UCP rendezvous transparently (the receiver pulls the
+// bytes with ucp_am_recv_data_nbx).
+//
+// Threads: one progress thread owns the worker (UCS_THREAD_MODE_SINGLE) and
+// blocks on the worker's event fd when idle. A parsed request is handed to
+// the handler (NodeService::HandleAttend: the same validation and the same
+// core thread pool as the gRPC Attend); the handler's completion may run on
+// any thread and queues the reply for the progress thread. No UCX call runs
+// outside the progress thread.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+
+#include "common/status.h"
+#include "kvr/v1/retrieval.pb.h"
+
+namespace kvr::retrieval {
+
+// Wire constants shared with UcxRetrievalClient.
+inline constexpr uint16_t kUcxAttendRequestAm = 1;
+inline constexpr uint16_t kUcxAttendReplyAm = 2;
+inline constexpr uint32_t kUcxWireVersion = 1;
+// UcxRequestHeader::flags bit: a connection check; the node replies OK with
+// no data and calls no handler.
+inline constexpr uint32_t kUcxFlagPing = 1;
+
+struct UcxRequestHeader {
+  uint32_t version = kUcxWireVersion;
+  uint32_t flags = 0;
+  uint64_t call_id = 0;
+};
+struct UcxReplyHeader {
+  uint32_t version = kUcxWireVersion;
+  int32_t code = 0;  // absl::StatusCode; 0 (OK): data is an AttendResponse, else the message
+  uint64_t call_id = 0;
+};
+static_assert(sizeof(UcxRequestHeader) == 16 && sizeof(UcxReplyHeader) == 16);
+
+// Serves one Attend: fills `response` and then calls `done` exactly once (on
+// any thread). `request` and `response` stay valid until `done` runs.
+using UcxAttendHandler = std::function<void(const v1::AttendRequest& request,
+                                            v1::AttendResponse* response,
+                                            std::function<void(absl::Status)> done)>;
+
+struct UcxEndpointOptions {
+  // "host:port" to listen on; port 0 picks a free port.
+  std::string listen = "127.0.0.1:0";
+  // Largest request accepted; larger → RESOURCE_EXHAUSTED reply.
+  size_t max_message_bytes = size_t{64} << 20;
+  // After activity, keep polling the worker this long before blocking on its
+  // event fd (lower latency, one core busy meanwhile). 0: block at once.
+  int64_t busy_poll_us = 0;
+};
+
+class UcxEndpoint {
+ public:
+  // Creates the UCP context, worker and listener and starts the progress
+  // thread. Unavailable with the UCX error when UCX cannot start (no usable
+  // transport, address in use, ...); InvalidArgument for a bad `listen`.
+  static absl::StatusOr<std::unique_ptr<UcxEndpoint>> Start(const UcxEndpointOptions& options,
+                                                            UcxAttendHandler handler);
+  // Stops the progress thread, closes every connection and the listener.
+  // Replies whose handler completes later are dropped (safely: completions
+  // hold a shared reply queue, not this object).
+  ~UcxEndpoint();
+
+  UcxEndpoint(const UcxEndpoint&) = delete;
+  UcxEndpoint& operator=(const UcxEndpoint&) = delete;
+
+  // The bound address, "host:port" (port resolved when 0 was asked).
+  const std::string& address() const;
+  int port() const;
+
+ private:
+  struct Impl;
+  explicit UcxEndpoint(std::unique_ptr<Impl> impl);
+  std::unique_ptr<Impl> impl_;
+};
+
+// Splits "host:port" (IPv4 literal host) into a sockaddr; InvalidArgument
+// naming `field` otherwise. Shared by the client.
+absl::Status ParseUcxAddress(const std::string& address, std::string* host, uint16_t* port,
+                             const char* field);
+
+}  // namespace kvr::retrieval

@@ -1,0 +1,511 @@
+#include "retrieval_node/server/ucx_retrieval_client.h"
+
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <poll.h>
+#include <sys/socket.h>
+
+#include <atomic>
+#include <chrono>
+#include <cstring>
+#include <future>
+#include <mutex>
+#include <optional>
+#include <thread>
+#include <unordered_map>
+#include <utility>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "grpcpp/client_context.h"
+#include "kvr/v1/retrieval.grpc.pb.h"
+#include "retrieval_node/server/proto_convert.h"
+#include "retrieval_node/server/ucx_endpoint.h"
+#include "ucp/api/ucp.h"
+
+namespace kvr::retrieval {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+// Copies a reply's partials into `out`, checking every size.
+absl::Status UnpackPartials(const v1::Partials& p, PartialsView out) {
+  const size_t n = out.size(), d = out.dim();
+  if (p.n() != static_cast<int64_t>(n) || p.dim() != static_cast<int64_t>(d) ||
+      p.o().size() != n * d * sizeof(float) || p.m().size() != n * sizeof(float) ||
+      p.l().size() != n * sizeof(float)) {
+    return absl::InternalError(absl::StrCat(
+        "UCX Attend reply holds ", p.n(), " x ", p.dim(), " partials (o ", p.o().size(),
+        " bytes, m ", p.m().size(), ", l ", p.l().size(), "), expected ", n, " x ", d));
+  }
+  for (size_t i = 0; i < n; ++i) {
+    std::memcpy(out.o.row(i), p.o().data() + i * d * sizeof(float), d * sizeof(float));
+  }
+  if (n > 0) {
+    std::memcpy(out.m.data(), p.m().data(), n * sizeof(float));
+    std::memcpy(out.l.data(), p.l().data(), n * sizeof(float));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status UcxError(const char* what, ucs_status_t st) {
+  return absl::UnavailableError(absl::StrCat("UCX ", what, ": ", ucs_status_string(st)));
+}
+
+}  // namespace
+
+// Owns the UCP context, worker, endpoint and progress thread.
+class UcxRetrievalClient::Transport {
+ public:
+  struct Call {
+    bool ping = false;
+    PartialsView out;
+    AttendStats* stats = nullptr;
+    StatusCallback done;
+    Clock::time_point deadline;
+    bool sent = false;
+  };
+
+  static absl::StatusOr<std::unique_ptr<Transport>> Connect(const std::string& address,
+                                                            const UcxClientOptions& options) {
+    auto t = std::unique_ptr<Transport>(new Transport(options));
+    KVR_RETURN_IF_ERROR(ParseUcxAddress(address, &t->host_, &t->port_, "node UCX address"));
+    KVR_RETURN_IF_ERROR(t->Init());
+    Transport* raw = t.get();
+    t->thread_ = std::thread([raw] { raw->Run(); });
+    // One round trip proves the transport works end to end.
+    std::promise<absl::Status> ready;
+    std::future<absl::Status> ready_future = ready.get_future();
+    Call ping;
+    ping.ping = true;
+    ping.done = [&ready](absl::Status s) { ready.set_value(std::move(s)); };
+    t->Submit(std::move(ping), std::string(), options.connect_timeout);
+    KVR_RETURN_IF_ERROR(ready_future.get());
+    return t;
+  }
+
+  ~Transport() {
+    if (thread_.joinable()) {
+      stop_.store(true);
+      ucp_worker_signal(worker_);
+      thread_.join();
+    }
+    std::unordered_map<uint64_t, Call> left;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      left.swap(calls_);
+      to_send_.clear();
+    }
+    for (auto& [id, call] : left) call.done(absl::CancelledError("UCX client destroyed"));
+    if (worker_ != nullptr) {
+      if (ep_ != nullptr) CloseEp();
+      const auto deadline = Clock::now() + std::chrono::seconds(1);
+      while (!closing_.empty() && Clock::now() < deadline) {
+        ucp_worker_progress(worker_);
+        ReapClosing();
+      }
+      ucp_worker_destroy(worker_);
+    }
+    if (context_ != nullptr) ucp_cleanup(context_);
+  }
+
+  // Queues `call` with request bytes `data`; its `done` runs on the progress
+  // thread (or here, never: errors are reported from that thread too).
+  void Submit(Call call, std::string data, absl::Duration timeout) {
+    auto out = std::make_unique<Outgoing>();
+    out->header.flags = call.ping ? kUcxFlagPing : 0;
+    out->data = std::move(data);
+    call.deadline = Clock::now() + absl::ToChronoNanoseconds(timeout);
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      out->header.call_id = next_id_++;
+      calls_.emplace(out->header.call_id, std::move(call));
+      to_send_.push_back(std::move(out));
+    }
+    ucp_worker_signal(worker_);
+  }
+
+ private:
+  struct Outgoing {
+    UcxRequestHeader header;
+    std::string data;
+  };
+  struct RndvRecv {
+    Transport* self;
+    Call call;
+    int32_t code = 0;
+    std::string bytes;
+  };
+
+  explicit Transport(const UcxClientOptions& options) : options_(options) {}
+
+  absl::Status Init() {
+    ucp_config_t* config = nullptr;
+    if (ucs_status_t st = ucp_config_read(nullptr, nullptr, &config); st != UCS_OK) {
+      return UcxError("ucp_config_read", st);
+    }
+    ucp_params_t params{};
+    params.field_mask = UCP_PARAM_FIELD_FEATURES;
+    params.features = UCP_FEATURE_AM | UCP_FEATURE_WAKEUP;
+    ucs_status_t st = ucp_init(&params, config, &context_);
+    ucp_config_release(config);
+    if (st != UCS_OK) return UcxError("ucp_init", st);
+    ucp_worker_params_t wp{};
+    wp.field_mask = UCP_WORKER_PARAM_FIELD_THREAD_MODE;
+    wp.thread_mode = UCS_THREAD_MODE_SINGLE;
+    if (st = ucp_worker_create(context_, &wp, &worker_); st != UCS_OK) {
+      return UcxError("ucp_worker_create", st);
+    }
+    ucp_am_handler_param_t hp{};
+    hp.field_mask = UCP_AM_HANDLER_PARAM_FIELD_ID | UCP_AM_HANDLER_PARAM_FIELD_FLAGS |
+                    UCP_AM_HANDLER_PARAM_FIELD_CB | UCP_AM_HANDLER_PARAM_FIELD_ARG;
+    hp.id = kUcxAttendReplyAm;
+    hp.flags = UCP_AM_FLAG_WHOLE_MSG;
+    hp.cb = &Transport::OnReply;
+    hp.arg = this;
+    if (st = ucp_worker_set_am_recv_handler(worker_, &hp); st != UCS_OK) {
+      return UcxError("ucp_worker_set_am_recv_handler", st);
+    }
+    return absl::OkStatus();
+  }
+
+  // Progress thread only.
+  absl::Status OpenEp() {
+    sockaddr_in sa{};
+    sa.sin_family = AF_INET;
+    sa.sin_port = htons(port_);
+    inet_pton(AF_INET, host_.c_str(), &sa.sin_addr);
+    ucp_ep_params_t params{};
+    params.field_mask = UCP_EP_PARAM_FIELD_FLAGS | UCP_EP_PARAM_FIELD_SOCK_ADDR |
+                        UCP_EP_PARAM_FIELD_ERR_HANDLER | UCP_EP_PARAM_FIELD_ERR_HANDLING_MODE;
+    params.flags = UCP_EP_PARAMS_FLAGS_CLIENT_SERVER;
+    params.sockaddr.addr = reinterpret_cast<const sockaddr*>(&sa);
+    params.sockaddr.addrlen = sizeof(sa);
+    params.err_mode = UCP_ERR_HANDLING_MODE_PEER;
+    params.err_handler.cb = &Transport::OnEpError;
+    params.err_handler.arg = this;
+    if (ucs_status_t st = ucp_ep_create(worker_, &params, &ep_); st != UCS_OK) {
+      ep_ = nullptr;
+      return UcxError(absl::StrCat("connect to ", host_, ":", port_).c_str(), st);
+    }
+    return absl::OkStatus();
+  }
+
+  void CloseEp() {
+    ucp_request_param_t param{};
+    param.op_attr_mask = UCP_OP_ATTR_FIELD_FLAGS;
+    param.flags = UCP_EP_CLOSE_FLAG_FORCE;
+    void* req = ucp_ep_close_nbx(ep_, &param);
+    if (UCS_PTR_IS_PTR(req)) closing_.push_back(req);
+    ep_ = nullptr;
+  }
+
+  void ReapClosing() {
+    for (size_t i = 0; i < closing_.size();) {
+      if (ucp_request_check_status(closing_[i]) != UCS_INPROGRESS) {
+        ucp_request_free(closing_[i]);
+        closing_[i] = closing_.back();
+        closing_.pop_back();
+      } else {
+        ++i;
+      }
+    }
+  }
+
+  // Fails every call already sent (their replies cannot come any more).
+  void FailSent(const absl::Status& status) {
+    std::vector<Call> failed;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      for (auto it = calls_.begin(); it != calls_.end();) {
+        if (it->second.sent) {
+          failed.push_back(std::move(it->second));
+          it = calls_.erase(it);
+        } else {
+          ++it;
+        }
+      }
+    }
+    for (Call& c : failed) c.done(status);
+  }
+
+  static void OnEpError(void* arg, ucp_ep_h ep, ucs_status_t st) {
+    auto* self = static_cast<Transport*>(arg);
+    if (ep != self->ep_) return;
+    self->CloseEp();
+    self->FailSent(UcxError("connection to the node failed", st));
+  }
+
+  static void SendDone(void* request, ucs_status_t /*status*/, void* user_data) {
+    delete static_cast<Outgoing*>(user_data);
+    ucp_request_free(request);
+  }
+
+  std::optional<Call> TakeCall(uint64_t id) {
+    std::lock_guard<std::mutex> lock(mu_);
+    auto it = calls_.find(id);
+    if (it == calls_.end()) return std::nullopt;
+    Call c = std::move(it->second);
+    calls_.erase(it);
+    return c;
+  }
+
+  void SendQueued() {
+    std::vector<std::unique_ptr<Outgoing>> items;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      items.swap(to_send_);
+      for (auto& out : items) {
+        if (auto it = calls_.find(out->header.call_id); it != calls_.end()) it->second.sent = true;
+      }
+    }
+    for (std::unique_ptr<Outgoing>& out : items) {
+      absl::Status st;
+      if (ep_ == nullptr) st = OpenEp();
+      if (st.ok()) {
+        ucp_request_param_t param{};
+        param.op_attr_mask =
+            UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA | UCP_OP_ATTR_FIELD_FLAGS;
+        param.flags = UCP_AM_SEND_FLAG_REPLY;
+        param.cb.send = &Transport::SendDone;
+        Outgoing* raw = out.get();
+        param.user_data = raw;
+        void* req = ucp_am_send_nbx(ep_, kUcxAttendRequestAm, &raw->header, sizeof(raw->header),
+                                    raw->data.data(), raw->data.size(), &param);
+        if (UCS_PTR_IS_PTR(req)) {
+          out.release();  // SendDone deletes it
+          continue;
+        }
+        if (UCS_PTR_IS_ERR(req)) st = UcxError("send", UCS_PTR_STATUS(req));
+      }
+      if (!st.ok()) {
+        if (std::optional<Call> c = TakeCall(out->header.call_id)) c->done(st);
+      }
+    }
+  }
+
+  // Fails expired calls; returns the time to the next deadline.
+  Clock::duration ExpireCalls() {
+    const Clock::time_point now = Clock::now();
+    Clock::duration next = std::chrono::milliseconds(100);
+    std::vector<Call> expired;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      for (auto it = calls_.begin(); it != calls_.end();) {
+        if (it->second.deadline <= now) {
+          expired.push_back(std::move(it->second));
+          it = calls_.erase(it);
+        } else {
+          next = std::min(next, it->second.deadline - now);
+          ++it;
+        }
+      }
+    }
+    for (Call& c : expired) {
+      c.done(absl::DeadlineExceededError(absl::StrCat(
+          "UCX ", c.ping ? "connection check" : "Attend", " to ", host_, ":", port_,
+          " got no reply within its deadline")));
+    }
+    return next;
+  }
+
+  static void Complete(Call& call, int32_t code, const char* data, size_t length) {
+    absl::Status status;
+    if (code != 0) {
+      status = absl::Status(static_cast<absl::StatusCode>(code), absl::string_view(data, length));
+    } else if (!call.ping) {
+      v1::AttendResponse response;
+      if (!response.ParseFromArray(data, static_cast<int>(length))) {
+        status = absl::InternalError("UCX Attend reply is not a kvr.v1.AttendResponse");
+      } else {
+        status = UnpackPartials(response.partials(), call.out);
+        if (status.ok() && call.stats != nullptr) {
+          const v1::AttendStats& s = response.stats();
+          call.stats->shards_searched = s.shards_searched();
+          call.stats->keys_held = s.keys_held();
+          call.stats->keys_attended = s.keys_attended();
+          call.stats->distance_computations = s.distance_computations();
+        }
+      }
+    }
+    StatusCallback done = std::move(call.done);
+    done(std::move(status));
+  }
+
+  static void RndvDone(void* request, ucs_status_t st, size_t /*length*/, void* user_data) {
+    std::unique_ptr<RndvRecv> r(static_cast<RndvRecv*>(user_data));
+    if (st == UCS_OK) {
+      Complete(r->call, r->code, r->bytes.data(), r->bytes.size());
+    } else {
+      r->call.done(UcxError("receive of the Attend reply", st));
+    }
+    ucp_request_free(request);
+  }
+
+  static ucs_status_t OnReply(void* arg, const void* header, size_t header_length, void* data,
+                              size_t length, const ucp_am_recv_param_t* param) {
+    auto* self = static_cast<Transport*>(arg);
+    if (header_length != sizeof(UcxReplyHeader)) return UCS_OK;
+    UcxReplyHeader h;
+    std::memcpy(&h, header, sizeof(h));
+    std::optional<Call> call = self->TakeCall(h.call_id);
+    if (!call.has_value()) return UCS_OK;  // expired: drop the late reply
+    if (h.version != kUcxWireVersion) {
+      call->done(absl::InternalError(absl::StrCat("UCX reply wire version ", h.version)));
+      return UCS_OK;
+    }
+    if (length > self->options_.max_message_bytes) {
+      call->done(absl::ResourceExhaustedError(
+          absl::StrCat("UCX Attend reply of ", length, " bytes exceeds max_message_bytes ",
+                       self->options_.max_message_bytes)));
+      return UCS_OK;
+    }
+    if ((param->recv_attr & UCP_AM_RECV_ATTR_FLAG_RNDV) == 0) {
+      Complete(*call, h.code, static_cast<const char*>(data), length);
+      return UCS_OK;
+    }
+    auto r = std::make_unique<RndvRecv>();
+    r->self = self;
+    r->call = std::move(*call);
+    r->code = h.code;
+    r->bytes.resize(length);
+    ucp_request_param_t rp{};
+    rp.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA;
+    rp.cb.recv_am = &Transport::RndvDone;
+    RndvRecv* raw = r.get();
+    rp.user_data = raw;
+    void* req = ucp_am_recv_data_nbx(self->worker_, data, raw->bytes.data(), length, &rp);
+    if (req == nullptr) {
+      Complete(raw->call, h.code, raw->bytes.data(), raw->bytes.size());
+    } else if (UCS_PTR_IS_ERR(req)) {
+      raw->call.done(UcxError("receive of the Attend reply", UCS_PTR_STATUS(req)));
+    } else {
+      r.release();  // RndvDone owns it
+    }
+    return UCS_INPROGRESS;
+  }
+
+  void Run() {
+    const auto busy = std::chrono::microseconds(options_.busy_poll_us);
+    int efd = -1;
+    ucp_worker_get_efd(worker_, &efd);
+    Clock::time_point last_activity = Clock::now();
+    while (!stop_.load(std::memory_order_relaxed)) {
+      bool active = false;
+      while (ucp_worker_progress(worker_) != 0) active = true;
+      SendQueued();
+      ReapClosing();
+      const Clock::duration next = ExpireCalls();
+      if (active) last_activity = Clock::now();
+      if (busy.count() > 0 && Clock::now() - last_activity < busy) continue;
+      if (ucp_worker_arm(worker_) == UCS_ERR_BUSY) continue;
+      {
+        std::lock_guard<std::mutex> lock(mu_);
+        if (!to_send_.empty()) continue;
+      }
+      const auto ms = std::chrono::ceil<std::chrono::milliseconds>(next).count();
+      pollfd pfd{efd, POLLIN, 0};
+      poll(&pfd, 1, static_cast<int>(std::max<int64_t>(1, ms)));
+    }
+  }
+
+  const UcxClientOptions options_;
+  std::string host_;
+  uint16_t port_ = 0;
+  ucp_context_h context_ = nullptr;
+  ucp_worker_h worker_ = nullptr;
+  ucp_ep_h ep_ = nullptr;          // progress thread only
+  std::vector<void*> closing_;     // progress thread only
+  std::atomic<bool> stop_{false};
+  std::thread thread_;
+
+  std::mutex mu_;
+  uint64_t next_id_ = 1;
+  std::unordered_map<uint64_t, Call> calls_;
+  std::vector<std::unique_ptr<Outgoing>> to_send_;
+};
+
+UcxRetrievalClient::UcxRetrievalClient(std::unique_ptr<GrpcRetrievalClient> grpc,
+                                       const UcxClientOptions& options)
+    : grpc_(std::move(grpc)), options_(options) {}
+
+UcxRetrievalClient::~UcxRetrievalClient() = default;
+
+absl::StatusOr<std::unique_ptr<UcxRetrievalClient>> UcxRetrievalClient::Create(
+    std::unique_ptr<GrpcRetrievalClient> grpc, const UcxClientOptions& options) {
+  if (grpc == nullptr) return absl::InvalidArgumentError("UCX client needs a gRPC client");
+  if (options.attend_timeout <= absl::ZeroDuration() ||
+      options.connect_timeout <= absl::ZeroDuration()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("timeouts must be > 0, got attend ", absl::FormatDuration(options.attend_timeout),
+                     ", connect ", absl::FormatDuration(options.connect_timeout)));
+  }
+  auto client =
+      std::unique_ptr<UcxRetrievalClient>(new UcxRetrievalClient(std::move(grpc), options));
+  if (!options.enable_ucx) {
+    client->fallback_reason_ = absl::FailedPreconditionError("UCX disabled by options");
+    return client;
+  }
+  auto stub = v1::RetrievalNode::NewStub(client->grpc_->channel());
+  grpc::ClientContext context;
+  context.set_deadline(std::chrono::system_clock::now() +
+                       absl::ToChronoNanoseconds(options.connect_timeout));
+  v1::GetEndpointsResponse endpoints;
+  absl::Status st =
+      FromGrpcStatus(stub->GetEndpoints(&context, v1::GetEndpointsRequest(), &endpoints));
+  if (!st.ok()) {
+    client->fallback_reason_ = st;
+    return client;
+  }
+  if (endpoints.ucx_address().empty()) {
+    client->fallback_reason_ = absl::FailedPreconditionError(
+        absl::StrCat("node ", client->grpc_->target(), " advertises no UCX address"));
+    return client;
+  }
+  absl::StatusOr<std::unique_ptr<Transport>> transport =
+      Transport::Connect(endpoints.ucx_address(), options);
+  if (!transport.ok()) {
+    client->fallback_reason_ = transport.status();
+    return client;
+  }
+  client->transport_ = std::move(transport).value();
+  client->ucx_address_ = endpoints.ucx_address();
+  return client;
+}
+
+absl::Status UcxRetrievalClient::CreateSequence(const SequenceSpec& spec) {
+  return grpc_->CreateSequence(spec);
+}
+absl::Status UcxRetrievalClient::UploadShard(const ShardUpload& upload) {
+  return grpc_->UploadShard(upload);
+}
+absl::Status UcxRetrievalClient::Append(const AppendRequest& request) {
+  return grpc_->Append(request);
+}
+absl::Status UcxRetrievalClient::DropSequence(uint64_t sequence_id) {
+  return grpc_->DropSequence(sequence_id);
+}
+absl::StatusOr<NodeStats> UcxRetrievalClient::Stats() { return grpc_->Stats(); }
+
+void UcxRetrievalClient::AttendAsync(const AttendRequest& request, PartialsView out,
+                                     AttendStats* stats, StatusCallback done) {
+  if (transport_ == nullptr) {
+    grpc_->AttendAsync(request, out, stats, std::move(done));
+    return;
+  }
+  v1::AttendRequest message;
+  message.set_sequence_id(request.sequence_id);
+  message.set_layer(request.layer);
+  PackMatrix(request.queries, message.mutable_queries());
+  message.set_k(request.k);
+  message.set_beam(request.beam);
+  message.set_nprobe(request.nprobe);
+  message.set_scale(request.scale);
+  Transport::Call call;
+  call.out = out;
+  call.stats = stats;
+  call.done = std::move(done);
+  transport_->Submit(std::move(call), message.SerializeAsString(), options_.attend_timeout);
+}
+
+}  // namespace kvr::retrieval
