@@ -370,6 +370,9 @@ TEST_F(EngineTest, StopStringsAndStreaming) {
 TEST_F(EngineTest, EndSequenceFreesTheNode) {
   AttentionOptions o;
   ASSERT_TRUE(engine_->Prefill(Encode(kLongPrompt), o).ok());
+  // Prefill hands uploads off without waiting; the first decode step waits
+  // for them, so after it the node holds the prompt's shards.
+  ASSERT_TRUE(engine_->DecodeStep(5).ok());
   auto st = node_->Stats();
   ASSERT_TRUE(st.ok());
   EXPECT_EQ(st->sequences, 1);
