@@ -55,6 +55,7 @@
 #include "common/thread_pool.h"
 #include "gpu_worker/engine/cancel_token.h"
 #include "gpu_worker/backend/backend.h"
+#include "gpu_worker/model/device_weights.h"
 #include "gpu_worker/model/llama_model.h"
 #include "gpu_worker/model/weights.h"
 #include "retrieval_node/client/retrieval_client.h"
@@ -271,9 +272,7 @@ class RetrievalEngine {
 
  private:
   friend class EngineSequence;
-  struct Layer {
-    Tensor attn_norm, wq, wk, wv, wo, ffn_norm, w1, w2, w3;
-  };
+  using Layer = DeviceLayerWeights;
   // Host staging of one layer's hand-off.
   struct Staging {
     std::vector<float> k, v, q;  // [n x kv_dim], [n x kv_dim], [n x q_dim]

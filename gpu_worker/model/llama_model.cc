@@ -30,34 +30,18 @@ absl::Status LlamaModel::Init(Backend* backend, std::shared_ptr<const LlamaWeigh
   }
   max_batch_ = std::min(options.max_batch_tokens, max_seq_len_);
 
-  const std::shared_ptr<const void>& keep = weights_->storage;
-  auto import = [&](const HostTensor& h) { return backend_->ImportHost(h, keep); };
-  KVR_ASSIGN_OR_RETURN(token_embedding_, import(weights_->token_embedding));
-  KVR_ASSIGN_OR_RETURN(final_norm_, import(weights_->final_norm));
-  if (c.tied_embeddings && weights_->classifier.data == weights_->token_embedding.data) {
-    classifier_ = token_embedding_;
-  } else {
-    KVR_ASSIGN_OR_RETURN(classifier_, import(weights_->classifier));
-  }
+  KVR_ASSIGN_OR_RETURN(DeviceWeights imported, DeviceWeights::Import(backend_, *weights_));
+  token_embedding_ = imported.token_embedding;
+  final_norm_ = imported.final_norm;
+  classifier_ = imported.classifier;
+  inv_freq_ = imported.inv_freq;
   layers_.resize(static_cast<size_t>(c.n_layers));
   for (int l = 0; l < c.n_layers; ++l) {
-    const LlamaLayerWeights& hw = weights_->layers[l];
     Layer& d = layers_[l];
-    KVR_ASSIGN_OR_RETURN(d.attn_norm, import(hw.attn_norm));
-    KVR_ASSIGN_OR_RETURN(d.wq, import(hw.wq));
-    KVR_ASSIGN_OR_RETURN(d.wk, import(hw.wk));
-    KVR_ASSIGN_OR_RETURN(d.wv, import(hw.wv));
-    KVR_ASSIGN_OR_RETURN(d.wo, import(hw.wo));
-    KVR_ASSIGN_OR_RETURN(d.ffn_norm, import(hw.ffn_norm));
-    KVR_ASSIGN_OR_RETURN(d.w1, import(hw.w1));
-    KVR_ASSIGN_OR_RETURN(d.w2, import(hw.w2));
-    KVR_ASSIGN_OR_RETURN(d.w3, import(hw.w3));
+    static_cast<DeviceLayerWeights&>(d) = imported.layers[l];
     KVR_ASSIGN_OR_RETURN(d.k_cache, backend_->Allocate(DType::kF32, max_seq_len_, c.kv_dim()));
     KVR_ASSIGN_OR_RETURN(d.v_cache, backend_->Allocate(DType::kF32, max_seq_len_, c.kv_dim()));
   }
-  const std::vector<float> inv_freq = c.RopeInvFreq();
-  KVR_ASSIGN_OR_RETURN(inv_freq_, backend_->Allocate(DType::kF32, 1, c.head_dim / 2));
-  KVR_RETURN_IF_ERROR(backend_->UploadF32(inv_freq, inv_freq_));
 
   auto act = [&](int64_t cols) { return backend_->Allocate(DType::kF32, max_batch_, cols); };
   KVR_ASSIGN_OR_RETURN(x_, act(c.dim));

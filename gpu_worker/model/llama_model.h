@@ -16,6 +16,7 @@
 
 #include "absl/status/statusor.h"
 #include "gpu_worker/backend/backend.h"
+#include "gpu_worker/model/device_weights.h"
 #include "gpu_worker/model/weights.h"
 
 namespace kvr::worker {
@@ -57,8 +58,7 @@ class LlamaModel {
   // Runs tokens at first_pos.. and, when `logits`, the classifier on the last.
   absl::Status Forward(std::span<const int32_t> tokens, int64_t first_pos, bool logits);
 
-  struct Layer {
-    Tensor attn_norm, wq, wk, wv, wo, ffn_norm, w1, w2, w3;
+  struct Layer : DeviceLayerWeights {
     Tensor k_cache, v_cache;  // [max_seq_len x kv_dim]
   };
 
