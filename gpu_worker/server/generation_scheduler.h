@@ -1,0 +1,144 @@
+// GenerationScheduler: the worker's core (no gRPC types). One thread owns
+// the RetrievalEngine and runs every admitted request: it admits waiting
+// requests (prefill) up to `max_concurrent` active sequences, then runs ONE
+// batched decode step (RetrievalEngine::StepBatch) over all active
+// sequences, samples each one's next token, streams it, and repeats — so a
+// long request never blocks the others (they share every step).
+//
+// Requests beyond `max_concurrent` wait in a FIFO queue of at most
+// `max_queue`; Submit rejects more with ResourceExhausted (with retry
+// advice). A request whose CancelToken is cancelled (client gone, deadline)
+// stops at its next step — or is dropped from the queue — and its sequence is
+// destroyed, which drops its shards from the retrieval nodes.
+//
+// The per-request decode loop (sampling, stop strings held back until they
+// cannot match, finish reasons) is the one of gpu_worker/engine/generation.cc
+// (Generate / GenerateBatch), so a request gives the same tokens and text as
+// an embedded Generate with the same settings.
+//
+// Thread-safety: every public method may be called from any thread. The
+// callbacks of a request run on the scheduler thread, in order: on_tokens
+// zero or more times, then on_done exactly once. They must not block long
+// nor call back into the scheduler's Submit (WhenFinished is fine).
+#pragma once
+
+#include <chrono>
+#include <condition_variable>
+#include <cstdint>
+#include <deque>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <span>
+#include <string>
+#include <string_view>
+#include <thread>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "gpu_worker/engine/cancel_token.h"
+#include "gpu_worker/engine/generation.h"
+#include "gpu_worker/engine/retrieval_engine.h"
+#include "gpu_worker/engine/sampler.h"
+#include "gpu_worker/model/tokenizer.h"
+
+namespace kvr::worker {
+
+// Outcome of one request (FinishReason comes from generation.h).
+struct GenerationSummary {
+  FinishReason finish = FinishReason::kLength;
+  int64_t prompt_tokens = 0;
+  int64_t completion_tokens = 0;
+  double queue_seconds = 0.0;          // accepted -> prefill start
+  double time_to_first_token_seconds = 0.0;  // accepted -> first token sampled
+  double mean_token_latency_seconds = 0.0;   // mean gap between sampled tokens
+  double prefill_seconds = 0.0;
+  double node_wait_seconds = 0.0;
+  double total_seconds = 0.0;
+};
+
+struct GenerationWork {
+  std::vector<int32_t> prompt;  // token ids as prefilled (BOS included if wanted); non-empty
+  int max_tokens = 128;         // >= 0
+  std::vector<std::string> stop;  // non-empty strings
+  AttentionOptions attention;
+  SamplingParams sampling;
+  CancelToken cancel;
+  // New sampled token ids and the text made final with them (may be empty
+  // while a possible stop string is held back).
+  std::function<void(std::span<const int32_t> ids, std::string_view text)> on_tokens;
+  // Exactly once. Cancelled requests end with OK and finish kCancelled.
+  std::function<void(absl::StatusOr<GenerationSummary>)> on_done;
+};
+
+struct SchedulerOptions {
+  int max_concurrent = 8;  // sequences decoding at once, >= 1
+  int max_queue = 64;      // requests waiting beyond those, >= 0
+};
+
+struct SchedulerLoad {
+  int active = 0;
+  int queued = 0;
+  int64_t finished = 0;  // requests ended (any outcome) since start
+};
+
+class GenerationScheduler {
+ public:
+  // `engine` and `tokenizer` must outlive the scheduler. Starts the thread.
+  static absl::StatusOr<std::unique_ptr<GenerationScheduler>> Create(
+      RetrievalEngine* engine, const Tokenizer* tokenizer, const SchedulerOptions& options);
+  // Cancels every request (their on_done runs) and joins the thread.
+  ~GenerationScheduler();
+
+  // Queues `work`. ResourceExhausted when the queue is full (work.on_done is
+  // then never called); FailedPrecondition after Shutdown. Fields must have
+  // been validated (see ValidateWork).
+  absl::Status Submit(GenerationWork work);
+
+  // InvalidArgument / OutOfRange naming the field and its limit.
+  absl::Status ValidateWork(const GenerationWork& work) const;
+
+  // Calls `callback` (on the scheduler thread, or inline when already true)
+  // once at least `n` requests have finished — their sequences destroyed
+  // and shards dropped; at the latest when the scheduler is destroyed.
+  void WhenFinished(int64_t n, std::function<void()> callback);
+
+  // Cancels every active and queued request and rejects new ones.
+  void Shutdown();
+
+  SchedulerLoad load() const;
+  const SchedulerOptions& options() const { return options_; }
+
+ private:
+  using Clock = std::chrono::steady_clock;
+  struct Queued {
+    GenerationWork work;
+    Clock::time_point accepted;
+  };
+  class Run;
+
+  GenerationScheduler(RetrievalEngine* engine, const Tokenizer* tokenizer,
+                      const SchedulerOptions& options);
+  void Loop();
+  // Prefills `q`; the new run, or null when it already ended.
+  std::unique_ptr<Run> Admit(Queued q);
+  void Finished(std::unique_ptr<Run> run);
+  // Reports the end of `work` and counts it finished; `was_active`: it was
+  // admitted (counted in active_).
+  void Ended(GenerationWork& work, absl::StatusOr<GenerationSummary> outcome, bool was_active);
+
+  RetrievalEngine* const engine_;
+  const Tokenizer* const tokenizer_;
+  const SchedulerOptions options_;
+
+  mutable std::mutex mu_;
+  std::condition_variable cv_;
+  std::deque<Queued> queue_;
+  bool stopping_ = false;
+  int active_ = 0;
+  int64_t finished_ = 0;
+  std::vector<std::pair<int64_t, std::function<void()>>> finish_waiters_;
+  std::thread thread_;  // last: started once the rest is initialized
+};
+
+}  // namespace kvr::worker

@@ -1,0 +1,238 @@
+// kvr_worker: a decode worker serving kvr.v1.Generation over gRPC (with
+// grpc.health.v1 and server reflection).
+//
+//   kvr_worker --listen 127.0.0.1:0 --max_concurrent 8 [--nodes host:port,...]
+//
+// Loads the model and tokenizer (default: the bundled stories260K), runs one
+// RetrievalEngine (CPU backend) against an in-process retrieval node or the
+// kvr_node servers of --nodes, and prints "kvr_worker listening on HOST:PORT"
+// on stdout once serving (port 0 picks a free port). SIGTERM / SIGINT:
+// health goes NOT_SERVING, streams drain (up to --drain_seconds, then they
+// are cancelled and their shards dropped), exit 0.
+#include <csignal>
+#include <cstdio>
+#include <cstdlib>
+#include <filesystem>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include <pthread.h>
+
+#include "absl/flags/flag.h"
+#include "absl/flags/parse.h"
+#include "absl/flags/usage.h"
+#include "absl/flags/usage_config.h"
+#include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
+#include "absl/time/time.h"
+#include "gpu_worker/backend/backend.h"
+#include "gpu_worker/model/llama2c_loader.h"
+#include "gpu_worker/model/llama2c_tokenizer.h"
+#include "gpu_worker/server/generation_scheduler.h"
+#include "gpu_worker/server/worker_service.h"
+#include "grpcpp/ext/proto_server_reflection_plugin.h"
+#include "grpcpp/health_check_service_interface.h"
+#include "grpcpp/security/server_credentials.h"
+#include "grpcpp/server.h"
+#include "grpcpp/server_builder.h"
+#include "retrieval_node/client/in_process_node.h"
+#include "retrieval_node/server/grpc_retrieval_client.h"
+#include "retrieval_node/server/multi_node_client.h"
+#include "services/placement/placement.h"
+
+#ifndef KVR_DEFAULT_MODEL_DIR
+#define KVR_DEFAULT_MODEL_DIR ""
+#endif
+
+ABSL_FLAG(std::string, listen, "127.0.0.1:0",
+          "host:port to serve on; port 0 picks a free port (printed on stdout)");
+ABSL_FLAG(std::string, model, "",
+          "llama2.c checkpoint (default: stories260K.bin in the model dir: $KVR_SHARED_MODELS, "
+          "else ../shared/models next to the repository)");
+ABSL_FLAG(std::string, tokenizer, "", "llama2.c tokenizer (default: tok512.bin in the model dir)");
+ABSL_FLAG(std::string, nodes, "",
+          "kvr_node retrieval nodes (host:port,... or id=host:port,...); empty: an in-process "
+          "node");
+ABSL_FLAG(int, max_concurrent, 8,
+          "sequences decoded at once (one batched step over all of them); more requests wait");
+ABSL_FLAG(int, max_queue, 64,
+          "requests waiting beyond --max_concurrent; more get RESOURCE_EXHAUSTED");
+ABSL_FLAG(int, threads, 1, "CPU backend threads, 0 = all cores");
+ABSL_FLAG(int, tail_capacity, 64,
+          "in-process node: appended keys kept flat before sealing into the index");
+ABSL_FLAG(int, train_k, 32, "in-process node: exact top-k per training query");
+ABSL_FLAG(int, max_message_bytes, 4 << 20, "largest gRPC message received or sent, bytes");
+ABSL_FLAG(double, drain_seconds, 10.0,
+          "on SIGTERM / SIGINT, how long streams may run before they are cancelled");
+
+namespace kvr::worker {
+namespace {
+
+namespace fs = std::filesystem;
+
+constexpr char kServiceName[] = "kvr.v1.Generation";
+
+int Fail(const std::string& message) {
+  std::fprintf(stderr, "kvr_worker: %s\n", message.c_str());
+  return 2;
+}
+
+// The first directory holding the bundled model (as `kvr generate` looks).
+std::string DefaultModelDir() {
+  std::vector<fs::path> candidates;
+  if (const char* env = std::getenv("KVR_SHARED_MODELS"); env != nullptr && *env != '\0') {
+    candidates.emplace_back(env);
+  }
+  std::error_code ec;
+  const fs::path exe = fs::read_symlink("/proc/self/exe", ec);
+  if (!ec) {
+    // <repo>/build*/gpu_worker/server/kvr_worker -> <repo>/../shared/models
+    candidates.push_back(exe.parent_path() / "../../../../shared/models");
+    candidates.push_back(exe.parent_path() / "../../../shared/models");
+  }
+  candidates.emplace_back("../shared/models");
+  candidates.emplace_back("shared/models");
+  if (*KVR_DEFAULT_MODEL_DIR != '\0') candidates.emplace_back(KVR_DEFAULT_MODEL_DIR);
+  for (const fs::path& dir : candidates) {
+    if (fs::exists(dir / "stories260K.bin", ec)) return fs::weakly_canonical(dir, ec).string();
+  }
+  return {};
+}
+
+absl::StatusOr<std::unique_ptr<retrieval::RetrievalClient>> ConnectNodes(const std::string& spec) {
+  auto parsed = placement::ParseNodeList(spec);
+  if (!parsed.ok()) {
+    return absl::InvalidArgumentError(absl::StrCat("--nodes: ", parsed.status().message()));
+  }
+  std::vector<std::unique_ptr<retrieval::RetrievalClient>> clients;
+  for (const placement::NodeInfo& n : *parsed) {
+    KVR_ASSIGN_OR_RETURN(std::unique_ptr<retrieval::GrpcRetrievalClient> c,
+                         retrieval::GrpcRetrievalClient::Create(n.address));
+    KVR_RETURN_IF_ERROR(c->WaitForReady(absl::Seconds(5)));
+    clients.push_back(std::move(c));
+  }
+  KVR_ASSIGN_OR_RETURN(std::unique_ptr<retrieval::MultiNodeClient> multi,
+                       retrieval::MultiNodeClient::Create(*std::move(parsed), std::move(clients)));
+  return std::unique_ptr<retrieval::RetrievalClient>(std::move(multi));
+}
+
+int Main(int argc, char** argv) {
+  absl::SetProgramUsageMessage(
+      "decode worker (kvr.v1.Generation over gRPC, grpc.health.v1, reflection).\n"
+      "  kvr_worker --listen 127.0.0.1:0 [--max_concurrent N] [--nodes host:port,...]");
+  absl::FlagsUsageConfig usage;
+  usage.contains_help_flags = [](absl::string_view file) {
+    return absl::EndsWith(file, "gpu_worker/server/main.cc");
+  };
+  usage.contains_helpshort_flags = usage.contains_help_flags;
+  absl::SetFlagsUsageConfig(usage);
+  absl::ParseCommandLine(argc, argv);
+
+  sigset_t stop_signals;
+  sigemptyset(&stop_signals);
+  sigaddset(&stop_signals, SIGTERM);
+  sigaddset(&stop_signals, SIGINT);
+  pthread_sigmask(SIG_BLOCK, &stop_signals, nullptr);
+
+  const int threads = absl::GetFlag(FLAGS_threads);
+  const int max_message_bytes = absl::GetFlag(FLAGS_max_message_bytes);
+  if (threads < 0 || threads > 1024) return Fail("--threads outside [0, 1024]");
+  if (max_message_bytes < (1 << 16)) return Fail("--max_message_bytes must be >= 65536");
+  if (absl::GetFlag(FLAGS_tail_capacity) < 1) return Fail("--tail_capacity must be >= 1");
+
+  std::string model = absl::GetFlag(FLAGS_model), tokenizer_path = absl::GetFlag(FLAGS_tokenizer);
+  if (model.empty() || tokenizer_path.empty()) {
+    const std::string dir = DefaultModelDir();
+    if (dir.empty()) {
+      return Fail("no model: pass --model and --tokenizer, or set KVR_SHARED_MODELS to the "
+                  "directory holding stories260K.bin and tok512.bin");
+    }
+    if (model.empty()) model = dir + "/stories260K.bin";
+    if (tokenizer_path.empty()) tokenizer_path = dir + "/tok512.bin";
+  }
+  absl::StatusOr<std::shared_ptr<const LlamaWeights>> weights = LoadLlama2c(model);
+  if (!weights.ok()) return Fail(weights.status().ToString());
+  absl::StatusOr<std::unique_ptr<Llama2cTokenizer>> tokenizer =
+      Llama2cTokenizer::Load(tokenizer_path, (*weights)->config.vocab_size);
+  if (!tokenizer.ok()) return Fail(tokenizer.status().ToString());
+  BackendOptions bo;
+  bo.num_threads = threads;
+  absl::StatusOr<std::unique_ptr<Backend>> backend = BackendRegistry::Create("cpu", bo);
+  if (!backend.ok()) return Fail(backend.status().ToString());
+
+  std::unique_ptr<retrieval::RetrievalClient> node;
+  if (const std::string nodes = absl::GetFlag(FLAGS_nodes); !nodes.empty()) {
+    absl::StatusOr<std::unique_ptr<retrieval::RetrievalClient>> c = ConnectNodes(nodes);
+    if (!c.ok()) return Fail(c.status().ToString());
+    node = *std::move(c);
+  } else {
+    retrieval::InProcessNodeOptions no;
+    no.tail_capacity = static_cast<size_t>(absl::GetFlag(FLAGS_tail_capacity));
+    no.train_k = absl::GetFlag(FLAGS_train_k);
+    absl::StatusOr<std::unique_ptr<retrieval::InProcessRetrievalNode>> n =
+        retrieval::InProcessRetrievalNode::Create(no);
+    if (!n.ok()) return Fail(n.status().ToString());
+    node = *std::move(n);
+  }
+  absl::StatusOr<std::unique_ptr<RetrievalEngine>> engine =
+      RetrievalEngine::Create(backend->get(), *weights, node.get());
+  if (!engine.ok()) return Fail(engine.status().ToString());
+
+  SchedulerOptions so;
+  so.max_concurrent = absl::GetFlag(FLAGS_max_concurrent);
+  so.max_queue = absl::GetFlag(FLAGS_max_queue);
+  absl::StatusOr<std::unique_ptr<GenerationScheduler>> scheduler =
+      GenerationScheduler::Create(engine->get(), tokenizer->get(), so);
+  if (!scheduler.ok()) return Fail(absl::StrCat("--", scheduler.status().message()));
+
+  WorkerServiceOptions wo;
+  wo.model_name = model;
+  auto service = std::make_unique<WorkerService>(scheduler->get(), tokenizer->get(), node.get(),
+                                                 (*weights)->config, (*engine)->max_seq_len(), wo);
+
+  grpc::EnableDefaultHealthCheckService(true);
+  grpc::reflection::InitProtoReflectionServerBuilderPlugin();
+  const std::string listen = absl::GetFlag(FLAGS_listen);
+  int port = 0;
+  grpc::ServerBuilder builder;
+  builder.AddListeningPort(listen, grpc::InsecureServerCredentials(), &port);
+  builder.SetMaxReceiveMessageSize(max_message_bytes);
+  builder.SetMaxSendMessageSize(max_message_bytes);
+  builder.RegisterService(service.get());
+  std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
+  if (server == nullptr || port == 0) return Fail("cannot listen on " + listen);
+  grpc::HealthCheckServiceInterface* health = server->GetHealthCheckService();
+  health->SetServingStatus(kServiceName, true);
+  health->SetServingStatus(true);
+
+  const size_t colon = listen.rfind(':');
+  const std::string host = colon == std::string::npos ? listen : listen.substr(0, colon);
+  std::printf("kvr_worker listening on %s:%d\n", host.c_str(), port);
+  std::fflush(stdout);
+
+  int signal = 0;
+  sigwait(&stop_signals, &signal);
+  std::fprintf(stderr, "kvr_worker: signal %d, draining\n", signal);
+  health->SetServingStatus(false);
+  const auto drain = std::chrono::duration_cast<std::chrono::system_clock::duration>(
+      std::chrono::duration<double>(absl::GetFlag(FLAGS_drain_seconds)));
+  server->Shutdown(std::chrono::system_clock::now() + drain);
+  server->Wait();
+  server.reset();
+  scheduler->reset();  // ends every request still open (their shards dropped)
+  service.reset();
+  engine->reset();
+  node.reset();
+  std::fprintf(stderr, "kvr_worker: stopped\n");
+  return 0;
+}
+
+}  // namespace
+}  // namespace kvr::worker
+
+int main(int argc, char** argv) {
+  // Also makes libprotobuf precede libsentencepiece in DT_NEEDED (see CMakeLists.txt).
+  GOOGLE_PROTOBUF_VERIFY_VERSION;
+  return kvr::worker::Main(argc, argv);
+}

@@ -1,0 +1,399 @@
+#include "gpu_worker/server/worker_service.h"
+
+#include <mutex>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "common/status.h"
+
+namespace kvr::worker {
+namespace {
+
+grpc::Status ToGrpc(const absl::Status& s) {
+  if (s.ok()) return grpc::Status::OK;
+  return grpc::Status(static_cast<grpc::StatusCode>(s.code()), std::string(s.message()));
+}
+
+v1::FinishReason ToProto(FinishReason r) {
+  switch (r) {
+    case FinishReason::kLength:
+      return v1::FINISH_REASON_LENGTH;
+    case FinishReason::kStop:
+      return v1::FINISH_REASON_STOP;
+    case FinishReason::kEos:
+      return v1::FINISH_REASON_EOS;
+    case FinishReason::kContextFull:
+      return v1::FINISH_REASON_CONTEXT_FULL;
+    case FinishReason::kCancelled:
+      return v1::FINISH_REASON_CANCELLED;
+  }
+  return v1::FINISH_REASON_UNSPECIFIED;
+}
+
+}  // namespace
+
+// One Generate stream. Deleted once both gRPC (OnDone) and the scheduler
+// (on_done) are finished with it.
+class WorkerService::GenerateReactor final
+    : public grpc::ServerWriteReactor<v1::GenerateResponse> {
+ public:
+  GenerateReactor(GenerationScheduler* scheduler, std::string request_id)
+      : scheduler_(scheduler), request_id_(std::move(request_id)) {}
+
+  // Submits `work` (its callbacks are wired to this reactor); on failure the
+  // stream finishes with that status.
+  void Start(absl::StatusOr<GenerationWork> work) {
+    if (!work.ok()) {
+      FinishNow(ToGrpc(work.status()), /*work_done=*/true);
+      return;
+    }
+    cancel_ = work->cancel;
+    work->on_tokens = [this](std::span<const int32_t> ids, std::string_view text) {
+      OnTokens(ids, text);
+    };
+    work->on_done = [this](absl::StatusOr<GenerationSummary> outcome) {
+      OnWorkDone(std::move(outcome));
+    };
+    if (absl::Status s = scheduler_->Submit(*std::move(work)); !s.ok()) {
+      FinishNow(ToGrpc(s), /*work_done=*/true);
+    }
+  }
+
+  void OnWriteDone(bool ok) override {
+    std::lock_guard<std::mutex> lock(mu_);
+    writing_ = false;
+    if (!ok) cancelled_ = true;  // the stream is gone
+    Pump();
+  }
+
+  void OnCancel() override {
+    cancel_.Cancel();  // the scheduler stops the sequence and drops its shards
+    std::lock_guard<std::mutex> lock(mu_);
+    cancelled_ = true;
+    Pump();
+  }
+
+  void OnDone() override {
+    bool last;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      grpc_done_ = true;
+      last = work_done_;
+    }
+    if (last) delete this;
+  }
+
+ private:
+  void FinishNow(const grpc::Status& status, bool work_done) {
+    std::lock_guard<std::mutex> lock(mu_);
+    work_done_ = work_done;
+    finished_ = true;
+    Finish(status);
+  }
+
+  void OnTokens(std::span<const int32_t> ids, std::string_view text) {
+    std::lock_guard<std::mutex> lock(mu_);
+    v1::GenerateChunk* chunk = pending_.mutable_chunk();
+    chunk->mutable_token_ids()->Add(ids.begin(), ids.end());
+    chunk->mutable_text()->append(text);
+    has_pending_ = true;
+    Pump();
+  }
+
+  void OnWorkDone(absl::StatusOr<GenerationSummary> outcome) {
+    bool last;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      work_done_ = true;
+      if (outcome.ok()) {
+        v1::GenerateFinal* f = summary_.mutable_summary();
+        f->set_request_id(request_id_);
+        f->set_finish_reason(ToProto(outcome->finish));
+        f->mutable_usage()->set_prompt_tokens(outcome->prompt_tokens);
+        f->mutable_usage()->set_completion_tokens(outcome->completion_tokens);
+        v1::Timings* t = f->mutable_timings();
+        t->set_queue_seconds(outcome->queue_seconds);
+        t->set_time_to_first_token_seconds(outcome->time_to_first_token_seconds);
+        t->set_mean_token_latency_seconds(outcome->mean_token_latency_seconds);
+        t->set_prefill_seconds(outcome->prefill_seconds);
+        t->set_node_wait_seconds(outcome->node_wait_seconds);
+        t->set_total_seconds(outcome->total_seconds);
+      } else {
+        error_ = ToGrpc(outcome.status());
+      }
+      Pump();
+      last = grpc_done_;
+    }
+    if (last) delete this;
+  }
+
+  // Starts the next write or the Finish, when none is in flight. Holds mu_.
+  void Pump() {
+    if (writing_ || finished_) return;
+    if (cancelled_) {
+      finished_ = true;
+      Finish(grpc::Status(grpc::StatusCode::CANCELLED, "generation cancelled"));
+      return;
+    }
+    if (has_pending_) {
+      in_flight_ = std::move(pending_);
+      pending_.Clear();
+      has_pending_ = false;
+      writing_ = true;
+      StartWrite(&in_flight_);
+      return;
+    }
+    if (!work_done_) return;
+    finished_ = true;
+    if (!error_.ok()) {
+      Finish(error_);
+    } else {
+      StartWriteAndFinish(&summary_, grpc::WriteOptions(), grpc::Status::OK);
+    }
+  }
+
+  GenerationScheduler* const scheduler_;
+  const std::string request_id_;
+  CancelToken cancel_;
+  std::mutex mu_;
+  v1::GenerateResponse pending_, in_flight_, summary_;
+  bool has_pending_ = false;
+  bool writing_ = false;
+  bool cancelled_ = false;
+  bool finished_ = false;   // Finish (or StartWriteAndFinish) called
+  bool work_done_ = false;  // the scheduler will not call us again
+  bool grpc_done_ = false;  // OnDone ran
+  grpc::Status error_ = grpc::Status::OK;
+};
+
+// GetModelInfo waiting for finished requests. Deleted once both gRPC and the
+// scheduler's waiter are finished with it.
+class WorkerService::InfoReactor final : public grpc::ServerUnaryReactor {
+ public:
+  InfoReactor(const WorkerService* service, v1::GetModelInfoResponse* response)
+      : service_(service), response_(response) {}
+
+  void Wait(GenerationScheduler* scheduler, int64_t n) {
+    scheduler->WhenFinished(n, [this] { Ready(); });
+  }
+
+  void OnCancel() override {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (finished_) return;
+    finished_ = true;
+    Finish(grpc::Status(grpc::StatusCode::CANCELLED, "GetModelInfo: cancelled while waiting"));
+  }
+  void OnDone() override {
+    bool last;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      grpc_done_ = true;
+      last = waiter_done_;
+    }
+    if (last) delete this;
+  }
+
+ private:
+  void Ready() {
+    bool last;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      waiter_done_ = true;
+      if (!finished_) {
+        finished_ = true;
+        service_->FillInfo(response_);
+        Finish(grpc::Status::OK);
+      }
+      last = grpc_done_;
+    }
+    if (last) delete this;
+  }
+
+  const WorkerService* const service_;
+  v1::GetModelInfoResponse* const response_;
+  std::mutex mu_;
+  bool finished_ = false, grpc_done_ = false, waiter_done_ = false;
+};
+
+WorkerService::WorkerService(GenerationScheduler* scheduler, const Tokenizer* tokenizer,
+                             retrieval::RetrievalClient* node, const LlamaConfig& config,
+                             int64_t max_context_tokens, WorkerServiceOptions options)
+    : scheduler_(scheduler),
+      tokenizer_(tokenizer),
+      node_(node),
+      config_(config),
+      max_context_tokens_(max_context_tokens),
+      options_(std::move(options)) {}
+
+absl::StatusOr<GenerationWork> WorkerService::ToWork(const v1::GenerateRequest& r) const {
+  using O = WorkerServiceOptions;
+  GenerationWork w;
+  if (r.request_id().size() > O::kMaxRequestIdBytes) {
+    return absl::InvalidArgumentError(absl::StrCat("request_id: ", r.request_id().size(),
+                                                   " bytes, limit ", O::kMaxRequestIdBytes));
+  }
+  switch (r.prompt_case()) {
+    case v1::GenerateRequest::kText: {
+      if (r.text().empty()) return absl::InvalidArgumentError("text: empty prompt");
+      if (r.text().size() > O::kMaxPromptBytes) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("text: ", r.text().size(), " bytes, limit ", O::kMaxPromptBytes));
+      }
+      absl::StatusOr<std::vector<int32_t>> ids = tokenizer_->Encode(r.text(), /*add_bos=*/true);
+      if (!ids.ok()) {
+        return absl::InvalidArgumentError(absl::StrCat("text: ", ids.status().message()));
+      }
+      w.prompt = *std::move(ids);
+      break;
+    }
+    case v1::GenerateRequest::kTokens:
+      if (r.tokens().ids_size() > O::kMaxPromptTokens) {
+        return absl::OutOfRangeError(absl::StrCat("tokens: ", r.tokens().ids_size(),
+                                                  " ids exceed the model's context of ",
+                                                  max_context_tokens_, " tokens"));
+      }
+      w.prompt.assign(r.tokens().ids().begin(), r.tokens().ids().end());
+      break;
+    default:
+      return absl::InvalidArgumentError("prompt: set text or tokens");
+  }
+  w.max_tokens = r.has_max_tokens() ? r.max_tokens() : 128;
+  if (r.stop_size() > O::kMaxStopStrings) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("stop: ", r.stop_size(), " strings, limit ", O::kMaxStopStrings));
+  }
+  for (int i = 0; i < r.stop_size(); ++i) {
+    if (r.stop(i).size() > O::kMaxStopBytes) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("stop[", i, "]: ", r.stop(i).size(), " bytes, limit ", O::kMaxStopBytes));
+    }
+    w.stop.push_back(r.stop(i));
+  }
+  const v1::SamplingParams& s = r.sampling();
+  w.sampling.temperature = s.temperature();
+  w.sampling.top_k = s.top_k();
+  if (s.has_top_p()) w.sampling.top_p = s.top_p();
+  if (s.has_repetition_penalty()) w.sampling.repetition_penalty = s.repetition_penalty();
+  if (s.has_seed()) w.sampling.seed = s.seed();
+  const v1::AttentionParams& a = r.attention();
+  if (!a.mode().empty()) {
+    absl::StatusOr<AttentionMode> mode = ParseAttentionMode(a.mode());
+    if (!mode.ok()) {
+      return absl::InvalidArgumentError(absl::StrCat("attention.mode: unknown mode \"", a.mode(),
+                                                     "\" (expected \"full\" or \"retrieval\")"));
+    }
+    w.attention.mode = *mode;
+  }
+  if (a.has_sinks()) w.attention.sinks = a.sinks();
+  if (a.has_window()) w.attention.window = a.window();
+  if (a.has_top_k()) w.attention.top_k = a.top_k();
+  if (a.has_beam()) w.attention.beam = a.beam();
+  KVR_RETURN_IF_ERROR(scheduler_->ValidateWork(w));
+  return w;
+}
+
+grpc::ServerWriteReactor<v1::GenerateResponse>* WorkerService::Generate(
+    grpc::CallbackServerContext* context, const v1::GenerateRequest* request) {
+  auto* reactor = new GenerateReactor(scheduler_, request->request_id());
+  reactor->Start(ToWork(*request));
+  return reactor;
+}
+
+grpc::ServerUnaryReactor* WorkerService::Tokenize(grpc::CallbackServerContext* context,
+                                                  const v1::TokenizeRequest* request,
+                                                  v1::TokenizeResponse* response) {
+  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  if (request->text().size() > WorkerServiceOptions::kMaxPromptBytes) {
+    reactor->Finish(grpc::Status(
+        grpc::StatusCode::INVALID_ARGUMENT,
+        absl::StrCat("text: ", request->text().size(), " bytes, limit ",
+                     WorkerServiceOptions::kMaxPromptBytes)));
+    return reactor;
+  }
+  absl::StatusOr<std::vector<int32_t>> ids = tokenizer_->Encode(request->text(), request->add_bos());
+  if (!ids.ok()) {
+    reactor->Finish(grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
+                                 absl::StrCat("text: ", ids.status().message())));
+    return reactor;
+  }
+  response->mutable_ids()->Add(ids->begin(), ids->end());
+  reactor->Finish(grpc::Status::OK);
+  return reactor;
+}
+
+grpc::ServerUnaryReactor* WorkerService::Detokenize(grpc::CallbackServerContext* context,
+                                                    const v1::DetokenizeRequest* request,
+                                                    v1::DetokenizeResponse* response) {
+  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  if (request->ids_size() > WorkerServiceOptions::kMaxDetokenizeIds) {
+    reactor->Finish(grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
+                                 absl::StrCat("ids: ", request->ids_size(), " ids, limit ",
+                                              WorkerServiceOptions::kMaxDetokenizeIds)));
+    return reactor;
+  }
+  std::string text;
+  int32_t prev = tokenizer_->bos_id();
+  for (int i = 0; i < request->ids_size(); ++i) {
+    const int32_t id = request->ids(i);
+    if (id < 0 || id >= config_.vocab_size) {
+      reactor->Finish(grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
+                                   absl::StrCat("ids[", i, "] = ", id, " outside [0, ",
+                                                config_.vocab_size, ")")));
+      return reactor;
+    }
+    absl::StatusOr<std::string> piece = tokenizer_->Decode(prev, id);
+    if (!piece.ok()) {
+      reactor->Finish(grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
+                                   absl::StrCat("ids[", i, "]: ", piece.status().message())));
+      return reactor;
+    }
+    text += *piece;
+    prev = id;
+  }
+  response->set_text(std::move(text));
+  reactor->Finish(grpc::Status::OK);
+  return reactor;
+}
+
+void WorkerService::FillInfo(v1::GetModelInfoResponse* response) const {
+  response->set_model(options_.model_name);
+  response->set_vocab_size(config_.vocab_size);
+  response->set_max_context_tokens(max_context_tokens_);
+  response->set_n_layers(config_.n_layers);
+  response->set_n_heads(config_.n_heads);
+  response->set_n_kv_heads(config_.n_kv_heads);
+  response->set_dim(config_.dim);
+  response->set_bos_id(tokenizer_->bos_id());
+  response->set_eos_id(tokenizer_->eos_id());
+  response->set_max_concurrent(scheduler_->options().max_concurrent);
+  response->set_max_queue(scheduler_->options().max_queue);
+  const SchedulerLoad load = scheduler_->load();
+  response->set_active_sequences(load.active);
+  response->set_queued_requests(load.queued);
+  response->set_finished_requests(load.finished);
+  if (node_ != nullptr) {
+    if (absl::StatusOr<retrieval::NodeStats> st = node_->Stats(); st.ok()) {
+      response->set_node_sequences(st->sequences);
+      response->set_node_shards(st->shards);
+    } else {
+      response->set_node_sequences(-1);  // unknown (a node did not answer)
+      response->set_node_shards(-1);
+    }
+  }
+}
+
+grpc::ServerUnaryReactor* WorkerService::GetModelInfo(grpc::CallbackServerContext* context,
+                                                      const v1::GetModelInfoRequest* request,
+                                                      v1::GetModelInfoResponse* response) {
+  if (request->wait_finished_requests() > 0) {
+    auto* reactor = new InfoReactor(this, response);
+    reactor->Wait(scheduler_, request->wait_finished_requests());
+    return reactor;
+  }
+  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  FillInfo(response);
+  reactor->Finish(grpc::Status::OK);
+  return reactor;
+}
+
+}  // namespace kvr::worker

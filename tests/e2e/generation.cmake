@@ -1,0 +1,17 @@
+# gpu_worker/server: a real kvr_worker (in-process node) on loopback vs the
+# embedded engine; streaming, concurrency, cancellation, bad requests,
+# overload, health, reflection, SIGTERM; and a worker on a real kvr_node.
+add_executable(generation_e2e_test e2e/generation_test.cc)
+target_compile_options(generation_e2e_test PRIVATE ${KVR_WARNINGS})
+# libprotobuf first: libsentencepiece (via kvr::model) bundles protobuf-lite
+# symbols that must not interpose on libprotobuf's; main() references
+# libprotobuf (GOOGLE_PROTOBUF_VERIFY_VERSION) so that --as-needed records it
+# in DT_NEEDED before libsentencepiece.
+target_link_libraries(generation_e2e_test PRIVATE protobuf::libprotobuf kvr::proto
+  kvr::health_proto kvr::engine kvr::retrieval_client kvr::model GTest::gtest)
+add_dependencies(generation_e2e_test kvr_worker kvr_node)
+add_test(NAME generation_e2e_test
+  COMMAND generation_e2e_test --kvr_worker $<TARGET_FILE:kvr_worker>
+    --kvr_node $<TARGET_FILE:kvr_node>)
+set_tests_properties(generation_e2e_test PROPERTIES LABELS e2e TIMEOUT 300
+  ENVIRONMENT "KVR_SHARED_MODELS=${PROJECT_SOURCE_DIR}/../shared/models")

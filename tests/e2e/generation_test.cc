@@ -1,0 +1,752 @@
+// End-to-end test of the generation API: a real kvr_worker process (CPU
+// backend, in-process retrieval node, stories260K) on 127.0.0.1 (port read
+// from its "kvr_worker listening on HOST:PORT" line), driven through the
+// kvr.v1.Generation stubs. The expected outputs are computed in this process
+// with the embedded engine API (worker::Generate) and the same settings.
+//
+//  * greedy "Once upon a time" streams exactly the embedded text and tokens;
+//    the final message's usage counts are right;
+//  * 8 concurrent streams (different prompts, seeds, sampling, modes) each
+//    equal their solo embedded output;
+//  * TryCancel mid-stream ends the stream with CANCELLED and the worker's
+//    node then holds no shards (GetModelInfo.wait_finished_requests waits for
+//    the clean-up, no polling);
+//  * bad requests get INVALID_ARGUMENT / OUT_OF_RANGE naming the field and
+//    the limit; a full queue gives RESOURCE_EXHAUSTED; the worker keeps
+//    serving;
+//  * health SERVING, reflection lists the service, SIGTERM exits 0.
+//
+//  * a worker on a real kvr_node (--nodes) streams the embedded output, and
+//    a cancelled stream leaves no shards on that node.
+//
+// Usage: generation_e2e_test --kvr_worker PATH [--kvr_node PATH] [gtest flags]
+#include <fcntl.h>
+#include <poll.h>
+#include <signal.h>
+#include <sys/prctl.h>
+#include <sys/syscall.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+#include <memory>
+#include <optional>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "gpu_worker/backend/backend.h"
+#include "gpu_worker/engine/generation.h"
+#include "gpu_worker/model/llama2c_loader.h"
+#include "gpu_worker/model/llama2c_tokenizer.h"
+#include "grpc/health/v1/health.grpc.pb.h"
+#include "grpcpp/client_context.h"
+#include "grpcpp/create_channel.h"
+#include "grpcpp/generic/generic_stub.h"
+#include "grpcpp/security/credentials.h"
+#include "grpcpp/support/byte_buffer.h"
+#include "gtest/gtest.h"
+#include "kvr/v1/generation.grpc.pb.h"
+#include "retrieval_node/client/in_process_node.h"
+
+namespace kvr::worker {
+namespace {
+
+std::string g_worker_binary;  // --kvr_worker
+std::string g_node_binary;    // --kvr_node (optional)
+
+constexpr auto kStartTimeout = std::chrono::seconds(60);
+constexpr auto kStopTimeout = std::chrono::seconds(30);
+constexpr auto kCallTimeout = std::chrono::seconds(60);
+
+// One kvr_worker child process (dies with the test: PR_SET_PDEATHSIG).
+class WorkerProcess {
+ public:
+  // Starts `binary` (default: kvr_worker) and reads its "<name> listening on" line.
+  static std::unique_ptr<WorkerProcess> Start(const std::vector<std::string>& args,
+                                              const std::string& binary = g_worker_binary,
+                                              const std::string& name = "kvr_worker") {
+    std::vector<std::string> argv_s = {binary, "--listen=127.0.0.1:0"};
+    argv_s.insert(argv_s.end(), args.begin(), args.end());
+    std::vector<char*> argv;
+    for (std::string& a : argv_s) argv.push_back(a.data());
+    argv.push_back(nullptr);
+    int fds[2];
+    if (pipe2(fds, O_CLOEXEC) != 0) {
+      ADD_FAILURE() << "pipe2: " << std::strerror(errno);
+      return nullptr;
+    }
+    const pid_t parent = getpid();
+    const pid_t pid = fork();
+    if (pid < 0) {
+      ADD_FAILURE() << "fork: " << std::strerror(errno);
+      return nullptr;
+    }
+    if (pid == 0) {
+      prctl(PR_SET_PDEATHSIG, SIGKILL);
+      if (getppid() != parent) _exit(127);
+      dup2(fds[1], STDOUT_FILENO);
+      execv(argv[0], argv.data());
+      _exit(127);
+    }
+    close(fds[1]);
+    auto p = std::unique_ptr<WorkerProcess>(new WorkerProcess(pid, fds[0]));
+    if (!p->ReadAddress(name + " listening on ")) return nullptr;
+    return p;
+  }
+
+  ~WorkerProcess() {
+    if (pid_ > 0) {
+      kill(pid_, SIGKILL);
+      waitpid(pid_, nullptr, 0);
+    }
+    if (pidfd_ >= 0) close(pidfd_);
+    if (out_fd_ >= 0) close(out_fd_);
+  }
+
+  const std::string& address() const { return address_; }
+
+  // Sends `sig`, waits for the exit; the wait status (nullopt on timeout).
+  std::optional<int> Stop(int sig = SIGTERM) {
+    if (pid_ <= 0) return std::nullopt;
+    kill(pid_, sig);
+    pollfd pfd{pidfd_, POLLIN, 0};
+    if (poll(&pfd, 1, static_cast<int>(std::chrono::milliseconds(kStopTimeout).count())) != 1) {
+      return std::nullopt;
+    }
+    int status = 0;
+    if (waitpid(pid_, &status, 0) != pid_) return std::nullopt;
+    pid_ = -1;
+    return status;
+  }
+
+ private:
+  WorkerProcess(pid_t pid, int out_fd)
+      : pid_(pid), out_fd_(out_fd), pidfd_(static_cast<int>(syscall(SYS_pidfd_open, pid, 0))) {}
+
+  bool ReadAddress(const std::string& prefix) {
+    std::string buffer;
+    const auto deadline = std::chrono::steady_clock::now() + kStartTimeout;
+    for (;;) {
+      const size_t nl = buffer.find('\n');
+      if (nl != std::string::npos) {
+        const std::string line = buffer.substr(0, nl);
+        buffer.erase(0, nl + 1);
+        if (line.rfind(prefix, 0) == 0) {
+          address_ = line.substr(prefix.size());
+          return true;
+        }
+        continue;
+      }
+      const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(
+          deadline - std::chrono::steady_clock::now());
+      if (left.count() <= 0) {
+        ADD_FAILURE() << prefix << "... line not printed in time";
+        return false;
+      }
+      pollfd pfd{out_fd_, POLLIN, 0};
+      if (poll(&pfd, 1, static_cast<int>(left.count())) <= 0) continue;
+      char chunk[256];
+      const ssize_t n = read(out_fd_, chunk, sizeof(chunk));
+      if (n <= 0) {
+        ADD_FAILURE() << "exited before \"" << prefix << "...\" (stdout closed)";
+        return false;
+      }
+      buffer.append(chunk, static_cast<size_t>(n));
+    }
+  }
+
+  pid_t pid_;
+  int out_fd_;
+  int pidfd_;
+  std::string address_;
+};
+
+// The embedded engine (same model, node options and engine options as kvr_worker).
+struct Embedded {
+  std::shared_ptr<const LlamaWeights> weights;
+  std::unique_ptr<Llama2cTokenizer> tokenizer;
+  std::unique_ptr<Backend> backend;
+  std::unique_ptr<retrieval::InProcessRetrievalNode> node;
+  std::unique_ptr<RetrievalEngine> engine;
+
+  static std::unique_ptr<Embedded> Create() {
+    const char* dir = std::getenv("KVR_SHARED_MODELS");
+    if (dir == nullptr) {
+      ADD_FAILURE() << "KVR_SHARED_MODELS is not set";
+      return nullptr;
+    }
+    auto e = std::make_unique<Embedded>();
+    auto w = LoadLlama2c(std::string(dir) + "/stories260K.bin");
+    if (!w.ok()) return ADD_FAILURE() << w.status(), nullptr;
+    e->weights = *w;
+    auto t = Llama2cTokenizer::Load(std::string(dir) + "/tok512.bin", e->weights->config.vocab_size);
+    if (!t.ok()) return ADD_FAILURE() << t.status(), nullptr;
+    e->tokenizer = *std::move(t);
+    BackendOptions bo;
+    bo.num_threads = 1;
+    auto b = BackendRegistry::Create("cpu", bo);
+    if (!b.ok()) return ADD_FAILURE() << b.status(), nullptr;
+    e->backend = *std::move(b);
+    auto n = retrieval::InProcessRetrievalNode::Create({});
+    if (!n.ok()) return ADD_FAILURE() << n.status(), nullptr;
+    e->node = *std::move(n);
+    auto en = RetrievalEngine::Create(e->backend.get(), e->weights, e->node.get());
+    if (!en.ok()) return ADD_FAILURE() << en.status(), nullptr;
+    e->engine = *std::move(en);
+    return e;
+  }
+
+  GenerateResult Run(const GenerateRequest& r) {
+    absl::StatusOr<GenerateResult> res = Generate(*engine, *tokenizer, r);
+    EXPECT_TRUE(res.ok()) << res.status();
+    EXPECT_TRUE(engine->EndSequence().ok());
+    return res.ok() ? *std::move(res) : GenerateResult{};
+  }
+};
+
+// The same request for the embedded engine and for the API.
+struct Case {
+  std::string prompt;
+  int max_tokens = 64;
+  float temperature = 0.0f;
+  int top_k = 0;
+  float top_p = 1.0f;
+  float repetition_penalty = 1.0f;
+  uint64_t seed = 1;
+  std::vector<std::string> stop;
+  std::string mode = "retrieval";
+
+  GenerateRequest Embedded() const {
+    GenerateRequest r;
+    r.prompt = prompt;
+    r.max_tokens = max_tokens;
+    r.stop = stop;
+    r.sampling.temperature = temperature;
+    r.sampling.top_k = top_k;
+    r.sampling.top_p = top_p;
+    r.sampling.repetition_penalty = repetition_penalty;
+    r.sampling.seed = seed;
+    r.attention.mode = mode == "full" ? AttentionMode::kFull : AttentionMode::kRetrieval;
+    return r;
+  }
+  v1::GenerateRequest Proto(const std::string& id) const {
+    v1::GenerateRequest r;
+    r.set_text(prompt);
+    r.set_max_tokens(max_tokens);
+    for (const std::string& s : stop) r.add_stop(s);
+    r.mutable_sampling()->set_temperature(temperature);
+    r.mutable_sampling()->set_top_k(top_k);
+    r.mutable_sampling()->set_top_p(top_p);
+    r.mutable_sampling()->set_repetition_penalty(repetition_penalty);
+    r.mutable_sampling()->set_seed(seed);
+    r.mutable_attention()->set_mode(mode);
+    r.set_request_id(id);
+    return r;
+  }
+};
+
+// What one Generate stream delivered.
+struct Streamed {
+  std::string text;
+  std::vector<int32_t> tokens;
+  int chunks = 0;
+  std::optional<v1::GenerateFinal> summary;
+  int messages_after_summary = 0;
+  grpc::Status status;
+};
+
+void SetDeadline(grpc::ClientContext* ctx) {
+  ctx->set_deadline(std::chrono::system_clock::now() + kCallTimeout);
+}
+
+Streamed Stream(v1::Generation::Stub* stub, const v1::GenerateRequest& request) {
+  Streamed out;
+  grpc::ClientContext ctx;
+  SetDeadline(&ctx);
+  auto reader = stub->Generate(&ctx, request);
+  v1::GenerateResponse msg;
+  while (reader->Read(&msg)) {
+    if (out.summary.has_value()) ++out.messages_after_summary;
+    if (msg.has_chunk()) {
+      ++out.chunks;
+      out.text += msg.chunk().text();
+      out.tokens.insert(out.tokens.end(), msg.chunk().token_ids().begin(),
+                        msg.chunk().token_ids().end());
+    } else if (msg.has_summary()) {
+      out.summary = msg.summary();
+    }
+  }
+  out.status = reader->Finish();
+  return out;
+}
+
+v1::FinishReason ToProto(FinishReason r) {
+  switch (r) {
+    case FinishReason::kLength: return v1::FINISH_REASON_LENGTH;
+    case FinishReason::kStop: return v1::FINISH_REASON_STOP;
+    case FinishReason::kEos: return v1::FINISH_REASON_EOS;
+    case FinishReason::kContextFull: return v1::FINISH_REASON_CONTEXT_FULL;
+    case FinishReason::kCancelled: return v1::FINISH_REASON_CANCELLED;
+  }
+  return v1::FINISH_REASON_UNSPECIFIED;
+}
+
+void ExpectSame(const Streamed& got, const GenerateResult& want, const std::string& what) {
+  ASSERT_TRUE(got.status.ok()) << what << ": " << got.status.error_message();
+  ASSERT_TRUE(got.summary.has_value()) << what << ": no final message";
+  EXPECT_EQ(got.messages_after_summary, 0) << what;
+  EXPECT_EQ(got.text, want.text) << what;
+  EXPECT_EQ(got.tokens, want.tokens) << what;
+  EXPECT_EQ(got.summary->usage().prompt_tokens(), want.prompt_tokens) << what;
+  EXPECT_EQ(got.summary->usage().completion_tokens(), static_cast<int64_t>(want.tokens.size()))
+      << what;
+  EXPECT_EQ(got.summary->finish_reason(), ToProto(want.finish)) << what;
+}
+
+v1::GetModelInfoResponse Info(v1::Generation::Stub* stub, int64_t wait_finished = 0) {
+  grpc::ClientContext ctx;
+  SetDeadline(&ctx);
+  v1::GetModelInfoRequest req;
+  req.set_wait_finished_requests(wait_finished);
+  v1::GetModelInfoResponse resp;
+  const grpc::Status s = stub->GetModelInfo(&ctx, req, &resp);
+  EXPECT_TRUE(s.ok()) << s.error_message();
+  return resp;
+}
+
+// A prompt longer than sinks + window (20 tokens), so prefill offloads shards.
+constexpr char kLongPrompt[] =
+    "Once upon a time, there was a little girl named Lily. She loved to play outside in the sun "
+    "with her big red ball and her dog.";
+
+class GenerationE2eTest : public ::testing::Test {
+ protected:
+  static void SetUpTestSuite() {
+    embedded_ = Embedded::Create().release();
+    worker_ = WorkerProcess::Start({"--max_concurrent=4", "--max_queue=16"}).release();
+  }
+  static void TearDownTestSuite() {
+    if (worker_ != nullptr) {
+      const std::optional<int> st = worker_->Stop(SIGTERM);
+      EXPECT_TRUE(st.has_value() && WIFEXITED(*st) && WEXITSTATUS(*st) == 0)
+          << "kvr_worker did not exit 0 on SIGTERM";
+    }
+    delete worker_;
+    delete embedded_;
+    worker_ = nullptr;
+    embedded_ = nullptr;
+  }
+  void SetUp() override {
+    ASSERT_NE(embedded_, nullptr);
+    ASSERT_NE(worker_, nullptr);
+    channel_ = grpc::CreateChannel(worker_->address(), grpc::InsecureChannelCredentials());
+    stub_ = v1::Generation::NewStub(channel_);
+  }
+
+  static Embedded* embedded_;
+  static WorkerProcess* worker_;
+  std::shared_ptr<grpc::Channel> channel_;
+  std::unique_ptr<v1::Generation::Stub> stub_;
+};
+Embedded* GenerationE2eTest::embedded_ = nullptr;
+WorkerProcess* GenerationE2eTest::worker_ = nullptr;
+
+TEST_F(GenerationE2eTest, GreedyStreamEqualsEmbedded) {
+  for (const std::string mode : {"retrieval", "full"}) {
+    Case c;
+    c.prompt = "Once upon a time";
+    c.max_tokens = 120;
+    c.mode = mode;
+    const GenerateResult want = embedded_->Run(c.Embedded());
+    ASSERT_EQ(want.tokens.size(), 120u);
+    const Streamed got = Stream(stub_.get(), c.Proto("greedy-" + mode));
+    ExpectSame(got, want, mode);
+    EXPECT_GT(got.chunks, 1) << "the text must stream, not arrive at once";
+    ASSERT_TRUE(got.summary.has_value());
+    EXPECT_EQ(got.summary->request_id(), "greedy-" + mode);
+    EXPECT_EQ(got.summary->usage().prompt_tokens(), 5);  // BOS + 4 tokens
+    const v1::Timings& t = got.summary->timings();
+    EXPECT_GT(t.time_to_first_token_seconds(), 0.0);
+    EXPECT_GT(t.mean_token_latency_seconds(), 0.0);
+    EXPECT_GE(t.total_seconds(), t.time_to_first_token_seconds());
+  }
+}
+
+TEST_F(GenerationE2eTest, StopStringsAndTokenPrompt) {
+  Case c;
+  c.prompt = "Once upon a time";
+  c.max_tokens = 200;
+  c.stop = {"."};
+  const GenerateResult want = embedded_->Run(c.Embedded());
+  ASSERT_EQ(want.finish, FinishReason::kStop);
+  ExpectSame(Stream(stub_.get(), c.Proto("stop")), want, "stop");
+
+  // The same prompt as token ids gives the same output.
+  auto ids = embedded_->tokenizer->Encode(c.prompt, /*add_bos=*/true);
+  ASSERT_TRUE(ids.ok());
+  v1::GenerateRequest r = c.Proto("ids");
+  r.mutable_tokens()->mutable_ids()->Add(ids->begin(), ids->end());
+  ExpectSame(Stream(stub_.get(), r), want, "token prompt");
+}
+
+TEST_F(GenerationE2eTest, ConcurrentStreamsEqualSolo) {
+  const std::vector<std::string> prompts = {
+      "Once upon a time", "The cat", "Lily and Tom went to the park", kLongPrompt,
+      "One day, a little bird", "The sun was shining", "Ben had a red car", "Sara liked to"};
+  std::vector<Case> cases(prompts.size());
+  std::vector<GenerateResult> want(cases.size());
+  for (size_t i = 0; i < cases.size(); ++i) {
+    Case& c = cases[i];
+    c.prompt = prompts[i];
+    c.max_tokens = 60 + 20 * static_cast<int>(i);
+    c.seed = 100 + i;
+    c.temperature = i % 4 == 0 ? 0.0f : 0.9f;
+    c.top_p = i % 3 == 0 ? 0.9f : 1.0f;
+    c.top_k = i % 2 == 0 ? 40 : 0;
+    c.repetition_penalty = i == 5 ? 1.2f : 1.0f;
+    c.mode = i == 2 || i == 7 ? "full" : "retrieval";  // kLongPrompt (3) offloads
+    want[i] = embedded_->Run(c.Embedded());
+  }
+  std::vector<Streamed> got(cases.size());
+  std::vector<std::thread> threads;
+  for (size_t i = 0; i < cases.size(); ++i) {
+    threads.emplace_back([&, i] {
+      got[i] = Stream(stub_.get(), cases[i].Proto("c" + std::to_string(i)));
+    });
+  }
+  for (std::thread& t : threads) t.join();
+  for (size_t i = 0; i < cases.size(); ++i) {
+    ExpectSame(got[i], want[i], "stream " + std::to_string(i));
+  }
+}
+
+TEST_F(GenerationE2eTest, CancelMidStreamFreesShards) {
+  const int64_t finished_before = Info(stub_.get()).finished_requests();
+  Case c;
+  c.prompt = kLongPrompt;
+  c.max_tokens = 400;
+  grpc::ClientContext ctx;
+  SetDeadline(&ctx);
+  auto reader = stub_->Generate(&ctx, c.Proto("cancel-me"));
+  v1::GenerateResponse msg;
+  size_t tokens = 0;
+  while (tokens < 8 && reader->Read(&msg)) {
+    ASSERT_TRUE(msg.has_chunk()) << "the stream ended before it could be cancelled";
+    tokens += static_cast<size_t>(msg.chunk().token_ids_size());
+  }
+  // Mid-stream: the prompt's middle tokens are on the node.
+  const v1::GetModelInfoResponse during = Info(stub_.get());
+  EXPECT_GT(during.node_shards(), 0);
+  EXPECT_EQ(during.active_sequences(), 1);
+  ctx.TryCancel();
+  bool saw_summary = false;
+  while (reader->Read(&msg)) saw_summary |= msg.has_summary();
+  const grpc::Status st = reader->Finish();
+  EXPECT_EQ(st.error_code(), grpc::StatusCode::CANCELLED) << st.error_message();
+  EXPECT_FALSE(saw_summary);
+  // Waits (server side, no polling) until the cancelled request has ended.
+  const v1::GetModelInfoResponse after = Info(stub_.get(), finished_before + 1);
+  EXPECT_EQ(after.finished_requests(), finished_before + 1);
+  EXPECT_EQ(after.node_shards(), 0);
+  EXPECT_EQ(after.node_sequences(), 0);
+  EXPECT_EQ(after.active_sequences(), 0);
+  // And it keeps serving.
+  Case ok;
+  ok.prompt = "The cat";
+  ok.max_tokens = 16;
+  ExpectSame(Stream(stub_.get(), ok.Proto("after-cancel")), embedded_->Run(ok.Embedded()),
+             "after cancel");
+}
+
+TEST_F(GenerationE2eTest, BadRequestsGetPreciseErrors) {
+  Case base;
+  base.prompt = "Once upon a time";
+  base.max_tokens = 8;
+  struct Bad {
+    std::string name;
+    v1::GenerateRequest request;
+    grpc::StatusCode code;
+    std::vector<std::string> message_has;
+  };
+  std::vector<Bad> bad;
+  {
+    v1::GenerateRequest r = base.Proto("neg");
+    r.set_max_tokens(-1);
+    bad.push_back({"negative max_tokens", r, grpc::StatusCode::INVALID_ARGUMENT,
+                   {"max_tokens", "-1", ">= 0"}});
+  }
+  {
+    v1::GenerateRequest r = base.Proto("nan");
+    r.mutable_sampling()->set_temperature(std::numeric_limits<float>::quiet_NaN());
+    bad.push_back({"NaN temperature", r, grpc::StatusCode::INVALID_ARGUMENT,
+                   {"sampling.temperature", "nan"}});
+  }
+  {
+    v1::GenerateRequest r = base.Proto("top_p");
+    r.mutable_sampling()->set_top_p(1.5f);
+    bad.push_back({"top_p 1.5", r, grpc::StatusCode::INVALID_ARGUMENT,
+                   {"sampling.top_p", "(0, 1]"}});
+  }
+  {
+    v1::GenerateRequest r = base.Proto("mode");
+    r.mutable_attention()->set_mode("sparse");
+    bad.push_back({"unknown attention mode", r, grpc::StatusCode::INVALID_ARGUMENT,
+                   {"attention.mode", "sparse"}});
+  }
+  {
+    v1::GenerateRequest r = base.Proto("window");
+    r.mutable_attention()->set_window(0);
+    bad.push_back({"window 0", r, grpc::StatusCode::INVALID_ARGUMENT, {"attention.window"}});
+  }
+  {
+    v1::GenerateRequest r = base.Proto("long-text");
+    std::string text;
+    for (int i = 0; i < 300; ++i) text += "Once upon a time ";
+    r.set_text(text);
+    bad.push_back({"prompt text over the context", r, grpc::StatusCode::OUT_OF_RANGE,
+                   {"prompt", "512"}});
+  }
+  {
+    v1::GenerateRequest r = base.Proto("long-ids");
+    for (int i = 0; i < 513; ++i) r.mutable_tokens()->add_ids(1 + i % 300);
+    bad.push_back({"prompt ids over the context", r, grpc::StatusCode::OUT_OF_RANGE,
+                   {"513", "512"}});
+  }
+  {
+    v1::GenerateRequest r = base.Proto("bad-id");
+    r.mutable_tokens()->add_ids(1);
+    r.mutable_tokens()->add_ids(512);
+    bad.push_back({"token id out of vocab", r, grpc::StatusCode::INVALID_ARGUMENT,
+                   {"[1]", "512"}});
+  }
+  {
+    v1::GenerateRequest r = base.Proto("empty-stop");
+    r.add_stop("");
+    bad.push_back({"empty stop", r, grpc::StatusCode::INVALID_ARGUMENT, {"stop[0]"}});
+  }
+  {
+    v1::GenerateRequest r;
+    r.set_max_tokens(4);
+    bad.push_back({"no prompt", r, grpc::StatusCode::INVALID_ARGUMENT, {"prompt"}});
+  }
+  const int64_t finished_before = Info(stub_.get()).finished_requests();
+  for (const Bad& b : bad) {
+    const Streamed got = Stream(stub_.get(), b.request);
+    EXPECT_EQ(got.status.error_code(), b.code) << b.name << ": " << got.status.error_message();
+    for (const std::string& part : b.message_has) {
+      EXPECT_NE(got.status.error_message().find(part), std::string::npos)
+          << b.name << ": \"" << got.status.error_message() << "\" lacks \"" << part << "\"";
+    }
+    EXPECT_TRUE(got.tokens.empty()) << b.name;
+  }
+  // Rejected requests never reached the scheduler; the worker still serves.
+  EXPECT_EQ(Info(stub_.get()).finished_requests(), finished_before);
+  ExpectSame(Stream(stub_.get(), base.Proto("good")), embedded_->Run(base.Embedded()),
+             "after bad requests");
+}
+
+TEST_F(GenerationE2eTest, TokenizeDetokenizeAndModelInfo) {
+  grpc::ClientContext c1;
+  SetDeadline(&c1);
+  v1::TokenizeRequest tr;
+  tr.set_text("Once upon a time");
+  tr.set_add_bos(true);
+  v1::TokenizeResponse tresp;
+  ASSERT_TRUE(stub_->Tokenize(&c1, tr, &tresp).ok());
+  auto want = embedded_->tokenizer->Encode("Once upon a time", true);
+  ASSERT_TRUE(want.ok());
+  EXPECT_EQ(std::vector<int32_t>(tresp.ids().begin(), tresp.ids().end()), *want);
+
+  grpc::ClientContext c2;
+  SetDeadline(&c2);
+  v1::DetokenizeRequest dr;
+  dr.mutable_ids()->Add(tresp.ids().begin() + 1, tresp.ids().end());  // without BOS
+  v1::DetokenizeResponse dresp;
+  ASSERT_TRUE(stub_->Detokenize(&c2, dr, &dresp).ok());
+  EXPECT_EQ(dresp.text(), "Once upon a time");
+
+  grpc::ClientContext c3;
+  SetDeadline(&c3);
+  dr.add_ids(-3);
+  const grpc::Status bad = stub_->Detokenize(&c3, dr, &dresp);
+  EXPECT_EQ(bad.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+
+  const v1::GetModelInfoResponse info = Info(stub_.get());
+  EXPECT_EQ(info.vocab_size(), 512);
+  EXPECT_EQ(info.max_context_tokens(), 512);
+  EXPECT_EQ(info.n_layers(), embedded_->weights->config.n_layers);
+  EXPECT_EQ(info.max_concurrent(), 4);
+  EXPECT_EQ(info.max_queue(), 16);
+  EXPECT_EQ(info.node_shards(), 0);
+}
+
+TEST_F(GenerationE2eTest, HealthServingAndReflection) {
+  auto health = grpc::health::v1::Health::NewStub(channel_);
+  for (const std::string service : {"", "kvr.v1.Generation"}) {
+    grpc::ClientContext ctx;
+    SetDeadline(&ctx);
+    grpc::health::v1::HealthCheckRequest req;
+    req.set_service(service);
+    grpc::health::v1::HealthCheckResponse resp;
+    ASSERT_TRUE(health->Check(&ctx, req, &resp).ok()) << service;
+    EXPECT_EQ(resp.status(), grpc::health::v1::HealthCheckResponse::SERVING) << service;
+  }
+  // grpc.reflection.v1alpha over a generic stream: ListServices names the service.
+  grpc::GenericStub stub(channel_);
+  grpc::CompletionQueue cq;
+  grpc::ClientContext ctx;
+  SetDeadline(&ctx);
+  auto call = stub.PrepareCall(&ctx, "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+                               &cq);
+  void* tag;
+  bool ok;
+  auto step = [&](intptr_t want) {
+    ASSERT_TRUE(cq.Next(&tag, &ok));
+    ASSERT_EQ(reinterpret_cast<intptr_t>(tag), want);
+  };
+  call->StartCall(reinterpret_cast<void*>(1));
+  step(1);
+  ASSERT_TRUE(ok);
+  const char request_bytes[] = {0x3a, 0x01, '*'};  // list_services = "*"
+  grpc::Slice slice(request_bytes, sizeof(request_bytes));
+  grpc::ByteBuffer request(&slice, 1);
+  call->Write(request, reinterpret_cast<void*>(2));
+  step(2);
+  ASSERT_TRUE(ok);
+  grpc::ByteBuffer reply;
+  call->Read(&reply, reinterpret_cast<void*>(3));
+  step(3);
+  ASSERT_TRUE(ok);
+  std::vector<grpc::Slice> slices;
+  ASSERT_TRUE(reply.Dump(&slices).ok());
+  std::string bytes;
+  for (const grpc::Slice& s : slices) bytes.append(reinterpret_cast<const char*>(s.begin()), s.size());
+  EXPECT_NE(bytes.find("kvr.v1.Generation"), std::string::npos);
+  call->WritesDone(reinterpret_cast<void*>(4));
+  step(4);
+  grpc::Status status;
+  call->Finish(&status, reinterpret_cast<void*>(5));
+  step(5);
+}
+
+// A worker with one decode slot and no queue: while a stream holds the slot,
+// another request gets RESOURCE_EXHAUSTED with retry advice.
+TEST(GenerationOverloadTest, FullQueueIsResourceExhausted) {
+  auto worker = WorkerProcess::Start({"--max_concurrent=1", "--max_queue=0"});
+  ASSERT_NE(worker, nullptr);
+  {
+    auto stub = v1::Generation::NewStub(
+        grpc::CreateChannel(worker->address(), grpc::InsecureChannelCredentials()));
+    Case c;
+    c.prompt = "Once upon a time";
+    c.max_tokens = 400;
+    grpc::ClientContext ctx;
+    SetDeadline(&ctx);
+    auto reader = stub->Generate(&ctx, c.Proto("holder"));
+    v1::GenerateResponse msg;
+    ASSERT_TRUE(reader->Read(&msg));
+    ASSERT_TRUE(msg.has_chunk());
+    const Streamed rejected = Stream(stub.get(), c.Proto("rejected"));
+    EXPECT_EQ(rejected.status.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED)
+        << rejected.status.error_message();
+    EXPECT_NE(rejected.status.error_message().find("retry"), std::string::npos)
+        << rejected.status.error_message();
+    ctx.TryCancel();
+    while (reader->Read(&msg)) {
+    }
+    EXPECT_EQ(reader->Finish().error_code(), grpc::StatusCode::CANCELLED);
+    // The slot is free again once the cancelled stream has ended.
+    EXPECT_EQ(Info(stub.get(), 1).active_sequences(), 0);
+    Case small;
+    small.prompt = "The cat";
+    small.max_tokens = 8;
+    const Streamed after = Stream(stub.get(), small.Proto("after"));
+    EXPECT_TRUE(after.status.ok()) << after.status.error_message();
+  }  // the client's calls and channel are gone: shutdown need not wait for them
+  const auto t0 = std::chrono::steady_clock::now();
+  const std::optional<int> st = worker->Stop(SIGTERM);
+  ASSERT_TRUE(st.has_value());
+  EXPECT_TRUE(WIFEXITED(*st) && WEXITSTATUS(*st) == 0);
+  EXPECT_LT(std::chrono::steady_clock::now() - t0, std::chrono::seconds(4))
+      << "an idle worker should stop promptly on SIGTERM";
+}
+
+// The worker on a real kvr_node process (--nodes): the same output as the
+// embedded engine with its in-process node; cancellation frees the remote shards.
+TEST(GenerationRemoteNodeTest, WorkerOnKvrNode) {
+  if (g_node_binary.empty()) GTEST_SKIP() << "no --kvr_node given";
+  auto node = WorkerProcess::Start({"--metrics_listen="}, g_node_binary, "kvr_node");
+  ASSERT_NE(node, nullptr);
+  auto worker = WorkerProcess::Start({"--nodes=" + node->address()});
+  ASSERT_NE(worker, nullptr);
+  std::unique_ptr<Embedded> embedded = Embedded::Create();
+  ASSERT_NE(embedded, nullptr);
+  {
+    auto stub = v1::Generation::NewStub(
+        grpc::CreateChannel(worker->address(), grpc::InsecureChannelCredentials()));
+    Case c;
+    c.prompt = kLongPrompt;  // prefill offloads shards to the node
+    c.max_tokens = 100;
+    ExpectSame(Stream(stub.get(), c.Proto("remote")), embedded->Run(c.Embedded()), "remote node");
+    EXPECT_EQ(Info(stub.get(), 1).node_shards(), 0);
+
+    c.max_tokens = 400;
+    grpc::ClientContext ctx;
+    SetDeadline(&ctx);
+    auto reader = stub->Generate(&ctx, c.Proto("remote-cancel"));
+    v1::GenerateResponse msg;
+    // Past the first decode steps, which wait for the prefill hand-off: the
+    // prompt's middle tokens are on the node.
+    for (int tokens = 0; tokens < 8;) {
+      ASSERT_TRUE(reader->Read(&msg));
+      ASSERT_TRUE(msg.has_chunk()) << "the stream ended before it could be cancelled";
+      tokens += msg.chunk().token_ids_size();
+    }
+    EXPECT_GT(Info(stub.get()).node_shards(), 0);
+    ctx.TryCancel();
+    while (reader->Read(&msg)) {
+    }
+    EXPECT_EQ(reader->Finish().error_code(), grpc::StatusCode::CANCELLED);
+    const v1::GetModelInfoResponse after = Info(stub.get(), 2);
+    EXPECT_EQ(after.node_shards(), 0);
+    EXPECT_EQ(after.node_sequences(), 0);
+  }
+  const std::optional<int> ws = worker->Stop(SIGTERM);
+  ASSERT_TRUE(ws.has_value());
+  EXPECT_TRUE(WIFEXITED(*ws) && WEXITSTATUS(*ws) == 0);
+  const std::optional<int> ns = node->Stop(SIGTERM);
+  ASSERT_TRUE(ns.has_value());
+  EXPECT_TRUE(WIFEXITED(*ns) && WEXITSTATUS(*ns) == 0);
+}
+
+}  // namespace
+}  // namespace kvr::worker
+
+int main(int argc, char** argv) {
+  // Also makes libprotobuf precede libsentencepiece in DT_NEEDED (see generation.cmake).
+  GOOGLE_PROTOBUF_VERIFY_VERSION;
+  ::testing::InitGoogleTest(&argc, argv);
+  for (int i = 1; i < argc; ++i) {
+    const std::string a = argv[i];
+    if (a == "--kvr_worker" && i + 1 < argc) {
+      kvr::worker::g_worker_binary = argv[++i];
+    } else if (a.rfind("--kvr_worker=", 0) == 0) {
+      kvr::worker::g_worker_binary = a.substr(13);
+    } else if (a == "--kvr_node" && i + 1 < argc) {
+      kvr::worker::g_node_binary = argv[++i];
+    } else if (a.rfind("--kvr_node=", 0) == 0) {
+      kvr::worker::g_node_binary = a.substr(11);
+    }
+  }
+  if (kvr::worker::g_worker_binary.empty()) {
+    std::fprintf(stderr, "usage: %s --kvr_worker PATH [gtest flags]\n", argv[0]);
+    return 2;
+  }
+  signal(SIGPIPE, SIG_IGN);
+  return RUN_ALL_TESTS();
+}
