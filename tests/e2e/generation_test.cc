@@ -23,8 +23,6 @@
 #include <fcntl.h>
 #include <poll.h>
 #include <signal.h>
-#include <sys/prctl.h>
-#include <sys/syscall.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -39,6 +37,7 @@
 #include <thread>
 #include <vector>
 
+#include "tests/support/server_process.h"
 #include "gpu_worker/backend/backend.h"
 #include "gpu_worker/engine/generation.h"
 #include "gpu_worker/model/llama2c_loader.h"
@@ -59,112 +58,9 @@ namespace {
 std::string g_worker_binary;  // --kvr_worker
 std::string g_node_binary;    // --kvr_node (optional)
 
-constexpr auto kStartTimeout = std::chrono::seconds(60);
-constexpr auto kStopTimeout = std::chrono::seconds(30);
 constexpr auto kCallTimeout = std::chrono::seconds(60);
 
-// One kvr_worker child process (dies with the test: PR_SET_PDEATHSIG).
-class WorkerProcess {
- public:
-  // Starts `binary` (default: kvr_worker) and reads its "<name> listening on" line.
-  static std::unique_ptr<WorkerProcess> Start(const std::vector<std::string>& args,
-                                              const std::string& binary = g_worker_binary,
-                                              const std::string& name = "kvr_worker") {
-    std::vector<std::string> argv_s = {binary, "--listen=127.0.0.1:0"};
-    argv_s.insert(argv_s.end(), args.begin(), args.end());
-    std::vector<char*> argv;
-    for (std::string& a : argv_s) argv.push_back(a.data());
-    argv.push_back(nullptr);
-    int fds[2];
-    if (pipe2(fds, O_CLOEXEC) != 0) {
-      ADD_FAILURE() << "pipe2: " << std::strerror(errno);
-      return nullptr;
-    }
-    const pid_t parent = getpid();
-    const pid_t pid = fork();
-    if (pid < 0) {
-      ADD_FAILURE() << "fork: " << std::strerror(errno);
-      return nullptr;
-    }
-    if (pid == 0) {
-      prctl(PR_SET_PDEATHSIG, SIGKILL);
-      if (getppid() != parent) _exit(127);
-      dup2(fds[1], STDOUT_FILENO);
-      execv(argv[0], argv.data());
-      _exit(127);
-    }
-    close(fds[1]);
-    auto p = std::unique_ptr<WorkerProcess>(new WorkerProcess(pid, fds[0]));
-    if (!p->ReadAddress(name + " listening on ")) return nullptr;
-    return p;
-  }
-
-  ~WorkerProcess() {
-    if (pid_ > 0) {
-      kill(pid_, SIGKILL);
-      waitpid(pid_, nullptr, 0);
-    }
-    if (pidfd_ >= 0) close(pidfd_);
-    if (out_fd_ >= 0) close(out_fd_);
-  }
-
-  const std::string& address() const { return address_; }
-
-  // Sends `sig`, waits for the exit; the wait status (nullopt on timeout).
-  std::optional<int> Stop(int sig = SIGTERM) {
-    if (pid_ <= 0) return std::nullopt;
-    kill(pid_, sig);
-    pollfd pfd{pidfd_, POLLIN, 0};
-    if (poll(&pfd, 1, static_cast<int>(std::chrono::milliseconds(kStopTimeout).count())) != 1) {
-      return std::nullopt;
-    }
-    int status = 0;
-    if (waitpid(pid_, &status, 0) != pid_) return std::nullopt;
-    pid_ = -1;
-    return status;
-  }
-
- private:
-  WorkerProcess(pid_t pid, int out_fd)
-      : pid_(pid), out_fd_(out_fd), pidfd_(static_cast<int>(syscall(SYS_pidfd_open, pid, 0))) {}
-
-  bool ReadAddress(const std::string& prefix) {
-    std::string buffer;
-    const auto deadline = std::chrono::steady_clock::now() + kStartTimeout;
-    for (;;) {
-      const size_t nl = buffer.find('\n');
-      if (nl != std::string::npos) {
-        const std::string line = buffer.substr(0, nl);
-        buffer.erase(0, nl + 1);
-        if (line.rfind(prefix, 0) == 0) {
-          address_ = line.substr(prefix.size());
-          return true;
-        }
-        continue;
-      }
-      const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(
-          deadline - std::chrono::steady_clock::now());
-      if (left.count() <= 0) {
-        ADD_FAILURE() << prefix << "... line not printed in time";
-        return false;
-      }
-      pollfd pfd{out_fd_, POLLIN, 0};
-      if (poll(&pfd, 1, static_cast<int>(left.count())) <= 0) continue;
-      char chunk[256];
-      const ssize_t n = read(out_fd_, chunk, sizeof(chunk));
-      if (n <= 0) {
-        ADD_FAILURE() << "exited before \"" << prefix << "...\" (stdout closed)";
-        return false;
-      }
-      buffer.append(chunk, static_cast<size_t>(n));
-    }
-  }
-
-  pid_t pid_;
-  int out_fd_;
-  int pidfd_;
-  std::string address_;
-};
+using kvr::test_support::ServerProcess;
 
 // The embedded engine (same model, node options and engine options as kvr_worker).
 struct Embedded {
@@ -328,7 +224,9 @@ class GenerationE2eTest : public ::testing::Test {
  protected:
   static void SetUpTestSuite() {
     embedded_ = Embedded::Create().release();
-    worker_ = WorkerProcess::Start({"--max_concurrent=4", "--max_queue=16"}).release();
+    worker_ = ServerProcess::Start(g_worker_binary, "kvr_worker",
+                                   {"--max_concurrent=4", "--max_queue=16"})
+                  .release();
   }
   static void TearDownTestSuite() {
     if (worker_ != nullptr) {
@@ -349,12 +247,12 @@ class GenerationE2eTest : public ::testing::Test {
   }
 
   static Embedded* embedded_;
-  static WorkerProcess* worker_;
+  static ServerProcess* worker_;
   std::shared_ptr<grpc::Channel> channel_;
   std::unique_ptr<v1::Generation::Stub> stub_;
 };
 Embedded* GenerationE2eTest::embedded_ = nullptr;
-WorkerProcess* GenerationE2eTest::worker_ = nullptr;
+ServerProcess* GenerationE2eTest::worker_ = nullptr;
 
 TEST_F(GenerationE2eTest, GreedyStreamEqualsEmbedded) {
   for (const std::string mode : {"retrieval", "full"}) {
@@ -637,7 +535,8 @@ TEST_F(GenerationE2eTest, HealthServingAndReflection) {
 // A worker with one decode slot and no queue: while a stream holds the slot,
 // another request gets RESOURCE_EXHAUSTED with retry advice.
 TEST(GenerationOverloadTest, FullQueueIsResourceExhausted) {
-  auto worker = WorkerProcess::Start({"--max_concurrent=1", "--max_queue=0"});
+  auto worker =
+      ServerProcess::Start(g_worker_binary, "kvr_worker", {"--max_concurrent=1", "--max_queue=0"});
   ASSERT_NE(worker, nullptr);
   {
     auto stub = v1::Generation::NewStub(
@@ -680,9 +579,9 @@ TEST(GenerationOverloadTest, FullQueueIsResourceExhausted) {
 // embedded engine with its in-process node; cancellation frees the remote shards.
 TEST(GenerationRemoteNodeTest, WorkerOnKvrNode) {
   if (g_node_binary.empty()) GTEST_SKIP() << "no --kvr_node given";
-  auto node = WorkerProcess::Start({"--metrics_listen="}, g_node_binary, "kvr_node");
+  auto node = ServerProcess::Start(g_node_binary, "kvr_node", {"--metrics_listen="});
   ASSERT_NE(node, nullptr);
-  auto worker = WorkerProcess::Start({"--nodes=" + node->address()});
+  auto worker = ServerProcess::Start(g_worker_binary, "kvr_worker", {"--nodes=" + node->address()});
   ASSERT_NE(worker, nullptr);
   std::unique_ptr<Embedded> embedded = Embedded::Create();
   ASSERT_NE(embedded, nullptr);

@@ -38,7 +38,7 @@
 #include <utility>
 #include <vector>
 
-#include "tests/integration/node_process.h"
+#include "tests/support/server_process.h"
 #include "common/attention.h"
 #include "common/tensor.h"
 #include "gtest/gtest.h"

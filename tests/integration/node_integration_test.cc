@@ -33,7 +33,7 @@
 #include <string>
 #include <vector>
 
-#include "tests/integration/node_process.h"
+#include "tests/support/server_process.h"
 #include "common/attention.h"
 #include "common/tensor.h"
 #include "grpc/health/v1/health.grpc.pb.h"

@@ -37,7 +37,7 @@
 #include <thread>
 #include <vector>
 
-#include "tests/integration/node_process.h"
+#include "tests/support/server_process.h"
 #include "common/attention.h"
 #include "common/tensor.h"
 #include "gtest/gtest.h"

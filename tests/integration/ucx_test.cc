@@ -35,7 +35,7 @@
 #include "retrieval_node/server/grpc_retrieval_client.h"
 #include "retrieval_node/server/ucx_endpoint.h"
 #include "retrieval_node/server/ucx_retrieval_client.h"
-#include "tests/integration/node_process.h"
+#include "tests/support/server_process.h"
 
 namespace kvr::retrieval {
 namespace {
