@@ -39,6 +39,7 @@
 #include <vector>
 
 #include "tests/support/server_process.h"
+#include "tests/support/test_data.h"
 #include "common/attention.h"
 #include "common/tensor.h"
 #include "gtest/gtest.h"
@@ -47,10 +48,10 @@
 namespace kvr::retrieval {
 namespace {
 
-
 constexpr int64_t kBudgetBytes = int64_t{1} << 30;
 
 using kvr::test_support::NodeProcess;
+using kvr::test_support::RandomMatrix;
 
 // --- scraping ------------------------------------------------------------------------
 
@@ -186,15 +187,6 @@ bool Has(const Samples& s, const std::string& name,
 
 constexpr int kHeads = 4, kKvHeads = 2, kDim = 16;
 constexpr size_t kShardKeys = 64;
-
-Matrix RandomMatrix(size_t rows, size_t cols, uint32_t seed) {
-  std::mt19937 rng(seed);
-  std::normal_distribution<float> dist(0.0f, 1.0f);
-  Matrix m(rows, cols);
-  for (float& x : m.data) x = dist(rng);
-  return m;
-}
-
 SequenceSpec Spec(uint64_t id) {
   SequenceSpec spec;
   spec.sequence_id = id;

@@ -36,11 +36,13 @@
 #include "retrieval_node/server/ucx_endpoint.h"
 #include "retrieval_node/server/ucx_retrieval_client.h"
 #include "tests/support/server_process.h"
+#include "tests/support/test_data.h"
 
 namespace kvr::retrieval {
 namespace {
 
 using kvr::test_support::NodeProcess;
+using kvr::test_support::RandomMatrix;
 
 constexpr int kNodeThreads = 2;
 constexpr int kTailCapacity = 64;
@@ -88,17 +90,6 @@ std::unique_ptr<UcxRetrievalClient> ConnectUcx(const std::string& address,
   EXPECT_TRUE(client.ok()) << client.status();
   return std::move(client).value();
 }
-
-Matrix RandomMatrix(size_t rows, size_t cols, uint32_t seed, float shift = 0.0f) {
-  std::mt19937 rng(seed);
-  std::normal_distribution<float> dist(0.0f, 1.0f);
-  Matrix m(rows, cols);
-  for (size_t i = 0; i < rows; ++i) {
-    for (size_t j = 0; j < cols; ++j) m.row(i)[j] = dist(rng) + (j % 4 == 0 ? shift : 0.0f);
-  }
-  return m;
-}
-
 // Bit-identical partials (memcmp: NaN-safe, -0 vs +0 counts as different).
 void ExpectBitIdentical(const Partials& a, const Partials& b, const std::string& what) {
   ASSERT_EQ(a.m.size(), b.m.size()) << what;
