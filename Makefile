@@ -1,7 +1,7 @@
 # Entry points. Every target installs what is missing first (scripts/install-deps.sh
 # is idempotent and silent when everything is present).
 #
-#   make run        build, then generate text with the embedded default
+#   make run        build the kvr CLI, then generate text with the embedded default
 #   make test       build, then run the default test suite (everything but `slow`)
 #   make test-slow  the long tests (ctest label `slow`)
 #   make bench      build the benchmarks (see docs/benchmarks.md for commands)
@@ -23,7 +23,8 @@ configure: deps
 build: configure
 	@cmake --build $(BUILD_DIR) -j $(JOBS)
 
-run: build
+run: configure
+	@cmake --build $(BUILD_DIR) -j $(JOBS) --target kvr
 	@$(BUILD_DIR)/tools/kvr generate --prompt "Once upon a time" --max_tokens 120
 
 test: build
