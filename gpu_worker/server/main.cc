@@ -19,6 +19,7 @@
 
 #include <pthread.h>
 
+#include "services/rpc/grpc_server.h"
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
 #include "absl/flags/usage.h"
@@ -31,11 +32,6 @@
 #include "gpu_worker/model/llama2c_tokenizer.h"
 #include "gpu_worker/server/generation_scheduler.h"
 #include "gpu_worker/server/worker_service.h"
-#include "grpcpp/ext/proto_server_reflection_plugin.h"
-#include "grpcpp/health_check_service_interface.h"
-#include "grpcpp/security/server_credentials.h"
-#include "grpcpp/server.h"
-#include "grpcpp/server_builder.h"
 #include "retrieval_node/client/in_process_node.h"
 #include "retrieval_node/server/grpc_retrieval_client.h"
 #include "retrieval_node/server/multi_node_client.h"
@@ -191,35 +187,15 @@ int Main(int argc, char** argv) {
   auto service = std::make_unique<WorkerService>(scheduler->get(), tokenizer->get(), node.get(),
                                                  (*weights)->config, (*engine)->max_seq_len(), wo);
 
-  grpc::EnableDefaultHealthCheckService(true);
-  grpc::reflection::InitProtoReflectionServerBuilderPlugin();
-  const std::string listen = absl::GetFlag(FLAGS_listen);
-  int port = 0;
-  grpc::ServerBuilder builder;
-  builder.AddListeningPort(listen, grpc::InsecureServerCredentials(), &port);
-  builder.SetMaxReceiveMessageSize(max_message_bytes);
-  builder.SetMaxSendMessageSize(max_message_bytes);
-  builder.RegisterService(service.get());
-  std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
-  if (server == nullptr || port == 0) return Fail("cannot listen on " + listen);
-  grpc::HealthCheckServiceInterface* health = server->GetHealthCheckService();
-  health->SetServingStatus(kServiceName, true);
-  health->SetServingStatus(true);
-
-  const size_t colon = listen.rfind(':');
-  const std::string host = colon == std::string::npos ? listen : listen.substr(0, colon);
-  std::printf("kvr_worker listening on %s:%d\n", host.c_str(), port);
-  std::fflush(stdout);
-
-  int signal = 0;
-  sigwait(&stop_signals, &signal);
-  std::fprintf(stderr, "kvr_worker: signal %d, draining\n", signal);
-  health->SetServingStatus(false);
-  const auto drain = std::chrono::duration_cast<std::chrono::system_clock::duration>(
-      std::chrono::duration<double>(absl::GetFlag(FLAGS_drain_seconds)));
-  server->Shutdown(std::chrono::system_clock::now() + drain);
-  server->Wait();
-  server.reset();
+  rpc::ServeOptions serve;
+  serve.name = "kvr_worker";
+  serve.listen = absl::GetFlag(FLAGS_listen);
+  serve.max_message_bytes = max_message_bytes;
+  serve.health_services = {kServiceName};
+  serve.drain_seconds = absl::GetFlag(FLAGS_drain_seconds);
+  if (absl::Status st = rpc::ServeUntilSignal({service.get()}, serve, stop_signals); !st.ok()) {
+    return Fail(std::string(st.message()));
+  }
   scheduler->reset();  // ends every request still open (their shards dropped)
   service.reset();
   engine->reset();

@@ -16,16 +16,12 @@
 
 #include <pthread.h>
 
+#include "services/rpc/grpc_server.h"
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
 #include "absl/flags/usage.h"
 #include "absl/flags/usage_config.h"
 #include "absl/strings/match.h"
-#include "grpcpp/ext/proto_server_reflection_plugin.h"
-#include "grpcpp/health_check_service_interface.h"
-#include "grpcpp/security/server_credentials.h"
-#include "grpcpp/server.h"
-#include "grpcpp/server_builder.h"
 #include "retrieval_node/client/in_process_node.h"
 #include "retrieval_node/server/metrics.h"
 #include "retrieval_node/server/node_service.h"
@@ -183,37 +179,15 @@ int Main(int argc, char** argv) {
     std::fflush(stdout);
   }
 
-  grpc::EnableDefaultHealthCheckService(true);
-  grpc::reflection::InitProtoReflectionServerBuilderPlugin();
-  const std::string listen = absl::GetFlag(FLAGS_listen);
-  int port = 0;
-  grpc::ServerBuilder builder;
-  builder.AddListeningPort(listen, grpc::InsecureServerCredentials(), &port);
-  builder.SetMaxReceiveMessageSize(max_message_bytes);
-  builder.SetMaxSendMessageSize(max_message_bytes);
-  builder.RegisterService(service.get());
-  std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
-  if (server == nullptr || port == 0) return Fail("cannot listen on " + listen);
-  grpc::HealthCheckServiceInterface* health = server->GetHealthCheckService();
-  health->SetServingStatus(kServiceName, true);
-  health->SetServingStatus(true);
-
-  const size_t colon = listen.rfind(':');
-  const std::string host = colon == std::string::npos ? listen : listen.substr(0, colon);
-  std::printf("kvr_node listening on %s:%d\n", host.c_str(), port);
-  std::fflush(stdout);
-
-  int signal = 0;
-  sigwait(&stop_signals, &signal);
-  std::fprintf(stderr, "kvr_node: signal %d, draining\n", signal);
-  health->SetServingStatus(false);
-  const auto drain = std::chrono::duration_cast<std::chrono::system_clock::duration>(
-      std::chrono::duration<double>(absl::GetFlag(FLAGS_drain_seconds)));
-  // Shutdown returns once every call finished (calls still running at the
-  // deadline are cancelled; their reactors still finish from our pools).
-  server->Shutdown(std::chrono::system_clock::now() + drain);
-  server->Wait();
-  server.reset();
+  rpc::ServeOptions serve;
+  serve.name = "kvr_node";
+  serve.listen = absl::GetFlag(FLAGS_listen);
+  serve.max_message_bytes = max_message_bytes;
+  serve.health_services = {kServiceName};
+  serve.drain_seconds = absl::GetFlag(FLAGS_drain_seconds);
+  if (absl::Status st = rpc::ServeUntilSignal({service.get()}, serve, stop_signals); !st.ok()) {
+    return Fail(std::string(st.message()));
+  }
   ucx.reset();      // no new UCX Attend; late completions are dropped safely
   service.reset();  // control pool: drained and joined
   metrics.reset();  // exposer stopped: no scrape reads the core any more

@@ -1,0 +1,51 @@
+#include "services/rpc/grpc_server.h"
+
+#include <grpcpp/ext/proto_server_reflection_plugin.h>
+#include <grpcpp/grpcpp.h>
+#include <grpcpp/health_check_service_interface.h>
+
+#include <chrono>
+#include <cstdio>
+
+#include "absl/strings/str_cat.h"
+
+namespace kvr::rpc {
+
+absl::Status ServeUntilSignal(const std::vector<grpc::Service*>& services,
+                              const ServeOptions& options, const sigset_t& stop_signals) {
+  grpc::EnableDefaultHealthCheckService(true);
+  grpc::reflection::InitProtoReflectionServerBuilderPlugin();
+  int port = 0;
+  grpc::ServerBuilder builder;
+  builder.AddListeningPort(options.listen, grpc::InsecureServerCredentials(), &port);
+  builder.SetMaxReceiveMessageSize(options.max_message_bytes);
+  builder.SetMaxSendMessageSize(options.max_message_bytes);
+  for (grpc::Service* service : services) builder.RegisterService(service);
+  std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
+  if (server == nullptr || port == 0) {
+    return absl::UnavailableError(absl::StrCat("cannot listen on ", options.listen));
+  }
+  grpc::HealthCheckServiceInterface* health = server->GetHealthCheckService();
+  for (const std::string& name : options.health_services) health->SetServingStatus(name, true);
+  health->SetServingStatus(true);
+
+  const size_t colon = options.listen.rfind(':');
+  const std::string host =
+      colon == std::string::npos ? options.listen : options.listen.substr(0, colon);
+  std::printf("%s listening on %s:%d\n", options.name.c_str(), host.c_str(), port);
+  std::fflush(stdout);
+
+  int signal = 0;
+  sigwait(&stop_signals, &signal);
+  std::fprintf(stderr, "%s: signal %d, draining\n", options.name.c_str(), signal);
+  health->SetServingStatus(false);
+  const auto drain = std::chrono::duration_cast<std::chrono::system_clock::duration>(
+      std::chrono::duration<double>(options.drain_seconds));
+  // Shutdown returns once every call finished (calls still running at the
+  // deadline are cancelled; their reactors still finish from their pools).
+  server->Shutdown(std::chrono::system_clock::now() + drain);
+  server->Wait();
+  return absl::OkStatus();
+}
+
+}  // namespace kvr::rpc

@@ -1,0 +1,37 @@
+// The serving loop every kvr gRPC binary shares (kvr_node, kvr_worker):
+// health + reflection, message-size caps, the "<name> listening on
+// HOST:PORT" line tests and scripts wait for, and a drain on SIGTERM/SIGINT.
+#pragma once
+
+#include <signal.h>
+
+#include <string>
+#include <vector>
+
+#include "absl/status/status.h"
+
+namespace grpc {
+class Service;
+}  // namespace grpc
+
+namespace kvr::rpc {
+
+struct ServeOptions {
+  std::string name;    // printed: "<name> listening on HOST:PORT"
+  std::string listen;  // "host:port"; port 0 picks a free one
+  int max_message_bytes = 64 << 20;
+  // Services reported SERVING through grpc.health.v1 (plus the overall "").
+  std::vector<std::string> health_services;
+  double drain_seconds = 10.0;  // in-flight calls get this long after a stop signal
+};
+
+// Builds and starts a server for `services`, prints the listening line, then
+// blocks until one of `stop_signals` (already blocked in every thread)
+// arrives; marks every health service NOT_SERVING, stops accepting calls and
+// waits for in-flight ones (cancelling those still running after
+// drain_seconds). Returns OK once the server is fully stopped, or an error
+// naming the address when it cannot listen.
+absl::Status ServeUntilSignal(const std::vector<grpc::Service*>& services,
+                              const ServeOptions& options, const sigset_t& stop_signals);
+
+}  // namespace kvr::rpc
