@@ -125,11 +125,7 @@ int Main(int argc, char** argv) {
   absl::SetFlagsUsageConfig(usage);
   absl::ParseCommandLine(argc, argv);
 
-  sigset_t stop_signals;
-  sigemptyset(&stop_signals);
-  sigaddset(&stop_signals, SIGTERM);
-  sigaddset(&stop_signals, SIGINT);
-  pthread_sigmask(SIG_BLOCK, &stop_signals, nullptr);
+  const sigset_t stop_signals = rpc::BlockStopSignals();
 
   const int threads = absl::GetFlag(FLAGS_threads);
   const int max_message_bytes = absl::GetFlag(FLAGS_max_message_bytes);

@@ -85,11 +85,7 @@ int Main(int argc, char** argv) {
 
   // Block the stop signals in every thread (gRPC's and ours inherit the
   // mask); the main thread takes them with sigwait.
-  sigset_t stop_signals;
-  sigemptyset(&stop_signals);
-  sigaddset(&stop_signals, SIGTERM);
-  sigaddset(&stop_signals, SIGINT);
-  pthread_sigmask(SIG_BLOCK, &stop_signals, nullptr);
+  const sigset_t stop_signals = rpc::BlockStopSignals();
 
   const int threads_flag = absl::GetFlag(FLAGS_threads);
   const int control_threads = absl::GetFlag(FLAGS_control_threads);

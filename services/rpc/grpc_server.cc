@@ -4,12 +4,23 @@
 #include <grpcpp/grpcpp.h>
 #include <grpcpp/health_check_service_interface.h>
 
+#include <pthread.h>
+
 #include <chrono>
 #include <cstdio>
 
 #include "absl/strings/str_cat.h"
 
 namespace kvr::rpc {
+
+sigset_t BlockStopSignals() {
+  sigset_t stop_signals;
+  sigemptyset(&stop_signals);
+  sigaddset(&stop_signals, SIGTERM);
+  sigaddset(&stop_signals, SIGINT);
+  pthread_sigmask(SIG_BLOCK, &stop_signals, nullptr);
+  return stop_signals;
+}
 
 absl::Status ServeUntilSignal(const std::vector<grpc::Service*>& services,
                               const ServeOptions& options, const sigset_t& stop_signals) {

@@ -25,6 +25,11 @@ struct ServeOptions {
   double drain_seconds = 10.0;  // in-flight calls get this long after a stop signal
 };
 
+// Blocks SIGTERM and SIGINT in the calling thread and every thread it starts
+// afterwards (call it first thing in main), and returns them as the set
+// ServeUntilSignal waits on.
+sigset_t BlockStopSignals();
+
 // Builds and starts a server for `services`, prints the listening line, then
 // blocks until one of `stop_signals` (already blocked in every thread)
 // arrives; marks every health service NOT_SERVING, stops accepting calls and
