@@ -37,6 +37,7 @@
 #include <thread>
 #include <vector>
 
+#include "tests/support/reflection.h"
 #include "tests/support/server_process.h"
 #include "gpu_worker/backend/backend.h"
 #include "gpu_worker/engine/generation.h"
@@ -494,42 +495,10 @@ TEST_F(GenerationE2eTest, HealthServingAndReflection) {
     ASSERT_TRUE(health->Check(&ctx, req, &resp).ok()) << service;
     EXPECT_EQ(resp.status(), grpc::health::v1::HealthCheckResponse::SERVING) << service;
   }
-  // grpc.reflection.v1alpha over a generic stream: ListServices names the service.
-  grpc::GenericStub stub(channel_);
-  grpc::CompletionQueue cq;
-  grpc::ClientContext ctx;
-  SetDeadline(&ctx);
-  auto call = stub.PrepareCall(&ctx, "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
-                               &cq);
-  void* tag;
-  bool ok;
-  auto step = [&](intptr_t want) {
-    ASSERT_TRUE(cq.Next(&tag, &ok));
-    ASSERT_EQ(reinterpret_cast<intptr_t>(tag), want);
-  };
-  call->StartCall(reinterpret_cast<void*>(1));
-  step(1);
-  ASSERT_TRUE(ok);
-  const char request_bytes[] = {0x3a, 0x01, '*'};  // list_services = "*"
-  grpc::Slice slice(request_bytes, sizeof(request_bytes));
-  grpc::ByteBuffer request(&slice, 1);
-  call->Write(request, reinterpret_cast<void*>(2));
-  step(2);
-  ASSERT_TRUE(ok);
-  grpc::ByteBuffer reply;
-  call->Read(&reply, reinterpret_cast<void*>(3));
-  step(3);
-  ASSERT_TRUE(ok);
-  std::vector<grpc::Slice> slices;
-  ASSERT_TRUE(reply.Dump(&slices).ok());
-  std::string bytes;
-  for (const grpc::Slice& s : slices) bytes.append(reinterpret_cast<const char*>(s.begin()), s.size());
-  EXPECT_NE(bytes.find("kvr.v1.Generation"), std::string::npos);
-  call->WritesDone(reinterpret_cast<void*>(4));
-  step(4);
-  grpc::Status status;
-  call->Finish(&status, reinterpret_cast<void*>(5));
-  step(5);
+  // grpc.reflection.v1alpha: ListServices names the service.
+  auto bytes = test_support::ReflectionListServices(worker_->address());
+  ASSERT_TRUE(bytes.ok()) << bytes.status();
+  EXPECT_NE(bytes->find("kvr.v1.Generation"), std::string::npos);
 }
 
 // A worker with one decode slot and no queue: while a stream holds the slot,

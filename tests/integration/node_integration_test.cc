@@ -33,6 +33,7 @@
 #include <string>
 #include <vector>
 
+#include "tests/support/reflection.h"
 #include "tests/support/server_process.h"
 #include "tests/support/test_data.h"
 #include "common/attention.h"
@@ -262,48 +263,10 @@ TEST_F(NodeClusterTest, HealthCheckServing) {
 // grpc.reflection.v1alpha over a generic bidi stream (the reflection protos
 // are not installed): ListServices must name kvr.v1.RetrievalNode.
 TEST_F(NodeClusterTest, ReflectionListsTheService) {
-  auto channel = grpc::CreateChannel(nodes_[0]->address(), grpc::InsecureChannelCredentials());
-  grpc::GenericStub stub(channel);
-  grpc::CompletionQueue cq;
-  grpc::ClientContext ctx;
-  ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(5));
-  auto call = stub.PrepareCall(&ctx, "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
-                               &cq);
-  void* tag;
-  bool ok;
-  auto step = [&](intptr_t want) {
-    ASSERT_TRUE(cq.Next(&tag, &ok));
-    ASSERT_EQ(reinterpret_cast<intptr_t>(tag), want);
-  };
-  call->StartCall(reinterpret_cast<void*>(1));
-  step(1);
-  ASSERT_TRUE(ok);
-  // ServerReflectionRequest { list_services = "*" } (field 7, string).
-  const char request_bytes[] = {0x3a, 0x01, '*'};
-  grpc::Slice slice(request_bytes, sizeof(request_bytes));
-  grpc::ByteBuffer request(&slice, 1);
-  call->Write(request, reinterpret_cast<void*>(2));
-  step(2);
-  ASSERT_TRUE(ok);
-  grpc::ByteBuffer reply;
-  call->Read(&reply, reinterpret_cast<void*>(3));
-  step(3);
-  ASSERT_TRUE(ok);
-  std::vector<grpc::Slice> slices;
-  ASSERT_TRUE(reply.Dump(&slices).ok());
-  std::string bytes;
-  for (const grpc::Slice& s : slices) bytes.append(reinterpret_cast<const char*>(s.begin()), s.size());
-  EXPECT_NE(bytes.find("kvr.v1.RetrievalNode"), std::string::npos);
-  EXPECT_NE(bytes.find("grpc.health.v1.Health"), std::string::npos);
-  call->WritesDone(reinterpret_cast<void*>(4));
-  step(4);
-  grpc::Status status;
-  call->Finish(&status, reinterpret_cast<void*>(5));
-  step(5);
-  EXPECT_TRUE(status.ok()) << status.error_message();
-  cq.Shutdown();
-  while (cq.Next(&tag, &ok)) {
-  }
+  auto bytes = test_support::ReflectionListServices(nodes_[0]->address());
+  ASSERT_TRUE(bytes.ok()) << bytes.status();
+  EXPECT_NE(bytes->find("kvr.v1.RetrievalNode"), std::string::npos);
+  EXPECT_NE(bytes->find("grpc.health.v1.Health"), std::string::npos);
 }
 
 TEST_F(NodeClusterTest, AttendMatchesInProcessNodeExactly) {
