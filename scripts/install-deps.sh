@@ -12,8 +12,13 @@ packages=(
   # services: RPC, persistence, data plane, metrics
   libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler
   librocksdb-dev libucx-dev prometheus-cpp-dev
+  # gateway: OpenAI-compatible HTTP server
+  libcpp-httplib-dev
   # tests and benchmarks
   libgtest-dev libgmock-dev libbenchmark-dev prometheus
+  # deploy validation: Helm-compatible chart rendering (Go text/template +
+  # sprig), values.schema.json and manifest checks
+  golang-go golang-github-masterminds-sprig-dev python3-jsonschema python3-yaml
   # benchmark peers (only the benchmarks link them)
   libfaiss-dev libhnswlib-dev libopenblas-dev
 )

@@ -2,7 +2,6 @@
 
 #include <array>
 #include <atomic>
-#include <exception>
 #include <functional>
 #include <mutex>
 #include <utility>
@@ -10,7 +9,7 @@
 
 #include "prometheus/collectable.h"
 #include "prometheus/counter.h"
-#include "prometheus/exposer.h"
+#include "services/metrics/metrics_endpoint.h"
 #include "prometheus/family.h"
 #include "prometheus/gauge.h"
 #include "prometheus/histogram.h"
@@ -169,7 +168,7 @@ struct NodeMetrics::Impl {
 
   std::shared_ptr<ScrapeCollectable> collectable;
   // Declared last: destroyed first, so no scrape runs while the rest goes.
-  std::unique_ptr<prometheus::Exposer> exposer;
+  std::unique_ptr<metrics::MetricsEndpoint> endpoint;
 };
 
 NodeMetrics::NodeMetrics() : impl_(std::make_unique<Impl>()) {}
@@ -182,28 +181,14 @@ void NodeMetrics::SetHoldingsSource(std::function<NodeHoldings()> source) {
 }
 
 absl::StatusOr<int> NodeMetrics::Serve(const std::string& listen) {
-  if (impl_->exposer != nullptr) {
+  if (impl_->endpoint != nullptr) {
     return absl::FailedPreconditionError("metrics are already served");
   }
-  const size_t colon = listen.rfind(':');
-  if (colon == std::string::npos || colon == 0 || colon + 1 == listen.size()) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("metrics address '", listen, "' is not host:port"));
-  }
-  try {
-    // One serving thread: scrapes are rare and cheap.
-    impl_->exposer = std::make_unique<prometheus::Exposer>(listen, /*num_threads=*/1);
-  } catch (const std::exception& e) {
-    return absl::UnavailableError(
-        absl::StrCat("cannot serve metrics on ", listen, ": ", e.what()));
-  }
-  impl_->exposer->RegisterCollectable(impl_->collectable);
-  const std::vector<int> ports = impl_->exposer->GetListeningPorts();
-  if (ports.empty() || ports[0] <= 0) {
-    impl_->exposer.reset();
-    return absl::UnavailableError(absl::StrCat("metrics on ", listen, ": no listening port"));
-  }
-  return ports[0];
+  absl::StatusOr<std::unique_ptr<metrics::MetricsEndpoint>> endpoint =
+      metrics::MetricsEndpoint::Start(listen, impl_->collectable);
+  if (!endpoint.ok()) return endpoint.status();
+  impl_->endpoint = std::move(*endpoint);
+  return impl_->endpoint->port();
 }
 
 void NodeMetrics::RecordRequest(NodeMethod method, absl::StatusCode code, double seconds) {
