@@ -18,24 +18,41 @@ packages=(
   libgtest-dev libgmock-dev libbenchmark-dev prometheus
   # deploy validation: Helm-compatible chart rendering (Go text/template +
   # sprig), values.schema.json and manifest checks
-  golang-go golang-github-masterminds-sprig-dev python3-jsonschema python3-yaml
+  golang-go golang-github-masterminds-sprig-dev golang-gopkg-yaml.v2-dev
+  python3-jsonschema python3-yaml nodejs
   # benchmark peers (only the benchmarks link them)
   libfaiss-dev libhnswlib-dev libopenblas-dev
 )
+# npm: Debian's package, unless a nodejs build that bundles npm is installed.
+command -v npm >/dev/null || packages+=(npm)
 
 missing=()
 for p in "${packages[@]}"; do
   status=$(dpkg-query -W -f='${Status}' "$p" 2>/dev/null || true)
   [[ "$status" == "install ok installed" ]] || missing+=("$p")
 done
-[[ ${#missing[@]} -eq 0 ]] && exit 0
-
-sudo=""
-if [[ $(id -u) -ne 0 ]]; then
-  command -v sudo >/dev/null || { echo "install-deps: need root or sudo to install: ${missing[*]}" >&2; exit 1; }
-  sudo="sudo"
+if [[ ${#missing[@]} -gt 0 ]]; then
+  sudo=""
+  if [[ $(id -u) -ne 0 ]]; then
+    command -v sudo >/dev/null || { echo "install-deps: need root or sudo to install: ${missing[*]}" >&2; exit 1; }
+    sudo="sudo"
+  fi
+  echo "install-deps: installing ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  $sudo apt-get update -qq
+  $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
-echo "install-deps: installing ${missing[*]}"
-export DEBIAN_FRONTEND=noninteractive
-$sudo apt-get update -qq
-$sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+
+# Deploy validation's npm packages (Kubernetes / prometheus-operator schemas,
+# Grafana's schema, TypeScript), pinned by tests/deploy/package-lock.json and
+# installed into tests/deploy/node_modules (git-ignored): the registry is
+# reachable at install time only, the tests run offline. Silent and skipped
+# when the installed tree matches the lock file. KVR_SKIP_NPM=1 skips it
+# (container builds).
+deploy_dir="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)/tests/deploy"
+if [[ -z "${KVR_SKIP_NPM:-}" && -f "$deploy_dir/package-lock.json" ]] &&
+   ! cmp -s "$deploy_dir/package-lock.json" "$deploy_dir/node_modules/.kvr-installed-lock"; then
+  echo "install-deps: npm ci in tests/deploy"
+  (cd "$deploy_dir" && npm ci --no-audit --no-fund --loglevel=error >/dev/null)
+  cp "$deploy_dir/package-lock.json" "$deploy_dir/node_modules/.kvr-installed-lock"
+fi

@@ -1,0 +1,85 @@
+# Deployment validation (label deploy): the Helm chart (helm/kvr), its
+# Prometheus rules, the Grafana dashboards and the container images'
+# runtime package lists, checked offline with real tools (see
+# tests/deploy/README.md). Tools come from scripts/install-deps.sh: Go + sprig
+# (Debian) for the chart renderer, node + the npm packages in
+# tests/deploy/node_modules for the schemas, promtool/prometheus (Debian
+# package prometheus), python3-yaml and python3-jsonschema.
+
+# Debian's python3 (python3-yaml, python3-jsonschema), not whatever is first
+# on PATH.
+find_program(KVR_DEPLOY_PYTHON python3 PATHS /usr/bin NO_DEFAULT_PATH)
+find_program(KVR_DEPLOY_GO go PATHS /usr/lib/go/bin /usr/bin)
+find_program(KVR_DEPLOY_NODE NAMES node nodejs)
+find_program(KVR_DEPLOY_PROMTOOL promtool)
+find_program(KVR_DEPLOY_PROMETHEUS prometheus)
+
+set(_missing)
+foreach(tool KVR_DEPLOY_PYTHON KVR_DEPLOY_GO KVR_DEPLOY_NODE KVR_DEPLOY_PROMTOOL
+        KVR_DEPLOY_PROMETHEUS)
+  if(NOT ${tool})
+    list(APPEND _missing ${tool})
+  endif()
+endforeach()
+if(_missing)
+  message(STATUS "deploy tests: not registered, missing ${_missing} (run scripts/install-deps.sh)")
+  return()
+endif()
+
+set(_deploy_src ${CMAKE_CURRENT_SOURCE_DIR}/deploy)
+set(_deploy_bin ${CMAKE_CURRENT_BINARY_DIR}/deploy)
+set(_render ${_deploy_bin}/kvr_chart_render)
+set(_checks ${KVR_DEPLOY_PYTHON} ${_deploy_src}/deploy_checks.py)
+
+# The chart renderer, built offline in GOPATH mode from Debian's Go packages
+# (sprig and its dependencies under /usr/share/gocode), with the build cache
+# inside the build tree.
+add_test(NAME deploy_render_build
+  COMMAND ${CMAKE_COMMAND} -E env GO111MODULE=off GOPATH=/usr/share/gocode
+          GOCACHE=${_deploy_bin}/gocache GOFLAGS= GOTOOLCHAIN=local GOPROXY=off
+          ${KVR_DEPLOY_GO} build -o ${_render} .
+  WORKING_DIRECTORY ${_deploy_src}/render)
+set_tests_properties(deploy_render_build PROPERTIES
+  LABELS deploy TIMEOUT 120 FIXTURES_SETUP deploy_render)
+
+add_test(NAME deploy_manifests
+  COMMAND ${_checks} manifests --render ${_render} --work ${_deploy_bin}/manifests)
+add_test(NAME deploy_rules
+  COMMAND ${_checks} rules --render ${_render} --work ${_deploy_bin}/rules
+          --promtool ${KVR_DEPLOY_PROMTOOL})
+set_tests_properties(deploy_manifests deploy_rules PROPERTIES
+  LABELS deploy TIMEOUT 120 FIXTURES_REQUIRED deploy_render)
+
+add_test(NAME deploy_values_schema
+  COMMAND ${_checks} values --work ${_deploy_bin}/values)
+add_test(NAME deploy_dashboards
+  COMMAND ${_checks} dashboards --work ${_deploy_bin}/dashboards)
+set_tests_properties(deploy_values_schema deploy_dashboards PROPERTIES LABELS deploy TIMEOUT 60)
+
+# The Dockerfile's runtime package lists cover every shared library the
+# freshly built binaries load.
+set(_gateway_bin)
+if(TARGET kvr_gateway)
+  set(_gateway_bin --binary gateway=$<TARGET_FILE:kvr_gateway>)
+endif()
+add_test(NAME deploy_runtime_packages
+  COMMAND ${KVR_DEPLOY_PYTHON} ${_deploy_src}/runtime_packages.py
+          --dockerfile ${PROJECT_SOURCE_DIR}/deploy/Dockerfile
+          --binary node=$<TARGET_FILE:kvr_node> --binary node=$<TARGET_FILE:kvr_health_probe>
+          --binary worker-cpu=$<TARGET_FILE:kvr_worker> ${_gateway_bin})
+set_tests_properties(deploy_runtime_packages PROPERTIES LABELS deploy TIMEOUT 60)
+
+# Live: `kvr cluster` (3 nodes, worker, gateway) scraped by a real Prometheus
+# with the ServiceMonitor's configuration; every dashboard query must return
+# data and every alert expression must parse.
+if(TARGET kvr_gateway)
+  add_test(NAME deploy_live
+    COMMAND ${KVR_DEPLOY_PYTHON} ${_deploy_src}/live_test.py
+            --render ${_render} --kvr $<TARGET_FILE:kvr>
+            --node_binary $<TARGET_FILE:kvr_node> --worker_binary $<TARGET_FILE:kvr_worker>
+            --gateway_binary $<TARGET_FILE:kvr_gateway>
+            --health_probe $<TARGET_FILE:kvr_health_probe>
+            --prometheus ${KVR_DEPLOY_PROMETHEUS} --work ${_deploy_bin}/live)
+  set_tests_properties(deploy_live PROPERTIES
+    LABELS deploy TIMEOUT 180 FIXTURES_REQUIRED deploy_render)
+endif()
