@@ -1,10 +1,13 @@
-// matmul_bench: the CPU backend's MatMul (y = x * W^T, own SIMD kernels +
-// ThreadPool) vs OpenBLAS (sgemv for one row, sgemm otherwise) on the same fp32 data, at Llama-3-8B
-// projection shapes: decode (1 row) and prefill (64 rows). Prints GFLOP/s
-// and the max relative difference; decides whether the backend should call
-// a BLAS (docs/benchmarks.md).
+// matmul_bench: the CPU backend's own MatMul kernels (y = x * W^T, SIMD +
+// ThreadPool) vs OpenBLAS (sgemv for one row, sgemm otherwise) on the same
+// fp32 data, at Llama-3-8B projection shapes: decode (1 row), a small batch
+// (16 rows, the backend's BLAS threshold) and prefill (64 rows); plus the
+// backend as configured (KVR_CPU_MATMUL / OpenBLAS core detection decide
+// whether it calls OpenBLAS for >= 16 rows). Prints GFLOP/s and the max
+// relative difference (docs/benchmarks.md §6).
 //
 //   matmul_bench [--threads=1,2] [--reps=20]
+//   OPENBLAS_CORETYPE=SkylakeX matmul_bench   # OpenBLAS forced to its AVX-512 kernels
 #include <cblas.h>
 
 #include <algorithm>
@@ -23,7 +26,6 @@
 ABSL_FLAG(std::string, threads, "1,2", "thread counts to measure");
 ABSL_FLAG(int, reps, 20, "repetitions per shape (median reported)");
 
-extern "C" void openblas_set_num_threads(int);
 
 namespace {
 
@@ -52,6 +54,7 @@ int Run() {
   using kvr::worker::BackendRegistry;
   const Shape shapes[] = {{"decode q/o proj", 1, 4096, 4096},
                           {"decode ffn up/gate", 1, 4096, 14336},
+                          {"batch q/o proj", 16, 4096, 4096},
                           {"prefill q/o proj", 64, 4096, 4096},
                           {"prefill ffn up/gate", 64, 4096, 14336}};
   std::vector<int> threads;
@@ -65,8 +68,17 @@ int Run() {
     threads.push_back(t);
   }
   const int reps = absl::GetFlag(FLAGS_reps);
-  std::printf("%-22s %7s %10s %14s %14s %12s\n", "shape (rows x in -> out)", "threads",
-              "kvr GF/s", "OpenBLAS GF/s", "kvr/OpenBLAS", "max rel diff");
+  {
+    auto b = BackendRegistry::Create("cpu", {});
+    if (!b.ok()) {
+      std::fprintf(stderr, "%s\n", std::string(b.status().message()).c_str());
+      return 1;
+    }
+    std::printf("OpenBLAS core: %s; backend as configured: %s\n", openblas_get_corename(),
+                (*b)->Describe().c_str());
+  }
+  std::printf("%-34s %3s %10s %14s %13s %12s %14s\n", "shape (rows x in -> out)", "thr",
+              "own GF/s", "OpenBLAS GF/s", "own/OpenBLAS", "max rel diff", "backend GF/s");
   std::mt19937 rng(1);
   std::normal_distribution<float> g;
   for (const Shape& s : shapes) {
@@ -76,9 +88,13 @@ int Run() {
     for (int t : threads) {
       kvr::worker::BackendOptions opts;
       opts.num_threads = t;
+      opts.cpu_matmul = kvr::worker::CpuMatMul::kOwn;
       auto backend = BackendRegistry::Create("cpu", opts);
-      if (!backend.ok()) {
-        std::fprintf(stderr, "%s\n", std::string(backend.status().message()).c_str());
+      opts.cpu_matmul = kvr::worker::CpuMatMul::kAuto;
+      auto configured = BackendRegistry::Create("cpu", opts);
+      if (!backend.ok() || !configured.ok()) {
+        const absl::Status& st = backend.ok() ? configured.status() : backend.status();
+        std::fprintf(stderr, "%s\n", std::string(st.message()).c_str());
         return 1;
       }
       Backend& b = **backend;
@@ -92,6 +108,17 @@ int Run() {
       });
       std::vector<float> y(static_cast<size_t>(s.rows) * s.out), yb(y.size());
       if (!b.Download(*ty, std::as_writable_bytes(std::span<float>(y))).ok()) return 1;
+      // The backend as configured (own kernels or OpenBLAS by the same rule
+      // the engine gets).
+      Backend& c = **configured;
+      auto cx = c.Allocate(kvr::worker::DType::kF32, s.rows, s.in);
+      auto cw = c.Allocate(kvr::worker::DType::kF32, s.out, s.in);
+      auto cy = c.Allocate(kvr::worker::DType::kF32, s.rows, s.out);
+      if (!cx.ok() || !cw.ok() || !cy.ok()) return 1;
+      if (!c.UploadF32(x, *cx).ok() || !c.UploadF32(w, *cw).ok()) return 1;
+      const double configured_s = MedianSeconds(reps, [&] {
+        if (auto st = c.MatMul(*cx, *cw, *cy); !st.ok()) std::abort();
+      });
       openblas_set_num_threads(t);
       // One row is a matrix-vector product: give OpenBLAS its sgemv.
       const double blas_s = MedianSeconds(reps, [&] {
@@ -110,8 +137,9 @@ int Run() {
       const double flop = 2.0 * s.rows * s.in * s.out;
       char label[64];
       std::snprintf(label, sizeof(label), "%s %dx%d->%d", s.name, s.rows, s.in, s.out);
-      std::printf("%-34s %3d %10.1f %14.1f %13.2fx %12.2e\n", label, t, flop / kvr_s / 1e9,
-                  flop / blas_s / 1e9, blas_s / kvr_s, diff);
+      std::printf("%-34s %3d %10.1f %14.1f %12.2fx %12.2e %14.1f\n", label, t,
+                  flop / kvr_s / 1e9, flop / blas_s / 1e9, blas_s / kvr_s, diff,
+                  flop / configured_s / 1e9);
       std::fflush(stdout);
     }
   }

@@ -54,10 +54,21 @@ enum class RopeStyle {
   kHalfSplit,    // pairs (i, i + d/2): Hugging Face "rotate_half" checkpoints
 };
 
+// Which GEMM the CPU backend's MatMul uses for many rows (prefill).
+enum class CpuMatMul : uint8_t {
+  // OpenBLAS when built with it and openblas_get_corename() names a core with
+  // AVX2 / AVX-512 kernels, else the own kernels. The environment variable
+  // KVR_CPU_MATMUL=auto|own|openblas overrides this default.
+  kAuto = 0,
+  kOwn = 1,       // always the own SIMD kernels
+  kOpenBlas = 2,  // OpenBLAS whatever core it detected (FailedPrecondition when not built with it)
+};
+
 struct BackendOptions {
   // Host threads an op may use (CPU backend): 1 = the calling thread only;
   // 0 = hardware_concurrency().
   int num_threads = 0;
+  CpuMatMul cpu_matmul = CpuMatMul::kAuto;
   // Device ordinal (CUDA backend).
   int device = 0;
 };
@@ -68,6 +79,9 @@ class Backend {
 
   // The registry name ("cpu", "cuda").
   virtual std::string_view name() const = 0;
+  // One line for logs and model info: the name plus what the backend runs
+  // on (threads, SIMD, which GEMM; device).
+  virtual std::string Describe() const { return std::string(name()); }
 
   // ---- Memory ------------------------------------------------------------
   // A zero-filled [rows x cols] tensor in this backend's memory.

@@ -90,6 +90,10 @@ absl::Status ValidateAttentionOptions(const AttentionOptions& o) {
     return absl::InvalidArgumentError(
         absl::StrCat("train_k ", o.train_k, " outside [1, ", index::kMaxSearchK, "]"));
   }
+  if (o.chunk_tokens < 1 || o.chunk_tokens > kMaxTokens) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("chunk_tokens ", o.chunk_tokens, " outside [1, ", kMaxTokens, "]"));
+  }
   KVR_RETURN_IF_ERROR(retrieval::ParseIndexType(retrieval::IndexTypeName(o.index)).status());
   return DTypeFromTag(static_cast<uint32_t>(o.value_dtype)).status();
 }
@@ -345,6 +349,8 @@ absl::Status RetrievalEngine::PrefillLocked(EngineSequence& seq, std::span<const
   seq.pending_.assign(static_cast<size_t>(c.n_layers), {});
 
   seq.id_ = next_sequence_id.fetch_add(1);
+  seq.last_chunk_ = -1;
+  seq.last_chunk_tokens_ = 0;
   if (!full) {
     retrieval::SequenceSpec spec;
     spec.n_layers = c.n_layers;
@@ -432,8 +438,14 @@ absl::Status RetrievalEngine::PrefillLocked(EngineSequence& seq, std::span<const
     }
     KVR_RETURN_IF_ERROR(b.Add(x, xb2));
   }
-  if (offload) seq.node_end_ = n - w;
+  if (offload) {
+    seq.node_end_ = n - w;
+    const int64_t mid = n - w - s, ct = seq.attention_.chunk_tokens;
+    seq.last_chunk_ = static_cast<int32_t>((mid - 1) / ct);
+    seq.last_chunk_tokens_ = mid - int64_t{seq.last_chunk_} * ct;
+  }
   seq.stats_.offloaded_tokens = full ? 0 : seq.node_end_ - s;
+  seq.stats_.node_chunks = seq.last_chunk_ + 1;
   const Tensor last = x.Rows(n - 1, 1), normed = xb.Rows(0, 1), logits = logits_.Rows(0, 1);
   KVR_RETURN_IF_ERROR(b.RmsNorm(last, final_norm_, c.rms_eps, normed));
   KVR_RETURN_IF_ERROR(b.MatMul(normed, classifier_, logits));
@@ -475,41 +487,49 @@ absl::Status RetrievalEngine::UploadLayer(retrieval::RetrievalClient* client, co
   const size_t d = static_cast<size_t>(c.head_dim);
   const size_t kv = static_cast<size_t>(c.kv_dim()), qd = static_cast<size_t>(c.q_dim());
   const size_t mid = static_cast<size_t>(prompt_len - w - s);
+  const size_t chunk = static_cast<size_t>(attention.chunk_tokens);
   const size_t group = static_cast<size_t>(c.n_heads / c.n_kv_heads);
   const size_t train_rows = static_cast<size_t>(prompt_len) * group;
-  const int topk = static_cast<int>(std::min<size_t>(static_cast<size_t>(attention.train_k), mid));
+  const size_t max_topk = std::min(static_cast<size_t>(attention.train_k), std::min(mid, chunk));
   // Only the graph index trains on the queries' top-k (flat and IVF ignore it).
   const bool train = attention.index == retrieval::IndexType::kGraph;
   if (train) {
     staging->train_queries.resize(train_rows * d);
-    staging->train_ids.resize(train_rows * static_cast<size_t>(topk));
+    staging->train_ids.resize(train_rows * max_topk);
     staging->train_scores.resize(staging->train_ids.size());
   }
   for (int g = 0; g < c.n_kv_heads; ++g) {
-    const ConstMatrixView keys(staging->k.data() + static_cast<size_t>(s) * kv + g * d, mid, d,
-                               kv);
-    const ConstMatrixView values(staging->v.data() + static_cast<size_t>(s) * kv + g * d, mid, d,
-                                 kv);
-    retrieval::ShardUpload up;
-    up.key = {sequence_id, layer, g, 0};
-    up.first_position = s;
-    up.keys = keys;
-    up.values = values;
     if (train) {
-      // Every prefill query of the kv head's query heads trains its index.
+      // Every prefill query of the kv head's query heads trains its indexes.
       for (size_t p = 0; p < static_cast<size_t>(prompt_len); ++p) {
         for (size_t j = 0; j < group; ++j) {
           const float* src = staging->q.data() + p * qd + (g * group + j) * d;
           std::copy_n(src, d, staging->train_queries.data() + (p * group + j) * d);
         }
       }
-      const ConstMatrixView queries(staging->train_queries.data(), train_rows, d);
-      KVR_RETURN_IF_ERROR(index::ExactTopK(keys, queries, topk, staging->train_ids,
-                                           staging->train_scores, /*pool=*/nullptr));
-      up.train_topk = staging->train_ids;
-      up.train_topk_width = static_cast<size_t>(topk);
     }
-    KVR_RETURN_IF_ERROR(client->UploadShard(up));
+    for (size_t begin = 0, ci = 0; begin < mid; begin += chunk, ++ci) {
+      const size_t rows = std::min(chunk, mid - begin);
+      const size_t row0 = static_cast<size_t>(s) + begin;
+      const ConstMatrixView keys(staging->k.data() + row0 * kv + g * d, rows, d, kv);
+      const ConstMatrixView values(staging->v.data() + row0 * kv + g * d, rows, d, kv);
+      retrieval::ShardUpload up;
+      up.key = {sequence_id, layer, g, static_cast<int32_t>(ci)};
+      up.first_position = static_cast<int64_t>(row0);
+      up.keys = keys;
+      up.values = values;
+      if (train) {
+        const size_t topk = std::min(max_topk, rows);
+        const ConstMatrixView queries(staging->train_queries.data(), train_rows, d);
+        const std::span<int64_t> ids(staging->train_ids.data(), train_rows * topk);
+        KVR_RETURN_IF_ERROR(index::ExactTopK(keys, queries, static_cast<int>(topk), ids,
+                                             {staging->train_scores.data(), ids.size()},
+                                             /*pool=*/nullptr));
+        up.train_topk = ids;
+        up.train_topk_width = topk;
+      }
+      KVR_RETURN_IF_ERROR(client->UploadShard(up));
+    }
   }
   return absl::OkStatus();
 }
@@ -614,6 +634,7 @@ absl::Status RetrievalEngine::StepBatchLocked(std::span<EngineSequence* const> a
     int32_t token;
     int64_t pos, slot, leaving, node_end, local_rows;
     bool full, evict, ask_node;
+    bool open_chunk;  // the leaving token starts chunk last_chunk_ + 1
   };
   std::vector<Item> items;
   items.reserve(all.size());
@@ -622,7 +643,7 @@ absl::Status RetrievalEngine::StepBatchLocked(std::span<EngineSequence* const> a
     if (!all_statuses[i].ok()) continue;
     EngineSequence& seq = *all[i];
     Item it{&seq, &all_statuses[i], all_tokens[i], seq.position_, seq.Slot(seq.position_),
-            -1, 0, 0, seq.attention_.mode == AttentionMode::kFull, false, false};
+            -1, 0, 0, seq.attention_.mode == AttentionMode::kFull, false, false, false};
     StepCoverage& cov = seq.coverage_;
     if (it.full) {
       it.local_rows = it.pos + 1;
@@ -634,6 +655,8 @@ absl::Status RetrievalEngine::StepBatchLocked(std::span<EngineSequence* const> a
       it.evict = it.leaving >= s;
       if (it.evict) KVR_CHECK_MSG(it.leaving == seq.node_end_, "window eviction out of order");
       it.node_end = it.evict ? it.leaving + 1 : seq.node_end_;
+      it.open_chunk = it.evict && seq.last_chunk_ >= 0 &&
+                      seq.last_chunk_tokens_ >= seq.attention_.chunk_tokens;
       it.local_rows = std::min(it.pos + 1, seq.cache_rows_);
       cov.pos = it.pos;
       cov.sink_end = std::min(it.pos + 1, s);
@@ -701,13 +724,25 @@ absl::Status RetrievalEngine::StepBatchLocked(std::span<EngineSequence* const> a
           continue;
         }
         for (int g = 0; g < c.n_kv_heads && it.status->ok(); ++g) {
+          const ConstMatrixView key(k_row_host_.data() + g * d, 1, d);
+          const ConstMatrixView value(v_row_host_.data() + g * d, 1, d);
+          if (it.open_chunk) {
+            // The last chunk is full: this token opens the next one.
+            retrieval::ShardUpload up;
+            up.key = {it.seq->id_, l, g, it.seq->last_chunk_ + 1};
+            up.first_position = it.leaving;
+            up.keys = key;
+            up.values = value;
+            seq_op(it, client_->UploadShard(up));
+            continue;
+          }
           retrieval::AppendRequest req;
           req.sequence_id = it.seq->id_;
           req.layer = l;
           req.kv_head = g;
           req.first_position = it.leaving;
-          req.keys = ConstMatrixView(k_row_host_.data() + g * d, 1, d);
-          req.values = ConstMatrixView(v_row_host_.data() + g * d, 1, d);
+          req.keys = key;
+          req.values = value;
           seq_op(it, client_->Append(req));
         }
       }
@@ -745,6 +780,7 @@ absl::Status RetrievalEngine::StepBatchLocked(std::span<EngineSequence* const> a
       Item& it = items[i];
       if (!it.status->ok()) continue;
       const EngineSequence::Cache& cache = it.seq->caches_[l];
+      const Clock::time_point local_start = Clock::now();
       if (it.full) {
         seq_op(it, b.Attention(q.Rows(i, 1), cache.k.Rows(0, it.pos + 1),
                                cache.v.Rows(0, it.pos + 1), shape, it.pos, o.Rows(i, 1)));
@@ -754,6 +790,7 @@ absl::Status RetrievalEngine::StepBatchLocked(std::span<EngineSequence* const> a
                                       /*first_pos=*/it.local_rows, 0, it.local_rows,
                                       o.Rows(i, 1), m1_.Rows(i, 1), l1_.Rows(i, 1)));
       }
+      it.seq->stats_.local_attention_seconds += Seconds(local_start);
     }
     for (int64_t i = 0; i < n; ++i) {
       Item& it = items[i];
@@ -769,6 +806,7 @@ absl::Status RetrievalEngine::StepBatchLocked(std::span<EngineSequence* const> a
       ++stats.attend_calls;
       stats.retrieved_tokens += static_cast<double>(slot.attend_stats.keys_attended) /
                                 (static_cast<double>(c.n_heads) * c.n_layers);
+      const Clock::time_point merge_start = Clock::now();
       if (seq_op(it, b.UploadF32(slot.partials.o.data, o2_.Rows(i, 1))) &&
           seq_op(it, b.UploadF32(slot.partials.m, m2_.Rows(i, 1))) &&
           seq_op(it, b.UploadF32(slot.partials.l, l2_.Rows(i, 1)))) {
@@ -776,6 +814,7 @@ absl::Status RetrievalEngine::StepBatchLocked(std::span<EngineSequence* const> a
                                     o2_.Rows(i, 1), m2_.Rows(i, 1), l2_.Rows(i, 1),
                                     c.head_dim));
       }
+      stats.local_attention_seconds += Seconds(merge_start);
     }
     KVR_BATCH_OP(b.MatMul(o, layer.wo, xb2));
     KVR_BATCH_OP(b.Add(x, xb2));
@@ -806,7 +845,15 @@ absl::Status RetrievalEngine::StepBatchLocked(std::span<EngineSequence* const> a
       stats.local_tokens += it.pos + 1;
     } else {
       seq.node_end_ = it.node_end;
+      if (it.open_chunk) {
+        ++seq.last_chunk_;
+        seq.last_chunk_tokens_ = 1;
+      } else if (it.evict) {
+        seq.last_chunk_ = std::max(seq.last_chunk_, 0);  // Append creates chunk 0
+        ++seq.last_chunk_tokens_;
+      }
       stats.offloaded_tokens = seq.node_end_ - seq.attention_.sinks;
+      stats.node_chunks = seq.last_chunk_ + 1;
       stats.local_tokens += it.local_rows;
       stats.node_held_tokens += stats.offloaded_tokens;
     }

@@ -22,9 +22,18 @@
 //
 // Prefill runs layer by layer over the whole prompt (full causal attention,
 // chunked over queries). When the prompt is longer than S + W, after each
-// layer the middle tokens [S, P - W) of every kv head are uploaded as chunk 0
-// with training data: each prefill query's exact top-train_k keys among them
-// (queries of all the kv head's query heads). The hand-off is pipelined
+// layer the middle tokens [S, P - W) of every kv head are uploaded as
+// placement chunks (sequence sharding) of AttentionOptions::chunk_tokens
+// consecutive tokens each — chunk c holds [S + c·C, S + (c+1)·C) — each with
+// its training data: every prefill query's exact top-train_k keys within the
+// chunk (queries of all the kv head's query heads). Which node holds a chunk
+// is the client's business (MultiNodeClient places each ShardKey by
+// rendezvous hashing, so one (layer, kv head) spans several nodes once it
+// has several chunks). In decode, tokens leaving the window are appended to
+// the last chunk until it holds C tokens; the next one opens chunk c + 1 (a
+// one-token UploadShard; later appends follow it), so chunks stay bounded
+// as the sequence grows. The node attends top_k keys per query head in each
+// chunk and merges the chunks' partials. The hand-off is pipelined
 // (DESIGN §4: index build hides behind prefill): layer l's K/V/Q are staged
 // on the host and its training top-k + UploadShard (which builds the index)
 // run on the engine's hand-off threads while layers l+1.. compute; Prefill
@@ -75,6 +84,10 @@ struct AttentionOptions {
   int top_k = 16;   // keys the node attends per query head and shard
   int beam = 0;     // graph beam (0: index default)
   int train_k = 32; // exact top-k per prefill query for the graph build
+  // Offloaded tokens per node shard (placement chunk) of one (layer, kv
+  // head), >= 1. Each chunk gets its own index and its own top_k, and chunks
+  // are placed on nodes independently.
+  int chunk_tokens = 16384;
   retrieval::IndexType index = retrieval::IndexType::kGraph;
   kvr::DType value_dtype = kvr::DType::kF32;  // how the node stores values
 };
@@ -121,6 +134,7 @@ struct EngineStats {
   int64_t prompt_tokens = 0;
   int64_t decode_steps = 0;
   int64_t offloaded_tokens = 0;  // tokens on the node now (per layer and kv head)
+  int64_t node_chunks = 0;       // chunks holding them (per layer and kv head)
   // Summed over decode steps, per query head and layer on average:
   int64_t local_tokens = 0;       // attended on the worker (sinks + window)
   int64_t node_held_tokens = 0;   // held by the node
@@ -135,6 +149,12 @@ struct EngineStats {
   double handoff_wait_seconds = 0.0;
   double decode_seconds = 0.0;
   double node_wait_seconds = 0.0;  // blocked on the node after local attention
+  // Decode time computing attention on the worker, summed over steps and
+  // layers: the static-pattern partial (sinks + window) and the LSE merge of
+  // the node's partials (full mode: the whole-cache attention). Measured on
+  // the host around the backend calls, so on an asynchronous backend it
+  // counts launch time plus any synchronisation those calls need.
+  double local_attention_seconds = 0.0;
 };
 
 class RetrievalEngine;
@@ -192,6 +212,10 @@ class EngineSequence {
   bool on_node_ = false;  // id_ registered on the node
   int64_t position_ = 0;
   int64_t node_end_ = 0;  // node holds [sinks, node_end_)
+  // The last chunk of every (layer, kv head) on the node (-1: none yet) and
+  // the tokens it holds (all layers and kv heads offload the same positions).
+  int32_t last_chunk_ = -1;
+  int64_t last_chunk_tokens_ = 0;
   int64_t cache_rows_ = 0;
   AttentionMode cache_mode_ = AttentionMode::kRetrieval;
   std::vector<Cache> caches_;  // per layer
@@ -239,7 +263,9 @@ class RetrievalEngine {
   // InvalidArgument when the spans' sizes differ, a sequence appears twice or
   // belongs to another engine; a backend error in a batched op fails every
   // sequence in the batch and is returned. Results equal Step's bit for bit
-  // on a backend whose matmul rows are independent (the CPU backend).
+  // on a backend whose matmul rows are independent (the CPU backend with its
+  // own kernels; with OpenBLAS, batches of >= 16 sequences equal to float
+  // rounding).
   absl::Status StepBatch(std::span<EngineSequence* const> seqs, std::span<const int32_t> tokens,
                          std::span<absl::Status> statuses);
 
@@ -298,7 +324,8 @@ class RetrievalEngine {
   absl::Status EnsureBatchCapacity(int64_t n);
   // Starts (or runs, when synchronous) layer `layer`'s uploads from `staging`.
   void HandOff(EngineSequence& seq, int layer, int64_t prompt_len, Staging* staging);
-  // Runs one layer's uploads: training top-k and UploadShard per kv head.
+  // Runs one layer's uploads: per kv head and chunk, the training top-k and
+  // UploadShard.
   static absl::Status UploadLayer(retrieval::RetrievalClient* client, const LlamaConfig& c,
                                   const AttentionOptions& attention, uint64_t sequence_id,
                                   int layer, int64_t prompt_len, Staging* staging);

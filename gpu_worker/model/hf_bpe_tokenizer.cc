@@ -9,12 +9,16 @@
 
 #include "absl/strings/str_cat.h"
 #include "common/status.h"
+#ifdef KVR_HAVE_NLOHMANN_JSON
 #include "nlohmann/json.hpp"
+#endif
 
 namespace kvr::worker {
 namespace {
 
+#ifdef KVR_HAVE_NLOHMANN_JSON
 using Json = nlohmann::json;
+#endif
 
 constexpr std::string_view kLlama3Pattern =
     "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}| "
@@ -400,6 +404,7 @@ std::string ByteLevel(std::string_view raw) {
   return s;
 }
 
+#ifdef KVR_HAVE_NLOHMANN_JSON
 absl::StatusOr<std::string> ReadText(const std::string& path) {
   std::ifstream in(path, std::ios::binary);
   if (!in) return absl::NotFoundError(absl::StrCat("cannot open ", path));
@@ -419,6 +424,7 @@ std::string ConfigToken(const Json& cfg, const char* key) {
   }
   return {};
 }
+#endif  // KVR_HAVE_NLOHMANN_JSON
 
 }  // namespace
 
@@ -435,6 +441,21 @@ std::vector<std::string_view> PreTokenize(PreTokenizer kind, std::string_view te
   return out;
 }
 
+#ifndef KVR_HAVE_NLOHMANN_JSON
+// Built without nlohmann-json: tokenizer.json cannot be parsed.
+absl::StatusOr<std::unique_ptr<HfBpeTokenizer>> HfBpeTokenizer::Load(const std::string& path,
+                                                                     HfBpeOptions) {
+  return Parse({}, path);
+}
+
+absl::StatusOr<std::unique_ptr<HfBpeTokenizer>> HfBpeTokenizer::Parse(std::string_view,
+                                                                      const std::string& name,
+                                                                      const HfBpeOptions&) {
+  return absl::FailedPreconditionError(absl::StrCat(
+      "tokenizer.json ", name,
+      ": kvr was built without nlohmann-json (install nlohmann-json3-dev and reconfigure)"));
+}
+#else
 absl::StatusOr<std::unique_ptr<HfBpeTokenizer>> HfBpeTokenizer::Load(const std::string& path,
                                                                      HfBpeOptions options) {
   KVR_ASSIGN_OR_RETURN(const std::string text, ReadText(path));
@@ -620,6 +641,8 @@ absl::StatusOr<std::unique_ptr<HfBpeTokenizer>> HfBpeTokenizer::Parse(std::strin
       t->eos_, pick(options.eos_token, {"<|end_of_text|>", "</s>", "<|endoftext|>"}, "EOS"));
   return t;
 }
+
+#endif  // KVR_HAVE_NLOHMANN_JSON
 
 int32_t HfBpeTokenizer::TokenId(std::string_view token) const {
   auto it = vocab_.find(std::string(token));

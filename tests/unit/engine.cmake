@@ -6,3 +6,13 @@ kvr_test(engine_test SOURCES unit/engine_test.cc DEPS kvr::engine kvr::retrieval
 # cancellation, and the pipelined prefill hand-off.
 kvr_test(engine_multi_test SOURCES unit/engine_multi_test.cc
   DEPS kvr::engine kvr::retrieval_client TIMEOUT 300)
+# Sequence sharding: many placement chunks (and, with services, several nodes
+# behind MultiNodeClient) give the same results as one chunk.
+if(KVR_WITH_SERVICES)
+  kvr_test(engine_chunks_test SOURCES unit/engine_chunks_test.cc
+    DEPS kvr::engine kvr::retrieval_client kvr::node_server TIMEOUT 300)
+  target_compile_definitions(engine_chunks_test PRIVATE KVR_TEST_MULTI_NODE=1)
+else()
+  kvr_test(engine_chunks_test SOURCES unit/engine_chunks_test.cc
+    DEPS kvr::engine kvr::retrieval_client TIMEOUT 300)
+endif()

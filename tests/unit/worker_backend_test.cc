@@ -1,5 +1,7 @@
 // Backend ops vs plain double-precision loops (the oracle), on random inputs.
 #include <cmath>
+#include <cstdio>
+#include <cstdlib>
 #include <limits>
 #include <random>
 #include <vector>
@@ -281,6 +283,58 @@ TEST_P(BackendTest, SoftmaxArgmaxEmbedding) {
   const absl::Status st = backend_->Embedding(tt, bad, te);
   EXPECT_EQ(st.code(), absl::StatusCode::kInvalidArgument);
   EXPECT_NE(st.message().find("token 11"), std::string::npos) << st;
+}
+
+// The OpenBLAS path (forced, whatever core it detected) against the own
+// kernels on a prefill-like shape: fp32 GEMMs with different summation
+// orders, so equal to float rounding.
+TEST(CpuMatMulTest, OpenBlasMatchesOwnKernels) {
+  BackendOptions own_options, blas_options;
+  own_options.num_threads = blas_options.num_threads = 2;
+  own_options.cpu_matmul = CpuMatMul::kOwn;
+  blas_options.cpu_matmul = CpuMatMul::kOpenBlas;
+  auto own = BackendRegistry::Create("cpu", own_options);
+  ASSERT_TRUE(own.ok()) << own.status();
+  EXPECT_NE((*own)->Describe().find("own kernels"), std::string::npos) << (*own)->Describe();
+  auto blas = BackendRegistry::Create("cpu", blas_options);
+  if (absl::IsFailedPrecondition(blas.status())) {
+    GTEST_SKIP() << blas.status();  // built without OpenBLAS
+  }
+  ASSERT_TRUE(blas.ok()) << blas.status();
+  EXPECT_NE((*blas)->Describe().find("OpenBLAS sgemm"), std::string::npos)
+      << (*blas)->Describe();
+  std::printf("%s\n", (*blas)->Describe().c_str());
+  const int in = 300, out = 257;
+  for (int n : {1, 15, 16, 64}) {
+    const auto x = Random(size_t(n) * in, 3), w = Random(size_t(out) * in, 4, 0.05f);
+    std::vector<float> y[2];
+    Backend* backends[2] = {own->get(), blas->get()};
+    for (int b = 0; b < 2; ++b) {
+      Tensor tx = *backends[b]->Allocate(DType::kF32, n, in);
+      Tensor tw = *backends[b]->Allocate(DType::kF32, out, in);
+      Tensor ty = *backends[b]->Allocate(DType::kF32, n, out);
+      ASSERT_TRUE(backends[b]->UploadF32(x, tx).ok());
+      ASSERT_TRUE(backends[b]->UploadF32(w, tw).ok());
+      ASSERT_TRUE(backends[b]->MatMul(tx, tw, ty).ok());
+      y[b].resize(size_t(n) * out);
+      ASSERT_TRUE(backends[b]->DownloadF32(ty, y[b]).ok());
+    }
+    for (size_t i = 0; i < y[0].size(); ++i) {
+      ASSERT_NEAR(y[1][i], y[0][i], 1e-5 * (1.0 + std::abs(y[0][i]))) << "n " << n << " at " << i;
+    }
+  }
+}
+
+TEST(CpuMatMulTest, EnvironmentOverrideIsValidated) {
+  ASSERT_EQ(setenv("KVR_CPU_MATMUL", "mkl", 1), 0);
+  auto bad = BackendRegistry::Create("cpu");
+  ASSERT_EQ(setenv("KVR_CPU_MATMUL", "own", 1), 0);
+  auto own = BackendRegistry::Create("cpu");
+  unsetenv("KVR_CPU_MATMUL");
+  EXPECT_TRUE(absl::IsInvalidArgument(bad.status())) << bad.status();
+  EXPECT_NE(bad.status().message().find("KVR_CPU_MATMUL"), std::string::npos) << bad.status();
+  ASSERT_TRUE(own.ok()) << own.status();
+  EXPECT_NE((*own)->Describe().find("own kernels"), std::string::npos) << (*own)->Describe();
 }
 
 TEST_P(BackendTest, ForeignTensorsAreRejected) {

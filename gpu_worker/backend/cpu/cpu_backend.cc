@@ -10,6 +10,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "common/simd/kernels.h"
+#include "gpu_worker/backend/cpu/openblas_gemm.h"
 #include "common/status.h"
 #include "common/thread_pool.h"
 
@@ -29,12 +30,43 @@ float* Scratch(std::vector<float>& v, size_t n) {
   return v.data();
 }
 
+// MatMuls with at least this many rows go to OpenBLAS when it is used:
+// below it the product is close to matrix-vector, memory-bound, and the own
+// kernels are as fast (docs/benchmarks.md §6).
+constexpr int64_t kBlasMinRows = 16;
+
+const char* IsaName(simd::Isa isa) {
+  switch (isa) {
+    case simd::Isa::kAvx512:
+      return "avx512";
+    case simd::Isa::kAvx2:
+      return "avx2";
+    case simd::Isa::kScalar:
+      break;
+  }
+  return "scalar";
+}
+
 class CpuBackend final : public Backend {
  public:
-  explicit CpuBackend(int threads)
-      : threads_(threads), pool_(static_cast<size_t>(threads - 1)), k_(simd::Active()) {}
+  CpuBackend(int threads, bool use_blas, std::string blas_core)
+      : threads_(threads),
+        use_blas_(use_blas),
+        blas_core_(std::move(blas_core)),
+        pool_(static_cast<size_t>(threads - 1)),
+        k_(simd::Active()) {}
 
   std::string_view name() const override { return "cpu"; }
+
+  std::string Describe() const override {
+    const std::string core = blas_core_.empty() ? "not built" : blas_core_;
+    return absl::StrCat("cpu (", threads_, " threads, simd ", IsaName(k_.isa),
+                        ", matmul: ",
+                        use_blas_ ? absl::StrCat("OpenBLAS sgemm [core ", core, "] for f32 >= ",
+                                                 kBlasMinRows, " rows, own kernels otherwise")
+                                  : absl::StrCat("own kernels [OpenBLAS core ", core, "]"),
+                        ")");
+  }
 
   absl::StatusOr<Tensor> Allocate(DType dtype, int64_t rows, int64_t cols) override {
     if (rows < 0 || cols < 0) {
@@ -157,6 +189,10 @@ class CpuBackend final : public Backend {
     const float* xd = x.data_as<const float>();
     float* yd = y.data_as<float>();
     const bool bf16 = w.dtype() == DType::kBF16;
+    if (use_blas_ && !bf16 && x.rows() >= kBlasMinRows) {
+      OpenBlasSgemmNT(threads_, n, in, out, xd, w.data_as<const float>(), yd);
+      return absl::OkStatus();
+    }
     // Split the output features across threads; every W row is read once and
     // reused for all n tokens.
     const size_t grain = std::max<size_t>(1, out / (static_cast<size_t>(threads_) * 4));
@@ -444,6 +480,8 @@ class CpuBackend final : public Backend {
   }
 
   const int threads_;
+  const bool use_blas_;     // many-row f32 MatMuls call OpenBLAS
+  const std::string blas_core_;  // openblas_get_corename(), "" without OpenBLAS
   ThreadPool pool_;
   const simd::Kernels& k_;
 };
@@ -457,7 +495,30 @@ absl::StatusOr<std::unique_ptr<Backend>> NewCpuBackend(const BackendOptions& opt
   }
   int threads = options.num_threads;
   if (threads == 0) threads = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
-  return std::unique_ptr<Backend>(new CpuBackend(threads));
+  CpuMatMul mode = options.cpu_matmul;
+  if (mode == CpuMatMul::kAuto) {
+    if (const char* env = std::getenv("KVR_CPU_MATMUL"); env != nullptr && *env != '\0') {
+      const std::string_view v(env);
+      if (v == "own") {
+        mode = CpuMatMul::kOwn;
+      } else if (v == "openblas") {
+        mode = CpuMatMul::kOpenBlas;
+      } else if (v != "auto") {
+        return absl::InvalidArgumentError(absl::StrCat("cpu backend: KVR_CPU_MATMUL=\"",
+                                                       std::string(v),
+                                                       "\" is not one of auto, own, openblas"));
+      }
+    }
+  }
+  const std::string core = OpenBlasCoreName();
+  if (mode == CpuMatMul::kOpenBlas && !OpenBlasBuilt()) {
+    return absl::FailedPreconditionError(
+        "cpu backend: OpenBLAS matmul requested but kvr was not built with OpenBLAS "
+        "(KVR_WITH_OPENBLAS)");
+  }
+  const bool use_blas = mode == CpuMatMul::kOpenBlas ||
+                        (mode == CpuMatMul::kAuto && OpenBlasBuilt() && OpenBlasCoreIsModern(core));
+  return std::unique_ptr<Backend>(new CpuBackend(threads, use_blas, core));
 }
 
 }  // namespace kvr::worker

@@ -2,7 +2,10 @@
 // kernels (common/simd) and a private ThreadPool of num_threads - 1 workers
 // (the calling thread takes part). Synchronous: every op has finished when it
 // returns. Weights for MatMul may be f32 or bf16; Embedding tables f32, bf16
-// or f16. Per-op scratch is thread-local and grows once to the largest size
+// or f16. f32 MatMuls of >= 16 rows (prefill) call OpenBLAS sgemm when the
+// build links it and it detected a core with AVX2/AVX-512 kernels, or when
+// BackendOptions::cpu_matmul / KVR_CPU_MATMUL force it (openblas_gemm.h);
+// Describe() names the choice. Per-op scratch is thread-local and grows once to the largest size
 // seen, so steady-state decode does not allocate.
 #pragma once
 

@@ -1,0 +1,313 @@
+// ttft_bench: time to first token vs prompt length, full-attention prefill
+// vs RetrievalAttention prefill side by side, and what the first decode step
+// then waits for.
+//
+//   build/bench/ttft_bench [--models=random,stories] [--lengths=128,512,2048,8192]
+//                          [--threads=2] [--index=graph] [--reps=1] [--json=out.json]
+//
+// For each model and prompt length (a prompt longer than the model's context
+// is clamped to it, less one decode step):
+//  * full: RetrievalEngine prefill in full-attention mode (chunked causal
+//    attention, the whole KV cache on the worker) = TTFT less sampling;
+//  * retrieval (pipelined): the same prefill with the hand-off of each layer's
+//    middle tokens (training top-k + UploadShard, i.e. the node's index
+//    build) on a background thread while later layers compute (the engine
+//    default); "hand-off done" is when the last upload finished, measured
+//    from the start of prefill;
+//  * retrieval (synchronous, --sync): each layer's uploads finish before the
+//    next layer starts (handoff_threads = 0), the no-overlap reference;
+//  * the first decode step after each prefill, and of it the time blocked on
+//    pending hand-off uploads ("wait").
+// The node is in-process (--node_threads threads); everything shares the
+// machine's cores, as the embedded mode does.
+//
+// Models: "random" is a deterministic random-weight Llama of the shape given
+// by --dim/--layers/--heads/--kv_heads/--hidden/--vocab (default a moderate
+// shape that runs 8K-token prompts on 2 cores); "stories" is the bundled
+// stories260K (512-token context), prompted with its tokenizer's encoding of
+// a repeated story opening.
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <fstream>
+#include <memory>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "absl/flags/flag.h"
+#include "absl/flags/parse.h"
+#include "absl/flags/usage.h"
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "absl/strings/str_join.h"
+#include "absl/strings/str_split.h"
+#include "common/status.h"
+#include "gpu_worker/backend/backend.h"
+#include "gpu_worker/engine/retrieval_engine.h"
+#include "gpu_worker/model/bundled_model.h"
+#include "gpu_worker/model/llama2c_loader.h"
+#include "gpu_worker/model/llama2c_tokenizer.h"
+#include "gpu_worker/model/random_weights.h"
+#include "retrieval_node/client/in_process_node.h"
+
+ABSL_FLAG(std::string, models, "random,stories", "models to measure: random, stories");
+ABSL_FLAG(std::string, lengths, "128,512,2048,8192", "prompt lengths in tokens");
+ABSL_FLAG(int, threads, 2, "CPU backend threads");
+ABSL_FLAG(int, node_threads, 1, "in-process node threads (Attend and index builds)");
+ABSL_FLAG(int, handoff_threads, 1, "engine hand-off threads in the pipelined runs");
+ABSL_FLAG(std::string, index, "graph", "node index: graph, flat, ivf");
+ABSL_FLAG(int, sinks, 128, "sink tokens kept on the worker (random model)");
+ABSL_FLAG(int, window, 512, "recent tokens kept on the worker (random model)");
+ABSL_FLAG(int, stories_sinks, 4, "sink tokens for stories260K");
+ABSL_FLAG(int, stories_window, 16, "recent tokens for stories260K");
+ABSL_FLAG(int, top_k, 100, "keys retrieved per query head (stories260K: min(top_k, 16))");
+ABSL_FLAG(bool, sync, true, "also run the synchronous hand-off");
+ABSL_FLAG(int, reps, 1, "repetitions per cell (the median is reported)");
+ABSL_FLAG(int, dim, 512, "random model: width");
+ABSL_FLAG(int, layers, 4, "random model: layers");
+ABSL_FLAG(int, heads, 8, "random model: query heads");
+ABSL_FLAG(int, kv_heads, 2, "random model: kv heads");
+ABSL_FLAG(int, hidden, 1536, "random model: FFN width");
+ABSL_FLAG(int, vocab, 4096, "random model: vocabulary");
+ABSL_FLAG(std::string, json, "", "write the rows as JSON to this file");
+
+namespace kvr {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+using worker::AttentionMode;
+using worker::AttentionOptions;
+using worker::EngineOptions;
+using worker::RetrievalEngine;
+
+struct Model {
+  std::string name;
+  std::shared_ptr<const worker::LlamaWeights> weights;
+  std::vector<int32_t> text;  // tokens to draw prompts from (empty: random ids)
+  int sinks = 0, window = 0, top_k = 0;
+};
+
+struct Cell {
+  double prefill = 0, handoff_done = 0, first_step = 0, wait = 0;
+};
+
+struct Row {
+  std::string model;
+  int64_t tokens = 0;
+  Cell full, pipelined, sync;
+  bool has_sync = false;
+};
+
+double Median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  return v.empty() ? 0.0 : v[v.size() / 2];
+}
+
+absl::StatusOr<Model> LoadModel(const std::string& name) {
+  Model m;
+  m.name = name;
+  if (name == "random") {
+    worker::LlamaConfig c;
+    c.dim = absl::GetFlag(FLAGS_dim);
+    c.n_layers = absl::GetFlag(FLAGS_layers);
+    c.n_heads = absl::GetFlag(FLAGS_heads);
+    c.n_kv_heads = absl::GetFlag(FLAGS_kv_heads);
+    c.head_dim = c.n_heads > 0 ? c.dim / c.n_heads : 0;
+    c.hidden_dim = absl::GetFlag(FLAGS_hidden);
+    c.vocab_size = absl::GetFlag(FLAGS_vocab);
+    c.seq_len = 1 << 20;
+    c.rope_theta = 500000.0f;
+    KVR_ASSIGN_OR_RETURN(m.weights, worker::MakeRandomWeights(c));
+    m.name = absl::StrCat("random ", c.n_layers, "L d", c.dim, " h", c.n_heads, "/", c.n_kv_heads);
+    m.sinks = absl::GetFlag(FLAGS_sinks);
+    m.window = absl::GetFlag(FLAGS_window);
+    m.top_k = absl::GetFlag(FLAGS_top_k);
+    return m;
+  }
+  if (name == "stories") {
+    const std::string dir = worker::FindBundledModelDir();
+    if (dir.empty()) return absl::NotFoundError("stories260K: bundled model directory not found");
+    KVR_ASSIGN_OR_RETURN(m.weights, worker::LoadLlama2c(dir + "/stories260K.bin"));
+    KVR_ASSIGN_OR_RETURN(auto tok, worker::Llama2cTokenizer::Load(
+                                       dir + "/tok512.bin", m.weights->config.vocab_size));
+    std::string story;
+    for (int i = 0; i < 20; ++i) {
+      story += "Once upon a time, there was a little girl named Lily. She loved to play "
+               "outside in the park with her friends. ";
+    }
+    KVR_ASSIGN_OR_RETURN(m.text, tok->Encode(story, /*add_bos=*/true));
+    m.name = "stories260K";
+    m.sinks = absl::GetFlag(FLAGS_stories_sinks);
+    m.window = absl::GetFlag(FLAGS_stories_window);
+    m.top_k = std::min(absl::GetFlag(FLAGS_top_k), 16);
+    return m;
+  }
+  return absl::InvalidArgumentError(
+      absl::StrCat("--models: \"", name, "\" is not one of random, stories"));
+}
+
+std::vector<int32_t> Prompt(const Model& m, int64_t n) {
+  std::vector<int32_t> p(static_cast<size_t>(n));
+  if (!m.text.empty()) {
+    for (int64_t i = 0; i < n; ++i) p[i] = m.text[static_cast<size_t>(i) % m.text.size()];
+    return p;
+  }
+  std::mt19937 rng(7);
+  std::uniform_int_distribution<int32_t> id(0, m.weights->config.vocab_size - 1);
+  for (int32_t& t : p) t = id(rng);
+  return p;
+}
+
+// One prefill + first decode step of `prompt`.
+absl::StatusOr<Cell> Measure(RetrievalEngine& engine, const std::vector<int32_t>& prompt,
+                             const AttentionOptions& options) {
+  Cell cell;
+  KVR_ASSIGN_OR_RETURN(auto logits, engine.Prefill(prompt, options));
+  cell.prefill = engine.stats().prefill_seconds;
+  const int32_t next = static_cast<int32_t>(std::max_element(logits.begin(), logits.end()) -
+                                            logits.begin());
+  const Clock::time_point start = Clock::now();
+  KVR_RETURN_IF_ERROR(engine.DecodeStep(next).status());
+  cell.first_step = std::chrono::duration<double>(Clock::now() - start).count();
+  cell.wait = engine.stats().handoff_wait_seconds;
+  cell.handoff_done = engine.stats().handoff_seconds;
+  KVR_RETURN_IF_ERROR(engine.EndSequence());
+  return cell;
+}
+
+absl::StatusOr<Cell> MeasureMedian(RetrievalEngine& engine, const std::vector<int32_t>& prompt,
+                                   const AttentionOptions& options, int reps) {
+  std::vector<double> prefill, done, step, wait;
+  for (int r = 0; r < reps; ++r) {
+    KVR_ASSIGN_OR_RETURN(Cell c, Measure(engine, prompt, options));
+    prefill.push_back(c.prefill);
+    done.push_back(c.handoff_done);
+    step.push_back(c.first_step);
+    wait.push_back(c.wait);
+  }
+  return Cell{Median(prefill), Median(done), Median(step), Median(wait)};
+}
+
+absl::Status Run() {
+  std::vector<int64_t> lengths;
+  for (absl::string_view s : absl::StrSplit(absl::GetFlag(FLAGS_lengths), ',')) {
+    int64_t n = 0;
+    if (!absl::SimpleAtoi(s, &n) || n < 1) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("--lengths: \"", std::string(s), "\" is not a positive integer"));
+    }
+    lengths.push_back(n);
+  }
+  const int reps = absl::GetFlag(FLAGS_reps);
+  if (reps < 1) return absl::InvalidArgumentError("--reps must be >= 1");
+  KVR_ASSIGN_OR_RETURN(retrieval::IndexType index,
+                       retrieval::ParseIndexType(absl::GetFlag(FLAGS_index)));
+  worker::BackendOptions bo;
+  bo.num_threads = absl::GetFlag(FLAGS_threads);
+  KVR_ASSIGN_OR_RETURN(auto backend, worker::BackendRegistry::Create("cpu", bo));
+  std::printf("backend: %s; node: in-process, %d thread(s), %s index\n",
+              backend->Describe().c_str(), absl::GetFlag(FLAGS_node_threads),
+              std::string(retrieval::IndexTypeName(index)).c_str());
+
+  std::vector<Row> rows;
+  const bool sync = absl::GetFlag(FLAGS_sync);
+  std::printf("\n%-22s %6s | %9s %9s | %9s %7s %10s %9s %9s |%s\n", "model", "tokens", "full s",
+              "step s", "retr s", "/full", "handoff s", "step s", "wait s",
+              sync ? "  sync s   /full  step s" : "");
+  for (absl::string_view name : absl::StrSplit(absl::GetFlag(FLAGS_models), ',')) {
+    KVR_ASSIGN_OR_RETURN(Model m, LoadModel(std::string(name)));
+    const worker::LlamaConfig& c = m.weights->config;
+    int64_t max_len = 0;
+    for (int64_t n : lengths) max_len = std::max(max_len, std::min<int64_t>(n, c.seq_len - 1));
+    auto node_options = retrieval::InProcessNodeOptions{};
+    node_options.threads = static_cast<size_t>(absl::GetFlag(FLAGS_node_threads));
+    KVR_ASSIGN_OR_RETURN(auto node, retrieval::InProcessRetrievalNode::Create(node_options));
+    EngineOptions pipelined, synchronous;
+    pipelined.max_seq_len = synchronous.max_seq_len = max_len + 1;
+    pipelined.handoff_threads = absl::GetFlag(FLAGS_handoff_threads);
+    synchronous.handoff_threads = 0;
+    KVR_ASSIGN_OR_RETURN(auto engine,
+                         RetrievalEngine::Create(backend.get(), m.weights, node.get(), pipelined));
+    KVR_ASSIGN_OR_RETURN(auto sync_engine, RetrievalEngine::Create(backend.get(), m.weights,
+                                                                   node.get(), synchronous));
+    std::vector<int64_t> done_lengths;
+    for (int64_t asked : lengths) {
+      const int64_t n = std::min<int64_t>(asked, c.seq_len - 1);
+      if (std::find(done_lengths.begin(), done_lengths.end(), n) != done_lengths.end()) continue;
+      done_lengths.push_back(n);
+      const std::vector<int32_t> prompt = Prompt(m, n);
+      AttentionOptions full;
+      full.mode = AttentionMode::kFull;
+      AttentionOptions retr;
+      retr.sinks = m.sinks;
+      retr.window = m.window;
+      retr.top_k = m.top_k;
+      retr.index = index;
+      Row row;
+      row.model = m.name;
+      row.tokens = n;
+      KVR_ASSIGN_OR_RETURN(row.full, MeasureMedian(*engine, prompt, full, reps));
+      KVR_ASSIGN_OR_RETURN(row.pipelined, MeasureMedian(*engine, prompt, retr, reps));
+      if (sync) {
+        KVR_ASSIGN_OR_RETURN(row.sync, MeasureMedian(*sync_engine, prompt, retr, reps));
+        row.has_sync = true;
+      }
+      const double full_s = std::max(row.full.prefill, 1e-12);
+      std::string sync_cols;
+      if (sync) {
+        sync_cols = absl::StrFormat(" %8.3f %6.2fx %7.3f", row.sync.prefill,
+                                    row.sync.prefill / full_s, row.sync.first_step);
+      }
+      std::printf("%-22s %6lld | %9.3f %9.4f | %9.3f %6.2fx %10.3f %9.4f %9.4f |%s\n",
+                  m.name.c_str(), static_cast<long long>(n), row.full.prefill,
+                  row.full.first_step, row.pipelined.prefill, row.pipelined.prefill / full_s,
+                  row.pipelined.handoff_done, row.pipelined.first_step, row.pipelined.wait,
+                  sync_cols.c_str());
+      std::fflush(stdout);
+      rows.push_back(row);
+    }
+  }
+  std::printf("\nfull s / retr s / sync s: prefill until the first token's logits; handoff s: "
+              "prefill start until the node's indexes were built; step s: the first decode "
+              "step, of which wait s blocked on hand-off uploads.\n");
+
+  const std::string json = absl::GetFlag(FLAGS_json);
+  if (!json.empty()) {
+    std::ofstream out(json);
+    out << "[\n";
+    for (size_t i = 0; i < rows.size(); ++i) {
+      const Row& r = rows[i];
+      auto cell = [](const Cell& c) {
+        return absl::StrFormat(
+            "{\"prefill_s\": %.6f, \"handoff_done_s\": %.6f, \"first_step_s\": %.6f, "
+            "\"handoff_wait_s\": %.6f}",
+            c.prefill, c.handoff_done, c.first_step, c.wait);
+      };
+      out << absl::StrFormat("  {\"model\": \"%s\", \"tokens\": %d, \"full\": %s, "
+                             "\"retrieval_pipelined\": %s",
+                             r.model, r.tokens, cell(r.full), cell(r.pipelined));
+      if (r.has_sync) out << ", \"retrieval_sync\": " << cell(r.sync);
+      out << "}" << (i + 1 < rows.size() ? "," : "") << "\n";
+    }
+    out << "]\n";
+    if (!out) return absl::InternalError(absl::StrCat("--json: cannot write ", json));
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+}  // namespace kvr
+
+int main(int argc, char** argv) {
+  absl::SetProgramUsageMessage(
+      "time to first token vs prompt length: full vs retrieval prefill (see the file comment)");
+  absl::ParseCommandLine(argc, argv);
+  const absl::Status st = kvr::Run();
+  if (!st.ok()) {
+    std::fprintf(stderr, "ttft_bench: %s\n", std::string(st.message()).c_str());
+    return 1;
+  }
+  return 0;
+}
