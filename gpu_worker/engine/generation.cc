@@ -7,138 +7,144 @@
 #include "absl/strings/str_cat.h"
 
 namespace kvr::worker {
-namespace {
 
-// Streams text while holding back any suffix that could start a stop string.
-class StopMatcher {
- public:
-  StopMatcher(const std::vector<std::string>& stop, const TextCallback& on_text)
-      : stop_(stop), on_text_(on_text) {
-    for (const std::string& s : stop_) longest_ = std::max(longest_, s.size());
-  }
-
-  // Appends `piece`; returns true when a stop string now occurs (the text is
-  // cut before it).
-  bool Add(std::string_view piece, std::string* text) {
-    text->append(piece);
-    const size_t from = emitted_ > longest_ ? emitted_ - longest_ : 0;
-    size_t cut = std::string::npos;
-    for (const std::string& s : stop_) cut = std::min(cut, text->find(s, from));
-    if (cut != std::string::npos) {
-      text->resize(cut);
-      Flush(*text);
-      return true;
+size_t Utf8CompletePrefix(std::string_view text) {
+  // Walk back over at most 3 continuation bytes (10xxxxxx) to a lead byte.
+  const size_t n = text.size();
+  for (size_t back = 1; back <= 4 && back <= n; ++back) {
+    const auto c = static_cast<unsigned char>(text[n - back]);
+    if ((c & 0xC0) == 0x80) continue;  // continuation byte
+    size_t need = 0;
+    if ((c & 0xE0) == 0xC0) {
+      need = 2;
+    } else if ((c & 0xF0) == 0xE0) {
+      need = 3;
+    } else if ((c & 0xF8) == 0xF0) {
+      need = 4;
+    } else {
+      return n;  // ASCII or an invalid lead: nothing to wait for
     }
-    size_t hold = 0;
-    for (const std::string& s : stop_) {
-      for (size_t k = std::min(s.size() - 1, text->size()); k > hold; --k) {
-        if (std::string_view(*text).substr(text->size() - k) == std::string_view(s).substr(0, k)) {
-          hold = k;
-          break;
-        }
-      }
-    }
-    Emit(*text, text->size() - hold);
-    return false;
+    return back < need ? n - back : n;
   }
-  void Flush(const std::string& text) { Emit(text, text.size()); }
+  return n;  // only continuation bytes: malformed, not held
+}
 
- private:
-  void Emit(const std::string& text, size_t end) {
-    if (end <= emitted_) return;
-    if (on_text_) on_text_(std::string_view(text).substr(emitted_, end - emitted_));
-    emitted_ = end;
+absl::Status RequestLoop::ValidateLoopFields(int max_tokens, const std::vector<std::string>& stop) {
+  if (max_tokens < 0) {
+    return absl::InvalidArgumentError(absl::StrCat("max_tokens ", max_tokens, " must be >= 0"));
   }
-
-  const std::vector<std::string>& stop_;
-  const TextCallback& on_text_;
-  size_t longest_ = 0;
-  size_t emitted_ = 0;
-};
-
-// One request's decode loop (shared by Generate and GenerateBatch): samples
-// from each step's logits, streams the text, decides when to stop.
-class RequestRun {
- public:
-  // Validates the request and encodes its prompt.
-  static absl::StatusOr<std::unique_ptr<RequestRun>> Create(const GenerateRequest& request,
-                                                            const Tokenizer& tokenizer,
-                                                            int vocab_size, TextCallback on_text) {
-    if (request.max_tokens < 0) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("max_tokens ", request.max_tokens, " must be >= 0"));
-    }
-    for (size_t i = 0; i < request.stop.size(); ++i) {
-      if (request.stop[i].empty()) {
-        return absl::InvalidArgumentError(absl::StrCat("stop[", i, "] is empty"));
-      }
-    }
-    KVR_ASSIGN_OR_RETURN(Sampler sampler, Sampler::Create(request.sampling, vocab_size));
-    KVR_ASSIGN_OR_RETURN(std::vector<int32_t> context,
-                         tokenizer.Encode(request.prompt, /*add_bos=*/true));
-    return std::unique_ptr<RequestRun>(new RequestRun(request, tokenizer, std::move(sampler),
-                                                      std::move(context), std::move(on_text)));
+  for (size_t i = 0; i < stop.size(); ++i) {
+    if (stop[i].empty()) return absl::InvalidArgumentError(absl::StrCat("stop[", i, "] is empty"));
   }
+  return absl::OkStatus();
+}
 
-  const std::vector<int32_t>& context() const { return context_; }
-  // The token the next decode step runs.
-  int32_t token() const { return token_; }
+RequestLoop::RequestLoop(std::vector<int32_t> prompt, int max_tokens,
+                         std::vector<std::string> stop, Sampler sampler,
+                         const Tokenizer& tokenizer)
+    : tokenizer_(tokenizer),
+      sampler_(std::move(sampler)),
+      max_tokens_(max_tokens),
+      stop_(std::move(stop)),
+      context_(std::move(prompt)) {
+  for (const std::string& s : stop_) longest_stop_ = std::max(longest_stop_, s.size());
+  prompt_tokens_ = static_cast<int64_t>(context_.size());
+  token_ = context_.empty() ? tokenizer_.bos_id() : context_.back();
+}
 
-  // Takes the logits of the last prefill / step (the sequence now holds
-  // `position` tokens); returns true when the generation is over.
-  absl::StatusOr<bool> Advance(std::span<const float> logits, int64_t position,
-                               int64_t max_seq_len) {
-    if (generated_ >= request_.max_tokens) return Finish(FinishReason::kLength);
-    const int32_t next = sampler_.Sample(logits, context_);
-    if (next == tokenizer_.bos_id() || next == tokenizer_.eos_id()) {
-      return Finish(FinishReason::kEos);
-    }
-    KVR_ASSIGN_OR_RETURN(std::string piece, tokenizer_.Decode(token_, next));
-    result_.tokens.push_back(next);
-    context_.push_back(next);
-    token_ = next;
-    ++generated_;
-    if (matcher_.Add(piece, &result_.text)) return Finish(FinishReason::kStop);
-    if (generated_ == request_.max_tokens) return Finish(FinishReason::kLength);
-    if (position >= max_seq_len) return Finish(FinishReason::kContextFull);
-    return false;
+absl::StatusOr<bool> RequestLoop::Advance(std::span<const float> logits, int64_t position,
+                                          int64_t max_seq_len) {
+  if (generated() >= max_tokens_) return Finish(FinishReason::kLength);
+  const int32_t next = sampler_.Sample(logits, context_);
+  if (next == tokenizer_.bos_id() || next == tokenizer_.eos_id()) {
+    return Finish(FinishReason::kEos);
   }
+  KVR_ASSIGN_OR_RETURN(std::string piece, tokenizer_.Decode(token_, next));
+  tokens_.push_back(next);
+  context_.push_back(next);
+  token_ = next;
+  if (AddText(piece)) return Finish(FinishReason::kStop);
+  if (generated() == max_tokens_) return Finish(FinishReason::kLength);
+  if (position >= max_seq_len) return Finish(FinishReason::kContextFull);
+  return false;
+}
 
-  // Ends the run with `reason`; true.
-  bool Finish(FinishReason reason) {
-    result_.finish = reason;
-    if (reason != FinishReason::kStop) matcher_.Flush(result_.text);
+bool RequestLoop::Finish(FinishReason reason) {
+  finish_ = reason;
+  Emit(text_.size(), /*all=*/true);
+  return true;
+}
+
+bool RequestLoop::TakeNew(std::vector<int32_t>* ids, std::string* text) {
+  const bool any = taken_ids_ < tokens_.size() || taken_text_ < emitted_;
+  ids->insert(ids->end(), tokens_.begin() + static_cast<std::ptrdiff_t>(taken_ids_),
+              tokens_.end());
+  taken_ids_ = tokens_.size();
+  text->append(text_, taken_text_, emitted_ - taken_text_);
+  taken_text_ = emitted_;
+  return any;
+}
+
+bool RequestLoop::AddText(std::string_view piece) {
+  text_.append(piece);
+  const size_t from = emitted_ > longest_stop_ ? emitted_ - longest_stop_ : 0;
+  size_t cut = std::string::npos;
+  for (const std::string& s : stop_) cut = std::min(cut, text_.find(s, from));
+  if (cut != std::string::npos) {
+    text_.resize(cut);
+    Emit(text_.size(), /*all=*/true);
     return true;
   }
-
-  GenerateResult TakeResult(const EngineStats& stats) {
-    result_.stats = stats;
-    return std::move(result_);
+  // Hold back the longest suffix that is a proper prefix of a stop string.
+  size_t hold = 0;
+  for (const std::string& s : stop_) {
+    for (size_t k = std::min(s.size() - 1, text_.size()); k > hold; --k) {
+      if (std::string_view(text_).substr(text_.size() - k) == std::string_view(s).substr(0, k)) {
+        hold = k;
+        break;
+      }
+    }
   }
+  Emit(text_.size() - hold, /*all=*/false);
+  return false;
+}
 
- private:
-  RequestRun(const GenerateRequest& request, const Tokenizer& tokenizer, Sampler sampler,
-             std::vector<int32_t> context, TextCallback on_text)
-      : request_(request),
-        tokenizer_(tokenizer),
-        sampler_(std::move(sampler)),
-        context_(std::move(context)),
-        on_text_(std::move(on_text)),
-        matcher_(request_.stop, on_text_) {
-    result_.prompt_tokens = static_cast<int64_t>(context_.size());
-    token_ = context_.back();
-  }
+void RequestLoop::Emit(size_t end, bool all) {
+  if (!all) end = Utf8CompletePrefix(std::string_view(text_).substr(0, end));
+  if (end > emitted_) emitted_ = end;
+}
 
-  const GenerateRequest& request_;
-  const Tokenizer& tokenizer_;
-  Sampler sampler_;
-  std::vector<int32_t> context_;
-  TextCallback on_text_;
-  StopMatcher matcher_;  // refers to request_.stop and on_text_
-  GenerateResult result_;
-  int32_t token_ = 0;
-  int generated_ = 0;
-};
+namespace {
+
+// Validates a GenerateRequest's fields and encodes its prompt into a loop.
+absl::StatusOr<std::unique_ptr<RequestLoop>> MakeLoop(const GenerateRequest& request,
+                                                      const Tokenizer& tokenizer, int vocab_size) {
+  KVR_RETURN_IF_ERROR(RequestLoop::ValidateLoopFields(request.max_tokens, request.stop));
+  KVR_ASSIGN_OR_RETURN(Sampler sampler, Sampler::Create(request.sampling, vocab_size));
+  KVR_ASSIGN_OR_RETURN(std::vector<int32_t> context,
+                       tokenizer.Encode(request.prompt, /*add_bos=*/true));
+  return std::make_unique<RequestLoop>(std::move(context), request.max_tokens, request.stop,
+                                       std::move(sampler), tokenizer);
+}
+
+// Passes the text `loop` made final to `on_text` (when set).
+void Stream(RequestLoop& loop, const TextCallback& on_text, std::vector<int32_t>* ids_scratch,
+            std::string* text_scratch) {
+  ids_scratch->clear();
+  text_scratch->clear();
+  loop.TakeNew(ids_scratch, text_scratch);
+  if (on_text && !text_scratch->empty()) on_text(*text_scratch);
+}
+
+GenerateResult TakeResult(RequestLoop& loop, const EngineStats& stats) {
+  GenerateResult r;
+  r.prompt_tokens = loop.prompt_tokens();
+  r.finish = loop.finish();
+  r.text = loop.TakeText();
+  r.tokens = loop.TakeTokens();
+  r.stats = stats;
+  return r;
+}
 
 }  // namespace
 
@@ -161,8 +167,10 @@ std::string_view FinishReasonName(FinishReason reason) {
 absl::StatusOr<GenerateResult> Generate(RetrievalEngine& engine, const Tokenizer& tokenizer,
                                         const GenerateRequest& request,
                                         const TextCallback& on_text) {
-  KVR_ASSIGN_OR_RETURN(std::unique_ptr<RequestRun> run,
-                       RequestRun::Create(request, tokenizer, engine.config().vocab_size, on_text));
+  KVR_ASSIGN_OR_RETURN(std::unique_ptr<RequestLoop> run,
+                       MakeLoop(request, tokenizer, engine.config().vocab_size));
+  std::vector<int32_t> ids;
+  std::string text;
   absl::StatusOr<std::span<const float>> logits =
       engine.Prefill(run->context(), request.attention, request.cancel);
   for (;;) {
@@ -171,12 +179,14 @@ absl::StatusOr<GenerateResult> Generate(RetrievalEngine& engine, const Tokenizer
       break;
     }
     KVR_RETURN_IF_ERROR(logits.status());
-    KVR_ASSIGN_OR_RETURN(const bool done,
-                         run->Advance(*logits, engine.position(), engine.max_seq_len()));
-    if (done) break;
+    absl::StatusOr<bool> done = run->Advance(*logits, engine.position(), engine.max_seq_len());
+    if (!done.ok()) return done.status();
+    Stream(*run, on_text, &ids, &text);
+    if (*done) break;
     logits = engine.DecodeStep(run->token());
   }
-  return run->TakeResult(engine.stats());
+  Stream(*run, on_text, &ids, &text);
+  return TakeResult(*run, engine.stats());
 }
 
 std::vector<absl::StatusOr<GenerateResult>> GenerateBatch(
@@ -194,17 +204,21 @@ std::vector<absl::StatusOr<GenerateResult>> GenerateBatch(
   }
   struct Active {
     size_t index;
-    std::unique_ptr<RequestRun> run;
+    std::unique_ptr<RequestLoop> run;
     std::unique_ptr<EngineSequence> seq;
+    TextCallback on_text;
   };
   std::deque<size_t> waiting;
   for (size_t i = 0; i < requests.size(); ++i) waiting.push_back(i);
   std::vector<Active> active;
   const int64_t max_seq_len = engine.max_seq_len();
 
+  std::vector<int32_t> ids_scratch;
+  std::string text_scratch;
   // Records a finished request and ends its sequence.
   auto finish = [&](Active& a) {
-    results[a.index] = a.run->TakeResult(a.seq->stats());
+    Stream(*a.run, a.on_text, &ids_scratch, &text_scratch);
+    results[a.index] = TakeResult(*a.run, a.seq->stats());
     a.seq.reset();
   };
   // Applies one step's outcome; true when the request is over.
@@ -222,7 +236,11 @@ std::vector<absl::StatusOr<GenerateResult>> GenerateBatch(
       a.seq.reset();
       return true;
     }
-    if (*done) finish(a);
+    if (*done) {
+      finish(a);
+    } else {
+      Stream(*a.run, a.on_text, &ids_scratch, &text_scratch);
+    }
     return *done;
   };
 
@@ -237,8 +255,8 @@ std::vector<absl::StatusOr<GenerateResult>> GenerateBatch(
       const GenerateRequest& req = requests[i];
       TextCallback cb;
       if (on_text) cb = [&on_text, i](std::string_view piece) { on_text(i, piece); };
-      absl::StatusOr<std::unique_ptr<RequestRun>> run =
-          RequestRun::Create(req, tokenizer, engine.config().vocab_size, std::move(cb));
+      absl::StatusOr<std::unique_ptr<RequestLoop>> run =
+          MakeLoop(req, tokenizer, engine.config().vocab_size);
       if (!run.ok()) {
         results[i] = run.status();
         continue;
@@ -248,15 +266,15 @@ std::vector<absl::StatusOr<GenerateResult>> GenerateBatch(
       if (absl::IsCancelled(seq.status())) {
         (*run)->Finish(FinishReason::kCancelled);
         EngineStats stats;
-        stats.prompt_tokens = static_cast<int64_t>((*run)->context().size());
-        results[i] = (*run)->TakeResult(stats);
+        stats.prompt_tokens = (*run)->prompt_tokens();
+        results[i] = TakeResult(**run, stats);
         continue;
       }
       if (!seq.ok()) {
         results[i] = seq.status();
         continue;
       }
-      Active a{i, std::move(*run), std::move(*seq)};
+      Active a{i, std::move(*run), std::move(*seq), std::move(cb)};
       if (!advance(a, absl::OkStatus())) active.push_back(std::move(a));
     }
     if (active.empty()) continue;

@@ -47,9 +47,83 @@ struct GenerateResult {
   EngineStats stats;
 };
 
-// Receives the text in order as it becomes final (pieces may split UTF-8
-// sequences; concatenated they equal GenerateResult::text).
+// Receives the text in order as it becomes final. A piece never ends inside
+// a UTF-8 sequence (an incomplete trailing sequence is held back until its
+// last byte arrives; at the end whatever is left is flushed as is, so
+// malformed output still comes out); concatenated, the pieces equal
+// GenerateResult::text.
 using TextCallback = std::function<void(std::string_view)>;
+
+// Length of the longest prefix of `text` that does not end inside a UTF-8
+// sequence: text.size(), less the bytes of a trailing lead byte and its
+// continuation bytes when fewer than the lead announces have arrived.
+// Malformed bytes (stray continuation bytes, invalid leads) are not held.
+size_t Utf8CompletePrefix(std::string_view text);
+
+// One request's decode loop, shared by Generate, GenerateBatch and the
+// worker's GenerationScheduler: samples the next token from each prefill /
+// step's logits, decodes its text, holds back any suffix that could start a
+// stop string (cut before it when one occurs) or that ends inside a UTF-8
+// sequence, and decides when to finish. Streaming goes through TakeNew.
+// Not thread-safe (one step at a time, as the sequence it drives).
+class RequestLoop {
+ public:
+  // `prompt` (as prefilled; non-empty) seeds the sampler's context and the
+  // first Decode; `stop` strings must be non-empty (see ValidateLoopFields).
+  // `tokenizer` must outlive the loop.
+  RequestLoop(std::vector<int32_t> prompt, int max_tokens, std::vector<std::string> stop,
+              Sampler sampler, const Tokenizer& tokenizer);
+
+  // InvalidArgument naming the field: max_tokens < 0, an empty stop string.
+  static absl::Status ValidateLoopFields(int max_tokens, const std::vector<std::string>& stop);
+
+  // Takes the logits of the last prefill / step (the sequence now holds
+  // `position` tokens); returns true when the generation is over (finish()
+  // says why). Tokenizer errors pass through.
+  absl::StatusOr<bool> Advance(std::span<const float> logits, int64_t position,
+                               int64_t max_seq_len);
+  // Ends the loop with `reason` (flushing every held-back byte unless the
+  // reason is kStop, whose cut text is already final); returns true.
+  bool Finish(FinishReason reason);
+
+  // Moves the token ids sampled and the text made final since the last call
+  // into *ids / *text (appended). False when there is nothing new.
+  bool TakeNew(std::vector<int32_t>* ids, std::string* text);
+
+  // The token the next decode step runs.
+  int32_t token() const { return token_; }
+  const std::vector<int32_t>& context() const { return context_; }
+  int64_t prompt_tokens() const { return prompt_tokens_; }
+  int generated() const { return static_cast<int>(tokens_.size()); }
+  FinishReason finish() const { return finish_; }
+  // Generated text so far (cut before a stop string) and token ids.
+  const std::string& text() const { return text_; }
+  const std::vector<int32_t>& tokens() const { return tokens_; }
+  std::string TakeText() { return std::move(text_); }
+  std::vector<int32_t> TakeTokens() { return std::move(tokens_); }
+
+ private:
+  // Appends `piece`; true when a stop string now occurs (the text is cut
+  // before it).
+  bool AddText(std::string_view piece);
+  // Makes text_[0, end) final (less an incomplete UTF-8 tail unless `all`).
+  void Emit(size_t end, bool all);
+
+  const Tokenizer& tokenizer_;
+  Sampler sampler_;
+  const int max_tokens_;
+  const std::vector<std::string> stop_;
+  size_t longest_stop_ = 0;
+  std::vector<int32_t> context_;
+  int64_t prompt_tokens_ = 0;
+  int32_t token_ = 0;
+  FinishReason finish_ = FinishReason::kLength;
+  std::string text_;
+  std::vector<int32_t> tokens_;
+  size_t emitted_ = 0;     // text_[0, emitted_) is final
+  size_t taken_text_ = 0;  // text_[0, taken_text_) went out through TakeNew
+  size_t taken_ids_ = 0;   // tokens_[0, taken_ids_) went out through TakeNew
+};
 
 // InvalidArgument for bad request fields (naming the field), engine and
 // tokenizer errors pass through. The engine's sequence stays active after

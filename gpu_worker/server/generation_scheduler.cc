@@ -1,6 +1,7 @@
 #include "gpu_worker/server/generation_scheduler.h"
 
 #include <algorithm>
+#include <optional>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
@@ -21,76 +22,46 @@ absl::Status Prefixed(std::string_view prefix, const absl::Status& s) {
 
 }  // namespace
 
-// One admitted request: its sequence and decode loop (the loop of
-// generation.cc's RequestRun, with the streamed text collected per step).
+// One admitted request: its work, its sequence and its RequestLoop (the
+// decode loop shared with generation.cc), plus the timings of its summary.
 class GenerationScheduler::Run {
  public:
-  Run(Queued q, Sampler sampler)
-      : work_(std::move(q.work)), accepted_(q.accepted), sampler_(std::move(sampler)) {
-    context_ = work_.prompt;
-    token_ = context_.back();
-    for (const std::string& s : work_.stop) longest_stop_ = std::max(longest_stop_, s.size());
-  }
+  Run(Queued q, Sampler sampler, const Tokenizer& tokenizer)
+      : work_(std::move(q.work)),
+        accepted_(q.accepted),
+        loop_(work_.prompt, work_.max_tokens, work_.stop, std::move(sampler), tokenizer) {}
 
   GenerationWork& work() { return work_; }
+  RequestLoop& loop() { return loop_; }
   EngineSequence* seq() { return seq_.get(); }
-  int32_t token() const { return token_; }
   Clock::time_point accepted() const { return accepted_; }
 
-  void set_sequence(std::unique_ptr<EngineSequence> seq, Clock::time_point prefill_start) {
-    seq_ = std::move(seq);
-    prefill_start_ = prefill_start;
-  }
+  void set_sequence(std::unique_ptr<EngineSequence> seq) { seq_ = std::move(seq); }
   void set_prefill_start(Clock::time_point t) { prefill_start_ = t; }
 
-  // Takes the logits of the last prefill / step; streams what became final;
-  // true when the request is over (finish() says why).
-  absl::StatusOr<bool> Advance(std::span<const float> logits, int64_t position,
-                               int64_t max_seq_len, const Tokenizer& tokenizer) {
-    bool done = false;
-    if (generated_ >= work_.max_tokens) {
-      done = Finish(FinishReason::kLength);
-    } else {
-      const int32_t next = sampler_.Sample(logits, context_);
+  // Takes the logits of the last prefill / step; true when the request is
+  // over (loop().finish() says why).
+  absl::StatusOr<bool> Advance(int64_t max_seq_len) {
+    const int before = loop_.generated();
+    absl::StatusOr<bool> done = loop_.Advance(seq_->logits(), seq_->position(), max_seq_len);
+    if (loop_.generated() > before) {
       const Clock::time_point now = Clock::now();
-      if (next == tokenizer.bos_id() || next == tokenizer.eos_id()) {
-        done = Finish(FinishReason::kEos);
-      } else {
-        KVR_ASSIGN_OR_RETURN(std::string piece, tokenizer.Decode(token_, next));
-        if (generated_ == 0) first_token_ = now;
-        last_token_ = now;
-        new_ids_.push_back(next);
-        context_.push_back(next);
-        token_ = next;
-        ++generated_;
-        if (AddText(piece)) {
-          done = Finish(FinishReason::kStop);
-        } else if (generated_ == work_.max_tokens) {
-          done = Finish(FinishReason::kLength);
-        } else if (position >= max_seq_len) {
-          done = Finish(FinishReason::kContextFull);
-        }
-      }
+      if (before == 0) first_token_ = now;
+      last_token_ = now;
     }
-    Stream();
     return done;
-  }
-
-  bool Finish(FinishReason reason) {
-    finish_ = reason;
-    if (reason != FinishReason::kStop) Emit(text_.size());
-    return true;
   }
 
   GenerationSummary Summary() const {
     GenerationSummary s;
-    s.finish = finish_;
+    s.finish = loop_.finish();
     s.prompt_tokens = static_cast<int64_t>(work_.prompt.size());
-    s.completion_tokens = generated_;
+    s.completion_tokens = loop_.generated();
     const Clock::time_point now = Clock::now();
     s.queue_seconds = prefill_start_ > accepted_ ? Seconds(prefill_start_ - accepted_) : 0.0;
-    if (generated_ > 0) s.time_to_first_token_seconds = Seconds(first_token_ - accepted_);
-    if (generated_ > 1) s.mean_token_latency_seconds = Seconds(last_token_ - first_token_) / (generated_ - 1);
+    const int n = loop_.generated();
+    if (n > 0) s.time_to_first_token_seconds = Seconds(first_token_ - accepted_);
+    if (n > 1) s.mean_token_latency_seconds = Seconds(last_token_ - first_token_) / (n - 1);
     if (seq_ != nullptr) {
       s.prefill_seconds = seq_->stats().prefill_seconds;
       s.node_wait_seconds = seq_->stats().node_wait_seconds;
@@ -102,56 +73,15 @@ class GenerationScheduler::Run {
   // Ends the sequence (drops its shards from the nodes).
   void EndSequence() { seq_.reset(); }
 
- private:
-  // Appends `piece` to the text; true when a stop string now occurs (the
-  // text is cut before it). Holds back any suffix that may start one.
-  bool AddText(std::string_view piece) {
-    text_.append(piece);
-    const size_t from = emitted_ > longest_stop_ ? emitted_ - longest_stop_ : 0;
-    size_t cut = std::string::npos;
-    for (const std::string& s : work_.stop) cut = std::min(cut, text_.find(s, from));
-    if (cut != std::string::npos) {
-      text_.resize(cut);
-      Emit(text_.size());
-      return true;
-    }
-    size_t hold = 0;
-    for (const std::string& s : work_.stop) {
-      for (size_t k = std::min(s.size() - 1, text_.size()); k > hold; --k) {
-        if (std::string_view(text_).substr(text_.size() - k) == std::string_view(s).substr(0, k)) {
-          hold = k;
-          break;
-        }
-      }
-    }
-    Emit(text_.size() - hold);
-    return false;
-  }
-  void Emit(size_t end) {
-    if (end <= emitted_) return;
-    pending_text_.append(text_, emitted_, end - emitted_);
-    emitted_ = end;
-  }
-  void Stream() {
-    if (new_ids_.empty() && pending_text_.empty()) return;
-    if (work_.on_tokens) work_.on_tokens(new_ids_, pending_text_);
-    new_ids_.clear();
-    pending_text_.clear();
-  }
+  // Scratch for streaming (reused per step).
+  std::vector<int32_t> new_ids;
+  std::string new_text;
 
+ private:
   GenerationWork work_;
   Clock::time_point accepted_, prefill_start_, first_token_, last_token_;
-  Sampler sampler_;
+  RequestLoop loop_;
   std::unique_ptr<EngineSequence> seq_;
-  std::vector<int32_t> context_;
-  int32_t token_ = 0;
-  int generated_ = 0;
-  FinishReason finish_ = FinishReason::kLength;
-  std::string text_;          // generated text so far (cut at a stop string)
-  size_t emitted_ = 0;        // text_[0, emitted_) has been streamed
-  size_t longest_stop_ = 0;
-  std::vector<int32_t> new_ids_;
-  std::string pending_text_;
 };
 
 absl::StatusOr<std::unique_ptr<GenerationScheduler>> GenerationScheduler::Create(
@@ -168,7 +98,8 @@ absl::StatusOr<std::unique_ptr<GenerationScheduler>> GenerationScheduler::Create
         absl::StrCat("max_queue ", options.max_queue, " outside [0, 1048576]"));
   }
   auto s = std::unique_ptr<GenerationScheduler>(new GenerationScheduler(engine, tokenizer, options));
-  s->thread_ = std::thread([p = s.get()] { p->Loop(); });
+  s->prefill_thread_ = std::thread([p = s.get()] { p->PrefillLoop(); });
+  s->decode_thread_ = std::thread([p = s.get()] { p->DecodeLoop(); });
   return s;
 }
 
@@ -178,7 +109,8 @@ GenerationScheduler::GenerationScheduler(RetrievalEngine* engine, const Tokenize
 
 GenerationScheduler::~GenerationScheduler() {
   Shutdown();
-  if (thread_.joinable()) thread_.join();
+  if (prefill_thread_.joinable()) prefill_thread_.join();
+  if (decode_thread_.joinable()) decode_thread_.join();
   // Waiters that can no longer be satisfied are released (they re-read the load).
   std::vector<std::pair<int64_t, std::function<void()>>> waiters;
   {
@@ -196,7 +128,7 @@ void GenerationScheduler::Shutdown() {
 
 SchedulerLoad GenerationScheduler::load() const {
   std::lock_guard<std::mutex> lock(mu_);
-  return SchedulerLoad{active_, static_cast<int>(queue_.size()), finished_};
+  return SchedulerLoad{active_, prefilling_, static_cast<int>(queue_.size()), finished_};
 }
 
 absl::Status GenerationScheduler::ValidateWork(const GenerationWork& work) const {
@@ -214,12 +146,7 @@ absl::Status GenerationScheduler::ValidateWork(const GenerationWork& work) const
                                               " tokens exceed the model's context of ", limit,
                                               " tokens"));
   }
-  if (work.max_tokens < 0) {
-    return absl::InvalidArgumentError(absl::StrCat("max_tokens ", work.max_tokens, " must be >= 0"));
-  }
-  for (size_t i = 0; i < work.stop.size(); ++i) {
-    if (work.stop[i].empty()) return absl::InvalidArgumentError(absl::StrCat("stop[", i, "] is empty"));
-  }
+  KVR_RETURN_IF_ERROR(RequestLoop::ValidateLoopFields(work.max_tokens, work.stop));
   KVR_RETURN_IF_ERROR(Prefixed("sampling.", ValidateSampling(work.sampling)));
   return Prefixed("attention.", ValidateAttentionOptions(work.attention));
 }
@@ -271,7 +198,18 @@ void GenerationScheduler::Ended(GenerationWork& work, absl::StatusOr<GenerationS
   for (auto& f : ready) f();
 }
 
+void GenerationScheduler::Stream(Run& run) {
+  run.new_ids.clear();
+  run.new_text.clear();
+  if (!run.loop().TakeNew(&run.new_ids, &run.new_text)) return;
+  if (options_.observer != nullptr && !run.new_ids.empty()) {
+    options_.observer->OnTokens(static_cast<int64_t>(run.new_ids.size()));
+  }
+  if (run.work().on_tokens) run.work().on_tokens(run.new_ids, run.new_text);
+}
+
 void GenerationScheduler::Finished(std::unique_ptr<Run> run) {
+  Stream(*run);
   GenerationSummary summary = run->Summary();
   run->EndSequence();  // shards dropped before anyone hears of the end
   Ended(run->work(), std::move(summary), /*was_active=*/true);
@@ -283,19 +221,21 @@ std::unique_ptr<GenerationScheduler::Run> GenerationScheduler::Admit(Queued q) {
     Ended(q.work, sampler.status(), /*was_active=*/true);
     return nullptr;
   }
-  auto run = std::make_unique<Run>(std::move(q), *std::move(sampler));
+  auto run = std::make_unique<Run>(std::move(q), *std::move(sampler), *tokenizer_);
   const Clock::time_point start = Clock::now();
   run->set_prefill_start(start);
   GenerationWork& w = run->work();
   if (w.cancel.cancelled()) {
-    run->Finish(FinishReason::kCancelled);
+    run->loop().Finish(FinishReason::kCancelled);
     Finished(std::move(run));
     return nullptr;
   }
+  const auto total = static_cast<int64_t>(w.prompt.size());
+  if (w.on_prefill_progress) w.on_prefill_progress(0, total);
   absl::StatusOr<std::unique_ptr<EngineSequence>> seq =
       engine_->StartSequence(w.prompt, w.attention, w.cancel);
   if (absl::IsCancelled(seq.status())) {
-    run->Finish(FinishReason::kCancelled);
+    run->loop().Finish(FinishReason::kCancelled);
     Finished(std::move(run));
     return nullptr;
   }
@@ -303,49 +243,59 @@ std::unique_ptr<GenerationScheduler::Run> GenerationScheduler::Admit(Queued q) {
     Ended(w, seq.status(), /*was_active=*/true);
     return nullptr;
   }
-  run->set_sequence(*std::move(seq), start);
-  absl::StatusOr<bool> done = run->Advance(run->seq()->logits(), run->seq()->position(),
-                                           engine_->max_seq_len(), *tokenizer_);
+  if (options_.observer != nullptr) options_.observer->OnPrefill(total, Seconds(Clock::now() - start));
+  if (w.on_prefill_progress) w.on_prefill_progress(total, total);
+  run->set_sequence(*std::move(seq));
+  absl::StatusOr<bool> done = run->Advance(engine_->max_seq_len());
   if (!done.ok()) {
     run->EndSequence();
     Ended(run->work(), done.status(), /*was_active=*/true);
     return nullptr;
   }
+  if (run->loop().generated() > 0 && options_.observer != nullptr) {
+    options_.observer->OnFirstToken(Seconds(Clock::now() - run->accepted()));
+  }
   if (*done) {
     Finished(std::move(run));
     return nullptr;
   }
+  Stream(*run);
   return run;
 }
 
-void GenerationScheduler::Loop() {
-  std::vector<std::unique_ptr<Run>> active;
-  std::vector<EngineSequence*> seqs;
-  std::vector<int32_t> tokens;
-  std::vector<absl::Status> statuses;
+void GenerationScheduler::PrefillLoop() {
   for (;;) {
-    std::vector<Queued> admit, dropped;
-    bool stopping = false;
+    std::vector<Queued> dropped;
+    std::optional<Queued> next;
+    bool exit = false;
     {
       std::unique_lock<std::mutex> lock(mu_);
-      if (active.empty()) cv_.wait(lock, [&] { return stopping_ || !queue_.empty(); });
-      stopping = stopping_;
-      if (stopping && queue_.empty() && active.empty()) break;
-      // Requests cancelled while queued (or all, when stopping) end now.
+      // Wakes for a request it may admit, a cancelled one to drop, or stop.
+      // (The decode thread notifies after every step, so cancellations of
+      // queued requests are seen at the latest one step later.)
+      cv_.wait(lock, [&] {
+        if (stopping_) return true;
+        if (queue_.empty()) return false;
+        if (active_ < options_.max_concurrent) return true;
+        return std::any_of(queue_.begin(), queue_.end(),
+                           [](const Queued& q) { return q.work.cancel.cancelled(); });
+      });
       for (auto it = queue_.begin(); it != queue_.end();) {
-        if (stopping || it->work.cancel.cancelled()) {
+        if (stopping_ || it->work.cancel.cancelled()) {
           dropped.push_back(std::move(*it));
           it = queue_.erase(it);
         } else {
           ++it;
         }
       }
-      while (!queue_.empty() &&
-             active.size() + admit.size() < static_cast<size_t>(options_.max_concurrent)) {
-        admit.push_back(std::move(queue_.front()));
+      if (stopping_) {
+        exit = true;
+      } else if (!queue_.empty() && active_ < options_.max_concurrent) {
+        next.emplace(std::move(queue_.front()));
         queue_.pop_front();
+        ++active_;
+        ++prefilling_;
       }
-      active_ = static_cast<int>(active.size() + admit.size());
     }
     for (Queued& q : dropped) {
       GenerationSummary s;
@@ -354,49 +304,100 @@ void GenerationScheduler::Loop() {
       s.queue_seconds = s.total_seconds = Seconds(Clock::now() - q.accepted);
       Ended(q.work, s, /*was_active=*/false);
     }
-    for (Queued& q : admit) {
-      if (std::unique_ptr<Run> run = Admit(std::move(q)); run != nullptr) {
-        active.push_back(std::move(run));
+    if (exit) break;
+    if (!next.has_value()) continue;
+    std::unique_ptr<Run> run = Admit(*std::move(next));
+    std::lock_guard<std::mutex> lock(mu_);
+    --prefilling_;
+    if (run != nullptr) {
+      prefilled_.push_back(std::move(run));
+      cv_.notify_all();
+    }
+  }
+  std::lock_guard<std::mutex> lock(mu_);
+  prefill_exited_ = true;
+  cv_.notify_all();
+}
+
+void GenerationScheduler::DecodeLoop() {
+  std::vector<std::unique_ptr<Run>> active;
+  std::vector<EngineSequence*> seqs;
+  std::vector<int32_t> tokens;
+  std::vector<absl::Status> statuses;
+  std::vector<double> retrieval_before, attention_before;
+  auto retrieval_of = [](const EngineStats& s) {
+    return s.node_wait_seconds + s.handoff_wait_seconds;
+  };
+  for (;;) {
+    bool stopping = false;
+    {
+      std::unique_lock<std::mutex> lock(mu_);
+      if (active.empty()) {
+        cv_.wait(lock, [&] { return !prefilled_.empty() || (stopping_ && prefill_exited_); });
       }
+      for (auto& r : prefilled_) active.push_back(std::move(r));
+      prefilled_.clear();
+      stopping = stopping_;
+      if (active.empty() && stopping_ && prefill_exited_) break;
     }
     if (stopping) {
       for (auto& r : active) r->work().cancel.Cancel();
     }
-    if (!active.empty()) {
-      seqs.clear();
-      tokens.clear();
-      for (auto& r : active) {
-        seqs.push_back(r->seq());
-        tokens.push_back(r->token());
-      }
-      statuses.assign(active.size(), absl::OkStatus());
-      const absl::Status batch = engine_->StepBatch(seqs, tokens, statuses);
-      std::vector<std::unique_ptr<Run>> still;
-      for (size_t j = 0; j < active.size(); ++j) {
-        std::unique_ptr<Run>& r = active[j];
-        const absl::Status st = batch.ok() ? statuses[j] : batch;
-        if (absl::IsCancelled(st)) {
-          r->Finish(FinishReason::kCancelled);
-          Finished(std::move(r));
-          continue;
-        }
-        absl::StatusOr<bool> done =
-            st.ok() ? r->Advance(r->seq()->logits(), r->seq()->position(), engine_->max_seq_len(),
-                                 *tokenizer_)
-                    : absl::StatusOr<bool>(st);
-        if (!done.ok()) {
-          r->EndSequence();
-          Ended(r->work(), done.status(), /*was_active=*/true);
-        } else if (*done) {
-          Finished(std::move(r));
-        } else {
-          still.push_back(std::move(r));
-        }
-      }
-      active = std::move(still);
+    seqs.clear();
+    tokens.clear();
+    retrieval_before.clear();
+    attention_before.clear();
+    for (auto& r : active) {
+      seqs.push_back(r->seq());
+      tokens.push_back(r->loop().token());
+      retrieval_before.push_back(retrieval_of(r->seq()->stats()));
+      attention_before.push_back(r->seq()->stats().local_attention_seconds);
     }
+    statuses.assign(active.size(), absl::OkStatus());
+    const Clock::time_point step_start = Clock::now();
+    const absl::Status batch = engine_->StepBatch(seqs, tokens, statuses);
+    if (options_.observer != nullptr) {
+      DecodeStepTiming t;
+      t.sequences = static_cast<int>(active.size());
+      t.seconds = Seconds(Clock::now() - step_start);
+      double retrieval = 0.0, attention = 0.0;
+      for (size_t j = 0; j < active.size(); ++j) {
+        const EngineStats& st = active[j]->seq()->stats();
+        retrieval += retrieval_of(st) - retrieval_before[j];
+        attention += st.local_attention_seconds - attention_before[j];
+      }
+      // Per-sequence waits of one batch happen one after another inside the
+      // step, so they fit in it; the clamps only absorb clock rounding.
+      t.retrieval_seconds = std::clamp(retrieval, 0.0, t.seconds);
+      t.attention_seconds = std::clamp(attention, 0.0, t.seconds - t.retrieval_seconds);
+      t.other_seconds = t.seconds - t.retrieval_seconds - t.attention_seconds;
+      options_.observer->OnDecodeStep(t);
+    }
+    std::vector<std::unique_ptr<Run>> still;
+    for (size_t j = 0; j < active.size(); ++j) {
+      std::unique_ptr<Run>& r = active[j];
+      const absl::Status st = batch.ok() ? statuses[j] : batch;
+      if (absl::IsCancelled(st)) {
+        r->loop().Finish(FinishReason::kCancelled);
+        Finished(std::move(r));
+        continue;
+      }
+      absl::StatusOr<bool> done =
+          st.ok() ? r->Advance(engine_->max_seq_len()) : absl::StatusOr<bool>(st);
+      if (!done.ok()) {
+        r->EndSequence();
+        Ended(r->work(), done.status(), /*was_active=*/true);
+      } else if (*done) {
+        Finished(std::move(r));
+      } else {
+        Stream(*r);
+        still.push_back(std::move(r));
+      }
+    }
+    active = std::move(still);
+    // Lets the prefill thread see freed slots and cancelled queued requests.
     std::lock_guard<std::mutex> lock(mu_);
-    active_ = static_cast<int>(active.size());
+    cv_.notify_all();
   }
 }
 

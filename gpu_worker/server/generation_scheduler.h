@@ -1,9 +1,15 @@
-// GenerationScheduler: the worker's core (no gRPC types). One thread owns
-// the RetrievalEngine and runs every admitted request: it admits waiting
-// requests (prefill) up to `max_concurrent` active sequences, then runs ONE
-// batched decode step (RetrievalEngine::StepBatch) over all active
-// sequences, samples each one's next token, streams it, and repeats — so a
-// long request never blocks the others (they share every step).
+// GenerationScheduler: the worker's core (no gRPC types). Two threads share
+// one RetrievalEngine:
+//   * the prefill thread admits waiting requests, up to `max_concurrent`
+//     sequences (prefilling + decoding), and prefills them one at a time
+//     (RetrievalEngine::StartSequence), then samples each one's first token;
+//   * the decode thread runs ONE batched decode step
+//     (RetrievalEngine::StepBatch) over every decoding sequence, samples each
+//     one's next token, streams it, and repeats; a prefilled request joins
+//     the batch at the next step.
+// So no prefill runs on the decode loop: the other streams keep stepping
+// while a long prompt prefills, as far as the engine lets a decode step in
+// beside a running prefill (see README.md: the engine serializes its calls).
 //
 // Requests beyond `max_concurrent` wait in a FIFO queue of at most
 // `max_queue`; Submit rejects more with ResourceExhausted (with retry
@@ -11,15 +17,16 @@
 // stops at its next step — or is dropped from the queue — and its sequence is
 // destroyed, which drops its shards from the retrieval nodes.
 //
-// The per-request decode loop (sampling, stop strings held back until they
-// cannot match, finish reasons) is the one of gpu_worker/engine/generation.cc
-// (Generate / GenerateBatch), so a request gives the same tokens and text as
-// an embedded Generate with the same settings.
+// The per-request decode loop (sampling, stop strings and incomplete UTF-8
+// held back, finish reasons) is RequestLoop of gpu_worker/engine/
+// generation.h, the one Generate / GenerateBatch use, so a request gives the
+// same tokens and text as an embedded Generate with the same settings.
 //
 // Thread-safety: every public method may be called from any thread. The
-// callbacks of a request run on the scheduler thread, in order: on_tokens
-// zero or more times, then on_done exactly once. They must not block long
-// nor call back into the scheduler's Submit (WhenFinished is fine).
+// callbacks of a request run on the scheduler's threads, one at a time and
+// in order: on_prefill_progress (start, end), on_tokens zero or more times,
+// then on_done exactly once. They must not block long nor call back into
+// the scheduler's Submit (WhenFinished is fine).
 #pragma once
 
 #include <chrono>
@@ -69,15 +76,47 @@ struct GenerationWork {
   std::function<void(std::span<const int32_t> ids, std::string_view text)> on_tokens;
   // Exactly once. Cancelled requests end with OK and finish kCancelled.
   std::function<void(absl::StatusOr<GenerationSummary>)> on_done;
+  // Prefill progress in prompt tokens (done, total): (0, total) when the
+  // prefill starts and (total, total) when its logits are ready. May be null.
+  std::function<void(int64_t done, int64_t total)> on_prefill_progress;
+};
+
+// What one batched decode step took, for metrics. `retrieval_seconds`: the
+// step's sequences blocked on retrieval nodes (EngineStats node_wait_seconds
+// + handoff_wait_seconds); `attention_seconds`: attention computed on the
+// worker (EngineStats local_attention_seconds); `other_seconds`: the rest.
+// Each is clamped so that the three sum to `seconds` exactly.
+struct DecodeStepTiming {
+  int sequences = 0;
+  double seconds = 0.0;
+  double retrieval_seconds = 0.0;
+  double attention_seconds = 0.0;
+  double other_seconds = 0.0;
+};
+
+// Metrics hooks, called on the scheduler's threads. Implementations must be
+// thread-safe and cheap (the decode loop waits for them).
+class SchedulerObserver {
+ public:
+  virtual ~SchedulerObserver() = default;
+  // A prefill succeeded: `prompt_tokens` in `seconds` (StartSequence wall time).
+  virtual void OnPrefill(int64_t prompt_tokens, double seconds) = 0;
+  // A request's first token was sampled, `seconds` after it was accepted.
+  virtual void OnFirstToken(double seconds) = 0;
+  // `n` tokens were sampled (and streamed) for some request.
+  virtual void OnTokens(int64_t n) = 0;
+  virtual void OnDecodeStep(const DecodeStepTiming& timing) = 0;
 };
 
 struct SchedulerOptions {
-  int max_concurrent = 8;  // sequences decoding at once, >= 1
+  int max_concurrent = 8;  // sequences prefilling or decoding at once, >= 1
   int max_queue = 64;      // requests waiting beyond those, >= 0
+  SchedulerObserver* observer = nullptr;  // may be null; must outlive the scheduler
 };
 
 struct SchedulerLoad {
-  int active = 0;
+  int active = 0;      // admitted: prefilling or decoding
+  int prefilling = 0;  // of which prefilling
   int queued = 0;
   int64_t finished = 0;  // requests ended (any outcome) since start
 };
@@ -119,9 +158,13 @@ class GenerationScheduler {
 
   GenerationScheduler(RetrievalEngine* engine, const Tokenizer* tokenizer,
                       const SchedulerOptions& options);
-  void Loop();
-  // Prefills `q`; the new run, or null when it already ended.
+  void PrefillLoop();
+  void DecodeLoop();
+  // Prefills `q` and samples its first token; the run to decode, or null
+  // when it already ended (reported).
   std::unique_ptr<Run> Admit(Queued q);
+  // Streams what `run` made final since its last call.
+  void Stream(Run& run);
   void Finished(std::unique_ptr<Run> run);
   // Reports the end of `work` and counts it finished; `was_active`: it was
   // admitted (counted in active_).
@@ -134,11 +177,16 @@ class GenerationScheduler {
   mutable std::mutex mu_;
   std::condition_variable cv_;
   std::deque<Queued> queue_;
+  std::vector<std::unique_ptr<Run>> prefilled_;  // ready to join the decode batch
   bool stopping_ = false;
-  int active_ = 0;
+  bool prefill_exited_ = false;
+  int active_ = 0;      // prefilling + decoding + prefilled_
+  int prefilling_ = 0;
   int64_t finished_ = 0;
   std::vector<std::pair<int64_t, std::function<void()>>> finish_waiters_;
-  std::thread thread_;  // last: started once the rest is initialized
+  // Last: started once the rest is initialized.
+  std::thread prefill_thread_;
+  std::thread decode_thread_;
 };
 
 }  // namespace kvr::worker

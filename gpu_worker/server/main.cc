@@ -1,12 +1,18 @@
 // kvr_worker: a decode worker serving kvr.v1.Generation over gRPC (with
 // grpc.health.v1 and server reflection).
 //
-//   kvr_worker --listen 127.0.0.1:0 --max_concurrent 8 [--nodes host:port,...]
+//   kvr_worker --listen 127.0.0.1:0 --max_concurrent 8
+//              [--nodes host:port,... | --nodes dns:///name:port]
+//              [--metrics_listen 127.0.0.1:0]
 //
 // Loads the model and tokenizer (default: the bundled stories260K), runs one
 // RetrievalEngine (CPU backend) against an in-process retrieval node or the
-// kvr_node servers of --nodes, and prints "kvr_worker listening on HOST:PORT"
-// on stdout once serving (port 0 picks a free port). SIGTERM / SIGINT:
+// kvr_node servers of --nodes (a static list, or every address of a DNS name
+// — a Kubernetes headless service — re-resolved every
+// --nodes_refresh_seconds; each new sequence is placed on the current set,
+// running ones keep theirs). Prints "kvr_worker metrics on HOST:PORT" (unless
+// --metrics_listen is empty) and then "kvr_worker listening on HOST:PORT" on
+// stdout once serving (port 0 picks a free port). SIGTERM / SIGINT:
 // health goes NOT_SERVING, streams drain (up to --drain_seconds, then they
 // are cancelled and their shards dropped), exit 0.
 #include <csignal>
@@ -35,6 +41,8 @@
 #include "retrieval_node/client/in_process_node.h"
 #include "retrieval_node/server/grpc_retrieval_client.h"
 #include "retrieval_node/server/multi_node_client.h"
+#include "gpu_worker/server/worker_metrics.h"
+#include "services/membership/membership.h"
 #include "services/placement/placement.h"
 
 #ifndef KVR_DEFAULT_MODEL_DIR
@@ -48,8 +56,14 @@ ABSL_FLAG(std::string, model, "",
           "else ../shared/models next to the repository)");
 ABSL_FLAG(std::string, tokenizer, "", "llama2.c tokenizer (default: tok512.bin in the model dir)");
 ABSL_FLAG(std::string, nodes, "",
-          "kvr_node retrieval nodes (host:port,... or id=host:port,...); empty: an in-process "
-          "node");
+          "kvr_node retrieval nodes: host:port,... (static), dns:///name:port (every A/AAAA "
+          "record of name, re-resolved every --nodes_refresh_seconds), or id=host:port,... "
+          "(static, with stable ids); empty: an in-process node");
+ABSL_FLAG(double, nodes_refresh_seconds, 10.0,
+          "--nodes dns:///...: seconds between re-resolutions (> 0)");
+ABSL_FLAG(std::string, metrics_listen, "127.0.0.1:0",
+          "host:port of the Prometheus /metrics endpoint (port 0 picks a free port, printed on "
+          "stdout); empty disables it");
 ABSL_FLAG(int, max_concurrent, 8,
           "sequences decoded at once (one batched step over all of them); more requests wait");
 ABSL_FLAG(int, max_queue, 64,
@@ -96,27 +110,77 @@ std::string DefaultModelDir() {
   return {};
 }
 
-absl::StatusOr<std::unique_ptr<retrieval::RetrievalClient>> ConnectNodes(const std::string& spec) {
-  auto parsed = placement::ParseNodeList(spec);
-  if (!parsed.ok()) {
-    return absl::InvalidArgumentError(absl::StrCat("--nodes: ", parsed.status().message()));
+// The retrieval nodes of --nodes: a MultiNodeClient over them and, unless
+// the spec names ids (id=host:port, fixed), the Membership that feeds it.
+struct Nodes {
+  std::unique_ptr<membership::Membership> membership;  // destroyed first: stops its refreshes
+  std::unique_ptr<retrieval::MultiNodeClient> client;
+};
+
+absl::StatusOr<std::unique_ptr<retrieval::RetrievalClient>> Connect(
+    const placement::NodeInfo& node) {
+  // The channel connects lazily; a node that is not up yet fails the calls
+  // placed on it, not the membership change.
+  KVR_ASSIGN_OR_RETURN(std::unique_ptr<retrieval::GrpcRetrievalClient> c,
+                       retrieval::GrpcRetrievalClient::Create(node.address));
+  return std::unique_ptr<retrieval::RetrievalClient>(std::move(c));
+}
+
+std::vector<placement::NodeInfo> AsNodes(const std::vector<std::string>& addresses) {
+  std::vector<placement::NodeInfo> nodes;
+  for (const std::string& a : addresses) nodes.push_back({a, a});
+  return nodes;
+}
+
+absl::StatusOr<Nodes> ConnectNodes(const std::string& spec, absl::Duration refresh) {
+  Nodes out;
+  std::vector<placement::NodeInfo> initial;
+  if (!absl::StartsWith(spec, "dns:") && spec.find('=') != std::string::npos) {
+    auto parsed = placement::ParseNodeList(spec);
+    if (!parsed.ok()) {
+      return absl::InvalidArgumentError(absl::StrCat("--nodes: ", parsed.status().message()));
+    }
+    initial = *std::move(parsed);
+  } else {
+    membership::MembershipOptions mo;
+    mo.spec = spec;
+    mo.refresh = refresh;
+    auto m = membership::Membership::Create(mo);
+    if (!m.ok()) {
+      return absl::Status(m.status().code(), absl::StrCat("--nodes: ", m.status().message()));
+    }
+    out.membership = *std::move(m);
+    initial = AsNodes(out.membership->Current());
   }
+  // The nodes known at start must answer: a typo fails here, not at the
+  // first request.
   std::vector<std::unique_ptr<retrieval::RetrievalClient>> clients;
-  for (const placement::NodeInfo& n : *parsed) {
+  for (const placement::NodeInfo& n : initial) {
     KVR_ASSIGN_OR_RETURN(std::unique_ptr<retrieval::GrpcRetrievalClient> c,
                          retrieval::GrpcRetrievalClient::Create(n.address));
     KVR_RETURN_IF_ERROR(c->WaitForReady(absl::Seconds(5)));
     clients.push_back(std::move(c));
   }
-  KVR_ASSIGN_OR_RETURN(std::unique_ptr<retrieval::MultiNodeClient> multi,
-                       retrieval::MultiNodeClient::Create(*std::move(parsed), std::move(clients)));
-  return std::unique_ptr<retrieval::RetrievalClient>(std::move(multi));
+  KVR_ASSIGN_OR_RETURN(out.client,
+                       retrieval::MultiNodeClient::Create(std::move(initial), std::move(clients),
+                                                          Connect));
+  if (out.membership != nullptr) {
+    // Called at once with the set just used (a no-op change), then per change.
+    out.membership->Subscribe([client = out.client.get()](const std::vector<std::string>& now) {
+      if (absl::Status s = client->SetNodes(AsNodes(now)); !s.ok()) {
+        std::fprintf(stderr, "kvr_worker: keeping the previous node set: %s\n",
+                     std::string(s.message()).c_str());
+      }
+    });
+  }
+  return out;
 }
 
 int Main(int argc, char** argv) {
   absl::SetProgramUsageMessage(
       "decode worker (kvr.v1.Generation over gRPC, grpc.health.v1, reflection).\n"
-      "  kvr_worker --listen 127.0.0.1:0 [--max_concurrent N] [--nodes host:port,...]");
+      "  kvr_worker --listen 127.0.0.1:0 [--max_concurrent N] [--nodes host:port,...|dns:///name:port]\n"
+      "             [--metrics_listen 127.0.0.1:0]");
   absl::FlagsUsageConfig usage;
   usage.contains_help_flags = [](absl::string_view file) {
     return absl::EndsWith(file, "gpu_worker/server/main.cc");
@@ -153,11 +217,20 @@ int Main(int argc, char** argv) {
   absl::StatusOr<std::unique_ptr<Backend>> backend = BackendRegistry::Create("cpu", bo);
   if (!backend.ok()) return Fail(backend.status().ToString());
 
+  const double refresh_seconds = absl::GetFlag(FLAGS_nodes_refresh_seconds);
+  if (!(refresh_seconds > 0.0 && refresh_seconds <= 86400.0)) {
+    return Fail(absl::StrCat("--nodes_refresh_seconds ", refresh_seconds,
+                             " outside (0, 86400]"));
+  }
   std::unique_ptr<retrieval::RetrievalClient> node;
+  std::unique_ptr<membership::Membership> membership;
+  retrieval::MultiNodeClient* multi = nullptr;
   if (const std::string nodes = absl::GetFlag(FLAGS_nodes); !nodes.empty()) {
-    absl::StatusOr<std::unique_ptr<retrieval::RetrievalClient>> c = ConnectNodes(nodes);
+    absl::StatusOr<Nodes> c = ConnectNodes(nodes, absl::Seconds(refresh_seconds));
     if (!c.ok()) return Fail(c.status().ToString());
-    node = *std::move(c);
+    multi = c->client.get();
+    node = std::move(c->client);
+    membership = std::move(c->membership);
   } else {
     retrieval::InProcessNodeOptions no;
     no.tail_capacity = static_cast<size_t>(absl::GetFlag(FLAGS_tail_capacity));
@@ -171,15 +244,33 @@ int Main(int argc, char** argv) {
       RetrievalEngine::Create(backend->get(), *weights, node.get());
   if (!engine.ok()) return Fail(engine.status().ToString());
 
+  auto metrics = std::make_unique<WorkerMetrics>();
   SchedulerOptions so;
   so.max_concurrent = absl::GetFlag(FLAGS_max_concurrent);
   so.max_queue = absl::GetFlag(FLAGS_max_queue);
+  so.observer = metrics.get();
   absl::StatusOr<std::unique_ptr<GenerationScheduler>> scheduler =
       GenerationScheduler::Create(engine->get(), tokenizer->get(), so);
   if (!scheduler.ok()) return Fail(absl::StrCat("--", scheduler.status().message()));
 
+  metrics->SetLoadSource([s = scheduler->get(), multi] {
+    const SchedulerLoad load = s->load();
+    WorkerLoad l;
+    l.requests_running = load.active;
+    l.requests_waiting = load.queued;
+    l.retrieval_nodes = multi != nullptr ? static_cast<int64_t>(multi->num_nodes()) : 1;
+    return l;
+  });
+  if (const std::string listen = absl::GetFlag(FLAGS_metrics_listen); !listen.empty()) {
+    absl::StatusOr<std::string> bound = metrics->Serve(listen);
+    if (!bound.ok()) return Fail(absl::StrCat("--metrics_listen: ", bound.status().message()));
+    std::printf("kvr_worker metrics on %s\n", bound->c_str());
+    std::fflush(stdout);
+  }
+
   WorkerServiceOptions wo;
   wo.model_name = model;
+  wo.on_generate_finished = [m = metrics.get()](absl::StatusCode code) { m->RecordRequest(code); };
   auto service = std::make_unique<WorkerService>(scheduler->get(), tokenizer->get(), node.get(),
                                                  (*weights)->config, (*engine)->max_seq_len(), wo);
 
@@ -194,7 +285,9 @@ int Main(int argc, char** argv) {
   }
   scheduler->reset();  // ends every request still open (their shards dropped)
   service.reset();
+  metrics.reset();     // stops the endpoint (its load source reads the scheduler)
   engine->reset();
+  membership.reset();  // stops its refreshes (they feed `node`)
   node.reset();
   std::fprintf(stderr, "kvr_worker: stopped\n");
   return 0;

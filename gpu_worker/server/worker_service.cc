@@ -1,5 +1,7 @@
 #include "gpu_worker/server/worker_service.h"
 
+#include <deque>
+#include <functional>
 #include <mutex>
 #include <utility>
 
@@ -37,8 +39,9 @@ v1::FinishReason ToProto(FinishReason r) {
 class WorkerService::GenerateReactor final
     : public grpc::ServerWriteReactor<v1::GenerateResponse> {
  public:
-  GenerateReactor(GenerationScheduler* scheduler, std::string request_id)
-      : scheduler_(scheduler), request_id_(std::move(request_id)) {}
+  GenerateReactor(GenerationScheduler* scheduler, std::string request_id,
+                  const std::function<void(absl::StatusCode)>* on_finished)
+      : scheduler_(scheduler), request_id_(std::move(request_id)), on_finished_(on_finished) {}
 
   // Submits `work` (its callbacks are wired to this reactor); on failure the
   // stream finishes with that status.
@@ -53,6 +56,9 @@ class WorkerService::GenerateReactor final
     };
     work->on_done = [this](absl::StatusOr<GenerationSummary> outcome) {
       OnWorkDone(std::move(outcome));
+    };
+    work->on_prefill_progress = [this](int64_t done, int64_t total) {
+      OnPrefillProgress(done, total);
     };
     if (absl::Status s = scheduler_->Submit(*std::move(work)); !s.ok()) {
       FinishNow(ToGrpc(s), /*work_done=*/true);
@@ -87,16 +93,39 @@ class WorkerService::GenerateReactor final
   void FinishNow(const grpc::Status& status, bool work_done) {
     std::lock_guard<std::mutex> lock(mu_);
     work_done_ = work_done;
+    FinishCounted(status);
+  }
+
+  // Counts the call's outcome, then finishes it (so a client that has its
+  // status sees it counted). Holds mu_.
+  void FinishCounted(const grpc::Status& status) {
     finished_ = true;
+    if (on_finished_ != nullptr && *on_finished_) {
+      (*on_finished_)(static_cast<absl::StatusCode>(status.error_code()));
+    }
     Finish(status);
   }
 
+  // Outgoing messages wait in out_ while a write is in flight; new tokens
+  // join a trailing chunk, and a new progress replaces a trailing progress,
+  // so a slow reader gets fewer, larger messages in the same order.
   void OnTokens(std::span<const int32_t> ids, std::string_view text) {
     std::lock_guard<std::mutex> lock(mu_);
-    v1::GenerateChunk* chunk = pending_.mutable_chunk();
+    if (out_.empty() || !out_.back().has_chunk()) out_.emplace_back().mutable_chunk();
+    v1::GenerateChunk* chunk = out_.back().mutable_chunk();
     chunk->mutable_token_ids()->Add(ids.begin(), ids.end());
     chunk->mutable_text()->append(text);
-    has_pending_ = true;
+    Pump();
+  }
+
+  void OnPrefillProgress(int64_t done, int64_t total) {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (out_.empty() || !out_.back().has_prefill_progress()) {
+      out_.emplace_back().mutable_prefill_progress();
+    }
+    v1::PrefillProgress* p = out_.back().mutable_prefill_progress();
+    p->set_prompt_tokens_done(done);
+    p->set_prompt_tokens_total(total);
     Pump();
   }
 
@@ -131,33 +160,33 @@ class WorkerService::GenerateReactor final
   void Pump() {
     if (writing_ || finished_) return;
     if (cancelled_) {
-      finished_ = true;
-      Finish(grpc::Status(grpc::StatusCode::CANCELLED, "generation cancelled"));
+      FinishCounted(grpc::Status(grpc::StatusCode::CANCELLED, "generation cancelled"));
       return;
     }
-    if (has_pending_) {
-      in_flight_ = std::move(pending_);
-      pending_.Clear();
-      has_pending_ = false;
+    if (!out_.empty()) {
+      in_flight_ = std::move(out_.front());
+      out_.pop_front();
       writing_ = true;
       StartWrite(&in_flight_);
       return;
     }
     if (!work_done_) return;
-    finished_ = true;
     if (!error_.ok()) {
-      Finish(error_);
+      FinishCounted(error_);
     } else {
+      finished_ = true;
+      if (on_finished_ != nullptr && *on_finished_) (*on_finished_)(absl::StatusCode::kOk);
       StartWriteAndFinish(&summary_, grpc::WriteOptions(), grpc::Status::OK);
     }
   }
 
   GenerationScheduler* const scheduler_;
   const std::string request_id_;
+  const std::function<void(absl::StatusCode)>* const on_finished_;
   CancelToken cancel_;
   std::mutex mu_;
-  v1::GenerateResponse pending_, in_flight_, summary_;
-  bool has_pending_ = false;
+  std::deque<v1::GenerateResponse> out_;
+  v1::GenerateResponse in_flight_, summary_;
   bool writing_ = false;
   bool cancelled_ = false;
   bool finished_ = false;   // Finish (or StartWriteAndFinish) called
@@ -294,7 +323,8 @@ absl::StatusOr<GenerationWork> WorkerService::ToWork(const v1::GenerateRequest& 
 
 grpc::ServerWriteReactor<v1::GenerateResponse>* WorkerService::Generate(
     grpc::CallbackServerContext* context, const v1::GenerateRequest* request) {
-  auto* reactor = new GenerateReactor(scheduler_, request->request_id());
+  auto* reactor =
+      new GenerateReactor(scheduler_, request->request_id(), &options_.on_generate_finished);
   reactor->Start(ToWork(*request));
   return reactor;
 }

@@ -6,9 +6,10 @@
 // model (InvalidArgument / OutOfRange naming the field and the limit),
 // convert it to a GenerationWork and hand it to the scheduler; nothing
 // blocks a gRPC thread on a decode step:
-//   * Generate: a ServerWriteReactor fed by the scheduler thread; tokens
-//     produced while a write is in flight are coalesced into the next chunk
-//     (one write at a time, so a slow reader never blocks the engine). Client
+//   * Generate: a ServerWriteReactor fed by the scheduler threads: prefill
+//     progress, then token chunks, then the summary. Tokens produced while a
+//     write is in flight are coalesced into the next chunk (one write at a
+//     time, so a slow reader never blocks the engine). Client
 //     cancellation or deadline cancels the request's CancelToken: the
 //     sequence stops at its next step and its shards are dropped.
 //   * Tokenize / Detokenize: inline (bounded sizes).
@@ -22,6 +23,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <string>
 
 #include "gpu_worker/model/tokenizer.h"
@@ -33,6 +35,9 @@ namespace kvr::worker {
 
 struct WorkerServiceOptions {
   std::string model_name;  // reported by GetModelInfo
+  // Called once per Generate call with the status it finishes with, just
+  // before the status goes out (metrics). May be empty; thread-safe.
+  std::function<void(absl::StatusCode)> on_generate_finished;
   // Size caps on requests.
   static constexpr size_t kMaxPromptBytes = 1 << 20;
   static constexpr int kMaxPromptTokens = 1 << 20;

@@ -1,20 +1,18 @@
 #include "retrieval_node/server/multi_node_client.h"
 
 #include <atomic>
+#include <set>
 
+#include "absl/container/flat_hash_map.h"
 #include "common/attention.h"
 
 namespace kvr::retrieval {
-
-MultiNodeClient::MultiNodeClient(placement::Placement placement,
-                                 std::vector<std::unique_ptr<RetrievalClient>> clients)
-    : placement_(std::move(placement)), clients_(std::move(clients)) {}
 
 MultiNodeClient::~MultiNodeClient() = default;
 
 absl::StatusOr<std::unique_ptr<MultiNodeClient>> MultiNodeClient::Create(
     std::vector<placement::NodeInfo> nodes,
-    std::vector<std::unique_ptr<RetrievalClient>> clients) {
+    std::vector<std::unique_ptr<RetrievalClient>> clients, Connector connect) {
   if (nodes.size() != clients.size()) {
     return absl::InvalidArgumentError(absl::StrCat(nodes.size(), " nodes but ", clients.size(),
                                                    " clients"));
@@ -26,27 +24,82 @@ absl::StatusOr<std::unique_ptr<MultiNodeClient>> MultiNodeClient::Create(
   }
   KVR_ASSIGN_OR_RETURN(placement::Placement placement,
                        placement::Placement::Create(std::move(nodes), /*replicas=*/1));
-  return std::unique_ptr<MultiNodeClient>(
-      new MultiNodeClient(std::move(placement), std::move(clients)));
+  auto view = std::make_shared<View>(View{std::move(placement), {}});
+  for (auto& c : clients) view->clients.push_back(std::move(c));
+  return std::unique_ptr<MultiNodeClient>(new MultiNodeClient(std::move(view), std::move(connect)));
 }
 
-size_t MultiNodeClient::NodeFor(const ShardKey& key) const {
-  return placement_.Primary(placement::ShardKey{key.sequence_id, static_cast<uint32_t>(key.layer),
-                                                static_cast<uint32_t>(key.kv_head),
-                                                static_cast<uint32_t>(key.chunk)});
+absl::Status MultiNodeClient::SetNodes(std::vector<placement::NodeInfo> nodes) {
+  std::lock_guard<std::mutex> serial(set_nodes_mu_);
+  // Every client alive now, by node id: the current set and the nodes that
+  // left but still serve a live sequence (a node that comes back reuses it).
+  absl::flat_hash_map<std::string, std::shared_ptr<RetrievalClient>> known;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    auto add = [&](const View& v) {
+      for (size_t i = 0; i < v.clients.size(); ++i) known.emplace(v.placement.node(i).id, v.clients[i]);
+    };
+    add(*view_);
+    for (const auto& [id, r] : routing_) add(*r.view);
+  }
+  std::vector<std::shared_ptr<RetrievalClient>> clients;
+  clients.reserve(nodes.size());
+  for (const placement::NodeInfo& n : nodes) {
+    if (auto it = known.find(n.id); it != known.end()) {
+      clients.push_back(it->second);
+      continue;
+    }
+    if (!connect_) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "node ", n.id, " (", n.address, ") is new and this client has no connector"));
+    }
+    absl::StatusOr<std::unique_ptr<RetrievalClient>> c = connect_(n);
+    if (!c.ok()) {
+      return absl::Status(c.status().code(), absl::StrCat("connecting to node ", n.id, " (",
+                                                          n.address, "): ", c.status().message()));
+    }
+    clients.push_back(*std::move(c));
+  }
+  KVR_ASSIGN_OR_RETURN(placement::Placement placement,
+                       placement::Placement::Create(std::move(nodes), /*replicas=*/1));
+  auto view = std::make_shared<const View>(View{std::move(placement), std::move(clients)});
+  std::lock_guard<std::mutex> lock(mu_);
+  view_ = std::move(view);
+  return absl::OkStatus();
+}
+
+std::shared_ptr<const MultiNodeClient::View> MultiNodeClient::CurrentView() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return view_;
+}
+
+size_t MultiNodeClient::num_nodes() const { return CurrentView()->clients.size(); }
+
+std::vector<placement::NodeInfo> MultiNodeClient::nodes() const {
+  return CurrentView()->placement.nodes();
+}
+
+RetrievalClient* MultiNodeClient::node(size_t i) const { return CurrentView()->clients[i].get(); }
+
+size_t MultiNodeClient::View::NodeFor(const ShardKey& key) const {
+  return placement.Primary(placement::ShardKey{key.sequence_id, static_cast<uint32_t>(key.layer),
+                                               static_cast<uint32_t>(key.kv_head),
+                                               static_cast<uint32_t>(key.chunk)});
 }
 
 absl::Status MultiNodeClient::CreateSequence(const SequenceSpec& spec) {
+  std::shared_ptr<const View> view;
   {
     std::lock_guard<std::mutex> lock(mu_);
     if (routing_.count(spec.sequence_id) != 0) {
       return absl::AlreadyExistsError(absl::StrCat("sequence ", spec.sequence_id, " exists"));
     }
+    view = view_;  // the set current now is this sequence's for life
   }
-  for (size_t i = 0; i < clients_.size(); ++i) {
-    const absl::Status s = clients_[i]->CreateSequence(spec);
+  for (size_t i = 0; i < view->clients.size(); ++i) {
+    const absl::Status s = view->clients[i]->CreateSequence(spec);
     if (!s.ok()) {
-      for (size_t j = 0; j < i; ++j) clients_[j]->DropSequence(spec.sequence_id).IgnoreError();
+      for (size_t j = 0; j < i; ++j) view->clients[j]->DropSequence(spec.sequence_id).IgnoreError();
       return s;
     }
   }
@@ -54,7 +107,8 @@ absl::Status MultiNodeClient::CreateSequence(const SequenceSpec& spec) {
   Routing r;
   r.spec = spec;
   r.last_chunk.assign(static_cast<size_t>(spec.n_layers) * spec.n_kv_heads, -1);
-  r.holds.assign(static_cast<size_t>(spec.n_layers) * clients_.size(), 0);
+  r.holds.assign(static_cast<size_t>(spec.n_layers) * view->clients.size(), 0);
+  r.view = std::move(view);
   std::lock_guard<std::mutex> lock(mu_);
   routing_[spec.sequence_id] = std::move(r);
   return absl::OkStatus();
@@ -62,6 +116,7 @@ absl::Status MultiNodeClient::CreateSequence(const SequenceSpec& spec) {
 
 absl::Status MultiNodeClient::UploadShard(const ShardUpload& upload) {
   const ShardKey& key = upload.key;
+  std::shared_ptr<const View> view;
   {
     std::lock_guard<std::mutex> lock(mu_);
     auto it = routing_.find(key.sequence_id);
@@ -75,22 +130,24 @@ absl::Status MultiNodeClient::UploadShard(const ShardUpload& upload) {
                                                      " outside the sequence's ", spec.n_layers,
                                                      " layers x ", spec.n_kv_heads, " kv heads"));
     }
+    view = it->second.view;
   }
-  const size_t node = NodeFor(key);
-  KVR_RETURN_IF_ERROR(clients_[node]->UploadShard(upload));
+  const size_t node = view->NodeFor(key);
+  KVR_RETURN_IF_ERROR(view->clients[node]->UploadShard(upload));
   std::lock_guard<std::mutex> lock(mu_);
   auto it = routing_.find(key.sequence_id);
   if (it != routing_.end()) {
     Routing& r = it->second;
     int32_t& last = r.last_chunk[static_cast<size_t>(key.layer) * r.spec.n_kv_heads + key.kv_head];
     last = std::max(last, key.chunk);
-    r.holds[static_cast<size_t>(key.layer) * clients_.size() + node] = 1;
+    r.holds[static_cast<size_t>(key.layer) * view->clients.size() + node] = 1;
   }
   return absl::OkStatus();
 }
 
 absl::Status MultiNodeClient::Append(const AppendRequest& request) {
   ShardKey key{request.sequence_id, request.layer, request.kv_head, 0};
+  std::shared_ptr<const View> view;
   {
     std::lock_guard<std::mutex> lock(mu_);
     auto it = routing_.find(request.sequence_id);
@@ -106,13 +163,14 @@ absl::Status MultiNodeClient::Append(const AppendRequest& request) {
     }
     key.chunk = std::max(0, r.last_chunk[static_cast<size_t>(request.layer) * r.spec.n_kv_heads +
                                          request.kv_head]);
+    view = r.view;
   }
-  const size_t node = NodeFor(key);
-  KVR_RETURN_IF_ERROR(clients_[node]->Append(request));
+  const size_t node = view->NodeFor(key);
+  KVR_RETURN_IF_ERROR(view->clients[node]->Append(request));
   std::lock_guard<std::mutex> lock(mu_);
   auto it = routing_.find(request.sequence_id);
   if (it != routing_.end() && request.keys.rows() > 0) {
-    it->second.holds[static_cast<size_t>(request.layer) * clients_.size() + node] = 1;
+    it->second.holds[static_cast<size_t>(request.layer) * view->clients.size() + node] = 1;
   }
   return absl::OkStatus();
 }
@@ -120,6 +178,7 @@ absl::Status MultiNodeClient::Append(const AppendRequest& request) {
 void MultiNodeClient::AttendAsync(const AttendRequest& request, PartialsView out,
                                   AttendStats* stats, StatusCallback done) {
   std::vector<size_t> targets;
+  std::shared_ptr<const View> view;
   {
     std::lock_guard<std::mutex> lock(mu_);
     auto it = routing_.find(request.sequence_id);
@@ -133,8 +192,10 @@ void MultiNodeClient::AttendAsync(const AttendRequest& request, PartialsView out
           absl::StrCat("layer ", request.layer, " outside [0, ", r.spec.n_layers, ")")));
       return;
     }
-    for (size_t i = 0; i < clients_.size(); ++i) {
-      if (r.holds[static_cast<size_t>(request.layer) * clients_.size() + i]) targets.push_back(i);
+    view = r.view;
+    const size_t n = view->clients.size();
+    for (size_t i = 0; i < n; ++i) {
+      if (r.holds[static_cast<size_t>(request.layer) * n + i]) targets.push_back(i);
     }
   }
   if (targets.empty()) {
@@ -162,7 +223,7 @@ void MultiNodeClient::AttendAsync(const AttendRequest& request, PartialsView out
   fan->stats_out = stats;
   fan->done = std::move(done);
   for (size_t t = 0; t < n; ++t) {
-    clients_[targets[t]]->AttendAsync(
+    view->clients[targets[t]]->AttendAsync(
         request, fan->parts[t].view(), &fan->stats[t], [fan, t](absl::Status s) {
           fan->status[t] = std::move(s);
           if (fan->pending.fetch_sub(1, std::memory_order_acq_rel) != 1) return;
@@ -189,14 +250,18 @@ void MultiNodeClient::AttendAsync(const AttendRequest& request, PartialsView out
 }
 
 absl::Status MultiNodeClient::DropSequence(uint64_t sequence_id) {
+  std::shared_ptr<const View> view;
   {
     std::lock_guard<std::mutex> lock(mu_);
-    if (routing_.erase(sequence_id) == 0) {
+    auto it = routing_.find(sequence_id);
+    if (it == routing_.end()) {
       return absl::NotFoundError(absl::StrCat("DropSequence: unknown sequence ", sequence_id));
     }
+    view = std::move(it->second.view);
+    routing_.erase(it);
   }
   absl::Status first;
-  for (auto& c : clients_) {
+  for (auto& c : view->clients) {
     absl::Status s = c->DropSequence(sequence_id);
     if (first.ok() && !s.ok()) first = s;
   }
@@ -204,10 +269,24 @@ absl::Status MultiNodeClient::DropSequence(uint64_t sequence_id) {
 }
 
 absl::StatusOr<NodeStats> MultiNodeClient::Stats() {
+  // Every client in use, once: the current set and the sets of live sequences.
+  std::vector<std::shared_ptr<RetrievalClient>> clients;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    std::set<const RetrievalClient*> seen;
+    auto add = [&](const View& v) {
+      for (const auto& c : v.clients) {
+        if (seen.insert(c.get()).second) clients.push_back(c);
+      }
+    };
+    add(*view_);
+    for (const auto& [id, r] : routing_) add(*r.view);
+  }
   NodeStats total;
-  for (auto& c : clients_) {
+  for (auto& c : clients) {
     KVR_ASSIGN_OR_RETURN(NodeStats s, c->Stats());
-    total.sequences = std::max(total.sequences, s.sequences);  // every node has every sequence
+    // Every node of a sequence's set holds the sequence.
+    total.sequences = std::max(total.sequences, s.sequences);
     total.shards += s.shards;
     total.indexed_keys += s.indexed_keys;
     total.tail_keys += s.tail_keys;

@@ -2,7 +2,7 @@
 // any RetrievalClient: gRPC, in-process), placed by rendezvous hashing
 // (services/placement, R = 1).
 //
-//   * CreateSequence / DropSequence go to every node;
+//   * CreateSequence / DropSequence go to every node of the sequence's view;
 //   * UploadShard goes to the primary node of its ShardKey;
 //   * Append goes to the node holding the (layer, kv head)'s last uploaded
 //     chunk (the primary of chunk 0 when none was uploaded), where the node
@@ -10,6 +10,13 @@
 //   * AttendAsync sends ONE request per node holding any shard of (sequence,
 //     layer), all concurrently, and merges their partials by LSE in node
 //     order (deterministic), so the result is the partial over every shard.
+//
+// Membership changes (SetNodes, fed by services/membership): a sequence is
+// placed on the node set current when CreateSequence ran (its "view") and
+// keeps it for life, so its shards never move; only NEW sequences see the new
+// set. A node that left stays connected while a live sequence still uses it.
+// Clients are reused by node id across views.
+//
 // Per-call buffers for the fan-out are allocated per Attend (one Partials per
 // node): fine for the CLI and tests; the worker's hot path should reuse them.
 //
@@ -18,9 +25,11 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <memory>
 #include <mutex>
+#include <string>
 #include <vector>
 
 #include "retrieval_node/client/retrieval_client.h"
@@ -30,12 +39,23 @@ namespace kvr::retrieval {
 
 class MultiNodeClient final : public RetrievalClient {
  public:
+  // Opens a client to a node that joined (e.g. GrpcRetrievalClient::Create).
+  using Connector =
+      std::function<absl::StatusOr<std::unique_ptr<RetrievalClient>>(const placement::NodeInfo&)>;
+
   // clients[i] talks to nodes[i]. InvalidArgument for an empty or mismatched
-  // list or duplicate node ids.
+  // list or duplicate node ids. With `connect`, SetNodes may add nodes not
+  // given here; without it, only subsets of these nodes.
   static absl::StatusOr<std::unique_ptr<MultiNodeClient>> Create(
       std::vector<placement::NodeInfo> nodes,
-      std::vector<std::unique_ptr<RetrievalClient>> clients);
+      std::vector<std::unique_ptr<RetrievalClient>> clients, Connector connect = nullptr);
   ~MultiNodeClient() override;
+
+  // Makes `nodes` the set new sequences are placed on. Clients of nodes seen
+  // before are reused; others are opened with the Connector. On any error
+  // (empty list, duplicate ids, no Connector for a new node, a failed
+  // connect) the current set is kept and the error returned.
+  absl::Status SetNodes(std::vector<placement::NodeInfo> nodes);
 
   absl::Status CreateSequence(const SequenceSpec& spec) override;
   absl::Status UploadShard(const ShardUpload& upload) override;
@@ -43,27 +63,39 @@ class MultiNodeClient final : public RetrievalClient {
   void AttendAsync(const AttendRequest& request, PartialsView out, AttendStats* stats,
                    StatusCallback done) override;
   absl::Status DropSequence(uint64_t sequence_id) override;
-  // Sums of the nodes' stats.
+  // Sums of the stats of every node in use: the current set plus nodes that
+  // left but still hold a live sequence.
   absl::StatusOr<NodeStats> Stats() override;
 
-  size_t num_nodes() const { return clients_.size(); }
-  RetrievalClient* node(size_t i) const { return clients_[i].get(); }
+  // The current set (what a new sequence is placed on).
+  size_t num_nodes() const;
+  std::vector<placement::NodeInfo> nodes() const;
+  RetrievalClient* node(size_t i) const;
 
  private:
+  // A node set and its clients, immutable once built; shared by the
+  // sequences created while it was current.
+  struct View {
+    placement::Placement placement;
+    std::vector<std::shared_ptr<RetrievalClient>> clients;  // [node index]
+    size_t NodeFor(const ShardKey& key) const;
+  };
   struct Routing {
     SequenceSpec spec;
+    std::shared_ptr<const View> view;
     std::vector<int32_t> last_chunk;  // [layer * n_kv_heads + kv_head], -1: none
     std::vector<uint8_t> holds;       // [layer * num_nodes + node]: node holds a shard
   };
 
-  MultiNodeClient(placement::Placement placement,
-                  std::vector<std::unique_ptr<RetrievalClient>> clients);
-  size_t NodeFor(const ShardKey& key) const;
+  MultiNodeClient(std::shared_ptr<const View> view, Connector connect)
+      : view_(std::move(view)), connect_(std::move(connect)) {}
+  std::shared_ptr<const View> CurrentView() const;
 
-  placement::Placement placement_;
-  std::vector<std::unique_ptr<RetrievalClient>> clients_;
-  std::mutex mu_;  // guards routing_
+  mutable std::mutex mu_;  // guards view_ and routing_
+  std::shared_ptr<const View> view_;
   std::map<uint64_t, Routing> routing_;
+  const Connector connect_;
+  std::mutex set_nodes_mu_;  // serializes SetNodes (connects happen outside mu_)
 };
 
 }  // namespace kvr::retrieval

@@ -17,7 +17,11 @@
 //  * health SERVING, reflection lists the service, SIGTERM exits 0.
 //
 //  * a worker on a real kvr_node (--nodes) streams the embedded output, and
-//    a cancelled stream leaves no shards on that node.
+//    a cancelled stream leaves no shards on that node;
+//  * every stream starts with prefill progress (0 of N, then N of N prompt
+//    tokens) before its first token;
+//  * the shared decode loop (RequestLoop) never ends a text piece inside a
+//    UTF-8 sequence (real tokenizer byte tokens, forced by one-hot logits).
 //
 // Usage: generation_e2e_test --kvr_worker PATH [--kvr_node PATH] [gtest flags]
 #include <fcntl.h>
@@ -31,6 +35,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <map>
 #include <memory>
 #include <optional>
 #include <string>
@@ -152,6 +157,8 @@ struct Streamed {
   std::string text;
   std::vector<int32_t> tokens;
   int chunks = 0;
+  std::vector<v1::PrefillProgress> progress;
+  int progress_after_chunk = 0;  // progress messages after the first chunk
   std::optional<v1::GenerateFinal> summary;
   int messages_after_summary = 0;
   grpc::Status status;
@@ -169,7 +176,10 @@ Streamed Stream(v1::Generation::Stub* stub, const v1::GenerateRequest& request) 
   v1::GenerateResponse msg;
   while (reader->Read(&msg)) {
     if (out.summary.has_value()) ++out.messages_after_summary;
-    if (msg.has_chunk()) {
+    if (msg.has_prefill_progress()) {
+      out.progress.push_back(msg.prefill_progress());
+      if (out.chunks > 0) ++out.progress_after_chunk;
+    } else if (msg.has_chunk()) {
       ++out.chunks;
       out.text += msg.chunk().text();
       out.tokens.insert(out.tokens.end(), msg.chunk().token_ids().begin(),
@@ -203,6 +213,23 @@ void ExpectSame(const Streamed& got, const GenerateResult& want, const std::stri
   EXPECT_EQ(got.summary->usage().completion_tokens(), static_cast<int64_t>(want.tokens.size()))
       << what;
   EXPECT_EQ(got.summary->finish_reason(), ToProto(want.finish)) << what;
+  // Prefill progress comes first: 0 of N, ..., N of N (N = prompt tokens).
+  ASSERT_GE(got.progress.size(), 2u) << what;
+  EXPECT_EQ(got.progress_after_chunk, 0) << what;
+  EXPECT_EQ(got.progress.front().prompt_tokens_done(), 0) << what;
+  EXPECT_EQ(got.progress.back().prompt_tokens_done(), want.prompt_tokens) << what;
+  for (const v1::PrefillProgress& p : got.progress) {
+    EXPECT_EQ(p.prompt_tokens_total(), want.prompt_tokens) << what;
+  }
+}
+
+// Reads the next message that is not prefill progress; false at the end.
+template <typename Reader>
+bool ReadPastProgress(Reader* reader, v1::GenerateResponse* msg) {
+  while (reader->Read(msg)) {
+    if (!msg->has_prefill_progress()) return true;
+  }
+  return false;
 }
 
 v1::GetModelInfoResponse Info(v1::Generation::Stub* stub, int64_t wait_finished = 0) {
@@ -334,7 +361,7 @@ TEST_F(GenerationE2eTest, CancelMidStreamFreesShards) {
   auto reader = stub_->Generate(&ctx, c.Proto("cancel-me"));
   v1::GenerateResponse msg;
   size_t tokens = 0;
-  while (tokens < 8 && reader->Read(&msg)) {
+  while (tokens < 8 && ReadPastProgress(reader.get(), &msg)) {
     ASSERT_TRUE(msg.has_chunk()) << "the stream ended before it could be cancelled";
     tokens += static_cast<size_t>(msg.chunk().token_ids_size());
   }
@@ -517,7 +544,7 @@ TEST(GenerationOverloadTest, FullQueueIsResourceExhausted) {
     SetDeadline(&ctx);
     auto reader = stub->Generate(&ctx, c.Proto("holder"));
     v1::GenerateResponse msg;
-    ASSERT_TRUE(reader->Read(&msg));
+    ASSERT_TRUE(ReadPastProgress(reader.get(), &msg));
     ASSERT_TRUE(msg.has_chunk());
     const Streamed rejected = Stream(stub.get(), c.Proto("rejected"));
     EXPECT_EQ(rejected.status.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED)
@@ -542,6 +569,73 @@ TEST(GenerationOverloadTest, FullQueueIsResourceExhausted) {
   EXPECT_TRUE(WIFEXITED(*st) && WEXITSTATUS(*st) == 0);
   EXPECT_LT(std::chrono::steady_clock::now() - t0, std::chrono::seconds(4))
       << "an idle worker should stop promptly on SIGTERM";
+}
+
+// Utf8CompletePrefix against hand-checked cases: complete text is kept,
+// a lead byte waiting for its continuation bytes is cut, malformed bytes are
+// not held.
+TEST(Utf8, CompletePrefix) {
+  EXPECT_EQ(Utf8CompletePrefix(""), 0u);
+  EXPECT_EQ(Utf8CompletePrefix("abc"), 3u);
+  EXPECT_EQ(Utf8CompletePrefix("a\xC3\xA9"), 3u);          // é complete
+  EXPECT_EQ(Utf8CompletePrefix("a\xC3"), 1u);              // é missing 1
+  EXPECT_EQ(Utf8CompletePrefix("a\xE2\x82"), 1u);          // € missing 1
+  EXPECT_EQ(Utf8CompletePrefix("a\xE2\x82\xAC"), 4u);      // € complete
+  EXPECT_EQ(Utf8CompletePrefix("\xF0\x9F\x98"), 0u);        // 😀 missing 1
+  EXPECT_EQ(Utf8CompletePrefix("\xF0\x9F\x98\x80"), 4u);    // 😀 complete
+  EXPECT_EQ(Utf8CompletePrefix("a\x80\x80"), 3u);          // stray continuations
+  EXPECT_EQ(Utf8CompletePrefix("a\xFF"), 2u);              // invalid lead
+}
+
+// The shared decode loop with the real tokenizer: the model's byte tokens
+// (<0xC3> ...) are forced one at a time by one-hot logits (greedy sampling),
+// spelling "aé€😀b". No streamed piece ends inside a character; the pieces
+// concatenated equal the text; an unfinished character at the end is flushed.
+TEST(RequestLoopUtf8, PiecesNeverSplitACharacter) {
+  const char* dir = std::getenv("KVR_SHARED_MODELS");
+  ASSERT_NE(dir, nullptr);
+  auto tok = Llama2cTokenizer::Load(std::string(dir) + "/tok512.bin", 512);
+  ASSERT_TRUE(tok.ok()) << tok.status();
+  // The oracle for "which id is byte b": the id whose decoded text is b.
+  const int32_t prev = (*tok)->Encode("a", false)->back();
+  std::map<unsigned char, int32_t> byte_id;
+  for (int32_t id = 0; id < 512; ++id) {
+    auto piece = (*tok)->Decode(prev, id);
+    if (piece.ok() && piece->size() == 1 && !byte_id.count(static_cast<unsigned char>((*piece)[0]))) {
+      byte_id[static_cast<unsigned char>((*piece)[0])] = id;
+    }
+  }
+  const std::string want = "a\xC3\xA9\xE2\x82\xAC\xF0\x9F\x98\x80" "b\xE2\x82";
+  std::vector<int32_t> ids;
+  for (unsigned char c : want) {
+    ASSERT_TRUE(byte_id.count(c)) << "no byte token for " << int(c);
+    ids.push_back(byte_id[c]);
+  }
+  auto sampler = Sampler::Create(SamplingParams{}, 512);
+  ASSERT_TRUE(sampler.ok());
+  RequestLoop loop({(*tok)->bos_id(), prev}, static_cast<int>(ids.size()), {}, *sampler, **tok);
+  std::vector<float> logits(512);
+  std::string streamed;
+  std::vector<int32_t> got_ids;
+  for (size_t i = 0; i < ids.size(); ++i) {
+    std::fill(logits.begin(), logits.end(), 0.0f);
+    logits[static_cast<size_t>(ids[i])] = 10.0f;
+    absl::StatusOr<bool> done = loop.Advance(logits, static_cast<int64_t>(2 + i), 512);
+    ASSERT_TRUE(done.ok()) << done.status();
+    std::string piece;
+    loop.TakeNew(&got_ids, &piece);
+    if (!*done) {
+      EXPECT_EQ(Utf8CompletePrefix(piece), piece.size()) << "piece ends inside a character";
+      EXPECT_TRUE(piece.empty() || (static_cast<unsigned char>(piece[0]) & 0xC0) != 0x80)
+          << "piece starts with a continuation byte";
+    }
+    streamed += piece;
+    EXPECT_EQ(*done, i + 1 == ids.size());
+  }
+  EXPECT_EQ(loop.finish(), FinishReason::kLength);
+  EXPECT_EQ(streamed, want);  // the trailing incomplete "\xE2\x82" flushed at the end
+  EXPECT_EQ(loop.text(), want);
+  EXPECT_EQ(got_ids, ids);
 }
 
 // The worker on a real kvr_node process (--nodes): the same output as the
@@ -571,7 +665,7 @@ TEST(GenerationRemoteNodeTest, WorkerOnKvrNode) {
     // Past the first decode steps, which wait for the prefill hand-off: the
     // prompt's middle tokens are on the node.
     for (int tokens = 0; tokens < 8;) {
-      ASSERT_TRUE(reader->Read(&msg));
+      ASSERT_TRUE(ReadPastProgress(reader.get(), &msg));
       ASSERT_TRUE(msg.has_chunk()) << "the stream ended before it could be cancelled";
       tokens += msg.chunk().token_ids_size();
     }

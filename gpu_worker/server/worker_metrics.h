@@ -1,0 +1,65 @@
+// WorkerMetrics: the kvr_worker Prometheus metrics (STYLE rule 12; the list,
+// with units and labels, is in README.md) and the `/metrics` endpoint that
+// serves them (services/metrics).
+//
+// It is the scheduler's SchedulerObserver (prefill, first token, tokens,
+// decode steps with their retrieval / attention / other split) and counts
+// finished Generate calls by gRPC status code (RecordRequest). The gauges
+// (requests running / waiting, retrieval nodes) are read from a callback at
+// scrape time, so they are exact whenever Prometheus looks. No prometheus
+// type appears in this header.
+//
+// Thread-safety: every Record / On* method is thread-safe and cheap (an
+// atomic add, or a short mutex for histograms). SetLoadSource and Serve must
+// be called before the worker serves, from one thread.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "gpu_worker/server/generation_scheduler.h"
+
+namespace kvr::worker {
+
+// The worker's load, sampled at scrape time.
+struct WorkerLoad {
+  int64_t requests_running = 0;  // admitted: prefilling or decoding
+  int64_t requests_waiting = 0;  // queued
+  int64_t retrieval_nodes = 0;   // current membership size (1: the in-process node)
+};
+
+class WorkerMetrics final : public SchedulerObserver {
+ public:
+  WorkerMetrics();
+  ~WorkerMetrics() override;
+  WorkerMetrics(const WorkerMetrics&) = delete;
+  WorkerMetrics& operator=(const WorkerMetrics&) = delete;
+
+  // Called on every scrape (on the endpoint's thread). Must be thread-safe
+  // and stay callable until this object is destroyed.
+  void SetLoadSource(std::function<WorkerLoad()> source);
+
+  // Serves GET /metrics on `listen` ("host:port"; port 0 picks a free one);
+  // returns the bound "host:port". InvalidArgument for a malformed address,
+  // Unavailable when it cannot bind. At most once.
+  absl::StatusOr<std::string> Serve(const std::string& listen);
+
+  // One finished Generate call: kvr_worker_requests_total{code} += 1.
+  void RecordRequest(absl::StatusCode code);
+
+  // SchedulerObserver.
+  void OnPrefill(int64_t prompt_tokens, double seconds) override;
+  void OnFirstToken(double seconds) override;
+  void OnTokens(int64_t n) override;
+  void OnDecodeStep(const DecodeStepTiming& timing) override;
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace kvr::worker
