@@ -1,0 +1,67 @@
+// GatewayMetrics: the kvr_gateway_* Prometheus metrics (STYLE rule 12; the
+// list with units and labels is in README.md; the Helm chart's dashboards
+// query these names). No prometheus type appears in this header.
+//
+// Thread-safety: every Record* method is thread-safe and cheap (atomic adds,
+// a short mutex inside histograms). The gauges of queue depth, running
+// requests and worker health are read from a callback at scrape time, so
+// they are exact whenever Prometheus looks.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+
+namespace prometheus {
+class Collectable;
+}  // namespace prometheus
+
+namespace kvr::gateway {
+
+// Which front end a request came through: the `api` label.
+enum class Api : uint8_t { kGrpc = 0, kHttp = 1 };
+
+// Sampled at scrape time.
+struct GatewayLoad {
+  int64_t running = 0;  // requests holding a worker slot
+  int64_t waiting = 0;  // requests queued for a slot
+  int64_t healthy_workers = 0;
+  int64_t unhealthy_workers = 0;
+};
+
+class GatewayMetrics {
+ public:
+  GatewayMetrics();
+  ~GatewayMetrics();
+  GatewayMetrics(const GatewayMetrics&) = delete;
+  GatewayMetrics& operator=(const GatewayMetrics&) = delete;
+
+  // Called on every scrape (on an exposer thread); must be thread-safe and
+  // stay callable while the metrics are served.
+  void SetLoadSource(std::function<GatewayLoad()> source);
+
+  // What the exposer serves (refreshes the load gauges, then the registry).
+  std::shared_ptr<prometheus::Collectable> collectable() const;
+
+  // One finished generation request (or a request refused before reaching a
+  // worker): kvr_gateway_requests_total{api, code} += 1, and, when it reached
+  // a worker, kvr_gateway_request_duration_seconds observes `seconds`.
+  void RecordRequest(Api api, absl::StatusCode code, double seconds, bool reached_worker);
+  // The first token of a request `seconds` after the gateway received it.
+  void RecordFirstToken(double seconds);
+  // `tokens` more tokens arrived `seconds_since_previous` after the previous
+  // ones: kvr_gateway_generated_tokens_total += tokens and, unless this is
+  // the first chunk, each counts one inter-token latency of seconds / tokens.
+  void RecordTokens(int64_t tokens, double seconds_since_previous, bool first);
+  void RecordPromptTokens(int64_t tokens);
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace kvr::gateway

@@ -1,0 +1,213 @@
+#include "services/gateway/generate_call.h"
+
+#include <grpcpp/grpcpp.h>
+
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+
+namespace kvr::gateway {
+
+// One try on one worker: the client side of its Generate stream. Keeps the
+// call alive until gRPC is done with it.
+class GenerateCall::Attempt final : public grpc::ClientReadReactor<v1::GenerateResponse> {
+ public:
+  Attempt(std::shared_ptr<GenerateCall> call, std::shared_ptr<WorkerChannel> worker)
+      : call_(std::move(call)), worker_(std::move(worker)) {}
+
+  const std::string& address() const { return worker_->address; }
+
+  void Start(const v1::GenerateRequest& request, absl::Time deadline) {
+    ctx_.set_deadline(absl::ToChronoTime(deadline));
+    worker_->generation->async()->Generate(&ctx_, &request, this);
+    StartRead(&response_);
+    StartCall();
+  }
+  void Read() { StartRead(&response_); }
+  void Cancel() { ctx_.TryCancel(); }
+
+  void OnReadDone(bool ok) override {
+    if (!ok) return;  // the stream ended: OnDone follows
+    v1::GenerateResponse r = std::move(response_);
+    response_.Clear();
+    call_->OnUpstreamResponse(std::move(r));
+  }
+
+  void OnDone(const grpc::Status& status) override {
+    // The last callback: may release the call (and with it this attempt).
+    std::shared_ptr<GenerateCall> call = std::move(call_);
+    call->OnUpstreamDone(this, status);
+  }
+
+ private:
+  std::shared_ptr<GenerateCall> call_;
+  const std::shared_ptr<WorkerChannel> worker_;
+  grpc::ClientContext ctx_;
+  v1::GenerateResponse response_;
+};
+
+std::shared_ptr<GenerateCall> GenerateCall::Create(WorkerPool* pool, GatewayMetrics* metrics,
+                                                   Api api, v1::GenerateRequest request,
+                                                   absl::Time received, absl::Time deadline,
+                                                   OnResponse on_response, OnFinish on_finish) {
+  return std::shared_ptr<GenerateCall>(new GenerateCall(pool, metrics, api, std::move(request),
+                                                        received, deadline,
+                                                        std::move(on_response),
+                                                        std::move(on_finish)));
+}
+
+void GenerateCall::Start() { Acquire(/*exclude=*/{}); }
+
+GenerateCall::GenerateCall(WorkerPool* pool, GatewayMetrics* metrics, Api api,
+                           v1::GenerateRequest request, absl::Time received, absl::Time deadline,
+                           OnResponse on_response, OnFinish on_finish)
+    : pool_(pool),
+      metrics_(metrics),
+      api_(api),
+      request_(std::move(request)),
+      received_(received),
+      deadline_(deadline),
+      on_response_(std::move(on_response)),
+      on_finish_(std::move(on_finish)) {
+  pool_->CallStarted();
+}
+
+GenerateCall::~GenerateCall() {
+  attempts_.clear();
+  pool_->CallEnded();
+}
+
+void GenerateCall::Acquire(const std::string& exclude) {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    queued_ = true;
+    ticket_ = 0;
+  }
+  // The grant may run inline (a free slot, or a refusal).
+  const uint64_t ticket = pool_->balancer().Acquire(
+      deadline_, exclude,
+      [self = shared_from_this()](absl::StatusOr<std::string> address) {
+        self->OnGrant(std::move(address));
+      });
+  bool abandon = false;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (queued_) {
+      ticket_ = ticket;
+      abandon = cancelled_;  // Cancel came before the ticket was known
+    }
+  }
+  if (abandon) pool_->balancer().Abandon(ticket);
+}
+
+void GenerateCall::OnGrant(absl::StatusOr<std::string> address) {
+  std::unique_lock<std::mutex> lock(mu_);
+  queued_ = false;
+  ticket_ = 0;
+  if (!address.ok()) {
+    lock.unlock();
+    const absl::Status& s = address.status();
+    Finish(grpc::Status(static_cast<grpc::StatusCode>(s.code()), std::string(s.message())));
+    return;
+  }
+  std::shared_ptr<WorkerChannel> worker = pool_->Get(*address);
+  if (cancelled_ || worker == nullptr) {
+    const bool cancelled = cancelled_;
+    lock.unlock();
+    pool_->balancer().Release(*address);
+    Finish(cancelled ? grpc::Status(grpc::StatusCode::CANCELLED, "cancelled by the client")
+                     : grpc::Status(grpc::StatusCode::UNAVAILABLE,
+                                    absl::StrCat("worker ", *address, " left the membership")));
+    return;
+  }
+  reached_worker_ = true;
+  got_response_ = false;
+  attempts_.push_back(std::make_unique<Attempt>(shared_from_this(), std::move(worker)));
+  current_ = attempts_.back().get();
+  Attempt* attempt = current_;
+  lock.unlock();
+  // A Cancel from now on reaches the attempt (TryCancel before the call
+  // starts cancels it as soon as it does).
+  attempt->Start(request_, deadline_);
+}
+
+void GenerateCall::OnUpstreamResponse(v1::GenerateResponse response) {
+  OnResponse deliver;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    got_response_ = true;
+    deliver = on_response_;
+  }
+  const absl::Time now = absl::Now();
+  if (response.has_chunk() && response.chunk().token_ids_size() > 0) {
+    const bool first = !got_tokens_;
+    if (first) metrics_->RecordFirstToken(absl::ToDoubleSeconds(now - received_));
+    metrics_->RecordTokens(response.chunk().token_ids_size(),
+                           first ? 0.0 : absl::ToDoubleSeconds(now - last_tokens_), first);
+    got_tokens_ = true;
+    last_tokens_ = now;
+  } else if (response.has_summary()) {
+    metrics_->RecordPromptTokens(response.summary().usage().prompt_tokens());
+  }
+  if (deliver) deliver(std::move(response));
+}
+
+void GenerateCall::RequestNext() {
+  Attempt* attempt;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    attempt = finished_ ? nullptr : current_;
+  }
+  if (attempt != nullptr) attempt->Read();
+}
+
+void GenerateCall::Cancel() {
+  Attempt* attempt = nullptr;
+  uint64_t ticket = 0;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (cancelled_ || finished_) return;
+    cancelled_ = true;
+    attempt = current_;
+    if (queued_) ticket = ticket_;
+  }
+  if (ticket != 0) pool_->balancer().Abandon(ticket);
+  if (attempt != nullptr) attempt->Cancel();
+}
+
+void GenerateCall::OnUpstreamDone(Attempt* attempt, const grpc::Status& status) {
+  const std::string address = attempt->address();
+  // Out of rotation first, so the freed slot goes to no one on that worker.
+  if (status.error_code() == grpc::StatusCode::UNAVAILABLE) pool_->ReportUnavailable(address);
+  pool_->balancer().Release(address);
+  bool retry = false;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    current_ = nullptr;
+    retry = status.error_code() == grpc::StatusCode::UNAVAILABLE && !got_response_ &&
+            !retried_ && !cancelled_;
+    if (retry) retried_ = true;
+  }
+  if (retry) {
+    Acquire(address);
+    return;
+  }
+  Finish(status);
+}
+
+void GenerateCall::Finish(const grpc::Status& status) {
+  OnFinish finish;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (finished_) return;
+    finished_ = true;
+    finish = std::move(on_finish_);
+    on_finish_ = nullptr;
+    on_response_ = nullptr;
+  }
+  metrics_->RecordRequest(api_, static_cast<absl::StatusCode>(status.error_code()),
+                          absl::ToDoubleSeconds(absl::Now() - received_), reached_worker_);
+  if (finish) finish(status);
+}
+
+}  // namespace kvr::gateway

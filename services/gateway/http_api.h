@@ -1,0 +1,70 @@
+// HttpApi: the OpenAI-compatible HTTP front end of the gateway, on
+// cpp-httplib (Debian's libcpp-httplib; no hand-written HTTP parsing).
+//
+//   POST /v1/completions        prompt (string or token ids) → text
+//   POST /v1/chat/completions   messages (see openai.h's chat template)
+//   GET  /v1/models             the served model
+//   GET  /healthz               200 while a worker is healthy, else 503
+//
+// Both POST routes stream server-sent events with "stream": true
+// ("data: {...}\n\n" chunks, then "data: [DONE]\n\n"); text is never split
+// inside a UTF-8 character. Generation goes through GenerateCall, as for
+// gRPC: the same admission queue, routing, retries and metrics (api="http").
+// Errors are OpenAI error objects with the HTTP status of openai.h's
+// FromStatus, plus 404 for unknown routes and models, 413 for bodies over
+// max_request_bytes and 415 for a Content-Type other than application/json.
+// A client that disconnects from a stream has its worker call cancelled
+// (checked every 100 ms while waiting for tokens, and on every write).
+//
+// Thread-safety: requests are served on a pool of `threads` threads (each
+// open request, streaming or queued, holds one). Lifetime: `pool` and
+// `metrics` must outlive the HttpApi.
+#pragma once
+
+#include <memory>
+#include <string>
+
+#include "absl/status/statusor.h"
+#include "absl/time/time.h"
+#include "services/gateway/gateway_metrics.h"
+#include "services/gateway/worker_pool.h"
+
+namespace kvr::gateway {
+
+struct HttpApiOptions {
+  std::string listen = "127.0.0.1:0";  // host:port; port 0 picks a free one
+  int threads = 64;                    // concurrent HTTP requests
+  int64_t max_request_bytes = 4 << 20;
+  absl::Duration default_timeout = absl::Seconds(300);  // deadline of every request
+  // The model id clients name ("model"); empty: the stem of the checkpoint
+  // file the workers report (stories260K.bin → "stories260K").
+  std::string model_name;
+};
+
+class HttpApi {
+ public:
+  // Binds `options.listen` and starts serving. InvalidArgument for a
+  // malformed address or options, Unavailable when it cannot bind.
+  static absl::StatusOr<std::unique_ptr<HttpApi>> Start(const HttpApiOptions& options,
+                                                        WorkerPool* pool, GatewayMetrics* metrics);
+  // StopAccepting, then Drain(now).
+  ~HttpApi();
+  HttpApi(const HttpApi&) = delete;
+  HttpApi& operator=(const HttpApi&) = delete;
+
+  // "host:port" as bound.
+  const std::string& address() const;
+
+  // Closes the listening socket; requests in flight go on.
+  void StopAccepting();
+  // Waits for requests in flight until `deadline`, cancels those still
+  // running (their worker calls too), and returns once all have ended.
+  void Drain(absl::Time deadline);
+
+ private:
+  struct Impl;
+  explicit HttpApi(std::unique_ptr<Impl> impl);
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace kvr::gateway

@@ -1,0 +1,228 @@
+// kvr_gateway: the public entry point of a kvr cluster. Serves
+// kvr.v1.Generation over gRPC (with grpc.health.v1 and reflection) and an
+// OpenAI-compatible HTTP API, both proxied to the decode workers of
+// --workers (least outstanding requests, bounded admission queue, health
+// checks, one retry on UNAVAILABLE), and Prometheus metrics kvr_gateway_*.
+//
+//   kvr_gateway --workers 127.0.0.1:50051,127.0.0.1:50052 --listen 127.0.0.1:0
+//       --http_listen 127.0.0.1:0 --metrics_listen 127.0.0.1:0
+//
+// Prints, in this order, "kvr_gateway http on HOST:PORT", "kvr_gateway
+// metrics on HOST:PORT" (each unless disabled) and last "kvr_gateway
+// listening on HOST:PORT" once serving. SIGTERM / SIGINT: both front ends
+// stop accepting, calls in flight drain (up to --drain_seconds, then they
+// are cancelled, and with them their worker calls), exit 0.
+#include <pthread.h>
+#include <signal.h>
+
+#include <atomic>
+#include <cstdio>
+#include <memory>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "absl/flags/flag.h"
+#include "absl/flags/parse.h"
+#include "absl/flags/usage.h"
+#include "absl/flags/usage_config.h"
+#include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
+#include "absl/time/time.h"
+#include "services/gateway/gateway_metrics.h"
+#include "services/gateway/gateway_service.h"
+#include "services/gateway/http_api.h"
+#include "services/gateway/worker_pool.h"
+#include "services/membership/membership.h"
+#include "services/metrics/metrics_endpoint.h"
+#include "services/rpc/grpc_server.h"
+
+ABSL_FLAG(std::string, listen, "127.0.0.1:0",
+          "host:port of the gRPC API; port 0 picks a free port (printed on stdout as "
+          "\"kvr_gateway listening on HOST:PORT\")");
+ABSL_FLAG(std::string, http_listen, "127.0.0.1:0",
+          "host:port of the OpenAI-compatible HTTP API (printed as \"kvr_gateway http on "
+          "HOST:PORT\"); empty disables it");
+ABSL_FLAG(std::string, metrics_listen, "127.0.0.1:0",
+          "host:port serving Prometheus metrics at GET /metrics (printed as \"kvr_gateway "
+          "metrics on HOST:PORT\"); empty disables them");
+ABSL_FLAG(std::string, workers, "",
+          "decode workers (kvr_worker gRPC addresses): \"host:port,host:port\", or "
+          "\"dns:///name:port\" (every address of name, re-resolved every "
+          "--workers_refresh_seconds; a Kubernetes headless service)");
+ABSL_FLAG(double, workers_refresh_seconds, 10.0, "DNS worker lists: re-resolution period");
+ABSL_FLAG(int, max_outstanding_per_worker, 8,
+          "requests one worker serves at once (keep <= its --max_concurrent + --max_queue); "
+          "more wait in the gateway's queue");
+ABSL_FLAG(int, max_queue, 64,
+          "requests waiting for a worker slot (FIFO, each until its deadline); more get "
+          "RESOURCE_EXHAUSTED / HTTP 429");
+ABSL_FLAG(double, request_timeout_seconds, 300.0,
+          "deadline of a request that carries none (all HTTP requests; gRPC calls without a "
+          "deadline): queueing plus generation");
+ABSL_FLAG(int, max_request_bytes, 4 << 20,
+          "largest request accepted, bytes (gRPC message, HTTP body; HTTP answers 413)");
+ABSL_FLAG(int, http_threads, 64,
+          "HTTP requests served at once (each open request, streaming or queued, holds one)");
+ABSL_FLAG(std::string, model_name, "",
+          "model id of the HTTP API; empty: the stem of the workers' checkpoint file (e.g. "
+          "stories260K)");
+ABSL_FLAG(double, health_check_seconds, 2.0,
+          "period of the workers' grpc.health.v1 checks (a failing worker leaves rotation "
+          "until it passes again)");
+ABSL_FLAG(double, drain_seconds, 10.0,
+          "on SIGTERM / SIGINT, how long calls in flight may run before they are cancelled");
+
+namespace kvr::gateway {
+namespace {
+
+constexpr char kServiceName[] = "kvr.v1.Generation";
+
+int Fail(const std::string& message) {
+  std::fprintf(stderr, "kvr_gateway: %s\n", message.c_str());
+  return 2;
+}
+
+int Main(int argc, char** argv) {
+  absl::SetProgramUsageMessage(
+      "gateway: kvr.v1.Generation over gRPC and an OpenAI-compatible HTTP API, proxied to "
+      "decode workers.\n"
+      "  kvr_gateway --workers host:port,... [--listen H:P] [--http_listen H:P] "
+      "[--metrics_listen H:P]");
+  absl::FlagsUsageConfig usage;
+  usage.contains_help_flags = [](absl::string_view file) {
+    return absl::EndsWith(file, "services/gateway/main.cc");
+  };
+  usage.contains_helpshort_flags = usage.contains_help_flags;
+  absl::SetFlagsUsageConfig(usage);
+  absl::ParseCommandLine(argc, argv);
+
+  // SIGTERM / SIGINT are taken by a watcher thread, which stops the HTTP
+  // front end and then wakes the gRPC serving loop with SIGUSR1, so both
+  // drain at once. Blocked here, before any thread starts.
+  const sigset_t stop_signals = rpc::BlockStopSignals();
+  sigset_t wake_grpc;
+  sigemptyset(&wake_grpc);
+  sigaddset(&wake_grpc, SIGUSR1);
+  pthread_sigmask(SIG_BLOCK, &wake_grpc, nullptr);
+
+  const std::string workers = absl::GetFlag(FLAGS_workers);
+  if (workers.empty()) return Fail("--workers is required (host:port,... or dns:///name:port)");
+  const double refresh = absl::GetFlag(FLAGS_workers_refresh_seconds);
+  const double timeout = absl::GetFlag(FLAGS_request_timeout_seconds);
+  const double health = absl::GetFlag(FLAGS_health_check_seconds);
+  const double drain = absl::GetFlag(FLAGS_drain_seconds);
+  const int max_request_bytes = absl::GetFlag(FLAGS_max_request_bytes);
+  if (!(refresh > 0.0)) return Fail("--workers_refresh_seconds must be > 0");
+  if (!(timeout > 0.0)) return Fail("--request_timeout_seconds must be > 0");
+  if (!(health >= 0.01)) return Fail("--health_check_seconds must be >= 0.01");
+  if (!(drain >= 0.0)) return Fail("--drain_seconds must be >= 0");
+  if (max_request_bytes < (1 << 16)) return Fail("--max_request_bytes must be >= 65536");
+
+  WorkerPoolOptions po;
+  po.balancer.max_outstanding_per_worker = absl::GetFlag(FLAGS_max_outstanding_per_worker);
+  po.balancer.max_queue = absl::GetFlag(FLAGS_max_queue);
+  po.health_interval = absl::Seconds(health);
+  po.health_timeout = std::min(absl::Seconds(1), absl::Seconds(health));
+  po.max_message_bytes = max_request_bytes;
+  absl::StatusOr<std::unique_ptr<WorkerPool>> pool = WorkerPool::Create(po);
+  if (!pool.ok()) return Fail(absl::StrCat("--", pool.status().message()));
+
+  membership::MembershipOptions mo;
+  mo.spec = workers;
+  mo.refresh = absl::Seconds(refresh);
+  absl::StatusOr<std::unique_ptr<membership::Membership>> members =
+      membership::Membership::Create(mo);
+  if (!members.ok()) return Fail(absl::StrCat("--workers: ", members.status().message()));
+  WorkerPool* pool_ptr = pool->get();
+  (*members)->Subscribe(
+      [pool_ptr](const std::vector<std::string>& addresses) { pool_ptr->SetWorkers(addresses); });
+  // Serve only once dead workers are known to be out of rotation.
+  (*pool)->CheckHealthNow();
+
+  auto metrics = std::make_unique<GatewayMetrics>();
+  metrics->SetLoadSource([pool_ptr] {
+    GatewayLoad l;
+    l.running = pool_ptr->balancer().running();
+    l.waiting = pool_ptr->balancer().waiting();
+    for (const WorkerLoad& w : pool_ptr->balancer().Workers()) {
+      if (!w.member) continue;
+      (w.healthy ? l.healthy_workers : l.unhealthy_workers) += 1;
+    }
+    return l;
+  });
+
+  const absl::Duration default_timeout = absl::Seconds(timeout);
+  std::unique_ptr<HttpApi> http;
+  if (const std::string listen = absl::GetFlag(FLAGS_http_listen); !listen.empty()) {
+    HttpApiOptions ho;
+    ho.listen = listen;
+    ho.threads = absl::GetFlag(FLAGS_http_threads);
+    ho.max_request_bytes = max_request_bytes;
+    ho.default_timeout = default_timeout;
+    ho.model_name = absl::GetFlag(FLAGS_model_name);
+    absl::StatusOr<std::unique_ptr<HttpApi>> h = HttpApi::Start(ho, pool_ptr, metrics.get());
+    if (!h.ok()) return Fail(absl::StrCat("--http_listen: ", h.status().message()));
+    http = *std::move(h);
+    std::printf("kvr_gateway http on %s\n", http->address().c_str());
+    std::fflush(stdout);
+  }
+  std::unique_ptr<metrics::MetricsEndpoint> endpoint;
+  if (const std::string listen = absl::GetFlag(FLAGS_metrics_listen); !listen.empty()) {
+    absl::StatusOr<std::unique_ptr<metrics::MetricsEndpoint>> m =
+        metrics::MetricsEndpoint::Start(listen, metrics->collectable());
+    if (!m.ok()) return Fail(absl::StrCat("--metrics_listen: ", m.status().message()));
+    endpoint = *std::move(m);
+    std::printf("kvr_gateway metrics on %s\n", endpoint->address().c_str());
+    std::fflush(stdout);
+  }
+
+  GatewayServiceOptions so;
+  so.default_timeout = default_timeout;
+  auto service = std::make_unique<GatewayService>(pool_ptr, metrics.get(), so);
+
+  std::atomic<bool> serving_failed{false};
+  absl::Time drain_deadline = absl::InfiniteFuture();
+  const pthread_t main_thread = pthread_self();
+  std::thread watcher([&] {
+    int signal = 0;
+    sigwait(&stop_signals, &signal);
+    if (serving_failed.load()) return;  // woken by main to exit
+    drain_deadline = absl::Now() + absl::Seconds(drain);
+    std::fprintf(stderr, "kvr_gateway: signal %d, draining (HTTP and gRPC)\n", signal);
+    if (http != nullptr) http->StopAccepting();
+    pthread_kill(main_thread, SIGUSR1);
+  });
+
+  rpc::ServeOptions serve;
+  serve.name = "kvr_gateway";
+  serve.listen = absl::GetFlag(FLAGS_listen);
+  serve.max_message_bytes = max_request_bytes;
+  serve.health_services = {kServiceName};
+  serve.drain_seconds = drain;
+  const absl::Status st = rpc::ServeUntilSignal({service.get()}, serve, wake_grpc);
+  if (!st.ok()) {
+    serving_failed = true;
+    pthread_kill(watcher.native_handle(), SIGTERM);
+    watcher.join();
+    return Fail(std::string(st.message()));
+  }
+  watcher.join();  // it sent the wake-up: done
+  if (http != nullptr) http->Drain(drain_deadline);
+  // Cancelled calls finish promptly; wait for them before freeing what they use.
+  if (!pool_ptr->WaitForCalls(absl::Seconds(10))) {
+    std::fprintf(stderr, "kvr_gateway: calls still open after the drain\n");
+  }
+  http.reset();
+  endpoint.reset();
+  service.reset();
+  members->reset();
+  pool->reset();
+  std::fprintf(stderr, "kvr_gateway: stopped\n");
+  return 0;
+}
+
+}  // namespace
+}  // namespace kvr::gateway
+
+int main(int argc, char** argv) { return kvr::gateway::Main(argc, argv); }

@@ -1,0 +1,573 @@
+#include "services/gateway/openai.h"
+
+#include <cmath>
+#include <limits>
+#include <utility>
+
+#include "absl/strings/ascii.h"
+#include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
+
+namespace kvr::gateway {
+namespace {
+
+using nlohmann::json;
+
+std::string TypeName(const json& v) { return v.type_name(); }
+
+bool Present(const json& body, const char* field) {
+  auto it = body.find(field);
+  return it != body.end() && !it->is_null();
+}
+
+// A JSON number that fits a finite float.
+std::optional<ApiError> GetFloat(const json& body, const char* field, float* out, bool* set) {
+  *set = false;
+  if (!Present(body, field)) return std::nullopt;
+  const json& v = body.at(field);
+  if (!v.is_number()) {
+    return InvalidRequest(field, absl::StrCat(field, ": expected a number, got ", TypeName(v)));
+  }
+  const double d = v.get<double>();
+  if (!std::isfinite(d) || std::fabs(d) > std::numeric_limits<float>::max()) {
+    return InvalidRequest(field, absl::StrCat(field, ": ", v.dump(), " is not a finite float"));
+  }
+  *out = static_cast<float>(d);
+  *set = true;
+  return std::nullopt;
+}
+
+// A JSON integer (or an integral float) within [lo, hi].
+std::optional<ApiError> GetInt(const json& body, const std::string& name, const json& v,
+                               int64_t lo, int64_t hi, int64_t* out) {
+  double d;
+  if (v.is_number_integer()) {
+    if (v.is_number_unsigned() && v.get<uint64_t>() > static_cast<uint64_t>(hi)) {
+      return InvalidRequest(name, absl::StrCat(name, ": ", v.dump(), " outside [", lo, ", ", hi,
+                                               "]"));
+    }
+    const int64_t i = v.get<int64_t>();
+    if (i < lo || i > hi) {
+      return InvalidRequest(name,
+                            absl::StrCat(name, ": ", i, " outside [", lo, ", ", hi, "]"));
+    }
+    *out = i;
+    return std::nullopt;
+  }
+  if (v.is_number_float() && std::isfinite(d = v.get<double>()) && d == std::floor(d)) {
+    if (d < static_cast<double>(lo) || d > static_cast<double>(hi)) {
+      return InvalidRequest(name, absl::StrCat(name, ": ", v.dump(), " outside [", lo, ", ", hi,
+                                               "]"));
+    }
+    *out = static_cast<int64_t>(d);
+    return std::nullopt;
+  }
+  return InvalidRequest(name, absl::StrCat(name, ": expected an integer, got ",
+                                           v.is_number() ? v.dump() : TypeName(v)));
+}
+
+std::optional<ApiError> GetOptionalInt(const json& body, const char* field, int64_t lo, int64_t hi,
+                                       int64_t* out, bool* set) {
+  *set = false;
+  if (!Present(body, field)) return std::nullopt;
+  if (auto e = GetInt(body, field, body.at(field), lo, hi, out)) return e;
+  *set = true;
+  return std::nullopt;
+}
+
+// A field that must be absent, null or equal to its neutral value.
+std::optional<ApiError> Unsupported(const json& body, const char* field, const json& neutral,
+                                    const std::string& why) {
+  if (!Present(body, field)) return std::nullopt;
+  const json& v = body.at(field);
+  if (v == neutral) return std::nullopt;
+  if (neutral.is_boolean() && v.is_number() && v == 0) return std::nullopt;
+  return InvalidRequest(field, absl::StrCat(field, ": ", why));
+}
+
+std::optional<ApiError> ParseStop(const json& body, v1::GenerateRequest* r) {
+  if (!Present(body, "stop")) return std::nullopt;
+  const json& v = body.at("stop");
+  if (v.is_string()) {
+    r->add_stop(v.get<std::string>());
+    return std::nullopt;
+  }
+  if (!v.is_array()) {
+    return InvalidRequest("stop", absl::StrCat("stop: expected a string or an array of strings, "
+                                               "got ", TypeName(v)));
+  }
+  for (size_t i = 0; i < v.size(); ++i) {
+    if (!v[i].is_string()) {
+      return InvalidRequest("stop", absl::StrCat("stop[", i, "]: expected a string, got ",
+                                                 TypeName(v[i])));
+    }
+    r->add_stop(v[i].get<std::string>());
+  }
+  return std::nullopt;
+}
+
+std::optional<ApiError> ParseKvr(const json& body, v1::AttentionParams* a) {
+  if (!Present(body, "kvr")) return std::nullopt;
+  const json& k = body.at("kvr");
+  if (!k.is_object()) {
+    return InvalidRequest("kvr", absl::StrCat("kvr: expected an object, got ", TypeName(k)));
+  }
+  for (const auto& [key, value] : k.items()) {
+    const std::string name = absl::StrCat("kvr.", key);
+    if (key == "mode") {
+      if (!value.is_string()) {
+        return InvalidRequest(name, absl::StrCat(name, ": expected \"retrieval\" or \"full\", got ",
+                                                 TypeName(value)));
+      }
+      a->set_mode(value.get<std::string>());
+      continue;
+    }
+    int64_t i = 0;
+    if (key == "sinks" || key == "window" || key == "k" || key == "budget") {
+      if (value.is_null()) continue;
+      if (auto e = GetInt(k, name, value, std::numeric_limits<int32_t>::min(),
+                          std::numeric_limits<int32_t>::max(), &i)) {
+        return e;
+      }
+      const auto v = static_cast<int32_t>(i);
+      if (key == "sinks") a->set_sinks(v);
+      if (key == "window") a->set_window(v);
+      if (key == "k") a->set_top_k(v);
+      if (key == "budget") a->set_beam(v);
+      continue;
+    }
+    return InvalidRequest(name, absl::StrCat(name, ": unknown field (expected mode, sinks, "
+                                             "window, k, budget)"));
+  }
+  return std::nullopt;
+}
+
+std::optional<ApiError> ParsePrompt(const json& body, v1::GenerateRequest* r) {
+  if (!Present(body, "prompt")) return InvalidRequest("prompt", "prompt: required");
+  const json& p = body.at("prompt");
+  if (p.is_string()) {
+    r->set_text(p.get<std::string>());
+    return std::nullopt;
+  }
+  if (!p.is_array()) {
+    return InvalidRequest("prompt", absl::StrCat("prompt: expected a string or an array of token "
+                                                 "ids, got ", TypeName(p)));
+  }
+  if (p.empty()) return InvalidRequest("prompt", "prompt: empty array");
+  if (p.size() == 1 && p[0].is_string()) {
+    r->set_text(p[0].get<std::string>());
+    return std::nullopt;
+  }
+  if (p[0].is_string() || p[0].is_array()) {
+    return InvalidRequest("prompt", absl::StrCat("prompt: batched prompts (", p.size(),
+                                                 ") are not supported; send one per request"));
+  }
+  v1::TokenIds* ids = r->mutable_tokens();
+  for (size_t i = 0; i < p.size(); ++i) {
+    int64_t id = 0;
+    if (auto e = GetInt(body, absl::StrCat("prompt[", i, "]"), p[i], 0,
+                        std::numeric_limits<int32_t>::max(), &id)) {
+      e->param = "prompt";
+      return e;
+    }
+    ids->add_ids(static_cast<int32_t>(id));
+  }
+  return std::nullopt;
+}
+
+std::optional<ApiError> ParseMessages(const json& body, v1::GenerateRequest* r) {
+  if (!Present(body, "messages")) return InvalidRequest("messages", "messages: required");
+  const json& m = body.at("messages");
+  if (!m.is_array()) {
+    return InvalidRequest("messages",
+                          absl::StrCat("messages: expected an array, got ", TypeName(m)));
+  }
+  if (m.empty()) return InvalidRequest("messages", "messages: empty array");
+  std::vector<std::pair<std::string, std::string>> turns;
+  for (size_t i = 0; i < m.size(); ++i) {
+    const std::string name = absl::StrCat("messages[", i, "]");
+    const json& msg = m[i];
+    if (!msg.is_object()) {
+      return InvalidRequest("messages",
+                            absl::StrCat(name, ": expected an object, got ", TypeName(msg)));
+    }
+    auto role = msg.find("role");
+    if (role == msg.end() || !role->is_string()) {
+      return InvalidRequest("messages", absl::StrCat(name, ".role: required string"));
+    }
+    const std::string r_name = role->get<std::string>();
+    if (r_name != "system" && r_name != "developer" && r_name != "user" &&
+        r_name != "assistant") {
+      return InvalidRequest("messages",
+                            absl::StrCat(name, ".role: \"", r_name,
+                                         "\" is not one of system, developer, user, assistant"));
+    }
+    std::string text;
+    auto content = msg.find("content");
+    if (content == msg.end() || content->is_null()) {
+      return InvalidRequest("messages", absl::StrCat(name, ".content: required"));
+    }
+    if (content->is_string()) {
+      text = content->get<std::string>();
+    } else if (content->is_array()) {
+      for (size_t j = 0; j < content->size(); ++j) {
+        const json& part = (*content)[j];
+        auto type = part.is_object() ? part.find("type") : part.end();
+        if (!part.is_object() || type == part.end() || *type != "text" ||
+            !part.contains("text") || !part.at("text").is_string()) {
+          return InvalidRequest(
+              "messages", absl::StrCat(name, ".content[", j,
+                                       "]: only {\"type\": \"text\", \"text\": ...} parts are "
+                                       "supported"));
+        }
+        text += part.at("text").get<std::string>();
+      }
+    } else {
+      return InvalidRequest("messages", absl::StrCat(name, ".content: expected a string or an "
+                                                     "array of text parts, got ",
+                                                     TypeName(*content)));
+    }
+    turns.emplace_back(r_name == "developer" ? "system" : r_name, std::move(text));
+  }
+  r->set_text(ChatPrompt(turns));
+  return std::nullopt;
+}
+
+}  // namespace
+
+json ApiError::ToJson() const {
+  json e = {{"message", message}, {"type", type}, {"param", nullptr}, {"code", nullptr}};
+  if (!param.empty()) e["param"] = param;
+  if (!code.empty()) e["code"] = code;
+  return json{{"error", e}};
+}
+
+ApiError InvalidRequest(std::string param, std::string message) {
+  ApiError e;
+  e.http_status = 400;
+  e.message = std::move(message);
+  e.type = "invalid_request_error";
+  e.param = std::move(param);
+  e.grpc_code = absl::StatusCode::kInvalidArgument;
+  return e;
+}
+
+ApiError FromStatus(absl::StatusCode code, const std::string& message) {
+  ApiError e;
+  e.message = message;
+  e.grpc_code = code;
+  switch (code) {
+    case absl::StatusCode::kInvalidArgument:
+    case absl::StatusCode::kFailedPrecondition:
+      e.http_status = 400;
+      e.type = "invalid_request_error";
+      break;
+    case absl::StatusCode::kOutOfRange:
+      e.http_status = 400;
+      e.type = "invalid_request_error";
+      e.code = "context_length_exceeded";
+      break;
+    case absl::StatusCode::kNotFound:
+      e.http_status = 404;
+      e.type = "invalid_request_error";
+      e.code = "not_found";
+      break;
+    case absl::StatusCode::kResourceExhausted:
+      e.http_status = 429;
+      e.type = "rate_limit_error";
+      e.code = "overloaded";
+      break;
+    case absl::StatusCode::kUnavailable:
+      e.http_status = 503;
+      e.type = "service_unavailable_error";
+      e.code = "no_worker";
+      break;
+    case absl::StatusCode::kDeadlineExceeded:
+      e.http_status = 504;
+      e.type = "timeout_error";
+      e.code = "deadline_exceeded";
+      break;
+    case absl::StatusCode::kCancelled:
+      e.http_status = 499;
+      e.type = "cancelled";
+      break;
+    case absl::StatusCode::kUnimplemented:
+      e.http_status = 501;
+      e.type = "not_implemented_error";
+      break;
+    default:
+      e.http_status = 500;
+      e.type = "server_error";
+      break;
+  }
+  // Messages start with the offending field ("max_tokens: -1 ...",
+  // "top_p 1.5 outside ...", "messages[2].role: ...").
+  if (e.http_status == 400) {
+    const size_t end = e.message.find_first_not_of("abcdefghijklmnopqrstuvwxyz0123456789_.[]");
+    std::string field = e.message.substr(0, end);
+    if (const size_t bracket = field.find('['); bracket != std::string::npos) {
+      field.resize(bracket);
+    }
+    static const char* const kFields[] = {
+        "model",  "prompt", "messages", "max_tokens", "max_completion_tokens", "temperature",
+        "top_p",  "top_k",  "seed",     "stop",       "stream",                "stream_options",
+        "n",      "repetition_penalty"};
+    bool known = absl::StartsWith(field, "kvr.");
+    for (const char* f : kFields) known = known || field == f;
+    if (known) e.param = field;
+  }
+  return e;
+}
+
+std::string RenameWorkerFields(Route route, std::string_view message) {
+  const std::string prompt = route == Route::kChatCompletions ? "messages" : "prompt";
+  // Longest names first: "attention.top_k" before "attention.".
+  const std::pair<const char*, std::string> renames[] = {
+      {"sampling.", ""},
+      {"attention.top_k", "kvr.k"},
+      {"attention.beam", "kvr.budget"},
+      {"attention.", "kvr."},
+      {"text", prompt},
+      {"tokens", prompt},
+      {"prompt", prompt},
+  };
+  for (const auto& [from, to] : renames) {
+    if (message.rfind(from, 0) == 0) {
+      return to + std::string(message.substr(std::string_view(from).size()));
+    }
+  }
+  return std::string(message);
+}
+
+std::optional<ApiError> ParseRequest(Route route, const json& body, ParsedRequest* out) {
+  if (!body.is_object()) {
+    return InvalidRequest("", absl::StrCat("request body: expected a JSON object, got ",
+                                           TypeName(body)));
+  }
+  out->route = route;
+  v1::GenerateRequest& r = out->request;
+  if (!Present(body, "model") || !body.at("model").is_string()) {
+    return InvalidRequest("model", "model: required string");
+  }
+  out->model = body.at("model").get<std::string>();
+  if (route == Route::kCompletions) {
+    if (auto e = ParsePrompt(body, &r)) return e;
+  } else {
+    if (auto e = ParseMessages(body, &r)) return e;
+  }
+  bool set = false;
+  int64_t i = 0;
+  const char* max_tokens_field =
+      route == Route::kChatCompletions && Present(body, "max_completion_tokens")
+          ? "max_completion_tokens"
+          : "max_tokens";
+  if (auto e = GetOptionalInt(body, max_tokens_field, std::numeric_limits<int32_t>::min(),
+                              std::numeric_limits<int32_t>::max(), &i, &set)) {
+    return e;
+  }
+  if (set) {
+    if (i < 0) {
+      return InvalidRequest(max_tokens_field,
+                            absl::StrCat(max_tokens_field, ": ", i, " must be >= 0"));
+    }
+    r.set_max_tokens(static_cast<int32_t>(i));
+  }
+  float f = 0.0f;
+  v1::SamplingParams* s = r.mutable_sampling();
+  if (auto e = GetFloat(body, "temperature", &f, &set)) return e;
+  if (set) {
+    if (f < 0.0f) {
+      return InvalidRequest("temperature", absl::StrCat("temperature: ", f, " must be >= 0"));
+    }
+    s->set_temperature(f);
+  } else {
+    s->set_temperature(1.0f);  // OpenAI's default
+  }
+  if (auto e = GetFloat(body, "top_p", &f, &set)) return e;
+  if (set) s->set_top_p(f);
+  if (auto e = GetFloat(body, "repetition_penalty", &f, &set)) return e;
+  if (set) s->set_repetition_penalty(f);
+  if (auto e = GetOptionalInt(body, "top_k", std::numeric_limits<int32_t>::min(),
+                              std::numeric_limits<int32_t>::max(), &i, &set)) {
+    return e;
+  }
+  if (set) s->set_top_k(static_cast<int32_t>(i));
+  if (Present(body, "seed")) {
+    const json& v = body.at("seed");
+    if (v.is_number_unsigned()) {
+      s->set_seed(v.get<uint64_t>());
+    } else if (auto e = GetInt(body, "seed", v, 0, std::numeric_limits<int64_t>::max(), &i)) {
+      return e;
+    } else {
+      s->set_seed(static_cast<uint64_t>(i));
+    }
+  }
+  if (auto e = ParseStop(body, &r)) return e;
+  if (route == Route::kChatCompletions && r.stop_size() < 16) r.add_stop(kChatStop);
+  if (Present(body, "stream")) {
+    if (!body.at("stream").is_boolean()) {
+      return InvalidRequest("stream", absl::StrCat("stream: expected a boolean, got ",
+                                                   TypeName(body.at("stream"))));
+    }
+    out->stream = body.at("stream").get<bool>();
+  }
+  if (Present(body, "stream_options")) {
+    const json& so = body.at("stream_options");
+    if (!so.is_object()) {
+      return InvalidRequest("stream_options", absl::StrCat("stream_options: expected an object, "
+                                                           "got ", TypeName(so)));
+    }
+    if (Present(so, "include_usage")) {
+      if (!so.at("include_usage").is_boolean()) {
+        return InvalidRequest("stream_options", "stream_options.include_usage: expected a boolean");
+      }
+      out->include_usage = so.at("include_usage").get<bool>();
+    }
+  }
+  if (Present(body, "n")) {
+    if (auto e = GetInt(body, "n", body.at("n"), 1, 1, &i)) {
+      e->message = absl::StrCat("n: ", body.at("n").dump(),
+                                " is not supported (one choice per request: n must be 1)");
+      return e;
+    }
+  }
+  if (Present(body, "best_of")) {
+    if (auto e = GetInt(body, "best_of", body.at("best_of"), 1, 1, &i)) {
+      e->message = "best_of: only 1 is supported";
+      return e;
+    }
+  }
+  if (auto e = Unsupported(body, "echo", false, "echo is not supported")) return e;
+  if (auto e = Unsupported(body, "logprobs", false, "logprobs are not supported")) return e;
+  if (auto e = Unsupported(body, "top_logprobs", 0, "logprobs are not supported")) return e;
+  if (auto e = Unsupported(body, "suffix", "", "suffix (insertion) is not supported")) return e;
+  if (auto e = Unsupported(body, "presence_penalty", 0,
+                           "presence_penalty is not supported (use repetition_penalty)")) {
+    return e;
+  }
+  if (auto e = Unsupported(body, "frequency_penalty", 0,
+                           "frequency_penalty is not supported (use repetition_penalty)")) {
+    return e;
+  }
+  if (Present(body, "tools") && !(body.at("tools").is_array() && body.at("tools").empty())) {
+    return InvalidRequest("tools", "tools: tool calls are not supported");
+  }
+  if (auto e = ParseKvr(body, r.mutable_attention())) return e;
+  return std::nullopt;
+}
+
+std::string ChatPrompt(const std::vector<std::pair<std::string, std::string>>& messages) {
+  std::string out;
+  for (const auto& [role, content] : messages) {
+    const char* name = role == "system" ? "System" : role == "user" ? "User" : "Assistant";
+    absl::StrAppend(&out, name, ": ", content, "\n");
+  }
+  out += "Assistant:";
+  return out;
+}
+
+std::string FinishReasonName(v1::FinishReason reason) {
+  switch (reason) {
+    case v1::FINISH_REASON_STOP:
+    case v1::FINISH_REASON_EOS:
+      return "stop";
+    case v1::FINISH_REASON_LENGTH:
+    case v1::FINISH_REASON_CONTEXT_FULL:
+      return "length";
+    default:
+      return "stop";
+  }
+}
+
+std::string Utf8Joiner::Push(std::string_view piece) {
+  pending_.append(piece);
+  // Where the last (possibly incomplete) character starts: at most 3 bytes
+  // back from the end, at the first byte that is not a continuation byte.
+  size_t cut = pending_.size();
+  for (size_t back = 1; back <= 4 && back <= pending_.size(); ++back) {
+    const auto c = static_cast<unsigned char>(pending_[pending_.size() - back]);
+    if ((c & 0xC0) == 0x80) continue;  // continuation byte
+    const size_t need = c < 0x80 ? 1 : (c & 0xE0) == 0xC0 ? 2 : (c & 0xF0) == 0xE0 ? 3
+                                    : (c & 0xF8) == 0xF0 ? 4 : 1;
+    if (need > back) cut = pending_.size() - back;  // incomplete: hold it back
+    break;
+  }
+  std::string out = pending_.substr(0, cut);
+  pending_.erase(0, cut);
+  return out;
+}
+
+std::string Utf8Joiner::Flush() { return std::exchange(pending_, {}); }
+
+json CompletionResponse(const ResponseInfo& info, const std::string& text,
+                        const std::vector<int32_t>& token_ids, const v1::GenerateFinal& summary) {
+  json choice = {{"index", 0}, {"finish_reason", FinishReasonName(summary.finish_reason())}};
+  if (info.route == Route::kChatCompletions) {
+    choice["message"] = {{"role", "assistant"}, {"content", text}};
+  } else {
+    choice["text"] = text;
+    choice["logprobs"] = nullptr;
+  }
+  const v1::Timings& t = summary.timings();
+  return json{
+      {"id", info.id},
+      {"object", info.route == Route::kChatCompletions ? "chat.completion" : "text_completion"},
+      {"created", info.created},
+      {"model", info.model},
+      {"choices", json::array({choice})},
+      {"usage",
+       {{"prompt_tokens", summary.usage().prompt_tokens()},
+        {"completion_tokens", summary.usage().completion_tokens()},
+        {"total_tokens", summary.usage().prompt_tokens() + summary.usage().completion_tokens()}}},
+      {"kvr",
+       {{"token_ids", token_ids},
+        {"timings",
+         {{"queue_seconds", t.queue_seconds()},
+          {"time_to_first_token_seconds", t.time_to_first_token_seconds()},
+          {"mean_token_latency_seconds", t.mean_token_latency_seconds()},
+          {"prefill_seconds", t.prefill_seconds()},
+          {"node_wait_seconds", t.node_wait_seconds()},
+          {"total_seconds", t.total_seconds()}}}}}};
+}
+
+json StreamChunk(const ResponseInfo& info, const std::string& text, bool first,
+                 const std::string* finish_reason) {
+  json choice = {{"index", 0},
+                 {"finish_reason", finish_reason == nullptr ? json(nullptr) : json(*finish_reason)}};
+  if (info.route == Route::kChatCompletions) {
+    json delta = json::object();
+    if (first) delta["role"] = "assistant";
+    if (finish_reason == nullptr) delta["content"] = text;
+    choice["delta"] = delta;
+  } else {
+    choice["text"] = text;
+    choice["logprobs"] = nullptr;
+  }
+  return json{{"id", info.id},
+              {"object", info.route == Route::kChatCompletions ? "chat.completion.chunk"
+                                                               : "text_completion"},
+              {"created", info.created},
+              {"model", info.model},
+              {"choices", json::array({choice})}};
+}
+
+json UsageChunk(const ResponseInfo& info, const v1::Usage& usage) {
+  return json{{"id", info.id},
+              {"object", info.route == Route::kChatCompletions ? "chat.completion.chunk"
+                                                               : "text_completion"},
+              {"created", info.created},
+              {"model", info.model},
+              {"choices", json::array()},
+              {"usage",
+               {{"prompt_tokens", usage.prompt_tokens()},
+                {"completion_tokens", usage.completion_tokens()},
+                {"total_tokens", usage.prompt_tokens() + usage.completion_tokens()}}}};
+}
+
+std::string Dump(const json& value) {
+  return value.dump(-1, ' ', false, json::error_handler_t::replace);
+}
+
+std::string SseEvent(const json& event) { return absl::StrCat("data: ", Dump(event), "\n\n"); }
+
+}  // namespace kvr::gateway

@@ -1,0 +1,123 @@
+// The OpenAI-compatible HTTP API's data layer (no HTTP library types, no
+// networking): JSON request bodies → kvr.v1.GenerateRequest with
+// field-naming errors, responses and server-sent-event chunks in OpenAI's
+// shapes, the chat prompt template, gRPC status → HTTP error mapping, and
+// UTF-8-safe streaming of text pieces.
+//
+// Request fields (both routes): model (required), max_tokens (default 128;
+// chat also max_completion_tokens), temperature, top_p, top_k (extension),
+// repetition_penalty (extension), seed, stop (string or array), stream,
+// stream_options.include_usage, n (must be 1), and the extension object
+// `kvr`: {mode: "retrieval"|"full", sinks, window, k, budget} → the
+// request's AttentionParams (k → top_k, budget → beam). /v1/completions takes
+// `prompt` as a string or an array of token ids; /v1/chat/completions takes
+// `messages` and renders them with ChatPrompt. Unsupported OpenAI features
+// (n > 1, best_of > 1, echo, logprobs, suffix, tools, batched prompts) are
+// refused naming the field; other unknown fields are ignored.
+#pragma once
+
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "kvr/v1/generation.pb.h"
+#include "nlohmann/json.hpp"
+
+namespace kvr::gateway {
+
+enum class Route : uint8_t { kCompletions, kChatCompletions };
+
+// An error as the HTTP API returns it: status and OpenAI's error object
+// {"error": {"message", "type", "param", "code"}}.
+struct ApiError {
+  int http_status = 400;
+  std::string message;
+  std::string type;   // "invalid_request_error", ...
+  std::string param;  // the offending field, or empty (JSON null)
+  std::string code;   // e.g. "context_length_exceeded", or empty (JSON null)
+  absl::StatusCode grpc_code = absl::StatusCode::kInvalidArgument;  // for metrics
+
+  nlohmann::json ToJson() const;
+};
+
+// 400 invalid_request_error naming `param`.
+ApiError InvalidRequest(std::string param, std::string message);
+
+// A worker / gateway status as the HTTP error it becomes: INVALID_ARGUMENT
+// and OUT_OF_RANGE → 400 (OUT_OF_RANGE is code context_length_exceeded),
+// NOT_FOUND → 404, RESOURCE_EXHAUSTED → 429, UNAVAILABLE → 503,
+// DEADLINE_EXCEEDED → 504, CANCELLED → 499, UNIMPLEMENTED → 501, others →
+// 500. `param` is the field the message starts with ("max_tokens: ...").
+ApiError FromStatus(absl::StatusCode code, const std::string& message);
+
+struct ParsedRequest {
+  Route route = Route::kCompletions;
+  std::string model;
+  v1::GenerateRequest request;
+  bool stream = false;
+  bool include_usage = false;  // stream_options.include_usage
+};
+
+// Validates `body` (already parsed JSON) for `route` into `out`; the error
+// names the field ("temperature: expected a number, got string"). Ranges the
+// worker checks (top_p, kvr.window, the prompt's length, ...) are left to it;
+// RenameWorkerFields maps its field names back to the HTTP ones.
+std::optional<ApiError> ParseRequest(Route route, const nlohmann::json& body, ParsedRequest* out);
+
+// A worker's message with its kvr.v1 field names ("sampling.top_p: ...",
+// "attention.window", "text", "tokens") as the HTTP request spells them
+// ("top_p", "kvr.window", "prompt" / "messages").
+std::string RenameWorkerFields(Route route, std::string_view message);
+
+// The chat template (stories260K has none of its own): each message as
+// "<Role>: <content>\n" with Role one of System, User, Assistant, then
+// "Assistant:" for the reply. Chat requests also stop at "\nUser:".
+inline constexpr char kChatStop[] = "\nUser:";
+std::string ChatPrompt(const std::vector<std::pair<std::string, std::string>>& messages);
+
+// OpenAI finish_reason of a kvr finish reason: "length" (max tokens or the
+// context is full) or "stop" (stop string or end of sequence).
+std::string FinishReasonName(v1::FinishReason reason);
+
+// Passes text pieces on without ever splitting a UTF-8 character: Push
+// returns the longest prefix of everything pushed so far that ends on a
+// character boundary and keeps the incomplete tail (at most 3 bytes) for the
+// next piece; Flush returns what is left (possibly invalid: JSON encoding
+// replaces it with U+FFFD).
+class Utf8Joiner {
+ public:
+  std::string Push(std::string_view piece);
+  std::string Flush();
+
+ private:
+  std::string pending_;
+};
+
+// Response bodies. `id` is "cmpl-..." / "chatcmpl-...", `created` Unix seconds.
+struct ResponseInfo {
+  Route route = Route::kCompletions;
+  std::string id;
+  std::string model;
+  int64_t created = 0;
+};
+// The whole (non-streamed) response. The extension field `kvr` carries the
+// token ids and the worker's timings.
+nlohmann::json CompletionResponse(const ResponseInfo& info, const std::string& text,
+                                  const std::vector<int32_t>& token_ids,
+                                  const v1::GenerateFinal& summary);
+// One streamed chunk: `text` (with the role on the chat's first chunk), or
+// the final one with `finish_reason`.
+nlohmann::json StreamChunk(const ResponseInfo& info, const std::string& text, bool first,
+                           const std::string* finish_reason);
+// The last chunk when stream_options.include_usage: empty choices, usage.
+nlohmann::json UsageChunk(const ResponseInfo& info, const v1::Usage& usage);
+// "data: <json>\n\n" (invalid UTF-8 replaced).
+std::string SseEvent(const nlohmann::json& event);
+inline constexpr char kSseDone[] = "data: [DONE]\n\n";
+// JSON text with invalid UTF-8 replaced by U+FFFD.
+std::string Dump(const nlohmann::json& value);
+
+}  // namespace kvr::gateway
