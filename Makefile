@@ -5,6 +5,9 @@
 #   make test       build, then run the default test suite (everything but `slow`)
 #   make test-slow  the long tests (ctest label `slow`)
 #   make bench      build the benchmarks (see docs/benchmarks.md for commands)
+#   make cluster    build the servers, then run a local cluster (3 retrieval nodes,
+#                   worker, gateway on 127.0.0.1) until Ctrl-C; CLUSTER_FLAGS are
+#                   passed to `kvr cluster` (see tools/README.md)
 
 BUILD_DIR ?= build
 BUILD_TYPE ?= RelWithDebInfo
@@ -34,6 +37,12 @@ test-slow: build
 	@cd $(BUILD_DIR) && ctest -L slow --output-on-failure $(CTEST_FLAGS)
 
 bench: build
+
+.PHONY: cluster
+CLUSTER_FLAGS ?=
+cluster: configure
+	@cmake --build $(BUILD_DIR) -j $(JOBS) --target kvr kvr_node kvr_worker kvr_gateway
+	@$(BUILD_DIR)/tools/kvr cluster $(CLUSTER_FLAGS)
 
 clean:
 	rm -rf $(BUILD_DIR)

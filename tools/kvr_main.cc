@@ -1,10 +1,16 @@
-// kvr: the embedded command-line front end.
+// kvr: the command-line front end.
 //
 //   kvr generate --prompt "Once upon a time" --max_tokens 120
 //
 // runs the decode worker (CPU backend) with an in-process retrieval node on
 // the bundled stories260K model, streams the text to stdout and prints a
-// one-line summary to stderr. See `kvr generate --help`.
+// one-line summary to stderr. See `kvr generate --help`. With the services
+// built (KVR_WITH_SERVICES) also
+//
+//   kvr cluster                 a local gateway + worker + 3 retrieval nodes
+//   kvr client --target H:P     stream a generation from the gRPC API
+//
+// (tools/cluster.h, tools/client.h).
 #include <unistd.h>
 
 #include <chrono>
@@ -28,10 +34,14 @@
 #include "gpu_worker/model/llama2c_loader.h"
 #include "gpu_worker/model/llama2c_tokenizer.h"
 #include "retrieval_node/client/in_process_node.h"
+#include "tools/cli_flags.h"
 #ifdef KVR_WITH_NODE_CLIENT
+#include "google/protobuf/stubs/common.h"
 #include "retrieval_node/server/grpc_retrieval_client.h"
 #include "retrieval_node/server/multi_node_client.h"
 #include "services/placement/placement.h"
+#include "tools/client.h"
+#include "tools/cluster.h"
 #endif
 
 namespace kvr {
@@ -39,15 +49,17 @@ namespace {
 
 using worker::AttentionMode;
 
-constexpr char kUsage[] = R"(kvr — RetrievalAttention LLM serving (embedded mode)
+constexpr char kUsage[] = R"(kvr — RetrievalAttention LLM serving
 
 Usage:
   kvr generate [flags]     generate text from a prompt (worker + in-process
                            retrieval node + CPU backend, one process)
+  kvr cluster [flags]      run a local cluster (gateway + worker + retrieval
+                           nodes on 127.0.0.1) until Ctrl-C
+  kvr client --target HOST:PORT [flags]
+                           stream a generation from a gateway or worker
   kvr --help               this text
-  kvr generate --help      the generate flags
-
-Run `kvr generate --help` for the flags.
+  kvr COMMAND --help       the flags of COMMAND
 )";
 
 constexpr char kGenerateUsage[] = R"(Usage: kvr generate [flags]
@@ -99,50 +111,15 @@ struct Flags {
   std::string nodes;  // empty: in-process node
 };
 
-absl::Status ParseInt(std::string_view flag, const std::string& value, int64_t lo, int64_t hi,
-                      int64_t* out) {
-  int64_t v = 0;
-  if (!absl::SimpleAtoi(value, &v)) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("--", std::string(flag), ": \"", value, "\" is not an integer"));
-  }
-  if (v < lo || v > hi) {
-    return absl::InvalidArgumentError(absl::StrCat("--", std::string(flag), ": ", v,
-                                                   " outside [", lo, ", ", hi, "]"));
-  }
-  *out = v;
-  return absl::OkStatus();
-}
-
-absl::Status ParseFloat(std::string_view flag, const std::string& value, float* out) {
-  if (!absl::SimpleAtof(value, out)) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("--", std::string(flag), ": \"", value, "\" is not a number"));
-  }
-  return absl::OkStatus();
-}
-
 absl::Status ParseGenerateFlags(const std::vector<std::string>& args, Flags* f, bool* help) {
   worker::GenerateRequest& r = f->request;
   r.prompt = "Once upon a time";
   r.max_tokens = 128;
-  auto int_flag = [&](int64_t lo, int64_t hi, auto* field) {
-    return [=](std::string_view name, const std::string& v) -> absl::Status {
-      int64_t x = 0;
-      KVR_RETURN_IF_ERROR(ParseInt(name, v, lo, hi, &x));
-      *field = static_cast<std::remove_pointer_t<decltype(field)>>(x);
-      return absl::OkStatus();
-    };
+  auto int_flag = [](int64_t lo, int64_t hi, auto* field) {
+    return cli::IntFlag(lo, hi, field).handler;
   };
-  auto float_flag = [&](float* field) {
-    return [=](std::string_view name, const std::string& v) { return ParseFloat(name, v, field); };
-  };
-  auto string_flag = [&](std::string* field) {
-    return [=](std::string_view, const std::string& v) {
-      *field = v;
-      return absl::OkStatus();
-    };
-  };
+  auto float_flag = [](float* field) { return cli::FloatFlag(field).handler; };
+  auto string_flag = [](std::string* field) { return cli::StringFlag(field).handler; };
   constexpr int64_t kMaxTokens = int64_t{1} << 24;
   using Handler = std::function<absl::Status(std::string_view, const std::string&)>;
   const std::map<std::string, Handler, std::less<>> handlers = {
@@ -200,37 +177,10 @@ absl::Status ParseGenerateFlags(const std::vector<std::string>& args, Flags* f, 
       {"threads", int_flag(0, 1024, &f->threads)},
       {"nodes", string_flag(&f->nodes)},
   };
-  for (size_t i = 0; i < args.size(); ++i) {
-    std::string_view a = args[i];
-    if (a == "--help" || a == "-h" || a == "--helpfull") {
-      *help = true;
-      return absl::OkStatus();
-    }
-    if (a.substr(0, 2) != "--") {
-      return absl::InvalidArgumentError(absl::StrCat("unexpected argument \"", std::string(a),
-                                                     "\" (flags start with --)"));
-    }
-    a.remove_prefix(2);
-    std::string name(a), value;
-    bool has_value = false;
-    if (const size_t eq = a.find('='); eq != std::string_view::npos) {
-      name = std::string(a.substr(0, eq));
-      value = std::string(a.substr(eq + 1));
-      has_value = true;
-    }
-    auto it = handlers.find(name);
-    if (it == handlers.end()) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("unknown flag --", name, " (see kvr generate --help)"));
-    }
-    if (!has_value) {
-      if (i + 1 >= args.size()) {
-        return absl::InvalidArgumentError(absl::StrCat("--", name, " needs a value"));
-      }
-      value = args[++i];
-    }
-    KVR_RETURN_IF_ERROR(it->second(name, value));
-  }
+  cli::FlagTable flags;
+  for (const auto& [name, handler] : handlers) flags[name] = cli::FlagSpec{handler};
+  KVR_RETURN_IF_ERROR(cli::ParseFlags(args, flags, "generate", help));
+  if (*help) return absl::OkStatus();
   // Float and cross-field checks. Their messages start with the field name,
   // which is the flag's: "temperature nan must be ..." -> "--temperature: nan ...".
   auto as_flag = [](const absl::Status& s) {
@@ -335,18 +285,7 @@ absl::Status RunGenerate(const Flags& f) {
   return absl::OkStatus();
 }
 
-int Main(int argc, char** argv) {
-  std::vector<std::string> args(argv + 1, argv + argc);
-  if (args.empty() || args[0] == "--help" || args[0] == "-h" || args[0] == "help") {
-    std::fputs(kUsage, args.empty() ? stderr : stdout);
-    return args.empty() ? 2 : 0;
-  }
-  if (args[0] != "generate") {
-    std::fprintf(stderr, "kvr: unknown command \"%s\" (commands: generate; see kvr --help)\n",
-                 args[0].c_str());
-    return 2;
-  }
-  args.erase(args.begin());
+int MainGenerate(const std::vector<std::string>& args) {
   Flags flags;
   bool help = false;
   if (absl::Status s = ParseGenerateFlags(args, &flags, &help); !s.ok()) {
@@ -364,7 +303,74 @@ int Main(int argc, char** argv) {
   return 0;
 }
 
+#ifdef KVR_WITH_NODE_CLIENT
+int MainCluster(const std::vector<std::string>& args) {
+  cluster::ClusterOptions options;
+  bool help = false;
+  if (absl::Status s = cluster::ParseClusterFlags(args, &options, &help); !s.ok()) {
+    std::fprintf(stderr, "kvr cluster: %s\n", std::string(s.message()).c_str());
+    return 2;
+  }
+  if (help) {
+    std::fputs(cluster::kClusterUsage, stdout);
+    return 0;
+  }
+  if (absl::Status s = cluster::RunCluster(options); !s.ok()) {
+    std::fprintf(stderr, "kvr cluster: %s\n", std::string(s.message()).c_str());
+    return 1;
+  }
+  return 0;
+}
+
+int MainClient(const std::vector<std::string>& args) {
+  client::ClientOptions options;
+  bool help = false;
+  if (absl::Status s = client::ParseClientFlags(args, &options, &help); !s.ok()) {
+    std::fprintf(stderr, "kvr client: %s\n", std::string(s.message()).c_str());
+    return 2;
+  }
+  if (help) {
+    std::fputs(client::kClientUsage, stdout);
+    return 0;
+  }
+  return client::RunClient(options);
+}
+#endif
+
+int Main(int argc, char** argv) {
+  std::vector<std::string> args(argv + 1, argv + argc);
+  if (args.empty() || args[0] == "--help" || args[0] == "-h" || args[0] == "help") {
+    std::fputs(kUsage, args.empty() ? stderr : stdout);
+    return args.empty() ? 2 : 0;
+  }
+  const std::string command = args[0];
+  args.erase(args.begin());
+  if (command == "generate") return MainGenerate(args);
+#ifdef KVR_WITH_NODE_CLIENT
+  if (command == "cluster") return MainCluster(args);
+  if (command == "client") return MainClient(args);
+#else
+  if (command == "cluster" || command == "client") {
+    std::fprintf(stderr, "kvr %s: this kvr was built without KVR_WITH_SERVICES\n",
+                 command.c_str());
+    return 2;
+  }
+#endif
+  std::fprintf(stderr,
+               "kvr: unknown command \"%s\" (commands: generate, cluster, client; see kvr "
+               "--help)\n",
+               command.c_str());
+  return 2;
+}
+
 }  // namespace
 }  // namespace kvr
 
-int main(int argc, char** argv) { return kvr::Main(argc, argv); }
+int main(int argc, char** argv) {
+#ifdef KVR_WITH_NODE_CLIENT
+  // Also makes libprotobuf precede libsentencepiece in DT_NEEDED (see
+  // tools/CMakeLists.txt).
+  GOOGLE_PROTOBUF_VERIFY_VERSION;
+#endif
+  return kvr::Main(argc, argv);
+}
