@@ -428,6 +428,19 @@ absl::Status InProcessRetrievalNode::UploadShard(const ShardUpload& upload) {
 }
 
 absl::Status InProcessRetrievalNode::Append(const AppendRequest& request) {
+  StatusWaiter waiter;
+  AppendAsync(request, waiter.callback());
+  return waiter.Wait();
+}
+
+void InProcessRetrievalNode::AppendAsync(const AppendRequest& request, StatusCallback done) {
+  bool handed_off = false;
+  absl::Status status = ApplyAppend(request, done, &handed_off);
+  if (!handed_off) done(std::move(status));
+}
+
+absl::Status InProcessRetrievalNode::ApplyAppend(const AppendRequest& request,
+                                                 StatusCallback& done, bool* handed_off) {
   std::shared_ptr<Sequence> seq = Find(request.sequence_id);
   if (seq == nullptr) {
     return absl::NotFoundError(absl::StrCat("Append: unknown sequence ", request.sequence_id));
@@ -500,7 +513,16 @@ absl::Status InProcessRetrievalNode::Append(const AppendRequest& request) {
       write.value_dtype = spec.value_dtype;
       write.last_position = head.last_position;
       write.tail_rows = head.tail != nullptr ? static_cast<int64_t>(head.tail->size()) : 0;
-      KVR_RETURN_IF_ERROR(Persist(write, where));
+      // Queued under the sequence lock, so the commits of one head reach the
+      // store in the order they were applied; the sync itself runs after the
+      // lock is released (grouped with other appends' by the store), and
+      // `done` acknowledges only once it is durable.
+      options_.persistence->CommitHeadAsync(
+          write, [this, where, status, done = std::move(done)](absl::Status committed) {
+            if (!committed.ok()) committed = FailPersistence(committed, where);
+            done(status.ok() ? std::move(committed) : status);
+          });
+      *handed_off = true;
     }
   }
   return status;

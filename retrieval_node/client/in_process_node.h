@@ -14,9 +14,17 @@
 //
 // Persistence (optional, `InProcessNodeOptions::persistence`): every
 // acknowledged CreateSequence / UploadShard / Append / DropSequence is
-// committed to the ShardPersistence before the call returns, one atomic
-// HeadWrite per mutated (sequence, layer, kv head); Recover() rebuilds the
-// node from it at startup. See shard_persistence.h.
+// committed to the ShardPersistence before the call returns (AppendAsync:
+// before `done` runs), one atomic HeadWrite per mutated (sequence, layer, kv
+// head); Recover() rebuilds the node from it at startup. See
+// shard_persistence.h.
+//
+// Appends and durability: an append is applied in memory and its commit
+// queued under the sequence lock, then the lock is released and the commit
+// synced (grouped with concurrent commits by the store); the append is
+// acknowledged once durable. An Attend running meanwhile may already see
+// tokens of a not yet acknowledged append; an Attend issued after the
+// acknowledgement always does.
 #pragma once
 
 #include <atomic>
@@ -85,6 +93,13 @@ class InProcessRetrievalNode final : public RetrievalClient {
   absl::Status CreateSequence(const SequenceSpec& spec) override;
   absl::Status UploadShard(const ShardUpload& upload) override;
   absl::Status Append(const AppendRequest& request) override;
+  // Applies the append on the caller's thread before returning (so appends
+  // issued in order from one thread apply in order, and every error Append
+  // reports for bad input reaches `done` before this returns); with
+  // persistence `done` runs once the commit is durable, on the store's
+  // thread (keep it short; never wait on this node from it). Destroy the
+  // node only after every `done` ran.
+  void AppendAsync(const AppendRequest& request, StatusCallback done) override;
   void AttendAsync(const AttendRequest& request, PartialsView out, AttendStats* stats,
                    StatusCallback done) override;
   absl::Status DropSequence(uint64_t sequence_id) override;
@@ -130,6 +145,11 @@ class InProcessRetrievalNode final : public RetrievalClient {
   static std::shared_ptr<Sequence> NewSequence(const SequenceSpec& spec);
   std::shared_ptr<Sequence> Find(uint64_t sequence_id);
   absl::Status AttendNow(const AttendRequest& request, PartialsView out, AttendStats* stats);
+  // AppendAsync's work: applies `request` and, when it changed something
+  // that must be persisted, queues the commit and moves `done` into it
+  // (*handed_off = true: the commit calls it). Otherwise the caller calls
+  // done(returned status).
+  absl::Status ApplyAppend(const AppendRequest& request, StatusCallback& done, bool* handed_off);
   // Folds `head`'s tail into its last chunk and, when `write` is not null,
   // records the change there. Caller holds the sequence lock.
   absl::Status Seal(const Sequence& seq, HeadState* head, HeadWrite* write);

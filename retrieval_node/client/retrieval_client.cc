@@ -57,6 +57,10 @@ absl::Status StatusWaiter::Wait() {
   return *state_->status;
 }
 
+void RetrievalClient::AppendAsync(const AppendRequest& request, StatusCallback done) {
+  done(Append(request));
+}
+
 absl::Status RetrievalClient::Attend(const AttendRequest& request, PartialsView out,
                                      AttendStats* stats) {
   StatusWaiter waiter;

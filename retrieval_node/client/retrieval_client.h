@@ -15,7 +15,9 @@
 //
 // Ordering: calls issued from one thread for one sequence take effect in
 // issue order. UploadShard / Append / DropSequence / CreateSequence return when
-// the change is visible to every later Attend. AttendAsync completes later.
+// the change is visible to every later Attend; AppendAsync's callback runs
+// when it is (and appends to one head apply in issue order). AttendAsync
+// completes later.
 //
 // Thread-safety: implementations are thread-safe.
 #pragma once
@@ -142,6 +144,19 @@ class RetrievalClient {
   // Appends tokens to the last chunk of (layer, kv head) (chunk 0 is created
   // when none exists). Same errors as UploadShard.
   virtual absl::Status Append(const AppendRequest& request) = 0;
+
+  // Append without waiting. `request` (its matrices included) is read only
+  // before this returns: the caller may reuse its buffers at once. `done`
+  // runs exactly once, on any thread (possibly before this returns), with
+  // the status Append would have returned. Guarantees: appends to one
+  // (sequence, layer, kv head) issued in order (from one thread, or each
+  // issued after the previous one returned) are applied in that order,
+  // whatever their completions' order; every Attend issued after `done` ran
+  // with OK sees the tokens. Appends to different heads and sequences run
+  // concurrently (a networked node groups their durable writes), so the
+  // decode step can issue all of a layer's appends, then wait for all.
+  // The default runs Append inline (transports override it).
+  virtual void AppendAsync(const AppendRequest& request, StatusCallback done);
 
   // Starts the top-k partial attention of `request.queries` over every shard
   // of (sequence, layer). On success out[h] (n_heads partials of head_dim)

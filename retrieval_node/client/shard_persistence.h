@@ -10,10 +10,15 @@
 // durably before returning. A crash leaves each head as it was after some
 // acknowledged CommitHead, never between two.
 //
-// Thread-safety: implementations are thread-safe. The core calls CommitHead
-// for one sequence under that sequence's exclusive lock (so writes of one
-// head reach the store in the order they were applied) and serialises
-// PutSequence / DropSequence of any sequence against each other.
+// Thread-safety: implementations are thread-safe. The core calls CommitHead /
+// CommitHeadAsync for one sequence under that sequence's exclusive lock (so
+// writes of one head reach the store in the order they were applied) and
+// serialises PutSequence / DropSequence of any sequence against each other.
+//
+// Order: every write (PutSequence, DropSequence, CommitHead, CommitHeadAsync)
+// takes its place in the store's order when the call is made (before it
+// returns), and writes are applied in that order; an asynchronous commit
+// queued before a DropSequence is never applied after it.
 #pragma once
 
 #include <cstdint>
@@ -105,6 +110,17 @@ class ShardPersistence {
 
   // Applies `write` atomically and durably (see the file comment).
   virtual absl::Status CommitHead(const HeadWrite& write) = 0;
+
+  // CommitHead without waiting: `write` is captured (encoded; its spans may
+  // be reused) and ordered before this returns; `done` runs exactly once,
+  // with CommitHead's status, after the write is durable (or failed). `done`
+  // may run on a store thread before or after this returns: keep it short
+  // and never wait on this store from it. Implementations that group
+  // concurrent commits into one synced write override this; the default
+  // commits inline.
+  virtual void CommitHeadAsync(const HeadWrite& write, StatusCallback done) {
+    done(CommitHead(write));
+  }
 
   // Reads the whole store back, in order of sequence id: `on_sequence` for a
   // sequence's spec, then `on_head` for each of its heads that holds

@@ -178,6 +178,65 @@ absl::Status GrpcRetrievalClient::Append(const AppendRequest& request) {
   return FromGrpcStatus(stub_->Append(&context, message, &response));
 }
 
+struct GrpcRetrievalClient::AppendCall {
+  HeadId head;
+  grpc::ClientContext context;
+  v1::AppendRequest request;
+  v1::AppendResponse response;
+  StatusCallback done;
+};
+
+void GrpcRetrievalClient::AppendAsync(const AppendRequest& request, StatusCallback done) {
+  auto call = std::make_unique<AppendCall>();
+  call->head = HeadId{request.sequence_id, request.layer, request.kv_head};
+  SetDeadline(&call->context, options_.control_timeout);
+  v1::AppendRequest& message = call->request;
+  message.set_sequence_id(request.sequence_id);
+  message.set_layer(request.layer);
+  message.set_kv_head(request.kv_head);
+  message.set_first_position(request.first_position);
+  PackMatrix(request.keys, message.mutable_keys());
+  PackMatrix(request.values, message.mutable_values());
+  call->done = std::move(done);
+  AppendCall* raw = call.get();
+  bool send_now = false;
+  {
+    std::lock_guard<std::mutex> lock(append_mu_);
+    std::deque<std::unique_ptr<AppendCall>>& queue = append_queues_[raw->head];
+    queue.push_back(std::move(call));
+    send_now = queue.size() == 1;
+  }
+  if (send_now) SendAppend(raw);
+}
+
+void GrpcRetrievalClient::SendAppend(AppendCall* call) {
+  stub_->async()->Append(&call->context, &call->request, &call->response,
+                         [this, call](grpc::Status status) {
+                           OnAppendDone(call, FromGrpcStatus(status));
+                         });
+}
+
+void GrpcRetrievalClient::OnAppendDone(AppendCall* call, absl::Status status) {
+  std::unique_ptr<AppendCall> owned;
+  AppendCall* next = nullptr;
+  {
+    std::lock_guard<std::mutex> lock(append_mu_);
+    auto it = append_queues_.find(call->head);
+    KVR_CHECK(it != append_queues_.end() && it->second.front().get() == call);
+    owned = std::move(it->second.front());
+    it->second.pop_front();
+    if (it->second.empty()) {
+      append_queues_.erase(it);
+    } else {
+      next = it->second.front().get();
+    }
+  }
+  if (next != nullptr) SendAppend(next);
+  StatusCallback done = std::move(owned->done);
+  owned.reset();
+  done(std::move(status));
+}
+
 void GrpcRetrievalClient::AttendAsync(const AttendRequest& request, PartialsView out,
                                       AttendStats* stats, StatusCallback done) {
   struct Call {

@@ -10,13 +10,25 @@
 // AttendAsync uses gRPC's callback client API: `done` runs on a gRPC thread
 // when the reply arrives; keep it short (hand heavy work elsewhere).
 //
+// AppendAsync is an async unary Append with the control deadline (counted
+// from the call). The node may run concurrent RPCs in any order, so this
+// client keeps appends to one (sequence, layer, kv head) in issue order by
+// itself: the next append to a head is sent when the previous one
+// completed (queued appends wait in the client; their deadline runs).
+// Appends to different heads are all in flight at once. Destroy the client
+// only after every asynchronous call's `done` ran.
+//
 // Thread-safety: thread-safe (one channel, many concurrent calls).
 #pragma once
 
 #include <cstdint>
+#include <deque>
+#include <map>
 #include <memory>
+#include <mutex>
 #include <optional>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "absl/time/time.h"
@@ -48,6 +60,7 @@ class GrpcRetrievalClient final : public RetrievalClient {
   absl::Status CreateSequence(const SequenceSpec& spec) override;
   absl::Status UploadShard(const ShardUpload& upload) override;
   absl::Status Append(const AppendRequest& request) override;
+  void AppendAsync(const AppendRequest& request, StatusCallback done) override;
   void AttendAsync(const AttendRequest& request, PartialsView out, AttendStats* stats,
                    StatusCallback done) override;
   absl::Status DropSequence(uint64_t sequence_id) override;
@@ -65,10 +78,21 @@ class GrpcRetrievalClient final : public RetrievalClient {
  private:
   GrpcRetrievalClient(const std::string& target, const GrpcClientOptions& options);
 
+  struct AppendCall;
+  using HeadId = std::tuple<uint64_t, int32_t, int32_t>;  // (sequence, layer, kv head)
+  // Starts the RPC of the call at the front of its head's queue.
+  void SendAppend(AppendCall* call);
+  // Completion: pops the call, sends the head's next one, runs `done`.
+  void OnAppendDone(AppendCall* call, absl::Status status);
+
   std::string target_;
   GrpcClientOptions options_;
   std::shared_ptr<grpc::Channel> channel_;
   std::unique_ptr<v1::RetrievalNode::Stub> stub_;
+  std::mutex append_mu_;
+  // AppendAsync calls not completed yet, per head, in issue order; the front
+  // one is in flight. A head with none has no entry.
+  std::map<HeadId, std::deque<std::unique_ptr<AppendCall>>> append_queues_;
 };
 
 }  // namespace kvr::retrieval

@@ -145,9 +145,10 @@ absl::Status MultiNodeClient::UploadShard(const ShardUpload& upload) {
   return absl::OkStatus();
 }
 
-absl::Status MultiNodeClient::Append(const AppendRequest& request) {
+absl::Status MultiNodeClient::RouteAppend(const AppendRequest& request,
+                                          std::shared_ptr<const View>* view,
+                                          size_t* node) const {
   ShardKey key{request.sequence_id, request.layer, request.kv_head, 0};
-  std::shared_ptr<const View> view;
   {
     std::lock_guard<std::mutex> lock(mu_);
     auto it = routing_.find(request.sequence_id);
@@ -163,16 +164,45 @@ absl::Status MultiNodeClient::Append(const AppendRequest& request) {
     }
     key.chunk = std::max(0, r.last_chunk[static_cast<size_t>(request.layer) * r.spec.n_kv_heads +
                                          request.kv_head]);
-    view = r.view;
+    *view = r.view;
   }
-  const size_t node = view->NodeFor(key);
-  KVR_RETURN_IF_ERROR(view->clients[node]->Append(request));
-  std::lock_guard<std::mutex> lock(mu_);
-  auto it = routing_.find(request.sequence_id);
-  if (it != routing_.end() && request.keys.rows() > 0) {
-    it->second.holds[static_cast<size_t>(request.layer) * view->clients.size() + node] = 1;
-  }
+  *node = (*view)->NodeFor(key);
   return absl::OkStatus();
+}
+
+void MultiNodeClient::MarkHolds(uint64_t sequence_id, int32_t layer, const View& view,
+                                size_t node) {
+  std::lock_guard<std::mutex> lock(mu_);
+  auto it = routing_.find(sequence_id);
+  if (it != routing_.end()) {
+    it->second.holds[static_cast<size_t>(layer) * view.clients.size() + node] = 1;
+  }
+}
+
+absl::Status MultiNodeClient::Append(const AppendRequest& request) {
+  std::shared_ptr<const View> view;
+  size_t node = 0;
+  KVR_RETURN_IF_ERROR(RouteAppend(request, &view, &node));
+  KVR_RETURN_IF_ERROR(view->clients[node]->Append(request));
+  if (request.keys.rows() > 0) MarkHolds(request.sequence_id, request.layer, *view, node);
+  return absl::OkStatus();
+}
+
+void MultiNodeClient::AppendAsync(const AppendRequest& request, StatusCallback done) {
+  std::shared_ptr<const View> view;
+  size_t node = 0;
+  if (absl::Status routed = RouteAppend(request, &view, &node); !routed.ok()) {
+    done(std::move(routed));
+    return;
+  }
+  RetrievalClient* const client = view->clients[node].get();
+  const bool adds = request.keys.rows() > 0;
+  client->AppendAsync(request, [this, view = std::move(view), node, adds,
+                                sequence_id = request.sequence_id, layer = request.layer,
+                                done = std::move(done)](absl::Status status) {
+    if (status.ok() && adds) MarkHolds(sequence_id, layer, *view, node);
+    done(std::move(status));
+  });
 }
 
 void MultiNodeClient::AttendAsync(const AttendRequest& request, PartialsView out,

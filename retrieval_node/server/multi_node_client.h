@@ -60,6 +60,10 @@ class MultiNodeClient final : public RetrievalClient {
   absl::Status CreateSequence(const SequenceSpec& spec) override;
   absl::Status UploadShard(const ShardUpload& upload) override;
   absl::Status Append(const AppendRequest& request) override;
+  // Routed like Append, to that node client's AppendAsync (which keeps the
+  // per-head order); `done` runs after the routing state records that the
+  // node holds keys of the layer, so a later Attend asks it.
+  void AppendAsync(const AppendRequest& request, StatusCallback done) override;
   void AttendAsync(const AttendRequest& request, PartialsView out, AttendStats* stats,
                    StatusCallback done) override;
   absl::Status DropSequence(uint64_t sequence_id) override;
@@ -90,6 +94,12 @@ class MultiNodeClient final : public RetrievalClient {
   MultiNodeClient(std::shared_ptr<const View> view, Connector connect)
       : view_(std::move(view)), connect_(std::move(connect)) {}
   std::shared_ptr<const View> CurrentView() const;
+  // The view and node index an append goes to; NotFound / InvalidArgument
+  // as for Append.
+  absl::Status RouteAppend(const AppendRequest& request, std::shared_ptr<const View>* view,
+                           size_t* node) const;
+  // Records that `node` of `view` holds keys of (sequence, layer).
+  void MarkHolds(uint64_t sequence_id, int32_t layer, const View& view, size_t node);
 
   mutable std::mutex mu_;  // guards view_ and routing_
   std::shared_ptr<const View> view_;

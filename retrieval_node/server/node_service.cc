@@ -338,32 +338,42 @@ grpc::ServerUnaryReactor* NodeService::Append(grpc::CallbackServerContext* conte
                                               v1::AppendResponse* response) {
   const Clock::time_point start = Clock::now();
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  // The control thread applies the append in memory and queues its commit;
+  // the reply goes out from the commit's completion once it is durable, so
+  // no thread here waits on a sync and concurrent appends share one.
   control_->Schedule([this, reactor, request, response, start] {
-    auto run = [&]() -> absl::Status {
-      Matrix keys, values;
-      KVR_RETURN_IF_ERROR(UnpackMatrix(request->keys(), kMaxAppendRows, 0, true, "keys", &keys));
-      KVR_RETURN_IF_ERROR(UnpackMatrix(request->values(), kMaxAppendRows,
-                                       static_cast<int64_t>(keys.cols), true, "values", &values));
-      if (values.rows != keys.rows) {
-        return absl::InvalidArgumentError(
-            absl::StrCat("values.rows ", values.rows, " != keys.rows ", keys.rows));
+    NodeMetrics* const metrics = options_.metrics;
+    Matrix keys, values;
+    absl::Status status =
+        UnpackMatrix(request->keys(), kMaxAppendRows, 0, true, "keys", &keys);
+    if (status.ok()) {
+      status = UnpackMatrix(request->values(), kMaxAppendRows, static_cast<int64_t>(keys.cols),
+                            true, "values", &values);
+    }
+    if (status.ok() && values.rows != keys.rows) {
+      status = absl::InvalidArgumentError(
+          absl::StrCat("values.rows ", values.rows, " != keys.rows ", keys.rows));
+    }
+    if (!status.ok()) {
+      FinishAndRecord(reactor, status, metrics, NodeMethod::kAppend, start);
+      return;
+    }
+    AppendRequest a;
+    a.sequence_id = request->sequence_id();
+    a.layer = request->layer();
+    a.kv_head = request->kv_head();
+    a.first_position = request->first_position();
+    a.keys = keys.view();
+    a.values = values.view();
+    const auto rows = static_cast<int64_t>(keys.rows);
+    const int64_t last = rows > 0 ? a.first_position + rows - 1 : -1;
+    core_->AppendAsync(a, [reactor, response, metrics, start, rows, last](absl::Status st) {
+      if (st.ok()) {
+        if (metrics != nullptr) metrics->RecordAppendedTokens(rows);
+        response->set_last_position(last);
       }
-      AppendRequest a;
-      a.sequence_id = request->sequence_id();
-      a.layer = request->layer();
-      a.kv_head = request->kv_head();
-      a.first_position = request->first_position();
-      a.keys = keys.view();
-      a.values = values.view();
-      KVR_RETURN_IF_ERROR(core_->Append(a));
-      if (options_.metrics != nullptr) {
-        options_.metrics->RecordAppendedTokens(static_cast<int64_t>(keys.rows));
-      }
-      response->set_last_position(
-          keys.rows > 0 ? a.first_position + static_cast<int64_t>(keys.rows) - 1 : -1);
-      return absl::OkStatus();
-    };
-    FinishAndRecord(reactor, run(), options_.metrics, NodeMethod::kAppend, start);
+      FinishAndRecord(reactor, st, metrics, NodeMethod::kAppend, start);
+    });
   });
   return reactor;
 }

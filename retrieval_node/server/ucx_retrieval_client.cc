@@ -482,6 +482,10 @@ absl::Status UcxRetrievalClient::UploadShard(const ShardUpload& upload) {
 absl::Status UcxRetrievalClient::Append(const AppendRequest& request) {
   return grpc_->Append(request);
 }
+
+void UcxRetrievalClient::AppendAsync(const AppendRequest& request, StatusCallback done) {
+  grpc_->AppendAsync(request, std::move(done));
+}
 absl::Status UcxRetrievalClient::DropSequence(uint64_t sequence_id) {
   return grpc_->DropSequence(sequence_id);
 }

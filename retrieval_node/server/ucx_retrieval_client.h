@@ -51,6 +51,8 @@ class UcxRetrievalClient final : public RetrievalClient {
   absl::Status CreateSequence(const SequenceSpec& spec) override;
   absl::Status UploadShard(const ShardUpload& upload) override;
   absl::Status Append(const AppendRequest& request) override;
+  // Over gRPC (GrpcRetrievalClient::AppendAsync: per-head order kept).
+  void AppendAsync(const AppendRequest& request, StatusCallback done) override;
   void AttendAsync(const AttendRequest& request, PartialsView out, AttendStats* stats,
                    StatusCallback done) override;
   absl::Status DropSequence(uint64_t sequence_id) override;

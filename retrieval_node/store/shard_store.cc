@@ -1,11 +1,16 @@
 #include "retrieval_node/store/shard_store.h"
 
 #include <algorithm>
+#include <atomic>
+#include <condition_variable>
 #include <cstring>
 #include <filesystem>
+#include <functional>
 #include <map>
 #include <optional>
+#include <mutex>
 #include <system_error>
+#include <thread>
 #include <utility>
 #include <vector>
 
@@ -17,8 +22,36 @@
 
 namespace kvr::retrieval {
 
+// The database and its group-commit writer.
 struct ShardStore::Db {
+  // Puts one write's records into `batch`.
+  using Fill = std::function<absl::Status(rocksdb::WriteBatch* batch)>;
+
   std::unique_ptr<rocksdb::DB> db;
+  rocksdb::WriteOptions write_options;
+  bool group_commit = true;
+  size_t max_group_bytes = 0;
+
+  std::mutex mu;
+  std::condition_variable wake;   // the writer: a group is open, or stop
+  std::condition_variable space;  // writers held back: the open group was taken
+  // Writes encoded since the writer last took the group, and their
+  // callbacks in call order. Guarded by `mu`.
+  std::unique_ptr<rocksdb::WriteBatch> open = std::make_unique<rocksdb::WriteBatch>();
+  std::vector<StatusCallback> waiting;
+  bool stop = false;
+  std::thread writer;
+  std::atomic<int64_t> commits{0};
+  std::atomic<int64_t> writes{0};
+
+  // Encodes a write into the open group (or, without group commit, writes it
+  // now); `done` gets its status once it is durable. `what` names it in
+  // errors.
+  void Submit(const Fill& fill, const std::string& what, StatusCallback done);
+  absl::Status SubmitAndWait(const Fill& fill, const std::string& what);
+  void WriterLoop();
+  // Drains the open group and joins the writer.
+  void Stop();
 };
 
 namespace {
@@ -410,10 +443,100 @@ std::string ShardStore::TailSegmentKey(uint64_t sequence_id, int32_t layer, int3
 
 // --- store ---------------------------------------------------------------------------
 
-ShardStore::ShardStore(std::string dir, const ShardStoreOptions& options, std::unique_ptr<Db> db)
-    : dir_(std::move(dir)), options_(options), db_(std::move(db)) {}
+void ShardStore::Db::Submit(const Fill& fill, const std::string& what, StatusCallback done) {
+  if (!group_commit) {
+    rocksdb::WriteBatch batch;
+    absl::Status st = fill(&batch);
+    if (st.ok()) {
+      st = FromRocks(db->Write(write_options, &batch), what);
+      writes.fetch_add(1, std::memory_order_relaxed);
+      commits.fetch_add(1, std::memory_order_relaxed);
+    }
+    done(std::move(st));
+    return;
+  }
+  std::unique_lock<std::mutex> lock(mu);
+  space.wait(lock,
+             [&] { return stop || waiting.empty() || open->GetDataSize() < max_group_bytes; });
+  if (stop) {
+    lock.unlock();
+    done(absl::UnavailableError(absl::StrCat(what, ": the store is closing")));
+    return;
+  }
+  // A write whose records cannot all be encoded leaves nothing in the group.
+  open->SetSavePoint();
+  absl::Status st = fill(open.get());
+  if (!st.ok()) {
+    const rocksdb::Status undone = open->RollbackToSavePoint();
+    KVR_CHECK_MSG(undone.ok(), undone.ToString().c_str());
+    lock.unlock();
+    done(std::move(st));
+    return;
+  }
+  KVR_CHECK(open->PopSavePoint().ok());
+  waiting.push_back(std::move(done));
+  const bool first = waiting.size() == 1;
+  lock.unlock();
+  if (first) wake.notify_one();
+}
 
-ShardStore::~ShardStore() = default;
+absl::Status ShardStore::Db::SubmitAndWait(const Fill& fill, const std::string& what) {
+  StatusWaiter waiter;
+  Submit(fill, what, waiter.callback());
+  return waiter.Wait();
+}
+
+void ShardStore::Db::WriterLoop() {
+  std::unique_lock<std::mutex> lock(mu);
+  for (;;) {
+    wake.wait(lock, [&] { return stop || !waiting.empty(); });
+    if (waiting.empty()) return;  // stopping, and everything queued is written
+    // Take the whole group; writes arriving from now on open the next one
+    // while this one syncs.
+    std::unique_ptr<rocksdb::WriteBatch> batch =
+        std::exchange(open, std::make_unique<rocksdb::WriteBatch>());
+    std::vector<StatusCallback> done = std::exchange(waiting, {});
+    lock.unlock();
+    space.notify_all();
+    const absl::Status st = FromRocks(
+        db->Write(write_options, batch.get()),
+        absl::StrCat("group commit of ", done.size(), " writes"));
+    writes.fetch_add(1, std::memory_order_relaxed);
+    commits.fetch_add(static_cast<int64_t>(done.size()), std::memory_order_relaxed);
+    batch.reset();
+    for (StatusCallback& d : done) d(st);
+    lock.lock();
+  }
+}
+
+void ShardStore::Db::Stop() {
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    stop = true;
+  }
+  wake.notify_all();
+  space.notify_all();
+  if (writer.joinable()) writer.join();
+}
+
+ShardStore::ShardStore(std::string dir, const ShardStoreOptions& options, std::unique_ptr<Db> db)
+    : dir_(std::move(dir)), options_(options), db_(std::move(db)) {
+  db_->write_options.sync = options_.sync;
+  // Without sync a write costs microseconds and RocksDB already batches
+  // concurrent writers; a hand-off to the writer thread would cost more.
+  db_->group_commit = options_.group_commit && options_.sync;
+  db_->max_group_bytes = options_.max_group_bytes;
+  if (db_->group_commit) db_->writer = std::thread([db = db_.get()] { db->WriterLoop(); });
+}
+
+ShardStore::~ShardStore() { db_->Stop(); }
+
+ShardStoreStats ShardStore::stats() const {
+  ShardStoreStats st;
+  st.commits = db_->commits.load(std::memory_order_relaxed);
+  st.writes = db_->writes.load(std::memory_order_relaxed);
+  return st;
+}
 
 absl::StatusOr<std::unique_ptr<ShardStore>> ShardStore::Open(const std::string& dir,
                                                              const ShardStoreOptions& options) {
@@ -459,37 +582,42 @@ absl::StatusOr<std::unique_ptr<ShardStore>> ShardStore::Open(const std::string& 
 }
 
 absl::Status ShardStore::PutSequence(const SequenceSpec& spec) {
-  rocksdb::WriteOptions wo;
-  wo.sync = options_.sync;
-  return FromRocks(db_->db->Put(wo, SequenceKey(spec.sequence_id), AsSlice(EncodeSpec(spec))),
-                   absl::StrCat("PutSequence ", spec.sequence_id));
+  const std::string what = absl::StrCat("PutSequence ", spec.sequence_id);
+  return db_->SubmitAndWait(
+      [&](rocksdb::WriteBatch* batch) {
+        return FromRocks(batch->Put(SequenceKey(spec.sequence_id), AsSlice(EncodeSpec(spec))),
+                         what);
+      },
+      what);
 }
 
 absl::Status ShardStore::DropSequence(uint64_t sequence_id) {
   const std::string begin = SequenceKey(sequence_id);
   const std::string end = begin + "\xff";  // after every key of the sequence (layer < 2^24)
-  rocksdb::WriteOptions wo;
-  wo.sync = options_.sync;
-  return FromRocks(db_->db->DeleteRange(wo, db_->db->DefaultColumnFamily(), begin, end),
-                   absl::StrCat("DropSequence ", sequence_id));
+  const std::string what = absl::StrCat("DropSequence ", sequence_id);
+  return db_->SubmitAndWait(
+      [&](rocksdb::WriteBatch* batch) { return FromRocks(batch->DeleteRange(begin, end), what); },
+      what);
 }
 
-absl::Status ShardStore::CommitHead(const HeadWrite& write) {
-  rocksdb::WriteBatch batch;
-  const std::string head = HeadPrefix(write.sequence_id, write.layer, write.kv_head);
+namespace {
+
+absl::Status EncodeHeadWrite(const HeadWrite& write, const std::string& what,
+                             rocksdb::WriteBatch* out) {
+  rocksdb::WriteBatch& batch = *out;
+  const std::string head = ShardStore::HeadPrefix(write.sequence_id, write.layer, write.kv_head);
   const auto put = [&](const std::string& key, const std::vector<uint8_t>& value) {
     return batch.Put(key, AsSlice(value));
   };
-  const std::string what = absl::StrCat("CommitHead ", HeadName(write.sequence_id, write.layer,
-                                                                write.kv_head));
   if (write.clear_tail) {
     KVR_RETURN_IF_ERROR(FromRocks(batch.DeleteRange(head + "T", head + "U"), what));
   }
   for (const ChunkWrite& c : write.chunks) {
     const ShardKey shard{write.sequence_id, write.layer, write.kv_head, c.chunk};
-    KVR_RETURN_IF_ERROR(FromRocks(put(ChunkMetaKey(shard), EncodeChunkMeta(c)), what));
+    KVR_RETURN_IF_ERROR(FromRocks(put(ShardStore::ChunkMetaKey(shard), EncodeChunkMeta(c)), what));
     if (!c.index_blob.empty()) {
-      KVR_RETURN_IF_ERROR(FromRocks(batch.Put(ChunkIndexKey(shard), AsSlice(c.index_blob)), what));
+      KVR_RETURN_IF_ERROR(
+          FromRocks(batch.Put(ShardStore::ChunkIndexKey(shard), AsSlice(c.index_blob)), what));
     }
     if (c.segment.has_value() && c.segment->rows > 0) {
       const ValueSegment& s = *c.segment;
@@ -500,26 +628,40 @@ absl::Status ShardStore::CommitHead(const HeadWrite& write) {
                                                 s.values.size(), " value bytes"));
       }
       KVR_RETURN_IF_ERROR(FromRocks(
-          put(ValueSegmentKey(shard, s.first_row),
-              EncodeSegment(kValueSegmentBlob, s.rows, static_cast<uint32_t>(write.head_dim), write.value_dtype,
-                            ConstMatrixView(), s.values, s.positions)),
+          put(ShardStore::ValueSegmentKey(shard, s.first_row),
+              EncodeSegment(kValueSegmentBlob, s.rows, static_cast<uint32_t>(write.head_dim),
+                            write.value_dtype, ConstMatrixView(), s.values, s.positions)),
           what));
     }
   }
   if (write.tail.has_value() && write.tail->keys.rows() > 0) {
     const TailWrite& t = *write.tail;
     KVR_RETURN_IF_ERROR(FromRocks(
-        put(TailSegmentKey(write.sequence_id, write.layer, write.kv_head, t.positions.front()),
+        put(ShardStore::TailSegmentKey(write.sequence_id, write.layer, write.kv_head,
+                                       t.positions.front()),
             EncodeSegment(kTailSegmentBlob, static_cast<int64_t>(t.keys.rows()),
-                          static_cast<uint32_t>(write.head_dim), write.value_dtype, t.keys, t.values, t.positions)),
+                          static_cast<uint32_t>(write.head_dim), write.value_dtype, t.keys,
+                          t.values, t.positions)),
         what));
   }
-  KVR_RETURN_IF_ERROR(FromRocks(put(HeadMetaKey(write.sequence_id, write.layer, write.kv_head),
-                                    EncodeHeadMeta(write)),
-                                what));
-  rocksdb::WriteOptions wo;
-  wo.sync = options_.sync;
-  return FromRocks(db_->db->Write(wo, &batch), what);
+  return FromRocks(put(ShardStore::HeadMetaKey(write.sequence_id, write.layer, write.kv_head),
+                       EncodeHeadMeta(write)),
+                   what);
+}
+
+}  // namespace
+
+absl::Status ShardStore::CommitHead(const HeadWrite& write) {
+  StatusWaiter waiter;
+  CommitHeadAsync(write, waiter.callback());
+  return waiter.Wait();
+}
+
+void ShardStore::CommitHeadAsync(const HeadWrite& write, StatusCallback done) {
+  const std::string what = absl::StrCat("CommitHead ", HeadName(write.sequence_id, write.layer,
+                                                                write.kv_head));
+  db_->Submit([&](rocksdb::WriteBatch* batch) { return EncodeHeadWrite(write, what, batch); },
+              what, std::move(done));
 }
 
 absl::Status ShardStore::Recover(

@@ -16,14 +16,23 @@
 // Every value except "F" is a checksummed blob (common/serialize.h), so a
 // flipped byte is found at recovery. A sequence's keys all start with
 // "S" seq:8, so DropSequence is one DeleteRange; a head's tail is one
-// DeleteRange of its "T" range. Each HeadWrite is one WriteBatch (chunk
-// records, tail range delete, tail segment, head meta), written with
-// WriteOptions::sync (WAL fsynced before the commit returns) unless
-// ShardStoreOptions::sync is off. Keys travel inside the index blob, so a
-// chunk's keys are rewritten with its index at every seal; values and
+// DeleteRange of its "T" range. Each HeadWrite's records (chunk records,
+// tail range delete, tail segment, head meta) go into one WriteBatch, written
+// with WriteOptions::sync (WAL fsynced before the commit is acknowledged)
+// unless ShardStoreOptions::sync is off. Keys travel inside the index blob, so
+// a chunk's keys are rewritten with its index at every seal; values and
 // positions are append-only segments.
 //
-// Thread-safe (RocksDB serialises and group-commits concurrent batches).
+// Group commit (ShardStoreOptions::group_commit, on by default): every write
+// is encoded into the open group batch under the store's mutex, in call
+// order; one writer thread takes the whole group while the previous write
+// syncs and applies it as ONE atomic RocksDB write with one WAL sync, then
+// acknowledges each member. So N concurrent appends cost one fsync, not N,
+// and a crash leaves a prefix of the call order (never half a HeadWrite:
+// a group is atomic). Without it every write is its own synced write on the
+// caller's thread.
+//
+// Thread-safe.
 #pragma once
 
 #include <cstdint>
@@ -38,6 +47,20 @@ struct ShardStoreOptions {
   // fsync the write-ahead log before every commit returns (durable across
   // power loss). Off: a commit survives a process crash but not an OS crash.
   bool sync = true;
+  // Group concurrent writes into one synced RocksDB write (see the file
+  // comment). Off, or with sync off: one write (and one sync, if any) per
+  // call, on the caller's thread.
+  bool group_commit = true;
+  // Encoded bytes the open group may hold before new writes wait for the
+  // writer thread to take it (backpressure; a single larger write proceeds
+  // alone). Group commit only.
+  size_t max_group_bytes = size_t{64} << 20;
+};
+
+// Counters since Open (tests, benchmarks).
+struct ShardStoreStats {
+  int64_t commits = 0;  // PutSequence / DropSequence / CommitHead(Async) calls written
+  int64_t writes = 0;   // RocksDB writes issued for them (one sync each when sync is on)
 };
 
 class ShardStore final : public ShardPersistence {
@@ -52,12 +75,14 @@ class ShardStore final : public ShardPersistence {
   absl::Status PutSequence(const SequenceSpec& spec) override;
   absl::Status DropSequence(uint64_t sequence_id) override;
   absl::Status CommitHead(const HeadWrite& write) override;
+  void CommitHeadAsync(const HeadWrite& write, StatusCallback done) override;
   absl::Status Recover(
       const std::function<absl::Status(const SequenceSpec&)>& on_sequence,
       const std::function<absl::Status(uint64_t sequence_id, RecoveredHead head)>& on_head)
       override;
 
   const std::string& dir() const { return dir_; }
+  ShardStoreStats stats() const;
 
   // The keys above (tests address single records with them).
   static std::string SequenceKey(uint64_t sequence_id);

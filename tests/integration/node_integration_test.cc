@@ -5,6 +5,10 @@
 //
 //  * three nodes hold the shards of one sequence; every node's Attend reply
 //    equals, bit for bit, an InProcessRetrievalNode given the same shards;
+//  * AppendAsync (in-process, gRPC, multi-node), several appends in flight
+//    per head: applied in issue order and visible to every later Attend,
+//    bit for bit what blocking Appends give; bad input fails exactly as
+//    Append does;
 //  * bad requests get precise status codes and change nothing;
 //  * memory budget and message-size limits; a deadline on every client call;
 //  * grpc.health.v1 reports SERVING; reflection lists the service;
@@ -420,6 +424,189 @@ TEST_F(NodeClusterTest, MultiNodeClientPlacesAndMerges) {
     ASSERT_TRUE((*remote)->DropSequence(id).ok());
     ASSERT_TRUE((*local)->DropSequence(id).ok());
   }
+}
+
+// --- AppendAsync ----------------------------------------------------------------------
+
+// Decode-shaped appends: kDecodeSteps single-token steps per (layer, kv head)
+// after a 200-key chunk, issued kPipeline steps at a time with AppendAsync
+// (several appends in flight per head, every head at once), then waited
+// for. `blocking` gets the same appends one at a time through Append. After
+// every round, Attend on both must agree bit for bit (two tail seals happen
+// on the way: tail_capacity 64).
+constexpr int kUploadedKeys = 200;
+constexpr int kDecodeSteps = 150;
+constexpr int kPipeline = 5;
+
+void ExpectAsyncAppendsMatchBlocking(RetrievalClient* async, RetrievalClient* blocking,
+                                     uint64_t id, uint32_t seed, const std::string& what) {
+  const SequenceSpec spec = Spec(id, DType::kF16, IndexType::kGraph);
+  ASSERT_TRUE(async->CreateSequence(spec).ok()) << what;
+  ASSERT_TRUE(blocking->CreateSequence(spec).ok()) << what;
+  for (int layer = 0; layer < kLayers; ++layer) {
+    for (int g = 0; g < kKvHeads; ++g) {
+      const Matrix keys = RandomMatrix(kUploadedKeys, kDim, seed + 10 * layer + g, 2.0f);
+      const Matrix values = RandomMatrix(kUploadedKeys, kDim, seed + 50 + 10 * layer + g);
+      ShardUpload up;
+      up.key = ShardKey{id, layer, g, 0};
+      up.keys = keys.view();
+      up.values = values.view();
+      ASSERT_TRUE(async->UploadShard(up).ok()) << what;
+      ASSERT_TRUE(blocking->UploadShard(up).ok()) << what;
+    }
+  }
+  const int heads = kLayers * kKvHeads;
+  const Matrix keys = RandomMatrix(size_t{kDecodeSteps} * heads, kDim, seed + 100, 2.0f);
+  const Matrix values = RandomMatrix(size_t{kDecodeSteps} * heads, kDim, seed + 101);
+  for (int round = 0; round < kDecodeSteps; round += kPipeline) {
+    std::vector<StatusWaiter> waiters(size_t{kPipeline} * heads);
+    size_t issued = 0;
+    for (int step = round; step < std::min(kDecodeSteps, round + kPipeline); ++step) {
+      for (int layer = 0; layer < kLayers; ++layer) {
+        for (int g = 0; g < kKvHeads; ++g) {
+          const size_t row = (size_t(step) * kLayers + layer) * kKvHeads + g;
+          // The request lives on this stack frame only: AppendAsync copies it.
+          Matrix k(1, kDim), v(1, kDim);
+          std::copy_n(keys.row(row), kDim, k.row(0));
+          std::copy_n(values.row(row), kDim, v.row(0));
+          AppendRequest a;
+          a.sequence_id = id;
+          a.layer = layer;
+          a.kv_head = g;
+          a.first_position = kUploadedKeys + step;
+          a.keys = k.view();
+          a.values = v.view();
+          async->AppendAsync(a, waiters[issued++].callback());
+          std::fill(k.data.begin(), k.data.end(), std::nanf(""));  // reused buffer
+          a.keys = keys.view().rows_slice(row, 1);
+          a.values = values.view().rows_slice(row, 1);
+          const absl::Status st = blocking->Append(a);
+          ASSERT_TRUE(st.ok()) << what << ": " << st;
+        }
+      }
+    }
+    for (size_t i = 0; i < issued; ++i) {
+      const absl::Status st = waiters[i].Wait();
+      ASSERT_TRUE(st.ok()) << what << " round " << round << " append " << i << ": " << st;
+    }
+    for (int layer = 0; layer < kLayers; ++layer) {
+      const Matrix q = RandomMatrix(kHeads, kDim, seed + 1000 + round + layer, -0.5f);
+      AttendRequest req;
+      req.sequence_id = id;
+      req.layer = layer;
+      req.queries = q.view();
+      req.k = 32;
+      Partials got(kHeads, kDim), want(kHeads, kDim);
+      AttendStats got_stats, want_stats;
+      ASSERT_TRUE(async->Attend(req, got.view(), &got_stats).ok()) << what;
+      ASSERT_TRUE(blocking->Attend(req, want.view(), &want_stats).ok()) << what;
+      ExpectSamePartials(got, want, what + " round " + std::to_string(round) + " layer " +
+                                        std::to_string(layer));
+      // Every appended token is held: uploaded + appended keys per query head.
+      const int64_t held = int64_t{kKvHeads} * (kUploadedKeys + std::min(kDecodeSteps,
+                                                                         round + kPipeline)) *
+                           (kHeads / kKvHeads);
+      EXPECT_EQ(got_stats.keys_held, held) << what << " round " << round;
+      EXPECT_EQ(got_stats.keys_held, want_stats.keys_held) << what;
+      EXPECT_EQ(got_stats.distance_computations, want_stats.distance_computations) << what;
+    }
+  }
+  ASSERT_TRUE(async->DropSequence(id).ok()) << what;
+  ASSERT_TRUE(blocking->DropSequence(id).ok()) << what;
+}
+
+// Every bad append gets from AppendAsync exactly the status Append returns,
+// and changes nothing (the next position is still accepted).
+void ExpectBadAsyncAppendsFailLikeAppend(RetrievalClient* c, uint64_t id,
+                                         const std::string& what) {
+  const SequenceSpec spec = Spec(id, DType::kF32, IndexType::kFlat);
+  ASSERT_TRUE(c->CreateSequence(spec).ok()) << what;
+  const Matrix keys = RandomMatrix(4, kDim, 5), values = RandomMatrix(4, kDim, 6);
+  const Matrix wide = RandomMatrix(1, kDim + 1, 7);
+  Matrix nan_keys = RandomMatrix(1, kDim, 8);
+  nan_keys.data[3] = std::nanf("");
+  AppendRequest good;
+  good.sequence_id = id;
+  good.layer = 1;
+  good.kv_head = 1;
+  good.first_position = 10;
+  good.keys = keys.view().rows_slice(0, 1);
+  good.values = values.view().rows_slice(0, 1);
+  ASSERT_TRUE(c->Append(good).ok()) << what;
+  struct Case {
+    std::string name;
+    AppendRequest request;
+    absl::StatusCode code;
+  };
+  std::vector<Case> cases;
+  const auto add = [&](std::string name, absl::StatusCode code, auto mutate) {
+    AppendRequest a = good;
+    a.first_position = 11;
+    mutate(a);
+    cases.push_back({std::move(name), a, code});
+  };
+  add("unknown sequence", absl::StatusCode::kNotFound,
+      [&](AppendRequest& a) { a.sequence_id = id + 1000; });
+  add("layer out of range", absl::StatusCode::kInvalidArgument,
+      [&](AppendRequest& a) { a.layer = kLayers; });
+  add("negative kv head", absl::StatusCode::kInvalidArgument,
+      [&](AppendRequest& a) { a.kv_head = -1; });
+  add("position not after the last", absl::StatusCode::kInvalidArgument,
+      [&](AppendRequest& a) { a.first_position = 10; });
+  add("keys too wide", absl::StatusCode::kInvalidArgument, [&](AppendRequest& a) {
+    a.keys = wide.view();
+    a.values = wide.view();
+  });
+  add("values rows != keys rows", absl::StatusCode::kInvalidArgument,
+      [&](AppendRequest& a) { a.keys = keys.view().rows_slice(1, 2); });
+  add("NaN key", absl::StatusCode::kInvalidArgument,
+      [&](AppendRequest& a) { a.keys = nan_keys.view(); });
+  for (const Case& bad : cases) {
+    const absl::Status blocking = c->Append(bad.request);
+    StatusWaiter waiter;
+    c->AppendAsync(bad.request, waiter.callback());
+    const absl::Status async = waiter.Wait();
+    EXPECT_EQ(blocking.code(), bad.code) << what << " " << bad.name << ": " << blocking;
+    EXPECT_EQ(async.code(), blocking.code()) << what << " " << bad.name << ": " << async;
+    EXPECT_EQ(async.message(), blocking.message()) << what << " " << bad.name;
+  }
+  AppendRequest next = good;
+  next.first_position = 11;
+  next.keys = keys.view().rows_slice(1, 1);
+  next.values = values.view().rows_slice(1, 1);
+  StatusWaiter waiter;
+  c->AppendAsync(next, waiter.callback());
+  const absl::Status st = waiter.Wait();
+  EXPECT_TRUE(st.ok()) << what << ": " << st;
+  ASSERT_TRUE(c->DropSequence(id).ok()) << what;
+}
+
+TEST_F(NodeClusterTest, AppendAsyncMatchesBlockingAppendInProcess) {
+  auto async = ReferenceNode(), blocking = ReferenceNode();
+  ExpectAsyncAppendsMatchBlocking(async.get(), blocking.get(), 41, 4100, "in-process");
+  ExpectBadAsyncAppendsFailLikeAppend(async.get(), 42, "in-process");
+}
+
+TEST_F(NodeClusterTest, AppendAsyncMatchesBlockingAppendOverGrpc) {
+  auto blocking = ReferenceNode();
+  ExpectAsyncAppendsMatchBlocking(clients_[0].get(), blocking.get(), 43, 4300, "gRPC");
+  ExpectBadAsyncAppendsFailLikeAppend(clients_[1].get(), 44, "gRPC");
+}
+
+TEST_F(NodeClusterTest, AppendAsyncMatchesBlockingAppendMultiNode) {
+  std::vector<placement::NodeInfo> infos;
+  std::vector<std::unique_ptr<RetrievalClient>> remote_clients, local_clients;
+  for (int i = 0; i < kNodes; ++i) {
+    infos.push_back({"node" + std::to_string(i), nodes_[i]->address()});
+    remote_clients.push_back(Connect(nodes_[i]->address()));
+    local_clients.push_back(ReferenceNode());
+  }
+  auto remote = MultiNodeClient::Create(infos, std::move(remote_clients));
+  auto local = MultiNodeClient::Create(infos, std::move(local_clients));
+  ASSERT_TRUE(remote.ok()) << remote.status();
+  ASSERT_TRUE(local.ok()) << local.status();
+  ExpectAsyncAppendsMatchBlocking(remote->get(), local->get(), 45, 4500, "multi-node");
+  ExpectBadAsyncAppendsFailLikeAppend(remote->get(), 46, "multi-node");
 }
 
 // Raw-stub helpers for malformed requests the typed client cannot produce.
