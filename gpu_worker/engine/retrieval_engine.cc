@@ -281,30 +281,60 @@ absl::Status RetrievalEngine::EndLocked(EngineSequence& seq, EngineSequence::Sta
 }
 
 absl::StatusOr<std::unique_ptr<EngineSequence>> RetrievalEngine::StartSequence(
-    std::span<const int32_t> tokens, const AttentionOptions& options, const CancelToken& cancel) {
+    std::span<const int32_t> tokens, const AttentionOptions& options, const CancelToken& cancel,
+    const PrefillLayerCallback& on_layer) {
   std::unique_ptr<EngineSequence> seq;
   absl::Status st;
   {
-    std::lock_guard<std::mutex> lock(mu_);
+    std::lock_guard<std::mutex> prefill(prefill_mu_);
+    if (options.mode == AttentionMode::kRetrieval) WaitStagingSlot();
+    std::unique_lock<std::mutex> lock(mu_);
     seq.reset(new EngineSequence(this));
     live_.insert(seq.get());
-    st = StartLocked(*seq, tokens, options, cancel);
+    st = StartLocked(lock, *seq, tokens, options, cancel, on_layer);
   }
-  if (!st.ok()) return st;  // `seq` ends itself outside the lock
+  if (!st.ok()) return st;  // `seq` ends itself outside the locks
   return seq;
 }
 
 absl::StatusOr<std::span<const float>> RetrievalEngine::Prefill(std::span<const int32_t> tokens,
                                                                 const AttentionOptions& options,
                                                                 const CancelToken& cancel) {
-  std::lock_guard<std::mutex> lock(mu_);
-  KVR_RETURN_IF_ERROR(StartLocked(*own_, tokens, options, cancel));
+  std::lock_guard<std::mutex> prefill(prefill_mu_);
+  if (options.mode == AttentionMode::kRetrieval) WaitStagingSlot();
+  std::unique_lock<std::mutex> lock(mu_);
+  KVR_RETURN_IF_ERROR(StartLocked(lock, *own_, tokens, options, cancel, nullptr));
   return own_->logits();
 }
 
-absl::Status RetrievalEngine::StartLocked(EngineSequence& seq, std::span<const int32_t> tokens,
+void RetrievalEngine::WaitStagingSlot() {
+  Staging& next = *staging_[next_staging_];
+  // An earlier layer's (or sequence's) upload still reads this slot. The
+  // future is only set and cleared under prefill_mu_, which we hold.
+  if (next.busy.valid()) next.busy.wait();
+}
+
+void RetrievalEngine::BetweenPrefillLayers(std::unique_lock<std::mutex>& lock, bool staging,
+                                           const PrefillLayerCallback& on_layer,
+                                           int layers_done) {
+  lock.unlock();
+  // Decode steps may run from here on: the prefill's own state (activations,
+  // staging, the new sequence) is out of their reach.
+  if (staging) WaitStagingSlot();
+  if (on_layer) on_layer(layers_done, weights_->config.n_layers);
+  lock.lock();
+  // std::mutex is not fair: without this, a prefill re-locking at once could
+  // hold off a waiting decode step for many layers. Steps arriving later
+  // wait for the next layer.
+  const uint64_t target = steps_done_ + static_cast<uint64_t>(steps_waiting_.load());
+  step_cv_.wait(lock, [&] { return steps_done_ >= target; });
+}
+
+absl::Status RetrievalEngine::StartLocked(std::unique_lock<std::mutex>& lock,
+                                          EngineSequence& seq, std::span<const int32_t> tokens,
                                           const AttentionOptions& options,
-                                          const CancelToken& cancel) {
+                                          const CancelToken& cancel,
+                                          const PrefillLayerCallback& on_layer) {
   KVR_RETURN_IF_ERROR(ValidateAttentionOptions(options));
   if (tokens.empty()) return absl::InvalidArgumentError("Prefill: empty prompt");
   if (static_cast<int64_t>(tokens.size()) > max_seq_len_) {
@@ -324,7 +354,7 @@ absl::Status RetrievalEngine::StartLocked(EngineSequence& seq, std::span<const i
   seq.stats_.prompt_tokens = static_cast<int64_t>(tokens.size());
   seq.prefill_start_ = Clock::now();
   seq.handoff_done_ns_ = std::make_shared<std::atomic<int64_t>>(0);
-  const absl::Status st = PrefillLocked(seq, tokens);
+  const absl::Status st = PrefillLocked(lock, seq, tokens, on_layer);
   if (!st.ok()) {
     EndLocked(seq, absl::IsCancelled(st) ? EngineSequence::State::kCancelled
                                          : EngineSequence::State::kFailed)
@@ -337,7 +367,9 @@ absl::Status RetrievalEngine::StartLocked(EngineSequence& seq, std::span<const i
   return absl::OkStatus();
 }
 
-absl::Status RetrievalEngine::PrefillLocked(EngineSequence& seq, std::span<const int32_t> tokens) {
+absl::Status RetrievalEngine::PrefillLocked(std::unique_lock<std::mutex>& lock,
+                                            EngineSequence& seq, std::span<const int32_t> tokens,
+                                            const PrefillLayerCallback& on_layer) {
   const LlamaConfig& c = weights_->config;
   Backend& b = *backend_;
   const int64_t n = static_cast<int64_t>(tokens.size());
@@ -405,6 +437,7 @@ absl::Status RetrievalEngine::PrefillLocked(EngineSequence& seq, std::span<const
       // Hand-off: sinks and window to the static cache, the middle to the node.
       Staging* staging = staging_[next_staging_].get();
       next_staging_ = (next_staging_ + 1) % staging_.size();
+      // Normally free already: WaitStagingSlot ran outside mu_.
       if (staging->busy.valid()) staging->busy.wait();  // an earlier layer's upload
       staging->busy = {};
       staging->k.resize(static_cast<size_t>(n) * kv);
@@ -437,6 +470,12 @@ absl::Status RetrievalEngine::PrefillLocked(EngineSequence& seq, std::span<const
       KVR_RETURN_IF_ERROR(b.MatMul(hb, layer.w2, xb2.Rows(begin, rows)));
     }
     KVR_RETURN_IF_ERROR(b.Add(x, xb2));
+    // x (the residual stream) carries over to the next layer; nothing else.
+    // (The last layer waits for no staging slot: uploads may outlast the prefill.)
+    BetweenPrefillLayers(lock, /*staging=*/!full && l + 1 < c.n_layers, on_layer, l + 1);
+  }
+  if (seq.cancel_.cancelled()) {  // e.g. Cancel() during the last gap dropped the shards
+    return absl::CancelledError(absl::StrCat("sequence ", seq.id_, " cancelled in prefill"));
   }
   if (offload) {
     seq.node_end_ = n - w;
@@ -605,20 +644,29 @@ absl::Status RetrievalEngine::StepBatch(std::span<EngineSequence* const> seqs,
                                                    tokens.size(), " tokens, ", statuses.size(),
                                                    " statuses"));
   }
-  std::lock_guard<std::mutex> lock(mu_);
-  for (size_t i = 0; i < seqs.size(); ++i) {
-    if (seqs[i] == nullptr || seqs[i]->engine_ != this) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("StepBatch: sequence ", i, " is null or belongs to another engine"));
-    }
-    for (size_t j = 0; j < i; ++j) {
-      if (seqs[j] == seqs[i]) {
+  steps_waiting_.fetch_add(1);
+  std::unique_lock<std::mutex> lock(mu_);
+  steps_waiting_.fetch_sub(1);
+  const absl::Status st = [&] {
+    for (size_t i = 0; i < seqs.size(); ++i) {
+      if (seqs[i] == nullptr || seqs[i]->engine_ != this) {
         return absl::InvalidArgumentError(
-            absl::StrCat("StepBatch: sequence ", i, " repeats sequence ", j));
+            absl::StrCat("StepBatch: sequence ", i, " is null or belongs to another engine"));
+      }
+      for (size_t j = 0; j < i; ++j) {
+        if (seqs[j] == seqs[i]) {
+          return absl::InvalidArgumentError(
+              absl::StrCat("StepBatch: sequence ", i, " repeats sequence ", j));
+        }
       }
     }
-  }
-  return StepBatchLocked(seqs, tokens, statuses);
+    return StepBatchLocked(seqs, tokens, statuses);
+  }();
+  // Counted on every path: a prefill between layers may wait for this step.
+  ++steps_done_;
+  lock.unlock();
+  step_cv_.notify_all();
+  return st;
 }
 
 absl::Status RetrievalEngine::StepBatchLocked(std::span<EngineSequence* const> all,

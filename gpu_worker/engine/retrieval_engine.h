@@ -41,16 +41,25 @@
 // layer l's uploads just before layer l needs the node. Staging buffers are
 // a ring of EngineOptions::handoff_depth slots (bounded host memory).
 //
-// Thread-safety: every RetrievalEngine method may be called from any thread;
-// calls are serialized on an internal mutex (the Backend takes one caller at
-// a time), so threads may each drive their own sequences. The accessors of
-// an EngineSequence must not race with a step of that sequence, except
-// Cancel(), which any thread may call at any time.
+// Thread-safety: every RetrievalEngine method may be called from any thread,
+// so threads may each drive their own sequences. Backend calls are
+// serialized on an internal mutex (the Backend takes one caller at a time);
+// a prefill holds it one layer at a time, not for the whole prompt: between
+// two layers it lets in a decode step (StepBatch / Step) that was already
+// waiting — so a decode step waits for at most one prefill layer — and runs
+// the caller's PrefillLayerCallback without it. Prefills run one at a time
+// (a second StartSequence / Prefill waits for the first: they share the
+// prefill activations and the hand-off staging). The accessors of an
+// EngineSequence must not race with a step of that sequence, except
+// Cancel(), which any thread may call at any time. Destroy the engine only
+// once every call has returned.
 #pragma once
 
 #include <atomic>
 #include <chrono>
+#include <condition_variable>
 #include <cstdint>
+#include <functional>
 #include <future>
 #include <memory>
 #include <mutex>
@@ -159,6 +168,13 @@ struct EngineStats {
 
 class RetrievalEngine;
 
+// Called by a prefill after each of its layers (layers_done = 1 .. n_layers)
+// on the prefilling thread, with the engine's mutex released: it may block
+// (e.g. until another thread's decode step ran) and may call StepBatch /
+// Step / EndSequence / Cancel on other sequences, but not StartSequence or
+// Prefill (deadlock: one prefill at a time).
+using PrefillLayerCallback = std::function<void(int layers_done, int n_layers)>;
+
 // One sequence's state: attention options, the K/V kept on the worker (the
 // static pattern in retrieval mode, the whole cache in full mode), the node
 // sequence id (unique per sequence), position, logits of the last step,
@@ -241,13 +257,16 @@ class RetrievalEngine {
   // Starts a sequence: runs `tokens` at positions 0 .. n-1; its logits are
   // then in logits(). In retrieval mode the hand-off uploads may still be
   // running when this returns (see the file comment). `cancel` (optional)
-  // is the sequence's token: cancelling it stops the sequence.
+  // is the sequence's token: cancelling it stops the sequence. `on_layer`
+  // (optional) is called after each prefill layer (see PrefillLayerCallback);
+  // decode steps of other sequences run between layers whether or not it is
+  // given. The sequence's prefill_seconds include those interleaved steps.
   // InvalidArgument for an empty or too long prompt, bad options or tokens;
   // FailedPrecondition for retrieval mode without a client; Cancelled when
   // cancelled during prefill; node errors pass through.
   absl::StatusOr<std::unique_ptr<EngineSequence>> StartSequence(
       std::span<const int32_t> tokens, const AttentionOptions& options,
-      const CancelToken& cancel = CancelToken());
+      const CancelToken& cancel = CancelToken(), const PrefillLayerCallback& on_layer = nullptr);
 
   // One decode step of `seq` (token at position seq.position()); returns its
   // logits (valid until its next step). FailedPrecondition when the sequence
@@ -316,9 +335,22 @@ class RetrievalEngine {
   RetrievalEngine() = default;
   absl::Status Init(Backend* backend, std::shared_ptr<const LlamaWeights> weights,
                     retrieval::RetrievalClient* client, const EngineOptions& options);
-  absl::Status StartLocked(EngineSequence& seq, std::span<const int32_t> tokens,
-                           const AttentionOptions& options, const CancelToken& cancel);
-  absl::Status PrefillLocked(EngineSequence& seq, std::span<const int32_t> tokens);
+  // Both hold prefill_mu_ and `lock` (on mu_), which they release between
+  // prefill layers.
+  absl::Status StartLocked(std::unique_lock<std::mutex>& lock, EngineSequence& seq,
+                           std::span<const int32_t> tokens, const AttentionOptions& options,
+                           const CancelToken& cancel, const PrefillLayerCallback& on_layer);
+  absl::Status PrefillLocked(std::unique_lock<std::mutex>& lock, EngineSequence& seq,
+                             std::span<const int32_t> tokens,
+                             const PrefillLayerCallback& on_layer);
+  // Between two prefill layers: releases `lock`, waits for the staging slot
+  // the next layer uses (retrieval mode), runs `on_layer`, re-locks and lets
+  // the decode steps that were waiting run first.
+  void BetweenPrefillLayers(std::unique_lock<std::mutex>& lock, bool staging,
+                            const PrefillLayerCallback& on_layer, int layers_done);
+  // Waits until the staging slot the next hand-off uses is free (holds
+  // prefill_mu_, not mu_).
+  void WaitStagingSlot();
   absl::Status PrepareCaches(EngineSequence& seq);
   absl::Status EnsurePrefillCapacity(int64_t n);
   absl::Status EnsureBatchCapacity(int64_t n);
@@ -337,7 +369,18 @@ class RetrievalEngine {
   absl::Status StepBatchLocked(std::span<EngineSequence* const> seqs,
                                std::span<const int32_t> tokens, std::span<absl::Status> statuses);
 
+  // Lock order: prefill_mu_, then mu_. prefill_mu_ is held for a whole
+  // prefill and guards what only prefills use, across the gaps between
+  // layers: the prefill activations (px_ .. phb2_, prefill_capacity_),
+  // positions_, staging_ and next_staging_. mu_ guards the Backend (every
+  // call on it, prefill tensors included) and everything else.
+  std::mutex prefill_mu_;
   std::mutex mu_;
+  // Decode steps that wait for mu_, and steps run (under mu_): a prefill
+  // resuming after a layer waits until the steps then waiting have run.
+  std::atomic<int> steps_waiting_{0};
+  uint64_t steps_done_ = 0;
+  std::condition_variable step_cv_;
   Backend* backend_ = nullptr;
   retrieval::RetrievalClient* client_ = nullptr;
   std::shared_ptr<const LlamaWeights> weights_;

@@ -180,12 +180,17 @@ void GenerationScheduler::WhenFinished(int64_t n, std::function<void()> callback
 
 void GenerationScheduler::Ended(GenerationWork& work, absl::StatusOr<GenerationSummary> outcome,
                                 bool was_active) {
-  if (work.on_done) work.on_done(std::move(outcome));
   std::vector<std::function<void()>> ready;
   {
+    // Counted before on_done: a client that has seen its stream end (and
+    // then reads the load or the metrics) finds it no longer running.
     std::lock_guard<std::mutex> lock(mu_);
     ++finished_;
     if (was_active) --active_;
+  }
+  if (work.on_done) work.on_done(std::move(outcome));
+  {
+    std::lock_guard<std::mutex> lock(mu_);
     for (size_t i = 0; i < finish_waiters_.size();) {
       if (finish_waiters_[i].first <= finished_) {
         ready.push_back(std::move(finish_waiters_[i].second));
@@ -231,9 +236,18 @@ std::unique_ptr<GenerationScheduler::Run> GenerationScheduler::Admit(Queued q) {
     return nullptr;
   }
   const auto total = static_cast<int64_t>(w.prompt.size());
-  if (w.on_prefill_progress) w.on_prefill_progress(0, total);
-  absl::StatusOr<std::unique_ptr<EngineSequence>> seq =
-      engine_->StartSequence(w.prompt, w.attention, w.cancel);
+  const int n_layers = engine_->config().n_layers;
+  auto progress = [&](int layers_done) {
+    if (!w.on_prefill_progress) return;
+    w.on_prefill_progress(PrefillProgress{total * layers_done / n_layers, total, layers_done,
+                                          n_layers});
+  };
+  progress(0);
+  absl::StatusOr<std::unique_ptr<EngineSequence>> seq = engine_->StartSequence(
+      w.prompt, w.attention, w.cancel, [&](int layers_done, int /*n_layers*/) {
+        progress(layers_done);
+        YieldToDecode();
+      });
   if (absl::IsCancelled(seq.status())) {
     run->loop().Finish(FinishReason::kCancelled);
     Finished(std::move(run));
@@ -244,7 +258,6 @@ std::unique_ptr<GenerationScheduler::Run> GenerationScheduler::Admit(Queued q) {
     return nullptr;
   }
   if (options_.observer != nullptr) options_.observer->OnPrefill(total, Seconds(Clock::now() - start));
-  if (w.on_prefill_progress) w.on_prefill_progress(total, total);
   run->set_sequence(*std::move(seq));
   absl::StatusOr<bool> done = run->Advance(engine_->max_seq_len());
   if (!done.ok()) {
@@ -261,6 +274,19 @@ std::unique_ptr<GenerationScheduler::Run> GenerationScheduler::Admit(Queued q) {
   }
   Stream(*run);
   return run;
+}
+
+void GenerationScheduler::YieldToDecode() {
+  std::unique_lock<std::mutex> lock(mu_);
+  // Prefilled runs join the batch at the decode thread's next iteration.
+  if (decoding_ == 0 && prefilled_.empty()) return;
+  const uint64_t seen = decode_steps_;
+  // The decode thread never waits while it has sequences, so this wait is
+  // bounded by one step (and the engine lets that step in: its lock is free
+  // until the next layer starts).
+  cv_.wait(lock, [&] {
+    return decode_steps_ > seen || (decoding_ == 0 && prefilled_.empty()) || stopping_;
+  });
 }
 
 void GenerationScheduler::PrefillLoop() {
@@ -337,6 +363,7 @@ void GenerationScheduler::DecodeLoop() {
       }
       for (auto& r : prefilled_) active.push_back(std::move(r));
       prefilled_.clear();
+      decoding_ = static_cast<int>(active.size());
       stopping = stopping_;
       if (active.empty() && stopping_ && prefill_exited_) break;
     }
@@ -395,8 +422,11 @@ void GenerationScheduler::DecodeLoop() {
       }
     }
     active = std::move(still);
-    // Lets the prefill thread see freed slots and cancelled queued requests.
+    // Lets the prefill thread see freed slots, cancelled queued requests and
+    // (between prefill layers) that this step's tokens went out.
     std::lock_guard<std::mutex> lock(mu_);
+    ++decode_steps_;
+    decoding_ = static_cast<int>(active.size());
     cv_.notify_all();
   }
 }

@@ -7,9 +7,14 @@
 //     (RetrievalEngine::StepBatch) over every decoding sequence, samples each
 //     one's next token, streams it, and repeats; a prefilled request joins
 //     the batch at the next step.
-// So no prefill runs on the decode loop: the other streams keep stepping
-// while a long prompt prefills, as far as the engine lets a decode step in
-// beside a running prefill (see README.md: the engine serializes its calls).
+// So no prefill runs on the decode loop, and a long prompt does not stall
+// the other streams: the engine releases its lock between prefill layers,
+// and after each layer, while any sequence is decoding, the prefill thread
+// waits until the decode thread has completed one more step (its tokens
+// streamed) before the next layer. A decoding stream thus gets a token at
+// least once per prefill layer — the gap between its tokens is bounded by
+// one layer of the longest prompt plus one step — and a prefill takes at
+// most n_layers decode steps longer.
 //
 // Requests beyond `max_concurrent` wait in a FIFO queue of at most
 // `max_queue`; Submit rejects more with ResourceExhausted (with retry
@@ -24,8 +29,8 @@
 //
 // Thread-safety: every public method may be called from any thread. The
 // callbacks of a request run on the scheduler's threads, one at a time and
-// in order: on_prefill_progress (start, end), on_tokens zero or more times,
-// then on_done exactly once. They must not block long nor call back into
+// in order: on_prefill_progress (start, after each layer), on_tokens zero or
+// more times, then on_done exactly once. They must not block long nor call back into
 // the scheduler's Submit (WhenFinished is fine).
 #pragma once
 
@@ -64,6 +69,16 @@ struct GenerationSummary {
   double total_seconds = 0.0;
 };
 
+// How far a prompt's prefill is. The prefill runs layer by layer over the
+// whole prompt, so progress is counted in layers; prompt_tokens_done is
+// prompt_tokens_total * layers_done / layers_total (rounded down).
+struct PrefillProgress {
+  int64_t prompt_tokens_done = 0;
+  int64_t prompt_tokens_total = 0;
+  int layers_done = 0;
+  int layers_total = 0;
+};
+
 struct GenerationWork {
   std::vector<int32_t> prompt;  // token ids as prefilled (BOS included if wanted); non-empty
   int max_tokens = 128;         // >= 0
@@ -76,9 +91,11 @@ struct GenerationWork {
   std::function<void(std::span<const int32_t> ids, std::string_view text)> on_tokens;
   // Exactly once. Cancelled requests end with OK and finish kCancelled.
   std::function<void(absl::StatusOr<GenerationSummary>)> on_done;
-  // Prefill progress in prompt tokens (done, total): (0, total) when the
-  // prefill starts and (total, total) when its logits are ready. May be null.
-  std::function<void(int64_t done, int64_t total)> on_prefill_progress;
+  // Prefill progress: 0 layers done when the prefill starts, then after
+  // each layer (the last one: all prompt tokens done, just before the logits
+  // are computed). Called on the prefill thread between layers: it must not
+  // block (the next layer waits for it). May be null.
+  std::function<void(const PrefillProgress&)> on_prefill_progress;
 };
 
 // What one batched decode step took, for metrics. `retrieval_seconds`: the
@@ -169,6 +186,9 @@ class GenerationScheduler {
   // Reports the end of `work` and counts it finished; `was_active`: it was
   // admitted (counted in active_).
   void Ended(GenerationWork& work, absl::StatusOr<GenerationSummary> outcome, bool was_active);
+  // Between two prefill layers (prefill thread): while sequences are
+  // decoding, waits until the decode thread completes one more step.
+  void YieldToDecode();
 
   RetrievalEngine* const engine_;
   const Tokenizer* const tokenizer_;
@@ -182,6 +202,8 @@ class GenerationScheduler {
   bool prefill_exited_ = false;
   int active_ = 0;      // prefilling + decoding + prefilled_
   int prefilling_ = 0;
+  int decoding_ = 0;         // sequences in the decode thread's batch
+  uint64_t decode_steps_ = 0;  // decode iterations completed (tokens streamed)
   int64_t finished_ = 0;
   std::vector<std::pair<int64_t, std::function<void()>>> finish_waiters_;
   // Last: started once the rest is initialized.

@@ -3,10 +3,12 @@
 //
 //   kvr_worker --listen 127.0.0.1:0 --max_concurrent 8
 //              [--nodes host:port,... | --nodes dns:///name:port]
-//              [--metrics_listen 127.0.0.1:0]
+//              [--metrics_listen 127.0.0.1:0] [--backend cpu|cuda]
 //
 // Loads the model and tokenizer (default: the bundled stories260K), runs one
-// RetrievalEngine (CPU backend) against an in-process retrieval node or the
+// RetrievalEngine (on --backend: "cpu", or "cuda" when built with the CUDA
+// backend; printed as "kvr_worker backend: <Describe()>" on stdout and
+// reported by GetModelInfo) against an in-process retrieval node or the
 // kvr_node servers of --nodes (a static list, or every address of a DNS name
 // — a Kubernetes headless service — re-resolved every
 // --nodes_refresh_seconds; each new sequence is placed on the current set,
@@ -15,6 +17,7 @@
 // stdout once serving (port 0 picks a free port). SIGTERM / SIGINT:
 // health goes NOT_SERVING, streams drain (up to --drain_seconds, then they
 // are cancelled and their shards dropped), exit 0.
+#include <algorithm>
 #include <csignal>
 #include <cstdio>
 #include <cstdlib>
@@ -34,6 +37,9 @@
 #include "absl/strings/str_cat.h"
 #include "absl/time/time.h"
 #include "gpu_worker/backend/backend.h"
+#ifdef KVR_WORKER_WITH_CUDA
+#include "gpu_worker/backend/cuda/cuda_backend.h"
+#endif
 #include "gpu_worker/model/llama2c_loader.h"
 #include "gpu_worker/model/llama2c_tokenizer.h"
 #include "gpu_worker/server/generation_scheduler.h"
@@ -68,6 +74,9 @@ ABSL_FLAG(int, max_concurrent, 8,
           "sequences decoded at once (one batched step over all of them); more requests wait");
 ABSL_FLAG(int, max_queue, 64,
           "requests waiting beyond --max_concurrent; more get RESOURCE_EXHAUSTED");
+ABSL_FLAG(std::string, backend, "cpu",
+          "compute backend: cpu, or cuda (only in a kvr_worker built with the CUDA backend)");
+ABSL_FLAG(int, device, 0, "--backend=cuda: CUDA device ordinal");
 ABSL_FLAG(int, threads, 1, "CPU backend threads, 0 = all cores");
 ABSL_FLAG(int, tail_capacity, 64,
           "in-process node: appended keys kept flat before sealing into the index");
@@ -82,6 +91,27 @@ namespace {
 namespace fs = std::filesystem;
 
 constexpr char kServiceName[] = "kvr.v1.Generation";
+
+pthread_t g_main_thread;
+
+// Threads started before main — OpenBLAS's pool, from its library
+// constructor — do not block the stop signals, so the kernel may deliver
+// SIGTERM to one of them, whose default action kills the worker without a
+// drain. Only such threads can run this handler (every later thread inherits
+// the blocked mask): it hands the signal to the main thread, where
+// ServeUntilSignal's sigwait takes it. pthread_kill is async-signal-safe.
+extern "C" void ForwardStopSignal(int sig) { pthread_kill(g_main_thread, sig); }
+
+void ForwardStopSignalsToMain(const sigset_t& stop_signals) {
+  g_main_thread = pthread_self();
+  struct sigaction sa = {};
+  sa.sa_handler = ForwardStopSignal;
+  sigfillset(&sa.sa_mask);
+  sa.sa_flags = SA_RESTART;
+  for (int sig : {SIGTERM, SIGINT}) {
+    if (sigismember(&stop_signals, sig) == 1) sigaction(sig, &sa, nullptr);
+  }
+}
 
 int Fail(const std::string& message) {
   std::fprintf(stderr, "kvr_worker: %s\n", message.c_str());
@@ -176,11 +206,42 @@ absl::StatusOr<Nodes> ConnectNodes(const std::string& spec, absl::Duration refre
   return out;
 }
 
+// The Backend of --backend / --threads / --device, by registry name.
+absl::StatusOr<std::unique_ptr<Backend>> MakeBackend() {
+  const std::string name = absl::GetFlag(FLAGS_backend);
+  const int device = absl::GetFlag(FLAGS_device);
+  if (device < 0 || device > 1023) {
+    return absl::InvalidArgumentError(absl::StrCat("--device ", device, " outside [0, 1023]"));
+  }
+#ifdef KVR_WORKER_WITH_CUDA
+  KVR_RETURN_IF_ERROR(RegisterCudaBackend());
+#endif
+  if (name != "cpu" && name != "cuda") {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--backend \"", name, "\" is not one of cpu, cuda"));
+  }
+  const std::vector<std::string> names = BackendRegistry::Names();
+  if (std::find(names.begin(), names.end(), name) == names.end()) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("--backend ", name, ": this kvr_worker was built without it (configure ",
+                     "with -DKVR_WORKER_WITH_CUDA=ON where nvcc is found)"));
+  }
+  BackendOptions bo;
+  bo.num_threads = absl::GetFlag(FLAGS_threads);
+  bo.device = device;
+  absl::StatusOr<std::unique_ptr<Backend>> backend = BackendRegistry::Create(name, bo);
+  if (!backend.ok()) {
+    return absl::Status(backend.status().code(),
+                        absl::StrCat("--backend ", name, ": ", backend.status().message()));
+  }
+  return backend;
+}
+
 int Main(int argc, char** argv) {
   absl::SetProgramUsageMessage(
       "decode worker (kvr.v1.Generation over gRPC, grpc.health.v1, reflection).\n"
       "  kvr_worker --listen 127.0.0.1:0 [--max_concurrent N] [--nodes host:port,...|dns:///name:port]\n"
-      "             [--metrics_listen 127.0.0.1:0]");
+      "             [--metrics_listen 127.0.0.1:0] [--backend cpu|cuda]");
   absl::FlagsUsageConfig usage;
   usage.contains_help_flags = [](absl::string_view file) {
     return absl::EndsWith(file, "gpu_worker/server/main.cc");
@@ -190,6 +251,7 @@ int Main(int argc, char** argv) {
   absl::ParseCommandLine(argc, argv);
 
   const sigset_t stop_signals = rpc::BlockStopSignals();
+  ForwardStopSignalsToMain(stop_signals);
 
   const int threads = absl::GetFlag(FLAGS_threads);
   const int max_message_bytes = absl::GetFlag(FLAGS_max_message_bytes);
@@ -212,10 +274,10 @@ int Main(int argc, char** argv) {
   absl::StatusOr<std::unique_ptr<Llama2cTokenizer>> tokenizer =
       Llama2cTokenizer::Load(tokenizer_path, (*weights)->config.vocab_size);
   if (!tokenizer.ok()) return Fail(tokenizer.status().ToString());
-  BackendOptions bo;
-  bo.num_threads = threads;
-  absl::StatusOr<std::unique_ptr<Backend>> backend = BackendRegistry::Create("cpu", bo);
-  if (!backend.ok()) return Fail(backend.status().ToString());
+  absl::StatusOr<std::unique_ptr<Backend>> backend = MakeBackend();
+  if (!backend.ok()) return Fail(std::string(backend.status().message()));
+  std::printf("kvr_worker backend: %s\n", (*backend)->Describe().c_str());
+  std::fflush(stdout);
 
   const double refresh_seconds = absl::GetFlag(FLAGS_nodes_refresh_seconds);
   if (!(refresh_seconds > 0.0 && refresh_seconds <= 86400.0)) {
@@ -263,13 +325,23 @@ int Main(int argc, char** argv) {
   });
   if (const std::string listen = absl::GetFlag(FLAGS_metrics_listen); !listen.empty()) {
     absl::StatusOr<std::string> bound = metrics->Serve(listen);
-    if (!bound.ok()) return Fail(absl::StrCat("--metrics_listen: ", bound.status().message()));
+    if (!bound.ok()) {
+#ifdef KVR_WORKER_WITH_CUDA
+      // cuBLAS's static TLS leaves civetweb's 100 KiB thread stacks too small.
+      return Fail(absl::StrCat("--metrics_listen: ", bound.status().message(),
+                               " (a kvr_worker built with the CUDA backend cannot start the "
+                               "metrics server's threads: run it with --metrics_listen=)"));
+#else
+      return Fail(absl::StrCat("--metrics_listen: ", bound.status().message()));
+#endif
+    }
     std::printf("kvr_worker metrics on %s\n", bound->c_str());
     std::fflush(stdout);
   }
 
   WorkerServiceOptions wo;
   wo.model_name = model;
+  wo.backend = (*backend)->Describe();
   wo.on_generate_finished = [m = metrics.get()](absl::StatusCode code) { m->RecordRequest(code); };
   auto service = std::make_unique<WorkerService>(scheduler->get(), tokenizer->get(), node.get(),
                                                  (*weights)->config, (*engine)->max_seq_len(), wo);

@@ -57,9 +57,7 @@ class WorkerService::GenerateReactor final
     work->on_done = [this](absl::StatusOr<GenerationSummary> outcome) {
       OnWorkDone(std::move(outcome));
     };
-    work->on_prefill_progress = [this](int64_t done, int64_t total) {
-      OnPrefillProgress(done, total);
-    };
+    work->on_prefill_progress = [this](const PrefillProgress& p) { OnPrefillProgress(p); };
     if (absl::Status s = scheduler_->Submit(*std::move(work)); !s.ok()) {
       FinishNow(ToGrpc(s), /*work_done=*/true);
     }
@@ -118,14 +116,16 @@ class WorkerService::GenerateReactor final
     Pump();
   }
 
-  void OnPrefillProgress(int64_t done, int64_t total) {
+  void OnPrefillProgress(const PrefillProgress& progress) {
     std::lock_guard<std::mutex> lock(mu_);
     if (out_.empty() || !out_.back().has_prefill_progress()) {
       out_.emplace_back().mutable_prefill_progress();
     }
     v1::PrefillProgress* p = out_.back().mutable_prefill_progress();
-    p->set_prompt_tokens_done(done);
-    p->set_prompt_tokens_total(total);
+    p->set_prompt_tokens_done(progress.prompt_tokens_done);
+    p->set_prompt_tokens_total(progress.prompt_tokens_total);
+    p->set_layers_done(progress.layers_done);
+    p->set_layers_total(progress.layers_total);
     Pump();
   }
 
@@ -317,6 +317,7 @@ absl::StatusOr<GenerationWork> WorkerService::ToWork(const v1::GenerateRequest& 
   if (a.has_window()) w.attention.window = a.window();
   if (a.has_top_k()) w.attention.top_k = a.top_k();
   if (a.has_beam()) w.attention.beam = a.beam();
+  if (a.has_chunk_tokens()) w.attention.chunk_tokens = a.chunk_tokens();
   KVR_RETURN_IF_ERROR(scheduler_->ValidateWork(w));
   return w;
 }
@@ -387,6 +388,7 @@ grpc::ServerUnaryReactor* WorkerService::Detokenize(grpc::CallbackServerContext*
 
 void WorkerService::FillInfo(v1::GetModelInfoResponse* response) const {
   response->set_model(options_.model_name);
+  response->set_backend(options_.backend);
   response->set_vocab_size(config_.vocab_size);
   response->set_max_context_tokens(max_context_tokens_);
   response->set_n_layers(config_.n_layers);

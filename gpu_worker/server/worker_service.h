@@ -35,6 +35,7 @@ namespace kvr::worker {
 
 struct WorkerServiceOptions {
   std::string model_name;  // reported by GetModelInfo
+  std::string backend;     // likewise: the engine's Backend::Describe()
   // Called once per Generate call with the status it finishes with, just
   // before the status goes out (metrics). May be empty; thread-safe.
   std::function<void(absl::StatusCode)> on_generate_finished;

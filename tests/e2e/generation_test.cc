@@ -18,8 +18,12 @@
 //
 //  * a worker on a real kvr_node (--nodes) streams the embedded output, and
 //    a cancelled stream leaves no shards on that node;
-//  * every stream starts with prefill progress (0 of N, then N of N prompt
-//    tokens) before its first token;
+//  * every stream starts with prefill progress (0 of N, one per layer, the
+//    last N of N prompt tokens) before its first token;
+//  * a long prompt's prefill does not block the streams already decoding:
+//    their chunks arrive between its first progress and its first token;
+//  * attention.chunk_tokens shards the sequence (same output as embedded);
+//  * --backend: cpu by default (GetModelInfo.backend), clear errors else;
 //  * the shared decode loop (RequestLoop) never ends a text piece inside a
 //    UTF-8 sequence (real tokenizer byte tokens, forced by one-hot logits).
 //
@@ -32,16 +36,19 @@
 
 #include <chrono>
 #include <cmath>
+#include <condition_variable>
 #include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <map>
 #include <memory>
+#include <mutex>
 #include <optional>
 #include <string>
 #include <thread>
 #include <vector>
 
+#include "common/subprocess.h"
 #include "tests/support/reflection.h"
 #include "tests/support/server_process.h"
 #include "gpu_worker/backend/backend.h"
@@ -122,6 +129,7 @@ struct Case {
   uint64_t seed = 1;
   std::vector<std::string> stop;
   std::string mode = "retrieval";
+  int chunk_tokens = 0;  // 0: the default
 
   GenerateRequest Embedded() const {
     GenerateRequest r;
@@ -134,6 +142,7 @@ struct Case {
     r.sampling.repetition_penalty = repetition_penalty;
     r.sampling.seed = seed;
     r.attention.mode = mode == "full" ? AttentionMode::kFull : AttentionMode::kRetrieval;
+    if (chunk_tokens > 0) r.attention.chunk_tokens = chunk_tokens;
     return r;
   }
   v1::GenerateRequest Proto(const std::string& id) const {
@@ -147,6 +156,7 @@ struct Case {
     r.mutable_sampling()->set_repetition_penalty(repetition_penalty);
     r.mutable_sampling()->set_seed(seed);
     r.mutable_attention()->set_mode(mode);
+    if (chunk_tokens > 0) r.mutable_attention()->set_chunk_tokens(chunk_tokens);
     r.set_request_id(id);
     return r;
   }
@@ -218,8 +228,17 @@ void ExpectSame(const Streamed& got, const GenerateResult& want, const std::stri
   EXPECT_EQ(got.progress_after_chunk, 0) << what;
   EXPECT_EQ(got.progress.front().prompt_tokens_done(), 0) << what;
   EXPECT_EQ(got.progress.back().prompt_tokens_done(), want.prompt_tokens) << what;
-  for (const v1::PrefillProgress& p : got.progress) {
+  EXPECT_EQ(got.progress.back().layers_done(), got.progress.back().layers_total()) << what;
+  for (size_t i = 0; i < got.progress.size(); ++i) {
+    const v1::PrefillProgress& p = got.progress[i];
     EXPECT_EQ(p.prompt_tokens_total(), want.prompt_tokens) << what;
+    EXPECT_GT(p.layers_total(), 0) << what;
+    // Per layer: done = total * layers_done / layers_total, increasing.
+    EXPECT_EQ(p.prompt_tokens_done(), want.prompt_tokens * p.layers_done() / p.layers_total())
+        << what;
+    if (i > 0) {
+      EXPECT_GT(p.layers_done(), got.progress[i - 1].layers_done()) << what;
+    }
   }
 }
 
@@ -351,6 +370,99 @@ TEST_F(GenerationE2eTest, ConcurrentStreamsEqualSolo) {
   }
 }
 
+// Issue 7: one long request does not block the others. Stream A decodes
+// while stream B's ~490-token prompt prefills; both readers append what
+// they receive to one ordered log. The worker lets one decode step run after
+// each prefill layer (and streams its tokens before the next layer starts),
+// so A's chunks arrive between B's first prefill progress and B's first
+// token — B's prefill is n_layers layers of a near-full context, each
+// followed by a step of A, which leaves far more room than the order of two
+// reader threads can blur. Both outputs equal their solo embedded runs.
+TEST_F(GenerationE2eTest, LongPrefillDoesNotBlockOtherStreams) {
+  Case a;
+  a.prompt = "Once upon a time";
+  a.max_tokens = 400;
+  Case b;
+  while (embedded_->tokenizer->Encode(b.prompt + kLongPrompt + " ", true)->size() < 500) {
+    b.prompt += std::string(kLongPrompt) + " ";
+  }
+  b.max_tokens = 8;
+  const GenerateResult want_a = embedded_->Run(a.Embedded());
+  const GenerateResult want_b = embedded_->Run(b.Embedded());
+  // A must outlast B's prefill: it decodes hundreds of tokens.
+  ASSERT_GE(want_a.tokens.size(), 300u);
+  ASSERT_GE(want_b.prompt_tokens, 450);
+
+  struct Event {
+    char stream;
+    enum Kind { kProgress, kChunk, kSummary } kind;
+    int layers_done = 0;
+  };
+  std::mutex mu;
+  std::condition_variable cv;
+  std::vector<Event> log;
+  Streamed got[2];
+  auto read = [&](int i, const Case& c) {
+    const char name = i == 0 ? 'A' : 'B';
+    Streamed& out = got[i];
+    grpc::ClientContext ctx;
+    SetDeadline(&ctx);
+    auto reader = stub_->Generate(&ctx, c.Proto(std::string(1, name)));
+    v1::GenerateResponse msg;
+    while (reader->Read(&msg)) {
+      std::lock_guard<std::mutex> lock(mu);
+      if (msg.has_prefill_progress()) {
+        out.progress.push_back(msg.prefill_progress());
+        if (out.chunks > 0) ++out.progress_after_chunk;
+        log.push_back({name, Event::kProgress, msg.prefill_progress().layers_done()});
+      } else if (msg.has_chunk()) {
+        ++out.chunks;
+        out.text += msg.chunk().text();
+        out.tokens.insert(out.tokens.end(), msg.chunk().token_ids().begin(),
+                          msg.chunk().token_ids().end());
+        log.push_back({name, Event::kChunk});
+      } else if (msg.has_summary()) {
+        out.summary = msg.summary();
+        log.push_back({name, Event::kSummary});
+      }
+      cv.notify_all();
+    }
+    out.status = reader->Finish();
+  };
+  std::thread thread_a(read, 0, a);
+  {
+    // B goes out once A is admitted (its first message): A is then prefilled
+    // first and decodes while B prefills.
+    std::unique_lock<std::mutex> lock(mu);
+    EXPECT_TRUE(cv.wait_for(lock, kCallTimeout, [&] { return !log.empty(); }));
+  }
+  std::thread thread_b(read, 1, b);
+  thread_a.join();
+  thread_b.join();
+  ExpectSame(got[0], want_a, "A");
+  ExpectSame(got[1], want_b, "B");
+
+  size_t b_first_progress = log.size(), b_first_chunk = log.size();
+  for (size_t i = 0; i < log.size(); ++i) {
+    if (log[i].stream != 'B') continue;
+    if (log[i].kind == Event::kProgress && b_first_progress == log.size()) b_first_progress = i;
+    if (log[i].kind == Event::kChunk && b_first_chunk == log.size()) b_first_chunk = i;
+  }
+  ASSERT_LT(b_first_progress, b_first_chunk);
+  int a_chunks = 0;
+  for (size_t i = b_first_progress + 1; i < b_first_chunk; ++i) {
+    if (log[i].stream == 'A' && log[i].kind == Event::kChunk) ++a_chunks;
+  }
+  EXPECT_GE(a_chunks, 1) << "stream A got no token while B's prompt prefilled";
+  // B's prefill reported its layers (some progress messages may coalesce).
+  EXPECT_GE(got[1].progress.size(), 2u);
+  EXPECT_EQ(got[1].progress.back().layers_total(), embedded_->weights->config.n_layers);
+  ASSERT_TRUE(got[1].summary.has_value());
+  std::printf("B: %lld prompt tokens prefilled in %.1f ms; %d chunks of A meanwhile\n",
+              static_cast<long long>(want_b.prompt_tokens),
+              got[1].summary->timings().prefill_seconds() * 1e3, a_chunks);
+}
+
 TEST_F(GenerationE2eTest, CancelMidStreamFreesShards) {
   const int64_t finished_before = Info(stub_.get()).finished_requests();
   Case c;
@@ -428,6 +540,12 @@ TEST_F(GenerationE2eTest, BadRequestsGetPreciseErrors) {
     v1::GenerateRequest r = base.Proto("window");
     r.mutable_attention()->set_window(0);
     bad.push_back({"window 0", r, grpc::StatusCode::INVALID_ARGUMENT, {"attention.window"}});
+  }
+  {
+    v1::GenerateRequest r = base.Proto("chunk");
+    r.mutable_attention()->set_chunk_tokens(0);
+    bad.push_back({"chunk_tokens 0", r, grpc::StatusCode::INVALID_ARGUMENT,
+                   {"attention.chunk_tokens", "0", "[1, 16777216]"}});
   }
   {
     v1::GenerateRequest r = base.Proto("long-text");
@@ -509,6 +627,51 @@ TEST_F(GenerationE2eTest, TokenizeDetokenizeAndModelInfo) {
   EXPECT_EQ(info.max_concurrent(), 4);
   EXPECT_EQ(info.max_queue(), 16);
   EXPECT_EQ(info.node_shards(), 0);
+  // The default backend, as Backend::Describe() puts it ("cpu (1 threads, ...").
+  EXPECT_EQ(info.backend().rfind("cpu", 0), 0u) << info.backend();
+}
+
+// chunk_tokens reaches the engine: small placement chunks (several per
+// (layer, kv head) for this prompt) give the embedded output with the same
+// setting, and more shards on the node than the default one chunk.
+TEST_F(GenerationE2eTest, ChunkTokensShardsTheSequence) {
+  const int64_t finished_before = Info(stub_.get()).finished_requests();
+  Case c;
+  c.prompt = kLongPrompt;
+  c.max_tokens = 40;
+  c.chunk_tokens = 4;
+  ExpectSame(Stream(stub_.get(), c.Proto("chunks")), embedded_->Run(c.Embedded()),
+             "chunk_tokens 4");
+
+  // Shards held mid-stream: chunk_tokens 4 vs the default (one chunk).
+  auto shards_mid_stream = [&](int chunk_tokens, int64_t finished) {
+    Case h = c;
+    h.max_tokens = 400;
+    h.chunk_tokens = chunk_tokens;
+    grpc::ClientContext ctx;
+    SetDeadline(&ctx);
+    auto reader = stub_->Generate(&ctx, h.Proto("chunks-held"));
+    v1::GenerateResponse msg;
+    // Past the first decode step, which waits for the prefill hand-off.
+    for (int tokens = 0; tokens < 4;) {
+      if (!ReadPastProgress(reader.get(), &msg) || !msg.has_chunk()) {
+        ADD_FAILURE() << "the stream ended early";
+        return int64_t{-1};
+      }
+      tokens += msg.chunk().token_ids_size();
+    }
+    const int64_t shards = Info(stub_.get()).node_shards();
+    ctx.TryCancel();
+    while (reader->Read(&msg)) {
+    }
+    EXPECT_EQ(reader->Finish().error_code(), grpc::StatusCode::CANCELLED);
+    EXPECT_EQ(Info(stub_.get(), finished).node_shards(), 0);
+    return shards;
+  };
+  const int64_t chunked = shards_mid_stream(4, finished_before + 2);
+  const int64_t whole = shards_mid_stream(0, finished_before + 3);
+  EXPECT_GT(whole, 0);
+  EXPECT_GT(chunked, whole);
 }
 
 TEST_F(GenerationE2eTest, HealthServingAndReflection) {
@@ -526,6 +689,66 @@ TEST_F(GenerationE2eTest, HealthServingAndReflection) {
   auto bytes = test_support::ReflectionListServices(worker_->address());
   ASSERT_TRUE(bytes.ok()) << bytes.status();
   EXPECT_NE(bytes->find("kvr.v1.Generation"), std::string::npos);
+}
+
+// --backend: cpu is the default (printed at startup); an unknown name and,
+// in a build without CUDA or on a host without a device, cuda exit 2 with an
+// error naming the flag; on a GPU host cuda serves and GetModelInfo says so.
+TEST(GenerationBackendTest, BackendFlag) {
+  // Errors go to stderr. A server that runs must keep its stderr (it writes
+  // there after SIGTERM, when the pipe may be gone).
+  auto start = [](const std::string& flag, bool merge_stderr) {
+    auto p = Subprocess::Start({g_worker_binary, "--listen=127.0.0.1:0", "--metrics_listen=",
+                                flag},
+                               merge_stderr);
+    EXPECT_TRUE(p.ok()) << p.status();
+    return p.ok() ? *std::move(p) : nullptr;
+  };
+  {
+    auto p = start("--backend=cpu", /*merge_stderr=*/false);
+    ASSERT_NE(p, nullptr);
+    auto described = p->WaitForLine("kvr_worker backend: ", absl::Seconds(60));
+    ASSERT_TRUE(described.ok()) << described.status() << "\n" << p->Output();
+    EXPECT_EQ(described->rfind("cpu", 0), 0u) << *described;
+    ASSERT_TRUE(p->WaitForLine("kvr_worker listening on ", absl::Seconds(60)).ok());
+    auto st = p->Stop(SIGTERM, absl::Seconds(30));
+    ASSERT_TRUE(st.ok()) << st.status();
+    EXPECT_TRUE(WIFEXITED(*st) && WEXITSTATUS(*st) == 0) << "wait status " << *st;
+  }
+  {
+    auto p = start("--backend=tpu", /*merge_stderr=*/true);
+    ASSERT_NE(p, nullptr);
+    auto error = p->WaitForLine("kvr_worker: ", absl::Seconds(60));
+    ASSERT_TRUE(error.ok()) << error.status() << "\n" << p->Output();
+    EXPECT_NE(error->find("--backend \"tpu\" is not one of cpu, cuda"), std::string::npos)
+        << *error;
+    auto st = p->Stop(0, absl::Seconds(30));
+    ASSERT_TRUE(st.ok()) << st.status();
+    EXPECT_TRUE(WIFEXITED(*st) && WEXITSTATUS(*st) == 2);
+  }
+  {
+    auto p = start("--backend=cuda", /*merge_stderr=*/true);
+    ASSERT_NE(p, nullptr);
+    auto line = p->WaitForLine("kvr_worker", absl::Seconds(60));
+    ASSERT_TRUE(line.ok()) << line.status() << "\n" << p->Output();
+    if (line->rfind(": --backend cuda: ", 0) == 0) {
+      // Built without CUDA, or no usable device here.
+      auto st = p->Stop(0, absl::Seconds(30));
+      ASSERT_TRUE(st.ok()) << st.status();
+      EXPECT_TRUE(WIFEXITED(*st) && WEXITSTATUS(*st) == 2);
+    } else {
+      EXPECT_EQ(line->rfind(" backend: cuda", 0), 0u) << *line;
+      auto address = p->WaitForLine("kvr_worker listening on ", absl::Seconds(60));
+      ASSERT_TRUE(address.ok()) << address.status();
+      auto stub = v1::Generation::NewStub(
+          grpc::CreateChannel(*address, grpc::InsecureChannelCredentials()));
+      EXPECT_EQ(Info(stub.get()).backend().rfind("cuda", 0), 0u);
+      auto st = p->Stop(SIGTERM, absl::Seconds(30));
+      ASSERT_TRUE(st.ok()) << st.status();
+      // Exit 0, or SIGPIPE on its stderr (merged into the pipe Stop closes).
+      EXPECT_TRUE(WIFEXITED(*st) ? WEXITSTATUS(*st) == 0 : WTERMSIG(*st) == SIGPIPE);
+    }
+  }
 }
 
 // A worker with one decode slot and no queue: while a stream holds the slot,

@@ -5,7 +5,8 @@
 // shards while the others go on unaffected; the pipelined prefill hand-off
 // (uploads on background threads, awaited per layer at the first decode
 // step) gives the same logits as the synchronous hand-off and really does
-// not block prefill.
+// not block prefill; decode steps of running sequences interleave with a new
+// sequence's prefill layers.
 #include <chrono>
 #include <condition_variable>
 #include <cstdlib>
@@ -570,6 +571,127 @@ TEST_F(EngineMultiTest, PrefillDoesNotWaitForUploads) {
   auto st = node->Stats();
   ASSERT_TRUE(st.ok());
   EXPECT_EQ(st->sequences, 0);
+}
+
+// A prefill releases the engine between layers: decode steps of another
+// sequence run in the gaps — from the prefill's own layer callback and from
+// a second thread — and every logit (the stepping sequence's, the new
+// sequence's prefill and later steps) equals its solo run bit for bit. A
+// token cancelled in a gap stops the prefill there and leaves nothing on the
+// node.
+TEST_F(EngineMultiTest, DecodeStepsRunBetweenPrefillLayers) {
+  const int n_layers = weights_->config.n_layers;
+  const std::vector<int32_t> pa = Encode(kStory), pb = LongPrompt(400);
+  const AttentionOptions a = Retrieval();
+  const int kSteps = 2 * n_layers + 6;
+  const auto want_a = Alone(pa, a, kSteps);
+  ASSERT_EQ(want_a.size(), kSteps + 1u);
+  for (const AttentionOptions& b_opts : {Retrieval(), Full()}) {
+    SCOPED_TRACE(std::string(AttentionModeName(b_opts.mode)));
+    const auto want_b = Alone(pb, b_opts, 5);
+    ASSERT_EQ(want_b.size(), 6u);
+    for (bool from_thread : {false, true}) {
+      SCOPED_TRACE(from_thread ? "steps from a decode thread" : "steps from the callback");
+      auto node = MakeNode();
+      auto engine = MakeEngine(node.get());
+      auto sa = engine->StartSequence(pa, a);
+      ASSERT_TRUE(sa.ok()) << sa.status();
+      EngineSequence& seq_a = **sa;
+      int done_a = 0;  // steps of A run (guarded by mu below when threaded)
+      auto step_a = [&] {
+        const absl::StatusOr<std::span<const float>> l =
+            engine->Step(seq_a, Argmax(want_a[done_a]));
+        ASSERT_TRUE(l.ok()) << l.status();
+        ++done_a;
+        ASSERT_EQ(std::vector<float>(l->begin(), l->end()), want_a[done_a])
+            << "A's step " << done_a;
+      };
+      // Threaded: the callback asks the decode thread for one step and waits
+      // until it ran (a step it cannot run while the prefill holds the engine).
+      std::mutex mu;
+      std::condition_variable cv;
+      int asked = 0, ran = 0;
+      bool stop = false;
+      std::thread decoder;
+      if (from_thread) {
+        decoder = std::thread([&] {
+          std::unique_lock<std::mutex> lock(mu);
+          for (;;) {
+            cv.wait(lock, [&] { return stop || ran < asked; });
+            if (ran == asked) return;
+            lock.unlock();
+            step_a();
+            lock.lock();
+            ++ran;
+            cv.notify_all();
+          }
+        });
+      }
+      std::vector<std::pair<int, int>> layers;
+      auto sb = engine->StartSequence(pb, b_opts, CancelToken(), [&](int done, int total) {
+        layers.emplace_back(done, total);
+        if (!from_thread) {
+          step_a();
+          return;
+        }
+        std::unique_lock<std::mutex> lock(mu);
+        ++asked;
+        cv.notify_all();
+        ASSERT_TRUE(cv.wait_for(lock, std::chrono::seconds(30), [&] { return ran == asked; }))
+            << "a decode step could not run between prefill layers";
+      });
+      if (from_thread) {
+        {
+          std::lock_guard<std::mutex> lock(mu);
+          stop = true;
+          cv.notify_all();
+        }
+        decoder.join();
+      }
+      ASSERT_TRUE(sb.ok()) << sb.status();
+      EngineSequence& seq_b = **sb;
+      ASSERT_EQ(layers.size(), static_cast<size_t>(n_layers));
+      for (int l = 0; l < n_layers; ++l) {
+        EXPECT_EQ(layers[l], std::make_pair(l + 1, n_layers));
+      }
+      ASSERT_EQ(done_a, n_layers);  // one step of A per prefill layer of B
+      ASSERT_EQ(std::vector<float>(seq_b.logits().begin(), seq_b.logits().end()), want_b[0])
+          << "B's prefill";
+      // Then both as one batch.
+      for (int i = 0; i < 5; ++i) {
+        EngineSequence* batch[2] = {&seq_a, &seq_b};
+        const int32_t tokens[2] = {Argmax(want_a[done_a]), Argmax(want_b[i])};
+        std::vector<absl::Status> st(2);
+        ASSERT_TRUE(engine->StepBatch(batch, tokens, st).ok());
+        ASSERT_TRUE(st[0].ok() && st[1].ok()) << st[0] << st[1];
+        ++done_a;
+        ASSERT_EQ(std::vector<float>(seq_a.logits().begin(), seq_a.logits().end()),
+                  want_a[done_a]);
+        ASSERT_EQ(std::vector<float>(seq_b.logits().begin(), seq_b.logits().end()),
+                  want_b[i + 1]);
+      }
+    }
+  }
+
+  // Cancelled in the gap after layer 2: Cancelled, nothing of it on the node.
+  auto node = MakeNode();
+  auto engine = MakeEngine(node.get());
+  auto sa = engine->StartSequence(pa, a);
+  ASSERT_TRUE(sa.ok()) << sa.status();
+  CancelToken cancel;
+  int calls = 0;
+  auto sb = engine->StartSequence(pb, a, cancel, [&](int done, int) {
+    ++calls;
+    if (done == 2) cancel.Cancel();
+  });
+  EXPECT_EQ(sb.status().code(), absl::StatusCode::kCancelled) << sb.status();
+  EXPECT_EQ(calls, 2);
+  auto st = node->Stats();
+  ASSERT_TRUE(st.ok());
+  EXPECT_EQ(st->sequences, 1);  // A only
+  auto l = engine->Step(**sa, Argmax(want_a[0]));
+  ASSERT_TRUE(l.ok()) << l.status();
+  EXPECT_EQ(std::vector<float>(l->begin(), l->end()), want_a[1]);
 }
 
 TEST_F(EngineMultiTest, BadBatches) {
