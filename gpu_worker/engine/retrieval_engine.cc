@@ -761,6 +761,10 @@ absl::Status RetrievalEngine::StepBatchLocked(std::span<EngineSequence* const> a
       if (it.status->ok() && !it.full) seq_op(it, WaitHandOff(*it.seq, l));
     }
     KVR_BATCH_OP(b.RmsNorm(x, layer.attn_norm, c.rms_eps, xb));
+    // Window-leaving tokens go to the nodes with AppendAsync: every sequence's
+    // and kv head's append of this layer is in flight at once (the node syncs
+    // them as one group), and all are acknowledged before this layer's Attends.
+    std::vector<std::pair<int64_t, std::unique_ptr<retrieval::StatusWaiter>>> appends;
     for (int64_t i = 0; i < n; ++i) {
       Item& it = items[i];
       if (!it.status->ok()) continue;
@@ -791,7 +795,9 @@ absl::Status RetrievalEngine::StepBatchLocked(std::span<EngineSequence* const> a
           req.first_position = it.leaving;
           req.keys = key;
           req.values = value;
-          seq_op(it, client_->Append(req));
+          auto waiter = std::make_unique<retrieval::StatusWaiter>();
+          client_->AppendAsync(req, waiter->callback());  // copies key and value
+          appends.emplace_back(i, std::move(waiter));
         }
       }
       const std::span<const int32_t> pos1(&step_positions_[i], 1);
@@ -802,6 +808,7 @@ absl::Status RetrievalEngine::StepBatchLocked(std::span<EngineSequence* const> a
     }
     KVR_BATCH_OP(b.MatMul(xb, layer.wq, q));
     KVR_BATCH_OP(b.Rope(q, c.n_heads, c.head_dim, positions, inv_freq_, c.rope_style));
+    for (auto& [i, waiter] : appends) seq_op(items[i], waiter->Wait());
 
     // Start every sequence's node call, then the local attention meanwhile.
     bool downloaded = false;
