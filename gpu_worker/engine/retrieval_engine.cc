@@ -710,7 +710,9 @@ absl::Status RetrievalEngine::StepBatchLocked(std::span<EngineSequence* const> a
       cov.sink_end = std::min(it.pos + 1, s);
       cov.node_begin = s;
       cov.node_end = std::max(s, it.node_end);
-      cov.window_begin = std::max(s, it.node_end);
+      // Until the sinks are full (a prompt shorter than them) every position
+      // is a sink and the window is empty.
+      cov.window_begin = std::min(std::max(s, it.node_end), it.pos + 1);
       cov.window_end = it.pos + 1;
       KVR_CHECK_MSG(cov.attended() == it.pos + 1 &&
                         it.local_rows ==

@@ -264,6 +264,27 @@ TEST_F(EngineTest, GraphRetrievalGreedyAgreesWithFullAttention) {
   EXPECT_GE(c.top1_agreement, 0.9);
 }
 
+// A prompt shorter than the sinks (BOS + "The" = 2 tokens < 4): the first steps attend
+// sinks only, then the window fills, then tokens leave it for the node. While
+// everything is local, retrieval attention is full attention.
+TEST_F(EngineTest, PromptShorterThanTheSinks) {
+  GenerateRequest req;
+  req.prompt = "The";
+  req.max_tokens = 40;
+  ASSERT_LT(Encode(req.prompt).size(), static_cast<size_t>(req.attention.sinks));
+  req.attention.mode = AttentionMode::kFull;
+  auto full = Generate(*engine_, *tokenizer_, req);
+  ASSERT_TRUE(full.ok()) << full.status();
+  req.attention.mode = AttentionMode::kRetrieval;
+  auto retr = Generate(*engine_, *tokenizer_, req);
+  ASSERT_TRUE(retr.ok()) << retr.status();
+  ASSERT_EQ(retr->tokens.size(), 40u);
+  const size_t local = static_cast<size_t>(req.attention.sinks + req.attention.window) -
+                       Encode(req.prompt).size();
+  for (size_t i = 0; i < local; ++i) EXPECT_EQ(retr->tokens[i], full->tokens[i]) << "token " << i;
+  EXPECT_GT(retr->stats.node_held_tokens, 0);  // later tokens did leave the window
+}
+
 TEST_F(EngineTest, GreedyGenerationMatchesLlama2c) {
   GenerateRequest req;
   req.prompt = "Once upon a time";
