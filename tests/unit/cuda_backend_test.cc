@@ -16,12 +16,15 @@
 #include "common/half.h"
 #include "gpu_worker/backend/backend.h"
 #include "gpu_worker/backend/cuda/cuda_backend.h"
+#include "gpu_worker/engine/generation.h"
+#include "gpu_worker/engine/retrieval_engine.h"
 #include "gpu_worker/model/generate.h"
 #include "gpu_worker/model/llama2c_loader.h"
 #include "gpu_worker/model/llama2c_tokenizer.h"
 #include "gpu_worker/model/llama_model.h"
 #include "gpu_worker/model/model_config.h"
 #include "gtest/gtest.h"
+#include "retrieval_node/client/in_process_node.h"
 
 namespace kvr::worker {
 namespace {
@@ -312,33 +315,82 @@ TEST_F(CudaBackendTest, OutOfMemoryIsResourceExhausted) {
   EXPECT_EQ(PairNmse(x), 0.0);
 }
 
-TEST_F(CudaBackendTest, Stories260KGreedyEqualsCpu) {
-  const char* dir = std::getenv("KVR_SHARED_MODELS");
-  const std::string model = dir ? std::string(dir) + "/stories260K.bin" : "";
-  const std::string tok = dir ? std::string(dir) + "/tok512.bin" : "";
-  if (model.empty() || !std::filesystem::exists(model) || !std::filesystem::exists(tok)) {
-    GTEST_SKIP() << "KVR_SHARED_MODELS not set or stories260K.bin / tok512.bin missing";
+constexpr const char* kPrompts[] = {
+    "Once upon a time", "The little dog", "Lily and Ben", "One day", "Tom had a red ball",
+    "The sun was", "Sara wanted to", "In the park", "A big bird", "Mom said", "The cat",
+    "There was a girl", "He ran to the", "They played", "The boy was sad", "Spot", "At night",
+    "The tree", "She found a", "Timmy"};
+
+class CudaStoriesTest : public CudaBackendTest {
+ protected:
+  void SetUp() override {
+    CudaBackendTest::SetUp();
+    if (IsSkipped()) return;
+    const char* dir = std::getenv("KVR_SHARED_MODELS");
+    const std::string model = dir ? std::string(dir) + "/stories260K.bin" : "";
+    const std::string tok = dir ? std::string(dir) + "/tok512.bin" : "";
+    if (model.empty() || !std::filesystem::exists(model) || !std::filesystem::exists(tok)) {
+      GTEST_SKIP() << "KVR_SHARED_MODELS not set or stories260K.bin / tok512.bin missing";
+    }
+    auto weights = LoadLlama2c(model);
+    ASSERT_TRUE(weights.ok()) << weights.status();
+    weights_ = *weights;
+    auto tokenizer = Llama2cTokenizer::Load(tok, weights_->config.vocab_size);
+    ASSERT_TRUE(tokenizer.ok()) << tokenizer.status();
+    tokenizer_ = std::move(*tokenizer);
   }
-  auto weights = LoadLlama2c(model);
-  ASSERT_TRUE(weights.ok()) << weights.status();
-  auto tokenizer = Llama2cTokenizer::Load(tok, (*weights)->config.vocab_size);
-  ASSERT_TRUE(tokenizer.ok()) << tokenizer.status();
-  auto cpu_model = LlamaModel::Create(cpu_.get(), *weights);
-  auto gpu_model = LlamaModel::Create(gpu_.get(), *weights);
+
+  std::shared_ptr<const LlamaWeights> weights_;
+  std::unique_ptr<Llama2cTokenizer> tokenizer_;
+};
+
+TEST_F(CudaStoriesTest, GreedyEqualsCpu) {
+  auto cpu_model = LlamaModel::Create(cpu_.get(), weights_);
+  auto gpu_model = LlamaModel::Create(gpu_.get(), weights_);
   ASSERT_TRUE(cpu_model.ok()) << cpu_model.status();
   ASSERT_TRUE(gpu_model.ok()) << gpu_model.status();
-  const char* kPrompts[] = {"Once upon a time", "The little dog", "Lily and Ben", "One day",
-                            "Tom had a red ball", "The sun was", "Sara wanted to", "In the park",
-                            "A big bird", "Mom said", "The cat", "There was a girl",
-                            "He ran to the", "They played", "The boy was sad", "Spot",
-                            "At night", "The tree", "She found a", "Timmy"};
   for (const char* prompt : kPrompts) {
-    auto a = GenerateGreedy(**cpu_model, **tokenizer, prompt, 128);
-    auto b = GenerateGreedy(**gpu_model, **tokenizer, prompt, 128);
+    auto a = GenerateGreedy(**cpu_model, *tokenizer_, prompt, 128);
+    auto b = GenerateGreedy(**gpu_model, *tokenizer_, prompt, 128);
     ASSERT_TRUE(a.ok()) << a.status();
     ASSERT_TRUE(b.ok()) << b.status();
     EXPECT_EQ(*a, *b) << "prompt: " << prompt;
   }
+}
+
+// Retrieval attention (sinks 4 + window 16 on the backend, the rest on an
+// in-process node with the attention-graph index, k 16): the engine on the
+// CUDA backend generates the CPU backend's greedy tokens.
+TEST_F(CudaStoriesTest, RetrievalGreedyEqualsCpu) {
+  struct Side {
+    std::unique_ptr<retrieval::InProcessRetrievalNode> node;
+    std::unique_ptr<RetrievalEngine> engine;
+  };
+  auto make = [&](Backend* backend) {
+    Side side;
+    auto node = retrieval::InProcessRetrievalNode::Create({});
+    KVR_CHECK(node.ok());
+    side.node = std::move(*node);
+    auto engine = RetrievalEngine::Create(backend, weights_, side.node.get());
+    KVR_CHECK_MSG(engine.ok(), engine.status().ToString().c_str());
+    side.engine = std::move(*engine);
+    return side;
+  };
+  Side cpu = make(cpu_.get()), gpu = make(gpu_.get());
+  int64_t retrieved = 0;
+  for (const char* prompt : kPrompts) {
+    GenerateRequest req;
+    req.prompt = prompt;
+    req.max_tokens = 128;
+    req.attention.mode = AttentionMode::kRetrieval;
+    auto a = Generate(*cpu.engine, *tokenizer_, req);
+    auto b = Generate(*gpu.engine, *tokenizer_, req);
+    ASSERT_TRUE(a.ok()) << a.status();
+    ASSERT_TRUE(b.ok()) << b.status();
+    EXPECT_EQ(a->tokens, b->tokens) << "prompt: " << prompt;
+    retrieved += b->stats.node_held_tokens;
+  }
+  EXPECT_GT(retrieved, 0);  // the nodes took part
 }
 
 }  // namespace

@@ -15,7 +15,7 @@ __device__ __forceinline__ float NegInf() { return -__int_as_float(0x7f800000); 
 // Grid: x = item tiles, y = KV head, z = key split. Block: warps * 32.
 __global__ void AttendKernel(AttendArgs a, int splits, int64_t tiles_per_split, float* ws_o,
                              float* ws_ml) {
-  extern __shared__ float smem[];
+  KVR_DYNAMIC_SHARED(float, smem);
   const int hd = a.head_dim;
   const int warps = static_cast<int>(blockDim.x >> 5);
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -227,12 +227,12 @@ cudaError_t LaunchAttend(const AttendArgs& a, const AttendPlan& plan, float* wor
                                  : nullptr;
   const dim3 grid(static_cast<unsigned>((items + plan.warps - 1) / plan.warps),
                   static_cast<unsigned>(a.n_kv_heads), static_cast<unsigned>(plan.splits));
-  AttendKernel<<<grid, plan.warps * 32, plan.smem_bytes, stream>>>(a, plan.splits,
-                                                                   plan.tiles_per_split, ws_o, ws_ml);
+  KVR_LAUNCH(AttendKernel, grid, plan.warps * 32, plan.smem_bytes, stream)(
+      a, plan.splits, plan.tiles_per_split, ws_o, ws_ml);
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess || plan.splits == 1) return err;
-  CombineKernel<<<static_cast<unsigned>(rows), 128, 0, stream>>>(ws_o, ws_ml, plan.splits, rows,
-                                                                 a.head_dim, a.o, a.m, a.l);
+  KVR_LAUNCH(CombineKernel, static_cast<unsigned>(rows), 128, 0, stream)(
+      ws_o, ws_ml, plan.splits, rows, a.head_dim, a.o, a.m, a.l);
   return cudaGetLastError();
 }
 
@@ -240,7 +240,8 @@ cudaError_t LaunchMergeAttention(float* o, float* m, float* l, const float* o2, 
                                  const float* l2, int64_t rows, int head_dim,
                                  cudaStream_t stream) {
   if (rows == 0) return cudaSuccess;
-  MergeKernel<<<static_cast<unsigned>(rows), 128, 0, stream>>>(o, m, l, o2, m2, l2, head_dim);
+  KVR_LAUNCH(MergeKernel, static_cast<unsigned>(rows), 128, 0, stream)(
+      o, m, l, o2, m2, l2, head_dim);
   return cudaGetLastError();
 }
 

@@ -1,8 +1,5 @@
 #include "gpu_worker/backend/cuda/cuda_backend.h"
 
-#include <cublas_v2.h>
-#include <cuda_runtime_api.h>
-
 #include <algorithm>
 #include <array>
 #include <cmath>
@@ -13,6 +10,7 @@
 #include "absl/strings/str_cat.h"
 #include "common/status.h"
 #include "gpu_worker/backend/cuda/attention.cuh"
+#include "gpu_worker/backend/cuda/cuda_api.h"
 #include "gpu_worker/backend/cuda/cuda_status.h"
 #include "gpu_worker/backend/cuda/elementwise.cuh"
 #include "gpu_worker/backend/cuda/gemm.h"

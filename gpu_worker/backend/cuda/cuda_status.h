@@ -10,8 +10,7 @@
 
 #include <cstddef>
 
-#include <cublas_v2.h>
-#include <cuda_runtime_api.h>
+#include "gpu_worker/backend/cuda/cuda_api.h"
 
 #include "absl/status/status.h"
 #include "absl/strings/string_view.h"

@@ -1,8 +1,5 @@
 #include "gpu_worker/backend/cuda/elementwise.cuh"
 
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-
 #include "gpu_worker/backend/cuda/reduce.cuh"
 
 namespace kvr::worker::cuda {
@@ -89,16 +86,16 @@ cudaError_t LaunchEmbedding(const void* table, TableType type, const int32_t* to
   const dim3 grid(static_cast<unsigned>(n));
   switch (type) {
     case TableType::kF32:
-      EmbeddingKernel<<<grid, kThreads, 0, stream>>>(static_cast<const float*>(table), tokens, d,
-                                                     out);
+      KVR_LAUNCH(EmbeddingKernel<float>, grid, kThreads, 0, stream)(
+          static_cast<const float*>(table), tokens, d, out);
       break;
     case TableType::kBF16:
-      EmbeddingKernel<<<grid, kThreads, 0, stream>>>(static_cast<const __nv_bfloat16*>(table),
-                                                     tokens, d, out);
+      KVR_LAUNCH(EmbeddingKernel<__nv_bfloat16>, grid, kThreads, 0, stream)(
+          static_cast<const __nv_bfloat16*>(table), tokens, d, out);
       break;
     case TableType::kF16:
-      EmbeddingKernel<<<grid, kThreads, 0, stream>>>(static_cast<const __half*>(table), tokens,
-                                                     d, out);
+      KVR_LAUNCH(EmbeddingKernel<__half>, grid, kThreads, 0, stream)(
+          static_cast<const __half*>(table), tokens, d, out);
       break;
   }
   return cudaGetLastError();
@@ -107,28 +104,28 @@ cudaError_t LaunchEmbedding(const void* table, TableType type, const int32_t* to
 cudaError_t LaunchRmsNorm(const float* x, const float* weight, float eps, int64_t n, int64_t d,
                           float* out, cudaStream_t stream) {
   if (n == 0 || d == 0) return cudaSuccess;
-  RmsNormKernel<<<static_cast<unsigned>(n), kThreads, 0, stream>>>(x, weight, eps, d, out);
+  KVR_LAUNCH(RmsNormKernel, static_cast<unsigned>(n), kThreads, 0, stream)(x, weight, eps, d, out);
   return cudaGetLastError();
 }
 
 cudaError_t LaunchRope(float* x, int64_t n, int n_heads, int head_dim, const int32_t* positions,
                        const float* inv_freq, bool interleaved, cudaStream_t stream) {
   if (n == 0) return cudaSuccess;
-  RopeKernel<<<static_cast<unsigned>(n), kThreads, 0, stream>>>(x, n_heads, head_dim, positions,
-                                                                inv_freq, interleaved);
+  KVR_LAUNCH(RopeKernel, static_cast<unsigned>(n), kThreads, 0, stream)(
+      x, n_heads, head_dim, positions, inv_freq, interleaved);
   return cudaGetLastError();
 }
 
 cudaError_t LaunchSwiGlu(const float* gate, const float* up, float* out, int64_t count,
                          cudaStream_t stream) {
   if (count == 0) return cudaSuccess;
-  SwiGluKernel<<<GridFor(count), kThreads, 0, stream>>>(gate, up, out, count);
+  KVR_LAUNCH(SwiGluKernel, GridFor(count), kThreads, 0, stream)(gate, up, out, count);
   return cudaGetLastError();
 }
 
 cudaError_t LaunchAdd(float* x, const float* y, int64_t count, cudaStream_t stream) {
   if (count == 0) return cudaSuccess;
-  AddKernel<<<GridFor(count), kThreads, 0, stream>>>(x, y, count);
+  KVR_LAUNCH(AddKernel, GridFor(count), kThreads, 0, stream)(x, y, count);
   return cudaGetLastError();
 }
 

@@ -4,8 +4,7 @@
 
 #include <cstdint>
 
-#include <cublas_v2.h>
-#include <cuda_runtime_api.h>
+#include "gpu_worker/backend/cuda/cuda_api.h"
 
 #include "absl/status/status.h"
 #include "gpu_worker/backend/tensor.h"

@@ -1,8 +1,5 @@
 #include "gpu_worker/backend/cuda/gemv.cuh"
 
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-
 #include "gpu_worker/backend/cuda/reduce.cuh"
 
 namespace kvr::worker::cuda {
@@ -96,11 +93,11 @@ cudaError_t LaunchGemvHalf(const float* x, const void* w, bool bf16, int64_t n, 
                     reinterpret_cast<uintptr_t>(x) % 16 == 0;
   const dim3 grid(static_cast<unsigned>((out + kWarpsPerBlock - 1) / kWarpsPerBlock));
   if (bf16) {
-    GemvKernel<<<grid, kWarpsPerBlock * 32, 0, stream>>>(
+    KVR_LAUNCH(GemvKernel<__nv_bfloat16>, grid, kWarpsPerBlock * 32, 0, stream)(
         x, static_cast<const __nv_bfloat16*>(w), static_cast<int>(n), in, out, y, vec8);
   } else {
-    GemvKernel<<<grid, kWarpsPerBlock * 32, 0, stream>>>(x, static_cast<const __half*>(w),
-                                                         static_cast<int>(n), in, out, y, vec8);
+    KVR_LAUNCH(GemvKernel<__half>, grid, kWarpsPerBlock * 32, 0, stream)(
+        x, static_cast<const __half*>(w), static_cast<int>(n), in, out, y, vec8);
   }
   return cudaGetLastError();
 }
@@ -111,9 +108,11 @@ cudaError_t LaunchConvertF32ToHalf(const float* src, void* dst, bool bf16, int64
   const int64_t blocks64 = (count + 255) / 256;
   const unsigned blocks = static_cast<unsigned>(blocks64 < 65535 ? blocks64 : 65535);
   if (bf16) {
-    ConvertKernel<<<blocks, 256, 0, stream>>>(src, static_cast<__nv_bfloat16*>(dst), count);
+    KVR_LAUNCH(ConvertKernel<__nv_bfloat16>, blocks, 256, 0, stream)(
+        src, static_cast<__nv_bfloat16*>(dst), count);
   } else {
-    ConvertKernel<<<blocks, 256, 0, stream>>>(src, static_cast<__half*>(dst), count);
+    KVR_LAUNCH(ConvertKernel<__half>, blocks, 256, 0, stream)(
+        src, static_cast<__half*>(dst), count);
   }
   return cudaGetLastError();
 }

@@ -3,7 +3,7 @@
 // thread of the block and return the result to all of them.
 #pragma once
 
-#include <cuda_runtime.h>
+#include "gpu_worker/backend/cuda/cuda_api.h"
 
 namespace kvr::worker::cuda {
 

@@ -75,13 +75,14 @@ __global__ void ArgmaxKernel(const float* x, int64_t v, int32_t* out) {
 cudaError_t LaunchSoftmax(float* x, int64_t n, int64_t v, float temperature, cudaStream_t stream) {
   if (n == 0 || v == 0) return cudaSuccess;
   const float inv_t = 1.0f / temperature;
-  SoftmaxKernel<<<static_cast<unsigned>(n), kThreads, 0, stream>>>(x, v, inv_t, inv_t != 1.0f);
+  KVR_LAUNCH(SoftmaxKernel, static_cast<unsigned>(n), kThreads, 0, stream)(
+      x, v, inv_t, inv_t != 1.0f);
   return cudaGetLastError();
 }
 
 cudaError_t LaunchArgmax(const float* x, int64_t n, int64_t v, int32_t* out, cudaStream_t stream) {
   if (n == 0 || v == 0) return cudaSuccess;
-  ArgmaxKernel<<<static_cast<unsigned>(n), kThreads, 0, stream>>>(x, v, out);
+  KVR_LAUNCH(ArgmaxKernel, static_cast<unsigned>(n), kThreads, 0, stream)(x, v, out);
   return cudaGetLastError();
 }
 

@@ -16,7 +16,7 @@ __device__ __forceinline__ bool Better(float a, int64_t ia, float b, int64_t ib)
 }
 
 __global__ void TopKKernel(TopKArgs a) {
-  extern __shared__ float qs[];  // [head_dim]
+  KVR_DYNAMIC_SHARED(float, qs);  // [head_dim]
   __shared__ float red_val[kThreads / 32];
   __shared__ int64_t red_id[kThreads / 32];
   const int64_t row = blockIdx.x / a.n_heads;
@@ -81,7 +81,8 @@ __global__ void TopKKernel(TopKArgs a) {
 cudaError_t LaunchTopK(const TopKArgs& a, cudaStream_t stream) {
   const int64_t blocks = a.n * a.n_heads;
   if (blocks == 0) return cudaSuccess;
-  TopKKernel<<<static_cast<unsigned>(blocks), kThreads, sizeof(float) * a.head_dim, stream>>>(a);
+  KVR_LAUNCH(TopKKernel, static_cast<unsigned>(blocks), kThreads, sizeof(float) * a.head_dim, stream)(
+      a);
   return cudaGetLastError();
 }
 

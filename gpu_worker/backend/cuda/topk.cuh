@@ -14,7 +14,7 @@
 
 #include <cstdint>
 
-#include <cuda_runtime_api.h>
+#include "gpu_worker/backend/cuda/cuda_api.h"
 
 namespace kvr::worker::cuda {
 

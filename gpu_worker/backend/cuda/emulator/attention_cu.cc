@@ -1,0 +1,2 @@
+// attention.cu compiled by the host compiler against the emulator.
+#include "gpu_worker/backend/cuda/attention.cu"

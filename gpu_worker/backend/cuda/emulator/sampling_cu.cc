@@ -1,0 +1,2 @@
+// sampling.cu compiled by the host compiler against the emulator.
+#include "gpu_worker/backend/cuda/sampling.cu"

@@ -1,0 +1,11 @@
+# The cuda backend's sources on the CPU emulator (label unit: runs everywhere,
+# no GPU, no CUDA toolkit). cuda_backend_emulated_test is cuda_backend_test.cc
+# itself, linked with the emulated backend: every op against the CPU backend
+# and stories260K greedy equality. cuda_emulator_test checks the emulator's
+# own semantics and that it catches the kernel bugs it claims to.
+kvr_test(cuda_backend_emulated_test SOURCES unit/cuda_backend_test.cc
+  DEPS kvr::cuda_backend_emulated kvr::model kvr::engine kvr::retrieval_client
+  LABELS "unit;cuda_emulated" TIMEOUT 900)
+kvr_test(cuda_emulator_test SOURCES unit/cuda_emulator_test.cc
+  DEPS kvr::cuda_emulator
+  LABELS "unit;cuda_emulated")
