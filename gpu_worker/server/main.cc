@@ -6,8 +6,8 @@
 //              [--metrics_listen 127.0.0.1:0] [--backend cpu|cuda]
 //
 // Loads the model and tokenizer (default: the bundled stories260K), runs one
-// RetrievalEngine (on --backend: "cpu", or "cuda" when built with the CUDA
-// backend; printed as "kvr_worker backend: <Describe()>" on stdout and
+// RetrievalEngine (on --backend: "cpu", or "cuda" from the plugin
+// libkvr_cuda_plugin.so, loaded at start from --cuda_plugin; printed as "kvr_worker backend: <Describe()>" on stdout and
 // reported by GetModelInfo) against an in-process retrieval node or the
 // kvr_node servers of --nodes (a static list, or every address of a DNS name
 // — a Kubernetes headless service — re-resolved every
@@ -37,9 +37,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/time/time.h"
 #include "gpu_worker/backend/backend.h"
-#ifdef KVR_WORKER_WITH_CUDA
-#include "gpu_worker/backend/cuda/cuda_backend.h"
-#endif
+#include "gpu_worker/backend/backend_plugin.h"
 #include "gpu_worker/model/llama2c_loader.h"
 #include "gpu_worker/model/llama2c_tokenizer.h"
 #include "gpu_worker/server/generation_scheduler.h"
@@ -75,8 +73,11 @@ ABSL_FLAG(int, max_concurrent, 8,
 ABSL_FLAG(int, max_queue, 64,
           "requests waiting beyond --max_concurrent; more get RESOURCE_EXHAUSTED");
 ABSL_FLAG(std::string, backend, "cpu",
-          "compute backend: cpu, or cuda (only in a kvr_worker built with the CUDA backend)");
+          "compute backend: cpu, or cuda (loads the CUDA backend plugin, see --cuda_plugin)");
 ABSL_FLAG(int, device, 0, "--backend=cuda: CUDA device ordinal");
+ABSL_FLAG(std::string, cuda_plugin, "",
+          "--backend=cuda: path of libkvr_cuda_plugin.so (empty: the one next to this "
+          "executable, else the dynamic loader's search path)");
 ABSL_FLAG(int, threads, 1, "CPU backend threads, 0 = all cores");
 ABSL_FLAG(int, tail_capacity, 64,
           "in-process node: appended keys kept flat before sealing into the index");
@@ -213,18 +214,28 @@ absl::StatusOr<std::unique_ptr<Backend>> MakeBackend() {
   if (device < 0 || device > 1023) {
     return absl::InvalidArgumentError(absl::StrCat("--device ", device, " outside [0, 1023]"));
   }
-#ifdef KVR_WORKER_WITH_CUDA
-  KVR_RETURN_IF_ERROR(RegisterCudaBackend());
-#endif
   if (name != "cpu" && name != "cuda") {
     return absl::InvalidArgumentError(
         absl::StrCat("--backend \"", name, "\" is not one of cpu, cuda"));
   }
-  const std::vector<std::string> names = BackendRegistry::Names();
-  if (std::find(names.begin(), names.end(), name) == names.end()) {
-    return absl::FailedPreconditionError(
-        absl::StrCat("--backend ", name, ": this kvr_worker was built without it (configure ",
-                     "with -DKVR_WORKER_WITH_CUDA=ON where nvcc is found)"));
+  if (name == "cuda") {
+    std::string path = absl::GetFlag(FLAGS_cuda_plugin);
+    if (path.empty()) {
+      constexpr char kPlugin[] = "libkvr_cuda_plugin.so";
+      path = PathBesideExecutable(kPlugin);
+      if (!std::filesystem::exists(path)) path = kPlugin;
+    }
+    absl::StatusOr<std::string> loaded = LoadBackendPlugin(path);
+    if (!loaded.ok()) {
+      return absl::Status(loaded.status().code(),
+                          absl::StrCat("--backend cuda: ", loaded.status().message(),
+                                       " (build target kvr_cuda_plugin where nvcc is found, and "
+                                       "pass its path with --cuda_plugin)"));
+    }
+    if (*loaded != name) {
+      return absl::InvalidArgumentError(absl::StrCat("--cuda_plugin ", path, " provides backend '",
+                                                     *loaded, "', not 'cuda'"));
+    }
   }
   BackendOptions bo;
   bo.num_threads = absl::GetFlag(FLAGS_threads);
@@ -326,14 +337,7 @@ int Main(int argc, char** argv) {
   if (const std::string listen = absl::GetFlag(FLAGS_metrics_listen); !listen.empty()) {
     absl::StatusOr<std::string> bound = metrics->Serve(listen);
     if (!bound.ok()) {
-#ifdef KVR_WORKER_WITH_CUDA
-      // cuBLAS's static TLS leaves civetweb's 100 KiB thread stacks too small.
-      return Fail(absl::StrCat("--metrics_listen: ", bound.status().message(),
-                               " (a kvr_worker built with the CUDA backend cannot start the "
-                               "metrics server's threads: run it with --metrics_listen=)"));
-#else
       return Fail(absl::StrCat("--metrics_listen: ", bound.status().message()));
-#endif
     }
     std::printf("kvr_worker metrics on %s\n", bound->c_str());
     std::fflush(stdout);

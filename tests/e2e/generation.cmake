@@ -9,9 +9,10 @@ target_compile_options(generation_e2e_test PRIVATE ${KVR_WARNINGS})
 # in DT_NEEDED before libsentencepiece.
 target_link_libraries(generation_e2e_test PRIVATE protobuf::libprotobuf kvr::proto
   kvr::health_proto kvr::engine kvr::retrieval_client kvr::model GTest::gtest)
-add_dependencies(generation_e2e_test kvr_worker kvr_node)
+add_dependencies(generation_e2e_test kvr_worker kvr_node kvr_cuda_emulated_plugin)
 add_test(NAME generation_e2e_test
   COMMAND generation_e2e_test --kvr_worker $<TARGET_FILE:kvr_worker>
-    --kvr_node $<TARGET_FILE:kvr_node>)
+    --kvr_node $<TARGET_FILE:kvr_node>
+    --cuda_emulated_plugin $<TARGET_FILE:kvr_cuda_emulated_plugin>)
 set_tests_properties(generation_e2e_test PROPERTIES LABELS e2e TIMEOUT 300
   ENVIRONMENT "KVR_SHARED_MODELS=${PROJECT_SOURCE_DIR}/../shared/models")

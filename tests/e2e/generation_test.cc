@@ -49,6 +49,7 @@
 #include <vector>
 
 #include "common/subprocess.h"
+#include "tests/support/metrics_page.h"
 #include "tests/support/reflection.h"
 #include "tests/support/server_process.h"
 #include "gpu_worker/backend/backend.h"
@@ -69,6 +70,7 @@ namespace kvr::worker {
 namespace {
 
 std::string g_worker_binary;  // --kvr_worker
+std::string g_cuda_emulated_plugin;  // --cuda_emulated_plugin
 std::string g_node_binary;    // --kvr_node (optional)
 
 constexpr auto kCallTimeout = std::chrono::seconds(60);
@@ -751,6 +753,53 @@ TEST(GenerationBackendTest, BackendFlag) {
   }
 }
 
+// --backend=cuda through the plugin loader, with the CUDA backend's sources
+// built on the CPU emulator (libkvr_cuda_emulated_plugin.so): the worker
+// serves the embedded CPU engine's greedy tokens, offloaded prompt included,
+// reports the backend, and its /metrics threads start with the plugin loaded.
+TEST(GenerationCudaPluginTest, EmulatedCudaWorkerEqualsEmbedded) {
+  if (g_cuda_emulated_plugin.empty()) GTEST_SKIP() << "no --cuda_emulated_plugin given";
+  auto embedded = Embedded::Create();
+  auto worker = ServerProcess::Start(
+      g_worker_binary, "kvr_worker",
+      {"--backend=cuda", "--cuda_plugin=" + g_cuda_emulated_plugin, "--metrics_listen=127.0.0.1:0"});
+  ASSERT_NE(worker, nullptr);
+  auto stub = v1::Generation::NewStub(
+      grpc::CreateChannel(worker->address(), grpc::InsecureChannelCredentials()));
+  EXPECT_EQ(Info(stub.get()).backend().rfind("cuda", 0), 0u) << Info(stub.get()).backend();
+  for (const std::string mode : {"retrieval", "full"}) {
+    for (const char* prompt : {"Once upon a time", kLongPrompt}) {
+      Case c;
+      c.prompt = prompt;
+      c.max_tokens = 48;
+      c.mode = mode;
+      ExpectSame(Stream(stub.get(), c.Proto("cuda-" + mode)), embedded->Run(c.Embedded()),
+                 mode + " / " + std::string(prompt));
+    }
+  }
+  ASSERT_FALSE(worker->metrics_address().empty());
+  const std::optional<std::string> page = test_support::HttpGetMetrics(worker->metrics_address());
+  ASSERT_TRUE(page.has_value());
+  EXPECT_NE(page->find("kvr_worker_requests_total"), std::string::npos);
+  const std::optional<int> st = worker->Stop(SIGTERM);
+  ASSERT_TRUE(st.has_value());
+  EXPECT_TRUE(WIFEXITED(*st) && WEXITSTATUS(*st) == 0);
+
+  // A shared object that is not a kvr backend plugin: exit 2, naming why.
+  auto p = Subprocess::Start({g_worker_binary, "--listen=127.0.0.1:0", "--metrics_listen=",
+                              "--backend=cuda", "--cuda_plugin=libm.so.6"},
+                             /*merge_stderr=*/true);
+  ASSERT_TRUE(p.ok()) << p.status();
+  auto error = (*p)->WaitForLine("kvr_worker: ", absl::Seconds(60));
+  ASSERT_TRUE(error.ok()) << error.status() << "\n" << (*p)->Output();
+  EXPECT_NE(error->find("backend plugin libm.so.6 has no kvr_backend_plugin_v1"),
+            std::string::npos)
+      << *error;
+  auto exit = (*p)->Stop(0, absl::Seconds(30));
+  ASSERT_TRUE(exit.ok()) << exit.status();
+  EXPECT_TRUE(WIFEXITED(*exit) && WEXITSTATUS(*exit) == 2);
+}
+
 // A worker with one decode slot and no queue: while a stream holds the slot,
 // another request gets RESOURCE_EXHAUSTED with retry advice.
 TEST(GenerationOverloadTest, FullQueueIsResourceExhausted) {
@@ -922,6 +971,8 @@ int main(int argc, char** argv) {
       kvr::worker::g_worker_binary = argv[++i];
     } else if (a.rfind("--kvr_worker=", 0) == 0) {
       kvr::worker::g_worker_binary = a.substr(13);
+    } else if (a == "--cuda_emulated_plugin" && i + 1 < argc) {
+      kvr::worker::g_cuda_emulated_plugin = argv[++i];
     } else if (a == "--kvr_node" && i + 1 < argc) {
       kvr::worker::g_node_binary = argv[++i];
     } else if (a.rfind("--kvr_node=", 0) == 0) {

@@ -9,3 +9,8 @@ kvr_test(cuda_backend_emulated_test SOURCES unit/cuda_backend_test.cc
 kvr_test(cuda_emulator_test SOURCES unit/cuda_emulator_test.cc
   DEPS kvr::cuda_emulator
   LABELS "unit;cuda_emulated")
+# LoadBackendPlugin with the emulated CUDA backend as a dlopen plugin.
+kvr_test(backend_plugin_test SOURCES unit/backend_plugin_test.cc DEPS kvr::worker_backend)
+add_dependencies(backend_plugin_test kvr_cuda_emulated_plugin)
+target_compile_definitions(backend_plugin_test PRIVATE
+  KVR_TEST_PLUGIN="$<TARGET_FILE:kvr_cuda_emulated_plugin>")

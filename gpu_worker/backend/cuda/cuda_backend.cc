@@ -123,6 +123,15 @@ class CudaBackend final : public Backend {
 
   std::string_view name() const override { return "cuda"; }
 
+  std::string Describe() const override {
+#if defined(KVR_CUDA_EMULATION)
+    constexpr const char* kWhat = " (CPU emulator of CUDA: for tests, not speed)";
+#else
+    constexpr const char* kWhat = "";
+#endif
+    return absl::StrCat("cuda device ", device_, ", ", num_sms_, " SMs", kWhat);
+  }
+
   // ---- Memory --------------------------------------------------------------
 
   absl::StatusOr<Tensor> Allocate(DType dtype, int64_t rows, int64_t cols) override {
