@@ -28,6 +28,9 @@
 //   1M context: --contexts=1048576 --layers=4 (bf16 values on the node).
 //
 // Without a CUDA device it prints why and exits 0 (nothing measured).
+// gpu_decode_bench_emulated is the same program on the CPU emulator of CUDA
+// (gpu_worker/backend/cuda/emulator): a check that the benchmark runs end to
+// end (a test runs it at the smallest shape); its timings mean nothing.
 #include <algorithm>
 #include <atomic>
 #include <chrono>
@@ -39,8 +42,6 @@
 #include <string>
 #include <thread>
 #include <vector>
-
-#include <cuda_runtime_api.h>
 
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
@@ -54,6 +55,7 @@
 #include "common/thread_pool.h"
 #include "common/value_matrix.h"
 #include "gpu_worker/backend/backend.h"
+#include "gpu_worker/backend/cuda/cuda_api.h"
 #include "gpu_worker/backend/cuda/cuda_backend.h"
 #include "gpu_worker/model/device_weights.h"
 #include "gpu_worker/model/random_weights.h"

@@ -14,3 +14,16 @@ kvr_test(backend_plugin_test SOURCES unit/backend_plugin_test.cc DEPS kvr::worke
 add_dependencies(backend_plugin_test kvr_cuda_emulated_plugin)
 target_compile_definitions(backend_plugin_test PRIVATE
   KVR_TEST_PLUGIN="$<TARGET_FILE:kvr_cuda_emulated_plugin>")
+# bench/gpu_decode_bench on the emulator at the smallest shape: all three
+# modes (gpu, stream, retrieval) must produce a row and the program exit 0.
+# A check that the benchmark works before a GPU session spends time on it,
+# not a measurement.
+if(TARGET gpu_decode_bench_emulated)
+  add_test(NAME gpu_decode_bench_emulated
+    COMMAND bash -c "out=$(\"$0\" --contexts=1024 --layers=1 --steps=1 --sinks=16 --window=64 \
+--top_k=16 --node_threads=1) || exit 1; echo \"$out\"; \
+test $(echo \"$out\" | grep -cE '^(gpu|stream|retrieval) +1024 [|] +[0-9]') -eq 3"
+      $<TARGET_FILE:gpu_decode_bench_emulated>)
+  set_tests_properties(gpu_decode_bench_emulated PROPERTIES LABELS "unit;cuda_emulated"
+    TIMEOUT 600)
+endif()

@@ -230,6 +230,30 @@ cudaError_t cudaGetDeviceCount(int* count) {
   return cudaSuccess;
 }
 
+cudaError_t cudaGetDeviceProperties(cudaDeviceProp* prop, int device) {
+  KVR_EMU_ENTER();
+  if (prop == nullptr) return Fail(cudaErrorInvalidValue);
+  if (device != 0) return Fail(cudaErrorInvalidDevice);
+  *prop = cudaDeviceProp{};
+  std::snprintf(prop->name, sizeof prop->name, "%s",
+                "kvr CPU emulator of CUDA (not a GPU: its timings mean nothing)");
+  prop->totalGlobalMem = E().capacity;
+  prop->sharedMemPerBlockOptin = kvr::cuda_emu::kMaxDynamicSharedOptin;
+  prop->multiProcessorCount = kvr::cuda_emu::kMultiProcessors;
+  prop->maxThreadsPerBlock = 1024;
+  prop->warpSize = 32;
+  prop->major = 9;
+  prop->minor = 0;
+  return cudaSuccess;
+}
+
+cudaError_t cudaDriverGetVersion(int* version) {
+  KVR_EMU_ENTER();
+  if (version == nullptr) return Fail(cudaErrorInvalidValue);
+  *version = 0;
+  return cudaSuccess;
+}
+
 cudaError_t cudaSetDevice(int device) {
   KVR_EMU_ENTER();
   return device == 0 ? cudaSuccess : Fail(cudaErrorInvalidDevice);

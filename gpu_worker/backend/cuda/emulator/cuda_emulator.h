@@ -115,7 +115,21 @@ struct alignas(16) uint4 {
   unsigned x, y, z, w;
 };
 
+// The fields of the toolkit's cudaDeviceProp that kvr reads.
+struct cudaDeviceProp {
+  char name[256];
+  size_t totalGlobalMem;
+  size_t sharedMemPerBlockOptin;
+  int multiProcessorCount;
+  int maxThreadsPerBlock;
+  int warpSize;
+  int major, minor;
+};
+
 cudaError_t cudaGetDeviceCount(int* count);
+cudaError_t cudaGetDeviceProperties(cudaDeviceProp* prop, int device);
+// 0: no driver (there is none; the emulator is the "device").
+cudaError_t cudaDriverGetVersion(int* version);
 cudaError_t cudaSetDevice(int device);
 cudaError_t cudaGetDevice(int* device);
 cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int device);
