@@ -3,6 +3,7 @@
 #include <map>
 #include <mutex>
 
+#include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "gpu_worker/backend/cpu/cpu_backend.h"
 
@@ -18,6 +19,12 @@ const char* DTypeName(DType t) {
       return "f16";
   }
   return "?";
+}
+
+absl::Status Backend::TopK(const Tensor&, const Tensor&, const AttentionShape&, int, int64_t,
+                          int64_t, int, std::span<int64_t>, std::span<float>) {
+  return absl::UnimplementedError(
+      absl::StrCat("backend '", std::string(name()), "' has no TopK op"));
 }
 
 namespace {

@@ -170,6 +170,22 @@ class Backend {
   // out[i] = argmax of row i of x [n x V] (the lowest index among ties);
   // out is host memory of size n. Waits for earlier ops.
   virtual absl::Status Argmax(const Tensor& x, std::span<int32_t> out) = 0;
+
+  // ---- Optional ops --------------------------------------------------------
+  // Exact top-k by inner product (the retrieval index's training data: each
+  // prefill query's best keys). For each row i of q [n x shape.q_cols()] and
+  // each query head h = kv_head * group + j of KV head `kv_head` (group =
+  // n_heads / n_kv_heads), the top_k rows of k_cache [S x shape.kv_cols()]
+  // among [key_begin, key_end) with the largest unscaled q_h . k, best first,
+  // ties to the smaller row, ids relative to key_begin. Row (i, j) of ids and
+  // scores (host memory, n * group * top_k each) starts at (i * group + j) *
+  // top_k: the layout of ExactTopK over the group's queries stacked row by
+  // row. top_k in [1, min(MaxTopK(), key_end - key_begin)]. Waits for the
+  // result. A backend without it has MaxTopK() 0 and returns Unimplemented.
+  virtual int MaxTopK() const { return 0; }
+  virtual absl::Status TopK(const Tensor& q, const Tensor& k_cache, const AttentionShape& shape,
+                            int kv_head, int64_t key_begin, int64_t key_end, int top_k,
+                            std::span<int64_t> ids, std::span<float> scores);
 };
 
 using BackendFactory =

@@ -453,6 +453,7 @@ absl::Status RetrievalEngine::PrefillLocked(std::unique_lock<std::mutex>& lock,
       if (offload) {
         staging->q.resize(static_cast<size_t>(n * c.q_dim()));
         KVR_RETURN_IF_ERROR(b.DownloadF32(q, staging->q));
+        KVR_RETURN_IF_ERROR(BackendTrainingTopK(seq, q, k, n, staging));
         HandOff(seq, l, n, staging);
         // Synchronous mode: this layer's uploads are done; surface errors now.
         if (handoff_pool_ == nullptr) KVR_RETURN_IF_ERROR(WaitHandOff(seq, l));
@@ -518,6 +519,41 @@ void RetrievalEngine::HandOff(EngineSequence& seq, int layer, int64_t prompt_len
   });
 }
 
+absl::Status RetrievalEngine::BackendTrainingTopK(EngineSequence& seq, const Tensor& q,
+                                                  const Tensor& k, int64_t prompt_len,
+                                                  Staging* staging) {
+  staging->backend_stride = 0;
+  const AttentionOptions& attention = seq.attention_;
+  if (attention.index != retrieval::IndexType::kGraph) return absl::OkStatus();
+  const LlamaConfig& c = weights_->config;
+  const size_t mid = static_cast<size_t>(prompt_len - attention.window - attention.sinks);
+  const size_t chunk = static_cast<size_t>(attention.chunk_tokens);
+  const size_t max_topk = std::min(static_cast<size_t>(attention.train_k), std::min(mid, chunk));
+  if (static_cast<size_t>(std::max(backend_->MaxTopK(), 0)) < max_topk) return absl::OkStatus();
+  const size_t rows_per_query_set =
+      static_cast<size_t>(prompt_len) * static_cast<size_t>(c.n_heads / c.n_kv_heads);
+  const size_t chunks = (mid + chunk - 1) / chunk;
+  const size_t stride = rows_per_query_set * max_topk;
+  staging->backend_ids.resize(static_cast<size_t>(c.n_kv_heads) * chunks * stride);
+  staging->backend_scores.resize(staging->backend_ids.size());
+  for (int g = 0; g < c.n_kv_heads; ++g) {
+    for (size_t ci = 0; ci < chunks; ++ci) {
+      const size_t begin = ci * chunk, rows = std::min(chunk, mid - begin);
+      const size_t topk = std::min(max_topk, rows);
+      const size_t offset = (static_cast<size_t>(g) * chunks + ci) * stride;
+      const int64_t key_begin = attention.sinks + static_cast<int64_t>(begin);
+      KVR_RETURN_IF_ERROR(backend_->TopK(
+          q, k, c.attention_shape(), g, key_begin, key_begin + static_cast<int64_t>(rows),
+          static_cast<int>(topk), {staging->backend_ids.data() + offset, rows_per_query_set * topk},
+          {staging->backend_scores.data() + offset, rows_per_query_set * topk}));
+      ++seq.stats_.backend_topk_shards;
+    }
+  }
+  staging->backend_stride = stride;
+  staging->backend_chunks = chunks;
+  return absl::OkStatus();
+}
+
 absl::Status RetrievalEngine::UploadLayer(retrieval::RetrievalClient* client, const LlamaConfig& c,
                                           const AttentionOptions& attention,
                                           uint64_t sequence_id, int layer, int64_t prompt_len,
@@ -532,13 +568,15 @@ absl::Status RetrievalEngine::UploadLayer(retrieval::RetrievalClient* client, co
   const size_t max_topk = std::min(static_cast<size_t>(attention.train_k), std::min(mid, chunk));
   // Only the graph index trains on the queries' top-k (flat and IVF ignore it).
   const bool train = attention.index == retrieval::IndexType::kGraph;
-  if (train) {
+  // The backend may have computed it already (BackendTrainingTopK).
+  const bool precomputed = train && staging->backend_stride != 0;
+  if (train && !precomputed) {
     staging->train_queries.resize(train_rows * d);
     staging->train_ids.resize(train_rows * max_topk);
     staging->train_scores.resize(staging->train_ids.size());
   }
   for (int g = 0; g < c.n_kv_heads; ++g) {
-    if (train) {
+    if (train && !precomputed) {
       // Every prefill query of the kv head's query heads trains its indexes.
       for (size_t p = 0; p < static_cast<size_t>(prompt_len); ++p) {
         for (size_t j = 0; j < group; ++j) {
@@ -559,11 +597,17 @@ absl::Status RetrievalEngine::UploadLayer(retrieval::RetrievalClient* client, co
       up.values = values;
       if (train) {
         const size_t topk = std::min(max_topk, rows);
-        const ConstMatrixView queries(staging->train_queries.data(), train_rows, d);
-        const std::span<int64_t> ids(staging->train_ids.data(), train_rows * topk);
-        KVR_RETURN_IF_ERROR(index::ExactTopK(keys, queries, static_cast<int>(topk), ids,
-                                             {staging->train_scores.data(), ids.size()},
-                                             /*pool=*/nullptr));
+        std::span<int64_t> ids;
+        if (precomputed) {
+          const size_t block = static_cast<size_t>(g) * staging->backend_chunks + ci;
+          ids = {staging->backend_ids.data() + block * staging->backend_stride, train_rows * topk};
+        } else {
+          const ConstMatrixView queries(staging->train_queries.data(), train_rows, d);
+          ids = {staging->train_ids.data(), train_rows * topk};
+          KVR_RETURN_IF_ERROR(index::ExactTopK(keys, queries, static_cast<int>(topk), ids,
+                                               {staging->train_scores.data(), ids.size()},
+                                               /*pool=*/nullptr));
+        }
         up.train_topk = ids;
         up.train_topk_width = topk;
       }

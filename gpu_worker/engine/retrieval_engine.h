@@ -156,6 +156,10 @@ struct EngineStats {
   double handoff_seconds = 0.0;
   // Decode steps blocked on pending hand-off uploads.
   double handoff_wait_seconds = 0.0;
+  // (layer, kv head, chunk) training top-k lists computed by the backend's
+  // TopK op during prefill (a GPU backend); the rest ran ExactTopK on the
+  // hand-off threads.
+  int64_t backend_topk_shards = 0;
   double decode_seconds = 0.0;
   double node_wait_seconds = 0.0;  // blocked on the node after local attention
   // Decode time computing attention on the worker, summed over steps and
@@ -323,6 +327,12 @@ class RetrievalEngine {
     std::vector<float> k, v, q;  // [n x kv_dim], [n x kv_dim], [n x q_dim]
     std::vector<float> train_queries, train_scores;
     std::vector<int64_t> train_ids;
+    // Training top-k from Backend::TopK, one block of `backend_stride` ids
+    // per (kv head, chunk) (kv head major); backend_stride 0: none, the
+    // hand-off computes it with ExactTopK.
+    std::vector<int64_t> backend_ids;
+    std::vector<float> backend_scores;
+    size_t backend_stride = 0, backend_chunks = 0;
     std::shared_future<absl::Status> busy;  // the upload using it, if any
   };
   // Per-sequence scratch of a batched step.
@@ -358,6 +368,11 @@ class RetrievalEngine {
   void HandOff(EngineSequence& seq, int layer, int64_t prompt_len, Staging* staging);
   // Runs one layer's uploads: per kv head and chunk, the training top-k and
   // UploadShard.
+  // Fills staging's backend_* with every (kv head, chunk)'s training top-k
+  // of this layer when the index trains on it and the backend's TopK takes
+  // train_k; else leaves backend_stride 0. Waits for the backend.
+  absl::Status BackendTrainingTopK(EngineSequence& seq, const Tensor& q, const Tensor& k,
+                                   int64_t prompt_len, Staging* staging);
   static absl::Status UploadLayer(retrieval::RetrievalClient* client, const LlamaConfig& c,
                                   const AttentionOptions& attention, uint64_t sequence_id,
                                   int layer, int64_t prompt_len, Staging* staging);

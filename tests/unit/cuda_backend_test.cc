@@ -25,6 +25,7 @@
 #include "gpu_worker/model/model_config.h"
 #include "gtest/gtest.h"
 #include "retrieval_node/client/in_process_node.h"
+#include "tests/support/stories_model.h"
 
 namespace kvr::worker {
 namespace {
@@ -268,41 +269,57 @@ TEST_F(CudaBackendTest, SoftmaxArgmax) {
   EXPECT_LE(PairNmse(x), kF32Nmse);
 }
 
+// Exact top-k per KV head (the prefill training kNN) against brute force.
 TEST_F(CudaBackendTest, TopKMatchesBruteForce) {
   const AttentionShape s = Llama3Shape();
   const int64_t n = 9, cache = 3000, kb = 100, ke = 2900;
-  const int top_k = 32;
+  const int top_k = 32, group = s.n_heads / s.n_kv_heads;
+  ASSERT_GE(gpu_->MaxTopK(), top_k);
   const auto qv = Random(n * s.q_cols(), 16), kv = Random(cache * s.kv_cols(), 17);
   Pair q = Make(qv, n, s.q_cols());
   Pair k = Make(kv, cache, s.kv_cols());
-  std::vector<int64_t> ids(n * s.n_heads * top_k);
+  std::vector<int64_t> ids(n * group * top_k);
   std::vector<float> scores(ids.size());
-  ASSERT_TRUE(CudaTopK(*gpu_, q.gpu, k.gpu, s, kb, ke, top_k, ids, scores).ok());
-  const int group = s.n_heads / s.n_kv_heads;
-  for (int64_t i = 0; i < n; ++i) {
-    for (int h = 0; h < s.n_heads; ++h) {
-      std::vector<std::pair<float, int64_t>> all;
-      for (int64_t j = kb; j < ke; ++j) {
-        float d = 0;
-        for (int t = 0; t < s.head_dim; ++t) {
-          d += qv[i * s.q_cols() + h * s.head_dim + t] *
-               kv[j * s.kv_cols() + (h / group) * s.head_dim + t];
+  for (int g : {0, 5, s.n_kv_heads - 1}) {
+    ASSERT_TRUE(gpu_->TopK(q.gpu, k.gpu, s, g, kb, ke, top_k, ids, scores).ok());
+    for (int64_t i = 0; i < n; ++i) {
+      for (int j = 0; j < group; ++j) {
+        const int h = g * group + j;
+        std::vector<std::pair<double, int64_t>> all;
+        for (int64_t key = kb; key < ke; ++key) {
+          double d = 0;
+          for (int t = 0; t < s.head_dim; ++t) {
+            d += double(qv[i * s.q_cols() + h * s.head_dim + t]) *
+                 kv[key * s.kv_cols() + g * s.head_dim + t];
+          }
+          all.push_back({d, key - kb});
         }
-        all.push_back({d, j - kb});
+        std::sort(all.begin(), all.end(), [](auto& a, auto& b) {
+          return a.first > b.first || (a.first == b.first && a.second < b.second);
+        });
+        // fp32 sums in another order: scores within 1e-4 relative; the ids
+        // agree wherever neighbouring exact scores are further apart.
+        const size_t row = (i * group + j) * top_k;
+        for (int r = 0; r < top_k; ++r) {
+          EXPECT_NEAR(scores[row + r], all[r].first, 1e-4 * (1 + std::fabs(all[r].first)));
+          const bool clear = (r == 0 || all[r - 1].first - all[r].first > 1e-3) &&
+                             all[r].first - all[r + 1].first > 1e-3;
+          if (clear) {
+            EXPECT_EQ(ids[row + r], all[r].second) << "g=" << g << " i=" << i << " j=" << j;
+          }
+        }
       }
-      std::sort(all.begin(), all.end(), [](auto& a, auto& b) {
-        return a.first > b.first || (a.first == b.first && a.second < b.second);
-      });
-      // Scores may differ by summation order; compare the score sets.
-      const size_t row = (i * s.n_heads + h) * top_k;
-      for (int r = 0; r < top_k; ++r) {
-        EXPECT_NEAR(scores[row + r], all[r].first, 1e-3f * (1 + std::fabs(all[r].first)));
-      }
-      EXPECT_EQ(ids[row], all[0].second) << "i=" << i << " h=" << h;
     }
   }
-  EXPECT_EQ(CudaTopK(*cpu_, q.cpu, k.cpu, s, kb, ke, top_k, ids, scores).code(),
-            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(gpu_->TopK(q.gpu, k.gpu, s, s.n_kv_heads, kb, ke, top_k, ids, scores).code(),
+            absl::StatusCode::kInvalidArgument);  // kv_head out of range
+  EXPECT_EQ(gpu_->TopK(q.gpu, k.gpu, s, 0, kb, ke, 65, ids, scores).code(),
+            absl::StatusCode::kUnimplemented);  // k 65 > MaxTopK()
+  EXPECT_EQ(gpu_->TopK(q.gpu, k.gpu, s, 0, kb, ke, 16, ids, scores).code(),
+            absl::StatusCode::kInvalidArgument);  // outputs sized for 32
+  EXPECT_EQ(cpu_->MaxTopK(), 0);
+  EXPECT_EQ(cpu_->TopK(q.cpu, k.cpu, s, 0, kb, ke, top_k, ids, scores).code(),
+            absl::StatusCode::kUnimplemented);
 }
 
 TEST_F(CudaBackendTest, OutOfMemoryIsResourceExhausted) {
@@ -326,22 +343,18 @@ class CudaStoriesTest : public CudaBackendTest {
   void SetUp() override {
     CudaBackendTest::SetUp();
     if (IsSkipped()) return;
-    const char* dir = std::getenv("KVR_SHARED_MODELS");
-    const std::string model = dir ? std::string(dir) + "/stories260K.bin" : "";
-    const std::string tok = dir ? std::string(dir) + "/tok512.bin" : "";
-    if (model.empty() || !std::filesystem::exists(model) || !std::filesystem::exists(tok)) {
-      GTEST_SKIP() << "KVR_SHARED_MODELS not set or stories260K.bin / tok512.bin missing";
+    std::string skip;
+    if (!stories_.Load(&skip)) {
+      if (!HasFailure()) GTEST_SKIP() << skip;
+      return;
     }
-    auto weights = LoadLlama2c(model);
-    ASSERT_TRUE(weights.ok()) << weights.status();
-    weights_ = *weights;
-    auto tokenizer = Llama2cTokenizer::Load(tok, weights_->config.vocab_size);
-    ASSERT_TRUE(tokenizer.ok()) << tokenizer.status();
-    tokenizer_ = std::move(*tokenizer);
+    weights_ = stories_.weights;
+    tokenizer_ = stories_.tokenizer.get();
   }
 
+  test_support::StoriesModel stories_;
   std::shared_ptr<const LlamaWeights> weights_;
-  std::unique_ptr<Llama2cTokenizer> tokenizer_;
+  const Llama2cTokenizer* tokenizer_ = nullptr;
 };
 
 TEST_F(CudaStoriesTest, GreedyEqualsCpu) {
@@ -377,8 +390,18 @@ TEST_F(CudaStoriesTest, RetrievalGreedyEqualsCpu) {
     return side;
   };
   Side cpu = make(cpu_.get()), gpu = make(gpu_.get());
-  int64_t retrieved = 0;
-  for (const char* prompt : kPrompts) {
+  // Prompts longer than sinks + window (20 tokens) are offloaded at prefill,
+  // with the graph trained on the prefill queries' top-k: ExactTopK on the
+  // CPU side, the backend's TopK op on the GPU side.
+  std::vector<std::string> prompts(std::begin(kPrompts), std::end(kPrompts));
+  prompts.push_back(
+      "Once upon a time, there was a little girl named Lily. She loved to play outside in the "
+      "park with her friends. One day, she saw a big red ball under a tree.");
+  prompts.push_back(
+      "Tom and his dog Spot went to the big lake. The sun was warm and the water was blue. Tom "
+      "wanted to swim, but Spot was scared of the water.");
+  int64_t retrieved = 0, gpu_topk = 0;
+  for (const std::string& prompt : prompts) {
     GenerateRequest req;
     req.prompt = prompt;
     req.max_tokens = 128;
@@ -388,9 +411,13 @@ TEST_F(CudaStoriesTest, RetrievalGreedyEqualsCpu) {
     ASSERT_TRUE(a.ok()) << a.status();
     ASSERT_TRUE(b.ok()) << b.status();
     EXPECT_EQ(a->tokens, b->tokens) << "prompt: " << prompt;
+    EXPECT_EQ(a->stats.backend_topk_shards, 0);
     retrieved += b->stats.node_held_tokens;
+    gpu_topk += b->stats.backend_topk_shards;
   }
   EXPECT_GT(retrieved, 0);  // the nodes took part
+  // 2 long prompts x 5 layers x 4 kv heads x 1 chunk, on the device.
+  EXPECT_EQ(gpu_topk, 2 * weights_->config.n_layers * weights_->config.n_kv_heads);
 }
 
 }  // namespace

@@ -157,6 +157,18 @@ class EngineTest : public ::testing::Test {
     return out;
   }
 
+  // `req` generated in full, then in retrieval mode, on the fixture's engine.
+  std::pair<GenerateResult, GenerateResult> FullThenRetrieval(GenerateRequest req) {
+    req.attention.mode = AttentionMode::kFull;
+    auto full = Generate(*engine_, *tokenizer_, req);
+    EXPECT_TRUE(full.ok()) << full.status();
+    req.attention.mode = AttentionMode::kRetrieval;
+    auto retr = Generate(*engine_, *tokenizer_, req);
+    EXPECT_TRUE(retr.ok()) << retr.status();
+    return {full.ok() ? *std::move(full) : GenerateResult{},
+            retr.ok() ? *std::move(retr) : GenerateResult{}};
+  }
+
   std::shared_ptr<const LlamaWeights> weights_;
   std::unique_ptr<Llama2cTokenizer> tokenizer_;
   std::unique_ptr<Backend> backend_;
@@ -239,18 +251,13 @@ TEST_F(EngineTest, GraphRetrievalGreedyAgreesWithFullAttention) {
   GenerateRequest req;
   req.prompt = "Once upon a time";
   req.max_tokens = 100;
-  req.attention.mode = AttentionMode::kFull;
-  auto full = Generate(*engine_, *tokenizer_, req);
-  ASSERT_TRUE(full.ok()) << full.status();
-  req.attention.mode = AttentionMode::kRetrieval;
-  auto retr = Generate(*engine_, *tokenizer_, req);
-  ASSERT_TRUE(retr.ok()) << retr.status();
-  ASSERT_EQ(full->tokens.size(), 100u);
+  const auto [full, retr] = FullThenRetrieval(req);
+  ASSERT_EQ(full.tokens.size(), 100u);
   int agree = 0;
-  for (size_t i = 0; i < 100 && i < retr->tokens.size(); ++i) agree += full->tokens[i] == retr->tokens[i];
+  for (size_t i = 0; i < 100 && i < retr.tokens.size(); ++i) agree += full.tokens[i] == retr.tokens[i];
   std::printf("graph retrieval greedy agreement (first 100 tokens): %d%%\n", agree);
   EXPECT_GE(agree, 90);
-  EXPECT_GT(retr->stats.node_held_tokens, 0);
+  EXPECT_GT(retr.stats.node_held_tokens, 0);
   auto stats = node_->Stats();
   ASSERT_TRUE(stats.ok());
   EXPECT_GT(stats->indexed_keys, 0);  // a tail was sealed into a graph
@@ -264,25 +271,20 @@ TEST_F(EngineTest, GraphRetrievalGreedyAgreesWithFullAttention) {
   EXPECT_GE(c.top1_agreement, 0.9);
 }
 
-// A prompt shorter than the sinks (BOS + "The" = 2 tokens < 4): the first steps attend
-// sinks only, then the window fills, then tokens leave it for the node. While
-// everything is local, retrieval attention is full attention.
+// A prompt shorter than the sinks (BOS + "The" = 2 tokens < 4): the first
+// steps attend sinks only, then the window fills, then tokens leave it for the
+// node. While everything is local, retrieval attention is full attention.
 TEST_F(EngineTest, PromptShorterThanTheSinks) {
   GenerateRequest req;
   req.prompt = "The";
   req.max_tokens = 40;
   ASSERT_LT(Encode(req.prompt).size(), static_cast<size_t>(req.attention.sinks));
-  req.attention.mode = AttentionMode::kFull;
-  auto full = Generate(*engine_, *tokenizer_, req);
-  ASSERT_TRUE(full.ok()) << full.status();
-  req.attention.mode = AttentionMode::kRetrieval;
-  auto retr = Generate(*engine_, *tokenizer_, req);
-  ASSERT_TRUE(retr.ok()) << retr.status();
-  ASSERT_EQ(retr->tokens.size(), 40u);
+  const auto [full, retr] = FullThenRetrieval(req);
+  ASSERT_EQ(retr.tokens.size(), 40u);
   const size_t local = static_cast<size_t>(req.attention.sinks + req.attention.window) -
                        Encode(req.prompt).size();
-  for (size_t i = 0; i < local; ++i) EXPECT_EQ(retr->tokens[i], full->tokens[i]) << "token " << i;
-  EXPECT_GT(retr->stats.node_held_tokens, 0);  // later tokens did leave the window
+  for (size_t i = 0; i < local; ++i) EXPECT_EQ(retr.tokens[i], full.tokens[i]) << "token " << i;
+  EXPECT_GT(retr.stats.node_held_tokens, 0);  // later tokens did leave the window
 }
 
 TEST_F(EngineTest, GreedyGenerationMatchesLlama2c) {

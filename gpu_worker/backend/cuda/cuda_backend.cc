@@ -369,16 +369,22 @@ class CudaBackend final : public Backend {
     return CopyToHost(dev, out.data(), bytes);
   }
 
-  // ---- CUDA-only -----------------------------------------------------------
+  // ---- Optional ops --------------------------------------------------------
+
+  int MaxTopK() const override { return cuda::kMaxGpuTopK; }
 
   absl::Status TopK(const Tensor& q, const Tensor& k_cache, const AttentionShape& shape,
-                    int64_t key_begin, int64_t key_end, int top_k, std::span<int64_t> ids,
-                    std::span<float> scores) {
+                    int kv_head, int64_t key_begin, int64_t key_end, int top_k,
+                    std::span<int64_t> ids, std::span<float> scores) override {
     if (shape.n_heads <= 0 || shape.n_kv_heads <= 0 || shape.head_dim <= 0 ||
         shape.n_heads % shape.n_kv_heads != 0) {
       return absl::InvalidArgumentError(
           absl::StrCat("TopK: bad head layout n_heads=", shape.n_heads,
                        " n_kv_heads=", shape.n_kv_heads, " head_dim=", shape.head_dim));
+    }
+    if (kv_head < 0 || kv_head >= shape.n_kv_heads) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("TopK: kv_head ", kv_head, " outside [0, ", shape.n_kv_heads, ")"));
     }
     KVR_RETURN_IF_ERROR(F32(q, "TopK q", -1, shape.q_cols()));
     KVR_RETURN_IF_ERROR(F32(k_cache, "TopK k_cache", -1, shape.kv_cols()));
@@ -395,7 +401,8 @@ class CudaBackend final : public Backend {
       return absl::UnimplementedError(absl::StrCat("TopK: k ", top_k, " > ", cuda::kMaxGpuTopK,
                                                    " is not implemented on the GPU"));
     }
-    const size_t count = static_cast<size_t>(q.rows()) * shape.n_heads * top_k;
+    const size_t group = static_cast<size_t>(shape.n_heads / shape.n_kv_heads);
+    const size_t count = static_cast<size_t>(q.rows()) * group * top_k;
     if (ids.size() != count || scores.size() != count) {
       return absl::InvalidArgumentError(absl::StrCat("TopK: outputs of ", ids.size(), " ids and ",
                                                      scores.size(), " scores, want ", count));
@@ -411,6 +418,7 @@ class CudaBackend final : public Backend {
     a.n_heads = shape.n_heads;
     a.n_kv_heads = shape.n_kv_heads;
     a.head_dim = shape.head_dim;
+    a.kv_head = kv_head;
     a.key_begin = key_begin;
     a.key_end = key_end;
     a.top_k = top_k;
@@ -633,16 +641,5 @@ absl::Status RegisterCudaBackend() {
 namespace {
 [[maybe_unused]] const bool kCudaRegistered = RegisterCudaBackend().ok();
 }  // namespace
-
-absl::Status CudaTopK(Backend& backend, const Tensor& q, const Tensor& k_cache,
-                      const AttentionShape& shape, int64_t key_begin, int64_t key_end, int top_k,
-                      std::span<int64_t> ids, std::span<float> scores) {
-  auto* cuda = dynamic_cast<CudaBackend*>(&backend);
-  if (cuda == nullptr) {
-    return absl::InvalidArgumentError(absl::StrCat("CudaTopK: backend '", std::string(backend.name()),
-                                                   "' is not the cuda backend"));
-  }
-  return cuda->TopK(q, k_cache, shape, key_begin, key_end, top_k, ids, scores);
-}
 
 }  // namespace kvr::worker

@@ -10,6 +10,9 @@
 // the previous staged upload's copy to finish, not for earlier ops); larger
 // uploads copy from pageable memory.
 //
+// TopK (the optional Backend op, top_k <= 64) runs on the device: one block
+// per (query, head) over the key range, exact, ExactTopK's order.
+//
 // Weights: MatMul takes f32, bf16 or f16 w; with half weights and at most
 // kGemvMaxTokens (8) rows of x a GEMV kernel multiplies in fp32 (the CPU's
 // numerics); larger batches round x to the weight's type and use cuBLAS
@@ -51,17 +54,5 @@ absl::Status RegisterCudaBackend();
 // CUDA-capable device is detected)".
 int CudaDeviceCount(std::string* why = nullptr);
 
-// Exact top-k by inner product on the GPU for the prefill training kNN. For
-// each query row i and query head h of q [n x shape.q_cols()], the top_k keys
-// of KV head h / (n_heads / n_kv_heads) among k_cache rows [key_begin,
-// key_end) with the largest (unscaled) q . k, best first, ties to the
-// smaller id; ids relative to key_begin. Row (i, h) of the outputs is at
-// [(i * n_heads + h) * top_k, ... + top_k) of ids / scores (host memory,
-// n * n_heads * top_k each). top_k in [1, min(64, key_end - key_begin)];
-// larger k is Unimplemented (use the CPU's ExactTopK). Waits for the result.
-// `backend` must be a CUDA backend owning q and k_cache.
-absl::Status CudaTopK(Backend& backend, const Tensor& q, const Tensor& k_cache,
-                      const AttentionShape& shape, int64_t key_begin, int64_t key_end, int top_k,
-                      std::span<int64_t> ids, std::span<float> scores);
 
 }  // namespace kvr::worker

@@ -19,9 +19,10 @@ __global__ void TopKKernel(TopKArgs a) {
   KVR_DYNAMIC_SHARED(float, qs);  // [head_dim]
   __shared__ float red_val[kThreads / 32];
   __shared__ int64_t red_id[kThreads / 32];
-  const int64_t row = blockIdx.x / a.n_heads;
-  const int h = static_cast<int>(blockIdx.x % a.n_heads);
-  const int kvh = h / (a.n_heads / a.n_kv_heads);
+  const int group = a.n_heads / a.n_kv_heads;
+  const int64_t row = blockIdx.x / group;
+  const int kvh = a.kv_head;
+  const int h = kvh * group + static_cast<int>(blockIdx.x % group);
   const int hd = a.head_dim, k = a.top_k;
   const int64_t q_cols = int64_t{a.n_heads} * hd, kv_cols = int64_t{a.n_kv_heads} * hd;
   for (int d = threadIdx.x; d < hd; d += blockDim.x) qs[d] = a.q[row * q_cols + int64_t{h} * hd + d];
@@ -79,7 +80,7 @@ __global__ void TopKKernel(TopKArgs a) {
 }  // namespace
 
 cudaError_t LaunchTopK(const TopKArgs& a, cudaStream_t stream) {
-  const int64_t blocks = a.n * a.n_heads;
+  const int64_t blocks = a.n * (a.n_heads / a.n_kv_heads);
   if (blocks == 0) return cudaSuccess;
   KVR_LAUNCH(TopKKernel, static_cast<unsigned>(blocks), kThreads, sizeof(float) * a.head_dim, stream)(
       a);

@@ -1,11 +1,11 @@
 // Exact top-k of inner products on the GPU, for the prefill training kNN:
-// for every query row i and query head h of q [n x n_heads*head_dim], the k
-// keys of KV head h / (n_heads / n_kv_heads) among cache rows
-// [key_begin, key_end) with the largest q . k (unscaled), best first, ties
-// to the smaller id (the order of retrieval_node's ExactTopK). Ids are
-// relative to key_begin. Rows of the output are (i, h) in that order:
-// ids/scores[(i * n_heads + h) * k + r]. Slots beyond the key count hold
-// id -1 and score -inf.
+// for every query row i of q [n x n_heads*head_dim] and every query head
+// h = kv_head * group + j of one KV head (group = n_heads / n_kv_heads),
+// the k keys of that KV head among cache rows [key_begin, key_end) with the
+// largest q . k (unscaled), best first, ties to the smaller id (the order of
+// retrieval_node's ExactTopK). Ids are relative to key_begin. Rows of the
+// output are (i, j) in that order: ids/scores[(i * group + j) * k + r].
+// Slots beyond the key count hold id -1 and score -inf.
 //
 // One block per (query, head): every thread keeps a sorted list of its best
 // k over a strided share of the keys, then the block merges the lists k
@@ -25,9 +25,10 @@ struct TopKArgs {
   const float* k = nullptr;  // [S x n_kv_heads*head_dim]
   int64_t n = 0;
   int n_heads = 0, n_kv_heads = 0, head_dim = 0;
+  int kv_head = 0;           // 0 .. n_kv_heads - 1
   int64_t key_begin = 0, key_end = 0;
   int top_k = 0;             // 1 .. kMaxGpuTopK
-  int64_t* ids = nullptr;    // [n * n_heads * top_k]
+  int64_t* ids = nullptr;    // [n * group * top_k]
   float* scores = nullptr;   // same
 };
 
