@@ -27,3 +27,8 @@ test $(echo \"$out\" | grep -cE '^(gpu|stream|retrieval) +1024 [|] +[0-9]') -eq 
   set_tests_properties(gpu_decode_bench_emulated PROPERTIES LABELS "unit;cuda_emulated"
     TIMEOUT 600)
 endif()
+# How often the backend and the engine on it make the host wait for the
+# device (the emulator counts every wait).
+kvr_test(cuda_sync_test SOURCES unit/cuda_sync_test.cc
+  DEPS kvr::cuda_backend_emulated kvr::cuda_emulator kvr::engine kvr::retrieval_client
+  LABELS "unit;cuda_emulated")

@@ -28,6 +28,11 @@ constexpr size_t kPinnedStagingMax = size_t{4} << 20;
 // Pinned slots for host-span op arguments (tokens, positions): a slot is
 // rewritten only after the copy issued kArgSlots stagings ago has run.
 constexpr int kArgSlots = 4;
+// Pinned buffers for staged uploads, used in turn: an upload waits only for
+// the copy issued kUploadSlots uploads ago, so a few small uploads in a row
+// (a merge's o, m and l) never wait for each other or for the kernels queued
+// before them.
+constexpr int kUploadSlots = 8;
 
 std::string ShapeStr(const Tensor& t) {
   return absl::StrCat("[", t.rows(), " x ", t.cols(), " ", DTypeName(t.dtype()), "]");
@@ -96,7 +101,9 @@ class CudaBackend final : public Backend {
     (void)cudaSetDevice(device_);
     if (stream_ != nullptr) (void)cudaStreamSynchronize(stream_);
     if (cublas_ != nullptr) (void)cublasDestroy(cublas_);
-    if (upload_done_ != nullptr) (void)cudaEventDestroy(upload_done_);
+    for (PinnedSlot& s : upload_slots_) {
+      if (s.done != nullptr) (void)cudaEventDestroy(s.done);
+    }
     for (ArgSlot& s : arg_slots_) {
       if (s.done != nullptr) (void)cudaEventDestroy(s.done);
     }
@@ -114,7 +121,9 @@ class CudaBackend final : public Backend {
         "cudaDeviceGetAttribute(MultiProcessorCount)"));
     KVR_CUBLAS_RETURN_IF_ERROR(cublasCreate(&cublas_));
     KVR_CUBLAS_RETURN_IF_ERROR(cublasSetStream(cublas_, stream_));
-    KVR_CUDA_RETURN_IF_ERROR(cudaEventCreateWithFlags(&upload_done_, cudaEventDisableTiming));
+    for (PinnedSlot& s : upload_slots_) {
+      KVR_CUDA_RETURN_IF_ERROR(cudaEventCreateWithFlags(&s.done, cudaEventDisableTiming));
+    }
     for (ArgSlot& s : arg_slots_) {
       KVR_CUDA_RETURN_IF_ERROR(cudaEventCreateWithFlags(&s.done, cudaEventDisableTiming));
     }
@@ -164,14 +173,16 @@ class CudaBackend final : public Backend {
     if (src.empty()) return absl::OkStatus();
     KVR_RETURN_IF_ERROR(Activate());
     if (src.size() <= kPinnedStagingMax) {
-      // The previous staged upload must have left the pinned buffer.
-      KVR_CUDA_RETURN_IF_ERROR(cudaEventSynchronize(upload_done_));
-      KVR_ASSIGN_OR_RETURN(void* pinned, upload_stage_.Ensure(src.size(), "cudaMallocHost(upload)"));
+      // The copy issued from this slot kUploadSlots uploads ago must be done.
+      PinnedSlot& slot = upload_slots_[next_upload_];
+      next_upload_ = (next_upload_ + 1) % kUploadSlots;
+      KVR_CUDA_RETURN_IF_ERROR(cudaEventSynchronize(slot.done));
+      KVR_ASSIGN_OR_RETURN(void* pinned, slot.host.Ensure(src.size(), "cudaMallocHost(upload)"));
       std::memcpy(pinned, src.data(), src.size());
       KVR_RETURN_IF_ERROR(CudaStatus(
           cudaMemcpyAsync(dst.data(), pinned, src.size(), cudaMemcpyHostToDevice, stream_),
           "cudaMemcpyAsync(Upload, pinned)"));
-      return CudaStatus(cudaEventRecord(upload_done_, stream_), "cudaEventRecord(upload)");
+      return CudaStatus(cudaEventRecord(slot.done, stream_), "cudaEventRecord(upload)");
     }
     // Pageable source: the call returns once the bytes have been taken.
     return CudaStatus(
@@ -430,9 +441,12 @@ class CudaBackend final : public Backend {
   }
 
  private:
-  struct ArgSlot {
+  // A pinned buffer and the event recorded after the last copy from it.
+  struct PinnedSlot {
     PinnedBuffer host;
     cudaEvent_t done = nullptr;
+  };
+  struct ArgSlot : PinnedSlot {
     void* host_ptr = nullptr;
     size_t size = 0;  // int32 values staged last
   };
@@ -589,8 +603,9 @@ class CudaBackend final : public Backend {
   int num_sms_ = 1;
   cudaStream_t stream_ = nullptr;
   cublasHandle_t cublas_ = nullptr;
-  PinnedBuffer upload_stage_, download_stage_;
-  cudaEvent_t upload_done_ = nullptr;
+  PinnedBuffer download_stage_;
+  std::array<PinnedSlot, kUploadSlots> upload_slots_;
+  int next_upload_ = 0;
   std::array<ArgSlot, kArgSlots> arg_slots_;
   std::array<DeviceScratch, kArgSlots> arg_dev_;
   std::array<void*, kArgSlots> arg_dev_ptr_{};

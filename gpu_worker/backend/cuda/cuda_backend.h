@@ -6,9 +6,10 @@
 // Argmax, TopK and Synchronize wait for the stream (never the whole device).
 // Host spans that ops take (Embedding tokens, Rope positions) are copied
 // through pinned staging before the op returns, so callers may reuse them at
-// once. Upload of up to 4 MiB goes through a pinned buffer (waiting only for
-// the previous staged upload's copy to finish, not for earlier ops); larger
-// uploads copy from pageable memory.
+// once. Upload of up to 4 MiB goes through one of 8 pinned buffers used in
+// turn (waiting only for the copy issued from the same buffer 8 uploads ago,
+// so a few small uploads in a row do not wait at all); larger uploads copy
+// from pageable memory.
 //
 // TopK (the optional Backend op, top_k <= 64) runs on the device: one block
 // per (query, head) over the key range, exact, ExactTopK's order.

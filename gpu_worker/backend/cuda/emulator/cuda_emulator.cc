@@ -61,6 +61,7 @@ struct Emulator {
   size_t capacity = kDefaultMemoryBytes;
   cudaError_t last_error = cudaSuccess;
   cudaError_t sticky = cudaSuccess;  // a device fault: every later call fails
+  uint64_t host_waits = 0;
   KvrEmuStream legacy;               // stream 0
   std::set<KvrEmuStream*> streams;
   std::set<KvrEmuEvent*> events;
@@ -105,6 +106,7 @@ void Enqueue(KvrEmuStream* s, std::function<void()> run) {
 // Runs s's queued ops with sequence numbers <= upto.
 void Drain(KvrEmuStream* s, uint64_t upto = UINT64_MAX) {
   Emulator& e = E();
+  if (!s->ops.empty() && s->ops.front().seq <= upto) ++e.host_waits;
   while (!s->ops.empty() && s->ops.front().seq <= upto && e.sticky == cudaSuccess) {
     KvrEmuStream::Op op = std::move(s->ops.front());
     s->ops.pop_front();
@@ -183,6 +185,11 @@ cudaError_t Unmap(void* p, bool pinned) {
 }  // namespace
 
 // ---- Launches -------------------------------------------------------------------
+
+uint64_t HostWaits() {
+  std::lock_guard<std::recursive_mutex> lock(E().mu);
+  return E().host_waits;
+}
 
 cudaError_t SetFuncAttribute(const void* kernel, cudaFuncAttribute attr, int value) {
   KVR_EMU_ENTER();

@@ -203,6 +203,12 @@ cublasStatus_t cublasGemmEx(cublasHandle_t handle, cublasOperation_t transa,
 
 namespace kvr::cuda_emu {
 
+// How many times the host has blocked until queued device work ran (a
+// stream or event synchronize, a synchronous copy, cudaFree, ... that found
+// work queued on a stream: one count per stream drained). For tests of how
+// often code waits for the device; thread-safe.
+uint64_t HostWaits();
+
 const uint3& ThreadIndex();
 const uint3& BlockIndex();
 const dim3& BlockDim();
