@@ -29,5 +29,5 @@ function(kvr_test name)
     set(ARG_TIMEOUT 300)
   endif()
   set_tests_properties(${name} PROPERTIES LABELS "${ARG_LABELS}" TIMEOUT ${ARG_TIMEOUT}
-    ENVIRONMENT "KVR_SHARED_MODELS=${PROJECT_SOURCE_DIR}/../shared/models")
+    ENVIRONMENT "KVR_SHARED_MODELS=${KVR_SHARED_MODELS_DIR}")
 endfunction()
