@@ -5,6 +5,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "common/status.h"
 #include "gpu_worker/backend/cpu/cpu_backend.h"
 
 namespace kvr::worker {
@@ -19,6 +20,11 @@ const char* DTypeName(DType t) {
       return "f16";
   }
   return "?";
+}
+
+absl::Status Backend::DownloadMany(std::span<const DownloadItem> items) {
+  for (const DownloadItem& item : items) KVR_RETURN_IF_ERROR(Download(item.src, item.dst));
+  return absl::OkStatus();
 }
 
 absl::Status Backend::TopK(const Tensor&, const Tensor&, const AttentionShape&, int, int64_t,

@@ -105,6 +105,16 @@ class Backend {
     return Download(src, std::as_writable_bytes(dst));
   }
 
+  // Several downloads that wait for the device once (a device backend
+  // enqueues every copy, then waits; this default calls Download for each).
+  // Each dst must hold exactly its tensor's bytes. On error the contents of
+  // every dst are unspecified.
+  struct DownloadItem {
+    Tensor src;
+    std::span<std::byte> dst;
+  };
+  virtual absl::Status DownloadMany(std::span<const DownloadItem> items);
+
   // ---- Ops ---------------------------------------------------------------
   // out[i] = table[tokens[i]]. table [vocab x d], out [tokens.size() x d] f32.
   // tokens is host memory. A token outside [0, vocab) is InvalidArgument.

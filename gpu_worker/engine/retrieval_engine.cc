@@ -260,6 +260,11 @@ absl::Status RetrievalEngine::PrepareCaches(EngineSequence& seq) {
   for (EngineSequence::Cache& cache : seq.caches_) {
     KVR_ASSIGN_OR_RETURN(cache.k, backend_->Allocate(DType::kF32, rows, c.kv_dim()));
     KVR_ASSIGN_OR_RETURN(cache.v, backend_->Allocate(DType::kF32, rows, c.kv_dim()));
+    if (mode == AttentionMode::kRetrieval) {
+      cache.k_host.assign(static_cast<size_t>(rows * c.kv_dim()), 0.0f);
+      cache.v_host.assign(static_cast<size_t>(rows * c.kv_dim()), 0.0f);
+      cache.row_on_host.assign(static_cast<size_t>(rows), 0);
+    }
   }
   seq.cache_rows_ = rows;
   seq.cache_mode_ = mode;
@@ -376,6 +381,9 @@ absl::Status RetrievalEngine::PrefillLocked(std::unique_lock<std::mutex>& lock,
   const bool full = seq.attention_.mode == AttentionMode::kFull;
   const int64_t s = seq.attention_.sinks, w = seq.attention_.window;
   KVR_RETURN_IF_ERROR(PrepareCaches(seq));
+  for (EngineSequence::Cache& cache : seq.caches_) {
+    std::fill(cache.row_on_host.begin(), cache.row_on_host.end(), 0);
+  }
   KVR_RETURN_IF_ERROR(EnsurePrefillCapacity(n));
   seq.logits_.resize(static_cast<size_t>(c.vocab_size));
   seq.pending_.assign(static_cast<size_t>(c.n_layers), {});
@@ -418,7 +426,7 @@ absl::Status RetrievalEngine::PrefillLocked(std::unique_lock<std::mutex>& lock,
       return absl::CancelledError(absl::StrCat("sequence ", seq.id_, " cancelled in prefill"));
     }
     const Layer& layer = layers_[l];
-    const EngineSequence::Cache& cache = seq.caches_[l];
+    EngineSequence::Cache& cache = seq.caches_[l];
     // Full mode computes K/V straight into the sequence's cache.
     const Tensor k = full ? cache.k.Rows(0, n) : pk_.Rows(0, n);
     const Tensor v = full ? cache.v.Rows(0, n) : pv_.Rows(0, n);
@@ -449,6 +457,9 @@ absl::Status RetrievalEngine::PrefillLocked(std::unique_lock<std::mutex>& lock,
         const int64_t slot = seq.Slot(p);
         KVR_RETURN_IF_ERROR(b.UploadF32({staging->k.data() + p * kv, kv}, cache.k.Rows(slot, 1)));
         KVR_RETURN_IF_ERROR(b.UploadF32({staging->v.data() + p * kv, kv}, cache.v.Rows(slot, 1)));
+        std::copy_n(staging->k.data() + p * kv, kv, cache.k_host.data() + slot * kv);
+        std::copy_n(staging->v.data() + p * kv, kv, cache.v_host.data() + slot * kv);
+        cache.row_on_host[slot] = 1;
       }
       if (offload) {
         staging->q.resize(static_cast<size_t>(n * c.q_dim()));
@@ -784,7 +795,7 @@ absl::Status RetrievalEngine::StepBatchLocked(std::span<EngineSequence* const> a
 
   const AttentionShape shape = c.attention_shape();
   const size_t d = static_cast<size_t>(c.head_dim);
-  const size_t qd = static_cast<size_t>(c.q_dim());
+  const size_t qd = static_cast<size_t>(c.q_dim()), kv = static_cast<size_t>(c.kv_dim());
   std::vector<int32_t> tokens(static_cast<size_t>(n));
   for (int64_t i = 0; i < n; ++i) {
     tokens[i] = items[i].token;
@@ -817,13 +828,21 @@ absl::Status RetrievalEngine::StepBatchLocked(std::span<EngineSequence* const> a
       const EngineSequence::Cache& cache = it.seq->caches_[l];
       const Tensor k_row = cache.k.Rows(it.slot, 1), v_row = cache.v.Rows(it.slot, 1);
       if (it.evict) {
-        if (!seq_op(it, b.DownloadF32(k_row, k_row_host_)) ||
-            !seq_op(it, b.DownloadF32(v_row, v_row_host_))) {
-          continue;
+        // The leaving token's rows: the host copy when current, else (it was
+        // computed while no query went to the node) from the device.
+        const float* k_src = cache.k_host.data() + it.slot * kv;
+        const float* v_src = cache.v_host.data() + it.slot * kv;
+        if (!cache.row_on_host[it.slot]) {
+          if (!seq_op(it, b.DownloadF32(k_row, k_row_host_)) ||
+              !seq_op(it, b.DownloadF32(v_row, v_row_host_))) {
+            continue;
+          }
+          k_src = k_row_host_.data();
+          v_src = v_row_host_.data();
         }
         for (int g = 0; g < c.n_kv_heads && it.status->ok(); ++g) {
-          const ConstMatrixView key(k_row_host_.data() + g * d, 1, d);
-          const ConstMatrixView value(v_row_host_.data() + g * d, 1, d);
+          const ConstMatrixView key(k_src + g * d, 1, d);
+          const ConstMatrixView value(v_src + g * d, 1, d);
           if (it.open_chunk) {
             // The last chunk is full: this token opens the next one.
             retrieval::ShardUpload up;
@@ -856,15 +875,31 @@ absl::Status RetrievalEngine::StepBatchLocked(std::span<EngineSequence* const> a
     KVR_BATCH_OP(b.Rope(q, c.n_heads, c.head_dim, positions, inv_freq_, c.rope_style));
     for (auto& [i, waiter] : appends) seq_op(items[i], waiter->Wait());
 
+    // The queries for the nodes, and with them (the same wait) every
+    // retrieval sequence's new k / v rows into its host copy.
+    const bool ask_any = std::any_of(items.begin(), items.end(), [](const Item& it) {
+      return it.ask_node && it.status->ok();
+    });
+    downloads_.clear();
+    if (ask_any) {
+      downloads_.push_back({q, std::as_writable_bytes(std::span<float>(q_host_.data(), n * qd))});
+    }
+    for (Item& it : items) {
+      if (it.full || !it.status->ok()) continue;
+      EngineSequence::Cache& cache = it.seq->caches_[l];
+      cache.row_on_host[it.slot] = ask_any;  // the device row is the new token's now
+      if (!ask_any) continue;
+      const size_t row = static_cast<size_t>(it.slot) * kv;
+      downloads_.push_back({cache.k.Rows(it.slot, 1),
+                            std::as_writable_bytes(std::span<float>(&cache.k_host[row], kv))});
+      downloads_.push_back({cache.v.Rows(it.slot, 1),
+                            std::as_writable_bytes(std::span<float>(&cache.v_host[row], kv))});
+    }
+    if (ask_any) KVR_BATCH_OP(b.DownloadMany(downloads_));
     // Start every sequence's node call, then the local attention meanwhile.
-    bool downloaded = false;
     for (int64_t i = 0; i < n; ++i) {
       Item& it = items[i];
       if (!it.ask_node || !it.status->ok()) continue;
-      if (!downloaded) {
-        KVR_BATCH_OP(b.DownloadF32(q, std::span<float>(q_host_.data(), n * qd)));
-        downloaded = true;
-      }
       StepSlot& slot = step_slots_[i];
       slot.waiter = std::make_unique<retrieval::StatusWaiter>();
       slot.attend_stats = {};

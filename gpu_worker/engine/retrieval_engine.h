@@ -217,6 +217,12 @@ class EngineSequence {
   enum class State : uint8_t { kIdle, kActive, kEnded, kCancelled, kFailed };
   struct Cache {
     Tensor k, v;  // retrieval: [S + W x kv_dim] static pattern; full: [max_seq_len x kv_dim]
+    // Retrieval mode: host copies of k and v (same rows), so a token leaving
+    // the window goes to the node without a device round trip; row_on_host
+    // says which rows are current. Rows arrive with the query download the
+    // node needs anyway (one wait per layer for all of them).
+    std::vector<float> k_host, v_host;
+    std::vector<uint8_t> row_on_host;
   };
 
   explicit EngineSequence(RetrievalEngine* engine) : engine_(engine) {}
@@ -412,6 +418,7 @@ class RetrievalEngine {
   std::vector<float> logits_host_;  // [batch x vocab]
   std::vector<float> q_host_;       // [batch x q_dim]
   std::vector<float> k_row_host_, v_row_host_;  // kv_dim
+  std::vector<Backend::DownloadItem> downloads_;  // a layer's q + new k/v rows
   std::vector<StepSlot> step_slots_;
   std::vector<int32_t> step_positions_;
   // Prefill activations, sized for prefill_capacity_ rows.

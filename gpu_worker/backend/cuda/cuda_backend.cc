@@ -201,6 +201,41 @@ class CudaBackend final : public Backend {
     return CopyToHost(src.data(), dst.data(), dst.size());
   }
 
+  absl::Status DownloadMany(std::span<const DownloadItem> items) override {
+    size_t total = 0;
+    for (const DownloadItem& item : items) {
+      KVR_RETURN_IF_ERROR(Mine(item.src, "DownloadMany src"));
+      if (item.dst.size() != item.src.bytes()) {
+        return absl::InvalidArgumentError(absl::StrCat("DownloadMany: tensor of ",
+                                                       item.src.bytes(), " bytes into ",
+                                                       item.dst.size()));
+      }
+      total += item.dst.size();
+    }
+    KVR_RETURN_IF_ERROR(Activate());
+    if (total > kPinnedStagingMax) return Backend::DownloadMany(items);
+    if (total == 0) return Synchronize();
+    // Every copy into one pinned buffer, one wait, then out to the callers.
+    KVR_ASSIGN_OR_RETURN(void* pinned, download_stage_.Ensure(total, "cudaMallocHost(download)"));
+    auto* stage = static_cast<std::byte*>(pinned);
+    size_t offset = 0;
+    for (const DownloadItem& item : items) {
+      if (item.dst.empty()) continue;
+      KVR_RETURN_IF_ERROR(CudaStatus(cudaMemcpyAsync(stage + offset, item.src.data(),
+                                                     item.dst.size(), cudaMemcpyDeviceToHost,
+                                                     stream_),
+                                     "cudaMemcpyAsync(DownloadMany, pinned)"));
+      offset += item.dst.size();
+    }
+    KVR_RETURN_IF_ERROR(CudaStatus(cudaStreamSynchronize(stream_), "cudaStreamSynchronize"));
+    offset = 0;
+    for (const DownloadItem& item : items) {
+      std::memcpy(item.dst.data(), stage + offset, item.dst.size());
+      offset += item.dst.size();
+    }
+    return absl::OkStatus();
+  }
+
   absl::Status Synchronize() override {
     KVR_RETURN_IF_ERROR(Activate());
     return CudaStatus(cudaStreamSynchronize(stream_), "cudaStreamSynchronize");
