@@ -7,8 +7,8 @@
 //
 // Loads the model and tokenizer (default: the bundled stories260K), runs one
 // RetrievalEngine (on --backend: "cpu", or "cuda" from the plugin
-// libkvr_cuda_plugin.so, loaded at start from --cuda_plugin; printed as "kvr_worker backend: <Describe()>" on stdout and
-// reported by GetModelInfo) against an in-process retrieval node or the
+// libkvr_cuda_plugin.so, loaded at start from --cuda_plugin; printed as
+// "kvr_worker backend: <Describe()>" on stdout and reported by GetModelInfo) against an in-process retrieval node or the
 // kvr_node servers of --nodes (a static list, or every address of a DNS name
 // — a Kubernetes headless service — re-resolved every
 // --nodes_refresh_seconds; each new sequence is placed on the current set,

@@ -762,7 +762,8 @@ TEST(GenerationCudaPluginTest, EmulatedCudaWorkerEqualsEmbedded) {
   auto embedded = Embedded::Create();
   auto worker = ServerProcess::Start(
       g_worker_binary, "kvr_worker",
-      {"--backend=cuda", "--cuda_plugin=" + g_cuda_emulated_plugin, "--metrics_listen=127.0.0.1:0"});
+      {"--backend=cuda", "--cuda_plugin=" + g_cuda_emulated_plugin,
+       "--metrics_listen=127.0.0.1:0"});
   ASSERT_NE(worker, nullptr);
   auto stub = v1::Generation::NewStub(
       grpc::CreateChannel(worker->address(), grpc::InsecureChannelCredentials()));

@@ -254,7 +254,9 @@ TEST_F(EngineTest, GraphRetrievalGreedyAgreesWithFullAttention) {
   const auto [full, retr] = FullThenRetrieval(req);
   ASSERT_EQ(full.tokens.size(), 100u);
   int agree = 0;
-  for (size_t i = 0; i < 100 && i < retr.tokens.size(); ++i) agree += full.tokens[i] == retr.tokens[i];
+  for (size_t i = 0; i < 100 && i < retr.tokens.size(); ++i) {
+    agree += full.tokens[i] == retr.tokens[i];
+  }
   std::printf("graph retrieval greedy agreement (first 100 tokens): %d%%\n", agree);
   EXPECT_GE(agree, 90);
   EXPECT_GT(retr.stats.node_held_tokens, 0);

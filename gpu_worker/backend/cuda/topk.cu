@@ -82,8 +82,8 @@ __global__ void TopKKernel(TopKArgs a) {
 cudaError_t LaunchTopK(const TopKArgs& a, cudaStream_t stream) {
   const int64_t blocks = a.n * (a.n_heads / a.n_kv_heads);
   if (blocks == 0) return cudaSuccess;
-  KVR_LAUNCH(TopKKernel, static_cast<unsigned>(blocks), kThreads, sizeof(float) * a.head_dim, stream)(
-      a);
+  const size_t shared_bytes = sizeof(float) * a.head_dim;
+  KVR_LAUNCH(TopKKernel, static_cast<unsigned>(blocks), kThreads, shared_bytes, stream)(a);
   return cudaGetLastError();
 }
 
