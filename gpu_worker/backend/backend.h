@@ -190,8 +190,11 @@ class Backend {
   // ties to the smaller row, ids relative to key_begin. Row (i, j) of ids and
   // scores (host memory, n * group * top_k each) starts at (i * group + j) *
   // top_k: the layout of ExactTopK over the group's queries stacked row by
-  // row. top_k in [1, min(MaxTopK(), key_end - key_begin)]. Waits for the
-  // result. A backend without it has MaxTopK() 0 and returns Unimplemented.
+  // row. kv_head kAllKvHeads does every KV head in one call, KV head g's
+  // rows following at g * n * group. top_k in [1, min(MaxTopK(), key_end -
+  // key_begin)]. Waits for the result (once). A backend without it has
+  // MaxTopK() 0 and returns Unimplemented.
+  static constexpr int kAllKvHeads = -1;
   virtual int MaxTopK() const { return 0; }
   virtual absl::Status TopK(const Tensor& q, const Tensor& k_cache, const AttentionShape& shape,
                             int kv_head, int64_t key_begin, int64_t key_end, int top_k,

@@ -448,22 +448,38 @@ absl::Status RetrievalEngine::PrefillLocked(std::unique_lock<std::mutex>& lock,
       // Normally free already: WaitStagingSlot ran outside mu_.
       if (staging->busy.valid()) staging->busy.wait();  // an earlier layer's upload
       staging->busy = {};
+      // K and V (and Q for the training data) to the host in one wait.
       staging->k.resize(static_cast<size_t>(n) * kv);
       staging->v.resize(static_cast<size_t>(n) * kv);
-      KVR_RETURN_IF_ERROR(b.DownloadF32(k, staging->k));
-      KVR_RETURN_IF_ERROR(b.DownloadF32(v, staging->v));
-      for (int64_t p = 0; p < n; ++p) {
-        if (p >= s && p < n - w) continue;
+      if (offload) staging->q.resize(static_cast<size_t>(n * c.q_dim()));
+      downloads_.clear();
+      downloads_.push_back({k, std::as_writable_bytes(std::span<float>(staging->k))});
+      downloads_.push_back({v, std::as_writable_bytes(std::span<float>(staging->v))});
+      if (offload) {
+        downloads_.push_back({q, std::as_writable_bytes(std::span<float>(staging->q))});
+      }
+      KVR_RETURN_IF_ERROR(b.DownloadMany(downloads_));
+      // Sinks and window into the static cache (and its host copy), a run of
+      // consecutive slots per upload: at most the sinks and two pieces of
+      // the window ring.
+      const auto kept = [&](int64_t p) { return p < s || p >= n - w; };
+      for (int64_t p = 0; p < n;) {
+        if (!kept(p)) {
+          ++p;
+          continue;
+        }
         const int64_t slot = seq.Slot(p);
-        KVR_RETURN_IF_ERROR(b.UploadF32({staging->k.data() + p * kv, kv}, cache.k.Rows(slot, 1)));
-        KVR_RETURN_IF_ERROR(b.UploadF32({staging->v.data() + p * kv, kv}, cache.v.Rows(slot, 1)));
-        std::copy_n(staging->k.data() + p * kv, kv, cache.k_host.data() + slot * kv);
-        std::copy_n(staging->v.data() + p * kv, kv, cache.v_host.data() + slot * kv);
-        cache.row_on_host[slot] = 1;
+        int64_t run = 1;
+        while (p + run < n && kept(p + run) && seq.Slot(p + run) == slot + run) ++run;
+        const size_t from = static_cast<size_t>(p) * kv, count = static_cast<size_t>(run) * kv;
+        KVR_RETURN_IF_ERROR(b.UploadF32({staging->k.data() + from, count}, cache.k.Rows(slot, run)));
+        KVR_RETURN_IF_ERROR(b.UploadF32({staging->v.data() + from, count}, cache.v.Rows(slot, run)));
+        std::copy_n(staging->k.data() + from, count, cache.k_host.data() + slot * kv);
+        std::copy_n(staging->v.data() + from, count, cache.v_host.data() + slot * kv);
+        std::fill_n(cache.row_on_host.begin() + slot, run, 1);
+        p += run;
       }
       if (offload) {
-        staging->q.resize(static_cast<size_t>(n * c.q_dim()));
-        KVR_RETURN_IF_ERROR(b.DownloadF32(q, staging->q));
         KVR_RETURN_IF_ERROR(BackendTrainingTopK(seq, q, k, n, staging));
         HandOff(seq, l, n, staging);
         // Synchronous mode: this layer's uploads are done; surface errors now.
@@ -544,24 +560,24 @@ absl::Status RetrievalEngine::BackendTrainingTopK(EngineSequence& seq, const Ten
   const size_t rows_per_query_set =
       static_cast<size_t>(prompt_len) * static_cast<size_t>(c.n_heads / c.n_kv_heads);
   const size_t chunks = (mid + chunk - 1) / chunk;
-  const size_t stride = rows_per_query_set * max_topk;
-  staging->backend_ids.resize(static_cast<size_t>(c.n_kv_heads) * chunks * stride);
+  const size_t kv_heads = static_cast<size_t>(c.n_kv_heads);
+  const size_t stride = kv_heads * rows_per_query_set * max_topk;
+  staging->backend_ids.resize(chunks * stride);
   staging->backend_scores.resize(staging->backend_ids.size());
-  for (int g = 0; g < c.n_kv_heads; ++g) {
-    for (size_t ci = 0; ci < chunks; ++ci) {
-      const size_t begin = ci * chunk, rows = std::min(chunk, mid - begin);
-      const size_t topk = std::min(max_topk, rows);
-      const size_t offset = (static_cast<size_t>(g) * chunks + ci) * stride;
-      const int64_t key_begin = attention.sinks + static_cast<int64_t>(begin);
-      KVR_RETURN_IF_ERROR(backend_->TopK(
-          q, k, c.attention_shape(), g, key_begin, key_begin + static_cast<int64_t>(rows),
-          static_cast<int>(topk), {staging->backend_ids.data() + offset, rows_per_query_set * topk},
-          {staging->backend_scores.data() + offset, rows_per_query_set * topk}));
-      ++seq.stats_.backend_topk_shards;
-    }
+  // One call (one wait) per chunk for every kv head.
+  for (size_t ci = 0; ci < chunks; ++ci) {
+    const size_t begin = ci * chunk, rows = std::min(chunk, mid - begin);
+    const size_t topk = std::min(max_topk, rows);
+    const size_t count = kv_heads * rows_per_query_set * topk;
+    const int64_t key_begin = attention.sinks + static_cast<int64_t>(begin);
+    KVR_RETURN_IF_ERROR(backend_->TopK(q, k, c.attention_shape(), Backend::kAllKvHeads,
+                                       key_begin, key_begin + static_cast<int64_t>(rows),
+                                       static_cast<int>(topk),
+                                       {staging->backend_ids.data() + ci * stride, count},
+                                       {staging->backend_scores.data() + ci * stride, count}));
+    seq.stats_.backend_topk_shards += c.n_kv_heads;
   }
   staging->backend_stride = stride;
-  staging->backend_chunks = chunks;
   return absl::OkStatus();
 }
 
@@ -610,8 +626,8 @@ absl::Status RetrievalEngine::UploadLayer(retrieval::RetrievalClient* client, co
         const size_t topk = std::min(max_topk, rows);
         std::span<int64_t> ids;
         if (precomputed) {
-          const size_t block = static_cast<size_t>(g) * staging->backend_chunks + ci;
-          ids = {staging->backend_ids.data() + block * staging->backend_stride, train_rows * topk};
+          const size_t offset = ci * staging->backend_stride + g * train_rows * topk;
+          ids = {staging->backend_ids.data() + offset, train_rows * topk};
         } else {
           const ConstMatrixView queries(staging->train_queries.data(), train_rows, d);
           ids = {staging->train_ids.data(), train_rows * topk};

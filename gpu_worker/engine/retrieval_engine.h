@@ -333,12 +333,12 @@ class RetrievalEngine {
     std::vector<float> k, v, q;  // [n x kv_dim], [n x kv_dim], [n x q_dim]
     std::vector<float> train_queries, train_scores;
     std::vector<int64_t> train_ids;
-    // Training top-k from Backend::TopK, one block of `backend_stride` ids
-    // per (kv head, chunk) (kv head major); backend_stride 0: none, the
-    // hand-off computes it with ExactTopK.
+    // Training top-k from Backend::TopK: chunk ci's lists start at
+    // ci * backend_stride, kv head g's at g * (queries * that chunk's k)
+    // within; backend_stride 0: none, the hand-off runs ExactTopK.
     std::vector<int64_t> backend_ids;
     std::vector<float> backend_scores;
-    size_t backend_stride = 0, backend_chunks = 0;
+    size_t backend_stride = 0;
     std::shared_future<absl::Status> busy;  // the upload using it, if any
   };
   // Per-sequence scratch of a batched step.

@@ -311,8 +311,20 @@ TEST_F(CudaBackendTest, TopKMatchesBruteForce) {
       }
     }
   }
+  // Every KV head in one call: head g's block equals the per-head call.
+  std::vector<int64_t> all_ids(ids.size() * s.n_kv_heads);
+  std::vector<float> all_scores(all_ids.size());
+  ASSERT_TRUE(
+      gpu_->TopK(q.gpu, k.gpu, s, Backend::kAllKvHeads, kb, ke, top_k, all_ids, all_scores).ok());
+  for (int g = 0; g < s.n_kv_heads; ++g) {
+    ASSERT_TRUE(gpu_->TopK(q.gpu, k.gpu, s, g, kb, ke, top_k, ids, scores).ok());
+    EXPECT_TRUE(std::equal(ids.begin(), ids.end(), all_ids.begin() + g * ids.size())) << g;
+    EXPECT_TRUE(std::equal(scores.begin(), scores.end(), all_scores.begin() + g * ids.size()));
+  }
   EXPECT_EQ(gpu_->TopK(q.gpu, k.gpu, s, s.n_kv_heads, kb, ke, top_k, ids, scores).code(),
             absl::StatusCode::kInvalidArgument);  // kv_head out of range
+  EXPECT_EQ(gpu_->TopK(q.gpu, k.gpu, s, Backend::kAllKvHeads, kb, ke, top_k, ids, scores).code(),
+            absl::StatusCode::kInvalidArgument);  // outputs sized for one head
   EXPECT_EQ(gpu_->TopK(q.gpu, k.gpu, s, 0, kb, ke, 65, ids, scores).code(),
             absl::StatusCode::kUnimplemented);  // k 65 > MaxTopK()
   EXPECT_EQ(gpu_->TopK(q.gpu, k.gpu, s, 0, kb, ke, 16, ids, scores).code(),

@@ -56,7 +56,8 @@ TEST(CudaSyncTest, OnlyResultsWaitForTheDevice) {
   EXPECT_EQ(HostWaits(), start + 2);
 }
 
-// A retrieval-mode decode step on stories260K waits once per layer (the
+// Prefill of an offloaded prompt, then retrieval-mode decode steps, on
+// stories260K. A decode step waits once per layer (the
 // query the node needs, and with it the new token's k / v rows for the host
 // copy that later appends come from) and once for the logits; nothing else:
 // the node's partials go up through the upload ring, the window partial,
@@ -77,8 +78,18 @@ TEST(CudaSyncTest, DecodeStepWaitsOnlyForItsDataDependences) {
       "park with her friends.");
   AttentionOptions options;
   ASSERT_GT(static_cast<int>(prompt.size()), options.sinks + options.window);
+  const uint64_t before_prefill = HostWaits();
   auto logits = (*engine)->Prefill(prompt, options);
   ASSERT_TRUE(logits.ok()) << logits.status();
+  // Prefill: per layer one wait for K, V and Q (host staging for the node)
+  // and one for the training top-k of the layer's single chunk; then the
+  // logits, and a scratch buffer growing on first use (cudaFree waits).
+  // 217 before K/V/Q shared a wait, the top-k covered every KV head at once
+  // and the static cache took runs of rows instead of one row per upload.
+  const uint64_t prefill_waits = HostWaits() - before_prefill;
+  const int prefill_layers = stories.weights->config.n_layers;
+  EXPECT_LE(prefill_waits, static_cast<uint64_t>(2 * prefill_layers + 2));
+  std::printf("prefill: %llu host waits\n", static_cast<unsigned long long>(prefill_waits));
   int32_t token = test_support::Argmax(*logits);
   const int layers = stories.weights->config.n_layers;
   for (int step = 0; step < 8; ++step) {

@@ -6,6 +6,7 @@
 #include <cstring>
 #include <limits>
 #include <mutex>
+#include <vector>
 
 #include "absl/strings/str_cat.h"
 #include "common/status.h"
@@ -202,7 +203,8 @@ class CudaBackend final : public Backend {
   }
 
   absl::Status DownloadMany(std::span<const DownloadItem> items) override {
-    size_t total = 0;
+    std::vector<HostCopy> copies;
+    copies.reserve(items.size());
     for (const DownloadItem& item : items) {
       KVR_RETURN_IF_ERROR(Mine(item.src, "DownloadMany src"));
       if (item.dst.size() != item.src.bytes()) {
@@ -210,30 +212,10 @@ class CudaBackend final : public Backend {
                                                        item.src.bytes(), " bytes into ",
                                                        item.dst.size()));
       }
-      total += item.dst.size();
+      copies.push_back({item.src.data(), item.dst.data(), item.dst.size()});
     }
     KVR_RETURN_IF_ERROR(Activate());
-    if (total > kPinnedStagingMax) return Backend::DownloadMany(items);
-    if (total == 0) return Synchronize();
-    // Every copy into one pinned buffer, one wait, then out to the callers.
-    KVR_ASSIGN_OR_RETURN(void* pinned, download_stage_.Ensure(total, "cudaMallocHost(download)"));
-    auto* stage = static_cast<std::byte*>(pinned);
-    size_t offset = 0;
-    for (const DownloadItem& item : items) {
-      if (item.dst.empty()) continue;
-      KVR_RETURN_IF_ERROR(CudaStatus(cudaMemcpyAsync(stage + offset, item.src.data(),
-                                                     item.dst.size(), cudaMemcpyDeviceToHost,
-                                                     stream_),
-                                     "cudaMemcpyAsync(DownloadMany, pinned)"));
-      offset += item.dst.size();
-    }
-    KVR_RETURN_IF_ERROR(CudaStatus(cudaStreamSynchronize(stream_), "cudaStreamSynchronize"));
-    offset = 0;
-    for (const DownloadItem& item : items) {
-      std::memcpy(item.dst.data(), stage + offset, item.dst.size());
-      offset += item.dst.size();
-    }
-    return absl::OkStatus();
+    return CopyManyToHost(copies);
   }
 
   absl::Status Synchronize() override {
@@ -428,9 +410,9 @@ class CudaBackend final : public Backend {
           absl::StrCat("TopK: bad head layout n_heads=", shape.n_heads,
                        " n_kv_heads=", shape.n_kv_heads, " head_dim=", shape.head_dim));
     }
-    if (kv_head < 0 || kv_head >= shape.n_kv_heads) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("TopK: kv_head ", kv_head, " outside [0, ", shape.n_kv_heads, ")"));
+    if (kv_head != kAllKvHeads && (kv_head < 0 || kv_head >= shape.n_kv_heads)) {
+      return absl::InvalidArgumentError(absl::StrCat("TopK: kv_head ", kv_head, " outside [0, ",
+                                                     shape.n_kv_heads, ") and not kAllKvHeads"));
     }
     KVR_RETURN_IF_ERROR(F32(q, "TopK q", -1, shape.q_cols()));
     KVR_RETURN_IF_ERROR(F32(k_cache, "TopK k_cache", -1, shape.kv_cols()));
@@ -448,7 +430,8 @@ class CudaBackend final : public Backend {
                                                    " is not implemented on the GPU"));
     }
     const size_t group = static_cast<size_t>(shape.n_heads / shape.n_kv_heads);
-    const size_t count = static_cast<size_t>(q.rows()) * group * top_k;
+    const size_t heads = kv_head == kAllKvHeads ? static_cast<size_t>(shape.n_kv_heads) : 1;
+    const size_t count = static_cast<size_t>(q.rows()) * group * heads * top_k;
     if (ids.size() != count || scores.size() != count) {
       return absl::InvalidArgumentError(absl::StrCat("TopK: outputs of ", ids.size(), " ids and ",
                                                      scores.size(), " scores, want ", count));
@@ -471,8 +454,8 @@ class CudaBackend final : public Backend {
     a.ids = static_cast<int64_t*>(dev);
     a.scores = reinterpret_cast<float*>(static_cast<std::byte*>(dev) + id_bytes);
     KVR_RETURN_IF_ERROR(CudaStatus(cuda::LaunchTopK(a, stream_), "LaunchTopK"));
-    KVR_RETURN_IF_ERROR(CopyToHost(a.ids, ids.data(), id_bytes));
-    return CopyToHost(a.scores, scores.data(), score_bytes);
+    const HostCopy copies[] = {{a.ids, ids.data(), id_bytes}, {a.scores, scores.data(), score_bytes}};
+    return CopyManyToHost(copies);
   }
 
  private:
@@ -514,6 +497,41 @@ class CudaBackend final : public Backend {
       if (q != nullptr) (void)cudaFree(q);
     });
     return Tensor(this, std::move(storage), p, dtype, rows, cols);
+  }
+
+  struct HostCopy {
+    const void* dev;
+    void* host;
+    size_t bytes;
+  };
+
+  // Several device -> host copies with one wait: all through one pinned
+  // buffer when they fit in kPinnedStagingMax together, else one by one.
+  absl::Status CopyManyToHost(std::span<const HostCopy> copies) {
+    size_t total = 0;
+    for (const HostCopy& c : copies) total += c.bytes;
+    if (total > kPinnedStagingMax) {
+      for (const HostCopy& c : copies) KVR_RETURN_IF_ERROR(CopyToHost(c.dev, c.host, c.bytes));
+      return absl::OkStatus();
+    }
+    if (total == 0) return Synchronize();
+    KVR_ASSIGN_OR_RETURN(void* pinned, download_stage_.Ensure(total, "cudaMallocHost(download)"));
+    auto* stage = static_cast<std::byte*>(pinned);
+    size_t offset = 0;
+    for (const HostCopy& c : copies) {
+      if (c.bytes == 0) continue;
+      KVR_RETURN_IF_ERROR(CudaStatus(
+          cudaMemcpyAsync(stage + offset, c.dev, c.bytes, cudaMemcpyDeviceToHost, stream_),
+          "cudaMemcpyAsync(Download, pinned)"));
+      offset += c.bytes;
+    }
+    KVR_RETURN_IF_ERROR(CudaStatus(cudaStreamSynchronize(stream_), "cudaStreamSynchronize"));
+    offset = 0;
+    for (const HostCopy& c : copies) {
+      if (c.bytes != 0) std::memcpy(c.host, stage + offset, c.bytes);
+      offset += c.bytes;
+    }
+    return absl::OkStatus();
   }
 
   // Device -> host through pinned staging when small; waits for the stream.

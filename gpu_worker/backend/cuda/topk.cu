@@ -20,9 +20,11 @@ __global__ void TopKKernel(TopKArgs a) {
   __shared__ float red_val[kThreads / 32];
   __shared__ int64_t red_id[kThreads / 32];
   const int group = a.n_heads / a.n_kv_heads;
-  const int64_t row = blockIdx.x / group;
-  const int kvh = a.kv_head;
-  const int h = kvh * group + static_cast<int>(blockIdx.x % group);
+  const int64_t per_head = a.n * group;  // blocks of one KV head
+  const int kvh = a.kv_head >= 0 ? a.kv_head : static_cast<int>(blockIdx.x / per_head);
+  const int64_t local = a.kv_head >= 0 ? int64_t{blockIdx.x} : blockIdx.x % per_head;
+  const int64_t row = local / group;
+  const int h = kvh * group + static_cast<int>(local % group);
   const int hd = a.head_dim, k = a.top_k;
   const int64_t q_cols = int64_t{a.n_heads} * hd, kv_cols = int64_t{a.n_kv_heads} * hd;
   for (int d = threadIdx.x; d < hd; d += blockDim.x) qs[d] = a.q[row * q_cols + int64_t{h} * hd + d];
@@ -80,7 +82,8 @@ __global__ void TopKKernel(TopKArgs a) {
 }  // namespace
 
 cudaError_t LaunchTopK(const TopKArgs& a, cudaStream_t stream) {
-  const int64_t blocks = a.n * (a.n_heads / a.n_kv_heads);
+  const int64_t blocks =
+      a.n * (a.n_heads / a.n_kv_heads) * (a.kv_head >= 0 ? 1 : a.n_kv_heads);
   if (blocks == 0) return cudaSuccess;
   const size_t shared_bytes = sizeof(float) * a.head_dim;
   KVR_LAUNCH(TopKKernel, static_cast<unsigned>(blocks), kThreads, shared_bytes, stream)(a);

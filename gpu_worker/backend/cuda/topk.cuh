@@ -25,10 +25,10 @@ struct TopKArgs {
   const float* k = nullptr;  // [S x n_kv_heads*head_dim]
   int64_t n = 0;
   int n_heads = 0, n_kv_heads = 0, head_dim = 0;
-  int kv_head = 0;           // 0 .. n_kv_heads - 1
+  int kv_head = 0;           // 0 .. n_kv_heads - 1, or -1: all (head g's rows at g * n * group)
   int64_t key_begin = 0, key_end = 0;
   int top_k = 0;             // 1 .. kMaxGpuTopK
-  int64_t* ids = nullptr;    // [n * group * top_k]
+  int64_t* ids = nullptr;    // [(kv heads) * n * group * top_k]
   float* scores = nullptr;   // same
 };
 
