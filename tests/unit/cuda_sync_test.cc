@@ -57,12 +57,12 @@ TEST(CudaSyncTest, OnlyResultsWaitForTheDevice) {
 }
 
 // Prefill of an offloaded prompt, then retrieval-mode decode steps, on
-// stories260K. A decode step waits once per layer (the
-// query the node needs, and with it the new token's k / v rows for the host
-// copy that later appends come from) and once for the logits; nothing else:
-// the node's partials go up through the upload ring, the window partial,
-// the merge and the rest of the layer only queue. (3 per layer before the
-// host copy: the leaving token's k and v were each downloaded on their own.)
+// stories260K. A decode step waits once per layer (the query the node needs,
+// and with it the new token's k / v rows for the host copy that later appends
+// come from) and once for the logits; nothing else: the node's partials go up
+// through the upload ring, the window partial, the merge and the rest of the
+// layer only queue. (3 per layer before the host copy: the leaving token's k
+// and v were each downloaded on their own.)
 TEST(CudaSyncTest, DecodeStepWaitsOnlyForItsDataDependences) {
   test_support::StoriesModel stories;
   std::string skip;
