@@ -2,9 +2,9 @@
 //
 //   kvr generate --prompt "Once upon a time" --max_tokens 120
 //
-// runs the decode worker (CPU backend) with an in-process retrieval node on
-// the bundled stories260K model, streams the text to stdout and prints a
-// one-line summary to stderr. See `kvr generate --help`. With the services
+// runs the decode worker (CPU backend, or --backend cuda) with an in-process
+// retrieval node on the bundled stories260K model, streams the text to stdout
+// and prints a one-line summary to stderr. See `kvr generate --help`. With the services
 // built (KVR_WITH_SERVICES) also
 //
 //   kvr cluster                 a local gateway + worker + 3 retrieval nodes
@@ -30,6 +30,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "gpu_worker/backend/backend.h"
+#include "gpu_worker/backend/backend_plugin.h"
 #include "gpu_worker/engine/generation.h"
 #include "gpu_worker/model/llama2c_loader.h"
 #include "gpu_worker/model/llama2c_tokenizer.h"
@@ -53,7 +54,8 @@ constexpr char kUsage[] = R"(kvr — RetrievalAttention LLM serving
 
 Usage:
   kvr generate [flags]     generate text from a prompt (worker + in-process
-                           retrieval node + CPU backend, one process)
+                           retrieval node, one process; CPU backend unless
+                           --backend cuda)
   kvr cluster [flags]      run a local cluster (gateway + worker + retrieval
                            nodes on 127.0.0.1) until Ctrl-C
   kvr client --target HOST:PORT [flags]
@@ -96,6 +98,11 @@ Sampling:
   --repetition_penalty R  > 0, 1 = off (default 1)
   --seed N                sampling seed (default 1)
 Runtime:
+  --backend cpu|cuda      compute backend (default cpu); cuda loads
+                          libkvr_cuda_plugin.so (next to kvr, else the build
+                          tree's lib/, else the loader's path)
+  --cuda_plugin PATH      that plugin's path instead
+  --device N              CUDA device, [0, 1023] (default 0)
   --threads N             CPU backend threads, 0 = all cores (default 1)
   --nodes HOST:PORT,...   use these kvr_node retrieval nodes over gRPC (shards
                           placed by rendezvous hashing) instead of the
@@ -108,6 +115,8 @@ struct Flags {
   worker::GenerateRequest request;
   int64_t tail_capacity = 64;
   int64_t threads = 1;
+  std::string backend = "cpu", cuda_plugin;
+  int64_t device = 0;
   std::string nodes;  // empty: in-process node
 };
 
@@ -175,6 +184,9 @@ absl::Status ParseGenerateFlags(const std::vector<std::string>& args, Flags* f, 
          return absl::OkStatus();
        }},
       {"threads", int_flag(0, 1024, &f->threads)},
+      {"backend", string_flag(&f->backend)},
+      {"cuda_plugin", string_flag(&f->cuda_plugin)},
+      {"device", int_flag(0, 1023, &f->device)},
       {"nodes", string_flag(&f->nodes)},
   };
   cli::FlagTable flags;
@@ -236,8 +248,9 @@ absl::Status RunGenerate(const Flags& f) {
                        worker::Llama2cTokenizer::Load(tokenizer, weights->config.vocab_size));
   worker::BackendOptions bo;
   bo.num_threads = static_cast<int>(f.threads);
+  bo.device = static_cast<int>(f.device);
   KVR_ASSIGN_OR_RETURN(std::unique_ptr<worker::Backend> backend,
-                       worker::BackendRegistry::Create("cpu", bo));
+                       worker::CreateBackendForFlag(f.backend, bo, f.cuda_plugin));
   std::unique_ptr<retrieval::RetrievalClient> node;
   if (!f.nodes.empty()) {
     KVR_ASSIGN_OR_RETURN(node, ConnectNodes(f.nodes));

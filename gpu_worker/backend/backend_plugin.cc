@@ -67,4 +67,42 @@ std::string PathBesideExecutable(std::string_view file) {
   return (exe.parent_path() / file).string();
 }
 
+std::string DefaultPluginPath(std::string_view file) {
+  std::error_code ec;
+  const std::string beside = PathBesideExecutable(file);
+  if (std::filesystem::exists(beside, ec)) return beside;
+  const std::filesystem::path built = std::filesystem::path(KVR_BUILD_PLUGIN_DIR) / file;
+  if (std::filesystem::exists(built, ec)) return built.string();
+  return std::string(file);
+}
+
+absl::StatusOr<std::unique_ptr<Backend>> CreateBackendForFlag(std::string_view name,
+                                                              const BackendOptions& options,
+                                                              const std::string& cuda_plugin) {
+  if (name != "cpu" && name != "cuda") {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--backend \"", std::string(name), "\" is not one of cpu, cuda"));
+  }
+  if (name == "cuda") {
+    const std::string path = cuda_plugin.empty() ? DefaultPluginPath(kCudaPluginFile) : cuda_plugin;
+    absl::StatusOr<std::string> loaded = LoadBackendPlugin(path);
+    if (!loaded.ok()) {
+      return absl::Status(loaded.status().code(),
+                          absl::StrCat("--backend cuda: ", loaded.status().message(),
+                                       " (build target kvr_cuda_plugin where nvcc is found, and "
+                                       "pass its path with --cuda_plugin)"));
+    }
+    if (*loaded != name) {
+      return absl::InvalidArgumentError(absl::StrCat("--cuda_plugin ", path, " provides backend '",
+                                                     *loaded, "', not 'cuda'"));
+    }
+  }
+  absl::StatusOr<std::unique_ptr<Backend>> backend = BackendRegistry::Create(name, options);
+  if (!backend.ok()) {
+    return absl::Status(backend.status().code(), absl::StrCat("--backend ", std::string(name),
+                                                              ": ", backend.status().message()));
+  }
+  return backend;
+}
+
 }  // namespace kvr::worker

@@ -50,4 +50,20 @@ absl::StatusOr<std::string> LoadBackendPlugin(const std::string& path);
 // `file` alone when that cannot be read.
 std::string PathBesideExecutable(std::string_view file);
 
+// Where a plugin named `file` is loaded from when no path is given: next to
+// the executable if it is there (an installed image), else in this build
+// tree's plugin folder if it is there (development), else `file` alone (the
+// dynamic loader's search path).
+std::string DefaultPluginPath(std::string_view file);
+
+inline constexpr char kCudaPluginFile[] = "libkvr_cuda_plugin.so";
+
+// The backend a binary's --backend flag names: "cpu", or "cuda", which first
+// loads the CUDA plugin from `cuda_plugin` (empty: DefaultPluginPath). Errors
+// name the flag: InvalidArgument for another name, the plugin's load error
+// (with how to build it), or the backend's own (e.g. no CUDA device).
+absl::StatusOr<std::unique_ptr<Backend>> CreateBackendForFlag(std::string_view name,
+                                                              const BackendOptions& options,
+                                                              const std::string& cuda_plugin);
+
 }  // namespace kvr::worker

@@ -76,8 +76,8 @@ ABSL_FLAG(std::string, backend, "cpu",
           "compute backend: cpu, or cuda (loads the CUDA backend plugin, see --cuda_plugin)");
 ABSL_FLAG(int, device, 0, "--backend=cuda: CUDA device ordinal");
 ABSL_FLAG(std::string, cuda_plugin, "",
-          "--backend=cuda: path of libkvr_cuda_plugin.so (empty: the one next to this "
-          "executable, else the dynamic loader's search path)");
+          "--backend=cuda: path of libkvr_cuda_plugin.so (empty: next to this executable, "
+          "else the build tree's, else the dynamic loader's search path)");
 ABSL_FLAG(int, threads, 1, "CPU backend threads, 0 = all cores");
 ABSL_FLAG(int, tail_capacity, 64,
           "in-process node: appended keys kept flat before sealing into the index");
@@ -214,38 +214,10 @@ absl::StatusOr<std::unique_ptr<Backend>> MakeBackend() {
   if (device < 0 || device > 1023) {
     return absl::InvalidArgumentError(absl::StrCat("--device ", device, " outside [0, 1023]"));
   }
-  if (name != "cpu" && name != "cuda") {
-    return absl::InvalidArgumentError(
-        absl::StrCat("--backend \"", name, "\" is not one of cpu, cuda"));
-  }
-  if (name == "cuda") {
-    std::string path = absl::GetFlag(FLAGS_cuda_plugin);
-    if (path.empty()) {
-      constexpr char kPlugin[] = "libkvr_cuda_plugin.so";
-      path = PathBesideExecutable(kPlugin);
-      if (!std::filesystem::exists(path)) path = kPlugin;
-    }
-    absl::StatusOr<std::string> loaded = LoadBackendPlugin(path);
-    if (!loaded.ok()) {
-      return absl::Status(loaded.status().code(),
-                          absl::StrCat("--backend cuda: ", loaded.status().message(),
-                                       " (build target kvr_cuda_plugin where nvcc is found, and "
-                                       "pass its path with --cuda_plugin)"));
-    }
-    if (*loaded != name) {
-      return absl::InvalidArgumentError(absl::StrCat("--cuda_plugin ", path, " provides backend '",
-                                                     *loaded, "', not 'cuda'"));
-    }
-  }
   BackendOptions bo;
   bo.num_threads = absl::GetFlag(FLAGS_threads);
   bo.device = device;
-  absl::StatusOr<std::unique_ptr<Backend>> backend = BackendRegistry::Create(name, bo);
-  if (!backend.ok()) {
-    return absl::Status(backend.status().code(),
-                        absl::StrCat("--backend ", name, ": ", backend.status().message()));
-  }
-  return backend;
+  return CreateBackendForFlag(name, bo, absl::GetFlag(FLAGS_cuda_plugin));
 }
 
 int Main(int argc, char** argv) {

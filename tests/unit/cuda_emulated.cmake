@@ -32,3 +32,15 @@ endif()
 kvr_test(cuda_sync_test SOURCES unit/cuda_sync_test.cc
   DEPS kvr::cuda_backend_emulated kvr::cuda_emulator kvr::engine kvr::retrieval_client
   LABELS "unit;cuda_emulated")
+# kvr generate --backend cuda (the plugin loader in the CLI) on the emulated
+# plugin prints the CPU backend's text, for a prompt that is offloaded.
+if(TARGET kvr)
+  add_test(NAME kvr_generate_cuda_emulated
+    COMMAND bash -c "p='Once upon a time, there was a little girl named Lily. She loved to play \
+outside in the park with her friends.'; cpu=$(\"$0\" generate --prompt \"$p\" --max_tokens 48) \
+&& cuda=$(\"$0\" generate --prompt \"$p\" --max_tokens 48 --backend cuda --cuda_plugin \"$1\") \
+&& echo \"$cuda\" && [ \"$cpu\" = \"$cuda\" ] && [ \${#cuda} -gt \${#p} ]"
+      $<TARGET_FILE:kvr> $<TARGET_FILE:kvr_cuda_emulated_plugin>)
+  set_tests_properties(kvr_generate_cuda_emulated PROPERTIES LABELS "unit;cuda_emulated"
+    TIMEOUT 300 ENVIRONMENT "KVR_SHARED_MODELS=${KVR_SHARED_MODELS_DIR}")
+endif()
