@@ -454,7 +454,8 @@ class CudaBackend final : public Backend {
     a.ids = static_cast<int64_t*>(dev);
     a.scores = reinterpret_cast<float*>(static_cast<std::byte*>(dev) + id_bytes);
     KVR_RETURN_IF_ERROR(CudaStatus(cuda::LaunchTopK(a, stream_), "LaunchTopK"));
-    const HostCopy copies[] = {{a.ids, ids.data(), id_bytes}, {a.scores, scores.data(), score_bytes}};
+    const HostCopy copies[] = {{a.ids, ids.data(), id_bytes},
+                               {a.scores, scores.data(), score_bytes}};
     return CopyManyToHost(copies);
   }
 
@@ -537,13 +538,8 @@ class CudaBackend final : public Backend {
   // Device -> host through pinned staging when small; waits for the stream.
   absl::Status CopyToHost(const void* dev, void* host, size_t bytes) {
     if (bytes <= kPinnedStagingMax) {
-      KVR_ASSIGN_OR_RETURN(void* pinned, download_stage_.Ensure(bytes, "cudaMallocHost(download)"));
-      KVR_RETURN_IF_ERROR(CudaStatus(
-          cudaMemcpyAsync(pinned, dev, bytes, cudaMemcpyDeviceToHost, stream_),
-          "cudaMemcpyAsync(Download, pinned)"));
-      KVR_RETURN_IF_ERROR(CudaStatus(cudaStreamSynchronize(stream_), "cudaStreamSynchronize"));
-      std::memcpy(host, pinned, bytes);
-      return absl::OkStatus();
+      const HostCopy copy{dev, host, bytes};
+      return CopyManyToHost({&copy, 1});
     }
     KVR_RETURN_IF_ERROR(
         CudaStatus(cudaMemcpyAsync(host, dev, bytes, cudaMemcpyDeviceToHost, stream_),
