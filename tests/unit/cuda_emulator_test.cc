@@ -2,6 +2,7 @@
 // streams, launch limits, cublasGemmEx) against scalar oracles, and the
 // faults it promises to catch: each fault runs in a forked child (a device
 // fault is sticky for the process, as on a GPU) that must die or report it.
+#include <sys/resource.h>
 #include <sys/wait.h>
 
 #include <cmath>
@@ -266,12 +267,17 @@ TEST(CudaEmulatorTest, GemmExMatchesColumnMajorOracle) {
   EXPECT_EQ(cublasDestroy(h), CUBLAS_STATUS_SUCCESS);
 }
 
-// Runs `body` in a forked child; returns its exit status (or -signal).
+// Runs `body` in a forked child; returns its exit status (or -signal). The
+// child writes no core file when it faults on purpose.
 template <typename Body>
 int InChild(Body body) {
   fflush(nullptr);
   const pid_t pid = fork();
-  if (pid == 0) _exit(body());
+  if (pid == 0) {
+    const rlimit no_core{0, 0};
+    setrlimit(RLIMIT_CORE, &no_core);
+    _exit(body());
+  }
   int status = 0;
   waitpid(pid, &status, 0);
   return WIFEXITED(status) ? WEXITSTATUS(status) : -WTERMSIG(status);
