@@ -19,6 +19,25 @@ namespace {
 
 using Clock = std::chrono::steady_clock;
 
+// How a prompt's offloaded middle (between sinks and window) splits into
+// placement chunks, and the width of its training top-k lists: the one
+// geometry that the backend's top-k and the hand-off's uploads both index by.
+struct OffloadGeometry {
+  size_t mid;       // offloaded tokens
+  size_t chunk;     // tokens per chunk (the last may hold fewer)
+  size_t chunks;
+  size_t max_topk;  // chunk ci's lists are TopK(ci) <= max_topk wide
+
+  OffloadGeometry(const AttentionOptions& a, int64_t prompt_len)
+      : mid(static_cast<size_t>(prompt_len - a.window - a.sinks)),
+        chunk(static_cast<size_t>(a.chunk_tokens)),
+        chunks((mid + chunk - 1) / chunk),
+        max_topk(std::min(static_cast<size_t>(a.train_k), std::min(mid, chunk))) {}
+  size_t Begin(size_t ci) const { return ci * chunk; }
+  size_t Rows(size_t ci) const { return std::min(chunk, mid - Begin(ci)); }
+  size_t TopK(size_t ci) const { return std::min(max_topk, Rows(ci)); }
+};
+
 double Seconds(Clock::time_point since) {
   return std::chrono::duration<double>(Clock::now() - since).count();
 }
@@ -553,23 +572,21 @@ absl::Status RetrievalEngine::BackendTrainingTopK(EngineSequence& seq, const Ten
   const AttentionOptions& attention = seq.attention_;
   if (attention.index != retrieval::IndexType::kGraph) return absl::OkStatus();
   const LlamaConfig& c = weights_->config;
-  const size_t mid = static_cast<size_t>(prompt_len - attention.window - attention.sinks);
-  const size_t chunk = static_cast<size_t>(attention.chunk_tokens);
-  const size_t max_topk = std::min(static_cast<size_t>(attention.train_k), std::min(mid, chunk));
-  if (static_cast<size_t>(std::max(backend_->MaxTopK(), 0)) < max_topk) return absl::OkStatus();
+  const OffloadGeometry geo(attention, prompt_len);
+  if (static_cast<size_t>(std::max(backend_->MaxTopK(), 0)) < geo.max_topk) {
+    return absl::OkStatus();
+  }
   const size_t rows_per_query_set =
       static_cast<size_t>(prompt_len) * static_cast<size_t>(c.n_heads / c.n_kv_heads);
-  const size_t chunks = (mid + chunk - 1) / chunk;
   const size_t kv_heads = static_cast<size_t>(c.n_kv_heads);
-  const size_t stride = kv_heads * rows_per_query_set * max_topk;
-  staging->backend_ids.resize(chunks * stride);
+  const size_t stride = kv_heads * rows_per_query_set * geo.max_topk;
+  staging->backend_ids.resize(geo.chunks * stride);
   staging->backend_scores.resize(staging->backend_ids.size());
   // One call (one wait) per chunk for every kv head.
-  for (size_t ci = 0; ci < chunks; ++ci) {
-    const size_t begin = ci * chunk, rows = std::min(chunk, mid - begin);
-    const size_t topk = std::min(max_topk, rows);
+  for (size_t ci = 0; ci < geo.chunks; ++ci) {
+    const size_t rows = geo.Rows(ci), topk = geo.TopK(ci);
     const size_t count = kv_heads * rows_per_query_set * topk;
-    const int64_t key_begin = attention.sinks + static_cast<int64_t>(begin);
+    const int64_t key_begin = attention.sinks + static_cast<int64_t>(geo.Begin(ci));
     KVR_RETURN_IF_ERROR(backend_->TopK(q, k, c.attention_shape(), Backend::kAllKvHeads,
                                        key_begin, key_begin + static_cast<int64_t>(rows),
                                        static_cast<int>(topk),
@@ -585,21 +602,18 @@ absl::Status RetrievalEngine::UploadLayer(retrieval::RetrievalClient* client, co
                                           const AttentionOptions& attention,
                                           uint64_t sequence_id, int layer, int64_t prompt_len,
                                           Staging* staging) {
-  const int64_t s = attention.sinks, w = attention.window;
   const size_t d = static_cast<size_t>(c.head_dim);
   const size_t kv = static_cast<size_t>(c.kv_dim()), qd = static_cast<size_t>(c.q_dim());
-  const size_t mid = static_cast<size_t>(prompt_len - w - s);
-  const size_t chunk = static_cast<size_t>(attention.chunk_tokens);
+  const OffloadGeometry geo(attention, prompt_len);
   const size_t group = static_cast<size_t>(c.n_heads / c.n_kv_heads);
   const size_t train_rows = static_cast<size_t>(prompt_len) * group;
-  const size_t max_topk = std::min(static_cast<size_t>(attention.train_k), std::min(mid, chunk));
   // Only the graph index trains on the queries' top-k (flat and IVF ignore it).
   const bool train = attention.index == retrieval::IndexType::kGraph;
   // The backend may have computed it already (BackendTrainingTopK).
   const bool precomputed = train && staging->backend_stride != 0;
   if (train && !precomputed) {
     staging->train_queries.resize(train_rows * d);
-    staging->train_ids.resize(train_rows * max_topk);
+    staging->train_ids.resize(train_rows * geo.max_topk);
     staging->train_scores.resize(staging->train_ids.size());
   }
   for (int g = 0; g < c.n_kv_heads; ++g) {
@@ -612,9 +626,9 @@ absl::Status RetrievalEngine::UploadLayer(retrieval::RetrievalClient* client, co
         }
       }
     }
-    for (size_t begin = 0, ci = 0; begin < mid; begin += chunk, ++ci) {
-      const size_t rows = std::min(chunk, mid - begin);
-      const size_t row0 = static_cast<size_t>(s) + begin;
+    for (size_t ci = 0; ci < geo.chunks; ++ci) {
+      const size_t rows = geo.Rows(ci);
+      const size_t row0 = static_cast<size_t>(attention.sinks) + geo.Begin(ci);
       const ConstMatrixView keys(staging->k.data() + row0 * kv + g * d, rows, d, kv);
       const ConstMatrixView values(staging->v.data() + row0 * kv + g * d, rows, d, kv);
       retrieval::ShardUpload up;
@@ -623,7 +637,7 @@ absl::Status RetrievalEngine::UploadLayer(retrieval::RetrievalClient* client, co
       up.keys = keys;
       up.values = values;
       if (train) {
-        const size_t topk = std::min(max_topk, rows);
+        const size_t topk = geo.TopK(ci);
         std::span<int64_t> ids;
         if (precomputed) {
           const size_t offset = ci * staging->backend_stride + g * train_rows * topk;
@@ -849,10 +863,10 @@ absl::Status RetrievalEngine::StepBatchLocked(std::span<EngineSequence* const> a
         const float* k_src = cache.k_host.data() + it.slot * kv;
         const float* v_src = cache.v_host.data() + it.slot * kv;
         if (!cache.row_on_host[it.slot]) {
-          if (!seq_op(it, b.DownloadF32(k_row, k_row_host_)) ||
-              !seq_op(it, b.DownloadF32(v_row, v_row_host_))) {
-            continue;
-          }
+          const Backend::DownloadItem rows[] = {
+              {k_row, std::as_writable_bytes(std::span<float>(k_row_host_))},
+              {v_row, std::as_writable_bytes(std::span<float>(v_row_host_))}};
+          if (!seq_op(it, b.DownloadMany(rows))) continue;
           k_src = k_row_host_.data();
           v_src = v_row_host_.data();
         }
