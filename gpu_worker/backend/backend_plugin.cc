@@ -60,17 +60,13 @@ absl::StatusOr<std::string> LoadBackendPlugin(const std::string& path) {
   return std::string(plugin->name);
 }
 
-std::string PathBesideExecutable(std::string_view file) {
-  std::error_code ec;
-  const std::filesystem::path exe = std::filesystem::read_symlink("/proc/self/exe", ec);
-  if (ec) return std::string(file);
-  return (exe.parent_path() / file).string();
-}
-
 std::string DefaultPluginPath(std::string_view file) {
   std::error_code ec;
-  const std::string beside = PathBesideExecutable(file);
-  if (std::filesystem::exists(beside, ec)) return beside;
+  const std::filesystem::path exe = std::filesystem::read_symlink("/proc/self/exe", ec);
+  if (!ec) {
+    const std::filesystem::path beside = exe.parent_path() / file;
+    if (std::filesystem::exists(beside, ec)) return beside.string();
+  }
   const std::filesystem::path built = std::filesystem::path(KVR_BUILD_PLUGIN_DIR) / file;
   if (std::filesystem::exists(built, ec)) return built.string();
   return std::string(file);

@@ -46,10 +46,6 @@ const char* KvrBackendInterfaceId();
 // AlreadyExists when another backend holds its name. Thread-safe.
 absl::StatusOr<std::string> LoadBackendPlugin(const std::string& path);
 
-// <directory of the running executable>/<file> (from /proc/self/exe), or
-// `file` alone when that cannot be read.
-std::string PathBesideExecutable(std::string_view file);
-
 // Where a plugin named `file` is loaded from when no path is given: next to
 // the executable if it is there (an installed image), else in this build
 // tree's plugin folder if it is there (development), else `file` alone (the
