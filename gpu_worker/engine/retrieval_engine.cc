@@ -491,8 +491,9 @@ absl::Status RetrievalEngine::PrefillLocked(std::unique_lock<std::mutex>& lock,
         int64_t run = 1;
         while (p + run < n && kept(p + run) && seq.Slot(p + run) == slot + run) ++run;
         const size_t from = static_cast<size_t>(p) * kv, count = static_cast<size_t>(run) * kv;
-        KVR_RETURN_IF_ERROR(b.UploadF32({staging->k.data() + from, count}, cache.k.Rows(slot, run)));
-        KVR_RETURN_IF_ERROR(b.UploadF32({staging->v.data() + from, count}, cache.v.Rows(slot, run)));
+        const Tensor k_rows = cache.k.Rows(slot, run), v_rows = cache.v.Rows(slot, run);
+        KVR_RETURN_IF_ERROR(b.UploadF32({staging->k.data() + from, count}, k_rows));
+        KVR_RETURN_IF_ERROR(b.UploadF32({staging->v.data() + from, count}, v_rows));
         std::copy_n(staging->k.data() + from, count, cache.k_host.data() + slot * kv);
         std::copy_n(staging->v.data() + from, count, cache.v_host.data() + slot * kv);
         std::fill_n(cache.row_on_host.begin() + slot, run, 1);
