@@ -40,7 +40,7 @@
 #include "google/protobuf/stubs/common.h"
 #include "retrieval_node/server/grpc_retrieval_client.h"
 #include "retrieval_node/server/multi_node_client.h"
-#include "services/placement/placement.h"
+#include "services/infra/placement/placement.h"
 #include "tools/client.h"
 #include "tools/cluster.h"
 #endif

@@ -28,7 +28,7 @@
 
 #include <pthread.h>
 
-#include "services/rpc/grpc_server.h"
+#include "services/infra/rpc/grpc_server.h"
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
 #include "absl/flags/usage.h"
@@ -46,8 +46,8 @@
 #include "retrieval_node/server/grpc_retrieval_client.h"
 #include "retrieval_node/server/multi_node_client.h"
 #include "gpu_worker/server/worker_metrics.h"
-#include "services/membership/membership.h"
-#include "services/placement/placement.h"
+#include "services/infra/membership/membership.h"
+#include "services/infra/placement/placement.h"
 
 #ifndef KVR_DEFAULT_MODEL_DIR
 #define KVR_DEFAULT_MODEL_DIR ""

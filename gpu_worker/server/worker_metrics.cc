@@ -13,7 +13,7 @@
 #include "prometheus/gauge.h"
 #include "prometheus/histogram.h"
 #include "prometheus/registry.h"
-#include "services/metrics/metrics_endpoint.h"
+#include "services/infra/metrics/metrics_endpoint.h"
 
 namespace kvr::worker {
 namespace {

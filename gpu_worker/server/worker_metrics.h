@@ -1,6 +1,6 @@
 // WorkerMetrics: the kvr_worker Prometheus metrics (STYLE rule 12; the list,
 // with units and labels, is in README.md) and the `/metrics` endpoint that
-// serves them (services/metrics).
+// serves them (services/infra/metrics).
 //
 // It is the scheduler's SchedulerObserver (prefill, first token, tokens,
 // decode steps with their retrieval / attention / other split) and counts

@@ -16,7 +16,7 @@
 
 #include <pthread.h>
 
-#include "services/rpc/grpc_server.h"
+#include "services/infra/rpc/grpc_server.h"
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
 #include "absl/flags/usage.h"

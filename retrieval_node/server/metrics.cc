@@ -9,7 +9,7 @@
 
 #include "prometheus/collectable.h"
 #include "prometheus/counter.h"
-#include "services/metrics/metrics_endpoint.h"
+#include "services/infra/metrics/metrics_endpoint.h"
 #include "prometheus/family.h"
 #include "prometheus/gauge.h"
 #include "prometheus/histogram.h"

@@ -1,6 +1,6 @@
 // MultiNodeClient: one RetrievalClient over several retrieval nodes (each
 // any RetrievalClient: gRPC, in-process), placed by rendezvous hashing
-// (services/placement, R = 1).
+// (services/infra/placement, R = 1).
 //
 //   * CreateSequence / DropSequence go to every node of the sequence's view;
 //   * UploadShard goes to the primary node of its ShardKey;
@@ -11,7 +11,7 @@
 //     layer), all concurrently, and merges their partials by LSE in node
 //     order (deterministic), so the result is the partial over every shard.
 //
-// Membership changes (SetNodes, fed by services/membership): a sequence is
+// Membership changes (SetNodes, fed by services/infra/membership): a sequence is
 // placed on the node set current when CreateSequence ran (its "view") and
 // keeps it for life, so its shards never move; only NEW sequences see the new
 // set. A node that left stays connected while a live sequence still uses it.
@@ -33,7 +33,7 @@
 #include <vector>
 
 #include "retrieval_node/client/retrieval_client.h"
-#include "services/placement/placement.h"
+#include "services/infra/placement/placement.h"
 
 namespace kvr::retrieval {
 

@@ -33,9 +33,9 @@
 #include "services/gateway/gateway_service.h"
 #include "services/gateway/http_api.h"
 #include "services/gateway/worker_pool.h"
-#include "services/membership/membership.h"
-#include "services/metrics/metrics_endpoint.h"
-#include "services/rpc/grpc_server.h"
+#include "services/infra/membership/membership.h"
+#include "services/infra/metrics/metrics_endpoint.h"
+#include "services/infra/rpc/grpc_server.h"
 
 ABSL_FLAG(std::string, listen, "127.0.0.1:0",
           "host:port of the gRPC API; port 0 picks a free port (printed on stdout as "

@@ -1,9 +1,9 @@
-// services/membership: static lists (sorted, validated, errors naming the
+// services/infra/membership: static lists (sorted, validated, errors naming the
 // entry), DNS specs (parsing; "localhost" against getaddrinfo itself as the
 // oracle), and refresh semantics through an injected resolver: change
 // notification exactly once per change, keep-last-good on failure or an
 // empty answer, and the background refresh thread.
-#include "services/membership/membership.h"
+#include "services/infra/membership/membership.h"
 
 #include <gtest/gtest.h>
 

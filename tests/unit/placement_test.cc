@@ -1,7 +1,7 @@
-// services/placement: stable hashes (fixed vectors), rendezvous placement
+// services/infra/placement: stable hashes (fixed vectors), rendezvous placement
 // against a brute-force oracle, balance and minimal movement with numeric
 // bounds, request grouping, chunk arithmetic and node-list parsing.
-#include "services/placement/placement.h"
+#include "services/infra/placement/placement.h"
 
 #include <gtest/gtest.h>
 

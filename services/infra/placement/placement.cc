@@ -1,4 +1,4 @@
-#include "services/placement/placement.h"
+#include "services/infra/placement/placement.h"
 
 #include <algorithm>
 

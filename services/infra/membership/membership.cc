@@ -1,4 +1,4 @@
-#include "services/membership/membership.h"
+#include "services/infra/membership/membership.h"
 
 #include <algorithm>
 #include <cstdio>
@@ -16,7 +16,7 @@
 #include "absl/strings/str_join.h"
 #include "absl/strings/strip.h"
 #include "common/status.h"
-#include "services/placement/placement.h"
+#include "services/infra/placement/placement.h"
 
 namespace kvr::membership {
 namespace {

@@ -1,4 +1,4 @@
-#include "services/rpc/grpc_server.h"
+#include "services/infra/rpc/grpc_server.h"
 
 #include <grpcpp/ext/proto_server_reflection_plugin.h>
 #include <grpcpp/grpcpp.h>

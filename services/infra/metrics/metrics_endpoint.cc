@@ -1,4 +1,4 @@
-#include "services/metrics/metrics_endpoint.h"
+#include "services/infra/metrics/metrics_endpoint.h"
 
 #include <exception>
 #include <vector>
