@@ -54,8 +54,8 @@
 
 
 ABSL_FLAG(std::string, model, "",
-          "llama2.c checkpoint (default: stories260K.bin in $KVR_SHARED_MODELS, else "
-          "../shared/models next to the repository)");
+          "llama2.c checkpoint (default: stories260K.bin in $KVR_MODELS, else the "
+          "repository's models/)");
 ABSL_FLAG(std::string, tokenizer, "", "llama2.c tokenizer (default: tok512.bin beside the model)");
 ABSL_FLAG(int, sinks, 4, "attention-sink tokens kept on the worker");
 ABSL_FLAG(int, window, 16, "recent tokens kept on the worker");
@@ -228,21 +228,13 @@ struct Row {
 class Bench {
  public:
   absl::Status Init() {
-    std::string model = absl::GetFlag(FLAGS_model), tokenizer = absl::GetFlag(FLAGS_tokenizer);
-    if (model.empty() || tokenizer.empty()) {
-      const std::string dir = worker::FindBundledModelDir();
-      if (dir.empty()) {
-        return absl::NotFoundError(
-            "no model: pass --model and --tokenizer, or set KVR_SHARED_MODELS to the directory "
-            "holding stories260K.bin and tok512.bin");
-      }
-      if (model.empty()) model = dir + "/stories260K.bin";
-      if (tokenizer.empty()) tokenizer = dir + "/tok512.bin";
-    }
-    model_path_ = model;
-    KVR_ASSIGN_OR_RETURN(weights_, worker::LoadLlama2c(model));
-    KVR_ASSIGN_OR_RETURN(tokenizer_,
-                         worker::Llama2cTokenizer::Load(tokenizer, weights_->config.vocab_size));
+    KVR_ASSIGN_OR_RETURN(const worker::ModelPaths paths,
+                         worker::ResolveModelPaths(absl::GetFlag(FLAGS_model),
+                                                   absl::GetFlag(FLAGS_tokenizer)));
+    model_path_ = paths.model;
+    KVR_ASSIGN_OR_RETURN(weights_, worker::LoadLlama2c(paths.model));
+    KVR_ASSIGN_OR_RETURN(tokenizer_, worker::Llama2cTokenizer::Load(paths.tokenizer,
+                                                                     weights_->config.vocab_size));
     worker::BackendOptions bo;
     bo.num_threads = absl::GetFlag(FLAGS_threads);
     KVR_ASSIGN_OR_RETURN(backend_, worker::BackendRegistry::Create("cpu", bo));

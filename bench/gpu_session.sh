@@ -76,7 +76,7 @@ if [[ ! -d $deps/include/absl ]]; then
 fi
 
 step configure 180 build.log cmake -S . -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release \
-  -DKVR_WITH_SERVICES=OFF -DKVR_DEPS_PREFIX="$deps" -DKVR_SHARED_MODELS_DIR="$deps/models" \
+  -DKVR_WITH_SERVICES=OFF -DKVR_DEPS_PREFIX="$deps" \
   -DCMAKE_CUDA_ARCHITECTURES=90 || exit 1
 step build 420 build.log cmake --build "$build" -j "$(nproc)" --target cuda_backend_test \
   cuda_plugin_test kvr_cuda_plugin gpu_decode_bench || exit 1

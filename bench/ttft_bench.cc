@@ -127,11 +127,10 @@ absl::StatusOr<Model> LoadModel(const std::string& name) {
     return m;
   }
   if (name == "stories") {
-    const std::string dir = worker::FindBundledModelDir();
-    if (dir.empty()) return absl::NotFoundError("stories260K: bundled model directory not found");
-    KVR_ASSIGN_OR_RETURN(m.weights, worker::LoadLlama2c(dir + "/stories260K.bin"));
-    KVR_ASSIGN_OR_RETURN(auto tok, worker::Llama2cTokenizer::Load(
-                                       dir + "/tok512.bin", m.weights->config.vocab_size));
+    KVR_ASSIGN_OR_RETURN(const worker::ModelPaths paths, worker::ResolveModelPaths("", ""));
+    KVR_ASSIGN_OR_RETURN(m.weights, worker::LoadLlama2c(paths.model));
+    KVR_ASSIGN_OR_RETURN(auto tok, worker::Llama2cTokenizer::Load(paths.tokenizer,
+                                                                  m.weights->config.vocab_size));
     std::string story;
     for (int i = 0; i < 20; ++i) {
       story += "Once upon a time, there was a little girl named Lily. She loved to play "

@@ -2,8 +2,17 @@
 #
 #   kvr_library(NAME SOURCES ... [PUBLIC_DEPS ...] [PRIVATE_DEPS ...])
 #     builds static library kvr_NAME with alias kvr::NAME.
-#   kvr_test(NAME SOURCES ... [DEPS ...] [LABELS ...] [TIMEOUT s])
-#     builds a GoogleTest executable and registers it with ctest.
+#   kvr_test(NAME {SOURCES ... [DEPS ...] [ARGS ...] | COMMAND ...} [NEEDS target ...]
+#            [LABELS ...] [TIMEOUT s] [ENVIRONMENT VAR=value ...])
+#     registers every ctest test: a GoogleTest executable NAME built from
+#     SOURCES (linked with DEPS, kvr::testing and gtest_main; ARGS passed to
+#     it), or a COMMAND; NEEDS are targets (servers, plugins) built first.
+#     Labels default to unit, the timeout to 300 s; every test gets
+#     KVR_TEST_ENVIRONMENT (where the models are).
+
+# Every test's environment: where the bundled model and the optional extra
+# models are (tests/support/models.h).
+set(KVR_TEST_ENVIRONMENT "KVR_MODELS=${KVR_MODELS_DIR}" "KVR_SHARED_MODELS=${KVR_SHARED_MODELS_DIR}")
 
 set(KVR_WARNINGS -Wall -Wextra -Wno-unused-parameter -Wno-sign-compare)
 
@@ -17,11 +26,29 @@ function(kvr_library name)
 endfunction()
 
 function(kvr_test name)
-  cmake_parse_arguments(ARG "" "TIMEOUT" "SOURCES;DEPS;LABELS" ${ARGN})
-  add_executable(${name} ${ARG_SOURCES})
-  target_compile_options(${name} PRIVATE ${KVR_WARNINGS})
-  target_link_libraries(${name} PRIVATE ${ARG_DEPS} GTest::gtest GTest::gtest_main)
-  add_test(NAME ${name} COMMAND ${name})
+  cmake_parse_arguments(ARG "" "TIMEOUT" "SOURCES;DEPS;ARGS;COMMAND;NEEDS;LABELS;ENVIRONMENT"
+    ${ARGN})
+  if(ARG_SOURCES AND ARG_COMMAND)
+    message(FATAL_ERROR "kvr_test(${name}): SOURCES (a GoogleTest program) or COMMAND, not both")
+  endif()
+  if(ARG_SOURCES)
+    add_executable(${name} ${ARG_SOURCES})
+    target_compile_options(${name} PRIVATE ${KVR_WARNINGS})
+    target_link_libraries(${name} PRIVATE ${ARG_DEPS} kvr::testing GTest::gtest GTest::gtest_main)
+    add_test(NAME ${name} COMMAND ${name} ${ARG_ARGS})
+  elseif(ARG_COMMAND)
+    add_test(NAME ${name} COMMAND ${ARG_COMMAND})
+  else()
+    message(FATAL_ERROR "kvr_test(${name}): needs SOURCES or COMMAND")
+  endif()
+  if(ARG_NEEDS)
+    if(NOT ARG_SOURCES)
+      # A command test has no target of its own to hang the build order on.
+      add_custom_target(${name}_needs ALL DEPENDS ${ARG_NEEDS})
+    else()
+      add_dependencies(${name} ${ARG_NEEDS})
+    endif()
+  endif()
   if(NOT ARG_LABELS)
     set(ARG_LABELS unit)
   endif()
@@ -29,5 +56,5 @@ function(kvr_test name)
     set(ARG_TIMEOUT 300)
   endif()
   set_tests_properties(${name} PROPERTIES LABELS "${ARG_LABELS}" TIMEOUT ${ARG_TIMEOUT}
-    ENVIRONMENT "KVR_SHARED_MODELS=${KVR_SHARED_MODELS_DIR}")
+    ENVIRONMENT "${KVR_TEST_ENVIRONMENT};${ARG_ENVIRONMENT}")
 endfunction()

@@ -71,8 +71,8 @@ Streams the prompt and its continuation to stdout; prints a one-line summary
 
 Model:
   --model PATH            llama2.c checkpoint (default: stories260K.bin in the
-                          model dir: $KVR_SHARED_MODELS, else ../shared/models
-                          next to the repository)
+                          model dir: $KVR_MODELS, else the repository's
+                          models/; see models/README.md)
   --tokenizer PATH        llama2.c tokenizer (default: tok512.bin in the model dir)
 Request:
   --prompt TEXT           prompt (default "Once upon a time")
@@ -231,21 +231,12 @@ absl::StatusOr<std::unique_ptr<retrieval::RetrievalClient>> ConnectNodes(const s
 }
 
 absl::Status RunGenerate(const Flags& f) {
-  std::string model = f.model, tokenizer = f.tokenizer;
-  if (model.empty() || tokenizer.empty()) {
-    const std::string dir = worker::FindBundledModelDir();
-    if (dir.empty()) {
-      return absl::NotFoundError(
-          "no model: pass --model and --tokenizer, or set KVR_SHARED_MODELS to the directory "
-          "holding stories260K.bin and tok512.bin");
-    }
-    if (model.empty()) model = dir + "/stories260K.bin";
-    if (tokenizer.empty()) tokenizer = dir + "/tok512.bin";
-  }
+  KVR_ASSIGN_OR_RETURN(const worker::ModelPaths paths,
+                       worker::ResolveModelPaths(f.model, f.tokenizer));
   KVR_ASSIGN_OR_RETURN(std::shared_ptr<const worker::LlamaWeights> weights,
-                       worker::LoadLlama2c(model));
+                       worker::LoadLlama2c(paths.model));
   KVR_ASSIGN_OR_RETURN(std::unique_ptr<worker::Llama2cTokenizer> tok,
-                       worker::Llama2cTokenizer::Load(tokenizer, weights->config.vocab_size));
+                       worker::Llama2cTokenizer::Load(paths.tokenizer, weights->config.vocab_size));
   worker::BackendOptions bo;
   bo.num_threads = static_cast<int>(f.threads);
   bo.device = static_cast<int>(f.device);

@@ -21,7 +21,6 @@
 #include <csignal>
 #include <cstdio>
 #include <cstdlib>
-#include <filesystem>
 #include <memory>
 #include <string>
 #include <vector>
@@ -38,6 +37,7 @@
 #include "absl/time/time.h"
 #include "gpu_worker/backend/backend.h"
 #include "gpu_worker/backend/backend_plugin.h"
+#include "gpu_worker/model/bundled_model.h"
 #include "gpu_worker/model/llama2c_loader.h"
 #include "gpu_worker/model/llama2c_tokenizer.h"
 #include "gpu_worker/server/generation_scheduler.h"
@@ -49,15 +49,11 @@
 #include "services/infra/membership/membership.h"
 #include "services/infra/placement/placement.h"
 
-#ifndef KVR_DEFAULT_MODEL_DIR
-#define KVR_DEFAULT_MODEL_DIR ""
-#endif
-
 ABSL_FLAG(std::string, listen, "127.0.0.1:0",
           "host:port to serve on; port 0 picks a free port (printed on stdout)");
 ABSL_FLAG(std::string, model, "",
-          "llama2.c checkpoint (default: stories260K.bin in the model dir: $KVR_SHARED_MODELS, "
-          "else ../shared/models next to the repository)");
+          "llama2.c checkpoint (default: stories260K.bin in the model dir: $KVR_MODELS, else the "
+          "repository's models/)");
 ABSL_FLAG(std::string, tokenizer, "", "llama2.c tokenizer (default: tok512.bin in the model dir)");
 ABSL_FLAG(std::string, nodes, "",
           "kvr_node retrieval nodes: host:port,... (static), dns:///name:port (every A/AAAA "
@@ -89,8 +85,6 @@ ABSL_FLAG(double, drain_seconds, 10.0,
 namespace kvr::worker {
 namespace {
 
-namespace fs = std::filesystem;
-
 constexpr char kServiceName[] = "kvr.v1.Generation";
 
 pthread_t g_main_thread;
@@ -117,28 +111,6 @@ void ForwardStopSignalsToMain(const sigset_t& stop_signals) {
 int Fail(const std::string& message) {
   std::fprintf(stderr, "kvr_worker: %s\n", message.c_str());
   return 2;
-}
-
-// The first directory holding the bundled model (as `kvr generate` looks).
-std::string DefaultModelDir() {
-  std::vector<fs::path> candidates;
-  if (const char* env = std::getenv("KVR_SHARED_MODELS"); env != nullptr && *env != '\0') {
-    candidates.emplace_back(env);
-  }
-  std::error_code ec;
-  const fs::path exe = fs::read_symlink("/proc/self/exe", ec);
-  if (!ec) {
-    // <repo>/build*/gpu_worker/server/kvr_worker -> <repo>/../shared/models
-    candidates.push_back(exe.parent_path() / "../../../../shared/models");
-    candidates.push_back(exe.parent_path() / "../../../shared/models");
-  }
-  candidates.emplace_back("../shared/models");
-  candidates.emplace_back("shared/models");
-  if (*KVR_DEFAULT_MODEL_DIR != '\0') candidates.emplace_back(KVR_DEFAULT_MODEL_DIR);
-  for (const fs::path& dir : candidates) {
-    if (fs::exists(dir / "stories260K.bin", ec)) return fs::weakly_canonical(dir, ec).string();
-  }
-  return {};
 }
 
 // The retrieval nodes of --nodes: a MultiNodeClient over them and, unless
@@ -242,20 +214,13 @@ int Main(int argc, char** argv) {
   if (max_message_bytes < (1 << 16)) return Fail("--max_message_bytes must be >= 65536");
   if (absl::GetFlag(FLAGS_tail_capacity) < 1) return Fail("--tail_capacity must be >= 1");
 
-  std::string model = absl::GetFlag(FLAGS_model), tokenizer_path = absl::GetFlag(FLAGS_tokenizer);
-  if (model.empty() || tokenizer_path.empty()) {
-    const std::string dir = DefaultModelDir();
-    if (dir.empty()) {
-      return Fail("no model: pass --model and --tokenizer, or set KVR_SHARED_MODELS to the "
-                  "directory holding stories260K.bin and tok512.bin");
-    }
-    if (model.empty()) model = dir + "/stories260K.bin";
-    if (tokenizer_path.empty()) tokenizer_path = dir + "/tok512.bin";
-  }
-  absl::StatusOr<std::shared_ptr<const LlamaWeights>> weights = LoadLlama2c(model);
+  absl::StatusOr<ModelPaths> paths =
+      ResolveModelPaths(absl::GetFlag(FLAGS_model), absl::GetFlag(FLAGS_tokenizer));
+  if (!paths.ok()) return Fail(paths.status().ToString());
+  absl::StatusOr<std::shared_ptr<const LlamaWeights>> weights = LoadLlama2c(paths->model);
   if (!weights.ok()) return Fail(weights.status().ToString());
   absl::StatusOr<std::unique_ptr<Llama2cTokenizer>> tokenizer =
-      Llama2cTokenizer::Load(tokenizer_path, (*weights)->config.vocab_size);
+      Llama2cTokenizer::Load(paths->tokenizer, (*weights)->config.vocab_size);
   if (!tokenizer.ok()) return Fail(tokenizer.status().ToString());
   absl::StatusOr<std::unique_ptr<Backend>> backend = MakeBackend();
   if (!backend.ok()) return Fail(std::string(backend.status().message()));
@@ -316,7 +281,7 @@ int Main(int argc, char** argv) {
   }
 
   WorkerServiceOptions wo;
-  wo.model_name = model;
+  wo.model_name = paths->model;
   wo.backend = (*backend)->Describe();
   wo.on_generate_finished = [m = metrics.get()](absl::StatusCode code) { m->RecordRequest(code); };
   auto service = std::make_unique<WorkerService>(scheduler->get(), tokenizer->get(), node.get(),

@@ -20,4 +20,4 @@ endif()
 add_test(NAME cluster_e2e_test
   COMMAND cluster_e2e_test --kvr $<TARGET_FILE:kvr> ${kvr_cluster_test_args})
 set_tests_properties(cluster_e2e_test PROPERTIES LABELS e2e TIMEOUT 180
-  ENVIRONMENT "KVR_SHARED_MODELS=${KVR_SHARED_MODELS_DIR}")
+  ENVIRONMENT "${KVR_TEST_ENVIRONMENT}")

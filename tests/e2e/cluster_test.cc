@@ -78,8 +78,8 @@ struct Embedded {
   std::unique_ptr<worker::RetrievalEngine> engine;
 
   static std::unique_ptr<Embedded> Create() {
-    const char* dir = std::getenv("KVR_SHARED_MODELS");
-    if (dir == nullptr) return ADD_FAILURE() << "KVR_SHARED_MODELS is not set", nullptr;
+    const char* dir = std::getenv("KVR_MODELS");
+    if (dir == nullptr) return ADD_FAILURE() << "KVR_MODELS is not set", nullptr;
     auto e = std::make_unique<Embedded>();
     auto w = worker::LoadLlama2c(std::string(dir) + "/stories260K.bin");
     if (!w.ok()) return ADD_FAILURE() << w.status(), nullptr;

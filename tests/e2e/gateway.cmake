@@ -22,5 +22,5 @@ if(TARGET kvr_gateway)
     COMMAND gateway_e2e_test --kvr_gateway $<TARGET_FILE:kvr_gateway>
       --kvr_worker $<TARGET_FILE:kvr_worker>)
   set_tests_properties(gateway_e2e_test PROPERTIES LABELS e2e TIMEOUT 300
-    ENVIRONMENT "KVR_SHARED_MODELS=${KVR_SHARED_MODELS_DIR}")
+    ENVIRONMENT "${KVR_TEST_ENVIRONMENT}")
 endif()

@@ -15,4 +15,4 @@ add_test(NAME generation_e2e_test
     --kvr_node $<TARGET_FILE:kvr_node>
     --cuda_emulated_plugin $<TARGET_FILE:kvr_cuda_emulated_plugin>)
 set_tests_properties(generation_e2e_test PROPERTIES LABELS e2e TIMEOUT 300
-  ENVIRONMENT "KVR_SHARED_MODELS=${KVR_SHARED_MODELS_DIR}")
+  ENVIRONMENT "${KVR_TEST_ENVIRONMENT}")

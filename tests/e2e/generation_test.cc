@@ -86,9 +86,9 @@ struct Embedded {
   std::unique_ptr<RetrievalEngine> engine;
 
   static std::unique_ptr<Embedded> Create() {
-    const char* dir = std::getenv("KVR_SHARED_MODELS");
+    const char* dir = std::getenv("KVR_MODELS");
     if (dir == nullptr) {
-      ADD_FAILURE() << "KVR_SHARED_MODELS is not set";
+      ADD_FAILURE() << "KVR_MODELS is not set";
       return nullptr;
     }
     auto e = std::make_unique<Embedded>();
@@ -865,7 +865,7 @@ TEST(Utf8, CompletePrefix) {
 // spelling "aé€😀b". No streamed piece ends inside a character; the pieces
 // concatenated equal the text; an unfinished character at the end is flushed.
 TEST(RequestLoopUtf8, PiecesNeverSplitACharacter) {
-  const char* dir = std::getenv("KVR_SHARED_MODELS");
+  const char* dir = std::getenv("KVR_MODELS");
   ASSERT_NE(dir, nullptr);
   auto tok = Llama2cTokenizer::Load(std::string(dir) + "/tok512.bin", 512);
   ASSERT_TRUE(tok.ok()) << tok.status();

@@ -9,4 +9,4 @@ add_dependencies(worker_metrics_test kvr_worker)
 add_test(NAME worker_metrics_test
   COMMAND worker_metrics_test --kvr_worker $<TARGET_FILE:kvr_worker>)
 set_tests_properties(worker_metrics_test PROPERTIES LABELS integration TIMEOUT 180
-  ENVIRONMENT "KVR_SHARED_MODELS=${KVR_SHARED_MODELS_DIR}")
+  ENVIRONMENT "${KVR_TEST_ENVIRONMENT}")

@@ -1,7 +1,7 @@
 // stories260K (the bundled llama2.c model) for worker tests: weights,
 // tokenizer and a one-thread CPU backend, loaded once per fixture, plus the
-// logits comparison the engine tests use. Tests skip when KVR_SHARED_MODELS
-// (set by kvr_test) does not hold the model.
+// logits comparison the engine tests use. A missing model is a failure
+// (tests/support/models.h).
 #pragma once
 
 #include <gtest/gtest.h>
@@ -16,6 +16,7 @@
 #include <string>
 #include <vector>
 
+#include "tests/support/models.h"
 #include "gpu_worker/backend/backend.h"
 #include "gpu_worker/model/llama2c_loader.h"
 #include "gpu_worker/model/llama2c_tokenizer.h"
@@ -23,29 +24,18 @@
 
 namespace kvr::test_support {
 
-// $KVR_SHARED_MODELS/<file> when it exists, else "".
-inline std::string SharedModelPath(const char* file) {
-  const char* d = std::getenv("KVR_SHARED_MODELS");
-  if (d == nullptr) return {};
-  std::string p = std::string(d) + "/" + file;
-  return std::filesystem::exists(p) ? p : std::string();
-}
-
 struct StoriesModel {
   std::shared_ptr<const worker::LlamaWeights> weights;
   std::unique_ptr<worker::Llama2cTokenizer> tokenizer;
   std::unique_ptr<worker::Backend> backend;
 
   // Loads stories260K + tok512 and a CPU backend of `threads` threads. Returns
-  // false with `skip_reason` set when the model is not there; other failures
-  // are test failures.
+  // false after recording a test failure when anything is missing or broken
+  // (`skip_reason` stays empty: nothing here is a reason to skip).
   bool Load(std::string* skip_reason, int threads = 1) {
-    const std::string model = SharedModelPath("stories260K.bin");
-    const std::string tok = SharedModelPath("tok512.bin");
-    if (model.empty() || tok.empty()) {
-      *skip_reason = "KVR_SHARED_MODELS not set or stories260K.bin / tok512.bin missing";
-      return false;
-    }
+    const std::string model = BundledModelPath("stories260K.bin");
+    const std::string tok = BundledModelPath("tok512.bin");
+    if (model.empty() || tok.empty()) return false;
     auto w = worker::LoadLlama2c(model);
     EXPECT_TRUE(w.ok()) << w.status();
     if (!w.ok()) return false;

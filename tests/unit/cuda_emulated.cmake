@@ -42,5 +42,5 @@ outside in the park with her friends.'; cpu=$(\"$0\" generate --prompt \"$p\" --
 && echo \"$cuda\" && [ \"$cpu\" = \"$cuda\" ] && [ \${#cuda} -gt \${#p} ]"
       $<TARGET_FILE:kvr> $<TARGET_FILE:kvr_cuda_emulated_plugin>)
   set_tests_properties(kvr_generate_cuda_emulated PROPERTIES LABELS "unit;cuda_emulated"
-    TIMEOUT 300 ENVIRONMENT "KVR_SHARED_MODELS=${KVR_SHARED_MODELS_DIR}")
+    TIMEOUT 300 ENVIRONMENT "${KVR_TEST_ENVIRONMENT}")
 endif()

@@ -17,6 +17,7 @@
 #include <thread>
 #include <vector>
 
+#include "tests/support/models.h"
 #include "gpu_worker/engine/generation.h"
 #include "gpu_worker/engine/retrieval_engine.h"
 #include "gpu_worker/model/llama2c_loader.h"
@@ -37,13 +38,6 @@ constexpr char kStory[] =
 constexpr char kStory2[] =
     "Tom had a small dog called Max. Every morning they ran to the river and looked at the "
     "fish. One day Max found a shiny stone in the water.";
-
-std::string ModelPath(const char* file) {
-  const char* d = std::getenv("KVR_SHARED_MODELS");
-  if (d == nullptr) return {};
-  std::string p = std::string(d) + "/" + file;
-  return std::filesystem::exists(p) ? p : std::string();
-}
 
 // A RetrievalClient that forwards to a node but holds every UploadShard until
 // Release() (or a timeout: DeadlineExceeded), and can fail uploads.
@@ -105,9 +99,9 @@ class GatedClient final : public retrieval::RetrievalClient {
 class EngineMultiTest : public ::testing::Test {
  protected:
   void SetUp() override {
-    const std::string model = ModelPath("stories260K.bin"), tok = ModelPath("tok512.bin");
+    const std::string model = test_support::BundledModelPath("stories260K.bin"), tok = test_support::BundledModelPath("tok512.bin");
     if (model.empty() || tok.empty()) {
-      GTEST_SKIP() << "KVR_SHARED_MODELS not set or stories260K.bin / tok512.bin missing";
+      GTEST_FAIL() << "the bundled stories260K model is missing";
     }
     auto w = LoadLlama2c(model);
     ASSERT_TRUE(w.ok()) << w.status();

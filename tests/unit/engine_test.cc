@@ -11,6 +11,7 @@
 #include <string>
 #include <vector>
 
+#include "tests/support/models.h"
 #include "common/attention.h"
 #include "gpu_worker/engine/generation.h"
 #include "gpu_worker/engine/retrieval_engine.h"
@@ -33,19 +34,12 @@ constexpr char kLongPrompt[] =
     "Once upon a time, there was a little girl named Lily. She loved to play outside in the "
     "park with her friends. One day, she saw a big red ball under a tree.";
 
-std::string ModelPath(const char* file) {
-  const char* d = std::getenv("KVR_SHARED_MODELS");
-  if (d == nullptr) return {};
-  std::string p = std::string(d) + "/" + file;
-  return std::filesystem::exists(p) ? p : std::string();
-}
-
 class EngineTest : public ::testing::Test {
  protected:
   void SetUp() override {
-    const std::string model = ModelPath("stories260K.bin"), tok = ModelPath("tok512.bin");
+    const std::string model = test_support::BundledModelPath("stories260K.bin"), tok = test_support::BundledModelPath("tok512.bin");
     if (model.empty() || tok.empty()) {
-      GTEST_SKIP() << "KVR_SHARED_MODELS not set or stories260K.bin / tok512.bin missing";
+      GTEST_FAIL() << "the bundled stories260K model is missing";
     }
     auto w = LoadLlama2c(model);
     ASSERT_TRUE(w.ok()) << w.status();

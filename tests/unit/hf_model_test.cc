@@ -16,6 +16,7 @@
 #include <string>
 #include <vector>
 
+#include "tests/support/models.h"
 #include "gpu_worker/backend/backend.h"
 #include "gpu_worker/model/generate.h"
 #include "gpu_worker/model/hf_config.h"
@@ -31,13 +32,6 @@ namespace {
 
 namespace fs = std::filesystem;
 using Json = nlohmann::json;
-
-std::string ModelPath(const char* file) {
-  const char* d = std::getenv("KVR_SHARED_MODELS");
-  if (d == nullptr) return {};
-  std::string p = std::string(d) + "/" + file;
-  return fs::exists(p) ? p : std::string();
-}
 
 std::string ReadAll(const fs::path& p) {
   std::ifstream in(p, std::ios::binary);
@@ -222,8 +216,8 @@ TEST(HfConfigTest, ErrorsNameTheField) {
 class HfCheckpointTest : public ::testing::Test {
  protected:
   void SetUp() override {
-    model_path_ = ModelPath("stories260K.bin");
-    if (model_path_.empty()) GTEST_SKIP() << "KVR_SHARED_MODELS not set or stories260K.bin missing";
+    model_path_ = test_support::BundledModelPath("stories260K.bin");
+    if (model_path_.empty()) GTEST_FAIL() << "the bundled stories260K model is missing";
     auto w = LoadLlama2c(model_path_);
     ASSERT_TRUE(w.ok()) << w.status();
     ref_ = *w;
@@ -356,8 +350,8 @@ TEST_F(HfCheckpointTest, Bf16IsViewedInPlaceAndF16IsWidened) {
 }
 
 TEST_F(HfCheckpointTest, GeneratesTheKnownStory) {
-  const std::string tok_path = ModelPath("tok512.bin");
-  if (tok_path.empty()) GTEST_SKIP() << "tok512.bin missing";
+  const std::string tok_path = test_support::BundledModelPath("tok512.bin");
+  if (tok_path.empty()) GTEST_FAIL() << "the bundled tok512.bin is missing";
   TempDir dir("gen");
   auto hf = Convert(dir);
   auto tok = Llama2cTokenizer::Load(tok_path, hf->config.vocab_size);

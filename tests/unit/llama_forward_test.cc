@@ -12,6 +12,7 @@
 #include <string>
 #include <vector>
 
+#include "tests/support/models.h"
 #include "gpu_worker/model/generate.h"
 #include "gpu_worker/model/llama2c_loader.h"
 #include "gpu_worker/model/llama2c_tokenizer.h"
@@ -21,13 +22,6 @@
 
 namespace kvr::worker {
 namespace {
-
-std::string ModelPath(const char* file) {
-  const char* d = std::getenv("KVR_SHARED_MODELS");
-  if (d == nullptr) return {};
-  std::string p = std::string(d) + "/" + file;
-  return std::filesystem::exists(p) ? p : std::string();
-}
 
 // llama2.c's run.c forward pass, written out in double precision.
 class ReferenceLlama2c {
@@ -144,10 +138,10 @@ class ReferenceLlama2c {
 class Stories260KTest : public ::testing::Test {
  protected:
   void SetUp() override {
-    model_path_ = ModelPath("stories260K.bin");
-    tok_path_ = ModelPath("tok512.bin");
+    model_path_ = test_support::BundledModelPath("stories260K.bin");
+    tok_path_ = test_support::BundledModelPath("tok512.bin");
     if (model_path_.empty() || tok_path_.empty()) {
-      GTEST_SKIP() << "KVR_SHARED_MODELS not set or stories260K.bin / tok512.bin missing";
+      GTEST_FAIL() << "the bundled stories260K model is missing";
     }
     auto w = LoadLlama2c(model_path_);
     ASSERT_TRUE(w.ok()) << w.status();

@@ -6,6 +6,7 @@
 #include <string>
 #include <vector>
 
+#include "tests/support/models.h"
 #include "common/status.h"
 #include "gpu_worker/model/hf_bpe_tokenizer.h"
 #include "gpu_worker/model/llama2c_tokenizer.h"
@@ -18,13 +19,6 @@ namespace {
 
 using Json = nlohmann::json;
 using Ids = std::vector<int32_t>;
-
-std::string ModelPath(const char* file) {
-  const char* d = std::getenv("KVR_SHARED_MODELS");
-  if (d == nullptr) return {};
-  std::string p = std::string(d) + "/" + file;
-  return std::filesystem::exists(p) ? p : std::string();
-}
 
 template <typename T>
 std::string DecodeAll(const T& tok, const Ids& ids) {
@@ -76,7 +70,7 @@ const std::vector<Case> kLlama2Cases = {
 class SentencePieceTest : public ::testing::Test {
  protected:
   void SetUp() override {
-    const std::string path = ModelPath("llama2-tokenizer.model");
+    const std::string path = test_support::OptionalModelPath("llama2-tokenizer.model");
     if (path.empty()) GTEST_SKIP() << "KVR_SHARED_MODELS not set or llama2-tokenizer.model missing";
     auto t = SentencePieceTokenizer::Load(path);
     ASSERT_TRUE(t.ok()) << t.status();
@@ -116,7 +110,7 @@ TEST_F(SentencePieceTest, DecodeRoundTrips) {
 }
 
 TEST_F(SentencePieceTest, Llama2cBinAgreesOnAscii) {
-  const std::string bin = ModelPath("llama2-tokenizer.bin");
+  const std::string bin = test_support::OptionalModelPath("llama2-tokenizer.bin");
   if (bin.empty()) GTEST_SKIP() << "llama2-tokenizer.bin missing";
   auto l2c = Llama2cTokenizer::Load(bin, 32000);
   ASSERT_TRUE(l2c.ok()) << l2c.status();
@@ -135,7 +129,7 @@ TEST_F(SentencePieceTest, Llama2cBinAgreesOnUnicodeToo) {
   // run.c's encode over llama2-tokenizer.bin (codepoint pieces, byte fallback,
   // score-ordered merges) also reproduces SentencePiece on every case above:
   // multi-byte UTF-8, byte fallback, whitespace runs, the empty string.
-  const std::string bin = ModelPath("llama2-tokenizer.bin");
+  const std::string bin = test_support::OptionalModelPath("llama2-tokenizer.bin");
   if (bin.empty()) GTEST_SKIP() << "llama2-tokenizer.bin missing";
   auto l2c = Llama2cTokenizer::Load(bin, 32000);
   ASSERT_TRUE(l2c.ok()) << l2c.status();

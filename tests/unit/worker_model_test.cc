@@ -9,6 +9,10 @@
 #include <string>
 #include <vector>
 
+#include <unistd.h>
+
+#include "tests/support/models.h"
+#include "gpu_worker/model/bundled_model.h"
 #include "gpu_worker/model/llama2c_loader.h"
 #include "gpu_worker/model/llama2c_tokenizer.h"
 #include "gpu_worker/model/model_config.h"
@@ -17,17 +21,6 @@
 
 namespace kvr::worker {
 namespace {
-
-std::string ModelsDir() {
-  const char* d = std::getenv("KVR_SHARED_MODELS");
-  return d == nullptr ? std::string() : std::string(d);
-}
-
-#define REQUIRE_MODEL_FILE(var, file)                                        \
-  const std::string var = ModelsDir() + "/" + (file);                        \
-  if (ModelsDir().empty() || !std::filesystem::exists(var)) {                \
-    GTEST_SKIP() << "KVR_SHARED_MODELS not set or " << (file) << " missing"; \
-  }
 
 std::vector<char> ReadAll(const std::string& path) {
   std::ifstream in(path, std::ios::binary);
@@ -93,7 +86,8 @@ TEST(LlamaConfigTest, Llama3ShapesAndRope) {
 // ---------------------------------------------------------------- loader --
 
 TEST(Llama2cLoaderTest, LoadsStories260K) {
-  REQUIRE_MODEL_FILE(path, "stories260K.bin");
+  const std::string path = test_support::BundledModelPath("stories260K.bin");
+  ASSERT_FALSE(path.empty());
   auto w = LoadLlama2c(path);
   ASSERT_TRUE(w.ok()) << w.status();
   const LlamaConfig& c = (*w)->config;
@@ -118,6 +112,68 @@ TEST(Llama2cLoaderTest, LoadsStories260K) {
   EXPECT_EQ((*w)->final_norm.f32()[0], first);
 }
 
+// ------------------------------------------------------ model discovery --
+
+// Sets an environment variable for one scope and restores it after.
+class ScopedEnv {
+ public:
+  ScopedEnv(const char* name, const std::string& value) : name_(name) {
+    if (const char* old = std::getenv(name)) old_ = old;
+    had_old_ = std::getenv(name) != nullptr;
+    ::setenv(name, value.c_str(), 1);
+  }
+  ~ScopedEnv() {
+    if (had_old_) {
+      ::setenv(name_, old_.c_str(), 1);
+    } else {
+      ::unsetenv(name_);
+    }
+  }
+
+ private:
+  const char* name_;
+  std::string old_;
+  bool had_old_ = false;
+};
+
+TEST(BundledModelTest, DiscoveryOrderFlagsThenEnvThenRepository) {
+  namespace fs = std::filesystem;
+  const std::string bundled = test_support::BundledModelPath("stories260K.bin");
+  ASSERT_FALSE(bundled.empty());
+  const std::string repo_models = fs::weakly_canonical(fs::path(bundled).parent_path()).string();
+  // Without $KVR_MODELS: the repository's models/ (found from this test
+  // binary's location under build*/, or the source path recorded at build).
+  {
+    ScopedEnv no_models("KVR_MODELS", "");
+    ScopedEnv no_shared("KVR_SHARED_MODELS", "");
+    EXPECT_EQ(FindBundledModelDir(), repo_models);
+    auto paths = ResolveModelPaths("", "");
+    ASSERT_TRUE(paths.ok()) << paths.status();
+    EXPECT_EQ(paths->model, repo_models + "/stories260K.bin");
+    EXPECT_EQ(paths->tokenizer, repo_models + "/tok512.bin");
+  }
+  // $KVR_MODELS naming a folder that holds stories260K.bin wins over it.
+  const fs::path elsewhere = fs::temp_directory_path() / ("kvr_models_" + std::to_string(getpid()));
+  fs::create_directories(elsewhere);
+  { std::ofstream(elsewhere / "stories260K.bin") << "x"; }
+  {
+    ScopedEnv env("KVR_MODELS", elsewhere.string());
+    EXPECT_EQ(FindBundledModelDir(), fs::weakly_canonical(elsewhere).string());
+    // Flags win over everything; a missing one still defaults.
+    auto paths = ResolveModelPaths("/m.bin", "");
+    ASSERT_TRUE(paths.ok()) << paths.status();
+    EXPECT_EQ(paths->model, "/m.bin");
+    EXPECT_EQ(paths->tokenizer, fs::weakly_canonical(elsewhere).string() + "/tok512.bin");
+  }
+  // $KVR_MODELS naming a folder without the model is passed over.
+  fs::remove(elsewhere / "stories260K.bin");
+  {
+    ScopedEnv env("KVR_MODELS", elsewhere.string());
+    EXPECT_EQ(FindBundledModelDir(), repo_models);
+  }
+  fs::remove_all(elsewhere);
+}
+
 TEST(Llama2cLoaderTest, MissingFileIsNotFound) {
   EXPECT_EQ(LoadLlama2c("/nonexistent/model.bin").status().code(), absl::StatusCode::kNotFound);
 }
@@ -125,9 +181,8 @@ TEST(Llama2cLoaderTest, MissingFileIsNotFound) {
 class Llama2cCorruptTest : public ::testing::Test {
  protected:
   void SetUp() override {
-    const std::string dir = ModelsDir();
-    path_ = dir + "/stories260K.bin";
-    if (dir.empty() || !std::filesystem::exists(path_)) GTEST_SKIP() << "model missing";
+    path_ = test_support::BundledModelPath("stories260K.bin");
+    ASSERT_FALSE(path_.empty());
     raw_ = ReadAll(path_);
     ASSERT_EQ(raw_.size(), 1056540u);
   }
@@ -250,9 +305,8 @@ TEST(RandomWeightsTest, DeterministicAndShaped) {
 class TokenizerTest : public ::testing::Test {
  protected:
   void SetUp() override {
-    const std::string dir = ModelsDir();
-    path_ = dir + "/tok512.bin";
-    if (dir.empty() || !std::filesystem::exists(path_)) GTEST_SKIP() << "tokenizer missing";
+    path_ = test_support::BundledModelPath("tok512.bin");
+    ASSERT_FALSE(path_.empty());
     auto t = Llama2cTokenizer::Load(path_, 512);
     ASSERT_TRUE(t.ok()) << t.status();
     tok_ = *std::move(t);

@@ -6,7 +6,6 @@
 #   * GoogleTest (headers, static libraries, CMake config) — for the tests;
 #   * --with-json: nlohmann-json (header-only), which turns the Hugging Face
 #     loaders and tokenizer.json back on; without it they compile out;
-#   * stories260K.bin and tok512.bin from ../shared/models (models/).
 # SentencePiece is not bundled (it drags in protobuf-lite): the OFF build
 # compiles the SentencePiece tokenizer out when libsentencepiece is absent.
 # The folder mirrors /usr (include/, lib/<multiarch>/, share/), so CMake finds
@@ -72,16 +71,6 @@ if [[ $with_json == 1 ]]; then
   mkdir -p "$out/share/cmake"
   cp -a /usr/include/nlohmann "$out/include/"
   cp -a /usr/share/cmake/nlohmann_json "$out/share/cmake/"
-fi
-
-# The small bundled models the GPU tests use (the machine gets only the
-# repository): configure there with -DKVR_SHARED_MODELS_DIR=$out/models.
-models=${KVR_SHARED_MODELS:-$repo/../shared/models}
-if [[ -f $models/stories260K.bin && -f $models/tok512.bin ]]; then
-  mkdir -p "$out/models"
-  cp -a "$models/stories260K.bin" "$models/tok512.bin" "$out/models/"
-else
-  echo "bundle_deps.sh: no stories260K.bin / tok512.bin in $models; the model tests will skip" >&2
 fi
 
 # What the shared libraries need from the target's C and C++ runtimes.
