@@ -8,7 +8,8 @@
 #     SOURCES (linked with DEPS, kvr::testing and gtest_main; ARGS passed to
 #     it), or a COMMAND; NEEDS are targets (servers, plugins) built first.
 #     Labels default to unit, the timeout to 300 s; every test gets
-#     KVR_TEST_ENVIRONMENT (where the models are).
+#     KVR_TEST_ENVIRONMENT (where the models are). Arguments pass through a
+#     CMake list: write a ';' inside a COMMAND argument as $<SEMICOLON>.
 
 # Every test's environment: where the bundled model and the optional extra
 # models are (tests/support/models.h).

@@ -5,27 +5,32 @@
 # own semantics and that it catches the kernel bugs it claims to.
 kvr_test(cuda_backend_emulated_test SOURCES unit/cuda_backend_test.cc
   DEPS kvr::cuda_backend_emulated kvr::model kvr::engine kvr::retrieval_client
-  LABELS "unit;cuda_emulated" TIMEOUT 900)
+  ARGS --gtest_filter=-CudaStoriesTest.*
+  LABELS "unit;cuda_emulated" TIMEOUT 300)
+# The same program's stories260K greedy runs (~150 s on the emulator): slow.
+kvr_test(cuda_backend_emulated_stories_test
+  COMMAND cuda_backend_emulated_test --gtest_filter=CudaStoriesTest.*
+  LABELS "slow;cuda_emulated" TIMEOUT 900)
 kvr_test(cuda_emulator_test SOURCES unit/cuda_emulator_test.cc
   DEPS kvr::cuda_emulator
   LABELS "unit;cuda_emulated")
 # LoadBackendPlugin with the emulated CUDA backend as a dlopen plugin.
-kvr_test(backend_plugin_test SOURCES unit/backend_plugin_test.cc DEPS kvr::worker_backend)
-add_dependencies(backend_plugin_test kvr_cuda_emulated_plugin)
+kvr_test(backend_plugin_test SOURCES unit/backend_plugin_test.cc DEPS kvr::worker_backend
+  NEEDS kvr_cuda_emulated_plugin)
 target_compile_definitions(backend_plugin_test PRIVATE
   KVR_TEST_PLUGIN="$<TARGET_FILE:kvr_cuda_emulated_plugin>")
 # bench/gpu_decode_bench on the emulator at the smallest shape: all three
 # modes (gpu, stream, retrieval) must produce a row and the program exit 0.
 # A check that the benchmark works before a GPU session spends time on it,
-# not a measurement.
+# not a measurement; ~2 min on the emulator, so slow (make test-slow, and
+# bench/gpu_session.sh's build runs the real one).
 if(TARGET gpu_decode_bench_emulated)
-  add_test(NAME gpu_decode_bench_emulated
+  kvr_test(gpu_decode_bench_emulated
     COMMAND bash -c "out=$(\"$0\" --contexts=1024 --layers=1 --steps=1 --sinks=16 --window=64 \
---top_k=16 --node_threads=1) || exit 1; echo \"$out\"; \
+--top_k=16 --node_threads=1) || exit 1$<SEMICOLON> echo \"$out\"$<SEMICOLON> \
 test $(echo \"$out\" | grep -cE '^(gpu|stream|retrieval) +1024 [|] +[0-9]') -eq 3"
-      $<TARGET_FILE:gpu_decode_bench_emulated>)
-  set_tests_properties(gpu_decode_bench_emulated PROPERTIES LABELS "unit;cuda_emulated"
-    TIMEOUT 600)
+      $<TARGET_FILE:gpu_decode_bench_emulated>
+    LABELS "slow;cuda_emulated" TIMEOUT 600)
 endif()
 # How often the backend and the engine on it make the host wait for the
 # device (the emulator counts every wait).
@@ -35,12 +40,11 @@ kvr_test(cuda_sync_test SOURCES unit/cuda_sync_test.cc
 # kvr generate --backend cuda (the plugin loader in the CLI) on the emulated
 # plugin prints the CPU backend's text, for a prompt that is offloaded.
 if(TARGET kvr)
-  add_test(NAME kvr_generate_cuda_emulated
+  kvr_test(kvr_generate_cuda_emulated
     COMMAND bash -c "p='Once upon a time, there was a little girl named Lily. She loved to play \
-outside in the park with her friends.'; cpu=$(\"$0\" generate --prompt \"$p\" --max_tokens 48) \
+outside in the park with her friends.'$<SEMICOLON> cpu=$(\"$0\" generate --prompt \"$p\" --max_tokens 48) \
 && cuda=$(\"$0\" generate --prompt \"$p\" --max_tokens 48 --backend cuda --cuda_plugin \"$1\") \
 && echo \"$cuda\" && [ \"$cpu\" = \"$cuda\" ] && [ \${#cuda} -gt \${#p} ]"
-      $<TARGET_FILE:kvr> $<TARGET_FILE:kvr_cuda_emulated_plugin>)
-  set_tests_properties(kvr_generate_cuda_emulated PROPERTIES LABELS "unit;cuda_emulated"
-    TIMEOUT 300 ENVIRONMENT "${KVR_TEST_ENVIRONMENT}")
+      $<TARGET_FILE:kvr> $<TARGET_FILE:kvr_cuda_emulated_plugin>
+    LABELS "unit;cuda_emulated" TIMEOUT 300)
 endif()

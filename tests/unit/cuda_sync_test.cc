@@ -65,8 +65,7 @@ TEST(CudaSyncTest, OnlyResultsWaitForTheDevice) {
 // and v were each downloaded on their own.)
 TEST(CudaSyncTest, DecodeStepWaitsOnlyForItsDataDependences) {
   test_support::StoriesModel stories;
-  std::string skip;
-  if (!stories.Load(&skip)) GTEST_SKIP() << skip;
+  ASSERT_TRUE(stories.Load());
   auto b = NewCudaBackend({});
   ASSERT_TRUE(b.ok()) << b.status();
   auto node = retrieval::InProcessRetrievalNode::Create({});
@@ -109,8 +108,7 @@ TEST(CudaSyncTest, DecodeStepWaitsOnlyForItsDataDependences) {
 // DownloadMany per layer).
 TEST(CudaSyncTest, BatchedRetrievalEqualsCpu) {
   test_support::StoriesModel stories;
-  std::string skip;
-  if (!stories.Load(&skip)) GTEST_SKIP() << skip;
+  ASSERT_TRUE(stories.Load());
   auto gpu = NewCudaBackend({});
   ASSERT_TRUE(gpu.ok()) << gpu.status();
   std::vector<GenerateRequest> requests(3);
