@@ -32,7 +32,7 @@
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_split.h"
 #include "common/attention.h"
-#include "common/dataset_io.h"
+#include "tools/dataset_io.h"
 #include "common/simd/kernels.h"
 #include "common/thread_pool.h"
 #include "common/value_matrix.h"

@@ -46,7 +46,7 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
-#include "common/dataset_io.h"
+#include "tools/dataset_io.h"
 #include "common/tensor.h"
 #include "common/thread_pool.h"
 

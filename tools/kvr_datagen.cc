@@ -19,7 +19,7 @@
 #include "absl/flags/usage.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
-#include "common/dataset_io.h"
+#include "tools/dataset_io.h"
 #include "common/status.h"
 #include "common/thread_pool.h"
 #include "tools/attention_data.h"

@@ -1,4 +1,4 @@
-#include "common/dataset_io.h"
+#include "tools/dataset_io.h"
 
 #include <sys/stat.h>
 
