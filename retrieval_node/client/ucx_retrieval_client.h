@@ -22,8 +22,8 @@
 #include <string>
 
 #include "absl/time/time.h"
-#include "retrieval_node/client/retrieval_client.h"
 #include "retrieval_node/client/grpc_retrieval_client.h"
+#include "retrieval_node/client/retrieval_client.h"
 
 namespace kvr::retrieval {
 
