@@ -50,7 +50,7 @@
 #include "gpu_worker/engine/retrieval_engine.h"
 #include "gpu_worker/model/llama2c_loader.h"
 #include "gpu_worker/model/llama2c_tokenizer.h"
-#include "retrieval_node/client/in_process_node.h"
+#include "retrieval_node/client/in_process_client.h"
 
 
 ABSL_FLAG(std::string, model, "",
@@ -302,13 +302,13 @@ class Bench {
   // One retrieval setting over the first `n_prompts` references.
   absl::StatusOr<Row> RunRetrieval(IndexType index, int nprobe, size_t n_prompts,
                                    bool teacher_forced_only) {
-    retrieval::InProcessNodeOptions no;
+    retrieval::NodeCoreOptions no;
     no.threads = static_cast<size_t>(absl::GetFlag(FLAGS_node_threads));
     no.tail_capacity = static_cast<size_t>(absl::GetFlag(FLAGS_tail_capacity));
     no.train_k = attention_.train_k;
     if (nprobe > 0) no.ivf.default_nprobe = nprobe;
-    KVR_ASSIGN_OR_RETURN(std::unique_ptr<retrieval::InProcessRetrievalNode> node,
-                         retrieval::InProcessRetrievalNode::Create(no));
+    KVR_ASSIGN_OR_RETURN(std::unique_ptr<retrieval::InProcessRetrievalClient> node,
+                         retrieval::InProcessRetrievalClient::Create(no));
     CountingClient client(node.get());
     KVR_ASSIGN_OR_RETURN(std::unique_ptr<RetrievalEngine> engine,
                          RetrievalEngine::Create(backend_.get(), weights_, &client));

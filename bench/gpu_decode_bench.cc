@@ -59,7 +59,7 @@
 #include "gpu_worker/backend/cuda/cuda_backend.h"
 #include "gpu_worker/model/device_weights.h"
 #include "gpu_worker/model/random_weights.h"
-#include "retrieval_node/client/in_process_node.h"
+#include "retrieval_node/client/in_process_client.h"
 
 ABSL_FLAG(std::string, contexts, "32768,131072", "context lengths (tokens in the KV cache)");
 ABSL_FLAG(int, layers, 32, "layers of the Llama-3-8B shape (32 = the real model)");
@@ -268,13 +268,13 @@ class Bench {
     KVR_ASSIGN_OR_RETURN(retrieval::IndexType index,
                          retrieval::ParseIndexType(absl::GetFlag(FLAGS_index)));
     KVR_ASSIGN_OR_RETURN(kvr::DType value_dtype, kvr::ParseDType(absl::GetFlag(FLAGS_value_dtype)));
-    retrieval::InProcessNodeOptions no;
+    retrieval::NodeCoreOptions no;
     int node_threads = absl::GetFlag(FLAGS_node_threads);
     if (node_threads <= 0) {
       node_threads = std::max(1, static_cast<int>(std::thread::hardware_concurrency()) - 1);
     }
     no.threads = static_cast<size_t>(node_threads);
-    KVR_ASSIGN_OR_RETURN(auto node, retrieval::InProcessRetrievalNode::Create(no));
+    KVR_ASSIGN_OR_RETURN(auto node, retrieval::InProcessRetrievalClient::Create(no));
     retrieval::SequenceSpec spec;
     spec.sequence_id = 1;
     spec.n_layers = c.n_layers;

@@ -5,7 +5,7 @@
 //   transport_bench [--keys 16384] [--index graph] [--clients 1,4,16] [--json out.json]
 //
 // Starts a real kvr_node (--kvr_node, default: the one built alongside) on
-// 127.0.0.1 and an InProcessRetrievalNode in this process, with the same
+// 127.0.0.1 and an InProcessRetrievalClient in this process, with the same
 // Attend thread count, and gives both the same shards: one sequence with one
 // shard of --keys keys per kv head (synthetic attention data,
 // tools/attention_data.h; graph indexes built from --train prefill queries).
@@ -62,9 +62,9 @@
 #include "common/tensor.h"
 #include "grpc/health/v1/health.grpc.pb.h"
 #include "grpcpp/client_context.h"
-#include "retrieval_node/client/in_process_node.h"
-#include "retrieval_node/server/grpc_retrieval_client.h"
-#include "retrieval_node/server/ucx_retrieval_client.h"
+#include "retrieval_node/client/grpc_retrieval_client.h"
+#include "retrieval_node/client/in_process_client.h"
+#include "retrieval_node/client/ucx_retrieval_client.h"
 #include "tools/attention_data.h"
 
 #ifndef KVR_NODE_BINARY
@@ -408,11 +408,11 @@ int Main(int argc, char** argv) {
     }
     ucx.push_back(*std::move(client));
   }
-  InProcessNodeOptions in_options;
+  NodeCoreOptions in_options;
   in_options.threads = node_threads;
-  absl::StatusOr<std::unique_ptr<InProcessRetrievalNode>> in_process =
-      InProcessRetrievalNode::Create(in_options);
-  CheckOk(in_process.status(), "InProcessRetrievalNode");
+  absl::StatusOr<std::unique_ptr<InProcessRetrievalClient>> in_process =
+      InProcessRetrievalClient::Create(in_options);
+  CheckOk(in_process.status(), "InProcessRetrievalClient");
 
   std::fprintf(stderr, "transport_bench: uploading and building (%s)...\n",
                absl::GetFlag(FLAGS_index).c_str());

@@ -50,7 +50,7 @@
 #include "gpu_worker/model/llama2c_loader.h"
 #include "gpu_worker/model/llama2c_tokenizer.h"
 #include "gpu_worker/model/random_weights.h"
-#include "retrieval_node/client/in_process_node.h"
+#include "retrieval_node/client/in_process_client.h"
 
 ABSL_FLAG(std::string, models, "random,stories", "models to measure: random, stories");
 ABSL_FLAG(std::string, lengths, "128,512,2048,8192", "prompt lengths in tokens");
@@ -220,9 +220,9 @@ absl::Status Run() {
     const worker::LlamaConfig& c = m.weights->config;
     int64_t max_len = 0;
     for (int64_t n : lengths) max_len = std::max(max_len, std::min<int64_t>(n, c.seq_len - 1));
-    auto node_options = retrieval::InProcessNodeOptions{};
+    auto node_options = retrieval::NodeCoreOptions{};
     node_options.threads = static_cast<size_t>(absl::GetFlag(FLAGS_node_threads));
-    KVR_ASSIGN_OR_RETURN(auto node, retrieval::InProcessRetrievalNode::Create(node_options));
+    KVR_ASSIGN_OR_RETURN(auto node, retrieval::InProcessRetrievalClient::Create(node_options));
     EngineOptions pipelined, synchronous;
     pipelined.max_seq_len = synchronous.max_seq_len = max_len + 1;
     pipelined.handoff_threads = absl::GetFlag(FLAGS_handoff_threads);

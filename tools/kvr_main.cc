@@ -34,13 +34,10 @@
 #include "gpu_worker/engine/generation.h"
 #include "gpu_worker/model/llama2c_loader.h"
 #include "gpu_worker/model/llama2c_tokenizer.h"
-#include "retrieval_node/client/in_process_node.h"
+#include "retrieval_node/client/client_factory.h"
 #include "tools/cli_flags.h"
 #ifdef KVR_WITH_NODE_CLIENT
 #include "google/protobuf/stubs/common.h"
-#include "retrieval_node/server/grpc_retrieval_client.h"
-#include "retrieval_node/server/multi_node_client.h"
-#include "services/infra/placement/placement.h"
 #include "tools/client.h"
 #include "tools/cluster.h"
 #endif
@@ -107,7 +104,8 @@ Runtime:
   --nodes HOST:PORT,...   use these kvr_node retrieval nodes over gRPC (shards
                           placed by rendezvous hashing) instead of the
                           in-process node (--tail_capacity is then set on
-                          each kvr_node)
+                          each kvr_node); also dns:///NAME:PORT (every
+                          address of NAME) or ID=HOST:PORT,... (fixed ids)
 )";
 
 struct Flags {
@@ -206,30 +204,6 @@ absl::Status ParseGenerateFlags(const std::vector<std::string>& args, Flags* f, 
 }
 
 
-// A client for the kvr_node servers in `spec` ("host:port,..." or
-// "id=host:port,..."), waiting up to 5 s for each to accept a connection.
-absl::StatusOr<std::unique_ptr<retrieval::RetrievalClient>> ConnectNodes(const std::string& spec) {
-#ifdef KVR_WITH_NODE_CLIENT
-  auto parsed = placement::ParseNodeList(spec);
-  if (!parsed.ok()) {
-    return absl::InvalidArgumentError(absl::StrCat("--nodes: ", parsed.status().message()));
-  }
-  std::vector<std::unique_ptr<retrieval::RetrievalClient>> clients;
-  for (const placement::NodeInfo& n : *parsed) {
-    KVR_ASSIGN_OR_RETURN(std::unique_ptr<retrieval::GrpcRetrievalClient> c,
-                         retrieval::GrpcRetrievalClient::Create(n.address));
-    KVR_RETURN_IF_ERROR(c->WaitForReady(absl::Seconds(5)));
-    clients.push_back(std::move(c));
-  }
-  KVR_ASSIGN_OR_RETURN(std::unique_ptr<retrieval::MultiNodeClient> multi,
-                       retrieval::MultiNodeClient::Create(*std::move(parsed), std::move(clients)));
-  return std::unique_ptr<retrieval::RetrievalClient>(std::move(multi));
-#else
-  return absl::UnimplementedError(
-      absl::StrCat("--nodes ", spec, ": this kvr was built without KVR_WITH_SERVICES"));
-#endif
-}
-
 absl::Status RunGenerate(const Flags& f) {
   KVR_ASSIGN_OR_RETURN(const worker::ModelPaths paths,
                        worker::ResolveModelPaths(f.model, f.tokenizer));
@@ -242,15 +216,11 @@ absl::Status RunGenerate(const Flags& f) {
   bo.device = static_cast<int>(f.device);
   KVR_ASSIGN_OR_RETURN(std::unique_ptr<worker::Backend> backend,
                        worker::CreateBackendForFlag(f.backend, bo, f.cuda_plugin));
-  std::unique_ptr<retrieval::RetrievalClient> node;
-  if (!f.nodes.empty()) {
-    KVR_ASSIGN_OR_RETURN(node, ConnectNodes(f.nodes));
-  } else {
-    retrieval::InProcessNodeOptions no;
-    no.tail_capacity = static_cast<size_t>(f.tail_capacity);
-    no.train_k = f.request.attention.train_k;
-    KVR_ASSIGN_OR_RETURN(node, retrieval::InProcessRetrievalNode::Create(no));
-  }
+  retrieval::RetrievalClientOptions ro;
+  ro.in_process.tail_capacity = static_cast<size_t>(f.tail_capacity);
+  ro.in_process.train_k = f.request.attention.train_k;
+  KVR_ASSIGN_OR_RETURN(std::unique_ptr<retrieval::RetrievalClient> node,
+                       retrieval::MakeRetrievalClient(f.nodes, ro));
   KVR_ASSIGN_OR_RETURN(std::unique_ptr<worker::RetrievalEngine> engine,
                        worker::RetrievalEngine::Create(backend.get(), weights, node.get()));
 

@@ -42,12 +42,8 @@
 #include "gpu_worker/model/llama2c_tokenizer.h"
 #include "gpu_worker/server/generation_scheduler.h"
 #include "gpu_worker/server/worker_service.h"
-#include "retrieval_node/client/in_process_node.h"
-#include "retrieval_node/server/grpc_retrieval_client.h"
-#include "retrieval_node/server/multi_node_client.h"
+#include "retrieval_node/client/client_factory.h"
 #include "gpu_worker/server/worker_metrics.h"
-#include "services/infra/membership/membership.h"
-#include "services/infra/placement/placement.h"
 
 ABSL_FLAG(std::string, listen, "127.0.0.1:0",
           "host:port to serve on; port 0 picks a free port (printed on stdout)");
@@ -113,72 +109,6 @@ int Fail(const std::string& message) {
   return 2;
 }
 
-// The retrieval nodes of --nodes: a MultiNodeClient over them and, unless
-// the spec names ids (id=host:port, fixed), the Membership that feeds it.
-struct Nodes {
-  std::unique_ptr<membership::Membership> membership;  // destroyed first: stops its refreshes
-  std::unique_ptr<retrieval::MultiNodeClient> client;
-};
-
-absl::StatusOr<std::unique_ptr<retrieval::RetrievalClient>> Connect(
-    const placement::NodeInfo& node) {
-  // The channel connects lazily; a node that is not up yet fails the calls
-  // placed on it, not the membership change.
-  KVR_ASSIGN_OR_RETURN(std::unique_ptr<retrieval::GrpcRetrievalClient> c,
-                       retrieval::GrpcRetrievalClient::Create(node.address));
-  return std::unique_ptr<retrieval::RetrievalClient>(std::move(c));
-}
-
-std::vector<placement::NodeInfo> AsNodes(const std::vector<std::string>& addresses) {
-  std::vector<placement::NodeInfo> nodes;
-  for (const std::string& a : addresses) nodes.push_back({a, a});
-  return nodes;
-}
-
-absl::StatusOr<Nodes> ConnectNodes(const std::string& spec, absl::Duration refresh) {
-  Nodes out;
-  std::vector<placement::NodeInfo> initial;
-  if (!absl::StartsWith(spec, "dns:") && spec.find('=') != std::string::npos) {
-    auto parsed = placement::ParseNodeList(spec);
-    if (!parsed.ok()) {
-      return absl::InvalidArgumentError(absl::StrCat("--nodes: ", parsed.status().message()));
-    }
-    initial = *std::move(parsed);
-  } else {
-    membership::MembershipOptions mo;
-    mo.spec = spec;
-    mo.refresh = refresh;
-    auto m = membership::Membership::Create(mo);
-    if (!m.ok()) {
-      return absl::Status(m.status().code(), absl::StrCat("--nodes: ", m.status().message()));
-    }
-    out.membership = *std::move(m);
-    initial = AsNodes(out.membership->Current());
-  }
-  // The nodes known at start must answer: a typo fails here, not at the
-  // first request.
-  std::vector<std::unique_ptr<retrieval::RetrievalClient>> clients;
-  for (const placement::NodeInfo& n : initial) {
-    KVR_ASSIGN_OR_RETURN(std::unique_ptr<retrieval::GrpcRetrievalClient> c,
-                         retrieval::GrpcRetrievalClient::Create(n.address));
-    KVR_RETURN_IF_ERROR(c->WaitForReady(absl::Seconds(5)));
-    clients.push_back(std::move(c));
-  }
-  KVR_ASSIGN_OR_RETURN(out.client,
-                       retrieval::MultiNodeClient::Create(std::move(initial), std::move(clients),
-                                                          Connect));
-  if (out.membership != nullptr) {
-    // Called at once with the set just used (a no-op change), then per change.
-    out.membership->Subscribe([client = out.client.get()](const std::vector<std::string>& now) {
-      if (absl::Status s = client->SetNodes(AsNodes(now)); !s.ok()) {
-        std::fprintf(stderr, "kvr_worker: keeping the previous node set: %s\n",
-                     std::string(s.message()).c_str());
-      }
-    });
-  }
-  return out;
-}
-
 // The Backend of --backend / --threads / --device, by registry name.
 absl::StatusOr<std::unique_ptr<Backend>> MakeBackend() {
   const std::string name = absl::GetFlag(FLAGS_backend);
@@ -232,24 +162,18 @@ int Main(int argc, char** argv) {
     return Fail(absl::StrCat("--nodes_refresh_seconds ", refresh_seconds,
                              " outside (0, 86400]"));
   }
-  std::unique_ptr<retrieval::RetrievalClient> node;
-  std::unique_ptr<membership::Membership> membership;
-  retrieval::MultiNodeClient* multi = nullptr;
-  if (const std::string nodes = absl::GetFlag(FLAGS_nodes); !nodes.empty()) {
-    absl::StatusOr<Nodes> c = ConnectNodes(nodes, absl::Seconds(refresh_seconds));
-    if (!c.ok()) return Fail(c.status().ToString());
-    multi = c->client.get();
-    node = std::move(c->client);
-    membership = std::move(c->membership);
-  } else {
-    retrieval::InProcessNodeOptions no;
-    no.tail_capacity = static_cast<size_t>(absl::GetFlag(FLAGS_tail_capacity));
-    no.train_k = absl::GetFlag(FLAGS_train_k);
-    absl::StatusOr<std::unique_ptr<retrieval::InProcessRetrievalNode>> n =
-        retrieval::InProcessRetrievalNode::Create(no);
-    if (!n.ok()) return Fail(n.status().ToString());
-    node = *std::move(n);
-  }
+  retrieval::RetrievalClientOptions ro;
+  ro.in_process.tail_capacity = static_cast<size_t>(absl::GetFlag(FLAGS_tail_capacity));
+  ro.in_process.train_k = absl::GetFlag(FLAGS_train_k);
+  ro.refresh = absl::Seconds(refresh_seconds);
+  ro.on_node_set_error = [](const absl::Status& s) {
+    std::fprintf(stderr, "kvr_worker: keeping the previous node set: %s\n",
+                 std::string(s.message()).c_str());
+  };
+  absl::StatusOr<std::unique_ptr<retrieval::RetrievalClient>> made =
+      retrieval::MakeRetrievalClient(absl::GetFlag(FLAGS_nodes), ro);
+  if (!made.ok()) return Fail(made.status().ToString());
+  std::unique_ptr<retrieval::RetrievalClient> node = *std::move(made);
   absl::StatusOr<std::unique_ptr<RetrievalEngine>> engine =
       RetrievalEngine::Create(backend->get(), *weights, node.get());
   if (!engine.ok()) return Fail(engine.status().ToString());
@@ -263,12 +187,12 @@ int Main(int argc, char** argv) {
       GenerationScheduler::Create(engine->get(), tokenizer->get(), so);
   if (!scheduler.ok()) return Fail(absl::StrCat("--", scheduler.status().message()));
 
-  metrics->SetLoadSource([s = scheduler->get(), multi] {
+  metrics->SetLoadSource([s = scheduler->get(), n = node.get()] {
     const SchedulerLoad load = s->load();
     WorkerLoad l;
     l.requests_running = load.active;
     l.requests_waiting = load.queued;
-    l.retrieval_nodes = multi != nullptr ? static_cast<int64_t>(multi->num_nodes()) : 1;
+    l.retrieval_nodes = static_cast<int64_t>(n->num_nodes());
     return l;
   });
   if (const std::string listen = absl::GetFlag(FLAGS_metrics_listen); !listen.empty()) {
@@ -300,8 +224,7 @@ int Main(int argc, char** argv) {
   service.reset();
   metrics.reset();     // stops the endpoint (its load source reads the scheduler)
   engine->reset();
-  membership.reset();  // stops its refreshes (they feed `node`)
-  node.reset();
+  node.reset();  // a --nodes dns:/// membership stops first
   std::fprintf(stderr, "kvr_worker: stopped\n");
   return 0;
 }

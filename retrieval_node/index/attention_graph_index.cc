@@ -730,7 +730,7 @@ absl::Status AttentionGraphIndex::Serialize(std::vector<uint8_t>* out) const {
   w.PutArray(std::span<const uint32_t>(adjacency_.data(), n_ * stride_));
   w.PutArray(std::span<const float>(router_vecs_));
   w.PutArray(std::span<const uint32_t>(router_keys_));
-  const auto blob = SealBlob(static_cast<uint32_t>(IndexKind::kAttentionGraph), kFormatVersion,
+  const auto blob = SealBlob(kGraphBlobKind, kFormatVersion,
                              w.bytes());
   out->insert(out->end(), blob.begin(), blob.end());
   return absl::OkStatus();
@@ -738,7 +738,7 @@ absl::Status AttentionGraphIndex::Serialize(std::vector<uint8_t>* out) const {
 
 absl::StatusOr<std::unique_ptr<AttentionGraphIndex>> AttentionGraphIndex::Deserialize(
     const OpenedBlob& blob) {
-  if (blob.kind != static_cast<uint32_t>(IndexKind::kAttentionGraph)) {
+  if (blob.kind != kGraphBlobKind) {
     return absl::InvalidArgumentError(
         absl::StrCat("blob kind ", blob.kind, " is not an attention graph index"));
   }

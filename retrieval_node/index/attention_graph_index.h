@@ -80,7 +80,7 @@ class AttentionGraphIndex final : public KeyIndex {
   absl::Status SetRouters(ConstMatrixView train_queries, std::span<const int64_t> train_topk,
                           size_t topk_width);
 
-  IndexKind kind() const override { return IndexKind::kAttentionGraph; }
+  IndexType type() const override { return IndexType::kGraph; }
   size_t dim() const override { return dim_; }
   size_t size() const override { return n_; }
   absl::Status Search(ConstMatrixView queries, const SearchParams& params,

@@ -230,13 +230,13 @@ absl::Status FlatIndex::Serialize(std::vector<uint8_t>* out) const {
   w.Put<uint64_t>(dim_);
   w.Put<uint64_t>(n_);
   w.PutArray(std::span<const float>(keys_.data(), n_ * dim_));
-  const auto blob = SealBlob(static_cast<uint32_t>(IndexKind::kFlat), kFlatVersion, w.bytes());
+  const auto blob = SealBlob(kFlatBlobKind, kFlatVersion, w.bytes());
   out->insert(out->end(), blob.begin(), blob.end());
   return absl::OkStatus();
 }
 
 absl::StatusOr<std::unique_ptr<FlatIndex>> FlatIndex::Deserialize(const OpenedBlob& blob) {
-  if (blob.kind != static_cast<uint32_t>(IndexKind::kFlat)) {
+  if (blob.kind != kFlatBlobKind) {
     return absl::InvalidArgumentError(
         absl::StrCat("blob kind ", blob.kind, " is not a flat index"));
   }

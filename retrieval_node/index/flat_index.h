@@ -39,7 +39,7 @@ class FlatIndex final : public KeyIndex {
   static absl::StatusOr<std::unique_ptr<FlatIndex>> Deserialize(const OpenedBlob& blob);
   ~FlatIndex() override;
 
-  IndexKind kind() const override { return IndexKind::kFlat; }
+  IndexType type() const override { return IndexType::kFlat; }
   size_t dim() const override { return dim_; }
   size_t size() const override { return n_; }
   absl::Status Search(ConstMatrixView queries, const SearchParams& params,

@@ -9,16 +9,24 @@
 
 namespace kvr::index {
 
-absl::string_view IndexKindName(IndexKind kind) {
-  switch (kind) {
-    case IndexKind::kFlat:
+absl::string_view IndexTypeName(IndexType type) {
+  switch (type) {
+    case IndexType::kGraph:
+      return "graph";
+    case IndexType::kFlat:
       return "flat";
-    case IndexKind::kIvf:
+    case IndexType::kIvf:
       return "ivf";
-    case IndexKind::kAttentionGraph:
-      return "attention_graph";
   }
   return "unknown";
+}
+
+absl::StatusOr<IndexType> ParseIndexType(absl::string_view name) {
+  if (name == "graph") return IndexType::kGraph;
+  if (name == "flat") return IndexType::kFlat;
+  if (name == "ivf") return IndexType::kIvf;
+  return absl::InvalidArgumentError(
+      absl::StrCat("index type \"", std::string(name), "\" is not one of graph, flat, ivf"));
 }
 
 absl::Status ValidateFinite(ConstMatrixView m, size_t dim, absl::string_view what) {
@@ -68,22 +76,22 @@ absl::Status ValidateSearchArgs(size_t dim, size_t size, ConstMatrixView queries
 absl::Status ValidateSearch(const KeyIndex& index, ConstMatrixView queries,
                             const SearchParams& params, std::span<int64_t> ids,
                             std::span<float> scores) {
-  const std::string what = absl::StrCat(std::string(IndexKindName(index.kind())), " index");
+  const std::string what = absl::StrCat(std::string(IndexTypeName(index.type())), " index");
   return ValidateSearchArgs(index.dim(), index.size(), queries, params.k, ids, scores, what);
 }
 
 absl::StatusOr<std::unique_ptr<KeyIndex>> LoadIndex(std::span<const uint8_t> blob) {
   KVR_ASSIGN_OR_RETURN(OpenedBlob opened, OpenBlob(blob));
-  switch (static_cast<IndexKind>(opened.kind)) {
-    case IndexKind::kFlat: {
+  switch (opened.kind) {
+    case kFlatBlobKind: {
       KVR_ASSIGN_OR_RETURN(auto idx, FlatIndex::Deserialize(opened));
       return std::unique_ptr<KeyIndex>(std::move(idx));
     }
-    case IndexKind::kIvf: {
+    case kIvfBlobKind: {
       KVR_ASSIGN_OR_RETURN(auto idx, IvfIndex::Deserialize(opened));
       return std::unique_ptr<KeyIndex>(std::move(idx));
     }
-    case IndexKind::kAttentionGraph: {
+    case kGraphBlobKind: {
       KVR_ASSIGN_OR_RETURN(auto idx, AttentionGraphIndex::Deserialize(opened));
       return std::unique_ptr<KeyIndex>(std::move(idx));
     }

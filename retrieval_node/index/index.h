@@ -12,19 +12,34 @@
 #include <memory>
 #include <span>
 
-
 #include "common/serialize.h"
 #include "common/status.h"
 #include "common/tensor.h"
 
 namespace kvr::index {
 
-enum class IndexKind : uint32_t {
-  kFlat = 1,
-  kIvf = 2,
-  kAttentionGraph = 3,
+// The kind of a key index: the one enum for what a sequence asks for
+// (SequenceSpec::index_type), what a chunk has (KeyIndex::type(), ShardInfo)
+// and what the CLI / flags name. The values are persisted (the shard store
+// writes them as a uint8) and index per-kind metric arrays: never renumber;
+// a new kind takes the next value. kvr.v1.IndexType has its own numbering,
+// mapped in retrieval_node/wire/proto_convert.cc only.
+enum class IndexType : uint8_t {
+  kGraph = 0,  // attention-aware graph (AttentionGraphIndex)
+  kFlat = 1,   // exact scan (FlatIndex)
+  kIvf = 2,    // inverted lists over k-means clusters (IvfIndex)
 };
-absl::string_view IndexKindName(IndexKind kind);
+inline constexpr size_t kNumIndexTypes = 3;
+// "graph", "flat", "ivf".
+absl::string_view IndexTypeName(IndexType type);
+// Parses the names above; InvalidArgument naming the value otherwise.
+absl::StatusOr<IndexType> ParseIndexType(absl::string_view name);
+
+// The kind tag of each index's serialized blob (common/serialize.h), written
+// into every blob: persisted, never renumber.
+inline constexpr uint32_t kFlatBlobKind = 1;
+inline constexpr uint32_t kIvfBlobKind = 2;
+inline constexpr uint32_t kGraphBlobKind = 3;
 
 // Limits every index enforces on its inputs (ValidateSearch / Add / loaders).
 inline constexpr int kMaxSearchK = 4096;         // SearchParams::k upper bound
@@ -49,7 +64,7 @@ class KeyIndex {
  public:
   virtual ~KeyIndex() = default;
 
-  virtual IndexKind kind() const = 0;
+  virtual IndexType type() const = 0;
   virtual size_t dim() const = 0;
   virtual size_t size() const = 0;
 

@@ -175,13 +175,13 @@ absl::Status IvfIndex::Serialize(std::vector<uint8_t>* out) const {
     w.PutArray(std::span<const uint32_t>(l.ids));
     w.PutArray(std::span<const float>(l.keys));
   }
-  const auto blob = SealBlob(static_cast<uint32_t>(IndexKind::kIvf), kIvfVersion, w.bytes());
+  const auto blob = SealBlob(kIvfBlobKind, kIvfVersion, w.bytes());
   out->insert(out->end(), blob.begin(), blob.end());
   return absl::OkStatus();
 }
 
 absl::StatusOr<std::unique_ptr<IvfIndex>> IvfIndex::Deserialize(const OpenedBlob& blob) {
-  if (blob.kind != static_cast<uint32_t>(IndexKind::kIvf)) {
+  if (blob.kind != kIvfBlobKind) {
     return absl::InvalidArgumentError(
         absl::StrCat("blob kind ", blob.kind, " is not an ivf index"));
   }

@@ -42,7 +42,7 @@ class IvfIndex final : public KeyIndex {
   static absl::StatusOr<std::unique_ptr<IvfIndex>> Deserialize(const OpenedBlob& blob);
   ~IvfIndex() override;
 
-  IndexKind kind() const override { return IndexKind::kIvf; }
+  IndexType type() const override { return IndexType::kIvf; }
   size_t dim() const override { return dim_; }
   size_t size() const override { return n_; }
   // SearchParams::nprobe: 0 -> default_nprobe; clamped to [1, nlist].

@@ -22,7 +22,7 @@
 #include "absl/flags/usage.h"
 #include "absl/flags/usage_config.h"
 #include "absl/strings/match.h"
-#include "retrieval_node/client/in_process_node.h"
+#include "retrieval_node/core/node_core.h"
 #include "retrieval_node/server/metrics.h"
 #include "retrieval_node/server/node_service.h"
 #include "retrieval_node/server/ucx_endpoint.h"
@@ -100,7 +100,7 @@ int Main(int argc, char** argv) {
   }
   if (absl::GetFlag(FLAGS_tail_capacity) < 1) return Fail("--tail_capacity must be >= 1");
 
-  InProcessNodeOptions core_options;
+  NodeCoreOptions core_options;
   core_options.threads = threads_flag > 0
                              ? static_cast<size_t>(threads_flag)
                              : std::max<size_t>(1, std::thread::hardware_concurrency());
@@ -114,8 +114,7 @@ int Main(int argc, char** argv) {
     store = std::move(opened).value();
     core_options.persistence = store.get();
   }
-  absl::StatusOr<std::unique_ptr<InProcessRetrievalNode>> core =
-      InProcessRetrievalNode::Create(core_options);
+  absl::StatusOr<std::unique_ptr<NodeCore>> core = NodeCore::Create(core_options);
   if (!core.ok()) return Fail(core.status().ToString());
   if (store != nullptr) {
     if (absl::Status st = (*core)->Recover(); !st.ok()) {
@@ -131,7 +130,7 @@ int Main(int argc, char** argv) {
   if (const std::string metrics_listen = absl::GetFlag(FLAGS_metrics_listen);
       !metrics_listen.empty()) {
     metrics = std::make_unique<NodeMetrics>();
-    InProcessRetrievalNode* const node = core->get();
+    NodeCore* const node = core->get();
     metrics->SetHoldingsSource([node] {
       NodeHoldings h;
       if (absl::StatusOr<NodeStats> st = node->Stats(); st.ok()) {

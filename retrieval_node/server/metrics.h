@@ -21,7 +21,7 @@
 #include <string_view>
 
 #include "common/status.h"
-#include "retrieval_node/client/retrieval_client.h"
+#include "retrieval_node/core/node_types.h"
 
 namespace kvr::retrieval {
 

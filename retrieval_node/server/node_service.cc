@@ -7,7 +7,7 @@
 #include <vector>
 
 #include "retrieval_node/index/index.h"
-#include "retrieval_node/server/proto_convert.h"
+#include "retrieval_node/wire/proto_convert.h"
 
 namespace kvr::retrieval {
 namespace {
@@ -84,7 +84,7 @@ absl::Status CheckAttendRequest(const v1::AttendRequest& r) {
 
 }  // namespace
 
-NodeService::NodeService(InProcessRetrievalNode* core, const NodeServiceOptions& options)
+NodeService::NodeService(NodeCore* core, const NodeServiceOptions& options)
     : core_(core),
       options_(options),
       control_(std::make_unique<ThreadPool>(std::max<size_t>(1, options.control_threads))) {}

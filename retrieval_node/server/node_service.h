@@ -3,9 +3,9 @@
 // Thin layer: every handler validates the request (dtype enums, shapes vs
 // packed byte sizes, NaN/Inf, k / beam / nprobe / scale ranges, upload
 // stream order and declared sizes), converts it to the plain structs of
-// retrieval_node/client/retrieval_client.h and calls the core
-// (InProcessRetrievalNode, which holds no gRPC types). No handler blocks a
-// gRPC thread on an index search or build:
+// retrieval_node/core/node_types.h (retrieval_node/wire/proto_convert.h)
+// and calls the core (NodeCore, which holds no gRPC types). No handler
+// blocks a gRPC thread on an index search or build:
 //   * Attend goes to the core's AttendAsync (its own thread pool) and the
 //     reactor is finished from the completion;
 //   * UploadShard / Append / DropSequence / ListShards / Stats run on this
@@ -28,7 +28,7 @@
 
 #include "common/thread_pool.h"
 #include "kvr/v1/retrieval.grpc.pb.h"
-#include "retrieval_node/client/in_process_node.h"
+#include "retrieval_node/core/node_core.h"
 #include "retrieval_node/server/metrics.h"
 
 namespace kvr::retrieval {
@@ -47,7 +47,7 @@ struct NodeServiceOptions {
 class NodeService final : public v1::RetrievalNode::CallbackService {
  public:
   // `core` is not owned and must outlive the service.
-  NodeService(InProcessRetrievalNode* core, const NodeServiceOptions& options);
+  NodeService(NodeCore* core, const NodeServiceOptions& options);
   ~NodeService() override;
 
   grpc::ServerUnaryReactor* CreateSequence(grpc::CallbackServerContext* context,
@@ -93,7 +93,7 @@ class NodeService final : public v1::RetrievalNode::CallbackService {
  private:
   class UploadReactor;
 
-  InProcessRetrievalNode* const core_;
+  NodeCore* const core_;
   const NodeServiceOptions options_;
   std::unique_ptr<ThreadPool> control_;
   std::mutex endpoints_mu_;

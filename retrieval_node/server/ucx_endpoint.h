@@ -9,7 +9,8 @@
 //   reply    AM id kUcxAttendReplyAm    header UcxReplyHeader     data: serialized kvr.v1.AttendResponse
 //                                                                  (code == 0) or the error message
 //
-// Requests are sent with UCP_AM_SEND_FLAG_REPLY; the reply goes back on the
+// The constants and headers are in retrieval_node/wire/ucx_wire.h (shared
+// with the client). Requests are sent with UCP_AM_SEND_FLAG_REPLY; the reply goes back on the
 // endpoint the request came from. `call_id` is the client's and is echoed.
 // Large messages use UCP rendezvous transparently (the receiver pulls the
 // bytes with ucp_am_recv_data_nbx).
@@ -29,28 +30,9 @@
 
 #include "common/status.h"
 #include "kvr/v1/retrieval.pb.h"
+#include "retrieval_node/wire/ucx_wire.h"
 
 namespace kvr::retrieval {
-
-// Wire constants shared with UcxRetrievalClient.
-inline constexpr uint16_t kUcxAttendRequestAm = 1;
-inline constexpr uint16_t kUcxAttendReplyAm = 2;
-inline constexpr uint32_t kUcxWireVersion = 1;
-// UcxRequestHeader::flags bit: a connection check; the node replies OK with
-// no data and calls no handler.
-inline constexpr uint32_t kUcxFlagPing = 1;
-
-struct UcxRequestHeader {
-  uint32_t version = kUcxWireVersion;
-  uint32_t flags = 0;
-  uint64_t call_id = 0;
-};
-struct UcxReplyHeader {
-  uint32_t version = kUcxWireVersion;
-  int32_t code = 0;  // absl::StatusCode; 0 (OK): data is an AttendResponse, else the message
-  uint64_t call_id = 0;
-};
-static_assert(sizeof(UcxRequestHeader) == 16 && sizeof(UcxReplyHeader) == 16);
 
 // Serves one Attend: fills `response` and then calls `done` exactly once (on
 // any thread). `request` and `response` stay valid until `done` runs.
@@ -92,10 +74,5 @@ class UcxEndpoint {
   explicit UcxEndpoint(std::unique_ptr<Impl> impl);
   std::unique_ptr<Impl> impl_;
 };
-
-// Splits "host:port" (IPv4 literal host) into a sockaddr; InvalidArgument
-// naming `field` otherwise. Shared by the client.
-absl::Status ParseUcxAddress(const std::string& address, std::string* host, uint16_t* port,
-                             const char* field);
 
 }  // namespace kvr::retrieval

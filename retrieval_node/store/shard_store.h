@@ -1,5 +1,5 @@
 // ShardStore: the RocksDB implementation of ShardPersistence
-// (retrieval_node/client/shard_persistence.h) behind kvr_node --data_dir.
+// (retrieval_node/core/shard_persistence.h) behind kvr_node --data_dir.
 //
 // Key layout (one default column family; integers big-endian so that byte
 // order is numeric order; positions and rows with the sign bit flipped):
@@ -39,7 +39,7 @@
 #include <memory>
 #include <string>
 
-#include "retrieval_node/client/shard_persistence.h"
+#include "retrieval_node/core/shard_persistence.h"
 
 namespace kvr::retrieval {
 

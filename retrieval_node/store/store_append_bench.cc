@@ -32,7 +32,7 @@
 #include <thread>
 #include <vector>
 
-#include "retrieval_node/client/in_process_node.h"
+#include "retrieval_node/core/node_core.h"
 #include "retrieval_node/store/shard_store.h"
 
 namespace kvr::retrieval {
@@ -55,10 +55,10 @@ struct Result {
 };
 
 Result Run(const std::string& mode, ShardPersistence* persistence, int appends) {
-  InProcessNodeOptions o;
+  NodeCoreOptions o;
   o.threads = 2;
   o.persistence = persistence;
-  auto node = InProcessRetrievalNode::Create(o).value();
+  auto node = NodeCore::Create(o).value();
   SequenceSpec spec;
   spec.sequence_id = 1;
   spec.n_layers = kLayers;
@@ -119,10 +119,10 @@ ConcurrentResult RunConcurrent(Mode mode, int appenders, int steps, const std::s
   so.group_commit = mode != Mode::kPerAppendSync;
   auto store = ShardStore::Open(dir, so);
   KVR_CHECK_MSG(store.ok(), store.status().ToString().c_str());
-  InProcessNodeOptions o;
+  NodeCoreOptions o;
   o.threads = 2;
   o.persistence = store->get();
-  auto node = InProcessRetrievalNode::Create(o).value();
+  auto node = NodeCore::Create(o).value();
   constexpr int kChunk = 64;
   const int heads = kLayers * kKvHeads;
   for (int a = 0; a < appenders; ++a) {

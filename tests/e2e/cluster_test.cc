@@ -51,7 +51,7 @@
 #include "gtest/gtest.h"
 #include "kvr/v1/generation.grpc.pb.h"
 #include "nlohmann/json.hpp"
-#include "retrieval_node/client/in_process_node.h"
+#include "retrieval_node/client/in_process_client.h"
 #include "tools/cluster.h"
 
 namespace kvr {
@@ -74,7 +74,7 @@ struct Embedded {
   std::shared_ptr<const worker::LlamaWeights> weights;
   std::unique_ptr<worker::Llama2cTokenizer> tokenizer;
   std::unique_ptr<worker::Backend> backend;
-  std::unique_ptr<retrieval::InProcessRetrievalNode> node;
+  std::unique_ptr<retrieval::InProcessRetrievalClient> node;
   std::unique_ptr<worker::RetrievalEngine> engine;
 
   static std::unique_ptr<Embedded> Create() {
@@ -93,7 +93,7 @@ struct Embedded {
     auto b = worker::BackendRegistry::Create("cpu", bo);
     if (!b.ok()) return ADD_FAILURE() << b.status(), nullptr;
     e->backend = *std::move(b);
-    auto n = retrieval::InProcessRetrievalNode::Create({});
+    auto n = retrieval::InProcessRetrievalClient::Create({});
     if (!n.ok()) return ADD_FAILURE() << n.status(), nullptr;
     e->node = *std::move(n);
     auto en = worker::RetrievalEngine::Create(e->backend.get(), e->weights, e->node.get());

@@ -64,7 +64,7 @@
 #include "grpcpp/support/byte_buffer.h"
 #include "gtest/gtest.h"
 #include "kvr/v1/generation.grpc.pb.h"
-#include "retrieval_node/client/in_process_node.h"
+#include "retrieval_node/client/in_process_client.h"
 
 namespace kvr::worker {
 namespace {
@@ -82,7 +82,7 @@ struct Embedded {
   std::shared_ptr<const LlamaWeights> weights;
   std::unique_ptr<Llama2cTokenizer> tokenizer;
   std::unique_ptr<Backend> backend;
-  std::unique_ptr<retrieval::InProcessRetrievalNode> node;
+  std::unique_ptr<retrieval::InProcessRetrievalClient> node;
   std::unique_ptr<RetrievalEngine> engine;
 
   static std::unique_ptr<Embedded> Create() {
@@ -103,7 +103,7 @@ struct Embedded {
     auto b = BackendRegistry::Create("cpu", bo);
     if (!b.ok()) return ADD_FAILURE() << b.status(), nullptr;
     e->backend = *std::move(b);
-    auto n = retrieval::InProcessRetrievalNode::Create({});
+    auto n = retrieval::InProcessRetrievalClient::Create({});
     if (!n.ok()) return ADD_FAILURE() << n.status(), nullptr;
     e->node = *std::move(n);
     auto en = RetrievalEngine::Create(e->backend.get(), e->weights, e->node.get());

@@ -3,7 +3,7 @@
 # `promtool check metrics` (Debian package prometheus; skipped without it).
 add_executable(metrics_test integration/metrics_test.cc)
 target_compile_options(metrics_test PRIVATE ${KVR_WARNINGS})
-target_link_libraries(metrics_test PRIVATE kvr::node_server GTest::gtest)
+target_link_libraries(metrics_test PRIVATE kvr::remote_clients GTest::gtest)
 add_dependencies(metrics_test kvr_node)
 add_test(NAME metrics_test COMMAND metrics_test --kvr_node $<TARGET_FILE:kvr_node>)
 set_tests_properties(metrics_test PROPERTIES LABELS integration TIMEOUT 120)

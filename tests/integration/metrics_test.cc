@@ -44,7 +44,7 @@
 #include "common/attention.h"
 #include "common/tensor.h"
 #include "gtest/gtest.h"
-#include "retrieval_node/server/grpc_retrieval_client.h"
+#include "retrieval_node/client/grpc_retrieval_client.h"
 
 namespace kvr::retrieval {
 namespace {

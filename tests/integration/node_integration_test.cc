@@ -4,7 +4,7 @@
 // GrpcRetrievalClient and raw kvr.v1 stubs.
 //
 //  * three nodes hold the shards of one sequence; every node's Attend reply
-//    equals, bit for bit, an InProcessRetrievalNode given the same shards;
+//    equals, bit for bit, an InProcessRetrievalClient given the same shards;
 //  * AppendAsync (in-process, gRPC, multi-node), several appends in flight
 //    per head: applied in issue order and visible to every later Attend,
 //    bit for bit what blocking Appends give; bad input fails exactly as
@@ -50,10 +50,10 @@
 #include "grpcpp/support/byte_buffer.h"
 #include "gtest/gtest.h"
 #include "kvr/v1/retrieval.grpc.pb.h"
-#include "retrieval_node/client/in_process_node.h"
-#include "retrieval_node/server/grpc_retrieval_client.h"
-#include "retrieval_node/server/multi_node_client.h"
-#include "retrieval_node/server/proto_convert.h"
+#include "retrieval_node/client/grpc_retrieval_client.h"
+#include "retrieval_node/client/in_process_client.h"
+#include "retrieval_node/client/multi_node_client.h"
+#include "retrieval_node/wire/proto_convert.h"
 
 namespace kvr::retrieval {
 namespace {
@@ -77,12 +77,12 @@ std::vector<std::string> NodeArgs(std::vector<std::string> extra = {}) {
   return args;
 }
 
-std::unique_ptr<InProcessRetrievalNode> ReferenceNode() {
-  InProcessNodeOptions o;
+std::unique_ptr<InProcessRetrievalClient> ReferenceNode() {
+  NodeCoreOptions o;
   o.threads = kNodeThreads;
   o.tail_capacity = kTailCapacity;
   o.train_k = kTrainK;
-  auto node = InProcessRetrievalNode::Create(o);
+  auto node = InProcessRetrievalClient::Create(o);
   EXPECT_TRUE(node.ok()) << node.status();
   return std::move(node).value();
 }
@@ -222,12 +222,12 @@ class NodeClusterTest : public ::testing::Test {
 
   static std::array<std::unique_ptr<NodeProcess>, kNodes> nodes_;
   static std::array<std::unique_ptr<GrpcRetrievalClient>, kNodes> clients_;
-  static std::array<std::unique_ptr<InProcessRetrievalNode>, kNodes> refs_;
+  static std::array<std::unique_ptr<InProcessRetrievalClient>, kNodes> refs_;
 };
 
 std::array<std::unique_ptr<NodeProcess>, kNodes> NodeClusterTest::nodes_;
 std::array<std::unique_ptr<GrpcRetrievalClient>, kNodes> NodeClusterTest::clients_;
-std::array<std::unique_ptr<InProcessRetrievalNode>, kNodes> NodeClusterTest::refs_;
+std::array<std::unique_ptr<InProcessRetrievalClient>, kNodes> NodeClusterTest::refs_;
 
 SequenceSpec Spec(uint64_t id, DType value_dtype, IndexType index) {
   SequenceSpec s;
@@ -289,7 +289,7 @@ TEST_F(NodeClusterTest, AttendMatchesInProcessNodeExactly) {
   // pools grow with concurrency).
   for (int i = 0; i < kNodes; ++i) {
     auto remote = clients_[i]->ListShards(7);
-    auto local = refs_[i]->ListShards(7);
+    auto local = refs_[i]->core().ListShards(7);
     ASSERT_TRUE(remote.ok()) << remote.status();
     ASSERT_TRUE(local.ok());
     ASSERT_EQ(remote->size(), local->size());
@@ -643,7 +643,7 @@ std::string Floats(const std::vector<float>& v) {
 
 TEST_F(NodeClusterTest, BadRequestsGetPreciseStatusAndChangeNothing) {
   GrpcRetrievalClient& c = *clients_[0];
-  InProcessRetrievalNode& ref = *refs_[0];
+  InProcessRetrievalClient& ref = *refs_[0];
   const SequenceSpec spec = Spec(21, DType::kF32, IndexType::kGraph);
   ASSERT_TRUE(c.CreateSequence(spec).ok());
   ASSERT_TRUE(ref.CreateSequence(spec).ok());

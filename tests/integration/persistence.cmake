@@ -2,7 +2,7 @@
 # SIGKILL during a stream of appends, SIGTERM restart, corrupt blobs.
 add_executable(persistence_test integration/persistence_test.cc)
 target_compile_options(persistence_test PRIVATE ${KVR_WARNINGS})
-target_link_libraries(persistence_test PRIVATE kvr::node_server kvr::shard_store
+target_link_libraries(persistence_test PRIVATE kvr::remote_clients kvr::shard_store
   RocksDB::rocksdb GTest::gtest)
 add_dependencies(persistence_test kvr_node)
 add_test(NAME persistence_test

@@ -45,8 +45,8 @@
 #include "common/attention.h"
 #include "common/tensor.h"
 #include "gtest/gtest.h"
-#include "retrieval_node/client/in_process_node.h"
-#include "retrieval_node/server/grpc_retrieval_client.h"
+#include "retrieval_node/client/grpc_retrieval_client.h"
+#include "retrieval_node/client/in_process_client.h"
 #include "retrieval_node/store/shard_store.h"
 #include "rocksdb/db.h"
 #include "rocksdb/options.h"
@@ -133,8 +133,8 @@ std::vector<std::string> NodeArgs(const std::string& data_dir) {
           "--train_k=" + std::to_string(kTrainK), "--data_dir=" + data_dir};
 }
 
-InProcessNodeOptions CoreOptions(ShardPersistence* persistence = nullptr) {
-  InProcessNodeOptions o;
+NodeCoreOptions CoreOptions(ShardPersistence* persistence = nullptr) {
+  NodeCoreOptions o;
   o.threads = kNodeThreads;
   o.tail_capacity = kTailCapacity;
   o.train_k = kTrainK;
@@ -142,8 +142,8 @@ InProcessNodeOptions CoreOptions(ShardPersistence* persistence = nullptr) {
   return o;
 }
 
-std::unique_ptr<InProcessRetrievalNode> NewNode(ShardPersistence* persistence = nullptr) {
-  auto node = InProcessRetrievalNode::Create(CoreOptions(persistence));
+std::unique_ptr<InProcessRetrievalClient> NewNode(ShardPersistence* persistence = nullptr) {
+  auto node = InProcessRetrievalClient::Create(CoreOptions(persistence));
   EXPECT_TRUE(node.ok()) << node.status();
   return node.ok() ? std::move(node).value() : nullptr;
 }
@@ -289,12 +289,12 @@ TEST(ShardStoreTest, RecoveredNodeEqualsTheOriginal) {
     for (const SequenceSpec& spec : MixedSpecs()) {
       ASSERT_NO_FATAL_FAILURE(LoadMixed(node.get(), spec));
       before.push_back(Snapshot(node.get(), spec));
-      auto shards = node->ListShards(spec.sequence_id);
+      auto shards = node->core().ListShards(spec.sequence_id);
       ASSERT_TRUE(shards.ok());
       shards_before.push_back(*shards);
       for (int layer = 0; layer < kLayers; ++layer) {
         for (int g = 0; g < kKvHeads; ++g) {
-          positions_before.push_back(*node->HeldPositions(spec.sequence_id, layer, g));
+          positions_before.push_back(*node->core().HeldPositions(spec.sequence_id, layer, g));
         }
       }
     }
@@ -305,26 +305,27 @@ TEST(ShardStoreTest, RecoveredNodeEqualsTheOriginal) {
   auto store = ShardStore::Open(dir.path());
   ASSERT_TRUE(store.ok()) << store.status();
   auto node = NewNode(store->get());
-  const absl::Status recovered = node->Recover();
+  const absl::Status recovered = node->core().Recover();
   ASSERT_TRUE(recovered.ok()) << recovered;
-  EXPECT_EQ(node->Recover().code(), absl::StatusCode::kFailedPrecondition);
-  EXPECT_GT(node->MemoryUsedBytes(), 0);
+  EXPECT_EQ(node->core().Recover().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_GT(node->core().MemoryUsedBytes(), 0);
   size_t p = 0;
   for (size_t i = 0; i < MixedSpecs().size(); ++i) {
     const SequenceSpec spec = MixedSpecs()[i];
     const std::string what = "sequence " + std::to_string(spec.sequence_id);
     ExpectSameSnapshots(Snapshot(node.get(), spec), before[i], what);
-    auto shards = node->ListShards(spec.sequence_id);
+    auto shards = node->core().ListShards(spec.sequence_id);
     ASSERT_TRUE(shards.ok());
     ExpectSameShards(*shards, shards_before[i], what);
     for (int layer = 0; layer < kLayers; ++layer) {
       for (int g = 0; g < kKvHeads; ++g) {
-        EXPECT_EQ(*node->HeldPositions(spec.sequence_id, layer, g), positions_before[p++]) << what;
+        EXPECT_EQ(*node->core().HeldPositions(spec.sequence_id, layer, g), positions_before[p++])
+            << what;
       }
     }
   }
   // Without persistence there is nothing to recover from.
-  EXPECT_EQ(NewNode()->Recover().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_EQ(NewNode()->core().Recover().code(), absl::StatusCode::kFailedPrecondition);
 }
 
 // Group commit: four threads drive one sequence each with AppendAsync,
@@ -404,7 +405,7 @@ TEST(ShardStoreTest, GroupCommitKeepsOrderAndRecovers) {
     EXPECT_GT(node_stats->seals, 0);
     for (int i = 0; i + 1 < kSequences; ++i) {
       before.push_back(Snapshot(node.get(), spec_of(i)));
-      auto shards = node->ListShards(spec_of(i).sequence_id);
+      auto shards = node->core().ListShards(spec_of(i).sequence_id);
       ASSERT_TRUE(shards.ok());
       shards_before.push_back(*shards);
     }
@@ -412,25 +413,25 @@ TEST(ShardStoreTest, GroupCommitKeepsOrderAndRecovers) {
   auto store = ShardStore::Open(dir.path());
   ASSERT_TRUE(store.ok()) << store.status();
   auto node = NewNode(store->get());
-  const absl::Status recovered = node->Recover();
+  const absl::Status recovered = node->core().Recover();
   ASSERT_TRUE(recovered.ok()) << recovered;
   for (int i = 0; i + 1 < kSequences; ++i) {
     const SequenceSpec spec = spec_of(i);
     const std::string what = "sequence " + std::to_string(spec.sequence_id);
     ExpectSameSnapshots(Snapshot(node.get(), spec), before[i], what);
-    auto shards = node->ListShards(spec.sequence_id);
+    auto shards = node->core().ListShards(spec.sequence_id);
     ASSERT_TRUE(shards.ok());
     ExpectSameShards(*shards, shards_before[i], what);
     for (int layer = 0; layer < kLayers; ++layer) {
       for (int g = 0; g < kKvHeads; ++g) {
-        auto held = node->HeldPositions(spec.sequence_id, layer, g);
+        auto held = node->core().HeldPositions(spec.sequence_id, layer, g);
         ASSERT_TRUE(held.ok());
         ASSERT_EQ(held->size(), size_t{kUploaded + kSteps}) << what;
         for (size_t p = 0; p < held->size(); ++p) ASSERT_EQ((*held)[p], int64_t(p)) << what;
       }
     }
   }
-  EXPECT_EQ(node->ListShards(spec_of(kSequences - 1).sequence_id).status().code(),
+  EXPECT_EQ(node->core().ListShards(spec_of(kSequences - 1).sequence_id).status().code(),
             absl::StatusCode::kNotFound);
 }
 
@@ -565,7 +566,7 @@ TEST(NodePersistenceTest, SigkillDuringAppendsKeepsEveryAcknowledgedAppend) {
         ASSERT_TRUE(ref->Append(a).ok());
       }
     }
-    auto ref_shards = ref->ListShards(spec.sequence_id);
+    auto ref_shards = ref->core().ListShards(spec.sequence_id);
     ASSERT_TRUE(ref_shards.ok());
     ExpectSameShards(*shards, *ref_shards, "after SIGKILL");
     auto st = client->Stats();

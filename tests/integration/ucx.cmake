@@ -4,7 +4,7 @@
 # error when UCX cannot run).
 add_executable(ucx_test integration/ucx_test.cc)
 target_compile_options(ucx_test PRIVATE ${KVR_WARNINGS})
-target_link_libraries(ucx_test PRIVATE kvr::node_server GTest::gtest)
+target_link_libraries(ucx_test PRIVATE kvr::node_server kvr::remote_clients GTest::gtest)
 add_dependencies(ucx_test kvr_node)
 add_test(NAME ucx_test COMMAND ucx_test --kvr_node $<TARGET_FILE:kvr_node>)
 set_tests_properties(ucx_test PROPERTIES LABELS integration TIMEOUT 180

@@ -31,10 +31,10 @@
 #include "common/attention.h"
 #include "common/tensor.h"
 #include "gtest/gtest.h"
-#include "retrieval_node/client/in_process_node.h"
-#include "retrieval_node/server/grpc_retrieval_client.h"
+#include "retrieval_node/client/grpc_retrieval_client.h"
+#include "retrieval_node/client/in_process_client.h"
+#include "retrieval_node/client/ucx_retrieval_client.h"
 #include "retrieval_node/server/ucx_endpoint.h"
-#include "retrieval_node/server/ucx_retrieval_client.h"
 #include "tests/support/server_process.h"
 #include "tests/support/test_data.h"
 
@@ -56,12 +56,12 @@ std::vector<std::string> NodeArgs(std::vector<std::string> extra = {}) {
   return args;
 }
 
-std::unique_ptr<InProcessRetrievalNode> ReferenceNode() {
-  InProcessNodeOptions o;
+std::unique_ptr<InProcessRetrievalClient> ReferenceNode() {
+  NodeCoreOptions o;
   o.threads = kNodeThreads;
   o.tail_capacity = kTailCapacity;
   o.train_k = kTrainK;
-  auto node = InProcessRetrievalNode::Create(o);
+  auto node = InProcessRetrievalClient::Create(o);
   EXPECT_TRUE(node.ok()) << node.status();
   return std::move(node).value();
 }
@@ -222,12 +222,12 @@ class UcxTest : public ::testing::Test {
 
   static std::unique_ptr<NodeProcess> node_;
   static std::unique_ptr<UcxRetrievalClient> client_;
-  static std::unique_ptr<InProcessRetrievalNode> ref_;
+  static std::unique_ptr<InProcessRetrievalClient> ref_;
 };
 
 std::unique_ptr<NodeProcess> UcxTest::node_;
 std::unique_ptr<UcxRetrievalClient> UcxTest::client_;
-std::unique_ptr<InProcessRetrievalNode> UcxTest::ref_;
+std::unique_ptr<InProcessRetrievalClient> UcxTest::ref_;
 
 TEST_F(UcxTest, AdvertisesAddressThroughGrpc) {
   const std::string& a = client_->ucx_address();

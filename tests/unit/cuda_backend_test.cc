@@ -24,7 +24,7 @@
 #include "gpu_worker/model/llama_model.h"
 #include "gpu_worker/model/model_config.h"
 #include "gtest/gtest.h"
-#include "retrieval_node/client/in_process_node.h"
+#include "retrieval_node/client/in_process_client.h"
 #include "tests/support/stories_model.h"
 
 namespace kvr::worker {
@@ -384,12 +384,12 @@ TEST_F(CudaStoriesTest, GreedyEqualsCpu) {
 // CUDA backend generates the CPU backend's greedy tokens.
 TEST_F(CudaStoriesTest, RetrievalGreedyEqualsCpu) {
   struct Side {
-    std::unique_ptr<retrieval::InProcessRetrievalNode> node;
+    std::unique_ptr<retrieval::InProcessRetrievalClient> node;
     std::unique_ptr<RetrievalEngine> engine;
   };
   auto make = [&](Backend* backend) {
     Side side;
-    auto node = retrieval::InProcessRetrievalNode::Create({});
+    auto node = retrieval::InProcessRetrievalClient::Create({});
     KVR_CHECK(node.ok());
     side.node = std::move(*node);
     auto engine = RetrievalEngine::Create(backend, weights_, side.node.get());

@@ -14,7 +14,7 @@
 #include "gpu_worker/engine/generation.h"
 #include "gpu_worker/engine/retrieval_engine.h"
 #include "gtest/gtest.h"
-#include "retrieval_node/client/in_process_node.h"
+#include "retrieval_node/client/in_process_client.h"
 #include "tests/support/stories_model.h"
 
 namespace kvr::worker {
@@ -68,7 +68,7 @@ TEST(CudaSyncTest, DecodeStepWaitsOnlyForItsDataDependences) {
   ASSERT_TRUE(stories.Load());
   auto b = NewCudaBackend({});
   ASSERT_TRUE(b.ok()) << b.status();
-  auto node = retrieval::InProcessRetrievalNode::Create({});
+  auto node = retrieval::InProcessRetrievalClient::Create({});
   ASSERT_TRUE(node.ok()) << node.status();
   auto engine = RetrievalEngine::Create(b->get(), stories.weights, node->get());
   ASSERT_TRUE(engine.ok()) << engine.status();
@@ -119,7 +119,7 @@ TEST(CudaSyncTest, BatchedRetrievalEqualsCpu) {
   std::vector<std::vector<int32_t>> tokens[2];
   Backend* backends[2] = {stories.backend.get(), gpu->get()};
   for (int side = 0; side < 2; ++side) {
-    auto node = retrieval::InProcessRetrievalNode::Create({});
+    auto node = retrieval::InProcessRetrievalClient::Create({});
     ASSERT_TRUE(node.ok()) << node.status();
     auto engine = RetrievalEngine::Create(backends[side], stories.weights, node->get());
     ASSERT_TRUE(engine.ok()) << engine.status();

@@ -16,18 +16,18 @@
 
 #include "gpu_worker/engine/retrieval_engine.h"
 #include "gtest/gtest.h"
-#include "retrieval_node/client/in_process_node.h"
+#include "retrieval_node/client/in_process_client.h"
 #include "tests/support/stories_model.h"
 #ifdef KVR_TEST_MULTI_NODE
-#include "retrieval_node/server/multi_node_client.h"
+#include "retrieval_node/client/multi_node_client.h"
 #endif
 
 namespace kvr::worker {
 namespace {
 
 using retrieval::IndexType;
-using retrieval::InProcessNodeOptions;
-using retrieval::InProcessRetrievalNode;
+using retrieval::NodeCoreOptions;
+using retrieval::InProcessRetrievalClient;
 using retrieval::ShardInfo;
 using test_support::Argmax;
 using test_support::MaxRelDiff;
@@ -108,8 +108,8 @@ class EngineChunksTest : public ::testing::Test {
   }
 
   // The shards of `id` on `node`, grouped by (layer, kv head).
-  static std::vector<ShardInfo> Shards(InProcessRetrievalNode& node, uint64_t id) {
-    auto shards = node.ListShards(id);
+  static std::vector<ShardInfo> Shards(InProcessRetrievalClient& node, uint64_t id) {
+    auto shards = node.core().ListShards(id);
     EXPECT_TRUE(shards.ok()) << shards.status();
     return shards.ok() ? *shards : std::vector<ShardInfo>{};
   }
@@ -121,14 +121,14 @@ class EngineChunksTest : public ::testing::Test {
 // One node: chunks of kChunk tokens at prefill and in decode, each holding
 // at most kChunk consecutive positions, together exactly [sinks, node_end).
 TEST_F(EngineChunksTest, ManyChunksEqualOneChunk) {
-  auto one_node = InProcessRetrievalNode::Create();
+  auto one_node = InProcessRetrievalClient::Create();
   ASSERT_TRUE(one_node.ok()) << one_node.status();
   const Run one = Generate(one_node->get(), /*chunk_tokens=*/16384, nullptr);
   EXPECT_EQ(one.node_chunks, 1);
 
-  auto node = InProcessRetrievalNode::Create();
+  auto node = InProcessRetrievalClient::Create();
   ASSERT_TRUE(node.ok()) << node.status();
-  InProcessRetrievalNode& n = **node;
+  InProcessRetrievalClient& n = **node;
   const LlamaConfig& c = model_.weights->config;
   int64_t max_chunks = 0;
   const Run chunked = Generate(&n, kChunk, [&](const RetrievalEngine& engine) {
@@ -171,15 +171,15 @@ TEST_F(EngineChunksTest, BadChunkTokens) {
 // (layer, kv head)'s chunks span several nodes; results equal one chunk on
 // one node.
 TEST_F(EngineChunksTest, ChunksSpanNodesWithIdenticalResults) {
-  auto one_node = InProcessRetrievalNode::Create();
+  auto one_node = InProcessRetrievalClient::Create();
   ASSERT_TRUE(one_node.ok()) << one_node.status();
   const Run one = Generate(one_node->get(), /*chunk_tokens=*/16384, nullptr);
 
   std::vector<placement::NodeInfo> infos;
   std::vector<std::unique_ptr<retrieval::RetrievalClient>> clients;
-  std::vector<InProcessRetrievalNode*> nodes;
+  std::vector<InProcessRetrievalClient*> nodes;
   for (int i = 0; i < 3; ++i) {
-    auto node = InProcessRetrievalNode::Create();
+    auto node = InProcessRetrievalClient::Create();
     ASSERT_TRUE(node.ok()) << node.status();
     nodes.push_back(node->get());
     clients.push_back(std::move(*node));

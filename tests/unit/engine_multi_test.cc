@@ -23,14 +23,14 @@
 #include "gpu_worker/model/llama2c_loader.h"
 #include "gpu_worker/model/llama2c_tokenizer.h"
 #include "gtest/gtest.h"
-#include "retrieval_node/client/in_process_node.h"
+#include "retrieval_node/client/in_process_client.h"
 
 namespace kvr::worker {
 namespace {
 
 using retrieval::IndexType;
-using retrieval::InProcessNodeOptions;
-using retrieval::InProcessRetrievalNode;
+using retrieval::NodeCoreOptions;
+using retrieval::InProcessRetrievalClient;
 
 constexpr char kStory[] =
     "Once upon a time, there was a little girl named Lily. She loved to play outside in the "
@@ -116,11 +116,11 @@ class EngineMultiTest : public ::testing::Test {
     backend_ = std::move(*b);
   }
 
-  std::unique_ptr<InProcessRetrievalNode> MakeNode() {
-    InProcessNodeOptions no;
+  std::unique_ptr<InProcessRetrievalClient> MakeNode() {
+    NodeCoreOptions no;
     no.tail_capacity = 16;  // seals during the runs below
     no.min_index_keys = 8;
-    auto n = InProcessRetrievalNode::Create(no);
+    auto n = InProcessRetrievalClient::Create(no);
     EXPECT_TRUE(n.ok()) << n.status();
     return n.ok() ? std::move(*n) : nullptr;
   }
@@ -258,7 +258,7 @@ TEST_F(EngineMultiTest, InterleavedAndBatchedStepsEqualAlone) {
         ASSERT_EQ(c.pos + 1, batch[j]->position());
         if (opts[i]->mode == AttentionMode::kRetrieval) {
           for (int l = 0; l < weights_->config.n_layers; ++l) {
-            auto held = node->HeldPositions(batch[j]->id(), l, 0);
+            auto held = node->core().HeldPositions(batch[j]->id(), l, 0);
             ASSERT_TRUE(held.ok()) << held.status();
             ASSERT_EQ(static_cast<int64_t>(held->size()), c.node_end - c.node_begin);
           }
@@ -367,7 +367,7 @@ TEST_F(EngineMultiTest, CancellationDropsShardsOthersUnaffected) {
     int32_t t0 = Argmax(victim.logits());
     for (int step = 0; step < kSteps; ++step) {
       if (step == 10) {
-        auto shards = node->ListShards(victim_id);
+        auto shards = node->core().ListShards(victim_id);
         ASSERT_TRUE(shards.ok()) << shards.status();
         EXPECT_GT(shards->size(), 0u);
         if (by_token) {
@@ -375,7 +375,8 @@ TEST_F(EngineMultiTest, CancellationDropsShardsOthersUnaffected) {
           EXPECT_TRUE(victim.cancelled());
         } else {
           ASSERT_TRUE(engine->Cancel(victim).ok());
-          EXPECT_EQ(node->ListShards(victim_id).status().code(), absl::StatusCode::kNotFound);
+          EXPECT_EQ(node->core().ListShards(victim_id).status().code(),
+                    absl::StatusCode::kNotFound);
         }
       }
       EngineSequence* batch[2] = {&victim, &other};
@@ -395,9 +396,9 @@ TEST_F(EngineMultiTest, CancellationDropsShardsOthersUnaffected) {
           << "step " << step;
       if (step >= 10) {
         // Nothing of the victim on the node; the node holds exactly `other`.
-        EXPECT_EQ(node->ListShards(victim_id).status().code(), absl::StatusCode::kNotFound);
+        EXPECT_EQ(node->core().ListShards(victim_id).status().code(), absl::StatusCode::kNotFound);
         auto stats = node->Stats();
-        auto others = node->ListShards(other.id());
+        auto others = node->core().ListShards(other.id());
         ASSERT_TRUE(stats.ok() && others.ok());
         int64_t bytes = 0;
         for (const auto& s : *others) bytes += s.memory_bytes;
@@ -492,7 +493,7 @@ TEST_F(EngineMultiTest, PipelinedHandOffEqualsSynchronous) {
         ASSERT_EQ(c.attended(), c.pos + 1);
         for (int layer = 0; layer < weights_->config.n_layers; ++layer) {
           for (int g = 0; g < weights_->config.n_kv_heads; ++g) {
-            auto held = node->HeldPositions(engine->sequence_id(), layer, g);
+            auto held = node->core().HeldPositions(engine->sequence_id(), layer, g);
             ASSERT_TRUE(held.ok()) << held.status();
             ASSERT_EQ(static_cast<int64_t>(held->size()), c.node_end - c.node_begin);
             ASSERT_EQ(held->front(), c.node_begin);

@@ -17,7 +17,7 @@
 #include "gpu_worker/engine/generation.h"
 #include "gpu_worker/server/generation_scheduler.h"
 #include "gtest/gtest.h"
-#include "retrieval_node/client/in_process_node.h"
+#include "retrieval_node/client/in_process_client.h"
 #include "tests/support/stories_model.h"
 
 namespace kvr::worker {
@@ -47,12 +47,12 @@ class SchedulerTest : public ::testing::Test {
   }
 
   struct Engine {
-    std::unique_ptr<retrieval::InProcessRetrievalNode> node;
+    std::unique_ptr<retrieval::InProcessRetrievalClient> node;
     std::unique_ptr<RetrievalEngine> engine;
   };
   Engine MakeEngine() {
     Engine e;
-    auto n = retrieval::InProcessRetrievalNode::Create({});
+    auto n = retrieval::InProcessRetrievalClient::Create({});
     EXPECT_TRUE(n.ok()) << n.status();
     if (!n.ok()) return e;
     e.node = *std::move(n);

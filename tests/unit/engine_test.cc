@@ -21,14 +21,14 @@
 #include "gpu_worker/model/llama2c_tokenizer.h"
 #include "gpu_worker/model/llama_model.h"
 #include "gtest/gtest.h"
-#include "retrieval_node/client/in_process_node.h"
+#include "retrieval_node/client/in_process_client.h"
 
 namespace kvr::worker {
 namespace {
 
 using retrieval::IndexType;
-using retrieval::InProcessNodeOptions;
-using retrieval::InProcessRetrievalNode;
+using retrieval::NodeCoreOptions;
+using retrieval::InProcessRetrievalClient;
 
 constexpr char kLongPrompt[] =
     "Once upon a time, there was a little girl named Lily. She loved to play outside in the "
@@ -55,12 +55,12 @@ class EngineTest : public ::testing::Test {
     auto m = LlamaModel::Create(backend_.get(), weights_);
     ASSERT_TRUE(m.ok()) << m.status();
     full_ = std::move(*m);
-    MakeEngine(InProcessNodeOptions{});
+    MakeEngine(NodeCoreOptions{});
   }
 
-  void MakeEngine(const InProcessNodeOptions& node_options) {
+  void MakeEngine(const NodeCoreOptions& node_options) {
     engine_.reset();
-    auto n = InProcessRetrievalNode::Create(node_options);
+    auto n = InProcessRetrievalClient::Create(node_options);
     ASSERT_TRUE(n.ok()) << n.status();
     node_ = std::move(*n);
     auto e = RetrievalEngine::Create(backend_.get(), weights_, node_.get());
@@ -105,7 +105,7 @@ class EngineTest : public ::testing::Test {
     const LlamaConfig& cfg = engine_->config();
     for (int l = 0; l < cfg.n_layers; ++l) {
       for (int g = 0; g < cfg.n_kv_heads; ++g) {
-        auto held = node_->HeldPositions(engine_->sequence_id(), l, g);
+        auto held = node_->core().HeldPositions(engine_->sequence_id(), l, g);
         ASSERT_TRUE(held.ok()) << held.status();
         ASSERT_EQ(static_cast<int64_t>(held->size()), c.node_end - c.node_begin)
             << "layer " << l << " kv head " << g << " pos " << c.pos;
@@ -167,7 +167,7 @@ class EngineTest : public ::testing::Test {
   std::unique_ptr<Llama2cTokenizer> tokenizer_;
   std::unique_ptr<Backend> backend_;
   std::unique_ptr<LlamaModel> full_;
-  std::unique_ptr<InProcessRetrievalNode> node_;
+  std::unique_ptr<InProcessRetrievalClient> node_;
   std::unique_ptr<RetrievalEngine> engine_;
 };
 
@@ -195,7 +195,7 @@ TEST_F(EngineTest, FullModeEqualsLlamaModel) {
 // Flat retrieval with k >= offloaded tokens is exact: logits match full
 // attention while tokens are offloaded at prefill, appended, and sealed.
 TEST_F(EngineTest, FlatRetrievalWithLargeKEqualsFullAttention) {
-  InProcessNodeOptions no;
+  NodeCoreOptions no;
   no.tail_capacity = 16;
   MakeEngine(no);
   AttentionOptions o;
@@ -222,7 +222,7 @@ TEST_F(EngineTest, FlatRetrievalWithLargeKEqualsFullAttention) {
 // The same with the graph and IVF indexes when k covers every key (graph
 // search with beam >= k reaches every key; IVF clamps to all lists).
 TEST_F(EngineTest, ApproximateIndexesWithLargeKEqualFullAttention) {
-  InProcessNodeOptions no;
+  NodeCoreOptions no;
   no.tail_capacity = 16;
   no.min_index_keys = 8;
   no.ivf.default_nprobe = 1 << 20;
@@ -411,9 +411,9 @@ class NodeTest : public ::testing::Test {
   static constexpr int kHeads = 4, kKvHeads = 2, kDim = 8, kLayers = 2;
 
   void SetUp() override {
-    InProcessNodeOptions o;
+    NodeCoreOptions o;
     o.tail_capacity = 8;
-    auto n = InProcessRetrievalNode::Create(o);
+    auto n = InProcessRetrievalClient::Create(o);
     ASSERT_TRUE(n.ok());
     node_ = std::move(*n);
     spec_.sequence_id = 42;
@@ -433,7 +433,7 @@ class NodeTest : public ::testing::Test {
     return m;
   }
 
-  std::unique_ptr<InProcessRetrievalNode> node_;
+  std::unique_ptr<InProcessRetrievalClient> node_;
   retrieval::SequenceSpec spec_;
 };
 

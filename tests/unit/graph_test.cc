@@ -182,7 +182,7 @@ TEST_F(GraphTest, SerializeRoundTripGivesIdenticalResults) {
   ASSERT_TRUE((*index)->Serialize(&blob).ok());
   auto loaded = LoadIndex(blob);
   ASSERT_TRUE(loaded.ok()) << loaded.status();
-  ASSERT_EQ((*loaded)->kind(), IndexKind::kAttentionGraph);
+  ASSERT_EQ((*loaded)->type(), IndexType::kGraph);
   const int k = 10;
   std::vector<int64_t> ids_a(data_->test.rows * k), ids_b(ids_a.size());
   std::vector<float> sc_a(ids_a.size()), sc_b(ids_a.size());

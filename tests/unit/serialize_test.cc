@@ -94,7 +94,7 @@ TEST(SerializeTest, FlatAndIvfRoundTrip) {
   ASSERT_TRUE((*flat)->Serialize(&blob).ok());
   auto loaded = LoadIndex(blob);
   ASSERT_TRUE(loaded.ok()) << loaded.status();
-  EXPECT_EQ((*loaded)->kind(), IndexKind::kFlat);
+  EXPECT_EQ((*loaded)->type(), IndexType::kFlat);
   EXPECT_EQ((*loaded)->size(), 2000u);
   ExpectSameSearch(**flat, **loaded, {.k = 20});
 
@@ -105,7 +105,7 @@ TEST(SerializeTest, FlatAndIvfRoundTrip) {
   ASSERT_TRUE((*ivf)->Serialize(&blob).ok());
   auto ivf2 = LoadIndex(blob);
   ASSERT_TRUE(ivf2.ok()) << ivf2.status();
-  EXPECT_EQ((*ivf2)->kind(), IndexKind::kIvf);
+  EXPECT_EQ((*ivf2)->type(), IndexType::kIvf);
   EXPECT_EQ((*ivf2)->size(), 2010u);
   ExpectSameSearch(**ivf, **ivf2, {.k = 20});
   ExpectSameSearch(**ivf, **ivf2, {.k = 20, .nprobe = 32});
@@ -160,7 +160,7 @@ TEST(SerializeTest, HugeClaimedCountsAreRejected) {
     w.Put<uint64_t>(4);                     // dim
     w.Put<uint64_t>(1000000000000ull);      // 10^12 keys
     w.Put<uint64_t>(4000000000000ull);      // keys array count
-    const auto blob = SealBlob(static_cast<uint32_t>(IndexKind::kFlat), 1, w.bytes());
+    const auto blob = SealBlob(kFlatBlobKind, 1, w.bytes());
     const auto r = LoadIndex(blob);
     EXPECT_EQ(r.status().code(), absl::StatusCode::kDataLoss) << r.status();
   }
@@ -169,7 +169,7 @@ TEST(SerializeTest, HugeClaimedCountsAreRejected) {
     w.Put<uint64_t>(4);
     w.Put<uint64_t>(1000);                  // plausible size, but no data follows
     w.Put<uint64_t>(4000);
-    const auto blob = SealBlob(static_cast<uint32_t>(IndexKind::kFlat), 1, w.bytes());
+    const auto blob = SealBlob(kFlatBlobKind, 1, w.bytes());
     const auto r = LoadIndex(blob);
     EXPECT_EQ(r.status().code(), absl::StatusCode::kDataLoss) << r.status();
   }
@@ -178,7 +178,7 @@ TEST(SerializeTest, HugeClaimedCountsAreRejected) {
     w.Put<uint64_t>(4);
     w.Put<uint64_t>(1ull << 40);            // size
     w.Put<uint64_t>(1ull << 39);            // nlist
-    const auto blob = SealBlob(static_cast<uint32_t>(IndexKind::kIvf), 1, w.bytes());
+    const auto blob = SealBlob(kIvfBlobKind, 1, w.bytes());
     const auto r = LoadIndex(blob);
     EXPECT_EQ(r.status().code(), absl::StatusCode::kDataLoss) << r.status();
   }
@@ -192,7 +192,7 @@ TEST(SerializeTest, HugeClaimedCountsAreRejected) {
   {
     const auto blob = SealBlob(77, 1, std::vector<uint8_t>(8));
     EXPECT_EQ(LoadIndex(blob).status().code(), absl::StatusCode::kInvalidArgument);
-    const auto v2 = SealBlob(static_cast<uint32_t>(IndexKind::kFlat), 2, std::vector<uint8_t>(8));
+    const auto v2 = SealBlob(kFlatBlobKind, 2, std::vector<uint8_t>(8));
     EXPECT_EQ(LoadIndex(v2).status().code(), absl::StatusCode::kInvalidArgument);
   }
 }

@@ -1,48 +1,14 @@
-#include "retrieval_node/client/in_process_node.h"
+#include "retrieval_node/core/node_core.h"
 
 #include <algorithm>
 #include <cmath>
 #include <shared_mutex>
 
+#include "retrieval_node/core/node_state.h"
 #include "retrieval_node/index/attend.h"
 #include "retrieval_node/index/flat_index.h"
 
 namespace kvr::retrieval {
-
-struct InProcessRetrievalNode::Chunk {
-  int32_t chunk = 0;
-  std::unique_ptr<index::KeyIndex> index;  // null until the first build
-  ValueMatrix values;                      // row i belongs to index id i
-  std::vector<int64_t> positions;          // absolute position of index id i
-};
-
-struct InProcessRetrievalNode::HeadState {
-  std::vector<Chunk> chunks;  // ascending chunk index
-  std::unique_ptr<index::FlatIndex> tail;
-  ValueMatrix tail_values;
-  std::vector<int64_t> tail_positions;
-  int64_t last_position = -1;  // highest position held (-1: none)
-  int64_t accounted_bytes = 0;  // counted in memory_used_ (under the sequence lock)
-
-  // Recent decode queries (ring of `recent_capacity` rows), training data for
-  // seals that build an index. Written by Attend under the shared sequence
-  // lock, hence its own mutex.
-  std::mutex query_mu;
-  std::vector<float> recent;
-  size_t recent_next = 0;
-  size_t recent_count = 0;
-};
-
-struct InProcessRetrievalNode::Sequence {
-  SequenceSpec spec;
-  std::shared_mutex mu;  // shared: Attend; exclusive: Upload / Append
-  bool dropped = false;  // set by DropSequence under `mu`: later writers get NotFound
-  std::vector<std::unique_ptr<HeadState>> heads;  // [layer * n_kv_heads + kv_head]
-
-  HeadState& head(int32_t layer, int32_t kv_head) const {
-    return *heads[static_cast<size_t>(layer) * spec.n_kv_heads + kv_head];
-  }
-};
 
 namespace {
 
@@ -52,11 +18,6 @@ absl::Status CheckRange(int64_t value, int64_t limit, absl::string_view field) {
         absl::StrCat(field, " ", value, " outside [0, ", limit, ")"));
   }
   return absl::OkStatus();
-}
-
-absl::Status CheckHead(const SequenceSpec& spec, int32_t layer, int32_t kv_head) {
-  KVR_RETURN_IF_ERROR(CheckRange(layer, spec.n_layers, "layer"));
-  return CheckRange(kv_head, spec.n_kv_heads, "kv_head");
 }
 
 // Rows x head_dim, with `rows` rows when rows >= 0.
@@ -74,6 +35,30 @@ absl::Status CheckMatrix(ConstMatrixView m, const SequenceSpec& spec, int64_t ro
     return absl::InvalidArgumentError(absl::StrCat(field, " has no data for ", where));
   }
   return absl::OkStatus();
+}
+
+// Rows [first, first + rows) of `values`' element storage.
+std::span<const uint8_t> RawRows(const ValueMatrix& values, size_t first, size_t rows) {
+  const size_t row_bytes = values.cols() * DTypeSize(values.dtype());
+  return values.raw_bytes().subspan(first * row_bytes, rows * row_bytes);
+}
+
+size_t Sqrt(size_t n) { return static_cast<size_t>(std::sqrt(static_cast<double>(n))); }
+
+// Rows [0, n) of `values` as fp32 into `out` (n x cols).
+Matrix ToFloat(const ValueMatrix& values) {
+  Matrix out(values.rows(), values.cols());
+  for (size_t i = 0; i < values.rows(); ++i) values.RowToFloat(i, out.row(i));
+  return out;
+}
+
+}  // namespace
+
+namespace internal {
+
+absl::Status CheckHead(const SequenceSpec& spec, int32_t layer, int32_t kv_head) {
+  KVR_RETURN_IF_ERROR(CheckRange(layer, spec.n_layers, "layer"));
+  return CheckRange(kv_head, spec.n_kv_heads, "kv_head");
 }
 
 absl::Status ValidateSpec(const SequenceSpec& spec) {
@@ -105,34 +90,20 @@ absl::Status ValidateSpec(const SequenceSpec& spec) {
   return absl::OkStatus();
 }
 
-// Rows [first, first + rows) of `values`' element storage.
-std::span<const uint8_t> RawRows(const ValueMatrix& values, size_t first, size_t rows) {
-  const size_t row_bytes = values.cols() * DTypeSize(values.dtype());
-  return values.raw_bytes().subspan(first * row_bytes, rows * row_bytes);
-}
+}  // namespace internal
 
-size_t Sqrt(size_t n) { return static_cast<size_t>(std::sqrt(static_cast<double>(n))); }
+using internal::CheckHead;
+using internal::ValidateSpec;
 
-// Rows [0, n) of `values` as fp32 into `out` (n x cols).
-Matrix ToFloat(const ValueMatrix& values) {
-  Matrix out(values.rows(), values.cols());
-  for (size_t i = 0; i < values.rows(); ++i) values.RowToFloat(i, out.row(i));
-  return out;
-}
-
-}  // namespace
-
-InProcessRetrievalNode::InProcessRetrievalNode(const InProcessNodeOptions& options)
-    : options_(options) {
+NodeCore::NodeCore(const NodeCoreOptions& options) : options_(options) {
   if (options_.threads > 0) pool_ = std::make_unique<ThreadPool>(options_.threads);
 }
 
-InProcessRetrievalNode::~InProcessRetrievalNode() {
+NodeCore::~NodeCore() {
   pool_.reset();  // joins workers: pending Attends finish before shards go away
 }
 
-absl::StatusOr<std::unique_ptr<InProcessRetrievalNode>> InProcessRetrievalNode::Create(
-    const InProcessNodeOptions& options) {
+absl::StatusOr<std::unique_ptr<NodeCore>> NodeCore::Create(const NodeCoreOptions& options) {
   if (options.tail_capacity < 1 || options.tail_capacity > (size_t{1} << 24)) {
     return absl::InvalidArgumentError(
         absl::StrCat("tail_capacity ", options.tail_capacity, " outside [1, 2^24]"));
@@ -149,18 +120,16 @@ absl::StatusOr<std::unique_ptr<InProcessRetrievalNode>> InProcessRetrievalNode::
     return absl::InvalidArgumentError(absl::StrCat("threads ", options.threads, " > 256"));
   }
   KVR_RETURN_IF_ERROR(index::ValidateGraphOptions(options.graph));
-  return std::unique_ptr<InProcessRetrievalNode>(new InProcessRetrievalNode(options));
+  return std::unique_ptr<NodeCore>(new NodeCore(options));
 }
 
-std::shared_ptr<InProcessRetrievalNode::Sequence> InProcessRetrievalNode::Find(
-    uint64_t sequence_id) {
+std::shared_ptr<NodeCore::Sequence> NodeCore::Find(uint64_t sequence_id) {
   std::lock_guard<std::mutex> lock(mu_);
   auto it = sequences_.find(sequence_id);
   return it == sequences_.end() ? nullptr : it->second;
 }
 
-std::shared_ptr<InProcessRetrievalNode::Sequence> InProcessRetrievalNode::NewSequence(
-    const SequenceSpec& spec) {
+std::shared_ptr<NodeCore::Sequence> NodeCore::NewSequence(const SequenceSpec& spec) {
   auto seq = std::make_shared<Sequence>();
   seq->spec = spec;
   const size_t heads = static_cast<size_t>(spec.n_layers) * spec.n_kv_heads;
@@ -173,7 +142,7 @@ std::shared_ptr<InProcessRetrievalNode::Sequence> InProcessRetrievalNode::NewSeq
   return seq;
 }
 
-absl::Status InProcessRetrievalNode::CreateSequence(const SequenceSpec& spec) {
+absl::Status NodeCore::CreateSequence(const SequenceSpec& spec) {
   KVR_RETURN_IF_ERROR(ValidateSpec(spec));
   std::shared_ptr<Sequence> seq = NewSequence(spec);
   const auto exists = [&] {
@@ -197,14 +166,13 @@ absl::Status InProcessRetrievalNode::CreateSequence(const SequenceSpec& spec) {
   return absl::OkStatus();
 }
 
-absl::Status InProcessRetrievalNode::PersistenceError() {
+absl::Status NodeCore::PersistenceError() {
   if (!persistence_failed_.load(std::memory_order_acquire)) return absl::OkStatus();
   std::lock_guard<std::mutex> lock(persistence_error_mu_);
   return persistence_error_;
 }
 
-absl::Status InProcessRetrievalNode::FailPersistence(const absl::Status& cause,
-                                                     absl::string_view where) {
+absl::Status NodeCore::FailPersistence(const absl::Status& cause, absl::string_view where) {
   const absl::Status status = absl::UnavailableError(absl::StrCat(
       "persistence failed in ", where, ": ", cause.ToString(),
       "; the node accepts no more writes (restart it to recover from its data dir)"));
@@ -214,14 +182,14 @@ absl::Status InProcessRetrievalNode::FailPersistence(const absl::Status& cause,
   return status;
 }
 
-absl::Status InProcessRetrievalNode::Persist(const HeadWrite& write, absl::string_view where) {
+absl::Status NodeCore::Persist(const HeadWrite& write, absl::string_view where) {
   if (options_.persistence == nullptr) return absl::OkStatus();
   const absl::Status st = options_.persistence->CommitHead(write);
   if (!st.ok()) return FailPersistence(st, where);
   return absl::OkStatus();
 }
 
-int64_t InProcessRetrievalNode::HeadBytes(const HeadState& head) {
+int64_t NodeCore::HeadBytes(const HeadState& head) {
   int64_t bytes = 0;
   for (const Chunk& c : head.chunks) {
     if (c.index != nullptr) bytes += static_cast<int64_t>(c.index->MemoryBytes());
@@ -234,7 +202,7 @@ int64_t InProcessRetrievalNode::HeadBytes(const HeadState& head) {
   return bytes;
 }
 
-int64_t InProcessRetrievalNode::EstimateBytes(const SequenceSpec& spec, size_t n) const {
+int64_t NodeCore::EstimateBytes(const SequenceSpec& spec, size_t n) const {
   const int64_t d = spec.head_dim;
   int64_t per_key = d * int64_t(sizeof(float)) + d * int64_t(DTypeSize(spec.value_dtype)) +
                     int64_t(sizeof(int64_t));
@@ -244,7 +212,7 @@ int64_t InProcessRetrievalNode::EstimateBytes(const SequenceSpec& spec, size_t n
   return per_key * static_cast<int64_t>(n);
 }
 
-absl::Status InProcessRetrievalNode::ReserveMemory(int64_t bytes, absl::string_view where) {
+absl::Status NodeCore::ReserveMemory(int64_t bytes, absl::string_view where) {
   const int64_t budget = options_.memory_budget_bytes;
   if (budget <= 0) {
     memory_used_.fetch_add(bytes, std::memory_order_relaxed);
@@ -261,13 +229,13 @@ absl::Status InProcessRetrievalNode::ReserveMemory(int64_t bytes, absl::string_v
   return absl::OkStatus();
 }
 
-void InProcessRetrievalNode::SettleMemory(HeadState* head, int64_t reserved) {
+void NodeCore::SettleMemory(HeadState* head, int64_t reserved) {
   const int64_t now = HeadBytes(*head);
   memory_used_.fetch_add(now - head->accounted_bytes - reserved, std::memory_order_relaxed);
   head->accounted_bytes = now;
 }
 
-absl::Status InProcessRetrievalNode::CheckUploadAdmission(uint64_t sequence_id, size_t n_keys) {
+absl::Status NodeCore::CheckUploadAdmission(uint64_t sequence_id, size_t n_keys) {
   std::shared_ptr<Sequence> seq = Find(sequence_id);
   if (seq == nullptr) {
     return absl::NotFoundError(absl::StrCat("UploadShard: unknown sequence ", sequence_id));
@@ -284,7 +252,7 @@ absl::Status InProcessRetrievalNode::CheckUploadAdmission(uint64_t sequence_id, 
   return absl::OkStatus();
 }
 
-absl::StatusOr<std::unique_ptr<index::KeyIndex>> InProcessRetrievalNode::BuildIndex(
+absl::StatusOr<std::unique_ptr<index::KeyIndex>> NodeCore::BuildIndex(
     IndexType type, ConstMatrixView keys, std::span<const int64_t> train_topk, size_t topk_width,
     ConstMatrixView train_queries, int train_k) {
   const size_t n = keys.rows();
@@ -314,7 +282,7 @@ absl::StatusOr<std::unique_ptr<index::KeyIndex>> InProcessRetrievalNode::BuildIn
   return std::unique_ptr<index::KeyIndex>(std::move(graph));
 }
 
-absl::Status InProcessRetrievalNode::UploadShard(const ShardUpload& upload) {
+absl::Status NodeCore::UploadShard(const ShardUpload& upload) {
   const ShardKey& key = upload.key;
   std::shared_ptr<Sequence> seq = Find(key.sequence_id);
   if (seq == nullptr) {
@@ -427,20 +395,20 @@ absl::Status InProcessRetrievalNode::UploadShard(const ShardUpload& upload) {
   return status;
 }
 
-absl::Status InProcessRetrievalNode::Append(const AppendRequest& request) {
+absl::Status NodeCore::Append(const AppendRequest& request) {
   StatusWaiter waiter;
   AppendAsync(request, waiter.callback());
   return waiter.Wait();
 }
 
-void InProcessRetrievalNode::AppendAsync(const AppendRequest& request, StatusCallback done) {
+void NodeCore::AppendAsync(const AppendRequest& request, StatusCallback done) {
   bool handed_off = false;
   absl::Status status = ApplyAppend(request, done, &handed_off);
   if (!handed_off) done(std::move(status));
 }
 
-absl::Status InProcessRetrievalNode::ApplyAppend(const AppendRequest& request,
-                                                 StatusCallback& done, bool* handed_off) {
+absl::Status NodeCore::ApplyAppend(const AppendRequest& request, StatusCallback& done,
+                                   bool* handed_off) {
   std::shared_ptr<Sequence> seq = Find(request.sequence_id);
   if (seq == nullptr) {
     return absl::NotFoundError(absl::StrCat("Append: unknown sequence ", request.sequence_id));
@@ -528,15 +496,14 @@ absl::Status InProcessRetrievalNode::ApplyAppend(const AppendRequest& request,
   return status;
 }
 
-absl::Status InProcessRetrievalNode::Seal(const Sequence& seq, HeadState* head,
-                                          HeadWrite* write) {
+absl::Status NodeCore::Seal(const Sequence& seq, HeadState* head, HeadWrite* write) {
   KVR_CHECK(!head->chunks.empty() && head->tail != nullptr);
   Chunk& chunk = head->chunks.back();
   const ConstMatrixView tail_keys = head->tail->keys();
   const size_t total = (chunk.index ? chunk.index->size() : 0) + tail_keys.rows();
   const IndexType want = seq.spec.index_type;
   const bool rebuild =
-      chunk.index == nullptr || (chunk.index->kind() == index::IndexKind::kFlat &&
+      chunk.index == nullptr || (chunk.index->type() == IndexType::kFlat &&
                                  want != IndexType::kFlat && total >= options_.min_index_keys);
   if (!rebuild) {
     KVR_RETURN_IF_ERROR(chunk.index->Add(tail_keys));
@@ -589,8 +556,8 @@ absl::Status InProcessRetrievalNode::Seal(const Sequence& seq, HeadState* head,
   return absl::OkStatus();
 }
 
-void InProcessRetrievalNode::AttendAsync(const AttendRequest& request, PartialsView out,
-                                         AttendStats* stats, StatusCallback done) {
+void NodeCore::AttendAsync(const AttendRequest& request, PartialsView out, AttendStats* stats,
+                           StatusCallback done) {
   if (pool_ == nullptr) {
     done(AttendNow(request, out, stats));
     return;
@@ -600,8 +567,8 @@ void InProcessRetrievalNode::AttendAsync(const AttendRequest& request, PartialsV
   });
 }
 
-absl::Status InProcessRetrievalNode::AttendNow(const AttendRequest& request, PartialsView out,
-                                               AttendStats* stats) {
+absl::Status NodeCore::AttendNow(const AttendRequest& request, PartialsView out,
+                                 AttendStats* stats) {
   std::shared_ptr<Sequence> seq = Find(request.sequence_id);
   if (seq == nullptr) {
     return absl::NotFoundError(absl::StrCat("Attend: unknown sequence ", request.sequence_id));
@@ -678,7 +645,7 @@ absl::Status InProcessRetrievalNode::AttendNow(const AttendRequest& request, Par
   return absl::OkStatus();
 }
 
-absl::Status InProcessRetrievalNode::DropSequence(uint64_t sequence_id) {
+absl::Status NodeCore::DropSequence(uint64_t sequence_id) {
   std::unique_lock<std::mutex> lifecycle(lifecycle_mu_, std::defer_lock);
   if (options_.persistence != nullptr) {
     lifecycle.lock();  // the store forgets the sequence before it can be created again
@@ -709,7 +676,7 @@ absl::Status InProcessRetrievalNode::DropSequence(uint64_t sequence_id) {
   return absl::OkStatus();
 }
 
-absl::StatusOr<NodeStats> InProcessRetrievalNode::Stats() {
+absl::StatusOr<NodeStats> NodeCore::Stats() {
   std::vector<std::shared_ptr<Sequence>> seqs;
   {
     std::lock_guard<std::mutex> lock(mu_);
@@ -740,8 +707,7 @@ absl::StatusOr<NodeStats> InProcessRetrievalNode::Stats() {
   return st;
 }
 
-absl::StatusOr<std::vector<ShardInfo>> InProcessRetrievalNode::ListShards(
-    std::optional<uint64_t> sequence_id) {
+absl::StatusOr<std::vector<ShardInfo>> NodeCore::ListShards(std::optional<uint64_t> sequence_id) {
   std::vector<std::shared_ptr<Sequence>> seqs;
   {
     std::lock_guard<std::mutex> lock(mu_);
@@ -768,17 +734,7 @@ absl::StatusOr<std::vector<ShardInfo>> InProcessRetrievalNode::ListShards(
           if (c.index != nullptr) {
             info.n_keys = static_cast<int64_t>(c.index->size());
             info.memory_bytes += static_cast<int64_t>(c.index->MemoryBytes());
-            switch (c.index->kind()) {
-              case index::IndexKind::kFlat:
-                info.index_type = IndexType::kFlat;
-                break;
-              case index::IndexKind::kIvf:
-                info.index_type = IndexType::kIvf;
-                break;
-              case index::IndexKind::kAttentionGraph:
-                info.index_type = IndexType::kGraph;
-                break;
-            }
+            info.index_type = c.index->type();
           }
           info.memory_bytes += static_cast<int64_t>(c.values.MemoryBytes() +
                                                     c.positions.capacity() * sizeof(int64_t));
@@ -803,129 +759,8 @@ absl::StatusOr<std::vector<ShardInfo>> InProcessRetrievalNode::ListShards(
   return out;
 }
 
-absl::Status InProcessRetrievalNode::Recover() {
-  if (options_.persistence == nullptr) {
-    return absl::FailedPreconditionError("Recover: the node has no persistence");
-  }
-  {
-    std::lock_guard<std::mutex> lock(mu_);
-    if (!sequences_.empty()) {
-      return absl::FailedPreconditionError(absl::StrCat(
-          "Recover: the node already holds ", sequences_.size(), " sequences"));
-    }
-  }
-  std::shared_ptr<Sequence> current;
-  const auto on_sequence = [&](const SequenceSpec& spec) -> absl::Status {
-    const absl::Status valid = ValidateSpec(spec);
-    if (!valid.ok()) {
-      return absl::DataLossError(absl::StrCat("recovery: sequence ", spec.sequence_id,
-                                              ": stored spec is invalid: ", valid.message()));
-    }
-    current = NewSequence(spec);
-    std::lock_guard<std::mutex> lock(mu_);
-    if (!sequences_.emplace(spec.sequence_id, current).second) {
-      return absl::DataLossError(
-          absl::StrCat("recovery: sequence ", spec.sequence_id, " stored twice"));
-    }
-    return absl::OkStatus();
-  };
-  const auto on_head = [&](uint64_t sequence_id, RecoveredHead head) -> absl::Status {
-    if (current == nullptr || current->spec.sequence_id != sequence_id) {
-      return absl::DataLossError(absl::StrCat("recovery: sequence ", sequence_id,
-                                              ": shards without a stored spec"));
-    }
-    std::unique_lock<std::shared_mutex> lock(current->mu);
-    return InstallHead(current.get(), std::move(head));
-  };
-  return options_.persistence->Recover(on_sequence, on_head);
-}
-
-absl::Status InProcessRetrievalNode::InstallHead(Sequence* seq, RecoveredHead recovered) {
-  const SequenceSpec& spec = seq->spec;
-  const size_t d = static_cast<size_t>(spec.head_dim);
-  const std::string where =
-      absl::StrCat("(seq ", spec.sequence_id, ", layer ", recovered.layer, ", kv head ",
-                   recovered.kv_head, ")");
-  const auto loss = [&](const std::string& what, absl::string_view message) {
-    return absl::DataLossError(absl::StrCat("recovery: ", what, ": ", message));
-  };
-  const absl::Status in_range = CheckHead(spec, recovered.layer, recovered.kv_head);
-  if (!in_range.ok()) return loss(where, in_range.message());
-  HeadState& head = seq->head(recovered.layer, recovered.kv_head);
-  if (!head.chunks.empty() || head.tail != nullptr) return loss(where, "stored twice");
-  int64_t last = -1;
-  const auto check_positions = [&](std::span<const int64_t> positions,
-                                   const std::string& what) -> absl::Status {
-    for (int64_t p : positions) {
-      if (p <= last) {
-        return loss(what, absl::StrCat("position ", p, " not after ", last));
-      }
-      last = p;
-    }
-    return absl::OkStatus();
-  };
-  for (RecoveredChunk& rc : recovered.chunks) {
-    const std::string shard =
-        absl::StrCat("shard ", ShardKey{spec.sequence_id, recovered.layer, recovered.kv_head,
-                                        rc.chunk}.DebugString());
-    if (!head.chunks.empty() && rc.chunk <= head.chunks.back().chunk) {
-      return loss(shard, absl::StrCat("chunk not after chunk ", head.chunks.back().chunk));
-    }
-    Chunk chunk;
-    chunk.chunk = rc.chunk;
-    if (rc.index != nullptr) {
-      const size_t n = rc.index->size();
-      if (rc.index->dim() != d) {
-        return loss(shard, absl::StrCat("index dim ", rc.index->dim(), " != head_dim ", d));
-      }
-      if (rc.values.rows() != n || rc.values.cols() != d ||
-          rc.values.dtype() != spec.value_dtype || rc.positions.size() != n) {
-        return loss(shard, absl::StrCat("index holds ", n, " keys but the values are ",
-                                        rc.values.rows(), " x ", rc.values.cols(), " ",
-                                        std::string(DTypeName(rc.values.dtype())), " with ",
-                                        rc.positions.size(), " positions"));
-      }
-      KVR_RETURN_IF_ERROR(check_positions(rc.positions, shard));
-      chunk.index = std::move(rc.index);
-      chunk.values = std::move(rc.values);
-      chunk.positions = std::move(rc.positions);
-    } else if (rc.values.rows() != 0 || !rc.positions.empty()) {
-      return loss(shard, "values without an index");
-    }
-    head.chunks.push_back(std::move(chunk));
-  }
-  const size_t tail_rows = recovered.tail_positions.size();
-  if (tail_rows > 0) {
-    const std::string tail = absl::StrCat("tail of ", where);
-    if (head.chunks.empty()) return loss(tail, "tail without a chunk");
-    if (recovered.tail_keys.rows != tail_rows || recovered.tail_keys.cols != d ||
-        recovered.tail_values.rows() != tail_rows || recovered.tail_values.cols() != d ||
-        recovered.tail_values.dtype() != spec.value_dtype) {
-      return loss(tail, absl::StrCat(tail_rows, " positions but keys ", recovered.tail_keys.rows,
-                                     " x ", recovered.tail_keys.cols, " and values ",
-                                     recovered.tail_values.rows(), " x ",
-                                     recovered.tail_values.cols()));
-    }
-    KVR_RETURN_IF_ERROR(check_positions(recovered.tail_positions, tail));
-    KVR_ASSIGN_OR_RETURN(head.tail, index::FlatIndex::Create(d));
-    head.tail->Reserve(std::max(options_.tail_capacity, tail_rows));
-    const absl::Status added = head.tail->Add(recovered.tail_keys.view());
-    if (!added.ok()) return loss(tail, added.message());
-    head.tail_values = std::move(recovered.tail_values);
-    head.tail_positions = std::move(recovered.tail_positions);
-  }
-  if (recovered.last_position != last) {
-    return loss(where, absl::StrCat("stored last position ", recovered.last_position,
-                                    " but the highest position held is ", last));
-  }
-  head.last_position = last;
-  SettleMemory(&head, 0);
-  return absl::OkStatus();
-}
-
-absl::StatusOr<std::vector<int64_t>> InProcessRetrievalNode::HeldPositions(uint64_t sequence_id,
-                                                                           int32_t layer,
-                                                                           int32_t kv_head) {
+absl::StatusOr<std::vector<int64_t>> NodeCore::HeldPositions(uint64_t sequence_id, int32_t layer,
+                                                             int32_t kv_head) {
   std::shared_ptr<Sequence> seq = Find(sequence_id);
   if (seq == nullptr) {
     return absl::NotFoundError(absl::StrCat("HeldPositions: unknown sequence ", sequence_id));

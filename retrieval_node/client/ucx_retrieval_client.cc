@@ -1,4 +1,4 @@
-#include "retrieval_node/server/ucx_retrieval_client.h"
+#include "retrieval_node/client/ucx_retrieval_client.h"
 
 #include <arpa/inet.h>
 #include <netinet/in.h>
@@ -19,8 +19,8 @@
 #include "absl/strings/str_cat.h"
 #include "grpcpp/client_context.h"
 #include "kvr/v1/retrieval.grpc.pb.h"
-#include "retrieval_node/server/proto_convert.h"
-#include "retrieval_node/server/ucx_endpoint.h"
+#include "retrieval_node/wire/proto_convert.h"
+#include "retrieval_node/wire/ucx_wire.h"
 #include "ucp/api/ucp.h"
 
 namespace kvr::retrieval {

@@ -1,4 +1,4 @@
-#include "retrieval_node/server/grpc_retrieval_client.h"
+#include "retrieval_node/client/grpc_retrieval_client.h"
 
 #include <chrono>
 #include <cstring>
@@ -8,7 +8,7 @@
 #include "grpcpp/create_channel.h"
 #include "grpcpp/security/credentials.h"
 #include "grpcpp/support/channel_arguments.h"
-#include "retrieval_node/server/proto_convert.h"
+#include "retrieval_node/wire/proto_convert.h"
 
 namespace kvr::retrieval {
 namespace {

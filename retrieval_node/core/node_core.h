@@ -1,6 +1,8 @@
-// InProcessRetrievalNode: a retrieval node living in the worker's process
-// (embedded mode, tests). No sockets; AttendAsync runs on the node's own
-// thread pool so the worker can overlap it with its window attention.
+// NodeCore: the retrieval node itself, with no RPC or transport types. The
+// kvr_node server (retrieval_node/server/) wraps one behind the kvr.v1
+// service; InProcessRetrievalClient (retrieval_node/client/) puts one in the
+// worker's own process (embedded mode, tests). AttendAsync runs on the
+// core's own thread pool so a caller can overlap it with other work.
 //
 // Per (sequence, layer, kv head) the node holds a list of chunks (shards),
 // each an index (attention graph, IVF, or flat when small or asked) over its
@@ -12,12 +14,12 @@
 // the most recent decode queries of that kv head as training queries.
 // Attend searches every chunk and the tail and merges the partials by LSE.
 //
-// Persistence (optional, `InProcessNodeOptions::persistence`): every
+// Persistence (optional, `NodeCoreOptions::persistence`): every
 // acknowledged CreateSequence / UploadShard / Append / DropSequence is
 // committed to the ShardPersistence before the call returns (AppendAsync:
 // before `done` runs), one atomic HeadWrite per mutated (sequence, layer, kv
-// head); Recover() rebuilds the node from it at startup. See
-// shard_persistence.h.
+// head); Recover() (node_recovery.cc) rebuilds the node from it at startup.
+// See shard_persistence.h.
 //
 // Appends and durability: an append is applied in memory and its commit
 // queued under the sequence lock, then the lock is released and the commit
@@ -35,15 +37,17 @@
 #include <optional>
 #include <vector>
 
+#include "common/attention.h"
+#include "common/status.h"
 #include "common/thread_pool.h"
-#include "retrieval_node/client/retrieval_client.h"
-#include "retrieval_node/client/shard_persistence.h"
+#include "retrieval_node/core/node_types.h"
+#include "retrieval_node/core/shard_persistence.h"
 #include "retrieval_node/index/attention_graph_index.h"
 #include "retrieval_node/index/ivf_index.h"
 
 namespace kvr::retrieval {
 
-struct InProcessNodeOptions {
+struct NodeCoreOptions {
   // Appended keys per (sequence, layer, kv head) kept flat before sealing.
   size_t tail_capacity = 64;
   // Chunks with fewer keys use a flat index whatever the sequence asks for.
@@ -72,38 +76,33 @@ struct InProcessNodeOptions {
   ShardPersistence* persistence = nullptr;
 };
 
-// One chunk of one (sequence, layer, kv head), as ListShards reports it.
-struct ShardInfo {
-  ShardKey key;
-  int64_t n_keys = 0;           // keys in the chunk's index
-  int64_t tail_keys = 0;        // appended keys not yet sealed (last chunk only)
-  int64_t first_position = -1;  // lowest position in the chunk and its tail (-1: none)
-  int64_t last_position = -1;   // highest (-1: none)
-  IndexType index_type = IndexType::kFlat;  // the index the chunk has now
-  int64_t memory_bytes = 0;     // chunk (and, for the last chunk, tail) bytes
-};
-
-class InProcessRetrievalNode final : public RetrievalClient {
+// The operations RetrievalClient offers (same contracts: see
+// retrieval_node/client/retrieval_client.h) plus the node-side ones below.
+// Thread-safe.
+class NodeCore final {
  public:
   // InvalidArgument for bad options (naming the field).
-  static absl::StatusOr<std::unique_ptr<InProcessRetrievalNode>> Create(
-      const InProcessNodeOptions& options = {});
-  ~InProcessRetrievalNode() override;
+  static absl::StatusOr<std::unique_ptr<NodeCore>> Create(const NodeCoreOptions& options = {});
+  ~NodeCore();
 
-  absl::Status CreateSequence(const SequenceSpec& spec) override;
-  absl::Status UploadShard(const ShardUpload& upload) override;
-  absl::Status Append(const AppendRequest& request) override;
+  NodeCore(const NodeCore&) = delete;
+  NodeCore& operator=(const NodeCore&) = delete;
+
+  absl::Status CreateSequence(const SequenceSpec& spec);
+  absl::Status UploadShard(const ShardUpload& upload);
+  absl::Status Append(const AppendRequest& request);
   // Applies the append on the caller's thread before returning (so appends
   // issued in order from one thread apply in order, and every error Append
   // reports for bad input reaches `done` before this returns); with
   // persistence `done` runs once the commit is durable, on the store's
   // thread (keep it short; never wait on this node from it). Destroy the
   // node only after every `done` ran.
-  void AppendAsync(const AppendRequest& request, StatusCallback done) override;
+  void AppendAsync(const AppendRequest& request, StatusCallback done);
+  // Runs on the core's pool (inline when `threads` is 0).
   void AttendAsync(const AttendRequest& request, PartialsView out, AttendStats* stats,
-                   StatusCallback done) override;
-  absl::Status DropSequence(uint64_t sequence_id) override;
-  absl::StatusOr<NodeStats> Stats() override;
+                   StatusCallback done);
+  absl::Status DropSequence(uint64_t sequence_id);
+  absl::StatusOr<NodeStats> Stats();
 
   // Debugging / tests: the absolute positions held for (sequence, layer, kv
   // head), ascending (indexed chunks and tail). NotFound / InvalidArgument
@@ -131,16 +130,17 @@ class InProcessRetrievalNode final : public RetrievalClient {
   // memory_budget_bytes (later writes are then refused). Corrupt or
   // inconsistent data: DataLoss naming the shard; the node must not serve.
   // Recent decode queries and the seal counter are not persisted.
+  // Defined in node_recovery.cc.
   absl::Status Recover();
 
-  const InProcessNodeOptions& options() const { return options_; }
+  const NodeCoreOptions& options() const { return options_; }
 
  private:
   struct Chunk;
   struct HeadState;
   struct Sequence;
 
-  explicit InProcessRetrievalNode(const InProcessNodeOptions& options);
+  explicit NodeCore(const NodeCoreOptions& options);
   // A sequence with empty heads for a validated spec.
   static std::shared_ptr<Sequence> NewSequence(const SequenceSpec& spec);
   std::shared_ptr<Sequence> Find(uint64_t sequence_id);
@@ -153,8 +153,8 @@ class InProcessRetrievalNode final : public RetrievalClient {
   // Folds `head`'s tail into its last chunk and, when `write` is not null,
   // records the change there. Caller holds the sequence lock.
   absl::Status Seal(const Sequence& seq, HeadState* head, HeadWrite* write);
-  // Installs one recovered head into `seq` (Recover). DataLoss naming the
-  // shard when it disagrees with the spec.
+  // Installs one recovered head into `seq` (Recover, node_recovery.cc).
+  // DataLoss naming the shard when it disagrees with the spec.
   absl::Status InstallHead(Sequence* seq, RecoveredHead recovered);
   // The sticky persistence failure (OK while none).
   absl::Status PersistenceError();
@@ -178,7 +178,7 @@ class InProcessRetrievalNode final : public RetrievalClient {
   // Bytes `head` holds now (chunks, indexes, values, positions, tail).
   static int64_t HeadBytes(const HeadState& head);
 
-  InProcessNodeOptions options_;
+  NodeCoreOptions options_;
   std::unique_ptr<ThreadPool> pool_;
   std::mutex mu_;  // guards sequences_
   std::map<uint64_t, std::shared_ptr<Sequence>> sequences_;

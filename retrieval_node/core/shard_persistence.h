@@ -1,4 +1,4 @@
-// ShardPersistence: where InProcessRetrievalNode writes what it acknowledges,
+// ShardPersistence: where NodeCore writes what it acknowledges,
 // and where it reads it back at startup. The core sees only this interface
 // (no storage types); retrieval_node/store/ implements it over RocksDB. With
 // no persistence configured the node is purely in memory (embedded mode).
@@ -31,7 +31,7 @@
 #include "common/status.h"
 #include "common/tensor.h"
 #include "common/value_matrix.h"
-#include "retrieval_node/client/retrieval_client.h"
+#include "retrieval_node/core/node_types.h"
 #include "retrieval_node/index/index.h"
 
 namespace kvr::retrieval {

@@ -11,7 +11,7 @@
 //     layer), all concurrently, and merges their partials by LSE in node
 //     order (deterministic), so the result is the partial over every shard.
 //
-// Membership changes (SetNodes, fed by services/infra/membership): a sequence is
+// Membership changes (SetNodes, or Follow a services/infra/membership set): a sequence is
 // placed on the node set current when CreateSequence ran (its "view") and
 // keeps it for life, so its shards never move; only NEW sequences see the new
 // set. A node that left stays connected while a live sequence still uses it.
@@ -33,6 +33,7 @@
 #include <vector>
 
 #include "retrieval_node/client/retrieval_client.h"
+#include "services/infra/membership/membership.h"
 #include "services/infra/placement/placement.h"
 
 namespace kvr::retrieval {
@@ -57,6 +58,14 @@ class MultiNodeClient final : public RetrievalClient {
   // connect) the current set is kept and the error returned.
   absl::Status SetNodes(std::vector<placement::NodeInfo> nodes);
 
+  // Feeds SetNodes from `membership` (at once with its current set, then on
+  // every change; each address is its own node id) and keeps it: destroying
+  // this client stops it first. A set SetNodes refuses leaves the previous
+  // one in place and goes to `on_error` (on the membership's thread; keep it
+  // short). Call at most once, before the client is shared.
+  void Follow(std::unique_ptr<membership::Membership> membership,
+              std::function<void(const absl::Status&)> on_error);
+
   absl::Status CreateSequence(const SequenceSpec& spec) override;
   absl::Status UploadShard(const ShardUpload& upload) override;
   absl::Status Append(const AppendRequest& request) override;
@@ -72,7 +81,7 @@ class MultiNodeClient final : public RetrievalClient {
   absl::StatusOr<NodeStats> Stats() override;
 
   // The current set (what a new sequence is placed on).
-  size_t num_nodes() const;
+  size_t num_nodes() const override;
   std::vector<placement::NodeInfo> nodes() const;
   RetrievalClient* node(size_t i) const;
 
@@ -106,6 +115,8 @@ class MultiNodeClient final : public RetrievalClient {
   std::map<uint64_t, Routing> routing_;
   const Connector connect_;
   std::mutex set_nodes_mu_;  // serializes SetNodes (connects happen outside mu_)
+  // Follow's; its refreshes call SetNodes, so it is stopped before the rest.
+  std::unique_ptr<membership::Membership> membership_;
 };
 
 }  // namespace kvr::retrieval

@@ -34,7 +34,6 @@
 #include "absl/time/time.h"
 #include "grpcpp/channel.h"
 #include "kvr/v1/retrieval.grpc.pb.h"
-#include "retrieval_node/client/in_process_node.h"
 #include "retrieval_node/client/retrieval_client.h"
 
 namespace kvr::retrieval {

@@ -1,4 +1,4 @@
-#include "retrieval_node/server/proto_convert.h"
+#include "retrieval_node/wire/proto_convert.h"
 
 #include <cmath>
 #include <cstring>

@@ -1,6 +1,8 @@
 // Conversions between the kvr.v1 messages and the plain C++ structs of
-// retrieval_node/client/retrieval_client.h, shared by the gRPC handlers
-// (node_service.h) and the gRPC client (grpc_retrieval_client.h).
+// retrieval_node/core/node_types.h, shared by the node's handlers
+// (retrieval_node/server/node_service.h) and the gRPC / UCX clients
+// (retrieval_node/client/). The only place that maps the C++ enums (DType,
+// index::IndexType) to and from their kvr.v1 numbering.
 //
 // Every function that reads a message from the wire validates it and returns
 // InvalidArgument naming the field and the limit; none aborts on bad input.
@@ -17,8 +19,7 @@
 #include "common/value_matrix.h"
 #include "grpcpp/support/status.h"
 #include "kvr/v1/retrieval.pb.h"
-#include "retrieval_node/client/in_process_node.h"
-#include "retrieval_node/client/retrieval_client.h"
+#include "retrieval_node/core/node_types.h"
 
 namespace kvr::retrieval {
 

@@ -1,5 +1,5 @@
 // UcxRetrievalClient: RetrievalClient whose Attend goes over the node's UCX
-// data plane (ucx_endpoint.h: UCP active messages carrying the kvr.v1
+// data plane (retrieval_node/wire/ucx_wire.h: UCP active messages carrying the kvr.v1
 // AttendRequest / AttendResponse bytes); every other call goes to an inner
 // GrpcRetrievalClient. Results are the same as over gRPC (same messages,
 // same handler on the node), status codes included.
@@ -22,8 +22,8 @@
 #include <string>
 
 #include "absl/time/time.h"
+#include "retrieval_node/client/grpc_retrieval_client.h"
 #include "retrieval_node/client/retrieval_client.h"
-#include "retrieval_node/server/grpc_retrieval_client.h"
 
 namespace kvr::retrieval {
 

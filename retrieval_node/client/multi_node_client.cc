@@ -1,4 +1,4 @@
-#include "retrieval_node/server/multi_node_client.h"
+#include "retrieval_node/client/multi_node_client.h"
 
 #include <atomic>
 #include <set>
@@ -8,7 +8,24 @@
 
 namespace kvr::retrieval {
 
-MultiNodeClient::~MultiNodeClient() = default;
+MultiNodeClient::~MultiNodeClient() {
+  membership_.reset();  // no SetNodes from its refresh thread from here on
+}
+
+void MultiNodeClient::Follow(std::unique_ptr<membership::Membership> membership,
+                             std::function<void(const absl::Status&)> on_error) {
+  KVR_CHECK(membership != nullptr && membership_ == nullptr);
+  membership_ = std::move(membership);
+  // Called at once with the current set (usually the one this client was
+  // created with: a no-op change), then per change.
+  membership_->Subscribe(
+      [this, on_error = std::move(on_error)](const std::vector<std::string>& now) {
+        std::vector<placement::NodeInfo> nodes;
+        nodes.reserve(now.size());
+        for (const std::string& address : now) nodes.push_back({address, address});
+        if (absl::Status s = SetNodes(std::move(nodes)); !s.ok() && on_error) on_error(s);
+      });
+}
 
 absl::StatusOr<std::unique_ptr<MultiNodeClient>> MultiNodeClient::Create(
     std::vector<placement::NodeInfo> nodes,

@@ -1,0 +1,100 @@
+#include "retrieval_node/client/client_factory.h"
+
+#include <cstdio>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
+#include "retrieval_node/client/in_process_client.h"
+
+#ifdef KVR_WITH_REMOTE_CLIENTS
+#include "retrieval_node/client/grpc_retrieval_client.h"
+#include "retrieval_node/client/multi_node_client.h"
+#include "services/infra/membership/membership.h"
+#include "services/infra/placement/placement.h"
+#endif
+
+namespace kvr::retrieval {
+namespace {
+
+#ifdef KVR_WITH_REMOTE_CLIENTS
+
+// A MultiNodeClient over the kvr_node servers of `spec` (not empty).
+absl::StatusOr<std::unique_ptr<RetrievalClient>> ConnectNodes(
+    const std::string& spec, const RetrievalClientOptions& options) {
+  std::vector<placement::NodeInfo> initial;
+  std::unique_ptr<membership::Membership> membership;
+  if (!absl::StartsWith(spec, "dns:") && spec.find('=') != std::string::npos) {
+    absl::StatusOr<std::vector<placement::NodeInfo>> parsed = placement::ParseNodeList(spec);
+    if (!parsed.ok()) {
+      return absl::InvalidArgumentError(absl::StrCat("--nodes: ", parsed.status().message()));
+    }
+    initial = *std::move(parsed);
+  } else {
+    membership::MembershipOptions mo;
+    mo.spec = spec;
+    mo.refresh = options.refresh;
+    absl::StatusOr<std::unique_ptr<membership::Membership>> m =
+        membership::Membership::Create(mo);
+    if (!m.ok()) {
+      return absl::Status(m.status().code(), absl::StrCat("--nodes: ", m.status().message()));
+    }
+    membership = *std::move(m);
+    for (const std::string& address : membership->Current()) {
+      initial.push_back({address, address});
+    }
+  }
+  std::vector<std::unique_ptr<RetrievalClient>> clients;
+  for (const placement::NodeInfo& n : initial) {
+    KVR_ASSIGN_OR_RETURN(std::unique_ptr<GrpcRetrievalClient> c,
+                         GrpcRetrievalClient::Create(n.address));
+    KVR_RETURN_IF_ERROR(c->WaitForReady(options.connect_timeout));
+    clients.push_back(std::move(c));
+  }
+  const MultiNodeClient::Connector connect =
+      [](const placement::NodeInfo& node) -> absl::StatusOr<std::unique_ptr<RetrievalClient>> {
+    KVR_ASSIGN_OR_RETURN(std::unique_ptr<GrpcRetrievalClient> c,
+                         GrpcRetrievalClient::Create(node.address));
+    return std::unique_ptr<RetrievalClient>(std::move(c));
+  };
+  KVR_ASSIGN_OR_RETURN(std::unique_ptr<MultiNodeClient> multi,
+                       MultiNodeClient::Create(std::move(initial), std::move(clients), connect));
+  if (membership != nullptr) {
+    std::function<void(const absl::Status&)> on_error = options.on_node_set_error;
+    if (!on_error) {
+      on_error = [](const absl::Status& s) {
+        std::fprintf(stderr, "kvr: keeping the previous node set: %s\n",
+                     std::string(s.message()).c_str());
+      };
+    }
+    multi->Follow(std::move(membership), std::move(on_error));
+  }
+  return std::unique_ptr<RetrievalClient>(std::move(multi));
+}
+
+#else
+
+absl::StatusOr<std::unique_ptr<RetrievalClient>> ConnectNodes(
+    const std::string& spec, const RetrievalClientOptions& /*options*/) {
+  return absl::UnimplementedError(
+      absl::StrCat("--nodes ", spec, ": this build has no networked retrieval clients "
+                   "(built without KVR_WITH_SERVICES)"));
+}
+
+#endif  // KVR_WITH_REMOTE_CLIENTS
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<RetrievalClient>> MakeRetrievalClient(
+    std::string_view nodes, const RetrievalClientOptions& options) {
+  if (nodes.empty()) {
+    KVR_ASSIGN_OR_RETURN(std::unique_ptr<InProcessRetrievalClient> client,
+                         InProcessRetrievalClient::Create(options.in_process));
+    return std::unique_ptr<RetrievalClient>(std::move(client));
+  }
+  return ConnectNodes(std::string(nodes), options);
+}
+
+}  // namespace kvr::retrieval

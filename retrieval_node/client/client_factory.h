@@ -1,0 +1,53 @@
+// MakeRetrievalClient: the RetrievalClient a --nodes flag names. Every binary
+// that takes --nodes (kvr_worker, `kvr generate`) builds its client here.
+//
+//   ""                  a retrieval node in this process
+//                       (InProcessRetrievalClient over a new NodeCore)
+//   host:port,...       these kvr_node servers over gRPC, shards placed by
+//                       rendezvous hashing (MultiNodeClient)
+//   dns:///name:port    every A/AAAA record of `name` (a Kubernetes headless
+//                       service), re-resolved every `refresh`; each new
+//                       sequence is placed on the set current when it starts,
+//                       running ones keep theirs (services/infra/membership)
+//   id=host:port,...    a fixed set with stable node ids (placement hashes
+//                       the ids, so nodes may change address)
+//
+// The nodes known at start must accept a connection within
+// `connect_timeout` (a typo fails here, not at the first request); nodes
+// that join later connect lazily (a node not up yet fails the calls placed
+// on it, not the membership change). Built without KVR_WITH_SERVICES, only
+// the in-process node is available.
+#pragma once
+
+#include <functional>
+#include <memory>
+#include <string_view>
+
+#include "absl/time/time.h"
+#include "common/status.h"
+#include "retrieval_node/client/retrieval_client.h"
+#include "retrieval_node/core/node_core.h"
+
+namespace kvr::retrieval {
+
+struct RetrievalClientOptions {
+  // The in-process node's options (empty spec only).
+  NodeCoreOptions in_process;
+  // How long each node known at start may take to accept a connection.
+  absl::Duration connect_timeout = absl::Seconds(5);
+  // dns:/// only: time between re-resolutions (> 0).
+  absl::Duration refresh = absl::Seconds(10);
+  // A changed node set the client refuses (the previous set stays in use).
+  // Null: one line on stderr.
+  std::function<void(const absl::Status&)> on_node_set_error;
+};
+
+// The client for `nodes` (see the file comment); num_nodes() is the set a
+// new sequence is placed on. InvalidArgument naming --nodes for a malformed
+// spec; NotFound for a DNS name without addresses; DeadlineExceeded /
+// Unavailable for a node that does not answer; Unimplemented for a
+// non-empty spec in a build without the services.
+absl::StatusOr<std::unique_ptr<RetrievalClient>> MakeRetrievalClient(
+    std::string_view nodes, const RetrievalClientOptions& options = {});
+
+}  // namespace kvr::retrieval

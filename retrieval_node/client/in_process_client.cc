@@ -1,0 +1,47 @@
+#include "retrieval_node/client/in_process_client.h"
+
+#include <utility>
+
+namespace kvr::retrieval {
+
+absl::StatusOr<std::unique_ptr<InProcessRetrievalClient>> InProcessRetrievalClient::Create(
+    const NodeCoreOptions& options) {
+  KVR_ASSIGN_OR_RETURN(std::unique_ptr<NodeCore> core, NodeCore::Create(options));
+  return std::make_unique<InProcessRetrievalClient>(std::move(core));
+}
+
+InProcessRetrievalClient::InProcessRetrievalClient(std::unique_ptr<NodeCore> core)
+    : core_(std::move(core)) {
+  KVR_CHECK(core_ != nullptr);
+}
+
+InProcessRetrievalClient::~InProcessRetrievalClient() = default;
+
+absl::Status InProcessRetrievalClient::CreateSequence(const SequenceSpec& spec) {
+  return core_->CreateSequence(spec);
+}
+
+absl::Status InProcessRetrievalClient::UploadShard(const ShardUpload& upload) {
+  return core_->UploadShard(upload);
+}
+
+absl::Status InProcessRetrievalClient::Append(const AppendRequest& request) {
+  return core_->Append(request);
+}
+
+void InProcessRetrievalClient::AppendAsync(const AppendRequest& request, StatusCallback done) {
+  core_->AppendAsync(request, std::move(done));
+}
+
+void InProcessRetrievalClient::AttendAsync(const AttendRequest& request, PartialsView out,
+                                           AttendStats* stats, StatusCallback done) {
+  core_->AttendAsync(request, out, stats, std::move(done));
+}
+
+absl::Status InProcessRetrievalClient::DropSequence(uint64_t sequence_id) {
+  return core_->DropSequence(sequence_id);
+}
+
+absl::StatusOr<NodeStats> InProcessRetrievalClient::Stats() { return core_->Stats(); }
+
+}  // namespace kvr::retrieval

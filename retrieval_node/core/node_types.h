@@ -1,0 +1,146 @@
+// The retrieval node's request and reply types: plain C++ structs (no
+// protobuf, no sockets) shared by the node core (node_core.h), its
+// persistence (shard_persistence.h), every RetrievalClient
+// (retrieval_node/client/) and the kvr.v1 conversion (retrieval_node/wire/).
+//
+// Data model. A sequence is registered once (CreateSequence) with its shape.
+// Its offloaded K/V live in shards keyed by (sequence id, layer, kv head,
+// chunk index); a chunk is a contiguous token range. Every held token carries
+// its absolute position in the sequence; per (layer, kv head) positions must
+// strictly increase across uploads and appends, so the node never holds a
+// token twice (the worker's "every token attended exactly once" invariant:
+// sinks ∪ window ∪ node-held, disjoint).
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <span>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "common/attention.h"
+#include "common/status.h"
+#include "common/tensor.h"
+#include "common/value_matrix.h"
+#include "retrieval_node/index/index.h"
+
+namespace kvr::retrieval {
+
+// Which index a shard is built with: the index layer's enum (one for the
+// whole tree), named here because the request types below carry it.
+using index::IndexType;
+using index::IndexTypeName;
+using index::ParseIndexType;
+
+struct ShardKey {
+  uint64_t sequence_id = 0;
+  int32_t layer = 0;
+  int32_t kv_head = 0;
+  int32_t chunk = 0;
+
+  std::string DebugString() const;
+  friend bool operator==(const ShardKey&, const ShardKey&) = default;
+};
+
+// The shape of one sequence's attention, fixed at CreateSequence.
+struct SequenceSpec {
+  uint64_t sequence_id = 0;
+  int32_t n_layers = 0;
+  int32_t n_heads = 0;     // query heads per layer; GQA group = n_heads / n_kv_heads
+  int32_t n_kv_heads = 0;  // divides n_heads
+  int32_t head_dim = 0;    // key, query and value width
+  DType value_dtype = DType::kF32;  // how the node stores values
+  IndexType index_type = IndexType::kGraph;
+};
+
+// One shard's keys and values plus the training data its index is built
+// from. Views must stay valid for the duration of the call only.
+struct ShardUpload {
+  ShardKey key;
+  int64_t first_position = 0;  // absolute position of row 0 (rows are consecutive)
+  ConstMatrixView keys;        // n x head_dim, rotated (post-RoPE), finite
+  ConstMatrixView values;      // n x head_dim (fp32; stored as the sequence's value_dtype)
+  // Training data for the graph index (ignored by flat/IVF), either:
+  //  * train_topk: rows of train_topk_width key ids (0 .. n-1, best first,
+  //    -1 pads), e.g. each prefill query's exact top-k over `keys`; or
+  //  * train_queries (m x head_dim): the node computes their exact top-train_k.
+  // With neither, the keys themselves serve as training queries.
+  std::span<const int64_t> train_topk;
+  size_t train_topk_width = 0;
+  ConstMatrixView train_queries;
+  int train_k = 32;
+};
+
+// Tokens that left the worker's window, for one (sequence, layer, kv head).
+// They go to the tail of the last chunk (a flat-scanned buffer that is folded
+// into the chunk's index when it fills).
+struct AppendRequest {
+  uint64_t sequence_id = 0;
+  int32_t layer = 0;
+  int32_t kv_head = 0;
+  int64_t first_position = 0;  // absolute position of row 0 (rows are consecutive)
+  ConstMatrixView keys;        // n x head_dim (may be a strided column slice)
+  ConstMatrixView values;      // n x head_dim
+};
+
+// One decode step's queries for one layer: every query head (query head h
+// reads kv head h / (n_heads / n_kv_heads)), searched in every shard of that
+// layer the node holds.
+struct AttendRequest {
+  uint64_t sequence_id = 0;
+  int32_t layer = 0;
+  ConstMatrixView queries;  // n_heads x head_dim, rotated
+  int k = 100;              // top-k per query head per shard (clamped to the shard's size)
+  int beam = 0;             // graph beam width (0: index default)
+  int nprobe = 0;           // IVF lists probed (0: index default)
+  float scale = 0.0f;       // score scale; 0 = 1 / sqrt(head_dim)
+};
+
+// Work done by one Attend (summed over query heads and shards).
+struct AttendStats {
+  int64_t shards_searched = 0;
+  int64_t keys_held = 0;      // keys the searched shards hold, per query head, summed
+  int64_t keys_attended = 0;  // keys whose values entered a partial
+  int64_t distance_computations = 0;
+};
+
+struct NodeStats {
+  int64_t sequences = 0;
+  int64_t shards = 0;
+  int64_t indexed_keys = 0;  // keys inside built indexes
+  int64_t tail_keys = 0;     // appended keys not yet sealed into an index
+  int64_t seals = 0;         // tail buffers folded into an index, since start
+  int64_t memory_bytes = 0;  // keys, values, indexes, tails
+};
+
+// Completion of an asynchronous call; runs exactly once, on any thread.
+using StatusCallback = std::function<void(absl::Status)>;
+
+// One chunk of one (sequence, layer, kv head), as ListShards reports it.
+struct ShardInfo {
+  ShardKey key;
+  int64_t n_keys = 0;           // keys in the chunk's index
+  int64_t tail_keys = 0;        // appended keys not yet sealed (last chunk only)
+  int64_t first_position = -1;  // lowest position in the chunk and its tail (-1: none)
+  int64_t last_position = -1;   // highest (-1: none)
+  IndexType index_type = IndexType::kFlat;  // the index the chunk has now
+  int64_t memory_bytes = 0;     // chunk (and, for the last chunk, tail) bytes
+};
+
+// A one-shot wait for an asynchronous call: pass callback() as `done`, then
+// Wait() for its status. Not reusable.
+class StatusWaiter {
+ public:
+  StatusWaiter();
+  ~StatusWaiter();
+  StatusCallback callback();
+  absl::Status Wait();
+
+ private:
+  struct State;
+  std::shared_ptr<State> state_;
+};
+
+}  // namespace kvr::retrieval
