@@ -10,18 +10,6 @@
 
 namespace kvr::worker {
 
-const char* DTypeName(DType t) {
-  switch (t) {
-    case DType::kF32:
-      return "f32";
-    case DType::kBF16:
-      return "bf16";
-    case DType::kF16:
-      return "f16";
-  }
-  return "?";
-}
-
 absl::Status Backend::DownloadMany(std::span<const DownloadItem> items) {
   for (const DownloadItem& item : items) KVR_RETURN_IF_ERROR(Download(item.src, item.dst));
   return absl::OkStatus();

@@ -99,7 +99,7 @@ class CudaBackendTest : public ::testing::Test {
     half_store_.emplace_back(v.size());
     std::vector<uint16_t>& h = half_store_.back();
     for (size_t i = 0; i < v.size(); ++i) {
-      h[i] = dtype == DType::kBF16 ? FloatToBf16(v[i]) : FloatToFp16(v[i]);
+      h[i] = dtype == DType::kBf16 ? FloatToBf16(v[i]) : FloatToFp16(v[i]);
     }
     HostTensor ht{dtype, rows, cols, h.data()};
     return {*cpu_->ImportHost(ht, nullptr), *gpu_->ImportHost(ht, nullptr)};
@@ -126,7 +126,7 @@ TEST_F(CudaBackendTest, EmbeddingF32AndBf16) {
   const std::vector<int32_t> tokens = {0, 999, 17, 17, 512};
   const auto table = Random(vocab * d, 1);
   Pair t32 = Make(table, vocab, d);
-  Pair t16 = MakeHalf(table, vocab, d, DType::kBF16);
+  Pair t16 = MakeHalf(table, vocab, d, DType::kBf16);
   for (Pair* t : {&t32, &t16}) {
     Pair out = Zeros(tokens.size(), d);
     ASSERT_TRUE(cpu_->Embedding(t->cpu, tokens, out.cpu).ok());
@@ -166,7 +166,7 @@ TEST_F(CudaBackendTest, MatMulF32AndHalfWeights) {
   const int64_t in = 4096, out = 1024;
   const auto wv = Random(out * in, 6, 0.02f);
   Pair w32 = Make(wv, out, in);
-  Pair wbf = MakeHalf(wv, out, in, DType::kBF16);
+  Pair wbf = MakeHalf(wv, out, in, DType::kBf16);
   for (int64_t n : {1, 5, 8, 9, 33}) {
     Pair x = Make(Random(n * in, 7 + n), n, in);
     Pair y = Zeros(n, out);

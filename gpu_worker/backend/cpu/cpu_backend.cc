@@ -139,7 +139,7 @@ class CpuBackend final : public Backend {
         case DType::kF32:
           std::memcpy(dst, table.data_as<const float>() + t * d, d * sizeof(float));
           break;
-        case DType::kBF16:
+        case DType::kBf16:
           k_.bf16_to_fp32(table.data_as<const uint16_t>() + t * d, dst, d);
           break;
         case DType::kF16:
@@ -188,7 +188,7 @@ class CpuBackend final : public Backend {
     const size_t out = static_cast<size_t>(w.rows());
     const float* xd = x.data_as<const float>();
     float* yd = y.data_as<float>();
-    const bool bf16 = w.dtype() == DType::kBF16;
+    const bool bf16 = w.dtype() == DType::kBf16;
     if (use_blas_ && !bf16 && x.rows() >= kBlasMinRows) {
       OpenBlasSgemmNT(threads_, n, in, out, xd, w.data_as<const float>(), yd);
       return absl::OkStatus();
