@@ -81,7 +81,6 @@ namespace {
 
 using Clock = std::chrono::steady_clock;
 using worker::Backend;
-using worker::DType;
 using worker::Tensor;
 
 double Since(Clock::time_point t) {
@@ -153,7 +152,7 @@ class Bench {
     if (wd != "bf16" && wd != "f32") {
       return absl::InvalidArgumentError(absl::StrCat("--weights: \"", wd, "\" is not bf16 or f32"));
     }
-    wo.dtype = wd == "bf16" ? DType::kBF16 : DType::kF32;
+    wo.dtype = wd == "bf16" ? DType::kBf16 : DType::kF32;
     wo.pool = &pool_;
     const Clock::time_point t = Clock::now();
     KVR_ASSIGN_OR_RETURN(weights_, worker::MakeRandomWeights(c, wo));

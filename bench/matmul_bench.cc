@@ -98,9 +98,9 @@ int Run() {
         return 1;
       }
       Backend& b = **backend;
-      auto tx = b.Allocate(kvr::worker::DType::kF32, s.rows, s.in);
-      auto tw = b.Allocate(kvr::worker::DType::kF32, s.out, s.in);
-      auto ty = b.Allocate(kvr::worker::DType::kF32, s.rows, s.out);
+      auto tx = b.Allocate(kvr::DType::kF32, s.rows, s.in);
+      auto tw = b.Allocate(kvr::DType::kF32, s.out, s.in);
+      auto ty = b.Allocate(kvr::DType::kF32, s.rows, s.out);
       if (!tx.ok() || !tw.ok() || !ty.ok()) return 1;
       if (!b.UploadF32(x, *tx).ok() || !b.UploadF32(w, *tw).ok()) return 1;
       const double kvr_s = MedianSeconds(reps, [&] {
@@ -111,9 +111,9 @@ int Run() {
       // The backend as configured (own kernels or OpenBLAS by the same rule
       // the engine gets).
       Backend& c = **configured;
-      auto cx = c.Allocate(kvr::worker::DType::kF32, s.rows, s.in);
-      auto cw = c.Allocate(kvr::worker::DType::kF32, s.out, s.in);
-      auto cy = c.Allocate(kvr::worker::DType::kF32, s.rows, s.out);
+      auto cx = c.Allocate(kvr::DType::kF32, s.rows, s.in);
+      auto cw = c.Allocate(kvr::DType::kF32, s.out, s.in);
+      auto cy = c.Allocate(kvr::DType::kF32, s.rows, s.out);
       if (!cx.ok() || !cw.ok() || !cy.ok()) return 1;
       if (!c.UploadF32(x, *cx).ok() || !c.UploadF32(w, *cw).ok()) return 1;
       const double configured_s = MedianSeconds(reps, [&] {

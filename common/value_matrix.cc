@@ -6,33 +6,6 @@
 
 namespace kvr {
 
-std::string_view DTypeName(DType dtype) {
-  switch (dtype) {
-    case DType::kF32:
-      return "f32";
-    case DType::kBf16:
-      return "bf16";
-    case DType::kF16:
-      return "f16";
-  }
-  return "unknown";
-}
-
-size_t DTypeSize(DType dtype) { return dtype == DType::kF32 ? 4 : 2; }
-
-absl::StatusOr<DType> ParseDType(std::string_view name) {
-  if (name == "f32" || name == "fp32" || name == "float32") return DType::kF32;
-  if (name == "bf16" || name == "bfloat16") return DType::kBf16;
-  if (name == "f16" || name == "fp16" || name == "float16") return DType::kF16;
-  return absl::InvalidArgumentError(
-      absl::StrCat("unknown value dtype '", std::string(name), "' (expected f32, bf16 or f16)"));
-}
-
-absl::StatusOr<DType> DTypeFromTag(uint32_t tag) {
-  if (tag <= static_cast<uint32_t>(DType::kF16)) return static_cast<DType>(tag);
-  return absl::InvalidArgumentError(absl::StrCat("unknown value dtype tag ", tag));
-}
-
 ValueMatrix::ValueMatrix(DType dtype, size_t cols) : dtype_(dtype), cols_(cols) {}
 
 absl::StatusOr<ValueMatrix> ValueMatrix::FromRaw(DType dtype, size_t rows, size_t cols,

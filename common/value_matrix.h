@@ -8,27 +8,13 @@
 #include <cstddef>
 #include <cstdint>
 #include <span>
-#include <string_view>
 #include <vector>
 
+#include "common/dtype.h"
 #include "common/status.h"
 #include "common/tensor.h"
 
 namespace kvr {
-
-// Storage type of values. The numeric values are part of the serialized
-// format: never renumber.
-enum class DType : uint8_t { kF32 = 0, kBf16 = 1, kF16 = 2 };
-
-// "f32", "bf16", "f16".
-std::string_view DTypeName(DType dtype);
-// Bytes per element: 4, 2, 2.
-size_t DTypeSize(DType dtype);
-// Parses "f32"/"fp32"/"float32", "bf16"/"bfloat16", "f16"/"fp16"/"float16"
-// (case-sensitive); InvalidArgument naming the value otherwise.
-absl::StatusOr<DType> ParseDType(std::string_view name);
-// Checks that a raw tag read from a file or RPC is a known DType.
-absl::StatusOr<DType> DTypeFromTag(uint32_t tag);
 
 class ValueMatrix {
  public:

@@ -33,11 +33,11 @@ int main(int argc, char** argv) {
   kvr::worker::HfWriteOptions options;
   const std::string dtype = absl::GetFlag(FLAGS_dtype);
   if (dtype == "f32") {
-    options.dtype = kvr::worker::DType::kF32;
+    options.dtype = kvr::DType::kF32;
   } else if (dtype == "bf16") {
-    options.dtype = kvr::worker::DType::kBF16;
+    options.dtype = kvr::DType::kBf16;
   } else if (dtype == "f16") {
-    options.dtype = kvr::worker::DType::kF16;
+    options.dtype = kvr::DType::kF16;
   } else {
     std::fprintf(stderr, "llama2c_to_hf: --dtype must be f32, bf16 or f16, got %s\n",
                  dtype.c_str());

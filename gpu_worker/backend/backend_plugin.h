@@ -34,7 +34,8 @@ struct BackendPlugin {
 };
 
 // The Backend interface this binary was built with: the project version and
-// a hash of backend.h, tensor.h and this header. A plugin must match it.
+// a hash of backend.h, tensor.h, common/dtype.h and this header. A plugin
+// must match it.
 const char* KvrBackendInterfaceId();
 
 // Loads the shared module at `path` (RTLD_NOW | RTLD_LOCAL; a path without a

@@ -15,16 +15,11 @@
 #include <cstddef>
 #include <cstdint>
 #include <memory>
-#include <string_view>
 
+#include "common/dtype.h"
 #include "common/status.h"
 
 namespace kvr::worker {
-
-enum class DType : uint8_t { kF32 = 0, kBF16 = 1, kF16 = 2 };
-
-constexpr size_t DTypeSize(DType t) { return t == DType::kF32 ? 4 : 2; }
-const char* DTypeName(DType t);
 
 class Backend;
 

@@ -574,7 +574,8 @@ absl::Status RetrievalEngine::BackendTrainingTopK(EngineSequence& seq, const Ten
   if (attention.index != retrieval::IndexType::kGraph) return absl::OkStatus();
   const LlamaConfig& c = weights_->config;
   const OffloadGeometry geo(attention, prompt_len);
-  if (static_cast<size_t>(std::max(backend_->MaxTopK(), 0)) < geo.max_topk) {
+  if (!backend_->SupportsOp(OptionalOp::kTopK) ||
+      static_cast<size_t>(backend_->MaxTopK()) < geo.max_topk) {
     return absl::OkStatus();
   }
   const size_t rows_per_query_set =

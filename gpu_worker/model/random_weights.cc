@@ -78,7 +78,7 @@ class Filler {
 
 absl::StatusOr<std::shared_ptr<const LlamaWeights>> MakeRandomWeights(
     const LlamaConfig& config, const RandomWeightsOptions& options) {
-  if (options.dtype != DType::kF32 && options.dtype != DType::kBF16) {
+  if (options.dtype != DType::kF32 && options.dtype != DType::kBf16) {
     return absl::InvalidArgumentError(absl::StrCat(
         "random weights: dtype ", DTypeName(options.dtype), " not supported (f32 or bf16)"));
   }

@@ -28,7 +28,7 @@ struct RandomWeightsOptions {
   uint64_t seed = 1;
   // When > 0, replaces config.n_layers (the returned weights' config says so).
   int n_layers_override = 0;
-  // Storage of matrices and the embedding: kF32 or kBF16. Norms stay f32.
+  // Storage of matrices and the embedding: kF32 or kBf16. Norms stay f32.
   DType dtype = DType::kF32;
   // Optional; null fills on the calling thread.
   ThreadPool* pool = nullptr;

@@ -100,11 +100,11 @@ float ElementToFloat(DType t, const void* base, size_t i) {
       std::memcpy(&f, static_cast<const std::byte*>(base) + 4 * i, 4);
       return f;
     }
-    case DType::kBF16:
+    case DType::kBf16:
     case DType::kF16: {
       uint16_t h;
       std::memcpy(&h, static_cast<const std::byte*>(base) + 2 * i, 2);
-      return t == DType::kBF16 ? Bf16ToFloat(h) : Fp16ToFloat(h);
+      return t == DType::kBf16 ? Bf16ToFloat(h) : Fp16ToFloat(h);
     }
   }
   return 0.0f;
@@ -148,7 +148,7 @@ class WeightBuilder {
     if (e.dtype == "F32") {
       src = DType::kF32;
     } else if (e.dtype == "BF16") {
-      src = DType::kBF16;
+      src = DType::kBf16;
     } else if (e.dtype == "F16") {
       src = DType::kF16;
     } else {
@@ -163,12 +163,12 @@ class WeightBuilder {
     if (src == DType::kF32 && aligned) {
       return HostTensor{DType::kF32, rows, cols, e.data.data()};
     }
-    if (src == DType::kBF16 && !f32_only) {
-      if (aligned) return HostTensor{DType::kBF16, rows, cols, e.data.data()};
+    if (src == DType::kBf16 && !f32_only) {
+      if (aligned) return HostTensor{DType::kBf16, rows, cols, e.data.data()};
       auto buf = std::make_unique<uint16_t[]>(n);
       std::memcpy(buf.get(), e.data.data(), n * 2);
       storage_->u16_buffers.push_back(std::move(buf));
-      return HostTensor{DType::kBF16, rows, cols, storage_->u16_buffers.back().get()};
+      return HostTensor{DType::kBf16, rows, cols, storage_->u16_buffers.back().get()};
     }
     auto buf = std::make_unique<float[]>(n);
     for (size_t i = 0; i < n; ++i) buf[i] = ElementToFloat(src, e.data.data(), i);
@@ -398,7 +398,7 @@ const char* SafetensorsDtype(DType t) {
   switch (t) {
     case DType::kF32:
       return "F32";
-    case DType::kBF16:
+    case DType::kBf16:
       return "BF16";
     case DType::kF16:
       return "F16";
@@ -410,7 +410,7 @@ const char* TorchDtype(DType t) {
   switch (t) {
     case DType::kF32:
       return "float32";
-    case DType::kBF16:
+    case DType::kBf16:
       return "bfloat16";
     case DType::kF16:
       return "float16";
@@ -439,7 +439,7 @@ void AppendTensor(const OutTensor& t, DType dtype, int head_dim, std::string* ou
       if (dtype == DType::kF32) {
         std::memcpy(p, &f, 4);
       } else {
-        const uint16_t v = dtype == DType::kBF16 ? FloatToBf16(f) : FloatToFp16(f);
+        const uint16_t v = dtype == DType::kBf16 ? FloatToBf16(f) : FloatToFp16(f);
         std::memcpy(p, &v, 2);
       }
     }

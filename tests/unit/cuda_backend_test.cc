@@ -99,7 +99,7 @@ class CudaBackendTest : public ::testing::Test {
     half_store_.emplace_back(v.size());
     std::vector<uint16_t>& h = half_store_.back();
     for (size_t i = 0; i < v.size(); ++i) {
-      h[i] = dtype == DType::kBF16 ? FloatToBf16(v[i]) : FloatToFp16(v[i]);
+      h[i] = dtype == DType::kBf16 ? FloatToBf16(v[i]) : FloatToFp16(v[i]);
     }
     HostTensor ht{dtype, rows, cols, h.data()};
     return {*cpu_->ImportHost(ht, nullptr), *gpu_->ImportHost(ht, nullptr)};
@@ -126,7 +126,7 @@ TEST_F(CudaBackendTest, EmbeddingF32AndBf16) {
   const std::vector<int32_t> tokens = {0, 999, 17, 17, 512};
   const auto table = Random(vocab * d, 1);
   Pair t32 = Make(table, vocab, d);
-  Pair t16 = MakeHalf(table, vocab, d, DType::kBF16);
+  Pair t16 = MakeHalf(table, vocab, d, DType::kBf16);
   for (Pair* t : {&t32, &t16}) {
     Pair out = Zeros(tokens.size(), d);
     ASSERT_TRUE(cpu_->Embedding(t->cpu, tokens, out.cpu).ok());
@@ -166,7 +166,7 @@ TEST_F(CudaBackendTest, MatMulF32AndHalfWeights) {
   const int64_t in = 4096, out = 1024;
   const auto wv = Random(out * in, 6, 0.02f);
   Pair w32 = Make(wv, out, in);
-  Pair wbf = MakeHalf(wv, out, in, DType::kBF16);
+  Pair wbf = MakeHalf(wv, out, in, DType::kBf16);
   for (int64_t n : {1, 5, 8, 9, 33}) {
     Pair x = Make(Random(n * in, 7 + n), n, in);
     Pair y = Zeros(n, out);
@@ -332,6 +332,48 @@ TEST_F(CudaBackendTest, TopKMatchesBruteForce) {
   EXPECT_EQ(cpu_->MaxTopK(), 0);
   EXPECT_EQ(cpu_->TopK(q.cpu, k.cpu, s, 0, kb, ke, top_k, ids, scores).code(),
             absl::StatusCode::kUnimplemented);
+}
+
+// Argument checks belong to Backend (backend.cc), not to each backend: the
+// same bad call fails with the same status on both backends.
+TEST_F(CudaBackendTest, ArgumentChecksAreTheSameOnBothBackends) {
+  const AttentionShape s = Llama3Shape();
+  Pair x = Make(Random(4 * 64, 30), 4, 64);
+  Pair narrow = Make(Random(32, 31), 1, 32);
+  Pair out = Zeros(2, 64);
+  Pair q = Make(Random(2 * s.q_cols(), 32), 2, s.q_cols());
+  Pair k = Make(Random(16 * s.kv_cols(), 33), 16, s.kv_cols());
+  Pair o = Zeros(2, s.q_cols()), m = Zeros(2, s.n_heads), l = Zeros(2, s.n_heads);
+  const std::vector<int32_t> tokens = {3, 64};
+  std::vector<int32_t> argmax(3);
+  auto bad_calls = [&](bool gpu) {
+    Backend& b = gpu ? *gpu_ : *cpu_;
+    auto t = [gpu](const Pair& p) { return gpu ? p.gpu : p.cpu; };
+    return std::vector<absl::Status>{
+        b.RmsNorm(t(x), t(narrow), 1e-5f, t(x)),
+        b.Softmax(t(x), 0.0f),
+        b.Embedding(t(x), tokens, t(out)),
+        b.MatMul(t(x), t(narrow), t(out)),
+        b.PartialAttention(t(q), t(k), t(k), s, 0, 4, 17, t(o), t(m), t(l)),
+        b.Argmax(t(x), argmax),
+        b.Download(t(x), {}),
+    };
+  };
+  const std::vector<absl::Status> on_cpu = bad_calls(false), on_gpu = bad_calls(true);
+  ASSERT_EQ(on_cpu.size(), on_gpu.size());
+  for (size_t i = 0; i < on_cpu.size(); ++i) {
+    EXPECT_EQ(on_cpu[i].code(), absl::StatusCode::kInvalidArgument) << on_cpu[i];
+    EXPECT_EQ(on_cpu[i], on_gpu[i]) << i;
+  }
+  EXPECT_EQ(on_cpu[0].message(), "RmsNorm weight: got [1 x 32 f32], want [1 x 64 f32]");
+  EXPECT_EQ(on_cpu[2].message(), "Embedding: token 64 at index 1 outside vocab [0, 4)");
+  EXPECT_EQ(cpu_->Add(x.cpu, x.gpu).message(),
+            "Add y: tensor does not belong to this cpu backend");
+  EXPECT_EQ(gpu_->Add(x.gpu, x.cpu).message(),
+            "Add y: tensor does not belong to this cuda backend");
+  // The optional TopK: what each backend says it supports.
+  EXPECT_TRUE(gpu_->SupportsOp(OptionalOp::kTopK));
+  EXPECT_FALSE(cpu_->SupportsOp(OptionalOp::kTopK));
 }
 
 TEST_F(CudaBackendTest, OutOfMemoryIsResourceExhausted) {

@@ -317,10 +317,10 @@ TEST_F(HfCheckpointTest, ShardedMatchesSingleFile) {
 TEST_F(HfCheckpointTest, Bf16IsViewedInPlaceAndF16IsWidened) {
   TempDir dir16("bf16"), dir32("bf16to32"), dirh("f16");
   HfWriteOptions o;
-  o.dtype = DType::kBF16;
+  o.dtype = DType::kBf16;
   auto bf = Convert(dir16, o);
-  EXPECT_EQ(bf->layers[1].wq.dtype, DType::kBF16);
-  EXPECT_EQ(bf->token_embedding.dtype, DType::kBF16);
+  EXPECT_EQ(bf->layers[1].wq.dtype, DType::kBf16);
+  EXPECT_EQ(bf->token_embedding.dtype, DType::kBf16);
   EXPECT_EQ(bf->layers[1].attn_norm.dtype, DType::kF32);  // norms widened
   // In place: two views lie as far apart as their data_offsets in the file,
   // i.e. both alias the one mapping.

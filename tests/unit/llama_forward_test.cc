@@ -295,7 +295,7 @@ TEST(RandomLlamaTest, PrefillChunksEqualStepwiseDecode) {
   ASSERT_TRUE(again.ok());
   for (size_t j = 0; j < want.size(); ++j) EXPECT_NEAR((*again)[j], want[j], 1e-4 * scale);
 
-  ro.dtype = DType::kBF16;
+  ro.dtype = DType::kBf16;
   auto wb = MakeRandomWeights(c, ro);
   ASSERT_TRUE(wb.ok());
   auto bf16 = *LlamaModel::Create(backend.get(), *wb, mo);

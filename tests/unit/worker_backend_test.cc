@@ -108,7 +108,7 @@ TEST_P(BackendTest, MatMulMatchesLoops) {
   // bf16 weights: the same against the bf16-rounded matrix.
   std::vector<uint16_t> wb(w.size());
   for (size_t j = 0; j < w.size(); ++j) wb[j] = FloatToBf16(w[j]);
-  Tensor twb = *backend_->Allocate(DType::kBF16, out, in);
+  Tensor twb = *backend_->Allocate(DType::kBf16, out, in);
   ASSERT_TRUE(backend_->Upload(std::as_bytes(std::span<const uint16_t>(wb)), twb).ok());
   ASSERT_TRUE(backend_->MatMul(tx, twb, ty).ok());
   const auto yb = Get(ty);

@@ -291,10 +291,10 @@ TEST(RandomWeightsTest, DeterministicAndShaped) {
   ASSERT_TRUE(d.ok());
   EXPECT_NE(std::memcmp(wa.data, (*d)->layers[1].w2.data, wa.bytes()), 0);
   // bf16 storage halves the matrices; norms stay f32.
-  o.dtype = DType::kBF16;
+  o.dtype = DType::kBf16;
   auto h = MakeRandomWeights(c, o);
   ASSERT_TRUE(h.ok());
-  EXPECT_EQ((*h)->layers[0].wq.dtype, DType::kBF16);
+  EXPECT_EQ((*h)->layers[0].wq.dtype, DType::kBf16);
   EXPECT_EQ((*h)->layers[0].attn_norm.dtype, DType::kF32);
   o.dtype = DType::kF16;
   EXPECT_EQ(MakeRandomWeights(c, o).status().code(), absl::StatusCode::kInvalidArgument);

@@ -19,10 +19,6 @@ namespace {
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
-std::string ShapeStr(const Tensor& t) {
-  return absl::StrCat("[", t.rows(), " x ", t.cols(), " ", DTypeName(t.dtype()), "]");
-}
-
 // Grows a thread-local scratch vector to at least n floats; steady state
 // reuses it.
 float* Scratch(std::vector<float>& v, size_t n) {
@@ -68,15 +64,14 @@ class CpuBackend final : public Backend {
                         ")");
   }
 
-  absl::StatusOr<Tensor> Allocate(DType dtype, int64_t rows, int64_t cols) override {
-    if (rows < 0 || cols < 0) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("Allocate: negative shape [", rows, " x ", cols, "]"));
-    }
-    size_t bytes = 0;
-    if (__builtin_mul_overflow(static_cast<size_t>(rows), static_cast<size_t>(cols), &bytes) ||
-        __builtin_mul_overflow(bytes, DTypeSize(dtype), &bytes) ||
-        bytes > std::numeric_limits<size_t>::max() - 64) {
+ protected:
+  // Backend's public ops validated the arguments. Unimplemented for valid
+  // ones: f16 MatMul weights.
+  absl::StatusOr<Tensor> DoAllocate(DType dtype, int64_t rows, int64_t cols) override {
+    // Allocate checked that the byte size fits in size_t; the padding to 64
+    // bytes must fit too.
+    const size_t bytes = static_cast<size_t>(rows) * static_cast<size_t>(cols) * DTypeSize(dtype);
+    if (bytes > std::numeric_limits<size_t>::max() - 64) {
       return absl::InvalidArgumentError(
           absl::StrCat("Allocate: [", rows, " x ", cols, "] overflows size_t"));
     }
@@ -91,55 +86,35 @@ class CpuBackend final : public Backend {
     return Tensor(this, std::move(storage), p, dtype, rows, cols);
   }
 
-  absl::StatusOr<Tensor> ImportHost(const HostTensor& host,
-                                    std::shared_ptr<const void> keepalive) override {
-    if (host.rows < 0 || host.cols < 0 || (host.data == nullptr && host.numel() != 0)) {
-      return absl::InvalidArgumentError("ImportHost: bad host tensor");
-    }
+  absl::StatusOr<Tensor> DoImportHost(const HostTensor& host,
+                                      std::shared_ptr<const void> keepalive) override {
     return Tensor(this, std::const_pointer_cast<void>(std::move(keepalive)),
                   const_cast<void*>(host.data), host.dtype, host.rows, host.cols);
   }
 
-  absl::Status Upload(std::span<const std::byte> src, const Tensor& dst) override {
-    KVR_RETURN_IF_ERROR(Mine(dst, "Upload dst"));
-    if (src.size() != dst.bytes()) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("Upload: ", src.size(), " bytes into tensor of ", dst.bytes()));
-    }
+  absl::Status DoUpload(std::span<const std::byte> src, const Tensor& dst) override {
     if (!src.empty()) std::memcpy(dst.data(), src.data(), src.size());
     return absl::OkStatus();
   }
 
-  absl::Status Download(const Tensor& src, std::span<std::byte> dst) override {
-    KVR_RETURN_IF_ERROR(Mine(src, "Download src"));
-    if (dst.size() != src.bytes()) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("Download: tensor of ", src.bytes(), " bytes into ", dst.size()));
-    }
+  absl::Status DoDownload(const Tensor& src, std::span<std::byte> dst) override {
     if (!dst.empty()) std::memcpy(dst.data(), src.data(), dst.size());
     return absl::OkStatus();
   }
 
-  absl::Status Synchronize() override { return absl::OkStatus(); }
+  absl::Status DoSynchronize() override { return absl::OkStatus(); }
 
-  absl::Status Embedding(const Tensor& table, std::span<const int32_t> tokens,
-                         const Tensor& out) override {
-    KVR_RETURN_IF_ERROR(Mine(table, "Embedding table"));
-    KVR_RETURN_IF_ERROR(
-        F32(out, "Embedding out", static_cast<int64_t>(tokens.size()), table.cols()));
+  absl::Status DoEmbedding(const Tensor& table, std::span<const int32_t> tokens,
+                           const Tensor& out) override {
     const size_t d = static_cast<size_t>(table.cols());
     for (size_t i = 0; i < tokens.size(); ++i) {
-      const int32_t t = tokens[i];
-      if (t < 0 || t >= table.rows()) {
-        return absl::InvalidArgumentError(absl::StrCat("Embedding: token ", t, " at index ", i,
-                                                       " outside vocab [0, ", table.rows(), ")"));
-      }
+      const size_t t = static_cast<size_t>(tokens[i]);
       float* dst = out.data_as<float>() + i * d;
       switch (table.dtype()) {
         case DType::kF32:
           std::memcpy(dst, table.data_as<const float>() + t * d, d * sizeof(float));
           break;
-        case DType::kBF16:
+        case DType::kBf16:
           k_.bf16_to_fp32(table.data_as<const uint16_t>() + t * d, dst, d);
           break;
         case DType::kF16:
@@ -150,11 +125,8 @@ class CpuBackend final : public Backend {
     return absl::OkStatus();
   }
 
-  absl::Status RmsNorm(const Tensor& x, const Tensor& weight, float eps,
-                       const Tensor& out) override {
-    KVR_RETURN_IF_ERROR(F32(x, "RmsNorm x", -1, -1));
-    KVR_RETURN_IF_ERROR(F32(weight, "RmsNorm weight", 1, x.cols()));
-    KVR_RETURN_IF_ERROR(F32(out, "RmsNorm out", x.rows(), x.cols()));
+  absl::Status DoRmsNorm(const Tensor& x, const Tensor& weight, float eps,
+                         const Tensor& out) override {
     const size_t d = static_cast<size_t>(x.cols());
     const float* w = weight.data_as<const float>();
     For(static_cast<size_t>(x.rows()), 1, [&](size_t b, size_t e) {
@@ -169,26 +141,16 @@ class CpuBackend final : public Backend {
     return absl::OkStatus();
   }
 
-  absl::Status MatMul(const Tensor& x, const Tensor& w, const Tensor& y) override {
-    KVR_RETURN_IF_ERROR(F32(x, "MatMul x", -1, -1));
-    KVR_RETURN_IF_ERROR(Mine(w, "MatMul w"));
-    if (w.cols() != x.cols()) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("MatMul: x ", ShapeStr(x), " vs w ", ShapeStr(w), ": inner dims differ"));
-    }
+  absl::Status DoMatMul(const Tensor& x, const Tensor& w, const Tensor& y) override {
     if (w.dtype() == DType::kF16) {
       return absl::UnimplementedError("MatMul: f16 weights are not supported on cpu yet");
-    }
-    KVR_RETURN_IF_ERROR(F32(y, "MatMul y", x.rows(), w.rows()));
-    if (y.data() == x.data() && y.numel() != 0) {
-      return absl::InvalidArgumentError("MatMul: y aliases x");
     }
     const size_t n = static_cast<size_t>(x.rows());
     const size_t in = static_cast<size_t>(x.cols());
     const size_t out = static_cast<size_t>(w.rows());
     const float* xd = x.data_as<const float>();
     float* yd = y.data_as<float>();
-    const bool bf16 = w.dtype() == DType::kBF16;
+    const bool bf16 = w.dtype() == DType::kBf16;
     if (use_blas_ && !bf16 && x.rows() >= kBlasMinRows) {
       OpenBlasSgemmNT(threads_, n, in, out, xd, w.data_as<const float>(), yd);
       return absl::OkStatus();
@@ -210,15 +172,9 @@ class CpuBackend final : public Backend {
     return absl::OkStatus();
   }
 
-  absl::Status Rope(const Tensor& x, int n_heads, int head_dim, std::span<const int32_t> positions,
-                    const Tensor& inv_freq, RopeStyle style) override {
-    if (n_heads <= 0 || head_dim <= 0 || head_dim % 2 != 0) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("Rope: bad head layout n_heads=", n_heads, " head_dim=", head_dim));
-    }
-    KVR_RETURN_IF_ERROR(
-        F32(x, "Rope x", static_cast<int64_t>(positions.size()), int64_t{n_heads} * head_dim));
-    KVR_RETURN_IF_ERROR(F32(inv_freq, "Rope inv_freq", 1, head_dim / 2));
+  absl::Status DoRope(const Tensor& x, int n_heads, int head_dim,
+                      std::span<const int32_t> positions, const Tensor& inv_freq,
+                      RopeStyle style) override {
     const size_t half = static_cast<size_t>(head_dim / 2);
     const size_t cols = static_cast<size_t>(x.cols());
     const float* freq = inv_freq.data_as<const float>();
@@ -248,10 +204,7 @@ class CpuBackend final : public Backend {
     return absl::OkStatus();
   }
 
-  absl::Status SwiGlu(const Tensor& gate, const Tensor& up, const Tensor& out) override {
-    KVR_RETURN_IF_ERROR(F32(gate, "SwiGlu gate", -1, -1));
-    KVR_RETURN_IF_ERROR(F32(up, "SwiGlu up", gate.rows(), gate.cols()));
-    KVR_RETURN_IF_ERROR(F32(out, "SwiGlu out", gate.rows(), gate.cols()));
+  absl::Status DoSwiGlu(const Tensor& gate, const Tensor& up, const Tensor& out) override {
     const float* g = gate.data_as<const float>();
     const float* u = up.data_as<const float>();
     float* o = out.data_as<float>();
@@ -265,66 +218,35 @@ class CpuBackend final : public Backend {
     return absl::OkStatus();
   }
 
-  absl::Status Add(const Tensor& x, const Tensor& y) override {
-    KVR_RETURN_IF_ERROR(F32(x, "Add x", -1, -1));
-    KVR_RETURN_IF_ERROR(F32(y, "Add y", x.rows(), x.cols()));
+  absl::Status DoAdd(const Tensor& x, const Tensor& y) override {
     float* a = x.data_as<float>();
     const float* b = y.data_as<const float>();
     for (size_t i = 0, n = x.numel(); i < n; ++i) a[i] += b[i];
     return absl::OkStatus();
   }
 
-  absl::Status Attention(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache,
-                         const AttentionShape& shape, int64_t first_pos,
-                         const Tensor& out) override {
-    KVR_RETURN_IF_ERROR(CheckAttention(q, k_cache, v_cache, shape, "Attention"));
-    KVR_RETURN_IF_ERROR(F32(out, "Attention out", q.rows(), q.cols()));
-    if (out.data() == q.data() && out.numel() != 0) {
-      return absl::InvalidArgumentError("Attention: out aliases q");
-    }
-    if (first_pos < 0 || first_pos + q.rows() > k_cache.rows()) {
-      return absl::InvalidArgumentError(absl::StrCat("Attention: positions [", first_pos, ", ",
-                                                     first_pos + q.rows(), ") exceed the cache's ",
-                                                     k_cache.rows(), " rows"));
-    }
+  absl::Status DoAttention(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache,
+                           const AttentionShape& shape, int64_t first_pos,
+                           const Tensor& out) override {
     Attend(q, k_cache, v_cache, shape, first_pos, 0, first_pos + q.rows(), out.data_as<float>(),
            nullptr, nullptr);
     return absl::OkStatus();
   }
 
-  absl::Status PartialAttention(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache,
-                                const AttentionShape& shape, int64_t first_pos, int64_t key_begin,
-                                int64_t key_end, const Tensor& o, const Tensor& m,
-                                const Tensor& l) override {
-    KVR_RETURN_IF_ERROR(CheckAttention(q, k_cache, v_cache, shape, "PartialAttention"));
-    KVR_RETURN_IF_ERROR(F32(o, "PartialAttention o", q.rows(), q.cols()));
-    KVR_RETURN_IF_ERROR(F32(m, "PartialAttention m", q.rows(), shape.n_heads));
-    KVR_RETURN_IF_ERROR(F32(l, "PartialAttention l", q.rows(), shape.n_heads));
-    if (key_begin < 0 || key_begin > key_end || key_end > k_cache.rows()) {
-      return absl::InvalidArgumentError(absl::StrCat("PartialAttention: key range [", key_begin,
-                                                     ", ", key_end, ") outside the cache's ",
-                                                     k_cache.rows(), " rows"));
-    }
-    if (first_pos < 0) {
-      return absl::InvalidArgumentError("PartialAttention: negative first_pos");
-    }
+  absl::Status DoPartialAttention(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache,
+                                  const AttentionShape& shape, int64_t first_pos,
+                                  int64_t key_begin, int64_t key_end, const Tensor& o,
+                                  const Tensor& m, const Tensor& l) override {
     Attend(q, k_cache, v_cache, shape, first_pos, key_begin, key_end, o.data_as<float>(),
            m.data_as<float>(), l.data_as<float>());
     return absl::OkStatus();
   }
 
-  absl::Status MergeAttention(const Tensor& o, const Tensor& m, const Tensor& l, const Tensor& o2,
-                              const Tensor& m2, const Tensor& l2, int head_dim) override {
-    KVR_RETURN_IF_ERROR(F32(m, "MergeAttention m", -1, -1));
-    const int64_t n = m.rows(), heads = m.cols();
-    if (head_dim <= 0) return absl::InvalidArgumentError("MergeAttention: head_dim <= 0");
-    KVR_RETURN_IF_ERROR(F32(l, "MergeAttention l", n, heads));
-    KVR_RETURN_IF_ERROR(F32(m2, "MergeAttention m2", n, heads));
-    KVR_RETURN_IF_ERROR(F32(l2, "MergeAttention l2", n, heads));
-    KVR_RETURN_IF_ERROR(F32(o, "MergeAttention o", n, heads * head_dim));
-    KVR_RETURN_IF_ERROR(F32(o2, "MergeAttention o2", n, heads * head_dim));
+  absl::Status DoMergeAttention(const Tensor& o, const Tensor& m, const Tensor& l,
+                                const Tensor& o2, const Tensor& m2, const Tensor& l2,
+                                int head_dim) override {
     const size_t hd = static_cast<size_t>(head_dim);
-    for (size_t r = 0; r < static_cast<size_t>(n * heads); ++r) {
+    for (size_t r = 0, rows = m.numel(); r < rows; ++r) {
       float& ma = m.data_as<float>()[r];
       float& la = l.data_as<float>()[r];
       const float mb = m2.data_as<const float>()[r];
@@ -350,12 +272,7 @@ class CpuBackend final : public Backend {
     return absl::OkStatus();
   }
 
-  absl::Status Softmax(const Tensor& x, float temperature) override {
-    KVR_RETURN_IF_ERROR(F32(x, "Softmax x", -1, -1));
-    if (!(temperature > 0.0f)) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("Softmax: temperature ", temperature, " must be > 0"));
-    }
+  absl::Status DoSoftmax(const Tensor& x, float temperature) override {
     const size_t v = static_cast<size_t>(x.cols());
     const float inv_t = 1.0f / temperature;
     for (int64_t i = 0; i < x.rows(); ++i) {
@@ -371,9 +288,7 @@ class CpuBackend final : public Backend {
     return absl::OkStatus();
   }
 
-  absl::Status Argmax(const Tensor& x, std::span<int32_t> out) override {
-    KVR_RETURN_IF_ERROR(F32(x, "Argmax x", static_cast<int64_t>(out.size()), -1));
-    if (x.cols() == 0) return absl::InvalidArgumentError("Argmax: empty rows");
+  absl::Status DoArgmax(const Tensor& x, std::span<int32_t> out) override {
     const size_t v = static_cast<size_t>(x.cols());
     for (size_t i = 0; i < out.size(); ++i) {
       const float* row = x.data_as<const float>() + i * v;
@@ -394,41 +309,6 @@ class CpuBackend final : public Backend {
       return;
     }
     pool_.ParallelFor(n, grain, fn);
-  }
-
-  absl::Status Mine(const Tensor& t, absl::string_view what) const {
-    if (t.owner() != this) {
-      return absl::InvalidArgumentError(
-          absl::StrCat(what, ": tensor does not belong to this cpu backend"));
-    }
-    return absl::OkStatus();
-  }
-
-  // An f32 tensor of this backend; rows/cols < 0 accept any.
-  absl::Status F32(const Tensor& t, absl::string_view what, int64_t rows, int64_t cols) const {
-    KVR_RETURN_IF_ERROR(Mine(t, what));
-    if (t.dtype() != DType::kF32 || (rows >= 0 && t.rows() != rows) ||
-        (cols >= 0 && t.cols() != cols)) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          what, ": got ", ShapeStr(t), ", want [", rows < 0 ? std::string("*") : absl::StrCat(rows),
-          " x ", cols < 0 ? std::string("*") : absl::StrCat(cols), " f32]"));
-    }
-    return absl::OkStatus();
-  }
-
-  absl::Status CheckAttention(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache,
-                              const AttentionShape& shape, absl::string_view op) const {
-    if (shape.n_heads <= 0 || shape.n_kv_heads <= 0 || shape.head_dim <= 0 ||
-        shape.n_heads % shape.n_kv_heads != 0) {
-      return absl::InvalidArgumentError(
-          absl::StrCat(op, ": bad head layout n_heads=", shape.n_heads,
-                       " n_kv_heads=", shape.n_kv_heads, " head_dim=", shape.head_dim));
-    }
-    KVR_RETURN_IF_ERROR(F32(q, absl::StrCat(op, " q"), -1, shape.q_cols()));
-    KVR_RETURN_IF_ERROR(F32(k_cache, absl::StrCat(op, " k_cache"), -1, shape.kv_cols()));
-    KVR_RETURN_IF_ERROR(
-        F32(v_cache, absl::StrCat(op, " v_cache"), k_cache.rows(), shape.kv_cols()));
-    return absl::OkStatus();
   }
 
   // Softmax attention of every (query, head) over keys [key_begin, key_end)

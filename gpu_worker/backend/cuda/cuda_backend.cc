@@ -35,10 +35,6 @@ constexpr int kArgSlots = 4;
 // before them.
 constexpr int kUploadSlots = 8;
 
-std::string ShapeStr(const Tensor& t) {
-  return absl::StrCat("[", t.rows(), " x ", t.cols(), " ", DTypeName(t.dtype()), "]");
-}
-
 // A device allocation that grows (never shrinks); growth is rare (largest
 // size seen) so steady-state ops do not allocate.
 class DeviceScratch {
@@ -142,9 +138,18 @@ class CudaBackend final : public Backend {
     return absl::StrCat("cuda device ", device_, ", ", num_sms_, " SMs", kWhat);
   }
 
+  // ---- Optional ops --------------------------------------------------------
+
+  bool SupportsOp(OptionalOp op) const override { return op == OptionalOp::kTopK; }
+  int MaxTopK() const override { return cuda::kMaxGpuTopK; }
+
+ protected:
+  // Backend's public ops validated the arguments. Unimplemented for valid
+  // ones: Attention / PartialAttention with head_dim > cuda::kMaxAttendHeadDim.
+
   // ---- Memory --------------------------------------------------------------
 
-  absl::StatusOr<Tensor> Allocate(DType dtype, int64_t rows, int64_t cols) override {
+  absl::StatusOr<Tensor> DoAllocate(DType dtype, int64_t rows, int64_t cols) override {
     KVR_ASSIGN_OR_RETURN(Tensor t, AllocateUninit(dtype, rows, cols, "Allocate"));
     if (t.bytes() != 0) {
       KVR_RETURN_IF_ERROR(
@@ -153,24 +158,16 @@ class CudaBackend final : public Backend {
     return t;
   }
 
-  absl::StatusOr<Tensor> ImportHost(const HostTensor& host,
-                                    std::shared_ptr<const void> keepalive) override {
-    if (host.rows < 0 || host.cols < 0 || (host.data == nullptr && host.numel() != 0)) {
-      return absl::InvalidArgumentError("ImportHost: bad host tensor");
-    }
+  absl::StatusOr<Tensor> DoImportHost(const HostTensor& host,
+                                      std::shared_ptr<const void> keepalive) override {
     KVR_ASSIGN_OR_RETURN(Tensor t, AllocateUninit(host.dtype, host.rows, host.cols, "ImportHost"));
-    KVR_RETURN_IF_ERROR(Upload(std::span<const std::byte>(
-                                   static_cast<const std::byte*>(host.data), host.bytes()),
-                               t));
+    KVR_RETURN_IF_ERROR(DoUpload(std::span<const std::byte>(
+                                     static_cast<const std::byte*>(host.data), host.bytes()),
+                                 t));
     return t;  // the device copy does not need `keepalive`
   }
 
-  absl::Status Upload(std::span<const std::byte> src, const Tensor& dst) override {
-    KVR_RETURN_IF_ERROR(Mine(dst, "Upload dst"));
-    if (src.size() != dst.bytes()) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("Upload: ", src.size(), " bytes into tensor of ", dst.bytes()));
-    }
+  absl::Status DoUpload(std::span<const std::byte> src, const Tensor& dst) override {
     if (src.empty()) return absl::OkStatus();
     KVR_RETURN_IF_ERROR(Activate());
     if (src.size() <= kPinnedStagingMax) {
@@ -191,52 +188,31 @@ class CudaBackend final : public Backend {
         "cudaMemcpyAsync(Upload, pageable)");
   }
 
-  absl::Status Download(const Tensor& src, std::span<std::byte> dst) override {
-    KVR_RETURN_IF_ERROR(Mine(src, "Download src"));
-    if (dst.size() != src.bytes()) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("Download: tensor of ", src.bytes(), " bytes into ", dst.size()));
-    }
+  absl::Status DoDownload(const Tensor& src, std::span<std::byte> dst) override {
     KVR_RETURN_IF_ERROR(Activate());
-    if (dst.empty()) return Synchronize();
+    if (dst.empty()) return DoSynchronize();
     return CopyToHost(src.data(), dst.data(), dst.size());
   }
 
-  absl::Status DownloadMany(std::span<const DownloadItem> items) override {
+  absl::Status DoDownloadMany(std::span<const DownloadItem> items) override {
     std::vector<HostCopy> copies;
     copies.reserve(items.size());
     for (const DownloadItem& item : items) {
-      KVR_RETURN_IF_ERROR(Mine(item.src, "DownloadMany src"));
-      if (item.dst.size() != item.src.bytes()) {
-        return absl::InvalidArgumentError(absl::StrCat("DownloadMany: tensor of ",
-                                                       item.src.bytes(), " bytes into ",
-                                                       item.dst.size()));
-      }
       copies.push_back({item.src.data(), item.dst.data(), item.dst.size()});
     }
     KVR_RETURN_IF_ERROR(Activate());
     return CopyManyToHost(copies);
   }
 
-  absl::Status Synchronize() override {
+  absl::Status DoSynchronize() override {
     KVR_RETURN_IF_ERROR(Activate());
     return CudaStatus(cudaStreamSynchronize(stream_), "cudaStreamSynchronize");
   }
 
   // ---- Ops -----------------------------------------------------------------
 
-  absl::Status Embedding(const Tensor& table, std::span<const int32_t> tokens,
-                         const Tensor& out) override {
-    KVR_RETURN_IF_ERROR(Mine(table, "Embedding table"));
-    KVR_RETURN_IF_ERROR(
-        F32(out, "Embedding out", static_cast<int64_t>(tokens.size()), table.cols()));
-    for (size_t i = 0; i < tokens.size(); ++i) {
-      const int32_t t = tokens[i];
-      if (t < 0 || t >= table.rows()) {
-        return absl::InvalidArgumentError(absl::StrCat("Embedding: token ", t, " at index ", i,
-                                                       " outside vocab [0, ", table.rows(), ")"));
-      }
-    }
+  absl::Status DoEmbedding(const Tensor& table, std::span<const int32_t> tokens,
+                           const Tensor& out) override {
     if (tokens.empty() || table.cols() == 0) return absl::OkStatus();
     KVR_RETURN_IF_ERROR(Activate());
     KVR_ASSIGN_OR_RETURN(const int32_t* dev_tokens, StageInts(tokens));
@@ -247,28 +223,15 @@ class CudaBackend final : public Backend {
                       "LaunchEmbedding");
   }
 
-  absl::Status RmsNorm(const Tensor& x, const Tensor& weight, float eps,
-                       const Tensor& out) override {
-    KVR_RETURN_IF_ERROR(F32(x, "RmsNorm x", -1, -1));
-    KVR_RETURN_IF_ERROR(F32(weight, "RmsNorm weight", 1, x.cols()));
-    KVR_RETURN_IF_ERROR(F32(out, "RmsNorm out", x.rows(), x.cols()));
+  absl::Status DoRmsNorm(const Tensor& x, const Tensor& weight, float eps,
+                         const Tensor& out) override {
     KVR_RETURN_IF_ERROR(Activate());
     return CudaStatus(cuda::LaunchRmsNorm(x.data_as<const float>(), weight.data_as<const float>(),
                                           eps, x.rows(), x.cols(), out.data_as<float>(), stream_),
                       "LaunchRmsNorm");
   }
 
-  absl::Status MatMul(const Tensor& x, const Tensor& w, const Tensor& y) override {
-    KVR_RETURN_IF_ERROR(F32(x, "MatMul x", -1, -1));
-    KVR_RETURN_IF_ERROR(Mine(w, "MatMul w"));
-    if (w.cols() != x.cols()) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("MatMul: x ", ShapeStr(x), " vs w ", ShapeStr(w), ": inner dims differ"));
-    }
-    KVR_RETURN_IF_ERROR(F32(y, "MatMul y", x.rows(), w.rows()));
-    if (y.data() == x.data() && y.numel() != 0) {
-      return absl::InvalidArgumentError("MatMul: y aliases x");
-    }
+  absl::Status DoMatMul(const Tensor& x, const Tensor& w, const Tensor& y) override {
     KVR_RETURN_IF_ERROR(Activate());
     const size_t scratch_bytes = cuda::MatMulScratchBytes(w.dtype(), x.rows(), x.cols());
     void* scratch = nullptr;
@@ -279,15 +242,9 @@ class CudaBackend final : public Backend {
                               y.data_as<float>(), x.rows(), x.cols(), w.rows(), scratch);
   }
 
-  absl::Status Rope(const Tensor& x, int n_heads, int head_dim, std::span<const int32_t> positions,
-                    const Tensor& inv_freq, RopeStyle style) override {
-    if (n_heads <= 0 || head_dim <= 0 || head_dim % 2 != 0) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("Rope: bad head layout n_heads=", n_heads, " head_dim=", head_dim));
-    }
-    KVR_RETURN_IF_ERROR(
-        F32(x, "Rope x", static_cast<int64_t>(positions.size()), int64_t{n_heads} * head_dim));
-    KVR_RETURN_IF_ERROR(F32(inv_freq, "Rope inv_freq", 1, head_dim / 2));
+  absl::Status DoRope(const Tensor& x, int n_heads, int head_dim,
+                      std::span<const int32_t> positions, const Tensor& inv_freq,
+                      RopeStyle style) override {
     if (positions.empty()) return absl::OkStatus();
     KVR_RETURN_IF_ERROR(Activate());
     KVR_ASSIGN_OR_RETURN(const int32_t* dev_pos, StageInts(positions));
@@ -297,10 +254,7 @@ class CudaBackend final : public Backend {
                       "LaunchRope");
   }
 
-  absl::Status SwiGlu(const Tensor& gate, const Tensor& up, const Tensor& out) override {
-    KVR_RETURN_IF_ERROR(F32(gate, "SwiGlu gate", -1, -1));
-    KVR_RETURN_IF_ERROR(F32(up, "SwiGlu up", gate.rows(), gate.cols()));
-    KVR_RETURN_IF_ERROR(F32(out, "SwiGlu out", gate.rows(), gate.cols()));
+  absl::Status DoSwiGlu(const Tensor& gate, const Tensor& up, const Tensor& out) override {
     KVR_RETURN_IF_ERROR(Activate());
     return CudaStatus(cuda::LaunchSwiGlu(gate.data_as<const float>(), up.data_as<const float>(),
                                          out.data_as<float>(), static_cast<int64_t>(gate.numel()),
@@ -308,62 +262,34 @@ class CudaBackend final : public Backend {
                       "LaunchSwiGlu");
   }
 
-  absl::Status Add(const Tensor& x, const Tensor& y) override {
-    KVR_RETURN_IF_ERROR(F32(x, "Add x", -1, -1));
-    KVR_RETURN_IF_ERROR(F32(y, "Add y", x.rows(), x.cols()));
+  absl::Status DoAdd(const Tensor& x, const Tensor& y) override {
     KVR_RETURN_IF_ERROR(Activate());
     return CudaStatus(cuda::LaunchAdd(x.data_as<float>(), y.data_as<const float>(),
                                       static_cast<int64_t>(x.numel()), stream_),
                       "LaunchAdd");
   }
 
-  absl::Status Attention(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache,
-                         const AttentionShape& shape, int64_t first_pos,
-                         const Tensor& out) override {
-    KVR_RETURN_IF_ERROR(CheckAttention(q, k_cache, v_cache, shape, "Attention"));
-    KVR_RETURN_IF_ERROR(F32(out, "Attention out", q.rows(), q.cols()));
-    if (out.data() == q.data() && out.numel() != 0) {
-      return absl::InvalidArgumentError("Attention: out aliases q");
-    }
-    if (first_pos < 0 || first_pos + q.rows() > k_cache.rows()) {
-      return absl::InvalidArgumentError(absl::StrCat("Attention: positions [", first_pos, ", ",
-                                                     first_pos + q.rows(), ") exceed the cache's ",
-                                                     k_cache.rows(), " rows"));
-    }
+  absl::Status DoAttention(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache,
+                           const AttentionShape& shape, int64_t first_pos,
+                           const Tensor& out) override {
+    KVR_RETURN_IF_ERROR(CheckHeadDim(shape, "Attention"));
     return Attend(q, k_cache, v_cache, shape, first_pos, 0, first_pos + q.rows(),
                   out.data_as<float>(), nullptr, nullptr);
   }
 
-  absl::Status PartialAttention(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache,
-                                const AttentionShape& shape, int64_t first_pos, int64_t key_begin,
-                                int64_t key_end, const Tensor& o, const Tensor& m,
-                                const Tensor& l) override {
-    KVR_RETURN_IF_ERROR(CheckAttention(q, k_cache, v_cache, shape, "PartialAttention"));
-    KVR_RETURN_IF_ERROR(F32(o, "PartialAttention o", q.rows(), q.cols()));
-    KVR_RETURN_IF_ERROR(F32(m, "PartialAttention m", q.rows(), shape.n_heads));
-    KVR_RETURN_IF_ERROR(F32(l, "PartialAttention l", q.rows(), shape.n_heads));
-    if (key_begin < 0 || key_begin > key_end || key_end > k_cache.rows()) {
-      return absl::InvalidArgumentError(absl::StrCat("PartialAttention: key range [", key_begin,
-                                                     ", ", key_end, ") outside the cache's ",
-                                                     k_cache.rows(), " rows"));
-    }
-    if (first_pos < 0) {
-      return absl::InvalidArgumentError("PartialAttention: negative first_pos");
-    }
+  absl::Status DoPartialAttention(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache,
+                                  const AttentionShape& shape, int64_t first_pos,
+                                  int64_t key_begin, int64_t key_end, const Tensor& o,
+                                  const Tensor& m, const Tensor& l) override {
+    KVR_RETURN_IF_ERROR(CheckHeadDim(shape, "PartialAttention"));
     return Attend(q, k_cache, v_cache, shape, first_pos, key_begin, key_end, o.data_as<float>(),
                   m.data_as<float>(), l.data_as<float>());
   }
 
-  absl::Status MergeAttention(const Tensor& o, const Tensor& m, const Tensor& l, const Tensor& o2,
-                              const Tensor& m2, const Tensor& l2, int head_dim) override {
-    KVR_RETURN_IF_ERROR(F32(m, "MergeAttention m", -1, -1));
+  absl::Status DoMergeAttention(const Tensor& o, const Tensor& m, const Tensor& l,
+                                const Tensor& o2, const Tensor& m2, const Tensor& l2,
+                                int head_dim) override {
     const int64_t n = m.rows(), heads = m.cols();
-    if (head_dim <= 0) return absl::InvalidArgumentError("MergeAttention: head_dim <= 0");
-    KVR_RETURN_IF_ERROR(F32(l, "MergeAttention l", n, heads));
-    KVR_RETURN_IF_ERROR(F32(m2, "MergeAttention m2", n, heads));
-    KVR_RETURN_IF_ERROR(F32(l2, "MergeAttention l2", n, heads));
-    KVR_RETURN_IF_ERROR(F32(o, "MergeAttention o", n, heads * head_dim));
-    KVR_RETURN_IF_ERROR(F32(o2, "MergeAttention o2", n, heads * head_dim));
     KVR_RETURN_IF_ERROR(Activate());
     return CudaStatus(
         cuda::LaunchMergeAttention(o.data_as<float>(), m.data_as<float>(), l.data_as<float>(),
@@ -372,23 +298,16 @@ class CudaBackend final : public Backend {
         "LaunchMergeAttention");
   }
 
-  absl::Status Softmax(const Tensor& x, float temperature) override {
-    KVR_RETURN_IF_ERROR(F32(x, "Softmax x", -1, -1));
-    if (!(temperature > 0.0f)) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("Softmax: temperature ", temperature, " must be > 0"));
-    }
+  absl::Status DoSoftmax(const Tensor& x, float temperature) override {
     KVR_RETURN_IF_ERROR(Activate());
     return CudaStatus(
         cuda::LaunchSoftmax(x.data_as<float>(), x.rows(), x.cols(), temperature, stream_),
         "LaunchSoftmax");
   }
 
-  absl::Status Argmax(const Tensor& x, std::span<int32_t> out) override {
-    KVR_RETURN_IF_ERROR(F32(x, "Argmax x", static_cast<int64_t>(out.size()), -1));
-    if (x.cols() == 0) return absl::InvalidArgumentError("Argmax: empty rows");
+  absl::Status DoArgmax(const Tensor& x, std::span<int32_t> out) override {
     KVR_RETURN_IF_ERROR(Activate());
-    if (out.empty()) return Synchronize();
+    if (out.empty()) return DoSynchronize();
     const size_t bytes = out.size() * sizeof(int32_t);
     KVR_ASSIGN_OR_RETURN(void* dev, argmax_out_.Ensure(bytes, "cudaMalloc(Argmax out)"));
     KVR_RETURN_IF_ERROR(CudaStatus(cuda::LaunchArgmax(x.data_as<const float>(), x.rows(), x.cols(),
@@ -399,45 +318,12 @@ class CudaBackend final : public Backend {
 
   // ---- Optional ops --------------------------------------------------------
 
-  int MaxTopK() const override { return cuda::kMaxGpuTopK; }
-
-  absl::Status TopK(const Tensor& q, const Tensor& k_cache, const AttentionShape& shape,
-                    int kv_head, int64_t key_begin, int64_t key_end, int top_k,
-                    std::span<int64_t> ids, std::span<float> scores) override {
-    if (shape.n_heads <= 0 || shape.n_kv_heads <= 0 || shape.head_dim <= 0 ||
-        shape.n_heads % shape.n_kv_heads != 0) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("TopK: bad head layout n_heads=", shape.n_heads,
-                       " n_kv_heads=", shape.n_kv_heads, " head_dim=", shape.head_dim));
-    }
-    if (kv_head != kAllKvHeads && (kv_head < 0 || kv_head >= shape.n_kv_heads)) {
-      return absl::InvalidArgumentError(absl::StrCat("TopK: kv_head ", kv_head, " outside [0, ",
-                                                     shape.n_kv_heads, ") and not kAllKvHeads"));
-    }
-    KVR_RETURN_IF_ERROR(F32(q, "TopK q", -1, shape.q_cols()));
-    KVR_RETURN_IF_ERROR(F32(k_cache, "TopK k_cache", -1, shape.kv_cols()));
-    if (key_begin < 0 || key_begin > key_end || key_end > k_cache.rows()) {
-      return absl::InvalidArgumentError(absl::StrCat("TopK: key range [", key_begin, ", ", key_end,
-                                                     ") outside the cache's ", k_cache.rows(),
-                                                     " rows"));
-    }
-    if (top_k < 1 || top_k > key_end - key_begin) {
-      return absl::InvalidArgumentError(absl::StrCat("TopK: k ", top_k, " outside [1, ",
-                                                     key_end - key_begin, "]"));
-    }
-    if (top_k > cuda::kMaxGpuTopK) {
-      return absl::UnimplementedError(absl::StrCat("TopK: k ", top_k, " > ", cuda::kMaxGpuTopK,
-                                                   " is not implemented on the GPU"));
-    }
-    const size_t group = static_cast<size_t>(shape.n_heads / shape.n_kv_heads);
-    const size_t heads = kv_head == kAllKvHeads ? static_cast<size_t>(shape.n_kv_heads) : 1;
-    const size_t count = static_cast<size_t>(q.rows()) * group * heads * top_k;
-    if (ids.size() != count || scores.size() != count) {
-      return absl::InvalidArgumentError(absl::StrCat("TopK: outputs of ", ids.size(), " ids and ",
-                                                     scores.size(), " scores, want ", count));
-    }
+  absl::Status DoTopK(const Tensor& q, const Tensor& k_cache, const AttentionShape& shape,
+                      int kv_head, int64_t key_begin, int64_t key_end, int top_k,
+                      std::span<int64_t> ids, std::span<float> scores) override {
+    const size_t count = ids.size();  // == scores.size(), checked by TopK
     KVR_RETURN_IF_ERROR(Activate());
-    if (count == 0) return Synchronize();
+    if (count == 0) return DoSynchronize();
     const size_t id_bytes = count * sizeof(int64_t), score_bytes = count * sizeof(float);
     KVR_ASSIGN_OR_RETURN(void* dev, topk_out_.Ensure(id_bytes + score_bytes, "cudaMalloc(TopK out)"));
     cuda::TopKArgs a;
@@ -474,18 +360,10 @@ class CudaBackend final : public Backend {
     return CudaStatus(cudaSetDevice(device_), "cudaSetDevice");
   }
 
+  // A shape Allocate / ImportHost validated (its byte size fits in size_t).
   absl::StatusOr<Tensor> AllocateUninit(DType dtype, int64_t rows, int64_t cols,
                                         absl::string_view what) {
-    if (rows < 0 || cols < 0) {
-      return absl::InvalidArgumentError(
-          absl::StrCat(what, ": negative shape [", rows, " x ", cols, "]"));
-    }
-    size_t bytes = 0;
-    if (__builtin_mul_overflow(static_cast<size_t>(rows), static_cast<size_t>(cols), &bytes) ||
-        __builtin_mul_overflow(bytes, DTypeSize(dtype), &bytes)) {
-      return absl::InvalidArgumentError(
-          absl::StrCat(what, ": [", rows, " x ", cols, "] overflows size_t"));
-    }
+    const size_t bytes = static_cast<size_t>(rows) * static_cast<size_t>(cols) * DTypeSize(dtype);
     KVR_RETURN_IF_ERROR(Activate());
     void* p = nullptr;
     if (bytes != 0) {
@@ -515,7 +393,7 @@ class CudaBackend final : public Backend {
       for (const HostCopy& c : copies) KVR_RETURN_IF_ERROR(CopyToHost(c.dev, c.host, c.bytes));
       return absl::OkStatus();
     }
-    if (total == 0) return Synchronize();
+    if (total == 0) return DoSynchronize();
     KVR_ASSIGN_OR_RETURN(void* pinned, download_stage_.Ensure(total, "cudaMallocHost(download)"));
     auto* stage = static_cast<std::byte*>(pinned);
     size_t offset = 0;
@@ -609,42 +487,13 @@ class CudaBackend final : public Backend {
     return CudaStatus(cuda::LaunchAttend(a, plan, ws, stream_), "LaunchAttend");
   }
 
-  absl::Status Mine(const Tensor& t, absl::string_view what) const {
-    if (t.owner() != this) {
-      return absl::InvalidArgumentError(
-          absl::StrCat(what, ": tensor does not belong to this cuda backend"));
-    }
-    return absl::OkStatus();
-  }
-
-  absl::Status F32(const Tensor& t, absl::string_view what, int64_t rows, int64_t cols) const {
-    KVR_RETURN_IF_ERROR(Mine(t, what));
-    if (t.dtype() != DType::kF32 || (rows >= 0 && t.rows() != rows) ||
-        (cols >= 0 && t.cols() != cols)) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          what, ": got ", ShapeStr(t), ", want [", rows < 0 ? std::string("*") : absl::StrCat(rows),
-          " x ", cols < 0 ? std::string("*") : absl::StrCat(cols), " f32]"));
-    }
-    return absl::OkStatus();
-  }
-
-  absl::Status CheckAttention(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache,
-                              const AttentionShape& shape, absl::string_view op) const {
-    if (shape.n_heads <= 0 || shape.n_kv_heads <= 0 || shape.head_dim <= 0 ||
-        shape.n_heads % shape.n_kv_heads != 0) {
-      return absl::InvalidArgumentError(
-          absl::StrCat(op, ": bad head layout n_heads=", shape.n_heads,
-                       " n_kv_heads=", shape.n_kv_heads, " head_dim=", shape.head_dim));
-    }
+  // The attention kernels take head_dim <= kMaxAttendHeadDim (attention.cuh).
+  static absl::Status CheckHeadDim(const AttentionShape& shape, absl::string_view op) {
     if (shape.head_dim > cuda::kMaxAttendHeadDim) {
       return absl::UnimplementedError(absl::StrCat(op, ": head_dim ", shape.head_dim, " > ",
                                                    cuda::kMaxAttendHeadDim,
                                                    " is not supported by the cuda backend"));
     }
-    KVR_RETURN_IF_ERROR(F32(q, absl::StrCat(op, " q"), -1, shape.q_cols()));
-    KVR_RETURN_IF_ERROR(F32(k_cache, absl::StrCat(op, " k_cache"), -1, shape.kv_cols()));
-    KVR_RETURN_IF_ERROR(
-        F32(v_cache, absl::StrCat(op, " v_cache"), k_cache.rows(), shape.kv_cols()));
     return absl::OkStatus();
   }
 

@@ -89,7 +89,7 @@ cudaError_t LaunchEmbedding(const void* table, TableType type, const int32_t* to
       KVR_LAUNCH(EmbeddingKernel<float>, grid, kThreads, 0, stream)(
           static_cast<const float*>(table), tokens, d, out);
       break;
-    case TableType::kBF16:
+    case TableType::kBf16:
       KVR_LAUNCH(EmbeddingKernel<__nv_bfloat16>, grid, kThreads, 0, stream)(
           static_cast<const __nv_bfloat16*>(table), tokens, d, out);
       break;

@@ -13,7 +13,7 @@
 namespace kvr::worker::cuda {
 
 // Storage type of an Embedding table (values of DType).
-enum class TableType : int { kF32 = 0, kBF16 = 1, kF16 = 2 };
+enum class TableType : int { kF32 = 0, kBf16 = 1, kF16 = 2 };
 
 // out[i, :] = table[tokens[i], :] as f32. tokens is device memory (n ids,
 // already checked against the vocabulary).

@@ -27,7 +27,7 @@ absl::Status CublasMatMul(cublasHandle_t handle, cudaStream_t stream, const floa
         absl::StrCat("MatMul: dims n=", n, " in=", in, " out=", out, " exceed cuBLAS's int range"));
   }
   const bool half = w_type != DType::kF32;
-  const bool bf16 = w_type == DType::kBF16;
+  const bool bf16 = w_type == DType::kBf16;
   if (half && n <= kGemvMaxTokens) {
     return CudaStatus(LaunchGemvHalf(x, w, bf16, n, in, out, y, stream), "LaunchGemvHalf");
   }
