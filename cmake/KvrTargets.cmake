@@ -2,8 +2,12 @@
 #
 #   kvr_library(NAME SOURCES ... [PUBLIC_DEPS ...] [PRIVATE_DEPS ...])
 #     builds static library kvr_NAME with alias kvr::NAME.
-#   kvr_test(NAME SOURCES ... [DEPS ...] [LABELS ...] [TIMEOUT s])
-#     builds a GoogleTest executable and registers it with ctest.
+#   kvr_test(NAME SOURCES ... [DEPS ...] [LABELS ...] [TIMEOUT s] [PROTOBUF_FIRST])
+#     builds a GoogleTest executable and registers it with ctest;
+#     PROTOBUF_FIRST: see kvr_link_protobuf_first.
+#   kvr_link_protobuf_first(TARGET)
+#     puts libprotobuf first on an executable's link line (call it before any
+#     other target_link_libraries of TARGET).
 
 set(KVR_WARNINGS -Wall -Wextra -Wno-unused-parameter -Wno-sign-compare)
 
@@ -16,10 +20,24 @@ function(kvr_library name)
   target_link_libraries(kvr_${name} PUBLIC ${ARG_PUBLIC_DEPS} PRIVATE ${ARG_PRIVATE_DEPS})
 endfunction()
 
+# libprotobuf first: libsentencepiece (via kvr::model) bundles protobuf-lite
+# symbols that must not interpose on libprotobuf's (a static-initialization
+# crash otherwise). An executable that links both gets libprotobuf first on
+# its link line, and its main() references libprotobuf
+# (GOOGLE_PROTOBUF_VERIFY_VERSION) so that --as-needed records it in
+# DT_NEEDED before libsentencepiece. Every executable linking generated code
+# does the same, so the order never depends on which libraries pull in what.
+function(kvr_link_protobuf_first target)
+  target_link_libraries(${target} PRIVATE protobuf::libprotobuf)
+endfunction()
+
 function(kvr_test name)
-  cmake_parse_arguments(ARG "" "TIMEOUT" "SOURCES;DEPS;LABELS" ${ARGN})
+  cmake_parse_arguments(ARG "PROTOBUF_FIRST" "TIMEOUT" "SOURCES;DEPS;LABELS" ${ARGN})
   add_executable(${name} ${ARG_SOURCES})
   target_compile_options(${name} PRIVATE ${KVR_WARNINGS})
+  if(ARG_PROTOBUF_FIRST)
+    kvr_link_protobuf_first(${name})
+  endif()
   target_link_libraries(${name} PRIVATE ${ARG_DEPS} GTest::gtest GTest::gtest_main)
   add_test(NAME ${name} COMMAND ${name})
   if(NOT ARG_LABELS)
