@@ -314,15 +314,15 @@ int Main(int argc, char** argv) {
   auto service = std::make_unique<WorkerService>(scheduler->get(), tokenizer->get(), node.get(),
                                                  (*weights)->config, (*engine)->max_seq_len(), wo);
 
-  rpc::ServeOptions serve;
-  serve.name = kProgram;
-  serve.listen = absl::GetFlag(FLAGS_listen);
-  serve.max_message_bytes = max_message_bytes;
-  serve.health_services = {kServiceName};
-  serve.drain_seconds = absl::GetFlag(FLAGS_drain_seconds);
-  if (absl::Status st = rpc::ServeUntilSignal({service.get()}, serve, stop_signals); !st.ok()) {
-    return Fail(std::string(st.message()));
-  }
+  const absl::Status served =
+      rpc::ServeUntilSignal({service.get()},
+                            {.name = kProgram,
+                             .listen = absl::GetFlag(FLAGS_listen),
+                             .max_message_bytes = max_message_bytes,
+                             .health_services = {kServiceName},
+                             .drain_seconds = absl::GetFlag(FLAGS_drain_seconds)},
+                            stop_signals);
+  if (!served.ok()) return Fail(served.message());
   scheduler->reset();  // ends every request still open (their shards dropped)
   service.reset();
   metrics_endpoint->reset();  // its load source reads the scheduler

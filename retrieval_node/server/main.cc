@@ -163,15 +163,15 @@ int Main(int argc, char** argv) {
     std::fflush(stdout);
   }
 
-  rpc::ServeOptions serve;
-  serve.name = kProgram;
-  serve.listen = absl::GetFlag(FLAGS_listen);
-  serve.max_message_bytes = max_message_bytes;
-  serve.health_services = {kServiceName};
-  serve.drain_seconds = absl::GetFlag(FLAGS_drain_seconds);
-  if (absl::Status st = rpc::ServeUntilSignal({service.get()}, serve, stop_signals); !st.ok()) {
-    return Fail(std::string(st.message()));
-  }
+  const absl::Status served =
+      rpc::ServeUntilSignal({service.get()},
+                            {.name = kProgram,
+                             .listen = absl::GetFlag(FLAGS_listen),
+                             .max_message_bytes = max_message_bytes,
+                             .health_services = {kServiceName},
+                             .drain_seconds = absl::GetFlag(FLAGS_drain_seconds)},
+                            stop_signals);
+  if (!served.ok()) return Fail(served.message());
   ucx.reset();      // no new UCX Attend; late completions are dropped safely
   service.reset();  // control pool: drained and joined
   metrics_endpoint.reset();  // no scrape reads the core any more

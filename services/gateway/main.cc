@@ -181,18 +181,18 @@ int Main(int argc, char** argv) {
     pthread_kill(main_thread, SIGUSR1);
   });
 
-  rpc::ServeOptions serve;
-  serve.name = kProgram;
-  serve.listen = absl::GetFlag(FLAGS_listen);
-  serve.max_message_bytes = max_request_bytes;
-  serve.health_services = {kServiceName};
-  serve.drain_seconds = drain;
-  const absl::Status st = rpc::ServeUntilSignal({service.get()}, serve, wake_grpc);
-  if (!st.ok()) {
+  const absl::Status served = rpc::ServeUntilSignal({service.get()},
+                                                     {.name = kProgram,
+                                                      .listen = absl::GetFlag(FLAGS_listen),
+                                                      .max_message_bytes = max_request_bytes,
+                                                      .health_services = {kServiceName},
+                                                      .drain_seconds = drain},
+                                                     wake_grpc);
+  if (!served.ok()) {
     serving_failed = true;
     pthread_kill(watcher.native_handle(), SIGTERM);
     watcher.join();
-    return Fail(std::string(st.message()));
+    return Fail(served.message());
   }
   watcher.join();  // it sent the wake-up: done
   if (http != nullptr) http->Drain(drain_deadline);

@@ -1,4 +1,5 @@
-// The serving loop every kvr gRPC binary shares (kvr_node, kvr_worker):
+// The serving loop every kvr gRPC binary shares (kvr_node, kvr_worker,
+// kvr_gateway):
 // health + reflection, message-size caps, the "<name> listening on
 // HOST:PORT" line tests and scripts wait for, and a drain on SIGTERM/SIGINT.
 #pragma once
