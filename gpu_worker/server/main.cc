@@ -323,9 +323,9 @@ int Main(int argc, char** argv) {
                              .drain_seconds = absl::GetFlag(FLAGS_drain_seconds)},
                             stop_signals);
   if (!served.ok()) return Fail(served.message());
+  metrics_endpoint->reset();  // its load source reads the scheduler
   scheduler->reset();  // ends every request still open (their shards dropped)
   service.reset();
-  metrics_endpoint->reset();  // its load source reads the scheduler
   engine->reset();
   membership.reset();  // stops its refreshes (they feed `node`)
   node.reset();

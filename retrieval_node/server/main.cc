@@ -172,10 +172,10 @@ int Main(int argc, char** argv) {
                              .drain_seconds = absl::GetFlag(FLAGS_drain_seconds)},
                             stop_signals);
   if (!served.ok()) return Fail(served.message());
-  ucx.reset();      // no new UCX Attend; late completions are dropped safely
-  service.reset();  // control pool: drained and joined
+  ucx.reset();               // no new UCX Attend; late completions are dropped safely
+  service.reset();           // control pool: drained and joined
   metrics_endpoint.reset();  // no scrape reads the core any more
-  core->reset();    // Attend pool: joined
+  core->reset();             // Attend pool: joined
   std::fprintf(stderr, "kvr_node: stopped\n");
   return 0;
 }
