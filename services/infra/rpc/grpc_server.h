@@ -31,7 +31,8 @@ struct ServeOptions {
 // ServeUntilSignal waits on.
 sigset_t BlockStopSignals();
 
-// Builds and starts a server for `services`, prints the listening line, then
+// Builds and starts a server for `services` (without SO_REUSEPORT: an address
+// in use is an error), prints the listening line, then
 // blocks until one of `stop_signals` (already blocked in every thread)
 // arrives; marks every health service NOT_SERVING, stops accepting calls and
 // waits for in-flight ones (cancelling those still running after
