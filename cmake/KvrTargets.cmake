@@ -10,6 +10,10 @@
 #     Labels default to unit, the timeout to 300 s; every test gets
 #     KVR_TEST_ENVIRONMENT (where the models are). Arguments pass through a
 #     CMake list: write a ';' inside a COMMAND argument as $<SEMICOLON>.
+#     PROTOBUF_FIRST: see kvr_link_protobuf_first.
+#   kvr_link_protobuf_first(TARGET)
+#     puts libprotobuf first on an executable's link line (call it before any
+#     other target_link_libraries of TARGET).
 
 # Every test's environment: where the bundled model and the optional extra
 # models are (tests/support/models.h).
@@ -26,8 +30,19 @@ function(kvr_library name)
   target_link_libraries(kvr_${name} PUBLIC ${ARG_PUBLIC_DEPS} PRIVATE ${ARG_PRIVATE_DEPS})
 endfunction()
 
+# libprotobuf first: libsentencepiece (via kvr::model) bundles protobuf-lite
+# symbols that must not interpose on libprotobuf's (a static-initialization
+# crash otherwise). An executable that links both gets libprotobuf first on
+# its link line, and its main() references libprotobuf
+# (GOOGLE_PROTOBUF_VERIFY_VERSION) so that --as-needed records it in
+# DT_NEEDED before libsentencepiece. Every executable linking generated code
+# does the same, so the order never depends on which libraries pull in what.
+function(kvr_link_protobuf_first target)
+  target_link_libraries(${target} PRIVATE protobuf::libprotobuf)
+endfunction()
+
 function(kvr_test name)
-  cmake_parse_arguments(ARG "" "TIMEOUT" "SOURCES;DEPS;ARGS;COMMAND;NEEDS;LABELS;ENVIRONMENT"
+  cmake_parse_arguments(ARG "PROTOBUF_FIRST" "TIMEOUT" "SOURCES;DEPS;ARGS;COMMAND;NEEDS;LABELS;ENVIRONMENT"
     ${ARGN})
   if(ARG_SOURCES AND ARG_COMMAND)
     message(FATAL_ERROR "kvr_test(${name}): SOURCES (a GoogleTest program) or COMMAND, not both")
@@ -35,6 +50,9 @@ function(kvr_test name)
   if(ARG_SOURCES)
     add_executable(${name} ${ARG_SOURCES})
     target_compile_options(${name} PRIVATE ${KVR_WARNINGS})
+    if(ARG_PROTOBUF_FIRST)
+      kvr_link_protobuf_first(${name})
+    endif()
     target_link_libraries(${name} PRIVATE ${ARG_DEPS} kvr::testing GTest::gtest GTest::gtest_main)
     add_test(NAME ${name} COMMAND ${name} ${ARG_ARGS})
   elseif(ARG_COMMAND)

@@ -6,6 +6,20 @@
 #include "absl/strings/str_cat.h"
 
 namespace kvr::cli {
+namespace {
+
+// `v` into *out when lo <= v <= hi, else "--flag: v outside [lo, hi]".
+template <typename T>
+absl::Status StoreInRange(std::string_view flag, T v, T lo, T hi, T* out) {
+  if (v < lo || v > hi) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--", std::string(flag), ": ", v, " outside [", lo, ", ", hi, "]"));
+  }
+  *out = v;
+  return absl::OkStatus();
+}
+
+}  // namespace
 
 absl::Status ParseFlags(const std::vector<std::string>& args, const FlagTable& flags,
                         std::string_view command, bool* help) {
@@ -53,12 +67,7 @@ absl::Status ParseInt(std::string_view flag, const std::string& value, int64_t l
     return absl::InvalidArgumentError(
         absl::StrCat("--", std::string(flag), ": \"", value, "\" is not an integer"));
   }
-  if (v < lo || v > hi) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("--", std::string(flag), ": ", v, " outside [", lo, ", ", hi, "]"));
-  }
-  *out = v;
-  return absl::OkStatus();
+  return StoreInRange(flag, v, lo, hi, out);
 }
 
 absl::Status ParseFloat(std::string_view flag, const std::string& value, float* out) {
@@ -76,12 +85,7 @@ absl::Status ParseDouble(std::string_view flag, const std::string& value, double
     return absl::InvalidArgumentError(
         absl::StrCat("--", std::string(flag), ": \"", value, "\" is not a finite number"));
   }
-  if (v < lo || v > hi) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("--", std::string(flag), ": ", v, " outside [", lo, ", ", hi, "]"));
-  }
-  *out = v;
-  return absl::OkStatus();
+  return StoreInRange(flag, v, lo, hi, out);
 }
 
 absl::Status ParseBool(std::string_view flag, const std::string& value, bool* out) {

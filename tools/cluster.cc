@@ -1,11 +1,8 @@
 #include "tools/cluster.h"
 
-#include <fcntl.h>
 #include <poll.h>
 #include <signal.h>
-#include <sys/prctl.h>
 #include <sys/signalfd.h>
-#include <sys/syscall.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -16,13 +13,16 @@
 #include <fstream>
 #include <functional>
 #include <memory>
+#include <optional>
 #include <sstream>
 
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
 #include "absl/time/clock.h"
 #include "common/status.h"
+#include "common/subprocess.h"
 #include "nlohmann/json.hpp"
 #include "tools/cli_flags.h"
 
@@ -62,37 +62,24 @@ std::string LogTail(const std::string& path, size_t max_lines = 20) {
   return absl::StrCat("    ", absl::StrJoin(lines, "\n    "));
 }
 
-// One supervised server process. Its stdout and stderr share one pipe,
-// copied to its log file as it arrives; the lines announcing addresses
-// ("<program> ... on HOST:PORT") are also kept.
+// One supervised server process: a Subprocess whose stdout and stderr share
+// one pipe, copied to its log file as it arrives; of its lines only those
+// announcing addresses ("<program> ... on HOST:PORT") are kept.
 struct Child {
   std::string name;     // "node-0", "worker", "gateway": log file stem, messages
   std::string program;  // "kvr_node": the prefix of its announcement lines
   std::string log_path;
-  pid_t pid = -1;
-  int pidfd = -1;
-  int out_fd = -1;  // -1 once at EOF
-  int log_fd = -1;
-  bool reaped = false;
-  int wait_status = 0;
+  pid_t pid = -1;  // kept once reaped, for messages
+  std::unique_ptr<Subprocess> proc;
+  std::optional<int> wait_status;  // set once reaped
   bool stopping = false;  // its exit is expected (we signalled it)
   bool killed = false;    // it outlived stop_timeout and got SIGKILL
-  std::string partial;    // output after the last newline
-  std::vector<std::string> announcements;
 
-  ~Child() {
-    if (pid > 0 && !reaped) {
-      kill(pid, SIGKILL);
-      waitpid(pid, nullptr, 0);
-    }
-    for (int fd : {pidfd, out_fd, log_fd}) {
-      if (fd >= 0) close(fd);
-    }
-  }
+  bool reaped() const { return wait_status.has_value(); }
 
   // The rest of the announcement line starting with `prefix`, or "".
   std::string Announced(std::string_view prefix) const {
-    for (const std::string& line : announcements) {
+    for (const std::string& line : proc->lines()) {
       if (std::string_view(line).substr(0, prefix.size()) == prefix) {
         return line.substr(prefix.size());
       }
@@ -100,46 +87,8 @@ struct Child {
     return {};
   }
 
-  // Copies what the pipe holds to the log. Returns false at EOF.
-  bool ReadOutput() {
-    char buf[16384];
-    const ssize_t n = read(out_fd, buf, sizeof(buf));
-    if (n <= 0) {
-      if (n < 0 && (errno == EINTR || errno == EAGAIN)) return true;
-      close(out_fd);
-      out_fd = -1;
-      return false;
-    }
-    for (ssize_t done = 0; done < n;) {
-      const ssize_t w = write(log_fd, buf + done, static_cast<size_t>(n - done));
-      if (w < 0) {
-        if (errno == EINTR) continue;
-        break;  // a full disk loses log lines, not the cluster
-      }
-      done += w;
-    }
-    partial.append(buf, static_cast<size_t>(n));
-    const std::string prefix = program + " ";
-    for (size_t nl; (nl = partial.find('\n')) != std::string::npos;) {
-      if (partial.compare(0, prefix.size(), prefix) == 0 && partial.find(" on ") < nl) {
-        announcements.push_back(partial.substr(0, nl));
-      }
-      partial.erase(0, nl + 1);
-    }
-    // A child printing endless output without newlines must not grow this.
-    if (partial.size() > 65536) partial.clear();
-    return true;
-  }
-
-  // Reaps the exited child and copies the rest of its output to the log.
-  void Reap() {
-    if (waitpid(pid, &wait_status, 0) != pid) wait_status = 0;
-    reaped = true;
-    while (out_fd >= 0) {
-      pollfd p{out_fd, POLLIN, 0};
-      // Its writers are gone: the pipe ends within what it already holds.
-      if (poll(&p, 1, 1000) <= 0 || !ReadOutput()) break;
-    }
+  void Signal(int sig) const {
+    if (!reaped()) kill(pid, sig);
   }
 };
 
@@ -155,51 +104,21 @@ class Supervisor {
     child->name = std::move(name);
     child->program = std::move(program);
     child->log_path = log_path;
-    child->log_fd = open(log_path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-    if (child->log_fd < 0) {
-      return absl::InternalError(absl::StrCat("open ", log_path, ": ", std::strerror(errno)));
-    }
-    int fds[2];
-    if (pipe2(fds, O_CLOEXEC) != 0) {
-      return absl::InternalError(absl::StrCat("pipe2: ", std::strerror(errno)));
-    }
-    std::vector<char*> args;
-    for (std::string& a : argv) args.push_back(a.data());
-    args.push_back(nullptr);
-    const pid_t parent = getpid();
-    const pid_t pid = fork();
-    if (pid < 0) {
-      close(fds[0]);
-      close(fds[1]);
-      return absl::InternalError(absl::StrCat("fork: ", std::strerror(errno)));
-    }
-    if (pid == 0) {
-      // Child: async-signal-safe calls only. Dies with the supervisor; its
-      // own process group keeps a terminal's Ctrl-C away from it (the
-      // supervisor stops the children in order).
-      prctl(PR_SET_PDEATHSIG, SIGKILL);
-      if (getppid() != parent) _exit(127);
-      setpgid(0, 0);
-      dup2(fds[1], STDOUT_FILENO);
-      dup2(fds[1], STDERR_FILENO);
-      sigset_t none;
-      sigemptyset(&none);
-      sigprocmask(SIG_SETMASK, &none, nullptr);
-      signal(SIGPIPE, SIG_DFL);  // the supervisor ignores it; exec keeps SIG_IGN
-      execv(args[0], args.data());
-      const char msg[] = "kvr cluster: exec failed: ";
-      (void)!write(STDERR_FILENO, msg, sizeof(msg) - 1);
-      const char* err = strerror(errno);
-      (void)!write(STDERR_FILENO, err, strlen(err));
-      (void)!write(STDERR_FILENO, "\n", 1);
-      _exit(127);
-    }
-    close(fds[1]);
-    child->pid = pid;
-    child->out_fd = fds[0];
-    child->pidfd = static_cast<int>(syscall(SYS_pidfd_open, pid, 0));
-    if (child->pidfd < 0) {
-      return absl::InternalError(absl::StrCat("pidfd_open: ", std::strerror(errno)));
+    SubprocessOptions options;
+    options.merge_stderr = true;
+    // Dies with the supervisor; its own process group keeps a terminal's
+    // Ctrl-C away from it (the supervisor stops the children in order). The
+    // supervisor blocks the stop signals and ignores SIGPIPE: not the child.
+    options.own_process_group = true;
+    options.default_signals = true;
+    options.log_path = log_path;
+    options.keep_line = [prefix = child->program + " "](absl::string_view line) {
+      return absl::StartsWith(line, prefix) && absl::StrContains(line, " on ");
+    };
+    KVR_ASSIGN_OR_RETURN(child->proc, Subprocess::Start(std::move(argv), options));
+    child->pid = child->proc->pid();
+    if (child->proc->exit_fd() < 0) {
+      return absl::InternalError(absl::StrCat("pidfd_open ", child->pid, " failed"));
     }
     children_.push_back(std::move(child));
     return children_.back().get();
@@ -218,12 +137,12 @@ class Supervisor {
       fds.push_back({signal_fd_, POLLIN, 0});
       owners.emplace_back(nullptr, false);
       for (auto& c : children_) {
-        if (c->out_fd >= 0) {
-          fds.push_back({c->out_fd, POLLIN, 0});
+        if (c->proc->output_fd() >= 0) {
+          fds.push_back({c->proc->output_fd(), POLLIN, 0});
           owners.emplace_back(c.get(), false);
         }
-        if (!c->reaped) {
-          fds.push_back({c->pidfd, POLLIN, 0});
+        if (!c->reaped()) {
+          fds.push_back({c->proc->exit_fd(), POLLIN, 0});
           owners.emplace_back(c.get(), true);
         }
       }
@@ -247,10 +166,10 @@ class Supervisor {
             signalled = true;
           }
         } else if (!owners[i].second) {
-          if (c->out_fd >= 0) c->ReadOutput();
-        } else if (!c->reaped) {
-          c->Reap();
-          if (!c->stopping && died == nullptr) died = c;
+          c->proc->ReadOutput();
+        } else if (!c->reaped()) {
+          c->wait_status = c->proc->PollExit();
+          if (c->reaped() && !c->stopping && died == nullptr) died = c;
         }
       }
       if (died != nullptr) {
@@ -416,7 +335,7 @@ class Cluster {
       if (c == reported_) continue;  // already reported as the cause
       if (!c->stopping) {
         problems.push_back(absl::StrCat(c->name, " (pid ", c->pid, ") ",
-                                        DescribeWaitStatus(c->wait_status),
+                                        DescribeWaitStatus(c->wait_status.value_or(0)),
                                         " unexpectedly; last lines of ", c->log_path, ":\n",
                                         LogTail(c->log_path)));
       } else if (c->killed) {
@@ -424,9 +343,9 @@ class Cluster {
                                         absl::FormatDuration(options_.stop_timeout),
                                         " of SIGTERM and was killed; last lines of ", c->log_path,
                                         ":\n", LogTail(c->log_path)));
-      } else if (!WIFEXITED(c->wait_status) || WEXITSTATUS(c->wait_status) != 0) {
+      } else if (!WIFEXITED(c->wait_status.value_or(0)) || WEXITSTATUS(c->wait_status.value_or(0)) != 0) {
         problems.push_back(absl::StrCat(c->name, " (pid ", c->pid, ") ",
-                                        DescribeWaitStatus(c->wait_status),
+                                        DescribeWaitStatus(c->wait_status.value_or(0)),
                                         " after SIGTERM; last lines of ", c->log_path, ":\n",
                                         LogTail(c->log_path)));
       }
@@ -512,7 +431,7 @@ class Cluster {
   absl::Status DiedError(Child* c) {
     reported_ = c;
     return absl::AbortedError(absl::StrCat(c->name, " (pid ", c->pid, ") ",
-                                           DescribeWaitStatus(c->wait_status),
+                                           DescribeWaitStatus(c->wait_status.value_or(0)),
                                            " unexpectedly; last lines of ", c->log_path, ":\n",
                                            LogTail(c->log_path)));
   }
@@ -521,15 +440,15 @@ class Cluster {
   void StopGroup(const std::vector<Child*>& group) {
     std::vector<Child*> live;
     for (Child* c : group) {
-      if (c->reaped) continue;
+      if (c->reaped()) continue;
       c->stopping = true;
-      kill(c->pid, SIGTERM);
+      c->Signal(SIGTERM);
       live.push_back(c);
     }
     if (live.empty()) return;
     auto all_reaped = [&] {
       for (Child* c : live) {
-        if (!c->reaped) return false;
+        if (!c->reaped()) return false;
       }
       return true;
     };
@@ -542,18 +461,18 @@ class Cluster {
     if (all_reaped()) {
       for (Child* c : live) {
         std::fprintf(stderr, "kvr cluster: %s %s (%.1f s after SIGTERM)\n", c->name.c_str(),
-                     DescribeWaitStatus(c->wait_status).c_str(),
+                     DescribeWaitStatus(c->wait_status.value_or(0)).c_str(),
                      absl::ToDoubleSeconds(absl::Now() - start));
       }
       return;
     }
     for (Child* c : live) {
-      if (c->reaped) continue;
+      if (c->reaped()) continue;
       std::fprintf(stderr, "kvr cluster: %s (pid %d) still running %s after SIGTERM; SIGKILL\n",
                    c->name.c_str(), static_cast<int>(c->pid),
                    absl::FormatDuration(options_.stop_timeout).c_str());
       c->killed = true;
-      kill(c->pid, SIGKILL);
+      c->Signal(SIGKILL);
     }
     const absl::Time kill_deadline = absl::Now() + absl::Seconds(10);
     while (sup_.Pump(kill_deadline, all_reaped, false) == Supervisor::Wake::kChildDied) {

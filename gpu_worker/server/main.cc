@@ -27,11 +27,7 @@
 
 #include <pthread.h>
 
-#include "services/infra/rpc/grpc_server.h"
 #include "absl/flags/flag.h"
-#include "absl/flags/parse.h"
-#include "absl/flags/usage.h"
-#include "absl/flags/usage_config.h"
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/time/time.h"
@@ -44,6 +40,9 @@
 #include "gpu_worker/server/worker_service.h"
 #include "retrieval_node/client/client_factory.h"
 #include "gpu_worker/server/worker_metrics.h"
+#include "services/infra/metrics/metrics_endpoint.h"
+#include "services/infra/rpc/grpc_server.h"
+#include "services/infra/server/server_main.h"
 
 ABSL_FLAG(std::string, listen, "127.0.0.1:0",
           "host:port to serve on; port 0 picks a free port (printed on stdout)");
@@ -81,6 +80,7 @@ ABSL_FLAG(double, drain_seconds, 10.0,
 namespace kvr::worker {
 namespace {
 
+constexpr char kProgram[] = "kvr_worker";
 constexpr char kServiceName[] = "kvr.v1.Generation";
 
 pthread_t g_main_thread;
@@ -104,10 +104,7 @@ void ForwardStopSignalsToMain(const sigset_t& stop_signals) {
   }
 }
 
-int Fail(const std::string& message) {
-  std::fprintf(stderr, "kvr_worker: %s\n", message.c_str());
-  return 2;
-}
+int Fail(absl::string_view message) { return server::Fail(kProgram, message); }
 
 // The Backend of --backend / --threads / --device, by registry name.
 absl::StatusOr<std::unique_ptr<Backend>> MakeBackend() {
@@ -123,26 +120,24 @@ absl::StatusOr<std::unique_ptr<Backend>> MakeBackend() {
 }
 
 int Main(int argc, char** argv) {
-  absl::SetProgramUsageMessage(
+  server::ParseFlags(
+      "gpu_worker/server/main.cc",
       "decode worker (kvr.v1.Generation over gRPC, grpc.health.v1, reflection).\n"
       "  kvr_worker --listen 127.0.0.1:0 [--max_concurrent N] [--nodes host:port,...|dns:///name:port]\n"
-      "             [--metrics_listen 127.0.0.1:0] [--backend cpu|cuda]");
-  absl::FlagsUsageConfig usage;
-  usage.contains_help_flags = [](absl::string_view file) {
-    return absl::EndsWith(file, "gpu_worker/server/main.cc");
-  };
-  usage.contains_helpshort_flags = usage.contains_help_flags;
-  absl::SetFlagsUsageConfig(usage);
-  absl::ParseCommandLine(argc, argv);
+      "             [--metrics_listen 127.0.0.1:0] [--backend cpu|cuda]",
+      argc, argv);
 
   const sigset_t stop_signals = rpc::BlockStopSignals();
   ForwardStopSignalsToMain(stop_signals);
 
   const int threads = absl::GetFlag(FLAGS_threads);
   const int max_message_bytes = absl::GetFlag(FLAGS_max_message_bytes);
-  if (threads < 0 || threads > 1024) return Fail("--threads outside [0, 1024]");
-  if (max_message_bytes < (1 << 16)) return Fail("--max_message_bytes must be >= 65536");
-  if (absl::GetFlag(FLAGS_tail_capacity) < 1) return Fail("--tail_capacity must be >= 1");
+  const absl::Status flags_ok = server::FlagChecks()
+                                    .InRange("threads", threads, 0, 1024)
+                                    .AtLeast("max_message_bytes", max_message_bytes, 1 << 16)
+                                    .AtLeast("tail_capacity", absl::GetFlag(FLAGS_tail_capacity), 1)
+                                    .status();
+  if (!flags_ok.ok()) return Fail(flags_ok.message());
 
   absl::StatusOr<ModelPaths> paths =
       ResolveModelPaths(absl::GetFlag(FLAGS_model), absl::GetFlag(FLAGS_tokenizer));
@@ -195,13 +190,10 @@ int Main(int argc, char** argv) {
     l.retrieval_nodes = static_cast<int64_t>(n->num_nodes());
     return l;
   });
-  if (const std::string listen = absl::GetFlag(FLAGS_metrics_listen); !listen.empty()) {
-    absl::StatusOr<std::string> bound = metrics->Serve(listen);
-    if (!bound.ok()) {
-      return Fail(absl::StrCat("--metrics_listen: ", bound.status().message()));
-    }
-    std::printf("kvr_worker metrics on %s\n", bound->c_str());
-    std::fflush(stdout);
+  absl::StatusOr<std::unique_ptr<metrics::MetricsEndpoint>> metrics_endpoint =
+      server::ServeMetrics(kProgram, absl::GetFlag(FLAGS_metrics_listen), metrics->collectable());
+  if (!metrics_endpoint.ok()) {
+    return Fail(absl::StrCat("--metrics_listen: ", metrics_endpoint.status().message()));
   }
 
   WorkerServiceOptions wo;
@@ -211,18 +203,18 @@ int Main(int argc, char** argv) {
   auto service = std::make_unique<WorkerService>(scheduler->get(), tokenizer->get(), node.get(),
                                                  (*weights)->config, (*engine)->max_seq_len(), wo);
 
-  rpc::ServeOptions serve;
-  serve.name = "kvr_worker";
-  serve.listen = absl::GetFlag(FLAGS_listen);
-  serve.max_message_bytes = max_message_bytes;
-  serve.health_services = {kServiceName};
-  serve.drain_seconds = absl::GetFlag(FLAGS_drain_seconds);
-  if (absl::Status st = rpc::ServeUntilSignal({service.get()}, serve, stop_signals); !st.ok()) {
-    return Fail(std::string(st.message()));
-  }
+  const absl::Status served =
+      rpc::ServeUntilSignal({service.get()},
+                            {.name = kProgram,
+                             .listen = absl::GetFlag(FLAGS_listen),
+                             .max_message_bytes = max_message_bytes,
+                             .health_services = {kServiceName},
+                             .drain_seconds = absl::GetFlag(FLAGS_drain_seconds)},
+                            stop_signals);
+  if (!served.ok()) return Fail(served.message());
+  metrics_endpoint->reset();  // its load source reads the scheduler
   scheduler->reset();  // ends every request still open (their shards dropped)
   service.reset();
-  metrics.reset();     // stops the endpoint (its load source reads the scheduler)
   engine->reset();
   node.reset();  // a --nodes dns:/// membership stops first
   std::fprintf(stderr, "kvr_worker: stopped\n");

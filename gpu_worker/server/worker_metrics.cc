@@ -1,133 +1,62 @@
 #include "gpu_worker/server/worker_metrics.h"
 
-#include <array>
-#include <atomic>
-#include <mutex>
 #include <utility>
 #include <vector>
 
-#include "absl/strings/str_cat.h"
-#include "prometheus/collectable.h"
-#include "prometheus/counter.h"
-#include "prometheus/family.h"
-#include "prometheus/gauge.h"
-#include "prometheus/histogram.h"
-#include "prometheus/registry.h"
-#include "services/infra/metrics/metrics_endpoint.h"
+#include "services/infra/metrics/metric_set.h"
 
 namespace kvr::worker {
 namespace {
 
-// absl::StatusCode values 0 .. 16 (the gRPC codes).
-constexpr size_t kCodeCount = 17;
-
 // Time to first token and prefill: 1 ms .. 120 s (1-2.5-5 steps).
-const prometheus::Histogram::BucketBoundaries kLatencySeconds = {
+const metrics::Buckets kLatencySeconds = {
     1e-3, 2.5e-3, 5e-3, 10e-3, 25e-3, 50e-3, 100e-3, 250e-3, 500e-3,
     1.0,  2.5,    5.0,  10.0,  25.0,  50.0,  120.0};
-// One batched decode step: 50 µs .. 10 s.
-const prometheus::Histogram::BucketBoundaries kStepSeconds = {
-    50e-6, 100e-6, 250e-6, 500e-6, 1e-3, 2.5e-3, 5e-3, 10e-3, 25e-3,
-    50e-3, 100e-3, 250e-3, 500e-3, 1.0,  2.5,    5.0,  10.0};
-
-// Runs `refresh` (the load gauges), then returns the registry's families.
-class ScrapeCollectable final : public prometheus::Collectable {
- public:
-  ScrapeCollectable(std::shared_ptr<prometheus::Registry> registry, std::function<void()> refresh)
-      : registry_(std::move(registry)), refresh_(std::move(refresh)) {}
-  std::vector<prometheus::MetricFamily> Collect() const override {
-    refresh_();
-    return registry_->Collect();
-  }
-
- private:
-  const std::shared_ptr<prometheus::Registry> registry_;
-  const std::function<void()> refresh_;
-};
 
 }  // namespace
 
 struct WorkerMetrics::Impl {
   Impl()
-      : registry(std::make_shared<prometheus::Registry>()),
-        requests(prometheus::BuildCounter()
-                     .Name("kvr_worker_requests_total")
-                     .Help("Generate calls finished, by gRPC status code")
-                     .Register(*registry)),
-        running(Gauge("kvr_worker_requests_running",
-                      "Requests admitted: prefilling or decoding")),
-        waiting(Gauge("kvr_worker_requests_waiting", "Requests queued for admission")),
-        retrieval_nodes(Gauge("kvr_worker_retrieval_nodes",
-                              "Retrieval nodes new sequences are placed on (current "
-                              "membership; 1 for the in-process node)")),
-        prompt_tokens(prometheus::BuildCounter()
-                          .Name("kvr_worker_prompt_tokens_total")
-                          .Help("Prompt tokens prefilled (successful prefills)")
-                          .Register(*registry)
-                          .Add({})),
-        generated_tokens(prometheus::BuildCounter()
-                             .Name("kvr_worker_generated_tokens_total")
-                             .Help("Tokens sampled and streamed")
-                             .Register(*registry)
-                             .Add({})),
-        ttft(Histogram("kvr_worker_time_to_first_token_seconds",
-                       "Request accepted until its first token was sampled", kLatencySeconds)),
-        prefill(Histogram("kvr_worker_prefill_duration_seconds",
-                          "One successful prefill (RetrievalEngine::StartSequence)",
-                          kLatencySeconds)),
-        decode_step(Histogram("kvr_worker_decode_step_duration_seconds",
-                              "One batched decode step over every decoding sequence",
-                              kStepSeconds)),
-        phases(prometheus::BuildCounter()
-                   .Name("kvr_worker_step_phase_seconds_total")
-                   .Help("Decode step seconds by phase: retrieval (blocked on retrieval nodes "
-                         "and pending prefill hand-offs), attention (attention computed on the "
-                         "worker), other (the rest: projections, FFN, sampling, ...); the "
-                         "phases sum to the decode step durations")
-                   .Register(*registry)),
+      : requests(set.CounterFamily("kvr_worker_requests_total",
+                                   "Generate calls finished, by gRPC status code"),
+                 std::vector<prometheus::Labels>(1)),
+        running(set.Gauge("kvr_worker_requests_running",
+                          "Requests admitted: prefilling or decoding")),
+        waiting(set.Gauge("kvr_worker_requests_waiting", "Requests queued for admission")),
+        retrieval_nodes(set.Gauge("kvr_worker_retrieval_nodes",
+                                  "Retrieval nodes new sequences are placed on (current "
+                                  "membership; 1 for the in-process node)")),
+        prompt_tokens(set.Counter("kvr_worker_prompt_tokens_total",
+                                  "Prompt tokens prefilled (successful prefills)")),
+        generated_tokens(
+            set.Counter("kvr_worker_generated_tokens_total", "Tokens sampled and streamed")),
+        ttft(set.Histogram("kvr_worker_time_to_first_token_seconds",
+                           "Request accepted until its first token was sampled",
+                           kLatencySeconds)),
+        prefill(set.Histogram("kvr_worker_prefill_duration_seconds",
+                              "One successful prefill (RetrievalEngine::StartSequence)",
+                              kLatencySeconds)),
+        // One batched decode step: 50 µs .. 10 s.
+        decode_step(set.Histogram("kvr_worker_decode_step_duration_seconds",
+                                  "One batched decode step over every decoding sequence",
+                                  metrics::MicrosToSecondsBuckets())),
+        phases(set.CounterFamily(
+            "kvr_worker_step_phase_seconds_total",
+            "Decode step seconds by phase: retrieval (blocked on retrieval nodes and pending "
+            "prefill hand-offs), attention (attention computed on the worker), other (the rest: "
+            "projections, FFN, sampling, ...); the phases sum to the decode step durations")),
         retrieval_phase(phases.Add({{"phase", "retrieval"}})),
         attention_phase(phases.Add({{"phase", "attention"}})),
-        other_phase(phases.Add({{"phase", "other"}})),
-        collectable(std::make_shared<ScrapeCollectable>(registry, [this] { RefreshLoad(); })) {
-    RequestCounter(0);  // code="OK" exists from the start
-  }
+        other_phase(phases.Add({{"phase", "other"}})) {}
 
-  prometheus::Gauge& Gauge(const std::string& name, const std::string& help) {
-    return prometheus::BuildGauge().Name(name).Help(help).Register(*registry).Add({});
-  }
-  prometheus::Histogram& Histogram(const std::string& name, const std::string& help,
-                                   const prometheus::Histogram::BucketBoundaries& buckets) {
-    return prometheus::BuildHistogram().Name(name).Help(help).Register(*registry).Add({},
-                                                                                    buckets);
-  }
-
-  // The {code} child, created on first use (Family::Add is thread-safe and
-  // returns the existing child for known labels).
-  prometheus::Counter& RequestCounter(size_t code) {
-    std::atomic<prometheus::Counter*>& slot = request_counters[code];
-    prometheus::Counter* c = slot.load(std::memory_order_acquire);
-    if (c == nullptr) {
-      c = &requests.Add({{"code", absl::StatusCodeToString(static_cast<absl::StatusCode>(code))}});
-      slot.store(c, std::memory_order_release);
-    }
-    return *c;
-  }
-
-  void RefreshLoad() {
-    std::function<WorkerLoad()> source;
-    {
-      std::lock_guard<std::mutex> lock(source_mu);
-      source = load_source;
-    }
-    if (!source) return;
-    const WorkerLoad l = source();
+  void SetLoad(const WorkerLoad& l) {
     running.Set(static_cast<double>(l.requests_running));
     waiting.Set(static_cast<double>(l.requests_waiting));
     retrieval_nodes.Set(static_cast<double>(l.retrieval_nodes));
   }
 
-  std::shared_ptr<prometheus::Registry> registry;
-  prometheus::Family<prometheus::Counter>& requests;
+  metrics::MetricSet set;  // first: every family below lives in it
+  metrics::CodeCounters requests;  // one row: {code} only
   prometheus::Gauge& running;
   prometheus::Gauge& waiting;
   prometheus::Gauge& retrieval_nodes;
@@ -140,14 +69,6 @@ struct WorkerMetrics::Impl {
   prometheus::Counter& retrieval_phase;
   prometheus::Counter& attention_phase;
   prometheus::Counter& other_phase;
-  std::array<std::atomic<prometheus::Counter*>, kCodeCount> request_counters{};
-
-  std::mutex source_mu;
-  std::function<WorkerLoad()> load_source;
-
-  std::shared_ptr<ScrapeCollectable> collectable;
-  // Declared last: destroyed first, so no scrape runs while the rest goes.
-  std::unique_ptr<metrics::MetricsEndpoint> endpoint;
 };
 
 WorkerMetrics::WorkerMetrics() : impl_(std::make_unique<Impl>()) {}
@@ -155,25 +76,15 @@ WorkerMetrics::WorkerMetrics() : impl_(std::make_unique<Impl>()) {}
 WorkerMetrics::~WorkerMetrics() = default;
 
 void WorkerMetrics::SetLoadSource(std::function<WorkerLoad()> source) {
-  std::lock_guard<std::mutex> lock(impl_->source_mu);
-  impl_->load_source = std::move(source);
+  impl_->set.OnScrape([impl = impl_.get(), source = std::move(source)] { impl->SetLoad(source()); });
 }
 
-absl::StatusOr<std::string> WorkerMetrics::Serve(const std::string& listen) {
-  if (impl_->endpoint != nullptr) {
-    return absl::FailedPreconditionError("metrics are already served");
-  }
-  absl::StatusOr<std::unique_ptr<metrics::MetricsEndpoint>> endpoint =
-      metrics::MetricsEndpoint::Start(listen, impl_->collectable);
-  if (!endpoint.ok()) return endpoint.status();
-  impl_->endpoint = std::move(*endpoint);
-  return impl_->endpoint->address();
+std::shared_ptr<prometheus::Collectable> WorkerMetrics::collectable() const {
+  return impl_->set.collectable();
 }
 
 void WorkerMetrics::RecordRequest(absl::StatusCode code) {
-  auto c = static_cast<size_t>(code);
-  if (c >= kCodeCount) c = static_cast<size_t>(absl::StatusCode::kUnknown);
-  impl_->RequestCounter(c).Increment();
+  impl_->requests.Get(0, code).Increment();
 }
 
 void WorkerMetrics::OnPrefill(int64_t prompt_tokens, double seconds) {

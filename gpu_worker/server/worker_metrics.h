@@ -1,6 +1,6 @@
 // WorkerMetrics: the kvr_worker Prometheus metrics (STYLE rule 12; the list,
-// with units and labels, is in README.md) and the `/metrics` endpoint that
-// serves them (services/infra/metrics).
+// with units and labels, is in README.md; set up with services/infra/metrics
+// MetricSet); collectable() is what the `/metrics` endpoint serves.
 //
 // It is the scheduler's SchedulerObserver (prefill, first token, tokens,
 // decode steps with their retrieval / attention / other split) and counts
@@ -10,8 +10,8 @@
 // type appears in this header.
 //
 // Thread-safety: every Record / On* method is thread-safe and cheap (an
-// atomic add, or a short mutex for histograms). SetLoadSource and Serve must
-// be called before the worker serves, from one thread.
+// atomic add, or a short mutex for histograms). SetLoadSource must be called
+// before the metrics are served, from one thread.
 #pragma once
 
 #include <cstdint>
@@ -20,8 +20,11 @@
 #include <string>
 
 #include "absl/status/status.h"
-#include "absl/status/statusor.h"
 #include "gpu_worker/server/generation_scheduler.h"
+
+namespace prometheus {
+class Collectable;
+}  // namespace prometheus
 
 namespace kvr::worker {
 
@@ -40,13 +43,12 @@ class WorkerMetrics final : public SchedulerObserver {
   WorkerMetrics& operator=(const WorkerMetrics&) = delete;
 
   // Called on every scrape (on the endpoint's thread). Must be thread-safe
-  // and stay callable until this object is destroyed.
+  // and stay callable while collectable() is served.
   void SetLoadSource(std::function<WorkerLoad()> source);
 
-  // Serves GET /metrics on `listen` ("host:port"; port 0 picks a free one);
-  // returns the bound "host:port". InvalidArgument for a malformed address,
-  // Unavailable when it cannot bind. At most once.
-  absl::StatusOr<std::string> Serve(const std::string& listen);
+  // What the `/metrics` endpoint serves (refreshes the load gauges, then
+  // every family). Stop serving it before this object is destroyed.
+  std::shared_ptr<prometheus::Collectable> collectable() const;
 
   // One finished Generate call: kvr_worker_requests_total{code} += 1.
   void RecordRequest(absl::StatusCode code);

@@ -16,17 +16,15 @@
 
 #include <pthread.h>
 
-#include "services/infra/rpc/grpc_server.h"
 #include "absl/flags/flag.h"
-#include "absl/flags/parse.h"
-#include "absl/flags/usage.h"
-#include "absl/flags/usage_config.h"
-#include "absl/strings/match.h"
 #include "retrieval_node/core/node_core.h"
 #include "retrieval_node/server/metrics.h"
 #include "retrieval_node/server/node_service.h"
 #include "retrieval_node/server/ucx_endpoint.h"
 #include "retrieval_node/store/shard_store.h"
+#include "services/infra/metrics/metrics_endpoint.h"
+#include "services/infra/rpc/grpc_server.h"
+#include "services/infra/server/server_main.h"
 
 ABSL_FLAG(std::string, listen, "127.0.0.1:0",
           "host:port to serve on; port 0 picks a free port (printed on stdout)");
@@ -61,27 +59,18 @@ ABSL_FLAG(double, drain_seconds, 10.0,
 namespace kvr::retrieval {
 namespace {
 
+constexpr char kProgram[] = "kvr_node";
 constexpr char kServiceName[] = "kvr.v1.RetrievalNode";
 
-int Fail(const std::string& message) {
-  std::fprintf(stderr, "kvr_node: %s\n", message.c_str());
-  return 2;
-}
+int Fail(absl::string_view message) { return server::Fail(kProgram, message); }
 
 int Main(int argc, char** argv) {
-  absl::SetProgramUsageMessage(
+  server::ParseFlags(
+      "retrieval_node/server/main.cc",
       "retrieval node (kvr.v1.RetrievalNode over gRPC, grpc.health.v1, reflection).\n"
       "  kvr_node --listen 127.0.0.1:0 [--threads N] [--memory_budget_bytes B]\n"
-      "Flags may also be read from a file with --flagfile=PATH.");
-  absl::FlagsUsageConfig usage;
-  // --help lists the flags of this file (absl matches files named after the
-  // binary by default, and this one is main.cc).
-  usage.contains_help_flags = [](absl::string_view file) {
-    return absl::EndsWith(file, "retrieval_node/server/main.cc");
-  };
-  usage.contains_helpshort_flags = usage.contains_help_flags;
-  absl::SetFlagsUsageConfig(usage);
-  absl::ParseCommandLine(argc, argv);
+      "Flags may also be read from a file with --flagfile=PATH.",
+      argc, argv);
 
   // Block the stop signals in every thread (gRPC's and ours inherit the
   // mask); the main thread takes them with sigwait.
@@ -90,15 +79,15 @@ int Main(int argc, char** argv) {
   const int threads_flag = absl::GetFlag(FLAGS_threads);
   const int control_threads = absl::GetFlag(FLAGS_control_threads);
   const int max_message_bytes = absl::GetFlag(FLAGS_max_message_bytes);
-  if (threads_flag < 0 || threads_flag > 256) return Fail("--threads outside [0, 256]");
-  if (control_threads < 1 || control_threads > 256) {
-    return Fail("--control_threads outside [1, 256]");
-  }
-  if (max_message_bytes < (1 << 16)) return Fail("--max_message_bytes must be >= 65536");
-  if (absl::GetFlag(FLAGS_memory_budget_bytes) < 0) {
-    return Fail("--memory_budget_bytes must be >= 0");
-  }
-  if (absl::GetFlag(FLAGS_tail_capacity) < 1) return Fail("--tail_capacity must be >= 1");
+  const absl::Status flags_ok =
+      server::FlagChecks()
+          .InRange("threads", threads_flag, 0, 256)
+          .InRange("control_threads", control_threads, 1, 256)
+          .AtLeast("max_message_bytes", max_message_bytes, 1 << 16)
+          .AtLeast("memory_budget_bytes", absl::GetFlag(FLAGS_memory_budget_bytes), int64_t{0})
+          .AtLeast("tail_capacity", absl::GetFlag(FLAGS_tail_capacity), 1)
+          .status();
+  if (!flags_ok.ok()) return Fail(flags_ok.message());
 
   NodeCoreOptions core_options;
   core_options.threads = threads_flag > 0
@@ -127,6 +116,7 @@ int Main(int argc, char** argv) {
   service_options.max_upload_bytes = absl::GetFlag(FLAGS_max_upload_bytes);
   // Metrics: served before the RPC port opens, so the first request is counted.
   std::unique_ptr<NodeMetrics> metrics;
+  std::unique_ptr<metrics::MetricsEndpoint> metrics_endpoint;  // stopped before `metrics`
   if (const std::string metrics_listen = absl::GetFlag(FLAGS_metrics_listen);
       !metrics_listen.empty()) {
     metrics = std::make_unique<NodeMetrics>();
@@ -143,12 +133,10 @@ int Main(int argc, char** argv) {
       h.memory_budget_bytes = node->options().memory_budget_bytes;
       return h;
     });
-    absl::StatusOr<int> metrics_port = metrics->Serve(metrics_listen);
-    if (!metrics_port.ok()) return Fail(metrics_port.status().ToString());
-    const size_t colon = metrics_listen.rfind(':');
-    std::printf("kvr_node metrics on %s:%d\n", metrics_listen.substr(0, colon).c_str(),
-                *metrics_port);
-    std::fflush(stdout);
+    absl::StatusOr<std::unique_ptr<metrics::MetricsEndpoint>> endpoint =
+        server::ServeMetrics(kProgram, metrics_listen, metrics->collectable());
+    if (!endpoint.ok()) return Fail(endpoint.status().ToString());
+    metrics_endpoint = *std::move(endpoint);
     service_options.metrics = metrics.get();
   }
   auto service = std::make_unique<NodeService>(core->get(), service_options);
@@ -174,19 +162,19 @@ int Main(int argc, char** argv) {
     std::fflush(stdout);
   }
 
-  rpc::ServeOptions serve;
-  serve.name = "kvr_node";
-  serve.listen = absl::GetFlag(FLAGS_listen);
-  serve.max_message_bytes = max_message_bytes;
-  serve.health_services = {kServiceName};
-  serve.drain_seconds = absl::GetFlag(FLAGS_drain_seconds);
-  if (absl::Status st = rpc::ServeUntilSignal({service.get()}, serve, stop_signals); !st.ok()) {
-    return Fail(std::string(st.message()));
-  }
-  ucx.reset();      // no new UCX Attend; late completions are dropped safely
-  service.reset();  // control pool: drained and joined
-  metrics.reset();  // exposer stopped: no scrape reads the core any more
-  core->reset();    // Attend pool: joined
+  const absl::Status served =
+      rpc::ServeUntilSignal({service.get()},
+                            {.name = kProgram,
+                             .listen = absl::GetFlag(FLAGS_listen),
+                             .max_message_bytes = max_message_bytes,
+                             .health_services = {kServiceName},
+                             .drain_seconds = absl::GetFlag(FLAGS_drain_seconds)},
+                            stop_signals);
+  if (!served.ok()) return Fail(served.message());
+  ucx.reset();               // no new UCX Attend; late completions are dropped safely
+  service.reset();           // control pool: drained and joined
+  metrics_endpoint.reset();  // no scrape reads the core any more
+  core->reset();             // Attend pool: joined
   std::fprintf(stderr, "kvr_node: stopped\n");
   return 0;
 }

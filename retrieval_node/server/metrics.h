@@ -1,17 +1,16 @@
-// NodeMetrics: the kvr_node Prometheus metrics (STYLE rule 12) and the
-// `/metrics` HTTP endpoint that serves them.
+// NodeMetrics: the kvr_node Prometheus metrics (STYLE rule 12).
 //
-// Owns a prometheus::Registry with every kvr_node_* family (the list, with
-// units and labels, is in README.md) and, after Serve(), a prometheus-cpp
-// Exposer. No prometheus type appears in this header: the handlers record
-// through the plain methods below, and the gauges that describe what the node
-// holds (shards, bytes, budget) are read from a callback at scrape time, so
-// they are exact whenever Prometheus looks.
+// Owns every kvr_node_* family (the list, with units and labels, is in
+// README.md; set up with services/infra/metrics MetricSet); collectable() is
+// what the `/metrics` endpoint serves. No prometheus type is used in this
+// header: the handlers record through the plain methods below, and the
+// gauges that describe what the node holds (shards, bytes, budget) are read
+// from a callback at scrape time, so they are exact whenever Prometheus looks.
 //
 // Thread-safety: every Record* method is thread-safe and cheap (an atomic
 // add, or a short mutex for histograms); label children are resolved once
-// per (method, code) and cached. Serve / SetHoldingsSource must be called
-// before the node serves requests, from one thread.
+// per (method, code) and cached. SetHoldingsSource must be called before the
+// metrics are served, from one thread.
 #pragma once
 
 #include <cstdint>
@@ -22,6 +21,10 @@
 
 #include "common/status.h"
 #include "retrieval_node/core/node_types.h"
+
+namespace prometheus {
+class Collectable;
+}  // namespace prometheus
 
 namespace kvr::retrieval {
 
@@ -54,15 +57,14 @@ class NodeMetrics {
   NodeMetrics(const NodeMetrics&) = delete;
   NodeMetrics& operator=(const NodeMetrics&) = delete;
 
-  // Called on every scrape (on an exposer thread) to fill the holdings gauges.
-  // Must be thread-safe and must stay callable until this object is
-  // destroyed (or until Serve was never called).
+  // Called on every scrape (on the endpoint's thread) to fill the holdings
+  // gauges. Must be thread-safe and must stay callable while collectable()
+  // is served.
   void SetHoldingsSource(std::function<NodeHoldings()> source);
 
-  // Starts serving GET /metrics on `listen` ("host:port"; port 0 picks a free
-  // one) and returns the bound port. InvalidArgument for a malformed address,
-  // Unavailable when it cannot bind. At most once.
-  absl::StatusOr<int> Serve(const std::string& listen);
+  // What the `/metrics` endpoint serves (refreshes the holdings gauges, then
+  // every family). Stop serving it before this object is destroyed.
+  std::shared_ptr<prometheus::Collectable> collectable() const;
 
   // One finished RPC: kvr_node_requests_total{method, code} += 1 and
   // kvr_node_request_duration_seconds{method} observes `seconds` (handler

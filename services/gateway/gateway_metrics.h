@@ -1,6 +1,7 @@
 // GatewayMetrics: the kvr_gateway_* Prometheus metrics (STYLE rule 12; the
 // list with units and labels is in README.md; the Helm chart's dashboards
-// query these names). No prometheus type appears in this header.
+// query these names; set up with services/infra/metrics MetricSet). No
+// prometheus type is used in this header.
 //
 // Thread-safety: every Record* method is thread-safe and cheap (atomic adds,
 // a short mutex inside histograms). The gauges of queue depth, running
@@ -44,7 +45,8 @@ class GatewayMetrics {
   // stay callable while the metrics are served.
   void SetLoadSource(std::function<GatewayLoad()> source);
 
-  // What the exposer serves (refreshes the load gauges, then the registry).
+  // What the `/metrics` endpoint serves (refreshes the load gauges, then
+  // every family). Stop serving it before this object is destroyed.
   std::shared_ptr<prometheus::Collectable> collectable() const;
 
   // One finished generation request (or a request refused before reaching a

@@ -86,6 +86,18 @@ class UnaryProxy final : public grpc::ServerUnaryReactor {
   std::vector<std::unique_ptr<grpc::ClientContext>> contexts_;
 };
 
+// Starts a UnaryProxy of one call (`forward` issues it on a worker's stub)
+// and returns it to gRPC.
+template <typename Request, typename Response>
+grpc::ServerUnaryReactor* StartUnaryProxy(
+    WorkerPool* pool, const Request* request, Response* response, absl::Time deadline,
+    typename UnaryProxy<Request, Response>::Forward forward) {
+  auto* r = new UnaryProxy<Request, Response>(pool, request, response, deadline,
+                                              std::move(forward));
+  r->Start({});
+  return r;
+}
+
 }  // namespace
 
 // One Generate stream: a GenerateCall whose responses are written as they
@@ -204,41 +216,28 @@ grpc::ServerWriteReactor<v1::GenerateResponse>* GatewayService::Generate(
 grpc::ServerUnaryReactor* GatewayService::Tokenize(grpc::CallbackServerContext* context,
                                                    const v1::TokenizeRequest* request,
                                                    v1::TokenizeResponse* response) {
-  auto* r = new UnaryProxy<v1::TokenizeRequest, v1::TokenizeResponse>(
-      pool_, request, response, Deadline(context),
-      [](v1::Generation::Stub* stub, grpc::ClientContext* ctx,
-         const v1::TokenizeRequest* req, v1::TokenizeResponse* resp,
-         std::function<void(grpc::Status)> done) { stub->async()->Tokenize(ctx, req, resp, std::move(done)); });
-  r->Start({});
-  return r;
+  return StartUnaryProxy(pool_, request, response, Deadline(context),
+                         [](auto* stub, auto* ctx, auto* req, auto* resp, auto done) {
+                           stub->async()->Tokenize(ctx, req, resp, std::move(done));
+                         });
 }
 
 grpc::ServerUnaryReactor* GatewayService::Detokenize(grpc::CallbackServerContext* context,
                                                      const v1::DetokenizeRequest* request,
                                                      v1::DetokenizeResponse* response) {
-  auto* r = new UnaryProxy<v1::DetokenizeRequest, v1::DetokenizeResponse>(
-      pool_, request, response, Deadline(context),
-      [](v1::Generation::Stub* stub, grpc::ClientContext* ctx,
-         const v1::DetokenizeRequest* req, v1::DetokenizeResponse* resp,
-         std::function<void(grpc::Status)> done) {
-        stub->async()->Detokenize(ctx, req, resp, std::move(done));
-      });
-  r->Start({});
-  return r;
+  return StartUnaryProxy(pool_, request, response, Deadline(context),
+                         [](auto* stub, auto* ctx, auto* req, auto* resp, auto done) {
+                           stub->async()->Detokenize(ctx, req, resp, std::move(done));
+                         });
 }
 
 grpc::ServerUnaryReactor* GatewayService::GetModelInfo(grpc::CallbackServerContext* context,
                                                        const v1::GetModelInfoRequest* request,
                                                        v1::GetModelInfoResponse* response) {
-  auto* r = new UnaryProxy<v1::GetModelInfoRequest, v1::GetModelInfoResponse>(
-      pool_, request, response, Deadline(context),
-      [](v1::Generation::Stub* stub, grpc::ClientContext* ctx,
-         const v1::GetModelInfoRequest* req, v1::GetModelInfoResponse* resp,
-         std::function<void(grpc::Status)> done) {
-        stub->async()->GetModelInfo(ctx, req, resp, std::move(done));
-      });
-  r->Start({});
-  return r;
+  return StartUnaryProxy(pool_, request, response, Deadline(context),
+                         [](auto* stub, auto* ctx, auto* req, auto* resp, auto done) {
+                           stub->async()->GetModelInfo(ctx, req, resp, std::move(done));
+                         });
 }
 
 }  // namespace kvr::gateway

@@ -23,10 +23,6 @@
 #include <vector>
 
 #include "absl/flags/flag.h"
-#include "absl/flags/parse.h"
-#include "absl/flags/usage.h"
-#include "absl/flags/usage_config.h"
-#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/time/time.h"
 #include "services/gateway/gateway_metrics.h"
@@ -36,6 +32,7 @@
 #include "services/infra/membership/membership.h"
 #include "services/infra/metrics/metrics_endpoint.h"
 #include "services/infra/rpc/grpc_server.h"
+#include "services/infra/server/server_main.h"
 
 ABSL_FLAG(std::string, listen, "127.0.0.1:0",
           "host:port of the gRPC API; port 0 picks a free port (printed on stdout as "
@@ -76,26 +73,19 @@ ABSL_FLAG(double, drain_seconds, 10.0,
 namespace kvr::gateway {
 namespace {
 
+constexpr char kProgram[] = "kvr_gateway";
 constexpr char kServiceName[] = "kvr.v1.Generation";
 
-int Fail(const std::string& message) {
-  std::fprintf(stderr, "kvr_gateway: %s\n", message.c_str());
-  return 2;
-}
+int Fail(absl::string_view message) { return server::Fail(kProgram, message); }
 
 int Main(int argc, char** argv) {
-  absl::SetProgramUsageMessage(
+  server::ParseFlags(
+      "services/gateway/main.cc",
       "gateway: kvr.v1.Generation over gRPC and an OpenAI-compatible HTTP API, proxied to "
       "decode workers.\n"
       "  kvr_gateway --workers host:port,... [--listen H:P] [--http_listen H:P] "
-      "[--metrics_listen H:P]");
-  absl::FlagsUsageConfig usage;
-  usage.contains_help_flags = [](absl::string_view file) {
-    return absl::EndsWith(file, "services/gateway/main.cc");
-  };
-  usage.contains_helpshort_flags = usage.contains_help_flags;
-  absl::SetFlagsUsageConfig(usage);
-  absl::ParseCommandLine(argc, argv);
+      "[--metrics_listen H:P]",
+      argc, argv);
 
   // SIGTERM / SIGINT are taken by a watcher thread, which stops the HTTP
   // front end and then wakes the gRPC serving loop with SIGUSR1, so both
@@ -113,11 +103,14 @@ int Main(int argc, char** argv) {
   const double health = absl::GetFlag(FLAGS_health_check_seconds);
   const double drain = absl::GetFlag(FLAGS_drain_seconds);
   const int max_request_bytes = absl::GetFlag(FLAGS_max_request_bytes);
-  if (!(refresh > 0.0)) return Fail("--workers_refresh_seconds must be > 0");
-  if (!(timeout > 0.0)) return Fail("--request_timeout_seconds must be > 0");
-  if (!(health >= 0.01)) return Fail("--health_check_seconds must be >= 0.01");
-  if (!(drain >= 0.0)) return Fail("--drain_seconds must be >= 0");
-  if (max_request_bytes < (1 << 16)) return Fail("--max_request_bytes must be >= 65536");
+  const absl::Status flags_ok = server::FlagChecks()
+                                    .Above("workers_refresh_seconds", refresh, 0.0)
+                                    .Above("request_timeout_seconds", timeout, 0.0)
+                                    .AtLeast("health_check_seconds", health, 0.01)
+                                    .AtLeast("drain_seconds", drain, 0.0)
+                                    .AtLeast("max_request_bytes", max_request_bytes, 1 << 16)
+                                    .status();
+  if (!flags_ok.ok()) return Fail(flags_ok.message());
 
   WorkerPoolOptions po;
   po.balancer.max_outstanding_per_worker = absl::GetFlag(FLAGS_max_outstanding_per_worker);
@@ -167,15 +160,9 @@ int Main(int argc, char** argv) {
     std::printf("kvr_gateway http on %s\n", http->address().c_str());
     std::fflush(stdout);
   }
-  std::unique_ptr<metrics::MetricsEndpoint> endpoint;
-  if (const std::string listen = absl::GetFlag(FLAGS_metrics_listen); !listen.empty()) {
-    absl::StatusOr<std::unique_ptr<metrics::MetricsEndpoint>> m =
-        metrics::MetricsEndpoint::Start(listen, metrics->collectable());
-    if (!m.ok()) return Fail(absl::StrCat("--metrics_listen: ", m.status().message()));
-    endpoint = *std::move(m);
-    std::printf("kvr_gateway metrics on %s\n", endpoint->address().c_str());
-    std::fflush(stdout);
-  }
+  absl::StatusOr<std::unique_ptr<metrics::MetricsEndpoint>> endpoint =
+      server::ServeMetrics(kProgram, absl::GetFlag(FLAGS_metrics_listen), metrics->collectable());
+  if (!endpoint.ok()) return Fail(absl::StrCat("--metrics_listen: ", endpoint.status().message()));
 
   GatewayServiceOptions so;
   so.default_timeout = default_timeout;
@@ -194,18 +181,18 @@ int Main(int argc, char** argv) {
     pthread_kill(main_thread, SIGUSR1);
   });
 
-  rpc::ServeOptions serve;
-  serve.name = "kvr_gateway";
-  serve.listen = absl::GetFlag(FLAGS_listen);
-  serve.max_message_bytes = max_request_bytes;
-  serve.health_services = {kServiceName};
-  serve.drain_seconds = drain;
-  const absl::Status st = rpc::ServeUntilSignal({service.get()}, serve, wake_grpc);
-  if (!st.ok()) {
+  const absl::Status served = rpc::ServeUntilSignal({service.get()},
+                                                     {.name = kProgram,
+                                                      .listen = absl::GetFlag(FLAGS_listen),
+                                                      .max_message_bytes = max_request_bytes,
+                                                      .health_services = {kServiceName},
+                                                      .drain_seconds = drain},
+                                                     wake_grpc);
+  if (!served.ok()) {
     serving_failed = true;
     pthread_kill(watcher.native_handle(), SIGTERM);
     watcher.join();
-    return Fail(std::string(st.message()));
+    return Fail(served.message());
   }
   watcher.join();  // it sent the wake-up: done
   if (http != nullptr) http->Drain(drain_deadline);
@@ -214,7 +201,7 @@ int Main(int argc, char** argv) {
     std::fprintf(stderr, "kvr_gateway: calls still open after the drain\n");
   }
   http.reset();
-  endpoint.reset();
+  endpoint->reset();
   service.reset();
   members->reset();
   pool->reset();

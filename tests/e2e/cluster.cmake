@@ -7,8 +7,8 @@ pkg_check_modules(KVR_TEST_HTTPLIB REQUIRED IMPORTED_TARGET cpp-httplib)
 find_package(nlohmann_json 3 CONFIG REQUIRED)
 add_executable(cluster_e2e_test e2e/cluster_test.cc)
 target_compile_options(cluster_e2e_test PRIVATE ${KVR_WARNINGS})
-# libprotobuf first: see generation.cmake.
-target_link_libraries(cluster_e2e_test PRIVATE protobuf::libprotobuf kvr::proto kvr::cluster_cli
+kvr_link_protobuf_first(cluster_e2e_test)  # libsentencepiece: see cmake/KvrTargets.cmake
+target_link_libraries(cluster_e2e_test PRIVATE kvr::proto kvr::cluster_cli
   kvr::common kvr::engine kvr::retrieval_client kvr::model PkgConfig::KVR_TEST_HTTPLIB
   nlohmann_json::nlohmann_json GTest::gtest)
 add_dependencies(cluster_e2e_test kvr kvr_node kvr_worker)

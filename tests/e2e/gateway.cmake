@@ -13,8 +13,8 @@ if(TARGET kvr_gateway)
   add_executable(gateway_e2e_test e2e/gateway_test.cc)
   target_compile_options(gateway_e2e_test PRIVATE ${KVR_WARNINGS})
   target_include_directories(gateway_e2e_test PRIVATE ${PROJECT_SOURCE_DIR})
-  # libprotobuf first, as for every test that links generated code.
-  target_link_libraries(gateway_e2e_test PRIVATE protobuf::libprotobuf kvr::proto
+  kvr_link_protobuf_first(gateway_e2e_test)  # as for every test linking generated code
+  target_link_libraries(gateway_e2e_test PRIVATE kvr::proto
     kvr::health_proto kvr::common PkgConfig::CPP_HTTPLIB nlohmann_json::nlohmann_json
     gRPC::grpc++ absl::strings absl::time GTest::gtest)
   add_dependencies(gateway_e2e_test kvr_gateway kvr_worker)

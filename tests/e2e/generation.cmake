@@ -3,11 +3,8 @@
 # overload, health, reflection, SIGTERM; and a worker on a real kvr_node.
 add_executable(generation_e2e_test e2e/generation_test.cc)
 target_compile_options(generation_e2e_test PRIVATE ${KVR_WARNINGS})
-# libprotobuf first: libsentencepiece (via kvr::model) bundles protobuf-lite
-# symbols that must not interpose on libprotobuf's; main() references
-# libprotobuf (GOOGLE_PROTOBUF_VERIFY_VERSION) so that --as-needed records it
-# in DT_NEEDED before libsentencepiece.
-target_link_libraries(generation_e2e_test PRIVATE protobuf::libprotobuf kvr::proto
+kvr_link_protobuf_first(generation_e2e_test)  # libsentencepiece: see cmake/KvrTargets.cmake
+target_link_libraries(generation_e2e_test PRIVATE kvr::proto
   kvr::health_proto kvr::engine kvr::retrieval_client kvr::model GTest::gtest)
 add_dependencies(generation_e2e_test kvr_worker kvr_node kvr_cuda_emulated_plugin)
 add_test(NAME generation_e2e_test

@@ -10,3 +10,6 @@ foreach(isa avx2 avx512 bogus)
   set_tests_properties(simd_dispatch_test_${isa} PROPERTIES
     LABELS unit TIMEOUT 60 ENVIRONMENT "KVR_SIMD=${isa}")
 endforeach()
+# common/Subprocess: log file, kept lines, process group, signal mask,
+# PollExit, failed exec.
+kvr_test(subprocess_test SOURCES unit/subprocess_test.cc DEPS kvr::common LABELS unit TIMEOUT 60)

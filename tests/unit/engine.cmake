@@ -18,12 +18,10 @@ else()
 endif()
 # GenerationScheduler (gpu_worker/server) on the engine: a long prefill does
 # not stall decoding streams (ordering of the scheduler's callbacks, no
-# timing). libprotobuf first: kvr::worker_server links libprotobuf and
-# (through kvr::model) libsentencepiece, whose bundled protobuf-lite symbols
-# must not interpose on libprotobuf's; the test references libprotobuf
-# (GOOGLE_PROTOBUF_VERIFY_VERSION) so --as-needed keeps that order.
+# timing). kvr::worker_server links libprotobuf and (through kvr::model)
+# libsentencepiece: PROTOBUF_FIRST, see cmake/KvrTargets.cmake.
 if(KVR_WITH_SERVICES)
-  kvr_test(engine_scheduler_test SOURCES unit/engine_scheduler_test.cc
-    DEPS protobuf::libprotobuf kvr::worker_server kvr::engine kvr::retrieval_client
+  kvr_test(engine_scheduler_test SOURCES unit/engine_scheduler_test.cc PROTOBUF_FIRST
+    DEPS kvr::worker_server kvr::engine kvr::retrieval_client
     TIMEOUT 300)
 endif()

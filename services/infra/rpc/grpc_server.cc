@@ -28,6 +28,10 @@ absl::Status ServeUntilSignal(const std::vector<grpc::Service*>& services,
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
   int port = 0;
   grpc::ServerBuilder builder;
+  // No SO_REUSEPORT (gRPC's default on Linux): a second server on a port in
+  // use must fail to start, not silently share its connections, and port 0
+  // must never hand out a port another server already listens on.
+  builder.AddChannelArgument(GRPC_ARG_ALLOW_REUSEPORT, 0);
   builder.AddListeningPort(options.listen, grpc::InsecureServerCredentials(), &port);
   builder.SetMaxReceiveMessageSize(options.max_message_bytes);
   builder.SetMaxSendMessageSize(options.max_message_bytes);

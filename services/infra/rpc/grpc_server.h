@@ -1,4 +1,5 @@
-// The serving loop every kvr gRPC binary shares (kvr_node, kvr_worker):
+// The serving loop every kvr gRPC binary shares (kvr_node, kvr_worker,
+// kvr_gateway):
 // health + reflection, message-size caps, the "<name> listening on
 // HOST:PORT" line tests and scripts wait for, and a drain on SIGTERM/SIGINT.
 #pragma once
@@ -30,7 +31,8 @@ struct ServeOptions {
 // ServeUntilSignal waits on.
 sigset_t BlockStopSignals();
 
-// Builds and starts a server for `services`, prints the listening line, then
+// Builds and starts a server for `services` (without SO_REUSEPORT: an address
+// in use is an error), prints the listening line, then
 // blocks until one of `stop_signals` (already blocked in every thread)
 // arrives; marks every health service NOT_SERVING, stops accepting calls and
 // waits for in-flight ones (cancelling those still running after
