@@ -12,7 +12,7 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 #endif
-#include "retrieval_node/index/flat_index.h"
+#include "common/exact_topk.h"
 
 namespace kvr::worker {
 namespace {
@@ -98,16 +98,16 @@ absl::Status ValidateAttentionOptions(const AttentionOptions& o) {
     return absl::InvalidArgumentError(
         absl::StrCat("window ", o.window, " outside [1, ", kMaxTokens, "]"));
   }
-  if (o.top_k < 1 || o.top_k > index::kMaxSearchK) {
+  if (o.top_k < 1 || o.top_k > kMaxTopK) {
     return absl::InvalidArgumentError(
-        absl::StrCat("top_k ", o.top_k, " outside [1, ", index::kMaxSearchK, "]"));
+        absl::StrCat("top_k ", o.top_k, " outside [1, ", kMaxTopK, "]"));
   }
   if (o.beam < 0 || o.beam > 1 << 16) {
     return absl::InvalidArgumentError(absl::StrCat("beam ", o.beam, " outside [0, 65536]"));
   }
-  if (o.train_k < 1 || o.train_k > index::kMaxSearchK) {
+  if (o.train_k < 1 || o.train_k > kMaxTopK) {
     return absl::InvalidArgumentError(
-        absl::StrCat("train_k ", o.train_k, " outside [1, ", index::kMaxSearchK, "]"));
+        absl::StrCat("train_k ", o.train_k, " outside [1, ", kMaxTopK, "]"));
   }
   if (o.chunk_tokens < 1 || o.chunk_tokens > kMaxTokens) {
     return absl::InvalidArgumentError(
@@ -646,9 +646,9 @@ absl::Status RetrievalEngine::UploadLayer(retrieval::RetrievalClient* client, co
         } else {
           const ConstMatrixView queries(staging->train_queries.data(), train_rows, d);
           ids = {staging->train_ids.data(), train_rows * topk};
-          KVR_RETURN_IF_ERROR(index::ExactTopK(keys, queries, static_cast<int>(topk), ids,
-                                               {staging->train_scores.data(), ids.size()},
-                                               /*pool=*/nullptr));
+          KVR_RETURN_IF_ERROR(ExactTopK(keys, queries, static_cast<int>(topk), ids,
+                                        {staging->train_scores.data(), ids.size()},
+                                        /*pool=*/nullptr));
         }
         up.train_topk = ids;
         up.train_topk_width = topk;
