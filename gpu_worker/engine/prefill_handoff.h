@@ -18,6 +18,7 @@
 // runs every queued upload first.
 #pragma once
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <cstddef>

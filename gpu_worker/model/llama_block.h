@@ -82,7 +82,7 @@ class AttentionHookFns final : public AttentionHook {
 
 // Activations of a Forward over n rows. x is the residual stream (read and
 // updated in place); the others are scratch. hb, hb2 [r x hidden_dim] with
-// 1 <= r <= n: the FFN runs in chunks of r rows (bounds prefill memory).
+// r >= 1: the FFN runs in chunks of min(r, n) rows (bounds prefill memory).
 struct BlockActivations {
   Tensor x, xb, xb2;  // [n x dim]
   Tensor q, att;      // [n x q_dim]
@@ -91,8 +91,8 @@ struct BlockActivations {
   // Allocates them on `backend` for n = rows and r = ffn_rows.
   static absl::StatusOr<BlockActivations> Allocate(Backend& backend, const LlamaConfig& config,
                                                    int64_t rows, int64_t ffn_rows);
-  // The first n rows of x .. att (hb, hb2 unchanged, n >= their rows is
-  // fine: they are chunk scratch).
+  // Views of the first n rows of x, xb, xb2, q and att; hb and hb2 as they
+  // are (FFN chunk scratch of any row count).
   BlockActivations Rows(int64_t n) const;
 };
 
