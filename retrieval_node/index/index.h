@@ -28,8 +28,8 @@ enum class IndexKind : uint32_t {
 absl::string_view IndexKindName(IndexKind kind);
 
 // Limits every index enforces on its inputs (ValidateSearch / Add / loaders).
-inline constexpr int kMaxSearchK = kMaxTopK;         // SearchParams::k upper bound
-inline constexpr size_t kMaxDim = 4096;              // key/query dimension
+inline constexpr int kMaxSearchK = kMaxTopK;        // SearchParams::k upper bound
+inline constexpr size_t kMaxDim = 4096;             // key/query dimension
 inline constexpr uint64_t kMaxKeys = kMaxTopKKeys;  // keys per index (ids fit uint32)
 
 // Knobs for one Search call. Each index reads the ones it understands.
