@@ -15,8 +15,9 @@
 // copies in stream mode and the partial + merge in retrieval mode),
 // retrieval (blocked on the node after the local partial; "node" is the
 // node's own Attend time), other (projections, FFN, norms, classifier).
-// The per-layer op sequence is the RetrievalEngine's decode step (DESIGN §1)
-// run on the Backend ops directly, over a synthetic KV cache of the given
+// The layers are the worker's LlamaBlock; the attention part is the
+// RetrievalEngine's decode step (DESIGN §1) on the Backend ops directly (the
+// bench's AttentionHooks), over a synthetic KV cache of the given
 // context (random keys/values: prefilling 128K+ tokens of a random model
 // would take far longer and measures nothing more). The stream is
 // synchronised around the attention part of every layer to time it, which
@@ -58,6 +59,7 @@
 #include "gpu_worker/backend/cuda/cuda_api.h"
 #include "gpu_worker/backend/cuda/cuda_backend.h"
 #include "gpu_worker/model/device_weights.h"
+#include "gpu_worker/model/llama_block.h"
 #include "gpu_worker/model/random_weights.h"
 #include "retrieval_node/client/in_process_client.h"
 
@@ -80,7 +82,9 @@ namespace kvr {
 namespace {
 
 using Clock = std::chrono::steady_clock;
+using worker::AttentionHookFns;
 using worker::Backend;
+using worker::KvRun;
 using worker::Tensor;
 
 double Since(Clock::time_point t) {
@@ -161,19 +165,14 @@ class Bench {
     KVR_ASSIGN_OR_RETURN(backend_, worker::BackendRegistry::Create("cuda", bo));
     KVR_ASSIGN_OR_RETURN(w_, worker::DeviceWeights::Import(backend_.get(), *weights_));
     const worker::LlamaConfig& cfg = weights_->config;
+    block_ = worker::LlamaBlock(backend_.get(), &cfg, &w_);
+    KVR_ASSIGN_OR_RETURN(act_, worker::BlockActivations::Allocate(*backend_, cfg, 1, 1));
     auto rows = [&](int64_t cols) { return backend_->Allocate(DType::kF32, 1, cols); };
-    KVR_ASSIGN_OR_RETURN(x_, rows(cfg.dim));
-    KVR_ASSIGN_OR_RETURN(xb_, rows(cfg.dim));
-    KVR_ASSIGN_OR_RETURN(xb2_, rows(cfg.dim));
-    KVR_ASSIGN_OR_RETURN(q_, rows(cfg.q_dim()));
-    KVR_ASSIGN_OR_RETURN(o_, rows(cfg.q_dim()));
     KVR_ASSIGN_OR_RETURN(o2_, rows(cfg.q_dim()));
     KVR_ASSIGN_OR_RETURN(m_, rows(cfg.n_heads));
     KVR_ASSIGN_OR_RETURN(l_, rows(cfg.n_heads));
     KVR_ASSIGN_OR_RETURN(m2_, rows(cfg.n_heads));
     KVR_ASSIGN_OR_RETURN(l2_, rows(cfg.n_heads));
-    KVR_ASSIGN_OR_RETURN(hb_, rows(cfg.hidden_dim));
-    KVR_ASSIGN_OR_RETURN(hb2_, rows(cfg.hidden_dim));
     KVR_ASSIGN_OR_RETURN(logits_, rows(cfg.vocab_size));
     KVR_RETURN_IF_ERROR(backend_->Synchronize());
     std::printf("model: Llama-3-8B shape, %d layers, %s weights (random), built in %.1f s\n",
@@ -223,25 +222,41 @@ class Bench {
         }
       }
     }
+    // The new token's k / v go to row `context` of the layer's cache, and
+    // the attention over [0, context] is timed on its own.
+    double attention = 0;
+    KvRun new_kv;  // the new token's k / v row
+    auto full_attention = AttentionHookFns(
+        [&](int l) -> absl::StatusOr<std::span<const KvRun>> {
+          const int cl = stream ? 0 : l;
+          new_kv = {0, 1, k[cl].Rows(context, 1), v[cl].Rows(context, 1), nullptr};
+          return std::span<const KvRun>(&new_kv, 1);
+        },
+        [&](int l, const Tensor& q, const Tensor& o) -> absl::Status {
+          const int cl = stream ? 0 : l;
+          KVR_RETURN_IF_ERROR(backend_->Synchronize());
+          const Clock::time_point a = Clock::now();
+          if (stream) {
+            KVR_RETURN_IF_ERROR(
+                backend_->UploadF32({host_k.data, host_k.n}, k[0].Rows(0, context)));
+            KVR_RETURN_IF_ERROR(
+                backend_->UploadF32({host_v.data, host_v.n}, v[0].Rows(0, context)));
+          }
+          KVR_RETURN_IF_ERROR(
+              backend_->Attention(q, k[cl], v[cl], c.attention_shape(), context, o));
+          KVR_RETURN_IF_ERROR(backend_->Synchronize());
+          attention += Since(a);
+          return absl::OkStatus();
+        });
     const int steps = absl::GetFlag(FLAGS_steps);
     for (int step = -1; step < steps; ++step) {  // step -1: warm-up
-      double attention = 0;
+      attention = 0;
       const Clock::time_point start = Clock::now();
       KVR_RETURN_IF_ERROR(Embed(step));
+      const int32_t pos = static_cast<int32_t>(context);
       for (int l = 0; l < c.n_layers; ++l) {
-        const int cl = stream ? 0 : l;
-        KVR_RETURN_IF_ERROR(Qkv(l, k[cl].Rows(context, 1), v[cl].Rows(context, 1), context));
-        KVR_RETURN_IF_ERROR(backend_->Synchronize());
-        const Clock::time_point a = Clock::now();
-        if (stream) {
-          KVR_RETURN_IF_ERROR(backend_->UploadF32({host_k.data, host_k.n}, k[0].Rows(0, context)));
-          KVR_RETURN_IF_ERROR(backend_->UploadF32({host_v.data, host_v.n}, v[0].Rows(0, context)));
-        }
         KVR_RETURN_IF_ERROR(
-            backend_->Attention(q_, k[cl], v[cl], c.attention_shape(), context, o_));
-        KVR_RETURN_IF_ERROR(backend_->Synchronize());
-        attention += Since(a);
-        KVR_RETURN_IF_ERROR(Ffn(l));
+            block_.Forward(l, std::span<const int32_t>(&pos, 1), act_, full_attention));
       }
       KVR_RETURN_IF_ERROR(Classify());
       if (step >= 0) {
@@ -344,64 +359,79 @@ class Bench {
     const int steps = absl::GetFlag(FLAGS_steps);
     const int top_k = absl::GetFlag(FLAGS_top_k);
     int64_t node_end = s + mid;  // the node holds [s, node_end)
-    for (int step = -1; step < steps; ++step) {
-      const int64_t pos = context + step + 1;
-      const int64_t slot = s + (pos - s) % w;  // ring slot of pos (and of pos - w, leaving)
-      double attention = 0, retrieval_wait = 0, node_time = 0;
-      const Clock::time_point start = Clock::now();
-      KVR_RETURN_IF_ERROR(Embed(step));
-      for (int l = 0; l < c.n_layers; ++l) {
-        const Tensor k_slot = k[l].Rows(slot, 1), v_slot = v[l].Rows(slot, 1);
-        // The token leaving the window goes to the node (per kv head).
-        KVR_RETURN_IF_ERROR(backend_->DownloadF32(k_slot, k_row));
-        KVR_RETURN_IF_ERROR(backend_->DownloadF32(v_slot, v_row));
-        for (int g = 0; g < c.n_kv_heads; ++g) {
-          retrieval::AppendRequest req;
+    int64_t slot = 0;             // this step's ring slot (of pos, and of pos - w, leaving)
+    double attention = 0, retrieval_wait = 0, node_time = 0;
+    KvRun new_kv;  // the new token's k / v row
+    auto retrieval_attention = AttentionHookFns(
+        // The token leaving the window goes to the node (per kv head), then
+        // the new token's k / v take its slot.
+        [&](int l) -> absl::StatusOr<std::span<const KvRun>> {
+          const Tensor k_slot = k[l].Rows(slot, 1), v_slot = v[l].Rows(slot, 1);
+          KVR_RETURN_IF_ERROR(backend_->DownloadF32(k_slot, k_row));
+          KVR_RETURN_IF_ERROR(backend_->DownloadF32(v_slot, v_row));
+          for (int g = 0; g < c.n_kv_heads; ++g) {
+            retrieval::AppendRequest req;
+            req.sequence_id = spec.sequence_id;
+            req.layer = l;
+            req.kv_head = g;
+            req.first_position = node_end;
+            req.keys = ConstMatrixView(k_row.data() + g * d, 1, d);
+            req.values = ConstMatrixView(v_row.data() + g * d, 1, d);
+            KVR_RETURN_IF_ERROR(node->Append(req));
+          }
+          new_kv = {0, 1, k_slot, v_slot, nullptr};
+          return std::span<const KvRun>(&new_kv, 1);
+        },
+        // The node's top-k partial (AttendAsync) while the GPU computes the
+        // static pattern's, then the merge.
+        [&](int l, const Tensor& q, const Tensor& o) -> absl::Status {
+          KVR_RETURN_IF_ERROR(backend_->DownloadF32(q, q_host));  // waits for q
+          const Clock::time_point a = Clock::now();
+          retrieval::StatusWaiter waiter;
+          retrieval::AttendRequest req;
           req.sequence_id = spec.sequence_id;
           req.layer = l;
-          req.kv_head = g;
-          req.first_position = node_end;
-          req.keys = ConstMatrixView(k_row.data() + g * d, 1, d);
-          req.values = ConstMatrixView(v_row.data() + g * d, 1, d);
-          KVR_RETURN_IF_ERROR(node->Append(req));
-        }
-        KVR_RETURN_IF_ERROR(Qkv(l, k_slot, v_slot, pos));
-        KVR_RETURN_IF_ERROR(backend_->DownloadF32(q_, q_host));  // waits for q
-        const Clock::time_point a = Clock::now();
-        retrieval::StatusWaiter waiter;
-        retrieval::AttendRequest req;
-        req.sequence_id = spec.sequence_id;
-        req.layer = l;
-        req.queries = ConstMatrixView(q_host.data(), static_cast<size_t>(c.n_heads), d);
-        req.k = top_k;
-        std::atomic<int64_t> node_ns{0};
-        auto done = waiter.callback();
-        node->AttendAsync(req, partials.view(), nullptr,
-                          [&node_ns, a, done = std::move(done)](absl::Status st) {
-                            node_ns = std::chrono::duration_cast<std::chrono::nanoseconds>(
-                                          Clock::now() - a)
-                                          .count();
-                            done(std::move(st));
-                          });
-        absl::Status local_st = backend_->PartialAttention(q_, k[l], v[l], c.attention_shape(),
-                                                           local, 0, local, o_, m_, l_);
-        if (local_st.ok()) local_st = backend_->Synchronize();
-        attention += Since(a);
-        // Always wait: the node writes into `partials` and `node_ns`.
-        const Clock::time_point wait = Clock::now();
-        const absl::Status remote_st = waiter.Wait();
-        retrieval_wait += Since(wait);
-        KVR_RETURN_IF_ERROR(local_st);
-        KVR_RETURN_IF_ERROR(remote_st);
-        node_time += static_cast<double>(node_ns.load()) * 1e-9;
-        const Clock::time_point merge = Clock::now();
-        KVR_RETURN_IF_ERROR(backend_->UploadF32(partials.o.data, o2_));
-        KVR_RETURN_IF_ERROR(backend_->UploadF32(partials.m, m2_));
-        KVR_RETURN_IF_ERROR(backend_->UploadF32(partials.l, l2_));
-        KVR_RETURN_IF_ERROR(backend_->MergeAttention(o_, m_, l_, o2_, m2_, l2_, c.head_dim));
-        KVR_RETURN_IF_ERROR(backend_->Synchronize());
-        attention += Since(merge);
-        KVR_RETURN_IF_ERROR(Ffn(l));
+          req.queries = ConstMatrixView(q_host.data(), static_cast<size_t>(c.n_heads), d);
+          req.k = top_k;
+          std::atomic<int64_t> node_ns{0};
+          auto done = waiter.callback();
+          node->AttendAsync(req, partials.view(), nullptr,
+                            [&node_ns, a, done = std::move(done)](absl::Status st) {
+                              node_ns = std::chrono::duration_cast<std::chrono::nanoseconds>(
+                                            Clock::now() - a)
+                                            .count();
+                              done(std::move(st));
+                            });
+          absl::Status local_st = backend_->PartialAttention(q, k[l], v[l], c.attention_shape(),
+                                                             local, 0, local, o, m_, l_);
+          if (local_st.ok()) local_st = backend_->Synchronize();
+          attention += Since(a);
+          // Always wait: the node writes into `partials` and `node_ns`.
+          const Clock::time_point wait = Clock::now();
+          const absl::Status remote_st = waiter.Wait();
+          retrieval_wait += Since(wait);
+          KVR_RETURN_IF_ERROR(local_st);
+          KVR_RETURN_IF_ERROR(remote_st);
+          node_time += static_cast<double>(node_ns.load()) * 1e-9;
+          const Clock::time_point merge = Clock::now();
+          KVR_RETURN_IF_ERROR(backend_->UploadF32(partials.o.data, o2_));
+          KVR_RETURN_IF_ERROR(backend_->UploadF32(partials.m, m2_));
+          KVR_RETURN_IF_ERROR(backend_->UploadF32(partials.l, l2_));
+          KVR_RETURN_IF_ERROR(backend_->MergeAttention(o, m_, l_, o2_, m2_, l2_, c.head_dim));
+          KVR_RETURN_IF_ERROR(backend_->Synchronize());
+          attention += Since(merge);
+          return absl::OkStatus();
+        });
+    for (int step = -1; step < steps; ++step) {
+      const int64_t pos = context + step + 1;
+      slot = s + (pos - s) % w;
+      attention = retrieval_wait = node_time = 0;
+      const Clock::time_point start = Clock::now();
+      KVR_RETURN_IF_ERROR(Embed(step));
+      const int32_t pos32 = static_cast<int32_t>(pos);
+      for (int l = 0; l < c.n_layers; ++l) {
+        KVR_RETURN_IF_ERROR(
+            block_.Forward(l, std::span<const int32_t>(&pos32, 1), act_, retrieval_attention));
       }
       ++node_end;
       KVR_RETURN_IF_ERROR(Classify());
@@ -420,42 +450,11 @@ class Bench {
  private:
   absl::Status Embed(int step) {
     const int32_t token = static_cast<int32_t>((1000 + 7919 * (step + 1)) % config().vocab_size);
-    return backend_->Embedding(w_.token_embedding, std::span<const int32_t>(&token, 1), x_);
-  }
-
-  // Norm, q/k/v projections (k, v straight into their cache rows), RoPE.
-  absl::Status Qkv(int l, const Tensor& k_row, const Tensor& v_row, int64_t pos) {
-    const worker::LlamaConfig& c = config();
-    const worker::DeviceLayerWeights& lw = w_.layers[l];
-    const int32_t p = static_cast<int32_t>(pos);
-    const std::span<const int32_t> positions(&p, 1);
-    KVR_RETURN_IF_ERROR(backend_->RmsNorm(x_, lw.attn_norm, c.rms_eps, xb_));
-    KVR_RETURN_IF_ERROR(backend_->MatMul(xb_, lw.wq, q_));
-    KVR_RETURN_IF_ERROR(backend_->MatMul(xb_, lw.wk, k_row));
-    KVR_RETURN_IF_ERROR(backend_->MatMul(xb_, lw.wv, v_row));
-    KVR_RETURN_IF_ERROR(
-        backend_->Rope(q_, c.n_heads, c.head_dim, positions, w_.inv_freq, c.rope_style));
-    return backend_->Rope(k_row, c.n_kv_heads, c.head_dim, positions, w_.inv_freq, c.rope_style);
-  }
-
-  // Output projection, residual, FFN, residual.
-  absl::Status Ffn(int l) {
-    const worker::LlamaConfig& c = config();
-    const worker::DeviceLayerWeights& lw = w_.layers[l];
-    KVR_RETURN_IF_ERROR(backend_->MatMul(o_, lw.wo, xb2_));
-    KVR_RETURN_IF_ERROR(backend_->Add(x_, xb2_));
-    KVR_RETURN_IF_ERROR(backend_->RmsNorm(x_, lw.ffn_norm, c.rms_eps, xb_));
-    KVR_RETURN_IF_ERROR(backend_->MatMul(xb_, lw.w1, hb_));
-    KVR_RETURN_IF_ERROR(backend_->MatMul(xb_, lw.w3, hb2_));
-    KVR_RETURN_IF_ERROR(backend_->SwiGlu(hb_, hb2_, hb_));
-    KVR_RETURN_IF_ERROR(backend_->MatMul(hb_, lw.w2, xb2_));
-    return backend_->Add(x_, xb2_);
+    return block_.Embed(std::span<const int32_t>(&token, 1), act_.x);
   }
 
   absl::Status Classify() {
-    const worker::LlamaConfig& c = config();
-    KVR_RETURN_IF_ERROR(backend_->RmsNorm(x_, w_.final_norm, c.rms_eps, xb_));
-    KVR_RETURN_IF_ERROR(backend_->MatMul(xb_, w_.classifier, logits_));
+    KVR_RETURN_IF_ERROR(block_.Logits(act_.x, act_.xb, logits_));
     int32_t next = 0;
     return backend_->Argmax(logits_, std::span<int32_t>(&next, 1));  // waits for the step
   }
@@ -464,7 +463,9 @@ class Bench {
   std::shared_ptr<const worker::LlamaWeights> weights_;
   std::unique_ptr<Backend> backend_;
   worker::DeviceWeights w_;
-  Tensor x_, xb_, xb2_, q_, o_, o2_, m_, l_, m2_, l2_, hb_, hb2_, logits_;
+  worker::LlamaBlock block_;  // over w_
+  worker::BlockActivations act_;  // one row
+  Tensor o2_, m_, l_, m2_, l2_, logits_;
 };
 
 absl::Status Run() {

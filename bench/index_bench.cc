@@ -151,7 +151,7 @@ double Recall(const std::vector<int64_t>& truth, const std::vector<int64_t>& got
 std::vector<int64_t> Truth(const Matrix& keys, const Matrix& q, int k, ThreadPool* pool) {
   std::vector<int64_t> ids(q.rows * k);
   std::vector<float> scores(q.rows * k);
-  if (auto s = index::ExactTopK(keys.view(), q.view(), k, ids, scores, pool); !s.ok()) Fail(s);
+  if (auto s = ExactTopK(keys.view(), q.view(), k, ids, scores, pool); !s.ok()) Fail(s);
   return ids;
 }
 
@@ -342,7 +342,7 @@ class Runner {
     }
     if (!cached) {
       std::vector<float> scores(topk.size());
-      if (auto s = index::ExactTopK(ds.keys.view(), ds.train.view(), train_k, topk, scores, pool_);
+      if (auto s = ExactTopK(ds.keys.view(), ds.train.view(), train_k, topk, scores, pool_);
           !s.ok()) {
         Fail(s);
       }

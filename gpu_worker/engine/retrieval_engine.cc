@@ -3,40 +3,14 @@
 #include <algorithm>
 #include <atomic>
 #include <chrono>
-#include <cmath>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
-#ifdef __linux__
-#include <sys/resource.h>
-#include <sys/syscall.h>
-#include <unistd.h>
-#endif
-#include "retrieval_node/index/flat_index.h"
 
 namespace kvr::worker {
 namespace {
 
 using Clock = std::chrono::steady_clock;
-
-// How a prompt's offloaded middle (between sinks and window) splits into
-// placement chunks, and the width of its training top-k lists: the one
-// geometry that the backend's top-k and the hand-off's uploads both index by.
-struct OffloadGeometry {
-  size_t mid;       // offloaded tokens
-  size_t chunk;     // tokens per chunk (the last may hold fewer)
-  size_t chunks;
-  size_t max_topk;  // chunk ci's lists are TopK(ci) <= max_topk wide
-
-  OffloadGeometry(const AttentionOptions& a, int64_t prompt_len)
-      : mid(static_cast<size_t>(prompt_len - a.window - a.sinks)),
-        chunk(static_cast<size_t>(a.chunk_tokens)),
-        chunks((mid + chunk - 1) / chunk),
-        max_topk(std::min(static_cast<size_t>(a.train_k), std::min(mid, chunk))) {}
-  size_t Begin(size_t ci) const { return ci * chunk; }
-  size_t Rows(size_t ci) const { return std::min(chunk, mid - Begin(ci)); }
-  size_t TopK(size_t ci) const { return std::min(max_topk, Rows(ci)); }
-};
 
 double Seconds(Clock::time_point since) {
   return std::chrono::duration<double>(Clock::now() - since).count();
@@ -44,78 +18,7 @@ double Seconds(Clock::time_point since) {
 
 std::atomic<uint64_t> next_sequence_id{1};
 
-// A future already holding `status`.
-std::shared_future<absl::Status> Ready(absl::Status status) {
-  std::promise<absl::Status> p;
-  p.set_value(std::move(status));
-  return p.get_future().share();
-}
-
-// Raises the calling thread's nice value to `nice` (once per thread; Linux
-// applies PRIO_PROCESS with a thread id to that thread only).
-void LowerThreadPriority(int nice) {
-  thread_local bool done = false;
-  if (done || nice <= 0) return;
-  done = true;
-#ifdef __linux__
-  setpriority(PRIO_PROCESS, static_cast<id_t>(syscall(SYS_gettid)), nice);
-#endif
-}
-
-int64_t NanosSince(Clock::time_point since) {
-  return std::chrono::duration_cast<std::chrono::nanoseconds>(Clock::now() - since).count();
-}
-
-void StoreMax(std::atomic<int64_t>& a, int64_t v) {
-  int64_t cur = a.load(std::memory_order_relaxed);
-  while (cur < v && !a.compare_exchange_weak(cur, v, std::memory_order_relaxed)) {
-  }
-}
-
 }  // namespace
-
-std::string_view AttentionModeName(AttentionMode mode) {
-  return mode == AttentionMode::kFull ? "full" : "retrieval";
-}
-
-absl::StatusOr<AttentionMode> ParseAttentionMode(std::string_view name) {
-  if (name == "full") return AttentionMode::kFull;
-  if (name == "retrieval") return AttentionMode::kRetrieval;
-  return absl::InvalidArgumentError(
-      absl::StrCat("mode \"", std::string(name), "\" is not one of retrieval, full"));
-}
-
-absl::Status ValidateAttentionOptions(const AttentionOptions& o) {
-  constexpr int kMaxTokens = LlamaConfig::kMaxSeqLen;
-  if (o.mode != AttentionMode::kFull && o.mode != AttentionMode::kRetrieval) {
-    return absl::InvalidArgumentError("mode: unknown attention mode");
-  }
-  if (o.sinks < 0 || o.sinks > kMaxTokens) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("sinks ", o.sinks, " outside [0, ", kMaxTokens, "]"));
-  }
-  if (o.window < 1 || o.window > kMaxTokens) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("window ", o.window, " outside [1, ", kMaxTokens, "]"));
-  }
-  if (o.top_k < 1 || o.top_k > index::kMaxSearchK) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("top_k ", o.top_k, " outside [1, ", index::kMaxSearchK, "]"));
-  }
-  if (o.beam < 0 || o.beam > 1 << 16) {
-    return absl::InvalidArgumentError(absl::StrCat("beam ", o.beam, " outside [0, 65536]"));
-  }
-  if (o.train_k < 1 || o.train_k > index::kMaxSearchK) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("train_k ", o.train_k, " outside [1, ", index::kMaxSearchK, "]"));
-  }
-  if (o.chunk_tokens < 1 || o.chunk_tokens > kMaxTokens) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("chunk_tokens ", o.chunk_tokens, " outside [1, ", kMaxTokens, "]"));
-  }
-  KVR_RETURN_IF_ERROR(retrieval::ParseIndexType(retrieval::IndexTypeName(o.index)).status());
-  return DTypeFromTag(static_cast<uint32_t>(o.value_dtype)).status();
-}
 
 // ---- EngineSequence ----------------------------------------------------------
 
@@ -191,24 +94,17 @@ absl::Status RetrievalEngine::Init(Backend* backend, std::shared_ptr<const Llama
     return absl::InvalidArgumentError(
         absl::StrCat("handoff_nice ", options.handoff_nice, " outside [0, 19]"));
   }
-  handoff_nice_ = options.handoff_nice;
   max_batch_ = std::min(options.max_batch_tokens, max_seq_len_);
 
-  KVR_ASSIGN_OR_RETURN(DeviceWeights imported, DeviceWeights::Import(backend_, *weights_));
-  token_embedding_ = imported.token_embedding;
-  final_norm_ = imported.final_norm;
-  classifier_ = imported.classifier;
-  inv_freq_ = imported.inv_freq;
-  layers_ = std::move(imported.layers);
+  KVR_ASSIGN_OR_RETURN(device_weights_, DeviceWeights::Import(backend_, *weights_));
+  block_ = LlamaBlock(backend_, &weights_->config, &device_weights_);
   KVR_RETURN_IF_ERROR(EnsureBatchCapacity(1));
   k_row_host_.resize(static_cast<size_t>(c.kv_dim()));
   v_row_host_.resize(static_cast<size_t>(c.kv_dim()));
 
   const int depth = options.handoff_depth > 0 ? options.handoff_depth : c.n_layers;
-  for (int i = 0; i < depth; ++i) staging_.push_back(std::make_unique<Staging>());
-  if (options.handoff_threads > 0) {
-    handoff_pool_ = std::make_unique<ThreadPool>(static_cast<size_t>(options.handoff_threads));
-  }
+  handoff_ = std::make_unique<PrefillHandOff>(options.handoff_threads, depth,
+                                              options.handoff_nice);
   own_.reset(new EngineSequence(this));
   live_.insert(own_.get());
   return absl::OkStatus();
@@ -218,18 +114,12 @@ absl::Status RetrievalEngine::EnsureBatchCapacity(int64_t n) {
   if (n <= batch_capacity_) return absl::OkStatus();
   const LlamaConfig& c = weights_->config;
   auto rows = [&](int64_t cols) { return backend_->Allocate(DType::kF32, n, cols); };
-  KVR_ASSIGN_OR_RETURN(x1_, rows(c.dim));
-  KVR_ASSIGN_OR_RETURN(xb1_, rows(c.dim));
-  KVR_ASSIGN_OR_RETURN(xb2_1_, rows(c.dim));
-  KVR_ASSIGN_OR_RETURN(q1_, rows(c.q_dim()));
-  KVR_ASSIGN_OR_RETURN(o1_, rows(c.q_dim()));
+  KVR_ASSIGN_OR_RETURN(step_act_, BlockActivations::Allocate(*backend_, c, n, n));
   KVR_ASSIGN_OR_RETURN(o2_, rows(c.q_dim()));
   KVR_ASSIGN_OR_RETURN(m1_, rows(c.n_heads));
   KVR_ASSIGN_OR_RETURN(l1_, rows(c.n_heads));
   KVR_ASSIGN_OR_RETURN(m2_, rows(c.n_heads));
   KVR_ASSIGN_OR_RETURN(l2_, rows(c.n_heads));
-  KVR_ASSIGN_OR_RETURN(hb1_, rows(c.hidden_dim));
-  KVR_ASSIGN_OR_RETURN(hb2_1_, rows(c.hidden_dim));
   KVR_ASSIGN_OR_RETURN(logits_, rows(c.vocab_size));
   logits_host_.resize(static_cast<size_t>(n * c.vocab_size));
   q_host_.resize(static_cast<size_t>(n * c.q_dim()));
@@ -240,6 +130,7 @@ absl::Status RetrievalEngine::EnsureBatchCapacity(int64_t n) {
     }
   }
   step_positions_.resize(static_cast<size_t>(n));
+  step_kv_runs_.reserve(static_cast<size_t>(n));
   batch_capacity_ = n;
   return absl::OkStatus();
 }
@@ -247,18 +138,9 @@ absl::Status RetrievalEngine::EnsureBatchCapacity(int64_t n) {
 absl::Status RetrievalEngine::EnsurePrefillCapacity(int64_t n) {
   if (n <= prefill_capacity_) return absl::OkStatus();
   const LlamaConfig& c = weights_->config;
-  auto act = [&](int64_t rows, int64_t cols) {
-    return backend_->Allocate(DType::kF32, rows, cols);
-  };
-  KVR_ASSIGN_OR_RETURN(px_, act(n, c.dim));
-  KVR_ASSIGN_OR_RETURN(pxb_, act(n, c.dim));
-  KVR_ASSIGN_OR_RETURN(pxb2_, act(n, c.dim));
-  KVR_ASSIGN_OR_RETURN(pq_, act(n, c.q_dim()));
-  KVR_ASSIGN_OR_RETURN(patt_, act(n, c.q_dim()));
-  KVR_ASSIGN_OR_RETURN(pk_, act(n, c.kv_dim()));
-  KVR_ASSIGN_OR_RETURN(pv_, act(n, c.kv_dim()));
-  KVR_ASSIGN_OR_RETURN(phb_, act(max_batch_, c.hidden_dim));
-  KVR_ASSIGN_OR_RETURN(phb2_, act(max_batch_, c.hidden_dim));
+  KVR_ASSIGN_OR_RETURN(prefill_act_, BlockActivations::Allocate(*backend_, c, n, max_batch_));
+  KVR_ASSIGN_OR_RETURN(pk_, backend_->Allocate(DType::kF32, n, c.kv_dim()));
+  KVR_ASSIGN_OR_RETURN(pv_, backend_->Allocate(DType::kF32, n, c.kv_dim()));
   prefill_capacity_ = n;
   return absl::OkStatus();
 }
@@ -311,7 +193,7 @@ absl::StatusOr<std::unique_ptr<EngineSequence>> RetrievalEngine::StartSequence(
   absl::Status st;
   {
     std::lock_guard<std::mutex> prefill(prefill_mu_);
-    if (options.mode == AttentionMode::kRetrieval) WaitStagingSlot();
+    if (options.mode == AttentionMode::kRetrieval) handoff_->WaitSlot();
     std::unique_lock<std::mutex> lock(mu_);
     seq.reset(new EngineSequence(this));
     live_.insert(seq.get());
@@ -325,17 +207,10 @@ absl::StatusOr<std::span<const float>> RetrievalEngine::Prefill(std::span<const 
                                                                 const AttentionOptions& options,
                                                                 const CancelToken& cancel) {
   std::lock_guard<std::mutex> prefill(prefill_mu_);
-  if (options.mode == AttentionMode::kRetrieval) WaitStagingSlot();
+  if (options.mode == AttentionMode::kRetrieval) handoff_->WaitSlot();
   std::unique_lock<std::mutex> lock(mu_);
   KVR_RETURN_IF_ERROR(StartLocked(lock, *own_, tokens, options, cancel, nullptr));
   return own_->logits();
-}
-
-void RetrievalEngine::WaitStagingSlot() {
-  Staging& next = *staging_[next_staging_];
-  // An earlier layer's (or sequence's) upload still reads this slot. The
-  // future is only set and cleared under prefill_mu_, which we hold.
-  if (next.busy.valid()) next.busy.wait();
 }
 
 void RetrievalEngine::BetweenPrefillLayers(std::unique_lock<std::mutex>& lock, bool staging,
@@ -344,7 +219,7 @@ void RetrievalEngine::BetweenPrefillLayers(std::unique_lock<std::mutex>& lock, b
   lock.unlock();
   // Decode steps may run from here on: the prefill's own state (activations,
   // staging, the new sequence) is out of their reach.
-  if (staging) WaitStagingSlot();
+  if (staging) handoff_->WaitSlot();
   if (on_layer) on_layer(layers_done, weights_->config.n_layers);
   lock.lock();
   // std::mutex is not fair: without this, a prefill re-locking at once could
@@ -434,90 +309,37 @@ absl::Status RetrievalEngine::PrefillLocked(std::unique_lock<std::mutex>& lock,
   positions_.resize(static_cast<size_t>(n));
   for (int64_t i = 0; i < n; ++i) positions_[i] = static_cast<int32_t>(i);
   const AttentionShape shape = c.attention_shape();
-  const Tensor x = px_.Rows(0, n), xb = pxb_.Rows(0, n), xb2 = pxb2_.Rows(0, n),
-               q = pq_.Rows(0, n), att = patt_.Rows(0, n);
+  const BlockActivations a = prefill_act_.Rows(n);
   const bool offload = !full && n > s + w;
-  const size_t kv = static_cast<size_t>(c.kv_dim());
 
-  KVR_RETURN_IF_ERROR(b.Embedding(token_embedding_, tokens, x));
+  // Full mode computes K/V straight into the sequence's cache; retrieval
+  // mode into pk_ / pv_, from where HandOffLayer distributes them.
+  KvRun kv;
+  auto attention = AttentionHookFns(
+      [&](int l) -> absl::StatusOr<std::span<const KvRun>> {
+        const EngineSequence::Cache& cache = seq.caches_[l];
+        kv = {0, n, full ? cache.k.Rows(0, n) : pk_.Rows(0, n),
+              full ? cache.v.Rows(0, n) : pv_.Rows(0, n), nullptr};
+        return std::span<const KvRun>(&kv, 1);
+      },
+      [&](int l, const Tensor& q, const Tensor& att) -> absl::Status {
+        // Full causal attention, in chunks of queries.
+        for (int64_t begin = 0; begin < n; begin += max_batch_) {
+          const int64_t rows = std::min(max_batch_, n - begin);
+          KVR_RETURN_IF_ERROR(b.Attention(q.Rows(begin, rows), kv.k, kv.v, shape, begin,
+                                          att.Rows(begin, rows)));
+        }
+        if (full) return absl::OkStatus();
+        // Hand-off: sinks and window to the static cache, the middle to the node.
+        return HandOffLayer(seq, l, q, kv.k, kv.v, n);
+      });
+
+  KVR_RETURN_IF_ERROR(block_.Embed(tokens, a.x));
   for (int l = 0; l < c.n_layers; ++l) {
     if (seq.cancel_.cancelled()) {
       return absl::CancelledError(absl::StrCat("sequence ", seq.id_, " cancelled in prefill"));
     }
-    const Layer& layer = layers_[l];
-    EngineSequence::Cache& cache = seq.caches_[l];
-    // Full mode computes K/V straight into the sequence's cache.
-    const Tensor k = full ? cache.k.Rows(0, n) : pk_.Rows(0, n);
-    const Tensor v = full ? cache.v.Rows(0, n) : pv_.Rows(0, n);
-    KVR_RETURN_IF_ERROR(b.RmsNorm(x, layer.attn_norm, c.rms_eps, xb));
-    KVR_RETURN_IF_ERROR(b.MatMul(xb, layer.wq, q));
-    KVR_RETURN_IF_ERROR(b.MatMul(xb, layer.wk, k));
-    KVR_RETURN_IF_ERROR(b.MatMul(xb, layer.wv, v));
-    KVR_RETURN_IF_ERROR(b.Rope(q, c.n_heads, c.head_dim, positions_, inv_freq_, c.rope_style));
-    KVR_RETURN_IF_ERROR(b.Rope(k, c.n_kv_heads, c.head_dim, positions_, inv_freq_, c.rope_style));
-    for (int64_t begin = 0; begin < n; begin += max_batch_) {
-      const int64_t rows = std::min(max_batch_, n - begin);
-      KVR_RETURN_IF_ERROR(b.Attention(q.Rows(begin, rows), k, v, shape, begin,
-                                      att.Rows(begin, rows)));
-    }
-    if (!full) {
-      // Hand-off: sinks and window to the static cache, the middle to the node.
-      Staging* staging = staging_[next_staging_].get();
-      next_staging_ = (next_staging_ + 1) % staging_.size();
-      // Normally free already: WaitStagingSlot ran outside mu_.
-      if (staging->busy.valid()) staging->busy.wait();  // an earlier layer's upload
-      staging->busy = {};
-      // K and V (and Q for the training data) to the host in one wait.
-      staging->k.resize(static_cast<size_t>(n) * kv);
-      staging->v.resize(static_cast<size_t>(n) * kv);
-      if (offload) staging->q.resize(static_cast<size_t>(n * c.q_dim()));
-      downloads_.clear();
-      downloads_.push_back({k, std::as_writable_bytes(std::span<float>(staging->k))});
-      downloads_.push_back({v, std::as_writable_bytes(std::span<float>(staging->v))});
-      if (offload) {
-        downloads_.push_back({q, std::as_writable_bytes(std::span<float>(staging->q))});
-      }
-      KVR_RETURN_IF_ERROR(b.DownloadMany(downloads_));
-      // Sinks and window into the static cache (and its host copy), a run of
-      // consecutive slots per upload: at most the sinks and two pieces of
-      // the window ring.
-      const auto kept = [&](int64_t p) { return p < s || p >= n - w; };
-      for (int64_t p = 0; p < n;) {
-        if (!kept(p)) {
-          ++p;
-          continue;
-        }
-        const int64_t slot = seq.Slot(p);
-        int64_t run = 1;
-        while (p + run < n && kept(p + run) && seq.Slot(p + run) == slot + run) ++run;
-        const size_t from = static_cast<size_t>(p) * kv, count = static_cast<size_t>(run) * kv;
-        const Tensor k_rows = cache.k.Rows(slot, run), v_rows = cache.v.Rows(slot, run);
-        KVR_RETURN_IF_ERROR(b.UploadF32({staging->k.data() + from, count}, k_rows));
-        KVR_RETURN_IF_ERROR(b.UploadF32({staging->v.data() + from, count}, v_rows));
-        std::copy_n(staging->k.data() + from, count, cache.k_host.data() + slot * kv);
-        std::copy_n(staging->v.data() + from, count, cache.v_host.data() + slot * kv);
-        std::fill_n(cache.row_on_host.begin() + slot, run, 1);
-        p += run;
-      }
-      if (offload) {
-        KVR_RETURN_IF_ERROR(BackendTrainingTopK(seq, q, k, n, staging));
-        HandOff(seq, l, n, staging);
-        // Synchronous mode: this layer's uploads are done; surface errors now.
-        if (handoff_pool_ == nullptr) KVR_RETURN_IF_ERROR(WaitHandOff(seq, l));
-      }
-    }
-    KVR_RETURN_IF_ERROR(b.MatMul(att, layer.wo, xb2));
-    KVR_RETURN_IF_ERROR(b.Add(x, xb2));
-    KVR_RETURN_IF_ERROR(b.RmsNorm(x, layer.ffn_norm, c.rms_eps, xb));
-    for (int64_t begin = 0; begin < n; begin += max_batch_) {
-      const int64_t rows = std::min(max_batch_, n - begin);
-      const Tensor hb = phb_.Rows(0, rows), hb2 = phb2_.Rows(0, rows);
-      KVR_RETURN_IF_ERROR(b.MatMul(xb.Rows(begin, rows), layer.w1, hb));
-      KVR_RETURN_IF_ERROR(b.MatMul(xb.Rows(begin, rows), layer.w3, hb2));
-      KVR_RETURN_IF_ERROR(b.SwiGlu(hb, hb2, hb));
-      KVR_RETURN_IF_ERROR(b.MatMul(hb, layer.w2, xb2.Rows(begin, rows)));
-    }
-    KVR_RETURN_IF_ERROR(b.Add(x, xb2));
+    KVR_RETURN_IF_ERROR(block_.Forward(l, positions_, a, attention));
     // x (the residual stream) carries over to the next layer; nothing else.
     // (The last layer waits for no staging slot: uploads may outlast the prefill.)
     BetweenPrefillLayers(lock, /*staging=*/!full && l + 1 < c.n_layers, on_layer, l + 1);
@@ -533,130 +355,70 @@ absl::Status RetrievalEngine::PrefillLocked(std::unique_lock<std::mutex>& lock,
   }
   seq.stats_.offloaded_tokens = full ? 0 : seq.node_end_ - s;
   seq.stats_.node_chunks = seq.last_chunk_ + 1;
-  const Tensor last = x.Rows(n - 1, 1), normed = xb.Rows(0, 1), logits = logits_.Rows(0, 1);
-  KVR_RETURN_IF_ERROR(b.RmsNorm(last, final_norm_, c.rms_eps, normed));
-  KVR_RETURN_IF_ERROR(b.MatMul(normed, classifier_, logits));
+  const Tensor logits = logits_.Rows(0, 1);
+  KVR_RETURN_IF_ERROR(block_.Logits(a.x.Rows(n - 1, 1), a.xb.Rows(0, 1), logits));
   return b.DownloadF32(logits, seq.logits_);
 }
 
-void RetrievalEngine::HandOff(EngineSequence& seq, int layer, int64_t prompt_len,
-                              Staging* staging) {
-  if (handoff_pool_ == nullptr) {
-    absl::Status st = UploadLayer(client_, weights_->config, seq.attention_, seq.id_, layer,
-                                  prompt_len, staging);
-    StoreMax(*seq.handoff_done_ns_, NanosSince(seq.prefill_start_));
-    seq.pending_[layer] = Ready(std::move(st));
-    return;
-  }
-  auto promise = std::make_shared<std::promise<absl::Status>>();
-  std::shared_future<absl::Status> done = promise->get_future().share();
-  staging->busy = done;
-  seq.pending_[layer] = done;
-  handoff_pool_->Schedule([promise, client = client_, weights = weights_,
-                           attention = seq.attention_, id = seq.id_, layer, prompt_len, staging,
-                           cancel = seq.cancel_, done_ns = seq.handoff_done_ns_,
-                           start = seq.prefill_start_, nice = handoff_nice_] {
-    LowerThreadPriority(nice);
-    absl::Status st =
-        cancel.cancelled()
-            ? absl::CancelledError(absl::StrCat("sequence ", id, " cancelled"))
-            : UploadLayer(client, weights->config, attention, id, layer, prompt_len, staging);
-    StoreMax(*done_ns, NanosSince(start));
-    promise->set_value(std::move(st));
-  });
-}
-
-absl::Status RetrievalEngine::BackendTrainingTopK(EngineSequence& seq, const Tensor& q,
-                                                  const Tensor& k, int64_t prompt_len,
-                                                  Staging* staging) {
-  staging->backend_stride = 0;
-  const AttentionOptions& attention = seq.attention_;
-  if (attention.index != retrieval::IndexType::kGraph) return absl::OkStatus();
+absl::Status RetrievalEngine::HandOffLayer(EngineSequence& seq, int layer, const Tensor& q,
+                                           const Tensor& k, const Tensor& v,
+                                           int64_t prompt_len) {
   const LlamaConfig& c = weights_->config;
-  const OffloadGeometry geo(attention, prompt_len);
-  if (!backend_->SupportsOp(OptionalOp::kTopK) ||
-      static_cast<size_t>(backend_->MaxTopK()) < geo.max_topk) {
-    return absl::OkStatus();
+  Backend& b = *backend_;
+  const int64_t n = prompt_len, s = seq.attention_.sinks, w = seq.attention_.window;
+  const bool offload = n > s + w;
+  const size_t kv = static_cast<size_t>(c.kv_dim());
+  EngineSequence::Cache& cache = seq.caches_[layer];
+  HandOffStaging* staging = handoff_->NextSlot();
+  // K and V (and Q for the training data) to the host in one wait.
+  staging->k.resize(static_cast<size_t>(n) * kv);
+  staging->v.resize(static_cast<size_t>(n) * kv);
+  if (offload) staging->q.resize(static_cast<size_t>(n * c.q_dim()));
+  downloads_.clear();
+  downloads_.push_back({k, std::as_writable_bytes(std::span<float>(staging->k))});
+  downloads_.push_back({v, std::as_writable_bytes(std::span<float>(staging->v))});
+  if (offload) {
+    downloads_.push_back({q, std::as_writable_bytes(std::span<float>(staging->q))});
   }
-  const size_t rows_per_query_set =
-      static_cast<size_t>(prompt_len) * static_cast<size_t>(c.n_heads / c.n_kv_heads);
-  const size_t kv_heads = static_cast<size_t>(c.n_kv_heads);
-  const size_t stride = kv_heads * rows_per_query_set * geo.max_topk;
-  staging->backend_ids.resize(geo.chunks * stride);
-  staging->backend_scores.resize(staging->backend_ids.size());
-  // One call (one wait) per chunk for every kv head.
-  for (size_t ci = 0; ci < geo.chunks; ++ci) {
-    const size_t rows = geo.Rows(ci), topk = geo.TopK(ci);
-    const size_t count = kv_heads * rows_per_query_set * topk;
-    const int64_t key_begin = attention.sinks + static_cast<int64_t>(geo.Begin(ci));
-    KVR_RETURN_IF_ERROR(backend_->TopK(q, k, c.attention_shape(), Backend::kAllKvHeads,
-                                       key_begin, key_begin + static_cast<int64_t>(rows),
-                                       static_cast<int>(topk),
-                                       {staging->backend_ids.data() + ci * stride, count},
-                                       {staging->backend_scores.data() + ci * stride, count}));
-    seq.stats_.backend_topk_shards += c.n_kv_heads;
-  }
-  staging->backend_stride = stride;
-  return absl::OkStatus();
-}
-
-absl::Status RetrievalEngine::UploadLayer(retrieval::RetrievalClient* client, const LlamaConfig& c,
-                                          const AttentionOptions& attention,
-                                          uint64_t sequence_id, int layer, int64_t prompt_len,
-                                          Staging* staging) {
-  const size_t d = static_cast<size_t>(c.head_dim);
-  const size_t kv = static_cast<size_t>(c.kv_dim()), qd = static_cast<size_t>(c.q_dim());
-  const OffloadGeometry geo(attention, prompt_len);
-  const size_t group = static_cast<size_t>(c.n_heads / c.n_kv_heads);
-  const size_t train_rows = static_cast<size_t>(prompt_len) * group;
-  // Only the graph index trains on the queries' top-k (flat and IVF ignore it).
-  const bool train = attention.index == retrieval::IndexType::kGraph;
-  // The backend may have computed it already (BackendTrainingTopK).
-  const bool precomputed = train && staging->backend_stride != 0;
-  if (train && !precomputed) {
-    staging->train_queries.resize(train_rows * d);
-    staging->train_ids.resize(train_rows * geo.max_topk);
-    staging->train_scores.resize(staging->train_ids.size());
-  }
-  for (int g = 0; g < c.n_kv_heads; ++g) {
-    if (train && !precomputed) {
-      // Every prefill query of the kv head's query heads trains its indexes.
-      for (size_t p = 0; p < static_cast<size_t>(prompt_len); ++p) {
-        for (size_t j = 0; j < group; ++j) {
-          const float* src = staging->q.data() + p * qd + (g * group + j) * d;
-          std::copy_n(src, d, staging->train_queries.data() + (p * group + j) * d);
-        }
-      }
+  KVR_RETURN_IF_ERROR(b.DownloadMany(downloads_));
+  // Sinks and window into the static cache (and its host copy), a run of
+  // consecutive slots per upload: at most the sinks and two pieces of the
+  // window ring.
+  const auto kept = [&](int64_t p) { return p < s || p >= n - w; };
+  for (int64_t p = 0; p < n;) {
+    if (!kept(p)) {
+      ++p;
+      continue;
     }
-    for (size_t ci = 0; ci < geo.chunks; ++ci) {
-      const size_t rows = geo.Rows(ci);
-      const size_t row0 = static_cast<size_t>(attention.sinks) + geo.Begin(ci);
-      const ConstMatrixView keys(staging->k.data() + row0 * kv + g * d, rows, d, kv);
-      const ConstMatrixView values(staging->v.data() + row0 * kv + g * d, rows, d, kv);
-      retrieval::ShardUpload up;
-      up.key = {sequence_id, layer, g, static_cast<int32_t>(ci)};
-      up.first_position = static_cast<int64_t>(row0);
-      up.keys = keys;
-      up.values = values;
-      if (train) {
-        const size_t topk = geo.TopK(ci);
-        std::span<int64_t> ids;
-        if (precomputed) {
-          const size_t offset = ci * staging->backend_stride + g * train_rows * topk;
-          ids = {staging->backend_ids.data() + offset, train_rows * topk};
-        } else {
-          const ConstMatrixView queries(staging->train_queries.data(), train_rows, d);
-          ids = {staging->train_ids.data(), train_rows * topk};
-          KVR_RETURN_IF_ERROR(index::ExactTopK(keys, queries, static_cast<int>(topk), ids,
-                                               {staging->train_scores.data(), ids.size()},
-                                               /*pool=*/nullptr));
-        }
-        up.train_topk = ids;
-        up.train_topk_width = topk;
-      }
-      KVR_RETURN_IF_ERROR(client->UploadShard(up));
-    }
+    const int64_t slot = seq.Slot(p);
+    int64_t run = 1;
+    while (p + run < n && kept(p + run) && seq.Slot(p + run) == slot + run) ++run;
+    const size_t from = static_cast<size_t>(p) * kv, count = static_cast<size_t>(run) * kv;
+    const Tensor k_rows = cache.k.Rows(slot, run), v_rows = cache.v.Rows(slot, run);
+    KVR_RETURN_IF_ERROR(b.UploadF32({staging->k.data() + from, count}, k_rows));
+    KVR_RETURN_IF_ERROR(b.UploadF32({staging->v.data() + from, count}, v_rows));
+    std::copy_n(staging->k.data() + from, count, cache.k_host.data() + slot * kv);
+    std::copy_n(staging->v.data() + from, count, cache.v_host.data() + slot * kv);
+    std::fill_n(cache.row_on_host.begin() + slot, run, 1);
+    p += run;
   }
+  if (!offload) return absl::OkStatus();
+  KVR_RETURN_IF_ERROR(PrefillHandOff::BackendTrainingTopK(b, c, seq.attention_, q, k, n,
+                                                          staging,
+                                                          &seq.stats_.backend_topk_shards));
+  HandOffJob job;
+  job.client = client_;
+  job.config = std::shared_ptr<const LlamaConfig>(weights_, &weights_->config);
+  job.attention = seq.attention_;
+  job.sequence_id = seq.id_;
+  job.layer = layer;
+  job.prompt_len = n;
+  job.cancel = seq.cancel_;
+  job.done_ns = seq.handoff_done_ns_;
+  job.start = seq.prefill_start_;
+  seq.pending_[layer] = handoff_->Start(std::move(job), staging);
+  // Synchronous mode: this layer's uploads are done; surface errors now.
+  if (handoff_->synchronous()) KVR_RETURN_IF_ERROR(WaitHandOff(seq, layer));
   return absl::OkStatus();
 }
 
@@ -834,167 +596,166 @@ absl::Status RetrievalEngine::StepBatchLocked(std::span<EngineSequence* const> a
     step_positions_[i] = static_cast<int32_t>(items[i].pos);
   }
   const std::span<const int32_t> positions(step_positions_.data(), static_cast<size_t>(n));
-  const Tensor x = x1_.Rows(0, n), xb = xb1_.Rows(0, n), xb2 = xb2_1_.Rows(0, n),
-               q = q1_.Rows(0, n), o = o1_.Rows(0, n), hb = hb1_.Rows(0, n),
-               hb2 = hb2_1_.Rows(0, n), logits = logits_.Rows(0, n);
-  KVR_BATCH_OP(b.Embedding(token_embedding_, tokens, x));
+  const BlockActivations act = step_act_.Rows(n);
+  const Tensor logits = logits_.Rows(0, n);
+  // Per-sequence work; an error fails that sequence only.
+  auto seq_op = [](Item& it, absl::Status st) {
+    if (it.status->ok() && !st.ok()) *it.status = std::move(st);
+    return it.status->ok();
+  };
+  // Window-leaving tokens go to the nodes with AppendAsync: every sequence's
+  // and kv head's append of a layer is in flight at once (the node syncs them
+  // as one group), and all are acknowledged before that layer's Attends.
+  std::vector<std::pair<int64_t, std::unique_ptr<retrieval::StatusWaiter>>> appends;
+  auto attention = AttentionHookFns(
+      // Each sequence's leaving token goes to the node, then its new k / v
+      // row takes the ring slot.
+      [&](int l) -> absl::StatusOr<std::span<const KvRun>> {
+        appends.clear();
+        step_kv_runs_.clear();
+        for (int64_t i = 0; i < n; ++i) {
+          Item& it = items[i];
+          if (!it.status->ok()) continue;
+          const EngineSequence::Cache& cache = it.seq->caches_[l];
+          const Tensor k_row = cache.k.Rows(it.slot, 1), v_row = cache.v.Rows(it.slot, 1);
+          if (it.evict) {
+            // The leaving token's rows: the host copy when current, else (it was
+            // computed while no query went to the node) from the device.
+            const float* k_src = cache.k_host.data() + it.slot * kv;
+            const float* v_src = cache.v_host.data() + it.slot * kv;
+            if (!cache.row_on_host[it.slot]) {
+              const Backend::DownloadItem rows[] = {
+                  {k_row, std::as_writable_bytes(std::span<float>(k_row_host_))},
+                  {v_row, std::as_writable_bytes(std::span<float>(v_row_host_))}};
+              if (!seq_op(it, b.DownloadMany(rows))) continue;
+              k_src = k_row_host_.data();
+              v_src = v_row_host_.data();
+            }
+            for (int g = 0; g < c.n_kv_heads && it.status->ok(); ++g) {
+              const ConstMatrixView key(k_src + g * d, 1, d);
+              const ConstMatrixView value(v_src + g * d, 1, d);
+              if (it.open_chunk) {
+                // The last chunk is full: this token opens the next one.
+                retrieval::ShardUpload up;
+                up.key = {it.seq->id_, l, g, it.seq->last_chunk_ + 1};
+                up.first_position = it.leaving;
+                up.keys = key;
+                up.values = value;
+                seq_op(it, client_->UploadShard(up));
+                continue;
+              }
+              retrieval::AppendRequest req;
+              req.sequence_id = it.seq->id_;
+              req.layer = l;
+              req.kv_head = g;
+              req.first_position = it.leaving;
+              req.keys = key;
+              req.values = value;
+              auto waiter = std::make_unique<retrieval::StatusWaiter>();
+              client_->AppendAsync(req, waiter->callback());  // copies key and value
+              appends.emplace_back(i, std::move(waiter));
+            }
+            if (!it.status->ok()) continue;
+          }
+          step_kv_runs_.push_back({i, 1, k_row, v_row, it.status});
+        }
+        return std::span<const KvRun>(step_kv_runs_);
+      },
+      // The node's partials for the queries, merged with the local ones.
+      [&](int l, const Tensor& q, const Tensor& o) -> absl::Status {
+        for (auto& [i, waiter] : appends) seq_op(items[i], waiter->Wait());
+
+        // The queries for the nodes, and with them (the same wait) every
+        // retrieval sequence's new k / v rows into its host copy.
+        const bool ask_any = std::any_of(items.begin(), items.end(), [](const Item& it) {
+          return it.ask_node && it.status->ok();
+        });
+        downloads_.clear();
+        if (ask_any) {
+          downloads_.push_back(
+              {q, std::as_writable_bytes(std::span<float>(q_host_.data(), n * qd))});
+        }
+        for (Item& it : items) {
+          if (it.full || !it.status->ok()) continue;
+          EngineSequence::Cache& cache = it.seq->caches_[l];
+          cache.row_on_host[it.slot] = ask_any;  // the device row is the new token's now
+          if (!ask_any) continue;
+          const size_t row = static_cast<size_t>(it.slot) * kv;
+          downloads_.push_back({cache.k.Rows(it.slot, 1),
+                                std::as_writable_bytes(std::span<float>(&cache.k_host[row], kv))});
+          downloads_.push_back({cache.v.Rows(it.slot, 1),
+                                std::as_writable_bytes(std::span<float>(&cache.v_host[row], kv))});
+        }
+        if (ask_any) KVR_RETURN_IF_ERROR(b.DownloadMany(downloads_));
+        // Start every sequence's node call, then the local attention meanwhile.
+        for (int64_t i = 0; i < n; ++i) {
+          Item& it = items[i];
+          if (!it.ask_node || !it.status->ok()) continue;
+          StepSlot& slot = step_slots_[i];
+          slot.waiter = std::make_unique<retrieval::StatusWaiter>();
+          slot.attend_stats = {};
+          retrieval::AttendRequest req;
+          req.sequence_id = it.seq->id_;
+          req.layer = l;
+          req.queries =
+              ConstMatrixView(q_host_.data() + i * qd, static_cast<size_t>(c.n_heads), d);
+          req.k = it.seq->attention_.top_k;
+          req.beam = it.seq->attention_.beam;
+          client_->AttendAsync(req, slot.partials.view(), &slot.attend_stats,
+                               slot.waiter->callback());
+        }
+        for (int64_t i = 0; i < n; ++i) {
+          Item& it = items[i];
+          if (!it.status->ok()) continue;
+          const EngineSequence::Cache& cache = it.seq->caches_[l];
+          const Clock::time_point local_start = Clock::now();
+          if (it.full) {
+            seq_op(it, b.Attention(q.Rows(i, 1), cache.k.Rows(0, it.pos + 1),
+                                   cache.v.Rows(0, it.pos + 1), shape, it.pos, o.Rows(i, 1)));
+          } else {
+            // The static pattern (sinks + window, in slot order: no mask needed).
+            seq_op(it, b.PartialAttention(q.Rows(i, 1), cache.k, cache.v, shape,
+                                          /*first_pos=*/it.local_rows, 0, it.local_rows,
+                                          o.Rows(i, 1), m1_.Rows(i, 1), l1_.Rows(i, 1)));
+          }
+          it.seq->stats_.local_attention_seconds += Seconds(local_start);
+        }
+        for (int64_t i = 0; i < n; ++i) {
+          Item& it = items[i];
+          StepSlot& slot = step_slots_[i];
+          if (slot.waiter == nullptr) continue;
+          // Always wait: the node writes into the slot's partials and stats.
+          const Clock::time_point wait = Clock::now();
+          const absl::Status remote = slot.waiter->Wait();
+          slot.waiter.reset();
+          EngineStats& stats = it.seq->stats_;
+          stats.node_wait_seconds += Seconds(wait);
+          if (!seq_op(it, remote)) continue;
+          ++stats.attend_calls;
+          stats.retrieved_tokens += static_cast<double>(slot.attend_stats.keys_attended) /
+                                    (static_cast<double>(c.n_heads) * c.n_layers);
+          const Clock::time_point merge_start = Clock::now();
+          if (seq_op(it, b.UploadF32(slot.partials.o.data, o2_.Rows(i, 1))) &&
+              seq_op(it, b.UploadF32(slot.partials.m, m2_.Rows(i, 1))) &&
+              seq_op(it, b.UploadF32(slot.partials.l, l2_.Rows(i, 1)))) {
+            seq_op(it, b.MergeAttention(o.Rows(i, 1), m1_.Rows(i, 1), l1_.Rows(i, 1),
+                                        o2_.Rows(i, 1), m2_.Rows(i, 1), l2_.Rows(i, 1),
+                                        c.head_dim));
+          }
+          stats.local_attention_seconds += Seconds(merge_start);
+        }
+        return absl::OkStatus();
+      });
+
+  KVR_BATCH_OP(block_.Embed(tokens, act.x));
   for (int l = 0; l < c.n_layers; ++l) {
-    const Layer& layer = layers_[l];
-    // Per-sequence work; an error fails that sequence only.
-    auto seq_op = [](Item& it, absl::Status st) {
-      if (it.status->ok() && !st.ok()) *it.status = std::move(st);
-      return it.status->ok();
-    };
     for (Item& it : items) {
       // This layer's prefill uploads must be on the node before Append / Attend.
       if (it.status->ok() && !it.full) seq_op(it, WaitHandOff(*it.seq, l));
     }
-    KVR_BATCH_OP(b.RmsNorm(x, layer.attn_norm, c.rms_eps, xb));
-    // Window-leaving tokens go to the nodes with AppendAsync: every sequence's
-    // and kv head's append of this layer is in flight at once (the node syncs
-    // them as one group), and all are acknowledged before this layer's Attends.
-    std::vector<std::pair<int64_t, std::unique_ptr<retrieval::StatusWaiter>>> appends;
-    for (int64_t i = 0; i < n; ++i) {
-      Item& it = items[i];
-      if (!it.status->ok()) continue;
-      const EngineSequence::Cache& cache = it.seq->caches_[l];
-      const Tensor k_row = cache.k.Rows(it.slot, 1), v_row = cache.v.Rows(it.slot, 1);
-      if (it.evict) {
-        // The leaving token's rows: the host copy when current, else (it was
-        // computed while no query went to the node) from the device.
-        const float* k_src = cache.k_host.data() + it.slot * kv;
-        const float* v_src = cache.v_host.data() + it.slot * kv;
-        if (!cache.row_on_host[it.slot]) {
-          const Backend::DownloadItem rows[] = {
-              {k_row, std::as_writable_bytes(std::span<float>(k_row_host_))},
-              {v_row, std::as_writable_bytes(std::span<float>(v_row_host_))}};
-          if (!seq_op(it, b.DownloadMany(rows))) continue;
-          k_src = k_row_host_.data();
-          v_src = v_row_host_.data();
-        }
-        for (int g = 0; g < c.n_kv_heads && it.status->ok(); ++g) {
-          const ConstMatrixView key(k_src + g * d, 1, d);
-          const ConstMatrixView value(v_src + g * d, 1, d);
-          if (it.open_chunk) {
-            // The last chunk is full: this token opens the next one.
-            retrieval::ShardUpload up;
-            up.key = {it.seq->id_, l, g, it.seq->last_chunk_ + 1};
-            up.first_position = it.leaving;
-            up.keys = key;
-            up.values = value;
-            seq_op(it, client_->UploadShard(up));
-            continue;
-          }
-          retrieval::AppendRequest req;
-          req.sequence_id = it.seq->id_;
-          req.layer = l;
-          req.kv_head = g;
-          req.first_position = it.leaving;
-          req.keys = key;
-          req.values = value;
-          auto waiter = std::make_unique<retrieval::StatusWaiter>();
-          client_->AppendAsync(req, waiter->callback());  // copies key and value
-          appends.emplace_back(i, std::move(waiter));
-        }
-      }
-      const std::span<const int32_t> pos1(&step_positions_[i], 1);
-      if (seq_op(it, b.MatMul(xb.Rows(i, 1), layer.wk, k_row)) &&
-          seq_op(it, b.MatMul(xb.Rows(i, 1), layer.wv, v_row))) {
-        seq_op(it, b.Rope(k_row, c.n_kv_heads, c.head_dim, pos1, inv_freq_, c.rope_style));
-      }
-    }
-    KVR_BATCH_OP(b.MatMul(xb, layer.wq, q));
-    KVR_BATCH_OP(b.Rope(q, c.n_heads, c.head_dim, positions, inv_freq_, c.rope_style));
-    for (auto& [i, waiter] : appends) seq_op(items[i], waiter->Wait());
-
-    // The queries for the nodes, and with them (the same wait) every
-    // retrieval sequence's new k / v rows into its host copy.
-    const bool ask_any = std::any_of(items.begin(), items.end(), [](const Item& it) {
-      return it.ask_node && it.status->ok();
-    });
-    downloads_.clear();
-    if (ask_any) {
-      downloads_.push_back({q, std::as_writable_bytes(std::span<float>(q_host_.data(), n * qd))});
-    }
-    for (Item& it : items) {
-      if (it.full || !it.status->ok()) continue;
-      EngineSequence::Cache& cache = it.seq->caches_[l];
-      cache.row_on_host[it.slot] = ask_any;  // the device row is the new token's now
-      if (!ask_any) continue;
-      const size_t row = static_cast<size_t>(it.slot) * kv;
-      downloads_.push_back({cache.k.Rows(it.slot, 1),
-                            std::as_writable_bytes(std::span<float>(&cache.k_host[row], kv))});
-      downloads_.push_back({cache.v.Rows(it.slot, 1),
-                            std::as_writable_bytes(std::span<float>(&cache.v_host[row], kv))});
-    }
-    if (ask_any) KVR_BATCH_OP(b.DownloadMany(downloads_));
-    // Start every sequence's node call, then the local attention meanwhile.
-    for (int64_t i = 0; i < n; ++i) {
-      Item& it = items[i];
-      if (!it.ask_node || !it.status->ok()) continue;
-      StepSlot& slot = step_slots_[i];
-      slot.waiter = std::make_unique<retrieval::StatusWaiter>();
-      slot.attend_stats = {};
-      retrieval::AttendRequest req;
-      req.sequence_id = it.seq->id_;
-      req.layer = l;
-      req.queries = ConstMatrixView(q_host_.data() + i * qd, static_cast<size_t>(c.n_heads), d);
-      req.k = it.seq->attention_.top_k;
-      req.beam = it.seq->attention_.beam;
-      client_->AttendAsync(req, slot.partials.view(), &slot.attend_stats,
-                           slot.waiter->callback());
-    }
-    for (int64_t i = 0; i < n; ++i) {
-      Item& it = items[i];
-      if (!it.status->ok()) continue;
-      const EngineSequence::Cache& cache = it.seq->caches_[l];
-      const Clock::time_point local_start = Clock::now();
-      if (it.full) {
-        seq_op(it, b.Attention(q.Rows(i, 1), cache.k.Rows(0, it.pos + 1),
-                               cache.v.Rows(0, it.pos + 1), shape, it.pos, o.Rows(i, 1)));
-      } else {
-        // The static pattern (sinks + window, in slot order: no mask needed).
-        seq_op(it, b.PartialAttention(q.Rows(i, 1), cache.k, cache.v, shape,
-                                      /*first_pos=*/it.local_rows, 0, it.local_rows,
-                                      o.Rows(i, 1), m1_.Rows(i, 1), l1_.Rows(i, 1)));
-      }
-      it.seq->stats_.local_attention_seconds += Seconds(local_start);
-    }
-    for (int64_t i = 0; i < n; ++i) {
-      Item& it = items[i];
-      StepSlot& slot = step_slots_[i];
-      if (slot.waiter == nullptr) continue;
-      // Always wait: the node writes into the slot's partials and stats.
-      const Clock::time_point wait = Clock::now();
-      const absl::Status remote = slot.waiter->Wait();
-      slot.waiter.reset();
-      EngineStats& stats = it.seq->stats_;
-      stats.node_wait_seconds += Seconds(wait);
-      if (!seq_op(it, remote)) continue;
-      ++stats.attend_calls;
-      stats.retrieved_tokens += static_cast<double>(slot.attend_stats.keys_attended) /
-                                (static_cast<double>(c.n_heads) * c.n_layers);
-      const Clock::time_point merge_start = Clock::now();
-      if (seq_op(it, b.UploadF32(slot.partials.o.data, o2_.Rows(i, 1))) &&
-          seq_op(it, b.UploadF32(slot.partials.m, m2_.Rows(i, 1))) &&
-          seq_op(it, b.UploadF32(slot.partials.l, l2_.Rows(i, 1)))) {
-        seq_op(it, b.MergeAttention(o.Rows(i, 1), m1_.Rows(i, 1), l1_.Rows(i, 1),
-                                    o2_.Rows(i, 1), m2_.Rows(i, 1), l2_.Rows(i, 1),
-                                    c.head_dim));
-      }
-      stats.local_attention_seconds += Seconds(merge_start);
-    }
-    KVR_BATCH_OP(b.MatMul(o, layer.wo, xb2));
-    KVR_BATCH_OP(b.Add(x, xb2));
-    KVR_BATCH_OP(b.RmsNorm(x, layer.ffn_norm, c.rms_eps, xb));
-    KVR_BATCH_OP(b.MatMul(xb, layer.w1, hb));
-    KVR_BATCH_OP(b.MatMul(xb, layer.w3, hb2));
-    KVR_BATCH_OP(b.SwiGlu(hb, hb2, hb));
-    KVR_BATCH_OP(b.MatMul(hb, layer.w2, xb2));
-    KVR_BATCH_OP(b.Add(x, xb2));
+    KVR_BATCH_OP(block_.Forward(l, positions, act, attention));
   }
-  KVR_BATCH_OP(b.RmsNorm(x, final_norm_, c.rms_eps, xb));
-  KVR_BATCH_OP(b.MatMul(xb, classifier_, logits));
+  KVR_BATCH_OP(block_.Logits(act.x, act.xb, logits));
   const size_t vocab = static_cast<size_t>(c.vocab_size);
   KVR_BATCH_OP(b.DownloadF32(logits, std::span<float>(logits_host_.data(), n * vocab)));
 #undef KVR_BATCH_OP

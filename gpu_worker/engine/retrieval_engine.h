@@ -39,7 +39,12 @@
 // run on the engine's hand-off threads while layers l+1.. compute; Prefill
 // returns the logits without waiting, and the first decode step waits for
 // layer l's uploads just before layer l needs the node. Staging buffers are
-// a ring of EngineOptions::handoff_depth slots (bounded host memory).
+// a ring of EngineOptions::handoff_depth slots (bounded host memory); the
+// hand-off itself is PrefillHandOff (prefill_handoff.h).
+//
+// Every layer, prefill or decode, full or retrieval, runs through the one
+// LlamaBlock (gpu_worker/model/llama_block.h); the engine supplies only the
+// attention part.
 //
 // Thread-safety: every RetrievalEngine method may be called from any thread,
 // so threads may each drive their own sequences. Backend calls are
@@ -70,39 +75,16 @@
 
 #include "absl/status/statusor.h"
 #include "common/attention.h"
-#include "common/thread_pool.h"
-#include "gpu_worker/engine/cancel_token.h"
 #include "gpu_worker/backend/backend.h"
+#include "gpu_worker/engine/attention_options.h"
+#include "gpu_worker/engine/cancel_token.h"
+#include "gpu_worker/engine/prefill_handoff.h"
 #include "gpu_worker/model/device_weights.h"
-#include "gpu_worker/model/llama_model.h"
+#include "gpu_worker/model/llama_block.h"
 #include "gpu_worker/model/weights.h"
 #include "retrieval_node/client/retrieval_client.h"
 
 namespace kvr::worker {
-
-enum class AttentionMode : uint8_t { kFull = 0, kRetrieval = 1 };
-// "full", "retrieval".
-std::string_view AttentionModeName(AttentionMode mode);
-absl::StatusOr<AttentionMode> ParseAttentionMode(std::string_view name);
-
-// Per-sequence attention settings.
-struct AttentionOptions {
-  AttentionMode mode = AttentionMode::kRetrieval;
-  int sinks = 4;    // S >= 0
-  int window = 16;  // W >= 1 (the current token is always local)
-  int top_k = 16;   // keys the node attends per query head and shard
-  int beam = 0;     // graph beam (0: index default)
-  int train_k = 32; // exact top-k per prefill query for the graph build
-  // Offloaded tokens per node shard (placement chunk) of one (layer, kv
-  // head), >= 1. Each chunk gets its own index and its own top_k, and chunks
-  // are placed on nodes independently.
-  int chunk_tokens = 16384;
-  retrieval::IndexType index = retrieval::IndexType::kGraph;
-  kvr::DType value_dtype = kvr::DType::kF32;  // how the node stores values
-};
-
-// InvalidArgument naming the field and its limit.
-absl::Status ValidateAttentionOptions(const AttentionOptions& options);
 
 struct EngineOptions {
   // Longest sequence (prompt + generated); 0 = config.seq_len.
@@ -327,20 +309,6 @@ class RetrievalEngine {
 
  private:
   friend class EngineSequence;
-  using Layer = DeviceLayerWeights;
-  // Host staging of one layer's hand-off.
-  struct Staging {
-    std::vector<float> k, v, q;  // [n x kv_dim], [n x kv_dim], [n x q_dim]
-    std::vector<float> train_queries, train_scores;
-    std::vector<int64_t> train_ids;
-    // Training top-k from Backend::TopK: chunk ci's lists start at
-    // ci * backend_stride, kv head g's at g * (queries * that chunk's k)
-    // within; backend_stride 0: none, the hand-off runs ExactTopK.
-    std::vector<int64_t> backend_ids;
-    std::vector<float> backend_scores;
-    size_t backend_stride = 0;
-    std::shared_future<absl::Status> busy;  // the upload using it, if any
-  };
   // Per-sequence scratch of a batched step.
   struct StepSlot {
     Partials partials;
@@ -364,24 +332,14 @@ class RetrievalEngine {
   // the decode steps that were waiting run first.
   void BetweenPrefillLayers(std::unique_lock<std::mutex>& lock, bool staging,
                             const PrefillLayerCallback& on_layer, int layers_done);
-  // Waits until the staging slot the next hand-off uses is free (holds
-  // prefill_mu_, not mu_).
-  void WaitStagingSlot();
   absl::Status PrepareCaches(EngineSequence& seq);
   absl::Status EnsurePrefillCapacity(int64_t n);
   absl::Status EnsureBatchCapacity(int64_t n);
-  // Starts (or runs, when synchronous) layer `layer`'s uploads from `staging`.
-  void HandOff(EngineSequence& seq, int layer, int64_t prompt_len, Staging* staging);
-  // Runs one layer's uploads: per kv head and chunk, the training top-k and
-  // UploadShard.
-  // Fills staging's backend_* with every (kv head, chunk)'s training top-k
-  // of this layer when the index trains on it and the backend's TopK takes
-  // train_k; else leaves backend_stride 0. Waits for the backend.
-  absl::Status BackendTrainingTopK(EngineSequence& seq, const Tensor& q, const Tensor& k,
-                                   int64_t prompt_len, Staging* staging);
-  static absl::Status UploadLayer(retrieval::RetrievalClient* client, const LlamaConfig& c,
-                                  const AttentionOptions& attention, uint64_t sequence_id,
-                                  int layer, int64_t prompt_len, Staging* staging);
+  // Retrieval-mode prefill, after layer `layer`'s attention: brings its K, V
+  // (and Q) [prompt_len x ...] to the host, writes the sinks and window into
+  // the static cache and starts the hand-off of the middle to the node.
+  absl::Status HandOffLayer(EngineSequence& seq, int layer, const Tensor& q, const Tensor& k,
+                            const Tensor& v, int64_t prompt_len);
   // Waits for `seq`'s pending uploads of `layer` (all layers when < 0).
   absl::Status WaitHandOff(EngineSequence& seq, int layer);
   absl::Status EndLocked(EngineSequence& seq, EngineSequence::State state);
@@ -392,9 +350,9 @@ class RetrievalEngine {
 
   // Lock order: prefill_mu_, then mu_. prefill_mu_ is held for a whole
   // prefill and guards what only prefills use, across the gaps between
-  // layers: the prefill activations (px_ .. phb2_, prefill_capacity_),
-  // positions_, staging_ and next_staging_. mu_ guards the Backend (every
-  // call on it, prefill tensors included) and everything else.
+  // layers: the prefill activations (prefill_act_, pk_, pv_,
+  // prefill_capacity_), positions_ and handoff_'s staging. mu_ guards the
+  // Backend (every call on it, prefill tensors included) and everything else.
   std::mutex prefill_mu_;
   std::mutex mu_;
   // Decode steps that wait for mu_, and steps run (under mu_): a prefill
@@ -410,26 +368,28 @@ class RetrievalEngine {
   std::set<EngineSequence*> live_;
   std::unique_ptr<EngineSequence> own_;
 
-  Tensor token_embedding_, final_norm_, classifier_, inv_freq_;
-  std::vector<Layer> layers_;
-  // Batched decode activations, sized for batch_capacity_ rows.
+  DeviceWeights device_weights_;
+  LlamaBlock block_;  // over device_weights_
+  // Batched decode activations, sized for batch_capacity_ rows: the block's,
+  // the local partial (o = step_act_.att, m1_, l1_) and the node's (o2_ ..).
   int64_t batch_capacity_ = 0;
-  Tensor x1_, xb1_, xb2_1_, q1_, o1_, m1_, l1_, o2_, m2_, l2_, hb1_, hb2_1_, logits_;
+  BlockActivations step_act_;
+  Tensor m1_, l1_, o2_, m2_, l2_, logits_;
   std::vector<float> logits_host_;  // [batch x vocab]
   std::vector<float> q_host_;       // [batch x q_dim]
   std::vector<float> k_row_host_, v_row_host_;  // kv_dim
   std::vector<Backend::DownloadItem> downloads_;  // a layer's q + new k/v rows
   std::vector<StepSlot> step_slots_;
   std::vector<int32_t> step_positions_;
-  // Prefill activations, sized for prefill_capacity_ rows.
+  std::vector<KvRun> step_kv_runs_;  // a layer's new k / v rows, one per sequence
+  // Prefill activations, sized for prefill_capacity_ rows (the FFN's for
+  // max_batch_), and the retrieval-mode K / V before the hand-off.
   int64_t prefill_capacity_ = 0;
-  Tensor px_, pxb_, pxb2_, pq_, patt_, pk_, pv_, phb_, phb2_;
+  BlockActivations prefill_act_;
+  Tensor pk_, pv_;
   std::vector<int32_t> positions_;
-  std::vector<std::unique_ptr<Staging>> staging_;
-  size_t next_staging_ = 0;
-  int handoff_nice_ = 0;
   // Declared last: destroyed first, running every queued upload.
-  std::unique_ptr<ThreadPool> handoff_pool_;
+  std::unique_ptr<PrefillHandOff> handoff_;
 };
 
 }  // namespace kvr::worker

@@ -30,27 +30,15 @@ absl::Status LlamaModel::Init(Backend* backend, std::shared_ptr<const LlamaWeigh
   }
   max_batch_ = std::min(options.max_batch_tokens, max_seq_len_);
 
-  KVR_ASSIGN_OR_RETURN(DeviceWeights imported, DeviceWeights::Import(backend_, *weights_));
-  token_embedding_ = imported.token_embedding;
-  final_norm_ = imported.final_norm;
-  classifier_ = imported.classifier;
-  inv_freq_ = imported.inv_freq;
-  layers_.resize(static_cast<size_t>(c.n_layers));
+  KVR_ASSIGN_OR_RETURN(device_weights_, DeviceWeights::Import(backend_, *weights_));
+  block_ = LlamaBlock(backend_, &weights_->config, &device_weights_);
+  k_cache_.resize(static_cast<size_t>(c.n_layers));
+  v_cache_.resize(static_cast<size_t>(c.n_layers));
   for (int l = 0; l < c.n_layers; ++l) {
-    Layer& d = layers_[l];
-    static_cast<DeviceLayerWeights&>(d) = imported.layers[l];
-    KVR_ASSIGN_OR_RETURN(d.k_cache, backend_->Allocate(DType::kF32, max_seq_len_, c.kv_dim()));
-    KVR_ASSIGN_OR_RETURN(d.v_cache, backend_->Allocate(DType::kF32, max_seq_len_, c.kv_dim()));
+    KVR_ASSIGN_OR_RETURN(k_cache_[l], backend_->Allocate(DType::kF32, max_seq_len_, c.kv_dim()));
+    KVR_ASSIGN_OR_RETURN(v_cache_[l], backend_->Allocate(DType::kF32, max_seq_len_, c.kv_dim()));
   }
-
-  auto act = [&](int64_t cols) { return backend_->Allocate(DType::kF32, max_batch_, cols); };
-  KVR_ASSIGN_OR_RETURN(x_, act(c.dim));
-  KVR_ASSIGN_OR_RETURN(xb_, act(c.dim));
-  KVR_ASSIGN_OR_RETURN(xb2_, act(c.dim));
-  KVR_ASSIGN_OR_RETURN(q_, act(c.q_dim()));
-  KVR_ASSIGN_OR_RETURN(att_, act(c.q_dim()));
-  KVR_ASSIGN_OR_RETURN(hb_, act(c.hidden_dim));
-  KVR_ASSIGN_OR_RETURN(hb2_, act(c.hidden_dim));
+  KVR_ASSIGN_OR_RETURN(act_, BlockActivations::Allocate(*backend_, c, max_batch_, max_batch_));
   KVR_ASSIGN_OR_RETURN(logits_, backend_->Allocate(DType::kF32, 1, c.vocab_size));
   logits_host_.resize(static_cast<size_t>(c.vocab_size));
   positions_.resize(static_cast<size_t>(max_batch_));
@@ -81,6 +69,38 @@ absl::StatusOr<std::span<const float>> LlamaModel::DecodeStep(int32_t token, int
   return std::span<const float>(logits_host_);
 }
 
+namespace {
+
+// Full causal attention over the model's caches: the chunk's K/V go to rows
+// first_pos .. first_pos + n - 1, its queries attend every row up to theirs.
+class CausalCacheAttention final : public AttentionHook {
+ public:
+  CausalCacheAttention(Backend& backend, std::span<const Tensor> k_cache,
+                       std::span<const Tensor> v_cache, AttentionShape shape, int64_t first_pos,
+                       int64_t n)
+      : backend_(backend), k_cache_(k_cache), v_cache_(v_cache), shape_(shape),
+        first_pos_(first_pos), n_(n) {}
+
+  absl::StatusOr<std::span<const KvRun>> KvRuns(int layer) override {
+    const size_t l = static_cast<size_t>(layer);
+    run_ = {0, n_, k_cache_[l].Rows(first_pos_, n_), v_cache_[l].Rows(first_pos_, n_), nullptr};
+    return std::span<const KvRun>(&run_, 1);
+  }
+  absl::Status Attend(int layer, const Tensor& q, const Tensor& att) override {
+    const size_t l = static_cast<size_t>(layer);
+    return backend_.Attention(q, k_cache_[l], v_cache_[l], shape_, first_pos_, att);
+  }
+
+ private:
+  Backend& backend_;
+  const std::span<const Tensor> k_cache_, v_cache_;
+  const AttentionShape shape_;
+  const int64_t first_pos_, n_;
+  KvRun run_;
+};
+
+}  // namespace
+
 absl::Status LlamaModel::Forward(std::span<const int32_t> tokens, int64_t first_pos,
                                  bool want_logits) {
   const LlamaConfig& c = weights_->config;
@@ -88,39 +108,20 @@ absl::Status LlamaModel::Forward(std::span<const int32_t> tokens, int64_t first_
   KVR_CHECK(n > 0 && n <= max_batch_ && first_pos + n <= max_seq_len_);
   for (int64_t i = 0; i < n; ++i) positions_[i] = static_cast<int32_t>(first_pos + i);
   const std::span<const int32_t> positions(positions_.data(), static_cast<size_t>(n));
-  const AttentionShape shape = c.attention_shape();
-  Backend& b = *backend_;
-
-  const Tensor x = x_.Rows(0, n), xb = xb_.Rows(0, n), xb2 = xb2_.Rows(0, n), q = q_.Rows(0, n),
-               att = att_.Rows(0, n), hb = hb_.Rows(0, n), hb2 = hb2_.Rows(0, n);
-  KVR_RETURN_IF_ERROR(b.Embedding(token_embedding_, tokens, x));
+  const BlockActivations a = act_.Rows(n);
+  KVR_RETURN_IF_ERROR(block_.Embed(tokens, a.x));
   // Positions first_pos.. are being rewritten; until this pass finishes the
   // cache is valid only before them.
   cached_ = std::min(cached_, first_pos);
-  for (const Layer& layer : layers_) {
-    const Tensor k = layer.k_cache.Rows(first_pos, n), v = layer.v_cache.Rows(first_pos, n);
-    KVR_RETURN_IF_ERROR(b.RmsNorm(x, layer.attn_norm, c.rms_eps, xb));
-    KVR_RETURN_IF_ERROR(b.MatMul(xb, layer.wq, q));
-    KVR_RETURN_IF_ERROR(b.MatMul(xb, layer.wk, k));
-    KVR_RETURN_IF_ERROR(b.MatMul(xb, layer.wv, v));
-    KVR_RETURN_IF_ERROR(b.Rope(q, c.n_heads, c.head_dim, positions, inv_freq_, c.rope_style));
-    KVR_RETURN_IF_ERROR(b.Rope(k, c.n_kv_heads, c.head_dim, positions, inv_freq_, c.rope_style));
-    KVR_RETURN_IF_ERROR(b.Attention(q, layer.k_cache, layer.v_cache, shape, first_pos, att));
-    KVR_RETURN_IF_ERROR(b.MatMul(att, layer.wo, xb2));
-    KVR_RETURN_IF_ERROR(b.Add(x, xb2));
-    KVR_RETURN_IF_ERROR(b.RmsNorm(x, layer.ffn_norm, c.rms_eps, xb));
-    KVR_RETURN_IF_ERROR(b.MatMul(xb, layer.w1, hb));
-    KVR_RETURN_IF_ERROR(b.MatMul(xb, layer.w3, hb2));
-    KVR_RETURN_IF_ERROR(b.SwiGlu(hb, hb2, hb));
-    KVR_RETURN_IF_ERROR(b.MatMul(hb, layer.w2, xb2));
-    KVR_RETURN_IF_ERROR(b.Add(x, xb2));
+  CausalCacheAttention attention(*backend_, k_cache_, v_cache_, c.attention_shape(), first_pos,
+                                 n);
+  for (int l = 0; l < c.n_layers; ++l) {
+    KVR_RETURN_IF_ERROR(block_.Forward(l, positions, a, attention));
   }
   cached_ = first_pos + n;
   if (!want_logits) return absl::OkStatus();
-  const Tensor last = x.Rows(n - 1, 1), normed = xb.Rows(0, 1);
-  KVR_RETURN_IF_ERROR(b.RmsNorm(last, final_norm_, c.rms_eps, normed));
-  KVR_RETURN_IF_ERROR(b.MatMul(normed, classifier_, logits_));
-  return b.DownloadF32(logits_, logits_host_);
+  KVR_RETURN_IF_ERROR(block_.Logits(a.x.Rows(n - 1, 1), a.xb.Rows(0, 1), logits_));
+  return backend_->DownloadF32(logits_, logits_host_);
 }
 
 }  // namespace kvr::worker

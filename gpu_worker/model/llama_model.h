@@ -17,6 +17,7 @@
 #include "absl/status/statusor.h"
 #include "gpu_worker/backend/backend.h"
 #include "gpu_worker/model/device_weights.h"
+#include "gpu_worker/model/llama_block.h"
 #include "gpu_worker/model/weights.h"
 
 namespace kvr::worker {
@@ -58,21 +59,18 @@ class LlamaModel {
   // Runs tokens at first_pos.. and, when `logits`, the classifier on the last.
   absl::Status Forward(std::span<const int32_t> tokens, int64_t first_pos, bool logits);
 
-  struct Layer : DeviceLayerWeights {
-    Tensor k_cache, v_cache;  // [max_seq_len x kv_dim]
-  };
-
   Backend* backend_ = nullptr;
   std::shared_ptr<const LlamaWeights> weights_;
   int64_t max_seq_len_ = 0;
   int64_t max_batch_ = 0;
   int64_t cached_ = 0;
 
-  Tensor token_embedding_, final_norm_, classifier_, inv_freq_;
-  std::vector<Layer> layers_;
-  // Activations [max_batch x ...].
-  Tensor x_, xb_, xb2_, q_, att_, hb_, hb2_;
-  Tensor logits_;  // [1 x vocab]
+  DeviceWeights device_weights_;
+  LlamaBlock block_;
+  // Per layer, [max_seq_len x kv_dim].
+  std::vector<Tensor> k_cache_, v_cache_;
+  BlockActivations act_;  // [max_batch x ...]
+  Tensor logits_;         // [1 x vocab]
   std::vector<float> logits_host_;
   std::vector<int32_t> positions_;
 };

@@ -20,9 +20,9 @@
 #include <span>
 #include <vector>
 
+#include "common/scratch_pool.h"
 #include "common/thread_pool.h"
 #include "retrieval_node/index/index.h"
-#include "retrieval_node/index/scratch_pool.h"
 
 namespace kvr::index {
 

@@ -10,10 +10,9 @@
 // return identical results. Ties are broken deterministically: larger score
 // first, then smaller id, so results equal a std::sort oracle with that order.
 //
-// The scan is blocked: a tile of keys that fits in L2 is scored against a
-// block of queries (simd dot_batch) before moving on, and each query keeps a
-// bounded candidate buffer filtered by its current k-th best score. Scratch
-// comes from a per-index pool: the steady-state search path does not allocate.
+// The scan is common/exact_topk.h's ExactTopKScan (blocked, tiles of keys
+// against blocks of queries). Scratch comes from a per-index pool: the
+// steady-state search path does not allocate.
 #pragma once
 
 #include <cstdint>
@@ -21,14 +20,11 @@
 #include <span>
 #include <vector>
 
+#include "common/exact_topk.h"
 #include "common/thread_pool.h"
 #include "retrieval_node/index/index.h"
 
 namespace kvr::index {
-
-namespace internal {
-class FlatScratchPool;  // flat_index.cc
-}  // namespace internal
 
 class FlatIndex final : public KeyIndex {
  public:
@@ -66,16 +62,7 @@ class FlatIndex final : public KeyIndex {
   size_t dim_;
   size_t n_ = 0;
   std::vector<float> keys_;  // n x dim
-  std::unique_ptr<internal::FlatScratchPool> scratch_;
+  std::unique_ptr<ExactTopKScratch> scratch_;
 };
-
-// Exact top-k of `queries` over `keys` without copying the keys into an
-// index (training-query top-k for graph builds, benchmark ground truth).
-// Same contract, tie order and output layout as KeyIndex::Search, except that
-// k may not exceed keys.rows(). Allocates its scratch per call; `pool` may be
-// null.
-absl::Status ExactTopK(ConstMatrixView keys, ConstMatrixView queries, int k,
-                       std::span<int64_t> ids, std::span<float> scores, ThreadPool* pool,
-                       SearchStats* stats = nullptr);
 
 }  // namespace kvr::index

@@ -1,6 +1,5 @@
 #include "retrieval_node/index/index.h"
 
-#include <cmath>
 #include <string>
 
 #include "retrieval_node/index/attention_graph_index.h"
@@ -34,50 +33,14 @@ absl::Status ValidateFinite(ConstMatrixView m, size_t dim, absl::string_view wha
     return absl::InvalidArgumentError(
         absl::StrCat(what, " dim ", m.cols(), " != index dim ", dim));
   }
-  for (size_t i = 0; i < m.rows(); ++i) {
-    const float* r = m.row(i);
-    for (size_t j = 0; j < m.cols(); ++j) {
-      if (!std::isfinite(r[j])) {
-        return absl::InvalidArgumentError(absl::StrCat(what, " row ", i, " col ", j, " is ",
-                                                       std::isnan(r[j]) ? "NaN" : "Inf"));
-      }
-    }
-  }
-  return absl::OkStatus();
-}
-
-absl::Status ValidateSearchArgs(size_t dim, size_t size, ConstMatrixView queries, int k,
-                                std::span<int64_t> ids, std::span<float> scores,
-                                absl::string_view what) {
-  if (queries.rows() > 0 && queries.cols() != dim) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("query dim ", queries.cols(), " != ", what, " dim ", dim));
-  }
-  if (k < 1 || k > kMaxSearchK) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("k=", k, " outside [1, ", kMaxSearchK, "]"));
-  }
-  if (size == 0) {
-    return absl::InvalidArgumentError(absl::StrCat("search on an empty ", what));
-  }
-  if (static_cast<size_t>(k) > size) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("k=", k, " exceeds ", what, " size ", size));
-  }
-  const size_t need = queries.rows() * static_cast<size_t>(k);
-  if (ids.size() < need || scores.size() < need) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "output holds ", ids.size(), " ids and ", scores.size(), " scores, need ", need, " (",
-        queries.rows(), " queries x k=", k, ")"));
-  }
-  return ValidateFinite(queries, dim, "queries");
+  return CheckFinite(m, what);
 }
 
 absl::Status ValidateSearch(const KeyIndex& index, ConstMatrixView queries,
                             const SearchParams& params, std::span<int64_t> ids,
                             std::span<float> scores) {
   const std::string what = absl::StrCat(std::string(IndexTypeName(index.type())), " index");
-  return ValidateSearchArgs(index.dim(), index.size(), queries, params.k, ids, scores, what);
+  return ValidateTopKArgs(index.dim(), index.size(), queries, params.k, ids, scores, what);
 }
 
 absl::StatusOr<std::unique_ptr<KeyIndex>> LoadIndex(std::span<const uint8_t> blob) {

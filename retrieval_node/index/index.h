@@ -12,6 +12,8 @@
 #include <memory>
 #include <span>
 
+
+#include "common/exact_topk.h"
 #include "common/serialize.h"
 #include "common/status.h"
 #include "common/tensor.h"
@@ -42,9 +44,9 @@ inline constexpr uint32_t kIvfBlobKind = 2;
 inline constexpr uint32_t kGraphBlobKind = 3;
 
 // Limits every index enforces on its inputs (ValidateSearch / Add / loaders).
-inline constexpr int kMaxSearchK = 4096;         // SearchParams::k upper bound
-inline constexpr size_t kMaxDim = 4096;          // key/query dimension
-inline constexpr uint64_t kMaxKeys = 1ull << 31;  // keys per index (ids fit uint32)
+inline constexpr int kMaxSearchK = kMaxTopK;        // SearchParams::k upper bound
+inline constexpr size_t kMaxDim = 4096;             // key/query dimension
+inline constexpr uint64_t kMaxKeys = kMaxTopKKeys;  // keys per index (ids fit uint32)
 
 // Knobs for one Search call. Each index reads the ones it understands.
 struct SearchParams {
@@ -96,15 +98,11 @@ class KeyIndex {
 // blobs return DataLoss; an unknown kind or version returns InvalidArgument.
 absl::StatusOr<std::unique_ptr<KeyIndex>> LoadIndex(std::span<const uint8_t> blob);
 
-// Shared argument checks for Search implementations.
+// Shared argument checks for Search implementations (ValidateTopKArgs with
+// the index's dim and size).
 absl::Status ValidateSearch(const KeyIndex& index, ConstMatrixView queries,
                             const SearchParams& params, std::span<int64_t> ids,
                             std::span<float> scores);
-// The same checks without a KeyIndex (dim/size given): for free functions
-// such as ExactTopK. `what` names the searched object in messages.
-absl::Status ValidateSearchArgs(size_t dim, size_t size, ConstMatrixView queries, int k,
-                                std::span<int64_t> ids, std::span<float> scores,
-                                absl::string_view what);
 // Checks that `m` has `dim` columns and only finite values; `what` names it.
 absl::Status ValidateFinite(ConstMatrixView m, size_t dim, absl::string_view what);
 

@@ -3,10 +3,10 @@
 #include <algorithm>
 #include <cstring>
 
+#include "common/scratch_pool.h"
 #include "common/simd/kernels.h"
+#include "common/topk_collector.h"
 #include "retrieval_node/index/kmeans.h"
-#include "retrieval_node/index/scratch_pool.h"
-#include "retrieval_node/index/topk.h"
 
 namespace kvr::index {
 namespace {

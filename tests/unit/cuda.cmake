@@ -1,6 +1,6 @@
 # CUDA backend vs the CPU backend (label gpu). Skips without a device.
 kvr_test(cuda_backend_test SOURCES unit/cuda_backend_test.cc
-  DEPS kvr::cuda_backend kvr::model kvr::engine kvr::retrieval_client
+  DEPS kvr::cuda_backend kvr::model kvr::llama_reference kvr::engine kvr::retrieval_client
   LABELS "gpu;unit")
 # The real libkvr_cuda_plugin.so: loads without a device (the backend then
 # explains), and threads with small stacks still start once cuBLAS is loaded.

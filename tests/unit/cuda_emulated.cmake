@@ -4,7 +4,8 @@
 # and stories260K greedy equality. cuda_emulator_test checks the emulator's
 # own semantics and that it catches the kernel bugs it claims to.
 kvr_test(cuda_backend_emulated_test SOURCES unit/cuda_backend_test.cc
-  DEPS kvr::cuda_backend_emulated kvr::model kvr::engine kvr::retrieval_client
+  DEPS kvr::cuda_backend_emulated kvr::model kvr::llama_reference kvr::engine
+    kvr::retrieval_client
   ARGS --gtest_filter=-CudaStoriesTest.*
   LABELS "unit;cuda_emulated" TIMEOUT 300)
 # The same program's stories260K greedy runs (~150 s on the emulator): slow.

@@ -1,6 +1,7 @@
 # gpu_worker/engine + retrieval_node/client: retrieval attention vs full
 # attention on stories260K, coverage, sampling, the in-process node.
-kvr_test(engine_test SOURCES unit/engine_test.cc DEPS kvr::engine kvr::retrieval_client
+kvr_test(engine_test SOURCES unit/engine_test.cc
+  DEPS kvr::engine kvr::llama_reference kvr::retrieval_client
   TIMEOUT 120)
 # Many sequences on one engine (interleaved / batched steps equal solo runs),
 # cancellation, and the pipelined prefill hand-off.

@@ -1,4 +1,4 @@
-// FlatIndex / ExactTopK against a brute-force std::sort oracle.
+// FlatIndex / ExactTopK (common/exact_topk.h) against a brute-force std::sort oracle.
 #include "retrieval_node/index/flat_index.h"
 
 #include <gtest/gtest.h>
@@ -8,6 +8,8 @@
 #include <numeric>
 #include <random>
 #include <vector>
+
+#include "common/exact_topk.h"
 
 namespace kvr::index {
 namespace {

@@ -8,10 +8,10 @@
 #include <random>
 #include <set>
 
+#include "common/exact_topk.h"
 #include "common/tensor.h"
 #include "common/thread_pool.h"
 #include "retrieval_node/index/attention_graph_index.h"
-#include "retrieval_node/index/flat_index.h"
 #include "tools/attention_data.h"
 
 namespace kvr::index {

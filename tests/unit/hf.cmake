@@ -9,7 +9,7 @@ if(PkgConfig_FOUND)
 endif()
 if(nlohmann_json_FOUND AND KVR_TEST_SENTENCEPIECE_FOUND)
   kvr_test(hf_model_test SOURCES unit/hf_model_test.cc
-    DEPS kvr::model nlohmann_json::nlohmann_json)
+    DEPS kvr::model kvr::llama_reference nlohmann_json::nlohmann_json)
   kvr_test(tokenizers_test SOURCES unit/tokenizers_test.cc
     DEPS kvr::model nlohmann_json::nlohmann_json)
 else()

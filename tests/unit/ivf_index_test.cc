@@ -11,7 +11,7 @@
 #include <set>
 #include <vector>
 
-#include "retrieval_node/index/flat_index.h"
+#include "common/exact_topk.h"
 #include "retrieval_node/index/kmeans.h"
 
 namespace kvr::index {

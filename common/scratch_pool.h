@@ -1,13 +1,13 @@
 // ScratchPool<T>: a mutex-guarded free list of per-call scratch objects, so
 // concurrent const searches each get private buffers without allocating in
-// the steady state (hnswlib's visited-list pool). Internal to the index layer.
+// the steady state (hnswlib's visited-list pool).
 #pragma once
 
 #include <memory>
 #include <mutex>
 #include <vector>
 
-namespace kvr::index {
+namespace kvr {
 
 template <typename T>
 class ScratchPool {
@@ -41,4 +41,4 @@ class ScratchPool {
   std::vector<std::unique_ptr<T>> free_;
 };
 
-}  // namespace kvr::index
+}  // namespace kvr

@@ -7,7 +7,8 @@
 // larger score first, then smaller id, so results are deterministic and equal
 // a std::sort oracle with that order regardless of scan order.
 //
-// Internal to retrieval_node/index. Allocates only in Reset when growing.
+// Used by the exact scan (exact_topk.h) and the retrieval indexes. Allocates
+// only in Reset when growing.
 #pragma once
 
 #include <algorithm>
@@ -17,7 +18,7 @@
 #include <span>
 #include <vector>
 
-namespace kvr::index {
+namespace kvr {
 
 struct ScoredId {
   float score;
@@ -106,4 +107,4 @@ class TopKCollector {
   std::vector<ScoredId> buf_;
 };
 
-}  // namespace kvr::index
+}  // namespace kvr

@@ -1,0 +1,55 @@
+#include "gpu_worker/engine/attention_options.h"
+
+#include <string>
+
+#include "absl/strings/str_cat.h"
+#include "common/exact_topk.h"
+#include "common/status.h"
+#include "gpu_worker/model/model_config.h"
+
+namespace kvr::worker {
+
+std::string_view AttentionModeName(AttentionMode mode) {
+  return mode == AttentionMode::kFull ? "full" : "retrieval";
+}
+
+absl::StatusOr<AttentionMode> ParseAttentionMode(std::string_view name) {
+  if (name == "full") return AttentionMode::kFull;
+  if (name == "retrieval") return AttentionMode::kRetrieval;
+  return absl::InvalidArgumentError(
+      absl::StrCat("mode \"", std::string(name), "\" is not one of retrieval, full"));
+}
+
+absl::Status ValidateAttentionOptions(const AttentionOptions& o) {
+  constexpr int kMaxTokens = LlamaConfig::kMaxSeqLen;
+  if (o.mode != AttentionMode::kFull && o.mode != AttentionMode::kRetrieval) {
+    return absl::InvalidArgumentError("mode: unknown attention mode");
+  }
+  if (o.sinks < 0 || o.sinks > kMaxTokens) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("sinks ", o.sinks, " outside [0, ", kMaxTokens, "]"));
+  }
+  if (o.window < 1 || o.window > kMaxTokens) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("window ", o.window, " outside [1, ", kMaxTokens, "]"));
+  }
+  if (o.top_k < 1 || o.top_k > kMaxTopK) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("top_k ", o.top_k, " outside [1, ", kMaxTopK, "]"));
+  }
+  if (o.beam < 0 || o.beam > 1 << 16) {
+    return absl::InvalidArgumentError(absl::StrCat("beam ", o.beam, " outside [0, 65536]"));
+  }
+  if (o.train_k < 1 || o.train_k > kMaxTopK) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("train_k ", o.train_k, " outside [1, ", kMaxTopK, "]"));
+  }
+  if (o.chunk_tokens < 1 || o.chunk_tokens > kMaxTokens) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("chunk_tokens ", o.chunk_tokens, " outside [1, ", kMaxTokens, "]"));
+  }
+  KVR_RETURN_IF_ERROR(retrieval::ParseIndexType(retrieval::IndexTypeName(o.index)).status());
+  return DTypeFromTag(static_cast<uint32_t>(o.value_dtype)).status();
+}
+
+}  // namespace kvr::worker

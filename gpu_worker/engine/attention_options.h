@@ -1,0 +1,40 @@
+// Per-sequence attention settings of the decode engine: full attention or
+// RetrievalAttention (sinks + window on the worker, the rest on retrieval
+// nodes), and the knobs of the latter.
+#pragma once
+
+#include <cstdint>
+#include <string_view>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "common/value_matrix.h"
+#include "retrieval_node/client/retrieval_client.h"
+
+namespace kvr::worker {
+
+enum class AttentionMode : uint8_t { kFull = 0, kRetrieval = 1 };
+// "full", "retrieval".
+std::string_view AttentionModeName(AttentionMode mode);
+absl::StatusOr<AttentionMode> ParseAttentionMode(std::string_view name);
+
+// Per-sequence attention settings.
+struct AttentionOptions {
+  AttentionMode mode = AttentionMode::kRetrieval;
+  int sinks = 4;    // S >= 0
+  int window = 16;  // W >= 1 (the current token is always local)
+  int top_k = 16;   // keys the node attends per query head and shard
+  int beam = 0;     // graph beam (0: index default)
+  int train_k = 32; // exact top-k per prefill query for the graph build
+  // Offloaded tokens per node shard (placement chunk) of one (layer, kv
+  // head), >= 1. Each chunk gets its own index and its own top_k, and chunks
+  // are placed on nodes independently.
+  int chunk_tokens = 16384;
+  retrieval::IndexType index = retrieval::IndexType::kGraph;
+  kvr::DType value_dtype = kvr::DType::kF32;  // how the node stores values
+};
+
+// InvalidArgument naming the field and its limit.
+absl::Status ValidateAttentionOptions(const AttentionOptions& options);
+
+}  // namespace kvr::worker

@@ -1,0 +1,194 @@
+#include "gpu_worker/engine/prefill_handoff.h"
+
+#include <algorithm>
+#include <span>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "common/exact_topk.h"
+#include "common/status.h"
+#ifdef __linux__
+#include <sys/resource.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+
+namespace kvr::worker {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+// A future already holding `status`.
+std::shared_future<absl::Status> Ready(absl::Status status) {
+  std::promise<absl::Status> p;
+  p.set_value(std::move(status));
+  return p.get_future().share();
+}
+
+// Raises the calling thread's nice value to `nice` (once per thread; Linux
+// applies PRIO_PROCESS with a thread id to that thread only).
+void LowerThreadPriority(int nice) {
+  thread_local bool done = false;
+  if (done || nice <= 0) return;
+  done = true;
+#ifdef __linux__
+  setpriority(PRIO_PROCESS, static_cast<id_t>(syscall(SYS_gettid)), nice);
+#endif
+}
+
+int64_t NanosSince(Clock::time_point since) {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(Clock::now() - since).count();
+}
+
+void StoreMax(std::atomic<int64_t>& a, int64_t v) {
+  int64_t cur = a.load(std::memory_order_relaxed);
+  while (cur < v && !a.compare_exchange_weak(cur, v, std::memory_order_relaxed)) {
+  }
+}
+
+}  // namespace
+
+OffloadGeometry::OffloadGeometry(const AttentionOptions& a, int64_t prompt_len)
+    : mid(static_cast<size_t>(prompt_len - a.window - a.sinks)),
+      chunk(static_cast<size_t>(a.chunk_tokens)),
+      chunks((mid + chunk - 1) / chunk),
+      max_topk(std::min(static_cast<size_t>(a.train_k), std::min(mid, chunk))) {}
+
+PrefillHandOff::PrefillHandOff(int threads, int depth, int nice) : nice_(nice) {
+  for (int i = 0; i < depth; ++i) staging_.push_back(std::make_unique<HandOffStaging>());
+  if (threads > 0) pool_ = std::make_unique<ThreadPool>(static_cast<size_t>(threads));
+}
+
+PrefillHandOff::~PrefillHandOff() = default;
+
+void PrefillHandOff::WaitSlot() {
+  HandOffStaging& next = *staging_[next_];
+  // An earlier layer's (or sequence's) upload still reads this slot. The
+  // future is only set and cleared by the one prefill calling us.
+  if (next.busy.valid()) next.busy.wait();
+}
+
+HandOffStaging* PrefillHandOff::NextSlot() {
+  HandOffStaging* staging = staging_[next_].get();
+  next_ = (next_ + 1) % staging_.size();
+  // Normally free already: the engine calls WaitSlot outside its backend lock.
+  if (staging->busy.valid()) staging->busy.wait();  // an earlier layer's upload
+  staging->busy = {};
+  return staging;
+}
+
+std::shared_future<absl::Status> PrefillHandOff::Start(HandOffJob job, HandOffStaging* staging) {
+  if (pool_ == nullptr) {
+    absl::Status st = UploadLayer(job, staging);
+    StoreMax(*job.done_ns, NanosSince(job.start));
+    return Ready(std::move(st));
+  }
+  auto promise = std::make_shared<std::promise<absl::Status>>();
+  std::shared_future<absl::Status> done = promise->get_future().share();
+  staging->busy = done;
+  pool_->Schedule([promise, job = std::move(job), staging, nice = nice_] {
+    LowerThreadPriority(nice);
+    absl::Status st =
+        job.cancel.cancelled()
+            ? absl::CancelledError(absl::StrCat("sequence ", job.sequence_id, " cancelled"))
+            : UploadLayer(job, staging);
+    StoreMax(*job.done_ns, NanosSince(job.start));
+    promise->set_value(std::move(st));
+  });
+  return done;
+}
+
+absl::Status PrefillHandOff::BackendTrainingTopK(Backend& backend, const LlamaConfig& c,
+                                                 const AttentionOptions& attention,
+                                                 const Tensor& q, const Tensor& k,
+                                                 int64_t prompt_len, HandOffStaging* staging,
+                                                 int64_t* shards) {
+  staging->backend_stride = 0;
+  if (attention.index != retrieval::IndexType::kGraph) return absl::OkStatus();
+  const OffloadGeometry geo(attention, prompt_len);
+  if (!backend.SupportsOp(OptionalOp::kTopK) ||
+      static_cast<size_t>(backend.MaxTopK()) < geo.max_topk) {
+    return absl::OkStatus();
+  }
+  const size_t rows_per_query_set =
+      static_cast<size_t>(prompt_len) * static_cast<size_t>(c.n_heads / c.n_kv_heads);
+  const size_t kv_heads = static_cast<size_t>(c.n_kv_heads);
+  const size_t stride = kv_heads * rows_per_query_set * geo.max_topk;
+  staging->backend_ids.resize(geo.chunks * stride);
+  staging->backend_scores.resize(staging->backend_ids.size());
+  // One call (one wait) per chunk for every kv head.
+  for (size_t ci = 0; ci < geo.chunks; ++ci) {
+    const size_t rows = geo.Rows(ci), topk = geo.TopK(ci);
+    const size_t count = kv_heads * rows_per_query_set * topk;
+    const int64_t key_begin = attention.sinks + static_cast<int64_t>(geo.Begin(ci));
+    KVR_RETURN_IF_ERROR(backend.TopK(q, k, c.attention_shape(), Backend::kAllKvHeads, key_begin,
+                                     key_begin + static_cast<int64_t>(rows),
+                                     static_cast<int>(topk),
+                                     {staging->backend_ids.data() + ci * stride, count},
+                                     {staging->backend_scores.data() + ci * stride, count}));
+    *shards += c.n_kv_heads;
+  }
+  staging->backend_stride = stride;
+  return absl::OkStatus();
+}
+
+absl::Status PrefillHandOff::UploadLayer(const HandOffJob& job, HandOffStaging* staging) {
+  const LlamaConfig& c = *job.config;
+  const AttentionOptions& attention = job.attention;
+  const size_t d = static_cast<size_t>(c.head_dim);
+  const size_t kv = static_cast<size_t>(c.kv_dim()), qd = static_cast<size_t>(c.q_dim());
+  const OffloadGeometry geo(attention, job.prompt_len);
+  const size_t group = static_cast<size_t>(c.n_heads / c.n_kv_heads);
+  const size_t train_rows = static_cast<size_t>(job.prompt_len) * group;
+  // Only the graph index trains on the queries' top-k (flat and IVF ignore it).
+  const bool train = attention.index == retrieval::IndexType::kGraph;
+  // The backend may have computed it already (BackendTrainingTopK).
+  const bool precomputed = train && staging->backend_stride != 0;
+  if (train && !precomputed) {
+    staging->train_queries.resize(train_rows * d);
+    staging->train_ids.resize(train_rows * geo.max_topk);
+    staging->train_scores.resize(staging->train_ids.size());
+  }
+  for (int g = 0; g < c.n_kv_heads; ++g) {
+    if (train && !precomputed) {
+      // Every prefill query of the kv head's query heads trains its indexes.
+      for (size_t p = 0; p < static_cast<size_t>(job.prompt_len); ++p) {
+        for (size_t j = 0; j < group; ++j) {
+          const float* src = staging->q.data() + p * qd + (g * group + j) * d;
+          std::copy_n(src, d, staging->train_queries.data() + (p * group + j) * d);
+        }
+      }
+    }
+    for (size_t ci = 0; ci < geo.chunks; ++ci) {
+      const size_t rows = geo.Rows(ci);
+      const size_t row0 = static_cast<size_t>(attention.sinks) + geo.Begin(ci);
+      const ConstMatrixView keys(staging->k.data() + row0 * kv + g * d, rows, d, kv);
+      const ConstMatrixView values(staging->v.data() + row0 * kv + g * d, rows, d, kv);
+      retrieval::ShardUpload up;
+      up.key = {job.sequence_id, job.layer, g, static_cast<int32_t>(ci)};
+      up.first_position = static_cast<int64_t>(row0);
+      up.keys = keys;
+      up.values = values;
+      if (train) {
+        const size_t topk = geo.TopK(ci);
+        std::span<int64_t> ids;
+        if (precomputed) {
+          const size_t offset = ci * staging->backend_stride + g * train_rows * topk;
+          ids = {staging->backend_ids.data() + offset, train_rows * topk};
+        } else {
+          const ConstMatrixView queries(staging->train_queries.data(), train_rows, d);
+          ids = {staging->train_ids.data(), train_rows * topk};
+          KVR_RETURN_IF_ERROR(ExactTopK(keys, queries, static_cast<int>(topk), ids,
+                                        {staging->train_scores.data(), ids.size()},
+                                        /*pool=*/nullptr));
+        }
+        up.train_topk = ids;
+        up.train_topk_width = topk;
+      }
+      KVR_RETURN_IF_ERROR(job.client->UploadShard(up));
+    }
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace kvr::worker
