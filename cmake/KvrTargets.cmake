@@ -2,14 +2,16 @@
 #
 #   kvr_library(NAME SOURCES ... [PUBLIC_DEPS ...] [PRIVATE_DEPS ...])
 #     builds static library kvr_NAME with alias kvr::NAME.
-#   kvr_test(NAME {SOURCES ... [DEPS ...] [ARGS ...] | COMMAND ...} [NEEDS target ...]
-#            [LABELS ...] [TIMEOUT s] [ENVIRONMENT VAR=value ...])
+#   kvr_test(NAME {SOURCES ... [DEPS ...] [ARGS ...] [OWN_MAIN] | COMMAND ...}
+#            [NEEDS target ...] [LABELS ...] [TIMEOUT s] [ENVIRONMENT VAR=value ...]
+#            [WORKING_DIRECTORY dir] [PROPERTIES name value ...] [PROTOBUF_FIRST])
 #     registers every ctest test: a GoogleTest executable NAME built from
-#     SOURCES (linked with DEPS, kvr::testing and gtest_main; ARGS passed to
-#     it), or a COMMAND; NEEDS are targets (servers, plugins) built first.
-#     Labels default to unit, the timeout to 300 s; every test gets
-#     KVR_TEST_ENVIRONMENT (where the models are). Arguments pass through a
-#     CMake list: write a ';' inside a COMMAND argument as $<SEMICOLON>.
+#     SOURCES (linked with DEPS, kvr::testing, gtest and, unless OWN_MAIN,
+#     gtest_main; ARGS passed to it), or a COMMAND; NEEDS are targets
+#     (servers, plugins) built first. Labels default to unit, the timeout to
+#     300 s; every test gets KVR_TEST_ENVIRONMENT (where the models are);
+#     PROPERTIES are more test properties (fixtures). Arguments pass through
+#     a CMake list: write a ';' inside a COMMAND argument as $<SEMICOLON>.
 #     PROTOBUF_FIRST: see kvr_link_protobuf_first.
 #   kvr_link_protobuf_first(TARGET)
 #     puts libprotobuf first on an executable's link line (call it before any
@@ -42,10 +44,14 @@ function(kvr_link_protobuf_first target)
 endfunction()
 
 function(kvr_test name)
-  cmake_parse_arguments(ARG "PROTOBUF_FIRST" "TIMEOUT" "SOURCES;DEPS;ARGS;COMMAND;NEEDS;LABELS;ENVIRONMENT"
-    ${ARGN})
+  cmake_parse_arguments(ARG "PROTOBUF_FIRST;OWN_MAIN" "TIMEOUT;WORKING_DIRECTORY"
+    "SOURCES;DEPS;ARGS;COMMAND;NEEDS;LABELS;ENVIRONMENT;PROPERTIES" ${ARGN})
   if(ARG_SOURCES AND ARG_COMMAND)
     message(FATAL_ERROR "kvr_test(${name}): SOURCES (a GoogleTest program) or COMMAND, not both")
+  endif()
+  set(_workdir)
+  if(ARG_WORKING_DIRECTORY)
+    set(_workdir WORKING_DIRECTORY ${ARG_WORKING_DIRECTORY})
   endif()
   if(ARG_SOURCES)
     add_executable(${name} ${ARG_SOURCES})
@@ -53,10 +59,14 @@ function(kvr_test name)
     if(ARG_PROTOBUF_FIRST)
       kvr_link_protobuf_first(${name})
     endif()
-    target_link_libraries(${name} PRIVATE ${ARG_DEPS} kvr::testing GTest::gtest GTest::gtest_main)
-    add_test(NAME ${name} COMMAND ${name} ${ARG_ARGS})
+    set(_main GTest::gtest_main)
+    if(ARG_OWN_MAIN)
+      set(_main)  # the test defines main() (to parse its own flags)
+    endif()
+    target_link_libraries(${name} PRIVATE ${ARG_DEPS} kvr::testing GTest::gtest ${_main})
+    add_test(NAME ${name} COMMAND ${name} ${ARG_ARGS} ${_workdir})
   elseif(ARG_COMMAND)
-    add_test(NAME ${name} COMMAND ${ARG_COMMAND})
+    add_test(NAME ${name} COMMAND ${ARG_COMMAND} ${_workdir})
   else()
     message(FATAL_ERROR "kvr_test(${name}): needs SOURCES or COMMAND")
   endif()
@@ -75,5 +85,5 @@ function(kvr_test name)
     set(ARG_TIMEOUT 300)
   endif()
   set_tests_properties(${name} PROPERTIES LABELS "${ARG_LABELS}" TIMEOUT ${ARG_TIMEOUT}
-    ENVIRONMENT "${KVR_TEST_ENVIRONMENT};${ARG_ENVIRONMENT}")
+    ENVIRONMENT "${KVR_TEST_ENVIRONMENT};${ARG_ENVIRONMENT}" ${ARG_PROPERTIES})
 endfunction()

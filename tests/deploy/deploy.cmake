@@ -34,27 +34,27 @@ set(_checks ${KVR_DEPLOY_PYTHON} ${_deploy_src}/deploy_checks.py)
 # The chart renderer, built offline in GOPATH mode from Debian's Go packages
 # (sprig and its dependencies under /usr/share/gocode), with the build cache
 # inside the build tree.
-add_test(NAME deploy_render_build
+kvr_test(deploy_render_build
   COMMAND ${CMAKE_COMMAND} -E env GO111MODULE=off GOPATH=/usr/share/gocode
           GOCACHE=${_deploy_bin}/gocache GOFLAGS= GOTOOLCHAIN=local GOPROXY=off
           ${KVR_DEPLOY_GO} build -o ${_render} .
-  WORKING_DIRECTORY ${_deploy_src}/render)
-set_tests_properties(deploy_render_build PROPERTIES
-  LABELS deploy TIMEOUT 120 FIXTURES_SETUP deploy_render)
+  WORKING_DIRECTORY ${_deploy_src}/render
+  LABELS deploy TIMEOUT 120 PROPERTIES FIXTURES_SETUP deploy_render)
 
-add_test(NAME deploy_manifests
-  COMMAND ${_checks} manifests --render ${_render} --work ${_deploy_bin}/manifests)
-add_test(NAME deploy_rules
+kvr_test(deploy_manifests
+  COMMAND ${_checks} manifests --render ${_render} --work ${_deploy_bin}/manifests
+  LABELS deploy TIMEOUT 120 PROPERTIES FIXTURES_REQUIRED deploy_render)
+kvr_test(deploy_rules
   COMMAND ${_checks} rules --render ${_render} --work ${_deploy_bin}/rules
-          --promtool ${KVR_DEPLOY_PROMTOOL})
-set_tests_properties(deploy_manifests deploy_rules PROPERTIES
-  LABELS deploy TIMEOUT 120 FIXTURES_REQUIRED deploy_render)
+          --promtool ${KVR_DEPLOY_PROMTOOL}
+  LABELS deploy TIMEOUT 120 PROPERTIES FIXTURES_REQUIRED deploy_render)
 
-add_test(NAME deploy_values_schema
-  COMMAND ${_checks} values --work ${_deploy_bin}/values)
-add_test(NAME deploy_dashboards
-  COMMAND ${_checks} dashboards --work ${_deploy_bin}/dashboards)
-set_tests_properties(deploy_values_schema deploy_dashboards PROPERTIES LABELS deploy TIMEOUT 60)
+kvr_test(deploy_values_schema
+  COMMAND ${_checks} values --work ${_deploy_bin}/values
+  LABELS deploy TIMEOUT 60)
+kvr_test(deploy_dashboards
+  COMMAND ${_checks} dashboards --work ${_deploy_bin}/dashboards
+  LABELS deploy TIMEOUT 60)
 
 # The Dockerfile's runtime package lists cover every shared library the
 # freshly built binaries load.
@@ -62,24 +62,23 @@ set(_gateway_bin)
 if(TARGET kvr_gateway)
   set(_gateway_bin --binary gateway=$<TARGET_FILE:kvr_gateway>)
 endif()
-add_test(NAME deploy_runtime_packages
+kvr_test(deploy_runtime_packages
   COMMAND ${KVR_DEPLOY_PYTHON} ${_deploy_src}/runtime_packages.py
           --dockerfile ${PROJECT_SOURCE_DIR}/deploy/Dockerfile
           --binary node=$<TARGET_FILE:kvr_node> --binary node=$<TARGET_FILE:kvr_health_probe>
-          --binary worker-cpu=$<TARGET_FILE:kvr_worker> ${_gateway_bin})
-set_tests_properties(deploy_runtime_packages PROPERTIES LABELS deploy TIMEOUT 60)
+          --binary worker-cpu=$<TARGET_FILE:kvr_worker> ${_gateway_bin}
+  LABELS deploy TIMEOUT 60)
 
 # Live: `kvr cluster` (3 nodes, worker, gateway) scraped by a real Prometheus
 # with the ServiceMonitor's configuration; every dashboard query must return
 # data and every alert expression must parse.
 if(TARGET kvr_gateway)
-  add_test(NAME deploy_live
+  kvr_test(deploy_live
     COMMAND ${KVR_DEPLOY_PYTHON} ${_deploy_src}/live_test.py
             --render ${_render} --kvr $<TARGET_FILE:kvr>
             --node_binary $<TARGET_FILE:kvr_node> --worker_binary $<TARGET_FILE:kvr_worker>
             --gateway_binary $<TARGET_FILE:kvr_gateway>
             --health_probe $<TARGET_FILE:kvr_health_probe>
-            --prometheus ${KVR_DEPLOY_PROMETHEUS} --work ${_deploy_bin}/live)
-  set_tests_properties(deploy_live PROPERTIES
-    LABELS deploy TIMEOUT 180 FIXTURES_REQUIRED deploy_render)
+            --prometheus ${KVR_DEPLOY_PROMETHEUS} --work ${_deploy_bin}/live
+    LABELS deploy TIMEOUT 180 PROPERTIES FIXTURES_REQUIRED deploy_render)
 endif()

@@ -859,7 +859,7 @@ TEST(GatewayOverloadTest, FullQueueAndQueueDeadline) {
     // Connected and healthy, and the model's id known for HTTP.
     ASSERT_TRUE(Stream(gw.get(), c.Proto()).status.ok());
     ASSERT_EQ(Post(gateway->http(), "/v1/completions", c.Http(false).dump()).status, 200);
-    ASSERT_EQ(kill(worker->pid(), SIGSTOP), 0);
+    ASSERT_TRUE(test_support::StopProcess(worker->pid()));
     // The holder: a gRPC stream stuck on the stopped worker until its deadline.
     std::thread holder([&] {
       const Streamed s = Stream(gw.get(), c.Proto(), std::chrono::milliseconds(4000));

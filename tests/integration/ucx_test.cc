@@ -365,7 +365,7 @@ TEST(UcxDeadlineTest, NodeThatStopsAnsweringHitsTheDeadline) {
   Partials out(kIvf.heads, kIvf.dim);
   ASSERT_TRUE(client->Attend(req, out.view()).ok());
 
-  ASSERT_EQ(kill(node->pid(), SIGSTOP), 0);
+  ASSERT_TRUE(test_support::StopProcess(node->pid()));
   ASSERT_TRUE(WaitUntilStopped(node->pid()));
   const auto start = std::chrono::steady_clock::now();
   const absl::Status st = client->Attend(req, out.view());

@@ -7,6 +7,10 @@
 #include <gtest/gtest.h>
 #include <signal.h>
 
+#include <chrono>
+#include <fstream>
+#include <thread>
+
 #include <memory>
 #include <optional>
 #include <string>
@@ -121,5 +125,27 @@ class NodeProcess : public ServerProcess {
     return p;
   }
 };
+
+// Sends SIGSTOP to `pid` and returns once the kernel reports it stopped
+// (state 'T' in /proc/<pid>/stat), false after `timeout`. kill() returns
+// before every thread of a busy process has stopped; a test that needs the
+// process silent must wait for this.
+inline bool StopProcess(pid_t pid, std::chrono::milliseconds timeout = std::chrono::seconds(10)) {
+  if (kill(pid, SIGSTOP) != 0) return false;
+  const auto give_up = std::chrono::steady_clock::now() + timeout;
+  const std::string stat_path = "/proc/" + std::to_string(pid) + "/stat";
+  while (std::chrono::steady_clock::now() < give_up) {
+    std::ifstream stat(stat_path);
+    std::string line;
+    std::getline(stat, line);
+    // "pid (comm) S ...": the state follows the last ')'.
+    const size_t close = line.rfind(')');
+    if (close != std::string::npos && close + 2 < line.size() && line[close + 2] == 'T') {
+      return true;
+    }
+    std::this_thread::yield();
+  }
+  return false;
+}
 
 }  // namespace kvr::test_support

@@ -6,9 +6,8 @@ kvr_test(simd_test SOURCES unit/simd_test.cc DEPS kvr::common LABELS unit)
 # own run of the same binary (without KVR_SIMD the test forces "scalar").
 kvr_test(simd_dispatch_test SOURCES unit/simd_dispatch_test.cc DEPS kvr::common LABELS unit)
 foreach(isa avx2 avx512 bogus)
-  add_test(NAME simd_dispatch_test_${isa} COMMAND simd_dispatch_test)
-  set_tests_properties(simd_dispatch_test_${isa} PROPERTIES
-    LABELS unit TIMEOUT 60 ENVIRONMENT "KVR_SIMD=${isa}")
+  kvr_test(simd_dispatch_test_${isa} COMMAND simd_dispatch_test
+    TIMEOUT 60 ENVIRONMENT KVR_SIMD=${isa})
 endforeach()
 # common/Subprocess: log file, kept lines, process group, signal mask,
 # PollExit, failed exec.
