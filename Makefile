@@ -13,6 +13,10 @@ BUILD_DIR ?= build
 BUILD_TYPE ?= RelWithDebInfo
 JOBS ?= 2
 CMAKE_FLAGS ?=
+# CI (which sets $CI) builds with warnings as errors.
+ifneq ($(CI),)
+CMAKE_FLAGS += -DKVR_WERROR=ON
+endif
 CTEST_FLAGS ?=
 
 .PHONY: deps configure build run test test-slow bench clean

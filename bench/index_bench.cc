@@ -213,7 +213,7 @@ class CountingFlatIp : public faiss::IndexFlatIP {
 
  private:
   struct Counter : faiss::DistanceComputer {
-    explicit Counter(faiss::DistanceComputer* inner) : inner(inner) {}
+    explicit Counter(faiss::DistanceComputer* wrapped) : inner(wrapped) {}
     void set_query(const float* x) override { inner->set_query(x); }
     float operator()(faiss::Index::idx_t i) override {
       ++count;

@@ -21,7 +21,10 @@
 # models are (tests/support/models.h).
 set(KVR_TEST_ENVIRONMENT "KVR_MODELS=${KVR_MODELS_DIR}" "KVR_SHARED_MODELS=${KVR_SHARED_MODELS_DIR}")
 
-set(KVR_WARNINGS -Wall -Wextra -Wno-unused-parameter -Wno-sign-compare)
+set(KVR_WARNINGS -Wall -Wextra -Wshadow -Wsign-compare -Wno-unused-parameter)
+if(KVR_WERROR)
+  list(APPEND KVR_WARNINGS -Werror)
+endif()
 
 function(kvr_library name)
   cmake_parse_arguments(ARG "" "" "SOURCES;PUBLIC_DEPS;PRIVATE_DEPS" ${ARGN})

@@ -305,12 +305,12 @@ int Main(int argc, char** argv) {
       std::error_code ec;
       kvr = (std::filesystem::read_symlink("/proc/self/exe", ec).parent_path() / "kvr").string();
     }
-    std::vector<std::string> argv = {kvr, "cluster"};
+    std::vector<std::string> cluster_argv = {kvr, "cluster"};
     for (absl::string_view a :
          absl::StrSplit(absl::GetFlag(FLAGS_cluster_args), ' ', absl::SkipWhitespace())) {
-      argv.emplace_back(a);
+      cluster_argv.emplace_back(a);
     }
-    absl::StatusOr<std::unique_ptr<Subprocess>> started = Subprocess::Start(argv);
+    absl::StatusOr<std::unique_ptr<Subprocess>> started = Subprocess::Start(cluster_argv);
     if (!started.ok()) return Fail(started.status().ToString());
     cluster = *std::move(started);
     absl::StatusOr<std::string> ready = cluster->WaitForLine("kvr cluster ready: ", absl::Minutes(3));

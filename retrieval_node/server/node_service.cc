@@ -394,10 +394,10 @@ void NodeService::HandleAttend(const v1::AttendRequest& request, v1::AttendRespo
   const Clock::time_point start = Clock::now();
   NodeMetrics* const metrics = options_.metrics;
   constexpr NodeMethod kMethod = NodeMethod::kAttend;
-  auto finish = [metrics, start](const std::function<void(absl::Status)>& done,
+  auto finish = [metrics, start](const std::function<void(absl::Status)>& reply,
                                  absl::Status status) {
     Record(metrics, kMethod, start, status);
-    done(std::move(status));
+    reply(std::move(status));
   };
   if (absl::Status s = CheckAttendRequest(request); !s.ok()) {
     finish(done, std::move(s));

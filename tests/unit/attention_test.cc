@@ -149,7 +149,7 @@ TEST_P(MergePropertyTest, ManyEmptyParts) {
 
 INSTANTIATE_TEST_SUITE_P(AllDTypes, MergePropertyTest,
                          ::testing::Values(DType::kF32, DType::kBf16, DType::kF16),
-                         [](const auto& info) { return std::string(DTypeName(info.param)); });
+                         [](const auto& param_info) { return std::string(DTypeName(param_info.param)); });
 
 TEST(AttentionTest, EmptyPartialAndIdentity) {
   Partials e(1, 4);

@@ -429,8 +429,8 @@ TEST_P(SimdTest, ConversionTailsStayInBounds) {
 
 INSTANTIATE_TEST_SUITE_P(Isas, SimdTest,
                          ::testing::Values(Isa::kScalar, Isa::kAvx2, Isa::kAvx512),
-                         [](const ::testing::TestParamInfo<Isa>& info) {
-                           return std::string(IsaName(info.param));
+                         [](const ::testing::TestParamInfo<Isa>& param_info) {
+                           return std::string(IsaName(param_info.param));
                          });
 
 TEST(SimdDispatchTest, ScalarIsAlwaysAvailable) {

@@ -346,7 +346,7 @@ TEST_P(BackendTest, ForeignTensorsAreRejected) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Threads, BackendTest, ::testing::Values(1, 3),
-                         [](const auto& info) { return "t" + std::to_string(info.param); });
+                         [](const auto& param_info) { return "t" + std::to_string(param_info.param); });
 
 }  // namespace
 }  // namespace kvr::worker
