@@ -9,6 +9,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "common/status.h"
+#include "gpu_worker/model/model_files.h"
 #ifdef KVR_HAVE_NLOHMANN_JSON
 #include "nlohmann/json.hpp"
 #endif
@@ -405,13 +406,6 @@ std::string ByteLevel(std::string_view raw) {
 }
 
 #ifdef KVR_HAVE_NLOHMANN_JSON
-absl::StatusOr<std::string> ReadText(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) return absl::NotFoundError(absl::StrCat("cannot open ", path));
-  std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-  if (in.bad()) return absl::DataLossError(absl::StrCat("error reading ", path));
-  return text;
-}
 
 // bos_token / eos_token of tokenizer_config.json: a string or {"content": s}.
 std::string ConfigToken(const Json& cfg, const char* key) {

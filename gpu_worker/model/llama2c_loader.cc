@@ -1,14 +1,9 @@
 #include "gpu_worker/model/llama2c_loader.h"
 
-#include <fcntl.h>
-#include <sys/mman.h>
-#include <sys/stat.h>
-#include <unistd.h>
-
-#include <cerrno>
 #include <cstring>
 
 #include "absl/strings/str_cat.h"
+#include "gpu_worker/model/model_files.h"
 
 namespace kvr::worker {
 namespace {
@@ -183,34 +178,12 @@ absl::StatusOr<std::shared_ptr<const LlamaWeights>> ParseLlama2c(
 }
 
 absl::StatusOr<std::shared_ptr<const LlamaWeights>> LoadLlama2c(const std::string& path) {
-  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
-  if (fd < 0) {
-    const int err = errno;
-    return absl::NotFoundError(
-        absl::StrCat("cannot open llama2.c file ", path, ": ", std::strerror(err)));
-  }
-  struct stat st;
-  if (::fstat(fd, &st) != 0) {
-    const int err = errno;
-    ::close(fd);
-    return absl::InternalError(absl::StrCat("cannot stat ", path, ": ", std::strerror(err)));
-  }
-  const size_t size = static_cast<size_t>(st.st_size);
-  if (size < kHeaderBytes) {
-    ::close(fd);
-    return absl::DataLossError(absl::StrCat("llama2.c file ", path, " is ", size,
+  KVR_ASSIGN_OR_RETURN(MappedFile file, MapFile(path, "llama2.c file"));
+  if (file.bytes.size() < kHeaderBytes) {
+    return absl::DataLossError(absl::StrCat("llama2.c file ", path, " is ", file.bytes.size(),
                                             " bytes, shorter than the 28-byte header"));
   }
-  void* p = ::mmap(nullptr, size, PROT_READ, MAP_PRIVATE, fd, 0);
-  const int err = errno;
-  ::close(fd);
-  if (p == MAP_FAILED) {
-    return absl::InternalError(absl::StrCat("cannot mmap ", path, ": ", std::strerror(err)));
-  }
-  std::shared_ptr<const void> mapping(
-      p, [size](const void* q) { ::munmap(const_cast<void*>(q), size); });
-  return ParseLlama2c(std::span<const std::byte>(static_cast<const std::byte*>(p), size),
-                      std::move(mapping), path);
+  return ParseLlama2c(file.bytes, std::move(file.keepalive), path);
 }
 
 }  // namespace kvr::worker

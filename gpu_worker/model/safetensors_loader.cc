@@ -1,9 +1,5 @@
 #include "gpu_worker/model/safetensors_loader.h"
 
-#include <fcntl.h>
-#include <sys/mman.h>
-#include <sys/stat.h>
-#include <unistd.h>
 
 #include <cerrno>
 #include <cstring>
@@ -16,6 +12,7 @@
 #include "common/half.h"
 #include "gpu_worker/model/hf_config.h"
 #include "gpu_worker/model/llama2c_loader.h"
+#include "gpu_worker/model/model_files.h"
 #include "nlohmann/json.hpp"
 
 namespace kvr::worker {
@@ -40,49 +37,6 @@ std::string ShapeStr(std::span<const int64_t> shape) {
   std::string s = "[";
   for (size_t i = 0; i < shape.size(); ++i) absl::StrAppend(&s, i ? ", " : "", shape[i]);
   return s + "]";
-}
-
-// A read-only mapping of a whole file.
-struct MappedFile {
-  std::shared_ptr<const void> keepalive;
-  std::span<const std::byte> bytes;
-};
-
-absl::StatusOr<MappedFile> MapFile(const std::string& path) {
-  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
-  if (fd < 0) {
-    const int err = errno;
-    return absl::NotFoundError(absl::StrCat("cannot open ", path, ": ", std::strerror(err)));
-  }
-  struct stat st;
-  if (::fstat(fd, &st) != 0) {
-    const int err = errno;
-    ::close(fd);
-    return absl::InternalError(absl::StrCat("cannot stat ", path, ": ", std::strerror(err)));
-  }
-  const size_t size = static_cast<size_t>(st.st_size);
-  if (size == 0) {
-    ::close(fd);
-    return MappedFile{nullptr, {}};
-  }
-  void* p = ::mmap(nullptr, size, PROT_READ, MAP_PRIVATE, fd, 0);
-  const int err = errno;
-  ::close(fd);
-  if (p == MAP_FAILED) {
-    return absl::InternalError(absl::StrCat("cannot mmap ", path, ": ", std::strerror(err)));
-  }
-  std::shared_ptr<const void> mapping(
-      p, [size](const void* q) { ::munmap(const_cast<void*>(q), size); });
-  return MappedFile{std::move(mapping),
-                    std::span<const std::byte>(static_cast<const std::byte*>(p), size)};
-}
-
-absl::StatusOr<std::string> ReadText(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) return absl::NotFoundError(absl::StrCat("cannot open ", path));
-  std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-  if (in.bad()) return absl::DataLossError(absl::StrCat("error reading ", path));
-  return text;
 }
 
 // Heap buffers made at load (converted or realigned tensors) plus the
