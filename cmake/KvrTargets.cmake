@@ -26,11 +26,42 @@ if(KVR_WERROR)
   list(APPEND KVR_WARNINGS -Werror)
 endif()
 
+# Per-target include directories. Includes are written from the repository
+# root ("retrieval_node/core/node_core.h"), but a library does not export the
+# root: it exports a folder of its own under the build tree that holds links
+# to the headers beside its sources only, at their root-relative paths. A
+# target therefore compiles against its own headers and those of the
+# libraries it links, and an #include of anything else fails to compile
+# (tests/layering checks the finer folder rules of the READMEs).
+function(kvr_stage_headers target)
+  set(_stage ${PROJECT_BINARY_DIR}/include/${target})
+  set(_dirs)
+  get_target_property(_sources ${target} SOURCES)
+  foreach(_src IN LISTS _sources)
+    get_filename_component(_abs ${_src} ABSOLUTE BASE_DIR ${CMAKE_CURRENT_SOURCE_DIR})
+    get_filename_component(_dir ${_abs} DIRECTORY)
+    list(APPEND _dirs ${_dir})
+  endforeach()
+  list(REMOVE_DUPLICATES _dirs)
+  foreach(_dir IN LISTS _dirs)
+    file(GLOB _headers CONFIGURE_DEPENDS ${_dir}/*.h ${_dir}/*.cuh ${_dir}/*.cu)
+    foreach(_h IN LISTS _headers)
+      file(RELATIVE_PATH _rel ${PROJECT_SOURCE_DIR} ${_h})
+      get_filename_component(_rel_dir ${_stage}/${_rel} DIRECTORY)
+      file(MAKE_DIRECTORY ${_rel_dir})
+      if(NOT EXISTS ${_stage}/${_rel})
+        file(CREATE_LINK ${_h} ${_stage}/${_rel} SYMBOLIC)
+      endif()
+    endforeach()
+  endforeach()
+  target_include_directories(${target} PUBLIC ${_stage})
+endfunction()
+
 function(kvr_library name)
   cmake_parse_arguments(ARG "" "" "SOURCES;PUBLIC_DEPS;PRIVATE_DEPS" ${ARGN})
   add_library(kvr_${name} STATIC ${ARG_SOURCES})
   add_library(kvr::${name} ALIAS kvr_${name})
-  target_include_directories(kvr_${name} PUBLIC ${PROJECT_SOURCE_DIR})
+  kvr_stage_headers(kvr_${name})
   target_compile_options(kvr_${name} PRIVATE $<$<COMPILE_LANGUAGE:CXX>:${KVR_WARNINGS}>)
   target_link_libraries(kvr_${name} PUBLIC ${ARG_PUBLIC_DEPS} PRIVATE ${ARG_PRIVATE_DEPS})
 endfunction()

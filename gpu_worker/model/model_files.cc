@@ -14,7 +14,7 @@
 
 namespace kvr::worker {
 
-absl::StatusOr<MappedFile> MapFile(const std::string& path, std::string_view what) {
+absl::StatusOr<MappedFile> MapFile(const std::string& path, absl::string_view what) {
   const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
   if (fd < 0) {
     const int err = errno;

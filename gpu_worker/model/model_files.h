@@ -7,6 +7,7 @@
 #include <span>
 #include <string>
 
+#include "absl/strings/string_view.h"
 #include "common/status.h"
 
 namespace kvr::worker {
@@ -20,7 +21,7 @@ struct MappedFile {
 
 // Maps `path` read-only. NotFound when it cannot be opened (the message names
 // `what` and the path), Internal when stat or mmap fails.
-absl::StatusOr<MappedFile> MapFile(const std::string& path, std::string_view what = "file");
+absl::StatusOr<MappedFile> MapFile(const std::string& path, absl::string_view what = "file");
 
 // The whole content of `path`. NotFound when it cannot be opened, DataLoss on
 // a read error.
