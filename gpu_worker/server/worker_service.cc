@@ -1,5 +1,6 @@
 #include "gpu_worker/server/worker_service.h"
 
+#include <chrono>
 #include <deque>
 #include <functional>
 #include <mutex>
@@ -202,8 +203,17 @@ class WorkerService::InfoReactor final : public grpc::ServerUnaryReactor {
   InfoReactor(const WorkerService* service, v1::GetModelInfoResponse* response)
       : service_(service), response_(response) {}
 
+  // Answers once `n` requests have finished, or at once with the status of
+  // a refused wait (too many waiting). Called by the handler before it
+  // returns the reactor (so before any OnCancel); Ready() may run inline.
   void Wait(GenerationScheduler* scheduler, int64_t n) {
-    scheduler->WhenFinished(n, [this] { Ready(); });
+    scheduler_ = scheduler;
+    const absl::Status s = scheduler->WhenFinished(n, [this] { Ready(); }, &waiter_id_);
+    if (s.ok()) return;
+    std::lock_guard<std::mutex> lock(mu_);
+    waiter_done_ = true;
+    finished_ = true;
+    Finish(ToGrpc(s));
   }
 
   void OnCancel() override {
@@ -211,6 +221,9 @@ class WorkerService::InfoReactor final : public grpc::ServerUnaryReactor {
     if (finished_) return;
     finished_ = true;
     Finish(grpc::Status(grpc::StatusCode::CANCELLED, "GetModelInfo: cancelled while waiting"));
+    // Frees the waiter's slot (max_finish_waiters) now rather than when its
+    // count is reached; if the scheduler no longer holds it, Ready() runs.
+    if (!waiter_done_ && scheduler_->CancelWaiter(waiter_id_)) waiter_done_ = true;
   }
   void OnDone() override {
     bool last;
@@ -240,6 +253,8 @@ class WorkerService::InfoReactor final : public grpc::ServerUnaryReactor {
 
   const WorkerService* const service_;
   v1::GetModelInfoResponse* const response_;
+  GenerationScheduler* scheduler_ = nullptr;  // set by Wait
+  uint64_t waiter_id_ = 0;                     // likewise
   std::mutex mu_;
   bool finished_ = false, grpc_done_ = false, waiter_done_ = false;
 };
@@ -267,6 +282,17 @@ absl::StatusOr<GenerationWork> WorkerService::ToWork(const v1::GenerateRequest& 
       if (r.text().size() > O::kMaxPromptBytes) {
         return absl::InvalidArgumentError(
             absl::StrCat("text: ", r.text().size(), " bytes, limit ", O::kMaxPromptBytes));
+      }
+      // Text that cannot fit the context is refused before it is encoded
+      // (the encoding's time grows with the text).
+      if (const size_t per_token = tokenizer_->max_bytes_per_token(); per_token > 0) {
+        const size_t min_tokens = (r.text().size() + per_token - 1) / per_token;
+        if (min_tokens > static_cast<size_t>(max_context_tokens_)) {
+          return absl::OutOfRangeError(absl::StrCat(
+              "prompt: text of ", r.text().size(), " bytes is at least ", min_tokens,
+              " tokens (a token covers at most ", per_token,
+              " bytes), over the model's context of ", max_context_tokens_, " tokens"));
+        }
       }
       absl::StatusOr<std::vector<int32_t>> ids = tokenizer_->Encode(r.text(), /*add_bos=*/true);
       if (!ids.ok()) {
@@ -326,6 +352,10 @@ grpc::ServerWriteReactor<v1::GenerateResponse>* WorkerService::Generate(
     grpc::CallbackServerContext* context, const v1::GenerateRequest* request) {
   auto* reactor =
       new GenerateReactor(scheduler_, request->request_id(), &options_.on_generate_finished);
+  if (context->deadline() <= std::chrono::system_clock::now()) {
+    reactor->Start(absl::DeadlineExceededError("deadline expired before the request started"));
+    return reactor;
+  }
   reactor->Start(ToWork(*request));
   return reactor;
 }
