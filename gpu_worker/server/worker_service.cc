@@ -328,7 +328,9 @@ absl::StatusOr<GenerationWork> WorkerService::ToWork(const v1::GenerateRequest& 
       break;
     }
     case v1::GenerateRequest::kTokens:
-      if (r.tokens().ids_size() > O::kMaxPromptTokens) {
+      // Refused before the copy: more ids than the context can never run.
+      if (r.tokens().ids_size() > O::kMaxPromptTokens ||
+          r.tokens().ids_size() > max_context_tokens_) {
         return absl::OutOfRangeError(absl::StrCat("tokens: ", r.tokens().ids_size(),
                                                   " ids exceed the model's context of ",
                                                   max_context_tokens_, " tokens"));
