@@ -194,8 +194,9 @@ absl::Status GenerationScheduler::Submit(GenerationWork work) {
     return absl::ResourceExhaustedError(absl::StrCat(
         "worker memory budget: the request needs ", bytes, " bytes (",
         engine_->CacheRows(work.attention), " K/V rows per layer, attention.mode ",
-        std::string(AttentionModeName(work.attention.mode)), "), more than the whole memory budget of ",
-        budget, " bytes (--memory_budget_bytes); use retrieval mode or a smaller window"));
+        std::string(AttentionModeName(work.attention.mode)),
+        "), more than the whole memory budget of ", budget,
+        " bytes (--memory_budget_bytes); use retrieval mode or a smaller window"));
   }
   if (budget > 0 && reserved_bytes_ > budget - bytes) {
     return absl::ResourceExhaustedError(absl::StrCat(
@@ -204,7 +205,8 @@ absl::Status GenerationScheduler::Submit(GenerationWork work) {
         " bytes (--memory_budget_bytes) are held by accepted requests; retry after about 1 s "
         "with exponential backoff, or on another worker"));
   }
-  reserved_bytes_ += bytes;
+  // Counted only under a budget (SequenceBytes saturates, a sum need not).
+  if (budget > 0) reserved_bytes_ += bytes;
   queue_.push_back(Queued{std::move(work), Clock::now()});
   cv_.notify_all();
   return absl::OkStatus();
@@ -249,7 +251,9 @@ void GenerationScheduler::Ended(GenerationWork& work, absl::StatusOr<GenerationS
     std::lock_guard<std::mutex> lock(mu_);
     ++finished_;
     if (was_active) --active_;
-    reserved_bytes_ -= engine_->SequenceBytes(work.attention);
+    if (options_.memory_budget_bytes > 0) {
+      reserved_bytes_ -= engine_->SequenceBytes(work.attention);
+    }
   }
   if (work.on_done) work.on_done(std::move(outcome));
   // Ready waiters go to the notifier thread: their callbacks may block (the

@@ -144,7 +144,7 @@ struct SchedulerLoad {
   int prefilling = 0;  // of which prefilling
   int queued = 0;
   int64_t finished = 0;  // requests ended (any outcome) since start
-  int64_t reserved_bytes = 0;  // memory budget held by accepted requests
+  int64_t reserved_bytes = 0;  // memory budget held by accepted requests (0 without a budget)
 };
 
 class GenerationScheduler {
