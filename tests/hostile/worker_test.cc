@@ -8,9 +8,9 @@
 //    machine ran out of memory) → INVALID_ARGUMENT naming the field and 512;
 //  * max_tokens 2^31-1 → the request runs to the context's end and finishes
 //    CONTEXT_FULL with prompt + completion = max_seq_len + 1 tokens;
-//  * a 1 MiB prompt → OUT_OF_RANGE before tokenizing (in well under a
-//    second; it used to take ~16 s on a gRPC thread); Tokenize of 1 MiB is
-//    linear-time;
+//  * a 1 MiB prompt → OUT_OF_RANGE before tokenizing (milliseconds; it used
+//    to take 16-60 s on a gRPC thread), as is the smallest prompt the byte
+//    bound refuses; Tokenize of 1 MiB is linear-time;
 //  * --memory_budget_bytes: a full-attention request beyond the budget →
 //    RESOURCE_EXHAUSTED while a smaller one still runs; admitted again once
 //    the first ends;
@@ -205,7 +205,7 @@ TEST_F(WorkerHostileTest, MiBPromptIsRefusedBeforeTokenizing) {
   // Refused on its size: no tokenizing (which took 16-60 s); the time is
   // the transfer of 1 MiB on loopback (milliseconds; generous for a loaded
   // test machine).
-  EXPECT_LT(seconds, 2.0);
+  EXPECT_LT(seconds, 5.0);
   // The smallest text the bound refuses: 512 tokens of 7 bytes + 1 byte.
   const Streamed just_over = Stream(stub_.get(), Request(text.substr(0, 512 * 7 + 1), 8));
   ExpectError(just_over.status, grpc::StatusCode::OUT_OF_RANGE, {"prompt", "3585 bytes", "512"},
@@ -223,7 +223,8 @@ TEST_F(WorkerHostileTest, MiBPromptIsRefusedBeforeTokenizing) {
   ASSERT_TRUE(ts.ok()) << ts.error_message();
   EXPECT_GE(resp.ids_size() * 7, 1 << 20);
   std::printf("Tokenize 1 MiB: %d ids in %.3f s\n", resp.ids_size(), tokenize_seconds);
-  EXPECT_LT(tokenize_seconds, 5.0);  // ~0.5 s; run.c's merge took 16-60 s
+  // ~0.5 s on an idle machine; run.c's merge took over 60 s on this text.
+  EXPECT_LT(tokenize_seconds, 10.0);
   ExpectStillServing("after a 1 MiB prompt");
 }
 
