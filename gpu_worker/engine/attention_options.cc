@@ -20,18 +20,22 @@ absl::StatusOr<AttentionMode> ParseAttentionMode(std::string_view name) {
       absl::StrCat("mode \"", std::string(name), "\" is not one of retrieval, full"));
 }
 
-absl::Status ValidateAttentionOptions(const AttentionOptions& o) {
+absl::Status ValidateAttentionOptions(const AttentionOptions& o, int64_t max_seq_len) {
   constexpr int kMaxTokens = LlamaConfig::kMaxSeqLen;
+  if (max_seq_len < 1 || max_seq_len > kMaxTokens) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("max_seq_len ", max_seq_len, " outside [1, ", kMaxTokens, "]"));
+  }
   if (o.mode != AttentionMode::kFull && o.mode != AttentionMode::kRetrieval) {
     return absl::InvalidArgumentError("mode: unknown attention mode");
   }
-  if (o.sinks < 0 || o.sinks > kMaxTokens) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("sinks ", o.sinks, " outside [0, ", kMaxTokens, "]"));
+  if (o.sinks < 0 || o.sinks > max_seq_len) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "sinks ", o.sinks, " outside [0, ", max_seq_len, "] (the model's context)"));
   }
-  if (o.window < 1 || o.window > kMaxTokens) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("window ", o.window, " outside [1, ", kMaxTokens, "]"));
+  if (o.window < 1 || o.window > max_seq_len) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "window ", o.window, " outside [1, ", max_seq_len, "] (the model's context)"));
   }
   if (o.top_k < 1 || o.top_k > kMaxTopK) {
     return absl::InvalidArgumentError(

@@ -9,6 +9,7 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "common/value_matrix.h"
+#include "gpu_worker/model/model_config.h"
 #include "retrieval_node/client/retrieval_client.h"
 
 namespace kvr::worker {
@@ -34,7 +35,15 @@ struct AttentionOptions {
   kvr::DType value_dtype = kvr::DType::kF32;  // how the node stores values
 };
 
-// InvalidArgument naming the field and its limit.
-absl::Status ValidateAttentionOptions(const AttentionOptions& options);
+// InvalidArgument naming the field and its limit. `max_seq_len` is the
+// engine's context (tokens): sinks and window are each at most max_seq_len,
+// and the engine keeps min(sinks + window, max_seq_len) K/V rows per layer
+// (a window reaching past the context is the whole context; a full-attention
+// sequence keeps max_seq_len rows), so one request's memory is bounded by the
+// model, not by the client. top_k and train_k are at most kMaxTopK
+// (common/exact_topk.h); chunk_tokens (a shard size, not an allocation) at
+// most LlamaConfig::kMaxSeqLen.
+absl::Status ValidateAttentionOptions(const AttentionOptions& options,
+                                      int64_t max_seq_len = LlamaConfig::kMaxSeqLen);
 
 }  // namespace kvr::worker

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <limits>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
@@ -145,11 +146,32 @@ absl::Status RetrievalEngine::EnsurePrefillCapacity(int64_t n) {
   return absl::OkStatus();
 }
 
+int64_t RetrievalEngine::CacheRows(const AttentionOptions& options) const {
+  // Positions stay below max_seq_len_, so a ring slot (Slot()) never reaches
+  // past min(sinks + window, max_seq_len_): a longer window never wraps.
+  if (options.mode == AttentionMode::kFull) return max_seq_len_;
+  return std::min(int64_t{options.sinks} + options.window, max_seq_len_);
+}
+
+int64_t RetrievalEngine::SequenceBytes(const AttentionOptions& options) const {
+  const LlamaConfig& c = weights_->config;
+  const int64_t rows = CacheRows(options);
+  // K and V on the backend; in retrieval mode also their host copies and the
+  // per-row flags; then the logits and the request's token history.
+  // Saturates at INT64_MAX (LlamaConfig's limits alone allow ~2^72).
+  const int64_t copies = options.mode == AttentionMode::kRetrieval ? 2 : 1;
+  const int64_t per_row = 2 * c.kv_dim() * 4 * copies + (copies - 1);
+  int64_t bytes = 0;
+  if (__builtin_mul_overflow(int64_t{c.n_layers} * rows, per_row, &bytes) ||
+      __builtin_add_overflow(bytes, int64_t{c.vocab_size} * 4 + max_seq_len_ * 4, &bytes)) {
+    return std::numeric_limits<int64_t>::max();
+  }
+  return bytes;
+}
+
 absl::Status RetrievalEngine::PrepareCaches(EngineSequence& seq) {
   const AttentionMode mode = seq.attention_.mode;
-  const int64_t rows = mode == AttentionMode::kFull
-                           ? max_seq_len_
-                           : int64_t{seq.attention_.sinks} + seq.attention_.window;
+  const int64_t rows = CacheRows(seq.attention_);
   const LlamaConfig& c = weights_->config;
   if (rows == seq.cache_rows_ && mode == seq.cache_mode_ &&
       seq.caches_.size() == static_cast<size_t>(c.n_layers)) {
@@ -234,7 +256,7 @@ absl::Status RetrievalEngine::StartLocked(std::unique_lock<std::mutex>& lock,
                                           const AttentionOptions& options,
                                           const CancelToken& cancel,
                                           const PrefillLayerCallback& on_layer) {
-  KVR_RETURN_IF_ERROR(ValidateAttentionOptions(options));
+  KVR_RETURN_IF_ERROR(ValidateAttentionOptions(options, max_seq_len_));
   if (tokens.empty()) return absl::InvalidArgumentError("Prefill: empty prompt");
   if (static_cast<int64_t>(tokens.size()) > max_seq_len_) {
     return absl::InvalidArgumentError(absl::StrCat("Prefill: ", tokens.size(),

@@ -299,6 +299,14 @@ class RetrievalEngine {
 
   const LlamaConfig& config() const { return weights_->config; }
   int64_t max_seq_len() const { return max_seq_len_; }
+  // K/V rows per layer a sequence with `options` keeps on the worker:
+  // max_seq_len() in full mode, min(sinks + window, max_seq_len()) else.
+  int64_t CacheRows(const AttentionOptions& options) const;
+  // Worker memory one sequence with `options` holds while it runs (its K/V
+  // caches, host copies, logits, token history), in bytes, saturating at
+  // INT64_MAX. The engine's shared buffers (prefill activations, hand-off
+  // staging) are not per sequence and not counted. Thread-safe.
+  int64_t SequenceBytes(const AttentionOptions& options) const;
   // The engine's own sequence:
   int64_t position() const { return own_->position(); }
   uint64_t sequence_id() const { return own_->id(); }

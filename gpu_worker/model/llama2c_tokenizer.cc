@@ -1,5 +1,6 @@
 #include "gpu_worker/model/llama2c_tokenizer.h"
 
+#include <algorithm>
 #include <cstring>
 #include <fstream>
 #include <iterator>
@@ -98,6 +99,15 @@ absl::StatusOr<std::unique_ptr<Llama2cTokenizer>> Llama2cTokenizer::Parse(
   for (int b = 0; b < 256 && t->byte_fallback_; ++b) {
     t->byte_fallback_ = ByteOfPiece(t->pieces_[static_cast<size_t>(b + 3)]) == b;
   }
+  // Every output token's piece is a concatenation of the pieces of the
+  // initial tokens it merged, and each initial piece is at least as long as
+  // the input bytes it stands for (itself, "<0xXX>" for one byte, or <unk>
+  // for one byte) unless <unk> is empty and can be emitted.
+  if (t->byte_fallback_ || !t->pieces_[0].empty()) {
+    for (const std::string& p : t->pieces_) {
+      t->max_bytes_per_token_ = std::max(t->max_bytes_per_token_, p.size());
+    }
+  }
   return t;
 }
 
@@ -140,32 +150,65 @@ absl::StatusOr<std::vector<int32_t>> Llama2cTokenizer::Encode(std::string_view t
     }
     buf.clear();
   }
-  // Greedy merges: the best-scoring mergeable adjacent pair, leftmost on ties.
-  // cand[i] is the merged id of (tokens[i], tokens[i+1]) or -1; only the
-  // neighbours of a merge change, so each round is one scan of floats.
-  auto pair_id = [&](size_t i) {
-    buf.assign(pieces_[static_cast<size_t>(tokens[i])]);
-    buf.append(pieces_[static_cast<size_t>(tokens[i + 1])]);
-    return Lookup(buf);
+  // Greedy merges: the best-scoring mergeable adjacent pair, leftmost on ties
+  // (run.c scans every pair each round, O(n^2); this is the same choice in
+  // O(n log n)). Tokens stay at their initial index i in a linked list
+  // (prev/next), so "leftmost" is the smallest i. The heap holds one entry per
+  // pair seen; an entry is stale when either side was merged away or changed,
+  // and is skipped when popped. A valid top entry is exactly run.c's choice:
+  // the highest score, ties to the leftmost pair. run.c only merges a pair
+  // whose score beats its initial best of -1e10 (so NaN never merges).
+  struct Pair {
+    float score;
+    uint32_t left, right;  // indices of the two tokens
+    int32_t left_id, right_id, merged;
   };
-  std::vector<int32_t> cand(tokens.size() > 0 ? tokens.size() - 1 : 0);
-  for (size_t i = 0; i < cand.size(); ++i) cand[i] = pair_id(i);
-  for (;;) {
-    float best_score = -1e10f;
-    size_t best = cand.size();
-    for (size_t i = 0; i < cand.size(); ++i) {
-      if (cand[i] >= 0 && scores_[static_cast<size_t>(cand[i])] > best_score) {
-        best_score = scores_[static_cast<size_t>(cand[i])];
-        best = i;
-      }
-    }
-    if (best == cand.size()) break;
-    tokens[best] = cand[best];
-    tokens.erase(tokens.begin() + static_cast<std::ptrdiff_t>(best) + 1);
-    cand.erase(cand.begin() + static_cast<std::ptrdiff_t>(best));
-    if (best > 0) cand[best - 1] = pair_id(best - 1);
-    if (best < cand.size()) cand[best] = pair_id(best);
+  auto worse = [](const Pair& a, const Pair& b) {
+    if (a.score != b.score) return a.score < b.score;
+    return a.left > b.left;
+  };
+  const size_t n = tokens.size();
+  std::vector<uint32_t> prev(n), next(n);
+  for (size_t i = 0; i < n; ++i) {
+    prev[i] = static_cast<uint32_t>(i - 1);  // wraps for 0: never read
+    next[i] = static_cast<uint32_t>(i + 1);
   }
+  std::vector<bool> alive(n, true);
+  std::vector<Pair> heap;
+  heap.reserve(n);
+  auto consider = [&](size_t l) {
+    if (l >= n || !alive[l] || next[l] >= n) return;
+    const uint32_t r = next[l];
+    buf.assign(pieces_[static_cast<size_t>(tokens[l])]);
+    buf.append(pieces_[static_cast<size_t>(tokens[r])]);
+    const int32_t id = Lookup(buf);
+    if (id < 0) return;
+    const float sc = scores_[static_cast<size_t>(id)];
+    if (!(sc > -1e10f)) return;
+    heap.push_back(Pair{sc, static_cast<uint32_t>(l), r, tokens[l], tokens[r], id});
+    std::push_heap(heap.begin(), heap.end(), worse);
+  };
+  for (size_t i = 0; i + 1 < n; ++i) consider(i);
+  while (!heap.empty()) {
+    std::pop_heap(heap.begin(), heap.end(), worse);
+    const Pair p = heap.back();
+    heap.pop_back();
+    if (!alive[p.left] || !alive[p.right] || next[p.left] != p.right ||
+        tokens[p.left] != p.left_id || tokens[p.right] != p.right_id) {
+      continue;  // stale
+    }
+    tokens[p.left] = p.merged;
+    alive[p.right] = false;
+    next[p.left] = next[p.right];
+    if (next[p.right] < n) prev[next[p.right]] = p.left;
+    if (p.left > 0) consider(prev[p.left]);
+    consider(p.left);
+  }
+  size_t kept = 0;
+  for (size_t i = 0; i < n; ++i) {
+    if (alive[i]) tokens[kept++] = tokens[i];
+  }
+  tokens.resize(kept);
   if (add_eos) tokens.push_back(eos_id());
   return tokens;
 }

@@ -2,7 +2,8 @@
 //   int32 max_token_length, then per token: float32 score, int32 len, len bytes.
 // The file does not store the vocabulary size; the model's does.
 //
-// Encode reproduces run.c's encode() exactly: BOS (1); a dummy-prefix " "
+// Encode reproduces run.c's encode() exactly (in O(n log n) time rather than
+// run.c's O(n^2): a 1 MiB text takes well under a second): BOS (1); a dummy-prefix " "
 // token when the text is non-empty; one token per UTF-8 codepoint (at most 4
 // bytes), or byte-fallback tokens (byte + 3, i.e. "<0xXX>" pieces at ids
 // 3..258) for codepoints not in the vocabulary; then repeatedly the adjacent
@@ -40,6 +41,11 @@ class Llama2cTokenizer final : public Tokenizer {
   int32_t bos_id() const override { return 1; }
   int32_t eos_id() const override { return 2; }
   int32_t vocab_size() const override { return static_cast<int32_t>(pieces_.size()); }
+  // The longest piece: an output token stands for at most its piece's bytes
+  // (a byte-fallback piece "<0xXX>" for one byte). 0 when <unk> (emitted for
+  // unknown bytes without byte fallback) is empty, since merges with it
+  // could then cover any number of bytes.
+  size_t max_bytes_per_token() const override { return max_bytes_per_token_; }
 
   // The raw piece and merge score of `id` (valid ids only).
   const std::string& piece(int32_t id) const { return pieces_[static_cast<size_t>(id)]; }
@@ -54,6 +60,7 @@ class Llama2cTokenizer final : public Tokenizer {
   std::vector<float> scores_;
   std::unordered_map<std::string_view, int32_t> index_;  // views into pieces_
   bool byte_fallback_ = false;                           // ids 3..258 are "<0x00>".."<0xFF>"
+  size_t max_bytes_per_token_ = 0;
 };
 
 }  // namespace kvr::worker

@@ -3,6 +3,7 @@
 // after loading and thread-safe.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 #include <string>
 #include <string_view>
@@ -28,6 +29,12 @@ class Tokenizer {
   virtual int32_t bos_id() const = 0;
   virtual int32_t eos_id() const = 0;
   virtual int32_t vocab_size() const = 0;
+
+  // The most bytes of input text one token of Encode's output can stand for,
+  // or 0 when the tokenizer cannot bound it (e.g. normalization may drop
+  // input). Encode(text) then has at least ceil(text.size() / this) tokens,
+  // so a caller can reject text that cannot fit a context before encoding.
+  virtual size_t max_bytes_per_token() const { return 0; }
 };
 
 }  // namespace kvr::worker

@@ -97,9 +97,18 @@ absl::StatusOr<std::unique_ptr<GenerationScheduler>> GenerationScheduler::Create
     return absl::InvalidArgumentError(
         absl::StrCat("max_queue ", options.max_queue, " outside [0, 1048576]"));
   }
+  if (options.memory_budget_bytes < 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("memory_budget_bytes ", options.memory_budget_bytes, " must be >= 0"));
+  }
+  if (options.max_finish_waiters < 0 || options.max_finish_waiters > (1 << 20)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "max_finish_waiters ", options.max_finish_waiters, " outside [0, 1048576]"));
+  }
   auto s = std::unique_ptr<GenerationScheduler>(new GenerationScheduler(engine, tokenizer, options));
   s->prefill_thread_ = std::thread([p = s.get()] { p->PrefillLoop(); });
   s->decode_thread_ = std::thread([p = s.get()] { p->DecodeLoop(); });
+  s->notify_thread_ = std::thread([p = s.get()] { p->NotifyLoop(); });
   return s;
 }
 
@@ -111,13 +120,29 @@ GenerationScheduler::~GenerationScheduler() {
   Shutdown();
   if (prefill_thread_.joinable()) prefill_thread_.join();
   if (decode_thread_.joinable()) decode_thread_.join();
-  // Waiters that can no longer be satisfied are released (they re-read the load).
-  std::vector<std::pair<int64_t, std::function<void()>>> waiters;
+  // Waiters that can no longer be satisfied are released (they re-read the
+  // load) by the notifier, which then exits.
   {
     std::lock_guard<std::mutex> lock(mu_);
-    waiters.swap(finish_waiters_);
+    for (Waiter& w : finish_waiters_) notify_.push_back(std::move(w.callback));
+    finish_waiters_.clear();
+    notify_stop_ = true;
+    cv_.notify_all();
   }
-  for (auto& w : waiters) w.second();
+  if (notify_thread_.joinable()) notify_thread_.join();
+}
+
+void GenerationScheduler::NotifyLoop() {
+  std::unique_lock<std::mutex> lock(mu_);
+  for (;;) {
+    cv_.wait(lock, [&] { return !notify_.empty() || notify_stop_; });
+    if (notify_.empty()) return;  // and notify_stop_
+    std::function<void()> f = std::move(notify_.front());
+    notify_.pop_front();
+    lock.unlock();
+    f();
+    lock.lock();
+  }
 }
 
 void GenerationScheduler::Shutdown() {
@@ -128,7 +153,8 @@ void GenerationScheduler::Shutdown() {
 
 SchedulerLoad GenerationScheduler::load() const {
   std::lock_guard<std::mutex> lock(mu_);
-  return SchedulerLoad{active_, prefilling_, static_cast<int>(queue_.size()), finished_};
+  return SchedulerLoad{active_, prefilling_, static_cast<int>(queue_.size()), finished_,
+                       reserved_bytes_};
 }
 
 absl::Status GenerationScheduler::ValidateWork(const GenerationWork& work) const {
@@ -148,7 +174,7 @@ absl::Status GenerationScheduler::ValidateWork(const GenerationWork& work) const
   }
   KVR_RETURN_IF_ERROR(RequestLoop::ValidateLoopFields(work.max_tokens, work.stop));
   KVR_RETURN_IF_ERROR(Prefixed("sampling.", ValidateSampling(work.sampling)));
-  return Prefixed("attention.", ValidateAttentionOptions(work.attention));
+  return Prefixed("attention.", ValidateAttentionOptions(work.attention, engine_->max_seq_len()));
 }
 
 absl::Status GenerationScheduler::Submit(GenerationWork work) {
@@ -162,45 +188,89 @@ absl::Status GenerationScheduler::Submit(GenerationWork work) {
         options_.max_queue, "); retry after about 1 s with exponential backoff, or on another "
         "worker"));
   }
+  const int64_t bytes = engine_->SequenceBytes(work.attention);
+  const int64_t budget = options_.memory_budget_bytes;
+  if (budget > 0 && bytes > budget) {
+    return absl::ResourceExhaustedError(absl::StrCat(
+        "worker memory budget: the request needs ", bytes, " bytes (",
+        engine_->CacheRows(work.attention), " K/V rows per layer, attention.mode ",
+        std::string(AttentionModeName(work.attention.mode)),
+        "), more than the whole memory budget of ", budget,
+        " bytes (--memory_budget_bytes); use retrieval mode or a smaller window"));
+  }
+  if (budget > 0 && reserved_bytes_ > budget - bytes) {
+    return absl::ResourceExhaustedError(absl::StrCat(
+        "worker memory budget: the request needs ", bytes, " bytes, ", reserved_bytes_,
+        " of the memory budget of ", budget,
+        " bytes (--memory_budget_bytes) are held by accepted requests; retry after about 1 s "
+        "with exponential backoff, or on another worker"));
+  }
+  // Counted only under a budget (SequenceBytes saturates, a sum need not).
+  if (budget > 0) reserved_bytes_ += bytes;
   queue_.push_back(Queued{std::move(work), Clock::now()});
   cv_.notify_all();
   return absl::OkStatus();
 }
 
-void GenerationScheduler::WhenFinished(int64_t n, std::function<void()> callback) {
+absl::Status GenerationScheduler::WhenFinished(int64_t n, std::function<void()> callback,
+                                               uint64_t* id) {
   {
     std::lock_guard<std::mutex> lock(mu_);
+    const uint64_t waiter_id = next_waiter_id_++;
+    if (id != nullptr) *id = waiter_id;
     if (finished_ < n) {
-      finish_waiters_.emplace_back(n, std::move(callback));
-      return;
+      if (finish_waiters_.size() >= static_cast<size_t>(options_.max_finish_waiters)) {
+        return absl::ResourceExhaustedError(absl::StrCat(
+            "wait_finished_requests: ", finish_waiters_.size(),
+            " calls are already waiting (limit ", options_.max_finish_waiters, ")"));
+      }
+      finish_waiters_.push_back(Waiter{n, waiter_id, std::move(callback)});
+      return absl::OkStatus();
     }
   }
   callback();
+  return absl::OkStatus();
+}
+
+bool GenerationScheduler::CancelWaiter(uint64_t id) {
+  std::lock_guard<std::mutex> lock(mu_);
+  for (auto it = finish_waiters_.begin(); it != finish_waiters_.end(); ++it) {
+    if (it->id == id) {
+      finish_waiters_.erase(it);
+      return true;
+    }
+  }
+  return false;
 }
 
 void GenerationScheduler::Ended(GenerationWork& work, absl::StatusOr<GenerationSummary> outcome,
                                 bool was_active) {
-  std::vector<std::function<void()>> ready;
   {
     // Counted before on_done: a client that has seen its stream end (and
     // then reads the load or the metrics) finds it no longer running.
     std::lock_guard<std::mutex> lock(mu_);
     ++finished_;
     if (was_active) --active_;
-  }
-  if (work.on_done) work.on_done(std::move(outcome));
-  {
-    std::lock_guard<std::mutex> lock(mu_);
-    for (size_t i = 0; i < finish_waiters_.size();) {
-      if (finish_waiters_[i].first <= finished_) {
-        ready.push_back(std::move(finish_waiters_[i].second));
-        finish_waiters_.erase(finish_waiters_.begin() + static_cast<std::ptrdiff_t>(i));
-      } else {
-        ++i;
-      }
+    if (options_.memory_budget_bytes > 0) {
+      reserved_bytes_ -= engine_->SequenceBytes(work.attention);
     }
   }
-  for (auto& f : ready) f();
+  if (work.on_done) work.on_done(std::move(outcome));
+  // Ready waiters go to the notifier thread: their callbacks may block (the
+  // service's reads the nodes' stats), and this is the decode or prefill
+  // thread.
+  std::lock_guard<std::mutex> lock(mu_);
+  bool any = false;
+  for (size_t i = 0; i < finish_waiters_.size();) {
+    if (finish_waiters_[i].n <= finished_) {
+      notify_.push_back(std::move(finish_waiters_[i].callback));
+      finish_waiters_.erase(finish_waiters_.begin() + static_cast<std::ptrdiff_t>(i));
+      any = true;
+    } else {
+      ++i;
+    }
+  }
+  if (any) cv_.notify_all();
 }
 
 void GenerationScheduler::Stream(Run& run) {

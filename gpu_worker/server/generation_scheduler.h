@@ -128,6 +128,14 @@ class SchedulerObserver {
 struct SchedulerOptions {
   int max_concurrent = 8;  // sequences prefilling or decoding at once, >= 1
   int max_queue = 64;      // requests waiting beyond those, >= 0
+  // Worker memory the accepted requests (queued and running) may hold
+  // together, by RetrievalEngine::SequenceBytes; a request that would exceed
+  // it gets ResourceExhausted from Submit before any work starts. 0: no
+  // budget (only max_concurrent bounds memory). kvr_worker sets it from
+  // --memory_budget_bytes.
+  int64_t memory_budget_bytes = 0;
+  // WhenFinished callbacks pending at once, >= 0; more get ResourceExhausted.
+  int max_finish_waiters = 64;
   SchedulerObserver* observer = nullptr;  // may be null; must outlive the scheduler
 };
 
@@ -136,6 +144,7 @@ struct SchedulerLoad {
   int prefilling = 0;  // of which prefilling
   int queued = 0;
   int64_t finished = 0;  // requests ended (any outcome) since start
+  int64_t reserved_bytes = 0;  // memory budget held by accepted requests (0 without a budget)
 };
 
 class GenerationScheduler {
@@ -146,18 +155,29 @@ class GenerationScheduler {
   // Cancels every request (their on_done runs) and joins the thread.
   ~GenerationScheduler();
 
-  // Queues `work`. ResourceExhausted when the queue is full (work.on_done is
-  // then never called); FailedPrecondition after Shutdown. Fields must have
-  // been validated (see ValidateWork).
+  // Queues `work`. ResourceExhausted when the queue is full or its memory
+  // (RetrievalEngine::SequenceBytes) does not fit what is left of
+  // memory_budget_bytes (work.on_done is then never called);
+  // FailedPrecondition after Shutdown. Fields must have been validated (see
+  // ValidateWork). The memory stays reserved until on_done.
   absl::Status Submit(GenerationWork work);
 
   // InvalidArgument / OutOfRange naming the field and its limit.
   absl::Status ValidateWork(const GenerationWork& work) const;
 
-  // Calls `callback` (on the scheduler thread, or inline when already true)
-  // once at least `n` requests have finished — their sequences destroyed
-  // and shards dropped; at the latest when the scheduler is destroyed.
-  void WhenFinished(int64_t n, std::function<void()> callback);
+  // Calls `callback` (on the scheduler's notifier thread — never the decode
+  // or prefill thread, so it may block, e.g. on a node call — or inline when
+  // already true) once at least `n` requests have finished — their sequences
+  // destroyed and shards dropped; at the latest when the scheduler is
+  // destroyed (then before the destructor returns).
+  // ResourceExhausted (callback never called) when max_finish_waiters
+  // callbacks are already pending. `*id` (when not null) names the waiter
+  // for CancelWaiter.
+  absl::Status WhenFinished(int64_t n, std::function<void()> callback, uint64_t* id = nullptr);
+  // Removes a pending WhenFinished waiter (its slot is free again): true when
+  // it was pending (its callback will never run), false when its callback
+  // has run or is about to.
+  bool CancelWaiter(uint64_t id);
 
   // Cancels every active and queued request and rejects new ones.
   void Shutdown();
@@ -186,6 +206,9 @@ class GenerationScheduler {
   // Reports the end of `work` and counts it finished; `was_active`: it was
   // admitted (counted in active_).
   void Ended(GenerationWork& work, absl::StatusOr<GenerationSummary> outcome, bool was_active);
+  // Notifier thread: runs the WhenFinished callbacks in notify_ until
+  // notify_stop_ and notify_ is empty.
+  void NotifyLoop();
   // Between two prefill layers (prefill thread): while sequences are
   // decoding, waits until the decode thread completes one more step.
   void YieldToDecode();
@@ -205,10 +228,20 @@ class GenerationScheduler {
   int decoding_ = 0;         // sequences in the decode thread's batch
   uint64_t decode_steps_ = 0;  // decode iterations completed (tokens streamed)
   int64_t finished_ = 0;
-  std::vector<std::pair<int64_t, std::function<void()>>> finish_waiters_;
+  int64_t reserved_bytes_ = 0;  // SequenceBytes of every accepted, unfinished request
+  struct Waiter {
+    int64_t n;
+    uint64_t id;
+    std::function<void()> callback;
+  };
+  std::vector<Waiter> finish_waiters_;
+  uint64_t next_waiter_id_ = 1;
+  std::deque<std::function<void()>> notify_;  // ready WhenFinished callbacks
+  bool notify_stop_ = false;
   // Last: started once the rest is initialized.
   std::thread prefill_thread_;
   std::thread decode_thread_;
+  std::thread notify_thread_;
 };
 
 }  // namespace kvr::worker

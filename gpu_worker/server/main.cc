@@ -26,6 +26,7 @@
 #include <vector>
 
 #include <pthread.h>
+#include <unistd.h>
 
 #include "absl/flags/flag.h"
 #include "absl/strings/match.h"
@@ -63,6 +64,14 @@ ABSL_FLAG(int, max_concurrent, 8,
           "sequences decoded at once (one batched step over all of them); more requests wait");
 ABSL_FLAG(int, max_queue, 64,
           "requests waiting beyond --max_concurrent; more get RESOURCE_EXHAUSTED");
+ABSL_FLAG(int64_t, memory_budget_bytes, -1,
+          "worker memory the accepted requests may hold together (K/V caches and their host "
+          "copies, by RetrievalEngine::SequenceBytes); a request beyond it gets "
+          "RESOURCE_EXHAUSTED before any work starts. -1 (default): half the memory this process "
+          "may use (the cgroup's memory.max, else the machine's RAM); 0: no budget");
+ABSL_FLAG(int, max_finish_waiters, 64,
+          "GetModelInfo calls waiting (wait_finished_requests) at once; more get "
+          "RESOURCE_EXHAUSTED");
 ABSL_FLAG(std::string, backend, "cpu",
           "compute backend: cpu, or cuda (loads the CUDA backend plugin, see --cuda_plugin)");
 ABSL_FLAG(int, device, 0, "--backend=cuda: CUDA device ordinal");
@@ -105,6 +114,18 @@ void ForwardStopSignalsToMain(const sigset_t& stop_signals) {
 }
 
 int Fail(absl::string_view message) { return server::Fail(kProgram, message); }
+
+// Half of the memory this process may use: the cgroup v2 limit
+// (/sys/fs/cgroup/memory.max) when one is set, else the machine's RAM.
+int64_t DefaultMemoryBudget() {
+  int64_t limit = static_cast<int64_t>(sysconf(_SC_PHYS_PAGES)) * sysconf(_SC_PAGE_SIZE);
+  if (std::FILE* f = std::fopen("/sys/fs/cgroup/memory.max", "r"); f != nullptr) {
+    long long v = 0;
+    if (std::fscanf(f, "%lld", &v) == 1 && v > 0 && v < limit) limit = v;  // "max": no limit
+    std::fclose(f);
+  }
+  return limit > 0 ? limit / 2 : 0;
+}
 
 // The Backend of --backend / --threads / --device, by registry name.
 absl::StatusOr<std::unique_ptr<Backend>> MakeBackend() {
@@ -177,6 +198,12 @@ int Main(int argc, char** argv) {
   SchedulerOptions so;
   so.max_concurrent = absl::GetFlag(FLAGS_max_concurrent);
   so.max_queue = absl::GetFlag(FLAGS_max_queue);
+  const int64_t budget = absl::GetFlag(FLAGS_memory_budget_bytes);
+  if (budget < -1) return Fail(absl::StrCat("--memory_budget_bytes ", budget, " must be >= -1"));
+  so.memory_budget_bytes = budget == -1 ? DefaultMemoryBudget() : budget;
+  so.max_finish_waiters = absl::GetFlag(FLAGS_max_finish_waiters);
+  std::fprintf(stderr, "kvr_worker: memory budget %lld bytes (0: none)\n",
+               static_cast<long long>(so.memory_budget_bytes));
   so.observer = metrics.get();
   absl::StatusOr<std::unique_ptr<GenerationScheduler>> scheduler =
       GenerationScheduler::Create(engine->get(), tokenizer->get(), so);

@@ -1,5 +1,6 @@
 #include "gpu_worker/server/worker_service.h"
 
+#include <chrono>
 #include <deque>
 #include <functional>
 #include <mutex>
@@ -202,8 +203,17 @@ class WorkerService::InfoReactor final : public grpc::ServerUnaryReactor {
   InfoReactor(const WorkerService* service, v1::GetModelInfoResponse* response)
       : service_(service), response_(response) {}
 
+  // Answers once `n` requests have finished, or at once with the status of
+  // a refused wait (too many waiting). Called by the handler before it
+  // returns the reactor (so before any OnCancel); Ready() may run inline.
   void Wait(GenerationScheduler* scheduler, int64_t n) {
-    scheduler->WhenFinished(n, [this] { Ready(); });
+    scheduler_ = scheduler;
+    const absl::Status s = scheduler->WhenFinished(n, [this] { Ready(); }, &waiter_id_);
+    if (s.ok()) return;
+    std::lock_guard<std::mutex> lock(mu_);
+    waiter_done_ = true;
+    finished_ = true;
+    Finish(ToGrpc(s));
   }
 
   void OnCancel() override {
@@ -211,6 +221,9 @@ class WorkerService::InfoReactor final : public grpc::ServerUnaryReactor {
     if (finished_) return;
     finished_ = true;
     Finish(grpc::Status(grpc::StatusCode::CANCELLED, "GetModelInfo: cancelled while waiting"));
+    // Frees the waiter's slot (max_finish_waiters) now rather than when its
+    // count is reached; if the scheduler no longer holds it, Ready() runs.
+    if (!waiter_done_ && scheduler_->CancelWaiter(waiter_id_)) waiter_done_ = true;
   }
   void OnDone() override {
     bool last;
@@ -240,6 +253,8 @@ class WorkerService::InfoReactor final : public grpc::ServerUnaryReactor {
 
   const WorkerService* const service_;
   v1::GetModelInfoResponse* const response_;
+  GenerationScheduler* scheduler_ = nullptr;  // set by Wait
+  uint64_t waiter_id_ = 0;                     // likewise
   std::mutex mu_;
   bool finished_ = false, grpc_done_ = false, waiter_done_ = false;
 };
@@ -252,7 +267,33 @@ WorkerService::WorkerService(GenerationScheduler* scheduler, const Tokenizer* to
       node_(node),
       config_(config),
       max_context_tokens_(max_context_tokens),
-      options_(std::move(options)) {}
+      options_(std::move(options)) {
+  for (int i = 0; i < WorkerServiceOptions::kTokenizeThreads; ++i) {
+    tokenize_threads_.emplace_back([this] { TokenizeLoop(); });
+  }
+}
+
+WorkerService::~WorkerService() {
+  {
+    std::lock_guard<std::mutex> lock(tokenize_mu_);
+    tokenize_stop_ = true;
+  }
+  tokenize_cv_.notify_all();
+  for (std::thread& t : tokenize_threads_) t.join();
+}
+
+void WorkerService::TokenizeLoop() {
+  std::unique_lock<std::mutex> lock(tokenize_mu_);
+  for (;;) {
+    tokenize_cv_.wait(lock, [&] { return !tokenize_jobs_.empty() || tokenize_stop_; });
+    if (tokenize_jobs_.empty()) return;  // and stopping
+    std::function<void()> job = std::move(tokenize_jobs_.front());
+    tokenize_jobs_.pop_front();
+    lock.unlock();
+    job();
+    lock.lock();
+  }
+}
 
 absl::StatusOr<GenerationWork> WorkerService::ToWork(const v1::GenerateRequest& r) const {
   using O = WorkerServiceOptions;
@@ -268,6 +309,17 @@ absl::StatusOr<GenerationWork> WorkerService::ToWork(const v1::GenerateRequest& 
         return absl::InvalidArgumentError(
             absl::StrCat("text: ", r.text().size(), " bytes, limit ", O::kMaxPromptBytes));
       }
+      // Text that cannot fit the context is refused before it is encoded
+      // (the encoding's time grows with the text).
+      if (const size_t per_token = tokenizer_->max_bytes_per_token(); per_token > 0) {
+        const size_t min_tokens = (r.text().size() + per_token - 1) / per_token;
+        if (min_tokens > static_cast<size_t>(max_context_tokens_)) {
+          return absl::OutOfRangeError(absl::StrCat(
+              "prompt: text of ", r.text().size(), " bytes is at least ", min_tokens,
+              " tokens (a token covers at most ", per_token,
+              " bytes), over the model's context of ", max_context_tokens_, " tokens"));
+        }
+      }
       absl::StatusOr<std::vector<int32_t>> ids = tokenizer_->Encode(r.text(), /*add_bos=*/true);
       if (!ids.ok()) {
         return absl::InvalidArgumentError(absl::StrCat("text: ", ids.status().message()));
@@ -276,7 +328,9 @@ absl::StatusOr<GenerationWork> WorkerService::ToWork(const v1::GenerateRequest& 
       break;
     }
     case v1::GenerateRequest::kTokens:
-      if (r.tokens().ids_size() > O::kMaxPromptTokens) {
+      // Refused before the copy: more ids than the context can never run.
+      if (r.tokens().ids_size() > O::kMaxPromptTokens ||
+          r.tokens().ids_size() > max_context_tokens_) {
         return absl::OutOfRangeError(absl::StrCat("tokens: ", r.tokens().ids_size(),
                                                   " ids exceed the model's context of ",
                                                   max_context_tokens_, " tokens"));
@@ -326,6 +380,10 @@ grpc::ServerWriteReactor<v1::GenerateResponse>* WorkerService::Generate(
     grpc::CallbackServerContext* context, const v1::GenerateRequest* request) {
   auto* reactor =
       new GenerateReactor(scheduler_, request->request_id(), &options_.on_generate_finished);
+  if (context->deadline() <= std::chrono::system_clock::now()) {
+    reactor->Start(absl::DeadlineExceededError("deadline expired before the request started"));
+    return reactor;
+  }
   reactor->Start(ToWork(*request));
   return reactor;
 }
@@ -341,14 +399,41 @@ grpc::ServerUnaryReactor* WorkerService::Tokenize(grpc::CallbackServerContext* c
                      WorkerServiceOptions::kMaxPromptBytes)));
     return reactor;
   }
-  absl::StatusOr<std::vector<int32_t>> ids = tokenizer_->Encode(request->text(), request->add_bos());
-  if (!ids.ok()) {
-    reactor->Finish(grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
-                                 absl::StrCat("text: ", ids.status().message())));
-    return reactor;
+  // Encoding takes time linear in the text (up to ~0.3 s for 1 MiB): not on
+  // a gRPC thread. The call's objects stay valid until Finish.
+  auto job = [this, context, request, response, reactor] {
+    if (context->IsCancelled()) {
+      reactor->Finish(grpc::Status(grpc::StatusCode::CANCELLED, "Tokenize: cancelled"));
+      return;
+    }
+    if (context->deadline() <= std::chrono::system_clock::now()) {
+      reactor->Finish(grpc::Status(grpc::StatusCode::DEADLINE_EXCEEDED,
+                                   "Tokenize: deadline expired before encoding"));
+      return;
+    }
+    absl::StatusOr<std::vector<int32_t>> ids =
+        tokenizer_->Encode(request->text(), request->add_bos());
+    if (!ids.ok()) {
+      reactor->Finish(grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
+                                   absl::StrCat("text: ", ids.status().message())));
+      return;
+    }
+    response->mutable_ids()->Add(ids->begin(), ids->end());
+    reactor->Finish(grpc::Status::OK);
+  };
+  {
+    std::lock_guard<std::mutex> lock(tokenize_mu_);
+    if (tokenize_jobs_.size() < WorkerServiceOptions::kMaxTokenizeWaiting) {
+      tokenize_jobs_.push_back(std::move(job));
+      tokenize_cv_.notify_one();
+      return reactor;
+    }
   }
-  response->mutable_ids()->Add(ids->begin(), ids->end());
-  reactor->Finish(grpc::Status::OK);
+  reactor->Finish(grpc::Status(
+      grpc::StatusCode::RESOURCE_EXHAUSTED,
+      absl::StrCat("Tokenize: ", WorkerServiceOptions::kMaxTokenizeWaiting,
+                   " calls already waiting to be encoded (limit ",
+                   WorkerServiceOptions::kMaxTokenizeWaiting, "); retry after about 1 s")));
   return reactor;
 }
 

@@ -12,7 +12,11 @@
 //     time, so a slow reader never blocks the engine). Client
 //     cancellation or deadline cancels the request's CancelToken: the
 //     sequence stops at its next step and its shards are dropped.
-//   * Tokenize / Detokenize: inline (bounded sizes).
+//   * Tokenize: encoded on the service's own kTokenizeThreads threads (a
+//     1 MiB text is ~0.3 s of CPU), at most kMaxTokenizeWaiting calls
+//     waiting (more: RESOURCE_EXHAUSTED); a call cancelled or past its
+//     deadline while waiting is answered without encoding.
+//   * Detokenize: inline (bounded size, linear).
 //   * GetModelInfo: inline, or — with wait_finished_requests — answered from
 //     the scheduler once that many requests have ended.
 //
@@ -22,9 +26,14 @@
 // stream still open) before destroying the service.
 #pragma once
 
+#include <condition_variable>
 #include <cstdint>
+#include <deque>
 #include <functional>
+#include <mutex>
 #include <string>
+#include <thread>
+#include <vector>
 
 #include "gpu_worker/model/tokenizer.h"
 #include "gpu_worker/server/generation_scheduler.h"
@@ -46,6 +55,9 @@ struct WorkerServiceOptions {
   static constexpr size_t kMaxStopBytes = 256;
   static constexpr size_t kMaxRequestIdBytes = 128;
   static constexpr int kMaxDetokenizeIds = 1 << 20;
+  // Tokenize: threads that encode, and calls that may wait for them.
+  static constexpr int kTokenizeThreads = 2;
+  static constexpr size_t kMaxTokenizeWaiting = 64;
 };
 
 class WorkerService final : public v1::Generation::CallbackService {
@@ -54,6 +66,8 @@ class WorkerService final : public v1::Generation::CallbackService {
   WorkerService(GenerationScheduler* scheduler, const Tokenizer* tokenizer,
                 retrieval::RetrievalClient* node, const LlamaConfig& config,
                 int64_t max_context_tokens, WorkerServiceOptions options);
+  // Joins the Tokenize threads after they finished every call still waiting.
+  ~WorkerService() override;
 
   grpc::ServerWriteReactor<v1::GenerateResponse>* Generate(
       grpc::CallbackServerContext* context, const v1::GenerateRequest* request) override;
@@ -74,6 +88,8 @@ class WorkerService final : public v1::Generation::CallbackService {
   class GenerateReactor;
   class InfoReactor;
   void FillInfo(v1::GetModelInfoResponse* response) const;
+  // A Tokenize thread: runs tokenize_jobs_ until tokenize_stop_ and empty.
+  void TokenizeLoop();
 
   GenerationScheduler* const scheduler_;
   const Tokenizer* const tokenizer_;
@@ -81,6 +97,12 @@ class WorkerService final : public v1::Generation::CallbackService {
   const LlamaConfig config_;
   const int64_t max_context_tokens_;
   const WorkerServiceOptions options_;
+
+  std::mutex tokenize_mu_;
+  std::condition_variable tokenize_cv_;
+  std::deque<std::function<void()>> tokenize_jobs_;
+  bool tokenize_stop_ = false;
+  std::vector<std::thread> tokenize_threads_;  // last: started in the constructor
 };
 
 }  // namespace kvr::worker
