@@ -8,9 +8,10 @@
 // blocks a gRPC thread on an index search or build:
 //   * Attend goes to the core's AttendAsync (its own thread pool) and the
 //     reactor is finished from the completion;
-//   * UploadShard / Append / DropSequence / ListShards / Stats run on this
-//     service's control pool (they take sequence locks that an index build
-//     may hold for a while);
+//   * Append / DropSequence / ListShards / Stats run on this service's
+//     control pool and UploadShard's build on its upload pool (they take
+//     sequence locks that an index build may hold for a while; the separate
+//     upload lane keeps builds from delaying other sequences' appends);
 //   * CreateSequence runs inline (a map insert).
 // A rejected request changes nothing in the core.
 //
@@ -34,8 +35,13 @@
 namespace kvr::retrieval {
 
 struct NodeServiceOptions {
-  // Threads running uploads, appends and admin calls off the gRPC threads.
+  // Threads running appends and admin calls off the gRPC threads.
   size_t control_threads = 2;
+  // Threads running UploadShard index builds: their own lane, so a large
+  // upload (seconds of index build) never holds a control thread and never
+  // queues other tenants' Appends behind it. Also bounds the builds running
+  // at once.
+  size_t upload_threads = 2;
   // Largest payload (keys + values + training data bytes) one UploadShard
   // stream may declare; larger → RESOURCE_EXHAUSTED naming this limit.
   int64_t max_upload_bytes = int64_t{4} << 30;
@@ -96,6 +102,7 @@ class NodeService final : public v1::RetrievalNode::CallbackService {
   NodeCore* const core_;
   const NodeServiceOptions options_;
   std::unique_ptr<ThreadPool> control_;
+  std::unique_ptr<ThreadPool> upload_;
   std::mutex endpoints_mu_;
   std::string ucx_address_;
 };
