@@ -14,7 +14,7 @@
 //    upload_memory_bytes, the first completes, every reservation is
 //    released, and the node keeps serving;
 //  * a large upload's index build does not hold the appends of another
-//    sequence (uploads have their own lane).
+//    sequence (uploads have their own lane, --upload_threads).
 // Usage: node_hostile_test --kvr_node PATH [gtest flags]
 #include <signal.h>
 #include <stdlib.h>
@@ -430,6 +430,55 @@ TEST(NodeHostileTest, UploadWorkingMemoryIsReservedInTheBudget) {
   EXPECT_EQ(Metric(*node, "kvr_node_upload_memory_used_bytes"), 0.0);
   EXPECT_LE(Metric(*node, "kvr_node_memory_used_bytes"), static_cast<double>(kBudget));
   client.reset();
+  ASSERT_NO_FATAL_FAILURE(StopCleanly(node.get()));
+}
+
+// Head-of-line: with one control thread and one upload thread, upload B
+// waits behind upload A on the upload lane and then builds a graph index
+// for a while; an Append to another sequence issued once A has replied (so
+// B's build is running) completes before B does. Before uploads had their
+// own lane the append queued behind B's build on the shared control pool.
+TEST(NodeHostileTest, UploadBuildsDoNotDelayOtherSequencesAppends) {
+  auto node = NodeProcess::Start({"--threads=1", "--control_threads=1", "--upload_threads=1"});
+  ASSERT_TRUE(node != nullptr && node->listening());
+  auto uploader = Connect(node->address());
+  auto appender = Connect(node->address());
+  auto second_uploader = Connect(node->address());
+  ASSERT_TRUE(uploader != nullptr && appender != nullptr && second_uploader != nullptr);
+  ASSERT_TRUE(uploader->CreateSequence(Spec(1, IndexType::kGraph)).ok());
+  ASSERT_TRUE(uploader->CreateSequence(Spec(2)).ok());
+  constexpr size_t kKeys = 12000;
+  const Matrix keys = RandomMatrix(kKeys, kDim, 7);
+  const auto upload = [&](GrpcRetrievalClient* client, int32_t chunk) {
+    ShardUpload up;
+    up.key = ShardKey{1, 0, 0, chunk};
+    up.first_position = static_cast<int64_t>(chunk) * static_cast<int64_t>(kKeys);
+    up.keys = keys.view();
+    up.values = keys.view();
+    return client->UploadShard(up);
+  };
+  auto a = std::async(std::launch::async, upload, uploader.get(), 0);
+  auto b = std::async(std::launch::async, upload, second_uploader.get(), 1);
+  const absl::Status a_done = a.get();
+  ASSERT_TRUE(a_done.ok()) << a_done;
+  const auto start = std::chrono::steady_clock::now();
+  AppendRequest ap;
+  ap.sequence_id = 2;
+  ap.keys = ap.values = keys.view().rows_slice(0, 4);
+  const absl::Status appended = appender->Append(ap);
+  const double append_seconds =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  ASSERT_TRUE(appended.ok()) << appended;
+  const bool b_still_building = b.wait_for(std::chrono::seconds(0)) != std::future_status::ready;
+  const absl::Status b_done = b.get();
+  const double b_seconds =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  ASSERT_TRUE(b_done.ok()) << b_done;
+  std::printf("append %.4f s while upload B built for %.3f s more\n", append_seconds, b_seconds);
+  EXPECT_TRUE(b_still_building) << "the append waited for upload B's build";
+  uploader.reset();
+  appender.reset();
+  second_uploader.reset();
   ASSERT_NO_FATAL_FAILURE(StopCleanly(node.get()));
 }
 
