@@ -274,9 +274,9 @@ void GrpcRetrievalClient::AttendAsync(const AttendRequest& request, PartialsView
                              owned->stats->keys_attended = s.keys_attended();
                              owned->stats->distance_computations = s.distance_computations();
                            }
-                           StatusCallback done = std::move(owned->done);
+                           StatusCallback callback = std::move(owned->done);
                            owned.reset();
-                           done(std::move(status));
+                           callback(std::move(status));
                          });
 }
 

@@ -67,6 +67,17 @@ ABSL_FLAG(bool, recovery_quarantine, true,
           "that does not fit --memory_budget_bytes, is quarantined at startup (logged, counted "
           "in kvr_node_quarantined_sequences, not served, records kept) and every other "
           "sequence is served; false = such a sequence stops the node from starting");
+ABSL_FLAG(double, max_deadline_seconds, 600.0,
+          "longest deadline a kvr.v1.RetrievalNode call may carry, seconds; a call with a later "
+          "deadline or none is INVALID_ARGUMENT (0 = no cap). Default: 10x the clients' "
+          "longest (UploadShard, 60 s)");
+ABSL_FLAG(int, max_concurrent_streams, 256,
+          "concurrent calls one client connection may have open (0 = gRPC's default, "
+          "unbounded)");
+ABSL_FLAG(int64_t, grpc_memory_quota_bytes, int64_t{2} << 30,
+          "memory gRPC may use for its buffers over all connections (grpc::ResourceQuota; "
+          "0 = unbounded)");
+ABSL_FLAG(int, grpc_max_threads, 256, "threads gRPC may create (grpc::ResourceQuota; 0 = unbounded)");
 ABSL_FLAG(double, drain_seconds, 10.0,
           "on SIGTERM / SIGINT, how long in-flight calls may take before they are cancelled");
 
@@ -102,6 +113,11 @@ int Main(int argc, char** argv) {
           .AtLeast("memory_budget_bytes", absl::GetFlag(FLAGS_memory_budget_bytes), int64_t{0})
           .AtLeast("upload_memory_bytes", absl::GetFlag(FLAGS_upload_memory_bytes), int64_t{0})
           .AtLeast("tail_capacity", absl::GetFlag(FLAGS_tail_capacity), 1)
+          .AtLeast("max_deadline_seconds", absl::GetFlag(FLAGS_max_deadline_seconds), 0.0)
+          .AtLeast("max_concurrent_streams", absl::GetFlag(FLAGS_max_concurrent_streams), 0)
+          .AtLeast("grpc_memory_quota_bytes", absl::GetFlag(FLAGS_grpc_memory_quota_bytes),
+                   int64_t{0})
+          .AtLeast("grpc_max_threads", absl::GetFlag(FLAGS_grpc_max_threads), 0)
           .status();
   if (!flags_ok.ok()) return Fail(flags_ok.message());
 
@@ -133,6 +149,7 @@ int Main(int argc, char** argv) {
   service_options.control_threads = static_cast<size_t>(control_threads);
   service_options.upload_threads = static_cast<size_t>(absl::GetFlag(FLAGS_upload_threads));
   service_options.max_upload_bytes = absl::GetFlag(FLAGS_max_upload_bytes);
+  service_options.max_deadline_seconds = absl::GetFlag(FLAGS_max_deadline_seconds);
   // Metrics: served before the RPC port opens, so the first request is counted.
   std::unique_ptr<NodeMetrics> metrics;
   std::unique_ptr<metrics::MetricsEndpoint> metrics_endpoint;  // stopped before `metrics`
@@ -189,7 +206,10 @@ int Main(int argc, char** argv) {
                              .listen = absl::GetFlag(FLAGS_listen),
                              .max_message_bytes = max_message_bytes,
                              .health_services = {kServiceName},
-                             .drain_seconds = absl::GetFlag(FLAGS_drain_seconds)},
+                             .drain_seconds = absl::GetFlag(FLAGS_drain_seconds),
+                             .max_concurrent_streams = absl::GetFlag(FLAGS_max_concurrent_streams),
+                             .memory_quota_bytes = absl::GetFlag(FLAGS_grpc_memory_quota_bytes),
+                             .max_threads = absl::GetFlag(FLAGS_grpc_max_threads)},
                             stop_signals);
   if (!served.ok()) return Fail(served.message());
   ucx.reset();               // no new UCX Attend; late completions are dropped safely

@@ -43,6 +43,25 @@ grpc::ServerUnaryReactor* FinishNow(grpc::CallbackServerContext* context,
   return reactor;
 }
 
+// InvalidArgument naming max_deadline_seconds when `context` has no
+// deadline or one more than `max_seconds` away (0: no cap).
+absl::Status CheckDeadline(const grpc::CallbackServerContext* context, double max_seconds) {
+  if (max_seconds <= 0) return absl::OkStatus();
+  const auto deadline = context->deadline();
+  if (deadline == std::chrono::system_clock::time_point::max()) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "the call has no deadline; set one of at most max_deadline_seconds ", max_seconds));
+  }
+  const double seconds =
+      std::chrono::duration<double>(deadline - std::chrono::system_clock::now()).count();
+  if (seconds > max_seconds) {
+    return absl::InvalidArgumentError(absl::StrCat("deadline ", seconds,
+                                                   " s away exceeds max_deadline_seconds ",
+                                                   max_seconds));
+  }
+  return absl::OkStatus();
+}
+
 absl::Status CheckAttendRequest(const v1::AttendRequest& r) {
   if (r.queries().dtype() != v1::DTYPE_F32) {
     return absl::InvalidArgumentError(absl::StrCat("queries.dtype ", r.queries().dtype(),
@@ -103,6 +122,9 @@ grpc::ServerUnaryReactor* NodeService::CreateSequence(grpc::CallbackServerContex
   const Clock::time_point start = Clock::now();
   NodeMetrics* const metrics = options_.metrics;
   constexpr NodeMethod kMethod = NodeMethod::kCreateSequence;
+  if (absl::Status st = CheckDeadline(context, options_.max_deadline_seconds); !st.ok()) {
+    return FinishNow(context, st, metrics, kMethod, start);
+  }
   if (!request->has_spec()) {
     return FinishNow(context, absl::InvalidArgumentError("spec missing"), metrics, kMethod, start);
   }
@@ -118,6 +140,11 @@ class NodeService::UploadReactor final : public grpc::ServerReadReactor<v1::Uplo
   UploadReactor(NodeService* service, grpc::CallbackServerContext* context,
                 v1::UploadShardResponse* response)
       : service_(service), context_(context), response_(response), start_(Clock::now()) {
+    if (absl::Status st = CheckDeadline(context, service->options_.max_deadline_seconds);
+        !st.ok()) {
+      Done(st);
+      return;
+    }
     StartRead(&message_);
   }
 
@@ -358,6 +385,9 @@ grpc::ServerUnaryReactor* NodeService::Append(grpc::CallbackServerContext* conte
                                               const v1::AppendRequest* request,
                                               v1::AppendResponse* response) {
   const Clock::time_point start = Clock::now();
+  if (absl::Status st = CheckDeadline(context, options_.max_deadline_seconds); !st.ok()) {
+    return FinishNow(context, st, options_.metrics, NodeMethod::kAppend, start);
+  }
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
   // The control thread applies the append in memory and queues its commit;
   // the reply goes out from the commit's completion once it is durable, so
@@ -405,6 +435,9 @@ grpc::ServerUnaryReactor* NodeService::Append(grpc::CallbackServerContext* conte
 grpc::ServerUnaryReactor* NodeService::Attend(grpc::CallbackServerContext* context,
                                               const v1::AttendRequest* request,
                                               v1::AttendResponse* response) {
+  if (absl::Status st = CheckDeadline(context, options_.max_deadline_seconds); !st.ok()) {
+    return FinishNow(context, st, options_.metrics, NodeMethod::kAttend, Clock::now());
+  }
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
   HandleAttend(*request, response,
                [reactor](absl::Status status) { reactor->Finish(ToGrpcStatus(status)); });
@@ -416,10 +449,10 @@ void NodeService::HandleAttend(const v1::AttendRequest& request, v1::AttendRespo
   const Clock::time_point start = Clock::now();
   NodeMetrics* const metrics = options_.metrics;
   constexpr NodeMethod kMethod = NodeMethod::kAttend;
-  auto finish = [metrics, start](const std::function<void(absl::Status)>& done,
+  auto finish = [metrics, start](const std::function<void(absl::Status)>& reply,
                                  absl::Status status) {
     Record(metrics, kMethod, start, status);
-    done(std::move(status));
+    reply(std::move(status));
   };
   if (absl::Status s = CheckAttendRequest(request); !s.ok()) {
     finish(done, std::move(s));
@@ -485,6 +518,9 @@ grpc::ServerUnaryReactor* NodeService::DropSequence(grpc::CallbackServerContext*
                                                     const v1::DropSequenceRequest* request,
                                                     v1::DropSequenceResponse* response) {
   const Clock::time_point start = Clock::now();
+  if (absl::Status st = CheckDeadline(context, options_.max_deadline_seconds); !st.ok()) {
+    return FinishNow(context, st, options_.metrics, NodeMethod::kDropSequence, start);
+  }
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
   control_->Schedule([this, reactor, request, start] {
     FinishAndRecord(reactor, core_->DropSequence(request->sequence_id()), options_.metrics,
@@ -497,6 +533,9 @@ grpc::ServerUnaryReactor* NodeService::ListShards(grpc::CallbackServerContext* c
                                                   const v1::ListShardsRequest* request,
                                                   v1::ListShardsResponse* response) {
   const Clock::time_point start = Clock::now();
+  if (absl::Status st = CheckDeadline(context, options_.max_deadline_seconds); !st.ok()) {
+    return FinishNow(context, st, options_.metrics, NodeMethod::kListShards, start);
+  }
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
   control_->Schedule([this, reactor, request, response, start] {
     std::optional<uint64_t> id;
@@ -514,6 +553,9 @@ grpc::ServerUnaryReactor* NodeService::Stats(grpc::CallbackServerContext* contex
                                              const v1::StatsRequest* request,
                                              v1::StatsResponse* response) {
   const Clock::time_point start = Clock::now();
+  if (absl::Status st = CheckDeadline(context, options_.max_deadline_seconds); !st.ok()) {
+    return FinishNow(context, st, options_.metrics, NodeMethod::kStats, start);
+  }
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
   control_->Schedule([this, reactor, response, start] {
     absl::StatusOr<NodeStats> st = core_->Stats();

@@ -45,6 +45,12 @@ struct NodeServiceOptions {
   // Largest payload (keys + values + training data bytes) one UploadShard
   // stream may declare; larger → RESOURCE_EXHAUSTED naming this limit.
   int64_t max_upload_bytes = int64_t{4} << 30;
+  // Longest deadline a call may carry, seconds from its arrival (0 = no
+  // cap). A call with a later deadline, or none, is INVALID_ARGUMENT naming
+  // this limit before any work: a stalled call (an upload stream that stops
+  // sending) can then hold its buffers for at most this long. 600 s = 10x
+  // the longest deadline the node's own clients use (UploadShard, 60 s).
+  double max_deadline_seconds = 600.0;
   // Where handlers record requests, latencies, scans, builds and appends
   // (metrics.h); not owned, must outlive the service. Null: no metrics.
   NodeMetrics* metrics = nullptr;

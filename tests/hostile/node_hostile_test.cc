@@ -13,6 +13,7 @@
 //    that each fit alone, the second is RESOURCE_EXHAUSTED naming
 //    upload_memory_bytes, the first completes, every reservation is
 //    released, and the node keeps serving;
+//  * a deadline past --max_deadline_seconds (or none) is INVALID_ARGUMENT;
 //  * a large upload's index build does not hold the appends of another
 //    sequence (uploads have their own lane, --upload_threads).
 // Usage: node_hostile_test --kvr_node PATH [gtest flags]
@@ -479,6 +480,43 @@ TEST(NodeHostileTest, UploadBuildsDoNotDelayOtherSequencesAppends) {
   uploader.reset();
   appender.reset();
   second_uploader.reset();
+  ASSERT_NO_FATAL_FAILURE(StopCleanly(node.get()));
+}
+
+// Deadlines: a call without one, or with one past --max_deadline_seconds
+// (a year, as in issue 14), is INVALID_ARGUMENT naming the limit, for
+// unary calls and the upload stream; a normal deadline works.
+TEST(NodeHostileTest, DeadlinesBeyondTheCapAreRejected) {
+  auto node = NodeProcess::Start({"--threads=1", "--max_deadline_seconds=60"});
+  ASSERT_TRUE(node != nullptr && node->listening());
+  auto stub = Stub(node->address());
+  const auto stats = [&](std::optional<std::chrono::seconds> deadline) {
+    grpc::ClientContext context;
+    if (deadline.has_value()) context.set_deadline(std::chrono::system_clock::now() + *deadline);
+    v1::StatsResponse response;
+    return stub->Stats(&context, v1::StatsRequest(), &response);
+  };
+  grpc::Status st = stats(std::chrono::hours(24 * 365));
+  EXPECT_EQ(st.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << st.error_message();
+  EXPECT_NE(st.error_message().find("exceeds max_deadline_seconds 60"), std::string::npos)
+      << st.error_message();
+  st = stats(std::nullopt);
+  EXPECT_EQ(st.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << st.error_message();
+  EXPECT_NE(st.error_message().find("no deadline"), std::string::npos) << st.error_message();
+  {
+    grpc::ClientContext context;
+    context.set_deadline(std::chrono::system_clock::now() + std::chrono::hours(24 * 365));
+    v1::UploadShardResponse response;
+    auto writer = stub->UploadShard(&context, &response);
+    writer->WritesDone();
+    st = writer->Finish();
+    EXPECT_EQ(st.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << st.error_message();
+    EXPECT_NE(st.error_message().find("max_deadline_seconds"), std::string::npos)
+        << st.error_message();
+  }
+  st = stats(std::chrono::seconds(30));
+  EXPECT_TRUE(st.ok()) << st.error_message();
+  stub.reset();
   ASSERT_NO_FATAL_FAILURE(StopCleanly(node.get()));
 }
 
