@@ -21,6 +21,7 @@
 #include <stdlib.h>
 #include <sys/wait.h>
 
+#include <atomic>
 #include <chrono>
 #include <cstring>
 #include <filesystem>
@@ -434,52 +435,62 @@ TEST(NodeHostileTest, UploadWorkingMemoryIsReservedInTheBudget) {
   ASSERT_NO_FATAL_FAILURE(StopCleanly(node.get()));
 }
 
-// Head-of-line: with one control thread and one upload thread, upload B
-// waits behind upload A on the upload lane and then builds a graph index
-// for a while; an Append to another sequence issued once A has replied (so
-// B's build is running) completes before B does. Before uploads had their
-// own lane the append queued behind B's build on the shared control pool.
+// Head-of-line: with one control thread and one upload thread, two graph
+// uploads (to two sequences) take turns on the upload lane. Once the first
+// has replied the second is building; an Append to a third sequence issued
+// then completes before that build does. Before uploads had their own lane
+// the append queued behind the build on the shared control pool.
 TEST(NodeHostileTest, UploadBuildsDoNotDelayOtherSequencesAppends) {
   auto node = NodeProcess::Start({"--threads=1", "--control_threads=1", "--upload_threads=1"});
   ASSERT_TRUE(node != nullptr && node->listening());
-  auto uploader = Connect(node->address());
-  auto appender = Connect(node->address());
-  auto second_uploader = Connect(node->address());
-  ASSERT_TRUE(uploader != nullptr && appender != nullptr && second_uploader != nullptr);
-  ASSERT_TRUE(uploader->CreateSequence(Spec(1, IndexType::kGraph)).ok());
-  ASSERT_TRUE(uploader->CreateSequence(Spec(2)).ok());
-  constexpr size_t kKeys = 12000;
+  auto admin = Connect(node->address());
+  std::vector<std::unique_ptr<GrpcRetrievalClient>> uploaders;
+  uploaders.push_back(Connect(node->address()));
+  uploaders.push_back(Connect(node->address()));
+  ASSERT_TRUE(admin != nullptr && uploaders[0] != nullptr && uploaders[1] != nullptr);
+  ASSERT_TRUE(admin->CreateSequence(Spec(1, IndexType::kGraph)).ok());
+  ASSERT_TRUE(admin->CreateSequence(Spec(2, IndexType::kGraph)).ok());
+  ASSERT_TRUE(admin->CreateSequence(Spec(3)).ok());
+  constexpr size_t kKeys = 20000;
   const Matrix keys = RandomMatrix(kKeys, kDim, 7);
-  const auto upload = [&](GrpcRetrievalClient* client, int32_t chunk) {
+  // Whichever upload replies first fulfils `first` with its index.
+  std::promise<int> first;
+  std::atomic<bool> first_set{false};
+  const auto upload = [&](int i) {
     ShardUpload up;
-    up.key = ShardKey{1, 0, 0, chunk};
-    up.first_position = static_cast<int64_t>(chunk) * static_cast<int64_t>(kKeys);
+    up.key = ShardKey{static_cast<uint64_t>(1 + i), 0, 0, 0};
     up.keys = keys.view();
     up.values = keys.view();
-    return client->UploadShard(up);
+    const absl::Status st = uploaders[static_cast<size_t>(i)]->UploadShard(up);
+    if (!first_set.exchange(true)) first.set_value(i);
+    return st;
   };
-  auto a = std::async(std::launch::async, upload, uploader.get(), 0);
-  auto b = std::async(std::launch::async, upload, second_uploader.get(), 1);
-  const absl::Status a_done = a.get();
-  ASSERT_TRUE(a_done.ok()) << a_done;
+  std::vector<std::future<absl::Status>> uploads;
+  uploads.push_back(std::async(std::launch::async, upload, 0));
+  uploads.push_back(std::async(std::launch::async, upload, 1));
+  const int done_first = first.get_future().get();
+  std::future<absl::Status>& building = uploads[static_cast<size_t>(1 - done_first)];
   const auto start = std::chrono::steady_clock::now();
   AppendRequest ap;
-  ap.sequence_id = 2;
+  ap.sequence_id = 3;
   ap.keys = ap.values = keys.view().rows_slice(0, 4);
-  const absl::Status appended = appender->Append(ap);
+  const absl::Status appended = admin->Append(ap);
   const double append_seconds =
       std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   ASSERT_TRUE(appended.ok()) << appended;
-  const bool b_still_building = b.wait_for(std::chrono::seconds(0)) != std::future_status::ready;
-  const absl::Status b_done = b.get();
-  const double b_seconds =
+  const bool still_building =
+      building.wait_for(std::chrono::seconds(0)) != std::future_status::ready;
+  const absl::Status second_done = building.get();
+  const double build_seconds =
       std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-  ASSERT_TRUE(b_done.ok()) << b_done;
-  std::printf("append %.4f s while upload B built for %.3f s more\n", append_seconds, b_seconds);
-  EXPECT_TRUE(b_still_building) << "the append waited for upload B's build";
-  uploader.reset();
-  appender.reset();
-  second_uploader.reset();
+  const absl::Status first_done = uploads[static_cast<size_t>(done_first)].get();
+  ASSERT_TRUE(first_done.ok()) << first_done;
+  ASSERT_TRUE(second_done.ok()) << second_done;
+  std::printf("append %.4f s while the other upload built for %.3f s more\n", append_seconds,
+              build_seconds);
+  EXPECT_TRUE(still_building) << "the append waited for the upload's build";
+  admin.reset();
+  uploaders.clear();
   ASSERT_NO_FATAL_FAILURE(StopCleanly(node.get()));
 }
 
