@@ -301,6 +301,7 @@ absl::StatusOr<NodeStats> GrpcRetrievalClient::Stats() {
   st.tail_keys = response.tail_keys();
   st.seals = response.seals();
   st.memory_bytes = response.memory_bytes();
+  st.quarantined_sequences = response.quarantined_sequences();
   return st;
 }
 

@@ -43,6 +43,28 @@ std::span<const uint8_t> RawRows(const ValueMatrix& values, size_t first, size_t
   return values.raw_bytes().subspan(first * row_bytes, rows * row_bytes);
 }
 
+}  // namespace
+
+namespace internal {
+
+absl::Status CheckPositionRange(int64_t first_position, size_t rows, absl::string_view where) {
+  if (first_position < 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("first_position ", first_position, " < 0 for ", where));
+  }
+  if (rows > 0 && static_cast<uint64_t>(rows - 1) >
+                      static_cast<uint64_t>(kMaxPosition - first_position)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "first_position ", first_position, " + ", rows, " rows overflows: the last position ",
+        "must be <= ", kMaxPosition, " for ", where));
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace internal
+
+namespace {
+
 size_t Sqrt(size_t n) { return static_cast<size_t>(std::sqrt(static_cast<double>(n))); }
 
 // Rows [0, n) of `values` as fp32 into `out` (n x cols).
@@ -77,6 +99,12 @@ absl::Status ValidateSpec(const SequenceSpec& spec) {
                                                    "] and a multiple of n_kv_heads ",
                                                    spec.n_kv_heads));
   }
+  const int64_t heads = int64_t{spec.n_layers} * spec.n_kv_heads;
+  if (heads > kMaxHeadsPerSequence) {
+    return absl::InvalidArgumentError(absl::StrCat("n_layers ", spec.n_layers, " x n_kv_heads ",
+                                                   spec.n_kv_heads, " = ", heads,
+                                                   " heads > ", kMaxHeadsPerSequence));
+  }
   if (spec.head_dim < 1 || static_cast<size_t>(spec.head_dim) > index::kMaxDim) {
     return absl::InvalidArgumentError(
         absl::StrCat("head_dim ", spec.head_dim, " outside [1, ", index::kMaxDim, "]"));
@@ -93,6 +121,7 @@ absl::Status ValidateSpec(const SequenceSpec& spec) {
 }  // namespace internal
 
 using internal::CheckHead;
+using internal::CheckPositionRange;
 using internal::ValidateSpec;
 
 NodeCore::NodeCore(const NodeCoreOptions& options) : options_(options) {
@@ -111,6 +140,10 @@ absl::StatusOr<std::unique_ptr<NodeCore>> NodeCore::Create(const NodeCoreOptions
   if (options.train_k < 1 || options.train_k > index::kMaxSearchK) {
     return absl::InvalidArgumentError(
         absl::StrCat("train_k ", options.train_k, " outside [1, ", index::kMaxSearchK, "]"));
+  }
+  if (options.upload_memory_bytes < 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("upload_memory_bytes ", options.upload_memory_bytes, " < 0"));
   }
   if (options.memory_budget_bytes < 0) {
     return absl::InvalidArgumentError(
@@ -155,6 +188,11 @@ absl::Status NodeCore::CreateSequence(const SequenceSpec& spec) {
     {
       std::lock_guard<std::mutex> lock(mu_);
       if (sequences_.contains(spec.sequence_id)) return exists();
+      if (auto q = quarantined_.find(spec.sequence_id); q != quarantined_.end()) {
+        return absl::FailedPreconditionError(absl::StrCat(
+            "sequence ", spec.sequence_id, " is quarantined (recovery: ", q->second,
+            "); DropSequence it to delete its stored records first"));
+      }
     }
     const absl::Status st = options_.persistence->PutSequence(spec);
     if (!st.ok()) {
@@ -252,6 +290,37 @@ absl::Status NodeCore::CheckUploadAdmission(uint64_t sequence_id, size_t n_keys)
   return absl::OkStatus();
 }
 
+absl::StatusOr<NodeCore::UploadAdmission> NodeCore::ReserveUpload(uint64_t sequence_id,
+                                                                   size_t n_keys,
+                                                                   int64_t working_bytes) {
+  if (working_bytes < 0) {
+    return absl::InvalidArgumentError(absl::StrCat("working_bytes ", working_bytes, " < 0"));
+  }
+  std::shared_ptr<Sequence> seq = Find(sequence_id);
+  if (seq == nullptr) {
+    return absl::NotFoundError(absl::StrCat("UploadShard: unknown sequence ", sequence_id));
+  }
+  const std::string what =
+      absl::StrCat("UploadShard of ", n_keys, " keys to sequence ", sequence_id);
+  const int64_t shard_bytes = EstimateBytes(seq->spec, n_keys);
+  UploadAdmission admission;
+  KVR_RETURN_IF_ERROR(ReserveMemory(shard_bytes, what));
+  admission.shard = MemoryReservation(&memory_used_, shard_bytes);
+  const int64_t limit = options_.upload_memory_bytes;
+  int64_t used = upload_memory_used_.load(std::memory_order_relaxed);
+  do {
+    if (limit > 0 && used + working_bytes > limit) {
+      return absl::ResourceExhaustedError(absl::StrCat(
+          what, " needs ~", working_bytes, " bytes of upload working memory but ",
+          "upload_memory_bytes ", limit, " has ", std::max<int64_t>(0, limit - used),
+          " left (", used, " held by uploads in flight)"));
+    }
+  } while (!upload_memory_used_.compare_exchange_weak(used, used + working_bytes,
+                                                      std::memory_order_relaxed));
+  admission.working = MemoryReservation(&upload_memory_used_, working_bytes);
+  return admission;
+}
+
 absl::StatusOr<std::unique_ptr<index::KeyIndex>> NodeCore::BuildIndex(
     IndexType type, ConstMatrixView keys, std::span<const int64_t> train_topk, size_t topk_width,
     ConstMatrixView train_queries, int train_k) {
@@ -313,6 +382,7 @@ absl::Status NodeCore::UploadShard(const ShardUpload& upload) {
                                                  " is not after the last chunk ",
                                                  head.chunks.back().chunk));
   }
+  KVR_RETURN_IF_ERROR(CheckPositionRange(upload.first_position, n, where));
   if (upload.first_position <= head.last_position) {
     return absl::InvalidArgumentError(absl::StrCat(
         "first_position ", upload.first_position, " must be > ", head.last_position,
@@ -427,6 +497,7 @@ absl::Status NodeCore::ApplyAppend(const AppendRequest& request, StatusCallback&
   KVR_RETURN_IF_ERROR(CheckMatrix(request.values, spec, static_cast<int64_t>(n), "values", where));
   if (n == 0) return absl::OkStatus();
   HeadState& head = seq->head(request.layer, request.kv_head);
+  KVR_RETURN_IF_ERROR(CheckPositionRange(request.first_position, n, where));
   if (request.first_position <= head.last_position) {
     return absl::InvalidArgumentError(absl::StrCat(
         "first_position ", request.first_position, " must be > ", head.last_position,
@@ -653,7 +724,16 @@ absl::Status NodeCore::DropSequence(uint64_t sequence_id) {
   }
   std::shared_ptr<Sequence> seq;
   {
-    std::lock_guard<std::mutex> lock(mu_);
+    std::unique_lock<std::mutex> lock(mu_);
+    if (options_.persistence != nullptr && quarantined_.contains(sequence_id)) {
+      // Not served; dropping it deletes the records recovery set aside.
+      lock.unlock();
+      const absl::Status st = options_.persistence->DropSequence(sequence_id);
+      if (!st.ok()) return FailPersistence(st, absl::StrCat("DropSequence ", sequence_id));
+      lock.lock();
+      quarantined_.erase(sequence_id);
+      return absl::OkStatus();
+    }
     auto it = sequences_.find(sequence_id);
     if (it == sequences_.end()) {
       return absl::NotFoundError(absl::StrCat("DropSequence: unknown sequence ", sequence_id));
@@ -678,11 +758,12 @@ absl::Status NodeCore::DropSequence(uint64_t sequence_id) {
 
 absl::StatusOr<NodeStats> NodeCore::Stats() {
   std::vector<std::shared_ptr<Sequence>> seqs;
+  NodeStats st;
   {
     std::lock_guard<std::mutex> lock(mu_);
     for (auto& [id, s] : sequences_) seqs.push_back(s);
+    st.quarantined_sequences = static_cast<int64_t>(quarantined_.size());
   }
-  NodeStats st;
   st.sequences = static_cast<int64_t>(seqs.size());
   st.seals = seals_.load(std::memory_order_relaxed);
   for (const auto& s : seqs) {

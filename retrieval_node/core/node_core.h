@@ -29,12 +29,15 @@
 // acknowledgement always does.
 #pragma once
 
+#include <algorithm>
 #include <atomic>
 #include <cstdint>
 #include <map>
 #include <memory>
 #include <mutex>
 #include <optional>
+#include <string>
+#include <utility>
 #include <vector>
 
 #include "common/attention.h"
@@ -69,11 +72,58 @@ struct NodeCoreOptions {
   // bytes actually held (vector growth and tail seals can overshoot the
   // estimate slightly). DropSequence returns a sequence's bytes.
   int64_t memory_budget_bytes = 0;
+  // Working memory of in-flight uploads (ReserveUpload: the buffers a
+  // streamed upload holds besides the shard it becomes), in bytes; 0 =
+  // unlimited. Separate from memory_budget_bytes so that what the node may
+  // hold at once is bounded by memory_budget_bytes + upload_memory_bytes.
+  int64_t upload_memory_bytes = 0;
   // Where acknowledged changes are made durable (not owned; must outlive the
   // node). Null: the node is memory-only. When a commit fails the node
   // refuses every later write with Unavailable (its memory may then be ahead
   // of the store); restarting it recovers the acknowledged state.
   ShardPersistence* persistence = nullptr;
+  // Recover: true = a sequence whose stored records are corrupt or
+  // inconsistent, or that does not fit memory_budget_bytes, is quarantined
+  // (left in the store, not served, logged; see Recover); false = the first
+  // such sequence fails Recover (the node must not start).
+  bool recovery_quarantine = true;
+};
+
+// Bytes held against a NodeCore's memory budget until released (or
+// destroyed). Movable, not copyable; must not outlive the NodeCore that
+// made it. Not thread-safe (one owner).
+class MemoryReservation {
+ public:
+  MemoryReservation() = default;
+  MemoryReservation(MemoryReservation&& other) noexcept { *this = std::move(other); }
+  MemoryReservation& operator=(MemoryReservation&& other) noexcept {
+    if (this != &other) {
+      Release();
+      used_ = other.used_;
+      bytes_ = other.bytes_;
+      other.used_ = nullptr;
+      other.bytes_ = 0;
+    }
+    return *this;
+  }
+  MemoryReservation(const MemoryReservation&) = delete;
+  MemoryReservation& operator=(const MemoryReservation&) = delete;
+  ~MemoryReservation() { Release(); }
+
+  // Returns min(bytes, held) of the reservation to the budget.
+  void Shrink(int64_t bytes) {
+    bytes = std::min(std::max<int64_t>(bytes, 0), bytes_);
+    if (used_ != nullptr) used_->fetch_sub(bytes, std::memory_order_relaxed);
+    bytes_ -= bytes;
+  }
+  void Release() { Shrink(bytes_); }
+  int64_t bytes() const { return bytes_; }
+
+ private:
+  friend class NodeCore;
+  MemoryReservation(std::atomic<int64_t>* used, int64_t bytes) : used_(used), bytes_(bytes) {}
+  std::atomic<int64_t>* used_ = nullptr;
+  int64_t bytes_ = 0;
 };
 
 // The operations RetrievalClient offers (same contracts: see
@@ -124,14 +174,50 @@ class NodeCore final {
   // budget now. Reserves nothing; UploadShard checks again.
   absl::Status CheckUploadAdmission(uint64_t sequence_id, size_t n_keys);
 
+  // Admission for an upload of `n_keys` keys to `sequence_id` whose caller
+  // will hold `working_bytes` of buffers while it streams and builds (wire
+  // copies, fp32 copies, training data, the persistence copy). Reserves,
+  // before any of it is allocated, the shard's estimated bytes in
+  // memory_budget_bytes and `working_bytes` in upload_memory_bytes, and
+  // returns both reservations: NotFound for an unknown sequence;
+  // ResourceExhausted naming the budget that has no room now (nothing is
+  // then reserved); InvalidArgument for a negative working_bytes. The caller
+  // releases `shard` just before calling UploadShard (which reserves the
+  // shard's bytes itself) and `working` when the call ends (both also
+  // release on destruction).
+  struct UploadAdmission {
+    MemoryReservation shard;    // in memory_budget_bytes
+    MemoryReservation working;  // in upload_memory_bytes
+  };
+  absl::StatusOr<UploadAdmission> ReserveUpload(uint64_t sequence_id, size_t n_keys,
+                                                int64_t working_bytes);
+
+  // Working bytes of in-flight uploads reserved against upload_memory_bytes.
+  int64_t UploadMemoryUsedBytes() const {
+    return upload_memory_used_.load(std::memory_order_relaxed);
+  }
+
   // Rebuilds the node from `options().persistence` (call once, before the
   // node is used; FailedPrecondition without persistence or on a node that
-  // already holds sequences). Everything recovered is admitted even beyond
-  // memory_budget_bytes (later writes are then refused). Corrupt or
-  // inconsistent data: DataLoss naming the shard; the node must not serve.
-  // Recent decode queries and the seal counter are not persisted.
-  // Defined in node_recovery.cc.
+  // already holds sequences). Recent decode queries and the seal counter are
+  // not persisted. Defined in node_recovery.cc.
+  //
+  // With recovery_quarantine (the default), one bad sequence never stops
+  // the node: a sequence whose records are corrupt or inconsistent (DataLoss
+  // naming the shard), or whose data would take memory_budget_bytes past
+  // its limit (sequences are recovered in id order; each must fit in what
+  // the ones before it left), is quarantined: logged to stderr with the
+  // reason, counted in Stats().quarantined_sequences, not served (NotFound),
+  // and its records stay in the store untouched, so a restart with a larger
+  // budget or a repaired store recovers it. CreateSequence of a quarantined
+  // id is FailedPrecondition; DropSequence deletes its records. Only an
+  // unreadable store fails Recover. Without recovery_quarantine the first
+  // bad sequence fails Recover with its DataLoss (and the budget is not
+  // checked): the node must not serve.
   absl::Status Recover();
+
+  // Sequence ids quarantined by Recover (ascending), with the reason.
+  std::vector<std::pair<uint64_t, std::string>> QuarantinedSequences();
 
   const NodeCoreOptions& options() const { return options_; }
 
@@ -153,6 +239,9 @@ class NodeCore final {
   // Folds `head`'s tail into its last chunk and, when `write` is not null,
   // records the change there. Caller holds the sequence lock.
   absl::Status Seal(const Sequence& seq, HeadState* head, HeadWrite* write);
+  // Recover: removes `sequence_id` from the served sequences (returning its
+  // memory), records it as quarantined and logs `why`.
+  void Quarantine(uint64_t sequence_id, const absl::Status& why);
   // Installs one recovered head into `seq` (Recover, node_recovery.cc).
   // DataLoss naming the shard when it disagrees with the spec.
   absl::Status InstallHead(Sequence* seq, RecoveredHead recovered);
@@ -182,6 +271,8 @@ class NodeCore final {
   std::unique_ptr<ThreadPool> pool_;
   std::mutex mu_;  // guards sequences_
   std::map<uint64_t, std::shared_ptr<Sequence>> sequences_;
+  // Sequences Recover set aside (id -> reason); guarded by mu_.
+  std::map<uint64_t, std::string> quarantined_;
   // With persistence: serialises CreateSequence / DropSequence so their
   // store writes land in the order their effects became visible.
   std::mutex lifecycle_mu_;
@@ -190,6 +281,7 @@ class NodeCore final {
   absl::Status persistence_error_;
   std::atomic<int64_t> seals_{0};
   std::atomic<int64_t> memory_used_{0};
+  std::atomic<int64_t> upload_memory_used_{0};
 };
 
 }  // namespace kvr::retrieval

@@ -1,6 +1,7 @@
 // NodeCore::Recover: rebuilding the node from its ShardPersistence at
 // startup, every recovered head checked against its sequence's spec.
 #include <algorithm>
+#include <cstdio>
 #include <span>
 #include <string>
 #include <utility>
@@ -43,9 +44,52 @@ absl::Status NodeCore::Recover() {
                                               ": shards without a stored spec"));
     }
     std::unique_lock<std::shared_mutex> lock(current->mu);
-    return InstallHead(current.get(), std::move(head));
+    KVR_RETURN_IF_ERROR(InstallHead(current.get(), std::move(head)));
+    const int64_t budget = options_.memory_budget_bytes;
+    if (options_.recovery_quarantine && budget > 0 && MemoryUsedBytes() > budget) {
+      return absl::ResourceExhaustedError(absl::StrCat(
+          "recovery: sequence ", sequence_id, " does not fit memory_budget_bytes ", budget,
+          " (", MemoryUsedBytes(), " bytes with it)"));
+    }
+    return absl::OkStatus();
   };
-  return options_.persistence->Recover(on_sequence, on_head);
+  if (!options_.recovery_quarantine) {
+    return options_.persistence->Recover(on_sequence, on_head);
+  }
+  const auto on_bad = [&](uint64_t sequence_id, const absl::Status& why) {
+    if (current != nullptr && current->spec.sequence_id == sequence_id) current.reset();
+    Quarantine(sequence_id, why);
+  };
+  return options_.persistence->RecoverSkippingBadSequences(on_sequence, on_head, on_bad);
+}
+
+void NodeCore::Quarantine(uint64_t sequence_id, const absl::Status& why) {
+  std::shared_ptr<Sequence> seq;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (auto it = sequences_.find(sequence_id); it != sequences_.end()) {
+      seq = std::move(it->second);
+      sequences_.erase(it);
+    }
+    quarantined_[sequence_id] = why.ToString();
+  }
+  if (seq != nullptr) {
+    std::unique_lock<std::shared_mutex> lock(seq->mu);
+    seq->dropped = true;
+    int64_t bytes = 0;
+    for (const auto& h : seq->heads) bytes += h->accounted_bytes;
+    memory_used_.fetch_sub(bytes, std::memory_order_relaxed);
+  }
+  std::fprintf(stderr,
+               "kvr_node: QUARANTINED sequence %llu at recovery: %s -- not served; its records "
+               "stay in the data dir (DropSequence %llu deletes them)\n",
+               static_cast<unsigned long long>(sequence_id), why.ToString().c_str(),
+               static_cast<unsigned long long>(sequence_id));
+}
+
+std::vector<std::pair<uint64_t, std::string>> NodeCore::QuarantinedSequences() {
+  std::lock_guard<std::mutex> lock(mu_);
+  return {quarantined_.begin(), quarantined_.end()};
 }
 
 absl::Status NodeCore::InstallHead(Sequence* seq, RecoveredHead recovered) {

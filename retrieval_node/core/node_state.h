@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cstdint>
+#include <limits>
 #include <memory>
 #include <mutex>
 #include <shared_mutex>
@@ -54,6 +55,18 @@ struct NodeCore::Sequence {
 };
 
 namespace internal {
+
+// The highest absolute position a token may have (positions are int64).
+inline constexpr int64_t kMaxPosition = std::numeric_limits<int64_t>::max();
+// Heads (n_layers x n_kv_heads) one sequence may have: each is a HeadState
+// allocated at CreateSequence, so the product is bounded, not just each
+// factor. 2^16 is 8x the largest open models (DeepSeek-V3: 61 x 128 = 7808).
+inline constexpr int64_t kMaxHeadsPerSequence = int64_t{1} << 16;
+
+// InvalidArgument naming first_position unless 0 <= first_position and the
+// last of `rows` consecutive positions (first_position + rows - 1) fits
+// int64 (kMaxPosition); `where` names the shard or head in the message.
+absl::Status CheckPositionRange(int64_t first_position, size_t rows, absl::string_view where);
 
 // InvalidArgument unless 0 <= layer < n_layers and 0 <= kv_head < n_kv_heads.
 absl::Status CheckHead(const SequenceSpec& spec, int32_t layer, int32_t kv_head);

@@ -113,6 +113,7 @@ struct NodeStats {
   int64_t tail_keys = 0;     // appended keys not yet sealed into an index
   int64_t seals = 0;         // tail buffers folded into an index, since start
   int64_t memory_bytes = 0;  // keys, values, indexes, tails
+  int64_t quarantined_sequences = 0;  // set aside by recovery (NodeCore::Recover)
 };
 
 // Completion of an asynchronous call; runs exactly once, on any thread.

@@ -131,6 +131,21 @@ class ShardPersistence {
   virtual absl::Status Recover(
       const std::function<absl::Status(const SequenceSpec&)>& on_sequence,
       const std::function<absl::Status(uint64_t sequence_id, RecoveredHead head)>& on_head) = 0;
+
+  // Recover that never stops at one bad sequence: when a sequence's records
+  // are corrupt or inconsistent, or `on_sequence` / `on_head` fail for it,
+  // `on_bad_sequence` is told (sequence id, why), the walk skips the rest of
+  // that sequence's records (they stay in the store) and goes on with the
+  // next one. Only errors that belong to no sequence (the store itself
+  // unreadable) are returned. The default, for stores that cannot skip, is
+  // Recover (stops at the first error).
+  virtual absl::Status RecoverSkippingBadSequences(
+      const std::function<absl::Status(const SequenceSpec&)>& on_sequence,
+      const std::function<absl::Status(uint64_t sequence_id, RecoveredHead head)>& on_head,
+      const std::function<void(uint64_t sequence_id, const absl::Status& why)>& on_bad_sequence) {
+    (void)on_bad_sequence;
+    return Recover(on_sequence, on_head);
+  }
 };
 
 }  // namespace kvr::retrieval

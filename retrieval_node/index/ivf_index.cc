@@ -213,6 +213,18 @@ absl::StatusOr<std::unique_ptr<IvfIndex>> IvfIndex::Deserialize(const OpenedBlob
     return absl::DataLossError(absl::StrCat("ivf index: bad options (default_nprobe ", nprobe,
                                             ", iterations ", iterations, ")"));
   }
+  // What the rest of the payload must hold for these counts (centroids,
+  // then per list an id count + ids and a key count + keys), checked before
+  // any allocation sized by them: a crafted header cannot make the loader
+  // allocate more than the blob's own size. No overflow: nlist <= n <=
+  // kMaxKeys (2^31) and dim <= kMaxDim (2^12).
+  const uint64_t need = sizeof(uint64_t) + nlist * dim * sizeof(float) +
+                        nlist * 2 * sizeof(uint64_t) + n * (sizeof(uint32_t) + dim * sizeof(float));
+  if (need > r.remaining()) {
+    return absl::DataLossError(absl::StrCat("ivf index: size ", n, " x dim ", dim, " with nlist ",
+                                            nlist, " needs ", need, " payload bytes, ",
+                                            r.remaining(), " remain"));
+  }
   IvfOptions opts;
   opts.nlist = nlist;
   opts.iterations = iterations;

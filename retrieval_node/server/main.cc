@@ -30,10 +30,19 @@ ABSL_FLAG(std::string, listen, "127.0.0.1:0",
           "host:port to serve on; port 0 picks a free port (printed on stdout)");
 ABSL_FLAG(int, threads, 0,
           "threads for Attend and index builds (0: hardware concurrency)");
-ABSL_FLAG(int, control_threads, 2, "threads for uploads, appends and admin calls");
+ABSL_FLAG(int, control_threads, 2, "threads for appends and admin calls");
+ABSL_FLAG(int, upload_threads, 2,
+          "threads for UploadShard index builds (their own lane: a large upload never delays "
+          "other sequences' appends); also the most builds running at once");
 ABSL_FLAG(int64_t, memory_budget_bytes, 0,
           "shard memory the node admits (keys, values, indexes); 0 = unlimited. Uploads and "
           "appends beyond it get RESOURCE_EXHAUSTED");
+ABSL_FLAG(int64_t, upload_memory_bytes, int64_t{12} << 30,
+          "working memory all UploadShard streams in flight may hold besides their shards "
+          "(wire buffers, fp32 and persistence copies), reserved at each stream's header; "
+          "beyond it an upload gets RESOURCE_EXHAUSTED. The node holds at most "
+          "--memory_budget_bytes + this. Default 12 GiB: one --max_upload_bytes (4 GiB) upload "
+          "of fp32 keys and values (~3x its payload); 0 = unlimited");
 ABSL_FLAG(int, max_message_bytes, 64 << 20, "largest gRPC message received or sent, bytes");
 ABSL_FLAG(int64_t, max_upload_bytes, int64_t{4} << 30,
           "largest payload one UploadShard stream may declare, bytes");
@@ -53,6 +62,22 @@ ABSL_FLAG(std::string, ucx_listen, "",
 ABSL_FLAG(int64_t, ucx_busy_poll_us, 0,
           "after UCX activity, poll this many microseconds before sleeping (lower latency, "
           "one busy core); 0 = sleep at once");
+ABSL_FLAG(bool, recovery_quarantine, true,
+          "with --data_dir: a sequence whose stored records are corrupt or inconsistent, or "
+          "that does not fit --memory_budget_bytes, is quarantined at startup (logged, counted "
+          "in kvr_node_quarantined_sequences, not served, records kept) and every other "
+          "sequence is served; false = such a sequence stops the node from starting");
+ABSL_FLAG(double, max_deadline_seconds, 600.0,
+          "longest deadline a kvr.v1.RetrievalNode call may carry, seconds; a call with a later "
+          "deadline or none is INVALID_ARGUMENT (0 = no cap). Default: 10x the clients' "
+          "longest (UploadShard, 60 s)");
+ABSL_FLAG(int, max_concurrent_streams, 256,
+          "concurrent calls one client connection may have open (0 = gRPC's default, "
+          "unbounded)");
+ABSL_FLAG(int64_t, grpc_memory_quota_bytes, int64_t{2} << 30,
+          "memory gRPC may use for its buffers over all connections (grpc::ResourceQuota; "
+          "0 = unbounded)");
+ABSL_FLAG(int, grpc_max_threads, 256, "threads gRPC may create (grpc::ResourceQuota; 0 = unbounded)");
 ABSL_FLAG(double, drain_seconds, 10.0,
           "on SIGTERM / SIGINT, how long in-flight calls may take before they are cancelled");
 
@@ -83,9 +108,16 @@ int Main(int argc, char** argv) {
       server::FlagChecks()
           .InRange("threads", threads_flag, 0, 256)
           .InRange("control_threads", control_threads, 1, 256)
+          .InRange("upload_threads", absl::GetFlag(FLAGS_upload_threads), 1, 256)
           .AtLeast("max_message_bytes", max_message_bytes, 1 << 16)
           .AtLeast("memory_budget_bytes", absl::GetFlag(FLAGS_memory_budget_bytes), int64_t{0})
+          .AtLeast("upload_memory_bytes", absl::GetFlag(FLAGS_upload_memory_bytes), int64_t{0})
           .AtLeast("tail_capacity", absl::GetFlag(FLAGS_tail_capacity), 1)
+          .AtLeast("max_deadline_seconds", absl::GetFlag(FLAGS_max_deadline_seconds), 0.0)
+          .AtLeast("max_concurrent_streams", absl::GetFlag(FLAGS_max_concurrent_streams), 0)
+          .AtLeast("grpc_memory_quota_bytes", absl::GetFlag(FLAGS_grpc_memory_quota_bytes),
+                   int64_t{0})
+          .AtLeast("grpc_max_threads", absl::GetFlag(FLAGS_grpc_max_threads), 0)
           .status();
   if (!flags_ok.ok()) return Fail(flags_ok.message());
 
@@ -94,8 +126,10 @@ int Main(int argc, char** argv) {
                              ? static_cast<size_t>(threads_flag)
                              : std::max<size_t>(1, std::thread::hardware_concurrency());
   core_options.memory_budget_bytes = absl::GetFlag(FLAGS_memory_budget_bytes);
+  core_options.upload_memory_bytes = absl::GetFlag(FLAGS_upload_memory_bytes);
   core_options.tail_capacity = static_cast<size_t>(absl::GetFlag(FLAGS_tail_capacity));
   core_options.train_k = absl::GetFlag(FLAGS_train_k);
+  core_options.recovery_quarantine = absl::GetFlag(FLAGS_recovery_quarantine);
   std::unique_ptr<ShardStore> store;  // outlives the core (declared first)
   if (const std::string data_dir = absl::GetFlag(FLAGS_data_dir); !data_dir.empty()) {
     absl::StatusOr<std::unique_ptr<ShardStore>> opened = ShardStore::Open(data_dir);
@@ -113,7 +147,9 @@ int Main(int argc, char** argv) {
 
   NodeServiceOptions service_options;
   service_options.control_threads = static_cast<size_t>(control_threads);
+  service_options.upload_threads = static_cast<size_t>(absl::GetFlag(FLAGS_upload_threads));
   service_options.max_upload_bytes = absl::GetFlag(FLAGS_max_upload_bytes);
+  service_options.max_deadline_seconds = absl::GetFlag(FLAGS_max_deadline_seconds);
   // Metrics: served before the RPC port opens, so the first request is counted.
   std::unique_ptr<NodeMetrics> metrics;
   std::unique_ptr<metrics::MetricsEndpoint> metrics_endpoint;  // stopped before `metrics`
@@ -128,9 +164,11 @@ int Main(int argc, char** argv) {
         h.shards = st->shards;
         h.indexed_keys = st->indexed_keys;
         h.tail_keys = st->tail_keys;
+        h.quarantined_sequences = st->quarantined_sequences;
       }
       h.memory_used_bytes = node->MemoryUsedBytes();
       h.memory_budget_bytes = node->options().memory_budget_bytes;
+      h.upload_memory_used_bytes = node->UploadMemoryUsedBytes();
       return h;
     });
     absl::StatusOr<std::unique_ptr<metrics::MetricsEndpoint>> endpoint =
@@ -168,7 +206,10 @@ int Main(int argc, char** argv) {
                              .listen = absl::GetFlag(FLAGS_listen),
                              .max_message_bytes = max_message_bytes,
                              .health_services = {kServiceName},
-                             .drain_seconds = absl::GetFlag(FLAGS_drain_seconds)},
+                             .drain_seconds = absl::GetFlag(FLAGS_drain_seconds),
+                             .max_concurrent_streams = absl::GetFlag(FLAGS_max_concurrent_streams),
+                             .memory_quota_bytes = absl::GetFlag(FLAGS_grpc_memory_quota_bytes),
+                             .max_threads = absl::GetFlag(FLAGS_grpc_max_threads)},
                             stop_signals);
   if (!served.ok()) return Fail(served.message());
   ucx.reset();               // no new UCX Attend; late completions are dropped safely

@@ -58,7 +58,13 @@ struct NodeMetrics::Impl {
                               "reservations) accounted against the memory budget")),
         memory_budget(set.Gauge("kvr_node_memory_budget_bytes",
                                 "The node's memory budget (--memory_budget_bytes; 0 = "
-                                "unlimited)")) {
+                                "unlimited)")),
+        quarantined(set.Gauge("kvr_node_quarantined_sequences",
+                              "Sequences recovery set aside (corrupt, inconsistent or over the "
+                              "memory budget): not served, records kept in the data dir")),
+        upload_memory_used(set.Gauge("kvr_node_upload_memory_used_bytes",
+                                     "Working memory reserved by UploadShard streams in flight "
+                                     "against --upload_memory_bytes")) {
     const metrics::Buckets request_buckets = metrics::MicrosToSecondsBuckets();
     for (size_t m = 0; m < kNodeMethodCount; ++m) {
       method_seconds[m] =
@@ -77,6 +83,8 @@ struct NodeMetrics::Impl {
     tail_keys.Set(static_cast<double>(h.tail_keys));
     memory_used.Set(static_cast<double>(h.memory_used_bytes));
     memory_budget.Set(static_cast<double>(h.memory_budget_bytes));
+    quarantined.Set(static_cast<double>(h.quarantined_sequences));
+    upload_memory_used.Set(static_cast<double>(h.upload_memory_used_bytes));
   }
 
   metrics::MetricSet set;  // first: every family below lives in it
@@ -91,6 +99,8 @@ struct NodeMetrics::Impl {
   prometheus::Gauge& tail_keys;
   prometheus::Gauge& memory_used;
   prometheus::Gauge& memory_budget;
+  prometheus::Gauge& quarantined;
+  prometheus::Gauge& upload_memory_used;
 
   std::array<prometheus::Histogram*, kNodeMethodCount> method_seconds{};
   std::array<prometheus::Histogram*, kIndexTypes.size()> index_seconds{};  // by IndexType

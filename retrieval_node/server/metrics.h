@@ -48,6 +48,8 @@ struct NodeHoldings {
   int64_t tail_keys = 0;            // appended keys not yet sealed into an index
   int64_t memory_used_bytes = 0;    // bytes accounted against the budget
   int64_t memory_budget_bytes = 0;  // 0 = unlimited
+  int64_t quarantined_sequences = 0;  // set aside by recovery, not served
+  int64_t upload_memory_used_bytes = 0;  // working memory reserved by uploads in flight
 };
 
 class NodeMetrics {

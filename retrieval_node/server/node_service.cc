@@ -43,6 +43,25 @@ grpc::ServerUnaryReactor* FinishNow(grpc::CallbackServerContext* context,
   return reactor;
 }
 
+// InvalidArgument naming max_deadline_seconds when `context` has no
+// deadline or one more than `max_seconds` away (0: no cap).
+absl::Status CheckDeadline(const grpc::CallbackServerContext* context, double max_seconds) {
+  if (max_seconds <= 0) return absl::OkStatus();
+  const auto deadline = context->deadline();
+  if (deadline == std::chrono::system_clock::time_point::max()) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "the call has no deadline; set one of at most max_deadline_seconds ", max_seconds));
+  }
+  const double seconds =
+      std::chrono::duration<double>(deadline - std::chrono::system_clock::now()).count();
+  if (seconds > max_seconds) {
+    return absl::InvalidArgumentError(absl::StrCat("deadline ", seconds,
+                                                   " s away exceeds max_deadline_seconds ",
+                                                   max_seconds));
+  }
+  return absl::OkStatus();
+}
+
 absl::Status CheckAttendRequest(const v1::AttendRequest& r) {
   if (r.queries().dtype() != v1::DTYPE_F32) {
     return absl::InvalidArgumentError(absl::StrCat("queries.dtype ", r.queries().dtype(),
@@ -87,10 +106,12 @@ absl::Status CheckAttendRequest(const v1::AttendRequest& r) {
 NodeService::NodeService(NodeCore* core, const NodeServiceOptions& options)
     : core_(core),
       options_(options),
-      control_(std::make_unique<ThreadPool>(std::max<size_t>(1, options.control_threads))) {}
+      control_(std::make_unique<ThreadPool>(std::max<size_t>(1, options.control_threads))),
+      upload_(std::make_unique<ThreadPool>(std::max<size_t>(1, options.upload_threads))) {}
 
 NodeService::~NodeService() {
-  control_.reset();  // runs what is queued, then joins
+  upload_.reset();  // runs what is queued, then joins
+  control_.reset();
 }
 
 // --- CreateSequence ------------------------------------------------------------
@@ -101,6 +122,9 @@ grpc::ServerUnaryReactor* NodeService::CreateSequence(grpc::CallbackServerContex
   const Clock::time_point start = Clock::now();
   NodeMetrics* const metrics = options_.metrics;
   constexpr NodeMethod kMethod = NodeMethod::kCreateSequence;
+  if (absl::Status st = CheckDeadline(context, options_.max_deadline_seconds); !st.ok()) {
+    return FinishNow(context, st, metrics, kMethod, start);
+  }
   if (!request->has_spec()) {
     return FinishNow(context, absl::InvalidArgumentError("spec missing"), metrics, kMethod, start);
   }
@@ -116,6 +140,11 @@ class NodeService::UploadReactor final : public grpc::ServerReadReactor<v1::Uplo
   UploadReactor(NodeService* service, grpc::CallbackServerContext* context,
                 v1::UploadShardResponse* response)
       : service_(service), context_(context), response_(response), start_(Clock::now()) {
+    if (absl::Status st = CheckDeadline(context, service->options_.max_deadline_seconds);
+        !st.ok()) {
+      Done(st);
+      return;
+    }
     StartRead(&message_);
   }
 
@@ -125,7 +154,7 @@ class NodeService::UploadReactor final : public grpc::ServerReadReactor<v1::Uplo
         Done(absl::CancelledError("UploadShard cancelled"));
         return;
       }
-      service_->control_->Schedule([this] { Done(Build()); });
+      service_->upload_->Schedule([this] { Done(Build()); });
       return;
     }
     absl::Status status;
@@ -151,6 +180,9 @@ class NodeService::UploadReactor final : public grpc::ServerReadReactor<v1::Uplo
 
  private:
   void Done(const absl::Status& status) {
+    // Before Finish: a client that has the reply sees the memory returned.
+    admission_.shard.Release();
+    admission_.working.Release();
     Record(service_->options_.metrics, NodeMethod::kUploadShard, start_, status);
     Finish(ToGrpcStatus(status));
   }
@@ -201,8 +233,20 @@ class NodeService::UploadReactor final : public grpc::ServerReadReactor<v1::Uplo
           absl::StrCat("UploadShard payload of ", total, " bytes exceeds max_upload_bytes ",
                        service_->options_.max_upload_bytes));
     }
-    KVR_RETURN_IF_ERROR(service_->core_->CheckUploadAdmission(
-        h.key().sequence_id(), static_cast<size_t>(h.n_keys())));
+    // Everything this stream will hold besides the shard itself, reserved
+    // (upload_memory_bytes) before any of it is allocated and released when
+    // the call ends (OnDone), plus the shard (memory_budget_bytes): the wire
+    // buffers (`total`), their fp32 copies (keys, values, training queries),
+    // the training ids as int64 and the persistence copy of the keys and
+    // values (index blob + value segment). An upper estimate: buffers are
+    // freed as the build goes, the reservation only at the end.
+    const int64_t f32_row = int64_t{h.head_dim()} * int64_t{sizeof(float)};
+    const int64_t working = total + 2 * h.n_keys() * f32_row + h.train_query_rows() * f32_row +
+                            topk_bytes_ / int64_t{sizeof(int32_t)} * int64_t{sizeof(int64_t)} +
+                            2 * h.n_keys() * f32_row;
+    KVR_ASSIGN_OR_RETURN(admission_,
+                         service_->core_->ReserveUpload(h.key().sequence_id(),
+                                                        static_cast<size_t>(h.n_keys()), working));
     keys_.reserve(static_cast<size_t>(keys_bytes_));
     values_.reserve(static_cast<size_t>(values_bytes_));
     topk_.reserve(static_cast<size_t>(topk_bytes_));
@@ -244,7 +288,7 @@ class NodeService::UploadReactor final : public grpc::ServerReadReactor<v1::Uplo
     return {reinterpret_cast<const uint8_t*>(s.data()), s.size()};
   }
 
-  // Runs on the control pool once the stream is complete.
+  // Runs on the upload pool once the stream is complete.
   absl::Status Build() {
     if (!have_header_) return absl::InvalidArgumentError("UploadShard: stream without a header");
     KVR_RETURN_IF_ERROR(CheckComplete(keys_, keys_bytes_, "keys"));
@@ -287,6 +331,9 @@ class NodeService::UploadReactor final : public grpc::ServerReadReactor<v1::Uplo
     if (header_.train_k() > 0) upload.train_k = header_.train_k();
 
     const auto start = std::chrono::steady_clock::now();
+    // UploadShard reserves the shard's own bytes; the working part stays
+    // reserved until the call ends.
+    admission_.shard.Release();
     KVR_RETURN_IF_ERROR(service_->core_->UploadShard(upload));
     const double build_seconds =
         std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
@@ -324,6 +371,7 @@ class NodeService::UploadReactor final : public grpc::ServerReadReactor<v1::Uplo
   DType value_dtype_ = DType::kF32;
   int64_t keys_bytes_ = 0, values_bytes_ = 0, topk_bytes_ = 0, queries_bytes_ = 0;
   std::string keys_, values_, topk_, queries_;
+  NodeCore::UploadAdmission admission_;  // released in Done, before the reply
 };
 
 grpc::ServerReadReactor<v1::UploadShardRequest>* NodeService::UploadShard(
@@ -337,6 +385,9 @@ grpc::ServerUnaryReactor* NodeService::Append(grpc::CallbackServerContext* conte
                                               const v1::AppendRequest* request,
                                               v1::AppendResponse* response) {
   const Clock::time_point start = Clock::now();
+  if (absl::Status st = CheckDeadline(context, options_.max_deadline_seconds); !st.ok()) {
+    return FinishNow(context, st, options_.metrics, NodeMethod::kAppend, start);
+  }
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
   // The control thread applies the append in memory and queues its commit;
   // the reply goes out from the commit's completion once it is durable, so
@@ -366,11 +417,12 @@ grpc::ServerUnaryReactor* NodeService::Append(grpc::CallbackServerContext* conte
     a.keys = keys.view();
     a.values = values.view();
     const auto rows = static_cast<int64_t>(keys.rows);
-    const int64_t last = rows > 0 ? a.first_position + rows - 1 : -1;
-    core_->AppendAsync(a, [reactor, response, metrics, start, rows, last](absl::Status st) {
+    const int64_t first = a.first_position;
+    core_->AppendAsync(a, [reactor, response, metrics, start, rows, first](absl::Status st) {
       if (st.ok()) {
         if (metrics != nullptr) metrics->RecordAppendedTokens(rows);
-        response->set_last_position(last);
+        // The core accepted the rows, so first + rows - 1 fits int64.
+        response->set_last_position(rows > 0 ? first + rows - 1 : -1);
       }
       FinishAndRecord(reactor, st, metrics, NodeMethod::kAppend, start);
     });
@@ -383,6 +435,9 @@ grpc::ServerUnaryReactor* NodeService::Append(grpc::CallbackServerContext* conte
 grpc::ServerUnaryReactor* NodeService::Attend(grpc::CallbackServerContext* context,
                                               const v1::AttendRequest* request,
                                               v1::AttendResponse* response) {
+  if (absl::Status st = CheckDeadline(context, options_.max_deadline_seconds); !st.ok()) {
+    return FinishNow(context, st, options_.metrics, NodeMethod::kAttend, Clock::now());
+  }
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
   HandleAttend(*request, response,
                [reactor](absl::Status status) { reactor->Finish(ToGrpcStatus(status)); });
@@ -463,6 +518,9 @@ grpc::ServerUnaryReactor* NodeService::DropSequence(grpc::CallbackServerContext*
                                                     const v1::DropSequenceRequest* request,
                                                     v1::DropSequenceResponse* response) {
   const Clock::time_point start = Clock::now();
+  if (absl::Status st = CheckDeadline(context, options_.max_deadline_seconds); !st.ok()) {
+    return FinishNow(context, st, options_.metrics, NodeMethod::kDropSequence, start);
+  }
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
   control_->Schedule([this, reactor, request, start] {
     FinishAndRecord(reactor, core_->DropSequence(request->sequence_id()), options_.metrics,
@@ -475,6 +533,9 @@ grpc::ServerUnaryReactor* NodeService::ListShards(grpc::CallbackServerContext* c
                                                   const v1::ListShardsRequest* request,
                                                   v1::ListShardsResponse* response) {
   const Clock::time_point start = Clock::now();
+  if (absl::Status st = CheckDeadline(context, options_.max_deadline_seconds); !st.ok()) {
+    return FinishNow(context, st, options_.metrics, NodeMethod::kListShards, start);
+  }
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
   control_->Schedule([this, reactor, request, response, start] {
     std::optional<uint64_t> id;
@@ -492,6 +553,9 @@ grpc::ServerUnaryReactor* NodeService::Stats(grpc::CallbackServerContext* contex
                                              const v1::StatsRequest* request,
                                              v1::StatsResponse* response) {
   const Clock::time_point start = Clock::now();
+  if (absl::Status st = CheckDeadline(context, options_.max_deadline_seconds); !st.ok()) {
+    return FinishNow(context, st, options_.metrics, NodeMethod::kStats, start);
+  }
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
   control_->Schedule([this, reactor, response, start] {
     absl::StatusOr<NodeStats> st = core_->Stats();
@@ -503,6 +567,10 @@ grpc::ServerUnaryReactor* NodeService::Stats(grpc::CallbackServerContext* contex
       response->set_seals(st->seals);
       response->set_memory_bytes(st->memory_bytes);
       response->set_memory_budget_bytes(core_->options().memory_budget_bytes);
+      response->set_quarantined_sequences(st->quarantined_sequences);
+      response->set_memory_used_bytes(core_->MemoryUsedBytes());
+      response->set_upload_memory_used_bytes(core_->UploadMemoryUsedBytes());
+      response->set_upload_memory_bytes(core_->options().upload_memory_bytes);
     }
     FinishAndRecord(reactor, st.status(), options_.metrics, NodeMethod::kStats, start);
   });

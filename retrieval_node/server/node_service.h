@@ -8,9 +8,10 @@
 // blocks a gRPC thread on an index search or build:
 //   * Attend goes to the core's AttendAsync (its own thread pool) and the
 //     reactor is finished from the completion;
-//   * UploadShard / Append / DropSequence / ListShards / Stats run on this
-//     service's control pool (they take sequence locks that an index build
-//     may hold for a while);
+//   * Append / DropSequence / ListShards / Stats run on this service's
+//     control pool and UploadShard's build on its upload pool (they take
+//     sequence locks that an index build may hold for a while; the separate
+//     upload lane keeps builds from delaying other sequences' appends);
 //   * CreateSequence runs inline (a map insert).
 // A rejected request changes nothing in the core.
 //
@@ -34,11 +35,22 @@
 namespace kvr::retrieval {
 
 struct NodeServiceOptions {
-  // Threads running uploads, appends and admin calls off the gRPC threads.
+  // Threads running appends and admin calls off the gRPC threads.
   size_t control_threads = 2;
+  // Threads running UploadShard index builds: their own lane, so a large
+  // upload (seconds of index build) never holds a control thread and never
+  // queues other tenants' Appends behind it. Also bounds the builds running
+  // at once.
+  size_t upload_threads = 2;
   // Largest payload (keys + values + training data bytes) one UploadShard
   // stream may declare; larger → RESOURCE_EXHAUSTED naming this limit.
   int64_t max_upload_bytes = int64_t{4} << 30;
+  // Longest deadline a call may carry, seconds from its arrival (0 = no
+  // cap). A call with a later deadline, or none, is INVALID_ARGUMENT naming
+  // this limit before any work: a stalled call (an upload stream that stops
+  // sending) can then hold its buffers for at most this long. 600 s = 10x
+  // the longest deadline the node's own clients use (UploadShard, 60 s).
+  double max_deadline_seconds = 600.0;
   // Where handlers record requests, latencies, scans, builds and appends
   // (metrics.h); not owned, must outlive the service. Null: no metrics.
   NodeMetrics* metrics = nullptr;
@@ -96,6 +108,7 @@ class NodeService final : public v1::RetrievalNode::CallbackService {
   NodeCore* const core_;
   const NodeServiceOptions options_;
   std::unique_ptr<ThreadPool> control_;
+  std::unique_ptr<ThreadPool> upload_;
   std::mutex endpoints_mu_;
   std::string ucx_address_;
 };

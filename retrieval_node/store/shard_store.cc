@@ -667,6 +667,20 @@ void ShardStore::CommitHeadAsync(const HeadWrite& write, StatusCallback done) {
 absl::Status ShardStore::Recover(
     const std::function<absl::Status(const SequenceSpec&)>& on_sequence,
     const std::function<absl::Status(uint64_t sequence_id, RecoveredHead head)>& on_head) {
+  return Walk(on_sequence, on_head, nullptr);
+}
+
+absl::Status ShardStore::RecoverSkippingBadSequences(
+    const std::function<absl::Status(const SequenceSpec&)>& on_sequence,
+    const std::function<absl::Status(uint64_t sequence_id, RecoveredHead head)>& on_head,
+    const std::function<void(uint64_t sequence_id, const absl::Status& why)>& on_bad_sequence) {
+  return Walk(on_sequence, on_head, on_bad_sequence);
+}
+
+absl::Status ShardStore::Walk(
+    const std::function<absl::Status(const SequenceSpec&)>& on_sequence,
+    const std::function<absl::Status(uint64_t sequence_id, RecoveredHead head)>& on_head,
+    const std::function<void(uint64_t sequence_id, const absl::Status& why)>& on_bad_sequence) {
   rocksdb::ReadOptions ro;
   ro.verify_checksums = true;
   ro.fill_cache = false;
@@ -677,12 +691,25 @@ absl::Status ShardStore::Recover(
 
   std::optional<SequenceSpec> spec;
   std::optional<PendingHead> pending;
+  // The sequence whose remaining records are skipped (on_bad_sequence told).
+  std::optional<uint64_t> skipping;
+  // Strict: `st` is returned. Skipping: the sequence is reported and skipped.
+  const auto bad = [&](uint64_t seq, const absl::Status& st) -> absl::Status {
+    if (st.ok()) return st;
+    if (!on_bad_sequence) return st;
+    on_bad_sequence(seq, st);
+    pending.reset();
+    spec.reset();
+    skipping = seq;
+    return absl::OkStatus();
+  };
   const auto flush = [&]() -> absl::Status {
     if (!pending.has_value()) return absl::OkStatus();
     PendingHead ph = std::move(*pending);
     pending.reset();
-    KVR_ASSIGN_OR_RETURN(RecoveredHead head, BuildHead(*spec, ph));
-    return on_head(ph.seq, std::move(head));
+    absl::StatusOr<RecoveredHead> head = BuildHead(*spec, ph);
+    if (!head.ok()) return bad(ph.seq, head.status());
+    return bad(ph.seq, on_head(ph.seq, std::move(head).value()));
   };
   for (it->Seek("S"); it->Valid(); it->Next()) {
     const rocksdb::Slice key = it->key();
@@ -691,31 +718,40 @@ absl::Status ShardStore::Recover(
       return Loss("store", absl::StrCat("unexpected key of ", key.size(), " bytes"));
     }
     const uint64_t seq = GetBe64(k + 1);
+    if (skipping.has_value() && *skipping == seq) continue;
     if (key.size() == kSeqKeyLen) {  // a sequence's spec: its heads follow
       KVR_RETURN_IF_ERROR(flush());
       absl::StatusOr<SequenceSpec> decoded = DecodeSpec(AsBytes(it->value()));
       if (!decoded.ok()) {
-        return Loss(absl::StrCat("sequence ", seq),
-                    absl::StrCat("spec: ", decoded.status().message()));
+        KVR_RETURN_IF_ERROR(bad(seq, Loss(absl::StrCat("sequence ", seq),
+                                          absl::StrCat("spec: ", decoded.status().message()))));
+        continue;
       }
       if (decoded->sequence_id != seq) {
-        return Loss(absl::StrCat("sequence ", seq),
-                    absl::StrCat("spec names sequence ", decoded->sequence_id));
+        KVR_RETURN_IF_ERROR(bad(seq, Loss(absl::StrCat("sequence ", seq),
+                                          absl::StrCat("spec names sequence ",
+                                                       decoded->sequence_id))));
+        continue;
       }
       spec = *decoded;
-      KVR_RETURN_IF_ERROR(on_sequence(*spec));
+      KVR_RETURN_IF_ERROR(bad(seq, on_sequence(*spec)));
       continue;
     }
     if (!spec.has_value() || spec->sequence_id != seq) {
-      return Loss(absl::StrCat("sequence ", seq), "shard records without a spec record");
+      KVR_RETURN_IF_ERROR(flush());
+      KVR_RETURN_IF_ERROR(
+          bad(seq, Loss(absl::StrCat("sequence ", seq), "shard records without a spec record")));
+      continue;
     }
     if (key.size() < kHeadKeyLen + 1) {
-      return Loss(absl::StrCat("sequence ", seq), "truncated shard key");
+      KVR_RETURN_IF_ERROR(bad(seq, Loss(absl::StrCat("sequence ", seq), "truncated shard key")));
+      continue;
     }
     const int32_t layer = static_cast<int32_t>(GetBe32(k + kSeqKeyLen));
     const int32_t kv_head = static_cast<int32_t>(GetBe32(k + kSeqKeyLen + 4));
     if (!pending.has_value() || pending->layer != layer || pending->kv_head != kv_head) {
       KVR_RETURN_IF_ERROR(flush());
+      if (skipping.has_value() && *skipping == seq) continue;  // that head failed
       pending.emplace();
       pending->seq = seq;
       pending->layer = layer;
@@ -740,10 +776,12 @@ absl::Status ShardStore::Recover(
       } else if (sub == 'V' && rest == 13) {
         pc.segments.emplace_back(FromOrderedBits(GetBe64(r + 5)), std::move(value));
       } else {
-        return Loss(name, absl::StrCat("unknown chunk record type '", std::string(1, sub), "'"));
+        KVR_RETURN_IF_ERROR(bad(seq, Loss(name, absl::StrCat("unknown chunk record type '",
+                                                             std::string(1, sub), "'"))));
       }
     } else {
-      return Loss(name, absl::StrCat("unknown record type '", std::string(1, type), "'"));
+      KVR_RETURN_IF_ERROR(bad(seq, Loss(name, absl::StrCat("unknown record type '",
+                                                           std::string(1, type), "'"))));
     }
   }
   KVR_RETURN_IF_ERROR(FromRocks(it->status(), "recovery: reading the store"));

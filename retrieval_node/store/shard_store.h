@@ -80,6 +80,11 @@ class ShardStore final : public ShardPersistence {
       const std::function<absl::Status(const SequenceSpec&)>& on_sequence,
       const std::function<absl::Status(uint64_t sequence_id, RecoveredHead head)>& on_head)
       override;
+  absl::Status RecoverSkippingBadSequences(
+      const std::function<absl::Status(const SequenceSpec&)>& on_sequence,
+      const std::function<absl::Status(uint64_t sequence_id, RecoveredHead head)>& on_head,
+      const std::function<void(uint64_t sequence_id, const absl::Status& why)>& on_bad_sequence)
+      override;
 
   const std::string& dir() const { return dir_; }
   ShardStoreStats stats() const;
@@ -95,6 +100,11 @@ class ShardStore final : public ShardPersistence {
                                     int64_t first_position);
 
  private:
+  // Recover's walk; a null `on_bad_sequence` stops at the first error.
+  absl::Status Walk(
+      const std::function<absl::Status(const SequenceSpec&)>& on_sequence,
+      const std::function<absl::Status(uint64_t sequence_id, RecoveredHead head)>& on_head,
+      const std::function<void(uint64_t sequence_id, const absl::Status& why)>& on_bad_sequence);
   struct Db;
   ShardStore(std::string dir, const ShardStoreOptions& options, std::unique_ptr<Db> db);
 

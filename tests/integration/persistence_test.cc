@@ -12,8 +12,8 @@
 //  * SIGTERM then restart: identical Attend partials (graph, IVF, flat),
 //    shards and positions; a dropped sequence stays dropped;
 //  * a flipped byte in an index blob, a value segment or a tail segment
-//    (written through RocksDB directly) makes startup fail with a message
-//    naming the shard.
+//    (written through RocksDB directly) makes startup with
+//    --recovery_quarantine=false fail with a message naming the shard.
 // No sleeps: processes are awaited with poll() on pipes and pidfds, clients
 // with a condition variable.
 //
@@ -785,7 +785,11 @@ TEST(NodePersistenceTest, CorruptBlobFailsStartupNamingTheShard) {
     SCOPED_TRACE(c.expect_record);
     std::string original;
     ASSERT_NO_FATAL_FAILURE(FlipByte(dir.path(), c.key, &original));
-    const std::optional<FailedStart> failed = RunExpectingStartupFailure(NodeArgs(dir.path()));
+    // Strict recovery (the default quarantines the sequence and starts:
+    // tests/hostile/node_hostile_test.cc).
+    std::vector<std::string> strict = NodeArgs(dir.path());
+    strict.push_back("--recovery_quarantine=false");
+    const std::optional<FailedStart> failed = RunExpectingStartupFailure(strict);
     ASSERT_TRUE(failed.has_value());
     EXPECT_TRUE(WIFEXITED(failed->wait_status) && WEXITSTATUS(failed->wait_status) != 0)
         << failed->wait_status;

@@ -1,11 +1,13 @@
 // The serving loop every kvr gRPC binary shares (kvr_node, kvr_worker,
 // kvr_gateway):
-// health + reflection, message-size caps, the "<name> listening on
+// health + reflection, message-size caps, per-connection stream and
+// server-wide memory / thread bounds, the "<name> listening on
 // HOST:PORT" line tests and scripts wait for, and a drain on SIGTERM/SIGINT.
 #pragma once
 
 #include <signal.h>
 
+#include <cstdint>
 #include <string>
 #include <vector>
 
@@ -24,6 +26,16 @@ struct ServeOptions {
   // Services reported SERVING through grpc.health.v1 (plus the overall "").
   std::vector<std::string> health_services;
   double drain_seconds = 10.0;  // in-flight calls get this long after a stop signal
+  // Server-wide bounds (each 0 = gRPC's own default, which is unbounded):
+  // concurrent streams (calls) one client connection may open; a client
+  // past it waits for a slot (HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS).
+  int max_concurrent_streams = 256;
+  // grpc::ResourceQuota: memory gRPC may use for its buffers across all
+  // connections (beyond it gRPC sheds load: new calls / reads are refused
+  // with RESOURCE_EXHAUSTED rather than the process growing), and threads
+  // it may create. 2 GiB = 32 messages of the default 64 MiB cap.
+  int64_t memory_quota_bytes = int64_t{2} << 30;
+  int max_threads = 256;
 };
 
 // Blocks SIGTERM and SIGINT in the calling thread and every thread it starts
