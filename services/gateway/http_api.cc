@@ -170,13 +170,9 @@ struct HttpApi::Impl {
       return ReplyError(res, e);
     }
     json body;
-    try {
-      body = json::parse(req.body);
-    } catch (const json::parse_error& err) {
-      const ApiError e = InvalidRequest(
-          "", absl::StrCat("request body: invalid JSON (", err.what(), ")"));
-      RecordRefused(e);
-      return ReplyError(res, e);
+    if (std::optional<ApiError> e = ParseBody(req.body, &body)) {
+      RecordRefused(*e);
+      return ReplyError(res, *e);
     }
     ParsedRequest parsed;
     if (std::optional<ApiError> e = ParseRequest(route, body, &parsed)) {
