@@ -130,6 +130,71 @@ HttpReply Post(const std::string& address, const std::string& path, const std::s
   return out;
 }
 
+HttpReply Get(const std::string& address, const std::string& path, int timeout_s = 60) {
+  httplib::Result r = Client(address, timeout_s)->Get(path);
+  HttpReply out;
+  if (r) {
+    out.status = r->status;
+    out.body = r->body;
+  }
+  return out;
+}
+
+// The gateway's kvr_gateway_* samples: "name{labels}" → value.
+std::map<std::string, double> Scrape(const std::string& address) {
+  std::map<std::string, double> out;
+  const HttpReply r = Get(address, "/metrics");
+  EXPECT_EQ(r.status, 200);
+  for (absl::string_view line : absl::StrSplit(r.body, '\n')) {
+    if (line.empty() || line[0] == '#' || !absl::StartsWith(line, "kvr_gateway_")) continue;
+    const size_t space = line.rfind(' ');
+    double v = 0;
+    if (space == absl::string_view::npos || !absl::SimpleAtod(line.substr(space + 1), &v)) continue;
+    out[std::string(line.substr(0, space))] = v;
+  }
+  return out;
+}
+
+double Sample(const std::map<std::string, double>& m, const std::string& key) {
+  auto it = m.find(key);
+  return it == m.end() ? 0.0 : it->second;
+}
+
+// Scrapes `metrics` until pred(page) holds or `timeout` passes; the last page.
+template <typename Pred>
+std::map<std::string, double> ScrapeUntil(const std::string& metrics, Pred pred,
+                                          std::chrono::seconds timeout) {
+  const auto give_up = Clock::now() + timeout;
+  std::map<std::string, double> m = Scrape(metrics);
+  while (!pred(m) && Clock::now() < give_up) m = Scrape(metrics);
+  return m;
+}
+
+// A raw TCP connection to "127.0.0.1:PORT", or -1.
+int Connect(const std::string& address) {
+  const size_t colon = address.rfind(':');
+  sockaddr_in sa{};
+  sa.sin_family = AF_INET;
+  sa.sin_port = htons(static_cast<uint16_t>(std::stoi(address.substr(colon + 1))));
+  inet_pton(AF_INET, address.substr(0, colon).c_str(), &sa.sin_addr);
+  const int fd = socket(AF_INET, SOCK_STREAM, 0);
+  if (fd < 0 || connect(fd, reinterpret_cast<sockaddr*>(&sa), sizeof(sa)) != 0) {
+    if (fd >= 0) close(fd);
+    return -1;
+  }
+  return fd;
+}
+
+bool SendAll(int fd, const std::string& data) {
+  size_t done = 0;
+  while (done < data.size()) {
+    const ssize_t n = write(fd, data.data() + done, data.size() - done);
+    if (n <= 0) return false;
+    done += static_cast<size_t>(n);
+  }
+  return true;
+}
+
 json GoodBody(int max_tokens) {
   return json{{"model", kModel},
               {"prompt", "Once upon a time"},
@@ -224,6 +289,143 @@ TEST_F(GatewayHostileTest, DeeplyNestedBodyIsRefusedNamingTheLimit) {
   in_string["max_tokens"] = 1;
   EXPECT_EQ(Post(gateway_->http(), "/v1/completions", in_string.dump()).status, 200);
   ExpectServing("after deep bodies");
+}
+
+// Issue 14: 1,000 connections that each sent half a request header made the
+// gateway stop answering /v1/models. With the connection threads growing up
+// to --http_max_connections and idle reads timing out, /healthz and
+// /v1/models answer within 5 s while they are all open.
+TEST_F(GatewayHostileTest, HalfHeaderConnectionsDoNotStarveModelsOrHealth) {
+  rlimit lim{};
+  ASSERT_EQ(getrlimit(RLIMIT_NOFILE, &lim), 0);
+  // The gateway inherits this limit: leave it room for its own descriptors.
+  const rlim_t room = lim.rlim_cur > 300 ? lim.rlim_cur - 300 : 0;
+  const int n = static_cast<int>(std::min<rlim_t>(1000, room));
+  if (n < 300) {
+    GTEST_SKIP() << "RLIMIT_NOFILE " << lim.rlim_cur << " too low for 300 clients";
+  }
+  // Learn the model first, so /v1/models is a local answer.
+  ASSERT_EQ(Get(gateway_->http(), "/v1/models").status, 200);
+  std::vector<int> fds;
+  fds.reserve(static_cast<size_t>(n));
+  for (int i = 0; i < n; ++i) {
+    const int fd = Connect(gateway_->http());
+    ASSERT_GE(fd, 0) << "connection " << i;
+    fds.push_back(fd);
+    ASSERT_TRUE(SendAll(fd, "GET /v1/models HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: "));
+  }
+  for (int round = 0; round < 3; ++round) {
+    const auto start = Clock::now();
+    const HttpReply health = Get(gateway_->http(), "/healthz", /*timeout_s=*/5);
+    const HttpReply models = Get(gateway_->http(), "/v1/models", /*timeout_s=*/5);
+    const double took = std::chrono::duration<double>(Clock::now() - start).count();
+    EXPECT_EQ(health.status, 200) << "round " << round << " with " << n << " slow clients";
+    EXPECT_EQ(models.status, 200) << "round " << round << " with " << n << " slow clients";
+    if (models.status == 200) {
+      EXPECT_EQ(models.Json()["data"][0]["id"], kModel);
+    }
+    EXPECT_LT(took, 5.0) << "round " << round;
+  }
+  for (const int fd : fds) close(fd);
+  ExpectServing("after the slow clients left");
+}
+
+// Issue 14: a non-streamed request whose client left ran to completion.
+// With the worker stopped (SIGSTOP) the generation cannot end, so the call
+// ends only if the gateway cancels it: CANCELLED and nothing running within
+// 5 s of the disconnect. Then the worker, resumed, frees the sequence.
+TEST_F(GatewayHostileTest, NonStreamedDisconnectCancelsTheWorkerCall) {
+  ExpectServing("before");  // connected, model known
+  const std::string cancelled = "kvr_gateway_requests_total{api=\"http\",code=\"CANCELLED\"}";
+  const double cancelled_before = Sample(Scrape(gateway_->metrics()), cancelled);
+  json body = GoodBody(470);
+  body["prompt"] = "Once upon a time, there was a little girl named Lily.";
+  const std::string text = body.dump();
+  const int fd = Connect(gateway_->http());
+  ASSERT_GE(fd, 0);
+  ASSERT_TRUE(SendAll(fd, absl::StrCat("POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                                       "Content-Type: application/json\r\nContent-Length: ",
+                                       text.size(), "\r\n\r\n", text)));
+  auto m = ScrapeUntil(
+      gateway_->metrics(),
+      [](const auto& page) { return Sample(page, "kvr_gateway_requests_running") == 1; },
+      std::chrono::seconds(10));
+  ASSERT_EQ(Sample(m, "kvr_gateway_requests_running"), 1);
+  ASSERT_EQ(kill(worker_->pid(), SIGSTOP), 0);
+  close(fd);  // the client goes away
+  m = ScrapeUntil(
+      gateway_->metrics(),
+      [&](const auto& page) {
+        return Sample(page, "kvr_gateway_requests_running") == 0 &&
+               Sample(page, cancelled) == cancelled_before + 1;
+      },
+      std::chrono::seconds(5));
+  ASSERT_EQ(kill(worker_->pid(), SIGCONT), 0);
+  EXPECT_EQ(Sample(m, "kvr_gateway_requests_running"), 0);
+  EXPECT_EQ(Sample(m, cancelled), cancelled_before + 1);
+  // The worker ends the sequence once it runs again.
+  auto stub = v1::Generation::NewStub(
+      grpc::CreateChannel(worker_->address(), grpc::InsecureChannelCredentials()));
+  v1::GetModelInfoResponse info;
+  const auto give_up = Clock::now() + std::chrono::seconds(10);
+  do {
+    grpc::ClientContext ctx;
+    ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(5));
+    ASSERT_TRUE(stub->GetModelInfo(&ctx, {}, &info).ok());
+  } while (info.active_sequences() != 0 && Clock::now() < give_up);
+  EXPECT_EQ(info.active_sequences(), 0);
+  ExpectServing("after the disconnect");
+}
+
+// Issue 14: a gRPC deadline a year away was accepted as is. It is capped at
+// --max_request_timeout_seconds: with the worker stopped, the call ends
+// DEADLINE_EXCEEDED after about the cap, not a year. A default timeout
+// above the cap is a flag error.
+TEST_F(GatewayHostileTest, FarDeadlinesAreCapped) {
+  auto capped = GatewayProcess::Start({"--workers=" + worker_->address(),
+                                       "--health_check_seconds=1000",
+                                       "--request_timeout_seconds=1",
+                                       "--max_request_timeout_seconds=2"});
+  ASSERT_NE(capped, nullptr);
+  auto stub = v1::Generation::NewStub(
+      grpc::CreateChannel(capped->grpc(), grpc::InsecureChannelCredentials()));
+  v1::GenerateRequest req;
+  req.set_text("Once upon a time");
+  req.set_max_tokens(4);
+  {
+    grpc::ClientContext warm;  // connected before the worker stops
+    warm.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(30));
+    auto reader = stub->Generate(&warm, req);
+    v1::GenerateResponse msg;
+    while (reader->Read(&msg)) {
+    }
+    ASSERT_TRUE(reader->Finish().ok());
+  }
+  ASSERT_EQ(kill(worker_->pid(), SIGSTOP), 0);
+  const auto start = Clock::now();
+  grpc::ClientContext ctx;
+  ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::hours(24 * 365));
+  auto reader = stub->Generate(&ctx, req);
+  v1::GenerateResponse msg;
+  while (reader->Read(&msg)) {
+  }
+  const grpc::Status s = reader->Finish();
+  const double took = std::chrono::duration<double>(Clock::now() - start).count();
+  ASSERT_EQ(kill(worker_->pid(), SIGCONT), 0);
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::DEADLINE_EXCEEDED) << s.error_message();
+  EXPECT_GE(took, 1.5);
+  EXPECT_LT(took, 10.0);
+  EXPECT_TRUE(capped->Stop());
+
+  // --request_timeout_seconds over the cap: exit 2 naming both flags.
+  auto proc = Subprocess::Start({Env("KVR_GATEWAY_BIN"), "--workers=127.0.0.1:1",
+                                 "--request_timeout_seconds=600",
+                                 "--max_request_timeout_seconds=60"});
+  ASSERT_TRUE(proc.ok());
+  auto st = (*proc)->Stop(0, absl::Seconds(30));
+  ASSERT_TRUE(st.ok());
+  EXPECT_TRUE(WIFEXITED(*st) && WEXITSTATUS(*st) == 2);
+  ExpectServing("after the capped gateway");
 }
 
 }  // namespace
