@@ -351,6 +351,23 @@ struct HttpApi::Impl {
       RecordRefused(e);
       return ReplyError(res, e);
     }
+    // max_tokens can never exceed the model's context (the prompt takes at
+    // least one position of it): refused here, where the context is known
+    // from GetModelInfo, instead of admitting a request for more than the
+    // model can produce. The prompt's own length is the worker's to check.
+    if (parsed.request.has_max_tokens() && info->max_context_tokens() > 0 &&
+        parsed.request.max_tokens() > info->max_context_tokens()) {
+      const char* field = route == Route::kChatCompletions && body.contains("max_completion_tokens")
+                              ? "max_completion_tokens"
+                              : "max_tokens";
+      ApiError e = InvalidRequest(
+          field, absl::StrCat(field, ": ", parsed.request.max_tokens(),
+                              " is over the model's context of ", info->max_context_tokens(),
+                              " tokens"));
+      e.code = "context_length_exceeded";
+      RecordRefused(e);
+      return ReplyError(res, e);
+    }
     ResponseInfo ri;
     ri.route = route;
     ri.id = RandomId(route == Route::kChatCompletions ? "chatcmpl-" : "cmpl-");
