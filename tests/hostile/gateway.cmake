@@ -19,3 +19,12 @@ if(TARGET kvr_gateway)
     TIMEOUT 300
     ENVIRONMENT KVR_GATEWAY_BIN=$<TARGET_FILE:kvr_gateway> KVR_WORKER_BIN=$<TARGET_FILE:kvr_worker>)
 endif()
+
+# The body limits of services/gateway/openai.h, without a server.
+if(TARGET kvr_gateway_http)
+  kvr_test(gateway_json_limits_test
+    SOURCES hostile/gateway_json_limits_test.cc
+    DEPS kvr::gateway_http absl::strings
+    PROTOBUF_FIRST
+    LABELS unit hostile)
+endif()
