@@ -14,6 +14,7 @@
 // are cancelled, and with them their worker calls), exit 0.
 #include <pthread.h>
 #include <signal.h>
+#include <sys/resource.h>
 
 #include <atomic>
 #include <cstdio>
@@ -88,6 +89,29 @@ constexpr char kServiceName[] = "kvr.v1.Generation";
 
 int Fail(absl::string_view message) { return server::Fail(kProgram, message); }
 
+// Raises the soft limit on open descriptors to the hard one, so that
+// `http_connections` client connections fit beside the gateway's own
+// (cpp-httplib polls, so descriptors above 1024 are fine); warns when even
+// the hard limit is too low (connections beyond it wait in the kernel's
+// backlog until a descriptor frees).
+void RaiseDescriptorLimit(int http_connections) {
+  rlimit lim{};
+  if (getrlimit(RLIMIT_NOFILE, &lim) != 0) return;
+  if (lim.rlim_cur < lim.rlim_max) {
+    lim.rlim_cur = lim.rlim_max;
+    setrlimit(RLIMIT_NOFILE, &lim);
+    getrlimit(RLIMIT_NOFILE, &lim);
+  }
+  constexpr rlim_t kOwnDescriptors = 256;  // gRPC, workers, metrics, files
+  if (lim.rlim_cur != RLIM_INFINITY &&
+      lim.rlim_cur < static_cast<rlim_t>(http_connections) + kOwnDescriptors) {
+    std::fprintf(stderr,
+                 "kvr_gateway: open-file limit %llu is below --http_max_connections %d + %llu\n",
+                 static_cast<unsigned long long>(lim.rlim_cur), http_connections,
+                 static_cast<unsigned long long>(kOwnDescriptors));
+  }
+}
+
 int Main(int argc, char** argv) {
   server::ParseFlags(
       "services/gateway/main.cc",
@@ -130,6 +154,9 @@ int Main(int argc, char** argv) {
                                     .AtLeast("max_request_bytes", max_request_bytes, 1 << 16)
                                     .status();
   if (!flags_ok.ok()) return Fail(flags_ok.message());
+  if (!absl::GetFlag(FLAGS_http_listen).empty()) {
+    RaiseDescriptorLimit(absl::GetFlag(FLAGS_http_max_connections));
+  }
   if (timeout > max_timeout) {
     return Fail(absl::StrCat("--request_timeout_seconds ", timeout,
                              " is over --max_request_timeout_seconds ", max_timeout));
