@@ -34,6 +34,8 @@
 
 #include <chrono>
 #include <cstdlib>
+#include <filesystem>
+#include <fstream>
 #include <map>
 #include <memory>
 #include <optional>
@@ -376,6 +378,35 @@ int Connect(const std::string& address) {
   timeval tv{30, 0};
   setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
   return fd;
+}
+
+// SIGSTOPs `pid` and waits until every thread of it has stopped (state T in
+// /proc/PID/task/*/stat): kill() returns before a group stop completes, and
+// a thread still running could answer one more request. False when it did
+// not stop within 5 s.
+bool StopProcess(pid_t pid) {
+  if (kill(pid, SIGSTOP) != 0) return false;
+  const std::string tasks = "/proc/" + std::to_string(pid) + "/task";
+  const auto give_up = std::chrono::steady_clock::now() + std::chrono::seconds(5);
+  while (std::chrono::steady_clock::now() < give_up) {
+    bool all_stopped = true;
+    std::error_code ec;
+    for (const auto& task : std::filesystem::directory_iterator(tasks, ec)) {
+      std::ifstream stat(task.path() / "stat");
+      std::string line;
+      std::getline(stat, line);
+      const size_t paren = line.rfind(')');
+      // A thread that exited meanwhile reads empty: not one that can answer.
+      if (paren != std::string::npos && paren + 2 < line.size() && line[paren + 2] != 'T' &&
+          line[paren + 2] != 't') {
+        all_stopped = false;
+        break;
+      }
+    }
+    if (!ec && all_stopped) return true;
+    std::this_thread::yield();
+  }
+  return false;
 }
 
 // ---------------------------------------------------------------------------
@@ -859,7 +890,7 @@ TEST(GatewayOverloadTest, FullQueueAndQueueDeadline) {
     // Connected and healthy, and the model's id known for HTTP.
     ASSERT_TRUE(Stream(gw.get(), c.Proto()).status.ok());
     ASSERT_EQ(Post(gateway->http(), "/v1/completions", c.Http(false).dump()).status, 200);
-    ASSERT_EQ(kill(worker->pid(), SIGSTOP), 0);
+    ASSERT_TRUE(StopProcess(worker->pid()));
     // The holder: a gRPC stream stuck on the stopped worker until its deadline.
     std::thread holder([&] {
       const Streamed s = Stream(gw.get(), c.Proto(), std::chrono::milliseconds(4000));

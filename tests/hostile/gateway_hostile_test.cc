@@ -27,8 +27,11 @@
 #include <algorithm>
 #include <chrono>
 #include <cstdlib>
+#include <filesystem>
+#include <fstream>
 #include <map>
 #include <memory>
+#include <thread>
 #include <optional>
 #include <string>
 #include <vector>
@@ -193,6 +196,35 @@ bool SendAll(int fd, const std::string& data) {
     done += static_cast<size_t>(n);
   }
   return true;
+}
+
+// SIGSTOPs `pid` and waits until every thread of it has stopped (state T in
+// /proc/PID/task/*/stat): kill() returns before a group stop completes, and
+// a thread still running could answer one more request. False when it did
+// not stop within 5 s.
+bool StopProcess(pid_t pid) {
+  if (kill(pid, SIGSTOP) != 0) return false;
+  const std::string tasks = "/proc/" + std::to_string(pid) + "/task";
+  const auto give_up = std::chrono::steady_clock::now() + std::chrono::seconds(5);
+  while (std::chrono::steady_clock::now() < give_up) {
+    bool all_stopped = true;
+    std::error_code ec;
+    for (const auto& task : std::filesystem::directory_iterator(tasks, ec)) {
+      std::ifstream stat(task.path() / "stat");
+      std::string line;
+      std::getline(stat, line);
+      const size_t paren = line.rfind(')');
+      // A thread that exited meanwhile reads empty: not one that can answer.
+      if (paren != std::string::npos && paren + 2 < line.size() && line[paren + 2] != 'T' &&
+          line[paren + 2] != 't') {
+        all_stopped = false;
+        break;
+      }
+    }
+    if (!ec && all_stopped) return true;
+    std::this_thread::yield();
+  }
+  return false;
 }
 
 json GoodBody(int max_tokens) {
@@ -375,7 +407,7 @@ TEST_F(GatewayHostileTest, NonStreamedDisconnectCancelsTheWorkerCall) {
       [](const auto& page) { return Sample(page, "kvr_gateway_requests_running") == 1; },
       std::chrono::seconds(10));
   ASSERT_EQ(Sample(m, "kvr_gateway_requests_running"), 1);
-  ASSERT_EQ(kill(worker_->pid(), SIGSTOP), 0);
+  ASSERT_TRUE(StopProcess(worker_->pid()));
   close(fd);  // the client goes away
   m = ScrapeUntil(
       gateway_->metrics(),
@@ -425,7 +457,7 @@ TEST_F(GatewayHostileTest, FarDeadlinesAreCapped) {
     }
     ASSERT_TRUE(reader->Finish().ok());
   }
-  ASSERT_EQ(kill(worker_->pid(), SIGSTOP), 0);
+  ASSERT_TRUE(StopProcess(worker_->pid()));
   const auto start = Clock::now();
   grpc::ClientContext ctx;
   ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::hours(24 * 365));
