@@ -4,6 +4,7 @@
 
 #include <chrono>
 #include <deque>
+#include <algorithm>
 #include <functional>
 #include <memory>
 #include <mutex>
@@ -198,11 +199,11 @@ GatewayService::GatewayService(WorkerPool* pool, GatewayMetrics* metrics,
 
 absl::Time GatewayService::Deadline(const grpc::CallbackServerContext* context) const {
   const auto client = context->deadline();
-  const absl::Time fallback = absl::Now() + options_.default_timeout;
+  const absl::Time now = absl::Now();
   if (client >= std::chrono::system_clock::time_point::max() - std::chrono::hours(24 * 365)) {
-    return fallback;  // the client set none
+    return now + options_.default_timeout;  // the client set none
   }
-  return absl::FromChrono(client);
+  return std::min(absl::FromChrono(client), now + options_.max_timeout);
 }
 
 grpc::ServerWriteReactor<v1::GenerateResponse>* GatewayService::Generate(

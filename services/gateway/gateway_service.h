@@ -5,7 +5,8 @@
 //     routing, one retry on UNAVAILABLE); worker responses are written
 //     unchanged, one at a time. Client cancellation → the worker call is
 //     cancelled. The client's deadline (or --request_timeout_seconds when it
-//     has none) bounds queueing and the worker call.
+//     has none), cut to --max_request_timeout_seconds, bounds queueing and
+//     the worker call.
 //   * Tokenize / Detokenize / GetModelInfo: forwarded to the least-loaded
 //     healthy worker (no slot taken; UNAVAILABLE retried once elsewhere).
 //     GetModelInfo's load fields are that one worker's.
@@ -25,6 +26,9 @@ namespace kvr::gateway {
 struct GatewayServiceOptions {
   // Deadline of a request that came without one.
   absl::Duration default_timeout = absl::Seconds(300);
+  // Longest deadline accepted: a client's later deadline is cut to
+  // now + max_timeout (so a year-long deadline cannot pin a worker slot).
+  absl::Duration max_timeout = absl::Seconds(3600);
 };
 
 class GatewayService final : public v1::Generation::CallbackService {

@@ -10,6 +10,20 @@ namespace kvr::gateway {
 
 // One try on one worker: the client side of its Generate stream. Keeps the
 // call alive until gRPC is done with it.
+//
+// Reads are started from outside gRPC's reactions (RequestNext runs on the
+// front end's thread once the previous response is passed on), which gRPC
+// allows only under a hold: without one, the stream can end while no read
+// is pending (deadline, cancellation, the worker's status arriving), gRPC
+// then destroys its stream object and calls OnDone, and a StartRead issued
+// after that (RequestNext read `current_` just before OnUpstreamDone
+// cleared it) uses the destroyed stream (issue 14: "StartRead after
+// OnDone"). So the attempt holds the stream from Start until it will issue
+// no more reads: the last read came back empty (the stream ended), or the
+// call was cancelled; Read after that is a no-op. While the hold is in
+// place OnDone cannot run, so a Read under mu_ with the hold still held
+// always reaches a live stream. The owner keeps reading or cancels, so the
+// hold is always released.
 class GenerateCall::Attempt final : public grpc::ClientReadReactor<v1::GenerateResponse> {
  public:
   Attempt(std::shared_ptr<GenerateCall> call, std::shared_ptr<WorkerChannel> worker)
@@ -20,14 +34,26 @@ class GenerateCall::Attempt final : public grpc::ClientReadReactor<v1::GenerateR
   void Start(const v1::GenerateRequest& request, absl::Time deadline) {
     ctx_.set_deadline(absl::ToChronoTime(deadline));
     worker_->generation->async()->Generate(&ctx_, &request, this);
+    AddHold();  // before StartCall, as gRPC requires
     StartRead(&response_);
     StartCall();
   }
-  void Read() { StartRead(&response_); }
-  void Cancel() { ctx_.TryCancel(); }
+  // The next response; nothing once the stream ended or was cancelled.
+  void Read() {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (released_) return;
+    StartRead(&response_);
+  }
+  void Cancel() {
+    ctx_.TryCancel();
+    Release();
+  }
 
   void OnReadDone(bool ok) override {
-    if (!ok) return;  // the stream ended: OnDone follows
+    if (!ok) {  // the stream ended: OnDone follows once the hold is gone
+      Release();
+      return;
+    }
     v1::GenerateResponse r = std::move(response_);
     response_.Clear();
     call_->OnUpstreamResponse(std::move(r));
@@ -40,10 +66,21 @@ class GenerateCall::Attempt final : public grpc::ClientReadReactor<v1::GenerateR
   }
 
  private:
+  // Drops the hold once; no read starts after it. Only called by an owner
+  // of the GenerateCall or from a reaction, so the attempt outlives it.
+  void Release() {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (released_) return;
+    released_ = true;
+    RemoveHold();
+  }
+
   std::shared_ptr<GenerateCall> call_;
   const std::shared_ptr<WorkerChannel> worker_;
   grpc::ClientContext ctx_;
   v1::GenerateResponse response_;
+  std::mutex mu_;
+  bool released_ = false;  // the hold is gone: no more reads
 };
 
 std::shared_ptr<GenerateCall> GenerateCall::Create(WorkerPool* pool, GatewayMetrics* metrics,

@@ -1,6 +1,11 @@
 #include "services/gateway/http_api.h"
 
+#include <dirent.h>
 #include <httplib.h>
+#include <netdb.h>
+#include <poll.h>
+#include <sys/socket.h>
+#include <unistd.h>
 
 #include <chrono>
 #include <condition_variable>
@@ -12,6 +17,7 @@
 #include <random>
 #include <set>
 #include <thread>
+#include <unordered_map>
 #include <utility>
 #include <vector>
 
@@ -28,6 +34,8 @@ namespace {
 using nlohmann::json;
 
 constexpr char kJson[] = "application/json";
+// Connections the kernel completes before the server accepts them.
+constexpr int kListenBacklog = 4096;
 // How often a waiting stream checks that its client is still connected.
 constexpr auto kClientCheck = std::chrono::milliseconds(100);
 
@@ -95,6 +103,153 @@ struct HttpCall {
   CallEvents events;
   std::shared_ptr<GenerateCall> call;
 };
+
+// The HTTP server's connections, one thread each (cpp-httplib serves a
+// connection on one task from accept to close, including reading its
+// header). `ready` threads are kept; more start on demand up to
+// `max_connections` and exit after kIdleExit without work; beyond that,
+// accepted connections wait in FIFO order. So a crowd of slow clients below
+// the cap (each held at most read_timeout per idle read) cannot keep a new
+// client, e.g. a health check, from being served at once; before this a
+// fixed pool of `ready` threads served them in turn.
+class ConnectionPool final : public httplib::TaskQueue {
+ public:
+  ConnectionPool(int ready, int max_connections)
+      : ready_(ready), max_connections_(max_connections) {
+    std::lock_guard<std::mutex> lock(mu_);
+    for (int i = 0; i < ready_; ++i) StartThreadLocked();
+  }
+  ~ConnectionPool() override { shutdown(); }
+
+  void enqueue(std::function<void()> fn) override {
+    std::vector<std::thread> exited;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      jobs_.push_back(std::move(fn));
+      if (idle_ < jobs_.size() && static_cast<int>(threads_.size()) < max_connections_) {
+        StartThreadLocked();
+      }
+      exited = TakeExitedLocked();
+    }
+    cv_.notify_one();
+    for (std::thread& t : exited) t.join();
+  }
+
+  // Runs the connections already accepted, then joins every thread.
+  void shutdown() override {
+    std::vector<std::thread> all;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      shutdown_ = true;
+    }
+    cv_.notify_all();
+    std::unique_lock<std::mutex> lock(mu_);
+    for (;;) {
+      for (std::thread& t : TakeExitedLocked()) all.push_back(std::move(t));
+      if (threads_.empty()) break;
+      exit_cv_.wait(lock);
+    }
+    lock.unlock();
+    for (std::thread& t : all) t.join();
+  }
+
+ private:
+  static constexpr auto kIdleExit = std::chrono::seconds(10);
+
+  void StartThreadLocked() {
+    std::thread t([this] { Run(); });
+    const std::thread::id id = t.get_id();
+    threads_.emplace(id, std::move(t));
+  }
+
+  // Threads that returned from Run, to be joined outside the lock.
+  std::vector<std::thread> TakeExitedLocked() {
+    std::vector<std::thread> out;
+    for (const std::thread::id id : exited_) {
+      auto node = threads_.extract(id);
+      if (!node.empty()) out.push_back(std::move(node.mapped()));
+    }
+    exited_.clear();
+    return out;
+  }
+
+  void Run() {
+    std::unique_lock<std::mutex> lock(mu_);
+    for (;;) {
+      ++idle_;
+      const bool woke = cv_.wait_for(lock, kIdleExit, [this] { return !jobs_.empty() || shutdown_; });
+      --idle_;
+      if (jobs_.empty()) {
+        // Shut down, or idle for kIdleExit while more than `ready` run.
+        if (shutdown_ || (!woke && static_cast<int>(threads_.size() - exited_.size()) > ready_)) {
+          break;
+        }
+        continue;
+      }
+      std::function<void()> job = std::move(jobs_.front());
+      jobs_.pop_front();
+      lock.unlock();
+      job();
+      job = nullptr;
+      lock.lock();
+    }
+    exited_.push_back(std::this_thread::get_id());
+    exit_cv_.notify_all();
+  }
+
+  const int ready_;
+  const int max_connections_;
+  std::mutex mu_;
+  std::condition_variable cv_;       // a job or shutdown
+  std::condition_variable exit_cv_;  // a thread returned
+  std::deque<std::function<void()>> jobs_;
+  size_t idle_ = 0;  // threads waiting for a job
+  bool shutdown_ = false;
+  std::unordered_map<std::thread::id, std::thread> threads_;  // started, not joined
+  std::vector<std::thread::id> exited_;                        // returned from Run
+};
+
+// The socket of the connection `req` came on, found among this process's
+// descriptors by its two ends (cpp-httplib does not expose it); -1 when
+// none matches. The descriptor stays this connection's while its handler
+// runs (the server closes it only after the handler returned).
+int ConnectionFd(const httplib::Request& req) {
+  DIR* dir = opendir("/proc/self/fd");
+  if (dir == nullptr) return -1;
+  int found = -1;
+  while (dirent* entry = readdir(dir)) {
+    int fd = 0;
+    if (!absl::SimpleAtoi(entry->d_name, &fd) || fd == dirfd(dir)) continue;
+    sockaddr_storage local{}, peer{};
+    socklen_t local_len = sizeof(local), peer_len = sizeof(peer);
+    if (getsockname(fd, reinterpret_cast<sockaddr*>(&local), &local_len) != 0 ||
+        getpeername(fd, reinterpret_cast<sockaddr*>(&peer), &peer_len) != 0) {
+      continue;  // not a connected socket
+    }
+    char local_port[NI_MAXSERV], peer_host[NI_MAXHOST], peer_port[NI_MAXSERV];
+    if (getnameinfo(reinterpret_cast<sockaddr*>(&local), local_len, nullptr, 0, local_port,
+                    sizeof(local_port), NI_NUMERICSERV) != 0 ||
+        getnameinfo(reinterpret_cast<sockaddr*>(&peer), peer_len, peer_host, sizeof(peer_host),
+                    peer_port, sizeof(peer_port), NI_NUMERICHOST | NI_NUMERICSERV) != 0) {
+      continue;
+    }
+    if (absl::StrCat(req.local_port) == local_port && absl::StrCat(req.remote_port) == peer_port &&
+        req.remote_addr == peer_host) {
+      found = fd;
+      break;
+    }
+  }
+  closedir(dir);
+  return found;
+}
+
+// Whether the client of socket `fd` has closed or reset its connection
+// (a client that only half-closes its sending side counts as gone too).
+bool PeerGone(int fd) {
+  pollfd p{fd, POLLRDHUP, 0};
+  if (poll(&p, 1, 0) <= 0) return false;
+  return (p.revents & (POLLRDHUP | POLLHUP | POLLERR)) != 0;
+}
 
 bool SplitHostPort(const std::string& listen, std::string* host, int* port) {
   const size_t colon = listen.rfind(':');
@@ -170,13 +325,9 @@ struct HttpApi::Impl {
       return ReplyError(res, e);
     }
     json body;
-    try {
-      body = json::parse(req.body);
-    } catch (const json::parse_error& err) {
-      const ApiError e = InvalidRequest(
-          "", absl::StrCat("request body: invalid JSON (", err.what(), ")"));
-      RecordRefused(e);
-      return ReplyError(res, e);
+    if (std::optional<ApiError> e = ParseBody(req.body, &body)) {
+      RecordRefused(*e);
+      return ReplyError(res, *e);
     }
     ParsedRequest parsed;
     if (std::optional<ApiError> e = ParseRequest(route, body, &parsed)) {
@@ -197,6 +348,23 @@ struct HttpApi::Impl {
                                            "\""));
       e.param = "model";
       e.code = "model_not_found";
+      RecordRefused(e);
+      return ReplyError(res, e);
+    }
+    // max_tokens can never exceed the model's context (the prompt takes at
+    // least one position of it): refused here, where the context is known
+    // from GetModelInfo, instead of admitting a request for more than the
+    // model can produce. The prompt's own length is the worker's to check.
+    if (parsed.request.has_max_tokens() && info->max_context_tokens() > 0 &&
+        parsed.request.max_tokens() > info->max_context_tokens()) {
+      const char* field = route == Route::kChatCompletions && body.contains("max_completion_tokens")
+                              ? "max_completion_tokens"
+                              : "max_tokens";
+      ApiError e = InvalidRequest(
+          field, absl::StrCat(field, ": ", parsed.request.max_tokens(),
+                              " is over the model's context of ", info->max_context_tokens(),
+                              " tokens"));
+      e.code = "context_length_exceeded";
       RecordRefused(e);
       return ReplyError(res, e);
     }
@@ -221,7 +389,7 @@ struct HttpApi::Impl {
     if (parsed.stream) {
       Stream(route, call, std::move(ri), parsed.include_usage, res);
     } else {
-      Complete(route, *call, ri, res);
+      Complete(route, req, *call, ri, res);
       Forget(call);
     }
   }
@@ -237,13 +405,23 @@ struct HttpApi::Impl {
                       RenameWorkerFields(route, s.error_message()));
   }
 
-  // The whole response at once.
-  void Complete(Route route, HttpCall& call, const ResponseInfo& ri, httplib::Response& res) {
+  // The whole response at once. A client that disconnects while it waits
+  // has its call cancelled (checked every kClientCheck; the socket is
+  // looked up only once the call has run that long).
+  void Complete(Route route, const httplib::Request& req, HttpCall& call, const ResponseInfo& ri,
+                httplib::Response& res) {
     std::string text;
     std::vector<int32_t> tokens;
     std::optional<v1::GenerateFinal> summary;
+    std::optional<int> fd;  // the client's socket, once looked up (-1: not found)
     for (;;) {
-      CallEvents::Event e = call.events.Next();
+      std::optional<CallEvents::Event> next = call.events.Next(kClientCheck);
+      if (!next.has_value()) {
+        if (!fd.has_value()) fd = ConnectionFd(req);
+        if (*fd >= 0 && PeerGone(*fd)) call.call->Cancel();  // idempotent
+        continue;
+      }
+      CallEvents::Event& e = *next;
       if (!e.response.has_value()) {
         if (!e.status.ok()) return ReplyError(res, CallError(route, e.status));
         if (!summary.has_value()) {
@@ -409,6 +587,16 @@ absl::StatusOr<std::unique_ptr<HttpApi>> HttpApi::Start(const HttpApiOptions& op
     return absl::InvalidArgumentError(
         absl::StrCat("http threads: ", options.threads, " outside [1, 4096]"));
   }
+  if (options.max_connections < options.threads || options.max_connections > 65536) {
+    return absl::InvalidArgumentError(absl::StrCat("http max connections: ",
+                                                   options.max_connections, " outside [",
+                                                   options.threads, " (http threads), 65536]"));
+  }
+  if (options.read_timeout_seconds < 1 || options.read_timeout_seconds > 3600) {
+    return absl::InvalidArgumentError(absl::StrCat("http read timeout: ",
+                                                   options.read_timeout_seconds,
+                                                   " s outside [1, 3600]"));
+  }
   if (options.max_request_bytes < 1024) {
     return absl::InvalidArgumentError(
         absl::StrCat("max_request_bytes: ", options.max_request_bytes, " below 1024"));
@@ -420,10 +608,13 @@ absl::StatusOr<std::unique_ptr<HttpApi>> HttpApi::Start(const HttpApiOptions& op
   Impl* p = impl.get();
   httplib::Server& s = impl->server;
   const int threads = options.threads;
-  s.new_task_queue = [threads] { return new httplib::ThreadPool(threads); };
+  const int max_connections = options.max_connections;
+  s.new_task_queue = [threads, max_connections] {
+    return new ConnectionPool(threads, max_connections);
+  };
   s.set_payload_max_length(static_cast<size_t>(options.max_request_bytes));
   s.set_keep_alive_timeout(2);
-  s.set_read_timeout(30);
+  s.set_read_timeout(static_cast<time_t>(options.read_timeout_seconds));
   s.set_write_timeout(30);
   s.Post("/v1/completions", [p](const httplib::Request& req, httplib::Response& res) {
     p->Generate(Route::kCompletions, req, res);
@@ -447,12 +638,24 @@ absl::StatusOr<std::unique_ptr<HttpApi>> HttpApi::Start(const HttpApiOptions& op
         ReplyError(res, FromStatus(absl::StatusCode::kInternal, absl::StrCat("internal error: ", what)));
       });
 
+  // cpp-httplib listens with a backlog of 5: a burst of connections (a
+  // crowd of clients, or an attack) then waits on SYN retransmissions
+  // (1 s, 2 s, ...) before the server even sees it. The listening socket is
+  // taken here (the options hook sees only it) and listen() is called again
+  // with kListenBacklog once bound, which Linux applies to the socket.
+  int listen_fd = -1;
+  s.set_socket_options([&listen_fd](socket_t sock) {
+    int yes = 1;
+    setsockopt(sock, SOL_SOCKET, SO_REUSEADDR, &yes, sizeof(yes));  // as cpp-httplib does
+    listen_fd = sock;
+  });
   if (port == 0) {
     port = s.bind_to_any_port(host);
     if (port <= 0) return absl::UnavailableError(absl::StrCat("cannot listen on ", options.listen));
   } else if (!s.bind_to_port(host, port)) {
     return absl::UnavailableError(absl::StrCat("cannot listen on ", options.listen));
   }
+  if (listen_fd >= 0) ::listen(listen_fd, kListenBacklog);
   impl->address = absl::StrCat(host.find(':') != std::string::npos ? "[" + host + "]" : host, ":",
                                port);
   // Learn the model's id now when a worker answers (else on first use).

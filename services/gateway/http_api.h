@@ -13,11 +13,11 @@
 // Errors are OpenAI error objects with the HTTP status of openai.h's
 // FromStatus, plus 404 for unknown routes and models, 413 for bodies over
 // max_request_bytes and 415 for a Content-Type other than application/json.
-// A client that disconnects from a stream has its worker call cancelled
-// (checked every 100 ms while waiting for tokens, and on every write).
+// A client that disconnects has its worker call cancelled (checked every
+// 100 ms while waiting for tokens, and on every write of a stream).
 //
-// Thread-safety: requests are served on a pool of `threads` threads (each
-// open request, streaming or queued, holds one). Lifetime: `pool` and
+// Thread-safety: each connection is served on a thread of its own (`threads`
+// kept ready, up to `max_connections` at once; see docs/security.md). Lifetime: `pool` and
 // `metrics` must outlive the HttpApi.
 #pragma once
 
@@ -33,7 +33,13 @@ namespace kvr::gateway {
 
 struct HttpApiOptions {
   std::string listen = "127.0.0.1:0";  // host:port; port 0 picks a free one
-  int threads = 64;                    // concurrent HTTP requests
+  int threads = 64;                    // connection threads kept ready
+  // Connections served at once (one thread each, started on demand); more
+  // wait in FIFO order. At least `threads`.
+  int max_connections = 2048;
+  // A connection whose client sends nothing for this long while the server
+  // reads (header, body, or the next keep-alive request) is closed.
+  int read_timeout_seconds = 10;
   int64_t max_request_bytes = 4 << 20;
   absl::Duration default_timeout = absl::Seconds(300);  // deadline of every request
   // The model id clients name ("model"); empty: the stem of the checkpoint

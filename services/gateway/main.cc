@@ -14,6 +14,7 @@
 // are cancelled, and with them their worker calls), exit 0.
 #include <pthread.h>
 #include <signal.h>
+#include <sys/resource.h>
 
 #include <atomic>
 #include <cstdio>
@@ -60,7 +61,17 @@ ABSL_FLAG(double, request_timeout_seconds, 300.0,
 ABSL_FLAG(int, max_request_bytes, 4 << 20,
           "largest request accepted, bytes (gRPC message, HTTP body; HTTP answers 413)");
 ABSL_FLAG(int, http_threads, 64,
-          "HTTP requests served at once (each open request, streaming or queued, holds one)");
+          "HTTP connection threads kept ready (each open connection, streaming or queued, "
+          "holds one)");
+ABSL_FLAG(int, http_max_connections, 2048,
+          "HTTP connections served at once (a thread each, started on demand; at least "
+          "--http_threads); more wait in FIFO order");
+ABSL_FLAG(int, http_read_timeout_seconds, 10,
+          "an HTTP connection whose client sends nothing for this long while the gateway "
+          "reads (request header, body, next keep-alive request) is closed");
+ABSL_FLAG(double, max_request_timeout_seconds, 3600.0,
+          "longest deadline a request may have: later gRPC deadlines are cut to it (at least "
+          "--request_timeout_seconds)");
 ABSL_FLAG(std::string, model_name, "",
           "model id of the HTTP API; empty: the stem of the workers' checkpoint file (e.g. "
           "stories260K)");
@@ -77,6 +88,29 @@ constexpr char kProgram[] = "kvr_gateway";
 constexpr char kServiceName[] = "kvr.v1.Generation";
 
 int Fail(absl::string_view message) { return server::Fail(kProgram, message); }
+
+// Raises the soft limit on open descriptors to the hard one, so that
+// `http_connections` client connections fit beside the gateway's own
+// (cpp-httplib polls, so descriptors above 1024 are fine); warns when even
+// the hard limit is too low (connections beyond it wait in the kernel's
+// backlog until a descriptor frees).
+void RaiseDescriptorLimit(int http_connections) {
+  rlimit lim{};
+  if (getrlimit(RLIMIT_NOFILE, &lim) != 0) return;
+  if (lim.rlim_cur < lim.rlim_max) {
+    lim.rlim_cur = lim.rlim_max;
+    setrlimit(RLIMIT_NOFILE, &lim);
+    getrlimit(RLIMIT_NOFILE, &lim);
+  }
+  constexpr rlim_t kOwnDescriptors = 256;  // gRPC, workers, metrics, files
+  if (lim.rlim_cur != RLIM_INFINITY &&
+      lim.rlim_cur < static_cast<rlim_t>(http_connections) + kOwnDescriptors) {
+    std::fprintf(stderr,
+                 "kvr_gateway: open-file limit %llu is below --http_max_connections %d + %llu\n",
+                 static_cast<unsigned long long>(lim.rlim_cur), http_connections,
+                 static_cast<unsigned long long>(kOwnDescriptors));
+  }
+}
 
 int Main(int argc, char** argv) {
   server::ParseFlags(
@@ -103,14 +137,30 @@ int Main(int argc, char** argv) {
   const double health = absl::GetFlag(FLAGS_health_check_seconds);
   const double drain = absl::GetFlag(FLAGS_drain_seconds);
   const int max_request_bytes = absl::GetFlag(FLAGS_max_request_bytes);
+  const double max_timeout = absl::GetFlag(FLAGS_max_request_timeout_seconds);
   const absl::Status flags_ok = server::FlagChecks()
                                     .Above("workers_refresh_seconds", refresh, 0.0)
                                     .Above("request_timeout_seconds", timeout, 0.0)
+                                    .InRange("max_request_timeout_seconds", max_timeout,
+                                             0.001, 365.0 * 86400.0)
+                                    .InRange("http_read_timeout_seconds",
+                                             absl::GetFlag(FLAGS_http_read_timeout_seconds), 1,
+                                             3600)
+                                    .InRange("http_max_connections",
+                                             absl::GetFlag(FLAGS_http_max_connections),
+                                             absl::GetFlag(FLAGS_http_threads), 65536)
                                     .AtLeast("health_check_seconds", health, 0.01)
                                     .AtLeast("drain_seconds", drain, 0.0)
                                     .AtLeast("max_request_bytes", max_request_bytes, 1 << 16)
                                     .status();
   if (!flags_ok.ok()) return Fail(flags_ok.message());
+  if (!absl::GetFlag(FLAGS_http_listen).empty()) {
+    RaiseDescriptorLimit(absl::GetFlag(FLAGS_http_max_connections));
+  }
+  if (timeout > max_timeout) {
+    return Fail(absl::StrCat("--request_timeout_seconds ", timeout,
+                             " is over --max_request_timeout_seconds ", max_timeout));
+  }
 
   WorkerPoolOptions po;
   po.balancer.max_outstanding_per_worker = absl::GetFlag(FLAGS_max_outstanding_per_worker);
@@ -151,6 +201,8 @@ int Main(int argc, char** argv) {
     HttpApiOptions ho;
     ho.listen = listen;
     ho.threads = absl::GetFlag(FLAGS_http_threads);
+    ho.max_connections = absl::GetFlag(FLAGS_http_max_connections);
+    ho.read_timeout_seconds = absl::GetFlag(FLAGS_http_read_timeout_seconds);
     ho.max_request_bytes = max_request_bytes;
     ho.default_timeout = default_timeout;
     ho.model_name = absl::GetFlag(FLAGS_model_name);
@@ -166,6 +218,7 @@ int Main(int argc, char** argv) {
 
   GatewayServiceOptions so;
   so.default_timeout = default_timeout;
+  so.max_timeout = absl::Seconds(max_timeout);
   auto service = std::make_unique<GatewayService>(pool_ptr, metrics.get(), so);
 
   std::atomic<bool> serving_failed{false};

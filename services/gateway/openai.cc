@@ -15,6 +15,21 @@ using nlohmann::json;
 
 std::string TypeName(const json& v) { return v.type_name(); }
 
+// A value as an error message quotes it: numbers and strings as JSON, at
+// most kMaxQuotedBytes; arrays and objects by their type and size only (so
+// formatting an error never walks, or copies, a large or deep value).
+constexpr size_t kMaxQuotedBytes = 64;
+std::string Quote(const json& v) {
+  if (v.is_array()) return absl::StrCat("an array of ", v.size());
+  if (v.is_object()) return absl::StrCat("an object of ", v.size(), " fields");
+  std::string out = v.dump(-1, ' ', false, json::error_handler_t::replace);
+  if (out.size() > kMaxQuotedBytes) {
+    out.resize(kMaxQuotedBytes);
+    out += "...";
+  }
+  return out;
+}
+
 bool Present(const json& body, const char* field) {
   auto it = body.find(field);
   return it != body.end() && !it->is_null();
@@ -30,7 +45,7 @@ std::optional<ApiError> GetFloat(const json& body, const char* field, float* out
   }
   const double d = v.get<double>();
   if (!std::isfinite(d) || std::fabs(d) > std::numeric_limits<float>::max()) {
-    return InvalidRequest(field, absl::StrCat(field, ": ", v.dump(), " is not a finite float"));
+    return InvalidRequest(field, absl::StrCat(field, ": ", Quote(v), " is not a finite float"));
   }
   *out = static_cast<float>(d);
   *set = true;
@@ -43,7 +58,7 @@ std::optional<ApiError> GetInt(const json& body, const std::string& name, const 
   double d;
   if (v.is_number_integer()) {
     if (v.is_number_unsigned() && v.get<uint64_t>() > static_cast<uint64_t>(hi)) {
-      return InvalidRequest(name, absl::StrCat(name, ": ", v.dump(), " outside [", lo, ", ", hi,
+      return InvalidRequest(name, absl::StrCat(name, ": ", Quote(v), " outside [", lo, ", ", hi,
                                                "]"));
     }
     const int64_t i = v.get<int64_t>();
@@ -56,14 +71,14 @@ std::optional<ApiError> GetInt(const json& body, const std::string& name, const 
   }
   if (v.is_number_float() && std::isfinite(d = v.get<double>()) && d == std::floor(d)) {
     if (d < static_cast<double>(lo) || d > static_cast<double>(hi)) {
-      return InvalidRequest(name, absl::StrCat(name, ": ", v.dump(), " outside [", lo, ", ", hi,
+      return InvalidRequest(name, absl::StrCat(name, ": ", Quote(v), " outside [", lo, ", ", hi,
                                                "]"));
     }
     *out = static_cast<int64_t>(d);
     return std::nullopt;
   }
   return InvalidRequest(name, absl::StrCat(name, ": expected an integer, got ",
-                                           v.is_number() ? v.dump() : TypeName(v)));
+                                           v.is_number() ? Quote(v) : TypeName(v)));
 }
 
 std::optional<ApiError> GetOptionalInt(const json& body, const char* field, int64_t lo, int64_t hi,
@@ -234,6 +249,44 @@ std::optional<ApiError> ParseMessages(const json& body, v1::GenerateRequest* r) 
 }
 
 }  // namespace
+
+std::optional<ApiError> ParseBody(std::string_view text, json* out) {
+  // Nesting depth measured before parsing, in one pass: brackets outside
+  // strings. For valid JSON this is exactly the value's depth; invalid JSON
+  // is then reported by the parser (or refused here first, which is as
+  // correct).
+  int depth = 0;
+  bool in_string = false;
+  bool escaped = false;
+  for (const char c : text) {
+    if (in_string) {
+      if (escaped) {
+        escaped = false;
+      } else if (c == '\\') {
+        escaped = true;
+      } else if (c == '"') {
+        in_string = false;
+      }
+      continue;
+    }
+    if (c == '"') {
+      in_string = true;
+    } else if (c == '[' || c == '{') {
+      if (++depth > kMaxJsonDepth) {
+        return InvalidRequest("", absl::StrCat("request body: JSON nested deeper than the limit of ",
+                                               kMaxJsonDepth, " levels"));
+      }
+    } else if (c == ']' || c == '}') {
+      --depth;
+    }
+  }
+  try {
+    *out = json::parse(text);
+  } catch (const json::parse_error& err) {
+    return InvalidRequest("", absl::StrCat("request body: invalid JSON (", err.what(), ")"));
+  }
+  return std::nullopt;
+}
 
 json ApiError::ToJson() const {
   json e = {{"message", message}, {"type", type}, {"param", nullptr}, {"code", nullptr}};
@@ -426,7 +479,7 @@ std::optional<ApiError> ParseRequest(Route route, const json& body, ParsedReques
   }
   if (Present(body, "n")) {
     if (auto e = GetInt(body, "n", body.at("n"), 1, 1, &i)) {
-      e->message = absl::StrCat("n: ", body.at("n").dump(),
+      e->message = absl::StrCat("n: ", Quote(body.at("n")),
                                 " is not supported (one choice per request: n must be 1)");
       return e;
     }

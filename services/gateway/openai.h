@@ -53,6 +53,17 @@ ApiError InvalidRequest(std::string param, std::string message);
 // 500. `param` is the field the message starts with ("max_tokens: ...").
 ApiError FromStatus(absl::StatusCode code, const std::string& message);
 
+// Deepest nesting of arrays / objects a request body may have. No valid
+// request needs more than 4 (messages[i].content[j]); the bound keeps every
+// walk over a body (the parser, destruction, error formatting) shallow.
+inline constexpr int kMaxJsonDepth = 64;
+
+// Parses a request body into `out`: 400 "request body: JSON nested deeper
+// than the limit of 64 levels" (checked in one pass before parsing, so no
+// deep value is ever built) or "request body: invalid JSON (<parser's
+// message>)".
+std::optional<ApiError> ParseBody(std::string_view text, nlohmann::json* out);
+
 struct ParsedRequest {
   Route route = Route::kCompletions;
   std::string model;

@@ -8,6 +8,7 @@
 #include <signal.h>
 
 #include <chrono>
+#include <filesystem>
 #include <fstream>
 #include <thread>
 
@@ -126,23 +127,30 @@ class NodeProcess : public ServerProcess {
   }
 };
 
-// Sends SIGSTOP to `pid` and returns once the kernel reports it stopped
-// (state 'T' in /proc/<pid>/stat), false after `timeout`. kill() returns
-// before every thread of a busy process has stopped; a test that needs the
-// process silent must wait for this.
-inline bool StopProcess(pid_t pid, std::chrono::milliseconds timeout = std::chrono::seconds(10)) {
+// SIGSTOPs `pid` and waits until every thread of it has stopped (state T in
+// /proc/PID/task/*/stat): kill() returns before a group stop completes, and
+// a thread still running could answer one more request. False when it did
+// not stop within `timeout`.
+inline bool StopProcess(pid_t pid, std::chrono::milliseconds timeout = std::chrono::seconds(5)) {
   if (kill(pid, SIGSTOP) != 0) return false;
+  const std::string tasks = "/proc/" + std::to_string(pid) + "/task";
   const auto give_up = std::chrono::steady_clock::now() + timeout;
-  const std::string stat_path = "/proc/" + std::to_string(pid) + "/stat";
   while (std::chrono::steady_clock::now() < give_up) {
-    std::ifstream stat(stat_path);
-    std::string line;
-    std::getline(stat, line);
-    // "pid (comm) S ...": the state follows the last ')'.
-    const size_t close = line.rfind(')');
-    if (close != std::string::npos && close + 2 < line.size() && line[close + 2] == 'T') {
-      return true;
+    bool all_stopped = true;
+    std::error_code ec;
+    for (const auto& task : std::filesystem::directory_iterator(tasks, ec)) {
+      std::ifstream stat(task.path() / "stat");
+      std::string line;
+      std::getline(stat, line);
+      const size_t paren = line.rfind(')');
+      // A thread that exited meanwhile reads empty: not one that can answer.
+      if (paren != std::string::npos && paren + 2 < line.size() && line[paren + 2] != 'T' &&
+          line[paren + 2] != 't') {
+        all_stopped = false;
+        break;
+      }
     }
+    if (!ec && all_stopped) return true;
     std::this_thread::yield();
   }
   return false;
