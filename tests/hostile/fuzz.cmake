@@ -12,3 +12,16 @@ if(KVR_WITH_SERVICES)
     TIMEOUT 120
     ENVIRONMENT UCX_TLS=tcp UCX_NET_DEVICES=lo UCX_WARN_UNUSED_ENV_VARS=n)
 endif()
+
+# Every libFuzzer harness (fuzz/) replayed on its seed corpus plus fixed
+# mutations of it, in this (gcc) build: `make test` exercises each harness
+# with no clang dependency (the clang build, `make fuzz`, fuzzes for real).
+if(KVR_WITH_SERVICES AND NOT KVR_FUZZ)
+  foreach(h ucx_wire index llama2c llama2c_tokenizer sentencepiece hf_bpe safetensors openai)
+    kvr_test(fuzz_${h}
+      COMMAND $<TARGET_FILE:fuzz_${h}_replay> ${PROJECT_SOURCE_DIR}/fuzz/corpus/${h}
+      NEEDS fuzz_${h}_replay
+      LABELS fuzz
+      TIMEOUT 120)
+  endforeach()
+endif()
