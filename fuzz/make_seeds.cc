@@ -22,11 +22,14 @@
 #include "gpu_worker/model/safetensors_loader.h"
 #include "kvr/v1/retrieval.pb.h"
 #include "nlohmann/json.hpp"
+#include "retrieval_node/core/node_core.h"
 #include "retrieval_node/index/attention_graph_index.h"
 #include "retrieval_node/index/flat_index.h"
 #include "retrieval_node/index/ivf_index.h"
 #include "retrieval_node/wire/proto_convert.h"
+#include "retrieval_node/store/shard_store.h"
 #include "retrieval_node/wire/ucx_wire.h"
+#include "rocksdb/db.h"
 
 namespace fs = std::filesystem;
 
@@ -302,6 +305,70 @@ void OpenAiSeeds() {
   }
 }
 
+// Real stores: a node with persistence given a sequence per index kind (one
+// uploaded chunk, appended rows in the tail), dumped record by record in
+// the store harness's format (key length u8 | key | value length u32 | value).
+void StoreSeeds() {
+  using namespace kvr::retrieval;  // NOLINT(build/namespaces)
+  const fs::path tmp = fs::temp_directory_path() / "kvr_make_seeds_store";
+  for (auto type : {kvr::index::IndexType::kFlat, kvr::index::IndexType::kIvf,
+                    kvr::index::IndexType::kGraph}) {
+    fs::remove_all(tmp);
+    {
+      auto store = ShardStore::Open(tmp.string());
+      Check(store.status(), "store");
+      NodeCoreOptions o;
+      o.threads = 1;
+      o.tail_capacity = 8;
+      o.train_k = 4;
+      o.persistence = store->get();
+      auto core = NodeCore::Create(o);
+      Check(core.status(), "core");
+      SequenceSpec spec;
+      spec.sequence_id = 3;
+      spec.n_layers = 1;
+      spec.n_heads = 2;
+      spec.n_kv_heads = 1;
+      spec.head_dim = 4;
+      spec.index_type = type;
+      Check((*core)->CreateSequence(spec), "create");
+      const kvr::Matrix keys = Random(12, 4, 5), values = Random(12, 4, 6);
+      ShardUpload up;
+      up.key = ShardKey{3, 0, 0, 0};
+      up.keys = keys.view();
+      up.values = values.view();
+      Check((*core)->UploadShard(up), "upload");
+      AppendRequest a;
+      a.sequence_id = 3;
+      a.first_position = 12;
+      a.keys = keys.view().rows_slice(0, 3);
+      a.values = values.view().rows_slice(0, 3);
+      Check((*core)->Append(a), "append");
+    }
+    rocksdb::DB* raw = nullptr;
+    rocksdb::Options ro;
+    ro.enable_blob_files = true;
+    if (!rocksdb::DB::OpenForReadOnly(ro, tmp.string(), &raw).ok()) std::exit(1);
+    std::unique_ptr<rocksdb::DB> db(raw);
+    std::string records;
+    std::unique_ptr<rocksdb::Iterator> it(db->NewIterator(rocksdb::ReadOptions()));
+    for (it->SeekToFirst(); it->Valid(); it->Next()) {
+      const rocksdb::Slice k = it->key(), v = it->value();
+      records.push_back(static_cast<char>(k.size()));
+      records.append(k.data(), k.size());
+      const auto vlen = static_cast<uint32_t>(v.size());
+      records += Bytes(vlen);
+      records.append(v.data(), v.size());
+    }
+    // No mode byte: the whole input is records.
+    fs::create_directories(g_corpus / "store");
+    std::ofstream(g_corpus / "store" / (std::string(kvr::index::IndexTypeName(type)) + "-node"),
+                  std::ios::binary)
+        << records;
+  }
+  fs::remove_all(tmp);
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -317,6 +384,7 @@ int main(int argc, char** argv) {
   TokenizerSeeds(argv[2]);
   SafetensorsSeeds();
   OpenAiSeeds();
+  StoreSeeds();
   std::printf("make_seeds: wrote seeds under %s\n", g_corpus.c_str());
   return 0;
 }

@@ -17,9 +17,16 @@ endif()
 # mutations of it, in this (gcc) build: `make test` exercises each harness
 # with no clang dependency (the clang build, `make fuzz`, fuzzes for real).
 if(KVR_WITH_SERVICES AND NOT KVR_FUZZ)
-  foreach(h ucx_wire index llama2c llama2c_tokenizer sentencepiece hf_bpe safetensors openai)
+  foreach(h ucx_wire index llama2c llama2c_tokenizer sentencepiece hf_bpe safetensors openai
+      store)
+    # The store harness opens RocksDB per input (~50 ms): fewer mutations.
+    set(_mutations 500)
+    if(h STREQUAL "store")
+      set(_mutations 16)
+    endif()
     kvr_test(fuzz_${h}
-      COMMAND $<TARGET_FILE:fuzz_${h}_replay> ${PROJECT_SOURCE_DIR}/fuzz/corpus/${h}
+      COMMAND $<TARGET_FILE:fuzz_${h}_replay> --mutations=${_mutations}
+        ${PROJECT_SOURCE_DIR}/fuzz/corpus/${h}
       NEEDS fuzz_${h}_replay
       LABELS fuzz
       TIMEOUT 120)
