@@ -21,7 +21,8 @@ CTEST_FLAGS ?=
 
 FUZZ_DIR ?= build-fuzz
 FUZZ_SECONDS ?= 60
-FUZZ_HARNESSES ?= ucx_wire index llama2c llama2c_tokenizer sentencepiece hf_bpe safetensors openai
+FUZZ_HARNESSES ?= ucx_wire index llama2c llama2c_tokenizer sentencepiece hf_bpe safetensors openai \
+  store
 
 .PHONY: deps configure build run test test-slow bench clean fuzz
 

@@ -5,7 +5,11 @@
 // `--mutations` single-byte changes from a fixed seed). A harness that
 // crashes or trips a check kills the process, so ctest reports it.
 //
-// Usage: fuzz_<name>_replay [--mutations=N] PATH...
+// Memory is capped like libFuzzer's -rss_limit_mb (address space,
+// `--memory_mb`, default 2048): an input that makes a parser allocate more
+// fails the run at once instead of exhausting the machine.
+//
+// Usage: fuzz_<name>_replay [--mutations=N] [--memory_mb=M] PATH...
 #include <algorithm>
 #include <cstdint>
 #include <cstdio>
@@ -17,6 +21,8 @@
 #include <random>
 #include <string>
 #include <vector>
+
+#include <sys/resource.h>
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size);
 
@@ -38,11 +44,16 @@ void Run(const std::vector<uint8_t>& input) {
 
 int main(int argc, char** argv) {
   int mutations = 500;
+  long memory_mb = 2048;
   std::vector<std::filesystem::path> files;
   for (int i = 1; i < argc; ++i) {
     const std::string arg = argv[i];
     if (arg.rfind("--mutations=", 0) == 0) {
       mutations = std::atoi(arg.c_str() + std::strlen("--mutations="));
+      continue;
+    }
+    if (arg.rfind("--memory_mb=", 0) == 0) {
+      memory_mb = std::atol(arg.c_str() + std::strlen("--memory_mb="));
       continue;
     }
     const std::filesystem::path path(arg);
@@ -63,6 +74,10 @@ int main(int argc, char** argv) {
   if (files.empty()) {
     std::fprintf(stderr, "replay: no inputs (usage: %s [--mutations=N] PATH...)\n", argv[0]);
     return 2;
+  }
+  if (memory_mb > 0) {
+    const rlimit limit{static_cast<rlim_t>(memory_mb) << 20, static_cast<rlim_t>(memory_mb) << 20};
+    if (setrlimit(RLIMIT_AS, &limit) != 0) std::perror("replay: setrlimit");
   }
   std::mt19937 rng(20261207);
   size_t runs = 0;

@@ -225,6 +225,18 @@ absl::StatusOr<std::unique_ptr<IvfIndex>> IvfIndex::Deserialize(const OpenedBlob
     return absl::DataLossError(absl::StrCat("ivf index: ", idx->centroids_.size(),
                                             " centroid values, expected ", nlist, " x ", dim));
   }
+  // What follows holds, per list, two u64 counts, and per key its u32 id and
+  // dim floats: check that the payload is that large before allocating for
+  // the header's n and nlist (a corrupt or hostile header would otherwise
+  // allocate up to kMaxKeys x kMaxDim floats). No overflow: nlist <= n <=
+  // kMaxKeys and dim <= kMaxDim keep every product below 2^64.
+  const uint64_t need = nlist * 2 * sizeof(uint64_t) + n * (sizeof(uint32_t) + dim * sizeof(float));
+  if (need > r.remaining()) {
+    return absl::DataLossError(absl::StrCat("ivf index: ", n, " keys of dim ", dim, " in ", nlist,
+                                            " lists need at least ", need,
+                                            " more payload bytes, the blob has ",
+                                            r.remaining()));
+  }
   idx->lists_.resize(nlist);
   idx->keys_.resize(n * dim);
   std::vector<uint8_t> seen(n, 0);
