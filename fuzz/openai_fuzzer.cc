@@ -22,7 +22,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   nlohmann::json parsed_json;
   try {
     parsed_json = nlohmann::json::parse(body);
-  } catch (const nlohmann::json::parse_error& err) {
+  } catch (const nlohmann::json::exception& err) {  // as http_api.cc: any JSON error is a 400
     (void)gw::Dump(gw::InvalidRequest("", std::string("request body: invalid JSON (") +
                                               err.what() + ")")
                        .ToJson());

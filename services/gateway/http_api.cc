@@ -172,7 +172,9 @@ struct HttpApi::Impl {
     json body;
     try {
       body = json::parse(req.body);
-    } catch (const json::parse_error& err) {
+    } catch (const json::exception& err) {
+      // parse_error, and also out_of_range (a number such as 1e999 that
+      // overflows a double): both the client's fault, so 400, not 500.
       const ApiError e = InvalidRequest(
           "", absl::StrCat("request body: invalid JSON (", err.what(), ")"));
       RecordRefused(e);
