@@ -8,7 +8,7 @@
 # -rss_limit_mb / -malloc_limit_mb 2048 (an input that makes a parser
 # allocate more counts as a crash) and -timeout 10 (a slow input, too).
 # Crashes land in BUILD_DIR/fuzz-artifacts/<h>/. Prints one summary line per
-# harness (seconds, execs, crashes) and exits 1 when any harness crashed.
+# harness (seconds it ran, execs, crash files) and exits 1 when any harness crashed.
 set -uo pipefail
 build_dir=$1
 seconds=$2
@@ -24,13 +24,15 @@ for h in "$@"; do
   mkdir -p "$scratch" "$artifacts"
   log="$build_dir/fuzz-logs/$h.log"
   mkdir -p "$(dirname "$log")"
+  start=$SECONDS
   KVR_MODELS="$root/models" "$bin" -max_total_time="$seconds" -rss_limit_mb=2048 \
     -malloc_limit_mb=2048 -timeout=10 -print_final_stats=1 \
     -artifact_prefix="$artifacts/" "$scratch" "$root/fuzz/corpus/$h" >"$log" 2>&1
   rc=$?
+  elapsed=$((SECONDS - start))
   execs=$(grep -o 'stat::number_of_executed_units: *[0-9]*' "$log" | grep -o '[0-9]*$' | tail -1)
   crashes=$(find "$artifacts" -type f | wc -l)
-  summary+=("$(printf '%-20s %6ss %12s execs  %s crash file(s)  rc %s' "$h" "$seconds" \
+  summary+=("$(printf '%-20s %6ss %12s execs  %s crash file(s)  rc %s' "$h" "$elapsed" \
     "${execs:-?}" "$crashes" "$rc")")
   if [[ $rc -ne 0 ]]; then
     status=1
