@@ -5,6 +5,10 @@
 #   make test       build, then run the default test suite (everything but `slow`)
 #   make test-slow  the long tests (ctest label `slow`)
 #   make bench      build the benchmarks (see docs/benchmarks.md for commands)
+#   make fuzz       build the libFuzzer harnesses with clang + ASan + UBSan in
+#                   $(FUZZ_DIR) (build-fuzz/; the main gcc build is untouched)
+#                   and run each for FUZZ_SECONDS (default 60); FUZZ_HARNESSES
+#                   picks some (fuzz/README.md)
 #   make cluster    build the servers, then run a local cluster (3 retrieval nodes,
 #                   worker, gateway on 127.0.0.1) until Ctrl-C; CLUSTER_FLAGS are
 #                   passed to `kvr cluster` (see tools/README.md)
@@ -19,7 +23,12 @@ CMAKE_FLAGS += -DKVR_WERROR=ON
 endif
 CTEST_FLAGS ?=
 
-.PHONY: deps configure build run test test-slow bench clean
+FUZZ_DIR ?= build-fuzz
+FUZZ_SECONDS ?= 60
+FUZZ_HARNESSES ?= ucx_wire index llama2c llama2c_tokenizer sentencepiece hf_bpe safetensors openai \
+  store
+
+.PHONY: deps configure build run test test-slow bench clean fuzz
 
 deps:
 	@bash scripts/install-deps.sh
@@ -42,6 +51,13 @@ test-slow: build
 
 bench: build
 
+fuzz: deps
+	@cmake -S . -B $(FUZZ_DIR) -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo \
+	  -DCMAKE_C_COMPILER=clang -DCMAKE_CXX_COMPILER=clang++ -DKVR_FUZZ=ON \
+	  -DKVR_BUILD_TESTS=OFF -DKVR_BUILD_BENCH=OFF -DKVR_WITH_CUDA=OFF >/dev/null
+	@cmake --build $(FUZZ_DIR) -j $(JOBS) --target fuzz_all
+	@bash fuzz/run_fuzzers.sh $(FUZZ_DIR) $(FUZZ_SECONDS) $(FUZZ_HARNESSES)
+
 .PHONY: cluster
 CLUSTER_FLAGS ?=
 cluster: configure
@@ -49,4 +65,4 @@ cluster: configure
 	@$(BUILD_DIR)/tools/kvr cluster $(CLUSTER_FLAGS)
 
 clean:
-	rm -rf $(BUILD_DIR)
+	rm -rf $(BUILD_DIR) $(FUZZ_DIR)

@@ -16,6 +16,9 @@ packages=(
   libcpp-httplib-dev
   # tests and benchmarks
   libgtest-dev libgmock-dev libbenchmark-dev prometheus
+  # fuzzing (`make fuzz`): clang with its libFuzzer + ASan/UBSan runtimes
+  # (-fsanitize=fuzzer links libclang_rt.fuzzer from libclang-rt-dev)
+  clang libclang-rt-dev
   # deploy validation: Helm-compatible chart rendering (Go text/template +
   # sprig), values.schema.json and manifest checks
   golang-go golang-github-masterminds-sprig-dev golang-gopkg-yaml.v2-dev

@@ -160,6 +160,11 @@ absl::StatusOr<LlamaConfig> ParseHfConfig(std::string_view json_text, const std:
   KVR_ASSIGN_OR_RETURN(c.n_layers, f.Int("num_hidden_layers", std::nullopt));
   KVR_ASSIGN_OR_RETURN(c.n_heads, f.Int("num_attention_heads", std::nullopt));
   KVR_ASSIGN_OR_RETURN(c.n_kv_heads, f.Int("num_key_value_heads", c.n_heads));
+  // Before dividing by it (head_dim's default is hidden_size / heads).
+  if (c.n_heads < 1) {
+    return absl::InvalidArgumentError(absl::StrCat("HF config ", name, ": num_attention_heads = ",
+                                                   c.n_heads, " must be >= 1"));
+  }
   if (f.Find("head_dim") == nullptr && c.dim % c.n_heads != 0) {
     return absl::InvalidArgumentError(
         absl::StrCat("HF config ", name, ": num_attention_heads = ", c.n_heads,

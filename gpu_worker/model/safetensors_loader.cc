@@ -176,7 +176,11 @@ absl::StatusOr<std::vector<SafetensorsEntry>> ParseSafetensors(std::span<const s
   }
   std::vector<SafetensorsEntry> out;
   out.reserve(j.size());
-  for (const auto& [key, v] : j.items()) {
+  for (const auto& item : j.items()) {
+    // Named, not a structured binding: clang 14 (the fuzz build) cannot
+    // capture a structured binding in the lambda below.
+    const std::string& key = item.key();
+    const auto& v = item.value();
     if (key == "__metadata__") continue;
     auto bad = [&](const std::string& why) {
       return absl::DataLossError(

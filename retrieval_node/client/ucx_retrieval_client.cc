@@ -11,6 +11,8 @@
 #include <future>
 #include <mutex>
 #include <optional>
+#include <random>
+#include <string_view>
 #include <thread>
 #include <unordered_map>
 #include <utility>
@@ -28,24 +30,12 @@ namespace {
 
 using Clock = std::chrono::steady_clock;
 
-// Copies a reply's partials into `out`, checking every size.
-absl::Status UnpackPartials(const v1::Partials& p, PartialsView out) {
-  const size_t n = out.size(), d = out.dim();
-  if (p.n() != static_cast<int64_t>(n) || p.dim() != static_cast<int64_t>(d) ||
-      p.o().size() != n * d * sizeof(float) || p.m().size() != n * sizeof(float) ||
-      p.l().size() != n * sizeof(float)) {
-    return absl::InternalError(absl::StrCat(
-        "UCX Attend reply holds ", p.n(), " x ", p.dim(), " partials (o ", p.o().size(),
-        " bytes, m ", p.m().size(), ", l ", p.l().size(), "), expected ", n, " x ", d));
-  }
-  for (size_t i = 0; i < n; ++i) {
-    std::memcpy(out.o.row(i), p.o().data() + i * d * sizeof(float), d * sizeof(float));
-  }
-  if (n > 0) {
-    std::memcpy(out.m.data(), p.m().data(), n * sizeof(float));
-    std::memcpy(out.l.data(), p.l().data(), n * sizeof(float));
-  }
-  return absl::OkStatus();
+// A random first call id in [1, 2^62): ids count up from it without wrapping,
+// and two clients' ranges practically never meet.
+uint64_t RandomFirstCallId() {
+  std::random_device rd;
+  const uint64_t r = (uint64_t{rd()} << 32) ^ rd();
+  return (r & ((uint64_t{1} << 62) - 1)) | 1;
 }
 
 absl::Status UcxError(const char* what, ucs_status_t st) {
@@ -65,6 +55,8 @@ class UcxRetrievalClient::Transport {
     Clock::time_point deadline;
     bool sent = false;
   };
+
+  uint64_t first_call_id() const { return first_call_id_; }
 
   static absl::StatusOr<std::unique_ptr<Transport>> Connect(const std::string& address,
                                                             const UcxClientOptions& options) {
@@ -133,11 +125,14 @@ class UcxRetrievalClient::Transport {
   struct RndvRecv {
     Transport* self;
     Call call;
-    int32_t code = 0;
+    UcxReplyHeader header;
     std::string bytes;
   };
 
-  explicit Transport(const UcxClientOptions& options) : options_(options) {}
+  explicit Transport(const UcxClientOptions& options)
+      : options_(options),
+        first_call_id_(options.first_call_id != 0 ? options.first_call_id : RandomFirstCallId()),
+        next_id_(first_call_id_) {}
 
   absl::Status Init() {
     ucp_config_t* config = nullptr;
@@ -249,6 +244,15 @@ class UcxRetrievalClient::Transport {
     calls_.erase(it);
     return c;
   }
+  // TakeCall for a reply: only a call already sent can have one.
+  std::optional<Call> TakeSentCall(uint64_t id) {
+    std::lock_guard<std::mutex> lock(mu_);
+    auto it = calls_.find(id);
+    if (it == calls_.end() || !it->second.sent) return std::nullopt;
+    Call c = std::move(it->second);
+    calls_.erase(it);
+    return c;
+  }
 
   void SendQueued() {
     std::vector<std::unique_ptr<Outgoing>> items;
@@ -309,25 +313,11 @@ class UcxRetrievalClient::Transport {
     return next;
   }
 
-  static void Complete(Call& call, int32_t code, const char* data, size_t length) {
-    absl::Status status;
-    if (code != 0) {
-      status = absl::Status(static_cast<absl::StatusCode>(code), absl::string_view(data, length));
-    } else if (!call.ping) {
-      v1::AttendResponse response;
-      if (!response.ParseFromArray(data, static_cast<int>(length))) {
-        status = absl::InternalError("UCX Attend reply is not a kvr.v1.AttendResponse");
-      } else {
-        status = UnpackPartials(response.partials(), call.out);
-        if (status.ok() && call.stats != nullptr) {
-          const v1::AttendStats& s = response.stats();
-          call.stats->shards_searched = s.shards_searched();
-          call.stats->keys_held = s.keys_held();
-          call.stats->keys_attended = s.keys_attended();
-          call.stats->distance_computations = s.distance_computations();
-        }
-      }
-    }
+  void Complete(Call& call, const UcxReplyHeader& header, std::string_view data) const {
+    absl::Status status =
+        call.ping ? DecodeUcxPingReply(header, data)
+                  : DecodeUcxAttendReply(header, data, options_.max_message_bytes, call.out,
+                                         call.stats);
     StatusCallback done = std::move(call.done);
     done(std::move(status));
   }
@@ -335,7 +325,7 @@ class UcxRetrievalClient::Transport {
   static void RndvDone(void* request, ucs_status_t st, size_t /*length*/, void* user_data) {
     std::unique_ptr<RndvRecv> r(static_cast<RndvRecv*>(user_data));
     if (st == UCS_OK) {
-      Complete(r->call, r->code, r->bytes.data(), r->bytes.size());
+      r->self->Complete(r->call, r->header, r->bytes);
     } else {
       r->call.done(UcxError("receive of the Attend reply", st));
     }
@@ -345,29 +335,27 @@ class UcxRetrievalClient::Transport {
   static ucs_status_t OnReply(void* arg, const void* header, size_t header_length, void* data,
                               size_t length, const ucp_am_recv_param_t* param) {
     auto* self = static_cast<Transport*>(arg);
-    if (header_length != sizeof(UcxReplyHeader)) return UCS_OK;
-    UcxReplyHeader h;
-    std::memcpy(&h, header, sizeof(h));
-    std::optional<Call> call = self->TakeCall(h.call_id);
-    if (!call.has_value()) return UCS_OK;  // expired: drop the late reply
-    if (h.version != kUcxWireVersion) {
-      call->done(absl::InternalError(absl::StrCat("UCX reply wire version ", h.version)));
-      return UCS_OK;
-    }
-    if (length > self->options_.max_message_bytes) {
+    absl::StatusOr<UcxReplyHeader> header_or = DecodeUcxReplyHeader(header, header_length);
+    if (!header_or.ok()) return UCS_OK;  // not our protocol: drop
+    const UcxReplyHeader h = *header_or;
+    // Only a call this client sent and still waits for takes the reply; any
+    // other (expired, never issued) is dropped.
+    std::optional<Call> call = self->TakeSentCall(h.call_id);
+    if (!call.has_value()) return UCS_OK;
+    if (length > self->options_.max_message_bytes) {  // before receiving it
       call->done(absl::ResourceExhaustedError(
           absl::StrCat("UCX Attend reply of ", length, " bytes exceeds max_message_bytes ",
                        self->options_.max_message_bytes)));
       return UCS_OK;
     }
     if ((param->recv_attr & UCP_AM_RECV_ATTR_FLAG_RNDV) == 0) {
-      Complete(*call, h.code, static_cast<const char*>(data), length);
+      self->Complete(*call, h, std::string_view(static_cast<const char*>(data), length));
       return UCS_OK;
     }
     auto r = std::make_unique<RndvRecv>();
     r->self = self;
     r->call = std::move(*call);
-    r->code = h.code;
+    r->header = h;
     r->bytes.resize(length);
     ucp_request_param_t rp{};
     rp.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA;
@@ -376,7 +364,7 @@ class UcxRetrievalClient::Transport {
     rp.user_data = raw;
     void* req = ucp_am_recv_data_nbx(self->worker_, data, raw->bytes.data(), length, &rp);
     if (req == nullptr) {
-      Complete(raw->call, h.code, raw->bytes.data(), raw->bytes.size());
+      self->Complete(raw->call, h, raw->bytes);
     } else if (UCS_PTR_IS_ERR(req)) {
       raw->call.done(UcxError("receive of the Attend reply", UCS_PTR_STATUS(req)));
     } else {
@@ -410,6 +398,7 @@ class UcxRetrievalClient::Transport {
   }
 
   const UcxClientOptions options_;
+  const uint64_t first_call_id_;
   std::string host_;
   uint16_t port_ = 0;
   ucp_context_h context_ = nullptr;
@@ -420,7 +409,7 @@ class UcxRetrievalClient::Transport {
   std::thread thread_;
 
   std::mutex mu_;
-  uint64_t next_id_ = 1;
+  uint64_t next_id_;
   std::unordered_map<uint64_t, Call> calls_;
   std::vector<std::unique_ptr<Outgoing>> to_send_;
 };
@@ -430,6 +419,10 @@ UcxRetrievalClient::UcxRetrievalClient(std::unique_ptr<GrpcRetrievalClient> grpc
     : grpc_(std::move(grpc)), options_(options) {}
 
 UcxRetrievalClient::~UcxRetrievalClient() = default;
+
+uint64_t UcxRetrievalClient::first_call_id() const {
+  return transport_ == nullptr ? 0 : transport_->first_call_id();
+}
 
 absl::StatusOr<std::unique_ptr<UcxRetrievalClient>> UcxRetrievalClient::Create(
     std::unique_ptr<GrpcRetrievalClient> grpc, const UcxClientOptions& options) {

@@ -9,6 +9,10 @@
 // lacks the RPC, UCX cannot start here, or the connection fails) the client
 // falls back to gRPC for Attend; using_ucx() / fallback_reason() say which.
 //
+// Replies: a reply completes a call only when this client sent that call id
+// and still waits for it; any other reply is dropped. Call ids start at a
+// random point (UcxClientOptions::first_call_id) and are never reused.
+//
 // Deadlines: every UCX Attend fails with DEADLINE_EXCEEDED once
 // `attend_timeout` passes without a reply (its late reply is dropped); a
 // broken connection fails the calls in flight with UNAVAILABLE and the next
@@ -38,6 +42,11 @@ struct UcxClientOptions {
   int64_t busy_poll_us = 0;
   // false: never try UCX (always gRPC).
   bool enable_ucx = true;
+  // The first call id this client issues (ids then count up, never reused).
+  // 0 (the default): a random one, so that two clients' ids do not collide
+  // and a reply this client did not issue matches none of its calls. Tests
+  // pin it to model colliding ids.
+  uint64_t first_call_id = 0;
 };
 
 class UcxRetrievalClient final : public RetrievalClient {
@@ -64,6 +73,8 @@ class UcxRetrievalClient final : public RetrievalClient {
   // The node's UCX address ("IPV4:PORT"), empty when not using UCX.
   const std::string& ucx_address() const { return ucx_address_; }
   GrpcRetrievalClient* grpc() const { return grpc_.get(); }
+  // The first call id of the UCX transport (0 when not using UCX).
+  uint64_t first_call_id() const;
 
  private:
   class Transport;

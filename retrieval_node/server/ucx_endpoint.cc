@@ -10,7 +10,7 @@
 #include <cstring>
 #include <mutex>
 #include <thread>
-#include <unordered_set>
+#include <unordered_map>
 #include <utility>
 #include <vector>
 
@@ -23,8 +23,11 @@ namespace {
 using Clock = std::chrono::steady_clock;
 
 // One reply on its way out: header and data stay alive until the send completes.
+// Addressed by connection id, never by endpoint handle: UCX reuses a closed
+// endpoint's handle for the next connection, so a late reply addressed by
+// handle could reach another client (whose call ids may well be the same).
 struct Outgoing {
-  ucp_ep_h ep = nullptr;
+  uint64_t connection = 0;
   UcxReplyHeader header;
   std::string data;
 };
@@ -60,7 +63,12 @@ struct UcxEndpoint::Impl {
   std::string address;
   int port = 0;
   std::shared_ptr<ReplyQueue> replies = std::make_shared<ReplyQueue>();
-  std::unordered_set<ucp_ep_h> eps;  // progress thread only
+  // Open connections (progress thread only): each gets an id at connect
+  // that is never reused, and replies name it.
+  std::unordered_map<ucp_ep_h, uint64_t> connection_of;
+  std::unordered_map<uint64_t, ucp_ep_h> ep_of;
+  uint64_t next_connection = 1;
+  std::atomic<size_t> open_connections{0};  // ep_of.size(), readable anywhere
   std::vector<void*> closing;        // ep close requests in flight
   std::atomic<bool> stop{false};
   std::thread thread;
@@ -78,8 +86,9 @@ struct UcxEndpoint::Impl {
     }
     if (listener != nullptr) ucp_listener_destroy(listener);
     if (worker != nullptr) {
-      for (ucp_ep_h ep : eps) CloseEp(ep);
-      eps.clear();
+      for (const auto& [ep, id] : connection_of) CloseEp(ep);
+      connection_of.clear();
+      ep_of.clear();
       const auto deadline = Clock::now() + std::chrono::seconds(1);
       while (!closing.empty() && Clock::now() < deadline) {
         ucp_worker_progress(worker);
@@ -112,7 +121,12 @@ struct UcxEndpoint::Impl {
 
   static void OnEpError(void* arg, ucp_ep_h ep, ucs_status_t /*status*/) {
     auto* self = static_cast<Impl*>(arg);
-    if (self->eps.erase(ep) > 0) self->CloseEp(ep);
+    auto it = self->connection_of.find(ep);
+    if (it == self->connection_of.end()) return;
+    self->ep_of.erase(it->second);
+    self->connection_of.erase(it);
+    self->CloseEp(ep);
+    self->open_connections.store(self->ep_of.size());
   }
 
   static void OnConnRequest(ucp_conn_request_h conn_request, void* arg) {
@@ -125,13 +139,17 @@ struct UcxEndpoint::Impl {
     params.err_handler.cb = &Impl::OnEpError;
     params.err_handler.arg = self;
     ucp_ep_h ep = nullptr;
-    if (ucp_ep_create(self->worker, &params, &ep) == UCS_OK) self->eps.insert(ep);
+    if (ucp_ep_create(self->worker, &params, &ep) != UCS_OK) return;
+    const uint64_t id = self->next_connection++;
+    self->connection_of[ep] = id;
+    self->ep_of[id] = ep;
+    self->open_connections.store(self->ep_of.size());
   }
 
   // Queues a reply with no data: an error, or OK for a ping (any thread).
-  void ReplyError(ucp_ep_h ep, uint64_t call_id, const absl::Status& status) {
+  void ReplyError(uint64_t connection, uint64_t call_id, const absl::Status& status) {
     auto out = std::make_unique<Outgoing>();
-    out->ep = ep;
+    out->connection = connection;
     out->header.call_id = call_id;
     out->header.code = static_cast<int32_t>(status.code());
     out->data = std::string(status.message());
@@ -139,21 +157,20 @@ struct UcxEndpoint::Impl {
   }
 
   // A whole request is here: parse it and hand it to the handler.
-  void Dispatch(ucp_ep_h ep, uint64_t call_id, std::string bytes) {
+  void Dispatch(uint64_t connection, uint64_t call_id, std::string bytes) {
     struct Call {
       v1::AttendRequest request;
       v1::AttendResponse response;
     };
     auto call = std::make_shared<Call>();
-    if (!call->request.ParseFromString(bytes)) {
-      ReplyError(ep, call_id,
-                 absl::InvalidArgumentError("UCX Attend request is not a kvr.v1.AttendRequest"));
+    if (absl::Status st = ParseUcxAttendRequest(bytes, &call->request); !st.ok()) {
+      ReplyError(connection, call_id, st);
       return;
     }
     std::shared_ptr<ReplyQueue> queue = replies;
-    handler(call->request, &call->response, [queue, call, ep, call_id](absl::Status status) {
+    handler(call->request, &call->response, [queue, call, connection, call_id](absl::Status status) {
       auto out = std::make_unique<Outgoing>();
-      out->ep = ep;
+      out->connection = connection;
       out->header.call_id = call_id;
       out->header.code = static_cast<int32_t>(status.code());
       if (status.ok()) {
@@ -167,7 +184,7 @@ struct UcxEndpoint::Impl {
 
   struct RndvRecv {
     Impl* self;
-    ucp_ep_h ep;
+    uint64_t connection;
     uint64_t call_id;
     std::string bytes;
   };
@@ -175,9 +192,9 @@ struct UcxEndpoint::Impl {
   static void RndvDone(void* request, ucs_status_t status, size_t /*length*/, void* user_data) {
     std::unique_ptr<RndvRecv> r(static_cast<RndvRecv*>(user_data));
     if (status == UCS_OK) {
-      r->self->Dispatch(r->ep, r->call_id, std::move(r->bytes));
+      r->self->Dispatch(r->connection, r->call_id, std::move(r->bytes));
     } else {
-      r->self->ReplyError(r->ep, r->call_id,
+      r->self->ReplyError(r->connection, r->call_id,
                           absl::UnavailableError(absl::StrCat("UCX receive of the request failed: ",
                                                               ucs_status_string(status))));
     }
@@ -187,37 +204,27 @@ struct UcxEndpoint::Impl {
   static ucs_status_t OnRequest(void* arg, const void* header, size_t header_length, void* data,
                                 size_t length, const ucp_am_recv_param_t* param) {
     auto* self = static_cast<Impl*>(arg);
-    if ((param->recv_attr & UCP_AM_RECV_ATTR_FIELD_REPLY_EP) == 0 || param->reply_ep == nullptr ||
-        header_length != sizeof(UcxRequestHeader)) {
-      return UCS_OK;  // nowhere to answer / not our protocol: drop
+    if ((param->recv_attr & UCP_AM_RECV_ATTR_FIELD_REPLY_EP) == 0 || param->reply_ep == nullptr) {
+      return UCS_OK;  // nowhere to answer: drop
     }
-    UcxRequestHeader h;
-    std::memcpy(&h, header, sizeof(h));
-    ucp_ep_h ep = param->reply_ep;
-    if (h.version != kUcxWireVersion) {
-      self->ReplyError(ep, h.call_id,
-                       absl::FailedPreconditionError(absl::StrCat(
-                           "UCX wire version ", h.version, " != node's ", kUcxWireVersion)));
-      return UCS_OK;
-    }
-    if ((h.flags & kUcxFlagPing) != 0) {
-      self->ReplyError(ep, h.call_id, absl::OkStatus());
-      return UCS_OK;
-    }
-    if (length > self->options.max_message_bytes) {
-      self->ReplyError(ep, h.call_id,
-                       absl::ResourceExhaustedError(absl::StrCat(
-                           "UCX Attend request of ", length, " bytes exceeds max_message_bytes ",
-                           self->options.max_message_bytes)));
+    auto conn = self->connection_of.find(param->reply_ep);
+    if (conn == self->connection_of.end()) return UCS_OK;  // not a connection we accepted
+    const uint64_t connection = conn->second;
+    absl::StatusOr<UcxRequestHeader> header_or = DecodeUcxRequestHeader(header, header_length);
+    if (!header_or.ok()) return UCS_OK;  // not our protocol, no call id to answer: drop
+    const UcxRequestHeader h = *header_or;
+    if (absl::Status st = CheckUcxRequest(h, length, self->options.max_message_bytes);
+        !st.ok() || (h.flags & kUcxFlagPing) != 0) {
+      self->ReplyError(connection, h.call_id, st);  // OK for a ping
       return UCS_OK;
     }
     if ((param->recv_attr & UCP_AM_RECV_ATTR_FLAG_RNDV) == 0) {
-      self->Dispatch(ep, h.call_id, std::string(static_cast<const char*>(data), length));
+      self->Dispatch(connection, h.call_id, std::string(static_cast<const char*>(data), length));
       return UCS_OK;
     }
     auto r = std::make_unique<RndvRecv>();
     r->self = self;
-    r->ep = ep;
+    r->connection = connection;
     r->call_id = h.call_id;
     r->bytes.resize(length);
     ucp_request_param_t rp{};
@@ -227,9 +234,9 @@ struct UcxEndpoint::Impl {
     rp.user_data = raw;
     void* req = ucp_am_recv_data_nbx(self->worker, data, raw->bytes.data(), length, &rp);
     if (req == nullptr) {
-      self->Dispatch(ep, h.call_id, std::move(raw->bytes));
+      self->Dispatch(connection, h.call_id, std::move(raw->bytes));
     } else if (UCS_PTR_IS_ERR(req)) {
-      self->ReplyError(ep, h.call_id,
+      self->ReplyError(connection, h.call_id,
                        absl::UnavailableError(absl::StrCat("UCX receive of the request failed: ",
                                                            ucs_status_string(UCS_PTR_STATUS(req)))));
     } else {
@@ -245,13 +252,14 @@ struct UcxEndpoint::Impl {
       items.swap(replies->items);
     }
     for (std::unique_ptr<Outgoing>& out : items) {
-      if (!eps.contains(out->ep)) continue;  // the client went away
+      auto ep = ep_of.find(out->connection);
+      if (ep == ep_of.end()) continue;  // that connection is gone: drop the reply
       ucp_request_param_t param{};
       param.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA;
       param.cb.send = &SendDone;
       Outgoing* raw = out.get();
       param.user_data = raw;
-      void* req = ucp_am_send_nbx(raw->ep, kUcxAttendReplyAm, &raw->header, sizeof(raw->header),
+      void* req = ucp_am_send_nbx(ep->second, kUcxAttendReplyAm, &raw->header, sizeof(raw->header),
                                   raw->data.data(), raw->data.size(), &param);
       if (UCS_PTR_IS_PTR(req)) out.release();  // SendDone deletes it
     }
@@ -285,6 +293,7 @@ UcxEndpoint::~UcxEndpoint() = default;
 
 const std::string& UcxEndpoint::address() const { return impl_->address; }
 int UcxEndpoint::port() const { return impl_->port; }
+size_t UcxEndpoint::connections() const { return impl_->open_connections.load(); }
 
 absl::StatusOr<std::unique_ptr<UcxEndpoint>> UcxEndpoint::Start(const UcxEndpointOptions& options,
                                                                  UcxAttendHandler handler) {

@@ -11,7 +11,11 @@
 //
 // The constants and headers are in retrieval_node/wire/ucx_wire.h (shared
 // with the client). Requests are sent with UCP_AM_SEND_FLAG_REPLY; the reply goes back on the
-// endpoint the request came from. `call_id` is the client's and is echoed.
+// connection the request came from: each accepted connection gets an id that
+// is never reused, and a reply names that id, not the UCP endpoint handle
+// (UCX hands a closed endpoint's handle to the next connection), so a late
+// reply of a client that left is dropped rather than delivered to another
+// client. `call_id` is the client's and is echoed.
 // Large messages use UCP rendezvous transparently (the receiver pulls the
 // bytes with ucp_am_recv_data_nbx).
 //
@@ -68,6 +72,9 @@ class UcxEndpoint {
   // The bound address, "host:port" (port resolved when 0 was asked).
   const std::string& address() const;
   int port() const;
+  // Client connections open now (any thread; a connection counts from its
+  // connect until the node sees it close or fail).
+  size_t connections() const;
 
  private:
   struct Impl;

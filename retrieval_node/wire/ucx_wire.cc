@@ -3,10 +3,118 @@
 #include <arpa/inet.h>
 #include <netinet/in.h>
 
+#include <cstring>
+#include <limits>
+
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 
 namespace kvr::retrieval {
+namespace {
+
+template <typename Header>
+absl::StatusOr<Header> DecodeHeader(const void* header, size_t length, const char* what) {
+  if (header == nullptr || length != sizeof(Header)) {
+    return absl::InvalidArgumentError(absl::StrCat("UCX ", what, " header of ", length,
+                                                   " bytes, expected ", sizeof(Header)));
+  }
+  Header h;
+  std::memcpy(&h, header, sizeof(h));
+  return h;
+}
+
+// The reply's status as the node sent it (code != 0).
+absl::Status ReplyStatus(int32_t code, std::string_view data) {
+  constexpr int32_t kMaxCode = static_cast<int32_t>(absl::StatusCode::kUnauthenticated);
+  if (code <= 0 || code > kMaxCode) {
+    return absl::UnknownError(
+        absl::StrCat("UCX reply with status code ", code, ": ", absl::string_view(data.data(), data.size())));
+  }
+  return absl::Status(static_cast<absl::StatusCode>(code), absl::string_view(data.data(), data.size()));
+}
+
+}  // namespace
+
+absl::StatusOr<UcxRequestHeader> DecodeUcxRequestHeader(const void* header, size_t length) {
+  return DecodeHeader<UcxRequestHeader>(header, length, "request");
+}
+
+absl::StatusOr<UcxReplyHeader> DecodeUcxReplyHeader(const void* header, size_t length) {
+  return DecodeHeader<UcxReplyHeader>(header, length, "reply");
+}
+
+absl::Status CheckUcxRequest(const UcxRequestHeader& header, size_t data_length,
+                             size_t max_message_bytes) {
+  if (header.version != kUcxWireVersion) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("UCX wire version ", header.version, " != node's ", kUcxWireVersion));
+  }
+  if ((header.flags & kUcxFlagPing) != 0) return absl::OkStatus();
+  if (data_length > max_message_bytes) {
+    return absl::ResourceExhaustedError(absl::StrCat("UCX Attend request of ", data_length,
+                                                     " bytes exceeds max_message_bytes ",
+                                                     max_message_bytes));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status ParseUcxAttendRequest(std::string_view data, v1::AttendRequest* out) {
+  if (data.size() > static_cast<size_t>(std::numeric_limits<int>::max()) ||
+      !out->ParseFromArray(data.data(), static_cast<int>(data.size()))) {
+    return absl::InvalidArgumentError("UCX Attend request is not a kvr.v1.AttendRequest");
+  }
+  return absl::OkStatus();
+}
+
+absl::Status DecodeUcxPingReply(const UcxReplyHeader& header, std::string_view data) {
+  if (header.version != kUcxWireVersion) {
+    return absl::InternalError(absl::StrCat("UCX reply wire version ", header.version));
+  }
+  return header.code == 0 ? absl::OkStatus() : ReplyStatus(header.code, data);
+}
+
+absl::Status DecodeUcxAttendReply(const UcxReplyHeader& header, std::string_view data,
+                                  size_t max_message_bytes, PartialsView out, AttendStats* stats) {
+  if (header.version != kUcxWireVersion) {
+    return absl::InternalError(absl::StrCat("UCX reply wire version ", header.version));
+  }
+  if (data.size() > max_message_bytes) {
+    return absl::ResourceExhaustedError(absl::StrCat("UCX Attend reply of ", data.size(),
+                                                     " bytes exceeds max_message_bytes ",
+                                                     max_message_bytes));
+  }
+  if (header.code != 0) return ReplyStatus(header.code, data);
+  v1::AttendResponse response;
+  if (data.size() > static_cast<size_t>(std::numeric_limits<int>::max()) ||
+      !response.ParseFromArray(data.data(), static_cast<int>(data.size()))) {
+    return absl::InternalError("UCX Attend reply is not a kvr.v1.AttendResponse");
+  }
+  const v1::Partials& p = response.partials();
+  const size_t n = out.size(), d = out.dim();
+  // n * d * sizeof(float) cannot overflow: `out` holds that many floats.
+  if (p.n() < 0 || p.dim() < 0 || static_cast<uint64_t>(p.n()) != n ||
+      static_cast<uint64_t>(p.dim()) != d || p.o().size() != n * d * sizeof(float) ||
+      p.m().size() != n * sizeof(float) || p.l().size() != n * sizeof(float)) {
+    return absl::InternalError(absl::StrCat(
+        "UCX Attend reply holds ", p.n(), " x ", p.dim(), " partials (o ", p.o().size(),
+        " bytes, m ", p.m().size(), ", l ", p.l().size(), "), expected ", n, " x ", d));
+  }
+  for (size_t i = 0; i < n; ++i) {
+    std::memcpy(out.o.row(i), p.o().data() + i * d * sizeof(float), d * sizeof(float));
+  }
+  if (n > 0) {
+    std::memcpy(out.m.data(), p.m().data(), n * sizeof(float));
+    std::memcpy(out.l.data(), p.l().data(), n * sizeof(float));
+  }
+  if (stats != nullptr) {
+    const v1::AttendStats& s = response.stats();
+    stats->shards_searched = s.shards_searched();
+    stats->keys_held = s.keys_held();
+    stats->keys_attended = s.keys_attended();
+    stats->distance_computations = s.distance_computations();
+  }
+  return absl::OkStatus();
+}
 
 absl::Status ParseUcxAddress(const std::string& address, std::string* host, uint16_t* port,
                              const char* field) {

@@ -6,13 +6,24 @@
 //   reply    AM id kUcxAttendReplyAm    header UcxReplyHeader     data: serialized kvr.v1.AttendResponse
 //                                                                  (code == 0) or the error message
 //
-// `call_id` is the client's and is echoed. No UCX types here.
+// `call_id` is the client's and is echoed; the node addresses each reply by
+// the connection its request came on (an id it never reuses), so a reply
+// reaches only the client that issued the call. No UCX types here.
+//
+// Decoding (both ends use these; fuzz/ucx_wire_fuzzer.cc drives them with
+// arbitrary bytes): every header, length and status code from the wire is
+// checked before use.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 #include <string>
+#include <string_view>
 
+#include "common/attention.h"
 #include "common/status.h"
+#include "kvr/v1/retrieval.pb.h"
+#include "retrieval_node/core/node_types.h"
 
 namespace kvr::retrieval {
 
@@ -34,6 +45,34 @@ struct UcxReplyHeader {
   uint64_t call_id = 0;
 };
 static_assert(sizeof(UcxRequestHeader) == 16 && sizeof(UcxReplyHeader) == 16);
+
+// Reads an active message's header; InvalidArgument when `length` is not the
+// header's size (another protocol: the receiver drops the message).
+absl::StatusOr<UcxRequestHeader> DecodeUcxRequestHeader(const void* header, size_t length);
+absl::StatusOr<UcxReplyHeader> DecodeUcxReplyHeader(const void* header, size_t length);
+
+// What the node answers a request before reading its `data_length` bytes:
+// FailedPrecondition for another wire version, ResourceExhausted naming
+// max_message_bytes for a larger request, OK otherwise (a ping is then
+// answered OK with no data).
+absl::Status CheckUcxRequest(const UcxRequestHeader& header, size_t data_length,
+                             size_t max_message_bytes);
+
+// Parses a request's data into `out`; InvalidArgument when it is not a
+// kvr.v1.AttendRequest.
+absl::Status ParseUcxAttendRequest(std::string_view data, v1::AttendRequest* out);
+
+// What the client makes of a reply to a non-ping call: the node's error when
+// `header.code` != 0 (its message is `data`; a code outside absl's range is
+// UNKNOWN), Internal for another wire version, ResourceExhausted naming
+// max_message_bytes for a larger reply, Internal when `data` is not an
+// AttendResponse or its partials do not have exactly out.size() x out.dim()
+// floats; otherwise OK with the partials copied into `out` and the counters
+// into `*stats` (when not null). `out` is written only on OK.
+absl::Status DecodeUcxAttendReply(const UcxReplyHeader& header, std::string_view data,
+                                  size_t max_message_bytes, PartialsView out, AttendStats* stats);
+// The same for a ping's reply: the node's status (data is its message).
+absl::Status DecodeUcxPingReply(const UcxReplyHeader& header, std::string_view data);
 
 // Splits "host:port" (IPv4 literal host) into host and port; InvalidArgument
 // naming `field` otherwise.

@@ -282,7 +282,9 @@ std::optional<ApiError> ParseBody(std::string_view text, json* out) {
   }
   try {
     *out = json::parse(text);
-  } catch (const json::parse_error& err) {
+  } catch (const json::exception& err) {
+    // parse_error, and also out_of_range (a number such as 1e999 that
+    // overflows a double): both the client's fault, so 400, not 500.
     return InvalidRequest("", absl::StrCat("request body: invalid JSON (", err.what(), ")"));
   }
   return std::nullopt;

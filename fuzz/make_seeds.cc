@@ -1,0 +1,390 @@
+// Regenerates the generated seeds of every harness under a corpus folder
+// (fuzz/README.md) from real inputs: serialized small indexes of each kind,
+// UCX frames of real Attend requests and replies, a tiny llama2.c
+// checkpoint, a tiny HF checkpoint (model.safetensors + config.json), a tiny
+// SentencePiece model and tokenizer.json, the bundled tok512.bin, OpenAI
+// request bodies. Each seed starts with the mode byte its harness reads.
+// Deterministic; kept small (the whole corpus stays well under 2 MB).
+//
+// Usage: make_seeds CORPUS_DIR MODELS_DIR
+#include <cstdint>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <iterator>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "common/serialize.h"
+#include "common/tensor.h"
+#include "gpu_worker/model/random_weights.h"
+#include "gpu_worker/model/safetensors_loader.h"
+#include "kvr/v1/retrieval.pb.h"
+#include "nlohmann/json.hpp"
+#include "retrieval_node/core/node_core.h"
+#include "retrieval_node/index/attention_graph_index.h"
+#include "retrieval_node/index/flat_index.h"
+#include "retrieval_node/index/ivf_index.h"
+#include "retrieval_node/wire/proto_convert.h"
+#include "retrieval_node/store/shard_store.h"
+#include "retrieval_node/wire/ucx_wire.h"
+#include "rocksdb/db.h"
+
+namespace fs = std::filesystem;
+
+
+namespace {
+
+fs::path g_corpus;
+
+std::string ReadFile(const fs::path& path) {
+  std::ifstream in(path, std::ios::binary);
+  return std::string(std::istreambuf_iterator<char>(in), {});
+}
+
+void Write(const std::string& harness, const std::string& name, uint8_t mode,
+           const std::string& bytes) {
+  fs::create_directories(g_corpus / harness);
+  std::ofstream out(g_corpus / harness / name, std::ios::binary);
+  out.put(static_cast<char>(mode));
+  out.write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
+}
+
+template <typename T>
+std::string Bytes(const T& v) {
+  return std::string(reinterpret_cast<const char*>(&v), sizeof(v));
+}
+
+kvr::Matrix Random(size_t rows, size_t cols, uint32_t seed) {
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> dist(0.0f, 1.0f);
+  kvr::Matrix m(rows, cols);
+  for (float& x : m.data) x = dist(rng);
+  return m;
+}
+
+void Check(const absl::Status& s, const char* what) {
+  if (!s.ok()) {
+    std::fprintf(stderr, "make_seeds: %s: %s\n", what, std::string(s.message()).c_str());
+    std::exit(1);
+  }
+}
+
+void UcxSeeds() {
+  using namespace kvr::retrieval;  // NOLINT(build/namespaces)
+  // Byte 0 = 16: a 16-byte header; reply partials shape 1 x 5.
+  auto frame = [](const auto& header, const std::string& data) { return Bytes(header) + data; };
+  kvr::v1::AttendRequest req;
+  req.set_sequence_id(7);
+  req.set_layer(0);
+  const kvr::Matrix q = Random(2, 8, 1);
+  PackMatrix(q.view(), req.mutable_queries());
+  req.set_k(4);
+  UcxRequestHeader h;
+  h.call_id = 5;
+  Write("ucx_wire", "attend", 16, frame(h, req.SerializeAsString()));
+  req.set_beam(8);
+  req.set_nprobe(2);
+  req.set_scale(0.5f);
+  Write("ucx_wire", "attend-knobs", 16, frame(h, req.SerializeAsString()));
+  req.set_sequence_id(8);
+  Write("ucx_wire", "attend-unknown-sequence", 16, frame(h, req.SerializeAsString()));
+  req.set_sequence_id(7);
+  req.set_k(0);
+  Write("ucx_wire", "attend-bad-k", 16, frame(h, req.SerializeAsString()));
+  h.flags = kUcxFlagPing;
+  Write("ucx_wire", "ping", 16, frame(h, ""));
+  kvr::v1::AttendResponse resp;
+  kvr::v1::Partials* p = resp.mutable_partials();
+  p->set_n(1);
+  p->set_dim(5);
+  const kvr::Matrix o = Random(1, 5, 2);
+  p->set_o(std::string(reinterpret_cast<const char*>(o.data.data()), 5 * sizeof(float)));
+  const float m = 1.5f, l = 2.0f;
+  p->set_m(Bytes(m));
+  p->set_l(Bytes(l));
+  resp.mutable_stats()->set_shards_searched(2);
+  UcxReplyHeader r;
+  r.call_id = 5;
+  Write("ucx_wire", "reply", 16, frame(r, resp.SerializeAsString()));
+  r.code = 5;
+  Write("ucx_wire", "reply-error", 16, frame(r, "sequence 8 not found"));
+}
+
+void IndexSeeds() {
+  const kvr::Matrix keys = Random(48, 8, 3);
+  std::vector<std::pair<std::string, std::unique_ptr<kvr::index::KeyIndex>>> indexes;
+  auto flat = kvr::index::FlatIndex::Create(8);
+  Check(flat.status(), "flat");
+  Check((*flat)->Add(keys.view()), "flat add");
+  indexes.emplace_back("flat", std::move(flat).value());
+  kvr::index::IvfOptions io;
+  io.nlist = 4;
+  auto ivf = kvr::index::IvfIndex::Build(keys.view(), io, nullptr);
+  Check(ivf.status(), "ivf");
+  indexes.emplace_back("ivf", std::move(ivf).value());
+  kvr::index::AttentionGraphOptions go;
+  go.degree = 4;
+  go.build_beam = 8;
+  go.default_beam = 8;
+  go.entry_points = 2;
+  const kvr::Matrix train = Random(16, 8, 4);
+  auto graph = kvr::index::AttentionGraphIndex::BuildFromQueries(keys.view(), train.view(), 4, go,
+                                                                  nullptr);
+  Check(graph.status(), "graph");
+  indexes.emplace_back("graph", std::move(graph).value());
+  for (auto& [name, idx] : indexes) {
+    std::vector<uint8_t> blob;
+    Check(idx->Serialize(&blob), "serialize");
+    const std::string raw(blob.begin(), blob.end());
+    Write("index", name + "-blob", 0, std::string(1, '\0') + raw);
+    auto opened = kvr::OpenBlob(blob);
+    Check(opened.status(), "open");
+    // Payload mode: byte 0 = 1 | (kind - 1) << 1, byte 1 = version.
+    const std::string payload(opened->payload.begin(), opened->payload.end());
+    Write("index", name + "-payload", static_cast<uint8_t>(1 | ((opened->kind - 1) << 1)),
+          std::string(1, static_cast<char>(opened->version)) + payload);
+  }
+}
+
+void Llama2cSeeds() {
+  // dim 8, hidden 16, 1 layer, 2 heads, 2 kv heads, vocab 16 (negative:
+  // unshared classifier), seq_len 8.
+  for (int32_t vocab : {16, -16}) {
+    const int32_t header[7] = {8, 16, 1, 2, 2, vocab, 8};
+    std::string bytes(reinterpret_cast<const char*>(header), sizeof(header));
+    const size_t floats = 816 + (vocab < 0 ? 128 : 0);
+    for (size_t i = 0; i < floats; ++i) {
+      const float v = static_cast<float>(static_cast<int>(i % 23) - 11) / 16.0f;
+      bytes += Bytes(v);
+    }
+    // The harness reads the whole input as the file: no mode byte.
+    fs::create_directories(g_corpus / "llama2c");
+    std::ofstream(g_corpus / "llama2c" / (vocab < 0 ? "tiny-unshared.bin" : "tiny.bin"),
+                  std::ios::binary)
+        << bytes;
+  }
+}
+
+const char* const kTexts[] = {
+    "Once upon a time, there was a little girl named Lily.",
+    "h\xc3\xa9llo w\xc3\xb6rld \xf0\x9f\x98\x80 123456789 \t\n\n  spaces",
+    "<s></s><|begin_of_text|>hello<|eot_id|>",
+    "\xff\xfe invalid \xc3 utf8 \xe2\x82",
+};
+
+void TokenizerSeeds(const fs::path& models) {
+  // llama2c: load mode with vocab 512 (byte 0 = 1 | 3 << 1), encode mode.
+  Write("llama2c_tokenizer", "load-tok512", 7, ReadFile(models / "tok512.bin"));
+  for (size_t i = 0; i < std::size(kTexts); ++i) {
+    Write("llama2c_tokenizer", "text-" + std::to_string(i), 0, kTexts[i]);
+    Write("sentencepiece", "text-" + std::to_string(i), 0, kTexts[i]);
+    Write("hf_bpe", "text-" + std::to_string(i), 0, kTexts[i]);
+  }
+  // SentencePiece's model: make_spm_seed (train_spm.cc).
+
+  // tokenizer.json: byte-level BPE, 256 byte tokens, a few merges, added tokens.
+  auto byte_char = [](int b) {
+    int cp = b;
+    if (!((b >= 33 && b <= 126) || (b >= 161 && b <= 172) || b >= 174)) {
+      int n = 0;
+      for (int x = 0; x < b; ++x) {
+        if (!((x >= 33 && x <= 126) || (x >= 161 && x <= 172) || x >= 174)) ++n;
+      }
+      cp = 256 + n;
+    }
+    std::string s;
+    if (cp < 0x80) {
+      s.push_back(static_cast<char>(cp));
+    } else {
+      s.push_back(static_cast<char>(0xC0 | (cp >> 6)));
+      s.push_back(static_cast<char>(0x80 | (cp & 0x3F)));
+    }
+    return s;
+  };
+  using Json = nlohmann::json;
+  const std::string G = byte_char(' ');
+  Json vocab = Json::object();
+  for (int b = 0; b < 256; ++b) vocab[byte_char(b)] = b;
+  const std::vector<std::pair<std::string, std::string>> merges = {
+      {"h", "e"}, {"l", "l"}, {G, "t"}, {G + "t", "he"}, {"he", "ll"}, {"hell", "o"}};
+  Json mj = Json::array();
+  int id = 256;
+  for (const auto& [a, b] : merges) {
+    vocab[a + b] = id++;
+    mj.push_back(a + " " + b);
+  }
+  Json added = Json::array();
+  for (const auto& [content, aid] : std::vector<std::pair<std::string, int>>{
+           {"<|begin_of_text|>", 300}, {"<|end_of_text|>", 301}, {"<|eot_id|>", 302}}) {
+    added.push_back({{"id", aid}, {"content", content}, {"single_word", false},
+                     {"lstrip", false}, {"rstrip", false}, {"normalized", false},
+                     {"special", true}});
+  }
+  const Json tokenizer = {
+      {"version", "1.0"},
+      {"added_tokens", added},
+      {"normalizer", nullptr},
+      {"pre_tokenizer",
+       {{"type", "Sequence"},
+        {"pretokenizers",
+         {{{"type", "Split"},
+           {"pattern",
+            {{"Regex",
+              "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}| "
+              "?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+"}}},
+           {"behavior", "Isolated"},
+           {"invert", false}},
+          {{"type", "ByteLevel"},
+           {"add_prefix_space", false},
+           {"trim_offsets", true},
+           {"use_regex", false}}}}}},
+      {"post_processor", nullptr},
+      {"decoder", {{"type", "ByteLevel"}}},
+      {"model",
+       {{"type", "BPE"},
+        {"dropout", nullptr},
+        {"unk_token", nullptr},
+        {"ignore_merges", false},
+        {"vocab", vocab},
+        {"merges", mj}}},
+  };
+  Write("hf_bpe", "tokenizer.json", 1, tokenizer.dump());
+}
+
+void SafetensorsSeeds() {
+  kvr::worker::LlamaConfig c;
+  c.dim = 8;
+  c.hidden_dim = 16;
+  c.n_layers = 1;
+  c.n_heads = 2;
+  c.n_kv_heads = 1;
+  c.head_dim = 4;
+  c.vocab_size = 16;
+  c.seq_len = 32;
+  c.tied_embeddings = false;
+  auto w = kvr::worker::MakeRandomWeights(c);
+  Check(w.status(), "random weights");
+  const fs::path tmp = fs::temp_directory_path() / "kvr_make_seeds_hf";
+  for (auto dtype : {kvr::DType::kF32, kvr::DType::kBf16}) {
+    kvr::worker::HfWriteOptions o;
+    o.dtype = dtype;
+    Check(kvr::worker::WriteHfCheckpoint(**w, tmp.string(), o), "write hf");
+    const std::string suffix = dtype == kvr::DType::kF32 ? "f32" : "bf16";
+    Write("safetensors", "model-" + suffix + ".safetensors", 0,
+          ReadFile(tmp / "model.safetensors"));
+    Write("safetensors", "config-" + suffix + ".json", 1, ReadFile(tmp / "config.json"));
+  }
+  fs::remove_all(tmp);
+}
+
+void OpenAiSeeds() {
+  // Byte 0: 0 = /v1/completions, 1 = /v1/chat/completions.
+  const std::pair<uint8_t, const char*> bodies[] = {
+      {0, R"({"model":"stories260K","prompt":"Once upon a time","max_tokens":16})"},
+      {0, R"({"model":"m","prompt":[1,2,3,4],"max_tokens":8,"temperature":0.7,"top_p":0.9,)"
+          R"("top_k":40,"seed":3,"stop":["\n","The end"],"stream":true,)"
+          R"("stream_options":{"include_usage":true}})"},
+      {0, R"({"model":"m","prompt":"x","kvr":{"mode":"retrieval","sinks":4,"window":64,)"
+          R"("k":32,"budget":128}})"},
+      {0, R"({"model":"m","prompt":"x","n":2,"logprobs":1})"},
+      {0, R"({"model":"m","prompt":"x","max_tokens":"many","temperature":[1]})"},
+      {1, R"({"model":"m","messages":[{"role":"system","content":"Be brief."},)"
+          R"({"role":"user","content":"Tell me a story about a cat."}],)"
+          R"("max_completion_tokens":32,"repetition_penalty":1.1})"},
+      {1, R"({"model":"m","messages":[{"role":"user","content":[{"type":"text",)"
+          R"("text":"hi"}]}],"tools":[]})"},
+      {1, R"({"model":"m","messages":"not a list"})"},
+      {0, R"({"model":"m","prompt":"\ud83d\ude00 \u00e9","n":[[[[1]]]]})"},
+      {0, R"({"model":)"},
+  };
+  int i = 0;
+  for (const auto& [route, body] : bodies) {
+    Write("openai", "request-" + std::to_string(i++), route, body);
+  }
+}
+
+// Real stores: a node with persistence given a sequence per index kind (one
+// uploaded chunk, appended rows in the tail), dumped record by record in
+// the store harness's format (key length u8 | key | value length u32 | value).
+void StoreSeeds() {
+  using namespace kvr::retrieval;  // NOLINT(build/namespaces)
+  const fs::path tmp = fs::temp_directory_path() / "kvr_make_seeds_store";
+  for (auto type : {kvr::index::IndexType::kFlat, kvr::index::IndexType::kIvf,
+                    kvr::index::IndexType::kGraph}) {
+    fs::remove_all(tmp);
+    {
+      auto store = ShardStore::Open(tmp.string());
+      Check(store.status(), "store");
+      NodeCoreOptions o;
+      o.threads = 1;
+      o.tail_capacity = 8;
+      o.train_k = 4;
+      o.persistence = store->get();
+      auto core = NodeCore::Create(o);
+      Check(core.status(), "core");
+      SequenceSpec spec;
+      spec.sequence_id = 3;
+      spec.n_layers = 1;
+      spec.n_heads = 2;
+      spec.n_kv_heads = 1;
+      spec.head_dim = 4;
+      spec.index_type = type;
+      Check((*core)->CreateSequence(spec), "create");
+      const kvr::Matrix keys = Random(12, 4, 5), values = Random(12, 4, 6);
+      ShardUpload up;
+      up.key = ShardKey{3, 0, 0, 0};
+      up.keys = keys.view();
+      up.values = values.view();
+      Check((*core)->UploadShard(up), "upload");
+      AppendRequest a;
+      a.sequence_id = 3;
+      a.first_position = 12;
+      a.keys = keys.view().rows_slice(0, 3);
+      a.values = values.view().rows_slice(0, 3);
+      Check((*core)->Append(a), "append");
+    }
+    rocksdb::DB* raw = nullptr;
+    rocksdb::Options ro;
+    ro.enable_blob_files = true;
+    if (!rocksdb::DB::OpenForReadOnly(ro, tmp.string(), &raw).ok()) std::exit(1);
+    std::unique_ptr<rocksdb::DB> db(raw);
+    std::string records;
+    std::unique_ptr<rocksdb::Iterator> it(db->NewIterator(rocksdb::ReadOptions()));
+    for (it->SeekToFirst(); it->Valid(); it->Next()) {
+      const rocksdb::Slice k = it->key(), v = it->value();
+      records.push_back(static_cast<char>(k.size()));
+      records.append(k.data(), k.size());
+      const auto vlen = static_cast<uint32_t>(v.size());
+      records += Bytes(vlen);
+      records.append(v.data(), v.size());
+    }
+    // No mode byte: the whole input is records.
+    fs::create_directories(g_corpus / "store");
+    std::ofstream(g_corpus / "store" / (std::string(kvr::index::IndexTypeName(type)) + "-node"),
+                  std::ios::binary)
+        << records;
+  }
+  fs::remove_all(tmp);
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  if (argc != 3) {
+    std::fprintf(stderr, "usage: %s CORPUS_DIR MODELS_DIR\n", argv[0]);
+    return 2;
+  }
+  GOOGLE_PROTOBUF_VERIFY_VERSION;
+  g_corpus = argv[1];
+  UcxSeeds();
+  IndexSeeds();
+  Llama2cSeeds();
+  TokenizerSeeds(argv[2]);
+  SafetensorsSeeds();
+  OpenAiSeeds();
+  StoreSeeds();
+  std::printf("make_seeds: wrote seeds under %s\n", g_corpus.c_str());
+  return 0;
+}

@@ -1,0 +1,34 @@
+# Hostile input, UCX data plane and fuzzing (issue 14; docs/security.md
+# "UCX data plane and fuzzing").
+if(KVR_WITH_SERVICES)
+  # UCX reply routing: a late reply of a gone client never reaches another
+  # client (in-process UcxEndpoint + real UcxRetrievalClients on loopback;
+  # skips with the UCX error when UCX cannot run).
+  kvr_test(ucx_routing_test
+    SOURCES hostile/ucx_routing_test.cc
+    DEPS kvr::node_server kvr::remote_clients
+    PROTOBUF_FIRST
+    LABELS integration
+    TIMEOUT 120
+    ENVIRONMENT UCX_TLS=tcp UCX_NET_DEVICES=lo UCX_WARN_UNUSED_ENV_VARS=n)
+endif()
+
+# Every libFuzzer harness (fuzz/) replayed on its seed corpus plus fixed
+# mutations of it, in this (gcc) build: `make test` exercises each harness
+# with no clang dependency (the clang build, `make fuzz`, fuzzes for real).
+if(KVR_WITH_SERVICES AND NOT KVR_FUZZ)
+  foreach(h ucx_wire index llama2c llama2c_tokenizer sentencepiece hf_bpe safetensors openai
+      store)
+    # The store harness opens RocksDB per input (~50 ms): fewer mutations.
+    set(_mutations 500)
+    if(h STREQUAL "store")
+      set(_mutations 16)
+    endif()
+    kvr_test(fuzz_${h}
+      COMMAND $<TARGET_FILE:fuzz_${h}_replay> --mutations=${_mutations}
+        ${PROJECT_SOURCE_DIR}/fuzz/corpus/${h}
+      NEEDS fuzz_${h}_replay
+      LABELS fuzz
+      TIMEOUT 120)
+  endforeach()
+endif()
