@@ -170,10 +170,13 @@ def check_render(name, values, docs, notes):
     pod = sts["spec"]["template"]["spec"]
     (c,) = pod["containers"]
     budget = int(nv["memoryBudgetBytes"])
+    uploads = int(nv["uploadMemoryBytes"])
     want_mem = budget * (100 + int(nv["memoryOverhead"]["percent"])) // 100 + int(
-        nv["memoryOverhead"]["fixedBytes"])
+        nv["memoryOverhead"]["fixedBytes"]) + uploads
     check(flag(c["args"], "memory_budget_bytes") == str(budget),
           f"{name}: --memory_budget_bytes {flag(c['args'], 'memory_budget_bytes')} != {budget}")
+    check(flag(c["args"], "upload_memory_bytes") == str(uploads),
+          f"{name}: --upload_memory_bytes {flag(c['args'], 'upload_memory_bytes')} != {uploads}")
     for side in ("requests", "limits"):
         got = c["resources"][side]["memory"]
         check(str(got) == str(want_mem), f"{name}: node memory {side} {got} != {want_mem}")

@@ -100,11 +100,12 @@ lifecycle:
 
 {{/*
 Retrieval node container memory (request = limit, bytes):
-budget * (100 + percent) / 100 + fixedBytes, in integer arithmetic.
+budget * (100 + percent) / 100 + fixedBytes + uploadMemoryBytes, in integer
+arithmetic.
 */}}
 {{- define "kvr.nodeMemoryBytes" -}}
 {{- $n := .Values.node -}}
-{{- add (div (mul (int64 $n.memoryBudgetBytes) (add 100 (int64 $n.memoryOverhead.percent))) 100) (int64 $n.memoryOverhead.fixedBytes) -}}
+{{- add (div (mul (int64 $n.memoryBudgetBytes) (add 100 (int64 $n.memoryOverhead.percent))) 100) (int64 $n.memoryOverhead.fixedBytes) (int64 $n.uploadMemoryBytes) -}}
 {{- end -}}
 
 {{- define "kvr.nodeHeadless" -}}
