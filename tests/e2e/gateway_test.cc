@@ -55,6 +55,7 @@
 #include "kvr/v1/generation.grpc.pb.h"
 #include "nlohmann/json.hpp"
 #include "tests/support/reflection.h"
+#include "tests/support/metrics_page.h"
 #include "tests/support/server_process.h"
 
 namespace kvr::gateway {
@@ -340,19 +341,11 @@ SseResult ReadSse(const std::string& body, bool chat) {
   return out;
 }
 
-// Prometheus text: "name{labels}" → value, for the kvr_gateway_ samples.
+// The gateway's /metrics samples: "name{labels}" → value (tests/support/metrics_page.h).
 std::map<std::string, double> Scrape(const std::string& address) {
-  std::map<std::string, double> out;
   const HttpReply r = Get(address, "/metrics");
   EXPECT_EQ(r.status, 200);
-  for (absl::string_view line : absl::StrSplit(r.body, '\n')) {
-    if (line.empty() || line[0] == '#' || !absl::StartsWith(line, "kvr_gateway_")) continue;
-    const size_t space = line.rfind(' ');
-    double v = 0;
-    if (space == absl::string_view::npos || !absl::SimpleAtod(line.substr(space + 1), &v)) continue;
-    out[std::string(line.substr(0, space))] = v;
-  }
-  return out;
+  return test_support::ParseExposition(r.body);
 }
 
 double Delta(const std::map<std::string, double>& before, const std::map<std::string, double>& after,

@@ -47,6 +47,7 @@
 #include "gtest/gtest.h"
 #include "kvr/v1/generation.grpc.pb.h"
 #include "nlohmann/json.hpp"
+#include "tests/support/metrics_page.h"
 #include "tests/support/server_process.h"
 
 namespace kvr::gateway {
@@ -143,19 +144,11 @@ HttpReply Get(const std::string& address, const std::string& path, int timeout_s
   return out;
 }
 
-// The gateway's kvr_gateway_* samples: "name{labels}" → value.
+// The gateway's /metrics samples: "name{labels}" → value (tests/support/metrics_page.h).
 std::map<std::string, double> Scrape(const std::string& address) {
-  std::map<std::string, double> out;
   const HttpReply r = Get(address, "/metrics");
   EXPECT_EQ(r.status, 200);
-  for (absl::string_view line : absl::StrSplit(r.body, '\n')) {
-    if (line.empty() || line[0] == '#' || !absl::StartsWith(line, "kvr_gateway_")) continue;
-    const size_t space = line.rfind(' ');
-    double v = 0;
-    if (space == absl::string_view::npos || !absl::SimpleAtod(line.substr(space + 1), &v)) continue;
-    out[std::string(line.substr(0, space))] = v;
-  }
-  return out;
+  return test_support::ParseExposition(r.body);
 }
 
 double Sample(const std::map<std::string, double>& m, const std::string& key) {

@@ -1,7 +1,7 @@
 // Prometheus /metrics pages in integration tests: an HTTP/1.0 GET over a
 // plain socket, the text format parsed into samples keyed by series, and
 // `promtool check metrics` on a page. Shared by the node and worker metrics
-// tests (the gateway test reads its page through cpp-httplib).
+// tests; the gateway tests fetch their page through cpp-httplib and parse it here.
 #pragma once
 
 #include <arpa/inet.h>
