@@ -47,16 +47,16 @@ class ParkedCalls {
     std::lock_guard<std::mutex> lock(mu_);
     return calls_.size();
   }
-  // Completes parked call `i` (in arrival order) with OK and a valid 1 x kDim
+  // Completes parked call `i` (in arrival order) with OK and a valid 1 x `dim`
   // partial (zeros).
-  void CompleteOk(size_t i) {
+  void CompleteOk(size_t i, size_t dim = kDim) {
     std::function<void(absl::Status)> done;
     {
       std::lock_guard<std::mutex> lock(mu_);
       v1::Partials* p = calls_.at(i).response->mutable_partials();
       p->set_n(1);
-      p->set_dim(static_cast<int32_t>(kDim));
-      p->set_o(std::string(kDim * sizeof(float), '\0'));
+      p->set_dim(static_cast<int32_t>(dim));
+      p->set_o(std::string(dim * sizeof(float), '\0'));
       p->set_m(std::string(sizeof(float), '\0'));
       p->set_l(std::string(sizeof(float), '\0'));
       done = std::move(calls_.at(i).done);
@@ -148,15 +148,15 @@ class UcxLimitsTest : public ::testing::Test {
     return std::move(client).value();
   }
 
-  // An Attend of one kDim query; its status goes to `result`.
+  // An Attend of one query of out->dim() (zeros); its status goes to `result`.
   static void Attend(UcxRetrievalClient* client, Partials* out, Result* result) {
-    static const Matrix kQuery(1, kDim);
+    auto query = std::make_shared<Matrix>(1, out->view().dim());
     AttendRequest request;
     request.sequence_id = 7;
-    request.queries = kQuery.view();
+    request.queries = query->view();
     request.k = 1;
     client->AttendAsync(request, out->view(), nullptr,
-                        [result](absl::Status s) { result->Set(std::move(s)); });
+                        [result, query](absl::Status s) { result->Set(std::move(s)); });
   }
 
   // Waits (at most 10 s) until `value()` returns `n`.
@@ -215,6 +215,47 @@ TEST_F(UcxLimitsTest, RequestBeyondInflightPerConnectionIsResourceExhausted) {
   Attend(client.get(), &out4, &r4);
   ASSERT_TRUE(parked_.WaitFor(3));
   parked_.CompleteOk(2);
+  ASSERT_TRUE(r4.Wait());
+  EXPECT_TRUE(r4.status.ok()) << r4.status;
+}
+
+// The same with requests large enough for UCP rendezvous (1 MiB queries):
+// the refused request's data is never fetched, the connection is not wedged
+// and the held bytes are counted and released.
+TEST_F(UcxLimitsTest, LargeRequestBeyondInflightPerConnectionIsResourceExhausted) {
+  constexpr size_t kBigDim = size_t{1} << 18;  // 1 MiB of floats per query
+  UcxEndpointOptions options;
+  options.max_inflight_per_connection = 2;
+  if (!StartNode(options)) GTEST_SKIP() << "UCX cannot run here: " << skip_reason_;
+  std::unique_ptr<UcxRetrievalClient> client = Connect();
+  ASSERT_TRUE(client->using_ucx()) << client->fallback_reason();
+
+  Partials out1(1, kBigDim), out2(1, kBigDim), out3(1, kBigDim);
+  Result r1, r2, r3;
+  Attend(client.get(), &out1, &r1);
+  Attend(client.get(), &out2, &r2);
+  ASSERT_TRUE(parked_.WaitFor(2));
+  EXPECT_GE(endpoint_->inflight_bytes(), 2 * kBigDim * sizeof(float));
+
+  Attend(client.get(), &out3, &r3);
+  ASSERT_TRUE(r3.Wait());
+  EXPECT_EQ(r3.status.code(), absl::StatusCode::kResourceExhausted) << r3.status;
+  EXPECT_NE(r3.status.message().find("ucx_max_inflight_per_connection is 2"), std::string::npos)
+      << r3.status;
+  EXPECT_EQ(parked_.size(), 2u);
+
+  parked_.CompleteOk(0, kBigDim);
+  parked_.CompleteOk(1, kBigDim);
+  ASSERT_TRUE(r1.Wait() && r2.Wait());
+  EXPECT_TRUE(r1.status.ok()) << r1.status;
+  EXPECT_TRUE(r2.status.ok()) << r2.status;
+  ASSERT_TRUE(WaitUntil([this] { return endpoint_->inflight_bytes(); }, 0));
+
+  Partials out4(1, kBigDim);
+  Result r4;
+  Attend(client.get(), &out4, &r4);
+  ASSERT_TRUE(parked_.WaitFor(3));
+  parked_.CompleteOk(2, kBigDim);
   ASSERT_TRUE(r4.Wait());
   EXPECT_TRUE(r4.status.ok()) << r4.status;
 }
