@@ -69,8 +69,10 @@ ABSL_FLAG(int64_t, ucx_max_connections, 256,
           "serves a few decode workers, each with one connection; 0 = unbounded");
 ABSL_FLAG(int64_t, ucx_max_inflight_per_connection, 64,
           "UCX Attend requests one connection may have in flight; a further one is answered "
-          "RESOURCE_EXHAUSTED at once, its payload not received. Default 64: a worker's "
-          "layers x kv-head batches in flight; 0 = unbounded");
+          "RESOURCE_EXHAUSTED at once, its payload not received. Default 64: a kvr_worker "
+          "has one Attend per sequence of its batched step in flight per node, at most its "
+          "--max_concurrent (default 8); raise this with a worker's --max_concurrent above 64. "
+          "0 = unbounded");
 ABSL_FLAG(int64_t, ucx_max_inflight_bytes, int64_t{2} << 30,
           "UCX Attend request bytes in flight over all connections; a request that would pass "
           "it is answered RESOURCE_EXHAUSTED at once, its payload not received. Default 2 GiB "

@@ -152,8 +152,7 @@ struct UcxEndpoint::Impl {
 
   static void OnConnRequest(ucp_conn_request_h conn_request, void* arg) {
     auto* self = static_cast<Impl*>(arg);
-    if (self->options.max_connections != 0 &&
-        self->ep_of.size() >= self->options.max_connections) {
+    if (self->options.max_connections != 0 && self->ep_of.size() >= self->options.max_connections) {
       // ucx_max_connections: refuse (the client's connection fails).
       ucp_listener_reject(self->listener, conn_request);
       self->refused_connections.fetch_add(1);
@@ -204,8 +203,7 @@ struct UcxEndpoint::Impl {
     }
     bytes = std::string();  // parsed: the payload copy is no longer needed
     std::shared_ptr<ReplyQueue> queue = replies;
-    handler(call->request, &call->response,
-            [queue, call, connection, call_id, hold](absl::Status status) {
+    auto done = [queue, call, connection, call_id, hold](absl::Status status) {
       auto out = std::make_unique<Outgoing>();
       out->connection = connection;
       out->counted = hold.counted;
@@ -218,7 +216,8 @@ struct UcxEndpoint::Impl {
         out->data = std::string(status.message());
       }
       queue->Push(std::move(out));
-    });
+    };
+    handler(call->request, &call->response, std::move(done));
   }
 
   struct RndvRecv {
@@ -303,17 +302,18 @@ struct UcxEndpoint::Impl {
     size_t& on_connection = inflight_of[connection];
     if (options.max_inflight_per_connection != 0 &&
         on_connection >= options.max_inflight_per_connection) {
-      return absl::ResourceExhaustedError(absl::StrCat(
-          "UCX Attend: ", on_connection, " requests already in flight on this connection; "
-          "ucx_max_inflight_per_connection is ", options.max_inflight_per_connection));
+      return absl::ResourceExhaustedError(
+          absl::StrCat("UCX Attend: ", on_connection,
+                       " requests already in flight on this connection; "
+                       "ucx_max_inflight_per_connection is ",
+                       options.max_inflight_per_connection));
     }
     const size_t total = inflight_bytes.load();
     if (options.max_inflight_bytes != 0 &&
         (total > options.max_inflight_bytes || length > options.max_inflight_bytes - total)) {
       return absl::ResourceExhaustedError(absl::StrCat(
           "UCX Attend: request of ", length, " bytes with ", total,
-          " bytes of requests in flight; ucx_max_inflight_bytes is ",
-          options.max_inflight_bytes));
+          " bytes of requests in flight; ucx_max_inflight_bytes is ", options.max_inflight_bytes));
     }
     ++on_connection;
     inflight_requests.fetch_add(1);

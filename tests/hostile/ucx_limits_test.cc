@@ -274,8 +274,7 @@ TEST_F(UcxLimitsTest, RequestBeyondInflightBytesIsResourceExhausted) {
   Attend(client.get(), &out, &r);
   ASSERT_TRUE(r.Wait());
   EXPECT_EQ(r.status.code(), absl::StatusCode::kResourceExhausted) << r.status;
-  EXPECT_NE(r.status.message().find("ucx_max_inflight_bytes is 1"), std::string::npos)
-      << r.status;
+  EXPECT_NE(r.status.message().find("ucx_max_inflight_bytes is 1"), std::string::npos) << r.status;
   EXPECT_EQ(parked_.size(), 0u);
   EXPECT_EQ(endpoint_->inflight_requests(), 0u);
   EXPECT_EQ(endpoint_->inflight_bytes(), 0u);
