@@ -17,6 +17,7 @@
 #include <pthread.h>
 
 #include "absl/flags/flag.h"
+#include "absl/strings/str_cat.h"
 #include "retrieval_node/core/node_core.h"
 #include "retrieval_node/server/metrics.h"
 #include "retrieval_node/server/node_service.h"
@@ -62,6 +63,20 @@ ABSL_FLAG(std::string, ucx_listen, "",
 ABSL_FLAG(int64_t, ucx_busy_poll_us, 0,
           "after UCX activity, poll this many microseconds before sleeping (lower latency, "
           "one busy core); 0 = sleep at once");
+ABSL_FLAG(int64_t, ucx_max_connections, 256,
+          "UCX client connections open at once; a further connection is rejected (that client "
+          "falls back to gRPC). Default 256, the same as --max_concurrent_streams: a node "
+          "serves a few decode workers, each with one connection; 0 = unbounded");
+ABSL_FLAG(int64_t, ucx_max_inflight_per_connection, 64,
+          "UCX Attend requests one connection may have in flight; a further one is answered "
+          "RESOURCE_EXHAUSTED at once, its payload not received. Default 64: a kvr_worker "
+          "has one Attend per sequence of its batched step in flight per node, at most its "
+          "--max_concurrent (default 8); raise this with a worker's --max_concurrent above 64. "
+          "0 = unbounded");
+ABSL_FLAG(int64_t, ucx_max_inflight_bytes, int64_t{2} << 30,
+          "UCX Attend request bytes in flight over all connections; a request that would pass "
+          "it is answered RESOURCE_EXHAUSTED at once, its payload not received. Default 2 GiB "
+          "(as --grpc_memory_quota_bytes); at least --max_message_bytes; 0 = unbounded");
 ABSL_FLAG(bool, recovery_quarantine, true,
           "with --data_dir: a sequence whose stored records are corrupt or inconsistent, or "
           "that does not fit --memory_budget_bytes, is quarantined at startup (logged, counted "
@@ -118,8 +133,17 @@ int Main(int argc, char** argv) {
           .AtLeast("grpc_memory_quota_bytes", absl::GetFlag(FLAGS_grpc_memory_quota_bytes),
                    int64_t{0})
           .AtLeast("grpc_max_threads", absl::GetFlag(FLAGS_grpc_max_threads), 0)
+          .AtLeast("ucx_max_connections", absl::GetFlag(FLAGS_ucx_max_connections), int64_t{0})
+          .AtLeast("ucx_max_inflight_per_connection",
+                   absl::GetFlag(FLAGS_ucx_max_inflight_per_connection), int64_t{0})
           .status();
   if (!flags_ok.ok()) return Fail(flags_ok.message());
+  if (const int64_t b = absl::GetFlag(FLAGS_ucx_max_inflight_bytes);
+      b < 0 || (b != 0 && b < max_message_bytes)) {
+    return Fail(absl::StrCat("--ucx_max_inflight_bytes must be 0 (unbounded) or at least "
+                             "--max_message_bytes (",
+                             max_message_bytes, "), got ", b));
+  }
 
   NodeCoreOptions core_options;
   core_options.threads = threads_flag > 0
@@ -187,6 +211,11 @@ int Main(int argc, char** argv) {
     ucx_options.listen = ucx_listen;
     ucx_options.max_message_bytes = static_cast<size_t>(max_message_bytes);
     ucx_options.busy_poll_us = absl::GetFlag(FLAGS_ucx_busy_poll_us);
+    ucx_options.max_connections = static_cast<size_t>(absl::GetFlag(FLAGS_ucx_max_connections));
+    ucx_options.max_inflight_per_connection =
+        static_cast<size_t>(absl::GetFlag(FLAGS_ucx_max_inflight_per_connection));
+    ucx_options.max_inflight_bytes =
+        static_cast<size_t>(absl::GetFlag(FLAGS_ucx_max_inflight_bytes));
     NodeService* const svc = service.get();
     absl::StatusOr<std::unique_ptr<UcxEndpoint>> started = UcxEndpoint::Start(
         ucx_options, [svc](const v1::AttendRequest& request, v1::AttendResponse* response,

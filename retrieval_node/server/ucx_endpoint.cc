@@ -30,6 +30,17 @@ struct Outgoing {
   uint64_t connection = 0;
   UcxReplyHeader header;
   std::string data;
+  // The reply to a request counted in flight (per connection and
+  // `reserved_bytes` of the total): released when the progress thread takes
+  // the reply.
+  bool counted = false;
+  size_t reserved_bytes = 0;
+};
+
+// What an accepted request holds of the in-flight bounds until its reply.
+struct Hold {
+  bool counted = false;
+  size_t bytes = 0;
 };
 
 // Replies queued by handler completions (any thread) for the progress thread.
@@ -69,6 +80,14 @@ struct UcxEndpoint::Impl {
   std::unordered_map<uint64_t, ucp_ep_h> ep_of;
   uint64_t next_connection = 1;
   std::atomic<size_t> open_connections{0};  // ep_of.size(), readable anywhere
+  // Requests in flight per open connection (progress thread only; erased
+  // with the connection, later releases of its requests are ignored).
+  std::unordered_map<uint64_t, size_t> inflight_of;
+  // Totals over all connections, gone ones included (written by the
+  // progress thread only, readable anywhere).
+  std::atomic<size_t> inflight_requests{0};
+  std::atomic<size_t> inflight_bytes{0};
+  std::atomic<size_t> refused_connections{0};
   std::vector<void*> closing;        // ep close requests in flight
   std::atomic<bool> stop{false};
   std::thread thread;
@@ -89,6 +108,7 @@ struct UcxEndpoint::Impl {
       for (const auto& [ep, id] : connection_of) CloseEp(ep);
       connection_of.clear();
       ep_of.clear();
+      inflight_of.clear();
       const auto deadline = Clock::now() + std::chrono::seconds(1);
       while (!closing.empty() && Clock::now() < deadline) {
         ucp_worker_progress(worker);
@@ -124,6 +144,7 @@ struct UcxEndpoint::Impl {
     auto it = self->connection_of.find(ep);
     if (it == self->connection_of.end()) return;
     self->ep_of.erase(it->second);
+    self->inflight_of.erase(it->second);
     self->connection_of.erase(it);
     self->CloseEp(ep);
     self->open_connections.store(self->ep_of.size());
@@ -131,6 +152,12 @@ struct UcxEndpoint::Impl {
 
   static void OnConnRequest(ucp_conn_request_h conn_request, void* arg) {
     auto* self = static_cast<Impl*>(arg);
+    if (self->options.max_connections != 0 && self->ep_of.size() >= self->options.max_connections) {
+      // ucx_max_connections: refuse (the client's connection fails).
+      ucp_listener_reject(self->listener, conn_request);
+      self->refused_connections.fetch_add(1);
+      return;
+    }
     ucp_ep_params_t params{};
     params.field_mask = UCP_EP_PARAM_FIELD_CONN_REQUEST | UCP_EP_PARAM_FIELD_ERR_HANDLER |
                         UCP_EP_PARAM_FIELD_ERR_HANDLING_MODE;
@@ -143,13 +170,19 @@ struct UcxEndpoint::Impl {
     const uint64_t id = self->next_connection++;
     self->connection_of[ep] = id;
     self->ep_of[id] = ep;
+    self->inflight_of[id] = 0;
     self->open_connections.store(self->ep_of.size());
   }
 
   // Queues a reply with no data: an error, or OK for a ping (any thread).
-  void ReplyError(uint64_t connection, uint64_t call_id, const absl::Status& status) {
+  // `hold`: what the request held of the in-flight bounds (released when the
+  // reply is taken).
+  void ReplyError(uint64_t connection, uint64_t call_id, const absl::Status& status,
+                  Hold hold = {}) {
     auto out = std::make_unique<Outgoing>();
     out->connection = connection;
+    out->counted = hold.counted;
+    out->reserved_bytes = hold.bytes;
     out->header.call_id = call_id;
     out->header.code = static_cast<int32_t>(status.code());
     out->data = std::string(status.message());
@@ -157,20 +190,24 @@ struct UcxEndpoint::Impl {
   }
 
   // A whole request is here: parse it and hand it to the handler.
-  void Dispatch(uint64_t connection, uint64_t call_id, std::string bytes) {
+  // `hold`: what it holds of the in-flight bounds, passed on to its reply.
+  void Dispatch(uint64_t connection, uint64_t call_id, std::string bytes, Hold hold) {
     struct Call {
       v1::AttendRequest request;
       v1::AttendResponse response;
     };
     auto call = std::make_shared<Call>();
     if (absl::Status st = ParseUcxAttendRequest(bytes, &call->request); !st.ok()) {
-      ReplyError(connection, call_id, st);
+      ReplyError(connection, call_id, st, hold);
       return;
     }
+    bytes = std::string();  // parsed: the payload copy is no longer needed
     std::shared_ptr<ReplyQueue> queue = replies;
-    handler(call->request, &call->response, [queue, call, connection, call_id](absl::Status status) {
+    auto done = [queue, call, connection, call_id, hold](absl::Status status) {
       auto out = std::make_unique<Outgoing>();
       out->connection = connection;
+      out->counted = hold.counted;
+      out->reserved_bytes = hold.bytes;
       out->header.call_id = call_id;
       out->header.code = static_cast<int32_t>(status.code());
       if (status.ok()) {
@@ -179,24 +216,27 @@ struct UcxEndpoint::Impl {
         out->data = std::string(status.message());
       }
       queue->Push(std::move(out));
-    });
+    };
+    handler(call->request, &call->response, std::move(done));
   }
 
   struct RndvRecv {
     Impl* self;
     uint64_t connection;
     uint64_t call_id;
+    Hold hold;
     std::string bytes;
   };
 
   static void RndvDone(void* request, ucs_status_t status, size_t /*length*/, void* user_data) {
     std::unique_ptr<RndvRecv> r(static_cast<RndvRecv*>(user_data));
     if (status == UCS_OK) {
-      r->self->Dispatch(r->connection, r->call_id, std::move(r->bytes));
+      r->self->Dispatch(r->connection, r->call_id, std::move(r->bytes), r->hold);
     } else {
       r->self->ReplyError(r->connection, r->call_id,
                           absl::UnavailableError(absl::StrCat("UCX receive of the request failed: ",
-                                                              ucs_status_string(status))));
+                                                              ucs_status_string(status))),
+                          r->hold);
     }
     ucp_request_free(request);
   }
@@ -218,14 +258,24 @@ struct UcxEndpoint::Impl {
       self->ReplyError(connection, h.call_id, st);  // OK for a ping
       return UCS_OK;
     }
+    // In-flight bounds: a request past one is answered now; returning UCS_OK
+    // drops its data (eager: what UCX already delivered; rendezvous: never
+    // fetched).
+    if (absl::Status st = self->Admit(connection, length); !st.ok()) {
+      self->ReplyError(connection, h.call_id, st);
+      return UCS_OK;
+    }
+    const Hold hold{true, length};
     if ((param->recv_attr & UCP_AM_RECV_ATTR_FLAG_RNDV) == 0) {
-      self->Dispatch(connection, h.call_id, std::string(static_cast<const char*>(data), length));
+      self->Dispatch(connection, h.call_id, std::string(static_cast<const char*>(data), length),
+                     hold);
       return UCS_OK;
     }
     auto r = std::make_unique<RndvRecv>();
     r->self = self;
     r->connection = connection;
     r->call_id = h.call_id;
+    r->hold = hold;
     r->bytes.resize(length);
     ucp_request_param_t rp{};
     rp.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA;
@@ -234,15 +284,52 @@ struct UcxEndpoint::Impl {
     rp.user_data = raw;
     void* req = ucp_am_recv_data_nbx(self->worker, data, raw->bytes.data(), length, &rp);
     if (req == nullptr) {
-      self->Dispatch(connection, h.call_id, std::move(raw->bytes));
+      self->Dispatch(connection, h.call_id, std::move(raw->bytes), hold);
     } else if (UCS_PTR_IS_ERR(req)) {
       self->ReplyError(connection, h.call_id,
                        absl::UnavailableError(absl::StrCat("UCX receive of the request failed: ",
-                                                           ucs_status_string(UCS_PTR_STATUS(req)))));
+                                                           ucs_status_string(UCS_PTR_STATUS(req)))),
+                       hold);
     } else {
       r.release();  // RndvDone owns it
     }
     return UCS_INPROGRESS;
+  }
+
+  // Counts a request of `length` payload bytes on `connection` in flight, or
+  // ResourceExhausted naming the bound it would pass (progress thread).
+  absl::Status Admit(uint64_t connection, size_t length) {
+    size_t& on_connection = inflight_of[connection];
+    if (options.max_inflight_per_connection != 0 &&
+        on_connection >= options.max_inflight_per_connection) {
+      return absl::ResourceExhaustedError(
+          absl::StrCat("UCX Attend: ", on_connection,
+                       " requests already in flight on this connection; "
+                       "ucx_max_inflight_per_connection is ",
+                       options.max_inflight_per_connection));
+    }
+    const size_t total = inflight_bytes.load();
+    if (options.max_inflight_bytes != 0 &&
+        (total > options.max_inflight_bytes || length > options.max_inflight_bytes - total)) {
+      return absl::ResourceExhaustedError(absl::StrCat(
+          "UCX Attend: request of ", length, " bytes with ", total,
+          " bytes of requests in flight; ucx_max_inflight_bytes is ", options.max_inflight_bytes));
+    }
+    ++on_connection;
+    inflight_requests.fetch_add(1);
+    inflight_bytes.fetch_add(length);
+    return absl::OkStatus();
+  }
+
+  // Releases what the request `out` answers held of the in-flight bounds
+  // (progress thread).
+  void Release(const Outgoing& out) {
+    if (!out.counted) return;
+    inflight_requests.fetch_sub(1);
+    inflight_bytes.fetch_sub(out.reserved_bytes);
+    if (auto it = inflight_of.find(out.connection); it != inflight_of.end() && it->second > 0) {
+      --it->second;
+    }
   }
 
   void SendReplies() {
@@ -252,6 +339,7 @@ struct UcxEndpoint::Impl {
       items.swap(replies->items);
     }
     for (std::unique_ptr<Outgoing>& out : items) {
+      Release(*out);
       auto ep = ep_of.find(out->connection);
       if (ep == ep_of.end()) continue;  // that connection is gone: drop the reply
       ucp_request_param_t param{};
@@ -294,6 +382,9 @@ UcxEndpoint::~UcxEndpoint() = default;
 const std::string& UcxEndpoint::address() const { return impl_->address; }
 int UcxEndpoint::port() const { return impl_->port; }
 size_t UcxEndpoint::connections() const { return impl_->open_connections.load(); }
+size_t UcxEndpoint::refused_connections() const { return impl_->refused_connections.load(); }
+size_t UcxEndpoint::inflight_requests() const { return impl_->inflight_requests.load(); }
+size_t UcxEndpoint::inflight_bytes() const { return impl_->inflight_bytes.load(); }
 
 absl::StatusOr<std::unique_ptr<UcxEndpoint>> UcxEndpoint::Start(const UcxEndpointOptions& options,
                                                                  UcxAttendHandler handler) {

@@ -25,6 +25,12 @@
 // core thread pool as the gRPC Attend); the handler's completion may run on
 // any thread and queues the reply for the progress thread. No UCX call runs
 // outside the progress thread.
+//
+// Bounds (UcxEndpointOptions; flags of kvr_node): request size, open
+// connections, requests in flight per connection and request bytes in flight
+// over all connections. A request past a bound is answered at once with
+// RESOURCE_EXHAUSTED naming the bound; its data is neither received (for
+// rendezvous) nor copied or parsed.
 #pragma once
 
 #include <cstdint>
@@ -52,6 +58,19 @@ struct UcxEndpointOptions {
   // After activity, keep polling the worker this long before blocking on its
   // event fd (lower latency, one core busy meanwhile). 0: block at once.
   int64_t busy_poll_us = 0;
+  // Client connections open at once; a further connection request is
+  // rejected (the client sees its connection fail and falls back to gRPC).
+  // 0: unbounded.
+  size_t max_connections = 256;
+  // Attend requests one connection may have in flight (from arrival until
+  // its reply is queued); a further one is answered RESOURCE_EXHAUSTED naming
+  // ucx_max_inflight_per_connection at once, before its data is received or
+  // parsed. Pings are not counted. 0: unbounded.
+  size_t max_inflight_per_connection = 64;
+  // Request payload bytes in flight over all connections; a request that
+  // would pass it is answered RESOURCE_EXHAUSTED naming ucx_max_inflight_bytes
+  // at once, before its data is received. 0: unbounded.
+  size_t max_inflight_bytes = size_t{2} << 30;
 };
 
 class UcxEndpoint {
@@ -75,6 +94,11 @@ class UcxEndpoint {
   // Client connections open now (any thread; a connection counts from its
   // connect until the node sees it close or fail).
   size_t connections() const;
+  // Connection requests rejected by max_connections so far (any thread).
+  size_t refused_connections() const;
+  // Attend requests in flight now and their payload bytes (any thread).
+  size_t inflight_requests() const;
+  size_t inflight_bytes() const;
 
  private:
   struct Impl;

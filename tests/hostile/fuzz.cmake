@@ -11,6 +11,16 @@ if(KVR_WITH_SERVICES)
     LABELS integration
     TIMEOUT 120
     ENVIRONMENT UCX_TLS=tcp UCX_NET_DEVICES=lo UCX_WARN_UNUSED_ENV_VARS=n)
+  # UCX resource bounds: requests in flight per connection and in bytes get
+  # RESOURCE_EXHAUSTED naming the limit, connections past the cap are
+  # refused (same in-process setup as ucx_routing_test).
+  kvr_test(ucx_limits_test
+    SOURCES hostile/ucx_limits_test.cc
+    DEPS kvr::node_server kvr::remote_clients
+    PROTOBUF_FIRST
+    LABELS integration
+    TIMEOUT 120
+    ENVIRONMENT UCX_TLS=tcp UCX_NET_DEVICES=lo UCX_WARN_UNUSED_ENV_VARS=n)
 endif()
 
 # Every libFuzzer harness (fuzz/) replayed on its seed corpus plus fixed
