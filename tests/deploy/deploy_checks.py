@@ -171,8 +171,9 @@ def check_render(name, values, docs, notes):
     (c,) = pod["containers"]
     budget = int(nv["memoryBudgetBytes"])
     uploads = int(nv["uploadMemoryBytes"])
+    ucx_bytes = int(nv["ucx"]["maxInflightBytes"]) if nv["ucx"]["enabled"] else 0
     want_mem = budget * (100 + int(nv["memoryOverhead"]["percent"])) // 100 + int(
-        nv["memoryOverhead"]["fixedBytes"]) + uploads
+        nv["memoryOverhead"]["fixedBytes"]) + uploads + ucx_bytes
     check(flag(c["args"], "memory_budget_bytes") == str(budget),
           f"{name}: --memory_budget_bytes {flag(c['args'], 'memory_budget_bytes')} != {budget}")
     check(flag(c["args"], "upload_memory_bytes") == str(uploads),

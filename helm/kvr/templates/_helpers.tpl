@@ -100,12 +100,14 @@ lifecycle:
 
 {{/*
 Retrieval node container memory (request = limit, bytes):
-budget * (100 + percent) / 100 + fixedBytes + uploadMemoryBytes, in integer
-arithmetic.
+budget * (100 + percent) / 100 + fixedBytes + uploadMemoryBytes (+ the UCX
+in-flight bytes when UCX is on), in integer arithmetic.
 */}}
 {{- define "kvr.nodeMemoryBytes" -}}
 {{- $n := .Values.node -}}
-{{- add (div (mul (int64 $n.memoryBudgetBytes) (add 100 (int64 $n.memoryOverhead.percent))) 100) (int64 $n.memoryOverhead.fixedBytes) (int64 $n.uploadMemoryBytes) -}}
+{{- $ucx := 0 -}}
+{{- if $n.ucx.enabled }}{{ $ucx = int64 $n.ucx.maxInflightBytes }}{{ end -}}
+{{- add (div (mul (int64 $n.memoryBudgetBytes) (add 100 (int64 $n.memoryOverhead.percent))) 100) (int64 $n.memoryOverhead.fixedBytes) (int64 $n.uploadMemoryBytes) $ucx -}}
 {{- end -}}
 
 {{- define "kvr.nodeHeadless" -}}
