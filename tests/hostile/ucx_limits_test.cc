@@ -24,129 +24,28 @@
 #include "retrieval_node/client/grpc_retrieval_client.h"
 #include "retrieval_node/client/ucx_retrieval_client.h"
 #include "retrieval_node/server/ucx_endpoint.h"
+#include "tests/hostile/ucx_test_node.h"
 
 namespace kvr::retrieval {
 namespace {
 
 constexpr size_t kDim = 4;
 
-// Attends parked by the endpoint's handler until the test completes them.
-class ParkedCalls {
- public:
-  void Park(v1::AttendResponse* response, std::function<void(absl::Status)> done) {
-    std::lock_guard<std::mutex> lock(mu_);
-    calls_.push_back({response, std::move(done)});
-    cv_.notify_all();
-  }
-  // Waits (at most 10 s) until `n` calls were parked.
-  bool WaitFor(size_t n) {
-    std::unique_lock<std::mutex> lock(mu_);
-    return cv_.wait_for(lock, std::chrono::seconds(10), [&] { return calls_.size() >= n; });
-  }
-  size_t size() {
-    std::lock_guard<std::mutex> lock(mu_);
-    return calls_.size();
-  }
-  // Completes parked call `i` (in arrival order) with OK and a valid 1 x `dim`
-  // partial (zeros).
-  void CompleteOk(size_t i, size_t dim = kDim) {
-    std::function<void(absl::Status)> done;
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      v1::Partials* p = calls_.at(i).response->mutable_partials();
-      p->set_n(1);
-      p->set_dim(static_cast<int32_t>(dim));
-      p->set_o(std::string(dim * sizeof(float), '\0'));
-      p->set_m(std::string(sizeof(float), '\0'));
-      p->set_l(std::string(sizeof(float), '\0'));
-      done = std::move(calls_.at(i).done);
-    }
-    done(absl::OkStatus());
-  }
-
- private:
-  struct Parked {
-    v1::AttendResponse* response;
-    std::function<void(absl::Status)> done;
-  };
-  std::mutex mu_;
-  std::condition_variable cv_;
-  std::vector<Parked> calls_;
-};
-
-// Answers GetEndpoints with `ucx_address`; every other method is unimplemented.
-class EndpointsOnly final : public v1::RetrievalNode::Service {
- public:
-  explicit EndpointsOnly(std::string ucx_address) : ucx_address_(std::move(ucx_address)) {}
-  grpc::Status GetEndpoints(grpc::ServerContext*, const v1::GetEndpointsRequest*,
-                            v1::GetEndpointsResponse* response) override {
-    response->set_ucx_address(ucx_address_);
-    return grpc::Status::OK;
-  }
-
- private:
-  std::string ucx_address_;
-};
-
-// One call's status as the client reports it.
-struct Result {
-  std::mutex mu;
-  std::condition_variable cv;
-  bool done = false;
-  absl::Status status;
-
-  void Set(absl::Status s) {
-    std::lock_guard<std::mutex> lock(mu);
-    status = std::move(s);
-    done = true;
-    cv.notify_all();
-  }
-  bool Wait() {
-    std::unique_lock<std::mutex> lock(mu);
-    return cv.wait_for(lock, std::chrono::seconds(10), [&] { return done; });
-  }
-};
+using test_ucx::ParkedCalls;
+using test_ucx::Result;
+using test_ucx::WaitUntil;
 
 class UcxLimitsTest : public ::testing::Test {
  protected:
-  // Starts the endpoint with `options` (listening on 127.0.0.1, port picked)
-  // and the GetEndpoints server; false (the test skips) when UCX cannot run.
-  bool StartNode(UcxEndpointOptions options) {
-    options.listen = "127.0.0.1:0";
-    auto endpoint = UcxEndpoint::Start(
-        options, [this](const v1::AttendRequest&, v1::AttendResponse* response,
-                        std::function<void(absl::Status)> done) {
-          parked_.Park(response, std::move(done));
-        });
-    if (!endpoint.ok()) {
-      skip_reason_ = endpoint.status().ToString();
-      return false;
-    }
-    endpoint_ = std::move(endpoint).value();
-    service_ = std::make_unique<EndpointsOnly>(endpoint_->address());
-    grpc::ServerBuilder builder;
-    int port = 0;
-    builder.AddListeningPort("127.0.0.1:0", grpc::InsecureServerCredentials(), &port);
-    builder.RegisterService(service_.get());
-    server_ = builder.BuildAndStart();
-    EXPECT_NE(server_, nullptr);
-    EXPECT_GT(port, 0);
-    grpc_address_ = "127.0.0.1:" + std::to_string(port);
-    return server_ != nullptr;
-  }
-  void TearDown() override {
-    if (server_ != nullptr) server_->Shutdown();
+  // Starts the endpoint with `options` and the GetEndpoints server; false
+  // (the test skips) when UCX cannot run.
+  bool StartNode(const UcxEndpointOptions& options) {
+    const absl::Status s = node_.Start(options);
+    skip_reason_ = s.ToString();
+    return s.ok();
   }
 
-  std::unique_ptr<UcxRetrievalClient> Connect() {
-    auto grpc = GrpcRetrievalClient::Create(grpc_address_);
-    EXPECT_TRUE(grpc.ok()) << grpc.status();
-    UcxClientOptions options;
-    options.attend_timeout = absl::Seconds(30);  // the test completes calls itself
-    auto client = UcxRetrievalClient::Create(std::move(grpc).value(), options);
-    EXPECT_TRUE(client.ok()) << client.status();
-    return std::move(client).value();
-  }
+  std::unique_ptr<UcxRetrievalClient> Connect() { return node_.Connect(); }
 
   // An Attend of one query of out->dim() (zeros); its status goes to `result`.
   static void Attend(UcxRetrievalClient* client, Partials* out, Result* result) {
@@ -159,21 +58,8 @@ class UcxLimitsTest : public ::testing::Test {
                         [result, query](absl::Status s) { result->Set(std::move(s)); });
   }
 
-  // Waits (at most 10 s) until `value()` returns `n`.
-  static bool WaitUntil(const std::function<size_t()>& value, size_t n) {
-    const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(10);
-    while (value() != n) {
-      if (std::chrono::steady_clock::now() > deadline) return false;
-      std::this_thread::yield();
-    }
-    return true;
-  }
-
-  ParkedCalls parked_;
-  std::unique_ptr<UcxEndpoint> endpoint_;
-  std::unique_ptr<EndpointsOnly> service_;
-  std::unique_ptr<grpc::Server> server_;
-  std::string grpc_address_;
+  test_ucx::UcxTestNode node_;
+  ParkedCalls& parked_ = node_.parked;
   std::string skip_reason_;
 };
 
@@ -192,7 +78,7 @@ TEST_F(UcxLimitsTest, RequestBeyondInflightPerConnectionIsResourceExhausted) {
   Attend(client.get(), &out1, &r1);
   Attend(client.get(), &out2, &r2);
   ASSERT_TRUE(parked_.WaitFor(2));
-  EXPECT_EQ(endpoint_->inflight_requests(), 2u);
+  EXPECT_EQ(node_.endpoint()->inflight_requests(), 2u);
 
   Attend(client.get(), &out3, &r3);
   ASSERT_TRUE(r3.Wait());
@@ -201,20 +87,20 @@ TEST_F(UcxLimitsTest, RequestBeyondInflightPerConnectionIsResourceExhausted) {
       << r3.status;
   EXPECT_EQ(parked_.size(), 2u) << "the refused request reached the handler";
 
-  parked_.CompleteOk(0);
-  parked_.CompleteOk(1);
+  parked_.CompleteOk(0, kDim);
+  parked_.CompleteOk(1, kDim);
   ASSERT_TRUE(r1.Wait() && r2.Wait());
   EXPECT_TRUE(r1.status.ok()) << r1.status;
   EXPECT_TRUE(r2.status.ok()) << r2.status;
-  ASSERT_TRUE(WaitUntil([this] { return endpoint_->inflight_requests(); }, 0));
-  EXPECT_EQ(endpoint_->inflight_bytes(), 0u);
+  ASSERT_TRUE(WaitUntil([this] { return node_.endpoint()->inflight_requests(); }, 0));
+  EXPECT_EQ(node_.endpoint()->inflight_bytes(), 0u);
 
   // The connection is usable again, up to the limit.
   Partials out4(1, kDim);
   Result r4;
   Attend(client.get(), &out4, &r4);
   ASSERT_TRUE(parked_.WaitFor(3));
-  parked_.CompleteOk(2);
+  parked_.CompleteOk(2, kDim);
   ASSERT_TRUE(r4.Wait());
   EXPECT_TRUE(r4.status.ok()) << r4.status;
 }
@@ -235,7 +121,7 @@ TEST_F(UcxLimitsTest, LargeRequestBeyondInflightPerConnectionIsResourceExhausted
   Attend(client.get(), &out1, &r1);
   Attend(client.get(), &out2, &r2);
   ASSERT_TRUE(parked_.WaitFor(2));
-  EXPECT_GE(endpoint_->inflight_bytes(), 2 * kBigDim * sizeof(float));
+  EXPECT_GE(node_.endpoint()->inflight_bytes(), 2 * kBigDim * sizeof(float));
 
   Attend(client.get(), &out3, &r3);
   ASSERT_TRUE(r3.Wait());
@@ -249,7 +135,7 @@ TEST_F(UcxLimitsTest, LargeRequestBeyondInflightPerConnectionIsResourceExhausted
   ASSERT_TRUE(r1.Wait() && r2.Wait());
   EXPECT_TRUE(r1.status.ok()) << r1.status;
   EXPECT_TRUE(r2.status.ok()) << r2.status;
-  ASSERT_TRUE(WaitUntil([this] { return endpoint_->inflight_bytes(); }, 0));
+  ASSERT_TRUE(WaitUntil([this] { return node_.endpoint()->inflight_bytes(); }, 0));
 
   Partials out4(1, kBigDim);
   Result r4;
@@ -276,8 +162,8 @@ TEST_F(UcxLimitsTest, RequestBeyondInflightBytesIsResourceExhausted) {
   EXPECT_EQ(r.status.code(), absl::StatusCode::kResourceExhausted) << r.status;
   EXPECT_NE(r.status.message().find("ucx_max_inflight_bytes is 1"), std::string::npos) << r.status;
   EXPECT_EQ(parked_.size(), 0u);
-  EXPECT_EQ(endpoint_->inflight_requests(), 0u);
-  EXPECT_EQ(endpoint_->inflight_bytes(), 0u);
+  EXPECT_EQ(node_.endpoint()->inflight_requests(), 0u);
+  EXPECT_EQ(node_.endpoint()->inflight_bytes(), 0u);
 }
 
 // With max_connections 1 a second client's connection is refused (it falls
@@ -289,26 +175,26 @@ TEST_F(UcxLimitsTest, ConnectionBeyondMaxConnectionsIsRefused) {
   if (!StartNode(options)) GTEST_SKIP() << "UCX cannot run here: " << skip_reason_;
   std::unique_ptr<UcxRetrievalClient> first = Connect();
   ASSERT_TRUE(first->using_ucx()) << first->fallback_reason();
-  ASSERT_EQ(endpoint_->connections(), 1u);
+  ASSERT_EQ(node_.endpoint()->connections(), 1u);
 
   {
     std::unique_ptr<UcxRetrievalClient> second = Connect();
     EXPECT_FALSE(second->using_ucx()) << "the second connection was accepted";
     EXPECT_FALSE(second->fallback_reason().ok());
-    EXPECT_EQ(endpoint_->refused_connections(), 1u);
-    EXPECT_EQ(endpoint_->connections(), 1u);
+    EXPECT_EQ(node_.endpoint()->refused_connections(), 1u);
+    EXPECT_EQ(node_.endpoint()->connections(), 1u);
   }
 
   Partials out(1, kDim);
   Result r;
   Attend(first.get(), &out, &r);
   ASSERT_TRUE(parked_.WaitFor(1));
-  parked_.CompleteOk(0);
+  parked_.CompleteOk(0, kDim);
   ASSERT_TRUE(r.Wait());
   EXPECT_TRUE(r.status.ok()) << r.status;
 
   first.reset();
-  ASSERT_TRUE(WaitUntil([this] { return endpoint_->connections(); }, 0))
+  ASSERT_TRUE(WaitUntil([this] { return node_.endpoint()->connections(); }, 0))
       << "the node never saw the first client leave";
   std::unique_ptr<UcxRetrievalClient> third = Connect();
   EXPECT_TRUE(third->using_ucx()) << third->fallback_reason();

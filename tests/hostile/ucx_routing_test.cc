@@ -26,113 +26,24 @@
 #include "retrieval_node/client/grpc_retrieval_client.h"
 #include "retrieval_node/client/ucx_retrieval_client.h"
 #include "retrieval_node/server/ucx_endpoint.h"
+#include "tests/hostile/ucx_test_node.h"
 
 namespace kvr::retrieval {
 namespace {
 
-// Attends parked by the endpoint's handler until the test completes them.
-class ParkedCalls {
- public:
-  void Park(uint64_t sequence_id, std::function<void(absl::Status)> done) {
-    std::lock_guard<std::mutex> lock(mu_);
-    calls_.push_back({sequence_id, std::move(done)});
-    cv_.notify_all();
-  }
-  // Waits (at most 10 s) until `n` calls were parked.
-  bool WaitFor(size_t n) {
-    std::unique_lock<std::mutex> lock(mu_);
-    return cv_.wait_for(lock, std::chrono::seconds(10), [&] { return calls_.size() >= n; });
-  }
-  // Completes parked call `i` (in arrival order) with `status`.
-  void Complete(size_t i, const absl::Status& status) {
-    std::function<void(absl::Status)> done;
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      done = std::move(calls_.at(i).done);
-    }
-    done(status);
-  }
-  uint64_t sequence_id(size_t i) {
-    std::lock_guard<std::mutex> lock(mu_);
-    return calls_.at(i).sequence_id;
-  }
-
- private:
-  struct Parked {
-    uint64_t sequence_id;
-    std::function<void(absl::Status)> done;
-  };
-  std::mutex mu_;
-  std::condition_variable cv_;
-  std::vector<Parked> calls_;
-};
-
-// Answers GetEndpoints with `ucx_address`; every other method is unimplemented.
-class EndpointsOnly final : public v1::RetrievalNode::Service {
- public:
-  explicit EndpointsOnly(std::string ucx_address) : ucx_address_(std::move(ucx_address)) {}
-  grpc::Status GetEndpoints(grpc::ServerContext*, const v1::GetEndpointsRequest*,
-                            v1::GetEndpointsResponse* response) override {
-    response->set_ucx_address(ucx_address_);
-    return grpc::Status::OK;
-  }
-
- private:
-  std::string ucx_address_;
-};
-
-// A status as the client reports it: "CODE: message".
-struct Result {
-  std::mutex mu;
-  std::condition_variable cv;
-  bool done = false;
-  absl::Status status;
-
-  void Set(absl::Status s) {
-    std::lock_guard<std::mutex> lock(mu);
-    status = std::move(s);
-    done = true;
-    cv.notify_all();
-  }
-  bool Wait() {
-    std::unique_lock<std::mutex> lock(mu);
-    return cv.wait_for(lock, std::chrono::seconds(10), [&] { return done; });
-  }
-};
+using test_ucx::ParkedCalls;
+using test_ucx::Result;
 
 class UcxRoutingTest : public ::testing::Test {
  protected:
   void SetUp() override {
-    auto endpoint = UcxEndpoint::Start(
-        {}, [this](const v1::AttendRequest& request, v1::AttendResponse*,
-                   std::function<void(absl::Status)> done) {
-          parked_.Park(request.sequence_id(), std::move(done));
-        });
-    if (!endpoint.ok()) GTEST_SKIP() << "UCX cannot run here: " << endpoint.status();
-    endpoint_ = std::move(endpoint).value();
-    service_ = std::make_unique<EndpointsOnly>(endpoint_->address());
-    grpc::ServerBuilder builder;
-    int port = 0;
-    builder.AddListeningPort("127.0.0.1:0", grpc::InsecureServerCredentials(), &port);
-    builder.RegisterService(service_.get());
-    server_ = builder.BuildAndStart();
-    ASSERT_NE(server_, nullptr);
-    ASSERT_GT(port, 0);
-    grpc_address_ = "127.0.0.1:" + std::to_string(port);
-  }
-  void TearDown() override {
-    if (server_ != nullptr) server_->Shutdown();
+    if (absl::Status s = node_.Start({}); !s.ok()) GTEST_SKIP() << "UCX cannot run here: " << s;
   }
 
   std::unique_ptr<UcxRetrievalClient> Connect() {
-    auto grpc = GrpcRetrievalClient::Create(grpc_address_);
-    EXPECT_TRUE(grpc.ok()) << grpc.status();
     UcxClientOptions options;
-    options.attend_timeout = absl::Seconds(30);  // the test completes calls itself
     options.first_call_id = 1;  // both clients issue the same ids (worst case)
-    auto client = UcxRetrievalClient::Create(std::move(grpc).value(), options);
-    EXPECT_TRUE(client.ok()) << client.status();
-    return std::move(client).value();
+    return node_.Connect(options);
   }
 
   // An Attend of one 4-dim query on `sequence_id`; its status goes to `result`.
@@ -149,19 +60,11 @@ class UcxRoutingTest : public ::testing::Test {
 
   // Waits (at most 10 s) until the endpoint holds `n` connections.
   bool WaitForConnections(size_t n) {
-    const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(10);
-    while (endpoint_->connections() != n) {
-      if (std::chrono::steady_clock::now() > deadline) return false;
-      std::this_thread::yield();
-    }
-    return true;
+    return test_ucx::WaitUntil([this] { return node_.endpoint()->connections(); }, n);
   }
 
-  ParkedCalls parked_;
-  std::unique_ptr<UcxEndpoint> endpoint_;
-  std::unique_ptr<EndpointsOnly> service_;
-  std::unique_ptr<grpc::Server> server_;
-  std::string grpc_address_;
+  test_ucx::UcxTestNode node_;
+  ParkedCalls& parked_ = node_.parked;
 };
 
 TEST_F(UcxRoutingTest, LateReplyOfAGoneClientNeverReachesTheNextClient) {
@@ -206,8 +109,8 @@ TEST_F(UcxRoutingTest, LateReplyOfAGoneClientNeverReachesTheNextClient) {
 // A client ignores a reply it did not issue: its call ids start at a random
 // point (unless a test pins them), so two clients' ids do not collide.
 TEST_F(UcxRoutingTest, ClientsPickDifferentCallIds) {
-  auto grpc_a = GrpcRetrievalClient::Create(grpc_address_);
-  auto grpc_b = GrpcRetrievalClient::Create(grpc_address_);
+  auto grpc_a = GrpcRetrievalClient::Create(node_.grpc_address());
+  auto grpc_b = GrpcRetrievalClient::Create(node_.grpc_address());
   ASSERT_TRUE(grpc_a.ok() && grpc_b.ok());
   auto a = UcxRetrievalClient::Create(std::move(grpc_a).value());
   auto b = UcxRetrievalClient::Create(std::move(grpc_b).value());
