@@ -35,6 +35,7 @@
 
 #include <grpcpp/grpcpp.h>
 
+#include "tests/support/temp_dir.h"
 #include "common/tensor.h"
 #include "gtest/gtest.h"
 #include "kvr/v1/retrieval.grpc.pb.h"
@@ -56,22 +57,10 @@ using kvr::test_support::RandomMatrix;
 constexpr int kDim = 64;
 constexpr int64_t kMax = std::numeric_limits<int64_t>::max();
 
-// A fresh directory under $TMPDIR, removed with its contents.
-class TempDir {
+// A fresh directory for one test, removed with its contents.
+class TempDir : public test_support::TempDir {
  public:
-  TempDir() {
-    const char* base = std::getenv("TMPDIR");
-    std::string tmpl = std::string(base != nullptr ? base : "/tmp") + "/kvr_hostile_XXXXXX";
-    if (mkdtemp(tmpl.data()) != nullptr) path_ = tmpl;
-  }
-  ~TempDir() {
-    std::error_code ec;
-    if (!path_.empty()) std::filesystem::remove_all(path_, ec);
-  }
-  const std::string& path() const { return path_; }
-
- private:
-  std::string path_;
+  TempDir() : test_support::TempDir("kvr_hostile") {}
 };
 
 SequenceSpec Spec(uint64_t id, IndexType type = IndexType::kFlat) {

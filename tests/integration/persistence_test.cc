@@ -40,6 +40,7 @@
 #include <thread>
 #include <vector>
 
+#include "tests/support/temp_dir.h"
 #include "tests/support/server_process.h"
 #include "tests/support/test_data.h"
 #include "common/attention.h"
@@ -54,22 +55,10 @@
 namespace kvr::retrieval {
 namespace {
 
-// A fresh directory under $TMPDIR, removed with its contents.
-class TempDir {
+// A fresh directory for one test, removed with its contents.
+class TempDir : public test_support::TempDir {
  public:
-  TempDir() {
-    const char* base = std::getenv("TMPDIR");
-    std::string tmpl = std::string(base != nullptr ? base : "/tmp") + "/kvr_persistence_XXXXXX";
-    if (mkdtemp(tmpl.data()) != nullptr) path_ = tmpl;
-  }
-  ~TempDir() {
-    std::error_code ec;
-    if (!path_.empty()) std::filesystem::remove_all(path_, ec);
-  }
-  const std::string& path() const { return path_; }
-
- private:
-  std::string path_;
+  TempDir() : test_support::TempDir("kvr_persistence") {}
 };
 
 using kvr::test_support::NodeProcess;
