@@ -55,6 +55,7 @@
 #include "kvr/v1/generation.grpc.pb.h"
 #include "nlohmann/json.hpp"
 #include "tests/support/reflection.h"
+#include "tests/support/gateway_process.h"
 #include "tests/support/metrics_page.h"
 #include "tests/support/server_process.h"
 
@@ -77,46 +78,7 @@ constexpr char kLongPrompt[] =
 // ---------------------------------------------------------------------------
 // Processes.
 
-// A kvr_gateway child: its gRPC, HTTP and metrics addresses from its lines.
-class GatewayProcess {
- public:
-  static std::unique_ptr<GatewayProcess> Start(const std::vector<std::string>& args) {
-    std::vector<std::string> argv = {g_gateway_binary, "--listen=127.0.0.1:0",
-                                     "--http_listen=127.0.0.1:0", "--metrics_listen=127.0.0.1:0"};
-    argv.insert(argv.end(), args.begin(), args.end());
-    auto proc = Subprocess::Start(std::move(argv));
-    if (!proc.ok()) return ADD_FAILURE() << proc.status(), nullptr;
-    auto g = std::unique_ptr<GatewayProcess>(new GatewayProcess());
-    g->proc_ = *std::move(proc);
-    // The gRPC line comes last; the others are already read by then.
-    auto grpc = g->proc_->WaitForLine("kvr_gateway listening on ", absl::Seconds(60));
-    if (!grpc.ok()) return ADD_FAILURE() << "kvr_gateway did not start: " << grpc.status(), nullptr;
-    auto http = g->proc_->WaitForLine("kvr_gateway http on ", absl::ZeroDuration());
-    auto metrics = g->proc_->WaitForLine("kvr_gateway metrics on ", absl::ZeroDuration());
-    if (!http.ok() || !metrics.ok()) {
-      return ADD_FAILURE() << "kvr_gateway printed no http / metrics line", nullptr;
-    }
-    g->grpc_ = *grpc;
-    g->http_ = *http;
-    g->metrics_ = *metrics;
-    return g;
-  }
-
-  const std::string& grpc() const { return grpc_; }
-  const std::string& http() const { return http_; }
-  const std::string& metrics() const { return metrics_; }
-
-  // SIGTERM; true when it exited 0.
-  bool Stop() {
-    auto st = proc_->Stop(SIGTERM, absl::Seconds(30));
-    return st.ok() && WIFEXITED(*st) && WEXITSTATUS(*st) == 0;
-  }
-
- private:
-  GatewayProcess() = default;
-  std::unique_ptr<Subprocess> proc_;
-  std::string grpc_, http_, metrics_;
-};
+using test_support::GatewayProcess;
 
 std::unique_ptr<ServerProcess> StartWorker(const std::vector<std::string>& extra = {}) {
   std::vector<std::string> args = {"--max_concurrent=4", "--max_queue=16"};
@@ -382,9 +344,10 @@ class GatewayE2eTest : public ::testing::Test {
     worker_a_ = StartWorker().release();
     worker_b_ = StartWorker().release();
     if (worker_a_ == nullptr || worker_b_ == nullptr) return;
-    gateway_ = GatewayProcess::Start({"--workers=" + worker_a_->address() + "," +
-                                          worker_b_->address(),
-                                      "--max_outstanding_per_worker=4", "--max_queue=32"})
+    gateway_ = GatewayProcess::Start(
+                   g_gateway_binary,
+                   {"--workers=" + worker_a_->address() + "," + worker_b_->address(),
+                    "--max_outstanding_per_worker=4", "--max_queue=32"})
                    .release();
   }
   static void TearDownTestSuite() {
@@ -844,6 +807,7 @@ TEST(GatewayOverloadTest, FullQueueAndQueueDeadline) {
   auto worker = StartWorker();
   ASSERT_NE(worker, nullptr);
   auto gateway = GatewayProcess::Start(
+      g_gateway_binary,
       {"--workers=" + worker->address(), "--max_outstanding_per_worker=1", "--max_queue=1",
        "--request_timeout_seconds=2", "--health_check_seconds=1000"});
   ASSERT_NE(gateway, nullptr);
@@ -911,8 +875,9 @@ TEST(GatewayFailoverTest, DeadWorkerIsRetriedAndTakenOutOfRotation) {
   auto b = StartWorker();
   ASSERT_NE(a, nullptr);
   ASSERT_NE(b, nullptr);
-  auto gateway = GatewayProcess::Start({"--workers=" + a->address() + "," + b->address(),
-                                        "--health_check_seconds=1000"});
+  auto gateway = GatewayProcess::Start(
+      g_gateway_binary,
+      {"--workers=" + a->address() + "," + b->address(), "--health_check_seconds=1000"});
   ASSERT_NE(gateway, nullptr);
   {
     auto gw = Stub(gateway->grpc());
@@ -943,7 +908,7 @@ TEST(GatewayMembershipTest, DnsWorkerList) {
   auto worker = StartWorker();
   ASSERT_NE(worker, nullptr);
   const std::string port = worker->address().substr(worker->address().rfind(':') + 1);
-  auto gateway = GatewayProcess::Start({"--workers=dns:///localhost:" + port});
+  auto gateway = GatewayProcess::Start(g_gateway_binary, {"--workers=dns:///localhost:" + port});
   ASSERT_NE(gateway, nullptr);
   {
     Case c;

@@ -47,6 +47,7 @@
 #include "gtest/gtest.h"
 #include "kvr/v1/generation.grpc.pb.h"
 #include "nlohmann/json.hpp"
+#include "tests/support/gateway_process.h"
 #include "tests/support/metrics_page.h"
 #include "tests/support/server_process.h"
 
@@ -64,50 +65,7 @@ std::string Env(const char* name) {
   return v == nullptr ? std::string() : std::string(v);
 }
 
-// A kvr_gateway child with its gRPC, HTTP and metrics addresses.
-class GatewayProcess {
- public:
-  static std::unique_ptr<GatewayProcess> Start(const std::vector<std::string>& args) {
-    std::vector<std::string> argv = {Env("KVR_GATEWAY_BIN"), "--listen=127.0.0.1:0",
-                                     "--http_listen=127.0.0.1:0", "--metrics_listen=127.0.0.1:0"};
-    argv.insert(argv.end(), args.begin(), args.end());
-    auto proc = Subprocess::Start(std::move(argv));
-    if (!proc.ok()) return ADD_FAILURE() << proc.status(), nullptr;
-    auto g = std::unique_ptr<GatewayProcess>(new GatewayProcess());
-    g->proc_ = *std::move(proc);
-    auto grpc = g->proc_->WaitForLine("kvr_gateway listening on ", absl::Seconds(60));
-    if (!grpc.ok()) return ADD_FAILURE() << "kvr_gateway did not start: " << grpc.status(), nullptr;
-    auto http = g->proc_->WaitForLine("kvr_gateway http on ", absl::ZeroDuration());
-    auto metrics = g->proc_->WaitForLine("kvr_gateway metrics on ", absl::ZeroDuration());
-    if (!http.ok() || !metrics.ok()) return ADD_FAILURE() << "no http / metrics line", nullptr;
-    g->grpc_ = *grpc;
-    g->http_ = *http;
-    g->metrics_ = *metrics;
-    return g;
-  }
-
-  const std::string& grpc() const { return grpc_; }
-  const std::string& http() const { return http_; }
-  const std::string& metrics() const { return metrics_; }
-  // False once it has exited (its wait status is then in exit_status()).
-  bool running() {
-    if (!exit_status_.has_value()) exit_status_ = proc_->PollExit();
-    return !exit_status_.has_value();
-  }
-  std::optional<int> exit_status() const { return exit_status_; }
-
-  // SIGTERM; true when it exited 0.
-  bool Stop() {
-    auto st = proc_->Stop(SIGTERM, absl::Seconds(30));
-    return st.ok() && WIFEXITED(*st) && WEXITSTATUS(*st) == 0;
-  }
-
- private:
-  GatewayProcess() = default;
-  std::unique_ptr<Subprocess> proc_;
-  std::string grpc_, http_, metrics_;
-  std::optional<int> exit_status_;
-};
+using test_support::GatewayProcess;
 
 struct HttpReply {
   int status = 0;  // 0: no response
@@ -207,7 +165,8 @@ class GatewayHostileTest : public ::testing::Test {
                                    {"--max_concurrent=4", "--max_queue=16"})
                   .release();
     if (worker_ == nullptr || !worker_->listening()) return;
-    gateway_ = GatewayProcess::Start({"--workers=" + worker_->address(),
+    gateway_ = GatewayProcess::Start(Env("KVR_GATEWAY_BIN"),
+                                     {"--workers=" + worker_->address(),
                                       "--health_check_seconds=1000"})
                    .release();
   }
@@ -402,7 +361,8 @@ TEST_F(GatewayHostileTest, NonStreamedDisconnectCancelsTheWorkerCall) {
 // DEADLINE_EXCEEDED after about the cap, not a year. A default timeout
 // above the cap is a flag error.
 TEST_F(GatewayHostileTest, FarDeadlinesAreCapped) {
-  auto capped = GatewayProcess::Start({"--workers=" + worker_->address(),
+  auto capped = GatewayProcess::Start(Env("KVR_GATEWAY_BIN"),
+                                      {"--workers=" + worker_->address(),
                                        "--health_check_seconds=1000",
                                        "--request_timeout_seconds=1",
                                        "--max_request_timeout_seconds=2"});
