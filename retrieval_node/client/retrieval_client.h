@@ -72,6 +72,16 @@ class RetrievalClient {
 
   virtual absl::StatusOr<NodeStats> Stats() = 0;
 
+  // Makes the node this client talks to hold exactly what
+  // `request.source_address` holds of the selected shards, copied node to
+  // node (the caller moves no K/V): chunks it lacks are copied whole, held
+  // chunks get the rows after its last position, and a head whose rows
+  // disagree with the source's is replaced. Returns what was copied and the
+  // resulting last positions. Unavailable / DeadlineExceeded when either
+  // node cannot be reached. The default (clients of no single networked
+  // node) returns Unimplemented.
+  virtual absl::StatusOr<SyncResult> SyncShards(const SyncRequest& request);
+
   // Nodes a new sequence is placed on now (1 for a client of one node).
   // Thread-safe.
   virtual size_t num_nodes() const { return 1; }

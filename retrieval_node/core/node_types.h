@@ -88,6 +88,15 @@ struct AppendRequest {
 // One decode step's queries for one layer: every query head (query head h
 // reads kv head h / (n_heads / n_kv_heads)), searched in every shard of that
 // layer the node holds.
+// One shard of a (sequence, layer): chunk `chunk` of kv head `kv_head`.
+// The tokens appended to a head join its last chunk, so selecting a head's
+// last chunk selects its appended tail too.
+struct HeadChunkRef {
+  int32_t kv_head = 0;
+  int32_t chunk = 0;
+  friend bool operator==(const HeadChunkRef&, const HeadChunkRef&) = default;
+};
+
 struct AttendRequest {
   uint64_t sequence_id = 0;
   int32_t layer = 0;
@@ -96,6 +105,40 @@ struct AttendRequest {
   int beam = 0;             // graph beam width (0: index default)
   int nprobe = 0;           // IVF lists probed (0: index default)
   float scale = 0.0f;       // score scale; 0 = 1 / sqrt(head_dim)
+  // Which shards of (sequence, layer) to search: empty = every shard the
+  // node holds; otherwise only these (each at most once; a listed shard the
+  // node does not hold is NotFound naming it). With R > 1 replicas a worker
+  // asks each node for the shards it chose that node for, so no shard is
+  // attended twice. Must stay valid until the call completes.
+  std::span<const HeadChunkRef> shards;
+};
+
+// One shard of a sequence, any layer.
+struct ShardRef {
+  int32_t layer = 0;
+  int32_t kv_head = 0;
+  int32_t chunk = 0;
+  friend bool operator==(const ShardRef&, const ShardRef&) = default;
+};
+
+// Node-to-node catch-up / re-replication (RetrievalClient::SyncShards): the
+// node the call goes to (the destination) copies shards of one sequence
+// from another node (the source) directly, not through the caller.
+struct SyncRequest {
+  SequenceSpec spec;           // the sequence (created on the destination if missing)
+  std::string source_address;  // the source kvr_node, "host:port" (its gRPC address)
+  // The shards to make identical to the source's; empty = every shard the
+  // source holds of the sequence.
+  std::vector<ShardRef> shards;
+};
+
+struct SyncResult {
+  int64_t keys_copied = 0;   // rows the destination received
+  int64_t bytes_copied = 0;  // payload bytes received from the source
+  // After the sync, the last position the destination holds per (layer, kv
+  // head) among the synced shards' heads: [layer * n_kv_heads + kv_head],
+  // -1 when it holds none of that head.
+  std::vector<int64_t> last_positions;
 };
 
 // Work done by one Attend (summed over query heads and shards).
