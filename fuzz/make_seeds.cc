@@ -93,6 +93,21 @@ void UcxSeeds() {
   req.set_sequence_id(7);
   req.set_k(0);
   Write("ucx_wire", "attend-bad-k", 16, frame(h, req.SerializeAsString()));
+  // Version 2: a shard selection (the fuzz node holds kv head 0, chunk 0),
+  // then one listing it twice and one naming a chunk the node lacks.
+  req.set_k(4);
+  h.version = kUcxWireVersionShards;
+  kvr::v1::HeadChunk* sel = req.add_shards();
+  sel->set_kv_head(0);
+  sel->set_chunk(0);
+  Write("ucx_wire", "attend-shards", 16, frame(h, req.SerializeAsString()));
+  *req.add_shards() = *sel;
+  Write("ucx_wire", "attend-shards-duplicate", 16, frame(h, req.SerializeAsString()));
+  req.mutable_shards()->RemoveLast();
+  req.mutable_shards(0)->set_chunk(3);
+  Write("ucx_wire", "attend-shards-not-held", 16, frame(h, req.SerializeAsString()));
+  req.clear_shards();
+  h.version = kUcxWireVersion;
   h.flags = kUcxFlagPing;
   Write("ucx_wire", "ping", 16, frame(h, ""));
   kvr::v1::AttendResponse resp;

@@ -249,13 +249,7 @@ void GrpcRetrievalClient::AttendAsync(const AttendRequest& request, PartialsView
   };
   auto call = std::make_unique<Call>();
   SetDeadline(&call->context, options_.attend_timeout);
-  call->request.set_sequence_id(request.sequence_id);
-  call->request.set_layer(request.layer);
-  PackMatrix(request.queries, call->request.mutable_queries());
-  call->request.set_k(request.k);
-  call->request.set_beam(request.beam);
-  call->request.set_nprobe(request.nprobe);
-  call->request.set_scale(request.scale);
+  AttendRequestToProto(request, &call->request);
   call->out = out;
   call->stats = stats;
   call->done = std::move(done);

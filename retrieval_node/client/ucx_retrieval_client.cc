@@ -103,8 +103,11 @@ class UcxRetrievalClient::Transport {
 
   // Queues `call` with request bytes `data`; its `done` runs on the progress
   // thread (or here, never: errors are reported from that thread too).
-  void Submit(Call call, std::string data, absl::Duration timeout) {
+  // `version`: the request header's wire version (ucx_wire.h).
+  void Submit(Call call, std::string data, absl::Duration timeout,
+              uint32_t version = kUcxWireVersion) {
     auto out = std::make_unique<Outgoing>();
+    out->header.version = version;
     out->header.flags = call.ping ? kUcxFlagPing : 0;
     out->data = std::move(data);
     call.deadline = Clock::now() + absl::ToChronoNanoseconds(timeout);
@@ -491,18 +494,13 @@ void UcxRetrievalClient::AttendAsync(const AttendRequest& request, PartialsView 
     return;
   }
   v1::AttendRequest message;
-  message.set_sequence_id(request.sequence_id);
-  message.set_layer(request.layer);
-  PackMatrix(request.queries, message.mutable_queries());
-  message.set_k(request.k);
-  message.set_beam(request.beam);
-  message.set_nprobe(request.nprobe);
-  message.set_scale(request.scale);
+  AttendRequestToProto(request, &message);
   Transport::Call call;
   call.out = out;
   call.stats = stats;
   call.done = std::move(done);
-  transport_->Submit(std::move(call), message.SerializeAsString(), options_.attend_timeout);
+  transport_->Submit(std::move(call), message.SerializeAsString(), options_.attend_timeout,
+                     request.shards.empty() ? kUcxWireVersion : kUcxWireVersionShards);
 }
 
 }  // namespace kvr::retrieval

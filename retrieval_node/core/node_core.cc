@@ -638,6 +638,50 @@ void NodeCore::AttendAsync(const AttendRequest& request, PartialsView out, Atten
   });
 }
 
+absl::Status NodeCore::SelectShards(const Sequence& seq, const AttendRequest& request,
+                                    std::vector<std::vector<size_t>>* selected) {
+  const SequenceSpec& spec = seq.spec;
+  size_t held = 0;
+  for (int32_t g = 0; g < spec.n_kv_heads; ++g) held += seq.head(request.layer, g).chunks.size();
+  if (request.shards.size() > held) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "Attend: shards lists ", request.shards.size(), " entries but layer ", request.layer,
+        " of sequence ", spec.sequence_id, " has ", held,
+        " shards (n_kv_heads x held chunks): the limit"));
+  }
+  selected->resize(static_cast<size_t>(spec.n_kv_heads));
+  for (auto& v : *selected) v.clear();
+  for (const HeadChunkRef& ref : request.shards) {
+    if (ref.kv_head < 0 || ref.kv_head >= spec.n_kv_heads) {
+      return absl::InvalidArgumentError(absl::StrCat("Attend: shards entry kv_head ", ref.kv_head,
+                                                     " outside [0, ", spec.n_kv_heads, ")"));
+    }
+    const HeadState& head = seq.head(request.layer, ref.kv_head);
+    const auto it = std::lower_bound(
+        head.chunks.begin(), head.chunks.end(), ref.chunk,
+        [](const Chunk& c, int32_t chunk) { return c.chunk < chunk; });
+    if (it == head.chunks.end() || it->chunk != ref.chunk) {
+      return absl::NotFoundError(absl::StrCat(
+          "Attend: shards lists ",
+          ShardKey{spec.sequence_id, request.layer, ref.kv_head, ref.chunk}.DebugString(),
+          " which this node does not hold"));
+    }
+    (*selected)[static_cast<size_t>(ref.kv_head)].push_back(
+        static_cast<size_t>(it - head.chunks.begin()));
+  }
+  for (int32_t g = 0; g < spec.n_kv_heads; ++g) {
+    std::vector<size_t>& slots = (*selected)[static_cast<size_t>(g)];
+    std::sort(slots.begin(), slots.end());
+    const auto dup = std::adjacent_find(slots.begin(), slots.end());
+    if (dup != slots.end()) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "Attend: shards lists kv_head ", g, " chunk ",
+          seq.head(request.layer, g).chunks[*dup].chunk, " more than once"));
+    }
+  }
+  return absl::OkStatus();
+}
+
 absl::Status NodeCore::AttendNow(const AttendRequest& request, PartialsView out,
                                  AttendStats* stats) {
   std::shared_ptr<Sequence> seq = Find(request.sequence_id);
@@ -674,6 +718,14 @@ absl::Status NodeCore::AttendNow(const AttendRequest& request, PartialsView out,
   params.scale = request.scale > 0.0f ? request.scale
                                       : 1.0f / std::sqrt(static_cast<float>(spec.head_dim));
 
+  // Shard selection: selected[g] lists the chunk slots of head g to search
+  // (ascending), or everything when the request lists no shards.
+  const bool select = !request.shards.empty();
+  thread_local std::vector<std::vector<size_t>> selected;
+  if (select) {
+    KVR_RETURN_IF_ERROR(SelectShards(*seq, request, &selected));
+  }
+
   const size_t group = static_cast<size_t>(spec.n_heads / spec.n_kv_heads);
   const size_t d = static_cast<size_t>(spec.head_dim);
   thread_local index::AttendScratch scratch;
@@ -686,6 +738,7 @@ absl::Status NodeCore::AttendNow(const AttendRequest& request, PartialsView out,
     HeadState& head = seq->head(request.layer, g);
     const ConstMatrixView q = request.queries.rows_slice(g * group, group);
     const PartialsView dst = out.slice(g * group, group);
+    if (select && selected[static_cast<size_t>(g)].empty()) continue;
     if (options_.recent_queries > 0) {
       std::lock_guard<std::mutex> qlock(head.query_mu);
       if (head.recent.empty()) head.recent.resize(options_.recent_queries * d);
@@ -706,10 +759,21 @@ absl::Status NodeCore::AttendNow(const AttendRequest& request, PartialsView out,
           static_cast<int64_t>(std::min<size_t>(idx.size(), size_t(request.k)) * group);
       return absl::OkStatus();
     };
-    for (const Chunk& c : head.chunks) {
-      if (c.index != nullptr) KVR_RETURN_IF_ERROR(search(*c.index, c.values));
+    if (!select) {
+      for (const Chunk& c : head.chunks) {
+        if (c.index != nullptr) KVR_RETURN_IF_ERROR(search(*c.index, c.values));
+      }
+      if (head.tail != nullptr) KVR_RETURN_IF_ERROR(search(*head.tail, head.tail_values));
+      continue;
     }
-    if (head.tail != nullptr) KVR_RETURN_IF_ERROR(search(*head.tail, head.tail_values));
+    for (size_t slot : selected[static_cast<size_t>(g)]) {
+      const Chunk& c = head.chunks[slot];
+      if (c.index != nullptr) KVR_RETURN_IF_ERROR(search(*c.index, c.values));
+      // The appended tail belongs to the head's last chunk.
+      if (slot + 1 == head.chunks.size() && head.tail != nullptr) {
+        KVR_RETURN_IF_ERROR(search(*head.tail, head.tail_values));
+      }
+    }
   }
   local.distance_computations = search_stats.distance_computations;
   if (stats != nullptr) *stats = local;

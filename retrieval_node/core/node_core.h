@@ -12,7 +12,9 @@
 // keys incrementally), or, when the chunk has no index yet or only a flat one
 // because it was small, the chunk's index is (re)built over all its keys with
 // the most recent decode queries of that kv head as training queries.
-// Attend searches every chunk and the tail and merges the partials by LSE.
+// Attend searches every chunk and the tail (or, when the request lists
+// `shards`, only those chunks; the tail goes with its head's last chunk) and
+// merges the partials by LSE.
 //
 // Persistence (optional, `NodeCoreOptions::persistence`): every
 // acknowledged CreateSequence / UploadShard / Append / DropSequence is
@@ -231,6 +233,14 @@ class NodeCore final {
   static std::shared_ptr<Sequence> NewSequence(const SequenceSpec& spec);
   std::shared_ptr<Sequence> Find(uint64_t sequence_id);
   absl::Status AttendNow(const AttendRequest& request, PartialsView out, AttendStats* stats);
+  // Resolves request.shards (non-empty) against `seq`'s layer request.layer
+  // (checked by the caller): (*selected)[g] = the slots in head g's chunk
+  // list to search, ascending. InvalidArgument naming `shards` for more
+  // entries than the layer holds shards, a kv_head out of range or a
+  // duplicate; NotFound naming the shard for one not held. Caller holds the
+  // sequence lock (shared suffices).
+  static absl::Status SelectShards(const Sequence& seq, const AttendRequest& request,
+                                   std::vector<std::vector<size_t>>* selected);
   // AppendAsync's work: applies `request` and, when it changed something
   // that must be persisted, queues the commit and moves `done` into it
   // (*handed_off = true: the commit calls it). Otherwise the caller calls

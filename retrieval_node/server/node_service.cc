@@ -468,8 +468,13 @@ void NodeService::HandleAttend(const v1::AttendRequest& request, v1::AttendRespo
     Matrix queries;
     Partials out;
     AttendStats stats;
+    std::vector<HeadChunkRef> shards;
   };
   auto call = std::make_shared<Call>();
+  if (absl::Status s = AttendShardsFromProto(request, kMaxAttendShards, &call->shards); !s.ok()) {
+    finish(done, std::move(s));
+    return;
+  }
   const std::string& qbytes = request.queries().data();
   call->queries = Matrix(n, d);
   std::memcpy(call->queries.data.data(), qbytes.data(), qbytes.size());
@@ -487,6 +492,7 @@ void NodeService::HandleAttend(const v1::AttendRequest& request, v1::AttendRespo
   a.beam = request.beam();
   a.nprobe = request.nprobe();
   a.scale = request.scale();
+  a.shards = call->shards;
 
   core_->AttendAsync(a, call->out.view(), &call->stats,
                      [response, call, n, d, metrics, finish,

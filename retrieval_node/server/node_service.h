@@ -101,6 +101,10 @@ class NodeService final : public v1::RetrievalNode::CallbackService {
   // Limits the handlers enforce on Attend.
   static constexpr int32_t kMaxBeam = 1 << 16;
   static constexpr int32_t kMaxNprobe = 1 << 16;
+  // Entries of AttendRequest.shards one Attend may list before the node
+  // looks at the sequence (which then bounds them by n_kv_heads x held
+  // chunks of the layer).
+  static constexpr size_t kMaxAttendShards = size_t{1} << 20;
 
  private:
   class UploadReactor;

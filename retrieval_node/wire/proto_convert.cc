@@ -221,4 +221,32 @@ void PackMatrix(ConstMatrixView m, v1::Matrix* out) {
   if (m.rows() > 0) AppendRows(m, 0, m.rows(), data);
 }
 
+void AttendRequestToProto(const AttendRequest& request, v1::AttendRequest* out) {
+  out->set_sequence_id(request.sequence_id);
+  out->set_layer(request.layer);
+  PackMatrix(request.queries, out->mutable_queries());
+  out->set_k(request.k);
+  out->set_beam(request.beam);
+  out->set_nprobe(request.nprobe);
+  out->set_scale(request.scale);
+  out->mutable_shards()->Reserve(static_cast<int>(request.shards.size()));
+  for (const HeadChunkRef& ref : request.shards) {
+    v1::HeadChunk* s = out->add_shards();
+    s->set_kv_head(ref.kv_head);
+    s->set_chunk(ref.chunk);
+  }
+}
+
+absl::Status AttendShardsFromProto(const v1::AttendRequest& request, size_t max_shards,
+                                   std::vector<HeadChunkRef>* out) {
+  out->clear();
+  if (static_cast<size_t>(request.shards_size()) > max_shards) {
+    return absl::InvalidArgumentError(absl::StrCat("shards lists ", request.shards_size(),
+                                                   " entries > max ", max_shards));
+  }
+  out->reserve(static_cast<size_t>(request.shards_size()));
+  for (const v1::HeadChunk& s : request.shards()) out->push_back({s.kv_head(), s.chunk()});
+  return absl::OkStatus();
+}
+
 }  // namespace kvr::retrieval

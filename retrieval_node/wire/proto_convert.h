@@ -41,6 +41,17 @@ void ShardKeyToProto(const ShardKey& key, v1::ShardKey* out);
 void ShardInfoToProto(const ShardInfo& info, v1::ShardInfo* out);
 absl::StatusOr<ShardInfo> ShardInfoFromProto(const v1::ShardInfo& info);
 
+// Fills `out` from `request` (queries packed as fp32, the shard selection as
+// repeated HeadChunk). The clients' one encoder of Attend.
+void AttendRequestToProto(const AttendRequest& request, v1::AttendRequest* out);
+
+// The shard selection of `request` into `out` (cleared first).
+// InvalidArgument naming `shards` when it lists more than `max_shards`
+// entries (the node's bound: n_kv_heads x held chunks is checked by the core;
+// this one bounds the copy before the sequence is known).
+absl::Status AttendShardsFromProto(const v1::AttendRequest& request, size_t max_shards,
+                                   std::vector<HeadChunkRef>* out);
+
 // Bytes of `rows` x `cols` elements of `dtype`, or InvalidArgument naming
 // `field` when rows is outside [0, max_rows] or cols outside [1, max_cols].
 absl::StatusOr<int64_t> PackedBytes(int64_t rows, int64_t cols, DType dtype, int64_t max_rows,

@@ -45,9 +45,10 @@ absl::StatusOr<UcxReplyHeader> DecodeUcxReplyHeader(const void* header, size_t l
 
 absl::Status CheckUcxRequest(const UcxRequestHeader& header, size_t data_length,
                              size_t max_message_bytes) {
-  if (header.version != kUcxWireVersion) {
-    return absl::FailedPreconditionError(
-        absl::StrCat("UCX wire version ", header.version, " != node's ", kUcxWireVersion));
+  if (header.version != kUcxWireVersion && header.version != kUcxWireVersionShards) {
+    return absl::FailedPreconditionError(absl::StrCat("UCX wire version ", header.version,
+                                                      " not one of the node's ", kUcxWireVersion,
+                                                      ", ", kUcxWireVersionShards));
   }
   if ((header.flags & kUcxFlagPing) != 0) return absl::OkStatus();
   if (data_length > max_message_bytes) {

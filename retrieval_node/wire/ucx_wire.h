@@ -29,7 +29,16 @@ namespace kvr::retrieval {
 
 inline constexpr uint16_t kUcxAttendRequestAm = 1;
 inline constexpr uint16_t kUcxAttendReplyAm = 2;
+// Request versions: 1 = an AttendRequest searching every shard the node
+// holds; 2 = one that may list AttendRequest.shards. A client sends 2 only
+// when it lists shards, so a node that predates the selection refuses the
+// call (FailedPrecondition: wire version) instead of searching every shard
+// and counting the other replicas' shards twice; nodes accept both. Replies
+// are version 1. The selection itself is bounded by max_message_bytes (each
+// entry is >= 2 bytes of the frame) and by the node (NodeService::
+// kMaxAttendShards, then n_kv_heads x held chunks).
 inline constexpr uint32_t kUcxWireVersion = 1;
+inline constexpr uint32_t kUcxWireVersionShards = 2;
 // UcxRequestHeader::flags bit: a connection check; the node replies OK with
 // no data and calls no handler.
 inline constexpr uint32_t kUcxFlagPing = 1;
@@ -52,7 +61,7 @@ absl::StatusOr<UcxRequestHeader> DecodeUcxRequestHeader(const void* header, size
 absl::StatusOr<UcxReplyHeader> DecodeUcxReplyHeader(const void* header, size_t length);
 
 // What the node answers a request before reading its `data_length` bytes:
-// FailedPrecondition for another wire version, ResourceExhausted naming
+// FailedPrecondition for a wire version other than 1 and 2, ResourceExhausted naming
 // max_message_bytes for a larger request, OK otherwise (a ping is then
 // answered OK with no data).
 absl::Status CheckUcxRequest(const UcxRequestHeader& header, size_t data_length,
