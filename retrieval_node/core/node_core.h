@@ -45,6 +45,7 @@
 #include "common/attention.h"
 #include "common/status.h"
 #include "common/thread_pool.h"
+#include "retrieval_node/core/node_sync.h"
 #include "retrieval_node/core/node_types.h"
 #include "retrieval_node/core/shard_persistence.h"
 #include "retrieval_node/index/attention_graph_index.h"
@@ -218,6 +219,48 @@ class NodeCore final {
   // checked): the node must not serve.
   absl::Status Recover();
 
+  // --- Node-to-node copy (node_sync.h; defined in node_sync.cc) ----------
+  //
+  // Source side of SyncShards: reads `query`'s chunks of one sequence. The
+  // rows are copied under the sequence's shared lock (one consistent
+  // snapshot; appends to that sequence wait for the copy only), after their
+  // size is reserved in upload_memory_bytes (ResourceExhausted naming it
+  // otherwise; released when this returns); then `on_header` and each
+  // `on_chunk` run with no lock held (a slow reader stalls nobody).
+  // NotFound for an unknown sequence or (query.all false) a chunk not held;
+  // InvalidArgument naming `cursors` for more than kMaxSyncCursors cursors,
+  // a duplicate, or a layer / kv head out of range.
+  absl::Status ReadShards(const ReadShardsQuery& query,
+                          const std::function<absl::Status(const SyncHeader&)>& on_header,
+                          const std::function<absl::Status(SyncChunkData)>& on_chunk);
+
+  // Destination side: makes this node hold exactly what `source` holds of
+  // request.shards of request.spec's sequence (every chunk the source holds
+  // when empty; chunks of the destination the source lacks are kept),
+  // creating the sequence when missing. Per chunk: copied whole when
+  // missing; when held, only the rows after the last held one travel and
+  // the index comes as the source's blob unless ours has the same rows; a
+  // chunk whose held rows are not a prefix of the source's (positions the
+  // source lacks, another layout) is read again whole and replaced. Each
+  // changed head is installed and persisted (ShardPersistence, one replacing
+  // HeadWrite) atomically under the sequence's exclusive lock; nothing is
+  // locked while data travels, so other sequences and this one's Attends
+  // keep being served. The source's declared payload is reserved in
+  // memory_budget_bytes before any of it is received: ResourceExhausted
+  // naming the budget then, with nothing changed (a sequence the sync
+  // created is dropped again on any failure). Errors: InvalidArgument for a
+  // bad spec or selection (naming `shards`, bounded by kMaxSyncCursors);
+  // FailedPrecondition when the sequence exists with another spec, the
+  // source's spec differs, or the result would put a tail before a later
+  // chunk; DataLoss for source data that contradicts itself or its
+  // declaration; Aborted when the destination kept changing under the copy
+  // (retry); the source's errors as they are.
+  absl::StatusOr<SyncResult> SyncShards(const SyncRequest& request, SyncSource* source);
+
+  // Cursors one ReadShards / SyncShards call may carry: the most chunks one
+  // sequence can have on a node at kMaxHeadsPerSequence heads x 16 chunks.
+  static constexpr size_t kMaxSyncCursors = size_t{1} << 20;
+
   // Sequence ids quarantined by Recover (ascending), with the reason.
   std::vector<std::pair<uint64_t, std::string>> QuarantinedSequences();
 
@@ -252,6 +295,16 @@ class NodeCore final {
   // Recover: removes `sequence_id` from the served sequences (returning its
   // memory), records it as quarantined and logs `why`.
   void Quarantine(uint64_t sequence_id, const absl::Status& why);
+  // SyncShards' work (node_sync.cc): what the destination holds, as the
+  // cursors of a ReadShardsQuery; reading from `source` into `chunks`
+  // with the declared payload reserved in `reservation`; building (and, with
+  // `install`, installing and persisting) every head the chunks touch.
+  absl::Status PlanSync(const SyncRequest& request, ReadShardsQuery* query);
+  absl::Status ReceiveSync(const SyncRequest& request, const ReadShardsQuery& query,
+                           SyncSource* source, std::vector<SyncChunkData>* chunks,
+                           MemoryReservation* reservation, int64_t* bytes);
+  absl::Status AssembleSync(Sequence* seq, std::vector<SyncChunkData>& chunks, bool install,
+                            std::vector<SyncCursor>* divergent, SyncResult* result);
   // Installs one recovered head into `seq` (Recover, node_recovery.cc).
   // DataLoss naming the shard when it disagrees with the spec.
   absl::Status InstallHead(Sequence* seq, RecoveredHead recovered);
@@ -292,6 +345,21 @@ class NodeCore final {
   std::atomic<int64_t> seals_{0};
   std::atomic<int64_t> memory_used_{0};
   std::atomic<int64_t> upload_memory_used_{0};
+};
+
+// A SyncSource reading from a NodeCore in this process (tests, embedded):
+// Read is NodeCore::ReadShards. `core` is not owned and must outlive this.
+class NodeCoreSyncSource final : public SyncSource {
+ public:
+  explicit NodeCoreSyncSource(NodeCore* core) : core_(core) {}
+  absl::Status Read(const ReadShardsQuery& query,
+                    const std::function<absl::Status(const SyncHeader&)>& on_header,
+                    const std::function<absl::Status(SyncChunkData)>& on_chunk) override {
+    return core_->ReadShards(query, on_header, on_chunk);
+  }
+
+ private:
+  NodeCore* core_;
 };
 
 }  // namespace kvr::retrieval

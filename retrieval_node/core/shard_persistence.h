@@ -62,8 +62,8 @@ struct TailWrite {
   std::span<const int64_t> positions;  // rows
 };
 
-// Everything one call changed in one head. Applied in this order: the tail
-// is cleared (when `clear_tail`), the chunks are written in order (a later
+// Everything one call changed in one head. Applied in this order: the head's
+// records are deleted (when `replace`), the tail is cleared (when `clear_tail`), the chunks are written in order (a later
 // entry for the same chunk replaces its index and row count), the tail rows
 // are appended, the head's summary is replaced.
 struct HeadWrite {
@@ -75,6 +75,9 @@ struct HeadWrite {
   int64_t last_position = -1;  // highest position the head holds after the write
   int64_t tail_rows = 0;       // rows in the tail after the write
   bool clear_tail = false;     // the tail was folded into a chunk
+  // The head was replaced as a whole (SyncShards): every record of the head
+  // is deleted first, then `chunks` (each written whole) and `tail` rebuild it.
+  bool replace = false;
   std::vector<ChunkWrite> chunks;
   std::optional<TailWrite> tail;
 };

@@ -609,6 +609,9 @@ absl::Status EncodeHeadWrite(const HeadWrite& write, const std::string& what,
   const auto put = [&](const std::string& key, const std::vector<uint8_t>& value) {
     return batch.Put(key, AsSlice(value));
   };
+  if (write.replace) {  // chunk ("C"), head meta ("H") and tail ("T") records
+    KVR_RETURN_IF_ERROR(FromRocks(batch.DeleteRange(head + "C", head + "U"), what));
+  }
   if (write.clear_tail) {
     KVR_RETURN_IF_ERROR(FromRocks(batch.DeleteRange(head + "T", head + "U"), what));
   }
