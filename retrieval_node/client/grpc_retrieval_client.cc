@@ -60,8 +60,8 @@ absl::StatusOr<std::unique_ptr<GrpcRetrievalClient>> GrpcRetrievalClient::Create
         "upload_chunk_bytes ", options.upload_chunk_bytes, " outside [4096, max_message_bytes ",
         options.max_message_bytes, " - 4096]"));
   }
-  for (absl::Duration t :
-       {options.attend_timeout, options.upload_timeout, options.control_timeout}) {
+  for (absl::Duration t : {options.attend_timeout, options.upload_timeout,
+                           options.control_timeout, options.sync_timeout}) {
     if (t <= absl::ZeroDuration()) {
       return absl::InvalidArgumentError(
           absl::StrCat("timeouts must be > 0, got ", absl::FormatDuration(t)));
@@ -272,6 +272,16 @@ void GrpcRetrievalClient::AttendAsync(const AttendRequest& request, PartialsView
                            owned.reset();
                            callback(std::move(status));
                          });
+}
+
+absl::StatusOr<SyncResult> GrpcRetrievalClient::SyncShards(const SyncRequest& request) {
+  grpc::ClientContext context;
+  SetDeadline(&context, options_.sync_timeout);
+  v1::SyncShardsRequest message;
+  SyncRequestToProto(request, &message);
+  v1::SyncShardsResponse response;
+  KVR_RETURN_IF_ERROR(FromGrpcStatus(stub_->SyncShards(&context, message, &response)));
+  return SyncResultFromProto(response);
 }
 
 absl::Status GrpcRetrievalClient::DropSequence(uint64_t sequence_id) {

@@ -42,6 +42,10 @@ struct GrpcClientOptions {
   absl::Duration attend_timeout = absl::Seconds(2);
   absl::Duration upload_timeout = absl::Seconds(60);   // one UploadShard stream, build included
   absl::Duration control_timeout = absl::Seconds(10);  // CreateSequence, Append, Drop, admin
+  // One SyncShards call: the destination's whole copy from the source (the
+  // destination reads the source under this deadline too, capped by its
+  // --max_deadline_seconds).
+  absl::Duration sync_timeout = absl::Seconds(120);
   // Payload bytes per UploadShard stream message.
   size_t upload_chunk_bytes = size_t{1} << 20;
   // Channel limits; keep <= the server's --max_message_bytes.
@@ -64,6 +68,9 @@ class GrpcRetrievalClient final : public RetrievalClient {
                    StatusCallback done) override;
   absl::Status DropSequence(uint64_t sequence_id) override;
   absl::StatusOr<NodeStats> Stats() override;
+  // The SyncShards RPC to this client's node (the destination), under
+  // options.sync_timeout.
+  absl::StatusOr<SyncResult> SyncShards(const SyncRequest& request) override;
 
   // Shards of one sequence or of every sequence (ListShards RPC).
   absl::StatusOr<std::vector<ShardInfo>> ListShards(std::optional<uint64_t> sequence_id);

@@ -486,6 +486,9 @@ absl::Status UcxRetrievalClient::DropSequence(uint64_t sequence_id) {
   return grpc_->DropSequence(sequence_id);
 }
 absl::StatusOr<NodeStats> UcxRetrievalClient::Stats() { return grpc_->Stats(); }
+absl::StatusOr<SyncResult> UcxRetrievalClient::SyncShards(const SyncRequest& request) {
+  return grpc_->SyncShards(request);
+}
 
 void UcxRetrievalClient::AttendAsync(const AttendRequest& request, PartialsView out,
                                      AttendStats* stats, StatusCallback done) {

@@ -66,6 +66,8 @@ class UcxRetrievalClient final : public RetrievalClient {
                    StatusCallback done) override;
   absl::Status DropSequence(uint64_t sequence_id) override;
   absl::StatusOr<NodeStats> Stats() override;
+  // Over gRPC (GrpcRetrievalClient::SyncShards).
+  absl::StatusOr<SyncResult> SyncShards(const SyncRequest& request) override;
 
   // True when Attend goes over UCX; otherwise fallback_reason() says why not.
   bool using_ucx() const { return transport_ != nullptr; }

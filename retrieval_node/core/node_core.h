@@ -303,6 +303,10 @@ class NodeCore final {
   absl::Status ReceiveSync(const SyncRequest& request, const ReadShardsQuery& query,
                            SyncSource* source, std::vector<SyncChunkData>* chunks,
                            MemoryReservation* reservation, int64_t* bytes);
+  // CRC32C of rows [0, rows) of chunk slot `slot` of `head` (index rows,
+  // then tail rows for the last chunk): per row key, raw value, position.
+  // Caller holds the sequence lock.
+  static uint32_t PrefixCrc(const HeadState& head, size_t slot, size_t rows, size_t row_bytes);
   absl::Status AssembleSync(Sequence* seq, std::vector<SyncChunkData>& chunks, bool install,
                             std::vector<SyncCursor>* divergent, SyncResult* result);
   // Installs one recovered head into `seq` (Recover, node_recovery.cc).

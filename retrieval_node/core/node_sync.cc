@@ -9,6 +9,7 @@
 #include <tuple>
 #include <utility>
 
+#include "common/serialize.h"
 #include "retrieval_node/core/node_core.h"
 #include "retrieval_node/core/node_state.h"
 #include "retrieval_node/index/flat_index.h"
@@ -33,6 +34,24 @@ bool SameSpec(const SequenceSpec& a, const SequenceSpec& b) {
 }
 
 }  // namespace
+
+uint32_t NodeCore::PrefixCrc(const HeadState& head, size_t slot, size_t rows, size_t row_bytes) {
+  const Chunk& c = head.chunks[slot];
+  const size_t indexed = c.positions.size();
+  uint32_t crc = 0;
+  for (size_t j = 0; j < rows; ++j) {
+    const bool in_index = j < indexed;
+    const size_t t = j - (in_index ? 0 : indexed);
+    const ConstMatrixView keys = in_index ? c.index->keys() : head.tail->keys();
+    const auto* k = reinterpret_cast<const uint8_t*>(keys.row(t));
+    crc = Crc32c(std::span<const uint8_t>(k, keys.cols() * sizeof(float)), crc);
+    const ValueMatrix& values = in_index ? c.values : head.tail_values;
+    crc = Crc32c(values.raw_bytes().subspan(t * row_bytes, row_bytes), crc);
+    const int64_t p = in_index ? c.positions[t] : head.tail_positions[t];
+    crc = Crc32c(std::span<const uint8_t>(reinterpret_cast<const uint8_t*>(&p), sizeof(p)), crc);
+  }
+  return crc;
+}
 
 // --- source ------------------------------------------------------------------
 
@@ -147,6 +166,7 @@ absl::Status NodeCore::ReadShards(const ReadShardsQuery& query,
           std::upper_bound(data.positions.begin(), data.positions.end(), after) -
           data.positions.begin());
       data.first_sent_row = static_cast<int64_t>(first);
+      data.prefix_crc = PrefixCrc(h, p.slot, first, RowBytes(spec));
       const bool kept = p.cursor != nullptr && p.cursor->known_index_rows == data.index_rows;
       if (index_rows > 0 && !kept) KVR_RETURN_IF_ERROR(c.index->Serialize(&data.index_blob));
       const size_t rb = RowBytes(spec);
@@ -353,6 +373,7 @@ absl::Status NodeCore::AssembleSync(Sequence* seq, std::vector<SyncChunkData>& c
       const size_t have = h == held.end() || whole ? 0 : held_rows(h->second);
       bool prefix = first == have;
       for (size_t j = 0; prefix && j < have; ++j) prefix = held_pos(h->second, j) == c->positions[j];
+      if (prefix && have > 0) prefix = PrefixCrc(old, h->second, have, rb) == c->prefix_crc;
       if (prefix && c->index_blob.empty() && idx > 0) {
         const Chunk* mine = h == held.end() ? nullptr : &old.chunks[h->second];
         prefix = mine != nullptr && mine->index != nullptr && mine->index->size() == idx;

@@ -10,8 +10,9 @@
 // its last one (a cursor); the source answers per chunk with every row's
 // position (so the destination can check that what it holds is a prefix),
 // the index blob (KeyIndex::Serialize, the encoder persistence uses) unless
-// the destination's index already has the same rows, and the values (and,
-// for tail rows, the keys) of the rows after the cursor only.
+// the destination's index already has the same rows, the values (and, for
+// tail rows, the keys) of the rows after the cursor only, and a checksum of
+// the rows before it (so equal positions with other contents are caught).
 #pragma once
 
 #include <cstdint>
@@ -54,6 +55,11 @@ struct SyncChunkData {
   // destination's cursor said its index has index_rows rows (kept).
   std::vector<uint8_t> index_blob;
   int64_t first_sent_row = 0;   // rows [first_sent_row, rows) carry values below
+  // CRC32C of rows [0, first_sent_row) -- per row its fp32 key, raw value
+  // and int64 position bytes -- so the destination can tell rows it holds at
+  // the same positions but with other contents (it then reads the chunk
+  // whole).
+  uint32_t prefix_crc = 0;
   std::vector<uint8_t> values;  // those rows, the sequence's value dtype, raw
   // Keys (fp32) of the tail rows among them: rows [max(first_sent_row,
   // index_rows), rows).

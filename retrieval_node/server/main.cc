@@ -35,6 +35,9 @@ ABSL_FLAG(int, control_threads, 2, "threads for appends and admin calls");
 ABSL_FLAG(int, upload_threads, 2,
           "threads for UploadShard index builds (their own lane: a large upload never delays "
           "other sequences' appends); also the most builds running at once");
+ABSL_FLAG(int, sync_threads, 2,
+          "threads running SyncShards copies into this node, and as many again serving "
+          "ReadShards streams to other nodes (their own lanes; further calls queue)");
 ABSL_FLAG(int64_t, memory_budget_bytes, 0,
           "shard memory the node admits (keys, values, indexes); 0 = unlimited. Uploads and "
           "appends beyond it get RESOURCE_EXHAUSTED");
@@ -124,6 +127,7 @@ int Main(int argc, char** argv) {
           .InRange("threads", threads_flag, 0, 256)
           .InRange("control_threads", control_threads, 1, 256)
           .InRange("upload_threads", absl::GetFlag(FLAGS_upload_threads), 1, 256)
+          .InRange("sync_threads", absl::GetFlag(FLAGS_sync_threads), 1, 256)
           .AtLeast("max_message_bytes", max_message_bytes, 1 << 16)
           .AtLeast("memory_budget_bytes", absl::GetFlag(FLAGS_memory_budget_bytes), int64_t{0})
           .AtLeast("upload_memory_bytes", absl::GetFlag(FLAGS_upload_memory_bytes), int64_t{0})
@@ -174,6 +178,8 @@ int Main(int argc, char** argv) {
   service_options.upload_threads = static_cast<size_t>(absl::GetFlag(FLAGS_upload_threads));
   service_options.max_upload_bytes = absl::GetFlag(FLAGS_max_upload_bytes);
   service_options.max_deadline_seconds = absl::GetFlag(FLAGS_max_deadline_seconds);
+  service_options.max_message_bytes = max_message_bytes;
+  service_options.sync_threads = static_cast<size_t>(absl::GetFlag(FLAGS_sync_threads));
   // Metrics: served before the RPC port opens, so the first request is counted.
   std::unique_ptr<NodeMetrics> metrics;
   std::unique_ptr<metrics::MetricsEndpoint> metrics_endpoint;  // stopped before `metrics`

@@ -10,7 +10,8 @@ namespace kvr::retrieval {
 namespace {
 
 constexpr std::array<std::string_view, kNodeMethodCount> kMethodNames = {
-    "CreateSequence", "UploadShard", "Append", "Attend", "DropSequence", "ListShards", "Stats"};
+    "CreateSequence", "UploadShard", "Append",    "Attend",    "DropSequence",
+    "ListShards",     "Stats",       "SyncShards", "ReadShards"};
 
 // Index builds: 1 ms .. 250 s.
 const metrics::Buckets kBuildSeconds = {
@@ -64,7 +65,19 @@ struct NodeMetrics::Impl {
                               "memory budget): not served, records kept in the data dir")),
         upload_memory_used(set.Gauge("kvr_node_upload_memory_used_bytes",
                                      "Working memory reserved by UploadShard streams in flight "
-                                     "against --upload_memory_bytes")) {
+                                     "against --upload_memory_bytes")),
+        sync_keys_received(set.Counter("kvr_node_sync_keys_received_total",
+                                       "Rows this node received as the destination of "
+                                       "successful SyncShards calls")),
+        sync_bytes_received(set.Counter("kvr_node_sync_received_bytes_total",
+                                        "Payload bytes this node received from source nodes "
+                                        "in successful SyncShards calls")),
+        sync_keys_sent(set.Counter("kvr_node_sync_keys_sent_total",
+                                   "Rows (with values) this node sent as the source of "
+                                   "ReadShards streams")),
+        sync_bytes_sent(set.Counter("kvr_node_sync_sent_bytes_total",
+                                    "Payload bytes this node sent as the source of ReadShards "
+                                    "streams")) {
     const metrics::Buckets request_buckets = metrics::MicrosToSecondsBuckets();
     for (size_t m = 0; m < kNodeMethodCount; ++m) {
       method_seconds[m] =
@@ -101,6 +114,10 @@ struct NodeMetrics::Impl {
   prometheus::Gauge& memory_budget;
   prometheus::Gauge& quarantined;
   prometheus::Gauge& upload_memory_used;
+  prometheus::Counter& sync_keys_received;
+  prometheus::Counter& sync_bytes_received;
+  prometheus::Counter& sync_keys_sent;
+  prometheus::Counter& sync_bytes_sent;
 
   std::array<prometheus::Histogram*, kNodeMethodCount> method_seconds{};
   std::array<prometheus::Histogram*, kIndexTypes.size()> index_seconds{};  // by IndexType
@@ -138,6 +155,16 @@ void NodeMetrics::RecordIndexBuild(IndexType index_type, double seconds) {
 
 void NodeMetrics::RecordAppendedTokens(int64_t tokens) {
   if (tokens > 0) impl_->appended_tokens.Increment(static_cast<double>(tokens));
+}
+
+void NodeMetrics::RecordSyncReceived(int64_t keys, int64_t bytes) {
+  if (keys > 0) impl_->sync_keys_received.Increment(static_cast<double>(keys));
+  if (bytes > 0) impl_->sync_bytes_received.Increment(static_cast<double>(bytes));
+}
+
+void NodeMetrics::RecordSyncSent(int64_t keys, int64_t bytes) {
+  if (keys > 0) impl_->sync_keys_sent.Increment(static_cast<double>(keys));
+  if (bytes > 0) impl_->sync_bytes_sent.Increment(static_cast<double>(bytes));
 }
 
 std::string_view NodeMetrics::MethodName(NodeMethod method) {

@@ -37,8 +37,10 @@ enum class NodeMethod : uint8_t {
   kDropSequence,
   kListShards,
   kStats,
+  kSyncShards,
+  kReadShards,
 };
-inline constexpr size_t kNodeMethodCount = 7;
+inline constexpr size_t kNodeMethodCount = 9;
 
 // What the node holds, sampled at scrape time.
 struct NodeHoldings {
@@ -80,6 +82,13 @@ class NodeMetrics {
   void RecordIndexBuild(IndexType index_type, double seconds);
   // Tokens acknowledged by one successful Append.
   void RecordAppendedTokens(int64_t tokens);
+
+  // One successful SyncShards on this (destination) node: kvr_node_sync_
+  // keys_received_total += keys, kvr_node_sync_received_bytes_total += bytes.
+  void RecordSyncReceived(int64_t keys, int64_t bytes);
+  // One ReadShards stream this (source) node sent (possibly cut short: what
+  // was written counts): kvr_node_sync_keys_sent_total / _sent_bytes_total.
+  void RecordSyncSent(int64_t keys, int64_t bytes);
 
   // Label value of `method` ("Attend", ...).
   static std::string_view MethodName(NodeMethod method);

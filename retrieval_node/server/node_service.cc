@@ -2,10 +2,14 @@
 
 #include <chrono>
 #include <cmath>
+#include <condition_variable>
 #include <cstring>
+#include <mutex>
 #include <string>
 #include <vector>
 
+#include "grpcpp/create_channel.h"
+#include "grpcpp/security/credentials.h"
 #include "retrieval_node/index/index.h"
 #include "retrieval_node/wire/proto_convert.h"
 
@@ -101,15 +105,73 @@ absl::Status CheckAttendRequest(const v1::AttendRequest& r) {
   return absl::OkStatus();
 }
 
+// A SyncSource over the ReadShards stream of the kvr_node at `address`:
+// one channel per sync (a destination syncs from a source rarely), the
+// deadline of the SyncShards call, messages up to `max_message_bytes`.
+class GrpcSyncSource final : public SyncSource {
+ public:
+  GrpcSyncSource(std::string address, std::chrono::system_clock::time_point deadline,
+                 int max_message_bytes)
+      : address_(std::move(address)), deadline_(deadline) {
+    grpc::ChannelArguments args;
+    args.SetMaxReceiveMessageSize(max_message_bytes);
+    args.SetMaxSendMessageSize(max_message_bytes);
+    stub_ = v1::RetrievalNode::NewStub(
+        grpc::CreateCustomChannel(address_, grpc::InsecureChannelCredentials(), args));
+  }
+
+  absl::Status Read(const ReadShardsQuery& query,
+                    const std::function<absl::Status(const SyncHeader&)>& on_header,
+                    const std::function<absl::Status(SyncChunkData)>& on_chunk) override {
+    grpc::ClientContext context;
+    context.set_deadline(deadline_);
+    v1::ReadShardsRequest request;
+    ReadShardsQueryToProto(query, &request);
+    std::unique_ptr<grpc::ClientReader<v1::ReadShardsResponse>> reader =
+        stub_->ReadShards(&context, request);
+    v1::ReadShardsResponse message;
+    absl::Status mine;
+    bool header = false;
+    while (mine.ok() && reader->Read(&message)) {
+      if (message.has_header() && !header) {
+        header = true;
+        absl::StatusOr<SyncHeader> h = SyncHeaderFromProto(message.header());
+        mine = h.ok() ? on_header(*h) : h.status();
+      } else if (message.has_chunk() && header) {
+        absl::StatusOr<SyncChunkData> c = SyncChunkFromProto(message.chunk());
+        mine = c.ok() ? on_chunk(std::move(c).value()) : c.status();
+      } else {
+        mine = absl::DataLossError(
+            absl::StrCat("ReadShards from ", address_, ": message out of order"));
+      }
+    }
+    if (!mine.ok()) context.TryCancel();
+    const grpc::Status finished = reader->Finish();
+    if (!mine.ok()) return mine;
+    const absl::Status st = FromGrpcStatus(finished);
+    if (st.ok()) return st;
+    return absl::Status(st.code(), absl::StrCat("ReadShards from ", address_, ": ", st.message()));
+  }
+
+ private:
+  std::string address_;
+  std::chrono::system_clock::time_point deadline_;
+  std::unique_ptr<v1::RetrievalNode::Stub> stub_;
+};
+
 }  // namespace
 
 NodeService::NodeService(NodeCore* core, const NodeServiceOptions& options)
     : core_(core),
       options_(options),
       control_(std::make_unique<ThreadPool>(std::max<size_t>(1, options.control_threads))),
-      upload_(std::make_unique<ThreadPool>(std::max<size_t>(1, options.upload_threads))) {}
+      upload_(std::make_unique<ThreadPool>(std::max<size_t>(1, options.upload_threads))),
+      sync_(std::make_unique<ThreadPool>(std::max<size_t>(1, options.sync_threads))),
+      read_(std::make_unique<ThreadPool>(std::max<size_t>(1, options.sync_threads))) {}
 
 NodeService::~NodeService() {
+  sync_.reset();
+  read_.reset();
   upload_.reset();  // runs what is queued, then joins
   control_.reset();
 }
@@ -598,6 +660,128 @@ grpc::ServerUnaryReactor* NodeService::GetEndpoints(grpc::CallbackServerContext*
 void NodeService::SetUcxAddress(const std::string& address) {
   std::lock_guard<std::mutex> lock(endpoints_mu_);
   ucx_address_ = address;
+}
+
+// --- Node-to-node copy -----------------------------------------------------------
+
+grpc::ServerUnaryReactor* NodeService::SyncShards(grpc::CallbackServerContext* context,
+                                                  const v1::SyncShardsRequest* request,
+                                                  v1::SyncShardsResponse* response) {
+  const Clock::time_point start = Clock::now();
+  constexpr NodeMethod kMethod = NodeMethod::kSyncShards;
+  if (absl::Status st = CheckDeadline(context, options_.max_deadline_seconds); !st.ok()) {
+    return FinishNow(context, st, options_.metrics, kMethod, start);
+  }
+  absl::StatusOr<SyncRequest> sync = SyncRequestFromProto(*request, NodeCore::kMaxSyncCursors);
+  if (!sync.ok()) return FinishNow(context, sync.status(), options_.metrics, kMethod, start);
+  // The source is read under this call's deadline (capped above); without
+  // one (no cap configured) under kDefaultSyncSeconds.
+  constexpr int kDefaultSyncSeconds = 600;
+  auto deadline = context->deadline();
+  if (deadline == std::chrono::system_clock::time_point::max()) {
+    deadline = std::chrono::system_clock::now() + std::chrono::seconds(kDefaultSyncSeconds);
+  }
+  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  sync_->Schedule([this, reactor, response, start, deadline, sync = std::move(sync).value()] {
+    GrpcSyncSource source(sync.source_address, deadline, options_.max_message_bytes);
+    absl::StatusOr<SyncResult> result = core_->SyncShards(sync, &source);
+    if (result.ok()) {
+      SyncResultToProto(*result, response);
+      if (options_.metrics != nullptr) {
+        options_.metrics->RecordSyncReceived(result->keys_copied, result->bytes_copied);
+      }
+    }
+    FinishAndRecord(reactor, result.status(), options_.metrics, kMethod, start);
+  });
+  return reactor;
+}
+
+// Streams one ReadShards answer: the sync thread produces the messages
+// (NodeCore::ReadShards' callbacks) and waits for each write to complete
+// before producing the next, so at most one message is buffered.
+class NodeService::ReadReactor final : public grpc::ServerWriteReactor<v1::ReadShardsResponse> {
+ public:
+  ReadReactor(NodeService* service, Clock::time_point start) : service_(service), start_(start) {}
+
+  // On the sync pool: reads and writes everything, then finishes.
+  void Run(const ReadShardsQuery& query) {
+    const int64_t max_bytes = service_->options_.max_message_bytes;
+    int64_t keys = 0, bytes = 0;
+    const auto on_header = [&](const SyncHeader& header) {
+      message_.Clear();
+      SyncHeaderToProto(header, message_.mutable_header());
+      return Send();
+    };
+    const auto on_chunk = [&](SyncChunkData chunk) -> absl::Status {
+      message_.Clear();
+      SyncChunkToProto(chunk, message_.mutable_chunk());
+      const size_t size = message_.ByteSizeLong();
+      if (size > static_cast<size_t>(max_bytes)) {
+        return absl::ResourceExhaustedError(absl::StrCat(
+            "ReadShards: chunk ",
+            ShardKey{query.sequence_id, chunk.layer, chunk.kv_head, chunk.chunk}.DebugString(),
+            " is a message of ", size, " bytes > max_message_bytes ", max_bytes));
+      }
+      KVR_RETURN_IF_ERROR(Send());
+      keys += static_cast<int64_t>(chunk.positions.size()) - chunk.first_sent_row;
+      bytes += chunk.PayloadBytes();
+      return absl::OkStatus();
+    };
+    const absl::Status status = service_->core_->ReadShards(query, on_header, on_chunk);
+    NodeMetrics* const metrics = service_->options_.metrics;
+    if (metrics != nullptr) metrics->RecordSyncSent(keys, bytes);
+    Record(metrics, NodeMethod::kReadShards, start_, status);
+    Finish(ToGrpcStatus(status));
+  }
+
+  void OnWriteDone(bool ok) override {
+    std::lock_guard<std::mutex> lock(mu_);
+    writing_ = false;
+    write_ok_ = ok;
+    cv_.notify_all();
+  }
+  void OnDone() override { delete this; }
+
+ private:
+  // Writes message_ and waits for its completion (gRPC completes every
+  // started write, with ok = false when the call is cancelled or past its
+  // deadline).
+  absl::Status Send() {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      writing_ = true;
+    }
+    StartWrite(&message_);
+    std::unique_lock<std::mutex> lock(mu_);
+    cv_.wait(lock, [&] { return !writing_; });
+    if (!write_ok_) return absl::CancelledError("ReadShards: the reader went away");
+    return absl::OkStatus();
+  }
+
+  NodeService* const service_;
+  const Clock::time_point start_;
+  v1::ReadShardsResponse message_;
+  std::mutex mu_;
+  std::condition_variable cv_;
+  bool writing_ = false;
+  bool write_ok_ = true;
+};
+
+grpc::ServerWriteReactor<v1::ReadShardsResponse>* NodeService::ReadShards(
+    grpc::CallbackServerContext* context, const v1::ReadShardsRequest* request) {
+  const Clock::time_point start = Clock::now();
+  auto* reactor = new ReadReactor(this, start);
+  absl::Status st = CheckDeadline(context, options_.max_deadline_seconds);
+  absl::StatusOr<ReadShardsQuery> query =
+      st.ok() ? ReadShardsQueryFromProto(*request, NodeCore::kMaxSyncCursors)
+              : absl::StatusOr<ReadShardsQuery>(st);
+  if (!query.ok()) {
+    Record(options_.metrics, NodeMethod::kReadShards, start, query.status());
+    reactor->Finish(ToGrpcStatus(query.status()));
+    return reactor;
+  }
+  read_->Schedule([reactor, query = std::move(query).value()] { reactor->Run(query); });
+  return reactor;
 }
 
 }  // namespace kvr::retrieval

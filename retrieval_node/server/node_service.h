@@ -51,6 +51,16 @@ struct NodeServiceOptions {
   // sending) can then hold its buffers for at most this long. 600 s = 10x
   // the longest deadline the node's own clients use (UploadShard, 60 s).
   double max_deadline_seconds = 600.0;
+  // Threads running SyncShards (the destination's blocking read of the
+  // source's ReadShards stream, then the install), and as many again for the
+  // source side of ReadShards (snapshot, then one message at a time): their
+  // own lanes, so a long copy never holds a control or upload thread. Also
+  // bounds the syncs and reads running at once (further ones queue).
+  size_t sync_threads = 2;
+  // The node's gRPC message limit (kvr_node --max_message_bytes): a
+  // ReadShards chunk message larger than this is RESOURCE_EXHAUSTED naming
+  // it, and SyncShards reads its source with this receive limit.
+  int max_message_bytes = 64 << 20;
   // Where handlers record requests, latencies, scans, builds and appends
   // (metrics.h); not owned, must outlive the service. Null: no metrics.
   NodeMetrics* metrics = nullptr;
@@ -82,6 +92,16 @@ class NodeService final : public v1::RetrievalNode::CallbackService {
   grpc::ServerUnaryReactor* Stats(grpc::CallbackServerContext* context,
                                   const v1::StatsRequest* request,
                                   v1::StatsResponse* response) override;
+  // Node-to-node copy (see retrieval.proto): SyncShards on the destination
+  // reads the source's ReadShards stream on the sync pool and installs the
+  // result (NodeCore::SyncShards); ReadShards streams NodeCore::ReadShards
+  // one message at a time (the sync thread waits for each write).
+  grpc::ServerUnaryReactor* SyncShards(grpc::CallbackServerContext* context,
+                                       const v1::SyncShardsRequest* request,
+                                       v1::SyncShardsResponse* response) override;
+  grpc::ServerWriteReactor<v1::ReadShardsResponse>* ReadShards(
+      grpc::CallbackServerContext* context, const v1::ReadShardsRequest* request) override;
+
   // Answers with the address set by SetUcxAddress (empty: UCX off).
   grpc::ServerUnaryReactor* GetEndpoints(grpc::CallbackServerContext* context,
                                          const v1::GetEndpointsRequest* request,
@@ -108,11 +128,15 @@ class NodeService final : public v1::RetrievalNode::CallbackService {
 
  private:
   class UploadReactor;
+  class ReadReactor;
 
   NodeCore* const core_;
   const NodeServiceOptions options_;
   std::unique_ptr<ThreadPool> control_;
   std::unique_ptr<ThreadPool> upload_;
+  std::unique_ptr<ThreadPool> sync_;  // SyncShards (destination)
+  std::unique_ptr<ThreadPool> read_;  // ReadShards (source): apart, so two nodes syncing
+                                      // from each other never wait on each other's pool
   std::mutex endpoints_mu_;
   std::string ucx_address_;
 };

@@ -249,4 +249,142 @@ absl::Status AttendShardsFromProto(const v1::AttendRequest& request, size_t max_
   return absl::OkStatus();
 }
 
+void SyncRequestToProto(const SyncRequest& request, v1::SyncShardsRequest* out) {
+  SequenceSpecToProto(request.spec, out->mutable_spec());
+  out->set_source_address(request.source_address);
+  for (const ShardRef& s : request.shards) {
+    v1::ShardKey* k = out->add_shards();
+    k->set_sequence_id(request.spec.sequence_id);
+    k->set_layer(s.layer);
+    k->set_kv_head(s.kv_head);
+    k->set_chunk(s.chunk);
+  }
+}
+
+absl::StatusOr<SyncRequest> SyncRequestFromProto(const v1::SyncShardsRequest& request,
+                                                 size_t max_entries) {
+  SyncRequest out;
+  KVR_ASSIGN_OR_RETURN(out.spec, SequenceSpecFromProto(request.spec()));
+  if (request.source_address().empty() || request.source_address().size() > 1024) {
+    return absl::InvalidArgumentError(absl::StrCat("source_address of ",
+                                                   request.source_address().size(),
+                                                   " bytes: need a host:port of 1..1024"));
+  }
+  out.source_address = request.source_address();
+  if (static_cast<size_t>(request.shards_size()) > max_entries) {
+    return absl::InvalidArgumentError(absl::StrCat("shards lists ", request.shards_size(),
+                                                   " entries > max ", max_entries));
+  }
+  out.shards.reserve(static_cast<size_t>(request.shards_size()));
+  for (const v1::ShardKey& k : request.shards()) {
+    out.shards.push_back({k.layer(), k.kv_head(), k.chunk()});
+  }
+  return out;
+}
+
+void SyncResultToProto(const SyncResult& result, v1::SyncShardsResponse* out) {
+  out->set_keys_copied(result.keys_copied);
+  out->set_bytes_copied(result.bytes_copied);
+  for (int64_t p : result.last_positions) out->add_last_positions(p);
+}
+
+SyncResult SyncResultFromProto(const v1::SyncShardsResponse& response) {
+  SyncResult out;
+  out.keys_copied = response.keys_copied();
+  out.bytes_copied = response.bytes_copied();
+  out.last_positions.assign(response.last_positions().begin(), response.last_positions().end());
+  return out;
+}
+
+void ReadShardsQueryToProto(const ReadShardsQuery& query, v1::ReadShardsRequest* out) {
+  out->set_sequence_id(query.sequence_id);
+  out->set_all(query.all);
+  for (const SyncCursor& c : query.cursors) {
+    v1::SyncCursor* p = out->add_cursors();
+    p->set_layer(c.layer);
+    p->set_kv_head(c.kv_head);
+    p->set_chunk(c.chunk);
+    p->set_after_position(c.after_position);
+    p->set_known_index_rows(c.known_index_rows);
+  }
+}
+
+absl::StatusOr<ReadShardsQuery> ReadShardsQueryFromProto(const v1::ReadShardsRequest& request,
+                                                         size_t max_entries) {
+  if (static_cast<size_t>(request.cursors_size()) > max_entries) {
+    return absl::InvalidArgumentError(absl::StrCat("cursors lists ", request.cursors_size(),
+                                                   " entries > max ", max_entries));
+  }
+  ReadShardsQuery out;
+  out.sequence_id = request.sequence_id();
+  out.all = request.all();
+  out.cursors.reserve(static_cast<size_t>(request.cursors_size()));
+  for (const v1::SyncCursor& c : request.cursors()) {
+    out.cursors.push_back(
+        {c.layer(), c.kv_head(), c.chunk(), c.after_position(), c.known_index_rows()});
+  }
+  return out;
+}
+
+void SyncHeaderToProto(const SyncHeader& header, v1::ReadShardsHeader* out) {
+  SequenceSpecToProto(header.spec, out->mutable_spec());
+  out->set_payload_bytes(header.payload_bytes);
+  out->set_chunks(header.chunks);
+}
+
+absl::StatusOr<SyncHeader> SyncHeaderFromProto(const v1::ReadShardsHeader& header) {
+  SyncHeader out;
+  auto spec = SequenceSpecFromProto(header.spec());
+  if (!spec.ok()) {
+    return absl::DataLossError(absl::StrCat("ReadShards header: ", spec.status().message()));
+  }
+  out.spec = *spec;
+  out.payload_bytes = header.payload_bytes();
+  out.chunks = header.chunks();
+  return out;
+}
+
+void SyncChunkToProto(const SyncChunkData& chunk, v1::SyncChunk* out) {
+  out->set_layer(chunk.layer);
+  out->set_kv_head(chunk.kv_head);
+  out->set_chunk(chunk.chunk);
+  out->set_last(chunk.last);
+  out->set_index_rows(chunk.index_rows);
+  out->set_positions(chunk.positions.data(), chunk.positions.size() * sizeof(int64_t));
+  out->set_index_blob(chunk.index_blob.data(), chunk.index_blob.size());
+  out->set_first_sent_row(chunk.first_sent_row);
+  out->set_values(chunk.values.data(), chunk.values.size());
+  out->set_tail_keys(chunk.tail_keys.data(), chunk.tail_keys.size() * sizeof(float));
+  out->set_prefix_crc32c(chunk.prefix_crc);
+}
+
+absl::StatusOr<SyncChunkData> SyncChunkFromProto(const v1::SyncChunk& chunk) {
+  if (chunk.positions().size() % sizeof(int64_t) != 0 ||
+      chunk.tail_keys().size() % sizeof(float) != 0) {
+    return absl::DataLossError(absl::StrCat("ReadShards chunk ", chunk.chunk(), ": positions of ",
+                                            chunk.positions().size(), " bytes / tail_keys of ",
+                                            chunk.tail_keys().size(),
+                                            " bytes are not whole int64 / f32"));
+  }
+  SyncChunkData out;
+  out.layer = chunk.layer();
+  out.kv_head = chunk.kv_head();
+  out.chunk = chunk.chunk();
+  out.last = chunk.last();
+  out.index_rows = chunk.index_rows();
+  out.positions.resize(chunk.positions().size() / sizeof(int64_t));
+  if (!out.positions.empty()) {
+    std::memcpy(out.positions.data(), chunk.positions().data(), chunk.positions().size());
+  }
+  out.index_blob.assign(chunk.index_blob().begin(), chunk.index_blob().end());
+  out.first_sent_row = chunk.first_sent_row();
+  out.prefix_crc = chunk.prefix_crc32c();
+  out.values.assign(chunk.values().begin(), chunk.values().end());
+  out.tail_keys.resize(chunk.tail_keys().size() / sizeof(float));
+  if (!out.tail_keys.empty()) {
+    std::memcpy(out.tail_keys.data(), chunk.tail_keys().data(), chunk.tail_keys().size());
+  }
+  return out;
+}
+
 }  // namespace kvr::retrieval

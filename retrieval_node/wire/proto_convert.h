@@ -19,6 +19,7 @@
 #include "common/value_matrix.h"
 #include "grpcpp/support/status.h"
 #include "kvr/v1/retrieval.pb.h"
+#include "retrieval_node/core/node_sync.h"
 #include "retrieval_node/core/node_types.h"
 
 namespace kvr::retrieval {
@@ -51,6 +52,23 @@ void AttendRequestToProto(const AttendRequest& request, v1::AttendRequest* out);
 // this one bounds the copy before the sequence is known).
 absl::Status AttendShardsFromProto(const v1::AttendRequest& request, size_t max_shards,
                                    std::vector<HeadChunkRef>* out);
+
+// SyncShards / ReadShards (node_sync.h). The From* functions check what a
+// peer sent: counts against `max_entries` (InvalidArgument naming the field),
+// packed sizes (positions a multiple of 8 bytes, tail_keys of 4; DataLoss
+// for a source's chunk), enums; ranges against the sequence are the core's.
+void SyncRequestToProto(const SyncRequest& request, v1::SyncShardsRequest* out);
+absl::StatusOr<SyncRequest> SyncRequestFromProto(const v1::SyncShardsRequest& request,
+                                                 size_t max_entries);
+void SyncResultToProto(const SyncResult& result, v1::SyncShardsResponse* out);
+SyncResult SyncResultFromProto(const v1::SyncShardsResponse& response);
+void ReadShardsQueryToProto(const ReadShardsQuery& query, v1::ReadShardsRequest* out);
+absl::StatusOr<ReadShardsQuery> ReadShardsQueryFromProto(const v1::ReadShardsRequest& request,
+                                                         size_t max_entries);
+void SyncHeaderToProto(const SyncHeader& header, v1::ReadShardsHeader* out);
+absl::StatusOr<SyncHeader> SyncHeaderFromProto(const v1::ReadShardsHeader& header);
+void SyncChunkToProto(const SyncChunkData& chunk, v1::SyncChunk* out);
+absl::StatusOr<SyncChunkData> SyncChunkFromProto(const v1::SyncChunk& chunk);
 
 // Bytes of `rows` x `cols` elements of `dtype`, or InvalidArgument naming
 // `field` when rows is outside [0, max_rows] or cols outside [1, max_cols].

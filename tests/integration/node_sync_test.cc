@@ -6,7 +6,8 @@
 //      agree;
 //  (b) a destination that missed the last appends copies only them
 //      (keys_copied == the missing rows) and then agrees bit for bit;
-//  (c) a destination holding rows the source lacks has the chunk replaced;
+//  (c) a destination holding rows the source lacks, or other rows at the
+//      same positions (CRC32C of the held prefix), has the chunk replaced;
 //  (e) a memory budget too small for the declared payload is
 //      RESOURCE_EXHAUSTED naming the budget; the destination then holds
 //      nothing new and its memory accounting is back where it was;
@@ -277,6 +278,22 @@ TEST(NodeSyncTest, DivergingDestinationRowsAreReplaced) {
   EXPECT_EQ(held->back(), kTailStart + 9);
 }
 
+TEST(NodeSyncTest, SamePositionsWithOtherContentsAreReplaced) {
+  auto src = InProcess();
+  auto dst = InProcess();
+  for (RetrievalClient* c : {static_cast<RetrievalClient*>(src.get()),
+                             static_cast<RetrievalClient*>(dst.get())}) {
+    ASSERT_NO_FATAL_FAILURE(Upload(c, kGraphSeq, IndexType::kGraph));
+  }
+  // Positions 400..409 here hold other rows than the source's 400..429.
+  ASSERT_NO_FATAL_FAILURE(AppendRows(dst.get(), kGraphSeq, kTailStart, 10, /*salt=*/5));
+  ASSERT_NO_FATAL_FAILURE(AppendRows(src.get(), kGraphSeq, kTailStart, 30));
+  auto r = SyncInProcess(dst.get(), src.get(), kGraphSeq, IndexType::kGraph);
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ(r->keys_copied, int64_t{kLayers} * kKvHeads * (kChunkKeys + 30));
+  ExpectSameNode(src.get(), ListOf(src.get()), dst.get(), ListOf(dst.get()), kGraphSeq);
+}
+
 TEST(NodeSyncTest, BudgetTooSmallIsResourceExhaustedAndChangesNothing) {
   auto src = InProcess();
   ASSERT_NO_FATAL_FAILURE(LoadSource(src.get()));
@@ -361,6 +378,180 @@ TEST(NodeSyncTest, StalledSyncBlocksNoOtherWork) {
   ASSERT_TRUE(r.ok()) << r.status();
   EXPECT_EQ(r->keys_copied, int64_t{kLayers} * kKvHeads * 30);
   ExpectSameNode(src.get(), ListOf(src.get()), dst.get(), ListOf(dst.get()), kGraphSeq);
+}
+
+// --- real kvr_node processes -------------------------------------------------------
+
+std::vector<std::string> NodeArgs(std::vector<std::string> extra = {}) {
+  std::vector<std::string> args = {"--threads=2", "--control_threads=2",
+                                   "--tail_capacity=" + std::to_string(kTailCapacity)};
+  args.insert(args.end(), extra.begin(), extra.end());
+  return args;
+}
+
+std::unique_ptr<GrpcRetrievalClient> Connect(const std::string& address,
+                                             GrpcClientOptions options = {}) {
+  auto c = GrpcRetrievalClient::Create(address, options);
+  EXPECT_TRUE(c.ok()) << c.status();
+  EXPECT_TRUE((*c)->WaitForReady(absl::Seconds(10)).ok());
+  return std::move(c).value();
+}
+
+Lister ListOf(GrpcRetrievalClient* c) {
+  return [c](uint64_t id) { return c->ListShards(id); };
+}
+
+kvr::test_support::Samples Scrape(const NodeProcess& node) {
+  auto page = kvr::test_support::HttpGetMetrics(node.metrics_address());
+  EXPECT_TRUE(page.has_value());
+  return kvr::test_support::ParseExposition(page.value_or(""));
+}
+
+TEST(NodeSyncRpcTest, SyncOverGrpcMakesTheDestinationIdenticalAndCountsIt) {
+  auto src_node = NodeProcess::Start(NodeArgs());
+  auto dst_node = NodeProcess::Start(NodeArgs());
+  ASSERT_TRUE(src_node != nullptr && dst_node != nullptr);
+  auto src = Connect(src_node->address());
+  auto dst = Connect(dst_node->address());
+  ASSERT_NO_FATAL_FAILURE(LoadSource(src.get()));
+  int64_t keys = 0, bytes = 0;
+  for (auto [id, type] : {std::pair{kGraphSeq, IndexType::kGraph},
+                          std::pair{kIvfSeq, IndexType::kIvf}}) {
+    SyncRequest req;
+    req.spec = Spec(id, type);
+    req.source_address = src_node->address();
+    auto r = dst->SyncShards(req);
+    ASSERT_TRUE(r.ok()) << r.status();
+    EXPECT_EQ(r->keys_copied, int64_t{kLayers} * kKvHeads * (kChunks * kChunkKeys + 100));
+    for (int64_t p : r->last_positions) EXPECT_EQ(p, kTailStart + 99);
+    keys += r->keys_copied;
+    bytes += r->bytes_copied;
+    ExpectSameNode(src.get(), ListOf(src.get()), dst.get(), ListOf(dst.get()), id);
+  }
+  // A selection: only chunk 1 of (layer 1, kv head 0) of a third sequence.
+  constexpr uint64_t kPartSeq = 53;
+  ASSERT_NO_FATAL_FAILURE(Upload(src.get(), kPartSeq, IndexType::kFlat));
+  SyncRequest part;
+  part.spec = Spec(kPartSeq, IndexType::kFlat);
+  part.source_address = src_node->address();
+  part.shards = {{1, 0, 1}};
+  auto r = dst->SyncShards(part);
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ(r->keys_copied, kChunkKeys);
+  auto listed = dst->ListShards(kPartSeq);
+  ASSERT_TRUE(listed.ok());
+  ASSERT_EQ(listed->size(), 1u);
+  EXPECT_EQ((*listed)[0].key, (ShardKey{kPartSeq, 1, 0, 1}));
+  auto a = AttendSel(src.get(), kPartSeq, 1, {{0, 1}});
+  auto b = AttendSel(dst.get(), kPartSeq, 1, {});
+  ASSERT_TRUE(a.ok() && b.ok());
+  ExpectSamePartials(*a, *b, "one synced shard");
+  keys += r->keys_copied;
+  bytes += r->bytes_copied;
+  // Listing a shard the source lacks: NOT_FOUND naming it, nothing created.
+  part.spec.sequence_id = kPartSeq;
+  part.shards = {{1, 0, 7}};
+  auto missing = dst->SyncShards(part);
+  EXPECT_EQ(missing.status().code(), absl::StatusCode::kNotFound) << missing.status();
+  EXPECT_NE(missing.status().message().find("chunk 7"), std::string::npos) << missing.status();
+
+  const auto dst_m = Scrape(*dst_node);
+  const auto src_m = Scrape(*src_node);
+  using kvr::test_support::Get;
+  EXPECT_EQ(Get(dst_m, "kvr_node_sync_keys_received_total"), static_cast<double>(keys));
+  EXPECT_EQ(Get(dst_m, "kvr_node_sync_received_bytes_total"), static_cast<double>(bytes));
+  EXPECT_EQ(Get(src_m, "kvr_node_sync_keys_sent_total"), static_cast<double>(keys));
+  EXPECT_EQ(Get(src_m, "kvr_node_sync_sent_bytes_total"), static_cast<double>(bytes));
+  EXPECT_EQ(Get(dst_m, "kvr_node_requests_total", {{"method", "SyncShards"}, {"code", "OK"}}), 3);
+  EXPECT_EQ(Get(dst_m, "kvr_node_requests_total", {{"method", "SyncShards"}, {"code", "NOT_FOUND"}}), 1);
+}
+
+TEST(NodeSyncRpcTest, RestartedDestinationStillHoldsTheSyncedData) {
+  kvr::test_support::TempDir dir("kvr_node_sync");
+  ASSERT_FALSE(dir.path().empty());
+  auto src_node = NodeProcess::Start(NodeArgs({"--metrics_listen="}));
+  auto dst_node = NodeProcess::Start(NodeArgs({"--metrics_listen=", "--data_dir=" + dir.path()}));
+  ASSERT_TRUE(src_node != nullptr && dst_node != nullptr);
+  auto src = Connect(src_node->address());
+  {
+    auto dst = Connect(dst_node->address());
+    // The destination held a prefix (persisted), then catches up and a
+    // diverging head is replaced: both kinds of install must persist.
+    ASSERT_NO_FATAL_FAILURE(Upload(src.get(), kGraphSeq, IndexType::kGraph));
+    ASSERT_NO_FATAL_FAILURE(Upload(dst.get(), kGraphSeq, IndexType::kGraph));
+    ASSERT_NO_FATAL_FAILURE(AppendRows(dst.get(), kGraphSeq, kTailStart, 20, /*salt=*/3));
+    ASSERT_NO_FATAL_FAILURE(AppendRows(src.get(), kGraphSeq, kTailStart, 100));
+    ASSERT_NO_FATAL_FAILURE(Upload(src.get(), kIvfSeq, IndexType::kIvf));
+    ASSERT_NO_FATAL_FAILURE(AppendRows(src.get(), kIvfSeq, kTailStart, 30));
+    for (auto [id, type] : {std::pair{kGraphSeq, IndexType::kGraph},
+                            std::pair{kIvfSeq, IndexType::kIvf}}) {
+      SyncRequest req;
+      req.spec = Spec(id, type);
+      req.source_address = src_node->address();
+      auto r = dst->SyncShards(req);
+      ASSERT_TRUE(r.ok()) << r.status();
+      ExpectSameNode(src.get(), ListOf(src.get()), dst.get(), ListOf(dst.get()), id);
+    }
+  }
+  ASSERT_TRUE(dst_node->Stop(SIGTERM).has_value());
+  dst_node = NodeProcess::Start(NodeArgs({"--metrics_listen=", "--data_dir=" + dir.path()}));
+  ASSERT_NE(dst_node, nullptr);
+  auto dst = Connect(dst_node->address());
+  for (uint64_t id : {kGraphSeq, kIvfSeq}) {
+    ExpectSameNode(src.get(), ListOf(src.get()), dst.get(), ListOf(dst.get()), id);
+  }
+  // And it goes on from there: appends after the restart apply in order.
+  ASSERT_NO_FATAL_FAILURE(AppendRows(src.get(), kIvfSeq, kTailStart + 30, 5));
+  ASSERT_NO_FATAL_FAILURE(AppendRows(dst.get(), kIvfSeq, kTailStart + 30, 5));
+  ExpectSameNode(src.get(), ListOf(src.get()), dst.get(), ListOf(dst.get()), kIvfSeq);
+}
+
+TEST(NodeSyncRpcTest, UnreachableSourceIsUnavailableWithinTheDeadline) {
+  auto dst_node = NodeProcess::Start(NodeArgs({"--metrics_listen="}));
+  ASSERT_NE(dst_node, nullptr);
+  GrpcClientOptions options;
+  options.sync_timeout = absl::Seconds(5);
+  auto dst = Connect(dst_node->address(), options);
+  // A port nothing listens on: a node that just stopped.
+  std::string gone;
+  {
+    auto tmp = NodeProcess::Start(NodeArgs({"--metrics_listen="}));
+    ASSERT_NE(tmp, nullptr);
+    gone = tmp->address();
+    ASSERT_TRUE(tmp->Stop(SIGTERM).has_value());
+  }
+  SyncRequest req;
+  req.spec = Spec(kGraphSeq, IndexType::kGraph);
+  req.source_address = gone;
+  const auto start = std::chrono::steady_clock::now();
+  auto r = dst->SyncShards(req);
+  const double seconds =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  EXPECT_EQ(r.status().code(), absl::StatusCode::kUnavailable) << r.status();
+  EXPECT_NE(r.status().message().find("ReadShards from " + gone), std::string::npos)
+      << r.status();
+  EXPECT_LT(seconds, 5.0);
+  // Nothing was created on the destination.
+  EXPECT_EQ(dst->ListShards(kGraphSeq).status().code(), absl::StatusCode::kNotFound);
+  // A source that hangs (SIGSTOP) ends at the deadline, not later.
+  auto hung = NodeProcess::Start(NodeArgs({"--metrics_listen="}));
+  ASSERT_NE(hung, nullptr);
+  {
+    auto h = Connect(hung->address());
+    ASSERT_NO_FATAL_FAILURE(Upload(h.get(), kGraphSeq, IndexType::kGraph));
+  }
+  ASSERT_TRUE(kvr::test_support::StopProcess(hung->pid()));
+  options.sync_timeout = absl::Seconds(2);
+  auto dst2 = Connect(dst_node->address(), options);
+  req.source_address = hung->address();
+  const auto start2 = std::chrono::steady_clock::now();
+  auto r2 = dst2->SyncShards(req);
+  const double seconds2 =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - start2).count();
+  EXPECT_EQ(r2.status().code(), absl::StatusCode::kDeadlineExceeded) << r2.status();
+  EXPECT_LT(seconds2, 4.0);
+  kill(hung->pid(), SIGCONT);
+  EXPECT_EQ(dst->ListShards(kGraphSeq).status().code(), absl::StatusCode::kNotFound);
 }
 
 }  // namespace
