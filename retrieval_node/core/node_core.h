@@ -235,8 +235,9 @@ class NodeCore final {
                           const std::function<absl::Status(SyncChunkData)>& on_chunk);
 
   // Destination side: makes this node hold exactly what `source` holds of
-  // request.shards of request.spec's sequence (every chunk the source holds
-  // when empty; chunks of the destination the source lacks are kept),
+  // request.shards of request.spec's sequence (when empty: every head the
+  // source holds anything of ends exactly like the source's, chunks only we
+  // hold dropped; heads the source holds nothing of are left alone),
   // creating the sequence when missing. Per chunk: copied whole when
   // missing; when held, only the rows after the last held one travel and
   // the index comes as the source's blob unless ours has the same rows; a
@@ -307,8 +308,9 @@ class NodeCore final {
   // then tail rows for the last chunk): per row key, raw value, position.
   // Caller holds the sequence lock.
   static uint32_t PrefixCrc(const HeadState& head, size_t slot, size_t rows, size_t row_bytes);
-  absl::Status AssembleSync(Sequence* seq, std::vector<SyncChunkData>& chunks, bool install,
-                            std::vector<SyncCursor>* divergent, SyncResult* result);
+  absl::Status AssembleSync(Sequence* seq, std::vector<SyncChunkData>& chunks, bool all,
+                            bool install, std::vector<SyncCursor>* divergent,
+                            SyncResult* result);
   // Installs one recovered head into `seq` (Recover, node_recovery.cc).
   // DataLoss naming the shard when it disagrees with the spec.
   absl::Status InstallHead(Sequence* seq, RecoveredHead recovered);

@@ -305,7 +305,7 @@ absl::Status NodeCore::ReceiveSync(const SyncRequest& request, const ReadShardsQ
 }
 
 absl::Status NodeCore::AssembleSync(Sequence* seq, std::vector<SyncChunkData>& chunks,
-                                    bool install, std::vector<SyncCursor>* divergent,
+                                    bool all, bool install, std::vector<SyncCursor>* divergent,
                                     SyncResult* result) {
   const SequenceSpec& spec = seq->spec;
   const size_t d = static_cast<size_t>(spec.head_dim);
@@ -384,11 +384,17 @@ absl::Status NodeCore::AssembleSync(Sequence* seq, std::vector<SyncChunkData>& c
       }
       if (first < rows || !c->index_blob.empty() || (whole && h != held.end())) changed = true;
     }
+    // Syncing every shard: a head the source holds ends exactly like the
+    // source's, so chunks of it only we hold go.
+    for (const auto& [id, slot] : held) changed = changed || (all && !incoming.contains(id));
     if (!divergent->empty() || !changed || !install) continue;
 
-    // The new head: every chunk id of either side, ascending.
+    // The new head: every chunk id of either side (of the source's only,
+    // when syncing every shard), ascending.
     std::set<int32_t> ids;
-    for (const auto& [id, slot] : held) ids.insert(id);
+    for (const auto& [id, slot] : held) {
+      if (!all) ids.insert(id);
+    }
     for (const auto& [id, data] : incoming) ids.insert(id);
     RecoveredHead rh;
     rh.layer = layer;
@@ -581,10 +587,12 @@ absl::StatusOr<SyncResult> NodeCore::SyncShards(const SyncRequest& request, Sync
       }
       // Check every head first (no change), then install them all.
       SyncResult scratch;
-      const absl::Status checked = AssembleSync(seq.get(), chunks, false, &divergent, &scratch);
+      const absl::Status checked =
+          AssembleSync(seq.get(), chunks, query.all, false, &divergent, &scratch);
       if (!checked.ok()) return fail(checked);
       if (divergent.empty()) {
-        const absl::Status done = AssembleSync(seq.get(), chunks, true, &divergent, &result);
+        const absl::Status done =
+            AssembleSync(seq.get(), chunks, query.all, true, &divergent, &result);
         if (!done.ok()) return fail(done);
         result.last_positions.assign(
             static_cast<size_t>(spec.n_layers) * static_cast<size_t>(spec.n_kv_heads), -1);

@@ -6,8 +6,9 @@
 //      agree;
 //  (b) a destination that missed the last appends copies only them
 //      (keys_copied == the missing rows) and then agrees bit for bit;
-//  (c) a destination holding rows the source lacks, or other rows at the
-//      same positions (CRC32C of the held prefix), has the chunk replaced;
+//  (c) a destination holding rows the source lacks, other rows at the same
+//      positions (CRC32C of the held prefix), or another chunk layout, has
+//      the chunk (head) replaced;
 //  (e) a memory budget too small for the declared payload is
 //      RESOURCE_EXHAUSTED naming the budget; the destination then holds
 //      nothing new and its memory accounting is back where it was;
@@ -292,6 +293,33 @@ TEST(NodeSyncTest, SamePositionsWithOtherContentsAreReplaced) {
   ASSERT_TRUE(r.ok()) << r.status();
   EXPECT_EQ(r->keys_copied, int64_t{kLayers} * kKvHeads * (kChunkKeys + 30));
   ExpectSameNode(src.get(), ListOf(src.get()), dst.get(), ListOf(dst.get()), kGraphSeq);
+}
+
+TEST(NodeSyncTest, AnotherChunkLayoutIsReplaced) {
+  auto src = InProcess();
+  auto dst = InProcess();
+  ASSERT_NO_FATAL_FAILURE(Upload(dst.get(), kGraphSeq, IndexType::kGraph));  // chunks 0, 1
+  // The source holds the same positions as ONE chunk (and a tail).
+  ASSERT_TRUE(src->CreateSequence(Spec(kGraphSeq, IndexType::kGraph)).ok());
+  for (int layer = 0; layer < kLayers; ++layer) {
+    for (int g = 0; g < kKvHeads; ++g) {
+      const Matrix keys = RandomMatrix(kTailStart, kDim, 99 + layer * 10 + g, 0.5f);
+      const Matrix values = RandomMatrix(kTailStart, kDim, 199 + layer * 10 + g);
+      ShardUpload up;
+      up.key = ShardKey{kGraphSeq, layer, g, 0};
+      up.keys = keys.view();
+      up.values = values.view();
+      ASSERT_TRUE(src->UploadShard(up).ok());
+    }
+  }
+  ASSERT_NO_FATAL_FAILURE(AppendRows(src.get(), kGraphSeq, kTailStart, 10));
+  auto r = SyncInProcess(dst.get(), src.get(), kGraphSeq, IndexType::kGraph);
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ(r->keys_copied, int64_t{kLayers} * kKvHeads * (kTailStart + 10));
+  ExpectSameNode(src.get(), ListOf(src.get()), dst.get(), ListOf(dst.get()), kGraphSeq);
+  auto listed = dst->core().ListShards(kGraphSeq);
+  ASSERT_TRUE(listed.ok());
+  EXPECT_EQ(listed->size(), size_t{kLayers * kKvHeads});  // chunk 1 is gone
 }
 
 TEST(NodeSyncTest, BudgetTooSmallIsResourceExhaustedAndChangesNothing) {
