@@ -115,8 +115,8 @@ int Main() {
 
   Node src_node(binary), dst_node(binary);
   GrpcClientOptions options;
-  options.upload_timeout = absl::Seconds(600);
-  options.sync_timeout = absl::Seconds(600);
+  options.upload_timeout = absl::Seconds(300);
+  options.sync_timeout = absl::Seconds(300);
   auto src = GrpcRetrievalClient::Create(src_node.address(), options);
   auto dst = GrpcRetrievalClient::Create(dst_node.address(), options);
   CheckOk(src.status(), "client");
