@@ -23,12 +23,16 @@
 #include "gtest/gtest.h"
 #include "retrieval_node/client/in_process_client.h"
 #include "retrieval_node/client/multi_node_client.h"
+#include "tests/support/replica_workload.h"
 #include "services/infra/placement/placement.h"
 
 namespace kvr::retrieval {
 namespace {
 
-constexpr int kLayers = 2, kHeads = 4, kKvHeads = 2, kDim = 16, kChunks = 4, kRows = 32;
+using namespace test_support::replica_workload;  // NOLINT(build/namespaces): test workload
+
+// Fill, asserting success.
+void FillOk(RetrievalClient& client, uint64_t seq) { ASSERT_TRUE(Fill(client, seq).ok()); }
 
 // A node that keeps each (sequence, kv head, chunk) in its own in-process
 // core, so it can serve AttendRequest::shards exactly (the branch's NodeCore
@@ -200,25 +204,6 @@ bool Eventually(F cond) {
   return cond();
 }
 
-SequenceSpec Spec(uint64_t id) {
-  SequenceSpec s;
-  s.sequence_id = id;
-  s.n_layers = kLayers;
-  s.n_heads = kHeads;
-  s.n_kv_heads = kKvHeads;
-  s.head_dim = kDim;
-  s.index_type = IndexType::kFlat;
-  return s;
-}
-
-Matrix Random(size_t rows, size_t cols, uint32_t seed) {
-  std::mt19937 rng(seed);
-  std::normal_distribution<float> d(0.0f, 1.0f);
-  Matrix m(rows, cols);
-  for (float& v : m.data) v = d(rng);
-  return m;
-}
-
 class ReplicasTest : public ::testing::Test {
  protected:
   // `n` fake nodes ("n0", "n1", ...) behind one MultiNodeClient with R = r.
@@ -250,82 +235,18 @@ class ReplicasTest : public ::testing::Test {
     return out;
   }
 
-  // Uploads chunks [0, kChunks) of every (layer, kv head) of `seq` to
-  // `client`, kRows rows each, deterministic data.
-  static void Fill(RetrievalClient& client, uint64_t seq) {
-    for (int l = 0; l < kLayers; ++l) {
-      for (int h = 0; h < kKvHeads; ++h) {
-        for (int c = 0; c < kChunks; ++c) {
-          const uint32_t seed = static_cast<uint32_t>(((l * kKvHeads + h) * kChunks + c) * 2);
-          const Matrix k = Random(kRows, kDim, seed), v = Random(kRows, kDim, seed + 1);
-          ShardUpload u;
-          u.key = {seq, l, h, c};
-          u.first_position = static_cast<int64_t>(c) * kRows;
-          u.keys = k.view();
-          u.values = v.view();
-          ASSERT_TRUE(client.UploadShard(u).ok()) << u.key.DebugString();
-        }
-      }
-    }
-  }
-
-  // Appends `rows` rows at `first` to every (layer, kv head).
-  static absl::Status AppendAll(RetrievalClient& client, uint64_t seq, int64_t first, int rows) {
-    for (int l = 0; l < kLayers; ++l) {
-      for (int h = 0; h < kKvHeads; ++h) {
-        const uint32_t seed = static_cast<uint32_t>(1000 + first * 7 + l * kKvHeads + h);
-        const Matrix k = Random(static_cast<size_t>(rows), kDim, seed);
-        const Matrix v = Random(static_cast<size_t>(rows), kDim, seed + 1);
-        AppendRequest a;
-        a.sequence_id = seq;
-        a.layer = l;
-        a.kv_head = h;
-        a.first_position = first;
-        a.keys = k.view();
-        a.values = v.view();
-        KVR_RETURN_IF_ERROR(client.Append(a));
-      }
-    }
-    return absl::OkStatus();
-  }
-
-  static absl::StatusOr<Partials> AttendLayer(RetrievalClient& client, uint64_t seq, int layer,
-                                              AttendStats* stats = nullptr) {
-    const Matrix q = Random(kHeads, kDim, 77u + static_cast<uint32_t>(layer));
-    AttendRequest req;
-    req.sequence_id = seq;
-    req.layer = layer;
-    req.queries = q.view();
-    req.k = 4096;  // every key: exact attention
-    Partials out(kHeads, kDim);
-    KVR_RETURN_IF_ERROR(client.Attend(req, out.view(), stats));
-    return out;
-  }
-
   // The single-node reference for the same writes.
   static Partials Reference(int layer, int64_t appended_rows) {
     auto one = InProcessRetrievalClient::Create();
     KVR_CHECK(one.ok());
     KVR_CHECK((*one)->CreateSequence(Spec(1)).ok());
-    Fill(**one, 1);
+    KVR_CHECK(Fill(**one, 1).ok());
     if (appended_rows > 0) {
       KVR_CHECK(AppendAll(**one, 1, kChunks * kRows, static_cast<int>(appended_rows)).ok());
     }
     auto p = AttendLayer(**one, 1, layer);
     KVR_CHECK(p.ok());
     return *std::move(p);
-  }
-
-  static void ExpectSamePartials(const Partials& a, const Partials& b) {
-    ASSERT_EQ(a.m.size(), b.m.size());
-    for (size_t i = 0; i < a.m.size(); ++i) {
-      // Same keys merged in another grouping: equal up to float rounding.
-      EXPECT_NEAR(a.m[i], b.m[i], 1e-5f) << "head " << i;
-      EXPECT_NEAR(a.l[i] * std::exp(a.m[i] - b.m[i]), b.l[i], 1e-4f * b.l[i]) << "head " << i;
-      for (size_t d = 0; d < a.o.cols; ++d) {
-        EXPECT_NEAR(a.o.row(i)[d], b.o.row(i)[d], 1e-5f) << "head " << i << " dim " << d;
-      }
-    }
   }
 
   void MarkDown(int i) {
@@ -344,7 +265,7 @@ class ReplicasTest : public ::testing::Test {
 TEST_F(ReplicasTest, WritesGoToEveryOwnerAttendToThePrimaryOnce) {
   Build(3, 2);
   ASSERT_TRUE(multi_->CreateSequence(Spec(1)).ok());
-  Fill(*multi_, 1);
+  FillOk(*multi_, 1);
   std::map<std::pair<size_t, int>, int> uploads;  // (node, shard index) -> count
   for (size_t n = 0; n < 3; ++n) {
     for (const ShardKey& k : fakes_[n]->uploads()) {
@@ -377,7 +298,7 @@ TEST_F(ReplicasTest, WritesGoToEveryOwnerAttendToThePrimaryOnce) {
 TEST_F(ReplicasTest, OneReplicaSendsPlainRequestsWithUnchangedResults) {
   Build(3, 1);
   ASSERT_TRUE(multi_->CreateSequence(Spec(1)).ok());
-  Fill(*multi_, 1);
+  FillOk(*multi_, 1);
   ASSERT_TRUE(AppendAll(*multi_, 1, kChunks * kRows, 5).ok());
   auto got = AttendLayer(*multi_, 1, 0);
   ASSERT_TRUE(got.ok()) << got.status();
@@ -393,7 +314,7 @@ TEST_F(ReplicasTest, OneReplicaSendsPlainRequestsWithUnchangedResults) {
 TEST_F(ReplicasTest, OneOfTwoDownKeepsServingIdenticalResults) {
   Build(2, 2);
   ASSERT_TRUE(multi_->CreateSequence(Spec(1)).ok());
-  Fill(*multi_, 1);
+  FillOk(*multi_, 1);
   MarkDown(1);
   ASSERT_TRUE(AppendAll(*multi_, 1, kChunks * kRows, 3).ok());
   EXPECT_FALSE(multi_->InSync(1, "n1"));
@@ -422,7 +343,7 @@ TEST_F(ReplicasTest, OneOfTwoDownKeepsServingIdenticalResults) {
 TEST_F(ReplicasTest, AttendFailsOverWithinTheCall) {
   Build(2, 2);
   ASSERT_TRUE(multi_->CreateSequence(Spec(1)).ok());
-  Fill(*multi_, 1);
+  FillOk(*multi_, 1);
   fakes_[0]->attend_unavailable = true;
   AttendStats stats;
   auto got = AttendLayer(*multi_, 1, 0, &stats);
@@ -451,7 +372,7 @@ TEST_F(ReplicasTest, AttendFailsOverWithinTheCall) {
 TEST_F(ReplicasTest, NoLiveOwnerIsUnavailableNamingTheShard) {
   Build(2, 2);
   ASSERT_TRUE(multi_->CreateSequence(Spec(1)).ok());
-  Fill(*multi_, 1);
+  FillOk(*multi_, 1);
   const Matrix k = Random(4, kDim + 1, 5);
   AppendRequest bad;
   bad.sequence_id = 1;
@@ -481,7 +402,7 @@ TEST_F(ReplicasTest, NewSequencesGoToLiveNodesOnly) {
   MarkDown(1);
   MarkDown(2);
   ASSERT_TRUE(multi_->CreateSequence(Spec(7)).ok());
-  Fill(*multi_, 7);
+  FillOk(*multi_, 7);
   EXPECT_EQ(fakes_[0]->uploads().size(), static_cast<size_t>(kLayers * kKvHeads * kChunks));
   EXPECT_TRUE(fakes_[1]->uploads().empty());
   EXPECT_TRUE(fakes_[2]->uploads().empty());
@@ -498,7 +419,7 @@ TEST_F(ReplicasTest, NewSequencesGoToLiveNodesOnly) {
 TEST_F(ReplicasTest, ReturningNodeSyncsBeforeServing) {
   Build(2, 2);
   ASSERT_TRUE(multi_->CreateSequence(Spec(1)).ok());
-  Fill(*multi_, 1);
+  FillOk(*multi_, 1);
   MarkDown(1);
   ASSERT_TRUE(AppendAll(*multi_, 1, kChunks * kRows, 4).ok());  // n1 misses these
   const int64_t last = kChunks * kRows + 3;
@@ -535,7 +456,7 @@ TEST_F(ReplicasTest, ReturningNodeSyncsBeforeServing) {
 TEST_F(ReplicasTest, FailedSyncKeepsNodeOut) {
   Build(2, 2);
   ASSERT_TRUE(multi_->CreateSequence(Spec(1)).ok());
-  Fill(*multi_, 1);
+  FillOk(*multi_, 1);
   MarkDown(1);
   fakes_[1]->down = false;
   multi_->SetNodeUp("n1", true);  // the in-process node answers Unimplemented
@@ -554,7 +475,7 @@ TEST_F(ReplicasTest, FailedSyncKeepsNodeOut) {
 TEST_F(ReplicasTest, DropWhileDownIsDeliveredOnReturn) {
   Build(2, 2);
   ASSERT_TRUE(multi_->CreateSequence(Spec(3)).ok());
-  Fill(*multi_, 3);
+  FillOk(*multi_, 3);
   MarkDown(1);
   ASSERT_TRUE(multi_->DropSequence(3).ok());
   EXPECT_EQ(fakes_[0]->drops(), std::vector<uint64_t>{3});
@@ -572,7 +493,7 @@ TEST_F(ReplicasTest, CreateSurvivesFewerThanRTransportFailures) {
   ASSERT_TRUE(multi_->CreateSequence(Spec(1)).ok());
   EXPECT_FALSE(multi_->InSync(1, "n2"));
   EXPECT_TRUE(multi_->InSync(1, "n0"));
-  Fill(*multi_, 1);
+  FillOk(*multi_, 1);
   ASSERT_TRUE(AppendAll(*multi_, 1, kChunks * kRows, 2).ok());
   auto got = AttendLayer(*multi_, 1, 1);
   ASSERT_TRUE(got.ok()) << got.status();
