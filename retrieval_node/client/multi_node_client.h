@@ -21,7 +21,9 @@
 //     than R_seq nodes failed, i.e. every shard keeps an in-sync owner (with
 //     R = 1 every node must accept, as before).
 //   * UploadShard / Append / AppendAsync go to every live, in-sync owner of
-//     the chunk in parallel and succeed when one acknowledged. An owner that
+//     the chunk in parallel, complete when every one of them answered (a
+//     hung owner answers UNAVAILABLE once the gRPC keepalive drops its
+//     connection, ~1 s) and succeed when one acknowledged. An owner that
 //     is down, or failed while another succeeded, becomes stale. When every
 //     owner failed: the first non-transport error (nobody is marked stale:
 //     all refused alike), else Unavailable; no live in-sync owner at all is

@@ -4,7 +4,9 @@
 //
 //   FailoverLivenessTest  — a node killed with SIGKILL is reported down
 //     within 1 s, a SIGSTOPped (hung) one within 1.5 s (keepalive), and a
-//     node restarted on its port is live again within 1.5 s of serving.
+//     node restarted on its port is live again within 1.5 s of serving;
+//     new sequences avoid a down node; a kvr_worker's /metrics shows the
+//     nodes up and the replication families.
 //   FailoverReplicasTest  — needs the node side of the replica contract
 //     (AttendRequest::shards honoured, SyncShards): Attend with R = 2 equals
 //     the single-node reference; after kill -9 of a node, Appends and
@@ -13,7 +15,9 @@
 #include <signal.h>
 
 #include <chrono>
+#include <cstdio>
 #include <memory>
+#include <optional>
 #include <string>
 #include <thread>
 #include <vector>
@@ -24,6 +28,7 @@
 #include "retrieval_node/client/client_factory.h"
 #include "retrieval_node/client/in_process_client.h"
 #include "retrieval_node/client/multi_node_client.h"
+#include "tests/support/metrics_page.h"
 #include "tests/support/replica_workload.h"
 #include "tests/support/server_process.h"
 #include "tests/support/temp_dir.h"
@@ -35,6 +40,8 @@ using namespace test_support::replica_workload;  // NOLINT(build/namespaces): te
 using test_support::NodeProcess;
 using test_support::TempDir;
 using Clock = std::chrono::steady_clock;
+
+std::string g_worker_binary;  // --kvr_worker
 
 double SecondsSince(Clock::time_point t) {
   return std::chrono::duration<double>(Clock::now() - t).count();
@@ -153,6 +160,43 @@ TEST_F(FailoverLivenessTest, NewSequencesAvoidDownNodes) {
   EXPECT_TRUE(client_->DropSequence(11).ok());
 }
 
+// A kvr_worker on the three nodes reports them on /metrics: all up, no
+// under-replicated shard, the failover and sync families present; after
+// kill -9 of one node, nodes_up drops to 2 within 2 s.
+TEST_F(FailoverLivenessTest, WorkerMetricsShowNodesUp) {
+  auto worker = test_support::ServerProcess::Start(
+      g_worker_binary, "kvr_worker",
+      {"--nodes=" + absl::StrJoin(addresses_, ","), "--replicas=2"});
+  ASSERT_TRUE(worker != nullptr && worker->listening());
+  ASSERT_FALSE(worker->metrics_address().empty());
+  auto scrape = [&] {
+    std::optional<std::string> page = test_support::HttpGetMetrics(worker->metrics_address());
+    EXPECT_TRUE(page.has_value());
+    return test_support::ParseExposition(page.value_or(""));
+  };
+  test_support::Samples m = scrape();
+  EXPECT_EQ(test_support::Get(m, "kvr_worker_retrieval_nodes_up"), 3.0);
+  EXPECT_TRUE(test_support::Has(m, "kvr_worker_under_replicated_shards"));
+  EXPECT_EQ(test_support::Get(m, "kvr_worker_under_replicated_shards"), 0.0);
+  for (const char* reason : {"unavailable", "deadline", "down"}) {
+    EXPECT_TRUE(test_support::Has(m, "kvr_worker_attend_failovers_total", {{"reason", reason}}))
+        << reason;
+  }
+  for (const char* result : {"started", "succeeded", "failed"}) {
+    EXPECT_TRUE(test_support::Has(m, "kvr_worker_replica_syncs_total", {{"result", result}}))
+        << result;
+  }
+  EXPECT_TRUE(test_support::Has(m, "kvr_worker_replica_keys_synced_total"));
+
+  const auto killed = Clock::now();
+  Kill(2);
+  ASSERT_TRUE(PollFor(
+      [&] { return test_support::Get(scrape(), "kvr_worker_retrieval_nodes_up") == 2.0; },
+      std::chrono::seconds(5)));
+  EXPECT_LE(SecondsSince(killed), 2.0);
+  worker->Stop();
+}
+
 // The single-node reference: the same writes into one in-process node.
 Partials Reference(int layer, int appended_rows) {
   auto one = InProcessRetrievalClient::Create();
@@ -223,6 +267,18 @@ TEST_F(FailoverReplicasTest, KillRestartRejoinKeepsResults) {
 int main(int argc, char** argv) {
   ::testing::InitGoogleTest(&argc, argv);
   if (!kvr::test_support::ParseNodeBinaryFlag(argc, argv)) return 2;
+  for (int i = 1; i < argc; ++i) {
+    const std::string a = argv[i];
+    if (a == "--kvr_worker" && i + 1 < argc) {
+      kvr::retrieval::g_worker_binary = argv[++i];
+    } else if (a.rfind("--kvr_worker=", 0) == 0) {
+      kvr::retrieval::g_worker_binary = a.substr(13);
+    }
+  }
+  if (kvr::retrieval::g_worker_binary.empty()) {
+    std::fprintf(stderr, "usage: %s --kvr_node PATH --kvr_worker PATH [gtest flags]\n", argv[0]);
+    return 2;
+  }
   signal(SIGPIPE, SIG_IGN);
   return RUN_ALL_TESTS();
 }
