@@ -106,6 +106,9 @@ Runtime:
                           in-process node (--tail_capacity is then set on
                           each kvr_node); also dns:///NAME:PORT (every
                           address of NAME) or ID=HOST:PORT,... (fixed ids)
+  --replicas R            with --nodes: nodes holding each chunk, [0, 64]
+                          (0 = default: 2 with >= 2 nodes, else 1; fewer
+                          live nodes at the start reduce it, with a warning)
 )";
 
 struct Flags {
@@ -116,6 +119,7 @@ struct Flags {
   std::string backend = "cpu", cuda_plugin;
   int64_t device = 0;
   std::string nodes;  // empty: in-process node
+  int64_t replicas = 0;  // --nodes only; 0: the factory's default
 };
 
 absl::Status ParseGenerateFlags(const std::vector<std::string>& args, Flags* f, bool* help) {
@@ -186,6 +190,7 @@ absl::Status ParseGenerateFlags(const std::vector<std::string>& args, Flags* f, 
       {"cuda_plugin", string_flag(&f->cuda_plugin)},
       {"device", int_flag(0, 1023, &f->device)},
       {"nodes", string_flag(&f->nodes)},
+      {"replicas", int_flag(0, 64, &f->replicas)},
   };
   cli::FlagTable flags;
   for (const auto& [name, handler] : handlers) flags[name] = cli::FlagSpec{handler};
@@ -219,6 +224,7 @@ absl::Status RunGenerate(const Flags& f) {
   retrieval::RetrievalClientOptions ro;
   ro.in_process.tail_capacity = static_cast<size_t>(f.tail_capacity);
   ro.in_process.train_k = f.request.attention.train_k;
+  ro.replicas = static_cast<int>(f.replicas);
   KVR_ASSIGN_OR_RETURN(std::unique_ptr<retrieval::RetrievalClient> node,
                        retrieval::MakeRetrievalClient(f.nodes, ro));
   KVR_ASSIGN_OR_RETURN(std::unique_ptr<worker::RetrievalEngine> engine,

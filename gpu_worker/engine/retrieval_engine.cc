@@ -26,9 +26,12 @@ std::atomic<uint64_t> next_sequence_id{1};
 EngineSequence::~EngineSequence() {
   if (engine_ == nullptr) return;
   RetrievalEngine* engine = engine_;
-  std::lock_guard<std::mutex> lock(engine->mu_);
-  engine->EndLocked(*this, State::kEnded).IgnoreError();
-  engine->live_.erase(this);
+  {
+    std::lock_guard<std::mutex> lock(engine->mu_);
+    engine->EndLocked(*this, State::kEnded).IgnoreError();
+    engine->live_.erase(this);
+  }
+  engine->FlushDrops().IgnoreError();
 }
 
 int64_t EngineSequence::Slot(int64_t pos) const {
@@ -58,12 +61,29 @@ absl::StatusOr<std::unique_ptr<RetrievalEngine>> RetrievalEngine::Create(
 }
 
 RetrievalEngine::~RetrievalEngine() {
-  std::lock_guard<std::mutex> lock(mu_);
-  for (EngineSequence* seq : live_) {
-    EndLocked(*seq, EngineSequence::State::kEnded).IgnoreError();
-    seq->engine_ = nullptr;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    for (EngineSequence* seq : live_) {
+      EndLocked(*seq, EngineSequence::State::kEnded).IgnoreError();
+      seq->engine_ = nullptr;
+    }
+    live_.clear();
   }
-  live_.clear();
+  FlushDrops().IgnoreError();
+}
+
+absl::Status RetrievalEngine::FlushDrops() {
+  std::vector<uint64_t> ids;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    ids.swap(drops_);
+  }
+  absl::Status first;
+  for (uint64_t id : ids) {
+    absl::Status st = client_->DropSequence(id);
+    if (first.ok() && !st.ok()) first = std::move(st);
+  }
+  return first;
 }
 
 absl::Status RetrievalEngine::Init(Backend* backend, std::shared_ptr<const LlamaWeights> weights,
@@ -205,7 +225,8 @@ absl::Status RetrievalEngine::EndLocked(EngineSequence& seq, EngineSequence::Sta
   }
   if (!seq.on_node_) return absl::OkStatus();
   seq.on_node_ = false;
-  return client_->DropSequence(seq.id_);
+  drops_.push_back(seq.id_);  // dropped by FlushDrops, outside mu_
+  return absl::OkStatus();
 }
 
 absl::StatusOr<std::unique_ptr<EngineSequence>> RetrievalEngine::StartSequence(
@@ -221,6 +242,8 @@ absl::StatusOr<std::unique_ptr<EngineSequence>> RetrievalEngine::StartSequence(
     live_.insert(seq.get());
     st = StartLocked(lock, *seq, tokens, options, cancel, on_layer);
   }
+  // A failed prefill's registration (or a reused sequence's) is dropped here.
+  FlushDrops().IgnoreError();
   if (!st.ok()) return st;  // `seq` ends itself outside the locks
   return seq;
 }
@@ -228,10 +251,15 @@ absl::StatusOr<std::unique_ptr<EngineSequence>> RetrievalEngine::StartSequence(
 absl::StatusOr<std::span<const float>> RetrievalEngine::Prefill(std::span<const int32_t> tokens,
                                                                 const AttentionOptions& options,
                                                                 const CancelToken& cancel) {
-  std::lock_guard<std::mutex> prefill(prefill_mu_);
-  if (options.mode == AttentionMode::kRetrieval) handoff_->WaitSlot();
-  std::unique_lock<std::mutex> lock(mu_);
-  KVR_RETURN_IF_ERROR(StartLocked(lock, *own_, tokens, options, cancel, nullptr));
+  absl::Status st;
+  {
+    std::lock_guard<std::mutex> prefill(prefill_mu_);
+    if (options.mode == AttentionMode::kRetrieval) handoff_->WaitSlot();
+    std::unique_lock<std::mutex> lock(mu_);
+    st = StartLocked(lock, *own_, tokens, options, cancel, nullptr);
+  }
+  FlushDrops().IgnoreError();
+  KVR_RETURN_IF_ERROR(st);
   return own_->logits();
 }
 
@@ -319,7 +347,11 @@ absl::Status RetrievalEngine::PrefillLocked(std::unique_lock<std::mutex>& lock,
     // one already: take the next.
     for (int attempt = 0;; ++attempt) {
       spec.sequence_id = seq.id_;
+      // Not under mu_ (a hung node must not stop other sequences' steps);
+      // prefill_mu_ stays held and keeps this prefill's state to itself.
+      lock.unlock();
       const absl::Status st = client_->CreateSequence(spec);
+      lock.lock();
       if (st.ok()) break;
       if (!absl::IsAlreadyExists(st) || attempt == 15) return st;
       seq.id_ = next_sequence_id.fetch_add(1);
@@ -462,18 +494,24 @@ absl::Status RetrievalEngine::WaitHandOff(EngineSequence& seq, int layer) {
 }
 
 absl::Status RetrievalEngine::EndSequence(EngineSequence& seq) {
-  std::lock_guard<std::mutex> lock(mu_);
-  if (seq.engine_ != this) return absl::InvalidArgumentError("EndSequence: foreign sequence");
-  return EndLocked(seq, EngineSequence::State::kEnded);
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (seq.engine_ != this) return absl::InvalidArgumentError("EndSequence: foreign sequence");
+    KVR_RETURN_IF_ERROR(EndLocked(seq, EngineSequence::State::kEnded));
+  }
+  return FlushDrops();
 }
 
 absl::Status RetrievalEngine::EndSequence() { return EndSequence(*own_); }
 
 absl::Status RetrievalEngine::Cancel(EngineSequence& seq) {
   seq.Cancel();
-  std::lock_guard<std::mutex> lock(mu_);
-  if (seq.engine_ != this) return absl::InvalidArgumentError("Cancel: foreign sequence");
-  return EndLocked(seq, EngineSequence::State::kCancelled);
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (seq.engine_ != this) return absl::InvalidArgumentError("Cancel: foreign sequence");
+    KVR_RETURN_IF_ERROR(EndLocked(seq, EngineSequence::State::kCancelled));
+  }
+  return FlushDrops();
 }
 
 absl::Status RetrievalEngine::CheckStep(EngineSequence& seq) {
@@ -537,6 +575,7 @@ absl::Status RetrievalEngine::StepBatch(std::span<EngineSequence* const> seqs,
   ++steps_done_;
   lock.unlock();
   step_cv_.notify_all();
+  FlushDrops().IgnoreError();  // sequences that failed or were cancelled
   return st;
 }
 

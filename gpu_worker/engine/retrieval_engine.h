@@ -350,7 +350,13 @@ class RetrievalEngine {
                             const Tensor& v, int64_t prompt_len);
   // Waits for `seq`'s pending uploads of `layer` (all layers when < 0).
   absl::Status WaitHandOff(EngineSequence& seq, int layer);
+  // Ends `seq` (mu_ held). Its node registration is not dropped here: the
+  // id joins drops_ and the caller runs FlushDrops() once it released mu_,
+  // so a node that hangs never blocks the engine-wide lock.
   absl::Status EndLocked(EngineSequence& seq, EngineSequence::State state);
+  // Drops every sequence in drops_ on the node, outside mu_ (which it takes
+  // only to take the list). The first error. Call without mu_ held.
+  absl::Status FlushDrops();
   // Checks that `seq` can step; ends it when cancelled.
   absl::Status CheckStep(EngineSequence& seq);
   absl::Status StepBatchLocked(std::span<EngineSequence* const> seqs,
@@ -374,6 +380,9 @@ class RetrievalEngine {
   int64_t max_seq_len_ = 0;
   int64_t max_batch_ = 0;
   std::set<EngineSequence*> live_;
+  // Sequence ids ended under mu_ whose node registration is not dropped yet
+  // (FlushDrops).
+  std::vector<uint64_t> drops_;
   std::unique_ptr<EngineSequence> own_;
 
   DeviceWeights device_weights_;

@@ -2,7 +2,7 @@
 // grpc.health.v1 and server reflection).
 //
 //   kvr_worker --listen 127.0.0.1:0 --max_concurrent 8
-//              [--nodes host:port,... | --nodes dns:///name:port]
+//              [--nodes host:port,... | --nodes dns:///name:port] [--replicas R]
 //              [--metrics_listen 127.0.0.1:0] [--backend cpu|cuda]
 //
 // Loads the model and tokenizer (default: the bundled stories260K), runs one
@@ -12,7 +12,7 @@
 // kvr_node servers of --nodes (a static list, or every address of a DNS name
 // — a Kubernetes headless service — re-resolved every
 // --nodes_refresh_seconds; each new sequence is placed on the current set,
-// running ones keep theirs). Prints "kvr_worker metrics on HOST:PORT" (unless
+// running ones keep theirs; each chunk on --replicas of them). Prints "kvr_worker metrics on HOST:PORT" (unless
 // --metrics_listen is empty) and then "kvr_worker listening on HOST:PORT" on
 // stdout once serving (port 0 picks a free port). SIGTERM / SIGINT:
 // health goes NOT_SERVING, streams drain (up to --drain_seconds, then they
@@ -55,6 +55,10 @@ ABSL_FLAG(std::string, nodes, "",
           "kvr_node retrieval nodes: host:port,... (static), dns:///name:port (every A/AAAA "
           "record of name, re-resolved every --nodes_refresh_seconds), or id=host:port,... "
           "(static, with stable ids); empty: an in-process node");
+ABSL_FLAG(int, replicas, 0,
+          "--nodes host:port,...: retrieval nodes holding each chunk (0: 2 when --nodes names "
+          ">= 2 nodes, else 1); a sequence started while fewer nodes are live gets fewer, with a "
+          "warning, and counts in kvr_worker_under_replicated_shards");
 ABSL_FLAG(double, nodes_refresh_seconds, 10.0,
           "--nodes dns:///...: seconds between re-resolutions (> 0)");
 ABSL_FLAG(std::string, metrics_listen, "127.0.0.1:0",
@@ -182,6 +186,7 @@ int Main(int argc, char** argv) {
   ro.in_process.tail_capacity = static_cast<size_t>(absl::GetFlag(FLAGS_tail_capacity));
   ro.in_process.train_k = absl::GetFlag(FLAGS_train_k);
   ro.refresh = absl::Seconds(refresh_seconds);
+  ro.replicas = absl::GetFlag(FLAGS_replicas);
   ro.on_node_set_error = [](const absl::Status& s) {
     std::fprintf(stderr, "kvr_worker: keeping the previous node set: %s\n",
                  std::string(s.message()).c_str());
@@ -215,6 +220,20 @@ int Main(int argc, char** argv) {
     l.requests_running = load.active;
     l.requests_waiting = load.queued;
     l.retrieval_nodes = static_cast<int64_t>(n->num_nodes());
+    retrieval::ReplicationStats r;
+    if (n->GetReplicationStats(&r)) {
+      l.retrieval_nodes_up = r.nodes_up;
+      l.under_replicated_shards = r.under_replicated_shards;
+      l.failovers_unavailable = r.attend_failovers_unavailable;
+      l.failovers_deadline = r.attend_failovers_deadline;
+      l.failovers_down = r.attend_failovers_down;
+      l.syncs_started = r.syncs_started;
+      l.syncs_succeeded = r.syncs_succeeded;
+      l.syncs_failed = r.syncs_failed;
+      l.keys_synced = r.keys_synced;
+    } else {
+      l.retrieval_nodes_up = l.retrieval_nodes;
+    }
     return l;
   });
   absl::StatusOr<std::unique_ptr<metrics::MetricsEndpoint>> metrics_endpoint =

@@ -1,5 +1,7 @@
 #include "gpu_worker/server/worker_metrics.h"
 
+#include <algorithm>
+#include <mutex>
 #include <utility>
 #include <vector>
 
@@ -47,12 +49,48 @@ struct WorkerMetrics::Impl {
             "projections, FFN, sampling, ...); the phases sum to the decode step durations")),
         retrieval_phase(phases.Add({{"phase", "retrieval"}})),
         attention_phase(phases.Add({{"phase", "attention"}})),
-        other_phase(phases.Add({{"phase", "other"}})) {}
+        other_phase(phases.Add({{"phase", "other"}})),
+        nodes_up(set.Gauge("kvr_worker_retrieval_nodes_up",
+                           "Retrieval nodes live now (health watch up, not suspected after a "
+                           "failed call)")),
+        under_replicated(set.Gauge("kvr_worker_under_replicated_shards",
+                                   "Shards of live sequences with fewer than --replicas live, "
+                                   "in-sync owners")),
+        failovers(set.CounterFamily("kvr_worker_attend_failovers_total",
+                                    "Attend work moved to another replica, by reason: "
+                                    "unavailable / deadline (a node request failed and was "
+                                    "re-sent), down (a shard's first owner was down or stale)")),
+        failover_unavailable(failovers.Add({{"reason", "unavailable"}})),
+        failover_deadline(failovers.Add({{"reason", "deadline"}})),
+        failover_down(failovers.Add({{"reason", "down"}})),
+        syncs(set.CounterFamily("kvr_worker_replica_syncs_total",
+                                "Node-to-node replica syncs (SyncShards calls) by result: "
+                                "started, succeeded, failed")),
+        syncs_started(syncs.Add({{"result", "started"}})),
+        syncs_succeeded(syncs.Add({{"result", "succeeded"}})),
+        syncs_failed(syncs.Add({{"result", "failed"}})),
+        keys_synced(set.Counter("kvr_worker_replica_keys_synced_total",
+                                "Keys copied node to node to bring stale replicas back in sync")) {}
 
   void SetLoad(const WorkerLoad& l) {
     running.Set(static_cast<double>(l.requests_running));
     waiting.Set(static_cast<double>(l.requests_waiting));
     retrieval_nodes.Set(static_cast<double>(l.retrieval_nodes));
+    nodes_up.Set(static_cast<double>(l.retrieval_nodes_up));
+    under_replicated.Set(static_cast<double>(l.under_replicated_shards));
+    // The client's totals only grow; add what is new since the last scrape.
+    std::lock_guard<std::mutex> lock(totals_mu);
+    Advance(failover_unavailable, l.failovers_unavailable, seen.failovers_unavailable);
+    Advance(failover_deadline, l.failovers_deadline, seen.failovers_deadline);
+    Advance(failover_down, l.failovers_down, seen.failovers_down);
+    Advance(syncs_started, l.syncs_started, seen.syncs_started);
+    Advance(syncs_succeeded, l.syncs_succeeded, seen.syncs_succeeded);
+    Advance(syncs_failed, l.syncs_failed, seen.syncs_failed);
+    Advance(keys_synced, l.keys_synced, seen.keys_synced);
+  }
+  static void Advance(prometheus::Counter& c, int64_t total, int64_t& seen_total) {
+    if (total > seen_total) c.Increment(static_cast<double>(total - seen_total));
+    seen_total = std::max(seen_total, total);
   }
 
   metrics::MetricSet set;  // first: every family below lives in it
@@ -69,6 +107,19 @@ struct WorkerMetrics::Impl {
   prometheus::Counter& retrieval_phase;
   prometheus::Counter& attention_phase;
   prometheus::Counter& other_phase;
+  prometheus::Gauge& nodes_up;
+  prometheus::Gauge& under_replicated;
+  prometheus::Family<prometheus::Counter>& failovers;
+  prometheus::Counter& failover_unavailable;
+  prometheus::Counter& failover_deadline;
+  prometheus::Counter& failover_down;
+  prometheus::Family<prometheus::Counter>& syncs;
+  prometheus::Counter& syncs_started;
+  prometheus::Counter& syncs_succeeded;
+  prometheus::Counter& syncs_failed;
+  prometheus::Counter& keys_synced;
+  std::mutex totals_mu;  // scrapes may overlap
+  WorkerLoad seen;       // the totals already counted
 };
 
 WorkerMetrics::WorkerMetrics() : impl_(std::make_unique<Impl>()) {}

@@ -33,6 +33,17 @@ struct WorkerLoad {
   int64_t requests_running = 0;  // admitted: prefilling or decoding
   int64_t requests_waiting = 0;  // queued
   int64_t retrieval_nodes = 0;   // current membership size (1: the in-process node)
+  // Replication (a replicating client only; otherwise these stay 0 and the
+  // counters do not move). The counters are the client's running totals.
+  int64_t retrieval_nodes_up = 0;        // nodes live now (1: the in-process node)
+  int64_t under_replicated_shards = 0;   // shards with fewer than R live in-sync owners
+  int64_t failovers_unavailable = 0;     // Attend requests re-routed: node UNAVAILABLE
+  int64_t failovers_deadline = 0;        // ... node past its deadline
+  int64_t failovers_down = 0;            // shards sent past a down / stale first owner
+  int64_t syncs_started = 0;
+  int64_t syncs_succeeded = 0;
+  int64_t syncs_failed = 0;
+  int64_t keys_synced = 0;
 };
 
 class WorkerMetrics final : public SchedulerObserver {

@@ -1,6 +1,7 @@
 #include "retrieval_node/client/client_factory.h"
 
 #include <cstdio>
+#include <mutex>
 #include <string>
 #include <utility>
 #include <vector>
@@ -46,21 +47,53 @@ absl::StatusOr<std::unique_ptr<RetrievalClient>> ConnectNodes(
       initial.push_back({address, address});
     }
   }
+  if (options.replicas < 0 || options.replicas > 64) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--replicas ", options.replicas, " outside [0, 64] (0: default)"));
+  }
+  MultiNodeOptions mo;
+  mo.replicas = options.replicas > 0 ? options.replicas : (initial.size() >= 2 ? 2 : 1);
   std::vector<std::unique_ptr<RetrievalClient>> clients;
+  std::vector<GrpcRetrievalClient*> grpc_clients;
   for (const placement::NodeInfo& n : initial) {
     KVR_ASSIGN_OR_RETURN(std::unique_ptr<GrpcRetrievalClient> c,
                          GrpcRetrievalClient::Create(n.address));
     KVR_RETURN_IF_ERROR(c->WaitForReady(options.connect_timeout));
+    grpc_clients.push_back(c.get());
     clients.push_back(std::move(c));
   }
+  // Nodes joining later are watched too; their health goes to the client
+  // once it exists (a report before that is dropped: the node starts up).
+  auto sink = std::make_shared<std::function<void(const std::string&, bool)>>();
+  auto sink_mu = std::make_shared<std::mutex>();
   const MultiNodeClient::Connector connect =
-      [](const placement::NodeInfo& node) -> absl::StatusOr<std::unique_ptr<RetrievalClient>> {
+      [sink, sink_mu](
+          const placement::NodeInfo& node) -> absl::StatusOr<std::unique_ptr<RetrievalClient>> {
     KVR_ASSIGN_OR_RETURN(std::unique_ptr<GrpcRetrievalClient> c,
                          GrpcRetrievalClient::Create(node.address));
+    c->WatchHealth([sink, sink_mu, id = node.id](bool serving) {
+      std::function<void(const std::string&, bool)> f;
+      {
+        std::lock_guard<std::mutex> lock(*sink_mu);
+        f = *sink;
+      }
+      if (f) f(id, serving);
+    });
     return std::unique_ptr<RetrievalClient>(std::move(c));
   };
-  KVR_ASSIGN_OR_RETURN(std::unique_ptr<MultiNodeClient> multi,
-                       MultiNodeClient::Create(std::move(initial), std::move(clients), connect));
+  std::vector<std::string> ids;
+  for (const placement::NodeInfo& n : initial) ids.push_back(n.id);
+  KVR_ASSIGN_OR_RETURN(
+      std::unique_ptr<MultiNodeClient> multi,
+      MultiNodeClient::Create(std::move(initial), std::move(clients), connect, mo));
+  {
+    std::lock_guard<std::mutex> lock(*sink_mu);
+    *sink = multi->health_sink();
+  }
+  for (size_t i = 0; i < grpc_clients.size(); ++i) {
+    grpc_clients[i]->WatchHealth(
+        [f = multi->health_sink(), id = ids[i]](bool serving) { f(id, serving); });
+  }
   if (membership != nullptr) {
     std::function<void(const absl::Status&)> on_error = options.on_node_set_error;
     if (!on_error) {

@@ -12,6 +12,13 @@
 //   id=host:port,...    a fixed set with stable node ids (placement hashes
 //                       the ids, so nodes may change address)
 //
+// Replication (networked specs): each chunk lives on `replicas` nodes
+// (0 = the default: 2 when the spec names >= 2 nodes at start, else 1); a
+// sequence created while fewer nodes are live gets fewer (with a warning on
+// stderr) and counts as under-replicated. Every node's health is watched
+// (grpc.health.v1 Watch + keepalive): a dead node is routed around within
+// about a second, a returning one re-synced from a live replica first.
+//
 // The nodes known at start must accept a connection within
 // `connect_timeout` (a typo fails here, not at the first request); nodes
 // that join later connect lazily (a node not up yet fails the calls placed
@@ -37,6 +44,9 @@ struct RetrievalClientOptions {
   absl::Duration connect_timeout = absl::Seconds(5);
   // dns:/// only: time between re-resolutions (> 0).
   absl::Duration refresh = absl::Seconds(10);
+  // Owners per chunk for networked specs: 0 = default (see above), else
+  // in [1, 64].
+  int replicas = 0;
   // A changed node set the client refuses (the previous set stays in use).
   // Null: one line on stderr.
   std::function<void(const absl::Status&)> on_node_set_error;

@@ -4,6 +4,7 @@
 #include <cstring>
 #include <limits>
 
+#include "grpc/health/v1/health.grpc.pb.h"
 #include "grpcpp/client_context.h"
 #include "grpcpp/create_channel.h"
 #include "grpcpp/security/credentials.h"
@@ -45,11 +46,86 @@ GrpcRetrievalClient::GrpcRetrievalClient(const std::string& target,
   grpc::ChannelArguments args;
   args.SetMaxReceiveMessageSize(options.max_message_bytes);
   args.SetMaxSendMessageSize(options.max_message_bytes);
+  args.SetInt(GRPC_ARG_KEEPALIVE_TIME_MS,
+              static_cast<int>(absl::ToInt64Milliseconds(options.keepalive)));
+  args.SetInt(GRPC_ARG_KEEPALIVE_TIMEOUT_MS,
+              static_cast<int>(absl::ToInt64Milliseconds(options.keepalive_timeout)));
+  args.SetInt(GRPC_ARG_KEEPALIVE_PERMIT_WITHOUT_CALLS, 1);
+  args.SetInt(GRPC_ARG_HTTP2_MAX_PINGS_WITHOUT_DATA, 0);  // no cap: pings keep going
+  // Not GRPC_ARG_MIN_RECONNECT_BACKOFF_MS: gRPC reads it as the minimum
+  // connect timeout, and a short one turns a peer that accepts but never
+  // speaks into UNAVAILABLE instead of each call's DEADLINE_EXCEEDED.
+  args.SetInt(GRPC_ARG_INITIAL_RECONNECT_BACKOFF_MS,
+              static_cast<int>(absl::ToInt64Milliseconds(options.initial_reconnect_backoff)));
+  args.SetInt(GRPC_ARG_MAX_RECONNECT_BACKOFF_MS,
+              static_cast<int>(absl::ToInt64Milliseconds(options.max_reconnect_backoff)));
   channel_ = grpc::CreateCustomChannel(target, grpc::InsecureChannelCredentials(), args);
   stub_ = v1::RetrievalNode::NewStub(channel_);
 }
 
-GrpcRetrievalClient::~GrpcRetrievalClient() = default;
+GrpcRetrievalClient::~GrpcRetrievalClient() {
+  {
+    std::lock_guard<std::mutex> lock(health_mu_);
+    health_stop_ = true;
+    if (health_context_ != nullptr) health_context_->TryCancel();
+  }
+  health_cv_.notify_all();
+  if (health_thread_.joinable()) health_thread_.join();
+}
+
+void GrpcRetrievalClient::WatchHealth(std::function<void(bool serving)> on_change,
+                                      absl::Duration retry) {
+  KVR_CHECK(!health_thread_.joinable());
+  health_thread_ = std::thread([this, on_change = std::move(on_change), retry] {
+    HealthLoop(on_change, retry);
+  });
+}
+
+void GrpcRetrievalClient::HealthLoop(const std::function<void(bool)>& on_change,
+                                     absl::Duration retry) {
+  auto health = grpc::health::v1::Health::NewStub(channel_);
+  std::optional<bool> reported;
+  auto report = [&](bool serving) {
+    if (reported != serving) on_change(serving);
+    reported = serving;
+  };
+  for (;;) {
+    grpc::ClientContext context;
+    // The stream lives until the node goes (or this client does); the
+    // deadline only bounds a watch that would otherwise never end, and its
+    // expiry while SERVING just re-opens it.
+    SetDeadline(&context, absl::Minutes(10));
+    context.set_wait_for_ready(false);
+    {
+      std::lock_guard<std::mutex> lock(health_mu_);
+      if (health_stop_) return;
+      health_context_ = &context;
+    }
+    grpc::health::v1::HealthCheckRequest request;  // "": the whole server
+    std::unique_ptr<grpc::ClientReader<grpc::health::v1::HealthCheckResponse>> reader =
+        health->Watch(&context, request);
+    grpc::health::v1::HealthCheckResponse response;
+    while (reader->Read(&response)) {
+      report(response.status() == grpc::health::v1::HealthCheckResponse::SERVING);
+    }
+    const grpc::Status status = reader->Finish();
+    {
+      std::unique_lock<std::mutex> lock(health_mu_);
+      health_context_ = nullptr;
+      if (health_stop_) return;
+      if (status.error_code() != grpc::StatusCode::DEADLINE_EXCEEDED) {
+        lock.unlock();
+        report(false);
+        lock.lock();
+      }
+      // Then re-open after `retry`; while the node is away the attempt
+      // fails fast (no wait_for_ready) and the channel's capped backoff
+      // decides when a connection is tried again.
+      health_cv_.wait_for(lock, absl::ToChronoNanoseconds(retry), [&] { return health_stop_; });
+      if (health_stop_) return;
+    }
+  }
+}
 
 absl::StatusOr<std::unique_ptr<GrpcRetrievalClient>> GrpcRetrievalClient::Create(
     const std::string& target, const GrpcClientOptions& options) {
@@ -59,6 +135,16 @@ absl::StatusOr<std::unique_ptr<GrpcRetrievalClient>> GrpcRetrievalClient::Create
     return absl::InvalidArgumentError(absl::StrCat(
         "upload_chunk_bytes ", options.upload_chunk_bytes, " outside [4096, max_message_bytes ",
         options.max_message_bytes, " - 4096]"));
+  }
+  for (absl::Duration t : {options.keepalive, options.keepalive_timeout,
+                           options.initial_reconnect_backoff, options.max_reconnect_backoff}) {
+    if (t < absl::Milliseconds(1) || t > absl::Hours(1)) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "keepalive / reconnect backoff ", absl::FormatDuration(t), " outside [1ms, 1h]"));
+    }
+  }
+  if (options.initial_reconnect_backoff > options.max_reconnect_backoff) {
+    return absl::InvalidArgumentError("initial_reconnect_backoff > max_reconnect_backoff");
   }
   for (absl::Duration t : {options.attend_timeout, options.upload_timeout,
                            options.control_timeout, options.sync_timeout}) {

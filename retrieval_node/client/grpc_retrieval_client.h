@@ -18,16 +18,26 @@
 // Appends to different heads are all in flight at once. Destroy the client
 // only after every asynchronous call's `done` ran.
 //
+// Liveness: the channel sends keepalive pings (GrpcClientOptions::keepalive,
+// also on idle connections) and reconnects with a backoff capped at
+// max_reconnect_backoff, so a node that returns is reconnected within about
+// that long. WatchHealth follows the node's grpc.health.v1 Health/Watch
+// stream: a killed node (connection reset) or a hung one (keepalive timeout)
+// is reported down at once, a returning one up when it answers SERVING.
+//
 // Thread-safety: thread-safe (one channel, many concurrent calls).
 #pragma once
 
 #include <cstdint>
+#include <condition_variable>
 #include <deque>
+#include <functional>
 #include <map>
 #include <memory>
 #include <mutex>
 #include <optional>
 #include <string>
+#include <thread>
 #include <tuple>
 #include <vector>
 
@@ -50,6 +60,15 @@ struct GrpcClientOptions {
   size_t upload_chunk_bytes = size_t{1} << 20;
   // Channel limits; keep <= the server's --max_message_bytes.
   int max_message_bytes = 64 << 20;
+  // Keepalive ping interval and how long a ping may go unanswered before
+  // the connection is declared dead (a hung node is found within their
+  // sum). Servers built on services/infra/rpc accept pings this often.
+  absl::Duration keepalive = absl::Milliseconds(500);
+  absl::Duration keepalive_timeout = absl::Milliseconds(500);
+  // Reconnect backoff after a lost connection: starts at the initial one,
+  // capped at the maximum (so a returning node is seen within ~max).
+  absl::Duration initial_reconnect_backoff = absl::Milliseconds(100);
+  absl::Duration max_reconnect_backoff = absl::Seconds(1);
 };
 
 class GrpcRetrievalClient final : public RetrievalClient {
@@ -75,6 +94,15 @@ class GrpcRetrievalClient final : public RetrievalClient {
   // Shards of one sequence or of every sequence (ListShards RPC).
   absl::StatusOr<std::vector<ShardInfo>> ListShards(std::optional<uint64_t> sequence_id);
 
+  // Starts watching the node's health (grpc.health.v1 Health/Watch of the
+  // whole server, re-opened after `retry` whenever the stream ends):
+  // `on_change(true)` when it answers SERVING, `on_change(false)` when the
+  // stream fails or reports anything else. Called on the watch thread, only
+  // on changes (the first report is always delivered); keep it short. At
+  // most once per client; the watch stops when the client is destroyed.
+  void WatchHealth(std::function<void(bool serving)> on_change,
+                   absl::Duration retry = absl::Milliseconds(100));
+
   // Blocks until the channel is connected; DeadlineExceeded after `timeout`.
   absl::Status WaitForReady(absl::Duration timeout);
 
@@ -91,6 +119,8 @@ class GrpcRetrievalClient final : public RetrievalClient {
   // Completion: pops the call, sends the head's next one, runs `done`.
   void OnAppendDone(AppendCall* call, absl::Status status);
 
+  void HealthLoop(const std::function<void(bool)>& on_change, absl::Duration retry);
+
   std::string target_;
   GrpcClientOptions options_;
   std::shared_ptr<grpc::Channel> channel_;
@@ -99,6 +129,14 @@ class GrpcRetrievalClient final : public RetrievalClient {
   // AppendAsync calls not completed yet, per head, in issue order; the front
   // one is in flight. A head with none has no entry.
   std::map<HeadId, std::deque<std::unique_ptr<AppendCall>>> append_queues_;
+
+  // The health watch (WatchHealth): its thread, the stream it is reading
+  // (cancelled to stop it) and the stop flag, under health_mu_.
+  std::mutex health_mu_;
+  std::condition_variable health_cv_;
+  bool health_stop_ = false;
+  grpc::ClientContext* health_context_ = nullptr;
+  std::thread health_thread_;
 };
 
 }  // namespace kvr::retrieval

@@ -1,15 +1,80 @@
 #include "retrieval_node/client/multi_node_client.h"
 
-#include <atomic>
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
 #include <set>
+#include <utility>
 
-#include "absl/container/flat_hash_map.h"
 #include "common/attention.h"
 
 namespace kvr::retrieval {
+namespace {
+
+int64_t NowNs() {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(
+             std::chrono::steady_clock::now().time_since_epoch())
+      .count();
+}
+
+// The node (or the path to it) failed, not the request: another replica may
+// answer.
+bool IsTransportError(const absl::Status& s) {
+  return absl::IsUnavailable(s) || absl::IsDeadlineExceeded(s) || absl::IsCancelled(s);
+}
+
+// Runs fn(0 .. n-1) concurrently (fn(0) on this thread) and returns when all
+// returned.
+void ForEachParallel(size_t n, const std::function<void(size_t)>& fn) {
+  std::vector<std::thread> threads;
+  threads.reserve(n > 0 ? n - 1 : 0);
+  for (size_t i = 1; i < n; ++i) threads.emplace_back([&fn, i] { fn(i); });
+  if (n > 0) fn(0);
+  for (std::thread& t : threads) t.join();
+}
+
+}  // namespace
+
+// Lets a health watcher owned elsewhere reach this client while it exists.
+struct MultiNodeClient::SinkState {
+  std::mutex mu;
+  MultiNodeClient* owner = nullptr;
+};
+
+size_t MultiNodeClient::HeadState::Index(int32_t chunk) {
+  auto it = std::lower_bound(chunks.begin(), chunks.end(), chunk);
+  const size_t i = static_cast<size_t>(it - chunks.begin());
+  if (it == chunks.end() || *it != chunk) {
+    chunks.insert(it, chunk);
+    last_issued.insert(last_issued.begin() + static_cast<std::ptrdiff_t>(i), -1);
+    acked.insert(acked.begin() + static_cast<std::ptrdiff_t>(i), 0);
+  }
+  return i;
+}
+
+MultiNodeClient::MultiNodeClient(std::shared_ptr<const View> view, Connector connect,
+                                 MultiNodeOptions options)
+    : options_(options),
+      view_(std::move(view)),
+      connect_(std::move(connect)),
+      sink_(std::make_shared<SinkState>()) {
+  for (const auto& h : view_->health) health_.emplace(h->id, h);
+  sink_->owner = this;
+  sync_thread_ = std::thread([this] { SyncLoop(); });
+}
 
 MultiNodeClient::~MultiNodeClient() {
   membership_.reset();  // no SetNodes from its refresh thread from here on
+  {
+    std::lock_guard<std::mutex> lock(sink_->mu);
+    sink_->owner = nullptr;  // health watchers reach nothing from here on
+  }
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    stopping_ = true;
+  }
+  sync_cv_.notify_all();
+  sync_thread_.join();
 }
 
 void MultiNodeClient::Follow(std::unique_ptr<membership::Membership> membership,
@@ -29,7 +94,8 @@ void MultiNodeClient::Follow(std::unique_ptr<membership::Membership> membership,
 
 absl::StatusOr<std::unique_ptr<MultiNodeClient>> MultiNodeClient::Create(
     std::vector<placement::NodeInfo> nodes,
-    std::vector<std::unique_ptr<RetrievalClient>> clients, Connector connect) {
+    std::vector<std::unique_ptr<RetrievalClient>> clients, Connector connect,
+    MultiNodeOptions options) {
   if (nodes.size() != clients.size()) {
     return absl::InvalidArgumentError(absl::StrCat(nodes.size(), " nodes but ", clients.size(),
                                                    " clients"));
@@ -39,11 +105,36 @@ absl::StatusOr<std::unique_ptr<MultiNodeClient>> MultiNodeClient::Create(
       return absl::InvalidArgumentError(absl::StrCat("client ", i, " is null"));
     }
   }
+  if (options.replicas < 1 || options.replicas > 64) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("replicas ", options.replicas, " outside [1, 64]"));
+  }
+  if (options.suspect_for < absl::ZeroDuration() || options.suspect_for > absl::Minutes(10) ||
+      options.sync_backoff <= absl::ZeroDuration() || options.sync_backoff > absl::Minutes(1)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "suspect_for ", absl::FormatDuration(options.suspect_for), " outside [0, 10m] or ",
+        "sync_backoff ", absl::FormatDuration(options.sync_backoff), " outside (0, 1m]"));
+  }
   KVR_ASSIGN_OR_RETURN(placement::Placement placement,
                        placement::Placement::Create(std::move(nodes), /*replicas=*/1));
-  auto view = std::make_shared<View>(View{std::move(placement), {}});
+  auto view = std::make_shared<View>(View{std::move(placement), {}, {}});
   for (auto& c : clients) view->clients.push_back(std::move(c));
-  return std::unique_ptr<MultiNodeClient>(new MultiNodeClient(std::move(view), std::move(connect)));
+  for (const placement::NodeInfo& n : view->placement.nodes()) {
+    auto h = std::make_shared<NodeHealth>();
+    h->id = n.id;
+    view->health.push_back(std::move(h));
+  }
+  return std::unique_ptr<MultiNodeClient>(
+      new MultiNodeClient(std::move(view), std::move(connect), options));
+}
+
+std::shared_ptr<MultiNodeClient::NodeHealth> MultiNodeClient::HealthFor(const std::string& id) {
+  auto [it, inserted] = health_.try_emplace(id);
+  if (inserted) {
+    it->second = std::make_shared<NodeHealth>();
+    it->second->id = id;
+  }
+  return it->second;
 }
 
 absl::Status MultiNodeClient::SetNodes(std::vector<placement::NodeInfo> nodes) {
@@ -79,10 +170,70 @@ absl::Status MultiNodeClient::SetNodes(std::vector<placement::NodeInfo> nodes) {
   }
   KVR_ASSIGN_OR_RETURN(placement::Placement placement,
                        placement::Placement::Create(std::move(nodes), /*replicas=*/1));
-  auto view = std::make_shared<const View>(View{std::move(placement), std::move(clients)});
+  auto view = std::make_shared<View>(View{std::move(placement), std::move(clients), {}});
   std::lock_guard<std::mutex> lock(mu_);
+  for (const placement::NodeInfo& n : view->placement.nodes()) {
+    view->health.push_back(HealthFor(n.id));
+  }
   view_ = std::move(view);
   return absl::OkStatus();
+}
+
+void MultiNodeClient::SetNodeUp(const std::string& id, bool up) {
+  bool wake = false;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    auto it = health_.find(id);
+    if (it == health_.end()) return;
+    NodeHealth& h = *it->second;
+    const bool was_up = h.watch_up.exchange(up, std::memory_order_acq_rel);
+    if (up && !was_up) {
+      // It may have lost anything while away: every sequence using it
+      // re-checks it by a sync before it serves again.
+      h.suspect_until_ns.store(0, std::memory_order_release);
+      for (auto& [seq, r] : routing_) {
+        for (size_t i = 0; i < r.view->health.size(); ++i) {
+          if (r.view->health[i].get() == &h) {
+            r.stale[i] = 1;
+            r.sync_failures[i] = 0;
+            r.next_sync_ns[i] = 0;
+          }
+        }
+      }
+      wake = true;
+    }
+    if (up && orphans_.contains(id)) wake = true;
+  }
+  if (wake) sync_cv_.notify_all();
+}
+
+std::function<void(const std::string&, bool)> MultiNodeClient::health_sink() const {
+  return [sink = sink_](const std::string& id, bool up) {
+    std::lock_guard<std::mutex> lock(sink->mu);
+    if (sink->owner != nullptr) sink->owner->SetNodeUp(id, up);
+  };
+}
+
+bool MultiNodeClient::InSync(uint64_t sequence_id, const std::string& id) const {
+  std::lock_guard<std::mutex> lock(mu_);
+  auto it = routing_.find(sequence_id);
+  if (it == routing_.end()) return false;
+  const Routing& r = it->second;
+  for (size_t i = 0; i < r.view->health.size(); ++i) {
+    if (r.view->health[i]->id == id) return r.stale[i] == 0;
+  }
+  return false;
+}
+
+bool MultiNodeClient::IsLive(const std::string& id) const {
+  std::lock_guard<std::mutex> lock(mu_);
+  auto it = health_.find(id);
+  return it != health_.end() && it->second->Live(NowNs());
+}
+
+void MultiNodeClient::Suspect(NodeHealth& node) {
+  node.suspect_until_ns.store(NowNs() + absl::ToInt64Nanoseconds(options_.suspect_for),
+                              std::memory_order_release);
 }
 
 std::shared_ptr<const MultiNodeClient::View> MultiNodeClient::CurrentView() const {
@@ -98,134 +249,288 @@ std::vector<placement::NodeInfo> MultiNodeClient::nodes() const {
 
 RetrievalClient* MultiNodeClient::node(size_t i) const { return CurrentView()->clients[i].get(); }
 
-size_t MultiNodeClient::View::NodeFor(const ShardKey& key) const {
-  return placement.Primary(placement::ShardKey{key.sequence_id, static_cast<uint32_t>(key.layer),
-                                               static_cast<uint32_t>(key.kv_head),
-                                               static_cast<uint32_t>(key.chunk)});
+void MultiNodeClient::Owners(const Routing& r, uint64_t sequence_id, int32_t layer,
+                             int32_t kv_head, int32_t chunk, std::vector<size_t>* out) {
+  out->resize(static_cast<size_t>(r.replicas));
+  r.view->placement.NodesFor(
+      placement::ShardKey{sequence_id, static_cast<uint32_t>(layer), static_cast<uint32_t>(kv_head),
+                          static_cast<uint32_t>(chunk)},
+      std::span<size_t>(*out));
 }
 
 absl::Status MultiNodeClient::CreateSequence(const SequenceSpec& spec) {
-  std::shared_ptr<const View> view;
+  std::shared_ptr<const View> current;
   {
     std::lock_guard<std::mutex> lock(mu_);
     if (routing_.count(spec.sequence_id) != 0) {
       return absl::AlreadyExistsError(absl::StrCat("sequence ", spec.sequence_id, " exists"));
     }
-    view = view_;  // the set current now is this sequence's for life
+    current = view_;
   }
-  for (size_t i = 0; i < view->clients.size(); ++i) {
-    const absl::Status s = view->clients[i]->CreateSequence(spec);
-    if (!s.ok()) {
-      for (size_t j = 0; j < i; ++j) view->clients[j]->DropSequence(spec.sequence_id).IgnoreError();
-      return s;
+  // The sequence's view: the current set's live nodes, for life.
+  const int64_t now = NowNs();
+  std::shared_ptr<const View> view = current;
+  std::vector<size_t> live;
+  for (size_t i = 0; i < current->health.size(); ++i) {
+    if (current->health[i]->Live(now)) live.push_back(i);
+  }
+  if (live.empty()) {
+    return absl::UnavailableError(absl::StrCat("CreateSequence ", spec.sequence_id, ": none of ",
+                                               current->health.size(),
+                                               " retrieval nodes is live"));
+  }
+  if (live.size() != current->health.size()) {
+    std::vector<placement::NodeInfo> nodes;
+    for (size_t i : live) nodes.push_back(current->placement.node(i));
+    KVR_ASSIGN_OR_RETURN(placement::Placement p, placement::Placement::Create(std::move(nodes), 1));
+    auto sub = std::make_shared<View>(View{std::move(p), {}, {}});
+    for (size_t i : live) {
+      sub->clients.push_back(current->clients[i]);
+      sub->health.push_back(current->health[i]);
     }
+    view = std::move(sub);
+  }
+  const size_t n = view->clients.size();
+  const int replicas = static_cast<int>(std::min<size_t>(static_cast<size_t>(options_.replicas), n));
+  if (replicas < options_.replicas) {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (!reduced_warned_) {
+      reduced_warned_ = true;
+      std::fprintf(stderr,
+                   "kvr: --replicas %d but only %zu live retrieval node(s): new sequences get %d "
+                   "replica(s) (under-replicated)\n",
+                   options_.replicas, n, replicas);
+    }
+  }
+  std::vector<absl::Status> results(n);
+  ForEachParallel(n, [&](size_t i) { results[i] = view->clients[i]->CreateSequence(spec); });
+  absl::Status refused, transport;
+  size_t failed = 0;
+  for (const absl::Status& s : results) {
+    if (s.ok()) continue;
+    if (IsTransportError(s)) {
+      ++failed;
+      if (transport.ok()) transport = s;
+    } else if (refused.ok()) {
+      refused = s;
+    }
+  }
+  if (!refused.ok() || failed >= static_cast<size_t>(replicas)) {
+    for (size_t i = 0; i < n; ++i) {
+      if (results[i].ok()) view->clients[i]->DropSequence(spec.sequence_id).IgnoreError();
+    }
+    return !refused.ok() ? refused : transport;
   }
   // The nodes validated the spec, so these sizes are in range.
   Routing r;
   r.spec = spec;
-  r.last_chunk.assign(static_cast<size_t>(spec.n_layers) * spec.n_kv_heads, -1);
-  r.holds.assign(static_cast<size_t>(spec.n_layers) * view->clients.size(), 0);
+  r.replicas = replicas;
+  r.heads.resize(static_cast<size_t>(spec.n_layers) * static_cast<size_t>(spec.n_kv_heads));
+  r.stale.assign(n, 0);
+  r.syncing.assign(n, 0);
+  r.sync_failures.assign(n, 0);
+  r.next_sync_ns.assign(n, 0);
+  for (size_t i = 0; i < n; ++i) {
+    if (!results[i].ok()) {
+      r.stale[i] = 1;
+      Suspect(*view->health[i]);
+    }
+  }
   r.view = std::move(view);
   std::lock_guard<std::mutex> lock(mu_);
   routing_[spec.sequence_id] = std::move(r);
   return absl::OkStatus();
 }
 
-absl::Status MultiNodeClient::UploadShard(const ShardUpload& upload) {
-  const ShardKey& key = upload.key;
-  std::shared_ptr<const View> view;
-  {
-    std::lock_guard<std::mutex> lock(mu_);
-    auto it = routing_.find(key.sequence_id);
-    if (it == routing_.end()) {
-      return absl::NotFoundError(absl::StrCat("UploadShard: unknown sequence ", key.sequence_id));
-    }
-    const SequenceSpec& spec = it->second.spec;
-    if (key.layer < 0 || key.layer >= spec.n_layers || key.kv_head < 0 ||
-        key.kv_head >= spec.n_kv_heads || key.chunk < 0) {
-      return absl::InvalidArgumentError(absl::StrCat("shard ", key.DebugString(),
-                                                     " outside the sequence's ", spec.n_layers,
-                                                     " layers x ", spec.n_kv_heads, " kv heads"));
-    }
-    view = it->second.view;
-  }
-  const size_t node = view->NodeFor(key);
-  KVR_RETURN_IF_ERROR(view->clients[node]->UploadShard(upload));
-  std::lock_guard<std::mutex> lock(mu_);
-  auto it = routing_.find(key.sequence_id);
-  if (it != routing_.end()) {
-    Routing& r = it->second;
-    int32_t& last = r.last_chunk[static_cast<size_t>(key.layer) * r.spec.n_kv_heads + key.kv_head];
-    last = std::max(last, key.chunk);
-    r.holds[static_cast<size_t>(key.layer) * view->clients.size() + node] = 1;
-  }
-  return absl::OkStatus();
-}
-
-absl::Status MultiNodeClient::RouteAppend(const AppendRequest& request,
-                                          std::shared_ptr<const View>* view,
-                                          size_t* node) const {
-  ShardKey key{request.sequence_id, request.layer, request.kv_head, 0};
-  {
-    std::lock_guard<std::mutex> lock(mu_);
-    auto it = routing_.find(request.sequence_id);
-    if (it == routing_.end()) {
-      return absl::NotFoundError(absl::StrCat("Append: unknown sequence ", request.sequence_id));
-    }
-    const Routing& r = it->second;
-    if (request.layer < 0 || request.layer >= r.spec.n_layers || request.kv_head < 0 ||
-        request.kv_head >= r.spec.n_kv_heads) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "append to layer ", request.layer, ", kv head ", request.kv_head, " outside the sequence's ",
-          r.spec.n_layers, " layers x ", r.spec.n_kv_heads, " kv heads"));
-    }
-    key.chunk = std::max(0, r.last_chunk[static_cast<size_t>(request.layer) * r.spec.n_kv_heads +
-                                         request.kv_head]);
-    *view = r.view;
-  }
-  *node = (*view)->NodeFor(key);
-  return absl::OkStatus();
-}
-
-void MultiNodeClient::MarkHolds(uint64_t sequence_id, int32_t layer, const View& view,
-                                size_t node) {
+absl::Status MultiNodeClient::RouteWrite(uint64_t sequence_id, int32_t layer, int32_t kv_head,
+                                         std::optional<int32_t> chunk, int64_t first_position,
+                                         size_t rows, const char* what, WriteRoute* route) {
   std::lock_guard<std::mutex> lock(mu_);
   auto it = routing_.find(sequence_id);
-  if (it != routing_.end()) {
-    it->second.holds[static_cast<size_t>(layer) * view.clients.size() + node] = 1;
+  if (it == routing_.end()) {
+    return absl::NotFoundError(absl::StrCat(what, ": unknown sequence ", sequence_id));
   }
+  Routing& r = it->second;
+  const SequenceSpec& spec = r.spec;
+  if (layer < 0 || layer >= spec.n_layers || kv_head < 0 || kv_head >= spec.n_kv_heads ||
+      (chunk.has_value() && *chunk < 0)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        what, " to layer ", layer, ", kv head ", kv_head, chunk.has_value() ? ", chunk " : "",
+        chunk.has_value() ? absl::StrCat(*chunk) : "", " outside the sequence's ", spec.n_layers,
+        " layers x ", spec.n_kv_heads, " kv heads"));
+  }
+  HeadState& head =
+      r.heads[static_cast<size_t>(layer) * static_cast<size_t>(spec.n_kv_heads) +
+              static_cast<size_t>(kv_head)];
+  route->chunk = chunk.has_value() ? *chunk : std::max(0, head.last_chunk);
+  std::vector<size_t> owners;
+  Owners(r, sequence_id, layer, kv_head, route->chunk, &owners);
+  const int64_t now = NowNs();
+  route->targets.clear();
+  for (size_t o : owners) {
+    if (r.stale[o]) continue;
+    if (!r.view->health[o]->Live(now)) {
+      r.stale[o] = 1;  // it misses this write
+      continue;
+    }
+    route->targets.push_back(o);
+  }
+  if (route->targets.empty()) {
+    return absl::UnavailableError(absl::StrCat(
+        what, ": no live in-sync replica of shard ",
+        ShardKey{sequence_id, layer, kv_head, route->chunk}.DebugString(), " (", owners.size(),
+        " owners)"));
+  }
+  // Recorded at issue: a sync is complete only when it reached these.
+  route->prev_last_chunk = head.last_chunk;
+  if (chunk.has_value()) head.last_chunk = std::max(head.last_chunk, *chunk);
+  const size_t c = head.Index(route->chunk);
+  route->prev_last_issued = head.last_issued[c];
+  if (rows > 0) {
+    head.last_issued[c] =
+        std::max(head.last_issued[c], first_position + static_cast<int64_t>(rows) - 1);
+  }
+  route->set_last_issued = head.last_issued[c];
+  route->view = r.view;
+  return absl::OkStatus();
+}
+
+absl::Status MultiNodeClient::FinishWrite(uint64_t sequence_id, int32_t layer, int32_t kv_head,
+                                          const WriteRoute& route,
+                                          const std::vector<absl::Status>& results) {
+  const View& view = *route.view;
+  const std::vector<size_t>& targets = route.targets;
+  absl::Status refused, transport;
+  bool any_ok = false;
+  for (size_t t = 0; t < targets.size(); ++t) {
+    const absl::Status& s = results[t];
+    if (s.ok()) {
+      any_ok = true;
+    } else if (IsTransportError(s)) {
+      if (transport.ok()) transport = s;
+      Suspect(*view.health[targets[t]]);
+    } else if (refused.ok()) {
+      refused = s;
+    }
+  }
+  std::lock_guard<std::mutex> lock(mu_);
+  auto it = routing_.find(sequence_id);
+  if (it != routing_.end() && it->second.view == route.view) {
+    Routing& r = it->second;
+    for (size_t t = 0; t < targets.size(); ++t) {
+      // A node that failed while another took the write, or that is gone,
+      // no longer matches: it catches up by a sync before it serves again.
+      if (!results[t].ok() && (any_ok || IsTransportError(results[t]))) r.stale[targets[t]] = 1;
+    }
+    HeadState& head = r.heads[static_cast<size_t>(layer) *
+                                  static_cast<size_t>(r.spec.n_kv_heads) +
+                              static_cast<size_t>(kv_head)];
+    const size_t c = head.Index(route.chunk);
+    if (any_ok) {
+      head.acked[c] = 1;
+    } else if (transport.ok()) {
+      // Every owner refused it: nothing was written, so nothing was issued
+      // (unless a later write moved the marks on).
+      if (head.last_issued[c] == route.set_last_issued) head.last_issued[c] = route.prev_last_issued;
+      if (!head.acked[c] && head.last_issued[c] < 0) {
+        head.chunks.erase(head.chunks.begin() + static_cast<std::ptrdiff_t>(c));
+        head.last_issued.erase(head.last_issued.begin() + static_cast<std::ptrdiff_t>(c));
+        head.acked.erase(head.acked.begin() + static_cast<std::ptrdiff_t>(c));
+      }
+      if (head.last_chunk == route.chunk && route.prev_last_chunk < route.chunk) {
+        head.last_chunk = route.prev_last_chunk;
+      }
+    }
+  }
+  if (any_ok) return absl::OkStatus();
+  return !refused.ok() ? refused : transport;
+}
+
+absl::Status MultiNodeClient::UploadShard(const ShardUpload& upload) {
+  const ShardKey& key = upload.key;
+  WriteRoute route;
+  KVR_RETURN_IF_ERROR(RouteWrite(key.sequence_id, key.layer, key.kv_head, key.chunk,
+                                 upload.first_position, upload.keys.rows(), "UploadShard",
+                                 &route));
+  std::vector<absl::Status> results(route.targets.size());
+  ForEachParallel(route.targets.size(), [&](size_t t) {
+    results[t] = route.view->clients[route.targets[t]]->UploadShard(upload);
+  });
+  return FinishWrite(key.sequence_id, key.layer, key.kv_head, route, results);
 }
 
 absl::Status MultiNodeClient::Append(const AppendRequest& request) {
-  std::shared_ptr<const View> view;
-  size_t node = 0;
-  KVR_RETURN_IF_ERROR(RouteAppend(request, &view, &node));
-  KVR_RETURN_IF_ERROR(view->clients[node]->Append(request));
-  if (request.keys.rows() > 0) MarkHolds(request.sequence_id, request.layer, *view, node);
-  return absl::OkStatus();
+  WriteRoute route;
+  KVR_RETURN_IF_ERROR(RouteWrite(request.sequence_id, request.layer, request.kv_head,
+                                 std::nullopt, request.first_position, request.keys.rows(),
+                                 "Append", &route));
+  std::vector<absl::Status> results(route.targets.size());
+  ForEachParallel(route.targets.size(), [&](size_t t) {
+    results[t] = route.view->clients[route.targets[t]]->Append(request);
+  });
+  return FinishWrite(request.sequence_id, request.layer, request.kv_head, route, results);
 }
 
 void MultiNodeClient::AppendAsync(const AppendRequest& request, StatusCallback done) {
-  std::shared_ptr<const View> view;
-  size_t node = 0;
-  if (absl::Status routed = RouteAppend(request, &view, &node); !routed.ok()) {
+  struct Fan {
+    WriteRoute route;
+    std::vector<absl::Status> results;
+    std::atomic<size_t> pending{0};
+    StatusCallback done;
+  };
+  auto fan = std::make_shared<Fan>();
+  if (absl::Status routed =
+          RouteWrite(request.sequence_id, request.layer, request.kv_head, std::nullopt,
+                     request.first_position, request.keys.rows(), "Append", &fan->route);
+      !routed.ok()) {
     done(std::move(routed));
     return;
   }
-  RetrievalClient* const client = view->clients[node].get();
-  const bool adds = request.keys.rows() > 0;
-  client->AppendAsync(request, [this, view = std::move(view), node, adds,
-                                sequence_id = request.sequence_id, layer = request.layer,
-                                done = std::move(done)](absl::Status status) {
-    if (status.ok() && adds) MarkHolds(sequence_id, layer, *view, node);
-    done(std::move(status));
-  });
+  const size_t n = fan->route.targets.size();
+  fan->results.resize(n);
+  fan->pending.store(n);
+  fan->done = std::move(done);
+  for (size_t t = 0; t < n; ++t) {
+    fan->route.view->clients[fan->route.targets[t]]->AppendAsync(
+        request, [this, fan, t, sequence_id = request.sequence_id, layer = request.layer,
+                  kv_head = request.kv_head](absl::Status status) {
+          fan->results[t] = std::move(status);
+          if (fan->pending.fetch_sub(1, std::memory_order_acq_rel) != 1) return;
+          absl::Status s = FinishWrite(sequence_id, layer, kv_head, fan->route, fan->results);
+          StatusCallback callback = std::move(fan->done);
+          callback(std::move(s));
+        });
+  }
 }
+
+// One Attend in flight: its requests by round, their partials, and the
+// shards each asked for (which must outlive the node calls).
+struct MultiNodeClient::AttendCall {
+  AttendRequest request;  // shards unset; queries valid until `done`
+  PartialsView out;
+  AttendStats* stats_out = nullptr;
+  StatusCallback done;
+  std::shared_ptr<const View> view;
+  int replicas = 1;
+  std::vector<uint8_t> excluded;  // [node index]: failed in this Attend
+  struct Sent {
+    size_t node = 0;
+    std::vector<HeadChunkRef> shards;  // what it was chosen for
+    bool all = false;                  // sent with an empty list
+    std::unique_ptr<Partials> partials;
+    AttendStats stats;
+    absl::Status status;
+  };
+  std::mutex mu;                           // guards `sent` growth (rounds)
+  std::vector<std::unique_ptr<Sent>> sent;  // every request, in issue order
+  size_t round_begin = 0;                   // first request of the current round
+  std::atomic<size_t> pending{0};
+};
 
 void MultiNodeClient::AttendAsync(const AttendRequest& request, PartialsView out,
                                   AttendStats* stats, StatusCallback done) {
-  std::vector<size_t> targets;
-  std::shared_ptr<const View> view;
+  auto call = std::make_shared<AttendCall>();
+  std::vector<HeadChunkRef> shards;
   {
     std::lock_guard<std::mutex> lock(mu_);
     auto it = routing_.find(request.sequence_id);
@@ -239,65 +544,172 @@ void MultiNodeClient::AttendAsync(const AttendRequest& request, PartialsView out
           absl::StrCat("layer ", request.layer, " outside [0, ", r.spec.n_layers, ")")));
       return;
     }
-    view = r.view;
-    const size_t n = view->clients.size();
-    for (size_t i = 0; i < n; ++i) {
-      if (r.holds[static_cast<size_t>(request.layer) * n + i]) targets.push_back(i);
+    for (int32_t h = 0; h < r.spec.n_kv_heads; ++h) {
+      const HeadState& head = r.heads[static_cast<size_t>(request.layer) *
+                                          static_cast<size_t>(r.spec.n_kv_heads) +
+                                      static_cast<size_t>(h)];
+      for (size_t c = 0; c < head.chunks.size(); ++c) {
+        if (head.acked[c]) shards.push_back({h, head.chunks[c]});
+      }
     }
+    call->view = r.view;
+    call->replicas = r.replicas;
   }
-  if (targets.empty()) {
+  if (shards.empty()) {
     SetEmpty(out);
     if (stats != nullptr) *stats = AttendStats{};
     done(absl::OkStatus());
     return;
   }
-  struct FanOut {
-    std::vector<Partials> parts;
-    std::vector<AttendStats> stats;
-    std::vector<absl::Status> status;
-    std::atomic<size_t> pending{0};
-    PartialsView out;
-    AttendStats* stats_out = nullptr;
-    StatusCallback done;
-  };
-  auto fan = std::make_shared<FanOut>();
-  const size_t n = targets.size();
-  fan->parts.assign(n, Partials(out.size(), out.dim()));
-  fan->stats.resize(n);
-  fan->status.resize(n);
-  fan->pending.store(n);
-  fan->out = out;
-  fan->stats_out = stats;
-  fan->done = std::move(done);
-  for (size_t t = 0; t < n; ++t) {
-    view->clients[targets[t]]->AttendAsync(
-        request, fan->parts[t].view(), &fan->stats[t], [fan, t](absl::Status s) {
-          fan->status[t] = std::move(s);
-          if (fan->pending.fetch_sub(1, std::memory_order_acq_rel) != 1) return;
-          // The last completion merges, in node order.
-          for (const absl::Status& st : fan->status) {
-            if (!st.ok()) {
-              fan->done(st);
-              return;
-            }
+  call->request = request;
+  call->request.shards = {};
+  call->out = out;
+  call->stats_out = stats;
+  call->done = std::move(done);
+  call->excluded.assign(call->view->clients.size(), 0);
+  StartAttendRound(call, std::move(shards));
+}
+
+void MultiNodeClient::StartAttendRound(const std::shared_ptr<AttendCall>& call,
+                                       std::vector<HeadChunkRef> shards) {
+  const size_t n = call->view->clients.size();
+  const uint64_t seq = call->request.sequence_id;
+  const int32_t layer = call->request.layer;
+  std::vector<std::vector<HeadChunkRef>> per_node(n);
+  std::vector<size_t> owned(n, 0);  // shards of the layer each node owns
+  absl::Status unroutable;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    auto it = routing_.find(seq);
+    if (it == routing_.end() || it->second.view != call->view) {
+      unroutable = absl::NotFoundError(absl::StrCat("Attend: unknown sequence ", seq));
+    } else {
+      const Routing& r = it->second;
+      const int64_t now = NowNs();
+      std::vector<size_t> owners;
+      for (const HeadChunkRef& s : shards) {
+        Owners(r, seq, layer, s.kv_head, s.chunk, &owners);
+        size_t chosen = n;
+        for (size_t o : owners) {
+          if (!call->excluded[o] && !r.stale[o] && r.view->health[o]->Live(now)) {
+            chosen = o;
+            break;
           }
-          SetEmpty(fan->out);
-          AttendStats total;
-          for (size_t i = 0; i < fan->parts.size(); ++i) {
-            MergeInto(fan->out, fan->parts[i].view());
-            total.shards_searched += fan->stats[i].shards_searched;
-            total.keys_held += fan->stats[i].keys_held;
-            total.keys_attended += fan->stats[i].keys_attended;
-            total.distance_computations += fan->stats[i].distance_computations;
+        }
+        if (chosen == n) {
+          unroutable = absl::UnavailableError(absl::StrCat(
+              "Attend: no live in-sync replica of shard ",
+              ShardKey{seq, layer, s.kv_head, s.chunk}.DebugString(), " (", owners.size(),
+              " owners)"));
+          break;
+        }
+        if (chosen != owners[0]) failovers_down_.fetch_add(1, std::memory_order_relaxed);
+        per_node[chosen].push_back(s);
+      }
+      // What each node holds of the layer: every acked shard it owns.
+      if (unroutable.ok()) {
+        for (int32_t h = 0; h < r.spec.n_kv_heads; ++h) {
+          const HeadState& head = r.heads[static_cast<size_t>(layer) *
+                                              static_cast<size_t>(r.spec.n_kv_heads) +
+                                          static_cast<size_t>(h)];
+          for (size_t c = 0; c < head.chunks.size(); ++c) {
+            if (!head.acked[c]) continue;
+            Owners(r, seq, layer, h, head.chunks[c], &owners);
+            for (size_t o : owners) ++owned[o];
           }
-          if (fan->stats_out != nullptr) *fan->stats_out = total;
-          fan->done(absl::OkStatus());
+        }
+      }
+    }
+  }
+  if (!unroutable.ok()) {
+    StatusCallback done = std::move(call->done);
+    done(std::move(unroutable));
+    return;
+  }
+  std::vector<AttendCall::Sent*> batch;
+  {
+    std::lock_guard<std::mutex> lock(call->mu);
+    call->round_begin = call->sent.size();
+    for (size_t node = 0; node < n; ++node) {
+      if (per_node[node].empty()) continue;
+      auto s = std::make_unique<AttendCall::Sent>();
+      s->node = node;
+      // A node chosen for everything it holds of the layer gets the plain
+      // request (what a node without shard lists serves; R = 1 always).
+      s->all = per_node[node].size() == owned[node];
+      s->shards = std::move(per_node[node]);
+      s->partials = std::make_unique<Partials>(call->out.size(), call->out.dim());
+      batch.push_back(s.get());
+      call->sent.push_back(std::move(s));
+    }
+    // +1: completions that run inline must not finish the round early.
+    call->pending.store(batch.size() + 1, std::memory_order_release);
+  }
+  for (AttendCall::Sent* s : batch) {
+    AttendRequest req = call->request;
+    if (!s->all) req.shards = std::span<const HeadChunkRef>(s->shards);
+    call->view->clients[s->node]->AttendAsync(
+        req, s->partials->view(), &s->stats, [this, call, s](absl::Status status) {
+          s->status = std::move(status);
+          if (call->pending.fetch_sub(1, std::memory_order_acq_rel) == 1) OnAttendRoundDone(call);
         });
+  }
+  if (call->pending.fetch_sub(1, std::memory_order_acq_rel) == 1) OnAttendRoundDone(call);
+}
+
+void MultiNodeClient::OnAttendRoundDone(const std::shared_ptr<AttendCall>& call) {
+  std::vector<HeadChunkRef> retry;
+  {
+    std::lock_guard<std::mutex> lock(call->mu);
+    for (size_t i = call->round_begin; i < call->sent.size(); ++i) {
+      AttendCall::Sent& s = *call->sent[i];
+      if (s.status.ok()) continue;
+      if (!IsTransportError(s.status)) {
+        StatusCallback done = std::move(call->done);
+        done(s.status);
+        return;
+      }
+      (absl::IsDeadlineExceeded(s.status) ? failovers_deadline_ : failovers_unavailable_)
+          .fetch_add(1, std::memory_order_relaxed);
+      Suspect(*call->view->health[s.node]);
+      call->excluded[s.node] = 1;
+      retry.insert(retry.end(), s.shards.begin(), s.shards.end());
+    }
+  }
+  if (!retry.empty()) {
+    StartAttendRound(call, std::move(retry));  // each round excludes a node: <= N rounds
+    return;
+  }
+  // Every shard answered exactly once: merge the successful requests in
+  // issue order.
+  SetEmpty(call->out);
+  AttendStats total;
+  for (const auto& s : call->sent) {
+    if (!s->status.ok()) continue;
+    MergeInto(call->out, s->partials->view());
+    total.shards_searched += s->stats.shards_searched;
+    total.keys_held += s->stats.keys_held;
+    total.keys_attended += s->stats.keys_attended;
+    total.distance_computations += s->stats.distance_computations;
+  }
+  if (call->stats_out != nullptr) *call->stats_out = total;
+  StatusCallback done = std::move(call->done);
+  done(absl::OkStatus());
+}
+
+void MultiNodeClient::RememberOrphan(const std::string& id, uint64_t sequence_id) {
+  std::deque<uint64_t>& q = orphans_[id];
+  q.push_back(sequence_id);
+  if (q.size() > kMaxOrphansPerNode) {
+    std::fprintf(stderr, "kvr: node %s: forgetting a drop of sequence %llu (over %zu pending)\n",
+                 id.c_str(), static_cast<unsigned long long>(q.front()), kMaxOrphansPerNode);
+    q.pop_front();
   }
 }
 
 absl::Status MultiNodeClient::DropSequence(uint64_t sequence_id) {
   std::shared_ptr<const View> view;
+  std::vector<size_t> targets;
   {
     std::lock_guard<std::mutex> lock(mu_);
     auto it = routing_.find(sequence_id);
@@ -306,24 +718,286 @@ absl::Status MultiNodeClient::DropSequence(uint64_t sequence_id) {
     }
     view = std::move(it->second.view);
     routing_.erase(it);
+    const int64_t now = NowNs();
+    for (size_t i = 0; i < view->clients.size(); ++i) {
+      if (view->health[i]->Live(now)) {
+        targets.push_back(i);
+      } else {
+        RememberOrphan(view->health[i]->id, sequence_id);
+      }
+    }
   }
+  std::vector<absl::Status> results(targets.size());
+  ForEachParallel(targets.size(), [&](size_t t) {
+    results[t] = view->clients[targets[t]]->DropSequence(sequence_id);
+  });
   absl::Status first;
-  for (auto& c : view->clients) {
-    absl::Status s = c->DropSequence(sequence_id);
-    if (first.ok() && !s.ok()) first = s;
+  for (size_t t = 0; t < targets.size(); ++t) {
+    const absl::Status& s = results[t];
+    if (s.ok()) continue;
+    if (IsTransportError(s)) {
+      std::lock_guard<std::mutex> lock(mu_);
+      RememberOrphan(view->health[targets[t]]->id, sequence_id);
+      Suspect(*view->health[targets[t]]);
+    } else if (first.ok() && !absl::IsNotFound(s)) {
+      first = s;
+    } else if (first.ok() && absl::IsNotFound(s) && targets.size() == 1) {
+      first = s;  // one node, as before: its NotFound is the answer
+    }
   }
   return first;
 }
 
+// One (sequence, node) to bring back in sync, or drops to deliver.
+struct MultiNodeClient::SyncJob {
+  uint64_t sequence_id = 0;
+  SequenceSpec spec;
+  std::shared_ptr<const View> view;
+  size_t node = 0;
+  std::vector<uint64_t> drops;  // orphan drops for this node (sequence_id unused)
+  std::shared_ptr<RetrievalClient> client;
+  std::string node_id;
+};
+
+void MultiNodeClient::SyncLoop() {
+  std::unique_lock<std::mutex> lock(mu_);
+  while (!stopping_) {
+    sync_cv_.wait_for(lock, std::chrono::milliseconds(100));
+    if (stopping_) break;
+    const int64_t now = NowNs();
+    std::vector<SyncJob> jobs;
+    for (auto& [seq, r] : routing_) {
+      for (size_t i = 0; i < r.stale.size(); ++i) {
+        if (!r.stale[i] || r.syncing[i] || now < r.next_sync_ns[i] ||
+            !r.view->health[i]->Live(now)) {
+          continue;
+        }
+        r.syncing[i] = 1;
+        SyncJob job;
+        job.sequence_id = seq;
+        job.spec = r.spec;
+        job.view = r.view;
+        job.node = i;
+        jobs.push_back(std::move(job));
+      }
+    }
+    for (auto it = orphans_.begin(); it != orphans_.end();) {
+      auto h = health_.find(it->first);
+      if (h == health_.end() || !h->second->Live(now)) {
+        ++it;
+        continue;
+      }
+      SyncJob job;
+      job.node_id = it->first;
+      job.drops.assign(it->second.begin(), it->second.end());
+      // The node's client: from any view holding it.
+      auto find = [&](const View& v) {
+        for (size_t i = 0; i < v.clients.size() && job.client == nullptr; ++i) {
+          if (v.health[i]->id == job.node_id) job.client = v.clients[i];
+        }
+      };
+      find(*view_);
+      for (const auto& [s, r] : routing_) find(*r.view);
+      if (job.client == nullptr) {
+        orphans_.erase(it++);  // nothing uses the node any more
+        continue;
+      }
+      jobs.push_back(std::move(job));
+      orphans_.erase(it++);
+    }
+    if (jobs.empty()) continue;
+    lock.unlock();
+    for (SyncJob& job : jobs) {
+      if (!job.drops.empty()) {
+        for (uint64_t s : job.drops) {
+          const absl::Status st = job.client->DropSequence(s);
+          if (IsTransportError(st)) {
+            std::lock_guard<std::mutex> relock(mu_);
+            RememberOrphan(job.node_id, s);
+          }
+        }
+        continue;
+      }
+      RunSync(job);
+    }
+    lock.lock();
+  }
+}
+
+void MultiNodeClient::RunSync(SyncJob& job) {
+  const size_t node = job.node;
+  const std::string& dest_id = job.view->health[node]->id;
+  // Under the mutex: the shards the node owns, each with its source (the
+  // first other live in-sync owner), and the positions issued to them.
+  std::map<size_t, std::vector<ShardRef>> by_source;
+  bool owns_any = false;
+  absl::Status plan;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    auto it = routing_.find(job.sequence_id);
+    if (it == routing_.end() || it->second.view != job.view) return;  // dropped meanwhile
+    const Routing& r = it->second;
+    const int64_t now = NowNs();
+    std::vector<size_t> owners;
+    for (int32_t layer = 0; layer < r.spec.n_layers && plan.ok(); ++layer) {
+      for (int32_t h = 0; h < r.spec.n_kv_heads && plan.ok(); ++h) {
+        const HeadState& head = r.heads[static_cast<size_t>(layer) *
+                                            static_cast<size_t>(r.spec.n_kv_heads) +
+                                        static_cast<size_t>(h)];
+        for (int32_t chunk : head.chunks) {
+          Owners(r, job.sequence_id, layer, h, chunk, &owners);
+          if (std::find(owners.begin(), owners.end(), node) == owners.end()) continue;
+          owns_any = true;
+          size_t source = job.view->clients.size();
+          for (size_t o : owners) {
+            if (o != node && !r.stale[o] && r.view->health[o]->Live(now)) {
+              source = o;
+              break;
+            }
+          }
+          if (source == job.view->clients.size()) {
+            plan = absl::UnavailableError(absl::StrCat(
+                "no live in-sync source for shard ",
+                ShardKey{job.sequence_id, layer, h, chunk}.DebugString()));
+            break;
+          }
+          by_source[source].push_back({layer, h, chunk});
+        }
+      }
+    }
+  }
+  RetrievalClient& dest = *job.view->clients[node];
+  std::vector<SyncResult> results;
+  absl::Status st = plan;
+  if (st.ok() && !owns_any) {
+    // Nothing to copy: the node needs the sequence only.
+    st = dest.CreateSequence(job.spec);
+    if (absl::IsAlreadyExists(st)) st = absl::OkStatus();
+  }
+  for (auto& [source, shards] : by_source) {
+    if (!st.ok()) break;
+    SyncRequest req;
+    req.spec = job.spec;
+    req.source_address = job.view->placement.node(source).address;
+    req.shards = shards;
+    syncs_started_.fetch_add(1, std::memory_order_relaxed);
+    absl::StatusOr<SyncResult> res = dest.SyncShards(req);
+    if (!res.ok()) {
+      syncs_failed_.fetch_add(1, std::memory_order_relaxed);
+      st = res.status();
+      break;
+    }
+    syncs_succeeded_.fetch_add(1, std::memory_order_relaxed);
+    keys_synced_.fetch_add(res->keys_copied, std::memory_order_relaxed);
+    results.push_back(*std::move(res));
+  }
+  std::lock_guard<std::mutex> lock(mu_);
+  auto it = routing_.find(job.sequence_id);
+  if (it == routing_.end() || it->second.view != job.view) return;
+  Routing& r = it->second;
+  r.syncing[node] = 0;
+  bool done = st.ok();
+  if (done) {
+    // In sync only if the node now holds every position issued to the
+    // shards it owns (an append issued during the copy means another round).
+    const size_t heads = static_cast<size_t>(r.spec.n_layers) * static_cast<size_t>(r.spec.n_kv_heads);
+    std::vector<int64_t> expected(heads, -1);
+    std::vector<size_t> owners;
+    bool owns_now = false;
+    for (size_t hi = 0; hi < heads; ++hi) {
+      const HeadState& head = r.heads[hi];
+      const int32_t layer = static_cast<int32_t>(hi / static_cast<size_t>(r.spec.n_kv_heads));
+      const int32_t h = static_cast<int32_t>(hi % static_cast<size_t>(r.spec.n_kv_heads));
+      for (size_t c = 0; c < head.chunks.size(); ++c) {
+        Owners(r, job.sequence_id, layer, h, head.chunks[c], &owners);
+        if (std::find(owners.begin(), owners.end(), node) == owners.end()) continue;
+        owns_now = true;
+        expected[hi] = std::max(expected[hi], head.last_issued[c]);
+      }
+    }
+    if (!owns_any) {
+      done = !owns_now;  // a write was issued meanwhile: copy it next round
+    } else {
+      // Heads a reply covers must match; every owned head must be covered.
+      std::vector<uint8_t> covered(heads, 0);
+      for (const SyncResult& res : results) {
+        if (res.last_positions.size() != heads) {
+          done = false;
+          break;
+        }
+        for (size_t hi = 0; hi < heads; ++hi) {
+          if (res.last_positions[hi] < 0) continue;
+          if (res.last_positions[hi] == expected[hi]) covered[hi] = 1;
+        }
+      }
+      for (size_t hi = 0; hi < heads && done; ++hi) {
+        if (expected[hi] >= 0 && !covered[hi]) done = false;
+      }
+    }
+  }
+  if (done) {
+    r.stale[node] = 0;
+    r.sync_failures[node] = 0;
+    std::fprintf(stderr, "kvr: node %s back in sync for sequence %llu\n", dest_id.c_str(),
+                 static_cast<unsigned long long>(job.sequence_id));
+    return;
+  }
+  const int failures = std::min(r.sync_failures[node]++, 4);
+  r.next_sync_ns[node] =
+      NowNs() + (absl::ToInt64Nanoseconds(options_.sync_backoff) << failures);
+  if (!st.ok() && r.sync_failures[node] == 1) {
+    std::fprintf(stderr, "kvr: sync of sequence %llu to node %s failed (retrying): %s\n",
+                 static_cast<unsigned long long>(job.sequence_id), dest_id.c_str(),
+                 std::string(st.message()).c_str());
+  }
+}
+
+bool MultiNodeClient::GetReplicationStats(ReplicationStats* out) const {
+  ReplicationStats s;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    const int64_t now = NowNs();
+    s.nodes = static_cast<int64_t>(health_.size());
+    for (const auto& [id, h] : health_) s.nodes_up += h->Live(now) ? 1 : 0;
+    std::vector<size_t> owners;
+    for (const auto& [seq, r] : routing_) {
+      const size_t heads = r.heads.size();
+      for (size_t hi = 0; hi < heads; ++hi) {
+        const int32_t layer = static_cast<int32_t>(hi / static_cast<size_t>(r.spec.n_kv_heads));
+        const int32_t h = static_cast<int32_t>(hi % static_cast<size_t>(r.spec.n_kv_heads));
+        for (int32_t chunk : r.heads[hi].chunks) {
+          Owners(r, seq, layer, h, chunk, &owners);
+          int good = 0;
+          for (size_t o : owners) good += (!r.stale[o] && r.view->health[o]->Live(now)) ? 1 : 0;
+          if (good < options_.replicas) ++s.under_replicated_shards;
+        }
+      }
+    }
+  }
+  s.attend_failovers_unavailable = failovers_unavailable_.load(std::memory_order_relaxed);
+  s.attend_failovers_deadline = failovers_deadline_.load(std::memory_order_relaxed);
+  s.attend_failovers_down = failovers_down_.load(std::memory_order_relaxed);
+  s.syncs_started = syncs_started_.load(std::memory_order_relaxed);
+  s.syncs_succeeded = syncs_succeeded_.load(std::memory_order_relaxed);
+  s.syncs_failed = syncs_failed_.load(std::memory_order_relaxed);
+  s.keys_synced = keys_synced_.load(std::memory_order_relaxed);
+  *out = s;
+  return true;
+}
+
 absl::StatusOr<NodeStats> MultiNodeClient::Stats() {
-  // Every client in use, once: the current set and the sets of live sequences.
+  // Every live client in use, once: the current set and the sets of live
+  // sequences.
   std::vector<std::shared_ptr<RetrievalClient>> clients;
   {
     std::lock_guard<std::mutex> lock(mu_);
+    const int64_t now = NowNs();
     std::set<const RetrievalClient*> seen;
     auto add = [&](const View& v) {
-      for (const auto& c : v.clients) {
-        if (seen.insert(c.get()).second) clients.push_back(c);
+      for (size_t i = 0; i < v.clients.size(); ++i) {
+        if (v.health[i]->Live(now) && seen.insert(v.clients[i].get()).second) {
+          clients.push_back(v.clients[i]);
+        }
       }
     };
     add(*view_);

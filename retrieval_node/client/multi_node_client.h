@@ -1,45 +1,109 @@
 // MultiNodeClient: one RetrievalClient over several retrieval nodes (each
-// any RetrievalClient: gRPC, in-process), placed by rendezvous hashing
-// (services/infra/placement, R = 1).
+// any RetrievalClient: gRPC, in-process), shards placed by rendezvous hashing
+// (services/infra/placement) on R replicas (MultiNodeOptions::replicas).
 //
-//   * CreateSequence / DropSequence go to every node of the sequence's view;
-//   * UploadShard goes to the primary node of its ShardKey;
-//   * Append goes to the node holding the (layer, kv head)'s last uploaded
-//     chunk (the primary of chunk 0 when none was uploaded), where the node
-//     appends to that chunk's tail;
-//   * AttendAsync sends ONE request per node holding any shard of (sequence,
-//     layer), all concurrently, and merges their partials by LSE in node
-//     order (deterministic), so the result is the partial over every shard.
+// Placement. A sequence is placed on the nodes that are live when
+// CreateSequence runs (its "view", kept for life, so shards never move);
+// shard (layer, kv head, chunk) is owned by the R_seq = min(R, live nodes)
+// heaviest nodes of the view, in replica order (a sequence with R_seq < R is
+// under-replicated and counted so). Appends go to the (layer, kv head)'s
+// last uploaded chunk (chunk 0 when none was).
 //
-// Membership changes (SetNodes, or Follow a services/infra/membership set): a sequence is
-// placed on the node set current when CreateSequence ran (its "view") and
-// keeps it for life, so its shards never move; only NEW sequences see the new
-// set. A node that left stays connected while a live sequence still uses it.
-// Clients are reused by node id across views.
+// Per sequence, each node of the view is in sync or STALE. A stale node
+// missed a write (or was down, and so may have lost any); it gets neither
+// writes nor Attends of that sequence until a sync made it identical to a
+// live in-sync owner (below).
 //
-// Per-call buffers for the fan-out are allocated per Attend (one Partials per
-// node): fine for the CLI and tests; the worker's hot path should reuse them.
+//   * CreateSequence goes to every node of the view in parallel. A
+//     non-transport error (InvalidArgument, AlreadyExists...) from any node
+//     fails it (the others drop it again). Nodes failing with UNAVAILABLE /
+//     DEADLINE_EXCEEDED / CANCELLED become stale; it succeeds while fewer
+//     than R_seq nodes failed, i.e. every shard keeps an in-sync owner (with
+//     R = 1 every node must accept, as before).
+//   * UploadShard / Append / AppendAsync go to every live, in-sync owner of
+//     the chunk in parallel, complete when every one of them answered (a
+//     hung owner answers UNAVAILABLE once the gRPC keepalive drops its
+//     connection, ~1 s) and succeed when one acknowledged. An owner that
+//     is down, or failed while another succeeded, becomes stale. When every
+//     owner failed: the first non-transport error (nobody is marked stale:
+//     all refused alike), else Unavailable; no live in-sync owner at all is
+//     Unavailable naming the shard.
+//   * AttendAsync picks, per (kv head, chunk) of the layer, the first live,
+//     in-sync owner in replica order and sends ONE request per chosen node
+//     listing exactly its shards (AttendRequest::shards; the list is left
+//     empty, "everything you hold", when the node was chosen for every shard
+//     it owns: always so with R = 1), so no shard is attended twice. A node
+//     answering UNAVAILABLE / DEADLINE_EXCEEDED / CANCELLED is suspected
+//     down (MultiNodeOptions::suspect_for) and its shards re-routed to their
+//     next live in-sync owner within the same Attend; the Attend fails only
+//     when some shard has no owner left (Unavailable naming the shard) or a
+//     node answers any other error. Partials are merged by LSE in request
+//     order (deterministic for a given routing).
+//   * DropSequence goes to the live nodes of the view in parallel (transport
+//     errors ignored). A node that is down, or did not answer, is remembered
+//     ("dropped while down", at most kMaxOrphansPerNode per node, oldest
+//     forgotten first) and sent the drop again when it is next seen live.
+//
+// Liveness. SetNodeUp (fed by a health watcher: GrpcRetrievalClient::
+// WatchHealth via health_sink(), or by tests) marks a node down or up; a
+// node that comes back is marked stale for every live sequence that uses it
+// (it may have lost anything). A background sync thread (never holding the
+// routing mutex across a call) brings stale live nodes back: per source
+// (the first other live in-sync owner of each shard) one SyncShards call
+// with the shards the node owns; the node is in sync again only when every
+// reply's last_positions equal the last positions this client has ISSUED
+// for those heads (checked under the mutex, no network call), otherwise it
+// syncs again, backing off from sync_backoff up to 16x. A stale node that
+// owns no shard yet just gets CreateSequence.
+//
+// Membership changes (SetNodes, or Follow a services/infra/membership set)
+// change the set NEW sequences are placed on; a node that left stays
+// connected while a live sequence still uses it. Clients are reused by node
+// id across views.
 //
 // Thread-safety: thread-safe. The per-sequence routing state lives here, so
 // every write for a sequence must go through the same MultiNodeClient.
 #pragma once
 
+#include <atomic>
+#include <condition_variable>
 #include <cstdint>
+#include <deque>
 #include <functional>
 #include <map>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <string>
+#include <thread>
 #include <vector>
 
+#include "absl/container/flat_hash_map.h"
+#include "absl/time/time.h"
 #include "retrieval_node/client/retrieval_client.h"
 #include "services/infra/membership/membership.h"
 #include "services/infra/placement/placement.h"
 
 namespace kvr::retrieval {
 
+struct MultiNodeOptions {
+  // Owners per chunk, >= 1; a sequence created with fewer live nodes gets
+  // that many (and counts as under-replicated).
+  int replicas = 1;
+  // How long a node whose call failed with a transport error gets no
+  // requests (its health watch can only mark it down sooner, not up).
+  absl::Duration suspect_for = absl::Seconds(1);
+  // First wait before re-trying a failed or incomplete sync of one
+  // (sequence, node); doubles per failure up to 16x.
+  absl::Duration sync_backoff = absl::Milliseconds(100);
+};
+
 class MultiNodeClient final : public RetrievalClient {
  public:
+  // At most this many sequence ids are remembered per node for a drop that
+  // could not be delivered ("dropped while down").
+  static constexpr size_t kMaxOrphansPerNode = 4096;
+
   // Opens a client to a node that joined (e.g. GrpcRetrievalClient::Create).
   using Connector =
       std::function<absl::StatusOr<std::unique_ptr<RetrievalClient>>(const placement::NodeInfo&)>;
@@ -49,7 +113,8 @@ class MultiNodeClient final : public RetrievalClient {
   // given here; without it, only subsets of these nodes.
   static absl::StatusOr<std::unique_ptr<MultiNodeClient>> Create(
       std::vector<placement::NodeInfo> nodes,
-      std::vector<std::unique_ptr<RetrievalClient>> clients, Connector connect = nullptr);
+      std::vector<std::unique_ptr<RetrievalClient>> clients, Connector connect = nullptr,
+      MultiNodeOptions options = {});
   ~MultiNodeClient() override;
 
   // Makes `nodes` the set new sequences are placed on. Clients of nodes seen
@@ -65,6 +130,22 @@ class MultiNodeClient final : public RetrievalClient {
   // short). Call at most once, before the client is shared.
   void Follow(std::unique_ptr<membership::Membership> membership,
               std::function<void(const absl::Status&)> on_error);
+
+  // Marks node `id` down (false) or up (true); an unknown id is ignored.
+  // Up after down marks it stale for every live sequence using it and wakes
+  // the sync thread. Cheap, never blocks on the network: callable from a
+  // gRPC thread.
+  void SetNodeUp(const std::string& id, bool up);
+  // A callback for SetNodeUp that stays safe to call after this client is
+  // gone (it then does nothing): what a health watcher owned elsewhere holds.
+  std::function<void(const std::string& id, bool up)> health_sink() const;
+
+  // Whether sequence `sequence_id` treats node `id` as in sync (false for
+  // unknown ids or a node outside its view). For tests and diagnostics.
+  bool InSync(uint64_t sequence_id, const std::string& id) const;
+  // Whether node `id` is live now (up and not suspected).
+  bool IsLive(const std::string& id) const;
+  int replicas() const { return options_.replicas; }
 
   absl::Status CreateSequence(const SequenceSpec& spec) override;
   absl::Status UploadShard(const ShardUpload& upload) override;
@@ -84,37 +165,110 @@ class MultiNodeClient final : public RetrievalClient {
   size_t num_nodes() const override;
   std::vector<placement::NodeInfo> nodes() const;
   RetrievalClient* node(size_t i) const;
+  bool GetReplicationStats(ReplicationStats* out) const override;
 
  private:
+  // One node's liveness, shared by every view holding it (by node id).
+  struct NodeHealth {
+    std::string id;
+    std::atomic<bool> watch_up{true};           // the health watch's word
+    std::atomic<int64_t> suspect_until_ns{0};   // steady clock; a failed call's
+    bool Live(int64_t now_ns) const {
+      return watch_up.load(std::memory_order_acquire) &&
+             now_ns >= suspect_until_ns.load(std::memory_order_acquire);
+    }
+  };
   // A node set and its clients, immutable once built; shared by the
   // sequences created while it was current.
   struct View {
     placement::Placement placement;
     std::vector<std::shared_ptr<RetrievalClient>> clients;  // [node index]
-    size_t NodeFor(const ShardKey& key) const;
+    std::vector<std::shared_ptr<NodeHealth>> health;         // [node index]
+  };
+  // One (layer, kv head) of a sequence.
+  struct HeadState {
+    int32_t last_chunk = -1;  // appends go here (chunk 0 when -1)
+    // Chunks written (issued), ascending, with the last position issued to
+    // each (-1: none yet) and whether an owner acknowledged one (`acked`:
+    // the chunk exists on its in-sync owners; Attends ask only for those).
+    std::vector<int32_t> chunks;
+    std::vector<int64_t> last_issued;
+    std::vector<uint8_t> acked;
+    size_t Index(int32_t chunk);  // adds the chunk when missing
   };
   struct Routing {
     SequenceSpec spec;
     std::shared_ptr<const View> view;
-    std::vector<int32_t> last_chunk;  // [layer * n_kv_heads + kv_head], -1: none
-    std::vector<uint8_t> holds;       // [layer * num_nodes + node]: node holds a shard
+    int replicas = 1;                 // R_seq
+    std::vector<HeadState> heads;     // [layer * n_kv_heads + kv_head]
+    std::vector<uint8_t> stale;       // [node index]
+    std::vector<uint8_t> syncing;     // [node index]: a sync runs now
+    std::vector<int> sync_failures;   // [node index], for the backoff
+    std::vector<int64_t> next_sync_ns;  // [node index], steady clock
   };
+  struct SyncJob;
+  struct AttendCall;
+  struct SinkState;
 
-  MultiNodeClient(std::shared_ptr<const View> view, Connector connect)
-      : view_(std::move(view)), connect_(std::move(connect)) {}
+  MultiNodeClient(std::shared_ptr<const View> view, Connector connect, MultiNodeOptions options);
   std::shared_ptr<const View> CurrentView() const;
-  // The view and node index an append goes to; NotFound / InvalidArgument
-  // as for Append.
-  absl::Status RouteAppend(const AppendRequest& request, std::shared_ptr<const View>* view,
-                           size_t* node) const;
-  // Records that `node` of `view` holds keys of (sequence, layer).
-  void MarkHolds(uint64_t sequence_id, int32_t layer, const View& view, size_t node);
+  std::shared_ptr<NodeHealth> HealthFor(const std::string& id);  // mu_ held
+  // The R_seq owners of (layer, kv head, chunk) in `r`'s view, replica order.
+  static void Owners(const Routing& r, uint64_t sequence_id, int32_t layer, int32_t kv_head,
+                     int32_t chunk, std::vector<size_t>* out);
+  // Where one write goes and what it changed at issue (undone when no
+  // owner took it).
+  struct WriteRoute {
+    std::shared_ptr<const View> view;
+    std::vector<size_t> targets;  // live in-sync owners, replica order
+    int32_t chunk = 0;
+    int32_t prev_last_chunk = -1;
+    int64_t prev_last_issued = -1;
+    int64_t set_last_issued = -1;
+  };
+  // The write fan-out shared by UploadShard and Append(Async): validates,
+  // records the issue, picks the live in-sync owners (marking down ones
+  // stale). mu_ not held. `chunk`: the upload's, or none for an append.
+  absl::Status RouteWrite(uint64_t sequence_id, int32_t layer, int32_t kv_head,
+                          std::optional<int32_t> chunk, int64_t first_position, size_t rows,
+                          const char* what, WriteRoute* route);
+  // Records the write's per-owner outcomes (results[t]: targets[t]'s);
+  // returns the call's status.
+  absl::Status FinishWrite(uint64_t sequence_id, int32_t layer, int32_t kv_head,
+                           const WriteRoute& route, const std::vector<absl::Status>& results);
+  void Suspect(NodeHealth& node);
+  // Routes `shards` of call->layer to nodes (skipping call->excluded), issues
+  // the requests and returns; false (and `done` ran) when routing failed.
+  void StartAttendRound(const std::shared_ptr<AttendCall>& call,
+                        std::vector<HeadChunkRef> shards);
+  void OnAttendRoundDone(const std::shared_ptr<AttendCall>& call);
+  void SyncLoop();
+  void RunSync(SyncJob& job);
+  void RememberOrphan(const std::string& id, uint64_t sequence_id);  // mu_ held
 
-  mutable std::mutex mu_;  // guards view_ and routing_
+  const MultiNodeOptions options_;
+  mutable std::mutex mu_;  // guards everything below up to set_nodes_mu_
   std::shared_ptr<const View> view_;
   std::map<uint64_t, Routing> routing_;
+  absl::flat_hash_map<std::string, std::shared_ptr<NodeHealth>> health_;
+  // Drops a node missed, per node id, oldest first.
+  absl::flat_hash_map<std::string, std::deque<uint64_t>> orphans_;
+  bool stopping_ = false;
+  bool reduced_warned_ = false;
+  std::condition_variable sync_cv_;
   const Connector connect_;
   std::mutex set_nodes_mu_;  // serializes SetNodes (connects happen outside mu_)
+  std::shared_ptr<SinkState> sink_;
+
+  std::atomic<int64_t> failovers_unavailable_{0};
+  std::atomic<int64_t> failovers_deadline_{0};
+  std::atomic<int64_t> failovers_down_{0};
+  std::atomic<int64_t> syncs_started_{0};
+  std::atomic<int64_t> syncs_succeeded_{0};
+  std::atomic<int64_t> syncs_failed_{0};
+  std::atomic<int64_t> keys_synced_{0};
+
+  std::thread sync_thread_;
   // Follow's; its refreshes call SetNodes, so it is stopped before the rest.
   std::unique_ptr<membership::Membership> membership_;
 };

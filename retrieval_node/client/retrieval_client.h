@@ -26,6 +26,21 @@
 
 namespace kvr::retrieval {
 
+// Replication health of a client over several nodes (MultiNodeClient), for
+// the worker's metrics; counters are totals since the client was created.
+struct ReplicationStats {
+  int64_t nodes = 0;                     // nodes known (current set + nodes live sequences use)
+  int64_t nodes_up = 0;                  // of those, live now
+  int64_t under_replicated_shards = 0;   // shards with fewer than R live, in-sync owners
+  int64_t attend_failovers_unavailable = 0;  // node requests re-routed after UNAVAILABLE/CANCELLED
+  int64_t attend_failovers_deadline = 0;     // ... after DEADLINE_EXCEEDED
+  int64_t attend_failovers_down = 0;         // shards routed past a down / stale first owner
+  int64_t syncs_started = 0;
+  int64_t syncs_succeeded = 0;
+  int64_t syncs_failed = 0;
+  int64_t keys_synced = 0;
+};
+
 class RetrievalClient {
  public:
   virtual ~RetrievalClient() = default;
@@ -85,6 +100,10 @@ class RetrievalClient {
   // Nodes a new sequence is placed on now (1 for a client of one node).
   // Thread-safe.
   virtual size_t num_nodes() const { return 1; }
+
+  // Replication health, for a client that replicates shards over several
+  // nodes; false (and `out` untouched) for every other client. Thread-safe.
+  virtual bool GetReplicationStats(ReplicationStats* /*out*/) const { return false; }
 
   // Blocking form of AttendAsync.
   absl::Status Attend(const AttendRequest& request, PartialsView out, AttendStats* stats = nullptr);

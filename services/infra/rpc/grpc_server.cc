@@ -33,6 +33,10 @@ absl::Status ServeUntilSignal(const std::vector<grpc::Service*>& services,
   // use must fail to start, not silently share its connections, and port 0
   // must never hand out a port another server already listens on.
   builder.AddChannelArgument(GRPC_ARG_ALLOW_REUSEPORT, 0);
+  // Clients (GrpcRetrievalClient) ping every ~500 ms, idle or not, to find a
+  // hung peer within a second; accept that instead of answering GOAWAY.
+  builder.AddChannelArgument(GRPC_ARG_HTTP2_MIN_RECV_PING_INTERVAL_WITHOUT_DATA_MS, 100);
+  builder.AddChannelArgument(GRPC_ARG_KEEPALIVE_PERMIT_WITHOUT_CALLS, 1);
   builder.AddListeningPort(options.listen, grpc::InsecureServerCredentials(), &port);
   builder.SetMaxReceiveMessageSize(options.max_message_bytes);
   builder.SetMaxSendMessageSize(options.max_message_bytes);
