@@ -133,9 +133,11 @@ class FakeNode final : public RetrievalClient {
     SetEmpty(out);
     AttendStats total;
     Partials part(out.size(), out.dim());
+    AttendRequest whole = request;  // each core holds one shard of the list
+    whole.shards = {};
     for (RetrievalClient* sub : subs) {
       AttendStats one;
-      if (absl::Status st = sub->Attend(request, part.view(), &one); !st.ok()) {
+      if (absl::Status st = sub->Attend(whole, part.view(), &one); !st.ok()) {
         done(st);
         return;
       }
