@@ -308,6 +308,15 @@ class NodeCore final {
   // then tail rows for the last chunk): per row key, raw value, position.
   // Caller holds the sequence lock.
   static uint32_t PrefixCrc(const HeadState& head, size_t slot, size_t rows, size_t row_bytes);
+  // AssembleSync's fast path for the common catch-up: the only change to
+  // `head` in `incoming` is rows appended to its last chunk's tail (no new
+  // chunk, no index change, nothing dropped). Appends them in place as an
+  // Append would and persists only them; Unimplemented (nothing changed)
+  // when the delta is not of that kind. Caller holds the sequence lock
+  // exclusively and has checked that what we hold is a prefix.
+  absl::Status AppendSyncedTail(const Sequence& seq, HeadState* head,
+                                const std::map<int32_t, SyncChunkData*>& incoming, bool all,
+                                SyncResult* result);
   absl::Status AssembleSync(Sequence* seq, std::vector<SyncChunkData>& chunks, bool all,
                             bool install, std::vector<SyncCursor>* divergent,
                             SyncResult* result);

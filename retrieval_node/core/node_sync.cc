@@ -304,6 +304,73 @@ absl::Status NodeCore::ReceiveSync(const SyncRequest& request, const ReadShardsQ
   return absl::OkStatus();
 }
 
+absl::Status NodeCore::AppendSyncedTail(const Sequence& seq, HeadState* head,
+                                        const std::map<int32_t, SyncChunkData*>& incoming,
+                                        bool all, SyncResult* result) {
+  const SequenceSpec& spec = seq.spec;
+  const auto not_tail_only = [] { return absl::UnimplementedError("not a tail-only delta"); };
+  const Chunk& last = head->chunks.back();
+  if (all && incoming.size() != head->chunks.size()) return not_tail_only();
+  SyncChunkData* grown = nullptr;
+  for (const auto& [id, c] : incoming) {
+    const bool held = std::any_of(head->chunks.begin(), head->chunks.end(),
+                                  [&](const Chunk& h) { return h.chunk == id; });
+    if (!held || !c->index_blob.empty()) return not_tail_only();
+    if (static_cast<size_t>(c->first_sent_row) == c->positions.size()) continue;  // unchanged
+    if (id != last.chunk || !c->last || c->first_sent_row < c->index_rows) return not_tail_only();
+    grown = c;
+  }
+  if (grown == nullptr) return not_tail_only();
+  // Checked before anything changes: new positions after ours and
+  // ascending, finite keys.
+  const size_t d = static_cast<size_t>(spec.head_dim);
+  const size_t first = static_cast<size_t>(grown->first_sent_row);
+  const size_t n = grown->positions.size() - first;
+  const std::span<const int64_t> positions =
+      std::span<const int64_t>(grown->positions).subspan(first, n);
+  int64_t prev = head->last_position;
+  for (int64_t p : positions) {
+    if (p <= prev) {
+      return absl::DataLossError(absl::StrCat("SyncShards: source position ", p,
+                                              " not after ", prev));
+    }
+    prev = p;
+  }
+  const ConstMatrixView keys(grown->tail_keys.data(), n, d, d);
+  KVR_RETURN_IF_ERROR(index::ValidateFinite(keys, d, "SyncShards source tail keys"));
+  KVR_ASSIGN_OR_RETURN(const ValueMatrix raw,
+                       ValueMatrix::FromRaw(spec.value_dtype, n, d, grown->values));
+  Matrix values(n, d);
+  for (size_t i = 0; i < n; ++i) raw.RowToFloat(i, values.row(i));
+  if (head->tail == nullptr) {
+    KVR_ASSIGN_OR_RETURN(head->tail, index::FlatIndex::Create(d));
+    head->tail->Reserve(std::max(options_.tail_capacity, n));
+  }
+  const size_t old_rows = head->tail->size();
+  KVR_RETURN_IF_ERROR(head->tail->Add(keys));
+  KVR_RETURN_IF_ERROR(head->tail_values.Append(values.view()));
+  head->tail_positions.insert(head->tail_positions.end(), positions.begin(), positions.end());
+  head->last_position = positions.back();
+  SettleMemory(head, 0);
+  result->keys_copied += static_cast<int64_t>(n);
+  if (options_.persistence == nullptr) return absl::OkStatus();
+  HeadWrite write;
+  write.sequence_id = spec.sequence_id;
+  write.layer = grown->layer;
+  write.kv_head = grown->kv_head;
+  write.head_dim = spec.head_dim;
+  write.value_dtype = spec.value_dtype;
+  write.last_position = head->last_position;
+  write.tail_rows = static_cast<int64_t>(head->tail->size());
+  const size_t rb = RowBytes(spec);
+  write.tail = TailWrite{head->tail->keys().rows_slice(old_rows, n),
+                         head->tail_values.raw_bytes().subspan(old_rows * rb, n * rb),
+                         std::span<const int64_t>(head->tail_positions).subspan(old_rows, n)};
+  return Persist(write, absl::StrCat("SyncShards ",
+                                     ShardName(spec.sequence_id, grown->layer, grown->kv_head,
+                                               last.chunk)));
+}
+
 absl::Status NodeCore::AssembleSync(Sequence* seq, std::vector<SyncChunkData>& chunks,
                                     bool all, bool install, std::vector<SyncCursor>* divergent,
                                     SyncResult* result) {
@@ -388,6 +455,11 @@ absl::Status NodeCore::AssembleSync(Sequence* seq, std::vector<SyncChunkData>& c
     // source's, so chunks of it only we hold go.
     for (const auto& [id, slot] : held) changed = changed || (all && !incoming.contains(id));
     if (!divergent->empty() || !changed || !install) continue;
+    if (!old.chunks.empty()) {
+      const absl::Status fast = AppendSyncedTail(*seq, &old, incoming, all, result);
+      if (fast.ok()) continue;
+      if (!absl::IsUnimplemented(fast)) return fast;  // Unimplemented: not a tail-only delta
+    }
 
     // The new head: every chunk id of either side (of the source's only,
     // when syncing every shard), ascending.

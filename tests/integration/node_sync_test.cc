@@ -520,6 +520,16 @@ TEST(NodeSyncRpcTest, RestartedDestinationStillHoldsTheSyncedData) {
       ASSERT_TRUE(r.ok()) << r.status();
       ExpectSameNode(src.get(), ListOf(src.get()), dst.get(), ListOf(dst.get()), id);
     }
+    // A catch-up of rows that stay in the tail (appended in place, only
+    // they persisted).
+    ASSERT_NO_FATAL_FAILURE(AppendRows(src.get(), kGraphSeq, kTailStart + 100, 5));
+    SyncRequest req;
+    req.spec = Spec(kGraphSeq, IndexType::kGraph);
+    req.source_address = src_node->address();
+    auto r = dst->SyncShards(req);
+    ASSERT_TRUE(r.ok()) << r.status();
+    EXPECT_EQ(r->keys_copied, int64_t{kLayers} * kKvHeads * 5);
+    for (int64_t p : r->last_positions) EXPECT_EQ(p, kTailStart + 104);
   }
   ASSERT_TRUE(dst_node->Stop(SIGTERM).has_value());
   dst_node = NodeProcess::Start(NodeArgs({"--metrics_listen=", "--data_dir=" + dir.path()}));
