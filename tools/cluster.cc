@@ -75,34 +75,6 @@ void AppendLogLine(const std::string& path, const std::string& line) {
   out << line << "\n";
 }
 
-// The program's flags as its --helpfull lists them ("  --name (...)").
-bool ListsFlag(const std::string& help, std::string_view flag) {
-  const std::string want = absl::StrCat("--", absl::string_view(flag.data(), flag.size()));
-  for (absl::string_view line : absl::StrSplit(help, '\n')) {
-    line = absl::StripLeadingAsciiWhitespace(line);
-    if (!absl::StartsWith(line, want)) continue;
-    const absl::string_view rest = line.substr(want.size());
-    if (rest.empty() || rest[0] == ' ' || rest[0] == '=') return true;
-  }
-  return false;
-}
-
-// Whether `binary --helpfull` lists --<flag>: how `kvr cluster` learns that
-// the kvr_worker it runs accepts a flag newer than itself.
-absl::StatusOr<bool> AcceptsFlag(const std::string& binary, std::string_view flag) {
-  KVR_ASSIGN_OR_RETURN(std::unique_ptr<Subprocess> proc,
-                       Subprocess::Start({binary, "--helpfull"}, /*merge_stderr=*/true));
-  // No line starts with "\x01": this reads until the program closes stdout.
-  const absl::StatusOr<std::string> none = proc->WaitForLine("\x01", absl::Seconds(30));
-  if (!absl::IsFailedPrecondition(none.status())) {
-    (void)proc->Stop(SIGKILL, absl::Seconds(10));
-    return absl::DeadlineExceededError(
-        absl::StrCat(binary, " --helpfull did not finish within 30 s"));
-  }
-  (void)proc->Stop(0, absl::Seconds(10));
-  return ListsFlag(proc->Output(), flag);
-}
-
 // One supervised server: the command line it is (re)started with and its
 // current run, a Subprocess whose stdout and stderr share one pipe, copied to
 // its log file as it arrives; of its lines only those announcing addresses
@@ -534,7 +506,7 @@ class Cluster {
       return absl::InvalidArgumentError(absl::StrCat("--replicas ", want, " exceeds --nodes ",
                                                      options_.nodes));
     }
-    KVR_ASSIGN_OR_RETURN(const bool accepted, AcceptsFlag(worker_bin, "replicas"));
+    KVR_ASSIGN_OR_RETURN(const bool accepted, ProgramAcceptsFlag(worker_bin, "replicas"));
     if (accepted) return want;
     if (options_.replicas > 0) {
       return absl::InvalidArgumentError(absl::StrCat(
@@ -772,6 +744,37 @@ class Cluster {
 };
 
 }  // namespace
+
+namespace {
+
+// Whether `help` (an abseil --helpfull page) lists --<flag> ("  --name (...)").
+bool ListsFlag(const std::string& help, std::string_view flag) {
+  const std::string want = absl::StrCat("--", absl::string_view(flag.data(), flag.size()));
+  for (absl::string_view line : absl::StrSplit(help, '\n')) {
+    line = absl::StripLeadingAsciiWhitespace(line);
+    if (!absl::StartsWith(line, want)) continue;
+    const absl::string_view rest = line.substr(want.size());
+    if (rest.empty() || rest[0] == ' ' || rest[0] == '=') return true;
+  }
+  return false;
+}
+
+}  // namespace
+
+absl::StatusOr<bool> ProgramAcceptsFlag(const std::string& binary, std::string_view flag) {
+  KVR_ASSIGN_OR_RETURN(std::unique_ptr<Subprocess> proc,
+                       Subprocess::Start({binary, "--helpfull"}, /*merge_stderr=*/true));
+  // No line starts with "\x01": this reads until the program closes stdout.
+  const absl::StatusOr<std::string> none = proc->WaitForLine("\x01", absl::Seconds(30));
+  if (!absl::IsFailedPrecondition(none.status())) {
+    (void)proc->Stop(SIGKILL, absl::Seconds(10));
+    return absl::DeadlineExceededError(
+        absl::StrCat(binary, " --helpfull did not finish within 30 s"));
+  }
+  (void)proc->Stop(0, absl::Seconds(10));
+  return ListsFlag(proc->Output(), flag);
+}
+
 
 std::optional<absl::Duration> RestartPolicy::OnExit(absl::Duration uptime) {
   if (uptime >= kResetAfter) {

@@ -121,6 +121,11 @@ std::string ClusterInfoToJson(const ClusterInfo& info);
 absl::StatusOr<ClusterInfo> ParseClusterInfo(std::string_view json);
 absl::StatusOr<ClusterInfo> ReadClusterInfo(const std::string& path);
 
+// Whether `binary --helpfull` (an abseil program's full flag list) names
+// --<flag>: how `kvr cluster` learns that the kvr_worker it runs accepts a
+// flag newer than itself. Runs the program once (at most 30 s).
+absl::StatusOr<bool> ProgramAcceptsFlag(const std::string& binary, std::string_view flag);
+
 // Starts the cluster, then supervises it until SIGINT or SIGTERM arrives
 // (the caller blocks both in every thread first, see rpc::BlockStopSignals;
 // RunCluster takes them through a signalfd), then stops the gateway, the
