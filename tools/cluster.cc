@@ -831,25 +831,23 @@ absl::StatusOr<ClusterInfo> ParseClusterInfo(std::string_view text) {
     *out = it->get<std::string>();
     return absl::OkStatus();
   };
-  auto pid = [&](const nlohmann::json& obj, const char* key, pid_t* out) -> absl::Status {
+  // A non-negative integer up to 2^30 (`what` names it in the error).
+  auto small_int = [&](const nlohmann::json& obj, const char* key, const char* what,
+                       int* out) -> absl::Status {
     auto it = obj.find(key);
     if (it == obj.end()) return absl::OkStatus();
     if (!it->is_number_integer() || it->get<int64_t>() < 0 || it->get<int64_t>() > (1 << 30)) {
       return absl::InvalidArgumentError(
-          absl::StrCat("cluster.json: \"", key, "\" is not a process id"));
-    }
-    *out = static_cast<pid_t>(it->get<int64_t>());
-    return absl::OkStatus();
-  };
-  auto count = [&](const nlohmann::json& obj, const char* key, int* out) -> absl::Status {
-    auto it = obj.find(key);
-    if (it == obj.end()) return absl::OkStatus();
-    if (!it->is_number_integer() || it->get<int64_t>() < 0 || it->get<int64_t>() > (1 << 30)) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("cluster.json: \"", key, "\" is not a count in [0, 2^30]"));
+          absl::StrCat("cluster.json: \"", key, "\" is not ", what));
     }
     *out = static_cast<int>(it->get<int64_t>());
     return absl::OkStatus();
+  };
+  auto pid = [&](const nlohmann::json& obj, const char* key, pid_t* out) {
+    return small_int(obj, key, "a process id", out);
+  };
+  auto count = [&](const nlohmann::json& obj, const char* key, int* out) {
+    return small_int(obj, key, "a count in [0, 2^30]", out);
   };
   auto processes = [&](const char* key, std::vector<ClusterInfo::Process>* out) -> absl::Status {
     auto it = j.find(key);

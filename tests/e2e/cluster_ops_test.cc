@@ -33,6 +33,7 @@
 #include <sstream>
 #include <string>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #include "absl/strings/match.h"
@@ -135,6 +136,17 @@ size_t Count(const std::string& text, const std::string& what) {
   size_t n = 0;
   for (size_t at = text.find(what); at != std::string::npos; at = text.find(what, at + 1)) ++n;
   return n;
+}
+
+// Runs `argv` to its end (at most 30 s): its wait status (-1: it could not
+// be started) and its stdout (with stderr when `merge_stderr`).
+std::pair<int, std::string> RunToEnd(const std::vector<std::string>& argv, bool merge_stderr) {
+  auto proc = Subprocess::Start(argv, merge_stderr);
+  EXPECT_TRUE(proc.ok()) << proc.status();
+  if (!proc.ok()) return {-1, std::string()};
+  (void)(*proc)->WaitForLine("\x01", absl::Seconds(30));  // no such line: reads to EOF
+  const absl::StatusOr<int> st = (*proc)->Stop(SIGKILL, absl::Seconds(10));
+  return {st.ok() ? *st : -1, (*proc)->Output()};
 }
 
 // Stops `c` with SIGTERM: exit 0 and none of `pids` left.
@@ -362,12 +374,7 @@ TEST(ClusterOpsTest, ReplicasFlagIsChecked) {
     test_support::TempDir dir("kvr_cluster_flags");
     std::vector<std::string> argv = {g_kvr, "cluster", "--run_dir", dir.path()};
     argv.insert(argv.end(), flags.begin(), flags.end());
-    auto proc = Subprocess::Start(argv, /*merge_stderr=*/true);
-    EXPECT_TRUE(proc.ok()) << proc.status();
-    if (!proc.ok()) return std::make_pair(-1, std::string());
-    (void)(*proc)->WaitForLine("\x01", absl::Seconds(30));
-    const absl::StatusOr<int> st = (*proc)->Stop(SIGKILL, absl::Seconds(10));
-    return std::make_pair(st.ok() ? *st : -1, (*proc)->Output());
+    return RunToEnd(argv, /*merge_stderr=*/true);
   };
   const auto [st, out] = run({"--nodes", "2", "--replicas", "3"});
   EXPECT_TRUE(WIFEXITED(st) && WEXITSTATUS(st) == 1) << st;
@@ -415,12 +422,7 @@ TEST(LoadgenTest, BacksOffAndCountsErrorsByCodeWhenNothingListens) {
                                      "--warmup_requests", "0",         "--duration_seconds",
                                      "2",                 "--max_tokens", "8"};
     argv.insert(argv.end(), extra.begin(), extra.end());
-    auto proc = Subprocess::Start(argv, /*merge_stderr=*/false);
-    EXPECT_TRUE(proc.ok()) << proc.status();
-    if (!proc.ok()) return std::make_pair(-1, std::string());
-    (void)(*proc)->WaitForLine("\x01", absl::Seconds(30));
-    const absl::StatusOr<int> st = (*proc)->Stop(SIGKILL, absl::Seconds(10));
-    return std::make_pair(st.ok() ? *st : -1, (*proc)->Output());
+    return RunToEnd(argv, /*merge_stderr=*/false);
   };
 
   const absl::Time start = absl::Now();
