@@ -244,6 +244,8 @@ TEST(ClusterOpsTest, KilledNodeComesBackOnItsAddressWithItsData) {
   const Generated after = GenerateWithin(c->target(), absl::Seconds(30));
   ASSERT_TRUE(after.status.ok()) << after.status.error_message();
   EXPECT_EQ(after.tokens, before.tokens);
+  std::fprintf(stderr, "cluster_ops_e2e_test: a Generate through the gateway succeeded again "
+               "%.2f s after node-0's SIGKILL\n", absl::ToDoubleSeconds(absl::Now() - killed));
 
   std::vector<pid_t> pids = c->ChildPids();
   pids.push_back(node.pid);
