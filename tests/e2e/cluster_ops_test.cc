@@ -11,6 +11,10 @@
 //  * a child dying again after --max_restarts restarts in a row stops the
 //    cluster: exit 1, the child and the bound named, the others stopped;
 //    --max_restarts 0 is the old stop-everything behaviour;
+//  * a node that cannot start again (its data dir replaced by a file)
+//    crash-loops with delays of 100, 200, 400 ms (logged on stderr and in
+//    its log), and SIGTERM in the middle of that still exits 0 leaving no
+//    child;
 //  * --workers 2: two workers (cluster.json, logs), both healthy in the
 //    gateway's metrics, both serving identical greedy output; --replicas
 //    passed to them exactly when kvr_worker lists the flag;
@@ -315,6 +319,39 @@ TEST(ClusterOpsTest, MaxRestartsZeroStopsEverything) {
       << out;
   EXPECT_EQ(out.find("restarted worker"), std::string::npos) << out;
   for (pid_t pid : pids) EXPECT_TRUE(ProcessGone(pid)) << "pid " << pid << " survived";
+}
+
+TEST(ClusterOpsTest, CrashLoopBacksOffAndSigtermStillStopsCleanly) {
+  std::unique_ptr<ClusterProcess> c =
+      ClusterProcess::Start(g_kvr, {"--nodes", "1", "--gateway=false"}, true);
+  ASSERT_NE(c, nullptr);
+  const pid_t first = c->info.nodes.at(0).pid;
+  // A file where node-0's data dir was: every restart of it fails at once.
+  const std::string data_dir = c->run_dir + "/node-0";
+  std::error_code ec;
+  std::filesystem::remove_all(data_dir, ec);
+  ASSERT_FALSE(ec) << ec.message();
+  std::ofstream(data_dir) << "not a directory\n";
+  ASSERT_EQ(kill(first, SIGKILL), 0);
+  // Restarts in a row wait 100 ms, 200 ms, 400 ms, ...
+  for (const char* delay : {"restart 1 in 100ms", "restart 2 in 200ms", "restart 3 in 400ms"}) {
+    const absl::Time deadline = absl::Now() + absl::Seconds(30);
+    while (c->proc->Output().find(delay) == std::string::npos && absl::Now() < deadline) {
+      // No line starts with "\x01": reads what arrives for 100 ms.
+      (void)c->proc->WaitForLine("\x01", absl::Milliseconds(100));
+    }
+    ASSERT_NE(c->proc->Output().find(delay), std::string::npos) << c->proc->Output();
+  }
+  EXPECT_TRUE(c->proc->running()) << "3 of --max_restarts 10: still going";
+  // SIGTERM in the middle of the crash loop: exit 0, nothing left.
+  ASSERT_TRUE(c->Reload());
+  std::vector<pid_t> pids = c->ChildPids();
+  pids.push_back(first);
+  ExpectCleanStop(c.get(), pids);
+  // Its log has each death with its delay and each restart's command line.
+  const std::string log = ReadFile(c->run_dir + "/node-0.log");
+  EXPECT_NE(log.find("restart 3 in 400ms"), std::string::npos) << log;
+  EXPECT_GE(Count(log, "kvr cluster: restarting node-0"), 2u) << log;
 }
 
 TEST(ClusterOpsTest, TwoWorkersBehindTheGateway) {
