@@ -180,6 +180,9 @@ class Supervisor {
   Wake Pump(absl::Time deadline, const std::function<bool()>& done, bool wake_on_signal = true) {
     for (;;) {
       if (done()) return Wake::kDone;
+      // Checked before polling too: a child writing without pause must not
+      // hold off a due restart.
+      if (absl::Now() >= deadline) return Wake::kDeadline;
       std::vector<pollfd> fds;
       std::vector<std::pair<Child*, bool>> owners;  // (child, is its pidfd)
       fds.push_back({signal_fd_, POLLIN, 0});
