@@ -19,7 +19,9 @@
 #include <functional>
 #include <memory>
 #include <optional>
+#include <random>
 #include <sstream>
+#include <utility>
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
@@ -250,37 +252,6 @@ class Supervisor {
   int last_signal_ = 0;
 };
 
-// Free TCP ports on 127.0.0.1, distinct, chosen by the kernel (bound to port
-// 0 together, then released) for children started with fixed ports.
-absl::StatusOr<std::vector<int>> PickPorts(int n) {
-  std::vector<int> fds, ports;
-  auto close_all = [&fds] {
-    for (int fd : fds) close(fd);
-  };
-  for (int i = 0; i < n; ++i) {
-    const int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-    if (fd < 0) {
-      close_all();
-      return absl::InternalError(absl::StrCat("socket: ", std::strerror(errno)));
-    }
-    fds.push_back(fd);
-    sockaddr_in addr{};
-    addr.sin_family = AF_INET;
-    addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-    addr.sin_port = 0;
-    socklen_t len = sizeof(addr);
-    if (bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0 ||
-        getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &len) != 0) {
-      const std::string err = std::strerror(errno);
-      close_all();
-      return absl::InternalError(absl::StrCat("picking a free port on 127.0.0.1: ", err));
-    }
-    ports.push_back(ntohs(addr.sin_port));
-  }
-  close_all();
-  return ports;
-}
-
 std::string Loopback(int port) { return absl::StrCat("127.0.0.1:", port); }
 
 // "kvr_node" as found under `bin_dir` (directly or at its build-tree path).
@@ -352,7 +323,7 @@ class Cluster {
     // Every port, once: 2 per node and worker (gRPC, metrics), 3 for the
     // gateway (gRPC, HTTP, metrics).
     KVR_ASSIGN_OR_RETURN(const std::vector<int> ports,
-                         PickPorts(2 * options_.nodes + 2 * options_.workers + 3));
+                         PickLoopbackPorts(2 * options_.nodes + 2 * options_.workers + 3));
     size_t next_port = 0;
     auto port = [&] { return Loopback(ports[next_port++]); };
 
@@ -763,6 +734,63 @@ bool ListsFlag(const std::string& help, std::string_view flag) {
 }
 
 }  // namespace
+
+std::pair<int, int> EphemeralPortRange() {
+  std::ifstream in("/proc/sys/net/ipv4/ip_local_port_range");
+  int lo = 0, hi = 0;
+  if (in >> lo >> hi && 0 < lo && lo <= hi && hi <= 65535) return {lo, hi};
+  return {32768, 60999};
+}
+
+absl::StatusOr<std::vector<int>> PickLoopbackPorts(int n) {
+  std::vector<int> fds, ports;
+  auto close_all = [&fds] {
+    for (int fd : fds) close(fd);
+  };
+  // Binds 127.0.0.1:`port` (0: the kernel picks); the bound port, or -1.
+  auto bind_port = [&fds](int port) -> absl::StatusOr<int> {
+    const int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (fd < 0) return absl::InternalError(absl::StrCat("socket: ", std::strerror(errno)));
+    sockaddr_in addr{};
+    addr.sin_family = AF_INET;
+    addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    addr.sin_port = htons(static_cast<uint16_t>(port));
+    socklen_t len = sizeof(addr);
+    if (bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0 ||
+        getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &len) != 0) {
+      close(fd);
+      return -1;
+    }
+    fds.push_back(fd);  // held until every port is picked: all distinct
+    return static_cast<int>(ntohs(addr.sin_port));
+  };
+  // Below the ephemeral range, from a random start.
+  const auto [eph_lo, eph_hi] = EphemeralPortRange();
+  const int span = eph_lo - kMinFixedPort;
+  if (span >= 1000) {
+    std::random_device seed;
+    const int start = static_cast<int>(seed() % static_cast<unsigned>(span));
+    for (int k = 0; k < span && static_cast<int>(ports.size()) < n; ++k) {
+      absl::StatusOr<int> p = bind_port(kMinFixedPort + (start + k) % span);
+      if (!p.ok()) {
+        close_all();
+        return p.status();
+      }
+      if (*p > 0) ports.push_back(*p);
+    }
+  }
+  // Otherwise (or when those are taken) the kernel's choice.
+  while (static_cast<int>(ports.size()) < n) {
+    absl::StatusOr<int> p = bind_port(0);
+    if (!p.ok() || *p <= 0) {
+      close_all();
+      return p.ok() ? absl::InternalError("no free port on 127.0.0.1") : p.status();
+    }
+    ports.push_back(*p);
+  }
+  close_all();
+  return ports;
+}
 
 absl::StatusOr<bool> ProgramAcceptsFlag(const std::string& binary, std::string_view flag) {
   KVR_ASSIGN_OR_RETURN(std::unique_ptr<Subprocess> proc,

@@ -3,8 +3,9 @@
 // supervised by one process like a Kubernetes controller: a child that dies
 // is restarted with the same command line.
 //
-// Every port is chosen once at startup (the kernel picks free ones, which are
-// then passed explicitly: --listen=127.0.0.1:PORT), so a restarted child
+// Every port is chosen once at startup (free ones below the kernel's
+// ephemeral range, see PickLoopbackPorts, then passed explicitly:
+// --listen=127.0.0.1:PORT), so a restarted child
 // serves on its old addresses and the others' flags (the worker's --nodes, the
 // gateway's --workers) stay true. Every child's stdout and stderr go, through
 // a pipe the supervisor drains, to <run_dir>/<name>.log (node-0.log, ...,
@@ -25,6 +26,7 @@
 #include <optional>
 #include <string>
 #include <string_view>
+#include <utility>
 #include <vector>
 
 #include "absl/status/statusor.h"
@@ -120,6 +122,22 @@ std::string ClusterInfoToJson(const ClusterInfo& info);
 // InvalidArgument naming the field on malformed JSON or a missing address.
 absl::StatusOr<ClusterInfo> ParseClusterInfo(std::string_view json);
 absl::StatusOr<ClusterInfo> ReadClusterInfo(const std::string& path);
+
+// Ports below this are never picked for children (privileged or well known).
+inline constexpr int kMinFixedPort = 10000;
+
+// The kernel's ephemeral port range [first, last] (Linux
+// ip_local_port_range); 32768-60999 when it cannot be read.
+std::pair<int, int> EphemeralPortRange();
+
+// `n` distinct TCP ports free on 127.0.0.1 now, for children started with
+// fixed ports. Taken from [kMinFixedPort, first ephemeral port) when that
+// span holds at least 1000 ports, from a random start: the kernel never hands
+// those out for port-0 binds or outgoing connections, so a port stays free
+// while its child is down between restarts. Otherwise (or when they are
+// taken) the kernel's choice. Each was bound once and released: another
+// process may still take one before its child binds it.
+absl::StatusOr<std::vector<int>> PickLoopbackPorts(int n);
 
 // Whether `binary --helpfull` (an abseil program's full flag list) names
 // --<flag>: how `kvr cluster` learns that the kvr_worker it runs accepts a

@@ -2,9 +2,14 @@
 // delays, their cap, the reset after a long run, the give-up after
 // max_restarts in a row) and ProgramAcceptsFlag (how it learns whether
 // kvr_worker takes --replicas), on small shell scripts standing in for the
-// worker's --helpfull page.
+// worker's --helpfull page; PickLoopbackPorts (the fixed ports children get).
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
+#include <algorithm>
 #include <fstream>
 #include <optional>
 #include <string>
@@ -92,6 +97,36 @@ TEST(ProgramAcceptsFlagTest, MatchesWholeFlagNamesOfTheHelpPage) {
   auto no = ProgramAcceptsFlag(without, "replicas");
   ASSERT_TRUE(no.ok()) << no.status();
   EXPECT_FALSE(*no);
+}
+
+TEST(PickLoopbackPortsTest, DistinctBindableAndBelowTheEphemeralRange) {
+  const auto [first_ephemeral, last_ephemeral] = EphemeralPortRange();
+  ASSERT_LE(first_ephemeral, last_ephemeral);
+  auto ports = PickLoopbackPorts(24);
+  ASSERT_TRUE(ports.ok()) << ports.status();
+  ASSERT_EQ(ports->size(), 24u);
+  std::vector<int> sorted = *ports;
+  std::sort(sorted.begin(), sorted.end());
+  EXPECT_EQ(std::adjacent_find(sorted.begin(), sorted.end()), sorted.end()) << "duplicates";
+  for (int port : *ports) {
+    EXPECT_GT(port, 0);
+    EXPECT_LE(port, 65535);
+    if (first_ephemeral - kMinFixedPort >= 1000) {
+      EXPECT_GE(port, kMinFixedPort);
+      EXPECT_LT(port, first_ephemeral) << "outside the kernel's ephemeral range";
+    }
+  }
+  // Released again: each can be bound (and listened on) now.
+  for (int port : *ports) {
+    const int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    ASSERT_GE(fd, 0);
+    sockaddr_in addr{};
+    addr.sin_family = AF_INET;
+    addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    addr.sin_port = htons(static_cast<uint16_t>(port));
+    EXPECT_EQ(bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)), 0) << port;
+    close(fd);
+  }
 }
 
 }  // namespace
