@@ -52,7 +52,8 @@ absl::StatusOr<std::unique_ptr<Subprocess>> Subprocess::Start(std::vector<std::s
   argv.push_back(nullptr);
   int log_fd = -1;
   if (!options.log_path.empty()) {
-    log_fd = open(options.log_path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+    const int mode = options.append_log ? O_APPEND : O_TRUNC;
+    log_fd = open(options.log_path.c_str(), O_WRONLY | O_CREAT | mode | O_CLOEXEC, 0644);
     if (log_fd < 0) {
       return absl::InternalError(
           absl::StrCat("open ", options.log_path, ": ", std::strerror(errno)));

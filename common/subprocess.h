@@ -38,6 +38,9 @@ struct SubprocessOptions {
   // (created or truncated at Start). A full disk loses log bytes, not the
   // child.
   std::string log_path;
+  // With log_path: append to an existing file instead of truncating it (a
+  // supervisor restarting a child keeps the earlier runs' output).
+  bool append_log = false;
   // When set: only the complete lines it accepts are kept (WaitForLine,
   // Output, lines()); the others are dropped once read (they are in the log),
   // so a long-running chatty child does not grow the parent.

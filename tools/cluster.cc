@@ -1,25 +1,33 @@
 #include "tools/cluster.h"
 
+#include <arpa/inet.h>
+#include <netinet/in.h>
 #include <poll.h>
 #include <signal.h>
 #include <sys/signalfd.h>
+#include <sys/socket.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstdio>
 #include <cstring>
+#include <deque>
 #include <filesystem>
 #include <fstream>
 #include <functional>
 #include <memory>
 #include <optional>
+#include <random>
 #include <sstream>
+#include <utility>
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
+#include "absl/strings/strip.h"
 #include "absl/time/clock.h"
 #include "common/status.h"
 #include "common/subprocess.h"
@@ -62,23 +70,48 @@ std::string LogTail(const std::string& path, size_t max_lines = 20) {
   return absl::StrCat("    ", absl::StrJoin(lines, "\n    "));
 }
 
-// One supervised server process: a Subprocess whose stdout and stderr share
-// one pipe, copied to its log file as it arrives; of its lines only those
-// announcing addresses ("<program> ... on HOST:PORT") are kept.
+// Appends one line to a child's log (between its runs: nothing else writes
+// it then). Best effort: a full disk loses the line, not the cluster.
+void AppendLogLine(const std::string& path, const std::string& line) {
+  std::ofstream out(path, std::ios::app);
+  out << line << "\n";
+}
+
+// One supervised server: the command line it is (re)started with and its
+// current run, a Subprocess whose stdout and stderr share one pipe, copied to
+// its log file as it arrives; of its lines only those announcing addresses
+// ("<program> ... on HOST:PORT") are kept.
 struct Child {
-  std::string name;     // "node-0", "worker", "gateway": log file stem, messages
-  std::string program;  // "kvr_node": the prefix of its announcement lines
-  std::string log_path;
-  pid_t pid = -1;  // kept once reaped, for messages
+  Child(std::string name_in, std::string program_in, std::vector<std::string> argv_in,
+        std::string log_path_in, int max_restarts)
+      : name(std::move(name_in)),
+        program(std::move(program_in)),
+        argv(std::move(argv_in)),
+        log_path(std::move(log_path_in)),
+        policy(max_restarts) {}
+
+  const std::string name;     // "node-0", "worker", "gateway": log file stem, messages
+  const std::string program;  // "kvr_node": the prefix of its announcement lines
+  const std::vector<std::string> argv;  // every run: the same flags, ports, data dir
+  const std::string log_path;
+  pid_t pid = -1;  // of the current (or last) run; kept once reaped, for messages
   std::unique_ptr<Subprocess> proc;
-  std::optional<int> wait_status;  // set once reaped
+  std::optional<int> wait_status;  // set once the current run is reaped
+  absl::Time started;              // of the current run
   bool stopping = false;  // its exit is expected (we signalled it)
   bool killed = false;    // it outlived stop_timeout and got SIGKILL
+  int restarts = 0;       // runs after the first
+  RestartPolicy policy;
+  std::optional<absl::Time> restart_at;  // dead, to be restarted then
+  bool death_handled = false;  // the current run's death was logged (restart or give-up)
+  bool announced = false;      // the current run's listening line was logged
 
   bool reaped() const { return wait_status.has_value(); }
 
-  // The rest of the announcement line starting with `prefix`, or "".
+  // The rest of the current run's announcement line starting with `prefix`,
+  // or "".
   std::string Announced(std::string_view prefix) const {
+    if (proc == nullptr) return {};
     for (const std::string& line : proc->lines()) {
       if (std::string_view(line).substr(0, prefix.size()) == prefix) {
         return line.substr(prefix.size());
@@ -86,9 +119,10 @@ struct Child {
     }
     return {};
   }
+  std::string Listening() const { return Announced(program + " listening on "); }
 
   void Signal(int sig) const {
-    if (!reaped()) kill(pid, sig);
+    if (proc != nullptr && !reaped()) kill(pid, sig);
   }
 };
 
@@ -96,14 +130,23 @@ struct Child {
 // signals in one poll loop; single-threaded.
 class Supervisor {
  public:
-  explicit Supervisor(int signal_fd) : signal_fd_(signal_fd) {}
+  Supervisor(int signal_fd, int max_restarts)
+      : signal_fd_(signal_fd), max_restarts_(max_restarts) {}
 
+  // A new child, started (its log truncated).
   absl::StatusOr<Child*> Spawn(std::string name, std::string program,
                                std::vector<std::string> argv, const std::string& log_path) {
-    auto child = std::make_unique<Child>();
-    child->name = std::move(name);
-    child->program = std::move(program);
-    child->log_path = log_path;
+    auto child = std::make_unique<Child>(std::move(name), std::move(program), std::move(argv),
+                                         log_path, max_restarts_);
+    KVR_RETURN_IF_ERROR(Launch(child.get(), /*append_log=*/false));
+    children_.push_back(std::move(child));
+    return children_.back().get();
+  }
+
+  // Starts a run of `c` (whose previous run, if any, was reaped) with its
+  // command line; its output goes to its log, appended with `append_log`.
+  // On error the previous run's state is kept.
+  absl::Status Launch(Child* c, bool append_log) {
     SubprocessOptions options;
     options.merge_stderr = true;
     // Dies with the supervisor; its own process group keeps a terminal's
@@ -111,32 +154,43 @@ class Supervisor {
     // supervisor blocks the stop signals and ignores SIGPIPE: not the child.
     options.own_process_group = true;
     options.default_signals = true;
-    options.log_path = log_path;
-    options.keep_line = [prefix = child->program + " "](absl::string_view line) {
+    options.log_path = c->log_path;
+    options.append_log = append_log;
+    options.keep_line = [prefix = c->program + " "](absl::string_view line) {
       return absl::StartsWith(line, prefix) && absl::StrContains(line, " on ");
     };
-    KVR_ASSIGN_OR_RETURN(child->proc, Subprocess::Start(std::move(argv), options));
-    child->pid = child->proc->pid();
-    if (child->proc->exit_fd() < 0) {
-      return absl::InternalError(absl::StrCat("pidfd_open ", child->pid, " failed"));
+    KVR_ASSIGN_OR_RETURN(std::unique_ptr<Subprocess> proc, Subprocess::Start(c->argv, options));
+    if (proc->exit_fd() < 0) {
+      return absl::InternalError(absl::StrCat("pidfd_open ", proc->pid(), " failed"));
     }
-    children_.push_back(std::move(child));
-    return children_.back().get();
+    c->proc = std::move(proc);
+    c->pid = c->proc->pid();
+    c->wait_status.reset();
+    c->started = absl::Now();
+    c->restart_at.reset();
+    c->death_handled = false;
+    c->announced = false;
+    return absl::OkStatus();
   }
 
   enum class Wake { kDone, kSignal, kChildDied, kDeadline };
 
   // Copies output and reaps exits until `done()` holds, a stop signal
-  // arrives (when `wake_on_signal`; otherwise it is counted and ignored), a
-  // child whose exit was not expected exits (died() names it), or `deadline`.
+  // arrives (when `wake_on_signal`; otherwise it is counted and ignored),
+  // children whose exit was not expected exit (TakeDeath() names each once),
+  // or `deadline`.
   Wake Pump(absl::Time deadline, const std::function<bool()>& done, bool wake_on_signal = true) {
     for (;;) {
       if (done()) return Wake::kDone;
+      // Checked before polling too: a child writing without pause must not
+      // hold off a due restart.
+      if (absl::Now() >= deadline) return Wake::kDeadline;
       std::vector<pollfd> fds;
       std::vector<std::pair<Child*, bool>> owners;  // (child, is its pidfd)
       fds.push_back({signal_fd_, POLLIN, 0});
       owners.emplace_back(nullptr, false);
       for (auto& c : children_) {
+        if (c->proc == nullptr) continue;
         if (c->proc->output_fd() >= 0) {
           fds.push_back({c->proc->output_fd(), POLLIN, 0});
           owners.emplace_back(c.get(), false);
@@ -154,7 +208,7 @@ class Supervisor {
         continue;
       }
       bool signalled = false;
-      Child* died = nullptr;
+      bool died = false;
       for (size_t i = 0; i < fds.size(); ++i) {
         if (fds[i].revents == 0) continue;
         Child* c = owners[i].first;
@@ -169,27 +223,36 @@ class Supervisor {
           c->proc->ReadOutput();
         } else if (!c->reaped()) {
           c->wait_status = c->proc->PollExit();
-          if (c->reaped() && !c->stopping && died == nullptr) died = c;
+          if (c->reaped() && !c->stopping) {
+            deaths_.push_back(c);
+            died = true;
+          }
         }
       }
-      if (died != nullptr) {
-        died_ = died;
-        return Wake::kChildDied;
-      }
+      if (died) return Wake::kChildDied;
       if (signalled && wake_on_signal) return Wake::kSignal;
     }
   }
 
-  Child* died() const { return died_; }
+  // The oldest unexpected death not taken yet; nullptr when none.
+  Child* TakeDeath() {
+    if (deaths_.empty()) return nullptr;
+    Child* c = deaths_.front();
+    deaths_.pop_front();
+    return c;
+  }
   int last_signal() const { return last_signal_; }
 
  private:
   int signal_fd_;
+  int max_restarts_;
   std::vector<std::unique_ptr<Child>> children_;
-  Child* died_ = nullptr;
+  std::deque<Child*> deaths_;
   int signals_ = 0;
   int last_signal_ = 0;
 };
+
+std::string Loopback(int port) { return absl::StrCat("127.0.0.1:", port); }
 
 // "kvr_node" as found under `bin_dir` (directly or at its build-tree path).
 absl::StatusOr<std::string> FindBinary(const std::string& override_path,
@@ -227,10 +290,11 @@ absl::StatusOr<std::string> FindBinary(const std::string& override_path,
 class Cluster {
  public:
   Cluster(const ClusterOptions& options, int signal_fd)
-      : options_(options), sup_(signal_fd) {}
+      : options_(options), sup_(signal_fd, options.max_restarts) {}
 
-  // Resolves binaries and the run directory, starts every child and waits
-  // for their listening lines. Cancelled when a stop signal came first.
+  // Resolves binaries and the run directory, picks every port, starts every
+  // child and waits for their listening lines. Cancelled when a stop signal
+  // came first.
   absl::Status Start() {
     KVR_ASSIGN_OR_RETURN(const std::string node_bin,
                          FindBinary(options_.node_binary, options_.bin_dir, "kvr_node",
@@ -249,90 +313,135 @@ class Cluster {
       }
       gateway_bin = *g;
     }
+    KVR_ASSIGN_OR_RETURN(const int replicas, Replicas(worker_bin));
     KVR_RETURN_IF_ERROR(MakeRunDir());
     info_.run_dir = run_dir_;
     info_.pid = getpid();
+    info_.replicas = replicas;
     std::fprintf(stderr, "kvr cluster: run dir %s\n", run_dir_.c_str());
 
+    // Every port, once: 2 per node and worker (gRPC, metrics), 3 for the
+    // gateway (gRPC, HTTP, metrics).
+    KVR_ASSIGN_OR_RETURN(const std::vector<int> ports,
+                         PickLoopbackPorts(2 * options_.nodes + 2 * options_.workers + 3));
+    size_t next_port = 0;
+    auto port = [&] { return Loopback(ports[next_port++]); };
+
     // Retrieval nodes, started together.
-    std::vector<Child*> nodes;
+    std::vector<std::string> node_list;
     for (int i = 0; i < options_.nodes; ++i) {
       const std::string name = absl::StrCat("node-", i);
       const std::string data_dir = (fs::path(run_dir_) / name).string();
       std::error_code ec;
       fs::create_directories(data_dir, ec);
       if (ec) return absl::InternalError(absl::StrCat("mkdir ", data_dir, ": ", ec.message()));
-      std::vector<std::string> argv = {node_bin, "--listen=127.0.0.1:0",
-                                       "--metrics_listen=127.0.0.1:0", "--data_dir=" + data_dir};
+      const std::string grpc = port();
+      std::vector<std::string> argv = {node_bin, "--listen=" + grpc, "--metrics_listen=" + port(),
+                                       "--data_dir=" + data_dir};
       argv.insert(argv.end(), options_.node_args.begin(), options_.node_args.end());
       KVR_ASSIGN_OR_RETURN(Child * c, Spawn(name, "kvr_node", std::move(argv)));
-      nodes.push_back(c);
+      nodes_.push_back(c);
+      node_list.push_back(absl::StrCat(name, "=", grpc));
     }
-    KVR_RETURN_IF_ERROR(WaitListening(nodes));
-    std::vector<std::string> node_list;
-    for (Child* c : nodes) {
-      ClusterInfo::Node n;
-      n.grpc = c->Announced("kvr_node listening on ");
-      n.metrics = c->Announced("kvr_node metrics on ");
-      n.pid = c->pid;
-      info_.nodes.push_back(n);
-      node_list.push_back(absl::StrCat(c->name, "=", n.grpc));
-    }
+    KVR_RETURN_IF_ERROR(WaitListening(nodes_));
 
-    // The decode worker on those nodes (placement hashes the stable ids).
-    {
-      std::vector<std::string> argv = {worker_bin, "--listen=127.0.0.1:0",
-                                       "--metrics_listen=127.0.0.1:0",
+    // The decode workers on those nodes (placement hashes the stable ids).
+    std::vector<std::string> worker_list;
+    for (int i = 0; i < options_.workers; ++i) {
+      const std::string grpc = port();
+      std::vector<std::string> argv = {worker_bin, "--listen=" + grpc,
+                                       "--metrics_listen=" + port(),
                                        "--nodes=" + absl::StrJoin(node_list, ",")};
+      if (replicas > 0) argv.push_back(absl::StrCat("--replicas=", replicas));
       if (!options_.model.empty()) argv.push_back("--model=" + options_.model);
       if (!options_.tokenizer.empty()) argv.push_back("--tokenizer=" + options_.tokenizer);
       argv.insert(argv.end(), options_.worker_args.begin(), options_.worker_args.end());
-      KVR_ASSIGN_OR_RETURN(worker_, Spawn("worker", "kvr_worker", std::move(argv)));
-      KVR_RETURN_IF_ERROR(WaitListening({worker_}));
-      info_.worker_grpc = worker_->Announced("kvr_worker listening on ");
-      info_.worker_metrics = worker_->Announced("kvr_worker metrics on ");
-      info_.worker_pid = worker_->pid;
+      const std::string name = options_.workers == 1 ? "worker" : absl::StrCat("worker-", i);
+      KVR_ASSIGN_OR_RETURN(Child * c, Spawn(name, "kvr_worker", std::move(argv)));
+      workers_.push_back(c);
+      worker_list.push_back(grpc);
     }
+    KVR_RETURN_IF_ERROR(WaitListening(workers_));
 
     if (options_.gateway) {
-      std::vector<std::string> argv = {gateway_bin, "--listen=127.0.0.1:0",
-                                       "--http_listen=127.0.0.1:0",
-                                       "--metrics_listen=127.0.0.1:0",
-                                       "--workers=" + info_.worker_grpc};
+      std::vector<std::string> argv = {gateway_bin, "--listen=" + port(),
+                                       "--http_listen=" + port(), "--metrics_listen=" + port(),
+                                       "--workers=" + absl::StrJoin(worker_list, ",")};
       argv.insert(argv.end(), options_.gateway_args.begin(), options_.gateway_args.end());
       KVR_ASSIGN_OR_RETURN(gateway_, Spawn("gateway", "kvr_gateway", std::move(argv)));
       KVR_RETURN_IF_ERROR(WaitListening({gateway_}));
-      info_.gateway_grpc = gateway_->Announced("kvr_gateway listening on ");
+    }
+
+    // The addresses as the servers announced them (the flags they were
+    // given, unless --*_args overrode them); the same after every restart.
+    for (Child* c : nodes_) {
+      info_.nodes.push_back({c->Listening(), c->Announced("kvr_node metrics on "), c->pid, 0});
+    }
+    for (Child* c : workers_) {
+      info_.workers.push_back({c->Listening(), c->Announced("kvr_worker metrics on "), c->pid, 0});
+    }
+    if (gateway_ != nullptr) {
+      info_.gateway_grpc = gateway_->Listening();
       info_.gateway_http = gateway_->Announced("kvr_gateway http on ");
       info_.gateway_metrics = gateway_->Announced("kvr_gateway metrics on ");
-      info_.gateway_pid = gateway_->pid;
     }
+    for (Child* c : all_) c->announced = true;
+    SyncInfo();
     return WriteInfo();
   }
 
   const ClusterInfo& info() const { return info_; }
 
-  // Supervises until a stop signal (OK) or a child's death (its error).
+  // Supervises until a stop signal (OK) or a child that keeps dying past
+  // --max_restarts (its error): restarts the others when their delay is up.
   absl::Status Run() {
-    switch (sup_.Pump(absl::InfiniteFuture(), [] { return false; })) {
-      case Supervisor::Wake::kChildDied:
-        return DiedError(sup_.died());
-      default:
-        std::fprintf(stderr, "kvr cluster: %s, stopping\n", strsignal(sup_.last_signal()));
-        return absl::OkStatus();
+    auto newly_listening = [&] {
+      for (Child* c : all_) {
+        if (!c->announced && !c->Listening().empty()) return true;
+      }
+      return false;
+    };
+    for (;;) {
+      absl::Time next_restart = absl::InfiniteFuture();
+      for (Child* c : all_) {
+        if (c->restart_at.has_value()) next_restart = std::min(next_restart, *c->restart_at);
+      }
+      switch (sup_.Pump(next_restart, newly_listening)) {
+        case Supervisor::Wake::kSignal:
+          std::fprintf(stderr, "kvr cluster: %s, stopping\n", strsignal(sup_.last_signal()));
+          return absl::OkStatus();
+        case Supervisor::Wake::kDone:
+          for (Child* c : all_) {
+            if (c->announced || c->Listening().empty()) continue;
+            c->announced = true;
+            std::fprintf(stderr, "kvr cluster: %s (pid %d, restart %d) listening again on %s\n",
+                         c->name.c_str(), static_cast<int>(c->pid), c->restarts,
+                         c->Listening().c_str());
+          }
+          break;
+        case Supervisor::Wake::kChildDied:
+          while (Child* c = sup_.TakeDeath()) {
+            KVR_RETURN_IF_ERROR(OnDeath(c, DescribeWaitStatus(c->wait_status.value_or(0))));
+          }
+          break;
+        case Supervisor::Wake::kDeadline:
+          KVR_RETURN_IF_ERROR(RestartDue());
+          break;
+      }
     }
   }
 
-  // Stops gateway, worker, nodes in that order. An error names every child
-  // that exited non-zero, died, or needed SIGKILL.
+  // Stops gateway, workers, nodes in that order. An error names every child
+  // that exited non-zero, died (and was not restarted), or needed SIGKILL.
   absl::Status Stop() {
-    std::vector<Child*> gateway, worker;
+    std::vector<Child*> gateway;
     if (gateway_ != nullptr) gateway.push_back(gateway_);
-    if (worker_ != nullptr) worker.push_back(worker_);
     std::vector<std::string> problems;
-    for (const std::vector<Child*>* group : {&gateway, &worker, &nodes_}) StopGroup(*group);
+    for (const std::vector<Child*>* group : {&gateway, &workers_, &nodes_}) StopGroup(*group);
     for (Child* c : all_) {
       if (c == reported_) continue;  // already reported as the cause
+      if (c->death_handled) continue;  // died, logged, its restart was pending
+      if (c->proc == nullptr) continue;  // never started
       if (!c->stopping) {
         problems.push_back(absl::StrCat(c->name, " (pid ", c->pid, ") ",
                                         DescribeWaitStatus(c->wait_status.value_or(0)),
@@ -360,8 +469,111 @@ class Cluster {
     const std::string log = (fs::path(run_dir_) / (name + ".log")).string();
     KVR_ASSIGN_OR_RETURN(Child * c, sup_.Spawn(name, program, std::move(argv), log));
     all_.push_back(c);
-    if (program == "kvr_node") nodes_.push_back(c);
     return c;
+  }
+
+  // The --replicas each worker gets (0: none): the option, or 2 with at
+  // least 2 nodes, else 1; only when the worker binary accepts the flag.
+  absl::StatusOr<int> Replicas(const std::string& worker_bin) {
+    const int want = options_.replicas > 0 ? options_.replicas : std::min(options_.nodes, 2);
+    if (want > options_.nodes) {
+      return absl::InvalidArgumentError(absl::StrCat("--replicas ", want, " exceeds --nodes ",
+                                                     options_.nodes));
+    }
+    KVR_ASSIGN_OR_RETURN(const bool accepted, ProgramAcceptsFlag(worker_bin, "replicas"));
+    if (accepted) return want;
+    if (options_.replicas > 0) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "--replicas ", options_.replicas, ": ", worker_bin,
+          " has no --replicas flag (its --helpfull does not list it); leave --replicas out"));
+    }
+    std::fprintf(stderr,
+                 "kvr cluster: %s has no --replicas flag; its shards are not replicated\n",
+                 worker_bin.c_str());
+    return 0;
+  }
+
+  // `c` died (`how`): schedules its restart, logging it on stderr and in its
+  // log, or fails naming it when it is to be given up.
+  absl::Status OnDeath(Child* c, const std::string& how) {
+    const absl::Duration uptime = absl::Now() - c->started;
+    const std::optional<absl::Duration> delay = c->policy.OnExit(uptime);
+    if (!delay.has_value()) {
+      reported_ = c;
+      const std::string why =
+          options_.max_restarts == 0
+              ? std::string("--max_restarts 0: not restarted")
+              : absl::StrCat("restarted ", options_.max_restarts,
+                             " times in a row (--max_restarts ", options_.max_restarts,
+                             "), each run shorter than ",
+                             absl::FormatDuration(RestartPolicy::kResetAfter), ": giving up");
+      AppendLogLine(c->log_path, absl::StrCat("kvr cluster: ", c->name, " (pid ", c->pid, ") ",
+                                              how, "; ", why));
+      return absl::AbortedError(absl::StrCat(c->name, " (pid ", c->pid, ") ", how,
+                                             " unexpectedly; ", why, "; last lines of ",
+                                             c->log_path, ":\n", LogTail(c->log_path)));
+    }
+    c->death_handled = true;
+    c->restart_at = absl::Now() + *delay;
+    const std::string line = absl::StrCat(
+        "kvr cluster: ", c->name, " (pid ", c->pid, ") ", how, " after ",
+        absl::FormatDuration(absl::Trunc(uptime, absl::Milliseconds(1))), " up; restart ",
+        c->restarts + 1, " in ", absl::FormatDuration(*delay));
+    std::fprintf(stderr, "%s\n", line.c_str());
+    AppendLogLine(c->log_path, line);
+    return absl::OkStatus();
+  }
+
+  // Restarts every child whose delay is up with its command line; cluster.json
+  // names the new pids. A child that cannot be started counts as dying.
+  absl::Status RestartDue() {
+    const absl::Time now = absl::Now();
+    bool restarted = false;
+    for (Child* c : all_) {
+      if (!c->restart_at.has_value() || *c->restart_at > now) continue;
+      const pid_t old_pid = c->pid;
+      AppendLogLine(c->log_path, absl::StrCat("kvr cluster: restarting ", c->name, " (restart ",
+                                              c->restarts + 1, "): ", absl::StrJoin(c->argv, " ")));
+      const absl::Status st = sup_.Launch(c, /*append_log=*/true);
+      if (!st.ok()) {
+        c->started = absl::Now();  // a run of length zero
+        KVR_RETURN_IF_ERROR(OnDeath(c, absl::StrCat("could not be restarted: ", st.message())));
+        continue;
+      }
+      ++c->restarts;
+      restarted = true;
+      std::fprintf(stderr, "kvr cluster: restarted %s (pid %d -> %d, restart %d), log %s\n",
+                   c->name.c_str(), static_cast<int>(old_pid), static_cast<int>(c->pid),
+                   c->restarts, c->log_path.c_str());
+    }
+    if (!restarted) return absl::OkStatus();
+    SyncInfo();
+    if (absl::Status st = WriteInfo(); !st.ok()) {
+      std::fprintf(stderr, "kvr cluster: cluster.json not updated: %s\n",
+                   std::string(st.message()).c_str());
+    }
+    return absl::OkStatus();
+  }
+
+  // info_'s pids and restart counts from the children.
+  void SyncInfo() {
+    for (size_t i = 0; i < nodes_.size(); ++i) {
+      info_.nodes[i].pid = nodes_[i]->pid;
+      info_.nodes[i].restarts = nodes_[i]->restarts;
+    }
+    for (size_t i = 0; i < workers_.size(); ++i) {
+      info_.workers[i].pid = workers_[i]->pid;
+      info_.workers[i].restarts = workers_[i]->restarts;
+    }
+    if (gateway_ != nullptr) {
+      info_.gateway_pid = gateway_->pid;
+      info_.gateway_restarts = gateway_->restarts;
+    }
+    if (!info_.workers.empty()) {
+      info_.worker_grpc = info_.workers[0].grpc;
+      info_.worker_metrics = info_.workers[0].metrics;
+      info_.worker_pid = info_.workers[0].pid;
+    }
   }
 
   absl::Status MakeRunDir() {
@@ -412,7 +624,7 @@ class Cluster {
         return absl::CancelledError(
             absl::StrCat("stopped by ", strsignal(sup_.last_signal()), " while starting"));
       case Supervisor::Wake::kChildDied:
-        return DiedError(sup_.died());
+        return DiedError(sup_.TakeDeath());
       case Supervisor::Wake::kDeadline:
         break;
     }
@@ -498,27 +710,139 @@ class Cluster {
   Supervisor sup_;
   std::string run_dir_;
   ClusterInfo info_;
-  std::vector<Child*> all_, nodes_;  // every child started; the nodes among them
-  Child* worker_ = nullptr;
+  std::vector<Child*> all_;      // every child started
+  std::vector<Child*> nodes_;    // the nodes among them, in order
+  std::vector<Child*> workers_;  // the workers among them, in order
   Child* gateway_ = nullptr;
   Child* reported_ = nullptr;  // the child an earlier error already described
 };
 
 }  // namespace
 
+namespace {
+
+// Whether `help` (an abseil --helpfull page) lists --<flag> ("  --name (...)").
+bool ListsFlag(const std::string& help, std::string_view flag) {
+  const std::string want = absl::StrCat("--", absl::string_view(flag.data(), flag.size()));
+  for (absl::string_view line : absl::StrSplit(help, '\n')) {
+    line = absl::StripLeadingAsciiWhitespace(line);
+    if (!absl::StartsWith(line, want)) continue;
+    const absl::string_view rest = line.substr(want.size());
+    if (rest.empty() || rest[0] == ' ' || rest[0] == '=') return true;
+  }
+  return false;
+}
+
+}  // namespace
+
+std::pair<int, int> EphemeralPortRange() {
+  std::ifstream in("/proc/sys/net/ipv4/ip_local_port_range");
+  int lo = 0, hi = 0;
+  if (in >> lo >> hi && 0 < lo && lo <= hi && hi <= 65535) return {lo, hi};
+  return {32768, 60999};
+}
+
+absl::StatusOr<std::vector<int>> PickLoopbackPorts(int n) {
+  std::vector<int> fds, ports;
+  auto close_all = [&fds] {
+    for (int fd : fds) close(fd);
+  };
+  // Binds 127.0.0.1:`port` (0: the kernel picks); the bound port, or -1.
+  auto bind_port = [&fds](int port) -> absl::StatusOr<int> {
+    const int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (fd < 0) return absl::InternalError(absl::StrCat("socket: ", std::strerror(errno)));
+    sockaddr_in addr{};
+    addr.sin_family = AF_INET;
+    addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    addr.sin_port = htons(static_cast<uint16_t>(port));
+    socklen_t len = sizeof(addr);
+    if (bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0 ||
+        getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &len) != 0) {
+      close(fd);
+      return -1;
+    }
+    fds.push_back(fd);  // held until every port is picked: all distinct
+    return static_cast<int>(ntohs(addr.sin_port));
+  };
+  // Below the ephemeral range, from a random start.
+  const auto [eph_lo, eph_hi] = EphemeralPortRange();
+  const int span = eph_lo - kMinFixedPort;
+  if (span >= 1000) {
+    std::random_device seed;
+    const int start = static_cast<int>(seed() % static_cast<unsigned>(span));
+    for (int k = 0; k < span && static_cast<int>(ports.size()) < n; ++k) {
+      absl::StatusOr<int> p = bind_port(kMinFixedPort + (start + k) % span);
+      if (!p.ok()) {
+        close_all();
+        return p.status();
+      }
+      if (*p > 0) ports.push_back(*p);
+    }
+  }
+  // Otherwise (or when those are taken) the kernel's choice.
+  while (static_cast<int>(ports.size()) < n) {
+    absl::StatusOr<int> p = bind_port(0);
+    if (!p.ok() || *p <= 0) {
+      close_all();
+      return p.ok() ? absl::InternalError("no free port on 127.0.0.1") : p.status();
+    }
+    ports.push_back(*p);
+  }
+  close_all();
+  return ports;
+}
+
+absl::StatusOr<bool> ProgramAcceptsFlag(const std::string& binary, std::string_view flag) {
+  KVR_ASSIGN_OR_RETURN(std::unique_ptr<Subprocess> proc,
+                       Subprocess::Start({binary, "--helpfull"}, /*merge_stderr=*/true));
+  // No line starts with "\x01": this reads until the program closes stdout.
+  const absl::StatusOr<std::string> none = proc->WaitForLine("\x01", absl::Seconds(30));
+  if (!absl::IsFailedPrecondition(none.status())) {
+    (void)proc->Stop(SIGKILL, absl::Seconds(10));
+    return absl::DeadlineExceededError(
+        absl::StrCat(binary, " --helpfull did not finish within 30 s"));
+  }
+  (void)proc->Stop(0, absl::Seconds(10));
+  return ListsFlag(proc->Output(), flag);
+}
+
+
+std::optional<absl::Duration> RestartPolicy::OnExit(absl::Duration uptime) {
+  if (uptime >= kResetAfter) {
+    streak_ = 0;
+    next_delay_ = kInitialDelay;
+  }
+  if (streak_ >= max_restarts_) return std::nullopt;
+  ++streak_;
+  const absl::Duration delay = next_delay_;
+  next_delay_ = std::min(next_delay_ * 2, kMaxDelay);
+  return delay;
+}
+
 std::string ClusterInfoToJson(const ClusterInfo& info) {
+  auto processes = [](const std::vector<ClusterInfo::Process>& list) {
+    nlohmann::ordered_json a = nlohmann::ordered_json::array();
+    for (const ClusterInfo::Process& p : list) {
+      a.push_back(
+          {{"grpc", p.grpc}, {"metrics", p.metrics}, {"pid", p.pid}, {"restarts", p.restarts}});
+    }
+    return a;
+  };
   nlohmann::ordered_json j;
   j["gateway_grpc"] = info.gateway_grpc;
   j["gateway_http"] = info.gateway_http;
   j["gateway_metrics"] = info.gateway_metrics;
   j["gateway_pid"] = info.gateway_pid;
+  j["gateway_restarts"] = info.gateway_restarts;
   j["worker_grpc"] = info.worker_grpc;
   j["worker_metrics"] = info.worker_metrics;
   j["worker_pid"] = info.worker_pid;
-  j["nodes"] = nlohmann::ordered_json::array();
-  for (const ClusterInfo::Node& n : info.nodes) {
-    j["nodes"].push_back({{"grpc", n.grpc}, {"metrics", n.metrics}, {"pid", n.pid}});
-  }
+  // A ClusterInfo with only worker_* set has that one worker.
+  j["workers"] = info.workers.empty() && !info.worker_grpc.empty()
+                     ? processes({{info.worker_grpc, info.worker_metrics, info.worker_pid, 0}})
+                     : processes(info.workers);
+  j["replicas"] = info.replicas;
+  j["nodes"] = processes(info.nodes);
   j["run_dir"] = info.run_dir;
   j["pid"] = info.pid;
   return j.dump(2);
@@ -538,14 +862,46 @@ absl::StatusOr<ClusterInfo> ParseClusterInfo(std::string_view text) {
     *out = it->get<std::string>();
     return absl::OkStatus();
   };
-  auto pid = [&](const nlohmann::json& obj, const char* key, pid_t* out) -> absl::Status {
+  // A non-negative integer up to 2^30 (`what` names it in the error).
+  auto small_int = [&](const nlohmann::json& obj, const char* key, const char* what,
+                       int* out) -> absl::Status {
     auto it = obj.find(key);
     if (it == obj.end()) return absl::OkStatus();
     if (!it->is_number_integer() || it->get<int64_t>() < 0 || it->get<int64_t>() > (1 << 30)) {
       return absl::InvalidArgumentError(
-          absl::StrCat("cluster.json: \"", key, "\" is not a process id"));
+          absl::StrCat("cluster.json: \"", key, "\" is not ", what));
     }
-    *out = static_cast<pid_t>(it->get<int64_t>());
+    *out = static_cast<int>(it->get<int64_t>());
+    return absl::OkStatus();
+  };
+  auto pid = [&](const nlohmann::json& obj, const char* key, pid_t* out) {
+    return small_int(obj, key, "a process id", out);
+  };
+  auto count = [&](const nlohmann::json& obj, const char* key, int* out) {
+    return small_int(obj, key, "a count in [0, 2^30]", out);
+  };
+  auto processes = [&](const char* key, std::vector<ClusterInfo::Process>* out) -> absl::Status {
+    auto it = j.find(key);
+    if (it == j.end()) return absl::OkStatus();
+    if (!it->is_array()) {
+      return absl::InvalidArgumentError(absl::StrCat("cluster.json: \"", key, "\" is not an array"));
+    }
+    if (it->size() > 1024) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("cluster.json: \"", key, "\" has ", it->size(), " entries (at most 1024)"));
+    }
+    for (const nlohmann::json& n : *it) {
+      if (!n.is_object()) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("cluster.json: a \"", key, "\" entry is not an object"));
+      }
+      ClusterInfo::Process p;
+      KVR_RETURN_IF_ERROR(str(n, "grpc", &p.grpc));
+      KVR_RETURN_IF_ERROR(str(n, "metrics", &p.metrics));
+      KVR_RETURN_IF_ERROR(pid(n, "pid", &p.pid));
+      KVR_RETURN_IF_ERROR(count(n, "restarts", &p.restarts));
+      out->push_back(p);
+    }
     return absl::OkStatus();
   };
   ClusterInfo info;
@@ -553,23 +909,18 @@ absl::StatusOr<ClusterInfo> ParseClusterInfo(std::string_view text) {
   KVR_RETURN_IF_ERROR(str(j, "gateway_http", &info.gateway_http));
   KVR_RETURN_IF_ERROR(str(j, "gateway_metrics", &info.gateway_metrics));
   KVR_RETURN_IF_ERROR(pid(j, "gateway_pid", &info.gateway_pid));
+  KVR_RETURN_IF_ERROR(count(j, "gateway_restarts", &info.gateway_restarts));
   KVR_RETURN_IF_ERROR(str(j, "worker_grpc", &info.worker_grpc));
   KVR_RETURN_IF_ERROR(str(j, "worker_metrics", &info.worker_metrics));
   KVR_RETURN_IF_ERROR(pid(j, "worker_pid", &info.worker_pid));
+  KVR_RETURN_IF_ERROR(processes("workers", &info.workers));
+  KVR_RETURN_IF_ERROR(count(j, "replicas", &info.replicas));
+  KVR_RETURN_IF_ERROR(processes("nodes", &info.nodes));
   KVR_RETURN_IF_ERROR(str(j, "run_dir", &info.run_dir));
   KVR_RETURN_IF_ERROR(pid(j, "pid", &info.pid));
-  if (auto it = j.find("nodes"); it != j.end()) {
-    if (!it->is_array()) return absl::InvalidArgumentError("cluster.json: \"nodes\" is not an array");
-    for (const nlohmann::json& n : *it) {
-      if (!n.is_object()) {
-        return absl::InvalidArgumentError("cluster.json: a \"nodes\" entry is not an object");
-      }
-      ClusterInfo::Node node;
-      KVR_RETURN_IF_ERROR(str(n, "grpc", &node.grpc));
-      KVR_RETURN_IF_ERROR(str(n, "metrics", &node.metrics));
-      KVR_RETURN_IF_ERROR(pid(n, "pid", &node.pid));
-      info.nodes.push_back(node);
-    }
+  if (info.workers.empty() && !info.worker_grpc.empty()) {
+    // The single-worker format of older `kvr cluster`s.
+    info.workers.push_back({info.worker_grpc, info.worker_metrics, info.worker_pid, 0});
   }
   if (info.worker_grpc.empty()) {
     return absl::InvalidArgumentError("cluster.json: no \"worker_grpc\" address");
@@ -592,6 +943,18 @@ absl::StatusOr<ClusterInfo> ReadClusterInfo(const std::string& path) {
 absl::Status RunCluster(const ClusterOptions& options) {
   if (options.nodes < 1 || options.nodes > 64) {
     return absl::InvalidArgumentError(absl::StrCat("--nodes: ", options.nodes, " outside [1, 64]"));
+  }
+  if (options.workers < 1 || options.workers > 16) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--workers: ", options.workers, " outside [1, 16]"));
+  }
+  if (options.replicas < 0 || options.replicas > options.nodes) {
+    return absl::InvalidArgumentError(absl::StrCat("--replicas: ", options.replicas,
+                                                   " outside [1, --nodes ", options.nodes, "]"));
+  }
+  if (options.max_restarts < 0 || options.max_restarts > 1000) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--max_restarts: ", options.max_restarts, " outside [0, 1000]"));
   }
   sigset_t stop;
   sigemptyset(&stop);
@@ -634,19 +997,35 @@ absl::Status RunCluster(const ClusterOptions& options) {
 
 const char kClusterUsage[] = R"(Usage: kvr cluster [flags]
 
-Starts a local cluster on 127.0.0.1 (port 0 everywhere): --nodes kvr_node
-retrieval nodes, one kvr_worker on them and one kvr_gateway in front. Logs go
-to <run dir>/<name>.log (node-0.log, ..., worker.log, gateway.log), the
-addresses and pids to <run dir>/cluster.json; then it prints
+Starts a local cluster on 127.0.0.1: --nodes kvr_node retrieval nodes,
+--workers kvr_workers on them and one kvr_gateway in front, each on ports
+picked once at startup. Logs go to <run dir>/<name>.log (node-0.log, ...,
+worker.log or worker-0.log, ..., gateway.log), the addresses, pids and restart
+counts to <run dir>/cluster.json; then it prints
 
   kvr cluster ready: gateway grpc HOST:PORT http HOST:PORT (run dir DIR)
 
-and runs until SIGINT (Ctrl-C) or SIGTERM, then stops the gateway, the worker
-and the nodes in that order (SIGTERM, then SIGKILL after --stop_timeout) and
-exits 0. If a child dies, the others are stopped, the dead one and the tail of
-its log are printed, and it exits 1.
+and runs until SIGINT (Ctrl-C) or SIGTERM, then stops the gateway, the
+workers and the nodes in that order (SIGTERM, then SIGKILL after
+--stop_timeout) and exits 0.
+
+A child that dies is restarted with the same command line (same ports, same
+--data_dir), like a Kubernetes controller would: after 100 ms, doubling for
+each restart in a row up to 5 s; a run of 30 s or more resets the delay and
+the count. Deaths and restarts are logged on stderr and appended to the
+child's log; cluster.json is rewritten with the new pid. A child restarted
+--max_restarts times in a row that dies again is given up: the others are
+stopped, it is named with the tail of its log, and kvr cluster exits 1.
 
   --nodes N               retrieval nodes, [1, 64] (default 3)
+  --workers N             kvr_workers on those nodes, all behind the gateway,
+                          [1, 16] (default 1)
+  --replicas R            copies of each shard, passed as kvr_worker
+                          --replicas, [1, nodes] (default 2 with 2 or more
+                          nodes, else 1); left out when that kvr_worker has
+                          no --replicas flag (an explicit R is then an error)
+  --max_restarts N        restarts in a row of one child before giving up,
+                          [0, 1000] (default 10; 0: a dead child stops all)
   --run_dir DIR           logs, node data, cluster.json (default: a new
                           directory ./run/YYYYmmdd-HHMMSS)
   --bin_dir DIR           where kvr_node, kvr_worker and kvr_gateway are: the
@@ -685,6 +1064,9 @@ absl::Status ParseClusterFlags(const std::vector<std::string>& args, ClusterOpti
   };
   const cli::FlagTable flags = {
       {"nodes", cli::IntFlag(1, 64, &o->nodes)},
+      {"workers", cli::IntFlag(1, 16, &o->workers)},
+      {"replicas", cli::IntFlag(1, 64, &o->replicas)},
+      {"max_restarts", cli::IntFlag(0, 1000, &o->max_restarts)},
       {"run_dir", cli::StringFlag(&o->run_dir)},
       {"bin_dir", cli::StringFlag(&o->bin_dir)},
       {"node_binary", cli::StringFlag(&o->node_binary)},

@@ -15,17 +15,26 @@
 // chunk carrying tokens), inter-token latency (the gaps between token
 // arrivals; a chunk of n tokens after a gap g counts as n gaps of g/n),
 // end-to-end latency (call start to stream end); throughput is output tokens
-// (and requests) of successful calls over the level's wall time.
+// (and requests) of successful calls over the level's wall time. Failed calls
+// are counted per gRPC status code and never as latency samples.
+//
+// A stream whose call fails waits before its next request: exponential
+// backoff with jitter, --error_backoff_initial_seconds doubling per failure
+// in a row up to --error_backoff_max_seconds, each wait drawn uniformly from
+// [d/2, d]; a success resets it. So an unreachable target costs a few
+// attempts per stream and second, not a hot loop.
 #include <signal.h>
 #include <sys/wait.h>
 
 #include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <cmath>
 #include <cstdio>
 #include <filesystem>
 #include <map>
 #include <mutex>
+#include <random>
 #include <string>
 #include <thread>
 #include <vector>
@@ -62,6 +71,11 @@ ABSL_FLAG(std::string, mode, "retrieval", "attention mode: retrieval | full");
 ABSL_FLAG(int, warmup_requests, 2, "requests run (and not measured) before the first level");
 ABSL_FLAG(double, deadline_seconds, 120.0, "per-request deadline");
 ABSL_FLAG(bool, json, false, "print the results as JSON instead of a table");
+ABSL_FLAG(double, error_backoff_initial_seconds, 0.05,
+          "after a failed request a stream waits this long (jittered to [d/2, d]) before its "
+          "next one, doubling per failure in a row; (0, 60]");
+ABSL_FLAG(double, error_backoff_max_seconds, 2.0,
+          "the longest wait after failures in a row; [--error_backoff_initial_seconds, 600]");
 
 namespace kvr::loadgen {
 namespace {
@@ -94,10 +108,31 @@ double Percentile(const std::vector<double>& sorted, double q) {
   return sorted[std::min(sorted.size() - 1, rank == 0 ? 0 : rank - 1)];
 }
 
+// Distinct error messages kept per level (the rest count under their code
+// only): a server's messages must not grow the client without bound.
+constexpr size_t kMaxErrorMessages = 16;
+
 struct Samples {
-  std::vector<double> ttft, itl, e2e;
+  std::vector<double> ttft, itl, e2e;  // successful calls only
   int64_t ok = 0, output_tokens = 0;
-  std::map<std::string, int64_t> errors;  // "CODE: message" -> count
+  std::map<std::string, int64_t> errors_by_code;  // "UNAVAILABLE" -> count
+  std::map<std::string, int64_t> errors;          // "CODE: message" -> count (bounded)
+
+  // Counts one failed call under its code (and message, while fewer than
+  // kMaxErrorMessages distinct ones are kept).
+  void AddError(const std::string& code, const std::string& message) {
+    ++errors_by_code[code];
+    AddMessage(absl::StrCat(code, ": ", message), 1);
+  }
+  // `n` more calls failed with "CODE: message" `key` (kept while fewer than
+  // kMaxErrorMessages distinct ones are).
+  void AddMessage(const std::string& key, int64_t n) {
+    if (auto it = errors.find(key); it != errors.end()) {
+      it->second += n;
+    } else if (errors.size() < kMaxErrorMessages) {
+      errors.emplace(key, n);
+    }
+  }
 };
 
 struct LevelResult {
@@ -106,13 +141,37 @@ struct LevelResult {
   Samples s;
   int64_t Errors() const {
     int64_t n = 0;
-    for (const auto& [k, v] : s.errors) n += v;
+    for (const auto& [k, v] : s.errors_by_code) n += v;
     return n;
   }
 };
 
-// One Generate stream; appends its measurements to `out`.
-void RunOne(v1::Generation::Stub* stub, int64_t index, Samples* out) {
+// Waits after failed calls of one stream: exponential backoff with jitter
+// (see the file comment). Not thread-safe; one per stream.
+class ErrorBackoff {
+ public:
+  ErrorBackoff(double initial_seconds, double max_seconds, uint64_t seed)
+      : initial_(initial_seconds), max_(max_seconds), rng_(seed) {}
+
+  // The wait before the next request after one more failure in a row.
+  Clock::duration Next() {
+    const double d = std::min(max_, initial_ * std::ldexp(1.0, std::min(failures_, 30)));
+    ++failures_;
+    std::uniform_real_distribution<double> jitter(d / 2, d);
+    return std::chrono::duration_cast<Clock::duration>(
+        std::chrono::duration<double>(jitter(rng_)));
+  }
+  void Reset() { failures_ = 0; }
+
+ private:
+  double initial_, max_;
+  int failures_ = 0;
+  std::mt19937_64 rng_;
+};
+
+// One Generate stream; appends its measurements to `out`. False when the
+// call failed (counted in out's errors).
+bool RunOne(v1::Generation::Stub* stub, int64_t index, Samples* out) {
   const std::vector<std::string>& prompts = Prompts();
   v1::GenerateRequest req;
   req.set_text(prompts[static_cast<size_t>(index) % prompts.size()]);
@@ -151,16 +210,16 @@ void RunOne(v1::Generation::Stub* stub, int64_t index, Samples* out) {
   const grpc::Status status = reader->Finish();
   const double e2e = Seconds(Clock::now() - start);
   if (!status.ok()) {
-    ++out->errors[absl::StrCat(
-        absl::StatusCodeToString(static_cast<absl::StatusCode>(status.error_code())), ": ",
-        status.error_message())];
-    return;
+    out->AddError(absl::StatusCodeToString(static_cast<absl::StatusCode>(status.error_code())),
+                  status.error_message());
+    return false;
   }
   ++out->ok;
   out->output_tokens += tokens;
   if (!first) out->ttft.push_back(ttft);
   out->itl.insert(out->itl.end(), itl.begin(), itl.end());
   out->e2e.push_back(e2e);
+  return true;
 }
 
 LevelResult RunLevel(v1::Generation::Stub* stub, int concurrency, int64_t* next_index) {
@@ -175,11 +234,20 @@ LevelResult RunLevel(v1::Generation::Stub* stub, int concurrency, int64_t* next_
   std::vector<std::thread> threads;
   for (int t = 0; t < concurrency; ++t) {
     threads.emplace_back([&, t] {
+      ErrorBackoff backoff(absl::GetFlag(FLAGS_error_backoff_initial_seconds),
+                           absl::GetFlag(FLAGS_error_backoff_max_seconds),
+                           static_cast<uint64_t>(base) * 1024 + static_cast<uint64_t>(t));
       for (;;) {
         if (requests <= 0 && Clock::now() >= end) return;
         const int64_t i = started.fetch_add(1);
         if (requests > 0 && i >= requests) return;
-        RunOne(stub, base + i, &per_thread[static_cast<size_t>(t)]);
+        if (RunOne(stub, base + i, &per_thread[static_cast<size_t>(t)])) {
+          backoff.Reset();
+          continue;
+        }
+        Clock::time_point until = Clock::now() + backoff.Next();
+        if (requests <= 0) until = std::min(until, end);  // the level ends meanwhile
+        std::this_thread::sleep_until(until);
       }
     });
   }
@@ -194,7 +262,8 @@ LevelResult RunLevel(v1::Generation::Stub* stub, int concurrency, int64_t* next_
     r.s.ttft.insert(r.s.ttft.end(), s.ttft.begin(), s.ttft.end());
     r.s.itl.insert(r.s.itl.end(), s.itl.begin(), s.itl.end());
     r.s.e2e.insert(r.s.e2e.end(), s.e2e.begin(), s.e2e.end());
-    for (const auto& [k, v] : s.errors) r.s.errors[k] += v;
+    for (const auto& [k, v] : s.errors_by_code) r.s.errors_by_code[k] += v;
+    for (const auto& [k, v] : s.errors) r.s.AddMessage(k, v);
   }
   std::sort(r.s.ttft.begin(), r.s.ttft.end());
   std::sort(r.s.itl.begin(), r.s.itl.end());
@@ -226,6 +295,11 @@ void PrintTable(const std::string& target, const std::vector<LevelResult>& resul
         Percentile(s.e2e, 0.5) * 1e3, Percentile(s.e2e, 0.99) * 1e3);
   }
   for (const LevelResult& r : results) {
+    if (r.s.errors_by_code.empty()) continue;
+    std::vector<std::string> codes;
+    for (const auto& [code, n] : r.s.errors_by_code) codes.push_back(absl::StrCat(code, " ", n));
+    std::printf("  concurrency %d errors by code: %s\n", r.concurrency,
+                absl::StrJoin(codes, ", ").c_str());
     for (const auto& [what, n] : r.s.errors) {
       std::printf("  concurrency %d: %lld x %s\n", r.concurrency, static_cast<long long>(n),
                   what.c_str());
@@ -250,6 +324,7 @@ void PrintJson(const std::string& target, const std::vector<LevelResult>& result
     };
     nlohmann::ordered_json level = {{"concurrency", r.concurrency},
                                     {"requests", s.ok + r.Errors()},
+                                    {"succeeded", s.ok},
                                     {"errors", r.Errors()},
                                     {"wall_seconds", r.wall_seconds},
                                     {"output_tokens", s.output_tokens},
@@ -258,6 +333,8 @@ void PrintJson(const std::string& target, const std::vector<LevelResult>& result
                                     {"ttft_seconds", pct(s.ttft)},
                                     {"inter_token_seconds", pct(s.itl)},
                                     {"end_to_end_seconds", pct(s.e2e)}};
+    level["errors_by_code"] = nlohmann::ordered_json::object();
+    for (const auto& [code, n] : s.errors_by_code) level["errors_by_code"][code] = n;
     level["error_messages"] = nlohmann::ordered_json::object();
     for (const auto& [what, n] : s.errors) level["error_messages"][what] = n;
     j["levels"].push_back(std::move(level));
@@ -291,6 +368,14 @@ int Main(int argc, char** argv) {
   if (absl::GetFlag(FLAGS_requests) < 0) return Fail("--requests must be >= 0");
   if (absl::GetFlag(FLAGS_requests) == 0 && !(absl::GetFlag(FLAGS_duration_seconds) > 0)) {
     return Fail("--duration_seconds must be > 0 (or give --requests)");
+  }
+  const double backoff_initial = absl::GetFlag(FLAGS_error_backoff_initial_seconds);
+  const double backoff_max = absl::GetFlag(FLAGS_error_backoff_max_seconds);
+  if (!(backoff_initial > 0 && backoff_initial <= 60)) {
+    return Fail("--error_backoff_initial_seconds must be in (0, 60]");
+  }
+  if (!(backoff_max >= backoff_initial && backoff_max <= 600)) {
+    return Fail("--error_backoff_max_seconds must be in [--error_backoff_initial_seconds, 600]");
   }
   if (absl::GetFlag(FLAGS_mode) != "retrieval" && absl::GetFlag(FLAGS_mode) != "full") {
     return Fail("--mode must be retrieval or full");
@@ -336,8 +421,10 @@ int Main(int argc, char** argv) {
   {
     Samples warmup;
     for (int i = 0; i < absl::GetFlag(FLAGS_warmup_requests); ++i) RunOne(stub.get(), i, &warmup);
-    if (!warmup.errors.empty()) {
-      return Fail(absl::StrCat("warm-up request failed: ", warmup.errors.begin()->first));
+    if (!warmup.errors_by_code.empty()) {
+      return Fail(absl::StrCat("warm-up request failed: ",
+                               warmup.errors.empty() ? warmup.errors_by_code.begin()->first
+                                                     : warmup.errors.begin()->first));
     }
   }
   std::vector<LevelResult> results;
