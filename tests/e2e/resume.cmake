@@ -3,3 +3,22 @@
 # streams on another worker when one is killed mid-stream (e2e).
 kvr_test(resume_sampling_test SOURCES unit/resume_sampling_test.cc
   DEPS kvr::engine kvr::retrieval_client LABELS unit TIMEOUT 300)
+# A gateway in front of two real workers; the worker serving a long stream is
+# killed with SIGKILL after 8 tokens: gRPC (greedy, seeded sampled) and HTTP
+# SSE streams complete identical to a fault-free run; both workers killed →
+# UNAVAILABLE / 503 promptly.
+if(KVR_WITH_SERVICES AND TARGET kvr_gateway)
+  if(NOT TARGET PkgConfig::CPP_HTTPLIB)
+    find_package(PkgConfig REQUIRED)
+    pkg_check_modules(CPP_HTTPLIB REQUIRED IMPORTED_TARGET GLOBAL cpp-httplib)
+  endif()
+  if(NOT TARGET nlohmann_json::nlohmann_json)
+    find_package(nlohmann_json 3 CONFIG REQUIRED)
+  endif()
+  kvr_test(resume_e2e_test SOURCES e2e/resume_test.cc OWN_MAIN PROTOBUF_FIRST
+    DEPS kvr::proto kvr::common PkgConfig::CPP_HTTPLIB nlohmann_json::nlohmann_json
+      gRPC::grpc++ absl::time
+    ARGS --kvr_gateway $<TARGET_FILE:kvr_gateway> --kvr_worker $<TARGET_FILE:kvr_worker>
+    NEEDS kvr_gateway kvr_worker
+    LABELS e2e TIMEOUT 300)
+endif()
