@@ -22,3 +22,11 @@ if(KVR_WITH_SERVICES AND TARGET kvr_gateway)
     NEEDS kvr_gateway kvr_worker
     LABELS e2e TIMEOUT 300)
 endif()
+# GenerateCall's resumption rules against scripted in-process workers:
+# retry after a progress message, resume_tokens = the tokens sent, no
+# progress after tokens, application errors passed on, max_resumes bound.
+if(KVR_WITH_SERVICES AND TARGET kvr_gateway_core)
+  kvr_test(gateway_resume_test SOURCES integration/gateway_resume_test.cc PROTOBUF_FIRST
+    DEPS kvr::gateway_core kvr::proto prometheus-cpp::core gRPC::grpc++ absl::time
+    LABELS integration TIMEOUT 120)
+endif()
