@@ -316,10 +316,10 @@ void GenerateCall::Finish(const grpc::Status& status) {
   }
   if (resumes > 0) {
     using Outcome = GatewayMetrics::ResumeOutcome;
-    metrics_->RecordResumed(status.ok()                                          ? Outcome::kOk
-                            : status.error_code() == grpc::StatusCode::CANCELLED ? Outcome::kCancelled
-                                                                                 : Outcome::kError,
-                            resumes);
+    Outcome outcome = Outcome::kError;
+    if (status.ok()) outcome = Outcome::kOk;
+    if (status.error_code() == grpc::StatusCode::CANCELLED) outcome = Outcome::kCancelled;
+    metrics_->RecordResumed(outcome, resumes);
   }
   if (finish) finish(status);
 }

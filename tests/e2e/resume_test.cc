@@ -10,7 +10,8 @@
 //    identical to a fault-free run of the same request (straight to a
 //    worker), and kvr_gateway_resumed_streams_total{outcome="ok"} is 1;
 //  * HTTP /v1/completions streamed as SSE, sampled without a seed: the same
-//    text, usage and finish reason;
+//    text, usage and finish reason; and not streamed (the kill waits for
+//    the worker's generated-tokens counter): the same text, token ids, usage;
 //  * both workers killed mid-stream: the stream ends with UNAVAILABLE within
 //    a bounded time (resumes are bounded), the next HTTP request gets 503,
 //    and the resumed counter says {outcome="error"} 1.
@@ -24,10 +25,12 @@
 
 #include <httplib.h>
 
+#include <algorithm>
 #include <chrono>
 #include <memory>
 #include <optional>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "grpcpp/client_context.h"
@@ -162,15 +165,32 @@ Streamed StreamAndKill(Cluster& c, const v1::GenerateRequest& request, Kill kill
   v1::GenerateResponse msg;
   bool killed = false;
   std::chrono::steady_clock::time_point killed_at;
+  size_t last_tokens = 0;
+  std::chrono::steady_clock::time_point last_at;
+  double max_gap = 0.0;
   while (reader->Read(&msg)) {
     Append(msg, &out);
+    if (killed && out.tokens.size() > last_tokens) {
+      // The failover pause as the client sees it: the longest wait for
+      // tokens after the kill (tokens the lost worker had sent still arrive
+      // first, then the resumed worker's after its prefill and replay).
+      const auto now = std::chrono::steady_clock::now();
+      max_gap = std::max(max_gap, std::chrono::duration<double>(now - last_at).count());
+      last_at = now;
+      last_tokens = out.tokens.size();
+    }
     if (!killed && out.tokens.size() >= static_cast<size_t>(kKillAfterTokens)) {
       killed = true;
       kill();
       killed_at = std::chrono::steady_clock::now();
+      last_at = killed_at;
+      last_tokens = out.tokens.size();
     }
   }
   out.status = reader->Finish();
+  if (out.status.ok()) {
+    std::printf("longest wait for tokens after the kill: %.1f ms\n", 1e3 * max_gap);
+  }
   EXPECT_TRUE(killed) << "the stream ended before token " << kKillAfterTokens;
   if (killed) {
     out.seconds_after_kill =
@@ -318,6 +338,63 @@ TEST(ResumeHttpTest, SseStreamSurvivesWorkerKill) {
   EXPECT_EQ(test_support::Get(m, "kvr_gateway_resumed_streams_total", kOk), 1);
   EXPECT_EQ(test_support::Get(m, "kvr_gateway_requests_total", {{"api", "http"}, {"code", "OK"}}),
             1);
+}
+
+// A non-streamed /v1/completions: the client sees no token before the end,
+// so the kill waits for the serving worker's kvr_worker_generated_tokens_total
+// to have moved by 8 (polled with a deadline). The whole response (text,
+// kvr.token_ids, usage) equals the fault-free run.
+TEST(ResumeHttpTest, NonStreamedCompletionSurvivesWorkerKill) {
+  Cluster c;
+  ASSERT_TRUE(c.Start());
+  const v1::GenerateRequest request = Request(1.1f, 1.0f, 5150);
+  const Streamed want = Stream(Stub(c.workers[0]->address()).get(), request);
+  ASSERT_TRUE(want.status.ok()) << want.status.error_message();
+  // Long enough to be still decoding after the counter moved by 8.
+  ASSERT_GE(want.tokens.size(), size_t{100});
+  auto generated = [&](int i) {
+    const std::optional<std::string> page =
+        test_support::HttpGetMetrics(c.workers[i]->metrics_address());
+    return page.has_value() ? test_support::Get(test_support::ParseExposition(*page),
+                                                "kvr_worker_generated_tokens_total")
+                            : -1.0;
+  };
+  const double before[2] = {generated(0), generated(1)};
+  const json body = {{"model", "stories260K"},
+                     {"prompt", kPrompt},
+                     {"max_tokens", kMaxTokens},
+                     {"temperature", request.sampling().temperature()},
+                     {"top_p", request.sampling().top_p()},
+                     {"seed", request.sampling().seed()}};
+  std::optional<httplib::Result> result;
+  {
+    std::jthread client_thread([&] {
+      httplib::Client client("http://" + c.gateway->http());
+      client.set_read_timeout(std::chrono::duration_cast<std::chrono::seconds>(kCallTimeout));
+      result = client.Post("/v1/completions", body.dump(), "application/json");
+    });
+    const auto give_up = std::chrono::steady_clock::now() + std::chrono::seconds(60);
+    int serving = -1;
+    while (serving < 0 && std::chrono::steady_clock::now() < give_up) {
+      for (int i = 0; i < 2; ++i) {
+        if (generated(i) - before[i] >= kKillAfterTokens) serving = i;
+      }
+    }
+    ASSERT_GE(serving, 0) << "no worker generated " << kKillAfterTokens << " tokens in 60 s";
+    ASSERT_EQ(c.ServingWorker(), serving) << "the request is no longer decoding: too late to kill";
+    c.Kill(serving);
+  }
+  ASSERT_TRUE(result.has_value() && *result) << "no HTTP response";
+  const httplib::Result& res = *result;
+  ASSERT_EQ(res->status, 200) << res->body;
+  const json reply = json::parse(res->body, nullptr, /*allow_exceptions=*/false);
+  ASSERT_FALSE(reply.is_discarded()) << res->body;
+  EXPECT_EQ(reply["choices"][0]["text"], want.text);
+  EXPECT_EQ(reply["kvr"]["token_ids"].get<std::vector<int32_t>>(), want.tokens);
+  EXPECT_EQ(reply["usage"]["prompt_tokens"], want.summary->usage().prompt_tokens());
+  EXPECT_EQ(reply["usage"]["completion_tokens"], want.summary->usage().completion_tokens());
+  const test_support::Samples m = c.Metrics();
+  EXPECT_EQ(test_support::Get(m, "kvr_gateway_resumed_streams_total", kOk), 1);
 }
 
 // Both workers killed mid-stream: the client gets UNAVAILABLE, promptly

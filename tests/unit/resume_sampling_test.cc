@@ -33,7 +33,9 @@ constexpr char kPrompt[] = "Once upon a time, there was a little girl named Lily
 // the uniform draw there.
 std::vector<float> FlatLogits(int vocab) {
   std::vector<float> logits(static_cast<size_t>(vocab));
-  for (int i = 0; i < vocab; ++i) logits[static_cast<size_t>(i)] = 0.01f * static_cast<float>(i % 37);
+  for (int i = 0; i < vocab; ++i) {
+    logits[static_cast<size_t>(i)] = 0.01f * static_cast<float>(i % 37);
+  }
   return logits;
 }
 
