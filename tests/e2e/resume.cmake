@@ -7,14 +7,8 @@ kvr_test(resume_sampling_test SOURCES unit/resume_sampling_test.cc
 # killed with SIGKILL after 8 tokens: gRPC (greedy, seeded sampled) and HTTP
 # SSE streams complete identical to a fault-free run; both workers killed →
 # UNAVAILABLE / 503 promptly.
+# (services/gateway/ makes the cpp-httplib and nlohmann-json targets global.)
 if(KVR_WITH_SERVICES AND TARGET kvr_gateway)
-  if(NOT TARGET PkgConfig::CPP_HTTPLIB)
-    find_package(PkgConfig REQUIRED)
-    pkg_check_modules(CPP_HTTPLIB REQUIRED IMPORTED_TARGET GLOBAL cpp-httplib)
-  endif()
-  if(NOT TARGET nlohmann_json::nlohmann_json)
-    find_package(nlohmann_json 3 CONFIG REQUIRED)
-  endif()
   kvr_test(resume_e2e_test SOURCES e2e/resume_test.cc OWN_MAIN PROTOBUF_FIRST
     DEPS kvr::proto kvr::common PkgConfig::CPP_HTTPLIB nlohmann_json::nlohmann_json
       gRPC::grpc++ absl::time

@@ -40,6 +40,7 @@
 #include "kvr/v1/generation.grpc.pb.h"
 #include "nlohmann/json.hpp"
 #include "tests/support/gateway_process.h"
+#include "tests/support/generate_stream.h"
 #include "tests/support/metrics_page.h"
 #include "tests/support/server_process.h"
 
@@ -74,13 +75,10 @@ v1::GenerateRequest Request(float temperature, float top_p, uint64_t seed) {
   return r;
 }
 
-// What one stream delivered.
-struct Streamed {
-  std::string text;
-  std::vector<int32_t> tokens;
-  std::optional<v1::GenerateFinal> summary;
-  grpc::Status status;
-  double seconds_after_kill = 0.0;  // from the kill to the stream's end
+// What one stream delivered, and for a stream with a kill, how long it
+// ran on after the kill.
+struct Streamed : test_support::GenerateStream {
+  double seconds_after_kill = 0.0;
 };
 
 // Two workers and a gateway in front of them; every process stops with
@@ -132,25 +130,11 @@ struct Cluster {
   }
 };
 
-void Append(const v1::GenerateResponse& msg, Streamed* out) {
-  if (msg.has_chunk()) {
-    out->text += msg.chunk().text();
-    out->tokens.insert(out->tokens.end(), msg.chunk().token_ids().begin(),
-                       msg.chunk().token_ids().end());
-  } else if (msg.has_summary()) {
-    out->summary = msg.summary();
-  }
-}
-
 // The whole stream, no fault.
 Streamed Stream(v1::Generation::Stub* stub, const v1::GenerateRequest& request) {
   Streamed out;
-  grpc::ClientContext ctx;
-  ctx.set_deadline(std::chrono::system_clock::now() + kCallTimeout);
-  auto reader = stub->Generate(&ctx, request);
-  v1::GenerateResponse msg;
-  while (reader->Read(&msg)) Append(msg, &out);
-  out.status = reader->Finish();
+  static_cast<test_support::GenerateStream&>(out) =
+      test_support::ReadGenerate(stub, request, kCallTimeout);
   return out;
 }
 
@@ -169,7 +153,7 @@ Streamed StreamAndKill(Cluster& c, const v1::GenerateRequest& request, Kill kill
   std::chrono::steady_clock::time_point last_at;
   double max_gap = 0.0;
   while (reader->Read(&msg)) {
-    Append(msg, &out);
+    out.Append(msg);
     if (killed && out.tokens.size() > last_tokens) {
       // The failover pause as the client sees it: the longest wait for
       // tokens after the kill (tokens the lost worker had sent still arrive
