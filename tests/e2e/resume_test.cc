@@ -12,6 +12,8 @@
 //  * HTTP /v1/completions streamed as SSE, sampled without a seed: the same
 //    text, usage and finish reason; and not streamed (the kill waits for
 //    the worker's generated-tokens counter): the same text, token ids, usage;
+//  * bad resume_tokens sent straight to a worker are refused, naming the
+//    field and the limit;
 //  * both workers killed mid-stream: the stream ends with UNAVAILABLE within
 //    a bounded time (resumes are bounded), the next HTTP request gets 503,
 //    and the resumed counter says {outcome="error"} 1.
@@ -408,6 +410,46 @@ TEST(ResumeAllDeadTest, BothWorkersKilledEndsUnavailable) {
   EXPECT_EQ(test_support::Get(m, "kvr_gateway_requests_total",
                               {{"api", "grpc"}, {"code", "UNAVAILABLE"}}),
             1);
+}
+
+// resume_tokens is client input like any field (a client may set it): a
+// worker refuses bad ones with the field and the limit in the message.
+TEST(ResumeTokensValidationTest, WorkerRefusesBadResumeTokens) {
+  auto worker = ServerProcess::Start(g_worker_binary, "kvr_worker", {});
+  ASSERT_NE(worker, nullptr);
+  auto stub = Stub(worker->address());
+  struct Bad {
+    std::vector<int32_t> ids;
+    int max_tokens;
+    grpc::StatusCode code;
+    std::string message;  // a part of it
+  };
+  const std::vector<Bad> cases = {
+      {{300, 512}, 16, grpc::StatusCode::INVALID_ARGUMENT,
+       "resume_tokens[1] = 512 outside [0, 512)"},
+      {{300, -1}, 16, grpc::StatusCode::INVALID_ARGUMENT, "resume_tokens[1] = -1"},
+      {std::vector<int32_t>(17, 300), 16, grpc::StatusCode::INVALID_ARGUMENT,
+       "more than max_tokens 16"},
+      {std::vector<int32_t>(510, 300), 600, grpc::StatusCode::OUT_OF_RANGE,
+       "exceed the model's context of 512"},
+      {std::vector<int32_t>(600, 300), 700, grpc::StatusCode::OUT_OF_RANGE,
+       "resume_tokens: 600 ids exceed the model's context of 512"},
+      {{300, 2}, 16, grpc::StatusCode::INVALID_ARGUMENT, "resume_tokens[1] = 2 is BOS or EOS"},
+  };
+  for (const Bad& b : cases) {
+    v1::GenerateRequest r = Request(0.0f, 1.0f, 1);
+    r.set_max_tokens(b.max_tokens);
+    r.mutable_resume_tokens()->Add(b.ids.begin(), b.ids.end());
+    const Streamed got = Stream(stub.get(), r);
+    EXPECT_EQ(got.status.error_code(), b.code) << b.message << ": " << got.status.error_message();
+    EXPECT_NE(got.status.error_message().find(b.message), std::string::npos)
+        << got.status.error_message();
+    EXPECT_TRUE(got.tokens.empty());
+  }
+  // The worker serves on.
+  v1::GenerateRequest ok = Request(0.0f, 1.0f, 1);
+  ok.set_max_tokens(4);
+  EXPECT_TRUE(Stream(stub.get(), ok).status.ok());
 }
 
 }  // namespace
