@@ -54,8 +54,19 @@ RequestLoop::RequestLoop(std::vector<int32_t> prompt, int max_tokens,
 
 absl::StatusOr<bool> RequestLoop::Advance(std::span<const float> logits, int64_t position,
                                           int64_t max_seq_len) {
+  if (replay_next_ == replay_.size()) return AdvanceWith(logits, position, max_seq_len);
+  absl::StatusOr<bool> done = AdvanceWith(logits, position, max_seq_len);
+  // The first run streamed all of this already.
+  taken_ids_ = tokens_.size();
+  taken_text_ = emitted_;
+  return done;
+}
+
+absl::StatusOr<bool> RequestLoop::AdvanceWith(std::span<const float> logits, int64_t position,
+                                              int64_t max_seq_len) {
   if (generated() >= max_tokens_) return Finish(FinishReason::kLength);
-  const int32_t next = sampler_.Sample(logits, context_);
+  const int32_t next =
+      replay_next_ < replay_.size() ? replay_[replay_next_++] : sampler_.Sample(logits, context_);
   if (next == tokenizer_.bos_id() || next == tokenizer_.eos_id()) {
     return Finish(FinishReason::kEos);
   }
@@ -67,6 +78,22 @@ absl::StatusOr<bool> RequestLoop::Advance(std::span<const float> logits, int64_t
   if (generated() == max_tokens_) return Finish(FinishReason::kLength);
   if (position >= max_seq_len) return Finish(FinishReason::kContextFull);
   return false;
+}
+
+absl::Status RequestLoop::Resume(std::vector<int32_t> tokens) {
+  if (tokens.size() > static_cast<size_t>(std::max(0, max_tokens_))) {
+    return absl::InvalidArgumentError(absl::StrCat("resume_tokens: ", tokens.size(),
+                                                   " tokens, more than max_tokens ", max_tokens_));
+  }
+  for (size_t i = 0; i < tokens.size(); ++i) {
+    if (tokens[i] == tokenizer_.bos_id() || tokens[i] == tokenizer_.eos_id()) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "resume_tokens[", i, "] = ", tokens[i], " is BOS or EOS (generation would have ended)"));
+    }
+  }
+  replay_ = std::move(tokens);
+  replay_next_ = 0;
+  return absl::OkStatus();
 }
 
 bool RequestLoop::Finish(FinishReason reason) {
@@ -123,8 +150,17 @@ absl::StatusOr<std::unique_ptr<RequestLoop>> MakeLoop(const GenerateRequest& req
   KVR_ASSIGN_OR_RETURN(Sampler sampler, Sampler::Create(request.sampling, vocab_size));
   KVR_ASSIGN_OR_RETURN(std::vector<int32_t> context,
                        tokenizer.Encode(request.prompt, /*add_bos=*/true));
-  return std::make_unique<RequestLoop>(std::move(context), request.max_tokens, request.stop,
-                                       std::move(sampler), tokenizer);
+  for (size_t i = 0; i < request.resume_tokens.size(); ++i) {
+    const int32_t t = request.resume_tokens[i];
+    if (t < 0 || t >= vocab_size) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("resume_tokens[", i, "] = ", t, " outside [0, ", vocab_size, ")"));
+    }
+  }
+  auto loop = std::make_unique<RequestLoop>(std::move(context), request.max_tokens, request.stop,
+                                            std::move(sampler), tokenizer);
+  KVR_RETURN_IF_ERROR(loop->Resume(request.resume_tokens));
+  return loop;
 }
 
 // Passes the text `loop` made final to `on_text` (when set).

@@ -26,6 +26,12 @@ namespace kvr::worker {
 struct GenerateRequest {
   std::string prompt;  // encoded with BOS
   int max_tokens = 128;  // generated tokens, >= 0
+  // Resuming: tokens an earlier run of this same request already generated
+  // (and streamed). They are decoded after the prompt's prefill as the
+  // first run decoded them, count against max_tokens and appear in the
+  // result, but their text is not passed to on_text again (see
+  // RequestLoop::Resume).
+  std::vector<int32_t> resume_tokens;
   // Generation stops when the text contains one of these; the text is cut
   // before it (and it is never streamed). Non-empty strings.
   std::vector<std::string> stop;
@@ -77,6 +83,25 @@ class RequestLoop {
   // InvalidArgument naming the field: max_tokens < 0, an empty stop string.
   static absl::Status ValidateLoopFields(int max_tokens, const std::vector<std::string>& stop);
 
+  // Resuming a request another run already began: the next
+  // tokens.size() calls of Advance take these tokens (what that run
+  // generated and streamed, in order) instead of sampling, and process them
+  // exactly as Advance processed them there (context, generated tokens,
+  // text with its stop-string and UTF-8 hold-back, finish checks), but
+  // mark them and the text they made final as already taken, so TakeNew
+  // returns only what comes after them: the first text it returns is what
+  // the first run would have streamed next. The caller prefills the prompt
+  // and decode-steps token() as usual, so the sequence goes through the
+  // same prefill and steps as the first run and, with per-position sampling
+  // (Sampler), continues token-identically (prefilling prompt + tokens at
+  // once would not: retrieval attention indexes a prefill differently from
+  // appended steps). Call before the first Advance. InvalidArgument
+  // (naming resume_tokens and the limit): more than max_tokens tokens, or
+  // BOS / EOS among them.
+  absl::Status Resume(std::vector<int32_t> tokens);
+  // Resume tokens consumed by Advance so far.
+  int replayed() const { return static_cast<int>(replay_next_); }
+
   // Takes the logits of the last prefill / step (the sequence now holds
   // `position` tokens); returns true when the generation is over (finish()
   // says why). Tokenizer errors pass through.
@@ -103,6 +128,10 @@ class RequestLoop {
   std::vector<int32_t> TakeTokens() { return std::move(tokens_); }
 
  private:
+  // Advance, taking the next resume token instead of sampling while any is
+  // left.
+  absl::StatusOr<bool> AdvanceWith(std::span<const float> logits, int64_t position,
+                                   int64_t max_seq_len);
   // Appends `piece`; true when a stop string now occurs (the text is cut
   // before it).
   bool AddText(std::string_view piece);
@@ -123,6 +152,8 @@ class RequestLoop {
   size_t emitted_ = 0;     // text_[0, emitted_) is final
   size_t taken_text_ = 0;  // text_[0, taken_text_) went out through TakeNew
   size_t taken_ids_ = 0;   // tokens_[0, taken_ids_) went out through TakeNew
+  std::vector<int32_t> replay_;  // Resume's tokens
+  size_t replay_next_ = 0;       // replay_[0, replay_next_) consumed
 };
 
 // InvalidArgument for bad request fields (naming the field), engine and

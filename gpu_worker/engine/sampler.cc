@@ -37,16 +37,27 @@ absl::StatusOr<Sampler> Sampler::Create(const SamplingParams& params, int vocab_
 
 Sampler::Sampler(const SamplingParams& params, int vocab_size)
     : params_(params),
-      state_(params.seed),
       work_(static_cast<size_t>(vocab_size)),
       order_(static_cast<size_t>(vocab_size)),
       seen_(static_cast<size_t>(vocab_size)) {}
 
-double Sampler::NextUniform() {
-  uint64_t z = (state_ += 0x9E3779B97F4A7C15ull);
+namespace {
+
+// SplitMix64's output function (a bijection of 64-bit words).
+uint64_t Mix64(uint64_t z) {
   z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
   z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-  z ^= z >> 31;
+  return z ^ (z >> 31);
+}
+
+}  // namespace
+
+double Sampler::PositionUniform(uint64_t seed, uint64_t position) {
+  constexpr uint64_t kGolden = 0x9E3779B97F4A7C15ull;
+  // The key is mixed first so that nearby seeds give unrelated streams (a
+  // plain seed + position counter would make seed s at p+1 equal seed s+1 at p).
+  const uint64_t key = Mix64(seed ^ 0xD1B54A32D192ED03ull);
+  const uint64_t z = Mix64(key + (position + 1) * kGolden);  // wraps: defined for unsigned
   return static_cast<double>(z >> 11) * 0x1.0p-53;
 }
 
@@ -98,7 +109,7 @@ int32_t Sampler::Sample(std::span<const float> logits, std::span<const int32_t> 
   }
   double kept = 0.0;
   for (size_t i = 0; i < n; ++i) kept += probs[i];
-  double r = NextUniform() * kept;
+  double r = PositionUniform(params_.seed, context.size()) * kept;
   for (size_t i = 0; i < n; ++i) {
     r -= probs[i];
     if (r < 0.0) return order_[i];

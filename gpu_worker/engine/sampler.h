@@ -1,6 +1,9 @@
 // Token sampling from logits: greedy, temperature, top-k, top-p (nucleus),
-// repetition penalty, with a seeded generator so the same seed gives the
-// same tokens on every platform (no std:: distributions).
+// repetition penalty, with a counter-based generator so the same seed gives
+// the same tokens on every platform (no std:: distributions) and the draw
+// for the token at absolute position p depends only on (seed, p): a request
+// resumed at position p on another process (prompt + the tokens generated so
+// far prefilled again) samples exactly what the first process would have.
 #pragma once
 
 #include <cstdint>
@@ -37,18 +40,23 @@ class Sampler {
   static absl::StatusOr<Sampler> Create(const SamplingParams& params, int vocab_size);
 
   // Picks the next token from `logits` (vocab_size floats). `context` holds
-  // the tokens seen so far (for the repetition penalty). Not thread-safe.
+  // the tokens seen so far, prompt included (for the repetition penalty);
+  // its size is the absolute position of the token drawn, which keys the
+  // random draw (see PositionUniform). Not thread-safe (scratch buffers).
   int32_t Sample(std::span<const float> logits, std::span<const int32_t> context);
+
+  // The uniform draw in [0, 1) for the token at absolute `position` of a
+  // request seeded with `seed`: a pure function of the two (SplitMix64's
+  // finalizer over a seed-derived key and the position), so draws do not
+  // depend on how many tokens this process sampled before.
+  static double PositionUniform(uint64_t seed, uint64_t position);
 
   const SamplingParams& params() const { return params_; }
 
  private:
   Sampler(const SamplingParams& params, int vocab_size);
-  // Uniform in [0, 1).
-  double NextUniform();
 
   SamplingParams params_;
-  uint64_t state_;  // splitmix64
   std::vector<float> work_;
   std::vector<int32_t> order_;
   std::vector<uint8_t> seen_;

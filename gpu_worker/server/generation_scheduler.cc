@@ -39,12 +39,15 @@ class GenerationScheduler::Run {
   void set_sequence(std::unique_ptr<EngineSequence> seq) { seq_ = std::move(seq); }
   void set_prefill_start(Clock::time_point t) { prefill_start_ = t; }
 
+  // Tokens sampled by this run (replayed resume tokens excluded).
+  int sampled() const { return loop_.generated() - loop_.replayed(); }
+
   // Takes the logits of the last prefill / step; true when the request is
   // over (loop().finish() says why).
   absl::StatusOr<bool> Advance(int64_t max_seq_len) {
-    const int before = loop_.generated();
+    const int before = sampled();
     absl::StatusOr<bool> done = loop_.Advance(seq_->logits(), seq_->position(), max_seq_len);
-    if (loop_.generated() > before) {
+    if (sampled() > before) {
       const Clock::time_point now = Clock::now();
       if (before == 0) first_token_ = now;
       last_token_ = now;
@@ -59,7 +62,7 @@ class GenerationScheduler::Run {
     s.completion_tokens = loop_.generated();
     const Clock::time_point now = Clock::now();
     s.queue_seconds = prefill_start_ > accepted_ ? Seconds(prefill_start_ - accepted_) : 0.0;
-    const int n = loop_.generated();
+    const int n = sampled();
     if (n > 0) s.time_to_first_token_seconds = Seconds(first_token_ - accepted_);
     if (n > 1) s.mean_token_latency_seconds = Seconds(last_token_ - first_token_) / (n - 1);
     if (seq_ != nullptr) {
@@ -166,7 +169,27 @@ absl::Status GenerationScheduler::ValidateWork(const GenerationWork& work) const
                                                      " outside [0, ", vocab, ")"));
     }
   }
+  for (size_t i = 0; i < work.resume_tokens.size(); ++i) {
+    if (work.resume_tokens[i] < 0 || work.resume_tokens[i] >= vocab) {
+      return absl::InvalidArgumentError(absl::StrCat("resume_tokens[", i, "] = ",
+                                                     work.resume_tokens[i], " outside [0, ",
+                                                     vocab, ")"));
+    }
+  }
   const int64_t limit = engine_->max_seq_len();
+  // Both sizes are bounded by the request's message size: no overflow.
+  const auto resume = static_cast<int64_t>(work.resume_tokens.size());
+  if (resume > 0 && static_cast<int64_t>(work.prompt.size()) + resume > limit) {
+    return absl::OutOfRangeError(absl::StrCat("resume_tokens: prompt ", work.prompt.size(),
+                                              " + resume_tokens ", resume,
+                                              " tokens exceed the model's context of ", limit,
+                                              " tokens"));
+  }
+  if (resume > 0 && resume > work.max_tokens) {
+    return absl::InvalidArgumentError(absl::StrCat("resume_tokens: ", resume,
+                                                   " tokens, more than max_tokens ",
+                                                   work.max_tokens));
+  }
   if (static_cast<int64_t>(work.prompt.size()) > limit) {
     return absl::OutOfRangeError(absl::StrCat("prompt: ", work.prompt.size(),
                                               " tokens exceed the model's context of ", limit,
@@ -300,6 +323,10 @@ std::unique_ptr<GenerationScheduler::Run> GenerationScheduler::Admit(Queued q) {
   const Clock::time_point start = Clock::now();
   run->set_prefill_start(start);
   GenerationWork& w = run->work();
+  if (absl::Status replay = run->loop().Resume(std::move(w.resume_tokens)); !replay.ok()) {
+    Ended(w, std::move(replay), /*was_active=*/true);
+    return nullptr;
+  }
   if (w.cancel.cancelled()) {
     run->loop().Finish(FinishReason::kCancelled);
     Finished(std::move(run));
@@ -335,7 +362,7 @@ std::unique_ptr<GenerationScheduler::Run> GenerationScheduler::Admit(Queued q) {
     Ended(run->work(), done.status(), /*was_active=*/true);
     return nullptr;
   }
-  if (run->loop().generated() > 0 && options_.observer != nullptr) {
+  if (run->sampled() > 0 && options_.observer != nullptr) {
     options_.observer->OnFirstToken(Seconds(Clock::now() - run->accepted()));
   }
   if (*done) {

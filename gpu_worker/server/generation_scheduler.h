@@ -82,6 +82,11 @@ struct PrefillProgress {
 struct GenerationWork {
   std::vector<int32_t> prompt;  // token ids as prefilled (BOS included if wanted); non-empty
   int max_tokens = 128;         // >= 0
+  // Resuming: tokens an earlier run of this request generated and streamed
+  // (RequestLoop::Resume): decoded after `prompt`'s prefill without
+  // sampling, counted in max_tokens and completion_tokens, not streamed
+  // again. Usually empty.
+  std::vector<int32_t> resume_tokens;
   std::vector<std::string> stop;  // non-empty strings
   AttentionOptions attention;
   SamplingParams sampling;

@@ -341,6 +341,13 @@ absl::StatusOr<GenerationWork> WorkerService::ToWork(const v1::GenerateRequest& 
       return absl::InvalidArgumentError("prompt: set text or tokens");
   }
   w.max_tokens = r.has_max_tokens() ? r.max_tokens() : 128;
+  // Refused before the copy, like tokens: more than the context can never run.
+  if (r.resume_tokens_size() > max_context_tokens_) {
+    return absl::OutOfRangeError(absl::StrCat("resume_tokens: ", r.resume_tokens_size(),
+                                              " ids exceed the model's context of ",
+                                              max_context_tokens_, " tokens"));
+  }
+  w.resume_tokens.assign(r.resume_tokens().begin(), r.resume_tokens().end());
   if (r.stop_size() > O::kMaxStopStrings) {
     return absl::InvalidArgumentError(
         absl::StrCat("stop: ", r.stop_size(), " strings, limit ", O::kMaxStopStrings));

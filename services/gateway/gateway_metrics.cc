@@ -46,6 +46,17 @@ struct GatewayMetrics::Impl {
                               "Tokens generated and streamed through the gateway")),
         prompt(set.Counter("kvr_gateway_prompt_tokens_total",
                            "Prompt tokens of requests that completed (from the workers' usage)")),
+        resumed_family(set.CounterFamily(
+            "kvr_gateway_resumed_streams_total",
+            "Generation requests re-issued on another worker at least once (their worker "
+            "failed with UNAVAILABLE mid-stream or before the first token), by how they ended "
+            "(ok, error, cancelled)")),
+        resumed_ok(resumed_family.Add({{"outcome", "ok"}})),
+        resumed_error(resumed_family.Add({{"outcome", "error"}})),
+        resumed_cancelled(resumed_family.Add({{"outcome", "cancelled"}})),
+        resumes(set.Counter("kvr_gateway_stream_resumes_total",
+                            "Re-issues of generation requests on another worker (a request "
+                            "resumed twice counts 2)")),
         workers(set.GaugeFamily("kvr_gateway_workers", "Member workers by health-check state")),
         healthy(workers.Add({{"state", "healthy"}})),
         unhealthy(workers.Add({{"state", "unhealthy"}})) {}
@@ -66,6 +77,11 @@ struct GatewayMetrics::Impl {
   prometheus::Histogram& duration;
   prometheus::Counter& generated;
   prometheus::Counter& prompt;
+  prometheus::Family<prometheus::Counter>& resumed_family;
+  prometheus::Counter& resumed_ok;
+  prometheus::Counter& resumed_error;
+  prometheus::Counter& resumed_cancelled;
+  prometheus::Counter& resumes;
   prometheus::Family<prometheus::Gauge>& workers;
   prometheus::Gauge& healthy;
   prometheus::Gauge& unhealthy;
@@ -102,6 +118,21 @@ void GatewayMetrics::RecordTokens(int64_t tokens, double seconds_since_previous,
 
 void GatewayMetrics::RecordPromptTokens(int64_t tokens) {
   if (tokens > 0) impl_->prompt.Increment(static_cast<double>(tokens));
+}
+
+void GatewayMetrics::RecordResumed(ResumeOutcome outcome, int resumes) {
+  switch (outcome) {
+    case ResumeOutcome::kOk:
+      impl_->resumed_ok.Increment();
+      break;
+    case ResumeOutcome::kError:
+      impl_->resumed_error.Increment();
+      break;
+    case ResumeOutcome::kCancelled:
+      impl_->resumed_cancelled.Increment();
+      break;
+  }
+  if (resumes > 0) impl_->resumes.Increment(static_cast<double>(resumes));
 }
 
 }  // namespace kvr::gateway

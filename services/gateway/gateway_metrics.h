@@ -61,6 +61,14 @@ class GatewayMetrics {
   void RecordTokens(int64_t tokens, double seconds_since_previous, bool first);
   void RecordPromptTokens(int64_t tokens);
 
+  // How a resumed request ended: kvr_gateway_resumed_streams_total{outcome}.
+  enum class ResumeOutcome : uint8_t { kOk = 0, kError = 1, kCancelled = 2 };
+  // A request that was re-issued on another worker at least once (its
+  // worker failed with UNAVAILABLE, mid-stream or before its first token)
+  // ended with `outcome`; `resumes` is how many times it was re-issued
+  // (kvr_gateway_stream_resumes_total += resumes).
+  void RecordResumed(ResumeOutcome outcome, int resumes);
+
  private:
   struct Impl;
   std::unique_ptr<Impl> impl_;

@@ -2,7 +2,8 @@
 // thin layer over GenerateCall / WorkerPool that holds no generation logic:
 //
 //   * Generate: a ServerWriteReactor fed by a GenerateCall (admission,
-//     routing, one retry on UNAVAILABLE); worker responses are written
+//     routing, resumption on another worker when the worker is lost with
+//     UNAVAILABLE, even mid-stream); worker responses are written
 //     unchanged, one at a time. Client cancellation → the worker call is
 //     cancelled. The client's deadline (or --request_timeout_seconds when it
 //     has none), cut to --max_request_timeout_seconds, bounds queueing and

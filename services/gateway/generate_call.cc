@@ -2,6 +2,7 @@
 
 #include <grpcpp/grpcpp.h>
 
+#include <cstdio>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
@@ -31,9 +32,11 @@ class GenerateCall::Attempt final : public grpc::ClientReadReactor<v1::GenerateR
 
   const std::string& address() const { return worker_->address; }
 
-  void Start(const v1::GenerateRequest& request, absl::Time deadline) {
+  // Sends `request` (kept here until gRPC is done with it).
+  void Start(v1::GenerateRequest request, absl::Time deadline) {
+    request_ = std::move(request);
     ctx_.set_deadline(absl::ToChronoTime(deadline));
-    worker_->generation->async()->Generate(&ctx_, &request, this);
+    worker_->generation->async()->Generate(&ctx_, &request_, this);
     AddHold();  // before StartCall, as gRPC requires
     StartRead(&response_);
     StartCall();
@@ -56,7 +59,7 @@ class GenerateCall::Attempt final : public grpc::ClientReadReactor<v1::GenerateR
     }
     v1::GenerateResponse r = std::move(response_);
     response_.Clear();
-    call_->OnUpstreamResponse(std::move(r));
+    call_->OnUpstreamResponse(this, std::move(r));
   }
 
   void OnDone(const grpc::Status& status) override {
@@ -78,6 +81,7 @@ class GenerateCall::Attempt final : public grpc::ClientReadReactor<v1::GenerateR
   std::shared_ptr<GenerateCall> call_;
   const std::shared_ptr<WorkerChannel> worker_;
   grpc::ClientContext ctx_;
+  v1::GenerateRequest request_;
   v1::GenerateResponse response_;
   std::mutex mu_;
   bool released_ = false;  // the hold is gone: no more reads
@@ -110,6 +114,7 @@ GenerateCall::GenerateCall(WorkerPool* pool, GatewayMetrics* metrics, Api api,
 }
 
 GenerateCall::~GenerateCall() {
+  alarms_.clear();
   attempts_.clear();
   pool_->CallEnded();
 }
@@ -158,22 +163,43 @@ void GenerateCall::OnGrant(absl::StatusOr<std::string> address) {
     return;
   }
   reached_worker_ = true;
-  got_response_ = false;
   attempts_.push_back(std::make_unique<Attempt>(shared_from_this(), std::move(worker)));
   current_ = attempts_.back().get();
   Attempt* attempt = current_;
+  v1::GenerateRequest request = NextRequest();
   lock.unlock();
   // A Cancel from now on reaches the attempt (TryCancel before the call
   // starts cancels it as soon as it does).
-  attempt->Start(request_, deadline_);
+  attempt->Start(std::move(request), deadline_);
 }
 
-void GenerateCall::OnUpstreamResponse(v1::GenerateResponse response) {
+v1::GenerateRequest GenerateCall::NextRequest() {
+  v1::GenerateRequest request = request_;
+  // Both bounded: the client's by the request size cap, ours by max_tokens.
+  request.mutable_resume_tokens()->Add(sent_tokens_.begin(), sent_tokens_.end());
+  return request;
+}
+
+void GenerateCall::OnUpstreamResponse(Attempt* attempt, v1::GenerateResponse response) {
   OnResponse deliver;
   {
     std::lock_guard<std::mutex> lock(mu_);
-    got_response_ = true;
-    deliver = on_response_;
+    if (response.has_prefill_progress() && !sent_tokens_.empty()) {
+      // A resumed attempt prefilling again: the client is past that.
+      deliver = nullptr;
+    } else {
+      deliver = on_response_;
+    }
+    if (response.has_chunk()) {
+      sent_tokens_.insert(sent_tokens_.end(), response.chunk().token_ids().begin(),
+                          response.chunk().token_ids().end());
+    } else if (response.has_summary()) {
+      got_summary_ = true;
+    }
+  }
+  if (!deliver && response.has_prefill_progress()) {
+    attempt->Read();  // nothing for the client: read on
+    return;
   }
   const absl::Time now = absl::Now();
   if (response.has_chunk() && response.chunk().token_ids_size() > 0) {
@@ -201,15 +227,21 @@ void GenerateCall::RequestNext() {
 void GenerateCall::Cancel() {
   Attempt* attempt = nullptr;
   uint64_t ticket = 0;
+  grpc::Alarm* backoff = nullptr;
   {
     std::lock_guard<std::mutex> lock(mu_);
     if (cancelled_ || finished_) return;
     cancelled_ = true;
     attempt = current_;
     if (queued_) ticket = ticket_;
+    if (!alarms_.empty()) backoff = alarms_.back().get();
   }
   if (ticket != 0) pool_->balancer().Abandon(ticket);
   if (attempt != nullptr) attempt->Cancel();
+  // A pending backoff's callback then runs (with false) and finishes the
+  // call as cancelled; one that already fired ignores this (its Acquire
+  // sees cancelled_). Alarms are destroyed only with the call.
+  if (backoff != nullptr) backoff->Cancel();
 }
 
 void GenerateCall::OnUpstreamDone(Attempt* attempt, const grpc::Status& status) {
@@ -217,19 +249,52 @@ void GenerateCall::OnUpstreamDone(Attempt* attempt, const grpc::Status& status) 
   // Out of rotation first, so the freed slot goes to no one on that worker.
   if (status.error_code() == grpc::StatusCode::UNAVAILABLE) pool_->ReportUnavailable(address);
   pool_->balancer().Release(address);
-  bool retry = false;
+  const WorkerPoolOptions& options = pool_->options();
+  bool resume = false;
+  absl::Duration backoff;
   {
     std::lock_guard<std::mutex> lock(mu_);
     current_ = nullptr;
-    retry = status.error_code() == grpc::StatusCode::UNAVAILABLE && !got_response_ &&
-            !retried_ && !cancelled_;
-    if (retry) retried_ = true;
+    // UNAVAILABLE is what a lost worker looks like (connection dropped,
+    // refused, or the worker shutting down); every other code is the
+    // request's own outcome.
+    resume = status.error_code() == grpc::StatusCode::UNAVAILABLE && !got_summary_ &&
+             !cancelled_ && resumes_ < options.max_resumes;
+    if (resume) {
+      // The n-th resume waits resume_backoff * 2^(n-1), if the deadline allows.
+      backoff = options.resume_backoff * (int64_t{1} << resumes_);
+      resume = absl::Now() + backoff < deadline_;
+    }
+    if (resume) ++resumes_;
   }
-  if (retry) {
-    Acquire(address);
+  if (resume) {
+    Resume(address, backoff);
     return;
   }
   Finish(status);
+}
+
+void GenerateCall::Resume(const std::string& failed, absl::Duration backoff) {
+  std::fprintf(stderr, "kvr_gateway: resuming a Generate on another worker (%s failed)\n",
+               failed.c_str());
+  if (backoff <= absl::ZeroDuration()) {
+    Acquire(failed);
+    return;
+  }
+  std::lock_guard<std::mutex> lock(mu_);
+  // The callback runs exactly once (at the deadline, or at once with false
+  // when cancelled). It owns the call until then through `holder`, which it
+  // empties: the alarm (owned by the call) then holds no reference back.
+  auto holder = std::make_shared<std::shared_ptr<GenerateCall>>(shared_from_this());
+  alarms_.push_back(std::make_unique<grpc::Alarm>());
+  alarms_.back()->Set(absl::ToChronoTime(absl::Now() + backoff), [holder, failed](bool fired) {
+    std::shared_ptr<GenerateCall> self = std::move(*holder);
+    if (fired) {
+      self->Acquire(failed);
+    } else {
+      self->Finish(grpc::Status(grpc::StatusCode::CANCELLED, "cancelled by the client"));
+    }
+  });
 }
 
 void GenerateCall::Finish(const grpc::Status& status) {
@@ -244,6 +309,18 @@ void GenerateCall::Finish(const grpc::Status& status) {
   }
   metrics_->RecordRequest(api_, static_cast<absl::StatusCode>(status.error_code()),
                           absl::ToDoubleSeconds(absl::Now() - received_), reached_worker_);
+  int resumes = 0;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    resumes = resumes_;
+  }
+  if (resumes > 0) {
+    using Outcome = GatewayMetrics::ResumeOutcome;
+    Outcome outcome = Outcome::kError;
+    if (status.ok()) outcome = Outcome::kOk;
+    if (status.error_code() == grpc::StatusCode::CANCELLED) outcome = Outcome::kCancelled;
+    metrics_->RecordResumed(outcome, resumes);
+  }
   if (finish) finish(status);
 }
 

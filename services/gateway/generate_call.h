@@ -7,8 +7,22 @@
 //   * The worker call carries the request's deadline; Cancel() cancels it
 //     (or leaves the queue), so the worker stops the sequence and drops its
 //     shards.
-//   * A worker answering UNAVAILABLE before any response took the worker out
-//     of rotation and the request is retried once on another worker.
+//   * Resumption: when the worker's stream fails with UNAVAILABLE (the
+//     worker died, its connection dropped or was refused, it is shutting
+//     down) before the stream finished, the worker leaves rotation and the
+//     request is re-issued on another worker (the failed one excluded)
+//     after a backoff, with GenerateRequest.resume_tokens = the token ids
+//     already passed on (after any the client itself sent there). The
+//     worker replays them and streams only what follows, so the client
+//     sees one continuous stream: no token or text repeated or missing
+//     (sampling is per position: same seed, same draws; an unseeded request
+//     uses the worker's default seed 1 everywhere, so it needs none), and
+//     the summary's usage counts every token. At most
+//     WorkerPoolOptions::max_resumes times, within the request's deadline;
+//     prefill_progress from a resumed attempt is passed on only while no
+//     token has been. Every other status is the request's own outcome
+//     (INVALID_ARGUMENT, RESOURCE_EXHAUSTED, DEADLINE_EXCEEDED, ...) and is
+//     passed on as is.
 //   * Responses are passed on unchanged, one at a time: the next is read from
 //     the worker only after RequestNext() (so a slow client slows the worker
 //     stream, whose worker coalesces tokens, instead of buffering here).
@@ -27,6 +41,7 @@
 #include <vector>
 
 #include "absl/time/time.h"
+#include "grpcpp/alarm.h"
 #include "grpcpp/support/status.h"
 #include "kvr/v1/generation.pb.h"
 #include "services/gateway/gateway_metrics.h"
@@ -67,8 +82,13 @@ class GenerateCall : public std::enable_shared_from_this<GenerateCall> {
                OnFinish on_finish);
   void Acquire(const std::string& exclude);
   void OnGrant(absl::StatusOr<std::string> address);
-  void OnUpstreamResponse(v1::GenerateResponse response);
+  void OnUpstreamResponse(Attempt* attempt, v1::GenerateResponse response);
   void OnUpstreamDone(Attempt* attempt, const grpc::Status& status);
+  // Re-issues the request, excluding `failed`, after the n-th resume's
+  // backoff (Acquire at once when it is zero).
+  void Resume(const std::string& failed, absl::Duration backoff);
+  // The request the next attempt sends: request_ plus the tokens passed on.
+  v1::GenerateRequest NextRequest();
   void Finish(const grpc::Status& status);
 
   WorkerPool* const pool_;
@@ -85,13 +105,17 @@ class GenerateCall : public std::enable_shared_from_this<GenerateCall> {
   bool finished_ = false;
   bool queued_ = false;         // waiting for a slot
   uint64_t ticket_ = 0;         // of the queued Acquire, once known
-  bool retried_ = false;
-  bool got_response_ = false;   // from the current attempt
+  int resumes_ = 0;             // re-issues so far (<= max_resumes)
+  bool got_summary_ = false;    // the stream finished: nothing to resume
+  std::vector<int32_t> sent_tokens_;  // token ids passed on, in order
+  // One per backoff waited (at most max_resumes), the last maybe pending;
+  // kept until the call is destroyed so Cancel never reaches a freed one.
+  std::vector<std::unique_ptr<grpc::Alarm>> alarms_;
   bool reached_worker_ = false;
   absl::Time last_tokens_;      // when the previous tokens arrived
   bool got_tokens_ = false;
   Attempt* current_ = nullptr;  // the attempt running now
-  // Every attempt made (at most two); destroyed with the call, so a
+  // Every attempt made (at most 1 + max_resumes); destroyed with the call, so a
   // Cancel racing with an attempt's end never touches freed memory.
   std::vector<std::unique_ptr<Attempt>> attempts_;
 };

@@ -2,7 +2,8 @@
 // kvr.v1.Generation over gRPC (with grpc.health.v1 and reflection) and an
 // OpenAI-compatible HTTP API, both proxied to the decode workers of
 // --workers (least outstanding requests, bounded admission queue, health
-// checks, one retry on UNAVAILABLE), and Prometheus metrics kvr_gateway_*.
+// checks, streams resumed on another worker when theirs fails with
+// UNAVAILABLE), and Prometheus metrics kvr_gateway_*.
 //
 //   kvr_gateway --workers 127.0.0.1:50051,127.0.0.1:50052 --listen 127.0.0.1:0
 //       --http_listen 127.0.0.1:0 --metrics_listen 127.0.0.1:0
@@ -80,6 +81,12 @@ ABSL_FLAG(double, health_check_seconds, 2.0,
           "until it passes again)");
 ABSL_FLAG(double, drain_seconds, 10.0,
           "on SIGTERM / SIGINT, how long calls in flight may run before they are cancelled");
+ABSL_FLAG(int, max_resumes, 2,
+          "a Generate whose worker fails with UNAVAILABLE (dies, drops the connection, shuts "
+          "down) before the stream finished is resumed on another worker at most this many "
+          "times, replaying the tokens already sent ([0, 16]; 0 = never)");
+ABSL_FLAG(double, resume_backoff_seconds, 0.05,
+          "wait before the n-th resume of a request: this * 2^(n-1) seconds ([0, 10])");
 
 namespace kvr::gateway {
 namespace {
@@ -152,6 +159,11 @@ int Main(int argc, char** argv) {
                                     .AtLeast("health_check_seconds", health, 0.01)
                                     .AtLeast("drain_seconds", drain, 0.0)
                                     .AtLeast("max_request_bytes", max_request_bytes, 1 << 16)
+                                    .InRange("max_resumes", absl::GetFlag(FLAGS_max_resumes), 0,
+                                             16)
+                                    .InRange("resume_backoff_seconds",
+                                             absl::GetFlag(FLAGS_resume_backoff_seconds), 0.0,
+                                             10.0)
                                     .status();
   if (!flags_ok.ok()) return Fail(flags_ok.message());
   if (!absl::GetFlag(FLAGS_http_listen).empty()) {
@@ -168,6 +180,8 @@ int Main(int argc, char** argv) {
   po.health_interval = absl::Seconds(health);
   po.health_timeout = std::min(absl::Seconds(1), absl::Seconds(health));
   po.max_message_bytes = max_request_bytes;
+  po.max_resumes = absl::GetFlag(FLAGS_max_resumes);
+  po.resume_backoff = absl::Seconds(absl::GetFlag(FLAGS_resume_backoff_seconds));
   absl::StatusOr<std::unique_ptr<WorkerPool>> pool = WorkerPool::Create(po);
   if (!pool.ok()) return Fail(absl::StrCat("--", pool.status().message()));
 

@@ -43,6 +43,16 @@ absl::StatusOr<std::unique_ptr<WorkerPool>> WorkerPool::Create(const WorkerPoolO
     return absl::InvalidArgumentError(
         absl::StrCat("max_message_bytes: ", options.max_message_bytes, " below 65536"));
   }
+  if (options.max_resumes < 0 || options.max_resumes > 16) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("max_resumes: ", options.max_resumes, " outside [0, 16]"));
+  }
+  if (options.resume_backoff < absl::ZeroDuration() ||
+      options.resume_backoff > absl::Seconds(10)) {
+    return absl::InvalidArgumentError(absl::StrCat("resume_backoff: ",
+                                                   absl::FormatDuration(options.resume_backoff),
+                                                   " outside [0, 10s]"));
+  }
   absl::StatusOr<std::unique_ptr<Balancer>> balancer = Balancer::Create(options.balancer);
   if (!balancer.ok()) return balancer.status();
   return std::unique_ptr<WorkerPool>(new WorkerPool(options, *std::move(balancer)));

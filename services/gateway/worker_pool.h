@@ -34,6 +34,12 @@ struct WorkerPoolOptions {
   absl::Duration health_interval = absl::Seconds(2);  // between health-check rounds
   absl::Duration health_timeout = absl::Seconds(1);   // deadline of one Check
   int max_message_bytes = 4 << 20;                    // per message, both directions
+  // Stream resumption (GenerateCall): a Generate whose worker fails with
+  // UNAVAILABLE before the stream finished is re-issued on another worker
+  // at most this many times ([0, 16]; 0 = never), the n-th time after a
+  // backoff of resume_backoff * 2^(n-1) ([0, 10 s]).
+  int max_resumes = 2;
+  absl::Duration resume_backoff = absl::Milliseconds(50);
 };
 
 // One worker's connection.
