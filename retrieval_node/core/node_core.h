@@ -242,9 +242,11 @@ class NodeCore final {
   // missing; when held, only the rows after the last held one travel and
   // the index comes as the source's blob unless ours has the same rows; a
   // chunk whose held rows are not a prefix of the source's (positions the
-  // source lacks, another layout) is read again whole and replaced. Each
-  // changed head is installed and persisted (ShardPersistence, one replacing
-  // HeadWrite) atomically under the sequence's exclusive lock; nothing is
+  // source lacks, other contents by CRC32C, another layout) is read again
+  // whole and replaced. Each changed head is installed and persisted
+  // (ShardPersistence: one replacing HeadWrite, or for rows that only join
+  // the last chunk's tail, one tail write) atomically under the sequence's
+  // exclusive lock; nothing is
   // locked while data travels, so other sequences and this one's Attends
   // keep being served. The source's declared payload is reserved in
   // memory_budget_bytes before any of it is received: ResourceExhausted

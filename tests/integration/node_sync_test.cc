@@ -193,6 +193,13 @@ absl::StatusOr<SyncResult> SyncInProcess(InProcessRetrievalClient* dst,
 
 constexpr uint64_t kGraphSeq = 51, kIvfSeq = 52;
 
+// The same graph sequence's uploads (no appends) on two nodes.
+void UploadBoth(InProcessRetrievalClient* a, InProcessRetrievalClient* b) {
+  for (RetrievalClient* c : {a, b}) {
+    ASSERT_NO_FATAL_FAILURE(Upload(c, kGraphSeq, IndexType::kGraph));
+  }
+}
+
 // Source: graph + IVF sequences, each with 100 appended rows per head (one
 // seal into the last chunk, 36 in the tail).
 void LoadSource(RetrievalClient* src) {
@@ -232,9 +239,8 @@ TEST(NodeSyncTest, EmptyDestinationBecomesIdenticalToTheSource) {
 TEST(NodeSyncTest, DestinationThatMissedAppendsCopiesOnlyTheDelta) {
   auto src = InProcess();
   auto dst = InProcess();
-  for (RetrievalClient* c : {static_cast<RetrievalClient*>(src.get()),
-                             static_cast<RetrievalClient*>(dst.get())}) {
-    ASSERT_NO_FATAL_FAILURE(Upload(c, kGraphSeq, IndexType::kGraph));
+  ASSERT_NO_FATAL_FAILURE(UploadBoth(src.get(), dst.get()));
+  for (RetrievalClient* c : {src.get(), dst.get()}) {
     ASSERT_NO_FATAL_FAILURE(AppendRows(c, kGraphSeq, kTailStart, 40));
   }
   // The destination misses 50 rows per head (the source seals its tail).
@@ -260,10 +266,7 @@ TEST(NodeSyncTest, DestinationThatMissedAppendsCopiesOnlyTheDelta) {
 TEST(NodeSyncTest, DivergingDestinationRowsAreReplaced) {
   auto src = InProcess();
   auto dst = InProcess();
-  for (RetrievalClient* c : {static_cast<RetrievalClient*>(src.get()),
-                             static_cast<RetrievalClient*>(dst.get())}) {
-    ASSERT_NO_FATAL_FAILURE(Upload(c, kGraphSeq, IndexType::kGraph));
-  }
+  ASSERT_NO_FATAL_FAILURE(UploadBoth(src.get(), dst.get()));
   // The destination holds 20 rows (other data) where the source has 10.
   ASSERT_NO_FATAL_FAILURE(AppendRows(dst.get(), kGraphSeq, kTailStart, 20, /*salt=*/9));
   ASSERT_NO_FATAL_FAILURE(AppendRows(src.get(), kGraphSeq, kTailStart, 10));
@@ -282,10 +285,7 @@ TEST(NodeSyncTest, DivergingDestinationRowsAreReplaced) {
 TEST(NodeSyncTest, SamePositionsWithOtherContentsAreReplaced) {
   auto src = InProcess();
   auto dst = InProcess();
-  for (RetrievalClient* c : {static_cast<RetrievalClient*>(src.get()),
-                             static_cast<RetrievalClient*>(dst.get())}) {
-    ASSERT_NO_FATAL_FAILURE(Upload(c, kGraphSeq, IndexType::kGraph));
-  }
+  ASSERT_NO_FATAL_FAILURE(UploadBoth(src.get(), dst.get()));
   // Positions 400..409 here hold other rows than the source's 400..429.
   ASSERT_NO_FATAL_FAILURE(AppendRows(dst.get(), kGraphSeq, kTailStart, 10, /*salt=*/5));
   ASSERT_NO_FATAL_FAILURE(AppendRows(src.get(), kGraphSeq, kTailStart, 30));
