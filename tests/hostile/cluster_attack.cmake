@@ -3,7 +3,8 @@
 # corpus of bad requests over HTTP, gRPC and UCX while well-formed requests
 # run alongside; every server keeps serving with a bounded RSS, the
 # bystanders' tokens equal a fault-free run, and the cluster restarts clean
-# on the same run dir. UCX transports: tcp on lo (the UCX part skips when UCX
+# on the same run dir. Also the regression test of the gateway's request-head
+# bound (--http_max_header_bytes) it found. UCX transports: tcp on lo (the UCX part skips when UCX
 # cannot run).
 if(TARGET kvr_gateway)
   if(NOT TARGET PkgConfig::CPP_HTTPLIB)
@@ -19,5 +20,6 @@ if(TARGET kvr_gateway)
     ARGS --kvr $<TARGET_FILE:kvr>
     NEEDS kvr kvr_node kvr_worker kvr_gateway
     LABELS e2e hostile TIMEOUT 240
-    ENVIRONMENT UCX_TLS=tcp UCX_NET_DEVICES=lo UCX_WARN_UNUSED_ENV_VARS=n)
+    ENVIRONMENT UCX_TLS=tcp UCX_NET_DEVICES=lo UCX_WARN_UNUSED_ENV_VARS=n
+      KVR_GATEWAY_BIN=$<TARGET_FILE:kvr_gateway>)
 endif()

@@ -53,7 +53,9 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
+#include <future>
 #include <limits>
 #include <memory>
 #include <mutex>
@@ -75,6 +77,7 @@
 #include "nlohmann/json.hpp"
 #include "retrieval_node/wire/ucx_wire.h"
 #include "tests/support/cluster_process.h"
+#include "tests/support/gateway_process.h"
 #include "tests/support/raw_ucx_client.h"
 #include "tests/support/temp_dir.h"
 
@@ -193,10 +196,14 @@ bool ReadUntil(int fd, std::string_view needle) {
 // Sends `request` on a fresh connection and returns the status code of the
 // answer's status line; 0 when the gateway closed the connection (or sent
 // nothing for 10 s) without one.
-int RawHttpStatus(const std::string& address, std::string_view request) {
+// With `half_close`, the client then shuts its sending side (a read for
+// more ends at once, and a gateway that writes only to live peers does not
+// answer); otherwise it waits.
+int RawHttpStatus(const std::string& address, std::string_view request, bool half_close = false) {
   const int fd = ConnectTcp(address);
   if (fd < 0) return -1;
-  SendAll(fd, request);  // the gateway may answer (and close) before reading it all
+  SendAll(fd, request);
+  if (half_close) shutdown(fd, SHUT_WR);  // the gateway may answer (and close) before reading it all
   std::string got;
   char buf[4096];
   while (got.find("\r\n") == std::string::npos) {
@@ -675,26 +682,20 @@ int AttackGatewayHttp(const cluster::ClusterInfo& info, const std::string& model
     ++sent;
     EXPECT_EQ(RawHttpStatus(http, "POST /v1/completions HTTP/1.1\r\nHost: x\r\n"
                                   "Content-Type: application/json\r\n"
-                                  "Content-Length: 99999999999\r\n\r\n{}"),
-              413)
-        << "Content-Length 99999999999";
-    ++sent;
-    EXPECT_EQ(RawHttpStatus(http, "POST /v1/completions HTTP/1.1\r\nHost: x\r\n"
-                                  "Content-Type: application/json\r\n"
-                                  "Content-Length: -1\r\n\r\n{}"),
-              413)
-        << "Content-Length -1 (read as over the body limit)";
-    ++sent;
-    EXPECT_EQ(RawHttpStatus(http, "POST /v1/completions HTTP/1.1\r\nHost: x\r\n"
-                                  "Content-Type: application/json\r\n"
                                   "Transfer-Encoding: chunked\r\n\r\n"
                                   "FFFFFFFFFFFFFFFF\r\n{}\r\n"),
               400)
         << "a chunk of 2^64-1 bytes";
     ++sent;
-    EXPECT_EQ(RawHttpStatus(http, absl::StrCat("GET /v1/models?", std::string(100000, 'q'),
+    EXPECT_EQ(RawHttpStatus(http, absl::StrCat("GET /v1/models?", std::string(16000, 'q'),
                                                " HTTP/1.1\r\nHost: x\r\n\r\n")),
               414)
+        << "a 16 KB URI";
+    // A request line past the head bound: closed unanswered.
+    ++sent;
+    EXPECT_EQ(RawHttpStatus(http, absl::StrCat("GET /v1/models?", std::string(100000, 'q'),
+                                               " HTTP/1.1\r\nHost: x\r\n\r\n")),
+              0)
         << "a 100 KB URI";
     // A request head of 1 MiB (131,072 headers) is cut off at the gateway's
     // bound: each header was kept in memory, without a bound on their count
@@ -705,7 +706,8 @@ int AttackGatewayHttp(const cluster::ClusterInfo& info, const std::string& model
     EXPECT_EQ(RawHttpStatus(http, headers + "\r\n"), 400) << "a 1 MiB request head";
     // A TLS hello is no request line: the connection is closed unanswered.
     ++sent;
-    EXPECT_EQ(RawHttpStatus(http, "\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03garbage\r\n\r\n"),
+    constexpr char kHello[] = "\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03garbage\r\n\r\n";
+    EXPECT_EQ(RawHttpStatus(http, std::string_view(kHello, sizeof(kHello) - 1), /*half_close=*/true),
               0)
         << "a TLS hello";
   }
@@ -838,10 +840,12 @@ int AttackGeneration(const std::string& address, const std::string& who) {
   }
   {
     // 64 KB of request metadata (gRPC's default bound is 8 KiB).
+    // On a connection of its own: gRPC closes the connection it came on.
+    auto own = GenerationStub(address);
     grpc::ClientContext ctx;
     SetDeadline(&ctx);
     ctx.AddMetadata("x-junk", std::string(65536, 'j'));
-    auto reader = stub->Generate(&ctx, TextRequest("Once upon a time", 4));
+    auto reader = own->Generate(&ctx, TextRequest("Once upon a time", 4));
     v1::GenerateResponse msg;
     while (reader->Read(&msg)) {
     }
@@ -1300,15 +1304,43 @@ TEST(ClusterAttackTest, ServesThroughTheAttackAndRestartsClean) {
   {
     Bystanders bystanders(info.gateway_grpc, info.gateway_http, model, want_grpc, want_http,
                           want_sse);
-    http_requests = AttackGatewayHttp(info, model);
+    const auto phase_start = Clock::now();
+    auto phase = [&](const char* name) {
+      std::printf("%6.1f s  %s\n",
+                  std::chrono::duration<double>(Clock::now() - phase_start).count(), name);
+    };
+    // Bodies that lie about their length: the gateway answers 413 once the
+    // client has been silent for --http_read_timeout_seconds (10 s), so
+    // these run alongside the rest.
+    auto lying_length = [&](const std::string& length) {
+      return std::async(std::launch::async, [&info, length] {
+        return RawHttpStatus(info.gateway_http,
+                             absl::StrCat("POST /v1/completions HTTP/1.1\r\nHost: x\r\n"
+                                          "Content-Type: application/json\r\nContent-Length: ",
+                                          length, "\r\n\r\n{}"));
+      });
+    };
+    std::future<int> huge_length = lying_length("99999999999");
+    std::future<int> negative_length = lying_length("-1");
+    http_requests = AttackGatewayHttp(info, model) + 2;
+    phase("HTTP corpus");
     slow = AttackSlowClients(info.gateway_http);
+    phase("slow clients");
     AttackAbandonedHttpStreams(info.gateway_http, model);
+    phase("abandoned HTTP streams");
     generation_calls += AttackGeneration(info.gateway_grpc, "gateway");
+    phase("gRPC to the gateway");
     generation_calls += AttackGeneration(info.worker_grpc, "worker");
+    phase("gRPC to the worker");
     for (size_t i = 0; i < info.nodes.size(); ++i) {
       node_calls += AttackNodeGrpc(info.nodes[i].grpc, "node-" + std::to_string(i));
+      phase("gRPC to a node");
       if (with_ucx) ucx_messages += AttackNodeUcx(ucx[i], "node-" + std::to_string(i) + " ucx");
+      phase("UCX to a node");
     }
+    EXPECT_EQ(huge_length.get(), 413) << "Content-Length 99999999999";
+    EXPECT_EQ(negative_length.get(), 413) << "Content-Length -1 (read as over the body limit)";
+    phase("lying Content-Lengths");
     bystanders.Stop();
     std::printf("attack: %d HTTP requests, %d slow HTTP clients, %d abandoned HTTP streams, "
                 "%d Generation calls, %d node calls, %d UCX messages; bystander rounds: grpc %d, "
@@ -1371,6 +1403,46 @@ TEST(ClusterAttackTest, ServesThroughTheAttackAndRestartsClean) {
   EXPECT_TRUE(WIFEXITED(*st2) && WEXITSTATUS(*st2) == 0) << "wait status " << *st2;
   std::printf("cluster_attack_test: %.1f s in all\n",
               std::chrono::duration<double>(Clock::now() - test_start).count());
+}
+
+// Regression (found by the test above): kvr_gateway kept every header line
+// of a request head, with no bound on their number (cpp-httplib bounds only
+// each line): one connection that streamed 3 M lines (24 MB) grew it by
+// 330 MB in 6 s. With --http_max_header_bytes (64 KiB), 4 clients that each
+// stream 8 MiB of header lines are answered 400 and the gateway grows by
+// under 64 MiB; then it serves /healthz at once.
+TEST(GatewayHeadTest, RequestHeadIsBounded) {
+  const char* bin = std::getenv("KVR_GATEWAY_BIN");
+  ASSERT_NE(bin, nullptr) << "KVR_GATEWAY_BIN is not set";
+  // No worker is needed: the head is read before any routing.
+  auto gw = test_support::GatewayProcess::Start(bin, {"--workers=127.0.0.1:1",
+                                                      "--health_check_seconds=1000"});
+  ASSERT_NE(gw, nullptr);
+  ASSERT_EQ(Get(gw->http(), "/healthz", 10).status, 503) << "no healthy worker";
+  const int64_t before = test_support::RssBytes(gw->pid());
+  constexpr int kClients = 4;
+  constexpr size_t kHeadBytes = size_t{8} << 20;
+  std::vector<std::future<int>> answers;
+  for (int i = 0; i < kClients; ++i) {
+    answers.push_back(std::async(std::launch::async, [&gw] {
+      std::string head = "GET /v1/models HTTP/1.1\r\nHost: x\r\n";
+      while (head.size() < kHeadBytes) head += "X-H: v\r\n";
+      return RawHttpStatus(gw->http(), head + "\r\n");
+    }));
+  }
+  for (int i = 0; i < kClients; ++i) EXPECT_EQ(answers[static_cast<size_t>(i)].get(), 400) << i;
+  const int64_t after = test_support::RssBytes(gw->pid());
+  std::printf("kvr_gateway RSS %.1f MiB before, %.1f MiB after %d heads of %zu MiB\n",
+              static_cast<double>(before) / (1 << 20), static_cast<double>(after) / (1 << 20),
+              kClients, kHeadBytes >> 20);
+  EXPECT_LT(after, before + (int64_t{64} << 20));
+  EXPECT_EQ(Get(gw->http(), "/healthz", 5).status, 503) << "answers at once";
+  // Within the bound: a head of 60 KB (1,000 header lines) is served.
+  std::string head = "GET /healthz HTTP/1.1\r\nHost: x\r\n";
+  for (int i = 0; i < 1000; ++i) head += absl::StrCat("X-Header-", i, ": value-", i, "\r\n");
+  ASSERT_LT(head.size(), 64u << 10);
+  EXPECT_EQ(RawHttpStatus(gw->http(), head + "\r\n"), 503);
+  EXPECT_TRUE(gw->Stop());
 }
 
 }  // namespace
