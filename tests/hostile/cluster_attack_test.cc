@@ -39,14 +39,13 @@
 // Binaries from the environment: KVR_BIN (the `kvr` CLI), KVR_GATEWAY_BIN
 // (set by tests/hostile/cluster_attack.cmake).
 #include <arpa/inet.h>
+#include <httplib.h>
 #include <netinet/in.h>
 #include <signal.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/wait.h>
 #include <unistd.h>
-
-#include <httplib.h>
 
 #include <algorithm>
 #include <atomic>
@@ -223,9 +222,10 @@ int RawHttpStatus(const std::string& address, std::string_view request) {
 // --- gRPC ---------------------------------------------------------------------
 
 template <typename Stub>
-std::unique_ptr<Stub> MakeStub(const std::string& address,
-                               std::unique_ptr<Stub> (*make)(const std::shared_ptr<grpc::ChannelInterface>&,
-                                                             const grpc::StubOptions&)) {
+std::unique_ptr<Stub> MakeStub(
+    const std::string& address,
+    std::unique_ptr<Stub> (*make)(const std::shared_ptr<grpc::ChannelInterface>&,
+                                  const grpc::StubOptions&)) {
   grpc::ChannelArguments args;
   // A connection of its own, as separate clients have: by default channels
   // to one target share a connection (gRPC's global subchannel pool), and a
@@ -306,8 +306,11 @@ struct BystanderAnswer {
 };
 
 json BystanderBody(const std::string& model, bool stream) {
-  return {{"model", model},       {"prompt", kLongPrompt}, {"max_tokens", kBystanderTokens},
-          {"temperature", 0},    {"stream", stream}};
+  return {{"model", model},
+          {"prompt", kLongPrompt},
+          {"max_tokens", kBystanderTokens},
+          {"temperature", 0},
+          {"stream", stream}};
 }
 
 BystanderAnswer GrpcBystander(const std::string& gateway_grpc) {
@@ -430,8 +433,8 @@ v1::Matrix F32Matrix(int64_t rows, int32_t cols, const std::vector<float>& value
   m.set_dtype(v1::DTYPE_F32);
   m.set_rows(rows);
   m.set_cols(cols);
-  m.set_data(std::string(reinterpret_cast<const char*>(values.data()),
-                         values.size() * sizeof(float)));
+  m.set_data(
+      std::string(reinterpret_cast<const char*>(values.data()), values.size() * sizeof(float)));
   return m;
 }
 
@@ -468,10 +471,10 @@ grpc::Status Call(v1::RetrievalNode::Stub* stub, const v1::AppendRequest& reques
 }
 
 // Attend with the given deadline (nullopt: none).
-grpc::Status Call(v1::RetrievalNode::Stub* stub, const v1::AttendRequest& request,
-                  std::optional<std::chrono::system_clock::duration> deadline =
-                      std::chrono::seconds(30),
-                  v1::AttendResponse* out = nullptr) {
+grpc::Status Call(
+    v1::RetrievalNode::Stub* stub, const v1::AttendRequest& request,
+    std::optional<std::chrono::system_clock::duration> deadline = std::chrono::seconds(30),
+    v1::AttendResponse* out = nullptr) {
   grpc::ClientContext ctx;
   if (deadline.has_value()) ctx.set_deadline(std::chrono::system_clock::now() + *deadline);
   v1::AttendResponse response;
@@ -498,7 +501,8 @@ std::vector<std::pair<int64_t, int64_t>> OwnRanges(v1::RetrievalNode::Stub* stub
   std::vector<std::pair<int64_t, int64_t>> out;
   const grpc::Status st = stub->ListShards(&ctx, req, &resp);
   EXPECT_TRUE(st.ok()) << st.error_message();
-  for (const v1::ShardInfo& s : resp.shards()) out.emplace_back(s.first_position(), s.last_position());
+  for (const v1::ShardInfo& s : resp.shards())
+    out.emplace_back(s.first_position(), s.last_position());
   std::sort(out.begin(), out.end());
   return out;
 }
@@ -606,8 +610,9 @@ int AttackGatewayHttp(const cluster::ClusterInfo& info, const std::string& model
   expect(Post(http, "/v1/completions", body({{"seed", -1}})), 400, "seed", "", "seed -1");
   // Attention options past the model's context (2^24 rows used to exhaust
   // the worker's memory).
-  expect(Post(http, "/v1/completions", body({{"kvr", {{"sinks", 16777216}, {"window", 16777216}}}})),
-         400, "", "16777216", "sinks / window 2^24");
+  expect(
+      Post(http, "/v1/completions", body({{"kvr", {{"sinks", 16777216}, {"window", 16777216}}}})),
+      400, "", "16777216", "sinks / window 2^24");
   expect(Post(http, "/v1/completions", body({{"kvr", {{"mode", "bogus"}}}})), 400, "", "bogus",
          "attention mode bogus");
   // A 1 MiB prompt: refused on its size, before tokenizing.
@@ -650,8 +655,7 @@ int AttackGatewayHttp(const cluster::ClusterInfo& info, const std::string& model
   expect(Post(http, "/v1/completions", body({{"n", 1000}})), 400, "n", "", "n 1000");
   expect(Post(http, "/v1/completions", body({{"best_of", 1000}})), 400, "best_of", "",
          "best_of 1000");
-  expect(Post(http, "/v1/completions", body({{"logprobs", 5}})), 400, "logprobs", "",
-         "logprobs 5");
+  expect(Post(http, "/v1/completions", body({{"logprobs", 5}})), 400, "logprobs", "", "logprobs 5");
   {
     json stops = json::array();
     for (int i = 0; i < 1000; ++i) stops.push_back("s" + std::to_string(i));
@@ -662,11 +666,13 @@ int AttackGatewayHttp(const cluster::ClusterInfo& info, const std::string& model
   }
   {
     const json messages = json::array({json{{"role", "user"}, {"content", 5}}});
-    expect(Post(http, "/v1/chat/completions", json{{"model", model}, {"messages", messages}}.dump()),
-           400, "", "", "chat content 5");
+    expect(
+        Post(http, "/v1/chat/completions", json{{"model", model}, {"messages", messages}}.dump()),
+        400, "", "", "chat content 5");
     const json bad_role = json::array({json{{"role", "root"}, {"content", "hi"}}});
-    expect(Post(http, "/v1/chat/completions", json{{"model", model}, {"messages", bad_role}}.dump()),
-           400, "", "", "chat role root");
+    expect(
+        Post(http, "/v1/chat/completions", json{{"model", model}, {"messages", bad_role}}.dump()),
+        400, "", "", "chat role root");
     expect(Post(http, "/v1/chat/completions",
                 json{{"model", model}, {"messages", json::array()}}.dump()),
            400, "messages", "", "no messages");
@@ -681,10 +687,11 @@ int AttackGatewayHttp(const cluster::ClusterInfo& info, const std::string& model
   // HTTP framing, raw.
   {
     ++sent;
-    EXPECT_EQ(RawHttpStatus(http, "POST /v1/completions HTTP/1.1\r\nHost: x\r\n"
-                                  "Content-Type: application/json\r\n"
-                                  "Transfer-Encoding: chunked\r\n\r\n"
-                                  "FFFFFFFFFFFFFFFF\r\n{}\r\n"),
+    EXPECT_EQ(RawHttpStatus(http,
+                            "POST /v1/completions HTTP/1.1\r\nHost: x\r\n"
+                            "Content-Type: application/json\r\n"
+                            "Transfer-Encoding: chunked\r\n\r\n"
+                            "FFFFFFFFFFFFFFFF\r\n{}\r\n"),
               400)
         << "a chunk of 2^64-1 bytes";
     ++sent;
@@ -722,8 +729,8 @@ int AttackGatewayHttp(const cluster::ClusterInfo& info, const std::string& model
 int AttackSlowClients(const std::string& http) {
   rlimit lim{};
   EXPECT_EQ(getrlimit(RLIMIT_NOFILE, &lim), 0);
-  const int n = static_cast<int>(
-      std::min<rlim_t>(kSlowClients, lim.rlim_cur > 200 ? lim.rlim_cur - 200 : 0));
+  const int n =
+      static_cast<int>(std::min<rlim_t>(kSlowClients, lim.rlim_cur > 200 ? lim.rlim_cur - 200 : 0));
   std::vector<int> fds;
   for (int i = 0; i < n; ++i) {
     const int fd = ConnectTcp(http);
@@ -870,16 +877,16 @@ int AttackGeneration(const std::string& address, const std::string& who) {
     treq.set_text(std::string((1 << 20) + 1, 'a'));
     v1::TokenizeResponse tresp;
     ++sent;
-    ExpectStatus(stub->Tokenize(&ctx2, treq, &tresp), grpc::StatusCode::INVALID_ARGUMENT,
-                 {"text"}, who + ": Tokenize 1 MiB + 1");
+    ExpectStatus(stub->Tokenize(&ctx2, treq, &tresp), grpc::StatusCode::INVALID_ARGUMENT, {"text"},
+                 who + ": Tokenize 1 MiB + 1");
   }
   // Deadlines: one already past, one a year away (capped, served).
   {
     const v1::GenerateRequest r = TextRequest("Once upon a time", 4);
     ++sent;
-    ExpectStatus(Stream(stub.get(), r, std::chrono::system_clock::now() - std::chrono::seconds(1))
-                     .status,
-                 grpc::StatusCode::DEADLINE_EXCEEDED, {}, who + ": deadline in the past");
+    ExpectStatus(
+        Stream(stub.get(), r, std::chrono::system_clock::now() - std::chrono::seconds(1)).status,
+        grpc::StatusCode::DEADLINE_EXCEEDED, {}, who + ": deadline in the past");
     ++sent;
     const Streamed year =
         Stream(stub.get(), r, std::chrono::system_clock::now() + std::chrono::hours(24 * 365));
@@ -945,8 +952,8 @@ int AttackNodeGrpc(const std::string& address, const std::string& who) {
   // Append.
   expect(Call(stub.get(), OwnAppend(kInt64Max, 2)), grpc::StatusCode::INVALID_ARGUMENT,
          {"first_position"}, "Append at 2^63-1");
-  expect(Call(stub.get(), OwnAppend(-3, 2)), grpc::StatusCode::INVALID_ARGUMENT,
-         {"first_position"}, "Append at -3");
+  expect(Call(stub.get(), OwnAppend(-3, 2)), grpc::StatusCode::INVALID_ARGUMENT, {"first_position"},
+         "Append at -3");
   {
     v1::AppendRequest r = OwnAppend(kOwnRows, 2);
     *r.mutable_values() = F32Matrix(3, kOwnDim, Ramp(3 * kOwnDim, 0.0f));
@@ -986,6 +993,9 @@ int AttackNodeGrpc(const std::string& address, const std::string& who) {
     r = OwnAppend(kOwnRows, 2);
     r.mutable_keys()->set_dtype(static_cast<v1::DType>(1234));
     expect(Call(stub.get(), r), grpc::StatusCode::INVALID_ARGUMENT, {"dtype"}, "keys dtype 1234");
+    r = OwnAppend(kOwnRows, 2);
+    r.mutable_keys()->set_data(std::string((size_t{64} << 20) + 1, '\0'));
+    expect(Call(stub.get(), r), grpc::StatusCode::RESOURCE_EXHAUSTED, {}, "a 64 MiB + 1 message");
     r = OwnAppend(0, 2);  // positions the sequence already holds
     expect(Call(stub.get(), r), grpc::StatusCode::INVALID_ARGUMENT, {}, "positions held already");
   }
@@ -1016,8 +1026,8 @@ int AttackNodeGrpc(const std::string& address, const std::string& who) {
     v1::UploadShardRequest d = Data(4);
     std::vector<float> inf = Ramp(4 * kOwnDim, 0.0f);
     inf[9] = std::numeric_limits<float>::infinity();
-    d.mutable_data()->set_keys(std::string(reinterpret_cast<const char*>(inf.data()),
-                                           inf.size() * sizeof(float)));
+    d.mutable_data()->set_keys(
+        std::string(reinterpret_cast<const char*>(inf.data()), inf.size() * sizeof(float)));
     expect(Upload(stub.get(), {Header(4, 1000, 5), d}), grpc::StatusCode::INVALID_ARGUMENT,
            {"keys", "finite"}, "an infinite key in an upload");
   }
@@ -1096,9 +1106,9 @@ std::string RequestHeader(uint64_t call_id, uint32_t flags = 0,
 void ExpectUcxPing(const std::string& ucx, const std::string& what) {
   auto c = test_support::RawUcxClient::Connect(ucx);
   ASSERT_TRUE(c.ok()) << what << ": " << c.status();
-  ASSERT_TRUE((*c)->Send(retrieval::kUcxAttendRequestAm, RequestHeader(1, retrieval::kUcxFlagPing),
-                         "")
-                  .ok())
+  ASSERT_TRUE(
+      (*c)->Send(retrieval::kUcxAttendRequestAm, RequestHeader(1, retrieval::kUcxFlagPing), "")
+          .ok())
       << what;
   const auto reply = (*c)->WaitReply(1);
   ASSERT_TRUE(reply.has_value()) << what << ": no answer to a ping";
@@ -1121,7 +1131,8 @@ int AttackNodeUcx(const std::string& ucx, const std::string& who) {
     EXPECT_TRUE(c.Send(retrieval::kUcxAttendRequestAm, header, data).ok()) << who << ": " << what;
     const auto reply = c.WaitReply(id);
     ASSERT_TRUE(reply.has_value()) << who << ": " << what << ": no reply";
-    EXPECT_EQ(reply->code, static_cast<int32_t>(code)) << who << ": " << what << ": " << reply->data;
+    EXPECT_EQ(reply->code, static_cast<int32_t>(code))
+        << who << ": " << what << ": " << reply->data;
     if (!part.empty()) {
       EXPECT_NE(reply->data.find(part), std::string::npos)
           << who << ": " << what << ": \"" << reply->data << "\" lacks \"" << part << "\"";
@@ -1237,7 +1248,8 @@ int64_t WaitNodeSequences(v1::RetrievalNode::Stub* stub, int64_t want) {
 
 const char* const kClusterArgs[] = {
     // The UCX data plane on every node (its transports from UCX_TLS).
-    "--node_args", "--ucx_listen=127.0.0.1:0 --threads=1",
+    "--node_args",
+    "--ucx_listen=127.0.0.1:0 --threads=1",
 };
 
 std::vector<std::string> ClusterArgs() {
@@ -1345,11 +1357,12 @@ TEST(ClusterAttackTest, ServesThroughTheAttackAndRestartsClean) {
     EXPECT_EQ(negative_length.get(), 413) << "Content-Length -1 (read as over the body limit)";
     phase("lying Content-Lengths");
     bystanders.Stop();
-    std::printf("attack: %d HTTP requests, %d slow HTTP clients, %d abandoned HTTP streams, "
-                "%d Generation calls, %d node calls, %d UCX messages; bystander rounds: grpc %d, "
-                "http %d, http-stream %d\n",
-                http_requests, slow, kAbandonedStreams + 1, generation_calls, node_calls,
-                ucx_messages, bystanders.rounds(0), bystanders.rounds(1), bystanders.rounds(2));
+    std::printf(
+        "attack: %d HTTP requests, %d slow HTTP clients, %d abandoned HTTP streams, "
+        "%d Generation calls, %d node calls, %d UCX messages; bystander rounds: grpc %d, "
+        "http %d, http-stream %d\n",
+        http_requests, slow, kAbandonedStreams + 1, generation_calls, node_calls, ucx_messages,
+        bystanders.rounds(0), bystanders.rounds(1), bystanders.rounds(2));
     for (const std::string& f : bystanders.failures()) ADD_FAILURE() << "bystander " << f;
     EXPECT_GE(bystanders.rounds(0), 1);
   }
@@ -1366,11 +1379,16 @@ TEST(ClusterAttackTest, ServesThroughTheAttackAndRestartsClean) {
     EXPECT_EQ(OwnRanges(node.get()), (std::vector<std::pair<int64_t, int64_t>>{{0, kOwnRows - 1}}))
         << n.grpc;
   }
-  const std::vector<pid_t> pids = c->ChildPids();
+  const std::vector<pid_t> pids = c->ChildPids();  // worker, gateway, nodes
   for (size_t i = 0; i < pids.size(); ++i) {
     const int64_t rss = test_support::RssBytes(pids[i]);
-    std::printf("pid %d RSS %.1f MiB before, %.1f MiB after the attack\n", pids[i],
-                static_cast<double>(rss_before[i]) / (1 << 20), static_cast<double>(rss) / (1 << 20));
+    const std::string name = i == 0   ? "kvr_worker"
+                             : i == 1 ? "kvr_gateway"
+                                      : absl::StrCat("node-", i - 2);
+    std::printf("%-11s RSS %6.1f MiB before, %6.1f MiB after the attack (bound: + %lld MiB)\n",
+                name.c_str(), static_cast<double>(rss_before[i]) / (1 << 20),
+                static_cast<double>(rss) / (1 << 20),
+                static_cast<long long>(kRssGrowthBound >> 20));
     EXPECT_GT(rss, 0) << "pid " << pids[i];
     EXPECT_LT(rss, rss_before[i] + kRssGrowthBound) << "pid " << pids[i];
   }
@@ -1379,7 +1397,7 @@ TEST(ClusterAttackTest, ServesThroughTheAttackAndRestartsClean) {
   const std::optional<int> st = c->Stop(SIGTERM);
   ASSERT_TRUE(st.has_value()) << "kvr cluster did not stop";
   EXPECT_TRUE(WIFEXITED(*st) && WEXITSTATUS(*st) == 0) << "wait status " << *st << "\n"
-                                                        << c->Output();
+                                                       << c->Output();
   for (const pid_t pid : pids) EXPECT_FALSE(test_support::ProcessAlive(pid)) << "pid " << pid;
   c.reset();
 
@@ -1418,8 +1436,8 @@ TEST(GatewayHeadTest, RequestHeadIsBounded) {
   const char* bin = std::getenv("KVR_GATEWAY_BIN");
   ASSERT_NE(bin, nullptr) << "KVR_GATEWAY_BIN is not set";
   // No worker is needed: the head is read before any routing.
-  auto gw = test_support::GatewayProcess::Start(bin, {"--workers=127.0.0.1:1",
-                                                      "--health_check_seconds=1000"});
+  auto gw = test_support::GatewayProcess::Start(
+      bin, {"--workers=127.0.0.1:1", "--health_check_seconds=1000"});
   ASSERT_NE(gw, nullptr);
   ASSERT_EQ(Get(gw->http(), "/healthz", 10).status, 503) << "no healthy worker";
   const int64_t before = test_support::RssBytes(gw->pid());

@@ -63,7 +63,8 @@ class ClusterProcess {
     c->proc_ = *std::move(proc);
     auto ready = c->proc_->WaitForLine("kvr cluster ready: ", timeout);
     if (!ready.ok()) {
-      return ADD_FAILURE() << "kvr cluster: " << ready.status() << "\n" << c->proc_->Output(),
+      return ADD_FAILURE() << "kvr cluster: " << ready.status() << "\n"
+                           << c->proc_->Output(),
              nullptr;
     }
     auto info = cluster::ReadClusterInfo(run_dir + "/cluster.json");

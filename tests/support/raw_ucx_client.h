@@ -123,8 +123,8 @@ class RawUcxClient {
     ucp_request_param_t param{};
     param.op_attr_mask = UCP_OP_ATTR_FIELD_FLAGS;
     param.flags = UCP_AM_SEND_FLAG_REPLY;
-    void* req = ucp_am_send_nbx(ep_, am_id, header.data(), header.size(), data.data(),
-                                data.size(), &param);
+    void* req =
+        ucp_am_send_nbx(ep_, am_id, header.data(), header.size(), data.data(), data.size(), &param);
     if (req == nullptr) return absl::OkStatus();
     if (UCS_PTR_IS_ERR(req)) return Error("ucp_am_send_nbx", UCS_PTR_STATUS(req));
     const auto give_up = std::chrono::steady_clock::now() + timeout;
