@@ -4,7 +4,8 @@
 # run alongside; every server keeps serving with a bounded RSS, the
 # bystanders' tokens equal a fault-free run, and the cluster restarts clean
 # on the same run dir. Also the regression test of the gateway's
-# request-head bound (--http_max_header_bytes) it found. UCX transports: tcp
+# request-head bound (--http_max_header_bytes) and of the node's bound on
+# UCX replies not yet sent, which it found. UCX transports: tcp
 # on lo (the UCX part skips when UCX cannot run). cpp-httplib and
 # nlohmann-json: the GLOBAL targets of services/gateway.
 if(TARGET kvr_gateway)
@@ -14,5 +15,6 @@ if(TARGET kvr_gateway)
     NEEDS kvr kvr_node kvr_worker kvr_gateway
     LABELS e2e hostile TIMEOUT 240
     ENVIRONMENT UCX_TLS=tcp UCX_NET_DEVICES=lo UCX_WARN_UNUSED_ENV_VARS=n
-      KVR_BIN=$<TARGET_FILE:kvr> KVR_GATEWAY_BIN=$<TARGET_FILE:kvr_gateway>)
+      KVR_BIN=$<TARGET_FILE:kvr> KVR_GATEWAY_BIN=$<TARGET_FILE:kvr_gateway>
+      KVR_NODE_BIN=$<TARGET_FILE:kvr_node>)
 endif()

@@ -79,6 +79,7 @@
 #include "tests/support/cluster_process.h"
 #include "tests/support/gateway_process.h"
 #include "tests/support/raw_ucx_client.h"
+#include "tests/support/server_process.h"
 #include "tests/support/temp_dir.h"
 
 namespace kvr {
@@ -1464,6 +1465,57 @@ TEST(GatewayHeadTest, RequestHeadIsBounded) {
   ASSERT_LT(head.size(), 64u << 10);
   EXPECT_EQ(RawHttpStatus(gw->http(), head + "\r\n"), 503);
   EXPECT_TRUE(gw->Stop());
+}
+
+// Regression (found with the raw UCX client): the node's UCX endpoint queued
+// one reply per message it answers at once (a wrong wire version, a ping, a
+// refused request) with no bound, and while messages kept coming its
+// progress thread did not get to send them: one client flooding 4 M 16-byte
+// messages without reading the replies grew kvr_node from 24 to 675 MiB
+// (2 M: 432 MiB), memory it kept. Now a connection with 2 x
+// --ucx_max_inflight_per_connection answers not yet sent has its further
+// messages dropped unanswered: the node stays under its baseline + 64 MiB
+// and answers a new connection's ping.
+TEST(NodeUcxFloodTest, UnsentRepliesAreBounded) {
+  const char* bin = std::getenv("KVR_NODE_BIN");
+  ASSERT_NE(bin, nullptr) << "KVR_NODE_BIN is not set";
+  auto node = test_support::ServerProcess::Start(
+      bin, "kvr_node", {"--ucx_listen=127.0.0.1:0", "--metrics_listen=", "--threads=1"});
+  ASSERT_NE(node, nullptr);
+  ASSERT_TRUE(node->listening());
+  auto stub = NodeStub(node->address());
+  const std::string ucx = UcxAddress(stub.get());
+  ASSERT_FALSE(ucx.empty());
+  auto client = test_support::RawUcxClient::Connect(ucx);
+  if (!client.ok()) GTEST_SKIP() << "UCX cannot run here: " << client.status();
+  const int64_t before = test_support::RssBytes(node->pid());
+  constexpr int kMessages = 2000000;
+  const auto start = Clock::now();
+  ASSERT_TRUE(
+      (*client)->Flood(retrieval::kUcxAttendRequestAm, RequestHeader(1, 0, 99), kMessages).ok());
+  // The node has taken them all once a ping sent after them on the same
+  // connection is answered (the client reads its replies meanwhile); then
+  // its memory is measured.
+  constexpr uint64_t kPing = 1ull << 40;
+  bool answered = false;
+  for (uint64_t i = 0; i < 60 && !answered; ++i) {
+    ASSERT_TRUE((*client)
+                    ->Send(retrieval::kUcxAttendRequestAm,
+                           RequestHeader(kPing + i, retrieval::kUcxFlagPing), "")
+                    .ok());
+    answered = (*client)->WaitReply(kPing + i, std::chrono::seconds(1)).has_value();
+  }
+  EXPECT_TRUE(answered) << "no ping answered on the flooding connection within 60 s";
+  const int64_t after = test_support::RssBytes(node->pid());
+  std::printf("kvr_node RSS %.1f MiB before, %.1f MiB after %d unread-reply messages (%.1f s)\n",
+              static_cast<double>(before) / (1 << 20), static_cast<double>(after) / (1 << 20),
+              kMessages, std::chrono::duration<double>(Clock::now() - start).count());
+  EXPECT_LT(after, before + (int64_t{64} << 20));
+  client->reset();
+  ExpectUcxPing(ucx, "a new connection after the flood");
+  EXPECT_TRUE(NodeStats(stub.get()).has_value());
+  const std::optional<int> st = node->Stop(SIGTERM);
+  EXPECT_TRUE(st.has_value() && WIFEXITED(*st) && WEXITSTATUS(*st) == 0);
 }
 
 }  // namespace

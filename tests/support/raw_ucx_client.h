@@ -143,6 +143,23 @@ class RawUcxClient {
     return st == UCS_OK ? absl::OkStatus() : Error("send", st);
   }
 
+  // Sends `n` messages of `header` (and no data) under `am_id` as fast as
+  // UCX takes them, progressing only every 1,000 sends (so replies are
+  // hardly read: a client that floods and does not drain). Each send is
+  // released at once (UCX completes it on its own).
+  absl::Status Flood(uint16_t am_id, std::string_view header, int n) {
+    for (int i = 0; i < n && !failed_; ++i) {
+      ucp_request_param_t param{};
+      param.op_attr_mask = UCP_OP_ATTR_FIELD_FLAGS;
+      param.flags = UCP_AM_SEND_FLAG_REPLY;
+      void* req = ucp_am_send_nbx(ep_, am_id, header.data(), header.size(), nullptr, 0, &param);
+      if (UCS_PTR_IS_ERR(req)) return Error("ucp_am_send_nbx", UCS_PTR_STATUS(req));
+      if (req != nullptr) ucp_request_free(req);
+      if (i % 1000 == 999) ucp_worker_progress(worker_);
+    }
+    return absl::OkStatus();
+  }
+
   // The reply to `call_id`, progressing up to `timeout` for it; nullopt when
   // none came (a message the node drops has no reply).
   std::optional<Reply> WaitReply(uint64_t call_id,
