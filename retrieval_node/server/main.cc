@@ -75,6 +75,8 @@ ABSL_FLAG(int64_t, ucx_max_inflight_per_connection, 64,
           "RESOURCE_EXHAUSTED at once, its payload not received. Default 64: a kvr_worker "
           "has one Attend per sequence of its batched step in flight per node, at most its "
           "--max_concurrent (default 8); raise this with a worker's --max_concurrent above 64. "
+          "A connection with twice this many messages whose replies are not sent yet (a client "
+          "that floods or does not read its replies) has further messages dropped unanswered. "
           "0 = unbounded");
 ABSL_FLAG(int64_t, ucx_max_inflight_bytes, int64_t{2} << 30,
           "UCX Attend request bytes in flight over all connections; a request that would pass "

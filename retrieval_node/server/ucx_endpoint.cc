@@ -35,7 +35,18 @@ struct Outgoing {
   // the reply.
   bool counted = false;
   size_t reserved_bytes = 0;
+  // Set while UCX sends it: the endpoint's unanswered-message counts, one of
+  // which (this connection's) its send completion decrements.
+  std::unordered_map<uint64_t, size_t>* unanswered = nullptr;
 };
+
+// One fewer message of `connection` waiting for its reply to be sent
+// (progress thread).
+void Answered(std::unordered_map<uint64_t, size_t>& unanswered, uint64_t connection) {
+  if (auto it = unanswered.find(connection); it != unanswered.end() && it->second > 0) {
+    --it->second;
+  }
+}
 
 // What an accepted request holds of the in-flight bounds until its reply.
 struct Hold {
@@ -59,7 +70,9 @@ struct ReplyQueue {
 };
 
 void SendDone(void* request, ucs_status_t /*status*/, void* user_data) {
-  delete static_cast<Outgoing*>(user_data);
+  auto* out = static_cast<Outgoing*>(user_data);
+  if (out->unanswered != nullptr) Answered(*out->unanswered, out->connection);
+  delete out;
   ucp_request_free(request);
 }
 
@@ -83,6 +96,14 @@ struct UcxEndpoint::Impl {
   // Requests in flight per open connection (progress thread only; erased
   // with the connection, later releases of its requests are ignored).
   std::unordered_map<uint64_t, size_t> inflight_of;
+  // Messages per open connection that will be answered and whose reply UCX
+  // has not sent yet (handled, queued, or being sent): a client that does
+  // not read its replies (or floods requests the node answers at once) makes
+  // this grow; past 2 x max_inflight_per_connection its further messages
+  // are dropped unanswered (progress thread only; erased with the
+  // connection).
+  std::unordered_map<uint64_t, size_t> unanswered_of;
+  std::atomic<size_t> dropped_messages{0};
   // Totals over all connections, gone ones included (written by the
   // progress thread only, readable anywhere).
   std::atomic<size_t> inflight_requests{0};
@@ -109,6 +130,7 @@ struct UcxEndpoint::Impl {
       connection_of.clear();
       ep_of.clear();
       inflight_of.clear();
+      unanswered_of.clear();
       const auto deadline = Clock::now() + std::chrono::seconds(1);
       while (!closing.empty() && Clock::now() < deadline) {
         ucp_worker_progress(worker);
@@ -145,6 +167,7 @@ struct UcxEndpoint::Impl {
     if (it == self->connection_of.end()) return;
     self->ep_of.erase(it->second);
     self->inflight_of.erase(it->second);
+    self->unanswered_of.erase(it->second);
     self->connection_of.erase(it);
     self->CloseEp(ep);
     self->open_connections.store(self->ep_of.size());
@@ -171,6 +194,7 @@ struct UcxEndpoint::Impl {
     self->connection_of[ep] = id;
     self->ep_of[id] = ep;
     self->inflight_of[id] = 0;
+    self->unanswered_of[id] = 0;
     self->open_connections.store(self->ep_of.size());
   }
 
@@ -253,6 +277,16 @@ struct UcxEndpoint::Impl {
     absl::StatusOr<UcxRequestHeader> header_or = DecodeUcxRequestHeader(header, header_length);
     if (!header_or.ok()) return UCS_OK;  // not our protocol, no call id to answer: drop
     const UcxRequestHeader h = *header_or;
+    // Every message past this point is answered exactly once; a connection
+    // with too many answers not yet sent gets none (its replies would only
+    // pile up in this process).
+    size_t& unanswered = self->unanswered_of[connection];
+    if (const size_t cap = 2 * self->options.max_inflight_per_connection;
+        cap != 0 && unanswered >= cap) {
+      self->dropped_messages.fetch_add(1);
+      return UCS_OK;
+    }
+    ++unanswered;
     if (absl::Status st = CheckUcxRequest(h, length, self->options.max_message_bytes);
         !st.ok() || (h.flags & kUcxFlagPing) != 0) {
       self->ReplyError(connection, h.call_id, st);  // OK for a ping
@@ -347,9 +381,14 @@ struct UcxEndpoint::Impl {
       param.cb.send = &SendDone;
       Outgoing* raw = out.get();
       param.user_data = raw;
+      raw->unanswered = &unanswered_of;
       void* req = ucp_am_send_nbx(ep->second, kUcxAttendReplyAm, &raw->header, sizeof(raw->header),
                                   raw->data.data(), raw->data.size(), &param);
-      if (UCS_PTR_IS_PTR(req)) out.release();  // SendDone deletes it
+      if (UCS_PTR_IS_PTR(req)) {
+        out.release();  // SendDone deletes it
+      } else {
+        Answered(unanswered_of, raw->connection);  // sent at once, or failed
+      }
     }
   }
 
@@ -385,6 +424,7 @@ size_t UcxEndpoint::connections() const { return impl_->open_connections.load();
 size_t UcxEndpoint::refused_connections() const { return impl_->refused_connections.load(); }
 size_t UcxEndpoint::inflight_requests() const { return impl_->inflight_requests.load(); }
 size_t UcxEndpoint::inflight_bytes() const { return impl_->inflight_bytes.load(); }
+size_t UcxEndpoint::dropped_messages() const { return impl_->dropped_messages.load(); }
 
 absl::StatusOr<std::unique_ptr<UcxEndpoint>> UcxEndpoint::Start(const UcxEndpointOptions& options,
                                                                  UcxAttendHandler handler) {

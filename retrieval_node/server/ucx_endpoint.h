@@ -65,7 +65,10 @@ struct UcxEndpointOptions {
   // Attend requests one connection may have in flight (from arrival until
   // its reply is queued); a further one is answered RESOURCE_EXHAUSTED naming
   // ucx_max_inflight_per_connection at once, before its data is received or
-  // parsed. Pings are not counted. 0: unbounded.
+  // parsed. Pings are not counted. Also: a connection with twice this many
+  // messages whose replies are not sent yet (in flight, queued, or still
+  // being sent by UCX: a client that floods or does not read its replies)
+  // has further messages dropped unanswered. 0: unbounded (both).
   size_t max_inflight_per_connection = 64;
   // Request payload bytes in flight over all connections; a request that
   // would pass it is answered RESOURCE_EXHAUSTED naming ucx_max_inflight_bytes
@@ -99,6 +102,9 @@ class UcxEndpoint {
   // Attend requests in flight now and their payload bytes (any thread).
   size_t inflight_requests() const;
   size_t inflight_bytes() const;
+  // Messages dropped unanswered so far because their connection had
+  // 2 x max_inflight_per_connection answers not yet sent (any thread).
+  size_t dropped_messages() const;
 
  private:
   struct Impl;

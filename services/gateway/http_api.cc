@@ -26,6 +26,7 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "services/gateway/generate_call.h"
+#include "services/gateway/http_server.h"
 #include "services/gateway/openai.h"
 
 namespace kvr::gateway {
@@ -267,7 +268,8 @@ struct HttpApi::Impl {
   HttpApiOptions options;
   WorkerPool* pool = nullptr;
   GatewayMetrics* metrics = nullptr;
-  httplib::Server server;
+  explicit Impl(size_t max_header_bytes) : server(max_header_bytes) {}
+  BoundedHttpServer server;
   std::string address;
   std::thread listener;
   const int64_t started = absl::ToUnixSeconds(absl::Now());
@@ -601,7 +603,11 @@ absl::StatusOr<std::unique_ptr<HttpApi>> HttpApi::Start(const HttpApiOptions& op
     return absl::InvalidArgumentError(
         absl::StrCat("max_request_bytes: ", options.max_request_bytes, " below 1024"));
   }
-  auto impl = std::make_unique<Impl>();
+  if (options.max_header_bytes < 1024 || options.max_header_bytes > (int64_t{64} << 20)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "http max header bytes: ", options.max_header_bytes, " outside [1024, 67108864]"));
+  }
+  auto impl = std::make_unique<Impl>(static_cast<size_t>(options.max_header_bytes));
   impl->options = options;
   impl->pool = pool;
   impl->metrics = metrics;

@@ -40,6 +40,9 @@ struct HttpApiOptions {
   // A connection whose client sends nothing for this long while the server
   // reads (header, body, or the next keep-alive request) is closed.
   int read_timeout_seconds = 10;
+  // Largest request head (request line and header fields) read; a longer
+  // one is answered 400 and its connection closed (BoundedHttpServer).
+  int64_t max_header_bytes = 64 << 10;
   int64_t max_request_bytes = 4 << 20;
   absl::Duration default_timeout = absl::Seconds(300);  // deadline of every request
   // The model id clients name ("model"); empty: the stem of the checkpoint

@@ -70,6 +70,10 @@ ABSL_FLAG(int, http_max_connections, 2048,
 ABSL_FLAG(int, http_read_timeout_seconds, 10,
           "an HTTP connection whose client sends nothing for this long while the gateway "
           "reads (request header, body, next keep-alive request) is closed");
+ABSL_FLAG(int, http_max_header_bytes, 64 << 10,
+          "largest HTTP request head (request line and header fields) read, bytes; a longer "
+          "one is answered 400 and its connection closed (each header field is kept in memory "
+          "while the request is served)");
 ABSL_FLAG(double, max_request_timeout_seconds, 3600.0,
           "longest deadline a request may have: later gRPC deadlines are cut to it (at least "
           "--request_timeout_seconds)");
@@ -153,6 +157,9 @@ int Main(int argc, char** argv) {
                                     .InRange("http_read_timeout_seconds",
                                              absl::GetFlag(FLAGS_http_read_timeout_seconds), 1,
                                              3600)
+                                    .InRange("http_max_header_bytes",
+                                             absl::GetFlag(FLAGS_http_max_header_bytes), 1024,
+                                             64 << 20)
                                     .InRange("http_max_connections",
                                              absl::GetFlag(FLAGS_http_max_connections),
                                              absl::GetFlag(FLAGS_http_threads), 65536)
@@ -217,6 +224,7 @@ int Main(int argc, char** argv) {
     ho.threads = absl::GetFlag(FLAGS_http_threads);
     ho.max_connections = absl::GetFlag(FLAGS_http_max_connections);
     ho.read_timeout_seconds = absl::GetFlag(FLAGS_http_read_timeout_seconds);
+    ho.max_header_bytes = absl::GetFlag(FLAGS_http_max_header_bytes);
     ho.max_request_bytes = max_request_bytes;
     ho.default_timeout = default_timeout;
     ho.model_name = absl::GetFlag(FLAGS_model_name);

@@ -47,6 +47,7 @@ class GatewayProcess {
   const std::string& grpc() const { return grpc_; }
   const std::string& http() const { return http_; }
   const std::string& metrics() const { return metrics_; }
+  pid_t pid() const { return proc_->pid(); }
   // False once it has exited (its wait status is then in exit_status()).
   bool running() {
     if (!exit_status_.has_value()) exit_status_ = proc_->PollExit();

@@ -1,0 +1,203 @@
+#include "services/gateway/http_server.h"
+
+#include <netdb.h>
+#include <poll.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <array>
+#include <cerrno>
+#include <chrono>
+#include <cstring>
+#include <limits>
+#include <string>
+
+namespace kvr::gateway {
+namespace {
+
+// Milliseconds of a (seconds, microseconds) timeout, for poll().
+int TimeoutMs(time_t sec, time_t usec) {
+  const long long ms = static_cast<long long>(sec) * 1000 + static_cast<long long>(usec) / 1000;
+  return static_cast<int>(std::clamp<long long>(ms, 0, std::numeric_limits<int>::max()));
+}
+
+// poll() for `events` on `fd`, retried on EINTR: > 0 ready, 0 timeout, < 0 error.
+int PollFor(int fd, short events, int timeout_ms) {
+  pollfd p{fd, events, 0};
+  int r = 0;
+  do {
+    r = poll(&p, 1, timeout_ms);
+  } while (r < 0 && errno == EINTR);
+  if (r > 0 && (p.revents & POLLNVAL) != 0) return -1;
+  return r;
+}
+
+void IpAndPort(const sockaddr_storage& addr, socklen_t len, std::string& ip, int& port) {
+  char host[NI_MAXHOST] = "";
+  if (addr.ss_family == AF_INET) {
+    port = ntohs(reinterpret_cast<const sockaddr_in&>(addr).sin_port);
+  } else if (addr.ss_family == AF_INET6) {
+    port = ntohs(reinterpret_cast<const sockaddr_in6&>(addr).sin6_port);
+  } else {
+    return;
+  }
+  if (getnameinfo(reinterpret_cast<const sockaddr*>(&addr), len, host, sizeof(host), nullptr, 0,
+                  NI_NUMERICHOST) == 0) {
+    ip = host;
+  }
+}
+
+// A connected socket as cpp-httplib's SocketStream reads and writes it (a
+// 4 KiB read buffer, poll-based read and write timeouts, writes only to a
+// live peer), plus the head bound: while the request's head has not ended
+// (no empty line yet), at most `head_budget` bytes are handed out; past it
+// read() fails. One stream serves one request, as in cpp-httplib.
+class HeadBoundedStream final : public httplib::Stream {
+ public:
+  HeadBoundedStream(int fd, size_t head_budget, int read_timeout_ms, int write_timeout_ms)
+      : fd_(fd),
+        head_left_(head_budget),
+        read_timeout_ms_(read_timeout_ms),
+        write_timeout_ms_(write_timeout_ms) {}
+
+  bool is_readable() const override { return PollFor(fd_, POLLIN, read_timeout_ms_) > 0; }
+
+  bool is_writable() const override {
+    return PollFor(fd_, POLLOUT, write_timeout_ms_) > 0 && PeerAlive();
+  }
+
+  ssize_t read(char* ptr, size_t size) override {
+    if (in_head_) {
+      if (head_left_ == 0) {  // the head is over its bound
+        overflowed_ = true;
+        return -1;
+      }
+      size = std::min(size, head_left_);
+    }
+    size = std::min(size, static_cast<size_t>(std::numeric_limits<ssize_t>::max()));
+    ssize_t n = 0;
+    if (buffer_off_ < buffer_size_) {
+      n = static_cast<ssize_t>(std::min(size, buffer_size_ - buffer_off_));
+      std::memcpy(ptr, buffer_.data() + buffer_off_, static_cast<size_t>(n));
+      buffer_off_ += static_cast<size_t>(n);
+    } else {
+      if (!is_readable()) return -1;
+      buffer_off_ = buffer_size_ = 0;
+      if (size < buffer_.size()) {
+        const ssize_t got = Recv(buffer_.data(), buffer_.size());
+        if (got <= 0) return got;
+        buffer_size_ = static_cast<size_t>(got);
+        n = static_cast<ssize_t>(std::min(size, buffer_size_));
+        std::memcpy(ptr, buffer_.data(), static_cast<size_t>(n));
+        buffer_off_ = static_cast<size_t>(n);
+      } else {
+        n = Recv(ptr, size);
+        if (n <= 0) return n;
+      }
+    }
+    if (in_head_) CountHead(ptr, static_cast<size_t>(n));
+    return n;
+  }
+
+  ssize_t write(const char* ptr, size_t size) override {
+    if (!is_writable()) return -1;
+    ssize_t n = 0;
+    do {
+      n = send(fd_, ptr, size, MSG_NOSIGNAL);
+    } while (n < 0 && errno == EINTR);
+    return n;
+  }
+
+  void get_remote_ip_and_port(std::string& ip, int& port) const override {
+    sockaddr_storage addr{};
+    socklen_t len = sizeof(addr);
+    if (getpeername(fd_, reinterpret_cast<sockaddr*>(&addr), &len) == 0) {
+      IpAndPort(addr, len, ip, port);
+    }
+  }
+
+  void get_local_ip_and_port(std::string& ip, int& port) const override {
+    sockaddr_storage addr{};
+    socklen_t len = sizeof(addr);
+    if (getsockname(fd_, reinterpret_cast<sockaddr*>(&addr), &len) == 0) {
+      IpAndPort(addr, len, ip, port);
+    }
+  }
+
+  socket_t socket() const override { return fd_; }
+
+  // True once a read was refused for the head's bound.
+  bool head_overflowed() const { return overflowed_; }
+
+ private:
+  ssize_t Recv(char* ptr, size_t size) {
+    ssize_t n = 0;
+    do {
+      n = recv(fd_, ptr, size, 0);
+    } while (n < 0 && errno == EINTR);
+    return n;
+  }
+
+  // As cpp-httplib's is_socket_alive: nothing to read, or a byte to peek.
+  bool PeerAlive() const {
+    const int r = PollFor(fd_, POLLIN, 0);
+    if (r == 0) return true;
+    if (r < 0) return false;
+    char byte = 0;
+    return recv(fd_, &byte, 1, MSG_PEEK) > 0;
+  }
+
+  // Counts `n` bytes handed out of the head and watches for its end: an
+  // empty line ("\r\n\r\n", or "\n\n" from a lax client).
+  void CountHead(const char* p, size_t n) {
+    for (size_t i = 0; i < n && in_head_; ++i) {
+      --head_left_;
+      const char c = p[i];
+      if (c == '\n') {
+        if (line_empty_) in_head_ = false;
+        line_empty_ = true;
+      } else if (c != '\r') {
+        line_empty_ = false;
+      }
+    }
+  }
+
+  const int fd_;
+  bool in_head_ = true;
+  bool line_empty_ = false;  // no byte but '\r' since the last '\n'
+  bool overflowed_ = false;
+  size_t head_left_;
+  const int read_timeout_ms_;
+  const int write_timeout_ms_;
+  std::array<char, 4096> buffer_{};
+  size_t buffer_off_ = 0, buffer_size_ = 0;
+};
+
+}  // namespace
+
+bool BoundedHttpServer::process_and_close_socket(socket_t sock) {
+  const int read_ms = TimeoutMs(read_timeout_sec_, read_timeout_usec_);
+  const int write_ms = TimeoutMs(write_timeout_sec_, write_timeout_usec_);
+  const auto keep_alive = std::chrono::seconds(keep_alive_timeout_sec_);
+  bool ok = false;
+  for (size_t left = keep_alive_max_count_; left > 0 && svr_sock_ != INVALID_SOCKET; --left) {
+    // Wait for the next request (as cpp-httplib: in 10 ms polls, so a
+    // server stop is seen).
+    const auto give_up = std::chrono::steady_clock::now() + keep_alive;
+    int ready = 0;
+    while ((ready = PollFor(sock, POLLIN, 10)) == 0 && svr_sock_ != INVALID_SOCKET &&
+           std::chrono::steady_clock::now() < give_up) {
+    }
+    if (ready <= 0) break;
+    HeadBoundedStream strm(sock, max_head_bytes_, read_ms, write_ms);
+    bool connection_closed = false;
+    ok = process_request(strm, /*close_connection=*/left == 1, connection_closed, nullptr);
+    if (!ok || connection_closed || strm.head_overflowed()) break;
+  }
+  shutdown(sock, SHUT_RDWR);
+  close(sock);
+  return ok;
+}
+
+}  // namespace kvr::gateway
