@@ -1203,11 +1203,11 @@ int AttackNodeUcx(const std::string& ucx, const std::string& who) {
 // Generate; each node Stats and a UCX ping.
 void ExpectServing(const ClusterProcess& c, const std::string& when) {
   SCOPED_TRACE(when);
-  EXPECT_TRUE(c.running()) << "kvr cluster exited:\n" << c.Output();
+  EXPECT_TRUE(c.proc->running()) << "kvr cluster exited:\n" << c.proc->Output();
   for (const pid_t pid : c.ChildPids()) {
     EXPECT_TRUE(test_support::ProcessAlive(pid)) << "pid " << pid << " is gone";
   }
-  const cluster::ClusterInfo& info = c.info();
+  const cluster::ClusterInfo& info = c.info;
   EXPECT_EQ(Get(info.gateway_http, "/healthz", 10).status, 200);
   EXPECT_EQ(Get(info.gateway_http, "/v1/models", 10).status, 200);
   auto stub = GenerationStub(info.gateway_grpc);
