@@ -65,10 +65,11 @@ fuzz: deps
 
 # Sanitizer builds (docs/security.md "Sanitizers"). Each has its own build
 # folder; the servers the tests start come from it, so they are instrumented
-# too. Every sanitized process (test or server) writes its reports to
-# <build>/sanitizer-logs/ (log_path): a report in a server that the test
-# stops without looking at its exit status still fails the target, which
-# lists the logs and exits 1 when any holds a report.
+# too. Every sanitized process (test or server) writes its ASan, LSan and TSan
+# reports to <build>/sanitizer-logs/ (log_path): a report in a server that the
+# test stops without looking at its exit status still fails the target, which
+# lists the logs and exits 1 when any holds a report. (gcc 12's UBSan ignores
+# log_path: its reports go to stderr, and the process aborts on the first.)
 ASAN_DIR ?= build-asan
 TSAN_DIR ?= build-tsan
 # -O1 -g1: line tables are enough for the reports' stacks, and the cold
@@ -83,8 +84,15 @@ SAN_SUPP = $(CURDIR)/tests/sanitizers
 # `make fuzz`), gpu (needs a device; CUDA is off in this build).
 ASAN_EXCLUDE ?= slow|deploy|fuzz|gpu
 ASAN_ENV = ASAN_OPTIONS=detect_leaks=1:halt_on_error=1:abort_on_error=0:detect_stack_use_after_return=1:check_initialization_order=1:strict_init_order=1:log_path=$(CURDIR)/$(ASAN_DIR)/sanitizer-logs/asan:log_exe_name=1 \
-  UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1:log_path=$(CURDIR)/$(ASAN_DIR)/sanitizer-logs/ubsan:log_exe_name=1 \
-  LSAN_OPTIONS=suppressions=$(SAN_SUPP)/lsan.supp:print_suppressions=0
+  UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \
+  LSAN_OPTIONS=suppressions=$(SAN_SUPP)/lsan.supp:print_suppressions=0 \
+  GTEST_FILTER=-$(ASAN_GTEST_EXCLUDE)
+# gtest cases left out under ASan (a negative GTEST_FILTER for every test
+# binary): timing bounds that the instrumented build cannot meet.
+#  NodeHostileTest.UploadBuildsDoNotDelayOtherSequencesAppends: two 20,000-key
+#   graph builds in a row must finish inside the client's 60 s upload deadline
+#   (~10x slower under ASan on a loaded 2-core machine: DEADLINE_EXCEEDED).
+ASAN_GTEST_EXCLUDE ?= NodeHostileTest.UploadBuildsDoNotDelayOtherSequencesAppends
 # The node, worker and gateway tests that run threads against each other.
 TSAN_TESTS ?= node_integration_test node_hostile_test persistence_test ucx_test \
   ucx_routing_test ucx_limits_test engine_test engine_multi_test engine_scheduler_test \
