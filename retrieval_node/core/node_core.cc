@@ -434,7 +434,7 @@ absl::Status NodeCore::UploadShard(const ShardUpload& upload) {
     chunk.positions.resize(n);
     for (size_t i = 0; i < n; ++i) chunk.positions[i] = upload.first_position + int64_t(i);
     head.chunks.push_back(std::move(chunk));
-    head.last_position = upload.first_position + static_cast<int64_t>(n) - 1;
+    head.last_position = upload.first_position + (static_cast<int64_t>(n) - 1);
     if (w != nullptr) {
       diverged = true;
       const Chunk& c = head.chunks.back();
@@ -530,7 +530,7 @@ absl::Status NodeCore::ApplyAppend(const AppendRequest& request, StatusCallback&
     for (size_t i = 0; i < n; ++i) {
       head.tail_positions.push_back(request.first_position + int64_t(i));
     }
-    head.last_position = request.first_position + static_cast<int64_t>(n) - 1;
+    head.last_position = request.first_position + (static_cast<int64_t>(n) - 1);
     if (head.tail->size() >= options_.tail_capacity) {
       KVR_RETURN_IF_ERROR(Seal(*seq, &head, w));
     } else if (w != nullptr) {

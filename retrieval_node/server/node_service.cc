@@ -406,7 +406,7 @@ class NodeService::UploadReactor final : public grpc::ServerReadReactor<v1::Uplo
     *info->mutable_key() = header_.key();
     info->set_n_keys(header_.n_keys());
     info->set_first_position(header_.first_position());
-    info->set_last_position(header_.first_position() + header_.n_keys() - 1);
+    info->set_last_position(header_.first_position() + (header_.n_keys() - 1));
     absl::StatusOr<std::vector<ShardInfo>> shards =
         service_->core_->ListShards(upload.key.sequence_id);
     if (shards.ok()) {
@@ -484,7 +484,7 @@ grpc::ServerUnaryReactor* NodeService::Append(grpc::CallbackServerContext* conte
       if (st.ok()) {
         if (metrics != nullptr) metrics->RecordAppendedTokens(rows);
         // The core accepted the rows, so first + rows - 1 fits int64.
-        response->set_last_position(rows > 0 ? first + rows - 1 : -1);
+        response->set_last_position(rows > 0 ? first + (rows - 1) : -1);
       }
       FinishAndRecord(reactor, st, metrics, NodeMethod::kAppend, start);
     });

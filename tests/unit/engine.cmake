@@ -10,7 +10,7 @@ kvr_test(engine_multi_test SOURCES unit/engine_multi_test.cc
 # Sequence sharding: many placement chunks (and, with services, several nodes
 # behind MultiNodeClient) give the same results as one chunk.
 if(KVR_WITH_SERVICES)
-  kvr_test(engine_chunks_test SOURCES unit/engine_chunks_test.cc
+  kvr_test(engine_chunks_test SOURCES unit/engine_chunks_test.cc PROTOBUF_FIRST
     DEPS kvr::engine kvr::retrieval_client kvr::remote_clients TIMEOUT 300)
   target_compile_definitions(engine_chunks_test PRIVATE KVR_TEST_MULTI_NODE=1)
 else()

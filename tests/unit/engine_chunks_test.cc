@@ -19,7 +19,17 @@
 #include "retrieval_node/client/in_process_client.h"
 #include "tests/support/stories_model.h"
 #ifdef KVR_TEST_MULTI_NODE
+#include <google/protobuf/stubs/common.h>
+
 #include "retrieval_node/client/multi_node_client.h"
+#endif
+
+#ifdef KVR_TEST_MULTI_NODE
+// Links libprotobuf ahead of libsentencepiece (PROTOBUF_FIRST, see
+// cmake/KvrTargets.cmake): without this reference --as-needed records
+// libsentencepiece first and the ASan build crashes in libprotobuf's static
+// initialization (make test-asan).
+void ReferenceLibprotobufFirst() { GOOGLE_PROTOBUF_VERIFY_VERSION; }
 #endif
 
 namespace kvr::worker {
