@@ -34,10 +34,10 @@ PROMPT = ("Once upon a time, there was a little girl named Lily. She loved to pl
           "outside in the sun with her big red ball and her dog.")
 
 
-def start_cluster(kvr, run_dir, replicas, timeout=120):
-    """Starts `kvr cluster`; returns (process, cluster.json dict)."""
+def start_cluster(kvr, run_dir, replicas, timeout=120, extra=()):
+    """Starts `kvr cluster` (plus `extra` flags); returns (process, cluster.json dict)."""
     proc = subprocess.Popen(
-        [kvr, "cluster", "--run_dir", run_dir, "--replicas", str(replicas)],
+        [kvr, "cluster", "--run_dir", run_dir, "--replicas", str(replicas)] + list(extra),
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     deadline = time.time() + timeout
     while time.time() < deadline:
@@ -65,8 +65,9 @@ def stop_cluster(proc):
 class Stream(threading.Thread):
     """One streamed /v1/completions request; records each event's arrival."""
 
-    def __init__(self, http_addr, max_tokens, on_event=None):
+    def __init__(self, http_addr, max_tokens, on_event=None, prompt=PROMPT):
         super().__init__(daemon=True)
+        self.prompt = prompt
         self.host, port = http_addr.rsplit(":", 1)
         self.port = int(port)
         self.max_tokens = max_tokens
@@ -76,7 +77,7 @@ class Stream(threading.Thread):
     def run(self):
         try:
             conn = http.client.HTTPConnection(self.host, self.port, timeout=120)
-            body = json.dumps({"model": "stories260K", "prompt": PROMPT, "stream": True,
+            body = json.dumps({"model": "stories260K", "prompt": self.prompt, "stream": True,
                                "max_tokens": self.max_tokens, "temperature": 0})
             conn.request("POST", "/v1/completions", body,
                          {"Content-Type": "application/json"})
@@ -111,8 +112,11 @@ def percentile(values, p):
     return s[min(len(s) - 1, int(p / 100.0 * len(s)))]
 
 
-def run_streams(http_addr, n, max_tokens, on_event=None):
-    streams = [Stream(http_addr, max_tokens, on_event if i == 0 else None) for i in range(n)]
+def run_streams(http_addr, n, max_tokens, on_event=None, prompts=None):
+    """Runs n concurrent streams (stream i on prompts[i] when given; stream 0
+    calls on_event); returns (streams, summary dict)."""
+    streams = [Stream(http_addr, max_tokens, on_event if i == 0 else None,
+                      prompts[i] if prompts else PROMPT) for i in range(n)]
     start = time.monotonic()
     for s in streams:
         s.start()

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <condition_variable>
 #include <cstdio>
 #include <set>
 #include <utility>
@@ -330,6 +331,7 @@ absl::Status MultiNodeClient::CreateSequence(const SequenceSpec& spec) {
   r.syncing.assign(n, 0);
   r.sync_failures.assign(n, 0);
   r.next_sync_ns.assign(n, 0);
+  r.catchup.assign(n, nullptr);
   for (size_t i = 0; i < n; ++i) {
     if (!results[i].ok()) {
       r.stale[i] = 1;
@@ -344,7 +346,8 @@ absl::Status MultiNodeClient::CreateSequence(const SequenceSpec& spec) {
 
 absl::Status MultiNodeClient::RouteWrite(uint64_t sequence_id, int32_t layer, int32_t kv_head,
                                          std::optional<int32_t> chunk, int64_t first_position,
-                                         size_t rows, const char* what, WriteRoute* route) {
+                                         size_t rows, const char* what, WriteRoute* route,
+                                         const AppendRequest* append) {
   std::lock_guard<std::mutex> lock(mu_);
   auto it = routing_.find(sequence_id);
   if (it == routing_.end()) {
@@ -368,7 +371,11 @@ absl::Status MultiNodeClient::RouteWrite(uint64_t sequence_id, int32_t layer, in
   const int64_t now = NowNs();
   route->targets.clear();
   for (size_t o : owners) {
-    if (r.stale[o]) continue;
+    if (r.stale[o]) {
+      // Catching up: keep a copy to replay once its sync copied the rest.
+      if (append != nullptr && r.catchup[o] != nullptr) LogForCatchUp(*append, r.catchup[o].get());
+      continue;
+    }
     if (!r.view->health[o]->Live(now)) {
       r.stale[o] = 1;  // it misses this write
       continue;
@@ -463,7 +470,7 @@ absl::Status MultiNodeClient::Append(const AppendRequest& request) {
   WriteRoute route;
   KVR_RETURN_IF_ERROR(RouteWrite(request.sequence_id, request.layer, request.kv_head,
                                  std::nullopt, request.first_position, request.keys.rows(),
-                                 "Append", &route));
+                                 "Append", &route, &request));
   std::vector<absl::Status> results(route.targets.size());
   ForEachParallel(route.targets.size(), [&](size_t t) {
     results[t] = route.view->clients[route.targets[t]]->Append(request);
@@ -481,7 +488,8 @@ void MultiNodeClient::AppendAsync(const AppendRequest& request, StatusCallback d
   auto fan = std::make_shared<Fan>();
   if (absl::Status routed =
           RouteWrite(request.sequence_id, request.layer, request.kv_head, std::nullopt,
-                     request.first_position, request.keys.rows(), "Append", &fan->route);
+                     request.first_position, request.keys.rows(), "Append", &fan->route,
+                     &request);
       !routed.ok()) {
     done(std::move(routed));
     return;
@@ -807,8 +815,16 @@ void MultiNodeClient::SyncLoop() {
     }
     if (jobs.empty()) continue;
     lock.unlock();
-    for (SyncJob& job : jobs) {
-      if (!job.drops.empty()) {
+    // A few at a time: a catch-up costs a node-side scan of what is held, so
+    // one rejoining node with many live sequences would otherwise wait for
+    // them one by one.
+    for (size_t first = 0; first < jobs.size(); first += kParallelSyncs) {
+      ForEachParallel(std::min(kParallelSyncs, jobs.size() - first), [&](size_t i) {
+        SyncJob& job = jobs[first + i];
+        if (job.drops.empty()) {
+          RunSync(job);
+          return;
+        }
         for (uint64_t s : job.drops) {
           const absl::Status st = job.client->DropSequence(s);
           if (IsTransportError(st)) {
@@ -816,12 +832,37 @@ void MultiNodeClient::SyncLoop() {
             RememberOrphan(job.node_id, s);
           }
         }
-        continue;
-      }
-      RunSync(job);
+      });
     }
     lock.lock();
   }
+}
+
+void MultiNodeClient::LogForCatchUp(const AppendRequest& append, CatchUpLog* log) {
+  if (log->overflow) return;
+  const size_t rows = append.keys.rows(), cols = append.keys.cols();
+  const int64_t bytes = static_cast<int64_t>(2 * rows * cols * sizeof(float));
+  if (log->bytes + bytes > kMaxCatchUpBytes || append.values.rows() != rows ||
+      append.values.cols() != cols) {
+    log->overflow = true;
+    log->entries.clear();
+    log->bytes = 0;
+    return;
+  }
+  CatchUpLog::Entry e;
+  e.layer = append.layer;
+  e.kv_head = append.kv_head;
+  e.first_position = append.first_position;
+  e.rows = rows;
+  e.cols = cols;
+  e.keys.resize(rows * cols);
+  e.values.resize(rows * cols);
+  for (size_t i = 0; i < rows; ++i) {
+    std::copy_n(append.keys.row(i), cols, e.keys.data() + i * cols);
+    std::copy_n(append.values.row(i), cols, e.values.data() + i * cols);
+  }
+  log->bytes += bytes;
+  log->entries.push_back(std::move(e));
 }
 
 void MultiNodeClient::RunSync(SyncJob& job) {
@@ -832,11 +873,17 @@ void MultiNodeClient::RunSync(SyncJob& job) {
   std::map<size_t, std::vector<ShardRef>> by_source;
   bool owns_any = false;
   absl::Status plan;
+  const size_t heads = static_cast<size_t>(job.spec.n_layers) *
+                       static_cast<size_t>(job.spec.n_kv_heads);
+  // Per head the node owns a chunk of: the last position issued when the
+  // sync began (the copy must reach it; later appends are in `log`).
+  std::vector<int64_t> issued_at_start(heads, -1);
+  std::shared_ptr<CatchUpLog> log;
   {
     std::lock_guard<std::mutex> lock(mu_);
     auto it = routing_.find(job.sequence_id);
     if (it == routing_.end() || it->second.view != job.view) return;  // dropped meanwhile
-    const Routing& r = it->second;
+    Routing& r = it->second;
     const int64_t now = NowNs();
     std::vector<size_t> owners;
     for (int32_t layer = 0; layer < r.spec.n_layers && plan.ok(); ++layer) {
@@ -844,10 +891,14 @@ void MultiNodeClient::RunSync(SyncJob& job) {
         const HeadState& head = r.heads[static_cast<size_t>(layer) *
                                             static_cast<size_t>(r.spec.n_kv_heads) +
                                         static_cast<size_t>(h)];
-        for (int32_t chunk : head.chunks) {
+        for (size_t c = 0; c < head.chunks.size(); ++c) {
+          const int32_t chunk = head.chunks[c];
           Owners(r, job.sequence_id, layer, h, chunk, &owners);
           if (std::find(owners.begin(), owners.end(), node) == owners.end()) continue;
           owns_any = true;
+          const size_t hi = static_cast<size_t>(layer) * static_cast<size_t>(r.spec.n_kv_heads) +
+                            static_cast<size_t>(h);
+          issued_at_start[hi] = std::max(issued_at_start[hi], head.last_issued[c]);
           size_t source = job.view->clients.size();
           for (size_t o : owners) {
             if (o != node && !r.stale[o] && r.view->health[o]->Live(now)) {
@@ -864,6 +915,10 @@ void MultiNodeClient::RunSync(SyncJob& job) {
           by_source[source].push_back({layer, h, chunk});
         }
       }
+    }
+    if (plan.ok() && owns_any) {
+      log = std::make_shared<CatchUpLog>();
+      r.catchup[node] = log;
     }
   }
   RetrievalClient& dest = *job.view->clients[node];
@@ -891,16 +946,96 @@ void MultiNodeClient::RunSync(SyncJob& job) {
     keys_synced_.fetch_add(res->keys_copied, std::memory_order_relaxed);
     results.push_back(*std::move(res));
   }
-  std::lock_guard<std::mutex> lock(mu_);
+  std::unique_lock<std::mutex> lock(mu_);
   auto it = routing_.find(job.sequence_id);
   if (it == routing_.end() || it->second.view != job.view) return;
+  // What the node holds per head after the copy, then after each replayed
+  // append.
+  std::vector<int64_t> have(heads, -1);
+  bool done = st.ok();
+  for (const SyncResult& res : results) {
+    if (res.last_positions.size() != heads) {
+      done = false;
+      break;
+    }
+    for (size_t hi = 0; hi < heads; ++hi) have[hi] = std::max(have[hi], res.last_positions[hi]);
+  }
+  // Everything issued before the log began must have come with the copy
+  // (an append still in flight to the source then may not have).
+  for (size_t hi = 0; hi < heads && done; ++hi) {
+    if (issued_at_start[hi] >= 0 && have[hi] < issued_at_start[hi]) done = false;
+  }
+  // Replay the appends issued during the copy, oldest first, until none is
+  // left; the last check happens under the mutex, so from the moment the
+  // node is marked in sync every append goes to it directly.
+  while (done && log != nullptr) {
+    if (log->overflow) {
+      done = false;
+      break;
+    }
+    std::vector<CatchUpLog::Entry> entries = std::move(log->entries);
+    log->entries.clear();
+    log->bytes = 0;
+    if (entries.empty()) break;
+    lock.unlock();
+    // Sent all at once with AppendAsync (the client keeps each head's order
+    // and the node groups their syncs), then waited for: replaying one by
+    // one could not keep up with a sequence that goes on decoding.
+    struct Pending {
+      std::mutex mu;
+      std::condition_variable cv;
+      size_t left = 0;
+      absl::Status first_error;
+    } pending;
+    absl::Status replay;
+    for (const CatchUpLog::Entry& e : entries) {
+      const size_t hi = static_cast<size_t>(e.layer) * static_cast<size_t>(job.spec.n_kv_heads) +
+                        static_cast<size_t>(e.kv_head);
+      const int64_t last = e.first_position + static_cast<int64_t>(e.rows) - 1;
+      if (e.rows == 0 || last <= have[hi]) continue;  // the copy had it
+      if (have[hi] >= 0 && e.first_position > have[hi] + 1) {
+        replay = absl::FailedPreconditionError("a gap before a logged append");
+        break;
+      }
+      const size_t skip =
+          have[hi] >= e.first_position ? static_cast<size_t>(have[hi] - e.first_position + 1) : 0;
+      AppendRequest a;
+      a.sequence_id = job.sequence_id;
+      a.layer = e.layer;
+      a.kv_head = e.kv_head;
+      a.first_position = e.first_position + static_cast<int64_t>(skip);
+      a.keys = ConstMatrixView(e.keys.data() + skip * e.cols, e.rows - skip, e.cols);
+      a.values = ConstMatrixView(e.values.data() + skip * e.cols, e.rows - skip, e.cols);
+      {
+        std::lock_guard<std::mutex> plock(pending.mu);
+        ++pending.left;
+      }
+      dest.AppendAsync(a, [&pending](absl::Status status) {
+        std::lock_guard<std::mutex> plock(pending.mu);
+        if (!status.ok() && pending.first_error.ok()) pending.first_error = std::move(status);
+        if (--pending.left == 0) pending.cv.notify_all();
+      });
+      have[hi] = last;
+    }
+    {
+      std::unique_lock<std::mutex> plock(pending.mu);
+      pending.cv.wait(plock, [&pending] { return pending.left == 0; });
+      if (replay.ok()) replay = pending.first_error;
+    }
+    lock.lock();
+    it = routing_.find(job.sequence_id);
+    if (it == routing_.end() || it->second.view != job.view) return;
+    if (!replay.ok()) {
+      done = false;
+      if (st.ok()) st = replay;
+    }
+  }
   Routing& r = it->second;
   r.syncing[node] = 0;
-  bool done = st.ok();
+  if (r.catchup[node] == log) r.catchup[node] = nullptr;
   if (done) {
     // In sync only if the node now holds every position issued to the
-    // shards it owns (an append issued during the copy means another round).
-    const size_t heads = static_cast<size_t>(r.spec.n_layers) * static_cast<size_t>(r.spec.n_kv_heads);
+    // shards it owns (an upload issued during the copy means another round).
     std::vector<int64_t> expected(heads, -1);
     std::vector<size_t> owners;
     bool owns_now = false;
@@ -918,20 +1053,8 @@ void MultiNodeClient::RunSync(SyncJob& job) {
     if (!owns_any) {
       done = !owns_now;  // a write was issued meanwhile: copy it next round
     } else {
-      // Heads a reply covers must match; every owned head must be covered.
-      std::vector<uint8_t> covered(heads, 0);
-      for (const SyncResult& res : results) {
-        if (res.last_positions.size() != heads) {
-          done = false;
-          break;
-        }
-        for (size_t hi = 0; hi < heads; ++hi) {
-          if (res.last_positions[hi] < 0) continue;
-          if (res.last_positions[hi] == expected[hi]) covered[hi] = 1;
-        }
-      }
       for (size_t hi = 0; hi < heads && done; ++hi) {
-        if (expected[hi] >= 0 && !covered[hi]) done = false;
+        if (expected[hi] >= 0 && have[hi] != expected[hi]) done = false;
       }
     }
   }

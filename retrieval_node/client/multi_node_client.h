@@ -103,6 +103,10 @@ class MultiNodeClient final : public RetrievalClient {
   // At most this many sequence ids are remembered per node for a drop that
   // could not be delivered ("dropped while down").
   static constexpr size_t kMaxOrphansPerNode = 4096;
+  // Bytes of appends kept per (sequence, node) while that node catches up.
+  static constexpr int64_t kMaxCatchUpBytes = int64_t{64} << 20;
+  // Syncs (or orphan-drop deliveries) run at once by the sync thread.
+  static constexpr size_t kParallelSyncs = 4;
 
   // Opens a client to a node that joined (e.g. GrpcRetrievalClient::Create).
   using Connector =
@@ -196,6 +200,19 @@ class MultiNodeClient final : public RetrievalClient {
     std::vector<uint8_t> acked;
     size_t Index(int32_t chunk);  // adds the chunk when missing
   };
+  // Appends issued while a node catches up (see Routing::catchup), in issue
+  // order; at most kMaxCatchUpBytes of keys and values.
+  struct CatchUpLog {
+    struct Entry {
+      int32_t layer = 0, kv_head = 0;
+      int64_t first_position = 0;
+      size_t rows = 0, cols = 0;
+      std::vector<float> keys, values;  // rows x cols each, dense
+    };
+    std::vector<Entry> entries;
+    int64_t bytes = 0;
+    bool overflow = false;  // an append did not fit: the round starts over
+  };
   struct Routing {
     SequenceSpec spec;
     std::shared_ptr<const View> view;
@@ -205,6 +222,10 @@ class MultiNodeClient final : public RetrievalClient {
     std::vector<uint8_t> syncing;     // [node index]: a sync runs now
     std::vector<int> sync_failures;   // [node index], for the backoff
     std::vector<int64_t> next_sync_ns;  // [node index], steady clock
+    // [node index]: set while a sync of that node runs; every append issued
+    // meanwhile to a chunk the node owns is copied here and replayed to it
+    // after the copy, so a sequence that keeps decoding still converges.
+    std::vector<std::shared_ptr<CatchUpLog>> catchup;
   };
   struct SyncJob;
   struct AttendCall;
@@ -231,12 +252,15 @@ class MultiNodeClient final : public RetrievalClient {
   // stale). mu_ not held. `chunk`: the upload's, or none for an append.
   absl::Status RouteWrite(uint64_t sequence_id, int32_t layer, int32_t kv_head,
                           std::optional<int32_t> chunk, int64_t first_position, size_t rows,
-                          const char* what, WriteRoute* route);
+                          const char* what, WriteRoute* route,
+                          const AppendRequest* append = nullptr);
   // Records the write's per-owner outcomes (results[t]: targets[t]'s);
   // returns the call's status.
   absl::Status FinishWrite(uint64_t sequence_id, int32_t layer, int32_t kv_head,
                            const WriteRoute& route, const std::vector<absl::Status>& results);
   void Suspect(NodeHealth& node);
+  // Copies `append` into `log` (or marks it overflowed past kMaxCatchUpBytes).
+  static void LogForCatchUp(const AppendRequest& append, CatchUpLog* log);
   // Routes `shards` of call->layer to nodes (skipping call->excluded), issues
   // the requests and returns; false (and `done` ran) when routing failed.
   void StartAttendRound(const std::shared_ptr<AttendCall>& call,
