@@ -27,8 +27,10 @@ endif()
 # mutations of it, in this (gcc) build: `make test` exercises each harness
 # with no clang dependency (the clang build, `make fuzz`, fuzzes for real).
 if(KVR_WITH_SERVICES AND NOT KVR_FUZZ)
+  # node_service / worker: every RPC of the retrieval node / decode worker
+  # through the service object on an in-process gRPC server (~3 s each).
   foreach(h ucx_wire index llama2c llama2c_tokenizer sentencepiece hf_bpe safetensors openai
-      store)
+      store node_service worker)
     # The store harness opens RocksDB per input (~50 ms): fewer mutations.
     set(_mutations 500)
     if(h STREQUAL "store")
