@@ -18,6 +18,7 @@
 // after the input's sequences are all dropped the node holds nothing:
 // MemoryUsedBytes() == 0, UploadMemoryUsedBytes() == 0, no sequence, no
 // shard.
+#include <chrono>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
@@ -83,10 +84,17 @@ Node& TheNode() {
   return *node;
 }
 
-// KVR_FUZZ_TRACE=1: each call's status on stderr (to check what seeds reach).
+// KVR_FUZZ_TRACE=1: each call's status and the milliseconds since the
+// previous trace on stderr (to check what seeds reach, and what is slow).
 void Trace(const char* call, const grpc::Status& st) {
   static const bool on = std::getenv("KVR_FUZZ_TRACE") != nullptr;
-  if (on) std::fprintf(stderr, "%s: %d %s\n", call, st.error_code(), st.error_message().c_str());
+  if (!on) return;
+  static auto last = std::chrono::steady_clock::now();
+  const auto now = std::chrono::steady_clock::now();
+  std::fprintf(stderr, "%8.3f ms %s: %d %s\n",
+               std::chrono::duration<double, std::milli>(now - last).count(), call,
+               st.error_code(), st.error_message().c_str());
+  last = now;
 }
 
 [[noreturn]] void Fail(const std::string& what) {
