@@ -59,7 +59,7 @@ struct Node {
   Node() {
     // Requests with invalid UTF-8 in string fields are refused by the parser
     // (and logged per call): keep the fuzzer's output to its own findings.
-    google::protobuf::SetLogHandler(nullptr);
+    if (std::getenv("KVR_FUZZ_TRACE") == nullptr) google::protobuf::SetLogHandler(nullptr);
     retrieval::NodeCoreOptions o;
     o.threads = 1;
     o.tail_capacity = 16;

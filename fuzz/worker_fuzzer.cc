@@ -78,7 +78,7 @@ struct Worker {
   Worker() {
     // Requests with invalid UTF-8 in string fields are refused by the parser
     // (and logged per call): keep the fuzzer's output to its own findings.
-    google::protobuf::SetLogHandler(nullptr);
+    if (std::getenv("KVR_FUZZ_TRACE") == nullptr) google::protobuf::SetLogHandler(nullptr);
     const std::string models = kvr::fuzz::ModelsDir();
     weights = OrDie(worker::LoadLlama2c(models + "/stories260K.bin"), "stories260K.bin");
     tokenizer = OrDie(worker::Llama2cTokenizer::Load(models + "/tok512.bin",
