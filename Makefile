@@ -31,7 +31,7 @@ CTEST_FLAGS ?=
 FUZZ_DIR ?= build-fuzz
 FUZZ_SECONDS ?= 60
 FUZZ_HARNESSES ?= ucx_wire index llama2c llama2c_tokenizer sentencepiece hf_bpe safetensors openai \
-  store
+  store node_service worker
 
 .PHONY: deps configure build run test test-slow bench clean fuzz
 

@@ -20,6 +20,8 @@
 #include "common/tensor.h"
 #include "gpu_worker/model/random_weights.h"
 #include "gpu_worker/model/safetensors_loader.h"
+#include "fuzz/service_ops.h"
+#include "kvr/v1/generation.pb.h"
 #include "kvr/v1/retrieval.pb.h"
 #include "nlohmann/json.hpp"
 #include "retrieval_node/core/node_core.h"
@@ -384,6 +386,200 @@ void StoreSeeds() {
   fs::remove_all(tmp);
 }
 
+// Op streams for the service harnesses (node_service_fuzzer.cc,
+// worker_fuzzer.cc read them field by field; a byte < 0xF0 is a small value).
+class Ops {
+ public:
+  Ops& B(std::initializer_list<int> bytes) {
+    for (int b : bytes) s_.push_back(static_cast<char>(b));
+    return *this;
+  }
+  Ops& Blob(const std::string& bytes) {
+    B({static_cast<int>(bytes.size() & 0xFF), static_cast<int>(bytes.size() >> 8)});
+    s_ += bytes;
+    return *this;
+  }
+  const std::string& str() const { return s_; }
+
+ private:
+  std::string s_;
+};
+
+// Node ops, in the harness's field order. Dim index 0 = head_dim 8.
+void NodeCreate(Ops& o, int id, int index_type, int dtype = 1) {
+  o.B({kvr::fuzz::kNodeCreate, id, 1, 2, 1, 0, dtype, index_type, 0});
+}
+// Header fields then begin / part fields; train: 0 none, 1 topk, 2 queries.
+void NodeHeader(Ops& o, int op, int id, int chunk, int first, int n_keys, int dtype, int train) {
+  o.B({op, id, 0, 0, chunk, first, n_keys, 0, dtype, dtype, train});
+  if (train == 1) o.B({n_keys, 8});
+  if (train == 2) o.B({16});
+  o.B({8, 7, 0});  // train_k, seed, header first
+}
+void NodeUpload(Ops& o, int id, int chunk, int first, int n_keys, int dtype, int train,
+                int parts = 0, int tweak = 0) {
+  NodeHeader(o, kvr::fuzz::kNodeUpload, id, chunk, first, n_keys, dtype, train);
+  o.B({parts, tweak});
+}
+void NodeAppend(Ops& o, int id, int first, int rows) {
+  o.B({kvr::fuzz::kNodeAppend, id, 0, 0, first, rows, 0, 3, 0, 0, 0, 0, 0});
+}
+void NodeAttend(Ops& o, int id, int k) {
+  o.B({kvr::fuzz::kNodeAttend, id, 0, 2, 0, 5, 0, 0, k, 0, 0, 0, 0});
+}
+
+void NodeServiceSeeds() {
+  using namespace kvr::fuzz;  // NOLINT(build/namespaces): the op codes
+  for (int type : {1, 2, 3}) {  // graph, flat, IVF
+    Ops o;
+    NodeCreate(o, 0, type);
+    NodeUpload(o, 0, 0, 0, 40, 1, 0);
+    NodeAppend(o, 0, 40, 5);
+    NodeAttend(o, 0, 8);
+    o.B({kNodeList, 0, 0, kNodeStats, kNodeEndpoints, kNodeDrop, 0, kNodeStats});
+    Write("node_service", "lifecycle-" + std::to_string(type), kNodeCreate, o.str().substr(1));
+  }
+  {  // bf16 / f16, training data of both kinds, two chunks, split parts
+    Ops o;
+    NodeCreate(o, 1, 1, 2);
+    NodeUpload(o, 1, 0, 0, 40, 2, 1, 1);
+    NodeUpload(o, 1, 1, 40, 40, 3, 2, 2);
+    NodeAttend(o, 1, 4);
+    NodeAppend(o, 1, 80, 20);
+    NodeAttend(o, 1, 16);
+    o.B({kNodeList, 1, kNodeDrop, 1});
+    Write("node_service", "dtypes-training", kNodeCreate, o.str().substr(1));
+  }
+  {  // an open upload stream across an append, a drop and a re-create
+    Ops o;
+    NodeCreate(o, 2, 1);
+    NodeHeader(o, kNodeUploadBegin, 2, 0, 0, 40, 1, 0);
+    o.B({kNodeUploadPart, 1});
+    NodeAppend(o, 2, 40, 3);
+    o.B({kNodeDrop, 2});
+    NodeCreate(o, 2, 2);
+    o.B({kNodeUploadPart, 3, kNodeUploadEnd, kNodeStats});
+    NodeAttend(o, 2, 1);
+    Write("node_service", "upload-interleaved", kNodeCreate, o.str().substr(1));
+  }
+  {  // broken uploads: a short part, an extra byte, a second header, an empty part
+    Ops o;
+    NodeCreate(o, 3, 1);
+    for (int tweak = 1; tweak <= 6; ++tweak) NodeUpload(o, 3, tweak, 0, 40, 1, 0, 0, tweak);
+    o.B({kNodeStats});
+    Write("node_service", "upload-broken", kNodeCreate, o.str().substr(1));
+  }
+  {  // calls without a deadline, unknown sequences, bad enums
+    Ops o;
+    o.B({0xC0 | kNodeCreate, 0, 1, 2, 1, 0, 1, 1, 0});
+    o.B({kNodeCreate, 0, 1, 3, 2, 0, 0, 4, 0});
+    NodeAttend(o, 3, 8);
+    NodeAppend(o, 1, 0, 1);
+    o.B({0xC0 | kNodeStats, 0xC0 | kNodeList, 1, 0xC0 | kNodeDrop, 0});
+    Write("node_service", "refusals", kNodeCreate, o.str().substr(1));
+  }
+  {  // request protos as a client serializes them
+    kvr::v1::CreateSequenceRequest create;
+    kvr::v1::SequenceSpec* spec = create.mutable_spec();
+    spec->set_sequence_id(9);
+    spec->set_n_layers(1);
+    spec->set_n_heads(2);
+    spec->set_n_kv_heads(1);
+    spec->set_head_dim(4);
+    spec->set_value_dtype(kvr::v1::DTYPE_F32);
+    spec->set_index_type(kvr::v1::INDEX_TYPE_FLAT);
+    kvr::v1::UploadShardRequest header;
+    kvr::v1::ShardHeader* h = header.mutable_header();
+    h->mutable_key()->set_sequence_id(9);
+    h->set_n_keys(2);
+    h->set_head_dim(4);
+    h->set_key_dtype(kvr::v1::DTYPE_F32);
+    h->set_value_dtype(kvr::v1::DTYPE_F32);
+    kvr::v1::UploadShardRequest data;
+    const std::string eight(8 * sizeof(float), '\0');
+    data.mutable_data()->set_keys(eight);
+    data.mutable_data()->set_values(eight);
+    kvr::v1::AttendRequest attend;
+    attend.set_sequence_id(9);
+    attend.mutable_queries()->set_dtype(kvr::v1::DTYPE_F32);
+    attend.mutable_queries()->set_rows(2);
+    attend.mutable_queries()->set_cols(4);
+    attend.mutable_queries()->set_data(eight);
+    attend.set_k(2);
+    kvr::v1::ListShardsRequest list;
+    list.set_sequence_id(9);
+    kvr::v1::DropSequenceRequest drop;
+    drop.set_sequence_id(9);
+    Ops o;
+    o.B({kNodeRaw, 0}).Blob(create.SerializeAsString());
+    o.B({kNodeRaw, 1, 2}).Blob(header.SerializeAsString()).Blob(data.SerializeAsString());
+    o.B({kNodeRaw, 3}).Blob(attend.SerializeAsString());
+    o.B({kNodeRaw, 5}).Blob(list.SerializeAsString());
+    o.B({kNodeRaw, 6}).Blob("");
+    o.B({kNodeRaw, 7}).Blob("");
+    o.B({kNodeRaw, 4}).Blob(drop.SerializeAsString());
+    Write("node_service", "raw-protos", kNodeRaw, o.str().substr(1));
+  }
+}
+
+// Worker Generate from fields: text prompt, max_tokens, no stop strings,
+// greedy, attention mode (0 default, 1 full, 2 retrieval), `aopt` flags.
+void WorkerGenerate(Ops& o, int op, const std::string& text, int max_tokens, int mode,
+                    std::initializer_list<int> attention = {0}) {
+  o.B({op, 0}).Blob(text).B({0, max_tokens, 0, 0, 0, 0, mode}).B(attention);
+}
+
+void WorkerSeeds() {
+  using namespace kvr::fuzz;  // NOLINT(build/namespaces): the op codes
+  {
+    Ops o;
+    WorkerGenerate(o, kWorkerGenerate, "Once upon a time", 4, 0);
+    o.B({kWorkerInfo, 1});
+    Write("worker", "generate", kWorkerGenerate, o.str().substr(1));
+  }
+  {  // full attention; retrieval with sinks 2, window 4, top_k 3, chunk_tokens 8
+    Ops o;
+    WorkerGenerate(o, kWorkerGenerate, "Lily and Tom went to the park.", 3, 1);
+    WorkerGenerate(o, kWorkerGenerate, "Once upon a time there was a little girl named Lily.",
+                   4, 2, {1 | 2 | 4 | 16, 2, 4, 3, 8});
+    Write("worker", "attention-modes", kWorkerGenerate, o.str().substr(1));
+  }
+  {  // cancelled after its first message, then a stop string and sampling
+    Ops o;
+    WorkerGenerate(o, kWorkerGenerateCancel, "The cat sat", 4, 2);
+    o.B({kWorkerGenerate, 0}).Blob("Once upon a time").B({0, 4, 1}).Blob(" ");
+    o.B({64, 10, 1 | 2 | 4, 60, 80, 42, 0, 0});
+    Write("worker", "cancel-stop-sampling", kWorkerGenerateCancel, o.str().substr(1));
+  }
+  {
+    Ops o;
+    o.B({kWorkerTokenize}).Blob("Once upon a time, h\xc3\xa9llo").B({1});
+    o.B({kWorkerDetokenize, 6, 1, 200, 50, 0, 239, 2});
+    o.B({kWorkerInfo, 0, kWorkerInfo, 2, 1});
+    Write("worker", "tokenize-detokenize-info", kWorkerTokenize, o.str().substr(1));
+  }
+  {  // request protos: token prompt, a refused attention option, raw calls
+    kvr::v1::GenerateRequest tokens;
+    for (int id : {1, 403, 407, 261, 378}) tokens.mutable_tokens()->add_ids(id);
+    tokens.set_max_tokens(2);
+    tokens.set_request_id("seed-1");
+    kvr::v1::GenerateRequest window = tokens;
+    window.mutable_attention()->set_window(16777216);
+    kvr::v1::TokenizeRequest tok;
+    tok.set_text("Once upon a time");
+    tok.set_add_bos(true);
+    kvr::v1::DetokenizeRequest detok;
+    for (int id : {1, 403, 407, 511, 512}) detok.add_ids(id);
+    Ops o;
+    o.B({kWorkerGenerateRaw}).Blob(tokens.SerializeAsString()).B({0});
+    o.B({kWorkerGenerateRaw}).Blob(window.SerializeAsString()).B({0});
+    o.B({kWorkerRaw, 0}).Blob(tok.SerializeAsString());
+    o.B({kWorkerRaw, 1}).Blob(detok.SerializeAsString());
+    o.B({kWorkerRaw, 2}).Blob("");
+    Write("worker", "raw-protos", kWorkerGenerateRaw, o.str().substr(1));
+  }
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -400,6 +596,8 @@ int main(int argc, char** argv) {
   SafetensorsSeeds();
   OpenAiSeeds();
   StoreSeeds();
+  NodeServiceSeeds();
+  WorkerSeeds();
   std::printf("make_seeds: wrote seeds under %s\n", g_corpus.c_str());
   return 0;
 }

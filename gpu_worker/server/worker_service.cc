@@ -4,6 +4,8 @@
 #include <deque>
 #include <functional>
 #include <mutex>
+#include <string>
+#include <string_view>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
@@ -34,6 +36,40 @@ v1::FinishReason ToProto(FinishReason r) {
 }
 
 }  // namespace
+
+std::string ValidUtf8(std::string_view text) {
+  auto cont = [&text](size_t at, uint8_t lo = 0x80, uint8_t hi = 0xBF) {
+    if (at >= text.size()) return false;
+    const auto c = static_cast<uint8_t>(text[at]);
+    return c >= lo && c <= hi;
+  };
+  std::string out;
+  out.reserve(text.size());
+  size_t i = 0;
+  while (i < text.size()) {
+    const auto b = static_cast<uint8_t>(text[i]);
+    size_t n = 0;  // length of the valid sequence at i, 0: invalid
+    if (b < 0x80) {
+      n = 1;
+    } else if (b >= 0xC2 && b <= 0xDF) {
+      n = cont(i + 1) ? 2 : 0;
+    } else if (b >= 0xE0 && b <= 0xEF) {
+      const uint8_t lo = b == 0xE0 ? 0xA0 : 0x80, hi = b == 0xED ? 0x9F : 0xBF;
+      n = cont(i + 1, lo, hi) && cont(i + 2) ? 3 : 0;
+    } else if (b >= 0xF0 && b <= 0xF4) {
+      const uint8_t lo = b == 0xF0 ? 0x90 : 0x80, hi = b == 0xF4 ? 0x8F : 0xBF;
+      n = cont(i + 1, lo, hi) && cont(i + 2) && cont(i + 3) ? 4 : 0;
+    }
+    if (n == 0) {
+      out += "\xEF\xBF\xBD";  // U+FFFD for the invalid byte
+      ++i;
+    } else {
+      out.append(text.substr(i, n));
+      i += n;
+    }
+  }
+  return out;
+}
 
 // One Generate stream. Deleted once both gRPC (OnDone) and the scheduler
 // (on_done) are finished with it.
@@ -113,7 +149,11 @@ class WorkerService::GenerateReactor final
     if (out_.empty() || !out_.back().has_chunk()) out_.emplace_back().mutable_chunk();
     v1::GenerateChunk* chunk = out_.back().mutable_chunk();
     chunk->mutable_token_ids()->Add(ids.begin(), ids.end());
-    chunk->mutable_text()->append(text);
+    // Pieces never end inside a complete character (RequestLoop holds an
+    // incomplete tail back), so replacing per piece changes only bytes that
+    // can never become valid; a proto3 string must be valid UTF-8 or the
+    // client cannot parse the message (and loses it, and what follows).
+    chunk->mutable_text()->append(ValidUtf8(text));
     Pump();
   }
 
@@ -473,7 +513,7 @@ grpc::ServerUnaryReactor* WorkerService::Detokenize(grpc::CallbackServerContext*
     text += *piece;
     prev = id;
   }
-  response->set_text(std::move(text));
+  response->set_text(ValidUtf8(text));  // a proto3 string: see ValidUtf8
   reactor->Finish(grpc::Status::OK);
   return reactor;
 }

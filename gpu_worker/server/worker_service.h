@@ -32,6 +32,7 @@
 #include <functional>
 #include <mutex>
 #include <string>
+#include <string_view>
 #include <thread>
 #include <vector>
 
@@ -59,6 +60,13 @@ struct WorkerServiceOptions {
   static constexpr int kTokenizeThreads = 2;
   static constexpr size_t kMaxTokenizeWaiting = 64;
 };
+
+// `text` with every byte that does not start a valid UTF-8 sequence (bad
+// leads, stray continuation bytes, overlongs, surrogates, > U+10FFFF, a
+// truncated tail) replaced by U+FFFD. Streamed and detokenized text goes
+// through it: tokens are byte pieces, so sampled text may be malformed, and
+// proto3 `string` fields that are not valid UTF-8 fail to parse in the client.
+std::string ValidUtf8(std::string_view text);
 
 class WorkerService final : public v1::Generation::CallbackService {
  public:

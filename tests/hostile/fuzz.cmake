@@ -23,12 +23,22 @@ if(KVR_WITH_SERVICES)
     ENVIRONMENT UCX_TLS=tcp UCX_NET_DEVICES=lo UCX_WARN_UNUSED_ENV_VARS=n)
 endif()
 
+# The worker fuzzer's finding: malformed UTF-8 from byte tokens in proto3
+# string fields (GenerateChunk.text, DetokenizeResponse.text) made the client
+# drop messages; ValidUtf8 cases, and Detokenize / a high-temperature Generate
+# through the real WorkerService on an in-process gRPC server.
+kvr_test(worker_utf8_test SOURCES hostile/worker_utf8_test.cc PROTOBUF_FIRST
+  DEPS kvr::worker_server kvr::engine kvr::retrieval_client
+  LABELS unit hostile TIMEOUT 120)
+
 # Every libFuzzer harness (fuzz/) replayed on its seed corpus plus fixed
 # mutations of it, in this (gcc) build: `make test` exercises each harness
 # with no clang dependency (the clang build, `make fuzz`, fuzzes for real).
 if(KVR_WITH_SERVICES AND NOT KVR_FUZZ)
+  # node_service / worker: every RPC of the retrieval node / decode worker
+  # through the service object on an in-process gRPC server (~3 s each).
   foreach(h ucx_wire index llama2c llama2c_tokenizer sentencepiece hf_bpe safetensors openai
-      store)
+      store node_service worker)
     # The store harness opens RocksDB per input (~50 ms): fewer mutations.
     set(_mutations 500)
     if(h STREQUAL "store")
