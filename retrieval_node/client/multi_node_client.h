@@ -50,11 +50,19 @@
 // (it may have lost anything). A background sync thread (never holding the
 // routing mutex across a call) brings stale live nodes back: per source
 // (the first other live in-sync owner of each shard) one SyncShards call
-// with the shards the node owns; the node is in sync again only when every
-// reply's last_positions equal the last positions this client has ISSUED
-// for those heads (checked under the mutex, no network call), otherwise it
-// syncs again, backing off from sync_backoff up to 16x. A stale node that
-// owns no shard yet just gets CreateSequence.
+// with the shards the node owns. From the moment a sync is planned until it
+// ends, every append issued to a chunk the node owns is also copied into a
+// catch-up log (kMaxCatchUpBytes per (sequence, node); overflow restarts the
+// round). After the copies, the replies must cover every position issued
+// before the log began; then the log is replayed to the node (AppendAsync,
+// rows the copy already brought skipped) until it is empty, and the node is
+// in sync again only when it holds exactly the last positions this client
+// has ISSUED for those heads (checked under the mutex, no network call: from
+// then on appends go to it directly). Otherwise it syncs again, backing off
+// from sync_backoff up to 16x. So a sequence that keeps decoding still
+// converges (without the log each copy lagged the appends made meanwhile).
+// Up to kParallelSyncs syncs run at once. A stale node that owns no shard
+// yet just gets CreateSequence.
 //
 // Membership changes (SetNodes, or Follow a services/infra/membership set)
 // change the set NEW sequences are placed on; a node that left stays
