@@ -1,6 +1,7 @@
 #include "gpu_worker/server/generation_scheduler.h"
 
 #include <algorithm>
+#include <cstdio>
 #include <optional>
 #include <utility>
 
@@ -107,6 +108,10 @@ absl::StatusOr<std::unique_ptr<GenerationScheduler>> GenerationScheduler::Create
   if (options.max_finish_waiters < 0 || options.max_finish_waiters > (1 << 20)) {
     return absl::InvalidArgumentError(absl::StrCat(
         "max_finish_waiters ", options.max_finish_waiters, " outside [0, 1048576]"));
+  }
+  if (options.max_recomputes < 0 || options.max_recomputes > 16) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("max_recomputes ", options.max_recomputes, " outside [0, 16]"));
   }
   auto s = std::unique_ptr<GenerationScheduler>(new GenerationScheduler(engine, tokenizer, options));
   s->prefill_thread_ = std::thread([p = s.get()] { p->PrefillLoop(); });
@@ -313,6 +318,31 @@ void GenerationScheduler::Finished(std::unique_ptr<Run> run) {
   Ended(run->work(), std::move(summary), /*was_active=*/true);
 }
 
+bool GenerationScheduler::Recomputable(const GenerationWork& work, const absl::Status& why) const {
+  return absl::IsUnavailable(why) && !work.cancel.cancelled() &&
+         work.recomputes < options_.max_recomputes;
+}
+
+void GenerationScheduler::Recompute(GenerationWork work, std::vector<int32_t> generated,
+                                    const absl::Status& why) {
+  // The tokens streamed so far: what the loop generated, or, while it was
+  // still replaying an earlier resume, that resume's longer list (one is a
+  // prefix of the other).
+  if (work.resume_tokens.size() > generated.size()) generated = std::move(work.resume_tokens);
+  work.resume_tokens = std::move(generated);
+  ++work.recomputes;
+  work.on_prefill_progress = nullptr;  // the client already saw its prefill
+  std::fprintf(stderr,
+               "kvr_worker: recomputing a request from its %zu prompt + %zu generated tokens "
+               "(recompute %d): %s\n",
+               work.prompt.size(), work.resume_tokens.size(), work.recomputes,
+               std::string(why.message()).c_str());
+  std::lock_guard<std::mutex> lock(mu_);
+  --active_;  // its memory budget stays reserved: the request goes on
+  queue_.push_front(Queued{std::move(work), Clock::now()});
+  cv_.notify_all();
+}
+
 std::unique_ptr<GenerationScheduler::Run> GenerationScheduler::Admit(Queued q) {
   absl::StatusOr<Sampler> sampler = Sampler::Create(q.work.sampling, engine_->config().vocab_size);
   if (!sampler.ok()) {
@@ -323,7 +353,8 @@ std::unique_ptr<GenerationScheduler::Run> GenerationScheduler::Admit(Queued q) {
   const Clock::time_point start = Clock::now();
   run->set_prefill_start(start);
   GenerationWork& w = run->work();
-  if (absl::Status replay = run->loop().Resume(std::move(w.resume_tokens)); !replay.ok()) {
+  // A copy: the work keeps its resume tokens in case it is recomputed.
+  if (absl::Status replay = run->loop().Resume(w.resume_tokens); !replay.ok()) {
     Ended(w, std::move(replay), /*was_active=*/true);
     return nullptr;
   }
@@ -351,7 +382,11 @@ std::unique_ptr<GenerationScheduler::Run> GenerationScheduler::Admit(Queued q) {
     return nullptr;
   }
   if (!seq.ok()) {
-    Ended(w, seq.status(), /*was_active=*/true);
+    if (Recomputable(w, seq.status())) {
+      Recompute(std::move(w), {}, seq.status());
+    } else {
+      Ended(w, seq.status(), /*was_active=*/true);
+    }
     return nullptr;
   }
   if (options_.observer != nullptr) options_.observer->OnPrefill(total, Seconds(Clock::now() - start));
@@ -510,7 +545,16 @@ void GenerationScheduler::DecodeLoop() {
           st.ok() ? r->Advance(engine_->max_seq_len()) : absl::StatusOr<bool>(st);
       if (!done.ok()) {
         r->EndSequence();
-        Ended(r->work(), done.status(), /*was_active=*/true);
+        if (Recomputable(r->work(), done.status())) {
+          const std::vector<int32_t>& context = r->loop().context();
+          Recompute(std::move(r->work()),
+                    std::vector<int32_t>(context.begin() + static_cast<std::ptrdiff_t>(
+                                                               r->loop().prompt_tokens()),
+                                         context.end()),
+                    done.status());
+        } else {
+          Ended(r->work(), done.status(), /*was_active=*/true);
+        }
       } else if (*done) {
         Finished(std::move(r));
       } else {

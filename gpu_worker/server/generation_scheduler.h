@@ -101,6 +101,9 @@ struct GenerationWork {
   // are computed). Called on the prefill thread between layers: it must not
   // block (the next layer waits for it). May be null.
   std::function<void(const PrefillProgress&)> on_prefill_progress;
+  // Times the scheduler recomputed this request (SchedulerOptions::
+  // max_recomputes); set by the scheduler, 0 when submitted.
+  int recomputes = 0;
 };
 
 // What one batched decode step took, for metrics. `retrieval_seconds`: the
@@ -141,6 +144,14 @@ struct SchedulerOptions {
   int64_t memory_budget_bytes = 0;
   // WhenFinished callbacks pending at once, >= 0; more get ResourceExhausted.
   int max_finish_waiters = 64;
+  // A decoding request whose step fails with Unavailable (its retrieval
+  // nodes lost every replica of a shard) is recomputed from its token ids:
+  // its sequence is dropped and it is queued again, first, with
+  // resume_tokens = every token it generated, so it prefills again on the
+  // live nodes, re-decodes those tokens without streaming them again and
+  // continues token-identically (RequestLoop::Resume). At most this many
+  // times per request (>= 0; 0: such a request fails with Unavailable).
+  int max_recomputes = 2;
   SchedulerObserver* observer = nullptr;  // may be null; must outlive the scheduler
 };
 
@@ -208,6 +219,12 @@ class GenerationScheduler {
   // Streams what `run` made final since its last call.
   void Stream(Run& run);
   void Finished(std::unique_ptr<Run> run);
+  // Whether a request that failed with `why` is to be recomputed
+  // (SchedulerOptions::max_recomputes).
+  bool Recomputable(const GenerationWork& work, const absl::Status& why) const;
+  // Queues `work` again, first, to be recomputed from its token ids:
+  // `generated` = the tokens it streamed (its sequence already ended).
+  void Recompute(GenerationWork work, std::vector<int32_t> generated, const absl::Status& why);
   // Reports the end of `work` and counts it finished; `was_active`: it was
   // admitted (counted in active_).
   void Ended(GenerationWork& work, absl::StatusOr<GenerationSummary> outcome, bool was_active);

@@ -76,6 +76,10 @@ ABSL_FLAG(int64_t, memory_budget_bytes, -1,
 ABSL_FLAG(int, max_finish_waiters, 64,
           "GetModelInfo calls waiting (wait_finished_requests) at once; more get "
           "RESOURCE_EXHAUSTED");
+ABSL_FLAG(int, max_recomputes, 2,
+          "times a decoding request whose retrieval nodes lost every replica of a shard "
+          "(UNAVAILABLE) is recomputed from its token ids (prefilled again on the live nodes, "
+          "continuing token-identically) before it fails; [0, 16]");
 ABSL_FLAG(std::string, backend, "cpu",
           "compute backend: cpu, or cuda (loads the CUDA backend plugin, see --cuda_plugin)");
 ABSL_FLAG(int, device, 0, "--backend=cuda: CUDA device ordinal");
@@ -207,6 +211,7 @@ int Main(int argc, char** argv) {
   if (budget < -1) return Fail(absl::StrCat("--memory_budget_bytes ", budget, " must be >= -1"));
   so.memory_budget_bytes = budget == -1 ? DefaultMemoryBudget() : budget;
   so.max_finish_waiters = absl::GetFlag(FLAGS_max_finish_waiters);
+  so.max_recomputes = absl::GetFlag(FLAGS_max_recomputes);
   std::fprintf(stderr, "kvr_worker: memory budget %lld bytes (0: none)\n",
                static_cast<long long>(so.memory_budget_bytes));
   so.observer = metrics.get();
