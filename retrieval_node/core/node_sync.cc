@@ -110,8 +110,9 @@ absl::Status NodeCore::ReadShards(const ReadShardsQuery& query,
     } else {
       for (const auto& [id, cursor] : cursors) {
         const HeadState& h = seq->head(cursor->layer, cursor->kv_head);
+        const int32_t want = cursor->chunk;  // (clang: no lambda capture of a binding)
         const auto it = std::find_if(h.chunks.begin(), h.chunks.end(),
-                                     [&](const Chunk& c) { return c.chunk == cursor->chunk; });
+                                     [want](const Chunk& c) { return c.chunk == want; });
         if (it == h.chunks.end()) {
           return absl::NotFoundError(absl::StrCat(
               "ReadShards: ",
@@ -314,7 +315,7 @@ absl::Status NodeCore::AppendSyncedTail(const Sequence& seq, HeadState* head,
   SyncChunkData* grown = nullptr;
   for (const auto& [id, c] : incoming) {
     const bool held = std::any_of(head->chunks.begin(), head->chunks.end(),
-                                  [&](const Chunk& h) { return h.chunk == id; });
+                                  [want = id](const Chunk& h) { return h.chunk == want; });
     if (!held || !c->index_blob.empty()) return not_tail_only();
     if (static_cast<size_t>(c->first_sent_row) == c->positions.size()) continue;  // unchanged
     if (id != last.chunk || !c->last || c->first_sent_row < c->index_rows) return not_tail_only();
