@@ -226,7 +226,8 @@ class Session {
   // generated, as one data message; `tweak` then breaks it in one way.
   bool SendPart(Upload* u, int fraction, uint8_t tweak) {
     auto take = [fraction](int64_t* left) {
-      const int64_t n = fraction >= 4 ? *left : *left * fraction / 4;
+      // Divided first: declared sizes go up to 2^62, so *left * fraction overflows.
+      const int64_t n = fraction >= 4 ? *left : *left / 4 * fraction;
       *left -= n;
       return n;
     };
