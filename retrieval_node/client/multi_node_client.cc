@@ -838,6 +838,25 @@ void MultiNodeClient::SyncLoop() {
   }
 }
 
+std::vector<int64_t> MultiNodeClient::IssuedTo(const Routing& r, uint64_t sequence_id,
+                                               size_t node, bool* owns) {
+  const size_t n_kv = static_cast<size_t>(r.spec.n_kv_heads);
+  std::vector<int64_t> issued(r.heads.size(), -1);
+  std::vector<size_t> owners;
+  if (owns != nullptr) *owns = false;
+  for (size_t hi = 0; hi < r.heads.size(); ++hi) {
+    const HeadState& head = r.heads[hi];
+    for (size_t c = 0; c < head.chunks.size(); ++c) {
+      Owners(r, sequence_id, static_cast<int32_t>(hi / n_kv), static_cast<int32_t>(hi % n_kv),
+             head.chunks[c], &owners);
+      if (std::find(owners.begin(), owners.end(), node) == owners.end()) continue;
+      if (owns != nullptr) *owns = true;
+      issued[hi] = std::max(issued[hi], head.last_issued[c]);
+    }
+  }
+  return issued;
+}
+
 void MultiNodeClient::LogForCatchUp(const AppendRequest& append, CatchUpLog* log) {
   if (log->overflow) return;
   const size_t rows = append.keys.rows(), cols = append.keys.cols();
@@ -896,9 +915,6 @@ void MultiNodeClient::RunSync(SyncJob& job) {
           Owners(r, job.sequence_id, layer, h, chunk, &owners);
           if (std::find(owners.begin(), owners.end(), node) == owners.end()) continue;
           owns_any = true;
-          const size_t hi = static_cast<size_t>(layer) * static_cast<size_t>(r.spec.n_kv_heads) +
-                            static_cast<size_t>(h);
-          issued_at_start[hi] = std::max(issued_at_start[hi], head.last_issued[c]);
           size_t source = job.view->clients.size();
           for (size_t o : owners) {
             if (o != node && !r.stale[o] && r.view->health[o]->Live(now)) {
@@ -917,6 +933,7 @@ void MultiNodeClient::RunSync(SyncJob& job) {
       }
     }
     if (plan.ok() && owns_any) {
+      issued_at_start = IssuedTo(r, job.sequence_id, node, nullptr);
       log = std::make_shared<CatchUpLog>();
       r.catchup[node] = log;
     }
@@ -1036,20 +1053,8 @@ void MultiNodeClient::RunSync(SyncJob& job) {
   if (done) {
     // In sync only if the node now holds every position issued to the
     // shards it owns (an upload issued during the copy means another round).
-    std::vector<int64_t> expected(heads, -1);
-    std::vector<size_t> owners;
     bool owns_now = false;
-    for (size_t hi = 0; hi < heads; ++hi) {
-      const HeadState& head = r.heads[hi];
-      const int32_t layer = static_cast<int32_t>(hi / static_cast<size_t>(r.spec.n_kv_heads));
-      const int32_t h = static_cast<int32_t>(hi % static_cast<size_t>(r.spec.n_kv_heads));
-      for (size_t c = 0; c < head.chunks.size(); ++c) {
-        Owners(r, job.sequence_id, layer, h, head.chunks[c], &owners);
-        if (std::find(owners.begin(), owners.end(), node) == owners.end()) continue;
-        owns_now = true;
-        expected[hi] = std::max(expected[hi], head.last_issued[c]);
-      }
-    }
+    const std::vector<int64_t> expected = IssuedTo(r, job.sequence_id, node, &owns_now);
     if (!owns_any) {
       done = !owns_now;  // a write was issued meanwhile: copy it next round
     } else {

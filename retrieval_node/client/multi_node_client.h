@@ -267,6 +267,11 @@ class MultiNodeClient final : public RetrievalClient {
   absl::Status FinishWrite(uint64_t sequence_id, int32_t layer, int32_t kv_head,
                            const WriteRoute& route, const std::vector<absl::Status>& results);
   void Suspect(NodeHealth& node);
+  // Per head of `r` ([layer * n_kv_heads + kv_head]): the last position
+  // issued to the chunks `node` owns (-1: none); *owns (may be null): it
+  // owns any chunk. mu_ held.
+  static std::vector<int64_t> IssuedTo(const Routing& r, uint64_t sequence_id, size_t node,
+                                       bool* owns);
   // Copies `append` into `log` (or marks it overflowed past kMaxCatchUpBytes).
   static void LogForCatchUp(const AppendRequest& append, CatchUpLog* log);
   // Routes `shards` of call->layer to nodes (skipping call->excluded), issues

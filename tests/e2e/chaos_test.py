@@ -57,6 +57,17 @@ def metric(addr, name):
     return total if seen else None
 
 
+def compare(streams, ref):
+    """Failures: streams that failed or whose text differs from ref's."""
+    failures = []
+    for i, (s, r) in enumerate(zip(streams, ref)):
+        if s.error:
+            failures.append("stream %d failed: %s" % (i, s.error))
+        elif s.text != r.text:
+            failures.append("stream %d differs:\n  got  %r\n  want %r" % (i, s.text, r.text))
+    return failures
+
+
 def cluster_info(run_dir):
     with open(os.path.join(run_dir, "cluster.json")) as f:
         return json.load(f)
@@ -100,13 +111,7 @@ def lose_every_replica(args):
                                             prompts=PROMPTS)
             print("run: %d tokens, %d errors, max gap %.1f ms" %
                   (stats["tokens"], stats["errors"], stats["max"]))
-            failures = []
-            for i, (s, r) in enumerate(zip(streams, ref)):
-                if s.error:
-                    failures.append("stream %d failed: %s" % (i, s.error))
-                elif s.text != r.text:
-                    failures.append("stream %d differs:\n  got  %r\n  want %r" %
-                                    (i, s.text, r.text))
+            failures = compare(streams, ref)
             if len(killed) != 2:
                 failures.append("the nodes were not killed (streams too short?)")
             with open(os.path.join(run_dir, "worker.log")) as f:
@@ -188,13 +193,7 @@ def main():
             print("faults (kind, index, pid, stream-0 events):", done)
             print("chaos run: %d tokens, %d errors, max gap %.1f ms" %
                   (stats["tokens"], stats["errors"], stats["max"]))
-            failures = []
-            for i, (s, r) in enumerate(zip(streams, ref)):
-                if s.error:
-                    failures.append("stream %d failed: %s" % (i, s.error))
-                elif s.text != r.text:
-                    failures.append("stream %d differs:\n  got  %r\n  want %r" %
-                                    (i, s.text, r.text))
+            failures = compare(streams, ref)
             if len(done) < len(plan):
                 failures.append("only %d of %d faults happened (streams ended first?)" %
                                 (len(done), len(plan)))
