@@ -370,6 +370,16 @@ def check_render(name, values, docs, notes):
     check(f"service/{gw_name}" in notes or (gv["ingress"]["enabled"] and gv["ingress"]["host"] in notes),
           f"{name}: NOTES.txt must say how to reach the gateway")
     check("/v1/completions" in notes, f"{name}: NOTES.txt shows the HTTP API")
+    check(("Authorization: Bearer" in notes) == bool(flag(gc["args"], "api_keys_file")),
+          f"{name}: NOTES.txt shows the Authorization header iff API keys are on")
+    check(("grpcurl -plaintext" in notes) == values["insecure"]
+          and ("WARNING: insecure" in notes) == values["insecure"],
+          f"{name}: NOTES.txt: plaintext grpcurl and the warning iff insecure")
+    for v in pods.values():
+        for vol in v[0]["volumes"]:
+            if vol["name"] in ("tls", "api-keys"):
+                check(vol["secret"]["secretName"] in notes,
+                      f"{name}: NOTES.txt must name Secret {vol['secret']['secretName']}")
 
 
 def plaintext_objects(docs):
