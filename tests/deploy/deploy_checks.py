@@ -476,6 +476,33 @@ def admits(policies, policy_ns, target_labels, source, port):
     return False
 
 
+def image_files():
+    """{Dockerfile stage: files COPY'd into it (absolute paths)}, with the
+    files of the stage it is built FROM."""
+    stages, cur = {}, None
+    with open(os.path.join(ROOT, "deploy", "Dockerfile")) as f:
+        text = f.read().replace("\\\n", " ")
+    for line in text.splitlines():
+        words = line.split()
+        if len(words) >= 4 and words[0] == "FROM" and words[2].upper() == "AS":
+            cur = words[3]
+            stages[cur] = set(stages.get(words[1], set()))
+        elif words and words[0] == "COPY" and cur:
+            paths = [w for w in words[1:] if not w.startswith("--")]
+            dest = paths[-1]
+            for src in paths[:-1]:
+                stages[cur].add(os.path.join(dest, os.path.basename(src))
+                                if dest.endswith("/") else dest)
+    return stages
+
+
+def image_stage(values, role):
+    """The deploy/Dockerfile target a role's pods run."""
+    if role == "worker":
+        return "worker" if values["worker"]["gpu"]["enabled"] else "worker-cpu"
+    return role
+
+
 def peer_source(peer, ns, other_ns):
     """A pod that the NetworkPolicyPeer describes: its pod labels, in a
     namespace carrying its namespaceSelector's labels (or the release's)."""
@@ -520,6 +547,13 @@ def check_security(name, values, docs, pods, clients):
               f"at {d} (a subPath mount never sees rotated files): {m}")
         check(vols["tls"]["secret"].get("defaultMode") == 0o440,
               f"{name} {role}: certificate files mode 0440")
+        # The exec probe's binary is in the role's image.
+        for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+            cmd = c.get(probe, {}).get("exec", {}).get("command")
+            if cmd:
+                files = image_files().get(image_stage(values, role), set())
+                check(cmd[0] in files, f"{name} {role}: {probe} runs {cmd[0]}, which the "
+                      f"Dockerfile's {image_stage(values, role)} stage does not copy: {files}")
         if role != "gateway":
             check_tls_probe(f"{name} {role} readiness", c["readinessProbe"], c,
                             {p["name"]: p["containerPort"] for p in c["ports"]}, values)
