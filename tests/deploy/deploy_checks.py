@@ -127,7 +127,7 @@ def flag(args, name):
     return None
 
 
-def check_pod(where, pod_spec, drain_flag_seconds, values):
+def check_pod(where, pod_spec, drain_flag_seconds, values, role):
     """Probes, graceful termination and hardening of one pod template."""
     grace = pod_spec.get("terminationGracePeriodSeconds", 30)
     pre_stop = values["termination"]["preStopSleepSeconds"]
@@ -142,16 +142,20 @@ def check_pod(where, pod_spec, drain_flag_seconds, values):
                 check(probe == "startupProbe", f"{where}: no {probe}")
                 continue
             p = c[probe]
-            if values["insecure"]:
+            if role != "gateway" and not values["insecure"]:
+                # mTLS port: kubelet's gRPC probe cannot connect.
+                check_tls_probe(f"{where} {probe}", p, c, ports, values)
+            elif role == "gateway" and not values["insecure"] and \
+                    values["tls"]["public"]["secretName"]:
+                # Public TLS: its certificate need not name 127.0.0.1.
+                check({"livenessProbe": p.get("tcpSocket") == {"port": "grpc"},
+                       "readinessProbe": p.get("httpGet") == {"path": "/healthz", "port": "http"}
+                       }[probe], f"{where}: {probe} with public TLS must be tcpSocket grpc "
+                                 f"(liveness) or GET /healthz (readiness): {p}")
+            else:
+                # Plaintext port (the gateway's is client-facing, never mTLS).
                 check("grpc" in p and p["grpc"]["port"] == ports.get("grpc"),
                       f"{where}: {probe} must be a native gRPC probe on the grpc port {ports}")
-            elif "exec" in p or not values["tls"]["public"]["secretName"]:
-                check_tls_probe(f"{where} {probe}", p, c, ports, values)
-            else:
-                # Gateway with public TLS: its certificate need not name 127.0.0.1.
-                check(p.get("tcpSocket", {}).get("port") == "grpc"
-                      or p.get("httpGet") == {"path": "/healthz", "port": "http"},
-                      f"{where}: {probe} with public TLS must be tcpSocket grpc or GET /healthz")
         check(flag(c["args"], "listen") == f"0.0.0.0:{ports['grpc']}",
               f"{where}: --listen does not match the grpc port")
         check(flag(c["args"], "metrics_listen") == f"0.0.0.0:{ports['metrics']}",
@@ -225,7 +229,7 @@ def check_render(name, values, docs, notes):
         got = c["resources"][side]["memory"]
         check(str(got) == str(want_mem), f"{name}: node memory {side} {got} != {want_mem}")
     check(want_mem > budget, f"{name}: node memory limit must exceed the budget")
-    check_pod(f"{name} node", pod, float(flag(c["args"], "drain_seconds")), values)
+    check_pod(f"{name} node", pod, float(flag(c["args"], "drain_seconds")), values, "node")
     check(probe_service(c["readinessProbe"]) == "kvr.v1.RetrievalNode",
           f"{name}: node readiness must ask for kvr.v1.RetrievalNode")
     check(flag(c["args"], "data_dir") == "/data"
@@ -268,7 +272,8 @@ def check_render(name, values, docs, notes):
     (dep,) = find(docs, "Deployment", worker_name)
     wpod = dep["spec"]["template"]["spec"]
     (wc,) = wpod["containers"]
-    check_pod(f"{name} worker", wpod, float(flag(wc["args"], "drain_seconds")), values)
+    check_pod(f"{name} worker", wpod, float(flag(wc["args"], "drain_seconds")), values,
+              "worker")
     gpu = wv["gpu"]["resourceName"]
     limits = wc["resources"].get("limits", {})
     if wv["gpu"]["enabled"]:
@@ -308,7 +313,8 @@ def check_render(name, values, docs, notes):
     (gdep,) = find(docs, "Deployment", gw_name)
     gpod = gdep["spec"]["template"]["spec"]
     (gc,) = gpod["containers"]
-    check_pod(f"{name} gateway", gpod, float(flag(gc["args"], "drain_seconds")), values)
+    check_pod(f"{name} gateway", gpod, float(flag(gc["args"], "drain_seconds")), values,
+              "gateway")
     check(flag(gc["args"], "workers") ==
           f"dns:///{worker_name}-headless.{ns}.svc.{values['clusterDomain']}:{wv['grpcPort']}",
           f"{name}: gateway --workers {flag(gc['args'], 'workers')}")
@@ -372,9 +378,10 @@ def check_render(name, values, docs, notes):
     check("/v1/completions" in notes, f"{name}: NOTES.txt shows the HTTP API")
     check(("Authorization: Bearer" in notes) == bool(flag(gc["args"], "api_keys_file")),
           f"{name}: NOTES.txt shows the Authorization header iff API keys are on")
-    check(("grpcurl -plaintext" in notes) == values["insecure"]
+    public = not values["insecure"] and values["tls"]["public"]["secretName"]
+    check(("grpcurl -plaintext" in notes) == (not public)
           and ("WARNING: insecure" in notes) == values["insecure"],
-          f"{name}: NOTES.txt: plaintext grpcurl and the warning iff insecure")
+          f"{name}: NOTES.txt: plaintext grpcurl unless public TLS, the warning iff insecure")
     for v in pods.values():
         for vol in v[0]["volumes"]:
             if vol["name"] in ("tls", "api-keys"):
@@ -534,7 +541,7 @@ def check_security(name, values, docs, pods, clients):
         d = tv["mountPath"]
         want = {"tls_cert_file": f"{d}/tls.crt", "tls_key_file": f"{d}/tls.key",
                 "tls_ca_file": f"{d}/ca.crt", "tls_reload_seconds": str(tv["reloadSeconds"]),
-                "tls_allowed_peers": tv[role]["allowedPeers"] or None}
+                "tls_allowed_peers": tv[role].get("allowedPeers") or None}
         for f, v in want.items():
             check(flag(args, f) == v, f"{name} {role}: --{f}={flag(args, f)}, want {v}")
         secret = tv[role]["secretName"] or f"{fullname}-{role}-tls"

@@ -190,7 +190,7 @@ cert, key and CA from the mounted Secret, the reload period, and
 - --tls_key_file={{ $dir }}/tls.key
 - --tls_ca_file={{ $dir }}/ca.crt
 - --tls_reload_seconds={{ int $top.Values.tls.reloadSeconds }}
-{{- with (index $top.Values.tls $role).allowedPeers }}
+{{- with (index $top.Values.tls $role).allowedPeers | default "" }}
 - --tls_allowed_peers={{ . }}
 {{- end }}
 {{- end }}
