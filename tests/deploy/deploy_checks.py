@@ -5,6 +5,7 @@
     deploy_checks.py values     --work DIR
     deploy_checks.py rules      --render BIN --work DIR [--promtool PATH]
     deploy_checks.py dashboards --work DIR
+    deploy_checks.py flags      --render BIN --work DIR --binary ROLE=PATH ...
 
 manifests: renders the chart (tests/deploy/render: Go text/template + sprig +
   Helm's functions) with the default values and every tests/deploy/values/*.yaml,
@@ -18,6 +19,9 @@ values: values.schema.json (Draft 7, python3-jsonschema) accepts the default
 rules: `promtool check rules` on the PrometheusRule's groups, `promtool test
   rules` on alert behaviour (rules_test.yaml), and deploy/prometheus/
   kvr-rules.yaml must equal the rules rendered with the default values.
+flags: every flag the chart renders (args and exec probes) is one the
+  built binary defines (--binary ROLE=PATH; a binary without a feature's
+  marker flag is reported as predating it).
 dashboards: the dashboards' structure (uid, title, schemaVersion, unique panel
   ids, gridPos, Prometheus targets with expr) and the Grafana schema type check
   (validate.mjs against @grafana/schema).
@@ -810,6 +814,67 @@ def cmd_values(args):
         print(f"rejected {os.path.basename(path)}: {errors}")
 
 
+# Flags of issue 16's features, by the flag whose presence shows that a
+# binary has the feature: a binary without the marker predates the feature
+# (its flags are reported, not failed); one with it must know every flag of
+# the group the chart passes.
+FEATURE_FLAGS = {
+    "tls_cert_file": {"tls_cert_file", "tls_key_file", "tls_ca_file", "tls_reload_seconds",
+                      "tls_allowed_peers", "ucx_allow_unencrypted", "public_tls_cert_file",
+                      "public_tls_key_file"},
+    "api_keys_file": {"api_keys_file", "api_keys_reload_seconds"},
+}
+
+
+def known_flags(binary):
+    """The flags a binary accepts: absl's --helpfull, or kvr_health_probe's usage."""
+    proc = subprocess.run([binary, "--helpfull"], capture_output=True, text=True, timeout=60)
+    text = proc.stdout + proc.stderr
+    if "Flags from" in text:
+        return set(re.findall(r"^\s+--([a-z0-9_]+) \(", text, re.M))
+    return set(re.findall(r"\[--([a-z0-9_]+)", text))
+
+
+def cmd_flags(args):
+    """Every flag the chart passes (container args and exec probes, every value
+    set) must be one the binary it is passed to defines."""
+    binaries = dict(b.split("=", 1) for b in args.binary)
+    known = {role: known_flags(path) for role, path in binaries.items()}
+    pending = set()
+    checked = 0
+    for name, files in value_sets():
+        values, docs, _ = render(args.render, args.work, name, files)
+        fullname = values["fullnameOverride"] or "kvr"
+        for d in find(docs, "StatefulSet") + find(docs, "Deployment"):
+            role = d["metadata"]["name"][len(fullname) + 1:]
+            for c in d["spec"]["template"]["spec"]["containers"]:
+                uses = [(role, c["args"])]
+                for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+                    cmd = c.get(probe, {}).get("exec", {}).get("command")
+                    if cmd:
+                        check(os.path.basename(cmd[0]) == "kvr_health_probe",
+                              f"{name} {role}: {probe} runs {cmd[0]}")
+                        uses.append(("probe", cmd[1:]))
+                for who, argv in uses:
+                    if who not in known:
+                        pending.add(f"{who}: no binary given (not built)")
+                        continue
+                    for a in argv:
+                        f = a[2:].split("=", 1)[0]
+                        checked += 1
+                        if f in known[who]:
+                            continue
+                        marker = next((m for m, g in FEATURE_FLAGS.items() if f in g), None)
+                        if marker and marker not in known[who]:
+                            pending.add(f"{who} --{f}")
+                            continue
+                        check(False, f"{name}: the chart passes --{f} to {who} "
+                                     f"({binaries[who]}), which does not define it")
+    for p in sorted(pending):
+        print(f"not checked (the binary predates the feature): {p}")
+    print(f"flags: {checked} flag uses checked against {sorted(binaries)}")
+
+
 def render_default_rules(render_bin, work):
     """The PrometheusRule spec with the default thresholds (rules enabled)."""
     path = os.path.join(work, "rules-on.yaml")
@@ -914,7 +979,9 @@ def cmd_dashboards(args):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("check", choices=["manifests", "values", "rules", "dashboards"])
+    parser.add_argument("check", choices=["manifests", "values", "rules", "dashboards", "flags"])
+    parser.add_argument("--binary", action="append", default=[],
+                        help="flags: ROLE=PATH (node, worker, gateway, probe)")
     parser.add_argument("--render", help="the tests/deploy/render binary")
     parser.add_argument("--work", required=True, help="scratch directory")
     parser.add_argument("--promtool", default=shutil.which("promtool") or "/usr/bin/promtool")
@@ -926,7 +993,7 @@ def main():
     args = parser.parse_args()
     os.makedirs(args.work, exist_ok=True)
     {"manifests": cmd_manifests, "values": cmd_values, "rules": cmd_rules,
-     "dashboards": cmd_dashboards}[args.check](args)
+     "dashboards": cmd_dashboards, "flags": cmd_flags}[args.check](args)
     for f in failures:
         print("FAIL:", f)
     print(f"{args.check}: {'FAILED (%d)' % len(failures) if failures else 'passed'}")
