@@ -832,7 +832,8 @@ def known_flags(binary):
     text = proc.stdout + proc.stderr
     if "Flags from" in text:
         return set(re.findall(r"^\s+--([a-z0-9_]+) \(", text, re.M))
-    return set(re.findall(r"\[--([a-z0-9_]+)", text))
+    usage = text[text.find("usage:"):] if "usage:" in text else ""
+    return set(re.findall(r"--([a-z0-9_]+)", usage))
 
 
 def cmd_flags(args):
