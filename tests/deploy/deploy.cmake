@@ -82,21 +82,25 @@ kvr_test(deploy_chart_flags
           --binary probe=$<TARGET_FILE:kvr_health_probe> ${_gateway_flags}
   LABELS deploy TIMEOUT 120 PROPERTIES FIXTURES_REQUIRED deploy_render)
 
-# The chart's mTLS wiring of a node against the real binaries: kvr_node
-# started with the rendered --tls_* arguments (certificates made by the
-# openssl command in the mounted Secret's layout), the rendered exec probes
-# SERVING, a probe without or with a foreign certificate refused. Skipped
-# (77) while kvr_node has no --tls_cert_file.
+# The chart's mTLS wiring against the real binaries: kvr_node, kvr_worker and
+# kvr_gateway started with the rendered --tls_* arguments (a CA and role
+# certificates made by the openssl command in the Secrets' layout); the
+# rendered exec probes answer SERVING, probes without or with a foreign
+# certificate are refused, a completion passes gateway -> worker -> node, a
+# gateway with the node's identity is refused. Skipped (77) while kvr_node has
+# no --tls_cert_file.
 find_program(KVR_DEPLOY_OPENSSL openssl)
-if(KVR_DEPLOY_OPENSSL)
-  kvr_test(deploy_tls_probe
-    COMMAND ${KVR_DEPLOY_PYTHON} ${_deploy_src}/tls_probe_test.py --render ${_render}
-            --node_binary $<TARGET_FILE:kvr_node> --health_probe $<TARGET_FILE:kvr_health_probe>
-            --openssl ${KVR_DEPLOY_OPENSSL} --work ${_deploy_bin}/tls_probe
-    LABELS deploy TIMEOUT 120
+if(KVR_DEPLOY_OPENSSL AND TARGET kvr_gateway)
+  kvr_test(deploy_tls_chain
+    COMMAND ${KVR_DEPLOY_PYTHON} ${_deploy_src}/tls_chain_test.py --render ${_render}
+            --node_binary $<TARGET_FILE:kvr_node> --worker_binary $<TARGET_FILE:kvr_worker>
+            --gateway_binary $<TARGET_FILE:kvr_gateway>
+            --health_probe $<TARGET_FILE:kvr_health_probe> --openssl ${KVR_DEPLOY_OPENSSL}
+            --model_dir ${PROJECT_SOURCE_DIR}/models --work ${_deploy_bin}/tls_chain
+    LABELS deploy TIMEOUT 180
     PROPERTIES FIXTURES_REQUIRED deploy_render SKIP_RETURN_CODE 77)
-else()
-  message(STATUS "deploy_tls_probe: not registered, no openssl command")
+elseif(NOT KVR_DEPLOY_OPENSSL)
+  message(STATUS "deploy_tls_chain: not registered, no openssl command")
 endif()
 
 # Live: `kvr cluster` (3 nodes, worker, gateway) scraped by a real Prometheus
