@@ -103,6 +103,21 @@ elseif(NOT KVR_DEPLOY_OPENSSL)
   message(STATUS "deploy_tls_chain: not registered, no openssl command")
 endif()
 
+# The chart's API-key Secret against the real gateway: an entry from
+# `kvr apikey` in the values, the rendered keys file projected like kubelet's
+# Secret volume, kvr_gateway with the rendered arguments: 401 without or with
+# a wrong key, accepted with the key, and a rotated Secret (..data swapped)
+# picked up without a restart. Skipped (77) while the gateway has no
+# --api_keys_file.
+if(TARGET kvr_gateway)
+  kvr_test(deploy_api_keys
+    COMMAND ${KVR_DEPLOY_PYTHON} ${_deploy_src}/api_keys_test.py --render ${_render}
+            --kvr $<TARGET_FILE:kvr> --gateway_binary $<TARGET_FILE:kvr_gateway>
+            --work ${_deploy_bin}/api_keys
+    LABELS deploy TIMEOUT 120
+    PROPERTIES FIXTURES_REQUIRED deploy_render SKIP_RETURN_CODE 77)
+endif()
+
 # Live: `kvr cluster` (3 nodes, worker, gateway) scraped by a real Prometheus
 # with the ServiceMonitor's configuration; every dashboard query must return
 # data and every alert expression must parse.
