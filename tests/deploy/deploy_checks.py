@@ -377,6 +377,15 @@ def check_render(name, values, docs, notes):
             "worker": (wpod, wc, dep["spec"]["template"]["metadata"]["labels"]),
             "gateway": (gpod, gc, gdep["spec"]["template"]["metadata"]["labels"])}
     check_security(name, values, docs, pods, clients)
+    if name == "default":
+        # Secure by default: mTLS flags on every component, API keys at the
+        # gateway, the three NetworkPolicies.
+        for role, (_, cont, _) in pods.items():
+            check(flag(cont["args"], "tls_cert_file") is not None,
+                  f"default: {role} has no --tls_cert_file (the chart must default to mTLS)")
+        check(flag(gc["args"], "api_keys_file") is not None,
+              "default: the gateway has no --api_keys_file (API keys must default on)")
+        check(len(find(docs, "NetworkPolicy")) == 3, "default: NetworkPolicies must default on")
     check(f"service/{gw_name}" in notes or (gv["ingress"]["enabled"] and gv["ingress"]["host"] in notes),
           f"{name}: NOTES.txt must say how to reach the gateway")
     check("/v1/completions" in notes, f"{name}: NOTES.txt shows the HTTP API")
@@ -781,8 +790,11 @@ def cmd_manifests(args):
     check(rc == 1 and "spec/replicas must be integer" in out and "livenessProbes" in out,
           f"the validator let a broken StatefulSet through:\n{out}")
     # ... and a cert-manager Certificate with a usage cert-manager does not know.
-    cert = copy.deepcopy(next(m for m in manifests if m["object"]["kind"] == "Certificate"
-                              and not m["object"]["spec"].get("isCA")))
+    certs = [m for m in manifests if m["object"]["kind"] == "Certificate"
+             and not m["object"]["spec"].get("isCA")]
+    if not check(certs, "no value set renders a role Certificate"):
+        return
+    cert = copy.deepcopy(certs[0])
     cert["source"] = "broken-certificate"
     cert["object"]["spec"]["usages"] = ["server auth", "clientAuth"]
     rc, out = node_validate(os.path.join(args.work, "broken-certificate"), [cert], [])
