@@ -23,12 +23,9 @@ before exit in every case.
 import argparse
 import json
 import os
-import re
 import shutil
-import signal
 import subprocess
 import sys
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -39,16 +36,7 @@ import yaml
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 import deploy_checks  # noqa: E402  (render, find, flag, known_flags, merged_values)
-
-SKIP = 77
-failures = []
-
-
-def check(cond, message):
-    if not cond:
-        failures.append(message)
-    return cond
-
+from live_servers import SKIP, Server, check, failures, finish  # noqa: E402
 
 def make_key(kvr, key_id):
     """(key, entry) from `kvr apikey`, or None when kvr has no such command."""
@@ -109,44 +97,6 @@ def http(url, key=None):
         return e.code, e.read().decode()
 
 
-def start_gateway(binary, argv):
-    """Starts kvr_gateway; returns (process, http address) once it printed
-    both of its address lines (deadline 60 s)."""
-    proc = subprocess.Popen([binary, *argv], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
-    lines, addrs = [], {}
-    done = threading.Event()
-
-    def read():
-        for line in proc.stdout:
-            lines.append(line)
-            m = re.match(r"kvr_gateway (\w+) on (127\.0\.0\.1:\d+)", line)
-            if m:
-                addrs[m.group(1)] = m.group(2)
-                if {"http", "listening"} <= set(addrs):
-                    done.set()
-        done.set()
-
-    threading.Thread(target=read, daemon=True).start()
-    done.wait(timeout=60)
-    if "http" not in addrs or "listening" not in addrs:
-        stop(proc)
-        raise RuntimeError("kvr_gateway did not start with the chart's arguments:\n"
-                           + "".join(lines[-20:]))
-    return proc, addrs["http"]
-
-
-def stop(proc):
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=40)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-            failures.append("kvr_gateway did not stop within 40 s of SIGTERM")
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     for a in ("render", "kvr", "gateway_binary", "work"):
@@ -175,10 +125,11 @@ def main():
             if a[2:].split("=", 1)[0] in replaced else a.replace(mount + "/", volume + "/")
             for a in c["args"]]
     print("kvr_gateway", " ".join(argv))
-    proc = None
+    gateway = None
     try:
-        proc, addr = start_gateway(args.gateway_binary, argv)
-        base = f"http://{addr}"
+        gateway = Server("kvr_gateway", [args.gateway_binary, *argv], ["http", "listening"],
+                         timeout=60)
+        base = f"http://{gateway.addrs['http']}"
         for what, key, want in (("no key", None, 401), ("a wrong key", second[0], 401)):
             status, body = http(base + "/v1/models", key)
             check(status == want, f"/v1/models with {what}: {status} {body[:200]}, want {want}")
@@ -206,13 +157,9 @@ def main():
     except RuntimeError as e:
         failures.append(str(e))
     finally:
-        if proc is not None:
-            stop(proc)
-    for f in failures:
-        print("FAIL:", f)
-    print(f"api_keys: {'FAILED (%d)' % len(failures) if failures else 'passed'}")
-    return 1 if failures else 0
-
+        if gateway is not None:
+            gateway.stop()
+    return finish("api_keys")
 
 if __name__ == "__main__":
     sys.exit(main())

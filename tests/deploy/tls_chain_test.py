@@ -34,12 +34,9 @@ every process started is stopped (SIGTERM, then SIGKILL) before exit.
 import argparse
 import json
 import os
-import re
 import shutil
-import signal
 import subprocess
 import sys
-import threading
 import urllib.error
 import urllib.request
 
@@ -48,16 +45,9 @@ import yaml
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 import deploy_checks  # noqa: E402  (render, find, flag, known_flags)
+from live_servers import SKIP, Server, check, failures, finish  # noqa: E402
 
-SKIP = 77
 ROLES = ("node", "worker", "gateway")
-failures = []
-
-
-def check(cond, message):
-    if not cond:
-        failures.append(message)
-    return cond
 
 
 def make_pki(openssl, out):
@@ -89,47 +79,6 @@ def make_pki(openssl, out):
             "-CAcreateserial", "-days", "1", "-extfile", ext, "-out", os.path.join(d, "tls.crt"))
         dirs[name] = d
     return dirs
-
-
-class Server:
-    """A started server and the addresses it printed ("<program> <what> on
-    127.0.0.1:PORT"). Stop() is idempotent; the test stops every Server in a
-    finally block."""
-
-    def __init__(self, name, argv, wants):
-        self.name = name
-        self.lines = []
-        self.addrs = {}
-        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                     text=True)
-        done = threading.Event()  # every wanted line seen, or the output ended
-
-        def read():
-            for line in self.proc.stdout:
-                self.lines.append(line)
-                m = re.match(r"\S+ (\w+) on (127\.0\.0\.1:\d+)", line)
-                if m:
-                    self.addrs.setdefault(m.group(1), m.group(2))
-                    if all(w in self.addrs for w in wants):
-                        done.set()
-            done.set()
-
-        threading.Thread(target=read, daemon=True).start()
-        done.wait(timeout=120)
-        if not all(w in self.addrs for w in wants):
-            self.stop()
-            raise RuntimeError(f"{name} did not start with the chart's arguments:\n"
-                               + "".join(self.lines[-20:]))
-
-    def stop(self):
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=40)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-                failures.append(f"{self.name} did not stop within 40 s of SIGTERM")
 
 
 def http(url, body=None):
@@ -258,11 +207,7 @@ def main():
     finally:
         for s in reversed(servers):
             s.stop()
-    for f in failures:
-        print("FAIL:", f)
-    print(f"tls_chain: {'FAILED (%d)' % len(failures) if failures else 'passed'}")
-    return 1 if failures else 0
-
+    return finish("tls_chain")
 
 if __name__ == "__main__":
     sys.exit(main())
