@@ -389,8 +389,11 @@ def check_render(name, values, docs, notes):
     check(f"service/{gw_name}" in notes or (gv["ingress"]["enabled"] and gv["ingress"]["host"] in notes),
           f"{name}: NOTES.txt must say how to reach the gateway")
     check("/v1/completions" in notes, f"{name}: NOTES.txt shows the HTTP API")
-    check(("Authorization: Bearer" in notes) == bool(flag(gc["args"], "api_keys_file")),
-          f"{name}: NOTES.txt shows the Authorization header iff API keys are on")
+    keys = bool(flag(gc["args"], "api_keys_file"))
+    check(("Authorization: Bearer" in notes) == keys
+          and ("WARNING: apiKeys.enabled=false" in notes) == (not keys and not values["insecure"]),
+          f"{name}: NOTES.txt shows the Authorization header iff API keys are on, and warns "
+          f"when a secure install has them off")
     public = not values["insecure"] and values["tls"]["public"]["secretName"]
     check(("grpcurl -plaintext" in notes) == (not public)
           and ("WARNING: insecure" in notes) == values["insecure"],
