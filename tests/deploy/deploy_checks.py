@@ -703,15 +703,18 @@ def check_security(name, values, docs, pods, clients):
                            f"{'allowed' if got else 'denied'}, want the opposite")
 
     # Prometheus: the pod networkPolicy.prometheus describes reaches every
-    # metrics port and no gRPC port of a node or worker.
-    for peer in values["networkPolicy"]["prometheus"]:
+    # metrics port and no gRPC port of a node or worker; other pods only
+    # when a peer selects them too.
+    np_prom = values["networkPolicy"]["prometheus"]
+    for peer in np_prom:
         prom = peer_source(peer, ns, "monitoring")
         for role in ROLES:
             want(True, f"prometheus {peer}", prom, role, ports[role]["metrics"])
         for role in ("node", "worker"):
             want(False, f"prometheus {peer}", prom, role, ports[role]["grpc"])
     for role in ROLES:
-        want(False, "a pod of another namespace", stranger, role, ports[role]["metrics"])
+        want(any(peer_matches(x, ns, stranger) for x in np_prom), "a pod of another namespace",
+             stranger, role, ports[role]["metrics"])
     # Nodes: workers and nodes on gRPC; workers on UCX iff UCX; never the gateway.
     want(True, "worker", src["worker"], "node", ports["node"]["grpc"])
     want(True, "node", src["node"], "node", ports["node"]["grpc"])
@@ -729,8 +732,10 @@ def check_security(name, values, docs, pods, clients):
     # Gateway: networkPolicy.gateway.from (default any) on gRPC and HTTP.
     gw_from = values["networkPolicy"]["gateway"]["from"]
     for port in (ports["gateway"]["grpc"], ports["gateway"]["http"]):
-        want(not gw_from, "a pod of another namespace", stranger, "gateway", port)
-        want(not gw_from, "a pod of the namespace", neighbour, "gateway", port)
+        for who, pod in (("a pod of another namespace", stranger),
+                         ("a pod of the namespace", neighbour)):
+            want(not gw_from or any(peer_matches(x, ns, pod) for x in gw_from), who, pod,
+                 "gateway", port)
         for peer in gw_from:
             want(True, f"peer {peer}", peer_source(peer, ns, "ingress"), "gateway", port)
 
