@@ -105,8 +105,12 @@ absl::StatusOr<int64_t> Limit(const json& entry, const char* field, int64_t max)
   if (!it->is_number_integer()) {
     return absl::InvalidArgumentError(absl::StrCat(field, ": not an integer"));
   }
-  if (it->is_number_unsigned() && it->get<uint64_t>() > static_cast<uint64_t>(max)) {
-    return absl::InvalidArgumentError(absl::StrCat(field, ": over the limit of ", max));
+  if (it->is_number_unsigned()) {
+    const uint64_t u = it->get<uint64_t>();
+    if (u > static_cast<uint64_t>(max)) {
+      return absl::InvalidArgumentError(absl::StrCat(field, ": ", u, " outside [0, ", max, "]"));
+    }
+    return static_cast<int64_t>(u);
   }
   const int64_t v = it->get<int64_t>();
   if (v < 0 || v > max) {
@@ -526,8 +530,8 @@ ApiKeyDecision ApiKeyStore::Admit(std::optional<absl::string_view> authorization
     state->RefillLocked(now);
     if (state->bucket_ <= 0) {
       const double rate = static_cast<double>(l.tokens_per_minute) / 60.0;
-      // Admitted again once the bucket is above zero.
-      const double wait = (-state->bucket_ + 1e-9) / rate;
+      // Back at zero after this long; admitted once above it.
+      const double wait = -state->bucket_ / rate;
       d.outcome = Outcome::kOutOfTokens;
       d.retry_after_seconds = RetryAfterSeconds(wait);
       d.message = absl::StrCat("Rate limit reached for key ", state->id(),
