@@ -462,7 +462,10 @@ ApiKeyDecision ApiKeyStore::Lookup(std::optional<absl::string_view> authorizatio
                                    std::shared_ptr<ApiKeyState>* state) const {
   using Outcome = ApiKeyDecision::Outcome;
   ApiKeyDecision d;
-  if (!authorization.has_value()) {
+  // No header, or one that is not Bearer auth: no key was provided.
+  std::optional<absl::string_view> key;
+  if (authorization.has_value()) key = BearerToken(*authorization);
+  if (!key.has_value()) {
     d.outcome = Outcome::kMissing;
     d.message =
         "You didn't provide an API key. You need to provide your API key in an Authorization "
@@ -471,14 +474,6 @@ ApiKeyDecision ApiKeyStore::Lookup(std::optional<absl::string_view> authorizatio
   }
   d.outcome = Outcome::kInvalid;
   d.message = "Incorrect API key provided";
-  std::optional<absl::string_view> key = BearerToken(*authorization);
-  if (!key.has_value()) {
-    d.outcome = Outcome::kMissing;
-    d.message =
-        "You didn't provide an API key. You need to provide your API key in an Authorization "
-        "header using Bearer auth (i.e. Authorization: Bearer YOUR_KEY)";
-    return d;
-  }
   if (!IsApiKeyFormat(*key)) return d;
   const std::string salt = ApiKeySalt(*key);
   std::shared_ptr<const Keys> keys;
