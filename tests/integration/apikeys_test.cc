@@ -64,6 +64,15 @@ constexpr char kMissingMessage[] =
     "You didn't provide an API key. You need to provide your API key in an Authorization header "
     "using Bearer auth (i.e. Authorization: Bearer YOUR_KEY)";
 
+// OpenAI's 401 body for a wrong, revoked or malformed key.
+json WrongKeyError() {
+  return {{"error",
+           {{"message", "Incorrect API key provided"},
+            {"type", "invalid_request_error"},
+            {"param", nullptr},
+            {"code", "invalid_api_key"}}}};
+}
+
 std::string Env(const char* name) {
   const char* v = std::getenv(name);
   return v != nullptr ? v : "";
@@ -307,11 +316,7 @@ TEST_F(ApiKeysE2eTest, MissingOrWrongKeyIs401InOpenAIShape) {
                           {"type", "invalid_request_error"},
                           {"param", nullptr},
                           {"code", nullptr}}}};
-  const json wrong = {{"error",
-                       {{"message", "Incorrect API key provided"},
-                        {"type", "invalid_request_error"},
-                        {"param", nullptr},
-                        {"code", "invalid_api_key"}}}};
+  const json wrong = WrongKeyError();
   HttpReply r = Complete(g->http(), std::nullopt);
   EXPECT_EQ(r.status, 401);
   EXPECT_EQ(r.Json(), missing) << r.body;
@@ -387,7 +392,7 @@ TEST_F(ApiKeysE2eTest, ReloadRevokesAndAddsWithinThePollInterval) {
   EXPECT_LT(seconds, kReloadSeconds + 2.0);
   const HttpReply revoked = Complete(g->http(), Bearer(a));
   EXPECT_EQ(revoked.status, 401);
-  EXPECT_EQ(revoked.Json()["error"]["code"], "invalid_api_key");
+  EXPECT_EQ(revoked.Json(), WrongKeyError()) << revoked.body;
   EXPECT_EQ(Complete(g->http(), Bearer(b)).status, 200);
   auto stub = Stub(g->grpc());
   EXPECT_EQ(Generate(stub.get(), Request(), Bearer(a)).status.error_code(),
