@@ -96,9 +96,11 @@ class Pki {
     rogue_worker_ = Issue(*other_ca, "kvr-worker", "rogue_worker");
   }
 
-  // A new certificate for `role_cn` from this CA, written to `name`.{pem,key}.
-  Identity Issue(const CertAndKey& ca, const std::string& role_cn, const std::string& name) {
-    absl::StatusOr<CertAndKey> leaf = IssueCert(ca, role_cn, {"localhost"}, {"127.0.0.1"});
+  // A new certificate for `role_cn` from `ca` with SANs DNS:localhost and
+  // `ip_sans`, written to `name`.{pem,key}.
+  Identity Issue(const CertAndKey& ca, const std::string& role_cn, const std::string& name,
+                 const std::vector<std::string>& ip_sans = {"127.0.0.1"}) {
+    absl::StatusOr<CertAndKey> leaf = IssueCert(ca, role_cn, {"localhost"}, ip_sans);
     EXPECT_TRUE(leaf.ok()) << leaf.status();
     Identity id{dir_.path() + "/" + name + ".pem", dir_.path() + "/" + name + ".key"};
     EXPECT_TRUE(leaf.ok() && WriteCertAndKey(*leaf, id.cert, id.key).ok());
@@ -633,6 +635,48 @@ TEST_F(TlsTest, NodeToNodeSyncUsesTheNodeCertificate) {
   EXPECT_TRUE(StopOk(source.get()));
   EXPECT_TRUE(StopOk(dest.get()));
   EXPECT_TRUE(StopOk(strict.get()));
+}
+
+// dns:/// member sets dial the records' IPs; their certificates carry the
+// name (here DNS:localhost only, no IP SAN), and that name is what the
+// worker (--nodes) and the gateway (--workers) check. Dialled by IP the same
+// certificate fails the hostname check.
+TEST_F(TlsTest, DnsMembersAreCheckedAgainstTheirName) {
+  const Identity node_id = pki_.Issue(pki_.ca(), "kvr-node", "dns_node", {});
+  const Identity worker_id = pki_.Issue(pki_.ca(), "kvr-worker", "dns_worker", {});
+  std::vector<std::string> nargs = {"--metrics_listen="};
+  for (const std::string& f : pki_.Flags(node_id)) nargs.push_back(f);
+  auto node = NodeProcess::Start(nargs);
+  ASSERT_NE(node, nullptr);
+  ASSERT_TRUE(node->listening());
+  const std::string node_port = node->address().substr(node->address().rfind(':') + 1);
+
+  // By IP: the node's certificate does not name 127.0.0.1, the worker
+  // cannot reach it and does not start.
+  std::vector<std::string> by_ip = {g_worker_binary, "--listen=127.0.0.1:0", "--metrics_listen=",
+                                    "--nodes=" + node->address()};
+  for (const std::string& f : pki_.Flags(worker_id)) by_ip.push_back(f);
+  const Ran refused = RunToExit(by_ip);
+  EXPECT_TRUE(Exited(refused.status, 2)) << refused.output;
+  EXPECT_FALSE(absl::StrContains(refused.output, "listening on"));
+
+  std::vector<std::string> wargs = {"--metrics_listen=", "--nodes=dns:///localhost:" + node_port};
+  for (const std::string& f : pki_.Flags(worker_id)) wargs.push_back(f);
+  auto worker = ServerProcess::Start(g_worker_binary, "kvr_worker", wargs);
+  ASSERT_NE(worker, nullptr);
+  ASSERT_TRUE(worker->listening());
+  const std::string worker_port = worker->address().substr(worker->address().rfind(':') + 1);
+  std::vector<std::string> gargs = {"--workers=dns:///localhost:" + worker_port};
+  for (const std::string& f : pki_.Flags(pki_.gateway())) gargs.push_back(f);
+  auto gateway = GatewayProcess::Start(g_gateway_binary, gargs);
+  ASSERT_NE(gateway, nullptr);
+  // gateway -> worker -> node, each hop checked against "localhost".
+  const Streamed got = Generate(gateway->grpc(), grpc::InsecureChannelCredentials());
+  EXPECT_TRUE(got.status.ok()) << got.status.error_message();
+  EXPECT_EQ(got.tokens.size(), 40u);
+  EXPECT_TRUE(gateway->Stop());
+  EXPECT_TRUE(StopOk(worker.get()));
+  EXPECT_TRUE(StopOk(node.get()));
 }
 
 }  // namespace
