@@ -23,7 +23,7 @@
 //  * the peer check itself (identities, exempt methods, list bounds).
 //
 // Usage: tls_test --kvr_node PATH --kvr_worker PATH --kvr_gateway PATH
-//                 --kvr_health_probe PATH [gtest flags]
+//                 --kvr_health_probe PATH --kvr PATH [gtest flags]
 #include <openssl/bio.h>
 #include <openssl/bn.h>
 #include <openssl/pem.h>
@@ -64,6 +64,7 @@ using test_support::ServerProcess;
 std::string g_worker_binary;   // --kvr_worker
 std::string g_gateway_binary;  // --kvr_gateway
 std::string g_probe_binary;    // --kvr_health_probe
+std::string g_kvr_binary;      // --kvr (for `kvr client`)
 
 constexpr auto kCallTimeout = std::chrono::seconds(30);
 // Longer than sinks + window (20 tokens): prefill offloads shards to the nodes.
@@ -242,9 +243,11 @@ struct Ran {
   int status = -1;
   std::string output;
 };
-Ran RunToExit(std::vector<std::string> argv) {
+// With `stdout_only`, stderr goes to the test's log instead.
+Ran RunToExit(std::vector<std::string> argv, bool stdout_only = false) {
   Ran r;
-  absl::StatusOr<std::unique_ptr<Subprocess>> p = Subprocess::Start(std::move(argv), true);
+  absl::StatusOr<std::unique_ptr<Subprocess>> p =
+      Subprocess::Start(std::move(argv), /*merge_stderr=*/!stdout_only);
   if (!p.ok()) return ADD_FAILURE() << p.status(), r;
   // Reads its output to EOF (no line has this prefix), then reaps it.
   (void)(*p)->WaitForLine("\x01", absl::Seconds(60));
@@ -574,6 +577,41 @@ TEST_F(TlsTest, GenerationOverMtlsEqualsPlaintext) {
   EXPECT_EQ(Generate(secure.gateway->grpc(), grpc::InsecureChannelCredentials()).status.error_code(),
             grpc::StatusCode::UNAVAILABLE);
 
+  // `kvr client` over the gateway's server-only TLS (CA only) streams the
+  // same text; without --tls_ca_file it cannot connect.
+  const std::vector<std::string> cli_args = {
+      g_kvr_binary,   "client",          "--target", secure.gateway->grpc(), "--prompt",
+      kLongPrompt,    "--max_tokens=40", "--temperature=0.7", "--seed=3", "--echo=false",
+      "--deadline_seconds=30"};
+  std::vector<std::string> with_ca = cli_args;
+  with_ca.push_back("--tls_ca_file=" + pki_.ca_file());
+  Ran cli = RunToExit(with_ca, /*stdout_only=*/true);
+  EXPECT_TRUE(Exited(cli.status, 0));
+  EXPECT_EQ(cli.output, want.text + "\n");  // kvr client ends the text with a newline
+  cli = RunToExit(cli_args);
+  EXPECT_TRUE(Exited(cli.status, 1)) << cli.output;
+  // Straight to the worker: a kvr-client certificate is the wrong role.
+  std::vector<std::string> to_worker = {g_kvr_binary, "client", "--target",
+                                        secure.worker->address(), "--max_tokens=4",
+                                        "--tls_ca_file=" + pki_.ca_file(),
+                                        "--tls_cert_file=" + pki_.client().cert,
+                                        "--tls_key_file=" + pki_.client().key};
+  cli = RunToExit(to_worker);
+  EXPECT_TRUE(Exited(cli.status, 1)) << cli.output;
+  EXPECT_TRUE(absl::StrContains(cli.output, "peer kvr-client")) << cli.output;
+  // A client certificate without a CA, or an API key no header can carry:
+  // bad flags.
+  cli = RunToExit({g_kvr_binary, "client", "--target", secure.worker->address(),
+                   "--tls_cert_file=" + pki_.client().cert,
+                   "--tls_key_file=" + pki_.client().key});
+  EXPECT_TRUE(Exited(cli.status, 2)) << cli.output;
+  EXPECT_TRUE(absl::StrContains(cli.output, "needs --tls_ca_file")) << cli.output;
+  cli = RunToExit({g_kvr_binary, "client", "--target", secure.worker->address(),
+                   "--api_key=kvr-abc def"});
+  EXPECT_TRUE(Exited(cli.status, 2)) << cli.output;
+  EXPECT_TRUE(absl::StrContains(cli.output, "--api_key")) << cli.output;
+  EXPECT_FALSE(absl::StrContains(cli.output, "kvr-abc")) << "the key is never echoed";
+
   // The worker takes calls from kvr-gateway only.
   grpc::Status s = WorkerInfo(secure.worker->address(), As(pki_, pki_.gateway()));
   EXPECT_TRUE(s.ok()) << s.error_message();
@@ -690,11 +728,12 @@ int main(int argc, char** argv) {
     if (a == "--kvr_worker") kvr::security::g_worker_binary = argv[i + 1];
     if (a == "--kvr_gateway") kvr::security::g_gateway_binary = argv[i + 1];
     if (a == "--kvr_health_probe") kvr::security::g_probe_binary = argv[i + 1];
+    if (a == "--kvr") kvr::security::g_kvr_binary = argv[i + 1];
   }
-  if (kvr::security::g_worker_binary.empty() || kvr::security::g_gateway_binary.empty() ||
+  if (kvr::security::g_kvr_binary.empty() || kvr::security::g_worker_binary.empty() || kvr::security::g_gateway_binary.empty() ||
       kvr::security::g_probe_binary.empty()) {
     std::fprintf(stderr, "usage: %s --kvr_node P --kvr_worker P --kvr_gateway P "
-                 "--kvr_health_probe P\n", argv[0]);
+                 "--kvr_health_probe P --kvr P\n", argv[0]);
     return 2;
   }
   return RUN_ALL_TESTS();
