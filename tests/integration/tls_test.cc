@@ -675,6 +675,32 @@ TEST_F(TlsTest, NodeToNodeSyncUsesTheNodeCertificate) {
   EXPECT_TRUE(StopOk(strict.get()));
 }
 
+// `kvr generate --nodes` under mTLS (a kvr-worker certificate) prints
+// exactly what the embedded run prints; without the flags the node refuses
+// it.
+TEST_F(TlsTest, KvrGenerateReachesMtlsNodes) {
+  std::vector<std::string> args = {"--metrics_listen="};
+  for (const std::string& f : pki_.Flags(pki_.node())) args.push_back(f);
+  auto node = NodeProcess::Start(args);
+  ASSERT_NE(node, nullptr);
+  ASSERT_TRUE(node->listening());
+  const std::vector<std::string> generate = {g_kvr_binary, "generate", "--prompt", kLongPrompt,
+                                             "--max_tokens=24", "--temperature=0.7", "--seed=3"};
+  const Ran embedded = RunToExit(generate, /*stdout_only=*/true);
+  ASSERT_TRUE(Exited(embedded.status, 0));
+  std::vector<std::string> remote = generate;
+  remote.push_back("--nodes=" + node->address());
+  for (const std::string& f : pki_.Flags(pki_.worker())) remote.push_back(f);
+  const Ran secured = RunToExit(remote, /*stdout_only=*/true);
+  EXPECT_TRUE(Exited(secured.status, 0));
+  EXPECT_EQ(secured.output, embedded.output);
+  std::vector<std::string> plain = generate;
+  plain.push_back("--nodes=" + node->address());
+  const Ran refused = RunToExit(plain, /*stdout_only=*/true);
+  EXPECT_TRUE(Exited(refused.status, 1));
+  EXPECT_TRUE(StopOk(node.get()));
+}
+
 // dns:/// member sets dial the records' IPs; their certificates carry the
 // name (here DNS:localhost only, no IP SAN), and that name is what the
 // worker (--nodes) and the gateway (--workers) check. Dialled by IP the same
