@@ -25,6 +25,8 @@
 #include "retrieval_node/store/shard_store.h"
 #include "services/infra/metrics/metrics_endpoint.h"
 #include "services/infra/rpc/grpc_server.h"
+#include "services/infra/security/peer_authorizer.h"
+#include "services/infra/security/tls_credentials.h"
 #include "services/infra/security/tls_flags.h"
 #include "services/infra/server/server_main.h"
 
@@ -64,6 +66,10 @@ ABSL_FLAG(std::string, ucx_listen, "",
           "IPV4:PORT of the UCX data plane for Attend (UCP active messages; transports from "
           "UCX_TLS); port 0 picks a free port (printed as \"kvr_node ucx on HOST:PORT\" and "
           "advertised by the GetEndpoints RPC); empty = UCX off");
+ABSL_FLAG(std::string, tls_sync_peers, "kvr-node",
+          "with mTLS: identities (certificate CN, DNS or URI SAN) a SyncShards source must "
+          "present; the source is named by IP:port, so its certificate is checked against these "
+          "and the CA instead of its address. Comma-separated, at most 64");
 ABSL_FLAG(bool, ucx_allow_unencrypted, false,
           "with mTLS on (--tls_cert_file ...), allow --ucx_listen anyway: UCX carries Attend "
           "without encryption and without the peer's certificate (each Attend still needs its "
@@ -200,7 +206,15 @@ int Main(int argc, char** argv) {
   service_options.max_deadline_seconds = absl::GetFlag(FLAGS_max_deadline_seconds);
   service_options.max_message_bytes = max_message_bytes;
   service_options.sync_threads = static_cast<size_t>(absl::GetFlag(FLAGS_sync_threads));
-  service_options.peer_credentials = tls->channel;
+  if (tls->enabled()) {
+    absl::StatusOr<std::vector<std::string>> sync_peers =
+        security::ParseAllowedPeers(absl::GetFlag(FLAGS_tls_sync_peers), "tls_sync_peers");
+    if (!sync_peers.ok()) return Fail(sync_peers.status().message());
+    service_options.peer_credentials =
+        security::MakeMtlsPeerChannelCredentials(*tls->files, *std::move(sync_peers));
+  } else {
+    service_options.peer_credentials = tls->channel;
+  }
   // Metrics: served before the RPC port opens, so the first request is counted.
   std::unique_ptr<NodeMetrics> metrics;
   std::unique_ptr<metrics::MetricsEndpoint> metrics_endpoint;  // stopped before `metrics`

@@ -625,18 +625,33 @@ TEST_F(TlsTest, GenerationOverMtlsEqualsPlaintext) {
 }
 
 // Node -> node: SyncShards on one node reads its source's ReadShards over
-// mTLS with the kvr-node certificate; a source that does not allow kvr-node
-// refuses it.
+// mTLS with the kvr-node certificate. The worker names the source by
+// IP:port and these node certificates name only DNS:localhost, so the
+// destination checks the source's identity (--tls_sync_peers, default
+// kvr-node) and the CA, not the address. A source that does not allow
+// kvr-node refuses the read; a source presenting another role's certificate
+// is refused by the destination.
 TEST_F(TlsTest, NodeToNodeSyncUsesTheNodeCertificate) {
+  const Identity dns_node = pki_.Issue(pki_.ca(), "kvr-node", "sync_node", {});
+  const Identity dns_worker = pki_.Issue(pki_.ca(), "kvr-worker", "sync_worker", {});
   std::vector<std::string> args = {"--metrics_listen="};
-  for (const std::string& f : pki_.Flags(pki_.node())) args.push_back(f);
+  for (const std::string& f : pki_.Flags(dns_node)) args.push_back(f);
   auto source = NodeProcess::Start(args);
   auto dest = NodeProcess::Start(args);
   std::vector<std::string> strict_args = args;
   strict_args.push_back("--tls_allowed_peers=kvr-worker");
   auto strict = NodeProcess::Start(strict_args);
-  ASSERT_TRUE(source != nullptr && dest != nullptr && strict != nullptr);
-  ASSERT_TRUE(source->listening() && dest->listening() && strict->listening());
+  // A server holding a kvr-worker certificate where a node should be.
+  std::vector<std::string> impostor_args = {"--metrics_listen=", "--tls_allowed_peers=*"};
+  for (const std::string& f : pki_.Flags(dns_worker)) impostor_args.push_back(f);
+  auto impostor = NodeProcess::Start(impostor_args);
+  ASSERT_TRUE(source != nullptr && dest != nullptr && strict != nullptr && impostor != nullptr);
+  ASSERT_TRUE(source->listening() && dest->listening() && strict->listening() &&
+              impostor->listening());
+  // The test dials by name (the certificates carry no IP).
+  auto by_name = [](const std::string& address) {
+    return "localhost" + address.substr(address.rfind(':'));
+  };
 
   v1::SequenceSpec spec;
   spec.set_sequence_id(0x5eed);
@@ -647,7 +662,7 @@ TEST_F(TlsTest, NodeToNodeSyncUsesTheNodeCertificate) {
   spec.set_value_dtype(v1::DTYPE_F32);
   spec.set_index_type(v1::INDEX_TYPE_FLAT);
   auto sync_from = [&](const std::string& from) {
-    auto src = v1::RetrievalNode::NewStub(FreshChannel(from, As(pki_, pki_.worker())));
+    auto src = v1::RetrievalNode::NewStub(FreshChannel(by_name(from), As(pki_, pki_.worker())));
     grpc::ClientContext c1;
     SetDeadline(&c1);
     v1::CreateSequenceRequest create;
@@ -655,12 +670,13 @@ TEST_F(TlsTest, NodeToNodeSyncUsesTheNodeCertificate) {
     v1::CreateSequenceResponse created;
     const grpc::Status made = src->CreateSequence(&c1, create, &created);
     EXPECT_TRUE(made.ok()) << made.error_message();
-    auto dst = v1::RetrievalNode::NewStub(FreshChannel(dest->address(), As(pki_, pki_.worker())));
+    auto dst = v1::RetrievalNode::NewStub(
+        FreshChannel(by_name(dest->address()), As(pki_, pki_.worker())));
     grpc::ClientContext c2;
     SetDeadline(&c2);
     v1::SyncShardsRequest sync;
     *sync.mutable_spec() = spec;
-    sync.set_source_address(from);
+    sync.set_source_address(from);  // 127.0.0.1:PORT, as a worker names it
     v1::SyncShardsResponse synced;
     return dst->SyncShards(&c2, sync, &synced);
   };
@@ -670,9 +686,15 @@ TEST_F(TlsTest, NodeToNodeSyncUsesTheNodeCertificate) {
   EXPECT_FALSE(refused.ok());
   EXPECT_TRUE(absl::StrContains(refused.error_message(), "peer kvr-node"))
       << refused.error_message();
+  const grpc::Status not_a_node = sync_from(impostor->address());
+  EXPECT_FALSE(not_a_node.ok()) << "a kvr-worker certificate passed as a sync source";
+  EXPECT_TRUE(absl::StrContains(not_a_node.error_message(), "ReadShards from " +
+                                                                impostor->address()))
+      << not_a_node.error_message();
   EXPECT_TRUE(StopOk(source.get()));
   EXPECT_TRUE(StopOk(dest.get()));
   EXPECT_TRUE(StopOk(strict.get()));
+  EXPECT_TRUE(StopOk(impostor.get()));
 }
 
 // `kvr generate --nodes` under mTLS (a kvr-worker certificate) prints

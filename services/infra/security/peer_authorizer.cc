@@ -13,22 +13,23 @@
 
 namespace kvr::security {
 
-absl::StatusOr<std::vector<std::string>> ParseAllowedPeers(absl::string_view list) {
+absl::StatusOr<std::vector<std::string>> ParseAllowedPeers(absl::string_view list,
+                                                           absl::string_view flag) {
   std::vector<std::string> out;
   for (absl::string_view entry : absl::StrSplit(list, ',')) {
     entry = absl::StripAsciiWhitespace(entry);
     if (entry.empty()) {
       return absl::InvalidArgumentError(
-          absl::StrCat("--tls_allowed_peers '", list, "': empty identity"));
+          absl::StrCat("--", flag, " '", list, "': empty identity"));
     }
     if (entry.size() > kMaxPeerIdentityBytes) {
-      return absl::InvalidArgumentError(absl::StrCat("--tls_allowed_peers: identity of ",
+      return absl::InvalidArgumentError(absl::StrCat("--", flag, ": identity of ",
                                                      entry.size(), " bytes exceeds ",
                                                      kMaxPeerIdentityBytes));
     }
     if (out.size() == kMaxAllowedPeers) {
       return absl::InvalidArgumentError(
-          absl::StrCat("--tls_allowed_peers: more than ", kMaxAllowedPeers, " identities"));
+          absl::StrCat("--", flag, ": more than ", kMaxAllowedPeers, " identities"));
     }
     out.emplace_back(entry);
   }

@@ -26,9 +26,10 @@ inline constexpr size_t kMaxPeerIdentityBytes = 1024;
 
 // Parses a comma-separated identity list ("kvr-worker,kvr-node"; blanks
 // around entries are ignored; "*" = any CA-signed peer). InvalidArgument
-// naming --tls_allowed_peers for an empty list or entry, more than
-// kMaxAllowedPeers entries or an entry longer than kMaxPeerIdentityBytes.
-absl::StatusOr<std::vector<std::string>> ParseAllowedPeers(absl::string_view list);
+// naming --`flag` for an empty list or entry, more than kMaxAllowedPeers
+// entries or an entry longer than kMaxPeerIdentityBytes.
+absl::StatusOr<std::vector<std::string>> ParseAllowedPeers(
+    absl::string_view list, absl::string_view flag = "tls_allowed_peers");
 
 // The identities of the peer of `context`: its CN first, then its DNS SANs,
 // then its URI SANs. Empty for a peer without a certificate.

@@ -10,11 +10,13 @@
 #include <cerrno>
 #include <cstring>
 #include <fstream>
+#include <functional>
 #include <iterator>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "absl/strings/string_view.h"
 #include "services/infra/security/peer_authorizer.h"
 
 namespace kvr::security {
@@ -106,21 +108,83 @@ std::shared_ptr<grpc::ServerCredentials> MakeServerTlsCredentials(const std::str
 
 namespace {
 
-// Channel credentials over `provider`: roots always verified, with the
-// hostname check; the identity pair presented when `identity`.
+// After the CA check: accepts a server one of whose identities (CN, DNS and
+// URI SANs) is expected; synchronous, no I/O. Immutable, thread-safe.
+class IdentityVerifier final : public grpc::experimental::ExternalCertificateVerifier {
+ public:
+  // `expected` containing "*" accepts every CA-signed server.
+  explicit IdentityVerifier(std::vector<std::string> expected)
+      : expected_(std::move(expected)),
+        any_(std::find(expected_.begin(), expected_.end(), "*") != expected_.end()) {}
+
+  bool Verify(grpc::experimental::TlsCustomVerificationCheckRequest* request,
+              std::function<void(grpc::Status)> /*callback*/,
+              grpc::Status* sync_status) override {
+    std::vector<std::string> seen;
+    seen.emplace_back(request->common_name().data(), request->common_name().size());
+    for (const auto& names : {request->dns_names(), request->uri_names()}) {
+      for (const grpc::string_ref& n : names) seen.emplace_back(n.data(), n.size());
+    }
+    if (any_) {
+      *sync_status = grpc::Status::OK;
+      return true;
+    }
+    for (const std::string& id : seen) {
+      if (std::find(expected_.begin(), expected_.end(), id) != expected_.end()) {
+        *sync_status = grpc::Status::OK;
+        return true;
+      }
+    }
+    *sync_status = grpc::Status(
+        grpc::StatusCode::UNAUTHENTICATED,
+        absl::StrCat("server ", absl::string_view(request->target_name().data(),
+                                                  request->target_name().size()),
+                     " presents identities ", absl::StrJoin(seen, ", "), ", none of ",
+                     absl::StrJoin(expected_, ",")));
+    return true;
+  }
+
+  void Cancel(grpc::experimental::TlsCustomVerificationCheckRequest* /*request*/) override {}
+
+ private:
+  const std::vector<std::string> expected_;
+  const bool any_;
+};
+
+// Channel credentials over `provider`: roots always verified, then
+// `verifier` (the hostname check when null); the identity pair presented
+// when `identity`.
 std::shared_ptr<grpc::ChannelCredentials> ChannelCredentials(
-    std::shared_ptr<grpc::experimental::CertificateProviderInterface> provider, bool identity) {
+    std::shared_ptr<grpc::experimental::CertificateProviderInterface> provider, bool identity,
+    std::shared_ptr<grpc::experimental::CertificateVerifier> verifier = nullptr) {
   grpc::experimental::TlsChannelCredentialsOptions options;
   options.set_certificate_provider(std::move(provider));
   options.watch_root_certs();
   if (identity) options.watch_identity_key_cert_pairs();
   options.set_verify_server_certs(true);
-  options.set_certificate_verifier(
-      std::make_shared<grpc::experimental::HostNameCertificateVerifier>());
+  if (verifier != nullptr) {
+    // The identity check replaces the host check, the per-call one too.
+    options.set_certificate_verifier(std::move(verifier));
+    options.set_check_call_host(false);
+  } else {
+    options.set_certificate_verifier(
+        std::make_shared<grpc::experimental::HostNameCertificateVerifier>());
+  }
   return grpc::experimental::TlsCredentials(options);
 }
 
 }  // namespace
+
+std::shared_ptr<grpc::ChannelCredentials> MakeMtlsPeerChannelCredentials(
+    const TlsFiles& files, std::vector<std::string> server_identities) {
+  return ChannelCredentials(
+      std::make_shared<FileWatcherCertificateProvider>(files.key_file, files.cert_file,
+                                                       files.ca_file,
+                                                       Interval(files.reload_seconds)),
+      /*identity=*/true,
+      grpc::experimental::ExternalCertificateVerifier::Create<IdentityVerifier>(
+          std::move(server_identities)));
+}
 
 std::shared_ptr<grpc::ChannelCredentials> MakeMtlsChannelCredentials(const TlsFiles& files) {
   return ChannelCredentials(

@@ -74,6 +74,16 @@ std::shared_ptr<grpc::ServerCredentials> MakeServerTlsCredentials(const std::str
 // serves every channel of a process.
 std::shared_ptr<grpc::ChannelCredentials> MakeMtlsChannelCredentials(const TlsFiles& files);
 
+// Channel credentials for mTLS to a peer known by address only (a node's
+// SyncShards source, which the worker names by IP:port): presents the files'
+// identity and verifies the server against ca_file like
+// MakeMtlsChannelCredentials, but instead of the hostname check requires
+// one of the server's identities (CN, DNS or URI SAN) to be in
+// `server_identities` (a failed check fails the handshake, naming the
+// server's identities).
+std::shared_ptr<grpc::ChannelCredentials> MakeMtlsPeerChannelCredentials(
+    const TlsFiles& files, std::vector<std::string> server_identities);
+
 // Channel credentials of a client tool (--tls_ca_file, --tls_cert_file,
 // --tls_key_file): all empty -> plaintext; ca_file set -> TLS verifying the
 // server against it (hostname check included), presenting cert_file/key_file
