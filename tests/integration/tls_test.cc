@@ -267,6 +267,18 @@ bool StopOk(ServerProcess* p) {
 
 class TlsTest : public ::testing::Test {
  protected:
+  // A kvr_node with identity `id` (mTLS), no metrics, `extra` flags; null
+  // (a failure recorded) when it does not listen.
+  std::unique_ptr<NodeProcess> StartNode(const Identity& id,
+                                         const std::vector<std::string>& extra = {}) {
+    std::vector<std::string> args = {"--metrics_listen="};
+    for (const std::string& f : pki_.Flags(id)) args.push_back(f);
+    args.insert(args.end(), extra.begin(), extra.end());
+    std::unique_ptr<NodeProcess> node = NodeProcess::Start(args);
+    if (node != nullptr && !node->listening()) node.reset();
+    return node;
+  }
+
   Pki pki_;
 };
 
@@ -385,12 +397,8 @@ TEST_F(TlsTest, NodeRefusesUcxUnderMtlsUnlessAllowed) {
   EXPECT_TRUE(absl::StrContains(refused.output, "--ucx_allow_unencrypted")) << refused.output;
   EXPECT_FALSE(absl::StrContains(refused.output, "listening on"));
 
-  std::vector<std::string> args = {"--metrics_listen=", "--ucx_listen=127.0.0.1:0",
-                                   "--ucx_allow_unencrypted"};
-  args.insert(args.end(), tls.begin(), tls.end());
-  auto node = NodeProcess::Start(args);
+  auto node = StartNode(pki_.node(), {"--ucx_listen=127.0.0.1:0", "--ucx_allow_unencrypted"});
   ASSERT_NE(node, nullptr);
-  ASSERT_TRUE(node->listening());
   EXPECT_TRUE(NodeStats(node->address(), As(pki_, pki_.worker())).ok());
   EXPECT_TRUE(StopOk(node.get()));
 }
@@ -399,11 +407,8 @@ TEST_F(TlsTest, NodeRefusesUcxUnderMtlsUnlessAllowed) {
 // Who may call.
 
 TEST_F(TlsTest, NodeRefusesPlaintextStrangersAndWrongRoles) {
-  std::vector<std::string> args = {"--metrics_listen="};
-  for (const std::string& f : pki_.Flags(pki_.node())) args.push_back(f);
-  auto node = NodeProcess::Start(args);
+  auto node = StartNode(pki_.node());
   ASSERT_NE(node, nullptr);
-  ASSERT_TRUE(node->listening());
   const std::string& a = node->address();
 
   // Allowed by default: kvr-worker and kvr-node.
@@ -443,10 +448,8 @@ TEST_F(TlsTest, NodeRefusesPlaintextStrangersAndWrongRoles) {
   EXPECT_TRUE(StopOk(node.get()));
 
   // --tls_allowed_peers replaces the default.
-  args.push_back("--tls_allowed_peers=kvr-gateway");
-  auto custom = NodeProcess::Start(args);
+  auto custom = StartNode(pki_.node(), {"--tls_allowed_peers=kvr-gateway"});
   ASSERT_NE(custom, nullptr);
-  ASSERT_TRUE(custom->listening());
   EXPECT_TRUE(NodeStats(custom->address(), As(pki_, pki_.gateway())).ok());
   s = NodeStats(custom->address(), As(pki_, pki_.worker()));
   EXPECT_EQ(s.error_code(), grpc::StatusCode::PERMISSION_DENIED) << s.error_message();
@@ -455,11 +458,8 @@ TEST_F(TlsTest, NodeRefusesPlaintextStrangersAndWrongRoles) {
 }
 
 TEST_F(TlsTest, HealthProbeSpeaksMtls) {
-  std::vector<std::string> args = {"--metrics_listen="};
-  for (const std::string& f : pki_.Flags(pki_.node())) args.push_back(f);
-  auto node = NodeProcess::Start(args);
+  auto node = StartNode(pki_.node());
   ASSERT_NE(node, nullptr);
-  ASSERT_TRUE(node->listening());
   const std::string addr = "--addr=" + node->address();
   // The node's own certificate, as in its container.
   const std::vector<std::string> tls = pki_.Flags(pki_.node());
@@ -479,11 +479,8 @@ TEST_F(TlsTest, HealthProbeSpeaksMtls) {
 // Rotation.
 
 TEST_F(TlsTest, RotatedCertificateIsServedWithoutRestart) {
-  std::vector<std::string> args = {"--metrics_listen=", "--tls_reload_seconds=1"};
-  for (const std::string& f : pki_.Flags(pki_.node())) args.push_back(f);
-  auto node = NodeProcess::Start(args);
+  auto node = StartNode(pki_.node(), {"--tls_reload_seconds=1"});
   ASSERT_NE(node, nullptr);
-  ASSERT_TRUE(node->listening());
   const std::string old_serial = ServerSerial(node->address(), As(pki_, pki_.worker()));
   ASSERT_FALSE(old_serial.empty());
 
@@ -634,20 +631,12 @@ TEST_F(TlsTest, GenerationOverMtlsEqualsPlaintext) {
 TEST_F(TlsTest, NodeToNodeSyncUsesTheNodeCertificate) {
   const Identity dns_node = pki_.Issue(pki_.ca(), "kvr-node", "sync_node", {});
   const Identity dns_worker = pki_.Issue(pki_.ca(), "kvr-worker", "sync_worker", {});
-  std::vector<std::string> args = {"--metrics_listen="};
-  for (const std::string& f : pki_.Flags(dns_node)) args.push_back(f);
-  auto source = NodeProcess::Start(args);
-  auto dest = NodeProcess::Start(args);
-  std::vector<std::string> strict_args = args;
-  strict_args.push_back("--tls_allowed_peers=kvr-worker");
-  auto strict = NodeProcess::Start(strict_args);
+  auto source = StartNode(dns_node);
+  auto dest = StartNode(dns_node);
+  auto strict = StartNode(dns_node, {"--tls_allowed_peers=kvr-worker"});
   // A server holding a kvr-worker certificate where a node should be.
-  std::vector<std::string> impostor_args = {"--metrics_listen=", "--tls_allowed_peers=*"};
-  for (const std::string& f : pki_.Flags(dns_worker)) impostor_args.push_back(f);
-  auto impostor = NodeProcess::Start(impostor_args);
+  auto impostor = StartNode(dns_worker, {"--tls_allowed_peers=*"});
   ASSERT_TRUE(source != nullptr && dest != nullptr && strict != nullptr && impostor != nullptr);
-  ASSERT_TRUE(source->listening() && dest->listening() && strict->listening() &&
-              impostor->listening());
   // The test dials by name (the certificates carry no IP).
   auto by_name = [](const std::string& address) {
     return "localhost" + address.substr(address.rfind(':'));
@@ -701,11 +690,8 @@ TEST_F(TlsTest, NodeToNodeSyncUsesTheNodeCertificate) {
 // exactly what the embedded run prints; without the flags the node refuses
 // it.
 TEST_F(TlsTest, KvrGenerateReachesMtlsNodes) {
-  std::vector<std::string> args = {"--metrics_listen="};
-  for (const std::string& f : pki_.Flags(pki_.node())) args.push_back(f);
-  auto node = NodeProcess::Start(args);
+  auto node = StartNode(pki_.node());
   ASSERT_NE(node, nullptr);
-  ASSERT_TRUE(node->listening());
   const std::vector<std::string> generate = {g_kvr_binary, "generate", "--prompt", kLongPrompt,
                                              "--max_tokens=24", "--temperature=0.7", "--seed=3"};
   const Ran embedded = RunToExit(generate, /*stdout_only=*/true);
@@ -730,11 +716,8 @@ TEST_F(TlsTest, KvrGenerateReachesMtlsNodes) {
 TEST_F(TlsTest, DnsMembersAreCheckedAgainstTheirName) {
   const Identity node_id = pki_.Issue(pki_.ca(), "kvr-node", "dns_node", {});
   const Identity worker_id = pki_.Issue(pki_.ca(), "kvr-worker", "dns_worker", {});
-  std::vector<std::string> nargs = {"--metrics_listen="};
-  for (const std::string& f : pki_.Flags(node_id)) nargs.push_back(f);
-  auto node = NodeProcess::Start(nargs);
+  auto node = StartNode(node_id);
   ASSERT_NE(node, nullptr);
-  ASSERT_TRUE(node->listening());
   const std::string node_port = node->address().substr(node->address().rfind(':') + 1);
 
   // By IP: the node's certificate does not name 127.0.0.1, the worker
