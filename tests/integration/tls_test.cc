@@ -47,6 +47,7 @@
 #include "gtest/gtest.h"
 #include "kvr/v1/generation.grpc.pb.h"
 #include "kvr/v1/retrieval.grpc.pb.h"
+#include "services/infra/security/api_key.h"
 #include "services/infra/security/cert_authority.h"
 #include "services/infra/security/peer_authorizer.h"
 #include "services/infra/security/tls_credentials.h"
@@ -333,6 +334,21 @@ TEST(PeerAuthorizerTest, AllowedPeersListIsBounded) {
       ParseAllowedPeers(std::string(kMaxPeerIdentityBytes + 1, 'a'));
   EXPECT_EQ(too_long.status().code(), absl::StatusCode::kInvalidArgument);
   EXPECT_TRUE(absl::StrContains(too_long.status().message(), "exceeds 1024"));
+}
+
+TEST(ApiKeyTest, KeysAreBoundedVisibleAscii) {
+  EXPECT_TRUE(CheckApiKey("").ok());
+  EXPECT_TRUE(CheckApiKey("kvr-" + std::string(43, 'A')).ok());
+  EXPECT_TRUE(CheckApiKey(std::string(kMaxApiKeyBytes, 'k')).ok());
+  const absl::Status too_long = CheckApiKey(std::string(kMaxApiKeyBytes + 1, 'k'));
+  EXPECT_EQ(too_long.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_TRUE(absl::StrContains(too_long.message(), "--api_key: 257 bytes exceeds 256"));
+  for (const std::string& bad : {std::string("kvr-a b"), std::string("kvr-a\r\nx: y"),
+                                std::string("kvr-\x7f"), std::string("kvr-\xc3\xa9")}) {
+    const absl::Status st = CheckApiKey(bad);
+    EXPECT_EQ(st.code(), absl::StatusCode::kInvalidArgument);
+    EXPECT_FALSE(absl::StrContains(st.message(), "kvr-")) << "the key is never echoed";
+  }
 }
 
 TEST_F(TlsTest, TlsFilesAreAllOrNone) {
