@@ -28,6 +28,9 @@ struct ClientOptions {
   std::string request_id;
   double deadline_seconds = 300;
   bool echo = true;  // print the prompt before the continuation (as kvr generate)
+  // Transport security (services/infra/security): all empty = plaintext.
+  std::string tls_ca_file, tls_cert_file, tls_key_file;
+  std::string api_key;  // sent as `authorization: Bearer <key>`; "" = none
 };
 
 extern const char kClientUsage[];

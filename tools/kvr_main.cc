@@ -39,6 +39,7 @@
 #ifdef KVR_WITH_NODE_CLIENT
 #include "google/protobuf/stubs/common.h"
 #include "tools/apikey.h"
+#include "services/infra/security/tls_credentials.h"
 #include "tools/client.h"
 #include "tools/cluster.h"
 #endif
@@ -111,6 +112,10 @@ Runtime:
   --replicas R            with --nodes: nodes holding each chunk, [0, 64]
                           (0 = default: 2 with >= 2 nodes, else 1; fewer
                           live nodes at the start reduce it, with a warning)
+  --tls_cert_file PEM     with --nodes under mTLS: this process's certificate
+  --tls_key_file PEM      (a kvr-worker one: nodes take kvr-worker and
+  --tls_ca_file PEM       kvr-node by default), its key and the CA the nodes
+                          are verified against; all three or none
 )";
 
 struct Flags {
@@ -122,6 +127,7 @@ struct Flags {
   int64_t device = 0;
   std::string nodes;  // empty: in-process node
   int64_t replicas = 0;  // --nodes only; 0: the factory's default
+  std::string tls_cert_file, tls_key_file, tls_ca_file;  // --nodes under mTLS; all or none
 };
 
 absl::Status ParseGenerateFlags(const std::vector<std::string>& args, Flags* f, bool* help) {
@@ -193,6 +199,9 @@ absl::Status ParseGenerateFlags(const std::vector<std::string>& args, Flags* f, 
       {"device", int_flag(0, 1023, &f->device)},
       {"nodes", string_flag(&f->nodes)},
       {"replicas", int_flag(0, 64, &f->replicas)},
+      {"tls_cert_file", string_flag(&f->tls_cert_file)},
+      {"tls_key_file", string_flag(&f->tls_key_file)},
+      {"tls_ca_file", string_flag(&f->tls_ca_file)},
   };
   cli::FlagTable flags;
   for (const auto& [name, handler] : handlers) flags[name] = cli::FlagSpec{handler};
@@ -227,6 +236,19 @@ absl::Status RunGenerate(const Flags& f) {
   ro.in_process.tail_capacity = static_cast<size_t>(f.tail_capacity);
   ro.in_process.train_k = f.request.attention.train_k;
   ro.replicas = static_cast<int>(f.replicas);
+  if (!f.tls_cert_file.empty() || !f.tls_key_file.empty() || !f.tls_ca_file.empty()) {
+#ifdef KVR_WITH_NODE_CLIENT
+    KVR_ASSIGN_OR_RETURN(
+        const std::optional<security::TlsFiles> tls,
+        security::CheckTlsFiles(f.tls_cert_file, f.tls_key_file, f.tls_ca_file, 10));
+    if (f.nodes.empty()) {
+      return absl::InvalidArgumentError("--tls_cert_file, --tls_key_file, --tls_ca_file need --nodes");
+    }
+    ro.credentials = security::MakeMtlsChannelCredentials(*tls);
+#else
+    return absl::UnimplementedError("--tls_*: this kvr was built without KVR_WITH_SERVICES");
+#endif
+  }
   KVR_ASSIGN_OR_RETURN(std::unique_ptr<retrieval::RetrievalClient> node,
                        retrieval::MakeRetrievalClient(f.nodes, ro));
   KVR_ASSIGN_OR_RETURN(std::unique_ptr<worker::RetrievalEngine> engine,

@@ -53,10 +53,20 @@
 #include "grpcpp/security/credentials.h"
 #include "kvr/v1/generation.grpc.pb.h"
 #include "nlohmann/json.hpp"
+#include "services/infra/security/api_key.h"
+#include "services/infra/security/tls_credentials.h"
 #include "tools/cluster.h"
 
 ABSL_FLAG(std::string, target, "",
           "kvr.v1.Generation server host:port (the gateway); not with --start_cluster");
+ABSL_FLAG(std::string, tls_ca_file, "",
+          "TLS: verify the --target server against this PEM CA (hostname check included); "
+          "unset = plaintext");
+ABSL_FLAG(std::string, tls_cert_file, "",
+          "with --tls_key_file (and --tls_ca_file): present this PEM client certificate");
+ABSL_FLAG(std::string, tls_key_file, "", "PEM private key of --tls_cert_file");
+ABSL_FLAG(std::string, api_key, "",
+          "gateway API key, sent on every request as metadata `authorization: Bearer KEY`");
 ABSL_FLAG(bool, start_cluster, false,
           "start `kvr cluster` (found next to this binary, or --kvr), measure its gateway, stop it");
 ABSL_FLAG(std::string, kvr, "", "the kvr binary for --start_cluster (default: next to this one)");
@@ -185,6 +195,7 @@ bool RunOne(v1::Generation::Stub* stub, int64_t index, Samples* out) {
   ctx.set_deadline(std::chrono::system_clock::now() +
                    std::chrono::milliseconds(
                        static_cast<int64_t>(absl::GetFlag(FLAGS_deadline_seconds) * 1e3)));
+  kvr::security::AttachApiKey(absl::GetFlag(FLAGS_api_key), &ctx);
   const Clock::time_point start = Clock::now();
   Clock::time_point last;
   bool first = true;
@@ -413,10 +424,18 @@ int Main(int argc, char** argv) {
   }
   if (target.empty()) return Fail("give --target HOST:PORT or --start_cluster");
 
+  if (absl::Status st = kvr::security::CheckApiKey(absl::GetFlag(FLAGS_api_key)); !st.ok()) {
+    return Fail(std::string(st.message()));
+  }
+  absl::StatusOr<std::shared_ptr<grpc::ChannelCredentials>> credentials =
+      kvr::security::MakeClientChannelCredentials(absl::GetFlag(FLAGS_tls_ca_file),
+                                                  absl::GetFlag(FLAGS_tls_cert_file),
+                                                  absl::GetFlag(FLAGS_tls_key_file));
+  if (!credentials.ok()) return Fail(std::string(credentials.status().message()));
   grpc::ChannelArguments channel_args;
   channel_args.SetMaxReceiveMessageSize(16 << 20);
   auto stub = v1::Generation::NewStub(
-      grpc::CreateCustomChannel(target, grpc::InsecureChannelCredentials(), channel_args));
+      grpc::CreateCustomChannel(target, *credentials, channel_args));
   int64_t next_index = 0;
   {
     Samples warmup;

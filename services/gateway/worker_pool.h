@@ -27,6 +27,10 @@
 #include "kvr/v1/generation.grpc.pb.h"
 #include "services/gateway/balancer.h"
 
+namespace grpc {
+class ChannelCredentials;
+}  // namespace grpc
+
 namespace kvr::gateway {
 
 struct WorkerPoolOptions {
@@ -40,6 +44,13 @@ struct WorkerPoolOptions {
   // backoff of resume_backoff * 2^(n-1) ([0, 10 s]).
   int max_resumes = 2;
   absl::Duration resume_backoff = absl::Milliseconds(50);
+  // Credentials of the channels to the workers (services/infra/security:
+  // mTLS presenting the gateway's certificate); null = plaintext.
+  std::shared_ptr<grpc::ChannelCredentials> credentials;
+  // With TLS credentials: the name the workers' certificates must carry when
+  // it is not the address's host (--workers dns:///name:port dials the
+  // records' IPs; the certificates name the service). Empty: the host.
+  std::string tls_server_name;
 };
 
 // One worker's connection.
