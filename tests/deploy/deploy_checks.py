@@ -582,9 +582,11 @@ def check_security(name, values, docs, pods, clients):
                             {p["name"]: p["containerPort"] for p in c["ports"]}, values)
     # UCX: unencrypted, so only when explicitly allowed (the render fails otherwise).
     ucx = values["node"]["ucx"]["enabled"]
-    for role in ("node", "worker"):
-        check(("--ucx_allow_unencrypted" in pods[role][1]["args"]) == (ucx and tls_on),
-              f"{name} {role}: --ucx_allow_unencrypted iff UCX with TLS")
+    check(("--ucx_allow_unencrypted" in pods["node"][1]["args"]) == (ucx and tls_on),
+          f"{name} node: --ucx_allow_unencrypted iff UCX with TLS")
+    # kvr_worker reaches nodes over gRPC only (no UCX client behind --nodes).
+    check("--ucx_allow_unencrypted" not in pods["worker"][1]["args"],
+          f"{name} worker: no --ucx_allow_unencrypted (kvr_worker has no such flag)")
 
     # Public (server-only) TLS on the gateway's gRPC port.
     gpod, gc, _ = pods["gateway"]

@@ -250,7 +250,7 @@ grpc:
 {{- end -}}
 {{- end -}}
 
-{{/* UCX on nodes and workers: refused with TLS unless explicitly allowed unencrypted. */}}
+{{/* UCX on nodes: refused with TLS unless explicitly allowed unencrypted (workers reach nodes over gRPC only). */}}
 {{- define "kvr.ucxArgs" -}}
 {{- if and .Values.node.ucx.enabled (include "kvr.tls" .) }}
 {{- if not .Values.node.ucx.allowUnencrypted -}}
