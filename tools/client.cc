@@ -116,6 +116,14 @@ call failed (its gRPC status is printed), 2 bad flags, 130 cancelled.
   --request_id ID         echoed in the server's final message
   --deadline_seconds S    call deadline (default 300)
   --echo=false            print only the continuation, not the prompt
+  --tls_ca_file PATH      TLS: verify the server's certificate against this
+                          PEM CA (its SANs must name the --target host);
+                          unset: plaintext
+  --tls_cert_file PATH    with --tls_key_file: present this client
+  --tls_key_file PATH     certificate (mTLS; needed to call a worker directly)
+  --api_key KEY           sent as `authorization: Bearer KEY` (the gateway's
+                          API key; `kvr cluster --secure` writes one to
+                          cluster.json's api_key)
 )";
 
 absl::Status ParseClientFlags(const std::vector<std::string>& args, ClientOptions* o, bool* help) {
@@ -180,12 +188,15 @@ absl::Status ParseClientFlags(const std::vector<std::string>& args, ClientOption
          return cli::ParseDouble(name, v, 0.001, 86400, &o->deadline_seconds);
        }}},
       {"echo", cli::BoolFlag(&o->echo)},
+      {"tls_ca_file", cli::StringFlag(&o->security.tls_ca_file)},
+      {"tls_cert_file", cli::StringFlag(&o->security.tls_cert_file)},
+      {"tls_key_file", cli::StringFlag(&o->security.tls_key_file)},
+      {"api_key", cli::StringFlag(&o->security.api_key)},
   };
   KVR_RETURN_IF_ERROR(cli::ParseFlags(args, flags, "client", help));
-  if (!*help && o->target.empty()) {
-    return absl::InvalidArgumentError("--target HOST:PORT is required");
-  }
-  return absl::OkStatus();
+  if (*help) return absl::OkStatus();
+  if (o->target.empty()) return absl::InvalidArgumentError("--target HOST:PORT is required");
+  return ValidateClientSecurity(o->security);
 }
 
 // Written by the SIGINT / SIGTERM handler; read by the watcher thread.
@@ -197,6 +208,12 @@ void OnStopSignal(int) {
 }
 
 int RunClient(const ClientOptions& o) {
+  absl::StatusOr<std::shared_ptr<grpc::ChannelCredentials>> credentials =
+      MakeChannelCredentials(o.security);
+  if (!credentials.ok()) {
+    std::fprintf(stderr, "kvr client: %s\n", std::string(credentials.status().message()).c_str());
+    return 2;
+  }
   // Ctrl-C / SIGTERM cancel the call: the handler only writes to a pipe
   // (TryCancel is not async-signal-safe); a watcher thread reads it. A
   // handler rather than sigwait because libraries may have started threads
@@ -214,8 +231,9 @@ int RunClient(const ClientOptions& o) {
   grpc::ChannelArguments channel_args;
   channel_args.SetMaxReceiveMessageSize(16 << 20);
   auto stub = v1::Generation::NewStub(
-      grpc::CreateCustomChannel(o.target, grpc::InsecureChannelCredentials(), channel_args));
+      grpc::CreateCustomChannel(o.target, *credentials, channel_args));
   grpc::ClientContext ctx;
+  AddApiKey(o.security, &ctx);
   ctx.set_deadline(std::chrono::system_clock::now() +
                    std::chrono::microseconds(static_cast<int64_t>(o.deadline_seconds * 1e6)));
   std::atomic<bool> interrupted{false};

@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "absl/status/status.h"
+#include "tools/client_security.h"
 
 namespace kvr::client {
 
@@ -28,6 +29,9 @@ struct ClientOptions {
   std::string request_id;
   double deadline_seconds = 300;
   bool echo = true;  // print the prompt before the continuation (as kvr generate)
+  // TLS (--tls_ca_file, --tls_cert_file, --tls_key_file) and --api_key; all
+  // empty: plaintext without a key.
+  ClientSecurity security;
 };
 
 extern const char kClientUsage[];
@@ -35,7 +39,7 @@ absl::Status ParseClientFlags(const std::vector<std::string>& args, ClientOption
                               bool* help);
 
 // Runs the call. Exit code: 0 done, 1 the call failed (its gRPC status is
-// printed), 130 cancelled by SIGINT/SIGTERM (the call is cancelled, so the
+// printed), 2 a TLS file could not be read, 130 cancelled by SIGINT/SIGTERM (the call is cancelled, so the
 // server stops the sequence). Handles SIGINT and SIGTERM while it runs.
 int RunClient(const ClientOptions& options);
 

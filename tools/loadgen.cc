@@ -53,6 +53,7 @@
 #include "grpcpp/security/credentials.h"
 #include "kvr/v1/generation.grpc.pb.h"
 #include "nlohmann/json.hpp"
+#include "tools/client_security.h"
 #include "tools/cluster.h"
 
 ABSL_FLAG(std::string, target, "",
@@ -62,6 +63,18 @@ ABSL_FLAG(bool, start_cluster, false,
 ABSL_FLAG(std::string, kvr, "", "the kvr binary for --start_cluster (default: next to this one)");
 ABSL_FLAG(std::string, cluster_args, "",
           "extra `kvr cluster` flags for --start_cluster, space-separated");
+ABSL_FLAG(bool, secure, false,
+          "with --start_cluster: start it with --secure (mTLS, API key) and use the TLS files "
+          "and key its cluster.json names");
+ABSL_FLAG(std::string, tls_ca_file, "",
+          "TLS: verify the server against this PEM CA (unset: plaintext; with --start_cluster "
+          "of a secure cluster: its ca_cert)");
+ABSL_FLAG(std::string, tls_cert_file, "",
+          "with --tls_key_file: present this PEM client certificate (mTLS)");
+ABSL_FLAG(std::string, tls_key_file, "", "the PEM key of --tls_cert_file");
+ABSL_FLAG(std::string, api_key, "",
+          "sent as `authorization: Bearer KEY` (with --start_cluster of a secure cluster: its "
+          "api_key)");
 ABSL_FLAG(std::string, concurrency, "1,4,16", "concurrency levels, comma-separated, each in [1, 1024]");
 ABSL_FLAG(double, duration_seconds, 10.0, "per level: how long new requests are started");
 ABSL_FLAG(int, requests, 0, "per level: run exactly this many requests instead (0: use duration)");
@@ -169,6 +182,10 @@ class ErrorBackoff {
   std::mt19937_64 rng_;
 };
 
+// The TLS files and API key every call uses; set by Main before any call,
+// read-only after.
+client::ClientSecurity g_security;
+
 // One Generate stream; appends its measurements to `out`. False when the
 // call failed (counted in out's errors).
 bool RunOne(v1::Generation::Stub* stub, int64_t index, Samples* out) {
@@ -182,6 +199,7 @@ bool RunOne(v1::Generation::Stub* stub, int64_t index, Samples* out) {
   req.set_request_id(absl::StrCat("loadgen-", index));
 
   grpc::ClientContext ctx;
+  client::AddApiKey(g_security, &ctx);
   ctx.set_deadline(std::chrono::system_clock::now() +
                    std::chrono::milliseconds(
                        static_cast<int64_t>(absl::GetFlag(FLAGS_deadline_seconds) * 1e3)));
@@ -381,6 +399,11 @@ int Main(int argc, char** argv) {
     return Fail("--mode must be retrieval or full");
   }
 
+  g_security = {absl::GetFlag(FLAGS_tls_ca_file), absl::GetFlag(FLAGS_tls_cert_file),
+                absl::GetFlag(FLAGS_tls_key_file), absl::GetFlag(FLAGS_api_key)};
+  if (absl::GetFlag(FLAGS_secure) && !absl::GetFlag(FLAGS_start_cluster)) {
+    return Fail("--secure needs --start_cluster (for another server give --tls_ca_file ...)");
+  }
   std::string target = absl::GetFlag(FLAGS_target);
   std::unique_ptr<Subprocess> cluster;
   if (absl::GetFlag(FLAGS_start_cluster)) {
@@ -391,6 +414,7 @@ int Main(int argc, char** argv) {
       kvr = (std::filesystem::read_symlink("/proc/self/exe", ec).parent_path() / "kvr").string();
     }
     std::vector<std::string> cluster_argv = {kvr, "cluster"};
+    if (absl::GetFlag(FLAGS_secure)) cluster_argv.push_back("--secure");
     for (absl::string_view a :
          absl::StrSplit(absl::GetFlag(FLAGS_cluster_args), ' ', absl::SkipWhitespace())) {
       cluster_argv.emplace_back(a);
@@ -410,13 +434,27 @@ int Main(int argc, char** argv) {
         cluster::ReadClusterInfo(run_dir + "/cluster.json");
     if (!info.ok()) return Fail(info.status().ToString());
     target = info->gateway_grpc.empty() ? info->worker_grpc : info->gateway_grpc;
+    // A secure cluster (--secure, or in --cluster_args): its client
+    // credentials, where no flag gave them.
+    if (!info->ca_cert.empty()) {
+      auto fill = [](std::string* field, const std::string& value) {
+        if (field->empty()) *field = value;
+      };
+      fill(&g_security.tls_ca_file, info->ca_cert);
+      fill(&g_security.tls_cert_file, info->client_cert);
+      fill(&g_security.tls_key_file, info->client_key);
+      fill(&g_security.api_key, info->api_key);
+    }
   }
   if (target.empty()) return Fail("give --target HOST:PORT or --start_cluster");
+  absl::StatusOr<std::shared_ptr<grpc::ChannelCredentials>> credentials =
+      client::MakeChannelCredentials(g_security);
+  if (!credentials.ok()) return Fail(std::string(credentials.status().message()));
 
   grpc::ChannelArguments channel_args;
   channel_args.SetMaxReceiveMessageSize(16 << 20);
   auto stub = v1::Generation::NewStub(
-      grpc::CreateCustomChannel(target, grpc::InsecureChannelCredentials(), channel_args));
+      grpc::CreateCustomChannel(target, *credentials, channel_args));
   int64_t next_index = 0;
   {
     Samples warmup;
