@@ -2,8 +2,8 @@
 // one certificate per role (kvr-node, kvr-worker, kvr-gateway, kvr-client;
 // SANs DNS:localhost and IP:127.0.0.1; serverAuth + clientAuth), made with
 // services/infra/security/cert_authority under <run dir>/tls/, and one
-// gateway API key with its salted hash in <run dir>/api_keys.json (the
-// gateway's --api_keys_file format).
+// gateway API key (services/gateway/api_keys.h MakeApiKey, no limits) with
+// its salted hash in <run dir>/api_keys.json (the gateway's --api_keys_file).
 #pragma once
 
 #include <string>
@@ -39,15 +39,5 @@ absl::StatusOr<ClusterCredentials> MakeClusterCredentials(
 
 // --tls_cert_file=, --tls_key_file=, --tls_ca_file= for a child of `role`.
 std::vector<std::string> TlsFlags(const RoleFiles& role, const std::string& ca_cert);
-
-// A new API key ("kvr-" + 43 base64url characters of 32 random bytes) and its
-// api_keys.json entry (id `id`, a random 16-byte hex salt, hex
-// SHA-256(salt bytes || key bytes), max_concurrent and tokens_per_minute 0 =
-// unlimited) as one JSON object.
-struct ApiKeyAndEntry {
-  std::string key;
-  std::string entry_json;
-};
-absl::StatusOr<ApiKeyAndEntry> MakeClusterApiKey(const std::string& id);
 
 }  // namespace kvr::cluster

@@ -38,6 +38,7 @@
 #include "tools/cli_flags.h"
 #ifdef KVR_WITH_NODE_CLIENT
 #include "google/protobuf/stubs/common.h"
+#include "tools/apikey.h"
 #include "tools/client.h"
 #include "tools/cluster.h"
 #endif
@@ -57,6 +58,7 @@ Usage:
                            nodes on 127.0.0.1) until Ctrl-C
   kvr client --target HOST:PORT [flags]
                            stream a generation from a gateway or worker
+  kvr apikey --id ID       make a gateway API key (key, then its keys-file entry)
   kvr --help               this text
   kvr COMMAND --help       the flags of COMMAND
 )";
@@ -329,15 +331,16 @@ int Main(int argc, char** argv) {
 #ifdef KVR_WITH_NODE_CLIENT
   if (command == "cluster") return MainCluster(args);
   if (command == "client") return MainClient(args);
+  if (command == "apikey") return apikey::RunApiKey(args);
 #else
-  if (command == "cluster" || command == "client") {
+  if (command == "cluster" || command == "client" || command == "apikey") {
     std::fprintf(stderr, "kvr %s: this kvr was built without KVR_WITH_SERVICES\n",
                  command.c_str());
     return 2;
   }
 #endif
   std::fprintf(stderr,
-               "kvr: unknown command \"%s\" (commands: generate, cluster, client; see kvr "
+               "kvr: unknown command \"%s\" (commands: generate, cluster, client, apikey; see kvr "
                "--help)\n",
                command.c_str());
   return 2;

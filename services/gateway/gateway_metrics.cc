@@ -59,7 +59,27 @@ struct GatewayMetrics::Impl {
                             "resumed twice counts 2)")),
         workers(set.GaugeFamily("kvr_gateway_workers", "Member workers by health-check state")),
         healthy(workers.Add({{"state", "healthy"}})),
-        unhealthy(workers.Add({{"state", "unhealthy"}})) {}
+        unhealthy(workers.Add({{"state", "unhealthy"}})),
+        key_requests(set.CounterFamily(
+            "kvr_gateway_key_requests_total",
+            "Generation requests by API key id (the first 64 ids seen; the rest as \"other\") "
+            "and gRPC status code name, refusals by the key's limits included")),
+        key_tokens(set.CounterFamily(
+            "kvr_gateway_key_tokens_total",
+            "Tokens (prompt + completion) debited from API keys' tokens_per_minute budgets, by "
+            "key id")),
+        unauthenticated(set.CounterFamily(
+            "kvr_gateway_unauthenticated_requests_total",
+            "Requests refused for want of a valid API key (HTTP 401 / UNAUTHENTICATED), by "
+            "reason (missing, invalid)")),
+        unauthenticated_missing(unauthenticated.Add({{"reason", "missing"}})),
+        unauthenticated_invalid(unauthenticated.Add({{"reason", "invalid"}})),
+        keys_loaded(set.Gauge("kvr_gateway_api_keys", "API keys loaded from --api_keys_file")),
+        reloads(set.CounterFamily("kvr_gateway_api_keys_reloads_total",
+                                  "Re-reads of a changed --api_keys_file, by outcome (ok, "
+                                  "error: the previous keys were kept)")),
+        reloads_ok(reloads.Add({{"outcome", "ok"}})),
+        reloads_error(reloads.Add({{"outcome", "error"}})) {}
 
   void SetLoad(const GatewayLoad& l) {
     running.Set(static_cast<double>(l.running));
@@ -85,6 +105,15 @@ struct GatewayMetrics::Impl {
   prometheus::Family<prometheus::Gauge>& workers;
   prometheus::Gauge& healthy;
   prometheus::Gauge& unhealthy;
+  prometheus::Family<prometheus::Counter>& key_requests;
+  prometheus::Family<prometheus::Counter>& key_tokens;
+  prometheus::Family<prometheus::Counter>& unauthenticated;
+  prometheus::Counter& unauthenticated_missing;
+  prometheus::Counter& unauthenticated_invalid;
+  prometheus::Gauge& keys_loaded;
+  prometheus::Family<prometheus::Counter>& reloads;
+  prometheus::Counter& reloads_ok;
+  prometheus::Counter& reloads_error;
 };
 
 GatewayMetrics::GatewayMetrics() : impl_(std::make_unique<Impl>()) {}
@@ -133,6 +162,27 @@ void GatewayMetrics::RecordResumed(ResumeOutcome outcome, int resumes) {
       break;
   }
   if (resumes > 0) impl_->resumes.Increment(static_cast<double>(resumes));
+}
+
+}  // namespace kvr::gateway
+
+namespace kvr::gateway {
+
+void GatewayMetrics::RecordKeyRequest(const std::string& key, absl::StatusCode code) {
+  impl_->key_requests.Add({{"key", key}, {"code", absl::StatusCodeToString(code)}}).Increment();
+}
+
+void GatewayMetrics::RecordKeyTokens(const std::string& key, int64_t tokens) {
+  if (tokens > 0) impl_->key_tokens.Add({{"key", key}}).Increment(static_cast<double>(tokens));
+}
+
+void GatewayMetrics::RecordUnauthenticated(bool missing) {
+  (missing ? impl_->unauthenticated_missing : impl_->unauthenticated_invalid).Increment();
+}
+
+void GatewayMetrics::RecordKeysLoaded(bool ok, size_t keys, bool initial) {
+  if (ok) impl_->keys_loaded.Set(static_cast<double>(keys));
+  if (!initial) (ok ? impl_->reloads_ok : impl_->reloads_error).Increment();
 }
 
 }  // namespace kvr::gateway

@@ -69,6 +69,22 @@ class GatewayMetrics {
   // (kvr_gateway_stream_resumes_total += resumes).
   void RecordResumed(ResumeOutcome outcome, int resumes);
 
+  // API keys (services/gateway/api_keys.h). `key` is a key's metrics label
+  // (its id, or "other" beyond kMaxApiKeyMetricLabels ids: bounded
+  // cardinality); never a key.
+  // A generation request of `key` finished or was refused with `code`:
+  // kvr_gateway_key_requests_total{key, code} += 1.
+  void RecordKeyRequest(const std::string& key, absl::StatusCode code);
+  // kvr_gateway_key_tokens_total{key} += tokens (prompt + completion).
+  void RecordKeyTokens(const std::string& key, int64_t tokens);
+  // A request refused 401 / UNAUTHENTICATED:
+  // kvr_gateway_unauthenticated_requests_total{reason = missing|invalid} += 1.
+  void RecordUnauthenticated(bool missing);
+  // The keys file was (re)loaded: kvr_gateway_api_keys = keys, and
+  // kvr_gateway_api_keys_reloads_total{outcome = ok|error} += 1 unless
+  // `initial` (the load at start).
+  void RecordKeysLoaded(bool ok, size_t keys, bool initial);
+
  private:
   struct Impl;
   std::unique_ptr<Impl> impl_;

@@ -99,6 +99,43 @@ grpc::ServerUnaryReactor* StartUnaryProxy(
   return r;
 }
 
+// A Generate refused before it started (no valid API key, or over the
+// key's limits): finishes at once, deletes itself when gRPC is done.
+class RefusedGenerate final : public grpc::ServerWriteReactor<v1::GenerateResponse> {
+ public:
+  explicit RefusedGenerate(const grpc::Status& status) { Finish(status); }
+  void OnDone() override { delete this; }
+};
+
+// A unary call refused with `status` (gRPC's default reactor).
+grpc::ServerUnaryReactor* Refuse(grpc::CallbackServerContext* context,
+                                 const grpc::Status& status) {
+  grpc::ServerUnaryReactor* r = context->DefaultReactor();
+  r->Finish(status);
+  return r;
+}
+
+// The value of the call's "authorization" metadata; nullopt without one.
+std::optional<absl::string_view> Authorization(const grpc::CallbackServerContext* context) {
+  const auto& md = context->client_metadata();
+  auto it = md.find("authorization");
+  if (it == md.end()) return std::nullopt;
+  return absl::string_view(it->second.data(), it->second.size());
+}
+
+// The gRPC status of an API key refusal (never names the key).
+grpc::Status KeyStatus(const ApiKeyDecision& d) {
+  using Outcome = ApiKeyDecision::Outcome;
+  if (d.outcome == Outcome::kMissing) {
+    return grpc::Status(grpc::StatusCode::UNAUTHENTICATED,
+                        "no API key: send metadata \"authorization: Bearer <key>\"");
+  }
+  if (d.outcome == Outcome::kInvalid) {
+    return grpc::Status(grpc::StatusCode::UNAUTHENTICATED, d.message);
+  }
+  return grpc::Status(grpc::StatusCode::RESOURCE_EXHAUSTED, d.message);
+}
+
 }  // namespace
 
 // One Generate stream: a GenerateCall whose responses are written as they
@@ -106,12 +143,14 @@ grpc::ServerUnaryReactor* StartUnaryProxy(
 class GatewayService::GenerateReactor final
     : public grpc::ServerWriteReactor<v1::GenerateResponse> {
  public:
+  // `key`: the API key the call was admitted for (null without keys).
   void Start(WorkerPool* pool, GatewayMetrics* metrics, const v1::GenerateRequest& request,
-             absl::Time received, absl::Time deadline) {
+             absl::Time received, absl::Time deadline, std::shared_ptr<ApiKeyGrant> key) {
     std::shared_ptr<GenerateCall> call = GenerateCall::Create(
         pool, metrics, Api::kGrpc, request, received, deadline,
         [this](v1::GenerateResponse r) { OnResponse(std::move(r)); },
         [this](const grpc::Status& s) { OnCallFinished(s); });
+    if (key != nullptr) call->SetApiKey(std::move(key));
     {
       std::lock_guard<std::mutex> lock(mu_);
       call_ = call;
@@ -209,14 +248,40 @@ absl::Time GatewayService::Deadline(const grpc::CallbackServerContext* context) 
 grpc::ServerWriteReactor<v1::GenerateResponse>* GatewayService::Generate(
     grpc::CallbackServerContext* context, const v1::GenerateRequest* request) {
   const absl::Time received = absl::Now();
+  std::shared_ptr<ApiKeyGrant> key;
+  if (options_.api_keys != nullptr) {
+    ApiKeyDecision d = options_.api_keys->Admit(Authorization(context));
+    using Outcome = ApiKeyDecision::Outcome;
+    if (d.outcome != Outcome::kOk) {
+      const grpc::Status status = KeyStatus(d);
+      const auto code = static_cast<absl::StatusCode>(status.error_code());
+      if (d.outcome == Outcome::kMissing || d.outcome == Outcome::kInvalid) {
+        metrics_->RecordUnauthenticated(d.outcome == Outcome::kMissing);
+      } else {
+        metrics_->RecordKeyRequest(d.metric_label, code);
+      }
+      metrics_->RecordRequest(Api::kGrpc, code, 0.0, /*reached_worker=*/false);
+      return new RefusedGenerate(status);
+    }
+    key = std::move(d.grant);
+  }
   auto* reactor = new GenerateReactor();
-  reactor->Start(pool_, metrics_, *request, received, Deadline(context));
+  reactor->Start(pool_, metrics_, *request, received, Deadline(context), std::move(key));
   return reactor;
+}
+
+grpc::Status GatewayService::Authenticate(const grpc::CallbackServerContext* context) const {
+  if (options_.api_keys == nullptr) return grpc::Status::OK;
+  const ApiKeyDecision d = options_.api_keys->Authenticate(Authorization(context));
+  if (d.outcome == ApiKeyDecision::Outcome::kOk) return grpc::Status::OK;
+  metrics_->RecordUnauthenticated(d.outcome == ApiKeyDecision::Outcome::kMissing);
+  return KeyStatus(d);
 }
 
 grpc::ServerUnaryReactor* GatewayService::Tokenize(grpc::CallbackServerContext* context,
                                                    const v1::TokenizeRequest* request,
                                                    v1::TokenizeResponse* response) {
+  if (grpc::Status s = Authenticate(context); !s.ok()) return Refuse(context, s);
   return StartUnaryProxy(pool_, request, response, Deadline(context),
                          [](auto* stub, auto* ctx, auto* req, auto* resp, auto done) {
                            stub->async()->Tokenize(ctx, req, resp, std::move(done));
@@ -226,6 +291,7 @@ grpc::ServerUnaryReactor* GatewayService::Tokenize(grpc::CallbackServerContext* 
 grpc::ServerUnaryReactor* GatewayService::Detokenize(grpc::CallbackServerContext* context,
                                                      const v1::DetokenizeRequest* request,
                                                      v1::DetokenizeResponse* response) {
+  if (grpc::Status s = Authenticate(context); !s.ok()) return Refuse(context, s);
   return StartUnaryProxy(pool_, request, response, Deadline(context),
                          [](auto* stub, auto* ctx, auto* req, auto* resp, auto done) {
                            stub->async()->Detokenize(ctx, req, resp, std::move(done));
@@ -235,6 +301,7 @@ grpc::ServerUnaryReactor* GatewayService::Detokenize(grpc::CallbackServerContext
 grpc::ServerUnaryReactor* GatewayService::GetModelInfo(grpc::CallbackServerContext* context,
                                                        const v1::GetModelInfoRequest* request,
                                                        v1::GetModelInfoResponse* response) {
+  if (grpc::Status s = Authenticate(context); !s.ok()) return Refuse(context, s);
   return StartUnaryProxy(pool_, request, response, Deadline(context),
                          [](auto* stub, auto* ctx, auto* req, auto* resp, auto done) {
                            stub->async()->GetModelInfo(ctx, req, resp, std::move(done));

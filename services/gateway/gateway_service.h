@@ -19,6 +19,7 @@
 
 #include "absl/time/time.h"
 #include "kvr/v1/generation.grpc.pb.h"
+#include "services/gateway/api_keys.h"
 #include "services/gateway/gateway_metrics.h"
 #include "services/gateway/worker_pool.h"
 
@@ -30,6 +31,11 @@ struct GatewayServiceOptions {
   // Longest deadline accepted: a client's later deadline is cut to
   // now + max_timeout (so a year-long deadline cannot pin a worker slot).
   absl::Duration max_timeout = absl::Seconds(3600);
+  // API keys (not owned; outlives the service); null: no authentication.
+  // Set: every method needs metadata "authorization: Bearer <key>"
+  // (UNAUTHENTICATED without a valid one), and Generate is admitted by the
+  // key's limits (RESOURCE_EXHAUSTED naming the limit and when to retry).
+  ApiKeyStore* api_keys = nullptr;
 };
 
 class GatewayService final : public v1::Generation::CallbackService {
@@ -51,6 +57,9 @@ class GatewayService final : public v1::Generation::CallbackService {
  private:
   class GenerateReactor;
   absl::Time Deadline(const grpc::CallbackServerContext* context) const;
+  // With API keys: the error status of a call without a valid key (OK when
+  // it has one, or keys are off). For the methods that take no slot.
+  grpc::Status Authenticate(const grpc::CallbackServerContext* context) const;
 
   WorkerPool* const pool_;
   GatewayMetrics* const metrics_;

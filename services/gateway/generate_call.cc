@@ -99,6 +99,11 @@ std::shared_ptr<GenerateCall> GenerateCall::Create(WorkerPool* pool, GatewayMetr
 
 void GenerateCall::Start() { Acquire(/*exclude=*/{}); }
 
+void GenerateCall::SetApiKey(std::shared_ptr<ApiKeyGrant> grant) {
+  std::lock_guard<std::mutex> lock(mu_);
+  key_ = std::move(grant);
+}
+
 GenerateCall::GenerateCall(WorkerPool* pool, GatewayMetrics* metrics, Api api,
                            v1::GenerateRequest request, absl::Time received, absl::Time deadline,
                            OnResponse on_response, OnFinish on_finish)
@@ -182,8 +187,27 @@ v1::GenerateRequest GenerateCall::NextRequest() {
 
 void GenerateCall::OnUpstreamResponse(Attempt* attempt, v1::GenerateResponse response) {
   OnResponse deliver;
+  std::shared_ptr<ApiKeyGrant> key;
+  int64_t debit = 0;  // tokens to charge to `key`
   {
     std::lock_guard<std::mutex> lock(mu_);
+    if (key_ != nullptr) {
+      // The prompt once (a resumed attempt prefills it again: not charged
+      // twice), each generated token as it streams; the summary settles
+      // the prompt with the worker's own count.
+      int64_t prompt = 0;
+      if (response.has_prefill_progress()) {
+        prompt = response.prefill_progress().prompt_tokens_total();
+      } else if (response.has_summary()) {
+        prompt = response.summary().usage().prompt_tokens();
+      }
+      if (prompt > prompt_debited_) {
+        debit += prompt - prompt_debited_;
+        prompt_debited_ = prompt;
+      }
+      if (response.has_chunk()) debit += response.chunk().token_ids_size();
+      if (debit > 0) key = key_;
+    }
     if (response.has_prefill_progress() && !sent_tokens_.empty()) {
       // A resumed attempt prefilling again: the client is past that.
       deliver = nullptr;
@@ -196,6 +220,10 @@ void GenerateCall::OnUpstreamResponse(Attempt* attempt, v1::GenerateResponse res
     } else if (response.has_summary()) {
       got_summary_ = true;
     }
+  }
+  if (key != nullptr) {
+    key->Debit(debit);
+    metrics_->RecordKeyTokens(key->metric_label(), debit);
   }
   if (!deliver && response.has_prefill_progress()) {
     attempt->Read();  // nothing for the client: read on
@@ -299,6 +327,7 @@ void GenerateCall::Resume(const std::string& failed, absl::Duration backoff) {
 
 void GenerateCall::Finish(const grpc::Status& status) {
   OnFinish finish;
+  std::shared_ptr<ApiKeyGrant> key;
   {
     std::lock_guard<std::mutex> lock(mu_);
     if (finished_) return;
@@ -306,9 +335,15 @@ void GenerateCall::Finish(const grpc::Status& status) {
     finish = std::move(on_finish_);
     on_finish_ = nullptr;
     on_response_ = nullptr;
+    key = std::move(key_);
   }
   metrics_->RecordRequest(api_, static_cast<absl::StatusCode>(status.error_code()),
                           absl::ToDoubleSeconds(absl::Now() - received_), reached_worker_);
+  if (key != nullptr) {
+    metrics_->RecordKeyRequest(key->metric_label(),
+                               static_cast<absl::StatusCode>(status.error_code()));
+    key.reset();  // the key's slot is free before the client hears the end
+  }
   int resumes = 0;
   {
     std::lock_guard<std::mutex> lock(mu_);

@@ -44,6 +44,7 @@
 #include "grpcpp/alarm.h"
 #include "grpcpp/support/status.h"
 #include "kvr/v1/generation.pb.h"
+#include "services/gateway/api_keys.h"
 #include "services/gateway/gateway_metrics.h"
 #include "services/gateway/worker_pool.h"
 
@@ -63,6 +64,14 @@ class GenerateCall : public std::enable_shared_from_this<GenerateCall> {
                                               absl::Time deadline, OnResponse on_response,
                                               OnFinish on_finish);
   ~GenerateCall();
+
+  // Charges the call to an API key (call before Start): `grant` (its
+  // max_concurrent slot) is released when the call finishes, before
+  // on_finish runs; the prompt's tokens (once a worker reports them) and
+  // each chunk's tokens as they stream are debited from the key's
+  // tokens_per_minute budget; kvr_gateway_key_* metrics under the key's
+  // label.
+  void SetApiKey(std::shared_ptr<ApiKeyGrant> grant);
 
   // Queues for a worker slot. Callbacks may run before this returns (a
   // refusal finishes the call at once). Once only.
@@ -112,6 +121,8 @@ class GenerateCall : public std::enable_shared_from_this<GenerateCall> {
   // kept until the call is destroyed so Cancel never reaches a freed one.
   std::vector<std::unique_ptr<grpc::Alarm>> alarms_;
   bool reached_worker_ = false;
+  std::shared_ptr<ApiKeyGrant> key_;  // until Finish; null: no API keys
+  int64_t prompt_debited_ = 0;        // prompt tokens charged to key_ so far
   absl::Time last_tokens_;      // when the previous tokens arrived
   bool got_tokens_ = false;
   Attempt* current_ = nullptr;  // the attempt running now

@@ -50,6 +50,40 @@ void ReplyError(httplib::Response& res, const ApiError& e) {
   if (e.http_status == 429) res.set_header("Retry-After", "1");
 }
 
+// The Authorization header's value; nullopt when the request has none.
+std::optional<absl::string_view> Authorization(const httplib::Request& req) {
+  auto it = req.headers.find("Authorization");  // httplib compares names case-insensitively
+  if (it == req.headers.end()) return std::nullopt;
+  return absl::string_view(it->second);
+}
+
+// The OpenAI error of an API key refusal: 401 (code invalid_api_key, or null
+// for a missing key) or 429 (type "requests" / "tokens", code
+// rate_limit_exceeded) with Retry-After.
+ApiError KeyError(const ApiKeyDecision& d) {
+  using Outcome = ApiKeyDecision::Outcome;
+  ApiError e;
+  e.message = d.message;
+  if (d.outcome == Outcome::kMissing || d.outcome == Outcome::kInvalid) {
+    e.http_status = 401;
+    e.type = "invalid_request_error";
+    e.code = d.outcome == Outcome::kInvalid ? "invalid_api_key" : "";
+    e.grpc_code = absl::StatusCode::kUnauthenticated;
+  } else {
+    e.http_status = 429;
+    e.type = d.outcome == Outcome::kTooManyRequests ? "requests" : "tokens";
+    e.code = "rate_limit_exceeded";
+    e.grpc_code = absl::StatusCode::kResourceExhausted;
+  }
+  return e;
+}
+
+void ReplyKeyError(httplib::Response& res, const ApiKeyDecision& d) {
+  const ApiError e = KeyError(d);
+  Reply(res, e.http_status, e.ToJson());
+  if (e.http_status == 429) res.set_header("Retry-After", absl::StrCat(d.retry_after_seconds));
+}
+
 std::string RandomId(const char* prefix) {
   thread_local std::mt19937_64 rng(std::random_device{}());
   char hex[25];
@@ -311,35 +345,68 @@ struct HttpApi::Impl {
     return std::filesystem::path(info.model()).stem().string();
   }
 
-  void RecordRefused(const ApiError& e) {
+  // A generation request refused before it reached a GenerateCall (`key`:
+  // the API key it was admitted for, if any).
+  void RecordRefused(const ApiError& e, const std::shared_ptr<ApiKeyGrant>& key = nullptr) {
     metrics->RecordRequest(Api::kHttp, e.grpc_code, 0.0, /*reached_worker=*/false);
+    if (key != nullptr) metrics->RecordKeyRequest(key->metric_label(), e.grpc_code);
+  }
+
+  // With API keys: whether `req` carries a valid one (else answered 401).
+  bool Authenticated(const httplib::Request& req, httplib::Response& res) {
+    if (options.api_keys == nullptr) return true;
+    const ApiKeyDecision d = options.api_keys->Authenticate(Authorization(req));
+    if (d.outcome == ApiKeyDecision::Outcome::kOk) return true;
+    metrics->RecordUnauthenticated(d.outcome == ApiKeyDecision::Outcome::kMissing);
+    ReplyKeyError(res, d);
+    return false;
   }
 
   void Generate(Route route, const httplib::Request& req, httplib::Response& res) {
     const absl::Time received = absl::Now();
+    // The key first: nothing of the request is looked at for a caller
+    // without one. Admitted: `key` holds one of its max_concurrent slots
+    // until the request ends (GenerateCall releases it), or until this
+    // returns on an error before that.
+    std::shared_ptr<ApiKeyGrant> key;
+    if (options.api_keys != nullptr) {
+      ApiKeyDecision d = options.api_keys->Admit(Authorization(req));
+      using Outcome = ApiKeyDecision::Outcome;
+      if (d.outcome != Outcome::kOk) {
+        const ApiError e = KeyError(d);
+        if (d.outcome == Outcome::kMissing || d.outcome == Outcome::kInvalid) {
+          metrics->RecordUnauthenticated(d.outcome == Outcome::kMissing);
+        } else {
+          metrics->RecordKeyRequest(d.metric_label, e.grpc_code);
+        }
+        metrics->RecordRequest(Api::kHttp, e.grpc_code, 0.0, /*reached_worker=*/false);
+        return ReplyKeyError(res, d);
+      }
+      key = std::move(d.grant);
+    }
     const std::string content_type = req.get_header_value("Content-Type");
     if (!absl::StartsWithIgnoreCase(content_type, kJson)) {
       ApiError e = InvalidRequest(
           "", absl::StrCat("Content-Type: expected application/json, got \"", content_type, "\""));
       e.http_status = 415;
       e.code = "unsupported_media_type";
-      RecordRefused(e);
+      RecordRefused(e, key);
       return ReplyError(res, e);
     }
     json body;
     if (std::optional<ApiError> e = ParseBody(req.body, &body)) {
-      RecordRefused(*e);
+      RecordRefused(*e, key);
       return ReplyError(res, *e);
     }
     ParsedRequest parsed;
     if (std::optional<ApiError> e = ParseRequest(route, body, &parsed)) {
-      RecordRefused(*e);
+      RecordRefused(*e, key);
       return ReplyError(res, *e);
     }
     absl::StatusOr<v1::GetModelInfoResponse> info = ModelInfo();
     if (!info.ok()) {
       const ApiError e = FromStatus(info.status().code(), std::string(info.status().message()));
-      RecordRefused(e);
+      RecordRefused(e, key);
       return ReplyError(res, e);
     }
     const std::string model = ModelName(*info);
@@ -350,7 +417,7 @@ struct HttpApi::Impl {
                                            "\""));
       e.param = "model";
       e.code = "model_not_found";
-      RecordRefused(e);
+      RecordRefused(e, key);
       return ReplyError(res, e);
     }
     // max_tokens can never exceed the model's context (the prompt takes at
@@ -367,7 +434,7 @@ struct HttpApi::Impl {
                               " is over the model's context of ", info->max_context_tokens(),
                               " tokens"));
       e.code = "context_length_exceeded";
-      RecordRefused(e);
+      RecordRefused(e, key);
       return ReplyError(res, e);
     }
     ResponseInfo ri;
@@ -383,6 +450,7 @@ struct HttpApi::Impl {
         received + options.default_timeout,
         [call](v1::GenerateResponse r) { call->events.Push(std::move(r)); },
         [call](const grpc::Status& s) { call->events.Finish(s); });
+    if (key != nullptr) call->call->SetApiKey(std::move(key));
     {
       std::lock_guard<std::mutex> lock(mu);
       active.insert(call);
@@ -628,7 +696,9 @@ absl::StatusOr<std::unique_ptr<HttpApi>> HttpApi::Start(const HttpApiOptions& op
   s.Post("/v1/chat/completions", [p](const httplib::Request& req, httplib::Response& res) {
     p->Generate(Route::kChatCompletions, req, res);
   });
-  s.Get("/v1/models", [p](const httplib::Request&, httplib::Response& res) { p->Models(res); });
+  s.Get("/v1/models", [p](const httplib::Request& req, httplib::Response& res) {
+    if (p->Authenticated(req, res)) p->Models(res);
+  });
   s.Get("/healthz", [p](const httplib::Request&, httplib::Response& res) { p->Healthz(res); });
   s.set_error_handler(
       [p](const httplib::Request& req, httplib::Response& res) { p->DefaultError(req, res); });

@@ -26,6 +26,7 @@
 
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
+#include "services/gateway/api_keys.h"
 #include "services/gateway/gateway_metrics.h"
 #include "services/gateway/worker_pool.h"
 
@@ -48,6 +49,11 @@ struct HttpApiOptions {
   // The model id clients name ("model"); empty: the stem of the checkpoint
   // file the workers report (stories260K.bin → "stories260K").
   std::string model_name;
+  // API keys (not owned; outlives the HttpApi); null: no authentication.
+  // Set: /v1/* needs "Authorization: Bearer <key>" (401 without a valid
+  // one); the POST routes are admitted by the key's limits (429 with
+  // Retry-After, type "requests" or "tokens"). /healthz stays open.
+  ApiKeyStore* api_keys = nullptr;
 };
 
 class HttpApi {

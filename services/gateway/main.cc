@@ -27,6 +27,7 @@
 #include "absl/flags/flag.h"
 #include "absl/strings/str_cat.h"
 #include "absl/time/time.h"
+#include "services/gateway/api_keys.h"
 #include "services/gateway/gateway_metrics.h"
 #include "services/gateway/gateway_service.h"
 #include "services/gateway/http_api.h"
@@ -91,6 +92,14 @@ ABSL_FLAG(int, max_resumes, 2,
           "times, replaying the tokens already sent ([0, 16]; 0 = never)");
 ABSL_FLAG(double, resume_backoff_seconds, 0.05,
           "wait before the n-th resume of a request: this * 2^(n-1) seconds ([0, 10])");
+ABSL_FLAG(std::string, api_keys_file, "",
+          "JSON file of API keys as salted hashes with per-key limits ({\"keys\": [{\"id\", "
+          "\"salt\", \"sha256\", \"max_concurrent\", \"tokens_per_minute\"}]}, made by `kvr "
+          "apikey`); /v1/* and the gRPC Generation service then need \"Authorization: Bearer "
+          "<key>\". Empty: no authentication (a warning)");
+ABSL_FLAG(double, api_keys_reload_seconds, 5.0,
+          "how often --api_keys_file is checked for changes (mtime, size, inode) and re-read "
+          "([0.05, 3600]); a bad file keeps the previous keys");
 
 namespace kvr::gateway {
 namespace {
@@ -171,6 +180,9 @@ int Main(int argc, char** argv) {
                                     .InRange("resume_backoff_seconds",
                                              absl::GetFlag(FLAGS_resume_backoff_seconds), 0.0,
                                              10.0)
+                                    .InRange("api_keys_reload_seconds",
+                                             absl::GetFlag(FLAGS_api_keys_reload_seconds), 0.05,
+                                             3600.0)
                                     .status();
   if (!flags_ok.ok()) return Fail(flags_ok.message());
   if (!absl::GetFlag(FLAGS_http_listen).empty()) {
@@ -205,6 +217,25 @@ int Main(int argc, char** argv) {
   (*pool)->CheckHealthNow();
 
   auto metrics = std::make_unique<GatewayMetrics>();
+  // API keys: loaded before anything listens, so a bad file exits 2 at once.
+  std::unique_ptr<ApiKeyStore> api_keys;
+  if (const std::string path = absl::GetFlag(FLAGS_api_keys_file); !path.empty()) {
+    ApiKeyStoreOptions ko;
+    ko.path = path;
+    ko.reload = absl::Seconds(absl::GetFlag(FLAGS_api_keys_reload_seconds));
+    GatewayMetrics* m = metrics.get();
+    ko.on_reload = [m](bool ok, size_t keys, const absl::Status&) {
+      m->RecordKeysLoaded(ok, keys, /*initial=*/false);
+    };
+    absl::StatusOr<std::unique_ptr<ApiKeyStore>> store = ApiKeyStore::Open(std::move(ko));
+    if (!store.ok()) return Fail(absl::StrCat("--api_keys_file: ", store.status().message()));
+    api_keys = *std::move(store);
+    metrics->RecordKeysLoaded(true, api_keys->size(), /*initial=*/true);
+  } else {
+    std::fprintf(stderr,
+                 "kvr_gateway: warning: no --api_keys_file: anyone who reaches the gateway may "
+                 "use it\n");
+  }
   metrics->SetLoadSource([pool_ptr] {
     GatewayLoad l;
     l.running = pool_ptr->balancer().running();
@@ -228,6 +259,7 @@ int Main(int argc, char** argv) {
     ho.max_request_bytes = max_request_bytes;
     ho.default_timeout = default_timeout;
     ho.model_name = absl::GetFlag(FLAGS_model_name);
+    ho.api_keys = api_keys.get();
     absl::StatusOr<std::unique_ptr<HttpApi>> h = HttpApi::Start(ho, pool_ptr, metrics.get());
     if (!h.ok()) return Fail(absl::StrCat("--http_listen: ", h.status().message()));
     http = *std::move(h);
@@ -241,6 +273,7 @@ int Main(int argc, char** argv) {
   GatewayServiceOptions so;
   so.default_timeout = default_timeout;
   so.max_timeout = absl::Seconds(max_timeout);
+  so.api_keys = api_keys.get();
   auto service = std::make_unique<GatewayService>(pool_ptr, metrics.get(), so);
 
   std::atomic<bool> serving_failed{false};
@@ -280,6 +313,7 @@ int Main(int argc, char** argv) {
   service.reset();
   members->reset();
   pool->reset();
+  api_keys.reset();
   std::fprintf(stderr, "kvr_gateway: stopped\n");
   return 0;
 }

@@ -13,7 +13,7 @@ if(NOT TARGET nlohmann_json::nlohmann_json)
   find_package(nlohmann_json 3 CONFIG REQUIRED)
 endif()
 kvr_test(cluster_secure_test SOURCES integration/cluster_secure_test.cc OWN_MAIN
-  DEPS kvr::cluster_cli kvr::cert_authority kvr::common OpenSSL::Crypto
+  DEPS kvr::cluster_cli kvr::cert_authority kvr::gateway_api_keys kvr::common OpenSSL::Crypto
     nlohmann_json::nlohmann_json absl::strings absl::time
   ARGS --kvr $<TARGET_FILE:kvr>
     --fake_server ${CMAKE_CURRENT_SOURCE_DIR}/integration/fake_kvr_server.sh

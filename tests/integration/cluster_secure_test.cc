@@ -35,6 +35,7 @@
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "nlohmann/json.hpp"
+#include "services/gateway/api_keys.h"
 #include "services/infra/security/cert_authority.h"
 #include "tests/support/cluster_process.h"
 #include "tests/support/temp_dir.h"
@@ -144,6 +145,12 @@ TEST(ClusterCredentialsTest, RoleCertificatesVerifyAndSecretsArePrivate) {
   const std::string salt_hex = entry["salt"];
   ASSERT_EQ(salt_hex.size(), 32u);  // 16 bytes
   EXPECT_EQ(entry["sha256"], Sha256Hex(absl::HexStringToBytes(salt_hex) + creds->api_key));
+  // The gateway's own parser takes the file, and the key finds its entry.
+  EXPECT_TRUE(gateway::IsApiKeyFormat(creds->api_key));
+  absl::StatusOr<std::vector<gateway::ApiKeyEntry>> parsed = gateway::ParseApiKeys(keys_text);
+  ASSERT_TRUE(parsed.ok()) << parsed.status();
+  ASSERT_EQ(parsed->size(), 1u);
+  EXPECT_EQ((*parsed)[0].salt, gateway::ApiKeySalt(creds->api_key));
 
   // A second cluster in the same run dir: new CA, new key (files replaced).
   absl::StatusOr<cluster::ClusterCredentials> again =

@@ -20,13 +20,15 @@ namespace kvr::test_support {
 class GatewayProcess {
  public:
   // `binary` with `args` after the listen flags; nullptr after recording a
-  // test failure when it does not start.
+  // test failure when it does not start. `merge_stderr`: its stderr is read
+  // too (OutputAfterExit).
   static std::unique_ptr<GatewayProcess> Start(const std::string& binary,
-                                               const std::vector<std::string>& args) {
+                                               const std::vector<std::string>& args,
+                                               bool merge_stderr = false) {
     std::vector<std::string> argv = {binary, "--listen=127.0.0.1:0", "--http_listen=127.0.0.1:0",
                                      "--metrics_listen=127.0.0.1:0"};
     argv.insert(argv.end(), args.begin(), args.end());
-    auto proc = Subprocess::Start(std::move(argv));
+    auto proc = Subprocess::Start(std::move(argv), merge_stderr);
     if (!proc.ok()) return ADD_FAILURE() << proc.status(), nullptr;
     auto g = std::unique_ptr<GatewayProcess>(new GatewayProcess());
     g->proc_ = *std::move(proc);
@@ -54,6 +56,13 @@ class GatewayProcess {
     return !exit_status_.has_value();
   }
   std::optional<int> exit_status() const { return exit_status_; }
+
+  // After Stop: everything it wrote (stdout, and stderr when merged), read
+  // to the end of its output.
+  std::string OutputAfterExit() {
+    (void)proc_->WaitForLine("\x01 (no such line: read to the end)", absl::Seconds(10));
+    return proc_->Output();
+  }
 
   // SIGTERM; true when it exited 0.
   bool Stop() {
