@@ -3,6 +3,11 @@
 //
 //   kvr_health_probe [--addr=127.0.0.1:7000] [--service=kvr.v1.RetrievalNode]
 //                    [--timeout_ms=2000]
+//                    [--tls_cert_file=PEM --tls_key_file=PEM --tls_ca_file=PEM]
+//
+// With the three --tls_* files (the server's own, in its container) the probe
+// speaks mTLS like the servers' peers (grpc.health.v1 is open to any
+// CA-signed peer); some but not all of them is a bad argument.
 //
 // Exit 0: SERVING; 1: any other status, an RPC error or the deadline (the
 // reason on stderr); 2: bad arguments. Kubernetes does not need it (the chart
@@ -18,6 +23,7 @@
 #include <grpcpp/grpcpp.h>
 
 #include "grpc/health/v1/health.grpc.pb.h"
+#include "services/infra/security/tls_credentials.h"
 
 namespace {
 
@@ -25,7 +31,8 @@ int Usage(const std::string& message) {
   std::fprintf(stderr,
                "kvr_health_probe: %s\n"
                "usage: kvr_health_probe [--addr=HOST:PORT] [--service=NAME] "
-               "[--timeout_ms=1..60000]\n",
+               "[--timeout_ms=1..60000]\n"
+               "       [--tls_cert_file=PEM --tls_key_file=PEM --tls_ca_file=PEM]\n",
                message.c_str());
   return 2;
 }
@@ -36,6 +43,7 @@ int main(int argc, char** argv) {
   std::string addr = "127.0.0.1:7000";
   std::string service;  // "": the server as a whole
   long timeout_ms = 2000;
+  std::string cert_file, key_file, ca_file;
   for (int i = 1; i < argc; ++i) {
     const std::string_view arg = argv[i];
     const size_t eq = arg.find('=');
@@ -45,6 +53,12 @@ int main(int argc, char** argv) {
       addr = value;
     } else if (key == "--service") {
       service = value;
+    } else if (key == "--tls_cert_file") {
+      cert_file = value;
+    } else if (key == "--tls_key_file") {
+      key_file = value;
+    } else if (key == "--tls_ca_file") {
+      ca_file = value;
     } else if (key == "--timeout_ms") {
       char* end = nullptr;
       timeout_ms = std::strtol(value.c_str(), &end, 10);
@@ -56,8 +70,12 @@ int main(int argc, char** argv) {
     }
   }
 
-  auto stub = grpc::health::v1::Health::NewStub(
-      grpc::CreateChannel(addr, grpc::InsecureChannelCredentials()));
+  const absl::StatusOr<std::optional<kvr::security::TlsFiles>> tls =
+      kvr::security::CheckTlsFiles(cert_file, key_file, ca_file, /*reload_seconds=*/10);
+  if (!tls.ok()) return Usage(std::string(tls.status().message()));
+  auto stub = grpc::health::v1::Health::NewStub(grpc::CreateChannel(
+      addr, tls->has_value() ? kvr::security::MakeMtlsChannelCredentials(**tls)
+                             : grpc::InsecureChannelCredentials()));
   grpc::ClientContext context;
   context.set_deadline(std::chrono::system_clock::now() + std::chrono::milliseconds(timeout_ms));
   grpc::health::v1::HealthCheckRequest request;

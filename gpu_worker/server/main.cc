@@ -43,6 +43,7 @@
 #include "gpu_worker/server/worker_metrics.h"
 #include "services/infra/metrics/metrics_endpoint.h"
 #include "services/infra/rpc/grpc_server.h"
+#include "services/infra/security/tls_flags.h"
 #include "services/infra/server/server_main.h"
 
 ABSL_FLAG(std::string, listen, "127.0.0.1:0",
@@ -99,6 +100,8 @@ namespace {
 
 constexpr char kProgram[] = "kvr_worker";
 constexpr char kServiceName[] = "kvr.v1.Generation";
+// Who may call kvr.v1.Generation over mTLS by default: the gateway.
+constexpr char kDefaultAllowedPeers[] = "kvr-gateway";
 
 pthread_t g_main_thread;
 
@@ -167,6 +170,9 @@ int Main(int argc, char** argv) {
                                     .AtLeast("tail_capacity", absl::GetFlag(FLAGS_tail_capacity), 1)
                                     .status();
   if (!flags_ok.ok()) return Fail(flags_ok.message());
+  absl::StatusOr<security::ProcessTls> tls =
+      security::ProcessTlsFromFlags(kProgram, kDefaultAllowedPeers);
+  if (!tls.ok()) return Fail(tls.status().message());
 
   absl::StatusOr<ModelPaths> paths =
       ResolveModelPaths(absl::GetFlag(FLAGS_model), absl::GetFlag(FLAGS_tokenizer));
@@ -191,6 +197,7 @@ int Main(int argc, char** argv) {
   ro.in_process.train_k = absl::GetFlag(FLAGS_train_k);
   ro.refresh = absl::Seconds(refresh_seconds);
   ro.replicas = absl::GetFlag(FLAGS_replicas);
+  ro.credentials = tls->channel;
   ro.on_node_set_error = [](const absl::Status& s) {
     std::fprintf(stderr, "kvr_worker: keeping the previous node set: %s\n",
                  std::string(s.message()).c_str());
@@ -260,7 +267,8 @@ int Main(int argc, char** argv) {
                              .listen = absl::GetFlag(FLAGS_listen),
                              .max_message_bytes = max_message_bytes,
                              .health_services = {kServiceName},
-                             .drain_seconds = absl::GetFlag(FLAGS_drain_seconds)},
+                             .drain_seconds = absl::GetFlag(FLAGS_drain_seconds),
+                             .credentials = tls->server},
                             stop_signals);
   if (!served.ok()) return Fail(served.message());
   metrics_endpoint->reset();  // its load source reads the scheduler

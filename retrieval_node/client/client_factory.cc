@@ -53,11 +53,13 @@ absl::StatusOr<std::unique_ptr<RetrievalClient>> ConnectNodes(
   }
   MultiNodeOptions mo;
   mo.replicas = options.replicas > 0 ? options.replicas : (initial.size() >= 2 ? 2 : 1);
+  GrpcClientOptions grpc_options;
+  grpc_options.credentials = options.credentials;
   std::vector<std::unique_ptr<RetrievalClient>> clients;
   std::vector<GrpcRetrievalClient*> grpc_clients;
   for (const placement::NodeInfo& n : initial) {
     KVR_ASSIGN_OR_RETURN(std::unique_ptr<GrpcRetrievalClient> c,
-                         GrpcRetrievalClient::Create(n.address));
+                         GrpcRetrievalClient::Create(n.address, grpc_options));
     KVR_RETURN_IF_ERROR(c->WaitForReady(options.connect_timeout));
     grpc_clients.push_back(c.get());
     clients.push_back(std::move(c));
@@ -67,10 +69,10 @@ absl::StatusOr<std::unique_ptr<RetrievalClient>> ConnectNodes(
   auto sink = std::make_shared<std::function<void(const std::string&, bool)>>();
   auto sink_mu = std::make_shared<std::mutex>();
   const MultiNodeClient::Connector connect =
-      [sink, sink_mu](
+      [sink, sink_mu, grpc_options](
           const placement::NodeInfo& node) -> absl::StatusOr<std::unique_ptr<RetrievalClient>> {
     KVR_ASSIGN_OR_RETURN(std::unique_ptr<GrpcRetrievalClient> c,
-                         GrpcRetrievalClient::Create(node.address));
+                         GrpcRetrievalClient::Create(node.address, grpc_options));
     c->WatchHealth([sink, sink_mu, id = node.id](bool serving) {
       std::function<void(const std::string&, bool)> f;
       {

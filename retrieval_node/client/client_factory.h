@@ -35,6 +35,10 @@
 #include "retrieval_node/client/retrieval_client.h"
 #include "retrieval_node/core/node_core.h"
 
+namespace grpc {
+class ChannelCredentials;
+}  // namespace grpc
+
 namespace kvr::retrieval {
 
 struct RetrievalClientOptions {
@@ -50,6 +54,9 @@ struct RetrievalClientOptions {
   // A changed node set the client refuses (the previous set stays in use).
   // Null: one line on stderr.
   std::function<void(const absl::Status&)> on_node_set_error;
+  // Credentials of the channels to networked nodes (services/infra/security:
+  // mTLS presenting this process's certificate); null = plaintext.
+  std::shared_ptr<grpc::ChannelCredentials> credentials;
 };
 
 // The client for `nodes` (see the file comment); num_nodes() is the set a

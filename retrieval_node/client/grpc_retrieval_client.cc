@@ -59,7 +59,10 @@ GrpcRetrievalClient::GrpcRetrievalClient(const std::string& target,
               static_cast<int>(absl::ToInt64Milliseconds(options.initial_reconnect_backoff)));
   args.SetInt(GRPC_ARG_MAX_RECONNECT_BACKOFF_MS,
               static_cast<int>(absl::ToInt64Milliseconds(options.max_reconnect_backoff)));
-  channel_ = grpc::CreateCustomChannel(target, grpc::InsecureChannelCredentials(), args);
+  channel_ = grpc::CreateCustomChannel(
+      target,
+      options.credentials != nullptr ? options.credentials : grpc::InsecureChannelCredentials(),
+      args);
   stub_ = v1::RetrievalNode::NewStub(channel_);
 }
 

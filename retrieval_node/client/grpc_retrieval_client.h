@@ -46,6 +46,10 @@
 #include "kvr/v1/retrieval.grpc.pb.h"
 #include "retrieval_node/client/retrieval_client.h"
 
+namespace grpc {
+class ChannelCredentials;
+}  // namespace grpc
+
 namespace kvr::retrieval {
 
 struct GrpcClientOptions {
@@ -69,6 +73,9 @@ struct GrpcClientOptions {
   // capped at the maximum (so a returning node is seen within ~max).
   absl::Duration initial_reconnect_backoff = absl::Milliseconds(100);
   absl::Duration max_reconnect_backoff = absl::Seconds(1);
+  // Channel credentials (services/infra/security: mTLS presenting this
+  // process's certificate); null = plaintext.
+  std::shared_ptr<grpc::ChannelCredentials> credentials;
 };
 
 class GrpcRetrievalClient final : public RetrievalClient {

@@ -25,6 +25,7 @@
 #include "retrieval_node/store/shard_store.h"
 #include "services/infra/metrics/metrics_endpoint.h"
 #include "services/infra/rpc/grpc_server.h"
+#include "services/infra/security/tls_flags.h"
 #include "services/infra/server/server_main.h"
 
 ABSL_FLAG(std::string, listen, "127.0.0.1:0",
@@ -63,6 +64,10 @@ ABSL_FLAG(std::string, ucx_listen, "",
           "IPV4:PORT of the UCX data plane for Attend (UCP active messages; transports from "
           "UCX_TLS); port 0 picks a free port (printed as \"kvr_node ucx on HOST:PORT\" and "
           "advertised by the GetEndpoints RPC); empty = UCX off");
+ABSL_FLAG(bool, ucx_allow_unencrypted, false,
+          "with mTLS on (--tls_cert_file ...), allow --ucx_listen anyway: UCX carries Attend "
+          "without encryption and without the peer's certificate (each Attend still needs its "
+          "sequence's capability). Without this flag kvr_node refuses to start with both set");
 ABSL_FLAG(int64_t, ucx_busy_poll_us, 0,
           "after UCX activity, poll this many microseconds before sleeping (lower latency, "
           "one busy core); 0 = sleep at once");
@@ -106,6 +111,9 @@ namespace {
 
 constexpr char kProgram[] = "kvr_node";
 constexpr char kServiceName[] = "kvr.v1.RetrievalNode";
+// Who may call kvr.v1.RetrievalNode over mTLS by default: decode workers,
+// and other nodes (SyncShards reads its source's ReadShards).
+constexpr char kDefaultAllowedPeers[] = "kvr-worker,kvr-node";
 
 int Fail(absl::string_view message) { return server::Fail(kProgram, message); }
 
@@ -151,6 +159,16 @@ int Main(int argc, char** argv) {
                              max_message_bytes, "), got ", b));
   }
 
+  absl::StatusOr<security::ProcessTls> tls =
+      security::ProcessTlsFromFlags(kProgram, kDefaultAllowedPeers);
+  if (!tls.ok()) return Fail(tls.status().message());
+  if (tls->enabled() && !absl::GetFlag(FLAGS_ucx_listen).empty() &&
+      !absl::GetFlag(FLAGS_ucx_allow_unencrypted)) {
+    return Fail(
+        "--ucx_listen with mTLS on: the UCX data plane is neither encrypted nor authenticated "
+        "by certificate; drop --ucx_listen, or accept that with --ucx_allow_unencrypted");
+  }
+
   NodeCoreOptions core_options;
   core_options.threads = threads_flag > 0
                              ? static_cast<size_t>(threads_flag)
@@ -182,6 +200,7 @@ int Main(int argc, char** argv) {
   service_options.max_deadline_seconds = absl::GetFlag(FLAGS_max_deadline_seconds);
   service_options.max_message_bytes = max_message_bytes;
   service_options.sync_threads = static_cast<size_t>(absl::GetFlag(FLAGS_sync_threads));
+  service_options.peer_credentials = tls->channel;
   // Metrics: served before the RPC port opens, so the first request is counted.
   std::unique_ptr<NodeMetrics> metrics;
   std::unique_ptr<metrics::MetricsEndpoint> metrics_endpoint;  // stopped before `metrics`
@@ -246,7 +265,8 @@ int Main(int argc, char** argv) {
                              .drain_seconds = absl::GetFlag(FLAGS_drain_seconds),
                              .max_concurrent_streams = absl::GetFlag(FLAGS_max_concurrent_streams),
                              .memory_quota_bytes = absl::GetFlag(FLAGS_grpc_memory_quota_bytes),
-                             .max_threads = absl::GetFlag(FLAGS_grpc_max_threads)},
+                             .max_threads = absl::GetFlag(FLAGS_grpc_max_threads),
+                             .credentials = tls->server},
                             stop_signals);
   if (!served.ok()) return Fail(served.message());
   ucx.reset();               // no new UCX Attend; late completions are dropped safely

@@ -111,13 +111,16 @@ absl::Status CheckAttendRequest(const v1::AttendRequest& r) {
 class GrpcSyncSource final : public SyncSource {
  public:
   GrpcSyncSource(std::string address, std::chrono::system_clock::time_point deadline,
-                 int max_message_bytes)
+                 int max_message_bytes,
+                 const std::shared_ptr<grpc::ChannelCredentials>& credentials)
       : address_(std::move(address)), deadline_(deadline) {
     grpc::ChannelArguments args;
     args.SetMaxReceiveMessageSize(max_message_bytes);
     args.SetMaxSendMessageSize(max_message_bytes);
     stub_ = v1::RetrievalNode::NewStub(
-        grpc::CreateCustomChannel(address_, grpc::InsecureChannelCredentials(), args));
+        grpc::CreateCustomChannel(
+            address_, credentials != nullptr ? credentials : grpc::InsecureChannelCredentials(),
+            args));
   }
 
   absl::Status Read(const ReadShardsQuery& query,
@@ -683,7 +686,8 @@ grpc::ServerUnaryReactor* NodeService::SyncShards(grpc::CallbackServerContext* c
   }
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
   sync_->Schedule([this, reactor, response, start, deadline, sync = std::move(sync).value()] {
-    GrpcSyncSource source(sync.source_address, deadline, options_.max_message_bytes);
+    GrpcSyncSource source(sync.source_address, deadline, options_.max_message_bytes,
+                          options_.peer_credentials);
     absl::StatusOr<SyncResult> result = core_->SyncShards(sync, &source);
     if (result.ok()) {
       SyncResultToProto(*result, response);

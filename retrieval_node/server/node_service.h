@@ -32,6 +32,10 @@
 #include "retrieval_node/core/node_core.h"
 #include "retrieval_node/server/metrics.h"
 
+namespace grpc {
+class ChannelCredentials;
+}  // namespace grpc
+
 namespace kvr::retrieval {
 
 struct NodeServiceOptions {
@@ -64,6 +68,10 @@ struct NodeServiceOptions {
   // Where handlers record requests, latencies, scans, builds and appends
   // (metrics.h); not owned, must outlive the service. Null: no metrics.
   NodeMetrics* metrics = nullptr;
+  // Credentials of the channel SyncShards opens to its source node's
+  // ReadShards (services/infra/security: mTLS presenting this node's
+  // certificate); null = plaintext.
+  std::shared_ptr<grpc::ChannelCredentials> peer_credentials;
 };
 
 class NodeService final : public v1::RetrievalNode::CallbackService {

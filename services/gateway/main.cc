@@ -35,6 +35,8 @@
 #include "services/infra/membership/membership.h"
 #include "services/infra/metrics/metrics_endpoint.h"
 #include "services/infra/rpc/grpc_server.h"
+#include "services/infra/security/tls_credentials.h"
+#include "services/infra/security/tls_flags.h"
 #include "services/infra/server/server_main.h"
 
 ABSL_FLAG(std::string, listen, "127.0.0.1:0",
@@ -100,6 +102,12 @@ ABSL_FLAG(std::string, api_keys_file, "",
 ABSL_FLAG(double, api_keys_reload_seconds, 5.0,
           "how often --api_keys_file is checked for changes (mtime, size, inode) and re-read "
           "([0.05, 3600]); a bad file keeps the previous keys");
+ABSL_FLAG(std::string, public_tls_cert_file, "",
+          "PEM certificate chain of the client-facing gRPC port (--listen): server-only TLS, "
+          "no client certificate asked (set with --public_tls_key_file; both empty: "
+          "plaintext). Re-read every --tls_reload_seconds. The HTTP API stays plaintext (TLS "
+          "terminates at the ingress)");
+ABSL_FLAG(std::string, public_tls_key_file, "", "PEM private key of --public_tls_cert_file");
 
 namespace kvr::gateway {
 namespace {
@@ -193,7 +201,34 @@ int Main(int argc, char** argv) {
                              " is over --max_request_timeout_seconds ", max_timeout));
   }
 
+  // --tls_*: the gateway's certificate towards the workers (it serves no
+  // mTLS port itself: its --listen is client-facing, --public_tls_*).
+  absl::StatusOr<security::ProcessTls> tls = security::ProcessTlsFromFlags(kProgram, "");
+  if (!tls.ok()) return Fail(tls.status().message());
+  std::shared_ptr<grpc::ServerCredentials> public_credentials;
+  {
+    const std::string cert = absl::GetFlag(FLAGS_public_tls_cert_file);
+    const std::string key = absl::GetFlag(FLAGS_public_tls_key_file);
+    if (cert.empty() != key.empty()) {
+      return Fail(absl::StrCat("server TLS needs --public_tls_cert_file and "
+                               "--public_tls_key_file together; missing ",
+                               cert.empty() ? "--public_tls_cert_file" : "--public_tls_key_file"));
+    }
+    if (!cert.empty()) {
+      for (const auto& [flag, path] :
+           {std::pair<const char*, const std::string&>{"public_tls_cert_file", cert},
+            {"public_tls_key_file", key}}) {
+        if (absl::Status st = security::CheckPemFile(flag, path); !st.ok()) {
+          return Fail(st.message());
+        }
+      }
+      public_credentials = security::MakeServerTlsCredentials(
+          cert, key, absl::GetFlag(FLAGS_tls_reload_seconds));
+    }
+  }
+
   WorkerPoolOptions po;
+  po.credentials = tls->channel;
   po.balancer.max_outstanding_per_worker = absl::GetFlag(FLAGS_max_outstanding_per_worker);
   po.balancer.max_queue = absl::GetFlag(FLAGS_max_queue);
   po.health_interval = absl::Seconds(health);
@@ -294,7 +329,8 @@ int Main(int argc, char** argv) {
                                                       .listen = absl::GetFlag(FLAGS_listen),
                                                       .max_message_bytes = max_request_bytes,
                                                       .health_services = {kServiceName},
-                                                      .drain_seconds = drain},
+                                                      .drain_seconds = drain,
+                                                      .credentials = public_credentials},
                                                      wake_grpc);
   if (!served.ok()) {
     serving_failed = true;

@@ -13,7 +13,8 @@ namespace {
 
 constexpr char kGenerationService[] = "kvr.v1.Generation";
 
-std::shared_ptr<WorkerChannel> Connect(const std::string& address, int max_message_bytes) {
+std::shared_ptr<WorkerChannel> Connect(const std::string& address, int max_message_bytes,
+                                       const std::shared_ptr<grpc::ChannelCredentials>& credentials) {
   grpc::ChannelArguments args;
   args.SetMaxReceiveMessageSize(max_message_bytes);
   args.SetMaxSendMessageSize(max_message_bytes);
@@ -23,7 +24,8 @@ std::shared_ptr<WorkerChannel> Connect(const std::string& address, int max_messa
   args.SetInt(GRPC_ARG_MAX_RECONNECT_BACKOFF_MS, 2000);
   auto w = std::make_shared<WorkerChannel>();
   w->address = address;
-  w->channel = grpc::CreateCustomChannel(address, grpc::InsecureChannelCredentials(), args);
+  w->channel = grpc::CreateCustomChannel(
+      address, credentials != nullptr ? credentials : grpc::InsecureChannelCredentials(), args);
   w->generation = v1::Generation::NewStub(w->channel);
   w->health = grpc::health::v1::Health::NewStub(w->channel);
   return w;
@@ -78,7 +80,7 @@ void WorkerPool::SetWorkers(const std::vector<std::string>& addresses) {
     std::map<std::string, std::shared_ptr<WorkerChannel>> next;
     for (const std::string& a : addresses) {
       auto it = channels_.find(a);
-      next[a] = it != channels_.end() ? it->second : Connect(a, options_.max_message_bytes);
+      next[a] = it != channels_.end() ? it->second : Connect(a, options_.max_message_bytes, options_.credentials);
     }
     channels_ = std::move(next);
     check_now_ = true;

@@ -27,6 +27,10 @@
 #include "kvr/v1/generation.grpc.pb.h"
 #include "services/gateway/balancer.h"
 
+namespace grpc {
+class ChannelCredentials;
+}  // namespace grpc
+
 namespace kvr::gateway {
 
 struct WorkerPoolOptions {
@@ -40,6 +44,9 @@ struct WorkerPoolOptions {
   // backoff of resume_backoff * 2^(n-1) ([0, 10 s]).
   int max_resumes = 2;
   absl::Duration resume_backoff = absl::Milliseconds(50);
+  // Credentials of the channels to the workers (services/infra/security:
+  // mTLS presenting the gateway's certificate); null = plaintext.
+  std::shared_ptr<grpc::ChannelCredentials> credentials;
 };
 
 // One worker's connection.

@@ -8,6 +8,7 @@
 #include <signal.h>
 
 #include <cstdint>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -15,6 +16,7 @@
 
 namespace grpc {
 class Service;
+class ServerCredentials;
 }  // namespace grpc
 
 namespace kvr::rpc {
@@ -36,6 +38,9 @@ struct ServeOptions {
   // it may create. 2 GiB = 32 messages of the default 64 MiB cap.
   int64_t memory_quota_bytes = int64_t{2} << 30;
   int max_threads = 256;
+  // The listening port's credentials (services/infra/security: mTLS with
+  // peer authorization, or server-only TLS); null = plaintext.
+  std::shared_ptr<grpc::ServerCredentials> credentials;
 };
 
 // Blocks SIGTERM and SIGINT in the calling thread and every thread it starts
