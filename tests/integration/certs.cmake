@@ -19,3 +19,16 @@ kvr_test(cluster_secure_test SOURCES integration/cluster_secure_test.cc OWN_MAIN
     --fake_server ${CMAKE_CURRENT_SOURCE_DIR}/integration/fake_kvr_server.sh
   NEEDS kvr
   LABELS integration TIMEOUT 120)
+
+# `kvr cluster --secure` with real servers: token-identical to the insecure
+# cluster through `kvr client` and the client library; plaintext, another
+# CA, no / wrong key and the client certificate at the worker refused;
+# kvr_loadgen --start_cluster --secure.
+if(TARGET kvr_gateway)
+  kvr_test(cluster_secure_e2e_test SOURCES e2e/cluster_secure_e2e_test.cc OWN_MAIN PROTOBUF_FIRST
+    DEPS kvr::cluster_cli kvr::cert_authority kvr::proto kvr::common
+      nlohmann_json::nlohmann_json gRPC::grpc++ absl::strings absl::time
+    ARGS --kvr $<TARGET_FILE:kvr> --kvr_loadgen $<TARGET_FILE:kvr_loadgen>
+    NEEDS kvr kvr_node kvr_worker kvr_gateway kvr_loadgen
+    LABELS e2e TIMEOUT 240)
+endif()
