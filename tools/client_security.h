@@ -25,8 +25,6 @@ struct ClientSecurity {
 
 // Longest --api_key accepted (the contract's keys are 47 bytes).
 inline constexpr size_t kMaxApiKeyBytes = 1024;
-// Largest PEM file read.
-inline constexpr size_t kMaxPemFileBytes = 1 << 20;
 
 // InvalidArgument naming the flag when the combination cannot work: a client
 // certificate without its key (or the reverse), a client certificate without
@@ -40,10 +38,11 @@ absl::Status ValidateClientSecurity(const ClientSecurity& security);
 absl::Status ValidateApiKey(absl::string_view key);
 
 // Channel credentials for `security`: insecure when tls_ca_file is empty;
-// otherwise TLS verifying the server against the CA (host name checked
-// against the target's host: DNS or IP SANs), presenting the client
-// certificate when given. Reads the files (each at most kMaxPemFileBytes);
-// errors name the flag and the file.
+// otherwise security::MakeClientChannelCredentials: TLS verifying the server
+// against the CA (host name checked against the target's host: DNS or IP
+// SANs), presenting the client certificate when given; the files are checked
+// (readable PEM, at most security::kMaxPemFileBytes) and re-read when they
+// change. Errors name the flag and the file.
 absl::StatusOr<std::shared_ptr<grpc::ChannelCredentials>> MakeChannelCredentials(
     const ClientSecurity& security);
 

@@ -201,7 +201,7 @@ TEST(ClusterSecureE2eTest, SecureClusterGeneratesTheInsecureTokensAndRefusesTheR
   EXPECT_THAT(run.tagged + run.text, HasSubstr("--tls_cert_file needs --tls_key_file"));
   run = RunClient(c->target(), {"--tls_ca_file", c->run_dir + "/missing.crt"});
   EXPECT_EQ(run.exit_code, 2);
-  EXPECT_THAT(run.tagged, HasSubstr("--tls_ca_file: opening " + c->run_dir + "/missing.crt"));
+  EXPECT_THAT(run.tagged, HasSubstr("--tls_ca_file " + c->run_dir + "/missing.crt: cannot read"));
   run = RunClient(c->target(), {"--tls_ca_file", info.ca_cert, "--api_key", "two words"});
   EXPECT_EQ(run.exit_code, 2);
   EXPECT_THAT(run.tagged + run.text, HasSubstr("--api_key may hold only visible ASCII"));
