@@ -29,6 +29,7 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "absl/strings/str_join.h"
 #include "gpu_worker/backend/backend.h"
 #include "gpu_worker/backend/backend_plugin.h"
 #include "gpu_worker/engine/generation.h"
@@ -38,6 +39,7 @@
 #include "tools/cli_flags.h"
 #ifdef KVR_WITH_NODE_CLIENT
 #include "google/protobuf/stubs/common.h"
+#include "services/infra/security/tls_credentials.h"
 #include "tools/apikey.h"
 #include "tools/client.h"
 #include "tools/cluster.h"
@@ -111,6 +113,10 @@ Runtime:
   --replicas R            with --nodes: nodes holding each chunk, [0, 64]
                           (0 = default: 2 with >= 2 nodes, else 1; fewer
                           live nodes at the start reduce it, with a warning)
+  --tls_cert_file PATH    with --nodes, all three together: mTLS to the
+  --tls_key_file PATH     nodes, presenting this certificate (nodes admit
+  --tls_ca_file PATH      kvr-worker and kvr-node; of `kvr cluster --secure`:
+                          <run dir>/tls/kvr-worker.crt, .key, ca.crt)
 )";
 
 struct Flags {
@@ -122,6 +128,8 @@ struct Flags {
   int64_t device = 0;
   std::string nodes;  // empty: in-process node
   int64_t replicas = 0;  // --nodes only; 0: the factory's default
+  // --nodes only: mTLS to the nodes (all three, or none: plaintext).
+  std::string tls_cert_file, tls_key_file, tls_ca_file;
 };
 
 absl::Status ParseGenerateFlags(const std::vector<std::string>& args, Flags* f, bool* help) {
@@ -193,6 +201,9 @@ absl::Status ParseGenerateFlags(const std::vector<std::string>& args, Flags* f, 
       {"device", int_flag(0, 1023, &f->device)},
       {"nodes", string_flag(&f->nodes)},
       {"replicas", int_flag(0, 64, &f->replicas)},
+      {"tls_cert_file", string_flag(&f->tls_cert_file)},
+      {"tls_key_file", string_flag(&f->tls_key_file)},
+      {"tls_ca_file", string_flag(&f->tls_ca_file)},
   };
   cli::FlagTable flags;
   for (const auto& [name, handler] : handlers) flags[name] = cli::FlagSpec{handler};
@@ -207,6 +218,20 @@ absl::Status ParseGenerateFlags(const std::vector<std::string>& args, Flags* f, 
   };
   if (absl::Status s = worker::ValidateSampling(r.sampling); !s.ok()) return as_flag(s);
   if (absl::Status s = worker::ValidateAttentionOptions(r.attention); !s.ok()) return as_flag(s);
+  // mTLS to the nodes: all three files, and only with --nodes.
+  const std::pair<const char*, const std::string*> tls[] = {{"--tls_cert_file", &f->tls_cert_file},
+                                                            {"--tls_key_file", &f->tls_key_file},
+                                                            {"--tls_ca_file", &f->tls_ca_file}};
+  std::vector<std::string> set, missing;
+  for (const auto& [name, value] : tls) (value->empty() ? missing : set).push_back(name);
+  if (!set.empty() && !missing.empty()) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "mTLS to the nodes needs --tls_cert_file, --tls_key_file and --tls_ca_file together; "
+        "missing ", absl::StrJoin(missing, ", ")));
+  }
+  if (!set.empty() && f->nodes.empty()) {
+    return absl::InvalidArgumentError("--tls_* flags need --nodes (the in-process node has no TLS)");
+  }
   return absl::OkStatus();
 }
 
@@ -227,6 +252,14 @@ absl::Status RunGenerate(const Flags& f) {
   ro.in_process.tail_capacity = static_cast<size_t>(f.tail_capacity);
   ro.in_process.train_k = f.request.attention.train_k;
   ro.replicas = static_cast<int>(f.replicas);
+  if (!f.tls_ca_file.empty()) {
+#ifdef KVR_WITH_NODE_CLIENT
+    KVR_ASSIGN_OR_RETURN(ro.credentials, security::MakeClientChannelCredentials(
+                                             f.tls_ca_file, f.tls_cert_file, f.tls_key_file));
+#else
+    return absl::UnimplementedError("--tls_*: this kvr was built without the services");
+#endif
+  }
   KVR_ASSIGN_OR_RETURN(std::unique_ptr<retrieval::RetrievalClient> node,
                        retrieval::MakeRetrievalClient(f.nodes, ro));
   KVR_ASSIGN_OR_RETURN(std::unique_ptr<worker::RetrievalEngine> engine,

@@ -10,6 +10,9 @@
 //    wrong key UNAUTHENTICATED; the worker called directly with the client
 //    certificate answers PERMISSION_DENIED (only kvr-gateway may call it);
 //    bad client flags exit 2 naming the flag;
+//  * `kvr generate --nodes` with the kvr-worker certificate writes the
+//    insecure cluster's text; with the kvr-client one the nodes answer
+//    PERMISSION_DENIED; an incomplete set of --tls_* flags is exit 2;
 //  * kvr_loadgen --start_cluster --secure runs its requests with no error.
 //
 // Usage: cluster_secure_e2e_test --kvr PATH --kvr_loadgen PATH
@@ -22,6 +25,7 @@
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
 #include "absl/time/clock.h"
 #include "common/subprocess.h"
@@ -118,6 +122,19 @@ ProgramRun RunProgram(const std::vector<std::string>& argv, const std::string& t
   return run;
 }
 
+// `kvr generate --nodes` (the embedded worker on the cluster's nodes) of
+// kPrompt, greedy.
+ProgramRun RunGenerateOnNodes(const cluster::ClusterInfo& info,
+                              const std::vector<std::string>& flags) {
+  std::vector<std::string> nodes;
+  for (const cluster::ClusterInfo::Process& n : info.nodes) nodes.push_back(n.grpc);
+  std::vector<std::string> argv = {g_kvr, "generate", "--nodes", absl::StrJoin(nodes, ","),
+                                   "--prompt", kPrompt, "--max_tokens",
+                                   std::to_string(kMaxTokens), "--temperature", "0"};
+  argv.insert(argv.end(), flags.begin(), flags.end());
+  return RunProgram(argv, "kvr");
+}
+
 ProgramRun RunClient(const std::string& target, const std::vector<std::string>& flags) {
   std::vector<std::string> argv = {g_kvr,        "client",       "--target",
                                    target,       "--prompt",     kPrompt,
@@ -130,7 +147,7 @@ ProgramRun RunClient(const std::string& target, const std::vector<std::string>& 
 TEST(ClusterSecureE2eTest, SecureClusterGeneratesTheInsecureTokensAndRefusesTheRest) {
   // The reference: an insecure cluster.
   Generated plain_tokens;
-  ProgramRun plain_client;
+  ProgramRun plain_client, plain_generate;
   {
     auto plain = ClusterProcess::Start(g_kvr, {"--nodes", "2"}, /*merge_stderr=*/true);
     ASSERT_NE(plain, nullptr);
@@ -138,6 +155,8 @@ TEST(ClusterSecureE2eTest, SecureClusterGeneratesTheInsecureTokensAndRefusesTheR
     ASSERT_TRUE(plain_tokens.status.ok()) << plain_tokens.status.error_message();
     plain_client = RunClient(plain->target(), {});
     ASSERT_EQ(plain_client.exit_code, 0) << plain_client.text << plain_client.tagged;
+    plain_generate = RunGenerateOnNodes(plain->info, {});
+    ASSERT_EQ(plain_generate.exit_code, 0) << plain_generate.text << plain_generate.tagged;
     EXPECT_TRUE(plain->Stop().has_value());
   }
   ASSERT_EQ(plain_tokens.tokens.size(), static_cast<size_t>(kMaxTokens));
@@ -195,6 +214,22 @@ TEST(ClusterSecureE2eTest, SecureClusterGeneratesTheInsecureTokensAndRefusesTheR
   EXPECT_EQ(run.exit_code, 1);
   EXPECT_THAT(run.tagged, HasSubstr("PERMISSION_DENIED"));
   EXPECT_THAT(run.tagged, HasSubstr("kvr-client"));
+  // `kvr generate --nodes` as a worker: the kvr-worker certificate gives the
+  // insecure cluster's text; the client's is refused by the nodes.
+  const std::string tls = c->run_dir + "/tls/";
+  const ProgramRun generate = RunGenerateOnNodes(
+      info, {"--tls_cert_file", tls + "kvr-worker.crt", "--tls_key_file", tls + "kvr-worker.key",
+             "--tls_ca_file", info.ca_cert});
+  EXPECT_EQ(generate.exit_code, 0) << generate.tagged;
+  EXPECT_EQ(generate.text, plain_generate.text);
+  run = RunGenerateOnNodes(info, {"--tls_cert_file", info.client_cert, "--tls_key_file",
+                                  info.client_key, "--tls_ca_file", info.ca_cert});
+  EXPECT_EQ(run.exit_code, 1);
+  EXPECT_THAT(run.tagged, HasSubstr("PERMISSION_DENIED: peer kvr-client"));
+  run = RunGenerateOnNodes(info, {"--tls_ca_file", info.ca_cert});
+  EXPECT_EQ(run.exit_code, 2);
+  EXPECT_THAT(run.tagged, HasSubstr("missing --tls_cert_file, --tls_key_file"));
+
   // Bad flags: exit 2 naming them.
   run = RunClient(c->target(), {"--tls_cert_file", info.client_cert});
   EXPECT_EQ(run.exit_code, 2);
