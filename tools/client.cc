@@ -21,6 +21,8 @@
 #include "grpcpp/create_channel.h"
 #include "grpcpp/security/credentials.h"
 #include "kvr/v1/generation.grpc.pb.h"
+#include "services/infra/security/api_key.h"
+#include "services/infra/security/tls_credentials.h"
 #include "tools/cli_flags.h"
 
 namespace kvr::client {
@@ -116,14 +118,11 @@ call failed (its gRPC status is printed), 2 bad flags, 130 cancelled.
   --request_id ID         echoed in the server's final message
   --deadline_seconds S    call deadline (default 300)
   --echo=false            print only the continuation, not the prompt
-  --tls_ca_file PATH      TLS: verify the server's certificate against this
-                          PEM CA (its SANs must name the --target host);
-                          unset: plaintext
-  --tls_cert_file PATH    with --tls_key_file: present this client
-  --tls_key_file PATH     certificate (mTLS; needed to call a worker directly)
-  --api_key KEY           sent as `authorization: Bearer KEY` (the gateway's
-                          API key; `kvr cluster --secure` writes one to
-                          cluster.json's api_key)
+  --tls_ca_file PEM       TLS: verify the server against this CA (with a
+                          hostname check); unset = plaintext
+  --tls_cert_file PEM     with --tls_key_file: present this client
+  --tls_key_file PEM      certificate (mTLS; needs --tls_ca_file)
+  --api_key KEY           sent as metadata `authorization: Bearer KEY`
 )";
 
 absl::Status ParseClientFlags(const std::vector<std::string>& args, ClientOptions* o, bool* help) {
@@ -188,15 +187,16 @@ absl::Status ParseClientFlags(const std::vector<std::string>& args, ClientOption
          return cli::ParseDouble(name, v, 0.001, 86400, &o->deadline_seconds);
        }}},
       {"echo", cli::BoolFlag(&o->echo)},
-      {"tls_ca_file", cli::StringFlag(&o->security.tls_ca_file)},
-      {"tls_cert_file", cli::StringFlag(&o->security.tls_cert_file)},
-      {"tls_key_file", cli::StringFlag(&o->security.tls_key_file)},
-      {"api_key", cli::StringFlag(&o->security.api_key)},
+      {"tls_ca_file", cli::StringFlag(&o->tls_ca_file)},
+      {"tls_cert_file", cli::StringFlag(&o->tls_cert_file)},
+      {"tls_key_file", cli::StringFlag(&o->tls_key_file)},
+      {"api_key", cli::StringFlag(&o->api_key)},
   };
   KVR_RETURN_IF_ERROR(cli::ParseFlags(args, flags, "client", help));
-  if (*help) return absl::OkStatus();
-  if (o->target.empty()) return absl::InvalidArgumentError("--target HOST:PORT is required");
-  return ValidateClientSecurity(o->security);
+  if (!*help && o->target.empty()) {
+    return absl::InvalidArgumentError("--target HOST:PORT is required");
+  }
+  return security::CheckApiKey(o->api_key);
 }
 
 // Written by the SIGINT / SIGTERM handler; read by the watcher thread.
@@ -208,12 +208,6 @@ void OnStopSignal(int) {
 }
 
 int RunClient(const ClientOptions& o) {
-  absl::StatusOr<std::shared_ptr<grpc::ChannelCredentials>> credentials =
-      MakeChannelCredentials(o.security);
-  if (!credentials.ok()) {
-    std::fprintf(stderr, "kvr client: %s\n", std::string(credentials.status().message()).c_str());
-    return 2;
-  }
   // Ctrl-C / SIGTERM cancel the call: the handler only writes to a pipe
   // (TryCancel is not async-signal-safe); a watcher thread reads it. A
   // handler rather than sigwait because libraries may have started threads
@@ -228,12 +222,18 @@ int RunClient(const ClientOptions& o) {
   sigaction(SIGINT, &sa, nullptr);
   sigaction(SIGTERM, &sa, nullptr);
 
+  absl::StatusOr<std::shared_ptr<grpc::ChannelCredentials>> credentials =
+      security::MakeClientChannelCredentials(o.tls_ca_file, o.tls_cert_file, o.tls_key_file);
+  if (!credentials.ok()) {
+    std::fprintf(stderr, "kvr client: %s\n", std::string(credentials.status().message()).c_str());
+    return 2;
+  }
   grpc::ChannelArguments channel_args;
   channel_args.SetMaxReceiveMessageSize(16 << 20);
   auto stub = v1::Generation::NewStub(
       grpc::CreateCustomChannel(o.target, *credentials, channel_args));
   grpc::ClientContext ctx;
-  AddApiKey(o.security, &ctx);
+  security::AttachApiKey(o.api_key, &ctx);
   ctx.set_deadline(std::chrono::system_clock::now() +
                    std::chrono::microseconds(static_cast<int64_t>(o.deadline_seconds * 1e6)));
   std::atomic<bool> interrupted{false};

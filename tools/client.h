@@ -10,7 +10,6 @@
 #include <vector>
 
 #include "absl/status/status.h"
-#include "tools/client_security.h"
 
 namespace kvr::client {
 
@@ -29,9 +28,9 @@ struct ClientOptions {
   std::string request_id;
   double deadline_seconds = 300;
   bool echo = true;  // print the prompt before the continuation (as kvr generate)
-  // TLS (--tls_ca_file, --tls_cert_file, --tls_key_file) and --api_key; all
-  // empty: plaintext without a key.
-  ClientSecurity security;
+  // Transport security (services/infra/security): all empty = plaintext.
+  std::string tls_ca_file, tls_cert_file, tls_key_file;
+  std::string api_key;  // sent as `authorization: Bearer <key>`; "" = none
 };
 
 extern const char kClientUsage[];
@@ -39,7 +38,7 @@ absl::Status ParseClientFlags(const std::vector<std::string>& args, ClientOption
                               bool* help);
 
 // Runs the call. Exit code: 0 done, 1 the call failed (its gRPC status is
-// printed), 2 a TLS file could not be read, 130 cancelled by SIGINT/SIGTERM (the call is cancelled, so the
+// printed), 130 cancelled by SIGINT/SIGTERM (the call is cancelled, so the
 // server stops the sequence). Handles SIGINT and SIGTERM while it runs.
 int RunClient(const ClientOptions& options);
 

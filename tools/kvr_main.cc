@@ -40,7 +40,6 @@
 #ifdef KVR_WITH_NODE_CLIENT
 #include "google/protobuf/stubs/common.h"
 #include "services/infra/security/tls_credentials.h"
-#include "tools/apikey.h"
 #include "tools/client.h"
 #include "tools/cluster.h"
 #endif
@@ -60,7 +59,6 @@ Usage:
                            nodes on 127.0.0.1) until Ctrl-C
   kvr client --target HOST:PORT [flags]
                            stream a generation from a gateway or worker
-  kvr apikey --id ID       make a gateway API key (key, then its keys-file entry)
   kvr --help               this text
   kvr COMMAND --help       the flags of COMMAND
 )";
@@ -113,10 +111,10 @@ Runtime:
   --replicas R            with --nodes: nodes holding each chunk, [0, 64]
                           (0 = default: 2 with >= 2 nodes, else 1; fewer
                           live nodes at the start reduce it, with a warning)
-  --tls_cert_file PATH    with --nodes, all three together: mTLS to the
-  --tls_key_file PATH     nodes, presenting this certificate (nodes admit
-  --tls_ca_file PATH      kvr-worker and kvr-node; of `kvr cluster --secure`:
-                          <run dir>/tls/kvr-worker.crt, .key, ca.crt)
+  --tls_cert_file PEM     with --nodes under mTLS: this process's certificate
+  --tls_key_file PEM      (a kvr-worker one: nodes take kvr-worker and
+  --tls_ca_file PEM       kvr-node by default), its key and the CA the nodes
+                          are verified against; all three or none
 )";
 
 struct Flags {
@@ -128,8 +126,7 @@ struct Flags {
   int64_t device = 0;
   std::string nodes;  // empty: in-process node
   int64_t replicas = 0;  // --nodes only; 0: the factory's default
-  // --nodes only: mTLS to the nodes (all three, or none: plaintext).
-  std::string tls_cert_file, tls_key_file, tls_ca_file;
+  std::string tls_cert_file, tls_key_file, tls_ca_file;  // --nodes under mTLS; all or none
 };
 
 absl::Status ParseGenerateFlags(const std::vector<std::string>& args, Flags* f, bool* help) {
@@ -218,19 +215,25 @@ absl::Status ParseGenerateFlags(const std::vector<std::string>& args, Flags* f, 
   };
   if (absl::Status s = worker::ValidateSampling(r.sampling); !s.ok()) return as_flag(s);
   if (absl::Status s = worker::ValidateAttentionOptions(r.attention); !s.ok()) return as_flag(s);
-  // mTLS to the nodes: all three files, and only with --nodes.
-  const std::pair<const char*, const std::string*> tls[] = {{"--tls_cert_file", &f->tls_cert_file},
-                                                            {"--tls_key_file", &f->tls_key_file},
-                                                            {"--tls_ca_file", &f->tls_ca_file}};
-  std::vector<std::string> set, missing;
-  for (const auto& [name, value] : tls) (value->empty() ? missing : set).push_back(name);
-  if (!set.empty() && !missing.empty()) {
+  // The --tls_* set is all or none, and only with --nodes: a flag error
+  // (exit 2) before anything loads; the files are checked by RunGenerate.
+  const bool any_tls =
+      !f->tls_cert_file.empty() || !f->tls_key_file.empty() || !f->tls_ca_file.empty();
+  const bool all_tls =
+      !f->tls_cert_file.empty() && !f->tls_key_file.empty() && !f->tls_ca_file.empty();
+  if (any_tls && !all_tls) {
+    std::vector<std::string> missing;
+    if (f->tls_cert_file.empty()) missing.push_back("--tls_cert_file");
+    if (f->tls_key_file.empty()) missing.push_back("--tls_key_file");
+    if (f->tls_ca_file.empty()) missing.push_back("--tls_ca_file");
     return absl::InvalidArgumentError(absl::StrCat(
         "mTLS to the nodes needs --tls_cert_file, --tls_key_file and --tls_ca_file together; "
         "missing ", absl::StrJoin(missing, ", ")));
   }
-  if (!set.empty() && f->nodes.empty()) {
-    return absl::InvalidArgumentError("--tls_* flags need --nodes (the in-process node has no TLS)");
+  if (any_tls && f->nodes.empty()) {
+    return absl::InvalidArgumentError(
+        "--tls_cert_file, --tls_key_file, --tls_ca_file need --nodes (the in-process node has "
+        "no TLS)");
   }
   return absl::OkStatus();
 }
@@ -252,12 +255,17 @@ absl::Status RunGenerate(const Flags& f) {
   ro.in_process.tail_capacity = static_cast<size_t>(f.tail_capacity);
   ro.in_process.train_k = f.request.attention.train_k;
   ro.replicas = static_cast<int>(f.replicas);
-  if (!f.tls_ca_file.empty()) {
+  if (!f.tls_cert_file.empty() || !f.tls_key_file.empty() || !f.tls_ca_file.empty()) {
 #ifdef KVR_WITH_NODE_CLIENT
-    KVR_ASSIGN_OR_RETURN(ro.credentials, security::MakeClientChannelCredentials(
-                                             f.tls_ca_file, f.tls_cert_file, f.tls_key_file));
+    KVR_ASSIGN_OR_RETURN(
+        const std::optional<security::TlsFiles> tls,
+        security::CheckTlsFiles(f.tls_cert_file, f.tls_key_file, f.tls_ca_file, 10));
+    if (f.nodes.empty()) {
+      return absl::InvalidArgumentError("--tls_cert_file, --tls_key_file, --tls_ca_file need --nodes");
+    }
+    ro.credentials = security::MakeMtlsChannelCredentials(*tls);
 #else
-    return absl::UnimplementedError("--tls_*: this kvr was built without the services");
+    return absl::UnimplementedError("--tls_*: this kvr was built without KVR_WITH_SERVICES");
 #endif
   }
   KVR_ASSIGN_OR_RETURN(std::unique_ptr<retrieval::RetrievalClient> node,
@@ -364,16 +372,15 @@ int Main(int argc, char** argv) {
 #ifdef KVR_WITH_NODE_CLIENT
   if (command == "cluster") return MainCluster(args);
   if (command == "client") return MainClient(args);
-  if (command == "apikey") return apikey::RunApiKey(args);
 #else
-  if (command == "cluster" || command == "client" || command == "apikey") {
+  if (command == "cluster" || command == "client") {
     std::fprintf(stderr, "kvr %s: this kvr was built without KVR_WITH_SERVICES\n",
                  command.c_str());
     return 2;
   }
 #endif
   std::fprintf(stderr,
-               "kvr: unknown command \"%s\" (commands: generate, cluster, client, apikey; see kvr "
+               "kvr: unknown command \"%s\" (commands: generate, cluster, client; see kvr "
                "--help)\n",
                command.c_str());
   return 2;

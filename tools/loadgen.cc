@@ -53,28 +53,28 @@
 #include "grpcpp/security/credentials.h"
 #include "kvr/v1/generation.grpc.pb.h"
 #include "nlohmann/json.hpp"
-#include "tools/client_security.h"
+#include "services/infra/security/api_key.h"
+#include "services/infra/security/tls_credentials.h"
 #include "tools/cluster.h"
 
 ABSL_FLAG(std::string, target, "",
           "kvr.v1.Generation server host:port (the gateway); not with --start_cluster");
+ABSL_FLAG(std::string, tls_ca_file, "",
+          "TLS: verify the --target server against this PEM CA (hostname check included); "
+          "unset = plaintext");
+ABSL_FLAG(std::string, tls_cert_file, "",
+          "with --tls_key_file (and --tls_ca_file): present this PEM client certificate");
+ABSL_FLAG(std::string, tls_key_file, "", "PEM private key of --tls_cert_file");
+ABSL_FLAG(std::string, api_key, "",
+          "gateway API key, sent on every request as metadata `authorization: Bearer KEY`");
 ABSL_FLAG(bool, start_cluster, false,
           "start `kvr cluster` (found next to this binary, or --kvr), measure its gateway, stop it");
 ABSL_FLAG(std::string, kvr, "", "the kvr binary for --start_cluster (default: next to this one)");
-ABSL_FLAG(std::string, cluster_args, "",
-          "extra `kvr cluster` flags for --start_cluster, space-separated");
 ABSL_FLAG(bool, secure, false,
           "with --start_cluster: start it with --secure (mTLS, API key) and use the TLS files "
-          "and key its cluster.json names");
-ABSL_FLAG(std::string, tls_ca_file, "",
-          "TLS: verify the server against this PEM CA (unset: plaintext; with --start_cluster "
-          "of a secure cluster: its ca_cert)");
-ABSL_FLAG(std::string, tls_cert_file, "",
-          "with --tls_key_file: present this PEM client certificate (mTLS)");
-ABSL_FLAG(std::string, tls_key_file, "", "the PEM key of --tls_cert_file");
-ABSL_FLAG(std::string, api_key, "",
-          "sent as `authorization: Bearer KEY` (with --start_cluster of a secure cluster: its "
-          "api_key)");
+          "and key its cluster.json names (also for --secure in --cluster_args; flags win)");
+ABSL_FLAG(std::string, cluster_args, "",
+          "extra `kvr cluster` flags for --start_cluster, space-separated");
 ABSL_FLAG(std::string, concurrency, "1,4,16", "concurrency levels, comma-separated, each in [1, 1024]");
 ABSL_FLAG(double, duration_seconds, 10.0, "per level: how long new requests are started");
 ABSL_FLAG(int, requests, 0, "per level: run exactly this many requests instead (0: use duration)");
@@ -182,9 +182,9 @@ class ErrorBackoff {
   std::mt19937_64 rng_;
 };
 
-// The TLS files and API key every call uses; set by Main before any call,
-// read-only after.
-client::ClientSecurity g_security;
+// The API key every call sends (--api_key, or a secure cluster's); set by
+// Main before any call, read-only after.
+std::string g_api_key;
 
 // One Generate stream; appends its measurements to `out`. False when the
 // call failed (counted in out's errors).
@@ -199,10 +199,10 @@ bool RunOne(v1::Generation::Stub* stub, int64_t index, Samples* out) {
   req.set_request_id(absl::StrCat("loadgen-", index));
 
   grpc::ClientContext ctx;
-  client::AddApiKey(g_security, &ctx);
   ctx.set_deadline(std::chrono::system_clock::now() +
                    std::chrono::milliseconds(
                        static_cast<int64_t>(absl::GetFlag(FLAGS_deadline_seconds) * 1e3)));
+  kvr::security::AttachApiKey(g_api_key, &ctx);
   const Clock::time_point start = Clock::now();
   Clock::time_point last;
   bool first = true;
@@ -399,13 +399,15 @@ int Main(int argc, char** argv) {
     return Fail("--mode must be retrieval or full");
   }
 
-  g_security = {absl::GetFlag(FLAGS_tls_ca_file), absl::GetFlag(FLAGS_tls_cert_file),
-                absl::GetFlag(FLAGS_tls_key_file), absl::GetFlag(FLAGS_api_key)};
+  std::string target = absl::GetFlag(FLAGS_target);
+  std::unique_ptr<Subprocess> cluster;
+  std::string tls_ca_file = absl::GetFlag(FLAGS_tls_ca_file);
+  std::string tls_cert_file = absl::GetFlag(FLAGS_tls_cert_file);
+  std::string tls_key_file = absl::GetFlag(FLAGS_tls_key_file);
+  g_api_key = absl::GetFlag(FLAGS_api_key);
   if (absl::GetFlag(FLAGS_secure) && !absl::GetFlag(FLAGS_start_cluster)) {
     return Fail("--secure needs --start_cluster (for another server give --tls_ca_file ...)");
   }
-  std::string target = absl::GetFlag(FLAGS_target);
-  std::unique_ptr<Subprocess> cluster;
   if (absl::GetFlag(FLAGS_start_cluster)) {
     if (!target.empty()) return Fail("--target and --start_cluster exclude each other");
     std::string kvr = absl::GetFlag(FLAGS_kvr);
@@ -434,23 +436,25 @@ int Main(int argc, char** argv) {
         cluster::ReadClusterInfo(run_dir + "/cluster.json");
     if (!info.ok()) return Fail(info.status().ToString());
     target = info->gateway_grpc.empty() ? info->worker_grpc : info->gateway_grpc;
-    // A secure cluster (--secure, or in --cluster_args): its client
-    // credentials, where no flag gave them.
+    // A secure cluster: its client credentials where no flag gave them.
     if (!info->ca_cert.empty()) {
       auto fill = [](std::string* field, const std::string& value) {
         if (field->empty()) *field = value;
       };
-      fill(&g_security.tls_ca_file, info->ca_cert);
-      fill(&g_security.tls_cert_file, info->client_cert);
-      fill(&g_security.tls_key_file, info->client_key);
-      fill(&g_security.api_key, info->api_key);
+      fill(&tls_ca_file, info->ca_cert);
+      fill(&tls_cert_file, info->client_cert);
+      fill(&tls_key_file, info->client_key);
+      fill(&g_api_key, info->api_key);
     }
   }
   if (target.empty()) return Fail("give --target HOST:PORT or --start_cluster");
-  absl::StatusOr<std::shared_ptr<grpc::ChannelCredentials>> credentials =
-      client::MakeChannelCredentials(g_security);
-  if (!credentials.ok()) return Fail(std::string(credentials.status().message()));
 
+  if (absl::Status st = kvr::security::CheckApiKey(g_api_key); !st.ok()) {
+    return Fail(std::string(st.message()));
+  }
+  absl::StatusOr<std::shared_ptr<grpc::ChannelCredentials>> credentials =
+      kvr::security::MakeClientChannelCredentials(tls_ca_file, tls_cert_file, tls_key_file);
+  if (!credentials.ok()) return Fail(std::string(credentials.status().message()));
   grpc::ChannelArguments channel_args;
   channel_args.SetMaxReceiveMessageSize(16 << 20);
   auto stub = v1::Generation::NewStub(

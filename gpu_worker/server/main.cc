@@ -170,9 +170,6 @@ int Main(int argc, char** argv) {
                                     .AtLeast("tail_capacity", absl::GetFlag(FLAGS_tail_capacity), 1)
                                     .status();
   if (!flags_ok.ok()) return Fail(flags_ok.message());
-  absl::StatusOr<security::ProcessTls> tls =
-      security::ProcessTlsFromFlags(kProgram, kDefaultAllowedPeers);
-  if (!tls.ok()) return Fail(tls.status().message());
 
   absl::StatusOr<ModelPaths> paths =
       ResolveModelPaths(absl::GetFlag(FLAGS_model), absl::GetFlag(FLAGS_tokenizer));
@@ -186,6 +183,10 @@ int Main(int argc, char** argv) {
   if (!backend.ok()) return Fail(std::string(backend.status().message()));
   std::printf("kvr_worker backend: %s\n", (*backend)->Describe().c_str());
   std::fflush(stdout);
+  // After the backend line (the first line scripts and tests read).
+  absl::StatusOr<security::ProcessTls> tls =
+      security::ProcessTlsFromFlags(kProgram, kDefaultAllowedPeers);
+  if (!tls.ok()) return Fail(tls.status().message());
 
   const double refresh_seconds = absl::GetFlag(FLAGS_nodes_refresh_seconds);
   if (!(refresh_seconds > 0.0 && refresh_seconds <= 86400.0)) {

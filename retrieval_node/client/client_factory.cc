@@ -55,6 +55,10 @@ absl::StatusOr<std::unique_ptr<RetrievalClient>> ConnectNodes(
   mo.replicas = options.replicas > 0 ? options.replicas : (initial.size() >= 2 ? 2 : 1);
   GrpcClientOptions grpc_options;
   grpc_options.credentials = options.credentials;
+  // dns:/// sets dial the records' IPs; TLS checks the name they share.
+  if (membership != nullptr && membership->is_dns()) {
+    grpc_options.tls_server_name = membership->dns_host();
+  }
   std::vector<std::unique_ptr<RetrievalClient>> clients;
   std::vector<GrpcRetrievalClient*> grpc_clients;
   for (const placement::NodeInfo& n : initial) {

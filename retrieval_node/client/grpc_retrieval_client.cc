@@ -59,6 +59,7 @@ GrpcRetrievalClient::GrpcRetrievalClient(const std::string& target,
               static_cast<int>(absl::ToInt64Milliseconds(options.initial_reconnect_backoff)));
   args.SetInt(GRPC_ARG_MAX_RECONNECT_BACKOFF_MS,
               static_cast<int>(absl::ToInt64Milliseconds(options.max_reconnect_backoff)));
+  if (!options.tls_server_name.empty()) args.SetSslTargetNameOverride(options.tls_server_name);
   channel_ = grpc::CreateCustomChannel(
       target,
       options.credentials != nullptr ? options.credentials : grpc::InsecureChannelCredentials(),

@@ -76,6 +76,10 @@ struct GrpcClientOptions {
   // Channel credentials (services/infra/security: mTLS presenting this
   // process's certificate); null = plaintext.
   std::shared_ptr<grpc::ChannelCredentials> credentials;
+  // With TLS credentials: the name the node's certificate must carry when
+  // it is not the target's host (a dns:/// node set dials the records' IPs;
+  // the certificates name the service). Empty: the target's host.
+  std::string tls_server_name;
 };
 
 class GrpcRetrievalClient final : public RetrievalClient {

@@ -227,8 +227,16 @@ int Main(int argc, char** argv) {
     }
   }
 
+  membership::MembershipOptions mo;
+  mo.spec = workers;
+  mo.refresh = absl::Seconds(refresh);
+  absl::StatusOr<std::unique_ptr<membership::Membership>> members =
+      membership::Membership::Create(mo);
+  if (!members.ok()) return Fail(absl::StrCat("--workers: ", members.status().message()));
+
   WorkerPoolOptions po;
   po.credentials = tls->channel;
+  if ((*members)->is_dns()) po.tls_server_name = (*members)->dns_host();
   po.balancer.max_outstanding_per_worker = absl::GetFlag(FLAGS_max_outstanding_per_worker);
   po.balancer.max_queue = absl::GetFlag(FLAGS_max_queue);
   po.health_interval = absl::Seconds(health);
@@ -239,12 +247,6 @@ int Main(int argc, char** argv) {
   absl::StatusOr<std::unique_ptr<WorkerPool>> pool = WorkerPool::Create(po);
   if (!pool.ok()) return Fail(absl::StrCat("--", pool.status().message()));
 
-  membership::MembershipOptions mo;
-  mo.spec = workers;
-  mo.refresh = absl::Seconds(refresh);
-  absl::StatusOr<std::unique_ptr<membership::Membership>> members =
-      membership::Membership::Create(mo);
-  if (!members.ok()) return Fail(absl::StrCat("--workers: ", members.status().message()));
   WorkerPool* pool_ptr = pool->get();
   (*members)->Subscribe(
       [pool_ptr](const std::vector<std::string>& addresses) { pool_ptr->SetWorkers(addresses); });

@@ -13,11 +13,11 @@ namespace {
 
 constexpr char kGenerationService[] = "kvr.v1.Generation";
 
-std::shared_ptr<WorkerChannel> Connect(const std::string& address, int max_message_bytes,
-                                       const std::shared_ptr<grpc::ChannelCredentials>& credentials) {
+std::shared_ptr<WorkerChannel> Connect(const std::string& address, const WorkerPoolOptions& o) {
   grpc::ChannelArguments args;
-  args.SetMaxReceiveMessageSize(max_message_bytes);
-  args.SetMaxSendMessageSize(max_message_bytes);
+  args.SetMaxReceiveMessageSize(o.max_message_bytes);
+  args.SetMaxSendMessageSize(o.max_message_bytes);
+  if (!o.tls_server_name.empty()) args.SetSslTargetNameOverride(o.tls_server_name);
   // A restarted worker is reconnected to within seconds, not gRPC's default
   // two-minute backoff ceiling.
   args.SetInt(GRPC_ARG_INITIAL_RECONNECT_BACKOFF_MS, 250);
@@ -25,7 +25,8 @@ std::shared_ptr<WorkerChannel> Connect(const std::string& address, int max_messa
   auto w = std::make_shared<WorkerChannel>();
   w->address = address;
   w->channel = grpc::CreateCustomChannel(
-      address, credentials != nullptr ? credentials : grpc::InsecureChannelCredentials(), args);
+      address, o.credentials != nullptr ? o.credentials : grpc::InsecureChannelCredentials(),
+      args);
   w->generation = v1::Generation::NewStub(w->channel);
   w->health = grpc::health::v1::Health::NewStub(w->channel);
   return w;
@@ -80,7 +81,7 @@ void WorkerPool::SetWorkers(const std::vector<std::string>& addresses) {
     std::map<std::string, std::shared_ptr<WorkerChannel>> next;
     for (const std::string& a : addresses) {
       auto it = channels_.find(a);
-      next[a] = it != channels_.end() ? it->second : Connect(a, options_.max_message_bytes, options_.credentials);
+      next[a] = it != channels_.end() ? it->second : Connect(a, options_);
     }
     channels_ = std::move(next);
     check_now_ = true;

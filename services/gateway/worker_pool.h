@@ -47,6 +47,10 @@ struct WorkerPoolOptions {
   // Credentials of the channels to the workers (services/infra/security:
   // mTLS presenting the gateway's certificate); null = plaintext.
   std::shared_ptr<grpc::ChannelCredentials> credentials;
+  // With TLS credentials: the name the workers' certificates must carry when
+  // it is not the address's host (--workers dns:///name:port dials the
+  // records' IPs; the certificates name the service). Empty: the host.
+  std::string tls_server_name;
 };
 
 // One worker's connection.

@@ -26,7 +26,7 @@ kvr_test(cluster_secure_test SOURCES integration/cluster_secure_test.cc OWN_MAIN
 # kvr_loadgen --start_cluster --secure.
 if(TARGET kvr_gateway)
   kvr_test(cluster_secure_e2e_test SOURCES e2e/cluster_secure_e2e_test.cc OWN_MAIN PROTOBUF_FIRST
-    DEPS kvr::cluster_cli kvr::cert_authority kvr::proto kvr::common
+    DEPS kvr::cluster_cli kvr::cert_authority kvr::tls kvr::proto kvr::common
       nlohmann_json::nlohmann_json gRPC::grpc++ absl::strings absl::time
     ARGS --kvr $<TARGET_FILE:kvr> --kvr_loadgen $<TARGET_FILE:kvr_loadgen>
     NEEDS kvr kvr_node kvr_worker kvr_gateway kvr_loadgen

@@ -9,7 +9,7 @@ if(TARGET kvr_gateway AND TARGET kvr_health_probe)
       OpenSSL::Crypto gRPC::grpc++ absl::strings absl::time
     ARGS --kvr_node $<TARGET_FILE:kvr_node> --kvr_worker $<TARGET_FILE:kvr_worker>
       --kvr_gateway $<TARGET_FILE:kvr_gateway>
-      --kvr_health_probe $<TARGET_FILE:kvr_health_probe>
-    NEEDS kvr_node kvr_worker kvr_gateway kvr_health_probe
+      --kvr_health_probe $<TARGET_FILE:kvr_health_probe> --kvr $<TARGET_FILE:kvr>
+    NEEDS kvr_node kvr_worker kvr_gateway kvr_health_probe kvr
     LABELS integration TIMEOUT 300)
 endif()

@@ -23,7 +23,7 @@
 //  * the peer check itself (identities, exempt methods, list bounds).
 //
 // Usage: tls_test --kvr_node PATH --kvr_worker PATH --kvr_gateway PATH
-//                 --kvr_health_probe PATH [gtest flags]
+//                 --kvr_health_probe PATH --kvr PATH [gtest flags]
 #include <openssl/bio.h>
 #include <openssl/bn.h>
 #include <openssl/pem.h>
@@ -64,6 +64,7 @@ using test_support::ServerProcess;
 std::string g_worker_binary;   // --kvr_worker
 std::string g_gateway_binary;  // --kvr_gateway
 std::string g_probe_binary;    // --kvr_health_probe
+std::string g_kvr_binary;      // --kvr (for `kvr client`)
 
 constexpr auto kCallTimeout = std::chrono::seconds(30);
 // Longer than sinks + window (20 tokens): prefill offloads shards to the nodes.
@@ -96,9 +97,11 @@ class Pki {
     rogue_worker_ = Issue(*other_ca, "kvr-worker", "rogue_worker");
   }
 
-  // A new certificate for `role_cn` from this CA, written to `name`.{pem,key}.
-  Identity Issue(const CertAndKey& ca, const std::string& role_cn, const std::string& name) {
-    absl::StatusOr<CertAndKey> leaf = IssueCert(ca, role_cn, {"localhost"}, {"127.0.0.1"});
+  // A new certificate for `role_cn` from `ca` with SANs DNS:localhost and
+  // `ip_sans`, written to `name`.{pem,key}.
+  Identity Issue(const CertAndKey& ca, const std::string& role_cn, const std::string& name,
+                 const std::vector<std::string>& ip_sans = {"127.0.0.1"}) {
+    absl::StatusOr<CertAndKey> leaf = IssueCert(ca, role_cn, {"localhost"}, ip_sans);
     EXPECT_TRUE(leaf.ok()) << leaf.status();
     Identity id{dir_.path() + "/" + name + ".pem", dir_.path() + "/" + name + ".key"};
     EXPECT_TRUE(leaf.ok() && WriteCertAndKey(*leaf, id.cert, id.key).ok());
@@ -240,9 +243,11 @@ struct Ran {
   int status = -1;
   std::string output;
 };
-Ran RunToExit(std::vector<std::string> argv) {
+// With `stdout_only`, stderr goes to the test's log instead.
+Ran RunToExit(std::vector<std::string> argv, bool stdout_only = false) {
   Ran r;
-  absl::StatusOr<std::unique_ptr<Subprocess>> p = Subprocess::Start(std::move(argv), true);
+  absl::StatusOr<std::unique_ptr<Subprocess>> p =
+      Subprocess::Start(std::move(argv), /*merge_stderr=*/!stdout_only);
   if (!p.ok()) return ADD_FAILURE() << p.status(), r;
   // Reads its output to EOF (no line has this prefix), then reaps it.
   (void)(*p)->WaitForLine("\x01", absl::Seconds(60));
@@ -572,6 +577,41 @@ TEST_F(TlsTest, GenerationOverMtlsEqualsPlaintext) {
   EXPECT_EQ(Generate(secure.gateway->grpc(), grpc::InsecureChannelCredentials()).status.error_code(),
             grpc::StatusCode::UNAVAILABLE);
 
+  // `kvr client` over the gateway's server-only TLS (CA only) streams the
+  // same text; without --tls_ca_file it cannot connect.
+  const std::vector<std::string> cli_args = {
+      g_kvr_binary,   "client",          "--target", secure.gateway->grpc(), "--prompt",
+      kLongPrompt,    "--max_tokens=40", "--temperature=0.7", "--seed=3", "--echo=false",
+      "--deadline_seconds=30"};
+  std::vector<std::string> with_ca = cli_args;
+  with_ca.push_back("--tls_ca_file=" + pki_.ca_file());
+  Ran cli = RunToExit(with_ca, /*stdout_only=*/true);
+  EXPECT_TRUE(Exited(cli.status, 0));
+  EXPECT_EQ(cli.output, want.text + "\n");  // kvr client ends the text with a newline
+  cli = RunToExit(cli_args);
+  EXPECT_TRUE(Exited(cli.status, 1)) << cli.output;
+  // Straight to the worker: a kvr-client certificate is the wrong role.
+  std::vector<std::string> to_worker = {g_kvr_binary, "client", "--target",
+                                        secure.worker->address(), "--max_tokens=4",
+                                        "--tls_ca_file=" + pki_.ca_file(),
+                                        "--tls_cert_file=" + pki_.client().cert,
+                                        "--tls_key_file=" + pki_.client().key};
+  cli = RunToExit(to_worker);
+  EXPECT_TRUE(Exited(cli.status, 1)) << cli.output;
+  EXPECT_TRUE(absl::StrContains(cli.output, "peer kvr-client")) << cli.output;
+  // A client certificate without a CA, or an API key no header can carry:
+  // bad flags.
+  cli = RunToExit({g_kvr_binary, "client", "--target", secure.worker->address(),
+                   "--tls_cert_file=" + pki_.client().cert,
+                   "--tls_key_file=" + pki_.client().key});
+  EXPECT_TRUE(Exited(cli.status, 2)) << cli.output;
+  EXPECT_TRUE(absl::StrContains(cli.output, "needs --tls_ca_file")) << cli.output;
+  cli = RunToExit({g_kvr_binary, "client", "--target", secure.worker->address(),
+                   "--api_key=kvr-abc def"});
+  EXPECT_TRUE(Exited(cli.status, 2)) << cli.output;
+  EXPECT_TRUE(absl::StrContains(cli.output, "--api_key")) << cli.output;
+  EXPECT_FALSE(absl::StrContains(cli.output, "kvr-abc")) << "the key is never echoed";
+
   // The worker takes calls from kvr-gateway only.
   grpc::Status s = WorkerInfo(secure.worker->address(), As(pki_, pki_.gateway()));
   EXPECT_TRUE(s.ok()) << s.error_message();
@@ -635,6 +675,74 @@ TEST_F(TlsTest, NodeToNodeSyncUsesTheNodeCertificate) {
   EXPECT_TRUE(StopOk(strict.get()));
 }
 
+// `kvr generate --nodes` under mTLS (a kvr-worker certificate) prints
+// exactly what the embedded run prints; without the flags the node refuses
+// it.
+TEST_F(TlsTest, KvrGenerateReachesMtlsNodes) {
+  std::vector<std::string> args = {"--metrics_listen="};
+  for (const std::string& f : pki_.Flags(pki_.node())) args.push_back(f);
+  auto node = NodeProcess::Start(args);
+  ASSERT_NE(node, nullptr);
+  ASSERT_TRUE(node->listening());
+  const std::vector<std::string> generate = {g_kvr_binary, "generate", "--prompt", kLongPrompt,
+                                             "--max_tokens=24", "--temperature=0.7", "--seed=3"};
+  const Ran embedded = RunToExit(generate, /*stdout_only=*/true);
+  ASSERT_TRUE(Exited(embedded.status, 0));
+  std::vector<std::string> remote = generate;
+  remote.push_back("--nodes=" + node->address());
+  for (const std::string& f : pki_.Flags(pki_.worker())) remote.push_back(f);
+  const Ran secured = RunToExit(remote, /*stdout_only=*/true);
+  EXPECT_TRUE(Exited(secured.status, 0));
+  EXPECT_EQ(secured.output, embedded.output);
+  std::vector<std::string> plain = generate;
+  plain.push_back("--nodes=" + node->address());
+  const Ran refused = RunToExit(plain, /*stdout_only=*/true);
+  EXPECT_TRUE(Exited(refused.status, 1));
+  EXPECT_TRUE(StopOk(node.get()));
+}
+
+// dns:/// member sets dial the records' IPs; their certificates carry the
+// name (here DNS:localhost only, no IP SAN), and that name is what the
+// worker (--nodes) and the gateway (--workers) check. Dialled by IP the same
+// certificate fails the hostname check.
+TEST_F(TlsTest, DnsMembersAreCheckedAgainstTheirName) {
+  const Identity node_id = pki_.Issue(pki_.ca(), "kvr-node", "dns_node", {});
+  const Identity worker_id = pki_.Issue(pki_.ca(), "kvr-worker", "dns_worker", {});
+  std::vector<std::string> nargs = {"--metrics_listen="};
+  for (const std::string& f : pki_.Flags(node_id)) nargs.push_back(f);
+  auto node = NodeProcess::Start(nargs);
+  ASSERT_NE(node, nullptr);
+  ASSERT_TRUE(node->listening());
+  const std::string node_port = node->address().substr(node->address().rfind(':') + 1);
+
+  // By IP: the node's certificate does not name 127.0.0.1, the worker
+  // cannot reach it and does not start.
+  std::vector<std::string> by_ip = {g_worker_binary, "--listen=127.0.0.1:0", "--metrics_listen=",
+                                    "--nodes=" + node->address()};
+  for (const std::string& f : pki_.Flags(worker_id)) by_ip.push_back(f);
+  const Ran refused = RunToExit(by_ip);
+  EXPECT_TRUE(Exited(refused.status, 2)) << refused.output;
+  EXPECT_FALSE(absl::StrContains(refused.output, "listening on"));
+
+  std::vector<std::string> wargs = {"--metrics_listen=", "--nodes=dns:///localhost:" + node_port};
+  for (const std::string& f : pki_.Flags(worker_id)) wargs.push_back(f);
+  auto worker = ServerProcess::Start(g_worker_binary, "kvr_worker", wargs);
+  ASSERT_NE(worker, nullptr);
+  ASSERT_TRUE(worker->listening());
+  const std::string worker_port = worker->address().substr(worker->address().rfind(':') + 1);
+  std::vector<std::string> gargs = {"--workers=dns:///localhost:" + worker_port};
+  for (const std::string& f : pki_.Flags(pki_.gateway())) gargs.push_back(f);
+  auto gateway = GatewayProcess::Start(g_gateway_binary, gargs);
+  ASSERT_NE(gateway, nullptr);
+  // gateway -> worker -> node, each hop checked against "localhost".
+  const Streamed got = Generate(gateway->grpc(), grpc::InsecureChannelCredentials());
+  EXPECT_TRUE(got.status.ok()) << got.status.error_message();
+  EXPECT_EQ(got.tokens.size(), 40u);
+  EXPECT_TRUE(gateway->Stop());
+  EXPECT_TRUE(StopOk(worker.get()));
+  EXPECT_TRUE(StopOk(node.get()));
+}
+
 }  // namespace
 }  // namespace kvr::security
 
@@ -646,11 +754,12 @@ int main(int argc, char** argv) {
     if (a == "--kvr_worker") kvr::security::g_worker_binary = argv[i + 1];
     if (a == "--kvr_gateway") kvr::security::g_gateway_binary = argv[i + 1];
     if (a == "--kvr_health_probe") kvr::security::g_probe_binary = argv[i + 1];
+    if (a == "--kvr") kvr::security::g_kvr_binary = argv[i + 1];
   }
-  if (kvr::security::g_worker_binary.empty() || kvr::security::g_gateway_binary.empty() ||
+  if (kvr::security::g_kvr_binary.empty() || kvr::security::g_worker_binary.empty() || kvr::security::g_gateway_binary.empty() ||
       kvr::security::g_probe_binary.empty()) {
     std::fprintf(stderr, "usage: %s --kvr_node P --kvr_worker P --kvr_gateway P "
-                 "--kvr_health_probe P\n", argv[0]);
+                 "--kvr_health_probe P --kvr P\n", argv[0]);
     return 2;
   }
   return RUN_ALL_TESTS();

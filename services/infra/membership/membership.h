@@ -79,6 +79,9 @@ class Membership {
   absl::Status RefreshNow();
 
   bool is_dns() const { return !dns_host_.empty(); }
+  // The name a DNS spec resolves ("" for static specs): under TLS, the name
+  // the members' certificates carry (their addresses are the records' IPs).
+  const std::string& dns_host() const { return dns_host_; }
   // The spec as given.
   const std::string& spec() const { return spec_; }
   // Refreshes that failed (kept the last good set) since Create.

@@ -132,7 +132,11 @@ std::shared_ptr<grpc::ChannelCredentials> MakeMtlsChannelCredentials(const TlsFi
 
 absl::StatusOr<std::shared_ptr<grpc::ChannelCredentials>> MakeClientChannelCredentials(
     const std::string& ca_file, const std::string& cert_file, const std::string& key_file) {
-  if (ca_file.empty()) return absl::InvalidArgumentError("--tls_ca_file is required for TLS");
+  if (ca_file.empty()) {
+    if (cert_file.empty() && key_file.empty()) return grpc::InsecureChannelCredentials();
+    return absl::InvalidArgumentError(
+        "a client certificate (--tls_cert_file, --tls_key_file) needs --tls_ca_file");
+  }
   if (absl::Status st = CheckPemFile("tls_ca_file", ca_file); !st.ok()) return st;
   if (cert_file.empty() != key_file.empty()) {
     return absl::InvalidArgumentError(absl::StrCat(

@@ -74,9 +74,12 @@ std::shared_ptr<grpc::ServerCredentials> MakeServerTlsCredentials(const std::str
 // serves every channel of a process.
 std::shared_ptr<grpc::ChannelCredentials> MakeMtlsChannelCredentials(const TlsFiles& files);
 
-// Channel credentials of a client tool: verifies the server against ca_file
-// (hostname check included); presents cert_file/key_file when both are set
-// (one without the other is InvalidArgument naming the missing flag).
+// Channel credentials of a client tool (--tls_ca_file, --tls_cert_file,
+// --tls_key_file): all empty -> plaintext; ca_file set -> TLS verifying the
+// server against it (hostname check included), presenting cert_file/key_file
+// when both are set. InvalidArgument naming the flag for one of cert/key
+// without the other, either without ca_file, or a file that is not a
+// readable PEM file.
 absl::StatusOr<std::shared_ptr<grpc::ChannelCredentials>> MakeClientChannelCredentials(
     const std::string& ca_file, const std::string& cert_file, const std::string& key_file);
 
