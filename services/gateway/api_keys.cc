@@ -337,39 +337,50 @@ std::unique_ptr<ApiKeyStore> ApiKeyStore::FromEntries(std::vector<ApiKeyEntry> e
 
 namespace {
 
-// The file's stamp and contents, read with a size cap.
-absl::Status ReadKeysFile(const std::string& path, struct stat* st, std::string* text) {
-  if (stat(path.c_str(), st) != 0) {
-    return absl::NotFoundError(absl::StrCat(path, ": cannot stat (", std::strerror(errno), ")"));
-  }
-  if (st->st_size > kMaxApiKeysFileBytes) {
-    return absl::InvalidArgumentError(absl::StrCat(path, ": ", st->st_size,
-                                                   " bytes, over the limit of ",
-                                                   kMaxApiKeysFileBytes));
-  }
+// The contents of `path`, at most kMaxApiKeysFileBytes (more is an error
+// naming the limit; the bytes past it are never read).
+absl::Status ReadKeysFile(const std::string& path, std::string* text) {
   std::ifstream in(path, std::ios::binary);
   if (!in) return absl::NotFoundError(absl::StrCat(path, ": cannot open"));
   text->assign(static_cast<size_t>(kMaxApiKeysFileBytes) + 1, '\0');
   in.read(text->data(), static_cast<std::streamsize>(text->size()));
   text->resize(static_cast<size_t>(in.gcount()));
+  if (static_cast<int64_t>(text->size()) > kMaxApiKeysFileBytes) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        path, ": over the limit of ", kMaxApiKeysFileBytes, " bytes"));
+  }
   return absl::OkStatus();
 }
 
 }  // namespace
 
-absl::StatusOr<std::unique_ptr<ApiKeyStore>> ApiKeyStore::Open(ApiKeyStoreOptions options) {
-  auto store = std::unique_ptr<ApiKeyStore>(new ApiKeyStore(std::move(options)));
+absl::StatusOr<ApiKeyStore::FileStamp> ApiKeyStore::StampOf(const std::string& path) {
   struct stat st {};
-  std::string text;
-  if (absl::Status s = ReadKeysFile(store->options_.path, &st, &text); !s.ok()) return s;
-  absl::StatusOr<std::vector<ApiKeyEntry>> entries = ParseApiKeys(text);
-  if (!entries.ok()) {
-    return absl::InvalidArgumentError(
-        absl::StrCat(store->options_.path, ": ", entries.status().message()));
+  if (stat(path.c_str(), &st) != 0) {
+    return absl::NotFoundError(absl::StrCat(path, ": cannot stat (", std::strerror(errno), ")"));
   }
-  store->stamp_ = {static_cast<int64_t>(st.st_mtim.tv_sec) * 1000000000 + st.st_mtim.tv_nsec,
+  return FileStamp{static_cast<int64_t>(st.st_mtim.tv_sec) * 1000000000 + st.st_mtim.tv_nsec,
                    static_cast<int64_t>(st.st_size), static_cast<uint64_t>(st.st_ino),
                    static_cast<uint64_t>(st.st_dev)};
+}
+
+absl::StatusOr<std::unique_ptr<ApiKeyStore>> ApiKeyStore::Open(ApiKeyStoreOptions options) {
+  auto store = std::unique_ptr<ApiKeyStore>(new ApiKeyStore(std::move(options)));
+  const std::string& path = store->options_.path;
+  absl::StatusOr<FileStamp> stamp = StampOf(path);
+  if (!stamp.ok()) return stamp.status();
+  if (stamp->size > kMaxApiKeysFileBytes) {
+    return absl::InvalidArgumentError(absl::StrCat(path, ": ", stamp->size,
+                                                   " bytes, over the limit of ",
+                                                   kMaxApiKeysFileBytes));
+  }
+  std::string text;
+  if (absl::Status s = ReadKeysFile(path, &text); !s.ok()) return s;
+  absl::StatusOr<std::vector<ApiKeyEntry>> entries = ParseApiKeys(text);
+  if (!entries.ok()) {
+    return absl::InvalidArgumentError(absl::StrCat(path, ": ", entries.status().message()));
+  }
+  store->stamp_ = *stamp;
   store->Install(*std::move(entries));
   if (store->options_.reload > absl::ZeroDuration()) {
     ApiKeyStore* self = store.get();
@@ -387,21 +398,21 @@ absl::StatusOr<std::unique_ptr<ApiKeyStore>> ApiKeyStore::Open(ApiKeyStoreOption
 }
 
 absl::Status ApiKeyStore::ReloadIfChanged() {
-  struct stat st {};
-  std::string text;
-  absl::Status s = ReadKeysFile(options_.path, &st, &text);
-  const FileStamp stamp{static_cast<int64_t>(st.st_mtim.tv_sec) * 1000000000 + st.st_mtim.tv_nsec,
-                        static_cast<int64_t>(st.st_size), static_cast<uint64_t>(st.st_ino),
-                        static_cast<uint64_t>(st.st_dev)};
+  // A stat per poll; the file is read only when its stamp changed.
+  const FileStamp unreadable{0, -2, 0, 0};
+  absl::StatusOr<FileStamp> stamp = StampOf(options_.path);
   {
     std::lock_guard<std::mutex> lock(mu_);
-    if (s.ok() && stamp == stamp_) return absl::OkStatus();  // unchanged
-    // A bad file is reported once per change, not at every poll.
-    if (!s.ok() && stamp_.size == -2) return s;
-    stamp_ = s.ok() ? stamp : FileStamp{0, -2, 0, 0};
+    if (stamp.ok() && *stamp == stamp_) return absl::OkStatus();  // unchanged
+    // A file that cannot be stat'ed is reported once, not at every poll.
+    if (!stamp.ok() && stamp_ == unreadable) return stamp.status();
+    stamp_ = stamp.ok() ? *stamp : unreadable;
   }
+  std::string text;
+  absl::Status read = stamp.status();
+  if (read.ok()) read = ReadKeysFile(options_.path, &text);
   absl::StatusOr<std::vector<ApiKeyEntry>> entries =
-      s.ok() ? ParseApiKeys(text) : absl::StatusOr<std::vector<ApiKeyEntry>>(s);
+      read.ok() ? ParseApiKeys(text) : absl::StatusOr<std::vector<ApiKeyEntry>>(read);
   if (!entries.ok()) {
     std::fprintf(stderr, "kvr_gateway: api keys: %s: %s; keeping the %zu keys loaded before\n",
                  options_.path.c_str(), std::string(entries.status().message()).c_str(), size());
@@ -462,7 +473,10 @@ ApiKeyDecision ApiKeyStore::Lookup(std::optional<absl::string_view> authorizatio
                                    std::shared_ptr<ApiKeyState>* state) const {
   using Outcome = ApiKeyDecision::Outcome;
   ApiKeyDecision d;
-  if (!authorization.has_value()) {
+  // No header, or one that is not Bearer auth: no key was provided.
+  std::optional<absl::string_view> key;
+  if (authorization.has_value()) key = BearerToken(*authorization);
+  if (!key.has_value()) {
     d.outcome = Outcome::kMissing;
     d.message =
         "You didn't provide an API key. You need to provide your API key in an Authorization "
@@ -471,14 +485,6 @@ ApiKeyDecision ApiKeyStore::Lookup(std::optional<absl::string_view> authorizatio
   }
   d.outcome = Outcome::kInvalid;
   d.message = "Incorrect API key provided";
-  std::optional<absl::string_view> key = BearerToken(*authorization);
-  if (!key.has_value()) {
-    d.outcome = Outcome::kMissing;
-    d.message =
-        "You didn't provide an API key. You need to provide your API key in an Authorization "
-        "header using Bearer auth (i.e. Authorization: Bearer YOUR_KEY)";
-    return d;
-  }
   if (!IsApiKeyFormat(*key)) return d;
   const std::string salt = ApiKeySalt(*key);
   std::shared_ptr<const Keys> keys;

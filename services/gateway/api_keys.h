@@ -218,6 +218,9 @@ class ApiKeyStore {
     bool operator==(const FileStamp&) const = default;
   };
   explicit ApiKeyStore(ApiKeyStoreOptions options);
+  // `path`'s stamp now (stat follows symlinks: a Secret's ..data swap
+  // changes the inode); NotFound when it cannot be stat'ed.
+  static absl::StatusOr<FileStamp> StampOf(const std::string& path);
   void Install(std::vector<ApiKeyEntry> entries);
   // The state of `id` (created with a metrics label on first sight).
   std::shared_ptr<ApiKeyState> StateLocked(const std::string& id);

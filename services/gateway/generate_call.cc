@@ -193,10 +193,12 @@ void GenerateCall::OnUpstreamResponse(Attempt* attempt, v1::GenerateResponse res
     std::lock_guard<std::mutex> lock(mu_);
     if (key_ != nullptr) {
       // The prompt once (a resumed attempt prefills it again: not charged
-      // twice), each generated token as it streams; the summary settles
-      // the prompt with the worker's own count.
+      // twice; progress after the first token is never the original
+      // prompt's to report), each generated token as it streams (replayed
+      // tokens are not streamed again); the summary settles the prompt with
+      // the worker's count of the original prompt.
       int64_t prompt = 0;
-      if (response.has_prefill_progress()) {
+      if (response.has_prefill_progress() && sent_tokens_.empty()) {
         prompt = response.prefill_progress().prompt_tokens_total();
       } else if (response.has_summary()) {
         prompt = response.summary().usage().prompt_tokens();

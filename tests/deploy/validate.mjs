@@ -6,7 +6,8 @@
 //     kubernetes-models generates from the Kubernetes OpenAPI spec
 //     (required fields, types, enums, formats); ServiceMonitor and
 //     PrometheusRule through @kubernetes-models/prometheus-operator, generated
-//     from the operator's CRD schemas.
+//     from the operator's CRD schemas; Issuer and Certificate through
+//     @kubernetes-models/cert-manager (cert-manager's CRD schemas).
 //  2. Those validators allow unknown fields (as the API server does without
 //     strict field validation), so every manifest is also type-checked by the
 //     TypeScript compiler against the same packages' interfaces (IDeployment,
@@ -38,6 +39,9 @@ function modulePath(apiVersion, kind) {
   if (apiVersion === "v1") return `kubernetes-models/v1/${kind}`;
   if (apiVersion.startsWith("monitoring.coreos.com/")) {
     return `@kubernetes-models/prometheus-operator/${apiVersion}/${kind}`;
+  }
+  if (apiVersion.startsWith("cert-manager.io/")) {
+    return `@kubernetes-models/cert-manager/${apiVersion}/${kind}`;
   }
   return `kubernetes-models/${apiVersion}/${kind}`;
 }

@@ -45,6 +45,7 @@
 #include "nlohmann/json.hpp"
 #include "services/gateway/api_keys.h"
 #include "tests/support/gateway_process.h"
+#include "tests/support/generate_stream.h"
 #include "tests/support/metrics_page.h"
 #include "tests/support/server_process.h"
 #include "tests/support/temp_dir.h"
@@ -62,6 +63,15 @@ constexpr char kModel[] = "stories260K";
 constexpr char kMissingMessage[] =
     "You didn't provide an API key. You need to provide your API key in an Authorization header "
     "using Bearer auth (i.e. Authorization: Bearer YOUR_KEY)";
+
+// OpenAI's 401 body for a wrong, revoked or malformed key.
+json WrongKeyError() {
+  return {{"error",
+           {{"message", "Incorrect API key provided"},
+            {"type", "invalid_request_error"},
+            {"param", nullptr},
+            {"code", "invalid_api_key"}}}};
+}
 
 std::string Env(const char* name) {
   const char* v = std::getenv(name);
@@ -142,11 +152,7 @@ HttpReply Complete(const std::string& address, std::optional<std::string> author
   return Http(address, "POST", "/v1/completions", body.dump(), std::move(authorization));
 }
 
-struct Streamed {
-  std::vector<int32_t> tokens;
-  std::optional<v1::GenerateFinal> summary;
-  grpc::Status status;
-};
+using Streamed = test_support::GenerateStream;
 
 std::unique_ptr<v1::Generation::Stub> Stub(const std::string& address) {
   return v1::Generation::NewStub(grpc::CreateChannel(address, grpc::InsecureChannelCredentials()));
@@ -169,14 +175,7 @@ Streamed Generate(v1::Generation::Stub* stub, const v1::GenerateRequest& request
   if (authorization.has_value()) ctx.AddMetadata("authorization", *authorization);
   auto reader = stub->Generate(&ctx, request);
   v1::GenerateResponse msg;
-  while (reader->Read(&msg)) {
-    if (msg.has_chunk()) {
-      out.tokens.insert(out.tokens.end(), msg.chunk().token_ids().begin(),
-                        msg.chunk().token_ids().end());
-    } else if (msg.has_summary()) {
-      out.summary = msg.summary();
-    }
-  }
+  while (reader->Read(&msg)) out.Append(msg);
   out.status = reader->Finish();
   return out;
 }
@@ -189,6 +188,27 @@ test_support::Samples Scrape(const GatewayProcess& g) {
 double Metric(const GatewayProcess& g, const std::string& name,
               const std::map<std::string, std::string>& labels = {}) {
   return test_support::Get(Scrape(g), name, labels);
+}
+
+// Checks a 429 of a key's limit: OpenAI's rate-limit error of `type`
+// ("requests" / "tokens") whose message holds `limit_text`, and one
+// Retry-After header; returns its seconds (0 when malformed).
+int ExpectKeyRateLimited(const HttpReply& r, const std::string& type,
+                         const std::string& limit_text) {
+  EXPECT_EQ(r.status, 429) << r.body;
+  const json e = r.Json()["error"];
+  EXPECT_EQ(e["type"], type) << r.body;
+  EXPECT_EQ(e["code"], "rate_limit_exceeded") << r.body;
+  EXPECT_TRUE(e["param"].is_null()) << r.body;
+  EXPECT_TRUE(e["message"].is_string() &&
+              e["message"].get<std::string>().find(limit_text) != std::string::npos)
+      << r.body << " (wanted: " << limit_text << ")";
+  EXPECT_EQ(r.headers.count("Retry-After"), 1u);
+  int seconds = 0;
+  if (auto it = r.headers.find("Retry-After"); it != r.headers.end()) {
+    EXPECT_TRUE(absl::SimpleAtoi(it->second, &seconds)) << it->second;
+  }
+  return seconds;
 }
 
 // Polls `done` until it holds or `timeout` passes; whether it held.
@@ -296,11 +316,7 @@ TEST_F(ApiKeysE2eTest, MissingOrWrongKeyIs401InOpenAIShape) {
                           {"type", "invalid_request_error"},
                           {"param", nullptr},
                           {"code", nullptr}}}};
-  const json wrong = {{"error",
-                       {{"message", "Incorrect API key provided"},
-                        {"type", "invalid_request_error"},
-                        {"param", nullptr},
-                        {"code", "invalid_api_key"}}}};
+  const json wrong = WrongKeyError();
   HttpReply r = Complete(g->http(), std::nullopt);
   EXPECT_EQ(r.status, 401);
   EXPECT_EQ(r.Json(), missing) << r.body;
@@ -376,7 +392,7 @@ TEST_F(ApiKeysE2eTest, ReloadRevokesAndAddsWithinThePollInterval) {
   EXPECT_LT(seconds, kReloadSeconds + 2.0);
   const HttpReply revoked = Complete(g->http(), Bearer(a));
   EXPECT_EQ(revoked.status, 401);
-  EXPECT_EQ(revoked.Json()["error"]["code"], "invalid_api_key");
+  EXPECT_EQ(revoked.Json(), WrongKeyError()) << revoked.body;
   EXPECT_EQ(Complete(g->http(), Bearer(b)).status, 200);
   auto stub = Stub(g->grpc());
   EXPECT_EQ(Generate(stub.get(), Request(), Bearer(a)).status.error_code(),
@@ -422,16 +438,8 @@ TEST(ApiKeysConcurrencyTest, SecondRequestIs429WhileTheFirstIsInFlight) {
                         std::chrono::seconds(20)));
 
   const HttpReply refused = Complete(g->http(), Bearer(one));
-  EXPECT_EQ(refused.status, 429) << refused.body;
-  const json e = refused.Json()["error"];
-  EXPECT_EQ(e["type"], "requests");
-  EXPECT_EQ(e["code"], "rate_limit_exceeded");
-  EXPECT_TRUE(e["param"].is_null());
-  EXPECT_NE(e["message"].get<std::string>().find("max_concurrent): limit 1, in flight 1"),
-            std::string::npos)
-      << refused.body;
-  ASSERT_EQ(refused.headers.count("Retry-After"), 1u);
-  EXPECT_EQ(refused.headers.find("Retry-After")->second, "1");
+  EXPECT_EQ(ExpectKeyRateLimited(refused, "requests", "max_concurrent): limit 1, in flight 1"),
+            1);
   auto stub = Stub(g->grpc());
   const Streamed grpc_refused = Generate(stub.get(), Request(), Bearer(one));
   EXPECT_EQ(grpc_refused.status.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED);
@@ -469,22 +477,14 @@ TEST_F(ApiKeysE2eTest, TokensPerMinuteIs429AfterTheBudgetWithRetryAfter) {
   }
   ASSERT_EQ(refused.status, 429) << refused.body;
   EXPECT_GE(used, kBudget);  // admitted while the bucket was above zero
-  const json e = refused.Json()["error"];
-  EXPECT_EQ(e["type"], "tokens");
-  EXPECT_EQ(e["code"], "rate_limit_exceeded");
-  EXPECT_TRUE(e["param"].is_null());
-  EXPECT_NE(e["message"].get<std::string>().find("tokens_per_minute): limit 120"),
-            std::string::npos)
-      << refused.body;
-  ASSERT_EQ(refused.headers.count("Retry-After"), 1u);
-  int retry_after = 0;
-  ASSERT_TRUE(absl::SimpleAtoi(refused.headers.find("Retry-After")->second, &retry_after));
+  const int retry_after =
+      ExpectKeyRateLimited(refused, "tokens", "tokens_per_minute): limit 120");
   // The overdraft (at most used - budget, less the refill meanwhile) paid
   // back at budget / 60 per second, and never more than a minute.
   EXPECT_GE(retry_after, 1);
   EXPECT_LE(retry_after, std::min<int64_t>(60, (used - kBudget) * 60 / kBudget + 1));
-  EXPECT_NE(e["message"].get<std::string>().find(absl::StrCat("try again in ", retry_after, "s")),
-            std::string::npos);
+  EXPECT_NE(refused.body.find(absl::StrCat("try again in ", retry_after, "s")), std::string::npos)
+      << refused.body;
   auto stub = Stub(g->grpc());
   const Streamed s = Generate(stub.get(), Request(), Bearer(c));
   EXPECT_EQ(s.status.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED);

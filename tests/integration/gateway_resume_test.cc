@@ -15,7 +15,9 @@
 //    resumed;
 //  * resumes are bounded by max_resumes (4 workers all failing: 1 + 2 calls,
 //    then UNAVAILABLE);
-//  * kvr_gateway_resumed_streams_total / kvr_gateway_stream_resumes_total.
+//  * kvr_gateway_resumed_streams_total / kvr_gateway_stream_resumes_total;
+//  * an API key is charged each prompt and completion token once across a
+//    resume, and its slot is released when the call ends.
 #include <atomic>
 #include <condition_variable>
 #include <memory>
@@ -29,6 +31,7 @@
 #include "kvr/v1/generation.grpc.pb.h"
 #include "prometheus/collectable.h"
 #include "prometheus/text_serializer.h"
+#include "services/gateway/api_keys.h"
 #include "services/gateway/gateway_metrics.h"
 #include "services/gateway/generate_call.h"
 #include "services/gateway/worker_pool.h"
@@ -139,8 +142,9 @@ class Fixture {
     grpc::Status status;
   };
 
-  // Runs one call to its end (bounded by a 30 s deadline).
-  Seen Run() {
+  // Runs one call to its end (bounded by a 30 s deadline), charged to
+  // `key` when set.
+  Seen Run(std::shared_ptr<ApiKeyGrant> key = nullptr) {
     v1::GenerateRequest request;
     request.set_text("prompt");
     request.set_max_tokens(kMaxTokens);
@@ -187,6 +191,7 @@ class Fixture {
           s->cv.notify_all();
         });
     std::shared_ptr<GenerateCall> call = shared->call;
+    if (key != nullptr) call->SetApiKey(std::move(key));
     call->Start();
     call.reset();
     std::unique_lock<std::mutex> lock(shared->mu);
@@ -289,6 +294,45 @@ TEST(GatewayResumeTest, ResumesAreBoundedByMaxResumes) {
   never.script().steps = {{0, grpc::StatusCode::UNAVAILABLE}};
   EXPECT_EQ(never.Run().status.error_code(), grpc::StatusCode::UNAVAILABLE);
   EXPECT_EQ(never.script().received.size(), 1u);
+}
+
+// An API key's tokens_per_minute budget is charged the prompt once and each
+// token once across a resume (every attempt reports its prefill of the
+// prompt; the resumed one streams only the tokens after those replayed),
+// and its max_concurrent slot is free once the call has ended.
+TEST(GatewayResumeTest, ApiKeyIsChargedEachTokenOnceAcrossAResume) {
+  Fixture f(2, 2);
+  f.script().steps = {{5, grpc::StatusCode::UNAVAILABLE}};
+  constexpr int64_t kPrompt = 3;  // what the scripted workers report
+  constexpr int64_t kSpare = 100;
+  absl::StatusOr<MadeApiKey> made = MakeApiKey("k", {1, kPrompt + kMaxTokens + kSpare});
+  ASSERT_TRUE(made.ok());
+  absl::StatusOr<std::vector<ApiKeyEntry>> entries =
+      ParseApiKeys("{\"keys\": [" + made->entry + "]}");
+  ASSERT_TRUE(entries.ok()) << entries.status();
+  const absl::Time now = absl::Now();  // a frozen clock: no refill
+  ApiKeyStoreOptions options;
+  options.clock = [now] { return now; };
+  std::unique_ptr<ApiKeyStore> keys = ApiKeyStore::FromEntries(*entries, options);
+  const std::string bearer = "Bearer " + made->key;
+  ApiKeyDecision admitted = keys->Admit(bearer);
+  ASSERT_EQ(admitted.outcome, ApiKeyDecision::Outcome::kOk);
+
+  const Fixture::Seen seen = f.Run(std::move(admitted.grant));
+  EXPECT_TRUE(seen.status.ok()) << seen.status.error_message();
+  EXPECT_EQ(seen.tokens, FirstTokens(kMaxTokens));
+  EXPECT_EQ(f.script().received.size(), 2u);  // resumed once
+  EXPECT_EQ(f.Metric("kvr_gateway_key_tokens_total", {{"key", "k"}}), kPrompt + kMaxTokens);
+  EXPECT_EQ(f.Metric("kvr_gateway_key_requests_total", {{"key", "k"}, {"code", "OK"}}), 1);
+
+  // Exactly kSpare tokens are left, and the slot is free again.
+  ApiKeyDecision next = keys->Admit(bearer);
+  ASSERT_EQ(next.outcome, ApiKeyDecision::Outcome::kOk) << next.message;
+  next.grant->Debit(kSpare);
+  next.grant.reset();
+  const ApiKeyDecision spent = keys->Admit(bearer);
+  EXPECT_EQ(spent.outcome, ApiKeyDecision::Outcome::kOutOfTokens);
+  EXPECT_NE(spent.message.find("available 0."), std::string::npos) << spent.message;
 }
 
 }  // namespace

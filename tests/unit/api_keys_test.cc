@@ -256,10 +256,17 @@ TEST(ApiKeysTest, ReloadSwapsKeysKeepsStateAndSurvivesABadFile) {
   EXPECT_EQ(reloads_bad, 1);
   EXPECT_EQ((*store)->Authenticate(Bearer(b->key)).outcome, Outcome::kOk);
   EXPECT_EQ((*store)->size(), 2u);
-  // A missing file: the same.
+  // An oversized one: read no further than the limit, the same.
+  WriteFile(path, std::string(kMaxApiKeysFileBytes + 1, ' '));
+  const absl::Status big = (*store)->ReloadIfChanged();
+  EXPECT_NE(big.message().find("over the limit of 1048576 bytes"), std::string::npos) << big;
+  EXPECT_EQ(reloads_bad, 2);
+  EXPECT_EQ((*store)->Authenticate(Bearer(b->key)).outcome, Outcome::kOk);
+  // A missing file: the same, reported once.
   std::filesystem::remove(path);
   EXPECT_FALSE((*store)->ReloadIfChanged().ok());
-  EXPECT_EQ(reloads_bad, 2);
+  EXPECT_FALSE((*store)->ReloadIfChanged().ok());
+  EXPECT_EQ(reloads_bad, 3);
   EXPECT_EQ((*store)->Authenticate(Bearer(b->key)).outcome, Outcome::kOk);
 
   // a revoked, a2 added.

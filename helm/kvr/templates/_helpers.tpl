@@ -163,3 +163,109 @@ affinity:
               {{- include "kvr.componentSelector" (list $top $component) | nindent 14 }}
 {{- end }}
 {{- end -}}
+
+{{/* "true" when the components run with mTLS (the chart's default). */}}
+{{- define "kvr.tls" -}}
+{{- if not .Values.insecure }}true{{ end -}}
+{{- end -}}
+
+{{/* The Secret with a role's certificate: include "kvr.tlsSecret" (list $ "node") */}}
+{{- define "kvr.tlsSecret" -}}
+{{- $top := index . 0 -}}
+{{- $role := index . 1 -}}
+{{- default (printf "%s-tls" (include "kvr.component" (list $top $role))) (index $top.Values.tls $role).secretName -}}
+{{- end -}}
+
+{{/*
+The mTLS flags of a role's server (include "kvr.tlsArgs" (list $ "node")):
+cert, key and CA from the mounted Secret, the reload period, and
+--tls_allowed_peers when the values name peers.
+*/}}
+{{- define "kvr.tlsArgs" -}}
+{{- $top := index . 0 -}}
+{{- $role := index . 1 -}}
+{{- $dir := $top.Values.tls.mountPath -}}
+{{- if include "kvr.tls" $top }}
+- --tls_cert_file={{ $dir }}/tls.crt
+- --tls_key_file={{ $dir }}/tls.key
+- --tls_ca_file={{ $dir }}/ca.crt
+- --tls_reload_seconds={{ int $top.Values.tls.reloadSeconds }}
+{{- with (index $top.Values.tls $role).allowedPeers | default "" }}
+- --tls_allowed_peers={{ . }}
+{{- end }}
+{{- end }}
+{{- end -}}
+
+{{/* Volume of a role's certificate Secret (key files readable by the pod's group only). */}}
+{{- define "kvr.tlsVolume" -}}
+{{- $top := index . 0 -}}
+{{- if include "kvr.tls" $top }}
+- name: tls
+  secret:
+    secretName: {{ include "kvr.tlsSecret" . }}
+    defaultMode: 0440
+{{- end }}
+{{- end -}}
+
+{{/* Mounted as a directory (not subPath) so that rotated certificates reach the pod. */}}
+{{- define "kvr.tlsVolumeMount" -}}
+{{- if include "kvr.tls" . }}
+- name: tls
+  mountPath: {{ .Values.tls.mountPath }}
+  readOnly: true
+{{- end }}
+{{- end -}}
+
+{{/*
+A probe's handler (include "kvr.probeHandler" (list $ port service timeoutSeconds)):
+kubelet's native gRPC probe when insecure; with mTLS (which kubelet's gRPC
+probe cannot speak) an exec of the image's kvr_health_probe against
+127.0.0.1 with the role's certificate, its deadline inside the probe's
+timeout.
+*/}}
+{{- define "kvr.probeHandler" -}}
+{{- $top := index . 0 -}}
+{{- $port := int (index . 1) -}}
+{{- $service := index . 2 -}}
+{{- $timeout := int (index . 3) -}}
+{{- if include "kvr.tls" $top -}}
+{{- $dir := $top.Values.tls.mountPath -}}
+exec:
+  command:
+    - /usr/local/bin/kvr_health_probe
+    - --addr=127.0.0.1:{{ $port }}
+    {{- with $service }}
+    - --service={{ . }}
+    {{- end }}
+    - --timeout_ms={{ div (mul $timeout 3000) 4 }}
+    - --tls_cert_file={{ $dir }}/tls.crt
+    - --tls_key_file={{ $dir }}/tls.key
+    - --tls_ca_file={{ $dir }}/ca.crt
+{{- else -}}
+grpc:
+  port: {{ $port }}
+  {{- with $service }}
+  service: {{ . }}
+  {{- end }}
+{{- end -}}
+{{- end -}}
+
+{{/* UCX on nodes and workers: refused with TLS unless explicitly allowed unencrypted. */}}
+{{- define "kvr.ucxArgs" -}}
+{{- if and .Values.node.ucx.enabled (include "kvr.tls" .) }}
+{{- if not .Values.node.ucx.allowUnencrypted -}}
+{{- fail "node.ucx.enabled with TLS on (insecure: false) needs node.ucx.allowUnencrypted: true: UCX traffic is not encrypted" -}}
+{{- end }}
+- --ucx_allow_unencrypted
+{{- end }}
+{{- end -}}
+
+{{/* "true" when the gateway checks API keys (see apiKeys in values.yaml). */}}
+{{- define "kvr.apiKeys" -}}
+{{- $k := .Values.apiKeys -}}
+{{- if and $k.enabled (or (not .Values.insecure) $k.existingSecret $k.keys) }}true{{ end -}}
+{{- end -}}
+
+{{- define "kvr.apiKeysSecret" -}}
+{{- default (printf "%s-api-keys" (include "kvr.component" (list . "gateway"))) .Values.apiKeys.existingSecret -}}
+{{- end -}}
