@@ -13,9 +13,12 @@
 //  * `kvr generate --nodes` with the kvr-worker certificate writes the
 //    insecure cluster's text; with the kvr-client one the nodes answer
 //    PERMISSION_DENIED; an incomplete set of --tls_* flags is exit 2;
+//  * a node killed with SIGKILL comes back with its mTLS flags: the output
+//    after its restart is still the insecure cluster's;
 //  * kvr_loadgen --start_cluster --secure runs its requests with no error.
 //
 // Usage: cluster_secure_e2e_test --kvr PATH --kvr_loadgen PATH
+#include <signal.h>
 #include <sys/wait.h>
 
 #include <chrono>
@@ -245,6 +248,18 @@ TEST(ClusterSecureE2eTest, SecureClusterGeneratesTheInsecureTokensAndRefusesTheR
   EXPECT_EQ(run.exit_code, 2);
   EXPECT_THAT(run.tagged + run.text, HasSubstr("--api_key"));
   EXPECT_THAT(run.tagged + run.text, HasSubstr("visible ASCII"));
+
+  // A node killed is restarted with its mTLS flags (same command line): the
+  // worker reconnects over mTLS and the output is still the same.
+  const pid_t killed = info.nodes[0].pid;
+  ASSERT_EQ(kill(killed, SIGKILL), 0);
+  ASSERT_TRUE(c->WaitForInfo(
+      [](const cluster::ClusterInfo& i) { return i.nodes[0].restarts == 1; }, absl::Seconds(30)))
+      << "node-0 was not restarted";
+  EXPECT_NE(c->info.nodes[0].pid, killed);
+  const Generated after_restart = GenerateOnceReady(c->target(), secure);
+  ASSERT_TRUE(after_restart.status.ok()) << after_restart.status.error_message();
+  EXPECT_EQ(after_restart.tokens, plain_tokens.tokens);
 
   const std::optional<int> stopped = c->Stop();
   ASSERT_TRUE(stopped.has_value());
