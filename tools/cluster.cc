@@ -32,7 +32,9 @@
 #include "common/status.h"
 #include "common/subprocess.h"
 #include "nlohmann/json.hpp"
+#include "services/infra/security/cert_authority.h"
 #include "tools/cli_flags.h"
+#include "tools/cluster_secure.h"
 
 namespace kvr::cluster {
 namespace {
@@ -314,11 +316,28 @@ class Cluster {
       gateway_bin = *g;
     }
     KVR_ASSIGN_OR_RETURN(const int replicas, Replicas(worker_bin));
+    if (options_.secure) KVR_RETURN_IF_ERROR(CheckSecureFlags(node_bin, worker_bin, gateway_bin));
     KVR_RETURN_IF_ERROR(MakeRunDir());
     info_.run_dir = run_dir_;
     info_.pid = getpid();
     info_.replicas = replicas;
     std::fprintf(stderr, "kvr cluster: run dir %s\n", run_dir_.c_str());
+    std::optional<ClusterCredentials> creds;
+    if (options_.secure) {
+      KVR_ASSIGN_OR_RETURN(creds, MakeClusterCredentials(run_dir_));
+      info_.ca_cert = creds->ca_cert;
+      info_.client_cert = creds->client.cert;
+      info_.client_key = creds->client.key;
+      info_.api_key = creds->api_key;
+      std::fprintf(stderr,
+                   "kvr cluster: --secure: mTLS certificates (CA kvr-ca) in %s/tls, API key "
+                   "\"%s\" in %s (the key itself: cluster.json api_key)\n",
+                   run_dir_.c_str(), kClusterApiKeyId, creds->api_keys_file.c_str());
+    }
+    // The TLS flags of a child of `role` (none without --secure).
+    auto tls_flags = [&](const RoleFiles ClusterCredentials::*role) {
+      return creds ? TlsFlags((*creds).*role, creds->ca_cert) : std::vector<std::string>{};
+    };
 
     // Every port, once: 2 per node and worker (gRPC, metrics), 3 for the
     // gateway (gRPC, HTTP, metrics).
@@ -338,6 +357,7 @@ class Cluster {
       const std::string grpc = port();
       std::vector<std::string> argv = {node_bin, "--listen=" + grpc, "--metrics_listen=" + port(),
                                        "--data_dir=" + data_dir};
+      for (std::string& f : tls_flags(&ClusterCredentials::node)) argv.push_back(std::move(f));
       argv.insert(argv.end(), options_.node_args.begin(), options_.node_args.end());
       KVR_ASSIGN_OR_RETURN(Child * c, Spawn(name, "kvr_node", std::move(argv)));
       nodes_.push_back(c);
@@ -355,6 +375,9 @@ class Cluster {
       if (replicas > 0) argv.push_back(absl::StrCat("--replicas=", replicas));
       if (!options_.model.empty()) argv.push_back("--model=" + options_.model);
       if (!options_.tokenizer.empty()) argv.push_back("--tokenizer=" + options_.tokenizer);
+      for (std::string& f : tls_flags(&ClusterCredentials::worker)) argv.push_back(std::move(f));
+      // Without a gateway, clients call the worker: let the client identity in.
+      if (creds && !options_.gateway) argv.push_back("--tls_allowed_peers=kvr-gateway,kvr-client");
       argv.insert(argv.end(), options_.worker_args.begin(), options_.worker_args.end());
       const std::string name = options_.workers == 1 ? "worker" : absl::StrCat("worker-", i);
       KVR_ASSIGN_OR_RETURN(Child * c, Spawn(name, "kvr_worker", std::move(argv)));
@@ -367,6 +390,13 @@ class Cluster {
       std::vector<std::string> argv = {gateway_bin, "--listen=" + port(),
                                        "--http_listen=" + port(), "--metrics_listen=" + port(),
                                        "--workers=" + absl::StrJoin(worker_list, ",")};
+      if (creds) {
+        for (std::string& f : tls_flags(&ClusterCredentials::gateway)) argv.push_back(std::move(f));
+        // Its client-facing gRPC: server TLS with the same certificate.
+        argv.push_back("--public_tls_cert_file=" + creds->gateway.cert);
+        argv.push_back("--public_tls_key_file=" + creds->gateway.key);
+        argv.push_back("--api_keys_file=" + creds->api_keys_file);
+      }
       argv.insert(argv.end(), options_.gateway_args.begin(), options_.gateway_args.end());
       KVR_ASSIGN_OR_RETURN(gateway_, Spawn("gateway", "kvr_gateway", std::move(argv)));
       KVR_RETURN_IF_ERROR(WaitListening({gateway_}));
@@ -491,6 +521,29 @@ class Cluster {
                  "kvr cluster: %s has no --replicas flag; its shards are not replicated\n",
                  worker_bin.c_str());
     return 0;
+  }
+
+  // --secure needs binaries that take the TLS (and, for the gateway, API
+  // key) flags: FailedPrecondition naming the binary and the flag otherwise.
+  absl::Status CheckSecureFlags(const std::string& node_bin, const std::string& worker_bin,
+                                const std::string& gateway_bin) {
+    std::vector<std::pair<const std::string*, const char*>> needed = {
+        {&node_bin, "tls_cert_file"}, {&worker_bin, "tls_cert_file"}};
+    if (!options_.gateway) needed.emplace_back(&worker_bin, "tls_allowed_peers");
+    if (!gateway_bin.empty()) {
+      for (const char* flag : {"tls_cert_file", "public_tls_cert_file", "api_keys_file"}) {
+        needed.emplace_back(&gateway_bin, flag);
+      }
+    }
+    for (const auto& [bin, flag] : needed) {
+      KVR_ASSIGN_OR_RETURN(const bool accepted, ProgramAcceptsFlag(*bin, flag));
+      if (!accepted) {
+        return absl::FailedPreconditionError(absl::StrCat(
+            "--secure: ", *bin, " has no --", flag,
+            " flag (its --helpfull does not list it): build it with mTLS and API key support"));
+      }
+    }
+    return absl::OkStatus();
   }
 
   // `c` died (`how`): schedules its restart, logging it on stderr and in its
@@ -692,18 +745,11 @@ class Cluster {
   }
 
   // cluster.json, written whole (temp file + rename) so readers never see half.
+  // With --secure it holds the API key: mode 0600.
   absl::Status WriteInfo() {
     const fs::path path = fs::path(run_dir_) / "cluster.json";
-    const fs::path tmp = fs::path(run_dir_) / "cluster.json.tmp";
-    {
-      std::ofstream out(tmp, std::ios::trunc);
-      out << ClusterInfoToJson(info_) << "\n";
-      if (!out.flush()) return absl::InternalError(absl::StrCat("write ", tmp.string()));
-    }
-    std::error_code ec;
-    fs::rename(tmp, path, ec);
-    if (ec) return absl::InternalError(absl::StrCat("rename to ", path.string(), ": ", ec.message()));
-    return absl::OkStatus();
+    return security::WriteFileAtomically(path.string(), ClusterInfoToJson(info_) + "\n",
+                                         options_.secure ? 0600 : 0644);
   }
 
   const ClusterOptions options_;
@@ -845,6 +891,12 @@ std::string ClusterInfoToJson(const ClusterInfo& info) {
   j["nodes"] = processes(info.nodes);
   j["run_dir"] = info.run_dir;
   j["pid"] = info.pid;
+  if (!info.ca_cert.empty()) {
+    j["ca_cert"] = info.ca_cert;
+    j["client_cert"] = info.client_cert;
+    j["client_key"] = info.client_key;
+    j["api_key"] = info.api_key;
+  }
   return j.dump(2);
 }
 
@@ -918,6 +970,10 @@ absl::StatusOr<ClusterInfo> ParseClusterInfo(std::string_view text) {
   KVR_RETURN_IF_ERROR(processes("nodes", &info.nodes));
   KVR_RETURN_IF_ERROR(str(j, "run_dir", &info.run_dir));
   KVR_RETURN_IF_ERROR(pid(j, "pid", &info.pid));
+  KVR_RETURN_IF_ERROR(str(j, "ca_cert", &info.ca_cert));
+  KVR_RETURN_IF_ERROR(str(j, "client_cert", &info.client_cert));
+  KVR_RETURN_IF_ERROR(str(j, "client_key", &info.client_key));
+  KVR_RETURN_IF_ERROR(str(j, "api_key", &info.api_key));
   if (info.workers.empty() && !info.worker_grpc.empty()) {
     // The single-worker format of older `kvr cluster`s.
     info.workers.push_back({info.worker_grpc, info.worker_metrics, info.worker_pid, 0});
@@ -1035,6 +1091,14 @@ stopped, it is named with the tail of its log, and kvr cluster exits 1.
   --worker_binary PATH    kvr_worker and
   --gateway_binary PATH   kvr_gateway
   --gateway=false         no gateway: clients use the worker's address
+  --secure                mTLS on every gRPC hop and an API key at the gateway:
+                          a throwaway CA (kvr-ca, 1 day) and certificates
+                          for kvr-node, kvr-worker, kvr-gateway and kvr-client
+                          in <run dir>/tls/, the key's hash in <run
+                          dir>/api_keys.json; cluster.json (mode 0600) names
+                          ca_cert, client_cert, client_key and api_key (use
+                          them with kvr client / kvr_loadgen --tls_ca_file
+                          ... --api_key)
   --model PATH            kvr_worker --model (default: bundled stories260K)
   --tokenizer PATH        kvr_worker --tokenizer
   --node_args "ARGS"      extra kvr_node flags, space-separated (repeatable);
@@ -1073,6 +1137,7 @@ absl::Status ParseClusterFlags(const std::vector<std::string>& args, ClusterOpti
       {"worker_binary", cli::StringFlag(&o->worker_binary)},
       {"gateway_binary", cli::StringFlag(&o->gateway_binary)},
       {"gateway", cli::BoolFlag(&o->gateway)},
+      {"secure", cli::BoolFlag(&o->secure)},
       {"model", cli::StringFlag(&o->model)},
       {"tokenizer", cli::StringFlag(&o->tokenizer)},
       {"node_args", list_flag(&o->node_args)},

@@ -58,6 +58,13 @@ struct ClusterOptions {
   // Passed to kvr_worker when set; the worker's own default otherwise (the
   // bundled stories260K).
   std::string model, tokenizer;
+  // mTLS on every gRPC hop and an API key at the gateway: a throwaway CA and
+  // per-role certificates in <run_dir>/tls/ (tools/cluster_secure.h), each
+  // child started with --tls_cert_file/--tls_key_file/--tls_ca_file, the
+  // gateway also with --public_tls_cert_file/--public_tls_key_file (its
+  // client-facing gRPC over TLS) and --api_keys_file; cluster.json names the
+  // client's credentials. Every binary must list those flags (--helpfull).
+  bool secure = false;
   // Extra arguments for each kind of child, appended after the cluster's own.
   std::vector<std::string> node_args, worker_args, gateway_args;
   // How long a child may take to print its listening line.
@@ -89,6 +96,10 @@ struct ClusterInfo {
   std::vector<Process> nodes;
   std::string run_dir;
   pid_t pid = 0;  // the supervisor (`kvr cluster`)
+  // --secure only (absent from the JSON otherwise): the CA certificate, the
+  // kvr-client certificate and key (absolute paths), and the gateway API key
+  // itself. cluster.json is then written with mode 0600.
+  std::string ca_cert, client_cert, client_key, api_key;
 };
 
 // Crash-loop backoff of one supervised child, a kubelet's with shorter

@@ -29,6 +29,7 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "absl/strings/str_join.h"
 #include "gpu_worker/backend/backend.h"
 #include "gpu_worker/backend/backend_plugin.h"
 #include "gpu_worker/engine/generation.h"
@@ -216,6 +217,26 @@ absl::Status ParseGenerateFlags(const std::vector<std::string>& args, Flags* f, 
   };
   if (absl::Status s = worker::ValidateSampling(r.sampling); !s.ok()) return as_flag(s);
   if (absl::Status s = worker::ValidateAttentionOptions(r.attention); !s.ok()) return as_flag(s);
+  // The --tls_* set is all or none, and only with --nodes: a flag error
+  // (exit 2) before anything loads; the files are checked by RunGenerate.
+  const bool any_tls =
+      !f->tls_cert_file.empty() || !f->tls_key_file.empty() || !f->tls_ca_file.empty();
+  const bool all_tls =
+      !f->tls_cert_file.empty() && !f->tls_key_file.empty() && !f->tls_ca_file.empty();
+  if (any_tls && !all_tls) {
+    std::vector<std::string> missing;
+    if (f->tls_cert_file.empty()) missing.push_back("--tls_cert_file");
+    if (f->tls_key_file.empty()) missing.push_back("--tls_key_file");
+    if (f->tls_ca_file.empty()) missing.push_back("--tls_ca_file");
+    return absl::InvalidArgumentError(absl::StrCat(
+        "mTLS to the nodes needs --tls_cert_file, --tls_key_file and --tls_ca_file together; "
+        "missing ", absl::StrJoin(missing, ", ")));
+  }
+  if (any_tls && f->nodes.empty()) {
+    return absl::InvalidArgumentError(
+        "--tls_cert_file, --tls_key_file, --tls_ca_file need --nodes (the in-process node has "
+        "no TLS)");
+  }
   return absl::OkStatus();
 }
 

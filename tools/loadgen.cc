@@ -70,6 +70,9 @@ ABSL_FLAG(std::string, api_key, "",
 ABSL_FLAG(bool, start_cluster, false,
           "start `kvr cluster` (found next to this binary, or --kvr), measure its gateway, stop it");
 ABSL_FLAG(std::string, kvr, "", "the kvr binary for --start_cluster (default: next to this one)");
+ABSL_FLAG(bool, secure, false,
+          "with --start_cluster: start it with --secure (mTLS, API key) and use the TLS files "
+          "and key its cluster.json names (also for --secure in --cluster_args; flags win)");
 ABSL_FLAG(std::string, cluster_args, "",
           "extra `kvr cluster` flags for --start_cluster, space-separated");
 ABSL_FLAG(std::string, concurrency, "1,4,16", "concurrency levels, comma-separated, each in [1, 1024]");
@@ -179,6 +182,10 @@ class ErrorBackoff {
   std::mt19937_64 rng_;
 };
 
+// The API key every call sends (--api_key, or a secure cluster's); set by
+// Main before any call, read-only after.
+std::string g_api_key;
+
 // One Generate stream; appends its measurements to `out`. False when the
 // call failed (counted in out's errors).
 bool RunOne(v1::Generation::Stub* stub, int64_t index, Samples* out) {
@@ -195,7 +202,7 @@ bool RunOne(v1::Generation::Stub* stub, int64_t index, Samples* out) {
   ctx.set_deadline(std::chrono::system_clock::now() +
                    std::chrono::milliseconds(
                        static_cast<int64_t>(absl::GetFlag(FLAGS_deadline_seconds) * 1e3)));
-  kvr::security::AttachApiKey(absl::GetFlag(FLAGS_api_key), &ctx);
+  kvr::security::AttachApiKey(g_api_key, &ctx);
   const Clock::time_point start = Clock::now();
   Clock::time_point last;
   bool first = true;
@@ -394,6 +401,13 @@ int Main(int argc, char** argv) {
 
   std::string target = absl::GetFlag(FLAGS_target);
   std::unique_ptr<Subprocess> cluster;
+  std::string tls_ca_file = absl::GetFlag(FLAGS_tls_ca_file);
+  std::string tls_cert_file = absl::GetFlag(FLAGS_tls_cert_file);
+  std::string tls_key_file = absl::GetFlag(FLAGS_tls_key_file);
+  g_api_key = absl::GetFlag(FLAGS_api_key);
+  if (absl::GetFlag(FLAGS_secure) && !absl::GetFlag(FLAGS_start_cluster)) {
+    return Fail("--secure needs --start_cluster (for another server give --tls_ca_file ...)");
+  }
   if (absl::GetFlag(FLAGS_start_cluster)) {
     if (!target.empty()) return Fail("--target and --start_cluster exclude each other");
     std::string kvr = absl::GetFlag(FLAGS_kvr);
@@ -402,6 +416,7 @@ int Main(int argc, char** argv) {
       kvr = (std::filesystem::read_symlink("/proc/self/exe", ec).parent_path() / "kvr").string();
     }
     std::vector<std::string> cluster_argv = {kvr, "cluster"};
+    if (absl::GetFlag(FLAGS_secure)) cluster_argv.push_back("--secure");
     for (absl::string_view a :
          absl::StrSplit(absl::GetFlag(FLAGS_cluster_args), ' ', absl::SkipWhitespace())) {
       cluster_argv.emplace_back(a);
@@ -421,16 +436,24 @@ int Main(int argc, char** argv) {
         cluster::ReadClusterInfo(run_dir + "/cluster.json");
     if (!info.ok()) return Fail(info.status().ToString());
     target = info->gateway_grpc.empty() ? info->worker_grpc : info->gateway_grpc;
+    // A secure cluster: its client credentials where no flag gave them.
+    if (!info->ca_cert.empty()) {
+      auto fill = [](std::string* field, const std::string& value) {
+        if (field->empty()) *field = value;
+      };
+      fill(&tls_ca_file, info->ca_cert);
+      fill(&tls_cert_file, info->client_cert);
+      fill(&tls_key_file, info->client_key);
+      fill(&g_api_key, info->api_key);
+    }
   }
   if (target.empty()) return Fail("give --target HOST:PORT or --start_cluster");
 
-  if (absl::Status st = kvr::security::CheckApiKey(absl::GetFlag(FLAGS_api_key)); !st.ok()) {
+  if (absl::Status st = kvr::security::CheckApiKey(g_api_key); !st.ok()) {
     return Fail(std::string(st.message()));
   }
   absl::StatusOr<std::shared_ptr<grpc::ChannelCredentials>> credentials =
-      kvr::security::MakeClientChannelCredentials(absl::GetFlag(FLAGS_tls_ca_file),
-                                                  absl::GetFlag(FLAGS_tls_cert_file),
-                                                  absl::GetFlag(FLAGS_tls_key_file));
+      kvr::security::MakeClientChannelCredentials(tls_ca_file, tls_cert_file, tls_key_file);
   if (!credentials.ok()) return Fail(std::string(credentials.status().message()));
   grpc::ChannelArguments channel_args;
   channel_args.SetMaxReceiveMessageSize(16 << 20);

@@ -24,22 +24,17 @@
 #include <vector>
 
 #include "tests/support/temp_dir.h"
+#include "tests/support/x509_check.h"
 
 namespace kvr::security {
 namespace {
 
 using ::testing::HasSubstr;
 
-struct X509Free {
-  void operator()(X509* p) const { X509_free(p); }
-};
-using Cert = std::unique_ptr<X509, X509Free>;
+using ::kvr::test_support::CommonName;
+using Cert = ::kvr::test_support::X509Ptr;
 
-Cert ParseCert(const std::string& pem) {
-  std::unique_ptr<BIO, decltype(&BIO_free)> bio(
-      BIO_new_mem_buf(pem.data(), static_cast<int>(pem.size())), &BIO_free);
-  return Cert(PEM_read_bio_X509(bio.get(), nullptr, nullptr, nullptr));
-}
+Cert ParseCert(const std::string& pem) { return ::kvr::test_support::ParsePemCert(pem); }
 
 std::unique_ptr<EVP_PKEY, decltype(&EVP_PKEY_free)> ParseKey(const std::string& pem) {
   std::unique_ptr<BIO, decltype(&BIO_free)> bio(
@@ -47,27 +42,8 @@ std::unique_ptr<EVP_PKEY, decltype(&EVP_PKEY_free)> ParseKey(const std::string& 
   return {PEM_read_bio_PrivateKey(bio.get(), nullptr, nullptr, nullptr), &EVP_PKEY_free};
 }
 
-// X509_verify_cert of `leaf` against a store holding only `ca` for TLS
-// purpose `purpose`, at time `at` (0: now). Returns X509_V_OK or the error.
 int Verify(X509* leaf, X509* ca, int purpose, time_t at = 0) {
-  std::unique_ptr<X509_STORE, decltype(&X509_STORE_free)> store(X509_STORE_new(),
-                                                                &X509_STORE_free);
-  EXPECT_EQ(X509_STORE_add_cert(store.get(), ca), 1);
-  std::unique_ptr<X509_STORE_CTX, decltype(&X509_STORE_CTX_free)> ctx(X509_STORE_CTX_new(),
-                                                                      &X509_STORE_CTX_free);
-  EXPECT_EQ(X509_STORE_CTX_init(ctx.get(), store.get(), leaf, nullptr), 1);
-  EXPECT_EQ(X509_STORE_CTX_set_purpose(ctx.get(), purpose), 1);
-  if (at != 0) X509_STORE_CTX_set_time(ctx.get(), 0, at);
-  const int ok = X509_verify_cert(ctx.get());
-  const int error = X509_STORE_CTX_get_error(ctx.get());
-  EXPECT_EQ(ok == 1, error == X509_V_OK);
-  return error;
-}
-
-std::string CommonName(X509_NAME* name) {
-  char buf[256] = {};
-  const int n = X509_NAME_get_text_by_NID(name, NID_commonName, buf, sizeof(buf));
-  return n < 0 ? "" : std::string(buf, static_cast<size_t>(n));
+  return ::kvr::test_support::VerifyWithCa(leaf, ca, purpose, at);
 }
 
 // Seconds from `from` to `to`.

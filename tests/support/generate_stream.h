@@ -8,6 +8,7 @@
 #include <cstdint>
 #include <optional>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "grpcpp/client_context.h"
@@ -33,11 +34,15 @@ struct GenerateStream {
   }
 };
 
-// Reads the whole stream of `request` from `stub`, bounded by `timeout`.
-inline GenerateStream ReadGenerate(v1::Generation::Stub* stub, const v1::GenerateRequest& request,
-                                   std::chrono::milliseconds timeout) {
+// Reads the whole stream of `request` from `stub`, bounded by `timeout`,
+// sending `metadata` (e.g. {"authorization", "Bearer <key>"}) with the call.
+inline GenerateStream ReadGenerate(
+    v1::Generation::Stub* stub, const v1::GenerateRequest& request,
+    std::chrono::milliseconds timeout,
+    const std::vector<std::pair<std::string, std::string>>& metadata = {}) {
   GenerateStream out;
   grpc::ClientContext ctx;
+  for (const auto& [key, value] : metadata) ctx.AddMetadata(key, value);
   ctx.set_deadline(std::chrono::system_clock::now() + timeout);
   auto reader = stub->Generate(&ctx, request);
   v1::GenerateResponse msg;
