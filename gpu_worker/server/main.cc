@@ -91,6 +91,19 @@ ABSL_FLAG(int, tail_capacity, 64,
           "in-process node: appended keys kept flat before sealing into the index");
 ABSL_FLAG(int, train_k, 32, "in-process node: exact top-k per training query");
 ABSL_FLAG(int, max_message_bytes, 4 << 20, "largest gRPC message received or sent, bytes");
+ABSL_FLAG(double, max_deadline_seconds, 3600.0,
+          "longest a Generate or a waiting GetModelInfo call may run, seconds: one whose "
+          "deadline is later, or that has none, is served but cut this long after it arrived "
+          "(DEADLINE_EXCEEDED naming this flag; its request cancelled); 0 = no cap. Default: "
+          "the gateway's --max_request_timeout_seconds default (a gateway's calls carry at "
+          "most that)");
+ABSL_FLAG(int, max_concurrent_streams, 256,
+          "concurrent calls one client connection may have open; more wait for a slot "
+          "(HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS; 0 = gRPC's default, unbounded)");
+ABSL_FLAG(int64_t, grpc_memory_quota_bytes, int64_t{2} << 30,
+          "memory gRPC may use for its buffers over all connections (grpc::ResourceQuota; "
+          "0 = unbounded)");
+ABSL_FLAG(int, grpc_max_threads, 256, "threads gRPC may create (grpc::ResourceQuota; 0 = unbounded)");
 ABSL_FLAG(double, drain_seconds, 10.0,
           "on SIGTERM / SIGINT, how long streams may run before they are cancelled");
 
@@ -165,6 +178,15 @@ int Main(int argc, char** argv) {
                                     .InRange("threads", threads, 0, 1024)
                                     .AtLeast("max_message_bytes", max_message_bytes, 1 << 16)
                                     .AtLeast("tail_capacity", absl::GetFlag(FLAGS_tail_capacity), 1)
+                                    .AtLeast("max_deadline_seconds",
+                                             absl::GetFlag(FLAGS_max_deadline_seconds), 0.0)
+                                    .AtLeast("max_concurrent_streams",
+                                             absl::GetFlag(FLAGS_max_concurrent_streams), 0)
+                                    .AtLeast("grpc_memory_quota_bytes",
+                                             absl::GetFlag(FLAGS_grpc_memory_quota_bytes),
+                                             int64_t{0})
+                                    .AtLeast("grpc_max_threads",
+                                             absl::GetFlag(FLAGS_grpc_max_threads), 0)
                                     .status();
   if (!flags_ok.ok()) return Fail(flags_ok.message());
 
@@ -250,6 +272,7 @@ int Main(int argc, char** argv) {
   WorkerServiceOptions wo;
   wo.model_name = paths->model;
   wo.backend = (*backend)->Describe();
+  wo.max_deadline_seconds = absl::GetFlag(FLAGS_max_deadline_seconds);
   wo.on_generate_finished = [m = metrics.get()](absl::StatusCode code) { m->RecordRequest(code); };
   auto service = std::make_unique<WorkerService>(scheduler->get(), tokenizer->get(), node.get(),
                                                  (*weights)->config, (*engine)->max_seq_len(), wo);
@@ -260,7 +283,10 @@ int Main(int argc, char** argv) {
                              .listen = absl::GetFlag(FLAGS_listen),
                              .max_message_bytes = max_message_bytes,
                              .health_services = {kServiceName},
-                             .drain_seconds = absl::GetFlag(FLAGS_drain_seconds)},
+                             .drain_seconds = absl::GetFlag(FLAGS_drain_seconds),
+                             .max_concurrent_streams = absl::GetFlag(FLAGS_max_concurrent_streams),
+                             .memory_quota_bytes = absl::GetFlag(FLAGS_grpc_memory_quota_bytes),
+                             .max_threads = absl::GetFlag(FLAGS_grpc_max_threads)},
                             stop_signals);
   if (!served.ok()) return Fail(served.message());
   metrics_endpoint->reset();  // its load source reads the scheduler
