@@ -22,6 +22,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -68,11 +69,20 @@ ABSL_FLAG(int, max_concurrent, 8,
           "sequences decoded at once (one batched step over all of them); more requests wait");
 ABSL_FLAG(int, max_queue, 64,
           "requests waiting beyond --max_concurrent; more get RESOURCE_EXHAUSTED");
-ABSL_FLAG(int64_t, memory_budget_bytes, -1,
-          "worker memory the accepted requests may hold together (K/V caches and their host "
-          "copies, by RetrievalEngine::SequenceBytes); a request beyond it gets "
-          "RESOURCE_EXHAUSTED before any work starts. -1 (default): half the memory this process "
+ABSL_FLAG(int64_t, host_memory_budget_bytes, -1,
+          "host memory the accepted requests may hold together (by RetrievalEngine::"
+          "SequenceBytes: logits, token history, retrieval mode's host K/V copies, and the K/V "
+          "caches themselves on the CPU backend); a request beyond it gets RESOURCE_EXHAUSTED "
+          "naming this flag before any work starts. -1 (default): half the memory this process "
           "may use (the cgroup's memory.max, else the machine's RAM); 0: no budget");
+ABSL_FLAG(int64_t, memory_budget_bytes, -1,
+          "deprecated name of --host_memory_budget_bytes (-1: not set)");
+ABSL_FLAG(int64_t, device_memory_budget_bytes, -1,
+          "with a device backend (--backend=cuda): device memory the accepted requests' K/V "
+          "caches (RetrievalEngine::SequenceBackendBytes) may hold together; a request beyond "
+          "it gets RESOURCE_EXHAUSTED naming this flag before any work starts. -1 (default): "
+          "90% of the device memory free once the model is loaded; 0: no budget. Ignored on "
+          "the CPU backend (its tensors are host memory, under --host_memory_budget_bytes)");
 ABSL_FLAG(int, max_finish_waiters, 64,
           "GetModelInfo calls waiting (wait_finished_requests) at once; more get "
           "RESOURCE_EXHAUSTED");
@@ -229,13 +239,33 @@ int Main(int argc, char** argv) {
   SchedulerOptions so;
   so.max_concurrent = absl::GetFlag(FLAGS_max_concurrent);
   so.max_queue = absl::GetFlag(FLAGS_max_queue);
-  const int64_t budget = absl::GetFlag(FLAGS_memory_budget_bytes);
-  if (budget < -1) return Fail(absl::StrCat("--memory_budget_bytes ", budget, " must be >= -1"));
-  so.memory_budget_bytes = budget == -1 ? DefaultMemoryBudget() : budget;
+  int64_t host_budget = absl::GetFlag(FLAGS_host_memory_budget_bytes);
+  if (const int64_t old = absl::GetFlag(FLAGS_memory_budget_bytes); old != -1) {
+    if (host_budget != -1) {
+      return Fail("set --host_memory_budget_bytes or its old name --memory_budget_bytes, not both");
+    }
+    host_budget = old;
+  }
+  const int64_t device_budget = absl::GetFlag(FLAGS_device_memory_budget_bytes);
+  if (host_budget < -1 || device_budget < -1) {
+    return Fail(absl::StrCat(host_budget < -1 ? "--host_memory_budget_bytes "
+                                              : "--device_memory_budget_bytes ",
+                             host_budget < -1 ? host_budget : device_budget, " must be >= -1"));
+  }
+  so.memory_budget_bytes = host_budget == -1 ? DefaultMemoryBudget() : host_budget;
+  // Device memory: measured now, with the weights and the engine's own
+  // buffers allocated; what is free is what sequences may take.
+  if (const std::optional<Backend::DeviceMemory> device = (*backend)->DeviceMemoryNow()) {
+    so.backend_on_device = true;
+    so.device_memory_budget_bytes =
+        device_budget == -1 ? device->free_bytes / 10 * 9 : device_budget;
+  }
   so.max_finish_waiters = absl::GetFlag(FLAGS_max_finish_waiters);
   so.max_recomputes = absl::GetFlag(FLAGS_max_recomputes);
-  std::fprintf(stderr, "kvr_worker: memory budget %lld bytes (0: none)\n",
-               static_cast<long long>(so.memory_budget_bytes));
+  std::fprintf(stderr,
+               "kvr_worker: memory budgets: host %lld bytes, device %lld bytes (0: none)\n",
+               static_cast<long long>(so.memory_budget_bytes),
+               static_cast<long long>(so.device_memory_budget_bytes));
   so.observer = metrics.get();
   absl::StatusOr<std::unique_ptr<GenerationScheduler>> scheduler =
       GenerationScheduler::Create(engine->get(), tokenizer->get(), so);

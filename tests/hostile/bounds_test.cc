@@ -13,6 +13,8 @@
 //    that has none) is served but cut at the cap, DEADLINE_EXCEEDED naming
 //    the flag (the gateway's cap, --max_request_timeout_seconds, is
 //    gateway_hostile_test's);
+//  * kvr_worker --device_memory_budget_bytes on the emulated CUDA backend:
+//    a request beyond it is RESOURCE_EXHAUSTED naming it;
 //  * the new flags' ranges: out of range exits 2 naming the flag.
 //
 // Binaries from the environment: KVR_GATEWAY_BIN, KVR_WORKER_BIN (set by
@@ -404,6 +406,64 @@ TEST_F(BoundsTest, WorkerCutsCallsAtItsDeadlineCap) {
   EXPECT_TRUE(worker->Stop().has_value());
 }
 
+// kvr_worker on the emulated CUDA backend (the CUDA backend's sources on
+// the CPU emulator) with --device_memory_budget_bytes 1000000 and no host
+// budget: while one full-attention request runs (655360 bytes of K/V on the
+// device), a second is refused RESOURCE_EXHAUSTED naming the device budget;
+// a retrieval-mode request fits. Skips without the emulated plugin.
+TEST_F(BoundsTest, WorkerDeviceBudgetOnTheEmulatedCudaBackend) {
+  const std::string plugin = Env("KVR_CUDA_EMULATED_PLUGIN");
+  if (plugin.empty()) GTEST_SKIP() << "KVR_CUDA_EMULATED_PLUGIN not set (no emulated plugin)";
+  std::unique_ptr<ServerProcess> worker = ServerProcess::Start(
+      Env("KVR_WORKER_BIN"), "kvr_worker",
+      {"--metrics_listen=", "--backend=cuda", "--cuda_plugin=" + plugin,
+       "--device_memory_budget_bytes=1000000", "--host_memory_budget_bytes=0"});
+  ASSERT_TRUE(worker != nullptr && worker->listening());
+  std::unique_ptr<v1::Generation::Stub> stub = Stub(worker->address());
+  v1::GenerateRequest full;
+  full.set_text("Once upon a time, there was a little girl");
+  full.set_max_tokens(400);
+  full.mutable_attention()->set_mode("full");
+  grpc::ClientContext holder_ctx;
+  holder_ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(120));
+  auto holder = stub->Generate(&holder_ctx, full);
+  v1::GenerateResponse msg;
+  bool streaming = false;
+  while (!streaming && holder->Read(&msg)) streaming = msg.has_chunk() || msg.has_prefill_progress();
+  ASSERT_TRUE(streaming) << "the first full-attention request runs";
+
+  auto run = [&](const v1::GenerateRequest& req, int64_t* tokens) {
+    grpc::ClientContext ctx;
+    ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(60));
+    auto reader = stub->Generate(&ctx, req);
+    v1::GenerateResponse m;
+    while (reader->Read(&m)) {
+      if (m.has_chunk()) *tokens += m.chunk().token_ids_size();
+    }
+    return reader->Finish();
+  };
+  int64_t refused_tokens = 0;
+  const grpc::Status refused = run(full, &refused_tokens);
+  EXPECT_EQ(refused.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED) << refused.error_message();
+  for (const char* part : {"--device_memory_budget_bytes", "655360", "1000000", "retry"}) {
+    EXPECT_TRUE(absl::StrContains(refused.error_message(), part))
+        << refused.error_message() << " lacks " << part;
+  }
+  EXPECT_EQ(refused_tokens, 0);
+  v1::GenerateRequest small;
+  small.set_text("Once upon a time");
+  small.set_max_tokens(4);
+  int64_t small_tokens = 0;
+  const grpc::Status fits = run(small, &small_tokens);
+  EXPECT_TRUE(fits.ok()) << fits.error_message();
+  EXPECT_EQ(small_tokens, 4);
+  holder_ctx.TryCancel();
+  while (holder->Read(&msg)) {
+  }
+  holder->Finish();
+  EXPECT_TRUE(worker->Stop().has_value());
+}
+
 // Exit status and output (stdout and stderr) of `argv`, which must exit by
 // itself within 30 s.
 std::pair<int, std::string> RunToExit(std::vector<std::string> argv) {
@@ -431,6 +491,10 @@ TEST(BoundsFlags, OutOfRangeValuesExit2NamingTheFlag) {
       {{worker_bin, "--grpc_memory_quota_bytes=-1"}, "grpc_memory_quota_bytes"},
       {{worker_bin, "--grpc_max_threads=-1"}, "grpc_max_threads"},
       {{worker_bin, "--max_deadline_seconds=-1"}, "max_deadline_seconds"},
+      {{worker_bin, "--host_memory_budget_bytes=-2"}, "host_memory_budget_bytes"},
+      {{worker_bin, "--device_memory_budget_bytes=-2"}, "device_memory_budget_bytes"},
+      {{worker_bin, "--host_memory_budget_bytes=1", "--memory_budget_bytes=1"},
+       "host_memory_budget_bytes"},
       {{gateway_bin, "--workers=127.0.0.1:1", "--max_concurrent_streams=-1"},
        "max_concurrent_streams"},
       {{gateway_bin, "--workers=127.0.0.1:1", "--grpc_memory_quota_bytes=-1"},
