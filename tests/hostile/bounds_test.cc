@@ -14,7 +14,8 @@
 //    the flag (the gateway's cap, --max_request_timeout_seconds, is
 //    gateway_hostile_test's);
 //  * kvr_worker --device_memory_budget_bytes on the emulated CUDA backend:
-//    a request beyond it is RESOURCE_EXHAUSTED naming it;
+//    a request beyond it is RESOURCE_EXHAUSTED naming it; a request beyond
+//    --host_memory_budget_bytes is HTTP 429 naming it through the gateway;
 //  * the new flags' ranges: out of range exits 2 naming the flag.
 //
 // Binaries from the environment: KVR_GATEWAY_BIN, KVR_WORKER_BIN (set by
@@ -463,6 +464,40 @@ TEST_F(BoundsTest, WorkerDeviceBudgetOnTheEmulatedCudaBackend) {
   while (holder->Read(&msg)) {
   }
   holder->Finish();
+  EXPECT_TRUE(worker->Stop().has_value());
+}
+
+// The host budget's refusal through the gateway's HTTP API: a worker with
+// --host_memory_budget_bytes 600000 (less than one full-attention sequence,
+// 659456 bytes; more than a retrieval one) behind a gateway: a full-mode
+// completion is HTTP 429 naming the flag and both numbers (with
+// Retry-After), a retrieval-mode one is served.
+TEST_F(BoundsTest, HostBudgetRefusalIsHttp429NamingIt) {
+  std::unique_ptr<ServerProcess> worker =
+      ServerProcess::Start(Env("KVR_WORKER_BIN"), "kvr_worker",
+                           {"--metrics_listen=", "--host_memory_budget_bytes=600000"});
+  ASSERT_TRUE(worker != nullptr && worker->listening());
+  std::unique_ptr<GatewayProcess> gateway =
+      GatewayProcess::Start(Env("KVR_GATEWAY_BIN"), {"--workers=" + worker->address()});
+  ASSERT_NE(gateway, nullptr);
+  auto post = [&](const std::string& body) {
+    return Trickle(gateway->http(),
+                   absl::StrCat("POST /v1/completions HTTP/1.1\r\nHost: t\r\nConnection: "
+                                "close\r\nContent-Type: application/json\r\nContent-Length: ",
+                                body.size(), "\r\n\r\n", body),
+                   "", std::chrono::milliseconds(100), std::chrono::seconds(60));
+  };
+  const Trickled full = post(
+      R"({"model":"stories260K","prompt":"Once upon a time","max_tokens":4,"kvr":{"mode":"full"}})");
+  EXPECT_TRUE(absl::StartsWith(full.reply, "HTTP/1.1 429")) << full.reply;
+  for (const char* part :
+       {"Retry-After: 1", "--host_memory_budget_bytes", "659456", "600000", "whole memory budget"}) {
+    EXPECT_TRUE(absl::StrContains(full.reply, part)) << full.reply << " lacks " << part;
+  }
+  const Trickled small =
+      post(R"({"model":"stories260K","prompt":"Once upon a time","max_tokens":4})");
+  EXPECT_TRUE(absl::StartsWith(small.reply, "HTTP/1.1 200")) << small.reply;
+  EXPECT_TRUE(gateway->Stop());
   EXPECT_TRUE(worker->Stop().has_value());
 }
 
