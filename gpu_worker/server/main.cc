@@ -104,9 +104,9 @@ ABSL_FLAG(int, max_message_bytes, 4 << 20, "largest gRPC message received or sen
 ABSL_FLAG(double, max_deadline_seconds, 3600.0,
           "longest a Generate or a waiting GetModelInfo call may run, seconds: one whose "
           "deadline is later, or that has none, is served but cut this long after it arrived "
-          "(DEADLINE_EXCEEDED naming this flag; its request cancelled); 0 = no cap. Default: "
-          "the gateway's --max_request_timeout_seconds default (a gateway's calls carry at "
-          "most that)");
+          "(DEADLINE_EXCEEDED naming this flag; its request cancelled); [0, 1 year], 0 = no "
+          "cap. Default: the gateway's --max_request_timeout_seconds default (a gateway's calls "
+          "carry at most that)");
 ABSL_FLAG(int, max_concurrent_streams, 256,
           "concurrent calls one client connection may have open; more wait for a slot "
           "(HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS; 0 = gRPC's default, unbounded)");
@@ -188,8 +188,9 @@ int Main(int argc, char** argv) {
                                     .InRange("threads", threads, 0, 1024)
                                     .AtLeast("max_message_bytes", max_message_bytes, 1 << 16)
                                     .AtLeast("tail_capacity", absl::GetFlag(FLAGS_tail_capacity), 1)
-                                    .AtLeast("max_deadline_seconds",
-                                             absl::GetFlag(FLAGS_max_deadline_seconds), 0.0)
+                                    .InRange("max_deadline_seconds",
+                                             absl::GetFlag(FLAGS_max_deadline_seconds), 0.0,
+                                             365.0 * 86400.0)
                                     .AtLeast("max_concurrent_streams",
                                              absl::GetFlag(FLAGS_max_concurrent_streams), 0)
                                     .AtLeast("grpc_memory_quota_bytes",
@@ -253,8 +254,9 @@ int Main(int argc, char** argv) {
                              host_budget < -1 ? host_budget : device_budget, " must be >= -1"));
   }
   so.memory_budget_bytes = host_budget == -1 ? DefaultMemoryBudget() : host_budget;
-  // Device memory: measured now, with the weights and the engine's own
-  // buffers allocated; what is free is what sequences may take.
+  // Device memory: measured now, with the weights on the device; the 10%
+  // kept back is headroom for the engine's shared buffers (prefill
+  // activations grow with the longest prompt) and the backend's scratch.
   if (const std::optional<Backend::DeviceMemory> device = (*backend)->DeviceMemoryNow()) {
     so.backend_on_device = true;
     so.device_memory_budget_bytes =

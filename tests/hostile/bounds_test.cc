@@ -528,6 +528,7 @@ TEST(BoundsFlags, OutOfRangeValuesExit2NamingTheFlag) {
       {{worker_bin, "--grpc_memory_quota_bytes=-1"}, "grpc_memory_quota_bytes"},
       {{worker_bin, "--grpc_max_threads=-1"}, "grpc_max_threads"},
       {{worker_bin, "--max_deadline_seconds=-1"}, "max_deadline_seconds"},
+      {{worker_bin, "--max_deadline_seconds=1e300"}, "max_deadline_seconds"},
       {{worker_bin, "--host_memory_budget_bytes=-2"}, "host_memory_budget_bytes"},
       {{worker_bin, "--device_memory_budget_bytes=-2"}, "device_memory_budget_bytes"},
       {{worker_bin, "--host_memory_budget_bytes=1", "--memory_budget_bytes=1"},
