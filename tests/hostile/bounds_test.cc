@@ -28,6 +28,7 @@
 #include <unistd.h>
 
 #include <chrono>
+#include <csignal>
 #include <condition_variable>
 #include <cstdlib>
 #include <memory>
@@ -465,6 +466,33 @@ TEST_F(BoundsTest, WorkerDeviceBudgetOnTheEmulatedCudaBackend) {
   }
   holder->Finish();
   EXPECT_TRUE(worker->Stop().has_value());
+}
+
+// --device_memory_budget_bytes' default: 90% of the device memory free once
+// the weights are on the device. On the emulated device of 64 MiB (stories260K's
+// weights are ~1 MiB) the worker prints a device budget within
+// [0.9 x (64 - 8) MiB, 0.9 x 64 MiB]. Skips without the emulated plugin.
+TEST_F(BoundsTest, WorkerDeviceBudgetDefaultsTo90PercentOfFreeDeviceMemory) {
+  const std::string plugin = Env("KVR_CUDA_EMULATED_PLUGIN");
+  if (plugin.empty()) GTEST_SKIP() << "KVR_CUDA_EMULATED_PLUGIN not set (no emulated plugin)";
+  constexpr int64_t kDevice = int64_t{64} << 20;
+  // Read by the emulator in the child (inherited environment).
+  ASSERT_EQ(setenv("KVR_CUDA_EMU_MEMORY_BYTES", std::to_string(kDevice).c_str(), 1), 0);
+  auto proc = Subprocess::Start({Env("KVR_WORKER_BIN"), "--listen=127.0.0.1:0",
+                                 "--metrics_listen=", "--backend=cuda", "--cuda_plugin=" + plugin},
+                                /*merge_stderr=*/true);
+  unsetenv("KVR_CUDA_EMU_MEMORY_BYTES");
+  ASSERT_TRUE(proc.ok()) << proc.status();
+  auto line = (*proc)->WaitForLine("kvr_worker: memory budgets: host ", absl::Seconds(60));
+  ASSERT_TRUE(line.ok()) << line.status() << "\n" << (*proc)->Output();
+  // "<host> bytes, device <device> bytes (0: none)"
+  const size_t at = line->find("device ");
+  ASSERT_NE(at, std::string::npos) << *line;
+  const int64_t device = std::stoll(line->substr(at + 7));
+  EXPECT_LE(device, kDevice / 10 * 9) << *line;
+  EXPECT_GE(device, (kDevice - (int64_t{8} << 20)) / 10 * 9) << *line;
+  auto st = (*proc)->Stop(SIGTERM, absl::Seconds(30));
+  EXPECT_TRUE(st.ok() && WIFEXITED(*st) && WEXITSTATUS(*st) == 0);
 }
 
 // The host budget's refusal through the gateway's HTTP API: a worker with
