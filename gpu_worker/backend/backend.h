@@ -26,6 +26,7 @@
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <optional>
 #include <span>
 #include <string>
 #include <string_view>
@@ -96,6 +97,15 @@ class Backend {
   // One line for logs and model info: the name plus what the backend runs
   // on (threads, SIMD, which GEMM; device).
   virtual std::string Describe() const { return std::string(name()); }
+
+  // Device memory now, for a backend whose tensors live in memory of their
+  // own (a GPU's): free and total bytes. nullopt: its tensors are host
+  // memory (the CPU backend), or the device cannot say.
+  struct DeviceMemory {
+    int64_t free_bytes = 0;
+    int64_t total_bytes = 0;
+  };
+  virtual std::optional<DeviceMemory> DeviceMemoryNow() const { return std::nullopt; }
 
   // ---- Memory ------------------------------------------------------------
   // A zero-filled [rows x cols] tensor in this backend's memory. Negative or

@@ -189,6 +189,17 @@ int64_t RetrievalEngine::SequenceBytes(const AttentionOptions& options) const {
   return bytes;
 }
 
+int64_t RetrievalEngine::SequenceBackendBytes(const AttentionOptions& options) const {
+  const LlamaConfig& c = weights_->config;
+  // K and V, f32, per layer: what PrepareCaches allocates on the backend.
+  int64_t bytes = 0;
+  if (__builtin_mul_overflow(int64_t{c.n_layers} * CacheRows(options), int64_t{2} * c.kv_dim() * 4,
+                             &bytes)) {
+    return std::numeric_limits<int64_t>::max();
+  }
+  return bytes;
+}
+
 absl::Status RetrievalEngine::PrepareCaches(EngineSequence& seq) {
   const AttentionMode mode = seq.attention_.mode;
   const int64_t rows = CacheRows(seq.attention_);

@@ -307,6 +307,10 @@ class RetrievalEngine {
   // INT64_MAX. The engine's shared buffers (prefill activations, hand-off
   // staging) are not per sequence and not counted. Thread-safe.
   int64_t SequenceBytes(const AttentionOptions& options) const;
+  // The part of SequenceBytes(options) held in the backend's tensors (the
+  // K/V caches): device memory on a device backend, host memory on the CPU
+  // one. The rest is always host memory. Saturates likewise. Thread-safe.
+  int64_t SequenceBackendBytes(const AttentionOptions& options) const;
   // The engine's own sequence:
   int64_t position() const { return own_->position(); }
   uint64_t sequence_id() const { return own_->id(); }

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cstdio>
+#include <limits>
 #include <optional>
 #include <utility>
 
@@ -103,7 +104,12 @@ absl::StatusOr<std::unique_ptr<GenerationScheduler>> GenerationScheduler::Create
   }
   if (options.memory_budget_bytes < 0) {
     return absl::InvalidArgumentError(
-        absl::StrCat("memory_budget_bytes ", options.memory_budget_bytes, " must be >= 0"));
+        absl::StrCat("host_memory_budget_bytes ", options.memory_budget_bytes, " must be >= 0"));
+  }
+  if (options.device_memory_budget_bytes < 0) {
+    return absl::InvalidArgumentError(absl::StrCat("device_memory_budget_bytes ",
+                                                   options.device_memory_budget_bytes,
+                                                   " must be >= 0"));
   }
   if (options.max_finish_waiters < 0 || options.max_finish_waiters > (1 << 20)) {
     return absl::InvalidArgumentError(absl::StrCat(
@@ -161,8 +167,8 @@ void GenerationScheduler::Shutdown() {
 
 SchedulerLoad GenerationScheduler::load() const {
   std::lock_guard<std::mutex> lock(mu_);
-  return SchedulerLoad{active_, prefilling_, static_cast<int>(queue_.size()), finished_,
-                       reserved_bytes_};
+  return SchedulerLoad{active_,    prefilling_,    static_cast<int>(queue_.size()),
+                       finished_,  reserved_bytes_, reserved_device_bytes_};
 }
 
 absl::Status GenerationScheduler::ValidateWork(const GenerationWork& work) const {
@@ -216,28 +222,49 @@ absl::Status GenerationScheduler::Submit(GenerationWork work) {
         options_.max_queue, "); retry after about 1 s with exponential backoff, or on another "
         "worker"));
   }
-  const int64_t bytes = engine_->SequenceBytes(work.attention);
-  const int64_t budget = options_.memory_budget_bytes;
-  if (budget > 0 && bytes > budget) {
-    return absl::ResourceExhaustedError(absl::StrCat(
-        "worker memory budget: the request needs ", bytes, " bytes (",
-        engine_->CacheRows(work.attention), " K/V rows per layer, attention.mode ",
-        std::string(AttentionModeName(work.attention.mode)),
-        "), more than the whole memory budget of ", budget,
-        " bytes (--memory_budget_bytes); use retrieval mode or a smaller window"));
+  const SequenceMemory need = MemoryOf(work.attention);
+  struct Budget {
+    const char* kind;  // "host" / "device"
+    int64_t bytes, budget, reserved;
+  };
+  const Budget budgets[] = {
+      {"host", need.host, options_.memory_budget_bytes, reserved_bytes_},
+      {"device", need.device, options_.backend_on_device ? options_.device_memory_budget_bytes : 0,
+       reserved_device_bytes_}};
+  for (const Budget& b : budgets) {
+    if (b.budget > 0 && b.bytes > b.budget) {
+      return absl::ResourceExhaustedError(absl::StrCat(
+          "worker ", b.kind, " memory budget: the request needs ", b.bytes, " bytes of ",
+          b.kind, " memory (", engine_->CacheRows(work.attention),
+          " K/V rows per layer, attention.mode ",
+          std::string(AttentionModeName(work.attention.mode)),
+          "), more than the whole memory budget of ", b.budget, " bytes (--", b.kind,
+          "_memory_budget_bytes); use retrieval mode or a smaller window"));
+    }
+    if (b.budget > 0 && b.reserved > b.budget - b.bytes) {
+      return absl::ResourceExhaustedError(absl::StrCat(
+          "worker ", b.kind, " memory budget: the request needs ", b.bytes, " bytes of ",
+          b.kind, " memory, ", b.reserved, " of the memory budget of ", b.budget, " bytes (--",
+          b.kind,
+          "_memory_budget_bytes) are held by accepted requests; retry after about 1 s with "
+          "exponential backoff, or on another worker"));
+    }
   }
-  if (budget > 0 && reserved_bytes_ > budget - bytes) {
-    return absl::ResourceExhaustedError(absl::StrCat(
-        "worker memory budget: the request needs ", bytes, " bytes, ", reserved_bytes_,
-        " of the memory budget of ", budget,
-        " bytes (--memory_budget_bytes) are held by accepted requests; retry after about 1 s "
-        "with exponential backoff, or on another worker"));
-  }
-  // Counted only under a budget (SequenceBytes saturates, a sum need not).
-  if (budget > 0) reserved_bytes_ += bytes;
+  // Counted only under a budget (the sizes saturate, a sum need not).
+  if (budgets[0].budget > 0) reserved_bytes_ += need.host;
+  if (budgets[1].budget > 0) reserved_device_bytes_ += need.device;
   queue_.push_back(Queued{std::move(work), Clock::now()});
   cv_.notify_all();
   return absl::OkStatus();
+}
+
+GenerationScheduler::SequenceMemory GenerationScheduler::MemoryOf(
+    const AttentionOptions& attention) const {
+  const int64_t total = engine_->SequenceBytes(attention);
+  if (!options_.backend_on_device) return {total, 0};
+  const int64_t device = engine_->SequenceBackendBytes(attention);
+  // A saturated total stays saturated (never less than what fits).
+  return {total == std::numeric_limits<int64_t>::max() ? total : total - device, device};
 }
 
 absl::Status GenerationScheduler::WhenFinished(int64_t n, std::function<void()> callback,
@@ -279,8 +306,10 @@ void GenerationScheduler::Ended(GenerationWork& work, absl::StatusOr<GenerationS
     std::lock_guard<std::mutex> lock(mu_);
     ++finished_;
     if (was_active) --active_;
-    if (options_.memory_budget_bytes > 0) {
-      reserved_bytes_ -= engine_->SequenceBytes(work.attention);
+    const SequenceMemory held = MemoryOf(work.attention);
+    if (options_.memory_budget_bytes > 0) reserved_bytes_ -= held.host;
+    if (options_.backend_on_device && options_.device_memory_budget_bytes > 0) {
+      reserved_device_bytes_ -= held.device;
     }
   }
   if (work.on_done) work.on_done(std::move(outcome));

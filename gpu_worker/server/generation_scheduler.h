@@ -136,12 +136,22 @@ class SchedulerObserver {
 struct SchedulerOptions {
   int max_concurrent = 8;  // sequences prefilling or decoding at once, >= 1
   int max_queue = 64;      // requests waiting beyond those, >= 0
-  // Worker memory the accepted requests (queued and running) may hold
-  // together, by RetrievalEngine::SequenceBytes; a request that would exceed
-  // it gets ResourceExhausted from Submit before any work starts. 0: no
-  // budget (only max_concurrent bounds memory). kvr_worker sets it from
-  // --memory_budget_bytes.
+  // Host memory the accepted requests (queued and running) may hold
+  // together: RetrievalEngine::SequenceBytes, less SequenceBackendBytes when
+  // backend_on_device; a request that would exceed it gets ResourceExhausted
+  // from Submit, naming --host_memory_budget_bytes, before any work starts.
+  // 0: no budget (only max_concurrent bounds memory). kvr_worker sets it
+  // from --host_memory_budget_bytes.
   int64_t memory_budget_bytes = 0;
+  // Likewise for device memory, when backend_on_device: the accepted
+  // requests' SequenceBackendBytes (their K/V caches); ResourceExhausted
+  // naming --device_memory_budget_bytes. 0: no budget. Ignored (no device
+  // memory is used) unless backend_on_device.
+  int64_t device_memory_budget_bytes = 0;
+  // Whether the engine's backend tensors live in device memory (a GPU
+  // backend: Backend::DeviceMemoryNow() has a value), so that
+  // SequenceBackendBytes count against the device budget, not the host one.
+  bool backend_on_device = false;
   // WhenFinished callbacks pending at once, >= 0; more get ResourceExhausted.
   int max_finish_waiters = 64;
   // A decoding request whose step fails with Unavailable (its retrieval
@@ -160,7 +170,8 @@ struct SchedulerLoad {
   int prefilling = 0;  // of which prefilling
   int queued = 0;
   int64_t finished = 0;  // requests ended (any outcome) since start
-  int64_t reserved_bytes = 0;  // memory budget held by accepted requests (0 without a budget)
+  int64_t reserved_bytes = 0;  // host memory budget held by accepted requests (0 without a budget)
+  int64_t reserved_device_bytes = 0;  // device memory budget held (0 without one)
 };
 
 class GenerationScheduler {
@@ -219,6 +230,14 @@ class GenerationScheduler {
   // Streams what `run` made final since its last call.
   void Stream(Run& run);
   void Finished(std::unique_ptr<Run> run);
+  // The host and device bytes a request with `attention` holds while it
+  // runs (see SchedulerOptions::backend_on_device); device is 0 unless the
+  // backend is on a device. Each saturates at INT64_MAX.
+  struct SequenceMemory {
+    int64_t host = 0;
+    int64_t device = 0;
+  };
+  SequenceMemory MemoryOf(const AttentionOptions& attention) const;
   // Whether a request that failed with `why` is to be recomputed
   // (SchedulerOptions::max_recomputes).
   bool Recomputable(const GenerationWork& work, const absl::Status& why) const;
@@ -250,7 +269,10 @@ class GenerationScheduler {
   int decoding_ = 0;         // sequences in the decode thread's batch
   uint64_t decode_steps_ = 0;  // decode iterations completed (tokens streamed)
   int64_t finished_ = 0;
-  int64_t reserved_bytes_ = 0;  // SequenceBytes of every accepted, unfinished request
+  // Host / device bytes (SequenceMemory) of every accepted, unfinished
+  // request, each counted only under its budget.
+  int64_t reserved_bytes_ = 0;
+  int64_t reserved_device_bytes_ = 0;
   struct Waiter {
     int64_t n;
     uint64_t id;

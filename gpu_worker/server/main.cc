@@ -22,6 +22,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -69,11 +70,20 @@ ABSL_FLAG(int, max_concurrent, 8,
           "sequences decoded at once (one batched step over all of them); more requests wait");
 ABSL_FLAG(int, max_queue, 64,
           "requests waiting beyond --max_concurrent; more get RESOURCE_EXHAUSTED");
-ABSL_FLAG(int64_t, memory_budget_bytes, -1,
-          "worker memory the accepted requests may hold together (K/V caches and their host "
-          "copies, by RetrievalEngine::SequenceBytes); a request beyond it gets "
-          "RESOURCE_EXHAUSTED before any work starts. -1 (default): half the memory this process "
+ABSL_FLAG(int64_t, host_memory_budget_bytes, -1,
+          "host memory the accepted requests may hold together (by RetrievalEngine::"
+          "SequenceBytes: logits, token history, retrieval mode's host K/V copies, and the K/V "
+          "caches themselves on the CPU backend); a request beyond it gets RESOURCE_EXHAUSTED "
+          "naming this flag before any work starts. -1 (default): half the memory this process "
           "may use (the cgroup's memory.max, else the machine's RAM); 0: no budget");
+ABSL_FLAG(int64_t, memory_budget_bytes, -1,
+          "deprecated name of --host_memory_budget_bytes (-1: not set)");
+ABSL_FLAG(int64_t, device_memory_budget_bytes, -1,
+          "with a device backend (--backend=cuda): device memory the accepted requests' K/V "
+          "caches (RetrievalEngine::SequenceBackendBytes) may hold together; a request beyond "
+          "it gets RESOURCE_EXHAUSTED naming this flag before any work starts. -1 (default): "
+          "90% of the device memory free once the model is loaded; 0: no budget. Ignored on "
+          "the CPU backend (its tensors are host memory, under --host_memory_budget_bytes)");
 ABSL_FLAG(int, max_finish_waiters, 64,
           "GetModelInfo calls waiting (wait_finished_requests) at once; more get "
           "RESOURCE_EXHAUSTED");
@@ -92,6 +102,19 @@ ABSL_FLAG(int, tail_capacity, 64,
           "in-process node: appended keys kept flat before sealing into the index");
 ABSL_FLAG(int, train_k, 32, "in-process node: exact top-k per training query");
 ABSL_FLAG(int, max_message_bytes, 4 << 20, "largest gRPC message received or sent, bytes");
+ABSL_FLAG(double, max_deadline_seconds, 3600.0,
+          "longest a Generate or a waiting GetModelInfo call may run, seconds: one whose "
+          "deadline is later, or that has none, is served but cut this long after it arrived "
+          "(DEADLINE_EXCEEDED naming this flag; its request cancelled); [0, 1 year], 0 = no "
+          "cap. Default: the gateway's --max_request_timeout_seconds default (a gateway's calls "
+          "carry at most that)");
+ABSL_FLAG(int, max_concurrent_streams, 256,
+          "concurrent calls one client connection may have open; more wait for a slot "
+          "(HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS; 0 = gRPC's default, unbounded)");
+ABSL_FLAG(int64_t, grpc_memory_quota_bytes, int64_t{2} << 30,
+          "memory gRPC may use for its buffers over all connections (grpc::ResourceQuota; "
+          "0 = unbounded)");
+ABSL_FLAG(int, grpc_max_threads, 256, "threads gRPC may create (grpc::ResourceQuota; 0 = unbounded)");
 ABSL_FLAG(double, drain_seconds, 10.0,
           "on SIGTERM / SIGINT, how long streams may run before they are cancelled");
 
@@ -168,6 +191,16 @@ int Main(int argc, char** argv) {
                                     .InRange("threads", threads, 0, 1024)
                                     .AtLeast("max_message_bytes", max_message_bytes, 1 << 16)
                                     .AtLeast("tail_capacity", absl::GetFlag(FLAGS_tail_capacity), 1)
+                                    .InRange("max_deadline_seconds",
+                                             absl::GetFlag(FLAGS_max_deadline_seconds), 0.0,
+                                             365.0 * 86400.0)
+                                    .AtLeast("max_concurrent_streams",
+                                             absl::GetFlag(FLAGS_max_concurrent_streams), 0)
+                                    .AtLeast("grpc_memory_quota_bytes",
+                                             absl::GetFlag(FLAGS_grpc_memory_quota_bytes),
+                                             int64_t{0})
+                                    .AtLeast("grpc_max_threads",
+                                             absl::GetFlag(FLAGS_grpc_max_threads), 0)
                                     .status();
   if (!flags_ok.ok()) return Fail(flags_ok.message());
 
@@ -215,13 +248,34 @@ int Main(int argc, char** argv) {
   SchedulerOptions so;
   so.max_concurrent = absl::GetFlag(FLAGS_max_concurrent);
   so.max_queue = absl::GetFlag(FLAGS_max_queue);
-  const int64_t budget = absl::GetFlag(FLAGS_memory_budget_bytes);
-  if (budget < -1) return Fail(absl::StrCat("--memory_budget_bytes ", budget, " must be >= -1"));
-  so.memory_budget_bytes = budget == -1 ? DefaultMemoryBudget() : budget;
+  int64_t host_budget = absl::GetFlag(FLAGS_host_memory_budget_bytes);
+  if (const int64_t old = absl::GetFlag(FLAGS_memory_budget_bytes); old != -1) {
+    if (host_budget != -1) {
+      return Fail("set --host_memory_budget_bytes or its old name --memory_budget_bytes, not both");
+    }
+    host_budget = old;
+  }
+  const int64_t device_budget = absl::GetFlag(FLAGS_device_memory_budget_bytes);
+  if (host_budget < -1 || device_budget < -1) {
+    return Fail(absl::StrCat(host_budget < -1 ? "--host_memory_budget_bytes "
+                                              : "--device_memory_budget_bytes ",
+                             host_budget < -1 ? host_budget : device_budget, " must be >= -1"));
+  }
+  so.memory_budget_bytes = host_budget == -1 ? DefaultMemoryBudget() : host_budget;
+  // Device memory: measured now, with the weights on the device; the 10%
+  // kept back is headroom for the engine's shared buffers (prefill
+  // activations grow with the longest prompt) and the backend's scratch.
+  if (const std::optional<Backend::DeviceMemory> device = (*backend)->DeviceMemoryNow()) {
+    so.backend_on_device = true;
+    so.device_memory_budget_bytes =
+        device_budget == -1 ? device->free_bytes / 10 * 9 : device_budget;
+  }
   so.max_finish_waiters = absl::GetFlag(FLAGS_max_finish_waiters);
   so.max_recomputes = absl::GetFlag(FLAGS_max_recomputes);
-  std::fprintf(stderr, "kvr_worker: memory budget %lld bytes (0: none)\n",
-               static_cast<long long>(so.memory_budget_bytes));
+  std::fprintf(stderr,
+               "kvr_worker: memory budgets: host %lld bytes, device %lld bytes (0: none)\n",
+               static_cast<long long>(so.memory_budget_bytes),
+               static_cast<long long>(so.device_memory_budget_bytes));
   so.observer = metrics.get();
   absl::StatusOr<std::unique_ptr<GenerationScheduler>> scheduler =
       GenerationScheduler::Create(engine->get(), tokenizer->get(), so);
@@ -258,6 +312,7 @@ int Main(int argc, char** argv) {
   WorkerServiceOptions wo;
   wo.model_name = paths->model;
   wo.backend = (*backend)->Describe();
+  wo.max_deadline_seconds = absl::GetFlag(FLAGS_max_deadline_seconds);
   wo.on_generate_finished = [m = metrics.get()](absl::StatusCode code) { m->RecordRequest(code); };
   auto service = std::make_unique<WorkerService>(scheduler->get(), tokenizer->get(), node.get(),
                                                  (*weights)->config, (*engine)->max_seq_len(), wo);
@@ -269,6 +324,9 @@ int Main(int argc, char** argv) {
                              .max_message_bytes = max_message_bytes,
                              .health_services = {kServiceName},
                              .drain_seconds = absl::GetFlag(FLAGS_drain_seconds),
+                             .max_concurrent_streams = absl::GetFlag(FLAGS_max_concurrent_streams),
+                             .memory_quota_bytes = absl::GetFlag(FLAGS_grpc_memory_quota_bytes),
+                             .max_threads = absl::GetFlag(FLAGS_grpc_max_threads),
                              .credentials = tls->server},
                             stop_signals);
   if (!served.ok()) return Fail(served.message());

@@ -4,9 +4,12 @@
 #include <deque>
 #include <functional>
 #include <mutex>
+#include <optional>
 #include <string>
 #include <string_view>
 #include <utility>
+
+#include <grpcpp/alarm.h>
 
 #include "absl/strings/str_cat.h"
 #include "common/status.h"
@@ -33,6 +36,28 @@ v1::FinishReason ToProto(FinishReason r) {
       return v1::FINISH_REASON_CANCELLED;
   }
   return v1::FINISH_REASON_UNSPECIFIED;
+}
+
+// When a call must be cut short by --max_deadline_seconds: the time
+// `max_seconds` from now, if the call's deadline (none counts as infinitely
+// far) is later; nullopt when its own deadline comes first or max_seconds
+// is 0 (no cap).
+std::optional<std::chrono::system_clock::time_point> CutAt(
+    const grpc::CallbackServerContext* context, double max_seconds) {
+  if (max_seconds <= 0) return std::nullopt;
+  const auto now = std::chrono::system_clock::now();
+  const auto limit =
+      now + std::chrono::duration_cast<std::chrono::system_clock::duration>(
+                std::chrono::duration<double>(max_seconds));
+  if (context->deadline() <= limit) return std::nullopt;
+  return limit;
+}
+
+// The status of a call cut at --max_deadline_seconds.
+grpc::Status CutStatus(double max_seconds) {
+  return grpc::Status(grpc::StatusCode::DEADLINE_EXCEEDED,
+                      absl::StrCat("the call ran for the worker's longest deadline, ", max_seconds,
+                                   " s (--max_deadline_seconds); its own deadline was later"));
 }
 
 }  // namespace
@@ -81,8 +106,12 @@ class WorkerService::GenerateReactor final
       : scheduler_(scheduler), request_id_(std::move(request_id)), on_finished_(on_finished) {}
 
   // Submits `work` (its callbacks are wired to this reactor); on failure the
-  // stream finishes with that status.
-  void Start(absl::StatusOr<GenerationWork> work) {
+  // stream finishes with that status. With `cut_at`, a request still running
+  // then is cancelled and the call ends DEADLINE_EXCEEDED naming
+  // --max_deadline_seconds (`max_seconds`).
+  void Start(absl::StatusOr<GenerationWork> work,
+             std::optional<std::chrono::system_clock::time_point> cut_at = std::nullopt,
+             double max_seconds = 0) {
     if (!work.ok()) {
       FinishNow(ToGrpc(work.status()), /*work_done=*/true);
       return;
@@ -97,7 +126,16 @@ class WorkerService::GenerateReactor final
     work->on_prefill_progress = [this](const PrefillProgress& p) { OnPrefillProgress(p); };
     if (absl::Status s = scheduler_->Submit(*std::move(work)); !s.ok()) {
       FinishNow(ToGrpc(s), /*work_done=*/true);
+      return;
     }
+    if (!cut_at.has_value()) return;
+    // Armed only while the work runs: OnWorkDone cancels it (under mu_, so
+    // it is never armed after), and this object outlives its callback.
+    std::lock_guard<std::mutex> lock(mu_);
+    if (work_done_) return;
+    max_seconds_ = max_seconds;
+    alarm_pending_ = true;
+    cut_alarm_.Set(*cut_at, [this](bool fired) { OnCutAlarm(fired); });
   }
 
   void OnWriteDone(bool ok) override {
@@ -119,12 +157,29 @@ class WorkerService::GenerateReactor final
     {
       std::lock_guard<std::mutex> lock(mu_);
       grpc_done_ = true;
-      last = work_done_;
+      last = work_done_ && !alarm_pending_;
     }
     if (last) delete this;
   }
 
  private:
+  // The --max_deadline_seconds alarm ran: `fired` at its time (the request
+  // is cancelled and the call will end DEADLINE_EXCEEDED), or cancelled.
+  // gRPC runs it on its executor, never inside Set or Cancel.
+  void OnCutAlarm(bool fired) {
+    bool last;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      alarm_pending_ = false;
+      if (fired && !work_done_) {
+        cut_ = true;
+        cancel_.Cancel();  // the scheduler ends the request (on_done follows)
+      }
+      last = grpc_done_ && work_done_;
+    }
+    if (last) delete this;
+  }
+
   void FinishNow(const grpc::Status& status, bool work_done) {
     std::lock_guard<std::mutex> lock(mu_);
     work_done_ = work_done;
@@ -191,8 +246,10 @@ class WorkerService::GenerateReactor final
       } else {
         error_ = ToGrpc(outcome.status());
       }
+      if (cut_) error_ = CutStatus(max_seconds_);
+      if (alarm_pending_) cut_alarm_.Cancel();  // its callback then deletes, if last
       Pump();
-      last = grpc_done_;
+      last = grpc_done_ && !alarm_pending_;
     }
     if (last) delete this;
   }
@@ -234,6 +291,12 @@ class WorkerService::GenerateReactor final
   bool work_done_ = false;  // the scheduler will not call us again
   bool grpc_done_ = false;  // OnDone ran
   grpc::Status error_ = grpc::Status::OK;
+  // --max_deadline_seconds: the alarm that cuts the call, whether its
+  // callback is still to run, and whether it cut the call.
+  grpc::Alarm cut_alarm_;
+  double max_seconds_ = 0;
+  bool alarm_pending_ = false;
+  bool cut_ = false;
 };
 
 // GetModelInfo waiting for finished requests. Deleted once both gRPC and the
@@ -246,36 +309,66 @@ class WorkerService::InfoReactor final : public grpc::ServerUnaryReactor {
   // Answers once `n` requests have finished, or at once with the status of
   // a refused wait (too many waiting). Called by the handler before it
   // returns the reactor (so before any OnCancel); Ready() may run inline.
-  void Wait(GenerationScheduler* scheduler, int64_t n) {
+  // With `cut_at`, a wait still pending then ends DEADLINE_EXCEEDED naming
+  // --max_deadline_seconds (`max_seconds`).
+  void Wait(GenerationScheduler* scheduler, int64_t n,
+            std::optional<std::chrono::system_clock::time_point> cut_at, double max_seconds) {
     scheduler_ = scheduler;
     const absl::Status s = scheduler->WhenFinished(n, [this] { Ready(); }, &waiter_id_);
-    if (s.ok()) return;
     std::lock_guard<std::mutex> lock(mu_);
-    waiter_done_ = true;
-    finished_ = true;
-    Finish(ToGrpc(s));
+    if (!s.ok()) {
+      waiter_done_ = true;
+      finished_ = true;
+      Finish(ToGrpc(s));
+      return;
+    }
+    // Armed only while the call is unfinished (Ready / OnCancel cancel it
+    // under mu_); this object outlives the alarm's callback.
+    if (!cut_at.has_value() || finished_) return;
+    max_seconds_ = max_seconds;
+    alarm_pending_ = true;
+    cut_alarm_.Set(*cut_at, [this](bool fired) { OnCutAlarm(fired); });
   }
 
   void OnCancel() override {
     std::lock_guard<std::mutex> lock(mu_);
-    if (finished_) return;
-    finished_ = true;
-    Finish(grpc::Status(grpc::StatusCode::CANCELLED, "GetModelInfo: cancelled while waiting"));
-    // Frees the waiter's slot (max_finish_waiters) now rather than when its
-    // count is reached; if the scheduler no longer holds it, Ready() runs.
-    if (!waiter_done_ && scheduler_->CancelWaiter(waiter_id_)) waiter_done_ = true;
+    EndWait(grpc::Status(grpc::StatusCode::CANCELLED, "GetModelInfo: cancelled while waiting"));
   }
   void OnDone() override {
     bool last;
     {
       std::lock_guard<std::mutex> lock(mu_);
       grpc_done_ = true;
-      last = waiter_done_;
+      last = waiter_done_ && !alarm_pending_;
     }
     if (last) delete this;
   }
 
  private:
+  // Finishes an unfinished wait with `status`, freeing the waiter's slot
+  // (max_finish_waiters) now rather than when its count is reached (if the
+  // scheduler no longer holds it, Ready() runs), and disarms the cut. Holds mu_.
+  void EndWait(const grpc::Status& status) {
+    if (finished_) return;
+    finished_ = true;
+    Finish(status);
+    if (!waiter_done_ && scheduler_->CancelWaiter(waiter_id_)) waiter_done_ = true;
+    if (alarm_pending_) cut_alarm_.Cancel();  // its callback then deletes, if last
+  }
+
+  // The --max_deadline_seconds alarm ran: `fired` at its time, or cancelled.
+  // gRPC runs it on its executor, never inside Set or Cancel.
+  void OnCutAlarm(bool fired) {
+    bool last;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      alarm_pending_ = false;
+      if (fired) EndWait(CutStatus(max_seconds_));
+      last = grpc_done_ && waiter_done_;
+    }
+    if (last) delete this;
+  }
+
   void Ready() {
     bool last;
     {
@@ -286,7 +379,8 @@ class WorkerService::InfoReactor final : public grpc::ServerUnaryReactor {
         service_->FillInfo(response_);
         Finish(grpc::Status::OK);
       }
-      last = grpc_done_;
+      if (alarm_pending_) cut_alarm_.Cancel();
+      last = grpc_done_ && !alarm_pending_;
     }
     if (last) delete this;
   }
@@ -297,6 +391,9 @@ class WorkerService::InfoReactor final : public grpc::ServerUnaryReactor {
   uint64_t waiter_id_ = 0;                     // likewise
   std::mutex mu_;
   bool finished_ = false, grpc_done_ = false, waiter_done_ = false;
+  grpc::Alarm cut_alarm_;  // --max_deadline_seconds, while the wait runs
+  double max_seconds_ = 0;
+  bool alarm_pending_ = false;  // its callback is still to run
 };
 
 WorkerService::WorkerService(GenerationScheduler* scheduler, const Tokenizer* tokenizer,
@@ -431,7 +528,8 @@ grpc::ServerWriteReactor<v1::GenerateResponse>* WorkerService::Generate(
     reactor->Start(absl::DeadlineExceededError("deadline expired before the request started"));
     return reactor;
   }
-  reactor->Start(ToWork(*request));
+  reactor->Start(ToWork(*request), CutAt(context, options_.max_deadline_seconds),
+                 options_.max_deadline_seconds);
   return reactor;
 }
 
@@ -551,7 +649,8 @@ grpc::ServerUnaryReactor* WorkerService::GetModelInfo(grpc::CallbackServerContex
                                                       v1::GetModelInfoResponse* response) {
   if (request->wait_finished_requests() > 0) {
     auto* reactor = new InfoReactor(this, response);
-    reactor->Wait(scheduler_, request->wait_finished_requests());
+    reactor->Wait(scheduler_, request->wait_finished_requests(),
+                  CutAt(context, options_.max_deadline_seconds), options_.max_deadline_seconds);
     return reactor;
   }
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();

@@ -19,6 +19,9 @@
 //   * Detokenize: inline (bounded size, linear).
 //   * GetModelInfo: inline, or — with wait_finished_requests — answered from
 //     the scheduler once that many requests have ended.
+//   * Generate and a waiting GetModelInfo end at the latest
+//     max_deadline_seconds after they arrive, whatever deadline the client
+//     set (a grpc::Alarm per call; DEADLINE_EXCEEDED naming the flag).
 //
 // Thread-safety: gRPC calls the handlers concurrently. Lifetime: `scheduler`,
 // `tokenizer` and `node` must outlive the service; shut the server down
@@ -49,6 +52,11 @@ struct WorkerServiceOptions {
   // Called once per Generate call with the status it finishes with, just
   // before the status goes out (metrics). May be empty; thread-safe.
   std::function<void(absl::StatusCode)> on_generate_finished;
+  // Longest a Generate or a waiting GetModelInfo may run, seconds (0: no
+  // cap): one whose deadline is later (or that has none) is served, but cut
+  // this long after it arrived: its request cancelled (shards dropped), its
+  // status DEADLINE_EXCEEDED naming --max_deadline_seconds.
+  double max_deadline_seconds = 0.0;
   // Size caps on requests.
   static constexpr size_t kMaxPromptBytes = 1 << 20;
   static constexpr int kMaxPromptTokens = 1 << 20;

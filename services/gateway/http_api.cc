@@ -302,7 +302,8 @@ struct HttpApi::Impl {
   HttpApiOptions options;
   WorkerPool* pool = nullptr;
   GatewayMetrics* metrics = nullptr;
-  explicit Impl(size_t max_header_bytes) : server(max_header_bytes) {}
+  Impl(size_t max_header_bytes, int request_timeout_seconds)
+      : server(max_header_bytes, request_timeout_seconds) {}
   BoundedHttpServer server;
   std::string address;
   std::thread listener;
@@ -675,7 +676,13 @@ absl::StatusOr<std::unique_ptr<HttpApi>> HttpApi::Start(const HttpApiOptions& op
     return absl::InvalidArgumentError(absl::StrCat(
         "http max header bytes: ", options.max_header_bytes, " outside [1024, 67108864]"));
   }
-  auto impl = std::make_unique<Impl>(static_cast<size_t>(options.max_header_bytes));
+  if (options.request_timeout_seconds < 1 || options.request_timeout_seconds > 3600) {
+    return absl::InvalidArgumentError(absl::StrCat("http_request_timeout_seconds: ",
+                                                   options.request_timeout_seconds,
+                                                   " s outside [1, 3600]"));
+  }
+  auto impl = std::make_unique<Impl>(static_cast<size_t>(options.max_header_bytes),
+                                     options.request_timeout_seconds);
   impl->options = options;
   impl->pool = pool;
   impl->metrics = metrics;

@@ -44,6 +44,10 @@ struct HttpApiOptions {
   // Largest request head (request line and header fields) read; a longer
   // one is answered 400 and its connection closed (BoundedHttpServer).
   int64_t max_header_bytes = 64 << 10;
+  // Longest time one request (head and body) may take to arrive, from its
+  // first byte; a slower one is answered 408 and its connection closed
+  // (BoundedHttpServer). [1, 3600].
+  int request_timeout_seconds = 60;
   int64_t max_request_bytes = 4 << 20;
   absl::Duration default_timeout = absl::Seconds(300);  // deadline of every request
   // The model id clients name ("model"); empty: the stem of the checkpoint

@@ -13,6 +13,8 @@
 #include <limits>
 #include <string>
 
+#include "absl/strings/str_cat.h"
+
 namespace kvr::gateway {
 namespace {
 
@@ -50,24 +52,39 @@ void IpAndPort(const sockaddr_storage& addr, socklen_t len, std::string& ip, int
 
 // A connected socket as cpp-httplib's SocketStream reads and writes it (a
 // 4 KiB read buffer, poll-based read and write timeouts, writes only to a
-// live peer), plus the head bound: while the request's head has not ended
-// (no empty line yet), at most `head_budget` bytes are handed out; past it
-// read() fails. One stream serves one request, as in cpp-httplib.
+// live peer), plus two bounds on reading one request:
+//  * the head bound: while the request's head has not ended (no empty line
+//    yet), at most `head_budget` bytes are handed out; past it read() fails;
+//  * the whole-request deadline: no read waits past `deadline` (the request's
+//    first byte + --http_request_timeout_seconds); a read at or after it
+//    answers 408 itself (cpp-httplib would answer 400 or nothing), fails,
+//    and every later read or write fails, so the connection closes.
+// One stream serves one request, as in cpp-httplib.
 class HeadBoundedStream final : public httplib::Stream {
  public:
-  HeadBoundedStream(int fd, size_t head_budget, int read_timeout_ms, int write_timeout_ms)
+  using Clock = std::chrono::steady_clock;
+
+  HeadBoundedStream(int fd, size_t head_budget, int read_timeout_ms, int write_timeout_ms,
+                    Clock::time_point deadline, int request_timeout_seconds)
       : fd_(fd),
         head_left_(head_budget),
         read_timeout_ms_(read_timeout_ms),
-        write_timeout_ms_(write_timeout_ms) {}
+        write_timeout_ms_(write_timeout_ms),
+        deadline_(deadline),
+        request_timeout_seconds_(request_timeout_seconds) {}
 
-  bool is_readable() const override { return PollFor(fd_, POLLIN, read_timeout_ms_) > 0; }
+  bool is_readable() const override { return PollFor(fd_, POLLIN, ReadWaitMs()) > 0; }
 
   bool is_writable() const override {
-    return PollFor(fd_, POLLOUT, write_timeout_ms_) > 0 && PeerAlive();
+    return !timed_out_ && PollFor(fd_, POLLOUT, write_timeout_ms_) > 0 && PeerAlive();
   }
 
   ssize_t read(char* ptr, size_t size) override {
+    if (timed_out_) return -1;
+    if (Clock::now() >= deadline_) {
+      RespondTimedOut();
+      return -1;
+    }
     if (in_head_) {
       if (head_left_ == 0) {  // the head is over its bound
         overflowed_ = true;
@@ -82,7 +99,10 @@ class HeadBoundedStream final : public httplib::Stream {
       std::memcpy(ptr, buffer_.data() + buffer_off_, static_cast<size_t>(n));
       buffer_off_ += static_cast<size_t>(n);
     } else {
-      if (!is_readable()) return -1;
+      if (!is_readable()) {
+        if (Clock::now() >= deadline_) RespondTimedOut();
+        return -1;
+      }
       buffer_off_ = buffer_size_ = 0;
       if (size < buffer_.size()) {
         const ssize_t got = Recv(buffer_.data(), buffer_.size());
@@ -101,7 +121,7 @@ class HeadBoundedStream final : public httplib::Stream {
   }
 
   ssize_t write(const char* ptr, size_t size) override {
-    if (!is_writable()) return -1;
+    if (timed_out_ || !is_writable()) return -1;
     ssize_t n = 0;
     do {
       n = send(fd_, ptr, size, MSG_NOSIGNAL);
@@ -129,8 +149,40 @@ class HeadBoundedStream final : public httplib::Stream {
 
   // True once a read was refused for the head's bound.
   bool head_overflowed() const { return overflowed_; }
+  // True once the request ran past its deadline (and was answered 408).
+  bool timed_out() const { return timed_out_; }
 
  private:
+  // How long a read may wait: the read timeout, cut at the deadline
+  // (rounded up, so a wait never ends just before it).
+  int ReadWaitMs() const {
+    const auto left = std::chrono::ceil<std::chrono::milliseconds>(deadline_ - Clock::now());
+    return static_cast<int>(std::clamp<long long>(left.count(), 0, read_timeout_ms_));
+  }
+
+  // Answers 408 (an OpenAI-style JSON error naming the limit), once, and
+  // fails every later read and write.
+  void RespondTimedOut() {
+    if (timed_out_) return;
+    timed_out_ = true;
+    const std::string body = absl::StrCat(
+        "{\"error\":{\"message\":\"request not received in time: its head and body took "
+        "longer than the limit ",
+        request_timeout_seconds_,
+        " s (--http_request_timeout_seconds)\",\"type\":\"invalid_request_error\","
+        "\"param\":null,\"code\":\"request_timeout\"}}");
+    const std::string reply = absl::StrCat(
+        "HTTP/1.1 408 Request Timeout\r\nConnection: close\r\nContent-Type: "
+        "application/json\r\nContent-Length: ",
+        body.size(), "\r\n\r\n", body);
+    if (PollFor(fd_, POLLOUT, write_timeout_ms_) > 0) {
+      ssize_t n = 0;
+      do {
+        n = send(fd_, reply.data(), reply.size(), MSG_NOSIGNAL);
+      } while (n < 0 && errno == EINTR);
+    }
+  }
+
   ssize_t Recv(char* ptr, size_t size) {
     ssize_t n = 0;
     do {
@@ -170,6 +222,9 @@ class HeadBoundedStream final : public httplib::Stream {
   size_t head_left_;
   const int read_timeout_ms_;
   const int write_timeout_ms_;
+  const Clock::time_point deadline_;
+  const int request_timeout_seconds_;
+  bool timed_out_ = false;
   std::array<char, 4096> buffer_{};
   size_t buffer_off_ = 0, buffer_size_ = 0;
 };
@@ -190,10 +245,15 @@ bool BoundedHttpServer::process_and_close_socket(socket_t sock) {
            std::chrono::steady_clock::now() < give_up) {
     }
     if (ready <= 0) break;
-    HeadBoundedStream strm(sock, max_head_bytes_, read_ms, write_ms);
+    // The request's first byte is here: it has request_timeout_seconds_ to
+    // arrive in full.
+    HeadBoundedStream strm(sock, max_head_bytes_, read_ms, write_ms,
+                           std::chrono::steady_clock::now() +
+                               std::chrono::seconds(request_timeout_seconds_),
+                           request_timeout_seconds_);
     bool connection_closed = false;
     ok = process_request(strm, /*close_connection=*/left == 1, connection_closed, nullptr);
-    if (!ok || connection_closed || strm.head_overflowed()) break;
+    if (!ok || connection_closed || strm.head_overflowed() || strm.timed_out()) break;
   }
   shutdown(sock, SHUT_RDWR);
   close(sock);

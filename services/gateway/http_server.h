@@ -12,6 +12,15 @@
 // 400 and closes the connection (a request line longer than the bound is
 // closed unanswered, as cpp-httplib does with one over its URI bound). The
 // body is bounded as before, by set_payload_max_length.
+//
+// cpp-httplib's read timeout bounds each wait for bytes, not a request: a
+// client that trickles a body (or head) one byte per second, each inside the
+// timeout, held a connection thread for as long as it liked. So each
+// request also has a whole-request deadline, `request_timeout_seconds` from
+// its first byte: reading past it is answered 408 (JSON error naming
+// --http_request_timeout_seconds) and the connection is closed. It bounds
+// receiving the request only; the response (a stream may run for minutes)
+// is bounded by the request's own deadline.
 #pragma once
 
 #include <httplib.h>
@@ -22,9 +31,11 @@ namespace kvr::gateway {
 
 class BoundedHttpServer final : public httplib::Server {
  public:
-  // `max_head_bytes` >= 1; the keep-alive settings are cpp-httplib's
-  // (set_keep_alive_max_count, set_keep_alive_timeout).
-  explicit BoundedHttpServer(size_t max_head_bytes) : max_head_bytes_(max_head_bytes) {}
+  // `max_head_bytes` >= 1, `request_timeout_seconds` >= 1; the keep-alive
+  // settings are cpp-httplib's (set_keep_alive_max_count,
+  // set_keep_alive_timeout).
+  BoundedHttpServer(size_t max_head_bytes, int request_timeout_seconds)
+      : max_head_bytes_(max_head_bytes), request_timeout_seconds_(request_timeout_seconds) {}
 
  private:
   // Serves `sock` (keep-alive requests, each through a head-bounded stream),
@@ -33,6 +44,7 @@ class BoundedHttpServer final : public httplib::Server {
   bool process_and_close_socket(socket_t sock) override;
 
   const size_t max_head_bytes_;
+  const int request_timeout_seconds_;
 };
 
 }  // namespace kvr::gateway

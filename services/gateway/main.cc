@@ -77,9 +77,21 @@ ABSL_FLAG(int, http_max_header_bytes, 64 << 10,
           "largest HTTP request head (request line and header fields) read, bytes; a longer "
           "one is answered 400 and its connection closed (each header field is kept in memory "
           "while the request is served)");
+ABSL_FLAG(int, http_request_timeout_seconds, 60,
+          "longest time one HTTP request (its head and body) may take to arrive, counted from "
+          "its first byte; a slower one is answered 408 and its connection closed, however "
+          "steadily it trickles ([1, 3600]; a 4 MiB body at 100 KB/s takes ~40 s)");
 ABSL_FLAG(double, max_request_timeout_seconds, 3600.0,
           "longest deadline a request may have: later gRPC deadlines are cut to it (at least "
           "--request_timeout_seconds)");
+ABSL_FLAG(int, max_concurrent_streams, 256,
+          "gRPC API: concurrent calls one client connection may have open; more wait for a "
+          "slot (HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS; 0 = gRPC's default, unbounded)");
+ABSL_FLAG(int64_t, grpc_memory_quota_bytes, int64_t{2} << 30,
+          "gRPC API: memory gRPC may use for its buffers over all connections "
+          "(grpc::ResourceQuota; 0 = unbounded)");
+ABSL_FLAG(int, grpc_max_threads, 256,
+          "gRPC API: threads gRPC may create (grpc::ResourceQuota; 0 = unbounded)");
 ABSL_FLAG(std::string, model_name, "",
           "model id of the HTTP API; empty: the stem of the workers' checkpoint file (e.g. "
           "stories260K)");
@@ -174,6 +186,16 @@ int Main(int argc, char** argv) {
                                     .InRange("http_read_timeout_seconds",
                                              absl::GetFlag(FLAGS_http_read_timeout_seconds), 1,
                                              3600)
+                                    .InRange("http_request_timeout_seconds",
+                                             absl::GetFlag(FLAGS_http_request_timeout_seconds),
+                                             1, 3600)
+                                    .AtLeast("max_concurrent_streams",
+                                             absl::GetFlag(FLAGS_max_concurrent_streams), 0)
+                                    .AtLeast("grpc_memory_quota_bytes",
+                                             absl::GetFlag(FLAGS_grpc_memory_quota_bytes),
+                                             int64_t{0})
+                                    .AtLeast("grpc_max_threads",
+                                             absl::GetFlag(FLAGS_grpc_max_threads), 0)
                                     .InRange("http_max_header_bytes",
                                              absl::GetFlag(FLAGS_http_max_header_bytes), 1024,
                                              64 << 20)
@@ -293,6 +315,7 @@ int Main(int argc, char** argv) {
     ho.max_connections = absl::GetFlag(FLAGS_http_max_connections);
     ho.read_timeout_seconds = absl::GetFlag(FLAGS_http_read_timeout_seconds);
     ho.max_header_bytes = absl::GetFlag(FLAGS_http_max_header_bytes);
+    ho.request_timeout_seconds = absl::GetFlag(FLAGS_http_request_timeout_seconds);
     ho.max_request_bytes = max_request_bytes;
     ho.default_timeout = default_timeout;
     ho.model_name = absl::GetFlag(FLAGS_model_name);
@@ -326,14 +349,18 @@ int Main(int argc, char** argv) {
     pthread_kill(main_thread, SIGUSR1);
   });
 
-  const absl::Status served = rpc::ServeUntilSignal({service.get()},
-                                                     {.name = kProgram,
-                                                      .listen = absl::GetFlag(FLAGS_listen),
-                                                      .max_message_bytes = max_request_bytes,
-                                                      .health_services = {kServiceName},
-                                                      .drain_seconds = drain,
-                                                      .credentials = public_credentials},
-                                                     wake_grpc);
+  const absl::Status served = rpc::ServeUntilSignal(
+      {service.get()},
+      {.name = kProgram,
+       .listen = absl::GetFlag(FLAGS_listen),
+       .max_message_bytes = max_request_bytes,
+       .health_services = {kServiceName},
+       .drain_seconds = drain,
+       .max_concurrent_streams = absl::GetFlag(FLAGS_max_concurrent_streams),
+       .memory_quota_bytes = absl::GetFlag(FLAGS_grpc_memory_quota_bytes),
+       .max_threads = absl::GetFlag(FLAGS_grpc_max_threads),
+       .credentials = public_credentials},
+      wake_grpc);
   if (!served.ok()) {
     serving_failed = true;
     pthread_kill(watcher.native_handle(), SIGTERM);

@@ -233,6 +233,10 @@ TEST_F(WorkerHostileTest, MiBPromptIsRefusedBeforeTokenizing) {
 // 1000000 takes one full and a few retrieval sequences, not two full ones.
 TEST_F(WorkerHostileTest, MemoryBudgetRefusesWhatDoesNotFit) {
   StartWorker({"--metrics_listen=", "--memory_budget_bytes=1000000", "--max_concurrent=4"});
+  // Counted before the holder starts: the holder may end by itself (end of
+  // story) before the refusal is checked, and under load it did end before
+  // a count read after the refusal, so waiting for that count + 1 hung.
+  const int64_t finished_before = Finished();
   v1::GenerateRequest full = Request("Once upon a time, there was a little girl", 400);
   full.mutable_attention()->set_mode("full");
   grpc::ClientContext holder_ctx;
@@ -249,16 +253,17 @@ TEST_F(WorkerHostileTest, MemoryBudgetRefusesWhatDoesNotFit) {
   EXPECT_EQ(refused.tokens, 0);
   ExpectStillServing("with the budget mostly held");  // retrieval mode fits
 
-  const int64_t finished = Finished();
   holder_ctx.TryCancel();
   while (holder->Read(&msg)) {
   }
   holder->Finish();
   {
+    // The holder and ExpectStillServing's request (the refused one never
+    // counts): both ended, their memory released.
     grpc::ClientContext ctx;
     SetDeadline(&ctx);
     v1::GetModelInfoRequest req;
-    req.set_wait_finished_requests(finished + 1);
+    req.set_wait_finished_requests(finished_before + 2);
     v1::GetModelInfoResponse info;
     ASSERT_TRUE(stub_->GetModelInfo(&ctx, req, &info).ok());
   }

@@ -138,6 +138,15 @@ class CudaBackend final : public Backend {
     return absl::StrCat("cuda device ", device_, ", ", num_sms_, " SMs", kWhat);
   }
 
+  std::optional<DeviceMemory> DeviceMemoryNow() const override {
+    size_t free_bytes = 0, total_bytes = 0;
+    if (cudaSetDevice(device_) != cudaSuccess ||
+        cudaMemGetInfo(&free_bytes, &total_bytes) != cudaSuccess) {
+      return std::nullopt;
+    }
+    return DeviceMemory{static_cast<int64_t>(free_bytes), static_cast<int64_t>(total_bytes)};
+  }
+
   // ---- Optional ops --------------------------------------------------------
 
   bool SupportsOp(OptionalOp op) const override { return op == OptionalOp::kTopK; }
