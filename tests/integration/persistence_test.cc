@@ -428,10 +428,10 @@ TEST(ShardStoreTest, GroupCommitKeepsOrderAndRecovers) {
 class FailingPersistence final : public ShardPersistence {
  public:
   explicit FailingPersistence(int fail_at) : fail_at_(fail_at) {}
-  absl::Status PutSequence(const SequenceSpec&) override { return Next(); }
+  absl::Status PutSequence(const SequenceSpec&, const SequenceOwner&) override { return Next(); }
   absl::Status DropSequence(uint64_t) override { return Next(); }
   absl::Status CommitHead(const HeadWrite&) override { return Next(); }
-  absl::Status Recover(const std::function<absl::Status(const SequenceSpec&)>&,
+  absl::Status Recover(const std::function<absl::Status(const SequenceSpec&, const SequenceOwner&)>&,
                        const std::function<absl::Status(uint64_t, RecoveredHead)>&) override {
     return absl::OkStatus();
   }
