@@ -978,6 +978,23 @@ absl::StatusOr<NodeStats> NodeCore::Stats(std::optional<std::string_view> princi
   return st;
 }
 
+absl::StatusOr<std::vector<ShardInfo>> NodeCore::ListShards(std::optional<uint64_t> sequence_id) {
+  std::vector<std::shared_ptr<Sequence>> seqs;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (sequence_id.has_value()) {
+      auto it = sequences_.find(*sequence_id);
+      if (it == sequences_.end()) {
+        return absl::NotFoundError(absl::StrCat("ListShards: unknown sequence ", *sequence_id));
+      }
+      seqs.push_back(it->second);
+    } else {
+      for (auto& [id, s] : sequences_) seqs.push_back(s);
+    }
+  }
+  return Describe(seqs);
+}
+
 absl::StatusOr<std::vector<ShardInfo>> NodeCore::ListShards(std::optional<uint64_t> sequence_id,
                                                              std::string_view capability,
                                                              std::string_view principal) {
@@ -992,6 +1009,10 @@ absl::StatusOr<std::vector<ShardInfo>> NodeCore::ListShards(std::optional<uint64
       if (s->owner.principal == principal) seqs.push_back(s);
     }
   }
+  return Describe(seqs);
+}
+
+std::vector<ShardInfo> NodeCore::Describe(const std::vector<std::shared_ptr<Sequence>>& seqs) {
   std::vector<ShardInfo> out;
   for (const auto& s : seqs) {
     std::shared_lock<std::shared_mutex> lock(s->mu);

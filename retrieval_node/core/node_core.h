@@ -204,11 +204,14 @@ class NodeCore final {
   absl::StatusOr<std::vector<int64_t>> HeldPositions(uint64_t sequence_id, int32_t layer,
                                                      int32_t kv_head);
 
-  // Shards of one sequence (NotFound when unknown; `capability` checked) or
-  // of every sequence `principal` created, ordered by (sequence, layer, kv
-  // head, chunk).
+  // Node-side (debugging, tests, in process): shards of one sequence
+  // (NotFound when unknown) or of every sequence, ordered by (sequence,
+  // layer, kv head, chunk); no capability or principal is checked.
+  absl::StatusOr<std::vector<ShardInfo>> ListShards(std::optional<uint64_t> sequence_id);
+  // A caller's ListShards (the RPC): one sequence, `capability` checked, or
+  // every sequence `principal` created.
   absl::StatusOr<std::vector<ShardInfo>> ListShards(std::optional<uint64_t> sequence_id,
-                                                    std::string_view capability = "",
+                                                    std::string_view capability,
                                                     std::string_view principal = "");
 
   // Shard bytes currently accounted against memory_budget_bytes (reservations
@@ -333,6 +336,8 @@ class NodeCore final {
   absl::StatusOr<std::shared_ptr<Sequence>> FindFor(uint64_t sequence_id,
                                                     std::string_view capability,
                                                     absl::string_view op);
+  // The ListShards of `seqs` (each under its shared lock).
+  static std::vector<ShardInfo> Describe(const std::vector<std::shared_ptr<Sequence>>& seqs);
   // DropSequence's work; `capability` null: no check (lease expiry).
   absl::Status Drop(uint64_t sequence_id, const std::string_view* capability);
   // The lease thread: ExpireLeases every lease_seconds / 4 (at most 1 s)
