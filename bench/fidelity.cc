@@ -121,6 +121,10 @@ class CountingClient final : public retrieval::RetrievalClient {
   absl::Status CreateSequence(const retrieval::SequenceSpec& spec) override {
     return inner_->CreateSequence(spec);
   }
+  absl::Status CreateSequence(const retrieval::SequenceSpec& spec,
+                              std::string_view capability) override {
+    return inner_->CreateSequence(spec, capability);
+  }
   absl::Status UploadShard(const retrieval::ShardUpload& upload) override {
     return inner_->UploadShard(upload);
   }
@@ -145,6 +149,9 @@ class CountingClient final : public retrieval::RetrievalClient {
   }
   absl::Status DropSequence(uint64_t sequence_id) override {
     return inner_->DropSequence(sequence_id);
+  }
+  absl::Status DropSequence(uint64_t sequence_id, std::string_view capability) override {
+    return inner_->DropSequence(sequence_id, capability);
   }
   absl::StatusOr<retrieval::NodeStats> Stats() override { return inner_->Stats(); }
 

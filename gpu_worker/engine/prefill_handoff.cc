@@ -166,6 +166,7 @@ absl::Status PrefillHandOff::UploadLayer(const HandOffJob& job, HandOffStaging* 
       const ConstMatrixView values(staging->v.data() + row0 * kv + g * d, rows, d, kv);
       retrieval::ShardUpload up;
       up.key = {job.sequence_id, job.layer, g, static_cast<int32_t>(ci)};
+      up.capability = job.capability;
       up.first_position = static_cast<int64_t>(row0);
       up.keys = keys;
       up.values = values;

@@ -25,6 +25,7 @@
 #include <cstdint>
 #include <future>
 #include <memory>
+#include <string>
 #include <vector>
 
 #include "absl/status/status.h"
@@ -73,6 +74,7 @@ struct HandOffJob {
   std::shared_ptr<const LlamaConfig> config;  // kept alive by the job
   AttentionOptions attention;
   uint64_t sequence_id = 0;
+  std::string capability;  // the sequence's, sent with every upload
   int layer = 0;
   int64_t prompt_len = 0;
   CancelToken cancel;  // a cancelled sequence's queued upload is skipped

@@ -17,8 +17,6 @@ double Seconds(Clock::time_point since) {
   return std::chrono::duration<double>(Clock::now() - since).count();
 }
 
-std::atomic<uint64_t> next_sequence_id{1};
-
 }  // namespace
 
 // ---- EngineSequence ----------------------------------------------------------
@@ -73,14 +71,14 @@ RetrievalEngine::~RetrievalEngine() {
 }
 
 absl::Status RetrievalEngine::FlushDrops() {
-  std::vector<uint64_t> ids;
+  std::vector<std::pair<uint64_t, std::string>> ids;
   {
     std::lock_guard<std::mutex> lock(mu_);
     ids.swap(drops_);
   }
   absl::Status first;
-  for (uint64_t id : ids) {
-    absl::Status st = client_->DropSequence(id);
+  for (const auto& [id, capability] : ids) {
+    absl::Status st = client_->DropSequence(id, capability);
     if (first.ok() && !st.ok()) first = std::move(st);
   }
   return first;
@@ -236,7 +234,7 @@ absl::Status RetrievalEngine::EndLocked(EngineSequence& seq, EngineSequence::Sta
   }
   if (!seq.on_node_) return absl::OkStatus();
   seq.on_node_ = false;
-  drops_.push_back(seq.id_);  // dropped by FlushDrops, outside mu_
+  drops_.emplace_back(seq.id_, seq.capability_);  // dropped by FlushDrops, outside mu_
   return absl::OkStatus();
 }
 
@@ -343,7 +341,11 @@ absl::Status RetrievalEngine::PrefillLocked(std::unique_lock<std::mutex>& lock,
   seq.logits_.resize(static_cast<size_t>(c.vocab_size));
   seq.pending_.assign(static_cast<size_t>(c.n_layers), {});
 
-  seq.id_ = next_sequence_id.fetch_add(1);
+  // A random id and capability (tenant isolation: another worker sharing
+  // the nodes neither collides with nor can guess them).
+  KVR_ASSIGN_OR_RETURN(retrieval::SequenceHandle handle, retrieval::NewSequenceHandle());
+  seq.id_ = handle.id;
+  seq.capability_ = std::move(handle.capability);
   seq.last_chunk_ = -1;
   seq.last_chunk_tokens_ = 0;
   if (!full) {
@@ -354,18 +356,18 @@ absl::Status RetrievalEngine::PrefillLocked(std::unique_lock<std::mutex>& lock,
     spec.head_dim = c.head_dim;
     spec.value_dtype = seq.attention_.value_dtype;
     spec.index_type = seq.attention_.index;
-    // Ids are unique per process; another worker sharing the node may hold
-    // one already: take the next.
+    // Ids are random; one already taken on a node (by chance) is drawn again.
     for (int attempt = 0;; ++attempt) {
       spec.sequence_id = seq.id_;
       // Not under mu_ (a hung node must not stop other sequences' steps);
       // prefill_mu_ stays held and keeps this prefill's state to itself.
       lock.unlock();
-      const absl::Status st = client_->CreateSequence(spec);
+      const absl::Status st = client_->CreateSequence(spec, seq.capability_);
       lock.lock();
       if (st.ok()) break;
       if (!absl::IsAlreadyExists(st) || attempt == 15) return st;
-      seq.id_ = next_sequence_id.fetch_add(1);
+      KVR_ASSIGN_OR_RETURN(handle, retrieval::NewSequenceHandle());
+      seq.id_ = handle.id;
     }
     seq.on_node_ = true;
     seq.node_end_ = s;
@@ -476,6 +478,7 @@ absl::Status RetrievalEngine::HandOffLayer(EngineSequence& seq, int layer, const
   job.config = std::shared_ptr<const LlamaConfig>(weights_, &weights_->config);
   job.attention = seq.attention_;
   job.sequence_id = seq.id_;
+  job.capability = seq.capability_;
   job.layer = layer;
   job.prompt_len = n;
   job.cancel = seq.cancel_;
@@ -713,6 +716,7 @@ absl::Status RetrievalEngine::StepBatchLocked(std::span<EngineSequence* const> a
                 up.first_position = it.leaving;
                 up.keys = key;
                 up.values = value;
+                up.capability = it.seq->capability_;
                 seq_op(it, client_->UploadShard(up));
                 continue;
               }
@@ -723,6 +727,7 @@ absl::Status RetrievalEngine::StepBatchLocked(std::span<EngineSequence* const> a
               req.first_position = it.leaving;
               req.keys = key;
               req.values = value;
+              req.capability = it.seq->capability_;
               auto waiter = std::make_unique<retrieval::StatusWaiter>();
               client_->AppendAsync(req, waiter->callback());  // copies key and value
               appends.emplace_back(i, std::move(waiter));
@@ -773,6 +778,7 @@ absl::Status RetrievalEngine::StepBatchLocked(std::span<EngineSequence* const> a
               ConstMatrixView(q_host_.data() + i * qd, static_cast<size_t>(c.n_heads), d);
           req.k = it.seq->attention_.top_k;
           req.beam = it.seq->attention_.beam;
+          req.capability = it.seq->capability_;
           client_->AttendAsync(req, slot.partials.view(), &slot.attend_stats,
                                slot.waiter->callback());
         }

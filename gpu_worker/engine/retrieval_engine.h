@@ -70,7 +70,9 @@
 #include <mutex>
 #include <set>
 #include <span>
+#include <string>
 #include <string_view>
+#include <utility>
 #include <vector>
 
 #include "absl/status/statusor.h"
@@ -217,6 +219,7 @@ class EngineSequence {
   State state_ = State::kIdle;
   AttentionOptions attention_;
   uint64_t id_ = 0;
+  std::string capability_;  // presented with every node request for id_
   bool on_node_ = false;  // id_ registered on the node
   int64_t position_ = 0;
   int64_t node_end_ = 0;  // node holds [sinks, node_end_)
@@ -386,7 +389,7 @@ class RetrievalEngine {
   std::set<EngineSequence*> live_;
   // Sequence ids ended under mu_ whose node registration is not dropped yet
   // (FlushDrops).
-  std::vector<uint64_t> drops_;
+  std::vector<std::pair<uint64_t, std::string>> drops_;  // (id, capability)
   std::unique_ptr<EngineSequence> own_;
 
   DeviceWeights device_weights_;

@@ -1,5 +1,6 @@
 #include "retrieval_node/client/grpc_retrieval_client.h"
 
+#include <algorithm>
 #include <chrono>
 #include <cstring>
 #include <limits>
@@ -75,6 +76,51 @@ GrpcRetrievalClient::~GrpcRetrievalClient() {
   }
   health_cv_.notify_all();
   if (health_thread_.joinable()) health_thread_.join();
+  {
+    std::lock_guard<std::mutex> lock(lease_mu_);
+    lease_stop_ = true;
+  }
+  lease_cv_.notify_all();
+  if (lease_thread_.joinable()) lease_thread_.join();
+}
+
+absl::StatusOr<RenewLeasesResult> GrpcRetrievalClient::RenewLeases() {
+  grpc::ClientContext context;
+  SetDeadline(&context, options_.control_timeout);
+  v1::RenewLeasesRequest request;
+  request.set_lease_owner(ProcessLeaseOwner());
+  v1::RenewLeasesResponse response;
+  KVR_RETURN_IF_ERROR(FromGrpcStatus(stub_->RenewLeases(&context, request, &response)));
+  return RenewLeasesResult{response.sequences(), response.lease_seconds()};
+}
+
+void GrpcRetrievalClient::StartLeaseRenewal() {
+  std::lock_guard<std::mutex> lock(lease_mu_);
+  if (lease_thread_.joinable() || lease_stop_) return;
+  lease_thread_ = std::thread([this] { LeaseLoop(); });
+}
+
+void GrpcRetrievalClient::LeaseLoop() {
+  // Renew a third of the node's lease period after the last renewal (at
+  // least every 20 s, at most every 50 ms); after a failure (node down or
+  // restarting) try again within a second.
+  absl::Duration wait = absl::Milliseconds(50);
+  std::unique_lock<std::mutex> lock(lease_mu_);
+  for (;;) {
+    lease_cv_.wait_for(lock, absl::ToChronoNanoseconds(wait), [&] { return lease_stop_; });
+    if (lease_stop_) return;
+    lock.unlock();
+    absl::StatusOr<RenewLeasesResult> renewed = RenewLeases();
+    lock.lock();
+    if (!renewed.ok()) {
+      wait = std::min(wait, absl::Seconds(1));
+      continue;
+    }
+    wait = renewed->lease_seconds > 0
+               ? std::clamp(absl::Seconds(renewed->lease_seconds / 3), absl::Milliseconds(50),
+                            absl::Seconds(20))
+               : absl::Seconds(20);
+  }
 }
 
 void GrpcRetrievalClient::WatchHealth(std::function<void(bool serving)> on_change,
@@ -178,6 +224,20 @@ absl::Status GrpcRetrievalClient::CreateSequence(const SequenceSpec& spec) {
   return FromGrpcStatus(stub_->CreateSequence(&context, request, &response));
 }
 
+absl::Status GrpcRetrievalClient::CreateSequence(const SequenceSpec& spec,
+                                                 std::string_view capability) {
+  grpc::ClientContext context;
+  SetDeadline(&context, options_.control_timeout);
+  v1::CreateSequenceRequest request;
+  SequenceSpecToProto(spec, request.mutable_spec());
+  request.set_capability(std::string(capability));
+  request.set_lease_owner(ProcessLeaseOwner());
+  v1::CreateSequenceResponse response;
+  KVR_RETURN_IF_ERROR(FromGrpcStatus(stub_->CreateSequence(&context, request, &response)));
+  StartLeaseRenewal();
+  return absl::OkStatus();
+}
+
 absl::Status GrpcRetrievalClient::UploadShard(const ShardUpload& upload) {
   const size_t n = upload.keys.rows(), d = upload.keys.cols();
   if (upload.values.rows() != n || upload.values.cols() != d) {
@@ -209,6 +269,7 @@ absl::Status GrpcRetrievalClient::UploadShard(const ShardUpload& upload) {
   v1::ShardHeader* h = message.mutable_header();
   ShardKeyToProto(upload.key, h->mutable_key());
   h->set_first_position(upload.first_position);
+  h->set_capability(upload.capability);
   h->set_n_keys(static_cast<int64_t>(n));
   h->set_head_dim(static_cast<int32_t>(d));
   h->set_key_dtype(v1::DTYPE_F32);
@@ -262,6 +323,7 @@ absl::Status GrpcRetrievalClient::Append(const AppendRequest& request) {
   message.set_layer(request.layer);
   message.set_kv_head(request.kv_head);
   message.set_first_position(request.first_position);
+  message.set_capability(request.capability);
   PackMatrix(request.keys, message.mutable_keys());
   PackMatrix(request.values, message.mutable_values());
   v1::AppendResponse response;
@@ -285,6 +347,7 @@ void GrpcRetrievalClient::AppendAsync(const AppendRequest& request, StatusCallba
   message.set_layer(request.layer);
   message.set_kv_head(request.kv_head);
   message.set_first_position(request.first_position);
+  message.set_capability(request.capability);
   PackMatrix(request.keys, message.mutable_keys());
   PackMatrix(request.values, message.mutable_values());
   call->done = std::move(done);
@@ -369,16 +432,27 @@ absl::StatusOr<SyncResult> GrpcRetrievalClient::SyncShards(const SyncRequest& re
   SetDeadline(&context, options_.sync_timeout);
   v1::SyncShardsRequest message;
   SyncRequestToProto(request, &message);
+  // A sequence the sync creates is leased to this process (unless the
+  // caller named another owner).
+  const bool leased = request.lease_owner.empty() && !request.capability.empty();
+  if (leased) message.set_lease_owner(ProcessLeaseOwner());
   v1::SyncShardsResponse response;
   KVR_RETURN_IF_ERROR(FromGrpcStatus(stub_->SyncShards(&context, message, &response)));
+  if (leased) StartLeaseRenewal();
   return SyncResultFromProto(response);
 }
 
 absl::Status GrpcRetrievalClient::DropSequence(uint64_t sequence_id) {
+  return DropSequence(sequence_id, "");
+}
+
+absl::Status GrpcRetrievalClient::DropSequence(uint64_t sequence_id,
+                                               std::string_view capability) {
   grpc::ClientContext context;
   SetDeadline(&context, options_.control_timeout);
   v1::DropSequenceRequest request;
   request.set_sequence_id(sequence_id);
+  request.set_capability(std::string(capability));
   v1::DropSequenceResponse response;
   return FromGrpcStatus(stub_->DropSequence(&context, request, &response));
 }
@@ -400,11 +474,12 @@ absl::StatusOr<NodeStats> GrpcRetrievalClient::Stats() {
 }
 
 absl::StatusOr<std::vector<ShardInfo>> GrpcRetrievalClient::ListShards(
-    std::optional<uint64_t> sequence_id) {
+    std::optional<uint64_t> sequence_id, std::string_view capability) {
   grpc::ClientContext context;
   SetDeadline(&context, options_.control_timeout);
   v1::ListShardsRequest request;
   if (sequence_id.has_value()) request.set_sequence_id(*sequence_id);
+  request.set_capability(std::string(capability));
   v1::ListShardsResponse response;
   KVR_RETURN_IF_ERROR(FromGrpcStatus(stub_->ListShards(&context, request, &response)));
   std::vector<ShardInfo> out;

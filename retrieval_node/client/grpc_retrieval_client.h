@@ -52,6 +52,13 @@ class ChannelCredentials;
 
 namespace kvr::retrieval {
 
+// What RenewLeases answered: the owner's sequences on the node, and the
+// node's lease period (0: leases never expire there).
+struct RenewLeasesResult {
+  int64_t sequences = 0;
+  double lease_seconds = 0;
+};
+
 struct GrpcClientOptions {
   absl::Duration attend_timeout = absl::Seconds(2);
   absl::Duration upload_timeout = absl::Seconds(60);   // one UploadShard stream, build included
@@ -91,19 +98,30 @@ class GrpcRetrievalClient final : public RetrievalClient {
   ~GrpcRetrievalClient() override;
 
   absl::Status CreateSequence(const SequenceSpec& spec) override;
+  // Sends `capability` and ProcessLeaseOwner(); once a sequence exists the
+  // client renews this process's leases on its node every lease_seconds / 3
+  // (the period the node reports; 20 s at most) until it is destroyed.
+  absl::Status CreateSequence(const SequenceSpec& spec, std::string_view capability) override;
   absl::Status UploadShard(const ShardUpload& upload) override;
   absl::Status Append(const AppendRequest& request) override;
   void AppendAsync(const AppendRequest& request, StatusCallback done) override;
   void AttendAsync(const AttendRequest& request, PartialsView out, AttendStats* stats,
                    StatusCallback done) override;
   absl::Status DropSequence(uint64_t sequence_id) override;
+  absl::Status DropSequence(uint64_t sequence_id, std::string_view capability) override;
   absl::StatusOr<NodeStats> Stats() override;
   // The SyncShards RPC to this client's node (the destination), under
   // options.sync_timeout.
   absl::StatusOr<SyncResult> SyncShards(const SyncRequest& request) override;
 
-  // Shards of one sequence or of every sequence (ListShards RPC).
-  absl::StatusOr<std::vector<ShardInfo>> ListShards(std::optional<uint64_t> sequence_id);
+  // Shards of one sequence (presenting `capability`) or of every sequence
+  // this caller's principal created (ListShards RPC).
+  absl::StatusOr<std::vector<ShardInfo>> ListShards(std::optional<uint64_t> sequence_id,
+                                                    std::string_view capability = "");
+
+  // One RenewLeases RPC for ProcessLeaseOwner() (the renewal thread's call;
+  // tests may call it).
+  absl::StatusOr<RenewLeasesResult> RenewLeases();
 
   // Starts watching the node's health (grpc.health.v1 Health/Watch of the
   // whole server, re-opened after `retry` whenever the stream ends):
@@ -131,6 +149,9 @@ class GrpcRetrievalClient final : public RetrievalClient {
   void OnAppendDone(AppendCall* call, absl::Status status);
 
   void HealthLoop(const std::function<void(bool)>& on_change, absl::Duration retry);
+  // Starts the lease renewal thread (LeaseLoop) once.
+  void StartLeaseRenewal();
+  void LeaseLoop();
 
   std::string target_;
   GrpcClientOptions options_;
@@ -148,6 +169,12 @@ class GrpcRetrievalClient final : public RetrievalClient {
   bool health_stop_ = false;
   grpc::ClientContext* health_context_ = nullptr;
   std::thread health_thread_;
+
+  // Lease renewal (StartLeaseRenewal), under lease_mu_.
+  std::mutex lease_mu_;
+  std::condition_variable lease_cv_;
+  bool lease_stop_ = false;
+  std::thread lease_thread_;
 };
 
 }  // namespace kvr::retrieval

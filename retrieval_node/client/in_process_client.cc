@@ -21,6 +21,13 @@ absl::Status InProcessRetrievalClient::CreateSequence(const SequenceSpec& spec) 
   return core_->CreateSequence(spec);
 }
 
+absl::Status InProcessRetrievalClient::CreateSequence(const SequenceSpec& spec,
+                                                      std::string_view capability) {
+  SequenceAccess access;
+  access.capability = std::string(capability);
+  return core_->CreateSequence(spec, access);
+}
+
 absl::Status InProcessRetrievalClient::UploadShard(const ShardUpload& upload) {
   return core_->UploadShard(upload);
 }
@@ -40,6 +47,11 @@ void InProcessRetrievalClient::AttendAsync(const AttendRequest& request, Partial
 
 absl::Status InProcessRetrievalClient::DropSequence(uint64_t sequence_id) {
   return core_->DropSequence(sequence_id);
+}
+
+absl::Status InProcessRetrievalClient::DropSequence(uint64_t sequence_id,
+                                                    std::string_view capability) {
+  return core_->DropSequence(sequence_id, capability);
 }
 
 absl::StatusOr<NodeStats> InProcessRetrievalClient::Stats() { return core_->Stats(); }

@@ -31,12 +31,14 @@ class InProcessRetrievalClient final : public RetrievalClient {
   ~InProcessRetrievalClient() override;
 
   absl::Status CreateSequence(const SequenceSpec& spec) override;
+  absl::Status CreateSequence(const SequenceSpec& spec, std::string_view capability) override;
   absl::Status UploadShard(const ShardUpload& upload) override;
   absl::Status Append(const AppendRequest& request) override;
   void AppendAsync(const AppendRequest& request, StatusCallback done) override;
   void AttendAsync(const AttendRequest& request, PartialsView out, AttendStats* stats,
                    StatusCallback done) override;
   absl::Status DropSequence(uint64_t sequence_id) override;
+  absl::Status DropSequence(uint64_t sequence_id, std::string_view capability) override;
   absl::StatusOr<NodeStats> Stats() override;
 
   NodeCore& core() const { return *core_; }

@@ -260,6 +260,11 @@ void MultiNodeClient::Owners(const Routing& r, uint64_t sequence_id, int32_t lay
 }
 
 absl::Status MultiNodeClient::CreateSequence(const SequenceSpec& spec) {
+  return CreateSequence(spec, "");
+}
+
+absl::Status MultiNodeClient::CreateSequence(const SequenceSpec& spec,
+                                             std::string_view capability) {
   std::shared_ptr<const View> current;
   {
     std::lock_guard<std::mutex> lock(mu_);
@@ -304,7 +309,9 @@ absl::Status MultiNodeClient::CreateSequence(const SequenceSpec& spec) {
     }
   }
   std::vector<absl::Status> results(n);
-  ForEachParallel(n, [&](size_t i) { results[i] = view->clients[i]->CreateSequence(spec); });
+  ForEachParallel(n, [&](size_t i) {
+    results[i] = view->clients[i]->CreateSequence(spec, capability);
+  });
   absl::Status refused, transport;
   size_t failed = 0;
   for (const absl::Status& s : results) {
@@ -318,13 +325,16 @@ absl::Status MultiNodeClient::CreateSequence(const SequenceSpec& spec) {
   }
   if (!refused.ok() || failed >= static_cast<size_t>(replicas)) {
     for (size_t i = 0; i < n; ++i) {
-      if (results[i].ok()) view->clients[i]->DropSequence(spec.sequence_id).IgnoreError();
+      if (results[i].ok()) {
+        view->clients[i]->DropSequence(spec.sequence_id, capability).IgnoreError();
+      }
     }
     return !refused.ok() ? refused : transport;
   }
   // The nodes validated the spec, so these sizes are in range.
   Routing r;
   r.spec = spec;
+  r.capability = std::string(capability);
   r.replicas = replicas;
   r.heads.resize(static_cast<size_t>(spec.n_layers) * static_cast<size_t>(spec.n_kv_heads));
   r.stale.assign(n, 0);
@@ -705,17 +715,24 @@ void MultiNodeClient::OnAttendRoundDone(const std::shared_ptr<AttendCall>& call)
   done(absl::OkStatus());
 }
 
-void MultiNodeClient::RememberOrphan(const std::string& id, uint64_t sequence_id) {
-  std::deque<uint64_t>& q = orphans_[id];
-  q.push_back(sequence_id);
+void MultiNodeClient::RememberOrphan(const std::string& id, uint64_t sequence_id,
+                                     const std::string& capability) {
+  std::deque<std::pair<uint64_t, std::string>>& q = orphans_[id];
+  q.emplace_back(sequence_id, capability);
   if (q.size() > kMaxOrphansPerNode) {
     std::fprintf(stderr, "kvr: node %s: forgetting a drop of sequence %llu (over %zu pending)\n",
-                 id.c_str(), static_cast<unsigned long long>(q.front()), kMaxOrphansPerNode);
+                 id.c_str(), static_cast<unsigned long long>(q.front().first),
+                 kMaxOrphansPerNode);
     q.pop_front();
   }
 }
 
 absl::Status MultiNodeClient::DropSequence(uint64_t sequence_id) {
+  return DropSequence(sequence_id, "");
+}
+
+absl::Status MultiNodeClient::DropSequence(uint64_t sequence_id, std::string_view capability) {
+  const std::string cap(capability);
   std::shared_ptr<const View> view;
   std::vector<size_t> targets;
   {
@@ -731,13 +748,13 @@ absl::Status MultiNodeClient::DropSequence(uint64_t sequence_id) {
       if (view->health[i]->Live(now)) {
         targets.push_back(i);
       } else {
-        RememberOrphan(view->health[i]->id, sequence_id);
+        RememberOrphan(view->health[i]->id, sequence_id, cap);
       }
     }
   }
   std::vector<absl::Status> results(targets.size());
   ForEachParallel(targets.size(), [&](size_t t) {
-    results[t] = view->clients[targets[t]]->DropSequence(sequence_id);
+    results[t] = view->clients[targets[t]]->DropSequence(sequence_id, cap);
   });
   absl::Status first;
   for (size_t t = 0; t < targets.size(); ++t) {
@@ -745,7 +762,7 @@ absl::Status MultiNodeClient::DropSequence(uint64_t sequence_id) {
     if (s.ok()) continue;
     if (IsTransportError(s)) {
       std::lock_guard<std::mutex> lock(mu_);
-      RememberOrphan(view->health[targets[t]]->id, sequence_id);
+      RememberOrphan(view->health[targets[t]]->id, sequence_id, cap);
       Suspect(*view->health[targets[t]]);
     } else if (first.ok() && !absl::IsNotFound(s)) {
       first = s;
@@ -760,9 +777,11 @@ absl::Status MultiNodeClient::DropSequence(uint64_t sequence_id) {
 struct MultiNodeClient::SyncJob {
   uint64_t sequence_id = 0;
   SequenceSpec spec;
+  std::string capability;  // the sequence's
   std::shared_ptr<const View> view;
   size_t node = 0;
-  std::vector<uint64_t> drops;  // orphan drops for this node (sequence_id unused)
+  // Orphan drops (sequence, capability) for this node (sequence_id unused).
+  std::vector<std::pair<uint64_t, std::string>> drops;
   std::shared_ptr<RetrievalClient> client;
   std::string node_id;
 };
@@ -784,6 +803,7 @@ void MultiNodeClient::SyncLoop() {
         SyncJob job;
         job.sequence_id = seq;
         job.spec = r.spec;
+        job.capability = r.capability;
         job.view = r.view;
         job.node = i;
         jobs.push_back(std::move(job));
@@ -825,11 +845,11 @@ void MultiNodeClient::SyncLoop() {
           RunSync(job);
           return;
         }
-        for (uint64_t s : job.drops) {
-          const absl::Status st = job.client->DropSequence(s);
+        for (const auto& [s, cap] : job.drops) {
+          const absl::Status st = job.client->DropSequence(s, cap);
           if (IsTransportError(st)) {
             std::lock_guard<std::mutex> relock(mu_);
-            RememberOrphan(job.node_id, s);
+            RememberOrphan(job.node_id, s, cap);
           }
         }
       });
@@ -943,7 +963,7 @@ void MultiNodeClient::RunSync(SyncJob& job) {
   absl::Status st = plan;
   if (st.ok() && !owns_any) {
     // Nothing to copy: the node needs the sequence only.
-    st = dest.CreateSequence(job.spec);
+    st = dest.CreateSequence(job.spec, job.capability);
     if (absl::IsAlreadyExists(st)) st = absl::OkStatus();
   }
   for (auto& [source, shards] : by_source) {
@@ -952,6 +972,7 @@ void MultiNodeClient::RunSync(SyncJob& job) {
     req.spec = job.spec;
     req.source_address = job.view->placement.node(source).address;
     req.shards = shards;
+    req.capability = job.capability;
     syncs_started_.fetch_add(1, std::memory_order_relaxed);
     absl::StatusOr<SyncResult> res = dest.SyncShards(req);
     if (!res.ok()) {

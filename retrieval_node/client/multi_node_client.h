@@ -160,6 +160,9 @@ class MultiNodeClient final : public RetrievalClient {
   int replicas() const { return options_.replicas; }
 
   absl::Status CreateSequence(const SequenceSpec& spec) override;
+  // Every node of the view gets `capability`; the client keeps it for the
+  // sequence's syncs (SyncRequest.capability) and orphan drops.
+  absl::Status CreateSequence(const SequenceSpec& spec, std::string_view capability) override;
   absl::Status UploadShard(const ShardUpload& upload) override;
   absl::Status Append(const AppendRequest& request) override;
   // Routed like Append, to that node client's AppendAsync (which keeps the
@@ -169,6 +172,7 @@ class MultiNodeClient final : public RetrievalClient {
   void AttendAsync(const AttendRequest& request, PartialsView out, AttendStats* stats,
                    StatusCallback done) override;
   absl::Status DropSequence(uint64_t sequence_id) override;
+  absl::Status DropSequence(uint64_t sequence_id, std::string_view capability) override;
   // Sums of the stats of every node in use: the current set plus nodes that
   // left but still hold a live sequence.
   absl::StatusOr<NodeStats> Stats() override;
@@ -223,6 +227,7 @@ class MultiNodeClient final : public RetrievalClient {
   };
   struct Routing {
     SequenceSpec spec;
+    std::string capability;  // the sequence's (CreateSequence)
     std::shared_ptr<const View> view;
     int replicas = 1;                 // R_seq
     std::vector<HeadState> heads;     // [layer * n_kv_heads + kv_head]
@@ -281,15 +286,16 @@ class MultiNodeClient final : public RetrievalClient {
   void OnAttendRoundDone(const std::shared_ptr<AttendCall>& call);
   void SyncLoop();
   void RunSync(SyncJob& job);
-  void RememberOrphan(const std::string& id, uint64_t sequence_id);  // mu_ held
+  void RememberOrphan(const std::string& id, uint64_t sequence_id,
+                      const std::string& capability);  // mu_ held
 
   const MultiNodeOptions options_;
   mutable std::mutex mu_;  // guards everything below up to set_nodes_mu_
   std::shared_ptr<const View> view_;
   std::map<uint64_t, Routing> routing_;
   absl::flat_hash_map<std::string, std::shared_ptr<NodeHealth>> health_;
-  // Drops a node missed, per node id, oldest first.
-  absl::flat_hash_map<std::string, std::deque<uint64_t>> orphans_;
+  // Drops a node missed (sequence, capability), per node id, oldest first.
+  absl::flat_hash_map<std::string, std::deque<std::pair<uint64_t, std::string>>> orphans_;
   bool stopping_ = false;
   bool reduced_warned_ = false;
   std::condition_variable sync_cv_;

@@ -14,11 +14,21 @@
 // when it is (and appends to one head apply in issue order). AttendAsync
 // completes later.
 //
+// Tenant isolation: a sequence may be created with a capability (random
+// bytes, retrieval_node/core/sequence_access.h) that every later request
+// for it carries (the `capability` field of ShardUpload, AppendRequest,
+// AttendRequest, SyncRequest; DropSequence's argument); nodes refuse other
+// callers with PermissionDenied. Networked clients also give each sequence
+// they create this process's lease owner (ProcessLeaseOwner) and renew its
+// leases while they live.
+//
 // Thread-safety: implementations are thread-safe.
 #pragma once
 
 #include <cstddef>
 #include <cstdint>
+#include <string>
+#include <string_view>
 
 #include "common/attention.h"
 #include "common/status.h"
@@ -48,6 +58,12 @@ class RetrievalClient {
   // Registers a sequence. InvalidArgument for a bad shape (naming the field
   // and its limit); AlreadyExists if the id is taken.
   virtual absl::Status CreateSequence(const SequenceSpec& spec) = 0;
+  // CreateSequence with the sequence's capability (empty: an open
+  // sequence). The default, for clients that reach no node (test doubles),
+  // ignores the capability; every client of a node overrides it.
+  virtual absl::Status CreateSequence(const SequenceSpec& spec, std::string_view capability) {
+    return CreateSequence(spec);
+  }
 
   // Stores a shard and builds its index before returning. NotFound for an
   // unknown sequence; InvalidArgument for dims/ranges that disagree with the
@@ -84,6 +100,11 @@ class RetrievalClient {
 
   // Forgets a sequence and frees its shards. NotFound for an unknown id.
   virtual absl::Status DropSequence(uint64_t sequence_id) = 0;
+  // DropSequence presenting the sequence's capability (default as for
+  // CreateSequence).
+  virtual absl::Status DropSequence(uint64_t sequence_id, std::string_view capability) {
+    return DropSequence(sequence_id);
+  }
 
   virtual absl::StatusOr<NodeStats> Stats() = 0;
 
@@ -108,5 +129,20 @@ class RetrievalClient {
   // Blocking form of AttendAsync.
   absl::Status Attend(const AttendRequest& request, PartialsView out, AttendStats* stats = nullptr);
 };
+
+// A new sequence's handle, as a worker picks it: a random non-zero 64-bit
+// id and a random kCapabilityBytes capability (both from the CSPRNG, so
+// workers sharing nodes do not collide and cannot guess each other's).
+// Internal when the CSPRNG fails.
+struct SequenceHandle {
+  uint64_t id = 0;
+  std::string capability;
+};
+absl::StatusOr<SequenceHandle> NewSequenceHandle();
+
+// This process's lease owner: 16 random bytes (CSPRNG) drawn once, sent as
+// CreateSequenceRequest.lease_owner / SyncShardsRequest.lease_owner and in
+// RenewLeases by every networked client of the process. Thread-safe.
+const std::string& ProcessLeaseOwner();
 
 }  // namespace kvr::retrieval

@@ -472,6 +472,11 @@ absl::StatusOr<std::unique_ptr<UcxRetrievalClient>> UcxRetrievalClient::Create(
 absl::Status UcxRetrievalClient::CreateSequence(const SequenceSpec& spec) {
   return grpc_->CreateSequence(spec);
 }
+
+absl::Status UcxRetrievalClient::CreateSequence(const SequenceSpec& spec,
+                                                std::string_view capability) {
+  return grpc_->CreateSequence(spec, capability);
+}
 absl::Status UcxRetrievalClient::UploadShard(const ShardUpload& upload) {
   return grpc_->UploadShard(upload);
 }
@@ -484,6 +489,11 @@ void UcxRetrievalClient::AppendAsync(const AppendRequest& request, StatusCallbac
 }
 absl::Status UcxRetrievalClient::DropSequence(uint64_t sequence_id) {
   return grpc_->DropSequence(sequence_id);
+}
+
+absl::Status UcxRetrievalClient::DropSequence(uint64_t sequence_id,
+                                              std::string_view capability) {
+  return grpc_->DropSequence(sequence_id, capability);
 }
 absl::StatusOr<NodeStats> UcxRetrievalClient::Stats() { return grpc_->Stats(); }
 absl::StatusOr<SyncResult> UcxRetrievalClient::SyncShards(const SyncRequest& request) {

@@ -58,6 +58,7 @@ class UcxRetrievalClient final : public RetrievalClient {
   ~UcxRetrievalClient() override;
 
   absl::Status CreateSequence(const SequenceSpec& spec) override;
+  absl::Status CreateSequence(const SequenceSpec& spec, std::string_view capability) override;
   absl::Status UploadShard(const ShardUpload& upload) override;
   absl::Status Append(const AppendRequest& request) override;
   // Over gRPC (GrpcRetrievalClient::AppendAsync: per-head order kept).
@@ -65,6 +66,7 @@ class UcxRetrievalClient final : public RetrievalClient {
   void AttendAsync(const AttendRequest& request, PartialsView out, AttendStats* stats,
                    StatusCallback done) override;
   absl::Status DropSequence(uint64_t sequence_id) override;
+  absl::Status DropSequence(uint64_t sequence_id, std::string_view capability) override;
   absl::StatusOr<NodeStats> Stats() override;
   // Over gRPC (GrpcRetrievalClient::SyncShards).
   absl::StatusOr<SyncResult> SyncShards(const SyncRequest& request) override;

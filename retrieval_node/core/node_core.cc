@@ -2,9 +2,12 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
 #include <shared_mutex>
 
+#include "absl/strings/escaping.h"
 #include "retrieval_node/core/node_state.h"
+#include "retrieval_node/core/sequence_access.h"
 #include "retrieval_node/index/attend.h"
 #include "retrieval_node/index/flat_index.h"
 
@@ -126,10 +129,102 @@ using internal::ValidateSpec;
 
 NodeCore::NodeCore(const NodeCoreOptions& options) : options_(options) {
   if (options_.threads > 0) pool_ = std::make_unique<ThreadPool>(options_.threads);
+  if (options_.lease_seconds > 0) lease_thread_ = std::thread([this] { LeaseLoop(); });
 }
 
 NodeCore::~NodeCore() {
+  if (lease_thread_.joinable()) {
+    {
+      std::lock_guard<std::mutex> lock(lease_mu_);
+      lease_stop_ = true;
+    }
+    lease_cv_.notify_all();
+    lease_thread_.join();
+  }
   pool_.reset();  // joins workers: pending Attends finish before shards go away
+}
+
+void NodeCore::LeaseLoop() {
+  const auto period = std::chrono::duration_cast<std::chrono::steady_clock::duration>(
+      std::chrono::duration<double>(std::min(options_.lease_seconds / 4, 1.0)));
+  std::unique_lock<std::mutex> lock(lease_mu_);
+  while (!lease_cv_.wait_for(lock, period, [this] { return lease_stop_; })) {
+    lock.unlock();
+    ExpireLeases();
+    lock.lock();
+  }
+}
+
+absl::StatusOr<int64_t> NodeCore::RenewLeases(std::string_view lease_owner) {
+  KVR_RETURN_IF_ERROR(CheckLeaseOwner(lease_owner, /*allow_empty=*/false));
+  std::lock_guard<std::mutex> lock(mu_);
+  int64_t held = 0;
+  for (const auto& [id, seq] : sequences_) {
+    if (seq->owner.lease_owner == lease_owner) ++held;
+  }
+  if (held > 0) lease_renewed_[std::string(lease_owner)] = std::chrono::steady_clock::now();
+  return held;
+}
+
+int64_t NodeCore::ExpireLeases() {
+  if (options_.lease_seconds <= 0) return 0;
+  const auto now = std::chrono::steady_clock::now();
+  const auto lease = std::chrono::duration_cast<std::chrono::steady_clock::duration>(
+      std::chrono::duration<double>(options_.lease_seconds));
+  std::vector<std::pair<uint64_t, std::string>> expired;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    for (const auto& [id, seq] : sequences_) {
+      const std::string& owner = seq->owner.lease_owner;
+      if (owner.empty()) continue;
+      // No entry: recovery is installing it (Recover starts its lease last).
+      auto it = lease_renewed_.find(owner);
+      if (it != lease_renewed_.end() && now - it->second > lease) expired.emplace_back(id, owner);
+    }
+    for (const auto& [id, owner] : expired) {
+      auto it = lease_renewed_.find(owner);
+      if (it != lease_renewed_.end() && now - it->second > lease) lease_renewed_.erase(it);
+    }
+  }
+  int64_t dropped = 0;
+  for (const auto& [id, owner] : expired) {
+    const absl::Status st = Drop(id, nullptr);
+    if (absl::IsNotFound(st)) continue;  // dropped meanwhile
+    ++dropped;
+    std::fprintf(stderr,
+                 "kvr_node: lease of sequence %llu (owner %s) expired after %g s: dropped%s%s\n",
+                 static_cast<unsigned long long>(id), absl::BytesToHexString(owner).c_str(),
+                 options_.lease_seconds, st.ok() ? "" : " from memory; ",
+                 st.ok() ? "" : st.ToString().c_str());
+  }
+  leases_expired_.fetch_add(dropped, std::memory_order_relaxed);
+  return dropped;
+}
+
+absl::Status NodeCore::CheckAccess(const Sequence& seq, std::string_view capability,
+                                   absl::string_view op) {
+  if (absl::Status st = CheckCapability(capability); !st.ok()) {
+    return absl::InvalidArgumentError(absl::StrCat(op, ": ", st.message()));
+  }
+  const std::string& want = seq.owner.capability_sha256;
+  const bool match = want.empty() ? capability.empty()
+                                  : !capability.empty() &&
+                                        ConstantTimeEquals(Sha256(capability), want);
+  if (!match) {
+    return absl::PermissionDeniedError(absl::StrCat(
+        op, ": capability does not match sequence ", seq.spec.sequence_id));
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<std::shared_ptr<NodeCore::Sequence>> NodeCore::FindFor(
+    uint64_t sequence_id, std::string_view capability, absl::string_view op) {
+  std::shared_ptr<Sequence> seq = Find(sequence_id);
+  if (seq == nullptr) {
+    return absl::NotFoundError(absl::StrCat(op, ": unknown sequence ", sequence_id));
+  }
+  KVR_RETURN_IF_ERROR(CheckAccess(*seq, capability, op));
+  return seq;
 }
 
 absl::StatusOr<std::unique_ptr<NodeCore>> NodeCore::Create(const NodeCoreOptions& options) {
@@ -151,6 +246,11 @@ absl::StatusOr<std::unique_ptr<NodeCore>> NodeCore::Create(const NodeCoreOptions
   }
   if (options.threads > 256) {
     return absl::InvalidArgumentError(absl::StrCat("threads ", options.threads, " > 256"));
+  }
+  if (!std::isfinite(options.lease_seconds) || options.lease_seconds < 0 ||
+      options.lease_seconds > 1e9) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("lease_seconds ", options.lease_seconds, " outside [0, 1e9]"));
   }
   KVR_RETURN_IF_ERROR(index::ValidateGraphOptions(options.graph));
   return std::unique_ptr<NodeCore>(new NodeCore(options));
@@ -175,9 +275,14 @@ std::shared_ptr<NodeCore::Sequence> NodeCore::NewSequence(const SequenceSpec& sp
   return seq;
 }
 
-absl::Status NodeCore::CreateSequence(const SequenceSpec& spec) {
+absl::Status NodeCore::CreateSequence(const SequenceSpec& spec, const SequenceAccess& access) {
   KVR_RETURN_IF_ERROR(ValidateSpec(spec));
+  KVR_RETURN_IF_ERROR(CheckCapability(access.capability));
+  KVR_RETURN_IF_ERROR(CheckLeaseOwner(access.lease_owner, /*allow_empty=*/true));
   std::shared_ptr<Sequence> seq = NewSequence(spec);
+  seq->owner.capability_sha256 = access.capability.empty() ? "" : Sha256(access.capability);
+  seq->owner.principal = access.principal;
+  seq->owner.lease_owner = access.lease_owner;
   const auto exists = [&] {
     return absl::AlreadyExistsError(absl::StrCat("sequence ", spec.sequence_id, " exists"));
   };
@@ -194,13 +299,16 @@ absl::Status NodeCore::CreateSequence(const SequenceSpec& spec) {
             "); DropSequence it to delete its stored records first"));
       }
     }
-    const absl::Status st = options_.persistence->PutSequence(spec);
+    const absl::Status st = options_.persistence->PutSequence(spec, seq->owner);
     if (!st.ok()) {
       return FailPersistence(st, absl::StrCat("CreateSequence ", spec.sequence_id));
     }
   }
   std::lock_guard<std::mutex> lock(mu_);
   if (!sequences_.emplace(spec.sequence_id, std::move(seq)).second) return exists();
+  if (!access.lease_owner.empty()) {
+    lease_renewed_[access.lease_owner] = std::chrono::steady_clock::now();
+  }
   return absl::OkStatus();
 }
 
@@ -273,11 +381,10 @@ void NodeCore::SettleMemory(HeadState* head, int64_t reserved) {
   head->accounted_bytes = now;
 }
 
-absl::Status NodeCore::CheckUploadAdmission(uint64_t sequence_id, size_t n_keys) {
-  std::shared_ptr<Sequence> seq = Find(sequence_id);
-  if (seq == nullptr) {
-    return absl::NotFoundError(absl::StrCat("UploadShard: unknown sequence ", sequence_id));
-  }
+absl::Status NodeCore::CheckUploadAdmission(uint64_t sequence_id, size_t n_keys,
+                                            std::string_view capability) {
+  KVR_ASSIGN_OR_RETURN(std::shared_ptr<Sequence> seq,
+                       FindFor(sequence_id, capability, "UploadShard"));
   const int64_t budget = options_.memory_budget_bytes;
   const int64_t need = EstimateBytes(seq->spec, n_keys);
   const int64_t used = MemoryUsedBytes();
@@ -292,14 +399,13 @@ absl::Status NodeCore::CheckUploadAdmission(uint64_t sequence_id, size_t n_keys)
 
 absl::StatusOr<NodeCore::UploadAdmission> NodeCore::ReserveUpload(uint64_t sequence_id,
                                                                    size_t n_keys,
-                                                                   int64_t working_bytes) {
+                                                                   int64_t working_bytes,
+                                                                   std::string_view capability) {
   if (working_bytes < 0) {
     return absl::InvalidArgumentError(absl::StrCat("working_bytes ", working_bytes, " < 0"));
   }
-  std::shared_ptr<Sequence> seq = Find(sequence_id);
-  if (seq == nullptr) {
-    return absl::NotFoundError(absl::StrCat("UploadShard: unknown sequence ", sequence_id));
-  }
+  KVR_ASSIGN_OR_RETURN(std::shared_ptr<Sequence> seq,
+                       FindFor(sequence_id, capability, "UploadShard"));
   const std::string what =
       absl::StrCat("UploadShard of ", n_keys, " keys to sequence ", sequence_id);
   const int64_t shard_bytes = EstimateBytes(seq->spec, n_keys);
@@ -353,10 +459,8 @@ absl::StatusOr<std::unique_ptr<index::KeyIndex>> NodeCore::BuildIndex(
 
 absl::Status NodeCore::UploadShard(const ShardUpload& upload) {
   const ShardKey& key = upload.key;
-  std::shared_ptr<Sequence> seq = Find(key.sequence_id);
-  if (seq == nullptr) {
-    return absl::NotFoundError(absl::StrCat("UploadShard: unknown sequence ", key.sequence_id));
-  }
+  KVR_ASSIGN_OR_RETURN(std::shared_ptr<Sequence> seq,
+                       FindFor(key.sequence_id, upload.capability, "UploadShard"));
   std::unique_lock<std::shared_mutex> lock(seq->mu);
   if (seq->dropped) {
     return absl::NotFoundError(absl::StrCat("UploadShard: unknown sequence ", key.sequence_id));
@@ -479,10 +583,8 @@ void NodeCore::AppendAsync(const AppendRequest& request, StatusCallback done) {
 
 absl::Status NodeCore::ApplyAppend(const AppendRequest& request, StatusCallback& done,
                                    bool* handed_off) {
-  std::shared_ptr<Sequence> seq = Find(request.sequence_id);
-  if (seq == nullptr) {
-    return absl::NotFoundError(absl::StrCat("Append: unknown sequence ", request.sequence_id));
-  }
+  KVR_ASSIGN_OR_RETURN(std::shared_ptr<Sequence> seq,
+                       FindFor(request.sequence_id, request.capability, "Append"));
   std::unique_lock<std::shared_mutex> lock(seq->mu);
   if (seq->dropped) {
     return absl::NotFoundError(absl::StrCat("Append: unknown sequence ", request.sequence_id));
@@ -684,10 +786,8 @@ absl::Status NodeCore::SelectShards(const Sequence& seq, const AttendRequest& re
 
 absl::Status NodeCore::AttendNow(const AttendRequest& request, PartialsView out,
                                  AttendStats* stats) {
-  std::shared_ptr<Sequence> seq = Find(request.sequence_id);
-  if (seq == nullptr) {
-    return absl::NotFoundError(absl::StrCat("Attend: unknown sequence ", request.sequence_id));
-  }
+  KVR_ASSIGN_OR_RETURN(std::shared_ptr<Sequence> seq,
+                       FindFor(request.sequence_id, request.capability, "Attend"));
   std::shared_lock<std::shared_mutex> lock(seq->mu);
   const SequenceSpec& spec = seq->spec;
   const absl::string_view where = "Attend";
@@ -780,27 +880,44 @@ absl::Status NodeCore::AttendNow(const AttendRequest& request, PartialsView out,
   return absl::OkStatus();
 }
 
-absl::Status NodeCore::DropSequence(uint64_t sequence_id) {
+absl::Status NodeCore::DropSequence(uint64_t sequence_id, std::string_view capability) {
+  return Drop(sequence_id, &capability);
+}
+
+absl::Status NodeCore::Drop(uint64_t sequence_id, const std::string_view* capability) {
+  const std::string where = absl::StrCat("DropSequence ", sequence_id);
   std::unique_lock<std::mutex> lifecycle(lifecycle_mu_, std::defer_lock);
-  if (options_.persistence != nullptr) {
-    lifecycle.lock();  // the store forgets the sequence before it can be created again
-    KVR_RETURN_IF_ERROR(PersistenceError());
-  }
+  // The store forgets the sequence before it can be created again. No early
+  // return on an earlier persistence failure: a drop always frees memory.
+  if (options_.persistence != nullptr) lifecycle.lock();
   std::shared_ptr<Sequence> seq;
   {
     std::unique_lock<std::mutex> lock(mu_);
     if (options_.persistence != nullptr && quarantined_.contains(sequence_id)) {
+      // Its capability is checked when recovery read its spec record (an
+      // unreadable record has none to check against).
+      if (auto q = quarantined_capability_.find(sequence_id);
+          capability != nullptr && q != quarantined_capability_.end()) {
+        Sequence probe;
+        probe.spec.sequence_id = sequence_id;
+        probe.owner.capability_sha256 = q->second;
+        KVR_RETURN_IF_ERROR(CheckAccess(probe, *capability, "DropSequence"));
+      }
       // Not served; dropping it deletes the records recovery set aside.
       lock.unlock();
       const absl::Status st = options_.persistence->DropSequence(sequence_id);
-      if (!st.ok()) return FailPersistence(st, absl::StrCat("DropSequence ", sequence_id));
+      if (!st.ok()) return FailPersistence(st, where);
       lock.lock();
       quarantined_.erase(sequence_id);
+      quarantined_capability_.erase(sequence_id);
       return absl::OkStatus();
     }
     auto it = sequences_.find(sequence_id);
     if (it == sequences_.end()) {
       return absl::NotFoundError(absl::StrCat("DropSequence: unknown sequence ", sequence_id));
+    }
+    if (capability != nullptr) {
+      KVR_RETURN_IF_ERROR(CheckAccess(*it->second, *capability, "DropSequence"));
     }
     seq = std::move(it->second);
     sequences_.erase(it);
@@ -814,20 +931,29 @@ absl::Status NodeCore::DropSequence(uint64_t sequence_id) {
   memory_used_.fetch_sub(bytes, std::memory_order_relaxed);
   // In-flight Attends hold their own reference; memory goes when they finish.
   if (options_.persistence != nullptr) {
+    // Tried even after an earlier failure: deleting a sequence's records is
+    // always consistent with what the node now holds.
     const absl::Status st = options_.persistence->DropSequence(sequence_id);
-    if (!st.ok()) return FailPersistence(st, absl::StrCat("DropSequence ", sequence_id));
+    if (!st.ok()) {
+      return FailPersistence(
+          st, absl::StrCat(where, " (the sequence is dropped from memory; its stored records "
+                                  "may return at the next restart)"));
+    }
   }
   return absl::OkStatus();
 }
 
-absl::StatusOr<NodeStats> NodeCore::Stats() {
+absl::StatusOr<NodeStats> NodeCore::Stats(std::optional<std::string_view> principal) {
   std::vector<std::shared_ptr<Sequence>> seqs;
   NodeStats st;
   {
     std::lock_guard<std::mutex> lock(mu_);
-    for (auto& [id, s] : sequences_) seqs.push_back(s);
+    for (auto& [id, s] : sequences_) {
+      if (!principal.has_value() || s->owner.principal == *principal) seqs.push_back(s);
+    }
     st.quarantined_sequences = static_cast<int64_t>(quarantined_.size());
   }
+  st.leases_expired = leases_expired_.load(std::memory_order_relaxed);
   st.sequences = static_cast<int64_t>(seqs.size());
   st.seals = seals_.load(std::memory_order_relaxed);
   for (const auto& s : seqs) {
@@ -866,6 +992,27 @@ absl::StatusOr<std::vector<ShardInfo>> NodeCore::ListShards(std::optional<uint64
       for (auto& [id, s] : sequences_) seqs.push_back(s);
     }
   }
+  return Describe(seqs);
+}
+
+absl::StatusOr<std::vector<ShardInfo>> NodeCore::ListShards(std::optional<uint64_t> sequence_id,
+                                                             std::string_view capability,
+                                                             std::string_view principal) {
+  std::vector<std::shared_ptr<Sequence>> seqs;
+  if (sequence_id.has_value()) {
+    KVR_ASSIGN_OR_RETURN(std::shared_ptr<Sequence> seq,
+                         FindFor(*sequence_id, capability, "ListShards"));
+    seqs.push_back(std::move(seq));
+  } else {
+    std::lock_guard<std::mutex> lock(mu_);
+    for (auto& [id, s] : sequences_) {
+      if (s->owner.principal == principal) seqs.push_back(s);
+    }
+  }
+  return Describe(seqs);
+}
+
+std::vector<ShardInfo> NodeCore::Describe(const std::vector<std::shared_ptr<Sequence>>& seqs) {
   std::vector<ShardInfo> out;
   for (const auto& s : seqs) {
     std::shared_lock<std::shared_mutex> lock(s->mu);

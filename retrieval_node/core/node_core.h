@@ -33,7 +33,11 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
+#include <condition_variable>
 #include <cstdint>
+#include <string_view>
+#include <thread>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -90,6 +94,13 @@ struct NodeCoreOptions {
   // (left in the store, not served, logged; see Recover); false = the first
   // such sequence fails Recover (the node must not start).
   bool recovery_quarantine = true;
+  // Leases (kvr_node --lease_seconds): a sequence created with a lease owner
+  // is dropped (memory and persistence, counted in Stats().leases_expired)
+  // once that owner has neither created a sequence nor called RenewLeases
+  // for this many seconds; checked about 4 times per lease period by the
+  // core's own thread. Recover restarts every recovered lease. 0: leases
+  // never expire (no thread).
+  double lease_seconds = 0;
 };
 
 // Bytes held against a NodeCore's memory budget until released (or
@@ -131,6 +142,18 @@ class MemoryReservation {
 
 // The operations RetrievalClient offers (same contracts: see
 // retrieval_node/client/retrieval_client.h) plus the node-side ones below.
+//
+// Tenant isolation: every per-sequence operation takes the sequence's
+// capability (a field of the request, or an argument) and checks it
+// against the SHA-256 kept at creation, in constant time: NotFound for an
+// unknown sequence, InvalidArgument naming `capability` for a length
+// outside [kMinCapabilityBytes, kMaxCapabilityBytes] (0 allowed),
+// PermissionDenied "capability does not match sequence N" otherwise (before
+// anything is read or changed). A sequence created with no capability (or
+// recovered from a record that predates capabilities) only admits requests
+// with none. ListShards of every sequence and Stats(principal) cover the
+// sequences created by that principal only.
+//
 // Thread-safe.
 class NodeCore final {
  public:
@@ -141,7 +164,9 @@ class NodeCore final {
   NodeCore(const NodeCore&) = delete;
   NodeCore& operator=(const NodeCore&) = delete;
 
-  absl::Status CreateSequence(const SequenceSpec& spec);
+  // Registers `spec` owned by `access` (capability and lease owner checked:
+  // InvalidArgument naming the field; the capability is kept as its SHA-256).
+  absl::Status CreateSequence(const SequenceSpec& spec, const SequenceAccess& access = {});
   absl::Status UploadShard(const ShardUpload& upload);
   absl::Status Append(const AppendRequest& request);
   // Applies the append on the caller's thread before returning (so appends
@@ -154,8 +179,24 @@ class NodeCore final {
   // Runs on the core's pool (inline when `threads` is 0).
   void AttendAsync(const AttendRequest& request, PartialsView out, AttendStats* stats,
                    StatusCallback done);
-  absl::Status DropSequence(uint64_t sequence_id);
-  absl::StatusOr<NodeStats> Stats();
+  // Forgets the sequence: it leaves the served set and its memory is
+  // returned at once, whatever happens in the store. With persistence the
+  // store's records are deleted too; when that fails (or failed before)
+  // the status is Unavailable saying so (the records may come back at a
+  // restart), but the sequence is gone from this node either way.
+  absl::Status DropSequence(uint64_t sequence_id, std::string_view capability = "");
+  // Node counters; with `principal` the per-sequence counts (sequences,
+  // shards, keys, memory_bytes) cover only the sequences that principal
+  // created.
+  absl::StatusOr<NodeStats> Stats(std::optional<std::string_view> principal = std::nullopt);
+
+  // Renews the lease of every sequence created with `lease_owner` (1..
+  // kMaxLeaseOwnerBytes bytes, InvalidArgument naming lease_owner) and
+  // returns how many there are (0: nothing renewed, no state kept).
+  absl::StatusOr<int64_t> RenewLeases(std::string_view lease_owner);
+  // Drops every sequence whose lease expired (lease_seconds > 0) and returns
+  // how many; the core's lease thread calls it, tests may too.
+  int64_t ExpireLeases();
 
   // Debugging / tests: the absolute positions held for (sequence, layer, kv
   // head), ascending (indexed chunks and tail). NotFound / InvalidArgument
@@ -163,9 +204,15 @@ class NodeCore final {
   absl::StatusOr<std::vector<int64_t>> HeldPositions(uint64_t sequence_id, int32_t layer,
                                                      int32_t kv_head);
 
-  // Shards of one sequence (NotFound when unknown) or of every sequence,
-  // ordered by (sequence, layer, kv head, chunk).
+  // Node-side (debugging, tests, in process): shards of one sequence
+  // (NotFound when unknown) or of every sequence, ordered by (sequence,
+  // layer, kv head, chunk); no capability or principal is checked.
   absl::StatusOr<std::vector<ShardInfo>> ListShards(std::optional<uint64_t> sequence_id);
+  // A caller's ListShards (the RPC): one sequence, `capability` checked, or
+  // every sequence `principal` created.
+  absl::StatusOr<std::vector<ShardInfo>> ListShards(std::optional<uint64_t> sequence_id,
+                                                    std::string_view capability,
+                                                    std::string_view principal = "");
 
   // Shard bytes currently accounted against memory_budget_bytes (reservations
   // of in-flight uploads and appends included). Thread-safe.
@@ -175,7 +222,8 @@ class NodeCore final {
   // `sequence_id` (e.g. before a client streams its payload): NotFound for an
   // unknown sequence, ResourceExhausted when the estimate does not fit the
   // budget now. Reserves nothing; UploadShard checks again.
-  absl::Status CheckUploadAdmission(uint64_t sequence_id, size_t n_keys);
+  absl::Status CheckUploadAdmission(uint64_t sequence_id, size_t n_keys,
+                                    std::string_view capability = "");
 
   // Admission for an upload of `n_keys` keys to `sequence_id` whose caller
   // will hold `working_bytes` of buffers while it streams and builds (wire
@@ -187,13 +235,15 @@ class NodeCore final {
   // then reserved); InvalidArgument for a negative working_bytes. The caller
   // releases `shard` just before calling UploadShard (which reserves the
   // shard's bytes itself) and `working` when the call ends (both also
-  // release on destruction).
+  // release on destruction). `capability` is checked first (PermissionDenied
+  // before anything is reserved).
   struct UploadAdmission {
     MemoryReservation shard;    // in memory_budget_bytes
     MemoryReservation working;  // in upload_memory_bytes
   };
   absl::StatusOr<UploadAdmission> ReserveUpload(uint64_t sequence_id, size_t n_keys,
-                                                int64_t working_bytes);
+                                                int64_t working_bytes,
+                                                std::string_view capability = "");
 
   // Working bytes of in-flight uploads reserved against upload_memory_bytes.
   int64_t UploadMemoryUsedBytes() const {
@@ -278,6 +328,21 @@ class NodeCore final {
   // A sequence with empty heads for a validated spec.
   static std::shared_ptr<Sequence> NewSequence(const SequenceSpec& spec);
   std::shared_ptr<Sequence> Find(uint64_t sequence_id);
+  // OK when `capability` opens `seq` (see the class comment); `op` prefixes
+  // the PermissionDenied / InvalidArgument message.
+  static absl::Status CheckAccess(const Sequence& seq, std::string_view capability,
+                                  absl::string_view op);
+  // Find + CheckAccess: NotFound "op: unknown sequence N" when unknown.
+  absl::StatusOr<std::shared_ptr<Sequence>> FindFor(uint64_t sequence_id,
+                                                    std::string_view capability,
+                                                    absl::string_view op);
+  // The ListShards of `seqs` (each under its shared lock).
+  static std::vector<ShardInfo> Describe(const std::vector<std::shared_ptr<Sequence>>& seqs);
+  // DropSequence's work; `capability` null: no check (lease expiry).
+  absl::Status Drop(uint64_t sequence_id, const std::string_view* capability);
+  // The lease thread: ExpireLeases every lease_seconds / 4 (at most 1 s)
+  // until the destructor stops it.
+  void LeaseLoop();
   absl::Status AttendNow(const AttendRequest& request, PartialsView out, AttendStats* stats);
   // Resolves request.shards (non-empty) against `seq`'s layer request.layer
   // (checked by the caller): (*selected)[g] = the slots in head g's chunk
@@ -362,6 +427,17 @@ class NodeCore final {
   std::atomic<int64_t> seals_{0};
   std::atomic<int64_t> memory_used_{0};
   std::atomic<int64_t> upload_memory_used_{0};
+  // Leases: when each lease owner last created a sequence or renewed
+  // (guarded by mu_; only owners that hold sequences have an entry).
+  std::map<std::string, std::chrono::steady_clock::time_point> lease_renewed_;
+  // Capability hashes of quarantined sequences whose spec record was read
+  // (guarded by mu_): DropSequence of those checks it.
+  std::map<uint64_t, std::string> quarantined_capability_;
+  std::atomic<int64_t> leases_expired_{0};
+  std::mutex lease_mu_;  // guards lease_stop_
+  std::condition_variable lease_cv_;
+  bool lease_stop_ = false;
+  std::thread lease_thread_;
 };
 
 // A SyncSource reading from a NodeCore in this process (tests, embedded):

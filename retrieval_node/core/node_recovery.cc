@@ -24,13 +24,15 @@ absl::Status NodeCore::Recover() {
     }
   }
   std::shared_ptr<Sequence> current;
-  const auto on_sequence = [&](const SequenceSpec& spec) -> absl::Status {
+  const auto on_sequence = [&](const SequenceSpec& spec,
+                               const SequenceOwner& owner) -> absl::Status {
     const absl::Status valid = internal::ValidateSpec(spec);
     if (!valid.ok()) {
       return absl::DataLossError(absl::StrCat("recovery: sequence ", spec.sequence_id,
                                               ": stored spec is invalid: ", valid.message()));
     }
     current = NewSequence(spec);
+    current->owner = owner;
     std::lock_guard<std::mutex> lock(mu_);
     if (!sequences_.emplace(spec.sequence_id, current).second) {
       return absl::DataLossError(
@@ -53,14 +55,32 @@ absl::Status NodeCore::Recover() {
     }
     return absl::OkStatus();
   };
+  // Every recovered lease starts again now (the owners had no way to renew
+  // while the node was down).
+  const auto restart_leases = [&] {
+    const auto now = std::chrono::steady_clock::now();
+    std::lock_guard<std::mutex> lock(mu_);
+    for (const auto& [id, seq] : sequences_) {
+      if (!seq->owner.lease_owner.empty()) lease_renewed_[seq->owner.lease_owner] = now;
+    }
+  };
   if (!options_.recovery_quarantine) {
-    return options_.persistence->Recover(on_sequence, on_head);
+    const absl::Status st = options_.persistence->Recover(on_sequence, on_head);
+    restart_leases();
+    return st;
   }
   const auto on_bad = [&](uint64_t sequence_id, const absl::Status& why) {
+    if (current != nullptr && current->spec.sequence_id == sequence_id) {
+      std::lock_guard<std::mutex> lock(mu_);
+      quarantined_capability_[sequence_id] = current->owner.capability_sha256;
+    }
     if (current != nullptr && current->spec.sequence_id == sequence_id) current.reset();
     Quarantine(sequence_id, why);
   };
-  return options_.persistence->RecoverSkippingBadSequences(on_sequence, on_head, on_bad);
+  const absl::Status st =
+      options_.persistence->RecoverSkippingBadSequences(on_sequence, on_head, on_bad);
+  restart_leases();
+  return st;
 }
 
 void NodeCore::Quarantine(uint64_t sequence_id, const absl::Status& why) {

@@ -45,6 +45,7 @@ struct NodeCore::HeadState {
 
 struct NodeCore::Sequence {
   SequenceSpec spec;
+  SequenceOwner owner;  // fixed at creation (CreateSequence, SyncShards, Recover)
   std::shared_mutex mu;  // shared: Attend; exclusive: Upload / Append
   bool dropped = false;  // set by DropSequence under `mu`: later writers get NotFound
   std::vector<std::unique_ptr<HeadState>> heads;  // [layer * n_kv_heads + kv_head]

@@ -12,6 +12,7 @@
 #include "common/serialize.h"
 #include "retrieval_node/core/node_core.h"
 #include "retrieval_node/core/node_state.h"
+#include "retrieval_node/core/sequence_access.h"
 #include "retrieval_node/index/flat_index.h"
 
 namespace kvr::retrieval {
@@ -63,10 +64,8 @@ absl::Status NodeCore::ReadShards(const ReadShardsQuery& query,
                                                    query.cursors.size(), " entries > max ",
                                                    kMaxSyncCursors));
   }
-  std::shared_ptr<Sequence> seq = Find(query.sequence_id);
-  if (seq == nullptr) {
-    return absl::NotFoundError(absl::StrCat("ReadShards: unknown sequence ", query.sequence_id));
-  }
+  KVR_ASSIGN_OR_RETURN(std::shared_ptr<Sequence> seq,
+                       FindFor(query.sequence_id, query.capability, "ReadShards"));
   SyncHeader header;
   std::vector<SyncChunkData> out;
   MemoryReservation working;
@@ -200,6 +199,7 @@ absl::Status NodeCore::ReadShards(const ReadShardsQuery& query,
 absl::Status NodeCore::PlanSync(const SyncRequest& request, ReadShardsQuery* query) {
   const SequenceSpec& spec = request.spec;
   query->sequence_id = spec.sequence_id;
+  query->capability = request.capability;
   query->all = request.shards.empty();
   query->cursors.clear();
   if (request.shards.size() > kMaxSyncCursors) {
@@ -225,6 +225,7 @@ absl::Status NodeCore::PlanSync(const SyncRequest& request, ReadShardsQuery* que
   std::shared_ptr<Sequence> seq = Find(spec.sequence_id);
   std::map<ChunkId, SyncCursor> held;
   if (seq != nullptr) {
+    KVR_RETURN_IF_ERROR(CheckAccess(*seq, request.capability, "SyncShards"));
     std::shared_lock<std::shared_mutex> lock(seq->mu);
     if (!SameSpec(seq->spec, spec)) {
       return absl::FailedPreconditionError(absl::StrCat(
@@ -621,6 +622,8 @@ absl::Status NodeCore::AssembleSync(Sequence* seq, std::vector<SyncChunkData>& c
 absl::StatusOr<SyncResult> NodeCore::SyncShards(const SyncRequest& request, SyncSource* source) {
   const SequenceSpec& spec = request.spec;
   KVR_RETURN_IF_ERROR(internal::ValidateSpec(spec));
+  KVR_RETURN_IF_ERROR(CheckCapability(request.capability));
+  KVR_RETURN_IF_ERROR(CheckLeaseOwner(request.lease_owner, /*allow_empty=*/true));
   KVR_RETURN_IF_ERROR(PersistenceError());
   ReadShardsQuery query;
   KVR_RETURN_IF_ERROR(PlanSync(request, &query));
@@ -633,7 +636,8 @@ absl::StatusOr<SyncResult> NodeCore::SyncShards(const SyncRequest& request, Sync
   bool created = false;
   std::shared_ptr<Sequence> seq = Find(spec.sequence_id);
   if (seq == nullptr) {
-    const absl::Status st = CreateSequence(spec);
+    const absl::Status st = CreateSequence(
+        spec, SequenceAccess{request.capability, request.lease_owner, request.principal});
     if (!st.ok() && !absl::IsAlreadyExists(st)) return st;
     created = st.ok();
     seq = Find(spec.sequence_id);
@@ -642,8 +646,10 @@ absl::StatusOr<SyncResult> NodeCore::SyncShards(const SyncRequest& request, Sync
                                              " was dropped during the sync"));
     }
   }
+  // Created by someone else meanwhile: only with the same capability.
+  KVR_RETURN_IF_ERROR(CheckAccess(*seq, request.capability, "SyncShards"));
   const auto fail = [&](absl::Status st) {
-    if (created) (void)DropSequence(spec.sequence_id);
+    if (created) (void)Drop(spec.sequence_id, nullptr);
     return st;
   };
   for (int round = 0; round < 2; ++round) {
@@ -683,6 +689,7 @@ absl::StatusOr<SyncResult> NodeCore::SyncShards(const SyncRequest& request, Sync
     // whole and replace them.
     ReadShardsQuery again;
     again.sequence_id = spec.sequence_id;
+    again.capability = request.capability;
     again.cursors = divergent;
     std::vector<SyncChunkData> whole;
     const absl::Status st =

@@ -17,6 +17,7 @@
 
 #include <cstdint>
 #include <functional>
+#include <string>
 #include <vector>
 
 #include "common/status.h"
@@ -41,6 +42,7 @@ struct ReadShardsQuery {
   // exactly the cursors' chunks (NotFound naming one the source lacks).
   bool all = false;
   std::vector<SyncCursor> cursors;
+  std::string capability;  // the sequence's (PermissionDenied on a mismatch)
 };
 
 // One chunk as the source sends it.

@@ -55,6 +55,28 @@ struct SequenceSpec {
   IndexType index_type = IndexType::kGraph;
 };
 
+// What a sequence's creator gives the node besides the spec (tenant
+// isolation, docs/security.md): the capability every later request for the
+// sequence must present (sequence_access.h: 16..64 bytes; empty: an open
+// sequence that only requests with no capability reach), the lease owner
+// that keeps it alive (empty: no lease, never expires) and the creator's
+// principal (set by the node's server from the peer's certificate, "" when
+// insecure or in process; never taken from a client's message).
+struct SequenceAccess {
+  std::string capability;
+  std::string lease_owner;
+  std::string principal;
+};
+
+// What the node keeps of a SequenceAccess, persisted with the spec: the
+// capability's SHA-256 (empty for an open sequence), the principal and the
+// lease owner.
+struct SequenceOwner {
+  std::string capability_sha256;
+  std::string principal;
+  std::string lease_owner;
+};
+
 // One shard's keys and values plus the training data its index is built
 // from. Views must stay valid for the duration of the call only.
 struct ShardUpload {
@@ -71,6 +93,7 @@ struct ShardUpload {
   size_t train_topk_width = 0;
   ConstMatrixView train_queries;
   int train_k = 32;
+  std::string capability;  // the sequence's (SequenceAccess::capability)
 };
 
 // Tokens that left the worker's window, for one (sequence, layer, kv head).
@@ -83,6 +106,7 @@ struct AppendRequest {
   int64_t first_position = 0;  // absolute position of row 0 (rows are consecutive)
   ConstMatrixView keys;        // n x head_dim (may be a strided column slice)
   ConstMatrixView values;      // n x head_dim
+  std::string capability;      // the sequence's (SequenceAccess::capability)
 };
 
 // One decode step's queries for one layer: every query head (query head h
@@ -111,6 +135,7 @@ struct AttendRequest {
   // asks each node for the shards it chose that node for, so no shard is
   // attended twice. Must stay valid until the call completes.
   std::span<const HeadChunkRef> shards;
+  std::string capability;  // the sequence's (SequenceAccess::capability)
 };
 
 // One shard of a sequence, any layer.
@@ -130,6 +155,14 @@ struct SyncRequest {
   // The shards to make identical to the source's; empty = every shard the
   // source holds of the sequence.
   std::vector<ShardRef> shards;
+  // The sequence's capability (checked against the destination's sequence,
+  // stored with it when the sync creates it, presented to the source) and
+  // the lease owner a created sequence gets.
+  std::string capability;
+  std::string lease_owner;
+  // The caller's principal, set by the node's server (never from the
+  // client's message): a sequence the sync creates is owned by it.
+  std::string principal;
 };
 
 struct SyncResult {
@@ -157,6 +190,7 @@ struct NodeStats {
   int64_t seals = 0;         // tail buffers folded into an index, since start
   int64_t memory_bytes = 0;  // keys, values, indexes, tails
   int64_t quarantined_sequences = 0;  // set aside by recovery (NodeCore::Recover)
+  int64_t leases_expired = 0;  // sequences dropped because their lease expired, since start
 };
 
 // Completion of an asynchronous call; runs exactly once, on any thread.

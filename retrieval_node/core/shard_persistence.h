@@ -105,8 +105,9 @@ class ShardPersistence {
  public:
   virtual ~ShardPersistence() = default;
 
-  // Durably records a new sequence (its spec). The id is not in the store.
-  virtual absl::Status PutSequence(const SequenceSpec& spec) = 0;
+  // Durably records a new sequence: its spec and who owns it (the
+  // capability's hash, principal, lease owner). The id is not in the store.
+  virtual absl::Status PutSequence(const SequenceSpec& spec, const SequenceOwner& owner) = 0;
 
   // Durably deletes the sequence and everything of its heads.
   virtual absl::Status DropSequence(uint64_t sequence_id) = 0;
@@ -126,13 +127,14 @@ class ShardPersistence {
   }
 
   // Reads the whole store back, in order of sequence id: `on_sequence` for a
-  // sequence's spec, then `on_head` for each of its heads that holds
+  // sequence's spec and owner (a record written before owners existed gives
+  // an empty SequenceOwner: an open sequence), then `on_head` for each of its heads that holds
   // anything. Every blob is checked (checksums, sizes, dims, contiguity);
   // corrupt or inconsistent data is a DataLoss status naming the shard or
   // sequence, and recovery stops there. Errors returned by a callback stop
   // the walk and are returned as they are.
   virtual absl::Status Recover(
-      const std::function<absl::Status(const SequenceSpec&)>& on_sequence,
+      const std::function<absl::Status(const SequenceSpec&, const SequenceOwner&)>& on_sequence,
       const std::function<absl::Status(uint64_t sequence_id, RecoveredHead head)>& on_head) = 0;
 
   // Recover that never stops at one bad sequence: when a sequence's records
@@ -143,7 +145,7 @@ class ShardPersistence {
   // unreadable) are returned. The default, for stores that cannot skip, is
   // Recover (stops at the first error).
   virtual absl::Status RecoverSkippingBadSequences(
-      const std::function<absl::Status(const SequenceSpec&)>& on_sequence,
+      const std::function<absl::Status(const SequenceSpec&, const SequenceOwner&)>& on_sequence,
       const std::function<absl::Status(uint64_t sequence_id, RecoveredHead head)>& on_head,
       const std::function<void(uint64_t sequence_id, const absl::Status& why)>& on_bad_sequence) {
     (void)on_bad_sequence;

@@ -93,6 +93,10 @@ ABSL_FLAG(int64_t, ucx_max_inflight_bytes, int64_t{2} << 30,
           "UCX Attend request bytes in flight over all connections; a request that would pass "
           "it is answered RESOURCE_EXHAUSTED at once, its payload not received. Default 2 GiB "
           "(as --grpc_memory_quota_bytes); at least --max_message_bytes; 0 = unbounded");
+ABSL_FLAG(double, lease_seconds, 60.0,
+          "seconds a sequence created with a lease owner lives after its owner's last "
+          "CreateSequence / RenewLeases (dropped then, memory and data dir; counted in "
+          "kvr_node_leases_expired_total); restarts at recovery; 0 = never expire");
 ABSL_FLAG(bool, recovery_quarantine, true,
           "with --data_dir: a sequence whose stored records are corrupt or inconsistent, or "
           "that does not fit --memory_budget_bytes, is quarantined at startup (logged, counted "
@@ -184,6 +188,7 @@ int Main(int argc, char** argv) {
   core_options.tail_capacity = static_cast<size_t>(absl::GetFlag(FLAGS_tail_capacity));
   core_options.train_k = absl::GetFlag(FLAGS_train_k);
   core_options.recovery_quarantine = absl::GetFlag(FLAGS_recovery_quarantine);
+  core_options.lease_seconds = absl::GetFlag(FLAGS_lease_seconds);
   std::unique_ptr<ShardStore> store;  // outlives the core (declared first)
   if (const std::string data_dir = absl::GetFlag(FLAGS_data_dir); !data_dir.empty()) {
     absl::StatusOr<std::unique_ptr<ShardStore>> opened = ShardStore::Open(data_dir);
@@ -230,6 +235,7 @@ int Main(int argc, char** argv) {
         h.indexed_keys = st->indexed_keys;
         h.tail_keys = st->tail_keys;
         h.quarantined_sequences = st->quarantined_sequences;
+        h.leases_expired = st->leases_expired;
       }
       h.memory_used_bytes = node->MemoryUsedBytes();
       h.memory_budget_bytes = node->options().memory_budget_bytes;

@@ -11,7 +11,7 @@ namespace {
 
 constexpr std::array<std::string_view, kNodeMethodCount> kMethodNames = {
     "CreateSequence", "UploadShard", "Append",    "Attend",    "DropSequence",
-    "ListShards",     "Stats",       "SyncShards", "ReadShards"};
+    "ListShards",     "Stats",       "SyncShards", "ReadShards", "RenewLeases"};
 
 // Index builds: 1 ms .. 250 s.
 const metrics::Buckets kBuildSeconds = {
@@ -66,6 +66,9 @@ struct NodeMetrics::Impl {
         upload_memory_used(set.Gauge("kvr_node_upload_memory_used_bytes",
                                      "Working memory reserved by UploadShard streams in flight "
                                      "against --upload_memory_bytes")),
+        leases_expired(set.Counter("kvr_node_leases_expired_total",
+                                   "Sequences dropped because their lease owner stopped "
+                                   "renewing for --lease_seconds")),
         sync_keys_received(set.Counter("kvr_node_sync_keys_received_total",
                                        "Rows this node received as the destination of "
                                        "successful SyncShards calls")),
@@ -98,6 +101,9 @@ struct NodeMetrics::Impl {
     memory_budget.Set(static_cast<double>(h.memory_budget_bytes));
     quarantined.Set(static_cast<double>(h.quarantined_sequences));
     upload_memory_used.Set(static_cast<double>(h.upload_memory_used_bytes));
+    // A total kept by the core: the counter catches up with it.
+    const double expired = static_cast<double>(h.leases_expired);
+    if (expired > leases_expired.Value()) leases_expired.Increment(expired - leases_expired.Value());
   }
 
   metrics::MetricSet set;  // first: every family below lives in it
@@ -114,6 +120,7 @@ struct NodeMetrics::Impl {
   prometheus::Gauge& memory_budget;
   prometheus::Gauge& quarantined;
   prometheus::Gauge& upload_memory_used;
+  prometheus::Counter& leases_expired;
   prometheus::Counter& sync_keys_received;
   prometheus::Counter& sync_bytes_received;
   prometheus::Counter& sync_keys_sent;

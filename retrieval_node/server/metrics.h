@@ -39,8 +39,9 @@ enum class NodeMethod : uint8_t {
   kStats,
   kSyncShards,
   kReadShards,
+  kRenewLeases,
 };
-inline constexpr size_t kNodeMethodCount = 9;
+inline constexpr size_t kNodeMethodCount = 10;
 
 // What the node holds, sampled at scrape time.
 struct NodeHoldings {
@@ -52,6 +53,7 @@ struct NodeHoldings {
   int64_t memory_budget_bytes = 0;  // 0 = unlimited
   int64_t quarantined_sequences = 0;  // set aside by recovery, not served
   int64_t upload_memory_used_bytes = 0;  // working memory reserved by uploads in flight
+  int64_t leases_expired = 0;  // sequences dropped by lease expiry since start (a total)
 };
 
 class NodeMetrics {

@@ -66,6 +66,17 @@ absl::Status CheckDeadline(const grpc::CallbackServerContext* context, double ma
   return absl::OkStatus();
 }
 
+// The caller's principal (tenant isolation): the Subject CN of the peer's
+// certificate when the call came over TLS with one ("x509_common_name" in
+// the auth context), "" otherwise (insecure: every caller is the same "").
+std::string PeerPrincipal(const grpc::CallbackServerContext* context) {
+  const std::shared_ptr<const grpc::AuthContext> auth = context->auth_context();
+  if (auth == nullptr) return "";
+  const std::vector<grpc::string_ref> cn = auth->FindPropertyValues("x509_common_name");
+  if (cn.empty()) return "";
+  return std::string(cn.front().data(), cn.front().size());
+}
+
 absl::Status CheckAttendRequest(const v1::AttendRequest& r) {
   if (r.queries().dtype() != v1::DTYPE_F32) {
     return absl::InvalidArgumentError(absl::StrCat("queries.dtype ", r.queries().dtype(),
@@ -195,7 +206,9 @@ grpc::ServerUnaryReactor* NodeService::CreateSequence(grpc::CallbackServerContex
   }
   absl::StatusOr<SequenceSpec> spec = SequenceSpecFromProto(request->spec());
   if (!spec.ok()) return FinishNow(context, spec.status(), metrics, kMethod, start);
-  return FinishNow(context, core_->CreateSequence(*spec), metrics, kMethod, start);
+  const SequenceAccess access{request->capability(), request->lease_owner(),
+                              PeerPrincipal(context)};
+  return FinishNow(context, core_->CreateSequence(*spec, access), metrics, kMethod, start);
 }
 
 // --- UploadShard -----------------------------------------------------------------
@@ -311,7 +324,8 @@ class NodeService::UploadReactor final : public grpc::ServerReadReactor<v1::Uplo
                             2 * h.n_keys() * f32_row;
     KVR_ASSIGN_OR_RETURN(admission_,
                          service_->core_->ReserveUpload(h.key().sequence_id(),
-                                                        static_cast<size_t>(h.n_keys()), working));
+                                                        static_cast<size_t>(h.n_keys()), working,
+                                                        h.capability()));
     keys_.reserve(static_cast<size_t>(keys_bytes_));
     values_.reserve(static_cast<size_t>(values_bytes_));
     topk_.reserve(static_cast<size_t>(topk_bytes_));
@@ -387,6 +401,7 @@ class NodeService::UploadReactor final : public grpc::ServerReadReactor<v1::Uplo
 
     ShardUpload upload;
     upload.key = ShardKeyFromProto(header_.key());
+    upload.capability = header_.capability();
     upload.first_position = header_.first_position();
     upload.keys = keys.view();
     upload.values = values.view();
@@ -411,7 +426,7 @@ class NodeService::UploadReactor final : public grpc::ServerReadReactor<v1::Uplo
     info->set_first_position(header_.first_position());
     info->set_last_position(header_.first_position() + (header_.n_keys() - 1));
     absl::StatusOr<std::vector<ShardInfo>> shards =
-        service_->core_->ListShards(upload.key.sequence_id);
+        service_->core_->ListShards(upload.key.sequence_id, upload.capability);
     if (shards.ok()) {
       for (const ShardInfo& s : *shards) {
         if (s.key != upload.key) continue;
@@ -479,6 +494,7 @@ grpc::ServerUnaryReactor* NodeService::Append(grpc::CallbackServerContext* conte
     a.layer = request->layer();
     a.kv_head = request->kv_head();
     a.first_position = request->first_position();
+    a.capability = request->capability();
     a.keys = keys.view();
     a.values = values.view();
     const auto rows = static_cast<int64_t>(keys.rows);
@@ -558,6 +574,7 @@ void NodeService::HandleAttend(const v1::AttendRequest& request, v1::AttendRespo
   a.nprobe = request.nprobe();
   a.scale = request.scale();
   a.shards = call->shards;
+  a.capability = request.capability();
 
   core_->AttendAsync(a, call->out.view(), &call->stats,
                      [response, call, n, d, metrics, finish,
@@ -594,8 +611,8 @@ grpc::ServerUnaryReactor* NodeService::DropSequence(grpc::CallbackServerContext*
   }
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
   control_->Schedule([this, reactor, request, start] {
-    FinishAndRecord(reactor, core_->DropSequence(request->sequence_id()), options_.metrics,
-                    NodeMethod::kDropSequence, start);
+    FinishAndRecord(reactor, core_->DropSequence(request->sequence_id(), request->capability()),
+                    options_.metrics, NodeMethod::kDropSequence, start);
   });
   return reactor;
 }
@@ -608,10 +625,12 @@ grpc::ServerUnaryReactor* NodeService::ListShards(grpc::CallbackServerContext* c
     return FinishNow(context, st, options_.metrics, NodeMethod::kListShards, start);
   }
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
-  control_->Schedule([this, reactor, request, response, start] {
+  control_->Schedule([this, reactor, request, response, start,
+                      principal = PeerPrincipal(context)] {
     std::optional<uint64_t> id;
     if (request->has_sequence_id()) id = request->sequence_id();
-    absl::StatusOr<std::vector<ShardInfo>> shards = core_->ListShards(id);
+    absl::StatusOr<std::vector<ShardInfo>> shards =
+        core_->ListShards(id, request->capability(), principal);
     if (shards.ok()) {
       for (const ShardInfo& s : *shards) ShardInfoToProto(s, response->add_shards());
     }
@@ -628,8 +647,8 @@ grpc::ServerUnaryReactor* NodeService::Stats(grpc::CallbackServerContext* contex
     return FinishNow(context, st, options_.metrics, NodeMethod::kStats, start);
   }
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
-  control_->Schedule([this, reactor, response, start] {
-    absl::StatusOr<NodeStats> st = core_->Stats();
+  control_->Schedule([this, reactor, response, start, principal = PeerPrincipal(context)] {
+    absl::StatusOr<NodeStats> st = core_->Stats(principal);
     if (st.ok()) {
       response->set_sequences(st->sequences);
       response->set_shards(st->shards);
@@ -644,6 +663,26 @@ grpc::ServerUnaryReactor* NodeService::Stats(grpc::CallbackServerContext* contex
       response->set_upload_memory_bytes(core_->options().upload_memory_bytes);
     }
     FinishAndRecord(reactor, st.status(), options_.metrics, NodeMethod::kStats, start);
+  });
+  return reactor;
+}
+
+grpc::ServerUnaryReactor* NodeService::RenewLeases(grpc::CallbackServerContext* context,
+                                                   const v1::RenewLeasesRequest* request,
+                                                   v1::RenewLeasesResponse* response) {
+  const Clock::time_point start = Clock::now();
+  constexpr NodeMethod kMethod = NodeMethod::kRenewLeases;
+  if (absl::Status st = CheckDeadline(context, options_.max_deadline_seconds); !st.ok()) {
+    return FinishNow(context, st, options_.metrics, kMethod, start);
+  }
+  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  control_->Schedule([this, reactor, request, response, start] {
+    absl::StatusOr<int64_t> renewed = core_->RenewLeases(request->lease_owner());
+    if (renewed.ok()) {
+      response->set_sequences(*renewed);
+      response->set_lease_seconds(core_->options().lease_seconds);
+    }
+    FinishAndRecord(reactor, renewed.status(), options_.metrics, kMethod, start);
   });
   return reactor;
 }
@@ -677,6 +716,7 @@ grpc::ServerUnaryReactor* NodeService::SyncShards(grpc::CallbackServerContext* c
   }
   absl::StatusOr<SyncRequest> sync = SyncRequestFromProto(*request, NodeCore::kMaxSyncCursors);
   if (!sync.ok()) return FinishNow(context, sync.status(), options_.metrics, kMethod, start);
+  sync->principal = PeerPrincipal(context);
   // The source is read under this call's deadline (capped above); without
   // one (no cap configured) under kDefaultSyncSeconds.
   constexpr int kDefaultSyncSeconds = 600;

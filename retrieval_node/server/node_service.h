@@ -110,6 +110,12 @@ class NodeService final : public v1::RetrievalNode::CallbackService {
   grpc::ServerWriteReactor<v1::ReadShardsResponse>* ReadShards(
       grpc::CallbackServerContext* context, const v1::ReadShardsRequest* request) override;
 
+  // Renews the caller's leases (NodeCore::RenewLeases) and says the node's
+  // lease_seconds.
+  grpc::ServerUnaryReactor* RenewLeases(grpc::CallbackServerContext* context,
+                                        const v1::RenewLeasesRequest* request,
+                                        v1::RenewLeasesResponse* response) override;
+
   // Answers with the address set by SetUcxAddress (empty: UCX off).
   grpc::ServerUnaryReactor* GetEndpoints(grpc::CallbackServerContext* context,
                                          const v1::GetEndpointsRequest* request,

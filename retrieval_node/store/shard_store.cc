@@ -128,7 +128,17 @@ size_t RowBytes(const SequenceSpec& spec) {
 
 // --- record codecs ---------------------------------------------------------------
 
-std::vector<uint8_t> EncodeSpec(const SequenceSpec& spec) {
+// Owner fields after the spec's (records written before them end there:
+// DecodeSpec then returns an empty owner, an open sequence).
+constexpr uint8_t kOwnerTag = 1;
+constexpr uint64_t kMaxOwnerFieldBytes = 4096;
+
+struct StoredSpec {
+  SequenceSpec spec;
+  SequenceOwner owner;
+};
+
+std::vector<uint8_t> EncodeSpec(const SequenceSpec& spec, const SequenceOwner& owner) {
   BinaryWriter w;
   w.Put<uint64_t>(spec.sequence_id);
   w.Put<int32_t>(spec.n_layers);
@@ -137,10 +147,14 @@ std::vector<uint8_t> EncodeSpec(const SequenceSpec& spec) {
   w.Put<int32_t>(spec.head_dim);
   w.Put<uint8_t>(static_cast<uint8_t>(spec.value_dtype));
   w.Put<uint8_t>(static_cast<uint8_t>(spec.index_type));
+  w.Put<uint8_t>(kOwnerTag);
+  w.PutString(owner.capability_sha256);
+  w.PutString(owner.principal);
+  w.PutString(owner.lease_owner);
   return SealRecord(kSpecBlob, w);
 }
 
-absl::StatusOr<SequenceSpec> DecodeSpec(std::span<const uint8_t> bytes) {
+absl::StatusOr<StoredSpec> DecodeSpec(std::span<const uint8_t> bytes) {
   KVR_ASSIGN_OR_RETURN(OpenedBlob blob, OpenRecord(bytes, kSpecBlob));
   BinaryReader r(blob.payload, "sequence spec");
   SequenceSpec spec;
@@ -152,10 +166,27 @@ absl::StatusOr<SequenceSpec> DecodeSpec(std::span<const uint8_t> bytes) {
   KVR_RETURN_IF_ERROR(r.Get(&spec.head_dim, "head_dim"));
   KVR_RETURN_IF_ERROR(r.Get(&dtype, "value_dtype"));
   KVR_RETURN_IF_ERROR(r.Get(&index_type, "index_type"));
+  SequenceOwner owner;
+  if (r.remaining() > 0) {
+    uint8_t tag = 0;
+    KVR_RETURN_IF_ERROR(r.Get(&tag, "owner tag"));
+    if (tag != kOwnerTag) {
+      return absl::DataLossError(absl::StrCat("sequence spec: owner tag ", tag, " unknown"));
+    }
+    KVR_RETURN_IF_ERROR(
+        r.GetString(&owner.capability_sha256, "capability_sha256", kMaxOwnerFieldBytes));
+    KVR_RETURN_IF_ERROR(r.GetString(&owner.principal, "principal", kMaxOwnerFieldBytes));
+    KVR_RETURN_IF_ERROR(r.GetString(&owner.lease_owner, "lease_owner", kMaxOwnerFieldBytes));
+    if (!owner.capability_sha256.empty() && owner.capability_sha256.size() != 32) {
+      return absl::DataLossError(absl::StrCat("sequence spec: capability_sha256 has ",
+                                              owner.capability_sha256.size(),
+                                              " bytes, expected 32 or 0"));
+    }
+  }
   KVR_RETURN_IF_ERROR(r.ExpectEnd());
   KVR_ASSIGN_OR_RETURN(spec.value_dtype, DTypeFromTag(dtype));
   spec.index_type = static_cast<IndexType>(index_type);
-  return spec;
+  return StoredSpec{spec, std::move(owner)};
 }
 
 struct ChunkMeta {
@@ -581,11 +612,11 @@ absl::StatusOr<std::unique_ptr<ShardStore>> ShardStore::Open(const std::string& 
   return std::unique_ptr<ShardStore>(new ShardStore(dir, options, std::move(db)));
 }
 
-absl::Status ShardStore::PutSequence(const SequenceSpec& spec) {
+absl::Status ShardStore::PutSequence(const SequenceSpec& spec, const SequenceOwner& owner) {
   const std::string what = absl::StrCat("PutSequence ", spec.sequence_id);
   return db_->SubmitAndWait(
       [&](rocksdb::WriteBatch* batch) {
-        return FromRocks(batch->Put(SequenceKey(spec.sequence_id), AsSlice(EncodeSpec(spec))),
+        return FromRocks(batch->Put(SequenceKey(spec.sequence_id), AsSlice(EncodeSpec(spec, owner))),
                          what);
       },
       what);
@@ -668,20 +699,20 @@ void ShardStore::CommitHeadAsync(const HeadWrite& write, StatusCallback done) {
 }
 
 absl::Status ShardStore::Recover(
-    const std::function<absl::Status(const SequenceSpec&)>& on_sequence,
+    const std::function<absl::Status(const SequenceSpec&, const SequenceOwner&)>& on_sequence,
     const std::function<absl::Status(uint64_t sequence_id, RecoveredHead head)>& on_head) {
   return Walk(on_sequence, on_head, nullptr);
 }
 
 absl::Status ShardStore::RecoverSkippingBadSequences(
-    const std::function<absl::Status(const SequenceSpec&)>& on_sequence,
+    const std::function<absl::Status(const SequenceSpec&, const SequenceOwner&)>& on_sequence,
     const std::function<absl::Status(uint64_t sequence_id, RecoveredHead head)>& on_head,
     const std::function<void(uint64_t sequence_id, const absl::Status& why)>& on_bad_sequence) {
   return Walk(on_sequence, on_head, on_bad_sequence);
 }
 
 absl::Status ShardStore::Walk(
-    const std::function<absl::Status(const SequenceSpec&)>& on_sequence,
+    const std::function<absl::Status(const SequenceSpec&, const SequenceOwner&)>& on_sequence,
     const std::function<absl::Status(uint64_t sequence_id, RecoveredHead head)>& on_head,
     const std::function<void(uint64_t sequence_id, const absl::Status& why)>& on_bad_sequence) {
   rocksdb::ReadOptions ro;
@@ -724,20 +755,20 @@ absl::Status ShardStore::Walk(
     if (skipping.has_value() && *skipping == seq) continue;
     if (key.size() == kSeqKeyLen) {  // a sequence's spec: its heads follow
       KVR_RETURN_IF_ERROR(flush());
-      absl::StatusOr<SequenceSpec> decoded = DecodeSpec(AsBytes(it->value()));
+      absl::StatusOr<StoredSpec> decoded = DecodeSpec(AsBytes(it->value()));
       if (!decoded.ok()) {
         KVR_RETURN_IF_ERROR(bad(seq, Loss(absl::StrCat("sequence ", seq),
                                           absl::StrCat("spec: ", decoded.status().message()))));
         continue;
       }
-      if (decoded->sequence_id != seq) {
+      if (decoded->spec.sequence_id != seq) {
         KVR_RETURN_IF_ERROR(bad(seq, Loss(absl::StrCat("sequence ", seq),
                                           absl::StrCat("spec names sequence ",
-                                                       decoded->sequence_id))));
+                                                       decoded->spec.sequence_id))));
         continue;
       }
-      spec = *decoded;
-      KVR_RETURN_IF_ERROR(bad(seq, on_sequence(*spec)));
+      spec = decoded->spec;
+      KVR_RETURN_IF_ERROR(bad(seq, on_sequence(*spec, decoded->owner)));
       continue;
     }
     if (!spec.has_value() || spec->sequence_id != seq) {

@@ -72,16 +72,16 @@ class ShardStore final : public ShardPersistence {
                                                           const ShardStoreOptions& options = {});
   ~ShardStore() override;
 
-  absl::Status PutSequence(const SequenceSpec& spec) override;
+  absl::Status PutSequence(const SequenceSpec& spec, const SequenceOwner& owner) override;
   absl::Status DropSequence(uint64_t sequence_id) override;
   absl::Status CommitHead(const HeadWrite& write) override;
   void CommitHeadAsync(const HeadWrite& write, StatusCallback done) override;
   absl::Status Recover(
-      const std::function<absl::Status(const SequenceSpec&)>& on_sequence,
+      const std::function<absl::Status(const SequenceSpec&, const SequenceOwner&)>& on_sequence,
       const std::function<absl::Status(uint64_t sequence_id, RecoveredHead head)>& on_head)
       override;
   absl::Status RecoverSkippingBadSequences(
-      const std::function<absl::Status(const SequenceSpec&)>& on_sequence,
+      const std::function<absl::Status(const SequenceSpec&, const SequenceOwner&)>& on_sequence,
       const std::function<absl::Status(uint64_t sequence_id, RecoveredHead head)>& on_head,
       const std::function<void(uint64_t sequence_id, const absl::Status& why)>& on_bad_sequence)
       override;
@@ -102,7 +102,7 @@ class ShardStore final : public ShardPersistence {
  private:
   // Recover's walk; a null `on_bad_sequence` stops at the first error.
   absl::Status Walk(
-      const std::function<absl::Status(const SequenceSpec&)>& on_sequence,
+      const std::function<absl::Status(const SequenceSpec&, const SequenceOwner&)>& on_sequence,
       const std::function<absl::Status(uint64_t sequence_id, RecoveredHead head)>& on_head,
       const std::function<void(uint64_t sequence_id, const absl::Status& why)>& on_bad_sequence);
   struct Db;

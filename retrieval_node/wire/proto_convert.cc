@@ -229,6 +229,7 @@ void AttendRequestToProto(const AttendRequest& request, v1::AttendRequest* out) 
   out->set_beam(request.beam);
   out->set_nprobe(request.nprobe);
   out->set_scale(request.scale);
+  out->set_capability(request.capability);
   out->mutable_shards()->Reserve(static_cast<int>(request.shards.size()));
   for (const HeadChunkRef& ref : request.shards) {
     v1::HeadChunk* s = out->add_shards();
@@ -252,6 +253,8 @@ absl::Status AttendShardsFromProto(const v1::AttendRequest& request, size_t max_
 void SyncRequestToProto(const SyncRequest& request, v1::SyncShardsRequest* out) {
   SequenceSpecToProto(request.spec, out->mutable_spec());
   out->set_source_address(request.source_address);
+  out->set_capability(request.capability);
+  out->set_lease_owner(request.lease_owner);
   for (const ShardRef& s : request.shards) {
     v1::ShardKey* k = out->add_shards();
     k->set_sequence_id(request.spec.sequence_id);
@@ -271,6 +274,8 @@ absl::StatusOr<SyncRequest> SyncRequestFromProto(const v1::SyncShardsRequest& re
                                                    " bytes: need a host:port of 1..1024"));
   }
   out.source_address = request.source_address();
+  out.capability = request.capability();
+  out.lease_owner = request.lease_owner();
   if (static_cast<size_t>(request.shards_size()) > max_entries) {
     return absl::InvalidArgumentError(absl::StrCat("shards lists ", request.shards_size(),
                                                    " entries > max ", max_entries));
@@ -299,6 +304,7 @@ SyncResult SyncResultFromProto(const v1::SyncShardsResponse& response) {
 void ReadShardsQueryToProto(const ReadShardsQuery& query, v1::ReadShardsRequest* out) {
   out->set_sequence_id(query.sequence_id);
   out->set_all(query.all);
+  out->set_capability(query.capability);
   for (const SyncCursor& c : query.cursors) {
     v1::SyncCursor* p = out->add_cursors();
     p->set_layer(c.layer);
@@ -318,6 +324,7 @@ absl::StatusOr<ReadShardsQuery> ReadShardsQueryFromProto(const v1::ReadShardsReq
   ReadShardsQuery out;
   out.sequence_id = request.sequence_id();
   out.all = request.all();
+  out.capability = request.capability();
   out.cursors.reserve(static_cast<size_t>(request.cursors_size()));
   for (const v1::SyncCursor& c : request.cursors()) {
     out.cursors.push_back(

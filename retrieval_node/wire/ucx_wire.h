@@ -37,6 +37,10 @@ inline constexpr uint16_t kUcxAttendReplyAm = 2;
 // are version 1. The selection itself is bounded by max_message_bytes (each
 // entry is >= 2 bytes of the frame) and by the node (NodeService::
 // kMaxAttendShards, then n_kv_heads x held chunks).
+// The sequence's capability (tenant isolation) is AttendRequest field 10
+// inside the data, so it needed no new version: a node that predates it
+// ignores the field, and a current node refuses a request without the
+// sequence's capability (PERMISSION_DENIED) whatever the version.
 inline constexpr uint32_t kUcxWireVersion = 1;
 inline constexpr uint32_t kUcxWireVersionShards = 2;
 // UcxRequestHeader::flags bit: a connection check; the node replies OK with

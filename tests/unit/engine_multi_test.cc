@@ -62,6 +62,10 @@ class GatedClient final : public retrieval::RetrievalClient {
   absl::Status CreateSequence(const retrieval::SequenceSpec& spec) override {
     return node_->CreateSequence(spec);
   }
+  absl::Status CreateSequence(const retrieval::SequenceSpec& spec,
+                              std::string_view capability) override {
+    return node_->CreateSequence(spec, capability);
+  }
   absl::Status UploadShard(const retrieval::ShardUpload& upload) override {
     {
       std::unique_lock<std::mutex> lock(mu_);
@@ -84,6 +88,9 @@ class GatedClient final : public retrieval::RetrievalClient {
   }
   absl::Status DropSequence(uint64_t sequence_id) override {
     return node_->DropSequence(sequence_id);
+  }
+  absl::Status DropSequence(uint64_t sequence_id, std::string_view capability) override {
+    return node_->DropSequence(sequence_id, capability);
   }
   absl::StatusOr<retrieval::NodeStats> Stats() override { return node_->Stats(); }
 

@@ -41,8 +41,12 @@ class HangingClient final : public retrieval::RetrievalClient {
   }
 
   absl::Status CreateSequence(const retrieval::SequenceSpec& spec) override {
+    return CreateSequence(spec, "");
+  }
+  absl::Status CreateSequence(const retrieval::SequenceSpec& spec,
+                              std::string_view capability) override {
     if (hang_creates) Hang();
-    return node_->CreateSequence(spec);
+    return node_->CreateSequence(spec, capability);
   }
   absl::Status UploadShard(const retrieval::ShardUpload& upload) override {
     return node_->UploadShard(upload);
@@ -58,9 +62,10 @@ class HangingClient final : public retrieval::RetrievalClient {
                    retrieval::AttendStats* stats, retrieval::StatusCallback done) override {
     node_->AttendAsync(request, out, stats, std::move(done));
   }
-  absl::Status DropSequence(uint64_t sequence_id) override {
+  absl::Status DropSequence(uint64_t sequence_id) override { return DropSequence(sequence_id, ""); }
+  absl::Status DropSequence(uint64_t sequence_id, std::string_view capability) override {
     if (hang_drops) Hang();
-    return node_->DropSequence(sequence_id);
+    return node_->DropSequence(sequence_id, capability);
   }
   absl::StatusOr<retrieval::NodeStats> Stats() override { return node_->Stats(); }
 
