@@ -46,7 +46,8 @@ kvr_test(worker_utf8_test SOURCES hostile/worker_utf8_test.cc PROTOBUF_FIRST
 # with no clang dependency (the clang build, `make fuzz`, fuzzes for real).
 if(KVR_WITH_SERVICES AND NOT KVR_FUZZ)
   # node_service / worker: every RPC of the retrieval node / decode worker
-  # through the service object on an in-process gRPC server (~3 s each).
+  # through the service object on a gRPC server in the test's process
+  # (node_service over 127.0.0.1, worker in-process; ~3-5 s each).
   foreach(h ucx_wire index llama2c llama2c_tokenizer sentencepiece hf_bpe safetensors openai
       store node_service worker)
     # The store harness opens RocksDB per input (~50 ms): fewer mutations.
