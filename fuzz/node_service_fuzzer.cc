@@ -21,8 +21,8 @@
 // sizes, UploadShard's n_keys, ReadShards' one header then header.chunks
 // chunks, SyncShards' non-negative counts), Stats never reports negative
 // memory, and after the input's sequences are all dropped both nodes hold
-// nothing: MemoryUsedBytes() == 0, UploadMemoryUsedBytes() == 0, no
-// sequence, no shard.
+// nothing (polled, 10 s): MemoryUsedBytes() == 0, UploadMemoryUsedBytes()
+// == 0, no sequence, no shard.
 #include <chrono>
 #include <cstdint>
 #include <cstdio>
@@ -30,6 +30,7 @@
 #include <memory>
 #include <set>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "fuzz/fuzz_input.h"
@@ -622,18 +623,28 @@ class Session {
   }
 
   // Everything dropped: `core` must hold no sequence, no shard and no
-  // accounted byte.
+  // accounted byte, within 10 s (polled): a ReadShards the client
+  // cancelled ends on the client at once, while the node's read thread
+  // returns the stream's snapshot reservation (upload memory) when its
+  // next write fails, a moment later.
   void CheckEmpty(retrieval::NodeCore& core) {
-    const int64_t used = core.MemoryUsedBytes();
-    const int64_t upload = core.UploadMemoryUsedBytes();
-    absl::StatusOr<retrieval::NodeStats> stats = core.Stats();
-    absl::StatusOr<std::vector<retrieval::ShardInfo>> shards = core.ListShards(std::nullopt);
-    if (used != 0 || upload != 0 || !stats.ok() || stats->sequences != 0 || !shards.ok() ||
-        !shards->empty()) {
-      Fail("after dropping every sequence: MemoryUsedBytes " + std::to_string(used) +
-           ", UploadMemoryUsedBytes " + std::to_string(upload) + ", sequences " +
-           (stats.ok() ? std::to_string(stats->sequences) : "?") + ", shards " +
-           (shards.ok() ? std::to_string(shards->size()) : "?"));
+    const auto give_up = std::chrono::steady_clock::now() + std::chrono::seconds(10);
+    while (true) {
+      const int64_t used = core.MemoryUsedBytes();
+      const int64_t upload = core.UploadMemoryUsedBytes();
+      absl::StatusOr<retrieval::NodeStats> stats = core.Stats();
+      absl::StatusOr<std::vector<retrieval::ShardInfo>> shards = core.ListShards(std::nullopt);
+      if (used == 0 && upload == 0 && stats.ok() && stats->sequences == 0 && shards.ok() &&
+          shards->empty()) {
+        return;
+      }
+      if (std::chrono::steady_clock::now() > give_up) {
+        Fail("10 s after dropping every sequence: MemoryUsedBytes " + std::to_string(used) +
+             ", UploadMemoryUsedBytes " + std::to_string(upload) + ", sequences " +
+             (stats.ok() ? std::to_string(stats->sequences) : "?") + ", shards " +
+             (shards.ok() ? std::to_string(shards->size()) : "?"));
+      }
+      std::this_thread::sleep_for(std::chrono::milliseconds(1));  // poll interval
     }
   }
 
