@@ -16,6 +16,9 @@
 
 #include "fuzz/service_ops.h"
 #include "grpcpp/client_context.h"
+#include "grpcpp/create_channel.h"
+#include "grpcpp/security/credentials.h"
+#include "grpcpp/security/server_credentials.h"
 #include "grpcpp/server.h"
 #include "grpcpp/server_builder.h"
 
@@ -155,24 +158,51 @@ class TensorFill {
   size_t budget_;
 };
 
-// A grpc::Server with `service` registered and no listening port: calls
-// reach it through InProcessChannel() only. Built once per harness process.
+// How a harness's client reaches its server.
+enum class Transport {
+  // grpc::Server::InProcessChannel, no socket. gRPC 1.51's in-process
+  // transport keeps both call objects of a client stream alive for good
+  // when the server finishes the call before reading the client's
+  // half-close (an UploadShard refused at its header: ~64 KiB per call, so
+  // a long node_service run hit libFuzzer's RSS limit); over HTTP/2 the
+  // same calls are freed. Fine for harnesses without client streams.
+  kInProcess,
+  // A listening port on 127.0.0.1 chosen at run time and a channel to it:
+  // the HTTP/2 transport the servers really run, and an address another
+  // in-process server can dial (SyncShards' source).
+  kLoopback,
+};
+
+// A grpc::Server with `service` registered, reached through channel() (see
+// Transport). Built once per harness process.
 template <typename Service>
 class InProcessServer {
  public:
-  explicit InProcessServer(Service* service) {
+  explicit InProcessServer(Service* service, Transport transport = Transport::kInProcess) {
     grpc::ServerBuilder builder;
     builder.RegisterService(service);
+    int port = 0;
+    if (transport == Transport::kLoopback) {
+      builder.AddListeningPort("127.0.0.1:0", grpc::InsecureServerCredentials(), &port);
+    }
     server_ = builder.BuildAndStart();
-    if (server_ == nullptr) std::abort();
+    if (server_ == nullptr || (transport == Transport::kLoopback && port == 0)) std::abort();
     grpc::ChannelArguments args;
-    channel_ = server_->InProcessChannel(args);
+    if (transport == Transport::kLoopback) {
+      address_ = "127.0.0.1:" + std::to_string(port);
+      channel_ = grpc::CreateCustomChannel(address_, grpc::InsecureChannelCredentials(), args);
+    } else {
+      channel_ = server_->InProcessChannel(args);
+    }
   }
   std::shared_ptr<grpc::Channel> channel() const { return channel_; }
+  // "127.0.0.1:PORT" with Transport::kLoopback, "" otherwise.
+  const std::string& address() const { return address_; }
 
  private:
   std::unique_ptr<grpc::Server> server_;
   std::shared_ptr<grpc::Channel> channel_;
+  std::string address_;
 };
 
 // Sets a deadline `ms` milliseconds away (the services refuse calls without

@@ -520,6 +520,57 @@ void NodeServiceSeeds() {
     o.B({kNodeRaw, 4}).Blob(drop.SerializeAsString());
     Write("node_service", "raw-protos", kNodeRaw, o.str().substr(1));
   }
+  {  // the second node holds a sequence; the node under test syncs it and is read back
+    Ops o;
+    o.B({kNodeOnSource});
+    NodeCreate(o, 2, 2);
+    o.B({kNodeOnSource});
+    NodeUpload(o, 2, 0, 0, 40, 1, 0);
+    o.B({kNodeOnSource});
+    NodeAppend(o, 2, 40, 5);
+    // SyncShards: spec fields as NodeCreate, source (0: the second node),
+    // keep the spec, no shard list (all).
+    o.B({kNodeSync, 2, 1, 2, 1, 0, 1, 2, 0, 0, 0});
+    o.B({kNodeRead, 2, 0, 0, 0});  // ReadShards: all, no cursor, read to the end
+    NodeAttend(o, 2, 8);
+    // ReadShards of one chunk with a cursor (after_position 39, 40 index rows).
+    o.B({kNodeRead, 2, 1, 1, 0, 0, 0, 39, 40, 0});
+    o.B({kNodeRead, 2, 0, 0, 1});  // cancelled after the header
+    o.B({kNodeSync, 2, 1, 2, 1, 0, 1, 2, 0, 0, 1, 2, 0, 0, 0});  // one listed shard again
+    o.B({kNodeSync, 2, 1, 2, 1, 0, 1, 2, 6, 0, 0});  // from the node itself
+    o.B({kNodeSync, 3, 1, 2, 1, 0, 1, 2, 7, 0, 0});  // from a closed port
+    o.B({kNodeOnSource, kNodeRead, 2, 0, 0, 0, kNodeStats});
+    Write("node_service", "sync-read", kNodeOnSource, o.str().substr(1));
+  }
+  {  // SyncShards and ReadShards requests as a client serializes them
+    kvr::v1::SyncShardsRequest sync;
+    kvr::v1::SequenceSpec* spec = sync.mutable_spec();
+    spec->set_sequence_id(1);
+    spec->set_n_layers(1);
+    spec->set_n_heads(2);
+    spec->set_n_kv_heads(1);
+    spec->set_head_dim(8);
+    spec->set_value_dtype(kvr::v1::DTYPE_F32);
+    spec->set_index_type(kvr::v1::INDEX_TYPE_FLAT);
+    sync.set_source_address("replaced by the harness");
+    kvr::v1::ShardKey* key = sync.add_shards();
+    key->set_sequence_id(1);
+    kvr::v1::ReadShardsRequest read;
+    read.set_sequence_id(1);
+    kvr::v1::SyncCursor* cursor = read.add_cursors();
+    cursor->set_after_position(-1);
+    cursor->set_known_index_rows(-1);
+    Ops o;
+    o.B({kNodeOnSource});
+    NodeCreate(o, 1, 2);
+    o.B({kNodeOnSource});
+    NodeUpload(o, 1, 0, 0, 40, 1, 0);
+    o.B({kNodeRaw, 8}).Blob(sync.SerializeAsString()).B({0});  // source: the second node
+    o.B({kNodeRaw, 9}).Blob(read.SerializeAsString());
+    read.set_all(true);
+    o.B({kNodeRaw, 9}).Blob(read.SerializeAsString());
+    Write("node_service", "sync-raw", kNodeOnSource, o.str().substr(1));
+  }
 }
 
 // Worker Generate from fields: text prompt, max_tokens, no stop strings,

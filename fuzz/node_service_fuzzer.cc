@@ -1,9 +1,13 @@
 // Fuzzes every RPC handler of the retrieval node (NodeService,
 // retrieval_node/server/node_service.h) as a hostile client drives it:
 // CreateSequence, UploadShard (client stream), Append, Attend,
-// DropSequence, ListShards, Stats, GetEndpoints, through the real service
-// object registered on an in-process gRPC server (InProcessChannel, no
-// sockets) over one NodeCore.
+// DropSequence, ListShards, Stats, GetEndpoints, SyncShards, ReadShards
+// (server stream), through the real service object registered on a gRPC
+// server in this process over one NodeCore, reached over 127.0.0.1
+// (fuzz_input.h Transport::kLoopback: the in-process transport leaks
+// client streams the server finishes early). SyncShards reads from a
+// second such node (the source; ops can be sent to it too), from the node
+// itself, or from a closed port.
 //
 // Input: a stream of operations (fuzz_input.h NodeOp): an op byte, then the
 // op's fields read by ByteReader (small values or raw extremes), tensor
@@ -14,10 +18,11 @@
 //
 // Checks, besides "no crash, no sanitizer report": a successful reply has
 // the shape its request implies (Append's last_position, Attend's partial
-// sizes, UploadShard's n_keys), Stats never reports negative memory, and
-// after the input's sequences are all dropped the node holds nothing:
-// MemoryUsedBytes() == 0, UploadMemoryUsedBytes() == 0, no sequence, no
-// shard.
+// sizes, UploadShard's n_keys, ReadShards' one header then header.chunks
+// chunks, SyncShards' non-negative counts), Stats never reports negative
+// memory, and after the input's sequences are all dropped both nodes hold
+// nothing (polled, 10 s): MemoryUsedBytes() == 0, UploadMemoryUsedBytes()
+// == 0, no sequence, no shard.
 #include <chrono>
 #include <cstdint>
 #include <cstdio>
@@ -25,6 +30,7 @@
 #include <memory>
 #include <set>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "fuzz/fuzz_input.h"
@@ -49,6 +55,9 @@ constexpr int64_t kMaxUploadBytes = int64_t{4} << 20;
 constexpr size_t kFillBudget = size_t{128} << 10;  // generated tensor bytes per input
 constexpr int kMaxOps = 64;
 constexpr int64_t kDeadlineMs = 30000;
+constexpr int kMaxKeys = 3;  // ShardKeys per SyncShards, cursors per ReadShards
+// A port nothing listens on (SyncShards' source: connection refused).
+constexpr char kClosedAddress[] = "127.0.0.1:1";
 
 struct Node {
   std::unique_ptr<retrieval::NodeCore> core;
@@ -74,13 +83,20 @@ struct Node {
     so.max_upload_bytes = kMaxUploadBytes;
     service = std::make_unique<retrieval::NodeService>(core.get(), so);
     service->SetUcxAddress("IPV4:127.0.0.1:1");
-    server = std::make_unique<kvr::fuzz::InProcessServer<retrieval::NodeService>>(service.get());
+    server = std::make_unique<kvr::fuzz::InProcessServer<retrieval::NodeService>>(
+        service.get(), kvr::fuzz::Transport::kLoopback);
     stub = v1::RetrievalNode::NewStub(server->channel());
   }
 };
 
+// The node under test, and the second node (SyncShards' source). Both live
+// for the process (gRPC threads inside).
 Node& TheNode() {
-  static Node* node = new Node();  // lives for the process (gRPC threads inside)
+  static Node* node = new Node();
+  return *node;
+}
+Node& TheSource() {
+  static Node* node = new Node();
   return *node;
 }
 
@@ -110,9 +126,12 @@ class Session {
       : in_(data, size), fill_(kFillBudget), stub_(TheNode().stub.get()) {}
 
   void Run() {
+    bool on_source = false;
     for (int i = 0; i < kMaxOps && !in_.done(); ++i) {
       const uint8_t op = in_.Byte();
       no_deadline_ = (op & 0xC0) == 0xC0;
+      stub_ = (on_source ? TheSource() : TheNode()).stub.get();
+      on_source = false;
       switch ((op & 0x0F) % kvr::fuzz::kNodeOps) {
         case kvr::fuzz::kNodeCreate: Create(); break;
         case kvr::fuzz::kNodeUpload: UploadWhole(); break;
@@ -125,12 +144,18 @@ class Session {
         case kvr::fuzz::kNodeList: List(); break;
         case kvr::fuzz::kNodeStats: Stats(); break;
         case kvr::fuzz::kNodeEndpoints: Endpoints(); break;
+        case kvr::fuzz::kNodeSync: Sync(); break;
+        case kvr::fuzz::kNodeRead: Read(); break;
+        case kvr::fuzz::kNodeOnSource: on_source = true; break;
         default: Raw(); break;
       }
     }
     UploadEnd();
-    for (uint64_t id : ids_) Drop(id, /*deadline=*/true);
-    CheckEmpty();
+    for (Node* node : {&TheNode(), &TheSource()}) {
+      stub_ = node->stub.get();
+      for (uint64_t id : ids_) Drop(id, /*deadline=*/true);
+      CheckEmpty(*node->core);
+    }
   }
 
  private:
@@ -162,9 +187,8 @@ class Session {
   }
   int DType() { return in_.Int32(5); }  // 0 (unspecified), f32, bf16, f16, 4 (unknown)
 
-  void Create() {
-    v1::CreateSequenceRequest r;
-    v1::SequenceSpec* s = r.mutable_spec();
+  // A spec from fields (CreateSequence, SyncShards).
+  void Spec(v1::SequenceSpec* s) {
     s->set_sequence_id(SequenceId());
     s->set_n_layers(in_.Int32(4));
     s->set_n_heads(in_.Int32(5));
@@ -172,6 +196,11 @@ class Session {
     s->set_head_dim(HeadDim());
     s->set_value_dtype(static_cast<v1::DType>(DType()));
     s->set_index_type(static_cast<v1::IndexType>(in_.Int32(5)));
+  }
+
+  void Create() {
+    v1::CreateSequenceRequest r;
+    Spec(r.mutable_spec());
     if (in_.Byte() == 1) r.clear_spec();
     grpc::ClientContext c;
     Deadline(&c);
@@ -408,6 +437,89 @@ class Session {
     }
   }
 
+  // Where a SyncShards reads from: mostly the source node, sometimes the
+  // node it is sent to, or a closed port.
+  std::string SourceAddress() {
+    switch (in_.Byte() % 8) {
+      case 6: return TheNode().server->address();
+      case 7: return kClosedAddress;
+      default: return TheSource().server->address();
+    }
+  }
+
+  void Sync() {
+    v1::SyncShardsRequest r;
+    Spec(r.mutable_spec());
+    r.set_source_address(SourceAddress());
+    if (in_.Byte() == 1) r.clear_spec();
+    const int n = in_.Byte() % (kMaxKeys + 1);
+    for (int i = 0; i < n; ++i) {
+      v1::ShardKey* k = r.add_shards();
+      k->set_sequence_id(in_.Uint64(4));
+      k->set_layer(in_.Int32(3));
+      k->set_kv_head(in_.Int32(3));
+      k->set_chunk(in_.Int32(4));
+    }
+    grpc::ClientContext c;
+    Deadline(&c);
+    v1::SyncShardsResponse out;
+    const grpc::Status st = stub_->SyncShards(&c, r, &out);
+    Trace("SyncShards", st);
+    if (st.ok() && (out.keys_copied() < 0 || out.bytes_copied() < 0)) {
+      Fail("SyncShards OK with keys_copied " + std::to_string(out.keys_copied()) +
+           ", bytes_copied " + std::to_string(out.bytes_copied()));
+    }
+  }
+
+  // Reads a ReadShards stream to its end (or cancels it after the first
+  // message when `cancel`); an OK stream must be one header, then exactly
+  // header.chunks chunks.
+  void ReadStream(const v1::ReadShardsRequest& r, bool cancel) {
+    grpc::ClientContext c;
+    Deadline(&c);
+    std::unique_ptr<grpc::ClientReader<v1::ReadShardsResponse>> reader = stub_->ReadShards(&c, r);
+    v1::ReadShardsResponse m;
+    bool header = false, ordered = true;
+    int64_t chunks = 0, declared = -1;
+    while (reader->Read(&m)) {
+      if (cancel) {
+        c.TryCancel();
+        continue;  // read what is left until the stream ends
+      }
+      if (m.has_header() && !header) {
+        header = true;
+        declared = m.header().chunks();
+      } else if (m.has_chunk() && header) {
+        ++chunks;
+      } else {
+        ordered = false;
+      }
+    }
+    const grpc::Status st = reader->Finish();
+    Trace("ReadShards", st);
+    if (st.ok() && !cancel && (!ordered || !header || chunks != declared)) {
+      Fail("ReadShards OK with " + std::string(ordered ? "" : "messages out of order, ") +
+           (header ? "" : "no header, ") + std::to_string(chunks) + " chunks for " +
+           std::to_string(declared) + " declared");
+    }
+  }
+
+  void Read() {
+    v1::ReadShardsRequest r;
+    r.set_sequence_id(SequenceId());
+    r.set_all(in_.Byte() % 2 == 0);
+    const int n = in_.Byte() % (kMaxKeys + 1);
+    for (int i = 0; i < n; ++i) {
+      v1::SyncCursor* k = r.add_cursors();
+      k->set_layer(in_.Int32(3));
+      k->set_kv_head(in_.Int32(3));
+      k->set_chunk(in_.Int32(4));
+      k->set_after_position(in_.Int64(64));
+      k->set_known_index_rows(in_.Int64(64));
+    }
+    ReadStream(r, in_.Byte() == 1);
+  }
+
   void Endpoints() {
     grpc::ClientContext c;
     Deadline(&c);
@@ -424,7 +536,7 @@ class Session {
   }
 
   void Raw() {
-    const uint8_t which = in_.Byte() % 8;
+    const uint8_t which = in_.Byte() % 10;
     grpc::ClientContext c;
     Deadline(&c);
     switch (which) {
@@ -485,6 +597,21 @@ class Session {
         (void)stub_->Stats(&c, r, &out);
         return;
       }
+      case 8: {
+        v1::SyncShardsRequest r;
+        if (!Parse(&r)) return;
+        ids_.insert(r.spec().sequence_id());
+        r.set_source_address(SourceAddress());  // never dial what the bytes name
+        v1::SyncShardsResponse out;
+        Trace("SyncShards (parsed)", stub_->SyncShards(&c, r, &out));
+        return;
+      }
+      case 9: {
+        v1::ReadShardsRequest r;
+        if (!Parse(&r)) return;
+        ReadStream(r, /*cancel=*/false);
+        return;
+      }
       default: {
         v1::GetEndpointsRequest r;
         if (!Parse(&r)) return;
@@ -495,26 +622,35 @@ class Session {
     }
   }
 
-  // Everything dropped: the node must hold no sequence, no shard and no
-  // accounted byte.
-  void CheckEmpty() {
-    retrieval::NodeCore& core = *TheNode().core;
-    const int64_t used = core.MemoryUsedBytes();
-    const int64_t upload = core.UploadMemoryUsedBytes();
-    absl::StatusOr<retrieval::NodeStats> stats = core.Stats();
-    absl::StatusOr<std::vector<retrieval::ShardInfo>> shards = core.ListShards(std::nullopt);
-    if (used != 0 || upload != 0 || !stats.ok() || stats->sequences != 0 || !shards.ok() ||
-        !shards->empty()) {
-      Fail("after dropping every sequence: MemoryUsedBytes " + std::to_string(used) +
-           ", UploadMemoryUsedBytes " + std::to_string(upload) + ", sequences " +
-           (stats.ok() ? std::to_string(stats->sequences) : "?") + ", shards " +
-           (shards.ok() ? std::to_string(shards->size()) : "?"));
+  // Everything dropped: `core` must hold no sequence, no shard and no
+  // accounted byte, within 10 s (polled): a ReadShards the client
+  // cancelled ends on the client at once, while the node's read thread
+  // returns the stream's snapshot reservation (upload memory) when its
+  // next write fails, a moment later.
+  void CheckEmpty(retrieval::NodeCore& core) {
+    const auto give_up = std::chrono::steady_clock::now() + std::chrono::seconds(10);
+    while (true) {
+      const int64_t used = core.MemoryUsedBytes();
+      const int64_t upload = core.UploadMemoryUsedBytes();
+      absl::StatusOr<retrieval::NodeStats> stats = core.Stats();
+      absl::StatusOr<std::vector<retrieval::ShardInfo>> shards = core.ListShards(std::nullopt);
+      if (used == 0 && upload == 0 && stats.ok() && stats->sequences == 0 && shards.ok() &&
+          shards->empty()) {
+        return;
+      }
+      if (std::chrono::steady_clock::now() > give_up) {
+        Fail("10 s after dropping every sequence: MemoryUsedBytes " + std::to_string(used) +
+             ", UploadMemoryUsedBytes " + std::to_string(upload) + ", sequences " +
+             (stats.ok() ? std::to_string(stats->sequences) : "?") + ", shards " +
+             (shards.ok() ? std::to_string(shards->size()) : "?"));
+      }
+      std::this_thread::sleep_for(std::chrono::milliseconds(1));  // poll interval
     }
   }
 
   ByteReader in_;
   TensorFill fill_;
-  v1::RetrievalNode::Stub* const stub_;
+  v1::RetrievalNode::Stub* stub_;  // the node this op goes to
   bool no_deadline_ = false;
   std::set<uint64_t> ids_;
   std::unique_ptr<Upload> open_;

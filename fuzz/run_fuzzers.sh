@@ -8,8 +8,9 @@
 # -rss_limit_mb / -malloc_limit_mb 2048 (an input that makes a parser
 # allocate more counts as a crash) and -timeout 10 (a slow input, too).
 # Crashes land in BUILD_DIR/fuzz-artifacts/<h>/. Prints one summary line per
-# harness (seconds it ran, execs, coverage = libFuzzer's last "cov:" count, crash
-# files) and exits 1 when any harness crashed.
+# harness (seconds it ran, execs, coverage = libFuzzer's last "cov:" count,
+# corpus = its last "corp:" count, crash files) and exits 1 when any harness
+# crashed.
 set -uo pipefail
 build_dir=$1
 seconds=$2
@@ -33,9 +34,10 @@ for h in "$@"; do
   elapsed=$((SECONDS - start))
   execs=$(grep -o 'stat::number_of_executed_units: *[0-9]*' "$log" | grep -o '[0-9]*$' | tail -1)
   cov=$(grep -o 'cov: [0-9]*' "$log" | grep -o '[0-9]*$' | tail -1)
+  corp=$(grep -o 'corp: [0-9]*' "$log" | grep -o '[0-9]*$' | tail -1)
   crashes=$(find "$artifacts" -type f | wc -l)
-  summary+=("$(printf '%-20s %6ss %12s execs  cov %6s  %s crash file(s)  rc %s' "$h" \
-    "$elapsed" "${execs:-?}" "${cov:-?}" "$crashes" "$rc")")
+  summary+=("$(printf '%-20s %6ss %12s execs  cov %6s  corpus %6s  %s crash file(s)  rc %s' \
+    "$h" "$elapsed" "${execs:-?}" "${cov:-?}" "${corp:-?}" "$crashes" "$rc")")
   if [[ $rc -ne 0 ]]; then
     status=1
     echo "run_fuzzers: $h failed (rc $rc); see $log and $artifacts/" >&2

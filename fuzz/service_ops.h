@@ -21,7 +21,10 @@ enum NodeOp : uint8_t {
   kNodeStats = 9,
   kNodeEndpoints = 10,
   kNodeRaw = 11,  // a byte picks the RPC, then blobs parsed as its request protos
-  kNodeOps = 12,
+  kNodeSync = 12,      // SyncShards from fields (source: the second node, itself, a closed port)
+  kNodeRead = 13,      // ReadShards from fields, read to the end or cancelled after a message
+  kNodeOnSource = 14,  // the next op goes to the second node (SyncShards' source)
+  kNodeOps = 15,
 };
 
 // Op codes of the worker harness (byte % kWorkerOps).
