@@ -31,6 +31,7 @@
 #include <set>
 #include <string>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #include "fuzz/fuzz_input.h"
@@ -154,6 +155,9 @@ class Session {
     for (Node* node : {&TheNode(), &TheSource()}) {
       stub_ = node->stub.get();
       for (uint64_t id : ids_) Drop(id, /*deadline=*/true);
+      // Sequences a parsed request created under a capability (tenant
+      // isolation: only that capability may drop them).
+      for (const auto& [id, capability] : capabilities_) Drop(id, /*deadline=*/true, capability);
       CheckEmpty(*node->core);
     }
   }
@@ -406,9 +410,16 @@ class Session {
     }
   }
 
-  void Drop(uint64_t id, bool deadline = false) {
+  // Remembers `id` (and `capability`, when set) for the cleanup's drops.
+  void Touch(uint64_t id, const std::string& capability) {
+    ids_.insert(id);
+    if (!capability.empty()) capabilities_.emplace(id, capability);  // at most kMaxOps
+  }
+
+  void Drop(uint64_t id, bool deadline = false, const std::string& capability = "") {
     v1::DropSequenceRequest r;
     r.set_sequence_id(id);
+    r.set_capability(capability);
     grpc::ClientContext c;
     if (deadline || !no_deadline_) kvr::fuzz::SetDeadline(&c, kDeadlineMs);
     v1::DropSequenceResponse out;
@@ -543,7 +554,7 @@ class Session {
       case 0: {
         v1::CreateSequenceRequest r;
         if (!Parse(&r)) return;
-        ids_.insert(r.spec().sequence_id());
+        Touch(r.spec().sequence_id(), r.capability());
         v1::CreateSequenceResponse out;
         (void)stub_->CreateSequence(&c, r, &out);
         return;
@@ -555,7 +566,7 @@ class Session {
         for (int i = 0; i < n; ++i) {
           v1::UploadShardRequest m;
           if (!Parse(&m)) continue;
-          if (m.has_header()) ids_.insert(m.header().key().sequence_id());
+          if (m.has_header()) Touch(m.header().key().sequence_id(), m.header().capability());
           if (!writer->Write(m)) break;
         }
         writer->WritesDone();
@@ -600,7 +611,7 @@ class Session {
       case 8: {
         v1::SyncShardsRequest r;
         if (!Parse(&r)) return;
-        ids_.insert(r.spec().sequence_id());
+        Touch(r.spec().sequence_id(), r.capability());
         r.set_source_address(SourceAddress());  // never dial what the bytes name
         v1::SyncShardsResponse out;
         Trace("SyncShards (parsed)", stub_->SyncShards(&c, r, &out));
@@ -653,6 +664,9 @@ class Session {
   v1::RetrievalNode::Stub* stub_;  // the node this op goes to
   bool no_deadline_ = false;
   std::set<uint64_t> ids_;
+  // (id, capability) of every parsed request that may create a sequence
+  // with a capability (CreateSequence, an UploadShard header, SyncShards).
+  std::set<std::pair<uint64_t, std::string>> capabilities_;
   std::unique_ptr<Upload> open_;
 };
 
