@@ -1,0 +1,6 @@
+# Link order of an executable that links libsentencepiece (kvr::model) and
+# parses flags with abseil: libsentencepiece's bundled FLAGS_help must bind to
+# its own object, not to abseil's 1-byte dummy (cmake/KvrTargets.cmake,
+# kvr_link_protobuf_first).
+kvr_test(link_order_test SOURCES unit/link_order_test.cc OWN_MAIN PROTOBUF_FIRST
+  DEPS kvr::model absl::flags absl::flags_parse ${CMAKE_DL_LIBS} LABELS unit TIMEOUT 30)
