@@ -93,10 +93,11 @@ ASAN_ENV = ASAN_OPTIONS=detect_leaks=1:halt_on_error=1:abort_on_error=0:detect_s
 #   graph builds in a row must finish inside the client's 60 s upload deadline
 #   (~10x slower under ASan on a loaded 2-core machine: DEADLINE_EXCEEDED).
 ASAN_GTEST_EXCLUDE ?= NodeHostileTest.UploadBuildsDoNotDelayOtherSequencesAppends
-# The node, worker and gateway tests that run threads against each other.
+# The node, worker and gateway tests that run threads against each other, and
+# link_order_test (libsentencepiece is loaded in this build).
 TSAN_TESTS ?= node_integration_test node_hostile_test persistence_test ucx_test \
   ucx_routing_test ucx_limits_test engine_test engine_multi_test engine_scheduler_test \
-  generation_e2e_test worker_hostile_test gateway_e2e_test gateway_hostile_test
+  generation_e2e_test worker_hostile_test gateway_e2e_test gateway_hostile_test link_order_test
 # UCX_MEM_EVENTS=no: UCX's memory hooks (libucm) run at thread exit after
 # TSan has torn the thread down (SIGSEGV in ucm_madvise); kvr does not use
 # them. ignore_noninstrumented_modules: libc calls made from inside Debian's
