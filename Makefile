@@ -110,9 +110,10 @@ TSAN_TESTS ?= node_integration_test node_hostile_test persistence_test ucx_test 
 #  GatewayHostileTest.HalfHeaderConnectionsDoNotStarveModelsOrHealth: with
 #   1000 half-open clients /healthz and /v1/models must answer in < 5 s (6.3 s
 #   under TSan on a loaded 2-core machine).
-#  GenerationCudaPluginTest.EmulatedCudaWorkerEqualsEmbedded: OPEN - the
-#   TSan kvr_worker with the emulated CUDA plugin dies on its first Generate
-#   without writing a TSan report; not yet investigated.
+#  GenerationCudaPluginTest.EmulatedCudaWorkerEqualsEmbedded: the CUDA
+#   emulator under TSan is too slow for the test's deadlines (DEADLINE_EXCEEDED
+#   after 270 s, no report). (It used to die on its first kernel: the
+#   emulator's fiber switches now tell TSan, grid_executor.cc.)
 TSAN_GTEST_EXCLUDE ?= NodeHostileTest.UploadBuildsDoNotDelayOtherSequencesAppends:WorkerHostileTest.MiBPromptIsRefusedBeforeTokenizing:GatewayHostileTest.HalfHeaderConnectionsDoNotStarveModelsOrHealth:GenerationCudaPluginTest.EmulatedCudaWorkerEqualsEmbedded
 TSAN_ENV = UCX_MEM_EVENTS=no \
   TSAN_OPTIONS=halt_on_error=0:second_deadlock_stack=1:ignore_noninstrumented_modules=1:suppressions=$(SAN_SUPP)/tsan.supp:log_path=$(CURDIR)/$(TSAN_DIR)/sanitizer-logs/tsan:log_exe_name=1 \
