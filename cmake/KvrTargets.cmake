@@ -73,8 +73,23 @@ endfunction()
 # (GOOGLE_PROTOBUF_VERIFY_VERSION) so that --as-needed records it in
 # DT_NEEDED before libsentencepiece. Every executable linking generated code
 # does the same, so the order never depends on which libraries pull in what.
+# libsentencepiece comes second, before abseil's flags libraries: it also
+# bundles a small absl flags copy whose FLAGS_help / FLAGS_version /
+# FLAGS_minloglevel (32-byte Flag<bool> objects, reached through its GOT)
+# would otherwise bind to libabsl_flags_usage_internal's 1-byte dummy
+# `bool FLAGS_help` etc., and its static initializers would overwrite the
+# .bss after them, which holds the Mutex absl::ParseCommandLine locks (the
+# "Mutex corrupt" abort of kvr_worker under TSan; docs/security.md
+# "Sanitizers"). Bound to libsentencepiece's own objects, nothing is
+# overwritten: abseil never references its dummies.
 function(kvr_link_protobuf_first target)
   target_link_libraries(${target} PRIVATE protobuf::libprotobuf)
+  # A path, not PkgConfig::SentencePiece: CMake would move the target after
+  # kvr::model, which depends on it, i.e. after abseil's flags libraries.
+  find_library(KVR_SENTENCEPIECE_LIBRARY sentencepiece)
+  if(KVR_SENTENCEPIECE_LIBRARY)
+    target_link_libraries(${target} PRIVATE ${KVR_SENTENCEPIECE_LIBRARY})
+  endif()
 endfunction()
 
 function(kvr_test name)

@@ -6,6 +6,7 @@
 #include <limits>
 
 #include "grpc/health/v1/health.grpc.pb.h"
+#include "common/tsan_annotations.h"
 #include "grpcpp/client_context.h"
 #include "grpcpp/create_channel.h"
 #include "grpcpp/security/credentials.h"
@@ -363,8 +364,12 @@ void GrpcRetrievalClient::AppendAsync(const AppendRequest& request, StatusCallba
 }
 
 void GrpcRetrievalClient::SendAppend(AppendCall* call) {
+  // The callback may run on a gRPC thread: it sees what was done to `call`
+  // before the call started (TSan cannot see gRPC's own ordering).
+  KVR_TSAN_RELEASE(call);
   stub_->async()->Append(&call->context, &call->request, &call->response,
                          [this, call](grpc::Status status) {
+                           KVR_TSAN_ACQUIRE(call);
                            OnAppendDone(call, FromGrpcStatus(status));
                          });
 }
@@ -407,8 +412,10 @@ void GrpcRetrievalClient::AttendAsync(const AttendRequest& request, PartialsView
   call->stats = stats;
   call->done = std::move(done);
   Call* raw = call.release();
+  KVR_TSAN_RELEASE(raw);  // as in SendAppend
   stub_->async()->Attend(&raw->context, &raw->request, &raw->response,
                          [raw](grpc::Status grpc_status) {
+                           KVR_TSAN_ACQUIRE(raw);
                            std::unique_ptr<Call> owned(raw);
                            absl::Status status = FromGrpcStatus(grpc_status);
                            if (status.ok()) {

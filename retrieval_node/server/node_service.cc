@@ -8,6 +8,7 @@
 #include <string>
 #include <vector>
 
+#include "common/tsan_annotations.h"
 #include "grpcpp/create_channel.h"
 #include "grpcpp/security/credentials.h"
 #include "retrieval_node/index/index.h"
@@ -223,10 +224,12 @@ class NodeService::UploadReactor final : public grpc::ServerReadReactor<v1::Uplo
       Done(st);
       return;
     }
+    KVR_TSAN_RELEASE(this);  // gRPC orders StartRead before OnReadDone
     StartRead(&message_);
   }
 
   void OnReadDone(bool ok) override {
+    KVR_TSAN_ACQUIRE(this);
     if (!ok) {  // the client half-closed, or the call is over
       if (context_->IsCancelled()) {
         Done(absl::CancelledError("UploadShard cancelled"));
@@ -251,10 +254,14 @@ class NodeService::UploadReactor final : public grpc::ServerReadReactor<v1::Uplo
       return;
     }
     message_.Clear();
+    KVR_TSAN_RELEASE(this);
     StartRead(&message_);
   }
 
-  void OnDone() override { delete this; }
+  void OnDone() override {
+    KVR_TSAN_ACQUIRE(this);  // Done() may have run on the upload pool
+    delete this;
+  }
 
  private:
   void Done(const absl::Status& status) {
@@ -262,6 +269,7 @@ class NodeService::UploadReactor final : public grpc::ServerReadReactor<v1::Uplo
     admission_.shard.Release();
     admission_.working.Release();
     Record(service_->options_.metrics, NodeMethod::kUploadShard, start_, status);
+    KVR_TSAN_RELEASE(this);  // gRPC orders Finish before OnDone
     Finish(ToGrpcStatus(status));
   }
 
@@ -775,16 +783,21 @@ class NodeService::ReadReactor final : public grpc::ServerWriteReactor<v1::ReadS
     NodeMetrics* const metrics = service_->options_.metrics;
     if (metrics != nullptr) metrics->RecordSyncSent(keys, bytes);
     Record(metrics, NodeMethod::kReadShards, start_, status);
+    KVR_TSAN_RELEASE(this);  // gRPC orders Finish before OnDone
     Finish(ToGrpcStatus(status));
   }
 
   void OnWriteDone(bool ok) override {
+    KVR_TSAN_ACQUIRE(this);
     std::lock_guard<std::mutex> lock(mu_);
     writing_ = false;
     write_ok_ = ok;
     cv_.notify_all();
   }
-  void OnDone() override { delete this; }
+  void OnDone() override {
+    KVR_TSAN_ACQUIRE(this);  // Run() finished on the sync pool
+    delete this;
+  }
 
  private:
   // Writes message_ and waits for its completion (gRPC completes every
@@ -795,6 +808,7 @@ class NodeService::ReadReactor final : public grpc::ServerWriteReactor<v1::ReadS
       std::lock_guard<std::mutex> lock(mu_);
       writing_ = true;
     }
+    KVR_TSAN_RELEASE(this);  // gRPC orders StartWrite before OnWriteDone
     StartWrite(&message_);
     std::unique_lock<std::mutex> lock(mu_);
     cv_.wait(lock, [&] { return !writing_; });

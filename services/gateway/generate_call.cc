@@ -6,6 +6,7 @@
 #include <utility>
 
 #include "absl/strings/str_cat.h"
+#include "common/tsan_annotations.h"
 
 namespace kvr::gateway {
 
@@ -39,12 +40,16 @@ class GenerateCall::Attempt final : public grpc::ClientReadReactor<v1::GenerateR
     worker_->generation->async()->Generate(&ctx_, &request_, this);
     AddHold();  // before StartCall, as gRPC requires
     StartRead(&response_);
+    // gRPC orders StartCall / StartRead before the reactions (OnReadDone,
+    // OnDone), which run on its threads; TSan cannot see that ordering.
+    KVR_TSAN_RELEASE(this);
     StartCall();
   }
   // The next response; nothing once the stream ended or was cancelled.
   void Read() {
     std::lock_guard<std::mutex> lock(mu_);
     if (released_) return;
+    KVR_TSAN_RELEASE(this);
     StartRead(&response_);
   }
   void Cancel() {
@@ -53,6 +58,7 @@ class GenerateCall::Attempt final : public grpc::ClientReadReactor<v1::GenerateR
   }
 
   void OnReadDone(bool ok) override {
+    KVR_TSAN_ACQUIRE(this);
     if (!ok) {  // the stream ended: OnDone follows once the hold is gone
       Release();
       return;
@@ -63,6 +69,7 @@ class GenerateCall::Attempt final : public grpc::ClientReadReactor<v1::GenerateR
   }
 
   void OnDone(const grpc::Status& status) override {
+    KVR_TSAN_ACQUIRE(this);
     // The last callback: may release the call (and with it this attempt).
     std::shared_ptr<GenerateCall> call = std::move(call_);
     call->OnUpstreamDone(this, status);
@@ -75,6 +82,7 @@ class GenerateCall::Attempt final : public grpc::ClientReadReactor<v1::GenerateR
     std::lock_guard<std::mutex> lock(mu_);
     if (released_) return;
     released_ = true;
+    KVR_TSAN_RELEASE(this);  // OnDone may follow on a gRPC thread
     RemoveHold();
   }
 

@@ -9,6 +9,11 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "common/tsan_annotations.h"
+
+#ifdef KVR_TSAN_ENABLED
+#include <sanitizer/tsan_interface.h>
+#endif
 
 #if !defined(__x86_64__)
 #include <ucontext.h>
@@ -50,6 +55,7 @@ KvrEmuSwitch:
 
 struct Context {
   void* sp = nullptr;
+  void* tsan_fiber = nullptr;  // TSan builds: this context's TSan fiber
 };
 
 void InitContext(Context* c, std::byte* stack, size_t size, void (*entry)()) {
@@ -61,10 +67,11 @@ void InitContext(Context* c, std::byte* stack, size_t size, void (*entry)()) {
   c->sp = &words[-8];
 }
 
-void Switch(Context* from, Context* to) { KvrEmuSwitch(&from->sp, to->sp); }
+void Switch(Context* from, Context* to);
 #else
 struct Context {
   ucontext_t uc;
+  void* tsan_fiber = nullptr;  // TSan builds: this context's TSan fiber
 };
 
 void InitContext(Context* c, std::byte* stack, size_t size, void (*entry)()) {
@@ -75,7 +82,55 @@ void InitContext(Context* c, std::byte* stack, size_t size, void (*entry)()) {
   makecontext(&c->uc, entry, 0);
 }
 
-void Switch(Context* from, Context* to) { swapcontext(&from->uc, &to->uc); }
+#endif
+
+// TSan builds: ThreadSanitizer keeps a shadow call stack per thread, so a
+// stack switch it is not told about corrupts it (the TSan kvr_worker died on
+// its first emulated kernel). Each fiber context gets a TSan fiber, made
+// afresh per block (its previous run never returned), the scheduler context
+// is the thread's own, and every switch is announced first
+// (__tsan_switch_to_fiber; flag 0: the switch orders the fibers, as the
+// scheduler does). No-ops in other builds.
+void NewTsanFiber(Context* c) {
+#ifdef KVR_TSAN_ENABLED
+  if (c->tsan_fiber != nullptr) __tsan_destroy_fiber(c->tsan_fiber);
+  c->tsan_fiber = __tsan_create_fiber(0);
+#else
+  static_cast<void>(c);
+#endif
+}
+
+void DestroyTsanFiber(Context* c) {
+#ifdef KVR_TSAN_ENABLED
+  if (c->tsan_fiber != nullptr) __tsan_destroy_fiber(c->tsan_fiber);
+  c->tsan_fiber = nullptr;
+#else
+  static_cast<void>(c);
+#endif
+}
+
+void AdoptThreadAsTsanFiber(Context* c) {
+#ifdef KVR_TSAN_ENABLED
+  c->tsan_fiber = __tsan_get_current_fiber();
+#else
+  static_cast<void>(c);
+#endif
+}
+
+#if defined(__x86_64__)
+void Switch(Context* from, Context* to) {
+#ifdef KVR_TSAN_ENABLED
+  __tsan_switch_to_fiber(to->tsan_fiber, 0);
+#endif
+  KvrEmuSwitch(&from->sp, to->sp);
+}
+#else
+void Switch(Context* from, Context* to) {
+#ifdef KVR_TSAN_ENABLED
+  __tsan_switch_to_fiber(to->tsan_fiber, 0);
+#endif
+  swapcontext(&from->uc, &to->uc);
+}
 #endif
 
 // ---- Stacks --------------------------------------------------------------------
@@ -172,6 +227,7 @@ std::string Where(const BlockRun& r) {
 // descending thread order each pass, so a thread that reads what a lower
 // thread writes without a barrier in between sees the old value.
 void Schedule(BlockRun& r) {
+  AdoptThreadAsTsanFiber(&r.scheduler);
   const int n = static_cast<int>(r.fibers.size());
   for (;;) {
     for (int i = n - 1; i >= 0; --i) {
@@ -293,11 +349,13 @@ std::string RunGrid(const LaunchConfig& config, const std::function<void()>& bod
           f.state = FiberState::kRunnable;
           f.shuffles = 0;
           InitContext(&f.ctx, pool->Stack(i), kStackBytes, &FiberMain);
+          NewTsanFiber(&f.ctx);
         }
         Schedule(r);
       }
     }
   }
+  for (Fiber& f : r.fibers) DestroyTsanFiber(&f.ctx);
   t_run = nullptr;
   return r.fault;
 }
