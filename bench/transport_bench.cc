@@ -2,7 +2,8 @@
 // loopback, with Llama-3-8B-shaped payloads (32 query heads x d 128, 8 kv
 // heads, k = 100).
 //
-//   transport_bench [--keys 16384] [--index graph] [--clients 1,4,16] [--json out.json]
+//   transport_bench [--keys 16384] [--index graph] [--clients 1,4,16] [--tls] [--ucx]
+//                   [--json out.json]
 //
 // Starts a real kvr_node (--kvr_node, default: the one built alongside) on
 // 127.0.0.1 and an InProcessRetrievalClient in this process, with the same
@@ -29,6 +30,14 @@
 // UcxRetrievalClient objects (one UCP worker each) carry Attend; transports
 // from UCX_TLS (default here tcp on lo). Skipped, with the reason, when UCX
 // cannot run.
+// mTLS (--tls, on by default): a second kvr_node, identical but for
+// --tls_cert_file/--tls_key_file/--tls_ca_file (a throwaway CA, a kvr-node
+// and a kvr-worker certificate made with services/infra/security/
+// cert_authority.h in a temporary directory, removed at exit), loaded with
+// the same shards; its clients present the kvr-worker certificate through
+// the worker's own credentials (security::MakeMtlsChannelCredentials), so
+// "grpc-mtls" is the worker -> node hop of a --secure cluster. The report
+// gives the TLS overhead: grpc-mtls p50 - grpc p50.
 #include <fcntl.h>
 #include <poll.h>
 #include <signal.h>
@@ -37,11 +46,13 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cerrno>
 #include <atomic>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <filesystem>
 #include <fstream>
 #include <functional>
 #include <memory>
@@ -65,6 +76,8 @@
 #include "retrieval_node/client/grpc_retrieval_client.h"
 #include "retrieval_node/client/in_process_client.h"
 #include "retrieval_node/client/ucx_retrieval_client.h"
+#include "services/infra/security/cert_authority.h"
+#include "services/infra/security/tls_credentials.h"
 #include "tools/attention_data.h"
 
 #ifndef KVR_NODE_BINARY
@@ -95,6 +108,9 @@ ABSL_FLAG(bool, ucx, true,
 ABSL_FLAG(int64_t, ucx_busy_poll_us, 0,
           "UCX progress threads (node and clients) poll this long after activity before "
           "sleeping");
+ABSL_FLAG(bool, tls, true,
+          "also measure Attend over gRPC with mTLS: a second kvr_node with --tls_* flags "
+          "(throwaway CA and certificates in a temporary directory)");
 ABSL_FLAG(std::string, json, "", "also write the results to this JSON file");
 
 namespace kvr::retrieval {
@@ -138,6 +154,62 @@ class NodeProcess {
   std::unique_ptr<Subprocess> proc_;
   std::string address_;
 };
+
+// --- mTLS material --------------------------------------------------------------------
+
+// A private temporary directory (mode 0700, under $TMPDIR or /tmp), removed
+// with everything in it on destruction.
+class TempDir {
+ public:
+  TempDir() {
+    const char* tmp = std::getenv("TMPDIR");
+    std::string pattern = absl::StrCat((tmp != nullptr && *tmp != '\0') ? tmp : "/tmp",
+                                       "/transport_bench.XXXXXX");
+    if (mkdtemp(pattern.data()) == nullptr) Die("mkdtemp " + pattern + ": " + strerror(errno));
+    path_ = pattern;
+  }
+  ~TempDir() {
+    std::error_code ec;
+    std::filesystem::remove_all(path_, ec);
+  }
+  TempDir(const TempDir&) = delete;
+  TempDir& operator=(const TempDir&) = delete;
+
+  const std::string& path() const { return path_; }
+
+ private:
+  std::string path_;
+};
+
+// The PEM files of a throwaway mTLS set-up: a CA (CN kvr-ca), the node's
+// certificate (CN kvr-node) and the client's (CN kvr-worker, which kvr_node
+// allows by default), both with SANs DNS:localhost and IP:127.0.0.1, as
+// `kvr cluster --secure` makes them. Written under `dir`.
+struct TlsMaterial {
+  std::string ca_cert;
+  security::TlsFiles node;    // for kvr_node's --tls_* flags
+  security::TlsFiles client;  // for the clients' channel credentials
+};
+
+TlsMaterial MakeTlsMaterial(const std::string& dir) {
+  absl::StatusOr<security::CertAndKey> ca = security::MakeCa("kvr-ca");
+  CheckOk(ca.status(), "MakeCa");
+  TlsMaterial m;
+  m.ca_cert = dir + "/ca.crt";
+  CheckOk(security::WriteCertAndKey(*ca, m.ca_cert, dir + "/ca.key"), "write CA");
+  auto issue = [&](const std::string& cn, security::TlsFiles& files) {
+    absl::StatusOr<security::CertAndKey> cert =
+        security::IssueCert(*ca, cn, {"localhost"}, {"127.0.0.1"});
+    CheckOk(cert.status(), "IssueCert " + cn);
+    files.cert_file = absl::StrCat(dir, "/", cn, ".crt");
+    files.key_file = absl::StrCat(dir, "/", cn, ".key");
+    files.ca_file = m.ca_cert;
+    CheckOk(security::WriteCertAndKey(*cert, files.cert_file, files.key_file), "write " + cn);
+  };
+  issue("kvr-node", m.node);
+  issue("kvr-worker", m.client);
+  return m;
+}
 
 // --- data ----------------------------------------------------------------------------
 
@@ -345,8 +417,10 @@ std::string MachineLine() {
 
 int Main(int argc, char** argv) {
   absl::SetProgramUsageMessage(
-      "per-layer Attend round trip, in-process vs gRPC on loopback (Llama-3-8B shapes).\n"
-      "  transport_bench [--keys 16384] [--index graph] [--clients 1,4,16] [--json out.json]");
+      "per-layer Attend round trip, in-process vs gRPC (plaintext and mTLS) vs UCX on loopback\n"
+      "(Llama-3-8B shapes).\n"
+      "  transport_bench [--keys 16384] [--index graph] [--clients 1,4,16] [--tls] [--ucx]\n"
+      "                  [--json out.json]");
   absl::ParseCommandLine(argc, argv);
   const std::string binary = absl::GetFlag(FLAGS_kvr_node);
   if (binary.empty() || access(binary.c_str(), X_OK) != 0) {
@@ -382,13 +456,39 @@ int Main(int argc, char** argv) {
     node_args.push_back(absl::StrCat("--ucx_busy_poll_us=", busy_poll_us));
   }
   NodeProcess node(binary, node_args);
-  std::vector<std::unique_ptr<GrpcRetrievalClient>> grpc;
-  for (int c = 0; c < max_clients; ++c) {
-    absl::StatusOr<std::unique_ptr<GrpcRetrievalClient>> client =
-        GrpcRetrievalClient::Create(node.address());
-    CheckOk(client.status(), "GrpcRetrievalClient");
-    CheckOk((*client)->WaitForReady(absl::Seconds(10)), "connect");
-    grpc.push_back(*std::move(client));
+  // `max_clients` connected gRPC clients of the node at `address`.
+  auto connect_all = [&](const std::string& address, const GrpcClientOptions& options) {
+    std::vector<std::unique_ptr<GrpcRetrievalClient>> clients;
+    for (int c = 0; c < max_clients; ++c) {
+      absl::StatusOr<std::unique_ptr<GrpcRetrievalClient>> client =
+          GrpcRetrievalClient::Create(address, options);
+      CheckOk(client.status(), "GrpcRetrievalClient");
+      CheckOk((*client)->WaitForReady(absl::Seconds(10)), "connect");
+      clients.push_back(*std::move(client));
+    }
+    return clients;
+  };
+  std::vector<std::unique_ptr<GrpcRetrievalClient>> grpc = connect_all(node.address(), {});
+
+  // The mTLS node: the same flags minus UCX (kvr_node refuses --ucx_listen
+  // with mTLS unless --ucx_allow_unencrypted), plus the --tls_* files.
+  // Declared in this order so the node stops before its files go.
+  const bool want_tls = absl::GetFlag(FLAGS_tls);
+  std::optional<TempDir> tls_dir;
+  std::optional<NodeProcess> tls_node;
+  std::vector<std::unique_ptr<GrpcRetrievalClient>> grpc_tls;
+  if (want_tls) {
+    tls_dir.emplace();
+    const TlsMaterial tls = MakeTlsMaterial(tls_dir->path());
+    std::vector<std::string> tls_args = {absl::StrCat("--threads=", node_threads),
+                                         "--tls_cert_file=" + tls.node.cert_file,
+                                         "--tls_key_file=" + tls.node.key_file,
+                                         "--tls_ca_file=" + tls.node.ca_file};
+    if (!absl::GetFlag(FLAGS_node_metrics)) tls_args.push_back("--metrics_listen=");
+    tls_node.emplace(binary, tls_args);
+    GrpcClientOptions tls_options;
+    tls_options.credentials = security::MakeMtlsChannelCredentials(tls.client);
+    grpc_tls = connect_all(tls_node->address(), tls_options);
   }
   std::vector<std::unique_ptr<UcxRetrievalClient>> ucx;
   for (int c = 0; want_ucx && c < max_clients; ++c) {
@@ -418,8 +518,11 @@ int Main(int argc, char** argv) {
                absl::GetFlag(FLAGS_index).c_str());
   const double grpc_build = Load(*grpc[0], w, max_clients);
   const double in_build = Load(**in_process, w, max_clients);
-  std::fprintf(stderr, "transport_bench: upload + build %.2f s (gRPC), %.2f s (in-process)\n",
-               grpc_build, in_build);
+  const double tls_build = want_tls ? Load(*grpc_tls[0], w, max_clients) : 0.0;
+  std::fprintf(stderr,
+               "transport_bench: upload + build %.2f s (gRPC), %.2f s (in-process), %.2f s "
+               "(gRPC mTLS)\n",
+               grpc_build, in_build, tls_build);
 
   struct Transport {
     std::string name;
@@ -429,6 +532,11 @@ int Main(int argc, char** argv) {
       {"in-process", [&](int) -> RetrievalClient& { return **in_process; }},
       {"grpc", [&](int c) -> RetrievalClient& { return *grpc[static_cast<size_t>(c)]; }},
   };
+  if (want_tls) {
+    transports.push_back({"grpc-mtls", [&](int c) -> RetrievalClient& {
+                            return *grpc_tls[static_cast<size_t>(c)];
+                          }});
+  }
   if (!ucx.empty()) {
     transports.push_back(
         {"ucx", [&](int c) -> RetrievalClient& { return *ucx[static_cast<size_t>(c)]; }});
@@ -449,6 +557,11 @@ int Main(int argc, char** argv) {
   std::fprintf(stderr, "transport_bench: latency, grpc health Check\n");
   rows.push_back({"latency", "health Check", "grpc", 1,
                   HealthCheckLatency(grpc[0]->channel(), absl::GetFlag(FLAGS_iters))});
+  if (want_tls) {
+    std::fprintf(stderr, "transport_bench: latency, grpc-mtls health Check\n");
+    rows.push_back({"latency", "health Check", "grpc-mtls", 1,
+                    HealthCheckLatency(grpc_tls[0]->channel(), absl::GetFlag(FLAGS_iters))});
+  }
   for (const Mode& mode : modes) {
     for (const Transport& t : transports) {
       std::fprintf(stderr, "transport_bench: latency, %s, %s\n", mode.name.c_str(),
@@ -475,7 +588,9 @@ int Main(int argc, char** argv) {
               w.spec.n_heads, w.spec.head_dim, w.spec.n_kv_heads, absl::GetFlag(FLAGS_keys),
               absl::GetFlag(FLAGS_index).c_str(), absl::GetFlag(FLAGS_k), node_threads);
   std::printf("machine: %s\n", machine.c_str());
-  std::printf("upload + build: %.2f s over gRPC, %.2f s in-process\n\n", grpc_build, in_build);
+  std::printf("upload + build: %.2f s over gRPC, %.2f s in-process", grpc_build, in_build);
+  if (want_tls) std::printf(", %.2f s over gRPC mTLS", tls_build);
+  std::printf("\n\n");
   std::printf("%-10s %-17s %-10s %7s %9s %9s %9s %10s\n", "", "mode", "transport", "clients",
               "p50 us", "p99 us", "mean us", "calls/s");
   for (const Row& r : rows) {
@@ -503,6 +618,15 @@ int Main(int argc, char** argv) {
                 ucx_overhead - p50("excluding search", "in-process"),
                 p50("including search", "ucx") - p50("including search", "in-process"));
   }
+  double tls_overhead = 0;
+  if (want_tls) {
+    tls_overhead = p50("excluding search", "grpc-mtls") - overhead;
+    std::printf("mTLS overhead (grpc-mtls - grpc p50): %.1f us excluding search, %.1f us "
+                "including search, %.1f us health Check\n",
+                tls_overhead,
+                p50("including search", "grpc-mtls") - p50("including search", "grpc"),
+                p50("health Check", "grpc-mtls") - p50("health Check", "grpc"));
+  }
   std::printf("gRPC Attend (excluding search) - health Check p50: %.1f us (kvr's share of the "
               "overhead: payload copies, validation, pool hops)\n",
               overhead - p50("health Check", "grpc"));
@@ -521,6 +645,10 @@ int Main(int argc, char** argv) {
     out << absl::StrFormat("  \"build_seconds\": {\"grpc\": %.3f, \"in_process\": %.3f},\n",
                            grpc_build, in_build);
     out << absl::StrFormat("  \"grpc_transport_overhead_p50_us\": %.2f,\n", overhead);
+    if (want_tls) {
+      out << absl::StrFormat("  \"build_seconds_grpc_mtls\": %.3f,\n", tls_build);
+      out << absl::StrFormat("  \"mtls_overhead_p50_us\": %.2f,\n", tls_overhead);
+    }
     out << "  \"results\": [\n";
     for (size_t i = 0; i < rows.size(); ++i) {
       const Row& r = rows[i];
@@ -539,6 +667,12 @@ int Main(int argc, char** argv) {
     grpc[0]->DropSequence(kEmptySequenceBase + static_cast<uint64_t>(c)).IgnoreError();
   }
   grpc[0]->DropSequence(kLoadedSequence).IgnoreError();
+  if (want_tls) {
+    for (int c = 0; c < max_clients; ++c) {
+      grpc_tls[0]->DropSequence(kEmptySequenceBase + static_cast<uint64_t>(c)).IgnoreError();
+    }
+    grpc_tls[0]->DropSequence(kLoadedSequence).IgnoreError();
+  }
   return 0;
 }
 
