@@ -19,7 +19,8 @@
 //                     shard and the partial attention, plus the above.
 //   health Check      grpc.health.v1 Check on the same channel: the floor of
 //                     a gRPC unary round trip on this machine.
-// Latency: one client, blocking calls back to back (p50 / p99 / mean).
+// Latency: one client, blocking calls back to back (p50 / p99 / mean); with
+// --rounds R > 1 the transports of one mode take turns in R rounds.
 // Throughput: C client threads calling back to back for --seconds; in
 // "excluding search" each client has its own (empty) sequence, in "including
 // search" all share the loaded one (one loaded sequence keeps the set-up to
@@ -96,6 +97,10 @@ ABSL_FLAG(int, train_k, 100, "exact top-k per training query");
 ABSL_FLAG(int, iters, 3000, "calls per latency point, excluding search");
 ABSL_FLAG(int, search_iters, 500, "calls per latency point, including search");
 ABSL_FLAG(int, warmup, 200, "calls before each latency point");
+ABSL_FLAG(int, rounds, 1,
+          "latency points of one mode in this many interleaved rounds (each round runs its "
+          "share of the calls on every transport in turn, so load that changes during the run "
+          "hits all transports alike); 1: each transport's calls back to back, in turn");
 ABSL_FLAG(std::string, clients, "1,4,16", "concurrent clients of the throughput points");
 ABSL_FLAG(double, seconds, 2.0, "duration of each throughput point, seconds");
 ABSL_FLAG(int, node_threads, 0,
@@ -361,6 +366,34 @@ Summary Latency(RetrievalClient& client, const Workload& w, uint64_t sequence, i
   return Summarize(us, std::chrono::duration<double>(Clock::now() - start).count());
 }
 
+// The latency of each client in `clients` (one per transport) in `rounds`
+// interleaved rounds: every client's warm-up first, then round r makes its
+// share of the `iters` calls on each client in turn. Each Summary's
+// calls/s counts only that client's own calls and time.
+std::vector<Summary> InterleavedLatency(const std::vector<RetrievalClient*>& clients,
+                                        const Workload& w, uint64_t sequence, int iters,
+                                        int rounds) {
+  for (RetrievalClient* client : clients) {
+    RunCalls(*client, w, sequence, absl::GetFlag(FLAGS_warmup), Clock::time_point::max(), 0);
+  }
+  std::vector<std::vector<double>> us(clients.size());
+  std::vector<double> seconds(clients.size(), 0.0);
+  for (int r = 0; r < rounds; ++r) {
+    const int64_t first = int64_t{iters} * r / rounds;
+    const int64_t calls = int64_t{iters} * (r + 1) / rounds - first;
+    for (size_t i = 0; i < clients.size(); ++i) {
+      const auto start = Clock::now();
+      std::vector<double> part = RunCalls(*clients[i], w, sequence, calls,
+                                          Clock::time_point::max(), static_cast<size_t>(first));
+      seconds[i] += std::chrono::duration<double>(Clock::now() - start).count();
+      us[i].insert(us[i].end(), part.begin(), part.end());
+    }
+  }
+  std::vector<Summary> out;
+  for (size_t i = 0; i < clients.size(); ++i) out.push_back(Summarize(us[i], seconds[i]));
+  return out;
+}
+
 // `clients` threads, client i using clients_of(i) and sequence seq_of(i).
 template <typename ClientOf, typename SeqOf>
 Summary Throughput(int clients, const Workload& w, ClientOf clients_of, SeqOf seq_of) {
@@ -435,6 +468,8 @@ int Main(int argc, char** argv) {
     client_counts.push_back(c);
   }
   const int max_clients = *std::max_element(client_counts.begin(), client_counts.end());
+  const int rounds = absl::GetFlag(FLAGS_rounds);
+  if (rounds < 1 || rounds > 10000) Die("--rounds must be in [1, 10000]");
   const int threads_flag = absl::GetFlag(FLAGS_node_threads);
   const size_t node_threads = threads_flag > 0
                                   ? static_cast<size_t>(threads_flag)
@@ -563,6 +598,18 @@ int Main(int argc, char** argv) {
                     HealthCheckLatency(grpc_tls[0]->channel(), absl::GetFlag(FLAGS_iters))});
   }
   for (const Mode& mode : modes) {
+    if (rounds > 1) {
+      std::fprintf(stderr, "transport_bench: latency, %s, every transport in %d rounds\n",
+                   mode.name.c_str(), rounds);
+      std::vector<RetrievalClient*> clients;
+      for (const Transport& t : transports) clients.push_back(&t.client(0));
+      const std::vector<Summary> summaries =
+          InterleavedLatency(clients, w, mode.sequence(0), mode.iters, rounds);
+      for (size_t i = 0; i < transports.size(); ++i) {
+        rows.push_back({"latency", mode.name, transports[i].name, 1, summaries[i]});
+      }
+      continue;
+    }
     for (const Transport& t : transports) {
       std::fprintf(stderr, "transport_bench: latency, %s, %s\n", mode.name.c_str(),
                    t.name.c_str());
