@@ -554,10 +554,10 @@ int Main(int argc, char** argv) {
   const double grpc_build = Load(*grpc[0], w, max_clients);
   const double in_build = Load(**in_process, w, max_clients);
   const double tls_build = want_tls ? Load(*grpc_tls[0], w, max_clients) : 0.0;
-  std::fprintf(stderr,
-               "transport_bench: upload + build %.2f s (gRPC), %.2f s (in-process), %.2f s "
-               "(gRPC mTLS)\n",
-               grpc_build, in_build, tls_build);
+  std::fprintf(stderr, "transport_bench: upload + build %.2f s (gRPC), %.2f s (in-process)",
+               grpc_build, in_build);
+  if (want_tls) std::fprintf(stderr, ", %.2f s (gRPC mTLS)", tls_build);
+  std::fprintf(stderr, "\n");
 
   struct Transport {
     std::string name;
