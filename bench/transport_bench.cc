@@ -126,8 +126,16 @@ using Clock = std::chrono::steady_clock;
 constexpr uint64_t kLoadedSequence = 1;
 constexpr uint64_t kEmptySequenceBase = 1000;  // + client index
 
+// The TempDir that Die removes (std::exit skips the destructors of locals;
+// the child nodes die with this process through PR_SET_PDEATHSIG).
+const std::string* g_temp_dir = nullptr;
+
 [[noreturn]] void Die(const std::string& message) {
   std::fprintf(stderr, "transport_bench: %s\n", message.c_str());
+  if (g_temp_dir != nullptr) {
+    std::error_code ec;
+    std::filesystem::remove_all(*g_temp_dir, ec);
+  }
   std::exit(1);
 }
 
@@ -163,7 +171,7 @@ class NodeProcess {
 // --- mTLS material --------------------------------------------------------------------
 
 // A private temporary directory (mode 0700, under $TMPDIR or /tmp), removed
-// with everything in it on destruction.
+// with everything in it on destruction or by Die. At most one at a time.
 class TempDir {
  public:
   TempDir() {
@@ -172,8 +180,10 @@ class TempDir {
                                        "/transport_bench.XXXXXX");
     if (mkdtemp(pattern.data()) == nullptr) Die("mkdtemp " + pattern + ": " + strerror(errno));
     path_ = pattern;
+    g_temp_dir = &path_;
   }
   ~TempDir() {
+    g_temp_dir = nullptr;
     std::error_code ec;
     std::filesystem::remove_all(path_, ec);
   }
