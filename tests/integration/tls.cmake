@@ -13,3 +13,15 @@ if(TARGET kvr_gateway AND TARGET kvr_health_probe)
     NEEDS kvr_node kvr_worker kvr_gateway kvr_health_probe kvr
     LABELS integration TIMEOUT 300)
 endif()
+
+# bench/transport_bench's mTLS rows (Attend p50 with and without TLS in one
+# run, docs/benchmarks.md section 7) at the smallest shape: the bench's TLS
+# set-up keeps working as the node's TLS flags evolve.
+if(TARGET transport_bench)
+  find_package(Python3 REQUIRED COMPONENTS Interpreter)
+  kvr_test(transport_bench_smoke_test
+    COMMAND ${Python3_EXECUTABLE} ${CMAKE_CURRENT_SOURCE_DIR}/integration/transport_bench_smoke.py
+      $<TARGET_FILE:transport_bench> $<TARGET_FILE:kvr_node>
+    NEEDS transport_bench kvr_node
+    LABELS integration TIMEOUT 150)
+endif()
