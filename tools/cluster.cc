@@ -1101,7 +1101,9 @@ stopped, it is named with the tail of its log, and kvr cluster exits 1.
   --secure                mTLS on every gRPC hop and an API key at the gateway:
                           a throwaway CA (kvr-ca, 1 day) and certificates
                           for kvr-node, kvr-worker, kvr-gateway and kvr-client
-                          in <run dir>/tls/, the key's hash in <run
+                          in <run dir>/tls/ (each worker runs with its own,
+                          CN kvr-worker-<i>, SAN kvr-worker: the nodes keep
+                          every worker's sequences apart), the key's hash in <run
                           dir>/api_keys.json; cluster.json (mode 0600) names
                           ca_cert, client_cert, client_key and api_key (use
                           them with kvr client / kvr_loadgen --tls_ca_file
