@@ -324,7 +324,8 @@ class Cluster {
     std::fprintf(stderr, "kvr cluster: run dir %s\n", run_dir_.c_str());
     std::optional<ClusterCredentials> creds;
     if (options_.secure) {
-      KVR_ASSIGN_OR_RETURN(creds, MakeClusterCredentials(run_dir_));
+      KVR_ASSIGN_OR_RETURN(creds,
+                           MakeClusterCredentials(run_dir_, absl::Hours(24), options_.workers));
       info_.ca_cert = creds->ca_cert;
       info_.client_cert = creds->client.cert;
       info_.client_key = creds->client.key;
@@ -375,7 +376,13 @@ class Cluster {
       if (replicas > 0) argv.push_back(absl::StrCat("--replicas=", replicas));
       if (!options_.model.empty()) argv.push_back("--model=" + options_.model);
       if (!options_.tokenizer.empty()) argv.push_back("--tokenizer=" + options_.tokenizer);
-      for (std::string& f : tls_flags(&ClusterCredentials::worker)) argv.push_back(std::move(f));
+      // Its own certificate (CN kvr-worker-<i>): the nodes keep its sequences
+      // under that principal, apart from the other workers'.
+      if (creds) {
+        for (std::string& f : TlsFlags(creds->workers[static_cast<size_t>(i)], creds->ca_cert)) {
+          argv.push_back(std::move(f));
+        }
+      }
       // Without a gateway, clients call the worker: let the client identity in.
       if (creds && !options_.gateway) argv.push_back("--tls_allowed_peers=kvr-gateway,kvr-client");
       argv.insert(argv.end(), options_.worker_args.begin(), options_.worker_args.end());
@@ -1094,7 +1101,9 @@ stopped, it is named with the tail of its log, and kvr cluster exits 1.
   --secure                mTLS on every gRPC hop and an API key at the gateway:
                           a throwaway CA (kvr-ca, 1 day) and certificates
                           for kvr-node, kvr-worker, kvr-gateway and kvr-client
-                          in <run dir>/tls/, the key's hash in <run
+                          in <run dir>/tls/ (each worker runs with its own,
+                          CN kvr-worker-<i>, SAN kvr-worker: the nodes keep
+                          every worker's sequences apart), the key's hash in <run
                           dir>/api_keys.json; cluster.json (mode 0600) names
                           ca_cert, client_cert, client_key and api_key (use
                           them with kvr client / kvr_loadgen --tls_ca_file

@@ -20,8 +20,14 @@ std::vector<std::string> TlsFlags(const RoleFiles& role, const std::string& ca_c
           "--tls_ca_file=" + ca_cert};
 }
 
+std::string WorkerCommonName(int i) { return absl::StrCat("kvr-worker-", i); }
+
 absl::StatusOr<ClusterCredentials> MakeClusterCredentials(const std::string& run_dir,
-                                                          absl::Duration validity) {
+                                                          absl::Duration validity, int workers) {
+  if (workers < 0 || workers > kMaxClusterWorkerCerts) {
+    return absl::InvalidArgumentError(absl::StrCat("workers ", workers, " not in [0, ",
+                                                   kMaxClusterWorkerCerts, "]"));
+  }
   std::error_code ec;
   const fs::path root = fs::absolute(run_dir, ec);
   if (ec) return absl::InternalError(absl::StrCat("run dir ", run_dir, ": ", ec.message()));
@@ -53,6 +59,22 @@ absl::StatusOr<ClusterCredentials> MakeClusterCredentials(const std::string& run
     files->cert = (tls / absl::StrCat(cn, ".crt")).string();
     files->key = (tls / absl::StrCat(cn, ".key")).string();
     KVR_RETURN_IF_ERROR(security::WriteCertAndKey(*cert, files->cert, files->key));
+  }
+  // Per worker: its own CN (the nodes' tenant principal) plus the role as a
+  // DNS SAN (what --tls_allowed_peers kvr-worker matches).
+  out.workers.resize(static_cast<size_t>(workers));
+  for (int i = 0; i < workers; ++i) {
+    const std::string cn = WorkerCommonName(i);
+    absl::StatusOr<security::CertAndKey> cert =
+        security::IssueCert(ca, cn, {"localhost", "kvr-worker"}, {"127.0.0.1"}, validity);
+    if (!cert.ok()) {
+      return absl::Status(cert.status().code(),
+                          absl::StrCat("certificate ", cn, ": ", cert.status().message()));
+    }
+    RoleFiles& files = out.workers[static_cast<size_t>(i)];
+    files.cert = (tls / absl::StrCat(cn, ".crt")).string();
+    files.key = (tls / absl::StrCat(cn, ".key")).string();
+    KVR_RETURN_IF_ERROR(security::WriteCertAndKey(*cert, files.cert, files.key));
   }
 
   // No limits: the cluster's one key is for its owner.

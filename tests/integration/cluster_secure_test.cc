@@ -3,12 +3,14 @@
 //
 //  * MakeClusterCredentials: a CA (kvr-ca) and kvr-node / kvr-worker /
 //    kvr-gateway / kvr-client certificates that X509_verify_cert accepts for
-//    TLS server and client use, with SANs localhost and 127.0.0.1; keys and
+//    TLS server and client use, with SANs localhost and 127.0.0.1, plus one
+//    per worker (CN kvr-worker-<i>, DNS SAN kvr-worker); keys and
 //    api_keys.json at mode 0600, tls/ at 0700; the API key has the contract's
 //    form and api_keys.json holds SHA-256(salt || key), not the key;
 //  * the cluster itself, its three kinds of children replaced by a fake
 //    server (tests/integration/fake_kvr_server.sh) that logs its argv:
-//    every child gets its role's --tls_cert_file / --tls_key_file and the
+//    every child gets its role's --tls_cert_file / --tls_key_file (a worker
+//    its own kvr-worker-<i> one) and the
 //    CA, the gateway --public_tls_* and --api_keys_file, cluster.json (mode
 //    0600) names ca_cert, client_cert, client_key and api_key; without a
 //    gateway the worker lets kvr-client in; binaries lacking the flags make
@@ -31,6 +33,7 @@
 
 #include "absl/strings/escaping.h"
 #include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
 #include "common/subprocess.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
@@ -96,7 +99,8 @@ std::string LoggedArgv(const std::string& log) {
 
 TEST(ClusterCredentialsTest, RoleCertificatesVerifyAndSecretsArePrivate) {
   test_support::TempDir run("kvr_secure_run");
-  absl::StatusOr<cluster::ClusterCredentials> creds = cluster::MakeClusterCredentials(run.path());
+  absl::StatusOr<cluster::ClusterCredentials> creds =
+      cluster::MakeClusterCredentials(run.path(), absl::Hours(24), /*workers=*/2);
   ASSERT_TRUE(creds.ok()) << creds.status();
   EXPECT_EQ(Mode(run.path() + "/tls"), 0700u);
   EXPECT_EQ(creds->ca_cert, run.path() + "/tls/ca.crt");
@@ -127,6 +131,25 @@ TEST(ClusterCredentialsTest, RoleCertificatesVerifyAndSecretsArePrivate) {
     EXPECT_EQ(X509_check_host(leaf.get(), "localhost", 0, 0, nullptr), 1);
     EXPECT_EQ(X509_check_ip_asc(leaf.get(), "127.0.0.1", 0), 1);
   }
+  // One certificate per worker: its own CN (the nodes' tenant principal)
+  // and the role as a DNS SAN (what the nodes' --tls_allowed_peers admit).
+  ASSERT_EQ(creds->workers.size(), 2u);
+  for (int i = 0; i < 2; ++i) {
+    const std::string cn = absl::StrCat("kvr-worker-", i);
+    SCOPED_TRACE(cn);
+    const cluster::RoleFiles& files = creds->workers[static_cast<size_t>(i)];
+    EXPECT_EQ(files.cert, run.path() + "/tls/" + cn + ".crt");
+    EXPECT_EQ(Mode(files.key), 0600u);
+    test_support::X509Ptr leaf = test_support::ParsePemCert(ReadAll(files.cert));
+    ASSERT_NE(leaf, nullptr);
+    EXPECT_EQ(test_support::CommonName(X509_get_subject_name(leaf.get())), cn);
+    EXPECT_EQ(test_support::VerifyWithCa(leaf.get(), ca.get(), X509_PURPOSE_SSL_CLIENT),
+              X509_V_OK);
+    EXPECT_EQ(X509_check_host(leaf.get(), "kvr-worker", 0, 0, nullptr), 1);
+    EXPECT_EQ(X509_check_host(leaf.get(), "localhost", 0, 0, nullptr), 1);
+  }
+  EXPECT_EQ(cluster::MakeClusterCredentials(run.path(), absl::Hours(24), -1).status().code(),
+            absl::StatusCode::kInvalidArgument);
 
   // The API key: kvr- + 43 base64url characters; the file has its salted
   // hash only.
@@ -190,8 +213,9 @@ TEST(ClusterSecureTest, EveryChildGetsItsRoleCredentialsAndClusterJsonNamesTheCl
                                 "kvr-node.key" + ca_flag));
   }
   const std::string worker = LoggedArgv(c->run_dir + "/worker.log");
-  EXPECT_THAT(worker, HasSubstr("--tls_cert_file=" + tls + "kvr-worker.crt --tls_key_file=" +
-                                tls + "kvr-worker.key" + ca_flag));
+  // Its own certificate (CN kvr-worker-0), not the shared kvr-worker one.
+  EXPECT_THAT(worker, HasSubstr("--tls_cert_file=" + tls + "kvr-worker-0.crt --tls_key_file=" +
+                                tls + "kvr-worker-0.key" + ca_flag));
   EXPECT_THAT(worker, Not(HasSubstr("--tls_allowed_peers")));  // its default: kvr-gateway
   const std::string gateway = LoggedArgv(c->run_dir + "/gateway.log");
   EXPECT_THAT(gateway, HasSubstr("--tls_cert_file=" + tls + "kvr-gateway.crt --tls_key_file=" +
