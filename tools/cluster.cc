@@ -325,7 +325,11 @@ class Cluster {
     std::optional<ClusterCredentials> creds;
     if (options_.secure) {
       KVR_ASSIGN_OR_RETURN(creds,
-                           MakeClusterCredentials(run_dir_, absl::Hours(24), options_.workers));
+                           MakeClusterCredentials(
+                               run_dir_, absl::Hours(24), options_.workers,
+                               gateway::ApiKeyLimits{
+                                   .max_concurrent = options_.api_key_max_concurrent,
+                                   .tokens_per_minute = options_.api_key_tokens_per_minute}));
       info_.ca_cert = creds->ca_cert;
       info_.client_cert = creds->client.cert;
       info_.client_key = creds->client.key;
@@ -1108,6 +1112,9 @@ stopped, it is named with the tail of its log, and kvr cluster exits 1.
                           ca_cert, client_cert, client_key and api_key (use
                           them with kvr client / kvr_loadgen --tls_ca_file
                           ... --api_key)
+  --api_key_max_concurrent N     with --secure: the key's concurrent requests
+  --api_key_tokens_per_minute N  and tokens per minute (0 = unlimited, the
+                          default; the gateway answers 429 beyond them)
   --model PATH            kvr_worker --model (default: bundled stories260K)
   --tokenizer PATH        kvr_worker --tokenizer
   --node_args "ARGS"      extra kvr_node flags, space-separated (repeatable);
@@ -1147,6 +1154,8 @@ absl::Status ParseClusterFlags(const std::vector<std::string>& args, ClusterOpti
       {"gateway_binary", cli::StringFlag(&o->gateway_binary)},
       {"gateway", cli::BoolFlag(&o->gateway)},
       {"secure", cli::BoolFlag(&o->secure)},
+      {"api_key_max_concurrent", cli::IntFlag(0, 1000000, &o->api_key_max_concurrent)},
+      {"api_key_tokens_per_minute", cli::IntFlag(0, int64_t{1} << 40, &o->api_key_tokens_per_minute)},
       {"model", cli::StringFlag(&o->model)},
       {"tokenizer", cli::StringFlag(&o->tokenizer)},
       {"node_args", list_flag(&o->node_args)},

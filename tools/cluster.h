@@ -23,6 +23,7 @@
 
 #include <sys/types.h>
 
+#include <cstdint>
 #include <optional>
 #include <string>
 #include <string_view>
@@ -65,6 +66,9 @@ struct ClusterOptions {
   // client-facing gRPC over TLS) and --api_keys_file; cluster.json names the
   // client's credentials. Every binary must list those flags (--helpfull).
   bool secure = false;
+  // With --secure: the limits of the cluster's API key (0 = unlimited).
+  int64_t api_key_max_concurrent = 0;
+  int64_t api_key_tokens_per_minute = 0;
   // Extra arguments for each kind of child, appended after the cluster's own.
   std::vector<std::string> node_args, worker_args, gateway_args;
   // How long a child may take to print its listening line.

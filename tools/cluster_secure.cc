@@ -23,7 +23,8 @@ std::vector<std::string> TlsFlags(const RoleFiles& role, const std::string& ca_c
 std::string WorkerCommonName(int i) { return absl::StrCat("kvr-worker-", i); }
 
 absl::StatusOr<ClusterCredentials> MakeClusterCredentials(const std::string& run_dir,
-                                                          absl::Duration validity, int workers) {
+                                                          absl::Duration validity, int workers,
+                                                          const gateway::ApiKeyLimits& key_limits) {
   if (workers < 0 || workers > kMaxClusterWorkerCerts) {
     return absl::InvalidArgumentError(absl::StrCat("workers ", workers, " not in [0, ",
                                                    kMaxClusterWorkerCerts, "]"));
@@ -77,9 +78,8 @@ absl::StatusOr<ClusterCredentials> MakeClusterCredentials(const std::string& run
     KVR_RETURN_IF_ERROR(security::WriteCertAndKey(*cert, files.cert, files.key));
   }
 
-  // No limits: the cluster's one key is for its owner.
   KVR_ASSIGN_OR_RETURN(const gateway::MadeApiKey api_key,
-                       gateway::MakeApiKey(kClusterApiKeyId, gateway::ApiKeyLimits{}));
+                       gateway::MakeApiKey(kClusterApiKeyId, key_limits));
   out.api_key = api_key.key;
   out.api_keys_file = (root / "api_keys.json").string();
   KVR_RETURN_IF_ERROR(security::WriteFileAtomically(

@@ -14,6 +14,7 @@
 
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
+#include "services/gateway/api_keys.h"
 
 namespace kvr::cluster {
 
@@ -40,8 +41,11 @@ inline constexpr char kClusterApiKeyId[] = "kvr-cluster";
 // (mode 0700) with keys at mode 0600, certificates 0644, api_keys.json 0600;
 // every file replaced atomically, so a run dir of an earlier cluster gets new
 // ones. Errors name the file or the certificate.
+// `key_limits` are the API key's (gateway::ApiKeyLimits; default none: the
+// cluster's one key is for its owner).
 absl::StatusOr<ClusterCredentials> MakeClusterCredentials(
-    const std::string& run_dir, absl::Duration validity = absl::Hours(24), int workers = 0);
+    const std::string& run_dir, absl::Duration validity = absl::Hours(24), int workers = 0,
+    const gateway::ApiKeyLimits& key_limits = {});
 
 // The most per-worker certificates MakeClusterCredentials issues.
 inline constexpr int kMaxClusterWorkerCerts = 1024;

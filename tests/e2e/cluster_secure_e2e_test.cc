@@ -40,7 +40,9 @@
 
 #include <atomic>
 #include <chrono>
+#include <cstdint>
 #include <memory>
+#include <optional>
 #include <random>
 #include <set>
 #include <string>
@@ -48,6 +50,7 @@
 #include <vector>
 
 #include "absl/strings/match.h"
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
@@ -578,6 +581,55 @@ TEST(ClusterSecureE2eTest, TwoWorkersAreTenantsAndEveryServerRefusesStrangers) {
   const std::optional<int> stopped = c->Stop();
   ASSERT_TRUE(stopped.has_value());
   EXPECT_TRUE(WIFEXITED(*stopped) && WEXITSTATUS(*stopped) == 0);
+}
+
+// The cluster's key with a tokens-per-minute limit (kvr cluster
+// --api_key_tokens_per_minute): greedy completions are admitted while the
+// key's token bucket is above zero and each debits its prompt + completion
+// tokens; the next is OpenAI's 429 (type "tokens", Retry-After) over HTTP
+// and RESOURCE_EXHAUSTED over gRPC.
+TEST(ClusterSecureE2eTest, KeyOverItsTokensPerMinuteIs429) {
+  constexpr int kTokensPerMinute = 30;  // refills 0.5 token/s
+  auto c = ClusterProcess::Start(
+      g_kvr,
+      {"--nodes", "1", "--secure", "--api_key_tokens_per_minute", std::to_string(kTokensPerMinute)},
+      /*merge_stderr=*/true);
+  ASSERT_NE(c, nullptr);
+  const std::string bearer = "Bearer " + c->info.api_key;
+  int64_t debited = 0, debited_before_last = 0;
+  const absl::Time start = absl::Now();
+  std::optional<httplib::Response> refused;
+  for (int i = 0; i < 16 && !refused; ++i) {
+    httplib::Result r = PostCompletion(c->info.gateway_http, bearer);
+    ASSERT_TRUE(r) << httplib::to_string(r.error());
+    if (r->status == 429) {
+      refused = *r;
+      break;
+    }
+    ASSERT_EQ(r->status, 200) << r->body;
+    const nlohmann::json j = nlohmann::json::parse(r->body, nullptr, false);
+    ASSERT_TRUE(j.contains("usage")) << r->body;
+    debited_before_last = debited;
+    debited += j["usage"]["total_tokens"].get<int64_t>();
+  }
+  ASSERT_TRUE(refused) << "no 429 after " << debited << " tokens";
+  // Admitted only while the bucket was above zero (plus what it refilled).
+  const double refilled = absl::ToDoubleSeconds(absl::Now() - start) * kTokensPerMinute / 60.0;
+  EXPECT_LT(debited_before_last, kTokensPerMinute + refilled);
+  EXPECT_GE(debited + refilled, kTokensPerMinute);
+  const nlohmann::json j = nlohmann::json::parse(refused->body, nullptr, false);
+  ASSERT_TRUE(j.contains("error")) << refused->body;
+  EXPECT_EQ(j["error"]["type"], "tokens") << refused->body;
+  EXPECT_EQ(j["error"]["code"], "rate_limit_exceeded") << refused->body;
+  int retry_after = 0;
+  ASSERT_TRUE(absl::SimpleAtoi(refused->get_header_value("Retry-After"), &retry_after))
+      << refused->body;
+  EXPECT_GE(retry_after, 1);
+  EXPECT_LE(retry_after, 60);
+  // The same key over gRPC: RESOURCE_EXHAUSTED.
+  const ClientSecurity secure{c->info.ca_cert, "", "", c->info.api_key};
+  EXPECT_EQ(Generate(c->target(), secure).status.error_code(),
+            grpc::StatusCode::RESOURCE_EXHAUSTED);
 }
 
 TEST(ClusterSecureE2eTest, LoadgenStartsASecureClusterAndUsesItsCredentials) {
