@@ -45,6 +45,7 @@
 #include "services/infra/metrics/metrics_endpoint.h"
 #include "services/infra/rpc/grpc_server.h"
 #include "services/infra/security/tls_flags.h"
+#include "services/infra/server/serve_flags.h"
 #include "services/infra/server/server_main.h"
 
 ABSL_FLAG(std::string, listen, "127.0.0.1:0",
@@ -108,13 +109,6 @@ ABSL_FLAG(double, max_deadline_seconds, 3600.0,
           "(DEADLINE_EXCEEDED naming this flag; its request cancelled); [0, 1 year], 0 = no "
           "cap. Default: the gateway's --max_request_timeout_seconds default (a gateway's calls "
           "carry at most that)");
-ABSL_FLAG(int, max_concurrent_streams, 256,
-          "concurrent calls one client connection may have open; more wait for a slot "
-          "(HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS; 0 = gRPC's default, unbounded)");
-ABSL_FLAG(int64_t, grpc_memory_quota_bytes, int64_t{2} << 30,
-          "memory gRPC may use for its buffers over all connections (grpc::ResourceQuota; "
-          "0 = unbounded)");
-ABSL_FLAG(int, grpc_max_threads, 256, "threads gRPC may create (grpc::ResourceQuota; 0 = unbounded)");
 ABSL_FLAG(double, drain_seconds, 10.0,
           "on SIGTERM / SIGINT, how long streams may run before they are cancelled");
 
@@ -194,15 +188,10 @@ int Main(int argc, char** argv) {
                                     .InRange("max_deadline_seconds",
                                              absl::GetFlag(FLAGS_max_deadline_seconds), 0.0,
                                              365.0 * 86400.0)
-                                    .AtLeast("max_concurrent_streams",
-                                             absl::GetFlag(FLAGS_max_concurrent_streams), 0)
-                                    .AtLeast("grpc_memory_quota_bytes",
-                                             absl::GetFlag(FLAGS_grpc_memory_quota_bytes),
-                                             int64_t{0})
-                                    .AtLeast("grpc_max_threads",
-                                             absl::GetFlag(FLAGS_grpc_max_threads), 0)
                                     .status();
   if (!flags_ok.ok()) return Fail(flags_ok.message());
+  const absl::StatusOr<server::ServeBounds> bounds = server::ServeBoundsFromFlags();
+  if (!bounds.ok()) return Fail(bounds.status().message());
 
   absl::StatusOr<ModelPaths> paths =
       ResolveModelPaths(absl::GetFlag(FLAGS_model), absl::GetFlag(FLAGS_tokenizer));
@@ -324,9 +313,9 @@ int Main(int argc, char** argv) {
                              .max_message_bytes = max_message_bytes,
                              .health_services = {kServiceName},
                              .drain_seconds = absl::GetFlag(FLAGS_drain_seconds),
-                             .max_concurrent_streams = absl::GetFlag(FLAGS_max_concurrent_streams),
-                             .memory_quota_bytes = absl::GetFlag(FLAGS_grpc_memory_quota_bytes),
-                             .max_threads = absl::GetFlag(FLAGS_grpc_max_threads),
+                             .max_concurrent_streams = bounds->max_concurrent_streams,
+                             .memory_quota_bytes = bounds->memory_quota_bytes,
+                             .max_threads = bounds->max_threads,
                              .credentials = tls->server},
                             stop_signals);
   if (!served.ok()) return Fail(served.message());

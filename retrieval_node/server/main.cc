@@ -28,6 +28,7 @@
 #include "services/infra/security/peer_authorizer.h"
 #include "services/infra/security/tls_credentials.h"
 #include "services/infra/security/tls_flags.h"
+#include "services/infra/server/serve_flags.h"
 #include "services/infra/server/server_main.h"
 
 ABSL_FLAG(std::string, listen, "127.0.0.1:0",
@@ -106,13 +107,6 @@ ABSL_FLAG(double, max_deadline_seconds, 600.0,
           "longest deadline a kvr.v1.RetrievalNode call may carry, seconds; a call with a later "
           "deadline or none is INVALID_ARGUMENT (0 = no cap). Default: 10x the clients' "
           "longest (UploadShard, 60 s)");
-ABSL_FLAG(int, max_concurrent_streams, 256,
-          "concurrent calls one client connection may have open (0 = gRPC's default, "
-          "unbounded)");
-ABSL_FLAG(int64_t, grpc_memory_quota_bytes, int64_t{2} << 30,
-          "memory gRPC may use for its buffers over all connections (grpc::ResourceQuota; "
-          "0 = unbounded)");
-ABSL_FLAG(int, grpc_max_threads, 256, "threads gRPC may create (grpc::ResourceQuota; 0 = unbounded)");
 ABSL_FLAG(double, drain_seconds, 10.0,
           "on SIGTERM / SIGINT, how long in-flight calls may take before they are cancelled");
 
@@ -153,15 +147,13 @@ int Main(int argc, char** argv) {
           .AtLeast("upload_memory_bytes", absl::GetFlag(FLAGS_upload_memory_bytes), int64_t{0})
           .AtLeast("tail_capacity", absl::GetFlag(FLAGS_tail_capacity), 1)
           .AtLeast("max_deadline_seconds", absl::GetFlag(FLAGS_max_deadline_seconds), 0.0)
-          .AtLeast("max_concurrent_streams", absl::GetFlag(FLAGS_max_concurrent_streams), 0)
-          .AtLeast("grpc_memory_quota_bytes", absl::GetFlag(FLAGS_grpc_memory_quota_bytes),
-                   int64_t{0})
-          .AtLeast("grpc_max_threads", absl::GetFlag(FLAGS_grpc_max_threads), 0)
           .AtLeast("ucx_max_connections", absl::GetFlag(FLAGS_ucx_max_connections), int64_t{0})
           .AtLeast("ucx_max_inflight_per_connection",
                    absl::GetFlag(FLAGS_ucx_max_inflight_per_connection), int64_t{0})
           .status();
   if (!flags_ok.ok()) return Fail(flags_ok.message());
+  const absl::StatusOr<server::ServeBounds> bounds = server::ServeBoundsFromFlags();
+  if (!bounds.ok()) return Fail(bounds.status().message());
   if (const int64_t b = absl::GetFlag(FLAGS_ucx_max_inflight_bytes);
       b < 0 || (b != 0 && b < max_message_bytes)) {
     return Fail(absl::StrCat("--ucx_max_inflight_bytes must be 0 (unbounded) or at least "
@@ -283,9 +275,9 @@ int Main(int argc, char** argv) {
                              .max_message_bytes = max_message_bytes,
                              .health_services = {kServiceName},
                              .drain_seconds = absl::GetFlag(FLAGS_drain_seconds),
-                             .max_concurrent_streams = absl::GetFlag(FLAGS_max_concurrent_streams),
-                             .memory_quota_bytes = absl::GetFlag(FLAGS_grpc_memory_quota_bytes),
-                             .max_threads = absl::GetFlag(FLAGS_grpc_max_threads),
+                             .max_concurrent_streams = bounds->max_concurrent_streams,
+                             .memory_quota_bytes = bounds->memory_quota_bytes,
+                             .max_threads = bounds->max_threads,
                              .credentials = tls->server},
                             stop_signals);
   if (!served.ok()) return Fail(served.message());

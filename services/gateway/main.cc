@@ -37,6 +37,7 @@
 #include "services/infra/rpc/grpc_server.h"
 #include "services/infra/security/tls_credentials.h"
 #include "services/infra/security/tls_flags.h"
+#include "services/infra/server/serve_flags.h"
 #include "services/infra/server/server_main.h"
 
 ABSL_FLAG(std::string, listen, "127.0.0.1:0",
@@ -84,14 +85,6 @@ ABSL_FLAG(int, http_request_timeout_seconds, 60,
 ABSL_FLAG(double, max_request_timeout_seconds, 3600.0,
           "longest deadline a request may have: later gRPC deadlines are cut to it (at least "
           "--request_timeout_seconds)");
-ABSL_FLAG(int, max_concurrent_streams, 256,
-          "gRPC API: concurrent calls one client connection may have open; more wait for a "
-          "slot (HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS; 0 = gRPC's default, unbounded)");
-ABSL_FLAG(int64_t, grpc_memory_quota_bytes, int64_t{2} << 30,
-          "gRPC API: memory gRPC may use for its buffers over all connections "
-          "(grpc::ResourceQuota; 0 = unbounded)");
-ABSL_FLAG(int, grpc_max_threads, 256,
-          "gRPC API: threads gRPC may create (grpc::ResourceQuota; 0 = unbounded)");
 ABSL_FLAG(std::string, model_name, "",
           "model id of the HTTP API; empty: the stem of the workers' checkpoint file (e.g. "
           "stories260K)");
@@ -189,13 +182,6 @@ int Main(int argc, char** argv) {
                                     .InRange("http_request_timeout_seconds",
                                              absl::GetFlag(FLAGS_http_request_timeout_seconds),
                                              1, 3600)
-                                    .AtLeast("max_concurrent_streams",
-                                             absl::GetFlag(FLAGS_max_concurrent_streams), 0)
-                                    .AtLeast("grpc_memory_quota_bytes",
-                                             absl::GetFlag(FLAGS_grpc_memory_quota_bytes),
-                                             int64_t{0})
-                                    .AtLeast("grpc_max_threads",
-                                             absl::GetFlag(FLAGS_grpc_max_threads), 0)
                                     .InRange("http_max_header_bytes",
                                              absl::GetFlag(FLAGS_http_max_header_bytes), 1024,
                                              64 << 20)
@@ -215,6 +201,8 @@ int Main(int argc, char** argv) {
                                              3600.0)
                                     .status();
   if (!flags_ok.ok()) return Fail(flags_ok.message());
+  const absl::StatusOr<server::ServeBounds> bounds = server::ServeBoundsFromFlags();
+  if (!bounds.ok()) return Fail(bounds.status().message());
   if (!absl::GetFlag(FLAGS_http_listen).empty()) {
     RaiseDescriptorLimit(absl::GetFlag(FLAGS_http_max_connections));
   }
@@ -356,9 +344,9 @@ int Main(int argc, char** argv) {
        .max_message_bytes = max_request_bytes,
        .health_services = {kServiceName},
        .drain_seconds = drain,
-       .max_concurrent_streams = absl::GetFlag(FLAGS_max_concurrent_streams),
-       .memory_quota_bytes = absl::GetFlag(FLAGS_grpc_memory_quota_bytes),
-       .max_threads = absl::GetFlag(FLAGS_grpc_max_threads),
+       .max_concurrent_streams = bounds->max_concurrent_streams,
+       .memory_quota_bytes = bounds->memory_quota_bytes,
+       .max_threads = bounds->max_threads,
        .credentials = public_credentials},
       wake_grpc);
   if (!served.ok()) {

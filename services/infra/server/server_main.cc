@@ -13,10 +13,12 @@ namespace kvr::server {
 void ParseFlags(absl::string_view main_file, absl::string_view usage, int argc, char** argv) {
   absl::SetProgramUsageMessage(usage);
   absl::FlagsUsageConfig config;
-  // The main's own flags, and the --tls_* flags the servers share.
+  // The main's own flags, and the --tls_* and gRPC-bound flags the servers
+  // share.
   config.contains_help_flags = [file = std::string(main_file)](absl::string_view path) {
     return absl::EndsWith(path, file) ||
-           absl::EndsWith(path, "services/infra/security/tls_flags.cc");
+           absl::EndsWith(path, "services/infra/security/tls_flags.cc") ||
+           absl::EndsWith(path, "services/infra/server/serve_flags.cc");
   };
   config.contains_helpshort_flags = config.contains_help_flags;
   absl::SetFlagsUsageConfig(config);
