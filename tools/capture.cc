@@ -130,19 +130,49 @@ bool MulAdd(uint64_t a, uint64_t b, uint64_t c, uint64_t* out) {
   return !__builtin_mul_overflow(a, b, &p) && !__builtin_add_overflow(p, c, out);
 }
 
-// JSON string literal of `s` (bytes >= 0x80 pass through; the manifest is
-// UTF-8 when the text is).
+// JSON string literal of `s`: control characters escaped, valid UTF-8 kept,
+// each byte of an invalid sequence (a token piece may end inside one) as
+// U+FFFD, so the manifest is always valid JSON.
 std::string JsonString(absl::string_view s) {
   std::string out = "\"";
-  for (const char ch : s) {
-    const unsigned char u = static_cast<unsigned char>(ch);
-    if (ch == '"' || ch == '\\') {
-      out += '\\';
-      out += ch;
-    } else if (u < 0x20) {
-      out += absl::StrFormat("\\u%04x", u);
+  size_t i = 0;
+  while (i < s.size()) {
+    const unsigned char u = static_cast<unsigned char>(s[i]);
+    if (u < 0x80) {
+      if (u == '"' || u == '\\') {
+        out += '\\';
+        out += s[i];
+      } else if (u < 0x20) {
+        out += absl::StrFormat("\\u%04x", u);
+      } else {
+        out += s[i];
+      }
+      ++i;
+      continue;
+    }
+    // Lead byte: sequence length and the smallest code point it may encode.
+    size_t len = 0;
+    uint32_t cp = 0, min_cp = 0;
+    if ((u & 0xE0) == 0xC0) {
+      len = 2, cp = u & 0x1F, min_cp = 0x80;
+    } else if ((u & 0xF0) == 0xE0) {
+      len = 3, cp = u & 0x0F, min_cp = 0x800;
+    } else if ((u & 0xF8) == 0xF0) {
+      len = 4, cp = u & 0x07, min_cp = 0x10000;
+    }
+    bool valid = len > 0 && i + len <= s.size();
+    for (size_t k = 1; valid && k < len; ++k) {
+      const unsigned char cont = static_cast<unsigned char>(s[i + k]);
+      valid = (cont & 0xC0) == 0x80;
+      cp = (cp << 6) | (cont & 0x3F);
+    }
+    valid = valid && cp >= min_cp && cp <= 0x10FFFF && (cp < 0xD800 || cp > 0xDFFF);
+    if (valid) {
+      out.append(s.data() + i, len);
+      i += len;
     } else {
-      out += ch;
+      out += "\xEF\xBF\xBD";  // U+FFFD
+      ++i;
     }
   }
   out += '"';
