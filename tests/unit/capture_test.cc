@@ -18,7 +18,9 @@
 #include "gpu_worker/engine/generation.h"
 #include "gpu_worker/engine/retrieval_engine.h"
 #include "gpu_worker/model/llama_model.h"
+#include "gpu_worker/model/safetensors_loader.h"
 #include "retrieval_node/client/in_process_client.h"
+#include "tests/support/models.h"
 #include "tests/support/stories_model.h"
 #include "tests/support/temp_dir.h"
 #include "tools/dataset_io.h"
@@ -212,6 +214,57 @@ TEST_F(CaptureTest, GreedyTokensEqualGenerationWithoutCapture) {
     ASSERT_TRUE(logits.ok()) << logits.status();
   }
   EXPECT_EQ(r->generated_tokens, ref);
+}
+
+TEST_F(CaptureTest, HuggingFaceCheckpointGivesTheSameTokensAndScores) {
+  // stories260K written as an HF checkpoint (half-split RoPE: q/k rows
+  // permuted per head), captured through RunCapture's path loading: the same
+  // tokens, and every decode query's scores q.k over the keys are the same
+  // (RoPE layouts differ by a per-head permutation, which keeps dot
+  // products).
+  const std::string hf = tmp_.path() + "/hf";
+  absl::Status w = worker::WriteHfCheckpoint(*model_.weights, hf);
+  if (w.code() == absl::StatusCode::kUnimplemented) GTEST_SKIP() << w;
+  ASSERT_TRUE(w.ok()) << w;
+  CaptureOptions from_hf = Options("from_hf");
+  from_hf.model = hf;
+  from_hf.tokenizer = test_support::BundledModelPath("tok512.bin");
+  from_hf.layers = "0,4";
+  absl::StatusOr<CaptureResult> a = RunCapture(from_hf);
+  ASSERT_TRUE(a.ok()) << a.status();
+  CaptureOptions from_bin = Options("from_bin");
+  from_bin.model = test_support::BundledModelPath("stories260K.bin");
+  from_bin.tokenizer = from_hf.tokenizer;
+  from_bin.layers = from_hf.layers;
+  absl::StatusOr<CaptureResult> b = RunCapture(from_bin);
+  ASSERT_TRUE(b.ok()) << b.status();
+  EXPECT_EQ(a->generated_tokens, b->generated_tokens);
+  ASSERT_EQ(a->generated_tokens.size(), size_t{kGenerate});
+  for (int l : {0, 4}) {
+    const Matrix qa = Read(from_hf.out, l, 1, "queries"), ka = Read(from_hf.out, l, 1, "keys");
+    const Matrix qb = Read(from_bin.out, l, 1, "queries"), kb = Read(from_bin.out, l, 1, "keys");
+    ASSERT_EQ(qa.rows, qb.rows);
+    ASSERT_EQ(ka.rows, kb.rows);
+    double worst = 0, scale = 0;
+    for (size_t i = 0; i < qa.rows; ++i) {
+      for (size_t j = 0; j < ka.rows; ++j) {
+        double sa = 0, sb = 0;
+        for (size_t c = 0; c < ka.cols; ++c) {
+          sa += double(qa.row(i)[c]) * ka.row(j)[c];
+          sb += double(qb.row(i)[c]) * kb.row(j)[c];
+        }
+        worst = std::max(worst, std::abs(sa - sb));
+        scale = std::max(scale, std::abs(sb));
+      }
+    }
+    EXPECT_LT(worst / scale, 1e-4) << "layer " << l;
+  }
+  // Without --tokenizer, a checkpoint directory must hold one.
+  from_hf.tokenizer.clear();
+  from_hf.out += "2";
+  absl::Status s = RunCapture(from_hf).status();
+  EXPECT_EQ(s.code(), absl::StatusCode::kNotFound) << s;
+  EXPECT_NE(s.message().find("--tokenizer"), std::string::npos) << s;
 }
 
 TEST_F(CaptureTest, BoundsAreRefusedNamingTheFlag) {
