@@ -359,7 +359,12 @@ absl::StatusOr<CaptureResult> Capture(Backend& backend,
   if (!options.prompt_file.empty()) {
     KVR_ASSIGN_OR_RETURN(text, ReadPromptFile(options.prompt_file));
   }
-  if (text.empty()) return absl::InvalidArgumentError("--prompt: empty prompt");
+  if (text.empty()) {
+    return absl::InvalidArgumentError(options.prompt_file.empty()
+                                          ? std::string("--prompt: empty prompt")
+                                          : absl::StrCat("--prompt_file ", options.prompt_file,
+                                                         ": empty prompt"));
+  }
   const int64_t context = c.seq_len;
   if (const size_t per_token = tokenizer.max_bytes_per_token(); per_token > 0) {
     const size_t min_tokens = (text.size() + per_token - 1) / per_token;

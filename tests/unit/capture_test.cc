@@ -338,11 +338,26 @@ TEST_F(CaptureTest, BoundsAreRefusedNamingTheFlag) {
     }
   }
   {
-    // --prompt_file over its limit (a sparse file) is refused before reading.
+    // --prompt_file: the same run as --prompt; empty or over its limit (a
+    // sparse file) refused before the model runs.
     CaptureOptions o = Options("file");
     o.prompt.clear();
+    o.prompt_file = tmp_.path() + "/prompt.txt";
+    std::ofstream(o.prompt_file) << kPrompt;
+    absl::StatusOr<CaptureResult> from_file = Run(o);
+    ASSERT_TRUE(from_file.ok()) << from_file.status();
+    EXPECT_EQ(from_file->prompt_tokens, model_.Encode(kPrompt));
+    EXPECT_EQ(from_file->generated_tokens.size(), size_t{kGenerate});
+    o.out += "2";
+    std::ofstream(tmp_.path() + "/big.txt") << "x";
+    std::ofstream(tmp_.path() + "/empty.txt").flush();
+    o.prompt_file = tmp_.path() + "/empty.txt";
+    absl::Status empty = Run(o).status();
+    EXPECT_EQ(empty.code(), absl::StatusCode::kInvalidArgument) << empty;
+    EXPECT_NE(empty.message().find("--prompt_file " + o.prompt_file + ": empty prompt"),
+              std::string::npos)
+        << empty;
     o.prompt_file = tmp_.path() + "/big.txt";
-    std::ofstream(o.prompt_file) << "x";
     std::filesystem::resize_file(o.prompt_file, uintmax_t(kMaxPromptFileBytes) + 1);
     absl::Status s = Run(o).status();
     EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument) << s;
