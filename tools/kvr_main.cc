@@ -10,7 +10,11 @@
 //   kvr cluster                 a local gateway + worker + 3 retrieval nodes
 //   kvr client --target H:P     stream a generation from the gRPC API
 //
-// (tools/cluster.h, tools/client.h).
+// (tools/cluster.h, tools/client.h), and always
+//
+//   kvr capture --prompt P --out DIR   per-layer, per-head Q/K/V as .npy
+//
+// (tools/capture.h).
 #include <unistd.h>
 
 #include <chrono>
@@ -36,6 +40,7 @@
 #include "gpu_worker/model/llama2c_loader.h"
 #include "gpu_worker/model/llama2c_tokenizer.h"
 #include "retrieval_node/client/client_factory.h"
+#include "tools/capture.h"
 #include "tools/cli_flags.h"
 #ifdef KVR_WITH_NODE_CLIENT
 #include "google/protobuf/stubs/common.h"
@@ -61,6 +66,9 @@ Usage:
   kvr client --target HOST:PORT [flags]
                            stream a generation from a gateway or worker
   kvr apikey --id ID       make a gateway API key (key, then its keys-file entry)
+  kvr capture --prompt P --out DIR [flags]
+                           write a model run's per-layer, per-head queries,
+                           keys and values as .npy files for index_bench
   kvr --help               this text
   kvr COMMAND --help       the flags of COMMAND
 )";
@@ -371,6 +379,7 @@ int Main(int argc, char** argv) {
   const std::string command = args[0];
   args.erase(args.begin());
   if (command == "generate") return MainGenerate(args);
+  if (command == "capture") return capture::MainCapture(args);
 #ifdef KVR_WITH_NODE_CLIENT
   if (command == "cluster") return MainCluster(args);
   if (command == "client") return MainClient(args);
@@ -383,8 +392,8 @@ int Main(int argc, char** argv) {
   }
 #endif
   std::fprintf(stderr,
-               "kvr: unknown command \"%s\" (commands: generate, cluster, client, apikey; see kvr "
-               "--help)\n",
+               "kvr: unknown command \"%s\" (commands: generate, capture, cluster, client, apikey; "
+               "see kvr --help)\n",
                command.c_str());
   return 2;
 }
