@@ -97,9 +97,9 @@ ABSL_FLAG(bool, graph_scan_bf16, false, "attention graph: walk the graph on bf16
 ABSL_FLAG(int, graph_build_beam, 64, "attention graph beam when linking keys in");
 ABSL_FLAG(bool, graph_saturate, true, "fill graph rows up to the degree with pruned candidates");
 ABSL_FLAG(std::string, train_topk_cache, "",
-          "if set: read each data set's training top-k from PATH.<family>-<N> (an .ibin) when "
-          "it exists and matches, else write it there (saves recomputing it between runs on "
-          "the same data)");
+          "if set (PATH.ibin or PATH.npy): read each data set's training top-k from "
+          "PATH.<family>-<N>.ibin (.npy) when it exists and matches, else write it there (saves "
+          "recomputing it between runs on the same data)");
 ABSL_FLAG(std::string, graph_beams, "100,120,150,200,250,300,400,500,700,1000",
           "attention graph beam widths to sweep");
 ABSL_FLAG(int, hnsw_m, 32, "HNSW M (faiss and hnswlib)");
@@ -176,6 +176,17 @@ std::vector<std::string> ParseFamilies(const std::string& csv) {
   }
   if (out.empty()) Fail(absl::InvalidArgumentError("--families: no family named"));
   return out;
+}
+
+// Prints the last `lines` lines of the text file at `path`, indented.
+void PrintTail(const std::string& path, size_t lines) {
+  std::ifstream f(path);
+  std::vector<std::string> tail;
+  for (std::string line; std::getline(f, line);) {
+    tail.push_back(line);
+    if (tail.size() > lines) tail.erase(tail.begin());
+  }
+  for (const std::string& line : tail) std::printf("    | %s\n", line.c_str());
 }
 
 Matrix Rows(const Matrix& m, size_t begin, size_t count) {
@@ -382,9 +393,15 @@ class Runner {
     auto t0 = Clock::now();
     std::vector<int64_t> topk(ds.train.rows * train_k);
     const std::string cache_flag = absl::GetFlag(FLAGS_train_topk_cache);
-    const std::string cache =
-        cache_flag.empty() ? ""
-                           : absl::StrFormat("%s.%s-%zu", cache_flag, ds.family, ds.keys.rows);
+    // PATH.ibin -> PATH.<family>-<N>.ibin (the same for .npy).
+    std::string cache;
+    if (!cache_flag.empty()) {
+      const size_t dot = cache_flag.rfind('.');
+      const std::string ext = dot == std::string::npos ? "" : cache_flag.substr(dot);
+      const bool known = ext == ".ibin" || ext == ".npy";
+      cache = absl::StrFormat("%s.%s-%zu%s", known ? cache_flag.substr(0, dot) : cache_flag,
+                              ds.family, ds.keys.rows, known ? ext : ".ibin");
+    }
     bool cached = false;
     if (!cache.empty()) {
       if (auto ids = ReadIdMatrixFile(cache);
@@ -650,8 +667,7 @@ class Runner {
               "--learn_base_nn_path", dir + "/train_gt.bin", "--M_sq", std::to_string(train_k),
               "--M_pjbp", "35", "--L_pjpq", "500", "-T", threads},
              dir + "/build.log")) {
-      std::fflush(stdout);
-      std::system(absl::StrCat("tail -5 '", dir, "/build.log'").c_str());
+      PrintTail(dir + "/build.log", 5);
       return;
     }
     const double build = Seconds(t0, Clock::now());
@@ -672,8 +688,7 @@ class Runner {
       return;
     }
     if (!run(argv, dir + "/search.log")) {
-      std::fflush(stdout);
-      std::system(absl::StrCat("tail -5 '", dir, "/search.log'").c_str());
+      PrintTail(dir + "/search.log", 5);
       return;
     }
     // eval.csv: L, QPS, avg visited, mean latency (ms), recall@k, avg hops.
