@@ -1,12 +1,16 @@
 // index_bench: recall@k vs % of keys scanned vs µs/query for Flat, IVF, the
-// attention-aware graph, faiss HNSW (inner product) and hnswlib, on
-// out-of-distribution attention data (tools/attention_data) or on the user's
-// own captured keys/queries; plus the OOD gap (HNSW recall on key queries vs
-// attention queries at equal budget) and single-head decode attention
-// (retrieve + partial attention) vs the exact scan. Prints tables; --json
-// writes the same rows machine-readably.
+// attention-aware graph, faiss HNSW (inner product), hnswlib and (with
+// --roargraph_bin_dir) the RoarGraph reference, on every family of
+// out-of-distribution attention data (tools/attention_data) in one run, or on
+// the user's own captured keys/queries (family "file"); plus the OOD gap (HNSW
+// recall on key queries vs attention queries at equal budget) and single-head
+// decode attention (retrieve + partial attention) vs the exact scan. Prints a
+// table per family and size, then a summary: per family the cheapest setting
+// of each method reaching --target_recall, the issue-17 target status and the
+// worst family. --json writes every row (with its "family") machine-readably.
 //
-//   index_bench --sizes=131072,1048576            # synthetic, default preset
+//   index_bench --sizes=131072                     # every family
+//   index_bench --families=lowrank,flat --roargraph_bin_dir=/tmp/kvr-roargraph/bin
 //   index_bench --keys=k.npy --queries=q.npy --train=t.fbin [--values=v.npy]
 #include <faiss/IndexFlat.h>
 #include <faiss/IndexHNSW.h>
@@ -14,8 +18,15 @@
 #include <hnswlib/hnswlib.h>
 #include <omp.h>
 
+#include <stdlib.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
 #include <algorithm>
 #include <chrono>
+#include <filesystem>
+#include <limits>
+#include <map>
 #include <cmath>
 #include <cstdio>
 #include <fstream>
@@ -30,8 +41,11 @@
 #include "absl/flags/usage.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_format.h"
+#include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
+#include "absl/time/time.h"
 #include "common/attention.h"
+#include "common/subprocess.h"
 #include "tools/dataset_io.h"
 #include "common/simd/kernels.h"
 #include "common/thread_pool.h"
@@ -49,14 +63,26 @@ ABSL_FLAG(int64_t, n_train, -1,
           "training (prefill) queries per data set; -1: min(N, 65536) (synthetic data)");
 ABSL_FLAG(int, train_k, 100, "top-k per training query given to the graph build");
 ABSL_FLAG(int, n_test, 500, "decode queries evaluated (synthetic data)");
-ABSL_FLAG(std::string, preset, "default", "synthetic difficulty preset: easy, default, hard");
+ABSL_FLAG(std::string, families, "all",
+          "synthetic data families to run, comma-separated: topical, lowrank, flat, positional, "
+          "sink (tools/attention_data.h); all = every family");
+ABSL_FLAG(std::string, preset, "default",
+          "difficulty preset of the topical family (and of sink's topical part): easy, default, "
+          "hard");
 ABSL_FLAG(uint64_t, seed, 1, "synthetic data seed");
 ABSL_FLAG(std::string, keys, "", "keys file (.npy float32 2-D C order, or .fbin)");
 ABSL_FLAG(std::string, queries, "", "decode queries file (.npy or .fbin)");
 ABSL_FLAG(std::string, train, "", "training queries file (.npy or .fbin)");
 ABSL_FLAG(std::string, values, "", "values file (.npy or .fbin); default: random values");
-ABSL_FLAG(std::string, methods, "flat,ivf,graph,faiss_hnsw,hnswlib",
-          "methods to run: flat, ivf, graph, faiss_hnsw, hnswlib");
+ABSL_FLAG(std::string, methods, "flat,ivf,graph,faiss_hnsw,hnswlib,roargraph",
+          "methods to run: flat, ivf, graph, faiss_hnsw, hnswlib, roargraph (the last only with "
+          "--roargraph_bin_dir)");
+ABSL_FLAG(std::string, roargraph_bin_dir, "",
+          "directory with RoarGraph's test_build_roargraph and test_search_roargraph (and COMMIT), "
+          "built outside the tree by bench/peers/build_roargraph.sh; empty: RoarGraph skipped");
+ABSL_FLAG(std::string, roargraph_ls, "100,200,400,800,1600,3200",
+          "RoarGraph search list sizes L_pq to sweep (each >= k)");
+ABSL_FLAG(int, roargraph_timeout_s, 1800, "limit on each RoarGraph build or search run, seconds");
 ABSL_FLAG(int, threads, 0, "build threads (0: all cores); searches are single-threaded");
 ABSL_FLAG(int, graph_degree, 32, "attention graph out-degree M");
 ABSL_FLAG(int, graph_entry_points, 16, "attention graph entry points");
@@ -71,8 +97,9 @@ ABSL_FLAG(bool, graph_scan_bf16, false, "attention graph: walk the graph on bf16
 ABSL_FLAG(int, graph_build_beam, 64, "attention graph beam when linking keys in");
 ABSL_FLAG(bool, graph_saturate, true, "fill graph rows up to the degree with pruned candidates");
 ABSL_FLAG(std::string, train_topk_cache, "",
-          "if set: read the training top-k from this .ibin when it exists, else write it "
-          "there (saves recomputing it between runs on the same data)");
+          "if set (PATH.ibin or PATH.npy): read each data set's training top-k from "
+          "PATH.<family>-<N>.ibin (.npy) when it exists and matches, else write it there (saves "
+          "recomputing it between runs on the same data)");
 ABSL_FLAG(std::string, graph_beams, "100,120,150,200,250,300,400,500,700,1000",
           "attention graph beam widths to sweep");
 ABSL_FLAG(int, hnsw_m, 32, "HNSW M (faiss and hnswlib)");
@@ -96,6 +123,7 @@ double Seconds(Clock::time_point a, Clock::time_point b) {
 }
 
 struct Row {
+  std::string family;  // data family ("file" for --keys data)
   std::string dataset;
   size_t n = 0;
   std::string method;
@@ -107,6 +135,7 @@ struct Row {
 };
 
 struct DataSet {
+  std::string family;
   std::string name;
   Matrix keys, train, test, values;
   Matrix key_queries;  // held-out keys used as in-distribution queries (may be empty)
@@ -130,6 +159,36 @@ std::vector<int> ParseInts(const std::string& csv, const char* flag) {
   return out;
 }
 
+// --families: "all" (every family of AttentionFamilyNames) or a comma list
+// of known names, each once.
+std::vector<std::string> ParseFamilies(const std::string& csv) {
+  const std::vector<std::string> known = AttentionFamilyNames();
+  if (csv == "all") return known;
+  std::vector<std::string> out;
+  for (absl::string_view part : absl::StrSplit(csv, ',', absl::SkipEmpty())) {
+    const std::string name(part);
+    if (std::find(known.begin(), known.end(), name) == known.end()) {
+      Fail(absl::InvalidArgumentError(absl::StrCat(
+          "--families: unknown family '", name, "' (known: ", absl::StrJoin(known, ", "),
+          ", or all)")));
+    }
+    if (std::find(out.begin(), out.end(), name) == out.end()) out.push_back(name);
+  }
+  if (out.empty()) Fail(absl::InvalidArgumentError("--families: no family named"));
+  return out;
+}
+
+// Prints the last `lines` lines of the text file at `path`, indented.
+void PrintTail(const std::string& path, size_t lines) {
+  std::ifstream f(path);
+  std::vector<std::string> tail;
+  for (std::string line; std::getline(f, line);) {
+    tail.push_back(line);
+    if (tail.size() > lines) tail.erase(tail.begin());
+  }
+  for (const std::string& line : tail) std::printf("    | %s\n", line.c_str());
+}
+
 Matrix Rows(const Matrix& m, size_t begin, size_t count) {
   Matrix out(count, m.cols);
   std::copy(m.row(begin), m.row(begin) + count * m.cols, out.data.begin());
@@ -148,10 +207,14 @@ double Recall(const std::vector<int64_t>& truth, const std::vector<int64_t>& got
   return static_cast<double>(hit) / static_cast<double>(rows * k);
 }
 
-std::vector<int64_t> Truth(const Matrix& keys, const Matrix& q, int k, ThreadPool* pool) {
+// Exact top-k ids of every row of `q`, best first; their scores into
+// `scores_out` when given.
+std::vector<int64_t> Truth(const Matrix& keys, const Matrix& q, int k, ThreadPool* pool,
+                           std::vector<float>* scores_out = nullptr) {
   std::vector<int64_t> ids(q.rows * k);
   std::vector<float> scores(q.rows * k);
   if (auto s = ExactTopK(keys.view(), q.view(), k, ids, scores, pool); !s.ok()) Fail(s);
+  if (scores_out != nullptr) *scores_out = std::move(scores);
   return ids;
 }
 
@@ -237,7 +300,8 @@ class Runner {
     std::printf("\n=== %s: N=%zu d=%zu train=%zu test=%zu k=%d ===\n", ds.name.c_str(), n,
                 ds.keys.cols, ds.train.rows, ds.test.rows, k);
     const auto t0 = Clock::now();
-    const auto truth = Truth(ds.keys, ds.test, k, pool_);
+    std::vector<float> truth_scores;
+    const auto truth = Truth(ds.keys, ds.test, k, pool_, &truth_scores);
     std::printf("ground truth: %.2f s\n", Seconds(t0, Clock::now()));
     const std::string methods = absl::GetFlag(FLAGS_methods);
     auto want = [&](const char* m) {
@@ -248,6 +312,7 @@ class Runner {
     };
     std::vector<Row> rows;
     auto add = [&](Row r, const std::string& method, const std::string& param, double build) {
+      r.family = ds.family;
       r.dataset = ds.name;
       r.n = n;
       r.method = method;
@@ -260,12 +325,23 @@ class Runner {
       rows.push_back(r);
     };
 
+    const bool roargraph =
+        want("roargraph") && !absl::GetFlag(FLAGS_roargraph_bin_dir).empty() && ds.train.rows > 0;
+    const int train_k = std::min<int>(absl::GetFlag(FLAGS_train_k), static_cast<int>(n));
+    std::vector<int64_t> train_topk;
+    double knn_s = 0;
+    if ((want("graph") || roargraph) && ds.train.rows > 0) {
+      train_topk = TrainTopK(ds, train_k, &knn_s);
+    }
     if (want("flat")) RunFlat(ds, truth, k, add);
     if (want("ivf")) RunIvf(ds, truth, k, add);
     std::unique_ptr<index::AttentionGraphIndex> graph;
-    if (want("graph")) graph = RunGraph(ds, truth, k, add);
+    if (want("graph") && ds.train.rows > 0) {
+      graph = RunGraph(ds, truth, k, train_topk, train_k, knn_s, add);
+    }
     if (want("faiss_hnsw")) RunFaiss(ds, truth, k, add);
     if (want("hnswlib")) RunHnswlib(ds, truth, k, add);
+    if (roargraph) RunRoarGraph(ds, truth, truth_scores, k, train_topk, train_k, add);
 
     PrintTable(rows, k);
     if (absl::GetFlag(FLAGS_attention) && graph != nullptr) RunAttention(ds, *graph, rows, k);
@@ -308,16 +384,24 @@ class Runner {
     }
   }
 
-  template <typename Add>
-  std::unique_ptr<index::AttentionGraphIndex> RunGraph(const DataSet& ds,
-                                                       const std::vector<int64_t>& truth, int k,
-                                                       Add&& add) {
-    const int train_k = std::min<int>(absl::GetFlag(FLAGS_train_k), static_cast<int>(ds.keys.rows));
+  // Every training query's exact top-train_k key ids (rows x train_k, best
+  // first): what the decode worker computes on the GPU during prefill; from
+  // --train_topk_cache when it matches the data. `seconds` gets the time.
+  std::vector<int64_t> TrainTopK(const DataSet& ds, int train_k, double* seconds) {
     // The training top-k is what the decode worker computes on the GPU during
     // prefill; it is timed separately from the graph build.
     auto t0 = Clock::now();
     std::vector<int64_t> topk(ds.train.rows * train_k);
-    const std::string cache = absl::GetFlag(FLAGS_train_topk_cache);
+    const std::string cache_flag = absl::GetFlag(FLAGS_train_topk_cache);
+    // PATH.ibin -> PATH.<family>-<N>.ibin (the same for .npy).
+    std::string cache;
+    if (!cache_flag.empty()) {
+      const size_t dot = cache_flag.rfind('.');
+      const std::string ext = dot == std::string::npos ? "" : cache_flag.substr(dot);
+      const bool known = ext == ".ibin" || ext == ".npy";
+      cache = absl::StrFormat("%s.%s-%zu%s", known ? cache_flag.substr(0, dot) : cache_flag,
+                              ds.family, ds.keys.rows, known ? ext : ".ibin");
+    }
     bool cached = false;
     if (!cache.empty()) {
       if (auto ids = ReadIdMatrixFile(cache);
@@ -354,7 +438,17 @@ class Runner {
         if (auto s = WriteIdMatrixFile(cache, ids); !s.ok()) Fail(s);
       }
     }
-    const double knn_s = Seconds(t0, Clock::now());
+    *seconds = Seconds(t0, Clock::now());
+    return topk;
+  }
+
+  template <typename Add>
+  std::unique_ptr<index::AttentionGraphIndex> RunGraph(const DataSet& ds,
+                                                       const std::vector<int64_t>& truth, int k,
+                                                       const std::vector<int64_t>& topk,
+                                                       int train_k, double knn_s, Add&& add) {
+    auto t0 = Clock::now();
+
     {
       // How much of what decode queries want did some training query want?
       std::vector<uint8_t> seen(ds.keys.rows, 0);
@@ -461,6 +555,7 @@ class Runner {
         Row attn_r = MeasureHnswlib(*index.second, ds.test, truth, k, ef);
         std::printf("  %8d %14.4f %14.4f %16.3f %16.3f\n", ef, key_r.recall, attn_r.recall,
                     key_r.scanned_pct, attn_r.scanned_pct);
+        key_r.family = attn_r.family = ds.family;
         key_r.dataset = attn_r.dataset = ds.name;
         key_r.n = attn_r.n = ds.keys.rows;
         key_r.method = "hnswlib_key_queries";
@@ -469,6 +564,148 @@ class Runner {
         gap_rows_.push_back(key_r);
         gap_rows_.push_back(attn_r);
       }
+    }
+  }
+
+  // The RoarGraph reference (its public code, built outside the tree by
+  // bench/peers/build_roargraph.sh): the same keys, training queries and
+  // training top-k go to its programs as .fbin/.bin files in a temp dir; its
+  // build is timed here (wall clock, --threads), its search runs one thread
+  // and reports recall@k, mean latency and average visited keys per L.
+  template <typename Add>
+  void RunRoarGraph(const DataSet& ds, const std::vector<int64_t>& truth,
+                    const std::vector<float>& truth_scores, int k,
+                    const std::vector<int64_t>& train_topk, int train_k, Add&& add) {
+    const std::string bin = absl::GetFlag(FLAGS_roargraph_bin_dir);
+    if (ds.test.rows < 100) {
+      // Its search program warms up on queries 0..99.
+      std::printf("  roargraph: skipped (its search needs >= 100 test queries, have %zu)\n",
+                  ds.test.rows);
+      return;
+    }
+    std::string commit = "unknown";
+    if (std::ifstream f(bin + "/COMMIT"); f) std::getline(f, commit);
+    const std::string short_commit = commit.substr(0, 12);
+    std::string tmpl = (std::filesystem::temp_directory_path() / "kvr-roar-XXXXXX").string();
+    if (mkdtemp(tmpl.data()) == nullptr) {
+      Fail(absl::InternalError(absl::StrCat("mkdtemp ", tmpl, ": ", std::strerror(errno))));
+    }
+    const std::string dir = tmpl;
+    struct Cleanup {
+      std::string path;
+      ~Cleanup() {
+        std::error_code ec;
+        std::filesystem::remove_all(path, ec);
+      }
+    } cleanup{dir};
+    auto write_u32s = [](std::ofstream& f, std::initializer_list<uint32_t> v) {
+      for (uint32_t x : v) f.write(reinterpret_cast<const char*>(&x), sizeof(x));
+    };
+    auto write_fbin = [&](const std::string& path, const Matrix& m) {
+      std::ofstream f(path, std::ios::binary);
+      write_u32s(f, {static_cast<uint32_t>(m.rows), static_cast<uint32_t>(m.cols)});
+      f.write(reinterpret_cast<const char*>(m.data.data()),
+              static_cast<std::streamsize>(m.data.size() * sizeof(float)));
+      if (!f) Fail(absl::InternalError(absl::StrCat("cannot write ", path)));
+    };
+    // ids (rows x cols, best first) as uint32, then optional distances.
+    auto write_gt = [&](const std::string& path, const std::vector<int64_t>& ids, size_t rows,
+                        size_t cols, const std::vector<float>* scores) {
+      std::ofstream f(path, std::ios::binary);
+      write_u32s(f, {static_cast<uint32_t>(rows), static_cast<uint32_t>(cols)});
+      std::vector<uint32_t> u(ids.size());
+      for (size_t i = 0; i < ids.size(); ++i) u[i] = static_cast<uint32_t>(std::max<int64_t>(ids[i], 0));
+      f.write(reinterpret_cast<const char*>(u.data()),
+              static_cast<std::streamsize>(u.size() * sizeof(uint32_t)));
+      if (scores != nullptr) {
+        // Inner product: RoarGraph's distance is the negated score.
+        std::vector<float> dist(scores->size());
+        for (size_t i = 0; i < dist.size(); ++i) dist[i] = -(*scores)[i];
+        f.write(reinterpret_cast<const char*>(dist.data()),
+                static_cast<std::streamsize>(dist.size() * sizeof(float)));
+      }
+      if (!f) Fail(absl::InternalError(absl::StrCat("cannot write ", path)));
+    };
+    write_fbin(dir + "/keys.fbin", ds.keys);
+    write_fbin(dir + "/train.fbin", ds.train);
+    write_fbin(dir + "/queries.fbin", ds.test);
+    write_gt(dir + "/train_gt.bin", train_topk, ds.train.rows, static_cast<size_t>(train_k), nullptr);
+    write_gt(dir + "/gt.bin", truth, ds.test.rows, static_cast<size_t>(k), &truth_scores);
+
+    const absl::Duration limit = absl::Seconds(absl::GetFlag(FLAGS_roargraph_timeout_s));
+    // Runs one program to completion, its output in `log`; false on failure.
+    auto run = [&](std::vector<std::string> argv, const std::string& log) {
+      const std::string program = argv.empty() ? "" : argv[0];
+      SubprocessOptions so;
+      so.merge_stderr = true;
+      so.log_path = log;
+      so.keep_line = [](absl::string_view) { return false; };
+      auto child = Subprocess::Start(std::move(argv), so);
+      if (!child.ok()) {
+        std::printf("  roargraph: %s\n", std::string(child.status().message()).c_str());
+        return false;
+      }
+      // Drain its output until it exits (the prefix never appears).
+      const auto wait = (*child)->WaitForLine("\x01", limit);
+      if (absl::IsDeadlineExceeded(wait.status())) {
+        std::printf("  roargraph: no exit within %s (log %s)\n",
+                    absl::FormatDuration(limit).c_str(), log.c_str());
+        return false;
+      }
+      const absl::StatusOr<int> status = (*child)->Stop(0, absl::Seconds(30));
+      if (!status.ok() || !WIFEXITED(*status) || WEXITSTATUS(*status) != 0) {
+        std::printf("  roargraph: %s failed (log %s)\n", program.c_str(), log.c_str());
+        return false;
+      }
+      return true;
+    };
+    const std::string threads = std::to_string(pool_->size() + 1);
+    const auto t0 = Clock::now();
+    if (!run({bin + "/test_build_roargraph", "--data_type", "float", "--dist", "ip",
+              "--base_data_path", dir + "/keys.fbin", "--sampled_query_data_path",
+              dir + "/train.fbin", "--projection_index_save_path", dir + "/roar.index",
+              "--learn_base_nn_path", dir + "/train_gt.bin", "--M_sq", std::to_string(train_k),
+              "--M_pjbp", "35", "--L_pjpq", "500", "-T", threads},
+             dir + "/build.log")) {
+      PrintTail(dir + "/build.log", 5);
+      return;
+    }
+    const double build = Seconds(t0, Clock::now());
+    std::vector<std::string> argv = {bin + "/test_search_roargraph", "--data_type", "float",
+                                     "--dist", "ip", "--base_data_path", dir + "/keys.fbin",
+                                     "--projection_index_save_path", dir + "/roar.index",
+                                     "--gt_path", dir + "/gt.bin", "--query_path",
+                                     dir + "/queries.fbin", "--k", std::to_string(k), "-T", "1",
+                                     "--evaluation_save_path", dir + "/eval.csv", "--L_pq"};
+    size_t ls = 0;
+    for (int l : ParseInts(absl::GetFlag(FLAGS_roargraph_ls), "roargraph_ls")) {
+      if (l < k) continue;
+      argv.push_back(std::to_string(l));
+      ++ls;
+    }
+    if (ls == 0) {
+      std::printf("  roargraph: no --roargraph_ls value >= k = %d\n", k);
+      return;
+    }
+    if (!run(argv, dir + "/search.log")) {
+      PrintTail(dir + "/search.log", 5);
+      return;
+    }
+    // eval.csv: L, QPS, avg visited, mean latency (ms), recall@k, avg hops.
+    std::ifstream eval(dir + "/eval.csv");
+    std::string line;
+    while (std::getline(eval, line)) {
+      const std::vector<std::string> f = absl::StrSplit(line, ',');
+      double l = 0, visited = 0, ms = 0, recall = 0;
+      if (f.size() < 5 || !absl::SimpleAtod(f[0], &l) || !absl::SimpleAtod(f[2], &visited) ||
+          !absl::SimpleAtod(f[3], &ms) || !absl::SimpleAtod(f[4], &recall)) {
+        continue;
+      }
+      Row r;
+      r.recall = recall;
+      r.scanned_pct = 100.0 * visited / static_cast<double>(ds.keys.rows);
+      r.us_per_query = 1000.0 * ms;
+      add(r, "roargraph", absl::StrFormat("%s,L=%d", short_commit, static_cast<int>(l)), build);
     }
   }
 
@@ -587,6 +824,7 @@ class Runner {
                 absl::StrFormat("graph top-%d, L=%d + partial attn", k, beam).c_str(), graph_us,
                 exact_us / graph_us, graph_mean, graph_max, index_mean, index_max);
     Row ex;
+    ex.family = ds.family;
     ex.dataset = ds.name;
     ex.n = ds.keys.rows;
     ex.method = "attention_exact_scan";
@@ -631,6 +869,93 @@ class Runner {
   }
 
  public:
+  // Per data set (family, N): the cheapest setting (least µs/query) of each
+  // method reaching --target_recall; then the issue-17 target per family
+  // (the graph at >= target recall in <= 0.5x the µs of the best peer
+  // reaching it, and no slower than the exact scan) and the worst family.
+  void PrintSummary() const {
+    const double target = absl::GetFlag(FLAGS_target_recall);
+    const char* const kPeers[] = {"ivf", "faiss_hnsw", "hnswlib", "roargraph"};
+    std::vector<std::pair<std::string, size_t>> sets;
+    for (const Row& r : all_rows_) {
+      if (std::find(sets.begin(), sets.end(), std::make_pair(r.family, r.n)) == sets.end()) {
+        sets.emplace_back(r.family, r.n);
+      }
+    }
+    auto cheapest = [&](const std::string& family, size_t n, const std::string& method) {
+      const Row* best = nullptr;
+      for (const Row& r : all_rows_) {
+        if (r.family == family && r.n == n && r.method == method && r.recall >= target &&
+            (best == nullptr || r.us_per_query < best->us_per_query)) {
+          best = &r;
+        }
+      }
+      return best;
+    };
+    std::printf("\n=== summary: cheapest setting (least us/query) per method reaching "
+                "recall >= %.2f ===\n", target);
+    std::printf("  %-10s %8s %-11s %-24s %8s %10s %10s %9s\n", "family", "N", "method", "param",
+                "recall", "scanned %", "us/query", "build s");
+    for (const auto& [family, n] : sets) {
+      std::vector<std::string> methods;
+      for (const Row& r : all_rows_) {
+        if (r.family == family && r.n == n &&
+            std::find(methods.begin(), methods.end(), r.method) == methods.end()) {
+          methods.push_back(r.method);
+        }
+      }
+      for (const std::string& m : methods) {
+        const Row* b = cheapest(family, n, m);
+        if (b == nullptr) {
+          std::printf("  %-10s %8zu %-11s %-24s\n", family.c_str(), n, m.c_str(), "(not reached)");
+        } else {
+          std::printf("  %-10s %8zu %-11s %-24s %8.4f %10.3f %10.1f %9.2f\n", family.c_str(), n,
+                      m.c_str(), b->param.c_str(), b->recall, b->scanned_pct, b->us_per_query,
+                      b->build_s);
+        }
+      }
+    }
+    std::printf("\n=== target: graph recall >= %.2f at <= 0.5x the best peer's us/query (peers: "
+                "ivf, faiss_hnsw, hnswlib, roargraph) and <= the exact scan ===\n", target);
+    std::printf("  %-10s %8s %12s %-24s %9s %10s  %s\n", "family", "N", "graph us", "best peer",
+                "graph/peer", "exact us", "status");
+    std::string worst;
+    double worst_ratio = -1;
+    for (const auto& [family, n] : sets) {
+      const Row* g = cheapest(family, n, "graph");
+      const Row* flat = cheapest(family, n, "flat");
+      const Row* peer = nullptr;
+      for (const char* m : kPeers) {
+        const Row* b = cheapest(family, n, m);
+        if (b != nullptr && (peer == nullptr || b->us_per_query < peer->us_per_query)) peer = b;
+      }
+      const double inf = std::numeric_limits<double>::infinity();
+      const double ratio = g == nullptr ? inf : peer == nullptr ? 0.0 : g->us_per_query / peer->us_per_query;
+      const bool vs_peer = g != nullptr && (peer == nullptr || ratio <= 0.5);
+      const bool vs_exact = g != nullptr && (flat == nullptr || g->us_per_query <= flat->us_per_query);
+      std::string status = g == nullptr ? "MISSED (graph never reaches the recall)"
+                           : vs_peer && vs_exact ? "met"
+                           : !vs_exact           ? "MISSED (slower than exact)"
+                                                 : "MISSED (> 0.5x best peer)";
+      std::printf("  %-10s %8zu %12s %-24s %9s %10s  %s\n", family.c_str(), n,
+                  g == nullptr ? "-" : absl::StrFormat("%.1f", g->us_per_query).c_str(),
+                  peer == nullptr ? "(none reached)"
+                                  : absl::StrFormat("%s %.1f", peer->method, peer->us_per_query).c_str(),
+                  g == nullptr || peer == nullptr ? "-" : absl::StrFormat("%.2fx", ratio).c_str(),
+                  flat == nullptr ? "-" : absl::StrFormat("%.1f", flat->us_per_query).c_str(),
+                  status.c_str());
+      if (ratio > worst_ratio) {
+        worst_ratio = ratio;
+        worst = absl::StrFormat("%s (N=%zu)", family, n);
+      }
+    }
+    if (!worst.empty()) {
+      std::printf("  worst family: %s, graph/best peer = %s\n", worst.c_str(),
+                  std::isinf(worst_ratio) ? "target recall not reached"
+                                          : absl::StrFormat("%.2fx", worst_ratio).c_str());
+    }
+  }
+
   void WriteJson(const std::string& path) const {
     std::ofstream f(path);
     f << "[\n";
@@ -639,9 +964,10 @@ class Runner {
     for (size_t i = 0; i < all.size(); ++i) {
       const Row& r = all[i];
       f << absl::StrFormat(
-          "  {\"dataset\": \"%s\", \"n\": %zu, \"method\": \"%s\", \"param\": \"%s\", "
-          "\"recall\": %.6f, \"scanned_pct\": %.6f, \"us_per_query\": %.3f, \"build_s\": %.3f}%s\n",
-          r.dataset, r.n, r.method, r.param, r.recall, r.scanned_pct, r.us_per_query, r.build_s,
+          "  {\"family\": \"%s\", \"dataset\": \"%s\", \"n\": %zu, \"method\": \"%s\", "
+          "\"param\": \"%s\", \"recall\": %.6f, \"scanned_pct\": %.6f, \"us_per_query\": %.3f, "
+          "\"build_s\": %.3f}%s\n",
+          r.family, r.dataset, r.n, r.method, r.param, r.recall, r.scanned_pct, r.us_per_query, r.build_s,
           i + 1 < all.size() ? "," : "");
     }
     f << "]\n";
@@ -654,9 +980,10 @@ class Runner {
   std::vector<Row> gap_rows_;
 };
 
-DataSet Synthetic(size_t n, ThreadPool* pool) {
+DataSet Synthetic(size_t n, const std::string& family, ThreadPool* pool) {
   auto opts = AttentionDataPreset(absl::GetFlag(FLAGS_preset));
   if (!opts.ok()) Fail(opts.status());
+  opts->family = family;
   opts->n_keys = n + static_cast<size_t>(absl::GetFlag(FLAGS_n_test));  // tail: key queries
   const int64_t n_train = absl::GetFlag(FLAGS_n_train);
   opts->n_train = n_train < 0 ? std::min<size_t>(n, 65536) : static_cast<size_t>(n_train);
@@ -667,7 +994,10 @@ DataSet Synthetic(size_t n, ThreadPool* pool) {
   auto data = GenerateAttentionData(*opts, pool);
   if (!data.ok()) Fail(data.status());
   DataSet ds;
-  ds.name = absl::StrFormat("synthetic-%s", absl::GetFlag(FLAGS_preset));
+  ds.family = family;
+  ds.name = family == "topical" || family == "sink"
+                ? absl::StrFormat("synthetic-%s-%s", family, absl::GetFlag(FLAGS_preset))
+                : absl::StrFormat("synthetic-%s", family);
   ds.keys = Rows(data->keys, 0, n);
   ds.values = Rows(data->values, 0, n);
   ds.key_queries = Rows(data->keys, n, opts->n_test);
@@ -688,6 +1018,7 @@ DataSet Synthetic(size_t n, ThreadPool* pool) {
 
 DataSet External(ThreadPool* pool) {
   DataSet ds;
+  ds.family = "file";
   ds.name = "external";
   auto load = [](const std::string& path, const char* flag) {
     auto m = ReadMatrixFile(path);
@@ -741,10 +1072,14 @@ int main(int argc, char** argv) {
   if (!absl::GetFlag(FLAGS_keys).empty()) {
     runner.Run(bench::External(&pool));
   } else {
+    const std::vector<std::string> families = bench::ParseFamilies(absl::GetFlag(FLAGS_families));
     for (int n : bench::ParseInts(absl::GetFlag(FLAGS_sizes), "sizes")) {
-      runner.Run(bench::Synthetic(static_cast<size_t>(n), &pool));
+      for (const std::string& family : families) {
+        runner.Run(bench::Synthetic(static_cast<size_t>(n), family, &pool));
+      }
     }
   }
+  runner.PrintSummary();
   if (!absl::GetFlag(FLAGS_json).empty()) runner.WriteJson(absl::GetFlag(FLAGS_json));
   return 0;
 }

@@ -29,6 +29,7 @@ enum Stream : uint64_t {
   kStreamTest = 6,
   kStreamTrainPositions = 7,
   kStreamStats = 8,
+  kStreamSink = 9,  // the sink family's sink-plane noise
 };
 
 inline uint64_t Mix64(uint64_t z) {
@@ -322,6 +323,10 @@ constexpr size_t kRowGrain = 2048;
 
 std::vector<std::string> AttentionDataPresetNames() { return {"easy", "default", "hard"}; }
 
+std::vector<std::string> AttentionFamilyNames() {
+  return {"topical", "lowrank", "flat", "positional", "sink"};
+}
+
 absl::StatusOr<AttentionDataOptions> AttentionDataPreset(absl::string_view name) {
   AttentionDataOptions o;
   if (name == "default") return o;
@@ -377,6 +382,46 @@ absl::Status ValidateAttentionDataOptions(const AttentionDataOptions& o) {
   KVR_RETURN_IF_ERROR(CheckRange<double>("concentration", o.concentration, 0, 1));
   KVR_RETURN_IF_ERROR(CheckRange<double>("decode_shift", o.decode_shift, 0, 1e3));
   KVR_RETURN_IF_ERROR(CheckRange<double>("value_topic_share", o.value_topic_share, 0, 1));
+  const std::vector<std::string> families = AttentionFamilyNames();
+  if (std::find(families.begin(), families.end(), o.family) == families.end()) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "family must be one of topical, lowrank, flat, positional, sink; got '", o.family, "'"));
+  }
+  // Family knobs are named by their kvr_datagen flags (<family>_<field>).
+  const LowRankFamilyOptions& lr = o.lowrank;
+  KVR_RETURN_IF_ERROR(CheckRange<size_t>("lowrank_planes", lr.planes, 1, o.dim / 2));
+  KVR_RETURN_IF_ERROR(
+      CheckRange<size_t>("lowrank_manifold_dim", lr.manifold_dim, 1, std::min<size_t>(16, 2 * lr.planes)));
+  KVR_RETURN_IF_ERROR(CheckRange<double>("lowrank_curvature", lr.curvature, 0, 10));
+  KVR_RETURN_IF_ERROR(
+      CheckRange<double>("lowrank_correlation_length", lr.correlation_length, 1, 1e9));
+  KVR_RETURN_IF_ERROR(CheckRange<double>("lowrank_noise", lr.noise, 0, 0.5));
+  KVR_RETURN_IF_ERROR(CheckRange<double>("lowrank_query_reweight", lr.query_reweight, 0, 4));
+  KVR_RETURN_IF_ERROR(CheckRange<double>("lowrank_query_offset", lr.query_offset, 0, 100));
+  KVR_RETURN_IF_ERROR(CheckRange<double>("lowrank_query_spread", lr.query_spread, 0, 10));
+  KVR_RETURN_IF_ERROR(CheckRange<double>("lowrank_logit_std", lr.logit_std, 1e-6, 1e3));
+  KVR_RETURN_IF_ERROR(CheckRange<double>("flat_spectrum_decay", o.flat.spectrum_decay, 0, 4));
+  KVR_RETURN_IF_ERROR(CheckRange<double>("flat_shared_query", o.flat.shared_query, 0, 1));
+  KVR_RETURN_IF_ERROR(CheckRange<double>("flat_logit_std", o.flat.logit_std, 1e-6, 1e3));
+  const PositionalFamilyOptions& pos = o.positional;
+  KVR_RETURN_IF_ERROR(
+      CheckRange<double>("positional_recency_window", pos.recency_window, 1, 1e9));
+  KVR_RETURN_IF_ERROR(
+      CheckRange<double>("positional_position_logit", pos.position_logit, 0, 1e3));
+  KVR_RETURN_IF_ERROR(
+      CheckRange<double>("positional_content_logit_std", pos.content_logit_std, 1e-6, 1e3));
+  if (o.family == "positional" && !o.apply_rope) {
+    return absl::InvalidArgumentError(
+        "family positional needs apply_rope = true (its structure is RoPE's)");
+  }
+  KVR_RETURN_IF_ERROR(CheckRange<size_t>("sink_keys", o.sink.sink_keys, 1, 64));
+  KVR_RETURN_IF_ERROR(CheckRange<double>("sink_mass", o.sink.sink_mass, 1e-3, 0.999));
+  KVR_RETURN_IF_ERROR(CheckRange<double>("sink_rest_logit_std", o.sink.rest_logit_std, 1e-6, 1e3));
+  if (o.family == "sink" && (o.sink.sink_keys > o.n_keys || o.dim < 4)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "family sink needs sink_keys <= n_keys and dim >= 4, got sink_keys = ", o.sink.sink_keys,
+        ", n_keys = ", o.n_keys, ", dim = ", o.dim));
+  }
   if (o.topics * o.dim > (size_t{1} << 26)) {
     return absl::InvalidArgumentError(absl::StrCat("topics * dim must be <= 2^26, got ", o.topics,
                                                    " * ", o.dim));
@@ -398,18 +443,12 @@ void ApplyRope(MatrixView x, std::span<const int64_t> positions, double theta) {
   for (size_t r = 0; r < x.rows(); ++r) table.Rotate(x.row(r), positions[r]);
 }
 
-absl::StatusOr<AttentionData> GenerateAttentionData(const AttentionDataOptions& o,
-                                                    ThreadPool* pool) {
-  KVR_RETURN_IF_ERROR(ValidateAttentionDataOptions(o));
-  if (pool == nullptr) pool = &ThreadPool::Default();
-  const size_t d = o.dim;
-  const HeadModel m = BuildModel(o);
+namespace {
 
-  AttentionData out;
-  out.key_topics = KeyTopics(o, m);
-  const std::vector<uint32_t>& key_topics = out.key_topics;
-
-  // Positions.
+// Training positions (a sorted sample of [0, n_keys), or all of them) and
+// decode positions (n_keys + test_position_offset + j) into `out`; returns
+// the largest position any row may be rotated to.
+int64_t FillPositions(const AttentionDataOptions& o, AttentionData& out) {
   if (o.n_train == o.n_keys) {
     out.train_positions.resize(o.n_train);
     std::iota(out.train_positions.begin(), out.train_positions.end(), int64_t{0});
@@ -425,7 +464,18 @@ absl::StatusOr<AttentionData> GenerateAttentionData(const AttentionDataOptions& 
   const int64_t first_test = static_cast<int64_t>(o.n_keys + o.test_position_offset);
   out.test_positions.resize(o.n_test);
   std::iota(out.test_positions.begin(), out.test_positions.end(), first_test);
-  const int64_t max_pos = first_test + static_cast<int64_t>(o.n_test);
+  return first_test + static_cast<int64_t>(o.n_test);
+}
+
+// The "topical" family (the file comment of attention_data.h).
+AttentionData GenerateTopical(const AttentionDataOptions& o, ThreadPool* pool) {
+  const size_t d = o.dim;
+  const HeadModel m = BuildModel(o);
+
+  AttentionData out;
+  out.key_topics = KeyTopics(o, m);
+  const std::vector<uint32_t>& key_topics = out.key_topics;
+  const int64_t max_pos = FillPositions(o, out);
   const RopeTable rope(d, o.rope_theta, max_pos);
 
   // Keys (+ outliers) and values.
@@ -476,6 +526,391 @@ absl::StatusOr<AttentionData> GenerateAttentionData(const AttentionDataOptions& 
   make_queries(out.train_queries, out.train_positions, kStreamTrain, /*decode=*/false);
   make_queries(out.test_queries, out.test_positions, kStreamTest, /*decode=*/true);
   return out;
+}
+
+// ---------------------------------------------------------------------------
+// The other families (attention_data.h, file comment).
+// ---------------------------------------------------------------------------
+
+// Values N(0, I), one generator per row.
+Matrix RandomValues(const AttentionDataOptions& o, ThreadPool* pool) {
+  Matrix v(o.n_keys, o.dim);
+  pool->ParallelFor(o.n_keys, kRowGrain, [&](size_t begin, size_t end) {
+    for (size_t t = begin; t < end; ++t) {
+      Rng rng(o.seed, kStreamValues, t);
+      rng.FillNormal(v.row(t), o.dim);
+    }
+  });
+  return v;
+}
+
+// min(count, n) row indices spread evenly over [0, n).
+std::vector<size_t> SpreadRows(size_t n, size_t count) {
+  count = std::min(count, n);
+  std::vector<size_t> rows(count);
+  for (size_t i = 0; i < count; ++i) rows[i] = i * n / count;
+  return rows;
+}
+
+// q·k/√d in double.
+double Logit(const float* q, const float* k, size_t d) {
+  double dot = 0;
+  for (size_t c = 0; c < d; ++c) dot += static_cast<double>(q[c]) * k[c];
+  return dot / std::sqrt(static_cast<double>(d));
+}
+
+// Mean over up to 64 spread query rows of the std of q·k/√d over up to 4096
+// spread keys (double precision, so deterministic).
+double MeanLogitStd(const Matrix& keys, const Matrix& queries) {
+  const std::vector<size_t> key_rows = SpreadRows(keys.rows, 4096);
+  const std::vector<size_t> query_rows = SpreadRows(queries.rows, 64);
+  if (key_rows.empty() || query_rows.empty()) return 0;
+  double total = 0;
+  for (size_t qi : query_rows) {
+    double sum = 0, sum2 = 0;
+    for (size_t ki : key_rows) {
+      const double l = Logit(queries.row(qi), keys.row(ki), keys.cols);
+      sum += l;
+      sum2 += l * l;
+    }
+    const double n = static_cast<double>(key_rows.size());
+    const double mean = sum / n;
+    total += std::sqrt(std::max(0.0, sum2 / n - mean * mean));
+  }
+  return total / static_cast<double>(query_rows.size());
+}
+
+// Scales every query (training and decode by the same factor) so that the
+// training queries' (else the decode queries') MeanLogitStd is `target`.
+void ScaleQueriesToLogitStd(double target, AttentionData& out) {
+  const Matrix& probe = out.train_queries.rows > 0 ? out.train_queries : out.test_queries;
+  const double measured = MeanLogitStd(out.keys, probe);
+  if (!(measured > 0)) return;
+  const float factor = static_cast<float>(target / measured);
+  for (float& x : out.train_queries.data) x *= factor;
+  for (float& x : out.test_queries.data) x *= factor;
+}
+
+AttentionData GenerateLowRank(const AttentionDataOptions& o, ThreadPool* pool) {
+  const LowRankFamilyOptions& f = o.lowrank;
+  const size_t d = o.dim, pairs = d / 2, m = f.manifold_dim, nf = 2 * f.planes;
+  const size_t n_sine = nf - m;  // nf >= m (validated)
+  AttentionData out;
+  const RopeTable rope(d, o.rope_theta, FillPositions(o, out));
+
+  // The span: the `planes` lowest-frequency pairs.
+  std::vector<uint32_t> span(nf);
+  std::vector<uint8_t> in_span(d, 0);
+  for (size_t j = 0; j < f.planes; ++j) {
+    const size_t p = pairs - 1 - j;
+    span[2 * j] = static_cast<uint32_t>(2 * p);
+    span[2 * j + 1] = static_cast<uint32_t>(2 * p + 1);
+    in_span[2 * p] = in_span[2 * p + 1] = 1;
+  }
+  Rng rng(o.seed, kStreamModel, 0);
+  std::vector<double> freq(n_sine * m), phase(n_sine), mix(nf * nf), weight(nf), mean(nf);
+  for (double& w : freq) w = f.curvature * rng.Normal();
+  for (double& b : phase) b = 2.0 * M_PI * rng.Uniform();
+  double mix_ss = 0;
+  for (double& a : mix) {
+    a = rng.Normal();
+    mix_ss += a * a;
+  }
+  for (double& w : weight) w = std::exp(f.query_reweight * rng.Normal());
+  for (double& x : mean) x = rng.Normal();
+  // Features have unit variance (z ~ N(0, 1), √2 sin(·) with a uniform phase),
+  // so E|A f|² = Σ A² and the content RMS norm comes out at key_norm.
+  const double content_scale = o.key_norm / std::sqrt(mix_ss / static_cast<double>(nf));
+  const std::vector<float> key_mean = WithNorm(mean, 0.5 * o.key_norm);
+  const float noise_std = static_cast<float>(std::sqrt(f.noise / (1.0 - f.noise)) * o.key_norm /
+                                             std::sqrt(static_cast<double>(d)));
+  auto features = [&](const float* z, double* feat) {
+    for (size_t i = 0; i < m; ++i) feat[i] = z[i];
+    for (size_t j = 0; j < n_sine; ++j) {
+      double a = phase[j];
+      for (size_t i = 0; i < m; ++i) a += freq[j * m + i] * z[i];
+      feat[m + j] = std::sqrt(2.0) * std::sin(a);
+    }
+  };
+
+  // Latent walk over positions (sequential; O(n_keys * m)).
+  std::vector<float> latent(o.n_keys * m);
+  {
+    Rng walk(o.seed, kStreamSegments, 0);
+    const double rho = std::exp(-1.0 / f.correlation_length);
+    const double step = std::sqrt(1.0 - rho * rho);
+    for (size_t i = 0; i < m; ++i) latent[i] = static_cast<float>(walk.Normal());
+    for (size_t t = 1; t < o.n_keys; ++t) {
+      for (size_t i = 0; i < m; ++i) {
+        latent[t * m + i] =
+            static_cast<float>(rho * latent[(t - 1) * m + i] + step * walk.Normal());
+      }
+    }
+  }
+
+  out.keys = Matrix(o.n_keys, d);
+  pool->ParallelFor(o.n_keys, kRowGrain, [&](size_t begin, size_t end) {
+    std::vector<double> feat(nf);
+    for (size_t t = begin; t < end; ++t) {
+      Rng krng(o.seed, kStreamKeys, t);
+      float* k = out.keys.row(t);
+      krng.FillNormal(k, d);
+      for (size_t c = 0; c < d; ++c) k[c] *= noise_std;
+      features(&latent[t * m], feat.data());
+      for (size_t r = 0; r < nf; ++r) {
+        double v = 0;
+        for (size_t c = 0; c < nf; ++c) v += mix[r * nf + c] * feat[c];
+        k[span[r]] += key_mean[r] + static_cast<float>(content_scale * v);
+      }
+      if (o.apply_rope) rope.Rotate(k, static_cast<int64_t>(t));
+    }
+  });
+  out.values = RandomValues(o, pool);
+
+  auto make_queries = [&](Matrix& q, const std::vector<int64_t>& positions, Stream stream,
+                          bool decode) {
+    q = Matrix(positions.size(), d);
+    pool->ParallelFor(positions.size(), kRowGrain, [&](size_t begin, size_t end) {
+      std::vector<float> z(m);
+      std::vector<double> feat(nf), inside(nf);
+      const double out_dims = static_cast<double>(d - nf);
+      for (size_t i = begin; i < end; ++i) {
+        Rng qrng(o.seed, stream, i);
+        // Training queries look for their own position's region of the
+        // manifold, decode queries for that of a random earlier position.
+        const size_t target =
+            decode ? static_cast<size_t>(qrng.Below(o.n_keys)) : static_cast<size_t>(positions[i]);
+        qrng.FillNormal(z.data(), m);
+        for (size_t j = 0; j < m; ++j) {
+          z[j] = latent[target * m + j] + static_cast<float>(f.query_spread) * z[j];
+        }
+        features(z.data(), feat.data());
+        double in_ss = 0;
+        for (size_t r = 0; r < nf; ++r) {
+          double v = 0;
+          for (size_t c = 0; c < nf; ++c) v += mix[r * nf + c] * weight[c] * feat[c];
+          inside[r] = v;
+          in_ss += v * v;
+        }
+        float* row = q.row(i);
+        qrng.FillNormal(row, d);
+        const float out_scale =
+            out_dims > 0 ? static_cast<float>(f.query_offset * std::sqrt(in_ss / out_dims)) : 0.0f;
+        for (size_t c = 0; c < d; ++c) row[c] = in_span[c] ? 0.0f : row[c] * out_scale;
+        for (size_t r = 0; r < nf; ++r) row[span[r]] = static_cast<float>(inside[r]);
+        if (o.apply_rope) rope.Rotate(row, positions[i]);
+      }
+    });
+  };
+  make_queries(out.train_queries, out.train_positions, kStreamTrain, /*decode=*/false);
+  make_queries(out.test_queries, out.test_positions, kStreamTest, /*decode=*/true);
+  ScaleQueriesToLogitStd(f.logit_std, out);
+  return out;
+}
+
+AttentionData GenerateFlat(const AttentionDataOptions& o, ThreadPool* pool) {
+  const FlatFamilyOptions& f = o.flat;
+  const size_t d = o.dim;
+  AttentionData out;
+  const RopeTable rope(d, o.rope_theta, FillPositions(o, out));
+
+  Rng rng(o.seed, kStreamModel, 0);
+  // Key channel scales: a shallow power law over a random channel order.
+  std::vector<size_t> order(d);
+  std::iota(order.begin(), order.end(), size_t{0});
+  for (size_t i = 0; i + 1 < d; ++i) std::swap(order[i], order[i + rng.Below(d - i)]);
+  std::vector<double> key_scale(d), query_scale(d), dir(d);
+  for (size_t r = 0; r < d; ++r) {
+    key_scale[order[r]] = std::pow(1.0 + static_cast<double>(r), -f.spectrum_decay);
+  }
+  NormalizeRms(key_scale);
+  for (double& s : query_scale) s = std::exp(rng.Normal());
+  NormalizeRms(query_scale);
+  for (size_t c = 0; c < d; ++c) dir[c] = key_scale[c] * rng.Normal();
+  const std::vector<float> key_mean = WithNorm(dir, 0.5 * o.key_norm);
+  for (size_t c = 0; c < d; ++c) dir[c] = rng.Normal();
+  const std::vector<float> query_mean =
+      WithNorm(dir, std::sqrt(f.shared_query * static_cast<double>(d)));
+  const double key_unit = o.key_norm / std::sqrt(static_cast<double>(d));
+  const double own = std::sqrt(1.0 - f.shared_query);
+
+  out.keys = Matrix(o.n_keys, d);
+  pool->ParallelFor(o.n_keys, kRowGrain, [&](size_t begin, size_t end) {
+    for (size_t t = begin; t < end; ++t) {
+      Rng krng(o.seed, kStreamKeys, t);
+      float* k = out.keys.row(t);
+      krng.FillNormal(k, d);
+      for (size_t c = 0; c < d; ++c) {
+        k[c] = key_mean[c] + static_cast<float>(key_unit * key_scale[c]) * k[c];
+      }
+      if (o.apply_rope) rope.Rotate(k, static_cast<int64_t>(t));
+    }
+  });
+  out.values = RandomValues(o, pool);
+  auto make_queries = [&](Matrix& q, const std::vector<int64_t>& positions, Stream stream) {
+    q = Matrix(positions.size(), d);
+    pool->ParallelFor(positions.size(), kRowGrain, [&](size_t begin, size_t end) {
+      for (size_t i = begin; i < end; ++i) {
+        Rng qrng(o.seed, stream, i);
+        float* row = q.row(i);
+        qrng.FillNormal(row, d);
+        for (size_t c = 0; c < d; ++c) {
+          row[c] = query_mean[c] + static_cast<float>(own * query_scale[c]) * row[c];
+        }
+        if (o.apply_rope) rope.Rotate(row, positions[i]);
+      }
+    });
+  };
+  make_queries(out.train_queries, out.train_positions, kStreamTrain);
+  make_queries(out.test_queries, out.test_positions, kStreamTest);
+  ScaleQueriesToLogitStd(f.logit_std, out);
+  return out;
+}
+
+AttentionData GeneratePositional(const AttentionDataOptions& o, ThreadPool* pool) {
+  const PositionalFamilyOptions& f = o.positional;
+  const size_t d = o.dim, pairs = d / 2;
+  AttentionData out;
+  const RopeTable rope(d, o.rope_theta, FillPositions(o, out));
+
+  // The recency vector c lives on the pairs with ω in [1/(4W), 16/W]
+  // (W = recency_window): they stay in phase for Δ << W and drift apart
+  // beyond it, while the faster pairs, left out, would only add aliasing
+  // ripples. With c_i = (√A, 0) on keys and queries, the RoPE'd product is
+  // A Σ_i cos(Δ ω_i). No pair in the band: the one nearest 1/W.
+  std::vector<float> c(d, 0.0f);
+  std::vector<size_t> active;
+  size_t nearest = 0;
+  for (size_t i = 0; i < pairs; ++i) {
+    const double omega =
+        std::pow(o.rope_theta, -2.0 * static_cast<double>(i) / static_cast<double>(d));
+    const double x = omega * f.recency_window;
+    if (x >= 0.25 && x <= 16.0) active.push_back(i);
+    const double best = std::pow(o.rope_theta, -2.0 * static_cast<double>(nearest) /
+                                                   static_cast<double>(d)) * f.recency_window;
+    if (std::abs(std::log(x)) < std::abs(std::log(best))) nearest = i;
+  }
+  if (active.empty()) active.push_back(nearest);
+  const double sqrt_d = std::sqrt(static_cast<double>(d));
+  const double a = f.position_logit * sqrt_d / static_cast<double>(active.size());
+  for (size_t i : active) c[2 * i] = static_cast<float>(std::sqrt(a));
+  // Content: keys c + s g, queries c + s h; the content logit variance is
+  // s⁴ (g·h) + 2 s² |c|²/d (cross terms), set to content_logit_std².
+  const double na = static_cast<double>(active.size()) * a / static_cast<double>(d);
+  const double s2 = -na + std::sqrt(na * na + f.content_logit_std * f.content_logit_std);
+  const float s = static_cast<float>(std::sqrt(s2));
+
+  auto make_rows = [&](Matrix& x, size_t rows, auto position, Stream stream) {
+    x = Matrix(rows, d);
+    pool->ParallelFor(rows, kRowGrain, [&](size_t begin, size_t end) {
+      for (size_t i = begin; i < end; ++i) {
+        Rng xrng(o.seed, stream, i);
+        float* row = x.row(i);
+        xrng.FillNormal(row, d);
+        for (size_t j = 0; j < d; ++j) row[j] = c[j] + s * row[j];
+        rope.Rotate(row, position(i));
+      }
+    });
+  };
+  make_rows(out.keys, o.n_keys, [](size_t i) { return static_cast<int64_t>(i); }, kStreamKeys);
+  make_rows(out.train_queries, o.n_train, [&](size_t i) { return out.train_positions[i]; },
+            kStreamTrain);
+  make_rows(out.test_queries, o.n_test, [&](size_t i) { return out.test_positions[i]; },
+            kStreamTest);
+  out.values = RandomValues(o, pool);
+  return out;
+}
+
+AttentionData GenerateSink(const AttentionDataOptions& o, ThreadPool* pool) {
+  const SinkFamilyOptions& f = o.sink;
+  AttentionDataOptions base = o;
+  base.logit_std = f.rest_logit_std;
+  AttentionData out = GenerateTopical(base, pool);
+  // The sink plane: the lowest-frequency pair, left unrotated.
+  const size_t d = o.dim, c0 = d - 2, c1 = d - 1;
+  const double sqrt_d = std::sqrt(static_cast<double>(d));
+  const float small = static_cast<float>(0.1 * o.key_norm / sqrt_d);
+  pool->ParallelFor(o.n_keys, kRowGrain, [&](size_t begin, size_t end) {
+    for (size_t t = std::max(begin, f.sink_keys); t < end; ++t) {
+      float* k = out.keys.row(t);
+      Rng srng(o.seed, kStreamSink, t);
+      float g[2];
+      srng.FillNormal(g, 2);
+      k[c0] = small * g[0];
+      k[c1] = small * g[1];
+    }
+  });
+  // A sink key is the mean of the other keys plus its sink value: a query's
+  // sink logit is then its mean logit plus a margin, so the sinks' share
+  // does not swing with each query's logit offset.
+  std::vector<double> mean(d, 0.0);
+  for (size_t t = f.sink_keys; t < o.n_keys; ++t) {
+    for (size_t c = 0; c < d; ++c) mean[c] += out.keys.row(t)[c];
+  }
+  for (size_t j = 0; j < f.sink_keys; ++j) {
+    float* k = out.keys.row(j);
+    for (size_t c = 0; c < d; ++c) {
+      k[c] = o.n_keys > f.sink_keys
+                 ? static_cast<float>(mean[c] / static_cast<double>(o.n_keys - f.sink_keys))
+                 : 0.0f;
+    }
+    k[c0] = k[c1] = 0.0f;  // the sink value, below
+  }
+  const float b = static_cast<float>(o.key_norm);
+  for (Matrix* q : {&out.train_queries, &out.test_queries}) {
+    for (size_t i = 0; i < q->rows; ++i) {
+      q->row(i)[c0] = b;
+      q->row(i)[c1] = 0.0f;
+    }
+  }
+  // The typical gap between a query's log-sum-exp over the other keys and
+  // its logit on a sink before the sink value (median over up to 64 training
+  // and 64 decode queries, each over up to 4096 spread keys scaled up to all
+  // of them).
+  std::vector<size_t> key_rows;
+  for (size_t r : SpreadRows(o.n_keys - f.sink_keys, 4096)) key_rows.push_back(r + f.sink_keys);
+  if (key_rows.empty()) return out;  // no other keys: nothing to size
+  const double key_factor = std::log(static_cast<double>(o.n_keys - f.sink_keys) /
+                                     static_cast<double>(key_rows.size()));
+  std::vector<double> gap;
+  for (const Matrix* q : {&out.train_queries, &out.test_queries}) {
+    for (size_t qi : SpreadRows(q->rows, 64)) {
+      const float* row = q->row(qi);
+      std::vector<double> logits;
+      double mx = -1e300;
+      for (size_t ki : key_rows) {
+        logits.push_back(Logit(row, out.keys.row(ki), d));
+        mx = std::max(mx, logits.back());
+      }
+      double sum = 0;
+      for (double l : logits) sum += std::exp(l - mx);
+      gap.push_back(mx + std::log(sum) + key_factor - Logit(row, out.keys.row(0), d));
+    }
+  }
+  if (gap.empty()) return out;  // no queries: nothing to size
+  std::nth_element(gap.begin(), gap.begin() + gap.size() / 2, gap.end());
+  const double typical = gap[gap.size() / 2];
+  // Sink j's share of the sinks' mass ∝ 2^-j.
+  const double total_weight = 2.0 - std::ldexp(1.0, 1 - static_cast<int>(f.sink_keys));
+  for (size_t j = 0; j < f.sink_keys; ++j) {
+    const double share = std::ldexp(1.0, -static_cast<int>(j)) / total_weight;
+    const double margin = typical + std::log(f.sink_mass / (1.0 - f.sink_mass)) + std::log(share);
+    out.keys.row(j)[c0] = static_cast<float>(margin * sqrt_d / b);
+  }
+  return out;
+}
+
+}  // namespace
+
+absl::StatusOr<AttentionData> GenerateAttentionData(const AttentionDataOptions& o,
+                                                    ThreadPool* pool) {
+  KVR_RETURN_IF_ERROR(ValidateAttentionDataOptions(o));
+  if (pool == nullptr) pool = &ThreadPool::Default();
+  if (o.family == "lowrank") return GenerateLowRank(o, pool);
+  if (o.family == "flat") return GenerateFlat(o, pool);
+  if (o.family == "positional") return GeneratePositional(o, pool);
+  if (o.family == "sink") return GenerateSink(o, pool);
+  return GenerateTopical(o, pool);
 }
 
 // ---------------------------------------------------------------------------

@@ -2,9 +2,16 @@
 // queries and decode queries with the out-of-distribution geometry of real LLM
 // attention (DESIGN.md §1, §4), plus diagnostics that measure that geometry.
 //
-// Generative model (all vectors length d; "content" vectors before means):
+// Several FAMILIES of genuinely different geometry (issue 17: a benchmark that
+// cannot overfit one generator); AttentionDataOptions::family picks one,
+// AttentionFamilyNames() lists them. Shared by every family: sizes, seed,
+// positions (training queries at a sorted random sample of [0, n_keys), decode
+// queries at n_keys + test_position_offset + j) and RoPE (pairs (2i, 2i+1)
+// rotate at ω_i = rope_theta^(-2i/d), i = 0 the fastest). Values are N(0, I)
+// (plus the topic part for "topical" and "sink").
 //
-//   pairs i = 0..d/2-1 rotate at ω_i = rope_theta^(-2i/d); i = 0 is the fastest.
+// ---- "topical" (the default; the original generator) ----------------------
+//
 //   key scale s_k[c]    power law (1 + rank)^(-spectrum_decay) over pairs, the
 //                       rank following frequency (low frequency = large scale,
 //                       as in trained models) up to `spectrum_jitter`.
@@ -24,14 +31,76 @@
 //              barely vary: moves queries away from the key distribution
 //              without changing which keys they prefer much).
 //   value v_t = √value_topic_share V_z(t) + √(1-·) N(0, I)  (no RoPE).
+//   Training queries take the topic of their own position; decode queries
+//   take the topic of a random earlier position and carry an extra
+//   `decode_shift`. So test queries are out of distribution for the keys
+//   (different mean, spectrum and norm) and, more mildly, for the training
+//   queries (later RoPE angles, decode shift).
 //
-// Training queries sit at prefill positions (a sorted random sample of
-// [0, n_keys), or every position when n_train == n_keys) and take the topic of
-// their own position; decode (test) queries sit at positions n_keys +
-// test_position_offset + j, take the topic of a random earlier position and
-// carry an extra `decode_shift`. So test queries are out of distribution for
-// the keys (different mean, spectrum and norm) and, more mildly, for the
-// training queries (later RoPE angles, decode shift).
+// ---- "lowrank" (LowRankFamilyOptions): low intrinsic dimension -------------
+//
+//   Imitates heads whose keys live on a few-dimensional curved manifold (most
+//   key energy in a handful of low-frequency RoPE pairs, as measured on real
+//   Llama keys). A latent z_t ∈ R^m (m = manifold_dim) follows an
+//   Ornstein-Uhlenbeck walk over positions (correlation `correlation_length`),
+//   features f(z) = [z, sin(W z + b)] (2·planes of them; W ~ N(0, curvature²))
+//   are mixed by a random A into the `planes` lowest-frequency RoPE pairs:
+//     key   k_t = μ_k + A f(z_t) (key_norm RMS) + isotropic noise (a `noise`
+//           fraction of the key variance, on every channel), then RoPE.
+//   RoPE turns each pair within its own plane, so the key cloud stays in
+//   2·planes dimensions (+ noise) at any length.
+//     query q = A (D ⊙ f(z*)) + an offset outside the key span (norm
+//           `query_offset` × the in-span part), then RoPE; D = exp(query_reweight
+//           · N(0, 1)) per feature: the same subspace, weighted differently, so
+//           a query's best keys are not its L2-nearest ones. z* is the latent
+//           of the query's own position (training) or of a random earlier
+//           position (decode), plus `query_spread` · N(0, I). Query scale is
+//           set so the logits q·k/√d have std `logit_std` over keys.
+//
+// ---- "flat" (FlatFamilyOptions): near-flat scores ---------------------------
+//
+//   Imitates broad "averaging" heads: keys μ_k + s ⊙ g with a shallow power-law
+//   spectrum (`spectrum_decay`, high intrinsic dimension, no topics), queries a
+//   shared mean (all queries like the same keys a little) plus their own
+//   direction, channel weights log-normal (std 1) unlike the keys'; the logit
+//   std over keys is only `logit_std` (default 0.3), so the exact top-100 holds
+//   under 2% of the softmax mass at 16K keys and well under 1% at 128K.
+//
+// ---- "positional" (PositionalFamilyOptions): a RoPE / recency head ----------
+//
+//   Keys and queries carry a constant vector c on the RoPE pairs with ω in
+//   [1/(4W), 16/W] (W = `recency_window`); after RoPE, q·k/√d = f(m - n) +
+//   content, with f(Δ) = position_logit · mean_i cos(Δ ω_i): highest for the
+//   nearest positions, fading over ~W (RoPE's aliasing ripples beyond stay
+//   below f(100) at 128K keys for W = 1024). The content part (isotropic keys and queries, cross
+//   terms included) has std `content_logit_std`: keys are nearly
+//   interchangeable except for where they sit. Decode queries attend to the
+//   most recent keys. Needs apply_rope.
+//
+// ---- "sink" (SinkFamilyOptions): sink-dominated -----------------------------
+//
+//   The topical model underneath (every topical field applies; logit_std
+//   replaced by `rest_logit_std`, diffuse), plus an attention sink: the first
+//   `sink_keys` keys carry a large value on the lowest-frequency RoPE pair
+//   (left unrotated: at θ = 500000 it turns < 0.32 rad over 128K positions,
+//   and unrotated the sink holds at any length; a sink key is nothing else,
+//   like a BOS token) that every query meets, the
+//   j-th with weight 2^-j, sized so the sinks take `sink_mass` of the
+//   softmax mass for a typical query; the other keys have small noise there.
+//   The top-k always contains the sinks; the rest is topical but diffuse.
+//
+// Measured OOD statistics per family (kvr_datagen --family=F --n_keys=131072
+// --n_train=16384 --n_test=1000; test queries vs keys; "L2-NN" = fraction of a
+// query's top-100 inside the 100 L2-nearest keys of its top-1 key, queries vs
+// held-out keys used as queries):
+//   family      Mahalanobis q→k/k→k   top-100 mass   L2-NN queries / keys
+//   topical     177.6 / 11.3 = 15.7×    0.728         0.105 / 0.204
+//   lowrank      22.5 / 11.3 =  2.0×    0.288         0.298 / 0.350
+//   flat          3.7 / 11.4 =  0.3×    0.002         0.020 / 0.192
+//   positional   11.4 / 11.3 =  1.0×    0.121         0.471 / 0.783
+//   sink        121.0 / 11.3 = 10.7×    0.682         0.046 / 0.202
+// (Mahalanobis is not scale-free: lowrank's and flat's queries are small
+// vectors. flat's top-100 holds 1.4% of the mass at 16K keys.)
 //
 // Everything is a pure function of the options (seed included): the thread
 // pool only changes speed, never bytes.
@@ -52,7 +121,50 @@
 
 namespace kvr {
 
+// "lowrank" family knobs (see the file comment).
+struct LowRankFamilyOptions {
+  size_t manifold_dim = 4;         // latent dimension m. [1, 16], <= 2 * planes
+  size_t planes = 8;               // lowest-frequency RoPE pairs the keys span. [1, dim/2]
+  double curvature = 1.0;          // std of the latent→sine frequencies. [0, 10]
+  double correlation_length = 32;  // positions over which the latent walk decorrelates. [1, 1e9]
+  double noise = 0.05;             // fraction of key variance off the manifold. [0, 0.5]
+  double query_reweight = 1.0;     // log-normal std of the query's feature weights. [0, 4]
+  double query_offset = 2.0;       // |query outside key span| / |query in span|. [0, 100]
+  double query_spread = 0.3;       // latent std of a query around its target. [0, 10]
+  double logit_std = 3.0;          // std over keys of q·k/√d. (0, 1000]
+};
+
+// "flat" family knobs.
+struct FlatFamilyOptions {
+  double spectrum_decay = 0.25;  // power-law exponent of the key channel scales. [0, 4]
+  double shared_query = 0.5;     // fraction of query variance in the shared mean. [0, 1]
+  double logit_std = 0.3;        // std over keys of q·k/√d. (0, 1000]
+};
+
+// "positional" family knobs.
+struct PositionalFamilyOptions {
+  double recency_window = 1024;     // positions the recency bump spans. [1, 1e9]
+  double position_logit = 10.0;     // f(0): logit gain of the nearest positions. [0, 1000]
+  double content_logit_std = 0.5;   // std of the content part of the logits. (0, 1000]
+};
+
+// "sink" family knobs (the topical fields apply underneath).
+struct SinkFamilyOptions {
+  size_t sink_keys = 4;         // the first keys that act as sinks. [1, 64], <= n_keys
+  double sink_mass = 0.8;       // softmax mass they take for a typical query. [0.001, 0.999]
+  double rest_logit_std = 1.5;  // logit_std of the topical part (diffuse). (0, 1000]
+};
+
 struct AttentionDataOptions {
+  // Data family: "topical" (default), "lowrank", "flat", "positional", "sink"
+  // (AttentionFamilyNames()); the topical fields below apply to "topical" and
+  // "sink", the family structs to their family.
+  std::string family = "topical";
+  LowRankFamilyOptions lowrank;
+  FlatFamilyOptions flat;
+  PositionalFamilyOptions positional;
+  SinkFamilyOptions sink;
+
   // --- sizes ---------------------------------------------------------------
   size_t n_keys = 131072;  // keys and values, at positions 0..n_keys-1. [1, 2^31)
   size_t n_train = 16384;  // prefill queries, <= n_keys (n_keys = one per position)
@@ -117,7 +229,7 @@ struct AttentionDataOptions {
   double value_topic_share = 0.5;  // fraction of value variance along its topic. [0, 1]
 };
 
-// Named difficulty presets; sizes and seed keep their defaults, unknown names
+// Named difficulty presets of the "topical" family; sizes and seed keep their defaults, unknown names
 // are InvalidArgument.
 //              spectrum_decay  query_spectrum_tilt  outlier_scale  concentration  logit_std
 //   "easy"          1.5              0.5                 4             0.7           4.0
@@ -133,6 +245,10 @@ absl::StatusOr<AttentionDataOptions> AttentionDataPreset(absl::string_view name)
 // "easy", "default", "hard".
 std::vector<std::string> AttentionDataPresetNames();
 
+// The data families, in a fixed order: "topical", "lowrank", "flat",
+// "positional", "sink".
+std::vector<std::string> AttentionFamilyNames();
+
 // OK, or InvalidArgument naming the first bad field (by its option/flag name)
 // and its allowed range.
 absl::Status ValidateAttentionDataOptions(const AttentionDataOptions& options);
@@ -144,7 +260,7 @@ struct AttentionData {
   Matrix test_queries;   // n_test x dim
   std::vector<int64_t> train_positions;  // ascending, in [0, n_keys)
   std::vector<int64_t> test_positions;   // n_keys + test_position_offset + j
-  std::vector<uint32_t> key_topics;      // topic of each key position
+  std::vector<uint32_t> key_topics;      // topic of each key position (topical, sink; else empty)
 };
 
 // Generates a data set; InvalidArgument for bad options. Work is spread over

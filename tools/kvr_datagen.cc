@@ -5,6 +5,7 @@
 //
 //   kvr_datagen --n_keys=131072 --n_train=16384 --n_test=1000 --preset=default
 //               --out_dir=/tmp/x [--format=npy] [--gt_k=100]
+//   kvr_datagen --family=lowrank --n_keys=131072    # topical|lowrank|flat|positional|sink
 
 #include <chrono>
 #include <cstdio>
@@ -24,6 +25,10 @@
 #include "common/thread_pool.h"
 #include "tools/attention_data.h"
 
+ABSL_FLAG(std::string, family, "topical",
+          "data family: topical | lowrank | flat | positional | sink (tools/attention_data.h); "
+          "--preset and the topical flags shape topical (and sink's topical part), the "
+          "--<family>_* flags the others");
 ABSL_FLAG(std::string, preset, "default",
           "difficulty preset: easy | default | hard (sets spectrum_decay, query_spectrum_tilt, "
           "outlier_scale, concentration, logit_std; explicit flags below override it)");
@@ -84,6 +89,44 @@ ABSL_FLAG(std::optional<double>, decode_shift, std::nullopt,
 ABSL_FLAG(std::optional<double>, value_topic_share, std::nullopt,
           "fraction of value variance along its topic, [0, 1]");
 
+// Family knobs (AttentionDataOptions::<family>.<field>; unset = its default).
+ABSL_FLAG(std::optional<uint64_t>, lowrank_manifold_dim, std::nullopt,
+          "lowrank: latent manifold dimension (default 4), [1, 16], <= 2 * lowrank_planes");
+ABSL_FLAG(std::optional<uint64_t>, lowrank_planes, std::nullopt,
+          "lowrank: lowest-frequency RoPE pairs the keys span (default 8), [1, dim/2]");
+ABSL_FLAG(std::optional<double>, lowrank_curvature, std::nullopt,
+          "lowrank: std of the latent->sine frequencies (default 1), [0, 10]");
+ABSL_FLAG(std::optional<double>, lowrank_correlation_length, std::nullopt,
+          "lowrank: positions over which the latent walk decorrelates (default 32)");
+ABSL_FLAG(std::optional<double>, lowrank_noise, std::nullopt,
+          "lowrank: fraction of key variance off the manifold (default 0.05), [0, 0.5]");
+ABSL_FLAG(std::optional<double>, lowrank_query_reweight, std::nullopt,
+          "lowrank: log-normal std of the query feature weights (default 1), [0, 4]");
+ABSL_FLAG(std::optional<double>, lowrank_query_offset, std::nullopt,
+          "lowrank: |query outside key span| / |query in span| (default 2), [0, 100]");
+ABSL_FLAG(std::optional<double>, lowrank_query_spread, std::nullopt,
+          "lowrank: latent std of a query around its target (default 0.3), [0, 10]");
+ABSL_FLAG(std::optional<double>, lowrank_logit_std, std::nullopt,
+          "lowrank: std over keys of q.k/sqrt(d) (default 3)");
+ABSL_FLAG(std::optional<double>, flat_spectrum_decay, std::nullopt,
+          "flat: power-law exponent of the key channel scales (default 0.25), [0, 4]");
+ABSL_FLAG(std::optional<double>, flat_shared_query, std::nullopt,
+          "flat: fraction of query variance in the shared query mean (default 0.5), [0, 1]");
+ABSL_FLAG(std::optional<double>, flat_logit_std, std::nullopt,
+          "flat: std over keys of q.k/sqrt(d) (default 0.3)");
+ABSL_FLAG(std::optional<double>, positional_recency_window, std::nullopt,
+          "positional: positions the recency bump spans (default 1024)");
+ABSL_FLAG(std::optional<double>, positional_position_logit, std::nullopt,
+          "positional: logit gain of the nearest positions (default 10), [0, 1000]");
+ABSL_FLAG(std::optional<double>, positional_content_logit_std, std::nullopt,
+          "positional: std of the content part of the logits (default 0.5)");
+ABSL_FLAG(std::optional<uint64_t>, sink_keys, std::nullopt,
+          "sink: the first keys that act as sinks (default 4), [1, 64]");
+ABSL_FLAG(std::optional<double>, sink_mass, std::nullopt,
+          "sink: softmax mass the sinks take for a typical query (default 0.8), [0.001, 0.999]");
+ABSL_FLAG(std::optional<double>, sink_rest_logit_std, std::nullopt,
+          "sink: logit_std of the topical part underneath (default 1.5)");
+
 namespace kvr {
 namespace {
 
@@ -100,6 +143,25 @@ absl::StatusOr<AttentionDataOptions> OptionsFromFlags() {
   o.n_test = absl::GetFlag(FLAGS_n_test);
   o.dim = absl::GetFlag(FLAGS_dim);
   o.seed = absl::GetFlag(FLAGS_seed);
+  o.family = absl::GetFlag(FLAGS_family);
+  Override(FLAGS_lowrank_manifold_dim, o.lowrank.manifold_dim);
+  Override(FLAGS_lowrank_planes, o.lowrank.planes);
+  Override(FLAGS_lowrank_curvature, o.lowrank.curvature);
+  Override(FLAGS_lowrank_correlation_length, o.lowrank.correlation_length);
+  Override(FLAGS_lowrank_noise, o.lowrank.noise);
+  Override(FLAGS_lowrank_query_reweight, o.lowrank.query_reweight);
+  Override(FLAGS_lowrank_query_offset, o.lowrank.query_offset);
+  Override(FLAGS_lowrank_query_spread, o.lowrank.query_spread);
+  Override(FLAGS_lowrank_logit_std, o.lowrank.logit_std);
+  Override(FLAGS_flat_spectrum_decay, o.flat.spectrum_decay);
+  Override(FLAGS_flat_shared_query, o.flat.shared_query);
+  Override(FLAGS_flat_logit_std, o.flat.logit_std);
+  Override(FLAGS_positional_recency_window, o.positional.recency_window);
+  Override(FLAGS_positional_position_logit, o.positional.position_logit);
+  Override(FLAGS_positional_content_logit_std, o.positional.content_logit_std);
+  Override(FLAGS_sink_keys, o.sink.sink_keys);
+  Override(FLAGS_sink_mass, o.sink.sink_mass);
+  Override(FLAGS_sink_rest_logit_std, o.sink.rest_logit_std);
   Override(FLAGS_apply_rope, o.apply_rope);
   Override(FLAGS_rope_theta, o.rope_theta);
   Override(FLAGS_test_position_offset, o.test_position_offset);
@@ -127,8 +189,22 @@ absl::StatusOr<AttentionDataOptions> OptionsFromFlags() {
 }
 
 std::string OptionsText(const AttentionDataOptions& o, const std::string& preset) {
+  const std::string family = absl::StrCat(
+      "family=", o.family, "\nlowrank_manifold_dim=", o.lowrank.manifold_dim,
+      "\nlowrank_planes=", o.lowrank.planes, "\nlowrank_curvature=", o.lowrank.curvature,
+      "\nlowrank_correlation_length=", o.lowrank.correlation_length,
+      "\nlowrank_noise=", o.lowrank.noise, "\nlowrank_query_reweight=", o.lowrank.query_reweight,
+      "\nlowrank_query_offset=", o.lowrank.query_offset,
+      "\nlowrank_query_spread=", o.lowrank.query_spread,
+      "\nlowrank_logit_std=", o.lowrank.logit_std, "\nflat_spectrum_decay=", o.flat.spectrum_decay,
+      "\nflat_shared_query=", o.flat.shared_query, "\nflat_logit_std=", o.flat.logit_std,
+      "\npositional_recency_window=", o.positional.recency_window,
+      "\npositional_position_logit=", o.positional.position_logit,
+      "\npositional_content_logit_std=", o.positional.content_logit_std,
+      "\nsink_keys=", o.sink.sink_keys, "\nsink_mass=", o.sink.sink_mass,
+      "\nsink_rest_logit_std=", o.sink.rest_logit_std, "\n");
   return absl::StrCat(
-      "preset=", preset, "\nn_keys=", o.n_keys, "\nn_train=", o.n_train, "\nn_test=", o.n_test,
+      family, "preset=", preset, "\nn_keys=", o.n_keys, "\nn_train=", o.n_train, "\nn_test=", o.n_test,
       "\ndim=", o.dim, "\nseed=", o.seed, "\napply_rope=", o.apply_rope ? "true" : "false",
       "\nrope_theta=", o.rope_theta, "\ntest_position_offset=", o.test_position_offset,
       "\nspectrum_decay=", o.spectrum_decay, "\nspectrum_jitter=", o.spectrum_jitter,
@@ -171,10 +247,10 @@ absl::Status Run() {
 
   auto start = std::chrono::steady_clock::now();
   KVR_ASSIGN_OR_RETURN(const AttentionData data, GenerateAttentionData(options, pool));
-  std::printf("generated %zu keys/values, %zu train and %zu test queries, dim %zu (preset %s, "
-              "seed %llu) in %.2f s on %zu threads\n",
+  std::printf("generated %zu keys/values, %zu train and %zu test queries, dim %zu (family %s, "
+              "preset %s, seed %llu) in %.2f s on %zu threads\n",
               options.n_keys, options.n_train, options.n_test, options.dim,
-              absl::GetFlag(FLAGS_preset).c_str(),
+              options.family.c_str(), absl::GetFlag(FLAGS_preset).c_str(),
               static_cast<unsigned long long>(options.seed), SecondsSince(start),
               pool->size() + 1);
 
@@ -263,7 +339,9 @@ int main(int argc, char** argv) {
       "options.txt) under --out_dir and prints OOD statistics.\n\n"
       "  kvr_datagen --n_keys=131072 --n_train=16384 --n_test=1000 --preset=default "
       "--out_dir=/tmp/x\n\n"
-      "Presets: easy, default, hard. Any AttentionDataOptions field (tools/attention_data.h) "
+      "Families (--family): topical (default), lowrank, flat, positional, sink; "
+      "--<family>_<knob> flags tune them. Presets (of topical): easy, default, hard. Any "
+      "AttentionDataOptions field (tools/attention_data.h) "
       "can be overridden by the flag of the same name.");
   const std::vector<char*> rest = absl::ParseCommandLine(argc, argv);
   if (rest.size() > 1) {
