@@ -380,6 +380,10 @@ absl::StatusOr<std::unique_ptr<CalibratedIndex>> BuildCalibrated(
     case IndexType::kAuto:
       break;
   }
+  if (n < kAutoMinKeys) {
+    KVR_ASSIGN_OR_RETURN(auto flat, build_flat());
+    return calibrate(std::move(flat));
+  }
   if (holdout.empty()) {  // nothing to choose by: the default kind and effort
     KVR_ASSIGN_OR_RETURN(auto idx, build_graph());
     return calibrate(std::move(idx));

@@ -54,6 +54,10 @@ inline constexpr double kIvfDistanceCost = 1.2;
 // flat's / kMinSpeedupOverFlat: the constants above are good to ~25%, and a
 // flat index is exact, appends without re-linking and never misses.
 inline constexpr double kMinSpeedupOverFlat = 1.25;
+// kAuto scans shards of fewer keys (flat, exact): the cost model leaves out
+// per-search fixed costs (centroid ranking, beam upkeep) that dominate
+// there, and a 2048-key scan takes ~50 µs, below a node call's overhead.
+inline constexpr size_t kAutoMinKeys = 2048;
 
 // The largest graph beam calibration tries (the graph's own limit is 65536).
 inline constexpr int kMaxCalibratedBeam = 1 << 14;
@@ -154,7 +158,7 @@ struct CalibratedBuildOptions {
 //  * kIvf: IVF, nprobe calibrated;
 //  * kAuto: graph (only when train_topk is given), IVF and flat; the one of
 //    least cost per query whose held-back recall meets the target (flat when
-//    none does). With an empty holdout kAuto builds the graph (or IVF
+//    none does, or when there are fewer than kAutoMinKeys keys). With an empty holdout kAuto builds the graph (or IVF
 //    without train_topk) with its default effort and unknown recall.
 // `pool` may be null.
 absl::StatusOr<std::unique_ptr<CalibratedIndex>> BuildCalibrated(

@@ -169,7 +169,7 @@ TEST_F(CalibrateTest, AutoIsNeverSlowerThanTheScan) {
 }
 
 TEST(CalibrateAutoTest, PicksFlatForATinyShard) {
-  const Split s = MakeSplit(Options(300, 256, 50, 3));
+  const Split s = MakeSplit(Options(kAutoMinKeys - 1, 1024, 50, 3));
   auto built = BuildCalibrated(IndexType::kAuto, s.keys.view(), s.train_topk, kK, s.MakeHoldout(),
                                CalibratedBuildOptions{}, nullptr);
   ASSERT_TRUE(built.ok()) << built.status();
