@@ -431,8 +431,9 @@ absl::StatusOr<std::unique_ptr<index::KeyIndex>> NodeCore::BuildIndex(
     IndexType type, ConstMatrixView keys, std::span<const int64_t> train_topk, size_t topk_width,
     ConstMatrixView train_queries, int train_k, const index::Holdout& holdout) {
   const size_t n = keys.rows();
-  if (type == IndexType::kAuto && !holdout.empty() && n >= options_.min_index_keys) {
-    // Self-calibration picks the kind (index/calibrate.h).
+  if (type == IndexType::kAuto && (!holdout.empty() || n < index::kAutoMinKeys) &&
+      n >= options_.min_index_keys) {
+    // Self-calibration picks the kind (index/calibrate.h; flat below kAutoMinKeys).
     index::CalibratedBuildOptions o;
     o.calibration = options_.calibration;
     o.graph = options_.graph;
@@ -442,7 +443,7 @@ absl::StatusOr<std::unique_ptr<index::KeyIndex>> NodeCore::BuildIndex(
                                                 pool_.get()));
     return std::unique_ptr<index::KeyIndex>(std::move(chosen));
   }
-  if (type == IndexType::kAuto) type = IndexType::kGraph;  // nothing to choose by: the default
+  if (type == IndexType::kAuto) type = IndexType::kGraph;  // no held-back queries: the default
   if (type != IndexType::kFlat && !holdout.empty() && n >= options_.min_index_keys) {
     // Build as below, then calibrate the search effort on the held-back queries.
     KVR_ASSIGN_OR_RETURN(std::unique_ptr<index::KeyIndex> built,

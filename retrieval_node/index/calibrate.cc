@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <limits>
 #include <string>
 #include <utility>
 
@@ -147,9 +148,15 @@ absl::StatusOr<EffortMeasurement> MeasureEffort(const KeyIndex& index, const Hol
   return m;
 }
 
-absl::StatusOr<CalibrationResult> CalibrateEffort(const KeyIndex& index, const Holdout& holdout,
-                                                  const CalibrationOptions& options,
-                                                  ThreadPool* pool) {
+namespace {
+
+// CalibrateEffort that gives up once an effort failing the target already
+// costs `max_cost` or more (kAuto: the candidate cannot win any more); the
+// result then reports that effort's (lower) recall.
+absl::StatusOr<CalibrationResult> CalibrateEffortBounded(const KeyIndex& index,
+                                                         const Holdout& holdout,
+                                                         const CalibrationOptions& options,
+                                                         double max_cost, ThreadPool* pool) {
   KVR_RETURN_IF_ERROR(ValidateCalibrationOptions(options));
   if (index.calibration() != nullptr) {
     return absl::InvalidArgumentError("CalibrateEffort: the index is already calibrated");
@@ -192,7 +199,8 @@ absl::StatusOr<CalibrationResult> CalibrateEffort(const KeyIndex& index, const H
   // Doubling: the first effort meeting the target (or the largest).
   int fail = 0, meet = low_effort;
   KVR_ASSIGN_OR_RETURN(EffortMeasurement best, measure(meet));
-  while (best.recall < options.target_recall && meet < max_effort) {
+  while (best.recall < options.target_recall && meet < max_effort &&
+         best.distance_computations * KindCost(result.kind) < max_cost) {
     fail = meet;
     meet = static_cast<int>(std::min<int64_t>(int64_t{meet} * 2, max_effort));
     KVR_ASSIGN_OR_RETURN(best, measure(meet));
@@ -215,6 +223,15 @@ absl::StatusOr<CalibrationResult> CalibrateEffort(const KeyIndex& index, const H
   result.expected_recall = best.recall;
   result.cost_per_query = best.distance_computations * KindCost(result.kind);
   return result;
+}
+
+}  // namespace
+
+absl::StatusOr<CalibrationResult> CalibrateEffort(const KeyIndex& index, const Holdout& holdout,
+                                                  const CalibrationOptions& options,
+                                                  ThreadPool* pool) {
+  return CalibrateEffortBounded(index, holdout, options,
+                                std::numeric_limits<double>::infinity(), pool);
 }
 
 absl::StatusOr<std::unique_ptr<CalibratedIndex>> CalibratedIndex::Create(
@@ -389,7 +406,21 @@ absl::StatusOr<std::unique_ptr<CalibratedIndex>> BuildCalibrated(
     return calibrate(std::move(idx));
   }
   const double target = options.calibration.target_recall;
+  const double flat_cost = static_cast<double>(n) * kFlatDistanceCost;
   std::unique_ptr<CalibratedIndex> best;  // the cheapest meeting the target so far
+  // What a candidate must stay under to still win: flat / kMinSpeedupOverFlat
+  // and the best candidate's cost (its calibration stops once it fails there).
+  auto bound = [&]() {
+    const double b = flat_cost / kMinSpeedupOverFlat;
+    return best == nullptr ? b : std::min(b, best->calibration()->cost_per_query);
+  };
+  auto calibrate_bounded = [&](std::unique_ptr<KeyIndex> index)
+      -> absl::StatusOr<std::unique_ptr<CalibratedIndex>> {
+    KVR_ASSIGN_OR_RETURN(
+        CalibrationResult r,
+        CalibrateEffortBounded(*index, holdout, options.calibration, bound(), pool));
+    return CalibratedIndex::Create(std::move(index), r);
+  };
   auto consider = [&](std::unique_ptr<CalibratedIndex> candidate) {
     const CalibrationResult& c = *candidate->calibration();
     const bool meets = c.expected_recall >= target;  // false for NaN
@@ -399,16 +430,15 @@ absl::StatusOr<std::unique_ptr<CalibratedIndex>> BuildCalibrated(
   };
   if (!train_topk.empty()) {
     KVR_ASSIGN_OR_RETURN(auto graph, build_graph());
-    KVR_ASSIGN_OR_RETURN(auto calibrated, calibrate(std::move(graph)));
+    KVR_ASSIGN_OR_RETURN(auto calibrated, calibrate_bounded(std::move(graph)));
     consider(std::move(calibrated));
   }
   {
     KVR_ASSIGN_OR_RETURN(auto ivf, build_ivf());
-    KVR_ASSIGN_OR_RETURN(auto calibrated, calibrate(std::move(ivf)));
+    KVR_ASSIGN_OR_RETURN(auto calibrated, calibrate_bounded(std::move(ivf)));
     consider(std::move(calibrated));
   }
   // Flat last: it wins ties and whatever could not beat the scan.
-  const double flat_cost = static_cast<double>(n) * kFlatDistanceCost;
   if (best == nullptr || best->calibration()->cost_per_query * kMinSpeedupOverFlat > flat_cost) {
     KVR_ASSIGN_OR_RETURN(auto flat, build_flat());
     KVR_ASSIGN_OR_RETURN(best, calibrate(std::move(flat)));
