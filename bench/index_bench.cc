@@ -52,6 +52,7 @@
 #include "common/value_matrix.h"
 #include "retrieval_node/index/attend.h"
 #include "retrieval_node/index/attention_graph_index.h"
+#include "retrieval_node/index/calibrate.h"
 #include "retrieval_node/index/flat_index.h"
 #include "retrieval_node/index/ivf_index.h"
 #include "tools/attention_data.h"
@@ -74,9 +75,9 @@ ABSL_FLAG(std::string, keys, "", "keys file (.npy float32 2-D C order, or .fbin)
 ABSL_FLAG(std::string, queries, "", "decode queries file (.npy or .fbin)");
 ABSL_FLAG(std::string, train, "", "training queries file (.npy or .fbin)");
 ABSL_FLAG(std::string, values, "", "values file (.npy or .fbin); default: random values");
-ABSL_FLAG(std::string, methods, "flat,ivf,graph,faiss_hnsw,hnswlib,roargraph",
-          "methods to run: flat, ivf, graph, faiss_hnsw, hnswlib, roargraph (the last only with "
-          "--roargraph_bin_dir)");
+ABSL_FLAG(std::string, methods, "flat,ivf,graph,auto,faiss_hnsw,hnswlib,roargraph",
+          "methods to run: flat, ivf, graph, auto (self-calibration), faiss_hnsw, hnswlib, "
+          "roargraph (the last only with --roargraph_bin_dir)");
 ABSL_FLAG(std::string, roargraph_bin_dir, "",
           "directory with RoarGraph's test_build_roargraph and test_search_roargraph (and COMMIT), "
           "built outside the tree by bench/peers/build_roargraph.sh; empty: RoarGraph skipped");
@@ -341,6 +342,7 @@ class Runner {
     }
     if (want("faiss_hnsw")) RunFaiss(ds, truth, k, add);
     if (want("hnswlib")) RunHnswlib(ds, truth, k, add);
+    if (want("auto")) RunAuto(ds, truth, k, add);
     if (roargraph) RunRoarGraph(ds, truth, truth_scores, k, train_topk, train_k, add);
 
     PrintTable(rows, k);
@@ -497,6 +499,96 @@ class Runner {
       if (r.recall > 0.995) break;
     }
     return std::move(*graph);
+  }
+
+  // `auto` (issue 17 item 4): self-calibration as the node runs it. Every
+  // 8th training query (at most 512, spread over positions) is held back with
+  // its exact top-k, as the worker uploads them; the rest train the graph.
+  // Rows: the graph and IVF each calibrated for --target_recall
+  // ("auto-graph", "auto-ivf") and the kind IndexType::kAuto chose ("auto"),
+  // measured on the decode queries at the calibrated effort; build_s
+  // includes the calibration. Also prints ns per distance computation of
+  // each kind (the cost constants of calibrate.h).
+  template <typename Add>
+  void RunAuto(const DataSet& ds, const std::vector<int64_t>& truth, int k, Add&& add) {
+    if (ds.train.rows < 16) {
+      std::printf("  auto: skipped (needs >= 16 training queries)\n");
+      return;
+    }
+    const size_t stride = std::max<size_t>(8, (ds.train.rows + 511) / 512);
+    Matrix train(ds.train.rows - ds.train.rows / stride, ds.keys.cols);
+    Matrix held(ds.train.rows / stride, ds.keys.cols);
+    for (size_t i = 0, t = 0, h = 0; i < ds.train.rows; ++i) {
+      float* dst = (i % stride == stride - 1 && h < held.rows) ? held.row(h++) : train.row(t++);
+      std::copy_n(ds.train.row(i), ds.keys.cols, dst);
+    }
+    const int train_k = std::min<int>(absl::GetFlag(FLAGS_train_k), static_cast<int>(ds.keys.rows));
+    const std::vector<int64_t> train_topk = Truth(ds.keys, train, train_k, pool_);
+    const std::vector<int64_t> held_topk = Truth(ds.keys, held, k, pool_);
+    const index::Holdout holdout{held.view(), held_topk, static_cast<size_t>(k)};
+    index::CalibratedBuildOptions o;
+    o.calibration.target_recall = absl::GetFlag(FLAGS_target_recall);
+    o.calibration.k = k;
+    double flat_ns = 0;
+    {  // one query at a time, as a node shard sees one kv head's query group
+      auto flat = index::FlatIndex::Create(ds.keys.cols);
+      if (!flat.ok()) Fail(flat.status());
+      if (auto s = (*flat)->Add(ds.keys.view()); !s.ok()) Fail(s);
+      index::SearchParams p;
+      p.k = k;
+      std::vector<int64_t> ids(k);
+      std::vector<float> scores(k);
+      const size_t nq = std::min<size_t>(ds.test.rows, 200);
+      const auto t0 = Clock::now();
+      for (size_t i = 0; i < nq; ++i) {
+        if (auto s = (*flat)->Search(ds.test.view().rows_slice(i, 1), p, ids, scores); !s.ok()) {
+          Fail(s);
+        }
+      }
+      flat_ns = 1e9 * Seconds(t0, Clock::now()) / static_cast<double>(nq * ds.keys.rows);
+    }
+    std::printf("  auto: %zu held-back queries (every %zu-th), flat %.2f ns/distance "
+                "(one query per search)\n",
+                held.rows, stride, flat_ns);
+    for (index::IndexType type :
+         {index::IndexType::kGraph, index::IndexType::kIvf, index::IndexType::kAuto}) {
+      // Build without held-back queries, then calibrate, timing each (for
+      // kAuto the one call builds every candidate and calibrates them).
+      const bool one_kind = type != index::IndexType::kAuto;
+      auto t0 = Clock::now();
+      auto built = index::BuildCalibrated(type, ds.keys.view(), train_topk,
+                                          static_cast<size_t>(train_k),
+                                          one_kind ? index::Holdout{} : holdout, o, pool_);
+      if (!built.ok()) Fail(built.status());
+      const double build = Seconds(t0, Clock::now());
+      index::CalibrationResult c = *(*built)->calibration();
+      double calibrate_s = 0;
+      if (one_kind) {
+        t0 = Clock::now();
+        auto chosen = index::CalibrateEffort((*built)->inner(), holdout, o.calibration, pool_);
+        if (!chosen.ok()) Fail(chosen.status());
+        calibrate_s = Seconds(t0, Clock::now());
+        c = *chosen;
+      }
+      index::SearchParams p;
+      p.k = k;
+      p.beam = c.beam;
+      p.nprobe = c.nprobe;
+      const Row r = MeasureKvr(**built, ds.test, truth, k, p);
+      const std::string kind(index::IndexTypeName(c.kind));
+      const int effort = c.kind == index::IndexType::kGraph ? c.beam : c.nprobe;
+      const std::string method =
+          one_kind ? absl::StrCat("auto-", kind) : std::string("auto");
+      add(r, method, absl::StrFormat("%s,e=%d,exp=%.3f", kind, effort, c.expected_recall),
+          build + calibrate_s);
+      const double dist = r.scanned_pct / 100.0 * static_cast<double>(ds.keys.rows);
+      std::printf("  auto: %s chose %s effort %d: expected recall %.4f, cost %.0f flat-distances "
+                  "(flat %zu), %.2f ns/distance = %.2f x flat; build %.2f s + calibration "
+                  "%.2f s\n",
+                  method.c_str(), kind.c_str(), effort, c.expected_recall, c.cost_per_query,
+                  ds.keys.rows, 1e3 * r.us_per_query / std::max(1.0, dist),
+                  1e3 * r.us_per_query / std::max(1.0, dist) / flat_ns, build, calibrate_s);
+    }
   }
 
   template <typename Add>

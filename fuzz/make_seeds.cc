@@ -26,6 +26,7 @@
 #include "nlohmann/json.hpp"
 #include "retrieval_node/core/node_core.h"
 #include "retrieval_node/index/attention_graph_index.h"
+#include "retrieval_node/index/calibrate.h"
 #include "retrieval_node/index/flat_index.h"
 #include "retrieval_node/index/ivf_index.h"
 #include "retrieval_node/wire/proto_convert.h"
@@ -151,6 +152,32 @@ void IndexSeeds() {
                                                                   nullptr);
   Check(graph.status(), "graph");
   indexes.emplace_back("graph", std::move(graph).value());
+  // Calibrated wrappers (blob kind 4) around a flat and a graph index.
+  {
+    auto inner = kvr::index::FlatIndex::Create(8);
+    Check(inner.status(), "calibrated flat");
+    Check((*inner)->Add(keys.view()), "calibrated flat add");
+    kvr::index::CalibrationResult c;
+    c.kind = kvr::index::IndexType::kFlat;
+    c.expected_recall = 1.0;
+    c.target_recall = 0.95;
+    c.k = 4;
+    c.holdout_queries = 16;
+    c.cost_per_query = 48;
+    auto wrapped = kvr::index::CalibratedIndex::Create(std::move(inner).value(), c);
+    Check(wrapped.status(), "calibrated flat wrap");
+    indexes.emplace_back("calibrated-flat", std::move(wrapped).value());
+    auto g = kvr::index::AttentionGraphIndex::BuildFromQueries(keys.view(), train.view(), 4, go,
+                                                                nullptr);
+    Check(g.status(), "calibrated graph");
+    c.kind = kvr::index::IndexType::kGraph;
+    c.beam = 6;
+    c.expected_recall = 0.97;
+    c.cost_per_query = 96;
+    auto wrapped_graph = kvr::index::CalibratedIndex::Create(std::move(g).value(), c);
+    Check(wrapped_graph.status(), "calibrated graph wrap");
+    indexes.emplace_back("calibrated-graph", std::move(wrapped_graph).value());
+  }
   for (auto& [name, idx] : indexes) {
     std::vector<uint8_t> blob;
     Check(idx->Serialize(&blob), "serialize");

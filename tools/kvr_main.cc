@@ -93,7 +93,7 @@ Attention:
   --sinks N               attention-sink tokens kept on the worker, >= 0 (default 4)
   --window N              recent tokens kept on the worker, >= 1 (default 16)
   --top_k N               keys retrieved per query head, [1, 4096] (default 16)
-  --index graph|flat|ivf  retrieval index (default graph)
+  --index graph|flat|ivf|auto  retrieval index (default graph; auto: the node picks per head)
   --beam N                graph search beam, 0 = index default (default 0)
   --train_k N             exact top-k per prefill query for the graph build,
                           [1, 4096] (default 32)

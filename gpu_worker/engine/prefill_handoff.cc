@@ -36,6 +36,44 @@ void LowerThreadPriority(int nice) {
 #endif
 }
 
+// Self-calibration (retrieval_node/index/calibrate.h): every
+// kHoldoutEvery-th training query (more sparsely for long prompts, so at
+// most kMaxHoldoutRows spread over the whole prompt) is held back from a
+// chunk's training top-k and uploaded with its exact top-k as held-back
+// queries, on which the node chooses its search effort (and, for index
+// auto, its kind). Prompts with fewer than kMinHoldoutRows held back send none.
+constexpr size_t kHoldoutEvery = 8;
+constexpr size_t kMaxHoldoutRows = 512;
+constexpr size_t kMinHoldoutRows = 8;
+
+// Splits a chunk's training top-k rows (`ids`: rows x width) into training
+// and held-back rows: held-back rows' ids go to `holdout_ids` and their
+// queries (query_row(i): row i's d floats) to `holdout_queries`; the other
+// rows are compacted, in order, to the front of `ids`. Returns the training
+// rows kept (all rows when too few would be held back).
+template <typename QueryRow>
+size_t SplitHoldout(std::span<int64_t> ids, size_t width, size_t d, QueryRow&& query_row,
+                    std::vector<float>* holdout_queries, std::vector<int64_t>* holdout_ids) {
+  holdout_queries->clear();
+  holdout_ids->clear();
+  const size_t rows = width == 0 ? 0 : ids.size() / width;
+  const size_t every = std::max(kHoldoutEvery, (rows + kMaxHoldoutRows - 1) / kMaxHoldoutRows);
+  if (rows / every < kMinHoldoutRows) return rows;
+  size_t kept = 0;
+  for (size_t i = 0; i < rows; ++i) {
+    int64_t* row = ids.data() + i * width;
+    if (i % every == every - 1 && holdout_ids->size() < kMaxHoldoutRows * width) {
+      holdout_ids->insert(holdout_ids->end(), row, row + width);
+      const float* q = query_row(i);
+      holdout_queries->insert(holdout_queries->end(), q, q + d);
+    } else {
+      if (kept != i) std::copy_n(row, width, ids.data() + kept * width);
+      ++kept;
+    }
+  }
+  return kept;
+}
+
 int64_t NanosSince(Clock::time_point since) {
   return std::chrono::duration_cast<std::chrono::nanoseconds>(Clock::now() - since).count();
 }
@@ -104,7 +142,10 @@ absl::Status PrefillHandOff::BackendTrainingTopK(Backend& backend, const LlamaCo
                                                  int64_t prompt_len, HandOffStaging* staging,
                                                  int64_t* shards) {
   staging->backend_stride = 0;
-  if (attention.index != retrieval::IndexType::kGraph) return absl::OkStatus();
+  if (attention.index != retrieval::IndexType::kGraph &&
+      attention.index != retrieval::IndexType::kAuto) {
+    return absl::OkStatus();
+  }
   const OffloadGeometry geo(attention, prompt_len);
   if (!backend.SupportsOp(OptionalOp::kTopK) ||
       static_cast<size_t>(backend.MaxTopK()) < geo.max_topk) {
@@ -140,8 +181,12 @@ absl::Status PrefillHandOff::UploadLayer(const HandOffJob& job, HandOffStaging* 
   const OffloadGeometry geo(attention, job.prompt_len);
   const size_t group = static_cast<size_t>(c.n_heads / c.n_kv_heads);
   const size_t train_rows = static_cast<size_t>(job.prompt_len) * group;
-  // Only the graph index trains on the queries' top-k (flat and IVF ignore it).
-  const bool train = attention.index == retrieval::IndexType::kGraph;
+  // Only the graph index trains on the queries' top-k (flat and IVF ignore
+  // it); auto may choose the graph.
+  const bool train = attention.index == retrieval::IndexType::kGraph ||
+                     attention.index == retrieval::IndexType::kAuto;
+  std::vector<float> holdout_queries;
+  std::vector<int64_t> holdout_ids;
   // The backend may have computed it already (BackendTrainingTopK).
   const bool precomputed = train && staging->backend_stride != 0;
   if (train && !precomputed) {
@@ -183,8 +228,16 @@ absl::Status PrefillHandOff::UploadLayer(const HandOffJob& job, HandOffStaging* 
                                         {staging->train_scores.data(), ids.size()},
                                         /*pool=*/nullptr));
         }
-        up.train_topk = ids;
+        // Training row i is prefill position i / group, query head g * group + i % group.
+        auto query_row = [&](size_t i) {
+          return staging->q.data() + (i / group) * qd + (g * group + i % group) * d;
+        };
+        const size_t kept = SplitHoldout(ids, topk, d, query_row, &holdout_queries, &holdout_ids);
+        up.train_topk = ids.first(kept * topk);
         up.train_topk_width = topk;
+        up.holdout_queries = ConstMatrixView(holdout_queries.data(), holdout_ids.size() / topk, d);
+        up.holdout_topk = holdout_ids;
+        up.holdout_topk_width = holdout_ids.empty() ? 0 : topk;
       }
       KVR_RETURN_IF_ERROR(job.client->UploadShard(up));
     }

@@ -259,6 +259,14 @@ absl::Status GrpcRetrievalClient::UploadShard(const ShardUpload& upload) {
     }
     topk_rows = upload.train_topk.size() / w;
   }
+  const size_t holdout_rows = upload.holdout_queries.rows();
+  if (holdout_rows > 0 && (upload.holdout_queries.cols() != d ||
+                           upload.holdout_topk.size() != holdout_rows * upload.holdout_topk_width)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "holdout_queries ", holdout_rows, " x ", upload.holdout_queries.cols(), " with ",
+        upload.holdout_topk.size(), " holdout_topk ids do not match head_dim ", d,
+        " x holdout_topk_width ", upload.holdout_topk_width));
+  }
 
   grpc::ClientContext context;
   SetDeadline(&context, options_.upload_timeout);
@@ -279,6 +287,9 @@ absl::Status GrpcRetrievalClient::UploadShard(const ShardUpload& upload) {
   h->set_train_topk_width(topk_rows > 0 ? static_cast<int32_t>(upload.train_topk_width) : 0);
   h->set_train_query_rows(static_cast<int64_t>(upload.train_queries.rows()));
   h->set_train_k(upload.train_queries.rows() > 0 ? upload.train_k : 0);
+  h->set_holdout_query_rows(static_cast<int64_t>(holdout_rows));
+  h->set_holdout_topk_width(holdout_rows > 0 ? static_cast<int32_t>(upload.holdout_topk_width)
+                                             : 0);
 
   // Header first, then each tensor in row batches of about upload_chunk_bytes.
   bool open = writer->Write(message);
@@ -293,16 +304,17 @@ absl::Status GrpcRetrievalClient::UploadShard(const ShardUpload& upload) {
   };
   send_rows(upload.keys, &v1::ShardData::mutable_keys);
   send_rows(upload.values, &v1::ShardData::mutable_values);
-  if (topk_rows > 0 && open) {
+  // Ids as packed int32; out-of-range ids become an id the node rejects
+  // with a clear message.
+  auto send_ids = [&](std::span<const int64_t> ids, std::string* (v1::ShardData::*field)()) {
     const size_t per = std::max<size_t>(1, options_.upload_chunk_bytes / sizeof(int32_t));
-    for (size_t b = 0; b < upload.train_topk.size() && open; b += per) {
+    for (size_t b = 0; b < ids.size() && open; b += per) {
       message.Clear();
-      std::string* out = message.mutable_data()->mutable_train_topk();
-      const size_t e = std::min(upload.train_topk.size(), b + per);
+      std::string* out = (message.mutable_data()->*field)();
+      const size_t e = std::min(ids.size(), b + per);
       out->resize((e - b) * sizeof(int32_t));
       for (size_t i = b; i < e; ++i) {
-        const int64_t id = upload.train_topk[i];
-        // Out-of-range ids become an id the node rejects with a clear message.
+        const int64_t id = ids[i];
         const int32_t v = id < -1 || id > std::numeric_limits<int32_t>::max()
                               ? std::numeric_limits<int32_t>::min()
                               : static_cast<int32_t>(id);
@@ -310,8 +322,13 @@ absl::Status GrpcRetrievalClient::UploadShard(const ShardUpload& upload) {
       }
       open = writer->Write(message);
     }
-  }
+  };
+  if (topk_rows > 0) send_ids(upload.train_topk, &v1::ShardData::mutable_train_topk);
   send_rows(upload.train_queries, &v1::ShardData::mutable_train_queries);
+  if (holdout_rows > 0) {
+    send_rows(upload.holdout_queries, &v1::ShardData::mutable_holdout_queries);
+    send_ids(upload.holdout_topk, &v1::ShardData::mutable_holdout_topk);
+  }
   if (open) writer->WritesDone();
   return FromGrpcStatus(writer->Finish());
 }

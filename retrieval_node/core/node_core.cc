@@ -114,7 +114,7 @@ absl::Status ValidateSpec(const SequenceSpec& spec) {
   }
   KVR_RETURN_IF_ERROR(DTypeFromTag(static_cast<uint32_t>(spec.value_dtype)).status());
   if (spec.index_type != IndexType::kGraph && spec.index_type != IndexType::kFlat &&
-      spec.index_type != IndexType::kIvf) {
+      spec.index_type != IndexType::kIvf && spec.index_type != IndexType::kAuto) {
     return absl::InvalidArgumentError(
         absl::StrCat("index_type ", static_cast<int>(spec.index_type), " unknown"));
   }
@@ -352,7 +352,7 @@ int64_t NodeCore::EstimateBytes(const SequenceSpec& spec, size_t n) const {
   const int64_t d = spec.head_dim;
   int64_t per_key = d * int64_t(sizeof(float)) + d * int64_t(DTypeSize(spec.value_dtype)) +
                     int64_t(sizeof(int64_t));
-  if (spec.index_type == IndexType::kGraph) {
+  if (spec.index_type == IndexType::kGraph || spec.index_type == IndexType::kAuto) {
     per_key += int64_t(options_.graph.degree + 1) * int64_t(sizeof(uint32_t));
   }
   return per_key * static_cast<int64_t>(n);
@@ -429,8 +429,32 @@ absl::StatusOr<NodeCore::UploadAdmission> NodeCore::ReserveUpload(uint64_t seque
 
 absl::StatusOr<std::unique_ptr<index::KeyIndex>> NodeCore::BuildIndex(
     IndexType type, ConstMatrixView keys, std::span<const int64_t> train_topk, size_t topk_width,
-    ConstMatrixView train_queries, int train_k) {
+    ConstMatrixView train_queries, int train_k, const index::Holdout& holdout) {
   const size_t n = keys.rows();
+  if (type == IndexType::kAuto && (!holdout.empty() || n < index::kAutoMinKeys) &&
+      n >= options_.min_index_keys) {
+    // Self-calibration picks the kind (index/calibrate.h; flat below kAutoMinKeys).
+    index::CalibratedBuildOptions o;
+    o.calibration = options_.calibration;
+    o.graph = options_.graph;
+    o.ivf = options_.ivf;
+    KVR_ASSIGN_OR_RETURN(std::unique_ptr<index::CalibratedIndex> chosen,
+                         index::BuildCalibrated(type, keys, train_topk, topk_width, holdout, o,
+                                                pool_.get()));
+    return std::unique_ptr<index::KeyIndex>(std::move(chosen));
+  }
+  if (type == IndexType::kAuto) type = IndexType::kGraph;  // no held-back queries: the default
+  if (type != IndexType::kFlat && !holdout.empty() && n >= options_.min_index_keys) {
+    // Build as below, then calibrate the search effort on the held-back queries.
+    KVR_ASSIGN_OR_RETURN(std::unique_ptr<index::KeyIndex> built,
+                         BuildIndex(type, keys, train_topk, topk_width, train_queries, train_k));
+    KVR_ASSIGN_OR_RETURN(index::CalibrationResult chosen,
+                         index::CalibrateEffort(*built, holdout, options_.calibration,
+                                                pool_.get()));
+    KVR_ASSIGN_OR_RETURN(std::unique_ptr<index::CalibratedIndex> calibrated,
+                         index::CalibratedIndex::Create(std::move(built), chosen));
+    return std::unique_ptr<index::KeyIndex>(std::move(calibrated));
+  }
   if (type == IndexType::kFlat || n < options_.min_index_keys) {
     KVR_ASSIGN_OR_RETURN(std::unique_ptr<index::FlatIndex> flat, index::FlatIndex::Create(keys.cols()));
     flat->Reserve(n);
@@ -506,6 +530,12 @@ absl::Status NodeCore::UploadShard(const ShardUpload& upload) {
       }
     }
   }
+  const index::Holdout holdout{upload.holdout_queries, upload.holdout_topk,
+                               upload.holdout_topk_width};
+  if (absl::Status s = index::ValidateHoldout(holdout, n, static_cast<size_t>(spec.head_dim));
+      !s.ok()) {
+    return absl::Status(s.code(), absl::StrCat(s.message(), " for ", where));
+  }
   if (upload.train_queries.rows() > 0) {
     KVR_RETURN_IF_ERROR(CheckMatrix(upload.train_queries, spec, -1, "train_queries", where));
     if (upload.train_k < 1 || upload.train_k > index::kMaxSearchK) {
@@ -533,7 +563,7 @@ absl::Status NodeCore::UploadShard(const ShardUpload& upload) {
     KVR_ASSIGN_OR_RETURN(chunk.index,
                          BuildIndex(spec.index_type, upload.keys, upload.train_topk,
                                     upload.train_topk_width, upload.train_queries,
-                                    upload.train_k));
+                                    upload.train_k, holdout));
     chunk.values = ValueMatrix::FromFloat(spec.value_dtype, upload.values);
     chunk.positions.resize(n);
     for (size_t i = 0; i < n; ++i) chunk.positions[i] = upload.first_position + int64_t(i);
@@ -677,6 +707,7 @@ absl::Status NodeCore::Seal(const Sequence& seq, HeadState* head, HeadWrite* wri
   const IndexType want = seq.spec.index_type;
   const bool rebuild =
       chunk.index == nullptr || (chunk.index->type() == IndexType::kFlat &&
+                                 chunk.index->calibration() == nullptr &&  // not chosen by kAuto
                                  want != IndexType::kFlat && total >= options_.min_index_keys);
   if (!rebuild) {
     KVR_RETURN_IF_ERROR(chunk.index->Add(tail_keys));
@@ -1027,6 +1058,12 @@ std::vector<ShardInfo> NodeCore::Describe(const std::vector<std::shared_ptr<Sequ
             info.n_keys = static_cast<int64_t>(c.index->size());
             info.memory_bytes += static_cast<int64_t>(c.index->MemoryBytes());
             info.index_type = c.index->type();
+            if (const index::CalibrationResult* cal = c.index->calibration(); cal != nullptr) {
+              info.search_effort = cal->kind == IndexType::kIvf ? cal->nprobe : cal->beam;
+              if (!std::isnan(cal->expected_recall)) info.expected_recall = cal->expected_recall;
+            } else if (info.index_type == IndexType::kFlat) {
+              info.expected_recall = 1.0;  // exact
+            }
           }
           info.memory_bytes += static_cast<int64_t>(c.values.MemoryBytes() +
                                                     c.positions.capacity() * sizeof(int64_t));

@@ -53,6 +53,7 @@
 #include "retrieval_node/core/node_types.h"
 #include "retrieval_node/core/shard_persistence.h"
 #include "retrieval_node/index/attention_graph_index.h"
+#include "retrieval_node/index/calibrate.h"
 #include "retrieval_node/index/ivf_index.h"
 
 namespace kvr::retrieval {
@@ -67,6 +68,9 @@ struct NodeCoreOptions {
   size_t recent_queries = 256;
   // Exact top-k per training query when the node computes training data.
   int train_k = 32;
+  // Self-calibration (kvr_node --target_recall): the recall a chunk built
+  // with held-back queries (ShardUpload::holdout_*) is calibrated for.
+  index::CalibrationOptions calibration;
   index::AttentionGraphOptions graph;
   index::IvfOptions ivf;
   // Threads running AttendAsync and index builds (0: Attend runs inline on
@@ -399,7 +403,8 @@ class NodeCore final {
   // Builds the index a chunk of `n` keys should have.
   absl::StatusOr<std::unique_ptr<index::KeyIndex>> BuildIndex(
       IndexType type, ConstMatrixView keys, std::span<const int64_t> train_topk,
-      size_t topk_width, ConstMatrixView train_queries, int train_k);
+      size_t topk_width, ConstMatrixView train_queries, int train_k,
+      const index::Holdout& holdout = {});
   // Estimated bytes `n` more keys of `spec` take (keys, values, positions,
   // graph edges).
   int64_t EstimateBytes(const SequenceSpec& spec, size_t n) const;

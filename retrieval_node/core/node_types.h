@@ -93,6 +93,17 @@ struct ShardUpload {
   size_t train_topk_width = 0;
   ConstMatrixView train_queries;
   int train_k = 32;
+  // Held-back training queries for self-calibration (index/calibrate.h):
+  // holdout_queries (rows x head_dim, at most index::kMaxHoldoutQueries,
+  // not among the training rows above) and their exact top ids over `keys`
+  // (holdout_topk: rows x holdout_topk_width, best first, -1 pads). With
+  // them the node picks the graph beam / IVF nprobe (and, for
+  // IndexType::kAuto, the kind) meeting NodeCoreOptions::calibration's
+  // target recall; without them the index keeps its default effort and its
+  // expected recall is unknown.
+  ConstMatrixView holdout_queries;
+  std::span<const int64_t> holdout_topk;
+  size_t holdout_topk_width = 0;
   std::string capability;  // the sequence's (SequenceAccess::capability)
 };
 
@@ -205,6 +216,12 @@ struct ShardInfo {
   int64_t last_position = -1;   // highest (-1: none)
   IndexType index_type = IndexType::kFlat;  // the index the chunk has now
   int64_t memory_bytes = 0;     // chunk (and, for the last chunk, tail) bytes
+  // Self-calibration (index/calibrate.h): the default search effort the
+  // chunk's index chose (graph beam or IVF nprobe; 0: the index's built-in
+  // default) and its recall@k on the held-back queries (-1: unknown, no
+  // held-back queries; 1 for a flat index).
+  int32_t search_effort = 0;
+  double expected_recall = -1;
 };
 
 // A one-shot wait for an asynchronous call: pass callback() as `done`, then

@@ -3,6 +3,7 @@
 #include <string>
 
 #include "retrieval_node/index/attention_graph_index.h"
+#include "retrieval_node/index/calibrate.h"
 #include "retrieval_node/index/flat_index.h"
 #include "retrieval_node/index/ivf_index.h"
 
@@ -16,6 +17,8 @@ absl::string_view IndexTypeName(IndexType type) {
       return "flat";
     case IndexType::kIvf:
       return "ivf";
+    case IndexType::kAuto:
+      return "auto";
   }
   return "unknown";
 }
@@ -24,8 +27,9 @@ absl::StatusOr<IndexType> ParseIndexType(absl::string_view name) {
   if (name == "graph") return IndexType::kGraph;
   if (name == "flat") return IndexType::kFlat;
   if (name == "ivf") return IndexType::kIvf;
-  return absl::InvalidArgumentError(
-      absl::StrCat("index type \"", std::string(name), "\" is not one of graph, flat, ivf"));
+  if (name == "auto") return IndexType::kAuto;
+  return absl::InvalidArgumentError(absl::StrCat("index type \"", std::string(name),
+                                                 "\" is not one of graph, flat, ivf, auto"));
 }
 
 absl::Status ValidateFinite(ConstMatrixView m, size_t dim, absl::string_view what) {
@@ -56,6 +60,10 @@ absl::StatusOr<std::unique_ptr<KeyIndex>> LoadIndex(std::span<const uint8_t> blo
     }
     case kGraphBlobKind: {
       KVR_ASSIGN_OR_RETURN(auto idx, AttentionGraphIndex::Deserialize(opened));
+      return std::unique_ptr<KeyIndex>(std::move(idx));
+    }
+    case kCalibratedBlobKind: {
+      KVR_ASSIGN_OR_RETURN(auto idx, CalibratedIndex::Deserialize(opened));
       return std::unique_ptr<KeyIndex>(std::move(idx));
     }
   }

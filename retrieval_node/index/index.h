@@ -9,6 +9,7 @@
 #pragma once
 
 #include <cstdint>
+#include <limits>
 #include <memory>
 #include <span>
 
@@ -30,9 +31,14 @@ enum class IndexType : uint8_t {
   kGraph = 0,  // attention-aware graph (AttentionGraphIndex)
   kFlat = 1,   // exact scan (FlatIndex)
   kIvf = 2,    // inverted lists over k-means clusters (IvfIndex)
+  // Requested only (SequenceSpec::index_type): the node builds and
+  // calibrates the candidates and keeps the cheapest meeting the target
+  // recall (calibrate.h). A built index never has this type: it reports the
+  // kind it chose.
+  kAuto = 3,
 };
-inline constexpr size_t kNumIndexTypes = 3;
-// "graph", "flat", "ivf".
+inline constexpr size_t kNumIndexTypes = 4;
+// "graph", "flat", "ivf", "auto".
 absl::string_view IndexTypeName(IndexType type);
 // Parses the names above; InvalidArgument naming the value otherwise.
 absl::StatusOr<IndexType> ParseIndexType(absl::string_view name);
@@ -42,6 +48,7 @@ absl::StatusOr<IndexType> ParseIndexType(absl::string_view name);
 inline constexpr uint32_t kFlatBlobKind = 1;
 inline constexpr uint32_t kIvfBlobKind = 2;
 inline constexpr uint32_t kGraphBlobKind = 3;
+inline constexpr uint32_t kCalibratedBlobKind = 4;  // CalibratedIndex (calibrate.h)
 
 // Limits every index enforces on its inputs (ValidateSearch / Add / loaders).
 inline constexpr int kMaxSearchK = kMaxTopK;        // SearchParams::k upper bound
@@ -60,6 +67,23 @@ struct SearchParams {
 struct SearchStats {
   int64_t queries = 0;
   int64_t distance_computations = 0;  // keys whose inner product with a query was computed
+};
+
+// What self-calibration (calibrate.h) chose for an index.
+struct CalibrationResult {
+  IndexType kind = IndexType::kFlat;  // the index searched (never kAuto)
+  int beam = 0;    // graph: SearchParams::beam used when a search leaves it 0 (0: graph default)
+  int nprobe = 0;  // IVF: SearchParams::nprobe used when a search leaves it 0 (0: IVF default)
+  // Mean recall@k on the held-back queries at that effort; NaN when there
+  // were none (the effort is then the index's built-in default).
+  double expected_recall = std::numeric_limits<double>::quiet_NaN();
+  double target_recall = 0;     // what was asked for
+  int k = 0;                    // the k of expected_recall
+  int64_t holdout_queries = 0;  // held-back queries evaluated
+  // Mean distance computations per held-back query at the chosen effort
+  // times the kind's cost constant, in flat-scan distances (a flat scan of
+  // n keys costs n). 0 when unknown.
+  double cost_per_query = 0;
 };
 
 class KeyIndex {
@@ -92,6 +116,10 @@ class KeyIndex {
 
   // The keys, as stored (n x dim()).
   virtual ConstMatrixView keys() const = 0;
+
+  // What calibration chose, for a CalibratedIndex (calibrate.h); null for an
+  // index that was not calibrated. Valid as long as the index.
+  virtual const CalibrationResult* calibration() const { return nullptr; }
 };
 
 // Restores any index written by KeyIndex::Serialize. Corrupt or truncated

@@ -57,6 +57,10 @@ ABSL_FLAG(int64_t, max_upload_bytes, int64_t{4} << 30,
 ABSL_FLAG(int, tail_capacity, 64,
           "appended keys per (sequence, layer, kv head) kept flat before sealing into the index");
 ABSL_FLAG(int, train_k, 32, "exact top-k per training query when the node computes it");
+ABSL_FLAG(double, target_recall, 0.95,
+          "self-calibration: recall@100 on an upload's held-back queries that the chunk's index "
+          "search effort (graph beam, IVF nprobe) and, for index type auto, its kind are chosen "
+          "for; (0, 1]");
 ABSL_FLAG(std::string, data_dir, "",
           "RocksDB directory where shards persist (appends are acknowledged once synced) and "
           "from which they are recovered at startup, before serving; empty = memory only");
@@ -179,6 +183,10 @@ int Main(int argc, char** argv) {
   core_options.upload_memory_bytes = absl::GetFlag(FLAGS_upload_memory_bytes);
   core_options.tail_capacity = static_cast<size_t>(absl::GetFlag(FLAGS_tail_capacity));
   core_options.train_k = absl::GetFlag(FLAGS_train_k);
+  core_options.calibration.target_recall = absl::GetFlag(FLAGS_target_recall);
+  if (absl::Status s = index::ValidateCalibrationOptions(core_options.calibration); !s.ok()) {
+    return Fail(absl::StrCat("--", s.message()));
+  }
   core_options.recovery_quarantine = absl::GetFlag(FLAGS_recovery_quarantine);
   core_options.lease_seconds = absl::GetFlag(FLAGS_lease_seconds);
   std::unique_ptr<ShardStore> store;  // outlives the core (declared first)

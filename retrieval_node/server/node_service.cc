@@ -309,11 +309,26 @@ class NodeService::UploadReactor final : public grpc::ServerReadReactor<v1::Uplo
                            PackedBytes(h.train_query_rows(), h.head_dim(), key_dtype_, max_keys,
                                        max_dim, "header train_queries (train_query_rows x head_dim)"));
     }
+    // Held-back queries for self-calibration (index/calibrate.h).
+    const int64_t max_holdout = static_cast<int64_t>(index::kMaxHoldoutQueries);
+    holdout_queries_bytes_ = holdout_topk_bytes_ = 0;
+    if (h.holdout_query_rows() != 0) {
+      KVR_ASSIGN_OR_RETURN(holdout_queries_bytes_,
+                           PackedBytes(h.holdout_query_rows(), h.head_dim(), key_dtype_,
+                                       max_holdout, max_dim,
+                                       "header holdout_queries (holdout_query_rows x head_dim)"));
+      KVR_ASSIGN_OR_RETURN(
+          holdout_topk_bytes_,
+          PackedBytes(h.holdout_query_rows(), h.holdout_topk_width(), DType::kF32, max_holdout,
+                      index::kMaxSearchK,
+                      "header holdout_topk (holdout_query_rows x holdout_topk_width)"));
+    }
     if (h.train_k() < 0 || h.train_k() > index::kMaxSearchK) {
       return absl::InvalidArgumentError(
           absl::StrCat("header.train_k ", h.train_k(), " outside [0, ", index::kMaxSearchK, "]"));
     }
-    const int64_t total = keys_bytes_ + values_bytes_ + topk_bytes_ + queries_bytes_;
+    const int64_t total = keys_bytes_ + values_bytes_ + topk_bytes_ + queries_bytes_ +
+                          holdout_queries_bytes_ + holdout_topk_bytes_;
     if (total > service_->options_.max_upload_bytes) {
       return absl::ResourceExhaustedError(
           absl::StrCat("UploadShard payload of ", total, " bytes exceeds max_upload_bytes ",
@@ -329,6 +344,7 @@ class NodeService::UploadReactor final : public grpc::ServerReadReactor<v1::Uplo
     const int64_t f32_row = int64_t{h.head_dim()} * int64_t{sizeof(float)};
     const int64_t working = total + 2 * h.n_keys() * f32_row + h.train_query_rows() * f32_row +
                             topk_bytes_ / int64_t{sizeof(int32_t)} * int64_t{sizeof(int64_t)} +
+                            h.holdout_query_rows() * f32_row + holdout_topk_bytes_ * 2 +
                             2 * h.n_keys() * f32_row;
     KVR_ASSIGN_OR_RETURN(admission_,
                          service_->core_->ReserveUpload(h.key().sequence_id(),
@@ -338,6 +354,8 @@ class NodeService::UploadReactor final : public grpc::ServerReadReactor<v1::Uplo
     values_.reserve(static_cast<size_t>(values_bytes_));
     topk_.reserve(static_cast<size_t>(topk_bytes_));
     queries_.reserve(static_cast<size_t>(queries_bytes_));
+    holdout_queries_.reserve(static_cast<size_t>(holdout_queries_bytes_));
+    holdout_topk_.reserve(static_cast<size_t>(holdout_topk_bytes_));
     return absl::OkStatus();
   }
 
@@ -358,7 +376,10 @@ class NodeService::UploadReactor final : public grpc::ServerReadReactor<v1::Uplo
     KVR_RETURN_IF_ERROR(AppendPart(d.keys(), keys_bytes_, "keys", &keys_));
     KVR_RETURN_IF_ERROR(AppendPart(d.values(), values_bytes_, "values", &values_));
     KVR_RETURN_IF_ERROR(AppendPart(d.train_topk(), topk_bytes_, "train_topk", &topk_));
-    return AppendPart(d.train_queries(), queries_bytes_, "train_queries", &queries_);
+    KVR_RETURN_IF_ERROR(AppendPart(d.train_queries(), queries_bytes_, "train_queries", &queries_));
+    KVR_RETURN_IF_ERROR(AppendPart(d.holdout_queries(), holdout_queries_bytes_, "holdout_queries",
+                                   &holdout_queries_));
+    return AppendPart(d.holdout_topk(), holdout_topk_bytes_, "holdout_topk", &holdout_topk_);
   }
 
   static absl::Status CheckComplete(const std::string& buffer, int64_t declared,
@@ -382,6 +403,9 @@ class NodeService::UploadReactor final : public grpc::ServerReadReactor<v1::Uplo
     KVR_RETURN_IF_ERROR(CheckComplete(values_, values_bytes_, "values"));
     KVR_RETURN_IF_ERROR(CheckComplete(topk_, topk_bytes_, "train_topk"));
     KVR_RETURN_IF_ERROR(CheckComplete(queries_, queries_bytes_, "train_queries"));
+    KVR_RETURN_IF_ERROR(
+        CheckComplete(holdout_queries_, holdout_queries_bytes_, "holdout_queries"));
+    KVR_RETURN_IF_ERROR(CheckComplete(holdout_topk_, holdout_topk_bytes_, "holdout_topk"));
     const auto n = static_cast<size_t>(header_.n_keys());
     const auto d = static_cast<size_t>(header_.head_dim());
 
@@ -407,6 +431,20 @@ class NodeService::UploadReactor final : public grpc::ServerReadReactor<v1::Uplo
       KVR_RETURN_IF_ERROR(CheckFinite(queries.data, "train_queries"));
     }
 
+    Matrix holdout(0, d);
+    std::vector<int64_t> holdout_topk(holdout_topk_.size() / sizeof(int32_t));
+    if (!holdout_queries_.empty()) {
+      KVR_RETURN_IF_ERROR(UnpackFloats(Bytes(holdout_queries_), key_dtype_,
+                                       "data.holdout_queries", &holdout.data));
+      holdout.rows = static_cast<size_t>(header_.holdout_query_rows());
+      KVR_RETURN_IF_ERROR(CheckFinite(holdout.data, "holdout_queries"));
+      for (size_t i = 0; i < holdout_topk.size(); ++i) {
+        int32_t id;
+        std::memcpy(&id, holdout_topk_.data() + i * sizeof(int32_t), sizeof(int32_t));
+        holdout_topk[i] = id;
+      }
+    }
+
     ShardUpload upload;
     upload.key = ShardKeyFromProto(header_.key());
     upload.capability = header_.capability();
@@ -417,6 +455,10 @@ class NodeService::UploadReactor final : public grpc::ServerReadReactor<v1::Uplo
     upload.train_topk_width = topk.empty() ? 0 : static_cast<size_t>(header_.train_topk_width());
     upload.train_queries = queries.view();
     if (header_.train_k() > 0) upload.train_k = header_.train_k();
+    upload.holdout_queries = holdout.view();
+    upload.holdout_topk = holdout_topk;
+    upload.holdout_topk_width =
+        holdout_topk.empty() ? 0 : static_cast<size_t>(header_.holdout_topk_width());
 
     const auto start = std::chrono::steady_clock::now();
     // UploadShard reserves the shard's own bytes; the working part stays
@@ -458,7 +500,8 @@ class NodeService::UploadReactor final : public grpc::ServerReadReactor<v1::Uplo
   DType key_dtype_ = DType::kF32;
   DType value_dtype_ = DType::kF32;
   int64_t keys_bytes_ = 0, values_bytes_ = 0, topk_bytes_ = 0, queries_bytes_ = 0;
-  std::string keys_, values_, topk_, queries_;
+  int64_t holdout_queries_bytes_ = 0, holdout_topk_bytes_ = 0;
+  std::string keys_, values_, topk_, queries_, holdout_queries_, holdout_topk_;
   NodeCore::UploadAdmission admission_;  // released in Done, before the reply
 };
 

@@ -52,10 +52,13 @@ absl::StatusOr<IndexType> IndexTypeFromProto(int type, absl::string_view field) 
       return IndexType::kFlat;
     case v1::INDEX_TYPE_IVF:
       return IndexType::kIvf;
+    case v1::INDEX_TYPE_AUTO:
+      return IndexType::kAuto;
     default:
-      return absl::InvalidArgumentError(absl::StrCat(
-          field, " ", type,
-          " is not one of INDEX_TYPE_GRAPH (1), INDEX_TYPE_FLAT (2), INDEX_TYPE_IVF (3)"));
+      return absl::InvalidArgumentError(
+          absl::StrCat(field, " ", type,
+                       " is not one of INDEX_TYPE_GRAPH (1), INDEX_TYPE_FLAT (2), "
+                       "INDEX_TYPE_IVF (3), INDEX_TYPE_AUTO (4)"));
   }
 }
 
@@ -67,6 +70,8 @@ v1::IndexType IndexTypeToProto(IndexType type) {
       return v1::INDEX_TYPE_FLAT;
     case IndexType::kIvf:
       return v1::INDEX_TYPE_IVF;
+    case IndexType::kAuto:
+      return v1::INDEX_TYPE_AUTO;
   }
   return v1::INDEX_TYPE_UNSPECIFIED;
 }
@@ -112,6 +117,8 @@ void ShardInfoToProto(const ShardInfo& info, v1::ShardInfo* out) {
   out->set_last_position(info.last_position);
   out->set_index_type(IndexTypeToProto(info.index_type));
   out->set_memory_bytes(info.memory_bytes);
+  out->set_search_effort(info.search_effort);
+  if (info.expected_recall >= 0) out->set_expected_recall(info.expected_recall);
 }
 
 absl::StatusOr<ShardInfo> ShardInfoFromProto(const v1::ShardInfo& info) {
@@ -123,6 +130,14 @@ absl::StatusOr<ShardInfo> ShardInfoFromProto(const v1::ShardInfo& info) {
   out.last_position = info.last_position();
   KVR_ASSIGN_OR_RETURN(out.index_type, IndexTypeFromProto(info.index_type(), "shard.index_type"));
   out.memory_bytes = info.memory_bytes();
+  out.search_effort = info.search_effort();
+  if (info.has_expected_recall()) {
+    if (!(info.expected_recall() >= 0 && info.expected_recall() <= 1)) {
+      return absl::InvalidArgumentError(absl::StrCat("shard.expected_recall ",
+                                                     info.expected_recall(), " outside [0, 1]"));
+    }
+    out.expected_recall = info.expected_recall();
+  }
   return out;
 }
 

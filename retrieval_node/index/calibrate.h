@@ -1,0 +1,169 @@
+// Self-calibration: an index chooses its own search effort (graph beam, IVF
+// nprobe) and, for IndexType::kAuto, its kind, for a requested recall, from
+// held-back training queries with their exact top-k (DESIGN.md §2,
+// "Self-calibration"; issue 17 item 4).
+//
+// Calibration of one index: recall@k on the held-back queries is measured at
+// efforts k, 2k, 4k, ... (beam; nprobe 1, 2, 4, ...) until it reaches the
+// target, then the bracket is bisected down to ~1/16 of the effort. The
+// chosen effort is the smallest one evaluated whose held-back recall is >=
+// target; its held-back recall is the index's expected recall. An index that
+// cannot reach the target within its largest effort (beam kMaxCalibratedBeam
+// or n; every IVF list) gets that largest effort and reports the (lower)
+// recall it reached.
+//
+// Cost per query (to compare kinds) is deterministic: the mean distance
+// computations per held-back query at the chosen effort times a per-kind
+// constant in units of one flat-scan distance (kGraphDistanceCost,
+// kIvfDistanceCost below). A flat scan costs n and has recall 1; kAuto keeps
+// another kind only when it models at least kMinSpeedupOverFlat faster, so
+// it never picks a kind slower than the scan.
+//
+// Without held-back queries the index keeps its built-in default effort and
+// reports expected recall unknown (NaN; see CalibrationResult).
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <span>
+#include <vector>
+
+#include "common/serialize.h"
+#include "common/tensor.h"
+#include "common/thread_pool.h"
+#include "retrieval_node/index/attention_graph_index.h"
+#include "retrieval_node/index/index.h"
+#include "retrieval_node/index/ivf_index.h"
+
+namespace kvr::index {
+
+// Cost of one distance computation of each kind, in flat-scan distances.
+// A flat scan streams keys through a blocked SIMD kernel; a graph walk
+// gathers one key row per neighbour (a cache miss each) and keeps a beam;
+// IVF scans contiguous lists like the flat scan does. Measured with
+// bench/index_bench (docs/benchmarks.md §3c): µs per distance computation
+// of the graph / of the flat scan at 131072 keys, d 128, one thread.
+// Measured (one query per search, as a node searches one kv head's shard):
+// flat 26.5 ns, graph 101-111 ns (3.8-4.2x), IVF 27.5 ns (1.04x) per
+// distance at 32768 keys on this project's 2-core box; under load 87.5 /
+// 274-321 (3.1-3.7x) / 127 (1.46x).
+inline constexpr double kFlatDistanceCost = 1.0;
+inline constexpr double kGraphDistanceCost = 4.0;
+inline constexpr double kIvfDistanceCost = 1.2;
+// kAuto keeps a graph or IVF index only when its modelled cost is at most
+// flat's / kMinSpeedupOverFlat: the constants above are good to ~25%, and a
+// flat index is exact, appends without re-linking and never misses.
+inline constexpr double kMinSpeedupOverFlat = 1.25;
+// kAuto scans shards of fewer keys (flat, exact): the cost model leaves out
+// per-search fixed costs (centroid ranking, beam upkeep) that dominate
+// there, and a 2048-key scan takes ~50 µs, below a node call's overhead.
+inline constexpr size_t kAutoMinKeys = 2048;
+
+// The largest graph beam calibration tries (the graph's own limit is 65536).
+inline constexpr int kMaxCalibratedBeam = 1 << 14;
+// Held-back queries a calibrated upload may carry (ShardUpload::holdout_*).
+inline constexpr size_t kMaxHoldoutQueries = 4096;
+
+struct CalibrationOptions {
+  double target_recall = 0.95;  // recall@k on held-back queries to reach, (0, 1]
+  int k = 100;                  // recall@k (clamped to the top-k width given and to n)
+  // Held-back queries evaluated (the first ones given; a worker spreads them
+  // over positions). Bounds the calibration cost: efforts tried x this many
+  // searches.
+  size_t max_queries = 256;
+};
+
+// OK, or InvalidArgument naming the field and its range.
+absl::Status ValidateCalibrationOptions(const CalibrationOptions& options);
+
+// Held-back queries and their exact top ids over the index's keys.
+struct Holdout {
+  ConstMatrixView queries;       // rows x dim, finite
+  std::span<const int64_t> topk; // rows x width ids, best first, -1 pads
+  size_t width = 0;
+  size_t rows() const { return queries.rows(); }
+  bool empty() const { return queries.rows() == 0 || width == 0; }
+};
+
+// Checks `holdout` against an index of n keys of dimension dim: queries
+// finite with dim columns, at most kMaxHoldoutQueries rows, topk exactly
+// rows x width ids in [-1, n), width in [1, kMaxSearchK]. InvalidArgument
+// naming the field and limit otherwise.
+absl::Status ValidateHoldout(const Holdout& holdout, size_t n, size_t dim);
+
+// Mean recall of `index` on the held-back queries at `params` (params.k is
+// replaced by the recall k), and the mean distance computations per query.
+struct EffortMeasurement {
+  double recall = 0;
+  double distance_computations = 0;  // per query
+};
+absl::StatusOr<EffortMeasurement> MeasureEffort(const KeyIndex& index, const Holdout& holdout,
+                                                const SearchParams& params,
+                                                const CalibrationOptions& options,
+                                                ThreadPool* pool);
+
+// Chooses the smallest effort of `index` (graph: beam; IVF: nprobe; flat:
+// none) meeting options.target_recall on `holdout` (see the file comment).
+// An empty holdout gives the index's default effort and NaN recall.
+absl::StatusOr<CalibrationResult> CalibrateEffort(const KeyIndex& index, const Holdout& holdout,
+                                                  const CalibrationOptions& options,
+                                                  ThreadPool* pool);
+
+// A KeyIndex that wraps a chosen index with the search effort calibration
+// gave it: Search fills SearchParams::beam / nprobe when the caller leaves
+// them 0 and otherwise behaves exactly like the wrapped index (type() is the
+// wrapped kind). Add goes to the wrapped index (the expected recall then
+// describes the keys calibrated on). Serialized as kCalibratedBlobKind,
+// holding the wrapped index's blob (never another calibrated one).
+class CalibratedIndex final : public KeyIndex {
+ public:
+  // `inner` must not be null or itself calibrated; `result.kind` must be its type.
+  static absl::StatusOr<std::unique_ptr<CalibratedIndex>> Create(std::unique_ptr<KeyIndex> inner,
+                                                                 const CalibrationResult& result);
+  static absl::StatusOr<std::unique_ptr<CalibratedIndex>> Deserialize(const OpenedBlob& blob);
+
+  IndexType type() const override { return inner_->type(); }
+  size_t dim() const override { return inner_->dim(); }
+  size_t size() const override { return inner_->size(); }
+  absl::Status Search(ConstMatrixView queries, const SearchParams& params,
+                      std::span<int64_t> ids, std::span<float> scores,
+                      SearchStats* stats = nullptr) const override;
+  absl::Status Add(ConstMatrixView keys) override { return inner_->Add(keys); }
+  size_t MemoryBytes() const override { return inner_->MemoryBytes() + sizeof(*this); }
+  absl::Status Serialize(std::vector<uint8_t>* out) const override;
+  ConstMatrixView keys() const override { return inner_->keys(); }
+  const CalibrationResult* calibration() const override { return &result_; }
+
+  const KeyIndex& inner() const { return *inner_; }
+
+ private:
+  CalibratedIndex(std::unique_ptr<KeyIndex> inner, const CalibrationResult& result)
+      : inner_(std::move(inner)), result_(result) {}
+
+  std::unique_ptr<KeyIndex> inner_;
+  CalibrationResult result_;
+};
+
+// What BuildCalibrated may build.
+struct CalibratedBuildOptions {
+  CalibrationOptions calibration;
+  AttentionGraphOptions graph;
+  IvfOptions ivf;  // nlist is clamped to sqrt(n) (as the node does)
+};
+
+// Builds an index of `type` over `keys` and calibrates it on `holdout`:
+//  * kFlat: a flat index (recall 1);
+//  * kGraph: the graph from train_topk (keys as their own training queries
+//    when train_topk is empty), beam calibrated;
+//  * kIvf: IVF, nprobe calibrated;
+//  * kAuto: graph (only when train_topk is given), IVF and flat; the one of
+//    least cost per query whose held-back recall meets the target (flat when
+//    none does, or when there are fewer than kAutoMinKeys keys). With an empty holdout kAuto builds the graph (or IVF
+//    without train_topk) with its default effort and unknown recall.
+// `pool` may be null.
+absl::StatusOr<std::unique_ptr<CalibratedIndex>> BuildCalibrated(
+    IndexType type, ConstMatrixView keys, std::span<const int64_t> train_topk,
+    size_t topk_width, const Holdout& holdout, const CalibratedBuildOptions& options,
+    ThreadPool* pool);
+
+}  // namespace kvr::index
