@@ -57,6 +57,10 @@ ABSL_FLAG(int64_t, max_upload_bytes, int64_t{4} << 30,
 ABSL_FLAG(int, tail_capacity, 64,
           "appended keys per (sequence, layer, kv head) kept flat before sealing into the index");
 ABSL_FLAG(int, train_k, 32, "exact top-k per training query when the node computes it");
+ABSL_FLAG(int, decode_train_queries, 4096,
+          "recent decode (Attend) queries kept per (sequence, layer, kv head) as training "
+          "queries for tail seals that build an index; rows x head_dim fp32 each, counted in "
+          "--memory_budget_bytes; 0 = none, at most 65536");
 ABSL_FLAG(std::string, data_dir, "",
           "RocksDB directory where shards persist (appends are acknowledged once synced) and "
           "from which they are recovered at startup, before serving; empty = memory only");
@@ -146,6 +150,8 @@ int Main(int argc, char** argv) {
           .AtLeast("memory_budget_bytes", absl::GetFlag(FLAGS_memory_budget_bytes), int64_t{0})
           .AtLeast("upload_memory_bytes", absl::GetFlag(FLAGS_upload_memory_bytes), int64_t{0})
           .AtLeast("tail_capacity", absl::GetFlag(FLAGS_tail_capacity), 1)
+          .InRange("decode_train_queries", absl::GetFlag(FLAGS_decode_train_queries), 0,
+                   static_cast<int>(kMaxDecodeTrainQueries))
           .AtLeast("max_deadline_seconds", absl::GetFlag(FLAGS_max_deadline_seconds), 0.0)
           .AtLeast("ucx_max_connections", absl::GetFlag(FLAGS_ucx_max_connections), int64_t{0})
           .AtLeast("ucx_max_inflight_per_connection",
@@ -179,6 +185,8 @@ int Main(int argc, char** argv) {
   core_options.upload_memory_bytes = absl::GetFlag(FLAGS_upload_memory_bytes);
   core_options.tail_capacity = static_cast<size_t>(absl::GetFlag(FLAGS_tail_capacity));
   core_options.train_k = absl::GetFlag(FLAGS_train_k);
+  core_options.decode_train_queries =
+      static_cast<size_t>(absl::GetFlag(FLAGS_decode_train_queries));
   core_options.recovery_quarantine = absl::GetFlag(FLAGS_recovery_quarantine);
   core_options.lease_seconds = absl::GetFlag(FLAGS_lease_seconds);
   std::unique_ptr<ShardStore> store;  // outlives the core (declared first)
