@@ -17,14 +17,22 @@
 // (prefill or appended), the keys scanned, and the time one seal takes
 // (the build a sequence's Attends no longer wait for). Deterministic.
 //
+// Then stalls: a NodeCore (2 threads) holding the prefill chunk takes the
+// generated keys one append per step while another thread attends the same
+// sequence back to back; it prints the Attend and Append latencies with the
+// seal in place under the sequence lock (background_seals false, the old
+// node) and in the background (the default).
+//
 // Usage: long_generation_bench [--prefill=32768] [--generated=32768]
 //        [--seal=64] [--k=100] [--queries=500] [--ring=4096] [--preset=default]
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <cstdio>
 #include <memory>
 #include <numeric>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "absl/flags/flag.h"
@@ -33,6 +41,7 @@
 #include "common/exact_topk.h"
 #include "common/tensor.h"
 #include "common/thread_pool.h"
+#include "retrieval_node/core/node_core.h"
 #include "retrieval_node/index/attention_graph_index.h"
 #include "tools/attention_data.h"
 
@@ -93,6 +102,90 @@ void Merge(std::span<const int64_t> a_ids, std::span<const float> a_s,
   }
   std::sort(all.begin(), all.end(), [](const auto& x, const auto& y) { return x.first > y.first; });
   for (size_t j = 0; j < k; ++j) out[j] = j < all.size() ? all[j].second : -1;
+}
+
+struct Stalls {
+  double attend_p50_ms = 0, attend_p99_ms = 0, attend_max_ms = 0, append_max_ms = 0;
+  size_t attends = 0;
+  int64_t seals = 0;
+  double seconds = 0;
+};
+
+double Percentile(std::vector<double> v, double p) {
+  if (v.empty()) return 0;
+  std::sort(v.begin(), v.end());
+  return v[std::min(v.size() - 1, static_cast<size_t>(p * double(v.size())))];
+}
+
+// One decode run on a NodeCore: upload the prefill chunk, append the
+// generated keys one per step while a thread attends back to back.
+absl::StatusOr<Stalls> RunNode(bool background, const AttentionData& data, size_t prefill,
+                               size_t generated, size_t seal, std::span<const int64_t> train_topk,
+                               size_t train_width, ConstMatrixView eval) {
+  using retrieval::NodeCore;
+  retrieval::NodeCoreOptions o;
+  o.threads = 2;
+  o.tail_capacity = seal;
+  o.background_seals = background;
+  KVR_ASSIGN_OR_RETURN(std::unique_ptr<NodeCore> node, NodeCore::Create(o));
+  const size_t d = data.keys.cols;
+  retrieval::SequenceSpec spec;
+  spec.sequence_id = 1;
+  spec.n_layers = 1;
+  spec.n_heads = 1;
+  spec.n_kv_heads = 1;
+  spec.head_dim = static_cast<int32_t>(d);
+  spec.index_type = retrieval::IndexType::kGraph;
+  KVR_RETURN_IF_ERROR(node->CreateSequence(spec));
+  retrieval::ShardUpload up;
+  up.key = {1, 0, 0, 0};
+  up.keys = data.keys.view().rows_slice(0, prefill);
+  up.values = data.values.view().rows_slice(0, prefill);
+  up.train_topk = train_topk;
+  up.train_topk_width = train_width;
+  KVR_RETURN_IF_ERROR(node->UploadShard(up));
+  std::atomic<bool> stop{false};
+  std::vector<double> attend_ms;
+  absl::Status attend_status;
+  std::thread attender([&] {
+    Partials out(1, d);
+    for (size_t i = 0; !stop.load(); ++i) {
+      retrieval::AttendRequest r;
+      r.sequence_id = 1;
+      r.queries = eval.rows_slice(i % eval.rows(), 1);
+      r.k = 100;
+      const auto t = Clock::now();
+      retrieval::StatusWaiter waiter;
+      node->AttendAsync(r, out.view(), nullptr, waiter.callback());
+      attend_status.Update(waiter.Wait());
+      attend_ms.push_back(Since(t) * 1e3);
+    }
+  });
+  Stalls s;
+  const auto t0 = Clock::now();
+  absl::Status status;
+  for (size_t i = 0; i < generated && status.ok(); ++i) {
+    retrieval::AppendRequest a;
+    a.sequence_id = 1;
+    a.first_position = static_cast<int64_t>(prefill + i);
+    a.keys = data.keys.view().rows_slice(prefill + i, 1);
+    a.values = data.values.view().rows_slice(prefill + i, 1);
+    const auto t = Clock::now();
+    status = node->Append(a);
+    s.append_max_ms = std::max(s.append_max_ms, Since(t) * 1e3);
+  }
+  s.seconds = Since(t0);
+  stop.store(true);
+  attender.join();
+  KVR_RETURN_IF_ERROR(status);
+  KVR_RETURN_IF_ERROR(attend_status);
+  s.attends = attend_ms.size();
+  s.attend_p50_ms = Percentile(attend_ms, 0.5);
+  s.attend_p99_ms = Percentile(attend_ms, 0.99);
+  s.attend_max_ms = Percentile(attend_ms, 1.0);
+  KVR_ASSIGN_OR_RETURN(retrieval::NodeStats st, node->Stats());
+  s.seals = st.seals;
+  return s;
 }
 
 int Run() {
@@ -224,6 +317,23 @@ int Run() {
                 100.0 * double(ss.distance_computations) / double(n_eval) /
                     double(prefill + generated),
                 us, 1e3 * build_s);
+  }
+
+  std::printf("\nstalls: one append per step, Attends (k %zu) back to back on another thread\n",
+              k);
+  std::printf("%-22s %8s %10s %10s %10s %12s %8s %8s\n", "seals", "attends", "p50 ms",
+              "p99 ms", "max ms", "append max", "seals", "run s");
+  for (bool background : {false, true}) {
+    absl::StatusOr<Stalls> s =
+        RunNode(background, *data, prefill, generated, seal, train_topk, train_k, eval);
+    if (!s.ok()) {
+      std::fprintf(stderr, "%s\n", s.status().ToString().c_str());
+      return 2;
+    }
+    std::printf("%-22s %8zu %10.3f %10.3f %10.3f %12.3f %8lld %8.1f\n",
+                background ? "background (new)" : "under the lock (old)", s->attends,
+                s->attend_p50_ms, s->attend_p99_ms, s->attend_max_ms, s->append_max_ms,
+                static_cast<long long>(s->seals), s->seconds);
   }
   return 0;
 }

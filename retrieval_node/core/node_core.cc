@@ -772,6 +772,10 @@ std::shared_ptr<NodeCore::SealJob> NodeCore::SealToAwait(const HeadState& head,
 
 absl::Status NodeCore::AdvanceSeals(const Sequence& seq, HeadState* head, HeadWrite* write) {
   const size_t capacity = options_.tail_capacity;
+  if (!options_.background_seals) {
+    if (head->tail == nullptr || head->tail->size() < capacity) return absl::OkStatus();
+    return Seal(seq, head, write);
+  }
   for (;;) {
     const size_t rows = head->tail != nullptr ? head->tail->size() : 0;
     if (head->sealing != nullptr) {

@@ -86,6 +86,10 @@ struct NodeCoreOptions {
   // memory_budget_bytes; when it does not fit, that head records no queries.
   // 0: none kept. At most kMaxDecodeTrainQueries.
   size_t decode_train_queries = 4096;
+  // false: a full tail is sealed in place by the append that fills it, under
+  // the sequence's exclusive lock (the behaviour before background seals;
+  // benchmarks compare the two).
+  bool background_seals = true;
   // Test hook: when set, runs on the seal thread at the start of every
   // background seal build (before any work), e.g. to hold a seal open.
   std::function<void()> before_seal_build;
