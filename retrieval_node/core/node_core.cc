@@ -128,7 +128,10 @@ using internal::CheckPositionRange;
 using internal::ValidateSpec;
 
 NodeCore::NodeCore(const NodeCoreOptions& options) : options_(options) {
-  if (options_.threads > 0) pool_ = std::make_unique<ThreadPool>(options_.threads);
+  if (options_.threads > 0) {
+    pool_ = std::make_unique<ThreadPool>(options_.threads);
+    seal_pool_ = std::make_unique<ThreadPool>(1);
+  }
   if (options_.lease_seconds > 0) lease_thread_ = std::thread([this] { LeaseLoop(); });
 }
 
@@ -141,7 +144,12 @@ NodeCore::~NodeCore() {
     lease_cv_.notify_all();
     lease_thread_.join();
   }
+  seal_pool_.reset();  // seal builds may use pool_
   pool_.reset();  // joins workers: pending Attends finish before shards go away
+  // Seals never installed return their reservations while memory_used_ lives.
+  for (auto& [id, seq] : sequences_) {
+    for (auto& h : seq->heads) h->sealing.reset();
+  }
 }
 
 void NodeCore::LeaseLoop() {
@@ -243,6 +251,11 @@ absl::StatusOr<std::unique_ptr<NodeCore>> NodeCore::Create(const NodeCoreOptions
   if (options.memory_budget_bytes < 0) {
     return absl::InvalidArgumentError(
         absl::StrCat("memory_budget_bytes ", options.memory_budget_bytes, " < 0"));
+  }
+  if (options.decode_train_queries > kMaxDecodeTrainQueries) {
+    return absl::InvalidArgumentError(absl::StrCat("decode_train_queries ",
+                                                   options.decode_train_queries, " > ",
+                                                   kMaxDecodeTrainQueries));
   }
   if (options.threads > 256) {
     return absl::InvalidArgumentError(absl::StrCat("threads ", options.threads, " > 256"));
@@ -628,6 +641,18 @@ absl::Status NodeCore::ApplyAppend(const AppendRequest& request, StatusCallback&
   KVR_RETURN_IF_ERROR(CheckMatrix(request.keys, spec, -1, "keys", where));
   KVR_RETURN_IF_ERROR(CheckMatrix(request.values, spec, static_cast<int64_t>(n), "values", where));
   if (n == 0) return absl::OkStatus();
+  // A seal this append must install whose build is not done: wait for it
+  // with the lock released (Attends of the sequence go on), then look again
+  // (SyncShards may have replaced the head, DropSequence dropped it).
+  while (std::shared_ptr<SealJob> job = SealToAwait(seq->head(request.layer, request.kv_head), n)) {
+    lock.unlock();
+    WaitSeal(job);
+    lock.lock();
+    if (seq->dropped) {
+      return absl::NotFoundError(absl::StrCat("Append: unknown sequence ", request.sequence_id));
+    }
+    KVR_RETURN_IF_ERROR(PersistenceError());
+  }
   HeadState& head = seq->head(request.layer, request.kv_head);
   KVR_RETURN_IF_ERROR(CheckPositionRange(request.first_position, n, where));
   if (request.first_position <= head.last_position) {
@@ -663,9 +688,9 @@ absl::Status NodeCore::ApplyAppend(const AppendRequest& request, StatusCallback&
       head.tail_positions.push_back(request.first_position + int64_t(i));
     }
     head.last_position = request.first_position + (static_cast<int64_t>(n) - 1);
-    if (head.tail->size() >= options_.tail_capacity) {
-      KVR_RETURN_IF_ERROR(Seal(*seq, &head, w));
-    } else if (w != nullptr) {
+    KVR_RETURN_IF_ERROR(AdvanceSeals(*seq, &head, w));
+    // An installed seal rewrote the remaining tail (these rows included).
+    if (w != nullptr && !w->clear_tail) {
       w->tail = TailWrite{head.tail->keys().rows_slice(old_rows, n),
                           RawRows(head.tail_values, old_rows, n),
                           std::span<const int64_t>(head.tail_positions).subspan(old_rows, n)};
@@ -701,6 +726,7 @@ absl::Status NodeCore::ApplyAppend(const AppendRequest& request, StatusCallback&
 
 absl::Status NodeCore::Seal(const Sequence& seq, HeadState* head, HeadWrite* write) {
   KVR_CHECK(!head->chunks.empty() && head->tail != nullptr);
+  head->sealing.reset();  // abandoned: this folds the whole tail now
   Chunk& chunk = head->chunks.back();
   const ConstMatrixView tail_keys = head->tail->keys();
   const size_t total = (chunk.index ? chunk.index->size() : 0) + tail_keys.rows();
@@ -710,6 +736,12 @@ absl::Status NodeCore::Seal(const Sequence& seq, HeadState* head, HeadWrite* wri
                                  chunk.index->calibration() == nullptr &&  // not chosen by kAuto
                                  want != IndexType::kFlat && total >= options_.min_index_keys);
   if (!rebuild) {
+    if (chunk.index.use_count() > 1) {
+      // An abandoned background seal may still read it: add to a copy.
+      std::vector<uint8_t> blob;
+      KVR_RETURN_IF_ERROR(chunk.index->Serialize(&blob));
+      KVR_ASSIGN_OR_RETURN(chunk.index, index::LoadIndex(blob));
+    }
     KVR_RETURN_IF_ERROR(chunk.index->Add(tail_keys));
   } else {
     Matrix all(total, tail_keys.cols());
@@ -757,6 +789,192 @@ absl::Status NodeCore::Seal(const Sequence& seq, HeadState* head, HeadWrite* wri
     write->clear_tail = true;
     write->tail.reset();
   }
+  return absl::OkStatus();
+}
+
+std::shared_ptr<NodeCore::SealJob> NodeCore::SealToAwait(const HeadState& head,
+                                                         size_t incoming) const {
+  if (head.sealing == nullptr || head.tail == nullptr) return nullptr;
+  const size_t after = head.tail->size() + incoming - head.sealing->rows;
+  if (after < SealLag()) return nullptr;
+  std::lock_guard<std::mutex> lock(head.sealing->mu);
+  return head.sealing->state == SealJob::State::kDone ? nullptr : head.sealing;
+}
+
+absl::Status NodeCore::AdvanceSeals(const Sequence& seq, HeadState* head, HeadWrite* write) {
+  const size_t capacity = options_.tail_capacity;
+  if (!options_.background_seals) {
+    if (head->tail == nullptr || head->tail->size() < capacity) return absl::OkStatus();
+    return Seal(seq, head, write);
+  }
+  for (;;) {
+    const size_t rows = head->tail != nullptr ? head->tail->size() : 0;
+    if (head->sealing != nullptr) {
+      if (rows - head->sealing->rows < SealLag()) return absl::OkStatus();
+      WaitSeal(head->sealing);  // done already unless one append brought many rows
+      KVR_RETURN_IF_ERROR(InstallSeal(seq, head, write));
+      continue;
+    }
+    if (rows < capacity) return absl::OkStatus();
+    const absl::Status started = StartSeal(seq, head);
+    if (absl::IsResourceExhausted(started)) {
+      // No room for a second copy of the chunk's index: seal in place now.
+      return Seal(seq, head, write);
+    }
+    KVR_RETURN_IF_ERROR(started);
+  }
+}
+
+absl::Status NodeCore::StartSeal(const Sequence& seq, HeadState* head) {
+  KVR_CHECK(!head->chunks.empty() && head->tail != nullptr && head->sealing == nullptr);
+  const size_t rows = options_.tail_capacity;
+  KVR_CHECK(head->tail->size() >= rows);
+  const Chunk& chunk = head->chunks.back();
+  auto job = std::make_shared<SealJob>();
+  job->base = chunk.index;
+  job->type = seq.spec.index_type;
+  job->rows = rows;
+  const size_t base_rows = job->base != nullptr ? job->base->size() : 0;
+  job->rebuild = job->base == nullptr ||
+                 (job->base->type() == IndexType::kFlat && job->type != IndexType::kFlat &&
+                  base_rows + rows >= options_.min_index_keys);
+  const ConstMatrixView tail_keys = head->tail->keys();
+  const size_t d = tail_keys.cols();
+  job->keys = Matrix(rows, d);
+  std::copy_n(tail_keys.row(0), rows * d, job->keys.data.begin());
+  if (job->rebuild) {
+    std::lock_guard<std::mutex> lock(head->query_mu);
+    job->queries = Matrix(head->recent_count, d);
+    std::copy_n(head->recent.begin(), job->queries.data.size(), job->queries.data.begin());
+  }
+  job->serialize = options_.persistence != nullptr;
+  // The new index beside the old one (and its serialized copy).
+  int64_t bytes = EstimateBytes(seq.spec, rows) +
+                  (job->base != nullptr ? static_cast<int64_t>(job->base->MemoryBytes()) : 0);
+  if (job->serialize) bytes *= 2;
+  KVR_RETURN_IF_ERROR(ReserveMemory(
+      bytes, absl::StrCat("seal of ", rows, " tail rows of sequence ", seq.spec.sequence_id)));
+  job->reservation = MemoryReservation(&memory_used_, bytes);
+  head->sealing = job;
+  if (seal_pool_ != nullptr) {
+    seal_pool_->Schedule([this, job] { RunSeal(job); });
+  } else {
+    RunSeal(job);
+  }
+  return absl::OkStatus();
+}
+
+void NodeCore::RunSeal(const std::shared_ptr<SealJob>& job) {
+  {
+    std::lock_guard<std::mutex> lock(job->mu);
+    if (job->state != SealJob::State::kQueued) return;
+    job->state = SealJob::State::kRunning;
+    if (job.use_count() == 1) {
+      // Abandoned (Seal, SyncShards or DropSequence let go of it): only the
+      // seal thread's task holds it; nobody will install it.
+      job->status = absl::CancelledError("seal abandoned");
+      job->state = SealJob::State::kDone;
+      return;
+    }
+  }
+  if (options_.before_seal_build) options_.before_seal_build();
+  std::shared_ptr<index::KeyIndex> result;
+  std::vector<uint8_t> blob;
+  const absl::Status status = [&]() -> absl::Status {
+    if (job->rebuild) {
+      const size_t old_rows = job->base != nullptr ? job->base->size() : 0;
+      const size_t d = job->keys.cols;
+      Matrix all(old_rows + job->rows, d);
+      if (old_rows > 0) std::copy_n(job->base->keys().row(0), old_rows * d, all.data.begin());
+      std::copy_n(job->keys.data.begin(), job->rows * d, all.data.begin() + old_rows * d);
+      KVR_ASSIGN_OR_RETURN(result, BuildIndex(job->type, all.view(), {}, 0, job->queries.view(),
+                                              options_.train_k));
+    } else {
+      std::vector<uint8_t> copy;
+      KVR_RETURN_IF_ERROR(job->base->Serialize(&copy));
+      KVR_ASSIGN_OR_RETURN(std::unique_ptr<index::KeyIndex> grown, index::LoadIndex(copy));
+      copy = std::vector<uint8_t>();
+      KVR_RETURN_IF_ERROR(grown->Add(job->keys.view()));
+      result = std::move(grown);
+    }
+    if (job->serialize) KVR_RETURN_IF_ERROR(result->Serialize(&blob));
+    return absl::OkStatus();
+  }();
+  job->base.reset();  // the old index goes once the chunk drops it too
+  job->queries = Matrix();
+  {
+    std::lock_guard<std::mutex> lock(job->mu);
+    job->status = status;
+    job->result = std::move(result);
+    job->blob = std::move(blob);
+    job->state = SealJob::State::kDone;
+  }
+  job->cv.notify_all();
+}
+
+void NodeCore::WaitSeal(const std::shared_ptr<SealJob>& job) {
+  RunSeal(job);  // a no-op unless nobody started it yet
+  std::unique_lock<std::mutex> lock(job->mu);
+  job->cv.wait(lock, [&] { return job->state == SealJob::State::kDone; });
+}
+
+absl::Status NodeCore::InstallSeal(const Sequence& seq, HeadState* head, HeadWrite* write) {
+  const std::shared_ptr<SealJob> job = std::move(head->sealing);
+  head->sealing.reset();
+  {
+    std::lock_guard<std::mutex> lock(job->mu);
+    KVR_CHECK(job->state == SealJob::State::kDone);
+  }
+  KVR_RETURN_IF_ERROR(job->status);
+  Chunk& chunk = head->chunks.back();
+  const size_t rows = job->rows;
+  const size_t d = static_cast<size_t>(seq.spec.head_dim);
+  KVR_CHECK(head->tail->size() >= rows &&
+            job->result->size() == chunk.positions.size() + rows);
+  if (chunk.values.cols() == 0) chunk.values = ValueMatrix(seq.spec.value_dtype, d);
+  const size_t first_row = chunk.positions.size();
+  Matrix sealed_values(rows, d);
+  for (size_t i = 0; i < rows; ++i) head->tail_values.RowToFloat(i, sealed_values.row(i));
+  KVR_RETURN_IF_ERROR(chunk.values.Append(sealed_values.view()));
+  chunk.positions.insert(chunk.positions.end(), head->tail_positions.begin(),
+                         head->tail_positions.begin() + static_cast<std::ptrdiff_t>(rows));
+  chunk.index = job->result;
+  KVR_CHECK(chunk.values.rows() == chunk.index->size() &&
+            chunk.positions.size() == chunk.index->size());
+
+  // The rows that arrived during the build form the new tail.
+  const size_t rest = head->tail->size() - rows;
+  KVR_ASSIGN_OR_RETURN(std::unique_ptr<index::FlatIndex> tail, index::FlatIndex::Create(d));
+  tail->Reserve(std::max(options_.tail_capacity, rest));
+  KVR_RETURN_IF_ERROR(tail->Add(head->tail->keys().rows_slice(rows, rest)));
+  KVR_ASSIGN_OR_RETURN(ValueMatrix tail_values,
+                       ValueMatrix::FromRaw(seq.spec.value_dtype, rest, d,
+                                            RawRows(head->tail_values, rows, rest)));
+  head->tail = std::move(tail);
+  head->tail_values = std::move(tail_values);
+  head->tail_positions.erase(head->tail_positions.begin(),
+                             head->tail_positions.begin() + static_cast<std::ptrdiff_t>(rows));
+  seals_.fetch_add(1, std::memory_order_relaxed);
+  if (write != nullptr) {
+    ChunkWrite cw;
+    cw.chunk = chunk.chunk;
+    cw.rows = static_cast<int64_t>(chunk.index->size());
+    cw.index_blob = std::move(job->blob);
+    if (cw.index_blob.empty()) KVR_RETURN_IF_ERROR(chunk.index->Serialize(&cw.index_blob));
+    cw.segment = ValueSegment{static_cast<int64_t>(first_row), static_cast<int64_t>(rows),
+                              RawRows(chunk.values, first_row, rows),
+                              std::span<const int64_t>(chunk.positions).subspan(first_row, rows)};
+    // A second install in one write (an append of many rows) replaces the
+    // chunk's index; its segment is written beside the first one's.
+    write->chunks.push_back(std::move(cw));
+    write->clear_tail = true;
+    write->tail.reset();
+    if (rest > 0) {
+      write->tail = TailWrite{head->tail->keys(), head->tail_values.raw_bytes(),
+                              std::span<const int64_t>(head->tail_positions)};
+    }
+  }
+  job->reservation.Release();
   return absl::OkStatus();
 }
 
@@ -870,13 +1088,23 @@ absl::Status NodeCore::AttendNow(const AttendRequest& request, PartialsView out,
     const ConstMatrixView q = request.queries.rows_slice(g * group, group);
     const PartialsView dst = out.slice(g * group, group);
     if (select && selected[static_cast<size_t>(g)].empty()) continue;
-    if (options_.recent_queries > 0) {
+    if (const size_t ring = options_.decode_train_queries; ring > 0) {
       std::lock_guard<std::mutex> qlock(head.query_mu);
-      if (head.recent.empty()) head.recent.resize(options_.recent_queries * d);
-      for (size_t i = 0; i < group; ++i) {
+      if (head.recent_bytes == 0) {
+        // Allocated once, inside the budget; no room: this head keeps none
+        // (-1, not retried).
+        const int64_t bytes = static_cast<int64_t>(ring * d * sizeof(float));
+        if (ReserveMemory(bytes, "decode query ring").ok()) {
+          head.recent.resize(ring * d);
+          head.recent_bytes = bytes;
+        } else {
+          head.recent_bytes = -1;
+        }
+      }
+      for (size_t i = 0; i < group && !head.recent.empty(); ++i) {
         std::copy_n(q.row(i), d, head.recent.begin() + head.recent_next * d);
-        head.recent_next = (head.recent_next + 1) % options_.recent_queries;
-        head.recent_count = std::min(head.recent_count + 1, options_.recent_queries);
+        head.recent_next = (head.recent_next + 1) % ring;
+        head.recent_count = std::min(head.recent_count + 1, ring);
       }
     }
     auto search = [&](const index::KeyIndex& idx, const ValueMatrix& values) -> absl::Status {
@@ -958,7 +1186,14 @@ absl::Status NodeCore::Drop(uint64_t sequence_id, const std::string_view* capabi
   std::unique_lock<std::shared_mutex> lock(seq->mu);
   seq->dropped = true;
   int64_t bytes = 0;
-  for (const auto& h : seq->heads) bytes += h->accounted_bytes;
+  for (const auto& h : seq->heads) {
+    bytes += h->accounted_bytes;
+    std::lock_guard<std::mutex> qlock(h->query_mu);
+    if (h->recent_bytes > 0) bytes += h->recent_bytes;
+    h->recent_bytes = -1;  // returned; an Attend still running records nothing more
+    h->recent.clear();
+    h->recent.shrink_to_fit();
+  }
   memory_used_.fetch_sub(bytes, std::memory_order_relaxed);
   // In-flight Attends hold their own reference; memory goes when they finish.
   if (options_.persistence != nullptr) {

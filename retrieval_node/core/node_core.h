@@ -7,11 +7,23 @@
 // Per (sequence, layer, kv head) the node holds a list of chunks (shards),
 // each an index (attention graph, IVF, or flat when small or asked) over its
 // keys with the values alongside, plus one flat-scanned tail buffer for
-// appended tokens. When the tail reaches `tail_capacity` keys it is sealed
-// into the last chunk: added to its index (AttentionGraphIndex::Add links new
-// keys incrementally), or, when the chunk has no index yet or only a flat one
-// because it was small, the chunk's index is (re)built over all its keys with
-// the most recent decode queries of that kv head as training queries.
+// appended tokens. When the tail reaches `tail_capacity` keys its first
+// tail_capacity rows are sealed into the last chunk in the background: the
+// chunk's new index is built from a snapshot on the seal thread (a copy of
+// the chunk's index with the rows added: AttentionGraphIndex::Add links new
+// keys incrementally; or, when the chunk has no index yet or only a flat one
+// because it was small, an index (re)built over all its keys with the most
+// recent decode queries of that kv head as training queries) while Attends
+// keep searching the old index and the whole tail, and appends keep filling
+// the tail. The append that brings max(1, tail_capacity / 4) rows after the
+// sealed ones (SealLag) installs the new index (a pointer swap and a tail
+// copy of those few rows, under the exclusive lock) and drops the sealed
+// rows from the tail; when the build is not done by then, that append waits
+// for it with the lock released. So what an Attend sees depends only on the
+// appends made, never on timing, and the tail holds fewer than
+// tail_capacity + SealLag rows between appends. The build copies the chunk's
+// index (O(chunk keys) per seal, as persisting the seal already is), so
+// long generations on large chunks want a larger tail_capacity.
 // Attend searches every chunk and the tail (or, when the request lists
 // `shards`, only those chunks; the tail goes with its head's last chunk) and
 // merges the partials by LSE.
@@ -36,6 +48,7 @@
 #include <chrono>
 #include <condition_variable>
 #include <cstdint>
+#include <functional>
 #include <string_view>
 #include <thread>
 #include <map>
@@ -58,14 +71,29 @@
 
 namespace kvr::retrieval {
 
+// The most decode queries a head's ring may keep (NodeCoreOptions::
+// decode_train_queries): 2^16 rows x head_dim 1024 fp32 is 256 MiB per head.
+inline constexpr size_t kMaxDecodeTrainQueries = size_t{1} << 16;
+
 struct NodeCoreOptions {
   // Appended keys per (sequence, layer, kv head) kept flat before sealing.
   size_t tail_capacity = 64;
   // Chunks with fewer keys use a flat index whatever the sequence asks for.
   size_t min_index_keys = 32;
-  // Recent decode queries per (sequence, layer, kv head) kept as training
-  // queries for tail seals that (re)build an index.
-  size_t recent_queries = 256;
+  // Recent decode (Attend) queries per (sequence, layer, kv head) kept in a
+  // ring as training queries for tail seals that (re)build an index
+  // (kvr_node --decode_train_queries). The ring (this many rows x head_dim
+  // fp32) is allocated at the head's first Attend and counted in
+  // memory_budget_bytes; when it does not fit, that head records no queries.
+  // 0: none kept. At most kMaxDecodeTrainQueries.
+  size_t decode_train_queries = 4096;
+  // false: a full tail is sealed in place by the append that fills it, under
+  // the sequence's exclusive lock (the behaviour before background seals;
+  // benchmarks compare the two).
+  bool background_seals = true;
+  // Test hook: when set, runs on the seal thread at the start of every
+  // background seal build (before any work), e.g. to hold a seal open.
+  std::function<void()> before_seal_build;
   // Exact top-k per training query when the node computes training data.
   int train_k = 32;
   // Self-calibration (kvr_node --target_recall): the recall a chunk built
@@ -327,6 +355,7 @@ class NodeCore final {
   struct Chunk;
   struct HeadState;
   struct Sequence;
+  struct SealJob;
 
   explicit NodeCore(const NodeCoreOptions& options);
   // A sequence with empty heads for a validated spec.
@@ -361,9 +390,37 @@ class NodeCore final {
   // (*handed_off = true: the commit calls it). Otherwise the caller calls
   // done(returned status).
   absl::Status ApplyAppend(const AppendRequest& request, StatusCallback& done, bool* handed_off);
-  // Folds `head`'s tail into its last chunk and, when `write` is not null,
-  // records the change there. Caller holds the sequence lock.
+  // Folds `head`'s whole tail into its last chunk now (a background seal in
+  // progress is abandoned) and, when `write` is not null, records the change
+  // there. Caller holds the sequence lock exclusively.
   absl::Status Seal(const Sequence& seq, HeadState* head, HeadWrite* write);
+  // The background seal protocol (see the file comment), after rows were
+  // added to `head`'s tail: installs a finished seal once the tail holds
+  // tail_capacity rows beyond it (waiting for its build when not done) and
+  // starts the next one once the tail holds tail_capacity rows with none in
+  // progress, until neither applies. Records installs in `write` (not
+  // null: persistence). Caller holds the sequence lock exclusively.
+  absl::Status AdvanceSeals(const Sequence& seq, HeadState* head, HeadWrite* write);
+  // Rows appended after a seal starts before it is installed:
+  // max(1, tail_capacity / 4), the build's time budget in appends.
+  size_t SealLag() const { return std::max<size_t>(1, options_.tail_capacity / 4); }
+  // The seal `head` would have to install before taking `incoming` more tail
+  // rows, when its build is not done yet (null otherwise): ApplyAppend waits
+  // for it with the lock released. Caller holds the sequence lock.
+  std::shared_ptr<SealJob> SealToAwait(const HeadState& head, size_t incoming) const;
+  // Snapshots `head`'s first tail_capacity tail rows into a SealJob and
+  // queues it on the seal thread (inline without one). ResourceExhausted
+  // when the new index's estimate does not fit memory_budget_bytes (no job
+  // then). Caller holds the sequence lock exclusively.
+  absl::Status StartSeal(const Sequence& seq, HeadState* head);
+  // Builds `job`'s index unless another caller already claimed it.
+  void RunSeal(const std::shared_ptr<SealJob>& job);
+  // Returns once `job` is done, running it here when nobody started it.
+  void WaitSeal(const std::shared_ptr<SealJob>& job);
+  // Swaps a done `head->sealing` into the last chunk and drops its rows from
+  // the tail; records it in `write` when not null (clear the tail, write the
+  // chunk, rewrite the remaining tail rows). Caller holds the lock exclusively.
+  absl::Status InstallSeal(const Sequence& seq, HeadState* head, HeadWrite* write);
   // Recover: removes `sequence_id` from the served sequences (returning its
   // memory), records it as quarantined and logs `why`.
   void Quarantine(uint64_t sequence_id, const absl::Status& why);
@@ -419,6 +476,9 @@ class NodeCore final {
 
   NodeCoreOptions options_;
   std::unique_ptr<ThreadPool> pool_;
+  // Runs background seal builds (one thread; null when `threads` is 0: seals
+  // build inline). Declared after pool_ so it is joined first.
+  std::unique_ptr<ThreadPool> seal_pool_;
   std::mutex mu_;  // guards sequences_
   std::map<uint64_t, std::shared_ptr<Sequence>> sequences_;
   // Sequences Recover set aside (id -> reason); guarded by mu_.

@@ -3,6 +3,7 @@
 // persistence). Internal to retrieval_node/core/: nothing else includes it.
 #pragma once
 
+#include <condition_variable>
 #include <cstdint>
 #include <limits>
 #include <memory>
@@ -21,7 +22,10 @@ namespace kvr::retrieval {
 
 struct NodeCore::Chunk {
   int32_t chunk = 0;
-  std::unique_ptr<index::KeyIndex> index;  // null until the first build
+  // Null until the first build. Never changed in place while shared: a
+  // background seal (SealJob::base) may be reading it with no lock held, so
+  // a writer that finds it shared builds a copy instead (Seal).
+  std::shared_ptr<index::KeyIndex> index;
   ValueMatrix values;                      // row i belongs to index id i
   std::vector<int64_t> positions;          // absolute position of index id i
 };
@@ -34,13 +38,45 @@ struct NodeCore::HeadState {
   int64_t last_position = -1;  // highest position held (-1: none)
   int64_t accounted_bytes = 0;  // counted in memory_used_ (under the sequence lock)
 
-  // Recent decode queries (ring of `recent_capacity` rows), training data for
-  // seals that build an index. Written by Attend under the shared sequence
-  // lock, hence its own mutex.
+  // The background seal of the tail's first `sealing->rows` rows, or null
+  // (see NodeCore::SealJob). Set and installed under the exclusive sequence
+  // lock.
+  std::shared_ptr<SealJob> sealing;
+
+  // Recent decode queries (ring of options.decode_train_queries rows),
+  // training data for seals that build an index. Written by Attend under the
+  // shared sequence lock, hence its own mutex. `recent_bytes` is held in
+  // memory_used_ (returned by Drop).
   std::mutex query_mu;
   std::vector<float> recent;
   size_t recent_next = 0;
   size_t recent_count = 0;
+  int64_t recent_bytes = 0;
+};
+
+// A tail seal built beside the sequence (NodeCore::StartSeal): its inputs
+// are copies or immutable shares taken under the exclusive sequence lock, so
+// RunSeal takes no lock of the sequence and may run on the seal thread, or
+// inline on a caller that holds the lock (WaitSeal claims a job not yet
+// started). Installed by InstallSeal under the exclusive lock.
+struct NodeCore::SealJob {
+  // --- inputs (fixed at StartSeal) ---
+  std::shared_ptr<index::KeyIndex> base;  // the chunk's index then (null: none)
+  bool rebuild = false;                   // build over base's keys + `keys`, else base + Add
+  IndexType type = IndexType::kFlat;      // the sequence's index type
+  Matrix keys;                            // the sealed tail rows (rows x head_dim)
+  Matrix queries;                         // decode queries to train a rebuild on
+  size_t rows = 0;                        // keys.rows
+  bool serialize = false;                 // produce `blob` (persistence)
+  MemoryReservation reservation;          // the new index's bytes until installed
+
+  // --- state and outputs (guarded by mu) ---
+  std::mutex mu;
+  std::condition_variable cv;
+  enum class State { kQueued, kRunning, kDone } state = State::kQueued;
+  absl::Status status;
+  std::shared_ptr<index::KeyIndex> result;
+  std::vector<uint8_t> blob;  // result->Serialize when `serialize`
 };
 
 struct NodeCore::Sequence {

@@ -594,6 +594,8 @@ absl::Status NodeCore::AssembleSync(Sequence* seq, std::vector<SyncChunkData>& c
       made.recent = std::move(old.recent);
       made.recent_next = old.recent_next;
       made.recent_count = old.recent_count;
+      made.recent_bytes = old.recent_bytes;  // still counted, now by `made`
+      old.recent_bytes = 0;
     }
     const size_t slot = static_cast<size_t>(layer) * spec.n_kv_heads + g;
     std::swap(seq->heads[slot], fresh->heads[slot]);

@@ -61,6 +61,10 @@ ABSL_FLAG(double, target_recall, 0.95,
           "self-calibration: recall@100 on an upload's held-back queries that the chunk's index "
           "search effort (graph beam, IVF nprobe) and, for index type auto, its kind are chosen "
           "for; (0, 1]");
+ABSL_FLAG(int, decode_train_queries, 4096,
+          "recent decode (Attend) queries kept per (sequence, layer, kv head) as training "
+          "queries for tail seals that build an index; rows x head_dim fp32 each, counted in "
+          "--memory_budget_bytes; 0 = none, at most 65536");
 ABSL_FLAG(std::string, data_dir, "",
           "RocksDB directory where shards persist (appends are acknowledged once synced) and "
           "from which they are recovered at startup, before serving; empty = memory only");
@@ -150,6 +154,8 @@ int Main(int argc, char** argv) {
           .AtLeast("memory_budget_bytes", absl::GetFlag(FLAGS_memory_budget_bytes), int64_t{0})
           .AtLeast("upload_memory_bytes", absl::GetFlag(FLAGS_upload_memory_bytes), int64_t{0})
           .AtLeast("tail_capacity", absl::GetFlag(FLAGS_tail_capacity), 1)
+          .InRange("decode_train_queries", absl::GetFlag(FLAGS_decode_train_queries), 0,
+                   static_cast<int>(kMaxDecodeTrainQueries))
           .AtLeast("max_deadline_seconds", absl::GetFlag(FLAGS_max_deadline_seconds), 0.0)
           .AtLeast("ucx_max_connections", absl::GetFlag(FLAGS_ucx_max_connections), int64_t{0})
           .AtLeast("ucx_max_inflight_per_connection",
@@ -187,6 +193,8 @@ int Main(int argc, char** argv) {
   if (absl::Status s = index::ValidateCalibrationOptions(core_options.calibration); !s.ok()) {
     return Fail(absl::StrCat("--", s.message()));
   }
+  core_options.decode_train_queries =
+      static_cast<size_t>(absl::GetFlag(FLAGS_decode_train_queries));
   core_options.recovery_quarantine = absl::GetFlag(FLAGS_recovery_quarantine);
   core_options.lease_seconds = absl::GetFlag(FLAGS_lease_seconds);
   std::unique_ptr<ShardStore> store;  // outlives the core (declared first)
