@@ -17,7 +17,11 @@
 //  * retrieval (synchronous, --sync): each layer's uploads finish before the
 //    next layer starts (handoff_threads = 0), the no-overlap reference;
 //  * the first decode step after each prefill, and of it the time blocked on
-//    pending hand-off uploads ("wait").
+//    pending hand-off uploads ("wait");
+//  * with --exact_train, the pipelined prefill again with every prefill
+//    query's exact training top-k (max_train_queries 0: before sampling).
+// The training top-k of the retrieval runs covers at most
+// --max_train_queries sampled queries per kv head and chunk (default 16384).
 // The node is in-process (--node_threads threads); everything shares the
 // machine's cores, as the embedded mode does.
 //
@@ -64,6 +68,12 @@ ABSL_FLAG(int, stories_sinks, 4, "sink tokens for stories260K");
 ABSL_FLAG(int, stories_window, 16, "recent tokens for stories260K");
 ABSL_FLAG(int, top_k, 100, "keys retrieved per query head (stories260K: min(top_k, 16))");
 ABSL_FLAG(bool, sync, true, "also run the synchronous hand-off");
+ABSL_FLAG(int64_t, max_train_queries, 16384,
+          "engine: prefill queries per kv head and chunk whose exact top-k trains the graph "
+          "(the worker's --max_train_queries; 0 = every query)");
+ABSL_FLAG(bool, exact_train, false,
+          "also run the pipelined hand-off with every prefill query's exact top-k "
+          "(max_train_queries 0, the behaviour before sampling)");
 ABSL_FLAG(int, reps, 1, "repetitions per cell (the median is reported)");
 ABSL_FLAG(int, dim, 512, "random model: width");
 ABSL_FLAG(int, layers, 4, "random model: layers");
@@ -96,8 +106,9 @@ struct Cell {
 struct Row {
   std::string model;
   int64_t tokens = 0;
-  Cell full, pipelined, sync;
+  Cell full, pipelined, sync, exact;
   bool has_sync = false;
+  bool has_exact = false;
 };
 
 double Median(std::vector<double> v) {
@@ -227,10 +238,16 @@ absl::Status Run() {
     pipelined.max_seq_len = synchronous.max_seq_len = max_len + 1;
     pipelined.handoff_threads = absl::GetFlag(FLAGS_handoff_threads);
     synchronous.handoff_threads = 0;
+    pipelined.max_train_queries = synchronous.max_train_queries =
+        absl::GetFlag(FLAGS_max_train_queries);
+    EngineOptions exact = pipelined;
+    exact.max_train_queries = 0;
     KVR_ASSIGN_OR_RETURN(auto engine,
                          RetrievalEngine::Create(backend.get(), m.weights, node.get(), pipelined));
     KVR_ASSIGN_OR_RETURN(auto sync_engine, RetrievalEngine::Create(backend.get(), m.weights,
                                                                    node.get(), synchronous));
+    KVR_ASSIGN_OR_RETURN(auto exact_engine,
+                         RetrievalEngine::Create(backend.get(), m.weights, node.get(), exact));
     std::vector<int64_t> done_lengths;
     for (int64_t asked : lengths) {
       const int64_t n = std::min<int64_t>(asked, c.seq_len - 1);
@@ -253,11 +270,20 @@ absl::Status Run() {
         KVR_ASSIGN_OR_RETURN(row.sync, MeasureMedian(*sync_engine, prompt, retr, reps));
         row.has_sync = true;
       }
+      if (absl::GetFlag(FLAGS_exact_train)) {
+        KVR_ASSIGN_OR_RETURN(row.exact, MeasureMedian(*exact_engine, prompt, retr, reps));
+        row.has_exact = true;
+      }
       const double full_s = std::max(row.full.prefill, 1e-12);
       std::string sync_cols;
       if (sync) {
         sync_cols = absl::StrFormat(" %8.3f %6.2fx %7.3f", row.sync.prefill,
                                     row.sync.prefill / full_s, row.sync.first_step);
+      }
+      if (row.has_exact) {
+        sync_cols += absl::StrFormat(" exact-train %8.3f %6.2fx handoff %8.3f step %7.3f",
+                                     row.exact.prefill, row.exact.prefill / full_s,
+                                     row.exact.handoff_done, row.exact.first_step);
       }
       std::printf("%-22s %6lld | %9.3f %9.4f | %9.3f %6.2fx %10.3f %9.4f %9.4f |%s\n",
                   m.name.c_str(), static_cast<long long>(n), row.full.prefill,
@@ -288,6 +314,7 @@ absl::Status Run() {
                              "\"retrieval_pipelined\": %s",
                              r.model, r.tokens, cell(r.full), cell(r.pipelined));
       if (r.has_sync) out << ", \"retrieval_sync\": " << cell(r.sync);
+      if (r.has_exact) out << ", \"retrieval_exact_train\": " << cell(r.exact);
       out << "}" << (i + 1 < rows.size() ? "," : "") << "\n";
     }
     out << "]\n";

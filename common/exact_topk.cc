@@ -33,9 +33,10 @@ struct ScanScratch {
   std::vector<TopKCollector> collectors;
   std::vector<float> tile_scores;
 
+  // Scores of a whole query block against one tile: kQueryBlock x tile.
   void Prepare(size_t tile) {
     if (collectors.size() < kQueryBlock) collectors.resize(kQueryBlock);
-    if (tile_scores.size() < tile) tile_scores.resize(tile);
+    if (tile_scores.size() < kQueryBlock * tile) tile_scores.resize(kQueryBlock * tile);
   }
   size_t MemoryBytes() const {
     size_t b = tile_scores.capacity() * sizeof(float);
@@ -69,10 +70,12 @@ void ScanBlock(ConstMatrixView keys, ConstMatrixView queries, size_t q_begin, si
   float* sc = s->tile_scores.data();
   for (size_t t0 = k_begin; t0 < k_end; t0 += tile) {
     const size_t tn = std::min(tile, k_end - t0);
-    const float* tile_rows = keys.row(t0);
+    // The whole block against the tile at once (each key row read once per
+    // pair of queries), every score bit-identical to dot_batch's.
+    kern.dot_batch_multi(queries.row(q_begin), nq, queries.stride(), keys.row(t0), tn, dim,
+                         keys.stride(), sc, tile);
     for (size_t q = 0; q < nq; ++q) {
-      kern.dot_batch(queries.row(q_begin + q), tile_rows, tn, dim, keys.stride(), sc);
-      s->collectors[q].PushRange(sc, tn, static_cast<uint32_t>(t0));
+      s->collectors[q].PushRange(sc + q * tile, tn, static_cast<uint32_t>(t0));
     }
   }
   for (size_t q = 0; q < nq; ++q) {

@@ -53,6 +53,14 @@ struct Kernels {
   void (*bf16_to_fp32)(const uint16_t* in, float* out, size_t n);
   void (*fp32_to_fp16)(const float* in, uint16_t* out, size_t n);
   void (*fp16_to_fp32)(const uint16_t* in, float* out, size_t n);
+  // Many queries against one run of rows (a GEMM-style block for exact
+  // scans): out[j * out_stride + i] = q_j . rows[i] for j < nq, i < n, where
+  // q_j starts at q + j * q_stride and row i at rows + i * stride. Every
+  // output is bit-identical to dot_batch(q_j, rows, n, d, stride, ...)'s (the
+  // same summation order); the SIMD tables read each row once per register
+  // block of queries instead of once per query.
+  void (*dot_batch_multi)(const float* q, size_t nq, size_t q_stride, const float* rows,
+                          size_t n, size_t d, size_t stride, float* out, size_t out_stride);
 };
 
 // The kernel table for the best ISA this CPU supports (or KVR_SIMD's choice).

@@ -165,6 +165,124 @@ void DotBatchT(const float* q, const typename L::T* rows, size_t n, size_t d, si
       q, n, d, out, [&](size_t i) { return rows + i * stride; }, [](size_t) {});
 }
 
+// Dot4<F32> for two queries at once: *o0 / *o1 are bit for bit Dot4<F32>(q0
+// / q1, r0 .. r3, d) (the same accumulators and reduction per query), and
+// each row load feeds both queries' FMAs (16 accumulators + 4 query + 1 row
+// registers of the 32).
+inline void Dot2x4(const float* q0, const float* q1, const float* r0, const float* r1,
+                   const float* r2, const float* r3, size_t d, __m128* o0, __m128* o1) {
+  __m512 a00 = _mm512_setzero_ps(), a01 = a00, a02 = a00, a03 = a00;
+  __m512 b00 = a00, b01 = a00, b02 = a00, b03 = a00;
+  __m512 a10 = a00, a11 = a00, a12 = a00, a13 = a00;
+  __m512 b10 = a00, b11 = a00, b12 = a00, b13 = a00;
+  size_t i = 0;
+  for (; i + 2 * kW <= d; i += 2 * kW) {
+    const __m512 q0a = _mm512_loadu_ps(q0 + i), q0b = _mm512_loadu_ps(q0 + i + kW);
+    const __m512 q1a = _mm512_loadu_ps(q1 + i), q1b = _mm512_loadu_ps(q1 + i + kW);
+    __m512 x = _mm512_loadu_ps(r0 + i);
+    a00 = _mm512_fmadd_ps(q0a, x, a00);
+    a10 = _mm512_fmadd_ps(q1a, x, a10);
+    x = _mm512_loadu_ps(r1 + i);
+    a01 = _mm512_fmadd_ps(q0a, x, a01);
+    a11 = _mm512_fmadd_ps(q1a, x, a11);
+    x = _mm512_loadu_ps(r2 + i);
+    a02 = _mm512_fmadd_ps(q0a, x, a02);
+    a12 = _mm512_fmadd_ps(q1a, x, a12);
+    x = _mm512_loadu_ps(r3 + i);
+    a03 = _mm512_fmadd_ps(q0a, x, a03);
+    a13 = _mm512_fmadd_ps(q1a, x, a13);
+    x = _mm512_loadu_ps(r0 + i + kW);
+    b00 = _mm512_fmadd_ps(q0b, x, b00);
+    b10 = _mm512_fmadd_ps(q1b, x, b10);
+    x = _mm512_loadu_ps(r1 + i + kW);
+    b01 = _mm512_fmadd_ps(q0b, x, b01);
+    b11 = _mm512_fmadd_ps(q1b, x, b11);
+    x = _mm512_loadu_ps(r2 + i + kW);
+    b02 = _mm512_fmadd_ps(q0b, x, b02);
+    b12 = _mm512_fmadd_ps(q1b, x, b12);
+    x = _mm512_loadu_ps(r3 + i + kW);
+    b03 = _mm512_fmadd_ps(q0b, x, b03);
+    b13 = _mm512_fmadd_ps(q1b, x, b13);
+  }
+  if (i + kW <= d) {
+    const __m512 q0a = _mm512_loadu_ps(q0 + i), q1a = _mm512_loadu_ps(q1 + i);
+    __m512 x = _mm512_loadu_ps(r0 + i);
+    a00 = _mm512_fmadd_ps(q0a, x, a00);
+    a10 = _mm512_fmadd_ps(q1a, x, a10);
+    x = _mm512_loadu_ps(r1 + i);
+    a01 = _mm512_fmadd_ps(q0a, x, a01);
+    a11 = _mm512_fmadd_ps(q1a, x, a11);
+    x = _mm512_loadu_ps(r2 + i);
+    a02 = _mm512_fmadd_ps(q0a, x, a02);
+    a12 = _mm512_fmadd_ps(q1a, x, a12);
+    x = _mm512_loadu_ps(r3 + i);
+    a03 = _mm512_fmadd_ps(q0a, x, a03);
+    a13 = _mm512_fmadd_ps(q1a, x, a13);
+    i += kW;
+  }
+  if (i < d) {
+    const size_t r = d - i;
+    const __m512 q0t = F32::LoadTail(q0 + i, r), q1t = F32::LoadTail(q1 + i, r);
+    __m512 x = F32::LoadTail(r0 + i, r);
+    b00 = _mm512_fmadd_ps(q0t, x, b00);
+    b10 = _mm512_fmadd_ps(q1t, x, b10);
+    x = F32::LoadTail(r1 + i, r);
+    b01 = _mm512_fmadd_ps(q0t, x, b01);
+    b11 = _mm512_fmadd_ps(q1t, x, b11);
+    x = F32::LoadTail(r2 + i, r);
+    b02 = _mm512_fmadd_ps(q0t, x, b02);
+    b12 = _mm512_fmadd_ps(q1t, x, b12);
+    x = F32::LoadTail(r3 + i, r);
+    b03 = _mm512_fmadd_ps(q0t, x, b03);
+    b13 = _mm512_fmadd_ps(q1t, x, b13);
+  }
+  *o0 = HSum4(_mm512_add_ps(a00, b00), _mm512_add_ps(a01, b01), _mm512_add_ps(a02, b02),
+              _mm512_add_ps(a03, b03));
+  *o1 = HSum4(_mm512_add_ps(a10, b10), _mm512_add_ps(a11, b11), _mm512_add_ps(a12, b12),
+              _mm512_add_ps(a13, b13));
+}
+
+// Rows per block that every query pair passes over while it sits in L1
+// (8 KiB at d 128).
+constexpr size_t kMultiRowBlock = 16;
+
+// Each lane of Dot4 / Dot2x4 depends on its own query and row only, so the
+// grouping of rows (and the repeated last row of a partial group) does not
+// change any output: all equal DotBatchT<F32>'s.
+void DotBatchMulti(const float* q, size_t nq, size_t q_stride, const float* rows, size_t n,
+                   size_t d, size_t stride, float* out, size_t out_stride) {
+  const auto row = [&](size_t i) { return rows + i * stride; };
+  for (size_t i0 = 0; i0 < n; i0 += kMultiRowBlock) {
+    const size_t i1 = std::min(n, i0 + kMultiRowBlock);
+    size_t j = 0;
+    for (; j + 2 <= nq; j += 2) {
+      const float* qa = q + j * q_stride;
+      const float* qb = qa + q_stride;
+      float* oa = out + j * out_stride;
+      float* ob = oa + out_stride;
+      __m128 x, y;
+      size_t i = i0;
+      for (; i + 4 <= i1; i += 4) {
+        Dot2x4(qa, qb, row(i), row(i + 1), row(i + 2), row(i + 3), d, &x, &y);
+        _mm_storeu_ps(oa + i, x);
+        _mm_storeu_ps(ob + i, y);
+      }
+      if (i < i1) {
+        const size_t r = i1 - i;
+        const float* last = row(i1 - 1);
+        Dot2x4(qa, qb, row(i), r > 1 ? row(i + 1) : last, r > 2 ? row(i + 2) : last, last, d,
+               &x, &y);
+        const auto m = static_cast<__mmask8>(TailMask(r));
+        _mm_mask_storeu_ps(oa + i, m, x);
+        _mm_mask_storeu_ps(ob + i, m, y);
+      }
+    }
+    if (j < nq) {
+      DotBatchT<F32>(q + j * q_stride, row(i0), i1 - i0, d, stride, out + j * out_stride + i0);
+    }
+  }
+}
+
 template <class T>
 inline void PrefetchRow(const T* row, size_t d) {
   const size_t bytes = std::min(d * sizeof(T), kMaxPrefetchBytes);
@@ -378,6 +496,7 @@ constexpr Kernels kAvx512 = {
     .bf16_to_fp32 = Bf16ToFp32,
     .fp32_to_fp16 = Fp32ToFp16,
     .fp16_to_fp32 = Fp16ToFp32,
+    .dot_batch_multi = DotBatchMulti,
 };
 
 }  // namespace

@@ -36,6 +36,13 @@ void DotBatch(const float* q, const float* rows, size_t n, size_t d, size_t stri
   for (size_t i = 0; i < n; ++i) out[i] = Dot(q, rows + i * stride, d);
 }
 
+void DotBatchMulti(const float* q, size_t nq, size_t q_stride, const float* rows, size_t n,
+                   size_t d, size_t stride, float* out, size_t out_stride) {
+  for (size_t j = 0; j < nq; ++j) {
+    DotBatch(q + j * q_stride, rows, n, d, stride, out + j * out_stride);
+  }
+}
+
 void DotGather(const float* q, const float* base, const uint32_t* ids, size_t n, size_t d,
                size_t stride, float* out) {
   for (size_t i = 0; i < n; ++i) out[i] = Dot(q, base + static_cast<size_t>(ids[i]) * stride, d);
@@ -117,6 +124,7 @@ constexpr Kernels kScalar = {
     .bf16_to_fp32 = Bf16ToFp32,
     .fp32_to_fp16 = Fp32ToFp16,
     .fp16_to_fp32 = Fp16ToFp32,
+    .dot_batch_multi = DotBatchMulti,
 };
 
 }  // namespace

@@ -5,8 +5,8 @@
 #include <utility>
 
 #include "absl/strings/str_cat.h"
-#include "common/exact_topk.h"
 #include "common/status.h"
+#include "common/train_topk.h"
 #ifdef __linux__
 #include <sys/resource.h>
 #include <sys/syscall.h>
@@ -92,7 +92,9 @@ OffloadGeometry::OffloadGeometry(const AttentionOptions& a, int64_t prompt_len)
       chunks((mid + chunk - 1) / chunk),
       max_topk(std::min(static_cast<size_t>(a.train_k), std::min(mid, chunk))) {}
 
-PrefillHandOff::PrefillHandOff(int threads, int depth, int nice) : nice_(nice) {
+PrefillHandOff::PrefillHandOff(int threads, int depth, int nice,
+                               const TrainingTopKOptions& train_options)
+    : nice_(nice), train_options_(train_options) {
   for (int i = 0; i < depth; ++i) staging_.push_back(std::make_unique<HandOffStaging>());
   if (threads > 0) pool_ = std::make_unique<ThreadPool>(static_cast<size_t>(threads));
 }
@@ -116,6 +118,7 @@ HandOffStaging* PrefillHandOff::NextSlot() {
 }
 
 std::shared_future<absl::Status> PrefillHandOff::Start(HandOffJob job, HandOffStaging* staging) {
+  job.train_options = train_options_;
   if (pool_ == nullptr) {
     absl::Status st = UploadLayer(job, staging);
     StoreMax(*job.done_ns, NanosSince(job.start));
@@ -189,19 +192,26 @@ absl::Status PrefillHandOff::UploadLayer(const HandOffJob& job, HandOffStaging* 
   std::vector<int64_t> holdout_ids;
   // The backend may have computed it already (BackendTrainingTopK).
   const bool precomputed = train && staging->backend_stride != 0;
+  // The training queries of each kv head: a stratified sample of at most
+  // max_train_queries of its prompt_len x group prefill queries (row
+  // p * group + j: position p, query head j of the group), the same rows for
+  // every kv head and chunk.
+  std::vector<size_t> sample;
+  if (train) sample = TrainingQuerySample(train_rows, job.train_options);
+  const size_t sampled = sample.size();
+  if (train && (!precomputed || sampled < train_rows)) {
+    staging->train_ids.resize(sampled * geo.max_topk);
+  }
   if (train && !precomputed) {
-    staging->train_queries.resize(train_rows * d);
-    staging->train_ids.resize(train_rows * geo.max_topk);
+    staging->train_queries.resize(sampled * d);
     staging->train_scores.resize(staging->train_ids.size());
   }
   for (int g = 0; g < c.n_kv_heads; ++g) {
     if (train && !precomputed) {
-      // Every prefill query of the kv head's query heads trains its indexes.
-      for (size_t p = 0; p < static_cast<size_t>(job.prompt_len); ++p) {
-        for (size_t j = 0; j < group; ++j) {
-          const float* src = staging->q.data() + p * qd + (g * group + j) * d;
-          std::copy_n(src, d, staging->train_queries.data() + (p * group + j) * d);
-        }
+      for (size_t i = 0; i < sampled; ++i) {
+        const size_t p = sample[i] / group, j = sample[i] % group;
+        const float* src = staging->q.data() + p * qd + (g * group + j) * d;
+        std::copy_n(src, d, staging->train_queries.data() + i * d);
       }
     }
     for (size_t ci = 0; ci < geo.chunks; ++ci) {
@@ -221,12 +231,20 @@ absl::Status PrefillHandOff::UploadLayer(const HandOffJob& job, HandOffStaging* 
         if (precomputed) {
           const size_t offset = ci * staging->backend_stride + g * train_rows * topk;
           ids = {staging->backend_ids.data() + offset, train_rows * topk};
+          if (sampled < train_rows) {  // the sampled queries' rows only
+            for (size_t i = 0; i < sampled; ++i) {
+              std::copy_n(ids.data() + sample[i] * topk, topk,
+                          staging->train_ids.data() + i * topk);
+            }
+            ids = {staging->train_ids.data(), sampled * topk};
+          }
         } else {
-          const ConstMatrixView queries(staging->train_queries.data(), train_rows, d);
-          ids = {staging->train_ids.data(), train_rows * topk};
-          KVR_RETURN_IF_ERROR(ExactTopK(keys, queries, static_cast<int>(topk), ids,
-                                        {staging->train_scores.data(), ids.size()},
-                                        /*pool=*/nullptr));
+          // Already sampled: TrainingTopK keeps every row of it.
+          const ConstMatrixView queries(staging->train_queries.data(), sampled, d);
+          ids = {staging->train_ids.data(), sampled * topk};
+          KVR_RETURN_IF_ERROR(TrainingTopK(keys, queries, static_cast<int>(topk),
+                                           job.train_options, /*pool=*/nullptr, ids,
+                                           {staging->train_scores.data(), ids.size()}));
         }
         // Training row i is prefill position i / group, query head g * group + i % group.
         auto query_row = [&](size_t i) {

@@ -1,7 +1,8 @@
 // The prefill hand-off: after each prefill layer, the middle tokens of every
 // kv head (between the sinks and the window) go to the retrieval nodes as
-// placement chunks, each with its index's training data (every prefill
-// query's exact top-train_k keys within the chunk), so the nodes build their
+// placement chunks, each with its index's training data (the exact
+// top-train_k keys within the chunk of a stratified sample of at most
+// max_train_queries prefill queries, common/train_topk.h), so the nodes build their
 // indexes while later layers compute (DESIGN §4: index build hides behind
 // prefill).
 //
@@ -30,6 +31,7 @@
 
 #include "absl/status/status.h"
 #include "common/thread_pool.h"
+#include "common/train_topk.h"
 #include "gpu_worker/backend/backend.h"
 #include "gpu_worker/engine/attention_options.h"
 #include "gpu_worker/engine/cancel_token.h"
@@ -61,7 +63,8 @@ struct HandOffStaging {
   std::vector<int64_t> train_ids;
   // Training top-k from Backend::TopK: chunk ci's lists start at
   // ci * backend_stride, kv head g's at g * (queries * that chunk's k)
-  // within; backend_stride 0: none, the upload runs ExactTopK.
+  // within (every query: the upload keeps the sampled rows); backend_stride
+  // 0: none, the upload runs TrainingTopK.
   std::vector<int64_t> backend_ids;
   std::vector<float> backend_scores;
   size_t backend_stride = 0;
@@ -81,13 +84,18 @@ struct HandOffJob {
   // Raised to the upload's finish time, in ns since `start`.
   std::shared_ptr<std::atomic<int64_t>> done_ns;
   std::chrono::steady_clock::time_point start;
+  // Which prefill queries train the graph (set by PrefillHandOff::Start).
+  TrainingTopKOptions train_options;
 };
 
 class PrefillHandOff {
  public:
   // `threads` upload threads at nice value `nice` (0 threads: Start runs the
-  // upload on the caller), `depth` >= 1 staging slots.
-  PrefillHandOff(int threads, int depth, int nice);
+  // upload on the caller), `depth` >= 1 staging slots. Each (kv head, chunk)
+  // trains on TrainingTopK's sample of the prefill queries under
+  // `train_options` (validated by the caller).
+  PrefillHandOff(int threads, int depth, int nice,
+                 const TrainingTopKOptions& train_options = {});
   ~PrefillHandOff();
 
   // Waits until the slot the next layer uses is free (no upload reads it).
@@ -122,6 +130,7 @@ class PrefillHandOff {
   std::vector<std::unique_ptr<HandOffStaging>> staging_;
   size_t next_ = 0;
   int nice_ = 0;
+  TrainingTopKOptions train_options_;
   // Declared last: destroyed first, running every queued upload.
   std::unique_ptr<ThreadPool> pool_;
 };

@@ -7,6 +7,7 @@
 #include <utility>
 
 #include "absl/strings/str_cat.h"
+#include "common/train_topk.h"
 
 namespace kvr::worker {
 namespace {
@@ -113,6 +114,12 @@ absl::Status RetrievalEngine::Init(Backend* backend, std::shared_ptr<const Llama
     return absl::InvalidArgumentError(
         absl::StrCat("handoff_nice ", options.handoff_nice, " outside [0, 19]"));
   }
+  if (options.max_train_queries < 0 ||
+      static_cast<uint64_t>(options.max_train_queries) > kMaxTrainingQueries) {
+    return absl::InvalidArgumentError(absl::StrCat("max_train_queries ",
+                                                   options.max_train_queries, " outside [0, ",
+                                                   kMaxTrainingQueries, "] (0 = every query)"));
+  }
   max_batch_ = std::min(options.max_batch_tokens, max_seq_len_);
 
   KVR_ASSIGN_OR_RETURN(device_weights_, DeviceWeights::Import(backend_, *weights_));
@@ -122,8 +129,10 @@ absl::Status RetrievalEngine::Init(Backend* backend, std::shared_ptr<const Llama
   v_row_host_.resize(static_cast<size_t>(c.kv_dim()));
 
   const int depth = options.handoff_depth > 0 ? options.handoff_depth : c.n_layers;
+  TrainingTopKOptions train_options;
+  train_options.max_queries = static_cast<size_t>(options.max_train_queries);
   handoff_ = std::make_unique<PrefillHandOff>(options.handoff_threads, depth,
-                                              options.handoff_nice);
+                                              options.handoff_nice, train_options);
   own_.reset(new EngineSequence(this));
   live_.insert(own_.get());
   return absl::OkStatus();

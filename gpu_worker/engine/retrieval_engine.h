@@ -105,6 +105,12 @@ struct EngineOptions {
   // background work: when prefill compute and hand-off share CPU cores (the
   // CPU backend on a busy host), prefill — the time to first token — wins.
   int handoff_nice = 10;
+  // Prefill queries (of prompt_len x query heads per kv head) whose exact
+  // top-train_k trains the graph of each (layer, kv head, chunk): a
+  // stratified sample of at most this many (common/train_topk.h); 0 = every
+  // query (exact O(T * N) per shard). At most kMaxTrainingQueries. The
+  // worker's --max_train_queries.
+  int64_t max_train_queries = 16384;
 };
 
 // Which positions one decode step attended (retrieval mode). Sinks

@@ -102,6 +102,9 @@ ABSL_FLAG(int, threads, 1, "CPU backend threads, 0 = all cores");
 ABSL_FLAG(int, tail_capacity, 64,
           "in-process node: appended keys kept flat before sealing into the index");
 ABSL_FLAG(int, train_k, 32, "in-process node: exact top-k per training query");
+ABSL_FLAG(int64_t, max_train_queries, 16384,
+          "prefill queries per kv head and chunk whose exact top-k trains the node's graph "
+          "(a stratified sample; 0 = every query, at most 4194304)");
 ABSL_FLAG(int, max_message_bytes, 4 << 20, "largest gRPC message received or sent, bytes");
 ABSL_FLAG(double, max_deadline_seconds, 3600.0,
           "longest a Generate or a waiting GetModelInfo call may run, seconds: one whose "
@@ -229,8 +232,10 @@ int Main(int argc, char** argv) {
       retrieval::MakeRetrievalClient(absl::GetFlag(FLAGS_nodes), ro);
   if (!made.ok()) return Fail(made.status().ToString());
   std::unique_ptr<retrieval::RetrievalClient> node = *std::move(made);
+  EngineOptions eo;
+  eo.max_train_queries = absl::GetFlag(FLAGS_max_train_queries);
   absl::StatusOr<std::unique_ptr<RetrievalEngine>> engine =
-      RetrievalEngine::Create(backend->get(), *weights, node.get());
+      RetrievalEngine::Create(backend->get(), *weights, node.get(), eo);
   if (!engine.ok()) return Fail(engine.status().ToString());
 
   auto metrics = std::make_unique<WorkerMetrics>();

@@ -7,6 +7,7 @@
 #include <numeric>
 
 #include "common/simd/kernels.h"
+#include "common/train_topk.h"
 #include "retrieval_node/index/beam.h"
 #include "retrieval_node/index/flat_index.h"
 
@@ -865,18 +866,28 @@ absl::StatusOr<std::unique_ptr<AttentionGraphIndex>> AttentionGraphIndex::BuildF
   if (train_k < 1) {
     return absl::InvalidArgumentError(absl::StrCat("train_k=", train_k, " must be >= 1"));
   }
-  KVR_ASSIGN_OR_RETURN(auto flat, FlatIndex::Create(keys.cols()));
-  KVR_RETURN_IF_ERROR(flat->Add(keys));
+  // The training set prepared as the worker prepares it (common/train_topk.h):
+  // the exact top-k of a stratified sample of at most 16384 queries.
+  const TrainingTopKOptions sampling;
   const size_t k = std::min<size_t>(static_cast<size_t>(train_k), keys.rows());
-  std::vector<int64_t> topk(train_queries.rows() * k);
-  std::vector<float> scores(train_queries.rows() * k);
-  if (k > 0 && train_queries.rows() > 0) {
-    SearchParams p;
-    p.k = static_cast<int>(k);
-    KVR_RETURN_IF_ERROR(flat->SearchParallel(train_queries, p, topk, scores, pool));
+  const size_t m = TrainingQueryCount(train_queries.rows(), sampling);
+  std::vector<int64_t> topk(m * k);
+  std::vector<float> scores(m * k);
+  std::vector<size_t> sample;
+  if (k > 0 && m > 0) {
+    KVR_RETURN_IF_ERROR(TrainingTopK(keys, train_queries, static_cast<int>(k), sampling, pool,
+                                     topk, scores, &sample));
   }
   KVR_ASSIGN_OR_RETURN(auto index, Build(keys, topk, k, options, pool));
-  KVR_RETURN_IF_ERROR(index->SetRouters(train_queries, topk, k));
+  if (m == train_queries.rows()) {
+    KVR_RETURN_IF_ERROR(index->SetRouters(train_queries, topk, k));
+  } else {
+    Matrix sampled(m, train_queries.cols());
+    for (size_t i = 0; i < m; ++i) {
+      std::copy_n(train_queries.row(sample[i]), train_queries.cols(), sampled.row(i));
+    }
+    KVR_RETURN_IF_ERROR(index->SetRouters(sampled.view(), topk, k));
+  }
   return index;
 }
 

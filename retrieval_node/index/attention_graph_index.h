@@ -67,7 +67,9 @@ class AttentionGraphIndex final : public KeyIndex {
       const AttentionGraphOptions& options, ThreadPool* pool);
 
   // Builds after computing each training query's exact top-`train_k` keys by a
-  // flat scan (what the worker does on the GPU during prefill).
+  // flat scan (what the worker does during prefill), over TrainingTopK's
+  // stratified sample of at most 16384 of the training queries
+  // (common/train_topk.h; all of them when fewer).
   static absl::StatusOr<std::unique_ptr<AttentionGraphIndex>> BuildFromQueries(
       ConstMatrixView keys, ConstMatrixView train_queries, int train_k,
       const AttentionGraphOptions& options, ThreadPool* pool);

@@ -1,0 +1,215 @@
+// train_topk_bench: the worker's training-set preparation for one head, old
+// vs new, side by side in one run.
+//
+//   build/bench/train_topk_bench [--keys=131072] [--queries=131072] [--dim=128]
+//                                [--k=32] [--threads=2] [--max_train_queries=16384]
+//                                [--old=true] [--json=out.json]
+//
+// Rows (same keys and queries, `--threads` threads):
+//  * "before: exact, all queries, one dot_batch per query": the blocked scan as
+//    it was before dot_batch_multi (each key tile scored query by query);
+//  * "exact, all queries (ExactTopK)": today's blocked scan, every key row
+//    read once per pair of queries (dot_batch_multi);
+//  * "TrainingTopK, sampled": the worker's path, the exact top-k of a
+//    stratified sample of at most --max_train_queries queries.
+// It checks that the first two agree id for id, and the sampled rows equal
+// the exact rows of the same queries. Keys and queries are Gaussian with
+// per-row scales (a spread of norms, like attention keys).
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <fstream>
+#include <random>
+#include <string>
+#include <vector>
+
+#include <time.h>
+
+#include "absl/flags/flag.h"
+#include "absl/flags/parse.h"
+#include "absl/flags/usage.h"
+#include "absl/strings/str_format.h"
+#include "common/exact_topk.h"
+#include "common/simd/kernels.h"
+#include "common/tensor.h"
+#include "common/thread_pool.h"
+#include "common/topk_collector.h"
+#include "common/train_topk.h"
+
+ABSL_FLAG(int64_t, keys, 131072, "keys of the head");
+ABSL_FLAG(int64_t, queries, 131072, "prefill queries of the head (one per position)");
+ABSL_FLAG(int, dim, 128, "head dimension");
+ABSL_FLAG(int, k, 32, "top-k per training query (the worker's train_k)");
+ABSL_FLAG(int, threads, 2, "threads (the caller plus threads - 1 pool workers)");
+ABSL_FLAG(int64_t, max_train_queries, 16384, "TrainingTopK's sample bound");
+ABSL_FLAG(bool, old, true, "also time the pre-dot_batch_multi scan of every query");
+ABSL_FLAG(std::string, json, "", "write the rows as JSON to this file");
+
+namespace kvr {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+double Since(Clock::time_point t0) {
+  return std::chrono::duration<double>(Clock::now() - t0).count();
+}
+
+// CPU seconds of the whole process (every thread) so far: on a shared box
+// the wall time depends on the other load, this does not.
+double CpuSeconds() {
+  timespec ts{};
+  clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
+  return static_cast<double>(ts.tv_sec) + static_cast<double>(ts.tv_nsec) * 1e-9;
+}
+
+[[noreturn]] void Fail(const absl::Status& st) {
+  std::fprintf(stderr, "train_topk_bench: %s\n", st.ToString().c_str());
+  std::exit(1);
+}
+
+Matrix Gaussian(size_t rows, size_t dim, uint32_t seed) {
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> dist(0.0f, 1.0f);
+  std::uniform_real_distribution<float> scale(0.5f, 1.5f);
+  Matrix m(rows, dim);
+  for (size_t i = 0; i < rows; ++i) {
+    const float s = scale(rng);
+    for (size_t j = 0; j < dim; ++j) m.row(i)[j] = s * dist(rng);
+  }
+  return m;
+}
+
+// The exact scan as it was before dot_batch_multi: blocks of 32 queries,
+// tiles of ~256 KiB of keys, one dot_batch per query and tile. Parallel over
+// query blocks.
+void OldExactScan(ConstMatrixView keys, ConstMatrixView queries, size_t k, ThreadPool* pool,
+                  std::span<int64_t> ids, std::span<float> scores) {
+  constexpr size_t kBlock = 32;
+  const size_t dim = keys.cols();
+  const size_t tile = std::clamp<size_t>(256 * 1024 / (dim * sizeof(float)), 64, 4096);
+  const size_t blocks = (queries.rows() + kBlock - 1) / kBlock;
+  const auto& kern = simd::Active();
+  pool->ParallelFor(blocks, 1, [&](size_t b0, size_t b1) {
+    std::vector<TopKCollector> collectors(kBlock);
+    std::vector<float> sc(tile);
+    for (size_t b = b0; b < b1; ++b) {
+      const size_t q0 = b * kBlock, q1 = std::min(queries.rows(), q0 + kBlock);
+      for (size_t q = q0; q < q1; ++q) collectors[q - q0].Reset(k);
+      for (size_t t0 = 0; t0 < keys.rows(); t0 += tile) {
+        const size_t tn = std::min(tile, keys.rows() - t0);
+        for (size_t q = q0; q < q1; ++q) {
+          kern.dot_batch(queries.row(q), keys.row(t0), tn, dim, keys.stride(), sc.data());
+          collectors[q - q0].PushRange(sc.data(), tn, static_cast<uint32_t>(t0));
+        }
+      }
+      for (size_t q = q0; q < q1; ++q) {
+        collectors[q - q0].Finish(ids.data() + q * k, scores.data() + q * k);
+      }
+    }
+  });
+}
+
+struct Row {
+  std::string name;
+  size_t queries = 0;
+  double seconds = 0;
+  double cpu_seconds = 0;
+};
+
+int Main() {
+  const size_t n = static_cast<size_t>(absl::GetFlag(FLAGS_keys));
+  const size_t t = static_cast<size_t>(absl::GetFlag(FLAGS_queries));
+  const size_t dim = static_cast<size_t>(absl::GetFlag(FLAGS_dim));
+  const int k = absl::GetFlag(FLAGS_k);
+  const int threads = std::max(1, absl::GetFlag(FLAGS_threads));
+  TrainingTopKOptions options;
+  options.max_queries = static_cast<size_t>(absl::GetFlag(FLAGS_max_train_queries));
+  if (auto st = ValidateTrainingTopKOptions(options); !st.ok()) Fail(st);
+  ThreadPool pool(static_cast<size_t>(threads - 1));
+  std::printf("train_topk_bench: %zu keys x %zu queries, d %zu, k %d, %d threads, simd %s\n", n,
+              t, dim, k, threads, simd::Active().name);
+  const Matrix keys = Gaussian(n, dim, 1);
+  const Matrix queries = Gaussian(t, dim, 2);
+  const size_t ku = static_cast<size_t>(k);
+
+  std::vector<Row> rows;
+  std::vector<int64_t> old_ids, ids(t * ku);
+  std::vector<float> old_scores, scores(t * ku);
+  if (absl::GetFlag(FLAGS_old)) {
+    old_ids.resize(t * ku);
+    old_scores.resize(t * ku);
+    const auto t0 = Clock::now();
+    const double c0 = CpuSeconds();
+    OldExactScan(keys.view(), queries.view(), ku, &pool, old_ids, old_scores);
+    rows.push_back({"before: exact, all queries, one dot_batch per query", t, Since(t0),
+                    CpuSeconds() - c0});
+  }
+  {
+    const auto t0 = Clock::now();
+    const double c0 = CpuSeconds();
+    if (auto st = ExactTopK(keys.view(), queries.view(), k, ids, scores, &pool); !st.ok()) Fail(st);
+    rows.push_back({"exact, all queries (ExactTopK, dot_batch_multi)", t, Since(t0),
+                    CpuSeconds() - c0});
+  }
+  if (!old_ids.empty() && old_ids != ids) {
+    std::printf("MISMATCH: the old scan and ExactTopK differ\n");
+    return 1;
+  }
+  const size_t m = TrainingQueryCount(t, options);
+  std::vector<int64_t> sampled_ids(m * ku);
+  std::vector<float> sampled_scores(m * ku);
+  std::vector<size_t> sample;
+  {
+    const auto t0 = Clock::now();
+    const double c0 = CpuSeconds();
+    if (auto st = TrainingTopK(keys.view(), queries.view(), k, options, &pool, sampled_ids,
+                               sampled_scores, &sample);
+        !st.ok()) {
+      Fail(st);
+    }
+    rows.push_back({absl::StrFormat("TrainingTopK, sampled (max_train_queries %zu)",
+                                    options.max_queries),
+                    m, Since(t0), CpuSeconds() - c0});
+  }
+  for (size_t i = 0; i < m; ++i) {
+    if (!std::equal(sampled_ids.begin() + i * ku, sampled_ids.begin() + (i + 1) * ku,
+                    ids.begin() + sample[i] * ku)) {
+      std::printf("MISMATCH: sampled row %zu differs from the exact row %zu\n", i, sample[i]);
+      return 1;
+    }
+  }
+  const double base = rows.front().seconds;
+  const double base_cpu = rows.front().cpu_seconds;
+  std::printf("\n| training top-k of one head | queries scanned | wall s | CPU s | "
+              "speed-up (wall, CPU) |\n");
+  std::printf("|---|---|---|---|---|\n");
+  for (const Row& r : rows) {
+    std::printf("| %s | %zu | %.2f | %.2f | %.1fx, %.1fx |\n", r.name.c_str(), r.queries,
+                r.seconds, r.cpu_seconds, base / r.seconds, base_cpu / r.cpu_seconds);
+  }
+  std::printf("(ids identical between the exact rows; sampled rows equal the exact rows of "
+              "their queries)\n");
+  if (const std::string path = absl::GetFlag(FLAGS_json); !path.empty()) {
+    std::ofstream f(path);
+    f << "[\n";
+    for (size_t i = 0; i < rows.size(); ++i) {
+      f << absl::StrFormat("  {\"row\": \"%s\", \"keys\": %zu, \"queries\": %zu, \"dim\": %zu, "
+                           "\"k\": %d, \"threads\": %d, \"seconds\": %.4f, \"cpu_seconds\": %.4f}%s\n",
+                           rows[i].name, n, rows[i].queries, dim, k, threads, rows[i].seconds,
+                           rows[i].cpu_seconds,
+                           i + 1 < rows.size() ? "," : "");
+    }
+    f << "]\n";
+  }
+  return 0;
+}
+
+}  // namespace
+}  // namespace kvr
+
+int main(int argc, char** argv) {
+  absl::SetProgramUsageMessage("training top-k of one head: old exact scan vs TrainingTopK");
+  absl::ParseCommandLine(argc, argv);
+  return kvr::Main();
+}
