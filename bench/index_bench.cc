@@ -466,10 +466,11 @@ class Runner {
     const double build = Seconds(t0, Clock::now());
     const auto& bs = (*graph)->build_stats();
     std::printf("  graph: training top-%d of %zu queries %.2f s (GPU work in production), "
-                "build %.2f s with %zu threads (projection %.2f, reverse %.2f, link %.2f s; "
-                "%zu keys covered by projection, %zu linked)\n",
-                train_k, ds.train.rows, knn_s, build, pool_->size() + 1, bs.projection_seconds,
-                bs.reverse_seconds, bs.link_seconds, bs.keys_covered, bs.keys_linked);
+                "build %.2f s with %zu threads, %.2f CPU s (projection %.2f, reverse %.2f, "
+                "link %.2f s; %zu keys covered by projection, %zu linked with %.1fM distances)\n",
+                train_k, ds.train.rows, knn_s, build, pool_->size() + 1, bs.cpu_seconds,
+                bs.projection_seconds, bs.reverse_seconds, bs.link_seconds, bs.keys_covered,
+                bs.keys_linked, 1e-6 * static_cast<double>(bs.link_distance_computations));
     for (int beam : ParseInts(absl::GetFlag(FLAGS_graph_beams), "graph_beams")) {
       if (beam < k) continue;
       index::SearchParams p;

@@ -1,5 +1,7 @@
 #include "retrieval_node/index/attention_graph_index.h"
 
+#include <time.h>
+
 #include <algorithm>
 #include <chrono>
 #include <cmath>
@@ -18,6 +20,16 @@ constexpr uint32_t kFormatVersion = 1;
 constexpr int kMaxDegree = 256;
 constexpr size_t kMaxCandidatesPerDegree = 8;
 constexpr int kMaxBeam = 1 << 16;
+// How far (in positions) the link pass looks for an already linked key to
+// seed a key's search from.
+constexpr uint32_t kSeedWindow = 256;
+
+// CPU time of this process (all threads), in seconds.
+double ProcessCpuSeconds() {
+  timespec ts{};
+  clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
+  return static_cast<double>(ts.tv_sec) + 1e-9 * static_cast<double>(ts.tv_nsec);
+}
 
 }  // namespace
 
@@ -123,6 +135,14 @@ void AttentionGraphIndex::RefreshBf16(size_t from, size_t to) {
                               (to - from) * dim_);
 }
 
+void AttentionGraphIndex::RefreshNorms(size_t from, size_t to) {
+  sq_norms_.resize(to);
+  const simd::Kernels& kern = simd::Active();
+  for (size_t i = from; i < to; ++i) {
+    sq_norms_[i] = kern.dot(keys_.data() + i * dim_, keys_.data() + i * dim_, dim_);
+  }
+}
+
 std::span<const uint32_t> AttentionGraphIndex::RegularNeighbors(uint32_t id) const {
   const uint32_t* r = row(id);
   const size_t degree = stride_ - 1;
@@ -154,7 +174,7 @@ float AttentionGraphIndex::L2(uint32_t a, uint32_t b) const {
 // `degree` survive and `fill` is set, the nearest pruned candidates fill the
 // remaining slots (a saturated graph navigates better at small degree).
 void AttentionGraphIndex::Prune(uint32_t source, std::vector<Cand>* cands,
-                                std::vector<uint32_t>* out) const {
+                                std::vector<uint32_t>* out, std::vector<float>* out_dist) const {
   const size_t degree = static_cast<size_t>(options_.degree);
   // Only the nearest kMaxCandidatesPerDegree * degree candidates compete: the
   // occlusion test costs O(degree) distances per candidate.
@@ -169,7 +189,8 @@ void AttentionGraphIndex::Prune(uint32_t source, std::vector<Cand>* cands,
                            [](const Cand& a, const Cand& b) { return a.id == b.id; }),
                cands->end());
   out->clear();
-  std::vector<uint32_t> pruned;
+  if (out_dist != nullptr) out_dist->clear();
+  std::vector<const Cand*> pruned;
   for (const Cand& c : *cands) {
     if (c.id == source) continue;
     if (out->size() == degree) break;
@@ -181,13 +202,17 @@ void AttentionGraphIndex::Prune(uint32_t source, std::vector<Cand>* cands,
       }
     }
     if (occluded) {
-      pruned.push_back(c.id);
+      pruned.push_back(&c);
     } else {
       out->push_back(c.id);
+      if (out_dist != nullptr) out_dist->push_back(c.dist);
     }
   }
   if (options_.saturate) {
-    for (size_t i = 0; i < pruned.size() && out->size() < degree; ++i) out->push_back(pruned[i]);
+    for (size_t i = 0; i < pruned.size() && out->size() < degree; ++i) {
+      out->push_back(pruned[i]->id);
+      if (out_dist != nullptr) out_dist->push_back(pruned[i]->dist);
+    }
   }
 }
 
@@ -204,10 +229,12 @@ void AttentionGraphIndex::SetNeighbors(uint32_t id, std::span<const uint32_t> nb
 // -||q - k||^2 (kL2, used to link keys in). Leaves the beam sorted best first.
 template <AttentionGraphIndex::Metric kMetric>
 void AttentionGraphIndex::SearchOne(const float* q, size_t beam_width, Scratch* s,
-                                    int64_t* distance_computations) const {
+                                    int64_t* distance_computations,
+                                    std::span<const uint32_t> extra_seeds) const {
   const simd::Kernels& kern = simd::Active();
   s->Reset(n_);
   s->beam.Reset(beam_width);
+  const float q_norm = kMetric == Metric::kL2 ? kern.dot(q, q, dim_) : 0.0f;
   if (s->fresh.size() < stride_) {
     s->fresh.resize(stride_);
     s->fresh_scores.resize(stride_);
@@ -220,7 +247,17 @@ void AttentionGraphIndex::SearchOne(const float* q, size_t beam_width, Scratch* 
         kern.dot_gather_bf16(q, keys_bf16_.data(), ids, count, dim_, dim_, out);
       }
     } else {
-      for (size_t i = 0; i < count; ++i) out[i] = -kern.l2sqr(q, key(ids[i]), dim_);
+      // -||q - k||^2 = 2 q.k - ||k||^2 - ||q||^2, batched like the IP walk
+      // (on a bf16 copy while Build links keys in: half the memory traffic;
+      // the caller re-measures the candidates it keeps exactly).
+      if (!walk_bf16_.empty()) {
+        kern.dot_gather_bf16(q, walk_bf16_.data(), ids, count, dim_, dim_, out);
+      } else {
+        kern.dot_gather(q, keys_.data(), ids, count, dim_, dim_, out);
+      }
+      for (size_t i = 0; i < count; ++i) {
+        out[i] = std::min(0.0f, 2.0f * out[i] - sq_norms_[ids[i]] - q_norm);
+      }
     }
     *distance_computations += static_cast<int64_t>(count);
   };
@@ -241,6 +278,7 @@ void AttentionGraphIndex::SearchOne(const float* q, size_t beam_width, Scratch* 
     for (size_t i = 0; i < m; ++i) s->beam.Insert(s->fresh[i], s->fresh_scores[i]);
   };
   seed(entries_);
+  if (!extra_seeds.empty()) seed(extra_seeds);
   if constexpr (kMetric == Metric::kIp) {
     const size_t routers = router_vecs_.size() / dim_;
     if (routers > 0) {
@@ -263,8 +301,18 @@ void AttentionGraphIndex::SearchOne(const float* q, size_t beam_width, Scratch* 
     }
   }
 
+  const size_t row_bytes = stride_ * sizeof(uint32_t);
   while (s->beam.HasUnexpanded()) {
     const uint32_t* r = row(s->beam.PopUnexpanded());
+    // The walk is bound by memory latency: fetch the row the next expansion
+    // most likely reads, and every neighbour's visited tag, before using them.
+    if (s->beam.HasUnexpanded()) {
+      const char* next = reinterpret_cast<const char*>(row(s->beam.PeekUnexpanded()));
+      for (size_t off = 0; off < row_bytes; off += 64) __builtin_prefetch(next + off);
+    }
+    for (size_t j = 0; j < stride_; ++j) {
+      if (r[j] != kNone) __builtin_prefetch(&s->visited[r[j]]);
+    }
     size_t m = 0;
     for (size_t j = 0; j < stride_; ++j) {
       if (r[j] != kNone && s->Visit(r[j])) s->fresh[m++] = r[j];
@@ -378,6 +426,7 @@ absl::StatusOr<std::unique_ptr<AttentionGraphIndex>> AttentionGraphIndex::Build(
   }
   index->adjacency_.assign(index->n_ * index->stride_, kNone);
   index->RefreshBf16(0, index->n_);
+  index->RefreshNorms(0, index->n_);
   if (index->n_ == 0) return index;
   index->BuildGraph(train_topk, topk_width, pool);
   return index;
@@ -429,6 +478,7 @@ void AttentionGraphIndex::BuildGraph(std::span<const int64_t> train_topk, size_t
     t0 = t1;
     return s;
   };
+  const double cpu0 = ProcessCpuSeconds();
 
   // 2. Projection: each pivot links to the pruned union of its queries'
   //    other neighbours.
@@ -474,8 +524,13 @@ void AttentionGraphIndex::BuildGraph(std::span<const int64_t> train_topk, size_t
 
   // 4. Link in every key the training queries did not reach, so that every
   //    key is reachable from the entry points.
+  // The link searches walk a bf16 copy of the keys (memory-bound otherwise).
+  walk_bf16_.resize(n * dim_);
+  simd::Active().fp32_to_bf16(keys_.data(), walk_bf16_.data(), n * dim_);
   build_stats_.keys_linked = LinkUnreachable(pool);
+  walk_bf16_ = {};
   build_stats_.link_seconds = lap();
+  build_stats_.cpu_seconds = ProcessCpuSeconds() - cpu0;
 }
 
 void AttentionGraphIndex::AddReverseEdges(ThreadPool* pool) {
@@ -547,39 +602,64 @@ std::vector<uint8_t> AttentionGraphIndex::Reachable() const {
 }
 
 void AttentionGraphIndex::ChooseLinks(uint32_t id, std::vector<Cand>* cands,
-                                      std::vector<uint32_t>* out) const {
+                                      std::vector<uint32_t>* out,
+                                      std::vector<float>* out_dist) const {
   // Keep whatever out-edges the key already has (from projection).
   for (uint32_t x : RegularNeighbors(id)) cands->push_back(MakeCand(L2(id, x), x));
-  Prune(id, cands, out);
+  Prune(id, cands, out, out_dist);
+}
+
+void AttentionGraphIndex::BeginLinking(size_t n) {
+  edge_len_.resize(n * (stride_ - 1));
+  edge_len_known_.assign(n, 0);
+}
+
+void AttentionGraphIndex::EndLinking() {
+  edge_len_ = {};
+  edge_len_known_ = {};
+}
+
+float* AttentionGraphIndex::EdgeLengths(uint32_t id) {
+  float* len = edge_len_.data() + static_cast<size_t>(id) * (stride_ - 1);
+  if (!edge_len_known_[id]) {
+    const auto current = RegularNeighbors(id);
+    for (size_t j = 0; j < current.size(); ++j) len[j] = L2(id, current[j]);
+    edge_len_known_[id] = 1;
+  }
+  return len;
 }
 
 void AttentionGraphIndex::ApplyLinks(uint32_t id, std::span<const uint32_t> out,
+                                     std::span<const float> out_dist,
                                      std::span<const Cand> cands) {
+  KVR_CHECK(out.size() == out_dist.size() && edge_len_known_.size() >= n_);
   SetNeighbors(id, out);
+  std::copy(out_dist.begin(), out_dist.end(),
+            edge_len_.data() + static_cast<size_t>(id) * (stride_ - 1));
+  edge_len_known_[id] = 1;
   // Offer each kept neighbour the reverse edge: taken when it has a free slot
   // or when the new key is nearer than its farthest neighbour (which it
   // replaces; LinkUnreachable re-checks that the replaced key stays reachable).
   bool linked = false;
   const size_t degree = stride_ - 1;
-  for (uint32_t c : out) {
+  for (size_t i = 0; i < out.size(); ++i) {
+    const uint32_t c = out[i];
     uint32_t* r = row(c);
+    float* len = EdgeLengths(c);
     const auto current = RegularNeighbors(c);
     if (current.size() < degree) {
       r[current.size()] = id;
+      len[current.size()] = out_dist[i];
       linked = true;
       continue;
     }
     size_t far = 0;
-    float far_dist = -1.0f;
-    for (size_t j = 0; j < current.size(); ++j) {
-      const float d = L2(c, current[j]);
-      if (d > far_dist) {
-        far_dist = d;
-        far = j;
-      }
+    for (size_t j = 1; j < current.size(); ++j) {
+      if (len[j] > len[far]) far = j;
     }
-    if (L2(c, id) < far_dist) {
+    if (out_dist[i] < len[far]) {
       r[far] = id;
+      len[far] = out_dist[i];
       linked = true;
     }
   }
@@ -611,6 +691,28 @@ bool AttentionGraphIndex::TrySetRepairEdge(uint32_t source, uint32_t target) {
   return true;
 }
 
+// Up to two keys nearest to `id` by position (one below, one above, within
+// kSeedWindow positions) whose `linked` flag is set; returns how many.
+size_t AttentionGraphIndex::NearestLinkedByPosition(uint32_t id, std::span<const uint8_t> linked,
+                                                    uint32_t* out) const {
+  size_t m = 0;
+  const uint32_t lo = id > kSeedWindow ? id - kSeedWindow : 0;
+  for (uint32_t j = id; j > lo;) {
+    if (linked[--j]) {
+      out[m++] = j;
+      break;
+    }
+  }
+  const uint32_t hi = static_cast<uint32_t>(std::min<size_t>(n_, size_t{id} + kSeedWindow + 1));
+  for (uint32_t j = id + 1; j < hi; ++j) {
+    if (linked[j]) {
+      out[m++] = j;
+      break;
+    }
+  }
+  return m;
+}
+
 size_t AttentionGraphIndex::LinkUnreachable(ThreadPool* pool) {
   ThreadPool inline_pool(0);
   if (pool == nullptr) pool = &inline_pool;
@@ -619,15 +721,23 @@ size_t AttentionGraphIndex::LinkUnreachable(ThreadPool* pool) {
   // other, so batches grow with the reachable part (at most half of it): the
   // graph a batch searches is always at least twice the batch.
   size_t linked = 0;
+  const bool own_cache = edge_len_known_.size() < n_;
+  if (own_cache) BeginLinking(n_);
+  std::atomic<int64_t> link_dc{0};
   for (int round = 0; round < 64; ++round) {
     const std::vector<uint8_t> seen = Reachable();
     std::vector<uint32_t> todo;
     for (uint32_t i = 0; i < n_; ++i) {
       if (!seen[i]) todo.push_back(i);
     }
-    if (todo.empty()) return linked;
+    if (todo.empty()) {
+      if (own_cache) EndLinking();
+      build_stats_.link_distance_computations += link_dc.load();
+      return linked;
+    }
     linked += todo.size();
     size_t reachable = n_ - todo.size();
+    std::vector<uint8_t> linked_now = seen;
     for (size_t b = 0; b < todo.size();) {
       const size_t batch = std::max<size_t>(32, reachable / 2);
       const size_t e = std::min(todo.size(), b + batch);
@@ -635,21 +745,36 @@ size_t AttentionGraphIndex::LinkUnreachable(ThreadPool* pool) {
       // Sequential: write them and the reverse edges.
       std::vector<std::vector<Cand>> found(e - b);
       std::vector<std::vector<uint32_t>> outs(e - b);
+      std::vector<std::vector<float>> out_dists(e - b);
       pool->ParallelFor(e - b, 16, [&](size_t begin, size_t end) {
         ScratchLease s(scratch_.get());
         int64_t dc = 0;
+        uint32_t near[2];
+        struct AddDc {  // publishes this chunk's count however the loop exits
+          std::atomic<int64_t>* total;
+          int64_t* dc;
+          ~AddDc() { total->fetch_add(*dc, std::memory_order_relaxed); }
+        } add_dc{&link_dc, &dc};
         for (size_t i = begin; i < end; ++i) {
           const uint32_t id = todo[b + i];
-          SearchOne<Metric::kL2>(key(id), static_cast<size_t>(options_.build_beam), &*s, &dc);
+          // Also start from the nearest linked keys by position (neighbouring
+          // positions tend to hold similar keys; a cheap, often close seed).
+          const size_t m = NearestLinkedByPosition(id, linked_now, near);
+          SearchOne<Metric::kL2>(key(id), static_cast<size_t>(options_.build_beam), &*s, &dc,
+                                 {near, m});
           for (size_t j = 0; j < s->beam.size(); ++j) {
             if (s->beam.id(j) != id) {
-              found[i].push_back(MakeCand(-s->beam.score(j), s->beam.id(j)));
+              found[i].push_back(MakeCand(L2(id, s->beam.id(j)), s->beam.id(j)));
             }
           }
-          ChooseLinks(id, &found[i], &outs[i]);
+          dc += static_cast<int64_t>(found[i].size());
+          ChooseLinks(id, &found[i], &outs[i], &out_dists[i]);
         }
       });
-      for (size_t i = 0; i < e - b; ++i) ApplyLinks(todo[b + i], outs[i], found[i]);
+      for (size_t i = 0; i < e - b; ++i) {
+        ApplyLinks(todo[b + i], outs[i], out_dists[i], found[i]);
+        linked_now[todo[b + i]] = 1;
+      }
       reachable += e - b;
       b = e;
     }
@@ -672,6 +797,7 @@ absl::Status AttentionGraphIndex::Add(ConstMatrixView keys) {
     std::copy(keys.row(i), keys.row(i) + dim_, keys_.data() + (old_n + i) * dim_);
   }
   RefreshBf16(old_n, old_n + keys.rows());
+  RefreshNorms(old_n, old_n + keys.rows());
   if (old_n == 0) {
     // An index built empty: the first key is the entry; link the rest.
     n_ = keys.rows();
@@ -680,9 +806,11 @@ absl::Status AttentionGraphIndex::Add(ConstMatrixView keys) {
     return absl::OkStatus();
   }
   // Insert one by one; each new key is searchable before the next is linked.
+  BeginLinking(n_ + keys.rows());
   ScratchLease s(scratch_.get());
   std::vector<Cand> cands;
   std::vector<uint32_t> out;
+  std::vector<float> out_dist;
   int64_t dc = 0;
   for (size_t i = 0; i < keys.rows(); ++i) {
     const uint32_t id = static_cast<uint32_t>(old_n + i);
@@ -692,12 +820,13 @@ absl::Status AttentionGraphIndex::Add(ConstMatrixView keys) {
       cands.push_back(MakeCand(-s->beam.score(j), s->beam.id(j)));
     }
     n_ = id + 1;
-    ChooseLinks(id, &cands, &out);
-    ApplyLinks(id, out, cands);
+    ChooseLinks(id, &cands, &out, &out_dist);
+    ApplyLinks(id, out, out_dist, cands);
   }
   // Re-pruning a neighbour's row can drop the last edge into an older key;
   // relink any key that became unreachable.
   LinkUnreachable(nullptr);
+  EndLinking();
   return absl::OkStatus();
 }
 
@@ -817,6 +946,7 @@ absl::StatusOr<std::unique_ptr<AttentionGraphIndex>> AttentionGraphIndex::Deseri
     if (!std::isfinite(x)) return absl::DataLossError("attention graph index: non-finite key");
   }
   index->RefreshBf16(0, index->n_);
+  index->RefreshNorms(0, index->n_);
   return index;
 }
 

@@ -104,6 +104,10 @@ class AttentionGraphIndex final : public KeyIndex {
     double link_seconds = 0;        // keys no training query reached, linked in
     size_t keys_covered = 0;        // keys with projected edges (pivots or their targets)
     size_t keys_linked = 0;         // keys the connectivity pass had to link in
+    int64_t link_distance_computations = 0;  // key-key distances its searches computed
+    // CPU seconds the process spent during the build, all threads (a
+    // loaded machine inflates wall time, much less this).
+    double cpu_seconds = 0;
   };
   const BuildStats& build_stats() const { return build_stats_; }
 
@@ -136,12 +140,14 @@ class AttentionGraphIndex final : public KeyIndex {
 
   void RefreshBf16(size_t from, size_t to);  // (re)converts keys_bf16_ rows [from, to)
   template <Metric kMetric>
-  void SearchOne(const float* q, size_t beam_width, Scratch* s,
-                 int64_t* distance_computations) const;
+  void SearchOne(const float* q, size_t beam_width, Scratch* s, int64_t* distance_computations,
+                 std::span<const uint32_t> extra_seeds = {}) const;
 
   void BuildGraph(std::span<const int64_t> train_topk, size_t topk_width, ThreadPool* pool);
   void ChooseEntries(std::span<const uint32_t> in_topk_count);
-  void Prune(uint32_t source, std::vector<Cand>* cands, std::vector<uint32_t>* out) const;
+  // `out_dist` (optional) receives the squared L2 of each kept edge.
+  void Prune(uint32_t source, std::vector<Cand>* cands, std::vector<uint32_t>* out,
+             std::vector<float>* out_dist = nullptr) const;
   void SetNeighbors(uint32_t id, std::span<const uint32_t> nbrs);
   void AddReverseEdges(ThreadPool* pool);
   std::vector<uint8_t> Reachable() const;
@@ -149,10 +155,21 @@ class AttentionGraphIndex final : public KeyIndex {
   // picks its out-edges (const; safe in parallel), ApplyLinks writes them and
   // offers each neighbour the reverse edge; if none keeps it, a free
   // connectivity slot of a candidate takes it so the key is reachable.
-  void ChooseLinks(uint32_t id, std::vector<Cand>* cands, std::vector<uint32_t>* out) const;
-  void ApplyLinks(uint32_t id, std::span<const uint32_t> out, std::span<const Cand> cands);
+  void ChooseLinks(uint32_t id, std::vector<Cand>* cands, std::vector<uint32_t>* out,
+                   std::vector<float>* out_dist) const;
+  void ApplyLinks(uint32_t id, std::span<const uint32_t> out, std::span<const float> out_dist,
+                  std::span<const Cand> cands);
+  // Squared lengths of row `id`'s regular edges (n x degree, computed on
+  // first use), kept only while keys are being linked in: the reverse-edge
+  // offer replaces a full row's farthest edge without re-measuring the row.
+  float* EdgeLengths(uint32_t id);
+  void BeginLinking(size_t n);  // sizes the edge-length cache for n keys, every row unknown
+  void EndLinking();    // frees it
+  void RefreshNorms(size_t from, size_t to);  // (re)computes sq_norms_ rows [from, to)
   bool TrySetRepairEdge(uint32_t source, uint32_t target);
   size_t LinkUnreachable(ThreadPool* pool);  // returns how many keys it linked
+  size_t NearestLinkedByPosition(uint32_t id, std::span<const uint8_t> linked,
+                                 uint32_t* out) const;
 
   size_t dim_;
   size_t n_ = 0;
@@ -162,6 +179,10 @@ class AttentionGraphIndex final : public KeyIndex {
   std::vector<uint16_t> keys_bf16_;  // n x dim when options_.scan_bf16, else empty
   std::vector<uint32_t> adjacency_;  // n x stride_; regular edges kNone-terminated
   std::vector<uint32_t> entries_;    // entry points, best first
+  std::vector<float> sq_norms_;      // n: ||key||^2 (L2 searches score by dot products)
+  std::vector<uint16_t> walk_bf16_;  // n x dim bf16 keys while Build links keys in, else empty
+  std::vector<float> edge_len_;      // n x degree while linking (see EdgeLengths), else empty
+  std::vector<uint8_t> edge_len_known_;  // n while linking: row's edge_len_ is valid
   size_t repair_cursor_ = 0;         // where ApplyLinks' last-resort slot scan resumes
   std::vector<float> router_vecs_;   // routers x dim, unit norm
   std::vector<uint32_t> router_keys_;  // routers x router_entries, kNone-padded
