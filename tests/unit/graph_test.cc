@@ -116,6 +116,30 @@ TEST_F(GraphTest, BuildIsIndependentOfThreadCount) {
   for (uint32_t i = 0; i < (*a)->size(); ++i) ASSERT_EQ((*a)->neighbors(i), (*b)->neighbors(i));
 }
 
+// The link pass (keys no training query reached) dominated the build; its
+// work is counted, bounded per key and its result reachable and searchable.
+TEST_F(GraphTest, LinkPassLinksEveryUncoveredKeyWithBoundedWork) {
+  AttentionGraphOptions o;
+  // Few training queries: most keys are left to the link pass.
+  auto index = AttentionGraphIndex::BuildFromQueries(
+      data_->keys.view(), data_->train.view().rows_slice(0, 256), 32, o, pool_);
+  ASSERT_TRUE(index.ok()) << index.status();
+  const auto& bs = (*index)->build_stats();
+  const size_t n = (*index)->size();
+  ASSERT_LT(bs.keys_covered, n / 2) << "the test must exercise the link pass";
+  EXPECT_GE(bs.keys_linked, n - bs.keys_covered);
+  EXPECT_TRUE((*index)->AllReachable());
+  // A beam-64 search expands about as many keys as its beam, each adding at
+  // most degree + 1 neighbours; 24 x beam per key (~3x what it takes on this
+  // data) catches a walk that stopped converging or seeds that mislead it.
+  EXPECT_GT(bs.link_distance_computations, 0);
+  EXPECT_LE(bs.link_distance_computations,
+            static_cast<int64_t>(bs.keys_linked) * 24 * o.build_beam);
+  EXPECT_GE(bs.cpu_seconds, 0.0);
+  const auto truth = ExactIds(data_->keys, data_->test, 10);
+  EXPECT_GE(Evaluate(**index, data_->test, truth, 10, 64).recall, 0.9);
+}
+
 class GraphAppendTest : public GraphTest, public ::testing::WithParamInterface<bool> {};
 
 TEST_P(GraphAppendTest, AppendedKeysAreReachableAndRetrievable) {
