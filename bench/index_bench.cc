@@ -87,7 +87,7 @@ ABSL_FLAG(int, threads, 0, "build threads (0: all cores); searches are single-th
 ABSL_FLAG(int, graph_degree, 32, "attention graph out-degree M");
 ABSL_FLAG(int, graph_entry_points, 16, "attention graph entry points");
 ABSL_FLAG(double, graph_prune_alpha, 1.0, "attention graph occlusion-pruning alpha");
-ABSL_FLAG(int, graph_pivots, 4, "attention graph pivots per training query (RoarGraph: 1)");
+ABSL_FLAG(int, graph_pivots, 16, "attention graph pivots per training query (RoarGraph: 1)");
 ABSL_FLAG(int, graph_routers, 0, "attention graph query routers (0: off)");
 ABSL_FLAG(int, graph_router_probe, 4, "routers whose keys seed each search");
 ABSL_FLAG(int, graph_router_entries, 8, "keys remembered per router");

@@ -483,8 +483,10 @@ void AttentionGraphIndex::BuildGraph(std::span<const int64_t> train_topk, size_t
   // 2. Projection: each pivot links to the pruned union of its queries'
   //    other neighbours.
   pool->ParallelFor(n, 256, [&](size_t begin, size_t end) {
+    const simd::Kernels& kern = simd::Active();
     std::vector<Cand> cands;
-    std::vector<uint32_t> ids;
+    std::vector<uint32_t> ids, uniq, counts;
+    std::vector<float> dots;
     std::vector<uint32_t> out;
     for (size_t p = begin; p < end; ++p) {
       if (pivot_start[p] == pivot_start[p + 1]) continue;
@@ -496,17 +498,29 @@ void AttentionGraphIndex::BuildGraph(std::span<const int64_t> train_topk, size_t
         }
       }
       std::sort(ids.begin(), ids.end());
-      cands.clear();
+      // Distinct candidates and how many of the pivot's queries want each;
+      // distances batched (gathered dot products, prefetched: this loop is
+      // bound by memory latency) as ||p||^2 + ||c||^2 - 2 p.c.
+      uniq.clear();
+      counts.clear();
       for (size_t i = 0; i < ids.size();) {
         size_t j = i;
         while (j < ids.size() && ids[j] == ids[i]) ++j;
-        const float d = L2(static_cast<uint32_t>(p), ids[i]);
+        uniq.push_back(ids[i]);
+        counts.push_back(static_cast<uint32_t>(j - i));
+        i = j;
+      }
+      dots.resize(uniq.size());
+      kern.dot_gather(key(static_cast<uint32_t>(p)), keys_.data(), uniq.data(), uniq.size(), dim_,
+                      dim_, dots.data());
+      cands.clear();
+      for (size_t i = 0; i < uniq.size(); ++i) {
+        const float d = std::max(0.0f, sq_norms_[p] + sq_norms_[uniq[i]] - 2.0f * dots[i]);
         // Counts are small integers; d / (1 + d) < 1 orders equal counts by distance.
         const float rank = options_.frequency_order
-                               ? -static_cast<float>(j - i) + d / (1.0f + d)
+                               ? -static_cast<float>(counts[i]) + d / (1.0f + d)
                                : d;
-        cands.push_back({d, ids[i], rank});
-        i = j;
+        cands.push_back({d, uniq[i], rank});
       }
       Prune(static_cast<uint32_t>(p), &cands, &out);
       SetNeighbors(static_cast<uint32_t>(p), out);
