@@ -96,6 +96,8 @@ ABSL_FLAG(bool, graph_frequency_order, true,
 ABSL_FLAG(bool, graph_scan_bf16, false, "attention graph: walk the graph on bf16 keys");
 ABSL_FLAG(int, graph_build_beam, 64, "attention graph beam when linking keys in");
 ABSL_FLAG(bool, graph_saturate, true, "fill graph rows up to the degree with pruned candidates");
+ABSL_FLAG(int, graph_recent_entries, 8,
+          "attention graph: the most recent keys that also seed every search");
 ABSL_FLAG(std::string, train_topk_cache, "",
           "if set: read each data set's training top-k from PATH.<family>-<N> (an .ibin) when "
           "it exists and matches, else write it there (saves recomputing it between runs on "
@@ -450,6 +452,7 @@ class Runner {
     o.prune_alpha = static_cast<float>(absl::GetFlag(FLAGS_graph_prune_alpha));
     o.saturate = absl::GetFlag(FLAGS_graph_saturate);
     o.pivots_per_query = absl::GetFlag(FLAGS_graph_pivots);
+    o.recent_entries = absl::GetFlag(FLAGS_graph_recent_entries);
     o.routers = absl::GetFlag(FLAGS_graph_routers);
     o.frequency_order = absl::GetFlag(FLAGS_graph_frequency_order);
     o.scan_bf16 = absl::GetFlag(FLAGS_graph_scan_bf16);

@@ -16,7 +16,10 @@ namespace kvr::index {
 namespace {
 
 constexpr uint32_t kNone = std::numeric_limits<uint32_t>::max();
-constexpr uint32_t kFormatVersion = 1;
+// Version 2 adds recent_entries and the recent entry count; version 1 blobs
+// load with neither (recent_entries = 0).
+constexpr uint32_t kFormatVersion = 2;
+constexpr int kMaxEntries = 1024;
 constexpr int kMaxDegree = 256;
 constexpr size_t kMaxCandidatesPerDegree = 8;
 constexpr int kMaxBeam = 1 << 16;
@@ -103,9 +106,14 @@ absl::Status ValidateGraphOptions(const AttentionGraphOptions& o) {
     return absl::InvalidArgumentError(absl::StrCat(
         "attention graph default_beam=", o.default_beam, " outside [1, ", kMaxBeam, "]"));
   }
-  if (o.entry_points < 1 || o.entry_points > 1024) {
+  if (o.entry_points < 1 || o.entry_points > kMaxEntries) {
     return absl::InvalidArgumentError(
         absl::StrCat("attention graph entry_points=", o.entry_points, " outside [1, 1024]"));
+  }
+  if (o.recent_entries < 0 || o.recent_entries > kMaxEntries - o.entry_points) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "attention graph recent_entries=", o.recent_entries, " outside [0, 1024 - entry_points=",
+        kMaxEntries - o.entry_points, "]"));
   }
   if (o.routers < 0 || o.routers > 65536 || o.router_probe < 1 || o.router_probe > 1024 ||
       o.router_entries < 1 || o.router_entries > 1024) {
@@ -387,6 +395,21 @@ void AttentionGraphIndex::ChooseEntries(std::span<const uint32_t> in_topk_count)
                              (in_topk_count[a] == in_topk_count[b] && a < b);
                     });
   entries_.assign(order.begin(), order.begin() + want);
+  recent_count_ = 0;
+}
+
+void AttentionGraphIndex::RefreshRecentEntries() {
+  entries_.resize(entries_.size() - recent_count_);
+  recent_count_ = 0;
+  const size_t want = std::min<size_t>(static_cast<size_t>(options_.recent_entries), n_);
+  const size_t heavy = entries_.size();
+  for (size_t i = 0; i < want; ++i) {
+    const uint32_t id = static_cast<uint32_t>(n_ - 1 - i);
+    if (std::find(entries_.begin(), entries_.begin() + heavy, id) == entries_.begin() + heavy) {
+      entries_.push_back(id);
+      ++recent_count_;
+    }
+  }
 }
 
 absl::StatusOr<std::unique_ptr<AttentionGraphIndex>> AttentionGraphIndex::Build(
@@ -542,6 +565,7 @@ void AttentionGraphIndex::BuildGraph(std::span<const int64_t> train_topk, size_t
   walk_bf16_.resize(n * dim_);
   simd::Active().fp32_to_bf16(keys_.data(), walk_bf16_.data(), n * dim_);
   build_stats_.keys_linked = LinkUnreachable(pool);
+  RefreshRecentEntries();
   walk_bf16_ = {};
   build_stats_.link_seconds = lap();
   build_stats_.cpu_seconds = ProcessCpuSeconds() - cpu0;
@@ -816,7 +840,9 @@ absl::Status AttentionGraphIndex::Add(ConstMatrixView keys) {
     // An index built empty: the first key is the entry; link the rest.
     n_ = keys.rows();
     entries_.assign(1, 0);
+    recent_count_ = 0;
     LinkUnreachable(nullptr);
+    RefreshRecentEntries();
     return absl::OkStatus();
   }
   // Insert one by one; each new key is searchable before the next is linked.
@@ -841,6 +867,7 @@ absl::Status AttentionGraphIndex::Add(ConstMatrixView keys) {
   // relink any key that became unreachable.
   LinkUnreachable(nullptr);
   EndLinking();
+  RefreshRecentEntries();
   return absl::OkStatus();
 }
 
@@ -868,6 +895,8 @@ absl::Status AttentionGraphIndex::Serialize(std::vector<uint8_t>* out) const {
   w.Put<int32_t>(options_.router_entries);
   w.Put<uint8_t>(options_.frequency_order ? 1 : 0);
   w.Put<uint8_t>(options_.scan_bf16 ? 1 : 0);
+  w.Put<int32_t>(options_.recent_entries);
+  w.Put<uint64_t>(recent_count_);
   w.PutArray(std::span<const uint32_t>(entries_));
   w.PutArray(std::span<const float>(keys_.data(), n_ * dim_));
   w.PutArray(std::span<const uint32_t>(adjacency_.data(), n_ * stride_));
@@ -885,7 +914,7 @@ absl::StatusOr<std::unique_ptr<AttentionGraphIndex>> AttentionGraphIndex::Deseri
     return absl::InvalidArgumentError(
         absl::StrCat("blob kind ", blob.kind, " is not an attention graph index"));
   }
-  if (blob.version != kFormatVersion) {
+  if (blob.version != kFormatVersion && blob.version != 1) {
     return absl::InvalidArgumentError(absl::StrCat("attention graph format version ",
                                                    blob.version, " unsupported (want ",
                                                    kFormatVersion, ")"));
@@ -909,6 +938,12 @@ absl::StatusOr<std::unique_ptr<AttentionGraphIndex>> AttentionGraphIndex::Deseri
   uint8_t frequency_order = 0, scan_bf16 = 0;
   KVR_RETURN_IF_ERROR(r.Get(&frequency_order, "frequency_order"));
   KVR_RETURN_IF_ERROR(r.Get(&scan_bf16, "scan_bf16"));
+  uint64_t recent_count = 0;
+  o.recent_entries = 0;
+  if (blob.version >= 2) {
+    KVR_RETURN_IF_ERROR(r.Get(&o.recent_entries, "recent_entries"));
+    KVR_RETURN_IF_ERROR(r.Get(&recent_count, "recent_count"));
+  }
   o.frequency_order = frequency_order != 0;
   o.scan_bf16 = scan_bf16 != 0;
   o.saturate = saturate != 0;
@@ -921,7 +956,12 @@ absl::StatusOr<std::unique_ptr<AttentionGraphIndex>> AttentionGraphIndex::Deseri
   }
   auto index = std::unique_ptr<AttentionGraphIndex>(new AttentionGraphIndex(dim, o));
   index->n_ = n;
-  KVR_RETURN_IF_ERROR(r.GetArray(&index->entries_, "entries", 1024));
+  KVR_RETURN_IF_ERROR(r.GetArray(&index->entries_, "entries", kMaxEntries));
+  if (recent_count > index->entries_.size()) {
+    return absl::DataLossError(absl::StrCat("attention graph index: recent_count=", recent_count,
+                                            " > entries ", index->entries_.size()));
+  }
+  index->recent_count_ = static_cast<size_t>(recent_count);
   KVR_RETURN_IF_ERROR(r.GetArray(&index->keys_, "keys", n * dim));
   KVR_RETURN_IF_ERROR(r.GetArray(&index->adjacency_, "adjacency", n * index->stride_));
   KVR_RETURN_IF_ERROR(r.GetArray(&index->router_vecs_, "router_vecs",

@@ -54,6 +54,13 @@ struct AttentionGraphOptions {
   int routers = 0;
   int router_probe = 4;
   int router_entries = 8;
+  // The `recent_entries` most recent keys (highest positions; Add moves them
+  // to the newest keys) also seed every search, beside the `entry_points`
+  // heavy hitters: recency heads ("positional" data family) attend to the
+  // newest keys, which no heavy hitter's neighbourhood leads to (recall@100
+  // 0.00 without them at 128K keys, docs/benchmarks.md §3). [0, 1024], and
+  // entry_points + recent_entries <= 1024.
+  int recent_entries = 8;
 };
 
 // Checks option ranges; InvalidArgument names the field and its limits.
@@ -98,7 +105,9 @@ class AttentionGraphIndex final : public KeyIndex {
   const AttentionGraphOptions& options() const { return options_; }
   // Out-neighbours of key `id`, the connectivity edge included (diagnostics).
   std::vector<uint32_t> neighbors(uint32_t id) const;
+  // Heavy-hitter entry points, then the recent_count() recent keys.
   std::span<const uint32_t> entry_points() const { return entries_; }
+  size_t recent_count() const { return recent_count_; }
   // What the last Build did, for benchmarks and diagnostics.
   struct BuildStats {
     double projection_seconds = 0;  // query->key neighbourhoods projected and pruned
@@ -147,6 +156,9 @@ class AttentionGraphIndex final : public KeyIndex {
 
   void BuildGraph(std::span<const int64_t> train_topk, size_t topk_width, ThreadPool* pool);
   void ChooseEntries(std::span<const uint32_t> in_topk_count);
+  // Replaces the trailing recent entries by the newest keys (after they are
+  // linked in: an entry must have out-edges to lead anywhere).
+  void RefreshRecentEntries();
   // `out_dist` (optional) receives the squared L2 of each kept edge.
   void Prune(uint32_t source, std::vector<Cand>* cands, std::vector<uint32_t>* out,
              std::vector<float>* out_dist = nullptr) const;
@@ -180,7 +192,8 @@ class AttentionGraphIndex final : public KeyIndex {
   std::vector<float> keys_;          // n x dim
   std::vector<uint16_t> keys_bf16_;  // n x dim when options_.scan_bf16, else empty
   std::vector<uint32_t> adjacency_;  // n x stride_; regular edges kNone-terminated
-  std::vector<uint32_t> entries_;    // entry points, best first
+  std::vector<uint32_t> entries_;    // entry points: heavy hitters best first, then recent keys
+  size_t recent_count_ = 0;          // how many of entries_ (at its end) are recent keys
   std::vector<float> sq_norms_;      // n: ||key||^2 (L2 searches score by dot products)
   std::vector<uint16_t> walk_bf16_;  // n x dim bf16 keys while Build links keys in, else empty
   std::vector<float> edge_len_;      // n x degree while linking (see EdgeLengths), else empty
