@@ -876,6 +876,8 @@ size_t AttentionGraphIndex::MemoryBytes() const {
          keys_bf16_.capacity() * sizeof(uint16_t) +
          router_vecs_.capacity() * sizeof(float) + router_keys_.capacity() * sizeof(uint32_t) +
          adjacency_.capacity() * sizeof(uint32_t) + entries_.capacity() * sizeof(uint32_t) +
+         sq_norms_.capacity() * sizeof(float) + walk_bf16_.capacity() * sizeof(uint16_t) +
+         edge_len_.capacity() * sizeof(float) + edge_len_known_.capacity() +
          scratch_->MemoryBytes();
 }
 
