@@ -88,7 +88,7 @@ ABSL_FLAG(int, threads, 0, "build threads (0: all cores); searches are single-th
 ABSL_FLAG(int, graph_degree, 32, "attention graph out-degree M");
 ABSL_FLAG(int, graph_entry_points, 16, "attention graph entry points");
 ABSL_FLAG(double, graph_prune_alpha, 1.0, "attention graph occlusion-pruning alpha");
-ABSL_FLAG(int, graph_pivots, 4, "attention graph pivots per training query (RoarGraph: 1)");
+ABSL_FLAG(int, graph_pivots, 16, "attention graph pivots per training query (RoarGraph: 1)");
 ABSL_FLAG(int, graph_routers, 0, "attention graph query routers (0: off)");
 ABSL_FLAG(int, graph_router_probe, 4, "routers whose keys seed each search");
 ABSL_FLAG(int, graph_router_entries, 8, "keys remembered per router");
@@ -97,6 +97,8 @@ ABSL_FLAG(bool, graph_frequency_order, true,
 ABSL_FLAG(bool, graph_scan_bf16, false, "attention graph: walk the graph on bf16 keys");
 ABSL_FLAG(int, graph_build_beam, 64, "attention graph beam when linking keys in");
 ABSL_FLAG(bool, graph_saturate, true, "fill graph rows up to the degree with pruned candidates");
+ABSL_FLAG(int, graph_recent_entries, 8,
+          "attention graph: the most recent keys that also seed every search");
 ABSL_FLAG(std::string, train_topk_cache, "",
           "if set (PATH.ibin or PATH.npy): read each data set's training top-k from "
           "PATH.<family>-<N>.ibin (.npy) when it exists and matches, else write it there (saves "
@@ -469,6 +471,7 @@ class Runner {
     o.prune_alpha = static_cast<float>(absl::GetFlag(FLAGS_graph_prune_alpha));
     o.saturate = absl::GetFlag(FLAGS_graph_saturate);
     o.pivots_per_query = absl::GetFlag(FLAGS_graph_pivots);
+    o.recent_entries = absl::GetFlag(FLAGS_graph_recent_entries);
     o.routers = absl::GetFlag(FLAGS_graph_routers);
     o.frequency_order = absl::GetFlag(FLAGS_graph_frequency_order);
     o.scan_bf16 = absl::GetFlag(FLAGS_graph_scan_bf16);
@@ -485,10 +488,11 @@ class Runner {
     const double build = Seconds(t0, Clock::now());
     const auto& bs = (*graph)->build_stats();
     std::printf("  graph: training top-%d of %zu queries %.2f s (GPU work in production), "
-                "build %.2f s with %zu threads (projection %.2f, reverse %.2f, link %.2f s; "
-                "%zu keys covered by projection, %zu linked)\n",
-                train_k, ds.train.rows, knn_s, build, pool_->size() + 1, bs.projection_seconds,
-                bs.reverse_seconds, bs.link_seconds, bs.keys_covered, bs.keys_linked);
+                "build %.2f s with %zu threads, %.2f CPU s (projection %.2f, reverse %.2f, "
+                "link %.2f s; %zu keys covered by projection, %zu linked with %.1fM distances)\n",
+                train_k, ds.train.rows, knn_s, build, pool_->size() + 1, bs.cpu_seconds,
+                bs.projection_seconds, bs.reverse_seconds, bs.link_seconds, bs.keys_covered,
+                bs.keys_linked, 1e-6 * static_cast<double>(bs.link_distance_computations));
     for (int beam : ParseInts(absl::GetFlag(FLAGS_graph_beams), "graph_beams")) {
       if (beam < k) continue;
       index::SearchParams p;

@@ -1,5 +1,7 @@
 #include "retrieval_node/index/attention_graph_index.h"
 
+#include <time.h>
+
 #include <algorithm>
 #include <chrono>
 #include <cmath>
@@ -15,10 +17,23 @@ namespace kvr::index {
 namespace {
 
 constexpr uint32_t kNone = std::numeric_limits<uint32_t>::max();
-constexpr uint32_t kFormatVersion = 1;
+// Version 2 adds recent_entries and the recent entry count; version 1 blobs
+// load with neither (recent_entries = 0).
+constexpr uint32_t kFormatVersion = 2;
+constexpr int kMaxEntries = 1024;
 constexpr int kMaxDegree = 256;
 constexpr size_t kMaxCandidatesPerDegree = 8;
 constexpr int kMaxBeam = 1 << 16;
+// How far (in positions) the link pass looks for an already linked key to
+// seed a key's search from.
+constexpr uint32_t kSeedWindow = 256;
+
+// CPU time of this process (all threads), in seconds.
+double ProcessCpuSeconds() {
+  timespec ts{};
+  clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
+  return static_cast<double>(ts.tv_sec) + 1e-9 * static_cast<double>(ts.tv_nsec);
+}
 
 }  // namespace
 
@@ -92,9 +107,14 @@ absl::Status ValidateGraphOptions(const AttentionGraphOptions& o) {
     return absl::InvalidArgumentError(absl::StrCat(
         "attention graph default_beam=", o.default_beam, " outside [1, ", kMaxBeam, "]"));
   }
-  if (o.entry_points < 1 || o.entry_points > 1024) {
+  if (o.entry_points < 1 || o.entry_points > kMaxEntries) {
     return absl::InvalidArgumentError(
         absl::StrCat("attention graph entry_points=", o.entry_points, " outside [1, 1024]"));
+  }
+  if (o.recent_entries < 0 || o.recent_entries > kMaxEntries - o.entry_points) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "attention graph recent_entries=", o.recent_entries, " outside [0, 1024 - entry_points=",
+        kMaxEntries - o.entry_points, "]"));
   }
   if (o.routers < 0 || o.routers > 65536 || o.router_probe < 1 || o.router_probe > 1024 ||
       o.router_entries < 1 || o.router_entries > 1024) {
@@ -122,6 +142,14 @@ void AttentionGraphIndex::RefreshBf16(size_t from, size_t to) {
   keys_bf16_.resize(to * dim_);
   simd::Active().fp32_to_bf16(keys_.data() + from * dim_, keys_bf16_.data() + from * dim_,
                               (to - from) * dim_);
+}
+
+void AttentionGraphIndex::RefreshNorms(size_t from, size_t to) {
+  sq_norms_.resize(to);
+  const simd::Kernels& kern = simd::Active();
+  for (size_t i = from; i < to; ++i) {
+    sq_norms_[i] = kern.dot(keys_.data() + i * dim_, keys_.data() + i * dim_, dim_);
+  }
 }
 
 std::span<const uint32_t> AttentionGraphIndex::RegularNeighbors(uint32_t id) const {
@@ -155,7 +183,7 @@ float AttentionGraphIndex::L2(uint32_t a, uint32_t b) const {
 // `degree` survive and `fill` is set, the nearest pruned candidates fill the
 // remaining slots (a saturated graph navigates better at small degree).
 void AttentionGraphIndex::Prune(uint32_t source, std::vector<Cand>* cands,
-                                std::vector<uint32_t>* out) const {
+                                std::vector<uint32_t>* out, std::vector<float>* out_dist) const {
   const size_t degree = static_cast<size_t>(options_.degree);
   // Only the nearest kMaxCandidatesPerDegree * degree candidates compete: the
   // occlusion test costs O(degree) distances per candidate.
@@ -170,7 +198,8 @@ void AttentionGraphIndex::Prune(uint32_t source, std::vector<Cand>* cands,
                            [](const Cand& a, const Cand& b) { return a.id == b.id; }),
                cands->end());
   out->clear();
-  std::vector<uint32_t> pruned;
+  if (out_dist != nullptr) out_dist->clear();
+  std::vector<const Cand*> pruned;
   for (const Cand& c : *cands) {
     if (c.id == source) continue;
     if (out->size() == degree) break;
@@ -182,13 +211,17 @@ void AttentionGraphIndex::Prune(uint32_t source, std::vector<Cand>* cands,
       }
     }
     if (occluded) {
-      pruned.push_back(c.id);
+      pruned.push_back(&c);
     } else {
       out->push_back(c.id);
+      if (out_dist != nullptr) out_dist->push_back(c.dist);
     }
   }
   if (options_.saturate) {
-    for (size_t i = 0; i < pruned.size() && out->size() < degree; ++i) out->push_back(pruned[i]);
+    for (size_t i = 0; i < pruned.size() && out->size() < degree; ++i) {
+      out->push_back(pruned[i]->id);
+      if (out_dist != nullptr) out_dist->push_back(pruned[i]->dist);
+    }
   }
 }
 
@@ -205,10 +238,12 @@ void AttentionGraphIndex::SetNeighbors(uint32_t id, std::span<const uint32_t> nb
 // -||q - k||^2 (kL2, used to link keys in). Leaves the beam sorted best first.
 template <AttentionGraphIndex::Metric kMetric>
 void AttentionGraphIndex::SearchOne(const float* q, size_t beam_width, Scratch* s,
-                                    int64_t* distance_computations) const {
+                                    int64_t* distance_computations,
+                                    std::span<const uint32_t> extra_seeds) const {
   const simd::Kernels& kern = simd::Active();
   s->Reset(n_);
   s->beam.Reset(beam_width);
+  const float q_norm = kMetric == Metric::kL2 ? kern.dot(q, q, dim_) : 0.0f;
   if (s->fresh.size() < stride_) {
     s->fresh.resize(stride_);
     s->fresh_scores.resize(stride_);
@@ -221,7 +256,17 @@ void AttentionGraphIndex::SearchOne(const float* q, size_t beam_width, Scratch* 
         kern.dot_gather_bf16(q, keys_bf16_.data(), ids, count, dim_, dim_, out);
       }
     } else {
-      for (size_t i = 0; i < count; ++i) out[i] = -kern.l2sqr(q, key(ids[i]), dim_);
+      // -||q - k||^2 = 2 q.k - ||k||^2 - ||q||^2, batched like the IP walk
+      // (on a bf16 copy while Build links keys in: half the memory traffic;
+      // the caller re-measures the candidates it keeps exactly).
+      if (!walk_bf16_.empty()) {
+        kern.dot_gather_bf16(q, walk_bf16_.data(), ids, count, dim_, dim_, out);
+      } else {
+        kern.dot_gather(q, keys_.data(), ids, count, dim_, dim_, out);
+      }
+      for (size_t i = 0; i < count; ++i) {
+        out[i] = std::min(0.0f, 2.0f * out[i] - sq_norms_[ids[i]] - q_norm);
+      }
     }
     *distance_computations += static_cast<int64_t>(count);
   };
@@ -242,6 +287,7 @@ void AttentionGraphIndex::SearchOne(const float* q, size_t beam_width, Scratch* 
     for (size_t i = 0; i < m; ++i) s->beam.Insert(s->fresh[i], s->fresh_scores[i]);
   };
   seed(entries_);
+  if (!extra_seeds.empty()) seed(extra_seeds);
   if constexpr (kMetric == Metric::kIp) {
     const size_t routers = router_vecs_.size() / dim_;
     if (routers > 0) {
@@ -264,8 +310,18 @@ void AttentionGraphIndex::SearchOne(const float* q, size_t beam_width, Scratch* 
     }
   }
 
+  const size_t row_bytes = stride_ * sizeof(uint32_t);
   while (s->beam.HasUnexpanded()) {
     const uint32_t* r = row(s->beam.PopUnexpanded());
+    // The walk is bound by memory latency: fetch the row the next expansion
+    // most likely reads, and every neighbour's visited tag, before using them.
+    if (s->beam.HasUnexpanded()) {
+      const char* next = reinterpret_cast<const char*>(row(s->beam.PeekUnexpanded()));
+      for (size_t off = 0; off < row_bytes; off += 64) __builtin_prefetch(next + off);
+    }
+    for (size_t j = 0; j < stride_; ++j) {
+      if (r[j] != kNone) __builtin_prefetch(&s->visited[r[j]]);
+    }
     size_t m = 0;
     for (size_t j = 0; j < stride_; ++j) {
       if (r[j] != kNone && s->Visit(r[j])) s->fresh[m++] = r[j];
@@ -340,6 +396,21 @@ void AttentionGraphIndex::ChooseEntries(std::span<const uint32_t> in_topk_count)
                              (in_topk_count[a] == in_topk_count[b] && a < b);
                     });
   entries_.assign(order.begin(), order.begin() + want);
+  recent_count_ = 0;
+}
+
+void AttentionGraphIndex::RefreshRecentEntries() {
+  entries_.resize(entries_.size() - recent_count_);
+  recent_count_ = 0;
+  const size_t want = std::min<size_t>(static_cast<size_t>(options_.recent_entries), n_);
+  const size_t heavy = entries_.size();
+  for (size_t i = 0; i < want; ++i) {
+    const uint32_t id = static_cast<uint32_t>(n_ - 1 - i);
+    if (std::find(entries_.begin(), entries_.begin() + heavy, id) == entries_.begin() + heavy) {
+      entries_.push_back(id);
+      ++recent_count_;
+    }
+  }
 }
 
 absl::StatusOr<std::unique_ptr<AttentionGraphIndex>> AttentionGraphIndex::Build(
@@ -379,6 +450,7 @@ absl::StatusOr<std::unique_ptr<AttentionGraphIndex>> AttentionGraphIndex::Build(
   }
   index->adjacency_.assign(index->n_ * index->stride_, kNone);
   index->RefreshBf16(0, index->n_);
+  index->RefreshNorms(0, index->n_);
   if (index->n_ == 0) return index;
   index->BuildGraph(train_topk, topk_width, pool);
   return index;
@@ -430,12 +502,15 @@ void AttentionGraphIndex::BuildGraph(std::span<const int64_t> train_topk, size_t
     t0 = t1;
     return s;
   };
+  const double cpu0 = ProcessCpuSeconds();
 
   // 2. Projection: each pivot links to the pruned union of its queries'
   //    other neighbours.
   pool->ParallelFor(n, 256, [&](size_t begin, size_t end) {
+    const simd::Kernels& kern = simd::Active();
     std::vector<Cand> cands;
-    std::vector<uint32_t> ids;
+    std::vector<uint32_t> ids, uniq, counts;
+    std::vector<float> dots;
     std::vector<uint32_t> out;
     for (size_t p = begin; p < end; ++p) {
       if (pivot_start[p] == pivot_start[p + 1]) continue;
@@ -447,17 +522,29 @@ void AttentionGraphIndex::BuildGraph(std::span<const int64_t> train_topk, size_t
         }
       }
       std::sort(ids.begin(), ids.end());
-      cands.clear();
+      // Distinct candidates and how many of the pivot's queries want each;
+      // distances batched (gathered dot products, prefetched: this loop is
+      // bound by memory latency) as ||p||^2 + ||c||^2 - 2 p.c.
+      uniq.clear();
+      counts.clear();
       for (size_t i = 0; i < ids.size();) {
         size_t j = i;
         while (j < ids.size() && ids[j] == ids[i]) ++j;
-        const float d = L2(static_cast<uint32_t>(p), ids[i]);
+        uniq.push_back(ids[i]);
+        counts.push_back(static_cast<uint32_t>(j - i));
+        i = j;
+      }
+      dots.resize(uniq.size());
+      kern.dot_gather(key(static_cast<uint32_t>(p)), keys_.data(), uniq.data(), uniq.size(), dim_,
+                      dim_, dots.data());
+      cands.clear();
+      for (size_t i = 0; i < uniq.size(); ++i) {
+        const float d = std::max(0.0f, sq_norms_[p] + sq_norms_[uniq[i]] - 2.0f * dots[i]);
         // Counts are small integers; d / (1 + d) < 1 orders equal counts by distance.
         const float rank = options_.frequency_order
-                               ? -static_cast<float>(j - i) + d / (1.0f + d)
+                               ? -static_cast<float>(counts[i]) + d / (1.0f + d)
                                : d;
-        cands.push_back({d, ids[i], rank});
-        i = j;
+        cands.push_back({d, uniq[i], rank});
       }
       Prune(static_cast<uint32_t>(p), &cands, &out);
       SetNeighbors(static_cast<uint32_t>(p), out);
@@ -475,8 +562,14 @@ void AttentionGraphIndex::BuildGraph(std::span<const int64_t> train_topk, size_t
 
   // 4. Link in every key the training queries did not reach, so that every
   //    key is reachable from the entry points.
+  // The link searches walk a bf16 copy of the keys (memory-bound otherwise).
+  walk_bf16_.resize(n * dim_);
+  simd::Active().fp32_to_bf16(keys_.data(), walk_bf16_.data(), n * dim_);
   build_stats_.keys_linked = LinkUnreachable(pool);
+  RefreshRecentEntries();
+  walk_bf16_ = {};
   build_stats_.link_seconds = lap();
+  build_stats_.cpu_seconds = ProcessCpuSeconds() - cpu0;
 }
 
 void AttentionGraphIndex::AddReverseEdges(ThreadPool* pool) {
@@ -548,39 +641,64 @@ std::vector<uint8_t> AttentionGraphIndex::Reachable() const {
 }
 
 void AttentionGraphIndex::ChooseLinks(uint32_t id, std::vector<Cand>* cands,
-                                      std::vector<uint32_t>* out) const {
+                                      std::vector<uint32_t>* out,
+                                      std::vector<float>* out_dist) const {
   // Keep whatever out-edges the key already has (from projection).
   for (uint32_t x : RegularNeighbors(id)) cands->push_back(MakeCand(L2(id, x), x));
-  Prune(id, cands, out);
+  Prune(id, cands, out, out_dist);
+}
+
+void AttentionGraphIndex::BeginLinking(size_t n) {
+  edge_len_.resize(n * (stride_ - 1));
+  edge_len_known_.assign(n, 0);
+}
+
+void AttentionGraphIndex::EndLinking() {
+  edge_len_ = {};
+  edge_len_known_ = {};
+}
+
+float* AttentionGraphIndex::EdgeLengths(uint32_t id) {
+  float* len = edge_len_.data() + static_cast<size_t>(id) * (stride_ - 1);
+  if (!edge_len_known_[id]) {
+    const auto current = RegularNeighbors(id);
+    for (size_t j = 0; j < current.size(); ++j) len[j] = L2(id, current[j]);
+    edge_len_known_[id] = 1;
+  }
+  return len;
 }
 
 void AttentionGraphIndex::ApplyLinks(uint32_t id, std::span<const uint32_t> out,
+                                     std::span<const float> out_dist,
                                      std::span<const Cand> cands) {
+  KVR_CHECK(out.size() == out_dist.size() && edge_len_known_.size() >= n_);
   SetNeighbors(id, out);
+  std::copy(out_dist.begin(), out_dist.end(),
+            edge_len_.data() + static_cast<size_t>(id) * (stride_ - 1));
+  edge_len_known_[id] = 1;
   // Offer each kept neighbour the reverse edge: taken when it has a free slot
   // or when the new key is nearer than its farthest neighbour (which it
   // replaces; LinkUnreachable re-checks that the replaced key stays reachable).
   bool linked = false;
   const size_t degree = stride_ - 1;
-  for (uint32_t c : out) {
+  for (size_t i = 0; i < out.size(); ++i) {
+    const uint32_t c = out[i];
     uint32_t* r = row(c);
+    float* len = EdgeLengths(c);
     const auto current = RegularNeighbors(c);
     if (current.size() < degree) {
       r[current.size()] = id;
+      len[current.size()] = out_dist[i];
       linked = true;
       continue;
     }
     size_t far = 0;
-    float far_dist = -1.0f;
-    for (size_t j = 0; j < current.size(); ++j) {
-      const float d = L2(c, current[j]);
-      if (d > far_dist) {
-        far_dist = d;
-        far = j;
-      }
+    for (size_t j = 1; j < current.size(); ++j) {
+      if (len[j] > len[far]) far = j;
     }
-    if (L2(c, id) < far_dist) {
+    if (out_dist[i] < len[far]) {
       r[far] = id;
+      len[far] = out_dist[i];
       linked = true;
     }
   }
@@ -612,6 +730,28 @@ bool AttentionGraphIndex::TrySetRepairEdge(uint32_t source, uint32_t target) {
   return true;
 }
 
+// Up to two keys nearest to `id` by position (one below, one above, within
+// kSeedWindow positions) whose `linked` flag is set; returns how many.
+size_t AttentionGraphIndex::NearestLinkedByPosition(uint32_t id, std::span<const uint8_t> linked,
+                                                    uint32_t* out) const {
+  size_t m = 0;
+  const uint32_t lo = id > kSeedWindow ? id - kSeedWindow : 0;
+  for (uint32_t j = id; j > lo;) {
+    if (linked[--j]) {
+      out[m++] = j;
+      break;
+    }
+  }
+  const uint32_t hi = static_cast<uint32_t>(std::min<size_t>(n_, size_t{id} + kSeedWindow + 1));
+  for (uint32_t j = id + 1; j < hi; ++j) {
+    if (linked[j]) {
+      out[m++] = j;
+      break;
+    }
+  }
+  return m;
+}
+
 size_t AttentionGraphIndex::LinkUnreachable(ThreadPool* pool) {
   ThreadPool inline_pool(0);
   if (pool == nullptr) pool = &inline_pool;
@@ -620,15 +760,23 @@ size_t AttentionGraphIndex::LinkUnreachable(ThreadPool* pool) {
   // other, so batches grow with the reachable part (at most half of it): the
   // graph a batch searches is always at least twice the batch.
   size_t linked = 0;
+  const bool own_cache = edge_len_known_.size() < n_;
+  if (own_cache) BeginLinking(n_);
+  std::atomic<int64_t> link_dc{0};
   for (int round = 0; round < 64; ++round) {
     const std::vector<uint8_t> seen = Reachable();
     std::vector<uint32_t> todo;
     for (uint32_t i = 0; i < n_; ++i) {
       if (!seen[i]) todo.push_back(i);
     }
-    if (todo.empty()) return linked;
+    if (todo.empty()) {
+      if (own_cache) EndLinking();
+      build_stats_.link_distance_computations += link_dc.load();
+      return linked;
+    }
     linked += todo.size();
     size_t reachable = n_ - todo.size();
+    std::vector<uint8_t> linked_now = seen;
     for (size_t b = 0; b < todo.size();) {
       const size_t batch = std::max<size_t>(32, reachable / 2);
       const size_t e = std::min(todo.size(), b + batch);
@@ -636,21 +784,36 @@ size_t AttentionGraphIndex::LinkUnreachable(ThreadPool* pool) {
       // Sequential: write them and the reverse edges.
       std::vector<std::vector<Cand>> found(e - b);
       std::vector<std::vector<uint32_t>> outs(e - b);
+      std::vector<std::vector<float>> out_dists(e - b);
       pool->ParallelFor(e - b, 16, [&](size_t begin, size_t end) {
         ScratchLease s(scratch_.get());
         int64_t dc = 0;
+        uint32_t near[2];
+        struct AddDc {  // publishes this chunk's count however the loop exits
+          std::atomic<int64_t>* total;
+          int64_t* dc;
+          ~AddDc() { total->fetch_add(*dc, std::memory_order_relaxed); }
+        } add_dc{&link_dc, &dc};
         for (size_t i = begin; i < end; ++i) {
           const uint32_t id = todo[b + i];
-          SearchOne<Metric::kL2>(key(id), static_cast<size_t>(options_.build_beam), &*s, &dc);
+          // Also start from the nearest linked keys by position (neighbouring
+          // positions tend to hold similar keys; a cheap, often close seed).
+          const size_t m = NearestLinkedByPosition(id, linked_now, near);
+          SearchOne<Metric::kL2>(key(id), static_cast<size_t>(options_.build_beam), &*s, &dc,
+                                 {near, m});
           for (size_t j = 0; j < s->beam.size(); ++j) {
             if (s->beam.id(j) != id) {
-              found[i].push_back(MakeCand(-s->beam.score(j), s->beam.id(j)));
+              found[i].push_back(MakeCand(L2(id, s->beam.id(j)), s->beam.id(j)));
             }
           }
-          ChooseLinks(id, &found[i], &outs[i]);
+          dc += static_cast<int64_t>(found[i].size());
+          ChooseLinks(id, &found[i], &outs[i], &out_dists[i]);
         }
       });
-      for (size_t i = 0; i < e - b; ++i) ApplyLinks(todo[b + i], outs[i], found[i]);
+      for (size_t i = 0; i < e - b; ++i) {
+        ApplyLinks(todo[b + i], outs[i], out_dists[i], found[i]);
+        linked_now[todo[b + i]] = 1;
+      }
       reachable += e - b;
       b = e;
     }
@@ -673,17 +836,22 @@ absl::Status AttentionGraphIndex::Add(ConstMatrixView keys) {
     std::copy(keys.row(i), keys.row(i) + dim_, keys_.data() + (old_n + i) * dim_);
   }
   RefreshBf16(old_n, old_n + keys.rows());
+  RefreshNorms(old_n, old_n + keys.rows());
   if (old_n == 0) {
     // An index built empty: the first key is the entry; link the rest.
     n_ = keys.rows();
     entries_.assign(1, 0);
+    recent_count_ = 0;
     LinkUnreachable(nullptr);
+    RefreshRecentEntries();
     return absl::OkStatus();
   }
   // Insert one by one; each new key is searchable before the next is linked.
+  BeginLinking(n_ + keys.rows());
   ScratchLease s(scratch_.get());
   std::vector<Cand> cands;
   std::vector<uint32_t> out;
+  std::vector<float> out_dist;
   int64_t dc = 0;
   for (size_t i = 0; i < keys.rows(); ++i) {
     const uint32_t id = static_cast<uint32_t>(old_n + i);
@@ -693,12 +861,14 @@ absl::Status AttentionGraphIndex::Add(ConstMatrixView keys) {
       cands.push_back(MakeCand(-s->beam.score(j), s->beam.id(j)));
     }
     n_ = id + 1;
-    ChooseLinks(id, &cands, &out);
-    ApplyLinks(id, out, cands);
+    ChooseLinks(id, &cands, &out, &out_dist);
+    ApplyLinks(id, out, out_dist, cands);
   }
   // Re-pruning a neighbour's row can drop the last edge into an older key;
   // relink any key that became unreachable.
   LinkUnreachable(nullptr);
+  EndLinking();
+  RefreshRecentEntries();
   return absl::OkStatus();
 }
 
@@ -707,6 +877,8 @@ size_t AttentionGraphIndex::MemoryBytes() const {
          keys_bf16_.capacity() * sizeof(uint16_t) +
          router_vecs_.capacity() * sizeof(float) + router_keys_.capacity() * sizeof(uint32_t) +
          adjacency_.capacity() * sizeof(uint32_t) + entries_.capacity() * sizeof(uint32_t) +
+         sq_norms_.capacity() * sizeof(float) + walk_bf16_.capacity() * sizeof(uint16_t) +
+         edge_len_.capacity() * sizeof(float) + edge_len_known_.capacity() +
          scratch_->MemoryBytes();
 }
 
@@ -726,6 +898,8 @@ absl::Status AttentionGraphIndex::Serialize(std::vector<uint8_t>* out) const {
   w.Put<int32_t>(options_.router_entries);
   w.Put<uint8_t>(options_.frequency_order ? 1 : 0);
   w.Put<uint8_t>(options_.scan_bf16 ? 1 : 0);
+  w.Put<int32_t>(options_.recent_entries);
+  w.Put<uint64_t>(recent_count_);
   w.PutArray(std::span<const uint32_t>(entries_));
   w.PutArray(std::span<const float>(keys_.data(), n_ * dim_));
   w.PutArray(std::span<const uint32_t>(adjacency_.data(), n_ * stride_));
@@ -743,7 +917,7 @@ absl::StatusOr<std::unique_ptr<AttentionGraphIndex>> AttentionGraphIndex::Deseri
     return absl::InvalidArgumentError(
         absl::StrCat("blob kind ", blob.kind, " is not an attention graph index"));
   }
-  if (blob.version != kFormatVersion) {
+  if (blob.version != kFormatVersion && blob.version != 1) {
     return absl::InvalidArgumentError(absl::StrCat("attention graph format version ",
                                                    blob.version, " unsupported (want ",
                                                    kFormatVersion, ")"));
@@ -767,6 +941,12 @@ absl::StatusOr<std::unique_ptr<AttentionGraphIndex>> AttentionGraphIndex::Deseri
   uint8_t frequency_order = 0, scan_bf16 = 0;
   KVR_RETURN_IF_ERROR(r.Get(&frequency_order, "frequency_order"));
   KVR_RETURN_IF_ERROR(r.Get(&scan_bf16, "scan_bf16"));
+  uint64_t recent_count = 0;
+  o.recent_entries = 0;
+  if (blob.version >= 2) {
+    KVR_RETURN_IF_ERROR(r.Get(&o.recent_entries, "recent_entries"));
+    KVR_RETURN_IF_ERROR(r.Get(&recent_count, "recent_count"));
+  }
   o.frequency_order = frequency_order != 0;
   o.scan_bf16 = scan_bf16 != 0;
   o.saturate = saturate != 0;
@@ -779,7 +959,12 @@ absl::StatusOr<std::unique_ptr<AttentionGraphIndex>> AttentionGraphIndex::Deseri
   }
   auto index = std::unique_ptr<AttentionGraphIndex>(new AttentionGraphIndex(dim, o));
   index->n_ = n;
-  KVR_RETURN_IF_ERROR(r.GetArray(&index->entries_, "entries", 1024));
+  KVR_RETURN_IF_ERROR(r.GetArray(&index->entries_, "entries", kMaxEntries));
+  if (recent_count > index->entries_.size()) {
+    return absl::DataLossError(absl::StrCat("attention graph index: recent_count=", recent_count,
+                                            " > entries ", index->entries_.size()));
+  }
+  index->recent_count_ = static_cast<size_t>(recent_count);
   KVR_RETURN_IF_ERROR(r.GetArray(&index->keys_, "keys", n * dim));
   KVR_RETURN_IF_ERROR(r.GetArray(&index->adjacency_, "adjacency", n * index->stride_));
   KVR_RETURN_IF_ERROR(r.GetArray(&index->router_vecs_, "router_vecs",
@@ -818,6 +1003,7 @@ absl::StatusOr<std::unique_ptr<AttentionGraphIndex>> AttentionGraphIndex::Deseri
     if (!std::isfinite(x)) return absl::DataLossError("attention graph index: non-finite key");
   }
   index->RefreshBf16(0, index->n_);
+  index->RefreshNorms(0, index->n_);
   return index;
 }
 

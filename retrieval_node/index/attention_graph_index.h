@@ -34,9 +34,11 @@ struct AttentionGraphOptions {
   float prune_alpha = 1.0f;  // occlusion: drop c if alpha * d(s, c) < d(p, c) for a kept s
   bool saturate = true;      // fill rows up to `degree` with the nearest pruned candidates
   // Each training query's best `pivots_per_query` keys each link to the
-  // query's other top-k keys (RoarGraph uses 1: only the best key; 4 needs
-  // ~10% fewer distance computations for recall@100 = 0.95, docs/benchmarks.md).
-  int pivots_per_query = 4;
+  // query's other top-k keys (RoarGraph uses 1: only the best key). 16, chosen
+  // over all data families at 128K keys (docs/benchmarks.md §3): vs 4, +1.2
+  // points recall@100 on topical and +6 to +9 on flat at equal keys scanned,
+  // -0.5 on lowrank; ~1.3x the projection work.
+  int pivots_per_query = 16;
   // Projection candidates are considered most frequent first (how many of
   // the pivot's training queries want them), nearest first among equals;
   // false: nearest first (RoarGraph).
@@ -52,6 +54,13 @@ struct AttentionGraphOptions {
   int routers = 0;
   int router_probe = 4;
   int router_entries = 8;
+  // The `recent_entries` most recent keys (highest positions; Add moves them
+  // to the newest keys) also seed every search, beside the `entry_points`
+  // heavy hitters: recency heads ("positional" data family) attend to the
+  // newest keys, which no heavy hitter's neighbourhood leads to (recall@100
+  // 0.00 without them at 128K keys, docs/benchmarks.md §3). [0, 1024], and
+  // entry_points + recent_entries <= 1024.
+  int recent_entries = 8;
 };
 
 // Checks option ranges; InvalidArgument names the field and its limits.
@@ -98,7 +107,9 @@ class AttentionGraphIndex final : public KeyIndex {
   const AttentionGraphOptions& options() const { return options_; }
   // Out-neighbours of key `id`, the connectivity edge included (diagnostics).
   std::vector<uint32_t> neighbors(uint32_t id) const;
+  // Heavy-hitter entry points, then the recent_count() recent keys.
   std::span<const uint32_t> entry_points() const { return entries_; }
+  size_t recent_count() const { return recent_count_; }
   // What the last Build did, for benchmarks and diagnostics.
   struct BuildStats {
     double projection_seconds = 0;  // query->key neighbourhoods projected and pruned
@@ -106,6 +117,10 @@ class AttentionGraphIndex final : public KeyIndex {
     double link_seconds = 0;        // keys no training query reached, linked in
     size_t keys_covered = 0;        // keys with projected edges (pivots or their targets)
     size_t keys_linked = 0;         // keys the connectivity pass had to link in
+    int64_t link_distance_computations = 0;  // key-key distances its searches computed
+    // CPU seconds the process spent during the build, all threads (a
+    // loaded machine inflates wall time, much less this).
+    double cpu_seconds = 0;
   };
   const BuildStats& build_stats() const { return build_stats_; }
 
@@ -138,12 +153,17 @@ class AttentionGraphIndex final : public KeyIndex {
 
   void RefreshBf16(size_t from, size_t to);  // (re)converts keys_bf16_ rows [from, to)
   template <Metric kMetric>
-  void SearchOne(const float* q, size_t beam_width, Scratch* s,
-                 int64_t* distance_computations) const;
+  void SearchOne(const float* q, size_t beam_width, Scratch* s, int64_t* distance_computations,
+                 std::span<const uint32_t> extra_seeds = {}) const;
 
   void BuildGraph(std::span<const int64_t> train_topk, size_t topk_width, ThreadPool* pool);
   void ChooseEntries(std::span<const uint32_t> in_topk_count);
-  void Prune(uint32_t source, std::vector<Cand>* cands, std::vector<uint32_t>* out) const;
+  // Replaces the trailing recent entries by the newest keys (after they are
+  // linked in: an entry must have out-edges to lead anywhere).
+  void RefreshRecentEntries();
+  // `out_dist` (optional) receives the squared L2 of each kept edge.
+  void Prune(uint32_t source, std::vector<Cand>* cands, std::vector<uint32_t>* out,
+             std::vector<float>* out_dist = nullptr) const;
   void SetNeighbors(uint32_t id, std::span<const uint32_t> nbrs);
   void AddReverseEdges(ThreadPool* pool);
   std::vector<uint8_t> Reachable() const;
@@ -151,10 +171,21 @@ class AttentionGraphIndex final : public KeyIndex {
   // picks its out-edges (const; safe in parallel), ApplyLinks writes them and
   // offers each neighbour the reverse edge; if none keeps it, a free
   // connectivity slot of a candidate takes it so the key is reachable.
-  void ChooseLinks(uint32_t id, std::vector<Cand>* cands, std::vector<uint32_t>* out) const;
-  void ApplyLinks(uint32_t id, std::span<const uint32_t> out, std::span<const Cand> cands);
+  void ChooseLinks(uint32_t id, std::vector<Cand>* cands, std::vector<uint32_t>* out,
+                   std::vector<float>* out_dist) const;
+  void ApplyLinks(uint32_t id, std::span<const uint32_t> out, std::span<const float> out_dist,
+                  std::span<const Cand> cands);
+  // Squared lengths of row `id`'s regular edges (n x degree, computed on
+  // first use), kept only while keys are being linked in: the reverse-edge
+  // offer replaces a full row's farthest edge without re-measuring the row.
+  float* EdgeLengths(uint32_t id);
+  void BeginLinking(size_t n);  // sizes the edge-length cache for n keys, every row unknown
+  void EndLinking();    // frees it
+  void RefreshNorms(size_t from, size_t to);  // (re)computes sq_norms_ rows [from, to)
   bool TrySetRepairEdge(uint32_t source, uint32_t target);
   size_t LinkUnreachable(ThreadPool* pool);  // returns how many keys it linked
+  size_t NearestLinkedByPosition(uint32_t id, std::span<const uint8_t> linked,
+                                 uint32_t* out) const;
 
   size_t dim_;
   size_t n_ = 0;
@@ -163,7 +194,12 @@ class AttentionGraphIndex final : public KeyIndex {
   std::vector<float> keys_;          // n x dim
   std::vector<uint16_t> keys_bf16_;  // n x dim when options_.scan_bf16, else empty
   std::vector<uint32_t> adjacency_;  // n x stride_; regular edges kNone-terminated
-  std::vector<uint32_t> entries_;    // entry points, best first
+  std::vector<uint32_t> entries_;    // entry points: heavy hitters best first, then recent keys
+  size_t recent_count_ = 0;          // how many of entries_ (at its end) are recent keys
+  std::vector<float> sq_norms_;      // n: ||key||^2 (L2 searches score by dot products)
+  std::vector<uint16_t> walk_bf16_;  // n x dim bf16 keys while Build links keys in, else empty
+  std::vector<float> edge_len_;      // n x degree while linking (see EdgeLengths), else empty
+  std::vector<uint8_t> edge_len_known_;  // n while linking: row's edge_len_ is valid
   size_t repair_cursor_ = 0;         // where ApplyLinks' last-resort slot scan resumes
   std::vector<float> router_vecs_;   // routers x dim, unit norm
   std::vector<uint32_t> router_keys_;  // routers x router_entries, kNone-padded

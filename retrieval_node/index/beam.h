@@ -54,6 +54,10 @@ class Beam {
     return entries_[cursor_++].id & ~kExpanded;
   }
 
+  // The id PopUnexpanded() would return next. Call only after
+  // HasUnexpanded() returned true.
+  uint32_t PeekUnexpanded() const { return entries_[cursor_].id & ~kExpanded; }
+
   size_t size() const { return size_; }
   uint32_t id(size_t i) const { return entries_[i].id & ~kExpanded; }
   float score(size_t i) const { return entries_[i].score; }

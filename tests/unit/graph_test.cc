@@ -9,6 +9,7 @@
 #include <set>
 
 #include "common/exact_topk.h"
+#include "common/serialize.h"
 #include "common/tensor.h"
 #include "common/thread_pool.h"
 #include "retrieval_node/index/attention_graph_index.h"
@@ -114,6 +115,132 @@ TEST_F(GraphTest, BuildIsIndependentOfThreadCount) {
   auto b = AttentionGraphIndex::Build(data_->keys.view(), truth_topk, 16, o, pool_);
   ASSERT_TRUE(a.ok() && b.ok());
   for (uint32_t i = 0; i < (*a)->size(); ++i) ASSERT_EQ((*a)->neighbors(i), (*b)->neighbors(i));
+}
+
+// The link pass (keys no training query reached) dominated the build; its
+// work is counted, bounded per key and its result reachable and searchable.
+TEST_F(GraphTest, LinkPassLinksEveryUncoveredKeyWithBoundedWork) {
+  AttentionGraphOptions o;
+  // Few training queries: most keys are left to the link pass.
+  auto index = AttentionGraphIndex::BuildFromQueries(
+      data_->keys.view(), data_->train.view().rows_slice(0, 256), 32, o, pool_);
+  ASSERT_TRUE(index.ok()) << index.status();
+  const auto& bs = (*index)->build_stats();
+  const size_t n = (*index)->size();
+  ASSERT_LT(bs.keys_covered, n / 2) << "the test must exercise the link pass";
+  EXPECT_GE(bs.keys_linked, n - bs.keys_covered);
+  EXPECT_TRUE((*index)->AllReachable());
+  // A beam-64 search expands about as many keys as its beam, each adding at
+  // most degree + 1 neighbours; 24 x beam per key (~3x what it takes on this
+  // data) catches a walk that stopped converging or seeds that mislead it.
+  EXPECT_GT(bs.link_distance_computations, 0);
+  EXPECT_LE(bs.link_distance_computations,
+            static_cast<int64_t>(bs.keys_linked) * 24 * o.build_beam);
+  EXPECT_GE(bs.cpu_seconds, 0.0);
+  const auto truth = ExactIds(data_->keys, data_->test, 10);
+  EXPECT_GE(Evaluate(**index, data_->test, truth, 10, 64).recall, 0.9);
+}
+
+// A recency head ("positional" family): decode queries attend to the newest
+// keys, which no heavy hitter's neighbourhood leads to. Seeding every search
+// with the most recent keys is what makes the graph find them (recall@100 was
+// 0.00 at 128K keys without); Add moves the recent seeds to the new keys.
+TEST(GraphRecencyTest, RecentEntriesFindTheKeysARecencyHeadWants) {
+  AttentionDataOptions d;
+  d.family = "positional";
+  d.n_keys = 16384;
+  d.n_train = 2048;
+  d.n_test = 50;
+  d.dim = 64;
+  d.seed = 3;
+  auto gen = GenerateAttentionData(d);
+  ASSERT_TRUE(gen.ok()) << gen.status();
+  ThreadPool pool(2);
+  const auto truth = ExactIds(gen->keys, gen->test_queries, 10);
+  AttentionGraphOptions o;
+  o.recent_entries = 0;
+  auto without = AttentionGraphIndex::BuildFromQueries(gen->keys.view(), gen->train_queries.view(),
+                                                       32, o, &pool);
+  o.recent_entries = 8;
+  auto with = AttentionGraphIndex::BuildFromQueries(gen->keys.view(), gen->train_queries.view(),
+                                                    32, o, &pool);
+  ASSERT_TRUE(without.ok() && with.ok());
+  EXPECT_TRUE((*with)->AllReachable());
+  const Result r_without = Evaluate(**without, gen->test_queries, truth, 10, 64);
+  const Result r_with = Evaluate(**with, gen->test_queries, truth, 10, 64);
+  EXPECT_LT(r_without.recall, 0.5) << "the data must defeat heavy-hitter entries alone";
+  EXPECT_GE(r_with.recall, 0.9) << "scanned " << r_with.scanned_fraction;
+  EXPECT_LE(r_with.scanned_fraction, 0.1);
+  ASSERT_EQ((*with)->recent_count(), 8u);
+  const auto entries = (*with)->entry_points();
+  EXPECT_EQ(entries.back(), d.n_keys - 8);
+
+  // Appending keys moves the recent entries to the newest keys.
+  Matrix more(4, gen->keys.cols);
+  std::copy(gen->keys.row(0), gen->keys.row(0) + more.data.size(), more.data.begin());
+  ASSERT_TRUE((*with)->Add(more.view()).ok());
+  const auto after = (*with)->entry_points();
+  ASSERT_EQ((*with)->recent_count(), 8u);
+  std::set<uint32_t> recent(after.end() - 8, after.end());
+  for (uint32_t id = d.n_keys + 4 - 8; id < d.n_keys + 4; ++id) EXPECT_EQ(recent.count(id), 1u);
+  EXPECT_TRUE((*with)->AllReachable());
+
+  // Options are checked: the entries together are at most 1024.
+  o.entry_points = 1000;
+  o.recent_entries = 25;
+  auto bad = AttentionGraphIndex::Build(gen->keys.view(), {}, 0, o, nullptr);
+  EXPECT_EQ(bad.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(bad.status().message().find("recent_entries=25 outside [0, 1024 - entry_points=24]"),
+            std::string::npos)
+      << bad.status();
+}
+
+// A blob of the previous format (version 1: no recent entries) still loads,
+// and searches from its heavy-hitter entries alone.
+TEST(GraphFormatTest, Version1BlobStillLoads) {
+  const uint64_t dim = 2, n = 3;
+  const int32_t degree = 2;
+  BinaryWriter w;
+  w.Put<uint64_t>(dim);
+  w.Put<uint64_t>(n);
+  w.Put<int32_t>(degree);
+  w.Put<int32_t>(64);   // build_beam
+  w.Put<int32_t>(128);  // default_beam
+  w.Put<int32_t>(1);    // entry_points
+  w.Put<float>(1.0f);   // prune_alpha
+  w.Put<uint8_t>(1);    // saturate
+  w.Put<int32_t>(4);    // pivots_per_query
+  w.Put<int32_t>(0);    // routers
+  w.Put<int32_t>(4);    // router_probe
+  w.Put<int32_t>(8);    // router_entries
+  w.Put<uint8_t>(1);    // frequency_order
+  w.Put<uint8_t>(0);    // scan_bf16
+  const std::vector<uint32_t> entries = {0};
+  const std::vector<float> keys = {1, 0, 0, 1, -1, 0};
+  constexpr uint32_t kNo = 0xffffffffu;
+  const std::vector<uint32_t> adjacency = {1, kNo, kNo, 2, kNo, kNo, 0, kNo, kNo};
+  w.PutArray(std::span<const uint32_t>(entries));
+  w.PutArray(std::span<const float>(keys));
+  w.PutArray(std::span<const uint32_t>(adjacency));
+  w.PutArray(std::span<const float>());
+  w.PutArray(std::span<const uint32_t>());
+  const auto blob = SealBlob(kGraphBlobKind, 1, w.bytes());
+  auto loaded = LoadIndex(blob);
+  ASSERT_TRUE(loaded.ok()) << loaded.status();
+  const auto* graph = dynamic_cast<const AttentionGraphIndex*>(loaded->get());
+  ASSERT_NE(graph, nullptr);
+  EXPECT_EQ(graph->options().recent_entries, 0);
+  EXPECT_EQ(graph->recent_count(), 0u);
+  EXPECT_TRUE(graph->AllReachable());
+  const float q[2] = {-1, 0.1f};
+  std::vector<int64_t> ids(1);
+  std::vector<float> scores(1);
+  SearchParams p;
+  p.k = 1;
+  ASSERT_TRUE(graph->Search(ConstMatrixView(q, 1, 2), p, ids, scores).ok());
+  EXPECT_EQ(ids[0], 2);
+  // Version 3 is not a format this build knows.
+  EXPECT_FALSE(LoadIndex(SealBlob(kGraphBlobKind, 3, w.bytes())).ok());
 }
 
 class GraphAppendTest : public GraphTest, public ::testing::WithParamInterface<bool> {};
