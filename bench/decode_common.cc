@@ -1,0 +1,58 @@
+#include "bench/decode_common.h"
+
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
+
+namespace kvr::bench {
+
+double Since(Clock::time_point t) {
+  return std::chrono::duration<double>(Clock::now() - t).count();
+}
+
+float Noise(uint64_t seed, uint64_t i) {
+  uint64_t x = seed * 0x9e3779b97f4a7c15ull + i;
+  x ^= x >> 30;
+  x *= 0xbf58476d1ce4e5b9ull;
+  x ^= x >> 27;
+  x *= 0x94d049bb133111ebull;
+  x ^= x >> 31;
+  return static_cast<float>(x >> 40) * (2.0f / 16777216.0f) - 1.0f;
+}
+
+void Fill(ThreadPool& pool, float* p, size_t n, uint64_t seed) {
+  pool.ParallelFor(n, 1 << 20, [&](size_t b, size_t e) {
+    for (size_t i = b; i < e; ++i) p[i] = Noise(seed, i);
+  });
+}
+
+worker::LlamaConfig Llama3_8BConfig(int vocab) {
+  worker::LlamaConfig c;
+  c.dim = 4096;
+  c.hidden_dim = 14336;
+  c.n_layers = 32;
+  c.n_heads = 32;
+  c.n_kv_heads = 8;
+  c.head_dim = 128;
+  c.vocab_size = vocab;
+  c.seq_len = 1 << 22;
+  c.rope_theta = 500000.0f;
+  c.tied_embeddings = false;
+  return c;
+}
+
+absl::StatusOr<std::vector<int64_t>> ParseIntList(absl::string_view flag, absl::string_view text,
+                                                  int64_t lo, int64_t hi) {
+  std::vector<int64_t> out;
+  for (absl::string_view s : absl::StrSplit(text, ',')) {
+    int64_t n = 0;
+    if (!absl::SimpleAtoi(s, &n) || n < lo || n > hi) {
+      return absl::InvalidArgumentError(absl::StrCat("--", flag, ": \"", s, "\" outside [", lo,
+                                                     ", ", hi, "]"));
+    }
+    out.push_back(n);
+  }
+  return out;
+}
+
+}  // namespace kvr::bench
