@@ -850,13 +850,9 @@ absl::Status Run() {
               "bandwidth; logit d = max |logit - full attention's| at the same shape.\n");
   const std::string json = absl::GetFlag(FLAGS_json);
   if (!json.empty()) {
-    std::ofstream out(json);
-    out << "[\n";
-    for (size_t i = 0; i < rows.size(); ++i) {
-      out << "  " << JsonRow(rows[i], layers) << (i + 1 < rows.size() ? ",\n" : "\n");
-    }
-    out << "]\n";
-    if (!out) return absl::InternalError(absl::StrCat("--json: cannot write ", json));
+    std::vector<std::string> texts;
+    for (const Row& r : rows) texts.push_back(JsonRow(r, layers));
+    KVR_RETURN_IF_ERROR(bench::WriteJsonRows(json, texts));
   }
   return absl::OkStatus();
 }

@@ -1,5 +1,7 @@
 #include "bench/decode_common.h"
 
+#include <fstream>
+
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
@@ -27,18 +29,22 @@ void Fill(ThreadPool& pool, float* p, size_t n, uint64_t seed) {
 }
 
 worker::LlamaConfig Llama3_8BConfig(int vocab) {
-  worker::LlamaConfig c;
-  c.dim = 4096;
-  c.hidden_dim = 14336;
-  c.n_layers = 32;
-  c.n_heads = 32;
-  c.n_kv_heads = 8;
-  c.head_dim = 128;
+  worker::LlamaConfig c = worker::Llama3_8BConfig();
   c.vocab_size = vocab;
-  c.seq_len = 1 << 22;
-  c.rope_theta = 500000.0f;
-  c.tied_embeddings = false;
+  c.seq_len = 1 << 22;  // synthetic contexts go past the checkpoint's 8192
   return c;
+}
+
+absl::Status WriteJsonRows(const std::string& path, const std::vector<std::string>& rows) {
+  std::ofstream out(path);
+  out << "[\n";
+  for (size_t i = 0; i < rows.size(); ++i) {
+    out << "  " << rows[i] << (i + 1 < rows.size() ? ",\n" : "\n");
+  }
+  out << "]\n";
+  out.close();
+  if (!out) return absl::InternalError(absl::StrCat("--json: cannot write ", path));
+  return absl::OkStatus();
 }
 
 absl::StatusOr<std::vector<int64_t>> ParseIntList(absl::string_view flag, absl::string_view text,

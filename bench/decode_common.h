@@ -10,6 +10,7 @@
 #include <string>
 #include <vector>
 
+#include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
 #include "common/thread_pool.h"
@@ -30,10 +31,15 @@ float Noise(uint64_t seed, uint64_t i);
 // p[i] = Noise(seed, i) for i in [0, n), in parallel on `pool`.
 void Fill(ThreadPool& pool, float* p, size_t n, uint64_t seed);
 
-// Llama-3-8B's shape: dim 4096, FFN 14336, 32 query heads, 8 KV heads,
-// head_dim 128, RoPE theta 500000, untied classifier of `vocab` rows
-// (128256 is the real model's), 32 layers (random weights override it).
+// worker::Llama3_8BConfig() (dim 4096, FFN 14336, 32 query heads, 8 KV
+// heads, head_dim 128, RoPE theta 500000 half-split, untied classifier, 32
+// layers: random weights override them) with `vocab` classifier rows (128256
+// is the real model's) and seq_len 4M, for synthetic long contexts.
 worker::LlamaConfig Llama3_8BConfig(int vocab = 128256);
+
+// Writes `rows` (each one JSON object's text) to `path` as a JSON array.
+// Internal naming --json and the path when the file cannot be written.
+absl::Status WriteJsonRows(const std::string& path, const std::vector<std::string>& rows);
 
 // The comma-separated integers of flag `flag` (named in errors), each in
 // [lo, hi]; InvalidArgument naming the flag, the entry and the range.

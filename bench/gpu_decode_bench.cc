@@ -495,19 +495,16 @@ absl::Status Run() {
               layers);
   const std::string json = absl::GetFlag(FLAGS_json);
   if (!json.empty()) {
-    std::ofstream out(json);
-    out << "[\n";
-    for (size_t i = 0; i < rows.size(); ++i) {
-      const Breakdown& b = rows[i];
-      out << absl::StrFormat(
-          "  {\"mode\": \"%s\", \"context\": %d, \"layers\": %d, \"s_per_token\": %.6f, "
+    std::vector<std::string> texts;
+    for (const Breakdown& b : rows) {
+      texts.push_back(absl::StrFormat(
+          "{\"mode\": \"%s\", \"context\": %d, \"layers\": %d, \"s_per_token\": %.6f, "
           "\"attention_s\": %.6f, \"retrieval_s\": %.6f, \"node_s\": %.6f, "
-          "\"gpu_kv_fraction\": %.6f, \"note\": \"%s\"}%s\n",
+          "\"gpu_kv_fraction\": %.6f, \"note\": \"%s\"}",
           b.mode, b.context, layers, b.total, b.attention, b.retrieval, b.node,
-          b.gpu_kv_fraction, b.note, i + 1 < rows.size() ? "," : "");
+          b.gpu_kv_fraction, b.note));
     }
-    out << "]\n";
-    if (!out) return absl::InternalError(absl::StrCat("--json: cannot write ", json));
+    KVR_RETURN_IF_ERROR(bench::WriteJsonRows(json, texts));
   }
   return absl::OkStatus();
 }
