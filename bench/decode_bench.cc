@@ -121,15 +121,8 @@ constexpr uint64_t kKeySeed = 11, kValueSeed = 12;
 int64_t RssBytes(pid_t pid) {
   std::ifstream in(pid == 0 ? std::string("/proc/self/status")
                             : absl::StrCat("/proc/", pid, "/status"));
-  std::string line;
-  while (std::getline(in, line)) {
-    if (line.rfind("VmRSS:", 0) == 0) {
-      int64_t kb = 0;
-      std::vector<std::string> parts = absl::StrSplit(line, ' ', absl::SkipEmpty());
-      if (parts.size() >= 2 && absl::SimpleAtoi(parts[1], &kb)) return kb * 1024;
-    }
-  }
-  return 0;
+  const std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  return bench::ParseVmRssBytes(text);
 }
 
 // utime + stime in seconds of a /proc/.../stat file; 0 when unreadable.

@@ -5,6 +5,7 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
+#include "absl/strings/strip.h"
 
 namespace kvr::bench {
 
@@ -59,6 +60,21 @@ absl::StatusOr<std::vector<int64_t>> ParseIntList(absl::string_view flag, absl::
     out.push_back(n);
   }
   return out;
+}
+
+int64_t ParseVmRssBytes(absl::string_view status_text) {
+  for (absl::string_view line : absl::StrSplit(status_text, '\n')) {
+    if (!absl::ConsumePrefix(&line, "VmRSS:")) continue;
+    std::vector<absl::string_view> parts =
+        absl::StrSplit(line, absl::ByAnyChar(" \t"), absl::SkipEmpty());
+    int64_t kb = 0;
+    if (parts.size() != 2 || parts[1] != "kB" || !absl::SimpleAtoi(parts[0], &kb) || kb < 0 ||
+        kb > (int64_t{1} << 50)) {
+      return 0;
+    }
+    return kb * 1024;
+  }
+  return 0;
 }
 
 }  // namespace kvr::bench

@@ -46,4 +46,9 @@ absl::Status WriteJsonRows(const std::string& path, const std::vector<std::strin
 absl::StatusOr<std::vector<int64_t>> ParseIntList(absl::string_view flag, absl::string_view text,
                                                   int64_t lo, int64_t hi);
 
+// VmRSS in bytes from the text of a /proc/<pid>/status file; 0 when absent
+// or malformed. The kB figure follows "VmRSS:" after a tab and padding that
+// vanishes at 8+ digits ("VmRSS:\t12345678 kB").
+int64_t ParseVmRssBytes(absl::string_view status_text);
+
 }  // namespace kvr::bench

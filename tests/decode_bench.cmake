@@ -1,3 +1,9 @@
+# bench/decode_common (kvr::bench_decode_common): the VmRSS parser (8-digit
+# regression) and the --contexts / --batches list parser with its bounds.
+if(TARGET kvr_bench_decode_common)
+  kvr_test(decode_common_test SOURCES unit/decode_common_test.cc
+    DEPS kvr::bench_decode_common LABELS unit TIMEOUT 30)
+endif()
 # bench/decode_bench (issue 20 item 1) at its smallest shape: every mode
 # (full, in-process retrieval, 3 kvr_node over gRPC and over UCX) produces a
 # JSON row with the required fields; with an exact index covering the
