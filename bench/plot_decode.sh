@@ -4,6 +4,7 @@
 # (dashed). Needs python3 and gnuplot (Debian: gnuplot-nox).
 #
 #   bench/plot_decode.sh OUT.svg ROWS.json [MORE_ROWS.json ...]
+# KEEP_TMP=1 keeps the per-series data files and the gnuplot script (path on stderr).
 set -euo pipefail
 if [[ $# -lt 2 ]]; then
   echo "usage: $0 OUT.svg ROWS.json [MORE_ROWS.json ...]" >&2
@@ -13,7 +14,8 @@ out=$1
 shift
 command -v gnuplot >/dev/null || { echo "$0: gnuplot not found (apt-get install gnuplot-nox)" >&2; exit 1; }
 tmp=$(mktemp -d)
-trap 'rm -rf "$tmp"' EXIT
+[[ -n "${KEEP_TMP:-}" ]] && echo "$0: data and plot.gp in $tmp" >&2
+trap '[[ -n "${KEEP_TMP:-}" ]] || rm -rf "$tmp"' EXIT
 # One data file per (batch, series): "context tokens_per_second", sorted.
 python3 - "$tmp" "$@" <<'PY'
 import json, os, sys
