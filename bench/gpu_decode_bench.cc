@@ -51,6 +51,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_split.h"
+#include "bench/decode_common.h"
 #include "common/attention.h"
 #include "common/status.h"
 #include "common/thread_pool.h"
@@ -81,32 +82,13 @@ ABSL_FLAG(std::string, json, "", "write the rows as JSON to this file");
 namespace kvr {
 namespace {
 
-using Clock = std::chrono::steady_clock;
+using bench::Clock;
+using bench::Fill;
+using bench::Since;
 using worker::AttentionHookFns;
 using worker::Backend;
 using worker::KvRun;
 using worker::Tensor;
-
-double Since(Clock::time_point t) {
-  return std::chrono::duration<double>(Clock::now() - t).count();
-}
-
-// Deterministic values in [-1, 1) from (seed, index): fast to fill in parallel.
-float Noise(uint64_t seed, uint64_t i) {
-  uint64_t x = seed * 0x9e3779b97f4a7c15ull + i;
-  x ^= x >> 30;
-  x *= 0xbf58476d1ce4e5b9ull;
-  x ^= x >> 27;
-  x *= 0x94d049bb133111ebull;
-  x ^= x >> 31;
-  return static_cast<float>(x >> 40) * (2.0f / 16777216.0f) - 1.0f;
-}
-
-void Fill(ThreadPool& pool, float* p, size_t n, uint64_t seed) {
-  pool.ParallelFor(n, 1 << 20, [&](size_t b, size_t e) {
-    for (size_t i = b; i < e; ++i) p[i] = Noise(seed, i);
-  });
-}
 
 // Pinned host memory (the streaming baseline copies from it at full PCIe /
 // NVLink-C2C bandwidth).
@@ -139,17 +121,7 @@ struct Breakdown {
 class Bench {
  public:
   absl::Status Init() {
-    worker::LlamaConfig c;
-    c.dim = 4096;
-    c.hidden_dim = 14336;
-    c.n_layers = 32;
-    c.n_heads = 32;
-    c.n_kv_heads = 8;
-    c.head_dim = 128;
-    c.vocab_size = 128256;
-    c.seq_len = 1 << 22;
-    c.rope_theta = 500000.0f;
-    c.tied_embeddings = false;
+    const worker::LlamaConfig c = bench::Llama3_8BConfig();
     worker::RandomWeightsOptions wo;
     wo.n_layers_override = absl::GetFlag(FLAGS_layers);
     const std::string wd = absl::GetFlag(FLAGS_weights);
@@ -469,15 +441,9 @@ class Bench {
 };
 
 absl::Status Run() {
-  std::vector<int64_t> contexts;
-  for (absl::string_view s : absl::StrSplit(absl::GetFlag(FLAGS_contexts), ',')) {
-    int64_t n = 0;
-    if (!absl::SimpleAtoi(s, &n) || n < 1024 || n > (int64_t{1} << 22)) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("--contexts: \"", std::string(s), "\" outside [1024, 4194304]"));
-    }
-    contexts.push_back(n);
-  }
+  KVR_ASSIGN_OR_RETURN(const std::vector<int64_t> contexts,
+                       bench::ParseIntList("contexts", absl::GetFlag(FLAGS_contexts), 1024,
+                                           int64_t{1} << 22));
   std::vector<std::string> modes;
   for (absl::string_view m : absl::StrSplit(absl::GetFlag(FLAGS_modes), ',')) {
     if (m != "gpu" && m != "stream" && m != "retrieval") {
@@ -529,19 +495,16 @@ absl::Status Run() {
               layers);
   const std::string json = absl::GetFlag(FLAGS_json);
   if (!json.empty()) {
-    std::ofstream out(json);
-    out << "[\n";
-    for (size_t i = 0; i < rows.size(); ++i) {
-      const Breakdown& b = rows[i];
-      out << absl::StrFormat(
-          "  {\"mode\": \"%s\", \"context\": %d, \"layers\": %d, \"s_per_token\": %.6f, "
+    std::vector<std::string> texts;
+    for (const Breakdown& b : rows) {
+      texts.push_back(absl::StrFormat(
+          "{\"mode\": \"%s\", \"context\": %d, \"layers\": %d, \"s_per_token\": %.6f, "
           "\"attention_s\": %.6f, \"retrieval_s\": %.6f, \"node_s\": %.6f, "
-          "\"gpu_kv_fraction\": %.6f, \"note\": \"%s\"}%s\n",
+          "\"gpu_kv_fraction\": %.6f, \"note\": \"%s\"}",
           b.mode, b.context, layers, b.total, b.attention, b.retrieval, b.node,
-          b.gpu_kv_fraction, b.note, i + 1 < rows.size() ? "," : "");
+          b.gpu_kv_fraction, b.note));
     }
-    out << "]\n";
-    if (!out) return absl::InternalError(absl::StrCat("--json: cannot write ", json));
+    KVR_RETURN_IF_ERROR(bench::WriteJsonRows(json, texts));
   }
   return absl::OkStatus();
 }
