@@ -777,18 +777,25 @@ absl::Status NodeCore::Seal(const Sequence& seq, HeadState* head, HeadWrite* wri
   head->tail_positions.clear();
   seals_.fetch_add(1, std::memory_order_relaxed);
   if (write != nullptr) {
-    const size_t rows = chunk.positions.size() - first_row;
-    ChunkWrite cw;
-    cw.chunk = chunk.chunk;
-    cw.rows = static_cast<int64_t>(chunk.index->size());
-    KVR_RETURN_IF_ERROR(chunk.index->Serialize(&cw.index_blob));
-    cw.segment = ValueSegment{static_cast<int64_t>(first_row), static_cast<int64_t>(rows),
-                              RawRows(chunk.values, first_row, rows),
-                              std::span<const int64_t>(chunk.positions).subspan(first_row, rows)};
-    write->chunks.push_back(std::move(cw));
-    write->clear_tail = true;
-    write->tail.reset();
+    KVR_RETURN_IF_ERROR(
+        RecordSeal(chunk, first_row, chunk.positions.size() - first_row, {}, write));
   }
+  return absl::OkStatus();
+}
+
+absl::Status NodeCore::RecordSeal(const Chunk& chunk, size_t first_row, size_t rows,
+                                  std::vector<uint8_t> blob, HeadWrite* write) {
+  ChunkWrite cw;
+  cw.chunk = chunk.chunk;
+  cw.rows = static_cast<int64_t>(chunk.index->size());
+  cw.index_blob = std::move(blob);
+  if (cw.index_blob.empty()) KVR_RETURN_IF_ERROR(chunk.index->Serialize(&cw.index_blob));
+  cw.segment = ValueSegment{static_cast<int64_t>(first_row), static_cast<int64_t>(rows),
+                            RawRows(chunk.values, first_row, rows),
+                            std::span<const int64_t>(chunk.positions).subspan(first_row, rows)};
+  write->chunks.push_back(std::move(cw));
+  write->clear_tail = true;
+  write->tail.reset();
   return absl::OkStatus();
 }
 
@@ -956,19 +963,9 @@ absl::Status NodeCore::InstallSeal(const Sequence& seq, HeadState* head, HeadWri
                              head->tail_positions.begin() + static_cast<std::ptrdiff_t>(rows));
   seals_.fetch_add(1, std::memory_order_relaxed);
   if (write != nullptr) {
-    ChunkWrite cw;
-    cw.chunk = chunk.chunk;
-    cw.rows = static_cast<int64_t>(chunk.index->size());
-    cw.index_blob = std::move(job->blob);
-    if (cw.index_blob.empty()) KVR_RETURN_IF_ERROR(chunk.index->Serialize(&cw.index_blob));
-    cw.segment = ValueSegment{static_cast<int64_t>(first_row), static_cast<int64_t>(rows),
-                              RawRows(chunk.values, first_row, rows),
-                              std::span<const int64_t>(chunk.positions).subspan(first_row, rows)};
     // A second install in one write (an append of many rows) replaces the
     // chunk's index; its segment is written beside the first one's.
-    write->chunks.push_back(std::move(cw));
-    write->clear_tail = true;
-    write->tail.reset();
+    KVR_RETURN_IF_ERROR(RecordSeal(chunk, first_row, rows, std::move(job->blob), write));
     if (rest > 0) {
       write->tail = TailWrite{head->tail->keys(), head->tail_values.raw_bytes(),
                               std::span<const int64_t>(head->tail_positions)};

@@ -401,6 +401,11 @@ class NodeCore final {
   // progress, until neither applies. Records installs in `write` (not
   // null: persistence). Caller holds the sequence lock exclusively.
   absl::Status AdvanceSeals(const Sequence& seq, HeadState* head, HeadWrite* write);
+  // Records in `write` that rows [first_row, first_row + rows) of `chunk`
+  // joined its index: the chunk's index blob (`blob`, or serialized now when
+  // empty), those rows' values and positions, and the tail cleared.
+  static absl::Status RecordSeal(const Chunk& chunk, size_t first_row, size_t rows,
+                                 std::vector<uint8_t> blob, HeadWrite* write);
   // Rows appended after a seal starts before it is installed:
   // max(1, tail_capacity / 4), the build's time budget in appends.
   size_t SealLag() const { return std::max<size_t>(1, options_.tail_capacity / 4); }

@@ -25,7 +25,7 @@
 #include <future>
 #include <memory>
 #include <mutex>
-#include <random>
+#include <string>
 #include <thread>
 #include <vector>
 
@@ -35,6 +35,7 @@
 #include "retrieval_node/core/node_core.h"
 #include "retrieval_node/store/shard_store.h"
 #include "tests/support/temp_dir.h"
+#include "tests/support/test_data.h"
 
 namespace kvr::retrieval {
 namespace {
@@ -48,13 +49,8 @@ constexpr size_t kLag = kTail / 4;
 constexpr size_t kPrefill = 2048;  // keys of the uploaded chunk
 constexpr uint64_t kSeq = 7;
 
-Matrix Random(size_t rows, size_t cols, uint32_t seed) {
-  std::mt19937 rng(seed);
-  std::normal_distribution<float> nd;
-  Matrix m(rows, cols);
-  for (float& x : m.data) x = nd(rng);
-  return m;
-}
+using test_support::ExpectSamePartials;
+using test_support::RandomMatrix;
 
 // Holds every seal build at its start until released.
 class SealGate {
@@ -106,9 +102,9 @@ SequenceSpec Spec() {
 
 // The sequence's data: kPrefill uploaded keys, then appended rows.
 struct Data {
-  Matrix keys = Random(kPrefill + 4 * kTail, kDim, 1);
-  Matrix values = Random(kPrefill + 4 * kTail, kDim, 2);
-  Matrix queries = Random(8, kDim, 3);  // 4 Attends of kHeads rows
+  Matrix keys = RandomMatrix(kPrefill + 4 * kTail, kDim, 1);
+  Matrix values = RandomMatrix(kPrefill + 4 * kTail, kDim, 2);
+  Matrix queries = RandomMatrix(8, kDim, 3);  // 4 Attends of kHeads rows
 };
 
 void Load(NodeCore* node, const Data& data) {
@@ -142,15 +138,6 @@ absl::StatusOr<Partials> Attend(NodeCore* node, const Data& data, size_t which) 
   return out;
 }
 
-void ExpectSame(const Partials& a, const Partials& b, const std::string& what) {
-  ASSERT_EQ(a.o.data.size(), b.o.data.size()) << what;
-  for (size_t i = 0; i < a.o.data.size(); ++i) ASSERT_EQ(a.o.data[i], b.o.data[i]) << what;
-  for (size_t i = 0; i < a.m.size(); ++i) {
-    ASSERT_EQ(a.m[i], b.m[i]) << what;
-    ASSERT_EQ(a.l[i], b.l[i]) << what;
-  }
-}
-
 // Every query set attended on both nodes gives identical partials.
 void ExpectNodesAgree(NodeCore* node, NodeCore* oracle, const Data& data,
                       const std::string& what) {
@@ -159,7 +146,7 @@ void ExpectNodesAgree(NodeCore* node, NodeCore* oracle, const Data& data,
     auto b = Attend(oracle, data, w);
     ASSERT_TRUE(a.ok()) << a.status();
     ASSERT_TRUE(b.ok()) << b.status();
-    ASSERT_NO_FATAL_FAILURE(ExpectSame(*a, *b, what + " queries " + std::to_string(w)));
+    ASSERT_NO_FATAL_FAILURE(ExpectSamePartials(*a, *b, what + " queries " + std::to_string(w)));
   }
 }
 
@@ -167,6 +154,23 @@ std::unique_ptr<NodeCore> NewNode(NodeCoreOptions o) {
   auto n = NodeCore::Create(o);
   EXPECT_TRUE(n.ok()) << n.status();
   return n.ok() ? std::move(*n) : nullptr;
+}
+
+// A node over the store in `dir`, recovered from it (the store outlives it).
+struct RecoveredNode {
+  std::unique_ptr<ShardStore> store;
+  std::unique_ptr<NodeCore> node;
+};
+void Reopen(const std::string& dir, RecoveredNode* out) {
+  auto store = ShardStore::Open(dir);
+  ASSERT_TRUE(store.ok()) << store.status();
+  out->store = std::move(*store);
+  NodeCoreOptions o = Options();
+  o.persistence = out->store.get();
+  out->node = NewNode(o);
+  ASSERT_TRUE(out->node != nullptr);
+  const absl::Status recovered = out->node->Recover();
+  ASSERT_TRUE(recovered.ok()) << recovered;
 }
 
 TEST(SealTest, AttendsRunWhileATailSealsAndAgreeWithASerialOracle) {
@@ -294,40 +298,32 @@ TEST(SealTest, StopBetweenBuildAndInstallRecoversEveryRow) {
   }
   for (size_t i = 0; i < rows; ++i) ASSERT_TRUE(AppendRow(oracle.get(), data, i).ok());
   {
-    auto store = ShardStore::Open(dir.path());
-    ASSERT_TRUE(store.ok()) << store.status();
-    NodeCoreOptions o = Options();
-    o.persistence = store->get();
-    auto node = NewNode(o);
-    ASSERT_TRUE(node != nullptr);
-    ASSERT_TRUE(node->Recover().ok());
+    RecoveredNode r;
+    ASSERT_NO_FATAL_FAILURE(Reopen(dir.path(), &r));
+    NodeCore* node = r.node.get();
     auto stats = node->Stats();
     ASSERT_TRUE(stats.ok());
     EXPECT_EQ(stats->indexed_keys, static_cast<int64_t>(kPrefill));
     EXPECT_EQ(stats->tail_keys, static_cast<int64_t>(rows));
-    ASSERT_NO_FATAL_FAILURE(ExpectNodesAgree(node.get(), oracle.get(), data, "recovered"));
+    ASSERT_NO_FATAL_FAILURE(ExpectNodesAgree(node, oracle.get(), data, "recovered"));
     // The next append seals the same rows as the oracle's pending seal.
     for (size_t i = rows; i < rows + 2; ++i) {
-      ASSERT_TRUE(AppendRow(node.get(), data, i).ok());
+      ASSERT_TRUE(AppendRow(node, data, i).ok());
       ASSERT_TRUE(AppendRow(oracle.get(), data, i).ok());
     }
     stats = node->Stats();
     ASSERT_TRUE(stats.ok());
     EXPECT_EQ(stats->indexed_keys, static_cast<int64_t>(kPrefill + kTail));
-    ASSERT_NO_FATAL_FAILURE(ExpectNodesAgree(node.get(), oracle.get(), data, "resealed"));
+    ASSERT_NO_FATAL_FAILURE(ExpectNodesAgree(node, oracle.get(), data, "resealed"));
   }
-  auto store = ShardStore::Open(dir.path());
-  ASSERT_TRUE(store.ok()) << store.status();
-  NodeCoreOptions o = Options();
-  o.persistence = store->get();
-  auto node = NewNode(o);
-  ASSERT_TRUE(node != nullptr);
-  ASSERT_TRUE(node->Recover().ok());
+  RecoveredNode r;
+  ASSERT_NO_FATAL_FAILURE(Reopen(dir.path(), &r));
+  NodeCore* node = r.node.get();
   auto stats = node->Stats();
   ASSERT_TRUE(stats.ok());
   EXPECT_EQ(stats->indexed_keys, static_cast<int64_t>(kPrefill + kTail));
   EXPECT_EQ(stats->tail_keys, static_cast<int64_t>(rows + 2 - kTail));
-  ASSERT_NO_FATAL_FAILURE(ExpectNodesAgree(node.get(), oracle.get(), data, "restarted"));
+  ASSERT_NO_FATAL_FAILURE(ExpectNodesAgree(node, oracle.get(), data, "restarted"));
 }
 
 TEST(SealTest, DecodeQueryRingIsCountedInTheBudget) {
