@@ -86,10 +86,14 @@ struct NodeCoreOptions {
   // fp32) is allocated at the head's first Attend and counted in
   // memory_budget_bytes; when it does not fit, that head records no queries.
   // 0: none kept. At most kMaxDecodeTrainQueries.
-  size_t decode_train_queries = 4096;
-  // false: a full tail is sealed in place by the append that fills it, under
-  // the sequence's exclusive lock (the behaviour before background seals;
-  // benchmarks compare the two).
+  size_t decode_train_queries = 256;
+  // true (default): a full tail seals on a seal thread into a copy of the
+  // chunk index while Attends keep reading the old one; the append
+  // tail_capacity / 4 rows later installs it (waiting, without the lock, if
+  // the build is not done). false: the append that fills the tail seals it
+  // in place under the sequence's exclusive lock, stalling every Attend of
+  // the sequence (kvr_node --background_seals; docs/benchmarks.md §7c). The
+  // copy is O(chunk keys) per seal, as persisting an in-place seal is.
   bool background_seals = true;
   // Test hook: when set, runs on the seal thread at the start of every
   // background seal build (before any work), e.g. to hold a seal open.

@@ -61,10 +61,15 @@ ABSL_FLAG(double, target_recall, 0.95,
           "self-calibration: recall@100 on an upload's held-back queries that the chunk's index "
           "search effort (graph beam, IVF nprobe) and, for index type auto, its kind are chosen "
           "for; (0, 1]");
-ABSL_FLAG(int, decode_train_queries, 4096,
+ABSL_FLAG(int, decode_train_queries, 256,
           "recent decode (Attend) queries kept per (sequence, layer, kv head) as training "
           "queries for tail seals that build an index; rows x head_dim fp32 each, counted in "
           "--memory_budget_bytes; 0 = none, at most 65536");
+ABSL_FLAG(bool, background_seals, true,
+          "seal full tails on a seal thread into a copy of the chunk index while Attends keep "
+          "reading the old one (no Attend stall; the copy costs O(chunk) per seal and the append "
+          "that installs it may wait); false: seal in place under the sequence lock, stalling "
+          "the sequence's Attends");
 ABSL_FLAG(std::string, data_dir, "",
           "RocksDB directory where shards persist (appends are acknowledged once synced) and "
           "from which they are recovered at startup, before serving; empty = memory only");
@@ -195,6 +200,7 @@ int Main(int argc, char** argv) {
   }
   core_options.decode_train_queries =
       static_cast<size_t>(absl::GetFlag(FLAGS_decode_train_queries));
+  core_options.background_seals = absl::GetFlag(FLAGS_background_seals);
   core_options.recovery_quarantine = absl::GetFlag(FLAGS_recovery_quarantine);
   core_options.lease_seconds = absl::GetFlag(FLAGS_lease_seconds);
   std::unique_ptr<ShardStore> store;  // outlives the core (declared first)

@@ -86,6 +86,7 @@ NodeCoreOptions Options() {
   o.tail_capacity = kTail;
   o.threads = 2;
   o.decode_train_queries = 64;
+  o.background_seals = true;  // what these tests are about (also the default)
   return o;
 }
 
