@@ -260,8 +260,9 @@ absl::Status GrpcRetrievalClient::UploadShard(const ShardUpload& upload) {
     topk_rows = upload.train_topk.size() / w;
   }
   const size_t holdout_rows = upload.holdout_queries.rows();
-  if (holdout_rows > 0 && (upload.holdout_queries.cols() != d ||
-                           upload.holdout_topk.size() != holdout_rows * upload.holdout_topk_width)) {
+  if (holdout_rows > 0 &&
+      (upload.holdout_queries.cols() != d ||
+       upload.holdout_topk.size() != holdout_rows * upload.holdout_topk_width)) {
     return absl::InvalidArgumentError(absl::StrCat(
         "holdout_queries ", holdout_rows, " x ", upload.holdout_queries.cols(), " with ",
         upload.holdout_topk.size(), " holdout_topk ids do not match head_dim ", d,

@@ -158,8 +158,11 @@ struct CalibratedBuildOptions {
 //  * kIvf: IVF, nprobe calibrated;
 //  * kAuto: graph (only when train_topk is given), IVF and flat; the one of
 //    least cost per query whose held-back recall meets the target (flat when
-//    none does, or when there are fewer than kAutoMinKeys keys). With an empty holdout kAuto builds the graph (or IVF
-//    without train_topk) with its default effort and unknown recall.
+//    none does, or when there are fewer than kAutoMinKeys keys). A
+//    candidate's calibration stops once an effort missing the target costs
+//    more than the best so far (or flat / kMinSpeedupOverFlat). With an
+//    empty holdout (and >= kAutoMinKeys keys) kAuto builds the graph as
+//    kGraph does, with its default effort and unknown recall.
 // `pool` may be null.
 absl::StatusOr<std::unique_ptr<CalibratedIndex>> BuildCalibrated(
     IndexType type, ConstMatrixView keys, std::span<const int64_t> train_topk,

@@ -73,8 +73,11 @@ TEST(CalibrateGrpcTest, HoldoutCrossesTheWireAndShardsReportTheirCalibration) {
     EXPECT_NE(s.index_type, IndexType::kAuto);
     EXPECT_GE(s.expected_recall, 0.9) << IndexTypeName(type);
     EXPECT_LE(s.expected_recall, 1.0) << IndexTypeName(type);
-    if (s.index_type == IndexType::kGraph) EXPECT_GE(s.search_effort, kW);
-    if (s.index_type == IndexType::kIvf) EXPECT_GE(s.search_effort, 1);
+    if (s.index_type == IndexType::kGraph) {
+      EXPECT_GE(s.search_effort, kW);
+    } else if (s.index_type == IndexType::kIvf) {
+      EXPECT_GE(s.search_effort, 1);
+    }
   }
   // A held-back id outside the keys is refused by the node, naming it.
   SequenceSpec spec;
