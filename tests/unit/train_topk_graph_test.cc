@@ -5,7 +5,6 @@
 // the sampled queries' exact lists (and routers from those queries); with
 // fewer it is byte-identical to one built from every query's ExactTopK.
 #include <algorithm>
-#include <random>
 #include <vector>
 
 #include <gtest/gtest.h>
@@ -14,17 +13,12 @@
 #include "common/tensor.h"
 #include "common/train_topk.h"
 #include "retrieval_node/index/attention_graph_index.h"
+#include "tests/support/test_data.h"
 
 namespace kvr::index {
 namespace {
 
-Matrix RandomMatrix(size_t rows, size_t cols, uint32_t seed) {
-  std::mt19937 rng(seed);
-  std::normal_distribution<float> dist(0.0f, 1.0f);
-  Matrix m(rows, cols);
-  for (float& x : m.data) x = dist(rng);
-  return m;
-}
+using test_support::RandomMatrix;
 
 std::vector<uint8_t> Blob(const AttentionGraphIndex& index) {
   std::vector<uint8_t> blob;

@@ -25,16 +25,15 @@
 #include "common/simd/kernels.h"
 #include "common/tensor.h"
 #include "common/thread_pool.h"
+#include "tests/support/test_data.h"
 
 namespace kvr {
 namespace {
 
+// Seeded N(0, 1) rows of cols + stride_pad floats (a strided view uses the
+// first cols).
 Matrix RandomMatrix(size_t rows, size_t cols, uint32_t seed, size_t stride_pad = 0) {
-  std::mt19937 rng(seed);
-  std::normal_distribution<float> dist(0.0f, 1.0f);
-  Matrix m(rows, cols + stride_pad);
-  for (float& x : m.data) x = dist(rng);
-  return m;
+  return test_support::RandomMatrix(rows, cols + stride_pad, seed);
 }
 
 // Small integers: every float dot product of them is exact, so scores tie
