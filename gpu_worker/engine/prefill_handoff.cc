@@ -246,9 +246,11 @@ absl::Status PrefillHandOff::UploadLayer(const HandOffJob& job, HandOffStaging* 
                                            job.train_options, /*pool=*/nullptr, ids,
                                            {staging->train_scores.data(), ids.size()}));
         }
-        // Training row i is prefill position i / group, query head g * group + i % group.
+        // Training row i is the sampled query sample[i]: prefill position
+        // sample[i] / group, query head g * group + sample[i] % group.
         auto query_row = [&](size_t i) {
-          return staging->q.data() + (i / group) * qd + (g * group + i % group) * d;
+          const size_t r = sample[i];
+          return staging->q.data() + (r / group) * qd + (g * group + r % group) * d;
         };
         const size_t kept = SplitHoldout(ids, topk, d, query_row, &holdout_queries, &holdout_ids);
         up.train_topk = ids.first(kept * topk);

@@ -5,9 +5,15 @@
 //    upload carries exactly max_train_queries lists (before: one per prefill
 //    query), and list i is, id for id, the exact list of sampled query
 //    TrainingQuerySample(...)[i] in an unbounded (0 = every query) run;
+//  * the held-back rows (calibration, ShardUpload::holdout_*) are some of
+//    those lists, and each held-back query vector is the one its list
+//    belongs to: its ids are its exact top-k over the shard's keys (a
+//    double-precision oracle), which would fail if the vector came from the
+//    unsampled row numbering;
 //  * a retrieval sequence trained that way decodes;
 //  * out-of-range bounds are rejected naming max_train_queries and its limit.
 #include <algorithm>
+#include <cmath>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -31,6 +37,10 @@ using retrieval::InProcessRetrievalClient;
 struct Recorded {
   size_t width = 0;
   std::vector<int64_t> ids;
+  size_t dim = 0;
+  std::vector<float> keys;             // the shard's keys, rows x dim
+  std::vector<float> holdout_queries;  // held-back rows x dim
+  std::vector<int64_t> holdout_ids;    // held-back rows x width
 };
 using ShardId = std::tuple<int32_t, int32_t, int32_t>;  // layer, kv head, chunk
 
@@ -56,6 +66,20 @@ class RecordingClient final : public retrieval::RetrievalClient {
       Recorded& r = uploads_[{upload.key.layer, upload.key.kv_head, upload.key.chunk}];
       r.width = upload.train_topk_width;
       r.ids.assign(upload.train_topk.begin(), upload.train_topk.end());
+      r.dim = upload.keys.cols();
+      r.keys.clear();
+      for (size_t i = 0; i < upload.keys.rows(); ++i) {
+        r.keys.insert(r.keys.end(), upload.keys.row(i), upload.keys.row(i) + r.dim);
+      }
+      r.holdout_queries.clear();
+      for (size_t i = 0; i < upload.holdout_queries.rows(); ++i) {
+        const float* q = upload.holdout_queries.row(i);
+        r.holdout_queries.insert(r.holdout_queries.end(), q, q + r.dim);
+      }
+      r.holdout_ids.assign(upload.holdout_topk.begin(), upload.holdout_topk.end());
+      if (!r.holdout_ids.empty()) {
+        EXPECT_EQ(upload.holdout_topk_width, r.width);
+      }
     }
     return node_->UploadShard(upload);
   }
@@ -157,14 +181,64 @@ TEST_F(TrainTopKEngineTest, UploadsCarryTheSampledQueriesExactLists) {
     const Recorded& s = sampled.at(shard);
     ASSERT_GT(full.width, 0u);
     ASSERT_EQ(s.width, full.width);
-    ASSERT_EQ(full.ids.size(), rows * full.width) << "every query without a bound";
-    ASSERT_EQ(s.ids.size(), static_cast<size_t>(kBound) * s.width)
+    const size_t w = full.width;
+    ASSERT_EQ(full.ids.size() + full.holdout_ids.size(), rows * w)
+        << "every query without a bound";
+    ASSERT_FALSE(s.holdout_ids.empty()) << "100 sampled queries hold some back";
+    ASSERT_EQ(s.ids.size() + s.holdout_ids.size(), static_cast<size_t>(kBound) * w)
         << "layer " << std::get<0>(shard) << " kv head " << std::get<1>(shard) << " chunk "
         << std::get<2>(shard);
+    // The unbounded run's lists of every query, in query-row order: its
+    // training and held-back rows merged back (held back: every 8th row).
+    std::vector<int64_t> every;
+    {
+      size_t t = 0, h = 0;
+      // prefill_handoff.cc holds back row i when i % 8 == 7 (8: every 8th,
+      // while rows / 8 <= 512 as here).
+      const size_t holdout_rows = full.holdout_ids.size() / w;
+      constexpr size_t step = 8;
+      ASSERT_EQ(holdout_rows, rows / step);
+      for (size_t i = 0; i < rows; ++i) {
+        const bool held = h < holdout_rows && i % step == step - 1;
+        const int64_t* from = held ? full.holdout_ids.data() + (h++) * w : full.ids.data() + (t++) * w;
+        every.insert(every.end(), from, from + w);
+      }
+    }
+    // The bounded run's lists are the sampled rows' lists, in sample order,
+    // split between training and held-back rows.
+    size_t t = 0, h = 0;
     for (size_t i = 0; i < sample.size(); ++i) {
-      ASSERT_TRUE(std::equal(s.ids.begin() + i * s.width, s.ids.begin() + (i + 1) * s.width,
-                             full.ids.begin() + sample[i] * full.width))
-          << "list " << i << " (query row " << sample[i] << ")";
+      const int64_t* want = every.data() + sample[i] * w;
+      if (t * w < s.ids.size() && std::equal(want, want + w, s.ids.begin() + t * w)) {
+        ++t;
+      } else {
+        ASSERT_LT(h * w, s.holdout_ids.size()) << "list " << i << " (query row " << sample[i] << ")";
+        ASSERT_TRUE(std::equal(want, want + w, s.holdout_ids.begin() + h * w))
+            << "list " << i << " (query row " << sample[i] << ")";
+        ++h;
+      }
+    }
+    // Each held-back query's list is its own exact top-w over the shard's
+    // keys (double oracle; ties within 1e-4 of the w-th score accepted).
+    const size_t n = s.keys.size() / s.dim;
+    for (size_t r = 0; r < s.holdout_ids.size() / w; ++r) {
+      const float* q = s.holdout_queries.data() + r * s.dim;
+      std::vector<double> score(n);
+      for (size_t k = 0; k < n; ++k) {
+        double dot = 0;
+        for (size_t j = 0; j < s.dim; ++j) dot += double(q[j]) * double(s.keys[k * s.dim + j]);
+        score[k] = dot;
+      }
+      std::vector<double> sorted = score;
+      std::nth_element(sorted.begin(), sorted.begin() + (w - 1), sorted.end(), std::greater<>());
+      const double kth = sorted[w - 1];
+      for (size_t j = 0; j < w; ++j) {
+        const int64_t id = s.holdout_ids[r * w + j];
+        ASSERT_GE(id, 0);
+        ASSERT_LT(static_cast<size_t>(id), n);
+        EXPECT_GE(score[id], kth - 1e-4 * (1 + std::abs(kth)))
+            << "held-back row " << r << " id " << id << ": not in its query's exact top-" << w;
+      }
     }
   }
 }
