@@ -24,8 +24,8 @@ series, flat = {}, {}
 for f in files:
     for r in json.load(open(f)):
         fam, m = r["family"], r["method"]
-        if "gap" in m or r.get("us_per_query", 0) <= 0:
-            continue
+        if "gap" in m or m.startswith("attention") or r.get("us_per_query", 0) <= 0:
+            continue  # OOD-gap and decode-attention rows are other tables
         if m == "flat":
             flat[fam] = r["us_per_query"]
             continue
@@ -45,6 +45,14 @@ for (fam, m), pts in series.items():
         for us, rec in sorted(pts):
             out.write(f"{us} {rec}\n")
 PY
+# One colour per method in every panel.
+color() {
+  case $1 in
+    graph) echo '#1f77b4' ;; auto) echo '#17becf' ;; auto_graph) echo '#9edae5' ;;
+    auto_ivf) echo '#bcbd22' ;; ivf) echo '#000000' ;; hnswlib) echo '#d62728' ;;
+    faiss_hnsw) echo '#ff7f0e' ;; roargraph) echo '#9467bd' ;; *) echo '#7f7f7f' ;;
+  esac
+}
 read -r -a families < "$tmp/families"
 n=${#families[@]}
 cols=$(( n < 3 ? n : 3 ))
@@ -63,10 +71,8 @@ rows=$(( (n + cols - 1) / cols ))
     read -r -a methods < "$tmp/$fam.methods"
     read -r flat_us < "$tmp/$fam.flat"
     plots=()
-    i=1
     for m in "${methods[@]}"; do
-      plots+=("'$tmp/${fam}__${m}.dat' using 1:2 with linespoints lw 2 pt 7 ps 0.4 lc $i title '$m'")
-      i=$((i + 1))
+      plots+=("'$tmp/${fam}__${m}.dat' using 1:2 with linespoints lw 2 pt 7 ps 0.5 lc rgb '$(color "$m")' title '$m'")
     done
     plots+=("0.95 with lines dt 2 lc rgb 'gray' title 'target 0.95'")
     echo "unset arrow"
