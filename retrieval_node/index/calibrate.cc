@@ -45,6 +45,10 @@ absl::Status ValidateCalibrationOptions(const CalibrationOptions& options) {
     return absl::InvalidArgumentError(
         absl::StrCat("target_recall ", options.target_recall, " outside (0, 1]"));
   }
+  if (!(options.decode_margin >= 0.0 && options.decode_margin <= 0.2)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("decode_margin ", options.decode_margin, " outside [0, 0.2]"));
+  }
   if (options.k < 1 || options.k > kMaxSearchK) {
     return absl::InvalidArgumentError(
         absl::StrCat("calibration k ", options.k, " outside [1, ", kMaxSearchK, "]"));
@@ -196,21 +200,23 @@ absl::StatusOr<CalibrationResult> CalibrateEffortBounded(const KeyIndex& index,
     SetEffort(result.kind, effort, &p);
     return MeasureEffort(index, holdout, p, options, pool);
   };
-  // Doubling: the first effort meeting the target (or the largest).
+  // The held-back recall to reach (see CalibrationOptions::decode_margin).
+  const double goal = std::min(1.0, options.target_recall + options.decode_margin);
+  // Doubling: the first effort meeting the goal (or the largest).
   int fail = 0, meet = low_effort;
   KVR_ASSIGN_OR_RETURN(EffortMeasurement best, measure(meet));
-  while (best.recall < options.target_recall && meet < max_effort &&
+  while (best.recall < goal && meet < max_effort &&
          best.distance_computations * KindCost(result.kind) < max_cost) {
     fail = meet;
     meet = static_cast<int>(std::min<int64_t>(int64_t{meet} * 2, max_effort));
     KVR_ASSIGN_OR_RETURN(best, measure(meet));
   }
   // Bisection of (fail, meet] down to ~1/16 of the effort.
-  if (best.recall >= options.target_recall) {
+  if (best.recall >= goal) {
     while (fail > 0 && meet - fail > std::max(1, meet / 16)) {
       const int mid = fail + (meet - fail) / 2;
       KVR_ASSIGN_OR_RETURN(EffortMeasurement m, measure(mid));
-      if (m.recall >= options.target_recall) {
+      if (m.recall >= goal) {
         meet = mid;
         best = m;
       } else {

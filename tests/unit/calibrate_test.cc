@@ -109,7 +109,9 @@ TEST_F(CalibrateTest, GraphBeamMeetsTargetOnFreshQueries) {
   EXPECT_EQ(c.kind, IndexType::kGraph);
   EXPECT_EQ(c.k, kK);
   EXPECT_EQ(c.holdout_queries, 256);  // max_queries of the 512 held back
-  EXPECT_GE(c.expected_recall, 0.95);
+  // Aimed decode_margin above the target (decode queries run below the
+  // held-back prefill queries).
+  EXPECT_GE(c.expected_recall, 0.95 + o.calibration.decode_margin);
   EXPECT_GE(c.beam, kK);
   EXPECT_LT(c.beam, 16384);
   // Smallest: the effort one bisection step below misses the target.
@@ -339,6 +341,10 @@ TEST(CalibrateValidateTest, HoldoutAndOptionsNameFieldAndLimit) {
   o.target_recall = 1.5;
   s = ValidateCalibrationOptions(o);
   EXPECT_NE(s.message().find("target_recall 1.5 outside (0, 1]"), std::string::npos) << s;
+  o.target_recall = 0.95;
+  o.decode_margin = 0.25;
+  s = ValidateCalibrationOptions(o);
+  EXPECT_NE(s.message().find("decode_margin 0.25 outside [0, 0.2]"), std::string::npos) << s;
 }
 
 }  // namespace
