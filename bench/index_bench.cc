@@ -1094,16 +1094,22 @@ DataSet Synthetic(size_t n, const std::string& family, ThreadPool* pool) {
   ds.name = family == "topical" || family == "sink"
                 ? absl::StrFormat("synthetic-%s-%s", family, absl::GetFlag(FLAGS_preset))
                 : absl::StrFormat("synthetic-%s", family);
-  ds.keys = Rows(data->keys, 0, n);
-  ds.values = Rows(data->values, 0, n);
-  ds.key_queries = Rows(data->keys, n, opts->n_test);
+  // The first n_test keys are held out as in-distribution (key) queries and
+  // the index gets the n keys after them, so decode queries (positions after
+  // the last key) follow the newest indexed key directly: holding out the
+  // tail instead put n_test positions between them, which changed what a
+  // recency (positional) head attends to.
+  const size_t held = opts->n_test;
+  ds.keys = Rows(data->keys, held, n);
+  ds.values = Rows(data->values, held, n);
+  ds.key_queries = Rows(data->keys, 0, held);
   // Training queries must come from positions of the kept keys.
-  size_t kept = 0;
-  while (kept < data->train_positions.size() &&
-         data->train_positions[kept] < static_cast<int64_t>(n)) {
-    ++kept;
+  size_t first = 0;
+  while (first < data->train_positions.size() &&
+         data->train_positions[first] < static_cast<int64_t>(held)) {
+    ++first;
   }
-  ds.train = Rows(data->train_queries, 0, kept);
+  ds.train = Rows(data->train_queries, first, data->train_queries.rows - first);
   ds.test = std::move(data->test_queries);
   std::printf("generated %s N=%zu in %.2f s\n", ds.name.c_str(), n, Seconds(t0, Clock::now()));
   if (auto st = ComputeOodStats(ds.keys.view(), ds.test.view(), {}, pool); st.ok()) {
