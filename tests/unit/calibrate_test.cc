@@ -121,7 +121,9 @@ TEST_F(CalibrateTest, GraphBeamMeetsTargetOnFreshQueries) {
     p.beam = below;
     auto m = MeasureEffort(**built, data_->MakeHoldout(), p, o.calibration, pool_);
     ASSERT_TRUE(m.ok());
-    EXPECT_LT(m->recall, 0.95 + 0.01) << "beam " << c.beam << " is not near the smallest";
+    // Misses the goal (target + margin), up to recall's small non-monotonicity in beam.
+    EXPECT_LT(m->recall, 0.95 + o.calibration.decode_margin + 0.005)
+        << "beam " << c.beam << " is not near the smallest";
   }
   // Fresh decode queries (later positions, shifted mean) never seen by
   // training or calibration.
