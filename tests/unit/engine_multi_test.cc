@@ -17,6 +17,7 @@
 #include <thread>
 #include <vector>
 
+#include "tests/support/forwarding_client.h"
 #include "tests/support/models.h"
 #include "gpu_worker/engine/generation.h"
 #include "gpu_worker/engine/retrieval_engine.h"
@@ -41,9 +42,9 @@ constexpr char kStory2[] =
 
 // A RetrievalClient that forwards to a node but holds every UploadShard until
 // Release() (or a timeout: DeadlineExceeded), and can fail uploads.
-class GatedClient final : public retrieval::RetrievalClient {
+class GatedClient final : public test_support::ForwardingRetrievalClient {
  public:
-  explicit GatedClient(retrieval::RetrievalClient* node) : node_(node) {}
+  explicit GatedClient(retrieval::RetrievalClient* node) : ForwardingRetrievalClient(node) {}
 
   void Release() {
     std::lock_guard<std::mutex> lock(mu_);
@@ -59,13 +60,6 @@ class GatedClient final : public retrieval::RetrievalClient {
     return done_;
   }
 
-  absl::Status CreateSequence(const retrieval::SequenceSpec& spec) override {
-    return node_->CreateSequence(spec);
-  }
-  absl::Status CreateSequence(const retrieval::SequenceSpec& spec,
-                              std::string_view capability) override {
-    return node_->CreateSequence(spec, capability);
-  }
   absl::Status UploadShard(const retrieval::ShardUpload& upload) override {
     {
       std::unique_lock<std::mutex> lock(mu_);
@@ -74,28 +68,13 @@ class GatedClient final : public retrieval::RetrievalClient {
       }
       if (!fail_.ok()) return fail_;
     }
-    absl::Status st = node_->UploadShard(upload);
+    absl::Status st = ForwardingRetrievalClient::UploadShard(upload);
     std::lock_guard<std::mutex> lock(mu_);
     ++done_;
     return st;
   }
-  absl::Status Append(const retrieval::AppendRequest& request) override {
-    return node_->Append(request);
-  }
-  void AttendAsync(const retrieval::AttendRequest& request, PartialsView out,
-                   retrieval::AttendStats* stats, retrieval::StatusCallback done) override {
-    node_->AttendAsync(request, out, stats, std::move(done));
-  }
-  absl::Status DropSequence(uint64_t sequence_id) override {
-    return node_->DropSequence(sequence_id);
-  }
-  absl::Status DropSequence(uint64_t sequence_id, std::string_view capability) override {
-    return node_->DropSequence(sequence_id, capability);
-  }
-  absl::StatusOr<retrieval::NodeStats> Stats() override { return node_->Stats(); }
 
  private:
-  retrieval::RetrievalClient* node_;
   std::mutex mu_;
   std::condition_variable cv_;
   bool open_ = false;

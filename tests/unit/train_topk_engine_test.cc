@@ -26,6 +26,7 @@
 #include "gpu_worker/model/llama2c_loader.h"
 #include "gtest/gtest.h"
 #include "retrieval_node/client/in_process_client.h"
+#include "tests/support/forwarding_client.h"
 #include "tests/support/models.h"
 
 namespace kvr::worker {
@@ -44,22 +45,15 @@ struct Recorded {
 };
 using ShardId = std::tuple<int32_t, int32_t, int32_t>;  // layer, kv head, chunk
 
-class RecordingClient final : public retrieval::RetrievalClient {
+class RecordingClient final : public test_support::ForwardingRetrievalClient {
  public:
-  explicit RecordingClient(retrieval::RetrievalClient* node) : node_(node) {}
+  explicit RecordingClient(retrieval::RetrievalClient* node) : ForwardingRetrievalClient(node) {}
 
   std::map<ShardId, Recorded> uploads() {
     std::lock_guard<std::mutex> lock(mu_);
     return uploads_;
   }
 
-  absl::Status CreateSequence(const retrieval::SequenceSpec& spec) override {
-    return node_->CreateSequence(spec);
-  }
-  absl::Status CreateSequence(const retrieval::SequenceSpec& spec,
-                              std::string_view capability) override {
-    return node_->CreateSequence(spec, capability);
-  }
   absl::Status UploadShard(const retrieval::ShardUpload& upload) override {
     {
       std::lock_guard<std::mutex> lock(mu_);
@@ -81,25 +75,10 @@ class RecordingClient final : public retrieval::RetrievalClient {
         EXPECT_EQ(upload.holdout_topk_width, r.width);
       }
     }
-    return node_->UploadShard(upload);
+    return ForwardingRetrievalClient::UploadShard(upload);
   }
-  absl::Status Append(const retrieval::AppendRequest& request) override {
-    return node_->Append(request);
-  }
-  void AttendAsync(const retrieval::AttendRequest& request, PartialsView out,
-                   retrieval::AttendStats* stats, retrieval::StatusCallback done) override {
-    node_->AttendAsync(request, out, stats, std::move(done));
-  }
-  absl::Status DropSequence(uint64_t sequence_id) override {
-    return node_->DropSequence(sequence_id);
-  }
-  absl::Status DropSequence(uint64_t sequence_id, std::string_view capability) override {
-    return node_->DropSequence(sequence_id, capability);
-  }
-  absl::StatusOr<retrieval::NodeStats> Stats() override { return node_->Stats(); }
 
  private:
-  retrieval::RetrievalClient* node_;
   std::mutex mu_;
   std::map<ShardId, Recorded> uploads_;
 };
