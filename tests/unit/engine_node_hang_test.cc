@@ -16,6 +16,7 @@
 #include "gpu_worker/engine/retrieval_engine.h"
 #include "gtest/gtest.h"
 #include "retrieval_node/client/in_process_client.h"
+#include "tests/support/forwarding_client.h"
 #include "tests/support/stories_model.h"
 
 namespace kvr::worker {
@@ -25,10 +26,10 @@ using retrieval::InProcessRetrievalClient;
 
 // An in-process node whose CreateSequence / DropSequence can be made to
 // block ("hang") until Release().
-class HangingClient final : public retrieval::RetrievalClient {
+class HangingClient final : public test_support::ForwardingRetrievalClient {
  public:
   explicit HangingClient(std::unique_ptr<InProcessRetrievalClient> node)
-      : node_(std::move(node)) {}
+      : ForwardingRetrievalClient(node.get()), owned_node_(std::move(node)) {}
 
   std::atomic<bool> hang_creates{false};
   std::atomic<bool> hang_drops{false};
@@ -46,28 +47,19 @@ class HangingClient final : public retrieval::RetrievalClient {
   absl::Status CreateSequence(const retrieval::SequenceSpec& spec,
                               std::string_view capability) override {
     if (hang_creates) Hang();
-    return node_->CreateSequence(spec, capability);
+    return node()->CreateSequence(spec, capability);
   }
-  absl::Status UploadShard(const retrieval::ShardUpload& upload) override {
-    return node_->UploadShard(upload);
-  }
-  absl::Status Append(const retrieval::AppendRequest& request) override {
-    return node_->Append(request);
-  }
+  // The in-process node's own asynchronous append (the base keeps the
+  // client default, which would run it synchronously).
   void AppendAsync(const retrieval::AppendRequest& request,
                    retrieval::StatusCallback done) override {
-    node_->AppendAsync(request, std::move(done));
-  }
-  void AttendAsync(const retrieval::AttendRequest& request, PartialsView out,
-                   retrieval::AttendStats* stats, retrieval::StatusCallback done) override {
-    node_->AttendAsync(request, out, stats, std::move(done));
+    node()->AppendAsync(request, std::move(done));
   }
   absl::Status DropSequence(uint64_t sequence_id) override { return DropSequence(sequence_id, ""); }
   absl::Status DropSequence(uint64_t sequence_id, std::string_view capability) override {
     if (hang_drops) Hang();
-    return node_->DropSequence(sequence_id, capability);
+    return node()->DropSequence(sequence_id, capability);
   }
-  absl::StatusOr<retrieval::NodeStats> Stats() override { return node_->Stats(); }
 
  private:
   void Hang() {
@@ -78,7 +70,7 @@ class HangingClient final : public retrieval::RetrievalClient {
     --hanging;
   }
 
-  std::unique_ptr<InProcessRetrievalClient> node_;
+  std::unique_ptr<InProcessRetrievalClient> owned_node_;
   std::mutex mu_;
   std::condition_variable cv_;
   bool released_ = false;
