@@ -297,6 +297,10 @@ int Main(int argc, char** argv) {
         ucx_options, [svc](const v1::AttendRequest& request, v1::AttendResponse* response,
                            std::function<void(absl::Status)> done) {
           svc->HandleAttend(request, response, std::move(done));
+        },
+        [svc](const v1::AttendBatchRequest& request, v1::AttendBatchResponse* response,
+              std::function<void(absl::Status)> done) {
+          svc->HandleAttendBatch(request, response, std::move(done));
         });
     if (!started.ok()) return Fail(started.status().ToString());
     ucx = std::move(started).value();

@@ -6,7 +6,9 @@
 //  * a batch with bad items (wrong capability, a shard the node lacks,
 //    queries of the wrong width) fails only those slots, each with exactly
 //    the status the single Attend gives (code and message, which names the
-//    field), the good items' partials unchanged;
+//    field), the good items' partials unchanged (in process, gRPC, UCX:
+//    UCX batches equal single UCX Attends and gRPC batches bit for bit, or
+//    skip when UCX cannot run here);
 //  * more items than max_batch_items is RESOURCE_EXHAUSTED naming
 //    max_batch_items (in process and over gRPC, nothing served); a batch over
 //    the node's --max_message_bytes is RESOURCE_EXHAUSTED;
@@ -40,6 +42,7 @@
 #include "retrieval_node/client/grpc_retrieval_client.h"
 #include "retrieval_node/client/in_process_client.h"
 #include "retrieval_node/client/multi_node_client.h"
+#include "retrieval_node/client/ucx_retrieval_client.h"
 #include "tests/support/forwarding_client.h"
 #include "tests/support/server_process.h"
 #include "tests/support/stories_model.h"
@@ -486,6 +489,27 @@ TEST(NodeBatchTest, GrpcEqualsSingleAttendsAndInProcess) {
   for (size_t i = 0; i < x.items.size(); ++i) {
     ExpectSamePartials(x.out[i], y.out[i], "after appends item " + std::to_string(i));
   }
+  EXPECT_TRUE(proc->Stop().has_value());
+}
+
+TEST(NodeBatchTest, UcxEqualsSingleAttendsAndGrpc) {
+  auto proc = NodeProcess::Start({"--threads=2", "--ucx_listen=127.0.0.1:0"});
+  ASSERT_TRUE(proc != nullptr && proc->listening());
+  auto ucx_or = UcxRetrievalClient::Create(Grpc(proc->address()));
+  ASSERT_TRUE(ucx_or.ok()) << ucx_or.status();
+  std::unique_ptr<UcxRetrievalClient> ucx = std::move(ucx_or).value();
+  if (!ucx->using_ucx()) GTEST_SKIP() << "UCX unavailable here: " << ucx->fallback_reason();
+  ASSERT_NO_FATAL_FAILURE(Load({ucx.get()}));
+  Batch b = Batch::Standard();
+  ASSERT_TRUE(ucx->AttendBatch(b.items).ok());
+  ExpectEqualsSingleAttends(ucx.get(), b, "UCX");
+  Batch g = Batch::Standard();
+  ASSERT_TRUE(ucx->grpc()->AttendBatch(g.items).ok());
+  for (size_t i = 0; i < b.items.size(); ++i) {
+    ExpectSamePartials(b.out[i], g.out[i], "UCX vs gRPC item " + std::to_string(i));
+  }
+  ExpectBadItemsFailAlone(ucx.get(), "UCX");
+  ucx.reset();
   EXPECT_TRUE(proc->Stop().has_value());
 }
 
