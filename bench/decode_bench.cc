@@ -17,6 +17,11 @@
 //                127.0.0.1 with ports chosen at run time, stopped at the end
 //                of each row) behind a MultiNodeClient over gRPC;
 //   * ucx:       the same, Attend over UCX (UcxRetrievalClient).
+// --attend_batching=on (default) sends each layer's Attends of the whole
+// batch as ONE AttendBatch (one per node) and its appends as ONE
+// AppendBatch; off sends one Attend per sequence and one Append per
+// (sequence, kv head), all in flight at once (the engine's path before
+// batching). on,off runs both, side by side, in one run.
 // The context is synthetic: K/V rows are Noise(seed, position * kv_dim + j)
 // (so every mode sees the same K/V at the same position and the retrieval
 // modes' logits can be compared with full attention's), written straight
@@ -33,7 +38,8 @@
 // largest |logit difference| and the top-1 agreement against it.
 //
 //   decode_bench [--contexts=4096,8192,32768] [--batches=1,4,16]
-//                [--modes=full,retrieval,grpc,ucx] [--layers=2] [--steps=3]
+//                [--modes=full,retrieval,grpc,ucx] [--attend_batching=on,off]
+//                [--layers=2] [--steps=3]
 //                [--memory_budget_bytes=17179869184] [--json=out.json]
 #include <signal.h>
 #include <unistd.h>
@@ -98,6 +104,11 @@ ABSL_FLAG(std::string, value_dtype, "bf16", "how the nodes store values: f32, bf
 ABSL_FLAG(int64_t, memory_budget_bytes, int64_t{16} << 30,
           "rows whose estimated memory (weights + caches + node shards) exceeds this are "
           "printed as skipped");
+ABSL_FLAG(std::string, attend_batching, "on",
+          "retrieval modes, comma-separated on / off: on = one AttendBatch per layer for the "
+          "whole batch (one per node) and one AppendBatch per layer; off = one Attend per "
+          "sequence and one Append per (sequence, kv head), all in flight at once (the "
+          "engine's path before batching); on,off prints both rows side by side");
 ABSL_FLAG(std::string, json, "", "write the rows as a JSON array to this file");
 
 namespace kvr {
@@ -225,6 +236,7 @@ class NodeProcesses {
 
 struct Row {
   std::string mode;
+  std::string attend_batching = "-";  // on / off (retrieval modes), "-" (full)
   int64_t context = 0;
   int batch = 0;
   // Per decode step (one token of each sequence), seconds.
@@ -302,9 +314,11 @@ class Bench {
   }
 
   // One row: `mode` at (context, batch).
-  absl::StatusOr<Row> Run(const std::string& mode, int64_t context, int batch) {
+  // `batching`: the retrieval modes' --attend_batching value for this row.
+  absl::StatusOr<Row> Run(const std::string& mode, int64_t context, int batch, bool batching) {
     Row row;
     row.mode = mode;
+    if (mode != "full") row.attend_batching = batching ? "on" : "off";
     row.context = context;
     row.batch = batch;
     const double need = EstimateBytes(mode, context, batch);
@@ -622,7 +636,10 @@ class Bench {
     std::vector<float> q_host(nb * static_cast<size_t>(c.q_dim()));
     std::vector<float> o2_host(q_host.size()), m2_host(nb * static_cast<size_t>(c.n_heads)),
         l2_host(m2_host.size());
-    std::vector<float> k_row(kv), v_row(kv);
+    const bool batching = row.attend_batching == "on";
+    std::vector<float> spill(nb * 2 * kv);  // each sequence's leaving k then v row
+    std::vector<retrieval::AppendBatchItem> append_items;
+    std::vector<retrieval::AttendBatchItem> attend_items;
     const int top_k = absl::GetFlag(FLAGS_top_k);
     int64_t pos = context, slot = 0;
     double wait_s = 0, merge_s = 0, append_s = 0;
@@ -632,9 +649,13 @@ class Bench {
         // head), then the new token's k / v take its slot.
         [&](int l) -> absl::StatusOr<std::span<const KvRun>> {
           const Clock::time_point a = Clock::now();
+          append_items.clear();
+          std::vector<std::unique_ptr<retrieval::StatusWaiter>> waiters;
           for (size_t b = 0; b < nb; ++b) {
             const Tensor ks = k[static_cast<size_t>(l)][b].Rows(slot, 1);
             const Tensor vs = v[static_cast<size_t>(l)][b].Rows(slot, 1);
+            const std::span<float> k_row(spill.data() + b * 2 * kv, kv);
+            const std::span<float> v_row(spill.data() + b * 2 * kv + kv, kv);
             KVR_RETURN_IF_ERROR(backend_->DownloadF32(ks, k_row));
             KVR_RETURN_IF_ERROR(backend_->DownloadF32(vs, v_row));
             for (int g = 0; g < c.n_kv_heads; ++g) {
@@ -645,10 +666,27 @@ class Bench {
               req.first_position = pos - w;
               req.keys = ConstMatrixView(k_row.data() + static_cast<size_t>(g) * d, 1, d);
               req.values = ConstMatrixView(v_row.data() + static_cast<size_t>(g) * d, 1, d);
-              KVR_RETURN_IF_ERROR(node->Append(req));
+              if (batching) {
+                append_items.push_back({std::move(req), absl::OkStatus()});
+              } else {
+                waiters.push_back(std::make_unique<retrieval::StatusWaiter>());
+                node->AppendAsync(req, waiters.back()->callback());
+              }
             }
             runs[b] = {static_cast<int64_t>(b), 1, ks, vs, nullptr};
           }
+          absl::Status appended;
+          if (batching) {
+            appended = node->AppendBatch(append_items);
+            for (const retrieval::AppendBatchItem& item : append_items) {
+              if (appended.ok()) appended = item.status;
+            }
+          }
+          for (auto& waiter : waiters) {  // always wait: the node reads the rows
+            absl::Status st = waiter->Wait();
+            if (appended.ok()) appended = std::move(st);
+          }
+          KVR_RETURN_IF_ERROR(appended);
           append_s += Since(a);
           return std::span<const KvRun>(runs);
         },
@@ -656,16 +694,22 @@ class Bench {
         // computes the local ones, then one merge over the batch.
         [&](int l, const Tensor& q, const Tensor& o) -> absl::Status {
           KVR_RETURN_IF_ERROR(backend_->DownloadF32(q, q_host));
-          std::vector<retrieval::StatusWaiter> waiters(nb);
+          std::vector<retrieval::StatusWaiter> waiters(batching ? 1 : nb);
           std::vector<retrieval::AttendRequest> reqs(nb);
+          attend_items.clear();
           for (size_t b = 0; b < nb; ++b) {
             reqs[b].sequence_id = specs[b].sequence_id;
             reqs[b].layer = l;
             reqs[b].queries = ConstMatrixView(q_host.data() + b * static_cast<size_t>(c.q_dim()),
                                               static_cast<size_t>(c.n_heads), d);
             reqs[b].k = top_k;
-            node->AttendAsync(reqs[b], partials[b].view(), nullptr, waiters[b].callback());
+            if (batching) {
+              attend_items.push_back({reqs[b], partials[b].view(), nullptr, absl::OkStatus()});
+            } else {
+              node->AttendAsync(reqs[b], partials[b].view(), nullptr, waiters[b].callback());
+            }
           }
+          if (batching) node->AttendBatchAsync(attend_items, waiters[0].callback());
           absl::Status local_st;
           for (int b = 0; b < batch && local_st.ok(); ++b) {
             local_st = backend_->PartialAttention(q.Rows(b, 1), k[static_cast<size_t>(l)][static_cast<size_t>(b)],
@@ -675,9 +719,12 @@ class Bench {
           }
           const Clock::time_point wait = Clock::now();
           absl::Status remote_st;
-          for (size_t b = 0; b < nb; ++b) {  // always wait: the node writes partials
-            absl::Status st = waiters[b].Wait();
+          for (retrieval::StatusWaiter& waiter : waiters) {  // always wait: the node writes
+            absl::Status st = waiter.Wait();
             if (remote_st.ok()) remote_st = st;
+          }
+          for (const retrieval::AttendBatchItem& item : attend_items) {
+            if (remote_st.ok()) remote_st = item.status;
           }
           wait_s += Since(wait);
           KVR_RETURN_IF_ERROR(local_st);
@@ -750,14 +797,15 @@ class Bench {
 
 std::string JsonRow(const Row& r, int layers) {
   return absl::StrFormat(
-      "{\"mode\": \"%s\", \"context\": %d, \"batch\": %d, \"layers\": %d, "
+      "{\"mode\": \"%s\", \"attend_batching\": \"%s\", \"context\": %d, \"batch\": %d, "
+      "\"layers\": %d, "
       "\"tokens_per_second\": %.6g, \"step_s\": %.6g, \"worker_compute_s\": %.6g, "
       "\"retrieval_wait_s\": %.6g, \"merge_s\": %.6g, \"append_s\": %.6g, "
       "\"node_cpu_s_per_token\": %.6g, \"worker_rss_bytes\": %d, \"node_rss_bytes\": %d, "
       "\"bytes_per_step\": %.6g, \"bound_tokens_per_second\": %.6g, \"setup_s\": %.6g, "
       "\"max_abs_logit_diff\": %.6g, \"logits_max_abs\": %.6g, \"top1_agreement\": %.6g, "
       "\"note\": \"%s\"}",
-      r.mode, r.context, r.batch, layers, r.tokens_per_second, r.step_s, r.compute_s, r.wait_s,
+      r.mode, r.attend_batching, r.context, r.batch, layers, r.tokens_per_second, r.step_s, r.compute_s, r.wait_s,
       r.merge_s, r.append_s, r.node_cpu_s_per_token, r.worker_rss_bytes, r.node_rss_bytes,
       r.bytes_per_step, r.bound_tokens_per_second, r.setup_s, r.max_abs_logit_diff,
       r.logits_max_abs, r.top1_agreement, absl::StrReplaceAll(r.note, {{"\"", "'"}, {"\\", "/"}}));
@@ -776,6 +824,14 @@ absl::Status Run() {
           "--modes: \"", m, "\" is not one of full, retrieval, grpc, ucx"));
     }
     modes.emplace_back(m);
+  }
+  std::vector<bool> batchings;
+  for (absl::string_view b : absl::StrSplit(absl::GetFlag(FLAGS_attend_batching), ',')) {
+    if (b != "on" && b != "off") {
+      return absl::InvalidArgumentError(
+          absl::StrCat("--attend_batching: \"", b, "\" is not on or off"));
+    }
+    batchings.push_back(b == "on");
   }
   if (const int s = absl::GetFlag(FLAGS_steps); s < 1 || s > 1000) {
     return absl::InvalidArgumentError(absl::StrCat("--steps ", s, " outside [1, 1000]"));
@@ -806,29 +862,33 @@ absl::Status Run() {
     std::getline(la, text);
     std::printf("%s\n\n", text.c_str());
   }
-  std::printf("%-9s %7s %5s | %9s %8s | %8s %8s %8s %8s | %8s %7s %7s | %9s | %s\n", "mode",
-              "context", "batch", "tok/s", "bound", "step s", "compute", "wait", "merge",
+  std::printf("%-9s %3s %7s %5s | %9s %8s | %8s %8s %8s %8s | %8s %7s %7s | %9s | %s\n", "mode",
+              "bat", "context", "batch", "tok/s", "bound", "step s", "compute", "wait", "merge",
               "nodeCPU/t", "wRSS", "nRSS", "logit d", "note");
   std::vector<Row> rows;
   for (int64_t context : contexts) {
     for (int64_t batch : batches) {
       for (const std::string& mode : modes) {
-        KVR_ASSIGN_OR_RETURN(Row r, bench.Run(mode, context, static_cast<int>(batch)));
-        if (r.step_s <= 0) {
-          std::printf("%-9s %7lld %5d | %s\n", r.mode.c_str(), static_cast<long long>(context),
-                      r.batch, r.note.c_str());
-        } else {
-          std::printf("%-9s %7lld %5d | %9.2f %8.2f | %8.4f %8.4f %8.4f %8.4f | %8.4f %6.1fG %6.1fG "
-                      "| %9.2g | %s\n",
-                      r.mode.c_str(), static_cast<long long>(context), r.batch,
-                      r.tokens_per_second, r.bound_tokens_per_second, r.step_s, r.compute_s,
-                      r.wait_s, r.merge_s + r.append_s, r.node_cpu_s_per_token,
-                      r.worker_rss_bytes / double(1 << 30),
-                      std::max<int64_t>(0, r.node_rss_bytes) / double(1 << 30),
-                      r.max_abs_logit_diff, r.note.c_str());
+        for (size_t bi = 0; bi < (mode == "full" ? 1 : batchings.size()); ++bi) {
+          KVR_ASSIGN_OR_RETURN(Row r, bench.Run(mode, context, static_cast<int>(batch),
+                                                batchings[bi]));
+          if (r.step_s <= 0) {
+            std::printf("%-9s %3s %7lld %5d | %s\n", r.mode.c_str(), r.attend_batching.c_str(),
+                        static_cast<long long>(context), r.batch, r.note.c_str());
+          } else {
+            std::printf("%-9s %3s %7lld %5d | %9.2f %8.2f | %8.4f %8.4f %8.4f %8.4f | %8.4f %6.1fG "
+                        "%6.1fG | %9.2g | %s\n",
+                        r.mode.c_str(), r.attend_batching.c_str(), static_cast<long long>(context),
+                        r.batch,
+                        r.tokens_per_second, r.bound_tokens_per_second, r.step_s, r.compute_s,
+                        r.wait_s, r.merge_s + r.append_s, r.node_cpu_s_per_token,
+                        r.worker_rss_bytes / double(1 << 30),
+                        std::max<int64_t>(0, r.node_rss_bytes) / double(1 << 30),
+                        r.max_abs_logit_diff, r.note.c_str());
+          }
+          std::fflush(stdout);
+          rows.push_back(std::move(r));
         }
-        std::fflush(stdout);
-        rows.push_back(std::move(r));
       }
     }
   }

@@ -12,3 +12,12 @@ kvr_test(attend_batch_node_test
   COMMAND $<TARGET_FILE:attend_batch_test> --kvr_node $<TARGET_FILE:kvr_node>
     --gtest_filter=NodeBatchTest.*
   NEEDS kvr_node attend_batch_test LABELS integration TIMEOUT 300)
+# decode_bench --attend_batching=on,off at its smallest shape: both rows per
+# retrieval mode (in process, gRPC, UCX), identical logits, a bad value refused.
+if(TARGET decode_bench)
+  find_package(Python3 REQUIRED COMPONENTS Interpreter)
+  kvr_test(attend_batch_bench_smoke
+    COMMAND ${Python3_EXECUTABLE} ${CMAKE_CURRENT_SOURCE_DIR}/integration/attend_batch_bench_test.py
+      $<TARGET_FILE:decode_bench> $<TARGET_FILE:kvr_node>
+    NEEDS decode_bench kvr_node LABELS "e2e;bench" TIMEOUT 600)
+endif()
