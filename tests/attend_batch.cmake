@@ -21,3 +21,9 @@ if(TARGET decode_bench)
       $<TARGET_FILE:decode_bench> $<TARGET_FILE:kvr_node>
     NEEDS decode_bench kvr_node LABELS "e2e;bench" TIMEOUT 600)
 endif()
+# bench/gpu_session.sh's CPU-side parts (issue 20 item 4): the crossover
+# table from gpu_decode_bench rows, exit 3 without a GPU, bad arguments.
+kvr_test(gpu_session_script_test
+  COMMAND bash ${CMAKE_CURRENT_SOURCE_DIR}/integration/gpu_session_script_test.sh
+    ${PROJECT_SOURCE_DIR}
+  LABELS unit TIMEOUT 60)
