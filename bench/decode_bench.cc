@@ -297,7 +297,7 @@ class Bench {
                                                weight_bytes_per_param_;  // + embedding table
     if (mode == "full") {
       return weights + staging +
-             batch * layers * static_cast<double>(context + Steps() + 1) * kv * 8;
+             batch * layers * static_cast<double>(context + FullSteps() + 1) * kv * 8;
     }
     const double value_bytes = value_dtype_ == DType::kF32 ? 4 : 2;
     // Keys f32 + values + about 25% for the index and positions.
@@ -306,6 +306,8 @@ class Bench {
   }
 
   static int Steps() { return absl::GetFlag(FLAGS_steps); }
+  // Timed steps of full attention: every retrieval variant's positions.
+  int FullSteps() const { return variants_ * (Steps() + 1) - 1; }
 
   absl::Status ParseNodeFlags() {
     KVR_ASSIGN_OR_RETURN(index_, retrieval::ParseIndexType(absl::GetFlag(FLAGS_index)));
@@ -313,32 +315,41 @@ class Bench {
     return absl::OkStatus();
   }
 
-  // One row: `mode` at (context, batch).
-  // `batching`: the retrieval modes' --attend_batching value for this row.
-  absl::StatusOr<Row> Run(const std::string& mode, int64_t context, int batch, bool batching) {
+  // The rows of `mode` at (context, batch): one for full attention; one per
+  // entry of `batchings` (--attend_batching) for a retrieval mode, all timed
+  // on ONE set-up (the same node state), one after the other: variant v
+  // decodes positions context + v * (steps + 1) + [0, steps], which full
+  // attention (run over every variant's positions) has logits for.
+  absl::StatusOr<std::vector<Row>> Run(const std::string& mode, int64_t context, int batch,
+                                       const std::vector<bool>& batchings) {
+    variants_ = static_cast<int>(batchings.size());
     Row row;
     row.mode = mode;
-    if (mode != "full") row.attend_batching = batching ? "on" : "off";
     row.context = context;
     row.batch = batch;
+    std::vector<Row> out;
     const double need = EstimateBytes(mode, context, batch);
     const double budget = static_cast<double>(absl::GetFlag(FLAGS_memory_budget_bytes));
     if (need > budget) {
       row.note = absl::StrFormat("skipped: needs ~%.1f GiB > --memory_budget_bytes %.1f GiB",
                                  need / (1 << 30), budget / (1 << 30));
-      return row;
+      out.push_back(row);
+      return out;
     }
     KVR_ASSIGN_OR_RETURN(act_, worker::BlockActivations::Allocate(*backend_, config(), batch, batch));
     auto rows = [&](int64_t cols) { return backend_->Allocate(DType::kF32, batch, cols); };
     KVR_ASSIGN_OR_RETURN(logits_, rows(config().vocab_size));
     if (mode == "full") {
       KVR_RETURN_IF_ERROR(RunFull(row));
+      out.push_back(row);
     } else {
-      KVR_RETURN_IF_ERROR(RunRetrieval(row));
+      KVR_RETURN_IF_ERROR(RunRetrieval(row, batchings, &out));
     }
-    row.tokens_per_second = batch / row.step_s;
-    row.bound_tokens_per_second = batch * bandwidth_ / row.bytes_per_step;
-    return row;
+    for (Row& r : out) {
+      r.tokens_per_second = batch / r.step_s;
+      r.bound_tokens_per_second = batch * bandwidth_ / r.bytes_per_step;
+    }
+    return out;
   }
 
  private:
@@ -370,16 +381,17 @@ class Bench {
     return backend_->DownloadF32(logits_, out);
   }
 
-  // Compares step logits with full attention's at the same shape, if any.
-  void Compare(Row& row, const std::vector<std::vector<float>>& logits) {
+  // Compares step logits with full attention's at the same shape, if any;
+  // logits[s] is full attention's step offset + s.
+  void Compare(Row& row, const std::vector<std::vector<float>>& logits, size_t offset) {
     auto it = reference_.find({row.context, row.batch});
     if (it == reference_.end()) return;
     double diff = 0, max_abs = 0;
     int64_t agree = 0, total = 0;
     const size_t vocab = static_cast<size_t>(config().vocab_size);
-    for (size_t s = 0; s < logits.size() && s < it->second.size(); ++s) {
+    for (size_t s = 0; s < logits.size() && offset + s < it->second.size(); ++s) {
       const std::vector<float>& a = logits[s];
-      const std::vector<float>& r = it->second[s];
+      const std::vector<float>& r = it->second[offset + s];
       for (size_t i = 0; i < a.size(); ++i) {
         diff = std::max(diff, static_cast<double>(std::fabs(a[i] - r[i])));
         max_abs = std::max(max_abs, static_cast<double>(std::fabs(r[i])));
@@ -403,7 +415,8 @@ class Bench {
     const worker::LlamaConfig& c = config();
     const int batch = row.batch;
     const int64_t context = row.context;
-    const int64_t cache_rows = context + Steps() + 1;
+    const int steps = FullSteps();
+    const int64_t cache_rows = context + steps + 1;
     const Clock::time_point setup = Clock::now();
     // One f32 cache per (layer, sequence), rows [0, context) synthetic.
     std::vector<std::vector<Tensor>> k(static_cast<size_t>(c.n_layers)), v(k.size());
@@ -442,14 +455,14 @@ class Bench {
           }
           return absl::OkStatus();
         });
-    std::vector<std::vector<float>> logits(static_cast<size_t>(Steps()));
+    std::vector<std::vector<float>> logits(static_cast<size_t>(steps));
     std::vector<float> warm;
-    for (int step = -1; step < Steps(); ++step) {
+    for (int step = -1; step < steps; ++step) {
       pos = context + step + 1;
       const Clock::time_point start = Clock::now();
       KVR_RETURN_IF_ERROR(Forward(step, batch, pos, hook));
       KVR_RETURN_IF_ERROR(Classify(step >= 0 ? logits[static_cast<size_t>(step)] : warm));
-      if (step >= 0) row.step_s += Since(start) / Steps();
+      if (step >= 0) row.step_s += Since(start) / steps;
     }
     row.compute_s = row.step_s;  // no nodes: all of it is the worker's
     row.worker_rss_bytes = RssBytes(0);
@@ -457,7 +470,7 @@ class Bench {
     // Weights + every K/V row attended (mean over the timed steps).
     row.bytes_per_step =
         weight_bytes_ + static_cast<double>(batch) * c.n_layers *
-                            static_cast<double>(context + 1 + Steps() / 2) *
+                            static_cast<double>(context + 1 + steps / 2) *
                             static_cast<double>(c.kv_dim()) * 8;
     reference_[{context, batch}] = std::move(logits);
     return absl::OkStatus();
@@ -524,7 +537,10 @@ class Bench {
     return std::unique_ptr<retrieval::RetrievalClient>(std::move(multi));
   }
 
-  absl::Status RunRetrieval(Row& row) {
+  // Sets up `proto`'s shape once and appends one row per `batchings` entry.
+  absl::Status RunRetrieval(const Row& proto, const std::vector<bool>& batchings,
+                            std::vector<Row>* out) {
+    Row row = proto;
     const worker::LlamaConfig& c = config();
     const int batch = row.batch;
     const size_t nb = static_cast<size_t>(batch);
@@ -617,7 +633,8 @@ class Bench {
         }
       }
     }
-    row.setup_s = Since(setup);
+    const double setup_s = Since(setup);
+    row.setup_s = setup_s;
     std::printf("  %s: %lld tokens x %d layers x %d kv heads x %d sequences on %s, %s index, "
                 "set up in %.1f s\n",
                 row.mode.c_str(), static_cast<long long>(mid_end - s), c.n_layers, c.n_kv_heads,
@@ -636,7 +653,7 @@ class Bench {
     std::vector<float> q_host(nb * static_cast<size_t>(c.q_dim()));
     std::vector<float> o2_host(q_host.size()), m2_host(nb * static_cast<size_t>(c.n_heads)),
         l2_host(m2_host.size());
-    const bool batching = row.attend_batching == "on";
+    bool batching = true;  // the variant being timed
     std::vector<float> spill(nb * 2 * kv);  // each sequence's leaving k then v row
     std::vector<retrieval::AppendBatchItem> append_items;
     std::vector<retrieval::AttendBatchItem> attend_items;
@@ -743,37 +760,45 @@ class Bench {
           merge_s += Since(merge);
           return absl::OkStatus();
         });
-    std::vector<std::vector<float>> logits(static_cast<size_t>(Steps()));
-    std::vector<float> warm;
-    double cpu0 = 0;
-    for (int step = -1; step < Steps(); ++step) {
-      if (step == 0) {
-        cpu0 = nodes ? nodes->CpuSeconds() : ThreadsCpuSeconds(node_tids);
-        wait_s = merge_s = append_s = 0;
+    for (size_t variant = 0; variant < batchings.size(); ++variant) {
+      batching = batchings[variant];
+      row = proto;
+      row.attend_batching = batching ? "on" : "off";
+      row.setup_s = setup_s;
+      const int64_t first = context + static_cast<int64_t>(variant) * (Steps() + 1);
+      std::vector<std::vector<float>> logits(static_cast<size_t>(Steps()));
+      std::vector<float> warm;
+      double cpu0 = 0;
+      for (int step = -1; step < Steps(); ++step) {
+        if (step == 0) {
+          cpu0 = nodes ? nodes->CpuSeconds() : ThreadsCpuSeconds(node_tids);
+          wait_s = merge_s = append_s = 0;
+        }
+        pos = first + step + 1;
+        slot = s + (pos - s) % w;
+        const Clock::time_point start = Clock::now();
+        KVR_RETURN_IF_ERROR(Forward(static_cast<int>(pos - context - 1), batch, pos, hook));
+        KVR_RETURN_IF_ERROR(Classify(step >= 0 ? logits[static_cast<size_t>(step)] : warm));
+        if (step >= 0) row.step_s += Since(start) / Steps();
       }
-      pos = context + step + 1;
-      slot = s + (pos - s) % w;
-      const Clock::time_point start = Clock::now();
-      KVR_RETURN_IF_ERROR(Forward(step, batch, pos, hook));
-      KVR_RETURN_IF_ERROR(Classify(step >= 0 ? logits[static_cast<size_t>(step)] : warm));
-      if (step >= 0) row.step_s += Since(start) / Steps();
+      const double cpu1 = nodes ? nodes->CpuSeconds() : ThreadsCpuSeconds(node_tids);
+      row.wait_s = wait_s / Steps();
+      row.merge_s = merge_s / Steps();
+      row.append_s = append_s / Steps();
+      row.compute_s = row.step_s - row.wait_s - row.merge_s - row.append_s;
+      row.node_cpu_s_per_token = (cpu1 - cpu0) / (static_cast<double>(Steps()) * batch);
+      row.worker_rss_bytes = RssBytes(0);
+      row.node_rss_bytes = nodes ? nodes->RssBytes() : -1;
+      // Weights + the local K/V + the retrieved keys and values (the index's
+      // own reads, e.g. IVF centroids and lists scanned, are not counted).
+      const double value_bytes = value_dtype_ == DType::kF32 ? 4 : 2;
+      row.bytes_per_step =
+          weight_bytes_ + static_cast<double>(batch) * c.n_layers *
+                              (static_cast<double>(local) * static_cast<double>(kv) * 8 +
+                               static_cast<double>(c.n_heads) * top_k * c.head_dim * (4 + value_bytes));
+      Compare(row, logits, static_cast<size_t>(first - context));
+      out->push_back(row);
     }
-    const double cpu1 = nodes ? nodes->CpuSeconds() : ThreadsCpuSeconds(node_tids);
-    row.wait_s = wait_s / Steps();
-    row.merge_s = merge_s / Steps();
-    row.append_s = append_s / Steps();
-    row.compute_s = row.step_s - row.wait_s - row.merge_s - row.append_s;
-    row.node_cpu_s_per_token = (cpu1 - cpu0) / (static_cast<double>(Steps()) * batch);
-    row.worker_rss_bytes = RssBytes(0);
-    row.node_rss_bytes = nodes ? nodes->RssBytes() : -1;
-    // Weights + the local K/V + the retrieved keys and values (the index's
-    // own reads, e.g. IVF centroids and lists scanned, are not counted).
-    const double value_bytes = value_dtype_ == DType::kF32 ? 4 : 2;
-    row.bytes_per_step =
-        weight_bytes_ + static_cast<double>(batch) * c.n_layers *
-                            (static_cast<double>(local) * static_cast<double>(kv) * 8 +
-                             static_cast<double>(c.n_heads) * top_k * c.head_dim * (4 + value_bytes));
-    Compare(row, logits);
     for (const retrieval::SequenceSpec& spec : specs) {
       KVR_RETURN_IF_ERROR(node->DropSequence(spec.sequence_id));
     }
@@ -793,6 +818,7 @@ class Bench {
   retrieval::IndexType index_ = retrieval::IndexType::kIvf;
   DType value_dtype_ = DType::kBf16;
   std::map<LogitKey, std::vector<std::vector<float>>> reference_;
+  int variants_ = 1;  // retrieval variants per shape (--attend_batching entries)
 };
 
 std::string JsonRow(const Row& r, int layers) {
@@ -869,9 +895,9 @@ absl::Status Run() {
   for (int64_t context : contexts) {
     for (int64_t batch : batches) {
       for (const std::string& mode : modes) {
-        for (size_t bi = 0; bi < (mode == "full" ? 1 : batchings.size()); ++bi) {
-          KVR_ASSIGN_OR_RETURN(Row r, bench.Run(mode, context, static_cast<int>(batch),
-                                                batchings[bi]));
+        KVR_ASSIGN_OR_RETURN(std::vector<Row> shape_rows,
+                             bench.Run(mode, context, static_cast<int>(batch), batchings));
+        for (Row& r : shape_rows) {
           if (r.step_s <= 0) {
             std::printf("%-9s %3s %7lld %5d | %s\n", r.mode.c_str(), r.attend_batching.c_str(),
                         static_cast<long long>(context), r.batch, r.note.c_str());

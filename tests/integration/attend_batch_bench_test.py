@@ -4,11 +4,12 @@
 Runs full, in-process retrieval, 3 kvr_node over gRPC and over UCX at context
 1024, batch 3, one layer, with an exact (flat) node index and a top_k covering
 the node range. Batching changes how the Attends and Appends travel, not what
-the nodes compute, so for every retrieval mode the "on" and "off" rows must
-both exist (side by side, "on" first), carry attend_batching, and report the
-SAME largest |logit - full attention| and top-1 agreement 1 (their logits are
-identical); each within the smoke test's tolerance of full attention. A bad
---attend_batching value is refused naming the flag.
+the nodes compute: for every retrieval mode the "on" and "off" rows (timed one
+after the other on one set-up, each over its own positions) must both exist,
+side by side, "on" first, carry attend_batching and the same set-up time, and
+each equal full attention at its positions within the smoke test's tolerance
+with top-1 agreement 1. A bad --attend_batching value is refused naming the
+flag.
 
 usage: attend_batch_bench_test.py DECODE_BENCH KVR_NODE
 """
@@ -64,9 +65,8 @@ def main():
                          f"{r['max_abs_logit_diff']} > {bound}")
                 if r["top1_agreement"] != 1:
                     fail(f"{mode} {r['attend_batching']}: top-1 agreement {r['top1_agreement']}")
-            if on["max_abs_logit_diff"] != off["max_abs_logit_diff"]:
-                fail(f"{mode}: batching on / off logits differ from full by "
-                     f"{on['max_abs_logit_diff']} / {off['max_abs_logit_diff']}: not identical")
+            if on["setup_s"] != off["setup_s"]:
+                fail(f"{mode}: on / off set up separately ({on['setup_s']} / {off['setup_s']} s)")
             if mode == "ucx" and (on["note"] or off["note"]):
                 fail(f"ucx: {on['note']} {off['note']}")
 
