@@ -17,6 +17,11 @@
 //                127.0.0.1 with ports chosen at run time, stopped at the end
 //                of each row) behind a MultiNodeClient over gRPC;
 //   * ucx:       the same, Attend over UCX (UcxRetrievalClient).
+// --attend_batching=on (default) sends each layer's Attends of the whole
+// batch as ONE AttendBatch (one per node) and its appends as ONE
+// AppendBatch; off sends one Attend per sequence and one Append per
+// (sequence, kv head), all in flight at once (the engine's path before
+// batching). on,off runs both, side by side, in one run.
 // The context is synthetic: K/V rows are Noise(seed, position * kv_dim + j)
 // (so every mode sees the same K/V at the same position and the retrieval
 // modes' logits can be compared with full attention's), written straight
@@ -33,7 +38,8 @@
 // largest |logit difference| and the top-1 agreement against it.
 //
 //   decode_bench [--contexts=4096,8192,32768] [--batches=1,4,16]
-//                [--modes=full,retrieval,grpc,ucx] [--layers=2] [--steps=3]
+//                [--modes=full,retrieval,grpc,ucx] [--attend_batching=on,off]
+//                [--layers=2] [--steps=3]
 //                [--memory_budget_bytes=17179869184] [--json=out.json]
 #include <signal.h>
 #include <unistd.h>
@@ -98,6 +104,11 @@ ABSL_FLAG(std::string, value_dtype, "bf16", "how the nodes store values: f32, bf
 ABSL_FLAG(int64_t, memory_budget_bytes, int64_t{16} << 30,
           "rows whose estimated memory (weights + caches + node shards) exceeds this are "
           "printed as skipped");
+ABSL_FLAG(std::string, attend_batching, "on",
+          "retrieval modes, comma-separated on / off: on = one AttendBatch per layer for the "
+          "whole batch (one per node) and one AppendBatch per layer; off = one Attend per "
+          "sequence and one Append per (sequence, kv head), all in flight at once (the "
+          "engine's path before batching); on,off prints both rows side by side");
 ABSL_FLAG(std::string, json, "", "write the rows as a JSON array to this file");
 
 namespace kvr {
@@ -225,6 +236,7 @@ class NodeProcesses {
 
 struct Row {
   std::string mode;
+  std::string attend_batching = "-";  // on / off (retrieval modes), "-" (full)
   int64_t context = 0;
   int batch = 0;
   // Per decode step (one token of each sequence), seconds.
@@ -285,7 +297,7 @@ class Bench {
                                                weight_bytes_per_param_;  // + embedding table
     if (mode == "full") {
       return weights + staging +
-             batch * layers * static_cast<double>(context + Steps() + 1) * kv * 8;
+             batch * layers * static_cast<double>(context + FullSteps() + 1) * kv * 8;
     }
     const double value_bytes = value_dtype_ == DType::kF32 ? 4 : 2;
     // Keys f32 + values + about 25% for the index and positions.
@@ -294,6 +306,8 @@ class Bench {
   }
 
   static int Steps() { return absl::GetFlag(FLAGS_steps); }
+  // Timed steps of full attention: every retrieval variant's positions.
+  int FullSteps() const { return variants_ * (Steps() + 1) - 1; }
 
   absl::Status ParseNodeFlags() {
     KVR_ASSIGN_OR_RETURN(index_, retrieval::ParseIndexType(absl::GetFlag(FLAGS_index)));
@@ -301,30 +315,41 @@ class Bench {
     return absl::OkStatus();
   }
 
-  // One row: `mode` at (context, batch).
-  absl::StatusOr<Row> Run(const std::string& mode, int64_t context, int batch) {
+  // The rows of `mode` at (context, batch): one for full attention; one per
+  // entry of `batchings` (--attend_batching) for a retrieval mode, all timed
+  // on ONE set-up (the same node state), one after the other: variant v
+  // decodes positions context + v * (steps + 1) + [0, steps], which full
+  // attention (run over every variant's positions) has logits for.
+  absl::StatusOr<std::vector<Row>> Run(const std::string& mode, int64_t context, int batch,
+                                       const std::vector<bool>& batchings) {
+    variants_ = static_cast<int>(batchings.size());
     Row row;
     row.mode = mode;
     row.context = context;
     row.batch = batch;
+    std::vector<Row> out;
     const double need = EstimateBytes(mode, context, batch);
     const double budget = static_cast<double>(absl::GetFlag(FLAGS_memory_budget_bytes));
     if (need > budget) {
       row.note = absl::StrFormat("skipped: needs ~%.1f GiB > --memory_budget_bytes %.1f GiB",
                                  need / (1 << 30), budget / (1 << 30));
-      return row;
+      out.push_back(row);
+      return out;
     }
     KVR_ASSIGN_OR_RETURN(act_, worker::BlockActivations::Allocate(*backend_, config(), batch, batch));
     auto rows = [&](int64_t cols) { return backend_->Allocate(DType::kF32, batch, cols); };
     KVR_ASSIGN_OR_RETURN(logits_, rows(config().vocab_size));
     if (mode == "full") {
       KVR_RETURN_IF_ERROR(RunFull(row));
+      out.push_back(row);
     } else {
-      KVR_RETURN_IF_ERROR(RunRetrieval(row));
+      KVR_RETURN_IF_ERROR(RunRetrieval(row, batchings, &out));
     }
-    row.tokens_per_second = batch / row.step_s;
-    row.bound_tokens_per_second = batch * bandwidth_ / row.bytes_per_step;
-    return row;
+    for (Row& r : out) {
+      r.tokens_per_second = batch / r.step_s;
+      r.bound_tokens_per_second = batch * bandwidth_ / r.bytes_per_step;
+    }
+    return out;
   }
 
  private:
@@ -356,16 +381,17 @@ class Bench {
     return backend_->DownloadF32(logits_, out);
   }
 
-  // Compares step logits with full attention's at the same shape, if any.
-  void Compare(Row& row, const std::vector<std::vector<float>>& logits) {
+  // Compares step logits with full attention's at the same shape, if any;
+  // logits[s] is full attention's step offset + s.
+  void Compare(Row& row, const std::vector<std::vector<float>>& logits, size_t offset) {
     auto it = reference_.find({row.context, row.batch});
     if (it == reference_.end()) return;
     double diff = 0, max_abs = 0;
     int64_t agree = 0, total = 0;
     const size_t vocab = static_cast<size_t>(config().vocab_size);
-    for (size_t s = 0; s < logits.size() && s < it->second.size(); ++s) {
+    for (size_t s = 0; s < logits.size() && offset + s < it->second.size(); ++s) {
       const std::vector<float>& a = logits[s];
-      const std::vector<float>& r = it->second[s];
+      const std::vector<float>& r = it->second[offset + s];
       for (size_t i = 0; i < a.size(); ++i) {
         diff = std::max(diff, static_cast<double>(std::fabs(a[i] - r[i])));
         max_abs = std::max(max_abs, static_cast<double>(std::fabs(r[i])));
@@ -389,7 +415,8 @@ class Bench {
     const worker::LlamaConfig& c = config();
     const int batch = row.batch;
     const int64_t context = row.context;
-    const int64_t cache_rows = context + Steps() + 1;
+    const int steps = FullSteps();
+    const int64_t cache_rows = context + steps + 1;
     const Clock::time_point setup = Clock::now();
     // One f32 cache per (layer, sequence), rows [0, context) synthetic.
     std::vector<std::vector<Tensor>> k(static_cast<size_t>(c.n_layers)), v(k.size());
@@ -428,14 +455,14 @@ class Bench {
           }
           return absl::OkStatus();
         });
-    std::vector<std::vector<float>> logits(static_cast<size_t>(Steps()));
+    std::vector<std::vector<float>> logits(static_cast<size_t>(steps));
     std::vector<float> warm;
-    for (int step = -1; step < Steps(); ++step) {
+    for (int step = -1; step < steps; ++step) {
       pos = context + step + 1;
       const Clock::time_point start = Clock::now();
       KVR_RETURN_IF_ERROR(Forward(step, batch, pos, hook));
       KVR_RETURN_IF_ERROR(Classify(step >= 0 ? logits[static_cast<size_t>(step)] : warm));
-      if (step >= 0) row.step_s += Since(start) / Steps();
+      if (step >= 0) row.step_s += Since(start) / steps;
     }
     row.compute_s = row.step_s;  // no nodes: all of it is the worker's
     row.worker_rss_bytes = RssBytes(0);
@@ -443,7 +470,7 @@ class Bench {
     // Weights + every K/V row attended (mean over the timed steps).
     row.bytes_per_step =
         weight_bytes_ + static_cast<double>(batch) * c.n_layers *
-                            static_cast<double>(context + 1 + Steps() / 2) *
+                            static_cast<double>(context + 1 + steps / 2) *
                             static_cast<double>(c.kv_dim()) * 8;
     reference_[{context, batch}] = std::move(logits);
     return absl::OkStatus();
@@ -510,7 +537,10 @@ class Bench {
     return std::unique_ptr<retrieval::RetrievalClient>(std::move(multi));
   }
 
-  absl::Status RunRetrieval(Row& row) {
+  // Sets up `proto`'s shape once and appends one row per `batchings` entry.
+  absl::Status RunRetrieval(const Row& proto, const std::vector<bool>& batchings,
+                            std::vector<Row>* out) {
+    Row row = proto;
     const worker::LlamaConfig& c = config();
     const int batch = row.batch;
     const size_t nb = static_cast<size_t>(batch);
@@ -603,7 +633,8 @@ class Bench {
         }
       }
     }
-    row.setup_s = Since(setup);
+    const double setup_s = Since(setup);
+    row.setup_s = setup_s;
     std::printf("  %s: %lld tokens x %d layers x %d kv heads x %d sequences on %s, %s index, "
                 "set up in %.1f s\n",
                 row.mode.c_str(), static_cast<long long>(mid_end - s), c.n_layers, c.n_kv_heads,
@@ -622,7 +653,10 @@ class Bench {
     std::vector<float> q_host(nb * static_cast<size_t>(c.q_dim()));
     std::vector<float> o2_host(q_host.size()), m2_host(nb * static_cast<size_t>(c.n_heads)),
         l2_host(m2_host.size());
-    std::vector<float> k_row(kv), v_row(kv);
+    bool batching = true;  // the variant being timed
+    std::vector<float> spill(nb * 2 * kv);  // each sequence's leaving k then v row
+    std::vector<retrieval::AppendBatchItem> append_items;
+    std::vector<retrieval::AttendBatchItem> attend_items;
     const int top_k = absl::GetFlag(FLAGS_top_k);
     int64_t pos = context, slot = 0;
     double wait_s = 0, merge_s = 0, append_s = 0;
@@ -632,9 +666,13 @@ class Bench {
         // head), then the new token's k / v take its slot.
         [&](int l) -> absl::StatusOr<std::span<const KvRun>> {
           const Clock::time_point a = Clock::now();
+          append_items.clear();
+          std::vector<std::unique_ptr<retrieval::StatusWaiter>> waiters;
           for (size_t b = 0; b < nb; ++b) {
             const Tensor ks = k[static_cast<size_t>(l)][b].Rows(slot, 1);
             const Tensor vs = v[static_cast<size_t>(l)][b].Rows(slot, 1);
+            const std::span<float> k_row(spill.data() + b * 2 * kv, kv);
+            const std::span<float> v_row(spill.data() + b * 2 * kv + kv, kv);
             KVR_RETURN_IF_ERROR(backend_->DownloadF32(ks, k_row));
             KVR_RETURN_IF_ERROR(backend_->DownloadF32(vs, v_row));
             for (int g = 0; g < c.n_kv_heads; ++g) {
@@ -645,10 +683,27 @@ class Bench {
               req.first_position = pos - w;
               req.keys = ConstMatrixView(k_row.data() + static_cast<size_t>(g) * d, 1, d);
               req.values = ConstMatrixView(v_row.data() + static_cast<size_t>(g) * d, 1, d);
-              KVR_RETURN_IF_ERROR(node->Append(req));
+              if (batching) {
+                append_items.push_back({std::move(req), absl::OkStatus()});
+              } else {
+                waiters.push_back(std::make_unique<retrieval::StatusWaiter>());
+                node->AppendAsync(req, waiters.back()->callback());
+              }
             }
             runs[b] = {static_cast<int64_t>(b), 1, ks, vs, nullptr};
           }
+          absl::Status appended;
+          if (batching) {
+            appended = node->AppendBatch(append_items);
+            for (const retrieval::AppendBatchItem& item : append_items) {
+              if (appended.ok()) appended = item.status;
+            }
+          }
+          for (auto& waiter : waiters) {  // always wait: the node reads the rows
+            absl::Status st = waiter->Wait();
+            if (appended.ok()) appended = std::move(st);
+          }
+          KVR_RETURN_IF_ERROR(appended);
           append_s += Since(a);
           return std::span<const KvRun>(runs);
         },
@@ -656,16 +711,22 @@ class Bench {
         // computes the local ones, then one merge over the batch.
         [&](int l, const Tensor& q, const Tensor& o) -> absl::Status {
           KVR_RETURN_IF_ERROR(backend_->DownloadF32(q, q_host));
-          std::vector<retrieval::StatusWaiter> waiters(nb);
+          std::vector<retrieval::StatusWaiter> waiters(batching ? 1 : nb);
           std::vector<retrieval::AttendRequest> reqs(nb);
+          attend_items.clear();
           for (size_t b = 0; b < nb; ++b) {
             reqs[b].sequence_id = specs[b].sequence_id;
             reqs[b].layer = l;
             reqs[b].queries = ConstMatrixView(q_host.data() + b * static_cast<size_t>(c.q_dim()),
                                               static_cast<size_t>(c.n_heads), d);
             reqs[b].k = top_k;
-            node->AttendAsync(reqs[b], partials[b].view(), nullptr, waiters[b].callback());
+            if (batching) {
+              attend_items.push_back({reqs[b], partials[b].view(), nullptr, absl::OkStatus()});
+            } else {
+              node->AttendAsync(reqs[b], partials[b].view(), nullptr, waiters[b].callback());
+            }
           }
+          if (batching) node->AttendBatchAsync(attend_items, waiters[0].callback());
           absl::Status local_st;
           for (int b = 0; b < batch && local_st.ok(); ++b) {
             local_st = backend_->PartialAttention(q.Rows(b, 1), k[static_cast<size_t>(l)][static_cast<size_t>(b)],
@@ -675,9 +736,12 @@ class Bench {
           }
           const Clock::time_point wait = Clock::now();
           absl::Status remote_st;
-          for (size_t b = 0; b < nb; ++b) {  // always wait: the node writes partials
-            absl::Status st = waiters[b].Wait();
+          for (retrieval::StatusWaiter& waiter : waiters) {  // always wait: the node writes
+            absl::Status st = waiter.Wait();
             if (remote_st.ok()) remote_st = st;
+          }
+          for (const retrieval::AttendBatchItem& item : attend_items) {
+            if (remote_st.ok()) remote_st = item.status;
           }
           wait_s += Since(wait);
           KVR_RETURN_IF_ERROR(local_st);
@@ -696,37 +760,45 @@ class Bench {
           merge_s += Since(merge);
           return absl::OkStatus();
         });
-    std::vector<std::vector<float>> logits(static_cast<size_t>(Steps()));
-    std::vector<float> warm;
-    double cpu0 = 0;
-    for (int step = -1; step < Steps(); ++step) {
-      if (step == 0) {
-        cpu0 = nodes ? nodes->CpuSeconds() : ThreadsCpuSeconds(node_tids);
-        wait_s = merge_s = append_s = 0;
+    for (size_t variant = 0; variant < batchings.size(); ++variant) {
+      batching = batchings[variant];
+      row = proto;
+      row.attend_batching = batching ? "on" : "off";
+      row.setup_s = setup_s;
+      const int64_t first = context + static_cast<int64_t>(variant) * (Steps() + 1);
+      std::vector<std::vector<float>> logits(static_cast<size_t>(Steps()));
+      std::vector<float> warm;
+      double cpu0 = 0;
+      for (int step = -1; step < Steps(); ++step) {
+        if (step == 0) {
+          cpu0 = nodes ? nodes->CpuSeconds() : ThreadsCpuSeconds(node_tids);
+          wait_s = merge_s = append_s = 0;
+        }
+        pos = first + step + 1;
+        slot = s + (pos - s) % w;
+        const Clock::time_point start = Clock::now();
+        KVR_RETURN_IF_ERROR(Forward(static_cast<int>(pos - context - 1), batch, pos, hook));
+        KVR_RETURN_IF_ERROR(Classify(step >= 0 ? logits[static_cast<size_t>(step)] : warm));
+        if (step >= 0) row.step_s += Since(start) / Steps();
       }
-      pos = context + step + 1;
-      slot = s + (pos - s) % w;
-      const Clock::time_point start = Clock::now();
-      KVR_RETURN_IF_ERROR(Forward(step, batch, pos, hook));
-      KVR_RETURN_IF_ERROR(Classify(step >= 0 ? logits[static_cast<size_t>(step)] : warm));
-      if (step >= 0) row.step_s += Since(start) / Steps();
+      const double cpu1 = nodes ? nodes->CpuSeconds() : ThreadsCpuSeconds(node_tids);
+      row.wait_s = wait_s / Steps();
+      row.merge_s = merge_s / Steps();
+      row.append_s = append_s / Steps();
+      row.compute_s = row.step_s - row.wait_s - row.merge_s - row.append_s;
+      row.node_cpu_s_per_token = (cpu1 - cpu0) / (static_cast<double>(Steps()) * batch);
+      row.worker_rss_bytes = RssBytes(0);
+      row.node_rss_bytes = nodes ? nodes->RssBytes() : -1;
+      // Weights + the local K/V + the retrieved keys and values (the index's
+      // own reads, e.g. IVF centroids and lists scanned, are not counted).
+      const double value_bytes = value_dtype_ == DType::kF32 ? 4 : 2;
+      row.bytes_per_step =
+          weight_bytes_ + static_cast<double>(batch) * c.n_layers *
+                              (static_cast<double>(local) * static_cast<double>(kv) * 8 +
+                               static_cast<double>(c.n_heads) * top_k * c.head_dim * (4 + value_bytes));
+      Compare(row, logits, static_cast<size_t>(first - context));
+      out->push_back(row);
     }
-    const double cpu1 = nodes ? nodes->CpuSeconds() : ThreadsCpuSeconds(node_tids);
-    row.wait_s = wait_s / Steps();
-    row.merge_s = merge_s / Steps();
-    row.append_s = append_s / Steps();
-    row.compute_s = row.step_s - row.wait_s - row.merge_s - row.append_s;
-    row.node_cpu_s_per_token = (cpu1 - cpu0) / (static_cast<double>(Steps()) * batch);
-    row.worker_rss_bytes = RssBytes(0);
-    row.node_rss_bytes = nodes ? nodes->RssBytes() : -1;
-    // Weights + the local K/V + the retrieved keys and values (the index's
-    // own reads, e.g. IVF centroids and lists scanned, are not counted).
-    const double value_bytes = value_dtype_ == DType::kF32 ? 4 : 2;
-    row.bytes_per_step =
-        weight_bytes_ + static_cast<double>(batch) * c.n_layers *
-                            (static_cast<double>(local) * static_cast<double>(kv) * 8 +
-                             static_cast<double>(c.n_heads) * top_k * c.head_dim * (4 + value_bytes));
-    Compare(row, logits);
     for (const retrieval::SequenceSpec& spec : specs) {
       KVR_RETURN_IF_ERROR(node->DropSequence(spec.sequence_id));
     }
@@ -746,18 +818,20 @@ class Bench {
   retrieval::IndexType index_ = retrieval::IndexType::kIvf;
   DType value_dtype_ = DType::kBf16;
   std::map<LogitKey, std::vector<std::vector<float>>> reference_;
+  int variants_ = 1;  // retrieval variants per shape (--attend_batching entries)
 };
 
 std::string JsonRow(const Row& r, int layers) {
   return absl::StrFormat(
-      "{\"mode\": \"%s\", \"context\": %d, \"batch\": %d, \"layers\": %d, "
+      "{\"mode\": \"%s\", \"attend_batching\": \"%s\", \"context\": %d, \"batch\": %d, "
+      "\"layers\": %d, "
       "\"tokens_per_second\": %.6g, \"step_s\": %.6g, \"worker_compute_s\": %.6g, "
       "\"retrieval_wait_s\": %.6g, \"merge_s\": %.6g, \"append_s\": %.6g, "
       "\"node_cpu_s_per_token\": %.6g, \"worker_rss_bytes\": %d, \"node_rss_bytes\": %d, "
       "\"bytes_per_step\": %.6g, \"bound_tokens_per_second\": %.6g, \"setup_s\": %.6g, "
       "\"max_abs_logit_diff\": %.6g, \"logits_max_abs\": %.6g, \"top1_agreement\": %.6g, "
       "\"note\": \"%s\"}",
-      r.mode, r.context, r.batch, layers, r.tokens_per_second, r.step_s, r.compute_s, r.wait_s,
+      r.mode, r.attend_batching, r.context, r.batch, layers, r.tokens_per_second, r.step_s, r.compute_s, r.wait_s,
       r.merge_s, r.append_s, r.node_cpu_s_per_token, r.worker_rss_bytes, r.node_rss_bytes,
       r.bytes_per_step, r.bound_tokens_per_second, r.setup_s, r.max_abs_logit_diff,
       r.logits_max_abs, r.top1_agreement, absl::StrReplaceAll(r.note, {{"\"", "'"}, {"\\", "/"}}));
@@ -776,6 +850,14 @@ absl::Status Run() {
           "--modes: \"", m, "\" is not one of full, retrieval, grpc, ucx"));
     }
     modes.emplace_back(m);
+  }
+  std::vector<bool> batchings;
+  for (absl::string_view b : absl::StrSplit(absl::GetFlag(FLAGS_attend_batching), ',')) {
+    if (b != "on" && b != "off") {
+      return absl::InvalidArgumentError(
+          absl::StrCat("--attend_batching: \"", b, "\" is not on or off"));
+    }
+    batchings.push_back(b == "on");
   }
   if (const int s = absl::GetFlag(FLAGS_steps); s < 1 || s > 1000) {
     return absl::InvalidArgumentError(absl::StrCat("--steps ", s, " outside [1, 1000]"));
@@ -806,29 +888,33 @@ absl::Status Run() {
     std::getline(la, text);
     std::printf("%s\n\n", text.c_str());
   }
-  std::printf("%-9s %7s %5s | %9s %8s | %8s %8s %8s %8s | %8s %7s %7s | %9s | %s\n", "mode",
-              "context", "batch", "tok/s", "bound", "step s", "compute", "wait", "merge",
+  std::printf("%-9s %3s %7s %5s | %9s %8s | %8s %8s %8s %8s | %8s %7s %7s | %9s | %s\n", "mode",
+              "bat", "context", "batch", "tok/s", "bound", "step s", "compute", "wait", "merge",
               "nodeCPU/t", "wRSS", "nRSS", "logit d", "note");
   std::vector<Row> rows;
   for (int64_t context : contexts) {
     for (int64_t batch : batches) {
       for (const std::string& mode : modes) {
-        KVR_ASSIGN_OR_RETURN(Row r, bench.Run(mode, context, static_cast<int>(batch)));
-        if (r.step_s <= 0) {
-          std::printf("%-9s %7lld %5d | %s\n", r.mode.c_str(), static_cast<long long>(context),
-                      r.batch, r.note.c_str());
-        } else {
-          std::printf("%-9s %7lld %5d | %9.2f %8.2f | %8.4f %8.4f %8.4f %8.4f | %8.4f %6.1fG %6.1fG "
-                      "| %9.2g | %s\n",
-                      r.mode.c_str(), static_cast<long long>(context), r.batch,
-                      r.tokens_per_second, r.bound_tokens_per_second, r.step_s, r.compute_s,
-                      r.wait_s, r.merge_s + r.append_s, r.node_cpu_s_per_token,
-                      r.worker_rss_bytes / double(1 << 30),
-                      std::max<int64_t>(0, r.node_rss_bytes) / double(1 << 30),
-                      r.max_abs_logit_diff, r.note.c_str());
+        KVR_ASSIGN_OR_RETURN(std::vector<Row> shape_rows,
+                             bench.Run(mode, context, static_cast<int>(batch), batchings));
+        for (Row& r : shape_rows) {
+          if (r.step_s <= 0) {
+            std::printf("%-9s %3s %7lld %5d | %s\n", r.mode.c_str(), r.attend_batching.c_str(),
+                        static_cast<long long>(context), r.batch, r.note.c_str());
+          } else {
+            std::printf("%-9s %3s %7lld %5d | %9.2f %8.2f | %8.4f %8.4f %8.4f %8.4f | %8.4f %6.1fG "
+                        "%6.1fG | %9.2g | %s\n",
+                        r.mode.c_str(), r.attend_batching.c_str(), static_cast<long long>(context),
+                        r.batch,
+                        r.tokens_per_second, r.bound_tokens_per_second, r.step_s, r.compute_s,
+                        r.wait_s, r.merge_s + r.append_s, r.node_cpu_s_per_token,
+                        r.worker_rss_bytes / double(1 << 30),
+                        std::max<int64_t>(0, r.node_rss_bytes) / double(1 << 30),
+                        r.max_abs_logit_diff, r.note.c_str());
+          }
+          std::fflush(stdout);
+          rows.push_back(std::move(r));
         }
-        std::fflush(stdout);
-        rows.push_back(std::move(r));
       }
     }
   }

@@ -8,12 +8,14 @@
 //    by the client's DecodeUcxAttendReply into partials of the request's
 //    shape and must decode (same bytes, same shape).
 //  * Client side: DecodeUcxReplyHeader → DecodeUcxAttendReply /
-//    DecodeUcxPingReply on the same bytes, as a reply from a hostile node.
+//    DecodeUcxPingReply / DecodeUcxAttendBatchReply (1..4 items) on the same
+//    bytes, as a reply from a hostile node; ParseUcxAttendBatchRequest too.
 #include <algorithm>
 #include <cstdint>
 #include <cstdlib>
 #include <future>
 #include <memory>
+#include <span>
 #include <string_view>
 
 #include "common/attention.h"
@@ -116,6 +118,19 @@ void ClientSide(uint8_t shape, const void* header, size_t header_length, std::st
   Partials out(1 + (shape & 3), 1 + ((shape >> 2) & 7));
   AttendStats stats;
   (void)DecodeUcxAttendReply(*h, data, kMaxMessageBytes, out.view(), &stats);
+  // The same bytes as the reply to a 1..4-item AttendBatch.
+  Partials outs[4] = {Partials(out.m.size(), out.o.cols), Partials(out.m.size(), out.o.cols),
+                      Partials(out.m.size(), out.o.cols), Partials(out.m.size(), out.o.cols)};
+  AttendStats batch_stats[4];
+  AttendBatchItem items[4];
+  for (int i = 0; i < 4; ++i) {
+    items[i].out = outs[i].view();
+    items[i].stats = &batch_stats[i];
+  }
+  const size_t n_items = 1 + ((shape >> 5) & 3);
+  (void)DecodeUcxAttendBatchReply(*h, data, kMaxMessageBytes, std::span(items, n_items));
+  kvr::v1::AttendBatchRequest batch_request;
+  (void)ParseUcxAttendBatchRequest(data, &batch_request);
 }
 
 }  // namespace

@@ -94,6 +94,7 @@ absl::Status RetrievalEngine::Init(Backend* backend, std::shared_ptr<const Llama
   weights_ = std::move(weights);
   const LlamaConfig& c = weights_->config;
   max_seq_len_ = options.max_seq_len > 0 ? options.max_seq_len : c.seq_len;
+  attend_batching_ = options.attend_batching;
   if (max_seq_len_ > LlamaConfig::kMaxSeqLen) {
     return absl::InvalidArgumentError(absl::StrCat("max_seq_len ", max_seq_len_, " > ",
                                                    LlamaConfig::kMaxSeqLen));
@@ -691,6 +692,23 @@ absl::Status RetrievalEngine::StepBatchLocked(std::span<EngineSequence* const> a
   // and kv head's append of a layer is in flight at once (the node syncs them
   // as one group), and all are acknowledged before that layer's Attends.
   std::vector<std::pair<int64_t, std::unique_ptr<retrieval::StatusWaiter>>> appends;
+  // Batched step: the layer's appends and Attends as one call each (item j
+  // belongs to items[*_owner[j]]).
+  const bool batching = attend_batching_;
+  std::vector<retrieval::AppendBatchItem> append_batch;
+  std::vector<int64_t> append_owner;
+  std::unique_ptr<retrieval::StatusWaiter> append_waiter;
+  std::vector<retrieval::AttendBatchItem> attend_batch;
+  std::vector<int64_t> attend_owner;
+  if (batching) spill_rows_host_.resize(static_cast<size_t>(n) * 2 * kv);
+  // A step that fails between a layer's appends and its attention still
+  // waits for the append batch (it writes into append_batch) before leaving.
+  struct WaitOnExit {
+    std::unique_ptr<retrieval::StatusWaiter>* waiter;
+    ~WaitOnExit() {
+      if (*waiter != nullptr) (*waiter)->Wait().IgnoreError();
+    }
+  } wait_appends{&append_waiter};
   auto attention = AttentionHookFns(
       // Each sequence's leaving token goes to the node, then its new k / v
       // row takes the ring slot.
@@ -714,6 +732,14 @@ absl::Status RetrievalEngine::StepBatchLocked(std::span<EngineSequence* const> a
               if (!seq_op(it, b.DownloadMany(rows))) continue;
               k_src = k_row_host_.data();
               v_src = v_row_host_.data();
+              if (batching) {
+                // The batch is sent after every sequence's rows are read.
+                float* keep = spill_rows_host_.data() + static_cast<size_t>(i) * 2 * kv;
+                std::copy_n(k_src, kv, keep);
+                std::copy_n(v_src, kv, keep + kv);
+                k_src = keep;
+                v_src = keep + kv;
+              }
             }
             for (int g = 0; g < c.n_kv_heads && it.status->ok(); ++g) {
               const ConstMatrixView key(k_src + g * d, 1, d);
@@ -737,6 +763,11 @@ absl::Status RetrievalEngine::StepBatchLocked(std::span<EngineSequence* const> a
               req.keys = key;
               req.values = value;
               req.capability = it.seq->capability_;
+              if (batching) {
+                append_batch.push_back({std::move(req), absl::OkStatus()});
+                append_owner.push_back(i);
+                continue;
+              }
               auto waiter = std::make_unique<retrieval::StatusWaiter>();
               client_->AppendAsync(req, waiter->callback());  // copies key and value
               appends.emplace_back(i, std::move(waiter));
@@ -745,11 +776,25 @@ absl::Status RetrievalEngine::StepBatchLocked(std::span<EngineSequence* const> a
           }
           step_kv_runs_.push_back({i, 1, k_row, v_row, it.status});
         }
+        if (!append_batch.empty()) {  // reads every row before returning
+          append_waiter = std::make_unique<retrieval::StatusWaiter>();
+          client_->AppendBatchAsync(append_batch, append_waiter->callback());
+        }
         return std::span<const KvRun>(step_kv_runs_);
       },
       // The node's partials for the queries, merged with the local ones.
       [&](int l, const Tensor& q, const Tensor& o) -> absl::Status {
         for (auto& [i, waiter] : appends) seq_op(items[i], waiter->Wait());
+        if (append_waiter != nullptr) {
+          // A refused batch put its error in every item.
+          append_waiter->Wait().IgnoreError();
+          append_waiter.reset();
+          for (size_t j = 0; j < append_batch.size(); ++j) {
+            seq_op(items[append_owner[j]], std::move(append_batch[j].status));
+          }
+          append_batch.clear();
+          append_owner.clear();
+        }
 
         // The queries for the nodes, and with them (the same wait) every
         // retrieval sequence's new k / v rows into its host copy.
@@ -788,8 +833,20 @@ absl::Status RetrievalEngine::StepBatchLocked(std::span<EngineSequence* const> a
           req.k = it.seq->attention_.top_k;
           req.beam = it.seq->attention_.beam;
           req.capability = it.seq->capability_;
+          if (batching) {
+            slot.waiter.reset();
+            slot.batched = true;
+            attend_batch.push_back({std::move(req), slot.partials.view(), &slot.attend_stats, {}});
+            attend_owner.push_back(i);
+            continue;
+          }
           client_->AttendAsync(req, slot.partials.view(), &slot.attend_stats,
                                slot.waiter->callback());
+        }
+        std::unique_ptr<retrieval::StatusWaiter> attend_waiter;
+        if (!attend_batch.empty()) {
+          attend_waiter = std::make_unique<retrieval::StatusWaiter>();
+          client_->AttendBatchAsync(attend_batch, attend_waiter->callback());
         }
         for (int64_t i = 0; i < n; ++i) {
           Item& it = items[i];
@@ -807,16 +864,35 @@ absl::Status RetrievalEngine::StepBatchLocked(std::span<EngineSequence* const> a
           }
           it.seq->stats_.local_attention_seconds += Seconds(local_start);
         }
+        // Always wait: the node writes into the slots' partials and stats.
+        double batch_wait = 0.0;
+        if (attend_waiter != nullptr) {
+          const Clock::time_point wait = Clock::now();
+          attend_waiter->Wait().IgnoreError();  // a refused batch failed every item
+          batch_wait = Seconds(wait);
+          for (size_t j = 0; j < attend_batch.size(); ++j) {
+            step_slots_[attend_owner[j]].batch_status = std::move(attend_batch[j].status);
+          }
+          attend_batch.clear();
+          attend_owner.clear();
+        }
         for (int64_t i = 0; i < n; ++i) {
           Item& it = items[i];
           StepSlot& slot = step_slots_[i];
-          if (slot.waiter == nullptr) continue;
-          // Always wait: the node writes into the slot's partials and stats.
-          const Clock::time_point wait = Clock::now();
-          const absl::Status remote = slot.waiter->Wait();
-          slot.waiter.reset();
+          if (slot.waiter == nullptr && !slot.batched) continue;
           EngineStats& stats = it.seq->stats_;
-          stats.node_wait_seconds += Seconds(wait);
+          absl::Status remote;
+          if (slot.batched) {
+            // Every sequence of the batch waited for the one call.
+            slot.batched = false;
+            remote = std::move(slot.batch_status);
+            stats.node_wait_seconds += batch_wait;
+          } else {
+            const Clock::time_point wait = Clock::now();
+            remote = slot.waiter->Wait();
+            slot.waiter.reset();
+            stats.node_wait_seconds += Seconds(wait);
+          }
           if (!seq_op(it, remote)) continue;
           ++stats.attend_calls;
           stats.retrieved_tokens += static_cast<double>(slot.attend_stats.keys_attended) /

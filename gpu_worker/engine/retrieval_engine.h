@@ -111,6 +111,13 @@ struct EngineOptions {
   // query (exact O(T * N) per shard). At most kMaxTrainingQueries. The
   // worker's --max_train_queries.
   int64_t max_train_queries = 16384;
+  // true (default): a decode step sends the nodes ONE AttendBatch per layer
+  // for every sequence of the batch (a multi-node client splits it into one
+  // per node) and ONE AppendBatch per layer for the tokens leaving the
+  // windows. false: one Attend per sequence per layer and one Append per
+  // (sequence, layer, kv head), the pre-batching path (decode_bench
+  // --attend_batching=on,off compares them). Outputs are identical.
+  bool attend_batching = true;
 };
 
 // Which positions one decode step attended (retrieval mode). Sinks
@@ -335,6 +342,10 @@ class RetrievalEngine {
     Partials partials;
     retrieval::AttendStats attend_stats;
     std::unique_ptr<retrieval::StatusWaiter> waiter;
+    // Batched step (EngineOptions::attend_batching): this slot's Attend was
+    // an item of the layer's AttendBatch, whose outcome is batch_status.
+    bool batched = false;
+    absl::Status batch_status;
   };
 
   RetrievalEngine() = default;
@@ -392,6 +403,7 @@ class RetrievalEngine {
   std::shared_ptr<const LlamaWeights> weights_;
   int64_t max_seq_len_ = 0;
   int64_t max_batch_ = 0;
+  bool attend_batching_ = true;
   std::set<EngineSequence*> live_;
   // Sequence ids ended under mu_ whose node registration is not dropped yet
   // (FlushDrops).
@@ -408,6 +420,9 @@ class RetrievalEngine {
   std::vector<float> logits_host_;  // [batch x vocab]
   std::vector<float> q_host_;       // [batch x q_dim]
   std::vector<float> k_row_host_, v_row_host_;  // kv_dim
+  // A batched step's leaving rows fetched from the device ([batch x 2 x
+  // kv_dim]: k then v), kept until the layer's AppendBatch is sent.
+  std::vector<float> spill_rows_host_;
   std::vector<Backend::DownloadItem> downloads_;  // a layer's q + new k/v rows
   std::vector<StepSlot> step_slots_;
   std::vector<int32_t> step_positions_;

@@ -40,6 +40,45 @@ absl::Status UnpackPartials(const v1::Partials& p, PartialsView out) {
   return absl::OkStatus();
 }
 
+// The kvr.v1 form of an Append (matrices packed).
+void AppendToProto(const AppendRequest& request, v1::AppendRequest* message) {
+  message->set_sequence_id(request.sequence_id);
+  message->set_layer(request.layer);
+  message->set_kv_head(request.kv_head);
+  message->set_first_position(request.first_position);
+  message->set_capability(request.capability);
+  PackMatrix(request.keys, message->mutable_keys());
+  PackMatrix(request.values, message->mutable_values());
+}
+
+// Copies a reply's stats into `out` (may be null).
+void UnpackStats(const v1::AttendStats& s, AttendStats* out) {
+  if (out == nullptr) return;
+  out->shards_searched = s.shards_searched();
+  out->keys_held = s.keys_held();
+  out->keys_attended = s.keys_attended();
+  out->distance_computations = s.distance_computations();
+}
+
+// One item's outcome from a batch reply's status slot.
+absl::Status ItemStatusFromProto(const v1::ItemStatus& s) {
+  if (s.code() < 0 || s.code() > static_cast<int32_t>(absl::StatusCode::kUnauthenticated)) {
+    return absl::InternalError(absl::StrCat("batch reply item status code ", s.code(),
+                                            " is not a gRPC status code"));
+  }
+  return absl::Status(static_cast<absl::StatusCode>(s.code()), s.message());
+}
+
+// Internal when a batch reply does not carry one item and one status per
+// request item.
+absl::Status CheckBatchReply(int items, int statuses, size_t want, absl::string_view what) {
+  if (items == static_cast<int>(want) && statuses == static_cast<int>(want)) {
+    return absl::OkStatus();
+  }
+  return absl::InternalError(absl::StrCat(what, " reply holds ", items, " items and ", statuses,
+                                          " statuses for ", want, " request items"));
+}
+
 }  // namespace
 
 GrpcRetrievalClient::GrpcRetrievalClient(const std::string& target,
@@ -338,13 +377,7 @@ absl::Status GrpcRetrievalClient::Append(const AppendRequest& request) {
   grpc::ClientContext context;
   SetDeadline(&context, options_.control_timeout);
   v1::AppendRequest message;
-  message.set_sequence_id(request.sequence_id);
-  message.set_layer(request.layer);
-  message.set_kv_head(request.kv_head);
-  message.set_first_position(request.first_position);
-  message.set_capability(request.capability);
-  PackMatrix(request.keys, message.mutable_keys());
-  PackMatrix(request.values, message.mutable_values());
+  AppendToProto(request, &message);
   v1::AppendResponse response;
   return FromGrpcStatus(stub_->Append(&context, message, &response));
 }
@@ -361,14 +394,7 @@ void GrpcRetrievalClient::AppendAsync(const AppendRequest& request, StatusCallba
   auto call = std::make_unique<AppendCall>();
   call->head = HeadId{request.sequence_id, request.layer, request.kv_head};
   SetDeadline(&call->context, options_.control_timeout);
-  v1::AppendRequest& message = call->request;
-  message.set_sequence_id(request.sequence_id);
-  message.set_layer(request.layer);
-  message.set_kv_head(request.kv_head);
-  message.set_first_position(request.first_position);
-  message.set_capability(request.capability);
-  PackMatrix(request.keys, message.mutable_keys());
-  PackMatrix(request.values, message.mutable_values());
+  AppendToProto(request, &call->request);
   call->done = std::move(done);
   AppendCall* raw = call.get();
   bool send_now = false;
@@ -439,17 +465,102 @@ void GrpcRetrievalClient::AttendAsync(const AttendRequest& request, PartialsView
                            if (status.ok()) {
                              status = UnpackPartials(owned->response.partials(), owned->out);
                            }
-                           if (status.ok() && owned->stats != nullptr) {
-                             const v1::AttendStats& s = owned->response.stats();
-                             owned->stats->shards_searched = s.shards_searched();
-                             owned->stats->keys_held = s.keys_held();
-                             owned->stats->keys_attended = s.keys_attended();
-                             owned->stats->distance_computations = s.distance_computations();
-                           }
+                           if (status.ok()) UnpackStats(owned->response.stats(), owned->stats);
                            StatusCallback callback = std::move(owned->done);
                            owned.reset();
                            callback(std::move(status));
                          });
+}
+
+void GrpcRetrievalClient::AttendBatchAsync(std::span<AttendBatchItem> items,
+                                           StatusCallback done) {
+  if (items.empty()) {
+    done(absl::OkStatus());
+    return;
+  }
+  struct Call {
+    grpc::ClientContext context;
+    v1::AttendBatchRequest request;
+    v1::AttendBatchResponse response;
+    std::span<AttendBatchItem> items;
+    StatusCallback done;
+  };
+  auto call = std::make_unique<Call>();
+  SetDeadline(&call->context, options_.attend_timeout);
+  call->request.mutable_items()->Reserve(static_cast<int>(items.size()));
+  for (const AttendBatchItem& item : items) {
+    AttendRequestToProto(item.request, call->request.add_items());
+  }
+  call->items = items;
+  call->done = std::move(done);
+  Call* raw = call.release();
+  KVR_TSAN_RELEASE(raw);  // as in SendAppend
+  stub_->async()->AttendBatch(
+      &raw->context, &raw->request, &raw->response, [raw](grpc::Status grpc_status) {
+        KVR_TSAN_ACQUIRE(raw);
+        std::unique_ptr<Call> owned(raw);
+        const v1::AttendBatchResponse& r = owned->response;
+        absl::Status status = FromGrpcStatus(grpc_status);
+        if (status.ok()) {
+          status = CheckBatchReply(r.items_size(), r.statuses_size(), owned->items.size(),
+                                   "AttendBatch");
+        }
+        for (size_t i = 0; i < owned->items.size(); ++i) {
+          AttendBatchItem& item = owned->items[i];
+          if (!status.ok()) {
+            item.status = status;
+            continue;
+          }
+          const int slot = static_cast<int>(i);
+          item.status = ItemStatusFromProto(r.statuses(slot));
+          if (item.status.ok()) item.status = UnpackPartials(r.items(slot).partials(), item.out);
+          if (item.status.ok()) UnpackStats(r.items(slot).stats(), item.stats);
+        }
+        StatusCallback callback = std::move(owned->done);
+        owned.reset();
+        callback(std::move(status));
+      });
+}
+
+void GrpcRetrievalClient::AppendBatchAsync(std::span<AppendBatchItem> items,
+                                           StatusCallback done) {
+  if (items.empty()) {
+    done(absl::OkStatus());
+    return;
+  }
+  struct Call {
+    grpc::ClientContext context;
+    v1::AppendBatchRequest request;
+    v1::AppendBatchResponse response;
+    std::span<AppendBatchItem> items;
+    StatusCallback done;
+  };
+  auto call = std::make_unique<Call>();
+  SetDeadline(&call->context, options_.control_timeout);
+  call->request.mutable_items()->Reserve(static_cast<int>(items.size()));
+  for (const AppendBatchItem& item : items) AppendToProto(item.request, call->request.add_items());
+  call->items = items;
+  call->done = std::move(done);
+  Call* raw = call.release();
+  KVR_TSAN_RELEASE(raw);  // as in SendAppend
+  stub_->async()->AppendBatch(
+      &raw->context, &raw->request, &raw->response, [raw](grpc::Status grpc_status) {
+        KVR_TSAN_ACQUIRE(raw);
+        std::unique_ptr<Call> owned(raw);
+        const v1::AppendBatchResponse& r = owned->response;
+        absl::Status status = FromGrpcStatus(grpc_status);
+        if (status.ok()) {
+          status = CheckBatchReply(r.items_size(), r.statuses_size(), owned->items.size(),
+                                   "AppendBatch");
+        }
+        for (size_t i = 0; i < owned->items.size(); ++i) {
+          owned->items[i].status =
+              status.ok() ? ItemStatusFromProto(r.statuses(static_cast<int>(i))) : status;
+        }
+        StatusCallback callback = std::move(owned->done);
+        owned.reset();
+        callback(std::move(status));
+      });
 }
 
 absl::StatusOr<SyncResult> GrpcRetrievalClient::SyncShards(const SyncRequest& request) {

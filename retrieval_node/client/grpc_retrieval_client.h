@@ -107,6 +107,12 @@ class GrpcRetrievalClient final : public RetrievalClient {
   void AppendAsync(const AppendRequest& request, StatusCallback done) override;
   void AttendAsync(const AttendRequest& request, PartialsView out, AttendStats* stats,
                    StatusCallback done) override;
+  // One AttendBatch RPC (attend_timeout) / AppendBatch RPC (control_timeout)
+  // for all items: per-item outcomes from the reply's statuses; an RPC
+  // failure (or a reply with the wrong item count: Internal) is every
+  // item's status and `done`'s.
+  void AttendBatchAsync(std::span<AttendBatchItem> items, StatusCallback done) override;
+  void AppendBatchAsync(std::span<AppendBatchItem> items, StatusCallback done) override;
   absl::Status DropSequence(uint64_t sequence_id) override;
   absl::Status DropSequence(uint64_t sequence_id, std::string_view capability) override;
   absl::StatusOr<NodeStats> Stats() override;

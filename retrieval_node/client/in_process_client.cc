@@ -45,6 +45,16 @@ void InProcessRetrievalClient::AttendAsync(const AttendRequest& request, Partial
   core_->AttendAsync(request, out, stats, std::move(done));
 }
 
+void InProcessRetrievalClient::AttendBatchAsync(std::span<AttendBatchItem> items,
+                                                StatusCallback done) {
+  core_->AttendBatchAsync(items, std::move(done));
+}
+
+void InProcessRetrievalClient::AppendBatchAsync(std::span<AppendBatchItem> items,
+                                                StatusCallback done) {
+  core_->AppendBatchAsync(items, std::move(done));
+}
+
 absl::Status InProcessRetrievalClient::DropSequence(uint64_t sequence_id) {
   return core_->DropSequence(sequence_id);
 }

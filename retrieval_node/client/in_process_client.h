@@ -37,6 +37,10 @@ class InProcessRetrievalClient final : public RetrievalClient {
   void AppendAsync(const AppendRequest& request, StatusCallback done) override;
   void AttendAsync(const AttendRequest& request, PartialsView out, AttendStats* stats,
                    StatusCallback done) override;
+  // One NodeCore batch call each (items searched in parallel on the core's
+  // attend_threads pool).
+  void AttendBatchAsync(std::span<AttendBatchItem> items, StatusCallback done) override;
+  void AppendBatchAsync(std::span<AppendBatchItem> items, StatusCallback done) override;
   absl::Status DropSequence(uint64_t sequence_id) override;
   absl::Status DropSequence(uint64_t sequence_id, std::string_view capability) override;
   absl::StatusOr<NodeStats> Stats() override;

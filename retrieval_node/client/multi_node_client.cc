@@ -1,6 +1,9 @@
 #include "retrieval_node/client/multi_node_client.h"
 
 #include <algorithm>
+#include <memory>
+#include <map>
+#include <atomic>
 #include <chrono>
 #include <condition_variable>
 #include <cstdio>
@@ -33,6 +36,82 @@ void ForEachParallel(size_t n, const std::function<void(size_t)>& fn) {
   if (n > 0) fn(0);
   for (std::thread& t : threads) t.join();
 }
+
+// The node calls of one AttendBatchAsync / AppendBatchAsync, collected per
+// node client while the batch issues its items on this thread (the per-item
+// paths route, pick replicas and fan out as always; only the last step, the
+// call to the node, is deferred) and then sent as ONE batch call per node.
+// Calls made anywhere else (failover rounds, completions) go out one by one.
+struct NodeBatches {
+  struct AttendPart {
+    std::vector<AttendBatchItem> items;
+    std::vector<StatusCallback> done;
+  };
+  struct AppendPart {
+    std::vector<AppendBatchItem> items;
+    std::vector<StatusCallback> done;
+  };
+  std::map<RetrievalClient*, AttendPart> attends;
+  std::map<RetrievalClient*, AppendPart> appends;
+};
+thread_local NodeBatches* tls_batches = nullptr;
+
+// `node`->AttendAsync, or the item joins this thread's collected batch.
+void SendAttend(RetrievalClient* node, const AttendRequest& request, PartialsView out,
+                AttendStats* stats, StatusCallback done) {
+  if (tls_batches == nullptr) {
+    node->AttendAsync(request, out, stats, std::move(done));
+    return;
+  }
+  NodeBatches::AttendPart& part = tls_batches->attends[node];
+  part.items.push_back({request, out, stats, absl::OkStatus()});
+  part.done.push_back(std::move(done));
+}
+
+// `node`->AppendAsync, or the item joins this thread's collected batch (its
+// matrices must then stay valid until the batch is sent).
+void SendAppend(RetrievalClient* node, const AppendRequest& request, StatusCallback done) {
+  if (tls_batches == nullptr) {
+    node->AppendAsync(request, std::move(done));
+    return;
+  }
+  NodeBatches::AppendPart& part = tls_batches->appends[node];
+  part.items.push_back({request, absl::OkStatus()});
+  part.done.push_back(std::move(done));
+}
+
+// Sends each node its collected batch; every item's callback then gets the
+// item's own status (a refused batch put its error in every item).
+void SendBatches(NodeBatches& batches) {
+  for (auto& [node, collected] : batches.attends) {
+    auto part = std::make_shared<NodeBatches::AttendPart>(std::move(collected));
+    node->AttendBatchAsync(part->items, [part](absl::Status) {
+      for (size_t i = 0; i < part->items.size(); ++i) {
+        StatusCallback callback = std::move(part->done[i]);
+        callback(std::move(part->items[i].status));
+      }
+    });
+  }
+  for (auto& [node, collected] : batches.appends) {
+    auto part = std::make_shared<NodeBatches::AppendPart>(std::move(collected));
+    node->AppendBatchAsync(part->items, [part](absl::Status) {
+      for (size_t i = 0; i < part->items.size(); ++i) {
+        StatusCallback callback = std::move(part->done[i]);
+        callback(std::move(part->items[i].status));
+      }
+    });
+  }
+}
+
+// Joins a batch's items: `done` (OK) runs after the last one finished.
+struct ItemJoin {
+  std::atomic<size_t> left;
+  StatusCallback done;
+  ItemJoin(size_t n, StatusCallback d) : left(n), done(std::move(d)) {}
+  void Finish() {
+    if (left.fetch_sub(1, std::memory_order_acq_rel) == 1) done(absl::OkStatus());
+  }
+};
 
 }  // namespace
 
@@ -509,8 +588,8 @@ void MultiNodeClient::AppendAsync(const AppendRequest& request, StatusCallback d
   fan->pending.store(n);
   fan->done = std::move(done);
   for (size_t t = 0; t < n; ++t) {
-    fan->route.view->clients[fan->route.targets[t]]->AppendAsync(
-        request, [this, fan, t, sequence_id = request.sequence_id, layer = request.layer,
+    SendAppend(
+        fan->route.view->clients[fan->route.targets[t]].get(), request, [this, fan, t, sequence_id = request.sequence_id, layer = request.layer,
                   kv_head = request.kv_head](absl::Status status) {
           fan->results[t] = std::move(status);
           if (fan->pending.fetch_sub(1, std::memory_order_acq_rel) != 1) return;
@@ -666,8 +745,9 @@ void MultiNodeClient::StartAttendRound(const std::shared_ptr<AttendCall>& call,
   for (AttendCall::Sent* s : batch) {
     AttendRequest req = call->request;
     if (!s->all) req.shards = std::span<const HeadChunkRef>(s->shards);
-    call->view->clients[s->node]->AttendAsync(
-        req, s->partials->view(), &s->stats, [this, call, s](absl::Status status) {
+    SendAttend(
+        call->view->clients[s->node].get(), req, s->partials->view(), &s->stats,
+        [this, call, s](absl::Status status) {
           s->status = std::move(status);
           if (call->pending.fetch_sub(1, std::memory_order_acq_rel) == 1) OnAttendRoundDone(call);
         });
@@ -713,6 +793,42 @@ void MultiNodeClient::OnAttendRoundDone(const std::shared_ptr<AttendCall>& call)
   if (call->stats_out != nullptr) *call->stats_out = total;
   StatusCallback done = std::move(call->done);
   done(absl::OkStatus());
+}
+
+void MultiNodeClient::AttendBatchAsync(std::span<AttendBatchItem> items, StatusCallback done) {
+  if (items.empty()) {
+    done(absl::OkStatus());
+    return;
+  }
+  auto join = std::make_shared<ItemJoin>(items.size(), std::move(done));
+  NodeBatches batches;
+  NodeBatches* const outer = std::exchange(tls_batches, &batches);
+  for (AttendBatchItem& item : items) {
+    AttendAsync(item.request, item.out, item.stats, [join, &item](absl::Status status) {
+      item.status = std::move(status);
+      join->Finish();
+    });
+  }
+  tls_batches = outer;
+  SendBatches(batches);
+}
+
+void MultiNodeClient::AppendBatchAsync(std::span<AppendBatchItem> items, StatusCallback done) {
+  if (items.empty()) {
+    done(absl::OkStatus());
+    return;
+  }
+  auto join = std::make_shared<ItemJoin>(items.size(), std::move(done));
+  NodeBatches batches;
+  NodeBatches* const outer = std::exchange(tls_batches, &batches);
+  for (AppendBatchItem& item : items) {
+    AppendAsync(item.request, [join, &item](absl::Status status) {
+      item.status = std::move(status);
+      join->Finish();
+    });
+  }
+  tls_batches = outer;
+  SendBatches(batches);  // the items' matrices are still the caller's
 }
 
 void MultiNodeClient::RememberOrphan(const std::string& id, uint64_t sequence_id,

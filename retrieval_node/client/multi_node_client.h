@@ -171,6 +171,14 @@ class MultiNodeClient final : public RetrievalClient {
   void AppendAsync(const AppendRequest& request, StatusCallback done) override;
   void AttendAsync(const AttendRequest& request, PartialsView out, AttendStats* stats,
                    StatusCallback done) override;
+  // Each item routed, replica-chosen and failed over exactly as its own
+  // AttendAsync / AppendAsync would be, but the first round's node requests
+  // of all items go out as ONE AttendBatch / AppendBatch per node (a node's
+  // batch holds every item's shards chosen on it). A node that fails
+  // (transport) fails its items' requests, each of which then re-routes to
+  // the next live in-sync owner on its own, as a single Attend would.
+  void AttendBatchAsync(std::span<AttendBatchItem> items, StatusCallback done) override;
+  void AppendBatchAsync(std::span<AppendBatchItem> items, StatusCallback done) override;
   absl::Status DropSequence(uint64_t sequence_id) override;
   absl::Status DropSequence(uint64_t sequence_id, std::string_view capability) override;
   // Sums of the stats of every node in use: the current set plus nodes that

@@ -27,6 +27,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <span>
 #include <string>
 #include <string_view>
 
@@ -98,6 +99,26 @@ class RetrievalClient {
   virtual void AttendAsync(const AttendRequest& request, PartialsView out, AttendStats* stats,
                            StatusCallback done) = 0;
 
+  // Many Attends as one call: a decode step sends one per node and layer for
+  // every sequence of its batch. `items` (requests, outputs, stats) must
+  // stay valid until `done` runs. Before `done` runs every item's `status`
+  // is set to what AttendAsync would have given that item (a failing item
+  // fails only its own slot; the others' partials are exact). `done` gets OK
+  // when each item got its own answer, or the error that refused the whole
+  // call (transport, the batch's own limits: --max_batch_items, the message
+  // cap), which is then every item's status too. The default issues the
+  // per-item AttendAsync calls at once (so test doubles and forwarding
+  // clients keep working); transports override it with one round trip.
+  virtual void AttendBatchAsync(std::span<AttendBatchItem> items, StatusCallback done);
+
+  // Many Appends as one call. The requests (their matrices included) are
+  // read only before this returns. Items apply in item order per head, and
+  // after every earlier append of the same head whose `done` already ran;
+  // when `done` runs (contract as for AttendBatchAsync) every item with OK
+  // status is visible to later Attends. The default issues per-item
+  // AppendAsync calls in item order.
+  virtual void AppendBatchAsync(std::span<AppendBatchItem> items, StatusCallback done);
+
   // Forgets a sequence and frees its shards. NotFound for an unknown id.
   virtual absl::Status DropSequence(uint64_t sequence_id) = 0;
   // DropSequence presenting the sequence's capability (default as for
@@ -128,6 +149,10 @@ class RetrievalClient {
 
   // Blocking form of AttendAsync.
   absl::Status Attend(const AttendRequest& request, PartialsView out, AttendStats* stats = nullptr);
+  // Blocking forms of AttendBatchAsync / AppendBatchAsync: the batch-level
+  // status (per-item outcomes in the items).
+  absl::Status AttendBatch(std::span<AttendBatchItem> items);
+  absl::Status AppendBatch(std::span<AppendBatchItem> items);
 };
 
 // A new sequence's handle, as a worker picks it: a random non-zero 64-bit

@@ -49,6 +49,8 @@ class UcxRetrievalClient::Transport {
  public:
   struct Call {
     bool ping = false;
+    bool batch = false;               // an AttendBatch (wire version 3): replies fill `items`
+    std::span<AttendBatchItem> items;
     PartialsView out;
     AttendStats* stats = nullptr;
     StatusCallback done;
@@ -318,9 +320,11 @@ class UcxRetrievalClient::Transport {
 
   void Complete(Call& call, const UcxReplyHeader& header, std::string_view data) const {
     absl::Status status =
-        call.ping ? DecodeUcxPingReply(header, data)
-                  : DecodeUcxAttendReply(header, data, options_.max_message_bytes, call.out,
-                                         call.stats);
+        call.ping    ? DecodeUcxPingReply(header, data)
+        : call.batch ? DecodeUcxAttendBatchReply(header, data, options_.max_message_bytes,
+                                                 call.items)
+                     : DecodeUcxAttendReply(header, data, options_.max_message_bytes, call.out,
+                                            call.stats);
     StatusCallback done = std::move(call.done);
     done(std::move(status));
   }
@@ -514,6 +518,37 @@ void UcxRetrievalClient::AttendAsync(const AttendRequest& request, PartialsView 
   call.done = std::move(done);
   transport_->Submit(std::move(call), message.SerializeAsString(), options_.attend_timeout,
                      request.shards.empty() ? kUcxWireVersion : kUcxWireVersionShards);
+}
+
+void UcxRetrievalClient::AttendBatchAsync(std::span<AttendBatchItem> items, StatusCallback done) {
+  if (transport_ == nullptr) {
+    grpc_->AttendBatchAsync(items, std::move(done));
+    return;
+  }
+  if (items.empty()) {
+    done(absl::OkStatus());
+    return;
+  }
+  v1::AttendBatchRequest message;
+  message.mutable_items()->Reserve(static_cast<int>(items.size()));
+  for (const AttendBatchItem& item : items) AttendRequestToProto(item.request, message.add_items());
+  Transport::Call call;
+  call.batch = true;
+  call.items = items;
+  // A batch-level error (transport, deadline, the node's refusal) is every
+  // item's status too.
+  call.done = [items, done = std::move(done)](absl::Status status) {
+    if (!status.ok()) {
+      for (AttendBatchItem& item : items) item.status = status;
+    }
+    done(std::move(status));
+  };
+  transport_->Submit(std::move(call), message.SerializeAsString(), options_.attend_timeout,
+                     kUcxWireVersionBatch);
+}
+
+void UcxRetrievalClient::AppendBatchAsync(std::span<AppendBatchItem> items, StatusCallback done) {
+  grpc_->AppendBatchAsync(items, std::move(done));
 }
 
 }  // namespace kvr::retrieval

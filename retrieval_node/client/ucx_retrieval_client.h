@@ -65,6 +65,10 @@ class UcxRetrievalClient final : public RetrievalClient {
   void AppendAsync(const AppendRequest& request, StatusCallback done) override;
   void AttendAsync(const AttendRequest& request, PartialsView out, AttendStats* stats,
                    StatusCallback done) override;
+  // One UCX call (wire version 3) for the whole batch (gRPC's AttendBatch
+  // without UCX); AppendBatchAsync over gRPC.
+  void AttendBatchAsync(std::span<AttendBatchItem> items, StatusCallback done) override;
+  void AppendBatchAsync(std::span<AppendBatchItem> items, StatusCallback done) override;
   absl::Status DropSequence(uint64_t sequence_id) override;
   absl::Status DropSequence(uint64_t sequence_id, std::string_view capability) override;
   absl::StatusOr<NodeStats> Stats() override;

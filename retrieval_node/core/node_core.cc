@@ -131,6 +131,9 @@ NodeCore::NodeCore(const NodeCoreOptions& options) : options_(options) {
   if (options_.threads > 0) {
     pool_ = std::make_unique<ThreadPool>(options_.threads);
     seal_pool_ = std::make_unique<ThreadPool>(1);
+    if (options_.attend_threads > 0) {
+      batch_pool_ = std::make_unique<ThreadPool>(options_.attend_threads);
+    }
   }
   if (options_.lease_seconds > 0) lease_thread_ = std::thread([this] { LeaseLoop(); });
 }
@@ -144,6 +147,7 @@ NodeCore::~NodeCore() {
     lease_cv_.notify_all();
     lease_thread_.join();
   }
+  batch_pool_.reset();  // pending batch items finish first
   seal_pool_.reset();  // seal builds may use pool_
   pool_.reset();  // joins workers: pending Attends finish before shards go away
   // Seals never installed return their reservations while memory_used_ lives.
@@ -256,6 +260,14 @@ absl::StatusOr<std::unique_ptr<NodeCore>> NodeCore::Create(const NodeCoreOptions
     return absl::InvalidArgumentError(absl::StrCat("decode_train_queries ",
                                                    options.decode_train_queries, " > ",
                                                    kMaxDecodeTrainQueries));
+  }
+  if (options.attend_threads > 256) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("attend_threads ", options.attend_threads, " > 256"));
+  }
+  if (options.max_batch_items < 1 || options.max_batch_items > kMaxBatchItemsLimit) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "max_batch_items ", options.max_batch_items, " outside [1, ", kMaxBatchItemsLimit, "]"));
   }
   if (options.threads > 256) {
     return absl::InvalidArgumentError(absl::StrCat("threads ", options.threads, " > 256"));
@@ -984,6 +996,79 @@ void NodeCore::AttendAsync(const AttendRequest& request, PartialsView out, Atten
   pool_->Schedule([this, request, out, stats, done = std::move(done)]() mutable {
     done(AttendNow(request, out, stats));
   });
+}
+
+namespace {
+
+// Joins a batch's items: `done` runs (OK) after the last one finished.
+struct ItemJoin {
+  std::atomic<size_t> left;
+  StatusCallback done;
+  ItemJoin(size_t n, StatusCallback d) : left(n), done(std::move(d)) {}
+  void Finish() {
+    if (left.fetch_sub(1, std::memory_order_acq_rel) == 1) done(absl::OkStatus());
+  }
+};
+
+// ResourceExhausted naming max_batch_items when `n` exceeds it.
+absl::Status CheckBatchItems(size_t n, size_t limit, absl::string_view what) {
+  if (n <= limit) return absl::OkStatus();
+  return absl::ResourceExhaustedError(
+      absl::StrCat(what, ": ", n, " items exceed max_batch_items ", limit));
+}
+
+}  // namespace
+
+void NodeCore::AttendBatchAsync(std::span<AttendBatchItem> items, StatusCallback done) {
+  if (absl::Status st = CheckBatchItems(items.size(), options_.max_batch_items, "AttendBatch");
+      !st.ok()) {
+    for (AttendBatchItem& item : items) item.status = st;
+    done(std::move(st));
+    return;
+  }
+  if (items.empty()) {
+    done(absl::OkStatus());
+    return;
+  }
+  auto join = std::make_shared<ItemJoin>(items.size(), std::move(done));
+  for (AttendBatchItem& item : items) {
+    AttendBatchItemAsync(item.request, item.out, item.stats, [&item, join](absl::Status st) {
+      item.status = std::move(st);
+      join->Finish();
+    });
+  }
+}
+
+void NodeCore::AttendBatchItemAsync(const AttendRequest& request, PartialsView out,
+                                    AttendStats* stats, StatusCallback done) {
+  ThreadPool* const pool = batch_pool_ != nullptr ? batch_pool_.get() : pool_.get();
+  if (pool == nullptr) {
+    done(AttendNow(request, out, stats));
+    return;
+  }
+  pool->Schedule([this, request, out, stats, done = std::move(done)]() mutable {
+    done(AttendNow(request, out, stats));
+  });
+}
+
+void NodeCore::AppendBatchAsync(std::span<AppendBatchItem> items, StatusCallback done) {
+  if (absl::Status st = CheckBatchItems(items.size(), options_.max_batch_items, "AppendBatch");
+      !st.ok()) {
+    for (AppendBatchItem& item : items) item.status = st;
+    done(std::move(st));
+    return;
+  }
+  if (items.empty()) {
+    done(absl::OkStatus());
+    return;
+  }
+  auto join = std::make_shared<ItemJoin>(items.size(), std::move(done));
+  for (AppendBatchItem& item : items) {
+    AppendAsync(item.request, [&item, join](absl::Status st) {
+      item.status = std::move(st);
+      join->Finish();
+    });
+  }
 }
 
 absl::Status NodeCore::SelectShards(const Sequence& seq, const AttendRequest& request,

@@ -55,6 +55,7 @@
 #include <memory>
 #include <mutex>
 #include <optional>
+#include <span>
 #include <string>
 #include <utility>
 #include <vector>
@@ -74,6 +75,9 @@ namespace kvr::retrieval {
 // The most decode queries a head's ring may keep (NodeCoreOptions::
 // decode_train_queries): 2^16 rows x head_dim 1024 fp32 is 256 MiB per head.
 inline constexpr size_t kMaxDecodeTrainQueries = size_t{1} << 16;
+
+// The largest NodeCoreOptions::max_batch_items accepted.
+inline constexpr size_t kMaxBatchItemsLimit = size_t{1} << 16;
 
 struct NodeCoreOptions {
   // Appended keys per (sequence, layer, kv head) kept flat before sealing.
@@ -108,6 +112,14 @@ struct NodeCoreOptions {
   // Threads running AttendAsync and index builds (0: Attend runs inline on
   // the caller's thread before AttendAsync returns).
   size_t threads = 1;
+  // Threads searching the items of one AttendBatchAsync in parallel (kvr_node
+  // --attend_threads; 0 = the `threads` pool runs them). Ignored when
+  // `threads` is 0 (everything inline). At most 256.
+  size_t attend_threads = 0;
+  // Items one AttendBatchAsync / AppendBatchAsync may carry (kvr_node
+  // --max_batch_items); more is ResourceExhausted naming max_batch_items.
+  // In [1, kMaxBatchItemsLimit].
+  size_t max_batch_items = 1024;
   // Shard memory (keys, values, indexes, positions, tails) the node admits, in
   // bytes; 0 = unlimited. UploadShard / Append reserve an estimate of what
   // they add before doing any work and fail with ResourceExhausted naming the
@@ -215,6 +227,24 @@ class NodeCore final {
   // Runs on the core's pool (inline when `threads` is 0).
   void AttendAsync(const AttendRequest& request, PartialsView out, AttendStats* stats,
                    StatusCallback done);
+  // Batched Attend: each item served exactly as AttendAsync serves it (the
+  // same checks, the same partials bit for bit), the items searched in
+  // parallel on the attend_threads pool (inline when `threads` is 0). Every
+  // item's status is set before `done` runs with OK; a failing item fails
+  // only its slot. More than max_batch_items items: `done` gets
+  // ResourceExhausted naming max_batch_items and so does every item
+  // (nothing searched). `items` must stay valid until `done` runs.
+  void AttendBatchAsync(std::span<AttendBatchItem> items, StatusCallback done);
+  // One item of a batch that a server unpacked itself: AttendAsync on the
+  // attend_threads pool (pool_ when there is none; inline when `threads`
+  // is 0).
+  void AttendBatchItemAsync(const AttendRequest& request, PartialsView out, AttendStats* stats,
+                            StatusCallback done);
+  // Batched Append: each item applied as AppendAsync applies it, in item
+  // order on the caller's thread (bad items fail before this returns);
+  // `done` (OK; items' outcomes in their slots) runs once every item's
+  // commit is durable. Batch limit as for AttendBatchAsync.
+  void AppendBatchAsync(std::span<AppendBatchItem> items, StatusCallback done);
   // Forgets the sequence: it leaves the served set and its memory is
   // returned at once, whatever happens in the store. With persistence the
   // store's records are deleted too; when that fails (or failed before)
@@ -488,6 +518,9 @@ class NodeCore final {
   // Runs background seal builds (one thread; null when `threads` is 0: seals
   // build inline). Declared after pool_ so it is joined first.
   std::unique_ptr<ThreadPool> seal_pool_;
+  // Runs AttendBatchAsync items (attend_threads threads; null: pool_ does).
+  // Reset first in the destructor.
+  std::unique_ptr<ThreadPool> batch_pool_;
   std::mutex mu_;  // guards sequences_
   std::map<uint64_t, std::shared_ptr<Sequence>> sequences_;
   // Sequences Recover set aside (id -> reason); guarded by mu_.

@@ -207,6 +207,25 @@ struct NodeStats {
 // Completion of an asynchronous call; runs exactly once, on any thread.
 using StatusCallback = std::function<void(absl::Status)>;
 
+// One item of a batched Attend (RetrievalClient::AttendBatchAsync,
+// NodeCore::AttendBatchAsync): the request, where its partials and stats go
+// (as AttendAsync's `out` / `stats`, valid until the batch completes) and,
+// once the batch completed, the item's own outcome. A failing item fails
+// only this slot.
+struct AttendBatchItem {
+  AttendRequest request;
+  PartialsView out;
+  AttendStats* stats = nullptr;  // may be null
+  absl::Status status;           // set by the batch call
+};
+
+// One item of a batched Append (AppendBatchAsync): the request (its
+// matrices read only before the batch call returns) and its outcome.
+struct AppendBatchItem {
+  AppendRequest request;
+  absl::Status status;  // set by the batch call
+};
+
 // One chunk of one (sequence, layer, kv head), as ListShards reports it.
 struct ShardInfo {
   ShardKey key;

@@ -35,6 +35,12 @@ ABSL_FLAG(std::string, listen, "127.0.0.1:0",
           "host:port to serve on; port 0 picks a free port (printed on stdout)");
 ABSL_FLAG(int, threads, 0,
           "threads for Attend and index builds (0: hardware concurrency)");
+ABSL_FLAG(int, attend_threads, 0,
+          "threads searching the items of one AttendBatch in parallel (0: hardware "
+          "concurrency)");
+ABSL_FLAG(int, max_batch_items, 1024,
+          "items one AttendBatch / AppendBatch may carry (more: RESOURCE_EXHAUSTED naming "
+          "max_batch_items); 1 .. 65536");
 ABSL_FLAG(int, control_threads, 2, "threads for appends and admin calls");
 ABSL_FLAG(int, upload_threads, 2,
           "threads for UploadShard index builds (their own lane: a large upload never delays "
@@ -153,6 +159,9 @@ int Main(int argc, char** argv) {
       server::FlagChecks()
           .InRange("threads", threads_flag, 0, 256)
           .InRange("control_threads", control_threads, 1, 256)
+          .InRange("attend_threads", absl::GetFlag(FLAGS_attend_threads), 0, 256)
+          .InRange("max_batch_items", absl::GetFlag(FLAGS_max_batch_items), 1,
+                   static_cast<int>(kMaxBatchItemsLimit))
           .InRange("upload_threads", absl::GetFlag(FLAGS_upload_threads), 1, 256)
           .InRange("sync_threads", absl::GetFlag(FLAGS_sync_threads), 1, 256)
           .AtLeast("max_message_bytes", max_message_bytes, 1 << 16)
@@ -190,6 +199,11 @@ int Main(int argc, char** argv) {
   core_options.threads = threads_flag > 0
                              ? static_cast<size_t>(threads_flag)
                              : std::max<size_t>(1, std::thread::hardware_concurrency());
+  const int attend_threads = absl::GetFlag(FLAGS_attend_threads);
+  core_options.attend_threads = attend_threads > 0
+                                    ? static_cast<size_t>(attend_threads)
+                                    : std::max<size_t>(1, std::thread::hardware_concurrency());
+  core_options.max_batch_items = static_cast<size_t>(absl::GetFlag(FLAGS_max_batch_items));
   core_options.memory_budget_bytes = absl::GetFlag(FLAGS_memory_budget_bytes);
   core_options.upload_memory_bytes = absl::GetFlag(FLAGS_upload_memory_bytes);
   core_options.tail_capacity = static_cast<size_t>(absl::GetFlag(FLAGS_tail_capacity));
@@ -224,6 +238,7 @@ int Main(int argc, char** argv) {
   service_options.max_upload_bytes = absl::GetFlag(FLAGS_max_upload_bytes);
   service_options.max_deadline_seconds = absl::GetFlag(FLAGS_max_deadline_seconds);
   service_options.max_message_bytes = max_message_bytes;
+  service_options.max_batch_items = core_options.max_batch_items;
   service_options.sync_threads = static_cast<size_t>(absl::GetFlag(FLAGS_sync_threads));
   if (tls->enabled()) {
     absl::StatusOr<std::vector<std::string>> sync_peers =
@@ -282,6 +297,10 @@ int Main(int argc, char** argv) {
         ucx_options, [svc](const v1::AttendRequest& request, v1::AttendResponse* response,
                            std::function<void(absl::Status)> done) {
           svc->HandleAttend(request, response, std::move(done));
+        },
+        [svc](const v1::AttendBatchRequest& request, v1::AttendBatchResponse* response,
+              std::function<void(absl::Status)> done) {
+          svc->HandleAttendBatch(request, response, std::move(done));
         });
     if (!started.ok()) return Fail(started.status().ToString());
     ucx = std::move(started).value();

@@ -11,7 +11,8 @@ namespace {
 
 constexpr std::array<std::string_view, kNodeMethodCount> kMethodNames = {
     "CreateSequence", "UploadShard", "Append",    "Attend",    "DropSequence",
-    "ListShards",     "Stats",       "SyncShards", "ReadShards", "RenewLeases"};
+    "ListShards",     "Stats",       "SyncShards", "ReadShards", "RenewLeases",
+    "AttendBatch",    "AppendBatch"};
 
 // Index builds: 1 ms .. 250 s.
 const metrics::Buckets kBuildSeconds = {
@@ -43,6 +44,10 @@ struct NodeMetrics::Impl {
                                    "successful Attend, summed over the shards searched",
                                    // 32 .. 2^21 keys
                                    metrics::PowerOfTwoBuckets(32, double(1 << 21)))),
+        batch_items(set.Histogram("kvr_node_attend_batch_items",
+                                  "Items (one sequence's Attend each) per AttendBatch call",
+                                  // 1 .. 2^16 items
+                                  metrics::PowerOfTwoBuckets(1, double(1 << 16)))),
         build_seconds(set.HistogramFamily(
             "kvr_node_index_build_duration_seconds",
             "Seconds one successful UploadShard spent storing the shard and building its index, "
@@ -110,6 +115,7 @@ struct NodeMetrics::Impl {
   metrics::CodeCounters requests;  // rows: kMethodNames
   prometheus::Family<prometheus::Histogram>& request_seconds;
   prometheus::Histogram& keys_scanned;
+  prometheus::Histogram& batch_items;
   prometheus::Family<prometheus::Histogram>& build_seconds;
   prometheus::Counter& appended_tokens;
   prometheus::Gauge& sequences;
@@ -153,6 +159,10 @@ void NodeMetrics::RecordAttendScan(int64_t query_heads, int64_t distance_computa
   if (query_heads <= 0) return;
   impl_->keys_scanned.Observe(static_cast<double>(distance_computations) /
                               static_cast<double>(query_heads));
+}
+
+void NodeMetrics::RecordAttendBatchItems(int64_t items) {
+  impl_->batch_items.Observe(static_cast<double>(items));
 }
 
 void NodeMetrics::RecordIndexBuild(IndexType index_type, double seconds) {

@@ -40,8 +40,10 @@ enum class NodeMethod : uint8_t {
   kSyncShards,
   kReadShards,
   kRenewLeases,
+  kAttendBatch,
+  kAppendBatch,
 };
-inline constexpr size_t kNodeMethodCount = 10;
+inline constexpr size_t kNodeMethodCount = 12;
 
 // What the node holds, sampled at scrape time.
 struct NodeHoldings {
@@ -82,6 +84,9 @@ class NodeMetrics {
   // One successful UploadShard: storing the shard and building its index (of
   // type `index_type`, the one it got) took `seconds`.
   void RecordIndexBuild(IndexType index_type, double seconds);
+  // One AttendBatch that reached the node with `items` items
+  // (kvr_node_attend_batch_items). Each item also counts as an Attend.
+  void RecordAttendBatchItems(int64_t items);
   // Tokens acknowledged by one successful Append.
   void RecordAppendedTokens(int64_t tokens);
 

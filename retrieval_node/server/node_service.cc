@@ -1,5 +1,6 @@
 #include "retrieval_node/server/node_service.h"
 
+#include <atomic>
 #include <chrono>
 #include <cmath>
 #include <condition_variable>
@@ -116,6 +117,47 @@ absl::Status CheckAttendRequest(const v1::AttendRequest& r) {
   }
   return absl::OkStatus();
 }
+
+// Unpacks and checks an Append's matrices into `keys` / `values` and points
+// `out` at them (InvalidArgument naming the field).
+absl::Status AppendFromProto(const v1::AppendRequest& request, Matrix* keys, Matrix* values,
+                             AppendRequest* out) {
+  KVR_RETURN_IF_ERROR(UnpackMatrix(request.keys(), kMaxAppendRows, 0, true, "keys", keys));
+  KVR_RETURN_IF_ERROR(UnpackMatrix(request.values(), kMaxAppendRows,
+                                   static_cast<int64_t>(keys->cols), true, "values", values));
+  if (values->rows != keys->rows) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("values.rows ", values->rows, " != keys.rows ", keys->rows));
+  }
+  out->sequence_id = request.sequence_id();
+  out->layer = request.layer();
+  out->kv_head = request.kv_head();
+  out->first_position = request.first_position();
+  out->capability = request.capability();
+  out->keys = keys->view();
+  out->values = values->view();
+  return absl::OkStatus();
+}
+
+// ResourceExhausted naming max_batch_items when a batch carries more items.
+absl::Status CheckBatchSize(int items, size_t limit, absl::string_view what) {
+  if (static_cast<size_t>(items) <= limit) return absl::OkStatus();
+  return absl::ResourceExhaustedError(
+      absl::StrCat(what, ": ", items, " items exceed max_batch_items ", limit));
+}
+
+// Joins a batch's items: sets statuses[i] as each finishes, then runs
+// `done` (OK) after the last.
+struct BatchJoin {
+  std::atomic<size_t> left;
+  std::function<void(absl::Status)> done;
+  BatchJoin(size_t n, std::function<void(absl::Status)> d) : left(n), done(std::move(d)) {}
+  void Finish(v1::ItemStatus* slot, const absl::Status& status) {
+    slot->set_code(static_cast<int32_t>(status.code()));
+    slot->set_message(std::string(status.message()));
+    if (left.fetch_sub(1, std::memory_order_acq_rel) == 1) done(absl::OkStatus());
+  }
+};
 
 // A SyncSource over the ReadShards stream of the kvr_node at `address`:
 // one channel per sync (a destination syncs from a source rarely), the
@@ -526,28 +568,11 @@ grpc::ServerUnaryReactor* NodeService::Append(grpc::CallbackServerContext* conte
   control_->Schedule([this, reactor, request, response, start] {
     NodeMetrics* const metrics = options_.metrics;
     Matrix keys, values;
-    absl::Status status =
-        UnpackMatrix(request->keys(), kMaxAppendRows, 0, true, "keys", &keys);
-    if (status.ok()) {
-      status = UnpackMatrix(request->values(), kMaxAppendRows, static_cast<int64_t>(keys.cols),
-                            true, "values", &values);
-    }
-    if (status.ok() && values.rows != keys.rows) {
-      status = absl::InvalidArgumentError(
-          absl::StrCat("values.rows ", values.rows, " != keys.rows ", keys.rows));
-    }
-    if (!status.ok()) {
+    AppendRequest a;
+    if (absl::Status status = AppendFromProto(*request, &keys, &values, &a); !status.ok()) {
       FinishAndRecord(reactor, status, metrics, NodeMethod::kAppend, start);
       return;
     }
-    AppendRequest a;
-    a.sequence_id = request->sequence_id();
-    a.layer = request->layer();
-    a.kv_head = request->kv_head();
-    a.first_position = request->first_position();
-    a.capability = request->capability();
-    a.keys = keys.view();
-    a.values = values.view();
     const auto rows = static_cast<int64_t>(keys.rows);
     const int64_t first = a.first_position;
     core_->AppendAsync(a, [reactor, response, metrics, start, rows, first](absl::Status st) {
@@ -577,7 +602,7 @@ grpc::ServerUnaryReactor* NodeService::Attend(grpc::CallbackServerContext* conte
 }
 
 void NodeService::HandleAttend(const v1::AttendRequest& request, v1::AttendResponse* response,
-                               std::function<void(absl::Status)> done) {
+                               std::function<void(absl::Status)> done, bool batch_item) {
   const Clock::time_point start = Clock::now();
   NodeMetrics* const metrics = options_.metrics;
   constexpr NodeMethod kMethod = NodeMethod::kAttend;
@@ -627,9 +652,8 @@ void NodeService::HandleAttend(const v1::AttendRequest& request, v1::AttendRespo
   a.shards = call->shards;
   a.capability = request.capability();
 
-  core_->AttendAsync(a, call->out.view(), &call->stats,
-                     [response, call, n, d, metrics, finish,
-                      done = std::move(done)](absl::Status status) {
+  auto complete = [response, call, n, d, metrics, finish,
+                   done = std::move(done)](absl::Status status) {
                        if (status.ok()) {
                          v1::Partials* p = response->mutable_partials();
                          p->set_n(static_cast<int32_t>(n));
@@ -648,7 +672,124 @@ void NodeService::HandleAttend(const v1::AttendRequest& request, v1::AttendRespo
                          }
                        }
                        finish(done, std::move(status));
-                     });
+  };
+  if (batch_item) {
+    core_->AttendBatchItemAsync(a, call->out.view(), &call->stats, std::move(complete));
+  } else {
+    core_->AttendAsync(a, call->out.view(), &call->stats, std::move(complete));
+  }
+}
+
+// --- Batches -----------------------------------------------------------------------
+
+grpc::ServerUnaryReactor* NodeService::AttendBatch(grpc::CallbackServerContext* context,
+                                                   const v1::AttendBatchRequest* request,
+                                                   v1::AttendBatchResponse* response) {
+  const Clock::time_point start = Clock::now();
+  if (absl::Status st = CheckDeadline(context, options_.max_deadline_seconds); !st.ok()) {
+    return FinishNow(context, st, options_.metrics, NodeMethod::kAttendBatch, start);
+  }
+  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  HandleAttendBatch(*request, response, [reactor, metrics = options_.metrics,
+                                         start](absl::Status status) {
+    FinishAndRecord(reactor, status, metrics, NodeMethod::kAttendBatch, start);
+  });
+  return reactor;
+}
+
+void NodeService::HandleAttendBatch(const v1::AttendBatchRequest& request,
+                                    v1::AttendBatchResponse* response,
+                                    std::function<void(absl::Status)> done) {
+  const int n = request.items_size();
+  if (absl::Status st = CheckBatchSize(n, options_.max_batch_items, "AttendBatch"); !st.ok()) {
+    done(std::move(st));
+    return;
+  }
+  if (options_.metrics != nullptr) options_.metrics->RecordAttendBatchItems(n);
+  if (n == 0) {
+    done(absl::OkStatus());
+    return;
+  }
+  // Every slot exists before any item starts: items fill distinct slots
+  // concurrently.
+  response->mutable_items()->Reserve(n);
+  response->mutable_statuses()->Reserve(n);
+  for (int i = 0; i < n; ++i) {
+    response->add_items();
+    response->add_statuses();
+  }
+  auto join = std::make_shared<BatchJoin>(static_cast<size_t>(n), std::move(done));
+  for (int i = 0; i < n; ++i) {
+    v1::ItemStatus* slot = response->mutable_statuses(i);
+    v1::AttendResponse* item = response->mutable_items(i);
+    HandleAttend(
+        request.items(i), item,
+        [join, slot, item](absl::Status st) {
+          if (!st.ok()) item->Clear();
+          join->Finish(slot, st);
+        },
+        /*batch_item=*/true);
+  }
+}
+
+grpc::ServerUnaryReactor* NodeService::AppendBatch(grpc::CallbackServerContext* context,
+                                                   const v1::AppendBatchRequest* request,
+                                                   v1::AppendBatchResponse* response) {
+  const Clock::time_point start = Clock::now();
+  if (absl::Status st = CheckDeadline(context, options_.max_deadline_seconds); !st.ok()) {
+    return FinishNow(context, st, options_.metrics, NodeMethod::kAppendBatch, start);
+  }
+  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  HandleAppendBatch(*request, response, [reactor, metrics = options_.metrics,
+                                         start](absl::Status status) {
+    FinishAndRecord(reactor, status, metrics, NodeMethod::kAppendBatch, start);
+  });
+  return reactor;
+}
+
+void NodeService::HandleAppendBatch(const v1::AppendBatchRequest& request,
+                                    v1::AppendBatchResponse* response,
+                                    std::function<void(absl::Status)> done) {
+  const int n = request.items_size();
+  if (absl::Status st = CheckBatchSize(n, options_.max_batch_items, "AppendBatch"); !st.ok()) {
+    done(std::move(st));
+    return;
+  }
+  if (n == 0) {
+    done(absl::OkStatus());
+    return;
+  }
+  response->mutable_items()->Reserve(n);
+  response->mutable_statuses()->Reserve(n);
+  for (int i = 0; i < n; ++i) {
+    response->add_items();
+    response->add_statuses();
+  }
+  // As Append: the control thread applies every item in order and queues
+  // its commit; each item's slot is filled from its commit's completion.
+  control_->Schedule([this, &request, response, n, done = std::move(done)]() mutable {
+    NodeMetrics* const metrics = options_.metrics;
+    auto join = std::make_shared<BatchJoin>(static_cast<size_t>(n), std::move(done));
+    for (int i = 0; i < n; ++i) {
+      v1::ItemStatus* slot = response->mutable_statuses(i);
+      Matrix keys, values;
+      AppendRequest a;
+      if (absl::Status st = AppendFromProto(request.items(i), &keys, &values, &a); !st.ok()) {
+        join->Finish(slot, st);
+        continue;
+      }
+      const auto rows = static_cast<int64_t>(keys.rows);
+      const int64_t first = a.first_position;
+      v1::AppendResponse* item = response->mutable_items(i);
+      core_->AppendAsync(a, [join, slot, item, metrics, rows, first](absl::Status st) {
+        if (st.ok()) {
+          if (metrics != nullptr) metrics->RecordAppendedTokens(rows);
+          item->set_last_position(rows > 0 ? first + (rows - 1) : -1);
+        }
+        join->Finish(slot, st);
+      });
+    }
+  });
 }
 
 // --- Admin -------------------------------------------------------------------------

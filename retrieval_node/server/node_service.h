@@ -65,6 +65,9 @@ struct NodeServiceOptions {
   // ReadShards chunk message larger than this is RESOURCE_EXHAUSTED naming
   // it, and SyncShards reads its source with this receive limit.
   int max_message_bytes = 64 << 20;
+  // Items one AttendBatch / AppendBatch may carry (kvr_node
+  // --max_batch_items): more is RESOURCE_EXHAUSTED naming max_batch_items.
+  size_t max_batch_items = 1024;
   // Where handlers record requests, latencies, scans, builds and appends
   // (metrics.h); not owned, must outlive the service. Null: no metrics.
   NodeMetrics* metrics = nullptr;
@@ -91,6 +94,16 @@ class NodeService final : public v1::RetrievalNode::CallbackService {
   grpc::ServerUnaryReactor* Attend(grpc::CallbackServerContext* context,
                                    const v1::AttendRequest* request,
                                    v1::AttendResponse* response) override;
+  // Batches (retrieval.proto): each item validated and served exactly as
+  // Attend / Append serve it, its outcome in statuses[i]; the items of an
+  // AttendBatch are searched in parallel on the core's attend_threads pool,
+  // an AppendBatch's items applied in item order on the control pool.
+  grpc::ServerUnaryReactor* AttendBatch(grpc::CallbackServerContext* context,
+                                        const v1::AttendBatchRequest* request,
+                                        v1::AttendBatchResponse* response) override;
+  grpc::ServerUnaryReactor* AppendBatch(grpc::CallbackServerContext* context,
+                                        const v1::AppendBatchRequest* request,
+                                        v1::AppendBatchResponse* response) override;
   grpc::ServerUnaryReactor* DropSequence(grpc::CallbackServerContext* context,
                                          const v1::DropSequenceRequest* request,
                                          v1::DropSequenceResponse* response) override;
@@ -126,8 +139,23 @@ class NodeService final : public v1::RetrievalNode::CallbackService {
   // the core's pool, fills `response` and calls `done` once (on any thread;
   // also counted in the Attend metrics). `request` is read only before this
   // returns; `response` must stay valid until `done` runs.
+  // `batch_item`: one item of an AttendBatch (searched on the core's
+  // attend_threads pool; counted in the Attend metrics all the same).
   void HandleAttend(const v1::AttendRequest& request, v1::AttendResponse* response,
-                    std::function<void(absl::Status)> done);
+                    std::function<void(absl::Status)> done, bool batch_item = false);
+  // AttendBatch with no gRPC types around it (gRPC handler and UCX data
+  // plane): RESOURCE_EXHAUSTED naming max_batch_items for too many items
+  // (`done` gets it, nothing runs); otherwise fills response->items /
+  // statuses (one per request item, each from HandleAttend) and calls
+  // `done` with OK once every item finished. `request` and `response` must
+  // stay valid until `done` runs.
+  void HandleAttendBatch(const v1::AttendBatchRequest& request,
+                         v1::AttendBatchResponse* response,
+                         std::function<void(absl::Status)> done);
+  // AppendBatch likewise (items applied in order on the control pool).
+  void HandleAppendBatch(const v1::AppendBatchRequest& request,
+                         v1::AppendBatchResponse* response,
+                         std::function<void(absl::Status)> done);
 
   // The UCX listener address GetEndpoints advertises ("IPV4:PORT").
   void SetUcxAddress(const std::string& address);

@@ -81,6 +81,7 @@ void SendDone(void* request, ucs_status_t /*status*/, void* user_data) {
 struct UcxEndpoint::Impl {
   UcxEndpointOptions options;
   UcxAttendHandler handler;
+  UcxAttendBatchHandler batch_handler;
   ucp_context_h context = nullptr;
   ucp_worker_h worker = nullptr;
   ucp_listener_h listener = nullptr;
@@ -215,7 +216,13 @@ struct UcxEndpoint::Impl {
 
   // A whole request is here: parse it and hand it to the handler.
   // `hold`: what it holds of the in-flight bounds, passed on to its reply.
-  void Dispatch(uint64_t connection, uint64_t call_id, std::string bytes, Hold hold) {
+  // `version`: the request's wire version (3: an AttendBatch).
+  void Dispatch(uint64_t connection, uint64_t call_id, uint32_t version, std::string bytes,
+                Hold hold) {
+    if (version == kUcxWireVersionBatch) {
+      DispatchBatch(connection, call_id, std::move(bytes), hold);
+      return;
+    }
     struct Call {
       v1::AttendRequest request;
       v1::AttendResponse response;
@@ -226,8 +233,42 @@ struct UcxEndpoint::Impl {
       return;
     }
     bytes = std::string();  // parsed: the payload copy is no longer needed
+    handler(call->request, &call->response, ReplyWhenDone(call, &call->response, connection,
+                                                          call_id, hold));
+  }
+
+  // An AttendBatch: parsed, handed to batch_handler, answered as Dispatch.
+  void DispatchBatch(uint64_t connection, uint64_t call_id, std::string bytes, Hold hold) {
+    if (batch_handler == nullptr) {
+      ReplyError(connection, call_id,
+                 absl::FailedPreconditionError(absl::StrCat(
+                     "UCX wire version ", kUcxWireVersionBatch, " (AttendBatch) not served here")),
+                 hold);
+      return;
+    }
+    struct Call {
+      v1::AttendBatchRequest request;
+      v1::AttendBatchResponse response;
+    };
+    auto call = std::make_shared<Call>();
+    if (absl::Status st = ParseUcxAttendBatchRequest(bytes, &call->request); !st.ok()) {
+      ReplyError(connection, call_id, st, hold);
+      return;
+    }
+    bytes = std::string();
+    batch_handler(call->request, &call->response,
+                  ReplyWhenDone(call, &call->response, connection, call_id, hold));
+  }
+
+  // The completion of a handler: queues the reply (`response` serialized on
+  // OK, else the status message); `keep` owns `response` until then.
+  std::function<void(absl::Status)> ReplyWhenDone(std::shared_ptr<void> keep,
+                                                  const google::protobuf::Message* response,
+                                                  uint64_t connection, uint64_t call_id,
+                                                  Hold hold) {
     std::shared_ptr<ReplyQueue> queue = replies;
-    auto done = [queue, call, connection, call_id, hold](absl::Status status) {
+    return [queue, keep = std::move(keep), response, connection, call_id,
+            hold](absl::Status status) {
       auto out = std::make_unique<Outgoing>();
       out->connection = connection;
       out->counted = hold.counted;
@@ -235,19 +276,19 @@ struct UcxEndpoint::Impl {
       out->header.call_id = call_id;
       out->header.code = static_cast<int32_t>(status.code());
       if (status.ok()) {
-        call->response.SerializeToString(&out->data);
+        response->SerializeToString(&out->data);
       } else {
         out->data = std::string(status.message());
       }
       queue->Push(std::move(out));
     };
-    handler(call->request, &call->response, std::move(done));
   }
 
   struct RndvRecv {
     Impl* self;
     uint64_t connection;
     uint64_t call_id;
+    uint32_t version;
     Hold hold;
     std::string bytes;
   };
@@ -255,7 +296,7 @@ struct UcxEndpoint::Impl {
   static void RndvDone(void* request, ucs_status_t status, size_t /*length*/, void* user_data) {
     std::unique_ptr<RndvRecv> r(static_cast<RndvRecv*>(user_data));
     if (status == UCS_OK) {
-      r->self->Dispatch(r->connection, r->call_id, std::move(r->bytes), r->hold);
+      r->self->Dispatch(r->connection, r->call_id, r->version, std::move(r->bytes), r->hold);
     } else {
       r->self->ReplyError(r->connection, r->call_id,
                           absl::UnavailableError(absl::StrCat("UCX receive of the request failed: ",
@@ -301,14 +342,15 @@ struct UcxEndpoint::Impl {
     }
     const Hold hold{true, length};
     if ((param->recv_attr & UCP_AM_RECV_ATTR_FLAG_RNDV) == 0) {
-      self->Dispatch(connection, h.call_id, std::string(static_cast<const char*>(data), length),
-                     hold);
+      self->Dispatch(connection, h.call_id, h.version,
+                     std::string(static_cast<const char*>(data), length), hold);
       return UCS_OK;
     }
     auto r = std::make_unique<RndvRecv>();
     r->self = self;
     r->connection = connection;
     r->call_id = h.call_id;
+    r->version = h.version;
     r->hold = hold;
     r->bytes.resize(length);
     ucp_request_param_t rp{};
@@ -318,7 +360,7 @@ struct UcxEndpoint::Impl {
     rp.user_data = raw;
     void* req = ucp_am_recv_data_nbx(self->worker, data, raw->bytes.data(), length, &rp);
     if (req == nullptr) {
-      self->Dispatch(connection, h.call_id, std::move(raw->bytes), hold);
+      self->Dispatch(connection, h.call_id, h.version, std::move(raw->bytes), hold);
     } else if (UCS_PTR_IS_ERR(req)) {
       self->ReplyError(connection, h.call_id,
                        absl::UnavailableError(absl::StrCat("UCX receive of the request failed: ",
@@ -426,14 +468,16 @@ size_t UcxEndpoint::inflight_requests() const { return impl_->inflight_requests.
 size_t UcxEndpoint::inflight_bytes() const { return impl_->inflight_bytes.load(); }
 size_t UcxEndpoint::dropped_messages() const { return impl_->dropped_messages.load(); }
 
-absl::StatusOr<std::unique_ptr<UcxEndpoint>> UcxEndpoint::Start(const UcxEndpointOptions& options,
-                                                                 UcxAttendHandler handler) {
+absl::StatusOr<std::unique_ptr<UcxEndpoint>> UcxEndpoint::Start(
+    const UcxEndpointOptions& options, UcxAttendHandler handler,
+    UcxAttendBatchHandler batch_handler) {
   std::string host;
   uint16_t port = 0;
   KVR_RETURN_IF_ERROR(ParseUcxAddress(options.listen, &host, &port, "UCX listen address"));
   auto impl = std::make_unique<Impl>();
   impl->options = options;
   impl->handler = std::move(handler);
+  impl->batch_handler = std::move(batch_handler);
   auto fail = [](const char* what, ucs_status_t st) {
     return absl::UnavailableError(absl::StrCat("UCX ", what, ": ", ucs_status_string(st)));
   };

@@ -50,6 +50,11 @@ using UcxAttendHandler = std::function<void(const v1::AttendRequest& request,
                                             v1::AttendResponse* response,
                                             std::function<void(absl::Status)> done)>;
 
+// Serves one AttendBatch (wire version 3) likewise.
+using UcxAttendBatchHandler = std::function<void(const v1::AttendBatchRequest& request,
+                                                 v1::AttendBatchResponse* response,
+                                                 std::function<void(absl::Status)> done)>;
+
 struct UcxEndpointOptions {
   // "host:port" to listen on; port 0 picks a free port.
   std::string listen = "127.0.0.1:0";
@@ -81,8 +86,11 @@ class UcxEndpoint {
   // Creates the UCP context, worker and listener and starts the progress
   // thread. Unavailable with the UCX error when UCX cannot start (no usable
   // transport, address in use, ...); InvalidArgument for a bad `listen`.
-  static absl::StatusOr<std::unique_ptr<UcxEndpoint>> Start(const UcxEndpointOptions& options,
-                                                            UcxAttendHandler handler);
+  // `batch_handler` serves wire-version-3 requests (null: they are answered
+  // FailedPrecondition naming the wire version).
+  static absl::StatusOr<std::unique_ptr<UcxEndpoint>> Start(
+      const UcxEndpointOptions& options, UcxAttendHandler handler,
+      UcxAttendBatchHandler batch_handler = nullptr);
   // Stops the progress thread, closes every connection and the listener.
   // Replies whose handler completes later are dropped (safely: completions
   // hold a shared reply queue, not this object).

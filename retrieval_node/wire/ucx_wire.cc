@@ -33,6 +33,36 @@ absl::Status ReplyStatus(int32_t code, std::string_view data) {
   return absl::Status(static_cast<absl::StatusCode>(code), absl::string_view(data.data(), data.size()));
 }
 
+// Copies one AttendResponse's partials into `out` (Internal unless exactly
+// out.size() x out.dim()) and its counters into `*stats` (when not null).
+absl::Status CopyReply(const v1::AttendResponse& response, PartialsView out, AttendStats* stats) {
+  const v1::Partials& p = response.partials();
+  const size_t n = out.size(), d = out.dim();
+  // n * d * sizeof(float) cannot overflow: `out` holds that many floats.
+  if (p.n() < 0 || p.dim() < 0 || static_cast<uint64_t>(p.n()) != n ||
+      static_cast<uint64_t>(p.dim()) != d || p.o().size() != n * d * sizeof(float) ||
+      p.m().size() != n * sizeof(float) || p.l().size() != n * sizeof(float)) {
+    return absl::InternalError(absl::StrCat(
+        "UCX Attend reply holds ", p.n(), " x ", p.dim(), " partials (o ", p.o().size(),
+        " bytes, m ", p.m().size(), ", l ", p.l().size(), "), expected ", n, " x ", d));
+  }
+  for (size_t i = 0; i < n; ++i) {
+    std::memcpy(out.o.row(i), p.o().data() + i * d * sizeof(float), d * sizeof(float));
+  }
+  if (n > 0) {
+    std::memcpy(out.m.data(), p.m().data(), n * sizeof(float));
+    std::memcpy(out.l.data(), p.l().data(), n * sizeof(float));
+  }
+  if (stats != nullptr) {
+    const v1::AttendStats& s = response.stats();
+    stats->shards_searched = s.shards_searched();
+    stats->keys_held = s.keys_held();
+    stats->keys_attended = s.keys_attended();
+    stats->distance_computations = s.distance_computations();
+  }
+  return absl::OkStatus();
+}
+
 }  // namespace
 
 absl::StatusOr<UcxRequestHeader> DecodeUcxRequestHeader(const void* header, size_t length) {
@@ -45,10 +75,11 @@ absl::StatusOr<UcxReplyHeader> DecodeUcxReplyHeader(const void* header, size_t l
 
 absl::Status CheckUcxRequest(const UcxRequestHeader& header, size_t data_length,
                              size_t max_message_bytes) {
-  if (header.version != kUcxWireVersion && header.version != kUcxWireVersionShards) {
-    return absl::FailedPreconditionError(absl::StrCat("UCX wire version ", header.version,
-                                                      " not one of the node's ", kUcxWireVersion,
-                                                      ", ", kUcxWireVersionShards));
+  if (header.version != kUcxWireVersion && header.version != kUcxWireVersionShards &&
+      header.version != kUcxWireVersionBatch) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("UCX wire version ", header.version, " not one of the node's ",
+                     kUcxWireVersion, ", ", kUcxWireVersionShards, ", ", kUcxWireVersionBatch));
   }
   if ((header.flags & kUcxFlagPing) != 0) return absl::OkStatus();
   if (data_length > max_message_bytes) {
@@ -90,29 +121,51 @@ absl::Status DecodeUcxAttendReply(const UcxReplyHeader& header, std::string_view
       !response.ParseFromArray(data.data(), static_cast<int>(data.size()))) {
     return absl::InternalError("UCX Attend reply is not a kvr.v1.AttendResponse");
   }
-  const v1::Partials& p = response.partials();
-  const size_t n = out.size(), d = out.dim();
-  // n * d * sizeof(float) cannot overflow: `out` holds that many floats.
-  if (p.n() < 0 || p.dim() < 0 || static_cast<uint64_t>(p.n()) != n ||
-      static_cast<uint64_t>(p.dim()) != d || p.o().size() != n * d * sizeof(float) ||
-      p.m().size() != n * sizeof(float) || p.l().size() != n * sizeof(float)) {
-    return absl::InternalError(absl::StrCat(
-        "UCX Attend reply holds ", p.n(), " x ", p.dim(), " partials (o ", p.o().size(),
-        " bytes, m ", p.m().size(), ", l ", p.l().size(), "), expected ", n, " x ", d));
+  return CopyReply(response, out, stats);
+}
+
+absl::Status ParseUcxAttendBatchRequest(std::string_view data, v1::AttendBatchRequest* out) {
+  if (data.size() > static_cast<size_t>(std::numeric_limits<int>::max()) ||
+      !out->ParseFromArray(data.data(), static_cast<int>(data.size()))) {
+    return absl::InvalidArgumentError(
+        "UCX AttendBatch request is not a kvr.v1.AttendBatchRequest");
   }
-  for (size_t i = 0; i < n; ++i) {
-    std::memcpy(out.o.row(i), p.o().data() + i * d * sizeof(float), d * sizeof(float));
+  return absl::OkStatus();
+}
+
+absl::Status DecodeUcxAttendBatchReply(const UcxReplyHeader& header, std::string_view data,
+                                       size_t max_message_bytes,
+                                       std::span<AttendBatchItem> items) {
+  if (header.version != kUcxWireVersion) {
+    return absl::InternalError(absl::StrCat("UCX reply wire version ", header.version));
   }
-  if (n > 0) {
-    std::memcpy(out.m.data(), p.m().data(), n * sizeof(float));
-    std::memcpy(out.l.data(), p.l().data(), n * sizeof(float));
+  if (data.size() > max_message_bytes) {
+    return absl::ResourceExhaustedError(absl::StrCat("UCX AttendBatch reply of ", data.size(),
+                                                     " bytes exceeds max_message_bytes ",
+                                                     max_message_bytes));
   }
-  if (stats != nullptr) {
-    const v1::AttendStats& s = response.stats();
-    stats->shards_searched = s.shards_searched();
-    stats->keys_held = s.keys_held();
-    stats->keys_attended = s.keys_attended();
-    stats->distance_computations = s.distance_computations();
+  if (header.code != 0) return ReplyStatus(header.code, data);
+  v1::AttendBatchResponse response;
+  if (data.size() > static_cast<size_t>(std::numeric_limits<int>::max()) ||
+      !response.ParseFromArray(data.data(), static_cast<int>(data.size()))) {
+    return absl::InternalError("UCX AttendBatch reply is not a kvr.v1.AttendBatchResponse");
+  }
+  if (static_cast<size_t>(response.items_size()) != items.size() ||
+      static_cast<size_t>(response.statuses_size()) != items.size()) {
+    return absl::InternalError(absl::StrCat("UCX AttendBatch reply holds ",
+                                            response.items_size(), " items and ",
+                                            response.statuses_size(), " statuses for ",
+                                            items.size(), " request items"));
+  }
+  for (size_t i = 0; i < items.size(); ++i) {
+    const int slot = static_cast<int>(i);
+    const int32_t code = response.statuses(slot).code();
+    AttendBatchItem& item = items[i];
+    if (code != 0) {
+      item.status = ReplyStatus(code, response.statuses(slot).message());
+      continue;
+    }
+    item.status = CopyReply(response.items(slot), item.out, item.stats);
   }
   return absl::OkStatus();
 }

@@ -17,6 +17,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <span>
 #include <string>
 #include <string_view>
 
@@ -43,6 +44,11 @@ inline constexpr uint16_t kUcxAttendReplyAm = 2;
 // sequence's capability (PERMISSION_DENIED) whatever the version.
 inline constexpr uint32_t kUcxWireVersion = 1;
 inline constexpr uint32_t kUcxWireVersionShards = 2;
+// Version 3: the data is a kvr.v1.AttendBatchRequest (same AM ids) and an
+// OK reply's data a kvr.v1.AttendBatchResponse (item i answers request item
+// i; statuses[i] its outcome). A node that predates it refuses the call
+// (FailedPrecondition: wire version).
+inline constexpr uint32_t kUcxWireVersionBatch = 3;
 // UcxRequestHeader::flags bit: a connection check; the node replies OK with
 // no data and calls no handler.
 inline constexpr uint32_t kUcxFlagPing = 1;
@@ -65,7 +71,7 @@ absl::StatusOr<UcxRequestHeader> DecodeUcxRequestHeader(const void* header, size
 absl::StatusOr<UcxReplyHeader> DecodeUcxReplyHeader(const void* header, size_t length);
 
 // What the node answers a request before reading its `data_length` bytes:
-// FailedPrecondition for a wire version other than 1 and 2, ResourceExhausted naming
+// FailedPrecondition for a wire version other than 1, 2 and 3, ResourceExhausted naming
 // max_message_bytes for a larger request, OK otherwise (a ping is then
 // answered OK with no data).
 absl::Status CheckUcxRequest(const UcxRequestHeader& header, size_t data_length,
@@ -74,6 +80,20 @@ absl::Status CheckUcxRequest(const UcxRequestHeader& header, size_t data_length,
 // Parses a request's data into `out`; InvalidArgument when it is not a
 // kvr.v1.AttendRequest.
 absl::Status ParseUcxAttendRequest(std::string_view data, v1::AttendRequest* out);
+
+// Parses a version-3 request's data; InvalidArgument when it is not a
+// kvr.v1.AttendBatchRequest.
+absl::Status ParseUcxAttendBatchRequest(std::string_view data, v1::AttendBatchRequest* out);
+
+// What the client makes of the reply to a version-3 call: the batch's status
+// (as DecodeUcxAttendReply: the node's error, wire version, size, Internal
+// for data that is not an AttendBatchResponse with one item and one status
+// per request item). On OK every item's status is set: its own (an OK item
+// with partials of the wrong shape is Internal) with its partials and stats
+// copied in; on an error no item is touched.
+absl::Status DecodeUcxAttendBatchReply(const UcxReplyHeader& header, std::string_view data,
+                                       size_t max_message_bytes,
+                                       std::span<AttendBatchItem> items);
 
 // What the client makes of a reply to a non-ping call: the node's error when
 // `header.code` != 0 (its message is `data`; a code outside absl's range is
