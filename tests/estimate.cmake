@@ -2,3 +2,8 @@
 # behind, retrieval_node/index/cluster_summary.h) and its node plumbing.
 kvr_test(estimate_test SOURCES unit/estimate_test.cc
   DEPS kvr::index kvr::attention_data LABELS unit TIMEOUT 300)
+
+# The node's Attend with EstimateMode off / on / default, appends and seals,
+# memory, hostile modes and cluster counts.
+kvr_test(node_estimate_test SOURCES unit/node_estimate_test.cc
+  DEPS kvr::node_core LABELS unit TIMEOUT 120)

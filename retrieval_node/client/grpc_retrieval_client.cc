@@ -445,6 +445,8 @@ void GrpcRetrievalClient::AttendAsync(const AttendRequest& request, PartialsView
                              owned->stats->keys_held = s.keys_held();
                              owned->stats->keys_attended = s.keys_attended();
                              owned->stats->distance_computations = s.distance_computations();
+                             owned->stats->keys_estimated = s.keys_estimated();
+                             owned->stats->clusters_estimated = s.clusters_estimated();
                            }
                            StatusCallback callback = std::move(owned->done);
                            owned.reset();
