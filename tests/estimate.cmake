@@ -7,3 +7,7 @@ kvr_test(estimate_test SOURCES unit/estimate_test.cc
 # memory, hostile modes and cluster counts.
 kvr_test(node_estimate_test SOURCES unit/node_estimate_test.cc
   DEPS kvr::node_core LABELS unit TIMEOUT 120)
+
+# AttentionOptions::estimate through the decode engine to every Attend.
+kvr_test(estimate_engine_test SOURCES unit/estimate_engine_test.cc
+  DEPS kvr::engine kvr::retrieval_client LABELS unit TIMEOUT 300)

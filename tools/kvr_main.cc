@@ -100,6 +100,10 @@ Attention:
   --tail_capacity N       appended tokens kept flat before sealing into the
                           index, >= 1 (default 64)
   --value_dtype f32|bf16|f16  how the node stores values (default f32)
+  --estimate default|on|off  estimate the attention mass top-k leaves behind
+                          from per-shard cluster summaries (on), exact top-k
+                          only (off), or the node's --estimate (default;
+                          the in-process node: off) (default default)
 Sampling:
   --temperature T         0 = greedy (default 0)
   --sample_top_k N        sample among the N most likely tokens, 0 = all (default 0)
@@ -173,6 +177,15 @@ absl::Status ParseGenerateFlags(const std::vector<std::string>& args, Flags* f, 
       {"top_k", int_flag(1, 4096, &r.attention.top_k)},
       {"beam", int_flag(0, 65536, &r.attention.beam)},
       {"train_k", int_flag(1, 4096, &r.attention.train_k)},
+      {"estimate",
+       [&](std::string_view, const std::string& v) -> absl::Status {
+         absl::StatusOr<worker::EstimateMode> e = worker::ParseEstimateMode(v);
+         if (!e.ok()) {
+           return absl::InvalidArgumentError(absl::StrCat("--estimate: ", e.status().message()));
+         }
+         r.attention.estimate = *e;
+         return absl::OkStatus();
+       }},
       {"index",
        [&](std::string_view, const std::string& v) -> absl::Status {
          absl::StatusOr<retrieval::IndexType> t = retrieval::ParseIndexType(v);
