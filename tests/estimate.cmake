@@ -11,3 +11,9 @@ kvr_test(node_estimate_test SOURCES unit/node_estimate_test.cc
 # AttentionOptions::estimate through the decode engine to every Attend.
 kvr_test(estimate_engine_test SOURCES unit/estimate_engine_test.cc
   DEPS kvr::engine kvr::retrieval_client LABELS unit TIMEOUT 300)
+
+# kvr.estimate in the gateway's OpenAI-compatible requests.
+if(TARGET kvr_gateway_http)
+  kvr_test(estimate_gateway_test SOURCES unit/estimate_gateway_test.cc
+    DEPS kvr::gateway_http PROTOBUF_FIRST LABELS unit)
+endif()
