@@ -1182,14 +1182,24 @@ std::shared_ptr<const index::ClusterSummary> NodeCore::ChunkSummary(const Chunk&
   std::lock_guard<std::mutex> lock(slot.mu);
   if (slot.bytes < 0) return nullptr;  // the sequence was dropped
   const size_t n = c.index->size();
+  // Clusters of at least kMinKeysPerEstimateCluster keys on average: a
+  // summary with about as many clusters as keys would be exact attention at
+  // exact-attention cost.
+  const size_t want = std::clamp<size_t>(n / index::kMinKeysPerEstimateCluster, 1,
+                                         options_.estimate_clusters_per_chunk);
   if (slot.summary != nullptr && slot.summary->size() == n) return slot.summary;
   std::shared_ptr<index::ClusterSummary> next;
-  if (slot.summary != nullptr && slot.summary->size() < n) {
+  // Appends go to the existing clusters until the chunk has doubled while
+  // it has fewer clusters than it should: then it is re-clustered
+  // (amortised O(1) re-clusterings per key).
+  const bool grow = slot.summary != nullptr && slot.summary->clusters() < want &&
+                    n >= 2 * slot.summary->size();
+  if (slot.summary != nullptr && slot.summary->size() < n && !grow) {
     next = std::make_shared<index::ClusterSummary>(*slot.summary);
     if (!next->Append(c.index->keys(), c.values).ok()) return nullptr;
   } else {
     index::ClusterSummaryOptions o;
-    o.clusters = options_.estimate_clusters_per_chunk;
+    o.clusters = want;
     absl::StatusOr<index::ClusterSummary> built =
         index::ClusterSummary::Build(c.index->keys(), c.values, o, nullptr);
     if (!built.ok()) return nullptr;

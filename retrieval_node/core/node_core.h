@@ -106,8 +106,9 @@ struct NodeCoreOptions {
   // does not fit is attended exactly.
   bool estimate = false;
   // Clusters per chunk summary (kvr_node --estimate_clusters_per_chunk),
-  // [index::kMinEstimateClusters, index::kMaxEstimateClusters], clamped to
-  // the chunk's key count.
+  // [index::kMinEstimateClusters, index::kMaxEstimateClusters]; a chunk of
+  // n keys gets min(this, max(1, n / 16)) (index::kMinKeysPerEstimateCluster),
+  // re-clustered when it has doubled since its summary was built.
   size_t estimate_clusters_per_chunk = 256;
   // Exact top-k per training query when the node computes training data.
   int train_k = 32;

@@ -38,6 +38,9 @@ namespace kvr::index {
 // --estimate_clusters_per_chunk).
 inline constexpr size_t kMinEstimateClusters = 1;
 inline constexpr size_t kMaxEstimateClusters = 65536;
+// The node gives a chunk of n keys min(--estimate_clusters_per_chunk,
+// max(1, n / kMinKeysPerEstimateCluster)) clusters.
+inline constexpr size_t kMinKeysPerEstimateCluster = 16;
 
 struct ClusterSummaryOptions {
   size_t clusters = 256;  // clusters per shard, clamped to the key count

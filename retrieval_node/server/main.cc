@@ -71,8 +71,8 @@ ABSL_FLAG(bool, estimate, false,
           "value sum), every key top-k did not retrieve, and tails are attended in full "
           "(docs/benchmarks.md section 4)");
 ABSL_FLAG(int, estimate_clusters_per_chunk, 256,
-          "clusters per chunk summary for remainder estimation, [1, 65536] (clamped to the "
-          "chunk's keys); summaries are built at a chunk's first estimating Attend and counted "
+          "clusters per chunk summary for remainder estimation, [1, 65536] (a chunk of n keys "
+          "gets at most n / 16); summaries are built at a chunk's first estimating Attend and counted "
           "in --memory_budget_bytes");
 ABSL_FLAG(bool, background_seals, true,
           "seal full tails on a seal thread into a copy of the chunk index while Attends keep "
