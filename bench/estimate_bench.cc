@@ -45,6 +45,7 @@ ABSL_FLAG(int, nprobe, 0, "IVF lists probed (0: the index default)");
 ABSL_FLAG(std::string, families, "all", "comma-separated families, or all");
 ABSL_FLAG(int, needles, 100, "needles planted per family (0: skip)");
 ABSL_FLAG(uint64_t, seed, 1, "data and needle seed");
+ABSL_FLAG(bool, second_order, false, "ClusterSummaryOptions::second_order");
 ABSL_FLAG(int, reps, 5, "timing repetitions (interleaved; the fastest counts)");
 
 namespace kvr {
@@ -167,6 +168,7 @@ void RunFamily(const std::string& family) {
   t0 = Clock::now();
   index::ClusterSummaryOptions co;
   co.clusters = static_cast<size_t>(absl::GetFlag(FLAGS_clusters));
+  co.second_order = absl::GetFlag(FLAGS_second_order);
   auto summary = index::ClusterSummary::Build(data->keys.view(), values, co, nullptr);
   if (!summary.ok()) Fail(summary.status());
   const double summary_build_s = std::chrono::duration<double>(Clock::now() - t0).count();

@@ -41,6 +41,11 @@ absl::StatusOr<ClusterSummary> ClusterSummary::Build(ConstMatrixView keys,
   s.key_sum_.assign(k * d, 0.0);
   s.value_sum_.assign(k * s.value_dim_, 0.0);
   s.key_mean_ = Matrix(k, d);
+  s.second_order_ = options.second_order;
+  if (s.second_order_) {
+    s.key_sq_sum_.assign(k * d, 0.0);
+    s.key_var_ = Matrix(k, d);
+  }
   s.value_mean_ = Matrix(k, s.value_dim_);
   s.log_count_.assign(k, kNegInf);
   s.assignment_.reserve(n);
@@ -76,6 +81,10 @@ void ClusterSummary::AddRow(size_t i, uint32_t c, ConstMatrixView keys,
   const float* k = keys.row(i);
   double* ks = key_sum_.data() + c * dim();
   for (size_t t = 0; t < dim(); ++t) ks[t] += k[t];
+  if (second_order_) {
+    double* sq = key_sq_sum_.data() + c * dim();
+    for (size_t t = 0; t < dim(); ++t) sq[t] += double(k[t]) * k[t];
+  }
   values.RowToFloat(i, row->data());
   double* vs = value_sum_.data() + c * value_dim_;
   for (size_t t = 0; t < value_dim_; ++t) vs[t] += (*row)[t];
@@ -86,6 +95,7 @@ void ClusterSummary::RefreshMeans(uint32_t c) {
   float* km = key_mean_.row(c);
   float* vm = value_mean_.row(c);
   if (n == 0) {
+    if (second_order_) std::fill_n(key_var_.row(c), dim(), 0.0f);
     std::fill_n(km, dim(), 0.0f);
     std::fill_n(vm, value_dim_, 0.0f);
     log_count_[c] = kNegInf;
@@ -93,6 +103,13 @@ void ClusterSummary::RefreshMeans(uint32_t c) {
   }
   const double inv = 1.0 / static_cast<double>(n);
   for (size_t t = 0; t < dim(); ++t) km[t] = static_cast<float>(key_sum_[c * dim() + t] * inv);
+  if (second_order_) {
+    float* kv = key_var_.row(c);
+    for (size_t t = 0; t < dim(); ++t) {
+      const double mean = key_sum_[c * dim() + t] * inv;
+      kv[t] = static_cast<float>(std::max(0.0, key_sq_sum_[c * dim() + t] * inv - mean * mean));
+    }
+  }
   for (size_t t = 0; t < value_dim_; ++t) {
     vm[t] = static_cast<float>(value_sum_[c * value_dim_ + t] * inv);
   }
@@ -104,7 +121,8 @@ size_t ClusterSummary::MemoryBytes() const {
           value_mean_.data.capacity() + log_count_.capacity()) *
              sizeof(float) +
          assignment_.capacity() * sizeof(uint32_t) + count_.capacity() * sizeof(int64_t) +
-         (key_sum_.capacity() + value_sum_.capacity()) * sizeof(double);
+         key_var_.data.capacity() * sizeof(float) +
+         (key_sum_.capacity() + value_sum_.capacity() + key_sq_sum_.capacity()) * sizeof(double);
 }
 
 void ClusterSummary::Estimate(std::span<const float> q, float scale,
@@ -138,12 +156,20 @@ void ClusterSummary::Estimate(std::span<const float> q, float scale,
       if (s.key_adj.size() < s.touched.size() * d) s.key_adj.resize(s.touched.size() * d);
       if (s.value_adj.size() < s.touched.size() * dv) s.value_adj.resize(s.touched.size() * dv);
       std::fill_n(s.key_adj.data() + s.slot[c] * d, d, 0.0);
+      if (second_order_) {
+        if (s.sq_adj.size() < s.touched.size() * d) s.sq_adj.resize(s.touched.size() * d);
+        std::fill_n(s.sq_adj.data() + s.slot[c] * d, d, 0.0);
+      }
       std::fill_n(s.value_adj.data() + s.slot[c] * dv, dv, 0.0);
     }
     s.excluded[c] += 1;
     const float* key = keys.row(static_cast<size_t>(id));
     double* ka = s.key_adj.data() + s.slot[c] * d;
     for (size_t t = 0; t < d; ++t) ka[t] += key[t];
+    if (second_order_) {
+      double* sa = s.sq_adj.data() + s.slot[c] * d;
+      for (size_t t = 0; t < d; ++t) sa[t] += double(key[t]) * key[t];
+    }
     values.RowToFloat(static_cast<size_t>(id), s.row.data());
     double* va = s.value_adj.data() + s.slot[c] * dv;
     for (size_t t = 0; t < dv; ++t) va[t] += s.row[t];
@@ -151,6 +177,14 @@ void ClusterSummary::Estimate(std::span<const float> q, float scale,
   // Pseudo-key scores: scale * q.mean + ln(n').
   simd::Active().dot_batch(q.data(), key_mean_.data.data(), k, d, d, s.scores.data());
   for (size_t c = 0; c < k; ++c) s.scores[c] = s.scores[c] * scale + log_count_[c];
+  const float half_s2 = 0.5f * scale * scale;
+  if (second_order_) {
+    if (s.q2.size() < d) s.q2.resize(d);
+    if (s.var_scores.size() < k) s.var_scores.resize(k);
+    for (size_t t = 0; t < d; ++t) s.q2[t] = q[t] * q[t];
+    simd::Active().dot_batch(s.q2.data(), key_var_.data.data(), k, d, d, s.var_scores.data());
+    for (size_t c = 0; c < k; ++c) s.scores[c] += half_s2 * s.var_scores[c];
+  }
   for (const uint32_t c : s.touched) {
     const int64_t left = count_[c] - static_cast<int64_t>(s.excluded[c]);
     if (left <= 0) {
@@ -163,6 +197,16 @@ void ClusterSummary::Estimate(std::span<const float> q, float scale,
     for (size_t t = 0; t < d; ++t) s.mean[t] = static_cast<float>((ks[t] - ka[t]) * inv);
     s.scores[c] = simd::Dot(q.data(), s.mean.data(), d) * scale +
                   static_cast<float>(std::log(static_cast<double>(left)));
+    if (second_order_) {
+      const double* sq = key_sq_sum_.data() + c * d;
+      const double* sa = s.sq_adj.data() + s.slot[c] * d;
+      double var_term = 0;
+      for (size_t t = 0; t < d; ++t) {
+        const double mean = (ks[t] - ka[t]) * inv;
+        var_term += double(s.q2[t]) * std::max(0.0, (sq[t] - sa[t]) * inv - mean * mean);
+      }
+      s.scores[c] += half_s2 * static_cast<float>(var_term);
+    }
   }
   float mx = kNegInf;
   for (size_t c = 0; c < k; ++c) mx = std::max(mx, s.scores[c]);

@@ -47,6 +47,11 @@ struct ClusterSummaryOptions {
   int iterations = 6;     // k-means Lloyd iterations
   uint64_t seed = 1;
   size_t max_train_points = 16384;  // k-means subsample (0: all keys)
+  // Second-order estimator: each pseudo-key score also gets the Gaussian
+  // term 0.5 s^2 sum_t q_t^2 var_jt (per-cluster diagonal key variance), i.e.
+  // log E[exp(s q.k)] for normally distributed keys; costs one more
+  // clusters x d pass per query and d doubles per cluster.
+  bool second_order = false;
 };
 
 // Counts of one estimate (per query, summed).
@@ -68,6 +73,9 @@ class EstimateScratch {
   std::vector<float> scores;        // per cluster pseudo-key score
   std::vector<float> mean;          // one adjusted mean key (d) / value (dv)
   std::vector<float> row;           // one value row as fp32
+  std::vector<double> sq_adj;       // per touched slot: sum of excluded squared keys (d)
+  std::vector<float> q2;            // q squared (second order)
+  std::vector<float> var_scores;    // per cluster q^2 . var
 };
 
 class ClusterSummary {
@@ -98,6 +106,7 @@ class ClusterSummary {
   std::span<const double> key_sum(size_t j) const {
     return {key_sum_.data() + j * dim(), dim()};
   }
+  bool second_order() const { return second_order_; }
   std::span<const double> value_sum(size_t j) const {
     return {value_sum_.data() + j * value_dim_, value_dim_};
   }
@@ -127,6 +136,9 @@ class ClusterSummary {
   std::vector<double> value_sum_;     // k x dv
   Matrix key_mean_;                   // k x d, key_sum / count (float, for Estimate)
   Matrix value_mean_;                 // k x dv
+  bool second_order_ = false;
+  std::vector<double> key_sq_sum_;    // k x d (second order only)
+  Matrix key_var_;                    // k x d, diagonal variance (second order only)
   std::vector<float> log_count_;      // per cluster ln(count) (-inf when empty)
 };
 

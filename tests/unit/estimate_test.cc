@@ -44,13 +44,14 @@ OraclePartial Oracle(const ClusterSummary& s, const float* q, double scale,
   const size_t k = s.clusters(), d = keys.cols, dv = vals.cols;
   std::vector<char> excluded(keys.rows, 0);
   for (int64_t id : exclude) excluded[static_cast<size_t>(id)] = 1;
-  std::vector<double> ksum(k * d, 0.0), vsum(k * dv, 0.0);
+  std::vector<double> ksum(k * d, 0.0), vsum(k * dv, 0.0), ksq(k * d, 0.0);
   std::vector<int64_t> n(k, 0);
   for (size_t i = 0; i < keys.rows; ++i) {
     if (excluded[i]) continue;
     const size_t c = s.assignment(i);
     n[c] += 1;
     for (size_t t = 0; t < d; ++t) ksum[c * d + t] += keys.row(i)[t];
+    for (size_t t = 0; t < d; ++t) ksq[c * d + t] += double(keys.row(i)[t]) * keys.row(i)[t];
     for (size_t t = 0; t < dv; ++t) vsum[c * dv + t] += vals.row(i)[t];
   }
   OraclePartial p;
@@ -60,6 +61,16 @@ OraclePartial Oracle(const ClusterSummary& s, const float* q, double scale,
     double dot = 0;
     for (size_t t = 0; t < d; ++t) dot += q[t] * ksum[c * d + t] / static_cast<double>(n[c]);
     score[c] = scale * dot + std::log(static_cast<double>(n[c]));
+    if (s.second_order()) {
+      // Gaussian term: 0.5 s^2 sum_t q_t^2 var_t of the remaining keys.
+      double var_term = 0;
+      for (size_t t = 0; t < d; ++t) {
+        const double mean = ksum[c * d + t] / static_cast<double>(n[c]);
+        const double var = std::max(0.0, ksq[c * d + t] / static_cast<double>(n[c]) - mean * mean);
+        var_term += double(q[t]) * q[t] * var;
+      }
+      score[c] += 0.5 * scale * scale * var_term;
+    }
     p.m = std::max(p.m, score[c]);
     p.keys += n[c];
     p.clusters += 1;
@@ -87,12 +98,16 @@ void ExpectNearOracle(const OraclePartial& want, std::span<const float> o, float
   for (size_t t = 0; t < o.size(); ++t) EXPECT_NEAR(o[t], want.o[t], 1e-4 * big) << t;
 }
 
-TEST(EstimateTest, MatchesDoubleOracleWithExclusions) {
+// Both estimators (first order; second_order adds the diagonal Gaussian term).
+class EstimateOracleTest : public ::testing::TestWithParam<bool> {};
+
+TEST_P(EstimateOracleTest, MatchesDoubleOracleWithExclusions) {
   const size_t n = 3000, d = 32, dv = 24;
   const Matrix keys = RandomMatrix(n, d, 1), vals = RandomMatrix(n, dv, 2);
   const Matrix queries = RandomMatrix(8, d, 3);
   const ValueMatrix values = ValueMatrix::FromFloat(DType::kF32, vals.view());
-  auto s = ClusterSummary::Build(keys.view(), values, {.clusters = 40}, nullptr);
+  auto s = ClusterSummary::Build(keys.view(), values,
+                                 {.clusters = 40, .second_order = GetParam()}, nullptr);
   ASSERT_TRUE(s.ok()) << s.status();
   ASSERT_EQ(s->clusters(), 40u);
   ASSERT_EQ(s->size(), n);
@@ -119,6 +134,7 @@ TEST(EstimateTest, MatchesDoubleOracleWithExclusions) {
     EXPECT_EQ(stats.clusters_estimated, want.clusters);
   }
 }
+INSTANTIATE_TEST_SUITE_P(FirstAndSecondOrder, EstimateOracleTest, ::testing::Bool());
 
 // A cluster whose keys are all retrieved contributes nothing: keys are two
 // tight groups (A: 8 keys along e0 with a large norm, B: 600 along e1), the
