@@ -103,7 +103,8 @@ Attention:
   --estimate default|on|off  estimate the attention mass top-k leaves behind
                           from per-shard cluster summaries (on), exact top-k
                           only (off), or the node's --estimate (default;
-                          the in-process node: off) (default default)
+                          the in-process node: off) (default on: the best
+                          measured fidelity at equal cost, benchmarks §4)
 Sampling:
   --temperature T         0 = greedy (default 0)
   --sample_top_k N        sample among the N most likely tokens, 0 = all (default 0)
@@ -145,6 +146,9 @@ struct Flags {
 
 absl::Status ParseGenerateFlags(const std::vector<std::string>& args, Flags* f, bool* help) {
   worker::GenerateRequest& r = f->request;
+  // kvr generate estimates the remainder by default: at equal exact work it
+  // measured the best fidelity (docs/benchmarks.md section 4).
+  r.attention.estimate = worker::EstimateMode::kOn;
   r.prompt = "Once upon a time";
   r.max_tokens = 128;
   auto int_flag = [](int64_t lo, int64_t hi, auto* field) {
