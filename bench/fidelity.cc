@@ -41,6 +41,7 @@
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
 #include "absl/flags/usage.h"
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
@@ -71,6 +72,13 @@ ABSL_FLAG(std::string, modes, "graph,flat,ivf", "retrieval indexes to compare");
 ABSL_FLAG(int, threads, 1, "CPU backend threads");
 ABSL_FLAG(int, node_threads, 0, "in-process node threads (0: attend inline on the caller)");
 ABSL_FLAG(std::string, json, "", "write the rows as JSON to this file");
+ABSL_FLAG(std::string, top_ks, "",
+          "comma-separated top-k values to sweep (issue 18: 8,16,32,64); empty: --top_k");
+ABSL_FLAG(std::string, estimate, "off",
+          "comma-separated remainder-estimation modes to compare per top-k: off, on "
+          "(AttentionOptions::estimate)");
+ABSL_FLAG(int, estimate_clusters_per_chunk, 256,
+          "the in-process node's --estimate_clusters_per_chunk");
 
 namespace kvr {
 namespace {
@@ -114,6 +122,8 @@ class CountingClient final : public retrieval::RetrievalClient {
     int64_t keys_held = 0;
     int64_t keys_attended = 0;
     int64_t distance_computations = 0;
+    int64_t keys_estimated = 0;
+    int64_t clusters_estimated = 0;
   };
 
   explicit CountingClient(retrieval::RetrievalClient* inner) : inner_(inner) {}
@@ -143,6 +153,8 @@ class CountingClient final : public retrieval::RetrievalClient {
                             totals_.keys_held += stats->keys_held;
                             totals_.keys_attended += stats->keys_attended;
                             totals_.distance_computations += stats->distance_computations;
+                            totals_.keys_estimated += stats->keys_estimated;
+                            totals_.clusters_estimated += stats->clusters_estimated;
                           }
                           done(std::move(st));
                         });
@@ -230,6 +242,12 @@ struct Row {
   double held_per_query() const {
     return node.queries ? double(node.keys_held) / node.queries : 0.0;
   }
+  double clusters_per_query() const {
+    return node.queries ? double(node.clusters_estimated) / node.queries : 0.0;
+  }
+  double attended_per_query() const {
+    return node.queries ? double(node.keys_attended) / node.queries : 0.0;
+  }
 };
 
 class Bench {
@@ -308,8 +326,11 @@ class Bench {
 
   // One retrieval setting over the first `n_prompts` references.
   absl::StatusOr<Row> RunRetrieval(IndexType index, int nprobe, size_t n_prompts,
-                                   bool teacher_forced_only) {
+                                   bool teacher_forced_only, int top_k = 0,
+                                   worker::EstimateMode estimate = worker::EstimateMode::kOff) {
     retrieval::NodeCoreOptions no;
+    no.estimate_clusters_per_chunk =
+        static_cast<size_t>(absl::GetFlag(FLAGS_estimate_clusters_per_chunk));
     no.threads = static_cast<size_t>(absl::GetFlag(FLAGS_node_threads));
     no.tail_capacity = static_cast<size_t>(absl::GetFlag(FLAGS_tail_capacity));
     no.train_k = attention_.train_k;
@@ -322,11 +343,19 @@ class Bench {
     AttentionOptions a = attention_;
     a.mode = AttentionMode::kRetrieval;
     a.index = index;
+    if (top_k > 0) a.top_k = top_k;
+    a.estimate = estimate;
 
     Row row;
     row.name = absl::StrCat("retrieval-", std::string(retrieval::IndexTypeName(index)));
+    if (top_k > 0) {
+      absl::StrAppend(&row.name, " k", a.top_k,
+                      estimate == worker::EstimateMode::kOn ? " +est" : "");
+    }
     row.nprobe = index == IndexType::kIvf ? no.ivf.default_nprobe : 0;
-    row.settings = absl::StrFormat("sinks %d, window %d, top_k %d", a.sinks, a.window, a.top_k);
+    row.settings = absl::StrFormat("sinks %d, window %d, top_k %d, estimate %s", a.sinks,
+                                   a.window, a.top_k,
+                                   std::string(worker::EstimateModeName(a.estimate)));
     if (index == IndexType::kGraph) {
       absl::StrAppend(&row.settings, ", beam ",
                       a.beam > 0 ? a.beam : no.graph.default_beam);
@@ -440,6 +469,14 @@ void PrintTables(const std::vector<Row>& rows) {
                 r.per_step(r.retrieved_tokens), held, r.scanned_per_query(),
                 held > 0 ? 100.0 * r.scanned_per_query() / held : 0.0, r.settings.c_str());
   }
+  std::printf("\nper node call and query head: keys attended exactly, keys and cluster "
+              "pseudo-keys estimated:\n");
+  for (const Row& r : rows) {
+    if (r.name.rfind("retrieval", 0) != 0) continue;
+    std::printf("  %-26s %8.1f %8.1f %8.1f\n", r.name.c_str(), r.attended_per_query(),
+                r.node.queries ? double(r.node.keys_estimated) / r.node.queries : 0.0,
+                r.clusters_per_query());
+  }
   std::printf("\ngreedy tokens before the first divergence, per prompt:\n");
   for (const Row& r : rows) {
     if (r.name.rfind("retrieval", 0) != 0) continue;
@@ -494,6 +531,60 @@ absl::Status Run() {
   std::vector<Row> rows;
   KVR_ASSIGN_OR_RETURN(Row full, bench.RunFull());
   rows.push_back(std::move(full));
+  // Issue 18 sweep: every top-k x estimation mode x index.
+  std::vector<int> top_ks;
+  for (absl::string_view k : absl::StrSplit(absl::GetFlag(FLAGS_top_ks), ',', absl::SkipEmpty())) {
+    int v = 0;
+    if (!absl::SimpleAtoi(k, &v) || v < 1 || v > 4096) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("--top_ks: \"", k, "\" is not an integer in [1, 4096]"));
+    }
+    top_ks.push_back(v);
+  }
+  std::vector<worker::EstimateMode> estimates;
+  for (absl::string_view e : absl::StrSplit(absl::GetFlag(FLAGS_estimate), ',', absl::SkipEmpty())) {
+    absl::StatusOr<worker::EstimateMode> m = worker::ParseEstimateMode(std::string_view(e.data(), e.size()));
+    if (!m.ok() || *m == worker::EstimateMode::kDefault) {
+      return absl::InvalidArgumentError(absl::StrCat("--estimate: \"", e, "\" is not off or on"));
+    }
+    estimates.push_back(*m);
+  }
+  if (estimates.empty()) return absl::InvalidArgumentError("--estimate: empty");
+  if (!top_ks.empty() || estimates.size() > 1 || estimates[0] != worker::EstimateMode::kOff) {
+    if (top_ks.empty()) top_ks.push_back(absl::GetFlag(FLAGS_top_k));
+    for (int k : top_ks) {
+      for (worker::EstimateMode e : estimates) {
+        for (IndexType t : modes) {
+          const int nprobe = t == IndexType::kIvf ? absl::GetFlag(FLAGS_ivf_nprobe) : 0;
+          if (t == IndexType::kIvf && nprobe <= 0) {
+            return absl::InvalidArgumentError("ivf in a --top_ks / --estimate sweep needs "
+                                              "--ivf_nprobe");
+          }
+          KVR_ASSIGN_OR_RETURN(Row row,
+                               bench.RunRetrieval(t, nprobe, bench.num_prompts(), false, k, e));
+          std::printf("  %-26s prefix %.4f  tf_top1 %.4f  mean_KL %.3g\n", row.name.c_str(),
+                      row.prefix_agreement(), row.tf_agreement(), row.mean_kl());
+          std::fflush(stdout);
+          rows.push_back(std::move(row));
+        }
+      }
+    }
+    std::printf("\n");
+    PrintTables(rows);
+    std::printf("\ntargets (issue 18, k 16 with sinks 4 + window 16): greedy prefix agreement "
+                ">= 0.90, mean KL <= 0.001\n");
+    for (const Row& r : rows) {
+      if (r.name.rfind("retrieval", 0) != 0) continue;
+      std::printf("  %-26s prefix %s, mean KL %s\n", r.name.c_str(),
+                  r.prefix_agreement() >= 0.90 ? "met" : "NOT met",
+                  r.mean_kl() <= 0.001 ? "met" : "NOT met");
+    }
+    if (const std::string path = absl::GetFlag(FLAGS_json); !path.empty()) {
+      KVR_RETURN_IF_ERROR(WriteJson(path, rows, bench.model_path(), bench.num_prompts()));
+      std::printf("\nwrote %s\n", path.c_str());
+    }
+    return absl::OkStatus();
+  }
   double graph_scanned = -1.0;
   // The graph first: IVF's budget is calibrated to it.
   std::stable_sort(modes.begin(), modes.end(), [](IndexType a, IndexType b) {

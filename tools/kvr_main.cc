@@ -100,6 +100,11 @@ Attention:
   --tail_capacity N       appended tokens kept flat before sealing into the
                           index, >= 1 (default 64)
   --value_dtype f32|bf16|f16  how the node stores values (default f32)
+  --estimate default|on|off  estimate the attention mass top-k leaves behind
+                          from per-shard cluster summaries (on), exact top-k
+                          only (off), or the node's --estimate (default;
+                          the in-process node: off) (default on: the best
+                          measured fidelity at equal cost, benchmarks §4)
 Sampling:
   --temperature T         0 = greedy (default 0)
   --sample_top_k N        sample among the N most likely tokens, 0 = all (default 0)
@@ -141,6 +146,9 @@ struct Flags {
 
 absl::Status ParseGenerateFlags(const std::vector<std::string>& args, Flags* f, bool* help) {
   worker::GenerateRequest& r = f->request;
+  // kvr generate estimates the remainder by default: at equal exact work it
+  // measured the best fidelity (docs/benchmarks.md section 4).
+  r.attention.estimate = worker::EstimateMode::kOn;
   r.prompt = "Once upon a time";
   r.max_tokens = 128;
   auto int_flag = [](int64_t lo, int64_t hi, auto* field) {
@@ -173,6 +181,15 @@ absl::Status ParseGenerateFlags(const std::vector<std::string>& args, Flags* f, 
       {"top_k", int_flag(1, 4096, &r.attention.top_k)},
       {"beam", int_flag(0, 65536, &r.attention.beam)},
       {"train_k", int_flag(1, 4096, &r.attention.train_k)},
+      {"estimate",
+       [&](std::string_view, const std::string& v) -> absl::Status {
+         absl::StatusOr<worker::EstimateMode> e = worker::ParseEstimateMode(v);
+         if (!e.ok()) {
+           return absl::InvalidArgumentError(absl::StrCat("--estimate: ", e.status().message()));
+         }
+         r.attention.estimate = *e;
+         return absl::OkStatus();
+       }},
       {"index",
        [&](std::string_view, const std::string& v) -> absl::Status {
          absl::StatusOr<retrieval::IndexType> t = retrieval::ParseIndexType(v);

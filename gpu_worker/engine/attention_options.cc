@@ -20,6 +20,26 @@ absl::StatusOr<AttentionMode> ParseAttentionMode(std::string_view name) {
       absl::StrCat("mode \"", std::string(name), "\" is not one of retrieval, full"));
 }
 
+std::string_view EstimateModeName(EstimateMode mode) {
+  switch (mode) {
+    case EstimateMode::kOff:
+      return "off";
+    case EstimateMode::kOn:
+      return "on";
+    case EstimateMode::kDefault:
+      break;
+  }
+  return "default";
+}
+
+absl::StatusOr<EstimateMode> ParseEstimateMode(std::string_view name) {
+  if (name == "default") return EstimateMode::kDefault;
+  if (name == "off") return EstimateMode::kOff;
+  if (name == "on") return EstimateMode::kOn;
+  return absl::InvalidArgumentError(
+      absl::StrCat("estimate \"", std::string(name), "\" is not one of default, on, off"));
+}
+
 absl::Status ValidateAttentionOptions(const AttentionOptions& o, int64_t max_seq_len) {
   constexpr int kMaxTokens = LlamaConfig::kMaxSeqLen;
   if (max_seq_len < 1 || max_seq_len > kMaxTokens) {
@@ -51,6 +71,11 @@ absl::Status ValidateAttentionOptions(const AttentionOptions& o, int64_t max_seq
   if (o.chunk_tokens < 1 || o.chunk_tokens > kMaxTokens) {
     return absl::InvalidArgumentError(
         absl::StrCat("chunk_tokens ", o.chunk_tokens, " outside [1, ", kMaxTokens, "]"));
+  }
+  if (o.estimate != EstimateMode::kDefault && o.estimate != EstimateMode::kOff &&
+      o.estimate != EstimateMode::kOn) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "estimate ", static_cast<int32_t>(o.estimate), " is not one of default, on, off"));
   }
   KVR_RETURN_IF_ERROR(retrieval::ParseIndexType(retrieval::IndexTypeName(o.index)).status());
   return DTypeFromTag(static_cast<uint32_t>(o.value_dtype)).status();

@@ -19,6 +19,13 @@ enum class AttentionMode : uint8_t { kFull = 0, kRetrieval = 1 };
 std::string_view AttentionModeName(AttentionMode mode);
 absl::StatusOr<AttentionMode> ParseAttentionMode(std::string_view name);
 
+// Remainder estimation per Attend (issue 18; retrieval::EstimateMode):
+// "default" (the node's --estimate), "off", "on".
+using retrieval::EstimateMode;
+std::string_view EstimateModeName(EstimateMode mode);
+// InvalidArgument naming the value and the accepted names.
+absl::StatusOr<EstimateMode> ParseEstimateMode(std::string_view name);
+
 // Per-sequence attention settings.
 struct AttentionOptions {
   AttentionMode mode = AttentionMode::kRetrieval;
@@ -33,6 +40,9 @@ struct AttentionOptions {
   int chunk_tokens = 16384;
   retrieval::IndexType index = retrieval::IndexType::kGraph;
   kvr::DType value_dtype = kvr::DType::kF32;  // how the node stores values
+  // Whether the nodes add an estimate of the keys top-k leaves behind
+  // (AttendRequest::estimate): kDefault leaves it to each node's --estimate.
+  EstimateMode estimate = EstimateMode::kDefault;
 };
 
 // InvalidArgument naming the field and its limit. `max_seq_len` is the

@@ -832,6 +832,7 @@ absl::Status RetrievalEngine::StepBatchLocked(std::span<EngineSequence* const> a
               ConstMatrixView(q_host_.data() + i * qd, static_cast<size_t>(c.n_heads), d);
           req.k = it.seq->attention_.top_k;
           req.beam = it.seq->attention_.beam;
+          req.estimate = it.seq->attention_.estimate;
           req.capability = it.seq->capability_;
           if (batching) {
             slot.waiter.reset();

@@ -516,6 +516,16 @@ absl::StatusOr<GenerationWork> WorkerService::ToWork(const v1::GenerateRequest& 
   if (a.has_top_k()) w.attention.top_k = a.top_k();
   if (a.has_beam()) w.attention.beam = a.beam();
   if (a.has_chunk_tokens()) w.attention.chunk_tokens = a.chunk_tokens();
+  if (a.has_estimate()) {
+    absl::StatusOr<EstimateMode> e = ParseEstimateMode(a.estimate());
+    if (!e.ok()) {
+      // The value is echoed bounded: the message stays small whatever was sent.
+      return absl::InvalidArgumentError(absl::StrCat(
+          "attention.estimate: \"", absl::string_view(a.estimate()).substr(0, 32),
+          "\" is not one of \"default\", \"on\", \"off\""));
+    }
+    w.attention.estimate = *e;
+  }
   KVR_RETURN_IF_ERROR(scheduler_->ValidateWork(w));
   return w;
 }

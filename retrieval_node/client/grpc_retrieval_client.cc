@@ -58,6 +58,8 @@ void UnpackStats(const v1::AttendStats& s, AttendStats* out) {
   out->keys_held = s.keys_held();
   out->keys_attended = s.keys_attended();
   out->distance_computations = s.distance_computations();
+  out->keys_estimated = s.keys_estimated();
+  out->clusters_estimated = s.clusters_estimated();
 }
 
 // One item's outcome from a batch reply's status slot.

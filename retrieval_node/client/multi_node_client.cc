@@ -789,6 +789,8 @@ void MultiNodeClient::OnAttendRoundDone(const std::shared_ptr<AttendCall>& call)
     total.keys_held += s->stats.keys_held;
     total.keys_attended += s->stats.keys_attended;
     total.distance_computations += s->stats.distance_computations;
+    total.keys_estimated += s->stats.keys_estimated;
+    total.clusters_estimated += s->stats.clusters_estimated;
   }
   if (call->stats_out != nullptr) *call->stats_out = total;
   StatusCallback done = std::move(call->done);

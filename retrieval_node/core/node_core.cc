@@ -277,6 +277,12 @@ absl::StatusOr<std::unique_ptr<NodeCore>> NodeCore::Create(const NodeCoreOptions
     return absl::InvalidArgumentError(
         absl::StrCat("lease_seconds ", options.lease_seconds, " outside [0, 1e9]"));
   }
+  if (options.estimate_clusters_per_chunk < index::kMinEstimateClusters ||
+      options.estimate_clusters_per_chunk > index::kMaxEstimateClusters) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "estimate_clusters_per_chunk ", options.estimate_clusters_per_chunk, " outside [",
+        index::kMinEstimateClusters, ", ", index::kMaxEstimateClusters, "]"));
+  }
   KVR_RETURN_IF_ERROR(index::ValidateGraphOptions(options.graph));
   return std::unique_ptr<NodeCore>(new NodeCore(options));
 }
@@ -1142,6 +1148,13 @@ absl::Status NodeCore::AttendNow(const AttendRequest& request, PartialsView out,
     return absl::InvalidArgumentError(
         absl::StrCat("scale ", request.scale, " must be finite and >= 0"));
   }
+  if (request.estimate != EstimateMode::kDefault && request.estimate != EstimateMode::kOff &&
+      request.estimate != EstimateMode::kOn) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "estimate ", static_cast<int32_t>(request.estimate), " is not a known EstimateMode"));
+  }
+  const bool estimate = request.estimate == EstimateMode::kOn ||
+                        (request.estimate == EstimateMode::kDefault && options_.estimate);
   index::AttendParams params;
   params.search.k = request.k;
   params.search.beam = request.beam;
@@ -1165,6 +1178,7 @@ absl::Status NodeCore::AttendNow(const AttendRequest& request, PartialsView out,
   SetEmpty(out);
   AttendStats local;
   index::SearchStats search_stats;
+  index::EstimateStats estimate_stats;
   for (int32_t g = 0; g < spec.n_kv_heads; ++g) {
     HeadState& head = seq->head(request.layer, g);
     const ConstMatrixView q = request.queries.rows_slice(g * group, group);
@@ -1189,10 +1203,14 @@ absl::Status NodeCore::AttendNow(const AttendRequest& request, PartialsView out,
         head.recent_count = std::min(head.recent_count + 1, ring);
       }
     }
-    auto search = [&](const index::KeyIndex& idx, const ValueMatrix& values) -> absl::Status {
+    // `summary`: the chunk's estimation summary (null: exact top-k only).
+    auto search = [&](const index::KeyIndex& idx, const ValueMatrix& values,
+                      const index::ClusterSummary* summary) -> absl::Status {
       if (idx.size() == 0) return absl::OkStatus();
-      KVR_RETURN_IF_ERROR(index::Attend(q, idx, values, params, tmp.view(), &scratch,
-                                        &search_stats));
+      index::AttendParams p = params;
+      p.estimate = summary;
+      KVR_RETURN_IF_ERROR(
+          index::Attend(q, idx, values, p, tmp.view(), &scratch, &search_stats, &estimate_stats));
       MergeInto(dst, tmp.view());
       local.shards_searched += 1;
       local.keys_held += static_cast<int64_t>(idx.size() * group);
@@ -1200,25 +1218,87 @@ absl::Status NodeCore::AttendNow(const AttendRequest& request, PartialsView out,
           static_cast<int64_t>(std::min<size_t>(idx.size(), size_t(request.k)) * group);
       return absl::OkStatus();
     };
-    if (!select) {
-      for (const Chunk& c : head.chunks) {
-        if (c.index != nullptr) KVR_RETURN_IF_ERROR(search(*c.index, c.values));
+    auto search_chunk = [&](const Chunk& c) -> absl::Status {
+      if (c.index == nullptr) return absl::OkStatus();
+      std::shared_ptr<const index::ClusterSummary> summary;
+      if (estimate && c.index->size() > static_cast<size_t>(request.k)) {
+        summary = ChunkSummary(c);
       }
-      if (head.tail != nullptr) KVR_RETURN_IF_ERROR(search(*head.tail, head.tail_values));
+      return search(*c.index, c.values, summary.get());
+    };
+    // With estimation the tail (at most tail_capacity keys, already scored
+    // in full by its flat search) is attended exactly over all its keys, so
+    // nothing in it needs estimating.
+    auto search_tail = [&]() -> absl::Status {
+      if (head.tail == nullptr || head.tail->size() == 0) return absl::OkStatus();
+      if (!estimate || head.tail->size() <= static_cast<size_t>(request.k)) {
+        return search(*head.tail, head.tail_values, nullptr);
+      }
+      KVR_RETURN_IF_ERROR(
+          ExactAttention(q, head.tail->keys(), head.tail_values, params.scale, tmp.view()));
+      MergeInto(dst, tmp.view());
+      const int64_t n_tail = static_cast<int64_t>(head.tail->size());
+      local.shards_searched += 1;
+      local.keys_held += n_tail * static_cast<int64_t>(group);
+      local.keys_attended += n_tail * static_cast<int64_t>(group);
+      search_stats.distance_computations += n_tail * static_cast<int64_t>(group);
+      return absl::OkStatus();
+    };
+    if (!select) {
+      for (const Chunk& c : head.chunks) KVR_RETURN_IF_ERROR(search_chunk(c));
+      KVR_RETURN_IF_ERROR(search_tail());
       continue;
     }
     for (size_t slot : selected[static_cast<size_t>(g)]) {
-      const Chunk& c = head.chunks[slot];
-      if (c.index != nullptr) KVR_RETURN_IF_ERROR(search(*c.index, c.values));
+      KVR_RETURN_IF_ERROR(search_chunk(head.chunks[slot]));
       // The appended tail belongs to the head's last chunk.
-      if (slot + 1 == head.chunks.size() && head.tail != nullptr) {
-        KVR_RETURN_IF_ERROR(search(*head.tail, head.tail_values));
-      }
+      if (slot + 1 == head.chunks.size()) KVR_RETURN_IF_ERROR(search_tail());
     }
   }
   local.distance_computations = search_stats.distance_computations;
+  local.keys_estimated = estimate_stats.keys_estimated;
+  local.clusters_estimated = estimate_stats.clusters_estimated;
   if (stats != nullptr) *stats = local;
   return absl::OkStatus();
+}
+
+std::shared_ptr<const index::ClusterSummary> NodeCore::ChunkSummary(const Chunk& c) {
+  EstimateSlot& slot = *c.estimate;
+  std::lock_guard<std::mutex> lock(slot.mu);
+  if (slot.bytes < 0) return nullptr;  // the sequence was dropped
+  const size_t n = c.index->size();
+  // Clusters of at least kMinKeysPerEstimateCluster keys on average: a
+  // summary with about as many clusters as keys would be exact attention at
+  // exact-attention cost.
+  const size_t want = std::clamp<size_t>(n / index::kMinKeysPerEstimateCluster, 1,
+                                         options_.estimate_clusters_per_chunk);
+  if (slot.summary != nullptr && slot.summary->size() == n) return slot.summary;
+  std::shared_ptr<index::ClusterSummary> next;
+  // Appends go to the existing clusters until the chunk has doubled while
+  // it has fewer clusters than it should: then it is re-clustered
+  // (amortised O(1) re-clusterings per key).
+  const bool grow = slot.summary != nullptr && slot.summary->clusters() < want &&
+                    n >= 2 * slot.summary->size();
+  if (slot.summary != nullptr && slot.summary->size() < n && !grow) {
+    next = std::make_shared<index::ClusterSummary>(*slot.summary);
+    if (!next->Append(c.index->keys(), c.values).ok()) return nullptr;
+  } else {
+    index::ClusterSummaryOptions o;
+    o.clusters = want;
+    absl::StatusOr<index::ClusterSummary> built =
+        index::ClusterSummary::Build(c.index->keys(), c.values, o, nullptr);
+    if (!built.ok()) return nullptr;
+    next = std::make_shared<index::ClusterSummary>(std::move(built).value());
+  }
+  const int64_t bytes = static_cast<int64_t>(next->MemoryBytes());
+  if (bytes > slot.bytes) {
+    if (!ReserveMemory(bytes - slot.bytes, "estimate summary").ok()) return nullptr;
+  } else {
+    memory_used_.fetch_sub(slot.bytes - bytes, std::memory_order_relaxed);
+  }
+  slot.bytes = bytes;
+  slot.summary = std::move(next);
+  return slot.summary;
 }
 
 absl::Status NodeCore::DropSequence(uint64_t sequence_id, std::string_view capability) {
@@ -1275,6 +1355,12 @@ absl::Status NodeCore::Drop(uint64_t sequence_id, const std::string_view* capabi
     h->recent_bytes = -1;  // returned; an Attend still running records nothing more
     h->recent.clear();
     h->recent.shrink_to_fit();
+    for (const Chunk& c : h->chunks) {
+      std::lock_guard<std::mutex> slock(c.estimate->mu);
+      if (c.estimate->bytes > 0) bytes += c.estimate->bytes;
+      c.estimate->bytes = -1;  // returned; an Attend still running builds nothing more
+      c.estimate->summary.reset();
+    }
   }
   memory_used_.fetch_sub(bytes, std::memory_order_relaxed);
   // In-flight Attends hold their own reference; memory goes when they finish.

@@ -68,6 +68,7 @@
 #include "retrieval_node/core/shard_persistence.h"
 #include "retrieval_node/index/attention_graph_index.h"
 #include "retrieval_node/index/calibrate.h"
+#include "retrieval_node/index/cluster_summary.h"
 #include "retrieval_node/index/ivf_index.h"
 
 namespace kvr::retrieval {
@@ -102,6 +103,17 @@ struct NodeCoreOptions {
   // Test hook: when set, runs on the seal thread at the start of every
   // background seal build (before any work), e.g. to hold a seal open.
   std::function<void()> before_seal_build;
+  // Remainder estimation (kvr_node --estimate; issue 18): what an Attend
+  // whose request says EstimateMode::kDefault does. Chunk summaries are
+  // built at a chunk's first estimating Attend (then extended as seals
+  // append keys) and counted in memory_budget_bytes; a chunk whose summary
+  // does not fit is attended exactly.
+  bool estimate = false;
+  // Clusters per chunk summary (kvr_node --estimate_clusters_per_chunk),
+  // [index::kMinEstimateClusters, index::kMaxEstimateClusters]; a chunk of
+  // n keys gets min(this, max(1, n / 16)) (index::kMinKeysPerEstimateCluster),
+  // re-clustered when it has doubled since its summary was built.
+  size_t estimate_clusters_per_chunk = 256;
   // Exact top-k per training query when the node computes training data.
   int train_k = 32;
   // Self-calibration (kvr_node --target_recall): the recall a chunk built
@@ -386,6 +398,7 @@ class NodeCore final {
   const NodeCoreOptions& options() const { return options_; }
 
  private:
+  struct EstimateSlot;
   struct Chunk;
   struct HeadState;
   struct Sequence;
@@ -419,6 +432,13 @@ class NodeCore final {
   // sequence lock (shared suffices).
   static absl::Status SelectShards(const Sequence& seq, const AttendRequest& request,
                                    std::vector<std::vector<size_t>>* selected);
+  // The cluster summary of chunk `c` (built index) covering all its keys:
+  // built on first use, extended when a seal appended keys, its bytes
+  // reserved in memory_budget_bytes. Null when it cannot be had (the budget
+  // refuses it, the sequence was dropped, or the build fails): the caller
+  // attends that chunk exactly. Caller holds the sequence lock (shared
+  // suffices); thread-safe (the slot's own mutex).
+  std::shared_ptr<const index::ClusterSummary> ChunkSummary(const Chunk& c);
   // AppendAsync's work: applies `request` and, when it changed something
   // that must be persisted, queues the commit and moves `done` into it
   // (*handed_off = true: the commit calls it). Otherwise the caller calls

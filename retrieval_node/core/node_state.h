@@ -15,10 +15,22 @@
 #include "common/value_matrix.h"
 #include "retrieval_node/core/node_core.h"
 #include "retrieval_node/core/node_types.h"
+#include "retrieval_node/index/cluster_summary.h"
 #include "retrieval_node/index/flat_index.h"
 #include "retrieval_node/index/index.h"
 
 namespace kvr::retrieval {
+
+// The remainder-estimation summary of one chunk (issue 18; NodeCore::
+// ChunkSummary). Written by Attend under the shared sequence lock, hence its
+// own mutex. Key ids of a chunk are append-only (row i of values / keys()
+// stays key i across seals), so a summary of the first size() keys stays
+// valid and is extended, never rebuilt.
+struct NodeCore::EstimateSlot {
+  std::mutex mu;
+  std::shared_ptr<const index::ClusterSummary> summary;  // null: none yet
+  int64_t bytes = 0;  // held in memory_used_ (returned by Drop); -1: returned
+};
 
 struct NodeCore::Chunk {
   int32_t chunk = 0;
@@ -28,6 +40,7 @@ struct NodeCore::Chunk {
   std::shared_ptr<index::KeyIndex> index;
   ValueMatrix values;                      // row i belongs to index id i
   std::vector<int64_t> positions;          // absolute position of index id i
+  std::shared_ptr<EstimateSlot> estimate = std::make_shared<EstimateSlot>();
 };
 
 struct NodeCore::HeadState {

@@ -132,6 +132,10 @@ struct HeadChunkRef {
   friend bool operator==(const HeadChunkRef&, const HeadChunkRef&) = default;
 };
 
+// Remainder estimation of one Attend (kvr.v1 EstimateMode; issue 18):
+// kDefault follows the node's --estimate, kOff / kOn override it.
+enum class EstimateMode : int32_t { kDefault = 0, kOff = 1, kOn = 2 };
+
 struct AttendRequest {
   uint64_t sequence_id = 0;
   int32_t layer = 0;
@@ -147,6 +151,12 @@ struct AttendRequest {
   // attended twice. Must stay valid until the call completes.
   std::span<const HeadChunkRef> shards;
   std::string capability;  // the sequence's (SequenceAccess::capability)
+  // On: each query head's partial also covers every key of the searched
+  // chunks that top-k did not retrieve, estimated from the chunk's cluster
+  // summary (retrieval_node/index/cluster_summary.h), and the searched
+  // tails are attended exactly in full. Off: exact top-k only (bit-identical
+  // to an Attend before estimation existed).
+  EstimateMode estimate = EstimateMode::kDefault;
 };
 
 // One shard of a sequence, any layer.
@@ -191,6 +201,8 @@ struct AttendStats {
   int64_t keys_held = 0;      // keys the searched shards hold, per query head, summed
   int64_t keys_attended = 0;  // keys whose values entered a partial
   int64_t distance_computations = 0;
+  int64_t keys_estimated = 0;      // keys covered by the estimate, per query head, summed
+  int64_t clusters_estimated = 0;  // cluster pseudo-keys that entered a partial, summed
 };
 
 struct NodeStats {

@@ -6,13 +6,13 @@
 namespace kvr::index {
 
 size_t AttendScratch::MemoryBytes() const {
-  return ids_.capacity() * sizeof(int64_t) + (scores_.capacity() + weights_.capacity()) *
-                                                 sizeof(float);
+  return ids_.capacity() * sizeof(int64_t) +
+         (scores_.capacity() + weights_.capacity() + estimate_o_.capacity()) * sizeof(float);
 }
 
 absl::Status Attend(ConstMatrixView queries, const KeyIndex& index, const ValueMatrix& values,
                     const AttendParams& params, PartialsView out, AttendScratch* scratch,
-                    SearchStats* stats) {
+                    SearchStats* stats, EstimateStats* estimate_stats) {
   KVR_CHECK(scratch != nullptr);
   const size_t n = queries.rows();
   if (values.rows() != index.size()) {
@@ -29,6 +29,14 @@ absl::Status Attend(ConstMatrixView queries, const KeyIndex& index, const ValueM
   if (!std::isfinite(params.scale) || !(params.scale > 0.0f)) {
     return absl::InvalidArgumentError(
         absl::StrCat("attend: scale ", params.scale, " must be finite and > 0"));
+  }
+  if (const ClusterSummary* est = params.estimate;
+      est != nullptr && (est->size() != index.size() || est->dim() != index.dim() ||
+                         est->value_dim() != values.cols())) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "attend: estimate summary covers ", est->size(), " keys of dim ", est->dim(), " / ",
+        est->value_dim(), ", index holds ", index.size(), " of dim ", index.dim(), " / ",
+        values.cols()));
   }
   if (params.search.k < 1) {
     return absl::InvalidArgumentError(
@@ -60,6 +68,16 @@ absl::Status Attend(ConstMatrixView queries, const KeyIndex& index, const ValueM
     PartialFromScores(std::span<const float>(s, k), std::span<const int64_t>(id, k), values,
                       std::span<float>(scratch->weights_.data(), k), out.o.row_span(i),
                       &out.m[i], &out.l[i]);
+    if (params.estimate != nullptr) {
+      std::vector<float>& eo = scratch->estimate_o_;
+      eo.resize(values.cols());
+      float em = kNegInf;
+      float el = 0.0f;
+      params.estimate->Estimate(queries.row_span(i), scale, std::span<const int64_t>(id, k),
+                                index.keys(), values, &scratch->estimate_, eo, &em, &el,
+                                estimate_stats);
+      MergeInto(out.o.row_span(i), &out.m[i], &out.l[i], eo, em, el);
+    }
   }
   return absl::OkStatus();
 }

@@ -71,6 +71,15 @@ ABSL_FLAG(int, decode_train_queries, 256,
           "recent decode (Attend) queries kept per (sequence, layer, kv head) as training "
           "queries for tail seals that build an index; rows x head_dim fp32 each, counted in "
           "--memory_budget_bytes; 0 = none, at most 65536");
+ABSL_FLAG(bool, estimate, false,
+          "remainder estimation for Attends whose request leaves it at DEFAULT: each query "
+          "head's partial also covers, by per-chunk cluster summaries (centroid key, count, "
+          "value sum), every key top-k did not retrieve, and tails are attended in full "
+          "(docs/benchmarks.md section 4)");
+ABSL_FLAG(int, estimate_clusters_per_chunk, 256,
+          "clusters per chunk summary for remainder estimation, [1, 65536] (a chunk of n keys "
+          "gets at most n / 16); summaries are built at a chunk's first estimating Attend and counted "
+          "in --memory_budget_bytes");
 ABSL_FLAG(bool, background_seals, true,
           "seal full tails on a seal thread into a copy of the chunk index while Attends keep "
           "reading the old one (no Attend stall; the copy costs O(chunk) per seal and the append "
@@ -170,6 +179,10 @@ int Main(int argc, char** argv) {
           .AtLeast("tail_capacity", absl::GetFlag(FLAGS_tail_capacity), 1)
           .InRange("decode_train_queries", absl::GetFlag(FLAGS_decode_train_queries), 0,
                    static_cast<int>(kMaxDecodeTrainQueries))
+          .InRange("estimate_clusters_per_chunk",
+                   absl::GetFlag(FLAGS_estimate_clusters_per_chunk),
+                   static_cast<int>(index::kMinEstimateClusters),
+                   static_cast<int>(index::kMaxEstimateClusters))
           .AtLeast("max_deadline_seconds", absl::GetFlag(FLAGS_max_deadline_seconds), 0.0)
           .AtLeast("ucx_max_connections", absl::GetFlag(FLAGS_ucx_max_connections), int64_t{0})
           .AtLeast("ucx_max_inflight_per_connection",
@@ -215,6 +228,9 @@ int Main(int argc, char** argv) {
   core_options.decode_train_queries =
       static_cast<size_t>(absl::GetFlag(FLAGS_decode_train_queries));
   core_options.background_seals = absl::GetFlag(FLAGS_background_seals);
+  core_options.estimate = absl::GetFlag(FLAGS_estimate);
+  core_options.estimate_clusters_per_chunk =
+      static_cast<size_t>(absl::GetFlag(FLAGS_estimate_clusters_per_chunk));
   core_options.recovery_quarantine = absl::GetFlag(FLAGS_recovery_quarantine);
   core_options.lease_seconds = absl::GetFlag(FLAGS_lease_seconds);
   std::unique_ptr<ShardStore> store;  // outlives the core (declared first)

@@ -112,6 +112,11 @@ absl::Status CheckAttendRequest(const v1::AttendRequest& r) {
     return absl::InvalidArgumentError(
         absl::StrCat("scale ", r.scale(), " must be finite and >= 0"));
   }
+  if (!v1::EstimateMode_IsValid(r.estimate())) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("estimate ", static_cast<int>(r.estimate()),
+                     " is not an EstimateMode (0 default, 1 off, 2 on)"));
+  }
   if (r.layer() < 0) {
     return absl::InvalidArgumentError(absl::StrCat("layer ", r.layer(), " < 0"));
   }
@@ -651,6 +656,7 @@ void NodeService::HandleAttend(const v1::AttendRequest& request, v1::AttendRespo
   a.scale = request.scale();
   a.shards = call->shards;
   a.capability = request.capability();
+  a.estimate = static_cast<EstimateMode>(static_cast<int32_t>(request.estimate()));
 
   auto complete = [response, call, n, d, metrics, finish,
                    done = std::move(done)](absl::Status status) {
@@ -666,6 +672,8 @@ void NodeService::HandleAttend(const v1::AttendRequest& request, v1::AttendRespo
                          st->set_keys_held(call->stats.keys_held);
                          st->set_keys_attended(call->stats.keys_attended);
                          st->set_distance_computations(call->stats.distance_computations);
+                         st->set_keys_estimated(call->stats.keys_estimated);
+                         st->set_clusters_estimated(call->stats.clusters_estimated);
                          if (metrics != nullptr) {
                            metrics->RecordAttendScan(static_cast<int64_t>(n),
                                                      call->stats.distance_computations);

@@ -245,6 +245,7 @@ void AttendRequestToProto(const AttendRequest& request, v1::AttendRequest* out) 
   out->set_nprobe(request.nprobe);
   out->set_scale(request.scale);
   out->set_capability(request.capability);
+  out->set_estimate(static_cast<v1::EstimateMode>(static_cast<int32_t>(request.estimate)));
   out->mutable_shards()->Reserve(static_cast<int>(request.shards.size()));
   for (const HeadChunkRef& ref : request.shards) {
     v1::HeadChunk* s = out->add_shards();

@@ -59,6 +59,8 @@ absl::Status CopyReply(const v1::AttendResponse& response, PartialsView out, Att
     stats->keys_held = s.keys_held();
     stats->keys_attended = s.keys_attended();
     stats->distance_computations = s.distance_computations();
+    stats->keys_estimated = s.keys_estimated();
+    stats->clusters_estimated = s.clusters_estimated();
   }
   return absl::OkStatus();
 }

@@ -137,6 +137,15 @@ std::optional<ApiError> ParseKvr(const json& body, v1::AttentionParams* a) {
       a->set_mode(value.get<std::string>());
       continue;
     }
+    if (key == "estimate") {
+      if (value.is_null()) continue;
+      if (!value.is_string()) {
+        return InvalidRequest(name, absl::StrCat(name, ": expected \"default\", \"on\" or "
+                                                 "\"off\", got ", TypeName(value)));
+      }
+      a->set_estimate(value.get<std::string>());  // validated by the worker
+      continue;
+    }
     int64_t i = 0;
     if (key == "sinks" || key == "window" || key == "k" || key == "budget") {
       if (value.is_null()) continue;
@@ -152,7 +161,7 @@ std::optional<ApiError> ParseKvr(const json& body, v1::AttentionParams* a) {
       continue;
     }
     return InvalidRequest(name, absl::StrCat(name, ": unknown field (expected mode, sinks, "
-                                             "window, k, budget)"));
+                                             "window, k, budget, estimate)"));
   }
   return std::nullopt;
 }

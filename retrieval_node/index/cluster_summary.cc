@@ -1,0 +1,249 @@
+#include "retrieval_node/index/cluster_summary.h"
+
+#include <algorithm>
+#include <cmath>
+
+#include "common/attention.h"
+#include "common/simd/kernels.h"
+#include "retrieval_node/index/kmeans.h"
+
+namespace kvr::index {
+
+absl::StatusOr<ClusterSummary> ClusterSummary::Build(ConstMatrixView keys,
+                                                     const ValueMatrix& values,
+                                                     const ClusterSummaryOptions& options,
+                                                     ThreadPool* pool) {
+  const size_t n = keys.rows();
+  if (n == 0 || keys.cols() == 0) {
+    return absl::InvalidArgumentError("cluster summary: no keys to summarise");
+  }
+  if (values.rows() != n) {
+    return absl::InvalidArgumentError(absl::StrCat("cluster summary: ", values.rows(),
+                                                   " value rows != ", n, " keys"));
+  }
+  if (options.clusters < kMinEstimateClusters || options.clusters > kMaxEstimateClusters) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("estimate_clusters_per_chunk ", options.clusters, " outside [",
+                     kMinEstimateClusters, ", ", kMaxEstimateClusters, "]"));
+  }
+  KMeansOptions km;
+  km.k = std::min(options.clusters, n);
+  km.iterations = options.iterations;
+  km.seed = options.seed;
+  km.max_train_points = options.max_train_points;
+  KVR_ASSIGN_OR_RETURN(KMeansResult res, SphericalKMeans(keys, km, pool));
+  ClusterSummary s;
+  const size_t k = res.centroids.rows;
+  const size_t d = keys.cols();
+  s.centroids_ = std::move(res.centroids);
+  s.value_dim_ = values.cols();
+  s.count_.assign(k, 0);
+  s.key_sum_.assign(k * d, 0.0);
+  s.value_sum_.assign(k * s.value_dim_, 0.0);
+  s.key_mean_ = Matrix(k, d);
+  s.second_order_ = options.second_order;
+  if (s.second_order_) {
+    s.key_sq_sum_.assign(k * d, 0.0);
+    s.key_var_ = Matrix(k, d);
+  }
+  s.value_mean_ = Matrix(k, s.value_dim_);
+  s.log_count_.assign(k, kNegInf);
+  s.assignment_.reserve(n);
+  std::vector<float> row(s.value_dim_);
+  for (size_t i = 0; i < n; ++i) s.AddRow(i, res.assignment[i], keys, values, &row);
+  for (uint32_t c = 0; c < k; ++c) s.RefreshMeans(c);
+  return s;
+}
+
+absl::Status ClusterSummary::Append(ConstMatrixView keys, const ValueMatrix& values) {
+  if (keys.cols() != dim() || values.cols() != value_dim_ || values.rows() != keys.rows() ||
+      keys.rows() < size()) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "cluster summary append: ", keys.rows(), " x ", keys.cols(), " keys / ", values.rows(),
+        " x ", values.cols(), " values, summary holds ", size(), " x ", dim()));
+  }
+  const size_t first = size();
+  const size_t added = keys.rows() - first;
+  if (added == 0) return absl::OkStatus();
+  std::vector<uint32_t> nearest(added);
+  AssignNearest(keys.rows_slice(first, added), centroids_.view(), nearest, {}, nullptr);
+  std::vector<float> row(value_dim_);
+  for (size_t i = 0; i < added; ++i) AddRow(first + i, nearest[i], keys, values, &row);
+  for (uint32_t c = 0; c < clusters(); ++c) RefreshMeans(c);
+  return absl::OkStatus();
+}
+
+void ClusterSummary::AddRow(size_t i, uint32_t c, ConstMatrixView keys,
+                            const ValueMatrix& values, std::vector<float>* row) {
+  KVR_CHECK(i == assignment_.size() && c < clusters());
+  assignment_.push_back(c);
+  count_[c] += 1;
+  const float* k = keys.row(i);
+  double* ks = key_sum_.data() + c * dim();
+  for (size_t t = 0; t < dim(); ++t) ks[t] += k[t];
+  if (second_order_) {
+    double* sq = key_sq_sum_.data() + c * dim();
+    for (size_t t = 0; t < dim(); ++t) sq[t] += double(k[t]) * k[t];
+  }
+  values.RowToFloat(i, row->data());
+  double* vs = value_sum_.data() + c * value_dim_;
+  for (size_t t = 0; t < value_dim_; ++t) vs[t] += (*row)[t];
+}
+
+void ClusterSummary::RefreshMeans(uint32_t c) {
+  const int64_t n = count_[c];
+  float* km = key_mean_.row(c);
+  float* vm = value_mean_.row(c);
+  if (n == 0) {
+    if (second_order_) std::fill_n(key_var_.row(c), dim(), 0.0f);
+    std::fill_n(km, dim(), 0.0f);
+    std::fill_n(vm, value_dim_, 0.0f);
+    log_count_[c] = kNegInf;
+    return;
+  }
+  const double inv = 1.0 / static_cast<double>(n);
+  for (size_t t = 0; t < dim(); ++t) km[t] = static_cast<float>(key_sum_[c * dim() + t] * inv);
+  if (second_order_) {
+    float* kv = key_var_.row(c);
+    for (size_t t = 0; t < dim(); ++t) {
+      const double mean = key_sum_[c * dim() + t] * inv;
+      kv[t] = static_cast<float>(std::max(0.0, key_sq_sum_[c * dim() + t] * inv - mean * mean));
+    }
+  }
+  for (size_t t = 0; t < value_dim_; ++t) {
+    vm[t] = static_cast<float>(value_sum_[c * value_dim_ + t] * inv);
+  }
+  log_count_[c] = static_cast<float>(std::log(static_cast<double>(n)));
+}
+
+size_t ClusterSummary::MemoryBytes() const {
+  return (centroids_.data.capacity() + key_mean_.data.capacity() +
+          value_mean_.data.capacity() + log_count_.capacity()) *
+             sizeof(float) +
+         assignment_.capacity() * sizeof(uint32_t) + count_.capacity() * sizeof(int64_t) +
+         key_var_.data.capacity() * sizeof(float) +
+         (key_sum_.capacity() + value_sum_.capacity() + key_sq_sum_.capacity()) * sizeof(double);
+}
+
+void ClusterSummary::Estimate(std::span<const float> q, float scale,
+                              std::span<const int64_t> exclude, ConstMatrixView keys,
+                              const ValueMatrix& values, EstimateScratch* scratch,
+                              std::span<float> o, float* m, float* l,
+                              EstimateStats* stats) const {
+  const size_t k = clusters();
+  const size_t d = dim();
+  const size_t dv = value_dim_;
+  KVR_CHECK(scratch != nullptr && q.size() == d && o.size() == dv);
+  KVR_CHECK(keys.rows() >= size() && keys.cols() == d && values.rows() >= size() &&
+            values.cols() == dv);
+  EstimateScratch& s = *scratch;
+  if (s.excluded.size() < k) {
+    s.excluded.assign(k, 0);
+    s.slot.resize(k);
+    s.scores.resize(k);
+  }
+  if (s.mean.size() < std::max(d, dv)) s.mean.resize(std::max(d, dv));
+  if (s.row.size() < dv) s.row.resize(dv);
+  s.touched.clear();
+  // Take the retrieved keys out of their clusters (per-query adjustments).
+  for (const int64_t id : exclude) {
+    if (id < 0) continue;
+    KVR_CHECK(static_cast<size_t>(id) < size());
+    const uint32_t c = assignment_[static_cast<size_t>(id)];
+    if (s.excluded[c] == 0) {
+      s.slot[c] = static_cast<uint32_t>(s.touched.size());
+      s.touched.push_back(c);
+      if (s.key_adj.size() < s.touched.size() * d) s.key_adj.resize(s.touched.size() * d);
+      if (s.value_adj.size() < s.touched.size() * dv) s.value_adj.resize(s.touched.size() * dv);
+      std::fill_n(s.key_adj.data() + s.slot[c] * d, d, 0.0);
+      if (second_order_) {
+        if (s.sq_adj.size() < s.touched.size() * d) s.sq_adj.resize(s.touched.size() * d);
+        std::fill_n(s.sq_adj.data() + s.slot[c] * d, d, 0.0);
+      }
+      std::fill_n(s.value_adj.data() + s.slot[c] * dv, dv, 0.0);
+    }
+    s.excluded[c] += 1;
+    const float* key = keys.row(static_cast<size_t>(id));
+    double* ka = s.key_adj.data() + s.slot[c] * d;
+    for (size_t t = 0; t < d; ++t) ka[t] += key[t];
+    if (second_order_) {
+      double* sa = s.sq_adj.data() + s.slot[c] * d;
+      for (size_t t = 0; t < d; ++t) sa[t] += double(key[t]) * key[t];
+    }
+    values.RowToFloat(static_cast<size_t>(id), s.row.data());
+    double* va = s.value_adj.data() + s.slot[c] * dv;
+    for (size_t t = 0; t < dv; ++t) va[t] += s.row[t];
+  }
+  // Pseudo-key scores: scale * q.mean + ln(n').
+  simd::Active().dot_batch(q.data(), key_mean_.data.data(), k, d, d, s.scores.data());
+  for (size_t c = 0; c < k; ++c) s.scores[c] = s.scores[c] * scale + log_count_[c];
+  const float half_s2 = 0.5f * scale * scale;
+  if (second_order_) {
+    if (s.q2.size() < d) s.q2.resize(d);
+    if (s.var_scores.size() < k) s.var_scores.resize(k);
+    for (size_t t = 0; t < d; ++t) s.q2[t] = q[t] * q[t];
+    simd::Active().dot_batch(s.q2.data(), key_var_.data.data(), k, d, d, s.var_scores.data());
+    for (size_t c = 0; c < k; ++c) s.scores[c] += half_s2 * s.var_scores[c];
+  }
+  for (const uint32_t c : s.touched) {
+    const int64_t left = count_[c] - static_cast<int64_t>(s.excluded[c]);
+    if (left <= 0) {
+      s.scores[c] = kNegInf;
+      continue;
+    }
+    const double inv = 1.0 / static_cast<double>(left);
+    const double* ks = key_sum_.data() + c * d;
+    const double* ka = s.key_adj.data() + s.slot[c] * d;
+    for (size_t t = 0; t < d; ++t) s.mean[t] = static_cast<float>((ks[t] - ka[t]) * inv);
+    s.scores[c] = simd::Dot(q.data(), s.mean.data(), d) * scale +
+                  static_cast<float>(std::log(static_cast<double>(left)));
+    if (second_order_) {
+      const double* sq = key_sq_sum_.data() + c * d;
+      const double* sa = s.sq_adj.data() + s.slot[c] * d;
+      double var_term = 0;
+      for (size_t t = 0; t < d; ++t) {
+        const double mean = (ks[t] - ka[t]) * inv;
+        var_term += double(s.q2[t]) * std::max(0.0, (sq[t] - sa[t]) * inv - mean * mean);
+      }
+      s.scores[c] += half_s2 * static_cast<float>(var_term);
+    }
+  }
+  float mx = kNegInf;
+  for (size_t c = 0; c < k; ++c) mx = std::max(mx, s.scores[c]);
+  if (mx == kNegInf) {
+    for (const uint32_t c : s.touched) s.excluded[c] = 0;
+    SetEmpty(o, m, l);
+    return;
+  }
+  std::fill(o.begin(), o.end(), 0.0f);
+  double sum = 0;
+  int64_t keys_left = 0;
+  int64_t clusters_left = 0;
+  for (size_t c = 0; c < k; ++c) {
+    if (s.scores[c] == kNegInf) continue;
+    const float w = std::exp(s.scores[c] - mx);
+    sum += w;
+    const int64_t left = count_[c] - static_cast<int64_t>(s.excluded[c]);
+    keys_left += left;
+    clusters_left += 1;
+    if (s.excluded[c] == 0) {
+      simd::Active().axpy(w, value_mean_.row(c), o.data(), dv);
+    } else {
+      const double inv = 1.0 / static_cast<double>(left);
+      const double* vs = value_sum_.data() + c * dv;
+      const double* va = s.value_adj.data() + s.slot[c] * dv;
+      for (size_t t = 0; t < dv; ++t) o[t] += w * static_cast<float>((vs[t] - va[t]) * inv);
+    }
+  }
+  for (const uint32_t c : s.touched) s.excluded[c] = 0;
+  const float inv_sum = static_cast<float>(1.0 / sum);
+  for (float& x : o) x *= inv_sum;
+  *m = mx;
+  *l = static_cast<float>(sum);
+  if (stats != nullptr) {
+    stats->keys_estimated += keys_left;
+    stats->clusters_estimated += clusters_left;
+  }
+}
+
+}  // namespace kvr::index

@@ -1,0 +1,145 @@
+// ClusterSummary: the "estimation zone" of one shard (RetroInfer): its keys
+// grouped into clusters, each summarised by its size n_j, key sum and value
+// sum, so that the attention mass of the keys a top-k search did NOT retrieve
+// can be estimated without touching them.
+//
+// Estimator (per query q, scale s, cluster j with n_j' keys left after the
+// retrieved ones are taken out of it, mean key mu_j' and mean value vbar_j'):
+//   sum over the cluster's keys of exp(s q.k) v  ~=  n_j' exp(s q.mu_j') vbar_j'
+// i.e. the cluster becomes ONE pseudo-key with score s q.mu_j' + ln n_j' and
+// value vbar_j'. All pseudo-keys form one partial (o, m, l) that merges with
+// the exact partial of the retrieved keys by the usual LSE merge: the two
+// key sets are disjoint because retrieved keys are subtracted from their
+// clusters' sums (no double counting; a cluster whose keys were all retrieved
+// contributes nothing).
+//
+// Clusters come from spherical k-means (kmeans.h) over the keys at Build;
+// Append assigns new keys to their nearest centroid (largest inner product)
+// and adds them to that cluster's sums, so a summary built over keys [0, a)
+// and appended [a, n) equals one recomputed from scratch with the same
+// centroids (sums are kept in double, accumulated in id order).
+//
+// Thread-compatible: const methods may run concurrently.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <span>
+#include <vector>
+
+#include "common/status.h"
+#include "common/tensor.h"
+#include "common/thread_pool.h"
+#include "common/value_matrix.h"
+
+namespace kvr::index {
+
+// Bounds of ClusterSummaryOptions::clusters (node flag
+// --estimate_clusters_per_chunk).
+inline constexpr size_t kMinEstimateClusters = 1;
+inline constexpr size_t kMaxEstimateClusters = 65536;
+// The node gives a chunk of n keys min(--estimate_clusters_per_chunk,
+// max(1, n / kMinKeysPerEstimateCluster)) clusters.
+inline constexpr size_t kMinKeysPerEstimateCluster = 16;
+
+struct ClusterSummaryOptions {
+  size_t clusters = 256;  // clusters per shard, clamped to the key count
+  int iterations = 6;     // k-means Lloyd iterations
+  uint64_t seed = 1;
+  size_t max_train_points = 16384;  // k-means subsample (0: all keys)
+  // Second-order estimator: each pseudo-key score also gets the Gaussian
+  // term 0.5 s^2 sum_t q_t^2 var_jt (per-cluster diagonal key variance), i.e.
+  // log E[exp(s q.k)] for normally distributed keys; costs one more
+  // clusters x d pass per query and d doubles per cluster.
+  bool second_order = false;
+};
+
+// Counts of one estimate (per query, summed).
+struct EstimateStats {
+  int64_t keys_estimated = 0;      // keys represented by pseudo-keys
+  int64_t clusters_estimated = 0;  // clusters that contributed (n_j' > 0)
+};
+
+// Caller-owned per-thread buffers for ClusterSummary::Estimate. Reused
+// across calls (no allocation once grown). Not thread-safe.
+class EstimateScratch {
+ private:
+  friend class ClusterSummary;
+  std::vector<uint32_t> excluded;   // per cluster: retrieved keys in it
+  std::vector<uint32_t> touched;    // clusters with excluded > 0
+  std::vector<double> key_adj;      // per touched slot: sum of excluded keys (d)
+  std::vector<double> value_adj;    // per touched slot: sum of excluded values (dv)
+  std::vector<uint32_t> slot;       // per cluster: its slot in key_adj / value_adj
+  std::vector<float> scores;        // per cluster pseudo-key score
+  std::vector<float> mean;          // one adjusted mean key (d) / value (dv)
+  std::vector<float> row;           // one value row as fp32
+  std::vector<double> sq_adj;       // per touched slot: sum of excluded squared keys (d)
+  std::vector<float> q2;            // q squared (second order)
+  std::vector<float> var_scores;    // per cluster q^2 . var
+};
+
+class ClusterSummary {
+ public:
+  ClusterSummary() = default;
+
+  // Clusters keys (n x d, finite, n >= 1) with k = min(options.clusters, n)
+  // and sums keys and values (values.rows() == n) per cluster.
+  // InvalidArgument: n == 0, values.rows() != n, options.clusters outside
+  // [kMinEstimateClusters, kMaxEstimateClusters]. `pool` may be null.
+  static absl::StatusOr<ClusterSummary> Build(ConstMatrixView keys, const ValueMatrix& values,
+                                              const ClusterSummaryOptions& options,
+                                              ThreadPool* pool);
+
+  // Adds keys rows [size(), keys.rows()) (with the same value rows) to
+  // their nearest clusters. `keys` / `values` are the shard's full key and
+  // value matrices (the prefix [0, size()) must be the keys summarised so
+  // far). InvalidArgument on shape mismatches or keys.rows() < size().
+  absl::Status Append(ConstMatrixView keys, const ValueMatrix& values);
+
+  size_t size() const { return assignment_.size(); }  // keys summarised
+  size_t clusters() const { return count_.size(); }
+  size_t dim() const { return centroids_.cols; }
+  size_t value_dim() const { return value_dim_; }
+  const Matrix& centroids() const { return centroids_; }  // k x d, unit norm
+  uint32_t assignment(size_t id) const { return assignment_[id]; }
+  int64_t count(size_t j) const { return count_[j]; }
+  std::span<const double> key_sum(size_t j) const {
+    return {key_sum_.data() + j * dim(), dim()};
+  }
+  bool second_order() const { return second_order_; }
+  std::span<const double> value_sum(size_t j) const {
+    return {value_sum_.data() + j * value_dim_, value_dim_};
+  }
+  size_t MemoryBytes() const;
+
+  // The estimate partial of one query `q` (dim() floats) over every
+  // summarised key NOT in `exclude` (ids of retrieved keys; ids < 0 are
+  // padding and ignored; each id at most once, < size()): writes o
+  // (value_dim() floats), *m, *l; the empty partial when nothing is left.
+  // `keys` / `values` are the shard's (rows >= size()), used to subtract the
+  // excluded keys. Adds to *stats when non-null. KVR_CHECKs shapes.
+  void Estimate(std::span<const float> q, float scale, std::span<const int64_t> exclude,
+                ConstMatrixView keys, const ValueMatrix& values, EstimateScratch* scratch,
+                std::span<float> o, float* m, float* l, EstimateStats* stats) const;
+
+ private:
+  // Adds key/value row i (cluster c) to the sums and the float means.
+  void AddRow(size_t i, uint32_t c, ConstMatrixView keys, const ValueMatrix& values,
+              std::vector<float>* row);
+  void RefreshMeans(uint32_t c);
+
+  Matrix centroids_;                  // k x d, unit norm (assignment only)
+  size_t value_dim_ = 0;
+  std::vector<uint32_t> assignment_;  // per key id
+  std::vector<int64_t> count_;        // per cluster
+  std::vector<double> key_sum_;       // k x d
+  std::vector<double> value_sum_;     // k x dv
+  Matrix key_mean_;                   // k x d, key_sum / count (float, for Estimate)
+  Matrix value_mean_;                 // k x dv
+  bool second_order_ = false;
+  std::vector<double> key_sq_sum_;    // k x d (second order only)
+  Matrix key_var_;                    // k x d, diagonal variance (second order only)
+  std::vector<float> log_count_;      // per cluster ln(count) (-inf when empty)
+};
+
+}  // namespace kvr::index

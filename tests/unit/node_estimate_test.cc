@@ -1,0 +1,203 @@
+// Issue 18 on the retrieval node (NodeCore): remainder estimation per
+// Attend request (EstimateMode) and per node (--estimate):
+//  * OFF (or DEFAULT on a node without --estimate) is bit-identical to an
+//    Attend of a node without estimation;
+//  * ON covers every key: keys_estimated + keys_attended = keys held, per
+//    query head, and the output is closer to full attention than exact top-k;
+//  * after appends and seals the chunk summary is extended (still covers
+//    every key), the tail is attended exactly, the summary's bytes are in
+//    the memory budget and returned by DropSequence;
+//  * an unknown mode and out-of-range clusters are rejected naming the field.
+#include <cmath>
+#include <memory>
+#include <string>
+
+#include "common/attention.h"
+#include "common/tensor.h"
+#include "gtest/gtest.h"
+#include "retrieval_node/core/node_core.h"
+#include "tests/support/test_data.h"
+
+namespace kvr::retrieval {
+namespace {
+
+constexpr int kHeads = 4, kKvHeads = 2, kDim = 32, kK = 8;
+constexpr size_t kPrefill = 2048, kTail = 16;
+constexpr uint64_t kSeq = 3;
+
+using test_support::ExpectSamePartials;
+using test_support::RandomMatrix;
+
+struct Data {
+  Matrix keys = RandomMatrix(kPrefill + 3 * kTail, kDim, 1);
+  Matrix values = RandomMatrix(kPrefill + 3 * kTail, kDim, 2);
+  Matrix queries = RandomMatrix(kHeads, kDim, 3);
+};
+
+std::unique_ptr<NodeCore> NewNode(bool estimate) {
+  NodeCoreOptions o;
+  o.tail_capacity = kTail;
+  o.background_seals = false;  // seals happen inside the append that fills the tail
+  o.estimate = estimate;
+  o.estimate_clusters_per_chunk = 64;
+  auto n = NodeCore::Create(o);
+  EXPECT_TRUE(n.ok()) << n.status();
+  return n.ok() ? std::move(*n) : nullptr;
+}
+
+// Both kv heads hold the same keys (kv head g's chunk = the first kPrefill).
+void Load(NodeCore* node, const Data& data) {
+  SequenceSpec s;
+  s.sequence_id = kSeq;
+  s.n_layers = 1;
+  s.n_heads = kHeads;
+  s.n_kv_heads = kKvHeads;
+  s.head_dim = kDim;
+  s.index_type = IndexType::kFlat;
+  ASSERT_TRUE(node->CreateSequence(s).ok());
+  for (int32_t g = 0; g < kKvHeads; ++g) {
+    ShardUpload up;
+    up.key = {kSeq, 0, g, 0};
+    up.keys = data.keys.view().rows_slice(0, kPrefill);
+    up.values = data.values.view().rows_slice(0, kPrefill);
+    ASSERT_TRUE(node->UploadShard(up).ok());
+  }
+}
+
+absl::StatusOr<Partials> Attend(NodeCore* node, const Data& data, EstimateMode mode,
+                                AttendStats* stats) {
+  AttendRequest r;
+  r.sequence_id = kSeq;
+  r.queries = data.queries.view();
+  r.k = kK;
+  r.estimate = mode;
+  Partials out(kHeads, kDim);
+  StatusWaiter waiter;
+  node->AttendAsync(r, out.view(), stats, waiter.callback());
+  KVR_RETURN_IF_ERROR(waiter.Wait());
+  return out;
+}
+
+// Mean relative L2 error of the outputs against full attention over the
+// first `n` keys.
+double ErrorVsFull(const Partials& p, const Data& data, size_t n) {
+  const ValueMatrix values =
+      ValueMatrix::FromFloat(DType::kF32, data.values.view().rows_slice(0, n));
+  Partials full(kHeads, kDim);
+  KVR_CHECK(ExactAttention(data.queries.view(), data.keys.view().rows_slice(0, n), values,
+                           1.0f / std::sqrt(static_cast<float>(kDim)), full.view())
+                .ok());
+  double sum = 0;
+  for (size_t i = 0; i < kHeads; ++i) {
+    double num = 0, den = 0;
+    for (size_t t = 0; t < kDim; ++t) {
+      const double e = p.o.row(i)[t] - full.o.row(i)[t];
+      num += e * e;
+      den += static_cast<double>(full.o.row(i)[t]) * full.o.row(i)[t];
+    }
+    sum += std::sqrt(num / den);
+  }
+  return sum / kHeads;
+}
+
+TEST(NodeEstimateTest, OffIsBitIdenticalToANodeWithoutEstimation) {
+  const Data data;
+  auto plain = NewNode(false);
+  auto estimating = NewNode(true);
+  ASSERT_TRUE(plain && estimating);
+  ASSERT_NO_FATAL_FAILURE(Load(plain.get(), data));
+  ASSERT_NO_FATAL_FAILURE(Load(estimating.get(), data));
+  AttendStats s1, s2, s3;
+  auto want = Attend(plain.get(), data, EstimateMode::kDefault, &s1);
+  auto off = Attend(estimating.get(), data, EstimateMode::kOff, &s2);
+  auto plain_off = Attend(plain.get(), data, EstimateMode::kOff, &s3);
+  ASSERT_TRUE(want.ok() && off.ok() && plain_off.ok());
+  ExpectSamePartials(*off, *want, "estimating node, request off");
+  ExpectSamePartials(*plain_off, *want, "plain node, request off");
+  EXPECT_EQ(s2.keys_estimated, 0);
+  EXPECT_EQ(s2.clusters_estimated, 0);
+  EXPECT_EQ(s2.keys_attended, s1.keys_attended);
+}
+
+TEST(NodeEstimateTest, OnCoversEveryKeyAndBeatsExactTopK) {
+  const Data data;
+  auto node = NewNode(false);
+  ASSERT_TRUE(node);
+  ASSERT_NO_FATAL_FAILURE(Load(node.get(), data));
+  AttendStats off_stats, on_stats;
+  auto off = Attend(node.get(), data, EstimateMode::kDefault, &off_stats);
+  auto on = Attend(node.get(), data, EstimateMode::kOn, &on_stats);
+  ASSERT_TRUE(off.ok() && on.ok());
+  EXPECT_EQ(on_stats.keys_attended, int64_t{kK} * kHeads);
+  EXPECT_EQ(on_stats.keys_estimated, static_cast<int64_t>(kPrefill - kK) * kHeads);
+  EXPECT_EQ(on_stats.keys_held, on_stats.keys_attended + on_stats.keys_estimated);
+  EXPECT_GT(on_stats.clusters_estimated, 0);
+  EXPECT_LE(on_stats.clusters_estimated, 64 * kHeads);
+  const double e_off = ErrorVsFull(*off, data, kPrefill);
+  const double e_on = ErrorVsFull(*on, data, kPrefill);
+  std::printf("relative error vs full attention: exact top-%d %.4f, + estimate %.4f\n", kK,
+              e_off, e_on);
+  EXPECT_LT(e_on, e_off);
+}
+
+TEST(NodeEstimateTest, AppendsSealsAndMemoryKeepTheSummaryConsistent) {
+  const Data data;
+  auto node = NewNode(true);  // DEFAULT follows --estimate (on)
+  ASSERT_TRUE(node);
+  ASSERT_NO_FATAL_FAILURE(Load(node.get(), data));
+  const int64_t before = node->Stats()->memory_bytes;
+  AttendStats st;
+  ASSERT_TRUE(Attend(node.get(), data, EstimateMode::kDefault, &st).ok());
+  EXPECT_EQ(st.keys_estimated, static_cast<int64_t>(kPrefill - kK) * kHeads);
+  const int64_t with_summaries = node->Stats()->memory_bytes;
+  EXPECT_GT(with_summaries, before) << "summary bytes are not in the memory budget";
+  // Two seals (2 * kTail rows into the chunk) and 11 rows left in the tail
+  // (more than k: attended in full).
+  const size_t appended = 2 * kTail + 11;
+  for (size_t i = 0; i < appended; ++i) {
+    for (int32_t g = 0; g < kKvHeads; ++g) {
+      AppendRequest a;
+      a.sequence_id = kSeq;
+      a.kv_head = g;
+      a.first_position = static_cast<int64_t>(kPrefill + i);
+      a.keys = data.keys.view().rows_slice(kPrefill + i, 1);
+      a.values = data.values.view().rows_slice(kPrefill + i, 1);
+      ASSERT_TRUE(node->Append(a).ok());
+    }
+  }
+  const size_t chunk = kPrefill + 2 * kTail, tail = appended - 2 * kTail;
+  ASSERT_EQ(node->Stats()->tail_keys, static_cast<int64_t>(tail * kKvHeads));
+  auto on = Attend(node.get(), data, EstimateMode::kDefault, &st);
+  ASSERT_TRUE(on.ok());
+  EXPECT_EQ(st.keys_estimated, static_cast<int64_t>(chunk - kK) * kHeads);
+  EXPECT_EQ(st.keys_attended, static_cast<int64_t>(kK + tail) * kHeads);
+  EXPECT_EQ(st.keys_held, st.keys_attended + st.keys_estimated);
+  AttendStats off_stats;
+  auto off = Attend(node.get(), data, EstimateMode::kOff, &off_stats);
+  ASSERT_TRUE(off.ok());
+  EXPECT_LT(ErrorVsFull(*on, data, kPrefill + appended),
+            ErrorVsFull(*off, data, kPrefill + appended));
+  ASSERT_TRUE(node->DropSequence(kSeq).ok());
+  EXPECT_EQ(node->Stats()->memory_bytes, 0);
+}
+
+TEST(NodeEstimateTest, HostileModeAndClustersRejectedNamingThem) {
+  const Data data;
+  auto node = NewNode(false);
+  ASSERT_TRUE(node);
+  ASSERT_NO_FATAL_FAILURE(Load(node.get(), data));
+  auto bad = Attend(node.get(), data, static_cast<EstimateMode>(7), nullptr);
+  ASSERT_EQ(bad.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(bad.status().message().find("estimate 7"), std::string::npos) << bad.status();
+  for (size_t c : {size_t{0}, index::kMaxEstimateClusters + 1}) {
+    NodeCoreOptions o;
+    o.estimate_clusters_per_chunk = c;
+    auto n = NodeCore::Create(o);
+    ASSERT_EQ(n.status().code(), absl::StatusCode::kInvalidArgument);
+    EXPECT_NE(n.status().message().find("estimate_clusters_per_chunk"), std::string::npos)
+        << n.status();
+  }
+}
+
+}  // namespace
+}  // namespace kvr::retrieval
