@@ -65,6 +65,11 @@ ABSL_FLAG(int, decode_train_queries, 256,
           "recent decode (Attend) queries kept per (sequence, layer, kv head) as training "
           "queries for tail seals that build an index; rows x head_dim fp32 each, counted in "
           "--memory_budget_bytes; 0 = none, at most 65536");
+ABSL_FLAG(int64_t, recalibrate_every, 1024,
+          "decode queries per (sequence, layer, kv head) between re-calibrations of that head's "
+          "chunk indexes (search effort; kind for index auto) on its ring of recent decode "
+          "queries, on one background thread (Attends never wait for it); seals then also "
+          "calibrate on the ring; 0 = off, at most 2^30");
 ABSL_FLAG(bool, background_seals, true,
           "seal full tails on a seal thread into a copy of the chunk index while Attends keep "
           "reading the old one (no Attend stall; the copy costs O(chunk) per seal and the append "
@@ -161,6 +166,8 @@ int Main(int argc, char** argv) {
           .AtLeast("tail_capacity", absl::GetFlag(FLAGS_tail_capacity), 1)
           .InRange("decode_train_queries", absl::GetFlag(FLAGS_decode_train_queries), 0,
                    static_cast<int>(kMaxDecodeTrainQueries))
+          .InRange("recalibrate_every", absl::GetFlag(FLAGS_recalibrate_every), int64_t{0},
+                   static_cast<int64_t>(kMaxRecalibrateEvery))
           .AtLeast("max_deadline_seconds", absl::GetFlag(FLAGS_max_deadline_seconds), 0.0)
           .AtLeast("ucx_max_connections", absl::GetFlag(FLAGS_ucx_max_connections), int64_t{0})
           .AtLeast("ucx_max_inflight_per_connection",
@@ -201,6 +208,7 @@ int Main(int argc, char** argv) {
   core_options.decode_train_queries =
       static_cast<size_t>(absl::GetFlag(FLAGS_decode_train_queries));
   core_options.background_seals = absl::GetFlag(FLAGS_background_seals);
+  core_options.recalibrate_every = static_cast<size_t>(absl::GetFlag(FLAGS_recalibrate_every));
   core_options.recovery_quarantine = absl::GetFlag(FLAGS_recovery_quarantine);
   core_options.lease_seconds = absl::GetFlag(FLAGS_lease_seconds);
   std::unique_ptr<ShardStore> store;  // outlives the core (declared first)
