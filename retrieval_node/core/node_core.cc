@@ -863,7 +863,19 @@ absl::Status NodeCore::StartSeal(const Sequence& seq, HeadState* head) {
     std::copy_n(head->recent.begin(), job->queries.data.size(), job->queries.data.begin());
   }
   if (options_.recalibrate_every > 0 && job->type != IndexType::kFlat) {
-    job->calibration_queries = RecentQueries(head, d, options_.calibration.max_queries);
+    // At most once per recalibrate_every ring queries (a seal otherwise keeps
+    // the chunk's last calibration), and whenever the chunk has none yet.
+    const index::CalibrationResult* known =
+        job->base != nullptr ? job->base->calibration() : nullptr;
+    bool due = job->rebuild || known == nullptr || std::isnan(known->expected_recall);
+    {
+      std::lock_guard<std::mutex> lock(head->query_mu);
+      due = due || head->queries_since_seal_calibration >= options_.recalibrate_every;
+      if (due && head->recent_count >= index::kMinRecalibrationQueries) {
+        head->queries_since_seal_calibration = 0;
+      }
+    }
+    if (due) job->calibration_queries = RecentQueries(head, d, options_.calibration.max_queries);
     if (job->calibration_queries.rows < index::kMinRecalibrationQueries) {
       job->calibration_queries = Matrix();
     }
@@ -1249,6 +1261,7 @@ absl::Status NodeCore::AttendNow(const AttendRequest& request, PartialsView out,
       }
       if (recal_pool_ != nullptr && !head.recent.empty()) {
         head.queries_since_recalibration += group;
+        head.queries_since_seal_calibration += group;
         if (head.queries_since_recalibration >= options_.recalibrate_every &&
             !head.recalibration_queued &&
             head.recent_count >= index::kMinRecalibrationQueries) {

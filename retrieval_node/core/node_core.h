@@ -114,7 +114,9 @@ struct NodeCoreOptions {
   // never wait for the work. A chunk replaced meanwhile (a seal) keeps its
   // new index. Background seals also calibrate the chunk's new index on the
   // ring (every 4th ring query held back when the ring trains a rebuild),
-  // persisted with it. Heads with fewer than index::kMinRecalibrationQueries
+  // persisted with it: a seal whose chunk has no known calibration, and
+  // otherwise at most one seal per recalibrate_every ring queries (the
+  // others keep the chunk's last calibration). Heads with fewer than index::kMinRecalibrationQueries
   // ring rows are left alone. Recalibrations are not persisted (Recover
   // restores the upload's or the last seal's calibration). 0: off (and seals
   // keep their index's calibration). [0, kMaxRecalibrateEvery].

@@ -56,6 +56,8 @@ struct NodeCore::HeadState {
   // whether one is queued or running (NodeCoreOptions::recalibrate_every).
   size_t queries_since_recalibration = 0;
   bool recalibration_queued = false;
+  // Ring queries since a seal last calibrated this head's new index.
+  size_t queries_since_seal_calibration = 0;
 };
 
 // A tail seal built beside the sequence (NodeCore::StartSeal): its inputs
