@@ -3,7 +3,7 @@
 # (NodeCoreOptions::recalibrate_every, kvr_node --recalibrate_every) and seals
 # calibrate appended keys on it.
 kvr_test(decode_calibration_test SOURCES unit/decode_calibration_test.cc
-  DEPS kvr::node_core kvr::attention_data
+  DEPS kvr::node_core kvr::shard_store RocksDB::rocksdb kvr::attention_data
   LABELS unit TIMEOUT 600)
 if(KVR_WITH_SERVICES)
   # kvr_node refuses --recalibrate_every outside [0, 2^30] at start-up,

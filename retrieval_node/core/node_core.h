@@ -20,7 +20,9 @@
 // copy of those few rows, under the exclusive lock) and drops the sealed
 // rows from the tail; when the build is not done by then, that append waits
 // for it with the lock released. So what an Attend sees depends only on the
-// appends made, never on timing, and the tail holds fewer than
+// appends made, never on timing (except the search effort a recalibration
+// on decode queries swaps in: NodeCoreOptions::recalibrate_every), and the
+// tail holds fewer than
 // tail_capacity + SealLag rows between appends. The build copies the chunk's
 // index (O(chunk keys) per seal, as persisting the seal already is), so
 // long generations on large chunks want a larger tail_capacity.

@@ -12,7 +12,15 @@
 //    AttentionGraphIndex::Add each) are found at >= 0.9 recall@k by later
 //    decode queries once seals calibrate on the ring, where the same seals
 //    without it find them at a lower recall (measured in the same test);
-//  * recalibrate_every out of range is refused naming the field.
+//    measured: 0.9365 without, 0.9689 with;
+//  * a seal's calibration on the ring is persisted with the chunk's index:
+//    a restarted node reports the same effort and expected recall and
+//    retrieves the same positions;
+//  * recalibrate_every out of range is refused naming the field (kvr_node's
+//    flag: decode_calibration_flag_test).
+// Measured (positional test): upload calibration IVF nprobe 3, expected
+// 0.978, decode recall 0.396; after recalibration nprobe 42, expected
+// 0.9745, decode recall 0.958.
 // No sleeps as synchronisation: the gate waits on a condition variable with
 // a deadline and the recalibration count is polled with a deadline.
 #include <algorithm>
@@ -31,6 +39,8 @@
 #include "common/tensor.h"
 #include "gtest/gtest.h"
 #include "retrieval_node/core/node_core.h"
+#include "retrieval_node/store/shard_store.h"
+#include "tests/support/temp_dir.h"
 #include "tools/attention_data.h"
 
 namespace kvr::retrieval {
@@ -128,8 +138,10 @@ class DecodeCalibrationTest : public ::testing::Test {
     data_ = std::move(*gen);
   }
 
-  std::unique_ptr<NodeCore> Core(size_t recalibrate_every, size_t tail_capacity = 64) {
+  std::unique_ptr<NodeCore> Core(size_t recalibrate_every, size_t tail_capacity = 64,
+                                 ShardPersistence* persistence = nullptr) {
     NodeCoreOptions o;
+    o.persistence = persistence;
     o.threads = 2;
     o.recalibrate_every = recalibrate_every;
     o.decode_train_queries = 256;
@@ -320,6 +332,69 @@ TEST_F(DecodeCalibrationTest, AppendedKeysRetrievableAfterSeal) {
   }
   EXPECT_GE(appended_recall[1], 0.9);
   EXPECT_GE(appended_recall[1], appended_recall[0]);
+}
+
+// The first seal of a chunk uploaded without held-back queries (no known
+// calibration) calibrates the grown index on the ring; the store keeps it.
+TEST_F(DecodeCalibrationTest, SealCalibrationSurvivesRestart) {
+  constexpr size_t kN = 4096, kTail = 64, kLag = kTail / 4;
+  Generate("topical", kN + kTail + kLag, 1024, 256, 13);
+  test_support::TempDir dir("kvr_decode_calibration");
+  ShardInfo before;
+  std::vector<int64_t> retrieved;
+  const ConstMatrixView probe = data_.test_queries.view().rows_slice(128, 64);
+  {
+    auto store = ShardStore::Open(dir.path());
+    ASSERT_TRUE(store.ok()) << store.status();
+    // recalibrate_every far away: only the seal calibrates (nothing timed).
+    auto core = Core(/*recalibrate_every=*/1 << 20, kTail, store->get());
+    ASSERT_NE(core, nullptr);
+    SequenceSpec spec;
+    spec.sequence_id = kSeq;
+    spec.n_layers = 1;
+    spec.n_heads = 1;
+    spec.n_kv_heads = 1;
+    spec.head_dim = kD;
+    spec.index_type = IndexType::kGraph;
+    ASSERT_TRUE(core->CreateSequence(spec).ok());
+    ShardUpload up;
+    up.key = {kSeq, 0, 0, 0};
+    up.keys = data_.keys.view().rows_slice(0, kN);
+    up.values = data_.values.view().rows_slice(0, kN);
+    ASSERT_TRUE(core->UploadShard(up).ok());
+    EXPECT_EQ(Shard(core.get()).expected_recall, -1);  // unknown: no held-back queries
+    Attend(core.get(), 0, 128);  // the ring: 128 decode queries
+    for (size_t i = 0; i < kTail + kLag; ++i) {  // one seal, built and installed
+      AppendRequest app;
+      app.sequence_id = kSeq;
+      app.layer = 0;
+      app.kv_head = 0;
+      app.first_position = static_cast<int64_t>(kN + i);
+      app.keys = data_.keys.view().rows_slice(kN + i, 1);
+      app.values = data_.values.view().rows_slice(kN + i, 1);
+      ASSERT_TRUE(core->Append(app).ok());
+    }
+    before = Shard(core.get());
+    EXPECT_EQ(before.n_keys, static_cast<int64_t>(kN + kTail));
+    EXPECT_GE(before.search_effort, kK);
+    EXPECT_GE(before.expected_recall, 0.9);
+    auto got = core->SearchPositions(kSeq, 0, 0, probe, kK);
+    ASSERT_TRUE(got.ok()) << got.status();
+    retrieved = *got;
+  }
+  auto store = ShardStore::Open(dir.path());
+  ASSERT_TRUE(store.ok()) << store.status();
+  auto core = Core(/*recalibrate_every=*/1 << 20, kTail, store->get());
+  ASSERT_NE(core, nullptr);
+  const absl::Status recovered = core->Recover();
+  ASSERT_TRUE(recovered.ok()) << recovered;
+  const ShardInfo after = Shard(core.get());
+  EXPECT_EQ(after.n_keys, before.n_keys);
+  EXPECT_EQ(after.search_effort, before.search_effort);
+  EXPECT_EQ(after.expected_recall, before.expected_recall);
+  auto got = core->SearchPositions(kSeq, 0, 0, probe, kK);
+  ASSERT_TRUE(got.ok()) << got.status();
+  EXPECT_EQ(*got, retrieved);
 }
 
 TEST(DecodeCalibrationOptionsTest, RecalibrateEveryOutOfRangeNamesTheField) {
