@@ -950,10 +950,10 @@ void NodeCore::RunSeal(const std::shared_ptr<SealJob>& job) {
         result->type() != IndexType::kFlat) {
       // The appended keys are found as the decode queries want them: the
       // effort comes from recent decode queries over the new index.
-      int64_t flat_bytes = 0;
+      // (A seal keeps the chunk's kind: no flat index, flat_bytes null.)
       std::shared_ptr<index::KeyIndex> calibrated =
-          CalibrateOnRing(result, job->type, job->calibration_queries.view(), &flat_bytes);
-      if (calibrated != nullptr && flat_bytes == 0) result = std::move(calibrated);
+          CalibrateOnRing(result, job->type, job->calibration_queries.view(), nullptr);
+      if (calibrated != nullptr) result = std::move(calibrated);
     }
     if (job->serialize) KVR_RETURN_IF_ERROR(result->Serialize(&blob));
     return absl::OkStatus();
@@ -988,7 +988,8 @@ Matrix NodeCore::RecentQueries(HeadState* head, size_t dim, size_t max_rows) {
 std::shared_ptr<index::KeyIndex> NodeCore::CalibrateOnRing(
     const std::shared_ptr<index::KeyIndex>& idx, IndexType want, ConstMatrixView queries,
     int64_t* flat_bytes) {
-  *flat_bytes = 0;
+  const bool allow_flat = flat_bytes != nullptr;
+  if (allow_flat) *flat_bytes = 0;
   // Single-threaded (no pool): bounded CPU, Attends keep the core's pool.
   absl::StatusOr<index::CalibrationResult> result =
       index::CalibrateOnQueries(*idx, queries, options_.calibration, nullptr);
@@ -996,15 +997,22 @@ std::shared_ptr<index::KeyIndex> NodeCore::CalibrateOnRing(
   const double n = static_cast<double>(idx->size());
   const double target =
       std::min(1.0, options_.calibration.target_recall + options_.calibration.decode_margin);
-  if (want == IndexType::kAuto &&
+  if (allow_flat && want == IndexType::kAuto &&
       (result->expected_recall < target ||
        result->cost_per_query * index::kMinSpeedupOverFlat > n)) {
     // Index auto: this kind cannot serve the decode queries cheaper than the
     // exact scan; the chunk becomes flat (what kAuto picks when no kind does).
+    // Its keys are reserved in the budget before they are copied.
+    const int64_t bytes = static_cast<int64_t>(idx->size() * idx->dim() * sizeof(float));
+    if (!ReserveMemory(bytes, "recalibration to a flat index").ok()) return nullptr;
+    const auto give_back = [&] {
+      memory_used_.fetch_sub(bytes, std::memory_order_relaxed);
+      return nullptr;
+    };
     absl::StatusOr<std::unique_ptr<index::FlatIndex>> flat = index::FlatIndex::Create(idx->dim());
-    if (!flat.ok()) return nullptr;
+    if (!flat.ok()) return give_back();
     (*flat)->Reserve(idx->size());
-    if (!(*flat)->Add(idx->keys()).ok()) return nullptr;
+    if (!(*flat)->Add(idx->keys()).ok()) return give_back();
     index::CalibrationResult exact;
     exact.kind = IndexType::kFlat;
     exact.expected_recall = 1.0;
@@ -1014,8 +1022,8 @@ std::shared_ptr<index::KeyIndex> NodeCore::CalibrateOnRing(
     exact.cost_per_query = n;
     absl::StatusOr<std::unique_ptr<index::CalibratedIndex>> wrapped =
         index::CalibratedIndex::Create(std::unique_ptr<index::KeyIndex>(std::move(*flat)), exact);
-    if (!wrapped.ok()) return nullptr;
-    *flat_bytes = static_cast<int64_t>(idx->size() * idx->dim() * sizeof(float));
+    if (!wrapped.ok()) return give_back();
+    *flat_bytes = bytes;  // still reserved: the caller settles or returns it
     return std::shared_ptr<index::KeyIndex>(std::move(*wrapped));
   }
   absl::StatusOr<std::unique_ptr<index::CalibratedIndex>> wrapped =
@@ -1057,21 +1065,25 @@ void NodeCore::Recalibrate(const std::shared_ptr<Sequence>& seq, int32_t layer,
     t.result = CalibrateOnRing(t.index, want, queries.view(), &t.flat_bytes);
   }
   std::unique_lock<std::shared_mutex> lock(seq->mu);
-  if (seq->dropped) return;
   HeadState& head = seq->head(layer, kv_head);
   for (Target& t : targets) {
+    if (seq->dropped) break;
     if (t.result == nullptr) continue;
     const auto it = std::find_if(head.chunks.begin(), head.chunks.end(),
                                  [&](const Chunk& c) { return c.chunk == t.chunk; });
     // Replaced meanwhile (a seal, a sync): its new index stays.
     if (it == head.chunks.end() || it->index != t.index) continue;
-    if (t.flat_bytes > 0 && !ReserveMemory(t.flat_bytes, "recalibration to flat").ok()) continue;
     it->index = std::move(t.result);
     recalibrations_.fetch_add(1, std::memory_order_relaxed);
     if (t.flat_bytes > 0) {
       t.index.reset();
-      SettleMemory(&head, t.flat_bytes);
+      SettleMemory(&head, t.flat_bytes);  // the reservation becomes the head's bytes
+      t.flat_bytes = 0;
     }
+  }
+  // Flat indexes built for chunks that changed meanwhile: return their bytes.
+  for (const Target& t : targets) {
+    if (t.flat_bytes > 0) memory_used_.fetch_sub(t.flat_bytes, std::memory_order_relaxed);
   }
 }
 

@@ -469,9 +469,12 @@ class NodeCore final {
   // queries (NodeCoreOptions::recalibrate_every); runs on recal_pool_.
   void Recalibrate(const std::shared_ptr<Sequence>& seq, int32_t layer, int32_t kv_head);
   // The index `index` (a chunk's, not flat) should have after calibration on
-  // `queries`: itself recalibrated, or for index auto a flat index when its
-  // kind misses the target or models no faster than the scan (*flat_bytes
-  // then holds the flat keys' bytes, else 0). Null when calibration failed.
+  // `queries`: itself recalibrated, or, when `flat_bytes` is not null and
+  // the sequence asks for index auto, a flat index when its kind misses the
+  // target or models no faster than the scan; *flat_bytes then holds the
+  // flat keys' bytes, reserved in memory_budget_bytes (the caller settles or
+  // returns them), else 0. Null when calibration failed or the flat keys did
+  // not fit the budget.
   std::shared_ptr<index::KeyIndex> CalibrateOnRing(const std::shared_ptr<index::KeyIndex>& index,
                                                    IndexType want, ConstMatrixView queries,
                                                    int64_t* flat_bytes);
