@@ -23,8 +23,15 @@
 // seal in place under the sequence lock (background_seals false, the old
 // node) and in the background (the default).
 //
+// The node rows run NodeCore's own decode loop (an Attend of a decode
+// query, which fills the node's ring, then the append; seals as kvr_node
+// makes them) with --recalibrate_every 0 and with the flag's value, and
+// report the same split of recall (NodeCore::SearchPositions, default
+// effort): the effect of calibrating seals and chunks on decode queries.
+//
 // Usage: long_generation_bench [--prefill=32768] [--generated=32768]
 //        [--seal=64] [--k=100] [--queries=500] [--ring=4096] [--preset=default]
+//        [--recalibrate_every=1024] [--sections=index,node,stalls]
 #include <algorithm>
 #include <atomic>
 #include <chrono>
@@ -53,6 +60,11 @@ ABSL_FLAG(int64_t, queries, 500, "held-out decode queries measured");
 ABSL_FLAG(int64_t, ring, 4096, "decode queries in the ring (kvr_node --decode_train_queries)");
 ABSL_FLAG(int64_t, train, 8192, "prefill training queries");
 ABSL_FLAG(std::string, preset, "default", "attention data preset");
+ABSL_FLAG(int64_t, recalibrate_every, 1024,
+          "node rows: kvr_node --recalibrate_every of the recalibrating run (the other runs 0)");
+ABSL_FLAG(std::string, sections, "index,node,stalls",
+          "what to run: index (add / decode rows on the index alone), node (a NodeCore decode "
+          "loop without and with calibration on decode queries), stalls");
 
 namespace kvr {
 namespace {
@@ -188,6 +200,73 @@ absl::StatusOr<Stalls> RunNode(bool background, const AttentionData& data, size_
   return s;
 }
 
+// Recall of a NodeCore decode loop: upload the prefill chunk (graph from
+// the prefill queries' exact top-k), then per generated key one Attend of a
+// decode query (rows of `ring_q` in turn: they fill the node's ring) and its
+// append; seals of `seal` keys as kvr_node makes them. Then the held-out
+// decode queries' positions as the node would attend them (SearchPositions).
+struct NodeRecall {
+  Recall recall;
+  int64_t seals = 0, recalibrations = 0;
+  double seconds = 0;
+};
+absl::StatusOr<NodeRecall> RunNodeRecall(size_t recalibrate_every, const AttentionData& data,
+                                         size_t prefill, size_t generated, size_t seal,
+                                         size_t ring, std::span<const int64_t> train_topk,
+                                         size_t train_width, ConstMatrixView ring_q,
+                                         ConstMatrixView eval, const std::vector<int64_t>& exact,
+                                         size_t k) {
+  using retrieval::NodeCore;
+  retrieval::NodeCoreOptions o;
+  o.threads = 2;
+  o.tail_capacity = seal;
+  o.decode_train_queries = ring;
+  o.recalibrate_every = recalibrate_every;
+  KVR_ASSIGN_OR_RETURN(std::unique_ptr<NodeCore> node, NodeCore::Create(o));
+  const size_t d = data.keys.cols;
+  retrieval::SequenceSpec spec;
+  spec.sequence_id = 1;
+  spec.n_layers = 1;
+  spec.n_heads = 1;
+  spec.n_kv_heads = 1;
+  spec.head_dim = static_cast<int32_t>(d);
+  spec.index_type = retrieval::IndexType::kGraph;
+  KVR_RETURN_IF_ERROR(node->CreateSequence(spec));
+  retrieval::ShardUpload up;
+  up.key = {1, 0, 0, 0};
+  up.keys = data.keys.view().rows_slice(0, prefill);
+  up.values = data.values.view().rows_slice(0, prefill);
+  up.train_topk = train_topk;
+  up.train_topk_width = train_width;
+  KVR_RETURN_IF_ERROR(node->UploadShard(up));
+  NodeRecall out;
+  const auto t0 = Clock::now();
+  Partials partial(1, d);
+  for (size_t i = 0; i < generated; ++i) {
+    retrieval::AttendRequest r;
+    r.sequence_id = 1;
+    r.queries = ring_q.rows_slice(i % ring_q.rows(), 1);
+    r.k = static_cast<int>(k);
+    retrieval::StatusWaiter waiter;
+    node->AttendAsync(r, partial.view(), nullptr, waiter.callback());
+    KVR_RETURN_IF_ERROR(waiter.Wait());
+    retrieval::AppendRequest a;
+    a.sequence_id = 1;
+    a.first_position = static_cast<int64_t>(prefill + i);
+    a.keys = data.keys.view().rows_slice(prefill + i, 1);
+    a.values = data.values.view().rows_slice(prefill + i, 1);
+    KVR_RETURN_IF_ERROR(node->Append(a));
+  }
+  out.seconds = Since(t0);
+  KVR_ASSIGN_OR_RETURN(std::vector<int64_t> got,
+                       node->SearchPositions(1, 0, 0, eval, static_cast<int>(k)));
+  out.recall = Measure(exact, got, k, prefill);  // key i sits at position i
+  KVR_ASSIGN_OR_RETURN(retrieval::NodeStats st, node->Stats());
+  out.seals = st.seals;
+  out.recalibrations = st.recalibrations;
+  return out;
+}
+
 int Run() {
   const size_t prefill = static_cast<size_t>(absl::GetFlag(FLAGS_prefill));
   const size_t generated = static_cast<size_t>(absl::GetFlag(FLAGS_generated));
@@ -241,11 +320,34 @@ int Run() {
               "decode queries measured\n",
               prefill, generated, d, absl::GetFlag(FLAGS_preset).c_str(), seal, k,
               go.default_beam, n_train, ring, n_eval);
-  std::printf("%-8s %10s %10s %10s %10s %9s %12s\n", "mode", "recall", "prefill", "appended",
-              "scanned%", "us/query", "seal ms");
 
-  // --- add: what NodeCore does ---
-  {
+  const std::string sections = absl::GetFlag(FLAGS_sections);
+  const auto wants = [&](const char* section) {
+    return sections.find(section) != std::string::npos;
+  };
+  // --- node: NodeCore's decode loop, without and with calibration on the ring ---
+  if (wants("node")) {
+    for (size_t every : {size_t{0}, static_cast<size_t>(absl::GetFlag(FLAGS_recalibrate_every))}) {
+      absl::StatusOr<NodeRecall> r = RunNodeRecall(every, *data, prefill, generated, seal, ring,
+                                                   train_topk, train_k, ring_q, eval, exact, k);
+      if (!r.ok()) {
+        std::fprintf(stderr, "%s\n", r.status().ToString().c_str());
+        return 2;
+      }
+      std::printf("node recalibrate_every %zu: recall %.3f prefill %.3f appended %.3f "
+                  "(seals %lld, recalibrations %lld, decode loop %.1f s)\n",
+                  every, r->recall.all, r->recall.prefill, r->recall.appended,
+                  static_cast<long long>(r->seals), static_cast<long long>(r->recalibrations),
+                  r->seconds);
+    }
+  }
+
+  if (wants("index")) {
+    std::printf("%-8s %10s %10s %10s %10s %9s %12s\n", "mode", "recall", "prefill", "appended",
+                "scanned%", "us/query", "seal ms");
+  }
+  // --- add: what NodeCore did before calibration on decode queries ---
+  if (wants("index")) {
     auto g = index::AttentionGraphIndex::Build(prefill_keys, train_topk, train_k, go, pool);
     if (!g.ok()) {
       std::fprintf(stderr, "%s\n", g.status().ToString().c_str());
@@ -285,7 +387,7 @@ int Run() {
   }
 
   // --- decode: appended keys in their own query-trained graph ---
-  {
+  if (wants("index")) {
     auto g = index::AttentionGraphIndex::Build(prefill_keys, train_topk, train_k, go, pool);
     if (!g.ok()) return 2;
     const ConstMatrixView decode_keys = keys.rows_slice(prefill, generated);
@@ -319,6 +421,7 @@ int Run() {
                 us, 1e3 * build_s);
   }
 
+  if (!wants("stalls")) return 0;
   std::printf("\nstalls: one append per step, Attends (k %zu) back to back on another thread\n",
               k);
   std::printf("%-22s %8s %10s %10s %10s %12s %8s %8s\n", "seals", "attends", "p50 ms",

@@ -135,6 +135,7 @@ NodeCore::NodeCore(const NodeCoreOptions& options) : options_(options) {
       batch_pool_ = std::make_unique<ThreadPool>(options_.attend_threads);
     }
   }
+  if (options_.recalibrate_every > 0) recal_pool_ = std::make_unique<ThreadPool>(1);
   if (options_.lease_seconds > 0) lease_thread_ = std::thread([this] { LeaseLoop(); });
 }
 
@@ -150,6 +151,7 @@ NodeCore::~NodeCore() {
   batch_pool_.reset();  // pending batch items finish first
   seal_pool_.reset();  // seal builds may use pool_
   pool_.reset();  // joins workers: pending Attends finish before shards go away
+  recal_pool_.reset();  // after pool_: Attends schedule recalibrations
   // Seals never installed return their reservations while memory_used_ lives.
   for (auto& [id, seq] : sequences_) {
     for (auto& h : seq->heads) h->sealing.reset();
@@ -269,6 +271,12 @@ absl::StatusOr<std::unique_ptr<NodeCore>> NodeCore::Create(const NodeCoreOptions
     return absl::InvalidArgumentError(absl::StrCat(
         "max_batch_items ", options.max_batch_items, " outside [1, ", kMaxBatchItemsLimit, "]"));
   }
+  if (options.recalibrate_every > kMaxRecalibrateEvery) {
+    return absl::InvalidArgumentError(absl::StrCat("recalibrate_every ",
+                                                   options.recalibrate_every, " > ",
+                                                   kMaxRecalibrateEvery));
+  }
+  KVR_RETURN_IF_ERROR(index::ValidateCalibrationOptions(options.calibration));
   if (options.threads > 256) {
     return absl::InvalidArgumentError(absl::StrCat("threads ", options.threads, " > 256"));
   }
@@ -872,6 +880,24 @@ absl::Status NodeCore::StartSeal(const Sequence& seq, HeadState* head) {
     job->queries = Matrix(head->recent_count, d);
     std::copy_n(head->recent.begin(), job->queries.data.size(), job->queries.data.begin());
   }
+  if (options_.recalibrate_every > 0 && job->type != IndexType::kFlat) {
+    // At most once per recalibrate_every ring queries (a seal otherwise keeps
+    // the chunk's last calibration), and whenever the chunk has none yet.
+    const index::CalibrationResult* known =
+        job->base != nullptr ? job->base->calibration() : nullptr;
+    bool due = job->rebuild || known == nullptr || std::isnan(known->expected_recall);
+    {
+      std::lock_guard<std::mutex> lock(head->query_mu);
+      due = due || head->queries_since_seal_calibration >= options_.recalibrate_every;
+      if (due && head->recent_count >= index::kMinRecalibrationQueries) {
+        head->queries_since_seal_calibration = 0;
+      }
+    }
+    if (due) job->calibration_queries = RecentQueries(head, d, options_.calibration.max_queries);
+    if (job->calibration_queries.rows < index::kMinRecalibrationQueries) {
+      job->calibration_queries = Matrix();
+    }
+  }
   job->serialize = options_.persistence != nullptr;
   // The new index beside the old one (and its serialized copy).
   int64_t bytes = EstimateBytes(seq.spec, rows) +
@@ -912,7 +938,23 @@ void NodeCore::RunSeal(const std::shared_ptr<SealJob>& job) {
       Matrix all(old_rows + job->rows, d);
       if (old_rows > 0) std::copy_n(job->base->keys().row(0), old_rows * d, all.data.begin());
       std::copy_n(job->keys.data.begin(), job->rows * d, all.data.begin() + old_rows * d);
-      KVR_ASSIGN_OR_RETURN(result, BuildIndex(job->type, all.view(), {}, 0, job->queries.view(),
+      ConstMatrixView train = job->queries.view();
+      Matrix trained;
+      if (job->calibration_queries.rows > 0 && job->queries.rows > 0) {
+        // Every 4th ring query is held back for the calibration below, the
+        // rest train the rebuild (a graph calibrated on its own training
+        // queries would overrate itself).
+        const size_t q = job->queries.rows;
+        Matrix held((q + 3) / 4, d);
+        trained = Matrix(q - held.rows, d);
+        for (size_t i = 0; i < q; ++i) {
+          float* dst = i % 4 == 0 ? held.row(i / 4) : trained.row(i - i / 4 - 1);
+          std::copy_n(job->queries.row(i), d, dst);
+        }
+        job->calibration_queries = std::move(held);
+        train = trained.view();
+      }
+      KVR_ASSIGN_OR_RETURN(result, BuildIndex(job->type, all.view(), {}, 0, train,
                                               options_.train_k));
     } else {
       std::vector<uint8_t> copy;
@@ -922,11 +964,21 @@ void NodeCore::RunSeal(const std::shared_ptr<SealJob>& job) {
       KVR_RETURN_IF_ERROR(grown->Add(job->keys.view()));
       result = std::move(grown);
     }
+    if (job->calibration_queries.rows >= index::kMinRecalibrationQueries &&
+        result->type() != IndexType::kFlat) {
+      // The appended keys are found as the decode queries want them: the
+      // effort comes from recent decode queries over the new index.
+      // (A seal keeps the chunk's kind: no flat index, flat_bytes null.)
+      std::shared_ptr<index::KeyIndex> calibrated =
+          CalibrateOnRing(result, job->type, job->calibration_queries.view(), nullptr);
+      if (calibrated != nullptr) result = std::move(calibrated);
+    }
     if (job->serialize) KVR_RETURN_IF_ERROR(result->Serialize(&blob));
     return absl::OkStatus();
   }();
   job->base.reset();  // the old index goes once the chunk drops it too
   job->queries = Matrix();
+  job->calibration_queries = Matrix();
   {
     std::lock_guard<std::mutex> lock(job->mu);
     job->status = status;
@@ -935,6 +987,122 @@ void NodeCore::RunSeal(const std::shared_ptr<SealJob>& job) {
     job->state = SealJob::State::kDone;
   }
   job->cv.notify_all();
+}
+
+Matrix NodeCore::RecentQueries(HeadState* head, size_t dim, size_t max_rows) {
+  std::lock_guard<std::mutex> lock(head->query_mu);
+  const size_t ring = dim > 0 ? head->recent.size() / dim : 0;
+  const size_t rows = std::min(head->recent_count, max_rows);
+  Matrix out(rows, dim);
+  if (ring == 0) return Matrix(0, dim);
+  // The newest row is at recent_next - 1 (mod ring).
+  for (size_t i = 0; i < rows; ++i) {
+    const size_t slot = (head->recent_next + ring - rows + i) % ring;
+    std::copy_n(head->recent.begin() + static_cast<std::ptrdiff_t>(slot * dim), dim, out.row(i));
+  }
+  return out;
+}
+
+std::shared_ptr<index::KeyIndex> NodeCore::CalibrateOnRing(
+    const std::shared_ptr<index::KeyIndex>& idx, IndexType want, ConstMatrixView queries,
+    int64_t* flat_bytes) {
+  const bool allow_flat = flat_bytes != nullptr;
+  if (allow_flat) *flat_bytes = 0;
+  // Single-threaded (no pool): bounded CPU, Attends keep the core's pool.
+  absl::StatusOr<index::CalibrationResult> result =
+      index::CalibrateOnQueries(*idx, queries, options_.calibration, nullptr);
+  if (!result.ok()) return nullptr;
+  const double n = static_cast<double>(idx->size());
+  const double target =
+      std::min(1.0, options_.calibration.target_recall + options_.calibration.decode_margin);
+  if (allow_flat && want == IndexType::kAuto &&
+      (result->expected_recall < target ||
+       result->cost_per_query * index::kMinSpeedupOverFlat > n)) {
+    // Index auto: this kind cannot serve the decode queries cheaper than the
+    // exact scan; the chunk becomes flat (what kAuto picks when no kind does).
+    // Its keys are reserved in the budget before they are copied.
+    const int64_t bytes = static_cast<int64_t>(idx->size() * idx->dim() * sizeof(float));
+    if (!ReserveMemory(bytes, "recalibration to a flat index").ok()) return nullptr;
+    const auto give_back = [&] {
+      memory_used_.fetch_sub(bytes, std::memory_order_relaxed);
+      return nullptr;
+    };
+    absl::StatusOr<std::unique_ptr<index::FlatIndex>> flat = index::FlatIndex::Create(idx->dim());
+    if (!flat.ok()) return give_back();
+    (*flat)->Reserve(idx->size());
+    if (!(*flat)->Add(idx->keys()).ok()) return give_back();
+    index::CalibrationResult exact;
+    exact.kind = IndexType::kFlat;
+    exact.expected_recall = 1.0;
+    exact.target_recall = options_.calibration.target_recall;
+    exact.k = result->k;
+    exact.holdout_queries = result->holdout_queries;
+    exact.cost_per_query = n;
+    absl::StatusOr<std::unique_ptr<index::CalibratedIndex>> wrapped =
+        index::CalibratedIndex::Create(std::unique_ptr<index::KeyIndex>(std::move(*flat)), exact);
+    if (!wrapped.ok()) return give_back();
+    *flat_bytes = bytes;  // still reserved: the caller settles or returns it
+    return std::shared_ptr<index::KeyIndex>(std::move(*wrapped));
+  }
+  absl::StatusOr<std::unique_ptr<index::CalibratedIndex>> wrapped =
+      index::CalibratedIndex::Recalibrated(idx, *result);
+  if (!wrapped.ok()) return nullptr;
+  return std::shared_ptr<index::KeyIndex>(std::move(*wrapped));
+}
+
+void NodeCore::Recalibrate(const std::shared_ptr<Sequence>& seq, int32_t layer,
+                           int32_t kv_head) {
+  if (options_.before_recalibration) options_.before_recalibration();
+  const size_t d = static_cast<size_t>(seq->spec.head_dim);
+  const IndexType want = seq->spec.index_type;
+  struct Target {
+    int32_t chunk;
+    std::shared_ptr<index::KeyIndex> index;  // what the chunk held
+    std::shared_ptr<index::KeyIndex> result;
+    int64_t flat_bytes = 0;
+  };
+  std::vector<Target> targets;
+  Matrix queries;
+  {
+    std::shared_lock<std::shared_mutex> lock(seq->mu);
+    if (seq->dropped) return;
+    HeadState& head = seq->head(layer, kv_head);
+    {
+      std::lock_guard<std::mutex> qlock(head.query_mu);
+      head.recalibration_queued = false;  // the next one may queue from now on
+    }
+    queries = RecentQueries(&head, d, options_.calibration.max_queries);
+    for (const Chunk& c : head.chunks) {
+      if (c.index != nullptr && c.index->type() != IndexType::kFlat) {
+        targets.push_back(Target{c.chunk, c.index, nullptr, 0});
+      }
+    }
+  }
+  if (queries.rows < index::kMinRecalibrationQueries) return;
+  for (Target& t : targets) {  // no lock held: Attends and appends go on
+    t.result = CalibrateOnRing(t.index, want, queries.view(), &t.flat_bytes);
+  }
+  std::unique_lock<std::shared_mutex> lock(seq->mu);
+  HeadState& head = seq->head(layer, kv_head);
+  for (Target& t : targets) {
+    if (seq->dropped) break;
+    if (t.result == nullptr) continue;
+    const auto it = std::find_if(head.chunks.begin(), head.chunks.end(),
+                                 [&](const Chunk& c) { return c.chunk == t.chunk; });
+    // Replaced meanwhile (a seal, a sync): its new index stays.
+    if (it == head.chunks.end() || it->index != t.index) continue;
+    it->index = std::move(t.result);
+    recalibrations_.fetch_add(1, std::memory_order_relaxed);
+    if (t.flat_bytes > 0) {
+      t.index.reset();
+      SettleMemory(&head, t.flat_bytes);  // the reservation becomes the head's bytes
+      t.flat_bytes = 0;
+    }
+  }
+  // Flat indexes built for chunks that changed meanwhile: return their bytes.
+  for (const Target& t : targets) {
+    if (t.flat_bytes > 0) memory_used_.fetch_sub(t.flat_bytes, std::memory_order_relaxed);
+  }
 }
 
 void NodeCore::WaitSeal(const std::shared_ptr<SealJob>& job) {
@@ -1202,6 +1370,19 @@ absl::Status NodeCore::AttendNow(const AttendRequest& request, PartialsView out,
         head.recent_next = (head.recent_next + 1) % ring;
         head.recent_count = std::min(head.recent_count + 1, ring);
       }
+      if (recal_pool_ != nullptr && !head.recent.empty()) {
+        head.queries_since_recalibration += group;
+        head.queries_since_seal_calibration += group;
+        if (head.queries_since_recalibration >= options_.recalibrate_every &&
+            !head.recalibration_queued &&
+            head.recent_count >= index::kMinRecalibrationQueries) {
+          // Queued, not run: the work happens on the recalibration thread.
+          head.recalibration_queued = true;
+          head.queries_since_recalibration = 0;
+          recal_pool_->Schedule(
+              [this, seq, layer = request.layer, g] { Recalibrate(seq, layer, g); });
+        }
+      }
     }
     // `summary`: the chunk's estimation summary (null: exact top-k only).
     auto search = [&](const index::KeyIndex& idx, const ValueMatrix& values,
@@ -1390,6 +1571,7 @@ absl::StatusOr<NodeStats> NodeCore::Stats(std::optional<std::string_view> princi
   st.leases_expired = leases_expired_.load(std::memory_order_relaxed);
   st.sequences = static_cast<int64_t>(seqs.size());
   st.seals = seals_.load(std::memory_order_relaxed);
+  st.recalibrations = recalibrations_.load(std::memory_order_relaxed);
   for (const auto& s : seqs) {
     std::shared_lock<std::shared_mutex> lock(s->mu);
     for (const auto& h : s->heads) {
@@ -1504,6 +1686,54 @@ absl::StatusOr<std::vector<int64_t>> NodeCore::HeldPositions(uint64_t sequence_i
   for (const Chunk& c : head.chunks) out.insert(out.end(), c.positions.begin(), c.positions.end());
   out.insert(out.end(), head.tail_positions.begin(), head.tail_positions.end());
   std::sort(out.begin(), out.end());
+  return out;
+}
+
+absl::StatusOr<std::vector<int64_t>> NodeCore::SearchPositions(uint64_t sequence_id,
+                                                              int32_t layer, int32_t kv_head,
+                                                              ConstMatrixView queries, int k) {
+  std::shared_ptr<Sequence> seq = Find(sequence_id);
+  if (seq == nullptr) {
+    return absl::NotFoundError(absl::StrCat("SearchPositions: unknown sequence ", sequence_id));
+  }
+  std::shared_lock<std::shared_mutex> lock(seq->mu);
+  KVR_RETURN_IF_ERROR(CheckHead(seq->spec, layer, kv_head));
+  KVR_RETURN_IF_ERROR(CheckMatrix(queries, seq->spec, -1, "queries", "SearchPositions"));
+  if (k < 1 || k > index::kMaxSearchK) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("k ", k, " outside [1, ", index::kMaxSearchK, "]"));
+  }
+  const HeadState& head = seq->head(layer, kv_head);
+  const size_t rows = queries.rows(), kk = static_cast<size_t>(k);
+  std::vector<std::vector<std::pair<float, int64_t>>> found(rows);
+  auto search = [&](const index::KeyIndex& idx, const std::vector<int64_t>& positions) {
+    if (idx.size() == 0) return absl::OkStatus();
+    index::SearchParams p;
+    p.k = static_cast<int>(std::min(kk, idx.size()));
+    const size_t w = static_cast<size_t>(p.k);
+    std::vector<int64_t> ids(rows * w);
+    std::vector<float> scores(rows * w);
+    KVR_RETURN_IF_ERROR(idx.Search(queries, p, ids, scores));
+    for (size_t q = 0; q < rows; ++q) {
+      for (size_t j = 0; j < w; ++j) {
+        const int64_t id = ids[q * w + j];
+        if (id >= 0) found[q].emplace_back(scores[q * w + j], positions[static_cast<size_t>(id)]);
+      }
+    }
+    return absl::OkStatus();
+  };
+  for (const Chunk& c : head.chunks) {
+    if (c.index != nullptr) KVR_RETURN_IF_ERROR(search(*c.index, c.positions));
+  }
+  if (head.tail != nullptr) KVR_RETURN_IF_ERROR(search(*head.tail, head.tail_positions));
+  std::vector<int64_t> out(rows * kk, -1);
+  for (size_t q = 0; q < rows; ++q) {
+    auto& f = found[q];
+    std::sort(f.begin(), f.end(), [](const auto& a, const auto& b) {
+      return a.first != b.first ? a.first > b.first : a.second < b.second;
+    });
+    for (size_t j = 0; j < std::min(kk, f.size()); ++j) out[q * kk + j] = f[j].second;
+  }
   return out;
 }
 

@@ -20,7 +20,9 @@
 // copy of those few rows, under the exclusive lock) and drops the sealed
 // rows from the tail; when the build is not done by then, that append waits
 // for it with the lock released. So what an Attend sees depends only on the
-// appends made, never on timing, and the tail holds fewer than
+// appends made, never on timing (except the search effort a recalibration
+// on decode queries swaps in: NodeCoreOptions::recalibrate_every), and the
+// tail holds fewer than
 // tail_capacity + SealLag rows between appends. The build copies the chunk's
 // index (O(chunk keys) per seal, as persisting the seal already is), so
 // long generations on large chunks want a larger tail_capacity.
@@ -76,6 +78,8 @@ namespace kvr::retrieval {
 // The most decode queries a head's ring may keep (NodeCoreOptions::
 // decode_train_queries): 2^16 rows x head_dim 1024 fp32 is 256 MiB per head.
 inline constexpr size_t kMaxDecodeTrainQueries = size_t{1} << 16;
+// The largest NodeCoreOptions::recalibrate_every (decode queries per head).
+inline constexpr size_t kMaxRecalibrateEvery = size_t{1} << 30;
 
 // The largest NodeCoreOptions::max_batch_items accepted.
 inline constexpr size_t kMaxBatchItemsLimit = size_t{1} << 16;
@@ -114,6 +118,30 @@ struct NodeCoreOptions {
   // n keys gets min(this, max(1, n / 16)) (index::kMinKeysPerEstimateCluster),
   // re-clustered when it has doubled since its summary was built.
   size_t estimate_clusters_per_chunk = 256;
+  // Recalibration on decode queries (kvr_node --recalibrate_every): every
+  // this many decode queries a (sequence, layer, kv head) records in its
+  // ring, the node re-calibrates the search effort of that head's non-flat
+  // chunks on the ring (the most recent min(decode_train_queries,
+  // calibration.max_queries) queries; their exact top-k over each chunk is
+  // computed on the recalibration thread) and swaps the recalibrated index
+  // in (a CalibratedIndex sharing the built one: no copy) under the
+  // sequence's exclusive lock, for as long as a pointer swap takes; with
+  // index auto a chunk whose kind cannot meet the target, or models no
+  // faster than the scan, becomes flat. One thread for the whole node, at
+  // most one queued recalibration per head, single-threaded scans: Attends
+  // never wait for the work. A chunk replaced meanwhile (a seal) keeps its
+  // new index. Background seals also calibrate the chunk's new index on the
+  // ring (every 4th ring query held back when the ring trains a rebuild),
+  // persisted with it: a seal whose chunk has no known calibration, and
+  // otherwise at most one seal per recalibrate_every ring queries (the
+  // others keep the chunk's last calibration). Heads with fewer than index::kMinRecalibrationQueries
+  // ring rows are left alone. Recalibrations are not persisted (Recover
+  // restores the upload's or the last seal's calibration). 0: off (and seals
+  // keep their index's calibration). [0, kMaxRecalibrateEvery].
+  size_t recalibrate_every = 1024;
+  // Test hook: when set, runs on the recalibration thread at the start of
+  // every recalibration (before any work), e.g. to hold one open.
+  std::function<void()> before_recalibration;
   // Exact top-k per training query when the node computes training data.
   int train_k = 32;
   // Self-calibration (kvr_node --target_recall): the recall a chunk built
@@ -281,6 +309,16 @@ class NodeCore final {
   // as for Append.
   absl::StatusOr<std::vector<int64_t>> HeldPositions(uint64_t sequence_id, int32_t layer,
                                                      int32_t kv_head);
+
+  // Debugging / tests: for each row of `queries` (rows x head_dim), the
+  // positions of the k keys of (sequence, layer, kv head) an Attend would
+  // attend to (every chunk searched at its default effort, as an Attend
+  // leaving beam / nprobe 0 does, and the tail), best score first; rows of
+  // k, padded with -1. NotFound / InvalidArgument as for Append and Attend
+  // (k outside [1, kMaxSearchK], a query shape other than rows x head_dim).
+  absl::StatusOr<std::vector<int64_t>> SearchPositions(uint64_t sequence_id, int32_t layer,
+                                                       int32_t kv_head, ConstMatrixView queries,
+                                                       int k);
 
   // Node-side (debugging, tests, in process): shards of one sequence
   // (NotFound when unknown) or of every sequence, ordered by (sequence,
@@ -474,6 +512,22 @@ class NodeCore final {
   absl::Status StartSeal(const Sequence& seq, HeadState* head);
   // Builds `job`'s index unless another caller already claimed it.
   void RunSeal(const std::shared_ptr<SealJob>& job);
+  // The newest min(recent_count, max_rows) rows of `head`'s decode query
+  // ring, oldest first (takes head->query_mu).
+  static Matrix RecentQueries(HeadState* head, size_t dim, size_t max_rows);
+  // Recalibration of (layer, kv_head) of `seq` on its ring of decode
+  // queries (NodeCoreOptions::recalibrate_every); runs on recal_pool_.
+  void Recalibrate(const std::shared_ptr<Sequence>& seq, int32_t layer, int32_t kv_head);
+  // The index `index` (a chunk's, not flat) should have after calibration on
+  // `queries`: itself recalibrated, or, when `flat_bytes` is not null and
+  // the sequence asks for index auto, a flat index when its kind misses the
+  // target or models no faster than the scan; *flat_bytes then holds the
+  // flat keys' bytes, reserved in memory_budget_bytes (the caller settles or
+  // returns them), else 0. Null when calibration failed or the flat keys did
+  // not fit the budget.
+  std::shared_ptr<index::KeyIndex> CalibrateOnRing(const std::shared_ptr<index::KeyIndex>& index,
+                                                   IndexType want, ConstMatrixView queries,
+                                                   int64_t* flat_bytes);
   // Returns once `job` is done, running it here when nobody started it.
   void WaitSeal(const std::shared_ptr<SealJob>& job);
   // Swaps a done `head->sealing` into the last chunk and drops its rows from
@@ -541,6 +595,10 @@ class NodeCore final {
   // Runs AttendBatchAsync items (attend_threads threads; null: pool_ does).
   // Reset first in the destructor.
   std::unique_ptr<ThreadPool> batch_pool_;
+  // Runs recalibrations (one thread; null when recalibrate_every is 0).
+  // Destroyed after pool_: Attends schedule onto it.
+  std::unique_ptr<ThreadPool> recal_pool_;
+  std::atomic<int64_t> recalibrations_{0};
   std::mutex mu_;  // guards sequences_
   std::map<uint64_t, std::shared_ptr<Sequence>> sequences_;
   // Sequences Recover set aside (id -> reason); guarded by mu_.

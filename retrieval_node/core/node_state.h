@@ -65,6 +65,12 @@ struct NodeCore::HeadState {
   size_t recent_next = 0;
   size_t recent_count = 0;
   int64_t recent_bytes = 0;
+  // Ring queries since this head's last recalibration was queued, and
+  // whether one is queued or running (NodeCoreOptions::recalibrate_every).
+  size_t queries_since_recalibration = 0;
+  bool recalibration_queued = false;
+  // Ring queries since a seal last calibrated this head's new index.
+  size_t queries_since_seal_calibration = 0;
 };
 
 // A tail seal built beside the sequence (NodeCore::StartSeal): its inputs
@@ -79,6 +85,9 @@ struct NodeCore::SealJob {
   IndexType type = IndexType::kFlat;      // the sequence's index type
   Matrix keys;                            // the sealed tail rows (rows x head_dim)
   Matrix queries;                         // decode queries to train a rebuild on
+  // Decode queries to calibrate the new index on (recalibrate_every > 0;
+  // empty: keep the index's calibration).
+  Matrix calibration_queries;
   size_t rows = 0;                        // keys.rows
   bool serialize = false;                 // produce `blob` (persistence)
   MemoryReservation reservation;          // the new index's bytes until installed

@@ -214,6 +214,9 @@ struct NodeStats {
   int64_t memory_bytes = 0;  // keys, values, indexes, tails
   int64_t quarantined_sequences = 0;  // set aside by recovery (NodeCore::Recover)
   int64_t leases_expired = 0;  // sequences dropped because their lease expired, since start
+  // Chunk indexes recalibrated on decode queries and swapped in, since start
+  // (NodeCoreOptions::recalibrate_every).
+  int64_t recalibrations = 0;
 };
 
 // Completion of an asynchronous call; runs exactly once, on any thread.

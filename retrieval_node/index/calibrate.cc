@@ -7,6 +7,7 @@
 #include <string>
 #include <utility>
 
+#include "common/exact_topk.h"
 #include "retrieval_node/index/flat_index.h"
 
 namespace kvr::index {
@@ -241,7 +242,7 @@ absl::StatusOr<CalibrationResult> CalibrateEffort(const KeyIndex& index, const H
 }
 
 absl::StatusOr<std::unique_ptr<CalibratedIndex>> CalibratedIndex::Create(
-    std::unique_ptr<KeyIndex> inner, const CalibrationResult& result) {
+    std::shared_ptr<KeyIndex> inner, const CalibrationResult& result) {
   if (inner == nullptr) return absl::InvalidArgumentError("CalibratedIndex: no index");
   if (inner->calibration() != nullptr) {
     return absl::InvalidArgumentError("CalibratedIndex: the index is already calibrated");
@@ -252,6 +253,57 @@ absl::StatusOr<std::unique_ptr<CalibratedIndex>> CalibratedIndex::Create(
         " != index kind ", std::string(IndexTypeName(inner->type()))));
   }
   return std::unique_ptr<CalibratedIndex>(new CalibratedIndex(std::move(inner), result));
+}
+
+absl::StatusOr<std::unique_ptr<CalibratedIndex>> CalibratedIndex::Recalibrated(
+    const std::shared_ptr<KeyIndex>& index, const CalibrationResult& result) {
+  if (index == nullptr) return absl::InvalidArgumentError("CalibratedIndex: no index");
+  if (const auto* calibrated = dynamic_cast<const CalibratedIndex*>(index.get())) {
+    return Create(calibrated->inner_, result);
+  }
+  return Create(index, result);
+}
+
+absl::Status CalibratedIndex::Add(ConstMatrixView keys) {
+  if (inner_.use_count() > 1) {
+    // Shared with another CalibratedIndex (Recalibrated): add to a copy.
+    std::vector<uint8_t> blob;
+    KVR_RETURN_IF_ERROR(inner_->Serialize(&blob));
+    KVR_ASSIGN_OR_RETURN(std::unique_ptr<KeyIndex> copy, LoadIndex(blob));
+    inner_ = std::move(copy);
+  }
+  return inner_->Add(keys);
+}
+
+absl::StatusOr<CalibrationResult> CalibrateOnQueries(const KeyIndex& index,
+                                                     ConstMatrixView queries,
+                                                     const CalibrationOptions& options,
+                                                     ThreadPool* pool) {
+  KVR_RETURN_IF_ERROR(ValidateCalibrationOptions(options));
+  const size_t rows = std::min(queries.rows(), options.max_queries);
+  if (rows < kMinRecalibrationQueries) {
+    return absl::InvalidArgumentError(absl::StrCat("recalibration needs >= ",
+                                                   kMinRecalibrationQueries,
+                                                   " queries, got ", rows));
+  }
+  const size_t n = index.size();
+  if (n == 0) return absl::InvalidArgumentError("recalibration of an empty index");
+  if (queries.cols() != index.dim()) {
+    return absl::InvalidArgumentError(absl::StrCat("recalibration queries have ", queries.cols(),
+                                                   " columns, the index ", index.dim()));
+  }
+  const KeyIndex* searched = &index;
+  if (const auto* calibrated = dynamic_cast<const CalibratedIndex*>(&index)) {
+    searched = &calibrated->inner();
+  }
+  const size_t width = std::min(static_cast<size_t>(options.k), n);
+  const ConstMatrixView used = queries.rows_slice(0, rows);
+  std::vector<int64_t> topk(rows * width);
+  std::vector<float> scores(rows * width);
+  KVR_RETURN_IF_ERROR(
+      ExactTopK(searched->keys(), used, static_cast<int>(width), topk, scores, pool));
+  const Holdout holdout{used, topk, width};
+  return CalibrateEffort(*searched, holdout, options, pool);
 }
 
 absl::Status CalibratedIndex::Search(ConstMatrixView queries, const SearchParams& params,

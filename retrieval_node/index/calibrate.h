@@ -123,11 +123,22 @@ absl::StatusOr<CalibrationResult> CalibrateEffort(const KeyIndex& index, const H
 // wrapped kind). Add goes to the wrapped index (the expected recall then
 // describes the keys calibrated on). Serialized as kCalibratedBlobKind,
 // holding the wrapped index's blob (never another calibrated one).
+//
+// The wrapped index may be shared with other CalibratedIndex objects
+// (Recalibrated: the node swaps in a new search effort found on decode
+// queries without copying the index); Add then copies it first (Serialize +
+// LoadIndex), so an index shared with a reader is never changed in place.
 class CalibratedIndex final : public KeyIndex {
  public:
-  // `inner` must not be null or itself calibrated; `result.kind` must be its type.
-  static absl::StatusOr<std::unique_ptr<CalibratedIndex>> Create(std::unique_ptr<KeyIndex> inner,
+  // `inner` must not be null or itself calibrated; `result.kind` must be its
+  // type. (A std::unique_ptr converts.)
+  static absl::StatusOr<std::unique_ptr<CalibratedIndex>> Create(std::shared_ptr<KeyIndex> inner,
                                                                  const CalibrationResult& result);
+  // `index` (calibrated or not) with `result` as its calibration, sharing the
+  // searched index (no copy). InvalidArgument when result.kind is not the
+  // searched index's kind.
+  static absl::StatusOr<std::unique_ptr<CalibratedIndex>> Recalibrated(
+      const std::shared_ptr<KeyIndex>& index, const CalibrationResult& result);
   static absl::StatusOr<std::unique_ptr<CalibratedIndex>> Deserialize(const OpenedBlob& blob);
 
   IndexType type() const override { return inner_->type(); }
@@ -136,7 +147,7 @@ class CalibratedIndex final : public KeyIndex {
   absl::Status Search(ConstMatrixView queries, const SearchParams& params,
                       std::span<int64_t> ids, std::span<float> scores,
                       SearchStats* stats = nullptr) const override;
-  absl::Status Add(ConstMatrixView keys) override { return inner_->Add(keys); }
+  absl::Status Add(ConstMatrixView keys) override;
   size_t MemoryBytes() const override { return inner_->MemoryBytes() + sizeof(*this); }
   absl::Status Serialize(std::vector<uint8_t>* out) const override;
   ConstMatrixView keys() const override { return inner_->keys(); }
@@ -145,12 +156,30 @@ class CalibratedIndex final : public KeyIndex {
   const KeyIndex& inner() const { return *inner_; }
 
  private:
-  CalibratedIndex(std::unique_ptr<KeyIndex> inner, const CalibrationResult& result)
+  CalibratedIndex(std::shared_ptr<KeyIndex> inner, const CalibrationResult& result)
       : inner_(std::move(inner)), result_(result) {}
 
-  std::unique_ptr<KeyIndex> inner_;
+  std::shared_ptr<KeyIndex> inner_;
   CalibrationResult result_;
 };
+
+// Decode-query calibration (the node's recalibration on its ring of recent
+// decode queries, NodeCoreOptions::recalibrate_every): the fewest queries a
+// recalibration uses; with fewer the index keeps its calibration.
+inline constexpr size_t kMinRecalibrationQueries = 32;
+
+// Calibrates the search effort of `index`'s searched index (its inner one
+// when calibrated) on `queries` (rows x dim, finite; the first
+// options.max_queries are used), whose exact top-min(options.k, n) over
+// index.keys() is computed here (an O(queries x n x dim) scan on `pool`).
+// The result is as CalibrateEffort's (options.decode_margin applies: the
+// queries are past decode queries, the ones to serve are later ones).
+// InvalidArgument for fewer than kMinRecalibrationQueries queries, a
+// dimension mismatch or an empty index. `pool` may be null.
+absl::StatusOr<CalibrationResult> CalibrateOnQueries(const KeyIndex& index,
+                                                     ConstMatrixView queries,
+                                                     const CalibrationOptions& options,
+                                                     ThreadPool* pool);
 
 // What BuildCalibrated may build.
 struct CalibratedBuildOptions {

@@ -80,6 +80,11 @@ ABSL_FLAG(int, estimate_clusters_per_chunk, 256,
           "clusters per chunk summary for remainder estimation, [1, 65536] (a chunk of n keys "
           "gets at most n / 16); summaries are built at a chunk's first estimating Attend and counted "
           "in --memory_budget_bytes");
+ABSL_FLAG(int64_t, recalibrate_every, 1024,
+          "decode queries per (sequence, layer, kv head) between re-calibrations of that head's "
+          "chunk indexes (search effort; kind for index auto) on its ring of recent decode "
+          "queries, on one background thread (Attends never wait for it); seals then also "
+          "calibrate on the ring; 0 = off, at most 2^30");
 ABSL_FLAG(bool, background_seals, true,
           "seal full tails on a seal thread into a copy of the chunk index while Attends keep "
           "reading the old one (no Attend stall; the copy costs O(chunk) per seal and the append "
@@ -183,6 +188,8 @@ int Main(int argc, char** argv) {
                    absl::GetFlag(FLAGS_estimate_clusters_per_chunk),
                    static_cast<int>(index::kMinEstimateClusters),
                    static_cast<int>(index::kMaxEstimateClusters))
+          .InRange("recalibrate_every", absl::GetFlag(FLAGS_recalibrate_every), int64_t{0},
+                   static_cast<int64_t>(kMaxRecalibrateEvery))
           .AtLeast("max_deadline_seconds", absl::GetFlag(FLAGS_max_deadline_seconds), 0.0)
           .AtLeast("ucx_max_connections", absl::GetFlag(FLAGS_ucx_max_connections), int64_t{0})
           .AtLeast("ucx_max_inflight_per_connection",
@@ -231,6 +238,7 @@ int Main(int argc, char** argv) {
   core_options.estimate = absl::GetFlag(FLAGS_estimate);
   core_options.estimate_clusters_per_chunk =
       static_cast<size_t>(absl::GetFlag(FLAGS_estimate_clusters_per_chunk));
+  core_options.recalibrate_every = static_cast<size_t>(absl::GetFlag(FLAGS_recalibrate_every));
   core_options.recovery_quarantine = absl::GetFlag(FLAGS_recovery_quarantine);
   core_options.lease_seconds = absl::GetFlag(FLAGS_lease_seconds);
   std::unique_ptr<ShardStore> store;  // outlives the core (declared first)
