@@ -40,6 +40,7 @@
 #include "absl/flags/parse.h"
 #include "absl/flags/usage.h"
 #include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
@@ -49,6 +50,7 @@
 #include "tools/dataset_io.h"
 #include "common/simd/kernels.h"
 #include "common/thread_pool.h"
+#include "common/train_topk.h"
 #include "common/value_matrix.h"
 #include "retrieval_node/index/attend.h"
 #include "retrieval_node/index/attention_graph_index.h"
@@ -103,6 +105,14 @@ ABSL_FLAG(std::string, train_topk_cache, "",
           "if set (PATH.ibin or PATH.npy): read each data set's training top-k from "
           "PATH.<family>-<N>.ibin (.npy) when it exists and matches, else write it there (saves "
           "recomputing it between runs on the same data)");
+ABSL_FLAG(std::string, train_topk, "exact",
+          "training top-k of the graph build: exact (ExactTopK, cached by --train_topk_cache) "
+          "or approx (TrainingTopK's approximate mode, never cached; the worker's "
+          "--train_topk=approx)");
+ABSL_FLAG(int64_t, train_topk_group_size, 32,
+          "--train_topk=approx: TrainingTopKOptions::approx_group_size");
+ABSL_FLAG(double, train_topk_candidate_fraction, 0.125,
+          "--train_topk=approx: TrainingTopKOptions::approx_candidate_fraction");
 ABSL_FLAG(std::string, graph_beams, "100,120,150,200,250,300,400,500,700,1000",
           "attention graph beam widths to sweep");
 ABSL_FLAG(int, hnsw_m, 32, "HNSW M (faiss and hnswlib)");
@@ -405,6 +415,30 @@ class Runner {
       const bool known = ext == ".ibin" || ext == ".npy";
       cache = absl::StrFormat("%s.%s-%zu%s", known ? cache_flag.substr(0, dot) : cache_flag,
                               ds.family, ds.keys.rows, known ? ext : ".ibin");
+    }
+    const auto mode = ParseTrainingTopKMode(absl::GetFlag(FLAGS_train_topk));
+    if (!mode.has_value()) {
+      Fail(absl::InvalidArgumentError(absl::StrCat(
+          "--train_topk=", absl::GetFlag(FLAGS_train_topk), " is not exact or approx")));
+    }
+    if (*mode == TrainingTopKMode::kApprox) {
+      TrainingTopKOptions o;
+      o.max_queries = 0;
+      o.mode = TrainingTopKMode::kApprox;
+      o.approx_min_keys = 0;
+      o.approx_group_size =
+          static_cast<size_t>(std::max<int64_t>(0, absl::GetFlag(FLAGS_train_topk_group_size)));
+      o.approx_candidate_fraction = absl::GetFlag(FLAGS_train_topk_candidate_fraction);
+      std::vector<float> scores(topk.size());
+      if (auto s = TrainingTopK(ds.keys.view(), ds.train.view(), train_k, o, pool_, topk, scores);
+          !s.ok()) {
+        Fail(s);
+      }
+      *seconds = Seconds(t0, Clock::now());
+      std::printf("  graph: approximate training top-%d (group size %zu, candidate fraction "
+                  "%.4f): %.2f s\n",
+                  train_k, o.approx_group_size, o.approx_candidate_fraction, *seconds);
+      return topk;
     }
     bool cached = false;
     if (!cache.empty()) {
