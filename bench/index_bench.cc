@@ -109,9 +109,9 @@ ABSL_FLAG(std::string, train_topk, "exact",
           "training top-k of the graph build: exact (ExactTopK, cached by --train_topk_cache) "
           "or approx (TrainingTopK's approximate mode, never cached; the worker's "
           "--train_topk=approx)");
-ABSL_FLAG(int64_t, train_topk_group_size, 32,
+ABSL_FLAG(int64_t, train_topk_group_size, 64,
           "--train_topk=approx: TrainingTopKOptions::approx_group_size");
-ABSL_FLAG(double, train_topk_candidate_fraction, 0.125,
+ABSL_FLAG(double, train_topk_candidate_fraction, 0.0625,
           "--train_topk=approx: TrainingTopKOptions::approx_candidate_fraction");
 ABSL_FLAG(std::string, graph_beams, "100,120,150,200,250,300,400,500,700,1000",
           "attention graph beam widths to sweep");

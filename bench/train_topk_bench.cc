@@ -17,7 +17,7 @@
 // per-row scales (a spread of norms, like attention keys).
 //
 //   build/bench/train_topk_bench --families=all [--keys=131072]
-//        [--max_train_queries=16384] [--k=100] [--approx_candidate_fraction=0.125] ...
+//        [--max_train_queries=16384] [--k=100] [--approx_candidate_fraction=0.0625] ...
 //
 // With --families (a comma list of tools/attention_data families, or "all"):
 // per family, --keys keys and --max_train_queries prefill queries of that
@@ -59,10 +59,10 @@ ABSL_FLAG(std::string, json, "", "write the rows as JSON to this file");
 ABSL_FLAG(std::string, families, "",
           "attention data families (comma list or \"all\"): exact vs approx per family "
           "instead of the Gaussian rows");
-ABSL_FLAG(int64_t, approx_group_size, 32, "TrainingTopKOptions::approx_group_size");
-ABSL_FLAG(double, approx_candidate_fraction, 0.125,
+ABSL_FLAG(int64_t, approx_group_size, 64, "TrainingTopKOptions::approx_group_size");
+ABSL_FLAG(double, approx_candidate_fraction, 0.0625,
           "TrainingTopKOptions::approx_candidate_fraction");
-ABSL_FLAG(int, approx_kmeans_iterations, 4, "TrainingTopKOptions::approx_kmeans_iterations");
+ABSL_FLAG(int, approx_kmeans_iterations, 2, "TrainingTopKOptions::approx_kmeans_iterations");
 
 namespace kvr {
 namespace {

@@ -75,16 +75,16 @@ struct TrainingTopKOptions {
   TrainingTopKMode mode = TrainingTopKMode::kExact;
   // kApprox: sampled queries per group (groups = ceil(queries / this)).
   // [1, kMaxApproxGroupSize]
-  size_t approx_group_size = 32;
+  size_t approx_group_size = 64;
   // kApprox: fraction of the keys a group's queries scan (rounded up, at
   // least k). (0, 1]; 1 scans every key (exact results).
-  double approx_candidate_fraction = 0.125;
+  double approx_candidate_fraction = 0.0625;
   // kApprox: Lloyd iterations of the query grouping (k-means over at most 64
   // queries per group, a strided sample). [0, kMaxApproxKMeansIterations]
-  int approx_kmeans_iterations = 4;
+  int approx_kmeans_iterations = 2;
   // kApprox: below this many keys the exact scan runs instead (the lists do
   // not pay off on small key sets). [0, kMaxTopKKeys]
-  size_t approx_min_keys = 32768;
+  size_t approx_min_keys = 4096;
 };
 
 // InvalidArgument naming the field and its limit when options are out of range.

@@ -33,7 +33,7 @@ namespace kvr {
 namespace {
 
 constexpr size_t kKeys = 16384;
-constexpr size_t kQueries = 2048;
+constexpr size_t kQueries = 16384;  // the worker's --max_train_queries default
 constexpr int kK = 32;  // the worker's train_k
 
 // Mean over rows of |approx row ∩ exact row| / k.
@@ -66,11 +66,11 @@ struct FamilyFloor {
   double floor;  // mean recall of the approx lists vs the exact lists
 };
 
-// Measured with the default knobs at 16,384 keys, 2,048 queries, k 32:
-// topical 0.951, lowrank 0.990, flat 0.827, positional 1.000, sink 0.961;
-// floors 0.02 below.
+// Measured with the default knobs at 16,384 keys (one worker chunk) and
+// 16,384 queries, k 32: topical 0.937, lowrank 0.989, flat 0.751,
+// positional 1.000, sink 0.948; floors about 0.02 below.
 constexpr FamilyFloor kFloors[] = {
-    {"topical", 0.93}, {"lowrank", 0.97}, {"flat", 0.80}, {"positional", 0.98}, {"sink", 0.94},
+    {"topical", 0.91}, {"lowrank", 0.97}, {"flat", 0.73}, {"positional", 0.98}, {"sink", 0.92},
 };
 
 TEST(TrainTopKApproxTest, RecallFloorAndExactScoresOnEveryFamily) {
