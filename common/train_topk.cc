@@ -183,6 +183,7 @@ void ApproxScan(ConstMatrixView keys, ConstMatrixView queries, size_t k, size_t 
     const size_t r_lo = std::min(ss - 1, MulDiv(candidates, ss, n));
     const size_t r_hi = std::min(r_lo, MulDiv(4 * k, ss, n));
     const size_t blocks = (groups + kApproxQueryBlock - 1) / kApproxQueryBlock;
+    const size_t cap = 2 * candidates;
     auto select = [&](size_t b0, size_t b1) {
       std::vector<float> sc(kApproxQueryBlock * std::max(ss, kApproxKeyTile));
       std::vector<float> lo(kApproxQueryBlock), hi(kApproxQueryBlock);
@@ -207,10 +208,12 @@ void ApproxScan(ConstMatrixView keys, ConstMatrixView queries, size_t k, size_t 
                                sc.data(), kApproxKeyTile);
           for (size_t j = 0; j < ng; ++j) {
             const float* row = sc.data() + j * kApproxKeyTile;
+            std::vector<uint32_t>& front = cand[g0 + j];
             for (size_t i = 0; i < tn; ++i) {
-              if (row[i] >= lo[j]) {
-                (row[i] >= hi[j] ? cand[g0 + j] : back[j]).push_back(
-                    static_cast<uint32_t>(t0 + i));
+              // At most 2x the expected count (ties, e.g. equal keys, could
+              // otherwise make every key a candidate of every group).
+              if (row[i] >= lo[j] && front.size() + back[j].size() < cap) {
+                (row[i] >= hi[j] ? front : back[j]).push_back(static_cast<uint32_t>(t0 + i));
               }
             }
           }

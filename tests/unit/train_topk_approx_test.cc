@@ -8,7 +8,8 @@
 //  * the approximate mode is deterministic and does not depend on the pool;
 //  * exact mode is unchanged by the approx knobs (ExactTopK's rows), and
 //    approx falls back to the exact scan below approx_min_keys and when the
-//    candidates would be every key;
+//    candidates would be every key; with every key equal (all scores tie)
+//    approx returns the exact tie order;
 //  * hostile options get InvalidArgument naming the option and its limit.
 #include "common/train_topk.h"
 
@@ -177,6 +178,24 @@ TEST(TrainTopKApproxTest, ExactModeAndFallbacksEqualExactTopK) {
   tiny.approx_candidate_fraction = 1e-9;
   ASSERT_TRUE(TrainingTopK(keys.view(), queries.view(), 16, tiny, &pool, got, got_s).ok());
   for (int64_t id : got) ASSERT_GE(id, 0);
+}
+
+// Every key equal: every score ties, so each group's candidate thresholds
+// pass every key; candidates stay bounded (2x the expected count, in key
+// order) and the result equals the exact one (ties by smaller id).
+TEST(TrainTopKApproxTest, AllKeysEqualGivesTheExactTieOrder) {
+  Matrix keys(8192, 16);
+  for (size_t i = 0; i < keys.rows; ++i) {
+    for (size_t j = 0; j < keys.cols; ++j) keys.row(i)[j] = 0.25f * static_cast<float>(j % 3);
+  }
+  const Matrix queries = test_support::RandomMatrix(300, 16, 5);
+  const size_t k = 8, n = 300 * k;
+  std::vector<int64_t> want(n), got(n);
+  std::vector<float> want_s(n), got_s(n);
+  ASSERT_TRUE(ExactTopK(keys.view(), queries.view(), 8, want, want_s, nullptr).ok());
+  ASSERT_TRUE(TrainingTopK(keys.view(), queries.view(), 8, Approx(), nullptr, got, got_s).ok());
+  EXPECT_EQ(got, want);
+  EXPECT_EQ(got_s, want_s);
 }
 
 TEST(TrainTopKApproxTest, ModeNames) {
