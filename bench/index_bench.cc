@@ -1,5 +1,6 @@
 // index_bench: recall@k vs % of keys scanned vs µs/query for Flat, IVF, the
-// attention-aware graph, faiss HNSW (inner product), hnswlib and (with
+// attention-aware graph, faiss HNSW (inner product), faiss IVF (IndexIVFFlat,
+// inner product: method "faiss_ivf", with --faiss_ivf or in --methods), hnswlib and (with
 // --roargraph_bin_dir) the RoarGraph reference, on every family of
 // out-of-distribution attention data (tools/attention_data) in one run, or on
 // the user's own captured keys/queries (family "file"); plus the OOD gap (HNSW
@@ -14,6 +15,7 @@
 //   index_bench --keys=k.npy --queries=q.npy --train=t.fbin [--values=v.npy]
 #include <faiss/IndexFlat.h>
 #include <faiss/IndexHNSW.h>
+#include <faiss/IndexIVFFlat.h>
 #include <faiss/impl/DistanceComputer.h>
 #include <hnswlib/hnswlib.h>
 #include <omp.h>
@@ -40,6 +42,7 @@
 #include "absl/flags/parse.h"
 #include "absl/flags/usage.h"
 #include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
@@ -49,6 +52,7 @@
 #include "tools/dataset_io.h"
 #include "common/simd/kernels.h"
 #include "common/thread_pool.h"
+#include "common/train_topk.h"
 #include "common/value_matrix.h"
 #include "retrieval_node/index/attend.h"
 #include "retrieval_node/index/attention_graph_index.h"
@@ -76,7 +80,7 @@ ABSL_FLAG(std::string, queries, "", "decode queries file (.npy or .fbin)");
 ABSL_FLAG(std::string, train, "", "training queries file (.npy or .fbin)");
 ABSL_FLAG(std::string, values, "", "values file (.npy or .fbin); default: random values");
 ABSL_FLAG(std::string, methods, "flat,ivf,graph,auto,faiss_hnsw,hnswlib,roargraph",
-          "methods to run: flat, ivf, graph, auto (self-calibration), faiss_hnsw, hnswlib, "
+          "methods to run: flat, ivf, graph, auto (self-calibration), faiss_hnsw, faiss_ivf, hnswlib, "
           "roargraph (the last only with --roargraph_bin_dir)");
 ABSL_FLAG(std::string, roargraph_bin_dir, "",
           "directory with RoarGraph's test_build_roargraph and test_search_roargraph (and COMMIT), "
@@ -103,8 +107,22 @@ ABSL_FLAG(std::string, train_topk_cache, "",
           "if set (PATH.ibin or PATH.npy): read each data set's training top-k from "
           "PATH.<family>-<N>.ibin (.npy) when it exists and matches, else write it there (saves "
           "recomputing it between runs on the same data)");
+ABSL_FLAG(std::string, train_topk, "exact",
+          "training top-k of the graph build: exact (ExactTopK, cached by --train_topk_cache) "
+          "or approx (TrainingTopK's approximate mode, never cached; the worker's "
+          "--train_topk=approx)");
+ABSL_FLAG(int64_t, train_topk_group_size, 64,
+          "--train_topk=approx: TrainingTopKOptions::approx_group_size");
+ABSL_FLAG(double, train_topk_candidate_fraction, 0.0625,
+          "--train_topk=approx: TrainingTopKOptions::approx_candidate_fraction");
 ABSL_FLAG(std::string, graph_beams, "100,120,150,200,250,300,400,500,700,1000",
           "attention graph beam widths to sweep");
+ABSL_FLAG(bool, faiss_ivf, false,
+          "also run the faiss IVF peer (method faiss_ivf: IndexIVFFlat, inner product), "
+          "whatever --methods says");
+ABSL_FLAG(int, faiss_ivf_nlist, 0, "faiss IVF lists (0: 4 * sqrt(N), like kvr's IVF)");
+ABSL_FLAG(std::string, faiss_nprobes, "1,2,4,8,16,32,64,128,256,512",
+          "faiss IVF nprobe sweep (stops once recall > 0.995)");
 ABSL_FLAG(int, hnsw_m, 32, "HNSW M (faiss and hnswlib)");
 ABSL_FLAG(int, hnsw_ef_construction, 128, "HNSW efConstruction");
 ABSL_FLAG(std::string, hnsw_efs, "100,200,400,800,1600,3200,6400",
@@ -343,6 +361,7 @@ class Runner {
       graph = RunGraph(ds, truth, k, train_topk, train_k, knn_s, add);
     }
     if (want("faiss_hnsw")) RunFaiss(ds, truth, k, add);
+    if (want("faiss_ivf") || absl::GetFlag(FLAGS_faiss_ivf)) RunFaissIvf(ds, truth, k, add);
     if (want("hnswlib")) RunHnswlib(ds, truth, k, add);
     if (want("auto")) RunAuto(ds, truth, k, add);
     if (roargraph) RunRoarGraph(ds, truth, truth_scores, k, train_topk, train_k, add);
@@ -405,6 +424,30 @@ class Runner {
       const bool known = ext == ".ibin" || ext == ".npy";
       cache = absl::StrFormat("%s.%s-%zu%s", known ? cache_flag.substr(0, dot) : cache_flag,
                               ds.family, ds.keys.rows, known ? ext : ".ibin");
+    }
+    const auto mode = ParseTrainingTopKMode(absl::GetFlag(FLAGS_train_topk));
+    if (!mode.has_value()) {
+      Fail(absl::InvalidArgumentError(absl::StrCat(
+          "--train_topk=", absl::GetFlag(FLAGS_train_topk), " is not exact or approx")));
+    }
+    if (*mode == TrainingTopKMode::kApprox) {
+      TrainingTopKOptions o;
+      o.max_queries = 0;
+      o.mode = TrainingTopKMode::kApprox;
+      o.approx_min_keys = 0;
+      o.approx_group_size =
+          static_cast<size_t>(std::max<int64_t>(0, absl::GetFlag(FLAGS_train_topk_group_size)));
+      o.approx_candidate_fraction = absl::GetFlag(FLAGS_train_topk_candidate_fraction);
+      std::vector<float> scores(topk.size());
+      if (auto s = TrainingTopK(ds.keys.view(), ds.train.view(), train_k, o, pool_, topk, scores);
+          !s.ok()) {
+        Fail(s);
+      }
+      *seconds = Seconds(t0, Clock::now());
+      std::printf("  graph: approximate training top-%d (group size %zu, candidate fraction "
+                  "%.4f): %.2f s\n",
+                  train_k, o.approx_group_size, o.approx_candidate_fraction, *seconds);
+      return topk;
     }
     bool cached = false;
     if (!cache.empty()) {
@@ -624,6 +667,57 @@ class Runner {
         return CountingFlatIp::count;
       });
       add(r, "faiss_hnsw", absl::StrFormat("M=%d,ef=%d", m, ef), build);
+      if (r.recall > 0.995) break;
+    }
+  }
+
+  // faiss's IVF (IndexIVFFlat over an IndexFlatIP quantizer, inner product):
+  // k-means on the keys with faiss's defaults (2 threads), then the nprobe
+  // sweep single-threaded, one query per call. % scanned = nlist (the
+  // coarse scan) + the probed lists' sizes, per query.
+  template <typename Add>
+  void RunFaissIvf(const DataSet& ds, const std::vector<int64_t>& truth, int k, Add&& add) {
+    const size_t n = ds.keys.rows, d = ds.keys.cols;
+    const int nlist_flag = absl::GetFlag(FLAGS_faiss_ivf_nlist);
+    const size_t nlist = std::clamp<size_t>(
+        nlist_flag > 0 ? static_cast<size_t>(nlist_flag)
+                       : static_cast<size_t>(4.0 * std::sqrt(static_cast<double>(n))),
+        1, n);
+    faiss::IndexFlatIP quantizer(static_cast<faiss::Index::idx_t>(d));
+    faiss::IndexIVFFlat ivf(&quantizer, d, nlist, faiss::METRIC_INNER_PRODUCT);
+    const auto t0 = Clock::now();
+    omp_set_num_threads(static_cast<int>(pool_->size() + 1));
+    ivf.train(static_cast<faiss::Index::idx_t>(n), ds.keys.data.data());
+    ivf.add(static_cast<faiss::Index::idx_t>(n), ds.keys.data.data());
+    const double build = Seconds(t0, Clock::now());
+    omp_set_num_threads(1);
+    for (int nprobe : ParseInts(absl::GetFlag(FLAGS_faiss_nprobes), "faiss_nprobes")) {
+      if (nprobe < 1 || static_cast<size_t>(nprobe) > nlist) break;
+      ivf.nprobe = static_cast<size_t>(nprobe);
+      // Keys scanned: the coarse scan plus the lists each query probes
+      // (counted outside the timed searches).
+      int64_t scanned = 0;
+      {
+        std::vector<faiss::Index::idx_t> lists(static_cast<size_t>(nprobe));
+        std::vector<float> dist(static_cast<size_t>(nprobe));
+        for (size_t i = 0; i < ds.test.rows; ++i) {
+          quantizer.search(1, ds.test.row(i), nprobe, dist.data(), lists.data());
+          scanned += static_cast<int64_t>(nlist);
+          for (faiss::Index::idx_t l : lists) {
+            if (l >= 0) scanned += static_cast<int64_t>(ivf.invlists->list_size(l));
+          }
+        }
+      }
+      std::vector<faiss::Index::idx_t> labels(ds.test.rows * k);
+      std::vector<float> dist(ds.test.rows * k);
+      Row r = Measure(ds.test, truth, n, k, [&](std::vector<int64_t>& ids) {
+        for (size_t i = 0; i < ds.test.rows; ++i) {
+          ivf.search(1, ds.test.row(i), k, dist.data() + i * k, labels.data() + i * k);
+        }
+        for (size_t i = 0; i < labels.size(); ++i) ids[i] = labels[i];
+        return scanned;
+      });
+      add(r, "faiss_ivf", absl::StrFormat("nlist=%zu,np=%d", nlist, nprobe), build);
       if (r.recall > 0.995) break;
     }
   }
@@ -971,7 +1065,7 @@ class Runner {
   // reaching it, and no slower than the exact scan) and the worst family.
   void PrintSummary() const {
     const double target = absl::GetFlag(FLAGS_target_recall);
-    const char* const kPeers[] = {"ivf", "faiss_hnsw", "hnswlib", "roargraph"};
+    const char* const kPeers[] = {"ivf", "faiss_ivf", "faiss_hnsw", "hnswlib", "roargraph"};
     std::vector<std::pair<std::string, size_t>> sets;
     for (const Row& r : all_rows_) {
       if (std::find(sets.begin(), sets.end(), std::make_pair(r.family, r.n)) == sets.end()) {
@@ -1012,7 +1106,7 @@ class Runner {
       }
     }
     std::printf("\n=== target: graph recall >= %.2f at <= 0.5x the best peer's us/query (peers: "
-                "ivf, faiss_hnsw, hnswlib, roargraph) and <= the exact scan ===\n", target);
+                "ivf, faiss_ivf, faiss_hnsw, hnswlib, roargraph) and <= the exact scan ===\n", target);
     std::printf("  %-10s %8s %12s %-24s %9s %10s  %s\n", "family", "N", "graph us", "best peer",
                 "graph/peer", "exact us", "status");
     std::string worst;

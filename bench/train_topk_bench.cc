@@ -15,11 +15,21 @@
 // It checks that the first two agree id for id, and the sampled rows equal
 // the exact rows of the same queries. Keys and queries are Gaussian with
 // per-row scales (a spread of norms, like attention keys).
+//
+//   build/bench/train_topk_bench --families=all [--keys=131072]
+//        [--max_train_queries=16384] [--k=100] [--approx_candidate_fraction=0.0625] ...
+//
+// With --families (a comma list of tools/attention_data families, or "all"):
+// per family, --keys keys and --max_train_queries prefill queries of that
+// family; TrainingTopK exact vs approx on the same data (seconds, CPU
+// seconds, and approx's recall of the exact lists: mean, 1st percentile and
+// worst query). Exits 1 when an approx score is not the exact score of its id.
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <fstream>
+#include <iterator>
 #include <random>
 #include <string>
 #include <vector>
@@ -36,6 +46,7 @@
 #include "common/thread_pool.h"
 #include "common/topk_collector.h"
 #include "common/train_topk.h"
+#include "tools/attention_data.h"
 
 ABSL_FLAG(int64_t, keys, 131072, "keys of the head");
 ABSL_FLAG(int64_t, queries, 131072, "prefill queries of the head (one per position)");
@@ -45,6 +56,13 @@ ABSL_FLAG(int, threads, 2, "threads (the caller plus threads - 1 pool workers)")
 ABSL_FLAG(int64_t, max_train_queries, 16384, "TrainingTopK's sample bound");
 ABSL_FLAG(bool, old, true, "also time the pre-dot_batch_multi scan of every query");
 ABSL_FLAG(std::string, json, "", "write the rows as JSON to this file");
+ABSL_FLAG(std::string, families, "",
+          "attention data families (comma list or \"all\"): exact vs approx per family "
+          "instead of the Gaussian rows");
+ABSL_FLAG(int64_t, approx_group_size, 64, "TrainingTopKOptions::approx_group_size");
+ABSL_FLAG(double, approx_candidate_fraction, 0.0625,
+          "TrainingTopKOptions::approx_candidate_fraction");
+ABSL_FLAG(int, approx_kmeans_iterations, 2, "TrainingTopKOptions::approx_kmeans_iterations");
 
 namespace kvr {
 namespace {
@@ -117,7 +135,124 @@ struct Row {
   double cpu_seconds = 0;
 };
 
+// Fraction of each row of `exact` (k ids) found in the same row of `approx`,
+// sorted ascending.
+std::vector<double> RowRecalls(const std::vector<int64_t>& exact,
+                               const std::vector<int64_t>& approx, size_t k) {
+  const size_t rows = exact.size() / k;
+  std::vector<double> out(rows);
+  std::vector<int64_t> a, b;
+  for (size_t i = 0; i < rows; ++i) {
+    a.assign(exact.begin() + i * k, exact.begin() + (i + 1) * k);
+    b.assign(approx.begin() + i * k, approx.begin() + (i + 1) * k);
+    std::sort(a.begin(), a.end());
+    std::sort(b.begin(), b.end());
+    std::vector<int64_t> both;
+    std::set_intersection(a.begin(), a.end(), b.begin(), b.end(), std::back_inserter(both));
+    out[i] = double(both.size()) / double(k);
+  }
+  std::sort(out.begin(), out.end());
+  return out;
+}
+
+// The --families mode (see the file comment).
+int FamiliesMain() {
+  const size_t n = static_cast<size_t>(absl::GetFlag(FLAGS_keys));
+  const size_t t = static_cast<size_t>(absl::GetFlag(FLAGS_max_train_queries));
+  const size_t dim = static_cast<size_t>(absl::GetFlag(FLAGS_dim));
+  const int k = absl::GetFlag(FLAGS_k);
+  const size_t ku = static_cast<size_t>(k);
+  const int threads = std::max(1, absl::GetFlag(FLAGS_threads));
+  ThreadPool pool(static_cast<size_t>(threads - 1));
+  TrainingTopKOptions exact;
+  exact.max_queries = 0;
+  TrainingTopKOptions approx = exact;
+  approx.mode = TrainingTopKMode::kApprox;
+  approx.approx_group_size =
+      static_cast<size_t>(std::max<int64_t>(0, absl::GetFlag(FLAGS_approx_group_size)));
+  approx.approx_candidate_fraction = absl::GetFlag(FLAGS_approx_candidate_fraction);
+  approx.approx_kmeans_iterations = absl::GetFlag(FLAGS_approx_kmeans_iterations);
+  approx.approx_min_keys = 0;
+  if (auto st = ValidateTrainingTopKOptions(approx); !st.ok()) Fail(st);
+  std::vector<std::string> families;
+  const std::string list = absl::GetFlag(FLAGS_families);
+  if (list == "all") {
+    families = AttentionFamilyNames();
+  } else {
+    size_t at = 0;
+    while (at <= list.size()) {
+      const size_t comma = std::min(list.find(',', at), list.size());
+      if (comma > at) families.push_back(list.substr(at, comma - at));
+      at = comma + 1;
+    }
+  }
+  std::printf("train_topk_bench: %zu keys x %zu training queries, d %zu, k %d, %d threads, "
+              "simd %s; approx: group size %zu, candidate fraction %.4f, k-means iterations %d\n",
+              n, t, dim, k, threads, simd::Active().name, approx.approx_group_size,
+              approx.approx_candidate_fraction, approx.approx_kmeans_iterations);
+  std::printf("\n| family | exact s (CPU s) | approx s (CPU s) | speed-up (wall) | recall vs exact: "
+              "mean | p1 | worst query |\n|---|---|---|---|---|---|---|\n");
+  std::string json = "[\n";
+  for (const std::string& family : families) {
+    AttentionDataOptions o;
+    o.family = family;
+    o.n_keys = n;
+    o.n_train = t;
+    o.n_test = 1;
+    o.dim = dim;
+    auto data = GenerateAttentionData(o, &pool);
+    if (!data.ok()) Fail(data.status());
+    const ConstMatrixView keys = data->keys.view(), queries = data->train_queries.view();
+    std::vector<int64_t> eids(t * ku), aids(t * ku);
+    std::vector<float> escores(t * ku), ascores(t * ku);
+    auto t0 = Clock::now();
+    double c0 = CpuSeconds();
+    if (auto st = TrainingTopK(keys, queries, k, exact, &pool, eids, escores); !st.ok()) Fail(st);
+    const double exact_s = Since(t0), exact_cpu = CpuSeconds() - c0;
+    t0 = Clock::now();
+    c0 = CpuSeconds();
+    if (auto st = TrainingTopK(keys, queries, k, approx, &pool, aids, ascores); !st.ok()) Fail(st);
+    const double approx_s = Since(t0), approx_cpu = CpuSeconds() - c0;
+    // Every approx score is the exact inner product of its key (dot_batch).
+    std::vector<float> one(1);
+    for (size_t q = 0; q < t; q += 97) {
+      for (size_t j = 0; j < ku; ++j) {
+        const size_t id = static_cast<size_t>(aids[q * ku + j]);
+        simd::Active().dot_batch(queries.row(q), keys.row(id), 1, dim, keys.stride(), one.data());
+        if (one[0] != ascores[q * ku + j]) {
+          std::printf("MISMATCH: %s query %zu id %zu approx score %g != %g\n", family.c_str(), q,
+                      id, ascores[q * ku + j], one[0]);
+          return 1;
+        }
+      }
+    }
+    const std::vector<double> r = RowRecalls(eids, aids, ku);
+    double mean = 0;
+    for (double x : r) mean += x;
+    mean /= double(r.size());
+    const double p1 = r[r.size() / 100];
+    std::printf("| %s | %.2f (%.2f) | %.2f (%.2f) | %.1fx | %.4f | %.2f | %.2f |\n",
+                family.c_str(), exact_s, exact_cpu, approx_s, approx_cpu, exact_s / approx_s, mean,
+                p1, r.front());
+    std::fflush(stdout);
+    json += absl::StrFormat(
+        "%s  {\"family\": \"%s\", \"keys\": %zu, \"queries\": %zu, \"k\": %d, "
+        "\"threads\": %d, \"exact_seconds\": %.4f, \"exact_cpu_seconds\": %.4f, "
+        "\"approx_seconds\": %.4f, \"approx_cpu_seconds\": %.4f, \"approx_group_size\": %zu, "
+        "\"approx_candidate_fraction\": %.4f, \"recall_mean\": %.5f, \"recall_p1\": %.4f, "
+        "\"recall_worst\": %.4f}",
+        json.size() > 2 ? ",\n" : "", family, n, t, k, threads, exact_s, exact_cpu, approx_s,
+        approx_cpu, approx.approx_group_size, approx.approx_candidate_fraction, mean, p1, r.front());
+  }
+  if (const std::string path = absl::GetFlag(FLAGS_json); !path.empty()) {
+    std::ofstream f(path);
+    f << json << "\n]\n";
+  }
+  return 0;
+}
+
 int Main() {
+  if (!absl::GetFlag(FLAGS_families).empty()) return FamiliesMain();
   const size_t n = static_cast<size_t>(absl::GetFlag(FLAGS_keys));
   const size_t t = static_cast<size_t>(absl::GetFlag(FLAGS_queries));
   const size_t dim = static_cast<size_t>(absl::GetFlag(FLAGS_dim));

@@ -4,6 +4,7 @@
 //
 //   build/bench/ttft_bench [--models=random,stories] [--lengths=128,512,2048,8192]
 //                          [--threads=2] [--index=graph] [--reps=1] [--json=out.json]
+//                          [--train_topk=approx] [--exact_topk]
 //
 // For each model and prompt length (a prompt longer than the model's context
 // is clamped to it, less one decode step):
@@ -20,8 +21,12 @@
 //    pending hand-off uploads ("wait");
 //  * with --exact_train, the pipelined prefill again with every prefill
 //    query's exact training top-k (max_train_queries 0: before sampling).
+//  * with --exact_topk, the pipelined prefill again with --train_topk=exact
+//    (the sampled queries' exact top-k: the behaviour before the approximate
+//    training top-k).
 // The training top-k of the retrieval runs covers at most
-// --max_train_queries sampled queries per kv head and chunk (default 16384).
+// --max_train_queries sampled queries per kv head and chunk (default 16384),
+// found by --train_topk (default approx, the worker's default).
 // The node is in-process (--node_threads threads); everything shares the
 // machine's cores, as the embedded mode does.
 //
@@ -35,6 +40,7 @@
 #include <cstdio>
 #include <fstream>
 #include <memory>
+#include <optional>
 #include <random>
 #include <string>
 #include <vector>
@@ -48,6 +54,7 @@
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
 #include "common/status.h"
+#include "common/train_topk.h"
 #include "gpu_worker/backend/backend.h"
 #include "gpu_worker/engine/retrieval_engine.h"
 #include "gpu_worker/model/bundled_model.h"
@@ -74,6 +81,12 @@ ABSL_FLAG(int64_t, max_train_queries, 16384,
 ABSL_FLAG(bool, exact_train, false,
           "also run the pipelined hand-off with every prefill query's exact top-k "
           "(max_train_queries 0, the behaviour before sampling)");
+ABSL_FLAG(std::string, train_topk, "approx",
+          "engine: training top-k mode of the retrieval runs (the worker's --train_topk: "
+          "exact or approx)");
+ABSL_FLAG(bool, exact_topk, false,
+          "also run the pipelined hand-off with --train_topk=exact (sampled queries, exact "
+          "top-k: the behaviour before the approximate training top-k)");
 ABSL_FLAG(int, reps, 1, "repetitions per cell (the median is reported)");
 ABSL_FLAG(int, dim, 512, "random model: width");
 ABSL_FLAG(int, layers, 4, "random model: layers");
@@ -109,6 +122,8 @@ struct Row {
   Cell full, pipelined, sync, exact;
   bool has_sync = false;
   bool has_exact = false;
+  Cell exact_topk;
+  bool has_exact_topk = false;
 };
 
 double Median(std::vector<double> v) {
@@ -240,14 +255,26 @@ absl::Status Run() {
     synchronous.handoff_threads = 0;
     pipelined.max_train_queries = synchronous.max_train_queries =
         absl::GetFlag(FLAGS_max_train_queries);
+    const std::optional<TrainingTopKMode> mode =
+        ParseTrainingTopKMode(absl::GetFlag(FLAGS_train_topk));
+    if (!mode.has_value()) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "--train_topk=", absl::GetFlag(FLAGS_train_topk), " is not exact or approx"));
+    }
+    pipelined.train_topk = synchronous.train_topk = *mode;
     EngineOptions exact = pipelined;
     exact.max_train_queries = 0;
+    EngineOptions exact_topk_options = pipelined;
+    exact_topk_options.train_topk = TrainingTopKMode::kExact;
     KVR_ASSIGN_OR_RETURN(auto engine,
                          RetrievalEngine::Create(backend.get(), m.weights, node.get(), pipelined));
     KVR_ASSIGN_OR_RETURN(auto sync_engine, RetrievalEngine::Create(backend.get(), m.weights,
                                                                    node.get(), synchronous));
     KVR_ASSIGN_OR_RETURN(auto exact_engine,
                          RetrievalEngine::Create(backend.get(), m.weights, node.get(), exact));
+    KVR_ASSIGN_OR_RETURN(auto exact_topk_engine,
+                         RetrievalEngine::Create(backend.get(), m.weights, node.get(),
+                                                 exact_topk_options));
     std::vector<int64_t> done_lengths;
     for (int64_t asked : lengths) {
       const int64_t n = std::min<int64_t>(asked, c.seq_len - 1);
@@ -274,6 +301,11 @@ absl::Status Run() {
         KVR_ASSIGN_OR_RETURN(row.exact, MeasureMedian(*exact_engine, prompt, retr, reps));
         row.has_exact = true;
       }
+      if (absl::GetFlag(FLAGS_exact_topk)) {
+        KVR_ASSIGN_OR_RETURN(row.exact_topk,
+                             MeasureMedian(*exact_topk_engine, prompt, retr, reps));
+        row.has_exact_topk = true;
+      }
       const double full_s = std::max(row.full.prefill, 1e-12);
       std::string sync_cols;
       if (sync) {
@@ -284,6 +316,11 @@ absl::Status Run() {
         sync_cols += absl::StrFormat(" exact-train %8.3f %6.2fx handoff %8.3f step %7.3f",
                                      row.exact.prefill, row.exact.prefill / full_s,
                                      row.exact.handoff_done, row.exact.first_step);
+      }
+      if (row.has_exact_topk) {
+        sync_cols += absl::StrFormat(" exact-topk %8.3f %6.2fx handoff %8.3f step %7.3f",
+                                     row.exact_topk.prefill, row.exact_topk.prefill / full_s,
+                                     row.exact_topk.handoff_done, row.exact_topk.first_step);
       }
       std::printf("%-22s %6lld | %9.3f %9.4f | %9.3f %6.2fx %10.3f %9.4f %9.4f |%s\n",
                   m.name.c_str(), static_cast<long long>(n), row.full.prefill,
@@ -315,6 +352,7 @@ absl::Status Run() {
                              r.model, r.tokens, cell(r.full), cell(r.pipelined));
       if (r.has_sync) out << ", \"retrieval_sync\": " << cell(r.sync);
       if (r.has_exact) out << ", \"retrieval_exact_train\": " << cell(r.exact);
+      if (r.has_exact_topk) out << ", \"retrieval_exact_topk\": " << cell(r.exact_topk);
       out << "}" << (i + 1 < rows.size() ? "," : "") << "\n";
     }
     out << "]\n";

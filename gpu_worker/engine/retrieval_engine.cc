@@ -121,6 +121,11 @@ absl::Status RetrievalEngine::Init(Backend* backend, std::shared_ptr<const Llama
                                                    options.max_train_queries, " outside [0, ",
                                                    kMaxTrainingQueries, "] (0 = every query)"));
   }
+  if (options.train_topk != TrainingTopKMode::kExact &&
+      options.train_topk != TrainingTopKMode::kApprox) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "train_topk ", static_cast<int>(options.train_topk), " is not exact or approx"));
+  }
   max_batch_ = std::min(options.max_batch_tokens, max_seq_len_);
 
   KVR_ASSIGN_OR_RETURN(device_weights_, DeviceWeights::Import(backend_, *weights_));
@@ -132,6 +137,7 @@ absl::Status RetrievalEngine::Init(Backend* backend, std::shared_ptr<const Llama
   const int depth = options.handoff_depth > 0 ? options.handoff_depth : c.n_layers;
   TrainingTopKOptions train_options;
   train_options.max_queries = static_cast<size_t>(options.max_train_queries);
+  train_options.mode = options.train_topk;
   handoff_ = std::make_unique<PrefillHandOff>(options.handoff_threads, depth,
                                               options.handoff_nice, train_options);
   own_.reset(new EngineSequence(this));

@@ -118,6 +118,14 @@ struct EngineOptions {
   // (sequence, layer, kv head), the pre-batching path (decode_bench
   // --attend_batching=on,off compares them). Outputs are identical.
   bool attend_batching = true;
+  // How the CPU path finds those queries' top-train_k (the worker's
+  // --train_topk): kApprox (default) groups the queries and scans ~1/16 of
+  // a chunk's keys per group (TrainingTopKOptions' approx knobs; exact scores,
+  // ~10x less CPU per 128K-key head; graph recall at the calibrated beam
+  // within 0.005 of exact-trained on topical, lowrank, positional and sink,
+  // docs/benchmarks.md §6b), chunks under 4096 keys stay exact; kExact scans
+  // every key. A backend TopK (CUDA) is always exact.
+  TrainingTopKMode train_topk = TrainingTopKMode::kApprox;
 };
 
 // Which positions one decode step attended (retrieval mode). Sinks

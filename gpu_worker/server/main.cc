@@ -33,6 +33,7 @@
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/time/time.h"
+#include "common/train_topk.h"
 #include "gpu_worker/backend/backend.h"
 #include "gpu_worker/backend/backend_plugin.h"
 #include "gpu_worker/model/bundled_model.h"
@@ -105,6 +106,10 @@ ABSL_FLAG(int, train_k, 32, "in-process node: exact top-k per training query");
 ABSL_FLAG(int64_t, max_train_queries, 16384,
           "prefill queries per kv head and chunk whose exact top-k trains the node's graph "
           "(a stratified sample; 0 = every query, at most 4194304)");
+ABSL_FLAG(std::string, train_topk, "approx",
+          "how the CPU path finds the sampled prefill queries' top-k for the graph: approx "
+          "(queries grouped, each group scans ~1/16 of a chunk's keys; chunks under 4096 keys "
+          "exact) or exact (every key)");
 ABSL_FLAG(int, max_message_bytes, 4 << 20, "largest gRPC message received or sent, bytes");
 ABSL_FLAG(double, max_deadline_seconds, 3600.0,
           "longest a Generate or a waiting GetModelInfo call may run, seconds: one whose "
@@ -234,6 +239,13 @@ int Main(int argc, char** argv) {
   std::unique_ptr<retrieval::RetrievalClient> node = *std::move(made);
   EngineOptions eo;
   eo.max_train_queries = absl::GetFlag(FLAGS_max_train_queries);
+  const std::optional<TrainingTopKMode> train_topk =
+      ParseTrainingTopKMode(absl::GetFlag(FLAGS_train_topk));
+  if (!train_topk.has_value()) {
+    return Fail(absl::StrCat("--train_topk=", absl::GetFlag(FLAGS_train_topk),
+                             " is not exact or approx"));
+  }
+  eo.train_topk = *train_topk;
   absl::StatusOr<std::unique_ptr<RetrievalEngine>> engine =
       RetrievalEngine::Create(backend->get(), *weights, node.get(), eo);
   if (!engine.ok()) return Fail(engine.status().ToString());

@@ -222,6 +222,21 @@ TEST_F(TrainTopKEngineTest, UploadsCarryTheSampledQueriesExactLists) {
   }
 }
 
+// --train_topk (EngineOptions::train_topk): a value that is neither exact
+// nor approx is rejected naming the option.
+TEST_F(TrainTopKEngineTest, UnknownTrainTopKModeIsRejected) {
+  auto node = InProcessRetrievalClient::Create({});
+  ASSERT_TRUE(node.ok()) << node.status();
+  EngineOptions eo;
+  eo.train_topk = static_cast<TrainingTopKMode>(9);
+  auto engine = RetrievalEngine::Create(backend_.get(), weights_, node->get(), eo);
+  ASSERT_FALSE(engine.ok());
+  EXPECT_EQ(engine.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(engine.status().message().find("train_topk"), std::string::npos) << engine.status();
+  EXPECT_NE(engine.status().message().find("exact or approx"), std::string::npos);
+  EXPECT_EQ(EngineOptions{}.train_topk, TrainingTopKMode::kApprox);  // the worker's default
+}
+
 TEST_F(TrainTopKEngineTest, OutOfRangeBoundIsRejected) {
   auto node = InProcessRetrievalClient::Create({});
   ASSERT_TRUE(node.ok()) << node.status();
