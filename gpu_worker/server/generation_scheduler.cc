@@ -72,13 +72,17 @@ class GenerationScheduler::Run {
       s.node_wait_seconds = seq_->stats().node_wait_seconds;
     }
     s.total_seconds = Seconds(now - accepted_);
+    s.prompt_logprobs = prompt_logprobs;
     return s;
   }
 
   // Ends the sequence (drops its shards from the nodes).
   void EndSequence() { seq_.reset(); }
 
+  // PromptLogprobs of the prompt (echo), reported in the summary.
+  std::vector<TokenLogprobs> prompt_logprobs;
   // Scratch for streaming (reused per step).
+  std::vector<TokenLogprobs> new_logprobs;
   std::vector<int32_t> new_ids;
   std::string new_text;
 
@@ -186,6 +190,10 @@ absl::Status GenerationScheduler::ValidateWork(const GenerationWork& work) const
                                                      work.resume_tokens[i], " outside [0, ",
                                                      vocab, ")"));
     }
+  }
+  if (work.logprobs < -1 || work.logprobs > kMaxTopLogprobs) {
+    return absl::InvalidArgumentError(absl::StrCat("logprobs: ", work.logprobs, " outside [0, ",
+                                                   kMaxTopLogprobs, "]"));
   }
   const int64_t limit = engine_->max_seq_len();
   // Both sizes are bounded by the request's message size: no overflow.
@@ -333,9 +341,13 @@ void GenerationScheduler::Ended(GenerationWork& work, absl::StatusOr<GenerationS
 void GenerationScheduler::Stream(Run& run) {
   run.new_ids.clear();
   run.new_text.clear();
-  if (!run.loop().TakeNew(&run.new_ids, &run.new_text)) return;
+  run.new_logprobs.clear();
+  if (!run.loop().TakeNew(&run.new_ids, &run.new_text, &run.new_logprobs)) return;
   if (options_.observer != nullptr && !run.new_ids.empty()) {
     options_.observer->OnTokens(static_cast<int64_t>(run.new_ids.size()));
+  }
+  if (run.work().on_logprobs && !run.new_logprobs.empty()) {
+    run.work().on_logprobs(run.new_logprobs);
   }
   if (run.work().on_tokens) run.work().on_tokens(run.new_ids, run.new_text);
 }
@@ -387,10 +399,31 @@ std::unique_ptr<GenerationScheduler::Run> GenerationScheduler::Admit(Queued q) {
     Ended(w, std::move(replay), /*was_active=*/true);
     return nullptr;
   }
+  if (absl::Status lp = run->loop().SetLogprobs(w.logprobs); !lp.ok()) {
+    Ended(w, std::move(lp), /*was_active=*/true);
+    return nullptr;
+  }
   if (w.cancel.cancelled()) {
     run->loop().Finish(FinishReason::kCancelled);
     Finished(std::move(run));
     return nullptr;
+  }
+  if (w.echo && w.logprobs >= 0) {
+    // Full attention over the prompt on a scratch sequence of its own (see
+    // PromptLogprobs); a resumed request already delivered nothing of it
+    // (the summary comes last), so it is computed again there too.
+    absl::StatusOr<std::vector<TokenLogprobs>> lp =
+        PromptLogprobs(*engine_, w.prompt, w.logprobs, w.cancel);
+    if (absl::IsCancelled(lp.status())) {
+      run->loop().Finish(FinishReason::kCancelled);
+      Finished(std::move(run));
+      return nullptr;
+    }
+    if (!lp.ok()) {
+      Ended(w, Prefixed("prompt logprobs: ", lp.status()), /*was_active=*/true);
+      return nullptr;
+    }
+    run->prompt_logprobs = *std::move(lp);
   }
   const auto total = static_cast<int64_t>(w.prompt.size());
   const int n_layers = engine_->config().n_layers;
