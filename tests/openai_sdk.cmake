@@ -21,6 +21,18 @@ if(KVR_OPENAI_SDK_NODE AND EXISTS ${_openai_sdk_dir}/node_modules/openai/package
       --proto ${PROJECT_SOURCE_DIR}/proto
     NEEDS kvr_gateway kvr_worker kvr
     LABELS e2e TIMEOUT 300)
+  # `kvr eval` (tools/eval.h) on the bundled tasks (tools/eval_tasks.jsonl)
+  # through the same gateway: the accuracy it prints per (task, mode) must
+  # equal the one computed from the gRPC API's prompt logprobs and greedy
+  # text; a malformed tasks file exits 2 naming the line and the limit.
+  kvr_test(kvr_eval_test
+    COMMAND ${KVR_OPENAI_SDK_NODE} ${_openai_sdk_dir}/conformance.mjs --suite eval
+      --tasks ${PROJECT_SOURCE_DIR}/tools/eval_tasks.jsonl
+      --gateway $<TARGET_FILE:kvr_gateway> --worker $<TARGET_FILE:kvr_worker>
+      --kvr $<TARGET_FILE:kvr> --models ${PROJECT_SOURCE_DIR}/models
+      --proto ${PROJECT_SOURCE_DIR}/proto
+    NEEDS kvr_gateway kvr_worker kvr
+    LABELS e2e TIMEOUT 300)
 else()
   message(STATUS "openai_sdk_conformance_test: not registered, no node or "
                  "tests/openai_sdk/node_modules (run scripts/install-deps.sh)")

@@ -519,7 +519,9 @@ std::optional<ApiError> ParseRequest(Route route, const json& body, ParsedReques
     }
   }
   if (auto e = GetOptionalInt(body, "n", 1, limits.max_n, &i, &set)) {
-    if (!e->message.empty()) absl::StrAppend(&e->message, " (--max_n)");
+    // The value quoted by its shape ("an array of 3"), never dumped whole.
+    e->message = absl::StrCat("n: ", Quote(body.at("n")), " outside [1, ", limits.max_n,
+                              "] (--max_n)");
     return e;
   }
   if (set) out->n = static_cast<int>(i);

@@ -21,7 +21,7 @@
 // is bounded by a 240 s watchdog.
 import assert from 'node:assert/strict';
 import { spawn, execFileSync } from 'node:child_process';
-import { mkdtempSync, writeFileSync, rmSync } from 'node:fs';
+import { mkdtempSync, readFileSync, writeFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
 import readline from 'node:readline';
@@ -33,6 +33,11 @@ import protoLoader from '@grpc/proto-loader';
 const args = {};
 for (let i = 2; i + 1 < process.argv.length; i += 2) {
   args[process.argv[i].replace(/^--/, '')] = process.argv[i + 1];
+}
+const suite = args.suite ?? 'sdk';  // sdk: the SDK checks; eval: `kvr eval` vs its oracle
+if (suite === 'eval' && !args.tasks) {
+  console.error('missing --tasks');
+  process.exit(2);
 }
 for (const name of ['gateway', 'worker', 'kvr', 'models', 'proto']) {
   if (!args[name]) {
@@ -192,277 +197,349 @@ async function main() {
     const greedy = { model: 'stories260K', temperature: 0 };
     let plain;  // the greedy completion of P, 32 tokens
 
-    await check('models.list names the served model', async () => {
-      const ids = [];
-      for await (const m of client.models.list()) ids.push(m.id);
-      assert.deepEqual(ids, ['stories260K']);
-    });
-
-    await check('completions: greedy text equals the embedded engine', async () => {
-      plain = await client.completions.create({ ...greedy, prompt: P, max_tokens: 32 });
-      assert.equal(plain.object, 'text_completion');
-      assert.equal(plain.choices.length, 1);
-      assert.equal(plain.choices[0].text, embedded(P, 32));
-      assert.equal(plain.choices[0].finish_reason, 'length');
-      assert.equal(plain.choices[0].logprobs, null);
-      assert.equal(plain.usage.completion_tokens, 32);
-      assert.equal(plain.usage.total_tokens, plain.usage.prompt_tokens + 32);
-    });
-
-    await check('completions: streamed with include_usage equals the whole response', async () => {
-      const stream = await client.completions.create({
-        ...greedy, prompt: P, max_tokens: 32, stream: true,
-        stream_options: { include_usage: true } });
-      let text = '';
-      let usage = null;
-      let finish = null;
-      for await (const c of stream) {
-        if (c.usage) usage = c.usage;
-        for (const ch of c.choices) {
-          text += ch.text;
-          if (ch.finish_reason) finish = ch.finish_reason;
+    if (suite === 'eval') {
+      await check('kvr eval prints the accuracy its gRPC oracle gives', async () => {
+        const out = execFileSync(args.kvr, ['eval', '--url', `http://${gateway.addrs.http}`,
+                                            '--api_key', key, '--tasks', args.tasks],
+                                 { stdio: ['ignore', 'pipe', 'inherit'] }).toString();
+        console.log(out.trimEnd());
+        const printed = {};
+        for (const line of out.trim().split('\n').slice(1)) {
+          const [task, mode, correct, total, accuracy] = line.trim().split(/\s+/);
+          printed[`${task}/${mode}`] = { correct: Number(correct), total: Number(total),
+                                         accuracy: Number(accuracy) };
         }
-      }
-      assert.equal(text, plain.choices[0].text);
-      assert.equal(finish, 'length');
-      assert.deepEqual(usage, plain.usage);
-    });
+        const items = readFileSync(args.tasks, 'utf8').split('\n').filter((l) => l.trim())
+          .map((l) => JSON.parse(l));
+        // The oracle: the gRPC API's prompt logprobs (BOS dropped, byte
+        // offsets from the token pieces) and its greedy text.
+        const score = async (context, choice, mode) => {
+          const g = await generate({ text: context + choice, max_tokens: 0, logprobs: 0,
+                                     echo: true, sampling: { temperature: 0 },
+                                     attention: { mode } });
+          let offset = 0;
+          let sum = 0;
+          for (const t of g.summary.prompt_logprobs.slice(1)) {
+            if (offset >= Buffer.byteLength(context)) sum += t.logprob;
+            offset += t.text.length;
+          }
+          return sum;
+        };
+        let checked = 0;
+        for (const mode of ['full', 'retrieval']) {
+          let mc = 0;
+          let mcTotal = 0;
+          let pk = 0;
+          let pkTotal = 0;
+          for (const item of items) {
+            if (item.type === 'choice') {
+              const sums = [];
+              for (const c of item.choices) sums.push(await score(item.context, c, mode));
+              let best = 0;
+              sums.forEach((v, i) => { if (v > sums[best]) best = i; });
+              mc += best === item.answer ? 1 : 0;
+              mcTotal += 1;
+            } else {
+              const g = await generate({ text: item.context, max_tokens: 8,
+                                         sampling: { temperature: 0 }, attention: { mode } });
+              pk += g.text.replace(/^ +/, '').startsWith(item.answer) ? 1 : 0;
+              pkTotal += 1;
+            }
+          }
+          assert.deepEqual(printed[`choice/${mode}`], { correct: mc, total: mcTotal,
+                                                        accuracy: Number((mc / mcTotal).toFixed(4)) });
+          assert.deepEqual(printed[`passkey/${mode}`], { correct: pk, total: pkTotal,
+                                                         accuracy: Number((pk / pkTotal).toFixed(4)) });
+          checked += 2;
+        }
+        assert.equal(checked, 4);
+        // A bad tasks file is refused naming the line and the limit.
+        const bad = path.join(dir, 'bad.jsonl');
+        writeFileSync(bad, '{"type": "choice", "context": "x", "choices": ["a"], "answer": 0}\n');
+        let failed = null;
+        try {
+          execFileSync(args.kvr, ['eval', '--url', `http://${gateway.addrs.http}`, '--api_key',
+                                  key, '--tasks', bad], { stdio: ['ignore', 'pipe', 'pipe'] });
+        } catch (e) {
+          failed = e;
+        }
+        assert.ok(failed, 'kvr eval accepted a one-choice item');
+        assert.equal(failed.status, 2);
+        assert.match(failed.stderr.toString(), /tasks line 1: "choices" must be an array of 2 to 16/);
+      });
+    } else {
+      await check('models.list names the served model', async () => {
+        const ids = [];
+        for await (const m of client.models.list()) ids.push(m.id);
+        assert.deepEqual(ids, ['stories260K']);
+      });
 
-    await check('chat: greedy reply equals the completion of its rendered prompt', async () => {
-      const chat = await client.chat.completions.create({
-        ...greedy, max_tokens: 24, messages: [{ role: 'user', content: 'Tell me a story.' }] });
-      const ref = await client.completions.create({
-        ...greedy, max_tokens: 24, prompt: 'User: Tell me a story.\nAssistant:',
-        stop: ['\nUser:'] });
-      assert.equal(chat.object, 'chat.completion');
-      assert.equal(chat.choices[0].message.role, 'assistant');
-      assert.equal(chat.choices[0].message.content, ref.choices[0].text);
-      assert.ok(ref.choices[0].text.length > 0);
-      const stream = await client.chat.completions.create({
-        ...greedy, max_tokens: 24, messages: [{ role: 'user', content: 'Tell me a story.' }],
-        stream: true, stream_options: { include_usage: true } });
-      let text = '';
-      let usage = null;
-      for await (const c of stream) {
-        if (c.usage) usage = c.usage;
-        for (const ch of c.choices) text += ch.delta.content ?? '';
-      }
-      assert.equal(text, chat.choices[0].message.content);
-      assert.deepEqual(usage, chat.usage);
-    });
+      await check('completions: greedy text equals the embedded engine', async () => {
+        plain = await client.completions.create({ ...greedy, prompt: P, max_tokens: 32 });
+        assert.equal(plain.object, 'text_completion');
+        assert.equal(plain.choices.length, 1);
+        assert.equal(plain.choices[0].text, embedded(P, 32));
+        assert.equal(plain.choices[0].finish_reason, 'length');
+        assert.equal(plain.choices[0].logprobs, null);
+        assert.equal(plain.usage.completion_tokens, 32);
+        assert.equal(plain.usage.total_tokens, plain.usage.prompt_tokens + 32);
+      });
 
-    await check('completions logprobs: shape, greedy = top-1, equal to gRPC to 1e-5', async () => {
-      const r = await client.completions.create({ ...greedy, prompt: P, max_tokens: 16,
-                                                  logprobs: 3 });
-      const lp = r.choices[0].logprobs;
-      assert.equal(lp.tokens.length, 16);
-      assert.equal(lp.tokens.join(''), r.choices[0].text);
-      let offset = 0;
-      for (let i = 0; i < 16; i++) {
-        assert.equal(lp.text_offset[i], offset);
-        offset += Buffer.byteLength(lp.tokens[i]);
-        const top = Object.entries(lp.top_logprobs[i]).sort((a, b) => b[1] - a[1]);
-        assert.ok(top.length >= 1 && top.length <= 3);
-        assert.equal(top[0][0], lp.tokens[i]);
-        assert.equal(top[0][1], lp.token_logprobs[i]);
-      }
-      const g = await generate({ text: P, max_tokens: 16, sampling: { temperature: 0 },
-                                 logprobs: 3 });
-      assert.equal(g.text, r.choices[0].text);
-      assert.equal(g.logprobs.length, 16);
-      for (let i = 0; i < 16; i++) {
-        near(lp.token_logprobs[i], g.logprobs[i].logprob, 1e-5, `token ${i}`);
-        assert.equal(g.logprobs[i].top.length, 3);
-        assert.equal(g.logprobs[i].top[0].token_id, g.token_ids[i]);
-      }
-    });
+      await check('completions: streamed with include_usage equals the whole response', async () => {
+        const stream = await client.completions.create({
+          ...greedy, prompt: P, max_tokens: 32, stream: true,
+          stream_options: { include_usage: true } });
+        let text = '';
+        let usage = null;
+        let finish = null;
+        for await (const c of stream) {
+          if (c.usage) usage = c.usage;
+          for (const ch of c.choices) {
+            text += ch.text;
+            if (ch.finish_reason) finish = ch.finish_reason;
+          }
+        }
+        assert.equal(text, plain.choices[0].text);
+        assert.equal(finish, 'length');
+        assert.deepEqual(usage, plain.usage);
+      });
 
-    await check('echo + max_tokens 0 + logprobs: the prompt scored, equal to gRPC', async () => {
-      const r = await client.completions.create({ ...greedy, prompt: P, max_tokens: 0,
-                                                  echo: true, logprobs: 1 });
-      const c = r.choices[0];
-      assert.equal(c.text, P);
-      assert.equal(c.logprobs.tokens.join(''), P);
-      assert.equal(r.usage.completion_tokens, 0);
-      const g = await generate({ text: P, max_tokens: 0, sampling: { temperature: 0 },
-                                 logprobs: 1, echo: true });
-      const prompt = g.summary.prompt_logprobs;
-      assert.equal(prompt.length, r.usage.prompt_tokens);    // BOS included there
-      assert.ok(prompt[0].logprob == null);                  // nothing predicts BOS
-      assert.equal(c.logprobs.token_logprobs.length, prompt.length - 1);  // BOS not echoed
-      for (let i = 0; i < c.logprobs.token_logprobs.length; i++) {
-        assert.equal(typeof c.logprobs.token_logprobs[i], 'number');
-        assert.ok(c.logprobs.token_logprobs[i] <= 0);
-        near(c.logprobs.token_logprobs[i], prompt[i + 1].logprob, 1e-5, `prompt token ${i}`);
-      }
-      // Echo with generation: prompt, then the greedy text, scored throughout.
-      const both = await client.completions.create({ ...greedy, prompt: P, max_tokens: 8,
-                                                     echo: true, logprobs: 0 });
-      assert.equal(both.choices[0].text, P + embedded(P, 8));
-      assert.equal(both.choices[0].logprobs.tokens.length, prompt.length - 1 + 8);
-    });
+      await check('chat: greedy reply equals the completion of its rendered prompt', async () => {
+        const chat = await client.chat.completions.create({
+          ...greedy, max_tokens: 24, messages: [{ role: 'user', content: 'Tell me a story.' }] });
+        const ref = await client.completions.create({
+          ...greedy, max_tokens: 24, prompt: 'User: Tell me a story.\nAssistant:',
+          stop: ['\nUser:'] });
+        assert.equal(chat.object, 'chat.completion');
+        assert.equal(chat.choices[0].message.role, 'assistant');
+        assert.equal(chat.choices[0].message.content, ref.choices[0].text);
+        assert.ok(ref.choices[0].text.length > 0);
+        const stream = await client.chat.completions.create({
+          ...greedy, max_tokens: 24, messages: [{ role: 'user', content: 'Tell me a story.' }],
+          stream: true, stream_options: { include_usage: true } });
+        let text = '';
+        let usage = null;
+        for await (const c of stream) {
+          if (c.usage) usage = c.usage;
+          for (const ch of c.choices) text += ch.delta.content ?? '';
+        }
+        assert.equal(text, chat.choices[0].message.content);
+        assert.deepEqual(usage, chat.usage);
+      });
 
-    await check('chat logprobs + top_logprobs', async () => {
-      const r = await client.chat.completions.create({
-        ...greedy, max_tokens: 12, logprobs: true, top_logprobs: 2,
-        messages: [{ role: 'user', content: 'Hi' }] });
-      const content = r.choices[0].logprobs.content;
-      assert.ok(content.length > 0);
-      assert.equal(content.map((t) => t.token).join(''), r.choices[0].message.content);
-      for (const t of content) {
-        assert.equal(t.top_logprobs.length, 2);
-        assert.equal(t.top_logprobs[0].token, t.token);
-        assert.equal(t.top_logprobs[0].logprob, t.logprob);
-        assert.ok(t.top_logprobs[1].logprob <= t.logprob);
-        assert.deepEqual(t.bytes, [...Buffer.from(t.token)]);
-      }
-      const stream = await client.chat.completions.create({
-        ...greedy, max_tokens: 12, logprobs: true, top_logprobs: 2, stream: true,
-        messages: [{ role: 'user', content: 'Hi' }] });
-      const streamed = [];
-      for await (const c of stream) {
-        for (const ch of c.choices) streamed.push(...(ch.logprobs?.content ?? []));
-      }
-      assert.deepEqual(streamed, content);
-    });
+      await check('completions logprobs: shape, greedy = top-1, equal to gRPC to 1e-5', async () => {
+        const r = await client.completions.create({ ...greedy, prompt: P, max_tokens: 16,
+                                                    logprobs: 3 });
+        const lp = r.choices[0].logprobs;
+        assert.equal(lp.tokens.length, 16);
+        assert.equal(lp.tokens.join(''), r.choices[0].text);
+        let offset = 0;
+        for (let i = 0; i < 16; i++) {
+          assert.equal(lp.text_offset[i], offset);
+          offset += Buffer.byteLength(lp.tokens[i]);
+          const top = Object.entries(lp.top_logprobs[i]).sort((a, b) => b[1] - a[1]);
+          assert.ok(top.length >= 1 && top.length <= 3);
+          assert.equal(top[0][0], lp.tokens[i]);
+          assert.equal(top[0][1], lp.token_logprobs[i]);
+        }
+        const g = await generate({ text: P, max_tokens: 16, sampling: { temperature: 0 },
+                                   logprobs: 3 });
+        assert.equal(g.text, r.choices[0].text);
+        assert.equal(g.logprobs.length, 16);
+        for (let i = 0; i < 16; i++) {
+          near(lp.token_logprobs[i], g.logprobs[i].logprob, 1e-5, `token ${i}`);
+          assert.equal(g.logprobs[i].top.length, 3);
+          assert.equal(g.logprobs[i].top[0].token_id, g.token_ids[i]);
+        }
+      });
 
-    await check('n: greedy copies identical, sampled ones differ and a seed reproduces them',
-                async () => {
-      const r = await client.completions.create({ ...greedy, prompt: P, max_tokens: 32, n: 3 });
-      assert.deepEqual(r.choices.map((c) => c.index), [0, 1, 2]);
-      for (const c of r.choices) assert.equal(c.text, plain.choices[0].text);
-      assert.equal(r.usage.completion_tokens, 96);
-      assert.equal(r.usage.prompt_tokens, plain.usage.prompt_tokens);
-      const req = { model: 'stories260K', prompt: 'Lily', max_tokens: 16, n: 4,
-                    temperature: 1.5, seed: 7 };
-      const a = await client.completions.create(req);
-      const b = await client.completions.create(req);
-      assert.deepEqual(a.choices.map((c) => c.text), b.choices.map((c) => c.text));
-      assert.ok(new Set(a.choices.map((c) => c.text)).size > 1, 'all sampled choices equal');
-      const s = await client.chat.completions.create({
-        ...greedy, n: 2, max_tokens: 8, stream: true,
-        messages: [{ role: 'user', content: 'Hi' }] });
-      const texts = ['', ''];
-      for await (const c of s) for (const ch of c.choices) texts[ch.index] += ch.delta.content ?? '';
-      assert.equal(texts[0], texts[1]);
-      assert.ok(texts[0].length > 0);
-    });
+      await check('echo + max_tokens 0 + logprobs: the prompt scored, equal to gRPC', async () => {
+        const r = await client.completions.create({ ...greedy, prompt: P, max_tokens: 0,
+                                                    echo: true, logprobs: 1 });
+        const c = r.choices[0];
+        assert.equal(c.text, P);
+        assert.equal(c.logprobs.tokens.join(''), P);
+        assert.equal(r.usage.completion_tokens, 0);
+        const g = await generate({ text: P, max_tokens: 0, sampling: { temperature: 0 },
+                                   logprobs: 1, echo: true });
+        const prompt = g.summary.prompt_logprobs;
+        assert.equal(prompt.length, r.usage.prompt_tokens);    // BOS included there
+        assert.ok(prompt[0].logprob == null);                  // nothing predicts BOS
+        assert.equal(c.logprobs.token_logprobs.length, prompt.length - 1);  // BOS not echoed
+        for (let i = 0; i < c.logprobs.token_logprobs.length; i++) {
+          assert.equal(typeof c.logprobs.token_logprobs[i], 'number');
+          assert.ok(c.logprobs.token_logprobs[i] <= 0);
+          near(c.logprobs.token_logprobs[i], prompt[i + 1].logprob, 1e-5, `prompt token ${i}`);
+        }
+        // Echo with generation: prompt, then the greedy text, scored throughout.
+        const both = await client.completions.create({ ...greedy, prompt: P, max_tokens: 8,
+                                                       echo: true, logprobs: 0 });
+        assert.equal(both.choices[0].text, P + embedded(P, 8));
+        assert.equal(both.choices[0].logprobs.tokens.length, prompt.length - 1 + 8);
+      });
 
-    await check('seed: same seed same text, another seed another text', async () => {
-      const req = { model: 'stories260K', prompt: P, max_tokens: 24, temperature: 1.0 };
-      const a = await client.completions.create({ ...req, seed: 42 });
-      const b = await client.completions.create({ ...req, seed: 42 });
-      const c = await client.completions.create({ ...req, seed: 43 });
-      assert.equal(a.choices[0].text, b.choices[0].text);
-      assert.notEqual(a.choices[0].text, c.choices[0].text);
-    });
+      await check('chat logprobs + top_logprobs', async () => {
+        const r = await client.chat.completions.create({
+          ...greedy, max_tokens: 12, logprobs: true, top_logprobs: 2,
+          messages: [{ role: 'user', content: 'Hi' }] });
+        const content = r.choices[0].logprobs.content;
+        assert.ok(content.length > 0);
+        assert.equal(content.map((t) => t.token).join(''), r.choices[0].message.content);
+        for (const t of content) {
+          assert.equal(t.top_logprobs.length, 2);
+          assert.equal(t.top_logprobs[0].token, t.token);
+          assert.equal(t.top_logprobs[0].logprob, t.logprob);
+          assert.ok(t.top_logprobs[1].logprob <= t.logprob);
+          assert.deepEqual(t.bytes, [...Buffer.from(t.token)]);
+        }
+        const stream = await client.chat.completions.create({
+          ...greedy, max_tokens: 12, logprobs: true, top_logprobs: 2, stream: true,
+          messages: [{ role: 'user', content: 'Hi' }] });
+        const streamed = [];
+        for await (const c of stream) {
+          for (const ch of c.choices) streamed.push(...(ch.logprobs?.content ?? []));
+        }
+        assert.deepEqual(streamed, content);
+      });
 
-    await check('presence / frequency penalties: fewer repeats, equal to gRPC', async () => {
-      const base = { ...greedy, prompt: 'Lily', max_tokens: 48, logprobs: 0 };
-      const r0 = await client.completions.create(base);
-      const r1 = await client.completions.create({ ...base, presence_penalty: 1.5,
-                                                   frequency_penalty: 1.0 });
-      const repeats = (r) => r.choices[0].logprobs.tokens.length -
-                             new Set(r.choices[0].logprobs.tokens).size;
-      assert.notEqual(r1.choices[0].text, r0.choices[0].text);
-      assert.ok(repeats(r1) < repeats(r0), `repeats ${repeats(r1)} vs ${repeats(r0)}`);
-      const g = await generate({ text: 'Lily', max_tokens: 48, logprobs: 0,
-                                 sampling: { temperature: 0, presence_penalty: 1.5,
-                                             frequency_penalty: 1.0 } });
-      assert.equal(g.text, r1.choices[0].text);
-      g.logprobs.forEach((t, i) => near(r1.choices[0].logprobs.token_logprobs[i], t.logprob,
-                                        1e-5, `token ${i}`));
-    });
+      await check('n: greedy copies identical, sampled ones differ and a seed reproduces them',
+                  async () => {
+        const r = await client.completions.create({ ...greedy, prompt: P, max_tokens: 32, n: 3 });
+        assert.deepEqual(r.choices.map((c) => c.index), [0, 1, 2]);
+        for (const c of r.choices) assert.equal(c.text, plain.choices[0].text);
+        assert.equal(r.usage.completion_tokens, 96);
+        assert.equal(r.usage.prompt_tokens, plain.usage.prompt_tokens);
+        const req = { model: 'stories260K', prompt: 'Lily', max_tokens: 16, n: 4,
+                      temperature: 1.5, seed: 7 };
+        const a = await client.completions.create(req);
+        const b = await client.completions.create(req);
+        assert.deepEqual(a.choices.map((c) => c.text), b.choices.map((c) => c.text));
+        assert.ok(new Set(a.choices.map((c) => c.text)).size > 1, 'all sampled choices equal');
+        const s = await client.chat.completions.create({
+          ...greedy, n: 2, max_tokens: 8, stream: true,
+          messages: [{ role: 'user', content: 'Hi' }] });
+        const texts = ['', ''];
+        for await (const c of s) for (const ch of c.choices) texts[ch.index] += ch.delta.content ?? '';
+        assert.equal(texts[0], texts[1]);
+        assert.ok(texts[0].length > 0);
+      });
 
-    await check('stop: text cut before the first stop string', async () => {
-      const text = plain.choices[0].text;
-      const cut = text.indexOf('. ');
-      assert.ok(cut >= 0, `no ". " in ${text}`);
-      const r = await client.completions.create({ ...greedy, prompt: P, max_tokens: 32,
-                                                  stop: ['zzz', '. ', 'qqq', 'xxx'] });
-      assert.equal(r.choices[0].text, text.slice(0, cut));
-      assert.equal(r.choices[0].finish_reason, 'stop');
-    });
+      await check('seed: same seed same text, another seed another text', async () => {
+        const req = { model: 'stories260K', prompt: P, max_tokens: 24, temperature: 1.0 };
+        const a = await client.completions.create({ ...req, seed: 42 });
+        const b = await client.completions.create({ ...req, seed: 42 });
+        const c = await client.completions.create({ ...req, seed: 43 });
+        assert.equal(a.choices[0].text, b.choices[0].text);
+        assert.notEqual(a.choices[0].text, c.choices[0].text);
+      });
 
-    await check('prompt batches and token-id prompts', async () => {
-      const ids = await tokenize(P);
-      assert.ok(ids.length > 5);
-      const byIds = await client.completions.create({ ...greedy, prompt: ids, max_tokens: 32 });
-      assert.equal(byIds.choices[0].text, plain.choices[0].text);
-      const lily = await client.completions.create({ ...greedy, prompt: 'Lily', max_tokens: 16 });
-      const batch = await client.completions.create({ ...greedy, prompt: [P, 'Lily'],
-                                                      max_tokens: 16, n: 2 });
-      assert.equal(batch.choices.length, 4);
-      assert.deepEqual(batch.choices.map((c) => c.index), [0, 1, 2, 3]);
-      const p16 = plain.choices[0].text.slice(0, 0) + embedded(P, 16);
-      assert.equal(batch.choices[0].text, p16);
-      assert.equal(batch.choices[1].text, p16);
-      assert.equal(batch.choices[2].text, lily.choices[0].text);
-      assert.equal(batch.choices[3].text, lily.choices[0].text);
-      assert.equal(batch.usage.prompt_tokens, plain.usage.prompt_tokens + lily.usage.prompt_tokens);
-      const idBatch = await client.completions.create({ ...greedy, prompt: [ids, ids],
-                                                        max_tokens: 16 });
-      assert.equal(idBatch.choices[0].text, p16);
-      assert.equal(idBatch.choices[1].text, p16);
-      // echo of a token prompt: its pieces (no BOS).
-      const echoed = await client.completions.create({ ...greedy, prompt: ids, max_tokens: 0,
-                                                       echo: true });
-      assert.equal(echoed.choices[0].text, P);
-      assert.equal(echoed.choices[0].logprobs, null);
-    });
+      await check('presence / frequency penalties: fewer repeats, equal to gRPC', async () => {
+        const base = { ...greedy, prompt: 'Lily', max_tokens: 48, logprobs: 0 };
+        const r0 = await client.completions.create(base);
+        const r1 = await client.completions.create({ ...base, presence_penalty: 1.5,
+                                                     frequency_penalty: 1.0 });
+        const repeats = (r) => r.choices[0].logprobs.tokens.length -
+                               new Set(r.choices[0].logprobs.tokens).size;
+        assert.notEqual(r1.choices[0].text, r0.choices[0].text);
+        assert.ok(repeats(r1) < repeats(r0), `repeats ${repeats(r1)} vs ${repeats(r0)}`);
+        const g = await generate({ text: 'Lily', max_tokens: 48, logprobs: 0,
+                                   sampling: { temperature: 0, presence_penalty: 1.5,
+                                               frequency_penalty: 1.0 } });
+        assert.equal(g.text, r1.choices[0].text);
+        g.logprobs.forEach((t, i) => near(r1.choices[0].logprobs.token_logprobs[i], t.logprob,
+                                          1e-5, `token ${i}`));
+      });
 
-    await check('user is accepted', async () => {
-      const r = await client.completions.create({ ...greedy, prompt: P, max_tokens: 4,
-                                                  user: 'user-1234' });
-      assert.equal(r.choices[0].text, embedded(P, 4));
-    });
+      await check('stop: text cut before the first stop string', async () => {
+        const text = plain.choices[0].text;
+        const cut = text.indexOf('. ');
+        assert.ok(cut >= 0, `no ". " in ${text}`);
+        const r = await client.completions.create({ ...greedy, prompt: P, max_tokens: 32,
+                                                    stop: ['zzz', '. ', 'qqq', 'xxx'] });
+        assert.equal(r.choices[0].text, text.slice(0, cut));
+        assert.equal(r.choices[0].finish_reason, 'stop');
+      });
 
-    await check('400s name the parameter and its limit', async () => {
-      const cases = [
-        [{ prompt: P, n: 17 }, 'n', '16'],
-        [{ prompt: P, logprobs: 6 }, 'logprobs', '5'],
-        [{ prompt: P, presence_penalty: 2.5 }, 'presence_penalty', '[-2, 2]'],
-        [{ prompt: P, frequency_penalty: -3 }, 'frequency_penalty', '[-2, 2]'],
-        [{ prompt: P, stop: ['a', 'b', 'c', 'd', 'e'] }, 'stop', '4'],
-        [{ prompt: [[1, 100000]] }, 'prompt', '512'],
-        [{ prompt: new Array(17).fill('x') }, 'prompt', '16'],
-        [{ prompt: P, user: 'u'.repeat(257) }, 'user', '256'],
-      ];
-      for (const [body, param, limit] of cases) {
-        const e = await sdkError(client.completions.create({ model: 'stories260K', ...body }));
-        assert.ok(e instanceof OpenAI.BadRequestError, `${param}: ${e}`);
-        assert.equal(e.status, 400);
-        assert.equal(e.param, param, e.message);
-        assert.ok(e.message.includes(limit), `${param}: "${e.message}" lacks ${limit}`);
-        assert.equal(e.type, 'invalid_request_error');
-      }
-      const chat = await sdkError(client.chat.completions.create({
-        model: 'stories260K', messages: [{ role: 'user', content: 'x' }], logprobs: true,
-        top_logprobs: 21 }));
-      assert.equal(chat.status, 400);
-      assert.equal(chat.param, 'top_logprobs');
-      assert.ok(chat.message.includes('20'));
-    });
+      await check('prompt batches and token-id prompts', async () => {
+        const ids = await tokenize(P);
+        assert.ok(ids.length > 5);
+        const byIds = await client.completions.create({ ...greedy, prompt: ids, max_tokens: 32 });
+        assert.equal(byIds.choices[0].text, plain.choices[0].text);
+        const lily = await client.completions.create({ ...greedy, prompt: 'Lily', max_tokens: 16 });
+        const batch = await client.completions.create({ ...greedy, prompt: [P, 'Lily'],
+                                                        max_tokens: 16, n: 2 });
+        assert.equal(batch.choices.length, 4);
+        assert.deepEqual(batch.choices.map((c) => c.index), [0, 1, 2, 3]);
+        const p16 = plain.choices[0].text.slice(0, 0) + embedded(P, 16);
+        assert.equal(batch.choices[0].text, p16);
+        assert.equal(batch.choices[1].text, p16);
+        assert.equal(batch.choices[2].text, lily.choices[0].text);
+        assert.equal(batch.choices[3].text, lily.choices[0].text);
+        assert.equal(batch.usage.prompt_tokens, plain.usage.prompt_tokens + lily.usage.prompt_tokens);
+        const idBatch = await client.completions.create({ ...greedy, prompt: [ids, ids],
+                                                          max_tokens: 16 });
+        assert.equal(idBatch.choices[0].text, p16);
+        assert.equal(idBatch.choices[1].text, p16);
+        // echo of a token prompt: its pieces (no BOS).
+        const echoed = await client.completions.create({ ...greedy, prompt: ids, max_tokens: 0,
+                                                         echo: true });
+        assert.equal(echoed.choices[0].text, P);
+        assert.equal(echoed.choices[0].logprobs, null);
+      });
 
-    await check('404 for an unknown model', async () => {
-      const e = await sdkError(client.completions.create({ model: 'gpt-4', prompt: P }));
-      assert.ok(e instanceof OpenAI.NotFoundError, String(e));
-      assert.equal(e.status, 404);
-      assert.equal(e.code, 'model_not_found');
-      assert.equal(e.param, 'model');
-    });
+      await check('user is accepted', async () => {
+        const r = await client.completions.create({ ...greedy, prompt: P, max_tokens: 4,
+                                                    user: 'user-1234' });
+        assert.equal(r.choices[0].text, embedded(P, 4));
+      });
 
-    await check('429: n choices count as n requests against a key', async () => {
-      const limited = new OpenAI({ apiKey: oneKey, baseURL: `http://${gateway.addrs.http}/v1`,
-                                   maxRetries: 0, timeout: 60000 });
-      const one = await limited.completions.create({ ...greedy, prompt: P, max_tokens: 4 });
-      assert.equal(one.choices.length, 1);
-      const e = await sdkError(limited.completions.create({ ...greedy, prompt: P,
-                                                            max_tokens: 4, n: 2 }));
-      assert.ok(e instanceof OpenAI.RateLimitError, String(e));
-      assert.equal(e.status, 429);
-      assert.equal(e.code, 'rate_limit_exceeded');
-    });
+      await check('400s name the parameter and its limit', async () => {
+        const cases = [
+          [{ prompt: P, n: 17 }, 'n', '16'],
+          [{ prompt: P, logprobs: 6 }, 'logprobs', '5'],
+          [{ prompt: P, presence_penalty: 2.5 }, 'presence_penalty', '[-2, 2]'],
+          [{ prompt: P, frequency_penalty: -3 }, 'frequency_penalty', '[-2, 2]'],
+          [{ prompt: P, stop: ['a', 'b', 'c', 'd', 'e'] }, 'stop', '4'],
+          [{ prompt: [[1, 100000]] }, 'prompt', '512'],
+          [{ prompt: new Array(17).fill('x') }, 'prompt', '16'],
+          [{ prompt: P, user: 'u'.repeat(257) }, 'user', '256'],
+        ];
+        for (const [body, param, limit] of cases) {
+          const e = await sdkError(client.completions.create({ model: 'stories260K', ...body }));
+          assert.ok(e instanceof OpenAI.BadRequestError, `${param}: ${e}`);
+          assert.equal(e.status, 400);
+          assert.equal(e.param, param, e.message);
+          assert.ok(e.message.includes(limit), `${param}: "${e.message}" lacks ${limit}`);
+          assert.equal(e.type, 'invalid_request_error');
+        }
+        const chat = await sdkError(client.chat.completions.create({
+          model: 'stories260K', messages: [{ role: 'user', content: 'x' }], logprobs: true,
+          top_logprobs: 21 }));
+        assert.equal(chat.status, 400);
+        assert.equal(chat.param, 'top_logprobs');
+        assert.ok(chat.message.includes('20'));
+      });
+
+      await check('404 for an unknown model', async () => {
+        const e = await sdkError(client.completions.create({ model: 'gpt-4', prompt: P }));
+        assert.ok(e instanceof OpenAI.NotFoundError, String(e));
+        assert.equal(e.status, 404);
+        assert.equal(e.code, 'model_not_found');
+        assert.equal(e.param, 'model');
+      });
+
+      await check('429: n choices count as n requests against a key', async () => {
+        const limited = new OpenAI({ apiKey: oneKey, baseURL: `http://${gateway.addrs.http}/v1`,
+                                     maxRetries: 0, timeout: 60000 });
+        const one = await limited.completions.create({ ...greedy, prompt: P, max_tokens: 4 });
+        assert.equal(one.choices.length, 1);
+        const e = await sdkError(limited.completions.create({ ...greedy, prompt: P,
+                                                              max_tokens: 4, n: 2 }));
+        assert.ok(e instanceof OpenAI.RateLimitError, String(e));
+        assert.equal(e.status, 429);
+        assert.equal(e.code, 'rate_limit_exceeded');
+      });
+    }
     stub.close();
   } finally {
     await stopAll();
