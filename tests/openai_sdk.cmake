@@ -37,3 +37,10 @@ else()
   message(STATUS "openai_sdk_conformance_test: not registered, no node or "
                  "tests/openai_sdk/node_modules (run scripts/install-deps.sh)")
 endif()
+
+# The worker's scheduler with echo + logprobs: streamed logprobs, the
+# summary's prompt logprobs, and the scratch full-attention sequence reserved
+# in the memory budget.
+kvr_test(echo_scheduler_test SOURCES unit/echo_scheduler_test.cc PROTOBUF_FIRST
+  DEPS kvr::worker_server kvr::engine kvr::retrieval_client
+  LABELS unit TIMEOUT 120)

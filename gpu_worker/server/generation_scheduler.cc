@@ -230,7 +230,7 @@ absl::Status GenerationScheduler::Submit(GenerationWork work) {
         options_.max_queue, "); retry after about 1 s with exponential backoff, or on another "
         "worker"));
   }
-  const SequenceMemory need = MemoryOf(work.attention);
+  const SequenceMemory need = MemoryOf(work);
   struct Budget {
     const char* kind;  // "host" / "device"
     int64_t bytes, budget, reserved;
@@ -295,6 +295,19 @@ absl::Status GenerationScheduler::WhenFinished(int64_t n, std::function<void()> 
   return absl::OkStatus();
 }
 
+GenerationScheduler::SequenceMemory GenerationScheduler::MemoryOf(
+    const GenerationWork& work) const {
+  SequenceMemory m = MemoryOf(work.attention);
+  if (!work.echo || work.logprobs < 0) return m;
+  AttentionOptions full;
+  full.mode = AttentionMode::kFull;
+  const SequenceMemory scratch = MemoryOf(full);
+  constexpr int64_t kMax = std::numeric_limits<int64_t>::max();
+  m.host = m.host > kMax - scratch.host ? kMax : m.host + scratch.host;
+  m.device = m.device > kMax - scratch.device ? kMax : m.device + scratch.device;
+  return m;
+}
+
 bool GenerationScheduler::CancelWaiter(uint64_t id) {
   std::lock_guard<std::mutex> lock(mu_);
   for (auto it = finish_waiters_.begin(); it != finish_waiters_.end(); ++it) {
@@ -314,7 +327,7 @@ void GenerationScheduler::Ended(GenerationWork& work, absl::StatusOr<GenerationS
     std::lock_guard<std::mutex> lock(mu_);
     ++finished_;
     if (was_active) --active_;
-    const SequenceMemory held = MemoryOf(work.attention);
+    const SequenceMemory held = MemoryOf(work);
     if (options_.memory_budget_bytes > 0) reserved_bytes_ -= held.host;
     if (options_.backend_on_device && options_.device_memory_budget_bytes > 0) {
       reserved_device_bytes_ -= held.device;

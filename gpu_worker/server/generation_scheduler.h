@@ -248,6 +248,10 @@ class GenerationScheduler {
     int64_t device = 0;
   };
   SequenceMemory MemoryOf(const AttentionOptions& attention) const;
+  // What `work` holds while it runs: its sequence, plus, with echo and
+  // logprobs, the scratch full-attention sequence that scores its prompt
+  // (PromptLogprobs). Saturates likewise.
+  SequenceMemory MemoryOf(const GenerationWork& work) const;
   // Whether a request that failed with `why` is to be recomputed
   // (SchedulerOptions::max_recomputes).
   bool Recomputable(const GenerationWork& work, const absl::Status& why) const;
