@@ -59,3 +59,15 @@ if [[ -z "${KVR_SKIP_NPM:-}" && -f "$deploy_dir/package-lock.json" ]] &&
   (cd "$deploy_dir" && npm ci --no-audit --no-fund --loglevel=error >/dev/null)
   cp "$deploy_dir/package-lock.json" "$deploy_dir/node_modules/.kvr-installed-lock"
 fi
+
+# The OpenAI conformance test's npm packages (the official `openai` Node SDK
+# v4 and @grpc/grpc-js for the gRPC oracle), pinned by
+# tests/openai_sdk/package-lock.json into tests/openai_sdk/node_modules
+# (git-ignored); same rules as tests/deploy's above.
+sdk_dir="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)/tests/openai_sdk"
+if [[ -z "${KVR_SKIP_NPM:-}" && -f "$sdk_dir/package-lock.json" ]] &&
+   ! cmp -s "$sdk_dir/package-lock.json" "$sdk_dir/node_modules/.kvr-installed-lock"; then
+  echo "install-deps: npm ci in tests/openai_sdk"
+  (cd "$sdk_dir" && npm ci --no-audit --no-fund --loglevel=error >/dev/null)
+  cp "$sdk_dir/package-lock.json" "$sdk_dir/node_modules/.kvr-installed-lock"
+fi

@@ -48,6 +48,7 @@
 #include "services/infra/security/tls_credentials.h"
 #include "tools/client.h"
 #include "tools/cluster.h"
+#include "tools/eval.h"
 #endif
 
 namespace kvr {
@@ -66,6 +67,10 @@ Usage:
   kvr client --target HOST:PORT [flags]
                            stream a generation from a gateway or worker
   kvr apikey --id ID       make a gateway API key (key, then its keys-file entry)
+  kvr eval --url http://HOST:PORT [flags]
+                           task accuracy (loglikelihood multiple choice,
+                           passkey) through the HTTP API, full attention vs
+                           retrieval
   kvr capture --prompt P --out DIR [flags]
                            write a model run's per-layer, per-head queries,
                            keys and values as .npy files for index_bench
@@ -401,15 +406,16 @@ int Main(int argc, char** argv) {
   if (command == "cluster") return MainCluster(args);
   if (command == "client") return MainClient(args);
   if (command == "apikey") return apikey::RunApiKey(args);
+  if (command == "eval") return eval::RunEval(args);
 #else
-  if (command == "cluster" || command == "client" || command == "apikey") {
+  if (command == "cluster" || command == "client" || command == "apikey" || command == "eval") {
     std::fprintf(stderr, "kvr %s: this kvr was built without KVR_WITH_SERVICES\n",
                  command.c_str());
     return 2;
   }
 #endif
   std::fprintf(stderr,
-               "kvr: unknown command \"%s\" (commands: generate, capture, cluster, client, apikey; "
+               "kvr: unknown command \"%s\" (commands: generate, capture, cluster, client, apikey, eval; "
                "see kvr --help)\n",
                command.c_str());
   return 2;

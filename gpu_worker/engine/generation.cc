@@ -49,6 +49,7 @@ RequestLoop::RequestLoop(std::vector<int32_t> prompt, int max_tokens,
       context_(std::move(prompt)) {
   for (const std::string& s : stop_) longest_stop_ = std::max(longest_stop_, s.size());
   prompt_tokens_ = static_cast<int64_t>(context_.size());
+  sampler_.set_generated_from(context_.size());
   token_ = context_.empty() ? tokenizer_.bos_id() : context_.back();
 }
 
@@ -65,12 +66,18 @@ absl::StatusOr<bool> RequestLoop::Advance(std::span<const float> logits, int64_t
 absl::StatusOr<bool> RequestLoop::AdvanceWith(std::span<const float> logits, int64_t position,
                                               int64_t max_seq_len) {
   if (generated() >= max_tokens_) return Finish(FinishReason::kLength);
-  const int32_t next =
-      replay_next_ < replay_.size() ? replay_[replay_next_++] : sampler_.Sample(logits, context_);
+  const bool replayed = replay_next_ < replay_.size();
+  const int32_t next = replayed ? replay_[replay_next_++] : sampler_.Sample(logits, context_);
   if (next == tokenizer_.bos_id() || next == tokenizer_.eos_id()) {
     return Finish(FinishReason::kEos);
   }
   KVR_ASSIGN_OR_RETURN(std::string piece, tokenizer_.Decode(token_, next));
+  if (logprobs_ >= 0) {
+    // Replayed tokens were streamed (with their logprobs) by the first run:
+    // a placeholder keeps logprobs_out_ aligned with tokens_.
+    logprobs_out_.push_back(replayed ? TokenLogprobs{next, false, 0.0f, {}}
+                                     : sampler_.LastLogprobs(next, logprobs_));
+  }
   tokens_.push_back(next);
   context_.push_back(next);
   token_ = next;
@@ -102,8 +109,23 @@ bool RequestLoop::Finish(FinishReason reason) {
   return true;
 }
 
-bool RequestLoop::TakeNew(std::vector<int32_t>* ids, std::string* text) {
+absl::Status RequestLoop::SetLogprobs(int top_n) {
+  if (top_n < -1 || top_n > kMaxTopLogprobs) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("logprobs: ", top_n, " outside [0, ", kMaxTopLogprobs, "]"));
+  }
+  logprobs_ = top_n;
+  return absl::OkStatus();
+}
+
+bool RequestLoop::TakeNew(std::vector<int32_t>* ids, std::string* text,
+                          std::vector<TokenLogprobs>* logprobs) {
   const bool any = taken_ids_ < tokens_.size() || taken_text_ < emitted_;
+  if (logprobs != nullptr && logprobs_ >= 0) {
+    logprobs->insert(logprobs->end(),
+                     logprobs_out_.begin() + static_cast<std::ptrdiff_t>(taken_ids_),
+                     logprobs_out_.end());
+  }
   ids->insert(ids->end(), tokens_.begin() + static_cast<std::ptrdiff_t>(taken_ids_),
               tokens_.end());
   taken_ids_ = tokens_.size();
@@ -160,6 +182,7 @@ absl::StatusOr<std::unique_ptr<RequestLoop>> MakeLoop(const GenerateRequest& req
   auto loop = std::make_unique<RequestLoop>(std::move(context), request.max_tokens, request.stop,
                                             std::move(sampler), tokenizer);
   KVR_RETURN_IF_ERROR(loop->Resume(request.resume_tokens));
+  KVR_RETURN_IF_ERROR(loop->SetLogprobs(request.logprobs));
   return loop;
 }
 
@@ -178,6 +201,7 @@ GenerateResult TakeResult(RequestLoop& loop, const EngineStats& stats) {
   r.finish = loop.finish();
   r.text = loop.TakeText();
   r.tokens = loop.TakeTokens();
+  r.logprobs = loop.TakeLogprobs();
   r.stats = stats;
   return r;
 }
@@ -198,6 +222,34 @@ std::string_view FinishReasonName(FinishReason reason) {
       return "cancelled";
   }
   return "unknown";
+}
+
+absl::StatusOr<std::vector<TokenLogprobs>> PromptLogprobs(RetrievalEngine& engine,
+                                                          std::span<const int32_t> prompt,
+                                                          int top_n, const CancelToken& cancel) {
+  if (prompt.empty()) return absl::InvalidArgumentError("prompt: empty");
+  if (top_n < 0 || top_n > kMaxTopLogprobs) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("logprobs: ", top_n, " outside [0, ", kMaxTopLogprobs, "]"));
+  }
+  AttentionOptions full;
+  full.mode = AttentionMode::kFull;
+  KVR_ASSIGN_OR_RETURN(std::unique_ptr<EngineSequence> seq,
+                       engine.StartSequence(prompt.first(1), full, cancel));
+  std::vector<TokenLogprobs> out;
+  out.reserve(prompt.size());
+  out.push_back(TokenLogprobs{prompt[0], false, 0.0f, {}});
+  const auto vocab = static_cast<size_t>(engine.config().vocab_size);
+  for (size_t i = 1; i < prompt.size(); ++i) {
+    if (prompt[i] < 0 || static_cast<size_t>(prompt[i]) >= vocab) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("tokens[", i, "]: ", prompt[i], " outside [0, ", vocab, ")"));
+    }
+    out.push_back(LogprobsOf(seq->logits(), prompt[i], top_n));
+    if (i + 1 < prompt.size()) KVR_RETURN_IF_ERROR(engine.Step(*seq, prompt[i]).status());
+  }
+  KVR_RETURN_IF_ERROR(engine.EndSequence(*seq));
+  return out;
 }
 
 absl::StatusOr<GenerateResult> Generate(RetrievalEngine& engine, const Tokenizer& tokenizer,

@@ -37,6 +37,9 @@ struct GenerateRequest {
   std::vector<std::string> stop;
   AttentionOptions attention;
   SamplingParams sampling;
+  // Log-probabilities of the generated tokens with this many alternatives
+  // ([0, kMaxTopLogprobs]); -1 = none (RequestLoop::SetLogprobs).
+  int logprobs = -1;
   // Cancelling it (from any thread) stops the generation at the next step
   // (finish kCancelled, the text so far returned) and drops its shards.
   CancelToken cancel;
@@ -48,6 +51,8 @@ std::string_view FinishReasonName(FinishReason reason);
 struct GenerateResult {
   std::string text;             // generated text only (stop string excluded)
   std::vector<int32_t> tokens;  // generated token ids
+  // With GenerateRequest::logprobs >= 0: one per entry of `tokens`.
+  std::vector<TokenLogprobs> logprobs;
   int64_t prompt_tokens = 0;
   FinishReason finish = FinishReason::kLength;
   EngineStats stats;
@@ -111,9 +116,18 @@ class RequestLoop {
   // reason is kStop, whose cut text is already final); returns true.
   bool Finish(FinishReason reason);
 
+  // Reports each sampled token's log-probability with the `top_n` most
+  // likely alternatives (Sampler::LastLogprobs); -1 = off (the default).
+  // Call before the first Advance. InvalidArgument naming logprobs outside
+  // [-1, kMaxTopLogprobs].
+  absl::Status SetLogprobs(int top_n);
+
   // Moves the token ids sampled and the text made final since the last call
-  // into *ids / *text (appended). False when there is nothing new.
-  bool TakeNew(std::vector<int32_t>* ids, std::string* text);
+  // into *ids / *text (appended), and, when logprobs are on and `logprobs`
+  // is not null, one TokenLogprobs per id into *logprobs. False when there
+  // is nothing new.
+  bool TakeNew(std::vector<int32_t>* ids, std::string* text,
+               std::vector<TokenLogprobs>* logprobs = nullptr);
 
   // The token the next decode step runs.
   int32_t token() const { return token_; }
@@ -126,6 +140,7 @@ class RequestLoop {
   const std::vector<int32_t>& tokens() const { return tokens_; }
   std::string TakeText() { return std::move(text_); }
   std::vector<int32_t> TakeTokens() { return std::move(tokens_); }
+  std::vector<TokenLogprobs> TakeLogprobs() { return std::move(logprobs_out_); }
 
  private:
   // Advance, taking the next resume token instead of sampling while any is
@@ -152,9 +167,26 @@ class RequestLoop {
   size_t emitted_ = 0;     // text_[0, emitted_) is final
   size_t taken_text_ = 0;  // text_[0, taken_text_) went out through TakeNew
   size_t taken_ids_ = 0;   // tokens_[0, taken_ids_) went out through TakeNew
+  int logprobs_ = -1;                         // SetLogprobs
+  std::vector<TokenLogprobs> logprobs_out_;  // one per tokens_ entry when logprobs_ >= 0
   std::vector<int32_t> replay_;  // Resume's tokens
   size_t replay_next_ = 0;       // replay_[0, replay_next_) consumed
 };
+
+// The log-probability of each token of `prompt` given the tokens before it
+// under FULL attention (whatever mode the request generates with), with the
+// `top_n` most likely alternatives ([0, kMaxTopLogprobs]); entry 0 has no
+// logprob (has_logprob false). Runs on its own full-attention sequence of
+// `engine`: prompt[0] is prefilled, then each next prompt token is one
+// decode step (full-attention decode steps attend to every cached key, so
+// each distribution equals a full-attention prefill's at that position to
+// float rounding). That sequence is ended before return. InvalidArgument
+// for an empty prompt or top_n out of range; engine errors (Cancelled via
+// `cancel`, OutOfRange past the context) pass through.
+absl::StatusOr<std::vector<TokenLogprobs>> PromptLogprobs(RetrievalEngine& engine,
+                                                          std::span<const int32_t> prompt,
+                                                          int top_n,
+                                                          const CancelToken& cancel = CancelToken());
 
 // InvalidArgument for bad request fields (naming the field), engine and
 // tokenizer errors pass through. The engine's sequence stays active after

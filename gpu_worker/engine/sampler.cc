@@ -24,6 +24,14 @@ absl::Status ValidateSampling(const SamplingParams& p) {
     return absl::InvalidArgumentError(absl::StrCat(
         "repetition_penalty ", p.repetition_penalty, " must be finite and > 0"));
   }
+  const std::pair<const char*, float> additive[] = {{"presence_penalty", p.presence_penalty},
+                                                    {"frequency_penalty", p.frequency_penalty}};
+  for (const auto& [name, value] : additive) {
+    if (!(value >= -2.0f && value <= 2.0f)) {  // NaN fails too
+      return absl::InvalidArgumentError(
+          absl::StrCat(name, " ", value, " outside [-2, 2]"));
+    }
+  }
   return absl::OkStatus();
 }
 
@@ -39,7 +47,49 @@ Sampler::Sampler(const SamplingParams& params, int vocab_size)
     : params_(params),
       work_(static_cast<size_t>(vocab_size)),
       order_(static_cast<size_t>(vocab_size)),
-      seen_(static_cast<size_t>(vocab_size)) {}
+      seen_(static_cast<size_t>(vocab_size)) {
+  if (params.presence_penalty != 0.0f || params.frequency_penalty != 0.0f) {
+    counts_.resize(static_cast<size_t>(vocab_size));
+  }
+}
+
+TokenLogprobs LogprobsOf(std::span<const float> logits, int32_t token, int top_n) {
+  TokenLogprobs out;
+  out.token = token;
+  const size_t v = logits.size();
+  KVR_CHECK(v > 0 && token >= 0 && static_cast<size_t>(token) < v);
+  const float mx = *std::max_element(logits.begin(), logits.end());
+  double total = 0.0;
+  for (float x : logits) total += std::exp(static_cast<double>(x) - mx);
+  const double lse = static_cast<double>(mx) + std::log(total);
+  out.logprob = static_cast<float>(static_cast<double>(logits[static_cast<size_t>(token)]) - lse);
+  const size_t n = std::min(v, static_cast<size_t>(std::max(top_n, 0)));
+  if (n == 0) return out;
+  // The n best by a bounded insertion (n <= kMaxTopLogprobs in practice).
+  std::vector<int32_t> best;
+  best.reserve(n + 1);
+  auto better = [&](int32_t a, int32_t b) {
+    return logits[static_cast<size_t>(a)] > logits[static_cast<size_t>(b)] ||
+           (logits[static_cast<size_t>(a)] == logits[static_cast<size_t>(b)] && a < b);
+  };
+  for (size_t i = 0; i < v; ++i) {
+    const auto id = static_cast<int32_t>(i);
+    if (best.size() == n && !better(id, best.back())) continue;
+    best.insert(std::upper_bound(best.begin(), best.end(), id, better), id);
+    if (best.size() > n) best.pop_back();
+  }
+  out.top.reserve(n);
+  for (int32_t id : best) {
+    out.top.emplace_back(
+        id, static_cast<float>(static_cast<double>(logits[static_cast<size_t>(id)]) - lse));
+  }
+  return out;
+}
+
+TokenLogprobs Sampler::LastLogprobs(int32_t token, int top_n) const {
+  KVR_CHECK(last_v_ > 0);
+  return LogprobsOf(std::span<const float>(work_.data(), last_v_), token, top_n);
+}
 
 namespace {
 
@@ -74,6 +124,19 @@ int32_t Sampler::Sample(std::span<const float> logits, std::span<const int32_t> 
       x = x > 0.0f ? x / params_.repetition_penalty : x * params_.repetition_penalty;
     }
   }
+  if (!counts_.empty()) {
+    std::fill(counts_.begin(), counts_.end(), 0);
+    for (size_t i = std::min(generated_from_, context.size()); i < context.size(); ++i) {
+      const int32_t t = context[i];
+      if (t >= 0 && static_cast<size_t>(t) < v) ++counts_[static_cast<size_t>(t)];
+    }
+    for (size_t t = 0; t < v; ++t) {
+      if (counts_[t] == 0) continue;
+      work_[t] -= params_.presence_penalty +
+                  params_.frequency_penalty * static_cast<float>(counts_[t]);
+    }
+  }
+  last_v_ = v;
   if (params_.greedy()) {
     return static_cast<int32_t>(std::max_element(work_.begin(), work_.begin() + v) -
                                 work_.begin());

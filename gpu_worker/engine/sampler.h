@@ -8,6 +8,7 @@
 
 #include <cstdint>
 #include <span>
+#include <utility>
 #include <vector>
 
 #include "absl/status/status.h"
@@ -25,14 +26,36 @@ struct SamplingParams {
   // CTRL-style: the logit of every token already in the context is divided
   // by the penalty when positive, multiplied when negative. 1 = off; > 0.
   float repetition_penalty = 1.0f;
+  // OpenAI's additive penalties over the generated tokens only (the tokens
+  // of the context from Sampler::set_generated_from on): logit -=
+  // presence_penalty * (count > 0) + frequency_penalty * count. [-2, 2]; 0 = off.
+  float presence_penalty = 0.0f;
+  float frequency_penalty = 0.0f;
   uint64_t seed = 1;
 
   bool greedy() const { return temperature == 0.0f || top_k == 1; }
 };
 
 // InvalidArgument naming the field and its limits: temperature NaN, infinite
-// or < 0; top_k < 0; top_p outside (0, 1]; repetition_penalty not finite or <= 0.
+// or < 0; top_k < 0; top_p outside (0, 1]; repetition_penalty not finite or
+// <= 0; presence_penalty / frequency_penalty not finite or outside [-2, 2].
 absl::Status ValidateSampling(const SamplingParams& params);
+
+// Most alternatives a TokenLogprobs may carry (OpenAI's top_logprobs limit).
+inline constexpr int kMaxTopLogprobs = 20;
+
+// A token's log-probability under a distribution and the `top` most likely
+// tokens of that distribution (most likely first, lower id first on ties).
+struct TokenLogprobs {
+  int32_t token = 0;
+  bool has_logprob = true;  // false for a prompt's first token (nothing predicts it)
+  float logprob = 0.0f;
+  std::vector<std::pair<int32_t, float>> top;
+};
+
+// log_softmax(logits)[token] (computed in double) and the `top_n` (clamped
+// to [0, logits.size()]) most likely tokens. `token` in [0, logits.size()).
+TokenLogprobs LogprobsOf(std::span<const float> logits, int32_t token, int top_n);
 
 class Sampler {
  public:
@@ -51,15 +74,26 @@ class Sampler {
   // depend on how many tokens this process sampled before.
   static double PositionUniform(uint64_t seed, uint64_t position);
 
+  // Context positions from `position` on are generated tokens: the only ones
+  // presence_penalty / frequency_penalty count (default 0: all of them).
+  void set_generated_from(size_t position) { generated_from_ = position; }
+
+  // LogprobsOf the logits the last Sample drew from (after the penalties,
+  // before temperature / top_k / top_p). Valid after a Sample only.
+  TokenLogprobs LastLogprobs(int32_t token, int top_n) const;
+
   const SamplingParams& params() const { return params_; }
 
  private:
   Sampler(const SamplingParams& params, int vocab_size);
 
   SamplingParams params_;
+  size_t generated_from_ = 0;
+  size_t last_v_ = 0;  // logits in work_ after the last Sample
   std::vector<float> work_;
   std::vector<int32_t> order_;
   std::vector<uint8_t> seen_;
+  std::vector<int32_t> counts_;  // per token: generated occurrences (penalties)
   std::vector<double> probs_;
 };
 

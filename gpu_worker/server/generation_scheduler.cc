@@ -72,13 +72,17 @@ class GenerationScheduler::Run {
       s.node_wait_seconds = seq_->stats().node_wait_seconds;
     }
     s.total_seconds = Seconds(now - accepted_);
+    s.prompt_logprobs = prompt_logprobs;
     return s;
   }
 
   // Ends the sequence (drops its shards from the nodes).
   void EndSequence() { seq_.reset(); }
 
+  // PromptLogprobs of the prompt (echo), reported in the summary.
+  std::vector<TokenLogprobs> prompt_logprobs;
   // Scratch for streaming (reused per step).
+  std::vector<TokenLogprobs> new_logprobs;
   std::vector<int32_t> new_ids;
   std::string new_text;
 
@@ -187,6 +191,10 @@ absl::Status GenerationScheduler::ValidateWork(const GenerationWork& work) const
                                                      vocab, ")"));
     }
   }
+  if (work.logprobs < -1 || work.logprobs > kMaxTopLogprobs) {
+    return absl::InvalidArgumentError(absl::StrCat("logprobs: ", work.logprobs, " outside [0, ",
+                                                   kMaxTopLogprobs, "]"));
+  }
   const int64_t limit = engine_->max_seq_len();
   // Both sizes are bounded by the request's message size: no overflow.
   const auto resume = static_cast<int64_t>(work.resume_tokens.size());
@@ -222,7 +230,7 @@ absl::Status GenerationScheduler::Submit(GenerationWork work) {
         options_.max_queue, "); retry after about 1 s with exponential backoff, or on another "
         "worker"));
   }
-  const SequenceMemory need = MemoryOf(work.attention);
+  const SequenceMemory need = MemoryOf(work);
   struct Budget {
     const char* kind;  // "host" / "device"
     int64_t bytes, budget, reserved;
@@ -287,6 +295,19 @@ absl::Status GenerationScheduler::WhenFinished(int64_t n, std::function<void()> 
   return absl::OkStatus();
 }
 
+GenerationScheduler::SequenceMemory GenerationScheduler::MemoryOf(
+    const GenerationWork& work) const {
+  SequenceMemory m = MemoryOf(work.attention);
+  if (!work.echo || work.logprobs < 0) return m;
+  AttentionOptions full;
+  full.mode = AttentionMode::kFull;
+  const SequenceMemory scratch = MemoryOf(full);
+  constexpr int64_t kMax = std::numeric_limits<int64_t>::max();
+  m.host = m.host > kMax - scratch.host ? kMax : m.host + scratch.host;
+  m.device = m.device > kMax - scratch.device ? kMax : m.device + scratch.device;
+  return m;
+}
+
 bool GenerationScheduler::CancelWaiter(uint64_t id) {
   std::lock_guard<std::mutex> lock(mu_);
   for (auto it = finish_waiters_.begin(); it != finish_waiters_.end(); ++it) {
@@ -306,7 +327,7 @@ void GenerationScheduler::Ended(GenerationWork& work, absl::StatusOr<GenerationS
     std::lock_guard<std::mutex> lock(mu_);
     ++finished_;
     if (was_active) --active_;
-    const SequenceMemory held = MemoryOf(work.attention);
+    const SequenceMemory held = MemoryOf(work);
     if (options_.memory_budget_bytes > 0) reserved_bytes_ -= held.host;
     if (options_.backend_on_device && options_.device_memory_budget_bytes > 0) {
       reserved_device_bytes_ -= held.device;
@@ -333,9 +354,13 @@ void GenerationScheduler::Ended(GenerationWork& work, absl::StatusOr<GenerationS
 void GenerationScheduler::Stream(Run& run) {
   run.new_ids.clear();
   run.new_text.clear();
-  if (!run.loop().TakeNew(&run.new_ids, &run.new_text)) return;
+  run.new_logprobs.clear();
+  if (!run.loop().TakeNew(&run.new_ids, &run.new_text, &run.new_logprobs)) return;
   if (options_.observer != nullptr && !run.new_ids.empty()) {
     options_.observer->OnTokens(static_cast<int64_t>(run.new_ids.size()));
+  }
+  if (run.work().on_logprobs && !run.new_logprobs.empty()) {
+    run.work().on_logprobs(run.new_logprobs);
   }
   if (run.work().on_tokens) run.work().on_tokens(run.new_ids, run.new_text);
 }
@@ -387,10 +412,31 @@ std::unique_ptr<GenerationScheduler::Run> GenerationScheduler::Admit(Queued q) {
     Ended(w, std::move(replay), /*was_active=*/true);
     return nullptr;
   }
+  if (absl::Status lp = run->loop().SetLogprobs(w.logprobs); !lp.ok()) {
+    Ended(w, std::move(lp), /*was_active=*/true);
+    return nullptr;
+  }
   if (w.cancel.cancelled()) {
     run->loop().Finish(FinishReason::kCancelled);
     Finished(std::move(run));
     return nullptr;
+  }
+  if (w.echo && w.logprobs >= 0) {
+    // Full attention over the prompt on a scratch sequence of its own (see
+    // PromptLogprobs); a resumed request already delivered nothing of it
+    // (the summary comes last), so it is computed again there too.
+    absl::StatusOr<std::vector<TokenLogprobs>> lp =
+        PromptLogprobs(*engine_, w.prompt, w.logprobs, w.cancel);
+    if (absl::IsCancelled(lp.status())) {
+      run->loop().Finish(FinishReason::kCancelled);
+      Finished(std::move(run));
+      return nullptr;
+    }
+    if (!lp.ok()) {
+      Ended(w, Prefixed("prompt logprobs: ", lp.status()), /*was_active=*/true);
+      return nullptr;
+    }
+    run->prompt_logprobs = *std::move(lp);
   }
   const auto total = static_cast<int64_t>(w.prompt.size());
   const int n_layers = engine_->config().n_layers;

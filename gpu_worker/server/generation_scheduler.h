@@ -67,6 +67,8 @@ struct GenerationSummary {
   double prefill_seconds = 0.0;
   double node_wait_seconds = 0.0;
   double total_seconds = 0.0;
+  // GenerationWork::echo with logprobs >= 0: the prompt's (PromptLogprobs).
+  std::vector<TokenLogprobs> prompt_logprobs;
 };
 
 // How far a prompt's prefill is. The prefill runs layer by layer over the
@@ -94,6 +96,14 @@ struct GenerationWork {
   // New sampled token ids and the text made final with them (may be empty
   // while a possible stop string is held back).
   std::function<void(std::span<const int32_t> ids, std::string_view text)> on_tokens;
+  // Log-probabilities of each sampled token with the `logprobs` most likely
+  // alternatives ([0, kMaxTopLogprobs]); -1 = none. With `echo`, the
+  // prompt's too (full attention: PromptLogprobs), in the summary.
+  int logprobs = -1;
+  bool echo = false;
+  // With logprobs >= 0: called just before on_tokens with one entry per id
+  // it receives. May be null.
+  std::function<void(std::span<const TokenLogprobs>)> on_logprobs;
   // Exactly once. Cancelled requests end with OK and finish kCancelled.
   std::function<void(absl::StatusOr<GenerationSummary>)> on_done;
   // Prefill progress: 0 layers done when the prefill starts, then after
@@ -238,6 +248,10 @@ class GenerationScheduler {
     int64_t device = 0;
   };
   SequenceMemory MemoryOf(const AttentionOptions& attention) const;
+  // What `work` holds while it runs: its sequence, plus, with echo and
+  // logprobs, the scratch full-attention sequence that scores its prompt
+  // (PromptLogprobs). Saturates likewise.
+  SequenceMemory MemoryOf(const GenerationWork& work) const;
   // Whether a request that failed with `why` is to be recomputed
   // (SchedulerOptions::max_recomputes).
   bool Recomputable(const GenerationWork& work, const absl::Status& why) const;

@@ -38,6 +38,27 @@ v1::FinishReason ToProto(FinishReason r) {
   return v1::FINISH_REASON_UNSPECIFIED;
 }
 
+// `token`'s bytes after `prev` (-1: none, the prompt's first token).
+std::string TokenBytes(const Tokenizer& tokenizer, int32_t prev, int32_t token) {
+  absl::StatusOr<std::string> piece =
+      tokenizer.Decode(prev < 0 ? tokenizer.bos_id() : prev, token);
+  return piece.ok() ? *std::move(piece) : std::string();
+}
+
+// `lp` as the proto, each token's bytes decoded after `prev`.
+void ToProto(const Tokenizer& tokenizer, int32_t prev, const TokenLogprobs& lp,
+             v1::TokenLogprob* out) {
+  out->set_token_id(lp.token);
+  if (lp.has_logprob) out->set_logprob(lp.logprob);
+  out->set_text(TokenBytes(tokenizer, prev, lp.token));
+  for (const auto& [id, logprob] : lp.top) {
+    v1::TopLogprob* t = out->add_top();
+    t->set_token_id(id);
+    t->set_logprob(logprob);
+    t->set_text(TokenBytes(tokenizer, prev, id));
+  }
+}
+
 // When a call must be cut short by --max_deadline_seconds: the time
 // `max_seconds` from now, if the call's deadline (none counts as infinitely
 // far) is later; nullopt when its own deadline comes first or max_seconds
@@ -101,9 +122,13 @@ std::string ValidUtf8(std::string_view text) {
 class WorkerService::GenerateReactor final
     : public grpc::ServerWriteReactor<v1::GenerateResponse> {
  public:
-  GenerateReactor(GenerationScheduler* scheduler, std::string request_id,
+  GenerateReactor(GenerationScheduler* scheduler, const Tokenizer* tokenizer,
+                  std::string request_id,
                   const std::function<void(absl::StatusCode)>* on_finished)
-      : scheduler_(scheduler), request_id_(std::move(request_id)), on_finished_(on_finished) {}
+      : scheduler_(scheduler),
+        tokenizer_(tokenizer),
+        request_id_(std::move(request_id)),
+        on_finished_(on_finished) {}
 
   // Submits `work` (its callbacks are wired to this reactor); on failure the
   // stream finishes with that status. With `cut_at`, a request still running
@@ -120,6 +145,10 @@ class WorkerService::GenerateReactor final
     work->on_tokens = [this](std::span<const int32_t> ids, std::string_view text) {
       OnTokens(ids, text);
     };
+    prev_token_ = work->prompt.empty() ? 0 : work->prompt.back();
+    if (work->logprobs >= 0) {
+      work->on_logprobs = [this](std::span<const TokenLogprobs> lps) { OnLogprobs(lps); };
+    }
     work->on_done = [this](absl::StatusOr<GenerationSummary> outcome) {
       OnWorkDone(std::move(outcome));
     };
@@ -212,6 +241,18 @@ class WorkerService::GenerateReactor final
     Pump();
   }
 
+  // Called just before OnTokens with the same tokens: they go into the
+  // same trailing chunk.
+  void OnLogprobs(std::span<const TokenLogprobs> lps) {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (out_.empty() || !out_.back().has_chunk()) out_.emplace_back().mutable_chunk();
+    v1::GenerateChunk* chunk = out_.back().mutable_chunk();
+    for (const TokenLogprobs& lp : lps) {
+      ToProto(*tokenizer_, prev_token_, lp, chunk->add_logprobs());
+      prev_token_ = lp.token;
+    }
+  }
+
   void OnPrefillProgress(const PrefillProgress& progress) {
     std::lock_guard<std::mutex> lock(mu_);
     if (out_.empty() || !out_.back().has_prefill_progress()) {
@@ -243,6 +284,10 @@ class WorkerService::GenerateReactor final
         t->set_prefill_seconds(outcome->prefill_seconds);
         t->set_node_wait_seconds(outcome->node_wait_seconds);
         t->set_total_seconds(outcome->total_seconds);
+        for (size_t i = 0; i < outcome->prompt_logprobs.size(); ++i) {
+          const int32_t prev = i == 0 ? -1 : outcome->prompt_logprobs[i - 1].token;
+          ToProto(*tokenizer_, prev, outcome->prompt_logprobs[i], f->add_prompt_logprobs());
+        }
       } else {
         error_ = ToGrpc(outcome.status());
       }
@@ -279,6 +324,8 @@ class WorkerService::GenerateReactor final
   }
 
   GenerationScheduler* const scheduler_;
+  const Tokenizer* const tokenizer_;
+  int32_t prev_token_ = 0;  // the token before the next logprobs entry's (its text)
   const std::string request_id_;
   const std::function<void(absl::StatusCode)>* const on_finished_;
   CancelToken cancel_;
@@ -502,6 +549,16 @@ absl::StatusOr<GenerationWork> WorkerService::ToWork(const v1::GenerateRequest& 
   if (s.has_top_p()) w.sampling.top_p = s.top_p();
   if (s.has_repetition_penalty()) w.sampling.repetition_penalty = s.repetition_penalty();
   if (s.has_seed()) w.sampling.seed = s.seed();
+  if (s.has_presence_penalty()) w.sampling.presence_penalty = s.presence_penalty();
+  if (s.has_frequency_penalty()) w.sampling.frequency_penalty = s.frequency_penalty();
+  if (r.has_logprobs()) {
+    if (r.logprobs() < 0 || r.logprobs() > kMaxTopLogprobs) {
+      return absl::InvalidArgumentError(absl::StrCat("logprobs: ", r.logprobs(), " outside [0, ",
+                                                     kMaxTopLogprobs, "]"));
+    }
+    w.logprobs = r.logprobs();
+  }
+  w.echo = r.echo();
   const v1::AttentionParams& a = r.attention();
   if (!a.mode().empty()) {
     absl::StatusOr<AttentionMode> mode = ParseAttentionMode(a.mode());
@@ -533,7 +590,7 @@ absl::StatusOr<GenerationWork> WorkerService::ToWork(const v1::GenerateRequest& 
 grpc::ServerWriteReactor<v1::GenerateResponse>* WorkerService::Generate(
     grpc::CallbackServerContext* context, const v1::GenerateRequest* request) {
   auto* reactor =
-      new GenerateReactor(scheduler_, request->request_id(), &options_.on_generate_finished);
+      new GenerateReactor(scheduler_, tokenizer_, request->request_id(), &options_.on_generate_finished);
   if (context->deadline() <= std::chrono::system_clock::now()) {
     reactor->Start(absl::DeadlineExceededError("deadline expired before the request started"));
     return reactor;

@@ -400,7 +400,7 @@ struct HttpApi::Impl {
       return ReplyError(res, *e);
     }
     ParsedRequest parsed;
-    if (std::optional<ApiError> e = ParseRequest(route, body, &parsed)) {
+    if (std::optional<ApiError> e = ParseRequest(route, body, &parsed, options.limits)) {
       RecordRefused(*e, key);
       return ReplyError(res, *e);
     }
@@ -438,32 +438,87 @@ struct HttpApi::Impl {
       RecordRefused(e, key);
       return ReplyError(res, e);
     }
+    if (parsed.echo && parsed.stream) {
+      const ApiError e = InvalidRequest("echo", "echo: not supported with stream: true");
+      RecordRefused(e, key);
+      return ReplyError(res, e);
+    }
     ResponseInfo ri;
     ri.route = route;
     ri.id = RandomId(route == Route::kChatCompletions ? "chatcmpl-" : "cmpl-");
     ri.model = model;
     ri.created = absl::ToUnixSeconds(received);
     parsed.request.set_request_id(ri.id);
-
-    auto call = std::make_shared<HttpCall>();
-    call->call = GenerateCall::Create(
-        pool, metrics, Api::kHttp, std::move(parsed.request), received,
-        received + options.default_timeout,
-        [call](v1::GenerateResponse r) { call->events.Push(std::move(r)); },
-        [call](const grpc::Status& s) { call->events.Finish(s); });
-    if (key != nullptr) call->call->SetApiKey(std::move(key));
-    {
-      std::lock_guard<std::mutex> lock(mu);
-      active.insert(call);
+    std::vector<v1::GenerateRequest> requests = ChoiceRequests(parsed);
+    // Every choice is a worker request: beyond the first, each is admitted
+    // by the key (a slot and its quotas) like a request of its own.
+    std::vector<std::shared_ptr<ApiKeyGrant>> grants(requests.size());
+    grants[0] = std::move(key);
+    if (options.api_keys != nullptr) {
+      for (size_t i = 1; i < requests.size(); ++i) {
+        ApiKeyDecision d = options.api_keys->Admit(Authorization(req));
+        if (d.outcome != ApiKeyDecision::Outcome::kOk) {
+          const ApiError e = KeyError(d);
+          metrics->RecordKeyRequest(d.metric_label, e.grpc_code);
+          metrics->RecordRequest(Api::kHttp, e.grpc_code, 0.0, /*reached_worker=*/false);
+          return ReplyKeyError(res, d);
+        }
+        grants[i] = std::move(d.grant);
+      }
     }
-    call->call->Start();
+    Choices choices;
+    choices.route = route;
+    choices.parsed_logprobs = parsed.logprobs;
+    choices.echo = parsed.echo;
+    choices.n = parsed.n;
+    choices.bos_id = info->bos_id();
+    for (size_t i = 0; i < requests.size(); ++i) {
+      choices.echo_text.push_back(requests[i].has_text() ? requests[i].text() : std::string());
+      auto call = std::make_shared<HttpCall>();
+      call->call = GenerateCall::Create(
+          pool, metrics, Api::kHttp, std::move(requests[i]), received,
+          received + options.default_timeout,
+          [call](v1::GenerateResponse r) { call->events.Push(std::move(r)); },
+          [call](const grpc::Status& st) { call->events.Finish(st); });
+      if (grants[i] != nullptr) call->call->SetApiKey(std::move(grants[i]));
+      {
+        std::lock_guard<std::mutex> lock(mu);
+        active.insert(call);
+      }
+      choices.calls.push_back(std::move(call));
+    }
+    for (const std::shared_ptr<HttpCall>& c : choices.calls) c->call->Start();
     if (parsed.stream) {
-      Stream(route, call, std::move(ri), parsed.include_usage, res);
+      Stream(std::move(choices), std::move(ri), parsed.include_usage, res);
     } else {
-      Complete(route, req, *call, ri, res);
-      Forget(call);
+      Complete(req, choices, ri, res);
+      for (const std::shared_ptr<HttpCall>& c : choices.calls) Forget(c);
     }
   }
+
+  // The calls of one HTTP request's choices (index order) and what their
+  // responses need.
+  struct Choices {
+    Route route = Route::kCompletions;
+    std::vector<std::shared_ptr<HttpCall>> calls;
+    std::vector<std::string> echo_text;  // per choice: its text prompt (echo)
+    int parsed_logprobs = -1;            // -1: no logprobs in the response
+    bool echo = false;
+    int n = 1;
+    int32_t bos_id = -1;
+
+    void CancelAll() const {
+      for (const std::shared_ptr<HttpCall>& c : calls) c->call->Cancel();
+    }
+    // The echoed prompt's logprobs of `summary`, without a leading BOS (the
+    // text prompt never shows it; a token prompt's text is its pieces).
+    std::vector<v1::TokenLogprob> PromptLogprobs(const v1::GenerateFinal& summary) const {
+      std::vector<v1::TokenLogprob> out(summary.prompt_logprobs().begin(),
+                                        summary.prompt_logprobs().end());
+      if (!out.empty() && out[0].token_id() == bos_id) out.erase(out.begin());
+      return out;
+    }
+  };
 
   void Forget(const std::shared_ptr<HttpCall>& call) {
     std::lock_guard<std::mutex> lock(mu);
@@ -477,120 +532,205 @@ struct HttpApi::Impl {
   }
 
   // The whole response at once. A client that disconnects while it waits
-  // has its call cancelled (checked every kClientCheck; the socket is
-  // looked up only once the call has run that long).
-  void Complete(Route route, const httplib::Request& req, HttpCall& call, const ResponseInfo& ri,
+  // has its calls cancelled (checked every kClientCheck; the socket is
+  // looked up only once a call has run that long). Choices are collected in
+  // order (they all run at once); the first failing one fails the request.
+  void Complete(const httplib::Request& req, const Choices& choices, const ResponseInfo& ri,
                 httplib::Response& res) {
-    std::string text;
-    std::vector<int32_t> tokens;
-    std::optional<v1::GenerateFinal> summary;
+    const Route route = choices.route;
     std::optional<int> fd;  // the client's socket, once looked up (-1: not found)
-    for (;;) {
-      std::optional<CallEvents::Event> next = call.events.Next(kClientCheck);
-      if (!next.has_value()) {
-        if (!fd.has_value()) fd = ConnectionFd(req);
-        if (*fd >= 0 && PeerGone(*fd)) call.call->Cancel();  // idempotent
-        continue;
-      }
-      CallEvents::Event& e = *next;
-      if (!e.response.has_value()) {
-        if (!e.status.ok()) return ReplyError(res, CallError(route, e.status));
-        if (!summary.has_value()) {
-          return ReplyError(res, FromStatus(absl::StatusCode::kInternal,
-                                            "the worker's stream ended without a summary"));
+    json out = json::array();
+    v1::Usage usage;
+    std::vector<int32_t> first_tokens;
+    v1::Timings first_timings;
+    for (size_t i = 0; i < choices.calls.size(); ++i) {
+      HttpCall& call = *choices.calls[i];
+      std::string text;
+      std::vector<int32_t> tokens;
+      std::vector<v1::TokenLogprob> logprobs;
+      std::optional<v1::GenerateFinal> summary;
+      for (;;) {
+        std::optional<CallEvents::Event> next = call.events.Next(kClientCheck);
+        if (!next.has_value()) {
+          if (!fd.has_value()) fd = ConnectionFd(req);
+          if (*fd >= 0 && PeerGone(*fd)) choices.CancelAll();  // idempotent
+          continue;
         }
-        return Reply(res, 200, CompletionResponse(ri, text, tokens, *summary));
+        CallEvents::Event& e = *next;
+        if (!e.response.has_value()) {
+          if (!e.status.ok()) {
+            choices.CancelAll();
+            return ReplyError(res, CallError(route, e.status));
+          }
+          break;
+        }
+        if (e.response->has_chunk()) {
+          const v1::GenerateChunk& c = e.response->chunk();
+          text += c.text();
+          tokens.insert(tokens.end(), c.token_ids().begin(), c.token_ids().end());
+          logprobs.insert(logprobs.end(), c.logprobs().begin(), c.logprobs().end());
+        } else if (e.response->has_summary()) {
+          summary = e.response->summary();
+        }
+        call.call->RequestNext();
       }
-      if (e.response->has_chunk()) {
-        text += e.response->chunk().text();
-        tokens.insert(tokens.end(), e.response->chunk().token_ids().begin(),
-                      e.response->chunk().token_ids().end());
-      } else if (e.response->has_summary()) {
-        summary = e.response->summary();
+      if (!summary.has_value()) {
+        choices.CancelAll();
+        return ReplyError(res, FromStatus(absl::StatusCode::kInternal,
+                                          "the worker's stream ended without a summary"));
       }
-      call.call->RequestNext();
+      std::vector<v1::TokenLogprob> all;
+      if (choices.echo) {
+        all = choices.PromptLogprobs(*summary);
+        std::string prompt = choices.echo_text[i];
+        if (prompt.empty()) {  // a token prompt: its pieces
+          for (const v1::TokenLogprob& t : all) prompt += t.text();
+        }
+        text = prompt + text;
+      }
+      all.insert(all.end(), logprobs.begin(), logprobs.end());
+      int64_t offset = 0;
+      json lp = choices.parsed_logprobs >= 0 ? LogprobsJson(route, all, &offset) : json(nullptr);
+      out.push_back(ChoiceJson(route, static_cast<int>(i), text,
+                               FinishReasonName(summary->finish_reason()), std::move(lp)));
+      // A prompt counts once for its n choices.
+      if (i % static_cast<size_t>(std::max(1, choices.n)) == 0) {
+        usage.set_prompt_tokens(usage.prompt_tokens() + summary->usage().prompt_tokens());
+      }
+      usage.set_completion_tokens(usage.completion_tokens() +
+                                  summary->usage().completion_tokens());
+      if (i == 0) {
+        first_tokens = std::move(tokens);
+        first_timings = summary->timings();
+      }
     }
+    Reply(res, 200, ResponseJson(ri, std::move(out), usage, first_tokens, first_timings));
   }
 
-  // Server-sent events. The status line goes out with the first event:
-  // errors before any token (bad field, prompt too long, overload) are
-  // still plain HTTP errors.
-  void Stream(Route route, std::shared_ptr<HttpCall> call, ResponseInfo ri, bool include_usage,
-              httplib::Response& res) {
-    CallEvents::Event first = call->events.Next();
+  // Server-sent events, the choices one after the other (all run at once;
+  // a later one's tokens wait in its call). The status line goes out with
+  // the first event: errors before the first choice's first token (bad
+  // field, prompt too long, overload) are still plain HTTP errors.
+  void Stream(Choices choices_in, ResponseInfo ri, bool include_usage, httplib::Response& res) {
+    auto choices = std::make_shared<Choices>(std::move(choices_in));
+    const Route route = choices->route;
+    CallEvents::Event first = choices->calls[0]->events.Next();
     if (!first.response.has_value() && !first.status.ok()) {
-      Forget(call);
+      choices->CancelAll();
+      for (const std::shared_ptr<HttpCall>& c : choices->calls) Forget(c);
       return ReplyError(res, CallError(route, first.status));
     }
     struct State {
       ResponseInfo info;
       bool include_usage;
       std::optional<CallEvents::Event> peeked;
+      size_t current = 0;  // the choice being streamed
       Utf8Joiner utf8;
       bool sent_role = false;
+      std::vector<v1::TokenLogprob> pending;  // logprobs not yet sent with text
+      int64_t text_offset = 0;
       std::optional<v1::GenerateFinal> summary;
+      v1::Usage usage;
     };
-    auto st = std::make_shared<State>(State{std::move(ri), include_usage, std::move(first), {},
-                                            false, std::nullopt});
+    auto st = std::make_shared<State>();
+    st->info = std::move(ri);
+    st->include_usage = include_usage;
+    st->peeked = std::move(first);
     res.set_header("Cache-Control", "no-cache");
     res.set_chunked_content_provider(
         "text/event-stream",
-        [this, route, call, st](size_t, httplib::DataSink& sink) {
+        [route, choices, st](size_t, httplib::DataSink& sink) {
           auto write = [&](const std::string& data) {
             if (sink.write(data.data(), data.size())) return true;
-            call->call->Cancel();  // the client is gone
+            choices->CancelAll();  // the client is gone
             return false;
           };
-          if (route == Route::kChatCompletions && !st->sent_role) {
-            st->sent_role = true;
-            if (!write(SseEvent(StreamChunk(st->info, "", /*first=*/true, nullptr)))) return false;
-          }
+          // A chunk of the current choice with the pending logprobs.
+          auto chunk = [&](const std::string& text, const std::string* finish) {
+            const int index = static_cast<int>(st->current);
+            if (choices->parsed_logprobs < 0 || (st->pending.empty() && finish != nullptr)) {
+              return SseEvent(StreamChunk(st->info, text, false, finish, index));
+            }
+            const json lp = LogprobsJson(route, st->pending, &st->text_offset);
+            st->pending.clear();
+            return SseEvent(StreamChunk(st->info, text, false, finish, index, &lp));
+          };
           for (;;) {
+            if (route == Route::kChatCompletions && !st->sent_role) {
+              st->sent_role = true;
+              if (!write(SseEvent(StreamChunk(st->info, "", /*first=*/true, nullptr,
+                                              static_cast<int>(st->current))))) {
+                return false;
+              }
+            }
+            HttpCall& call = *choices->calls[st->current];
             std::optional<CallEvents::Event> e;
             if (st->peeked.has_value()) {
               e = std::move(st->peeked);
               st->peeked.reset();
             } else {
-              e = call->events.Next(kClientCheck);
+              e = call.events.Next(kClientCheck);
             }
             if (!e.has_value()) {
               if (sink.is_writable()) continue;
-              call->call->Cancel();  // the client went away while waiting
+              choices->CancelAll();  // the client went away while waiting
               return false;
             }
             if (e->response.has_value()) {
               if (e->response->has_summary()) st->summary = e->response->summary();
               std::string text;
-              if (e->response->has_chunk()) text = st->utf8.Push(e->response->chunk().text());
-              call->call->RequestNext();
+              if (e->response->has_chunk()) {
+                const v1::GenerateChunk& c = e->response->chunk();
+                text = st->utf8.Push(c.text());
+                st->pending.insert(st->pending.end(), c.logprobs().begin(), c.logprobs().end());
+              }
+              call.call->RequestNext();
               if (text.empty()) continue;
-              return write(SseEvent(StreamChunk(st->info, text, /*first=*/false, nullptr)));
+              return write(chunk(text, nullptr));
             }
-            // Finished.
+            // This choice finished.
             std::string out;
             if (!e->status.ok()) {
+              choices->CancelAll();
               out = SseEvent(CallError(route, e->status).ToJson());
-            } else {
-              if (std::string rest = st->utf8.Flush(); !rest.empty()) {
-                out += SseEvent(StreamChunk(st->info, rest, false, nullptr));
-              }
-              const std::string finish = FinishReasonName(
-                  st->summary.has_value() ? st->summary->finish_reason()
-                                          : v1::FINISH_REASON_UNSPECIFIED);
-              out += SseEvent(StreamChunk(st->info, "", false, &finish));
-              if (st->include_usage && st->summary.has_value()) {
-                out += SseEvent(UsageChunk(st->info, st->summary->usage()));
-              }
-              out += kSseDone;
+              if (!write(out)) return false;
+              sink.done();
+              return true;
             }
+            if (std::string rest = st->utf8.Flush(); !rest.empty() || !st->pending.empty()) {
+              out += chunk(rest, nullptr);
+            }
+            const std::string finish = FinishReasonName(
+                st->summary.has_value() ? st->summary->finish_reason()
+                                        : v1::FINISH_REASON_UNSPECIFIED);
+            out += chunk("", &finish);
+            if (st->summary.has_value()) {
+              const v1::Usage& u = st->summary->usage();
+              if (st->current % static_cast<size_t>(std::max(1, choices->n)) == 0) {
+                st->usage.set_prompt_tokens(st->usage.prompt_tokens() + u.prompt_tokens());
+              }
+              st->usage.set_completion_tokens(st->usage.completion_tokens() +
+                                              u.completion_tokens());
+            }
+            if (st->current + 1 < choices->calls.size()) {
+              ++st->current;
+              st->sent_role = false;
+              st->text_offset = 0;
+              st->summary.reset();
+              st->utf8 = Utf8Joiner();
+              if (!write(out)) return false;
+              continue;
+            }
+            if (st->include_usage) out += SseEvent(UsageChunk(st->info, st->usage));
+            out += kSseDone;
             if (!write(out)) return false;
             sink.done();
             return true;
           }
         },
-        [this, call](bool success) {
-          if (!success) call->call->Cancel();
-          Forget(call);
+        [this, choices](bool success) {
+          if (!success) choices->CancelAll();
+          for (const std::shared_ptr<HttpCall>& c : choices->calls) Forget(c);
         });
   }
 
@@ -667,6 +807,14 @@ absl::StatusOr<std::unique_ptr<HttpApi>> HttpApi::Start(const HttpApiOptions& op
     return absl::InvalidArgumentError(absl::StrCat("http read timeout: ",
                                                    options.read_timeout_seconds,
                                                    " s outside [1, 3600]"));
+  }
+  if (options.limits.max_n < 1 || options.limits.max_n > 128) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("max_n: ", options.limits.max_n, " outside [1, 128]"));
+  }
+  if (options.limits.max_prompts < 1 || options.limits.max_prompts > 1024) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("max_prompts: ", options.limits.max_prompts, " outside [1, 1024]"));
   }
   if (options.max_request_bytes < 1024) {
     return absl::InvalidArgumentError(

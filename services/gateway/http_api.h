@@ -28,6 +28,7 @@
 #include "absl/time/time.h"
 #include "services/gateway/api_keys.h"
 #include "services/gateway/gateway_metrics.h"
+#include "services/gateway/openai.h"
 #include "services/gateway/worker_pool.h"
 
 namespace kvr::gateway {
@@ -58,6 +59,11 @@ struct HttpApiOptions {
   // one); the POST routes are admitted by the key's limits (429 with
   // Retry-After, type "requests" or "tokens"). /healthz stays open.
   ApiKeyStore* api_keys = nullptr;
+  // Fan-out bounds: `n` in [1, limits.max_n] (max_n in [1, 128]); a
+  // /v1/completions prompt batch of at most limits.max_prompts ([1, 1024]).
+  // A request's choices run as n * prompts worker requests, each admitted
+  // (API key slot and quota, worker queue) like a request of its own.
+  ApiLimits limits;
 };
 
 class HttpApi {

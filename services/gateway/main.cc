@@ -85,6 +85,12 @@ ABSL_FLAG(int, http_request_timeout_seconds, 60,
 ABSL_FLAG(double, max_request_timeout_seconds, 3600.0,
           "longest deadline a request may have: later gRPC deadlines are cut to it (at least "
           "--request_timeout_seconds)");
+ABSL_FLAG(int, max_n, 16,
+          "HTTP API: most choices (`n`) per prompt, [1, 128]; each choice is one worker "
+          "request (admitted, queued and counted against API-key quotas as one)");
+ABSL_FLAG(int, max_prompts, 16,
+          "HTTP API: most prompts in one /v1/completions batch (`prompt` as an array), "
+          "[1, 1024]");
 ABSL_FLAG(std::string, model_name, "",
           "model id of the HTTP API; empty: the stem of the workers' checkpoint file (e.g. "
           "stories260K)");
@@ -307,6 +313,8 @@ int Main(int argc, char** argv) {
     ho.max_request_bytes = max_request_bytes;
     ho.default_timeout = default_timeout;
     ho.model_name = absl::GetFlag(FLAGS_model_name);
+    ho.limits.max_n = absl::GetFlag(FLAGS_max_n);
+    ho.limits.max_prompts = absl::GetFlag(FLAGS_max_prompts);
     ho.api_keys = api_keys.get();
     absl::StatusOr<std::unique_ptr<HttpApi>> h = HttpApi::Start(ho, pool_ptr, metrics.get());
     if (!h.ok()) return Fail(absl::StrCat("--http_listen: ", h.status().message()));

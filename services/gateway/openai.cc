@@ -111,6 +111,10 @@ std::optional<ApiError> ParseStop(const json& body, v1::GenerateRequest* r) {
     return InvalidRequest("stop", absl::StrCat("stop: expected a string or an array of strings, "
                                                "got ", TypeName(v)));
   }
+  if (v.size() > static_cast<size_t>(kMaxStopStrings)) {
+    return InvalidRequest("stop", absl::StrCat("stop: ", v.size(), " strings, limit ",
+                                               kMaxStopStrings));
+  }
   for (size_t i = 0; i < v.size(); ++i) {
     if (!v[i].is_string()) {
       return InvalidRequest("stop", absl::StrCat("stop[", i, "]: expected a string, got ",
@@ -166,36 +170,68 @@ std::optional<ApiError> ParseKvr(const json& body, v1::AttentionParams* a) {
   return std::nullopt;
 }
 
-std::optional<ApiError> ParsePrompt(const json& body, v1::GenerateRequest* r) {
-  if (!Present(body, "prompt")) return InvalidRequest("prompt", "prompt: required");
-  const json& p = body.at("prompt");
-  if (p.is_string()) {
-    r->set_text(p.get<std::string>());
-    return std::nullopt;
-  }
-  if (!p.is_array()) {
-    return InvalidRequest("prompt", absl::StrCat("prompt: expected a string or an array of token "
-                                                 "ids, got ", TypeName(p)));
-  }
-  if (p.empty()) return InvalidRequest("prompt", "prompt: empty array");
-  if (p.size() == 1 && p[0].is_string()) {
-    r->set_text(p[0].get<std::string>());
-    return std::nullopt;
-  }
-  if (p[0].is_string() || p[0].is_array()) {
-    return InvalidRequest("prompt", absl::StrCat("prompt: batched prompts (", p.size(),
-                                                 ") are not supported; send one per request"));
-  }
+// One token-id prompt `p` (named `name`) into `r`.
+std::optional<ApiError> ParseTokenPrompt(const json& body, const std::string& name, const json& p,
+                                         v1::GenerateRequest* r) {
+  if (p.empty()) return InvalidRequest("prompt", absl::StrCat(name, ": empty array"));
   v1::TokenIds* ids = r->mutable_tokens();
   for (size_t i = 0; i < p.size(); ++i) {
     int64_t id = 0;
-    if (auto e = GetInt(body, absl::StrCat("prompt[", i, "]"), p[i], 0,
+    if (auto e = GetInt(body, absl::StrCat(name, "[", i, "]"), p[i], 0,
                         std::numeric_limits<int32_t>::max(), &id)) {
       e->param = "prompt";
       return e;
     }
     ids->add_ids(static_cast<int32_t>(id));
   }
+  return std::nullopt;
+}
+
+// `prompt`: a string, an array of token ids, or an array of either (a
+// batch: one choice group per prompt, at most limits.max_prompts).
+std::optional<ApiError> ParsePrompts(const json& body, const ApiLimits& limits,
+                                     std::vector<v1::GenerateRequest>* prompts) {
+  if (!Present(body, "prompt")) return InvalidRequest("prompt", "prompt: required");
+  const json& p = body.at("prompt");
+  if (p.is_string()) {
+    prompts->emplace_back().set_text(p.get<std::string>());
+    return std::nullopt;
+  }
+  if (!p.is_array()) {
+    return InvalidRequest("prompt", absl::StrCat("prompt: expected a string, an array of token "
+                                                 "ids, or an array of those, got ", TypeName(p)));
+  }
+  if (p.empty()) return InvalidRequest("prompt", "prompt: empty array");
+  if (!p[0].is_string() && !p[0].is_array()) {
+    return ParseTokenPrompt(body, "prompt", p, &prompts->emplace_back());
+  }
+  if (p.size() > static_cast<size_t>(limits.max_prompts)) {
+    return InvalidRequest("prompt", absl::StrCat("prompt: ", p.size(), " prompts, limit ",
+                                                 limits.max_prompts, " (--max_prompts)"));
+  }
+  for (size_t i = 0; i < p.size(); ++i) {
+    const std::string name = absl::StrCat("prompt[", i, "]");
+    if (p[i].is_string()) {
+      prompts->emplace_back().set_text(p[i].get<std::string>());
+    } else if (p[i].is_array()) {
+      if (auto e = ParseTokenPrompt(body, name, p[i], &prompts->emplace_back())) return e;
+    } else {
+      return InvalidRequest("prompt", absl::StrCat(name, ": expected a string or an array of "
+                                                   "token ids, got ", TypeName(p[i])));
+    }
+  }
+  return std::nullopt;
+}
+
+// A boolean field (absent or null: false).
+std::optional<ApiError> GetBool(const json& body, const char* field, bool* out) {
+  *out = false;
+  if (!Present(body, field)) return std::nullopt;
+  if (!body.at(field).is_boolean()) {
+    return InvalidRequest(field, absl::StrCat(field, ": expected a boolean, got ",
+                                              TypeName(body.at(field))));
+  }
+  *out = body.at(field).get<bool>();
   return std::nullopt;
 }
 
@@ -375,7 +411,8 @@ ApiError FromStatus(absl::StatusCode code, const std::string& message) {
     static const char* const kFields[] = {
         "model",  "prompt", "messages", "max_tokens", "max_completion_tokens", "temperature",
         "top_p",  "top_k",  "seed",     "stop",       "stream",                "stream_options",
-        "n",      "repetition_penalty"};
+        "n",      "repetition_penalty", "presence_penalty", "frequency_penalty", "logprobs",
+        "top_logprobs", "echo", "user"};
     bool known = absl::StartsWith(field, "kvr.");
     for (const char* f : kFields) known = known || field == f;
     if (known) e.param = field;
@@ -403,7 +440,8 @@ std::string RenameWorkerFields(Route route, std::string_view message) {
   return std::string(message);
 }
 
-std::optional<ApiError> ParseRequest(Route route, const json& body, ParsedRequest* out) {
+std::optional<ApiError> ParseRequest(Route route, const json& body, ParsedRequest* out,
+                                     const ApiLimits& limits) {
   if (!body.is_object()) {
     return InvalidRequest("", absl::StrCat("request body: expected a JSON object, got ",
                                            TypeName(body)));
@@ -415,7 +453,8 @@ std::optional<ApiError> ParseRequest(Route route, const json& body, ParsedReques
   }
   out->model = body.at("model").get<std::string>();
   if (route == Route::kCompletions) {
-    if (auto e = ParsePrompt(body, &r)) return e;
+    if (auto e = ParsePrompts(body, limits, &out->prompts)) return e;
+    r.MergeFrom(out->prompts[0]);
   } else {
     if (auto e = ParseMessages(body, &r)) return e;
   }
@@ -488,31 +527,57 @@ std::optional<ApiError> ParseRequest(Route route, const json& body, ParsedReques
       out->include_usage = so.at("include_usage").get<bool>();
     }
   }
-  if (Present(body, "n")) {
-    if (auto e = GetInt(body, "n", body.at("n"), 1, 1, &i)) {
-      e->message = absl::StrCat("n: ", Quote(body.at("n")),
-                                " is not supported (one choice per request: n must be 1)");
-      return e;
-    }
+  if (auto e = GetOptionalInt(body, "n", 1, limits.max_n, &i, &set)) {
+    // The value quoted by its shape ("an array of 3"), never dumped whole.
+    e->message = absl::StrCat("n: ", Quote(body.at("n")), " outside [1, ", limits.max_n,
+                              "] (--max_n)");
+    return e;
   }
+  if (set) out->n = static_cast<int>(i);
   if (Present(body, "best_of")) {
     if (auto e = GetInt(body, "best_of", body.at("best_of"), 1, 1, &i)) {
       e->message = "best_of: only 1 is supported";
       return e;
     }
   }
-  if (auto e = Unsupported(body, "echo", false, "echo is not supported")) return e;
-  if (auto e = Unsupported(body, "logprobs", false, "logprobs are not supported")) return e;
-  if (auto e = Unsupported(body, "top_logprobs", 0, "logprobs are not supported")) return e;
+  // Log-probabilities: completions `logprobs: N` (alternatives, [0, 5] as
+  // OpenAI's legacy API), chat `logprobs: true` + `top_logprobs: N` ([0, 20]).
+  if (route == Route::kCompletions) {
+    if (auto e = GetOptionalInt(body, "logprobs", 0, kMaxCompletionLogprobs, &i, &set)) return e;
+    if (set) out->logprobs = static_cast<int>(i);
+    if (auto e = GetBool(body, "echo", &out->echo)) return e;
+    if (out->echo) r.set_echo(true);
+  } else {
+    bool want = false;
+    if (auto e = GetBool(body, "logprobs", &want)) return e;
+    if (auto e = GetOptionalInt(body, "top_logprobs", 0, kMaxChatTopLogprobs, &i, &set)) return e;
+    if (set && !want) {
+      return InvalidRequest("top_logprobs", "top_logprobs: requires logprobs: true");
+    }
+    if (want) out->logprobs = set ? static_cast<int>(i) : 0;
+    if (Present(body, "echo")) return InvalidRequest("echo", "echo: only /v1/completions has it");
+  }
+  if (out->logprobs >= 0) {
+    r.set_logprobs(out->logprobs);
+  } else if (out->echo && r.has_tokens()) {
+    r.set_logprobs(0);  // the prompt's text comes from its token pieces
+  }
+  if (auto e = GetFloat(body, "presence_penalty", &f, &set)) return e;
+  if (set) s->set_presence_penalty(f);
+  if (auto e = GetFloat(body, "frequency_penalty", &f, &set)) return e;
+  if (set) s->set_frequency_penalty(f);
+  if (Present(body, "user")) {
+    const json& u = body.at("user");
+    if (!u.is_string()) {
+      return InvalidRequest("user", absl::StrCat("user: expected a string, got ", TypeName(u)));
+    }
+    if (u.get_ref<const std::string&>().size() > kMaxUserBytes) {
+      return InvalidRequest("user", absl::StrCat("user: ", u.get_ref<const std::string&>().size(),
+                                                 " bytes, limit ", kMaxUserBytes));
+    }
+    out->user = u.get<std::string>();
+  }
   if (auto e = Unsupported(body, "suffix", "", "suffix (insertion) is not supported")) return e;
-  if (auto e = Unsupported(body, "presence_penalty", 0,
-                           "presence_penalty is not supported (use repetition_penalty)")) {
-    return e;
-  }
-  if (auto e = Unsupported(body, "frequency_penalty", 0,
-                           "frequency_penalty is not supported (use repetition_penalty)")) {
-    return e;
-  }
   if (Present(body, "tools") && !(body.at("tools").is_array() && body.at("tools").empty())) {
     return InvalidRequest("tools", "tools: tool calls are not supported");
   }
@@ -563,26 +628,102 @@ std::string Utf8Joiner::Push(std::string_view piece) {
 
 std::string Utf8Joiner::Flush() { return std::exchange(pending_, {}); }
 
-json CompletionResponse(const ResponseInfo& info, const std::string& text,
-                        const std::vector<int32_t>& token_ids, const v1::GenerateFinal& summary) {
-  json choice = {{"index", 0}, {"finish_reason", FinishReasonName(summary.finish_reason())}};
-  if (info.route == Route::kChatCompletions) {
+std::vector<v1::GenerateRequest> ChoiceRequests(const ParsedRequest& parsed) {
+  std::vector<v1::GenerateRequest> out;
+  const size_t groups = parsed.prompts.empty() ? 1 : parsed.prompts.size();
+  out.reserve(groups * static_cast<size_t>(std::max(1, parsed.n)));
+  for (size_t p = 0; p < groups; ++p) {
+    for (int j = 0; j < std::max(1, parsed.n); ++j) {
+      v1::GenerateRequest& r = out.emplace_back(parsed.request);
+      if (!parsed.prompts.empty()) {
+        r.clear_text();
+        r.clear_tokens();
+        r.MergeFrom(parsed.prompts[p]);
+      }
+      if (j > 0) {
+        const uint64_t seed = r.sampling().has_seed() ? r.sampling().seed() : 1;
+        r.mutable_sampling()->set_seed(seed + static_cast<uint64_t>(j));  // wraps: defined
+      }
+    }
+  }
+  return out;
+}
+
+namespace {
+
+std::vector<int> Bytes(const std::string& s) {
+  std::vector<int> out;
+  out.reserve(s.size());
+  for (char c : s) out.push_back(static_cast<unsigned char>(c));
+  return out;
+}
+
+json NullableLogprob(const v1::TokenLogprob& t) {
+  return t.has_logprob() ? json(t.logprob()) : json(nullptr);
+}
+
+}  // namespace
+
+json LogprobsJson(Route route, const std::vector<v1::TokenLogprob>& tokens,
+                  int64_t* text_offset) {
+  if (route == Route::kChatCompletions) {
+    json content = json::array();
+    for (const v1::TokenLogprob& t : tokens) {
+      json top = json::array();
+      for (const v1::TopLogprob& a : t.top()) {
+        top.push_back({{"token", a.text()}, {"logprob", a.logprob()}, {"bytes", Bytes(a.text())}});
+      }
+      content.push_back({{"token", t.text()},
+                         {"logprob", NullableLogprob(t)},
+                         {"bytes", Bytes(t.text())},
+                         {"top_logprobs", top}});
+    }
+    return json{{"content", content}};
+  }
+  json toks = json::array(), lps = json::array(), tops = json::array(), offsets = json::array();
+  for (const v1::TokenLogprob& t : tokens) {
+    toks.push_back(t.text());
+    lps.push_back(NullableLogprob(t));
+    if (!t.has_logprob()) {
+      tops.push_back(nullptr);
+    } else {
+      json top = json::object();
+      for (const v1::TopLogprob& a : t.top()) {
+        if (!top.contains(a.text())) top[a.text()] = a.logprob();
+      }
+      tops.push_back(top);
+    }
+    offsets.push_back(*text_offset);
+    *text_offset += static_cast<int64_t>(t.text().size());
+  }
+  return json{{"tokens", toks}, {"token_logprobs", lps}, {"top_logprobs", tops},
+              {"text_offset", offsets}};
+}
+
+json ChoiceJson(Route route, int index, const std::string& text, const std::string& finish_reason,
+                json logprobs) {
+  json choice = {{"index", index}, {"finish_reason", finish_reason}};
+  if (route == Route::kChatCompletions) {
     choice["message"] = {{"role", "assistant"}, {"content", text}};
   } else {
     choice["text"] = text;
-    choice["logprobs"] = nullptr;
   }
-  const v1::Timings& t = summary.timings();
+  choice["logprobs"] = std::move(logprobs);
+  return choice;
+}
+
+json ResponseJson(const ResponseInfo& info, json choices, const v1::Usage& usage,
+                  const std::vector<int32_t>& token_ids, const v1::Timings& t) {
   return json{
       {"id", info.id},
       {"object", info.route == Route::kChatCompletions ? "chat.completion" : "text_completion"},
       {"created", info.created},
       {"model", info.model},
-      {"choices", json::array({choice})},
+      {"choices", std::move(choices)},
       {"usage",
-       {{"prompt_tokens", summary.usage().prompt_tokens()},
-        {"completion_tokens", summary.usage().completion_tokens()},
-        {"total_tokens", summary.usage().prompt_tokens() + summary.usage().completion_tokens()}}},
+       {{"prompt_tokens", usage.prompt_tokens()},
+        {"completion_tokens", usage.completion_tokens()},
+        {"total_tokens", usage.prompt_tokens() + usage.completion_tokens()}}},
       {"kvr",
        {{"token_ids", token_ids},
         {"timings",
@@ -594,9 +735,16 @@ json CompletionResponse(const ResponseInfo& info, const std::string& text,
           {"total_seconds", t.total_seconds()}}}}}};
 }
 
+json CompletionResponse(const ResponseInfo& info, const std::string& text,
+                        const std::vector<int32_t>& token_ids, const v1::GenerateFinal& summary) {
+  json choices = json::array(
+      {ChoiceJson(info.route, 0, text, FinishReasonName(summary.finish_reason()), nullptr)});
+  return ResponseJson(info, std::move(choices), summary.usage(), token_ids, summary.timings());
+}
+
 json StreamChunk(const ResponseInfo& info, const std::string& text, bool first,
-                 const std::string* finish_reason) {
-  json choice = {{"index", 0},
+                 const std::string* finish_reason, int index, const json* logprobs) {
+  json choice = {{"index", index},
                  {"finish_reason", finish_reason == nullptr ? json(nullptr) : json(*finish_reason)}};
   if (info.route == Route::kChatCompletions) {
     json delta = json::object();
@@ -605,8 +753,8 @@ json StreamChunk(const ResponseInfo& info, const std::string& text, bool first,
     choice["delta"] = delta;
   } else {
     choice["text"] = text;
-    choice["logprobs"] = nullptr;
   }
+  choice["logprobs"] = logprobs == nullptr ? json(nullptr) : *logprobs;
   return json{{"id", info.id},
               {"object", info.route == Route::kChatCompletions ? "chat.completion.chunk"
                                                                : "text_completion"},

@@ -6,14 +6,18 @@
 //
 // Request fields (both routes): model (required), max_tokens (default 128;
 // chat also max_completion_tokens), temperature, top_p, top_k (extension),
-// repetition_penalty (extension), seed, stop (string or array), stream,
-// stream_options.include_usage, n (must be 1), and the extension object
-// `kvr`: {mode: "retrieval"|"full", sinks, window, k, budget} → the
-// request's AttentionParams (k → top_k, budget → beam). /v1/completions takes
-// `prompt` as a string or an array of token ids; /v1/chat/completions takes
-// `messages` and renders them with ChatPrompt. Unsupported OpenAI features
-// (n > 1, best_of > 1, echo, logprobs, suffix, tools, batched prompts) are
-// refused naming the field; other unknown fields are ignored.
+// repetition_penalty (extension), presence_penalty and frequency_penalty
+// ([-2, 2]), seed, stop (string or array of at most 4), stream,
+// stream_options.include_usage, n ([1, --max_n]), user (<= 256 bytes,
+// accepted and not used), and the extension object `kvr`: {mode:
+// "retrieval"|"full", sinks, window, k, budget} → the request's
+// AttentionParams (k → top_k, budget → beam). /v1/completions takes
+// `prompt` as a string, an array of token ids, or an array of up to
+// --max_prompts of those (one group of n choices each), `logprobs` ([0, 5])
+// and `echo`; /v1/chat/completions takes `messages` (rendered with
+// ChatPrompt), `logprobs` (bool) and `top_logprobs` ([0, 20]). Unsupported
+// OpenAI features (best_of > 1, suffix, tools) are refused naming the
+// field; other unknown fields are ignored.
 #pragma once
 
 #include <cstdint>
@@ -64,19 +68,44 @@ inline constexpr int kMaxJsonDepth = 64;
 // message>)".
 std::optional<ApiError> ParseBody(std::string_view text, nlohmann::json* out);
 
+// Bounds a request's fan-out (gateway flags --max_n, --max_prompts).
+struct ApiLimits {
+  int max_n = 16;        // choices per prompt
+  int max_prompts = 16;  // prompts in one /v1/completions batch
+};
+inline constexpr int kMaxStopStrings = 4;         // OpenAI's limit
+inline constexpr int kMaxCompletionLogprobs = 5;  // completions `logprobs` (OpenAI's)
+inline constexpr int kMaxChatTopLogprobs = 20;    // chat `top_logprobs` (OpenAI's)
+inline constexpr size_t kMaxUserBytes = 256;
+
 struct ParsedRequest {
   Route route = Route::kCompletions;
   std::string model;
+  // Every field but the prompt's; its prompt is prompts[0]'s.
   v1::GenerateRequest request;
+  // /v1/completions: the prompts (text or tokens set, nothing else), in order.
+  std::vector<v1::GenerateRequest> prompts;
+  int n = 1;
+  int logprobs = -1;  // alternatives per token; -1: no logprobs asked for
+  bool echo = false;
+  std::string user;
   bool stream = false;
   bool include_usage = false;  // stream_options.include_usage
 };
+
+// The worker requests of `parsed`'s choices, choice index order: prompt p's
+// j-th choice is index p * n + j, with the prompt of prompts[p] (the chat
+// route: request's) and, for j > 0, the seed (request's, default 1) + j so
+// that sampled choices differ and a seeded request is reproducible; greedy
+// choices are identical.
+std::vector<v1::GenerateRequest> ChoiceRequests(const ParsedRequest& parsed);
 
 // Validates `body` (already parsed JSON) for `route` into `out`; the error
 // names the field ("temperature: expected a number, got string"). Ranges the
 // worker checks (top_p, kvr.window, the prompt's length, ...) are left to it;
 // RenameWorkerFields maps its field names back to the HTTP ones.
-std::optional<ApiError> ParseRequest(Route route, const nlohmann::json& body, ParsedRequest* out);
+std::optional<ApiError> ParseRequest(Route route, const nlohmann::json& body, ParsedRequest* out,
+                                     const ApiLimits& limits = {});
 
 // A worker's message with its kvr.v1 field names ("sampling.top_p: ...",
 // "attention.window", "text", "tokens") as the HTTP request spells them
@@ -114,15 +143,32 @@ struct ResponseInfo {
   std::string model;
   int64_t created = 0;
 };
-// The whole (non-streamed) response. The extension field `kvr` carries the
-// token ids and the worker's timings.
+// The `logprobs` object of a choice (or of a streamed chunk) for `tokens`:
+// completions {tokens, token_logprobs, top_logprobs, text_offset} (a token
+// without a logprob, the echoed prompt's first, has null there; text_offset
+// counts bytes from *text_offset, which is advanced past these tokens);
+// chat {content: [{token, logprob, bytes, top_logprobs: [{token, logprob,
+// bytes}]}]}.
+nlohmann::json LogprobsJson(Route route, const std::vector<v1::TokenLogprob>& tokens,
+                            int64_t* text_offset);
+// One choice of a whole response; `logprobs` null when none were asked for.
+nlohmann::json ChoiceJson(Route route, int index, const std::string& text,
+                          const std::string& finish_reason, nlohmann::json logprobs);
+// The whole (non-streamed) response with `choices` (ChoiceJson each). The
+// extension field `kvr` carries `token_ids` (choice 0's) and `timings`.
+nlohmann::json ResponseJson(const ResponseInfo& info, nlohmann::json choices,
+                            const v1::Usage& usage, const std::vector<int32_t>& token_ids,
+                            const v1::Timings& timings);
+// ResponseJson of one choice without logprobs.
 nlohmann::json CompletionResponse(const ResponseInfo& info, const std::string& text,
                                   const std::vector<int32_t>& token_ids,
                                   const v1::GenerateFinal& summary);
-// One streamed chunk: `text` (with the role on the chat's first chunk), or
-// the final one with `finish_reason`.
+// One streamed chunk of choice `index`: `text` (with the role on the chat's
+// first chunk), or the final one with `finish_reason`; `logprobs`
+// (LogprobsJson of the chunk's tokens) or null.
 nlohmann::json StreamChunk(const ResponseInfo& info, const std::string& text, bool first,
-                           const std::string* finish_reason);
+                           const std::string* finish_reason, int index = 0,
+                           const nlohmann::json* logprobs = nullptr);
 // The last chunk when stream_options.include_usage: empty choices, usage.
 nlohmann::json UsageChunk(const ResponseInfo& info, const v1::Usage& usage);
 // "data: <json>\n\n" (invalid UTF-8 replaced).

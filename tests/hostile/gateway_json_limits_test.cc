@@ -61,11 +61,11 @@ TEST(GatewayJsonLimitsTest, RejectedValuesAreQuotedByShape) {
   std::optional<ApiError> e = ParseRequest(Route::kCompletions, body, &parsed);
   ASSERT_TRUE(e.has_value());
   EXPECT_EQ(e->param, "n");
-  EXPECT_EQ(e->message, "n: an array of 3 is not supported (one choice per request: n must be 1)");
-  body["n"] = 2;
+  EXPECT_EQ(e->message, "n: an array of 3 outside [1, 16] (--max_n)");
+  body["n"] = 17;  // n > 1 is served since issue 19, up to --max_n (16)
   e = ParseRequest(Route::kCompletions, body, &parsed);
   ASSERT_TRUE(e.has_value());
-  EXPECT_EQ(e->message, "n: 2 is not supported (one choice per request: n must be 1)");
+  EXPECT_EQ(e->message, "n: 17 outside [1, 16] (--max_n)");
   // A long number is cut at 64 bytes.
   body.erase("n");
   body["top_k"] = json::parse("1.5" + std::string(200, '1'));
