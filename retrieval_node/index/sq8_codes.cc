@@ -158,12 +158,21 @@ size_t ScanSq8Codes(const simd::Sq8Kernels& kern, const Sq8Codes& codes, const u
       kern.scan_sq8(s.encoded(q), codes.data() + b0 * block_bytes, nb, s.dpad, s.dots.data());
       TopKCollector& cands = s.candidates[q];
       float t = cands.threshold();
-      for (size_t i = 0; i < m; ++i) {
-        const float v = static_cast<float>(s.dots[i]);
-        if (v >= t) {
-          cands.Push(v, ids != nullptr ? ids[first + i]
-                                       : first_id + static_cast<uint32_t>(first + i));
-          t = cands.threshold();
+      const int32_t* dots = s.dots.data();
+      for (size_t i0 = 0; i0 < m; i0 += simd::kSq8Block) {
+        // Most blocks hold nothing above the threshold once it has risen:
+        // one (vectorised) max decides that for 16 keys.
+        const size_t end = std::min(m, i0 + simd::kSq8Block);
+        int32_t top = std::numeric_limits<int32_t>::min();
+        for (size_t i = i0; i < end; ++i) top = std::max(top, dots[i]);
+        if (static_cast<float>(top) < t) continue;
+        for (size_t i = i0; i < end; ++i) {
+          const float v = static_cast<float>(dots[i]);
+          if (v >= t) {
+            cands.Push(v, ids != nullptr ? ids[first + i]
+                                         : first_id + static_cast<uint32_t>(first + i));
+            t = cands.threshold();
+          }
         }
       }
     }
