@@ -58,6 +58,7 @@
 #include "retrieval_node/index/attention_graph_index.h"
 #include "retrieval_node/index/calibrate.h"
 #include "retrieval_node/index/flat_index.h"
+#include "retrieval_node/index/flat_sq8_index.h"
 #include "retrieval_node/index/ivf_index.h"
 #include "tools/attention_data.h"
 
@@ -81,7 +82,8 @@ ABSL_FLAG(std::string, train, "", "training queries file (.npy or .fbin)");
 ABSL_FLAG(std::string, values, "", "values file (.npy or .fbin); default: random values");
 ABSL_FLAG(std::string, methods, "flat,ivf,graph,auto,faiss_hnsw,hnswlib,roargraph",
           "methods to run: flat, ivf, graph, auto (self-calibration), faiss_hnsw, faiss_ivf, hnswlib, "
-          "roargraph (the last only with --roargraph_bin_dir)");
+          "roargraph (the last only with --roargraph_bin_dir), flat_sq8 and ivf_sq8 (SQ8 "
+          "code scans with an exact rerank of --rerank_factor * k)");
 ABSL_FLAG(std::string, roargraph_bin_dir, "",
           "directory with RoarGraph's test_build_roargraph and test_search_roargraph (and COMMIT), "
           "built outside the tree by bench/peers/build_roargraph.sh; empty: RoarGraph skipped");
@@ -130,6 +132,8 @@ ABSL_FLAG(std::string, hnsw_efs, "100,200,400,800,1600,3200,6400",
 ABSL_FLAG(std::string, ivf_nprobes, "1,2,4,8,16,32,64,128,256,512",
           "IVF nprobe values to sweep");
 ABSL_FLAG(int, ivf_nlist, 0, "IVF lists (0: 4 * sqrt(N))");
+ABSL_FLAG(int, rerank_factor, 4,
+          "flat_sq8 / ivf_sq8: candidates rescored exactly per result, [1, 64]");
 ABSL_FLAG(bool, ood_gap, true, "measure HNSW recall on key queries vs attention queries");
 ABSL_FLAG(bool, attention, true, "measure single-head decode attention vs the exact scan");
 ABSL_FLAG(double, target_recall, 0.95, "recall the summary reports the cheapest setting for");
@@ -356,6 +360,8 @@ class Runner {
     }
     if (want("flat")) RunFlat(ds, truth, k, add);
     if (want("ivf")) RunIvf(ds, truth, k, add);
+    if (want("flat_sq8")) RunFlatSq8(ds, truth, k, add);
+    if (want("ivf_sq8")) RunIvf(ds, truth, k, add, /*sq8=*/true);
     std::unique_ptr<index::AttentionGraphIndex> graph;
     if (want("graph") && ds.train.rows > 0) {
       graph = RunGraph(ds, truth, k, train_topk, train_k, knn_s, add);
@@ -386,9 +392,27 @@ class Runner {
     add(MeasureKvr(**flat, ds.test, truth, k, p), "flat", "exact", build);
   }
 
+  // flat_sq8: every key's SQ8 codes scanned, rerank_factor * k rescored.
   template <typename Add>
-  void RunIvf(const DataSet& ds, const std::vector<int64_t>& truth, int k, Add&& add) {
+  void RunFlatSq8(const DataSet& ds, const std::vector<int64_t>& truth, int k, Add&& add) {
+    const int factor = absl::GetFlag(FLAGS_rerank_factor);
+    const auto t0 = Clock::now();
+    auto flat = index::FlatSq8Index::Create(ds.keys.cols, factor);
+    if (!flat.ok()) Fail(flat.status());
+    if (auto s = (*flat)->Add(ds.keys.view()); !s.ok()) Fail(s);
+    const double build = Seconds(t0, Clock::now());
+    index::SearchParams p;
+    p.k = k;
+    add(MeasureKvr(**flat, ds.test, truth, k, p), "flat_sq8", absl::StrFormat("rerank=%d", factor),
+        build);
+  }
+
+  template <typename Add>
+  void RunIvf(const DataSet& ds, const std::vector<int64_t>& truth, int k, Add&& add,
+              bool sq8 = false) {
     index::IvfOptions o;
+    o.sq8 = sq8;
+    o.rerank_factor = absl::GetFlag(FLAGS_rerank_factor);
     const int nlist_flag = absl::GetFlag(FLAGS_ivf_nlist);
     o.nlist = nlist_flag > 0 ? static_cast<size_t>(nlist_flag)
                              : static_cast<size_t>(4.0 * std::sqrt(ds.keys.rows));
@@ -402,7 +426,8 @@ class Runner {
       p.k = k;
       p.nprobe = nprobe;
       Row r = MeasureKvr(**ivf, ds.test, truth, k, p);
-      add(r, "ivf", absl::StrFormat("nlist=%zu,np=%d", (*ivf)->nlist(), nprobe), build);
+      add(r, sq8 ? "ivf_sq8" : "ivf", absl::StrFormat("nlist=%zu,np=%d", (*ivf)->nlist(), nprobe),
+          build);
       if (r.recall > 0.995) break;
     }
   }
@@ -622,7 +647,11 @@ class Runner {
       p.beam = c.beam;
       p.nprobe = c.nprobe;
       const Row r = MeasureKvr(**built, ds.test, truth, k, p);
-      const std::string kind(index::IndexTypeName(c.kind));
+      std::string kind(index::IndexTypeName(c.kind));
+      if (const auto* ivf = dynamic_cast<const index::IvfIndex*>(&(*built)->inner());
+          ivf != nullptr && ivf->options().sq8) {
+        kind = "ivf_sq8";
+      }
       const int effort = c.kind == index::IndexType::kGraph ? c.beam : c.nprobe;
       const std::string method =
           one_kind ? absl::StrCat("auto-", kind) : std::string("auto");

@@ -98,7 +98,9 @@ Attention:
   --sinks N               attention-sink tokens kept on the worker, >= 0 (default 4)
   --window N              recent tokens kept on the worker, >= 1 (default 16)
   --top_k N               keys retrieved per query head, [1, 4096] (default 16)
-  --index graph|flat|ivf|auto  retrieval index (default graph; auto: the node picks per head)
+  --index NAME            retrieval index: graph|flat|ivf|auto|flat_sq8 (default graph;
+                          auto: the node picks per head; flat_sq8: SQ8 code scan +
+                          exact rerank)
   --beam N                graph search beam, 0 = index default (default 0)
   --train_k N             exact top-k per prefill query for the graph build,
                           [1, 4096] (default 32)

@@ -10,6 +10,7 @@
 #include "retrieval_node/core/sequence_access.h"
 #include "retrieval_node/index/attend.h"
 #include "retrieval_node/index/flat_index.h"
+#include "retrieval_node/index/flat_sq8_index.h"
 
 namespace kvr::retrieval {
 
@@ -114,7 +115,8 @@ absl::Status ValidateSpec(const SequenceSpec& spec) {
   }
   KVR_RETURN_IF_ERROR(DTypeFromTag(static_cast<uint32_t>(spec.value_dtype)).status());
   if (spec.index_type != IndexType::kGraph && spec.index_type != IndexType::kFlat &&
-      spec.index_type != IndexType::kIvf && spec.index_type != IndexType::kAuto) {
+      spec.index_type != IndexType::kIvf && spec.index_type != IndexType::kAuto &&
+      spec.index_type != IndexType::kFlatSq8) {
     return absl::InvalidArgumentError(
         absl::StrCat("index_type ", static_cast<int>(spec.index_type), " unknown"));
   }
@@ -394,6 +396,9 @@ int64_t NodeCore::EstimateBytes(const SequenceSpec& spec, size_t n) const {
   if (spec.index_type == IndexType::kGraph || spec.index_type == IndexType::kAuto) {
     per_key += int64_t(options_.graph.degree + 1) * int64_t(sizeof(uint32_t));
   }
+  if (spec.index_type == IndexType::kFlatSq8 || spec.index_type == IndexType::kAuto) {
+    per_key += d;  // one SQ8 code byte per dimension
+  }
   return per_key * static_cast<int64_t>(n);
 }
 
@@ -493,6 +498,12 @@ absl::StatusOr<std::unique_ptr<index::KeyIndex>> NodeCore::BuildIndex(
     KVR_ASSIGN_OR_RETURN(std::unique_ptr<index::CalibratedIndex> calibrated,
                          index::CalibratedIndex::Create(std::move(built), chosen));
     return std::unique_ptr<index::KeyIndex>(std::move(calibrated));
+  }
+  if (type == IndexType::kFlatSq8 && n >= options_.min_index_keys) {
+    KVR_ASSIGN_OR_RETURN(std::unique_ptr<index::FlatSq8Index> flat,
+                         index::FlatSq8Index::Create(keys.cols(), options_.ivf.rerank_factor));
+    KVR_RETURN_IF_ERROR(flat->Add(keys));
+    return std::unique_ptr<index::KeyIndex>(std::move(flat));
   }
   if (type == IndexType::kFlat || n < options_.min_index_keys) {
     KVR_ASSIGN_OR_RETURN(std::unique_ptr<index::FlatIndex> flat, index::FlatIndex::Create(keys.cols()));

@@ -9,6 +9,7 @@
 
 #include "common/exact_topk.h"
 #include "retrieval_node/index/flat_index.h"
+#include "retrieval_node/index/flat_sq8_index.h"
 
 namespace kvr::index {
 namespace {
@@ -26,6 +27,14 @@ double KindCost(IndexType kind) {
     default:
       return kFlatDistanceCost;
   }
+}
+
+// KindCost of `index`, SQ8 code scans at their own rates.
+double IndexCost(const KeyIndex& index) {
+  if (index.type() == IndexType::kFlatSq8) return kFlatSq8DistanceCost;
+  const auto* ivf = dynamic_cast<const IvfIndex*>(&index);
+  if (ivf != nullptr && ivf->options().sq8) return kIvfSq8DistanceCost;
+  return KindCost(index.type());
 }
 
 // The recall k for `index` and `holdout`.
@@ -181,6 +190,12 @@ absl::StatusOr<CalibrationResult> CalibrateEffortBounded(const KeyIndex& index,
   const size_t k = RecallK(index, holdout, options);
   result.k = static_cast<int>(k);
   result.holdout_queries = static_cast<int64_t>(std::min(holdout.rows(), options.max_queries));
+  if (result.kind == IndexType::kFlatSq8) {  // no effort knob: measure once
+    KVR_ASSIGN_OR_RETURN(EffortMeasurement m, MeasureEffort(index, holdout, {}, options, pool));
+    result.expected_recall = m.recall;
+    result.cost_per_query = m.distance_computations * IndexCost(index);
+    return result;
+  }
 
   // Effort range: graph beam [k, min(n, kMaxCalibratedBeam)]; IVF nprobe [1, nlist].
   int low_effort = 1, max_effort = 1;
@@ -207,7 +222,7 @@ absl::StatusOr<CalibrationResult> CalibrateEffortBounded(const KeyIndex& index,
   int fail = 0, meet = low_effort;
   KVR_ASSIGN_OR_RETURN(EffortMeasurement best, measure(meet));
   while (best.recall < goal && meet < max_effort &&
-         best.distance_computations * KindCost(result.kind) < max_cost) {
+         best.distance_computations * IndexCost(index) < max_cost) {
     fail = meet;
     meet = static_cast<int>(std::min<int64_t>(int64_t{meet} * 2, max_effort));
     KVR_ASSIGN_OR_RETURN(best, measure(meet));
@@ -228,7 +243,7 @@ absl::StatusOr<CalibrationResult> CalibrateEffortBounded(const KeyIndex& index,
   if (result.kind == IndexType::kGraph) result.beam = meet;
   if (result.kind == IndexType::kIvf) result.nprobe = meet;
   result.expected_recall = best.recall;
-  result.cost_per_query = best.distance_computations * KindCost(result.kind);
+  result.cost_per_query = best.distance_computations * IndexCost(index);
   return result;
 }
 
@@ -364,7 +379,8 @@ absl::StatusOr<std::unique_ptr<CalibratedIndex>> CalibratedIndex::Deserialize(
   };
   if (kind != static_cast<uint8_t>(IndexType::kGraph) &&
       kind != static_cast<uint8_t>(IndexType::kFlat) &&
-      kind != static_cast<uint8_t>(IndexType::kIvf)) {
+      kind != static_cast<uint8_t>(IndexType::kIvf) &&
+      kind != static_cast<uint8_t>(IndexType::kFlatSq8)) {
     return bad("kind", int{kind});
   }
   c.kind = static_cast<IndexType>(kind);
@@ -423,8 +439,15 @@ absl::StatusOr<std::unique_ptr<CalibratedIndex>> BuildCalibrated(
     }
     return std::unique_ptr<KeyIndex>(std::move(graph));
   };
-  auto build_ivf = [&]() -> absl::StatusOr<std::unique_ptr<KeyIndex>> {
+  auto build_flat_sq8 = [&]() -> absl::StatusOr<std::unique_ptr<KeyIndex>> {
+    KVR_ASSIGN_OR_RETURN(std::unique_ptr<FlatSq8Index> flat,
+                         FlatSq8Index::Create(keys.cols(), options.ivf.rerank_factor));
+    KVR_RETURN_IF_ERROR(flat->Add(keys));
+    return std::unique_ptr<KeyIndex>(std::move(flat));
+  };
+  auto build_ivf = [&](bool sq8) -> absl::StatusOr<std::unique_ptr<KeyIndex>> {
     IvfOptions o = options.ivf;
+    o.sq8 = sq8;
     o.nlist = std::clamp<size_t>(
         static_cast<size_t>(std::sqrt(static_cast<double>(n))), 1, std::max<size_t>(1, o.nlist));
     // As one of kAuto's candidates, k-means trains on 64 keys per list (a
@@ -449,7 +472,11 @@ absl::StatusOr<std::unique_ptr<CalibratedIndex>> BuildCalibrated(
       return calibrate(std::move(idx));
     }
     case IndexType::kIvf: {
-      KVR_ASSIGN_OR_RETURN(auto idx, build_ivf());
+      KVR_ASSIGN_OR_RETURN(auto idx, build_ivf(options.ivf.sq8));
+      return calibrate(std::move(idx));
+    }
+    case IndexType::kFlatSq8: {
+      KVR_ASSIGN_OR_RETURN(auto idx, build_flat_sq8());
       return calibrate(std::move(idx));
     }
     case IndexType::kAuto:
@@ -491,9 +518,18 @@ absl::StatusOr<std::unique_ptr<CalibratedIndex>> BuildCalibrated(
     KVR_ASSIGN_OR_RETURN(auto calibrated, calibrate_bounded(std::move(graph)));
     consider(std::move(calibrated));
   }
-  {
-    KVR_ASSIGN_OR_RETURN(auto ivf, build_ivf());
-    KVR_ASSIGN_OR_RETURN(auto calibrated, calibrate_bounded(std::move(ivf)));
+  // Candidates after the graph: ivf, ivf_sq8, flat_sq8 (then flat below).
+  for (int candidate = 0; candidate < 3; ++candidate) {
+    KVR_ASSIGN_OR_RETURN(auto idx, candidate < 2 ? build_ivf(candidate == 1) : build_flat_sq8());
+    KVR_ASSIGN_OR_RETURN(auto calibrated, calibrate_bounded(std::move(idx)));
+    const CalibrationResult& c = *calibrated->calibration();
+    // flat_sq8, like flat, keeps an approximate kind only when that one is
+    // kMinSpeedupOverFlat cheaper (no effort to drift, cheap appends).
+    if (candidate == 2 && best != nullptr && c.expected_recall >= target &&
+        best->calibration()->cost_per_query * kMinSpeedupOverFlat > c.cost_per_query) {
+      best = std::move(calibrated);
+      continue;
+    }
     consider(std::move(calibrated));
   }
   // Flat last: it wins ties and whatever could not beat the scan.

@@ -50,6 +50,14 @@ namespace kvr::index {
 inline constexpr double kFlatDistanceCost = 1.0;
 inline constexpr double kGraphDistanceCost = 4.0;
 inline constexpr double kIvfDistanceCost = 1.2;
+// One SQ8 code distance of flat_sq8 / of IVF-SQ8 (their exact reranks and
+// IVF's centroid products are counted at the same rate, a few % of the
+// work). Measured one query per search at 131072 keys, d 128, loaded 2-core
+// box (AVX-512 VNNI): flat 19.6 ns, flat_sq8 5.4 ns (0.28x), IVF-SQ8
+// 7.3-8.0 ns (0.37-0.41x; short lists, scattered) per distance
+// (docs/benchmarks.md "Quantized scans (SQ8)").
+inline constexpr double kFlatSq8DistanceCost = 0.3;
+inline constexpr double kIvfSq8DistanceCost = 0.4;
 // kAuto keeps a graph or IVF index only when its modelled cost is at most
 // flat's / kMinSpeedupOverFlat: the constants above are good to ~25%, and a
 // flat index is exact, appends without re-linking and never misses.
@@ -193,7 +201,10 @@ struct CalibratedBuildOptions {
 //  * kGraph: the graph from train_topk (keys as their own training queries
 //    when train_topk is empty), beam calibrated;
 //  * kIvf: IVF, nprobe calibrated;
-//  * kAuto: graph (only when train_topk is given), IVF and flat; the one of
+//  * kFlatSq8: flat_sq8 (no effort knob: its recall at its rerank factor);
+//  * kAuto: graph (only when train_topk is given), IVF, IVF-SQ8, flat_sq8
+//    and flat (flat_sq8 replaces an approximate kind unless that is
+//    kMinSpeedupOverFlat cheaper, as flat does); the one of
 //    least cost per query whose held-back recall meets the target (flat when
 //    none does, or when there are fewer than kAutoMinKeys keys). A
 //    candidate's calibration stops once an effort missing the target costs

@@ -5,6 +5,7 @@
 #include "retrieval_node/index/attention_graph_index.h"
 #include "retrieval_node/index/calibrate.h"
 #include "retrieval_node/index/flat_index.h"
+#include "retrieval_node/index/flat_sq8_index.h"
 #include "retrieval_node/index/ivf_index.h"
 
 namespace kvr::index {
@@ -19,6 +20,8 @@ absl::string_view IndexTypeName(IndexType type) {
       return "ivf";
     case IndexType::kAuto:
       return "auto";
+    case IndexType::kFlatSq8:
+      return "flat_sq8";
   }
   return "unknown";
 }
@@ -28,8 +31,9 @@ absl::StatusOr<IndexType> ParseIndexType(absl::string_view name) {
   if (name == "flat") return IndexType::kFlat;
   if (name == "ivf") return IndexType::kIvf;
   if (name == "auto") return IndexType::kAuto;
+  if (name == "flat_sq8") return IndexType::kFlatSq8;
   return absl::InvalidArgumentError(absl::StrCat("index type \"", std::string(name),
-                                                 "\" is not one of graph, flat, ivf, auto"));
+                                                 "\" is not one of graph, flat, ivf, auto, flat_sq8"));
 }
 
 absl::Status ValidateFinite(ConstMatrixView m, size_t dim, absl::string_view what) {
@@ -60,6 +64,10 @@ absl::StatusOr<std::unique_ptr<KeyIndex>> LoadIndex(std::span<const uint8_t> blo
     }
     case kGraphBlobKind: {
       KVR_ASSIGN_OR_RETURN(auto idx, AttentionGraphIndex::Deserialize(opened));
+      return std::unique_ptr<KeyIndex>(std::move(idx));
+    }
+    case kFlatSq8BlobKind: {
+      KVR_ASSIGN_OR_RETURN(auto idx, FlatSq8Index::Deserialize(opened));
       return std::unique_ptr<KeyIndex>(std::move(idx));
     }
     case kCalibratedBlobKind: {

@@ -36,9 +36,10 @@ enum class IndexType : uint8_t {
   // recall (calibrate.h). A built index never has this type: it reports the
   // kind it chose.
   kAuto = 3,
+  kFlatSq8 = 4,  // scan of SQ8 key codes + exact rerank (FlatSq8Index)
 };
-inline constexpr size_t kNumIndexTypes = 4;
-// "graph", "flat", "ivf", "auto".
+inline constexpr size_t kNumIndexTypes = 5;
+// "graph", "flat", "ivf", "auto", "flat_sq8".
 absl::string_view IndexTypeName(IndexType type);
 // Parses the names above; InvalidArgument naming the value otherwise.
 absl::StatusOr<IndexType> ParseIndexType(absl::string_view name);
@@ -49,6 +50,7 @@ inline constexpr uint32_t kFlatBlobKind = 1;
 inline constexpr uint32_t kIvfBlobKind = 2;
 inline constexpr uint32_t kGraphBlobKind = 3;
 inline constexpr uint32_t kCalibratedBlobKind = 4;  // CalibratedIndex (calibrate.h)
+inline constexpr uint32_t kFlatSq8BlobKind = 5;     // FlatSq8Index
 
 // Limits every index enforces on its inputs (ValidateSearch / Add / loaders).
 inline constexpr int kMaxSearchK = kMaxTopK;        // SearchParams::k upper bound
@@ -60,6 +62,9 @@ struct SearchParams {
   int k = 100;     // results per query; 1 <= k <= min(size(), kMaxSearchK)
   int beam = 0;    // graph: beam width L (0: the index's default; raised to k if smaller)
   int nprobe = 0;  // IVF: clusters probed (0: the index's default)
+  // SQ8 kinds (flat_sq8, IVF with sq8): candidates rescored exactly per
+  // result (0: the index's; else [1, kMaxSq8RerankFactor], sq8_codes.h).
+  int rerank_factor = 0;
 };
 
 // Work counters, summed over the queries of a call. Callers may pass one

@@ -11,7 +11,9 @@
 namespace kvr::index {
 namespace {
 
-constexpr uint32_t kIvfVersion = 1;
+// Version 2 added sq8, rerank_factor and the SQ8 scales; 1 still loads.
+constexpr uint32_t kIvfVersion = 2;
+constexpr uint32_t kIvfVersionNoSq8 = 1;
 constexpr size_t kTrainPointsPerList = 256;
 
 struct IvfScratch {
@@ -21,12 +23,13 @@ struct IvfScratch {
   TopKCollector results;
   std::vector<int64_t> probe_ids;
   std::vector<float> probe_scores;
+  Sq8Scratch sq8;
 
   size_t MemoryBytes() const {
     return (centroid_scores.capacity() + list_scores.capacity() + probe_scores.capacity()) *
                sizeof(float) +
            probe_ids.capacity() * sizeof(int64_t) + probes.MemoryBytes() +
-           results.MemoryBytes();
+           results.MemoryBytes() + sq8.MemoryBytes();
   }
 };
 
@@ -57,6 +60,9 @@ absl::StatusOr<std::unique_ptr<IvfIndex>> IvfIndex::Build(ConstMatrixView keys,
     return absl::InvalidArgumentError(
         absl::StrCat("ivf index: default_nprobe=", options.default_nprobe, " < 1"));
   }
+  if (options.sq8) {
+    KVR_RETURN_IF_ERROR(ValidateRerankFactor(options.rerank_factor, "ivf rerank_factor"));
+  }
   KVR_RETURN_IF_ERROR(ValidateFinite(keys, keys.cols(), "keys"));
   IvfOptions opts = options;
   opts.nlist = std::min(options.nlist, keys.rows());
@@ -73,19 +79,35 @@ absl::StatusOr<std::unique_ptr<IvfIndex>> IvfIndex::Build(ConstMatrixView keys,
   idx->lists_.resize(opts.nlist);
   std::vector<size_t> counts(opts.nlist);
   for (uint32_t c : clusters.assignment) ++counts[c];
+  if (opts.sq8) idx->quantizer_ = Sq8Quantizer::Train(keys, idx->dim_);
   for (size_t c = 0; c < opts.nlist; ++c) {
-    idx->lists_[c].ids.reserve(counts[c]);
-    idx->lists_[c].keys.reserve(counts[c] * idx->dim_);
+    List& l = idx->lists_[c];
+    l.ids.reserve(counts[c]);
+    if (opts.sq8) {
+      l.codes = Sq8Codes(simd::Sq8PaddedDim(idx->dim_));
+      l.codes.Reserve(counts[c]);
+    } else {
+      l.keys.reserve(counts[c] * idx->dim_);
+    }
   }
   idx->keys_.reserve(keys.rows() * idx->dim_);
   for (size_t i = 0; i < keys.rows(); ++i) {
-    List& l = idx->lists_[clusters.assignment[i]];
-    l.ids.push_back(static_cast<uint32_t>(i));
-    l.keys.insert(l.keys.end(), keys.row(i), keys.row(i) + idx->dim_);
     idx->keys_.insert(idx->keys_.end(), keys.row(i), keys.row(i) + idx->dim_);
+    idx->AppendToList(clusters.assignment[i], static_cast<uint32_t>(i));
   }
   idx->n_ = keys.rows();
   return idx;
+}
+
+void IvfIndex::AppendToList(size_t c, uint32_t id) {
+  List& l = lists_[c];
+  const float* key = keys_.data() + static_cast<size_t>(id) * dim_;
+  l.ids.push_back(id);
+  if (options_.sq8) {
+    l.codes.Append(quantizer_, key);
+  } else {
+    l.keys.insert(l.keys.end(), key, key + dim_);
+  }
 }
 
 absl::Status IvfIndex::Add(ConstMatrixView keys) { return AddParallel(keys, nullptr); }
@@ -101,10 +123,8 @@ absl::Status IvfIndex::AddParallel(ConstMatrixView keys, ThreadPool* pool) {
   std::vector<uint32_t> assign(keys.rows());
   AssignNearest(keys, centroids(), assign, {}, pool);
   for (size_t i = 0; i < keys.rows(); ++i) {
-    List& l = lists_[assign[i]];
-    l.ids.push_back(static_cast<uint32_t>(n_ + i));
-    l.keys.insert(l.keys.end(), keys.row(i), keys.row(i) + dim_);
     keys_.insert(keys_.end(), keys.row(i), keys.row(i) + dim_);
+    AppendToList(assign[i], static_cast<uint32_t>(n_ + i));
   }
   n_ += keys.rows();
   return absl::OkStatus();
@@ -114,6 +134,7 @@ absl::Status IvfIndex::Search(ConstMatrixView queries, const SearchParams& param
                               std::span<int64_t> ids, std::span<float> scores,
                               SearchStats* stats) const {
   KVR_RETURN_IF_ERROR(ValidateSearch(*this, queries, params, ids, scores));
+  if (options_.sq8) return SearchSq8(queries, params, ids, scores, stats);
   const size_t nlist = lists_.size();
   const size_t nprobe = std::clamp<size_t>(
       params.nprobe > 0 ? params.nprobe : options_.default_nprobe, 1, nlist);
@@ -152,11 +173,57 @@ absl::Status IvfIndex::Search(ConstMatrixView queries, const SearchParams& param
   return absl::OkStatus();
 }
 
+absl::Status IvfIndex::SearchSq8(ConstMatrixView queries, const SearchParams& params,
+                                 std::span<int64_t> ids, std::span<float> scores,
+                                 SearchStats* stats) const {
+  int factor = options_.rerank_factor;
+  if (params.rerank_factor != 0) {
+    KVR_RETURN_IF_ERROR(ValidateRerankFactor(params.rerank_factor, "rerank_factor"));
+    factor = params.rerank_factor;
+  }
+  const size_t nlist = lists_.size();
+  const size_t nprobe = std::clamp<size_t>(
+      params.nprobe > 0 ? params.nprobe : options_.default_nprobe, 1, nlist);
+  const size_t k = static_cast<size_t>(params.k);
+  // k <= kMaxSearchK and factor <= 64: no overflow.
+  const size_t r = std::min(n_, k * static_cast<size_t>(factor));
+  const auto& kern = simd::Active();
+  const auto& sq8 = simd::ActiveSq8();
+  auto s = scratch_->Acquire();
+  if (s->centroid_scores.size() < nlist) s->centroid_scores.resize(nlist);
+  if (s->probe_ids.size() < nprobe) {
+    s->probe_ids.resize(nprobe);
+    s->probe_scores.resize(nprobe);
+  }
+  int64_t work = 0;
+  for (size_t q = 0; q < queries.rows(); ++q) {
+    const float* qv = queries.row(q);
+    kern.dot_batch(qv, centroids_.data(), nlist, dim_, dim_, s->centroid_scores.data());
+    s->probes.Reset(nprobe);
+    s->probes.PushRange(s->centroid_scores.data(), nlist, 0);
+    s->probes.Finish(s->probe_ids.data(), s->probe_scores.data());
+    BeginSq8Search(quantizer_, qv, r, 0, s->sq8);
+    for (size_t p = 0; p < nprobe; ++p) {
+      const List& l = lists_[static_cast<size_t>(s->probe_ids[p])];
+      work += static_cast<int64_t>(ScanSq8Codes(sq8, l.codes, l.ids.data(), 0, 1, s->sq8));
+    }
+    work += static_cast<int64_t>(
+        RerankExact(qv, keys(), r, k, 0, s->sq8, ids.data() + q * k, scores.data() + q * k));
+  }
+  scratch_->Release(std::move(s));
+  if (stats != nullptr) {
+    stats->queries += static_cast<int64_t>(queries.rows());
+    stats->distance_computations += static_cast<int64_t>(queries.rows() * nlist) + work;
+  }
+  return absl::OkStatus();
+}
+
 size_t IvfIndex::MemoryBytes() const {
   size_t b = sizeof(*this) + (centroids_.capacity() + keys_.capacity()) * sizeof(float) +
              lists_.capacity() * sizeof(List) + scratch_->MemoryBytes();
   for (const List& l : lists_) {
-    b += l.keys.capacity() * sizeof(float) + l.ids.capacity() * sizeof(uint32_t);
+    b += l.keys.capacity() * sizeof(float) + l.ids.capacity() * sizeof(uint32_t) +
+         l.codes.MemoryBytes();
   }
   return b;
 }
@@ -170,10 +237,23 @@ absl::Status IvfIndex::Serialize(std::vector<uint8_t>* out) const {
   w.Put<int32_t>(options_.default_nprobe);
   w.Put<uint64_t>(options_.seed);
   w.Put<uint64_t>(options_.max_train_points);
+  w.Put<uint8_t>(options_.sq8 ? 1 : 0);
+  w.Put<int32_t>(options_.rerank_factor);
+  if (options_.sq8) quantizer_.Write(w);
   w.PutArray(std::span<const float>(centroids_));
+  std::vector<float> list_keys;
   for (const List& l : lists_) {
     w.PutArray(std::span<const uint32_t>(l.ids));
-    w.PutArray(std::span<const float>(l.keys));
+    if (options_.sq8) {  // the keys of the list, from the id-ordered copy
+      list_keys.resize(l.ids.size() * dim_);
+      for (size_t j = 0; j < l.ids.size(); ++j) {
+        std::memcpy(list_keys.data() + j * dim_, keys_.data() + size_t{l.ids[j]} * dim_,
+                    dim_ * sizeof(float));
+      }
+      w.PutArray(std::span<const float>(list_keys));
+    } else {
+      w.PutArray(std::span<const float>(l.keys));
+    }
   }
   const auto blob = SealBlob(kIvfBlobKind, kIvfVersion, w.bytes());
   out->insert(out->end(), blob.begin(), blob.end());
@@ -185,7 +265,7 @@ absl::StatusOr<std::unique_ptr<IvfIndex>> IvfIndex::Deserialize(const OpenedBlob
     return absl::InvalidArgumentError(
         absl::StrCat("blob kind ", blob.kind, " is not an ivf index"));
   }
-  if (blob.version != kIvfVersion) {
+  if (blob.version != kIvfVersion && blob.version != kIvfVersionNoSq8) {
     return absl::InvalidArgumentError(absl::StrCat("ivf index: unsupported format version ",
                                                    blob.version, " (this build reads ",
                                                    kIvfVersion, ")"));
@@ -200,6 +280,21 @@ absl::StatusOr<std::unique_ptr<IvfIndex>> IvfIndex::Deserialize(const OpenedBlob
   KVR_RETURN_IF_ERROR(r.Get(&nprobe, "default_nprobe"));
   KVR_RETURN_IF_ERROR(r.Get(&seed, "seed"));
   KVR_RETURN_IF_ERROR(r.Get(&max_train, "max_train_points"));
+  uint8_t sq8 = 0;
+  int32_t rerank_factor = kDefaultSq8RerankFactor;
+  if (blob.version >= 2) {
+    KVR_RETURN_IF_ERROR(r.Get(&sq8, "sq8"));
+    KVR_RETURN_IF_ERROR(r.Get(&rerank_factor, "rerank_factor"));
+    if (sq8 > 1) {
+      return absl::DataLossError(absl::StrCat("ivf index: field 'sq8' value ", int{sq8},
+                                              " is not 0 or 1"));
+    }
+    if (rerank_factor < 1 || rerank_factor > kMaxSq8RerankFactor) {
+      return absl::DataLossError(absl::StrCat("ivf index: field 'rerank_factor' value ",
+                                              rerank_factor, " outside [1, ",
+                                              kMaxSq8RerankFactor, "]"));
+    }
+  }
   if (dim == 0 || dim > kMaxDim) {
     return absl::DataLossError(absl::StrCat("ivf index: dim ", dim, " outside [1, ", kMaxDim, "]"));
   }
@@ -231,7 +326,12 @@ absl::StatusOr<std::unique_ptr<IvfIndex>> IvfIndex::Deserialize(const OpenedBlob
   opts.default_nprobe = nprobe;
   opts.seed = seed;
   opts.max_train_points = max_train;
+  opts.sq8 = sq8 != 0;
+  opts.rerank_factor = rerank_factor;
   std::unique_ptr<IvfIndex> idx(new IvfIndex(dim, opts));
+  if (opts.sq8) {
+    KVR_ASSIGN_OR_RETURN(idx->quantizer_, Sq8Quantizer::Read(r, dim));
+  }
   KVR_RETURN_IF_ERROR(r.GetArray(&idx->centroids_, "centroids", nlist * dim));
   if (idx->centroids_.size() != nlist * dim) {
     return absl::DataLossError(absl::StrCat("ivf index: ", idx->centroids_.size(),
@@ -272,6 +372,16 @@ absl::StatusOr<std::unique_ptr<IvfIndex>> IvfIndex::Deserialize(const OpenedBlob
   if (!finite.ok()) return absl::DataLossError(finite.message());
   finite = ValidateFinite(idx->centroids(), dim, "ivf index centroids");
   if (!finite.ok()) return absl::DataLossError(finite.message());
+  if (opts.sq8) {  // codes re-derived from the (checked) keys; the lists drop theirs
+    for (List& l : idx->lists_) {
+      l.keys = std::vector<float>();
+      l.codes = Sq8Codes(simd::Sq8PaddedDim(dim));
+      l.codes.Reserve(l.ids.size());
+      for (uint32_t id : l.ids) {
+        l.codes.Append(idx->quantizer_, idx->keys_.data() + size_t{id} * dim);
+      }
+    }
+  }
   return idx;
 }
 

@@ -54,11 +54,13 @@ absl::StatusOr<IndexType> IndexTypeFromProto(int type, absl::string_view field) 
       return IndexType::kIvf;
     case v1::INDEX_TYPE_AUTO:
       return IndexType::kAuto;
+    case v1::INDEX_TYPE_FLAT_SQ8:
+      return IndexType::kFlatSq8;
     default:
       return absl::InvalidArgumentError(
           absl::StrCat(field, " ", type,
                        " is not one of INDEX_TYPE_GRAPH (1), INDEX_TYPE_FLAT (2), "
-                       "INDEX_TYPE_IVF (3), INDEX_TYPE_AUTO (4)"));
+                       "INDEX_TYPE_IVF (3), INDEX_TYPE_AUTO (4), INDEX_TYPE_FLAT_SQ8 (5)"));
   }
 }
 
@@ -72,6 +74,8 @@ v1::IndexType IndexTypeToProto(IndexType type) {
       return v1::INDEX_TYPE_IVF;
     case IndexType::kAuto:
       return v1::INDEX_TYPE_AUTO;
+    case IndexType::kFlatSq8:
+      return v1::INDEX_TYPE_FLAT_SQ8;
   }
   return v1::INDEX_TYPE_UNSPECIFIED;
 }

@@ -1,0 +1,37 @@
+// Scalar SQ8 kernels: the oracle every SIMD table must match bit for bit.
+#include "common/simd/sq8_kernels.h"
+
+namespace kvr::simd {
+namespace {
+
+int32_t DotI8Scalar(const uint8_t* a, const int8_t* b, size_t d) {
+  int32_t s = 0;
+  for (size_t j = 0; j < d; ++j) s += static_cast<int32_t>(a[j]) * static_cast<int32_t>(b[j]);
+  return s;
+}
+
+void ScanSq8Scalar(const int8_t* q, const uint8_t* blocks, size_t nblocks, size_t dpad,
+                   int32_t* out) {
+  for (size_t b = 0; b < nblocks; ++b) {
+    const uint8_t* block = blocks + b * Sq8BlockBytes(dpad);
+    int32_t acc[kSq8Block] = {};
+    for (size_t g = 0; g < dpad / 4; ++g) {
+      const uint8_t* group = block + g * 64;
+      for (size_t i = 0; i < kSq8Block; ++i) {
+        for (size_t t = 0; t < 4; ++t) {
+          acc[i] += static_cast<int32_t>(group[i * 4 + t]) * static_cast<int32_t>(q[g * 4 + t]);
+        }
+      }
+    }
+    for (size_t i = 0; i < kSq8Block; ++i) out[b * kSq8Block + i] = acc[i];
+  }
+}
+
+}  // namespace
+
+const Sq8Kernels& ScalarSq8Kernels() {
+  static const Sq8Kernels k{"scalar", &DotI8Scalar, &ScanSq8Scalar};
+  return k;
+}
+
+}  // namespace kvr::simd

@@ -1,0 +1,202 @@
+#include "retrieval_node/index/sq8_codes.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+
+#include "common/simd/kernels.h"
+
+namespace kvr::index {
+
+absl::Status ValidateRerankFactor(int rerank_factor, absl::string_view field) {
+  if (rerank_factor < 1 || rerank_factor > kMaxSq8RerankFactor) {
+    return absl::InvalidArgumentError(absl::StrCat(field, " ", rerank_factor, " outside [1, ",
+                                                   kMaxSq8RerankFactor, "]"));
+  }
+  return absl::OkStatus();
+}
+
+namespace {
+
+// 1 / scale in double, 0 when the scale is 0 or its inverse is not finite.
+double Inverse(float scale) {
+  if (!(scale > 0.0f)) return 0.0;
+  const double inv = 1.0 / static_cast<double>(scale);
+  return std::isfinite(inv) ? inv : 0.0;
+}
+
+}  // namespace
+
+Sq8Quantizer Sq8Quantizer::Train(ConstMatrixView keys, size_t dim) {
+  Sq8Quantizer q;
+  q.lo_.assign(dim, 0.0f);
+  q.scale_.assign(dim, 0.0f);
+  q.inv_scale_.assign(dim, 0.0);
+  if (keys.rows() == 0) return q;
+  std::vector<float> hi(dim);
+  for (size_t j = 0; j < dim; ++j) q.lo_[j] = hi[j] = keys.row(0)[j];
+  for (size_t i = 1; i < keys.rows(); ++i) {
+    const float* x = keys.row(i);
+    for (size_t j = 0; j < dim; ++j) {
+      q.lo_[j] = std::min(q.lo_[j], x[j]);
+      hi[j] = std::max(hi[j], x[j]);
+    }
+  }
+  for (size_t j = 0; j < dim; ++j) {
+    // In double: hi - lo of finite floats may exceed the float range.
+    q.scale_[j] = static_cast<float>(
+        (static_cast<double>(hi[j]) - static_cast<double>(q.lo_[j])) / 255.0);
+    q.inv_scale_[j] = Inverse(q.scale_[j]);
+  }
+  return q;
+}
+
+absl::StatusOr<Sq8Quantizer> Sq8Quantizer::Read(BinaryReader& r, size_t dim) {
+  Sq8Quantizer q;
+  KVR_RETURN_IF_ERROR(r.GetArray(&q.lo_, "sq8 lo", dim));
+  KVR_RETURN_IF_ERROR(r.GetArray(&q.scale_, "sq8 scale", dim));
+  if (q.lo_.size() != dim || q.scale_.size() != dim) {
+    return absl::DataLossError(absl::StrCat("sq8 codes: field 'sq8 lo'/'sq8 scale' hold ",
+                                            q.lo_.size(), "/", q.scale_.size(),
+                                            " values, expected dim ", dim));
+  }
+  q.inv_scale_.resize(dim);
+  for (size_t j = 0; j < dim; ++j) {
+    if (!std::isfinite(q.lo_[j])) {
+      return absl::DataLossError(
+          absl::StrCat("sq8 codes: field 'sq8 lo' dim ", j, " is not finite"));
+    }
+    if (!std::isfinite(q.scale_[j]) || q.scale_[j] < 0.0f) {
+      return absl::DataLossError(absl::StrCat("sq8 codes: field 'sq8 scale' dim ", j, " value ",
+                                              q.scale_[j], " is not finite and >= 0"));
+    }
+    q.inv_scale_[j] = Inverse(q.scale_[j]);
+  }
+  return q;
+}
+
+void Sq8Quantizer::Write(BinaryWriter& w) const {
+  w.PutArray(std::span<const float>(lo_));
+  w.PutArray(std::span<const float>(scale_));
+}
+
+void Sq8Quantizer::EncodeKey(const float* x, size_t slot, uint8_t* blocks) const {
+  const size_t dpad = padded_dim();
+  for (size_t j = 0; j < lo_.size(); ++j) {
+    const double v = (static_cast<double>(x[j]) - static_cast<double>(lo_[j])) * inv_scale_[j];
+    uint8_t c = 0;
+    if (v >= 255.0) {
+      c = 255;
+    } else if (v > 0.0) {  // false for NaN
+      c = static_cast<uint8_t>(std::lrint(v));
+    }
+    blocks[simd::Sq8BlockOffset(slot, j, dpad)] = c;
+  }
+}
+
+void Sq8Quantizer::EncodeQuery(const float* q, int8_t* out) const {
+  const size_t d = lo_.size();
+  double m = 0;
+  for (size_t j = 0; j < d; ++j) {
+    m = std::max(m, std::fabs(static_cast<double>(q[j]) * static_cast<double>(scale_[j])));
+  }
+  const double f = (m > 0.0 && std::isfinite(m)) ? 127.0 / m : 0.0;
+  for (size_t j = 0; j < d; ++j) {
+    const double v = static_cast<double>(q[j]) * static_cast<double>(scale_[j]) * f;
+    out[j] = static_cast<int8_t>(std::clamp<long>(std::lrint(v), -127, 127));
+  }
+  std::fill(out + d, out + padded_dim(), int8_t{0});
+}
+
+void Sq8Codes::Append(const Sq8Quantizer& quantizer, const float* key) {
+  if (n_ % simd::kSq8Block == 0) bytes_.resize(bytes_.size() + simd::Sq8BlockBytes(dpad_), 0);
+  quantizer.EncodeKey(key, n_, bytes_.data());
+  ++n_;
+}
+
+void Sq8Codes::Reserve(size_t n) {
+  bytes_.reserve((n + simd::kSq8Block - 1) / simd::kSq8Block * simd::Sq8BlockBytes(dpad_));
+}
+
+size_t Sq8Scratch::MemoryBytes() const {
+  size_t b = query.capacity() + dots.capacity() * sizeof(int32_t) + results.MemoryBytes() +
+             cand_ids.capacity() * sizeof(int64_t) +
+             (cand_scores.capacity() + exact.capacity()) * sizeof(float) +
+             gather_ids.capacity() * sizeof(uint32_t);
+  for (const TopKCollector& c : candidates) b += c.MemoryBytes();
+  return b;
+}
+
+void BeginSq8Search(const Sq8Quantizer& quantizer, const float* query, size_t candidates,
+                    size_t slot, Sq8Scratch& s) {
+  s.dpad = quantizer.padded_dim();
+  if (s.query.size() < kSq8QueryBlock * s.dpad) s.query.resize(kSq8QueryBlock * s.dpad);
+  quantizer.EncodeQuery(query, s.query.data() + slot * s.dpad);
+  s.candidates[slot].Reset(candidates);
+  if (s.cand_ids.size() < candidates) {
+    s.cand_ids.resize(candidates);
+    s.cand_scores.resize(candidates);
+  }
+}
+
+size_t ScanSq8Codes(const simd::Sq8Kernels& kern, const Sq8Codes& codes, const uint32_t* ids,
+                    uint32_t first_id, size_t nq, Sq8Scratch& s) {
+  // Chunks of 64 blocks (1024 keys, 128 KiB of codes at d 128): their dots
+  // stay in L1 and the codes in L2 while every query of the block scans them.
+  constexpr size_t kChunkBlocks = 64;
+  const size_t n = codes.size();
+  if (n == 0) return 0;
+  if (s.dots.size() < kChunkBlocks * simd::kSq8Block) s.dots.resize(kChunkBlocks * simd::kSq8Block);
+  const size_t nblocks = codes.blocks();
+  const size_t block_bytes = simd::Sq8BlockBytes(s.dpad);
+  for (size_t b0 = 0; b0 < nblocks; b0 += kChunkBlocks) {
+    const size_t nb = std::min(kChunkBlocks, nblocks - b0);
+    const size_t first = b0 * simd::kSq8Block;
+    const size_t m = std::min(nb * simd::kSq8Block, n - first);
+    for (size_t q = 0; q < nq; ++q) {
+      kern.scan_sq8(s.encoded(q), codes.data() + b0 * block_bytes, nb, s.dpad, s.dots.data());
+      TopKCollector& cands = s.candidates[q];
+      float t = cands.threshold();
+      const int32_t* dots = s.dots.data();
+      for (size_t i0 = 0; i0 < m; i0 += simd::kSq8Block) {
+        // Most blocks hold nothing above the threshold once it has risen:
+        // one (vectorised) max decides that for 16 keys.
+        const size_t end = std::min(m, i0 + simd::kSq8Block);
+        int32_t top = std::numeric_limits<int32_t>::min();
+        for (size_t i = i0; i < end; ++i) top = std::max(top, dots[i]);
+        if (static_cast<float>(top) < t) continue;
+        for (size_t i = i0; i < end; ++i) {
+          const float v = static_cast<float>(dots[i]);
+          if (v >= t) {
+            cands.Push(v, ids != nullptr ? ids[first + i]
+                                         : first_id + static_cast<uint32_t>(first + i));
+            t = cands.threshold();
+          }
+        }
+      }
+    }
+  }
+  return n;
+}
+
+size_t RerankExact(const float* query, ConstMatrixView keys, size_t candidates, size_t k,
+                   size_t slot, Sq8Scratch& s, int64_t* ids, float* scores) {
+  const size_t r = candidates;
+  s.candidates[slot].Finish(s.cand_ids.data(), s.cand_scores.data());
+  size_t m = 0;
+  if (s.gather_ids.size() < r) s.gather_ids.resize(r);
+  if (s.exact.size() < r) s.exact.resize(r);
+  for (size_t i = 0; i < r; ++i) {
+    if (s.cand_ids[i] < 0) break;
+    s.gather_ids[m++] = static_cast<uint32_t>(s.cand_ids[i]);
+  }
+  simd::Active().dot_gather(query, keys.row(0), s.gather_ids.data(), m, keys.cols(),
+                            keys.stride(), s.exact.data());
+  s.results.Reset(k);
+  s.results.PushIds(s.exact.data(), s.gather_ids.data(), m);
+  s.results.Finish(ids, scores);
+  return m;
+}
+
+}  // namespace kvr::index
