@@ -32,8 +32,9 @@ struct AttentionGraphOptions {
   // Beam when Build links in the keys no training query reached (most keys
   // of a head: 110K of 128K on the lowrank family). No decode query is
   // likely to want them, so a short search is enough: 16 instead of 64 halves
-  // the build's CPU time at equal or better recall on every data family
-  // (docs/benchmarks.md §3.2). [1, 65536]; blob version 3 stores it.
+  // the build's CPU time at equal or better recall on the lowrank, topical
+  // and positional families at 128K keys (docs/benchmarks.md §3.2; 32 was
+  // worse on topical). [1, 65536]; blob version 3 stores it.
   int link_beam = 16;
   int default_beam = 128;    // L used by Search when SearchParams::beam == 0
   int entry_points = 16;     // keys every search starts from (most frequent in training top-k)
