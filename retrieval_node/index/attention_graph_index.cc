@@ -19,7 +19,12 @@ namespace {
 constexpr uint32_t kNone = std::numeric_limits<uint32_t>::max();
 // Version 2 adds recent_entries and the recent entry count; version 1 blobs
 // load with neither (recent_entries = 0).
-constexpr uint32_t kFormatVersion = 2;
+// Version 3 adds link_beam (earlier versions load with the default; it only
+// matters when Build links keys in).
+constexpr uint32_t kFormatVersion = 3;
+// At most one router per this many keys (a router costs one inner product
+// per search, like a key).
+constexpr size_t kKeysPerRouter = 128;
 constexpr int kMaxEntries = 1024;
 constexpr int kMaxDegree = 256;
 constexpr size_t kMaxCandidatesPerDegree = 8;
@@ -102,6 +107,10 @@ absl::Status ValidateGraphOptions(const AttentionGraphOptions& o) {
   if (o.build_beam < 1 || o.build_beam > kMaxBeam) {
     return absl::InvalidArgumentError(
         absl::StrCat("attention graph build_beam=", o.build_beam, " outside [1, ", kMaxBeam, "]"));
+  }
+  if (o.link_beam < 1 || o.link_beam > kMaxBeam) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("attention graph link_beam=", o.link_beam, " outside [1, ", kMaxBeam, "]"));
   }
   if (o.default_beam < 1 || o.default_beam > kMaxBeam) {
     return absl::InvalidArgumentError(absl::StrCat(
@@ -509,31 +518,52 @@ void AttentionGraphIndex::BuildGraph(std::span<const int64_t> train_topk, size_t
   pool->ParallelFor(n, 256, [&](size_t begin, size_t end) {
     const simd::Kernels& kern = simd::Active();
     std::vector<Cand> cands;
-    std::vector<uint32_t> ids, uniq, counts;
+    std::vector<uint32_t> uniq, counts;
+    // Open-addressing table (id -> index into uniq), kNone = empty; grows to
+    // twice the most ids a pivot has seen and is emptied through `uniq`.
+    std::vector<uint32_t> slot_id, slot_at;
     std::vector<float> dots;
     std::vector<uint32_t> out;
     for (size_t p = begin; p < end; ++p) {
       if (pivot_start[p] == pivot_start[p + 1]) continue;
-      ids.clear();
+      // Distinct candidates, in first-seen order, and how many of the pivot's
+      // queries want each, counted by hashing (sorting every pivot's ids was
+      // ~10% of the build; Prune orders candidates by (rank, id), so the
+      // graph does not depend on this order).
+      const size_t m = static_cast<size_t>(pivot_start[p + 1] - pivot_start[p]) * topk_width;
+      size_t cap = 64;
+      while (cap < 2 * m) cap <<= 1;
+      if (slot_id.size() < cap) {
+        slot_id.assign(cap, kNone);
+        slot_at.resize(cap);
+      }
+      const size_t mask = slot_id.size() - 1;
+      uniq.clear();
+      counts.clear();
       for (uint32_t t = pivot_start[p]; t < pivot_start[p + 1]; ++t) {
         const int64_t* row = train_topk.data() + static_cast<size_t>(by_pivot[t]) * topk_width;
         for (size_t j = 0; j < topk_width; ++j) {
-          if (row[j] >= 0 && static_cast<size_t>(row[j]) != p) ids.push_back(row[j]);
+          if (row[j] < 0 || static_cast<size_t>(row[j]) == p) continue;
+          const uint32_t id = static_cast<uint32_t>(row[j]);
+          size_t h = (static_cast<size_t>(id) * 0x9E3779B1u) & mask;
+          while (slot_id[h] != kNone && slot_id[h] != id) h = (h + 1) & mask;
+          if (slot_id[h] == kNone) {
+            slot_id[h] = id;
+            slot_at[h] = static_cast<uint32_t>(uniq.size());
+            uniq.push_back(id);
+            counts.push_back(1);
+          } else {
+            ++counts[slot_at[h]];
+          }
         }
       }
-      std::sort(ids.begin(), ids.end());
-      // Distinct candidates and how many of the pivot's queries want each;
-      // distances batched (gathered dot products, prefetched: this loop is
-      // bound by memory latency) as ||p||^2 + ||c||^2 - 2 p.c.
-      uniq.clear();
-      counts.clear();
-      for (size_t i = 0; i < ids.size();) {
-        size_t j = i;
-        while (j < ids.size() && ids[j] == ids[i]) ++j;
-        uniq.push_back(ids[i]);
-        counts.push_back(static_cast<uint32_t>(j - i));
-        i = j;
+      for (uint32_t id : uniq) {  // empty the table for the next pivot
+        size_t h = (static_cast<size_t>(id) * 0x9E3779B1u) & mask;
+        while (slot_id[h] != id) h = (h + 1) & mask;
+        slot_id[h] = kNone;
       }
+      // Distances batched (gathered dot products, prefetched: this loop is
+      // bound by memory latency) as ||p||^2 + ||c||^2 - 2 p.c.
       dots.resize(uniq.size());
       kern.dot_gather(key(static_cast<uint32_t>(p)), keys_.data(), uniq.data(), uniq.size(), dim_,
                       dim_, dots.data());
@@ -565,8 +595,9 @@ void AttentionGraphIndex::BuildGraph(std::span<const int64_t> train_topk, size_t
   // The link searches walk a bf16 copy of the keys (memory-bound otherwise).
   walk_bf16_.resize(n * dim_);
   simd::Active().fp32_to_bf16(keys_.data(), walk_bf16_.data(), n * dim_);
-  build_stats_.keys_linked = LinkUnreachable(pool);
+  build_stats_.keys_linked = LinkUnreachable(pool, static_cast<size_t>(options_.link_beam));
   RefreshRecentEntries();
+  RoutersFromTopK(train_topk, topk_width);
   walk_bf16_ = {};
   build_stats_.link_seconds = lap();
   build_stats_.cpu_seconds = ProcessCpuSeconds() - cpu0;
@@ -752,7 +783,7 @@ size_t AttentionGraphIndex::NearestLinkedByPosition(uint32_t id, std::span<const
   return m;
 }
 
-size_t AttentionGraphIndex::LinkUnreachable(ThreadPool* pool) {
+size_t AttentionGraphIndex::LinkUnreachable(ThreadPool* pool, size_t beam) {
   ThreadPool inline_pool(0);
   if (pool == nullptr) pool = &inline_pool;
   // Search (by L2, with the key as query) in parallel batches against the
@@ -799,8 +830,7 @@ size_t AttentionGraphIndex::LinkUnreachable(ThreadPool* pool) {
           // Also start from the nearest linked keys by position (neighbouring
           // positions tend to hold similar keys; a cheap, often close seed).
           const size_t m = NearestLinkedByPosition(id, linked_now, near);
-          SearchOne<Metric::kL2>(key(id), static_cast<size_t>(options_.build_beam), &*s, &dc,
-                                 {near, m});
+          SearchOne<Metric::kL2>(key(id), beam, &*s, &dc, {near, m});
           for (size_t j = 0; j < s->beam.size(); ++j) {
             if (s->beam.id(j) != id) {
               found[i].push_back(MakeCand(L2(id, s->beam.id(j)), s->beam.id(j)));
@@ -842,7 +872,7 @@ absl::Status AttentionGraphIndex::Add(ConstMatrixView keys) {
     n_ = keys.rows();
     entries_.assign(1, 0);
     recent_count_ = 0;
-    LinkUnreachable(nullptr);
+    LinkUnreachable(nullptr, static_cast<size_t>(options_.build_beam));
     RefreshRecentEntries();
     return absl::OkStatus();
   }
@@ -866,7 +896,7 @@ absl::Status AttentionGraphIndex::Add(ConstMatrixView keys) {
   }
   // Re-pruning a neighbour's row can drop the last edge into an older key;
   // relink any key that became unreachable.
-  LinkUnreachable(nullptr);
+  LinkUnreachable(nullptr, static_cast<size_t>(options_.build_beam));
   EndLinking();
   RefreshRecentEntries();
   return absl::OkStatus();
@@ -900,6 +930,7 @@ absl::Status AttentionGraphIndex::Serialize(std::vector<uint8_t>* out) const {
   w.Put<uint8_t>(options_.scan_bf16 ? 1 : 0);
   w.Put<int32_t>(options_.recent_entries);
   w.Put<uint64_t>(recent_count_);
+  w.Put<int32_t>(options_.link_beam);
   w.PutArray(std::span<const uint32_t>(entries_));
   w.PutArray(std::span<const float>(keys_.data(), n_ * dim_));
   w.PutArray(std::span<const uint32_t>(adjacency_.data(), n_ * stride_));
@@ -917,7 +948,7 @@ absl::StatusOr<std::unique_ptr<AttentionGraphIndex>> AttentionGraphIndex::Deseri
     return absl::InvalidArgumentError(
         absl::StrCat("blob kind ", blob.kind, " is not an attention graph index"));
   }
-  if (blob.version != kFormatVersion && blob.version != 1) {
+  if (blob.version < 1 || blob.version > kFormatVersion) {
     return absl::InvalidArgumentError(absl::StrCat("attention graph format version ",
                                                    blob.version, " unsupported (want ",
                                                    kFormatVersion, ")"));
@@ -947,6 +978,7 @@ absl::StatusOr<std::unique_ptr<AttentionGraphIndex>> AttentionGraphIndex::Deseri
     KVR_RETURN_IF_ERROR(r.Get(&o.recent_entries, "recent_entries"));
     KVR_RETURN_IF_ERROR(r.Get(&recent_count, "recent_count"));
   }
+  if (blob.version >= 3) KVR_RETURN_IF_ERROR(r.Get(&o.link_beam, "link_beam"));
   o.frequency_order = frequency_order != 0;
   o.scan_bf16 = scan_bf16 != 0;
   o.saturate = saturate != 0;
@@ -1007,6 +1039,44 @@ absl::StatusOr<std::unique_ptr<AttentionGraphIndex>> AttentionGraphIndex::Deseri
   return index;
 }
 
+void AttentionGraphIndex::RoutersFromTopK(std::span<const int64_t> train_topk,
+                                          size_t topk_width) {
+  router_vecs_.clear();
+  router_keys_.clear();
+  const size_t n_train = topk_width == 0 ? 0 : train_topk.size() / topk_width;
+  if (options_.routers == 0 || n_train == 0) return;
+  // The keys' mean: every key shares it, so it says nothing about which
+  // query wanted them.
+  std::vector<double> mean(dim_, 0.0);
+  for (size_t i = 0; i < n_; ++i) {
+    const float* k = key(static_cast<uint32_t>(i));
+    for (size_t j = 0; j < dim_; ++j) mean[j] += k[j];
+  }
+  for (double& m : mean) m /= static_cast<double>(n_);
+  const size_t routers = std::min({static_cast<size_t>(options_.routers), n_train,
+                                   n_ / kKeysPerRouter});
+  if (routers == 0) return;
+  const size_t e = static_cast<size_t>(options_.router_entries);
+  router_vecs_.assign(routers * dim_, 0.0f);
+  router_keys_.assign(routers * e, kNone);
+  std::vector<double> v(dim_);
+  for (size_t r = 0; r < routers; ++r) {
+    const int64_t* ids = train_topk.data() + (r * n_train / routers) * topk_width;
+    std::fill(v.begin(), v.end(), 0.0);
+    size_t m = 0;
+    for (size_t j = 0; j < topk_width; ++j) {
+      if (ids[j] < 0) continue;
+      const float* k = key(static_cast<uint32_t>(ids[j]));
+      for (size_t c = 0; c < dim_; ++c) v[c] += k[c] - mean[c];
+      if (m < e) router_keys_[r * e + m++] = static_cast<uint32_t>(ids[j]);
+    }
+    double norm = 0;
+    for (double x : v) norm += x * x;
+    const double inv = norm > 0 ? 1.0 / std::sqrt(norm) : 0.0;
+    for (size_t c = 0; c < dim_; ++c) router_vecs_[r * dim_ + c] = static_cast<float>(v[c] * inv);
+  }
+}
+
 absl::Status AttentionGraphIndex::SetRouters(ConstMatrixView train_queries,
                                              std::span<const int64_t> train_topk,
                                              size_t topk_width) {
@@ -1020,7 +1090,9 @@ absl::Status AttentionGraphIndex::SetRouters(ConstMatrixView train_queries,
                                                    " ids, want train_queries rows ", n_train,
                                                    " x topk_width ", topk_width));
   }
-  const size_t routers = std::min<size_t>(static_cast<size_t>(options_.routers), n_train);
+  const size_t routers = std::min({static_cast<size_t>(options_.routers), n_train,
+                                   n_ / kKeysPerRouter});
+  if (routers == 0) return absl::OkStatus();
   const size_t e = static_cast<size_t>(options_.router_entries);
   router_vecs_.resize(routers * dim_);
   router_keys_.assign(routers * e, kNone);

@@ -28,7 +28,14 @@ namespace kvr::index {
 
 struct AttentionGraphOptions {
   int degree = 32;           // M: maximum out-degree of a key (plus one connectivity edge)
-  int build_beam = 64;       // beam when linking keys in (coverage pass and Add)
+  int build_beam = 64;       // beam when Add links appended keys in
+  // Beam when Build links in the keys no training query reached (most keys
+  // of a head: 110K of 128K on the lowrank family). No decode query is
+  // likely to want them, so a short search is enough: 16 instead of 64 halves
+  // the build's CPU time at equal or better recall on the lowrank, topical
+  // and positional families at 128K keys (docs/benchmarks.md §3.2; 32 was
+  // worse on topical). [1, 65536]; blob version 3 stores it.
+  int link_beam = 16;
   int default_beam = 128;    // L used by Search when SearchParams::beam == 0
   int entry_points = 16;     // keys every search starts from (most frequent in training top-k)
   float prune_alpha = 1.0f;  // occlusion: drop c if alpha * d(s, c) < d(p, c) for a kept s
@@ -47,11 +54,18 @@ struct AttentionGraphOptions {
   // traffic); the returned top-k are re-scored exactly in fp32 (those k
   // products count as distance computations too). Costs 2 bytes/key/dim.
   bool scan_bf16 = false;
-  // Query routing (SetRouters): `routers` training queries, each remembering
-  // its best `router_entries` keys; a search scores every router and starts
-  // from the keys of the best `router_probe` routers as well as the fixed
-  // entry points. 0 routers: fixed entry points only.
-  int routers = 0;
+  // Query routing: `routers` training queries (evenly spaced over the rows
+  // given to Build, at most one per 128 keys), each remembering its best
+  // `router_entries` keys; a search scores every router and starts from the
+  // keys of the best `router_probe` routers as well as the fixed entry
+  // points. Build derives a router's direction from its query's top-k keys
+  // (their mean minus all keys' mean); SetRouters replaces that by the
+  // queries themselves. They find the far keys a recency head also attends
+  // to (content matches no entry point leads to: the positional family
+  // plateaued at recall@100 0.91 without them, 0.97 with 1024 routers) and
+  // halve the beam lowrank needs (docs/benchmarks.md §3.2). 0 routers: fixed
+  // entry points only. [0, 65536].
+  int routers = 1024;
   int router_probe = 4;
   int router_entries = 8;
   // The `recent_entries` most recent keys (highest positions; Add moves them
@@ -156,6 +170,9 @@ class AttentionGraphIndex final : public KeyIndex {
   void SearchOne(const float* q, size_t beam_width, Scratch* s, int64_t* distance_computations,
                  std::span<const uint32_t> extra_seeds = {}) const;
 
+  // Routers without the training queries (Build gets only their top-k): a
+  // router's direction is its query's top-k keys' mean minus all keys' mean.
+  void RoutersFromTopK(std::span<const int64_t> train_topk, size_t topk_width);
   void BuildGraph(std::span<const int64_t> train_topk, size_t topk_width, ThreadPool* pool);
   void ChooseEntries(std::span<const uint32_t> in_topk_count);
   // Replaces the trailing recent entries by the newest keys (after they are
@@ -183,7 +200,9 @@ class AttentionGraphIndex final : public KeyIndex {
   void EndLinking();    // frees it
   void RefreshNorms(size_t from, size_t to);  // (re)computes sq_norms_ rows [from, to)
   bool TrySetRepairEdge(uint32_t source, uint32_t target);
-  size_t LinkUnreachable(ThreadPool* pool);  // returns how many keys it linked
+  // Links in every key the entry points do not reach, each found by a
+  // search of width `beam`; returns how many keys it linked.
+  size_t LinkUnreachable(ThreadPool* pool, size_t beam);
   size_t NearestLinkedByPosition(uint32_t id, std::span<const uint8_t> linked,
                                  uint32_t* out) const;
 
