@@ -1242,7 +1242,80 @@ class Runner {
   std::vector<Row> gap_rows_;
 };
 
+// Bytes MemAvailable in /proc/meminfo says (0 when unknown).
+uint64_t MemAvailableBytes() {
+  std::ifstream f("/proc/meminfo");
+  std::string key;
+  uint64_t kib = 0;
+  std::string unit;
+  while (f >> key >> kib >> unit) {
+    if (key == "MemAvailable:") return kib * 1024;
+  }
+  return 0;
+}
+
+// A rough upper estimate of the peak memory of one synthetic run of n keys
+// (d, n_train training and n_test decode queries, the given methods): the
+// generator's output and the data set cut from it (keys and values twice),
+// plus the largest index built (each method's index lives only through its
+// rows, except the graph, which stays for the attention measurement) and the
+// training top-k. In bytes; saturating.
+uint64_t EstimatePeakBytes(uint64_t n, uint64_t d, uint64_t n_train, uint64_t n_test,
+                           uint64_t k, uint64_t train_k, const std::string& methods) {
+  auto want = [&](absl::string_view m) {
+    for (absl::string_view part : absl::StrSplit(methods, ',')) {
+      if (part == m) return true;
+    }
+    return false;
+  };
+  const long double f = 4;  // float bytes
+  const long double keys = static_cast<long double>(n) * d * f;
+  const long double deg = static_cast<long double>(absl::GetFlag(FLAGS_graph_degree));
+  const long double hm = static_cast<long double>(absl::GetFlag(FLAGS_hnsw_m));
+  long double data = 4 * keys + (static_cast<long double>(n_train) + 2.0L * n_test) * d * f +
+                     static_cast<long double>(n_test) * k * 12;
+  long double train = 0, graph = 0, largest = 0;
+  if (want("graph") || want("roargraph")) {
+    train = static_cast<long double>(n_train) * train_k * 12;
+  }
+  if (want("graph") || want("auto")) graph = keys + static_cast<long double>(n) * deg * 4 * 3;
+  if (want("flat")) largest = std::max(largest, keys);
+  if (want("ivf") || want("faiss_ivf") || want("auto")) {
+    largest = std::max(largest, keys + static_cast<long double>(n) * 8);
+  }
+  if (want("hnswlib") || want("faiss_hnsw")) {
+    largest = std::max(largest, keys + static_cast<long double>(n) * (2 * hm * 4 + 32) * 1.5L);
+  }
+  const long double total = data + train + graph + largest;
+  return total >= 1.8e19L ? std::numeric_limits<uint64_t>::max() : static_cast<uint64_t>(total);
+}
+
+// Prints the estimate for a synthetic run of n keys and exits with a clear
+// message when it exceeds MemAvailable (the run would be killed or swap).
+void CheckMemory(size_t n, const std::string& family) {
+  const uint64_t d = static_cast<uint64_t>(absl::GetFlag(FLAGS_dim));
+  const int64_t n_train_flag = absl::GetFlag(FLAGS_n_train);
+  const uint64_t n_train =
+      n_train_flag < 0 ? std::min<uint64_t>(n, 65536) : static_cast<uint64_t>(n_train_flag);
+  const uint64_t need = EstimatePeakBytes(
+      n, d, n_train, static_cast<uint64_t>(std::max(0, absl::GetFlag(FLAGS_n_test))),
+      static_cast<uint64_t>(std::max(0, absl::GetFlag(FLAGS_k))),
+      static_cast<uint64_t>(std::max(0, absl::GetFlag(FLAGS_train_k))),
+      absl::GetFlag(FLAGS_methods));
+  const uint64_t have = MemAvailableBytes();
+  const double gib = 1024.0 * 1024.0 * 1024.0;
+  std::printf("index_bench: %s N=%zu: estimated peak memory %.1f GiB (MemAvailable %.1f GiB)\n",
+              family.c_str(), n, static_cast<double>(need) / gib, static_cast<double>(have) / gib);
+  if (have > 0 && need > have) {
+    Fail(absl::ResourceExhaustedError(absl::StrFormat(
+        "%s at N=%zu needs about %.1f GiB but MemAvailable is %.1f GiB: use smaller --sizes, "
+        "fewer --methods or a smaller --n_train",
+        family, n, static_cast<double>(need) / gib, static_cast<double>(have) / gib)));
+  }
+}
+
 DataSet Synthetic(size_t n, const std::string& family, ThreadPool* pool) {
+  CheckMemory(n, family);
   auto opts = AttentionDataPreset(absl::GetFlag(FLAGS_preset));
   if (!opts.ok()) Fail(opts.status());
   opts->family = family;

@@ -16,9 +16,12 @@
 //
 // Mode kApprox (the worker's --train_topk=approx) bounds the scan instead of
 // the result. A query's top-k does not depend on its norm, so the sampled
-// queries are grouped by direction (spherical k-means, about
-// approx_group_size queries per group); each group's centroid scans every
-// key and keeps its best approx_candidate_fraction of them (the candidates);
+// queries are grouped by direction (spherical k-means on s * q, s the keys'
+// per-channel standard deviation, about approx_group_size queries per
+// group); each group's centroid scans every key and keeps about its best
+// approx_candidate_fraction of them (thresholds from a strided sample of
+// 8192 keys; at most twice that many; the keys above the sample's top-4k
+// quantile first);
 // each member query then scans only its group's candidates, blocked (each
 // candidate read once per block of 32 members). Cost per head:
 // groups x keys + queries x candidates inner products instead of
@@ -53,7 +56,7 @@ inline constexpr int kMaxApproxKMeansIterations = 32;
 // How TrainingTopK finds each sampled query's top-k (see the file comment).
 enum class TrainingTopKMode {
   kExact,   // "exact": the full scan (the oracle)
-  kApprox,  // "approx": k-means lists, each query scans its best lists
+  kApprox,  // "approx": query groups, each scans its centroid's best keys
 };
 
 // "exact" / "approx".
@@ -82,7 +85,7 @@ struct TrainingTopKOptions {
   // kApprox: Lloyd iterations of the query grouping (k-means over at most 64
   // queries per group, a strided sample). [0, kMaxApproxKMeansIterations]
   int approx_kmeans_iterations = 2;
-  // kApprox: below this many keys the exact scan runs instead (the lists do
+  // kApprox: below this many keys the exact scan runs instead (grouping does
   // not pay off on small key sets). [0, kMaxTopKKeys]
   size_t approx_min_keys = 4096;
 };
