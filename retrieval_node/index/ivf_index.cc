@@ -60,9 +60,8 @@ absl::StatusOr<std::unique_ptr<IvfIndex>> IvfIndex::Build(ConstMatrixView keys,
     return absl::InvalidArgumentError(
         absl::StrCat("ivf index: default_nprobe=", options.default_nprobe, " < 1"));
   }
-  if (options.sq8) {
-    KVR_RETURN_IF_ERROR(ValidateRerankFactor(options.rerank_factor, "ivf rerank_factor"));
-  }
+  // Checked with or without sq8: the blob carries it and its loader checks it.
+  KVR_RETURN_IF_ERROR(ValidateRerankFactor(options.rerank_factor, "ivf rerank_factor"));
   KVR_RETURN_IF_ERROR(ValidateFinite(keys, keys.cols(), "keys"));
   IvfOptions opts = options;
   opts.nlist = std::min(options.nlist, keys.rows());

@@ -19,8 +19,8 @@ const metrics::Buckets kBuildSeconds = {
     1e-3, 2.5e-3, 5e-3, 10e-3, 25e-3, 50e-3, 100e-3, 250e-3, 500e-3,
     1.0,  2.5,    5.0,  10.0,  25.0,  50.0,  100.0,  250.0};
 
-constexpr std::array<IndexType, 3> kIndexTypes = {IndexType::kGraph, IndexType::kFlat,
-                                                   IndexType::kIvf};
+constexpr std::array<IndexType, 4> kIndexTypes = {IndexType::kGraph, IndexType::kFlat,
+                                                   IndexType::kIvf, IndexType::kFlatSq8};
 
 std::vector<prometheus::Labels> MethodRows() {
   std::vector<prometheus::Labels> rows;
@@ -133,7 +133,7 @@ struct NodeMetrics::Impl {
   prometheus::Counter& sync_bytes_sent;
 
   std::array<prometheus::Histogram*, kNodeMethodCount> method_seconds{};
-  std::array<prometheus::Histogram*, kIndexTypes.size()> index_seconds{};  // by IndexType
+  std::array<prometheus::Histogram*, index::kNumIndexTypes> index_seconds{};  // by IndexType
 };
 
 NodeMetrics::NodeMetrics() : impl_(std::make_unique<Impl>()) {}
@@ -167,7 +167,9 @@ void NodeMetrics::RecordAttendBatchItems(int64_t items) {
 
 void NodeMetrics::RecordIndexBuild(IndexType index_type, double seconds) {
   const auto i = static_cast<size_t>(index_type);
-  if (i < impl_->index_seconds.size()) impl_->index_seconds[i]->Observe(seconds);
+  if (i < impl_->index_seconds.size() && impl_->index_seconds[i] != nullptr) {
+    impl_->index_seconds[i]->Observe(seconds);
+  }
 }
 
 void NodeMetrics::RecordAppendedTokens(int64_t tokens) {

@@ -175,6 +175,12 @@ TEST(Sq8IndexTest, OptionsAreBounded) {
   const auto si = IvfIndex::Build(ConstMatrixView(keys.data(), 20, 8), o, nullptr).status();
   EXPECT_EQ(si.code(), absl::StatusCode::kInvalidArgument);
   EXPECT_NE(si.message().find("ivf rerank_factor 0"), std::string::npos) << si;
+  // Also without sq8: a float IVF's blob carries the field, and its loader
+  // refuses 0, so Build must not accept it (it did: Serialize then wrote a
+  // blob LoadIndex refused).
+  o.sq8 = false;
+  const auto sf = IvfIndex::Build(ConstMatrixView(keys.data(), 20, 8), o, nullptr).status();
+  EXPECT_EQ(sf.code(), absl::StatusCode::kInvalidArgument) << sf;
 }
 
 // Adversarial keys: extreme magnitudes, constant and zero dimensions, odd d.
