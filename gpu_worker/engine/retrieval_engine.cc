@@ -703,18 +703,21 @@ absl::Status RetrievalEngine::StepBatchLocked(std::span<EngineSequence* const> a
   const bool batching = attend_batching_;
   std::vector<retrieval::AppendBatchItem> append_batch;
   std::vector<int64_t> append_owner;
-  std::unique_ptr<retrieval::StatusWaiter> append_waiter;
+  std::vector<std::unique_ptr<retrieval::StatusWaiter>> append_waiters;
   std::vector<retrieval::AttendBatchItem> attend_batch;
+  // Items per batch call: kvr_node's default --max_batch_items, so a large
+  // batch (appends: sequences x kv heads) is sent as several calls.
+  constexpr size_t kMaxItemsPerCall = 1024;
   std::vector<int64_t> attend_owner;
   if (batching) spill_rows_host_.resize(static_cast<size_t>(n) * 2 * kv);
   // A step that fails between a layer's appends and its attention still
   // waits for the append batch (it writes into append_batch) before leaving.
   struct WaitOnExit {
-    std::unique_ptr<retrieval::StatusWaiter>* waiter;
+    std::vector<std::unique_ptr<retrieval::StatusWaiter>>* waiters;
     ~WaitOnExit() {
-      if (*waiter != nullptr) (*waiter)->Wait().IgnoreError();
+      for (auto& w : *waiters) w->Wait().IgnoreError();
     }
-  } wait_appends{&append_waiter};
+  } wait_appends{&append_waiters};
   auto attention = AttentionHookFns(
       // Each sequence's leaving token goes to the node, then its new k / v
       // row takes the ring slot.
@@ -782,19 +785,22 @@ absl::Status RetrievalEngine::StepBatchLocked(std::span<EngineSequence* const> a
           }
           step_kv_runs_.push_back({i, 1, k_row, v_row, it.status});
         }
-        if (!append_batch.empty()) {  // reads every row before returning
-          append_waiter = std::make_unique<retrieval::StatusWaiter>();
-          client_->AppendBatchAsync(append_batch, append_waiter->callback());
+        // Each call reads its rows before returning.
+        for (size_t first = 0; first < append_batch.size(); first += kMaxItemsPerCall) {
+          const size_t count = std::min(kMaxItemsPerCall, append_batch.size() - first);
+          append_waiters.push_back(std::make_unique<retrieval::StatusWaiter>());
+          client_->AppendBatchAsync(std::span(append_batch).subspan(first, count),
+                                    append_waiters.back()->callback());
         }
         return std::span<const KvRun>(step_kv_runs_);
       },
       // The node's partials for the queries, merged with the local ones.
       [&](int l, const Tensor& q, const Tensor& o) -> absl::Status {
         for (auto& [i, waiter] : appends) seq_op(items[i], waiter->Wait());
-        if (append_waiter != nullptr) {
+        if (!append_waiters.empty()) {
           // A refused batch put its error in every item.
-          append_waiter->Wait().IgnoreError();
-          append_waiter.reset();
+          for (auto& w : append_waiters) w->Wait().IgnoreError();
+          append_waiters.clear();
           for (size_t j = 0; j < append_batch.size(); ++j) {
             seq_op(items[append_owner[j]], std::move(append_batch[j].status));
           }
@@ -850,10 +856,12 @@ absl::Status RetrievalEngine::StepBatchLocked(std::span<EngineSequence* const> a
           client_->AttendAsync(req, slot.partials.view(), &slot.attend_stats,
                                slot.waiter->callback());
         }
-        std::unique_ptr<retrieval::StatusWaiter> attend_waiter;
-        if (!attend_batch.empty()) {
-          attend_waiter = std::make_unique<retrieval::StatusWaiter>();
-          client_->AttendBatchAsync(attend_batch, attend_waiter->callback());
+        std::vector<std::unique_ptr<retrieval::StatusWaiter>> attend_waiters;
+        for (size_t first = 0; first < attend_batch.size(); first += kMaxItemsPerCall) {
+          const size_t count = std::min(kMaxItemsPerCall, attend_batch.size() - first);
+          attend_waiters.push_back(std::make_unique<retrieval::StatusWaiter>());
+          client_->AttendBatchAsync(std::span(attend_batch).subspan(first, count),
+                                    attend_waiters.back()->callback());
         }
         for (int64_t i = 0; i < n; ++i) {
           Item& it = items[i];
@@ -873,9 +881,10 @@ absl::Status RetrievalEngine::StepBatchLocked(std::span<EngineSequence* const> a
         }
         // Always wait: the node writes into the slots' partials and stats.
         double batch_wait = 0.0;
-        if (attend_waiter != nullptr) {
+        if (!attend_waiters.empty()) {
           const Clock::time_point wait = Clock::now();
-          attend_waiter->Wait().IgnoreError();  // a refused batch failed every item
+          // A refused batch failed every item of it.
+          for (auto& w : attend_waiters) w->Wait().IgnoreError();
           batch_wait = Seconds(wait);
           for (size_t j = 0; j < attend_batch.size(); ++j) {
             step_slots_[attend_owner[j]].batch_status = std::move(attend_batch[j].status);

@@ -12,6 +12,8 @@
 //  * more items than max_batch_items is RESOURCE_EXHAUSTED naming
 //    max_batch_items (in process and over gRPC, nothing served); a batch over
 //    the node's --max_message_bytes is RESOURCE_EXHAUSTED;
+//  * kvr_node_attend_batch_items counts the AttendBatch calls and their items,
+//    kvr_node_requests_total{method="AttendBatch"|"AppendBatch"} the calls;
 //  * AppendBatch leaves a node holding exactly what per-item Appends leave
 //    (same positions, same Attend results bit for bit); a bad item fails
 //    only its slot;
@@ -44,6 +46,7 @@
 #include "retrieval_node/client/multi_node_client.h"
 #include "retrieval_node/client/ucx_retrieval_client.h"
 #include "tests/support/forwarding_client.h"
+#include "tests/support/metrics_page.h"
 #include "tests/support/server_process.h"
 #include "tests/support/stories_model.h"
 #include "tests/support/test_data.h"
@@ -489,6 +492,19 @@ TEST(NodeBatchTest, GrpcEqualsSingleAttendsAndInProcess) {
   for (size_t i = 0; i < x.items.size(); ++i) {
     ExpectSamePartials(x.out[i], y.out[i], "after appends item " + std::to_string(i));
   }
+  // Three AttendBatch calls of 6 items and one AppendBatch reached the node.
+  ASSERT_FALSE(proc->metrics_address().empty());
+  const std::optional<std::string> page = test_support::HttpGetMetrics(proc->metrics_address());
+  ASSERT_TRUE(page.has_value());
+  const test_support::Samples m = test_support::ParseExposition(*page);
+  EXPECT_EQ(test_support::Get(m, "kvr_node_attend_batch_items_count"), 3);
+  EXPECT_EQ(test_support::Get(m, "kvr_node_attend_batch_items_sum"), 18);
+  EXPECT_EQ(test_support::Get(m, "kvr_node_requests_total",
+                              {{"method", "AttendBatch"}, {"code", "OK"}}),
+            3);
+  EXPECT_EQ(test_support::Get(m, "kvr_node_requests_total",
+                              {{"method", "AppendBatch"}, {"code", "OK"}}),
+            1);
   EXPECT_TRUE(proc->Stop().has_value());
 }
 
