@@ -1457,7 +1457,7 @@ absl::Status NodeCore::AttendNow(const AttendRequest& request, PartialsView out,
 std::shared_ptr<const index::ClusterSummary> NodeCore::ChunkSummary(const Chunk& c) {
   EstimateSlot& slot = *c.estimate;
   std::lock_guard<std::mutex> lock(slot.mu);
-  if (slot.bytes < 0) return nullptr;  // the sequence was dropped
+  if (slot.bytes < 0 || slot.refused) return nullptr;  // dropped, or refused before
   const size_t n = c.index->size();
   // Clusters of at least kMinKeysPerEstimateCluster keys on average: a
   // summary with about as many clusters as keys would be exact attention at
@@ -1473,18 +1473,32 @@ std::shared_ptr<const index::ClusterSummary> NodeCore::ChunkSummary(const Chunk&
                     n >= 2 * slot.summary->size();
   if (slot.summary != nullptr && slot.summary->size() < n && !grow) {
     next = std::make_shared<index::ClusterSummary>(*slot.summary);
-    if (!next->Append(c.index->keys(), c.values).ok()) return nullptr;
+    if (!next->Append(c.index->keys(), c.values).ok()) {
+      slot.refused = true;
+      return nullptr;
+    }
   } else {
     index::ClusterSummaryOptions o;
     o.clusters = want;
     absl::StatusOr<index::ClusterSummary> built =
         index::ClusterSummary::Build(c.index->keys(), c.values, o, nullptr);
-    if (!built.ok()) return nullptr;
+    if (!built.ok()) {
+      slot.refused = true;
+      return nullptr;
+    }
     next = std::make_shared<index::ClusterSummary>(std::move(built).value());
   }
   const int64_t bytes = static_cast<int64_t>(next->MemoryBytes());
   if (bytes > slot.bytes) {
-    if (!ReserveMemory(bytes - slot.bytes, "estimate summary").ok()) return nullptr;
+    if (!ReserveMemory(bytes - slot.bytes, "estimate summary").ok()) {
+      // The previous (smaller) summary no longer covers the chunk: return
+      // its bytes too.
+      memory_used_.fetch_sub(slot.bytes, std::memory_order_relaxed);
+      slot.bytes = 0;
+      slot.summary.reset();
+      slot.refused = true;
+      return nullptr;
+    }
   } else {
     memory_used_.fetch_sub(slot.bytes - bytes, std::memory_order_relaxed);
   }

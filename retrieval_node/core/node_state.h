@@ -30,6 +30,9 @@ struct NodeCore::EstimateSlot {
   std::mutex mu;
   std::shared_ptr<const index::ClusterSummary> summary;  // null: none yet
   int64_t bytes = 0;  // held in memory_used_ (returned by Drop); -1: returned
+  // The budget refused a summary (or its build failed): this chunk is
+  // attended exactly from then on instead of re-clustering at every Attend.
+  bool refused = false;
 };
 
 struct NodeCore::Chunk {

@@ -34,8 +34,9 @@ struct Data {
   Matrix queries = RandomMatrix(kHeads, kDim, 3);
 };
 
-std::unique_ptr<NodeCore> NewNode(bool estimate) {
+std::unique_ptr<NodeCore> NewNode(bool estimate, int64_t budget = 0) {
   NodeCoreOptions o;
+  o.memory_budget_bytes = budget;
   o.tail_capacity = kTail;
   o.background_seals = false;  // seals happen inside the append that fills the tail
   o.estimate = estimate;
@@ -145,11 +146,11 @@ TEST(NodeEstimateTest, AppendsSealsAndMemoryKeepTheSummaryConsistent) {
   auto node = NewNode(true);  // DEFAULT follows --estimate (on)
   ASSERT_TRUE(node);
   ASSERT_NO_FATAL_FAILURE(Load(node.get(), data));
-  const int64_t before = node->Stats()->memory_bytes;
+  const int64_t before = node->MemoryUsedBytes();
   AttendStats st;
   ASSERT_TRUE(Attend(node.get(), data, EstimateMode::kDefault, &st).ok());
   EXPECT_EQ(st.keys_estimated, static_cast<int64_t>(kPrefill - kK) * kHeads);
-  const int64_t with_summaries = node->Stats()->memory_bytes;
+  const int64_t with_summaries = node->MemoryUsedBytes();
   EXPECT_GT(with_summaries, before) << "summary bytes are not in the memory budget";
   // Two seals (2 * kTail rows into the chunk) and 11 rows left in the tail
   // (more than k: attended in full).
@@ -177,8 +178,32 @@ TEST(NodeEstimateTest, AppendsSealsAndMemoryKeepTheSummaryConsistent) {
   ASSERT_TRUE(off.ok());
   EXPECT_LT(ErrorVsFull(*on, data, kPrefill + appended),
             ErrorVsFull(*off, data, kPrefill + appended));
+  EXPECT_GT(node->MemoryUsedBytes(), with_summaries);  // the chunk grew, its summary too
   ASSERT_TRUE(node->DropSequence(kSeq).ok());
-  EXPECT_EQ(node->Stats()->memory_bytes, 0);
+  EXPECT_EQ(node->MemoryUsedBytes(), 0) << "summary bytes not returned by DropSequence";
+}
+
+// A summary the memory budget cannot hold is not built: the Attend
+// succeeds, exact (bit-identical to OFF), and nothing is left reserved.
+TEST(NodeEstimateTest, SummaryOverTheBudgetFallsBackToExact) {
+  const Data data;
+  auto probe = NewNode(true);
+  ASSERT_TRUE(probe);
+  ASSERT_NO_FATAL_FAILURE(Load(probe.get(), data));
+  const int64_t loaded = probe->MemoryUsedBytes();
+  auto node = NewNode(true, loaded + 1024);
+  ASSERT_TRUE(node);
+  ASSERT_NO_FATAL_FAILURE(Load(node.get(), data));
+  ASSERT_EQ(node->MemoryUsedBytes(), loaded);
+  AttendStats on_stats, off_stats;
+  for (int i = 0; i < 2; ++i) {  // the second Attend does not retry the build
+    auto on = Attend(node.get(), data, EstimateMode::kOn, &on_stats);
+    auto off = Attend(node.get(), data, EstimateMode::kOff, &off_stats);
+    ASSERT_TRUE(on.ok() && off.ok());
+    EXPECT_EQ(on_stats.keys_estimated, 0);
+    ExpectSamePartials(*on, *off, "summary over the budget");
+    EXPECT_EQ(node->MemoryUsedBytes(), loaded);
+  }
 }
 
 TEST(NodeEstimateTest, HostileModeAndClustersRejectedNamingThem) {
