@@ -794,6 +794,7 @@ size_t AttentionGraphIndex::LinkUnreachable(ThreadPool* pool, size_t beam) {
   const bool own_cache = edge_len_known_.size() < n_;
   if (own_cache) BeginLinking(n_);
   std::atomic<int64_t> link_dc{0};
+  size_t last_todo = std::numeric_limits<size_t>::max();
   for (int round = 0; round < 64; ++round) {
     const std::vector<uint8_t> seen = Reachable();
     std::vector<uint32_t> todo;
@@ -805,6 +806,8 @@ size_t AttentionGraphIndex::LinkUnreachable(ThreadPool* pool, size_t beam) {
       build_stats_.link_distance_computations += link_dc.load();
       return linked;
     }
+    if (todo.size() >= last_todo) break;  // no progress: splice the rest below
+    last_todo = todo.size();
     linked += todo.size();
     size_t reachable = n_ - todo.size();
     std::vector<uint8_t> linked_now = seen;
@@ -848,7 +851,84 @@ size_t AttentionGraphIndex::LinkUnreachable(ThreadPool* pool, size_t beam) {
       b = e;
     }
   }
-  KVR_CHECK_MSG(false, "attention graph: keys still unreachable after 64 link rounds");
+  // Searching and linking stopped making progress (seen with small,
+  // repetitive chunks: two unreachable keys whose connectivity slots point at
+  // each other) or ran 64 rounds. Splice what is left into the connectivity
+  // chain: never fails.
+  SpliceUnreachable();
+  if (own_cache) EndLinking();
+  build_stats_.link_distance_computations += link_dc.load();
+  return linked;
+}
+
+void AttentionGraphIndex::SpliceUnreachable() {
+  std::vector<uint8_t> seen = Reachable();
+  KVR_CHECK(!entries_.empty() || n_ == 0);
+  std::vector<uint32_t> group;
+  std::vector<uint32_t> stack;
+  for (bool again = true; again;) {
+    again = false;
+    for (uint32_t u = 0; u < n_; ++u) {
+      if (seen[u]) continue;
+      // Everything u reaches that is not reachable yet becomes reachable with it.
+      group.clear();
+      stack.assign(1, u);
+      seen[u] = 2;  // 2: in u's group (this pass)
+      while (!stack.empty()) {
+        const uint32_t v = stack.back();
+        stack.pop_back();
+        group.push_back(v);
+        const uint32_t* r = row(v);
+        for (size_t j = 0; j < stride_; ++j) {
+          const uint32_t w = r[j];
+          if (w != kNone && !seen[w]) {
+            seen[w] = 2;
+            stack.push_back(w);
+          }
+        }
+      }
+      // The group's key whose connectivity slot is free, or points outside the
+      // group (at a key reachable without the group), takes over the entry's
+      // old connectivity edge; otherwise u's slot does (u is reached from the
+      // entry, so only edges inside the group change).
+      uint32_t tail = u;
+      for (uint32_t v : group) {
+        const uint32_t slot = row(v)[stride_ - 1];
+        if (slot == kNone || seen[slot] == 1) {
+          tail = v;
+          break;
+        }
+      }
+      uint32_t& entry_slot = row(entries_.front())[stride_ - 1];
+      const uint32_t old = entry_slot;
+      entry_slot = u;
+      row(tail)[stride_ - 1] = old;
+      if (tail != u || group.size() == 1) {
+        for (uint32_t v : group) seen[v] = 1;  // tail's slot led nowhere in the group
+        continue;
+      }
+      // u's own slot was replaced: mark what u still reaches; the rest of the
+      // group waits for a later splice (each splice adds u, so this ends).
+      for (uint32_t v : group) seen[v] = 0;
+      stack.assign(1, u);
+      seen[u] = 1;
+      while (!stack.empty()) {
+        const uint32_t v = stack.back();
+        stack.pop_back();
+        const uint32_t* r = row(v);
+        for (size_t j = 0; j < stride_; ++j) {
+          const uint32_t w = r[j];
+          if (w != kNone && !seen[w]) {
+            seen[w] = 1;
+            stack.push_back(w);
+          }
+        }
+      }
+      for (uint32_t v : group) {
+        if (!seen[v] && v < u) again = true;
+      }
+    }
+  }
 }
 
 absl::Status AttentionGraphIndex::Add(ConstMatrixView keys) {
@@ -872,8 +952,8 @@ absl::Status AttentionGraphIndex::Add(ConstMatrixView keys) {
     n_ = keys.rows();
     entries_.assign(1, 0);
     recent_count_ = 0;
-    LinkUnreachable(nullptr, static_cast<size_t>(options_.build_beam));
     RefreshRecentEntries();
+    LinkUnreachable(nullptr, static_cast<size_t>(options_.build_beam));
     return absl::OkStatus();
   }
   // Insert one by one; each new key is searchable before the next is linked.
@@ -894,11 +974,13 @@ absl::Status AttentionGraphIndex::Add(ConstMatrixView keys) {
     ChooseLinks(id, &cands, &out, &out_dist);
     ApplyLinks(id, out, out_dist, cands);
   }
-  // Re-pruning a neighbour's row can drop the last edge into an older key;
-  // relink any key that became unreachable.
+  // The newest keys become the recent entry points first: keys reached only
+  // through the previous recent entries must be relinked too. Re-pruning a
+  // neighbour's row can also drop the last edge into an older key; relink
+  // any key that is unreachable from the final entry points.
+  RefreshRecentEntries();
   LinkUnreachable(nullptr, static_cast<size_t>(options_.build_beam));
   EndLinking();
-  RefreshRecentEntries();
   return absl::OkStatus();
 }
 

@@ -203,6 +203,11 @@ class AttentionGraphIndex final : public KeyIndex {
   // Links in every key the entry points do not reach, each found by a
   // search of width `beam`; returns how many keys it linked.
   size_t LinkUnreachable(ThreadPool* pool, size_t beam);
+  // Last resort of LinkUnreachable: makes every unreachable key reachable by
+  // splicing it into the entry point's connectivity slot chain (the entry's
+  // old connectivity target stays reachable through the spliced group).
+  // O(n) plus the group sizes; never fails.
+  void SpliceUnreachable();
   size_t NearestLinkedByPosition(uint32_t id, std::span<const uint8_t> linked,
                                  uint32_t* out) const;
 

@@ -289,6 +289,42 @@ TEST_P(GraphAppendTest, AppendedKeysAreReachableAndRetrievable) {
 
 INSTANTIATE_TEST_SUITE_P(Fp32AndBf16Walk, GraphAppendTest, ::testing::Bool());
 
+// Small, repetitive chunks (a tiny model's keys: head dim 8, the same few
+// vectors over and over) once left two appended keys whose connectivity
+// slots pointed at each other, unreachable forever: the link pass ran 64
+// rounds and aborted the process (KVR_CHECK). Every build and append must end
+// with every key reachable, whatever the keys.
+TEST(GraphRepetitiveKeys, BuildAndAppendAlwaysReachEveryKey) {
+  std::mt19937 rng(17);
+  for (int trial = 0; trial < 300; ++trial) {
+    const size_t d = 8;
+    const size_t palette = 1 + rng() % 6;
+    Matrix colors(palette, d);
+    std::normal_distribution<float> normal(0.f, 1.f);
+    for (float& x : colors.data) x = normal(rng);
+    auto draw = [&](size_t rows) {
+      Matrix m(rows, d);
+      for (size_t i = 0; i < rows; ++i) {
+        const float* c = colors.row(rng() % palette);
+        const bool noisy = rng() % 4 == 0;
+        for (size_t j = 0; j < d; ++j) m.row(i)[j] = c[j] + (noisy ? 1e-3f * normal(rng) : 0.f);
+      }
+      return m;
+    };
+    AttentionGraphOptions o;
+    o.degree = 4 + static_cast<int>(rng() % 13);
+    const Matrix base = draw(8 + rng() % 120);
+    auto index = AttentionGraphIndex::Build(base.view(), {}, 0, o, nullptr);
+    ASSERT_TRUE(index.ok()) << index.status();
+    ASSERT_TRUE((*index)->AllReachable()) << "trial " << trial;
+    for (int a = 0; a < 4; ++a) {
+      const Matrix more = draw(1 + rng() % 96);
+      ASSERT_TRUE((*index)->Add(more.view()).ok());
+      ASSERT_TRUE((*index)->AllReachable()) << "trial " << trial << " append " << a;
+    }
+  }
+}
+
 TEST_F(GraphTest, WithoutTrainingQueriesStillReachesEveryKey) {
   auto index = AttentionGraphIndex::Build(data_->keys.view().rows_slice(0, 4096), {}, 0,
                                           AttentionGraphOptions{}, pool_);
