@@ -651,12 +651,17 @@ int AttackGatewayHttp(const cluster::ClusterInfo& info, const std::string& model
          "token id -1 as the prompt");
   expect(Post(http, "/v1/completions", body({{"prompt", json::array({1 << 30})}})), 400, "", "",
          "token id 2^30 as the prompt");
-  expect(Post(http, "/v1/completions", body({{"prompt", json::array({"a", "b"})}})), 400, "", "",
-         "a batch of prompts");
+  {
+    // A batch of prompts is served (issue 19) up to the gateway's --max_prompts (16).
+    json prompts = json::array();
+    for (int i = 0; i < 17; ++i) prompts.push_back("a");
+    expect(Post(http, "/v1/completions", body({{"prompt", prompts}})), 400, "prompt", "",
+           "a batch of 17 prompts");
+  }
   expect(Post(http, "/v1/completions", body({{"n", 1000}})), 400, "n", "", "n 1000");
   expect(Post(http, "/v1/completions", body({{"best_of", 1000}})), 400, "best_of", "",
          "best_of 1000");
-  expect(Post(http, "/v1/completions", body({{"logprobs", 5}})), 400, "logprobs", "", "logprobs 5");
+  expect(Post(http, "/v1/completions", body({{"logprobs", 6}})), 400, "logprobs", "", "logprobs 6");
   {
     json stops = json::array();
     for (int i = 0; i < 1000; ++i) stops.push_back("s" + std::to_string(i));
