@@ -33,6 +33,22 @@ struct IvfScratch {
   }
 };
 
+// The nprobe lists whose centroids score best against `qv` (best first) into
+// s.probe_ids; sizes s's probe buffers on first use. Shared by the float and
+// the SQ8 search.
+void SelectProbes(const simd::Kernels& kern, const float* qv, const std::vector<float>& centroids,
+                  size_t nlist, size_t dim, size_t nprobe, IvfScratch& s) {
+  if (s.centroid_scores.size() < nlist) s.centroid_scores.resize(nlist);
+  if (s.probe_ids.size() < nprobe) {
+    s.probe_ids.resize(nprobe);
+    s.probe_scores.resize(nprobe);
+  }
+  kern.dot_batch(qv, centroids.data(), nlist, dim, dim, s.centroid_scores.data());
+  s.probes.Reset(nprobe);
+  s.probes.PushRange(s.centroid_scores.data(), nlist, 0);
+  s.probes.Finish(s.probe_ids.data(), s.probe_scores.data());
+}
+
 }  // namespace
 
 namespace internal {
@@ -140,18 +156,10 @@ absl::Status IvfIndex::Search(ConstMatrixView queries, const SearchParams& param
   const size_t k = static_cast<size_t>(params.k);
   const auto& kern = simd::Active();
   auto s = scratch_->Acquire();
-  if (s->centroid_scores.size() < nlist) s->centroid_scores.resize(nlist);
-  if (s->probe_ids.size() < nprobe) {
-    s->probe_ids.resize(nprobe);
-    s->probe_scores.resize(nprobe);
-  }
   int64_t scanned = 0;
   for (size_t q = 0; q < queries.rows(); ++q) {
     const float* qv = queries.row(q);
-    kern.dot_batch(qv, centroids_.data(), nlist, dim_, dim_, s->centroid_scores.data());
-    s->probes.Reset(nprobe);
-    s->probes.PushRange(s->centroid_scores.data(), nlist, 0);
-    s->probes.Finish(s->probe_ids.data(), s->probe_scores.data());
+    SelectProbes(kern, qv, centroids_, nlist, dim_, nprobe, *s);
     s->results.Reset(k);
     for (size_t p = 0; p < nprobe; ++p) {
       const List& l = lists_[static_cast<size_t>(s->probe_ids[p])];
@@ -189,18 +197,10 @@ absl::Status IvfIndex::SearchSq8(ConstMatrixView queries, const SearchParams& pa
   const auto& kern = simd::Active();
   const auto& sq8 = simd::ActiveSq8();
   auto s = scratch_->Acquire();
-  if (s->centroid_scores.size() < nlist) s->centroid_scores.resize(nlist);
-  if (s->probe_ids.size() < nprobe) {
-    s->probe_ids.resize(nprobe);
-    s->probe_scores.resize(nprobe);
-  }
   int64_t work = 0;
   for (size_t q = 0; q < queries.rows(); ++q) {
     const float* qv = queries.row(q);
-    kern.dot_batch(qv, centroids_.data(), nlist, dim_, dim_, s->centroid_scores.data());
-    s->probes.Reset(nprobe);
-    s->probes.PushRange(s->centroid_scores.data(), nlist, 0);
-    s->probes.Finish(s->probe_ids.data(), s->probe_scores.data());
+    SelectProbes(kern, qv, centroids_, nlist, dim_, nprobe, *s);
     BeginSq8Search(quantizer_, qv, r, 0, s->sq8);
     for (size_t p = 0; p < nprobe; ++p) {
       const List& l = lists_[static_cast<size_t>(s->probe_ids[p])];
