@@ -151,6 +151,19 @@ absl::Status CheckBatchSize(int items, size_t limit, absl::string_view what) {
       absl::StrCat(what, ": ", items, " items exceed max_batch_items ", limit));
 }
 
+// Adds n empty items and n statuses to a batch response (AttendBatch /
+// AppendBatch) before any item starts, so items fill distinct slots, even
+// concurrently.
+template <typename BatchResponse>
+void AddBatchSlots(BatchResponse* response, int n) {
+  response->mutable_items()->Reserve(n);
+  response->mutable_statuses()->Reserve(n);
+  for (int i = 0; i < n; ++i) {
+    response->add_items();
+    response->add_statuses();
+  }
+}
+
 // Joins a batch's items: sets statuses[i] as each finishes, then runs
 // `done` (OK) after the last.
 struct BatchJoin {
@@ -718,14 +731,7 @@ void NodeService::HandleAttendBatch(const v1::AttendBatchRequest& request,
     done(absl::OkStatus());
     return;
   }
-  // Every slot exists before any item starts: items fill distinct slots
-  // concurrently.
-  response->mutable_items()->Reserve(n);
-  response->mutable_statuses()->Reserve(n);
-  for (int i = 0; i < n; ++i) {
-    response->add_items();
-    response->add_statuses();
-  }
+  AddBatchSlots(response, n);
   auto join = std::make_shared<BatchJoin>(static_cast<size_t>(n), std::move(done));
   for (int i = 0; i < n; ++i) {
     v1::ItemStatus* slot = response->mutable_statuses(i);
@@ -767,12 +773,7 @@ void NodeService::HandleAppendBatch(const v1::AppendBatchRequest& request,
     done(absl::OkStatus());
     return;
   }
-  response->mutable_items()->Reserve(n);
-  response->mutable_statuses()->Reserve(n);
-  for (int i = 0; i < n; ++i) {
-    response->add_items();
-    response->add_statuses();
-  }
+  AddBatchSlots(response, n);
   // As Append: the control thread applies every item in order and queues
   // its commit; each item's slot is filled from its commit's completion.
   control_->Schedule([this, &request, response, n, done = std::move(done)]() mutable {
