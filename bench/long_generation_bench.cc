@@ -129,6 +129,27 @@ double Percentile(std::vector<double> v, double p) {
   return v[std::min(v.size() - 1, static_cast<size_t>(p * double(v.size())))];
 }
 
+// Creates sequence 1 (one layer, head and kv head, graph index) on `node`
+// and uploads the first `prefill` keys and values of `data` as its chunk 0.
+absl::Status UploadPrefill(retrieval::NodeCore& node, const AttentionData& data, size_t prefill,
+                           std::span<const int64_t> train_topk, size_t train_width) {
+  retrieval::SequenceSpec spec;
+  spec.sequence_id = 1;
+  spec.n_layers = 1;
+  spec.n_heads = 1;
+  spec.n_kv_heads = 1;
+  spec.head_dim = static_cast<int32_t>(data.keys.cols);
+  spec.index_type = retrieval::IndexType::kGraph;
+  KVR_RETURN_IF_ERROR(node.CreateSequence(spec));
+  retrieval::ShardUpload up;
+  up.key = {1, 0, 0, 0};
+  up.keys = data.keys.view().rows_slice(0, prefill);
+  up.values = data.values.view().rows_slice(0, prefill);
+  up.train_topk = train_topk;
+  up.train_topk_width = train_width;
+  return node.UploadShard(up);
+}
+
 // One decode run on a NodeCore: upload the prefill chunk, append the
 // generated keys one per step while a thread attends back to back.
 absl::StatusOr<Stalls> RunNode(bool background, const AttentionData& data, size_t prefill,
@@ -141,21 +162,7 @@ absl::StatusOr<Stalls> RunNode(bool background, const AttentionData& data, size_
   o.background_seals = background;
   KVR_ASSIGN_OR_RETURN(std::unique_ptr<NodeCore> node, NodeCore::Create(o));
   const size_t d = data.keys.cols;
-  retrieval::SequenceSpec spec;
-  spec.sequence_id = 1;
-  spec.n_layers = 1;
-  spec.n_heads = 1;
-  spec.n_kv_heads = 1;
-  spec.head_dim = static_cast<int32_t>(d);
-  spec.index_type = retrieval::IndexType::kGraph;
-  KVR_RETURN_IF_ERROR(node->CreateSequence(spec));
-  retrieval::ShardUpload up;
-  up.key = {1, 0, 0, 0};
-  up.keys = data.keys.view().rows_slice(0, prefill);
-  up.values = data.values.view().rows_slice(0, prefill);
-  up.train_topk = train_topk;
-  up.train_topk_width = train_width;
-  KVR_RETURN_IF_ERROR(node->UploadShard(up));
+  KVR_RETURN_IF_ERROR(UploadPrefill(*node, data, prefill, train_topk, train_width));
   std::atomic<bool> stop{false};
   std::vector<double> attend_ms;
   absl::Status attend_status;
@@ -224,21 +231,7 @@ absl::StatusOr<NodeRecall> RunNodeRecall(size_t recalibrate_every, const Attenti
   o.recalibrate_every = recalibrate_every;
   KVR_ASSIGN_OR_RETURN(std::unique_ptr<NodeCore> node, NodeCore::Create(o));
   const size_t d = data.keys.cols;
-  retrieval::SequenceSpec spec;
-  spec.sequence_id = 1;
-  spec.n_layers = 1;
-  spec.n_heads = 1;
-  spec.n_kv_heads = 1;
-  spec.head_dim = static_cast<int32_t>(d);
-  spec.index_type = retrieval::IndexType::kGraph;
-  KVR_RETURN_IF_ERROR(node->CreateSequence(spec));
-  retrieval::ShardUpload up;
-  up.key = {1, 0, 0, 0};
-  up.keys = data.keys.view().rows_slice(0, prefill);
-  up.values = data.values.view().rows_slice(0, prefill);
-  up.train_topk = train_topk;
-  up.train_topk_width = train_width;
-  KVR_RETURN_IF_ERROR(node->UploadShard(up));
+  KVR_RETURN_IF_ERROR(UploadPrefill(*node, data, prefill, train_topk, train_width));
   NodeRecall out;
   const auto t0 = Clock::now();
   Partials partial(1, d);
