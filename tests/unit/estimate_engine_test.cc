@@ -12,11 +12,10 @@
 #include <vector>
 
 #include "gpu_worker/engine/retrieval_engine.h"
-#include "gpu_worker/model/llama2c_loader.h"
 #include "gtest/gtest.h"
 #include "retrieval_node/client/in_process_client.h"
 #include "tests/support/forwarding_client.h"
-#include "tests/support/models.h"
+#include "tests/support/stories_model.h"
 
 namespace kvr::worker {
 namespace {
@@ -61,16 +60,10 @@ class RecordingClient final : public test_support::ForwardingRetrievalClient {
 class EstimateEngineTest : public ::testing::Test {
  protected:
   void SetUp() override {
-    const std::string model = test_support::BundledModelPath("stories260K.bin");
-    if (model.empty()) GTEST_FAIL() << "the bundled stories260K model is missing";
-    auto w = LoadLlama2c(model);
-    ASSERT_TRUE(w.ok()) << w.status();
-    weights_ = *w;
-    BackendOptions bo;
-    bo.num_threads = 1;
-    auto b = BackendRegistry::Create("cpu", bo);
-    ASSERT_TRUE(b.ok()) << b.status();
-    backend_ = std::move(*b);
+    test_support::StoriesModel m;
+    ASSERT_TRUE(m.Load());
+    weights_ = m.weights;
+    backend_ = std::move(m.backend);
   }
 
   struct Result {
