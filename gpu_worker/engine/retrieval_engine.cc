@@ -338,7 +338,105 @@ absl::Status RetrievalEngine::StartLocked(std::unique_lock<std::mutex>& lock,
   seq.position_ = static_cast<int64_t>(tokens.size());
   seq.state_ = EngineSequence::State::kActive;
   seq.stats_.prefill_seconds = Seconds(seq.prefill_start_);
+  prefills_.fetch_add(1, std::memory_order_relaxed);
   return absl::OkStatus();
+}
+
+absl::StatusOr<std::unique_ptr<EngineSequence>> RetrievalEngine::ForkSequence(
+    EngineSequence& src, const CancelToken& cancel) {
+  std::vector<std::shared_future<absl::Status>> pending;
+  uint64_t src_id = 0;
+  std::string src_capability;
+  bool on_node = false;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (src.engine_ != this) return absl::InvalidArgumentError("ForkSequence: foreign sequence");
+    if (src.state_ != EngineSequence::State::kActive) {
+      return absl::FailedPreconditionError(
+          absl::StrCat("ForkSequence: sequence ", src.id_, " is not active"));
+    }
+    pending = src.pending_;
+    src_id = src.id_;
+    src_capability = src.capability_;
+    on_node = src.on_node_;
+  }
+  // The node must hold every shard of the prefill before it can share them.
+  // Waited without mu_: decode steps of other sequences go on.
+  for (const std::shared_future<absl::Status>& f : pending) {
+    if (f.valid()) KVR_RETURN_IF_ERROR(f.get());
+  }
+  retrieval::SequenceHandle handle;
+  if (on_node) {
+    // Ids are random; one already taken on a node (by chance) is drawn again.
+    for (int attempt = 0;; ++attempt) {
+      KVR_ASSIGN_OR_RETURN(handle, retrieval::NewSequenceHandle());
+      const absl::Status st =
+          client_->ForkSequence(src_id, src_capability, handle.id, handle.capability);
+      if (st.ok()) break;
+      if (!absl::IsAlreadyExists(st) || attempt == 15) return st;
+    }
+  } else {
+    KVR_ASSIGN_OR_RETURN(handle, retrieval::NewSequenceHandle());
+  }
+  auto seq = std::unique_ptr<EngineSequence>(new EngineSequence(this));
+  absl::Status st = [&]() -> absl::Status {
+    std::lock_guard<std::mutex> lock(mu_);
+    live_.insert(seq.get());
+    seq->id_ = handle.id;
+    seq->capability_ = std::move(handle.capability);
+    seq->on_node_ = on_node;
+    if (src.state_ != EngineSequence::State::kActive) {
+      return absl::FailedPreconditionError(
+          absl::StrCat("ForkSequence: sequence ", src_id, " ended during the fork"));
+    }
+    seq->attention_ = src.attention_;
+    seq->cancel_ = cancel;
+    seq->position_ = src.position_;
+    seq->node_end_ = src.node_end_;
+    seq->last_chunk_ = src.last_chunk_;
+    seq->last_chunk_tokens_ = src.last_chunk_tokens_;
+    seq->prefill_start_ = src.prefill_start_;
+    seq->handoff_done_ns_ = std::make_shared<std::atomic<int64_t>>(
+        src.handoff_done_ns_ ? src.handoff_done_ns_->load(std::memory_order_relaxed) : 0);
+    seq->coverage_ = src.coverage_;
+    seq->stats_ = src.stats_;
+    seq->logits_ = src.logits_;
+    seq->pending_.assign(src.pending_.size(), {});
+    KVR_RETURN_IF_ERROR(PrepareCaches(*seq));
+    // Full mode holds rows [0, position); retrieval mode a ring of
+    // CacheRows whose every slot may be live.
+    const int64_t rows = seq->attention_.mode == AttentionMode::kFull ? src.position_
+                                                                       : seq->cache_rows_;
+    const size_t kv_dim = static_cast<size_t>(weights_->config.kv_dim());
+    std::vector<float> host(static_cast<size_t>(rows) * kv_dim);
+    for (size_t l = 0; l < seq->caches_.size(); ++l) {
+      const EngineSequence::Cache& from = src.caches_[l];
+      EngineSequence::Cache& to = seq->caches_[l];
+      if (rows > 0) {
+        KVR_RETURN_IF_ERROR(backend_->DownloadF32(from.k.Rows(0, rows), host));
+        KVR_RETURN_IF_ERROR(backend_->Upload(std::as_bytes(std::span<const float>(host)),
+                                             to.k.Rows(0, rows)));
+        KVR_RETURN_IF_ERROR(backend_->DownloadF32(from.v.Rows(0, rows), host));
+        KVR_RETURN_IF_ERROR(backend_->Upload(std::as_bytes(std::span<const float>(host)),
+                                             to.v.Rows(0, rows)));
+      }
+      to.k_host = from.k_host;
+      to.v_host = from.v_host;
+      to.row_on_host = from.row_on_host;
+    }
+    seq->state_ = EngineSequence::State::kActive;
+    return absl::OkStatus();
+  }();
+  if (!st.ok()) {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      EndLocked(*seq, EngineSequence::State::kFailed).IgnoreError();  // drops the node fork
+    }
+    FlushDrops().IgnoreError();
+    return st;
+  }
+  forks_.fetch_add(1, std::memory_order_relaxed);
+  return seq;
 }
 
 absl::Status RetrievalEngine::PrefillLocked(std::unique_lock<std::mutex>& lock,

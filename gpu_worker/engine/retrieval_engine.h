@@ -284,6 +284,29 @@ class RetrievalEngine {
       std::span<const int32_t> tokens, const AttentionOptions& options,
       const CancelToken& cancel = CancelToken(), const PrefillLayerCallback& on_layer = nullptr);
 
+  // Forks `src` (active) into a new sequence at the same position with the
+  // same attention options, logits, coverage and stats: n choices of one
+  // prompt share one prefill (issue 19). The worker-side K/V (full mode:
+  // rows [0, position); retrieval mode: sinks + window ring and its host
+  // copies) is copied; in retrieval mode `src`'s pending hand-off uploads
+  // are awaited, then the nodes fork its node sequence
+  // (RetrievalClient::ForkSequence: sealed indexes shared, nothing
+  // re-uploaded or rebuilt) under a new random id and capability. Steps of
+  // either sequence afterwards are independent and give what they would
+  // have given on `src` (bit-identical logits for the same tokens).
+  // `src` must not step, end or be forked on another thread meanwhile.
+  // `cancel` is the fork's token. FailedPrecondition when `src` is not
+  // active; InvalidArgument for a foreign sequence; the client's errors
+  // pass through (Unimplemented / FailedPrecondition: the client or a node
+  // cannot fork; the caller may prefill the prompt again instead).
+  absl::StatusOr<std::unique_ptr<EngineSequence>> ForkSequence(
+      EngineSequence& src, const CancelToken& cancel = CancelToken());
+
+  // Successful prefills (StartSequence / Prefill) and forks since the
+  // engine was created. Thread-safe.
+  int64_t prefills() const { return prefills_.load(std::memory_order_relaxed); }
+  int64_t forks() const { return forks_.load(std::memory_order_relaxed); }
+
   // One decode step of `seq` (token at position seq.position()); returns its
   // logits (valid until its next step). FailedPrecondition when the sequence
   // is not active (never started, ended, failed); Cancelled when it was
@@ -404,6 +427,8 @@ class RetrievalEngine {
   // Decode steps that wait for mu_, and steps run (under mu_): a prefill
   // resuming after a layer waits until the steps then waiting have run.
   std::atomic<int> steps_waiting_{0};
+  std::atomic<int64_t> prefills_{0};
+  std::atomic<int64_t> forks_{0};
   uint64_t steps_done_ = 0;
   std::condition_variable step_cv_;
   Backend* backend_ = nullptr;

@@ -216,7 +216,21 @@ absl::Status GenerationScheduler::ValidateWork(const GenerationWork& work) const
   }
   KVR_RETURN_IF_ERROR(RequestLoop::ValidateLoopFields(work.max_tokens, work.stop));
   KVR_RETURN_IF_ERROR(Prefixed("sampling.", ValidateSampling(work.sampling)));
-  return Prefixed("attention.", ValidateAttentionOptions(work.attention, engine_->max_seq_len()));
+  KVR_RETURN_IF_ERROR(
+      Prefixed("attention.", ValidateAttentionOptions(work.attention, engine_->max_seq_len())));
+  if (!work.forks.empty() && !work.resume_tokens.empty()) {
+    return absl::InvalidArgumentError("n: more than one choice with resume_tokens");
+  }
+  for (const GenerationWork& f : work.forks) {
+    if (f.prompt != work.prompt || !f.forks.empty() || !f.resume_tokens.empty() ||
+        f.attention.mode != work.attention.mode || f.echo != work.echo) {
+      return absl::InvalidArgumentError(
+          "n: every choice must have the request's prompt, attention and echo, no "
+          "resume_tokens");
+    }
+    KVR_RETURN_IF_ERROR(ValidateWork(f));
+  }
+  return absl::OkStatus();
 }
 
 absl::Status GenerationScheduler::Submit(GenerationWork work) {
@@ -298,13 +312,18 @@ absl::Status GenerationScheduler::WhenFinished(int64_t n, std::function<void()> 
 GenerationScheduler::SequenceMemory GenerationScheduler::MemoryOf(
     const GenerationWork& work) const {
   SequenceMemory m = MemoryOf(work.attention);
+  constexpr int64_t kMax = std::numeric_limits<int64_t>::max();
+  const auto add = [&](const SequenceMemory& more) {
+    m.host = m.host > kMax - more.host ? kMax : m.host + more.host;
+    m.device = m.device > kMax - more.device ? kMax : m.device + more.device;
+  };
+  // Each fork holds a sequence of its own (its echo scratch is the
+  // primary's, computed once).
+  for (const GenerationWork& f : work.forks) add(MemoryOf(f.attention));
   if (!work.echo || work.logprobs < 0) return m;
   AttentionOptions full;
   full.mode = AttentionMode::kFull;
-  const SequenceMemory scratch = MemoryOf(full);
-  constexpr int64_t kMax = std::numeric_limits<int64_t>::max();
-  m.host = m.host > kMax - scratch.host ? kMax : m.host + scratch.host;
-  m.device = m.device > kMax - scratch.device ? kMax : m.device + scratch.device;
+  add(MemoryOf(full));
   return m;
 }
 
@@ -321,6 +340,11 @@ bool GenerationScheduler::CancelWaiter(uint64_t id) {
 
 void GenerationScheduler::Ended(GenerationWork& work, absl::StatusOr<GenerationSummary> outcome,
                                 bool was_active) {
+  std::vector<GenerationWork> forks = std::move(work.forks);
+  work.forks.clear();
+  // The forks' memory and slots go first (MemoryOf(work) below is the
+  // primary's alone now); they hear the same outcome.
+  for (GenerationWork& f : forks) Ended(f, outcome, was_active);
   {
     // Counted before on_done: a client that has seen its stream end (and
     // then reads the load or the metrics) finds it no longer running.
@@ -386,18 +410,72 @@ void GenerationScheduler::Recompute(GenerationWork work, std::vector<int32_t> ge
   work.resume_tokens = std::move(generated);
   ++work.recomputes;
   work.on_prefill_progress = nullptr;  // the client already saw its prefill
+  const int slots = 1 + static_cast<int>(work.forks.size());
   std::fprintf(stderr,
                "kvr_worker: recomputing a request from its %zu prompt + %zu generated tokens "
                "(recompute %d): %s\n",
                work.prompt.size(), work.resume_tokens.size(), work.recomputes,
                std::string(why.message()).c_str());
   std::lock_guard<std::mutex> lock(mu_);
-  --active_;  // its memory budget stays reserved: the request goes on
+  active_ -= slots;  // its memory budget stays reserved: the request goes on
   queue_.push_front(Queued{std::move(work), Clock::now()});
   cv_.notify_all();
 }
 
-std::unique_ptr<GenerationScheduler::Run> GenerationScheduler::Admit(Queued q) {
+void GenerationScheduler::AdmitForks(Run& primary, std::vector<GenerationWork> forks,
+                                     std::vector<std::unique_ptr<Run>>* forked) {
+  for (GenerationWork& f : forks) {
+    absl::StatusOr<Sampler> sampler = Sampler::Create(f.sampling, engine_->config().vocab_size);
+    if (!sampler.ok()) {
+      Ended(f, sampler.status(), /*was_active=*/true);
+      continue;
+    }
+    absl::StatusOr<std::unique_ptr<EngineSequence>> seq =
+        engine_->ForkSequence(*primary.seq(), f.cancel);
+    if (absl::IsUnimplemented(seq.status()) || absl::IsFailedPrecondition(seq.status())) {
+      // The nodes cannot fork (e.g. persistent nodes): this choice is
+      // prefilled on its own, next. Its memory stays reserved.
+      f.on_prefill_progress = nullptr;
+      std::lock_guard<std::mutex> lock(mu_);
+      --active_;
+      queue_.push_front(Queued{std::move(f), primary.accepted()});
+      cv_.notify_all();
+      continue;
+    }
+    auto run = std::make_unique<Run>(Queued{std::move(f), primary.accepted()},
+                                     *std::move(sampler), *tokenizer_);
+    GenerationWork& w = run->work();
+    if (!seq.ok()) {
+      Ended(w, seq.status(), /*was_active=*/true);
+      continue;
+    }
+    run->set_prefill_start(Clock::now());
+    run->prompt_logprobs = primary.prompt_logprobs;
+    if (absl::Status lp = run->loop().SetLogprobs(w.logprobs); !lp.ok()) {
+      Ended(w, std::move(lp), /*was_active=*/true);
+      continue;
+    }
+    run->set_sequence(*std::move(seq));
+    absl::StatusOr<bool> done = run->Advance(engine_->max_seq_len());
+    if (!done.ok()) {
+      run->EndSequence();
+      Ended(run->work(), done.status(), /*was_active=*/true);
+      continue;
+    }
+    if (run->sampled() > 0 && options_.observer != nullptr) {
+      options_.observer->OnFirstToken(Seconds(Clock::now() - run->accepted()));
+    }
+    if (*done) {
+      Finished(std::move(run));
+      continue;
+    }
+    Stream(*run);
+    forked->push_back(std::move(run));
+  }
+}
+
+std::unique_ptr<GenerationScheduler::Run> GenerationScheduler::Admit(
+    Queued q, std::vector<std::unique_ptr<Run>>* forked) {
   absl::StatusOr<Sampler> sampler = Sampler::Create(q.work.sampling, engine_->config().vocab_size);
   if (!sampler.ok()) {
     Ended(q.work, sampler.status(), /*was_active=*/true);
@@ -466,6 +544,11 @@ std::unique_ptr<GenerationScheduler::Run> GenerationScheduler::Admit(Queued q) {
   }
   if (options_.observer != nullptr) options_.observer->OnPrefill(total, Seconds(Clock::now() - start));
   run->set_sequence(*std::move(seq));
+  if (!w.forks.empty()) {
+    std::vector<GenerationWork> forks = std::move(w.forks);
+    w.forks.clear();
+    AdmitForks(*run, std::move(forks), forked);
+  }
   absl::StatusOr<bool> done = run->Advance(engine_->max_seq_len());
   if (!done.ok()) {
     run->EndSequence();
@@ -526,7 +609,7 @@ void GenerationScheduler::PrefillLoop() {
       } else if (!queue_.empty() && active_ < options_.max_concurrent) {
         next.emplace(std::move(queue_.front()));
         queue_.pop_front();
-        ++active_;
+        active_ += 1 + static_cast<int>(next->work.forks.size());
         ++prefilling_;
       }
     }
@@ -539,13 +622,14 @@ void GenerationScheduler::PrefillLoop() {
     }
     if (exit) break;
     if (!next.has_value()) continue;
-    std::unique_ptr<Run> run = Admit(*std::move(next));
+    std::vector<std::unique_ptr<Run>> forked;
+    std::unique_ptr<Run> run = Admit(*std::move(next), &forked);
     std::lock_guard<std::mutex> lock(mu_);
     --prefilling_;
-    if (run != nullptr) {
-      prefilled_.push_back(std::move(run));
-      cv_.notify_all();
-    }
+    const bool ready = run != nullptr || !forked.empty();
+    if (run != nullptr) prefilled_.push_back(std::move(run));
+    for (auto& f : forked) prefilled_.push_back(std::move(f));
+    if (ready) cv_.notify_all();
   }
   std::lock_guard<std::mutex> lock(mu_);
   prefill_exited_ = true;

@@ -114,6 +114,16 @@ struct GenerationWork {
   // Times the scheduler recomputed this request (SchedulerOptions::
   // max_recomputes); set by the scheduler, 0 when submitted.
   int recomputes = 0;
+  // More choices of the same prompt (GenerateRequest.n > 1): each a whole
+  // request of its own (sampling, stop, max_tokens, callbacks, cancel) with
+  // the same prompt and attention, no resume_tokens and no forks. The
+  // prompt is prefilled once; each fork then gets its own sequence by
+  // RetrievalEngine::ForkSequence right after the prefill (or, when the
+  // nodes cannot fork, is queued again first and prefilled on its own).
+  // The group is admitted as one (it takes 1 + forks.size() of
+  // max_concurrent once a slot is free) and its memory reserved at Submit
+  // for every choice.
+  std::vector<GenerationWork> forks;
 };
 
 // What one batched decode step took, for metrics. `retrieval_seconds`: the
@@ -235,8 +245,15 @@ class GenerationScheduler {
   void PrefillLoop();
   void DecodeLoop();
   // Prefills `q` and samples its first token; the run to decode, or null
-  // when it already ended (reported).
-  std::unique_ptr<Run> Admit(Queued q);
+  // when it already ended (reported). The runs of q.work.forks (forked
+  // from its sequence) go to *forked.
+  std::unique_ptr<Run> Admit(Queued q, std::vector<std::unique_ptr<Run>>* forked);
+  // After `primary`'s prefill: forks its sequence for each of `forks`, samples
+  // their first tokens; runs still decoding go to *forked. A fork the
+  // nodes cannot make (Unimplemented / FailedPrecondition) is queued again,
+  // first, to be prefilled on its own.
+  void AdmitForks(Run& primary, std::vector<GenerationWork> forks,
+                  std::vector<std::unique_ptr<Run>>* forked);
   // Streams what `run` made final since its last call.
   void Stream(Run& run);
   void Finished(std::unique_ptr<Run> run);
@@ -259,7 +276,8 @@ class GenerationScheduler {
   // `generated` = the tokens it streamed (its sequence already ended).
   void Recompute(GenerationWork work, std::vector<int32_t> generated, const absl::Status& why);
   // Reports the end of `work` and counts it finished; `was_active`: it was
-  // admitted (counted in active_).
+  // admitted (counted in active_). Forks still in work.forks end with the
+  // same outcome.
   void Ended(GenerationWork& work, absl::StatusOr<GenerationSummary> outcome, bool was_active);
   // Notifier thread: runs the WhenFinished callbacks in notify_ until
   // notify_stop_ and notify_ is empty.

@@ -86,6 +86,12 @@ ABSL_FLAG(int64_t, device_memory_budget_bytes, -1,
           "it gets RESOURCE_EXHAUSTED naming this flag before any work starts. -1 (default): "
           "90% of the device memory free once the model is loaded; 0: no budget. Ignored on "
           "the CPU backend (its tensors are host memory, under --host_memory_budget_bytes)");
+ABSL_FLAG(int, max_n, 16,
+          "most choices per prompt a Generate may ask for (GenerateRequest.n; the prompt is "
+          "prefilled once and forked); more: INVALID_ARGUMENT naming n; [1, 128]");
+ABSL_FLAG(int, max_prompts, 16,
+          "most prompts in one Generate (GenerateRequest.prompts); more: INVALID_ARGUMENT "
+          "naming prompts; [1, 128]");
 ABSL_FLAG(int, max_finish_waiters, 64,
           "GetModelInfo calls waiting (wait_finished_requests) at once; more get "
           "RESOURCE_EXHAUSTED");
@@ -193,6 +199,9 @@ int Main(int argc, char** argv) {
                                     .InRange("threads", threads, 0, 1024)
                                     .AtLeast("max_message_bytes", max_message_bytes, 1 << 16)
                                     .AtLeast("tail_capacity", absl::GetFlag(FLAGS_tail_capacity), 1)
+                                    .InRange("max_n", absl::GetFlag(FLAGS_max_n), 1, 128)
+                                    .InRange("max_prompts", absl::GetFlag(FLAGS_max_prompts), 1,
+                                             128)
                                     .InRange("max_deadline_seconds",
                                              absl::GetFlag(FLAGS_max_deadline_seconds), 0.0,
                                              365.0 * 86400.0)
@@ -319,6 +328,8 @@ int Main(int argc, char** argv) {
   wo.model_name = paths->model;
   wo.backend = (*backend)->Describe();
   wo.max_deadline_seconds = absl::GetFlag(FLAGS_max_deadline_seconds);
+  wo.max_n = absl::GetFlag(FLAGS_max_n);
+  wo.max_prompts = absl::GetFlag(FLAGS_max_prompts);
   wo.on_generate_finished = [m = metrics.get()](absl::StatusCode code) { m->RecordRequest(code); };
   auto service = std::make_unique<WorkerService>(scheduler->get(), tokenizer->get(), node.get(),
                                                  (*weights)->config, (*engine)->max_seq_len(), wo);

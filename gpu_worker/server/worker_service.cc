@@ -130,32 +130,50 @@ class WorkerService::GenerateReactor final
         request_id_(std::move(request_id)),
         on_finished_(on_finished) {}
 
-  // Submits `work` (its callbacks are wired to this reactor); on failure the
-  // stream finishes with that status. With `cut_at`, a request still running
-  // then is cancelled and the call ends DEADLINE_EXCEEDED naming
-  // --max_deadline_seconds (`max_seconds`).
-  void Start(absl::StatusOr<GenerationWork> work,
+  // Submits `works` (one group per prompt, ToWorks; every choice's
+  // callbacks are wired to this reactor with its index, prompt_index * n +
+  // j, and they share one cancel token); on failure the stream finishes
+  // with that status (groups already submitted are cancelled first). With
+  // `cut_at`, a request still running then is cancelled and the call ends
+  // DEADLINE_EXCEEDED naming --max_deadline_seconds (`max_seconds`).
+  void Start(absl::StatusOr<std::vector<GenerationWork>> works,
              std::optional<std::chrono::system_clock::time_point> cut_at = std::nullopt,
              double max_seconds = 0) {
-    if (!work.ok()) {
-      FinishNow(ToGrpc(work.status()), /*work_done=*/true);
+    if (!works.ok()) {
+      FinishNow(ToGrpc(works.status()), /*work_done=*/true);
       return;
     }
-    cancel_ = work->cancel;
-    work->on_tokens = [this](std::span<const int32_t> ids, std::string_view text) {
-      OnTokens(ids, text);
-    };
-    prev_token_ = work->prompt.empty() ? 0 : work->prompt.back();
-    if (work->logprobs >= 0) {
-      work->on_logprobs = [this](std::span<const TokenLogprobs> lps) { OnLogprobs(lps); };
+    std::vector<int> group_choices;
+    int total = 0;
+    for (GenerationWork& group : *works) {
+      const int n = 1 + static_cast<int>(group.forks.size());
+      group_choices.push_back(n);
+      Wire(group, total, /*progress=*/total == 0);
+      for (size_t j = 0; j < group.forks.size(); ++j) {
+        Wire(group.forks[j], total + 1 + static_cast<int>(j), /*progress=*/false);
+      }
+      total += n;
     }
-    work->on_done = [this](absl::StatusOr<GenerationSummary> outcome) {
-      OnWorkDone(std::move(outcome));
-    };
-    work->on_prefill_progress = [this](const PrefillProgress& p) { OnPrefillProgress(p); };
-    if (absl::Status s = scheduler_->Submit(*std::move(work)); !s.ok()) {
-      FinishNow(ToGrpc(s), /*work_done=*/true);
-      return;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      pending_ = total;
+    }
+    for (size_t g = 0; g < works->size(); ++g) {
+      if (absl::Status s = scheduler_->Submit(std::move((*works)[g])); !s.ok()) {
+        // This group and the later ones never run (their on_done is never
+        // called); the earlier ones are cancelled and end the call.
+        int never = 0;
+        for (size_t k = g; k < works->size(); ++k) never += group_choices[k];
+        cancel_.Cancel();
+        std::lock_guard<std::mutex> lock(mu_);
+        if (error_.ok()) error_ = ToGrpc(s);
+        pending_ -= never;
+        if (pending_ == 0) {
+          work_done_ = true;
+          Pump();
+        }
+        return;
+      }
     }
     if (!cut_at.has_value()) return;
     // Armed only while the work runs: OnWorkDone cancels it (under mu_, so
@@ -225,13 +243,44 @@ class WorkerService::GenerateReactor final
     Finish(status);
   }
 
+  // Sets `work`'s callbacks to this reactor as choice `index`, and its
+  // cancel token to the call's; `progress`: it reports prefill progress
+  // (the first prompt's primary only: PrefillProgress names no prompt).
+  void Wire(GenerationWork& work, int index, bool progress) {
+    work.cancel = cancel_;
+    prev_tokens_.push_back(work.prompt.empty() ? 0 : work.prompt.back());
+    work.on_tokens = [this, index](std::span<const int32_t> ids, std::string_view text) {
+      OnTokens(index, ids, text);
+    };
+    if (work.logprobs >= 0) {
+      work.on_logprobs = [this, index](std::span<const TokenLogprobs> lps) {
+        OnLogprobs(index, lps);
+      };
+    }
+    work.on_done = [this, index](absl::StatusOr<GenerationSummary> outcome) {
+      OnWorkDone(index, std::move(outcome));
+    };
+    if (progress) {
+      work.on_prefill_progress = [this](const PrefillProgress& p) { OnPrefillProgress(p); };
+    }
+  }
+
+  // The trailing chunk of choice `index` in out_, added when the last
+  // message is not one. Holds mu_.
+  v1::GenerateChunk* TrailingChunk(int index) {
+    if (out_.empty() || !out_.back().has_chunk() || out_.back().chunk().index() != index) {
+      out_.emplace_back().mutable_chunk()->set_index(index);
+    }
+    return out_.back().mutable_chunk();
+  }
+
   // Outgoing messages wait in out_ while a write is in flight; new tokens
-  // join a trailing chunk, and a new progress replaces a trailing progress,
-  // so a slow reader gets fewer, larger messages in the same order.
-  void OnTokens(std::span<const int32_t> ids, std::string_view text) {
+  // join a trailing chunk of the same choice, and a new progress replaces a
+  // trailing progress, so a slow reader gets fewer, larger messages in the
+  // same order.
+  void OnTokens(int index, std::span<const int32_t> ids, std::string_view text) {
     std::lock_guard<std::mutex> lock(mu_);
-    if (out_.empty() || !out_.back().has_chunk()) out_.emplace_back().mutable_chunk();
-    v1::GenerateChunk* chunk = out_.back().mutable_chunk();
+    v1::GenerateChunk* chunk = TrailingChunk(index);
     chunk->mutable_token_ids()->Add(ids.begin(), ids.end());
     // Pieces never end inside a complete character (RequestLoop holds an
     // incomplete tail back), so replacing per piece changes only bytes that
@@ -243,13 +292,13 @@ class WorkerService::GenerateReactor final
 
   // Called just before OnTokens with the same tokens: they go into the
   // same trailing chunk.
-  void OnLogprobs(std::span<const TokenLogprobs> lps) {
+  void OnLogprobs(int index, std::span<const TokenLogprobs> lps) {
     std::lock_guard<std::mutex> lock(mu_);
-    if (out_.empty() || !out_.back().has_chunk()) out_.emplace_back().mutable_chunk();
-    v1::GenerateChunk* chunk = out_.back().mutable_chunk();
+    v1::GenerateChunk* chunk = TrailingChunk(index);
+    int32_t& prev = prev_tokens_[static_cast<size_t>(index)];
     for (const TokenLogprobs& lp : lps) {
-      ToProto(*tokenizer_, prev_token_, lp, chunk->add_logprobs());
-      prev_token_ = lp.token;
+      ToProto(*tokenizer_, prev, lp, chunk->add_logprobs());
+      prev = lp.token;
     }
   }
 
@@ -266,13 +315,16 @@ class WorkerService::GenerateReactor final
     Pump();
   }
 
-  void OnWorkDone(absl::StatusOr<GenerationSummary> outcome) {
+  // Choice `index` ended: its GenerateFinal joins out_ (or its error ends
+  // the call once every choice ended; the others are cancelled).
+  void OnWorkDone(int index, absl::StatusOr<GenerationSummary> outcome) {
     bool last;
     {
       std::lock_guard<std::mutex> lock(mu_);
-      work_done_ = true;
+      work_done_ = --pending_ == 0;
       if (outcome.ok()) {
-        v1::GenerateFinal* f = summary_.mutable_summary();
+        v1::GenerateFinal* f = out_.emplace_back().mutable_summary();
+        f->set_index(index);
         f->set_request_id(request_id_);
         f->set_finish_reason(ToProto(outcome->finish));
         f->mutable_usage()->set_prompt_tokens(outcome->prompt_tokens);
@@ -289,12 +341,13 @@ class WorkerService::GenerateReactor final
           ToProto(*tokenizer_, prev, outcome->prompt_logprobs[i], f->add_prompt_logprobs());
         }
       } else {
-        error_ = ToGrpc(outcome.status());
+        if (error_.ok()) error_ = ToGrpc(outcome.status());
+        cancel_.Cancel();  // the other choices stop: the call fails
       }
       if (cut_) error_ = CutStatus(max_seconds_);
-      if (alarm_pending_) cut_alarm_.Cancel();  // its callback then deletes, if last
+      if (work_done_ && alarm_pending_) cut_alarm_.Cancel();  // its callback then deletes, if last
       Pump();
-      last = grpc_done_ && !alarm_pending_;
+      last = work_done_ && grpc_done_ && !alarm_pending_;
     }
     if (last) delete this;
   }
@@ -314,24 +367,21 @@ class WorkerService::GenerateReactor final
       return;
     }
     if (!work_done_) return;
-    if (!error_.ok()) {
-      FinishCounted(error_);
-    } else {
-      finished_ = true;
-      if (on_finished_ != nullptr && *on_finished_) (*on_finished_)(absl::StatusCode::kOk);
-      StartWriteAndFinish(&summary_, grpc::WriteOptions(), grpc::Status::OK);
-    }
+    // Every choice's final went out through out_.
+    FinishCounted(error_);
   }
 
   GenerationScheduler* const scheduler_;
   const Tokenizer* const tokenizer_;
-  int32_t prev_token_ = 0;  // the token before the next logprobs entry's (its text)
+  // Per choice: the token before its next logprobs entry's (its text).
+  std::vector<int32_t> prev_tokens_;
+  int pending_ = 0;  // choices whose on_done has not run yet
   const std::string request_id_;
   const std::function<void(absl::StatusCode)>* const on_finished_;
   CancelToken cancel_;
   std::mutex mu_;
   std::deque<v1::GenerateResponse> out_;
-  v1::GenerateResponse in_flight_, summary_;
+  v1::GenerateResponse in_flight_;
   bool writing_ = false;
   bool cancelled_ = false;
   bool finished_ = false;   // Finish (or StartWriteAndFinish) called
@@ -479,50 +529,93 @@ void WorkerService::TokenizeLoop() {
   }
 }
 
+absl::StatusOr<std::vector<int32_t>> WorkerService::PromptIds(bool is_text,
+                                                             const std::string& text,
+                                                             const v1::TokenIds& tokens,
+                                                             std::string_view field) const {
+  using O = WorkerServiceOptions;
+  const std::string name(field);
+  if (is_text) {
+    if (text.empty()) return absl::InvalidArgumentError(absl::StrCat(name, "text: empty prompt"));
+    if (text.size() > O::kMaxPromptBytes) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(name, "text: ", text.size(), " bytes, limit ", O::kMaxPromptBytes));
+    }
+    // Text that cannot fit the context is refused before it is encoded
+    // (the encoding's time grows with the text).
+    if (const size_t per_token = tokenizer_->max_bytes_per_token(); per_token > 0) {
+      const size_t min_tokens = (text.size() + per_token - 1) / per_token;
+      if (min_tokens > static_cast<size_t>(max_context_tokens_)) {
+        return absl::OutOfRangeError(absl::StrCat(
+            name, "prompt: text of ", text.size(), " bytes is at least ", min_tokens,
+            " tokens (a token covers at most ", per_token,
+            " bytes), over the model's context of ", max_context_tokens_, " tokens"));
+      }
+    }
+    absl::StatusOr<std::vector<int32_t>> ids = tokenizer_->Encode(text, /*add_bos=*/true);
+    if (!ids.ok()) {
+      return absl::InvalidArgumentError(absl::StrCat(name, "text: ", ids.status().message()));
+    }
+    return ids;
+  }
+  // Refused before the copy: more ids than the context can never run.
+  if (tokens.ids_size() > O::kMaxPromptTokens || tokens.ids_size() > max_context_tokens_) {
+    return absl::OutOfRangeError(absl::StrCat(name, "tokens: ", tokens.ids_size(),
+                                              " ids exceed the model's context of ",
+                                              max_context_tokens_, " tokens"));
+  }
+  return std::vector<int32_t>(tokens.ids().begin(), tokens.ids().end());
+}
+
 absl::StatusOr<GenerationWork> WorkerService::ToWork(const v1::GenerateRequest& r) const {
+  KVR_ASSIGN_OR_RETURN(std::vector<GenerationWork> works, ToWorks(r));
+  return std::move(works.front());
+}
+
+absl::StatusOr<std::vector<GenerationWork>> WorkerService::ToWorks(
+    const v1::GenerateRequest& r) const {
   using O = WorkerServiceOptions;
   GenerationWork w;
   if (r.request_id().size() > O::kMaxRequestIdBytes) {
     return absl::InvalidArgumentError(absl::StrCat("request_id: ", r.request_id().size(),
                                                    " bytes, limit ", O::kMaxRequestIdBytes));
   }
+  const int n = r.has_n() ? r.n() : 1;
+  if (n < 1 || n > options_.max_n) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("n: ", n, " outside [1, ", options_.max_n, "] (--max_n)"));
+  }
+  if (r.prompts_size() > options_.max_prompts) {
+    return absl::InvalidArgumentError(absl::StrCat("prompts: ", r.prompts_size(),
+                                                   " prompts, limit ", options_.max_prompts,
+                                                   " (--max_prompts)"));
+  }
+  if (r.prompts_size() > 0 && r.prompt_case() != v1::GenerateRequest::PROMPT_NOT_SET) {
+    return absl::InvalidArgumentError("prompts: set either prompts or text / tokens, not both");
+  }
+  // Every prompt's ids, checked before any work is built.
+  std::vector<std::vector<int32_t>> prompts;
   switch (r.prompt_case()) {
-    case v1::GenerateRequest::kText: {
-      if (r.text().empty()) return absl::InvalidArgumentError("text: empty prompt");
-      if (r.text().size() > O::kMaxPromptBytes) {
-        return absl::InvalidArgumentError(
-            absl::StrCat("text: ", r.text().size(), " bytes, limit ", O::kMaxPromptBytes));
-      }
-      // Text that cannot fit the context is refused before it is encoded
-      // (the encoding's time grows with the text).
-      if (const size_t per_token = tokenizer_->max_bytes_per_token(); per_token > 0) {
-        const size_t min_tokens = (r.text().size() + per_token - 1) / per_token;
-        if (min_tokens > static_cast<size_t>(max_context_tokens_)) {
-          return absl::OutOfRangeError(absl::StrCat(
-              "prompt: text of ", r.text().size(), " bytes is at least ", min_tokens,
-              " tokens (a token covers at most ", per_token,
-              " bytes), over the model's context of ", max_context_tokens_, " tokens"));
-        }
-      }
-      absl::StatusOr<std::vector<int32_t>> ids = tokenizer_->Encode(r.text(), /*add_bos=*/true);
-      if (!ids.ok()) {
-        return absl::InvalidArgumentError(absl::StrCat("text: ", ids.status().message()));
-      }
-      w.prompt = *std::move(ids);
+    case v1::GenerateRequest::kText:
+    case v1::GenerateRequest::kTokens: {
+      KVR_ASSIGN_OR_RETURN(std::vector<int32_t> ids,
+                           PromptIds(r.prompt_case() == v1::GenerateRequest::kText, r.text(),
+                                     r.tokens(), ""));
+      prompts.push_back(std::move(ids));
       break;
     }
-    case v1::GenerateRequest::kTokens:
-      // Refused before the copy: more ids than the context can never run.
-      if (r.tokens().ids_size() > O::kMaxPromptTokens ||
-          r.tokens().ids_size() > max_context_tokens_) {
-        return absl::OutOfRangeError(absl::StrCat("tokens: ", r.tokens().ids_size(),
-                                                  " ids exceed the model's context of ",
-                                                  max_context_tokens_, " tokens"));
-      }
-      w.prompt.assign(r.tokens().ids().begin(), r.tokens().ids().end());
-      break;
     default:
-      return absl::InvalidArgumentError("prompt: set text or tokens");
+      if (r.prompts_size() == 0) return absl::InvalidArgumentError("prompt: set text or tokens");
+      for (int i = 0; i < r.prompts_size(); ++i) {
+        const v1::Prompt& p = r.prompts(i);
+        if (p.kind_case() == v1::Prompt::KIND_NOT_SET) {
+          return absl::InvalidArgumentError(absl::StrCat("prompts[", i, "]: set text or tokens"));
+        }
+        KVR_ASSIGN_OR_RETURN(std::vector<int32_t> ids,
+                             PromptIds(p.kind_case() == v1::Prompt::kText, p.text(), p.tokens(),
+                                       absl::StrCat("prompts[", i, "].")));
+        prompts.push_back(std::move(ids));
+      }
   }
   w.max_tokens = r.has_max_tokens() ? r.max_tokens() : 128;
   // Refused before the copy, like tokens: more than the context can never run.
@@ -583,8 +676,29 @@ absl::StatusOr<GenerationWork> WorkerService::ToWork(const v1::GenerateRequest& 
     }
     w.attention.estimate = *e;
   }
-  KVR_RETURN_IF_ERROR(scheduler_->ValidateWork(w));
-  return w;
+  if (n > 1 && !w.resume_tokens.empty()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("n: ", n, " choices with resume_tokens (a resumed stream has one choice)"));
+  }
+  // One group per prompt: choice 0 is the primary, 1..n-1 its forks with
+  // seed + j. Callbacks and the cancel token are the caller's to set.
+  std::vector<GenerationWork> works;
+  works.reserve(prompts.size());
+  for (size_t p = 0; p < prompts.size(); ++p) {
+    GenerationWork group = w;
+    group.prompt = std::move(prompts[p]);
+    for (int j = 1; j < n; ++j) {
+      GenerationWork choice = group;
+      choice.sampling.seed = w.sampling.seed + static_cast<uint64_t>(j);  // mod 2^64
+      group.forks.push_back(std::move(choice));
+    }
+    if (absl::Status st = scheduler_->ValidateWork(group); !st.ok()) {
+      if (r.prompts_size() == 0) return st;
+      return absl::Status(st.code(), absl::StrCat("prompts[", p, "]: ", st.message()));
+    }
+    works.push_back(std::move(group));
+  }
+  return works;
 }
 
 grpc::ServerWriteReactor<v1::GenerateResponse>* WorkerService::Generate(
@@ -595,7 +709,7 @@ grpc::ServerWriteReactor<v1::GenerateResponse>* WorkerService::Generate(
     reactor->Start(absl::DeadlineExceededError("deadline expired before the request started"));
     return reactor;
   }
-  reactor->Start(ToWork(*request), CutAt(context, options_.max_deadline_seconds),
+  reactor->Start(ToWorks(*request), CutAt(context, options_.max_deadline_seconds),
                  options_.max_deadline_seconds);
   return reactor;
 }

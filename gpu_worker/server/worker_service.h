@@ -57,10 +57,14 @@ struct WorkerServiceOptions {
   // this long after it arrived: its request cancelled (shards dropped), its
   // status DEADLINE_EXCEEDED naming --max_deadline_seconds.
   double max_deadline_seconds = 0.0;
+  // GenerateRequest.n at most this (kvr_worker --max_n) and prompts at most
+  // max_prompts (--max_prompts); each >= 1.
+  int max_n = 16;
+  int max_prompts = 16;
   // Size caps on requests.
   static constexpr size_t kMaxPromptBytes = 1 << 20;
   static constexpr int kMaxPromptTokens = 1 << 20;
-  static constexpr int kMaxStopStrings = 16;
+  static constexpr int kMaxStopStrings = 4;  // OpenAI's limit
   static constexpr size_t kMaxStopBytes = 256;
   static constexpr size_t kMaxRequestIdBytes = 128;
   static constexpr int kMaxDetokenizeIds = 1 << 20;
@@ -97,13 +101,25 @@ class WorkerService final : public v1::Generation::CallbackService {
                                          const v1::GetModelInfoRequest* request,
                                          v1::GetModelInfoResponse* response) override;
 
-  // Converts and validates `request` (no gRPC types involved past here).
+  // Converts and validates `request` (no gRPC types involved past here):
+  // one GenerationWork per prompt (the `prompt` oneof, or each of
+  // `prompts`), each with its n - 1 other choices in `forks`; choice j of a
+  // prompt samples with seed + j (mod 2^64). InvalidArgument naming n /
+  // prompts and the flag limit when over --max_n / --max_prompts.
+  absl::StatusOr<std::vector<GenerationWork>> ToWorks(const v1::GenerateRequest& request) const;
+  // ToWorks for a request of one prompt (the first group when it has more).
   absl::StatusOr<GenerationWork> ToWork(const v1::GenerateRequest& request) const;
 
  private:
   class GenerateReactor;
   class InfoReactor;
   void FillInfo(v1::GetModelInfoResponse* response) const;
+  // A prompt's token ids: `text` encoded with BOS (refused before encoding
+  // when it cannot fit the context) or `tokens` as is; `field` names it in
+  // errors.
+  absl::StatusOr<std::vector<int32_t>> PromptIds(bool is_text, const std::string& text,
+                                                 const v1::TokenIds& tokens,
+                                                 std::string_view field) const;
   // A Tokenize thread: runs tokenize_jobs_ until tokenize_stop_ and empty.
   void TokenizeLoop();
 

@@ -280,6 +280,23 @@ absl::Status GrpcRetrievalClient::CreateSequence(const SequenceSpec& spec,
   return absl::OkStatus();
 }
 
+absl::Status GrpcRetrievalClient::ForkSequence(uint64_t source_id,
+                                               std::string_view source_capability,
+                                               uint64_t fork_id, std::string_view fork_capability) {
+  grpc::ClientContext context;
+  SetDeadline(&context, options_.control_timeout);
+  v1::ForkSequenceRequest request;
+  request.set_source_sequence_id(source_id);
+  request.set_source_capability(std::string(source_capability));
+  request.set_sequence_id(fork_id);
+  request.set_capability(std::string(fork_capability));
+  request.set_lease_owner(ProcessLeaseOwner());
+  v1::ForkSequenceResponse response;
+  KVR_RETURN_IF_ERROR(FromGrpcStatus(stub_->ForkSequence(&context, request, &response)));
+  StartLeaseRenewal();
+  return absl::OkStatus();
+}
+
 absl::Status GrpcRetrievalClient::UploadShard(const ShardUpload& upload) {
   const size_t n = upload.keys.rows(), d = upload.keys.cols();
   if (upload.values.rows() != n || upload.values.cols() != d) {
@@ -608,6 +625,8 @@ absl::StatusOr<NodeStats> GrpcRetrievalClient::Stats() {
   st.seals = response.seals();
   st.memory_bytes = response.memory_bytes();
   st.quarantined_sequences = response.quarantined_sequences();
+  st.shard_uploads = response.shard_uploads();
+  st.forks = response.forks();
   return st;
 }
 

@@ -64,6 +64,15 @@ absl::Status InProcessRetrievalClient::DropSequence(uint64_t sequence_id,
   return core_->DropSequence(sequence_id, capability);
 }
 
+absl::Status InProcessRetrievalClient::ForkSequence(uint64_t source_id,
+                                                    std::string_view source_capability,
+                                                    uint64_t fork_id,
+                                                    std::string_view fork_capability) {
+  SequenceAccess access;
+  access.capability = std::string(fork_capability);
+  return core_->ForkSequence(source_id, source_capability, fork_id, access);
+}
+
 absl::StatusOr<NodeStats> InProcessRetrievalClient::Stats() { return core_->Stats(); }
 
 }  // namespace kvr::retrieval

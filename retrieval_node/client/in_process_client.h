@@ -43,6 +43,8 @@ class InProcessRetrievalClient final : public RetrievalClient {
   void AppendBatchAsync(std::span<AppendBatchItem> items, StatusCallback done) override;
   absl::Status DropSequence(uint64_t sequence_id) override;
   absl::Status DropSequence(uint64_t sequence_id, std::string_view capability) override;
+  absl::Status ForkSequence(uint64_t source_id, std::string_view source_capability,
+                            uint64_t fork_id, std::string_view fork_capability) override;
   absl::StatusOr<NodeStats> Stats() override;
 
   NodeCore& core() const { return *core_; }

@@ -333,7 +333,8 @@ void MultiNodeClient::Owners(const Routing& r, uint64_t sequence_id, int32_t lay
                              int32_t kv_head, int32_t chunk, std::vector<size_t>* out) {
   out->resize(static_cast<size_t>(r.replicas));
   r.view->placement.NodesFor(
-      placement::ShardKey{sequence_id, static_cast<uint32_t>(layer), static_cast<uint32_t>(kv_head),
+      placement::ShardKey{r.placement_id != 0 ? r.placement_id : sequence_id,
+                          static_cast<uint32_t>(layer), static_cast<uint32_t>(kv_head),
                           static_cast<uint32_t>(chunk)},
       std::span<size_t>(*out));
 }
@@ -891,6 +892,75 @@ absl::Status MultiNodeClient::DropSequence(uint64_t sequence_id, std::string_vie
   return first;
 }
 
+absl::Status MultiNodeClient::ForkSequence(uint64_t source_id, std::string_view source_capability,
+                                           uint64_t fork_id, std::string_view fork_capability) {
+  Routing r;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    auto it = routing_.find(source_id);
+    if (it == routing_.end()) {
+      return absl::NotFoundError(absl::StrCat("ForkSequence: unknown sequence ", source_id));
+    }
+    if (routing_.count(fork_id) != 0) {
+      return absl::AlreadyExistsError(absl::StrCat("sequence ", fork_id, " exists"));
+    }
+    const Routing& src = it->second;
+    r.spec = src.spec;
+    r.spec.sequence_id = fork_id;
+    r.capability = std::string(fork_capability);
+    r.placement_id = src.placement_id != 0 ? src.placement_id : source_id;
+    r.view = src.view;
+    r.replicas = src.replicas;
+    r.heads = src.heads;
+    r.stale = src.stale;  // a node stale for the source is stale for the fork
+    const size_t n = r.view->clients.size();
+    r.syncing.assign(n, 0);
+    r.sync_failures.assign(n, 0);
+    r.next_sync_ns.assign(n, 0);
+    r.catchup.assign(n, nullptr);
+  }
+  // Every node of the view holds the source (CreateSequence went to all of
+  // them), so every live one forks it; a node that cannot be reached is
+  // stale for the fork and re-synced like any returning node.
+  const std::shared_ptr<const View> view = r.view;
+  const size_t n = view->clients.size();
+  const int64_t now = NowNs();
+  std::vector<absl::Status> results(n);
+  ForEachParallel(n, [&](size_t i) {
+    if (!view->health[i]->Live(now)) {
+      results[i] = absl::UnavailableError("node down");
+      return;
+    }
+    results[i] = view->clients[i]->ForkSequence(source_id, source_capability, fork_id,
+                                                fork_capability);
+  });
+  absl::Status refused, transport;
+  size_t failed = 0;
+  for (size_t i = 0; i < n; ++i) {
+    const absl::Status& s = results[i];
+    if (s.ok()) continue;
+    if (IsTransportError(s)) {
+      ++failed;
+      r.stale[i] = 1;
+      Suspect(*view->health[i]);
+      if (transport.ok()) transport = s;
+    } else if (refused.ok()) {
+      refused = s;
+    }
+  }
+  if (!refused.ok() || failed == n) {
+    for (size_t i = 0; i < n; ++i) {
+      if (results[i].ok()) view->clients[i]->DropSequence(fork_id, fork_capability).IgnoreError();
+    }
+    return !refused.ok() ? refused : transport;
+  }
+  std::lock_guard<std::mutex> lock(mu_);
+  if (!routing_.emplace(fork_id, std::move(r)).second) {
+    return absl::AlreadyExistsError(absl::StrCat("sequence ", fork_id, " exists"));
+  }
+  return absl::OkStatus();
+}
+
 // One (sequence, node) to bring back in sync, or drops to deliver.
 struct MultiNodeClient::SyncJob {
   uint64_t sequence_id = 0;
@@ -1280,6 +1350,8 @@ absl::StatusOr<NodeStats> MultiNodeClient::Stats() {
     total.tail_keys += s.tail_keys;
     total.seals += s.seals;
     total.memory_bytes += s.memory_bytes;
+    total.shard_uploads += s.shard_uploads;
+    total.forks += s.forks;
   }
   return total;
 }

@@ -181,6 +181,8 @@ class MultiNodeClient final : public RetrievalClient {
   void AppendBatchAsync(std::span<AppendBatchItem> items, StatusCallback done) override;
   absl::Status DropSequence(uint64_t sequence_id) override;
   absl::Status DropSequence(uint64_t sequence_id, std::string_view capability) override;
+  absl::Status ForkSequence(uint64_t source_id, std::string_view source_capability,
+                            uint64_t fork_id, std::string_view fork_capability) override;
   // Sums of the stats of every node in use: the current set plus nodes that
   // left but still hold a live sequence.
   absl::StatusOr<NodeStats> Stats() override;
@@ -236,6 +238,10 @@ class MultiNodeClient final : public RetrievalClient {
   struct Routing {
     SequenceSpec spec;
     std::string capability;  // the sequence's (CreateSequence)
+    // The id chunks are placed by: the sequence's own, or for a fork
+    // (ForkSequence) its source's, so a fork's chunks live where the
+    // source's shared ones are.
+    uint64_t placement_id = 0;
     std::shared_ptr<const View> view;
     int replicas = 1;                 // R_seq
     std::vector<HeadState> heads;     // [layer * n_kv_heads + kv_head]

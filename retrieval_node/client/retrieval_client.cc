@@ -88,6 +88,12 @@ absl::Status RetrievalClient::AppendBatch(std::span<AppendBatchItem> items) {
   return waiter.Wait();
 }
 
+absl::Status RetrievalClient::ForkSequence(uint64_t source_id, std::string_view /*source_capability*/,
+                                           uint64_t fork_id, std::string_view /*fork_capability*/) {
+  return absl::UnimplementedError(absl::StrCat("ForkSequence ", source_id, " -> ", fork_id,
+                                               ": this client cannot fork sequences"));
+}
+
 absl::StatusOr<SyncResult> RetrievalClient::SyncShards(const SyncRequest& request) {
   return absl::UnimplementedError(absl::StrCat("SyncShards of sequence ", request.spec.sequence_id,
                                                ": this client does not talk to one networked node"));

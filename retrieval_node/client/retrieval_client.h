@@ -127,6 +127,16 @@ class RetrievalClient {
     return DropSequence(sequence_id);
   }
 
+  // Creates sequence `fork_id` (capability `fork_capability`, this
+  // process's lease owner) as a copy of `source_id`, presenting the
+  // source's capability: the node(s) share the source's sealed indexes and
+  // copy the rest (NodeCore::ForkSequence; errors as there). Later writes
+  // to either sequence touch only that one. The default (clients of no
+  // node that can fork: test doubles) returns Unimplemented, and callers
+  // fall back to creating and uploading the fork themselves.
+  virtual absl::Status ForkSequence(uint64_t source_id, std::string_view source_capability,
+                                    uint64_t fork_id, std::string_view fork_capability);
+
   virtual absl::StatusOr<NodeStats> Stats() = 0;
 
   // Makes the node this client talks to hold exactly what

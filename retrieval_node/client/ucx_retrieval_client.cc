@@ -499,6 +499,11 @@ absl::Status UcxRetrievalClient::DropSequence(uint64_t sequence_id,
                                               std::string_view capability) {
   return grpc_->DropSequence(sequence_id, capability);
 }
+absl::Status UcxRetrievalClient::ForkSequence(uint64_t source_id,
+                                              std::string_view source_capability,
+                                              uint64_t fork_id, std::string_view fork_capability) {
+  return grpc_->ForkSequence(source_id, source_capability, fork_id, fork_capability);
+}
 absl::StatusOr<NodeStats> UcxRetrievalClient::Stats() { return grpc_->Stats(); }
 absl::StatusOr<SyncResult> UcxRetrievalClient::SyncShards(const SyncRequest& request) {
   return grpc_->SyncShards(request);

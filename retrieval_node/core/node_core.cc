@@ -633,6 +633,7 @@ absl::Status NodeCore::UploadShard(const ShardUpload& upload) {
     return absl::OkStatus();
   }();
   SettleMemory(&head, reserved);
+  if (status.ok()) shard_uploads_.fetch_add(1, std::memory_order_relaxed);
   if (w != nullptr) {
     if (diverged) return FailPersistence(status, absl::StrCat("UploadShard ", where));
     if (!write.chunks.empty()) {
@@ -1583,6 +1584,79 @@ absl::Status NodeCore::Drop(uint64_t sequence_id, const std::string_view* capabi
   return absl::OkStatus();
 }
 
+absl::Status NodeCore::ForkSequence(uint64_t source_id, std::string_view source_capability,
+                                    uint64_t fork_id, const SequenceAccess& access) {
+  const std::string where = absl::StrCat("ForkSequence ", source_id, " -> ", fork_id);
+  if (fork_id == 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(where, ": sequence_id (the fork's) must be non-zero"));
+  }
+  if (fork_id == source_id) {
+    return absl::AlreadyExistsError(absl::StrCat(where, ": sequence ", fork_id, " exists"));
+  }
+  KVR_RETURN_IF_ERROR(CheckCapability(access.capability));
+  KVR_RETURN_IF_ERROR(CheckLeaseOwner(access.lease_owner, /*allow_empty=*/true));
+  KVR_ASSIGN_OR_RETURN(std::shared_ptr<Sequence> source,
+                       FindFor(source_id, source_capability, "ForkSequence"));
+  if (options_.persistence != nullptr) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        where, ": not supported on a node with persistence (--data_dir); create the "
+               "sequence and upload its shards instead"));
+  }
+  std::shared_ptr<Sequence> fork;
+  int64_t bytes = 0;
+  {
+    // Exclusive: every writer of a head (appends, seals, recalibration
+    // swaps) holds it so, and the copy sees one consistent state.
+    std::unique_lock<std::shared_mutex> lock(source->mu);
+    if (source->dropped) {
+      return absl::NotFoundError(absl::StrCat("ForkSequence: unknown sequence ", source_id));
+    }
+    SequenceSpec spec = source->spec;
+    spec.sequence_id = fork_id;
+    fork = NewSequence(spec);
+    const size_t d = static_cast<size_t>(spec.head_dim);
+    for (size_t i = 0; i < source->heads.size(); ++i) {
+      const HeadState& from = *source->heads[i];
+      HeadState& to = *fork->heads[i];
+      to.chunks.reserve(from.chunks.size());
+      for (const Chunk& c : from.chunks) {
+        Chunk copy;
+        copy.chunk = c.chunk;
+        copy.index = c.index;  // shared, immutable while shared
+        copy.values = c.values;
+        copy.positions = c.positions;
+        to.chunks.push_back(std::move(copy));
+      }
+      if (from.tail != nullptr) {
+        KVR_ASSIGN_OR_RETURN(to.tail, index::FlatIndex::Create(d));
+        to.tail->Reserve(std::max(options_.tail_capacity, from.tail->size()));
+        if (from.tail->size() > 0) KVR_RETURN_IF_ERROR(to.tail->Add(from.tail->keys()));
+        to.tail_values = from.tail_values;
+        to.tail_positions = from.tail_positions;
+      }
+      to.last_position = from.last_position;
+      to.accounted_bytes = HeadBytes(to);
+      bytes += to.accounted_bytes;
+    }
+  }
+  fork->owner.capability_sha256 = access.capability.empty() ? "" : Sha256(access.capability);
+  fork->owner.principal = access.principal;
+  fork->owner.lease_owner = access.lease_owner;
+  KVR_RETURN_IF_ERROR(ReserveMemory(bytes, where));
+  std::lock_guard<std::mutex> lock(mu_);
+  if (sequences_.contains(fork_id) || quarantined_.contains(fork_id)) {
+    memory_used_.fetch_sub(bytes, std::memory_order_relaxed);
+    return absl::AlreadyExistsError(absl::StrCat(where, ": sequence ", fork_id, " exists"));
+  }
+  sequences_.emplace(fork_id, std::move(fork));
+  if (!access.lease_owner.empty()) {
+    lease_renewed_[access.lease_owner] = std::chrono::steady_clock::now();
+  }
+  forks_.fetch_add(1, std::memory_order_relaxed);
+  return absl::OkStatus();
+}
+
 absl::StatusOr<NodeStats> NodeCore::Stats(std::optional<std::string_view> principal) {
   std::vector<std::shared_ptr<Sequence>> seqs;
   NodeStats st;
@@ -1597,6 +1671,8 @@ absl::StatusOr<NodeStats> NodeCore::Stats(std::optional<std::string_view> princi
   st.sequences = static_cast<int64_t>(seqs.size());
   st.seals = seals_.load(std::memory_order_relaxed);
   st.recalibrations = recalibrations_.load(std::memory_order_relaxed);
+  st.shard_uploads = shard_uploads_.load(std::memory_order_relaxed);
+  st.forks = forks_.load(std::memory_order_relaxed);
   for (const auto& s : seqs) {
     std::shared_lock<std::shared_mutex> lock(s->mu);
     for (const auto& h : s->heads) {

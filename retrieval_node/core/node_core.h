@@ -291,6 +291,21 @@ class NodeCore final {
   // the status is Unavailable saying so (the records may come back at a
   // restart), but the sequence is gone from this node either way.
   absl::Status DropSequence(uint64_t sequence_id, std::string_view capability = "");
+  // Creates sequence `fork_id` (owned by `access`, checked as in
+  // CreateSequence) as a copy of `source_id`, whose capability the caller
+  // presents (PermissionDenied otherwise; NotFound for an unknown source;
+  // AlreadyExists when fork_id is taken; InvalidArgument for fork_id 0).
+  // The fork shares each chunk's index with the source (indexes are never
+  // changed in place while shared: Seal copies a shared index) and gets its
+  // own copy of values, positions and the unsealed tail; an in-flight seal
+  // of the source is not shared (its rows are in the fork's tail). Memory:
+  // the fork is charged HeadBytes of every head, shared index bytes
+  // included (over-counts, never under-counts; DropSequence returns exactly
+  // that), ResourceExhausted naming memory_budget_bytes when it does not
+  // fit. FailedPrecondition with persistence (a fork would have to write
+  // every shard again; callers upload instead). Thread-safe.
+  absl::Status ForkSequence(uint64_t source_id, std::string_view source_capability,
+                            uint64_t fork_id, const SequenceAccess& access = {});
   // Node counters; with `principal` the per-sequence counts (sequences,
   // shards, keys, memory_bytes) cover only the sequences that principal
   // created.
@@ -610,6 +625,8 @@ class NodeCore final {
   std::mutex persistence_error_mu_;  // guards persistence_error_
   absl::Status persistence_error_;
   std::atomic<int64_t> seals_{0};
+  std::atomic<int64_t> shard_uploads_{0};  // UploadShard calls that stored a shard
+  std::atomic<int64_t> forks_{0};          // ForkSequence calls that created a sequence
   std::atomic<int64_t> memory_used_{0};
   std::atomic<int64_t> upload_memory_used_{0};
   // Leases: when each lease owner last created a sequence or renewed

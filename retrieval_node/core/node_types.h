@@ -217,6 +217,10 @@ struct NodeStats {
   // Chunk indexes recalibrated on decode queries and swapped in, since start
   // (NodeCoreOptions::recalibrate_every).
   int64_t recalibrations = 0;
+  // Shards stored by UploadShard (each built its chunk's index), and
+  // sequences created by ForkSequence, since start.
+  int64_t shard_uploads = 0;
+  int64_t forks = 0;
 };
 
 // Completion of an asynchronous call; runs exactly once, on any thread.

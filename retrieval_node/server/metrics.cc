@@ -12,7 +12,7 @@ namespace {
 constexpr std::array<std::string_view, kNodeMethodCount> kMethodNames = {
     "CreateSequence", "UploadShard", "Append",    "Attend",    "DropSequence",
     "ListShards",     "Stats",       "SyncShards", "ReadShards", "RenewLeases",
-    "AttendBatch",    "AppendBatch"};
+    "AttendBatch",    "AppendBatch", "ForkSequence"};
 
 // Index builds: 1 ms .. 250 s.
 const metrics::Buckets kBuildSeconds = {

@@ -42,8 +42,9 @@ enum class NodeMethod : uint8_t {
   kRenewLeases,
   kAttendBatch,
   kAppendBatch,
+  kForkSequence,
 };
-inline constexpr size_t kNodeMethodCount = 12;
+inline constexpr size_t kNodeMethodCount = 13;
 
 // What the node holds, sampled at scrape time.
 struct NodeHoldings {

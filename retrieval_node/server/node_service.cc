@@ -818,6 +818,25 @@ grpc::ServerUnaryReactor* NodeService::DropSequence(grpc::CallbackServerContext*
   return reactor;
 }
 
+grpc::ServerUnaryReactor* NodeService::ForkSequence(grpc::CallbackServerContext* context,
+                                                    const v1::ForkSequenceRequest* request,
+                                                    v1::ForkSequenceResponse* response) {
+  const Clock::time_point start = Clock::now();
+  if (absl::Status st = CheckDeadline(context, options_.max_deadline_seconds); !st.ok()) {
+    return FinishNow(context, st, options_.metrics, NodeMethod::kForkSequence, start);
+  }
+  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  control_->Schedule([this, reactor, request, start, principal = PeerPrincipal(context)] {
+    const SequenceAccess access{request->capability(), request->lease_owner(), principal};
+    FinishAndRecord(reactor,
+                    core_->ForkSequence(request->source_sequence_id(),
+                                        request->source_capability(), request->sequence_id(),
+                                        access),
+                    options_.metrics, NodeMethod::kForkSequence, start);
+  });
+  return reactor;
+}
+
 grpc::ServerUnaryReactor* NodeService::ListShards(grpc::CallbackServerContext* context,
                                                   const v1::ListShardsRequest* request,
                                                   v1::ListShardsResponse* response) {
@@ -862,6 +881,8 @@ grpc::ServerUnaryReactor* NodeService::Stats(grpc::CallbackServerContext* contex
       response->set_memory_used_bytes(core_->MemoryUsedBytes());
       response->set_upload_memory_used_bytes(core_->UploadMemoryUsedBytes());
       response->set_upload_memory_bytes(core_->options().upload_memory_bytes);
+      response->set_shard_uploads(st->shard_uploads);
+      response->set_forks(st->forks);
     }
     FinishAndRecord(reactor, st.status(), options_.metrics, NodeMethod::kStats, start);
   });

@@ -107,6 +107,11 @@ class NodeService final : public v1::RetrievalNode::CallbackService {
   grpc::ServerUnaryReactor* DropSequence(grpc::CallbackServerContext* context,
                                          const v1::DropSequenceRequest* request,
                                          v1::DropSequenceResponse* response) override;
+  // NodeCore::ForkSequence on the control pool (it copies the source's
+  // values and tail); the fork is owned by the caller's principal.
+  grpc::ServerUnaryReactor* ForkSequence(grpc::CallbackServerContext* context,
+                                         const v1::ForkSequenceRequest* request,
+                                         v1::ForkSequenceResponse* response) override;
   grpc::ServerUnaryReactor* ListShards(grpc::CallbackServerContext* context,
                                        const v1::ListShardsRequest* request,
                                        v1::ListShardsResponse* response) override;
