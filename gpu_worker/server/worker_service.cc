@@ -687,8 +687,9 @@ absl::StatusOr<std::vector<GenerationWork>> WorkerService::ToWorks(
   for (size_t p = 0; p < prompts.size(); ++p) {
     GenerationWork group = w;
     group.prompt = std::move(prompts[p]);
+    const GenerationWork first = group;  // the choices' template (no forks)
     for (int j = 1; j < n; ++j) {
-      GenerationWork choice = group;
+      GenerationWork choice = first;
       choice.sampling.seed = w.sampling.seed + static_cast<uint64_t>(j);  // mod 2^64
       group.forks.push_back(std::move(choice));
     }

@@ -121,6 +121,8 @@ GenerateCall::GenerateCall(WorkerPool* pool, GatewayMetrics* metrics, Api api,
       request_(std::move(request)),
       received_(received),
       deadline_(deadline),
+      multi_choice_((request_.has_n() && request_.n() > 1) || request_.prompts_size() > 0),
+      choices_per_prompt_(request_.has_n() && request_.n() > 1 ? request_.n() : 1),
       on_response_(std::move(on_response)),
       on_finish_(std::move(on_finish)) {
   pool_->CallStarted();
@@ -206,7 +208,12 @@ void GenerateCall::OnUpstreamResponse(Attempt* attempt, v1::GenerateResponse res
       // tokens are not streamed again); the summary settles the prompt with
       // the worker's count of the original prompt.
       int64_t prompt = 0;
-      if (response.has_prefill_progress() && sent_tokens_.empty()) {
+      if (multi_choice_) {
+        // Each prompt once, with the final of its first choice.
+        if (response.has_summary() && response.summary().index() % choices_per_prompt_ == 0) {
+          debit += response.summary().usage().prompt_tokens();
+        }
+      } else if (response.has_prefill_progress() && sent_tokens_.empty()) {
         prompt = response.prefill_progress().prompt_tokens_total();
       } else if (response.has_summary()) {
         prompt = response.summary().usage().prompt_tokens();
@@ -247,8 +254,9 @@ void GenerateCall::OnUpstreamResponse(Attempt* attempt, v1::GenerateResponse res
                            first ? 0.0 : absl::ToDoubleSeconds(now - last_tokens_), first);
     got_tokens_ = true;
     last_tokens_ = now;
-  } else if (response.has_summary()) {
-    metrics_->RecordPromptTokens(response.summary().usage().prompt_tokens());
+  } else if (response.has_summary() &&
+             (!multi_choice_ || response.summary().index() % choices_per_prompt_ == 0)) {
+    metrics_->RecordPromptTokens(response.summary().usage().prompt_tokens());  // once per prompt
   }
   if (deliver) deliver(std::move(response));
 }
@@ -296,8 +304,9 @@ void GenerateCall::OnUpstreamDone(Attempt* attempt, const grpc::Status& status) 
     // UNAVAILABLE is what a lost worker looks like (connection dropped,
     // refused, or the worker shutting down); every other code is the
     // request's own outcome.
+    // A call of several choices is not resumed: resume_tokens describe one.
     resume = status.error_code() == grpc::StatusCode::UNAVAILABLE && !got_summary_ &&
-             !cancelled_ && resumes_ < options.max_resumes;
+             !multi_choice_ && !cancelled_ && resumes_ < options.max_resumes;
     if (resume) {
       // The n-th resume waits resume_backoff * 2^(n-1), if the deadline allows.
       backoff = options.resume_backoff * (int64_t{1} << resumes_);

@@ -23,6 +23,11 @@
 //     token has been. Every other status is the request's own outcome
 //     (INVALID_ARGUMENT, RESOURCE_EXHAUSTED, DEADLINE_EXCEEDED, ...) and is
 //     passed on as is.
+//   * Several choices (GenerateRequest.n > 1 or prompts): passed through as
+//     one worker call (the worker prefills each prompt once); such a call
+//     is NOT resumed (resume_tokens describe one choice), a lost worker
+//     fails it with UNAVAILABLE; the prompt is counted (metrics, key
+//     quota) once per prompt, from each prompt's first choice's final.
 //   * Responses are passed on unchanged, one at a time: the next is read from
 //     the worker only after RequestNext() (so a slow client slows the worker
 //     stream, whose worker coalesces tokens, instead of buffering here).
@@ -106,6 +111,10 @@ class GenerateCall : public std::enable_shared_from_this<GenerateCall> {
   const v1::GenerateRequest request_;
   const absl::Time received_;
   const absl::Time deadline_;
+  // The request asks for several choices (n > 1 or a prompts batch): its
+  // stream interleaves them (GenerateChunk.index); see the file comment.
+  const bool multi_choice_;
+  const int choices_per_prompt_;  // n, >= 1
 
   std::mutex mu_;
   OnResponse on_response_;

@@ -137,6 +137,60 @@ class CallEvents {
 struct HttpCall {
   CallEvents events;
   std::shared_ptr<GenerateCall> call;
+  // The call carries several choices (GenerateRequest.n / prompts) and is
+  // read on by their demultiplexer, not by this choice's reader.
+  bool shared = false;
+
+  // Asks the worker call for its next response (unless demultiplexed).
+  void RequestNext() const {
+    if (!shared) call->RequestNext();
+  }
+};
+
+// Splits one worker call's stream into its choices' HttpCalls by
+// GenerateChunk.index / GenerateFinal.index: each choice's reader sees the
+// stream of a one-choice call (its chunks, its final, then OK). The
+// demultiplexer reads on by itself (the readers take the choices one after
+// the other, so none may hold the stream back): at most the whole
+// response (n x prompts choices of at most max_tokens each) is buffered.
+// Prefill progress goes to choice 0; an index out of range is dropped.
+struct ChoiceDemux {
+  std::vector<std::shared_ptr<HttpCall>> calls;  // choice index order
+  std::mutex mu;
+  std::vector<uint8_t> done;  // per choice: its final arrived (its events finished)
+  std::weak_ptr<GenerateCall> call;
+
+  void OnResponse(v1::GenerateResponse r) {
+    int64_t index = 0;
+    bool final = false;
+    if (r.has_chunk()) {
+      index = r.chunk().index();
+    } else if (r.has_summary()) {
+      index = r.summary().index();
+      final = true;
+    }
+    {
+      std::lock_guard<std::mutex> lock(mu);
+      if (index >= 0 && index < static_cast<int64_t>(calls.size()) &&
+          done[static_cast<size_t>(index)] == 0) {
+        HttpCall& c = *calls[static_cast<size_t>(index)];
+        c.events.Push(std::move(r));
+        if (final) {
+          done[static_cast<size_t>(index)] = 1;
+          c.events.Finish(grpc::Status::OK);
+        }
+      }
+    }
+    if (std::shared_ptr<GenerateCall> c = call.lock()) c->RequestNext();
+  }
+  void OnFinish(const grpc::Status& status) {
+    std::lock_guard<std::mutex> lock(mu);
+    for (size_t i = 0; i < calls.size(); ++i) {
+      if (done[i] == 0) calls[i]->events.Finish(status);
+      done[i] = 1;
+    }
+    calls.clear();  // breaks the cycle call -> demux -> HttpCall -> call
+  }
 };
 
 // The HTTP server's connections, one thread each (cpp-httplib serves a
@@ -449,9 +503,12 @@ struct HttpApi::Impl {
     ri.model = model;
     ri.created = absl::ToUnixSeconds(received);
     parsed.request.set_request_id(ri.id);
+    // One worker request for every choice (the worker prefills each prompt
+    // once and forks it per choice); ChoiceRequests only for the echo text.
     std::vector<v1::GenerateRequest> requests = ChoiceRequests(parsed);
-    // Every choice is a worker request: beyond the first, each is admitted
-    // by the key (a slot and its quotas) like a request of its own.
+    // Every choice is admitted by the key (a slot and its quotas) like a
+    // request of its own, as when each was a worker request; the slots are
+    // held until the one worker call finishes.
     std::vector<std::shared_ptr<ApiKeyGrant>> grants(requests.size());
     grants[0] = std::move(key);
     if (options.api_keys != nullptr) {
@@ -472,22 +529,38 @@ struct HttpApi::Impl {
     choices.echo = parsed.echo;
     choices.n = parsed.n;
     choices.bos_id = info->bos_id();
+    auto demux = std::make_shared<ChoiceDemux>();
+    demux->done.assign(requests.size(), 0);
     for (size_t i = 0; i < requests.size(); ++i) {
       choices.echo_text.push_back(requests[i].has_text() ? requests[i].text() : std::string());
       auto call = std::make_shared<HttpCall>();
-      call->call = GenerateCall::Create(
-          pool, metrics, Api::kHttp, std::move(requests[i]), received,
-          received + options.default_timeout,
-          [call](v1::GenerateResponse r) { call->events.Push(std::move(r)); },
-          [call](const grpc::Status& st) { call->events.Finish(st); });
-      if (grants[i] != nullptr) call->call->SetApiKey(std::move(grants[i]));
-      {
-        std::lock_guard<std::mutex> lock(mu);
-        active.insert(call);
-      }
+      call->shared = true;
+      demux->calls.push_back(call);
       choices.calls.push_back(std::move(call));
     }
-    for (const std::shared_ptr<HttpCall>& c : choices.calls) c->call->Start();
+    // The extra choices' key slots, released with the call.
+    auto extra_grants = std::make_shared<std::vector<std::shared_ptr<ApiKeyGrant>>>();
+    for (size_t i = 1; i < grants.size(); ++i) {
+      if (grants[i] != nullptr) extra_grants->push_back(std::move(grants[i]));
+    }
+    std::shared_ptr<GenerateCall> worker_call = GenerateCall::Create(
+        pool, metrics, Api::kHttp, WorkerRequest(parsed), received,
+        received + options.default_timeout,
+        [demux](v1::GenerateResponse r) { demux->OnResponse(std::move(r)); },
+        [demux, extra_grants](const grpc::Status& st) {
+          extra_grants->clear();
+          demux->OnFinish(st);
+        });
+    demux->call = worker_call;
+    if (grants[0] != nullptr) worker_call->SetApiKey(std::move(grants[0]));
+    {
+      std::lock_guard<std::mutex> lock(mu);
+      for (const std::shared_ptr<HttpCall>& c : choices.calls) {
+        c->call = worker_call;
+        active.insert(c);
+      }
+    }
+    worker_call->Start();
     if (parsed.stream) {
       Stream(std::move(choices), std::move(ri), parsed.include_usage, res);
     } else {
@@ -572,7 +645,7 @@ struct HttpApi::Impl {
         } else if (e.response->has_summary()) {
           summary = e.response->summary();
         }
-        call.call->RequestNext();
+        call.RequestNext();
       }
       if (!summary.has_value()) {
         choices.CancelAll();
@@ -684,7 +757,7 @@ struct HttpApi::Impl {
                 text = st->utf8.Push(c.text());
                 st->pending.insert(st->pending.end(), c.logprobs().begin(), c.logprobs().end());
               }
-              call.call->RequestNext();
+              call.RequestNext();
               if (text.empty()) continue;
               return write(chunk(text, nullptr));
             }

@@ -506,7 +506,9 @@ std::optional<ApiError> ParseRequest(Route route, const json& body, ParsedReques
     }
   }
   if (auto e = ParseStop(body, &r)) return e;
-  if (route == Route::kChatCompletions && r.stop_size() < 16) r.add_stop(kChatStop);
+  // The worker takes at most kMaxStopStrings (OpenAI's 4): a chat request
+  // that uses all four goes without the turn stop.
+  if (route == Route::kChatCompletions && r.stop_size() < kMaxStopStrings) r.add_stop(kChatStop);
   if (Present(body, "stream")) {
     if (!body.at("stream").is_boolean()) {
       return InvalidRequest("stream", absl::StrCat("stream: expected a boolean, got ",
@@ -647,6 +649,28 @@ std::vector<v1::GenerateRequest> ChoiceRequests(const ParsedRequest& parsed) {
     }
   }
   return out;
+}
+
+v1::GenerateRequest WorkerRequest(const ParsedRequest& parsed) {
+  v1::GenerateRequest r = parsed.request;
+  if (parsed.n > 1) r.set_n(parsed.n);
+  if (parsed.prompts.size() == 1) {
+    r.clear_text();
+    r.clear_tokens();
+    r.MergeFrom(parsed.prompts[0]);
+  } else if (parsed.prompts.size() > 1) {
+    r.clear_text();
+    r.clear_tokens();
+    for (const v1::GenerateRequest& p : parsed.prompts) {
+      v1::Prompt* out = r.add_prompts();
+      if (p.has_text()) {
+        out->set_text(p.text());
+      } else if (p.has_tokens()) {
+        *out->mutable_tokens() = p.tokens();
+      }
+    }
+  }
+  return r;
 }
 
 namespace {

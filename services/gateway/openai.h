@@ -100,6 +100,14 @@ struct ParsedRequest {
 // choices are identical.
 std::vector<v1::GenerateRequest> ChoiceRequests(const ParsedRequest& parsed);
 
+// The ONE worker request of all `parsed`'s choices (issue 19: the worker
+// prefills each prompt once and forks it per choice): the request with
+// GenerateRequest.n = parsed.n (unset for 1) and, for a batch of more than
+// one prompt, GenerateRequest.prompts; the worker's choice index p * n + j
+// and its seed + j per choice match ChoiceRequests, so each choice is
+// token-identical to ChoiceRequests' request of the same index.
+v1::GenerateRequest WorkerRequest(const ParsedRequest& parsed);
+
 // Validates `body` (already parsed JSON) for `route` into `out`; the error
 // names the field ("temperature: expected a number, got string"). Ranges the
 // worker checks (top_p, kvr.window, the prompt's length, ...) are left to it;
