@@ -21,7 +21,9 @@
 // batch as ONE AttendBatch (one per node) and its appends as ONE
 // AppendBatch; off sends one Attend per sequence and one Append per
 // (sequence, kv head), all in flight at once (the engine's path before
-// batching). on,off runs both, side by side, in one run.
+// batching). on,off runs both, side by side, in one run. --search_threads
+// (comma-separated) sets the nodes' per-head parallel search (kvr_node
+// --search_threads), one set-up per entry, rows side by side.
 // The context is synthetic: K/V rows are Noise(seed, position * kv_dim + j)
 // (so every mode sees the same K/V at the same position and the retrieval
 // modes' logits can be compared with full attention's), written straight
@@ -39,6 +41,7 @@
 //
 //   decode_bench [--contexts=4096,8192,32768] [--batches=1,4,16]
 //                [--modes=full,retrieval,grpc,ucx] [--attend_batching=on,off]
+//                [--search_threads=1,0]
 //                [--layers=2] [--steps=3]
 //                [--memory_budget_bytes=17179869184] [--json=out.json]
 #include <signal.h>
@@ -109,6 +112,11 @@ ABSL_FLAG(std::string, attend_batching, "on",
           "whole batch (one per node) and one AppendBatch per layer; off = one Attend per "
           "sequence and one Append per (sequence, kv head), all in flight at once (the "
           "engine's path before batching); on,off prints both rows side by side");
+ABSL_FLAG(std::string, search_threads, "0",
+          "retrieval modes, comma-separated: each entry sets the nodes' --search_threads "
+          "(per-head parallel search within one Attend item; 0 = the node's attend pool lends "
+          "idle workers, 1 = sequential), one set-up and row set per entry; e.g. 1,0 prints the "
+          "sequential and the parallel rows side by side, in [0, 256]");
 ABSL_FLAG(std::string, json, "", "write the rows as a JSON array to this file");
 
 namespace kvr {
@@ -196,11 +204,12 @@ class NodeProcesses {
  public:
   static absl::StatusOr<std::unique_ptr<NodeProcesses>> Start(const std::string& binary,
                                                                int count, int threads,
-                                                               bool ucx) {
+                                                               int search_threads, bool ucx) {
     auto out = std::unique_ptr<NodeProcesses>(new NodeProcesses());
     for (int i = 0; i < count; ++i) {
       std::vector<std::string> argv = {binary, "--listen=127.0.0.1:0", "--metrics_listen=",
-                                       absl::StrCat("--threads=", threads)};
+                                       absl::StrCat("--threads=", threads),
+                                       absl::StrCat("--search_threads=", search_threads)};
       if (ucx) argv.push_back("--ucx_listen=127.0.0.1:0");
       KVR_ASSIGN_OR_RETURN(std::unique_ptr<Subprocess> proc, Subprocess::Start(std::move(argv)));
       out->procs_.push_back(std::move(proc));
@@ -237,6 +246,7 @@ class NodeProcesses {
 struct Row {
   std::string mode;
   std::string attend_batching = "-";  // on / off (retrieval modes), "-" (full)
+  int search_threads = -1;  // the nodes' --search_threads (retrieval modes), -1 (full)
   int64_t context = 0;
   int batch = 0;
   // Per decode step (one token of each sequence), seconds.
@@ -287,6 +297,8 @@ class Bench {
   }
 
   const worker::LlamaConfig& config() const { return weights_->config; }
+  // The nodes' --search_threads of the next retrieval Run.
+  void set_search_threads(int n) { search_threads_ = n; }
 
   // Estimated peak bytes of a row (weights + caches + node shards + staging).
   double EstimateBytes(const std::string& mode, int64_t context, int batch) const {
@@ -495,6 +507,7 @@ class Bench {
     if (mode == "retrieval") {
       retrieval::NodeCoreOptions no;
       no.threads = static_cast<size_t>(node_threads);
+      no.search_threads = static_cast<size_t>(search_threads_);
       const std::set<std::string> before = ThreadIds();
       KVR_ASSIGN_OR_RETURN(auto client, retrieval::InProcessRetrievalClient::Create(no));
       for (const std::string& t : ThreadIds()) {
@@ -509,7 +522,8 @@ class Bench {
       setenv("UCX_WARN_UNUSED_ENV_VARS", "n", 0);
     }
     KVR_ASSIGN_OR_RETURN(nodes, NodeProcesses::Start(absl::GetFlag(FLAGS_kvr_node),
-                                                     absl::GetFlag(FLAGS_nodes), node_threads, ucx));
+                                                     absl::GetFlag(FLAGS_nodes), node_threads,
+                                                     search_threads_, ucx));
     std::vector<placement::NodeInfo> infos;
     std::vector<std::unique_ptr<retrieval::RetrievalClient>> clients;
     retrieval::GrpcClientOptions go;
@@ -764,6 +778,7 @@ class Bench {
       batching = batchings[variant];
       row = proto;
       row.attend_batching = batching ? "on" : "off";
+      row.search_threads = search_threads_;
       row.setup_s = setup_s;
       const int64_t first = context + static_cast<int64_t>(variant) * (Steps() + 1);
       std::vector<std::vector<float>> logits(static_cast<size_t>(Steps()));
@@ -819,22 +834,28 @@ class Bench {
   DType value_dtype_ = DType::kBf16;
   std::map<LogitKey, std::vector<std::vector<float>>> reference_;
   int variants_ = 1;  // retrieval variants per shape (--attend_batching entries)
+  int search_threads_ = 0;  // the nodes' --search_threads (set_search_threads)
 };
 
 std::string JsonRow(const Row& r, int layers) {
   return absl::StrFormat(
-      "{\"mode\": \"%s\", \"attend_batching\": \"%s\", \"context\": %d, \"batch\": %d, "
-      "\"layers\": %d, "
+      "{\"mode\": \"%s\", \"attend_batching\": \"%s\", \"search_threads\": %d, "
+      "\"context\": %d, \"batch\": %d, \"layers\": %d, "
       "\"tokens_per_second\": %.6g, \"step_s\": %.6g, \"worker_compute_s\": %.6g, "
       "\"retrieval_wait_s\": %.6g, \"merge_s\": %.6g, \"append_s\": %.6g, "
       "\"node_cpu_s_per_token\": %.6g, \"worker_rss_bytes\": %d, \"node_rss_bytes\": %d, "
       "\"bytes_per_step\": %.6g, \"bound_tokens_per_second\": %.6g, \"setup_s\": %.6g, "
       "\"max_abs_logit_diff\": %.6g, \"logits_max_abs\": %.6g, \"top1_agreement\": %.6g, "
       "\"note\": \"%s\"}",
-      r.mode, r.attend_batching, r.context, r.batch, layers, r.tokens_per_second, r.step_s, r.compute_s, r.wait_s,
+      r.mode, r.attend_batching, r.search_threads, r.context, r.batch, layers, r.tokens_per_second, r.step_s, r.compute_s, r.wait_s,
       r.merge_s, r.append_s, r.node_cpu_s_per_token, r.worker_rss_bytes, r.node_rss_bytes,
       r.bytes_per_step, r.bound_tokens_per_second, r.setup_s, r.max_abs_logit_diff,
       r.logits_max_abs, r.top1_agreement, absl::StrReplaceAll(r.note, {{"\"", "'"}, {"\\", "/"}}));
+}
+
+// The row's search_threads column: "-" for full attention.
+std::string SearchThreadsText(const Row& r) {
+  return r.search_threads < 0 ? "-" : absl::StrCat(r.search_threads);
 }
 
 absl::Status Run() {
@@ -859,6 +880,9 @@ absl::Status Run() {
     }
     batchings.push_back(b == "on");
   }
+  KVR_ASSIGN_OR_RETURN(const std::vector<int64_t> search_threads,
+                       bench::ParseIntList("search_threads", absl::GetFlag(FLAGS_search_threads),
+                                           0, 256));
   if (const int s = absl::GetFlag(FLAGS_steps); s < 1 || s > 1000) {
     return absl::InvalidArgumentError(absl::StrCat("--steps ", s, " outside [1, 1000]"));
   }
@@ -888,23 +912,30 @@ absl::Status Run() {
     std::getline(la, text);
     std::printf("%s\n\n", text.c_str());
   }
-  std::printf("%-9s %3s %7s %5s | %9s %8s | %8s %8s %8s %8s | %8s %7s %7s | %9s | %s\n", "mode",
-              "bat", "context", "batch", "tok/s", "bound", "step s", "compute", "wait", "merge",
+  std::printf("%-9s %3s %3s %7s %5s | %9s %8s | %8s %8s %8s %8s | %8s %7s %7s | %9s | %s\n",
+              "mode", "bat", "st", "context", "batch", "tok/s", "bound", "step s", "compute", "wait", "merge",
               "nodeCPU/t", "wRSS", "nRSS", "logit d", "note");
   std::vector<Row> rows;
   for (int64_t context : contexts) {
     for (int64_t batch : batches) {
       for (const std::string& mode : modes) {
-        KVR_ASSIGN_OR_RETURN(std::vector<Row> shape_rows,
-                             bench.Run(mode, context, static_cast<int>(batch), batchings));
+        std::vector<Row> shape_rows;
+        for (size_t t = 0; t < (mode == "full" ? 1 : search_threads.size()); ++t) {
+          bench.set_search_threads(static_cast<int>(search_threads[t]));
+          KVR_ASSIGN_OR_RETURN(std::vector<Row> one,
+                               bench.Run(mode, context, static_cast<int>(batch), batchings));
+          for (Row& r : one) shape_rows.push_back(std::move(r));
+        }
         for (Row& r : shape_rows) {
           if (r.step_s <= 0) {
-            std::printf("%-9s %3s %7lld %5d | %s\n", r.mode.c_str(), r.attend_batching.c_str(),
+            std::printf("%-9s %3s %3s %7lld %5d | %s\n", r.mode.c_str(),
+                        r.attend_batching.c_str(), SearchThreadsText(r).c_str(),
                         static_cast<long long>(context), r.batch, r.note.c_str());
           } else {
-            std::printf("%-9s %3s %7lld %5d | %9.2f %8.2f | %8.4f %8.4f %8.4f %8.4f | %8.4f %6.1fG "
-                        "%6.1fG | %9.2g | %s\n",
-                        r.mode.c_str(), r.attend_batching.c_str(), static_cast<long long>(context),
+            std::printf("%-9s %3s %3s %7lld %5d | %9.2f %8.2f | %8.4f %8.4f %8.4f %8.4f | %8.4f "
+                        "%6.1fG %6.1fG | %9.2g | %s\n",
+                        r.mode.c_str(), r.attend_batching.c_str(), SearchThreadsText(r).c_str(),
+                        static_cast<long long>(context),
                         r.batch,
                         r.tokens_per_second, r.bound_tokens_per_second, r.step_s, r.compute_s,
                         r.wait_s, r.merge_s + r.append_s, r.node_cpu_s_per_token,
