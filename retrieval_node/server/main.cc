@@ -332,6 +332,10 @@ int Main(int argc, char** argv) {
         [svc](const v1::AttendBatchRequest& request, v1::AttendBatchResponse* response,
               std::function<void(absl::Status)> done) {
           svc->HandleAttendBatch(request, response, std::move(done));
+        },
+        [svc](const v1::AppendBatchRequest& request, v1::AppendBatchResponse* response,
+              std::function<void(absl::Status)> done) {
+          svc->HandleAppendBatch(request, response, std::move(done));
         });
     if (!started.ok()) return Fail(started.status().ToString());
     ucx = std::move(started).value();
