@@ -21,12 +21,19 @@
 // batch as ONE AttendBatch (one per node) and its appends as ONE
 // AppendBatch; off sends one Attend per sequence and one Append per
 // (sequence, kv head), all in flight at once (the engine's path before
-// batching). on,off runs both, side by side, in one run.
+// batching). on,off runs both, side by side, in one run. --search_threads
+// (comma-separated) sets the nodes' per-head parallel search (kvr_node
+// --search_threads), one set-up per entry, rows side by side.
 // The context is synthetic: K/V rows are Noise(seed, position * kv_dim + j)
 // (so every mode sees the same K/V at the same position and the retrieval
 // modes' logits can be compared with full attention's), written straight
 // into the caches and uploaded to the nodes (UploadShard builds the index),
 // no O(n^2) prefill. Every step feeds the same tokens in every mode.
+// --prefill_contexts adds rows whose context is a real prefill instead
+// (the model run over pseudo-random tokens in chunks of kPrefillChunk rows,
+// causal full attention on the backend; its per-layer K/V then fill the
+// caches and the nodes as the synthetic rows do), so retrieval's logits are
+// compared with full attention's on keys a model produced (fill=prefill).
 //
 // Per row (mode, context, batch): seconds per decode step (one token of each
 // of the batch's sequences) split into worker compute, retrieval wait (the
@@ -39,6 +46,7 @@
 //
 //   decode_bench [--contexts=4096,8192,32768] [--batches=1,4,16]
 //                [--modes=full,retrieval,grpc,ucx] [--attend_batching=on,off]
+//                [--search_threads=1,0] [--prefill_contexts=1024,4096]
 //                [--layers=2] [--steps=3]
 //                [--memory_budget_bytes=17179869184] [--json=out.json]
 #include <signal.h>
@@ -57,6 +65,7 @@
 #include <set>
 #include <string>
 #include <thread>
+#include <tuple>
 #include <utility>
 #include <vector>
 
@@ -109,6 +118,17 @@ ABSL_FLAG(std::string, attend_batching, "on",
           "whole batch (one per node) and one AppendBatch per layer; off = one Attend per "
           "sequence and one Append per (sequence, kv head), all in flight at once (the "
           "engine's path before batching); on,off prints both rows side by side");
+ABSL_FLAG(std::string, search_threads, "0",
+          "retrieval modes, comma-separated: each entry sets the nodes' --search_threads "
+          "(per-head parallel search within one Attend item; 0 = the node's attend pool lends "
+          "idle workers, 1 = sequential), one set-up and row set per entry; e.g. 1,0 prints the "
+          "sequential and the parallel rows side by side, in [0, 256]");
+ABSL_FLAG(std::string, prefill_contexts, "",
+          "comma-separated context lengths (in [1024, 65536]) whose context is filled by a real "
+          "prefill of the random-weights model (chunked causal full attention over pseudo-random "
+          "tokens) instead of synthetic K/V: the same modes and batches run on those "
+          "attention-like keys (every sequence of a batch holds the same prefill), rows marked "
+          "fill=prefill; empty = none");
 ABSL_FLAG(std::string, json, "", "write the rows as a JSON array to this file");
 
 namespace kvr {
@@ -123,6 +143,8 @@ using worker::KvRun;
 using worker::Tensor;
 
 constexpr uint64_t kKeySeed = 11, kValueSeed = 12;
+// Rows per Forward of the prefill (bounds its activations).
+constexpr int64_t kPrefillChunk = 256;
 
 // ---- /proc readings ----------------------------------------------------------
 
@@ -196,11 +218,12 @@ class NodeProcesses {
  public:
   static absl::StatusOr<std::unique_ptr<NodeProcesses>> Start(const std::string& binary,
                                                                int count, int threads,
-                                                               bool ucx) {
+                                                               int search_threads, bool ucx) {
     auto out = std::unique_ptr<NodeProcesses>(new NodeProcesses());
     for (int i = 0; i < count; ++i) {
       std::vector<std::string> argv = {binary, "--listen=127.0.0.1:0", "--metrics_listen=",
-                                       absl::StrCat("--threads=", threads)};
+                                       absl::StrCat("--threads=", threads),
+                                       absl::StrCat("--search_threads=", search_threads)};
       if (ucx) argv.push_back("--ucx_listen=127.0.0.1:0");
       KVR_ASSIGN_OR_RETURN(std::unique_ptr<Subprocess> proc, Subprocess::Start(std::move(argv)));
       out->procs_.push_back(std::move(proc));
@@ -237,6 +260,8 @@ class NodeProcesses {
 struct Row {
   std::string mode;
   std::string attend_batching = "-";  // on / off (retrieval modes), "-" (full)
+  int search_threads = -1;  // the nodes' --search_threads (retrieval modes), -1 (full)
+  std::string fill = "synthetic";  // how the context was filled: synthetic / prefill
   int64_t context = 0;
   int batch = 0;
   // Per decode step (one token of each sequence), seconds.
@@ -252,7 +277,8 @@ struct Row {
 
 // First-step-onwards logits of full attention per (context, batch), the
 // reference of the retrieval modes.
-using LogitKey = std::pair<int64_t, int>;
+// Keyed by (context, batch, filled by a prefill).
+using LogitKey = std::tuple<int64_t, int, bool>;
 
 class Bench {
  public:
@@ -287,6 +313,73 @@ class Bench {
   }
 
   const worker::LlamaConfig& config() const { return weights_->config; }
+  // The nodes' --search_threads of the next retrieval Run.
+  void set_search_threads(int n) { search_threads_ = n; }
+
+  // Fills the context of the next Runs (which must use context `n`) by a
+  // real prefill of n pseudo-random tokens: per layer, the K and V rows the
+  // model computes (chunks of kPrefillChunk rows, causal full attention).
+  // Prints its time. n in [1, 2^20].
+  absl::Status Prefill(int64_t n) {
+    const worker::LlamaConfig& c = config();
+    const Clock::time_point t = Clock::now();
+    const int64_t chunk = std::min(kPrefillChunk, n);
+    KVR_ASSIGN_OR_RETURN(worker::BlockActivations a,
+                         worker::BlockActivations::Allocate(*backend_, c, chunk, chunk));
+    std::vector<Tensor> k, v;
+    for (int l = 0; l < c.n_layers; ++l) {
+      KVR_ASSIGN_OR_RETURN(Tensor kt, backend_->Allocate(DType::kF32, n, c.kv_dim()));
+      KVR_ASSIGN_OR_RETURN(Tensor vt, backend_->Allocate(DType::kF32, n, c.kv_dim()));
+      k.push_back(kt);
+      v.push_back(vt);
+    }
+    int64_t first = 0, rows = 0;
+    KvRun run;
+    auto hook = AttentionHookFns(
+        [&](int l) -> absl::StatusOr<std::span<const KvRun>> {
+          run = {0, rows, k[static_cast<size_t>(l)].Rows(first, rows),
+                 v[static_cast<size_t>(l)].Rows(first, rows), nullptr};
+          return std::span<const KvRun>(&run, 1);
+        },
+        [&](int l, const Tensor& q, const Tensor& o) -> absl::Status {
+          return backend_->Attention(q, k[static_cast<size_t>(l)], v[static_cast<size_t>(l)],
+                                     c.attention_shape(), first, o);
+        });
+    std::vector<int32_t> tokens, positions;
+    for (first = 0; first < n; first += chunk) {
+      rows = std::min(chunk, n - first);
+      tokens.clear();
+      positions.clear();
+      for (int64_t i = first; i < first + rows; ++i) {
+        tokens.push_back(static_cast<int32_t>((17 + 7919 * i + (i * i) % 104729) % c.vocab_size));
+        positions.push_back(static_cast<int32_t>(i));
+      }
+      const worker::BlockActivations ar = a.Rows(rows);
+      KVR_RETURN_IF_ERROR(block_.Embed(tokens, ar.x));
+      for (int l = 0; l < c.n_layers; ++l) KVR_RETURN_IF_ERROR(block_.Forward(l, positions, ar, hook));
+    }
+    prefill_k_.assign(k.size(), {});
+    prefill_v_.assign(v.size(), {});
+    const size_t floats = static_cast<size_t>(n) * static_cast<size_t>(c.kv_dim());
+    for (size_t l = 0; l < k.size(); ++l) {
+      prefill_k_[l].resize(floats);
+      prefill_v_[l].resize(floats);
+      KVR_RETURN_IF_ERROR(backend_->DownloadF32(k[l], prefill_k_[l]));
+      KVR_RETURN_IF_ERROR(backend_->DownloadF32(v[l], prefill_v_[l]));
+    }
+    prefill_rows_ = n;
+    std::printf("prefill: %lld tokens x %d layers in %.1f s\n", static_cast<long long>(n),
+                c.n_layers, Since(t));
+    std::fflush(stdout);
+    return absl::OkStatus();
+  }
+  // Back to synthetic contexts.
+  void ClearPrefill() {
+    prefill_k_.clear();
+    prefill_v_.clear();
+    prefill_rows_ = 0;
+  }
+  bool prefilled() const { return prefill_rows_ > 0; }
 
   // Estimated peak bytes of a row (weights + caches + node shards + staging).
   double EstimateBytes(const std::string& mode, int64_t context, int batch) const {
@@ -327,6 +420,7 @@ class Bench {
     row.mode = mode;
     row.context = context;
     row.batch = batch;
+    row.fill = prefilled() ? "prefill" : "synthetic";
     std::vector<Row> out;
     const double need = EstimateBytes(mode, context, batch);
     const double budget = static_cast<double>(absl::GetFlag(FLAGS_memory_budget_bytes));
@@ -353,6 +447,19 @@ class Bench {
   }
 
  private:
+  // K (seed kKeySeed) or V (kValueSeed) rows [first, first + n) of layer
+  // `layer`'s context: the prefill's when there is one (rows within it),
+  // else the synthetic ones (the same for every layer).
+  std::vector<float> ContextRows(int layer, uint64_t seed, int64_t first, int64_t n) {
+    if (!prefilled()) return Synthetic(seed, first, n);
+    KVR_CHECK(first >= 0 && n >= 0 && first + n <= prefill_rows_);
+    const size_t kv = static_cast<size_t>(config().kv_dim());
+    const std::vector<float>& src =
+        (seed == kKeySeed ? prefill_k_ : prefill_v_)[static_cast<size_t>(layer)];
+    const auto begin = src.begin() + static_cast<std::ptrdiff_t>(static_cast<size_t>(first) * kv);
+    return std::vector<float>(begin, begin + static_cast<std::ptrdiff_t>(static_cast<size_t>(n) * kv));
+  }
+
   // K (seed kKeySeed) or V rows [first, first + n) of the synthetic context.
   std::vector<float> Synthetic(uint64_t seed, int64_t first, int64_t n) {
     const size_t kv = static_cast<size_t>(config().kv_dim());
@@ -384,7 +491,7 @@ class Bench {
   // Compares step logits with full attention's at the same shape, if any;
   // logits[s] is full attention's step offset + s.
   void Compare(Row& row, const std::vector<std::vector<float>>& logits, size_t offset) {
-    auto it = reference_.find({row.context, row.batch});
+    auto it = reference_.find({row.context, row.batch, prefilled()});
     if (it == reference_.end()) return;
     double diff = 0, max_abs = 0;
     int64_t agree = 0, total = 0;
@@ -420,10 +527,10 @@ class Bench {
     const Clock::time_point setup = Clock::now();
     // One f32 cache per (layer, sequence), rows [0, context) synthetic.
     std::vector<std::vector<Tensor>> k(static_cast<size_t>(c.n_layers)), v(k.size());
-    {
-      const std::vector<float> ks = Synthetic(kKeySeed, 0, context);
-      const std::vector<float> vs = Synthetic(kValueSeed, 0, context);
-      for (size_t l = 0; l < k.size(); ++l) {
+    for (size_t l = 0; l < k.size(); ++l) {
+      const std::vector<float> ks = ContextRows(static_cast<int>(l), kKeySeed, 0, context);
+      const std::vector<float> vs = ContextRows(static_cast<int>(l), kValueSeed, 0, context);
+      {
         for (int b = 0; b < batch; ++b) {
           KVR_ASSIGN_OR_RETURN(Tensor kt, backend_->Allocate(DType::kF32, cache_rows, c.kv_dim()));
           KVR_ASSIGN_OR_RETURN(Tensor vt, backend_->Allocate(DType::kF32, cache_rows, c.kv_dim()));
@@ -472,7 +579,7 @@ class Bench {
         weight_bytes_ + static_cast<double>(batch) * c.n_layers *
                             static_cast<double>(context + 1 + steps / 2) *
                             static_cast<double>(c.kv_dim()) * 8;
-    reference_[{context, batch}] = std::move(logits);
+    reference_[{context, batch, prefilled()}] = std::move(logits);
     return absl::OkStatus();
   }
 
@@ -495,6 +602,7 @@ class Bench {
     if (mode == "retrieval") {
       retrieval::NodeCoreOptions no;
       no.threads = static_cast<size_t>(node_threads);
+      no.search_threads = static_cast<size_t>(search_threads_);
       const std::set<std::string> before = ThreadIds();
       KVR_ASSIGN_OR_RETURN(auto client, retrieval::InProcessRetrievalClient::Create(no));
       for (const std::string& t : ThreadIds()) {
@@ -509,7 +617,8 @@ class Bench {
       setenv("UCX_WARN_UNUSED_ENV_VARS", "n", 0);
     }
     KVR_ASSIGN_OR_RETURN(nodes, NodeProcesses::Start(absl::GetFlag(FLAGS_kvr_node),
-                                                     absl::GetFlag(FLAGS_nodes), node_threads, ucx));
+                                                     absl::GetFlag(FLAGS_nodes), node_threads,
+                                                     search_threads_, ucx));
     std::vector<placement::NodeInfo> infos;
     std::vector<std::unique_ptr<retrieval::RetrievalClient>> clients;
     retrieval::GrpcClientOptions go;
@@ -570,8 +679,19 @@ class Bench {
     }
     {
       // Positions [s, mid_end) of every (sequence, layer, kv head), in chunks.
-      const std::vector<float> ks = Synthetic(kKeySeed, s, mid_end - s);
-      const std::vector<float> vs = Synthetic(kValueSeed, s, mid_end - s);
+      // Per layer (one shared copy when synthetic: every layer's is the same).
+      std::vector<std::shared_ptr<const std::vector<float>>> layer_ks, layer_vs;
+      for (int l = 0; l < c.n_layers; ++l) {
+        if (l > 0 && !prefilled()) {
+          layer_ks.push_back(layer_ks.front());
+          layer_vs.push_back(layer_vs.front());
+          continue;
+        }
+        layer_ks.push_back(std::make_shared<const std::vector<float>>(
+            ContextRows(l, kKeySeed, s, mid_end - s)));
+        layer_vs.push_back(std::make_shared<const std::vector<float>>(
+            ContextRows(l, kValueSeed, s, mid_end - s)));
+      }
       const int64_t chunk = std::max<int64_t>(1, absl::GetFlag(FLAGS_chunk_tokens));
       const int64_t n_mid = mid_end - s, chunks = (n_mid + chunk - 1) / chunk;
       std::mutex mu;
@@ -582,6 +702,8 @@ class Bench {
         for (int l = 0; l < c.n_layers; ++l) {
           for (int g = 0; g < c.n_kv_heads; ++g) {
             uploads.Schedule([&, b, l, g] {
+              const std::vector<float>& ks = *layer_ks[static_cast<size_t>(l)];
+              const std::vector<float>& vs = *layer_vs[static_cast<size_t>(l)];
               for (int64_t ci = 0; ci < chunks; ++ci) {
                 const int64_t begin = ci * chunk, n = std::min(chunk, n_mid - begin);
                 retrieval::ShardUpload up;
@@ -607,13 +729,15 @@ class Bench {
     // position p of the window at ring slot s + (p - s) % w.
     const int64_t local = s + w;
     std::vector<std::vector<Tensor>> k(static_cast<size_t>(c.n_layers)), v(k.size());
-    {
+    for (size_t l = 0; l < k.size(); ++l) {
+      const int layer = static_cast<int>(l);
       std::vector<float> lk(static_cast<size_t>(local) * kv), lv(lk.size());
-      const std::vector<float> sk = Synthetic(kKeySeed, 0, s), sv = Synthetic(kValueSeed, 0, s);
+      const std::vector<float> sk = ContextRows(layer, kKeySeed, 0, s);
+      const std::vector<float> sv = ContextRows(layer, kValueSeed, 0, s);
       std::copy(sk.begin(), sk.end(), lk.begin());
       std::copy(sv.begin(), sv.end(), lv.begin());
-      const std::vector<float> wk = Synthetic(kKeySeed, mid_end, w);
-      const std::vector<float> wv = Synthetic(kValueSeed, mid_end, w);
+      const std::vector<float> wk = ContextRows(layer, kKeySeed, mid_end, w);
+      const std::vector<float> wv = ContextRows(layer, kValueSeed, mid_end, w);
       for (int64_t p = mid_end; p < context; ++p) {
         const size_t slot = static_cast<size_t>(s + (p - s) % w);
         const size_t src = static_cast<size_t>(p - mid_end) * kv;
@@ -622,7 +746,7 @@ class Bench {
         std::copy_n(wv.begin() + static_cast<std::ptrdiff_t>(src), kv,
                     lv.begin() + static_cast<std::ptrdiff_t>(slot * kv));
       }
-      for (size_t l = 0; l < k.size(); ++l) {
+      {
         for (size_t b = 0; b < nb; ++b) {
           KVR_ASSIGN_OR_RETURN(Tensor kt, backend_->Allocate(DType::kF32, local, c.kv_dim()));
           KVR_ASSIGN_OR_RETURN(Tensor vt, backend_->Allocate(DType::kF32, local, c.kv_dim()));
@@ -764,6 +888,8 @@ class Bench {
       batching = batchings[variant];
       row = proto;
       row.attend_batching = batching ? "on" : "off";
+      row.search_threads = search_threads_;
+      row.fill = prefilled() ? "prefill" : "synthetic";
       row.setup_s = setup_s;
       const int64_t first = context + static_cast<int64_t>(variant) * (Steps() + 1);
       std::vector<std::vector<float>> logits(static_cast<size_t>(Steps()));
@@ -819,22 +945,31 @@ class Bench {
   DType value_dtype_ = DType::kBf16;
   std::map<LogitKey, std::vector<std::vector<float>>> reference_;
   int variants_ = 1;  // retrieval variants per shape (--attend_batching entries)
+  int search_threads_ = 0;  // the nodes' --search_threads (set_search_threads)
+  // Prefill (Prefill): per layer, the K and V rows [prefill_rows_ x kv_dim]; empty: synthetic.
+  std::vector<std::vector<float>> prefill_k_, prefill_v_;
+  int64_t prefill_rows_ = 0;
 };
 
 std::string JsonRow(const Row& r, int layers) {
   return absl::StrFormat(
-      "{\"mode\": \"%s\", \"attend_batching\": \"%s\", \"context\": %d, \"batch\": %d, "
-      "\"layers\": %d, "
+      "{\"mode\": \"%s\", \"attend_batching\": \"%s\", \"search_threads\": %d, \"fill\": \"%s\", "
+      "\"context\": %d, \"batch\": %d, \"layers\": %d, "
       "\"tokens_per_second\": %.6g, \"step_s\": %.6g, \"worker_compute_s\": %.6g, "
       "\"retrieval_wait_s\": %.6g, \"merge_s\": %.6g, \"append_s\": %.6g, "
       "\"node_cpu_s_per_token\": %.6g, \"worker_rss_bytes\": %d, \"node_rss_bytes\": %d, "
       "\"bytes_per_step\": %.6g, \"bound_tokens_per_second\": %.6g, \"setup_s\": %.6g, "
       "\"max_abs_logit_diff\": %.6g, \"logits_max_abs\": %.6g, \"top1_agreement\": %.6g, "
       "\"note\": \"%s\"}",
-      r.mode, r.attend_batching, r.context, r.batch, layers, r.tokens_per_second, r.step_s, r.compute_s, r.wait_s,
+      r.mode, r.attend_batching, r.search_threads, r.fill, r.context, r.batch, layers, r.tokens_per_second, r.step_s, r.compute_s, r.wait_s,
       r.merge_s, r.append_s, r.node_cpu_s_per_token, r.worker_rss_bytes, r.node_rss_bytes,
       r.bytes_per_step, r.bound_tokens_per_second, r.setup_s, r.max_abs_logit_diff,
       r.logits_max_abs, r.top1_agreement, absl::StrReplaceAll(r.note, {{"\"", "'"}, {"\\", "/"}}));
+}
+
+// The row's search_threads column: "-" for full attention.
+std::string SearchThreadsText(const Row& r) {
+  return r.search_threads < 0 ? "-" : absl::StrCat(r.search_threads);
 }
 
 absl::Status Run() {
@@ -859,6 +994,15 @@ absl::Status Run() {
     }
     batchings.push_back(b == "on");
   }
+  std::vector<int64_t> prefill_contexts;
+  if (!absl::GetFlag(FLAGS_prefill_contexts).empty()) {
+    KVR_ASSIGN_OR_RETURN(prefill_contexts,
+                         bench::ParseIntList("prefill_contexts",
+                                             absl::GetFlag(FLAGS_prefill_contexts), 1024, 65536));
+  }
+  KVR_ASSIGN_OR_RETURN(const std::vector<int64_t> search_threads,
+                       bench::ParseIntList("search_threads", absl::GetFlag(FLAGS_search_threads),
+                                           0, 256));
   if (const int s = absl::GetFlag(FLAGS_steps); s < 1 || s > 1000) {
     return absl::InvalidArgumentError(absl::StrCat("--steps ", s, " outside [1, 1000]"));
   }
@@ -888,41 +1032,62 @@ absl::Status Run() {
     std::getline(la, text);
     std::printf("%s\n\n", text.c_str());
   }
-  std::printf("%-9s %3s %7s %5s | %9s %8s | %8s %8s %8s %8s | %8s %7s %7s | %9s | %s\n", "mode",
-              "bat", "context", "batch", "tok/s", "bound", "step s", "compute", "wait", "merge",
-              "nodeCPU/t", "wRSS", "nRSS", "logit d", "note");
+  std::printf("%-9s %3s %3s %7s %5s | %9s %8s | %8s %8s %8s %8s | %8s %7s %7s | %9s %5s | %s\n",
+              "mode", "bat", "st", "context", "batch", "tok/s", "bound", "step s", "compute", "wait", "merge",
+              "nodeCPU/t", "wRSS", "nRSS", "logit d", "top1", "note");
   std::vector<Row> rows;
-  for (int64_t context : contexts) {
-    for (int64_t batch : batches) {
-      for (const std::string& mode : modes) {
-        KVR_ASSIGN_OR_RETURN(std::vector<Row> shape_rows,
-                             bench.Run(mode, context, static_cast<int>(batch), batchings));
-        for (Row& r : shape_rows) {
-          if (r.step_s <= 0) {
-            std::printf("%-9s %3s %7lld %5d | %s\n", r.mode.c_str(), r.attend_batching.c_str(),
-                        static_cast<long long>(context), r.batch, r.note.c_str());
-          } else {
-            std::printf("%-9s %3s %7lld %5d | %9.2f %8.2f | %8.4f %8.4f %8.4f %8.4f | %8.4f %6.1fG "
-                        "%6.1fG | %9.2g | %s\n",
-                        r.mode.c_str(), r.attend_batching.c_str(), static_cast<long long>(context),
-                        r.batch,
-                        r.tokens_per_second, r.bound_tokens_per_second, r.step_s, r.compute_s,
-                        r.wait_s, r.merge_s + r.append_s, r.node_cpu_s_per_token,
-                        r.worker_rss_bytes / double(1 << 30),
-                        std::max<int64_t>(0, r.node_rss_bytes) / double(1 << 30),
-                        r.max_abs_logit_diff, r.note.c_str());
+  // Every (context, batch, mode) row of `shape_contexts` (the context filled
+  // as the bench is set: synthetic, or the prefill).
+  auto run_shapes = [&](const std::vector<int64_t>& shape_contexts) -> absl::Status {
+    for (int64_t context : shape_contexts) {
+      for (int64_t batch : batches) {
+        for (const std::string& mode : modes) {
+          std::vector<Row> shape_rows;
+          for (size_t t = 0; t < (mode == "full" ? 1 : search_threads.size()); ++t) {
+            bench.set_search_threads(static_cast<int>(search_threads[t]));
+            KVR_ASSIGN_OR_RETURN(std::vector<Row> one,
+                                 bench.Run(mode, context, static_cast<int>(batch), batchings));
+            for (Row& r : one) shape_rows.push_back(std::move(r));
           }
-          std::fflush(stdout);
-          rows.push_back(std::move(r));
+          for (Row& r : shape_rows) {
+            const std::string note =
+                r.fill == "prefill" ? absl::StrCat("prefill ", r.note) : r.note;
+            if (r.step_s <= 0) {
+              std::printf("%-9s %3s %3s %7lld %5d | %s\n", r.mode.c_str(),
+                          r.attend_batching.c_str(), SearchThreadsText(r).c_str(),
+                          static_cast<long long>(context), r.batch, note.c_str());
+            } else {
+              std::printf("%-9s %3s %3s %7lld %5d | %9.2f %8.2f | %8.4f %8.4f %8.4f %8.4f | "
+                          "%8.4f %6.1fG %6.1fG | %9.2g %5.2f | %s\n",
+                          r.mode.c_str(), r.attend_batching.c_str(),
+                          SearchThreadsText(r).c_str(), static_cast<long long>(context), r.batch,
+                          r.tokens_per_second, r.bound_tokens_per_second, r.step_s, r.compute_s,
+                          r.wait_s, r.merge_s + r.append_s, r.node_cpu_s_per_token,
+                          r.worker_rss_bytes / double(1 << 30),
+                          std::max<int64_t>(0, r.node_rss_bytes) / double(1 << 30),
+                          r.max_abs_logit_diff, r.top1_agreement, note.c_str());
+            }
+            std::fflush(stdout);
+            rows.push_back(std::move(r));
+          }
         }
       }
     }
+    return absl::OkStatus();
+  };
+  KVR_RETURN_IF_ERROR(run_shapes(contexts));
+  for (int64_t p : prefill_contexts) {
+    KVR_RETURN_IF_ERROR(bench.Prefill(p));
+    KVR_RETURN_IF_ERROR(run_shapes({p}));
+    bench.ClearPrefill();
   }
   std::printf("\nper decode step (one token of every sequence): compute = the worker's own work "
               "(layers, local partials, classifier); wait = blocked on the nodes after the local "
               "partials; merge = LSE merge + the appends of tokens leaving the window; bound = "
               "tokens/s if the step only streamed its weights and K/V at the measured "
-              "bandwidth; logit d = max |logit - full attention's| at the same shape.\n");
+              "bandwidth; logit d = max |logit - full attention's| at the same shape (and "
+              "fill), top1 = share of next tokens equal to full attention's; prefill rows: "
+              "the context filled by a real prefill (--prefill_contexts).\n");
   const std::string json = absl::GetFlag(FLAGS_json);
   if (!json.empty()) {
     std::vector<std::string> texts;

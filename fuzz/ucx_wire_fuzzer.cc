@@ -9,7 +9,8 @@
 //    shape and must decode (same bytes, same shape).
 //  * Client side: DecodeUcxReplyHeader → DecodeUcxAttendReply /
 //    DecodeUcxPingReply / DecodeUcxAttendBatchReply (1..4 items) on the same
-//    bytes, as a reply from a hostile node; ParseUcxAttendBatchRequest too.
+//    bytes, as a reply from a hostile node; ParseUcxAttendBatchRequest too;
+//    DecodeUcxAppendBatchReply / ParseUcxAppendBatchRequest likewise.
 #include <algorithm>
 #include <cstdint>
 #include <cstdlib>
@@ -131,6 +132,11 @@ void ClientSide(uint8_t shape, const void* header, size_t header_length, std::st
   (void)DecodeUcxAttendBatchReply(*h, data, kMaxMessageBytes, std::span(items, n_items));
   kvr::v1::AttendBatchRequest batch_request;
   (void)ParseUcxAttendBatchRequest(data, &batch_request);
+  // And as the reply to a 1..4-item AppendBatch (wire version 4).
+  AppendBatchItem appends[4];
+  (void)DecodeUcxAppendBatchReply(*h, data, kMaxMessageBytes, std::span(appends, n_items));
+  kvr::v1::AppendBatchRequest append_request;
+  (void)ParseUcxAppendBatchRequest(data, &append_request);
 }
 
 }  // namespace

@@ -41,16 +41,6 @@ absl::Status UnpackPartials(const v1::Partials& p, PartialsView out) {
 }
 
 // The kvr.v1 form of an Append (matrices packed).
-void AppendToProto(const AppendRequest& request, v1::AppendRequest* message) {
-  message->set_sequence_id(request.sequence_id);
-  message->set_layer(request.layer);
-  message->set_kv_head(request.kv_head);
-  message->set_first_position(request.first_position);
-  message->set_capability(request.capability);
-  PackMatrix(request.keys, message->mutable_keys());
-  PackMatrix(request.values, message->mutable_values());
-}
-
 // Copies a reply's stats into `out` (may be null).
 void UnpackStats(const v1::AttendStats& s, AttendStats* out) {
   if (out == nullptr) return;
@@ -396,7 +386,7 @@ absl::Status GrpcRetrievalClient::Append(const AppendRequest& request) {
   grpc::ClientContext context;
   SetDeadline(&context, options_.control_timeout);
   v1::AppendRequest message;
-  AppendToProto(request, &message);
+  AppendRequestToProto(request, &message);
   v1::AppendResponse response;
   return FromGrpcStatus(stub_->Append(&context, message, &response));
 }
@@ -413,7 +403,7 @@ void GrpcRetrievalClient::AppendAsync(const AppendRequest& request, StatusCallba
   auto call = std::make_unique<AppendCall>();
   call->head = HeadId{request.sequence_id, request.layer, request.kv_head};
   SetDeadline(&call->context, options_.control_timeout);
-  AppendToProto(request, &call->request);
+  AppendRequestToProto(request, &call->request);
   call->done = std::move(done);
   AppendCall* raw = call.get();
   bool send_now = false;
@@ -557,7 +547,7 @@ void GrpcRetrievalClient::AppendBatchAsync(std::span<AppendBatchItem> items,
   auto call = std::make_unique<Call>();
   SetDeadline(&call->context, options_.control_timeout);
   call->request.mutable_items()->Reserve(static_cast<int>(items.size()));
-  for (const AppendBatchItem& item : items) AppendToProto(item.request, call->request.add_items());
+  for (const AppendBatchItem& item : items) AppendRequestToProto(item.request, call->request.add_items());
   call->items = items;
   call->done = std::move(done);
   Call* raw = call.release();

@@ -51,6 +51,9 @@ class UcxRetrievalClient::Transport {
     bool ping = false;
     bool batch = false;               // an AttendBatch (wire version 3): replies fill `items`
     std::span<AttendBatchItem> items;
+    // An AppendBatch (wire version 4): replies set `append_items`' statuses.
+    bool append_batch = false;
+    std::span<AppendBatchItem> append_items;
     PartialsView out;
     AttendStats* stats = nullptr;
     StatusCallback done;
@@ -312,7 +315,8 @@ class UcxRetrievalClient::Transport {
     }
     for (Call& c : expired) {
       c.done(absl::DeadlineExceededError(absl::StrCat(
-          "UCX ", c.ping ? "connection check" : "Attend", " to ", host_, ":", port_,
+          "UCX ", c.ping ? "connection check" : c.append_batch ? "AppendBatch" : "Attend", " to ",
+          host_, ":", port_,
           " got no reply within its deadline")));
     }
     return next;
@@ -320,11 +324,13 @@ class UcxRetrievalClient::Transport {
 
   void Complete(Call& call, const UcxReplyHeader& header, std::string_view data) const {
     absl::Status status =
-        call.ping    ? DecodeUcxPingReply(header, data)
-        : call.batch ? DecodeUcxAttendBatchReply(header, data, options_.max_message_bytes,
-                                                 call.items)
-                     : DecodeUcxAttendReply(header, data, options_.max_message_bytes, call.out,
-                                            call.stats);
+        call.ping           ? DecodeUcxPingReply(header, data)
+        : call.batch        ? DecodeUcxAttendBatchReply(header, data, options_.max_message_bytes,
+                                                        call.items)
+        : call.append_batch ? DecodeUcxAppendBatchReply(header, data, options_.max_message_bytes,
+                                                        call.append_items)
+                            : DecodeUcxAttendReply(header, data, options_.max_message_bytes,
+                                                   call.out, call.stats);
     StatusCallback done = std::move(call.done);
     done(std::move(status));
   }
@@ -553,7 +559,33 @@ void UcxRetrievalClient::AttendBatchAsync(std::span<AttendBatchItem> items, Stat
 }
 
 void UcxRetrievalClient::AppendBatchAsync(std::span<AppendBatchItem> items, StatusCallback done) {
-  grpc_->AppendBatchAsync(items, std::move(done));
+  if (transport_ == nullptr) {
+    grpc_->AppendBatchAsync(items, std::move(done));
+    return;
+  }
+  if (items.empty()) {
+    done(absl::OkStatus());
+    return;
+  }
+  // Serialized here: the items' matrices are read only before this returns.
+  v1::AppendBatchRequest message;
+  message.mutable_items()->Reserve(static_cast<int>(items.size()));
+  for (const AppendBatchItem& item : items) {
+    AppendRequestToProto(item.request, message.add_items());
+  }
+  Transport::Call call;
+  call.append_batch = true;
+  call.append_items = items;
+  // A batch-level error (transport, deadline, the node's refusal) is every
+  // item's status too, as over gRPC.
+  call.done = [items, done = std::move(done)](absl::Status status) {
+    if (!status.ok()) {
+      for (AppendBatchItem& item : items) item.status = status;
+    }
+    done(std::move(status));
+  };
+  transport_->Submit(std::move(call), message.SerializeAsString(), options_.attend_timeout,
+                     kUcxWireVersionAppendBatch);
 }
 
 }  // namespace kvr::retrieval

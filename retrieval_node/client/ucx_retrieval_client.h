@@ -1,6 +1,7 @@
 // UcxRetrievalClient: RetrievalClient whose Attend goes over the node's UCX
 // data plane (retrieval_node/wire/ucx_wire.h: UCP active messages carrying the kvr.v1
-// AttendRequest / AttendResponse bytes); every other call goes to an inner
+// AttendRequest / AttendResponse bytes; AttendBatch and, since session 26,
+// AppendBatch likewise, as wire versions 3 and 4); every other call goes to an inner
 // GrpcRetrievalClient. Results are the same as over gRPC (same messages,
 // same handler on the node), status codes included.
 //
@@ -32,6 +33,7 @@
 namespace kvr::retrieval {
 
 struct UcxClientOptions {
+  // Deadline of every UCX call (Attend, AttendBatch, AppendBatch).
   absl::Duration attend_timeout = absl::Seconds(2);
   // Connection setup at Create; past it the client falls back to gRPC.
   absl::Duration connect_timeout = absl::Seconds(5);
@@ -65,8 +67,11 @@ class UcxRetrievalClient final : public RetrievalClient {
   void AppendAsync(const AppendRequest& request, StatusCallback done) override;
   void AttendAsync(const AttendRequest& request, PartialsView out, AttendStats* stats,
                    StatusCallback done) override;
-  // One UCX call (wire version 3) for the whole batch (gRPC's AttendBatch
-  // without UCX); AppendBatchAsync over gRPC.
+  // One UCX call for the whole batch: wire version 3 for AttendBatch, 4 for
+  // AppendBatch (session 26; same per-item statuses as gRPC's, deadline
+  // attend_timeout); gRPC's without UCX. A node older than version 4
+  // refuses an AppendBatch with FAILED_PRECONDITION naming the wire
+  // version, before applying any item.
   void AttendBatchAsync(std::span<AttendBatchItem> items, StatusCallback done) override;
   void AppendBatchAsync(std::span<AppendBatchItem> items, StatusCallback done) override;
   absl::Status DropSequence(uint64_t sequence_id) override;

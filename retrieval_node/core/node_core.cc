@@ -136,6 +136,9 @@ NodeCore::NodeCore(const NodeCoreOptions& options) : options_(options) {
     if (options_.attend_threads > 0) {
       batch_pool_ = std::make_unique<ThreadPool>(options_.attend_threads);
     }
+    if (options_.search_threads > 1) {
+      search_pool_ = std::make_unique<ThreadPool>(options_.search_threads - 1);
+    }
   }
   if (options_.recalibrate_every > 0) recal_pool_ = std::make_unique<ThreadPool>(1);
   if (options_.lease_seconds > 0) lease_thread_ = std::thread([this] { LeaseLoop(); });
@@ -153,6 +156,7 @@ NodeCore::~NodeCore() {
   batch_pool_.reset();  // pending batch items finish first
   seal_pool_.reset();  // seal builds may use pool_
   pool_.reset();  // joins workers: pending Attends finish before shards go away
+  search_pool_.reset();  // after pool_ and batch_pool_: their Attends schedule onto it
   recal_pool_.reset();  // after pool_: Attends schedule recalibrations
   // Seals never installed return their reservations while memory_used_ lives.
   for (auto& [id, seq] : sequences_) {
@@ -268,6 +272,10 @@ absl::StatusOr<std::unique_ptr<NodeCore>> NodeCore::Create(const NodeCoreOptions
   if (options.attend_threads > 256) {
     return absl::InvalidArgumentError(
         absl::StrCat("attend_threads ", options.attend_threads, " > 256"));
+  }
+  if (options.search_threads > 256) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("search_threads ", options.search_threads, " > 256"));
   }
   if (options.max_batch_items < 1 || options.max_batch_items > kMaxBatchItemsLimit) {
     return absl::InvalidArgumentError(absl::StrCat(
@@ -1176,11 +1184,11 @@ absl::Status NodeCore::InstallSeal(const Sequence& seq, HeadState* head, HeadWri
 void NodeCore::AttendAsync(const AttendRequest& request, PartialsView out, AttendStats* stats,
                            StatusCallback done) {
   if (pool_ == nullptr) {
-    done(AttendNow(request, out, stats));
+    done(AttendNow(request, out, stats, nullptr));
     return;
   }
   pool_->Schedule([this, request, out, stats, done = std::move(done)]() mutable {
-    done(AttendNow(request, out, stats));
+    done(AttendNow(request, out, stats, pool_.get()));
   });
 }
 
@@ -1229,11 +1237,11 @@ void NodeCore::AttendBatchItemAsync(const AttendRequest& request, PartialsView o
                                     AttendStats* stats, StatusCallback done) {
   ThreadPool* const pool = batch_pool_ != nullptr ? batch_pool_.get() : pool_.get();
   if (pool == nullptr) {
-    done(AttendNow(request, out, stats));
+    done(AttendNow(request, out, stats, nullptr));
     return;
   }
-  pool->Schedule([this, request, out, stats, done = std::move(done)]() mutable {
-    done(AttendNow(request, out, stats));
+  pool->Schedule([this, request, out, stats, pool, done = std::move(done)]() mutable {
+    done(AttendNow(request, out, stats, pool));
   });
 }
 
@@ -1302,7 +1310,7 @@ absl::Status NodeCore::SelectShards(const Sequence& seq, const AttendRequest& re
 }
 
 absl::Status NodeCore::AttendNow(const AttendRequest& request, PartialsView out,
-                                 AttendStats* stats) {
+                                 AttendStats* stats, ThreadPool* helpers) {
   KVR_ASSIGN_OR_RETURN(std::shared_ptr<Sequence> seq,
                        FindFor(request.sequence_id, request.capability, "Attend"));
   std::shared_lock<std::shared_mutex> lock(seq->mu);
@@ -1352,17 +1360,15 @@ absl::Status NodeCore::AttendNow(const AttendRequest& request, PartialsView out,
 
   const size_t group = static_cast<size_t>(spec.n_heads / spec.n_kv_heads);
   const size_t d = static_cast<size_t>(spec.head_dim);
-  thread_local index::AttendScratch scratch;
-  thread_local Partials tmp;
-  if (tmp.m.size() != group || tmp.o.cols != d) tmp = Partials(group, d);
-  SetEmpty(out);
-  AttendStats local;
-  index::SearchStats search_stats;
-  index::EstimateStats estimate_stats;
+  // Phase 1, per head in order: record the decode queries, then list the
+  // head's searches in the order the sequential path merges them (chunks
+  // ascending, the tail after the head's last chunk).
+  thread_local std::vector<SearchTask> tl_tasks;
+  std::vector<SearchTask>* const tasks = &tl_tasks;
+  tasks->clear();
   for (int32_t g = 0; g < spec.n_kv_heads; ++g) {
     HeadState& head = seq->head(request.layer, g);
     const ConstMatrixView q = request.queries.rows_slice(g * group, group);
-    const PartialsView dst = out.slice(g * group, group);
     if (select && selected[static_cast<size_t>(g)].empty()) continue;
     if (const size_t ring = options_.decode_train_queries; ring > 0) {
       std::lock_guard<std::mutex> qlock(head.query_mu);
@@ -1396,63 +1402,121 @@ absl::Status NodeCore::AttendNow(const AttendRequest& request, PartialsView out,
         }
       }
     }
-    // `summary`: the chunk's estimation summary (null: exact top-k only).
-    auto search = [&](const index::KeyIndex& idx, const ValueMatrix& values,
-                      const index::ClusterSummary* summary) -> absl::Status {
-      if (idx.size() == 0) return absl::OkStatus();
-      index::AttendParams p = params;
-      p.estimate = summary;
-      KVR_RETURN_IF_ERROR(
-          index::Attend(q, idx, values, p, tmp.view(), &scratch, &search_stats, &estimate_stats));
-      MergeInto(dst, tmp.view());
-      local.shards_searched += 1;
-      local.keys_held += static_cast<int64_t>(idx.size() * group);
-      local.keys_attended +=
-          static_cast<int64_t>(std::min<size_t>(idx.size(), size_t(request.k)) * group);
-      return absl::OkStatus();
-    };
-    auto search_chunk = [&](const Chunk& c) -> absl::Status {
-      if (c.index == nullptr) return absl::OkStatus();
-      std::shared_ptr<const index::ClusterSummary> summary;
-      if (estimate && c.index->size() > static_cast<size_t>(request.k)) {
-        summary = ChunkSummary(c);
-      }
-      return search(*c.index, c.values, summary.get());
-    };
-    // With estimation the tail (at most tail_capacity keys, already scored
-    // in full by its flat search) is attended exactly over all its keys, so
-    // nothing in it needs estimating.
-    auto search_tail = [&]() -> absl::Status {
-      if (head.tail == nullptr || head.tail->size() == 0) return absl::OkStatus();
-      if (!estimate || head.tail->size() <= static_cast<size_t>(request.k)) {
-        return search(*head.tail, head.tail_values, nullptr);
-      }
-      KVR_RETURN_IF_ERROR(
-          ExactAttention(q, head.tail->keys(), head.tail_values, params.scale, tmp.view()));
-      MergeInto(dst, tmp.view());
-      const int64_t n_tail = static_cast<int64_t>(head.tail->size());
-      local.shards_searched += 1;
-      local.keys_held += n_tail * static_cast<int64_t>(group);
-      local.keys_attended += n_tail * static_cast<int64_t>(group);
-      search_stats.distance_computations += n_tail * static_cast<int64_t>(group);
-      return absl::OkStatus();
-    };
     if (!select) {
-      for (const Chunk& c : head.chunks) KVR_RETURN_IF_ERROR(search_chunk(c));
-      KVR_RETURN_IF_ERROR(search_tail());
+      for (const Chunk& c : head.chunks) tasks->push_back({g, &c});
+      tasks->push_back({g, nullptr});
       continue;
     }
     for (size_t slot : selected[static_cast<size_t>(g)]) {
-      KVR_RETURN_IF_ERROR(search_chunk(head.chunks[slot]));
+      tasks->push_back({g, &head.chunks[slot]});
       // The appended tail belongs to the head's last chunk.
-      if (slot + 1 == head.chunks.size()) KVR_RETURN_IF_ERROR(search_tail());
+      if (slot + 1 == head.chunks.size()) tasks->push_back({g, nullptr});
     }
   }
+
+  // Phase 2: every search into its own partials, in parallel when a pool
+  // lends threads (the caller claims searches too, so a full pool only
+  // means the caller does them all).
+  thread_local std::vector<SearchResult> tl_results;
+  std::vector<SearchResult>* const results = &tl_results;
+  if (results->size() < tasks->size()) results->resize(tasks->size());
+  for (size_t t = 0; t < tasks->size(); ++t) {
+    SearchResult& r = (*results)[t];
+    if (r.partials.m.size() != group || r.partials.o.cols != d) r.partials = Partials(group, d);
+  }
+  auto run = [this, &seq, &request, &params, tasks, results, group, estimate](size_t begin,
+                                                                             size_t end) {
+    for (size_t t = begin; t < end; ++t) {
+      const SearchTask& task = (*tasks)[t];
+      SearchShard(*seq, request.layer, request.k, estimate, params,
+                  request.queries.rows_slice(static_cast<size_t>(task.g) * group, group), task,
+                  &(*results)[t]);
+    }
+  };
+  ThreadPool* const pool = options_.search_threads == 1 ? nullptr
+                           : search_pool_ != nullptr    ? search_pool_.get()
+                                                        : helpers;
+  if (pool != nullptr && tasks->size() > 1) {
+    pool->ParallelFor(tasks->size(), 1, run);
+  } else {
+    run(0, tasks->size());
+  }
+
+  // Phase 3: merge in task order (the sequential order), so the output does
+  // not depend on which thread ran what.
+  SetEmpty(out);
+  AttendStats local;
+  for (size_t t = 0; t < tasks->size(); ++t) {
+    const SearchResult& r = (*results)[t];
+    KVR_RETURN_IF_ERROR(r.status);
+    if (!r.produced) continue;
+    MergeInto(out.slice(static_cast<size_t>((*tasks)[t].g) * group, group), r.partials.view());
+    local.shards_searched += r.stats.shards_searched;
+    local.keys_held += r.stats.keys_held;
+    local.keys_attended += r.stats.keys_attended;
+    local.distance_computations += r.stats.distance_computations;
+    local.keys_estimated += r.stats.keys_estimated;
+    local.clusters_estimated += r.stats.clusters_estimated;
+  }
+  if (stats != nullptr) *stats = local;
+  return absl::OkStatus();
+}
+
+void NodeCore::SearchShard(const Sequence& seq, int32_t layer, int32_t k, bool estimate,
+                           const index::AttendParams& params, ConstMatrixView q,
+                           const SearchTask& task, SearchResult* result) {
+  result->produced = false;
+  result->status = absl::OkStatus();
+  result->stats = AttendStats{};
+  thread_local index::AttendScratch scratch;
+  const size_t group = q.rows();
+  const HeadState& head = seq.head(layer, task.g);
+  index::SearchStats search_stats;
+  index::EstimateStats estimate_stats;
+  AttendStats& local = result->stats;
+  // `summary`: the chunk's estimation summary (null: exact top-k only).
+  auto search = [&](const index::KeyIndex& idx, const ValueMatrix& values,
+                    const index::ClusterSummary* summary) -> absl::Status {
+    if (idx.size() == 0) return absl::OkStatus();
+    index::AttendParams p = params;
+    p.estimate = summary;
+    KVR_RETURN_IF_ERROR(index::Attend(q, idx, values, p, result->partials.view(), &scratch,
+                                      &search_stats, &estimate_stats));
+    result->produced = true;
+    local.shards_searched += 1;
+    local.keys_held += static_cast<int64_t>(idx.size() * group);
+    local.keys_attended +=
+        static_cast<int64_t>(std::min<size_t>(idx.size(), static_cast<size_t>(k)) * group);
+    return absl::OkStatus();
+  };
+  auto search_chunk = [&](const Chunk& c) -> absl::Status {
+    if (c.index == nullptr) return absl::OkStatus();
+    std::shared_ptr<const index::ClusterSummary> summary;
+    if (estimate && c.index->size() > static_cast<size_t>(k)) summary = ChunkSummary(c);
+    return search(*c.index, c.values, summary.get());
+  };
+  // With estimation the tail (at most tail_capacity keys, already scored
+  // in full by its flat search) is attended exactly over all its keys, so
+  // nothing in it needs estimating.
+  auto search_tail = [&]() -> absl::Status {
+    if (head.tail == nullptr || head.tail->size() == 0) return absl::OkStatus();
+    if (!estimate || head.tail->size() <= static_cast<size_t>(k)) {
+      return search(*head.tail, head.tail_values, nullptr);
+    }
+    KVR_RETURN_IF_ERROR(ExactAttention(q, head.tail->keys(), head.tail_values, params.scale,
+                                       result->partials.view()));
+    result->produced = true;
+    const int64_t n_tail = static_cast<int64_t>(head.tail->size());
+    local.shards_searched += 1;
+    local.keys_held += n_tail * static_cast<int64_t>(group);
+    local.keys_attended += n_tail * static_cast<int64_t>(group);
+    search_stats.distance_computations += n_tail * static_cast<int64_t>(group);
+    return absl::OkStatus();
+  };
+  result->status = task.chunk != nullptr ? search_chunk(*task.chunk) : search_tail();
   local.distance_computations = search_stats.distance_computations;
   local.keys_estimated = estimate_stats.keys_estimated;
   local.clusters_estimated = estimate_stats.clusters_estimated;
-  if (stats != nullptr) *stats = local;
-  return absl::OkStatus();
 }
 
 std::shared_ptr<const index::ClusterSummary> NodeCore::ChunkSummary(const Chunk& c) {

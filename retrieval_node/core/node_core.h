@@ -68,6 +68,7 @@
 #include "retrieval_node/core/node_sync.h"
 #include "retrieval_node/core/node_types.h"
 #include "retrieval_node/core/shard_persistence.h"
+#include "retrieval_node/index/attend.h"
 #include "retrieval_node/index/attention_graph_index.h"
 #include "retrieval_node/index/calibrate.h"
 #include "retrieval_node/index/cluster_summary.h"
@@ -156,6 +157,17 @@ struct NodeCoreOptions {
   // --attend_threads; 0 = the `threads` pool runs them). Ignored when
   // `threads` is 0 (everything inline). At most 256.
   size_t attend_threads = 0;
+  // Per-head parallel search within one Attend / AttendBatch item (kvr_node
+  // --search_threads): the item's (kv head, chunk) searches and tails run
+  // on up to this many threads, the item's own thread included, and their
+  // partials are merged in the sequential order, so outputs and stats are
+  // bit-identical to 1. 0 = the pool that runs the item (the attend_threads
+  // pool for batch items, the `threads` pool for single Attends) lends its
+  // idle workers; 1 = sequential on the item's thread; N > 1 = a dedicated
+  // pool of N - 1 helpers. Never deadlocks on a full pool: the item's thread
+  // claims searches itself and only waits for searches another thread
+  // already started. Ignored when `threads` is 0. At most 256.
+  size_t search_threads = 0;
   // Items one AttendBatchAsync / AppendBatchAsync may carry (kvr_node
   // --max_batch_items); more is ResourceExhausted naming max_batch_items.
   // In [1, kMaxBatchItemsLimit].
@@ -476,7 +488,32 @@ class NodeCore final {
   // The lease thread: ExpireLeases every lease_seconds / 4 (at most 1 s)
   // until the destructor stops it.
   void LeaseLoop();
-  absl::Status AttendNow(const AttendRequest& request, PartialsView out, AttendStats* stats);
+  // One Attend, on the caller's thread. `helpers`: the pool that lends
+  // idle workers to its per-(head, chunk) searches when search_threads is 0
+  // (null: none); see NodeCoreOptions::search_threads.
+  absl::Status AttendNow(const AttendRequest& request, PartialsView out, AttendStats* stats,
+                         ThreadPool* helpers);
+  // One (kv head, shard) search of an Attend: chunk `chunk` of head `g` of
+  // the request's layer, or that head's tail when `chunk` is null.
+  struct SearchTask {
+    int32_t g = 0;
+    const Chunk* chunk = nullptr;
+  };
+  // What one SearchTask produced: the partials of the head's `group` query
+  // rows over that shard (merged only when `produced`), and its counts.
+  struct SearchResult {
+    Partials partials;
+    bool produced = false;
+    absl::Status status;
+    AttendStats stats;
+  };
+  // Runs `task` for `q` (the head's query rows) into `result`. Thread-safe:
+  // reads the shard under the caller's shared sequence lock and uses this
+  // thread's own scratch. `k` is the request's k, `estimate` whether to
+  // attend the rest by cluster summaries.
+  void SearchShard(const Sequence& seq, int32_t layer, int32_t k, bool estimate,
+                   const index::AttendParams& params, ConstMatrixView q, const SearchTask& task,
+                   SearchResult* result);
   // Resolves request.shards (non-empty) against `seq`'s layer request.layer
   // (checked by the caller): (*selected)[g] = the slots in head g's chunk
   // list to search, ascending. InvalidArgument naming `shards` for more
@@ -610,6 +647,10 @@ class NodeCore final {
   // Runs AttendBatchAsync items (attend_threads threads; null: pool_ does).
   // Reset first in the destructor.
   std::unique_ptr<ThreadPool> batch_pool_;
+  // Helpers for per-head searches when search_threads > 1 (search_threads -
+  // 1 threads; null otherwise). Reset after pool_ and batch_pool_, whose
+  // Attends schedule onto it.
+  std::unique_ptr<ThreadPool> search_pool_;
   // Runs recalibrations (one thread; null when recalibrate_every is 0).
   // Destroyed after pool_: Attends schedule onto it.
   std::unique_ptr<ThreadPool> recal_pool_;

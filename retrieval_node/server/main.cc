@@ -38,6 +38,11 @@ ABSL_FLAG(int, threads, 0,
 ABSL_FLAG(int, attend_threads, 0,
           "threads searching the items of one AttendBatch in parallel (0: hardware "
           "concurrency)");
+ABSL_FLAG(int, search_threads, 0,
+          "threads searching the (kv head, chunk) shards of one Attend / AttendBatch item in "
+          "parallel, the item's own thread included; outputs are bit-identical to 1 (merged in "
+          "order). 0: the pool running the item lends its idle workers (--attend_threads for "
+          "batch items, --threads for single Attends); 1: sequential; 0 .. 256");
 ABSL_FLAG(int, max_batch_items, 1024,
           "items one AttendBatch / AppendBatch may carry (more: RESOURCE_EXHAUSTED naming "
           "max_batch_items); 1 .. 65536");
@@ -174,6 +179,7 @@ int Main(int argc, char** argv) {
           .InRange("threads", threads_flag, 0, 256)
           .InRange("control_threads", control_threads, 1, 256)
           .InRange("attend_threads", absl::GetFlag(FLAGS_attend_threads), 0, 256)
+          .InRange("search_threads", absl::GetFlag(FLAGS_search_threads), 0, 256)
           .InRange("max_batch_items", absl::GetFlag(FLAGS_max_batch_items), 1,
                    static_cast<int>(kMaxBatchItemsLimit))
           .InRange("upload_threads", absl::GetFlag(FLAGS_upload_threads), 1, 256)
@@ -223,6 +229,7 @@ int Main(int argc, char** argv) {
   core_options.attend_threads = attend_threads > 0
                                     ? static_cast<size_t>(attend_threads)
                                     : std::max<size_t>(1, std::thread::hardware_concurrency());
+  core_options.search_threads = static_cast<size_t>(absl::GetFlag(FLAGS_search_threads));
   core_options.max_batch_items = static_cast<size_t>(absl::GetFlag(FLAGS_max_batch_items));
   core_options.memory_budget_bytes = absl::GetFlag(FLAGS_memory_budget_bytes);
   core_options.upload_memory_bytes = absl::GetFlag(FLAGS_upload_memory_bytes);
@@ -325,6 +332,10 @@ int Main(int argc, char** argv) {
         [svc](const v1::AttendBatchRequest& request, v1::AttendBatchResponse* response,
               std::function<void(absl::Status)> done) {
           svc->HandleAttendBatch(request, response, std::move(done));
+        },
+        [svc](const v1::AppendBatchRequest& request, v1::AppendBatchResponse* response,
+              std::function<void(absl::Status)> done) {
+          svc->HandleAppendBatch(request, response, std::move(done));
         });
     if (!started.ok()) return Fail(started.status().ToString());
     ucx = std::move(started).value();

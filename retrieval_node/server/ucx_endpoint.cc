@@ -82,6 +82,7 @@ struct UcxEndpoint::Impl {
   UcxEndpointOptions options;
   UcxAttendHandler handler;
   UcxAttendBatchHandler batch_handler;
+  UcxAppendBatchHandler append_batch_handler;
   ucp_context_h context = nullptr;
   ucp_worker_h worker = nullptr;
   ucp_listener_h listener = nullptr;
@@ -220,7 +221,15 @@ struct UcxEndpoint::Impl {
   void Dispatch(uint64_t connection, uint64_t call_id, uint32_t version, std::string bytes,
                 Hold hold) {
     if (version == kUcxWireVersionBatch) {
-      DispatchBatch(connection, call_id, std::move(bytes), hold);
+      DispatchMessage<v1::AttendBatchRequest, v1::AttendBatchResponse>(
+          connection, call_id, std::move(bytes), hold, batch_handler, version, "AttendBatch",
+          &ParseUcxAttendBatchRequest);
+      return;
+    }
+    if (version == kUcxWireVersionAppendBatch) {
+      DispatchMessage<v1::AppendBatchRequest, v1::AppendBatchResponse>(
+          connection, call_id, std::move(bytes), hold, append_batch_handler, version,
+          "AppendBatch", &ParseUcxAppendBatchRequest);
       return;
     }
     struct Call {
@@ -237,27 +246,32 @@ struct UcxEndpoint::Impl {
                                                           call_id, hold));
   }
 
-  // An AttendBatch: parsed, handed to batch_handler, answered as Dispatch.
-  void DispatchBatch(uint64_t connection, uint64_t call_id, std::string bytes, Hold hold) {
-    if (batch_handler == nullptr) {
+  // A batch (wire version 3: AttendBatch, 4: AppendBatch): parsed with
+  // `parse`, handed to `serve` (null: FailedPrecondition naming the wire
+  // version), answered as Dispatch.
+  template <typename Request, typename Response, typename Handler>
+  void DispatchMessage(uint64_t connection, uint64_t call_id, std::string bytes, Hold hold,
+                       const Handler& serve, uint32_t version, absl::string_view what,
+                       absl::Status (*parse)(std::string_view, Request*)) {
+    if (serve == nullptr) {
       ReplyError(connection, call_id,
-                 absl::FailedPreconditionError(absl::StrCat(
-                     "UCX wire version ", kUcxWireVersionBatch, " (AttendBatch) not served here")),
+                 absl::FailedPreconditionError(absl::StrCat("UCX wire version ", version, " (",
+                                                            what, ") not served here")),
                  hold);
       return;
     }
     struct Call {
-      v1::AttendBatchRequest request;
-      v1::AttendBatchResponse response;
+      Request request;
+      Response response;
     };
     auto call = std::make_shared<Call>();
-    if (absl::Status st = ParseUcxAttendBatchRequest(bytes, &call->request); !st.ok()) {
+    if (absl::Status st = parse(bytes, &call->request); !st.ok()) {
       ReplyError(connection, call_id, st, hold);
       return;
     }
     bytes = std::string();
-    batch_handler(call->request, &call->response,
-                  ReplyWhenDone(call, &call->response, connection, call_id, hold));
+    serve(call->request, &call->response,
+          ReplyWhenDone(call, &call->response, connection, call_id, hold));
   }
 
   // The completion of a handler: queues the reply (`response` serialized on
@@ -470,7 +484,7 @@ size_t UcxEndpoint::dropped_messages() const { return impl_->dropped_messages.lo
 
 absl::StatusOr<std::unique_ptr<UcxEndpoint>> UcxEndpoint::Start(
     const UcxEndpointOptions& options, UcxAttendHandler handler,
-    UcxAttendBatchHandler batch_handler) {
+    UcxAttendBatchHandler batch_handler, UcxAppendBatchHandler append_batch_handler) {
   std::string host;
   uint16_t port = 0;
   KVR_RETURN_IF_ERROR(ParseUcxAddress(options.listen, &host, &port, "UCX listen address"));
@@ -478,6 +492,7 @@ absl::StatusOr<std::unique_ptr<UcxEndpoint>> UcxEndpoint::Start(
   impl->options = options;
   impl->handler = std::move(handler);
   impl->batch_handler = std::move(batch_handler);
+  impl->append_batch_handler = std::move(append_batch_handler);
   auto fail = [](const char* what, ucs_status_t st) {
     return absl::UnavailableError(absl::StrCat("UCX ", what, ": ", ucs_status_string(st)));
   };

@@ -55,6 +55,11 @@ using UcxAttendBatchHandler = std::function<void(const v1::AttendBatchRequest& r
                                                  v1::AttendBatchResponse* response,
                                                  std::function<void(absl::Status)> done)>;
 
+// Serves one AppendBatch (wire version 4) likewise.
+using UcxAppendBatchHandler = std::function<void(const v1::AppendBatchRequest& request,
+                                                 v1::AppendBatchResponse* response,
+                                                 std::function<void(absl::Status)> done)>;
+
 struct UcxEndpointOptions {
   // "host:port" to listen on; port 0 picks a free port.
   std::string listen = "127.0.0.1:0";
@@ -87,10 +92,12 @@ class UcxEndpoint {
   // thread. Unavailable with the UCX error when UCX cannot start (no usable
   // transport, address in use, ...); InvalidArgument for a bad `listen`.
   // `batch_handler` serves wire-version-3 requests (null: they are answered
-  // FailedPrecondition naming the wire version).
+  // FailedPrecondition naming the wire version); `append_batch_handler`
+  // wire-version-4 requests likewise.
   static absl::StatusOr<std::unique_ptr<UcxEndpoint>> Start(
       const UcxEndpointOptions& options, UcxAttendHandler handler,
-      UcxAttendBatchHandler batch_handler = nullptr);
+      UcxAttendBatchHandler batch_handler = nullptr,
+      UcxAppendBatchHandler append_batch_handler = nullptr);
   // Stops the progress thread, closes every connection and the listener.
   // Replies whose handler completes later are dropped (safely: completions
   // hold a shared reply queue, not this object).

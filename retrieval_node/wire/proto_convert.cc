@@ -258,6 +258,16 @@ void AttendRequestToProto(const AttendRequest& request, v1::AttendRequest* out) 
   }
 }
 
+void AppendRequestToProto(const AppendRequest& request, v1::AppendRequest* out) {
+  out->set_sequence_id(request.sequence_id);
+  out->set_layer(request.layer);
+  out->set_kv_head(request.kv_head);
+  out->set_first_position(request.first_position);
+  out->set_capability(request.capability);
+  PackMatrix(request.keys, out->mutable_keys());
+  PackMatrix(request.values, out->mutable_values());
+}
+
 absl::Status AttendShardsFromProto(const v1::AttendRequest& request, size_t max_shards,
                                    std::vector<HeadChunkRef>* out) {
   out->clear();

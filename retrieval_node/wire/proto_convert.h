@@ -45,6 +45,9 @@ absl::StatusOr<ShardInfo> ShardInfoFromProto(const v1::ShardInfo& info);
 // Fills `out` from `request` (queries packed as fp32, the shard selection as
 // repeated HeadChunk). The clients' one encoder of Attend.
 void AttendRequestToProto(const AttendRequest& request, v1::AttendRequest* out);
+// Fills `out` from `request` (keys and values packed as fp32). The clients'
+// one encoder of Append (gRPC Append / AppendBatch, UCX AppendBatch).
+void AppendRequestToProto(const AppendRequest& request, v1::AppendRequest* out);
 
 // The shard selection of `request` into `out` (cleared first).
 // InvalidArgument naming `shards` when it lists more than `max_shards`

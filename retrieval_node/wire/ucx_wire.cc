@@ -78,10 +78,10 @@ absl::StatusOr<UcxReplyHeader> DecodeUcxReplyHeader(const void* header, size_t l
 absl::Status CheckUcxRequest(const UcxRequestHeader& header, size_t data_length,
                              size_t max_message_bytes) {
   if (header.version != kUcxWireVersion && header.version != kUcxWireVersionShards &&
-      header.version != kUcxWireVersionBatch) {
-    return absl::FailedPreconditionError(
-        absl::StrCat("UCX wire version ", header.version, " not one of the node's ",
-                     kUcxWireVersion, ", ", kUcxWireVersionShards, ", ", kUcxWireVersionBatch));
+      header.version != kUcxWireVersionBatch && header.version != kUcxWireVersionAppendBatch) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "UCX wire version ", header.version, " not one of the node's ", kUcxWireVersion, ", ",
+        kUcxWireVersionShards, ", ", kUcxWireVersionBatch, ", ", kUcxWireVersionAppendBatch));
   }
   if ((header.flags & kUcxFlagPing) != 0) return absl::OkStatus();
   if (data_length > max_message_bytes) {
@@ -168,6 +168,46 @@ absl::Status DecodeUcxAttendBatchReply(const UcxReplyHeader& header, std::string
       continue;
     }
     item.status = CopyReply(response.items(slot), item.out, item.stats);
+  }
+  return absl::OkStatus();
+}
+
+absl::Status ParseUcxAppendBatchRequest(std::string_view data, v1::AppendBatchRequest* out) {
+  if (data.size() > static_cast<size_t>(std::numeric_limits<int>::max()) ||
+      !out->ParseFromArray(data.data(), static_cast<int>(data.size()))) {
+    return absl::InvalidArgumentError(
+        "UCX AppendBatch request is not a kvr.v1.AppendBatchRequest");
+  }
+  return absl::OkStatus();
+}
+
+absl::Status DecodeUcxAppendBatchReply(const UcxReplyHeader& header, std::string_view data,
+                                       size_t max_message_bytes,
+                                       std::span<AppendBatchItem> items) {
+  if (header.version != kUcxWireVersion) {
+    return absl::InternalError(absl::StrCat("UCX reply wire version ", header.version));
+  }
+  if (data.size() > max_message_bytes) {
+    return absl::ResourceExhaustedError(absl::StrCat("UCX AppendBatch reply of ", data.size(),
+                                                     " bytes exceeds max_message_bytes ",
+                                                     max_message_bytes));
+  }
+  if (header.code != 0) return ReplyStatus(header.code, data);
+  v1::AppendBatchResponse response;
+  if (data.size() > static_cast<size_t>(std::numeric_limits<int>::max()) ||
+      !response.ParseFromArray(data.data(), static_cast<int>(data.size()))) {
+    return absl::InternalError("UCX AppendBatch reply is not a kvr.v1.AppendBatchResponse");
+  }
+  if (static_cast<size_t>(response.items_size()) != items.size() ||
+      static_cast<size_t>(response.statuses_size()) != items.size()) {
+    return absl::InternalError(absl::StrCat("UCX AppendBatch reply holds ",
+                                            response.items_size(), " items and ",
+                                            response.statuses_size(), " statuses for ",
+                                            items.size(), " request items"));
+  }
+  for (size_t i = 0; i < items.size(); ++i) {
+    const v1::ItemStatus& s = response.statuses(static_cast<int>(i));
+    items[i].status = s.code() == 0 ? absl::OkStatus() : ReplyStatus(s.code(), s.message());
   }
   return absl::OkStatus();
 }

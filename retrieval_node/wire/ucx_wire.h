@@ -49,6 +49,12 @@ inline constexpr uint32_t kUcxWireVersionShards = 2;
 // i; statuses[i] its outcome). A node that predates it refuses the call
 // (FailedPrecondition: wire version).
 inline constexpr uint32_t kUcxWireVersionBatch = 3;
+// Version 4 (session 26): the data is a kvr.v1.AppendBatchRequest (same AM
+// ids) and an OK reply's data a kvr.v1.AppendBatchResponse (statuses[i]
+// answers request item i, as gRPC's AppendBatch). A node that predates it
+// refuses the call (FailedPrecondition: wire version) before applying any
+// item.
+inline constexpr uint32_t kUcxWireVersionAppendBatch = 4;
 // UcxRequestHeader::flags bit: a connection check; the node replies OK with
 // no data and calls no handler.
 inline constexpr uint32_t kUcxFlagPing = 1;
@@ -71,7 +77,7 @@ absl::StatusOr<UcxRequestHeader> DecodeUcxRequestHeader(const void* header, size
 absl::StatusOr<UcxReplyHeader> DecodeUcxReplyHeader(const void* header, size_t length);
 
 // What the node answers a request before reading its `data_length` bytes:
-// FailedPrecondition for a wire version other than 1, 2 and 3, ResourceExhausted naming
+// FailedPrecondition for a wire version other than 1 to 4, ResourceExhausted naming
 // max_message_bytes for a larger request, OK otherwise (a ping is then
 // answered OK with no data).
 absl::Status CheckUcxRequest(const UcxRequestHeader& header, size_t data_length,
@@ -84,6 +90,19 @@ absl::Status ParseUcxAttendRequest(std::string_view data, v1::AttendRequest* out
 // Parses a version-3 request's data; InvalidArgument when it is not a
 // kvr.v1.AttendBatchRequest.
 absl::Status ParseUcxAttendBatchRequest(std::string_view data, v1::AttendBatchRequest* out);
+
+// Parses a version-4 request's data; InvalidArgument when it is not a
+// kvr.v1.AppendBatchRequest.
+absl::Status ParseUcxAppendBatchRequest(std::string_view data, v1::AppendBatchRequest* out);
+
+// What the client makes of the reply to a version-4 call: the batch's status
+// (the node's error, wire version, max_message_bytes, Internal for data that
+// is not an AppendBatchResponse with one status per request item). On OK
+// every item's status is set (its own, from statuses[i]); on an error no
+// item is touched.
+absl::Status DecodeUcxAppendBatchReply(const UcxReplyHeader& header, std::string_view data,
+                                       size_t max_message_bytes,
+                                       std::span<AppendBatchItem> items);
 
 // What the client makes of the reply to a version-3 call: the batch's status
 // (as DecodeUcxAttendReply: the node's error, wire version, size, Internal

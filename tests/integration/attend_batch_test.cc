@@ -16,7 +16,8 @@
 //    kvr_node_requests_total{method="AttendBatch"|"AppendBatch"} the calls;
 //  * AppendBatch leaves a node holding exactly what per-item Appends leave
 //    (same positions, same Attend results bit for bit); a bad item fails
-//    only its slot;
+//    only its slot; over UCX (wire version 4) its per-item statuses and the
+//    state it leaves equal gRPC's AppendBatch on a twin node;
 //  * the engine's greedy output (stories260K, 4 concurrent sequences) is
 //    token- and logit-identical with attend_batching on and off, and on it
 //    sends one AttendBatch per layer and step and no single Attend;
@@ -527,6 +528,67 @@ TEST(NodeBatchTest, UcxEqualsSingleAttendsAndGrpc) {
   ExpectBadItemsFailAlone(ucx.get(), "UCX");
   ucx.reset();
   EXPECT_TRUE(proc->Stop().has_value());
+}
+
+// UCX AppendBatch (wire version 4, session 26): the same per-item statuses
+// as gRPC's AppendBatch on a twin node, the same state after (AttendBatch
+// results bit for bit), and it really travelled over UCX (the node counted
+// no gRPC AppendBatch).
+TEST(NodeBatchTest, UcxAppendBatchEqualsGrpc) {
+  auto over_ucx = NodeProcess::Start({"--threads=2", "--ucx_listen=127.0.0.1:0"});
+  auto over_grpc = NodeProcess::Start({"--threads=2"});
+  ASSERT_TRUE(over_ucx != nullptr && over_ucx->listening());
+  ASSERT_TRUE(over_grpc != nullptr && over_grpc->listening());
+  auto ucx_or = UcxRetrievalClient::Create(Grpc(over_ucx->address()));
+  ASSERT_TRUE(ucx_or.ok()) << ucx_or.status();
+  std::unique_ptr<UcxRetrievalClient> ucx = std::move(ucx_or).value();
+  if (!ucx->using_ucx()) GTEST_SKIP() << "UCX unavailable here: " << ucx->fallback_reason();
+  auto grpc = Grpc(over_grpc->address());
+  ASSERT_NE(grpc, nullptr);
+  ASSERT_NO_FATAL_FAILURE(Load({ucx.get(), grpc.get()}));
+  std::vector<AppendBatchItem> via_ucx = AppendItems();
+  ASSERT_TRUE(ucx->AppendBatch(via_ucx).ok());
+  std::vector<AppendBatchItem> via_grpc = AppendItems();
+  ASSERT_TRUE(grpc->AppendBatch(via_grpc).ok());
+  ASSERT_EQ(via_ucx.size(), via_grpc.size());
+  for (size_t i = 0; i < via_ucx.size(); ++i) {
+    EXPECT_EQ(via_ucx[i].status, via_grpc[i].status) << "append item " << i;
+    EXPECT_EQ(via_ucx[i].status.ok(), i != 2) << "append item " << i << " " << via_ucx[i].status;
+  }
+  EXPECT_EQ(via_ucx[2].status.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(via_ucx[2].status.message().find("position"), std::string::npos) << via_ucx[2].status;
+  // A wrong capability fails its slot alone, as over gRPC.
+  std::vector<AppendBatchItem> bad = AppendItems();
+  bad.resize(2);
+  bad[1].request.capability = Capability(2);
+  bad[0].request.first_position = 5;
+  std::vector<AppendBatchItem> bad_grpc = bad;
+  ASSERT_TRUE(ucx->AppendBatch(bad).ok());
+  ASSERT_TRUE(grpc->AppendBatch(bad_grpc).ok());
+  EXPECT_EQ(bad[1].status.code(), absl::StatusCode::kPermissionDenied) << bad[1].status;
+  for (size_t i = 0; i < bad.size(); ++i) EXPECT_EQ(bad[i].status, bad_grpc[i].status) << i;
+  Batch x = Batch::Standard(), y = Batch::Standard();
+  ASSERT_TRUE(ucx->AttendBatch(x.items).ok());
+  ASSERT_TRUE(grpc->AttendBatch(y.items).ok());
+  for (size_t i = 0; i < x.items.size(); ++i) {
+    ExpectSamePartials(x.out[i], y.out[i], "after UCX vs gRPC appends item " + std::to_string(i));
+  }
+  // The UCX node served no AppendBatch over gRPC; the twin served two.
+  const std::optional<std::string> page =
+      test_support::HttpGetMetrics(over_ucx->metrics_address());
+  ASSERT_TRUE(page.has_value());
+  EXPECT_EQ(test_support::Get(test_support::ParseExposition(*page), "kvr_node_requests_total",
+                              {{"method", "AppendBatch"}, {"code", "OK"}}),
+            0);
+  const std::optional<std::string> twin =
+      test_support::HttpGetMetrics(over_grpc->metrics_address());
+  ASSERT_TRUE(twin.has_value());
+  EXPECT_EQ(test_support::Get(test_support::ParseExposition(*twin), "kvr_node_requests_total",
+                              {{"method", "AppendBatch"}, {"code", "OK"}}),
+            2);
+  ucx.reset();
+  EXPECT_TRUE(over_ucx->Stop().has_value());
+  EXPECT_TRUE(over_grpc->Stop().has_value());
 }
 
 TEST(NodeBatchTest, LimitsRejectedNamingThem) {
