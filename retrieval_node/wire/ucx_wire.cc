@@ -65,6 +65,36 @@ absl::Status CopyReply(const v1::AttendResponse& response, PartialsView out, Att
   return absl::OkStatus();
 }
 
+// The checks every batch reply passes before its items are read: wire
+// version, size (ResourceExhausted naming max_message_bytes), the node's
+// error, a `Response` (named `type`) that parses, and exactly `n` items and
+// `n` statuses (Internal otherwise). `what` names the call.
+template <typename Response>
+absl::Status ParseBatchReply(const UcxReplyHeader& header, std::string_view data,
+                             size_t max_message_bytes, size_t n, absl::string_view what,
+                             absl::string_view type, Response* response) {
+  if (header.version != kUcxWireVersion) {
+    return absl::InternalError(absl::StrCat("UCX reply wire version ", header.version));
+  }
+  if (data.size() > max_message_bytes) {
+    return absl::ResourceExhaustedError(absl::StrCat("UCX ", what, " reply of ", data.size(),
+                                                     " bytes exceeds max_message_bytes ",
+                                                     max_message_bytes));
+  }
+  if (header.code != 0) return ReplyStatus(header.code, data);
+  if (data.size() > static_cast<size_t>(std::numeric_limits<int>::max()) ||
+      !response->ParseFromArray(data.data(), static_cast<int>(data.size()))) {
+    return absl::InternalError(absl::StrCat("UCX ", what, " reply is not a ", type));
+  }
+  if (static_cast<size_t>(response->items_size()) != n ||
+      static_cast<size_t>(response->statuses_size()) != n) {
+    return absl::InternalError(absl::StrCat("UCX ", what, " reply holds ", response->items_size(),
+                                            " items and ", response->statuses_size(),
+                                            " statuses for ", n, " request items"));
+  }
+  return absl::OkStatus();
+}
+
 }  // namespace
 
 absl::StatusOr<UcxRequestHeader> DecodeUcxRequestHeader(const void* header, size_t length) {
@@ -138,27 +168,9 @@ absl::Status ParseUcxAttendBatchRequest(std::string_view data, v1::AttendBatchRe
 absl::Status DecodeUcxAttendBatchReply(const UcxReplyHeader& header, std::string_view data,
                                        size_t max_message_bytes,
                                        std::span<AttendBatchItem> items) {
-  if (header.version != kUcxWireVersion) {
-    return absl::InternalError(absl::StrCat("UCX reply wire version ", header.version));
-  }
-  if (data.size() > max_message_bytes) {
-    return absl::ResourceExhaustedError(absl::StrCat("UCX AttendBatch reply of ", data.size(),
-                                                     " bytes exceeds max_message_bytes ",
-                                                     max_message_bytes));
-  }
-  if (header.code != 0) return ReplyStatus(header.code, data);
   v1::AttendBatchResponse response;
-  if (data.size() > static_cast<size_t>(std::numeric_limits<int>::max()) ||
-      !response.ParseFromArray(data.data(), static_cast<int>(data.size()))) {
-    return absl::InternalError("UCX AttendBatch reply is not a kvr.v1.AttendBatchResponse");
-  }
-  if (static_cast<size_t>(response.items_size()) != items.size() ||
-      static_cast<size_t>(response.statuses_size()) != items.size()) {
-    return absl::InternalError(absl::StrCat("UCX AttendBatch reply holds ",
-                                            response.items_size(), " items and ",
-                                            response.statuses_size(), " statuses for ",
-                                            items.size(), " request items"));
-  }
+  KVR_RETURN_IF_ERROR(ParseBatchReply(header, data, max_message_bytes, items.size(),
+                                      "AttendBatch", "kvr.v1.AttendBatchResponse", &response));
   for (size_t i = 0; i < items.size(); ++i) {
     const int slot = static_cast<int>(i);
     const int32_t code = response.statuses(slot).code();
@@ -184,27 +196,9 @@ absl::Status ParseUcxAppendBatchRequest(std::string_view data, v1::AppendBatchRe
 absl::Status DecodeUcxAppendBatchReply(const UcxReplyHeader& header, std::string_view data,
                                        size_t max_message_bytes,
                                        std::span<AppendBatchItem> items) {
-  if (header.version != kUcxWireVersion) {
-    return absl::InternalError(absl::StrCat("UCX reply wire version ", header.version));
-  }
-  if (data.size() > max_message_bytes) {
-    return absl::ResourceExhaustedError(absl::StrCat("UCX AppendBatch reply of ", data.size(),
-                                                     " bytes exceeds max_message_bytes ",
-                                                     max_message_bytes));
-  }
-  if (header.code != 0) return ReplyStatus(header.code, data);
   v1::AppendBatchResponse response;
-  if (data.size() > static_cast<size_t>(std::numeric_limits<int>::max()) ||
-      !response.ParseFromArray(data.data(), static_cast<int>(data.size()))) {
-    return absl::InternalError("UCX AppendBatch reply is not a kvr.v1.AppendBatchResponse");
-  }
-  if (static_cast<size_t>(response.items_size()) != items.size() ||
-      static_cast<size_t>(response.statuses_size()) != items.size()) {
-    return absl::InternalError(absl::StrCat("UCX AppendBatch reply holds ",
-                                            response.items_size(), " items and ",
-                                            response.statuses_size(), " statuses for ",
-                                            items.size(), " request items"));
-  }
+  KVR_RETURN_IF_ERROR(ParseBatchReply(header, data, max_message_bytes, items.size(),
+                                      "AppendBatch", "kvr.v1.AppendBatchResponse", &response));
   for (size_t i = 0; i < items.size(); ++i) {
     const v1::ItemStatus& s = response.statuses(static_cast<int>(i));
     items[i].status = s.code() == 0 ? absl::OkStatus() : ReplyStatus(s.code(), s.message());

@@ -46,6 +46,7 @@
 #include "retrieval_node/client/in_process_client.h"
 #include "retrieval_node/client/multi_node_client.h"
 #include "retrieval_node/client/ucx_retrieval_client.h"
+#include "tests/support/chunked_sequence.h"
 #include "tests/support/forwarding_client.h"
 #include "tests/support/metrics_page.h"
 #include "tests/support/server_process.h"
@@ -85,43 +86,9 @@ SequenceSpec Spec(int s) {
 // (layer, kv head) and an appended tail, on every client.
 void Load(const std::vector<RetrievalClient*>& clients) {
   for (int s = 0; s < kSequences; ++s) {
-    for (RetrievalClient* c : clients) {
-      const absl::Status st = c->CreateSequence(Spec(s), Capability(s));
-      ASSERT_TRUE(st.ok()) << st;
-    }
-    for (int layer = 0; layer < kLayers; ++layer) {
-      for (int g = 0; g < kKvHeads; ++g) {
-        const uint32_t seed = static_cast<uint32_t>(s * 1000 + layer * 100 + g * 10);
-        for (int c = 0; c < kChunks; ++c) {
-          const Matrix keys = RandomMatrix(kChunkKeys, kDim, seed + c, 0.5f);
-          const Matrix values = RandomMatrix(kChunkKeys, kDim, seed + c + 500);
-          ShardUpload up;
-          up.key = ShardKey{SeqId(s), layer, g, c};
-          up.first_position = int64_t{c} * kChunkKeys;
-          up.keys = keys.view();
-          up.values = values.view();
-          up.capability = Capability(s);
-          for (RetrievalClient* client : clients) {
-            const absl::Status st = client->UploadShard(up);
-            ASSERT_TRUE(st.ok()) << st;
-          }
-        }
-        const Matrix keys = RandomMatrix(kAppended, kDim, seed + 7, 0.5f);
-        const Matrix values = RandomMatrix(kAppended, kDim, seed + 8);
-        AppendRequest a;
-        a.sequence_id = SeqId(s);
-        a.layer = layer;
-        a.kv_head = g;
-        a.first_position = int64_t{kChunks} * kChunkKeys;
-        a.keys = keys.view();
-        a.values = values.view();
-        a.capability = Capability(s);
-        for (RetrievalClient* client : clients) {
-          const absl::Status st = client->Append(a);
-          ASSERT_TRUE(st.ok()) << st;
-        }
-      }
-    }
+    ASSERT_NO_FATAL_FAILURE(test_support::LoadChunkedSequence(
+        clients, Spec(s), Capability(s), static_cast<uint32_t>(s * 1000), kChunks, kChunkKeys,
+        kAppended));
   }
 }
 

@@ -24,6 +24,7 @@
 
 #include "gtest/gtest.h"
 #include "retrieval_node/client/in_process_client.h"
+#include "tests/support/chunked_sequence.h"
 #include "tests/support/test_data.h"
 
 namespace kvr::retrieval {
@@ -56,6 +57,7 @@ std::unique_ptr<InProcessRetrievalClient> Node(size_t search_threads, size_t thr
 // kSequences sequences (one per index kind), kChunks chunks per (layer, kv
 // head) and an appended tail, the same on every node.
 void Load(const std::vector<InProcessRetrievalClient*>& nodes) {
+  const std::vector<RetrievalClient*> clients(nodes.begin(), nodes.end());
   for (int s = 0; s < kSequences; ++s) {
     SequenceSpec spec;
     spec.sequence_id = SeqId(s);
@@ -64,40 +66,9 @@ void Load(const std::vector<InProcessRetrievalClient*>& nodes) {
     spec.n_kv_heads = kKvHeads;
     spec.head_dim = kDim;
     spec.index_type = kKinds[s];
-    for (auto* n : nodes) ASSERT_TRUE(n->CreateSequence(spec, Capability(s)).ok());
-    for (int layer = 0; layer < kLayers; ++layer) {
-      for (int g = 0; g < kKvHeads; ++g) {
-        const uint32_t seed = static_cast<uint32_t>(s * 1000 + layer * 100 + g * 10);
-        for (int c = 0; c < kChunks; ++c) {
-          const Matrix keys = RandomMatrix(kChunkKeys, kDim, seed + c, 0.5f);
-          const Matrix values = RandomMatrix(kChunkKeys, kDim, seed + c + 500);
-          ShardUpload up;
-          up.key = ShardKey{SeqId(s), layer, g, c};
-          up.first_position = int64_t{c} * kChunkKeys;
-          up.keys = keys.view();
-          up.values = values.view();
-          up.capability = Capability(s);
-          for (auto* n : nodes) {
-            const absl::Status st = n->UploadShard(up);
-            ASSERT_TRUE(st.ok()) << st;
-          }
-        }
-        const Matrix keys = RandomMatrix(kAppended, kDim, seed + 7, 0.5f);
-        const Matrix values = RandomMatrix(kAppended, kDim, seed + 8);
-        AppendRequest a;
-        a.sequence_id = SeqId(s);
-        a.layer = layer;
-        a.kv_head = g;
-        a.first_position = int64_t{kChunks} * kChunkKeys;
-        a.keys = keys.view();
-        a.values = values.view();
-        a.capability = Capability(s);
-        for (auto* n : nodes) {
-          const absl::Status st = n->Append(a);
-          ASSERT_TRUE(st.ok()) << st;
-        }
-      }
-    }
+    ASSERT_NO_FATAL_FAILURE(test_support::LoadChunkedSequence(
+        clients, spec, Capability(s), static_cast<uint32_t>(s * 1000), kChunks, kChunkKeys,
+        kAppended));
   }
 }
 
