@@ -13,8 +13,9 @@
 // stays cheap; everything else reaches the service as sent.
 //
 // Checks, besides "no crash, no sanitizer report": an OK Generate stream
-// ends with a summary whose completion_tokens equals the tokens streamed
-// and is at most max_tokens; Tokenize ids lie in the vocabulary;
+// ends with one summary per choice (n x prompts; GenerateFinal.index) whose
+// completion_tokens equals the tokens streamed for that index and is at
+// most max_tokens; Tokenize ids lie in the vocabulary;
 // GetModelInfo reports the model's vocabulary; and once the input's
 // requests have ended the scheduler holds no request and the node no
 // sequence and no accounted memory (polled, 10 s).
@@ -22,6 +23,7 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
+#include <map>
 #include <memory>
 #include <string>
 #include <thread>
@@ -128,6 +130,16 @@ void Cap(v1::GenerateRequest* r) {
       a->chunk_tokens() < kMinLongChunk) {
     a->set_chunk_tokens(kMinLongChunk);
   }
+  // Several choices (n, prompts) stay cheap: at most 3 choices of at most 2
+  // prompts (out-of-range values still reach the service as sent).
+  if (r->has_n() && r->n() > 3 && r->n() <= 16) r->set_n(3);
+  while (r->prompts_size() > 2 && r->prompts_size() <= 16) r->mutable_prompts()->RemoveLast();
+  for (v1::Prompt& p : *r->mutable_prompts()) {
+    if (p.text().size() > kLongPromptBytes) p.mutable_text()->resize(kLongPromptBytes);
+    if (p.has_tokens() && p.tokens().ids_size() > kLongPromptIds) {
+      p.mutable_tokens()->mutable_ids()->Truncate(kLongPromptIds);
+    }
+  }
 }
 
 class Session {
@@ -228,28 +240,35 @@ class Session {
     kvr::fuzz::SetDeadline(&c, kDeadlineMs);
     std::unique_ptr<grpc::ClientReader<v1::GenerateResponse>> reader = w_.stub->Generate(&c, r);
     v1::GenerateResponse m;
-    int64_t tokens = 0;
-    bool summary = false;
-    int64_t completion = -1;
+    // Per choice (GenerateChunk / GenerateFinal index; one for n = 1).
+    std::map<int32_t, int64_t> tokens, completion;
+    int64_t finals = 0;
     while (reader->Read(&m)) {
       if (cancel) c.TryCancel();
-      if (m.has_chunk()) tokens += m.chunk().token_ids_size();
+      if (m.has_chunk()) tokens[m.chunk().index()] += m.chunk().token_ids_size();
       if (m.has_summary()) {
-        summary = true;
-        completion = m.summary().usage().completion_tokens();
+        ++finals;
+        completion[m.summary().index()] = m.summary().usage().completion_tokens();
       }
     }
     const grpc::Status st = reader->Finish();
     if (std::getenv("KVR_FUZZ_TRACE") != nullptr) {  // what the seeds reach
-      std::fprintf(stderr, "Generate: %d %s (%lld tokens)\n", st.error_code(),
-                   st.error_message().c_str(), static_cast<long long>(tokens));
+      std::fprintf(stderr, "Generate: %d %s (%zu choices)\n", st.error_code(),
+                   st.error_message().c_str(), completion.size());
     }
     if (!st.ok() || cancel) return;
-    if (!summary) Fail("Generate OK without a summary");
-    if (completion != tokens || completion > r.max_tokens()) {
-      Fail("Generate OK with completion_tokens " + std::to_string(completion) + ", " +
-           std::to_string(tokens) + " tokens streamed, max_tokens " +
-           std::to_string(r.max_tokens()));
+    const int64_t choices = int64_t{r.has_n() ? r.n() : 1} * std::max(1, r.prompts_size());
+    if (finals != choices || static_cast<int64_t>(completion.size()) != choices) {
+      Fail("Generate OK with " + std::to_string(finals) + " summaries for " +
+           std::to_string(choices) + " choices");
+    }
+    for (const auto& [index, done] : completion) {
+      const int64_t streamed = tokens.count(index) != 0 ? tokens.at(index) : 0;
+      if (index < 0 || index >= choices || done != streamed || done > r.max_tokens()) {
+        Fail("Generate OK with choice " + std::to_string(index) + " completion_tokens " +
+             std::to_string(done) + ", " + std::to_string(streamed) +
+             " tokens streamed, max_tokens " + std::to_string(r.max_tokens()));
+      }
     }
   }
 

@@ -317,9 +317,10 @@ GenerationScheduler::SequenceMemory GenerationScheduler::MemoryOf(
     m.host = m.host > kMax - more.host ? kMax : m.host + more.host;
     m.device = m.device > kMax - more.device ? kMax : m.device + more.device;
   };
-  // Each fork holds a sequence of its own (its echo scratch is the
-  // primary's, computed once).
-  for (const GenerationWork& f : work.forks) add(MemoryOf(f.attention));
+  // Each fork holds a sequence of its own, and reserves what it needs if it
+  // runs alone (the fallback when the nodes cannot fork: its own echo
+  // scratch); Ended returns exactly MemoryOf(fork) for each.
+  for (const GenerationWork& f : work.forks) add(MemoryOf(f));
   if (!work.echo || work.logprobs < 0) return m;
   AttentionOptions full;
   full.mode = AttentionMode::kFull;

@@ -267,7 +267,7 @@ class GenerationScheduler {
   SequenceMemory MemoryOf(const AttentionOptions& attention) const;
   // What `work` holds while it runs: its sequence, plus, with echo and
   // logprobs, the scratch full-attention sequence that scores its prompt
-  // (PromptLogprobs). Saturates likewise.
+  // (PromptLogprobs), plus MemoryOf each of its forks. Saturates likewise.
   SequenceMemory MemoryOf(const GenerationWork& work) const;
   // Whether a request that failed with `why` is to be recomputed
   // (SchedulerOptions::max_recomputes).

@@ -153,11 +153,14 @@ struct HttpCall {
 // demultiplexer reads on by itself (the readers take the choices one after
 // the other, so none may hold the stream back): at most the whole
 // response (n x prompts choices of at most max_tokens each) is buffered.
-// Prefill progress goes to choice 0; an index out of range is dropped.
+// Prefill progress goes to choice 0; an index out of range is dropped. The
+// last choice's reader (readers go in index order) ends only when the call
+// has finished, so a client that has the whole response finds the call's
+// API key slot free again (a choice ended at its final would answer first).
 struct ChoiceDemux {
   std::vector<std::shared_ptr<HttpCall>> calls;  // choice index order
   std::mutex mu;
-  std::vector<uint8_t> done;  // per choice: its final arrived (its events finished)
+  std::vector<uint8_t> done;  // per choice: its events finished
   std::weak_ptr<GenerateCall> call;
 
   void OnResponse(v1::GenerateResponse r) {
@@ -175,7 +178,7 @@ struct ChoiceDemux {
           done[static_cast<size_t>(index)] == 0) {
         HttpCall& c = *calls[static_cast<size_t>(index)];
         c.events.Push(std::move(r));
-        if (final) {
+        if (final && index + 1 < static_cast<int64_t>(calls.size())) {
           done[static_cast<size_t>(index)] = 1;
           c.events.Finish(grpc::Status::OK);
         }

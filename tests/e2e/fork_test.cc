@@ -40,6 +40,7 @@
 #include "kvr/v1/retrieval.grpc.pb.h"
 #include "nlohmann/json.hpp"
 #include "tests/support/gateway_process.h"
+#include "tests/support/generate_stream.h"
 #include "tests/support/metrics_page.h"
 #include "tests/support/server_process.h"
 
@@ -74,23 +75,16 @@ struct Choices {
 };
 
 Choices Read(v1::Generation::Stub* stub, const v1::GenerateRequest& request) {
+  const test_support::GenerateChoices got =
+      test_support::ReadGenerateChoices(stub, request, kCallTimeout);
   Choices out;
-  grpc::ClientContext ctx;
-  ctx.set_deadline(std::chrono::system_clock::now() + kCallTimeout);
-  auto reader = stub->Generate(&ctx, request);
-  v1::GenerateResponse msg;
-  while (reader->Read(&msg)) {
-    if (msg.has_chunk()) {
-      const int i = msg.chunk().index();
-      out.tokens[i].insert(out.tokens[i].end(), msg.chunk().token_ids().begin(),
-                           msg.chunk().token_ids().end());
-      out.text[i] += msg.chunk().text();
-    } else if (msg.has_summary()) {
-      out.finals[msg.summary().index()] = msg.summary();
-      ++out.finals_seen;
-    }
+  out.status = got.status;
+  out.finals_seen = got.finals;
+  for (const auto& [index, choice] : got.by_index) {
+    out.tokens[index] = choice.tokens;
+    out.text[index] = choice.text;
+    if (choice.summary.has_value()) out.finals[index] = *choice.summary;
   }
-  out.status = reader->Finish();
   return out;
 }
 

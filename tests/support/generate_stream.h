@@ -6,6 +6,7 @@
 
 #include <chrono>
 #include <cstdint>
+#include <map>
 #include <optional>
 #include <string>
 #include <utility>
@@ -48,6 +49,36 @@ inline GenerateStream ReadGenerate(
   v1::GenerateResponse msg;
   while (reader->Read(&msg)) out.Append(msg);
   out.status = reader->Finish();
+  return out;
+}
+
+// A stream of several choices (GenerateRequest.n / prompts): each choice's
+// chunks and final, by GenerateChunk.index / GenerateFinal.index, and the
+// call's status (in every choice's `status` too).
+struct GenerateChoices {
+  std::map<int, GenerateStream> by_index;
+  int finals = 0;  // GenerateFinal messages received
+  grpc::Status status;
+};
+
+// ReadGenerate for a stream of several choices.
+inline GenerateChoices ReadGenerateChoices(v1::Generation::Stub* stub,
+                                           const v1::GenerateRequest& request,
+                                           std::chrono::milliseconds timeout) {
+  GenerateChoices out;
+  grpc::ClientContext ctx;
+  ctx.set_deadline(std::chrono::system_clock::now() + timeout);
+  auto reader = stub->Generate(&ctx, request);
+  v1::GenerateResponse msg;
+  while (reader->Read(&msg)) {
+    if (msg.has_chunk()) out.by_index[msg.chunk().index()].Append(msg);
+    if (msg.has_summary()) {
+      out.by_index[msg.summary().index()].Append(msg);
+      ++out.finals;
+    }
+  }
+  out.status = reader->Finish();
+  for (auto& [index, choice] : out.by_index) choice.status = out.status;
   return out;
 }
 

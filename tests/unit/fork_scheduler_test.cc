@@ -9,7 +9,8 @@
 //    tokens: the fallback changes cost, never output;
 //  * Submit reserves every choice's memory: a budget that holds 2 of 3
 //    sequences refuses the group (RESOURCE_EXHAUSTED naming the flag), and
-//    the reservation returns to 0 after a served group;
+//    the reservation returns to 0 after a served group (echo + logprobs
+//    included);
 //  * validation: a fork with another prompt, a fork with resume_tokens and
 //    forks with resume_tokens are refused naming n.
 #include <chrono>
@@ -170,6 +171,19 @@ TEST_F(ForkSchedulerTest, SubmitReservesEveryChoicesMemory) {
   ASSERT_TRUE(s->Submit(Group(1, outs)).ok());
   for (Outcome& o : outs) Wait(o);
   EXPECT_EQ(s->load().reserved_bytes, 0);
+  // With echo + logprobs: what Submit reserved for the group is exactly
+  // what the choices' ends return (the prompt scored once, by choice 0).
+  auto big = Scheduler(engine.get(), int64_t{1} << 40);
+  std::vector<Outcome> echoed(2);
+  GenerationWork group = Group(1, echoed);
+  for (GenerationWork* w : {&group, &group.forks[0]}) {
+    w->echo = true;
+    w->logprobs = 1;
+  }
+  ASSERT_TRUE(big->Submit(std::move(group)).ok());
+  EXPECT_GT(big->load().reserved_bytes, 2 * one);
+  for (Outcome& o : echoed) Wait(o);
+  EXPECT_EQ(big->load().reserved_bytes, 0);
 }
 
 TEST_F(ForkSchedulerTest, ValidationRefusesMismatchedForks) {
