@@ -78,9 +78,35 @@ class EstimateScratch {
   std::vector<float> var_scores;    // per cluster q^2 . var
 };
 
+// The clustering half of ClusterSummary::Build (k-means over the keys
+// only): what a background builder computes without holding the lock that
+// guards the values (ClusterSummary::Plan / FromPlan).
+struct ClusterPlan {
+  Matrix centroids;                  // k x d, unit norm
+  std::vector<uint32_t> assignment;  // per key: its cluster
+  bool second_order = false;
+};
+
 class ClusterSummary {
  public:
   ClusterSummary() = default;
+
+  // The k-means of Build over `keys` (n x d, finite, n >= 1), k =
+  // min(options.clusters, n); touches no values. InvalidArgument: n == 0,
+  // options.clusters outside [kMinEstimateClusters, kMaxEstimateClusters].
+  // Counts one run in PlansOnThisThread(). `pool` may be null.
+  static absl::StatusOr<ClusterPlan> Plan(ConstMatrixView keys,
+                                          const ClusterSummaryOptions& options,
+                                          ThreadPool* pool);
+  // The summary of `plan` over keys / values rows [0, plan.assignment.size())
+  // (`keys` must be the rows Plan clustered, values.rows() >= that many).
+  // InvalidArgument on shape mismatches.
+  static absl::StatusOr<ClusterSummary> FromPlan(const ClusterPlan& plan, ConstMatrixView keys,
+                                                 const ValueMatrix& values);
+  // Plan calls (k-means runs) made by the calling thread so far: lets a test
+  // show that an Attend thread never clusters (the node builds summaries on
+  // its own thread).
+  static int64_t PlansOnThisThread();
 
   // Clusters keys (n x d, finite, n >= 1) with k = min(options.clusters, n)
   // and sums keys and values (values.rows() == n) per cluster.

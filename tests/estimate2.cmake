@@ -1,0 +1,4 @@
+# Issue 18, session 26: summaries clustered off the Attend path, and the
+# refined (two-level) estimate.
+kvr_test(node_estimate2_test SOURCES unit/node_estimate2_test.cc
+  DEPS kvr::node_core LABELS unit TIMEOUT 120)
