@@ -1467,6 +1467,14 @@ absl::Status NodeCore::AttendNow(const AttendRequest& request, PartialsView out,
   return absl::OkStatus();
 }
 
+namespace {
+// Keys x clusters of the largest summary an Attend clusters itself (a
+// k-means of ~1 ms or less: 16384 x d 128 x 6 iterations ~ 13 MFLOP): small
+// chunks (a small model's, a short prompt's) get their estimate from the
+// first Attend on, deterministically; larger ones go to the summary thread.
+constexpr size_t kMaxInlineSummaryWork = 16384;
+}  // namespace
+
 size_t NodeCore::SummaryClusters(size_t n) const {
   // Clusters of at least kMinKeysPerEstimateCluster keys on average: a
   // summary with about as many clusters as keys would be exact attention at
@@ -1489,7 +1497,7 @@ std::shared_ptr<const index::ClusterSummary> NodeCore::ChunkSummary(
   const bool grow = slot.summary != nullptr && slot.summary->clusters() < want &&
                     n >= 2 * slot.summary->size();
   const bool extend = slot.summary != nullptr && slot.summary->size() < n && !grow;
-  if (summary_pool_ != nullptr && !extend) {
+  if (summary_pool_ != nullptr && !extend && n * want > kMaxInlineSummaryWork) {
     // Clustering is the summary thread's work: exact attention until then
     // (an outgrown summary no longer covers the chunk's keys).
     QueueSummaryLocked(seq, layer, kv_head, c);

@@ -117,7 +117,9 @@ struct NodeCoreOptions {
   // thread of the node, never inside an Attend: a chunk is attended exactly
   // until its summary exists (an Attend that finds none, or one that should
   // be re-clustered, queues the build; with `estimate` on, UploadShard queues
-  // it at once). Keys a seal appends to a chunk join its existing clusters
+  // it at once). Exception: a chunk whose keys x clusters is at most 16384
+  // (a k-means of ~1 ms; a small model's chunks) is clustered by the Attend
+  // itself, so small models estimate deterministically from the first token. Keys a seal appends to a chunk join its existing clusters
   // inside the next estimating Attend (nearest centroid, no k-means). false
   // (tests; also when `threads` is 0): the first estimating Attend clusters
   // inline, as before session 26.

@@ -216,7 +216,7 @@ void ClusterSummary::Estimate(std::span<const float> q, float scale,
     if (s.var_scores.size() < k) s.var_scores.resize(k);
     for (size_t t = 0; t < d; ++t) s.q2[t] = q[t] * q[t];
     simd::Active().dot_batch(s.q2.data(), key_var_.data.data(), k, d, d, s.var_scores.data());
-    for (size_t c = 0; c < k; ++c) s.scores[c] += half_s2 * s.var_scores[c];
+    for (size_t c = 0; c < k; ++c) s.scores[c] += std::log1p(half_s2 * s.var_scores[c]);
   }
   for (const uint32_t c : s.touched) {
     const int64_t left = count_[c] - static_cast<int64_t>(s.excluded[c]);
@@ -238,7 +238,7 @@ void ClusterSummary::Estimate(std::span<const float> q, float scale,
         const double mean = (ks[t] - ka[t]) * inv;
         var_term += double(s.q2[t]) * std::max(0.0, (sq[t] - sa[t]) * inv - mean * mean);
       }
-      s.scores[c] += half_s2 * static_cast<float>(var_term);
+      s.scores[c] += static_cast<float>(std::log1p(half_s2 * var_term));
     }
   }
   float mx = kNegInf;
