@@ -7,7 +7,7 @@
 //
 // Per family (one shard of n_keys keys, bf16 values, one thread), for the
 // first-order estimator ("e1", before session 26) and the second-order one
-// ("e2", ClusterSummaryOptions::second_order, the default since) in one run:
+// ("e2", ClusterSummaryOptions::second_order, session 26; off by default) in one run:
 //  * relative L2 error of the attention output against full attention for
 //    exact top-k (flat), exact top-k + e1 / + e2, IVF top-k, IVF + e1 / + e2;
 //  * the IVF nprobe self-calibrated (index/calibrate.h CalibrateEffort on
@@ -292,7 +292,7 @@ int main(int argc, char** argv) {
               absl::GetFlag(FLAGS_k), absl::GetFlag(FLAGS_clusters), absl::GetFlag(FLAGS_n_test));
   std::printf("output error vs full attention (relative L2, mean over queries); Attend us/query "
               "with IVF\n");
-  std::printf("e1 = first-order estimate (mean key), e2 = second-order (the default); IVF at the "
+  std::printf("e1 = first-order estimate (mean key), e2 = second-order; IVF at the "
               "self-calibrated nprobe, its recall@k on the decode queries\n");
   std::printf("%-10s %7s %7s %7s %6s %6s %7s %7s %7s %8s %8s %8s %6s %6s %7s %7s\n", "family",
               "exact", "exact+e1", "exact+e2", "nprobe", "recall", "ivf", "ivf+e1", "ivf+e2",

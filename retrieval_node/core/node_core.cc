@@ -1513,6 +1513,7 @@ std::shared_ptr<const index::ClusterSummary> NodeCore::ChunkSummary(
   } else {
     index::ClusterSummaryOptions o;
     o.clusters = want;
+    o.second_order = options_.estimate_second_order;
     absl::StatusOr<index::ClusterSummary> built =
         index::ClusterSummary::Build(c.index->keys(), c.values, o, nullptr);
     if (!built.ok()) {
@@ -1580,6 +1581,7 @@ void NodeCore::RefreshSummary(const std::shared_ptr<Sequence>& seq, int32_t laye
   }
   index::ClusterSummaryOptions o;
   o.clusters = SummaryClusters(keys_of->size());
+  o.second_order = options_.estimate_second_order;
   absl::StatusOr<index::ClusterPlan> plan =
       index::ClusterSummary::Plan(keys_of->keys(), o, nullptr);
   std::shared_lock<std::shared_mutex> lock(seq->mu);

@@ -129,6 +129,9 @@ struct NodeCoreOptions {
   // n keys gets min(this, max(1, n / 16)) (index::kMinKeysPerEstimateCluster),
   // re-clustered when it has doubled since its summary was built.
   size_t estimate_clusters_per_chunk = 256;
+  // The summaries' second-order term (kvr_node --estimate_second_order;
+  // index::ClusterSummaryOptions::second_order).
+  bool estimate_second_order = false;
   // Recalibration on decode queries (kvr_node --recalibrate_every): every
   // this many decode queries a (sequence, layer, kv head) records in its
   // ring, the node re-calibrates the search effort of that head's non-flat

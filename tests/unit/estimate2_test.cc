@@ -130,9 +130,9 @@ TEST(Estimate2Test, SingleKeyClustersAreExactWithoutDoubleCounting) {
   const size_t n = 300, d = 16, dv = 12;
   const Matrix keys = RandomMatrix(n, d, 21), vals = RandomMatrix(n, dv, 22);
   const ValueMatrix values = ValueMatrix::FromFloat(DType::kF32, vals.view());
-  auto s = ClusterSummary::Build(keys.view(), values, {.clusters = n}, nullptr);
+  auto s = ClusterSummary::Build(keys.view(), values, {.clusters = n, .second_order = true},
+                                 nullptr);
   ASSERT_TRUE(s.ok()) << s.status();
-  ASSERT_TRUE(s->second_order());  // the default
   for (size_t c = 0; c < s->clusters(); ++c) ASSERT_EQ(s->count(c), 1) << "cluster " << c;
   const Matrix queries = RandomMatrix(6, d, 23);
   const float scale = 1.0f / std::sqrt(static_cast<float>(d));
@@ -175,7 +175,7 @@ TEST(Estimate2Test, SecondOrderAppendsEqualRebuild) {
   const ValueMatrix prefix =
       ValueMatrix::FromFloat(DType::kBf16, ConstMatrixView(vals.data.data(), 1200, dv));
   auto grown = ClusterSummary::Build(ConstMatrixView(keys.data.data(), 1200, d), prefix,
-                                     {.clusters = 30}, nullptr);
+                                     {.clusters = 30, .second_order = true}, nullptr);
   ASSERT_TRUE(grown.ok()) << grown.status();
   ASSERT_TRUE(grown->Append(keys.view(), all).ok());
   ClusterPlan plan;
