@@ -109,9 +109,9 @@ struct NodeCoreOptions {
   std::function<void()> before_seal_build;
   // Remainder estimation (kvr_node --estimate; issue 18): what an Attend
   // whose request says EstimateMode::kDefault does. Chunk summaries are
-  // built at a chunk's first estimating Attend (then extended as seals
-  // append keys) and counted in memory_budget_bytes; a chunk whose summary
-  // does not fit is attended exactly.
+  // built when needed (see background_summaries; extended as seals append
+  // keys) and counted in memory_budget_bytes; a chunk whose summary does
+  // not fit is attended exactly.
   bool estimate = false;
   // Where chunk summaries are clustered (k-means). true: on a summary
   // thread of the node, never inside an Attend: a chunk is attended exactly
