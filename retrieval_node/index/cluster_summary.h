@@ -10,7 +10,8 @@
 //     ~=  n_j' exp(s q.mu_j') (1 + s^2/2 sum_t q_t^2 var_j't) vbar_j'
 // i.e. the cluster becomes ONE pseudo-key with score
 // s q.mu_j' + ln(1 + s^2/2 q^2.var_j') + ln n_j' and value vbar_j' (the
-// variance term only with ClusterSummaryOptions::second_order). All pseudo-keys form one partial (o, m, l) that merges with
+// variance term only with ClusterSummaryOptions::second_order). All
+// pseudo-keys form one partial (o, m, l) that merges with
 // the exact partial of the retrieved keys by the usual LSE merge: the two
 // key sets are disjoint because retrieved keys are subtracted from their
 // clusters' sums (no double counting; a cluster whose keys were all retrieved

@@ -78,6 +78,22 @@ inline absl::StatusOr<Partials> Attend(retrieval::NodeCore* node, const Data& da
   return out;
 }
 
+// Appends data rows [first, first + count) to both kv heads, one row per
+// Append (positions = row numbers; the chunk holds rows [0, kPrefill)).
+inline void AppendRows(retrieval::NodeCore* node, const Data& data, size_t first, size_t count) {
+  for (size_t i = first; i < first + count; ++i) {
+    for (int32_t g = 0; g < kKvHeads; ++g) {
+      retrieval::AppendRequest a;
+      a.sequence_id = kSeq;
+      a.kv_head = g;
+      a.first_position = static_cast<int64_t>(i);
+      a.keys = data.keys.view().rows_slice(i, 1);
+      a.values = data.values.view().rows_slice(i, 1);
+      ASSERT_TRUE(node->Append(a).ok());
+    }
+  }
+}
+
 // Mean relative L2 error of the outputs against full attention over the
 // first `n` keys.
 inline double ErrorVsFull(const Partials& p, const Data& data, size_t n) {

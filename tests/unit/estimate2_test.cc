@@ -82,7 +82,8 @@ TEST(Estimate2Test, SecondOrderCutsGaussianClusterErrorAgainstOracle) {
     double norm = 0;
     for (size_t t = 0; t < d; ++t) norm += double(centres.row(c)[t]) * centres.row(c)[t];
     for (size_t t = 0; t < d; ++t) {
-      keys.row(i)[t] = static_cast<float>(4.0 * centres.row(c)[t] / std::sqrt(norm)) + 0.6f * g(rng);
+      keys.row(i)[t] =
+          static_cast<float>(4.0 * centres.row(c)[t] / std::sqrt(norm)) + 0.6f * g(rng);
     }
     for (size_t t = 0; t < dv; ++t) vals.row(i)[t] = vcentres.row(c)[t] + 0.5f * g(rng);
   }

@@ -20,30 +20,22 @@ namespace kvr::retrieval {
 namespace {
 
 using test_support::ExpectSamePartials;
-using test_support::estimate_node::Attend;
-using test_support::estimate_node::Data;
-using test_support::estimate_node::kHeads;
-using test_support::estimate_node::kK;
-using test_support::estimate_node::kKvHeads;
-using test_support::estimate_node::kPrefill;
-using test_support::estimate_node::kSeq;
-using test_support::estimate_node::kTail;
-using test_support::estimate_node::Load;
-using test_support::estimate_node::NewNode;
+namespace en = test_support::estimate_node;
 
 // Attends with `mode` until every chunk key is estimated (the summaries
 // exist), at most 60 s; every Attend on the way must cluster nothing and be
 // either exact for a kv head or estimate all of its chunk.
-absl::StatusOr<Partials> AttendUntilEstimated(NodeCore* node, const Data& data,
+absl::StatusOr<Partials> AttendUntilEstimated(NodeCore* node, const en::Data& data,
                                               EstimateMode mode, size_t chunk_keys,
                                               AttendStats* stats) {
-  const int64_t per_kv_head = static_cast<int64_t>(chunk_keys - kK) * (kHeads / kKvHeads);
+  const int64_t per_kv_head =
+      static_cast<int64_t>(chunk_keys - en::kK) * (en::kHeads / en::kKvHeads);
   const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(60);
   while (true) {
-    KVR_ASSIGN_OR_RETURN(Partials p, Attend(node, data, mode, stats));
+    KVR_ASSIGN_OR_RETURN(Partials p, en::Attend(node, data, mode, stats));
     EXPECT_EQ(stats->summaries_clustered, 0) << "an Attend ran k-means";
     EXPECT_EQ(stats->keys_estimated % per_kv_head, 0) << stats->keys_estimated;
-    if (stats->keys_estimated == per_kv_head * kKvHeads) return p;
+    if (stats->keys_estimated == per_kv_head * en::kKvHeads) return p;
     if (std::chrono::steady_clock::now() > deadline) {
       return absl::DeadlineExceededError("summaries not built within 60 s");
     }
@@ -52,24 +44,25 @@ absl::StatusOr<Partials> AttendUntilEstimated(NodeCore* node, const Data& data,
 }
 
 TEST(NodeEstimate2Test, AttendRightAfterUploadNeverClusters) {
-  const Data data;
+  const en::Data data;
   // Node default off: nothing is queued at upload, the first ON Attend
   // queues the builds and is exact meanwhile.
-  auto node = NewNode(false, 0, /*background=*/true);
-  auto inline_node = NewNode(false, 0, /*background=*/false);
+  auto node = en::NewNode(false, 0, /*background=*/true);
+  auto inline_node = en::NewNode(false, 0, /*background=*/false);
   ASSERT_TRUE(node && inline_node);
-  ASSERT_NO_FATAL_FAILURE(Load(node.get(), data));
-  ASSERT_NO_FATAL_FAILURE(Load(inline_node.get(), data));
+  ASSERT_NO_FATAL_FAILURE(en::Load(node.get(), data));
+  ASSERT_NO_FATAL_FAILURE(en::Load(inline_node.get(), data));
   AttendStats first, off_stats, inline_stats, built_stats;
-  auto on = Attend(node.get(), data, EstimateMode::kOn, &first);
-  auto off = Attend(node.get(), data, EstimateMode::kOff, &off_stats);
+  auto on = en::Attend(node.get(), data, EstimateMode::kOn, &first);
+  auto off = en::Attend(node.get(), data, EstimateMode::kOff, &off_stats);
   ASSERT_TRUE(on.ok() && off.ok());
   EXPECT_EQ(first.summaries_clustered, 0);
   if (first.keys_estimated == 0) ExpectSamePartials(*on, *off, "before the summary exists");
-  auto want = Attend(inline_node.get(), data, EstimateMode::kOn, &inline_stats);
+  auto want = en::Attend(inline_node.get(), data, EstimateMode::kOn, &inline_stats);
   ASSERT_TRUE(want.ok());
-  EXPECT_EQ(inline_stats.summaries_clustered, kKvHeads) << "the counter does not count";
-  auto built = AttendUntilEstimated(node.get(), data, EstimateMode::kOn, kPrefill, &built_stats);
+  EXPECT_EQ(inline_stats.summaries_clustered, en::kKvHeads) << "the counter does not count";
+  auto built =
+      AttendUntilEstimated(node.get(), data, EstimateMode::kOn, en::kPrefill, &built_stats);
   ASSERT_TRUE(built.ok()) << built.status();
   ExpectSamePartials(*built, *want, "background summary vs inline summary");
   EXPECT_EQ(built_stats.keys_estimated, inline_stats.keys_estimated);
@@ -77,37 +70,28 @@ TEST(NodeEstimate2Test, AttendRightAfterUploadNeverClusters) {
 }
 
 TEST(NodeEstimate2Test, SealedKeysJoinTheSummaryWithoutClustering) {
-  const Data data;
+  const en::Data data;
   // Node default on: UploadShard queues the builds.
-  auto node = NewNode(true, 0, /*background=*/true);
-  auto inline_node = NewNode(true, 0, /*background=*/false);
+  auto node = en::NewNode(true, 0, /*background=*/true);
+  auto inline_node = en::NewNode(true, 0, /*background=*/false);
   ASSERT_TRUE(node && inline_node);
-  ASSERT_NO_FATAL_FAILURE(Load(node.get(), data));
-  ASSERT_NO_FATAL_FAILURE(Load(inline_node.get(), data));
+  ASSERT_NO_FATAL_FAILURE(en::Load(node.get(), data));
+  ASSERT_NO_FATAL_FAILURE(en::Load(inline_node.get(), data));
   AttendStats st, inline_stats;
   ASSERT_TRUE(
-      AttendUntilEstimated(node.get(), data, EstimateMode::kDefault, kPrefill, &st).ok());
-  ASSERT_TRUE(Attend(inline_node.get(), data, EstimateMode::kDefault, &inline_stats).ok());
+      AttendUntilEstimated(node.get(), data, EstimateMode::kDefault, en::kPrefill, &st).ok());
+  ASSERT_TRUE(en::Attend(inline_node.get(), data, EstimateMode::kDefault, &inline_stats).ok());
   // One seal (kTail rows into each chunk), 5 rows left in the tail.
   for (NodeCore* n : {node.get(), inline_node.get()}) {
-    for (size_t i = 0; i < kTail + 5; ++i) {
-      for (int32_t g = 0; g < kKvHeads; ++g) {
-        AppendRequest a;
-        a.sequence_id = kSeq;
-        a.kv_head = g;
-        a.first_position = static_cast<int64_t>(kPrefill + i);
-        a.keys = data.keys.view().rows_slice(kPrefill + i, 1);
-        a.values = data.values.view().rows_slice(kPrefill + i, 1);
-        ASSERT_TRUE(n->Append(a).ok());
-      }
-    }
+    ASSERT_NO_FATAL_FAILURE(en::AppendRows(n, data, en::kPrefill, en::kTail + 5));
   }
-  auto got = Attend(node.get(), data, EstimateMode::kDefault, &st);
-  auto want = Attend(inline_node.get(), data, EstimateMode::kDefault, &inline_stats);
+  auto got = en::Attend(node.get(), data, EstimateMode::kDefault, &st);
+  auto want = en::Attend(inline_node.get(), data, EstimateMode::kDefault, &inline_stats);
   ASSERT_TRUE(got.ok() && want.ok());
   EXPECT_EQ(st.summaries_clustered, 0);
   EXPECT_EQ(inline_stats.summaries_clustered, 0);  // extended, not re-clustered
-  EXPECT_EQ(st.keys_estimated, static_cast<int64_t>(kPrefill + kTail - kK) * kHeads);
+  EXPECT_EQ(st.keys_estimated,
+            static_cast<int64_t>(en::kPrefill + en::kTail - en::kK) * en::kHeads);
   ExpectSamePartials(*got, *want, "extended background summary vs inline");
 }
 

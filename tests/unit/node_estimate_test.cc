@@ -23,6 +23,7 @@ namespace kvr::retrieval {
 namespace {
 
 using test_support::ExpectSamePartials;
+using test_support::estimate_node::AppendRows;
 using test_support::estimate_node::Attend;
 using test_support::estimate_node::Data;
 using test_support::estimate_node::ErrorVsFull;
@@ -89,17 +90,7 @@ TEST(NodeEstimateTest, AppendsSealsAndMemoryKeepTheSummaryConsistent) {
   // Two seals (2 * kTail rows into the chunk) and 11 rows left in the tail
   // (more than k: attended in full).
   const size_t appended = 2 * kTail + 11;
-  for (size_t i = 0; i < appended; ++i) {
-    for (int32_t g = 0; g < kKvHeads; ++g) {
-      AppendRequest a;
-      a.sequence_id = kSeq;
-      a.kv_head = g;
-      a.first_position = static_cast<int64_t>(kPrefill + i);
-      a.keys = data.keys.view().rows_slice(kPrefill + i, 1);
-      a.values = data.values.view().rows_slice(kPrefill + i, 1);
-      ASSERT_TRUE(node->Append(a).ok());
-    }
-  }
+  ASSERT_NO_FATAL_FAILURE(AppendRows(node.get(), data, kPrefill, appended));
   const size_t chunk = kPrefill + 2 * kTail, tail = appended - 2 * kTail;
   ASSERT_EQ(node->Stats()->tail_keys, static_cast<int64_t>(tail * kKvHeads));
   auto on = Attend(node.get(), data, EstimateMode::kDefault, &st);
