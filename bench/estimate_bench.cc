@@ -3,13 +3,19 @@
 // (tools/attention_data) and with planted needles.
 //
 //   build/bench/estimate_bench [--n_keys 131072] [--k 100] [--clusters 256]
-//       [--families all] [--needles 100] [--n_test 200]
+//       [--families all] [--needles 100] [--n_test 200] [--target_recall 0.95]
 //
-// Per family (one shard of n_keys keys, bf16 values, one thread):
+// Per family (one shard of n_keys keys, bf16 values, one thread), for the
+// first-order estimator ("e1", before session 26) and the second-order one
+// ("e2", ClusterSummaryOptions::second_order, session 26; off by default) in one run:
 //  * relative L2 error of the attention output against full attention for
-//    exact top-k (flat), exact top-k + estimate, IVF top-k, IVF + estimate;
-//  * Attend time per query with the IVF index, without and with the
-//    estimate, and their ratio (target <= 1.3x);
+//    exact top-k (flat), exact top-k + e1 / + e2, IVF top-k, IVF + e1 / + e2;
+//  * the IVF nprobe self-calibrated (index/calibrate.h CalibrateEffort on
+//    256 of the family's prefill queries with their exact top-k) for
+//    --target_recall, and the recall@k it gives the decode queries
+//    (--nprobe > 0 overrides the calibration);
+//  * Attend time per query with that IVF index, without and with e1 / e2,
+//    and the ratios (target <= 1.3x);
 //  * needles: --needles key/value pairs planted at random depths, each with
 //    its own query (a decode query of the family plus a random direction the
 //    needle key points along, sized so the needle holds ~73% of the full
@@ -33,6 +39,7 @@
 #include "common/status.h"
 #include "common/value_matrix.h"
 #include "retrieval_node/index/attend.h"
+#include "retrieval_node/index/calibrate.h"
 #include "retrieval_node/index/cluster_summary.h"
 #include "retrieval_node/index/flat_index.h"
 #include "retrieval_node/index/ivf_index.h"
@@ -43,11 +50,11 @@ ABSL_FLAG(int, dim, 128, "head dimension");
 ABSL_FLAG(int, n_test, 200, "decode queries per family");
 ABSL_FLAG(int, k, 100, "top-k");
 ABSL_FLAG(int, clusters, 256, "estimate clusters per shard");
-ABSL_FLAG(int, nprobe, 0, "IVF lists probed (0: the index default)");
+ABSL_FLAG(int, nprobe, 0, "IVF lists probed (0: self-calibrated for --target_recall)");
+ABSL_FLAG(double, target_recall, 0.95, "recall@k the IVF nprobe is calibrated for");
 ABSL_FLAG(std::string, families, "all", "comma-separated families, or all");
 ABSL_FLAG(int, needles, 100, "needles planted per family (0: skip)");
 ABSL_FLAG(uint64_t, seed, 1, "data and needle seed");
-ABSL_FLAG(bool, second_order, false, "ClusterSummaryOptions::second_order");
 ABSL_FLAG(int, reps, 5, "timing repetitions (interleaved; the fastest counts)");
 
 namespace kvr {
@@ -170,34 +177,68 @@ void RunFamily(const std::string& family) {
   t0 = Clock::now();
   index::ClusterSummaryOptions co;
   co.clusters = static_cast<size_t>(absl::GetFlag(FLAGS_clusters));
-  co.second_order = absl::GetFlag(FLAGS_second_order);
-  auto summary = index::ClusterSummary::Build(data->keys.view(), values, co, nullptr);
-  if (!summary.ok()) Fail(summary.status());
+  co.second_order = false;
+  auto summary1 = index::ClusterSummary::Build(data->keys.view(), values, co, nullptr);
+  if (!summary1.ok()) Fail(summary1.status());
   const double summary_build_s = std::chrono::duration<double>(Clock::now() - t0).count();
+  co.second_order = true;
+  auto summary2 = index::ClusterSummary::Build(data->keys.view(), values, co, nullptr);
+  if (!summary2.ok()) Fail(summary2.status());
 
+  // The IVF effort for --target_recall, self-calibrated on prefill queries;
+  // the decode (test) queries' recall at it is reported.
   const ConstMatrixView q = data->test_queries.view();
-  Partials full(nq, d), fe(nq, d), fest(nq, d), ie(nq, d), iest(nq, d);
+  int nprobe = absl::GetFlag(FLAGS_nprobe);
+  index::CalibrationOptions cal;
+  cal.target_recall = absl::GetFlag(FLAGS_target_recall);
+  cal.k = k;
+  const ConstMatrixView train =
+      data->train_queries.view().rows_slice(0, std::min<size_t>(cal.max_queries,
+                                                                data->train_queries.rows));
+  auto holdout_ids = [&](ConstMatrixView qs) {
+    auto top = ExactTopK(data->keys.view(), qs, static_cast<size_t>(k));
+    if (!top.ok()) Fail(top.status());
+    return std::vector<int64_t>(top->data.begin(), top->data.end());
+  };
+  if (nprobe == 0) {
+    const std::vector<int64_t> ids = holdout_ids(train);
+    auto r = index::CalibrateEffort(**ivf, {train, ids, static_cast<size_t>(k)}, cal, nullptr);
+    if (!r.ok()) Fail(r.status());
+    nprobe = r->nprobe;
+  }
+  const std::vector<int64_t> test_ids = holdout_ids(q);
+  auto recall = index::MeasureEffort(**ivf, {q, test_ids, static_cast<size_t>(k)},
+                                     {.k = k, .nprobe = nprobe}, cal, nullptr);
+  if (!recall.ok()) Fail(recall.status());
+
+  Partials full(nq, d), fe(nq, d), fe1(nq, d), fe2(nq, d), ie(nq, d), ie1(nq, d), ie2(nq, d);
   if (auto s = ExactAttention(q, data->keys.view(), values, scale, full.view()); !s.ok()) Fail(s);
   index::AttendParams p;
   p.search.k = k;
-  p.search.nprobe = absl::GetFlag(FLAGS_nprobe);
+  p.search.nprobe = nprobe;
   p.scale = scale;
-  index::AttendParams pe = p;
-  pe.estimate = &*summary;
+  index::AttendParams pe1 = p, pe2 = p;
+  pe1.estimate = &*summary1;
+  pe2.estimate = &*summary2;
   AttendAll(q, **flat, values, p, &fe);
-  AttendAll(q, **flat, values, pe, &fest);
+  AttendAll(q, **flat, values, pe1, &fe1);
+  AttendAll(q, **flat, values, pe2, &fe2);
   // Timed --reps times each, interleaved; the fastest of each counts (the
   // box may be shared: the minimum is the least disturbed).
-  double us_off = INFINITY, us_on = INFINITY;
+  double us_off = INFINITY, us_e1 = INFINITY, us_e2 = INFINITY;
   for (int r = 0; r < absl::GetFlag(FLAGS_reps); ++r) {
     us_off = std::min(us_off, AttendAll(q, **ivf, values, p, &ie));
-    us_on = std::min(us_on, AttendAll(q, **ivf, values, pe, &iest));
+    us_e1 = std::min(us_e1, AttendAll(q, **ivf, values, pe1, &ie1));
+    us_e2 = std::min(us_e2, AttendAll(q, **ivf, values, pe2, &ie2));
   }
-  std::printf("%-10s %8.4f %8.4f %8.4f %8.4f %9.1f %9.1f %6.2fx %6.1fs %6.1fs\n", family.c_str(),
-              MeanRelErr(fe, full), MeanRelErr(fest, full), MeanRelErr(ie, full),
-              MeanRelErr(iest, full), us_off, us_on, us_on / us_off, ivf_build_s,
-              summary_build_s);
+  std::printf("%-10s %7.4f %7.4f %7.4f %6d %6.4f %7.4f %7.4f %7.4f %8.1f %8.1f %8.1f %5.2fx "
+              "%5.2fx %6.1fs %6.1fs\n",
+              family.c_str(), MeanRelErr(fe, full), MeanRelErr(fe1, full), MeanRelErr(fe2, full),
+              nprobe, recall->recall, MeanRelErr(ie, full), MeanRelErr(ie1, full),
+              MeanRelErr(ie2, full), us_off, us_e1, us_e2, us_e1 / us_off, us_e2 / us_off,
+              ivf_build_s, summary_build_s);
   std::fflush(stdout);
+  const index::AttendParams& pe = pe2;
 
   if (n_needles == 0) return;
   Partials nfull(n_needles, d), noff(n_needles, d), non(n_needles, d), nflat(n_needles, d),
@@ -225,8 +266,8 @@ void RunFamily(const std::string& family) {
     }
     return static_cast<double>(hit) / static_cast<double>(n_needles);
   };
-  std::printf("  needles %-10s found: full %.3f, exact top-%d %.3f, exact + estimate %.3f, "
-              "ivf %.3f, ivf + estimate %.3f (%zu needles)\n",
+  std::printf("  needles %-10s found: full %.3f, exact top-%d %.3f, exact + e2 %.3f, "
+              "ivf %.3f, ivf + e2 %.3f (%zu needles)\n",
               family.c_str(), found(nfull), k, found(nflat), found(nflat_est), found(noff),
               found(non), n_needles);
   std::fflush(stdout);
@@ -251,8 +292,11 @@ int main(int argc, char** argv) {
               absl::GetFlag(FLAGS_k), absl::GetFlag(FLAGS_clusters), absl::GetFlag(FLAGS_n_test));
   std::printf("output error vs full attention (relative L2, mean over queries); Attend us/query "
               "with IVF\n");
-  std::printf("%-10s %8s %8s %8s %8s %9s %9s %7s %7s %7s\n", "family", "exact", "exact+e",
-              "ivf", "ivf+e", "us ivf", "us ivf+e", "ratio", "ivf bld", "sum bld");
+  std::printf("e1 = first-order estimate (mean key), e2 = second-order; IVF at the "
+              "self-calibrated nprobe, its recall@k on the decode queries\n");
+  std::printf("%-10s %7s %7s %7s %6s %6s %7s %7s %7s %8s %8s %8s %6s %6s %7s %7s\n", "family",
+              "exact", "exact+e1", "exact+e2", "nprobe", "recall", "ivf", "ivf+e1", "ivf+e2",
+              "us ivf", "us +e1", "us +e2", "r e1", "r e2", "ivf bld", "sum bld");
   for (const std::string& family : families) kvr::RunFamily(family);
   return 0;
 }

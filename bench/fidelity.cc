@@ -79,6 +79,8 @@ ABSL_FLAG(std::string, estimate, "off",
           "(AttentionOptions::estimate)");
 ABSL_FLAG(int, estimate_clusters_per_chunk, 256,
           "the in-process node's --estimate_clusters_per_chunk");
+ABSL_FLAG(bool, estimate_second_order, false,
+          "the in-process node's --estimate_second_order (false: the mean-key estimate)");
 
 namespace kvr {
 namespace {
@@ -331,6 +333,7 @@ class Bench {
     retrieval::NodeCoreOptions no;
     no.estimate_clusters_per_chunk =
         static_cast<size_t>(absl::GetFlag(FLAGS_estimate_clusters_per_chunk));
+    no.estimate_second_order = absl::GetFlag(FLAGS_estimate_second_order);
     no.threads = static_cast<size_t>(absl::GetFlag(FLAGS_node_threads));
     no.tail_capacity = static_cast<size_t>(absl::GetFlag(FLAGS_tail_capacity));
     no.train_k = attention_.train_k;

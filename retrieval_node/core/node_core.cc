@@ -141,6 +141,9 @@ NodeCore::NodeCore(const NodeCoreOptions& options) : options_(options) {
     }
   }
   if (options_.recalibrate_every > 0) recal_pool_ = std::make_unique<ThreadPool>(1);
+  if (options_.background_summaries && options_.threads > 0) {
+    summary_pool_ = std::make_unique<ThreadPool>(1);
+  }
   if (options_.lease_seconds > 0) lease_thread_ = std::thread([this] { LeaseLoop(); });
 }
 
@@ -158,6 +161,7 @@ NodeCore::~NodeCore() {
   pool_.reset();  // joins workers: pending Attends finish before shards go away
   search_pool_.reset();  // after pool_ and batch_pool_: their Attends schedule onto it
   recal_pool_.reset();  // after pool_: Attends schedule recalibrations
+  summary_pool_.reset();  // after pool_: Attends queue summary builds
   // Seals never installed return their reservations while memory_used_ lives.
   for (auto& [id, seq] : sequences_) {
     for (auto& h : seq->heads) h->sealing.reset();
@@ -642,6 +646,13 @@ absl::Status NodeCore::UploadShard(const ShardUpload& upload) {
   }();
   SettleMemory(&head, reserved);
   if (status.ok()) shard_uploads_.fetch_add(1, std::memory_order_relaxed);
+  if (status.ok() && options_.estimate && summary_pool_ != nullptr &&
+      head.chunks.back().index->size() > 1) {
+    // Clustered now, on the summary thread, so the first Attend finds it.
+    const Chunk& c = head.chunks.back();
+    std::lock_guard<std::mutex> slock(c.estimate->mu);
+    QueueSummaryLocked(seq, key.layer, key.kv_head, c);
+  }
   if (w != nullptr) {
     if (diverged) return FailPersistence(status, absl::StrCat("UploadShard ", where));
     if (!write.chunks.empty()) {
@@ -1428,7 +1439,7 @@ absl::Status NodeCore::AttendNow(const AttendRequest& request, PartialsView out,
                                                                              size_t end) {
     for (size_t t = begin; t < end; ++t) {
       const SearchTask& task = (*tasks)[t];
-      SearchShard(*seq, request.layer, request.k, estimate, params,
+      SearchShard(seq, request.layer, request.k, estimate, params,
                   request.queries.rows_slice(static_cast<size_t>(task.g) * group, group), task,
                   &(*results)[t]);
     }
@@ -1457,20 +1468,24 @@ absl::Status NodeCore::AttendNow(const AttendRequest& request, PartialsView out,
     local.distance_computations += r.stats.distance_computations;
     local.keys_estimated += r.stats.keys_estimated;
     local.clusters_estimated += r.stats.clusters_estimated;
+    local.summaries_clustered += r.stats.summaries_clustered;
   }
   if (stats != nullptr) *stats = local;
   return absl::OkStatus();
 }
 
-void NodeCore::SearchShard(const Sequence& seq, int32_t layer, int32_t k, bool estimate,
-                           const index::AttendParams& params, ConstMatrixView q,
+void NodeCore::SearchShard(const std::shared_ptr<Sequence>& seq, int32_t layer, int32_t k,
+                           bool estimate, const index::AttendParams& params, ConstMatrixView q,
                            const SearchTask& task, SearchResult* result) {
+  // k-means runs counted on this thread (a chunk's first estimating Attend
+  // clusters small chunks inline; see ChunkSummary).
+  const int64_t plans_before = index::ClusterSummary::PlansOnThisThread();
   result->produced = false;
   result->status = absl::OkStatus();
   result->stats = AttendStats{};
   thread_local index::AttendScratch scratch;
   const size_t group = q.rows();
-  const HeadState& head = seq.head(layer, task.g);
+  const HeadState& head = seq->head(layer, task.g);
   index::SearchStats search_stats;
   index::EstimateStats estimate_stats;
   AttendStats& local = result->stats;
@@ -1492,7 +1507,9 @@ void NodeCore::SearchShard(const Sequence& seq, int32_t layer, int32_t k, bool e
   auto search_chunk = [&](const Chunk& c) -> absl::Status {
     if (c.index == nullptr) return absl::OkStatus();
     std::shared_ptr<const index::ClusterSummary> summary;
-    if (estimate && c.index->size() > static_cast<size_t>(k)) summary = ChunkSummary(c);
+    if (estimate && c.index->size() > static_cast<size_t>(k)) {
+      summary = ChunkSummary(seq, layer, task.g, c);
+    }
     return search(*c.index, c.values, summary.get());
   };
   // With estimation the tail (at most tail_capacity keys, already scored
@@ -1517,26 +1534,47 @@ void NodeCore::SearchShard(const Sequence& seq, int32_t layer, int32_t k, bool e
   local.distance_computations = search_stats.distance_computations;
   local.keys_estimated = estimate_stats.keys_estimated;
   local.clusters_estimated = estimate_stats.clusters_estimated;
+  local.summaries_clustered = index::ClusterSummary::PlansOnThisThread() - plans_before;
 }
 
-std::shared_ptr<const index::ClusterSummary> NodeCore::ChunkSummary(const Chunk& c) {
+namespace {
+// Keys x clusters of the largest summary an Attend clusters itself (a
+// k-means of ~1 ms or less: 16384 x d 128 x 6 iterations ~ 13 MFLOP): small
+// chunks (a small model's, a short prompt's) get their estimate from the
+// first Attend on, deterministically; larger ones go to the summary thread.
+constexpr size_t kMaxInlineSummaryWork = 16384;
+}  // namespace
+
+size_t NodeCore::SummaryClusters(size_t n) const {
+  // Clusters of at least kMinKeysPerEstimateCluster keys on average: a
+  // summary with about as many clusters as keys would be exact attention at
+  // exact-attention cost.
+  return std::clamp<size_t>(n / index::kMinKeysPerEstimateCluster, 1,
+                            options_.estimate_clusters_per_chunk);
+}
+
+std::shared_ptr<const index::ClusterSummary> NodeCore::ChunkSummary(
+    const std::shared_ptr<Sequence>& seq, int32_t layer, int32_t kv_head, const Chunk& c) {
   EstimateSlot& slot = *c.estimate;
   std::lock_guard<std::mutex> lock(slot.mu);
   if (slot.bytes < 0 || slot.refused) return nullptr;  // dropped, or refused before
   const size_t n = c.index->size();
-  // Clusters of at least kMinKeysPerEstimateCluster keys on average: a
-  // summary with about as many clusters as keys would be exact attention at
-  // exact-attention cost.
-  const size_t want = std::clamp<size_t>(n / index::kMinKeysPerEstimateCluster, 1,
-                                         options_.estimate_clusters_per_chunk);
+  const size_t want = SummaryClusters(n);
   if (slot.summary != nullptr && slot.summary->size() == n) return slot.summary;
-  std::shared_ptr<index::ClusterSummary> next;
   // Appends go to the existing clusters until the chunk has doubled while
   // it has fewer clusters than it should: then it is re-clustered
   // (amortised O(1) re-clusterings per key).
   const bool grow = slot.summary != nullptr && slot.summary->clusters() < want &&
                     n >= 2 * slot.summary->size();
-  if (slot.summary != nullptr && slot.summary->size() < n && !grow) {
+  const bool extend = slot.summary != nullptr && slot.summary->size() < n && !grow;
+  if (summary_pool_ != nullptr && !extend && n * want > kMaxInlineSummaryWork) {
+    // Clustering is the summary thread's work: exact attention until then
+    // (an outgrown summary no longer covers the chunk's keys).
+    QueueSummaryLocked(seq, layer, kv_head, c);
+    return nullptr;
+  }
+  std::shared_ptr<index::ClusterSummary> next;
+  if (extend) {
     next = std::make_shared<index::ClusterSummary>(*slot.summary);
     if (!next->Append(c.index->keys(), c.values).ok()) {
       slot.refused = true;
@@ -1545,6 +1583,7 @@ std::shared_ptr<const index::ClusterSummary> NodeCore::ChunkSummary(const Chunk&
   } else {
     index::ClusterSummaryOptions o;
     o.clusters = want;
+    o.second_order = options_.estimate_second_order;
     absl::StatusOr<index::ClusterSummary> built =
         index::ClusterSummary::Build(c.index->keys(), c.values, o, nullptr);
     if (!built.ok()) {
@@ -1553,6 +1592,11 @@ std::shared_ptr<const index::ClusterSummary> NodeCore::ChunkSummary(const Chunk&
     }
     next = std::make_shared<index::ClusterSummary>(std::move(built).value());
   }
+  return InstallSummary(slot, std::move(next));
+}
+
+std::shared_ptr<const index::ClusterSummary> NodeCore::InstallSummary(
+    EstimateSlot& slot, std::shared_ptr<index::ClusterSummary> next) {
   const int64_t bytes = static_cast<int64_t>(next->MemoryBytes());
   if (bytes > slot.bytes) {
     if (!ReserveMemory(bytes - slot.bytes, "estimate summary").ok()) {
@@ -1570,6 +1614,67 @@ std::shared_ptr<const index::ClusterSummary> NodeCore::ChunkSummary(const Chunk&
   slot.bytes = bytes;
   slot.summary = std::move(next);
   return slot.summary;
+}
+
+void NodeCore::QueueSummaryLocked(const std::shared_ptr<Sequence>& seq, int32_t layer,
+                                  int32_t kv_head, const Chunk& c) {
+  EstimateSlot& slot = *c.estimate;
+  if (slot.queued || slot.bytes < 0 || slot.refused || summary_pool_ == nullptr) return;
+  slot.queued = true;
+  summary_pool_->Schedule([this, seq, layer, kv_head, est = c.estimate] {
+    RefreshSummary(seq, layer, kv_head, est);
+  });
+}
+
+void NodeCore::RefreshSummary(const std::shared_ptr<Sequence>& seq, int32_t layer,
+                              int32_t kv_head, const std::shared_ptr<EstimateSlot>& slot) {
+  auto done = [&] {
+    std::lock_guard<std::mutex> slock(slot->mu);
+    slot->queued = false;
+  };
+  // The chunk of `slot` in head (layer, kv_head); caller holds seq->mu.
+  auto find = [&]() -> const Chunk* {
+    if (seq->dropped) return nullptr;
+    for (const Chunk& c : seq->head(layer, kv_head).chunks) {
+      if (c.estimate == slot && c.index != nullptr) return &c;
+    }
+    return nullptr;
+  };
+  // The index is never changed in place while shared (Chunk::index), so
+  // its keys can be clustered with no lock held.
+  std::shared_ptr<const index::KeyIndex> keys_of;
+  {
+    std::shared_lock<std::shared_mutex> lock(seq->mu);
+    const Chunk* c = find();
+    if (c == nullptr) return done();
+    keys_of = c->index;
+  }
+  index::ClusterSummaryOptions o;
+  o.clusters = SummaryClusters(keys_of->size());
+  o.second_order = options_.estimate_second_order;
+  absl::StatusOr<index::ClusterPlan> plan =
+      index::ClusterSummary::Plan(keys_of->keys(), o, nullptr);
+  std::shared_lock<std::shared_mutex> lock(seq->mu);
+  const Chunk* c = find();
+  std::lock_guard<std::mutex> slock(slot->mu);
+  slot->queued = false;
+  if (c == nullptr || slot->bytes < 0 || slot->refused) return;
+  if (!plan.ok()) {
+    slot->refused = true;
+    return;
+  }
+  // Rows [0, plan size) are the keys clustered (key ids are append-only);
+  // keys a seal added meanwhile join their nearest clusters.
+  absl::StatusOr<index::ClusterSummary> built =
+      index::ClusterSummary::FromPlan(*plan, c->index->keys(), c->values);
+  if (built.ok() && built->size() < c->index->size()) {
+    if (absl::Status st = built->Append(c->index->keys(), c->values); !st.ok()) built = st;
+  }
+  if (!built.ok()) {
+    slot->refused = true;
+    return;
+  }
+  InstallSummary(*slot, std::make_shared<index::ClusterSummary>(std::move(built).value()));
 }
 
 absl::Status NodeCore::DropSequence(uint64_t sequence_id, std::string_view capability) {

@@ -110,15 +110,29 @@ struct NodeCoreOptions {
   std::function<void()> before_seal_build;
   // Remainder estimation (kvr_node --estimate; issue 18): what an Attend
   // whose request says EstimateMode::kDefault does. Chunk summaries are
-  // built at a chunk's first estimating Attend (then extended as seals
-  // append keys) and counted in memory_budget_bytes; a chunk whose summary
-  // does not fit is attended exactly.
+  // built when needed (see background_summaries; extended as seals append
+  // keys) and counted in memory_budget_bytes; a chunk whose summary does
+  // not fit is attended exactly.
   bool estimate = false;
+  // Where chunk summaries are clustered (k-means). true: on a summary
+  // thread of the node, never inside an Attend: a chunk is attended exactly
+  // until its summary exists (an Attend that finds none, or one that should
+  // be re-clustered, queues the build; with `estimate` on, UploadShard queues
+  // it at once). Exception: a chunk whose keys x clusters is at most 16384
+  // (a k-means of ~1 ms; a small model's chunks) is clustered by the Attend
+  // itself, so small models estimate deterministically from the first token. Keys a seal appends to a chunk join its existing clusters
+  // inside the next estimating Attend (nearest centroid, no k-means). false
+  // (tests; also when `threads` is 0): the first estimating Attend clusters
+  // inline, as before session 26.
+  bool background_summaries = true;
   // Clusters per chunk summary (kvr_node --estimate_clusters_per_chunk),
   // [index::kMinEstimateClusters, index::kMaxEstimateClusters]; a chunk of
   // n keys gets min(this, max(1, n / 16)) (index::kMinKeysPerEstimateCluster),
   // re-clustered when it has doubled since its summary was built.
   size_t estimate_clusters_per_chunk = 256;
+  // The summaries' second-order term (kvr_node --estimate_second_order;
+  // index::ClusterSummaryOptions::second_order).
+  bool estimate_second_order = false;
   // Recalibration on decode queries (kvr_node --recalibrate_every): every
   // this many decode queries a (sequence, layer, kv head) records in its
   // ring, the node re-calibrates the search effort of that head's non-flat
@@ -511,9 +525,9 @@ class NodeCore final {
   // reads the shard under the caller's shared sequence lock and uses this
   // thread's own scratch. `k` is the request's k, `estimate` whether to
   // attend the rest by cluster summaries.
-  void SearchShard(const Sequence& seq, int32_t layer, int32_t k, bool estimate,
-                   const index::AttendParams& params, ConstMatrixView q, const SearchTask& task,
-                   SearchResult* result);
+  void SearchShard(const std::shared_ptr<Sequence>& seq, int32_t layer, int32_t k,
+                   bool estimate, const index::AttendParams& params, ConstMatrixView q,
+                   const SearchTask& task, SearchResult* result);
   // Resolves request.shards (non-empty) against `seq`'s layer request.layer
   // (checked by the caller): (*selected)[g] = the slots in head g's chunk
   // list to search, ascending. InvalidArgument naming `shards` for more
@@ -528,7 +542,28 @@ class NodeCore final {
   // refuses it, the sequence was dropped, or the build fails): the caller
   // attends that chunk exactly. Caller holds the sequence lock (shared
   // suffices); thread-safe (the slot's own mutex).
-  std::shared_ptr<const index::ClusterSummary> ChunkSummary(const Chunk& c);
+  // With background summaries (NodeCoreOptions::background_summaries) it
+  // never clusters: a missing or outgrown summary is queued on
+  // summary_pool_ (RefreshSummary) and the chunk attended exactly meanwhile.
+  std::shared_ptr<const index::ClusterSummary> ChunkSummary(
+      const std::shared_ptr<Sequence>& seq, int32_t layer, int32_t kv_head, const Chunk& c);
+  // Queues RefreshSummary for chunk `c` of (layer, kv_head) unless one is
+  // queued already. Caller holds the sequence lock and c.estimate->mu.
+  void QueueSummaryLocked(const std::shared_ptr<Sequence>& seq, int32_t layer, int32_t kv_head,
+                          const Chunk& c);
+  // summary_pool_'s job: clusters the chunk whose slot is `slot` (k-means
+  // over its keys with no lock held, then the sums under the shared
+  // sequence lock) and installs the summary (InstallSummary). Gives up
+  // quietly when the chunk or the sequence is gone.
+  void RefreshSummary(const std::shared_ptr<Sequence>& seq, int32_t layer, int32_t kv_head,
+                      const std::shared_ptr<EstimateSlot>& slot);
+  // Makes `next` the summary of `slot` if the memory budget takes its bytes;
+  // otherwise returns the old summary's bytes and marks the slot refused.
+  // Returns the slot's summary afterwards. Caller holds slot.mu.
+  std::shared_ptr<const index::ClusterSummary> InstallSummary(
+      EstimateSlot& slot, std::shared_ptr<index::ClusterSummary> next);
+  // Clusters per summary of a chunk of `n` keys.
+  size_t SummaryClusters(size_t n) const;
   // AppendAsync's work: applies `request` and, when it changed something
   // that must be persisted, queues the commit and moves `done` into it
   // (*handed_off = true: the commit calls it). Otherwise the caller calls
@@ -654,6 +689,9 @@ class NodeCore final {
   // Runs recalibrations (one thread; null when recalibrate_every is 0).
   // Destroyed after pool_: Attends schedule onto it.
   std::unique_ptr<ThreadPool> recal_pool_;
+  // Builds chunk summaries (one thread; null unless background_summaries
+  // and threads > 0). Destroyed after pool_: Attends queue onto it.
+  std::unique_ptr<ThreadPool> summary_pool_;
   std::atomic<int64_t> recalibrations_{0};
   std::mutex mu_;  // guards sequences_
   std::map<uint64_t, std::shared_ptr<Sequence>> sequences_;

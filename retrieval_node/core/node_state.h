@@ -22,8 +22,8 @@
 namespace kvr::retrieval {
 
 // The remainder-estimation summary of one chunk (issue 18; NodeCore::
-// ChunkSummary). Written by Attend under the shared sequence lock, hence its
-// own mutex. Key ids of a chunk are append-only (row i of values / keys()
+// ChunkSummary). Written by Attend and by the summary thread under the
+// shared sequence lock, hence its own mutex. Key ids of a chunk are append-only (row i of values / keys()
 // stays key i across seals), so a summary of the first size() keys stays
 // valid and is extended, never rebuilt.
 struct NodeCore::EstimateSlot {
@@ -33,6 +33,7 @@ struct NodeCore::EstimateSlot {
   // The budget refused a summary (or its build failed): this chunk is
   // attended exactly from then on instead of re-clustering at every Attend.
   bool refused = false;
+  bool queued = false;  // a RefreshSummary for this slot is queued or running
 };
 
 struct NodeCore::Chunk {

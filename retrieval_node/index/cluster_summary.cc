@@ -9,39 +9,57 @@
 
 namespace kvr::index {
 
-absl::StatusOr<ClusterSummary> ClusterSummary::Build(ConstMatrixView keys,
-                                                     const ValueMatrix& values,
-                                                     const ClusterSummaryOptions& options,
-                                                     ThreadPool* pool) {
+namespace {
+thread_local int64_t plans_on_this_thread = 0;
+}  // namespace
+
+int64_t ClusterSummary::PlansOnThisThread() { return plans_on_this_thread; }
+
+absl::StatusOr<ClusterPlan> ClusterSummary::Plan(ConstMatrixView keys,
+                                                 const ClusterSummaryOptions& options,
+                                                 ThreadPool* pool) {
   const size_t n = keys.rows();
   if (n == 0 || keys.cols() == 0) {
     return absl::InvalidArgumentError("cluster summary: no keys to summarise");
-  }
-  if (values.rows() != n) {
-    return absl::InvalidArgumentError(absl::StrCat("cluster summary: ", values.rows(),
-                                                   " value rows != ", n, " keys"));
   }
   if (options.clusters < kMinEstimateClusters || options.clusters > kMaxEstimateClusters) {
     return absl::InvalidArgumentError(
         absl::StrCat("estimate_clusters_per_chunk ", options.clusters, " outside [",
                      kMinEstimateClusters, ", ", kMaxEstimateClusters, "]"));
   }
+  plans_on_this_thread += 1;
   KMeansOptions km;
   km.k = std::min(options.clusters, n);
   km.iterations = options.iterations;
   km.seed = options.seed;
   km.max_train_points = options.max_train_points;
   KVR_ASSIGN_OR_RETURN(KMeansResult res, SphericalKMeans(keys, km, pool));
-  ClusterSummary s;
-  const size_t k = res.centroids.rows;
+  ClusterPlan plan;
+  plan.centroids = std::move(res.centroids);
+  plan.assignment = std::move(res.assignment);
+  plan.second_order = options.second_order;
+  return plan;
+}
+
+absl::StatusOr<ClusterSummary> ClusterSummary::FromPlan(const ClusterPlan& plan,
+                                                        ConstMatrixView keys,
+                                                        const ValueMatrix& values) {
+  const size_t n = plan.assignment.size();
+  const size_t k = plan.centroids.rows;
   const size_t d = keys.cols();
-  s.centroids_ = std::move(res.centroids);
+  if (n == 0 || keys.rows() < n || values.rows() < n || plan.centroids.cols != d) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "cluster summary: plan of ", n, " keys x ", plan.centroids.cols, " over ", keys.rows(),
+        " x ", d, " keys and ", values.rows(), " value rows"));
+  }
+  ClusterSummary s;
+  s.centroids_ = plan.centroids;
   s.value_dim_ = values.cols();
   s.count_.assign(k, 0);
   s.key_sum_.assign(k * d, 0.0);
   s.value_sum_.assign(k * s.value_dim_, 0.0);
   s.key_mean_ = Matrix(k, d);
-  s.second_order_ = options.second_order;
+  s.second_order_ = plan.second_order;
   if (s.second_order_) {
     s.key_sq_sum_.assign(k * d, 0.0);
     s.key_var_ = Matrix(k, d);
@@ -50,9 +68,24 @@ absl::StatusOr<ClusterSummary> ClusterSummary::Build(ConstMatrixView keys,
   s.log_count_.assign(k, kNegInf);
   s.assignment_.reserve(n);
   std::vector<float> row(s.value_dim_);
-  for (size_t i = 0; i < n; ++i) s.AddRow(i, res.assignment[i], keys, values, &row);
+  for (size_t i = 0; i < n; ++i) {
+    KVR_CHECK(plan.assignment[i] < k);
+    s.AddRow(i, plan.assignment[i], keys, values, &row);
+  }
   for (uint32_t c = 0; c < k; ++c) s.RefreshMeans(c);
   return s;
+}
+
+absl::StatusOr<ClusterSummary> ClusterSummary::Build(ConstMatrixView keys,
+                                                     const ValueMatrix& values,
+                                                     const ClusterSummaryOptions& options,
+                                                     ThreadPool* pool) {
+  if (values.rows() != keys.rows()) {
+    return absl::InvalidArgumentError(absl::StrCat("cluster summary: ", values.rows(),
+                                                   " value rows != ", keys.rows(), " keys"));
+  }
+  KVR_ASSIGN_OR_RETURN(ClusterPlan plan, Plan(keys, options, pool));
+  return FromPlan(plan, keys, values);
 }
 
 absl::Status ClusterSummary::Append(ConstMatrixView keys, const ValueMatrix& values) {
@@ -183,7 +216,7 @@ void ClusterSummary::Estimate(std::span<const float> q, float scale,
     if (s.var_scores.size() < k) s.var_scores.resize(k);
     for (size_t t = 0; t < d; ++t) s.q2[t] = q[t] * q[t];
     simd::Active().dot_batch(s.q2.data(), key_var_.data.data(), k, d, d, s.var_scores.data());
-    for (size_t c = 0; c < k; ++c) s.scores[c] += half_s2 * s.var_scores[c];
+    for (size_t c = 0; c < k; ++c) s.scores[c] += std::log1p(half_s2 * s.var_scores[c]);
   }
   for (const uint32_t c : s.touched) {
     const int64_t left = count_[c] - static_cast<int64_t>(s.excluded[c]);
@@ -205,7 +238,7 @@ void ClusterSummary::Estimate(std::span<const float> q, float scale,
         const double mean = (ks[t] - ka[t]) * inv;
         var_term += double(s.q2[t]) * std::max(0.0, (sq[t] - sa[t]) * inv - mean * mean);
       }
-      s.scores[c] += half_s2 * static_cast<float>(var_term);
+      s.scores[c] += static_cast<float>(std::log1p(half_s2 * var_term));
     }
   }
   float mx = kNegInf;

@@ -4,10 +4,14 @@
 // can be estimated without touching them.
 //
 // Estimator (per query q, scale s, cluster j with n_j' keys left after the
-// retrieved ones are taken out of it, mean key mu_j' and mean value vbar_j'):
-//   sum over the cluster's keys of exp(s q.k) v  ~=  n_j' exp(s q.mu_j') vbar_j'
-// i.e. the cluster becomes ONE pseudo-key with score s q.mu_j' + ln n_j' and
-// value vbar_j'. All pseudo-keys form one partial (o, m, l) that merges with
+// retrieved ones are taken out of it, mean key mu_j', diagonal key variance
+// var_j' and mean value vbar_j'):
+//   sum over the cluster's keys of exp(s q.k) v
+//     ~=  n_j' exp(s q.mu_j') (1 + s^2/2 sum_t q_t^2 var_j't) vbar_j'
+// i.e. the cluster becomes ONE pseudo-key with score
+// s q.mu_j' + ln(1 + s^2/2 q^2.var_j') + ln n_j' and value vbar_j' (the
+// variance term only with ClusterSummaryOptions::second_order). All
+// pseudo-keys form one partial (o, m, l) that merges with
 // the exact partial of the retrieved keys by the usual LSE merge: the two
 // key sets are disjoint because retrieved keys are subtracted from their
 // clusters' sums (no double counting; a cluster whose keys were all retrieved
@@ -47,10 +51,17 @@ struct ClusterSummaryOptions {
   int iterations = 6;     // k-means Lloyd iterations
   uint64_t seed = 1;
   size_t max_train_points = 16384;  // k-means subsample (0: all keys)
-  // Second-order estimator: each pseudo-key score also gets the Gaussian
-  // term 0.5 s^2 sum_t q_t^2 var_jt (per-cluster diagonal key variance), i.e.
-  // log E[exp(s q.k)] for normally distributed keys; costs one more
-  // clusters x d pass per query and d doubles per cluster.
+  // Second-order estimator (session 26; off by default: it lowers the
+  // error on every synthetic family but raised stories260K's KL at every k,
+  // docs/benchmarks.md §4b "Session 26"): each pseudo-key
+  // score also gets ln(1 + 0.5 s^2 sum_t q_t^2 var_jt) (var_jt: the
+  // cluster's diagonal key variance), the second-order Taylor term of the
+  // cluster's mean exp(s q.k) around its mean score -- Jensen's gap that the
+  // mean key alone misses. (The Gaussian form exp(0.5 s^2 q'Sq) over-counted
+  // spread clusters of bounded scores: topical error 0.14 -> 0.21 at 32K
+  // keys; this form 0.14 -> 0.09, docs/benchmarks.md §4b "Session 26".)
+  // Exact when every cluster is one key (variance 0). Costs one more
+  // clusters x d pass per query and d doubles + d floats per cluster.
   bool second_order = false;
 };
 
@@ -78,9 +89,35 @@ class EstimateScratch {
   std::vector<float> var_scores;    // per cluster q^2 . var
 };
 
+// The clustering half of ClusterSummary::Build (k-means over the keys
+// only): what a background builder computes without holding the lock that
+// guards the values (ClusterSummary::Plan / FromPlan).
+struct ClusterPlan {
+  Matrix centroids;                  // k x d, unit norm
+  std::vector<uint32_t> assignment;  // per key: its cluster
+  bool second_order = false;
+};
+
 class ClusterSummary {
  public:
   ClusterSummary() = default;
+
+  // The k-means of Build over `keys` (n x d, finite, n >= 1), k =
+  // min(options.clusters, n); touches no values. InvalidArgument: n == 0,
+  // options.clusters outside [kMinEstimateClusters, kMaxEstimateClusters].
+  // Counts one run in PlansOnThisThread(). `pool` may be null.
+  static absl::StatusOr<ClusterPlan> Plan(ConstMatrixView keys,
+                                          const ClusterSummaryOptions& options,
+                                          ThreadPool* pool);
+  // The summary of `plan` over keys / values rows [0, plan.assignment.size())
+  // (`keys` must be the rows Plan clustered, values.rows() >= that many).
+  // InvalidArgument on shape mismatches.
+  static absl::StatusOr<ClusterSummary> FromPlan(const ClusterPlan& plan, ConstMatrixView keys,
+                                                 const ValueMatrix& values);
+  // Plan calls (k-means runs) made by the calling thread so far: lets a test
+  // show that an Attend thread never clusters (the node builds summaries on
+  // its own thread).
+  static int64_t PlansOnThisThread();
 
   // Clusters keys (n x d, finite, n >= 1) with k = min(options.clusters, n)
   // and sums keys and values (values.rows() == n) per cluster.

@@ -83,8 +83,15 @@ ABSL_FLAG(bool, estimate, false,
           "(docs/benchmarks.md section 4)");
 ABSL_FLAG(int, estimate_clusters_per_chunk, 256,
           "clusters per chunk summary for remainder estimation, [1, 65536] (a chunk of n keys "
-          "gets at most n / 16); summaries are built at a chunk's first estimating Attend and counted "
-          "in --memory_budget_bytes");
+          "gets at most n / 16); summaries are clustered on a summary thread (queued at upload with "
+          "--estimate, else by the first estimating Attend, which attends that chunk exactly until "
+          "the summary exists; chunks of keys x clusters <= 16384 are clustered by that Attend) "
+          "and counted in --memory_budget_bytes");
+ABSL_FLAG(bool, estimate_second_order, false,
+          "the estimate's second-order term: each cluster pseudo-key's score gains "
+          "ln(1 + s^2/2 sum_t q_t^2 var_t) (the cluster's diagonal key variance), the mass its "
+          "mean key misses; lower error on synthetic data, higher KL on stories260K "
+          "(docs/benchmarks.md section 4b, Session 26); false: mean key only");
 ABSL_FLAG(int64_t, recalibrate_every, 1024,
           "decode queries per (sequence, layer, kv head) between re-calibrations of that head's "
           "chunk indexes (search effort; kind for index auto) on its ring of recent decode "
@@ -245,6 +252,7 @@ int Main(int argc, char** argv) {
   core_options.estimate = absl::GetFlag(FLAGS_estimate);
   core_options.estimate_clusters_per_chunk =
       static_cast<size_t>(absl::GetFlag(FLAGS_estimate_clusters_per_chunk));
+  core_options.estimate_second_order = absl::GetFlag(FLAGS_estimate_second_order);
   core_options.recalibrate_every = static_cast<size_t>(absl::GetFlag(FLAGS_recalibrate_every));
   core_options.recovery_quarantine = absl::GetFlag(FLAGS_recovery_quarantine);
   core_options.lease_seconds = absl::GetFlag(FLAGS_lease_seconds);

@@ -62,14 +62,15 @@ OraclePartial Oracle(const ClusterSummary& s, const float* q, double scale,
     for (size_t t = 0; t < d; ++t) dot += q[t] * ksum[c * d + t] / static_cast<double>(n[c]);
     score[c] = scale * dot + std::log(static_cast<double>(n[c]));
     if (s.second_order()) {
-      // Gaussian term: 0.5 s^2 sum_t q_t^2 var_t of the remaining keys.
+      // Second-order Taylor term: ln(1 + 0.5 s^2 sum_t q_t^2 var_t) of the
+      // remaining keys (session 26; was the Gaussian 0.5 s^2 sum_t q_t^2 var_t).
       double var_term = 0;
       for (size_t t = 0; t < d; ++t) {
         const double mean = ksum[c * d + t] / static_cast<double>(n[c]);
         const double var = std::max(0.0, ksq[c * d + t] / static_cast<double>(n[c]) - mean * mean);
         var_term += double(q[t]) * q[t] * var;
       }
-      score[c] += 0.5 * scale * scale * var_term;
+      score[c] += std::log1p(0.5 * scale * scale * var_term);
     }
     p.m = std::max(p.m, score[c]);
     p.keys += n[c];
@@ -98,7 +99,7 @@ void ExpectNearOracle(const OraclePartial& want, std::span<const float> o, float
   for (size_t t = 0; t < o.size(); ++t) EXPECT_NEAR(o[t], want.o[t], 1e-4 * big) << t;
 }
 
-// Both estimators (first order; second_order adds the diagonal Gaussian term).
+// Both estimators (first order; second_order adds the diagonal variance term).
 class EstimateOracleTest : public ::testing::TestWithParam<bool> {};
 
 TEST_P(EstimateOracleTest, MatchesDoubleOracleWithExclusions) {

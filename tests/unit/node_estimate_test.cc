@@ -16,90 +16,25 @@
 #include "common/tensor.h"
 #include "gtest/gtest.h"
 #include "retrieval_node/core/node_core.h"
+#include "tests/support/estimate_node.h"
 #include "tests/support/test_data.h"
 
 namespace kvr::retrieval {
 namespace {
 
-constexpr int kHeads = 4, kKvHeads = 2, kDim = 32, kK = 8;
-constexpr size_t kPrefill = 2048, kTail = 16;
-constexpr uint64_t kSeq = 3;
-
 using test_support::ExpectSamePartials;
-using test_support::RandomMatrix;
-
-struct Data {
-  Matrix keys = RandomMatrix(kPrefill + 3 * kTail, kDim, 1);
-  Matrix values = RandomMatrix(kPrefill + 3 * kTail, kDim, 2);
-  Matrix queries = RandomMatrix(kHeads, kDim, 3);
-};
-
-std::unique_ptr<NodeCore> NewNode(bool estimate, int64_t budget = 0) {
-  NodeCoreOptions o;
-  o.memory_budget_bytes = budget;
-  o.tail_capacity = kTail;
-  o.background_seals = false;  // seals happen inside the append that fills the tail
-  o.estimate = estimate;
-  o.estimate_clusters_per_chunk = 64;
-  auto n = NodeCore::Create(o);
-  EXPECT_TRUE(n.ok()) << n.status();
-  return n.ok() ? std::move(*n) : nullptr;
-}
-
-// Both kv heads hold the same keys (kv head g's chunk = the first kPrefill).
-void Load(NodeCore* node, const Data& data) {
-  SequenceSpec s;
-  s.sequence_id = kSeq;
-  s.n_layers = 1;
-  s.n_heads = kHeads;
-  s.n_kv_heads = kKvHeads;
-  s.head_dim = kDim;
-  s.index_type = IndexType::kFlat;
-  ASSERT_TRUE(node->CreateSequence(s).ok());
-  for (int32_t g = 0; g < kKvHeads; ++g) {
-    ShardUpload up;
-    up.key = {kSeq, 0, g, 0};
-    up.keys = data.keys.view().rows_slice(0, kPrefill);
-    up.values = data.values.view().rows_slice(0, kPrefill);
-    ASSERT_TRUE(node->UploadShard(up).ok());
-  }
-}
-
-absl::StatusOr<Partials> Attend(NodeCore* node, const Data& data, EstimateMode mode,
-                                AttendStats* stats) {
-  AttendRequest r;
-  r.sequence_id = kSeq;
-  r.queries = data.queries.view();
-  r.k = kK;
-  r.estimate = mode;
-  Partials out(kHeads, kDim);
-  StatusWaiter waiter;
-  node->AttendAsync(r, out.view(), stats, waiter.callback());
-  KVR_RETURN_IF_ERROR(waiter.Wait());
-  return out;
-}
-
-// Mean relative L2 error of the outputs against full attention over the
-// first `n` keys.
-double ErrorVsFull(const Partials& p, const Data& data, size_t n) {
-  const ValueMatrix values =
-      ValueMatrix::FromFloat(DType::kF32, data.values.view().rows_slice(0, n));
-  Partials full(kHeads, kDim);
-  KVR_CHECK(ExactAttention(data.queries.view(), data.keys.view().rows_slice(0, n), values,
-                           1.0f / std::sqrt(static_cast<float>(kDim)), full.view())
-                .ok());
-  double sum = 0;
-  for (size_t i = 0; i < kHeads; ++i) {
-    double num = 0, den = 0;
-    for (size_t t = 0; t < kDim; ++t) {
-      const double e = p.o.row(i)[t] - full.o.row(i)[t];
-      num += e * e;
-      den += static_cast<double>(full.o.row(i)[t]) * full.o.row(i)[t];
-    }
-    sum += std::sqrt(num / den);
-  }
-  return sum / kHeads;
-}
+using test_support::estimate_node::AppendRows;
+using test_support::estimate_node::Attend;
+using test_support::estimate_node::Data;
+using test_support::estimate_node::ErrorVsFull;
+using test_support::estimate_node::kHeads;
+using test_support::estimate_node::kK;
+using test_support::estimate_node::kKvHeads;
+using test_support::estimate_node::kPrefill;
+using test_support::estimate_node::kSeq;
+using test_support::estimate_node::kTail;
+using test_support::estimate_node::Load;
+using test_support::estimate_node::NewNode;
 
 TEST(NodeEstimateTest, OffIsBitIdenticalToANodeWithoutEstimation) {
   const Data data;
@@ -155,17 +90,7 @@ TEST(NodeEstimateTest, AppendsSealsAndMemoryKeepTheSummaryConsistent) {
   // Two seals (2 * kTail rows into the chunk) and 11 rows left in the tail
   // (more than k: attended in full).
   const size_t appended = 2 * kTail + 11;
-  for (size_t i = 0; i < appended; ++i) {
-    for (int32_t g = 0; g < kKvHeads; ++g) {
-      AppendRequest a;
-      a.sequence_id = kSeq;
-      a.kv_head = g;
-      a.first_position = static_cast<int64_t>(kPrefill + i);
-      a.keys = data.keys.view().rows_slice(kPrefill + i, 1);
-      a.values = data.values.view().rows_slice(kPrefill + i, 1);
-      ASSERT_TRUE(node->Append(a).ok());
-    }
-  }
+  ASSERT_NO_FATAL_FAILURE(AppendRows(node.get(), data, kPrefill, appended));
   const size_t chunk = kPrefill + 2 * kTail, tail = appended - 2 * kTail;
   ASSERT_EQ(node->Stats()->tail_keys, static_cast<int64_t>(tail * kKvHeads));
   auto on = Attend(node.get(), data, EstimateMode::kDefault, &st);
