@@ -711,10 +711,12 @@ class Runner {
                     std::string(index::IndexTypeName(ac.kind)).c_str(),
                     ac.kind == index::IndexType::kGraph ? ac.beam : ac.nprobe,
                     ac.expected_recall, a.meets_target ? "meets" : "misses", ac.cost_per_query,
-                    a.pruned ? "- (pruned)"
-                             : absl::StrFormat("%.1f us/query (timing %.3f s)", a.measured_us,
-                                               a.timing_seconds)
-                                   .c_str());
+                    absl::StrFormat("%.1f us/query (%s; timing %.3f s)", a.measured_us,
+                                    !a.meets_target ? "not timed"
+                                    : a.pruned      ? "one pass, pruned"
+                                                    : "median",
+                                    a.timing_seconds)
+                        .c_str());
       }
       if (!candidates.empty()) {
         std::printf("  auto: timing the candidates took %.3f s of the %.2f s build\n", timing_s,

@@ -110,7 +110,7 @@ int ChooseFastest(std::span<const AutoCandidate> candidates) {
   int best = -1;
   for (size_t i = 0; i < candidates.size(); ++i) {
     const AutoCandidate& c = candidates[i];
-    if (!c.meets_target || !(c.measured_us > 0)) continue;
+    if (!c.meets_target || c.pruned || !(c.measured_us > 0)) continue;
     // A later candidate must be more than kAutoTimeTie faster to win a tie.
     if (best < 0 || c.measured_us < candidates[static_cast<size_t>(best)].measured_us *
                                          (1.0 - kAutoTimeTie)) {
@@ -572,18 +572,27 @@ absl::StatusOr<std::unique_ptr<CalibratedIndex>> BuildCalibrated(
                                                   kAutoPruneFactor * cheapest_model, pool));
       AutoCandidate c;
       c.meets_target = r.expected_recall >= target;  // false for NaN
-      c.pruned = !c.meets_target || r.cost_per_query > kAutoPruneFactor * cheapest_model;
-      if (!c.pruned) {
+      c.pruned = !c.meets_target;
+      if (c.meets_target) {
+        cheapest_model = std::min(cheapest_model, r.cost_per_query);
         SearchParams p;
         p.k = timing_k;
         SetEffort(r.kind, IsIvfKind(r.kind) ? r.nprobe : r.beam, &p);
         const auto t0 = std::chrono::steady_clock::now();
-        KVR_ASSIGN_OR_RETURN(c.measured_us, TimeSearch(*index, timing_queries, p,
-                                                       options.calibration.timing_repetitions));
+        // One pass first (it also warms caches): a candidate over
+        // kAutoPruneFactor x the fastest so far is not timed further.
+        KVR_ASSIGN_OR_RETURN(c.measured_us, TimeSearch(*index, timing_queries, p, 1));
+        const int fastest = ChooseFastest(seen);
+        c.pruned = fastest >= 0 && c.measured_us > kAutoPruneFactor *
+                                                      seen[static_cast<size_t>(fastest)].measured_us;
+        if (!c.pruned) {
+          KVR_ASSIGN_OR_RETURN(c.measured_us,
+                               TimeSearch(*index, timing_queries, p,
+                                          options.calibration.timing_repetitions));
+        }
         c.timing_seconds =
             std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
         r.measured_us = c.measured_us;
-        cheapest_model = std::min(cheapest_model, r.cost_per_query);
       }
       c.calibration = r;
       seen.push_back(c);

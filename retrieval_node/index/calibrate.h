@@ -24,9 +24,11 @@
 // search, on the calling thread, median of timing_repetitions passes), and
 // the fastest is kept (ChooseFastest: ties within kAutoTimeTie go to the
 // earlier candidate of flat, flat_sq8, ivf, ivf_sq8, graph). The model only
-// prunes: a candidate's calibration stops once its modelled cost exceeds
-// kAutoPruneFactor x the cheapest modelled candidate meeting the target
-// (flat's n to begin with), and such a candidate is not timed.
+// bounds calibration: a candidate's effort search stops once an effort
+// missing the target models more than kAutoPruneFactor x the cheapest
+// modelled candidate meeting it (flat's n to begin with). A candidate whose
+// first timed pass takes over kAutoPruneFactor x the fastest so far is not
+// timed further (pruned).
 //
 // Without held-back queries the index keeps its built-in default effort and
 // reports expected recall unknown (NaN; see CalibrationResult).
@@ -77,10 +79,10 @@ inline constexpr double kMinSpeedupOverFlat = 1.25;
 // measured time count as tied (timing noise on a shared machine); the
 // earliest of them in the candidate order wins (simpler kinds first).
 inline constexpr double kAutoTimeTie = 0.05;
-// kAuto by measured time: a candidate whose modelled cost exceeds this
-// multiple of the cheapest modelled candidate meeting the target is
-// hopeless (the constants are good to ~25-50%): its calibration stops and it
-// is not timed.
+// kAuto by measured time: calibration of a candidate stops at an effort
+// missing the target that models over this multiple of the cheapest
+// modelled candidate meeting it, and a candidate whose first timed pass is
+// over this multiple of the fastest so far is not timed further.
 inline constexpr double kAutoPruneFactor = 2.0;
 // kAuto scans shards of fewer keys (flat, exact): the cost model leaves out
 // per-search fixed costs (centroid ranking, beam upkeep) that dominate
@@ -166,15 +168,16 @@ absl::StatusOr<double> TimeSearch(const KeyIndex& index, ConstMatrixView queries
 struct AutoCandidate {
   CalibrationResult calibration;  // kind, effort, held-back recall, modelled cost
   bool meets_target = false;      // calibration.expected_recall >= target_recall
-  // Not timed: its modelled cost exceeded kAutoPruneFactor x the cheapest
-  // meeting the target (or it missed the target).
+  // No contender: it missed the target (not timed), or its first timed pass
+  // was over kAutoPruneFactor x the fastest so far (measured_us is that pass).
   bool pruned = false;
   double measured_us = 0;   // TimeSearch at the chosen effort; 0 when not timed
   double timing_seconds = 0;  // wall time spent timing it (build-time cost)
 };
 
 // The candidate kAuto keeps: the index into `candidates` of the fastest
-// measured (measured_us > 0) among those meeting the target (meets_target);
+// measured (measured_us > 0) among those meeting the target (meets_target)
+// and not pruned;
 // candidates within kAutoTimeTie of the fastest count as tied and the
 // earliest of them wins. -1 when none meets the target and was timed.
 // Deterministic for given inputs.

@@ -44,6 +44,12 @@ TEST(ChooseFastestTest, AFasterCandidateMissingTheTargetIsNeverKept) {
   EXPECT_EQ(ChooseFastest(c), 3);
   // Nothing meets: no choice (BuildCalibrated then keeps flat, which always does).
   EXPECT_EQ(ChooseFastest(std::vector<AutoCandidate>{Timed(IndexType::kIvf, false, 5)}), -1);
+  // Pruned (its first pass was over kAutoPruneFactor x the fastest) is no
+  // contender whatever its time.
+  std::vector<AutoCandidate> pruned = {Timed(IndexType::kFlat, true, 100),
+                                       Timed(IndexType::kIvf, true, 10)};
+  pruned[1].pruned = true;
+  EXPECT_EQ(ChooseFastest(pruned), 0);
   // Meeting but untimed (measured 0) is no candidate either.
   EXPECT_EQ(ChooseFastest(std::vector<AutoCandidate>{Timed(IndexType::kIvf, true, 0)}), -1);
 }
