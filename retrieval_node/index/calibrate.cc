@@ -565,7 +565,7 @@ absl::StatusOr<std::unique_ptr<CalibratedIndex>> BuildCalibrated(
         std::min({static_cast<size_t>(options.calibration.k), holdout.width, n}));
     std::vector<AutoCandidate> seen;
     std::unique_ptr<CalibratedIndex> best;
-    double cheapest_model = flat_cost;  // least modelled cost meeting the target so far
+    double cheapest_model = flat_cost;  // least modelled cost of a contender so far
     auto consider_timed = [&](std::unique_ptr<KeyIndex> index) -> absl::Status {
       KVR_ASSIGN_OR_RETURN(CalibrationResult r,
                            CalibrateEffortBounded(*index, holdout, options.calibration,
@@ -574,7 +574,6 @@ absl::StatusOr<std::unique_ptr<CalibratedIndex>> BuildCalibrated(
       c.meets_target = r.expected_recall >= target;  // false for NaN
       c.pruned = !c.meets_target;
       if (c.meets_target) {
-        cheapest_model = std::min(cheapest_model, r.cost_per_query);
         SearchParams p;
         p.k = timing_k;
         SetEffort(r.kind, IsIvfKind(r.kind) ? r.nprobe : r.beam, &p);
@@ -593,6 +592,9 @@ absl::StatusOr<std::unique_ptr<CalibratedIndex>> BuildCalibrated(
         c.timing_seconds =
             std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
         r.measured_us = c.measured_us;
+        // A contender's model bounds the later calibrations (a pruned one's
+        // model proved wrong by its time).
+        if (!c.pruned) cheapest_model = std::min(cheapest_model, r.cost_per_query);
       }
       c.calibration = r;
       seen.push_back(c);

@@ -26,7 +26,7 @@
 // earlier candidate of flat, flat_sq8, ivf, ivf_sq8, graph). The model only
 // bounds calibration: a candidate's effort search stops once an effort
 // missing the target models more than kAutoPruneFactor x the cheapest
-// modelled candidate meeting it (flat's n to begin with). A candidate whose
+// modelled contender so far (flat's n to begin with). A candidate whose
 // first timed pass takes over kAutoPruneFactor x the fastest so far is not
 // timed further (pruned).
 //
@@ -81,7 +81,7 @@ inline constexpr double kMinSpeedupOverFlat = 1.25;
 inline constexpr double kAutoTimeTie = 0.05;
 // kAuto by measured time: calibration of a candidate stops at an effort
 // missing the target that models over this multiple of the cheapest
-// modelled candidate meeting it, and a candidate whose first timed pass is
+// modelled contender so far, and a candidate whose first timed pass is
 // over this multiple of the fastest so far is not timed further.
 inline constexpr double kAutoPruneFactor = 2.0;
 // kAuto scans shards of fewer keys (flat, exact): the cost model leaves out
