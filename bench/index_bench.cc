@@ -620,10 +620,12 @@ class Runner {
   // 8th training query (at most 512, spread over positions) is held back with
   // its exact top-k, as the worker uploads them; the rest train the graph.
   // Rows: the graph and IVF each calibrated for --target_recall
-  // ("auto-graph", "auto-ivf") and the kind IndexType::kAuto chose ("auto"),
-  // measured on the decode queries at the calibrated effort; build_s
-  // includes the calibration. Also prints ns per distance computation of
-  // each kind (the cost constants of calibrate.h).
+  // ("auto-graph", "auto-ivf"), the kind IndexType::kAuto chose by the cost
+  // model alone ("auto-model", the session-25 rule) and by measured time
+  // ("auto", the default), measured on the decode queries at the calibrated
+  // effort; build_s includes the calibration (and the timing). Also prints
+  // ns per distance computation of each kind (the cost constants of
+  // calibrate.h) and every candidate auto timed.
   template <typename Add>
   void RunAuto(const DataSet& ds, const std::vector<int64_t>& truth, int k, Add&& add) {
     if (ds.train.rows < 16) {
@@ -665,11 +667,16 @@ class Runner {
     std::printf("  auto: %zu held-back queries (every %zu-th), flat %.2f ns/distance "
                 "(one query per search)\n",
                 held.rows, stride, flat_ns);
-    for (index::IndexType type :
-         {index::IndexType::kGraph, index::IndexType::kIvf, index::IndexType::kAuto}) {
+    for (int variant = 0; variant < 4; ++variant) {
+      const index::IndexType type = variant == 0   ? index::IndexType::kGraph
+                                    : variant == 1 ? index::IndexType::kIvf
+                                                   : index::IndexType::kAuto;
       // Build without held-back queries, then calibrate, timing each (for
       // kAuto the one call builds every candidate and calibrates them).
       const bool one_kind = type != index::IndexType::kAuto;
+      std::vector<index::AutoCandidate> candidates;
+      o.auto_by_time = variant == 3;
+      o.candidates = variant == 3 ? &candidates : nullptr;
       auto t0 = Clock::now();
       auto built = index::BuildCalibrated(type, ds.keys.view(), train_topk,
                                           static_cast<size_t>(train_k),
@@ -690,14 +697,31 @@ class Runner {
       p.beam = c.beam;
       p.nprobe = c.nprobe;
       const Row r = MeasureKvr(**built, ds.test, truth, k, p);
-      std::string kind(index::IndexTypeName(c.kind));
-      if (const auto* ivf = dynamic_cast<const index::IvfIndex*>(&(*built)->inner());
-          ivf != nullptr && ivf->options().sq8) {
-        kind = "ivf_sq8";
-      }
+      const std::string kind(index::IndexTypeName(c.kind));
       const int effort = c.kind == index::IndexType::kGraph ? c.beam : c.nprobe;
-      const std::string method =
-          one_kind ? absl::StrCat("auto-", kind) : std::string("auto");
+      const std::string method = one_kind       ? absl::StrCat("auto-", kind)
+                                 : variant == 2 ? std::string("auto-model")
+                                                : std::string("auto");
+      double timing_s = 0;
+      for (const index::AutoCandidate& a : candidates) {
+        const index::CalibrationResult& ac = a.calibration;
+        timing_s += a.timing_seconds;
+        std::printf("  auto: candidate %-8s effort %4d: held-back recall %.4f (%s), modelled "
+                    "%.0f, measured %s\n",
+                    std::string(index::IndexTypeName(ac.kind)).c_str(),
+                    ac.kind == index::IndexType::kGraph ? ac.beam : ac.nprobe,
+                    ac.expected_recall, a.meets_target ? "meets" : "misses", ac.cost_per_query,
+                    absl::StrFormat("%.1f us/query (%s; timing %.3f s)", a.measured_us,
+                                    !a.meets_target ? "not timed"
+                                    : a.pruned      ? "one pass, pruned"
+                                                    : "median",
+                                    a.timing_seconds)
+                        .c_str());
+      }
+      if (!candidates.empty()) {
+        std::printf("  auto: timing the candidates took %.3f s of the %.2f s build\n", timing_s,
+                    build);
+      }
       add(r, method, absl::StrFormat("%s,e=%d,exp=%.3f", kind, effort, c.expected_recall),
           build + calibrate_s);
       const double dist = r.scanned_pct / 100.0 * static_cast<double>(ds.keys.rows);

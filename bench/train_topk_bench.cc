@@ -24,6 +24,9 @@
 // family; TrainingTopK exact vs approx on the same data (seconds, CPU
 // seconds, and approx's recall of the exact lists: mean, 1st percentile and
 // worst query). Exits 1 when an approx score is not the exact score of its id.
+// --key_sizes=4096,8192,... repeats that per chunk size (keys) in the same
+// run, the same --max_train_queries queries each: where approx starts to pay
+// (TrainingTopKOptions::approx_min_keys).
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
@@ -39,7 +42,10 @@
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
 #include "absl/flags/usage.h"
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "absl/strings/str_split.h"
 #include "common/exact_topk.h"
 #include "common/simd/kernels.h"
 #include "common/tensor.h"
@@ -59,6 +65,8 @@ ABSL_FLAG(std::string, json, "", "write the rows as JSON to this file");
 ABSL_FLAG(std::string, families, "",
           "attention data families (comma list or \"all\"): exact vs approx per family "
           "instead of the Gaussian rows");
+ABSL_FLAG(std::string, key_sizes, "",
+          "--families mode: comma list of key counts to run each family at (default: --keys)");
 ABSL_FLAG(int64_t, approx_group_size, 64, "TrainingTopKOptions::approx_group_size");
 ABSL_FLAG(double, approx_candidate_fraction, 0.0625,
           "TrainingTopKOptions::approx_candidate_fraction");
@@ -157,7 +165,17 @@ std::vector<double> RowRecalls(const std::vector<int64_t>& exact,
 
 // The --families mode (see the file comment).
 int FamiliesMain() {
-  const size_t n = static_cast<size_t>(absl::GetFlag(FLAGS_keys));
+  std::vector<size_t> sizes;
+  for (absl::string_view s : absl::StrSplit(absl::GetFlag(FLAGS_key_sizes), ',',
+                                              absl::SkipEmpty())) {
+    size_t v = 0;
+    if (!absl::SimpleAtoi(s, &v) || v < 1 || v > kMaxTopKKeys) {
+      Fail(absl::InvalidArgumentError(absl::StrCat("--key_sizes entry \"", s,
+                                                   "\" is not a key count in [1, 2^31]")));
+    }
+    sizes.push_back(v);
+  }
+  if (sizes.empty()) sizes.push_back(static_cast<size_t>(absl::GetFlag(FLAGS_keys)));
   const size_t t = static_cast<size_t>(absl::GetFlag(FLAGS_max_train_queries));
   const size_t dim = static_cast<size_t>(absl::GetFlag(FLAGS_dim));
   const int k = absl::GetFlag(FLAGS_k);
@@ -186,23 +204,27 @@ int FamiliesMain() {
       at = comma + 1;
     }
   }
-  std::printf("train_topk_bench: %zu keys x %zu training queries, d %zu, k %d, %d threads, "
+  std::printf("train_topk_bench: %zu training queries, d %zu, k %d, %d threads, "
               "simd %s; approx: group size %zu, candidate fraction %.4f, k-means iterations %d\n",
-              n, t, dim, k, threads, simd::Active().name, approx.approx_group_size,
+              t, dim, k, threads, simd::Active().name, approx.approx_group_size,
               approx.approx_candidate_fraction, approx.approx_kmeans_iterations);
-  std::printf("\n| family | exact s (CPU s) | approx s (CPU s) | speed-up (wall) | recall vs exact: "
-              "mean | p1 | worst query |\n|---|---|---|---|---|---|---|\n");
+  std::printf("\n| family | keys | exact s (CPU s) | approx s (CPU s) | speed-up (wall) | recall "
+              "vs exact: mean | p1 | worst query |\n|---|---|---|---|---|---|---|---|\n");
   std::string json = "[\n";
-  for (const std::string& family : families) {
+  for (const std::string& family : families) for (const size_t n : sizes) {
     AttentionDataOptions o;
     o.family = family;
-    o.n_keys = n;
+    // The generator wants at least as many keys as queries; a chunk smaller
+    // than the query sample (a worker's chunk has query heads / kv head times
+    // more queries than keys) takes the first n of them.
+    o.n_keys = std::max(n, t);
     o.n_train = t;
     o.n_test = 1;
     o.dim = dim;
     auto data = GenerateAttentionData(o, &pool);
     if (!data.ok()) Fail(data.status());
-    const ConstMatrixView keys = data->keys.view(), queries = data->train_queries.view();
+    const ConstMatrixView keys = data->keys.view().rows_slice(0, n),
+                          queries = data->train_queries.view();
     std::vector<int64_t> eids(t * ku), aids(t * ku);
     std::vector<float> escores(t * ku), ascores(t * ku);
     auto t0 = Clock::now();
@@ -231,8 +253,8 @@ int FamiliesMain() {
     for (double x : r) mean += x;
     mean /= double(r.size());
     const double p1 = r[r.size() / 100];
-    std::printf("| %s | %.2f (%.2f) | %.2f (%.2f) | %.1fx | %.4f | %.2f | %.2f |\n",
-                family.c_str(), exact_s, exact_cpu, approx_s, approx_cpu, exact_s / approx_s, mean,
+    std::printf("| %s | %zu | %.3f (%.3f) | %.3f (%.3f) | %.2fx | %.4f | %.2f | %.2f |\n",
+                family.c_str(), n, exact_s, exact_cpu, approx_s, approx_cpu, exact_s / approx_s, mean,
                 p1, r.front());
     std::fflush(stdout);
     json += absl::StrFormat(

@@ -116,7 +116,7 @@ absl::Status ValidateSpec(const SequenceSpec& spec) {
   KVR_RETURN_IF_ERROR(DTypeFromTag(static_cast<uint32_t>(spec.value_dtype)).status());
   if (spec.index_type != IndexType::kGraph && spec.index_type != IndexType::kFlat &&
       spec.index_type != IndexType::kIvf && spec.index_type != IndexType::kAuto &&
-      spec.index_type != IndexType::kFlatSq8) {
+      spec.index_type != IndexType::kFlatSq8 && spec.index_type != IndexType::kIvfSq8) {
     return absl::InvalidArgumentError(
         absl::StrCat("index_type ", static_cast<int>(spec.index_type), " unknown"));
   }
@@ -408,7 +408,8 @@ int64_t NodeCore::EstimateBytes(const SequenceSpec& spec, size_t n) const {
   if (spec.index_type == IndexType::kGraph || spec.index_type == IndexType::kAuto) {
     per_key += int64_t(options_.graph.degree + 1) * int64_t(sizeof(uint32_t));
   }
-  if (spec.index_type == IndexType::kFlatSq8 || spec.index_type == IndexType::kAuto) {
+  if (spec.index_type == IndexType::kFlatSq8 || spec.index_type == IndexType::kIvfSq8 ||
+      spec.index_type == IndexType::kAuto) {
     per_key += d;  // one SQ8 code byte per dimension
   }
   return per_key * static_cast<int64_t>(n);
@@ -523,8 +524,9 @@ absl::StatusOr<std::unique_ptr<index::KeyIndex>> NodeCore::BuildIndex(
     KVR_RETURN_IF_ERROR(flat->Add(keys));
     return std::unique_ptr<index::KeyIndex>(std::move(flat));
   }
-  if (type == IndexType::kIvf) {
+  if (index::IsIvfKind(type)) {
     index::IvfOptions o = options_.ivf;
+    if (type == IndexType::kIvfSq8) o.sq8 = true;
     o.nlist = std::clamp<size_t>(Sqrt(n), 1, o.nlist);
     KVR_ASSIGN_OR_RETURN(std::unique_ptr<index::IvfIndex> ivf,
                          index::IvfIndex::Build(keys, o, pool_.get()));
@@ -1914,8 +1916,9 @@ std::vector<ShardInfo> NodeCore::Describe(const std::vector<std::shared_ptr<Sequ
             info.memory_bytes += static_cast<int64_t>(c.index->MemoryBytes());
             info.index_type = c.index->type();
             if (const index::CalibrationResult* cal = c.index->calibration(); cal != nullptr) {
-              info.search_effort = cal->kind == IndexType::kIvf ? cal->nprobe : cal->beam;
+              info.search_effort = index::IsIvfKind(cal->kind) ? cal->nprobe : cal->beam;
               if (!std::isnan(cal->expected_recall)) info.expected_recall = cal->expected_recall;
+              info.measured_search_us = cal->measured_us;
             } else if (info.index_type == IndexType::kFlat) {
               info.expected_recall = 1.0;  // exact
             }

@@ -263,6 +263,9 @@ struct ShardInfo {
   // held-back queries; 1 for a flat index).
   int32_t search_effort = 0;
   double expected_recall = -1;
+  // Index auto: the chosen kind's measured search time at that effort, µs
+  // per query (CalibrationResult::measured_us); 0: not measured.
+  double measured_search_us = 0;
 };
 
 // A one-shot wait for an asynchronous call: pass callback() as `done`, then

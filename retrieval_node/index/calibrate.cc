@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <cmath>
 #include <limits>
 #include <string>
@@ -14,7 +15,9 @@
 namespace kvr::index {
 namespace {
 
-constexpr uint32_t kCalibratedVersion = 1;
+// Version 2 adds CalibrationResult::measured_us; version 1 still loads
+// (measured_us 0).
+constexpr uint32_t kCalibratedVersion = 2;
 constexpr int kMaxCalibratedNprobe = 1 << 20;
 constexpr size_t kQueriesPerBlock = 8;
 
@@ -24,18 +27,17 @@ double KindCost(IndexType kind) {
       return kGraphDistanceCost;
     case IndexType::kIvf:
       return kIvfDistanceCost;
+    case IndexType::kIvfSq8:
+      return kIvfSq8DistanceCost;
+    case IndexType::kFlatSq8:
+      return kFlatSq8DistanceCost;
     default:
       return kFlatDistanceCost;
   }
 }
 
-// KindCost of `index`, SQ8 code scans at their own rates.
-double IndexCost(const KeyIndex& index) {
-  if (index.type() == IndexType::kFlatSq8) return kFlatSq8DistanceCost;
-  const auto* ivf = dynamic_cast<const IvfIndex*>(&index);
-  if (ivf != nullptr && ivf->options().sq8) return kIvfSq8DistanceCost;
-  return KindCost(index.type());
-}
+// KindCost of `index`'s kind.
+double IndexCost(const KeyIndex& index) { return KindCost(index.type()); }
 
 // The recall k for `index` and `holdout`.
 size_t RecallK(const KeyIndex& index, const Holdout& holdout, const CalibrationOptions& options) {
@@ -45,7 +47,7 @@ size_t RecallK(const KeyIndex& index, const Holdout& holdout, const CalibrationO
 // The effort knob of a calibrated kind: the graph's beam or IVF's nprobe.
 void SetEffort(IndexType kind, int effort, SearchParams* params) {
   if (kind == IndexType::kGraph) params->beam = effort;
-  if (kind == IndexType::kIvf) params->nprobe = effort;
+  if (IsIvfKind(kind)) params->nprobe = effort;
 }
 
 }  // namespace
@@ -68,7 +70,54 @@ absl::Status ValidateCalibrationOptions(const CalibrationOptions& options) {
                                                    options.max_queries, " outside [1, ",
                                                    kMaxHoldoutQueries, "]"));
   }
+  if (options.timing_queries < 1 || options.timing_queries > kMaxHoldoutQueries) {
+    return absl::InvalidArgumentError(absl::StrCat("calibration timing_queries ",
+                                                   options.timing_queries, " outside [1, ",
+                                                   kMaxHoldoutQueries, "]"));
+  }
+  if (options.timing_repetitions < 1 || options.timing_repetitions > kMaxTimingRepetitions) {
+    return absl::InvalidArgumentError(absl::StrCat("calibration timing_repetitions ",
+                                                   options.timing_repetitions, " outside [1, ",
+                                                   kMaxTimingRepetitions, "]"));
+  }
   return absl::OkStatus();
+}
+
+absl::StatusOr<double> TimeSearch(const KeyIndex& index, ConstMatrixView queries,
+                                  const SearchParams& params, int repetitions) {
+  if (queries.rows() == 0) return absl::InvalidArgumentError("TimeSearch: no queries");
+  if (repetitions < 1 || repetitions > kMaxTimingRepetitions) {
+    return absl::InvalidArgumentError(absl::StrCat("TimeSearch: repetitions ", repetitions,
+                                                   " outside [1, ", kMaxTimingRepetitions, "]"));
+  }
+  const size_t k = static_cast<size_t>(std::max(params.k, 1));
+  std::vector<int64_t> ids(k);
+  std::vector<float> scores(k);
+  std::vector<double> us(static_cast<size_t>(repetitions));
+  for (double& pass : us) {
+    const auto t0 = std::chrono::steady_clock::now();
+    for (size_t i = 0; i < queries.rows(); ++i) {
+      KVR_RETURN_IF_ERROR(index.Search(queries.rows_slice(i, 1), params, ids, scores));
+    }
+    pass = 1e6 * std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() /
+           static_cast<double>(queries.rows());
+  }
+  std::nth_element(us.begin(), us.begin() + static_cast<ptrdiff_t>(us.size() / 2), us.end());
+  return us[us.size() / 2];
+}
+
+int ChooseFastest(std::span<const AutoCandidate> candidates) {
+  int best = -1;
+  for (size_t i = 0; i < candidates.size(); ++i) {
+    const AutoCandidate& c = candidates[i];
+    if (!c.meets_target || c.pruned || !(c.measured_us > 0)) continue;
+    // A later candidate must be more than kAutoTimeTie faster to win a tie.
+    if (best < 0 || c.measured_us < candidates[static_cast<size_t>(best)].measured_us *
+                                         (1.0 - kAutoTimeTie)) {
+      best = static_cast<int>(i);
+    }
+  }
+  return best;
 }
 
 absl::Status ValidateHoldout(const Holdout& holdout, size_t n, size_t dim) {
@@ -203,7 +252,7 @@ absl::StatusOr<CalibrationResult> CalibrateEffortBounded(const KeyIndex& index,
     low_effort = static_cast<int>(k);
     max_effort = static_cast<int>(
         std::max<size_t>(k, std::min<size_t>(index.size(), kMaxCalibratedBeam)));
-  } else if (result.kind == IndexType::kIvf) {
+  } else if (IsIvfKind(result.kind)) {
     const auto* ivf = dynamic_cast<const IvfIndex*>(&index);
     if (ivf == nullptr) return absl::InternalError("IVF-typed index is not an IvfIndex");
     max_effort = static_cast<int>(std::min<size_t>(ivf->nlist(), kMaxCalibratedNprobe));
@@ -241,7 +290,7 @@ absl::StatusOr<CalibrationResult> CalibrateEffortBounded(const KeyIndex& index,
     }
   }
   if (result.kind == IndexType::kGraph) result.beam = meet;
-  if (result.kind == IndexType::kIvf) result.nprobe = meet;
+  if (IsIvfKind(result.kind)) result.nprobe = meet;
   result.expected_recall = best.recall;
   result.cost_per_query = best.distance_computations * IndexCost(index);
   return result;
@@ -342,6 +391,7 @@ absl::Status CalibratedIndex::Serialize(std::vector<uint8_t>* out) const {
   w.Put<int32_t>(result_.k);
   w.Put<int64_t>(result_.holdout_queries);
   w.Put<double>(result_.cost_per_query);
+  w.Put<double>(result_.measured_us);
   w.PutArray(std::span<const uint8_t>(inner));
   const std::vector<uint8_t> blob = SealBlob(kCalibratedBlobKind, kCalibratedVersion, w.bytes());
   out->insert(out->end(), blob.begin(), blob.end());
@@ -354,7 +404,7 @@ absl::StatusOr<std::unique_ptr<CalibratedIndex>> CalibratedIndex::Deserialize(
     return absl::InvalidArgumentError(
         absl::StrCat("blob kind ", blob.kind, " is not a calibrated index"));
   }
-  if (blob.version != kCalibratedVersion) {
+  if (blob.version != 1 && blob.version != kCalibratedVersion) {
     return absl::InvalidArgumentError(
         absl::StrCat("calibrated index: unsupported format version ", blob.version,
                      " (this build reads ", kCalibratedVersion, ")"));
@@ -370,6 +420,7 @@ absl::StatusOr<std::unique_ptr<CalibratedIndex>> CalibratedIndex::Deserialize(
   KVR_RETURN_IF_ERROR(r.Get(&c.k, "k"));
   KVR_RETURN_IF_ERROR(r.Get(&c.holdout_queries, "holdout_queries"));
   KVR_RETURN_IF_ERROR(r.Get(&c.cost_per_query, "cost_per_query"));
+  if (blob.version >= 2) KVR_RETURN_IF_ERROR(r.Get(&c.measured_us, "measured_us"));
   std::vector<uint8_t> inner_blob;
   KVR_RETURN_IF_ERROR(r.GetArray(&inner_blob, "inner", r.remaining()));
   KVR_RETURN_IF_ERROR(r.ExpectEnd());
@@ -380,7 +431,8 @@ absl::StatusOr<std::unique_ptr<CalibratedIndex>> CalibratedIndex::Deserialize(
   if (kind != static_cast<uint8_t>(IndexType::kGraph) &&
       kind != static_cast<uint8_t>(IndexType::kFlat) &&
       kind != static_cast<uint8_t>(IndexType::kIvf) &&
-      kind != static_cast<uint8_t>(IndexType::kFlatSq8)) {
+      kind != static_cast<uint8_t>(IndexType::kFlatSq8) &&
+      kind != static_cast<uint8_t>(IndexType::kIvfSq8)) {
     return bad("kind", int{kind});
   }
   c.kind = static_cast<IndexType>(kind);
@@ -399,12 +451,19 @@ absl::StatusOr<std::unique_ptr<CalibratedIndex>> CalibratedIndex::Deserialize(
   if (!std::isfinite(c.cost_per_query) || c.cost_per_query < 0) {
     return bad("cost_per_query", c.cost_per_query);
   }
+  if (!std::isfinite(c.measured_us) || c.measured_us < 0) {
+    return bad("measured_us", c.measured_us);
+  }
   // The wrapped index: any kind but another calibrated one (no nesting).
   KVR_ASSIGN_OR_RETURN(OpenedBlob opened, OpenBlob(inner_blob));
   if (opened.kind == kCalibratedBlobKind) {
     return absl::DataLossError("calibrated index: wraps another calibrated index");
   }
   KVR_ASSIGN_OR_RETURN(std::unique_ptr<KeyIndex> inner, LoadIndex(inner_blob));
+  // Blobs written before IVF-SQ8 was its own kind say kIvf for it.
+  if (c.kind == IndexType::kIvf && inner->type() == IndexType::kIvfSq8) {
+    c.kind = IndexType::kIvfSq8;
+  }
   if (inner->type() != c.kind) {
     return absl::DataLossError(absl::StrCat(
         "calibrated index: field 'kind' says ", std::string(IndexTypeName(c.kind)),
@@ -475,6 +534,10 @@ absl::StatusOr<std::unique_ptr<CalibratedIndex>> BuildCalibrated(
       KVR_ASSIGN_OR_RETURN(auto idx, build_ivf(options.ivf.sq8));
       return calibrate(std::move(idx));
     }
+    case IndexType::kIvfSq8: {
+      KVR_ASSIGN_OR_RETURN(auto idx, build_ivf(true));
+      return calibrate(std::move(idx));
+    }
     case IndexType::kFlatSq8: {
       KVR_ASSIGN_OR_RETURN(auto idx, build_flat_sq8());
       return calibrate(std::move(idx));
@@ -492,6 +555,73 @@ absl::StatusOr<std::unique_ptr<CalibratedIndex>> BuildCalibrated(
   }
   const double target = options.calibration.target_recall;
   const double flat_cost = static_cast<double>(n) * kFlatDistanceCost;
+
+  if (options.auto_by_time) {
+    // Candidates in order (ties go to the earlier): flat, flat_sq8, ivf,
+    // ivf_sq8, graph. Only the fastest so far is kept in memory.
+    const size_t timing_rows = std::min(holdout.rows(), options.calibration.timing_queries);
+    const ConstMatrixView timing_queries = holdout.queries.rows_slice(0, timing_rows);
+    const int timing_k = static_cast<int>(
+        std::min({static_cast<size_t>(options.calibration.k), holdout.width, n}));
+    std::vector<AutoCandidate> seen;
+    std::unique_ptr<CalibratedIndex> best;
+    double cheapest_model = flat_cost;  // least modelled cost of a contender so far
+    auto consider_timed = [&](std::unique_ptr<KeyIndex> index) -> absl::Status {
+      KVR_ASSIGN_OR_RETURN(CalibrationResult r,
+                           CalibrateEffortBounded(*index, holdout, options.calibration,
+                                                  kAutoPruneFactor * cheapest_model, pool));
+      AutoCandidate c;
+      c.meets_target = r.expected_recall >= target;  // false for NaN
+      c.pruned = !c.meets_target;
+      if (c.meets_target) {
+        SearchParams p;
+        p.k = timing_k;
+        SetEffort(r.kind, IsIvfKind(r.kind) ? r.nprobe : r.beam, &p);
+        const auto t0 = std::chrono::steady_clock::now();
+        // One pass first (it also warms caches): a candidate over
+        // kAutoPruneFactor x the fastest so far is not timed further.
+        KVR_ASSIGN_OR_RETURN(c.measured_us, TimeSearch(*index, timing_queries, p, 1));
+        const int fastest = ChooseFastest(seen);
+        c.pruned = fastest >= 0 && c.measured_us > kAutoPruneFactor *
+                                                      seen[static_cast<size_t>(fastest)].measured_us;
+        if (!c.pruned) {
+          KVR_ASSIGN_OR_RETURN(c.measured_us,
+                               TimeSearch(*index, timing_queries, p,
+                                          options.calibration.timing_repetitions));
+        }
+        c.timing_seconds =
+            std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+        r.measured_us = c.measured_us;
+        // A contender's model bounds the later calibrations (a pruned one's
+        // model proved wrong by its time).
+        if (!c.pruned) cheapest_model = std::min(cheapest_model, r.cost_per_query);
+      }
+      c.calibration = r;
+      seen.push_back(c);
+      if (!c.pruned && ChooseFastest(seen) == static_cast<int>(seen.size()) - 1) {
+        KVR_ASSIGN_OR_RETURN(best, CalibratedIndex::Create(std::move(index), r));
+      }
+      return absl::OkStatus();
+    };
+    {
+      KVR_ASSIGN_OR_RETURN(auto flat, build_flat());
+      KVR_RETURN_IF_ERROR(consider_timed(std::move(flat)));
+    }
+    for (int candidate = 0; candidate < 3; ++candidate) {
+      KVR_ASSIGN_OR_RETURN(auto idx,
+                           candidate == 0 ? build_flat_sq8() : build_ivf(candidate == 2));
+      KVR_RETURN_IF_ERROR(consider_timed(std::move(idx)));
+    }
+    if (!train_topk.empty()) {
+      KVR_ASSIGN_OR_RETURN(auto graph, build_graph());
+      KVR_RETURN_IF_ERROR(consider_timed(std::move(graph)));
+    }
+    if (options.candidates != nullptr) *options.candidates = seen;
+    if (best == nullptr) return absl::InternalError("auto: the flat candidate was not kept");
+    return best;
+  }
+
+  // By the cost model alone (the session-25 rule).
   std::unique_ptr<CalibratedIndex> best;  // the cheapest meeting the target so far
   // What a candidate must stay under to still win: flat / kMinSpeedupOverFlat
   // and the best candidate's cost (its calibration stops once it fails there).

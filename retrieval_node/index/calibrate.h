@@ -12,12 +12,23 @@
 // or n; every IVF list) gets that largest effort and reports the (lower)
 // recall it reached.
 //
-// Cost per query (to compare kinds) is deterministic: the mean distance
+// Cost per query (a model) is deterministic: the mean distance
 // computations per held-back query at the chosen effort times a per-kind
 // constant in units of one flat-scan distance (kGraphDistanceCost,
-// kIvfDistanceCost below). A flat scan costs n and has recall 1; kAuto keeps
-// another kind only when it models at least kMinSpeedupOverFlat faster, so
-// it never picks a kind slower than the scan.
+// kIvfDistanceCost below). A flat scan costs n and has recall 1.
+//
+// kAuto chooses by measured time (issue 17, session 26): the model misranks
+// short scans (per-search fixed costs, SQ8 rerank), so every candidate that
+// meets the target after calibration is timed at its chosen effort on the
+// first CalibrationOptions::timing_queries held-back queries (one query per
+// search, on the calling thread, median of timing_repetitions passes), and
+// the fastest is kept (ChooseFastest: ties within kAutoTimeTie go to the
+// earlier candidate of flat, flat_sq8, ivf, ivf_sq8, graph). The model only
+// bounds calibration: a candidate's effort search stops once an effort
+// missing the target models more than kAutoPruneFactor x the cheapest
+// modelled contender so far (flat's n to begin with). A candidate whose
+// first timed pass takes over kAutoPruneFactor x the fastest so far is not
+// timed further (pruned).
 //
 // Without held-back queries the index keeps its built-in default effort and
 // reports expected recall unknown (NaN; see CalibrationResult).
@@ -58,10 +69,21 @@ inline constexpr double kIvfDistanceCost = 1.2;
 // (docs/benchmarks.md "Quantized scans (SQ8)").
 inline constexpr double kFlatSq8DistanceCost = 0.3;
 inline constexpr double kIvfSq8DistanceCost = 0.4;
-// kAuto keeps a graph or IVF index only when its modelled cost is at most
-// flat's / kMinSpeedupOverFlat: the constants above are good to ~25%, and a
-// flat index is exact, appends without re-linking and never misses.
+// kAuto by the cost model only (CalibratedBuildOptions::auto_by_time false,
+// the session-25 choice kept for comparison): a graph or IVF index is kept
+// only when its modelled cost is at most flat's / kMinSpeedupOverFlat: the
+// constants above are good to ~25%, and a flat index is exact, appends
+// without re-linking and never misses.
 inline constexpr double kMinSpeedupOverFlat = 1.25;
+// kAuto by measured time: candidates within this fraction of the fastest
+// measured time count as tied (timing noise on a shared machine); the
+// earliest of them in the candidate order wins (simpler kinds first).
+inline constexpr double kAutoTimeTie = 0.05;
+// kAuto by measured time: calibration of a candidate stops at an effort
+// missing the target that models over this multiple of the cheapest
+// modelled contender so far, and a candidate whose first timed pass is
+// over this multiple of the fastest so far is not timed further.
+inline constexpr double kAutoPruneFactor = 2.0;
 // kAuto scans shards of fewer keys (flat, exact): the cost model leaves out
 // per-search fixed costs (centroid ranking, beam upkeep) that dominate
 // there, and a 2048-key scan takes ~50 µs, below a node call's overhead.
@@ -87,7 +109,14 @@ struct CalibrationOptions {
   // over positions). Bounds the calibration cost: efforts tried x this many
   // searches.
   size_t max_queries = 256;
+  // kAuto by measured time: held-back queries timed per candidate (the
+  // first ones), [1, kMaxHoldoutQueries], and timed passes over them, of
+  // which the median counts, [1, kMaxTimingRepetitions]. Bounds the timing
+  // cost: candidates x timing_queries x timing_repetitions searches.
+  size_t timing_queries = 32;
+  int timing_repetitions = 3;
 };
+inline constexpr int kMaxTimingRepetitions = 15;
 
 // OK, or InvalidArgument naming the field and its range.
 absl::Status ValidateCalibrationOptions(const CalibrationOptions& options);
@@ -124,6 +153,35 @@ absl::StatusOr<EffortMeasurement> MeasureEffort(const KeyIndex& index, const Hol
 absl::StatusOr<CalibrationResult> CalibrateEffort(const KeyIndex& index, const Holdout& holdout,
                                                   const CalibrationOptions& options,
                                                   ThreadPool* pool);
+
+// Median over `repetitions` passes ([1, kMaxTimingRepetitions]) of the mean
+// µs per query of searching each row of `queries` (>= 1 row, the index's
+// dim, finite) alone with `params` on the calling thread. The first pass
+// also warms caches (hence the median). Errors: the search's, or
+// InvalidArgument for no queries or repetitions out of range.
+absl::StatusOr<double> TimeSearch(const KeyIndex& index, ConstMatrixView queries,
+                                  const SearchParams& params, int repetitions);
+
+// One candidate kind kAuto considered (BuildCalibrated with
+// CalibratedBuildOptions::candidates): what calibration chose for it and, if
+// it was timed, how fast it searched.
+struct AutoCandidate {
+  CalibrationResult calibration;  // kind, effort, held-back recall, modelled cost
+  bool meets_target = false;      // calibration.expected_recall >= target_recall
+  // No contender: it missed the target (not timed), or its first timed pass
+  // was over kAutoPruneFactor x the fastest so far (measured_us is that pass).
+  bool pruned = false;
+  double measured_us = 0;   // TimeSearch at the chosen effort; 0 when not timed
+  double timing_seconds = 0;  // wall time spent timing it (build-time cost)
+};
+
+// The candidate kAuto keeps: the index into `candidates` of the fastest
+// measured (measured_us > 0) among those meeting the target (meets_target)
+// and not pruned;
+// candidates within kAutoTimeTie of the fastest count as tied and the
+// earliest of them wins. -1 when none meets the target and was timed.
+// Deterministic for given inputs.
+int ChooseFastest(std::span<const AutoCandidate> candidates);
 
 // A KeyIndex that wraps a chosen index with the search effort calibration
 // gave it: Search fills SearchParams::beam / nprobe when the caller leaves
@@ -194,6 +252,12 @@ struct CalibratedBuildOptions {
   CalibrationOptions calibration;
   AttentionGraphOptions graph;
   IvfOptions ivf;  // nlist is clamped to sqrt(n) (as the node does)
+  // kAuto: choose by measured time (the file comment); false: by the cost
+  // model alone (the session-25 rule, kept so benchmarks can compare).
+  bool auto_by_time = true;
+  // kAuto by measured time: when not null, receives every candidate
+  // considered, in candidate order (for benchmarks and tests).
+  std::vector<AutoCandidate>* candidates = nullptr;
 };
 
 // Builds an index of `type` over `keys` and calibrates it on `holdout`:
@@ -202,15 +266,16 @@ struct CalibratedBuildOptions {
 //    when train_topk is empty), beam calibrated;
 //  * kIvf: IVF, nprobe calibrated;
 //  * kFlatSq8: flat_sq8 (no effort knob: its recall at its rerank factor);
-//  * kAuto: graph (only when train_topk is given), IVF, IVF-SQ8, flat_sq8
-//    and flat (flat_sq8 replaces an approximate kind unless that is
-//    kMinSpeedupOverFlat cheaper, as flat does); the one of
-//    least cost per query whose held-back recall meets the target (flat when
-//    none does, or when there are fewer than kAutoMinKeys keys). A
-//    candidate's calibration stops once an effort missing the target costs
-//    more than the best so far (or flat / kMinSpeedupOverFlat). With an
-//    empty holdout (and >= kAutoMinKeys keys) kAuto builds the graph as
-//    kGraph does, with its default effort and unknown recall.
+//  * kIvfSq8: IVF with SQ8 lists (options.ivf.sq8 set), nprobe calibrated;
+//  * kAuto: candidates flat, flat_sq8, IVF, IVF-SQ8 and graph (only when
+//    train_topk is given), each calibrated; by measured time (default) the
+//    fastest timed one meeting the target (ChooseFastest; flat when none
+//    does); with auto_by_time false the session-25 cost-model rule (least
+//    modelled cost meeting the target, flat_sq8 replacing an approximate kind
+//    unless that is kMinSpeedupOverFlat cheaper, as flat does). Fewer than
+//    kAutoMinKeys keys: flat, untimed. With an empty holdout (and >=
+//    kAutoMinKeys keys) kAuto builds the graph as kGraph does, with its
+//    default effort and unknown recall.
 // `pool` may be null.
 absl::StatusOr<std::unique_ptr<CalibratedIndex>> BuildCalibrated(
     IndexType type, ConstMatrixView keys, std::span<const int64_t> train_topk,

@@ -22,6 +22,8 @@ absl::string_view IndexTypeName(IndexType type) {
       return "auto";
     case IndexType::kFlatSq8:
       return "flat_sq8";
+    case IndexType::kIvfSq8:
+      return "ivf_sq8";
   }
   return "unknown";
 }
@@ -32,8 +34,10 @@ absl::StatusOr<IndexType> ParseIndexType(absl::string_view name) {
   if (name == "ivf") return IndexType::kIvf;
   if (name == "auto") return IndexType::kAuto;
   if (name == "flat_sq8") return IndexType::kFlatSq8;
-  return absl::InvalidArgumentError(absl::StrCat("index type \"", std::string(name),
-                                                 "\" is not one of graph, flat, ivf, auto, flat_sq8"));
+  if (name == "ivf_sq8") return IndexType::kIvfSq8;
+  return absl::InvalidArgumentError(
+      absl::StrCat("index type \"", std::string(name),
+                   "\" is not one of graph, flat, ivf, auto, flat_sq8, ivf_sq8"));
 }
 
 absl::Status ValidateFinite(ConstMatrixView m, size_t dim, absl::string_view what) {

@@ -37,12 +37,19 @@ enum class IndexType : uint8_t {
   // kind it chose.
   kAuto = 3,
   kFlatSq8 = 4,  // scan of SQ8 key codes + exact rerank (FlatSq8Index)
+  // IVF whose lists hold SQ8 codes (IvfIndex with IvfOptions::sq8; the same
+  // blob kind as kIvf, so blobs written before this value load as this kind).
+  kIvfSq8 = 5,
 };
-inline constexpr size_t kNumIndexTypes = 5;
-// "graph", "flat", "ivf", "auto", "flat_sq8".
+inline constexpr size_t kNumIndexTypes = 6;
+// "graph", "flat", "ivf", "auto", "flat_sq8", "ivf_sq8".
 absl::string_view IndexTypeName(IndexType type);
 // Parses the names above; InvalidArgument naming the value otherwise.
 absl::StatusOr<IndexType> ParseIndexType(absl::string_view name);
+// True for the IVF kinds (kIvf, kIvfSq8): SearchParams::nprobe is their effort.
+inline bool IsIvfKind(IndexType type) {
+  return type == IndexType::kIvf || type == IndexType::kIvfSq8;
+}
 
 // The kind tag of each index's serialized blob (common/serialize.h), written
 // into every blob: persisted, never renumber.
@@ -89,6 +96,12 @@ struct CalibrationResult {
   // times the kind's cost constant, in flat-scan distances (a flat scan of
   // n keys costs n). 0 when unknown.
   double cost_per_query = 0;
+  // Measured µs per query at the chosen effort: for IndexType::kAuto the
+  // median over CalibrationOptions::timing_repetitions of the mean time of
+  // the held-back timing queries searched one at a time on one thread
+  // (calibrate.h). 0 when not measured (a kind asked for by name, a shard
+  // below kAutoMinKeys, a blob written before it was recorded).
+  double measured_us = 0;
 };
 
 class KeyIndex {

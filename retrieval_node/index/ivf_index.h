@@ -54,7 +54,8 @@ class IvfIndex final : public KeyIndex {
   static absl::StatusOr<std::unique_ptr<IvfIndex>> Deserialize(const OpenedBlob& blob);
   ~IvfIndex() override;
 
-  IndexType type() const override { return IndexType::kIvf; }
+  // kIvfSq8 when the lists hold SQ8 codes (options().sq8), else kIvf.
+  IndexType type() const override { return options_.sq8 ? IndexType::kIvfSq8 : IndexType::kIvf; }
   size_t dim() const override { return dim_; }
   size_t size() const override { return n_; }
   // SearchParams::nprobe: 0 -> default_nprobe; clamped to [1, nlist].

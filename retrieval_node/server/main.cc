@@ -19,6 +19,7 @@
 #include "absl/flags/flag.h"
 #include "absl/strings/str_cat.h"
 #include "retrieval_node/core/node_core.h"
+#include "retrieval_node/index/sq8_codes.h"
 #include "retrieval_node/server/metrics.h"
 #include "retrieval_node/server/node_service.h"
 #include "retrieval_node/server/ucx_endpoint.h"
@@ -72,6 +73,9 @@ ABSL_FLAG(double, target_recall, 0.95,
           "self-calibration: recall@100 on an upload's held-back queries that the chunk's index "
           "search effort (graph beam, IVF nprobe) and, for index type auto, its kind are chosen "
           "for; (0, 1]");
+ABSL_FLAG(int, rerank_factor, 4,
+          "SQ8 index kinds (flat_sq8, ivf_sq8, and those auto builds): candidates rescored "
+          "exactly per result (rerank_factor x k best by code distance); [1, 64]");
 ABSL_FLAG(int, decode_train_queries, 256,
           "recent decode (Attend) queries kept per (sequence, layer, kv head) as training "
           "queries for tail seals that build an index; rows x head_dim fp32 each, counted in "
@@ -244,6 +248,10 @@ int Main(int argc, char** argv) {
   core_options.train_k = absl::GetFlag(FLAGS_train_k);
   core_options.calibration.target_recall = absl::GetFlag(FLAGS_target_recall);
   if (absl::Status s = index::ValidateCalibrationOptions(core_options.calibration); !s.ok()) {
+    return Fail(absl::StrCat("--", s.message()));
+  }
+  core_options.ivf.rerank_factor = absl::GetFlag(FLAGS_rerank_factor);
+  if (absl::Status s = index::ValidateRerankFactor(core_options.ivf.rerank_factor, "rerank_factor"); !s.ok()) {
     return Fail(absl::StrCat("--", s.message()));
   }
   core_options.decode_train_queries =

@@ -19,8 +19,13 @@ const metrics::Buckets kBuildSeconds = {
     1e-3, 2.5e-3, 5e-3, 10e-3, 25e-3, 50e-3, 100e-3, 250e-3, 500e-3,
     1.0,  2.5,    5.0,  10.0,  25.0,  50.0,  100.0,  250.0};
 
-constexpr std::array<IndexType, 4> kIndexTypes = {IndexType::kGraph, IndexType::kFlat,
-                                                   IndexType::kIvf, IndexType::kFlatSq8};
+constexpr std::array<IndexType, 5> kIndexTypes = {IndexType::kGraph, IndexType::kFlat,
+                                                   IndexType::kIvf, IndexType::kFlatSq8,
+                                                   IndexType::kIvfSq8};
+
+// Expected recall@k of a calibrated index: 0.5 .. 1.
+const metrics::Buckets kRecallBuckets = {0.5,  0.8,  0.9,  0.93,  0.95, 0.96,
+                                         0.97, 0.98, 0.99, 0.995, 1.0};
 
 std::vector<prometheus::Labels> MethodRows() {
   std::vector<prometheus::Labels> rows;
@@ -52,6 +57,15 @@ struct NodeMetrics::Impl {
             "kvr_node_index_build_duration_seconds",
             "Seconds one successful UploadShard spent storing the shard and building its index, "
             "by the index built")),
+        auto_search_seconds(set.HistogramFamily(
+            "kvr_node_index_auto_search_seconds",
+            "Index auto: the chosen kind's measured search time per query at its calibrated "
+            "effort (one query per search, one thread, held-back queries), per upload, by the "
+            "kind chosen")),
+        expected_recall(set.HistogramFamily(
+            "kvr_node_index_expected_recall",
+            "Self-calibrated uploads: recall@k the index reached on the held-back queries at "
+            "its chosen effort, by the kind")),
         appended_tokens(set.Counter("kvr_node_appended_tokens_total",
                                     "Tokens acknowledged by successful Append calls")),
         sequences(set.Gauge("kvr_node_sequences", "Sequences the node holds")),
@@ -94,6 +108,10 @@ struct NodeMetrics::Impl {
     for (IndexType t : kIndexTypes) {
       index_seconds[static_cast<size_t>(t)] =
           &build_seconds.Add({{"index", std::string(IndexTypeName(t))}}, kBuildSeconds);
+      auto_seconds[static_cast<size_t>(t)] = &auto_search_seconds.Add(
+          {{"index", std::string(IndexTypeName(t))}}, request_buckets);
+      recall[static_cast<size_t>(t)] =
+          &expected_recall.Add({{"index", std::string(IndexTypeName(t))}}, kRecallBuckets);
     }
   }
 
@@ -117,6 +135,8 @@ struct NodeMetrics::Impl {
   prometheus::Histogram& keys_scanned;
   prometheus::Histogram& batch_items;
   prometheus::Family<prometheus::Histogram>& build_seconds;
+  prometheus::Family<prometheus::Histogram>& auto_search_seconds;
+  prometheus::Family<prometheus::Histogram>& expected_recall;
   prometheus::Counter& appended_tokens;
   prometheus::Gauge& sequences;
   prometheus::Gauge& shards;
@@ -134,6 +154,8 @@ struct NodeMetrics::Impl {
 
   std::array<prometheus::Histogram*, kNodeMethodCount> method_seconds{};
   std::array<prometheus::Histogram*, index::kNumIndexTypes> index_seconds{};  // by IndexType
+  std::array<prometheus::Histogram*, index::kNumIndexTypes> auto_seconds{};   // by IndexType
+  std::array<prometheus::Histogram*, index::kNumIndexTypes> recall{};         // by IndexType
 };
 
 NodeMetrics::NodeMetrics() : impl_(std::make_unique<Impl>()) {}
@@ -170,6 +192,14 @@ void NodeMetrics::RecordIndexBuild(IndexType index_type, double seconds) {
   if (i < impl_->index_seconds.size() && impl_->index_seconds[i] != nullptr) {
     impl_->index_seconds[i]->Observe(seconds);
   }
+}
+
+void NodeMetrics::RecordIndexCalibration(IndexType index_type, double measured_us,
+                                         double expected_recall) {
+  const auto i = static_cast<size_t>(index_type);
+  if (i >= impl_->recall.size() || impl_->recall[i] == nullptr) return;
+  if (expected_recall >= 0) impl_->recall[i]->Observe(expected_recall);
+  if (measured_us > 0) impl_->auto_seconds[i]->Observe(measured_us * 1e-6);
 }
 
 void NodeMetrics::RecordAppendedTokens(int64_t tokens) {

@@ -85,6 +85,11 @@ class NodeMetrics {
   // One successful UploadShard: storing the shard and building its index (of
   // type `index_type`, the one it got) took `seconds`.
   void RecordIndexBuild(IndexType index_type, double seconds);
+  // The calibration of one successful UploadShard's index of `index_type`:
+  // kvr_node_index_expected_recall{index} observes `expected_recall` (< 0:
+  // unknown, not observed) and kvr_node_index_auto_search_seconds{index} the
+  // measured µs per query of index auto's choice (<= 0: not measured).
+  void RecordIndexCalibration(IndexType index_type, double measured_us, double expected_recall);
   // One AttendBatch that reached the node with `items` items
   // (kvr_node_attend_batch_items). Each item also counts as an Attend.
   void RecordAttendBatchItems(int64_t items);

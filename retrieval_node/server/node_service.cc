@@ -543,6 +543,8 @@ class NodeService::UploadReactor final : public grpc::ServerReadReactor<v1::Uplo
         ShardInfoToProto(s, info);
         if (service_->options_.metrics != nullptr) {
           service_->options_.metrics->RecordIndexBuild(s.index_type, build_seconds);
+          service_->options_.metrics->RecordIndexCalibration(s.index_type, s.measured_search_us,
+                                                             s.expected_recall);
         }
       }
     }

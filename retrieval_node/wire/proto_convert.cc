@@ -56,11 +56,14 @@ absl::StatusOr<IndexType> IndexTypeFromProto(int type, absl::string_view field) 
       return IndexType::kAuto;
     case v1::INDEX_TYPE_FLAT_SQ8:
       return IndexType::kFlatSq8;
+    case v1::INDEX_TYPE_IVF_SQ8:
+      return IndexType::kIvfSq8;
     default:
       return absl::InvalidArgumentError(
           absl::StrCat(field, " ", type,
                        " is not one of INDEX_TYPE_GRAPH (1), INDEX_TYPE_FLAT (2), "
-                       "INDEX_TYPE_IVF (3), INDEX_TYPE_AUTO (4), INDEX_TYPE_FLAT_SQ8 (5)"));
+                       "INDEX_TYPE_IVF (3), INDEX_TYPE_AUTO (4), INDEX_TYPE_FLAT_SQ8 (5), "
+                       "INDEX_TYPE_IVF_SQ8 (6)"));
   }
 }
 
@@ -76,6 +79,8 @@ v1::IndexType IndexTypeToProto(IndexType type) {
       return v1::INDEX_TYPE_AUTO;
     case IndexType::kFlatSq8:
       return v1::INDEX_TYPE_FLAT_SQ8;
+    case IndexType::kIvfSq8:
+      return v1::INDEX_TYPE_IVF_SQ8;
   }
   return v1::INDEX_TYPE_UNSPECIFIED;
 }
@@ -123,6 +128,7 @@ void ShardInfoToProto(const ShardInfo& info, v1::ShardInfo* out) {
   out->set_memory_bytes(info.memory_bytes);
   out->set_search_effort(info.search_effort);
   if (info.expected_recall >= 0) out->set_expected_recall(info.expected_recall);
+  if (info.measured_search_us > 0) out->set_measured_search_us(info.measured_search_us);
 }
 
 absl::StatusOr<ShardInfo> ShardInfoFromProto(const v1::ShardInfo& info) {
@@ -141,6 +147,14 @@ absl::StatusOr<ShardInfo> ShardInfoFromProto(const v1::ShardInfo& info) {
                                                      info.expected_recall(), " outside [0, 1]"));
     }
     out.expected_recall = info.expected_recall();
+  }
+  if (info.has_measured_search_us()) {
+    // A search longer than an hour is no measurement this node could make.
+    if (!(info.measured_search_us() >= 0 && info.measured_search_us() <= 3.6e9)) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "shard.measured_search_us ", info.measured_search_us(), " outside [0, 3.6e9]"));
+    }
+    out.measured_search_us = info.measured_search_us();
   }
   return out;
 }

@@ -197,8 +197,11 @@ TEST(CalibrateAutoTest, PicksAScanForNearFlatScores) {
   o.query_spectrum_jitter = 0;
   const Split s = MakeSplit(o);
   ThreadPool pool(1);
+  // The cost-model rule (by measured time: index_auto_test).
+  CalibratedBuildOptions by_model;
+  by_model.auto_by_time = false;
   auto built = BuildCalibrated(IndexType::kAuto, s.keys.view(), s.train_topk, kK, s.MakeHoldout(),
-                               CalibratedBuildOptions{}, &pool);
+                               by_model, &pool);
   ASSERT_TRUE(built.ok()) << built.status();
   // A scan wins; since the SQ8 kinds (issue 17 items 2-4) the SQ8 code scan,
   // at ~0.3 of the flat scan's cost and held-back recall >= the target.

@@ -355,6 +355,7 @@ TEST(Sq8IndexTest, AutoPicksFlatSq8OnFlat) {
   const std::vector<int64_t> held_topk = ExactIds(keys, held.view(), kK);
   CalibratedBuildOptions o;
   o.calibration.k = kK;
+  o.auto_by_time = false;  // the cost-model rule (by measured time: index_auto_test)
   auto built = BuildCalibrated(IndexType::kAuto, keys, train_topk, kK,
                                Holdout{held.view(), held_topk, static_cast<size_t>(kK)}, o,
                                nullptr);
