@@ -97,7 +97,8 @@ inline constexpr size_t kSq8QueryBlock = 8;
 // (< kSq8QueryBlock) its encoded query and candidate collector.
 struct Sq8Scratch {
   std::vector<int8_t> query;  // kSq8QueryBlock x padded dim
-  std::vector<int32_t> dots;
+  std::vector<int32_t> dots;    // kSq8QueryBlock x a chunk of keys
+  std::vector<uint32_t> hits;   // a chunk's keys at or above a threshold
   TopKCollector candidates[kSq8QueryBlock];
   TopKCollector results;
   std::vector<int64_t> cand_ids;
