@@ -148,6 +148,11 @@ ABSL_FLAG(std::string, ivf_nprobes, "1,2,4,8,16,32,64,128,256,512",
 ABSL_FLAG(int, ivf_nlist, 0, "IVF lists (0: 4 * sqrt(N))");
 ABSL_FLAG(int, rerank_factor, 4,
           "flat_sq8 / ivf_sq8: candidates rescored exactly per result, [1, 64]");
+ABSL_FLAG(std::string, flat_sq8_rerank_factors, "",
+          "flat_sq8: comma-separated rerank factors, a row each (empty: --rerank_factor)");
+ABSL_FLAG(int, search_batch, 0,
+          "queries per Search call of the kvr indexes (0: all test queries in one call; a "
+          "decode step passes one kv head's query group, e.g. 4 for Llama-3-8B)");
 ABSL_FLAG(bool, ood_gap, true, "measure HNSW recall on key queries vs attention queries");
 ABSL_FLAG(bool, attention, true, "measure single-head decode attention vs the exact scan");
 ABSL_FLAG(double, target_recall, 0.95, "recall the summary reports the cheapest setting for");
@@ -282,9 +287,20 @@ Row Measure(const Matrix& q, const std::vector<int64_t>& truth, size_t n, int k,
 Row MeasureKvr(const index::KeyIndex& idx, const Matrix& q, const std::vector<int64_t>& truth,
                int k, const index::SearchParams& p) {
   std::vector<float> scores(q.rows * k);
+  const size_t flag_batch = static_cast<size_t>(std::max(0, absl::GetFlag(FLAGS_search_batch)));
+  const size_t batch = flag_batch == 0 ? q.rows : flag_batch;
+  const size_t kk = static_cast<size_t>(k);
   return Measure(q, truth, idx.size(), k, [&](std::vector<int64_t>& ids) {
     index::SearchStats st;
-    if (auto s = idx.Search(q.view(), p, ids, scores, &st); !s.ok()) Fail(s);
+    for (size_t q0 = 0; q0 < q.rows; q0 += batch) {
+      const size_t nq = std::min(batch, q.rows - q0);
+      if (auto s = idx.Search(q.view().rows_slice(q0, nq), p,
+                              std::span<int64_t>(ids.data() + q0 * kk, nq * kk),
+                              std::span<float>(scores.data() + q0 * kk, nq * kk), &st);
+          !s.ok()) {
+        Fail(s);
+      }
+    }
     return st.distance_computations;
   });
 }
@@ -422,10 +438,16 @@ class Runner {
     if (!flat.ok()) Fail(flat.status());
     if (auto s = (*flat)->Add(ds.keys.view()); !s.ok()) Fail(s);
     const double build = Seconds(t0, Clock::now());
-    index::SearchParams p;
-    p.k = k;
-    add(MeasureKvr(**flat, ds.test, truth, k, p), "flat_sq8", absl::StrFormat("rerank=%d", factor),
-        build);
+    const std::string sweep = absl::GetFlag(FLAGS_flat_sq8_rerank_factors);
+    const std::vector<int> factors =
+        sweep.empty() ? std::vector<int>{factor} : ParseInts(sweep, "flat_sq8_rerank_factors");
+    for (int f : factors) {
+      index::SearchParams p;
+      p.k = k;
+      p.rerank_factor = f;
+      add(MeasureKvr(**flat, ds.test, truth, k, p), "flat_sq8", absl::StrFormat("rerank=%d", f),
+          build);
+    }
   }
 
   template <typename Add>
