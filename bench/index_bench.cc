@@ -287,7 +287,11 @@ Row Measure(const Matrix& q, const std::vector<int64_t>& truth, size_t n, int k,
 Row MeasureKvr(const index::KeyIndex& idx, const Matrix& q, const std::vector<int64_t>& truth,
                int k, const index::SearchParams& p) {
   std::vector<float> scores(q.rows * k);
-  const size_t flag_batch = static_cast<size_t>(std::max(0, absl::GetFlag(FLAGS_search_batch)));
+  const int batch_flag = absl::GetFlag(FLAGS_search_batch);
+  if (batch_flag < 0) {
+    Fail(absl::InvalidArgumentError(absl::StrCat("--search_batch ", batch_flag, " < 0")));
+  }
+  const size_t flag_batch = static_cast<size_t>(batch_flag);
   const size_t batch = flag_batch == 0 ? q.rows : flag_batch;
   const size_t kk = static_cast<size_t>(k);
   return Measure(q, truth, idx.size(), k, [&](std::vector<int64_t>& ids) {
