@@ -139,6 +139,12 @@ ABSL_FLAG(int, graph_search_repeats, 1,
 ABSL_FLAG(bool, graph_cpu_clock, false,
           "attention graph: time searches by the search thread's CPU time instead of wall time "
           "(leaves out the time a loaded machine gives other processes)");
+ABSL_FLAG(int, scan_search_repeats, 1,
+          "flat, flat_sq8, ivf, ivf_sq8: time each setting's query set this many times [1, 100] "
+          "and report the fastest");
+ABSL_FLAG(bool, scan_cpu_clock, false,
+          "flat, flat_sq8, ivf, ivf_sq8: time searches by the search thread's CPU time instead of "
+          "wall time (leaves out the time a loaded machine gives other processes)");
 ABSL_FLAG(int, hnsw_m, 32, "HNSW M (faiss and hnswlib)");
 ABSL_FLAG(int, hnsw_ef_construction, 128, "HNSW efConstruction");
 ABSL_FLAG(std::string, hnsw_efs, "100,200,400,800,1600,3200,6400",
@@ -309,6 +315,36 @@ Row MeasureKvr(const index::KeyIndex& idx, const Matrix& q, const std::vector<in
   });
 }
 
+// MeasureKvr `repeats` times ([1, 100], else exit 2 naming `repeats_flag`),
+// keeping the least µs/query; with `cpu_clock` µs are the search thread's
+// CPU time instead of wall time.
+Row MeasureKvrBest(const index::KeyIndex& idx, const Matrix& q, const std::vector<int64_t>& truth,
+                   int k, const index::SearchParams& p, int repeats, bool cpu_clock,
+                   const char* repeats_flag) {
+  if (repeats < 1 || repeats > 100) {
+    Fail(absl::InvalidArgumentError(
+        absl::StrCat("--", repeats_flag, "=", repeats, " outside [1, 100]")));
+  }
+  auto measure = [&] {
+    const double c0 = ThreadCpuSeconds();
+    Row m = MeasureKvr(idx, q, truth, k, p);
+    if (cpu_clock) m.us_per_query = 1e6 * (ThreadCpuSeconds() - c0) / static_cast<double>(q.rows);
+    return m;
+  };
+  Row r = measure();
+  for (int rep = 1; rep < repeats; ++rep) {
+    r.us_per_query = std::min(r.us_per_query, measure().us_per_query);
+  }
+  return r;
+}
+
+// MeasureKvrBest with the scan kinds' --scan_search_repeats / --scan_cpu_clock.
+Row MeasureScan(const index::KeyIndex& idx, const Matrix& q, const std::vector<int64_t>& truth,
+                int k, const index::SearchParams& p) {
+  return MeasureKvrBest(idx, q, truth, k, p, absl::GetFlag(FLAGS_scan_search_repeats),
+                        absl::GetFlag(FLAGS_scan_cpu_clock), "scan_search_repeats");
+}
+
 // hnswlib's own counter adds whole neighbour lists, visited or not; this
 // space counts the distance computations it really makes.
 class CountingIpSpace : public hnswlib::SpaceInterface<float> {
@@ -430,7 +466,7 @@ class Runner {
     const double build = Seconds(t0, Clock::now());
     index::SearchParams p;
     p.k = k;
-    add(MeasureKvr(**flat, ds.test, truth, k, p), "flat", "exact", build);
+    add(MeasureScan(**flat, ds.test, truth, k, p), "flat", "exact", build);
   }
 
   // flat_sq8: every key's SQ8 codes scanned, rerank_factor * k rescored.
@@ -449,7 +485,7 @@ class Runner {
       index::SearchParams p;
       p.k = k;
       p.rerank_factor = f;
-      add(MeasureKvr(**flat, ds.test, truth, k, p), "flat_sq8", absl::StrFormat("rerank=%d", f),
+      add(MeasureScan(**flat, ds.test, truth, k, p), "flat_sq8", absl::StrFormat("rerank=%d", f),
           build);
     }
   }
@@ -472,7 +508,7 @@ class Runner {
       index::SearchParams p;
       p.k = k;
       p.nprobe = nprobe;
-      Row r = MeasureKvr(**ivf, ds.test, truth, k, p);
+      Row r = MeasureScan(**ivf, ds.test, truth, k, p);
       add(r, sq8 ? "ivf_sq8" : "ivf", absl::StrFormat("nlist=%zu,np=%d", (*ivf)->nlist(), nprobe),
           build);
       if (r.recall > 0.995) break;
@@ -617,25 +653,10 @@ class Runner {
       index::SearchParams p;
       p.k = k;
       p.beam = beam;
-      const int repeats = absl::GetFlag(FLAGS_graph_search_repeats);
-      if (repeats < 1 || repeats > 100) {
-        Fail(absl::InvalidArgumentError(
-            absl::StrCat("--graph_search_repeats=", repeats, " outside [1, 100]")));
-      }
       // Wall time by default; with --graph_cpu_clock this thread's CPU time.
-      const bool cpu_clock = absl::GetFlag(FLAGS_graph_cpu_clock);
-      auto measure = [&] {
-        const double c0 = ThreadCpuSeconds();
-        Row m = MeasureKvr(**graph, ds.test, truth, k, p);
-        if (cpu_clock) {
-          m.us_per_query = 1e6 * (ThreadCpuSeconds() - c0) / static_cast<double>(ds.test.rows);
-        }
-        return m;
-      };
-      Row r = measure();
-      for (int rep = 1; rep < repeats; ++rep) {
-        r.us_per_query = std::min(r.us_per_query, measure().us_per_query);
-      }
+      const Row r = MeasureKvrBest(**graph, ds.test, truth, k, p,
+                                   absl::GetFlag(FLAGS_graph_search_repeats),
+                                   absl::GetFlag(FLAGS_graph_cpu_clock), "graph_search_repeats");
       add(r, "graph", absl::StrFormat("M=%d,L=%d", o.degree, beam), build);
       if (r.recall > 0.995) break;
     }

@@ -81,8 +81,9 @@ void ScanSq8Vnni(const int8_t* q, const uint8_t* blocks, size_t nblocks, size_t 
 constexpr size_t kPrefetchBlocks = 4;
 
 template <size_t NQ, size_t NB>
-__attribute__((always_inline)) inline void MultiPass(const int8_t* q, size_t q_stride, const uint8_t* p, size_t bytes,
-                      size_t groups, int32_t* out, size_t out_stride) {
+__attribute__((always_inline)) inline void MultiPass(const int8_t* q, size_t q_stride,
+                                                     const uint8_t* p, size_t bytes, size_t groups,
+                                                     int32_t* out, size_t out_stride) {
   __m512i acc[NB][NQ];
 #pragma GCC unroll 16
   for (size_t b = 0; b < NB; ++b) {
