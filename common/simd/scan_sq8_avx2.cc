@@ -71,18 +71,13 @@ size_t SelectGeAvx2(const int32_t* v, size_t n, int32_t t, uint32_t* idx) {
   size_t m = 0, i = 0;
   for (; i + 8 <= n; i += 8) {
     const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(v + i));
-    unsigned bits =
-        ~static_cast<unsigned>(_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpgt_epi32(vt, x)))) &
-        0xFFu;
-    while (bits != 0) {
-      idx[m++] = static_cast<uint32_t>(i + static_cast<size_t>(__builtin_ctz(bits)));
-      bits &= bits - 1;
+    const unsigned lt =
+        static_cast<unsigned>(_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpgt_epi32(vt, x))));
+    for (unsigned bits = ~lt & 0xFFu; bits != 0; bits &= bits - 1) {
+      idx[m++] = static_cast<uint32_t>(i) + static_cast<uint32_t>(__builtin_ctz(bits));
     }
   }
-  for (; i < n; ++i) {
-    if (v[i] >= t) idx[m++] = static_cast<uint32_t>(i);
-  }
-  return m;
+  return m + SelectGeFrom(v, i, n, t, idx + m);
 }
 
 }  // namespace

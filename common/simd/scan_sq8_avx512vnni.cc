@@ -183,16 +183,12 @@ size_t SelectGeVnni(const int32_t* v, size_t n, int32_t t, uint32_t* idx) {
   const __m512i vt = _mm512_set1_epi32(t);
   size_t m = 0, i = 0;
   for (; i + 16 <= n; i += 16) {
-    uint32_t bits = _mm512_cmpge_epi32_mask(_mm512_loadu_si512(v + i), vt);
-    while (bits != 0) {
-      idx[m++] = static_cast<uint32_t>(i + static_cast<size_t>(__builtin_ctz(bits)));
-      bits &= bits - 1;
+    for (uint32_t bits = _mm512_cmpge_epi32_mask(_mm512_loadu_si512(v + i), vt); bits != 0;
+         bits &= bits - 1) {
+      idx[m++] = static_cast<uint32_t>(i) + static_cast<uint32_t>(__builtin_ctz(bits));
     }
   }
-  for (; i < n; ++i) {
-    if (v[i] >= t) idx[m++] = static_cast<uint32_t>(i);
-  }
-  return m;
+  return m + SelectGeFrom(v, i, n, t, idx + m);
 }
 
 }  // namespace

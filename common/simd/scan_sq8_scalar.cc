@@ -35,14 +35,18 @@ void ScanSq8MultiScalar(const int8_t* q, size_t q_stride, size_t nq, const uint8
 }
 
 size_t SelectGeScalar(const int32_t* v, size_t n, int32_t t, uint32_t* idx) {
+  return SelectGeFrom(v, 0, n, t, idx);
+}
+
+}  // namespace
+
+size_t SelectGeFrom(const int32_t* v, size_t begin, size_t n, int32_t t, uint32_t* idx) {
   size_t m = 0;
-  for (size_t i = 0; i < n; ++i) {
+  for (size_t i = begin; i < n; ++i) {
     if (v[i] >= t) idx[m++] = static_cast<uint32_t>(i);
   }
   return m;
 }
-
-}  // namespace
 
 const Sq8Kernels& ScalarSq8Kernels() {
   static const Sq8Kernels k{"scalar", &DotI8Scalar, &ScanSq8Scalar, &ScanSq8MultiScalar,

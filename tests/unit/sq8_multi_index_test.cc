@@ -16,24 +16,12 @@
 #include "retrieval_node/index/flat_index.h"
 #include "retrieval_node/index/flat_sq8_index.h"
 #include "retrieval_node/index/ivf_index.h"
-#include "tools/attention_data.h"
+#include "tests/support/index_eval.h"
 
 namespace kvr::index {
 namespace {
 
 constexpr int kK = 100;
-
-AttentionData Generate(const std::string& family, size_t n_keys, size_t n_test) {
-  AttentionDataOptions o;
-  o.family = family;
-  o.n_keys = n_keys;
-  o.n_train = 0;
-  o.n_test = n_test;
-  o.dim = 128;
-  absl::StatusOr<AttentionData> d = GenerateAttentionData(o);
-  EXPECT_TRUE(d.ok()) << d.status();
-  return d.ok() ? *std::move(d) : AttentionData{};
-}
 
 struct Result {
   std::vector<int64_t> ids;
@@ -57,19 +45,6 @@ Result SearchInBatches(const KeyIndex& idx, ConstMatrixView queries, const Searc
   return r;
 }
 
-double Recall(const std::vector<int64_t>& got, const std::vector<int64_t>& truth, int k) {
-  const size_t rows = truth.size() / k;
-  double sum = 0;
-  for (size_t q = 0; q < rows; ++q) {
-    std::vector<int64_t> t(truth.begin() + q * k, truth.begin() + (q + 1) * k);
-    std::sort(t.begin(), t.end());
-    size_t hits = 0;
-    for (int j = 0; j < k; ++j) hits += std::binary_search(t.begin(), t.end(), got[q * k + j]);
-    sum += static_cast<double>(hits) / k;
-  }
-  return sum / static_cast<double>(rows);
-}
-
 void ExpectSame(const Result& a, const Result& b, const char* what) {
   ASSERT_EQ(a.ids.size(), b.ids.size());
   for (size_t i = 0; i < a.ids.size(); ++i) {
@@ -85,7 +60,7 @@ TEST(Sq8MultiIndexTest, BatchesEqualOneQueryAtATimeOnEveryFamily) {
   for (const char* family : families) {
     SCOPED_TRACE(family);
     // 99 queries: 12 blocks of 8 and a partial block of 3.
-    const AttentionData data = Generate(family, 16384, 99);
+    const AttentionData data = test_support::GenerateFamily(family, 16384, 0, 99);
     const ConstMatrixView keys = data.keys.view(), queries = data.test_queries.view();
     std::vector<int64_t> truth(queries.rows() * kK);
     std::vector<float> truth_scores(truth.size());
@@ -101,7 +76,7 @@ TEST(Sq8MultiIndexTest, BatchesEqualOneQueryAtATimeOnEveryFamily) {
     ExpectSame(all, SearchInBatches(**flat, queries, p, 1), "flat_sq8 batch 99 vs 1");
     ExpectSame(all, SearchInBatches(**flat, queries, p, 5), "flat_sq8 batch 99 vs 5");
     ExpectSame(all, SearchInBatches(**flat, queries, p, 11), "flat_sq8 batch 99 vs 11");
-    const double recall = Recall(all.ids, truth, kK);
+    const double recall = test_support::RecallAtK(all.ids, truth, kK);
     std::printf("%-10s flat_sq8 rerank 2: recall@100 %.4f\n", family, recall);
     EXPECT_GE(recall, 0.99);
 
