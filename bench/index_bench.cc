@@ -139,6 +139,12 @@ ABSL_FLAG(int, graph_search_repeats, 1,
 ABSL_FLAG(bool, graph_cpu_clock, false,
           "attention graph: time searches by the search thread's CPU time instead of wall time "
           "(leaves out the time a loaded machine gives other processes)");
+ABSL_FLAG(int, scan_search_repeats, 1,
+          "flat, flat_sq8, ivf, ivf_sq8: time each setting's query set this many times [1, 100] "
+          "and report the fastest");
+ABSL_FLAG(bool, scan_cpu_clock, false,
+          "flat, flat_sq8, ivf, ivf_sq8: time searches by the search thread's CPU time instead of "
+          "wall time (leaves out the time a loaded machine gives other processes)");
 ABSL_FLAG(int, hnsw_m, 32, "HNSW M (faiss and hnswlib)");
 ABSL_FLAG(int, hnsw_ef_construction, 128, "HNSW efConstruction");
 ABSL_FLAG(std::string, hnsw_efs, "100,200,400,800,1600,3200,6400",
@@ -148,6 +154,11 @@ ABSL_FLAG(std::string, ivf_nprobes, "1,2,4,8,16,32,64,128,256,512",
 ABSL_FLAG(int, ivf_nlist, 0, "IVF lists (0: 4 * sqrt(N))");
 ABSL_FLAG(int, rerank_factor, 4,
           "flat_sq8 / ivf_sq8: candidates rescored exactly per result, [1, 64]");
+ABSL_FLAG(std::string, flat_sq8_rerank_factors, "",
+          "flat_sq8: comma-separated rerank factors, a row each (empty: --rerank_factor)");
+ABSL_FLAG(int, search_batch, 0,
+          "queries per Search call of the kvr indexes (0: all test queries in one call; a "
+          "decode step passes one kv head's query group, e.g. 4 for Llama-3-8B)");
 ABSL_FLAG(bool, ood_gap, true, "measure HNSW recall on key queries vs attention queries");
 ABSL_FLAG(bool, attention, true, "measure single-head decode attention vs the exact scan");
 ABSL_FLAG(double, target_recall, 0.95, "recall the summary reports the cheapest setting for");
@@ -282,11 +293,56 @@ Row Measure(const Matrix& q, const std::vector<int64_t>& truth, size_t n, int k,
 Row MeasureKvr(const index::KeyIndex& idx, const Matrix& q, const std::vector<int64_t>& truth,
                int k, const index::SearchParams& p) {
   std::vector<float> scores(q.rows * k);
+  const int batch_flag = absl::GetFlag(FLAGS_search_batch);
+  if (batch_flag < 0) {
+    Fail(absl::InvalidArgumentError(absl::StrCat("--search_batch ", batch_flag, " < 0")));
+  }
+  const size_t flag_batch = static_cast<size_t>(batch_flag);
+  const size_t batch = flag_batch == 0 ? q.rows : flag_batch;
+  const size_t kk = static_cast<size_t>(k);
   return Measure(q, truth, idx.size(), k, [&](std::vector<int64_t>& ids) {
     index::SearchStats st;
-    if (auto s = idx.Search(q.view(), p, ids, scores, &st); !s.ok()) Fail(s);
+    for (size_t q0 = 0; q0 < q.rows; q0 += batch) {
+      const size_t nq = std::min(batch, q.rows - q0);
+      if (auto s = idx.Search(q.view().rows_slice(q0, nq), p,
+                              std::span<int64_t>(ids.data() + q0 * kk, nq * kk),
+                              std::span<float>(scores.data() + q0 * kk, nq * kk), &st);
+          !s.ok()) {
+        Fail(s);
+      }
+    }
     return st.distance_computations;
   });
+}
+
+// MeasureKvr `repeats` times ([1, 100], else exit 2 naming `repeats_flag`),
+// keeping the least µs/query; with `cpu_clock` µs are the search thread's
+// CPU time instead of wall time.
+Row MeasureKvrBest(const index::KeyIndex& idx, const Matrix& q, const std::vector<int64_t>& truth,
+                   int k, const index::SearchParams& p, int repeats, bool cpu_clock,
+                   const char* repeats_flag) {
+  if (repeats < 1 || repeats > 100) {
+    Fail(absl::InvalidArgumentError(
+        absl::StrCat("--", repeats_flag, "=", repeats, " outside [1, 100]")));
+  }
+  auto measure = [&] {
+    const double c0 = ThreadCpuSeconds();
+    Row m = MeasureKvr(idx, q, truth, k, p);
+    if (cpu_clock) m.us_per_query = 1e6 * (ThreadCpuSeconds() - c0) / static_cast<double>(q.rows);
+    return m;
+  };
+  Row r = measure();
+  for (int rep = 1; rep < repeats; ++rep) {
+    r.us_per_query = std::min(r.us_per_query, measure().us_per_query);
+  }
+  return r;
+}
+
+// MeasureKvrBest with the scan kinds' --scan_search_repeats / --scan_cpu_clock.
+Row MeasureScan(const index::KeyIndex& idx, const Matrix& q, const std::vector<int64_t>& truth,
+                int k, const index::SearchParams& p) {
+  return MeasureKvrBest(idx, q, truth, k, p, absl::GetFlag(FLAGS_scan_search_repeats),
+                        absl::GetFlag(FLAGS_scan_cpu_clock), "scan_search_repeats");
 }
 
 // hnswlib's own counter adds whole neighbour lists, visited or not; this
@@ -410,7 +466,7 @@ class Runner {
     const double build = Seconds(t0, Clock::now());
     index::SearchParams p;
     p.k = k;
-    add(MeasureKvr(**flat, ds.test, truth, k, p), "flat", "exact", build);
+    add(MeasureScan(**flat, ds.test, truth, k, p), "flat", "exact", build);
   }
 
   // flat_sq8: every key's SQ8 codes scanned, rerank_factor * k rescored.
@@ -422,10 +478,16 @@ class Runner {
     if (!flat.ok()) Fail(flat.status());
     if (auto s = (*flat)->Add(ds.keys.view()); !s.ok()) Fail(s);
     const double build = Seconds(t0, Clock::now());
-    index::SearchParams p;
-    p.k = k;
-    add(MeasureKvr(**flat, ds.test, truth, k, p), "flat_sq8", absl::StrFormat("rerank=%d", factor),
-        build);
+    const std::string sweep = absl::GetFlag(FLAGS_flat_sq8_rerank_factors);
+    const std::vector<int> factors =
+        sweep.empty() ? std::vector<int>{factor} : ParseInts(sweep, "flat_sq8_rerank_factors");
+    for (int f : factors) {
+      index::SearchParams p;
+      p.k = k;
+      p.rerank_factor = f;
+      add(MeasureScan(**flat, ds.test, truth, k, p), "flat_sq8", absl::StrFormat("rerank=%d", f),
+          build);
+    }
   }
 
   template <typename Add>
@@ -446,7 +508,7 @@ class Runner {
       index::SearchParams p;
       p.k = k;
       p.nprobe = nprobe;
-      Row r = MeasureKvr(**ivf, ds.test, truth, k, p);
+      Row r = MeasureScan(**ivf, ds.test, truth, k, p);
       add(r, sq8 ? "ivf_sq8" : "ivf", absl::StrFormat("nlist=%zu,np=%d", (*ivf)->nlist(), nprobe),
           build);
       if (r.recall > 0.995) break;
@@ -591,25 +653,10 @@ class Runner {
       index::SearchParams p;
       p.k = k;
       p.beam = beam;
-      const int repeats = absl::GetFlag(FLAGS_graph_search_repeats);
-      if (repeats < 1 || repeats > 100) {
-        Fail(absl::InvalidArgumentError(
-            absl::StrCat("--graph_search_repeats=", repeats, " outside [1, 100]")));
-      }
       // Wall time by default; with --graph_cpu_clock this thread's CPU time.
-      const bool cpu_clock = absl::GetFlag(FLAGS_graph_cpu_clock);
-      auto measure = [&] {
-        const double c0 = ThreadCpuSeconds();
-        Row m = MeasureKvr(**graph, ds.test, truth, k, p);
-        if (cpu_clock) {
-          m.us_per_query = 1e6 * (ThreadCpuSeconds() - c0) / static_cast<double>(ds.test.rows);
-        }
-        return m;
-      };
-      Row r = measure();
-      for (int rep = 1; rep < repeats; ++rep) {
-        r.us_per_query = std::min(r.us_per_query, measure().us_per_query);
-      }
+      const Row r = MeasureKvrBest(**graph, ds.test, truth, k, p,
+                                   absl::GetFlag(FLAGS_graph_search_repeats),
+                                   absl::GetFlag(FLAGS_graph_cpu_clock), "graph_search_repeats");
       add(r, "graph", absl::StrFormat("M=%d,L=%d", o.degree, beam), build);
       if (r.recall > 0.995) break;
     }

@@ -8,6 +8,7 @@
 // L2 ("l2": a flat-scan block). Gather runs over a base that fits in L2 and
 // one far larger than the last-level cache ("dram": random rows as in graph
 // search), which measures how well the prefetching hides memory latency.
+#include <algorithm>
 #include <cstdint>
 #include <cstdio>
 #include <map>
@@ -19,6 +20,7 @@
 
 #include "common/half.h"
 #include "common/simd/kernels.h"
+#include "common/simd/sq8_kernels.h"
 
 namespace kvr::simd {
 namespace {
@@ -114,7 +116,70 @@ void BM_Dot(benchmark::State& state, const Kernels* k) {
   SetDotRate(state, 1);
 }
 
+// Blocked SQ8 codes of n keys (random bytes) and 8 random queries.
+struct Sq8Data {
+  std::vector<uint8_t> codes;
+  std::vector<int8_t> q;
+};
+
+const Sq8Data& Sq8Rows(size_t n) {
+  static std::map<size_t, Sq8Data> cache;
+  if (auto it = cache.find(n); it != cache.end()) return it->second;
+  std::mt19937 rng(5);
+  Sq8Data d;
+  d.codes.resize(n / kSq8Block * Sq8BlockBytes(kDim));
+  for (uint8_t& c : d.codes) c = static_cast<uint8_t>(rng());
+  d.q.resize(kSq8MaxMultiQueries * kDim);
+  for (int8_t& c : d.q) c = static_cast<int8_t>(rng());
+  return cache.emplace(n, std::move(d)).first->second;
+}
+
+void BM_ScanSq8(benchmark::State& state, const Sq8Kernels* k, size_t n, size_t nq, bool multi) {
+  const Sq8Data& data = Sq8Rows(n);
+  const size_t chunk = multi ? 32 : 64;  // blocks per pass, as ScanSq8Codes used
+  std::vector<int32_t> out(kSq8MaxMultiQueries * chunk * kSq8Block);
+  const size_t nblocks = n / kSq8Block, bytes = Sq8BlockBytes(kDim);
+  for (auto _ : state) {
+    for (size_t b0 = 0; b0 < nblocks; b0 += chunk) {
+      const size_t nb = std::min(chunk, nblocks - b0);
+      if (multi) {
+        k->scan_sq8_multi(data.q.data(), kDim, nq, data.codes.data() + b0 * bytes, nb, kDim,
+                          out.data(), chunk * kSq8Block);
+      } else {
+        for (size_t t = 0; t < nq; ++t) {
+          k->scan_sq8(data.q.data() + t * kDim, data.codes.data() + b0 * bytes, nb, kDim,
+                      out.data() + t * chunk * kSq8Block);
+        }
+      }
+    }
+    benchmark::DoNotOptimize(out.data());
+    benchmark::ClobberMemory();
+  }
+  SetDotRate(state, n * nq);
+}
+
+void RegisterSq8() {
+  const Sq8Kernels* tables[3];
+  const size_t ntables = AvailableSq8(tables, 3);
+  for (size_t t = 0; t < ntables; ++t) {
+    const std::string name = tables[t]->name;
+    for (size_t n : {size_t{1024}, size_t{131072}}) {
+      const std::string where = n == 1024 ? "n1024/l2/" : "n131072/l3/";
+      for (size_t nq : {size_t{1}, size_t{4}, size_t{8}}) {
+        for (bool multi : {false, true}) {
+          const std::string mode = multi ? "multi" : "per_query";
+          benchmark::RegisterBenchmark(
+              ("scan_sq8/" + mode + "/d128/" + where + "nq" + std::to_string(nq) + "/" + name)
+                  .c_str(),
+              BM_ScanSq8, tables[t], n, nq, multi);
+        }
+      }
+    }
+  }
+}
+
 void RegisterAll() {
+  RegisterSq8();
   for (Isa isa : {Isa::kScalar, Isa::kAvx2, Isa::kAvx512}) {
     const Kernels* k = ForIsa(isa);
     if (k == nullptr) {

@@ -56,10 +56,34 @@ void ScanSq8Avx2(const int8_t* q, const uint8_t* blocks, size_t nblocks, size_t 
   }
 }
 
+// No register blocking over queries here (AVX2 has 16 registers and the
+// widening already needs them): one scan per query.
+void ScanSq8MultiAvx2(const int8_t* q, size_t q_stride, size_t nq, const uint8_t* blocks,
+                      size_t nblocks, size_t dpad, int32_t* out, size_t out_stride) {
+  for (size_t t = 0; t < nq; ++t) {
+    ScanSq8Avx2(q + t * q_stride, blocks, nblocks, dpad, out + t * out_stride);
+  }
+}
+
+// v >= t as !(t > v): no overflow at t = INT32_MIN.
+size_t SelectGeAvx2(const int32_t* v, size_t n, int32_t t, uint32_t* idx) {
+  const __m256i vt = _mm256_set1_epi32(t);
+  size_t m = 0, i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(v + i));
+    const unsigned lt =
+        static_cast<unsigned>(_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpgt_epi32(vt, x))));
+    for (unsigned bits = ~lt & 0xFFu; bits != 0; bits &= bits - 1) {
+      idx[m++] = static_cast<uint32_t>(i) + static_cast<uint32_t>(__builtin_ctz(bits));
+    }
+  }
+  return m + SelectGeFrom(v, i, n, t, idx + m);
+}
+
 }  // namespace
 
 const Sq8Kernels* Avx2Sq8KernelsOrNull() {
-  static const Sq8Kernels k{"avx2", &DotI8Avx2, &ScanSq8Avx2};
+  static const Sq8Kernels k{"avx2", &DotI8Avx2, &ScanSq8Avx2, &ScanSq8MultiAvx2, &SelectGeAvx2};
   return &k;
 }
 

@@ -27,10 +27,30 @@ void ScanSq8Scalar(const int8_t* q, const uint8_t* blocks, size_t nblocks, size_
   }
 }
 
+void ScanSq8MultiScalar(const int8_t* q, size_t q_stride, size_t nq, const uint8_t* blocks,
+                        size_t nblocks, size_t dpad, int32_t* out, size_t out_stride) {
+  for (size_t t = 0; t < nq; ++t) {
+    ScanSq8Scalar(q + t * q_stride, blocks, nblocks, dpad, out + t * out_stride);
+  }
+}
+
+size_t SelectGeScalar(const int32_t* v, size_t n, int32_t t, uint32_t* idx) {
+  return SelectGeFrom(v, 0, n, t, idx);
+}
+
 }  // namespace
 
+size_t SelectGeFrom(const int32_t* v, size_t begin, size_t n, int32_t t, uint32_t* idx) {
+  size_t m = 0;
+  for (size_t i = begin; i < n; ++i) {
+    if (v[i] >= t) idx[m++] = static_cast<uint32_t>(i);
+  }
+  return m;
+}
+
 const Sq8Kernels& ScalarSq8Kernels() {
-  static const Sq8Kernels k{"scalar", &DotI8Scalar, &ScanSq8Scalar};
+  static const Sq8Kernels k{"scalar", &DotI8Scalar, &ScanSq8Scalar, &ScanSq8MultiScalar,
+                            &SelectGeScalar};
   return k;
 }
 

@@ -13,6 +13,13 @@
 //   byte of key i, dim j (j < dpad, dpad a multiple of 4) is at
 //   (i / 16) * (16 * dpad) + (j / 4) * 64 + (i % 16) * 4 + (j % 4).
 // Sq8BlockOffset() computes it. Thread-safe and allocation-free.
+//
+// scan_sq8_multi scores up to kSq8MaxMultiQueries queries per read of the
+// codes (the VNNI table keeps one accumulator per query in registers, so a
+// 64-byte code load feeds nq products instead of one: a single query's scan
+// is bound by its code loads, from L2 or memory, not by vpdpbusd; the VNNI
+// table also prefetches the codes a few blocks ahead), and select_ge finds
+// the keys a collector's threshold lets through with vector compares.
 #pragma once
 
 #include <cstddef>
@@ -22,6 +29,7 @@ namespace kvr::simd {
 
 inline constexpr size_t kSq8Block = 16;      // keys per block
 inline constexpr size_t kMaxSq8Dim = 16384;  // 16384 * 255 * 128 < 2^31
+inline constexpr size_t kSq8MaxMultiQueries = 8;  // queries per scan_sq8_multi call
 
 // Dimensions rounded up to the 4-dimension group of the blocked layout.
 inline constexpr size_t Sq8PaddedDim(size_t d) { return (d + 3) / 4 * 4; }
@@ -41,12 +49,27 @@ struct Sq8Kernels {
   // i < nblocks * kSq8Block. q has dpad entries.
   void (*scan_sq8)(const int8_t* q, const uint8_t* blocks, size_t nblocks, size_t dpad,
                    int32_t* out);
+  // scan_sq8 for nq queries at once (the VNNI table keeps up to
+  // kSq8MaxMultiQueries in registers per pass and does more in groups of
+  // that many; nq 0 does nothing): query t is the dpad bytes at
+  // q + t * q_stride, its results go to out + t * out_stride (out_stride >=
+  // nblocks * kSq8Block). Bit-identical to nq scan_sq8 calls.
+  void (*scan_sq8_multi)(const int8_t* q, size_t q_stride, size_t nq, const uint8_t* blocks,
+                         size_t nblocks, size_t dpad, int32_t* out, size_t out_stride);
+  // Writes the positions i < n with v[i] >= t to idx in ascending order and
+  // returns their count (idx holds n entries).
+  size_t (*select_ge)(const int32_t* v, size_t n, int32_t t, uint32_t* idx);
 };
 
 // The table for the best ISA this CPU supports (or KVR_SIMD's choice).
 const Sq8Kernels& ActiveSq8();
 // Every table this CPU can run (scalar first), for tests; at most 3.
 size_t AvailableSq8(const Sq8Kernels** out, size_t max);
+
+// Writes the positions i in [begin, n) with v[i] >= t to idx (ascending) and
+// returns their count: the scalar select_ge, and the SIMD ones' tail
+// (defined in scan_sq8_scalar.cc, compiled for any x86-64).
+size_t SelectGeFrom(const int32_t* v, size_t begin, size_t n, int32_t t, uint32_t* idx);
 
 // Per-ISA tables (their own translation units); the AVX ones return null
 // when not compiled in. Only call a table on a CPU that supports it.

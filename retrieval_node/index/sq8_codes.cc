@@ -121,6 +121,7 @@ void Sq8Codes::Reserve(size_t n) {
 
 size_t Sq8Scratch::MemoryBytes() const {
   size_t b = query.capacity() + dots.capacity() * sizeof(int32_t) + results.MemoryBytes() +
+             hits.capacity() * sizeof(uint32_t) +
              cand_ids.capacity() * sizeof(int64_t) +
              (cand_scores.capacity() + exact.capacity()) * sizeof(float) +
              gather_ids.capacity() * sizeof(uint32_t);
@@ -140,39 +141,57 @@ void BeginSq8Search(const Sq8Quantizer& quantizer, const float* query, size_t ca
   }
 }
 
+namespace {
+
+// An int32 bound T such that every code dot x with float(x) >= t has x >= T
+// (|float(x) - x| <= 128 for int32 x): select_ge with T keeps a superset of
+// what the collector takes, and the float check below decides exactly.
+int32_t IntThreshold(float t) {
+  if (!(t > static_cast<float>(std::numeric_limits<int32_t>::min()) + 512.0f)) {
+    return std::numeric_limits<int32_t>::min();  // -inf, NaN, or near the bottom
+  }
+  const double lo = std::floor(static_cast<double>(t)) - 256.0;
+  if (lo >= static_cast<double>(std::numeric_limits<int32_t>::max())) {
+    return std::numeric_limits<int32_t>::max();
+  }
+  return static_cast<int32_t>(lo);
+}
+
+}  // namespace
+
 size_t ScanSq8Codes(const simd::Sq8Kernels& kern, const Sq8Codes& codes, const uint32_t* ids,
                     uint32_t first_id, size_t nq, Sq8Scratch& s) {
-  // Chunks of 64 blocks (1024 keys, 128 KiB of codes at d 128): their dots
-  // stay in L1 and the codes in L2 while every query of the block scans them.
-  constexpr size_t kChunkBlocks = 64;
+  // Chunks of 32 blocks (512 keys): every query's dots for a chunk (nq x 2
+  // KiB) stay in L1; the codes are read once per chunk for all nq queries.
+  constexpr size_t kChunkBlocks = 32;
+  constexpr size_t kChunkKeys = kChunkBlocks * simd::kSq8Block;
+  static_assert(kSq8QueryBlock <= simd::kSq8MaxMultiQueries);
   const size_t n = codes.size();
-  if (n == 0) return 0;
-  if (s.dots.size() < kChunkBlocks * simd::kSq8Block) s.dots.resize(kChunkBlocks * simd::kSq8Block);
+  if (n == 0 || nq == 0) return 0;
+  if (s.dots.size() < kSq8QueryBlock * kChunkKeys) s.dots.resize(kSq8QueryBlock * kChunkKeys);
+  if (s.hits.size() < kChunkKeys) s.hits.resize(kChunkKeys);
   const size_t nblocks = codes.blocks();
   const size_t block_bytes = simd::Sq8BlockBytes(s.dpad);
   for (size_t b0 = 0; b0 < nblocks; b0 += kChunkBlocks) {
     const size_t nb = std::min(kChunkBlocks, nblocks - b0);
     const size_t first = b0 * simd::kSq8Block;
     const size_t m = std::min(nb * simd::kSq8Block, n - first);
+    kern.scan_sq8_multi(s.query.data(), s.dpad, nq, codes.data() + b0 * block_bytes, nb, s.dpad,
+                        s.dots.data(), kChunkKeys);
     for (size_t q = 0; q < nq; ++q) {
-      kern.scan_sq8(s.encoded(q), codes.data() + b0 * block_bytes, nb, s.dpad, s.dots.data());
       TopKCollector& cands = s.candidates[q];
+      const int32_t* dots = s.dots.data() + q * kChunkKeys;
       float t = cands.threshold();
-      const int32_t* dots = s.dots.data();
-      for (size_t i0 = 0; i0 < m; i0 += simd::kSq8Block) {
-        // Most blocks hold nothing above the threshold once it has risen:
-        // one (vectorised) max decides that for 16 keys.
-        const size_t end = std::min(m, i0 + simd::kSq8Block);
-        int32_t top = std::numeric_limits<int32_t>::min();
-        for (size_t i = i0; i < end; ++i) top = std::max(top, dots[i]);
-        if (static_cast<float>(top) < t) continue;
-        for (size_t i = i0; i < end; ++i) {
-          const float v = static_cast<float>(dots[i]);
-          if (v >= t) {
-            cands.Push(v, ids != nullptr ? ids[first + i]
-                                         : first_id + static_cast<uint32_t>(first + i));
-            t = cands.threshold();
-          }
+      // Most keys fall below the threshold once it has risen: vector
+      // compares find the few that do not.
+      const size_t hits = kern.select_ge(dots, m, IntThreshold(t), s.hits.data());
+      for (size_t h = 0; h < hits; ++h) {
+        const size_t i = s.hits[h];
+        const float v = static_cast<float>(dots[i]);
+        if (v >= t) {
+          cands.Push(v, ids != nullptr ? ids[first + i]
+                                       : first_id + static_cast<uint32_t>(first + i));
+          t = cands.threshold();
         }
       }
     }

@@ -88,16 +88,17 @@ class Sq8Codes {
   std::vector<uint8_t> bytes_;  // blocks() * Sq8BlockBytes(dpad_)
 };
 
-// Queries an SQ8 scan handles together: each chunk of codes is scored
-// against all of them while it is in L1/L2 (a batch reads the codes once per
-// block of queries, not once per query).
+// Queries an SQ8 scan handles together: every code load feeds all of them
+// (simd scan_sq8_multi keeps one accumulator per query in registers), so a
+// batch reads the codes once per block of queries, not once per query.
 inline constexpr size_t kSq8QueryBlock = 8;
 
 // Per-search scratch of an SQ8 scan (pooled by each index): per query slot
 // (< kSq8QueryBlock) its encoded query and candidate collector.
 struct Sq8Scratch {
   std::vector<int8_t> query;  // kSq8QueryBlock x padded dim
-  std::vector<int32_t> dots;
+  std::vector<int32_t> dots;    // kSq8QueryBlock x a chunk of keys
+  std::vector<uint32_t> hits;   // a chunk's keys at or above a threshold
   TopKCollector candidates[kSq8QueryBlock];
   TopKCollector results;
   std::vector<int64_t> cand_ids;

@@ -16,6 +16,7 @@
 #include "retrieval_node/index/calibrate.h"
 #include "retrieval_node/index/flat_sq8_index.h"
 #include "retrieval_node/index/ivf_index.h"
+#include "tests/support/index_eval.h"
 #include "tools/attention_data.h"
 
 namespace kvr::index {
@@ -26,15 +27,7 @@ constexpr size_t kTest = 100;
 constexpr int kK = 100;
 
 AttentionData Generate(const std::string& family, size_t n_train = 512) {
-  AttentionDataOptions o;
-  o.family = family;
-  o.n_keys = kKeys;
-  o.n_train = n_train;
-  o.n_test = kTest;
-  o.dim = 128;
-  absl::StatusOr<AttentionData> d = GenerateAttentionData(o);
-  EXPECT_TRUE(d.ok()) << d.status();
-  return d.ok() ? *std::move(d) : AttentionData{};
+  return test_support::GenerateFamily(family, kKeys, n_train, kTest);
 }
 
 std::vector<int64_t> ExactIds(ConstMatrixView keys, ConstMatrixView queries, int k) {
@@ -45,16 +38,7 @@ std::vector<int64_t> ExactIds(ConstMatrixView keys, ConstMatrixView queries, int
 }
 
 double Recall(const std::vector<int64_t>& got, const std::vector<int64_t>& truth, int k) {
-  const size_t rows = truth.size() / k;
-  double sum = 0;
-  for (size_t q = 0; q < rows; ++q) {
-    std::vector<int64_t> t(truth.begin() + q * k, truth.begin() + (q + 1) * k);
-    std::sort(t.begin(), t.end());
-    size_t hits = 0;
-    for (int j = 0; j < k; ++j) hits += std::binary_search(t.begin(), t.end(), got[q * k + j]);
-    sum += static_cast<double>(hits) / k;
-  }
-  return sum / static_cast<double>(rows);
+  return test_support::RecallAtK(got, truth, k);
 }
 
 struct Result {
