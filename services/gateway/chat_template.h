@@ -48,7 +48,7 @@ jinja::Value JsonToValue(const Json& j) {
     }
     case nlohmann::json::value_t::object: {
       auto d = std::make_shared<jinja::Dict>();
-      for (auto it = j.begin(); it != j.end(); ++it) d->Set(it.key(), JsonToValue(it.value()));
+      for (auto it = j.begin(); it != j.end(); ++it) d->Append(it.key(), JsonToValue(it.value()));
       return jinja::Value::MakeDict(std::move(d));
     }
     default:

@@ -262,6 +262,7 @@ bool Equal(const Value& a, const Value& b) {
     case K::kString:
       return a.str() == b.str();
     case K::kList: {
+      if (&a.list() == &b.list()) return true;
       if (a.list().size() != b.list().size()) return false;
       for (size_t i = 0; i < a.list().size(); ++i) {
         if (!Equal(a.list()[i], b.list()[i])) return false;
@@ -269,10 +270,14 @@ bool Equal(const Value& a, const Value& b) {
       return true;
     }
     case K::kDict: {
-      if (a.dict().items.size() != b.dict().items.size()) return false;
-      for (const auto& [k, v] : a.dict().items) {
-        const Value* o = b.dict().Find(k);
-        if (o == nullptr || !Equal(v, *o)) return false;
+      if (&a.dict() == &b.dict()) return true;
+      const auto& x = a.dict().items;
+      const auto& y = b.dict().items;
+      if (x.size() != y.size()) return false;
+      for (size_t i = 0; i < x.size(); ++i) {
+        // Same key order (the common case) is linear; otherwise look up.
+        const Value* o = x[i].first == y[i].first ? &y[i].second : b.dict().Find(x[i].first);
+        if (o == nullptr || !Equal(x[i].second, *o)) return false;
       }
       return true;
     }
@@ -426,6 +431,17 @@ uint32_t DecodeUtf8(const std::string& s, size_t* i) {
   }
   *i += len;
   return cp;
+}
+
+// Byte offset of each code point of `s` (invalid bytes count as one each).
+std::vector<size_t> CharOffsets(const std::string& s) {
+  std::vector<size_t> at;
+  at.reserve(s.size());
+  for (size_t i = 0; i < s.size();) {
+    at.push_back(i);
+    DecodeUtf8(s, &i);
+  }
+  return at;
 }
 
 // Python's str.isspace() for one code point.
@@ -1526,10 +1542,14 @@ class Renderer {
       }
       case Node::K::kMacro: {
         const Node* node = &n;
-        std::vector<std::shared_ptr<Scope>> closure = {scopes_.front()};
+        // Weak: the macro is stored in a scope its closure would otherwise
+        // keep alive (a cycle). The root scope outlives every call.
+        std::weak_ptr<Scope> root = scopes_.front();
         (*scopes_.back())[n.name] = Value::MakeCallable(
-            [this, node, closure](CallArgs& args) -> absl::StatusOr<Value> {
-              return CallMacro(*node, closure, args);
+            [this, node, root](CallArgs& args) -> absl::StatusOr<Value> {
+              std::shared_ptr<Scope> r = root.lock();
+              if (r == nullptr) return absl::InvalidArgumentError("macro called after its render ended");
+              return CallMacro(*node, {r}, args);
             },
             n.name);
         return absl::OkStatus();
@@ -1577,6 +1597,7 @@ class Renderer {
         return keys;
       }
       case Value::Kind::kString: {
+        KVR_RETURN_IF_ERROR(CheckCount(p, CharOffsets(v.str()).size()));
         List chars;
         const std::string& s = v.str();
         for (size_t i = 0; i < s.size();) {
@@ -1927,16 +1948,21 @@ class Renderer {
         if (key.is_string()) return GetAttr(p, obj, key.str(), true);
         return Error(p, absl::StrCat(TypeName(obj), " indices must be integers"));
       }
-      List chars;
       if (obj.is_string()) {
-        KVR_ASSIGN_OR_RETURN(chars, Iterate(p, obj));
+        const std::vector<size_t> at = CharOffsets(obj.str());
+        const int64_t size = static_cast<int64_t>(at.size());
+        int64_t i = key.int_value();
+        if (i < 0) i += size;
+        if (i < 0 || i >= size) return Value();  // jinja2: undefined
+        const size_t from = at[static_cast<size_t>(i)];
+        const size_t to = static_cast<size_t>(i) + 1 < at.size() ? at[static_cast<size_t>(i) + 1] : obj.str().size();
+        return Value::String(obj.str().substr(from, to - from));
       }
-      const List& items = obj.is_list() ? obj.list() : chars;
-      const int64_t size = static_cast<int64_t>(items.size());
+      const int64_t size = static_cast<int64_t>(obj.list().size());
       int64_t i = key.int_value();
       if (i < 0) i += size;
       if (i < 0 || i >= size) return Value();  // jinja2: undefined
-      return items[static_cast<size_t>(i)];
+      return obj.list()[static_cast<size_t>(i)];
     }
     if (obj.is_mapping()) {
       if (key.is_string()) {
@@ -2195,12 +2221,9 @@ class Renderer {
     if (!obj.is_list() && !obj.is_string()) {
       return Error(n.pos, absl::StrCat("'", TypeName(obj), "' object is not subscriptable"));
     }
-    List chars;  // a string slices by code point
-    if (obj.is_string()) {
-      KVR_ASSIGN_OR_RETURN(chars, Iterate(n.pos, obj));
-    }
-    const List& items = obj.is_list() ? obj.list() : chars;
-    const int64_t len = static_cast<int64_t>(items.size());
+    std::vector<size_t> at;  // a string slices by code point
+    if (obj.is_string()) at = CharOffsets(obj.str());
+    const int64_t len = static_cast<int64_t>(obj.is_string() ? at.size() : obj.list().size());
     // Python's slice.indices.
     auto clamp = [&](int64_t v, bool present, int64_t dflt) {
       if (!present) return dflt;
@@ -2218,11 +2241,15 @@ class Renderer {
     for (int64_t i = start; step > 0 ? i < stop : i > stop; i += step) idx.push_back(i);
     if (obj.is_list()) {
       List out;
-      for (int64_t i : idx) out.push_back(items[static_cast<size_t>(i)]);
+      for (int64_t i : idx) out.push_back(obj.list()[static_cast<size_t>(i)]);
       return Value::MakeList(std::move(out), obj.is_tuple());
     }
     std::string out;
-    for (int64_t i : idx) out += items[static_cast<size_t>(i)].str();
+    for (int64_t i : idx) {
+      const size_t k = static_cast<size_t>(i);
+      const size_t to = k + 1 < at.size() ? at[k + 1] : obj.str().size();
+      out.append(obj.str(), at[k], to - at[k]);
+    }
     return Value::String(std::move(out));
   }
 
@@ -2543,7 +2570,6 @@ class Renderer {
       KVR_ASSIGN_OR_RETURN(List items, Iterate(p, v));
       const bool rev = arg(0, "reverse").Truthy();
       const Value& attr = arg(2, "attribute");
-      absl::Status st;
       auto key = [&](const Value& x) -> Value {
         if (attr.is_string() && x.is_mapping()) {
           const Value* f = x.dict().Find(attr.str());
@@ -2551,16 +2577,21 @@ class Renderer {
         }
         return x;
       };
+      // Keys must be all numbers or all strings, checked before sorting, so
+      // the comparison is a strict weak order (NaN aside: refused too).
+      bool numbers = true, strings = true;
+      for (const Value& x : items) {
+        const Value k = key(x);
+        numbers = numbers && k.is_number() && !std::isnan(k.float_value());
+        strings = strings && k.is_string();
+      }
+      if (!numbers && !strings && !items.empty()) {
+        return Error(p, "sort: items must be all numbers or all strings");
+      }
       std::stable_sort(items.begin(), items.end(), [&](const Value& x, const Value& y) {
-        if (!st.ok()) return false;
         absl::StatusOr<bool> lt = Compare(p, "<", rev ? key(y) : key(x), rev ? key(x) : key(y));
-        if (!lt.ok()) {
-          st = lt.status();
-          return false;
-        }
-        return *lt;
+        return lt.ok() && *lt;
       });
-      KVR_RETURN_IF_ERROR(st);
       return Value::MakeList(std::move(items));
     }
     if (name == "select" || name == "reject" || name == "selectattr" || name == "rejectattr") {

@@ -123,6 +123,9 @@ struct Dict {
   std::vector<std::pair<std::string, Value>> items;
   const Value* Find(absl::string_view key) const;
   void Set(const std::string& key, Value v);
+  // Adds without looking for `key` (O(1)): for keys known to be new, e.g.
+  // a parsed JSON object's.
+  void Append(std::string key, Value v) { items.emplace_back(std::move(key), std::move(v)); }
 };
 
 // Arguments of a call: positional, then keyword (name, value) in order.

@@ -159,13 +159,23 @@ def random_conversation(rng):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--driver", required=True)
-    ap.add_argument("--templates", required=True, help="folder of *.jinja chat templates")
+    ap.add_argument("--render", help="render one case file {template, vars}; print "
+                                     "'rendered: <JSON string>' (chat_template_e2e_test)")
+    ap.add_argument("--driver")
+    ap.add_argument("--templates", help="folder of *.jinja chat templates")
     ap.add_argument("--conversations", type=int, default=300, help="per template")
     ap.add_argument("--seed", type=int, default=19)
     args = ap.parse_args()
 
     env = hf_environment()
+    if args.render:
+        with open(args.render, encoding="utf-8") as f:
+            case = json.load(f)
+        text = env.from_string(case["template"]).render(**case["vars"])
+        print("rendered: " + json.dumps(text), flush=True)
+        return 0
+    if not args.driver or not args.templates:
+        ap.error("--driver and --templates are required")
     cases = []  # (name, template, vars)
     for i, (tpl, variables) in enumerate(CONSTRUCTS):
         cases.append((f"construct[{i}]", tpl, variables))
@@ -189,9 +199,12 @@ def main():
             cases.append((f"{name}[{c}]", tpl, variables))
 
     expected = []
+    compiled = {}
     for name, tpl, variables in cases:
         try:
-            expected.append(("ok", env.from_string(tpl).render(**variables)))
+            if tpl not in compiled:
+                compiled[tpl] = env.from_string(tpl)
+            expected.append(("ok", compiled[tpl].render(**variables)))
         except jinja2.exceptions.TemplateSyntaxError as e:
             expected.append(("syntax", str(e)))
         except jinja2.exceptions.TemplateError as e:

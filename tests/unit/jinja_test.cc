@@ -96,6 +96,10 @@ TEST(JinjaErrors, NamePosition) {
   ExpectError(Render("{{ 9223372036854775807 + 1 }}"), "integer overflow");
   ExpectError(Render("{{ 'unterminated }}"), "unterminated string literal");
   ExpectError(Render("{# open comment"), "missing end of comment tag");
+  // Mixed keys are refused before sorting (a comparator that fails midway
+  // would not be a strict weak order).
+  ExpectError(Render("{{ [3, 'a', 1, 'b', 2]|sort }}"), "sort: items must be all numbers or all strings");
+  EXPECT_EQ(*Render("{{ [3, 1.5, 2]|sort|join(',') }}"), "1.5,2,3");
 }
 
 TEST(JinjaErrors, RaiseExceptionIsFailedPreconditionWithTheMessage) {
