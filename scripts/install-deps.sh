@@ -23,6 +23,9 @@ packages=(
   # sprig), values.schema.json and manifest checks
   golang-go golang-github-masterminds-sprig-dev golang-gopkg-yaml.v2-dev
   python3-jsonschema python3-yaml nodejs
+  # chat templates: jinja2 is the oracle of the C++ Jinja subset
+  # (tests/unit/jinja_oracle.py)
+  python3-jinja2
   # benchmark peers (only the benchmarks link them)
   libfaiss-dev libhnswlib-dev libopenblas-dev
 )

@@ -26,6 +26,7 @@
 #include "gpu_worker/model/llama2c_loader.h"
 #include "gpu_worker/model/llama2c_tokenizer.h"
 #include "gpu_worker/model/llama_block.h"
+#include "gpu_worker/model/model_loader.h"
 #include "gpu_worker/model/safetensors_loader.h"
 #include "gpu_worker/model/sentencepiece_tokenizer.h"
 #include "tools/cli_flags.h"
@@ -565,46 +566,18 @@ absl::StatusOr<CaptureResult> Capture(Backend& backend,
 }
 
 absl::StatusOr<CaptureResult> RunCapture(const CaptureOptions& options) {
-  namespace fs = std::filesystem;
-  std::shared_ptr<const worker::LlamaWeights> weights;
-  std::unique_ptr<worker::Tokenizer> tokenizer;
   CaptureOptions o = options;
-  std::error_code ec;
-  if (!o.model.empty() && fs::is_directory(o.model, ec)) {
-    KVR_ASSIGN_OR_RETURN(weights, worker::LoadHfCheckpoint(o.model));
-    if (o.tokenizer.empty()) {
-      for (const char* name : {"tokenizer.json", "tokenizer.model"}) {
-        if (fs::exists(fs::path(o.model) / name, ec)) {
-          o.tokenizer = (fs::path(o.model) / name).string();
-          break;
-        }
-      }
-      if (o.tokenizer.empty()) {
-        return absl::NotFoundError(absl::StrCat(
-            "--tokenizer: ", o.model, " has no tokenizer.json or tokenizer.model; name one"));
-      }
-    }
-  } else {
-    KVR_ASSIGN_OR_RETURN(const worker::ModelPaths paths,
-                         worker::ResolveModelPaths(o.model, o.tokenizer));
-    o.model = paths.model;
-    o.tokenizer = paths.tokenizer;
-    KVR_ASSIGN_OR_RETURN(weights, worker::LoadLlama2c(o.model));
-  }
-  const std::string ext = fs::path(o.tokenizer).extension().string();
-  if (ext == ".json") {
-    KVR_ASSIGN_OR_RETURN(tokenizer, worker::HfBpeTokenizer::Load(o.tokenizer));
-  } else if (ext == ".model") {
-    KVR_ASSIGN_OR_RETURN(tokenizer, worker::SentencePieceTokenizer::Load(o.tokenizer));
-  } else {
-    KVR_ASSIGN_OR_RETURN(tokenizer,
-                         worker::Llama2cTokenizer::Load(o.tokenizer, weights->config.vocab_size));
-  }
-  if (tokenizer->vocab_size() > weights->config.vocab_size) {
-    return absl::InvalidArgumentError(absl::StrCat("--tokenizer: ", tokenizer->vocab_size(),
-                                                   " tokens, more than the model's vocab_size ",
-                                                   weights->config.vocab_size));
-  }
+  KVR_ASSIGN_OR_RETURN(
+      worker::LoadedModel loaded,
+      worker::LoadModel(o.model, o.tokenizer,
+                        [](const std::string& path)
+                            -> absl::StatusOr<std::unique_ptr<worker::Tokenizer>> {
+                          return worker::SentencePieceTokenizer::Load(path);
+                        }));
+  o.model = loaded.model;
+  o.tokenizer = loaded.tokenizer_path;
+  std::shared_ptr<const worker::LlamaWeights> weights = std::move(loaded.weights);
+  std::unique_ptr<worker::Tokenizer> tokenizer = std::move(loaded.tokenizer);
   worker::BackendOptions bo;
   bo.num_threads = static_cast<int>(o.threads);
   KVR_ASSIGN_OR_RETURN(std::unique_ptr<Backend> backend,

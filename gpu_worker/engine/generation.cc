@@ -68,7 +68,7 @@ absl::StatusOr<bool> RequestLoop::AdvanceWith(std::span<const float> logits, int
   if (generated() >= max_tokens_) return Finish(FinishReason::kLength);
   const bool replayed = replay_next_ < replay_.size();
   const int32_t next = replayed ? replay_[replay_next_++] : sampler_.Sample(logits, context_);
-  if (next == tokenizer_.bos_id() || next == tokenizer_.eos_id()) {
+  if (tokenizer_.IsStopToken(next)) {
     return Finish(FinishReason::kEos);
   }
   KVR_ASSIGN_OR_RETURN(std::string piece, tokenizer_.Decode(token_, next));
@@ -93,7 +93,7 @@ absl::Status RequestLoop::Resume(std::vector<int32_t> tokens) {
                                                    " tokens, more than max_tokens ", max_tokens_));
   }
   for (size_t i = 0; i < tokens.size(); ++i) {
-    if (tokens[i] == tokenizer_.bos_id() || tokens[i] == tokenizer_.eos_id()) {
+    if (tokenizer_.IsStopToken(tokens[i])) {
       return absl::InvalidArgumentError(absl::StrCat(
           "resume_tokens[", i, "] = ", tokens[i], " is BOS or EOS (generation would have ended)"));
     }

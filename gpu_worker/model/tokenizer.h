@@ -35,6 +35,11 @@ class Tokenizer {
   // input). Encode(text) then has at least ceil(text.size() / this) tokens,
   // so a caller can reject text that cannot fit a context before encoding.
   virtual size_t max_bytes_per_token() const { return 0; }
+
+  // Whether sampling `id` ends generation: BOS, EOS, and (chat_config.h's
+  // StopTokenTokenizer) a model's extra end-of-turn ids such as Llama-3's
+  // <|eot_id|>.
+  virtual bool IsStopToken(int32_t id) const { return id == bos_id() || id == eos_id(); }
 };
 
 }  // namespace kvr::worker

@@ -38,7 +38,9 @@
 #include "gpu_worker/backend/backend_plugin.h"
 #include "gpu_worker/model/bundled_model.h"
 #include "gpu_worker/model/llama2c_loader.h"
+#include "gpu_worker/model/chat_config.h"
 #include "gpu_worker/model/llama2c_tokenizer.h"
+#include "gpu_worker/model/model_loader.h"
 #include "gpu_worker/server/generation_scheduler.h"
 #include "gpu_worker/server/worker_service.h"
 #include "retrieval_node/client/client_factory.h"
@@ -52,9 +54,16 @@
 ABSL_FLAG(std::string, listen, "127.0.0.1:0",
           "host:port to serve on; port 0 picks a free port (printed on stdout)");
 ABSL_FLAG(std::string, model, "",
-          "llama2.c checkpoint (default: stories260K.bin in the model dir: $KVR_MODELS, else the "
-          "repository's models/)");
-ABSL_FLAG(std::string, tokenizer, "", "llama2.c tokenizer (default: tok512.bin in the model dir)");
+          "llama2.c checkpoint or Hugging Face checkpoint directory (default: stories260K.bin "
+          "in the model dir: $KVR_MODELS, else the repository's models/)");
+ABSL_FLAG(std::string, tokenizer, "",
+          "tokenizer: tokenizer.json or a llama2.c tokenizer (default: "
+          "tok512.bin beside a llama2.c --model; tokenizer.json in a Hugging Face --model "
+          "directory)");
+ABSL_FLAG(std::string, chat_template, "",
+          "chat template overriding the model's (tokenizer_config.json chat_template): a "
+          "tokenizer_config.json (its chat_template, bos_token, eos_token) or a raw Jinja file, "
+          "at most 64 KiB; reported by GetModelInfo, rendered by the gateway");
 ABSL_FLAG(std::string, nodes, "",
           "kvr_node retrieval nodes: host:port,... (static), dns:///name:port (every A/AAAA "
           "record of name, re-resolved every --nodes_refresh_seconds), or id=host:port,... "
@@ -210,14 +219,19 @@ int Main(int argc, char** argv) {
   const absl::StatusOr<server::ServeBounds> bounds = server::ServeBoundsFromFlags();
   if (!bounds.ok()) return Fail(bounds.status().message());
 
-  absl::StatusOr<ModelPaths> paths =
-      ResolveModelPaths(absl::GetFlag(FLAGS_model), absl::GetFlag(FLAGS_tokenizer));
-  if (!paths.ok()) return Fail(paths.status().ToString());
-  absl::StatusOr<std::shared_ptr<const LlamaWeights>> weights = LoadLlama2c(paths->model);
-  if (!weights.ok()) return Fail(weights.status().ToString());
-  absl::StatusOr<std::unique_ptr<Llama2cTokenizer>> tokenizer =
-      Llama2cTokenizer::Load(paths->tokenizer, (*weights)->config.vocab_size);
-  if (!tokenizer.ok()) return Fail(tokenizer.status().ToString());
+  absl::StatusOr<LoadedModel> loaded =
+      LoadModel(absl::GetFlag(FLAGS_model), absl::GetFlag(FLAGS_tokenizer));
+  if (!loaded.ok()) return Fail(loaded.status().ToString());
+  const std::shared_ptr<const LlamaWeights> weights = loaded->weights;
+  absl::StatusOr<ChatConfig> chat =
+      ReadChatConfig(loaded->hf_dir ? loaded->model : std::string(),
+                     absl::GetFlag(FLAGS_chat_template), *loaded->tokenizer);
+  if (!chat.ok()) return Fail(chat.status().ToString());
+  // Every request stops at the model's end-of-turn ids (generation_config's
+  // eos_token_id list), as Hugging Face's generate does.
+  const auto stop_tokenizer =
+      std::make_unique<StopTokenTokenizer>(loaded->tokenizer.get(), chat->stop_token_ids);
+  const Tokenizer* const tokenizer = stop_tokenizer.get();
   absl::StatusOr<std::unique_ptr<Backend>> backend = MakeBackend();
   if (!backend.ok()) return Fail(std::string(backend.status().message()));
   std::printf("kvr_worker backend: %s\n", (*backend)->Describe().c_str());
@@ -256,7 +270,7 @@ int Main(int argc, char** argv) {
   }
   eo.train_topk = *train_topk;
   absl::StatusOr<std::unique_ptr<RetrievalEngine>> engine =
-      RetrievalEngine::Create(backend->get(), *weights, node.get(), eo);
+      RetrievalEngine::Create(backend->get(), weights, node.get(), eo);
   if (!engine.ok()) return Fail(engine.status().ToString());
 
   auto metrics = std::make_unique<WorkerMetrics>();
@@ -293,7 +307,7 @@ int Main(int argc, char** argv) {
                static_cast<long long>(so.device_memory_budget_bytes));
   so.observer = metrics.get();
   absl::StatusOr<std::unique_ptr<GenerationScheduler>> scheduler =
-      GenerationScheduler::Create(engine->get(), tokenizer->get(), so);
+      GenerationScheduler::Create(engine->get(), tokenizer, so);
   if (!scheduler.ok()) return Fail(absl::StrCat("--", scheduler.status().message()));
 
   metrics->SetLoadSource([s = scheduler->get(), n = node.get()] {
@@ -325,14 +339,15 @@ int Main(int argc, char** argv) {
   }
 
   WorkerServiceOptions wo;
-  wo.model_name = paths->model;
+  wo.model_name = loaded->model;
+  wo.chat = *chat;
   wo.backend = (*backend)->Describe();
   wo.max_deadline_seconds = absl::GetFlag(FLAGS_max_deadline_seconds);
   wo.max_n = absl::GetFlag(FLAGS_max_n);
   wo.max_prompts = absl::GetFlag(FLAGS_max_prompts);
   wo.on_generate_finished = [m = metrics.get()](absl::StatusCode code) { m->RecordRequest(code); };
-  auto service = std::make_unique<WorkerService>(scheduler->get(), tokenizer->get(), node.get(),
-                                                 (*weights)->config, (*engine)->max_seq_len(), wo);
+  auto service = std::make_unique<WorkerService>(scheduler->get(), tokenizer, node.get(),
+                                                 weights->config, (*engine)->max_seq_len(), wo);
 
   const absl::Status served =
       rpc::ServeUntilSignal({service.get()},

@@ -809,6 +809,10 @@ void WorkerService::FillInfo(v1::GetModelInfoResponse* response) const {
   response->set_dim(config_.dim);
   response->set_bos_id(tokenizer_->bos_id());
   response->set_eos_id(tokenizer_->eos_id());
+  response->set_chat_template(options_.chat.chat_template);
+  response->set_bos_token(options_.chat.bos_token);
+  response->set_eos_token(options_.chat.eos_token);
+  for (const int32_t id : options_.chat.stop_token_ids) response->add_stop_token_ids(id);
   response->set_max_concurrent(scheduler_->options().max_concurrent);
   response->set_max_queue(scheduler_->options().max_queue);
   const SchedulerLoad load = scheduler_->load();

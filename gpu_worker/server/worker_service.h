@@ -39,6 +39,7 @@
 #include <thread>
 #include <vector>
 
+#include "gpu_worker/model/chat_config.h"
 #include "gpu_worker/model/tokenizer.h"
 #include "gpu_worker/server/generation_scheduler.h"
 #include "kvr/v1/generation.grpc.pb.h"
@@ -49,6 +50,9 @@ namespace kvr::worker {
 struct WorkerServiceOptions {
   std::string model_name;  // reported by GetModelInfo
   std::string backend;     // likewise: the engine's Backend::Describe()
+  // The model's chat template, bos/eos strings and end-of-turn ids
+  // (gpu_worker/model/chat_config.h), reported by GetModelInfo.
+  ChatConfig chat;
   // Called once per Generate call with the status it finishes with, just
   // before the status goes out (metrics). May be empty; thread-safe.
   std::function<void(absl::StatusCode)> on_generate_finished;

@@ -372,6 +372,8 @@ struct HttpApi::Impl {
   std::set<std::shared_ptr<HttpCall>> active;  // cancelled when the drain runs out
   // The served model, from the first worker that answered GetModelInfo.
   std::optional<v1::GetModelInfoResponse> model_info;
+  std::shared_ptr<const ChatTemplate> chat_template;  // with model_info
+  absl::Status chat_template_error;
 
   // The model's id and limits, asked from a worker once.
   absl::StatusOr<v1::GetModelInfoResponse> ModelInfo() {
@@ -394,8 +396,28 @@ struct HttpApi::Impl {
                                        s.error_message()));
     }
     std::lock_guard<std::mutex> lock(mu);
+    if (!model_info.has_value() && !info.chat_template().empty()) {
+      absl::StatusOr<ChatTemplate> t =
+          ChatTemplate::Create(info.chat_template(), info.bos_token(), info.eos_token());
+      if (t.ok()) {
+        chat_template = std::make_shared<const ChatTemplate>(*std::move(t));
+      } else {
+        chat_template_error = t.status();
+      }
+    }
     model_info = info;
     return info;
+  }
+
+  // The model's chat template (parsed once, with model_info); null when the
+  // model has none. Internal when it does not parse.
+  absl::StatusOr<std::shared_ptr<const ChatTemplate>> Template() {
+    std::lock_guard<std::mutex> lock(mu);
+    if (!chat_template_error.ok()) {
+      return absl::InternalError(absl::StrCat("the model's chat template does not parse: ",
+                                              chat_template_error.message()));
+    }
+    return chat_template;
   }
 
   std::string ModelName(const v1::GetModelInfoResponse& info) const {
@@ -494,6 +516,20 @@ struct HttpApi::Impl {
       e.code = "context_length_exceeded";
       RecordRefused(e, key);
       return ReplyError(res, e);
+    }
+    if (route == Route::kChatCompletions) {
+      absl::StatusOr<std::shared_ptr<const ChatTemplate>> tmpl = Template();
+      if (!tmpl.ok()) {
+        const ApiError e = FromStatus(tmpl.status().code(), std::string(tmpl.status().message()));
+        RecordRefused(e, key);
+        return ReplyError(res, e);
+      }
+      if (*tmpl != nullptr) {
+        if (std::optional<ApiError> e = ApplyChatTemplate(**tmpl, &parsed)) {
+          RecordRefused(*e, key);
+          return ReplyError(res, *e);
+        }
+      }
     }
     if (parsed.echo && parsed.stream) {
       const ApiError e = InvalidRequest("echo", "echo: not supported with stream: true");

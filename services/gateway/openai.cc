@@ -235,7 +235,7 @@ std::optional<ApiError> GetBool(const json& body, const char* field, bool* out) 
   return std::nullopt;
 }
 
-std::optional<ApiError> ParseMessages(const json& body, v1::GenerateRequest* r) {
+std::optional<ApiError> ParseMessages(const json& body, v1::GenerateRequest* r, json* messages) {
   if (!Present(body, "messages")) return InvalidRequest("messages", "messages: required");
   const json& m = body.at("messages");
   if (!m.is_array()) {
@@ -287,7 +287,9 @@ std::optional<ApiError> ParseMessages(const json& body, v1::GenerateRequest* r) 
                                                      "array of text parts, got ",
                                                      TypeName(*content)));
     }
-    turns.emplace_back(r_name == "developer" ? "system" : r_name, std::move(text));
+    const std::string role_name = r_name == "developer" ? "system" : r_name;
+    messages->push_back(json{{"role", role_name}, {"content", text}});
+    turns.emplace_back(role_name, std::move(text));
   }
   r->set_text(ChatPrompt(turns));
   return std::nullopt;
@@ -456,7 +458,8 @@ std::optional<ApiError> ParseRequest(Route route, const json& body, ParsedReques
     if (auto e = ParsePrompts(body, limits, &out->prompts)) return e;
     r.MergeFrom(out->prompts[0]);
   } else {
-    if (auto e = ParseMessages(body, &r)) return e;
+    out->messages = json::array();
+    if (auto e = ParseMessages(body, &r, &out->messages)) return e;
   }
   bool set = false;
   int64_t i = 0;
@@ -508,7 +511,10 @@ std::optional<ApiError> ParseRequest(Route route, const json& body, ParsedReques
   if (auto e = ParseStop(body, &r)) return e;
   // The worker takes at most kMaxStopStrings (OpenAI's 4): a chat request
   // that uses all four goes without the turn stop.
-  if (route == Route::kChatCompletions && r.stop_size() < kMaxStopStrings) r.add_stop(kChatStop);
+  if (route == Route::kChatCompletions && r.stop_size() < kMaxStopStrings) {
+    r.add_stop(kChatStop);
+    out->chat_stop_added = true;
+  }
   if (Present(body, "stream")) {
     if (!body.at("stream").is_boolean()) {
       return InvalidRequest("stream", absl::StrCat("stream: expected a boolean, got ",
@@ -595,6 +601,28 @@ std::string ChatPrompt(const std::vector<std::pair<std::string, std::string>>& m
   }
   out += "Assistant:";
   return out;
+}
+
+std::optional<ApiError> ApplyChatTemplate(const ChatTemplate& tmpl, ParsedRequest* parsed) {
+  absl::StatusOr<std::string> text = tmpl.Render(parsed->messages, /*add_generation_prompt=*/true);
+  if (!text.ok()) {
+    if (text.status().code() == absl::StatusCode::kFailedPrecondition) {  // raise_exception
+      return InvalidRequest("messages", absl::StrCat("messages: ", text.status().message()));
+    }
+    return InvalidRequest("messages", absl::StrCat("messages: the model's chat template failed: ",
+                                                   text.status().message()));
+  }
+  std::string prompt = *std::move(text);
+  if (!tmpl.bos_token().empty() && absl::StartsWith(prompt, tmpl.bos_token())) {
+    prompt.erase(0, tmpl.bos_token().size());
+  }
+  parsed->request.set_text(std::move(prompt));
+  if (parsed->chat_stop_added && parsed->request.stop_size() > 0 &&
+      parsed->request.stop(parsed->request.stop_size() - 1) == kChatStop) {
+    parsed->request.mutable_stop()->RemoveLast();
+    parsed->chat_stop_added = false;
+  }
+  return std::nullopt;
 }
 
 std::string FinishReasonName(v1::FinishReason reason) {

@@ -28,6 +28,7 @@
 
 #include "absl/status/status.h"
 #include "kvr/v1/generation.pb.h"
+#include "services/gateway/chat_template.h"
 #include "nlohmann/json.hpp"
 
 namespace kvr::gateway {
@@ -91,6 +92,11 @@ struct ParsedRequest {
   std::string user;
   bool stream = false;
   bool include_usage = false;  // stream_options.include_usage
+  // /v1/chat/completions: the messages as the chat template sees them,
+  // [{"role", "content"}] (content parts joined, developer → system), and
+  // whether ParseRequest appended kChatStop (the plain format's stop).
+  nlohmann::json messages;
+  bool chat_stop_added = false;
 };
 
 // The worker requests of `parsed`'s choices, choice index order: prompt p's
@@ -125,6 +131,15 @@ std::string RenameWorkerFields(Route route, std::string_view message);
 // "Assistant:" for the reply. Chat requests also stop at "\nUser:".
 inline constexpr char kChatStop[] = "\nUser:";
 std::string ChatPrompt(const std::vector<std::pair<std::string, std::string>>& messages);
+
+// Renders `parsed`'s messages with the model's chat template
+// (add_generation_prompt true) into its prompt text, in place of ChatPrompt's
+// plain format, and drops the plain format's kChatStop (the worker stops at
+// the model's end-of-turn ids instead). A leading `tmpl.bos_token()` is cut:
+// the worker adds BOS to every text prompt. Errors are 400s naming
+// `messages`: the template's raise_exception message ("messages: <msg>"),
+// or the renderer's error with its template position or limit.
+std::optional<ApiError> ApplyChatTemplate(const ChatTemplate& tmpl, ParsedRequest* parsed);
 
 // OpenAI finish_reason of a kvr finish reason: "length" (max tokens or the
 // context is full) or "stop" (stop string or end of sequence).
