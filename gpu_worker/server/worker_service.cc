@@ -532,7 +532,8 @@ void WorkerService::TokenizeLoop() {
 absl::StatusOr<std::vector<int32_t>> WorkerService::PromptIds(bool is_text,
                                                              const std::string& text,
                                                              const v1::TokenIds& tokens,
-                                                             std::string_view field) const {
+                                                             std::string_view field,
+                                                             bool add_bos) const {
   using O = WorkerServiceOptions;
   const std::string name(field);
   if (is_text) {
@@ -552,7 +553,7 @@ absl::StatusOr<std::vector<int32_t>> WorkerService::PromptIds(bool is_text,
             " bytes), over the model's context of ", max_context_tokens_, " tokens"));
       }
     }
-    absl::StatusOr<std::vector<int32_t>> ids = tokenizer_->Encode(text, /*add_bos=*/true);
+    absl::StatusOr<std::vector<int32_t>> ids = tokenizer_->Encode(text, add_bos);
     if (!ids.ok()) {
       return absl::InvalidArgumentError(absl::StrCat(name, "text: ", ids.status().message()));
     }
@@ -594,13 +595,14 @@ absl::StatusOr<std::vector<GenerationWork>> WorkerService::ToWorks(
     return absl::InvalidArgumentError("prompts: set either prompts or text / tokens, not both");
   }
   // Every prompt's ids, checked before any work is built.
+  const bool add_bos = !r.has_add_bos() || r.add_bos();
   std::vector<std::vector<int32_t>> prompts;
   switch (r.prompt_case()) {
     case v1::GenerateRequest::kText:
     case v1::GenerateRequest::kTokens: {
       KVR_ASSIGN_OR_RETURN(std::vector<int32_t> ids,
                            PromptIds(r.prompt_case() == v1::GenerateRequest::kText, r.text(),
-                                     r.tokens(), ""));
+                                     r.tokens(), "", add_bos));
       prompts.push_back(std::move(ids));
       break;
     }
@@ -613,7 +615,7 @@ absl::StatusOr<std::vector<GenerationWork>> WorkerService::ToWorks(
         }
         KVR_ASSIGN_OR_RETURN(std::vector<int32_t> ids,
                              PromptIds(p.kind_case() == v1::Prompt::kText, p.text(), p.tokens(),
-                                       absl::StrCat("prompts[", i, "].")));
+                                       absl::StrCat("prompts[", i, "]."), add_bos));
         prompts.push_back(std::move(ids));
       }
   }

@@ -118,12 +118,12 @@ class WorkerService final : public v1::Generation::CallbackService {
   class GenerateReactor;
   class InfoReactor;
   void FillInfo(v1::GetModelInfoResponse* response) const;
-  // A prompt's token ids: `text` encoded with BOS (refused before encoding
-  // when it cannot fit the context) or `tokens` as is; `field` names it in
-  // errors.
+  // A prompt's token ids: `text` encoded, with BOS first when `add_bos`
+  // (refused before encoding when it cannot fit the context), or `tokens`
+  // as is; `field` names it in errors.
   absl::StatusOr<std::vector<int32_t>> PromptIds(bool is_text, const std::string& text,
                                                  const v1::TokenIds& tokens,
-                                                 std::string_view field) const;
+                                                 std::string_view field, bool add_bos) const;
   // A Tokenize thread: runs tokenize_jobs_ until tokenize_stop_ and empty.
   void TokenizeLoop();
 

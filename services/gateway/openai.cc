@@ -614,7 +614,11 @@ std::optional<ApiError> ApplyChatTemplate(const ChatTemplate& tmpl, ParsedReques
   }
   std::string prompt = *std::move(text);
   if (!tmpl.bos_token().empty() && absl::StartsWith(prompt, tmpl.bos_token())) {
+    // The worker's BOS id stands for the rendered one.
     prompt.erase(0, tmpl.bos_token().size());
+  } else {
+    // A template that renders no BOS (ChatML) gets none from the worker either.
+    parsed->request.set_add_bos(false);
   }
   parsed->request.set_text(std::move(prompt));
   if (parsed->chat_stop_added && parsed->request.stop_size() > 0 &&

@@ -88,6 +88,20 @@ v1::GetModelInfoResponse Info(const std::string& address) {
   return info;
 }
 
+// The worker's encoding of `text`, with or without its BOS id first.
+std::vector<int32_t> Tokenize(const std::string& address, const std::string& text, bool add_bos) {
+  auto stub = v1::Generation::NewStub(grpc::CreateChannel(address, grpc::InsecureChannelCredentials()));
+  grpc::ClientContext ctx;
+  ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(30));
+  v1::TokenizeRequest request;
+  request.set_text(text);
+  request.set_add_bos(add_bos);
+  v1::TokenizeResponse response;
+  const grpc::Status s = stub->Tokenize(&ctx, request, &response);
+  EXPECT_TRUE(s.ok()) << s.error_message();
+  return std::vector<int32_t>(response.ids().begin(), response.ids().end());
+}
+
 // POSTs `body` to the gateway; (status, parsed body).
 std::pair<int, json> Post(const std::string& http, const std::string& path, const json& body) {
   httplib::Client client("http://" + http);
@@ -232,6 +246,44 @@ TEST_F(ChatTemplateE2e, GatewayPromptsWithTheModelsTemplateAndStopsAtEndOfTurnId
   EXPECT_TRUE(StopOk(worker.get()));
   EXPECT_TRUE(plain_gw->Stop());
   EXPECT_TRUE(StopOk(plain.get()));
+}
+
+TEST_F(ChatTemplateE2e, TemplateWithoutBosGetsNoBosFromTheWorker) {
+  // ChatML renders no BOS: the prompt's ids are the rendering's encoding
+  // alone, as apply_chat_template + encode(add_special_tokens=False) gives
+  // them (a regression: the worker used to prepend BOS to every text prompt).
+  const std::string chatml = ReadFile(g_templates + "/chatml.jinja");
+  ASSERT_FALSE(chatml.empty());
+  auto worker = ServerProcess::Start(g_worker, "kvr_worker",
+                                     {"--chat_template=" + g_templates + "/chatml.jinja"});
+  ASSERT_TRUE(worker != nullptr && worker->listening());
+  auto gw = GatewayProcess::Start(g_gateway, {"--workers=" + worker->address()});
+  ASSERT_TRUE(gw != nullptr);
+  const json messages = json::array({{{"role", "user"}, {"content", "Tell me about Lily."}}});
+  const std::string rendered = Jinja2Render(
+      dir_.path(), chatml,
+      {{"messages", messages}, {"bos_token", ""}, {"eos_token", ""},
+       {"add_generation_prompt", true}, {"tools", nullptr}, {"documents", nullptr}});
+  ASSERT_TRUE(absl::StartsWith(rendered, "<|im_start|>system")) << rendered;
+  const std::vector<int32_t> ids = Tokenize(worker->address(), rendered, /*add_bos=*/false);
+  const v1::GetModelInfoResponse info = Info(worker->address());
+  ASSERT_FALSE(ids.empty());
+  ASSERT_NE(ids.front(), info.bos_id());
+
+  auto [st1, chat] = Post(gw->http(), "/v1/chat/completions",
+                          {{"model", "stories260K"}, {"messages", messages}, {"max_tokens", 8},
+                           {"temperature", 0}});
+  ASSERT_EQ(st1, 200) << chat.dump();
+  auto [st2, comp] = Post(gw->http(), "/v1/completions",
+                          {{"model", "stories260K"}, {"prompt", ids}, {"max_tokens", 8},
+                           {"temperature", 0}});
+  ASSERT_EQ(st2, 200) << comp.dump();
+  EXPECT_EQ(chat["usage"]["prompt_tokens"].get<size_t>(), ids.size());
+  EXPECT_EQ(chat["kvr"]["token_ids"], comp["kvr"]["token_ids"]);
+  EXPECT_EQ(chat["choices"][0]["message"]["content"], comp["choices"][0]["text"]);
+
+  EXPECT_TRUE(gw->Stop());
+  EXPECT_TRUE(StopOk(worker.get()));
 }
 
 }  // namespace
