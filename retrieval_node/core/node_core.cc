@@ -1217,20 +1217,19 @@ struct ItemJoin {
   }
 };
 
-// ResourceExhausted naming max_batch_items when `n` exceeds it.
-absl::Status CheckBatchItems(size_t n, size_t limit, absl::string_view what) {
-  if (n <= limit) return absl::OkStatus();
-  return absl::ResourceExhaustedError(
-      absl::StrCat(what, ": ", n, " items exceed max_batch_items ", limit));
-}
-
-}  // namespace
-
-void NodeCore::AttendBatchAsync(std::span<AttendBatchItem> items, StatusCallback done) {
-  if (absl::Status st = CheckBatchItems(items.size(), options_.max_batch_items, "AttendBatch");
-      !st.ok()) {
-    for (AttendBatchItem& item : items) item.status = st;
-    done(std::move(st));
+// Runs a batch: every item of `items` is started with `start(item, cb)`
+// and its status stored in item.status; `done` (OK) runs once the last one
+// finished. More than `limit` items (--max_batch_items): every item and
+// `done` get ResourceExhausted naming max_batch_items and `what`, nothing
+// runs.
+template <typename Item, typename Start>
+void RunBatch(std::span<Item> items, size_t limit, absl::string_view what, StatusCallback done,
+              Start start) {
+  if (items.size() > limit) {
+    const absl::Status st = absl::ResourceExhaustedError(
+        absl::StrCat(what, ": ", items.size(), " items exceed max_batch_items ", limit));
+    for (Item& item : items) item.status = st;
+    done(st);
     return;
   }
   if (items.empty()) {
@@ -1238,12 +1237,21 @@ void NodeCore::AttendBatchAsync(std::span<AttendBatchItem> items, StatusCallback
     return;
   }
   auto join = std::make_shared<ItemJoin>(items.size(), std::move(done));
-  for (AttendBatchItem& item : items) {
-    AttendBatchItemAsync(item.request, item.out, item.stats, [&item, join](absl::Status st) {
+  for (Item& item : items) {
+    start(item, [&item, join](absl::Status st) {
       item.status = std::move(st);
       join->Finish();
     });
   }
+}
+
+}  // namespace
+
+void NodeCore::AttendBatchAsync(std::span<AttendBatchItem> items, StatusCallback done) {
+  RunBatch(items, options_.max_batch_items, "AttendBatch", std::move(done),
+           [this](AttendBatchItem& item, StatusCallback cb) {
+             AttendBatchItemAsync(item.request, item.out, item.stats, std::move(cb));
+           });
 }
 
 void NodeCore::AttendBatchItemAsync(const AttendRequest& request, PartialsView out,
@@ -1259,23 +1267,10 @@ void NodeCore::AttendBatchItemAsync(const AttendRequest& request, PartialsView o
 }
 
 void NodeCore::AppendBatchAsync(std::span<AppendBatchItem> items, StatusCallback done) {
-  if (absl::Status st = CheckBatchItems(items.size(), options_.max_batch_items, "AppendBatch");
-      !st.ok()) {
-    for (AppendBatchItem& item : items) item.status = st;
-    done(std::move(st));
-    return;
-  }
-  if (items.empty()) {
-    done(absl::OkStatus());
-    return;
-  }
-  auto join = std::make_shared<ItemJoin>(items.size(), std::move(done));
-  for (AppendBatchItem& item : items) {
-    AppendAsync(item.request, [&item, join](absl::Status st) {
-      item.status = std::move(st);
-      join->Finish();
-    });
-  }
+  RunBatch(items, options_.max_batch_items, "AppendBatch", std::move(done),
+           [this](AppendBatchItem& item, StatusCallback cb) {
+             AppendAsync(item.request, std::move(cb));
+           });
 }
 
 absl::Status NodeCore::SelectShards(const Sequence& seq, const AttendRequest& request,

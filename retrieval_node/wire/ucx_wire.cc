@@ -8,6 +8,7 @@
 
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "google/protobuf/message_lite.h"
 
 namespace kvr::retrieval {
 namespace {
@@ -65,6 +66,22 @@ absl::Status CopyReply(const v1::AttendResponse& response, PartialsView out, Att
   return absl::OkStatus();
 }
 
+// Parses all of `data` as `message`: false when it is not one, or larger
+// than the int sizes protobuf takes.
+bool ParseMessage(std::string_view data, google::protobuf::MessageLite* message) {
+  return data.size() <= static_cast<size_t>(std::numeric_limits<int>::max()) &&
+         message->ParseFromArray(data.data(), static_cast<int>(data.size()));
+}
+
+// A request message of the call `what`: InvalidArgument naming the call and
+// the message type when `data` is not one.
+absl::Status ParseRequest(std::string_view data, google::protobuf::MessageLite* out,
+                          absl::string_view what) {
+  if (ParseMessage(data, out)) return absl::OkStatus();
+  return absl::InvalidArgumentError(
+      absl::StrCat("UCX ", what, " request is not a ", out->GetTypeName()));
+}
+
 // The checks every batch reply passes before its items are read: wire
 // version, size (ResourceExhausted naming max_message_bytes), the node's
 // error, a `Response` (named `type`) that parses, and exactly `n` items and
@@ -82,8 +99,7 @@ absl::Status ParseBatchReply(const UcxReplyHeader& header, std::string_view data
                                                      max_message_bytes));
   }
   if (header.code != 0) return ReplyStatus(header.code, data);
-  if (data.size() > static_cast<size_t>(std::numeric_limits<int>::max()) ||
-      !response->ParseFromArray(data.data(), static_cast<int>(data.size()))) {
+  if (!ParseMessage(data, response)) {
     return absl::InternalError(absl::StrCat("UCX ", what, " reply is not a ", type));
   }
   if (static_cast<size_t>(response->items_size()) != n ||
@@ -123,11 +139,7 @@ absl::Status CheckUcxRequest(const UcxRequestHeader& header, size_t data_length,
 }
 
 absl::Status ParseUcxAttendRequest(std::string_view data, v1::AttendRequest* out) {
-  if (data.size() > static_cast<size_t>(std::numeric_limits<int>::max()) ||
-      !out->ParseFromArray(data.data(), static_cast<int>(data.size()))) {
-    return absl::InvalidArgumentError("UCX Attend request is not a kvr.v1.AttendRequest");
-  }
-  return absl::OkStatus();
+  return ParseRequest(data, out, "Attend");
 }
 
 absl::Status DecodeUcxPingReply(const UcxReplyHeader& header, std::string_view data) {
@@ -149,20 +161,14 @@ absl::Status DecodeUcxAttendReply(const UcxReplyHeader& header, std::string_view
   }
   if (header.code != 0) return ReplyStatus(header.code, data);
   v1::AttendResponse response;
-  if (data.size() > static_cast<size_t>(std::numeric_limits<int>::max()) ||
-      !response.ParseFromArray(data.data(), static_cast<int>(data.size()))) {
+  if (!ParseMessage(data, &response)) {
     return absl::InternalError("UCX Attend reply is not a kvr.v1.AttendResponse");
   }
   return CopyReply(response, out, stats);
 }
 
 absl::Status ParseUcxAttendBatchRequest(std::string_view data, v1::AttendBatchRequest* out) {
-  if (data.size() > static_cast<size_t>(std::numeric_limits<int>::max()) ||
-      !out->ParseFromArray(data.data(), static_cast<int>(data.size()))) {
-    return absl::InvalidArgumentError(
-        "UCX AttendBatch request is not a kvr.v1.AttendBatchRequest");
-  }
-  return absl::OkStatus();
+  return ParseRequest(data, out, "AttendBatch");
 }
 
 absl::Status DecodeUcxAttendBatchReply(const UcxReplyHeader& header, std::string_view data,
@@ -185,12 +191,7 @@ absl::Status DecodeUcxAttendBatchReply(const UcxReplyHeader& header, std::string
 }
 
 absl::Status ParseUcxAppendBatchRequest(std::string_view data, v1::AppendBatchRequest* out) {
-  if (data.size() > static_cast<size_t>(std::numeric_limits<int>::max()) ||
-      !out->ParseFromArray(data.data(), static_cast<int>(data.size()))) {
-    return absl::InvalidArgumentError(
-        "UCX AppendBatch request is not a kvr.v1.AppendBatchRequest");
-  }
-  return absl::OkStatus();
+  return ParseRequest(data, out, "AppendBatch");
 }
 
 absl::Status DecodeUcxAppendBatchReply(const UcxReplyHeader& header, std::string_view data,
