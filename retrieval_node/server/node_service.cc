@@ -1,5 +1,7 @@
 #include "retrieval_node/server/node_service.h"
 
+#include <malloc.h>
+
 #include <atomic>
 #include <chrono>
 #include <cmath>
@@ -274,6 +276,31 @@ grpc::ServerUnaryReactor* NodeService::CreateSequence(grpc::CallbackServerContex
 
 // --- UploadShard -----------------------------------------------------------------
 
+namespace {
+
+// An upload's working memory (wire buffers, their fp32 copies, the index
+// build's scratch; ~5x the payload) is freed when its build ends, but glibc
+// keeps freed memory in its heaps (the main one and one arena per thread
+// that allocated) rather than giving it back: a node that had built large
+// chunks held ~200 MiB above its shards after 16 uploads of 32K keys
+// (node_memory_test; docs/benchmarks.md §10 "Node memory over gRPC").
+// Streams of at least this many payload bytes hand the free pages of every
+// heap back to the OS (malloc_trim) once their buffers are freed, on the
+// upload pool thread, before the reply. Smaller ones skip it: their working
+// memory is reused by the next upload anyway.
+constexpr int64_t kTrimAfterUploadBytes = int64_t{8} << 20;
+
+// Returns freed heap pages to the OS (glibc's malloc_trim: the top of each
+// heap, and madvise(MADV_DONTNEED) on free pages inside them). Thread-safe;
+// locks one arena at a time. A no-op on other C libraries.
+void ReturnFreedMemory() {
+#if defined(__GLIBC__)
+  malloc_trim(0);
+#endif
+}
+
+}  // namespace
+
 class NodeService::UploadReactor final : public grpc::ServerReadReactor<v1::UploadShardRequest> {
  public:
   UploadReactor(NodeService* service, grpc::CallbackServerContext* context,
@@ -295,7 +322,12 @@ class NodeService::UploadReactor final : public grpc::ServerReadReactor<v1::Uplo
         Done(absl::CancelledError("UploadShard cancelled"));
         return;
       }
-      service_->upload_->Schedule([this] { Done(Build()); });
+      service_->upload_->Schedule([this] {
+        const absl::Status status = Build();
+        ReleaseBuffers();
+        if (payload_bytes_ >= kTrimAfterUploadBytes) ReturnFreedMemory();
+        Done(status);
+      });
       return;
     }
     absl::Status status;
@@ -389,6 +421,7 @@ class NodeService::UploadReactor final : public grpc::ServerReadReactor<v1::Uplo
     }
     const int64_t total = keys_bytes_ + values_bytes_ + topk_bytes_ + queries_bytes_ +
                           holdout_queries_bytes_ + holdout_topk_bytes_;
+    payload_bytes_ = total;
     if (total > service_->options_.max_upload_bytes) {
       return absl::ResourceExhaustedError(
           absl::StrCat("UploadShard payload of ", total, " bytes exceeds max_upload_bytes ",
@@ -454,6 +487,17 @@ class NodeService::UploadReactor final : public grpc::ServerReadReactor<v1::Uplo
 
   static std::span<const uint8_t> Bytes(const std::string& s) {
     return {reinterpret_cast<const uint8_t*>(s.data()), s.size()};
+  }
+
+  // Frees every buffer the stream still holds (the wire copies Build did not
+  // consume, the last message read), before the memory is returned to the
+  // OS. The stream reads nothing more once the client half-closed.
+  void ReleaseBuffers() {
+    for (std::string* b : {&keys_, &values_, &topk_, &queries_, &holdout_queries_,
+                           &holdout_topk_}) {
+      std::string().swap(*b);
+    }
+    v1::UploadShardRequest().Swap(&message_);
   }
 
   // Runs on the upload pool once the stream is complete.
@@ -563,6 +607,7 @@ class NodeService::UploadReactor final : public grpc::ServerReadReactor<v1::Uplo
   DType value_dtype_ = DType::kF32;
   int64_t keys_bytes_ = 0, values_bytes_ = 0, topk_bytes_ = 0, queries_bytes_ = 0;
   int64_t holdout_queries_bytes_ = 0, holdout_topk_bytes_ = 0;
+  int64_t payload_bytes_ = 0;  // all parts, as the header declares them
   std::string keys_, values_, topk_, queries_, holdout_queries_, holdout_topk_;
   NodeCore::UploadAdmission admission_;  // released in Done, before the reply
 };
