@@ -359,8 +359,8 @@ struct HttpApi::Impl {
   HttpApiOptions options;
   WorkerPool* pool = nullptr;
   GatewayMetrics* metrics = nullptr;
-  Impl(size_t max_header_bytes, int request_timeout_seconds)
-      : server(max_header_bytes, request_timeout_seconds) {}
+  Impl(size_t max_header_bytes, int request_timeout_seconds, uint64_t max_body_bytes)
+      : server(max_header_bytes, request_timeout_seconds, max_body_bytes) {}
   BoundedHttpServer server;
   std::string address;
   std::thread listener;
@@ -942,7 +942,8 @@ absl::StatusOr<std::unique_ptr<HttpApi>> HttpApi::Start(const HttpApiOptions& op
                                                    " s outside [1, 3600]"));
   }
   auto impl = std::make_unique<Impl>(static_cast<size_t>(options.max_header_bytes),
-                                     options.request_timeout_seconds);
+                                     options.request_timeout_seconds,
+                                     static_cast<uint64_t>(options.max_request_bytes));
   impl->options = options;
   impl->pool = pool;
   impl->metrics = metrics;

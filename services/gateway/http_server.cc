@@ -9,11 +9,17 @@
 #include <array>
 #include <cerrno>
 #include <chrono>
+#include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <string>
+#include <utility>
 
+#include "absl/strings/ascii.h"
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/string_view.h"
 
 namespace kvr::gateway {
 namespace {
@@ -58,16 +64,23 @@ void IpAndPort(const sockaddr_storage& addr, socklen_t len, std::string& ip, int
 //  * the whole-request deadline: no read waits past `deadline` (the request's
 //    first byte + --http_request_timeout_seconds); a read at or after it
 //    answers 408 itself (cpp-httplib would answer 400 or nothing), fails,
-//    and every later read or write fails, so the connection closes.
+//    and every later read or write fails, so the connection closes;
+//  * the body bound: a head that declares a Content-Length over
+//    `max_body_bytes` (and no Transfer-Encoding) gets no body read at all:
+//    the first body read fails, so cpp-httplib answers 413 at once instead
+//    of reading (skipping) the declared bytes until the client falls silent
+//    for --http_read_timeout_seconds (the body is then left unread, for the
+//    lingering close to discard).
 // One stream serves one request, as in cpp-httplib.
 class HeadBoundedStream final : public httplib::Stream {
  public:
   using Clock = std::chrono::steady_clock;
 
-  HeadBoundedStream(int fd, size_t head_budget, int read_timeout_ms, int write_timeout_ms,
-                    Clock::time_point deadline, int request_timeout_seconds)
+  HeadBoundedStream(int fd, size_t head_budget, uint64_t max_body_bytes, int read_timeout_ms,
+                    int write_timeout_ms, Clock::time_point deadline, int request_timeout_seconds)
       : fd_(fd),
         head_left_(head_budget),
+        max_body_bytes_(max_body_bytes),
         read_timeout_ms_(read_timeout_ms),
         write_timeout_ms_(write_timeout_ms),
         deadline_(deadline),
@@ -91,6 +104,9 @@ class HeadBoundedStream final : public httplib::Stream {
         return -1;
       }
       size = std::min(size, head_left_);
+    } else if (BodyOverLimit()) {  // refused: cpp-httplib answers 413
+      body_refused_ = true;
+      return -1;
     }
     size = std::min(size, static_cast<size_t>(std::numeric_limits<ssize_t>::max()));
     ssize_t n = 0;
@@ -151,6 +167,8 @@ class HeadBoundedStream final : public httplib::Stream {
   bool head_overflowed() const { return overflowed_; }
   // True once the request ran past its deadline (and was answered 408).
   bool timed_out() const { return timed_out_; }
+  // True once a body read was refused for a declared length over the limit.
+  bool body_refused() const { return body_refused_; }
 
  private:
   // How long a read may wait: the read timeout, cut at the deadline
@@ -201,7 +219,9 @@ class HeadBoundedStream final : public httplib::Stream {
   }
 
   // Counts `n` bytes handed out of the head and watches for its end: an
-  // empty line ("\r\n\r\n", or "\n\n" from a lax client).
+  // empty line ("\r\n\r\n", or "\n\n" from a lax client). Each line's
+  // first kTrackedLineBytes are kept to read Content-Length and
+  // Transfer-Encoding.
   void CountHead(const char* p, size_t n) {
     for (size_t i = 0; i < n && in_head_; ++i) {
       --head_left_;
@@ -209,17 +229,54 @@ class HeadBoundedStream final : public httplib::Stream {
       if (c == '\n') {
         if (line_empty_) in_head_ = false;
         line_empty_ = true;
+        EndHeaderLine();
       } else if (c != '\r') {
         line_empty_ = false;
+        if (line_.size() < kTrackedLineBytes) {
+          line_.push_back(c);
+        } else {
+          line_truncated_ = true;
+        }
       }
     }
   }
+
+  // One header line ended (in line_): notes the first Content-Length value
+  // as cpp-httplib reads it (strtoull of the trimmed value: "-1" is 2^64 - 1)
+  // and whether a Transfer-Encoding was sent.
+  void EndHeaderLine() {
+    const std::string ended = std::exchange(line_, std::string());
+    const absl::string_view line(ended);
+    const bool truncated = std::exchange(line_truncated_, false);
+    if (absl::StartsWithIgnoreCase(line, "transfer-encoding:")) {
+      transfer_encoding_ = true;
+      return;
+    }
+    constexpr absl::string_view kLength = "content-length:";
+    if (truncated || have_length_ || !absl::StartsWithIgnoreCase(line, kLength)) return;
+    have_length_ = true;
+    const std::string value(absl::StripAsciiWhitespace(line.substr(kLength.size())));
+    declared_length_ = std::strtoull(value.c_str(), nullptr, 10);
+  }
+
+  bool BodyOverLimit() const {
+    return have_length_ && !transfer_encoding_ && declared_length_ > max_body_bytes_;
+  }
+
+  // Longest prefix of a header line kept (a longer Content-Length line is
+  // left to cpp-httplib's own check, which reads the body first).
+  static constexpr size_t kTrackedLineBytes = 128;
 
   const int fd_;
   bool in_head_ = true;
   bool line_empty_ = false;  // no byte but '\r' since the last '\n'
   bool overflowed_ = false;
   size_t head_left_;
+  const uint64_t max_body_bytes_;
+  std::string line_;  // the head line being read, its first kTrackedLineBytes
+  bool line_truncated_ = false;
+  bool have_length_ = false, transfer_encoding_ = false, body_refused_ = false;
+  uint64_t declared_length_ = 0;
   const int read_timeout_ms_;
   const int write_timeout_ms_;
   const Clock::time_point deadline_;
@@ -229,6 +286,36 @@ class HeadBoundedStream final : public httplib::Stream {
   size_t buffer_off_ = 0, buffer_size_ = 0;
 };
 
+// Ends a connection without losing the last response: closing a socket
+// whose receive queue still holds bytes makes the kernel send a reset
+// (RST) instead of a FIN and drop whatever of the response it has not
+// delivered, and the client's next read fails with ECONNRESET. So the
+// write side is shut first (the response, then FIN, go out) and, when the
+// connection ended on a refusal (`linger`: the client may still be sending
+// the rest of a request) or input is already waiting, the input is read and
+// discarded until the client closes, for at most kLingerTime and
+// kLingerMaxBytes (whichever comes first; HTTP/1.1's "lingering close").
+void LingeringClose(int fd, bool linger) {
+  shutdown(fd, SHUT_WR);
+  if (linger || PollFor(fd, POLLIN, 0) > 0) {
+    const auto give_up = std::chrono::steady_clock::now() + BoundedHttpServer::kLingerTime;
+    std::array<char, 16384> sink;
+    size_t drained = 0;
+    while (drained < BoundedHttpServer::kLingerMaxBytes) {
+      const auto left = std::chrono::ceil<std::chrono::milliseconds>(
+          give_up - std::chrono::steady_clock::now());
+      if (left.count() <= 0 || PollFor(fd, POLLIN, static_cast<int>(left.count())) <= 0) break;
+      ssize_t n = 0;
+      do {
+        n = recv(fd, sink.data(), sink.size(), 0);
+      } while (n < 0 && errno == EINTR);
+      if (n <= 0) break;  // the client closed (or reset) its side
+      drained += static_cast<size_t>(n);
+    }
+  }
+  close(fd);
+}
+
 }  // namespace
 
 bool BoundedHttpServer::process_and_close_socket(socket_t sock) {
@@ -236,6 +323,7 @@ bool BoundedHttpServer::process_and_close_socket(socket_t sock) {
   const int write_ms = TimeoutMs(write_timeout_sec_, write_timeout_usec_);
   const auto keep_alive = std::chrono::seconds(keep_alive_timeout_sec_);
   bool ok = false;
+  bool refused = false;  // the connection ends on an error answer: linger
   for (size_t left = keep_alive_max_count_; left > 0 && svr_sock_ != INVALID_SOCKET; --left) {
     // Wait for the next request (as cpp-httplib: in 10 ms polls, so a
     // server stop is seen).
@@ -247,16 +335,16 @@ bool BoundedHttpServer::process_and_close_socket(socket_t sock) {
     if (ready <= 0) break;
     // The request's first byte is here: it has request_timeout_seconds_ to
     // arrive in full.
-    HeadBoundedStream strm(sock, max_head_bytes_, read_ms, write_ms,
+    HeadBoundedStream strm(sock, max_head_bytes_, max_body_bytes_, read_ms, write_ms,
                            std::chrono::steady_clock::now() +
                                std::chrono::seconds(request_timeout_seconds_),
                            request_timeout_seconds_);
     bool connection_closed = false;
     ok = process_request(strm, /*close_connection=*/left == 1, connection_closed, nullptr);
-    if (!ok || connection_closed || strm.head_overflowed() || strm.timed_out()) break;
+    refused = !ok || strm.head_overflowed() || strm.timed_out() || strm.body_refused();
+    if (refused || connection_closed) break;
   }
-  shutdown(sock, SHUT_RDWR);
-  close(sock);
+  LingeringClose(sock, refused);
   return ok;
 }
 
