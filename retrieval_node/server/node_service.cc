@@ -279,15 +279,15 @@ grpc::ServerUnaryReactor* NodeService::CreateSequence(grpc::CallbackServerContex
 namespace {
 
 // An upload's working memory (wire buffers, their fp32 copies, the index
-// build's scratch; ~5x the payload) is freed when its build ends, but glibc
-// keeps freed memory in its heaps (the main one and one arena per thread
-// that allocated) rather than giving it back: a node that had built large
-// chunks held ~200 MiB above its shards after 16 uploads of 32K keys
-// (node_memory_test; docs/benchmarks.md §10 "Node memory over gRPC").
+// build's scratch; the reservation counts ~3x the payload) is freed when
+// its build ends, but glibc keeps freed memory in its heaps (the main one
+// and one arena per thread that allocated) rather than giving it back: a
+// node held ~175 MiB above its shards after 8 uploads of 32K keys, two at a
+// time (node_memory_test; docs/benchmarks.md §10 "Node memory over gRPC").
 // Streams of at least this many payload bytes hand the free pages of every
 // heap back to the OS (malloc_trim) once their buffers are freed, on the
-// upload pool thread, before the reply. Smaller ones skip it: their working
-// memory is reused by the next upload anyway.
+// upload pool thread, before the reply. Smaller ones skip it: with 4 MiB
+// buffers glibc reused the freed memory (~5% above the shards).
 constexpr int64_t kTrimAfterUploadBytes = int64_t{8} << 20;
 
 // Returns freed heap pages to the OS (glibc's malloc_trim: the top of each
