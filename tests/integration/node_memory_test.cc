@@ -20,6 +20,7 @@
 #include "retrieval_node/client/grpc_retrieval_client.h"
 #include "tests/support/cluster_process.h"
 #include "tests/support/server_process.h"
+#include "tests/support/test_data.h"
 
 namespace kvr {
 namespace {
@@ -47,19 +48,6 @@ constexpr int kUploadStreams = 2;
 // in glibc's heaps), 1.02-1.14 after.
 constexpr double kMaxRssPerShardByte = 1.3;
 
-// Deterministic rows in [-1, 1): a hash of (row, column, seed).
-std::vector<float> Rows(size_t n, size_t d, uint64_t seed) {
-  std::vector<float> out(n * d);
-  for (size_t i = 0; i < out.size(); ++i) {
-    uint64_t x = (i + 1) * 0x9E3779B97F4A7C15ull ^ (seed * 0xBF58476D1CE4E5B9ull);
-    x ^= x >> 31;
-    x *= 0x94D049BB133111EBull;
-    x ^= x >> 29;
-    out[i] = static_cast<float>(static_cast<double>(x >> 11) / 4503599627370496.0 - 1.0);
-  }
-  return out;
-}
-
 TEST(NodeMemoryTest, RssGrowthOverGrpcUploadsStaysNearTheShardBytes) {
   auto node = NodeProcess::Start({"--metrics_listen=", "--threads=1"});
   ASSERT_NE(node, nullptr);
@@ -69,8 +57,8 @@ TEST(NodeMemoryTest, RssGrowthOverGrpcUploadsStaysNearTheShardBytes) {
   auto client = GrpcRetrievalClient::Create(node->address(), options);
   ASSERT_TRUE(client.ok()) << client.status();
 
-  const std::vector<float> keys = Rows(kKeys, kDim, 1);
-  const std::vector<float> values = Rows(kKeys, kDim, 2);
+  const Matrix keys = test_support::RandomMatrix(kKeys, kDim, 1);
+  const Matrix values = test_support::RandomMatrix(kKeys, kDim, 2);
   for (int s = 0; s < kSequences; ++s) {
     retrieval::SequenceSpec spec;
     spec.sequence_id = 1 + s;
@@ -98,8 +86,8 @@ TEST(NodeMemoryTest, RssGrowthOverGrpcUploadsStaysNearTheShardBytes) {
           retrieval::ShardUpload up;
           up.key = {static_cast<uint64_t>(1 + i / (kLayers * kKvHeads)), (i / kKvHeads) % kLayers, i % kKvHeads, 0};
           up.first_position = 0;
-          up.keys = ConstMatrixView(keys.data(), kKeys, kDim, kDim);
-          up.values = ConstMatrixView(values.data(), kKeys, kDim, kDim);
+          up.keys = keys.view();
+          up.values = values.view();
           if (absl::Status st = (*client)->UploadShard(up); !st.ok()) {
             failed[static_cast<size_t>(u)] = st;
             return;
