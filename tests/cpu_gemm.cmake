@@ -5,3 +5,5 @@
 # stories260K / random bf16 Llama models' logits and greedy tokens with both.
 kvr_test(cpu_gemm_kernel_test SOURCES unit/cpu_gemm_test.cc
   DEPS kvr::common kvr::worker_backend LABELS unit TIMEOUT 120)
+kvr_test(cpu_gemm_model_test SOURCES unit/cpu_gemm_model_test.cc
+  DEPS kvr::llama_reference LABELS unit TIMEOUT 120)
