@@ -144,8 +144,8 @@ double CheckAgainstOracle(const Kernels& k, const Problem& p, bool bf16,
       const double err = std::abs(got - sum);
       // Underflowed products (tiny kind) lose up to half the smallest
       // subnormal each.
-      const double bound = terms * kUnit * abs_sum +
-                           double(p.d + 1) * std::numeric_limits<float>::denorm_min();
+      const double bound =
+          terms * kUnit * abs_sum + double(p.d + 1) * std::numeric_limits<float>::denorm_min();
       if (!(err <= bound)) {
         ADD_FAILURE() << k.name << " " << what << ": y[" << t << "][" << o << "] = " << got
                       << ", oracle " << sum << ", |err| " << err << " > bound " << bound;
@@ -194,7 +194,8 @@ TEST(CpuGemmKernelTest, EveryTableMatchesTheDoubleOracle) {
   const Problem big = MakeProblem(rng, 16, 21, 4100, 0, false);
   for (const Kernels* k : tables) {
     for (bool bf16 : {true, false}) {
-      const double worst = CheckAgainstOracle(*k, big, bf16, RunTable(*k, big, bf16), "16x4100->21");
+      const double worst =
+          CheckAgainstOracle(*k, big, bf16, RunTable(*k, big, bf16), "16x4100->21");
       std::printf("%s %s 16x4100->21: worst |err| / sum|xw| = %.2e\n", k->name,
                   bf16 ? "bf16" : "f32", worst);
       ++cases;
@@ -208,30 +209,34 @@ TEST(CpuGemmKernelTest, EveryTableMatchesTheDoubleOracle) {
 // weight rows gives the same bits.
 TEST(CpuGemmKernelTest, ResultsAreBatchInvariantBitForBit) {
   std::mt19937 rng(7);
-  const size_t n = 33, m = 45, d = 300;
-  const Problem p = MakeProblem(rng, n, m, d, 0, false);
-  for (const Kernels* k : Tables()) {
-    for (bool bf16 : {true, false}) {
-      const std::vector<float> all = RunTable(*k, p, bf16);
-      for (size_t t = 0; t < n; ++t) {
-        for (size_t count : {size_t{1}, size_t{2}, size_t{5}}) {
-          if (t + count > n) continue;
-          for (size_t o0 : {size_t{0}, size_t{3}, size_t{8}}) {
-            const size_t mm = m - o0 - (o0 == 3 ? 5 : 0);  // ragged slices too
-            std::vector<float> y(count * p.y_stride, kSentinel);
-            const float* x = p.x.data() + t * p.x_stride;
-            if (bf16) {
-              k->matmul_bf16(x, count, p.x_stride, p.wb.data() + o0 * p.w_stride, mm, p.w_stride,
-                             d, y.data(), p.y_stride);
-            } else {
-              k->matmul_f32(x, count, p.x_stride, p.wf.data() + o0 * p.w_stride, mm, p.w_stride,
-                            d, y.data(), p.y_stride);
-            }
-            for (size_t i = 0; i < count; ++i) {
-              for (size_t o = 0; o < mm; ++o) {
-                ASSERT_EQ(y[i * p.y_stride + o], all[(t + i) * p.y_stride + o0 + o])
-                    << k->name << (bf16 ? " bf16" : " f32") << " token " << t + i << " of a batch of "
-                    << count << ", row " << o0 + o;
+  // d 277: the last, partial 16-element block is odd; 300: even; 32, 16, 7:
+  // no partial block, one block, only a partial one.
+  for (size_t d : {size_t{277}, size_t{300}, size_t{32}, size_t{16}, size_t{7}}) {
+    const size_t n = 33, m = 45;
+    const Problem p = MakeProblem(rng, n, m, d, 0, false);
+    for (const Kernels* k : Tables()) {
+      for (bool bf16 : {true, false}) {
+        const std::vector<float> all = RunTable(*k, p, bf16);
+        for (size_t t = 0; t < n; ++t) {
+          for (size_t count : {size_t{1}, size_t{2}, size_t{3}, size_t{4}, size_t{5}, size_t{7}}) {
+            if (t + count > n) continue;
+            for (size_t o0 : {size_t{0}, size_t{3}, size_t{8}}) {
+              const size_t mm = m - o0 - (o0 == 3 ? 5 : 0);  // ragged slices too
+              std::vector<float> y(count * p.y_stride, kSentinel);
+              const float* x = p.x.data() + t * p.x_stride;
+              if (bf16) {
+                k->matmul_bf16(x, count, p.x_stride, p.wb.data() + o0 * p.w_stride, mm, p.w_stride,
+                               d, y.data(), p.y_stride);
+              } else {
+                k->matmul_f32(x, count, p.x_stride, p.wf.data() + o0 * p.w_stride, mm, p.w_stride,
+                              d, y.data(), p.y_stride);
+              }
+              for (size_t i = 0; i < count; ++i) {
+                for (size_t o = 0; o < mm; ++o) {
+                  ASSERT_EQ(y[i * p.y_stride + o], all[(t + i) * p.y_stride + o0 + o])
+                      << k->name << (bf16 ? " bf16" : " f32") << " token " << t + i
+                      << " of a batch of " << count << ", row " << o0 + o << ", d " << d;
+                }
               }
             }
           }
@@ -313,8 +318,8 @@ TEST(CpuGemmBackendTest, BlockedMatMulMatchesPerDotPath) {
               abs_sum += std::abs(double(x[t * in + k]) * wf[o * in + k]);
             }
             ASSERT_NEAR(y[1][t * out + o], y[0][t * out + o], 2 * terms * kUnit * abs_sum)
-                << DTypeName(dtype) << " threads " << threads << " n " << n << " at [" << t
-                << "][" << o << "]";
+                << DTypeName(dtype) << " threads " << threads << " n " << n << " at [" << t << "]["
+                << o << "]";
           }
         }
       }
