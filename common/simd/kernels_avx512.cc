@@ -499,8 +499,10 @@ void Fp16ToFp32(const uint16_t* in, float* out, size_t n) {
 // Why two chains per pair: with one, a single row is one dependent FMA chain
 // (latency-bound), so n = 1 would need several rows in flight, i.e. several
 // memory streams, measured 20-30% slower than dot_bf16's single stream on
-// L3/DRAM-resident weights; two chains let n = 1 keep one stream at
-// dot_bf16's speed. The price: tiles of 4 x 3 instead of 4 x 6 (one chain
+// L3/DRAM-resident weights; two chains let n = 1 keep one stream, at
+// dot_bf16's speed when the weights come from DRAM (decode: 1.8 GiB per
+// step) and ~0.9x when one matrix sits in L3 (dot_bf16 keeps 4 chains per
+// row, one more than fits the tiles below). The price: tiles of 4 x 3 instead of 4 x 6 (one chain
 // per pair), ~0.67x of that tile's peak in L2 (bench: 148 vs 221 GFLOP/s,
 // one core).
 
