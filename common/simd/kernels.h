@@ -61,6 +61,21 @@ struct Kernels {
   // block of queries instead of once per query.
   void (*dot_batch_multi)(const float* q, size_t nq, size_t q_stride, const float* rows,
                           size_t n, size_t d, size_t stride, float* out, size_t out_stride);
+  // A matrix product for the CPU backend's MatMul: y[t * y_stride + o] =
+  // x_t . w_o for t < n, o < m, where x_t (fp32, d elements) starts at
+  // x + t * x_stride and weight row w_o (fp32 or bf16) at w + o * w_stride.
+  // fp32 accumulation; the activations are never rounded to bf16. Each
+  // output depends only on x_t, w_o and d (never on n, m or where the pair
+  // falls in the blocking): within one table a token's outputs are
+  // bit-identical whether it runs alone or in a batch. The SIMD tables keep
+  // a block of (weight rows x tokens) accumulators in registers, so each
+  // weight vector is loaded and widened once per block of tokens instead of
+  // once per token (dot_bf16's per-pair loop). No allocation; thread-safe;
+  // callers split m across threads.
+  void (*matmul_bf16)(const float* x, size_t n, size_t x_stride, const uint16_t* w, size_t m,
+                      size_t w_stride, size_t d, float* y, size_t y_stride);
+  void (*matmul_f32)(const float* x, size_t n, size_t x_stride, const float* w, size_t m,
+                     size_t w_stride, size_t d, float* y, size_t y_stride);
 };
 
 // The kernel table for the best ISA this CPU supports (or KVR_SIMD's choice).

@@ -477,6 +477,236 @@ void Fp16ToFp32(const uint16_t* in, float* out, size_t n) {
   if (i < n) _mm512_mask_storeu_ps(out + i, TailMask(n - i), Fp16::LoadTail(in + i, n - i));
 }
 
+// ---- matmul_bf16 / matmul_f32: register-blocked matrix product ----
+//
+// Per (token, row) pair, the arithmetic is fixed: the 16-element blocks
+// b = 0 .. ceil(d / 16) - 1 of the pair (the last one masked when partial)
+// are FMA'd in order into one register for even b and another for odd b; the
+// output is HSum4's lane of (even + odd). HSum4's lanes are independent, so
+// every schedule below gives a pair the same bits, whatever n, m, the tile or
+// the pair's place in it: batches are bit-identical to single tokens.
+//
+// Two schedules:
+//  * n <= 3 (GEMV-like, memory-bound): one weight row at a time, both
+//    parities together (2n chains in flight), so the weights stream as one
+//    sequential run like dot_bf16's and each row is widened once for the n
+//    tokens;
+//  * n >= 4: tiles of 4 rows x 3 tokens (24 accumulators + 4 weight vectors
+//    + 1 token vector of the 32 registers): each widened weight vector feeds
+//    3 FMAs instead of 1 and each token vector 4. The first token tile of
+//    each row block prefetches the next block's rows into L2 (one line per
+//    row every 64 bytes of k), so the fetch overlaps the block's compute.
+// Why two chains per pair: with one, a single row is one dependent FMA chain
+// (latency-bound), so n = 1 would need several rows in flight, i.e. several
+// memory streams, measured 20-30% slower than dot_bf16's single stream on
+// L3/DRAM-resident weights; two chains let n = 1 keep one stream, at
+// dot_bf16's speed when the weights come from DRAM (decode: 1.8 GiB per
+// step) and ~0.9x when one matrix sits in L3 (dot_bf16 keeps 4 chains per
+// row, one more than fits the tiles below). The price: tiles of 4 x 3 instead of 4 x 6 (one chain
+// per pair), ~0.67x of that tile's peak in L2 (bench: 148 vs 221 GFLOP/s,
+// one core).
+
+// x rows (fp32) of one token chunk kept in L2 while every weight tile passes
+// over them; larger batches run in chunks of this many bytes of x.
+constexpr size_t kGemmChunkBytes = size_t{512} << 10;
+// At most this many tokens take the row-at-a-time schedule.
+constexpr size_t kGemvMaxTokens = 3;
+
+// An R x T tile, both parities in one pass: 2 * R * T accumulators + R
+// weight vectors + 1 token vector of the 32 registers. rows <= R are valid;
+// the rest repeat the last valid row and are not stored. `next` (or nullptr)
+// is prefetched.
+template <class L, int R, int T>
+void GemmTile(const float* x, size_t x_stride, const typename L::T* const* w,
+              const typename L::T* const* next, size_t d, float* y, size_t y_stride,
+              size_t rows) {
+  static_assert(R % 4 == 0 && 2 * R * T + R + 1 <= 32, "the tile must fit the 32 zmm registers");
+  constexpr size_t kLine = 64 / sizeof(typename L::T);  // elements per cache line
+  __m512 even[T][R], odd[T][R];
+#pragma GCC unroll 8
+  for (int t = 0; t < T; ++t) {
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) even[t][r] = odd[t][r] = _mm512_setzero_ps();
+  }
+  // One parity's block at k into acc (masked to `rest` elements when given).
+  const auto block = [&](size_t k, __m512(&acc)[T][R], size_t rest) {
+    __m512 wv[R];
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) wv[r] = rest < kW ? L::LoadTail(w[r] + k, rest) : L::Load(w[r] + k);
+#pragma GCC unroll 8
+    for (int t = 0; t < T; ++t) {
+      const float* xt = x + static_cast<size_t>(t) * x_stride + k;
+      const __m512 xv = rest < kW ? F32::LoadTail(xt, rest) : _mm512_loadu_ps(xt);
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) acc[t][r] = _mm512_fmadd_ps(xv, wv[r], acc[t][r]);
+    }
+  };
+  size_t k = 0;
+  for (; k + 2 * kW <= d; k += 2 * kW) {
+    if (next != nullptr) {
+      // 2 * kW elements of k per step: one bf16 line, two f32 lines.
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) {
+#pragma GCC unroll 2
+        for (size_t l = 0; l < 2 * kW; l += kLine) {
+          _mm_prefetch(reinterpret_cast<const char*>(next[r] + k + l), _MM_HINT_T1);
+        }
+      }
+    }
+    block(k, even, kW);
+    block(k + kW, odd, kW);
+  }
+  if (k + kW <= d) {  // a full even block, then maybe a partial odd one
+    block(k, even, kW);
+    k += kW;
+    if (k < d) block(k, odd, d - k);
+  } else if (k < d) {  // a partial even block
+    block(k, even, d - k);
+  }
+#pragma GCC unroll 8
+  for (int t = 0; t < T; ++t) {
+    float* yt = y + static_cast<size_t>(t) * y_stride;
+#pragma GCC unroll 2
+    for (int g = 0; g < R / 4; ++g) {
+      const size_t f = static_cast<size_t>(g) * 4;
+      if (f >= rows) break;
+      const __m128 s = HSum4(
+          _mm512_add_ps(even[t][f], odd[t][f]), _mm512_add_ps(even[t][f + 1], odd[t][f + 1]),
+          _mm512_add_ps(even[t][f + 2], odd[t][f + 2]),
+          _mm512_add_ps(even[t][f + 3], odd[t][f + 3]));
+      _mm_mask_storeu_ps(yt + f, static_cast<__mmask8>(TailMask(std::min<size_t>(4, rows - f))),
+                         s);
+    }
+  }
+}
+
+// Tokens [0, n) against R weight rows in tiles of at most T tokens; the first
+// tile prefetches `next`.
+template <class L, int R, int T>
+void GemmRows(const float* x, size_t n, size_t x_stride, const typename L::T* const* w,
+              const typename L::T* const* next, size_t d, float* y, size_t y_stride,
+              size_t rows) {
+  size_t t = 0;
+  for (; t + T <= n; t += T) {
+    GemmTile<L, R, T>(x + t * x_stride, x_stride, w, t == 0 ? next : nullptr, d,
+                      y + t * y_stride, y_stride, rows);
+  }
+  if (t == n) return;
+  const float* xt = x + t * x_stride;
+  float* yt = y + t * y_stride;
+  const typename L::T* const* pf = t == 0 ? next : nullptr;
+  static_assert(T == 3, "the tail below covers 1..2 tokens");
+  if (n - t == 1) return GemmTile<L, R, 1>(xt, x_stride, w, pf, d, yt, y_stride, rows);
+  GemmTile<L, R, 2>(xt, x_stride, w, pf, d, yt, y_stride, rows);
+}
+
+// Weight rows in tiles of R, each over every token of a chunk.
+template <class L, int R, int T>
+void GemmChunk(const float* x, size_t n, size_t x_stride, const typename L::T* w, size_t m,
+               size_t w_stride, size_t d, float* y, size_t y_stride) {
+  const auto fill = [&](size_t o, const typename L::T** out) {
+    const size_t rows = std::min<size_t>(R, m - o);
+    for (size_t r = 0; r < static_cast<size_t>(R); ++r) {
+      out[r] = w + (o + std::min(r, rows - 1)) * w_stride;
+    }
+  };
+  const typename L::T* wr[R];
+  const typename L::T* wn[R];
+  fill(0, wr);
+  for (size_t o = 0; o < m; o += R) {
+    const bool more = o + R < m;
+    if (more) fill(o + R, wn);
+    GemmRows<L, R, T>(x, n, x_stride, wr, more ? wn : nullptr, d, y + o, y_stride,
+                      std::min<size_t>(R, m - o));
+    if (more) std::copy(wn, wn + R, wr);
+  }
+}
+
+// The n <= 3 schedule: rows one at a time (both parities of a row together),
+// reduced four rows per HSum4.
+template <class L, int T>
+void GemvRows(const float* x, size_t x_stride, const typename L::T* w, size_t m,
+              size_t w_stride, size_t d, float* y, size_t y_stride) {
+  for (size_t o = 0; o < m; o += 4) {
+    const size_t rows = std::min<size_t>(4, m - o);
+    __m512 sum[T][4];
+    for (size_t r = 0; r < 4; ++r) {
+      __m512 e[T], od[T];
+#pragma GCC unroll 4
+      for (int t = 0; t < T; ++t) e[t] = od[t] = _mm512_setzero_ps();
+      if (r < rows) {
+        const typename L::T* wr = w + (o + r) * w_stride;
+        size_t k = 0;
+        for (; k + 2 * kW <= d; k += 2 * kW) {
+          const __m512 we = L::Load(wr + k), wo = L::Load(wr + k + kW);
+#pragma GCC unroll 4
+          for (int t = 0; t < T; ++t) {
+            const float* xt = x + static_cast<size_t>(t) * x_stride + k;
+            e[t] = _mm512_fmadd_ps(_mm512_loadu_ps(xt), we, e[t]);
+            od[t] = _mm512_fmadd_ps(_mm512_loadu_ps(xt + kW), wo, od[t]);
+          }
+        }
+        if (k + kW <= d) {  // a full even block, then maybe a partial odd one
+          const __m512 we = L::Load(wr + k);
+#pragma GCC unroll 4
+          for (int t = 0; t < T; ++t) {
+            e[t] = _mm512_fmadd_ps(_mm512_loadu_ps(x + static_cast<size_t>(t) * x_stride + k), we,
+                                   e[t]);
+          }
+          k += kW;
+          if (k < d) {
+            const __m512 wo = L::LoadTail(wr + k, d - k);
+#pragma GCC unroll 4
+            for (int t = 0; t < T; ++t) {
+              od[t] = _mm512_fmadd_ps(
+                  F32::LoadTail(x + static_cast<size_t>(t) * x_stride + k, d - k), wo, od[t]);
+            }
+          }
+        } else if (k < d) {  // a partial even block
+          const __m512 we = L::LoadTail(wr + k, d - k);
+#pragma GCC unroll 4
+          for (int t = 0; t < T; ++t) {
+            e[t] = _mm512_fmadd_ps(
+                F32::LoadTail(x + static_cast<size_t>(t) * x_stride + k, d - k), we, e[t]);
+          }
+        }
+      }
+#pragma GCC unroll 4
+      for (int t = 0; t < T; ++t) sum[t][r] = _mm512_add_ps(e[t], od[t]);
+    }
+    const __mmask8 mask = static_cast<__mmask8>(TailMask(rows));
+#pragma GCC unroll 4
+    for (int t = 0; t < T; ++t) {
+      _mm_mask_storeu_ps(y + static_cast<size_t>(t) * y_stride + o, mask,
+                         HSum4(sum[t][0], sum[t][1], sum[t][2], sum[t][3]));
+    }
+  }
+}
+
+template <class L>
+void MatMulT(const float* x, size_t n, size_t x_stride, const typename L::T* w, size_t m,
+             size_t w_stride, size_t d, float* y, size_t y_stride) {
+  if (n == 0 || m == 0) return;
+  static_assert(kGemvMaxTokens == 3);
+  switch (n) {
+    case 1:
+      return GemvRows<L, 1>(x, x_stride, w, m, w_stride, d, y, y_stride);
+    case 2:
+      return GemvRows<L, 2>(x, x_stride, w, m, w_stride, d, y, y_stride);
+    case 3:
+      return GemvRows<L, 3>(x, x_stride, w, m, w_stride, d, y, y_stride);
+    default:
+      break;
+  }
+  constexpr size_t kT = 3;
+  const size_t row_bytes = std::max<size_t>(1, d * sizeof(float));
+  const size_t chunk = std::max(kT, kGemmChunkBytes / row_bytes / kT * kT);
+  for (size_t t = 0; t < n; t += chunk) {
+    GemmChunk<L, 4, kT>(x + t * x_stride, std::min(chunk, n - t), x_stride, w, m, w_stride, d,
+                        y + t * y_stride, y_stride);
+  }
+}
+
 constexpr Kernels kAvx512 = {
     .isa = Isa::kAvx512,
     .name = "avx512",
@@ -497,6 +727,8 @@ constexpr Kernels kAvx512 = {
     .fp32_to_fp16 = Fp32ToFp16,
     .fp16_to_fp32 = Fp16ToFp32,
     .dot_batch_multi = DotBatchMulti,
+    .matmul_bf16 = MatMulT<Bf16>,
+    .matmul_f32 = MatMulT<F32>,
 };
 
 }  // namespace

@@ -105,6 +105,20 @@ void Fp16ToFp32(const uint16_t* in, float* out, size_t n) {
   for (size_t i = 0; i < n; ++i) out[i] = Fp16ToFloat(in[i]);
 }
 
+// The oracle's matrix product: one DotBf16 / Dot per (token, row).
+void MatMulBf16(const float* x, size_t n, size_t x_stride, const uint16_t* w, size_t m,
+                size_t w_stride, size_t d, float* y, size_t y_stride) {
+  for (size_t t = 0; t < n; ++t) {
+    for (size_t o = 0; o < m; ++o) y[t * y_stride + o] = DotBf16(x + t * x_stride, w + o * w_stride, d);
+  }
+}
+void MatMulF32(const float* x, size_t n, size_t x_stride, const float* w, size_t m,
+               size_t w_stride, size_t d, float* y, size_t y_stride) {
+  for (size_t t = 0; t < n; ++t) {
+    for (size_t o = 0; o < m; ++o) y[t * y_stride + o] = Dot(x + t * x_stride, w + o * w_stride, d);
+  }
+}
+
 constexpr Kernels kScalar = {
     .isa = Isa::kScalar,
     .name = "scalar",
@@ -125,6 +139,8 @@ constexpr Kernels kScalar = {
     .fp32_to_fp16 = Fp32ToFp16,
     .fp16_to_fp32 = Fp16ToFp32,
     .dot_batch_multi = DotBatchMulti,
+    .matmul_bf16 = MatMulBf16,
+    .matmul_f32 = MatMulF32,
 };
 
 }  // namespace

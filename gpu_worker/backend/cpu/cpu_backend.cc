@@ -31,6 +31,11 @@ float* Scratch(std::vector<float>& v, size_t n) {
 // kernels are as fast (docs/benchmarks.md §6).
 constexpr int64_t kBlasMinRows = 16;
 
+// Output rows per unit of the MatMul thread split: a multiple of every SIMD
+// table's tile height (4 or 8), so only the matrix's last block has a
+// partial tile.
+constexpr size_t kGemmRowBlock = 32;
+
 const char* IsaName(simd::Isa isa) {
   switch (isa) {
     case simd::Isa::kAvx512:
@@ -45,9 +50,10 @@ const char* IsaName(simd::Isa isa) {
 
 class CpuBackend final : public Backend {
  public:
-  CpuBackend(int threads, bool use_blas, std::string blas_core)
+  CpuBackend(int threads, bool use_blas, bool per_dot, std::string blas_core)
       : threads_(threads),
         use_blas_(use_blas),
+        per_dot_(per_dot),
         blas_core_(std::move(blas_core)),
         pool_(static_cast<size_t>(threads - 1)),
         k_(simd::Active()) {}
@@ -56,11 +62,12 @@ class CpuBackend final : public Backend {
 
   std::string Describe() const override {
     const std::string core = blas_core_.empty() ? "not built" : blas_core_;
+    const absl::string_view own = per_dot_ ? "own kernels (per-dot)" : "own kernels (blocked)";
     return absl::StrCat("cpu (", threads_, " threads, simd ", IsaName(k_.isa),
                         ", matmul: ",
                         use_blas_ ? absl::StrCat("OpenBLAS sgemm [core ", core, "] for f32 >= ",
-                                                 kBlasMinRows, " rows, own kernels otherwise")
-                                  : absl::StrCat("own kernels [OpenBLAS core ", core, "]"),
+                                                 kBlasMinRows, " rows, ", own, " otherwise")
+                                  : absl::StrCat(own, " [OpenBLAS core ", core, "]"),
                         ")");
   }
 
@@ -155,6 +162,26 @@ class CpuBackend final : public Backend {
       OpenBlasSgemmNT(threads_, n, in, out, xd, w.data_as<const float>(), yd);
       return absl::OkStatus();
     }
+    if (!per_dot_) {
+      // Split the output features across threads in blocks of kGemmRowBlock
+      // rows (the kernels' tile heights divide it); each thread's rows go
+      // through the register-blocked matmul kernel with every token.
+      const size_t blocks = (out + kGemmRowBlock - 1) / kGemmRowBlock;
+      const size_t grain = std::max<size_t>(1, blocks / (static_cast<size_t>(threads_) * 4));
+      For(blocks, grain, [&](size_t b, size_t e) {
+        const size_t o0 = b * kGemmRowBlock;
+        const size_t o1 = std::min(out, e * kGemmRowBlock);
+        if (bf16) {
+          k_.matmul_bf16(xd, n, in, w.data_as<const uint16_t>() + o0 * in, o1 - o0, in, in,
+                         yd + o0, out);
+        } else {
+          k_.matmul_f32(xd, n, in, w.data_as<const float>() + o0 * in, o1 - o0, in, in,
+                        yd + o0, out);
+        }
+      });
+      return absl::OkStatus();
+    }
+    // KVR_CPU_GEMM=dot: the per-pair path (one dot per token and output).
     // Split the output features across threads; every W row is read once and
     // reused for all n tokens.
     const size_t grain = std::max<size_t>(1, out / (static_cast<size_t>(threads_) * 4));
@@ -361,6 +388,7 @@ class CpuBackend final : public Backend {
 
   const int threads_;
   const bool use_blas_;     // many-row f32 MatMuls call OpenBLAS
+  const bool per_dot_;      // KVR_CPU_GEMM=dot: one dot per (token, output)
   const std::string blas_core_;  // openblas_get_corename(), "" without OpenBLAS
   ThreadPool pool_;
   const simd::Kernels& k_;
@@ -390,6 +418,16 @@ absl::StatusOr<std::unique_ptr<Backend>> NewCpuBackend(const BackendOptions& opt
       }
     }
   }
+  bool per_dot = false;
+  if (const char* env = std::getenv("KVR_CPU_GEMM"); env != nullptr && *env != '\0') {
+    const std::string_view v(env);
+    if (v == "dot") {
+      per_dot = true;
+    } else if (v != "blocked") {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "cpu backend: KVR_CPU_GEMM=\"", std::string(v), "\" is not one of blocked, dot"));
+    }
+  }
   const std::string core = OpenBlasCoreName();
   if (mode == CpuMatMul::kOpenBlas && !OpenBlasBuilt()) {
     return absl::FailedPreconditionError(
@@ -398,7 +436,7 @@ absl::StatusOr<std::unique_ptr<Backend>> NewCpuBackend(const BackendOptions& opt
   }
   const bool use_blas = mode == CpuMatMul::kOpenBlas ||
                         (mode == CpuMatMul::kAuto && OpenBlasBuilt() && OpenBlasCoreIsModern(core));
-  return std::unique_ptr<Backend>(new CpuBackend(threads, use_blas, core));
+  return std::unique_ptr<Backend>(new CpuBackend(threads, use_blas, per_dot, core));
 }
 
 }  // namespace kvr::worker
