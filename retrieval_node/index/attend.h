@@ -25,7 +25,7 @@ struct AttendParams {
   const ClusterSummary* estimate = nullptr;
   // With `estimate`: the clusters attended exactly instead of estimated
   // (ExactZoneOptions; default: none). Ignored without `estimate`.
-  ExactZoneOptions zone;
+  ExactZoneOptions zone = {};
 };
 
 // Caller-owned reusable buffers. Grows to the largest (queries x k) seen and
