@@ -346,6 +346,7 @@ bool ClusterSummary::AttendExactZone(std::span<const float> q, float scale,
   const size_t d = dim();
   if (s.zone_ids.size() < used) {
     s.zone_ids.resize(used);
+    s.zone_rows.resize(used);
     s.zone_scores.resize(used);
     s.zone_weights.resize(used);
   }
@@ -369,13 +370,18 @@ bool ClusterSummary::AttendExactZone(std::span<const float> q, float scale,
         continue;
       }
       KVR_CHECK(n_zone < used);
-      s.zone_ids[n_zone] = id;
-      s.zone_scores[n_zone] = simd::Dot(q.data(), keys.row(id), d) * scale;
-      ++n_zone;
+      s.zone_rows[n_zone++] = id;
     }
     s.scores[c] = kNegInf;  // attended exactly: out of the estimate
   }
   KVR_CHECK(n_zone == used);
+  // Scattered key rows: the gather kernel prefetches the next rows.
+  simd::Active().dot_gather(q.data(), keys.data(), s.zone_rows.data(), used, d, keys.stride(),
+                            s.zone_scores.data());
+  for (size_t j = 0; j < used; ++j) {
+    s.zone_scores[j] *= scale;
+    s.zone_ids[j] = s.zone_rows[j];
+  }
   PartialFromScores(std::span<const float>(s.zone_scores.data(), used),
                     std::span<const int64_t>(s.zone_ids.data(), used), values,
                     std::span<float>(s.zone_weights.data(), used),

@@ -116,6 +116,7 @@ class EstimateScratch {
   std::vector<uint32_t> order;         // clusters by score, descending
   std::vector<int64_t> sorted_exclude; // exclude ids, sorted (membership)
   std::vector<int64_t> zone_ids;       // the zone's keys
+  std::vector<uint32_t> zone_rows;     // the same as rows (dot_gather)
   std::vector<float> zone_scores;      // their scaled scores
   std::vector<float> zone_weights;     // PartialFromScores scratch
   std::vector<float> zone_o;           // the zone's partial (dv)
