@@ -327,9 +327,12 @@ bool ClusterSummary::AttendExactZone(std::span<const float> q, float scale,
   std::sort(s.order.begin(), s.order.end(), [&score](uint32_t a, uint32_t b) {
     return score[a] > score[b] || (score[a] == score[b] && a < b);
   });
-  double total = 0;
-  for (const uint32_t c : s.order) total += std::exp(static_cast<double>(score[c] - top));
+  // The mass stop (mass_fraction < 1) needs the remainder's total mass.
   const bool mass_stop = zone.mass_fraction < 1.0;
+  double total = 0;
+  if (mass_stop) {
+    for (const uint32_t c : s.order) total += std::exp(static_cast<double>(score[c] - top));
+  }
   const double target = zone.mass_fraction * total;
   double mass = 0;
   size_t used = 0;
@@ -340,7 +343,7 @@ bool ClusterSummary::AttendExactZone(std::span<const float> q, float scale,
     const size_t left = static_cast<size_t>(count_[c]) - s.excluded[c];
     if (left > budget - used) break;
     used += left;
-    mass += std::exp(static_cast<double>(score[c] - top));
+    if (mass_stop) mass += std::exp(static_cast<double>(score[c] - top));
   }
   if (picked == 0) return false;
   const size_t d = dim();

@@ -10,7 +10,8 @@
 //    left out of the zone (keys_exact_zone = cluster size - k, output equal
 //    to the oracle's exact cluster + pseudo-keys within 1e-5);
 //  * the error is non-increasing in the budget (within 2e-3) on random
-//    Gaussian data and the topical family;
+//    Gaussian data and the topical family; the mass fraction stops the zone
+//    once its clusters hold that share of the estimated remainder mass;
 //  * member lists partition the keys under appends and count in
 //    MemoryBytes; hostile fractions are rejected naming the field, by
 //    Attend and by NodeCore::Create; the node reports keys_exact_zone.
@@ -299,6 +300,23 @@ TEST(ExactZoneTest, ErrorIsNonIncreasingInTheBudget) {
   ASSERT_TRUE(data.ok()) << data.status();
   const Shard topical = MakeShard(std::move(data->keys), std::move(data->values), 64, true);
   ExpectNonIncreasing(topical, data->test_queries, 32, "topical e2");
+}
+
+TEST(ExactZoneTest, MassFractionStopsOnceTheZoneHoldsIt) {
+  constexpr size_t kN = 2048, kD = 32;
+  const Shard sh = MakeShard(RandomMatrix(kN, kD, 18, 0.3f), RandomMatrix(kN, kD, 19), 32, false);
+  const Matrix q = RandomMatrix(8, kD, 20, 0.3f);
+  // A tiny share: the best cluster alone already holds it.
+  EstimateStats one;
+  AttendAll(sh, q, 16, {.keys_fraction = 1.0, .mass_fraction = 1e-9}, &one);
+  EXPECT_EQ(one.clusters_exact_zone, static_cast<int64_t>(q.rows));
+  // Half the mass: more than one cluster on average, fewer keys than all.
+  EstimateStats half;
+  AttendAll(sh, q, 16, {.keys_fraction = 1.0, .mass_fraction = 0.5}, &half);
+  EXPECT_GT(half.clusters_exact_zone, one.clusters_exact_zone);
+  EXPECT_LT(half.keys_exact_zone, static_cast<int64_t>((kN - 16) * q.rows));
+  EXPECT_GT(half.keys_estimated, 0);
+  EXPECT_EQ(half.keys_exact_zone + half.keys_estimated, static_cast<int64_t>((kN - 16) * q.rows));
 }
 
 TEST(ExactZoneTest, MembersPartitionTheKeysUnderAppendsAndCountInMemory) {
