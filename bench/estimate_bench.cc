@@ -22,7 +22,13 @@
 //    attention mass); found = cos(output, needle value) >= 0.5, for full
 //    attention, exact top-k (flat), flat + estimate, IVF top-k, IVF +
 //    estimate (target >= 99%; IVF at its default nprobe misses needles that
-//    its lists do not cover: a retrieval miss, not the estimate's).
+//    its lists do not cover: a retrieval miss, not the estimate's);
+//  * the exact zone (session 27, ExactZoneOptions): for each budget in
+//    --zone_fractions (fraction of the shard's keys attended exactly, in the
+//    clusters of most estimated mass) over e1 and/or e2 (--zone_orders):
+//    the error of exact top-k + zone and IVF + zone, the IVF Attend time
+//    and its ratio to the IVF Attend without estimation (timed in their own
+//    interleaved loop, fastest of --reps), and zone keys / clusters per query.
 #include <algorithm>
 #include <chrono>
 #include <cmath>
@@ -34,6 +40,7 @@
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
 #include "absl/flags/usage.h"
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_split.h"
 #include "common/attention.h"
 #include "common/status.h"
@@ -56,6 +63,11 @@ ABSL_FLAG(std::string, families, "all", "comma-separated families, or all");
 ABSL_FLAG(int, needles, 100, "needles planted per family (0: skip)");
 ABSL_FLAG(uint64_t, seed, 1, "data and needle seed");
 ABSL_FLAG(int, reps, 5, "timing repetitions (interleaved; the fastest counts)");
+ABSL_FLAG(std::string, zone_fractions, "0,0.01,0.02,0.05",
+          "exact-zone key budgets (fractions of the shard's keys) to compare; empty: skip");
+ABSL_FLAG(std::string, zone_orders, "1,2", "estimators (1: first order, 2: second) under the zone");
+ABSL_FLAG(double, zone_mass_fraction, 1.0,
+          "exact zone: stop adding clusters at this fraction of the estimated remainder mass");
 
 namespace kvr {
 namespace {
@@ -82,13 +94,15 @@ double MeanRelErr(const Partials& a, const Partials& ref) {
 }
 
 // Attends every query one at a time; returns microseconds per query.
+// `est` (may be null) accumulates the estimate's counts.
 double AttendAll(ConstMatrixView q, const index::KeyIndex& idx, const ValueMatrix& values,
-                 const index::AttendParams& p, Partials* out) {
+                 const index::AttendParams& p, Partials* out,
+                 index::EstimateStats* est = nullptr) {
   index::AttendScratch scratch;
   const auto t0 = Clock::now();
   for (size_t i = 0; i < q.rows(); ++i) {
     if (auto s = index::Attend(q.rows_slice(i, 1), idx, values, p, out->view().slice(i, 1),
-                               &scratch);
+                               &scratch, nullptr, est);
         !s.ok()) {
       Fail(s);
     }
@@ -239,6 +253,51 @@ void RunFamily(const std::string& family) {
               ivf_build_s, summary_build_s);
   std::fflush(stdout);
   const index::AttendParams& pe = pe2;
+
+  // The exact zone over e1 / e2 at each budget.
+  struct ZoneRun {
+    int order;
+    double fraction;
+    index::AttendParams params;
+    double err_exact = 0, err_ivf = 0, us = INFINITY;
+    index::EstimateStats est;
+  };
+  std::vector<ZoneRun> zones;
+  for (absl::string_view o : absl::StrSplit(absl::GetFlag(FLAGS_zone_orders), ',',
+                                            absl::SkipEmpty())) {
+    for (absl::string_view f : absl::StrSplit(absl::GetFlag(FLAGS_zone_fractions), ',',
+                                              absl::SkipEmpty())) {
+      ZoneRun z;
+      z.order = o == "1" ? 1 : 2;
+      if (!absl::SimpleAtod(f, &z.fraction)) Fail(absl::InvalidArgumentError("--zone_fractions"));
+      z.params = z.order == 1 ? pe1 : pe2;
+      z.params.zone.keys_fraction = z.fraction;
+      z.params.zone.mass_fraction = absl::GetFlag(FLAGS_zone_mass_fraction);
+      zones.push_back(z);
+    }
+  }
+  if (!zones.empty()) {
+    Partials zf(nq, d), zi(nq, d);
+    for (ZoneRun& z : zones) {
+      AttendAll(q, **flat, values, z.params, &zf);
+      z.err_exact = MeanRelErr(zf, full);
+      AttendAll(q, **ivf, values, z.params, &zi, &z.est);
+      z.err_ivf = MeanRelErr(zi, full);
+    }
+    double us_base = INFINITY;
+    for (int r = 0; r < absl::GetFlag(FLAGS_reps); ++r) {
+      us_base = std::min(us_base, AttendAll(q, **ivf, values, p, &ie));
+      for (ZoneRun& z : zones) z.us = std::min(z.us, AttendAll(q, **ivf, values, z.params, &zi));
+    }
+    for (const ZoneRun& z : zones) {
+      std::printf("  zone %-10s e%d %5.3f: exact+zone %7.4f ivf+zone %7.4f  us %8.1f (ivf "
+                  "%8.1f) %5.2fx  zone keys/q %7.1f clusters/q %5.1f\n",
+                  family.c_str(), z.order, z.fraction, z.err_exact, z.err_ivf, z.us, us_base,
+                  z.us / us_base, double(z.est.keys_exact_zone) / double(nq),
+                  double(z.est.clusters_exact_zone) / double(nq));
+    }
+    std::fflush(stdout);
+  }
 
   if (n_needles == 0) return;
   Partials nfull(n_needles, d), noff(n_needles, d), non(n_needles, d), nflat(n_needles, d),

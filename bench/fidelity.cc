@@ -22,7 +22,10 @@
 // IVF runs at the graph's budget: unless --ivf_nprobe is given, nprobe is
 // calibrated on the first prompts so IVF scans about as many keys per query
 // as the graph did. Greedy runs continue through end-of-story tokens (fixed
-// length). Prints a table; --json writes the rows.
+// length). Prints a table; --json writes the rows. With --top_ks / --estimate
+// it sweeps k x estimate off / on, and --exact_zone_keys_fractions adds an
+// "on + exact zone" row per budget (the node's --exact_zone_keys_fraction;
+// session 27).
 #include <algorithm>
 #include <chrono>
 #include <cmath>
@@ -77,6 +80,9 @@ ABSL_FLAG(std::string, top_ks, "",
 ABSL_FLAG(std::string, estimate, "off",
           "comma-separated remainder-estimation modes to compare per top-k: off, on "
           "(AttentionOptions::estimate)");
+ABSL_FLAG(std::string, exact_zone_keys_fractions, "",
+          "comma-separated exact-zone budgets (the in-process node's --exact_zone_keys_fraction, "
+          "(0, 1]); each adds a row per top-k after every estimate-on row; empty: none");
 ABSL_FLAG(int, estimate_clusters_per_chunk, 256,
           "the in-process node's --estimate_clusters_per_chunk");
 ABSL_FLAG(bool, estimate_second_order, false,
@@ -126,6 +132,7 @@ class CountingClient final : public retrieval::RetrievalClient {
     int64_t distance_computations = 0;
     int64_t keys_estimated = 0;
     int64_t clusters_estimated = 0;
+    int64_t keys_exact_zone = 0;
   };
 
   explicit CountingClient(retrieval::RetrievalClient* inner) : inner_(inner) {}
@@ -157,6 +164,7 @@ class CountingClient final : public retrieval::RetrievalClient {
                             totals_.distance_computations += stats->distance_computations;
                             totals_.keys_estimated += stats->keys_estimated;
                             totals_.clusters_estimated += stats->clusters_estimated;
+                            totals_.keys_exact_zone += stats->keys_exact_zone;
                           }
                           done(std::move(st));
                         });
@@ -329,8 +337,10 @@ class Bench {
   // One retrieval setting over the first `n_prompts` references.
   absl::StatusOr<Row> RunRetrieval(IndexType index, int nprobe, size_t n_prompts,
                                    bool teacher_forced_only, int top_k = 0,
-                                   worker::EstimateMode estimate = worker::EstimateMode::kOff) {
+                                   worker::EstimateMode estimate = worker::EstimateMode::kOff,
+                                   double exact_zone = 0.0) {
     retrieval::NodeCoreOptions no;
+    no.exact_zone_keys_fraction = exact_zone;
     no.estimate_clusters_per_chunk =
         static_cast<size_t>(absl::GetFlag(FLAGS_estimate_clusters_per_chunk));
     no.estimate_second_order = absl::GetFlag(FLAGS_estimate_second_order);
@@ -354,11 +364,13 @@ class Bench {
     if (top_k > 0) {
       absl::StrAppend(&row.name, " k", a.top_k,
                       estimate == worker::EstimateMode::kOn ? " +est" : "");
+      if (exact_zone > 0.0) absl::StrAppend(&row.name, " +zone ", exact_zone);
     }
     row.nprobe = index == IndexType::kIvf ? no.ivf.default_nprobe : 0;
     row.settings = absl::StrFormat("sinks %d, window %d, top_k %d, estimate %s", a.sinks,
                                    a.window, a.top_k,
                                    std::string(worker::EstimateModeName(a.estimate)));
+    if (exact_zone > 0.0) absl::StrAppend(&row.settings, ", exact zone ", exact_zone);
     if (index == IndexType::kGraph) {
       absl::StrAppend(&row.settings, ", beam ",
                       a.beam > 0 ? a.beam : no.graph.default_beam);
@@ -472,13 +484,14 @@ void PrintTables(const std::vector<Row>& rows) {
                 r.per_step(r.retrieved_tokens), held, r.scanned_per_query(),
                 held > 0 ? 100.0 * r.scanned_per_query() / held : 0.0, r.settings.c_str());
   }
-  std::printf("\nper node call and query head: keys attended exactly, keys and cluster "
-              "pseudo-keys estimated:\n");
+  std::printf("\nper node call and query head: keys attended exactly (top-k and tails), keys "
+              "and cluster pseudo-keys estimated, keys in the exact zone:\n");
   for (const Row& r : rows) {
     if (r.name.rfind("retrieval", 0) != 0) continue;
-    std::printf("  %-26s %8.1f %8.1f %8.1f\n", r.name.c_str(), r.attended_per_query(),
+    std::printf("  %-26s %8.1f %8.1f %8.1f %8.1f\n", r.name.c_str(), r.attended_per_query(),
                 r.node.queries ? double(r.node.keys_estimated) / r.node.queries : 0.0,
-                r.clusters_per_query());
+                r.clusters_per_query(),
+                r.node.queries ? double(r.node.keys_exact_zone) / r.node.queries : 0.0);
   }
   std::printf("\ngreedy tokens before the first divergence, per prompt:\n");
   for (const Row& r : rows) {
@@ -553,6 +566,16 @@ absl::Status Run() {
     estimates.push_back(*m);
   }
   if (estimates.empty()) return absl::InvalidArgumentError("--estimate: empty");
+  std::vector<double> zones;
+  for (absl::string_view z :
+       absl::StrSplit(absl::GetFlag(FLAGS_exact_zone_keys_fractions), ',', absl::SkipEmpty())) {
+    double v = 0;
+    if (!absl::SimpleAtod(z, &v) || !(v > 0.0 && v <= 1.0)) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "--exact_zone_keys_fractions: \"", z, "\" is not a number in (0, 1]"));
+    }
+    zones.push_back(v);
+  }
   if (!top_ks.empty() || estimates.size() > 1 || estimates[0] != worker::EstimateMode::kOff) {
     if (top_ks.empty()) top_ks.push_back(absl::GetFlag(FLAGS_top_k));
     for (int k : top_ks) {
@@ -563,12 +586,17 @@ absl::Status Run() {
             return absl::InvalidArgumentError("ivf in a --top_ks / --estimate sweep needs "
                                               "--ivf_nprobe");
           }
-          KVR_ASSIGN_OR_RETURN(Row row,
-                               bench.RunRetrieval(t, nprobe, bench.num_prompts(), false, k, e));
-          std::printf("  %-26s prefix %.4f  tf_top1 %.4f  mean_KL %.3g\n", row.name.c_str(),
-                      row.prefix_agreement(), row.tf_agreement(), row.mean_kl());
-          std::fflush(stdout);
-          rows.push_back(std::move(row));
+          // Estimate on: also once per exact-zone budget.
+          std::vector<double> runs = {0.0};
+          if (e == worker::EstimateMode::kOn) runs.insert(runs.end(), zones.begin(), zones.end());
+          for (const double zone : runs) {
+            KVR_ASSIGN_OR_RETURN(
+                Row row, bench.RunRetrieval(t, nprobe, bench.num_prompts(), false, k, e, zone));
+            std::printf("  %-26s prefix %.4f  tf_top1 %.4f  mean_KL %.3g\n", row.name.c_str(),
+                        row.prefix_agreement(), row.tf_agreement(), row.mean_kl());
+            std::fflush(stdout);
+            rows.push_back(std::move(row));
+          }
         }
       }
     }

@@ -50,6 +50,7 @@ void UnpackStats(const v1::AttendStats& s, AttendStats* out) {
   out->distance_computations = s.distance_computations();
   out->keys_estimated = s.keys_estimated();
   out->clusters_estimated = s.clusters_estimated();
+  out->keys_exact_zone = s.keys_exact_zone();
 }
 
 // One item's outcome from a batch reply's status slot.

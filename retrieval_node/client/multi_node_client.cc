@@ -792,6 +792,7 @@ void MultiNodeClient::OnAttendRoundDone(const std::shared_ptr<AttendCall>& call)
     total.distance_computations += s->stats.distance_computations;
     total.keys_estimated += s->stats.keys_estimated;
     total.clusters_estimated += s->stats.clusters_estimated;
+    total.keys_exact_zone += s->stats.keys_exact_zone;
   }
   if (call->stats_out != nullptr) *call->stats_out = total;
   StatusCallback done = std::move(call->done);

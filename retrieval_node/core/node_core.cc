@@ -305,6 +305,8 @@ absl::StatusOr<std::unique_ptr<NodeCore>> NodeCore::Create(const NodeCoreOptions
         "estimate_clusters_per_chunk ", options.estimate_clusters_per_chunk, " outside [",
         index::kMinEstimateClusters, ", ", index::kMaxEstimateClusters, "]"));
   }
+  KVR_RETURN_IF_ERROR(index::ValidateExactZone(
+      {options.exact_zone_keys_fraction, options.exact_zone_mass_fraction}));
   KVR_RETURN_IF_ERROR(index::ValidateGraphOptions(options.graph));
   return std::unique_ptr<NodeCore>(new NodeCore(options));
 }
@@ -1355,6 +1357,7 @@ absl::Status NodeCore::AttendNow(const AttendRequest& request, PartialsView out,
   params.search.k = request.k;
   params.search.beam = request.beam;
   params.search.nprobe = request.nprobe;
+  params.zone = {options_.exact_zone_keys_fraction, options_.exact_zone_mass_fraction};
   params.scale = request.scale > 0.0f ? request.scale
                                       : 1.0f / std::sqrt(static_cast<float>(spec.head_dim));
 
@@ -1465,6 +1468,7 @@ absl::Status NodeCore::AttendNow(const AttendRequest& request, PartialsView out,
     local.distance_computations += r.stats.distance_computations;
     local.keys_estimated += r.stats.keys_estimated;
     local.clusters_estimated += r.stats.clusters_estimated;
+    local.keys_exact_zone += r.stats.keys_exact_zone;
     local.summaries_clustered += r.stats.summaries_clustered;
   }
   if (stats != nullptr) *stats = local;
@@ -1531,6 +1535,7 @@ void NodeCore::SearchShard(const std::shared_ptr<Sequence>& seq, int32_t layer, 
   local.distance_computations = search_stats.distance_computations;
   local.keys_estimated = estimate_stats.keys_estimated;
   local.clusters_estimated = estimate_stats.clusters_estimated;
+  local.keys_exact_zone = estimate_stats.keys_exact_zone;
   local.summaries_clustered = index::ClusterSummary::PlansOnThisThread() - plans_before;
 }
 

@@ -133,6 +133,14 @@ struct NodeCoreOptions {
   // The summaries' second-order term (kvr_node --estimate_second_order;
   // index::ClusterSummaryOptions::second_order).
   bool estimate_second_order = false;
+  // The estimate's exact zone (kvr_node --exact_zone_keys_fraction /
+  // --exact_zone_mass_fraction; index::ExactZoneOptions): per query, the
+  // summary clusters of most estimated mass, up to this fraction of the
+  // chunk's keys, are attended exactly instead of estimated. [0, 1]; 0: off.
+  double exact_zone_keys_fraction = 0.0;
+  // (0, 1]: the zone also stops once it holds this fraction of the
+  // remainder's estimated mass; 1: only the key budget stops it.
+  double exact_zone_mass_fraction = 1.0;
   // Recalibration on decode queries (kvr_node --recalibrate_every): every
   // this many decode queries a (sequence, layer, kv head) records in its
   // ring, the node re-calibrates the search effort of that head's non-flat

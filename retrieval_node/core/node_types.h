@@ -203,6 +203,9 @@ struct AttendStats {
   int64_t distance_computations = 0;
   int64_t keys_estimated = 0;      // keys covered by the estimate, per query head, summed
   int64_t clusters_estimated = 0;  // cluster pseudo-keys that entered a partial, summed
+  // Keys the estimate's exact zone attended exactly (NodeCoreOptions::
+  // exact_zone_keys_fraction), per query head, summed.
+  int64_t keys_exact_zone = 0;
   // Cluster summaries this Attend clustered (k-means) on its own thread: 0
   // unless NodeCoreOptions::background_summaries is false.
   int64_t summaries_clustered = 0;

@@ -38,6 +38,7 @@ absl::Status Attend(ConstMatrixView queries, const KeyIndex& index, const ValueM
         est->value_dim(), ", index holds ", index.size(), " of dim ", index.dim(), " / ",
         values.cols()));
   }
+  KVR_RETURN_IF_ERROR(ValidateExactZone(params.zone));
   if (params.search.k < 1) {
     return absl::InvalidArgumentError(
         absl::StrCat("k=", params.search.k, " outside [1, ", kMaxSearchK, "]"));
@@ -75,7 +76,7 @@ absl::Status Attend(ConstMatrixView queries, const KeyIndex& index, const ValueM
       float el = 0.0f;
       params.estimate->Estimate(queries.row_span(i), scale, std::span<const int64_t>(id, k),
                                 index.keys(), values, &scratch->estimate_, eo, &em, &el,
-                                estimate_stats);
+                                estimate_stats, params.zone);
       MergeInto(out.o.row_span(i), &out.m[i], &out.l[i], eo, em, el);
     }
   }

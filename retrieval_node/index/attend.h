@@ -23,6 +23,9 @@ struct AttendParams {
   // index.size()), LSE-merged with the exact part. Null: exact top-k only,
   // bit-identical to an Attend without estimation.
   const ClusterSummary* estimate = nullptr;
+  // With `estimate`: the clusters attended exactly instead of estimated
+  // (ExactZoneOptions; default: none). Ignored without `estimate`.
+  ExactZoneOptions zone = {};
 };
 
 // Caller-owned reusable buffers. Grows to the largest (queries x k) seen and
@@ -50,7 +53,8 @@ class AttendScratch {
 // InvalidArgument: values.rows() != index.size(), out.size() != n,
 // out.dim() != values.cols(), scale not finite, or any Search error (dim,
 // non-finite queries, k < 1), params.estimate covering a different key
-// count or dimensions than the index / values. `estimate_stats` (may be null)
+// count or dimensions than the index / values, params.zone out of range
+// (ValidateExactZone). `estimate_stats` (may be null)
 // accumulates the estimate's counts.
 absl::Status Attend(ConstMatrixView queries, const KeyIndex& index, const ValueMatrix& values,
                     const AttendParams& params, PartialsView out, AttendScratch* scratch,

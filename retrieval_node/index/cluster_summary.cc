@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 
 #include "common/attention.h"
 #include "common/simd/kernels.h"
@@ -14,6 +15,18 @@ thread_local int64_t plans_on_this_thread = 0;
 }  // namespace
 
 int64_t ClusterSummary::PlansOnThisThread() { return plans_on_this_thread; }
+
+absl::Status ValidateExactZone(const ExactZoneOptions& zone) {
+  if (!(zone.keys_fraction >= 0.0 && zone.keys_fraction <= 1.0)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "exact_zone_keys_fraction ", zone.keys_fraction, " outside [0, 1]"));
+  }
+  if (!(zone.mass_fraction > 0.0 && zone.mass_fraction <= 1.0)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "exact_zone_mass_fraction ", zone.mass_fraction, " outside (0, 1]"));
+  }
+  return absl::OkStatus();
+}
 
 absl::StatusOr<ClusterPlan> ClusterSummary::Plan(ConstMatrixView keys,
                                                  const ClusterSummaryOptions& options,
@@ -66,6 +79,7 @@ absl::StatusOr<ClusterSummary> ClusterSummary::FromPlan(const ClusterPlan& plan,
   }
   s.value_mean_ = Matrix(k, s.value_dim_);
   s.log_count_.assign(k, kNegInf);
+  s.members_.assign(k, {});
   s.assignment_.reserve(n);
   std::vector<float> row(s.value_dim_);
   for (size_t i = 0; i < n; ++i) {
@@ -108,8 +122,10 @@ absl::Status ClusterSummary::Append(ConstMatrixView keys, const ValueMatrix& val
 
 void ClusterSummary::AddRow(size_t i, uint32_t c, ConstMatrixView keys,
                             const ValueMatrix& values, std::vector<float>* row) {
-  KVR_CHECK(i == assignment_.size() && c < clusters());
+  KVR_CHECK(i == assignment_.size() && c < clusters() &&
+            i <= std::numeric_limits<uint32_t>::max());
   assignment_.push_back(c);
+  members_[c].push_back(static_cast<uint32_t>(i));
   count_[c] += 1;
   const float* k = keys.row(i);
   double* ks = key_sum_.data() + c * dim();
@@ -150,7 +166,9 @@ void ClusterSummary::RefreshMeans(uint32_t c) {
 }
 
 size_t ClusterSummary::MemoryBytes() const {
-  return (centroids_.data.capacity() + key_mean_.data.capacity() +
+  size_t member_bytes = members_.capacity() * sizeof(std::vector<uint32_t>);
+  for (const std::vector<uint32_t>& ids : members_) member_bytes += ids.capacity() * sizeof(uint32_t);
+  return member_bytes + (centroids_.data.capacity() + key_mean_.data.capacity() +
           value_mean_.data.capacity() + log_count_.capacity()) *
              sizeof(float) +
          assignment_.capacity() * sizeof(uint32_t) + count_.capacity() * sizeof(int64_t) +
@@ -161,8 +179,8 @@ size_t ClusterSummary::MemoryBytes() const {
 void ClusterSummary::Estimate(std::span<const float> q, float scale,
                               std::span<const int64_t> exclude, ConstMatrixView keys,
                               const ValueMatrix& values, EstimateScratch* scratch,
-                              std::span<float> o, float* m, float* l,
-                              EstimateStats* stats) const {
+                              std::span<float> o, float* m, float* l, EstimateStats* stats,
+                              const ExactZoneOptions& zone) const {
   const size_t k = clusters();
   const size_t d = dim();
   const size_t dv = value_dim_;
@@ -241,11 +259,18 @@ void ClusterSummary::Estimate(std::span<const float> q, float scale,
       s.scores[c] += static_cast<float>(std::log1p(half_s2 * var_term));
     }
   }
+  // The exact zone takes the clusters of most mass out of the estimate.
+  float zm = kNegInf;
+  float zl = 0.0f;
+  const bool zone_used =
+      zone.keys_fraction > 0.0 &&
+      AttendExactZone(q, scale, exclude, keys, values, zone, &s, &zm, &zl, stats);
   float mx = kNegInf;
   for (size_t c = 0; c < k; ++c) mx = std::max(mx, s.scores[c]);
   if (mx == kNegInf) {
     for (const uint32_t c : s.touched) s.excluded[c] = 0;
     SetEmpty(o, m, l);
+    if (zone_used) MergeInto(o, m, l, std::span<const float>(s.zone_o.data(), dv), zm, zl);
     return;
   }
   std::fill(o.begin(), o.end(), 0.0f);
@@ -273,10 +298,102 @@ void ClusterSummary::Estimate(std::span<const float> q, float scale,
   for (float& x : o) x *= inv_sum;
   *m = mx;
   *l = static_cast<float>(sum);
+  if (zone_used) MergeInto(o, m, l, std::span<const float>(s.zone_o.data(), dv), zm, zl);
   if (stats != nullptr) {
     stats->keys_estimated += keys_left;
     stats->clusters_estimated += clusters_left;
   }
+}
+
+bool ClusterSummary::AttendExactZone(std::span<const float> q, float scale,
+                                     std::span<const int64_t> exclude, ConstMatrixView keys,
+                                     const ValueMatrix& values, const ExactZoneOptions& zone,
+                                     EstimateScratch* scratch, float* zm, float* zl,
+                                     EstimateStats* stats) const {
+  EstimateScratch& s = *scratch;
+  // keys_fraction is in [0, 1] (ValidateExactZone): the budget is <= size().
+  const size_t budget = static_cast<size_t>(zone.keys_fraction * static_cast<double>(size()));
+  if (budget == 0) return false;
+  const size_t k = clusters();
+  s.order.clear();
+  float top = kNegInf;
+  for (size_t c = 0; c < k; ++c) {
+    if (s.scores[c] == kNegInf) continue;
+    s.order.push_back(static_cast<uint32_t>(c));
+    top = std::max(top, s.scores[c]);
+  }
+  if (s.order.empty()) return false;
+  const std::vector<float>& score = s.scores;
+  std::sort(s.order.begin(), s.order.end(), [&score](uint32_t a, uint32_t b) {
+    return score[a] > score[b] || (score[a] == score[b] && a < b);
+  });
+  // The mass stop (mass_fraction < 1) needs the remainder's total mass.
+  const bool mass_stop = zone.mass_fraction < 1.0;
+  double total = 0;
+  if (mass_stop) {
+    for (const uint32_t c : s.order) total += std::exp(static_cast<double>(score[c] - top));
+  }
+  const double target = zone.mass_fraction * total;
+  double mass = 0;
+  size_t used = 0;
+  size_t picked = 0;
+  for (; picked < s.order.size(); ++picked) {
+    if (mass_stop && mass >= target) break;
+    const uint32_t c = s.order[picked];
+    const size_t left = static_cast<size_t>(count_[c]) - s.excluded[c];
+    if (left > budget - used) break;
+    used += left;
+    if (mass_stop) mass += std::exp(static_cast<double>(score[c] - top));
+  }
+  if (picked == 0) return false;
+  const size_t d = dim();
+  if (s.zone_ids.size() < used) {
+    s.zone_ids.resize(used);
+    s.zone_rows.resize(used);
+    s.zone_scores.resize(used);
+    s.zone_weights.resize(used);
+  }
+  if (s.zone_o.size() < value_dim_) s.zone_o.resize(value_dim_);
+  bool sorted = false;
+  size_t n_zone = 0;
+  for (size_t i = 0; i < picked; ++i) {
+    const uint32_t c = s.order[i];
+    const bool check = s.excluded[c] > 0;
+    if (check && !sorted) {
+      s.sorted_exclude.clear();
+      for (const int64_t id : exclude) {
+        if (id >= 0) s.sorted_exclude.push_back(id);
+      }
+      std::sort(s.sorted_exclude.begin(), s.sorted_exclude.end());
+      sorted = true;
+    }
+    for (const uint32_t id : members_[c]) {
+      if (check && std::binary_search(s.sorted_exclude.begin(), s.sorted_exclude.end(),
+                                      static_cast<int64_t>(id))) {
+        continue;
+      }
+      KVR_CHECK(n_zone < used);
+      s.zone_rows[n_zone++] = id;
+    }
+    s.scores[c] = kNegInf;  // attended exactly: out of the estimate
+  }
+  KVR_CHECK(n_zone == used);
+  // Scattered key rows: the gather kernel prefetches the next rows.
+  simd::Active().dot_gather(q.data(), keys.data(), s.zone_rows.data(), used, d, keys.stride(),
+                            s.zone_scores.data());
+  for (size_t j = 0; j < used; ++j) {
+    s.zone_scores[j] *= scale;
+    s.zone_ids[j] = s.zone_rows[j];
+  }
+  PartialFromScores(std::span<const float>(s.zone_scores.data(), used),
+                    std::span<const int64_t>(s.zone_ids.data(), used), values,
+                    std::span<float>(s.zone_weights.data(), used),
+                    std::span<float>(s.zone_o.data(), value_dim_), zm, zl);
+  if (stats != nullptr) {
+    stats->keys_exact_zone += static_cast<int64_t>(used);
+    stats->clusters_exact_zone += static_cast<int64_t>(picked);
+  }
+  return true;
 }
 
 }  // namespace kvr::index

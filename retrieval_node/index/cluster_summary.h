@@ -23,6 +23,11 @@
 // and appended [a, n) equals one recomputed from scratch with the same
 // centroids (sums are kept in double, accumulated in id order).
 //
+// Exact zone (session 27; RetroInfer's retrieval zone): Estimate can attend
+// the clusters of most estimated mass key by key instead of as pseudo-keys
+// (ExactZoneOptions). The summary keeps each cluster's member ids for that
+// (4 bytes per key, counted in MemoryBytes).
+//
 // Thread-compatible: const methods may run concurrently.
 #pragma once
 
@@ -65,10 +70,30 @@ struct ClusterSummaryOptions {
   bool second_order = false;
 };
 
+// The exact zone of an estimate (session 27; kvr_node --exact_zone_*): per
+// query, the summary's clusters are ranked by their estimated remainder mass
+// (the pseudo-key score s q.mu' + ln n' [+ the second-order term], retrieved
+// keys already taken out) and the best are attended EXACTLY, every member
+// key not in the exclude list, while (a) their keys fit the budget
+// floor(keys_fraction * size()) and (b) the zone's estimated mass is below
+// mass_fraction of the whole remainder's (mass_fraction 1: no mass stop).
+// The ranking stops at the first cluster that does not fit, so a larger
+// budget only adds clusters. The other clusters stay estimated.
+// keys_fraction 0: no zone, Estimate bit-identical to the estimate alone.
+struct ExactZoneOptions {
+  double keys_fraction = 0.0;  // [0, 1]
+  double mass_fraction = 1.0;  // (0, 1]
+};
+// InvalidArgument naming exact_zone_keys_fraction / exact_zone_mass_fraction
+// and the range when a value is outside it (NaN included).
+absl::Status ValidateExactZone(const ExactZoneOptions& zone);
+
 // Counts of one estimate (per query, summed).
 struct EstimateStats {
   int64_t keys_estimated = 0;      // keys represented by pseudo-keys
   int64_t clusters_estimated = 0;  // clusters that contributed (n_j' > 0)
+  int64_t keys_exact_zone = 0;     // keys attended exactly by the exact zone
+  int64_t clusters_exact_zone = 0; // clusters in the exact zone
 };
 
 // Caller-owned per-thread buffers for ClusterSummary::Estimate. Reused
@@ -87,6 +112,14 @@ class EstimateScratch {
   std::vector<double> sq_adj;       // per touched slot: sum of excluded squared keys (d)
   std::vector<float> q2;            // q squared (second order)
   std::vector<float> var_scores;    // per cluster q^2 . var
+  // Exact zone (ExactZoneOptions).
+  std::vector<uint32_t> order;         // clusters by score, descending
+  std::vector<int64_t> sorted_exclude; // exclude ids, sorted (membership)
+  std::vector<int64_t> zone_ids;       // the zone's keys
+  std::vector<uint32_t> zone_rows;     // the same as rows (dot_gather)
+  std::vector<float> zone_scores;      // their scaled scores
+  std::vector<float> zone_weights;     // PartialFromScores scratch
+  std::vector<float> zone_o;           // the zone's partial (dv)
 };
 
 // The clustering half of ClusterSummary::Build (k-means over the keys
@@ -147,6 +180,8 @@ class ClusterSummary {
   std::span<const double> value_sum(size_t j) const {
     return {value_sum_.data() + j * value_dim_, value_dim_};
   }
+  // Key ids of cluster j, ascending (the exact zone attends them).
+  std::span<const uint32_t> members(size_t j) const { return members_[j]; }
   size_t MemoryBytes() const;
 
   // The estimate partial of one query `q` (dim() floats) over every
@@ -155,15 +190,28 @@ class ClusterSummary {
   // (value_dim() floats), *m, *l; the empty partial when nothing is left.
   // `keys` / `values` are the shard's (rows >= size()), used to subtract the
   // excluded keys. Adds to *stats when non-null. KVR_CHECKs shapes.
+  // `zone` (validated by the caller: ValidateExactZone) moves the clusters
+  // of most estimated mass from the estimate to exact attention over their
+  // keys (ExactZoneOptions); the partial written is then the LSE merge of
+  // both, still over exactly the keys not in `exclude`.
   void Estimate(std::span<const float> q, float scale, std::span<const int64_t> exclude,
                 ConstMatrixView keys, const ValueMatrix& values, EstimateScratch* scratch,
-                std::span<float> o, float* m, float* l, EstimateStats* stats) const;
+                std::span<float> o, float* m, float* l, EstimateStats* stats,
+                const ExactZoneOptions& zone = {}) const;
 
  private:
   // Adds key/value row i (cluster c) to the sums and the float means.
   void AddRow(size_t i, uint32_t c, ConstMatrixView keys, const ValueMatrix& values,
               std::vector<float>* row);
   void RefreshMeans(uint32_t c);
+  // The exact zone of Estimate: picks the clusters (scratch->scores final,
+  // scratch->excluded set), attends their non-excluded keys into
+  // scratch->zone_o / *zm / *zl and sets their scores to -inf. Returns
+  // whether any cluster was picked (false: nothing written).
+  bool AttendExactZone(std::span<const float> q, float scale, std::span<const int64_t> exclude,
+                       ConstMatrixView keys, const ValueMatrix& values,
+                       const ExactZoneOptions& zone, EstimateScratch* scratch, float* zm,
+                       float* zl, EstimateStats* stats) const;
 
   Matrix centroids_;                  // k x d, unit norm (assignment only)
   size_t value_dim_ = 0;
@@ -177,6 +225,7 @@ class ClusterSummary {
   std::vector<double> key_sq_sum_;    // k x d (second order only)
   Matrix key_var_;                    // k x d, diagonal variance (second order only)
   std::vector<float> log_count_;      // per cluster ln(count) (-inf when empty)
+  std::vector<std::vector<uint32_t>> members_;  // per cluster: key ids, ascending
 };
 
 }  // namespace kvr::index

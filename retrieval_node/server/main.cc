@@ -96,6 +96,13 @@ ABSL_FLAG(bool, estimate_second_order, false,
           "ln(1 + s^2/2 sum_t q_t^2 var_t) (the cluster's diagonal key variance), the mass its "
           "mean key misses; lower error on synthetic data, higher KL on stories260K "
           "(docs/benchmarks.md section 4b, Session 26); false: mean key only");
+ABSL_FLAG(double, exact_zone_keys_fraction, 0.0,
+          "the estimate's exact zone, [0, 1]: per query head and chunk, the summary clusters of "
+          "most estimated mass, up to this fraction of the chunk's keys, are attended exactly "
+          "instead of estimated (docs/benchmarks.md section 4b, Exact zone); 0: off");
+ABSL_FLAG(double, exact_zone_mass_fraction, 1.0,
+          "the exact zone, (0, 1]: stop adding clusters once they hold this fraction of the "
+          "remainder's estimated mass; 1: only --exact_zone_keys_fraction stops it");
 ABSL_FLAG(int64_t, recalibrate_every, 1024,
           "decode queries per (sequence, layer, kv head) between re-calibrations of that head's "
           "chunk indexes (search effort; kind for index auto) on its ring of recent decode "
@@ -261,6 +268,8 @@ int Main(int argc, char** argv) {
   core_options.estimate_clusters_per_chunk =
       static_cast<size_t>(absl::GetFlag(FLAGS_estimate_clusters_per_chunk));
   core_options.estimate_second_order = absl::GetFlag(FLAGS_estimate_second_order);
+  core_options.exact_zone_keys_fraction = absl::GetFlag(FLAGS_exact_zone_keys_fraction);
+  core_options.exact_zone_mass_fraction = absl::GetFlag(FLAGS_exact_zone_mass_fraction);
   core_options.recalibrate_every = static_cast<size_t>(absl::GetFlag(FLAGS_recalibrate_every));
   core_options.recovery_quarantine = absl::GetFlag(FLAGS_recovery_quarantine);
   core_options.lease_seconds = absl::GetFlag(FLAGS_lease_seconds);

@@ -734,6 +734,7 @@ void NodeService::HandleAttend(const v1::AttendRequest& request, v1::AttendRespo
                          st->set_distance_computations(call->stats.distance_computations);
                          st->set_keys_estimated(call->stats.keys_estimated);
                          st->set_clusters_estimated(call->stats.clusters_estimated);
+                         st->set_keys_exact_zone(call->stats.keys_exact_zone);
                          if (metrics != nullptr) {
                            metrics->RecordAttendScan(static_cast<int64_t>(n),
                                                      call->stats.distance_computations);

@@ -62,6 +62,7 @@ absl::Status CopyReply(const v1::AttendResponse& response, PartialsView out, Att
     stats->distance_computations = s.distance_computations();
     stats->keys_estimated = s.keys_estimated();
     stats->clusters_estimated = s.clusters_estimated();
+    stats->keys_exact_zone = s.keys_exact_zone();
   }
   return absl::OkStatus();
 }

@@ -27,9 +27,11 @@ struct Data {
 
 // A node with --estimate `estimate`, 64 clusters per chunk, seals inline in
 // the append that fills the tail, and summaries clustered on the node's
-// summary thread (`background`) or inside the first estimating Attend.
+// summary thread (`background`) or inside the first estimating Attend, and
+// the estimate's exact zone at `exact_zone_keys_fraction` (0: none).
 inline std::unique_ptr<retrieval::NodeCore> NewNode(bool estimate, int64_t budget = 0,
-                                                    bool background = false) {
+                                                    bool background = false,
+                                                    double exact_zone_keys_fraction = 0.0) {
   retrieval::NodeCoreOptions o;
   o.memory_budget_bytes = budget;
   o.tail_capacity = kTail;
@@ -37,6 +39,7 @@ inline std::unique_ptr<retrieval::NodeCore> NewNode(bool estimate, int64_t budge
   o.background_summaries = background;
   o.estimate = estimate;
   o.estimate_clusters_per_chunk = 64;
+  o.exact_zone_keys_fraction = exact_zone_keys_fraction;
   auto n = retrieval::NodeCore::Create(o);
   EXPECT_TRUE(n.ok()) << n.status();
   return n.ok() ? std::move(*n) : nullptr;
