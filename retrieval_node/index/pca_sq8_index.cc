@@ -142,12 +142,54 @@ void PcaSq8Index::Project(const float* x, float* centered, float* out) const {
   simd::Active().dot_batch(centered, basis_.data(), rank_, dim_, dim_, out);
 }
 
-void PcaSq8Index::EncodeFrom(size_t first) {
+namespace {
+
+// ||centered||^2 - ||projected||^2 (the basis is orthonormal), >= 0.
+double Residual(const float* centered, size_t d, const float* projected, size_t r) {
+  double all = 0, kept = 0;
+  for (size_t j = 0; j < d; ++j) all += static_cast<double>(centered[j]) * centered[j];
+  for (size_t j = 0; j < r; ++j) kept += static_cast<double>(projected[j]) * projected[j];
+  return std::max(0.0, all - kept);
+}
+
+}  // namespace
+
+void PcaSq8Index::EncodeFrom(size_t first, bool find_outliers) {
   std::vector<float> centered(dim_), projected(rank_);
+  outlier_bits_.resize((n_ + 63) / 64, 0);
   for (size_t i = first; i < n_; ++i) {
     Project(keys_.data() + i * dim_, centered.data(), projected.data());
     codes_.Append(quantizer_, projected.data());
+    if (find_outliers && outliers_.size() < MaxPcaOutliers(n_) &&
+        Residual(centered.data(), dim_, projected.data(), rank_) > outlier_threshold_) {
+      outliers_.push_back(static_cast<uint32_t>(i));
+      outlier_bits_[i / 64] |= uint64_t{1} << (i % 64);
+    }
   }
+}
+
+size_t PcaSq8Index::Rerank(const float* query, size_t candidates, size_t k, size_t slot,
+                           internal::PcaScratch& ps, int64_t* ids, float* scores) const {
+  Sq8Scratch& s = ps.sq8;
+  s.candidates[slot].Finish(s.cand_ids.data(), s.cand_scores.data());
+  const size_t most = candidates + outliers_.size();
+  if (s.gather_ids.size() < most) s.gather_ids.resize(most);
+  if (s.exact.size() < most) s.exact.resize(most);
+  size_t m = 0;
+  for (size_t i = 0; i < candidates; ++i) {
+    const int64_t id = s.cand_ids[i];
+    if (id < 0) break;
+    const auto u = static_cast<uint64_t>(id);
+    if ((outlier_bits_[u / 64] >> (u % 64)) & 1) continue;  // added below
+    s.gather_ids[m++] = static_cast<uint32_t>(id);
+  }
+  for (uint32_t o : outliers_) s.gather_ids[m++] = o;
+  simd::Active().dot_gather(query, keys_.data(), s.gather_ids.data(), m, dim_, dim_,
+                            s.exact.data());
+  s.results.Reset(k);
+  s.results.PushIds(s.exact.data(), s.gather_ids.data(), m);
+  s.results.Finish(ids, scores);
+  return m;
 }
 
 absl::Status PcaSq8Index::Retrain() {
@@ -193,11 +235,33 @@ absl::Status PcaSq8Index::Retrain() {
   basis_.resize(rank * d);
   variances_.assign(eig.values.begin(), eig.values.begin() + static_cast<ptrdiff_t>(rank));
   for (size_t i = 0; i < rank * d; ++i) basis_[i] = static_cast<float>(eig.vectors[i]);
-  // The quantizer's ranges from every key's projection.
+  // The quantizer's ranges from every key's projection; the outliers from
+  // every key's residual.
   std::vector<float> projected(n_ * rank), centered(d);
+  std::vector<double> residual(n_);
+  double residual_sum = 0;
   for (size_t i = 0; i < n_; ++i) {
     Project(keys_.data() + i * d, centered.data(), projected.data() + i * rank);
+    residual[i] = Residual(centered.data(), d, projected.data() + i * rank, rank);
+    residual_sum += residual[i];
   }
+  outlier_threshold_ =
+      kPcaOutlierFactor * kPcaOutlierFactor * residual_sum / static_cast<double>(n_);
+  outliers_.clear();
+  for (size_t i = 0; i < n_; ++i) {
+    if (residual[i] > outlier_threshold_) outliers_.push_back(static_cast<uint32_t>(i));
+  }
+  if (outliers_.size() > MaxPcaOutliers(n_)) {  // keep the largest residuals
+    const auto keep = static_cast<ptrdiff_t>(MaxPcaOutliers(n_));
+    std::nth_element(outliers_.begin(), outliers_.begin() + keep, outliers_.end(),
+                     [&](uint32_t a, uint32_t b) {
+                       return residual[a] != residual[b] ? residual[a] > residual[b] : a < b;
+                     });
+    outliers_.resize(static_cast<size_t>(keep));
+    std::sort(outliers_.begin(), outliers_.end());
+  }
+  outlier_bits_.assign((n_ + 63) / 64, 0);
+  for (uint32_t o : outliers_) outlier_bits_[o / 64] |= uint64_t{1} << (o % 64);
   quantizer_ = Sq8Quantizer::Train(ConstMatrixView(projected.data(), n_, rank), rank);
   codes_ = Sq8Codes(simd::Sq8PaddedDim(rank));
   codes_.Reserve(n_);
@@ -221,7 +285,7 @@ absl::Status PcaSq8Index::Add(ConstMatrixView keys) {
   const size_t old_n = n_;
   n_ += keys.rows();
   if (n_ >= 2 * trained_n_) return Retrain();
-  EncodeFrom(old_n);
+  EncodeFrom(old_n, /*find_outliers=*/true);
   return absl::OkStatus();
 }
 
@@ -256,8 +320,8 @@ absl::Status PcaSq8Index::Search(ConstMatrixView queries, const SearchParams& pa
     work += static_cast<int64_t>(nq) * scan_work;
     for (size_t j = 0; j < nq; ++j) {
       const size_t q = q0 + j;
-      work += static_cast<int64_t>(RerankExact(queries.row(q), keys(), r, k, j, s->sq8,
-                                               ids.data() + q * k, scores.data() + q * k));
+      work += static_cast<int64_t>(
+          Rerank(queries.row(q), r, k, j, *s, ids.data() + q * k, scores.data() + q * k));
     }
   }
   scratch_->Release(std::move(s));
@@ -271,7 +335,8 @@ absl::Status PcaSq8Index::Search(ConstMatrixView queries, const SearchParams& pa
 size_t PcaSq8Index::MemoryBytes() const {
   return sizeof(*this) + keys_.capacity() * sizeof(float) + codes_.MemoryBytes() +
          (mean_.capacity() + basis_.capacity()) * sizeof(float) +
-         variances_.capacity() * sizeof(double) +
+         variances_.capacity() * sizeof(double) + outliers_.capacity() * sizeof(uint32_t) +
+         outlier_bits_.capacity() * sizeof(uint64_t) +
          rank_ * (2 * sizeof(float) + sizeof(double)) + scratch_->MemoryBytes();
 }
 
@@ -287,6 +352,8 @@ absl::Status PcaSq8Index::Serialize(std::vector<uint8_t>* out) const {
   w.PutArray(std::span<const float>(mean_));
   w.PutArray(std::span<const double>(variances_));
   w.PutArray(std::span<const float>(basis_));
+  w.Put<double>(outlier_threshold_);
+  w.PutArray(std::span<const uint32_t>(outliers_));
   quantizer_.Write(w);
   w.PutArray(std::span<const float>(keys_.data(), n_ * dim_));
   const auto blob = SealBlob(kPcaSq8BlobKind, kPcaSq8Version, w.bytes());
@@ -371,6 +438,17 @@ absl::StatusOr<std::unique_ptr<PcaSq8Index>> PcaSq8Index::Deserialize(const Open
       return bad("basis", norm, absl::StrCat("(squared norm of row ", i, ") is not 1"));
     }
   }
+  KVR_RETURN_IF_ERROR(r.Get(&idx->outlier_threshold_, "outlier_threshold"));
+  if (!std::isfinite(idx->outlier_threshold_) || idx->outlier_threshold_ < 0) {
+    return bad("outlier_threshold", idx->outlier_threshold_, "is not finite and >= 0");
+  }
+  KVR_RETURN_IF_ERROR(r.GetArray(&idx->outliers_, "outliers", MaxPcaOutliers(n)));
+  for (size_t i = 0; i < idx->outliers_.size(); ++i) {
+    const uint32_t id = idx->outliers_[i];
+    if (id >= n || (i > 0 && id <= idx->outliers_[i - 1])) {
+      return bad("outliers", id, absl::StrCat("(entry ", i, ") is not an ascending id below ", n));
+    }
+  }
   KVR_ASSIGN_OR_RETURN(idx->quantizer_, Sq8Quantizer::Read(r, rank));
   KVR_RETURN_IF_ERROR(r.GetArray(&idx->keys_, "keys", n * dim));
   if (idx->keys_.size() != n * dim) {
@@ -384,7 +462,8 @@ absl::StatusOr<std::unique_ptr<PcaSq8Index>> PcaSq8Index::Deserialize(const Open
   if (!finite.ok()) return absl::DataLossError(finite.message());
   idx->codes_ = Sq8Codes(simd::Sq8PaddedDim(rank));
   idx->codes_.Reserve(n);
-  idx->EncodeFrom(0);
+  idx->EncodeFrom(0, /*find_outliers=*/false);
+  for (uint32_t id : idx->outliers_) idx->outlier_bits_[id / 64] |= uint64_t{1} << (id % 64);
   return idx;
 }
 

@@ -10,6 +10,13 @@
 // or with rank 0 the smallest multiple of kPcaRankStep (capped at d) whose
 // eigenvalues hold options.variance of the total variance.
 //
+// Outliers: a key far outside the kept directions (residual ||x - mean -
+// B^T B (x - mean)||^2 above kPcaOutlierFactor^2 x the mean residual at
+// training, e.g. a sink key whose large value lies on a direction only a
+// few keys use) is invisible to the projected scan, so such keys (at most
+// MaxPcaOutliers(n), the largest residuals first) are rescored exactly by
+// every search in addition to the scan's candidates.
+//
 // Search: each query is projected (B q, uncentred: q . x = q . mean +
 // (B q) . B (x - mean) + the residual, and q . mean is the same for every
 // key), its codes scanned (blocks of
@@ -27,7 +34,7 @@
 // key, as FlatSq8Index). Search is const and thread-safe (pooled scratch,
 // no steady-state allocation); Add is not (the owner serialises).
 // Memory: n * d * 4 bytes of keys + n * r bytes of codes + (r + 1) * d * 4
-// of basis and mean.
+// of basis and mean + n / 8 bytes of outlier flags.
 #pragma once
 
 #include <cstdint>
@@ -42,6 +49,7 @@
 namespace kvr::index {
 
 namespace internal {
+struct PcaScratch;      // pca_sq8_index.cc
 class PcaScratchPool;  // pca_sq8_index.cc
 }  // namespace internal
 
@@ -55,6 +63,10 @@ inline constexpr size_t kPcaRankStep = 16;
 inline constexpr size_t kPcaCovarianceSample = 16384;
 inline constexpr int kDefaultPcaRerankFactor = 16;
 inline constexpr double kDefaultPcaVariance = 0.9;
+inline constexpr double kPcaOutlierFactor = 4.0;
+// Outliers an index of n keys keeps (each costs every search one exact
+// inner product): max(64, n / 512).
+inline constexpr size_t MaxPcaOutliers(size_t n) { return n / 512 > 64 ? n / 512 : 64; }
 
 struct PcaSq8Options {
   // Principal directions kept, [1, d]; 0: chosen from `variance` at each
@@ -121,6 +133,8 @@ class PcaSq8Index final : public KeyIndex {
   std::span<const float> basis() const { return basis_; }
   std::span<const float> mean() const { return mean_; }
   std::span<const double> variances() const { return variances_; }
+  // Keys every search rescores exactly (ascending ids; see the file comment).
+  std::span<const uint32_t> outliers() const { return outliers_; }
 
  private:
   PcaSq8Index(size_t dim, const PcaSq8Options& options);
@@ -128,8 +142,14 @@ class PcaSq8Index final : public KeyIndex {
   absl::Status Retrain();
   // B (x - mean) into out (rank_ values); `centered` holds dim_ floats.
   void Project(const float* x, float* centered, float* out) const;
-  // Encodes keys [first, n_) with the current basis and quantizer.
-  void EncodeFrom(size_t first);
+  // Encodes keys [first, n_) with the current basis and quantizer; with
+  // `find_outliers` appends those of them whose residual exceeds
+  // outlier_threshold_ to the outliers (while under MaxPcaOutliers(n_)).
+  void EncodeFrom(size_t first, bool find_outliers);
+  // Finishes query slot `slot`'s candidates, adds the outliers, rescores
+  // them exactly and writes the best k. Returns the keys rescored.
+  size_t Rerank(const float* query, size_t candidates, size_t k, size_t slot,
+                internal::PcaScratch& s, int64_t* ids, float* scores) const;
 
   size_t dim_;
   PcaSq8Options options_;
@@ -140,6 +160,9 @@ class PcaSq8Index final : public KeyIndex {
   std::vector<float> keys_;        // n x dim
   std::vector<float> basis_;       // rank x dim
   std::vector<double> variances_;  // rank
+  double outlier_threshold_ = 0;   // squared residual above which a key is an outlier
+  std::vector<uint32_t> outliers_;       // ascending
+  std::vector<uint64_t> outlier_bits_;   // bit i: key i is an outlier
   Sq8Quantizer quantizer_;         // over the rank projected coordinates
   Sq8Codes codes_;
   std::unique_ptr<internal::PcaScratchPool> scratch_;
