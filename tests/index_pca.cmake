@@ -5,3 +5,9 @@
 # the GQA group size (CalibrationOptions::queries_per_search).
 kvr_test(pca_sq8_index_test SOURCES unit/pca_sq8_index_test.cc
   DEPS kvr::index kvr::attention_data TIMEOUT 600)
+
+# The node: CalibrationForSpec (n_heads / n_kv_heads reach auto's timing),
+# the pca_sq8 head_dim bound, the kvr.v1 enum, and a pca_sq8 sequence's
+# build, Attend (the flat node's top-k) and seal.
+kvr_test(pca_node_test SOURCES unit/pca_node_test.cc
+  DEPS kvr::node_wire LABELS unit TIMEOUT 120)
