@@ -62,6 +62,7 @@
 #include "retrieval_node/index/flat_index.h"
 #include "retrieval_node/index/flat_sq8_index.h"
 #include "retrieval_node/index/ivf_index.h"
+#include "retrieval_node/index/pca_sq8_index.h"
 #include "tools/attention_data.h"
 
 ABSL_FLAG(std::string, sizes, "131072", "comma-separated key counts N (synthetic data)");
@@ -85,7 +86,8 @@ ABSL_FLAG(std::string, values, "", "values file (.npy or .fbin); default: random
 ABSL_FLAG(std::string, methods, "flat,ivf,graph,auto,faiss_hnsw,hnswlib,roargraph",
           "methods to run: flat, ivf, graph, auto (self-calibration), faiss_hnsw, faiss_ivf, hnswlib, "
           "roargraph (the last only with --roargraph_bin_dir), flat_sq8 and ivf_sq8 (SQ8 "
-          "code scans with an exact rerank of --rerank_factor * k)");
+          "code scans with an exact rerank of --rerank_factor * k), pca_sq8 (SQ8 scan of the "
+          "keys' top principal directions, a row per --pca_rerank_factors)");
 ABSL_FLAG(std::string, roargraph_bin_dir, "",
           "directory with RoarGraph's test_build_roargraph and test_search_roargraph (and COMMIT), "
           "built outside the tree by bench/peers/build_roargraph.sh; empty: RoarGraph skipped");
@@ -156,6 +158,15 @@ ABSL_FLAG(int, rerank_factor, 4,
           "flat_sq8 / ivf_sq8: candidates rescored exactly per result, [1, 64]");
 ABSL_FLAG(std::string, flat_sq8_rerank_factors, "",
           "flat_sq8: comma-separated rerank factors, a row each (empty: --rerank_factor)");
+ABSL_FLAG(std::string, pca_rerank_factors, "1,2,4,8,16,32,64",
+          "pca_sq8: rerank factors, a row each, ascending (stops after recall > 0.995)");
+ABSL_FLAG(int, pca_rank, 0,
+          "pca_sq8: principal directions kept, [1, d] (0: from --pca_variance)");
+ABSL_FLAG(double, pca_variance, 0.9,
+          "pca_sq8 with --pca_rank=0: fraction of the key variance the kept directions hold");
+ABSL_FLAG(int, auto_queries_per_search, 1,
+          "auto: held-back queries per Search call when timing the candidates (a node "
+          "uses the sequence's query heads per kv head), [1, 4096]");
 ABSL_FLAG(int, search_batch, 0,
           "queries per Search call of the kvr indexes (0: all test queries in one call; a "
           "decode step passes one kv head's query group, e.g. 4 for Llama-3-8B)");
@@ -439,6 +450,7 @@ class Runner {
     if (want("ivf")) RunIvf(ds, truth, k, add);
     if (want("flat_sq8")) RunFlatSq8(ds, truth, k, add);
     if (want("ivf_sq8")) RunIvf(ds, truth, k, add, /*sq8=*/true);
+    if (want("pca_sq8")) RunPcaSq8(ds, truth, k, add);
     std::unique_ptr<index::AttentionGraphIndex> graph;
     if (want("graph") && ds.train.rows > 0) {
       graph = RunGraph(ds, truth, k, train_topk, train_k, knn_s, add);
@@ -487,6 +499,30 @@ class Runner {
       p.rerank_factor = f;
       add(MeasureScan(**flat, ds.test, truth, k, p), "flat_sq8", absl::StrFormat("rerank=%d", f),
           build);
+    }
+  }
+
+  index::PcaSq8Options PcaOptions() const {
+    index::PcaSq8Options o;
+    o.rank = absl::GetFlag(FLAGS_pca_rank);
+    o.variance = absl::GetFlag(FLAGS_pca_variance);
+    return o;
+  }
+
+  template <typename Add>
+  void RunPcaSq8(const DataSet& ds, const std::vector<int64_t>& truth, int k, Add&& add) {
+    const auto t0 = Clock::now();
+    auto pca = index::PcaSq8Index::Create(ds.keys.cols, PcaOptions());
+    if (!pca.ok()) Fail(pca.status());
+    if (auto s = (*pca)->Add(ds.keys.view()); !s.ok()) Fail(s);
+    const double build = Seconds(t0, Clock::now());
+    for (int f : ParseInts(absl::GetFlag(FLAGS_pca_rerank_factors), "pca_rerank_factors")) {
+      index::SearchParams p;
+      p.k = k;
+      p.rerank_factor = f;
+      Row r = MeasureScan(**pca, ds.test, truth, k, p);
+      add(r, "pca_sq8", absl::StrFormat("r=%zu,rerank=%d", (*pca)->rank(), f), build);
+      if (r.recall > 0.995) break;
     }
   }
 
@@ -693,6 +729,15 @@ class Runner {
     index::CalibratedBuildOptions o;
     o.calibration.target_recall = absl::GetFlag(FLAGS_target_recall);
     o.calibration.k = k;
+    const int per_search = absl::GetFlag(FLAGS_auto_queries_per_search);
+    if (per_search < 1) {
+      Fail(absl::InvalidArgumentError(
+          absl::StrCat("--auto_queries_per_search ", per_search, " < 1")));
+    }
+    o.calibration.queries_per_search = static_cast<size_t>(per_search);
+    if (auto s = index::ValidateCalibrationOptions(o.calibration); !s.ok()) Fail(s);
+    o.pca = PcaOptions();
+    o.pca_candidate = true;
     double flat_ns = 0;
     {  // one query at a time, as a node shard sees one kv head's query group
       auto flat = index::FlatIndex::Create(ds.keys.cols);
@@ -745,7 +790,7 @@ class Runner {
       p.nprobe = c.nprobe;
       const Row r = MeasureKvr(**built, ds.test, truth, k, p);
       const std::string kind(index::IndexTypeName(c.kind));
-      const int effort = c.kind == index::IndexType::kGraph ? c.beam : c.nprobe;
+      const int effort = index::CalibratedEffort(c);
       const std::string method = one_kind       ? absl::StrCat("auto-", kind)
                                  : variant == 2 ? std::string("auto-model")
                                                 : std::string("auto");
@@ -756,7 +801,7 @@ class Runner {
         std::printf("  auto: candidate %-8s effort %4d: held-back recall %.4f (%s), modelled "
                     "%.0f, measured %s\n",
                     std::string(index::IndexTypeName(ac.kind)).c_str(),
-                    ac.kind == index::IndexType::kGraph ? ac.beam : ac.nprobe,
+                    index::CalibratedEffort(ac),
                     ac.expected_recall, a.meets_target ? "meets" : "misses", ac.cost_per_query,
                     absl::StrFormat("%.1f us/query (%s; timing %.3f s)", a.measured_us,
                                     !a.meets_target ? "not timed"

@@ -1,11 +1,12 @@
-// Fuzzes every index deserializer: index::LoadIndex (flat, IVF, graph and
-// calibrated blobs inside the common/serialize.h envelope) and, on what
+// Fuzzes every index deserializer: index::LoadIndex (flat, IVF, graph,
+// flat_sq8, pca_sq8 and calibrated blobs inside the common/serialize.h envelope) and, on what
 // loads, a search.
 // Input: byte 0 picks the mode:
 //  * even: the rest is a whole blob (envelope fuzzing: magic, lengths, crc);
 //  * odd: the rest is an index payload, sealed with a valid checksum as kind
-//    (byte 0 >> 1) % 4 + 1 (flat / IVF / graph / calibrated) and version byte 1 (so the
-//    fuzzer reaches each loader's own checks instead of the crc).
+//    (byte 0 >> 1) % 6 + 1 (flat / IVF / graph / calibrated / flat_sq8 / pca_sq8)
+//    and version byte 1 (so the fuzzer reaches each loader's own checks
+//    instead of the crc).
 // A loaded index must search without a crash (k = min(size, 4)).
 #include <algorithm>
 #include <cstdint>
@@ -24,7 +25,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   std::vector<uint8_t> sealed;
   std::span<const uint8_t> blob = rest;
   if ((data[0] & 1) != 0) {
-    const uint32_t kind = static_cast<uint32_t>((data[0] >> 1) % 4) + 1;
+    const uint32_t kind = static_cast<uint32_t>((data[0] >> 1) % 6) + 1;
     sealed = kvr::SealBlob(kind, data[1], rest);
     blob = sealed;
   }

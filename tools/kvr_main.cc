@@ -98,11 +98,12 @@ Attention:
   --sinks N               attention-sink tokens kept on the worker, >= 0 (default 4)
   --window N              recent tokens kept on the worker, >= 1 (default 16)
   --top_k N               keys retrieved per query head, [1, 4096] (default 16)
-  --index NAME            retrieval index: graph|flat|ivf|auto|flat_sq8|ivf_sq8
+  --index NAME            retrieval index: graph|flat|ivf|auto|flat_sq8|ivf_sq8|pca_sq8
                           (default graph; auto: the node picks per head, the
                           fastest meeting its target recall; flat_sq8 / ivf_sq8:
                           SQ8 code scan (of all keys / of the probed IVF lists) +
-                          exact rerank)
+                          exact rerank; pca_sq8: SQ8 scan of the keys' top
+                          principal directions + exact rerank)
   --beam N                graph search beam, 0 = index default (default 0)
   --train_k N             exact top-k per prefill query for the graph build,
                           [1, 4096] (default 32)

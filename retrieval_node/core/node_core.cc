@@ -11,6 +11,7 @@
 #include "retrieval_node/index/attend.h"
 #include "retrieval_node/index/flat_index.h"
 #include "retrieval_node/index/flat_sq8_index.h"
+#include "retrieval_node/index/pca_sq8_index.h"
 
 namespace kvr::retrieval {
 
@@ -116,11 +117,26 @@ absl::Status ValidateSpec(const SequenceSpec& spec) {
   KVR_RETURN_IF_ERROR(DTypeFromTag(static_cast<uint32_t>(spec.value_dtype)).status());
   if (spec.index_type != IndexType::kGraph && spec.index_type != IndexType::kFlat &&
       spec.index_type != IndexType::kIvf && spec.index_type != IndexType::kAuto &&
-      spec.index_type != IndexType::kFlatSq8 && spec.index_type != IndexType::kIvfSq8) {
+      spec.index_type != IndexType::kFlatSq8 && spec.index_type != IndexType::kIvfSq8 &&
+      spec.index_type != IndexType::kPcaSq8) {
     return absl::InvalidArgumentError(
         absl::StrCat("index_type ", static_cast<int>(spec.index_type), " unknown"));
   }
+  if (spec.index_type == IndexType::kPcaSq8 &&
+      static_cast<size_t>(spec.head_dim) > index::kMaxPcaDim) {
+    return absl::InvalidArgumentError(absl::StrCat("index_type pca_sq8 needs head_dim <= ",
+                                                   index::kMaxPcaDim, ", got ", spec.head_dim));
+  }
   return absl::OkStatus();
+}
+
+index::CalibrationOptions CalibrationForSpec(const SequenceSpec& spec,
+                                             const index::CalibrationOptions& base) {
+  index::CalibrationOptions o = base;
+  const int32_t group = spec.n_kv_heads > 0 ? spec.n_heads / spec.n_kv_heads : 1;
+  o.queries_per_search =
+      std::clamp<size_t>(static_cast<size_t>(std::max(group, 1)), 1, index::kMaxHoldoutQueries);
+  return o;
 }
 
 }  // namespace internal
@@ -411,8 +427,8 @@ int64_t NodeCore::EstimateBytes(const SequenceSpec& spec, size_t n) const {
     per_key += int64_t(options_.graph.degree + 1) * int64_t(sizeof(uint32_t));
   }
   if (spec.index_type == IndexType::kFlatSq8 || spec.index_type == IndexType::kIvfSq8 ||
-      spec.index_type == IndexType::kAuto) {
-    per_key += d;  // one SQ8 code byte per dimension
+      spec.index_type == IndexType::kPcaSq8 || spec.index_type == IndexType::kAuto) {
+    per_key += d;  // one SQ8 code byte per dimension (pca_sq8: per kept direction, <= d)
   }
   return per_key * static_cast<int64_t>(n);
 }
@@ -488,15 +504,18 @@ absl::StatusOr<NodeCore::UploadAdmission> NodeCore::ReserveUpload(uint64_t seque
 
 absl::StatusOr<std::unique_ptr<index::KeyIndex>> NodeCore::BuildIndex(
     IndexType type, ConstMatrixView keys, std::span<const int64_t> train_topk, size_t topk_width,
-    ConstMatrixView train_queries, int train_k, const index::Holdout& holdout) {
+    ConstMatrixView train_queries, int train_k, const index::Holdout& holdout,
+    size_t queries_per_search) {
   const size_t n = keys.rows();
   if (type == IndexType::kAuto && (!holdout.empty() || n < index::kAutoMinKeys) &&
       n >= options_.min_index_keys) {
     // Self-calibration picks the kind (index/calibrate.h; flat below kAutoMinKeys).
     index::CalibratedBuildOptions o;
     o.calibration = options_.calibration;
+    o.calibration.queries_per_search = queries_per_search;
     o.graph = options_.graph;
     o.ivf = options_.ivf;
+    o.pca_candidate = true;
     KVR_ASSIGN_OR_RETURN(std::unique_ptr<index::CalibratedIndex> chosen,
                          index::BuildCalibrated(type, keys, train_topk, topk_width, holdout, o,
                                                 pool_.get()));
@@ -519,6 +538,12 @@ absl::StatusOr<std::unique_ptr<index::KeyIndex>> NodeCore::BuildIndex(
                          index::FlatSq8Index::Create(keys.cols(), options_.ivf.rerank_factor));
     KVR_RETURN_IF_ERROR(flat->Add(keys));
     return std::unique_ptr<index::KeyIndex>(std::move(flat));
+  }
+  if (type == IndexType::kPcaSq8 && n >= options_.min_index_keys) {
+    KVR_ASSIGN_OR_RETURN(std::unique_ptr<index::PcaSq8Index> pca,
+                         index::PcaSq8Index::Create(keys.cols()));
+    KVR_RETURN_IF_ERROR(pca->Add(keys));
+    return std::unique_ptr<index::KeyIndex>(std::move(pca));
   }
   if (type == IndexType::kFlat || n < options_.min_index_keys) {
     KVR_ASSIGN_OR_RETURN(std::unique_ptr<index::FlatIndex> flat, index::FlatIndex::Create(keys.cols()));
@@ -629,7 +654,9 @@ absl::Status NodeCore::UploadShard(const ShardUpload& upload) {
     KVR_ASSIGN_OR_RETURN(chunk.index,
                          BuildIndex(spec.index_type, upload.keys, upload.train_topk,
                                     upload.train_topk_width, upload.train_queries,
-                                    upload.train_k, holdout));
+                                    upload.train_k, holdout,
+                                    internal::CalibrationForSpec(spec, options_.calibration)
+                                        .queries_per_search));
     chunk.values = ValueMatrix::FromFloat(spec.value_dtype, upload.values);
     chunk.positions.resize(n);
     for (size_t i = 0; i < n; ++i) chunk.positions[i] = upload.first_position + int64_t(i);
@@ -1916,7 +1943,7 @@ std::vector<ShardInfo> NodeCore::Describe(const std::vector<std::shared_ptr<Sequ
             info.memory_bytes += static_cast<int64_t>(c.index->MemoryBytes());
             info.index_type = c.index->type();
             if (const index::CalibrationResult* cal = c.index->calibration(); cal != nullptr) {
-              info.search_effort = index::IsIvfKind(cal->kind) ? cal->nprobe : cal->beam;
+              info.search_effort = index::CalibratedEffort(*cal);
               if (!std::isnan(cal->expected_recall)) info.expected_recall = cal->expected_recall;
               info.measured_search_us = cal->measured_us;
             } else if (info.index_type == IndexType::kFlat) {

@@ -669,7 +669,7 @@ class NodeCore final {
   absl::StatusOr<std::unique_ptr<index::KeyIndex>> BuildIndex(
       IndexType type, ConstMatrixView keys, std::span<const int64_t> train_topk,
       size_t topk_width, ConstMatrixView train_queries, int train_k,
-      const index::Holdout& holdout = {});
+      const index::Holdout& holdout = {}, size_t queries_per_search = 1);
   // Estimated bytes `n` more keys of `spec` take (keys, values, positions,
   // graph edges).
   int64_t EstimateBytes(const SequenceSpec& spec, size_t n) const;

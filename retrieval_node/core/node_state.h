@@ -138,5 +138,11 @@ absl::Status CheckHead(const SequenceSpec& spec, int32_t layer, int32_t kv_head)
 // accepts (layers, heads, head_dim, value dtype, index type).
 absl::Status ValidateSpec(const SequenceSpec& spec);
 
+// `base` with queries_per_search set to the query heads per kv head of
+// `spec` (n_heads / n_kv_heads, at least 1, at most kMaxHoldoutQueries):
+// what auto times a candidate's search with (index/calibrate.h).
+index::CalibrationOptions CalibrationForSpec(const SequenceSpec& spec,
+                                             const index::CalibrationOptions& base);
+
 }  // namespace internal
 }  // namespace kvr::retrieval

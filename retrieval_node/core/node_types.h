@@ -261,7 +261,8 @@ struct ShardInfo {
   IndexType index_type = IndexType::kFlat;  // the index the chunk has now
   int64_t memory_bytes = 0;     // chunk (and, for the last chunk, tail) bytes
   // Self-calibration (index/calibrate.h): the default search effort the
-  // chunk's index chose (graph beam or IVF nprobe; 0: the index's built-in
+  // chunk's index chose (graph beam, IVF nprobe or pca_sq8 rerank factor
+  // (index::CalibratedEffort); 0: the index's built-in
   // default) and its recall@k on the held-back queries (-1: unknown, no
   // held-back queries; 1 for a flat index).
   int32_t search_effort = 0;

@@ -15,9 +15,9 @@
 namespace kvr::index {
 namespace {
 
-// Version 2 adds CalibrationResult::measured_us; version 1 still loads
-// (measured_us 0).
-constexpr uint32_t kCalibratedVersion = 2;
+// Version 2 adds CalibrationResult::measured_us, version 3 its
+// rerank_factor; versions 1 and 2 still load (those fields 0).
+constexpr uint32_t kCalibratedVersion = 3;
 constexpr int kMaxCalibratedNprobe = 1 << 20;
 constexpr size_t kQueriesPerBlock = 8;
 
@@ -30,6 +30,7 @@ double KindCost(IndexType kind) {
     case IndexType::kIvfSq8:
       return kIvfSq8DistanceCost;
     case IndexType::kFlatSq8:
+    case IndexType::kPcaSq8:
       return kFlatSq8DistanceCost;
     default:
       return kFlatDistanceCost;
@@ -44,13 +45,21 @@ size_t RecallK(const KeyIndex& index, const Holdout& holdout, const CalibrationO
   return std::min({static_cast<size_t>(options.k), holdout.width, index.size()});
 }
 
-// The effort knob of a calibrated kind: the graph's beam or IVF's nprobe.
+// The effort knob of a calibrated kind: the graph's beam, IVF's nprobe or
+// pca_sq8's rerank factor.
 void SetEffort(IndexType kind, int effort, SearchParams* params) {
   if (kind == IndexType::kGraph) params->beam = effort;
   if (IsIvfKind(kind)) params->nprobe = effort;
+  if (kind == IndexType::kPcaSq8) params->rerank_factor = effort;
 }
 
 }  // namespace
+
+int CalibratedEffort(const CalibrationResult& result) {
+  if (IsIvfKind(result.kind)) return result.nprobe;
+  if (result.kind == IndexType::kPcaSq8) return result.rerank_factor;
+  return result.beam;
+}
 
 absl::Status ValidateCalibrationOptions(const CalibrationOptions& options) {
   if (!(options.target_recall > 0.0 && options.target_recall <= 1.0)) {
@@ -80,24 +89,39 @@ absl::Status ValidateCalibrationOptions(const CalibrationOptions& options) {
                                                    options.timing_repetitions, " outside [1, ",
                                                    kMaxTimingRepetitions, "]"));
   }
+  if (options.queries_per_search < 1 || options.queries_per_search > kMaxHoldoutQueries) {
+    return absl::InvalidArgumentError(absl::StrCat("calibration queries_per_search ",
+                                                   options.queries_per_search, " outside [1, ",
+                                                   kMaxHoldoutQueries, "]"));
+  }
   return absl::OkStatus();
 }
 
 absl::StatusOr<double> TimeSearch(const KeyIndex& index, ConstMatrixView queries,
-                                  const SearchParams& params, int repetitions) {
+                                  const SearchParams& params, int repetitions,
+                                  size_t queries_per_search) {
   if (queries.rows() == 0) return absl::InvalidArgumentError("TimeSearch: no queries");
   if (repetitions < 1 || repetitions > kMaxTimingRepetitions) {
     return absl::InvalidArgumentError(absl::StrCat("TimeSearch: repetitions ", repetitions,
                                                    " outside [1, ", kMaxTimingRepetitions, "]"));
   }
+  if (queries_per_search < 1 || queries_per_search > kMaxHoldoutQueries) {
+    return absl::InvalidArgumentError(absl::StrCat("TimeSearch: queries_per_search ",
+                                                   queries_per_search, " outside [1, ",
+                                                   kMaxHoldoutQueries, "]"));
+  }
+  const size_t per_call = std::min(queries_per_search, queries.rows());
   const size_t k = static_cast<size_t>(std::max(params.k, 1));
-  std::vector<int64_t> ids(k);
-  std::vector<float> scores(k);
+  // per_call <= kMaxHoldoutQueries and k <= kMaxSearchK: no overflow.
+  std::vector<int64_t> ids(per_call * k);
+  std::vector<float> scores(per_call * k);
   std::vector<double> us(static_cast<size_t>(repetitions));
   for (double& pass : us) {
     const auto t0 = std::chrono::steady_clock::now();
-    for (size_t i = 0; i < queries.rows(); ++i) {
-      KVR_RETURN_IF_ERROR(index.Search(queries.rows_slice(i, 1), params, ids, scores));
+    for (size_t i = 0; i < queries.rows(); i += per_call) {
+      const size_t nq = std::min(per_call, queries.rows() - i);
+      KVR_RETURN_IF_ERROR(index.Search(queries.rows_slice(i, nq), params, {ids.data(), nq * k},
+                                       {scores.data(), nq * k}));
     }
     pass = 1e6 * std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() /
            static_cast<double>(queries.rows());
@@ -246,9 +270,12 @@ absl::StatusOr<CalibrationResult> CalibrateEffortBounded(const KeyIndex& index,
     return result;
   }
 
-  // Effort range: graph beam [k, min(n, kMaxCalibratedBeam)]; IVF nprobe [1, nlist].
+  // Effort range: graph beam [k, min(n, kMaxCalibratedBeam)]; IVF nprobe
+  // [1, nlist]; pca_sq8 rerank factor [1, kMaxSq8RerankFactor].
   int low_effort = 1, max_effort = 1;
-  if (result.kind == IndexType::kGraph) {
+  if (result.kind == IndexType::kPcaSq8) {
+    max_effort = kMaxSq8RerankFactor;
+  } else if (result.kind == IndexType::kGraph) {
     low_effort = static_cast<int>(k);
     max_effort = static_cast<int>(
         std::max<size_t>(k, std::min<size_t>(index.size(), kMaxCalibratedBeam)));
@@ -291,6 +318,7 @@ absl::StatusOr<CalibrationResult> CalibrateEffortBounded(const KeyIndex& index,
   }
   if (result.kind == IndexType::kGraph) result.beam = meet;
   if (IsIvfKind(result.kind)) result.nprobe = meet;
+  if (result.kind == IndexType::kPcaSq8) result.rerank_factor = meet;
   result.expected_recall = best.recall;
   result.cost_per_query = best.distance_computations * IndexCost(index);
   return result;
@@ -376,6 +404,7 @@ absl::Status CalibratedIndex::Search(ConstMatrixView queries, const SearchParams
   SearchParams p = params;
   if (p.beam == 0) p.beam = result_.beam;
   if (p.nprobe == 0) p.nprobe = result_.nprobe;
+  if (p.rerank_factor == 0) p.rerank_factor = result_.rerank_factor;
   return inner_->Search(queries, p, ids, scores, stats);
 }
 
@@ -392,6 +421,7 @@ absl::Status CalibratedIndex::Serialize(std::vector<uint8_t>* out) const {
   w.Put<int64_t>(result_.holdout_queries);
   w.Put<double>(result_.cost_per_query);
   w.Put<double>(result_.measured_us);
+  w.Put<int32_t>(result_.rerank_factor);
   w.PutArray(std::span<const uint8_t>(inner));
   const std::vector<uint8_t> blob = SealBlob(kCalibratedBlobKind, kCalibratedVersion, w.bytes());
   out->insert(out->end(), blob.begin(), blob.end());
@@ -404,7 +434,7 @@ absl::StatusOr<std::unique_ptr<CalibratedIndex>> CalibratedIndex::Deserialize(
     return absl::InvalidArgumentError(
         absl::StrCat("blob kind ", blob.kind, " is not a calibrated index"));
   }
-  if (blob.version != 1 && blob.version != kCalibratedVersion) {
+  if (blob.version < 1 || blob.version > kCalibratedVersion) {
     return absl::InvalidArgumentError(
         absl::StrCat("calibrated index: unsupported format version ", blob.version,
                      " (this build reads ", kCalibratedVersion, ")"));
@@ -421,6 +451,7 @@ absl::StatusOr<std::unique_ptr<CalibratedIndex>> CalibratedIndex::Deserialize(
   KVR_RETURN_IF_ERROR(r.Get(&c.holdout_queries, "holdout_queries"));
   KVR_RETURN_IF_ERROR(r.Get(&c.cost_per_query, "cost_per_query"));
   if (blob.version >= 2) KVR_RETURN_IF_ERROR(r.Get(&c.measured_us, "measured_us"));
+  if (blob.version >= 3) KVR_RETURN_IF_ERROR(r.Get(&c.rerank_factor, "rerank_factor"));
   std::vector<uint8_t> inner_blob;
   KVR_RETURN_IF_ERROR(r.GetArray(&inner_blob, "inner", r.remaining()));
   KVR_RETURN_IF_ERROR(r.ExpectEnd());
@@ -432,7 +463,8 @@ absl::StatusOr<std::unique_ptr<CalibratedIndex>> CalibratedIndex::Deserialize(
       kind != static_cast<uint8_t>(IndexType::kFlat) &&
       kind != static_cast<uint8_t>(IndexType::kIvf) &&
       kind != static_cast<uint8_t>(IndexType::kFlatSq8) &&
-      kind != static_cast<uint8_t>(IndexType::kIvfSq8)) {
+      kind != static_cast<uint8_t>(IndexType::kIvfSq8) &&
+      kind != static_cast<uint8_t>(IndexType::kPcaSq8)) {
     return bad("kind", int{kind});
   }
   c.kind = static_cast<IndexType>(kind);
@@ -453,6 +485,9 @@ absl::StatusOr<std::unique_ptr<CalibratedIndex>> CalibratedIndex::Deserialize(
   }
   if (!std::isfinite(c.measured_us) || c.measured_us < 0) {
     return bad("measured_us", c.measured_us);
+  }
+  if (c.rerank_factor < 0 || c.rerank_factor > kMaxSq8RerankFactor) {
+    return bad("rerank_factor", c.rerank_factor);
   }
   // The wrapped index: any kind but another calibrated one (no nesting).
   KVR_ASSIGN_OR_RETURN(OpenedBlob opened, OpenBlob(inner_blob));
@@ -504,6 +539,12 @@ absl::StatusOr<std::unique_ptr<CalibratedIndex>> BuildCalibrated(
     KVR_RETURN_IF_ERROR(flat->Add(keys));
     return std::unique_ptr<KeyIndex>(std::move(flat));
   };
+  auto build_pca = [&]() -> absl::StatusOr<std::unique_ptr<KeyIndex>> {
+    KVR_ASSIGN_OR_RETURN(std::unique_ptr<PcaSq8Index> pca,
+                         PcaSq8Index::Create(keys.cols(), options.pca));
+    KVR_RETURN_IF_ERROR(pca->Add(keys));
+    return std::unique_ptr<KeyIndex>(std::move(pca));
+  };
   auto build_ivf = [&](bool sq8) -> absl::StatusOr<std::unique_ptr<KeyIndex>> {
     IvfOptions o = options.ivf;
     o.sq8 = sq8;
@@ -542,6 +583,10 @@ absl::StatusOr<std::unique_ptr<CalibratedIndex>> BuildCalibrated(
       KVR_ASSIGN_OR_RETURN(auto idx, build_flat_sq8());
       return calibrate(std::move(idx));
     }
+    case IndexType::kPcaSq8: {
+      KVR_ASSIGN_OR_RETURN(auto idx, build_pca());
+      return calibrate(std::move(idx));
+    }
     case IndexType::kAuto:
       break;
   }
@@ -576,18 +621,19 @@ absl::StatusOr<std::unique_ptr<CalibratedIndex>> BuildCalibrated(
       if (c.meets_target) {
         SearchParams p;
         p.k = timing_k;
-        SetEffort(r.kind, IsIvfKind(r.kind) ? r.nprobe : r.beam, &p);
+        SetEffort(r.kind, CalibratedEffort(r), &p);
+        const size_t per_search = options.calibration.queries_per_search;
         const auto t0 = std::chrono::steady_clock::now();
         // One pass first (it also warms caches): a candidate over
         // kAutoPruneFactor x the fastest so far is not timed further.
-        KVR_ASSIGN_OR_RETURN(c.measured_us, TimeSearch(*index, timing_queries, p, 1));
+        KVR_ASSIGN_OR_RETURN(c.measured_us, TimeSearch(*index, timing_queries, p, 1, per_search));
         const int fastest = ChooseFastest(seen);
         c.pruned = fastest >= 0 && c.measured_us > kAutoPruneFactor *
                                                       seen[static_cast<size_t>(fastest)].measured_us;
         if (!c.pruned) {
           KVR_ASSIGN_OR_RETURN(c.measured_us,
                                TimeSearch(*index, timing_queries, p,
-                                          options.calibration.timing_repetitions));
+                                          options.calibration.timing_repetitions, per_search));
         }
         c.timing_seconds =
             std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
@@ -615,6 +661,12 @@ absl::StatusOr<std::unique_ptr<CalibratedIndex>> BuildCalibrated(
     if (!train_topk.empty()) {
       KVR_ASSIGN_OR_RETURN(auto graph, build_graph());
       KVR_RETURN_IF_ERROR(consider_timed(std::move(graph)));
+    }
+    // Last, so that the earlier kinds win ties and keep their positions in
+    // `candidates`; skipped above kMaxPcaDim (the eigen-decomposition's bound).
+    if (options.pca_candidate && keys.cols() <= kMaxPcaDim) {
+      KVR_ASSIGN_OR_RETURN(auto pca, build_pca());
+      KVR_RETURN_IF_ERROR(consider_timed(std::move(pca)));
     }
     if (options.candidates != nullptr) *options.candidates = seen;
     if (best == nullptr) return absl::InternalError("auto: the flat candidate was not kept");

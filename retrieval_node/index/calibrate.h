@@ -20,10 +20,16 @@
 // kAuto chooses by measured time (issue 17, session 26): the model misranks
 // short scans (per-search fixed costs, SQ8 rerank), so every candidate that
 // meets the target after calibration is timed at its chosen effort on the
-// first CalibrationOptions::timing_queries held-back queries (one query per
-// search, on the calling thread, median of timing_repetitions passes), and
-// the fastest is kept (ChooseFastest: ties within kAutoTimeTie go to the
-// earlier candidate of flat, flat_sq8, ivf, ivf_sq8, graph). The model only
+// first CalibrationOptions::timing_queries held-back queries
+// (queries_per_search queries per search, as a node searches the query
+// heads of one kv head together; on the calling thread, median of
+// timing_repetitions passes), and the fastest is kept (ChooseFastest: ties
+// within kAutoTimeTie go to the earlier candidate of flat, flat_sq8, ivf,
+// ivf_sq8, graph, pca_sq8).
+//
+// pca_sq8's effort is its rerank factor, calibrated like an IVF nprobe
+// (1, 2, 4, ... kMaxSq8RerankFactor, then bisected); CalibrationResult::
+// rerank_factor holds it. The model only
 // bounds calibration: a candidate's effort search stops once an effort
 // missing the target models more than kAutoPruneFactor x the cheapest
 // modelled contender so far (flat's n to begin with). A candidate whose
@@ -45,6 +51,7 @@
 #include "retrieval_node/index/attention_graph_index.h"
 #include "retrieval_node/index/index.h"
 #include "retrieval_node/index/ivf_index.h"
+#include "retrieval_node/index/pca_sq8_index.h"
 
 namespace kvr::index {
 
@@ -115,11 +122,22 @@ struct CalibrationOptions {
   // cost: candidates x timing_queries x timing_repetitions searches.
   size_t timing_queries = 32;
   int timing_repetitions = 3;
+  // kAuto by measured time: held-back queries searched per Search call when
+  // timing, [1, kMaxHoldoutQueries] (the time reported stays per query:
+  // total / queries). A node passes its sequence's query heads per kv head
+  // (SequenceSpec n_heads / n_kv_heads, the GQA group): those queries reach
+  // one shard together, and a scan kind reads its codes once for all of
+  // them while a graph walks once per query.
+  size_t queries_per_search = 1;
 };
 inline constexpr int kMaxTimingRepetitions = 15;
 
 // OK, or InvalidArgument naming the field and its range.
 absl::Status ValidateCalibrationOptions(const CalibrationOptions& options);
+
+// The calibrated effort of `result`'s kind: IVF nprobe, pca_sq8 rerank
+// factor, else the graph beam (0 for flat and flat_sq8).
+int CalibratedEffort(const CalibrationResult& result);
 
 // Held-back queries and their exact top ids over the index's keys.
 struct Holdout {
@@ -155,12 +173,15 @@ absl::StatusOr<CalibrationResult> CalibrateEffort(const KeyIndex& index, const H
                                                   ThreadPool* pool);
 
 // Median over `repetitions` passes ([1, kMaxTimingRepetitions]) of the mean
-// µs per query of searching each row of `queries` (>= 1 row, the index's
-// dim, finite) alone with `params` on the calling thread. The first pass
-// also warms caches (hence the median). Errors: the search's, or
-// InvalidArgument for no queries or repetitions out of range.
+// µs per query of searching the rows of `queries` (>= 1 row, the index's
+// dim, finite) `queries_per_search` at a time ([1, kMaxHoldoutQueries]; the
+// last call takes the rest) with `params` on the calling thread: each pass's
+// time divided by queries.rows(). The first pass also warms caches (hence
+// the median). Errors: the search's, or InvalidArgument for no queries,
+// repetitions or queries_per_search out of range.
 absl::StatusOr<double> TimeSearch(const KeyIndex& index, ConstMatrixView queries,
-                                  const SearchParams& params, int repetitions);
+                                  const SearchParams& params, int repetitions,
+                                  size_t queries_per_search = 1);
 
 // One candidate kind kAuto considered (BuildCalibrated with
 // CalibratedBuildOptions::candidates): what calibration chose for it and, if
@@ -252,6 +273,12 @@ struct CalibratedBuildOptions {
   CalibrationOptions calibration;
   AttentionGraphOptions graph;
   IvfOptions ivf;  // nlist is clamped to sqrt(n) (as the node does)
+  PcaSq8Options pca;  // kPcaSq8 and kAuto's pca_sq8 candidate
+  // kAuto by measured time: also build, calibrate and time pca_sq8 (the
+  // last candidate; keys of at most kMaxPcaDim dimensions). Off by default
+  // so callers comparing against the session-26 candidate set keep it; the
+  // node and bench/index_bench turn it on.
+  bool pca_candidate = false;
   // kAuto: choose by measured time (the file comment); false: by the cost
   // model alone (the session-25 rule, kept so benchmarks can compare).
   bool auto_by_time = true;
@@ -267,8 +294,9 @@ struct CalibratedBuildOptions {
 //  * kIvf: IVF, nprobe calibrated;
 //  * kFlatSq8: flat_sq8 (no effort knob: its recall at its rerank factor);
 //  * kIvfSq8: IVF with SQ8 lists (options.ivf.sq8 set), nprobe calibrated;
-//  * kAuto: candidates flat, flat_sq8, IVF, IVF-SQ8 and graph (only when
-//    train_topk is given), each calibrated; by measured time (default) the
+//  * kPcaSq8: pca_sq8 (options.pca), rerank factor calibrated;
+//  * kAuto: candidates flat, flat_sq8, IVF, IVF-SQ8, graph (only when
+//    train_topk is given) and pca_sq8 (options.pca_candidate), each calibrated; by measured time (default) the
 //    fastest timed one meeting the target (ChooseFastest; flat when none
 //    does); with auto_by_time false the session-25 cost-model rule (least
 //    modelled cost meeting the target, flat_sq8 replacing an approximate kind

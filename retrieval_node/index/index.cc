@@ -7,6 +7,7 @@
 #include "retrieval_node/index/flat_index.h"
 #include "retrieval_node/index/flat_sq8_index.h"
 #include "retrieval_node/index/ivf_index.h"
+#include "retrieval_node/index/pca_sq8_index.h"
 
 namespace kvr::index {
 
@@ -24,6 +25,8 @@ absl::string_view IndexTypeName(IndexType type) {
       return "flat_sq8";
     case IndexType::kIvfSq8:
       return "ivf_sq8";
+    case IndexType::kPcaSq8:
+      return "pca_sq8";
   }
   return "unknown";
 }
@@ -35,9 +38,10 @@ absl::StatusOr<IndexType> ParseIndexType(absl::string_view name) {
   if (name == "auto") return IndexType::kAuto;
   if (name == "flat_sq8") return IndexType::kFlatSq8;
   if (name == "ivf_sq8") return IndexType::kIvfSq8;
+  if (name == "pca_sq8") return IndexType::kPcaSq8;
   return absl::InvalidArgumentError(
       absl::StrCat("index type \"", std::string(name),
-                   "\" is not one of graph, flat, ivf, auto, flat_sq8, ivf_sq8"));
+                   "\" is not one of graph, flat, ivf, auto, flat_sq8, ivf_sq8, pca_sq8"));
 }
 
 absl::Status ValidateFinite(ConstMatrixView m, size_t dim, absl::string_view what) {
@@ -72,6 +76,10 @@ absl::StatusOr<std::unique_ptr<KeyIndex>> LoadIndex(std::span<const uint8_t> blo
     }
     case kFlatSq8BlobKind: {
       KVR_ASSIGN_OR_RETURN(auto idx, FlatSq8Index::Deserialize(opened));
+      return std::unique_ptr<KeyIndex>(std::move(idx));
+    }
+    case kPcaSq8BlobKind: {
+      KVR_ASSIGN_OR_RETURN(auto idx, PcaSq8Index::Deserialize(opened));
       return std::unique_ptr<KeyIndex>(std::move(idx));
     }
     case kCalibratedBlobKind: {

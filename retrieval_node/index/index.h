@@ -40,9 +40,12 @@ enum class IndexType : uint8_t {
   // IVF whose lists hold SQ8 codes (IvfIndex with IvfOptions::sq8; the same
   // blob kind as kIvf, so blobs written before this value load as this kind).
   kIvfSq8 = 5,
+  // SQ8 scan of the keys' top principal directions + exact rerank
+  // (PcaSq8Index, pca_sq8_index.h).
+  kPcaSq8 = 6,
 };
-inline constexpr size_t kNumIndexTypes = 6;
-// "graph", "flat", "ivf", "auto", "flat_sq8", "ivf_sq8".
+inline constexpr size_t kNumIndexTypes = 7;
+// "graph", "flat", "ivf", "auto", "flat_sq8", "ivf_sq8", "pca_sq8".
 absl::string_view IndexTypeName(IndexType type);
 // Parses the names above; InvalidArgument naming the value otherwise.
 absl::StatusOr<IndexType> ParseIndexType(absl::string_view name);
@@ -58,6 +61,7 @@ inline constexpr uint32_t kIvfBlobKind = 2;
 inline constexpr uint32_t kGraphBlobKind = 3;
 inline constexpr uint32_t kCalibratedBlobKind = 4;  // CalibratedIndex (calibrate.h)
 inline constexpr uint32_t kFlatSq8BlobKind = 5;     // FlatSq8Index
+inline constexpr uint32_t kPcaSq8BlobKind = 6;      // PcaSq8Index
 
 // Limits every index enforces on its inputs (ValidateSearch / Add / loaders).
 inline constexpr int kMaxSearchK = kMaxTopK;        // SearchParams::k upper bound
@@ -69,8 +73,9 @@ struct SearchParams {
   int k = 100;     // results per query; 1 <= k <= min(size(), kMaxSearchK)
   int beam = 0;    // graph: beam width L (0: the index's default; raised to k if smaller)
   int nprobe = 0;  // IVF: clusters probed (0: the index's default)
-  // SQ8 kinds (flat_sq8, IVF with sq8): candidates rescored exactly per
-  // result (0: the index's; else [1, kMaxSq8RerankFactor], sq8_codes.h).
+  // SQ8 kinds (flat_sq8, IVF with sq8, pca_sq8): candidates rescored
+  // exactly per result (0: the index's; else [1, kMaxSq8RerankFactor],
+  // sq8_codes.h). pca_sq8's calibrated effort.
   int rerank_factor = 0;
 };
 
@@ -86,6 +91,9 @@ struct CalibrationResult {
   IndexType kind = IndexType::kFlat;  // the index searched (never kAuto)
   int beam = 0;    // graph: SearchParams::beam used when a search leaves it 0 (0: graph default)
   int nprobe = 0;  // IVF: SearchParams::nprobe used when a search leaves it 0 (0: IVF default)
+  // pca_sq8: SearchParams::rerank_factor used when a search leaves it 0 (0:
+  // the index's default).
+  int rerank_factor = 0;
   // Mean recall@k on the held-back queries at that effort; NaN when there
   // were none (the effort is then the index's built-in default).
   double expected_recall = std::numeric_limits<double>::quiet_NaN();

@@ -19,9 +19,9 @@ const metrics::Buckets kBuildSeconds = {
     1e-3, 2.5e-3, 5e-3, 10e-3, 25e-3, 50e-3, 100e-3, 250e-3, 500e-3,
     1.0,  2.5,    5.0,  10.0,  25.0,  50.0,  100.0,  250.0};
 
-constexpr std::array<IndexType, 5> kIndexTypes = {IndexType::kGraph, IndexType::kFlat,
+constexpr std::array<IndexType, 6> kIndexTypes = {IndexType::kGraph, IndexType::kFlat,
                                                    IndexType::kIvf, IndexType::kFlatSq8,
-                                                   IndexType::kIvfSq8};
+                                                   IndexType::kIvfSq8, IndexType::kPcaSq8};
 
 // Expected recall@k of a calibrated index: 0.5 .. 1.
 const metrics::Buckets kRecallBuckets = {0.5,  0.8,  0.9,  0.93,  0.95, 0.96,

@@ -58,12 +58,14 @@ absl::StatusOr<IndexType> IndexTypeFromProto(int type, absl::string_view field) 
       return IndexType::kFlatSq8;
     case v1::INDEX_TYPE_IVF_SQ8:
       return IndexType::kIvfSq8;
+    case v1::INDEX_TYPE_PCA_SQ8:
+      return IndexType::kPcaSq8;
     default:
       return absl::InvalidArgumentError(
           absl::StrCat(field, " ", type,
                        " is not one of INDEX_TYPE_GRAPH (1), INDEX_TYPE_FLAT (2), "
                        "INDEX_TYPE_IVF (3), INDEX_TYPE_AUTO (4), INDEX_TYPE_FLAT_SQ8 (5), "
-                       "INDEX_TYPE_IVF_SQ8 (6)"));
+                       "INDEX_TYPE_IVF_SQ8 (6), INDEX_TYPE_PCA_SQ8 (7)"));
   }
 }
 
@@ -81,6 +83,8 @@ v1::IndexType IndexTypeToProto(IndexType type) {
       return v1::INDEX_TYPE_FLAT_SQ8;
     case IndexType::kIvfSq8:
       return v1::INDEX_TYPE_IVF_SQ8;
+    case IndexType::kPcaSq8:
+      return v1::INDEX_TYPE_PCA_SQ8;
   }
   return v1::INDEX_TYPE_UNSPECIFIED;
 }

@@ -30,51 +30,16 @@ AttentionData Generate(const std::string& family, size_t n_train = 512) {
   return test_support::GenerateFamily(family, kKeys, n_train, kTest);
 }
 
-std::vector<int64_t> ExactIds(ConstMatrixView keys, ConstMatrixView queries, int k) {
-  std::vector<int64_t> ids(queries.rows() * k);
-  std::vector<float> scores(ids.size());
-  EXPECT_TRUE(ExactTopK(keys, queries, k, ids, scores, nullptr).ok());
-  return ids;
-}
+using test_support::ExactIds;
+using test_support::ExpectExactScores;
+using Result = test_support::SearchResult;
 
 double Recall(const std::vector<int64_t>& got, const std::vector<int64_t>& truth, int k) {
   return test_support::RecallAtK(got, truth, k);
 }
 
-struct Result {
-  std::vector<int64_t> ids;
-  std::vector<float> scores;
-};
-
 Result Search(const KeyIndex& idx, ConstMatrixView queries, SearchParams p) {
-  Result r;
-  r.ids.resize(queries.rows() * p.k);
-  r.scores.resize(r.ids.size());
-  const absl::Status s = idx.Search(queries, p, r.ids, r.scores);
-  EXPECT_TRUE(s.ok()) << s;
-  return r;
-}
-
-// Every returned score is the key's inner product with the query: |score -
-// double dot| <= 1e-5 * sum |q_j k_j| (+1e-30), the bound of fp32 summation
-// of d = 128 products; ids distinct, in range, best first.
-void ExpectExactScores(ConstMatrixView keys, ConstMatrixView queries, const Result& r, int k) {
-  for (size_t q = 0; q < queries.rows(); ++q) {
-    for (int j = 0; j < k; ++j) {
-      const int64_t id = r.ids[q * k + j];
-      ASSERT_GE(id, 0);
-      ASSERT_LT(id, static_cast<int64_t>(keys.rows()));
-      double dot = 0, mag = 0;
-      for (size_t c = 0; c < keys.cols(); ++c) {
-        dot += double{queries.row(q)[c]} * double{keys.row(id)[c]};
-        mag += std::fabs(double{queries.row(q)[c]} * double{keys.row(id)[c]});
-      }
-      ASSERT_NEAR(r.scores[q * k + j], dot, 1e-5 * mag + 1e-30) << "query " << q << " rank " << j;
-      if (j > 0) {
-        ASSERT_GE(r.scores[q * k + j - 1], r.scores[q * k + j]);
-      }
-    }
-  }
+  return test_support::SearchIndex(idx, queries, p);
 }
 
 struct FamilyFloor {
