@@ -1,0 +1,7 @@
+# Deferred index builds of the retrieval node (session 27, issue 17 item 5;
+# NodeCoreOptions::defer_index_build, kvr_node --defer_index_build): the
+# pending chunk is exact, the install equals the synchronous build, appends
+# during a build, drop during a build, restart before and after the install.
+kvr_test(defer_build_test SOURCES unit/defer_build_test.cc
+  DEPS kvr::node_core kvr::shard_store RocksDB::rocksdb
+  LABELS unit TIMEOUT 120)
