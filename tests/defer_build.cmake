@@ -5,3 +5,8 @@
 kvr_test(defer_build_test SOURCES unit/defer_build_test.cc
   DEPS kvr::node_core kvr::shard_store RocksDB::rocksdb
   LABELS unit TIMEOUT 120)
+# The engine over a deferring node (stories260K, retrieval mode): exact
+# logits while builds are pending, the synchronous node's logits once they
+# installed, also for a fork made while pending.
+kvr_test(defer_build_engine_test SOURCES unit/defer_build_engine_test.cc
+  DEPS kvr::engine kvr::retrieval_client LABELS unit TIMEOUT 300)

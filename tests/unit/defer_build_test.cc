@@ -195,11 +195,17 @@ bool AwaitMemory(NodeCore* node, int64_t bytes) {
 TEST(DeferBuildTest, PendingChunkIsExactThenEqualsTheSynchronousBuild) {
   const Data data;
   BuildGate gate;
+  // threads 0: builds and Attends on one thread each, so the two nodes' graph
+  // builds are identical (a parallel build may differ in its vectors'
+  // capacity and edges).
   NodeCoreOptions o = Options(true);
+  o.threads = 0;
   o.before_index_build = gate.Hook();
+  NodeCoreOptions so = Options(false);
+  so.threads = 0;
   auto node = NewNode(o);
-  auto sync = NewNode(Options(false));
-  auto flat = NewNode(Options(false));
+  auto sync = NewNode(so);
+  auto flat = NewNode(so);
   ASSERT_TRUE(node && sync && flat);
   ASSERT_NO_FATAL_FAILURE(Load(node.get(), data, IndexType::kGraph));
   ASSERT_NO_FATAL_FAILURE(Load(sync.get(), data, IndexType::kGraph));
