@@ -517,6 +517,14 @@ absl::StatusOr<NodeCore::UploadAdmission> NodeCore::ReserveUpload(uint64_t seque
 absl::StatusOr<std::unique_ptr<index::KeyIndex>> NodeCore::BuildIndex(
     IndexType type, ConstMatrixView keys, std::span<const int64_t> train_topk, size_t topk_width,
     ConstMatrixView train_queries, int train_k, const index::Holdout& holdout) {
+  return BuildIndexOn(pool_.get(), type, keys, train_topk, topk_width, train_queries, train_k,
+                      holdout);
+}
+
+absl::StatusOr<std::unique_ptr<index::KeyIndex>> NodeCore::BuildIndexOn(
+    ThreadPool* pool, IndexType type, ConstMatrixView keys, std::span<const int64_t> train_topk,
+    size_t topk_width, ConstMatrixView train_queries, int train_k,
+    const index::Holdout& holdout) {
   const size_t n = keys.rows();
   if (type == IndexType::kAuto && (!holdout.empty() || n < index::kAutoMinKeys) &&
       n >= options_.min_index_keys) {
@@ -527,17 +535,18 @@ absl::StatusOr<std::unique_ptr<index::KeyIndex>> NodeCore::BuildIndex(
     o.ivf = options_.ivf;
     KVR_ASSIGN_OR_RETURN(std::unique_ptr<index::CalibratedIndex> chosen,
                          index::BuildCalibrated(type, keys, train_topk, topk_width, holdout, o,
-                                                pool_.get()));
+                                                pool));
     return std::unique_ptr<index::KeyIndex>(std::move(chosen));
   }
   if (type == IndexType::kAuto) type = IndexType::kGraph;  // no held-back queries: the default
   if (type != IndexType::kFlat && !holdout.empty() && n >= options_.min_index_keys) {
     // Build as below, then calibrate the search effort on the held-back queries.
     KVR_ASSIGN_OR_RETURN(std::unique_ptr<index::KeyIndex> built,
-                         BuildIndex(type, keys, train_topk, topk_width, train_queries, train_k));
+                         BuildIndexOn(pool, type, keys, train_topk, topk_width, train_queries,
+                                      train_k));
     KVR_ASSIGN_OR_RETURN(index::CalibrationResult chosen,
                          index::CalibrateEffort(*built, holdout, options_.calibration,
-                                                pool_.get()));
+                                                pool));
     KVR_ASSIGN_OR_RETURN(std::unique_ptr<index::CalibratedIndex> calibrated,
                          index::CalibratedIndex::Create(std::move(built), chosen));
     return std::unique_ptr<index::KeyIndex>(std::move(calibrated));
@@ -559,18 +568,18 @@ absl::StatusOr<std::unique_ptr<index::KeyIndex>> NodeCore::BuildIndex(
     if (type == IndexType::kIvfSq8) o.sq8 = true;
     o.nlist = std::clamp<size_t>(Sqrt(n), 1, o.nlist);
     KVR_ASSIGN_OR_RETURN(std::unique_ptr<index::IvfIndex> ivf,
-                         index::IvfIndex::Build(keys, o, pool_.get()));
+                         index::IvfIndex::Build(keys, o, pool));
     return std::unique_ptr<index::KeyIndex>(std::move(ivf));
   }
   std::unique_ptr<index::AttentionGraphIndex> graph;
   if (!train_topk.empty()) {
     KVR_ASSIGN_OR_RETURN(graph, index::AttentionGraphIndex::Build(keys, train_topk, topk_width,
-                                                                  options_.graph, pool_.get()));
+                                                                  options_.graph, pool));
   } else {
     const ConstMatrixView queries = train_queries.rows() > 0 ? train_queries : keys;
     const int k = static_cast<int>(std::min<size_t>(static_cast<size_t>(train_k), n));
     KVR_ASSIGN_OR_RETURN(graph, index::AttentionGraphIndex::BuildFromQueries(
-                                    keys, queries, k, options_.graph, pool_.get()));
+                                    keys, queries, k, options_.graph, pool));
   }
   return std::unique_ptr<index::KeyIndex>(std::move(graph));
 }
@@ -1314,9 +1323,12 @@ void NodeCore::RunBuild(const std::shared_ptr<BuildJob>& job) {
     const auto start = std::chrono::steady_clock::now();
     const index::Holdout holdout{job->holdout_queries.view(), job->holdout_topk,
                                  job->holdout_topk_width};
+    // On this (nice 19) thread alone: the node's pool runs at normal
+    // priority and would take prefill's cores (several builds run at once
+    // with index_build_threads > 1).
     absl::StatusOr<std::unique_ptr<index::KeyIndex>> built =
-        BuildIndex(job->type, job->placeholder->keys(), job->train_topk, job->train_topk_width,
-                   job->train_queries.view(), job->train_k, holdout);
+        BuildIndexOn(nullptr, job->type, job->placeholder->keys(), job->train_topk,
+                     job->train_topk_width, job->train_queries.view(), job->train_k, holdout);
     status = built.status();
     if (built.ok()) {
       result = std::move(built).value();

@@ -116,7 +116,8 @@ struct NodeCoreOptions {
   // (persisted as such with `persistence`), and returns; the chunk's real
   // index is built by BuildIndex (the same call, inputs and pool as the
   // synchronous path) on a build thread (index_build_threads, niced to the
-  // lowest priority) and swapped in under the exclusive sequence lock, then
+  // lowest priority; each build on that thread alone, not on the `threads`
+  // pool) and swapped in under the exclusive sequence lock, then
   // persisted. Until then ShardInfo::index_pending is true, Attends search
   // the chunk exactly, and tail seals of that chunk wait (the tail keeps
   // every appended row, searched exactly, and seals once the build is in).
@@ -711,6 +712,12 @@ class NodeCore final {
   // Builds the index a chunk of `n` keys should have.
   absl::StatusOr<std::unique_ptr<index::KeyIndex>> BuildIndex(
       IndexType type, ConstMatrixView keys, std::span<const int64_t> train_topk,
+      size_t topk_width, ConstMatrixView train_queries, int train_k,
+      const index::Holdout& holdout = {});
+  // BuildIndex with its parallel parts on `pool` (null: the calling thread
+  // only; BuildIndex uses pool_).
+  absl::StatusOr<std::unique_ptr<index::KeyIndex>> BuildIndexOn(
+      ThreadPool* pool, IndexType type, ConstMatrixView keys, std::span<const int64_t> train_topk,
       size_t topk_width, ConstMatrixView train_queries, int train_k,
       const index::Holdout& holdout = {});
   // Estimated bytes `n` more keys of `spec` take (keys, values, positions,
