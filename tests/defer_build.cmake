@@ -10,3 +10,10 @@ kvr_test(defer_build_test SOURCES unit/defer_build_test.cc
 # installed, also for a fork made while pending.
 kvr_test(defer_build_engine_test SOURCES unit/defer_build_engine_test.cc
   DEPS kvr::engine kvr::retrieval_client LABELS unit TIMEOUT 300)
+# kvr_node's flags, the wire field ShardInfo.index_pending and the metrics.
+if(KVR_WITH_SERVICES)
+  kvr_test(defer_build_grpc_test SOURCES integration/defer_build_grpc_test.cc OWN_MAIN
+    DEPS kvr::remote_clients
+    ARGS --kvr_node $<TARGET_FILE:kvr_node> NEEDS kvr_node
+    LABELS integration TIMEOUT 300)
+endif()

@@ -612,6 +612,10 @@ absl::Status NodeCore::UploadShard(const ShardUpload& upload) {
       return absl::NotFoundError(absl::StrCat("UploadShard: unknown sequence ", key.sequence_id));
     }
     KVR_RETURN_IF_ERROR(PersistenceError());
+    HeadState& again = seq->head(key.layer, key.kv_head);
+    if (!again.chunks.empty() && again.chunks.back().pending == job) {
+      again.chunks.back().pending.reset();  // finished without installing: stays flat
+    }
   }
   if (key.chunk < 0) {
     return absl::InvalidArgumentError(absl::StrCat("chunk ", key.chunk, " < 0 for ", where));
@@ -2008,6 +2012,18 @@ absl::Status NodeCore::ForkSequence(uint64_t source_id, std::string_view source_
                "sequence and upload its shards instead"));
   }
   std::shared_ptr<Sequence> fork;
+  // Held until the fork is served or abandoned: a deferred build the fork
+  // joined (Chunk::pending) installs into it only after that, and into an
+  // abandoned fork (marked dropped) not at all, so its bytes stay exact.
+  std::unique_lock<std::shared_mutex> fork_lock;
+  bool forked = false;
+  struct DropUnlessForked {
+    std::shared_ptr<Sequence>* created;
+    const bool* served;
+    ~DropUnlessForked() {
+      if (!*served && *created != nullptr) (*created)->dropped = true;
+    }
+  } drop_unless_forked{&fork, &forked};
   int64_t bytes = 0;
   {
     // Exclusive: every writer of a head (appends, seals, recalibration
@@ -2019,6 +2035,7 @@ absl::Status NodeCore::ForkSequence(uint64_t source_id, std::string_view source_
     SequenceSpec spec = source->spec;
     spec.sequence_id = fork_id;
     fork = NewSequence(spec);
+    fork_lock = std::unique_lock<std::shared_mutex>(fork->mu);
     const size_t d = static_cast<size_t>(spec.head_dim);
     for (size_t i = 0; i < source->heads.size(); ++i) {
       const HeadState& from = *source->heads[i];
@@ -2072,6 +2089,7 @@ absl::Status NodeCore::ForkSequence(uint64_t source_id, std::string_view source_
     lease_renewed_[access.lease_owner] = std::chrono::steady_clock::now();
   }
   forks_.fetch_add(1, std::memory_order_relaxed);
+  forked = true;
   return absl::OkStatus();
 }
 
