@@ -21,7 +21,8 @@
 // rows from the tail; when the build is not done by then, that append waits
 // for it with the lock released. So what an Attend sees depends only on the
 // appends made, never on timing (except the search effort a recalibration
-// on decode queries swaps in: NodeCoreOptions::recalibrate_every), and the
+// on decode queries swaps in: NodeCoreOptions::recalibrate_every, and
+// whether a deferred index build has installed: defer_index_build), and the
 // tail holds fewer than
 // tail_capacity + SealLag rows between appends. The build copies the chunk's
 // index (O(chunk keys) per seal, as persisting the seal already is), so
@@ -114,8 +115,8 @@ struct NodeCoreOptions {
   // synchronous build would (the index's estimate stays reserved until the
   // build installs), stores the chunk with an exact flat index over its keys
   // (persisted as such with `persistence`), and returns; the chunk's real
-  // index is built by BuildIndex (the same call, inputs and pool as the
-  // synchronous path) on a build thread (index_build_threads, niced to the
+  // index is built by the synchronous path's code on the same inputs
+  // (BuildIndexOn) on a build thread (index_build_threads, niced to the
   // lowest priority; each build on that thread alone, not on the `threads`
   // pool) and swapped in under the exclusive sequence lock, then
   // persisted. Until then ShardInfo::index_pending is true, Attends search
