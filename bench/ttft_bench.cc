@@ -21,6 +21,14 @@
 //    pending hand-off uploads ("wait");
 //  * with --exact_train, the pipelined prefill again with every prefill
 //    query's exact training top-k (max_train_queries 0: before sampling).
+//  * --defer_index_build (default "true,false"): the pipelined retrieval run
+//    once per value, each on its own in-process node with
+//    NodeCoreOptions::defer_index_build set so (true: UploadShard replies
+//    before the index is built, the chunk is searched exactly until a
+//    background build installs it; kvr_node's default), printed one row per
+//    value; "built" is when the node's last deferred build installed,
+//    measured from the start of prefill (polled after the first decode step;
+//    = hand-off done without deferral). The other runs use the first value.
 //  * with --exact_topk, the pipelined prefill again with --train_topk=exact
 //    (the sampled queries' exact top-k: the behaviour before the approximate
 //    training top-k).
@@ -43,6 +51,8 @@
 #include <optional>
 #include <random>
 #include <string>
+#include <thread>
+#include <utility>
 #include <vector>
 
 #include "absl/flags/flag.h"
@@ -87,6 +97,9 @@ ABSL_FLAG(std::string, train_topk, "approx",
 ABSL_FLAG(bool, exact_topk, false,
           "also run the pipelined hand-off with --train_topk=exact (sampled queries, exact "
           "top-k: the behaviour before the approximate training top-k)");
+ABSL_FLAG(std::string, defer_index_build, "true,false",
+          "node index builds deferred off UploadShard (true) or not (false); a list runs the "
+          "pipelined retrieval prefill once per value");
 ABSL_FLAG(int, reps, 1, "repetitions per cell (the median is reported)");
 ABSL_FLAG(int, dim, 512, "random model: width");
 ABSL_FLAG(int, layers, 4, "random model: layers");
@@ -114,12 +127,14 @@ struct Model {
 
 struct Cell {
   double prefill = 0, handoff_done = 0, first_step = 0, wait = 0;
+  double built = 0;  // prefill start until the node's deferred builds installed
 };
 
 struct Row {
   std::string model;
   int64_t tokens = 0;
   Cell full, pipelined, sync, exact;
+  std::vector<std::pair<bool, Cell>> deferral;  // pipelined per --defer_index_build value
   bool has_sync = false;
   bool has_exact = false;
   Cell exact_topk;
@@ -185,10 +200,13 @@ std::vector<int32_t> Prompt(const Model& m, int64_t n) {
   return p;
 }
 
-// One prefill + first decode step of `prompt`.
+// One prefill + first decode step of `prompt`; then waits for `node`'s
+// deferred index builds (Cell::built) before ending the sequence.
 absl::StatusOr<Cell> Measure(RetrievalEngine& engine, const std::vector<int32_t>& prompt,
-                             const AttentionOptions& options) {
+                             const AttentionOptions& options,
+                             retrieval::InProcessRetrievalClient* node) {
   Cell cell;
+  const Clock::time_point prefill_start = Clock::now();
   KVR_ASSIGN_OR_RETURN(auto logits, engine.Prefill(prompt, options));
   cell.prefill = engine.stats().prefill_seconds;
   const int32_t next = static_cast<int32_t>(std::max_element(logits.begin(), logits.end()) -
@@ -198,21 +216,36 @@ absl::StatusOr<Cell> Measure(RetrievalEngine& engine, const std::vector<int32_t>
   cell.first_step = std::chrono::duration<double>(Clock::now() - start).count();
   cell.wait = engine.stats().handoff_wait_seconds;
   cell.handoff_done = engine.stats().handoff_seconds;
+  cell.built = cell.handoff_done;
+  if (node != nullptr) {
+    const Clock::time_point deadline = Clock::now() + std::chrono::hours(1);
+    for (;;) {
+      KVR_ASSIGN_OR_RETURN(retrieval::NodeStats st, node->Stats());
+      if (st.index_builds_pending == 0) break;
+      if (Clock::now() > deadline) {
+        return absl::DeadlineExceededError("deferred index builds still pending after 1 h");
+      }
+      std::this_thread::sleep_for(std::chrono::milliseconds(5));
+      cell.built = std::chrono::duration<double>(Clock::now() - prefill_start).count();
+    }
+  }
   KVR_RETURN_IF_ERROR(engine.EndSequence());
   return cell;
 }
 
 absl::StatusOr<Cell> MeasureMedian(RetrievalEngine& engine, const std::vector<int32_t>& prompt,
-                                   const AttentionOptions& options, int reps) {
-  std::vector<double> prefill, done, step, wait;
+                                   const AttentionOptions& options, int reps,
+                                   retrieval::InProcessRetrievalClient* node = nullptr) {
+  std::vector<double> prefill, done, step, wait, built;
   for (int r = 0; r < reps; ++r) {
-    KVR_ASSIGN_OR_RETURN(Cell c, Measure(engine, prompt, options));
+    KVR_ASSIGN_OR_RETURN(Cell c, Measure(engine, prompt, options, node));
     prefill.push_back(c.prefill);
     done.push_back(c.handoff_done);
     step.push_back(c.first_step);
     wait.push_back(c.wait);
+    built.push_back(c.built);
   }
-  return Cell{Median(prefill), Median(done), Median(step), Median(wait)};
+  return Cell{Median(prefill), Median(done), Median(step), Median(wait), Median(built)};
 }
 
 absl::Status Run() {
@@ -224,6 +257,14 @@ absl::Status Run() {
           absl::StrCat("--lengths: \"", std::string(s), "\" is not a positive integer"));
     }
     lengths.push_back(n);
+  }
+  std::vector<bool> defer_values;
+  for (absl::string_view s : absl::StrSplit(absl::GetFlag(FLAGS_defer_index_build), ',')) {
+    if (s != "true" && s != "false") {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "--defer_index_build: \"", std::string(s), "\" is not true or false"));
+    }
+    defer_values.push_back(s == "true");
   }
   const int reps = absl::GetFlag(FLAGS_reps);
   if (reps < 1) return absl::InvalidArgumentError("--reps must be >= 1");
@@ -238,17 +279,25 @@ absl::Status Run() {
 
   std::vector<Row> rows;
   const bool sync = absl::GetFlag(FLAGS_sync);
-  std::printf("\n%-22s %6s | %9s %9s | %9s %7s %10s %9s %9s |%s\n", "model", "tokens", "full s",
-              "step s", "retr s", "/full", "handoff s", "step s", "wait s",
-              sync ? "  sync s   /full  step s" : "");
+  std::printf("\n%-22s %6s | %9s %9s | %5s %9s %7s %10s %9s %9s %9s |%s\n", "model", "tokens",
+              "full s", "step s", "defer", "retr s", "/full", "handoff s", "step s", "wait s",
+              "built s", sync ? "  sync s   /full  step s" : "");
   for (absl::string_view name : absl::StrSplit(absl::GetFlag(FLAGS_models), ',')) {
     KVR_ASSIGN_OR_RETURN(Model m, LoadModel(std::string(name)));
     const worker::LlamaConfig& c = m.weights->config;
     int64_t max_len = 0;
     for (int64_t n : lengths) max_len = std::max(max_len, std::min<int64_t>(n, c.seq_len - 1));
-    auto node_options = retrieval::NodeCoreOptions{};
-    node_options.threads = static_cast<size_t>(absl::GetFlag(FLAGS_node_threads));
-    KVR_ASSIGN_OR_RETURN(auto node, retrieval::InProcessRetrievalClient::Create(node_options));
+    // One in-process node per --defer_index_build value; the first serves
+    // every other run.
+    std::vector<std::unique_ptr<retrieval::InProcessRetrievalClient>> nodes;
+    for (bool defer : defer_values) {
+      auto node_options = retrieval::NodeCoreOptions{};
+      node_options.threads = static_cast<size_t>(absl::GetFlag(FLAGS_node_threads));
+      node_options.defer_index_build = defer;
+      KVR_ASSIGN_OR_RETURN(auto one, retrieval::InProcessRetrievalClient::Create(node_options));
+      nodes.push_back(std::move(one));
+    }
+    retrieval::InProcessRetrievalClient* const node = nodes.front().get();
     EngineOptions pipelined, synchronous;
     pipelined.max_seq_len = synchronous.max_seq_len = max_len + 1;
     pipelined.handoff_threads = absl::GetFlag(FLAGS_handoff_threads);
@@ -266,14 +315,19 @@ absl::Status Run() {
     exact.max_train_queries = 0;
     EngineOptions exact_topk_options = pipelined;
     exact_topk_options.train_topk = TrainingTopKMode::kExact;
-    KVR_ASSIGN_OR_RETURN(auto engine,
-                         RetrievalEngine::Create(backend.get(), m.weights, node.get(), pipelined));
+    std::vector<std::unique_ptr<RetrievalEngine>> deferral_engines;
+    for (const auto& n : nodes) {
+      KVR_ASSIGN_OR_RETURN(auto e,
+                           RetrievalEngine::Create(backend.get(), m.weights, n.get(), pipelined));
+      deferral_engines.push_back(std::move(e));
+    }
+    RetrievalEngine* const engine = deferral_engines.front().get();
     KVR_ASSIGN_OR_RETURN(auto sync_engine, RetrievalEngine::Create(backend.get(), m.weights,
-                                                                   node.get(), synchronous));
+                                                                   node, synchronous));
     KVR_ASSIGN_OR_RETURN(auto exact_engine,
-                         RetrievalEngine::Create(backend.get(), m.weights, node.get(), exact));
+                         RetrievalEngine::Create(backend.get(), m.weights, node, exact));
     KVR_ASSIGN_OR_RETURN(auto exact_topk_engine,
-                         RetrievalEngine::Create(backend.get(), m.weights, node.get(),
+                         RetrievalEngine::Create(backend.get(), m.weights, node,
                                                  exact_topk_options));
     std::vector<int64_t> done_lengths;
     for (int64_t asked : lengths) {
@@ -292,9 +346,14 @@ absl::Status Run() {
       row.model = m.name;
       row.tokens = n;
       KVR_ASSIGN_OR_RETURN(row.full, MeasureMedian(*engine, prompt, full, reps));
-      KVR_ASSIGN_OR_RETURN(row.pipelined, MeasureMedian(*engine, prompt, retr, reps));
+      for (size_t i = 0; i < nodes.size(); ++i) {
+        KVR_ASSIGN_OR_RETURN(Cell cell, MeasureMedian(*deferral_engines[i], prompt, retr, reps,
+                                                      nodes[i].get()));
+        row.deferral.emplace_back(defer_values[i], cell);
+      }
+      row.pipelined = row.deferral.front().second;
       if (sync) {
-        KVR_ASSIGN_OR_RETURN(row.sync, MeasureMedian(*sync_engine, prompt, retr, reps));
+        KVR_ASSIGN_OR_RETURN(row.sync, MeasureMedian(*sync_engine, prompt, retr, reps, node));
         row.has_sync = true;
       }
       if (absl::GetFlag(FLAGS_exact_train)) {
@@ -322,18 +381,22 @@ absl::Status Run() {
                                      row.exact_topk.prefill, row.exact_topk.prefill / full_s,
                                      row.exact_topk.handoff_done, row.exact_topk.first_step);
       }
-      std::printf("%-22s %6lld | %9.3f %9.4f | %9.3f %6.2fx %10.3f %9.4f %9.4f |%s\n",
-                  m.name.c_str(), static_cast<long long>(n), row.full.prefill,
-                  row.full.first_step, row.pipelined.prefill, row.pipelined.prefill / full_s,
-                  row.pipelined.handoff_done, row.pipelined.first_step, row.pipelined.wait,
-                  sync_cols.c_str());
+      for (size_t i = 0; i < row.deferral.size(); ++i) {
+        const Cell& d = row.deferral[i].second;
+        std::printf("%-22s %6lld | %9.3f %9.4f | %5s %9.3f %6.2fx %10.3f %9.4f %9.4f %9.3f |%s\n",
+                    m.name.c_str(), static_cast<long long>(n), row.full.prefill,
+                    row.full.first_step, row.deferral[i].first ? "true" : "false", d.prefill,
+                    d.prefill / full_s, d.handoff_done, d.first_step, d.wait, d.built,
+                    i == 0 ? sync_cols.c_str() : "");
+      }
       std::fflush(stdout);
       rows.push_back(row);
     }
   }
   std::printf("\nfull s / retr s / sync s: prefill until the first token's logits; handoff s: "
-              "prefill start until the node's indexes were built; step s: the first decode "
-              "step, of which wait s blocked on hand-off uploads.\n");
+              "prefill start until the last upload replied; step s: the first decode "
+              "step, of which wait s blocked on hand-off uploads; built s: prefill start until "
+              "the node's deferred index builds installed (defer = --defer_index_build).\n");
 
   const std::string json = absl::GetFlag(FLAGS_json);
   if (!json.empty()) {
@@ -344,12 +407,15 @@ absl::Status Run() {
       auto cell = [](const Cell& c) {
         return absl::StrFormat(
             "{\"prefill_s\": %.6f, \"handoff_done_s\": %.6f, \"first_step_s\": %.6f, "
-            "\"handoff_wait_s\": %.6f}",
-            c.prefill, c.handoff_done, c.first_step, c.wait);
+            "\"handoff_wait_s\": %.6f, \"built_s\": %.6f}",
+            c.prefill, c.handoff_done, c.first_step, c.wait, c.built);
       };
       out << absl::StrFormat("  {\"model\": \"%s\", \"tokens\": %d, \"full\": %s, "
                              "\"retrieval_pipelined\": %s",
                              r.model, r.tokens, cell(r.full), cell(r.pipelined));
+      for (const auto& [defer, c] : r.deferral) {
+        out << ", \"retrieval_pipelined_defer_" << (defer ? "true" : "false") << "\": " << cell(c);
+      }
       if (r.has_sync) out << ", \"retrieval_sync\": " << cell(r.sync);
       if (r.has_exact) out << ", \"retrieval_exact_train\": " << cell(r.exact);
       if (r.has_exact_topk) out << ", \"retrieval_exact_topk\": " << cell(r.exact_topk);

@@ -5,6 +5,10 @@
 #include <cstdio>
 #include <shared_mutex>
 
+#include <sys/resource.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
 #include "absl/strings/escaping.h"
 #include "retrieval_node/core/node_state.h"
 #include "retrieval_node/core/sequence_access.h"
@@ -40,6 +44,23 @@ absl::Status CheckMatrix(ConstMatrixView m, const SequenceSpec& spec, int64_t ro
     return absl::InvalidArgumentError(absl::StrCat(field, " has no data for ", where));
   }
   return absl::OkStatus();
+}
+
+// Lowers the calling thread's CPU priority to nice 19 (once per thread;
+// Linux threads have their own nice value). Best effort: deferred index
+// builds then take only the CPU that prefill and Attends leave.
+void LowerThreadPriority() {
+  thread_local bool lowered = false;
+  if (lowered) return;
+  lowered = true;
+  (void)setpriority(PRIO_PROCESS, static_cast<id_t>(syscall(SYS_gettid)), 19);
+}
+
+// A copy of `m` (row by row: views may be strided).
+Matrix CopyMatrix(ConstMatrixView m) {
+  Matrix out(m.rows(), m.cols());
+  for (size_t i = 0; i < m.rows(); ++i) std::copy_n(m.row(i), m.cols(), out.row(i));
+  return out;
 }
 
 // Rows [first, first + rows) of `values`' element storage.
@@ -160,6 +181,9 @@ NodeCore::NodeCore(const NodeCoreOptions& options) : options_(options) {
   if (options_.background_summaries && options_.threads > 0) {
     summary_pool_ = std::make_unique<ThreadPool>(1);
   }
+  if (options_.defer_index_build && options_.index_build_threads > 0) {
+    build_pool_ = std::make_unique<ThreadPool>(options_.index_build_threads);
+  }
   if (options_.lease_seconds > 0) lease_thread_ = std::thread([this] { LeaseLoop(); });
 }
 
@@ -172,6 +196,8 @@ NodeCore::~NodeCore() {
     lease_cv_.notify_all();
     lease_thread_.join();
   }
+  stopping_.store(true);  // queued deferred builds are discarded
+  build_pool_.reset();    // a running one finishes first (it uses pool_)
   batch_pool_.reset();  // pending batch items finish first
   seal_pool_.reset();  // seal builds may use pool_
   pool_.reset();  // joins workers: pending Attends finish before shards go away
@@ -292,6 +318,10 @@ absl::StatusOr<std::unique_ptr<NodeCore>> NodeCore::Create(const NodeCoreOptions
   if (options.attend_threads > 256) {
     return absl::InvalidArgumentError(
         absl::StrCat("attend_threads ", options.attend_threads, " > 256"));
+  }
+  if (options.index_build_threads > 256) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("index_build_threads ", options.index_build_threads, " > 256"));
   }
   if (options.search_threads > 256) {
     return absl::InvalidArgumentError(
@@ -506,6 +536,14 @@ absl::StatusOr<std::unique_ptr<index::KeyIndex>> NodeCore::BuildIndex(
     IndexType type, ConstMatrixView keys, std::span<const int64_t> train_topk, size_t topk_width,
     ConstMatrixView train_queries, int train_k, const index::Holdout& holdout,
     size_t queries_per_search) {
+  return BuildIndexOn(pool_.get(), type, keys, train_topk, topk_width, train_queries, train_k,
+                      holdout, queries_per_search);
+}
+
+absl::StatusOr<std::unique_ptr<index::KeyIndex>> NodeCore::BuildIndexOn(
+    ThreadPool* pool, IndexType type, ConstMatrixView keys, std::span<const int64_t> train_topk,
+    size_t topk_width, ConstMatrixView train_queries, int train_k,
+    const index::Holdout& holdout, size_t queries_per_search) {
   const size_t n = keys.rows();
   if (type == IndexType::kAuto && (!holdout.empty() || n < index::kAutoMinKeys) &&
       n >= options_.min_index_keys) {
@@ -518,17 +556,18 @@ absl::StatusOr<std::unique_ptr<index::KeyIndex>> NodeCore::BuildIndex(
     o.pca_candidate = true;
     KVR_ASSIGN_OR_RETURN(std::unique_ptr<index::CalibratedIndex> chosen,
                          index::BuildCalibrated(type, keys, train_topk, topk_width, holdout, o,
-                                                pool_.get()));
+                                                pool));
     return std::unique_ptr<index::KeyIndex>(std::move(chosen));
   }
   if (type == IndexType::kAuto) type = IndexType::kGraph;  // no held-back queries: the default
   if (type != IndexType::kFlat && !holdout.empty() && n >= options_.min_index_keys) {
     // Build as below, then calibrate the search effort on the held-back queries.
     KVR_ASSIGN_OR_RETURN(std::unique_ptr<index::KeyIndex> built,
-                         BuildIndex(type, keys, train_topk, topk_width, train_queries, train_k));
+                         BuildIndexOn(pool, type, keys, train_topk, topk_width, train_queries,
+                                      train_k));
     KVR_ASSIGN_OR_RETURN(index::CalibrationResult chosen,
                          index::CalibrateEffort(*built, holdout, options_.calibration,
-                                                pool_.get()));
+                                                pool));
     KVR_ASSIGN_OR_RETURN(std::unique_ptr<index::CalibratedIndex> calibrated,
                          index::CalibratedIndex::Create(std::move(built), chosen));
     return std::unique_ptr<index::KeyIndex>(std::move(calibrated));
@@ -556,18 +595,18 @@ absl::StatusOr<std::unique_ptr<index::KeyIndex>> NodeCore::BuildIndex(
     if (type == IndexType::kIvfSq8) o.sq8 = true;
     o.nlist = std::clamp<size_t>(Sqrt(n), 1, o.nlist);
     KVR_ASSIGN_OR_RETURN(std::unique_ptr<index::IvfIndex> ivf,
-                         index::IvfIndex::Build(keys, o, pool_.get()));
+                         index::IvfIndex::Build(keys, o, pool));
     return std::unique_ptr<index::KeyIndex>(std::move(ivf));
   }
   std::unique_ptr<index::AttentionGraphIndex> graph;
   if (!train_topk.empty()) {
     KVR_ASSIGN_OR_RETURN(graph, index::AttentionGraphIndex::Build(keys, train_topk, topk_width,
-                                                                  options_.graph, pool_.get()));
+                                                                  options_.graph, pool));
   } else {
     const ConstMatrixView queries = train_queries.rows() > 0 ? train_queries : keys;
     const int k = static_cast<int>(std::min<size_t>(static_cast<size_t>(train_k), n));
     KVR_ASSIGN_OR_RETURN(graph, index::AttentionGraphIndex::BuildFromQueries(
-                                    keys, queries, k, options_.graph, pool_.get()));
+                                    keys, queries, k, options_.graph, pool));
   }
   return std::unique_ptr<index::KeyIndex>(std::move(graph));
 }
@@ -584,6 +623,27 @@ absl::Status NodeCore::UploadShard(const ShardUpload& upload) {
   const SequenceSpec& spec = seq->spec;
   const std::string where = absl::StrCat("shard ", key.DebugString());
   KVR_RETURN_IF_ERROR(CheckHead(spec, key.layer, key.kv_head));
+  // The tail folds into the last chunk below; when that chunk's deferred
+  // build is not in yet, wait for it with the lock released (Attends go on).
+  for (;;) {
+    const HeadState& h = seq->head(key.layer, key.kv_head);
+    if (h.chunks.empty() || h.chunks.back().pending == nullptr || h.tail == nullptr ||
+        h.tail->size() == 0) {
+      break;
+    }
+    const std::shared_ptr<BuildJob> job = h.chunks.back().pending;
+    lock.unlock();
+    WaitBuild(job);
+    lock.lock();
+    if (seq->dropped) {
+      return absl::NotFoundError(absl::StrCat("UploadShard: unknown sequence ", key.sequence_id));
+    }
+    KVR_RETURN_IF_ERROR(PersistenceError());
+    HeadState& again = seq->head(key.layer, key.kv_head);
+    if (!again.chunks.empty() && again.chunks.back().pending == job) {
+      again.chunks.back().pending.reset();  // finished without installing: stays flat
+    }
+  }
   if (key.chunk < 0) {
     return absl::InvalidArgumentError(absl::StrCat("chunk ", key.chunk, " < 0 for ", where));
   }
@@ -636,6 +696,10 @@ absl::Status NodeCore::UploadShard(const ShardUpload& upload) {
   }
   const int64_t reserved = EstimateBytes(spec, n);
   KVR_RETURN_IF_ERROR(ReserveMemory(reserved, absl::StrCat("UploadShard ", where)));
+  // Only real builds are deferred (a flat or small chunk's index is its keys).
+  const bool defer = options_.defer_index_build && spec.index_type != IndexType::kFlat &&
+                     n >= options_.min_index_keys &&
+                     !(spec.index_type == IndexType::kAuto && n < index::kAutoMinKeys);
   // With persistence, `write` describes every change made to `head`;
   // `diverged` marks a failure that left a change it does not describe.
   HeadWrite write;
@@ -651,12 +715,28 @@ absl::Status NodeCore::UploadShard(const ShardUpload& upload) {
 
     Chunk chunk;
     chunk.chunk = key.chunk;
-    KVR_ASSIGN_OR_RETURN(chunk.index,
-                         BuildIndex(spec.index_type, upload.keys, upload.train_topk,
-                                    upload.train_topk_width, upload.train_queries,
-                                    upload.train_k, holdout,
-                                    internal::CalibrationForSpec(spec, options_.calibration)
-                                        .queries_per_search));
+    if (defer) {
+      // Served exactly through a flat index until the real one is built.
+      KVR_ASSIGN_OR_RETURN(std::unique_ptr<index::FlatIndex> flat,
+                           index::FlatIndex::Create(upload.keys.cols()));
+      flat->Reserve(n);
+      KVR_RETURN_IF_ERROR(flat->Add(upload.keys));
+      chunk.index = std::move(flat);
+      // What the real index adds beyond the flat one stays reserved (the
+      // budget is charged at upload as when building synchronously).
+      SequenceSpec flat_spec = spec;
+      flat_spec.index_type = IndexType::kFlat;
+      const int64_t index_bytes = std::max<int64_t>(0, reserved - EstimateBytes(flat_spec, n));
+      if (!QueueBuild(seq, upload, index_bytes, &chunk)) chunk.index.reset();
+    }
+    if (chunk.index == nullptr) {
+      KVR_ASSIGN_OR_RETURN(chunk.index,
+                           BuildIndex(spec.index_type, upload.keys, upload.train_topk,
+                                      upload.train_topk_width, upload.train_queries,
+                                      upload.train_k, holdout,
+                                      internal::CalibrationForSpec(spec, options_.calibration)
+                                          .queries_per_search));
+    }
     chunk.values = ValueMatrix::FromFloat(spec.value_dtype, upload.values);
     chunk.positions.resize(n);
     for (size_t i = 0; i < n; ++i) chunk.positions[i] = upload.first_position + int64_t(i);
@@ -897,6 +977,9 @@ std::shared_ptr<NodeCore::SealJob> NodeCore::SealToAwait(const HeadState& head,
 }
 
 absl::Status NodeCore::AdvanceSeals(const Sequence& seq, HeadState* head, HeadWrite* write) {
+  // The last chunk's deferred build is not in: the tail keeps its rows
+  // (searched exactly) and seals after the install.
+  if (!head->chunks.empty() && head->chunks.back().pending != nullptr) return absl::OkStatus();
   const size_t capacity = options_.tail_capacity;
   if (!options_.background_seals) {
     if (head->tail == nullptr || head->tail->size() < capacity) return absl::OkStatus();
@@ -1221,6 +1304,168 @@ absl::Status NodeCore::InstallSeal(const Sequence& seq, HeadState* head, HeadWri
   }
   job->reservation.Release();
   return absl::OkStatus();
+}
+
+bool NodeCore::QueueBuild(const std::shared_ptr<Sequence>& seq, const ShardUpload& upload,
+                          int64_t index_bytes, Chunk* chunk) {
+  auto job = std::make_shared<BuildJob>();
+  job->type = seq->spec.index_type;
+  job->placeholder = chunk->index;
+  job->train_topk.assign(upload.train_topk.begin(), upload.train_topk.end());
+  job->train_topk_width = upload.train_topk_width;
+  job->train_queries = CopyMatrix(upload.train_queries);
+  job->train_k = upload.train_k;
+  job->queries_per_search =
+      internal::CalibrationForSpec(seq->spec, options_.calibration).queries_per_search;
+  job->holdout_queries = CopyMatrix(upload.holdout_queries);
+  job->holdout_topk.assign(upload.holdout_topk.begin(), upload.holdout_topk.end());
+  job->holdout_topk_width = upload.holdout_topk_width;
+  job->serialize = options_.persistence != nullptr;
+  const int64_t copies = static_cast<int64_t>(
+      (job->train_topk.size() + job->holdout_topk.size()) * sizeof(int64_t) +
+      (job->train_queries.data.size() + job->holdout_queries.data.size()) * sizeof(float));
+  const int64_t bytes = index_bytes + copies;
+  if (!ReserveMemory(bytes, "deferred index build").ok()) return false;
+  job->reservation = MemoryReservation(&memory_used_, bytes);
+  job->targets.push_back(
+      BuildJob::Target{seq, upload.key.layer, upload.key.kv_head, upload.key.chunk});
+  chunk->pending = job;
+  builds_pending_.fetch_add(1, std::memory_order_relaxed);
+  if (build_pool_ != nullptr) {
+    build_pool_->Schedule([this, job] {
+      LowerThreadPriority();
+      RunBuild(job);
+    });
+  }
+  return true;
+}
+
+void NodeCore::RunBuild(const std::shared_ptr<BuildJob>& job) {
+  bool alive = false;
+  {
+    std::lock_guard<std::mutex> lock(job->mu);
+    if (job->state != BuildJob::State::kQueued) return;
+    job->state = BuildJob::State::kRunning;
+    for (const BuildJob::Target& t : job->targets) alive = alive || !t.seq.expired();
+  }
+  alive = alive && !stopping_.load();
+  absl::Status status = absl::CancelledError("deferred index build abandoned");
+  std::shared_ptr<index::KeyIndex> result;
+  std::vector<uint8_t> blob;
+  double seconds = 0;
+  if (alive) {
+    if (options_.before_index_build) options_.before_index_build();
+    const auto start = std::chrono::steady_clock::now();
+    const index::Holdout holdout{job->holdout_queries.view(), job->holdout_topk,
+                                 job->holdout_topk_width};
+    // On this (nice 19) thread alone: the node's pool runs at normal
+    // priority and would take prefill's cores (several builds run at once
+    // with index_build_threads > 1).
+    absl::StatusOr<std::unique_ptr<index::KeyIndex>> built =
+        BuildIndexOn(nullptr, job->type, job->placeholder->keys(), job->train_topk,
+                     job->train_topk_width, job->train_queries.view(), job->train_k, holdout,
+                     job->queries_per_search);
+    status = built.status();
+    if (built.ok()) {
+      result = std::move(built).value();
+      if (job->serialize) status = result->Serialize(&blob);
+    }
+    seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  }
+  std::vector<BuildJob::Target> targets;
+  {
+    std::lock_guard<std::mutex> lock(job->mu);
+    job->status = status;
+    job->result = result;
+    job->blob = std::move(blob);
+    job->seconds = seconds;
+    job->state = BuildJob::State::kBuilt;  // forks from now on take `result` themselves
+    targets = job->targets;
+    job->train_queries = Matrix();
+    job->holdout_queries = Matrix();
+    job->train_topk = std::vector<int64_t>();
+    job->holdout_topk = std::vector<int64_t>();
+  }
+  if (alive) {
+    for (const BuildJob::Target& t : targets) {
+      if (std::shared_ptr<Sequence> seq = t.seq.lock()) {
+        InstallBuild(job, seq, t.layer, t.kv_head, t.chunk);
+      }
+    }
+  }
+  {
+    std::lock_guard<std::mutex> lock(job->mu);
+    job->blob = std::vector<uint8_t>();
+    job->reservation.Release();  // the installs settled the real bytes
+    job->state = BuildJob::State::kFinished;
+  }
+  builds_pending_.fetch_sub(1, std::memory_order_relaxed);
+  job->cv.notify_all();
+  if (alive && status.ok() && options_.on_index_built) {
+    const index::CalibrationResult* cal = result->calibration();
+    options_.on_index_built(result->type(), seconds, cal != nullptr ? cal->measured_us : 0,
+                            cal != nullptr && !std::isnan(cal->expected_recall)
+                                ? cal->expected_recall
+                                : (result->type() == IndexType::kFlat ? 1.0 : -1.0));
+  }
+}
+
+void NodeCore::InstallBuild(const std::shared_ptr<BuildJob>& job,
+                            const std::shared_ptr<Sequence>& seq, int32_t layer, int32_t kv_head,
+                            int32_t chunk_id) {
+  std::unique_lock<std::shared_mutex> lock(seq->mu);
+  if (seq->dropped) return;
+  HeadState& head = seq->head(layer, kv_head);
+  const auto it = std::find_if(head.chunks.begin(), head.chunks.end(),
+                               [&](const Chunk& c) { return c.chunk == chunk_id; });
+  // Replaced meanwhile (SyncShards): its new chunk stays.
+  if (it == head.chunks.end() || it->pending != job) return;
+  it->pending.reset();
+  std::shared_ptr<index::KeyIndex> result;
+  std::vector<uint8_t> blob;
+  {
+    std::lock_guard<std::mutex> jlock(job->mu);
+    if (!job->status.ok()) {
+      std::fprintf(stderr, "kvr: deferred index build of sequence %llu failed (%s); the chunk "
+                           "stays exact (flat)\n",
+                   static_cast<unsigned long long>(seq->spec.sequence_id),
+                   std::string(job->status.message()).c_str());
+      return;
+    }
+    result = job->result;
+    blob = job->blob;  // one target with persistence (forks are refused then)
+  }
+  if (it->index != job->placeholder) return;  // never: seals wait for the build
+  it->index = std::move(result);
+  SettleMemory(&head, 0);
+  if (options_.persistence != nullptr && !blob.empty() && PersistenceError().ok()) {
+    // Replaces the chunk's flat blob; its rows are stored already.
+    HeadWrite write;
+    write.sequence_id = seq->spec.sequence_id;
+    write.layer = layer;
+    write.kv_head = kv_head;
+    write.head_dim = seq->spec.head_dim;
+    write.value_dtype = seq->spec.value_dtype;
+    write.last_position = head.last_position;
+    write.tail_rows = head.tail != nullptr ? static_cast<int64_t>(head.tail->size()) : 0;
+    ChunkWrite cw;
+    cw.chunk = chunk_id;
+    cw.rows = static_cast<int64_t>(it->index->size());
+    cw.index_blob = std::move(blob);
+    write.chunks.push_back(std::move(cw));
+    const std::string where =
+        absl::StrCat("deferred index build of ", ShardKey{seq->spec.sequence_id, layer, kv_head,
+                                                          chunk_id}.DebugString());
+    options_.persistence->CommitHeadAsync(write, [this, where](absl::Status committed) {
+      if (!committed.ok()) (void)FailPersistence(committed, where);
+    });
+  }
+}
+
+void NodeCore::WaitBuild(const std::shared_ptr<BuildJob>& job) {
+  RunBuild(job);  // a no-op unless nobody started it yet
+  std::unique_lock<std::mutex> lock(job->mu);
+  job->cv.wait(lock, [&] { return job->state == BuildJob::State::kFinished; });
 }
 
 void NodeCore::AttendAsync(const AttendRequest& request, PartialsView out, AttendStats* stats,
@@ -1802,6 +2047,18 @@ absl::Status NodeCore::ForkSequence(uint64_t source_id, std::string_view source_
                "sequence and upload its shards instead"));
   }
   std::shared_ptr<Sequence> fork;
+  // Held until the fork is served or abandoned: a deferred build the fork
+  // joined (Chunk::pending) installs into it only after that, and into an
+  // abandoned fork (marked dropped) not at all, so its bytes stay exact.
+  std::unique_lock<std::shared_mutex> fork_lock;
+  bool forked = false;
+  struct DropUnlessForked {
+    std::shared_ptr<Sequence>* created;
+    const bool* served;
+    ~DropUnlessForked() {
+      if (!*served && *created != nullptr) (*created)->dropped = true;
+    }
+  } drop_unless_forked{&fork, &forked};
   int64_t bytes = 0;
   {
     // Exclusive: every writer of a head (appends, seals, recalibration
@@ -1813,6 +2070,7 @@ absl::Status NodeCore::ForkSequence(uint64_t source_id, std::string_view source_
     SequenceSpec spec = source->spec;
     spec.sequence_id = fork_id;
     fork = NewSequence(spec);
+    fork_lock = std::unique_lock<std::shared_mutex>(fork->mu);
     const size_t d = static_cast<size_t>(spec.head_dim);
     for (size_t i = 0; i < source->heads.size(); ++i) {
       const HeadState& from = *source->heads[i];
@@ -1822,6 +2080,20 @@ absl::Status NodeCore::ForkSequence(uint64_t source_id, std::string_view source_
         Chunk copy;
         copy.chunk = c.chunk;
         copy.index = c.index;  // shared, immutable while shared
+        if (c.pending != nullptr) {
+          // The fork waits for the same deferred build, or takes its result
+          // when it is built but not yet installed here.
+          BuildJob& job = *c.pending;
+          std::lock_guard<std::mutex> jlock(job.mu);
+          if (job.state == BuildJob::State::kQueued || job.state == BuildJob::State::kRunning) {
+            copy.pending = c.pending;
+            job.targets.push_back(BuildJob::Target{
+                fork, static_cast<int32_t>(i / static_cast<size_t>(spec.n_kv_heads)),
+                static_cast<int32_t>(i % static_cast<size_t>(spec.n_kv_heads)), c.chunk});
+          } else if (job.status.ok() && job.result != nullptr && c.index == job.placeholder) {
+            copy.index = job.result;
+          }
+        }
         copy.values = c.values;
         copy.positions = c.positions;
         to.chunks.push_back(std::move(copy));
@@ -1852,6 +2124,7 @@ absl::Status NodeCore::ForkSequence(uint64_t source_id, std::string_view source_
     lease_renewed_[access.lease_owner] = std::chrono::steady_clock::now();
   }
   forks_.fetch_add(1, std::memory_order_relaxed);
+  forked = true;
   return absl::OkStatus();
 }
 
@@ -1870,6 +2143,7 @@ absl::StatusOr<NodeStats> NodeCore::Stats(std::optional<std::string_view> princi
   st.seals = seals_.load(std::memory_order_relaxed);
   st.recalibrations = recalibrations_.load(std::memory_order_relaxed);
   st.shard_uploads = shard_uploads_.load(std::memory_order_relaxed);
+  st.index_builds_pending = builds_pending_.load(std::memory_order_relaxed);
   st.forks = forks_.load(std::memory_order_relaxed);
   for (const auto& s : seqs) {
     std::shared_lock<std::shared_mutex> lock(s->mu);
@@ -1938,6 +2212,7 @@ std::vector<ShardInfo> NodeCore::Describe(const std::vector<std::shared_ptr<Sequ
           const Chunk& c = h.chunks[ci];
           ShardInfo info;
           info.key = ShardKey{s->spec.sequence_id, layer, g, c.chunk};
+          info.index_pending = c.pending != nullptr;
           if (c.index != nullptr) {
             info.n_keys = static_cast<int64_t>(c.index->size());
             info.memory_bytes += static_cast<int64_t>(c.index->MemoryBytes());

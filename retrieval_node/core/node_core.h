@@ -21,7 +21,8 @@
 // rows from the tail; when the build is not done by then, that append waits
 // for it with the lock released. So what an Attend sees depends only on the
 // appends made, never on timing (except the search effort a recalibration
-// on decode queries swaps in: NodeCoreOptions::recalibrate_every), and the
+// on decode queries swaps in: NodeCoreOptions::recalibrate_every, and
+// whether a deferred index build has installed: defer_index_build), and the
 // tail holds fewer than
 // tail_capacity + SealLag rows between appends. The build copies the chunk's
 // index (O(chunk keys) per seal, as persisting the seal already is), so
@@ -108,6 +109,36 @@ struct NodeCoreOptions {
   // Test hook: when set, runs on the seal thread at the start of every
   // background seal build (before any work), e.g. to hold a seal open.
   std::function<void()> before_seal_build;
+  // Deferred index builds (kvr_node --defer_index_build; session 27, issue
+  // 17 item 5): UploadShard of a chunk whose kind needs a real build (not
+  // flat, at least min_index_keys keys) validates, reserves the memory the
+  // synchronous build would (the index's estimate stays reserved until the
+  // build installs), stores the chunk with an exact flat index over its keys
+  // (persisted as such with `persistence`), and returns; the chunk's real
+  // index is built by the synchronous path's code on the same inputs
+  // (BuildIndexOn) on a build thread (index_build_threads, niced to the
+  // lowest priority; each build on that thread alone, not on the `threads`
+  // pool) and swapped in under the exclusive sequence lock, then
+  // persisted. Until then ShardInfo::index_pending is true, Attends search
+  // the chunk exactly, and tail seals of that chunk wait (the tail keeps
+  // every appended row, searched exactly, and seals once the build is in).
+  // A dropped, replaced (SyncShards) or shut-down chunk's build is
+  // discarded and its reservation returned. A restart before the install
+  // recovers the chunk with its flat index (served exactly; not rebuilt).
+  // false: UploadShard builds the index before it returns (as before).
+  bool defer_index_build = false;
+  // Threads running deferred builds (kvr_node --index_build_threads), each
+  // at nice 19. 0: builds are queued and never run (tests: a chunk stays
+  // pending until the node is destroyed). At most 256.
+  size_t index_build_threads = 1;
+  // Test hook: runs on the build thread before each deferred build starts.
+  std::function<void()> before_index_build;
+  // Told of every deferred build that installed (the index kind, the build's
+  // seconds, the ShardInfo calibration figures), on the build thread after
+  // the install (metrics: kvr_node_index_build_duration_seconds).
+  std::function<void(IndexType, double seconds, double measured_search_us,
+                     double expected_recall)>
+      on_index_built;
   // Remainder estimation (kvr_node --estimate; issue 18): what an Attend
   // whose request says EstimateMode::kDefault does. Chunk summaries are
   // built when needed (see background_summaries; extended as seals append
@@ -490,6 +521,7 @@ class NodeCore final {
   struct HeadState;
   struct Sequence;
   struct SealJob;
+  struct BuildJob;
 
   explicit NodeCore(const NodeCoreOptions& options);
   // A sequence with empty heads for a validated spec.
@@ -607,6 +639,27 @@ class NodeCore final {
   absl::Status StartSeal(const Sequence& seq, HeadState* head);
   // Builds `job`'s index unless another caller already claimed it.
   void RunSeal(const std::shared_ptr<SealJob>& job);
+  // Deferred builds (NodeCoreOptions::defer_index_build). QueueBuild makes
+  // `chunk` (just stored with a flat index over `upload`'s keys) pending:
+  // copies the training inputs, reserves them plus `index_bytes` (the
+  // index's estimated bytes beyond the flat one) and queues RunBuild. false
+  // when they do not fit the budget (the caller then builds synchronously).
+  // Caller holds the sequence lock exclusively.
+  bool QueueBuild(const std::shared_ptr<Sequence>& seq, const ShardUpload& upload,
+                  int64_t index_bytes, Chunk* chunk);
+  // Builds `job`'s index unless already claimed (or abandoned: every target
+  // gone, or the node stopping), then installs it into every target chunk
+  // still pending on it (InstallBuild) and returns its reservation. Takes
+  // no lock while building.
+  void RunBuild(const std::shared_ptr<BuildJob>& job);
+  // Swaps `job`'s result into chunk `chunk` of (layer, kv_head) of `seq`
+  // when that chunk still waits for it; persists it. Takes the sequence
+  // lock exclusively.
+  void InstallBuild(const std::shared_ptr<BuildJob>& job, const std::shared_ptr<Sequence>& seq,
+                    int32_t layer, int32_t kv_head, int32_t chunk);
+  // Runs `job` if nobody has, and returns once it has been installed or
+  // discarded. Call with no sequence lock held.
+  void WaitBuild(const std::shared_ptr<BuildJob>& job);
   // The newest min(recent_count, max_rows) rows of `head`'s decode query
   // ring, oldest first (takes head->query_mu).
   static Matrix RecentQueries(HeadState* head, size_t dim, size_t max_rows);
@@ -670,6 +723,12 @@ class NodeCore final {
       IndexType type, ConstMatrixView keys, std::span<const int64_t> train_topk,
       size_t topk_width, ConstMatrixView train_queries, int train_k,
       const index::Holdout& holdout = {}, size_t queries_per_search = 1);
+  // BuildIndex with its parallel parts on `pool` (null: the calling thread
+  // only; BuildIndex uses pool_).
+  absl::StatusOr<std::unique_ptr<index::KeyIndex>> BuildIndexOn(
+      ThreadPool* pool, IndexType type, ConstMatrixView keys, std::span<const int64_t> train_topk,
+      size_t topk_width, ConstMatrixView train_queries, int train_k,
+      const index::Holdout& holdout = {}, size_t queries_per_search = 1);
   // Estimated bytes `n` more keys of `spec` take (keys, values, positions,
   // graph edges).
   int64_t EstimateBytes(const SequenceSpec& spec, size_t n) const;
@@ -700,6 +759,13 @@ class NodeCore final {
   // Builds chunk summaries (one thread; null unless background_summaries
   // and threads > 0). Destroyed after pool_: Attends queue onto it.
   std::unique_ptr<ThreadPool> summary_pool_;
+  // Runs deferred index builds (index_build_threads; null when
+  // defer_index_build is off or it is 0). Reset first in the destructor,
+  // after stopping_ is set: queued builds are then discarded; a running one
+  // finishes (it uses pool_).
+  std::unique_ptr<ThreadPool> build_pool_;
+  std::atomic<bool> stopping_{false};
+  std::atomic<int64_t> builds_pending_{0};  // deferred builds queued or running
   std::atomic<int64_t> recalibrations_{0};
   std::mutex mu_;  // guards sequences_
   std::map<uint64_t, std::shared_ptr<Sequence>> sequences_;

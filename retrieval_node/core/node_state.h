@@ -45,6 +45,10 @@ struct NodeCore::Chunk {
   ValueMatrix values;                      // row i belongs to index id i
   std::vector<int64_t> positions;          // absolute position of index id i
   std::shared_ptr<EstimateSlot> estimate = std::make_shared<EstimateSlot>();
+  // The deferred build this chunk waits for (NodeCore::BuildJob), or null.
+  // While set, `index` is the job's flat placeholder and the head's tail is
+  // not sealed into this chunk. Shared with forks of the sequence.
+  std::shared_ptr<BuildJob> pending;
 };
 
 struct NodeCore::HeadState {
@@ -103,6 +107,47 @@ struct NodeCore::SealJob {
   absl::Status status;
   std::shared_ptr<index::KeyIndex> result;
   std::vector<uint8_t> blob;  // result->Serialize when `serialize`
+};
+
+// A deferred index build (NodeCoreOptions::defer_index_build, QueueBuild):
+// the inputs the synchronous UploadShard build would use, copied at upload,
+// built by RunBuild with no lock held and installed into every target chunk
+// still pending on it (the uploading sequence's, and its forks').
+struct NodeCore::BuildJob {
+  // --- inputs (fixed at QueueBuild) ---
+  IndexType type = IndexType::kFlat;  // the sequence's index type
+  // The flat index installed at upload: its keys are the build's keys (never
+  // changed while pending: the chunk's seals wait).
+  std::shared_ptr<index::KeyIndex> placeholder;
+  std::vector<int64_t> train_topk;
+  size_t train_topk_width = 0;
+  Matrix train_queries;
+  int train_k = 0;
+  size_t queries_per_search = 1;  // auto times searches of this many queries
+  Matrix holdout_queries;
+  std::vector<int64_t> holdout_topk;
+  size_t holdout_topk_width = 0;
+  bool serialize = false;  // persist the result (the node has persistence)
+  // The copies above plus the index's estimated bytes beyond the flat
+  // placeholder; returned once installed or discarded (guarded by mu).
+  MemoryReservation reservation;
+
+  struct Target {
+    std::weak_ptr<Sequence> seq;
+    int32_t layer = 0;
+    int32_t kv_head = 0;
+    int32_t chunk = 0;
+  };
+
+  // --- state and outputs (guarded by mu) ---
+  std::mutex mu;
+  std::condition_variable cv;
+  enum class State { kQueued, kRunning, kBuilt, kFinished } state = State::kQueued;
+  std::vector<Target> targets;  // ForkSequence adds its copies until kBuilt
+  absl::Status status;
+  std::shared_ptr<index::KeyIndex> result;
+  std::vector<uint8_t> blob;  // result->Serialize when `serialize`
+  double seconds = 0;         // the build's wall time
 };
 
 struct NodeCore::Sequence {

@@ -227,6 +227,9 @@ struct NodeStats {
   // sequences created by ForkSequence, since start.
   int64_t shard_uploads = 0;
   int64_t forks = 0;
+  // Deferred index builds queued or running (NodeCoreOptions::
+  // defer_index_build; metric kvr_node_index_builds_pending).
+  int64_t index_builds_pending = 0;
 };
 
 // Completion of an asynchronous call; runs exactly once, on any thread.
@@ -270,6 +273,10 @@ struct ShardInfo {
   // Index auto: the chosen kind's measured search time at that effort, µs
   // per query (CalibrationResult::measured_us); 0: not measured.
   double measured_search_us = 0;
+  // The chunk's index is being built in the background
+  // (NodeCoreOptions::defer_index_build): until then it is searched exactly
+  // through a flat index (index_type kFlat).
+  bool index_pending = false;
 };
 
 // A one-shot wait for an asynchronous call: pass callback() as `done`, then

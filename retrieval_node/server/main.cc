@@ -11,6 +11,7 @@
 #include <csignal>
 #include <cstdio>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <thread>
 
@@ -113,6 +114,14 @@ ABSL_FLAG(bool, background_seals, true,
           "reading the old one (no Attend stall; the copy costs O(chunk) per seal and the append "
           "that installs it may wait); false: seal in place under the sequence lock, stalling "
           "the sequence's Attends");
+ABSL_FLAG(bool, defer_index_build, true,
+          "UploadShard stores the chunk, serves it exactly (flat) and replies at once; its "
+          "index is built on a background build thread (--index_build_threads, nice 19) and "
+          "swapped in when done (ShardInfo.index_pending until then); false: the index is "
+          "built before UploadShard replies");
+ABSL_FLAG(int, index_build_threads, 1,
+          "threads running deferred index builds (--defer_index_build), each at nice 19; "
+          "1..256");
 ABSL_FLAG(std::string, data_dir, "",
           "RocksDB directory where shards persist (appends are acknowledged once synced) and "
           "from which they are recovered at startup, before serving; empty = memory only");
@@ -202,6 +211,7 @@ int Main(int argc, char** argv) {
                    static_cast<int>(kMaxBatchItemsLimit))
           .InRange("upload_threads", absl::GetFlag(FLAGS_upload_threads), 1, 256)
           .InRange("sync_threads", absl::GetFlag(FLAGS_sync_threads), 1, 256)
+          .InRange("index_build_threads", absl::GetFlag(FLAGS_index_build_threads), 1, 256)
           .AtLeast("max_message_bytes", max_message_bytes, 1 << 16)
           .AtLeast("memory_budget_bytes", absl::GetFlag(FLAGS_memory_budget_bytes), int64_t{0})
           .AtLeast("upload_memory_bytes", absl::GetFlag(FLAGS_upload_memory_bytes), int64_t{0})
@@ -264,6 +274,24 @@ int Main(int argc, char** argv) {
   core_options.decode_train_queries =
       static_cast<size_t>(absl::GetFlag(FLAGS_decode_train_queries));
   core_options.background_seals = absl::GetFlag(FLAGS_background_seals);
+  core_options.defer_index_build = absl::GetFlag(FLAGS_defer_index_build);
+  core_options.index_build_threads =
+      static_cast<size_t>(absl::GetFlag(FLAGS_index_build_threads));
+  // Deferred builds are recorded in the build metrics when they install (on
+  // the build thread); the metrics exist only later, and go before the core.
+  struct BuiltMetrics {
+    std::mutex mu;
+    NodeMetrics* metrics = nullptr;  // guarded by mu
+  };
+  auto built_metrics = std::make_shared<BuiltMetrics>();
+  core_options.on_index_built = [built_metrics](IndexType type, double seconds,
+                                                double measured_us, double expected_recall) {
+    std::lock_guard<std::mutex> lock(built_metrics->mu);
+    if (built_metrics->metrics != nullptr) {
+      built_metrics->metrics->RecordIndexBuild(type, seconds);
+      built_metrics->metrics->RecordIndexCalibration(type, measured_us, expected_recall);
+    }
+  };
   core_options.estimate = absl::GetFlag(FLAGS_estimate);
   core_options.estimate_clusters_per_chunk =
       static_cast<size_t>(absl::GetFlag(FLAGS_estimate_clusters_per_chunk));
@@ -321,6 +349,7 @@ int Main(int argc, char** argv) {
         h.tail_keys = st->tail_keys;
         h.quarantined_sequences = st->quarantined_sequences;
         h.leases_expired = st->leases_expired;
+        h.index_builds_pending = st->index_builds_pending;
       }
       h.memory_used_bytes = node->MemoryUsedBytes();
       h.memory_budget_bytes = node->options().memory_budget_bytes;
@@ -332,7 +361,17 @@ int Main(int argc, char** argv) {
     if (!endpoint.ok()) return Fail(endpoint.status().ToString());
     metrics_endpoint = *std::move(endpoint);
     service_options.metrics = metrics.get();
+    std::lock_guard<std::mutex> lock(built_metrics->mu);
+    built_metrics->metrics = metrics.get();
   }
+  // Stops deferred builds' metrics before `metrics` goes (declared after it).
+  struct ClearOnExit {
+    std::shared_ptr<BuiltMetrics> sink;
+    ~ClearOnExit() {
+      std::lock_guard<std::mutex> lock(sink->mu);
+      sink->metrics = nullptr;
+    }
+  } clear_built_metrics{built_metrics};
   auto service = std::make_unique<NodeService>(core->get(), service_options);
 
   // UCX data plane: Attend over UCP, served by the same handler and pools as

@@ -73,6 +73,8 @@ struct NodeMetrics::Impl {
                          "Shards (chunks of one sequence, layer and kv head) the node holds")),
         indexed_keys(set.Gauge("kvr_node_indexed_keys", "Keys inside built indexes")),
         tail_keys(set.Gauge("kvr_node_tail_keys", "Appended keys not yet sealed into an index")),
+        index_builds_pending(set.Gauge("kvr_node_index_builds_pending",
+                                       "Deferred index builds queued or running")),
         memory_used(set.Gauge("kvr_node_memory_used_bytes",
                               "Shard bytes (keys, values, indexes, tails, in-flight "
                               "reservations) accounted against the memory budget")),
@@ -120,6 +122,7 @@ struct NodeMetrics::Impl {
     shards.Set(static_cast<double>(h.shards));
     indexed_keys.Set(static_cast<double>(h.indexed_keys));
     tail_keys.Set(static_cast<double>(h.tail_keys));
+    index_builds_pending.Set(static_cast<double>(h.index_builds_pending));
     memory_used.Set(static_cast<double>(h.memory_used_bytes));
     memory_budget.Set(static_cast<double>(h.memory_budget_bytes));
     quarantined.Set(static_cast<double>(h.quarantined_sequences));
@@ -142,6 +145,7 @@ struct NodeMetrics::Impl {
   prometheus::Gauge& shards;
   prometheus::Gauge& indexed_keys;
   prometheus::Gauge& tail_keys;
+  prometheus::Gauge& index_builds_pending;
   prometheus::Gauge& memory_used;
   prometheus::Gauge& memory_budget;
   prometheus::Gauge& quarantined;

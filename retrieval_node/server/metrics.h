@@ -57,6 +57,7 @@ struct NodeHoldings {
   int64_t quarantined_sequences = 0;  // set aside by recovery, not served
   int64_t upload_memory_used_bytes = 0;  // working memory reserved by uploads in flight
   int64_t leases_expired = 0;  // sequences dropped by lease expiry since start (a total)
+  int64_t index_builds_pending = 0;  // deferred index builds queued or running
 };
 
 class NodeMetrics {
@@ -83,7 +84,8 @@ class NodeMetrics {
   // `distance_computations` keys in total (summed over heads and shards).
   void RecordAttendScan(int64_t query_heads, int64_t distance_computations);
   // One successful UploadShard: storing the shard and building its index (of
-  // type `index_type`, the one it got) took `seconds`.
+  // type `index_type`, the one it got) took `seconds`. A deferred build
+  // (--defer_index_build) is recorded when it installs, with its own time.
   void RecordIndexBuild(IndexType index_type, double seconds);
   // The calibration of one successful UploadShard's index of `index_type`:
   // kvr_node_index_expected_recall{index} observes `expected_recall` (< 0:

@@ -585,7 +585,8 @@ class NodeService::UploadReactor final : public grpc::ServerReadReactor<v1::Uplo
       for (const ShardInfo& s : *shards) {
         if (s.key != upload.key) continue;
         ShardInfoToProto(s, info);
-        if (service_->options_.metrics != nullptr) {
+        // A deferred build is recorded when it installs (on_index_built).
+        if (service_->options_.metrics != nullptr && !s.index_pending) {
           service_->options_.metrics->RecordIndexBuild(s.index_type, build_seconds);
           service_->options_.metrics->RecordIndexCalibration(s.index_type, s.measured_search_us,
                                                              s.expected_recall);

@@ -133,6 +133,7 @@ void ShardInfoToProto(const ShardInfo& info, v1::ShardInfo* out) {
   out->set_search_effort(info.search_effort);
   if (info.expected_recall >= 0) out->set_expected_recall(info.expected_recall);
   if (info.measured_search_us > 0) out->set_measured_search_us(info.measured_search_us);
+  out->set_index_pending(info.index_pending);
 }
 
 absl::StatusOr<ShardInfo> ShardInfoFromProto(const v1::ShardInfo& info) {
@@ -145,6 +146,7 @@ absl::StatusOr<ShardInfo> ShardInfoFromProto(const v1::ShardInfo& info) {
   KVR_ASSIGN_OR_RETURN(out.index_type, IndexTypeFromProto(info.index_type(), "shard.index_type"));
   out.memory_bytes = info.memory_bytes();
   out.search_effort = info.search_effort();
+  out.index_pending = info.index_pending();
   if (info.has_expected_recall()) {
     if (!(info.expected_recall() >= 0 && info.expected_recall() <= 1)) {
       return absl::InvalidArgumentError(absl::StrCat("shard.expected_recall ",

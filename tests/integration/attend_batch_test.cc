@@ -431,7 +431,8 @@ std::unique_ptr<GrpcRetrievalClient> Grpc(const std::string& address) {
 }
 
 TEST(NodeBatchTest, GrpcEqualsSingleAttendsAndInProcess) {
-  auto proc = NodeProcess::Start({"--threads=2", "--attend_threads=3"});
+  auto proc =
+      NodeProcess::Start({"--defer_index_build=false", "--threads=2", "--attend_threads=3"});
   ASSERT_TRUE(proc != nullptr && proc->listening());
   auto grpc = Grpc(proc->address());
   ASSERT_NE(grpc, nullptr);
@@ -477,7 +478,8 @@ TEST(NodeBatchTest, GrpcEqualsSingleAttendsAndInProcess) {
 }
 
 TEST(NodeBatchTest, UcxEqualsSingleAttendsAndGrpc) {
-  auto proc = NodeProcess::Start({"--threads=2", "--ucx_listen=127.0.0.1:0"});
+  auto proc = NodeProcess::Start(
+      {"--defer_index_build=false", "--threads=2", "--ucx_listen=127.0.0.1:0"});
   ASSERT_TRUE(proc != nullptr && proc->listening());
   auto ucx_or = UcxRetrievalClient::Create(Grpc(proc->address()));
   ASSERT_TRUE(ucx_or.ok()) << ucx_or.status();
@@ -502,8 +504,9 @@ TEST(NodeBatchTest, UcxEqualsSingleAttendsAndGrpc) {
 // results bit for bit), and it really travelled over UCX (the node counted
 // no gRPC AppendBatch).
 TEST(NodeBatchTest, UcxAppendBatchEqualsGrpc) {
-  auto over_ucx = NodeProcess::Start({"--threads=2", "--ucx_listen=127.0.0.1:0"});
-  auto over_grpc = NodeProcess::Start({"--threads=2"});
+  auto over_ucx = NodeProcess::Start(
+      {"--defer_index_build=false", "--threads=2", "--ucx_listen=127.0.0.1:0"});
+  auto over_grpc = NodeProcess::Start({"--defer_index_build=false", "--threads=2"});
   ASSERT_TRUE(over_ucx != nullptr && over_ucx->listening());
   ASSERT_TRUE(over_grpc != nullptr && over_grpc->listening());
   auto ucx_or = UcxRetrievalClient::Create(Grpc(over_ucx->address()));
@@ -602,7 +605,8 @@ TEST(NodeBatchTest, KilledNodeFailsOverPerItemTokenIdentical) {
   std::vector<std::unique_ptr<NodeProcess>> nodes;
   std::vector<std::string> addresses;
   for (int i = 0; i < 3; ++i) {
-    nodes.push_back(NodeProcess::Start({"--threads=1", "--attend_threads=2"}));
+    nodes.push_back(
+        NodeProcess::Start({"--defer_index_build=false", "--threads=1", "--attend_threads=2"}));
     ASSERT_TRUE(nodes.back() != nullptr && nodes.back()->listening());
     addresses.push_back(nodes.back()->address());
   }

@@ -24,7 +24,9 @@ using kvr::test_support::NodeProcess;
 constexpr int kD = 32, kN = 4096, kW = 50;
 
 TEST(CalibrateGrpcTest, HoldoutCrossesTheWireAndShardsReportTheirCalibration) {
-  auto node = NodeProcess::Start({"--threads=2", "--target_recall=0.9"});
+  // The synchronous build: ListShards right after the upload sees the index.
+  auto node =
+      NodeProcess::Start({"--threads=2", "--target_recall=0.9", "--defer_index_build=false"});
   ASSERT_NE(node, nullptr);
   auto client = GrpcRetrievalClient::Create(node->address(), GrpcClientOptions{});
   ASSERT_TRUE(client.ok()) << client.status();

@@ -66,7 +66,9 @@ class FailoverTest : public ::testing::Test {
     for (int i = 0; i < kNodes; ++i) {
       dirs_.push_back(std::make_unique<TempDir>("kvr_failover"));
       ASSERT_FALSE(dirs_.back()->path().empty());
-      nodes_.push_back(NodeProcess::Start({"--data_dir=" + dirs_.back()->path()}));
+      // Synchronous builds, as the in-process reference's.
+      nodes_.push_back(
+          NodeProcess::Start({"--data_dir=" + dirs_.back()->path(), "--defer_index_build=false"}));
       ASSERT_TRUE(nodes_.back() != nullptr && nodes_.back()->listening());
       addresses_.push_back(nodes_.back()->address());
     }
@@ -94,7 +96,8 @@ class FailoverTest : public ::testing::Test {
   void Restart(int i) {
     const size_t n = static_cast<size_t>(i);
     nodes_[n] = NodeProcess::Start(
-        {"--data_dir=" + dirs_[n]->path(), "--listen=" + addresses_[n]});
+        {"--data_dir=" + dirs_[n]->path(), "--listen=" + addresses_[n],
+         "--defer_index_build=false"});
     ASSERT_TRUE(nodes_[n] != nullptr && nodes_[n]->listening());
     ASSERT_EQ(nodes_[n]->address(), addresses_[n]);
   }

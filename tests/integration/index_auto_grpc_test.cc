@@ -28,7 +28,9 @@ using kvr::test_support::ParseExposition;
 constexpr int kD = 32, kN = 8192, kW = 50, kHeld = 128;
 
 TEST(IndexAutoGrpcTest, IvfSq8IsItsOwnKindAndAutoReportsItsMeasuredTime) {
-  auto node = NodeProcess::Start({"--threads=2", "--rerank_factor=8"});
+  // The synchronous build: ListShards right after the upload sees the index.
+  auto node =
+      NodeProcess::Start({"--threads=2", "--rerank_factor=8", "--defer_index_build=false"});
   ASSERT_NE(node, nullptr);
   auto client = GrpcRetrievalClient::Create(node->address(), GrpcClientOptions{});
   ASSERT_TRUE(client.ok()) << client.status();

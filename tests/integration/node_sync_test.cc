@@ -411,8 +411,10 @@ TEST(NodeSyncTest, StalledSyncBlocksNoOtherWork) {
 // --- real kvr_node processes -------------------------------------------------------
 
 std::vector<std::string> NodeArgs(std::vector<std::string> extra = {}) {
+  // Synchronous builds: a sync copies the source's built indexes.
   std::vector<std::string> args = {"--threads=2", "--control_threads=2",
-                                   "--tail_capacity=" + std::to_string(kTailCapacity)};
+                                   "--tail_capacity=" + std::to_string(kTailCapacity),
+                                   "--defer_index_build=false"};
   args.insert(args.end(), extra.begin(), extra.end());
   return args;
 }

@@ -117,9 +117,11 @@ constexpr int kTailCapacity = 16;
 constexpr int kTrainK = 32;
 
 std::vector<std::string> NodeArgs(const std::string& data_dir) {
+  // Synchronous builds, as the in-process reference (CoreOptions) builds.
   return {"--threads=" + std::to_string(kNodeThreads), "--control_threads=4",
           "--tail_capacity=" + std::to_string(kTailCapacity),
-          "--train_k=" + std::to_string(kTrainK), "--data_dir=" + data_dir};
+          "--train_k=" + std::to_string(kTrainK), "--data_dir=" + data_dir,
+          "--defer_index_build=false"};
 }
 
 NodeCoreOptions CoreOptions(ShardPersistence* persistence = nullptr) {

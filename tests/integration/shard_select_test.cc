@@ -259,7 +259,9 @@ TEST(ShardSelectTest, InProcessErrors) {
 class RemoteShardSelectTest : public ::testing::Test {
  protected:
   static void SetUpTestSuite() {
-    node_ = NodeProcess::Start({"--threads=2", "--control_threads=2", "--metrics_listen=",
+    // Synchronous builds, as the in-process reference's.
+    node_ = NodeProcess::Start({"--defer_index_build=false", "--threads=2",
+                                "--control_threads=2", "--metrics_listen=",
                                 "--tail_capacity=" + std::to_string(kTailCapacity),
                                 "--ucx_listen=127.0.0.1:0"});
     ASSERT_NE(node_, nullptr);

@@ -51,7 +51,8 @@ constexpr int kTrainK = 32;
 std::vector<std::string> NodeArgs(std::vector<std::string> extra = {}) {
   std::vector<std::string> args = {
       "--threads=" + std::to_string(kNodeThreads), "--control_threads=2", "--metrics_listen=",
-      "--tail_capacity=" + std::to_string(kTailCapacity), "--train_k=" + std::to_string(kTrainK)};
+      "--tail_capacity=" + std::to_string(kTailCapacity), "--train_k=" + std::to_string(kTrainK),
+      "--defer_index_build=false"};  // the in-process reference builds synchronously
   args.insert(args.end(), extra.begin(), extra.end());
   return args;
 }
