@@ -1386,6 +1386,16 @@ void NodeCore::RunBuild(const std::shared_ptr<BuildJob>& job) {
     job->train_topk = std::vector<int64_t>();
     job->holdout_topk = std::vector<int64_t>();
   }
+  // Counted before any install becomes visible: a ListShards that sees the
+  // chunk built also sees the build in the metrics and no longer pending.
+  builds_pending_.fetch_sub(1, std::memory_order_relaxed);
+  if (alive && status.ok() && options_.on_index_built) {
+    const index::CalibrationResult* cal = result->calibration();
+    options_.on_index_built(result->type(), seconds, cal != nullptr ? cal->measured_us : 0,
+                            cal != nullptr && !std::isnan(cal->expected_recall)
+                                ? cal->expected_recall
+                                : (result->type() == IndexType::kFlat ? 1.0 : -1.0));
+  }
   if (alive) {
     for (const BuildJob::Target& t : targets) {
       if (std::shared_ptr<Sequence> seq = t.seq.lock()) {
@@ -1399,15 +1409,7 @@ void NodeCore::RunBuild(const std::shared_ptr<BuildJob>& job) {
     job->reservation.Release();  // the installs settled the real bytes
     job->state = BuildJob::State::kFinished;
   }
-  builds_pending_.fetch_sub(1, std::memory_order_relaxed);
   job->cv.notify_all();
-  if (alive && status.ok() && options_.on_index_built) {
-    const index::CalibrationResult* cal = result->calibration();
-    options_.on_index_built(result->type(), seconds, cal != nullptr ? cal->measured_us : 0,
-                            cal != nullptr && !std::isnan(cal->expected_recall)
-                                ? cal->expected_recall
-                                : (result->type() == IndexType::kFlat ? 1.0 : -1.0));
-  }
 }
 
 void NodeCore::InstallBuild(const std::shared_ptr<BuildJob>& job,
