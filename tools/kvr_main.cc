@@ -115,6 +115,12 @@ Attention:
                           only (off), or the node's --estimate (default;
                           the in-process node: off) (default on: the best
                           measured fidelity at equal cost, benchmarks §4)
+  --exact_zone F          in-process node: per query, the estimated clusters of
+                          most mass, up to this fraction of a chunk's keys, are
+                          attended exactly (the node's exact zone), [0, 1], 0 =
+                          off (default 0.5: at k 16 the best fidelity at equal
+                          cost, benchmarks §4b "Exact zone"); with --nodes
+                          each kvr_node's --exact_zone_keys_fraction applies
 Sampling:
   --temperature T         0 = greedy (default 0)
   --sample_top_k N        sample among the N most likely tokens, 0 = all (default 0)
@@ -146,6 +152,8 @@ struct Flags {
   std::string model, tokenizer;
   worker::GenerateRequest request;
   int64_t tail_capacity = 64;
+  // The in-process node's exact zone (NodeCoreOptions::exact_zone_keys_fraction).
+  double exact_zone = 0.5;
   int64_t threads = 1;
   std::string backend = "cpu", cuda_plugin;
   int64_t device = 0;
@@ -198,6 +206,16 @@ absl::Status ParseGenerateFlags(const std::vector<std::string>& args, Flags* f, 
            return absl::InvalidArgumentError(absl::StrCat("--estimate: ", e.status().message()));
          }
          r.attention.estimate = *e;
+         return absl::OkStatus();
+       }},
+      {"exact_zone",
+       [&](std::string_view, const std::string& v) -> absl::Status {
+         double x = 0;
+         if (!absl::SimpleAtod(v, &x) || !(x >= 0.0 && x <= 1.0)) {
+           return absl::InvalidArgumentError(
+               absl::StrCat("--exact_zone: \"", v, "\" is not a number in [0, 1]"));
+         }
+         f->exact_zone = x;
          return absl::OkStatus();
        }},
       {"index",
@@ -291,6 +309,7 @@ absl::Status RunGenerate(const Flags& f) {
   retrieval::RetrievalClientOptions ro;
   ro.in_process.tail_capacity = static_cast<size_t>(f.tail_capacity);
   ro.in_process.train_k = f.request.attention.train_k;
+  ro.in_process.exact_zone_keys_fraction = f.exact_zone;
   ro.replicas = static_cast<int>(f.replicas);
   if (!f.tls_cert_file.empty() || !f.tls_key_file.empty() || !f.tls_ca_file.empty()) {
 #ifdef KVR_WITH_NODE_CLIENT
