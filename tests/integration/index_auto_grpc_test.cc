@@ -101,11 +101,7 @@ TEST(IndexAutoGrpcTest, IvfSq8IsItsOwnKindAndAutoReportsItsMeasuredTime) {
 
 TEST(IndexAutoGrpcTest, RerankFactorOutsideItsRangeStopsTheNode) {
   for (const char* flag : {"--rerank_factor=0", "--rerank_factor=65"}) {
-    auto node = NodeProcess::Start({flag}, /*expect_failure=*/true);
-    ASSERT_NE(node, nullptr) << flag;
-    ASSERT_TRUE(node->exit_status().has_value()) << flag;
-    EXPECT_TRUE(WIFEXITED(*node->exit_status()) && WEXITSTATUS(*node->exit_status()) == 2)
-        << flag;
+    EXPECT_TRUE(test_support::NodeRefusesToStart({flag}));
   }
 }
 

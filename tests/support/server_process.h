@@ -6,6 +6,7 @@
 
 #include <gtest/gtest.h>
 #include <signal.h>
+#include <sys/wait.h>
 
 #include <chrono>
 #include <filesystem>
@@ -126,6 +127,24 @@ class NodeProcess : public ServerProcess {
     return p;
   }
 };
+
+// Starts kvr_node with `args` expecting it to refuse to start; a gtest
+// assertion result: success when it exited with status 2 (the flag-check
+// exit) before serving, a failure naming what happened otherwise.
+inline ::testing::AssertionResult NodeRefusesToStart(const std::vector<std::string>& args) {
+  std::string what;
+  for (const std::string& a : args) what += (what.empty() ? "" : " ") + a;
+  auto node = NodeProcess::Start(args, /*expect_failure=*/true);
+  if (node == nullptr) return ::testing::AssertionFailure() << what << ": could not launch";
+  if (!node->exit_status().has_value()) {
+    return ::testing::AssertionFailure() << what << ": kvr_node started";
+  }
+  const int st = *node->exit_status();
+  if (!WIFEXITED(st) || WEXITSTATUS(st) != 2) {
+    return ::testing::AssertionFailure() << what << ": wait status " << st << ", want exit 2";
+  }
+  return ::testing::AssertionSuccess();
+}
 
 // SIGSTOPs `pid` and waits until every thread of it has stopped (state T in
 // /proc/PID/task/*/stat): kill() returns before a group stop completes, and
