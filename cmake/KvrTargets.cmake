@@ -2,12 +2,13 @@
 #
 #   kvr_library(NAME SOURCES ... [PUBLIC_DEPS ...] [PRIVATE_DEPS ...])
 #     builds static library kvr_NAME with alias kvr::NAME.
-#   kvr_test(NAME {SOURCES ... [DEPS ...] [ARGS ...] [OWN_MAIN] | COMMAND ...}
+#   kvr_test(NAME {SOURCES ... [DEPS ...] [ARGS ...] [OWN_MAIN | NODE_MAIN] | COMMAND ...}
 #            [NEEDS target ...] [LABELS ...] [TIMEOUT s] [ENVIRONMENT VAR=value ...]
 #            [WORKING_DIRECTORY dir] [PROPERTIES name value ...] [PROTOBUF_FIRST])
 #     registers every ctest test: a GoogleTest executable NAME built from
 #     SOURCES (linked with DEPS, kvr::testing, gtest and, unless OWN_MAIN,
-#     gtest_main; ARGS passed to it), or a COMMAND; NEEDS are targets
+#     gtest_main; NODE_MAIN: tests/support/node_test_main.cc's main instead,
+#     which reads --kvr_node PATH; ARGS passed to it), or a COMMAND; NEEDS are targets
 #     (servers, plugins) built first. Labels default to unit, the timeout to
 #     300 s; every test gets KVR_TEST_ENVIRONMENT (where the models are);
 #     PROPERTIES are more test properties (fixtures). Arguments pass through
@@ -93,7 +94,7 @@ function(kvr_link_protobuf_first target)
 endfunction()
 
 function(kvr_test name)
-  cmake_parse_arguments(ARG "PROTOBUF_FIRST;OWN_MAIN" "TIMEOUT;WORKING_DIRECTORY"
+  cmake_parse_arguments(ARG "PROTOBUF_FIRST;OWN_MAIN;NODE_MAIN" "TIMEOUT;WORKING_DIRECTORY"
     "SOURCES;DEPS;ARGS;COMMAND;NEEDS;LABELS;ENVIRONMENT;PROPERTIES" ${ARGN})
   if(ARG_SOURCES AND ARG_COMMAND)
     message(FATAL_ERROR "kvr_test(${name}): SOURCES (a GoogleTest program) or COMMAND, not both")
@@ -103,14 +104,18 @@ function(kvr_test name)
     set(_workdir WORKING_DIRECTORY ${ARG_WORKING_DIRECTORY})
   endif()
   if(ARG_SOURCES)
-    add_executable(${name} ${ARG_SOURCES})
+    set(_sources ${ARG_SOURCES})
+    if(ARG_NODE_MAIN)
+      list(APPEND _sources ${PROJECT_SOURCE_DIR}/tests/support/node_test_main.cc)
+    endif()
+    add_executable(${name} ${_sources})
     target_compile_options(${name} PRIVATE ${KVR_WARNINGS})
     if(ARG_PROTOBUF_FIRST)
       kvr_link_protobuf_first(${name})
     endif()
     set(_main GTest::gtest_main)
-    if(ARG_OWN_MAIN)
-      set(_main)  # the test defines main() (to parse its own flags)
+    if(ARG_OWN_MAIN OR ARG_NODE_MAIN)
+      set(_main)  # the test's own main() (to parse its flags), or node_test_main.cc
     endif()
     target_link_libraries(${name} PRIVATE ${ARG_DEPS} kvr::testing GTest::gtest ${_main})
     add_test(NAME ${name} COMMAND ${name} ${ARG_ARGS} ${_workdir})

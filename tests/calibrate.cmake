@@ -11,7 +11,7 @@ kvr_test(calibrate_node_test SOURCES unit/calibrate_node_test.cc
 # The held-back queries over gRPC to a real kvr_node (ShardHeader.holdout_*),
 # ListShards' search_effort / expected_recall, --target_recall checked.
 if(KVR_WITH_SERVICES)
-  kvr_test(calibrate_grpc_test SOURCES integration/calibrate_grpc_test.cc OWN_MAIN
+  kvr_test(calibrate_grpc_test SOURCES integration/calibrate_grpc_test.cc NODE_MAIN
     DEPS kvr::remote_clients kvr::attention_data
     ARGS --kvr_node $<TARGET_FILE:kvr_node> NEEDS kvr_node
     LABELS integration TIMEOUT 300)

@@ -12,7 +12,7 @@ kvr_test(defer_build_engine_test SOURCES unit/defer_build_engine_test.cc
   DEPS kvr::engine kvr::retrieval_client LABELS unit TIMEOUT 300)
 # kvr_node's flags, the wire field ShardInfo.index_pending and the metrics.
 if(KVR_WITH_SERVICES)
-  kvr_test(defer_build_grpc_test SOURCES integration/defer_build_grpc_test.cc OWN_MAIN
+  kvr_test(defer_build_grpc_test SOURCES integration/defer_build_grpc_test.cc NODE_MAIN
     DEPS kvr::remote_clients
     ARGS --kvr_node $<TARGET_FILE:kvr_node> NEEDS kvr_node
     LABELS integration TIMEOUT 300)

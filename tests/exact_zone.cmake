@@ -10,7 +10,7 @@ kvr_test(exact_zone_test SOURCES unit/exact_zone_test.cc
 # AttendStats.keys_exact_zone crosses the wire; bad --exact_zone_* flags stop
 # the node.
 if(KVR_WITH_SERVICES)
-  kvr_test(exact_zone_grpc_test SOURCES integration/exact_zone_grpc_test.cc OWN_MAIN
+  kvr_test(exact_zone_grpc_test SOURCES integration/exact_zone_grpc_test.cc NODE_MAIN
     DEPS kvr::remote_clients
     ARGS --kvr_node $<TARGET_FILE:kvr_node> NEEDS kvr_node
     LABELS integration TIMEOUT 120)

@@ -26,7 +26,7 @@ if(KVR_WITH_SERVICES)
   # same refused UploadShard streams, abandoned uploads and cancelled
   # ReadShards against a real kvr_node over TCP leave its RSS within 64 MiB
   # of its warmed-up value and its upload reservations at 0.
-  kvr_test(node_stream_memory_test SOURCES hostile/node_stream_memory_test.cc
+  kvr_test(node_stream_memory_test SOURCES hostile/node_stream_memory_test.cc NODE_MAIN
     DEPS kvr::proto kvr::common gRPC::grpc++
     PROTOBUF_FIRST
     ARGS --kvr_node $<TARGET_FILE:kvr_node>

@@ -805,10 +805,3 @@ TEST(NodePersistenceTest, CorruptBlobFailsStartupNamingTheShard) {
 
 }  // namespace
 }  // namespace kvr::retrieval
-
-int main(int argc, char** argv) {
-  ::testing::InitGoogleTest(&argc, argv);
-  if (!kvr::test_support::ParseNodeBinaryFlag(argc, argv)) return 2;
-  signal(SIGPIPE, SIG_IGN);
-  return RUN_ALL_TESTS();
-}

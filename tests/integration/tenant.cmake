@@ -2,7 +2,7 @@
 # gRPC and UCX, random sequence ids, principal scoping, leases
 # (--lease_seconds), recovery of capabilities and leases, DropSequence after
 # a persistence failure. Real kvr_node processes on loopback + NodeCore.
-kvr_test(tenant_test SOURCES integration/tenant_test.cc OWN_MAIN
+kvr_test(tenant_test SOURCES integration/tenant_test.cc NODE_MAIN
   DEPS kvr::node_server kvr::remote_clients kvr::node_wire
   ARGS --kvr_node $<TARGET_FILE:kvr_node> NEEDS kvr_node
   LABELS integration TIMEOUT 240
