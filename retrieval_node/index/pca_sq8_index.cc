@@ -168,30 +168,6 @@ void PcaSq8Index::EncodeFrom(size_t first, bool find_outliers) {
   }
 }
 
-size_t PcaSq8Index::Rerank(const float* query, size_t candidates, size_t k, size_t slot,
-                           internal::PcaScratch& ps, int64_t* ids, float* scores) const {
-  Sq8Scratch& s = ps.sq8;
-  s.candidates[slot].Finish(s.cand_ids.data(), s.cand_scores.data());
-  const size_t most = candidates + outliers_.size();
-  if (s.gather_ids.size() < most) s.gather_ids.resize(most);
-  if (s.exact.size() < most) s.exact.resize(most);
-  size_t m = 0;
-  for (size_t i = 0; i < candidates; ++i) {
-    const int64_t id = s.cand_ids[i];
-    if (id < 0) break;
-    const auto u = static_cast<uint64_t>(id);
-    if ((outlier_bits_[u / 64] >> (u % 64)) & 1) continue;  // added below
-    s.gather_ids[m++] = static_cast<uint32_t>(id);
-  }
-  for (uint32_t o : outliers_) s.gather_ids[m++] = o;
-  simd::Active().dot_gather(query, keys_.data(), s.gather_ids.data(), m, dim_, dim_,
-                            s.exact.data());
-  s.results.Reset(k);
-  s.results.PushIds(s.exact.data(), s.gather_ids.data(), m);
-  s.results.Finish(ids, scores);
-  return m;
-}
-
 absl::Status PcaSq8Index::Retrain() {
   const size_t d = dim_;
   // Mean over every key; covariance over at most kPcaCovarianceSample keys
@@ -320,8 +296,11 @@ absl::Status PcaSq8Index::Search(ConstMatrixView queries, const SearchParams& pa
     work += static_cast<int64_t>(nq) * scan_work;
     for (size_t j = 0; j < nq; ++j) {
       const size_t q = q0 + j;
-      work += static_cast<int64_t>(
-          Rerank(queries.row(q), r, k, j, *s, ids.data() + q * k, scores.data() + q * k));
+      // The outliers are rescored by every search: the projected codes
+      // cannot rank them.
+      work += static_cast<int64_t>(RerankExact(queries.row(q), keys(), r, k, j, s->sq8,
+                                               ids.data() + q * k, scores.data() + q * k,
+                                               outliers_, outlier_bits_));
     }
   }
   scratch_->Release(std::move(s));

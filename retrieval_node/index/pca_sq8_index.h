@@ -146,10 +146,6 @@ class PcaSq8Index final : public KeyIndex {
   // `find_outliers` appends those of them whose residual exceeds
   // outlier_threshold_ to the outliers (while under MaxPcaOutliers(n_)).
   void EncodeFrom(size_t first, bool find_outliers);
-  // Finishes query slot `slot`'s candidates, adds the outliers, rescores
-  // them exactly and writes the best k. Returns the keys rescored.
-  size_t Rerank(const float* query, size_t candidates, size_t k, size_t slot,
-                internal::PcaScratch& s, int64_t* ids, float* scores) const;
 
   size_t dim_;
   PcaSq8Options options_;

@@ -200,16 +200,21 @@ size_t ScanSq8Codes(const simd::Sq8Kernels& kern, const Sq8Codes& codes, const u
 }
 
 size_t RerankExact(const float* query, ConstMatrixView keys, size_t candidates, size_t k,
-                   size_t slot, Sq8Scratch& s, int64_t* ids, float* scores) {
-  const size_t r = candidates;
+                   size_t slot, Sq8Scratch& s, int64_t* ids, float* scores,
+                   std::span<const uint32_t> always, std::span<const uint64_t> always_bits) {
   s.candidates[slot].Finish(s.cand_ids.data(), s.cand_scores.data());
+  const size_t most = candidates + always.size();
+  if (s.gather_ids.size() < most) s.gather_ids.resize(most);
+  if (s.exact.size() < most) s.exact.resize(most);
   size_t m = 0;
-  if (s.gather_ids.size() < r) s.gather_ids.resize(r);
-  if (s.exact.size() < r) s.exact.resize(r);
-  for (size_t i = 0; i < r; ++i) {
-    if (s.cand_ids[i] < 0) break;
-    s.gather_ids[m++] = static_cast<uint32_t>(s.cand_ids[i]);
+  for (size_t i = 0; i < candidates; ++i) {
+    const int64_t id = s.cand_ids[i];
+    if (id < 0) break;
+    const auto u = static_cast<uint64_t>(id);
+    if (!always.empty() && ((always_bits[u / 64] >> (u % 64)) & 1)) continue;  // added below
+    s.gather_ids[m++] = static_cast<uint32_t>(id);
   }
+  for (uint32_t a : always) s.gather_ids[m++] = a;
   simd::Active().dot_gather(query, keys.row(0), s.gather_ids.data(), m, keys.cols(),
                             keys.stride(), s.exact.data());
   s.results.Reset(k);

@@ -124,8 +124,13 @@ size_t ScanSq8Codes(const simd::Sq8Kernels& kern, const Sq8Codes& codes, const u
 // Finishes slot `slot`'s collector (begun with `candidates`), scores the
 // candidates exactly against `keys` (id order, n x d fp32), and writes the
 // best k (larger score, then smaller id; pads of -1 / -inf when fewer) to
-// ids / scores. Returns the keys rescored.
+// ids / scores. Returns the keys rescored. `always` (ascending ids, each
+// also set in `always_bits`, bit i of word i / 64) are rescored whatever
+// the codes said, after the candidates and without repeating one of them
+// (pca_sq8's outliers, which its projected codes cannot rank).
 size_t RerankExact(const float* query, ConstMatrixView keys, size_t candidates, size_t k,
-                   size_t slot, Sq8Scratch& s, int64_t* ids, float* scores);
+                   size_t slot, Sq8Scratch& s, int64_t* ids, float* scores,
+                   std::span<const uint32_t> always = {},
+                   std::span<const uint64_t> always_bits = {});
 
 }  // namespace kvr::index
