@@ -106,4 +106,20 @@ absl::StatusOr<OpenedBlob> OpenBlob(std::span<const uint8_t> blob) {
   return out;
 }
 
+absl::Status CheckBlobKind(const OpenedBlob& blob, uint32_t kind, uint32_t min_version,
+                           uint32_t max_version, absl::string_view name) {
+  if (blob.kind != kind) {
+    const bool vowel = !name.empty() && absl::string_view("aeiou").find(name[0]) !=
+                                            absl::string_view::npos;
+    return absl::InvalidArgumentError(
+        absl::StrCat("blob kind ", blob.kind, " is not ", vowel ? "an " : "a ", name));
+  }
+  if (blob.version < min_version || blob.version > max_version) {
+    return absl::InvalidArgumentError(absl::StrCat(name, ": unsupported format version ",
+                                                   blob.version, " (this build reads ",
+                                                   max_version, ")"));
+  }
+  return absl::OkStatus();
+}
+
 }  // namespace kvr

@@ -110,5 +110,11 @@ struct OpenedBlob {
 };
 // Checks the envelope (magic, lengths, checksum) and returns its payload.
 absl::StatusOr<OpenedBlob> OpenBlob(std::span<const uint8_t> blob);
+// InvalidArgument unless `blob` is of `kind` ("blob kind K is not a NAME")
+// with a version in [min_version, max_version] ("NAME: unsupported format
+// version V (this build reads MAX)"); `name` names the format, e.g.
+// "flat index".
+absl::Status CheckBlobKind(const OpenedBlob& blob, uint32_t kind, uint32_t min_version,
+                           uint32_t max_version, absl::string_view name);
 
 }  // namespace kvr

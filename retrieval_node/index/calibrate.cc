@@ -430,15 +430,7 @@ absl::Status CalibratedIndex::Serialize(std::vector<uint8_t>* out) const {
 
 absl::StatusOr<std::unique_ptr<CalibratedIndex>> CalibratedIndex::Deserialize(
     const OpenedBlob& blob) {
-  if (blob.kind != kCalibratedBlobKind) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("blob kind ", blob.kind, " is not a calibrated index"));
-  }
-  if (blob.version < 1 || blob.version > kCalibratedVersion) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("calibrated index: unsupported format version ", blob.version,
-                     " (this build reads ", kCalibratedVersion, ")"));
-  }
+  KVR_RETURN_IF_ERROR(CheckBlobKind(blob, kCalibratedBlobKind, 1, kCalibratedVersion, "calibrated index"));
   BinaryReader r(blob.payload, "calibrated index");
   CalibrationResult c;
   uint8_t kind = 0;

@@ -77,15 +77,7 @@ absl::Status FlatIndex::Serialize(std::vector<uint8_t>* out) const {
 }
 
 absl::StatusOr<std::unique_ptr<FlatIndex>> FlatIndex::Deserialize(const OpenedBlob& blob) {
-  if (blob.kind != kFlatBlobKind) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("blob kind ", blob.kind, " is not a flat index"));
-  }
-  if (blob.version != kFlatVersion) {
-    return absl::InvalidArgumentError(absl::StrCat("flat index: unsupported format version ",
-                                                   blob.version, " (this build reads ",
-                                                   kFlatVersion, ")"));
-  }
+  KVR_RETURN_IF_ERROR(CheckBlobKind(blob, kFlatBlobKind, kFlatVersion, kFlatVersion, "flat index"));
   BinaryReader r(blob.payload, "flat index");
   uint64_t dim = 0, n = 0;
   KVR_RETURN_IF_ERROR(r.Get(&dim, "dim"));

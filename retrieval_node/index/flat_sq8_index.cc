@@ -115,15 +115,7 @@ absl::Status FlatSq8Index::Serialize(std::vector<uint8_t>* out) const {
 }
 
 absl::StatusOr<std::unique_ptr<FlatSq8Index>> FlatSq8Index::Deserialize(const OpenedBlob& blob) {
-  if (blob.kind != kFlatSq8BlobKind) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("blob kind ", blob.kind, " is not a flat_sq8 index"));
-  }
-  if (blob.version != kFlatSq8Version) {
-    return absl::InvalidArgumentError(absl::StrCat("flat_sq8 index: unsupported format version ",
-                                                   blob.version, " (this build reads ",
-                                                   kFlatSq8Version, ")"));
-  }
+  KVR_RETURN_IF_ERROR(CheckBlobKind(blob, kFlatSq8BlobKind, kFlatSq8Version, kFlatSq8Version, "flat_sq8 index"));
   BinaryReader r(blob.payload, "flat_sq8 index");
   uint64_t dim = 0, n = 0, trained = 0;
   int32_t factor = 0;

@@ -260,15 +260,7 @@ absl::Status IvfIndex::Serialize(std::vector<uint8_t>* out) const {
 }
 
 absl::StatusOr<std::unique_ptr<IvfIndex>> IvfIndex::Deserialize(const OpenedBlob& blob) {
-  if (blob.kind != kIvfBlobKind) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("blob kind ", blob.kind, " is not an ivf index"));
-  }
-  if (blob.version != kIvfVersion && blob.version != kIvfVersionNoSq8) {
-    return absl::InvalidArgumentError(absl::StrCat("ivf index: unsupported format version ",
-                                                   blob.version, " (this build reads ",
-                                                   kIvfVersion, ")"));
-  }
+  KVR_RETURN_IF_ERROR(CheckBlobKind(blob, kIvfBlobKind, kIvfVersionNoSq8, kIvfVersion, "ivf index"));
   BinaryReader r(blob.payload, "ivf index");
   uint64_t dim = 0, n = 0, nlist = 0, max_train = 0, seed = 0;
   int32_t iterations = 0, nprobe = 0;

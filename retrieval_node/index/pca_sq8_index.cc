@@ -341,15 +341,7 @@ absl::Status PcaSq8Index::Serialize(std::vector<uint8_t>* out) const {
 }
 
 absl::StatusOr<std::unique_ptr<PcaSq8Index>> PcaSq8Index::Deserialize(const OpenedBlob& blob) {
-  if (blob.kind != kPcaSq8BlobKind) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("blob kind ", blob.kind, " is not a pca_sq8 index"));
-  }
-  if (blob.version != kPcaSq8Version) {
-    return absl::InvalidArgumentError(absl::StrCat("pca_sq8 index: unsupported format version ",
-                                                   blob.version, " (this build reads ",
-                                                   kPcaSq8Version, ")"));
-  }
+  KVR_RETURN_IF_ERROR(CheckBlobKind(blob, kPcaSq8BlobKind, kPcaSq8Version, kPcaSq8Version, "pca_sq8 index"));
   auto bad = [](absl::string_view field, auto value, absl::string_view limit) {
     return absl::DataLossError(
         absl::StrCat("pca_sq8 index: field '", field, "' value ", value, " ", limit));
